@@ -1,0 +1,334 @@
+//! The operator's settings for this plugin, checked once in `init`.
+//!
+//! A typo in a key would otherwise silently fall back to a default and tag
+//! the wrong things, so unknown keys are rejected, and every tag the settings
+//! can produce is checked to start with `<tag_prefix>.`: that prefix is what
+//! keeps the plugin's hands off tags it does not own.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+
+use crate::tags::{self, Template};
+
+/// PAN-OS limit on a registration timeout, in seconds (30 days).
+pub const MAX_REGISTRATION_TIMEOUT: u64 = 2_592_000;
+/// PAN-OS accepts POST bodies up to 5 MB.
+pub const API_BODY_LIMIT: usize = 5_000_000;
+/// Below this a single entry might not fit a message.
+pub const MIN_MESSAGE_BYTES: usize = 4_096;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4_500_000;
+pub const DEFAULT_PREFIX: &str = "ntnx";
+pub const DEFAULT_STATIC_TAG: &str = "{prefix}.managed";
+pub const DEFAULT_CATEGORY_TAG: &str = "{prefix}.{key}.{value}";
+pub const DEFAULT_SUBSCRIPTIONS: [&str; 8] = [
+    "VM.CREATE",
+    "VM.ON",
+    "VM.OFF",
+    "VM.UPDATE",
+    "VM.MIGRATE",
+    "VM.NIC_PLUG",
+    "VM.NIC_UNPLUG",
+    "VM.DELETE",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid paloalto configuration: {0}")]
+pub struct ConfigError(String);
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// The configuration as the operator wrote it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    firewall: String,
+    vsys: Option<String>,
+    target: Option<String>,
+    tag_prefix: Option<String>,
+    static_tag: Option<String>,
+    category_tag: Option<String>,
+    categories: Option<Vec<String>>,
+    registration_timeout: Option<u64>,
+    max_message_bytes: Option<usize>,
+    subscriptions: Option<Vec<String>>,
+}
+
+/// The checked configuration, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Base URL without a trailing `/`.
+    pub firewall: String,
+    pub vsys: Option<String>,
+    pub target: Option<String>,
+    pub tag_prefix: String,
+    /// `None` when disabled with an empty string.
+    pub static_tag: Option<String>,
+    pub category_tag: Template,
+    /// Category keys that produce tags; `None` means all of them.
+    pub categories: Option<BTreeSet<String>>,
+    pub registration_timeout: u64,
+    pub max_message_bytes: usize,
+    pub subscriptions: Vec<String>,
+}
+
+impl Config {
+    /// Parses the JSON object given to `init`.
+    pub fn parse(json: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+        Config::from_raw(raw)
+    }
+
+    fn from_raw(raw: Raw) -> Result<Config, ConfigError> {
+        let firewall = check_firewall(&raw.firewall)?;
+
+        let tag_prefix = raw.tag_prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        if tag_prefix.is_empty() || tag_prefix.len() > 63 {
+            return Err(invalid("`tag_prefix` must be 1 to 63 characters long"));
+        }
+        if !tag_prefix.chars().all(tags::is_tag_char) || tag_prefix.ends_with('.') {
+            return Err(invalid(format!(
+                "`tag_prefix` {tag_prefix:?} may only contain letters, digits, `.`, `_` and `-`, and must not end with `.`"
+            )));
+        }
+        let owned = format!("{tag_prefix}.");
+
+        let static_template = raw
+            .static_tag
+            .unwrap_or_else(|| DEFAULT_STATIC_TAG.to_owned());
+        let static_tag = if static_template.is_empty() {
+            None
+        } else {
+            let template = Template::parse(&static_template)
+                .map_err(|e| invalid(format!("`static_tag`: {e}")))?;
+            if template.uses_vm_fields() {
+                return Err(invalid(
+                    "`static_tag` may only use the `{prefix}` placeholder",
+                ));
+            }
+            let tag = template.render(&tag_prefix, "", "", "");
+            if !tag.starts_with(&owned) || tag.len() > tags::MAX_TAG_LEN {
+                return Err(invalid(format!(
+                    "`static_tag` {tag:?} must start with {owned:?} and be at most {} characters",
+                    tags::MAX_TAG_LEN
+                )));
+            }
+            Some(tag)
+        };
+
+        let category_source = raw
+            .category_tag
+            .unwrap_or_else(|| DEFAULT_CATEGORY_TAG.to_owned());
+        let category_tag = Template::parse(&category_source)
+            .map_err(|e| invalid(format!("`category_tag`: {e}")))?;
+        let sample = category_tag.render(&tag_prefix, "c", "k", "v");
+        if !sample.starts_with(&owned) || sample.len() <= owned.len() {
+            return Err(invalid(format!(
+                "`category_tag` {category_source:?} must produce tags that start with {owned:?}"
+            )));
+        }
+
+        let registration_timeout = raw.registration_timeout.unwrap_or(0);
+        if registration_timeout > MAX_REGISTRATION_TIMEOUT {
+            return Err(invalid(format!(
+                "`registration_timeout` {registration_timeout} is above the PAN-OS maximum of {MAX_REGISTRATION_TIMEOUT} seconds"
+            )));
+        }
+
+        let max_message_bytes = raw.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if !(MIN_MESSAGE_BYTES..=API_BODY_LIMIT).contains(&max_message_bytes) {
+            return Err(invalid(format!(
+                "`max_message_bytes` must be between {MIN_MESSAGE_BYTES} and {API_BODY_LIMIT}"
+            )));
+        }
+
+        let subscriptions = raw.subscriptions.unwrap_or_else(|| {
+            DEFAULT_SUBSCRIPTIONS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        });
+        if subscriptions.iter().any(|s| s.trim().is_empty()) {
+            return Err(invalid("`subscriptions` must not contain empty entries"));
+        }
+
+        Ok(Config {
+            firewall,
+            vsys: non_empty(raw.vsys),
+            target: non_empty(raw.target),
+            tag_prefix,
+            static_tag,
+            category_tag,
+            categories: raw.categories.map(|keys| keys.into_iter().collect()),
+            registration_timeout,
+            max_message_bytes,
+            subscriptions,
+        })
+    }
+
+    /// Where every XML API call goes.
+    pub fn api_url(&self) -> String {
+        format!("{}/api/", self.firewall)
+    }
+
+    /// Whether `tag` is one this plugin manages.
+    pub fn owns_tag(&self, tag: &str) -> bool {
+        tag.strip_prefix(self.tag_prefix.as_str())
+            .is_some_and(|rest| rest.starts_with('.'))
+    }
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
+/// Accepts an `http(s)://host[:port][/path]` base URL. Credentials in the URL
+/// are refused: the host injects the API key, and a URL ends up in logs.
+fn check_firewall(url: &str) -> Result<String, ConfigError> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .ok_or_else(|| {
+            invalid(format!(
+                "`firewall` {url:?} must start with https:// or http://"
+            ))
+        })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(invalid(format!("`firewall` {url:?} has no host")));
+    }
+    if authority.contains('@') {
+        return Err(invalid(
+            "`firewall` must not contain credentials: the host adds the API key",
+        ));
+    }
+    if rest.contains(['?', '#']) || rest.chars().any(char::is_whitespace) {
+        return Err(invalid(format!(
+            "`firewall` {url:?} must be a plain base URL without query, fragment or spaces"
+        )));
+    }
+    Ok(trimmed.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = Config::parse(r#"{"firewall": "https://fw1.example.com/"}"#).unwrap();
+        assert_eq!(config.api_url(), "https://fw1.example.com/api/");
+        assert_eq!(config.tag_prefix, "ntnx");
+        assert_eq!(config.static_tag.as_deref(), Some("ntnx.managed"));
+        assert_eq!(
+            config.category_tag.render("ntnx", "cl", "AppTier", "Web"),
+            "ntnx.AppTier.Web"
+        );
+        assert_eq!(config.registration_timeout, 0);
+        assert_eq!(config.max_message_bytes, 4_500_000);
+        assert_eq!(config.subscriptions, DEFAULT_SUBSCRIPTIONS);
+        assert_eq!(config.categories, None);
+        assert_eq!((config.vsys, config.target), (None, None));
+    }
+
+    #[test]
+    fn every_setting_is_read() {
+        let config = Config::parse(
+            r#"{"firewall": "https://pano.example.com", "vsys": "vsys2", "target": "0123456789",
+                "tag_prefix": "pc", "static_tag": "", "category_tag": "{prefix}.PC-pc1.CL-{cluster}.{key}.{value}",
+                "categories": ["AppTier"], "registration_timeout": 3600, "max_message_bytes": 100000,
+                "subscriptions": ["VM.*"]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vsys.as_deref(), Some("vsys2"));
+        assert_eq!(config.target.as_deref(), Some("0123456789"));
+        assert_eq!(config.static_tag, None);
+        assert_eq!(
+            config
+                .category_tag
+                .render("pc", "ncn-dev-sandbox", "AppTier", "Web"),
+            "pc.PC-pc1.CL-ncn-dev-sandbox.AppTier.Web"
+        );
+        assert_eq!(
+            config.categories,
+            Some(BTreeSet::from(["AppTier".to_owned()]))
+        );
+        assert_eq!(config.registration_timeout, 3600);
+        assert_eq!(config.max_message_bytes, 100_000);
+        assert_eq!(config.subscriptions, ["VM.*"]);
+    }
+
+    #[test]
+    fn config_rejects_unknown_keys() {
+        let err = Config::parse(r#"{"firewall": "https://fw", "tag_prefx": "x"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `tag_prefx`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn config_requires_the_firewall() {
+        let err = Config::parse("{}").unwrap_err();
+        assert!(
+            err.to_string().contains("missing field `firewall`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn config_rejects_a_timeout_above_thirty_days_or_negative() {
+        let err = Config::parse(r#"{"firewall": "https://fw", "registration_timeout": 2592001}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("registration_timeout"), "{err}");
+        assert!(
+            Config::parse(r#"{"firewall": "https://fw", "registration_timeout": -1}"#).is_err()
+        );
+        assert!(
+            Config::parse(r#"{"firewall": "https://fw", "registration_timeout": 2592000}"#).is_ok()
+        );
+    }
+
+    #[test]
+    fn config_rejects_firewall_urls_with_credentials_or_without_scheme() {
+        assert!(Config::parse(r#"{"firewall": "fw1.example.com"}"#).is_err());
+        assert!(Config::parse(r#"{"firewall": "https://admin:pw@fw1"}"#).is_err());
+        assert!(Config::parse(r#"{"firewall": "https://fw1/?key=abc"}"#).is_err());
+    }
+
+    #[test]
+    fn config_rejects_tags_outside_the_prefix() {
+        assert!(Config::parse(r#"{"firewall": "https://fw", "static_tag": "managed"}"#).is_err());
+        assert!(
+            Config::parse(r#"{"firewall": "https://fw", "category_tag": "{key}.{value}"}"#)
+                .is_err()
+        );
+        assert!(
+            Config::parse(r#"{"firewall": "https://fw", "category_tag": "{prefix}.{nope}"}"#)
+                .is_err()
+        );
+        assert!(Config::parse(r#"{"firewall": "https://fw", "tag_prefix": "a b"}"#).is_err());
+        assert!(
+            Config::parse(r#"{"firewall": "https://fw", "static_tag": "{prefix}.{key}"}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn config_rejects_a_message_limit_above_the_api_limit() {
+        assert!(
+            Config::parse(r#"{"firewall": "https://fw", "max_message_bytes": 6000000}"#).is_err()
+        );
+        assert!(Config::parse(r#"{"firewall": "https://fw", "max_message_bytes": 10}"#).is_err());
+    }
+
+    #[test]
+    fn owned_tags_are_those_under_the_prefix_and_a_dot() {
+        let config = Config::parse(r#"{"firewall": "https://fw"}"#).unwrap();
+        assert!(config.owns_tag("ntnx.managed"));
+        assert!(!config.owns_tag("ntnxfoo.managed"));
+        assert!(!config.owns_tag("web"));
+    }
+}

@@ -1,0 +1,97 @@
+//! The two conversations with the firewall: sending a diff as User-ID
+//! messages, and reading back every registered IP.
+//!
+//! Requests carry no credentials: the host adds `X-PAN-KEY` for the
+//! firewall's origin, so the key never enters plugin memory, logs or URLs.
+
+use crate::config::Config;
+use crate::host::{Host, HttpError, Level, Request, Response};
+use crate::response::{self, Failure};
+use crate::state::Diff;
+use crate::tags::{self, IpTags};
+use crate::uid;
+
+/// 10,000 pages of 500 entries: far beyond any firewall's User-ID capacity,
+/// so hitting it means the firewall ignores `start-point`.
+const MAX_PAGES: usize = 10_000;
+
+fn post(config: &Config, host: &mut impl Host, body: String) -> Result<Response, Failure> {
+    let request = Request {
+        method: "POST".to_owned(),
+        url: config.api_url(),
+        headers: vec![(
+            "Content-Type".to_owned(),
+            "application/x-www-form-urlencoded".to_owned(),
+        )],
+        body: body.into_bytes(),
+    };
+    host.send(request).map_err(|error| match error {
+        HttpError::Denied(why) => Failure::Reject(format!(
+            "the host's policy does not allow calling the firewall: {why}"
+        )),
+        HttpError::InvalidRequest(why) => {
+            Failure::Reject(format!("the host refused the request as malformed: {why}"))
+        }
+        HttpError::Timeout => Failure::retry("the firewall did not answer in time"),
+        HttpError::ConnectionFailed(why) => {
+            Failure::retry(format!("could not connect to the firewall: {why}"))
+        }
+        HttpError::TooLarge(limit) => Failure::retry(format!(
+            "the firewall's answer exceeded the host's {limit}-byte limit"
+        )),
+        HttpError::LimitExceeded(why) => {
+            Failure::retry(format!("too many requests in one call: {why}"))
+        }
+        HttpError::Other(why) => Failure::retry(format!("request to the firewall failed: {why}")),
+    })
+}
+
+/// Sends a diff, split only where its size requires. Stops at the first
+/// failure; messages already accepted are harmless to send again.
+pub fn send_diff(config: &Config, host: &mut impl Host, diff: &Diff) -> Result<(), Failure> {
+    let messages = uid::split(config, diff);
+    let total = messages.len();
+    for (index, message) in messages.iter().enumerate() {
+        let body = uid::uid_body(config, message);
+        host.log(
+            Level::Debug,
+            &format!(
+                "uid-message {}/{total}: {} register and {} unregister entries, {} bytes",
+                index + 1,
+                message.register.len(),
+                message.unregister.len(),
+                body.len()
+            ),
+        );
+        let answer = post(config, host, body)?;
+        response::check(&answer)?;
+    }
+    Ok(())
+}
+
+/// Every registered IP with the tags this plugin owns; IPs left without
+/// owned tags are dropped.
+pub fn registered(config: &Config, host: &mut impl Host) -> Result<IpTags, Failure> {
+    let mut actual = IpTags::new();
+    let mut start = 1;
+    for _ in 0..MAX_PAGES {
+        let answer = post(config, host, uid::registered_ip_query(config, start))?;
+        let page = response::registered_ips(&answer)?;
+        let full = page.len() >= uid::PAGE_SIZE;
+        for (ip, found) in page {
+            let owned: Vec<String> = found.into_iter().filter(|t| config.owns_tag(t)).collect();
+            if !owned.is_empty() {
+                let ip = tags::normalise_ip(&ip).unwrap_or(ip);
+                actual.entry(ip).or_default().extend(owned);
+            }
+        }
+        if !full {
+            return Ok(actual);
+        }
+        start += uid::PAGE_SIZE;
+    }
+    Err(Failure::retry(format!(
+        "the firewall listed more than {} registered IPs; is it ignoring start-point?",
+        MAX_PAGES * uid::PAGE_SIZE
+    )))
+}

@@ -1,0 +1,88 @@
+//! The plugin's view of the host and of the events it delivers, as plain Rust
+//! types.
+//!
+//! The WIT bindings only exist in the Wasm build. Keeping the logic behind
+//! these types and the [`Host`] trait lets every rule be unit-tested natively
+//! against an in-memory store and a scripted firewall; `lib.rs` converts at
+//! the edge.
+
+/// A VM as the host parsed it from a notification or the inventory; only
+/// the fields this plugin uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vm {
+    pub uuid: String,
+    pub name: Option<String>,
+    /// `ON`, `OFF`, or absent when the payload does not say.
+    pub power_state: Option<String>,
+    /// `(key, value)` pairs, such as `("AppTier", "Web")`.
+    pub categories: Vec<(String, String)>,
+    /// The IPs of each NIC, in Prism's order.
+    pub nics: Vec<Vec<String>>,
+}
+
+/// One notification of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub cluster: String,
+    pub event_type: String,
+    pub entity_uuid: String,
+    pub vm: Option<Vm>,
+}
+
+/// What became of one event; mirrors the WIT `outcome`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Retry {
+        reason: String,
+        delay_ms: Option<u64>,
+    },
+    Reject(String),
+}
+
+/// An outbound HTTP request; the host adds the firewall's API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Mirrors the WIT `http.error` variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpError {
+    Denied(String),
+    InvalidRequest(String),
+    Timeout,
+    ConnectionFailed(String),
+    TooLarge(u64),
+    LimitExceeded(String),
+    Other(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+}
+
+/// The host imports: the private key-value store, outbound HTTP and the log.
+pub trait Host {
+    fn kv_get(&mut self, key: &str) -> Result<Option<Vec<u8>>, String>;
+    fn kv_set(&mut self, key: &str, value: &[u8]) -> Result<(), String>;
+    fn kv_delete(&mut self, key: &str) -> Result<(), String>;
+    /// Keys starting with `prefix`, in byte order.
+    fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String>;
+    fn send(&mut self, request: Request) -> Result<Response, HttpError>;
+    fn log(&mut self, level: Level, message: &str);
+}

@@ -1,0 +1,297 @@
+//! What the plugin remembers in `kv`, and the register/unregister diff.
+//!
+//! Several VMs can hold the same IP (an IP moves from a deleted VM to a new
+//! one, or two VMs briefly report it), and the firewall only knows IPs. So
+//! the firewall's tags for an IP must be the *union* of what every VM
+//! holding it wants, and removing one VM must not strip a tag another still
+//! wants. Two records per fact keep that cheap to compute:
+//!
+//! - `vm/<cluster>/<uuid>`: `{ip: [tags]}` this VM contributes. It is what a
+//!   `VM.DELETE` without a body undoes, and which IPs a VM used to have.
+//! - `ip/<ip>`: `{"<cluster>/<uuid>": [tags]}` for every VM contributing to
+//!   the IP. Its union is what the firewall holds for the IP.
+//!
+//! Cluster and uuid are escaped in keys (`%` → `%25`, `/` → `%2F`) so a
+//! cluster name with a `/` cannot collide with another cluster's records.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::tags::IpTags;
+
+/// `<cluster>/<uuid>`, escaped.
+pub type VmKey = String;
+/// The VMs contributing tags to one IP.
+pub type IpRecord = BTreeMap<VmKey, BTreeSet<String>>;
+
+pub const VM_PREFIX: &str = "vm/";
+pub const IP_PREFIX: &str = "ip/";
+
+fn escape_component(text: &str) -> String {
+    text.replace('%', "%25").replace('/', "%2F")
+}
+
+pub fn vm_key(cluster: &str, uuid: &str) -> VmKey {
+    format!("{}/{}", escape_component(cluster), escape_component(uuid))
+}
+
+/// The `kv` key prefix of every VM record of one cluster.
+pub fn cluster_prefix(cluster: &str) -> String {
+    format!("{VM_PREFIX}{}/", escape_component(cluster))
+}
+
+pub fn vm_record_key(key: &str) -> String {
+    format!("{VM_PREFIX}{key}")
+}
+
+pub fn ip_record_key(ip: &str) -> String {
+    format!("{IP_PREFIX}{ip}")
+}
+
+/// Registrations to add and to remove, per IP. Never holds empty sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub register: IpTags,
+    pub unregister: IpTags,
+}
+
+impl Diff {
+    /// What turns `before` into `after`.
+    pub fn between(before: &IpTags, after: &IpTags) -> Diff {
+        let empty = BTreeSet::new();
+        let mut diff = Diff::default();
+        for ip in before.keys().chain(after.keys()) {
+            let old = before.get(ip).unwrap_or(&empty);
+            let new = after.get(ip).unwrap_or(&empty);
+            add(&mut diff.register, ip, new.difference(old));
+            add(&mut diff.unregister, ip, old.difference(new));
+        }
+        diff
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.register.is_empty() && self.unregister.is_empty()
+    }
+
+    /// `(ip, tag)` pairs to register and to unregister.
+    pub fn counts(&self) -> (usize, usize) {
+        let count = |side: &IpTags| side.values().map(BTreeSet::len).sum();
+        (count(&self.register), count(&self.unregister))
+    }
+}
+
+fn add<'a>(side: &mut IpTags, ip: &str, tags: impl Iterator<Item = &'a String>) {
+    let tags: BTreeSet<String> = tags.cloned().collect();
+    if !tags.is_empty() {
+        side.entry(ip.to_owned()).or_default().extend(tags);
+    }
+}
+
+/// Every tag any VM wants on the IP.
+pub fn union(record: &IpRecord) -> BTreeSet<String> {
+    record.values().flatten().cloned().collect()
+}
+
+/// The `ip/…` records implied by the VMs' contributions.
+pub fn index(vms: &BTreeMap<VmKey, IpTags>) -> BTreeMap<String, IpRecord> {
+    let mut ips: BTreeMap<String, IpRecord> = BTreeMap::new();
+    for (key, contribution) in vms {
+        for (ip, tags) in contribution.iter().filter(|(_, tags)| !tags.is_empty()) {
+            ips.entry(ip.clone())
+                .or_default()
+                .insert(key.clone(), tags.clone());
+        }
+    }
+    ips
+}
+
+/// The tags wanted per IP: the union over every VM's contribution.
+pub fn wanted_union(ips: &BTreeMap<String, IpRecord>) -> IpTags {
+    ips.iter()
+        .map(|(ip, record)| (ip.clone(), union(record)))
+        .collect()
+}
+
+/// The outcome of applying new contributions: the firewall change and the
+/// records to write once the firewall accepted it (empty value = delete).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub diff: Diff,
+    pub vm_writes: BTreeMap<VmKey, IpTags>,
+    pub ip_writes: BTreeMap<String, IpRecord>,
+}
+
+/// The slice of `kv` one batch reads: the records of its VMs and of every IP
+/// they had or now have. Records absent from `kv` are empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    pub vms: BTreeMap<VmKey, IpTags>,
+    pub ips: BTreeMap<String, IpRecord>,
+}
+
+impl Ledger {
+    /// The IPs whose records a change to these VMs touches.
+    pub fn affected_ips(&self, changes: &BTreeMap<VmKey, IpTags>) -> BTreeSet<String> {
+        changes
+            .iter()
+            .flat_map(|(key, new)| {
+                let old = self.vms.get(key).into_iter().flat_map(|c| c.keys());
+                old.chain(new.keys()).cloned()
+            })
+            .collect()
+    }
+
+    /// Sets each changed VM's contribution to its new value and compares
+    /// each affected IP's union before and after.
+    pub fn plan(&self, changes: &BTreeMap<VmKey, IpTags>) -> Plan {
+        let mut plan = Plan::default();
+        let mut before = IpTags::new();
+        let mut after = IpTags::new();
+        for ip in self.affected_ips(changes) {
+            let old_record = self.ips.get(&ip).cloned().unwrap_or_default();
+            let mut new_record = old_record.clone();
+            for (key, contribution) in changes {
+                match contribution.get(&ip) {
+                    Some(tags) if !tags.is_empty() => {
+                        new_record.insert(key.clone(), tags.clone());
+                    }
+                    _ => {
+                        new_record.remove(key);
+                    }
+                }
+            }
+            before.insert(ip.clone(), union(&old_record));
+            after.insert(ip.clone(), union(&new_record));
+            if new_record != old_record {
+                plan.ip_writes.insert(ip, new_record);
+            }
+        }
+        plan.diff = Diff::between(&before, &after);
+        for (key, contribution) in changes {
+            let old = self.vms.get(key).cloned().unwrap_or_default();
+            if &old != contribution {
+                plan.vm_writes.insert(key.clone(), contribution.clone());
+            }
+        }
+        plan
+    }
+
+    /// Takes in a plan the firewall accepted, so later plans build on it.
+    pub fn commit(&mut self, plan: &Plan) {
+        for (key, contribution) in &plan.vm_writes {
+            self.vms.insert(key.clone(), contribution.clone());
+        }
+        for (ip, record) in &plan.ip_writes {
+            self.ips.insert(ip.clone(), record.clone());
+        }
+    }
+}
+
+/// Reads a record written by [`encode`].
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+pub fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
+    // Maps of strings always serialise.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|t| (*t).to_owned()).collect()
+    }
+
+    fn ip_tags(entries: &[(&str, &[&str])]) -> IpTags {
+        entries
+            .iter()
+            .map(|(ip, t)| ((*ip).to_owned(), tags(t)))
+            .collect()
+    }
+
+    #[test]
+    fn the_diff_registers_what_is_new_and_unregisters_what_is_gone() {
+        let before = ip_tags(&[("10.0.0.1", &["a", "b"]), ("10.0.0.2", &["a"])]);
+        let after = ip_tags(&[("10.0.0.1", &["b", "c"]), ("10.0.0.3", &["a"])]);
+        let diff = Diff::between(&before, &after);
+        assert_eq!(
+            diff.register,
+            ip_tags(&[("10.0.0.1", &["c"]), ("10.0.0.3", &["a"])])
+        );
+        assert_eq!(
+            diff.unregister,
+            ip_tags(&[("10.0.0.1", &["a"]), ("10.0.0.2", &["a"])])
+        );
+        assert_eq!(diff.counts(), (2, 2));
+    }
+
+    #[test]
+    fn an_ip_moving_between_vms_keeps_the_tags_the_new_holder_wants() {
+        let old_vm = vm_key("c1", "old");
+        let new_vm = vm_key("c1", "new");
+        let mut ledger = Ledger::default();
+        let first = ledger.plan(&BTreeMap::from([(
+            old_vm.clone(),
+            ip_tags(&[("10.0.0.9", &["ntnx.managed", "ntnx.AppTier.Web"])]),
+        )]));
+        ledger.commit(&first);
+
+        // The new VM takes the IP while the old one still holds it.
+        let second = ledger.plan(&BTreeMap::from([(
+            new_vm.clone(),
+            ip_tags(&[("10.0.0.9", &["ntnx.managed", "ntnx.AppTier.Db"])]),
+        )]));
+        assert_eq!(
+            second.diff.register,
+            ip_tags(&[("10.0.0.9", &["ntnx.AppTier.Db"])])
+        );
+        assert!(second.diff.unregister.is_empty());
+        ledger.commit(&second);
+
+        // The old VM is deleted: only the tag nobody else wants goes.
+        let third = ledger.plan(&BTreeMap::from([(old_vm.clone(), IpTags::new())]));
+        assert!(third.diff.register.is_empty());
+        assert_eq!(
+            third.diff.unregister,
+            ip_tags(&[("10.0.0.9", &["ntnx.AppTier.Web"])])
+        );
+        assert_eq!(
+            third.ip_writes["10.0.0.9"],
+            IpRecord::from([(new_vm, tags(&["ntnx.managed", "ntnx.AppTier.Db"]))])
+        );
+        assert_eq!(third.vm_writes[&old_vm], IpTags::new());
+    }
+
+    #[test]
+    fn replaying_a_committed_plan_changes_nothing() {
+        let key = vm_key("c1", "vm");
+        let change = BTreeMap::from([(key, ip_tags(&[("10.0.0.1", &["ntnx.managed"])]))]);
+        let mut ledger = Ledger::default();
+        ledger.commit(&ledger.plan(&change));
+        assert_eq!(ledger.plan(&change), Plan::default());
+    }
+
+    #[test]
+    fn keys_escape_slashes_so_clusters_cannot_collide() {
+        assert_eq!(vm_key("a/b", "u"), "a%2Fb/u");
+        assert_eq!(vm_record_key(&vm_key("a", "u")), "vm/a/u");
+        assert!(!vm_record_key(&vm_key("a/b", "u")).starts_with(&cluster_prefix("a")));
+        assert_eq!(vm_key("100%", "u"), "100%25/u");
+    }
+
+    #[test]
+    fn the_index_and_union_follow_the_contributions() {
+        let vms = BTreeMap::from([
+            (vm_key("c", "a"), ip_tags(&[("10.0.0.1", &["x"])])),
+            (
+                vm_key("c", "b"),
+                ip_tags(&[("10.0.0.1", &["y"]), ("10.0.0.2", &[])]),
+            ),
+        ]);
+        let ips = index(&vms);
+        assert_eq!(ips.len(), 1, "empty contributions make no record");
+        assert_eq!(wanted_union(&ips), ip_tags(&[("10.0.0.1", &["x", "y"])]));
+    }
+}

@@ -1,0 +1,290 @@
+//! Which tags a VM's IPs should carry on the firewall.
+//!
+//! Category keys and values come from Prism and may hold any character, but
+//! they end up as PAN-OS tag names, which dynamic address group filters match
+//! literally: they are reduced to `[A-Za-z0-9._-]`, and tags longer than the
+//! firewall accepts are cut deterministically, with a hash of the full name
+//! so two long values never collapse into one tag.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::config::Config;
+use crate::host::Vm;
+
+/// Longest tag name PAN-OS is commonly reported to accept.
+pub const MAX_TAG_LEN: usize = 127;
+
+/// Tags per IP: the unit everything else compares.
+pub type IpTags = BTreeMap<String, BTreeSet<String>>;
+
+pub fn is_tag_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Replaces every character a tag name cannot hold with `_`.
+pub fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| if is_tag_char(c) { c } else { '_' })
+        .collect()
+}
+
+/// Cuts a tag to [`MAX_TAG_LEN`], ending it with `-` and 8 hex digits of a
+/// hash of the whole name. Tags are ASCII after [`sanitize`], so cutting at a
+/// byte offset is safe; the `get` keeps it panic-free even if one is not.
+pub fn limit_length(tag: String) -> String {
+    if tag.len() <= MAX_TAG_LEN {
+        return tag;
+    }
+    let suffix = format!("-{:08x}", fnv1a(tag.as_bytes()) as u32);
+    let mut keep = MAX_TAG_LEN - suffix.len();
+    while !tag.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{suffix}", tag.get(..keep).unwrap_or_default())
+}
+
+/// FNV-1a: tiny, stable across builds and platforms (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Literal(String),
+    Prefix,
+    Cluster,
+    Key,
+    Value,
+}
+
+/// A tag name template such as `{prefix}.CL-{cluster}.{key}.{value}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<Piece>);
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Template, String> {
+        let mut pieces = Vec::new();
+        let mut rest = source;
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix('{') {
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed `{{` in {source:?}"))?;
+                pieces.push(match &after[..end] {
+                    "prefix" => Piece::Prefix,
+                    "cluster" => Piece::Cluster,
+                    "key" => Piece::Key,
+                    "value" => Piece::Value,
+                    other => {
+                        return Err(format!(
+                            "unknown placeholder `{{{other}}}` (known: {{prefix}}, {{cluster}}, {{key}}, {{value}})"
+                        ))
+                    }
+                });
+                rest = &after[end + 1..];
+            } else {
+                let end = rest.find('{').unwrap_or(rest.len());
+                let literal = &rest[..end];
+                if let Some(bad) = literal.chars().find(|&c| !is_tag_char(c)) {
+                    return Err(format!(
+                        "{bad:?} cannot appear in a tag name (letters, digits, `.`, `_`, `-` only)"
+                    ));
+                }
+                pieces.push(Piece::Literal(literal.to_owned()));
+                rest = &rest[end..];
+            }
+        }
+        Ok(Template(pieces))
+    }
+
+    /// Whether the template needs a VM's cluster or category.
+    pub fn uses_vm_fields(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Cluster | Piece::Key | Piece::Value))
+    }
+
+    /// Fills in the placeholders with sanitised values; no length limit.
+    pub fn render(&self, prefix: &str, cluster: &str, key: &str, value: &str) -> String {
+        self.0
+            .iter()
+            .map(|piece| match piece {
+                Piece::Literal(text) => text.clone(),
+                Piece::Prefix => sanitize(prefix),
+                Piece::Cluster => sanitize(cluster),
+                Piece::Key => sanitize(key),
+                Piece::Value => sanitize(value),
+            })
+            .collect()
+    }
+}
+
+/// The tags every IP of a powered-on VM should carry.
+pub fn vm_tags(config: &Config, cluster: &str, vm: &Vm) -> BTreeSet<String> {
+    let mut tags: BTreeSet<String> = config.static_tag.iter().cloned().collect();
+    for (key, value) in &vm.categories {
+        if config
+            .categories
+            .as_ref()
+            .is_some_and(|keys| !keys.contains(key))
+        {
+            continue;
+        }
+        let tag = config
+            .category_tag
+            .render(&config.tag_prefix, cluster, key, value);
+        tags.insert(limit_length(tag));
+    }
+    tags
+}
+
+/// What a powered-on VM contributes: every valid IP of every NIC with
+/// [`vm_tags`]. Nothing when the VM yields no tags at all.
+pub fn wanted(config: &Config, cluster: &str, vm: &Vm) -> IpTags {
+    let tags = vm_tags(config, cluster, vm);
+    if tags.is_empty() {
+        return IpTags::new();
+    }
+    vm.nics
+        .iter()
+        .flatten()
+        .filter_map(|ip| normalise_ip(ip))
+        .map(|ip| (ip, tags.clone()))
+        .collect()
+}
+
+/// The VM's IPs that are not IP addresses; they are skipped (and logged).
+pub fn invalid_ips(vm: &Vm) -> Vec<&str> {
+    vm.nics
+        .iter()
+        .flatten()
+        .filter(|ip| normalise_ip(ip).is_none())
+        .map(String::as_str)
+        .collect()
+}
+
+/// The canonical text of an IP, so `ip/<ip>` records and the firewall's
+/// answers compare equal whatever spelling Prism used.
+pub fn normalise_ip(ip: &str) -> Option<String> {
+    ip.trim().parse::<IpAddr>().ok().map(|ip| ip.to_string())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn config(json: &str) -> Config {
+        Config::parse(json).unwrap()
+    }
+
+    /// `vm_update_nic_ip.json`: web-01 with two NICs, powered on.
+    pub(crate) fn web_01() -> Vm {
+        Vm {
+            uuid: "bdbbad7a-a401-4f9a-a789-2b8406905b56".into(),
+            name: Some("web-01".into()),
+            power_state: Some("ON".into()),
+            categories: vec![
+                ("AppTier".into(), "Web".into()),
+                ("Environment".into(), "Production".into()),
+            ],
+            nics: vec![vec!["10.23.129.96".into()], vec!["10.40.142.61".into()]],
+        }
+    }
+
+    fn set(tags: &[&str]) -> BTreeSet<String> {
+        tags.iter().map(|t| (*t).to_owned()).collect()
+    }
+
+    #[test]
+    fn every_ip_of_a_vm_gets_the_static_tag_and_one_tag_per_category() {
+        let config = config(r#"{"firewall": "https://fw"}"#);
+        let wanted = wanted(&config, "ncn-dev-sandbox", &web_01());
+        let tags = set(&[
+            "ntnx.managed",
+            "ntnx.AppTier.Web",
+            "ntnx.Environment.Production",
+        ]);
+        assert_eq!(
+            wanted,
+            IpTags::from([
+                ("10.23.129.96".into(), tags.clone()),
+                ("10.40.142.61".into(), tags)
+            ])
+        );
+    }
+
+    #[test]
+    fn the_panorama_style_template_names_pc_cluster_key_and_value() {
+        let config = config(
+            r#"{"firewall": "https://fw", "static_tag": "",
+                "category_tag": "{prefix}.PC-pc1.CL-{cluster}.{key}.{value}", "categories": ["AppTier"]}"#,
+        );
+        assert_eq!(
+            vm_tags(&config, "ncn-dev-sandbox", &web_01()),
+            set(&["ntnx.PC-pc1.CL-ncn-dev-sandbox.AppTier.Web"])
+        );
+    }
+
+    #[test]
+    fn a_vm_without_tags_contributes_nothing() {
+        let config = config(r#"{"firewall": "https://fw", "static_tag": ""}"#);
+        let vm = Vm {
+            categories: vec![],
+            ..web_01()
+        };
+        assert!(wanted(&config, "c", &vm).is_empty());
+    }
+
+    #[test]
+    fn category_values_are_sanitised_into_tag_characters() {
+        let config = config(r#"{"firewall": "https://fw", "static_tag": ""}"#);
+        let vm = Vm {
+            categories: vec![("Team name".into(), "x'\"]<&é".into())],
+            ..web_01()
+        };
+        assert_eq!(vm_tags(&config, "c", &vm), set(&["ntnx.Team_name.x______"]));
+    }
+
+    #[test]
+    fn long_tags_are_cut_to_127_characters_and_stay_distinct() {
+        let config = config(r#"{"firewall": "https://fw", "static_tag": ""}"#);
+        let long = "v".repeat(200);
+        let a = Vm {
+            categories: vec![("K".into(), format!("{long}a"))],
+            ..web_01()
+        };
+        let b = Vm {
+            categories: vec![("K".into(), format!("{long}b"))],
+            ..web_01()
+        };
+        let (ta, tb) = (vm_tags(&config, "c", &a), vm_tags(&config, "c", &b));
+        let (ta, tb) = (ta.first().unwrap(), tb.first().unwrap());
+        assert_eq!((ta.len(), tb.len()), (127, 127));
+        assert_ne!(ta, tb);
+        assert!(ta.starts_with("ntnx.K.vvv"));
+        assert_eq!(
+            ta,
+            &limit_length(format!("ntnx.K.{long}a")),
+            "the cut is deterministic"
+        );
+    }
+
+    #[test]
+    fn ips_are_normalised_and_invalid_ones_skipped() {
+        let config = config(r#"{"firewall": "https://fw"}"#);
+        let vm = Vm {
+            nics: vec![vec![
+                " 10.0.0.1 ".into(),
+                "not-an-ip".into(),
+                "FE80::1".into(),
+            ]],
+            ..web_01()
+        };
+        let ips: Vec<_> = wanted(&config, "c", &vm).into_keys().collect();
+        assert_eq!(ips, ["10.0.0.1", "fe80::1"]);
+        assert_eq!(invalid_ips(&vm), ["not-an-ip"]);
+    }
+}
