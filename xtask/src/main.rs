@@ -1,1 +1,421 @@
-fn main(){}
+//! `cargo xtask plugins [NAME...]`: builds every guest plugin to a
+//! WebAssembly component in `target/plugins/<name>.wasm`.
+//!
+//! Guests are built with Debian's Rust toolchain and its `wasm32-wasip1`
+//! standard library sources, because this project's machines reach only
+//! crates.io, PyPI, npm and Debian: rustup targets are not an option. The
+//! core module is then turned into a component with `wit-component` and the
+//! WASI preview1 adapter that matches the host's wasmtime.
+//!
+//! Re-running is cheap: cargo's own incremental build decides whether a core
+//! module changed, and a component is re-encoded only when its module is
+//! newer.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "lld-19", "wasi-libc"];
+const RUSTC: &str = "/usr/bin/rustc";
+const CARGO: &str = "/usr/bin/cargo";
+const WASM_LD: &str = "/usr/lib/llvm-19/bin/wasm-ld";
+const WASI_LIBC: &str = "/usr/lib/wasm32-wasi";
+const TARGET: &str = "wasm32-wasip1";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("plugins") => build_plugins(&args[1..]),
+        Some("toolchain") => ensure_toolchain(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask plugins [NAME...]   build guest plugins into target/plugins/\n       \
+                 cargo xtask toolchain          install the Debian wasm toolchain if missing"
+            );
+            std::process::exit(2)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// Rust guests: shipped plugins and the test guests.
+fn guest_dirs(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for parent in ["plugins", "tests/guests"] {
+        let Ok(entries) = std::fs::read_dir(root.join(parent)) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            if path.join("Cargo.toml").is_file() {
+                dirs.push(path);
+            }
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+fn build_plugins(only: &[String]) -> Result<()> {
+    ensure_toolchain()?;
+    let root = root();
+    let out_dir = root.join("target/plugins");
+    std::fs::create_dir_all(&out_dir)?;
+    let target_dir = root.join("target/wasm-guests");
+    let mut built = 0;
+    for dir in guest_dirs(&root)? {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if !only.is_empty() && !only.contains(&name) {
+            continue;
+        }
+        let started = Instant::now();
+        println!("xtask: building guest `{name}` ({}) for {TARGET}", dir.display());
+        let status = Command::new(CARGO)
+            .current_dir(&dir)
+            .args(["build", "--release", "--target", TARGET, "-Zbuild-std=std,panic_abort"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTC", RUSTC)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_WASM32_WASIP1_LINKER", WASM_LD)
+            .env("RUSTFLAGS", format!("-C link-self-contained=no -L native={WASI_LIBC}"))
+            // The host's rustup toolchain must not leak into Debian's cargo.
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO")
+            .env_remove("RUSTC_WRAPPER")
+            .status()
+            .with_context(|| format!("running {CARGO}"))?;
+        if !status.success() {
+            bail!("building guest `{name}` failed ({status})");
+        }
+        let module = target_dir
+            .join(TARGET)
+            .join("release")
+            .join(format!("{}.wasm", package_name(&dir)?.replace('-', "_")));
+        let component = out_dir.join(format!("{name}.wasm"));
+        if is_newer(&component, &module)? {
+            println!("xtask: {} is up to date", component.display());
+        } else {
+            componentize(&module, &component)?;
+            println!(
+                "xtask: wrote {} ({} KiB) in {:.1}s",
+                component.display(),
+                std::fs::metadata(&component)?.len() / 1024,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        built += 1;
+    }
+    built += build_scripted_guests(&root, &out_dir, only)?;
+    if built == 0 {
+        bail!("no guest matched {only:?}");
+    }
+    Ok(())
+}
+
+/// The guest's package name, which names its core module.
+fn package_name(dir: &Path) -> Result<String> {
+    let manifest = dir.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)?;
+    let doc: toml::Table = text.parse().with_context(|| format!("parsing {}", manifest.display()))?;
+    doc.get("package")
+        .and_then(|p| p.get("name"))
+        .and_then(|n| n.as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("{} has no [package] name", manifest.display()))
+}
+
+fn is_newer(a: &Path, b: &Path) -> Result<bool> {
+    let Ok(a) = std::fs::metadata(a) else { return Ok(false) };
+    let b = std::fs::metadata(b).with_context(|| format!("{} was not built", b.display()))?;
+    Ok(a.modified()? > b.modified()?)
+}
+
+fn componentize(module: &Path, component: &Path) -> Result<()> {
+    let bytes = std::fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+    let adapter = wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER;
+    let encoded = wit_component::ComponentEncoder::default()
+        .module(&bytes)
+        .context("reading the core module's component-type section")?
+        .adapter("wasi_snapshot_preview1", adapter)
+        .context("loading the WASI preview1 adapter")?
+        .validate(true)
+        .encode()
+        .with_context(|| format!("turning {} into a component", module.display()))?;
+    // Write then rename, so a host watching target/plugins never sees half a file.
+    let tmp = component.with_extension("wasm.tmp");
+    std::fs::write(&tmp, encoded)?;
+    std::fs::rename(&tmp, component)?;
+    Ok(())
+}
+
+/// Installs the Debian packages the guest build needs, but only those that
+/// are missing, and only when running as root (CI); otherwise says what to
+/// run.
+fn ensure_toolchain() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    if !is_root {
+        bail!(
+            "missing Debian packages: {}; install them with\n  sudo apt-get update && sudo apt-get install -y {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    println!("xtask: installing Debian packages {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Python and JavaScript guests
+//
+// A plugin directory with `app.py` is a Python guest, built by componentize-py
+// (from PyPI); one with `package.json` is a JavaScript guest, built by the
+// componentize-js CLI its own package-lock.json pins (from npm). Both tools
+// bundle a whole interpreter, so a build takes a minute and the component
+// is 12-20 MB: the build is skipped while the component is newer than every
+// source file and was made by the same tool version.
+
+/// The componentize-py release the Python guests are built with.
+const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+/// componentize-js features the host does not provide: `wasi:http` (the
+/// plugin's `http` import is the only way out) and the fetch-event export.
+const COMPONENTIZE_JS_DISABLE: &[&str] = &["http", "fetch-event"];
+/// Directories that are never part of a component's sources.
+const NOT_SOURCES: &[&str] = &["node_modules", "__pycache__", ".pytest_cache", "target", "tests", "test"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Python,
+    JavaScript,
+}
+
+/// Python and JavaScript guests: shipped plugins and test guests without a
+/// `Cargo.toml`.
+fn scripted_guest_dirs(root: &Path) -> Result<Vec<(PathBuf, Script)>> {
+    let mut dirs = Vec::new();
+    for parent in ["plugins", "tests/guests"] {
+        let Ok(entries) = std::fs::read_dir(root.join(parent)) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            if path.join("Cargo.toml").is_file() {
+                continue;
+            }
+            if path.join("app.py").is_file() {
+                dirs.push((path, Script::Python));
+            } else if path.join("package.json").is_file() {
+                dirs.push((path, Script::JavaScript));
+            }
+        }
+    }
+    dirs.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(dirs)
+}
+
+fn build_scripted_guests(root: &Path, out_dir: &Path, only: &[String]) -> Result<usize> {
+    let mut built = 0;
+    for (dir, script) in scripted_guest_dirs(root)? {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if !only.is_empty() && !only.contains(&name) {
+            continue;
+        }
+        built += 1;
+        let started = Instant::now();
+        let component = out_dir.join(format!("{name}.wasm"));
+        let stamp = out_dir.join(format!(".{name}.tool"));
+        let (language, tool) = match script {
+            Script::Python => ("Python", format!("componentize-py {COMPONENTIZE_PY_VERSION}")),
+            Script::JavaScript => ("JavaScript", format!("componentize-js {}", componentize_js_pin(&dir)?)),
+        };
+        let newest = newest_source(&dir)?.max(newest_source(&root.join("wit"))?);
+        let fresh = std::fs::metadata(&component)
+            .and_then(|m| m.modified())
+            .is_ok_and(|built_at| Some(built_at) > newest)
+            && std::fs::read_to_string(&stamp).is_ok_and(|t| t == tool);
+        if fresh {
+            println!("xtask: {} is up to date ({language}, {tool})", component.display());
+            continue;
+        }
+        println!("xtask: building {language} guest `{name}` ({}) with {tool}", dir.display());
+        // Write then rename, so a host watching target/plugins never sees half a file.
+        let tmp = component.with_extension("wasm.tmp");
+        match script {
+            Script::Python => build_python(root, &dir, &tmp)?,
+            Script::JavaScript => build_javascript(root, &dir, &tmp)?,
+        }
+        std::fs::rename(&tmp, &component)?;
+        std::fs::write(&stamp, &tool)?;
+        println!(
+            "xtask: wrote {} ({} KiB) in {:.1}s",
+            component.display(),
+            std::fs::metadata(&component)?.len() / 1024,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(built)
+}
+
+/// The newest modification time of the files under `dir`, sources only.
+fn newest_source(dir: &Path) -> Result<Option<std::time::SystemTime>> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                if !NOT_SOURCES.contains(&entry.file_name().to_string_lossy().as_ref()) {
+                    stack.push(entry.path());
+                }
+            } else {
+                let modified = entry.metadata()?.modified()?;
+                newest = newest.max(Some(modified));
+            }
+        }
+    }
+    Ok(newest)
+}
+
+fn build_python(root: &Path, dir: &Path, out: &Path) -> Result<()> {
+    let mut componentize = componentize_py(root)?;
+    componentize
+        .arg("--wit-path")
+        .arg(root.join("wit"))
+        .args(["--world", "plugin", "componentize", "app", "--python-path"])
+        .arg(dir)
+        .arg("--output")
+        .arg(out)
+        .current_dir(dir);
+    run(&mut componentize).with_context(|| format!("building the Python guest in {}", dir.display()))
+}
+
+/// A command that runs the pinned componentize-py: the one on `PATH` when it
+/// is that version, else one installed from PyPI into `target/tools/`
+/// (`pip --target` works on any Python, externally managed or not).
+fn componentize_py(root: &Path) -> Result<Command> {
+    let on_path = Command::new("componentize-py")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).split_whitespace().any(|w| w == COMPONENTIZE_PY_VERSION))
+        .unwrap_or(false);
+    if on_path {
+        return Ok(Command::new("componentize-py"));
+    }
+    let tools = root.join("target/tools").join(format!("componentize-py-{COMPONENTIZE_PY_VERSION}"));
+    if !tools.join("componentize_py").is_dir() {
+        println!(
+            "xtask: installing componentize-py {COMPONENTIZE_PY_VERSION} from PyPI into {}",
+            tools.display()
+        );
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(&tools)
+            .arg(format!("componentize-py=={COMPONENTIZE_PY_VERSION}")))
+        .context("installing componentize-py with pip (is python3 with pip installed?)")?;
+    }
+    let mut command = Command::new("python3");
+    command
+        .args(["-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; componentize_py.script()"])
+        .env("PYTHONPATH", &tools);
+    Ok(command)
+}
+
+/// The componentize-js version a JavaScript guest's package-lock.json pins.
+fn componentize_js_pin(dir: &Path) -> Result<String> {
+    let lock = dir.join("package-lock.json");
+    let text = std::fs::read_to_string(&lock).with_context(|| {
+        format!("reading {}: a JavaScript guest must commit its lock file (run `npm install` there)", lock.display())
+    })?;
+    // The lock is JSON: find `"node_modules/@bytecodealliance/componentize-js": { ... "version": "X"`.
+    let key = "\"node_modules/@bytecodealliance/componentize-js\"";
+    let version = text
+        .find(key)
+        .and_then(|at| text[at..].find("\"version\"").map(|v| at + v))
+        .and_then(|at| text[at + "\"version\"".len()..].split('"').nth(1))
+        .with_context(|| format!("{} does not pin @bytecodealliance/componentize-js", lock.display()))?;
+    Ok(version.to_owned())
+}
+
+fn build_javascript(root: &Path, dir: &Path, out: &Path) -> Result<()> {
+    ensure_node()?;
+    // `npm ci` installs exactly the lock; it is skipped while node_modules
+    // already matches it (npm writes node_modules/.package-lock.json).
+    let installed = dir.join("node_modules/.package-lock.json");
+    if !is_newer(&installed, &dir.join("package-lock.json")).unwrap_or(false) {
+        println!("xtask: npm ci in {}", dir.display());
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(dir))
+        .with_context(|| format!("installing the npm packages of {}", dir.display()))?;
+    }
+    let manifest = std::fs::read_to_string(dir.join("package.json"))?;
+    let entry = json_string_field(&manifest, "main").unwrap_or_else(|| "app.js".to_owned());
+    let cli = dir.join("node_modules/.bin/componentize-js");
+    let mut componentize = Command::new(&cli);
+    componentize
+        .arg(&entry)
+        .arg("--wit")
+        .arg(root.join("wit"))
+        .args(["--world-name", "plugin"]);
+    for feature in COMPONENTIZE_JS_DISABLE {
+        componentize.args(["--disable", feature]);
+    }
+    componentize.arg("--out").arg(out).current_dir(dir);
+    run(&mut componentize).with_context(|| format!("building the JavaScript guest in {}", dir.display()))
+}
+
+/// `"name": "value"` at the top of a small JSON document such as package.json.
+fn json_string_field(json: &str, name: &str) -> Option<String> {
+    let at = json.find(&format!("\"{name}\""))?;
+    let rest = json[at + name.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
+    rest.strip_prefix('"')?.split('"').next().map(str::to_owned)
+}
+
+/// Node.js and npm, from Debian when missing (as root); otherwise says what
+/// to install.
+fn ensure_node() -> Result<()> {
+    let works = |tool: &str| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    if works("node") && works("npm") {
+        return Ok(());
+    }
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    if !is_root {
+        bail!("JavaScript guests need Node.js 18 or newer and npm; install them with\n  sudo apt-get install -y nodejs npm");
+    }
+    println!("xtask: installing Debian packages nodejs npm");
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "nodejs", "npm"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}

@@ -1,0 +1,489 @@
+//! The configuration file: one typed struct, unknown keys rejected, every
+//! default written once (here).
+//!
+//! Secrets are never written in the file itself in production: each names an
+//! environment variable or a file (`value` exists for demos and tests).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::runtime::policy::{InjectedHeader, OriginRule, OutboundPolicy};
+use crate::runtime::{LimitOverrides, Limits, PluginSettings};
+use crate::secret::{Secret, SecretSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {reason}")]
+    Read { file: PathBuf, reason: String },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: `{key}`: {message}")]
+    Invalid { file: PathBuf, key: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this host's webhooks in Prism, so it can find (and only touch)
+    /// its own after a restart.
+    #[serde(default = "defaults::instance")]
+    pub instance: String,
+    #[serde(default)]
+    pub listener: ListenerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Per-plugin settings, by the name the plugin gives in `init`.
+    #[serde(default)]
+    pub plugin: BTreeMap<String, PluginConfig>,
+    #[serde(default, rename = "cluster")]
+    pub clusters: Vec<ClusterConfig>,
+    /// Where the file was read from, for error messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// The base URL Prism should post to; defaults to `http(s)://<listen>`.
+    /// Set it when prismhook sits behind NAT or a proxy.
+    pub public_url: Option<Url>,
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+    /// Required when `listen` is not a loopback address.
+    pub token: Option<SecretSource>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    /// How long delivered events are kept (for replay) before pruning.
+    #[serde(default = "defaults::retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// The same notification received again within this window is stored once.
+    #[serde(default = "defaults::dedupe_window", with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    /// Above this many pending deliveries the listener answers 503.
+    #[serde(default = "defaults::max_backlog")]
+    pub max_backlog: u64,
+    /// Above this ledger size (MiB) the listener answers 503; 0 = no limit.
+    #[serde(default)]
+    pub max_ledger_mib: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Most events in one `handle` call.
+    #[serde(default = "defaults::batch_max")]
+    pub batch_max: usize,
+    /// How long to gather a batch once the first event is due.
+    #[serde(default = "defaults::batch_window", with = "humantime_serde")]
+    pub batch_window: Duration,
+    #[serde(default = "defaults::retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(default = "defaults::retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Attempts before an event goes to the dead letters.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// Age after which a still-failing event goes to the dead letters.
+    #[serde(default = "defaults::max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// `.wasm` components (and optional `<name>.toml` settings) to load.
+    #[serde(default = "defaults::plugins_dir")]
+    pub dir: PathBuf,
+    /// Reload plugins when files in `dir` change.
+    #[serde(default = "defaults::yes")]
+    pub watch: bool,
+    /// Limits for every plugin, each overridable per plugin.
+    #[serde(default)]
+    pub limits: LimitOverrides,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Handed to the plugin's `init` as a JSON object.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// Origins the plugin may reach (`https://fw1.example.com`,
+    /// `https://*.example.com`, `http://10.0.0.0/8:*`). Empty = none.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Headers the host adds for an origin; the plugin never sees them.
+    #[serde(default)]
+    pub inject: Vec<InjectConfig>,
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    /// Refuse the plugin file unless its sha256 is this (hex).
+    pub sha256: Option<String>,
+    /// Deliver only the newest of several queued state events of one VM.
+    #[serde(default)]
+    pub coalesce: bool,
+    /// Set to false to keep a plugin file in the directory but not load it.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InjectConfig {
+    pub origin: String,
+    pub header: String,
+    #[serde(flatten)]
+    pub secret: SecretSource,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Short name; used in the callback path and recorded with every event.
+    pub name: String,
+    /// `https://prism.example.com:9440`.
+    pub prism_url: Url,
+    pub username: String,
+    pub password: SecretSource,
+    #[serde(default)]
+    pub tls: ClusterTls,
+    /// Basic-auth user Prism must present on every notification.
+    #[serde(default = "defaults::webhook_user")]
+    pub webhook_user: String,
+    /// Its password; generated once and kept in the data directory when
+    /// absent.
+    pub webhook_password: Option<SecretSource>,
+    /// How often to reconcile the plugins with Prism's inventory; 0 = only
+    /// at start.
+    #[serde(default = "defaults::reconcile_interval", with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// Trust this CA bundle (PEM) instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept exactly this certificate (PEM), self-signed or not.
+    pub pinned_cert: Option<PathBuf>,
+    /// Skip verification. Warned about at start; for labs only.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+mod defaults {
+    use super::*;
+
+    pub fn instance() -> String {
+        "prismhook".into()
+    }
+    pub fn listen() -> SocketAddr {
+        "0.0.0.0:8080".parse().unwrap()
+    }
+    pub fn admin_listen() -> SocketAddr {
+        "127.0.0.1:9100".parse().unwrap()
+    }
+    pub fn max_body_bytes() -> usize {
+        1 << 20
+    }
+    pub fn data_dir() -> PathBuf {
+        "data".into()
+    }
+    pub fn retention() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn dedupe_window() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn max_backlog() -> u64 {
+        1_000_000
+    }
+    pub fn batch_max() -> usize {
+        256
+    }
+    pub fn batch_window() -> Duration {
+        Duration::from_millis(5)
+    }
+    pub fn retry_initial() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn retry_max() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_attempts() -> u32 {
+        20
+    }
+    pub fn max_age() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn plugins_dir() -> PathBuf {
+        "plugins".into()
+    }
+    pub fn webhook_user() -> String {
+        "prismhook".into()
+    }
+    pub fn reconcile_interval() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+/// Sections left out of the file take their defaults, exactly as if they
+/// were written empty.
+macro_rules! default_from_empty_table {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("every field of this section has a default")
+            }
+        }
+    )*};
+}
+default_from_empty_table!(ListenerConfig, AdminConfig, StorageConfig, DeliveryConfig, PluginsConfig);
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks a configuration; `path` is only used in messages
+    /// and to resolve relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.source = path.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.source.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            if c.name.is_empty() || !c.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(self.invalid(
+                    format!("cluster[{i}].name"),
+                    format!("expected letters, digits, `-` or `_`, found {:?}", c.name),
+                ));
+            }
+            if !names.insert(&c.name) {
+                return Err(self.invalid(format!("cluster[{i}].name"), format!("`{}` is used twice", c.name)));
+            }
+            if !matches!(c.prism_url.scheme(), "http" | "https") {
+                return Err(self.invalid(format!("cluster[{i}].prism_url"), "expected an http(s) URL"));
+            }
+            let pins = [c.tls.ca_file.is_some(), c.tls.pinned_cert.is_some(), c.tls.insecure];
+            if pins.iter().filter(|b| **b).count() > 1 {
+                return Err(self.invalid(
+                    format!("cluster[{i}].tls"),
+                    "choose one of `ca_file`, `pinned_cert` or `insecure`",
+                ));
+            }
+        }
+        for (name, p) in &self.plugin {
+            for (j, origin) in p.allow.iter().enumerate() {
+                OriginRule::parse(origin).map_err(|e| self.invalid(format!("plugin.{name}.allow[{j}]"), e.to_string()))?;
+            }
+            for (j, inj) in p.inject.iter().enumerate() {
+                OriginRule::parse(&inj.origin)
+                    .map_err(|e| self.invalid(format!("plugin.{name}.inject[{j}].origin"), e.to_string()))?;
+                http::HeaderName::from_bytes(inj.header.as_bytes()).map_err(|_| {
+                    self.invalid(format!("plugin.{name}.inject[{j}].header"), "not a valid header name")
+                })?;
+            }
+            if let Some(sha) = &p.sha256 {
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(self.invalid(format!("plugin.{name}.sha256"), "expected 64 hex digits"));
+                }
+            }
+        }
+        if self.delivery.batch_max == 0 {
+            return Err(self.invalid("delivery.batch_max", "must be at least 1"));
+        }
+        if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
+            return Err(self.invalid(
+                "admin.token",
+                "required when the admin API listens beyond loopback",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The URL Prism posts a cluster's notifications to.
+    pub fn callback_url(&self, cluster: &str) -> String {
+        let base = match &self.listener.public_url {
+            Some(u) => u.as_str().trim_end_matches('/').to_owned(),
+            None => {
+                let scheme = if self.listener.tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{}", self.listener.listen)
+            }
+        };
+        format!("{base}{}", callback_path(cluster))
+    }
+
+    /// The limits every plugin gets unless its own settings say otherwise.
+    pub fn default_limits(&self) -> Limits {
+        Limits::default().with(&self.plugins.limits)
+    }
+
+    /// Resolves a plugin's settings: its JSON config, limits and outbound
+    /// policy with secrets read. `name` is the plugin's file stem.
+    pub fn plugin_settings(&self, name: &str, extra: Option<&PluginConfig>) -> Result<PluginSettings, ConfigError> {
+        let empty = PluginConfig::default();
+        let p = extra.or_else(|| self.plugin.get(name)).unwrap_or(&empty);
+        resolve_plugin(p, name, self.default_limits()).map_err(|(key, message)| self.invalid(key, message))
+    }
+}
+
+/// The listener path for one cluster's notifications.
+pub fn callback_path(cluster: &str) -> String {
+    format!("/listener/callback/{cluster}")
+}
+
+pub(crate) fn resolve_plugin(p: &PluginConfig, name: &str, defaults: Limits) -> Result<PluginSettings, (String, String)> {
+    let key = |k: String| format!("plugin.{name}.{k}");
+    let allow = p
+        .allow
+        .iter()
+        .enumerate()
+        .map(|(j, o)| OriginRule::parse(o).map_err(|e| (key(format!("allow[{j}]")), e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let inject = p
+        .inject
+        .iter()
+        .enumerate()
+        .map(|(j, inj)| {
+            let origin = OriginRule::parse(&inj.origin).map_err(|e| (key(format!("inject[{j}].origin")), e.to_string()))?;
+            let name = http::HeaderName::from_bytes(inj.header.as_bytes())
+                .map_err(|_| (key(format!("inject[{j}].header")), "not a valid header name".to_owned()))?;
+            let value: Secret = inj.secret.resolve().map_err(|e| (key(format!("inject[{j}]")), e.to_string()))?;
+            Ok(InjectedHeader { origin, name, value })
+        })
+        .collect::<Result<Vec<_>, (String, String)>>()?;
+    let config = serde_json::to_value(&p.config).map_err(|e| (key("config".into()), e.to_string()))?;
+    Ok(PluginSettings {
+        config,
+        limits: defaults.with(&p.limits),
+        policy: OutboundPolicy::new(allow, inject),
+        sha256: p.sha256.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("prismhook.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_is_a_valid_configuration_with_every_default() {
+        let c = parse("").unwrap();
+        assert_eq!(c.listener.listen, defaults::listen());
+        assert_eq!(c.listener.max_body_bytes, 1 << 20);
+        assert_eq!(c.delivery.batch_max, 256);
+        assert_eq!(c.default_limits(), Limits::default());
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_name_and_place() {
+        let e = parse("[listener]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err().to_string();
+        assert!(e.starts_with("prismhook.toml: "), "{e}");
+        assert!(e.contains("unknown field `listne`"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_origin_names_the_plugin_and_entry() {
+        let e = parse("[plugin.paloalto]\nallow = [\"https://fw1\", \"fw2\"]\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "prismhook.toml: `plugin.paloalto.allow[1]`: invalid origin `fw2`: expected scheme://host[:port]"
+        );
+    }
+
+    #[test]
+    fn an_admin_api_beyond_loopback_needs_a_token() {
+        let e = parse("[admin]\nlisten = \"0.0.0.0:9100\"\n").unwrap_err().to_string();
+        assert!(e.contains("`admin.token`"), "{e}");
+    }
+
+    #[test]
+    fn durations_read_as_human_text() {
+        let c = parse("[delivery]\nbatch_window = \"20ms\"\nmax_age = \"2h\"\n").unwrap();
+        assert_eq!(c.delivery.batch_window, Duration::from_millis(20));
+        assert_eq!(c.delivery.max_age, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn plugin_settings_merge_limits_and_read_injected_secrets() {
+        let c = parse(
+            r#"
+[plugins.limits]
+deadline_ms = 2000
+[plugin.paloalto]
+config = { firewall = "https://fw1.example.com" }
+allow = ["https://fw1.example.com"]
+limits = { memory_mib = 32 }
+inject = [{ origin = "https://fw1.example.com", header = "X-PAN-KEY", value = "k" }]
+"#,
+        )
+        .unwrap();
+        let s = c.plugin_settings("paloalto", None).unwrap();
+        assert_eq!(s.limits.deadline, Duration::from_secs(2));
+        assert_eq!(s.limits.memory_bytes, 32 << 20);
+        assert_eq!(s.config["firewall"], "https://fw1.example.com");
+        assert!(s.policy.allows(&Url::parse("https://fw1.example.com/api/").unwrap()));
+        assert_eq!(s.policy.secrets().next().unwrap().expose(), "k");
+    }
+}

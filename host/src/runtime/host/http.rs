@@ -1,0 +1,208 @@
+//! `prismhook:plugin/http`: outbound requests under the plugin's policy.
+//!
+//! Every hop (the request and each redirect) is checked against the
+//! allowlist before anything is sent; credentials are added per hop for the
+//! hop's own origin only; the response is size-capped and scrubbed of any
+//! injected secret before the plugin sees it. Denials are error values for
+//! the guest, never traps.
+
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue, Method};
+use url::Url;
+
+use crate::runtime::bindings::http::{Error, Host, Request, Response};
+use crate::runtime::state::HostState;
+
+const MAX_REDIRECTS: usize = 5;
+/// Ceiling for one request, whatever the plugin asks for.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Host for HostState {
+    async fn send(&mut self, request: Request) -> wasmtime::Result<Result<Response, Error>> {
+        let started = Instant::now();
+        let plugin = self.plugin.name.clone();
+        let method = request.method.clone();
+        let result = self.send_checked(request).await;
+        match &result {
+            Ok((url, resp)) => tracing::debug!(
+                %plugin, events = %self.context, %method, origin = %url.origin().ascii_serialization(),
+                path = url.path(), status = resp.status, elapsed_ms = started.elapsed().as_millis() as u64,
+                "plugin http request"
+            ),
+            Err(Error::Denied(why)) => tracing::warn!(%plugin, events = %self.context, %method, "plugin http request denied: {why}"),
+            Err(e) => tracing::debug!(%plugin, events = %self.context, %method, "plugin http request failed: {e:?}"),
+        }
+        Ok(result.map(|(_, r)| r))
+    }
+}
+
+impl HostState {
+    async fn send_checked(&mut self, request: Request) -> Result<(Url, Response), Error> {
+        let limits = self.plugin.limits;
+        if self.requests_made >= limits.max_requests_per_call {
+            return Err(Error::LimitExceeded(format!(
+                "at most {} requests per call",
+                limits.max_requests_per_call
+            )));
+        }
+        self.requests_made += 1;
+
+        let mut method = Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| Error::InvalidRequest(format!("bad method `{}`", request.method)))?;
+        let mut url = Url::parse(&request.url)
+            .map_err(|e| Error::InvalidRequest(format!("bad url: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::InvalidRequest(format!("scheme `{}` is not http or https", url.scheme())));
+        }
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &request.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| Error::InvalidRequest(format!("bad header name `{name}`")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| Error::InvalidRequest(format!("bad value for header `{name}`")))?;
+            // The plugin may neither set nor override what the host injects.
+            if !self.plugin.policy.is_injected_name(&name) && name != http::header::HOST {
+                headers.append(name, value);
+            }
+        }
+        let mut body = request.body;
+
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let timeout = request
+            .timeout_ms
+            .map_or(MAX_REQUEST_TIMEOUT, |ms| Duration::from_millis(ms.into()))
+            .min(MAX_REQUEST_TIMEOUT)
+            .min(remaining);
+        let deadline = Instant::now() + timeout;
+
+        for _hop in 0..=MAX_REDIRECTS {
+            if !self.plugin.policy.allows(&url) {
+                return Err(Error::Denied(format!(
+                    "{} is not on plugin `{}`'s outbound allowlist",
+                    url.origin().ascii_serialization(),
+                    self.plugin.name
+                )));
+            }
+            let mut req = self
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone())
+                .timeout(deadline.saturating_duration_since(Instant::now()));
+            for injected in self.plugin.policy.headers_for(&url) {
+                let mut value = HeaderValue::from_str(injected.value.expose())
+                    .map_err(|_| Error::Other("an injected credential is not a valid header value".into()))?;
+                value.set_sensitive(true);
+                req = req.header(injected.name.clone(), value);
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            let resp = req.send().await.map_err(classify)?;
+            let status = resp.status();
+            if status.is_redirection() {
+                if let Some(location) = resp.headers().get(http::header::LOCATION) {
+                    let next = location
+                        .to_str()
+                        .ok()
+                        .and_then(|l| url.join(l).ok())
+                        .ok_or_else(|| Error::Other("redirect with an unusable Location".into()))?;
+                    // 303 (and, as browsers do, 301/302 after POST) turn into GET.
+                    if status == http::StatusCode::SEE_OTHER
+                        || (matches!(status.as_u16(), 301 | 302) && method == Method::POST)
+                    {
+                        method = Method::GET;
+                        body = None;
+                    }
+                    url = next;
+                    continue;
+                }
+            }
+            let resp_headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect::<Vec<_>>();
+            let body = read_capped(resp, limits.max_response_bytes).await?;
+            let mut response = Response {
+                status: status.as_u16(),
+                headers: resp_headers,
+                body,
+            };
+            self.scrub(&mut response);
+            return Ok((url, response));
+        }
+        Err(Error::Other(format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    /// Replaces every injected secret echoed back by the server, so a
+    /// plugin cannot read a credential through an echo endpoint.
+    fn scrub(&self, response: &mut Response) {
+        for secret in self.plugin.policy.secrets() {
+            let needle = secret.expose().as_bytes();
+            if needle.is_empty() {
+                continue;
+            }
+            for (_, v) in response.headers.iter_mut() {
+                if v.contains(secret.expose()) {
+                    *v = v.replace(secret.expose(), "[redacted]");
+                }
+            }
+            if response.body.windows(needle.len()).any(|w| w == needle) {
+                response.body = replace_bytes(&response.body, needle, b"[redacted]");
+            }
+        }
+    }
+}
+
+fn replace_bytes(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut i = 0;
+    while i < haystack.len() {
+        if haystack[i..].starts_with(needle) {
+            out.extend_from_slice(with);
+            i += needle.len();
+        } else {
+            out.push(haystack[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+async fn read_capped(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>, Error> {
+    if resp.content_length().is_some_and(|len| len > max) {
+        return Err(Error::TooLarge(max));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(classify)? {
+        if body.len() as u64 + chunk.len() as u64 > max {
+            return Err(Error::TooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn classify(e: reqwest::Error) -> Error {
+    if e.is_timeout() {
+        Error::Timeout
+    } else if e.is_connect() {
+        Error::ConnectionFailed(error_chain(&e))
+    } else {
+        Error::Other(error_chain(&e))
+    }
+}
+
+/// reqwest's top-level message is vague ("error sending request"); the
+/// cause chain says what actually happened.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

@@ -1,0 +1,23 @@
+//! `prismhook:plugin/kv`: the plugin's private store, through the call's
+//! write-buffering session (see `kv_store`).
+
+use crate::runtime::bindings::kv::Host;
+use crate::runtime::state::HostState;
+
+impl Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, String>> {
+        Ok(self.kv.get(&key).map_err(|e| e.to_string()))
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.kv.set(key, value).map_err(|e| e.to_string()))
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.kv.delete(key).map_err(|e| e.to_string()))
+    }
+
+    fn list_keys(&mut self, prefix: String) -> wasmtime::Result<Result<Vec<String>, String>> {
+        Ok(self.kv.list_keys(&prefix).map_err(|e| e.to_string()))
+    }
+}

@@ -1,0 +1,235 @@
+//! Storage behind the `kv` import: one redb file for all plugins, one table
+//! per plugin, and a per-call session that buffers writes.
+//!
+//! Writes are buffered so that a call's changes land together, and only
+//! when the call returns: a trap or a timeout midway leaves the store as it
+//! was, which keeps "what I registered" records honest.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+
+const MAX_KEY_BYTES: usize = 1024;
+const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Buffered writes one call may hold.
+const MAX_PENDING_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("kv storage: {0}")]
+    Storage(String),
+    #[error("key is {0} bytes; keys are limited to {MAX_KEY_BYTES}")]
+    KeyTooLong(usize),
+    #[error("value is {0} bytes; values are limited to {MAX_VALUE_BYTES}")]
+    ValueTooLarge(usize),
+    #[error("this call has buffered over {MAX_PENDING_BYTES} bytes of writes")]
+    TooManyWrites,
+}
+
+fn storage(e: impl std::fmt::Display) -> KvError {
+    KvError::Storage(e.to_string())
+}
+
+fn table(plugin: &str) -> String {
+    format!("plugin:{plugin}")
+}
+
+#[derive(Clone)]
+pub struct KvStore {
+    db: Arc<Database>,
+}
+
+impl KvStore {
+    pub fn open(path: &Path) -> Result<KvStore, KvError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(storage)?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| KvError::Storage(format!("{}: {e}", path.display())))?;
+        Ok(KvStore { db: Arc::new(db) })
+    }
+
+    /// A session for one call of `plugin`.
+    pub fn session(&self, plugin: &str) -> KvSession {
+        KvSession {
+            store: self.clone(),
+            table: table(plugin),
+            writes: BTreeMap::new(),
+            pending_bytes: 0,
+        }
+    }
+
+    fn read(&self, table_name: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(table_name);
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(e)),
+        };
+        Ok(table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+    }
+
+    fn keys(&self, table_name: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(table_name);
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut keys = Vec::new();
+        for entry in table.range(prefix..).map_err(storage)? {
+            let (k, _) = entry.map_err(storage)?;
+            let k = k.value();
+            if !k.starts_with(prefix) {
+                break;
+            }
+            keys.push(k.to_owned());
+        }
+        Ok(keys)
+    }
+
+    fn apply(&self, table_name: &str, writes: BTreeMap<String, Option<Vec<u8>>>) -> Result<(), KvError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let def: TableDefinition<&str, &[u8]> = TableDefinition::new(table_name);
+            let mut table = txn.open_table(def).map_err(storage)?;
+            for (k, v) in &writes {
+                match v {
+                    Some(v) => table.insert(k.as_str(), v.as_slice()).map(drop),
+                    None => table.remove(k.as_str()).map(drop),
+                }
+                .map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+
+    /// Everything `plugin` has stored, for operators and tests.
+    pub fn dump(&self, plugin: &str) -> Result<BTreeMap<String, Vec<u8>>, KvError> {
+        let name = table(plugin);
+        self.keys(&name, "")?
+            .into_iter()
+            .filter_map(|k| match self.read(&name, &k) {
+                Ok(Some(v)) => Some(Ok((k, v))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect()
+    }
+}
+
+/// One call's view of its plugin's store: reads see the call's own writes.
+pub struct KvSession {
+    store: KvStore,
+    table: String,
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+    pending_bytes: usize,
+}
+
+impl KvSession {
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.read(&self.table, key),
+        }
+    }
+
+    pub fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), KvError> {
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(KvError::ValueTooLarge(value.len()));
+        }
+        self.buffer(key, Some(value))
+    }
+
+    pub fn delete(&mut self, key: String) -> Result<(), KvError> {
+        self.buffer(key, None)
+    }
+
+    fn buffer(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), KvError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(KvError::KeyTooLong(key.len()));
+        }
+        self.pending_bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+        if self.pending_bytes > MAX_PENDING_BYTES {
+            return Err(KvError::TooManyWrites);
+        }
+        self.writes.insert(key, value);
+        Ok(())
+    }
+
+    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>, KvError> {
+        let mut keys: std::collections::BTreeSet<String> =
+            self.store.keys(&self.table, prefix)?.into_iter().collect();
+        for (k, v) in self.writes.range(prefix.to_owned()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(_) => keys.insert(k.clone()),
+                None => keys.remove(k),
+            };
+        }
+        Ok(keys.into_iter().collect())
+    }
+
+    pub fn has_writes(&self) -> bool {
+        !self.writes.is_empty()
+    }
+
+    /// Makes the call's writes durable in one transaction.
+    pub fn commit(self) -> Result<(), KvError> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        self.store.apply(&self.table, self.writes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_invisible_to_others_until_committed_and_durable_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p");
+        s.set("vm/a".into(), b"1".to_vec()).unwrap();
+        assert_eq!(s.get("vm/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.session("p").get("vm/a").unwrap(), None);
+        s.commit().unwrap();
+        drop(store);
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        assert_eq!(store.session("p").get("vm/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.session("other").get("vm/a").unwrap(), None);
+    }
+
+    #[test]
+    fn a_dropped_session_leaves_the_store_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p");
+        s.set("k".into(), b"v".to_vec()).unwrap();
+        drop(s);
+        assert_eq!(store.session("p").get("k").unwrap(), None);
+    }
+
+    #[test]
+    fn list_keys_merges_stored_and_buffered_keys_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p");
+        for k in ["vm/a", "vm/b", "ip/1"] {
+            s.set(k.into(), vec![]).unwrap();
+        }
+        s.commit().unwrap();
+        let mut s = store.session("p");
+        s.delete("vm/a".into()).unwrap();
+        s.set("vm/c".into(), vec![]).unwrap();
+        assert_eq!(s.list_keys("vm/").unwrap(), vec!["vm/b", "vm/c"]);
+    }
+}

@@ -1,0 +1,66 @@
+//! Per-plugin limits, with every default written once.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What one plugin may use in one call. Each field can be overridden per
+/// plugin; unset fields fall back to [`Limits::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory a plugin instance may grow to, over all its memories.
+    pub memory_bytes: usize,
+    /// Wall-clock time one `init` + `handle` (or `reconcile`) may take.
+    pub deadline: Duration,
+    /// Outbound HTTP requests one call may make.
+    pub max_requests_per_call: u32,
+    /// Largest HTTP response body handed to the plugin.
+    pub max_response_bytes: u64,
+    /// Log output (`log` import plus stdout/stderr) kept per call; the rest
+    /// is dropped so a chatty plugin cannot flood the host log.
+    pub max_log_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 << 20,
+            deadline: Duration::from_secs(5),
+            max_requests_per_call: 16,
+            max_response_bytes: 8 << 20,
+            max_log_bytes: 64 << 10,
+        }
+    }
+}
+
+/// The operator's overrides, as written in the config file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    pub memory_mib: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub max_requests_per_call: Option<u32>,
+    pub max_response_bytes: Option<u64>,
+    pub max_log_bytes: Option<usize>,
+}
+
+impl Limits {
+    /// Applies `overrides` on top of `self`.
+    pub fn with(self, overrides: &LimitOverrides) -> Limits {
+        Limits {
+            memory_bytes: overrides
+                .memory_mib
+                .map_or(self.memory_bytes, |mib| (mib as usize) << 20),
+            deadline: overrides
+                .deadline_ms
+                .map_or(self.deadline, Duration::from_millis),
+            max_requests_per_call: overrides
+                .max_requests_per_call
+                .unwrap_or(self.max_requests_per_call),
+            max_response_bytes: overrides
+                .max_response_bytes
+                .unwrap_or(self.max_response_bytes),
+            max_log_bytes: overrides.max_log_bytes.unwrap_or(self.max_log_bytes),
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! The sandbox: compiles plugin components, links them against the host's
+//! imports, and runs each call in a fresh, bounded Store.
+//!
+//! One [`Runtime`] holds the wasmtime `Engine` and `Linker` (built once), the
+//! shared outbound HTTP client and the kv store. Each loaded [`Plugin`] keeps
+//! an `InstancePre`, so a call costs one instantiation from the pooling
+//! allocator: a trap cannot poison the next call, because nothing of the
+//! trapped instance survives it.
+
+pub mod bindings;
+mod cache;
+mod host;
+pub mod kv_store;
+pub mod limits;
+pub mod policy;
+mod state;
+mod stdio;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+
+use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
+use kv_store::KvStore;
+pub use limits::{LimitOverrides, Limits};
+use policy::OutboundPolicy;
+use state::{HostState, PluginIdentity};
+
+/// How often the engine's epoch advances; the granularity of deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Why a plugin file could not be loaded. Each says what was expected and
+/// what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{file}: cannot read: {reason}")]
+    Read { file: PathBuf, reason: String },
+    #[error("{file}: not a WebAssembly file (expected the bytes `\\0asm`, found {found})")]
+    NotWasm { file: PathBuf, found: String },
+    #[error(
+        "{file}: a core WebAssembly module, not a component; turn it into a component \
+         (wit-component with the WASI preview1 adapter, as `cargo xtask plugins` does)"
+    )]
+    CoreModule { file: PathBuf },
+    #[error("{file}: invalid component: {reason}")]
+    Invalid { file: PathBuf, reason: String },
+    #[error("{file}: does not fit the host's world {}: {reason}", bindings::PACKAGE)]
+    WorldMismatch { file: PathBuf, reason: String },
+    #[error("{file}: sha256 is {found}, but the configuration pins {expected}")]
+    HashMismatch { file: PathBuf, expected: String, found: String },
+    #[error("{file}: init failed: {source}")]
+    Init { file: PathBuf, source: CallError },
+    #[error("{file}: init refused the configuration: {message}")]
+    InitRefused { file: PathBuf, message: String },
+    #[error("{file}: plugin name `{name}` is invalid (use lower case letters, digits and `-`)")]
+    BadName { file: PathBuf, name: String },
+}
+
+/// Why one call into a plugin failed. Every variant counts as `retry` for
+/// the events of the call.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("plugin `{plugin}` trapped in {export}: {message}")]
+    Trap { plugin: String, export: &'static str, message: String },
+    #[error("plugin `{plugin}` exceeded its deadline of {deadline:?} in {export}")]
+    Timeout { plugin: String, export: &'static str, deadline: Duration },
+    #[error("plugin `{plugin}` exceeded its memory limit of {limit_mib} MiB in {export}")]
+    Memory { plugin: String, export: &'static str, limit_mib: usize },
+    #[error("plugin `{plugin}` refused its configuration in init: {message}")]
+    Init { plugin: String, message: String },
+    #[error("plugin `{plugin}` returned {got} outcomes for {expected} events")]
+    OutcomeCount { plugin: String, expected: usize, got: usize },
+    #[error("plugin `{plugin}`: its kv writes could not be stored: {message}")]
+    Kv { plugin: String, message: String },
+}
+
+impl CallError {
+    /// A short machine-friendly label for metrics and status.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Trap { .. } => "trap",
+            CallError::Timeout { .. } => "timeout",
+            CallError::Memory { .. } => "memory",
+            CallError::Init { .. } => "init",
+            CallError::OutcomeCount { .. } => "outcome-count",
+            CallError::Kv { .. } => "kv",
+        }
+    }
+}
+
+/// Settings the operator gives one plugin.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSettings {
+    /// The plugin's own configuration, handed to `init` as JSON.
+    pub config: serde_json::Value,
+    pub limits: Limits,
+    pub policy: OutboundPolicy,
+    /// Refuse the file unless its sha256 (hex) is this.
+    pub sha256: Option<String>,
+}
+
+/// Process-wide options of the sandbox.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Where plugin kv data lives (a redb file).
+    pub kv_path: PathBuf,
+    /// Largest linear memory any plugin may have; per-plugin limits are
+    /// checked below this by the Store's limiter.
+    pub max_memory_bytes: usize,
+    /// Instances that can exist at once (concurrent calls over all plugins).
+    pub max_instances: u32,
+    /// Where compiled components are cached between runs; `None` = no cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl RuntimeOptions {
+    pub fn new(kv_path: PathBuf) -> RuntimeOptions {
+        RuntimeOptions {
+            kv_path,
+            max_memory_bytes: 1 << 30,
+            max_instances: 128,
+            cache_dir: None,
+        }
+    }
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    http: reqwest::Client,
+    kv: KvStore,
+    cache: Option<cache::ComponentCache>,
+    _ticker: EpochTicker,
+}
+
+impl Runtime {
+    pub fn new(opts: RuntimeOptions) -> anyhow::Result<Arc<Runtime>> {
+        let mut pool = PoolingAllocationConfig::default();
+        // Guest components built with the WASI adapter hold two memories
+        // and several core instances each.
+        pool.total_component_instances(opts.max_instances)
+            .total_core_instances(opts.max_instances * 16)
+            .total_memories(opts.max_instances * 4)
+            .total_tables(opts.max_instances * 8)
+            .total_stacks(opts.max_instances)
+            .max_memories_per_component(8)
+            .max_core_instances_per_component(64)
+            .max_tables_per_component(16)
+            .max_memory_size(opts.max_memory_bytes);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_reservation(opts.max_memory_bytes as u64)
+            .memory_init_cow(true);
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+
+        // Redirects are followed by the http import itself, which re-checks
+        // the allowlist at every hop.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let kv = KvStore::open(&opts.kv_path)?;
+        let cache = opts.cache_dir.map(|dir| cache::ComponentCache::new(dir, &engine));
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            http,
+            kv,
+            cache,
+            _ticker: ticker,
+        }))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+
+    /// Reads, checks and compiles a component file. CPU-heavy: call it off
+    /// the async threads (`spawn_blocking`).
+    pub fn compile_file(&self, file: &Path, pinned_sha256: Option<&str>) -> Result<Compiled, LoadError> {
+        let bytes = std::fs::read(file).map_err(|e| LoadError::Read {
+            file: file.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let sha256 = sha256_hex(&bytes);
+        if let Some(expected) = pinned_sha256 {
+            if !expected.eq_ignore_ascii_case(&sha256) {
+                return Err(LoadError::HashMismatch {
+                    file: file.to_owned(),
+                    expected: expected.to_owned(),
+                    found: sha256,
+                });
+            }
+        }
+        check_header(file, &bytes)?;
+        let started = Instant::now();
+        let cached = self.cache.as_ref().and_then(|c| c.get(&self.engine, &sha256));
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, &bytes).map_err(|e| LoadError::Invalid {
+                    file: file.to_owned(),
+                    reason: format!("{e:#}"),
+                })?;
+                if let Some(cache) = &self.cache {
+                    cache.put(&sha256, &component);
+                }
+                component
+            }
+        };
+        Ok(Compiled {
+            from_cache,
+            file: file.to_owned(),
+            sha256,
+            size: bytes.len(),
+            compile_time: started.elapsed(),
+            component,
+        })
+    }
+
+    /// Links a compiled component, runs its `init` with `settings`, and
+    /// returns a plugin ready for calls.
+    pub async fn instantiate(self: &Arc<Self>, compiled: Compiled, settings: PluginSettings) -> Result<Plugin, LoadError> {
+        let file = compiled.file.clone();
+        let pre = self
+            .linker
+            .instantiate_pre(&compiled.component)
+            .and_then(PluginPre::new)
+            .map_err(|e| LoadError::WorldMismatch {
+                file: file.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        let config = serde_json::to_string(&settings.config).unwrap_or_else(|_| "{}".into());
+        // Until init names it, the plugin is known by its file name.
+        let provisional = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "plugin".into());
+        let mut plugin = Plugin {
+            runtime: self.clone(),
+            identity: Arc::new(PluginIdentity {
+                name: provisional,
+                limits: settings.limits,
+                policy: settings.policy,
+            }),
+            info: PluginInfo {
+                name: String::new(),
+                version: String::new(),
+                subscriptions: Vec::new(),
+            },
+            config,
+            pre,
+            sha256: compiled.sha256,
+            file: file.clone(),
+            size: compiled.size,
+        };
+        let info = match plugin.call(Call::Init, "init").await {
+            Ok((info, _)) => info,
+            Err(CallError::Init { message, .. }) => return Err(LoadError::InitRefused { file, message }),
+            Err(source) => return Err(LoadError::Init { file, source }),
+        };
+        if !valid_name(&info.name) {
+            return Err(LoadError::BadName { file, name: info.name });
+        }
+        plugin.identity = Arc::new(PluginIdentity {
+            name: info.name.clone(),
+            limits: plugin.identity.limits,
+            policy: plugin.identity.policy.clone(),
+        });
+        plugin.info = info;
+        Ok(plugin)
+    }
+
+    /// `compile_file` off the async threads, then `instantiate`.
+    pub async fn load(self: &Arc<Self>, file: &Path, settings: PluginSettings) -> Result<Plugin, LoadError> {
+        let rt = self.clone();
+        let path = file.to_owned();
+        let pin = settings.sha256.clone();
+        let compiled = tokio::task::spawn_blocking(move || rt.compile_file(&path, pin.as_deref()))
+            .await
+            .map_err(|e| LoadError::Invalid {
+                file: file.to_owned(),
+                reason: format!("compilation panicked: {e}"),
+            })??;
+        self.instantiate(compiled, settings).await
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Tells a component from a core module or a file that is not Wasm, so the
+/// error says which of the three the operator dropped in.
+fn check_header(file: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        let found = if bytes.is_empty() {
+            "an empty file".to_owned()
+        } else {
+            format!("{:02x?}", &bytes[..bytes.len().min(4)])
+        };
+        return Err(LoadError::NotWasm {
+            file: file.to_owned(),
+            found,
+        });
+    }
+    // Bytes 4..8: version and layer. Core modules are `01 00 00 00`,
+    // components `0d 00 01 00` (layer 1).
+    if bytes[6..8] == [0, 0] {
+        return Err(LoadError::CoreModule { file: file.to_owned() });
+    }
+    Ok(())
+}
+
+/// A compiled component not yet linked.
+pub struct Compiled {
+    /// Whether it came from the on-disk cache rather than the compiler.
+    pub from_cache: bool,
+    pub file: PathBuf,
+    pub sha256: String,
+    pub size: usize,
+    pub compile_time: Duration,
+    pub component: Component,
+}
+
+/// A loaded plugin version: cheap to clone, safe to call concurrently.
+#[derive(Clone)]
+pub struct Plugin {
+    runtime: Arc<Runtime>,
+    identity: Arc<PluginIdentity>,
+    info: PluginInfo,
+    config: String,
+    pre: PluginPre<HostState>,
+    sha256: String,
+    file: PathBuf,
+    size: usize,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.info.name)
+            .field("version", &self.info.version)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    pub fn info(&self) -> &PluginInfo {
+        &self.info
+    }
+
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.identity.limits
+    }
+
+    /// Delivers a batch; one outcome per event, in order.
+    pub async fn handle(&self, events: Vec<Event>) -> Result<Vec<Outcome>, CallError> {
+        let expected = events.len();
+        let context = events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(",");
+        let Returned::Handle(outcomes) = self.call(Call::Handle(events), &context).await?.1 else {
+            unreachable!("handle returns outcomes")
+        };
+        if outcomes.len() != expected {
+            return Err(CallError::OutcomeCount {
+                plugin: self.name().to_owned(),
+                expected,
+                got: outcomes.len(),
+            });
+        }
+        Ok(outcomes)
+    }
+
+    /// Hands the plugin one cluster's whole inventory.
+    pub async fn reconcile(&self, cluster: &str, vms: Vec<Vm>) -> Result<Result<String, String>, CallError> {
+        let context = format!("reconcile:{cluster}");
+        let Returned::Reconcile(result) = self.call(Call::Reconcile(cluster.to_owned(), vms), &context).await?.1 else {
+            unreachable!("reconcile returns a result")
+        };
+        Ok(result)
+    }
+
+    /// One bounded call: a fresh Store and instance, `init`, then the
+    /// export asked for; kv writes are committed only if all of it returns.
+    async fn call(&self, call: Call, context: &str) -> Result<(PluginInfo, Returned), CallError> {
+        let rt = &self.runtime;
+        let state = HostState::new(
+            self.identity.clone(),
+            context.into(),
+            rt.kv.session(&self.identity.name),
+            rt.http.clone(),
+        );
+        let mut store = Store::new(&rt.engine, state);
+        store.limiter(|s| s);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if Instant::now() >= state.deadline {
+                state.timed_out = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            // Yield to the executor at every tick, so a busy guest shares
+            // its thread with the listener and other plugins.
+            Ok(UpdateDeadline::Yield(1))
+        });
+
+        let export = call.export();
+        let result = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            let handler = instance.prismhook_plugin_handler();
+            let info = match handler.call_init(&mut store, &self.config).await? {
+                Ok(info) => info,
+                Err(message) => return Ok(Err(message)),
+            };
+            let returned = match call {
+                Call::Init => Returned::Init,
+                Call::Handle(events) => Returned::Handle(handler.call_handle(&mut store, &events).await?),
+                Call::Reconcile(cluster, vms) => {
+                    Returned::Reconcile(handler.call_reconcile(&mut store, &cluster, &vms).await?)
+                }
+            };
+            Ok::<_, wasmtime::Error>(Ok((info, returned)))
+        }
+        .await;
+        let state = store.into_data();
+
+        let plugin = self.identity.name.clone();
+        match result {
+            Ok(Ok(ok)) => {
+                let session = state.kv;
+                if session.has_writes() {
+                    tokio::task::spawn_blocking(move || session.commit())
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map_err(|message| CallError::Kv { plugin, message })?;
+                }
+                Ok(ok)
+            }
+            Ok(Err(message)) => Err(CallError::Init { plugin, message }),
+            Err(_) if state.timed_out => Err(CallError::Timeout {
+                plugin,
+                export,
+                deadline: self.identity.limits.deadline,
+            }),
+            Err(_) if state.memory_exceeded.is_some() => Err(CallError::Memory {
+                plugin,
+                export,
+                limit_mib: self.identity.limits.memory_bytes >> 20,
+            }),
+            Err(e) => Err(CallError::Trap {
+                plugin,
+                export,
+                message: trap_message(&e),
+            }),
+        }
+    }
+}
+
+enum Call {
+    Init,
+    Handle(Vec<Event>),
+    Reconcile(String, Vec<Vm>),
+}
+
+impl Call {
+    fn export(&self) -> &'static str {
+        match self {
+            Call::Init => "init",
+            Call::Handle(_) => "handle",
+            Call::Reconcile(..) => "reconcile",
+        }
+    }
+}
+
+enum Returned {
+    Init,
+    Handle(Vec<Outcome>),
+    Reconcile(Result<String, String>),
+}
+
+/// The guest's panic message (printed to stderr and already logged) is not
+/// in the error; the trap code and the innermost wasm frames are.
+fn trap_message(e: &wasmtime::Error) -> String {
+    let mut msg = format!("{e}");
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        msg = format!("{trap}");
+    }
+    if let Some(bt) = e.downcast_ref::<wasmtime::WasmBacktrace>() {
+        if let Some(frame) = bt.frames().iter().find_map(|f| f.func_name()) {
+            msg.push_str(&format!(" (in {frame})"));
+        }
+    }
+    msg
+}
+
+/// Advances the engine's epoch on a dedicated thread for as long as the
+/// runtime lives; deadlines are counted in its ticks.
+struct EpochTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> EpochTicker {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("prismhook-epoch".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

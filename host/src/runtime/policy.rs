@@ -1,0 +1,219 @@
+//! What a plugin may reach over HTTP, and which credentials the host adds.
+//!
+//! Parsed once when the plugin's settings load, checked before every request
+//! and every redirect hop. A plugin's policy defaults to nothing: no origin
+//! is reachable until the operator lists it.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use url::Url;
+
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid origin `{origin}`: {reason}")]
+pub struct OriginError {
+    pub origin: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum HostPattern {
+    /// A host name, compared case-insensitively.
+    Name(String),
+    /// `*.example.com`: any subdomain of `example.com`, not the apex.
+    Subdomains(String),
+    /// An IP literal or a CIDR block; matches IP-literal URLs only (names
+    /// are not resolved, so a name never matches a CIDR rule).
+    Net(IpNet),
+}
+
+/// One allowed origin: scheme, host pattern and port (`None` = any port).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginRule {
+    scheme: String,
+    host: HostPattern,
+    port: Option<u16>,
+    text: String,
+}
+
+impl OriginRule {
+    /// Parses `scheme://host[:port]`, where host may be `*.domain`, an IP
+    /// literal or a CIDR block (`10.0.0.0/8`, `[fd00::/8]`), and port may be
+    /// `*`. Without a port the scheme's default port is meant.
+    pub fn parse(text: &str) -> Result<OriginRule, OriginError> {
+        let err = |reason: &str| OriginError {
+            origin: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| err("expected scheme://host[:port]"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(err("the scheme must be http or https")),
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains(['?', '#', '@']) || rest.is_empty() {
+            return Err(err("an origin has no path, query, user or fragment"));
+        }
+        let (host, port) = split_host_port(rest).ok_or_else(|| err("unbalanced brackets"))?;
+        let port = match port {
+            None => Some(default_port),
+            Some("*") => None,
+            Some(p) => Some(p.parse::<u16>().map_err(|_| err("the port must be a number or *"))?),
+        };
+        let host = if let Some(domain) = host.strip_prefix("*.") {
+            if domain.is_empty() || domain.contains('*') {
+                return Err(err("a wildcard must look like *.example.com"));
+            }
+            HostPattern::Subdomains(format!(".{}", domain.to_ascii_lowercase()))
+        } else if let Ok(net) = host.parse::<IpNet>() {
+            HostPattern::Net(net)
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
+            HostPattern::Net(IpNet::from(ip))
+        } else if host.contains(['*', '/', ' ']) || host.is_empty() {
+            return Err(err("the host must be a name, *.domain, an IP address or a CIDR block"));
+        } else {
+            HostPattern::Name(host.to_ascii_lowercase())
+        };
+        Ok(OriginRule {
+            scheme,
+            host,
+            port,
+            text: text.to_owned(),
+        })
+    }
+
+    pub fn matches(&self, url: &Url) -> bool {
+        if url.scheme() != self.scheme {
+            return false;
+        }
+        if let Some(port) = self.port {
+            if url.port_or_known_default() != Some(port) {
+                return false;
+            }
+        }
+        match (&self.host, url.host()) {
+            (HostPattern::Name(name), Some(url::Host::Domain(d))) => d.eq_ignore_ascii_case(name),
+            (HostPattern::Subdomains(suffix), Some(url::Host::Domain(d))) => {
+                d.to_ascii_lowercase().ends_with(suffix.as_str())
+            }
+            (HostPattern::Net(net), Some(url::Host::Ipv4(ip))) => net.contains(&IpAddr::V4(ip)),
+            (HostPattern::Net(net), Some(url::Host::Ipv6(ip))) => net.contains(&IpAddr::V6(ip)),
+            _ => false,
+        }
+    }
+
+    /// The rule as the operator wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Splits `host[:port]`, keeping IPv6 brackets and CIDR slashes intact.
+fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(inner) = s.strip_prefix('[') {
+        let (host, after) = inner.split_once(']')?;
+        return match after {
+            "" => Some((host, None)),
+            p => Some((host, Some(p.strip_prefix(':')?))),
+        };
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Some((host, Some(port))),
+        _ => Some((s, None)),
+    }
+}
+
+/// A header the host adds to requests for one origin.
+#[derive(Debug, Clone)]
+pub struct InjectedHeader {
+    pub origin: OriginRule,
+    pub name: http::HeaderName,
+    pub value: Secret,
+}
+
+/// A plugin's outbound policy.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundPolicy {
+    allow: Vec<OriginRule>,
+    inject: Vec<InjectedHeader>,
+}
+
+impl OutboundPolicy {
+    pub fn new(allow: Vec<OriginRule>, inject: Vec<InjectedHeader>) -> OutboundPolicy {
+        OutboundPolicy { allow, inject }
+    }
+
+    pub fn allows(&self, url: &Url) -> bool {
+        self.allow.iter().any(|rule| rule.matches(url))
+    }
+
+    /// Headers to add for `url`; never for an origin the rule does not
+    /// match, so a redirect elsewhere does not carry the secret along.
+    pub fn headers_for<'a>(&'a self, url: &'a Url) -> impl Iterator<Item = &'a InjectedHeader> {
+        self.inject.iter().filter(move |h| h.origin.matches(url))
+    }
+
+    /// Every injected header name, so the plugin cannot set or override one.
+    pub fn is_injected_name(&self, name: &http::HeaderName) -> bool {
+        self.inject.iter().any(|h| &h.name == name)
+    }
+
+    /// Every secret this policy can add, so responses can be scrubbed of
+    /// echoes before the plugin sees them.
+    pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        self.inject.iter().map(|h| &h.value)
+    }
+
+    pub fn allowed_origins(&self) -> impl Iterator<Item = &str> {
+        self.allow.iter().map(OriginRule::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allows(rule: &str, url: &str) -> bool {
+        OriginRule::parse(rule)
+            .unwrap()
+            .matches(&Url::parse(url).unwrap())
+    }
+
+    #[test]
+    fn an_origin_without_a_port_means_the_default_port() {
+        assert!(allows("https://fw1.example.com", "https://FW1.example.com/api/"));
+        assert!(allows("https://fw1.example.com:443", "https://fw1.example.com/api/"));
+        assert!(!allows("https://fw1.example.com", "https://fw1.example.com:8443/"));
+        assert!(!allows("https://fw1.example.com", "http://fw1.example.com/"));
+    }
+
+    #[test]
+    fn a_wildcard_matches_subdomains_but_not_the_apex_or_lookalikes() {
+        assert!(allows("https://*.example.com", "https://a.b.example.com/"));
+        assert!(!allows("https://*.example.com", "https://example.com/"));
+        assert!(!allows("https://*.example.com", "https://evilexample.com/"));
+    }
+
+    #[test]
+    fn a_cidr_matches_ip_literals_only() {
+        assert!(allows("http://127.0.0.0/8:*", "http://127.0.0.5:9000/"));
+        assert!(!allows("http://127.0.0.0/8:*", "http://10.0.0.1:9000/"));
+        assert!(!allows("http://127.0.0.0/8:*", "http://localhost:9000/"));
+        assert!(allows("http://[::1]:8080", "http://[::1]:8080/x"));
+        assert!(allows("https://[fd00::/8]", "https://[fd12::1]/"));
+    }
+
+    #[test]
+    fn malformed_origins_are_refused_with_the_reason() {
+        for bad in ["fw1.example.com", "ftp://x", "https://x/path?q", "https://x:http", "https://a*.b"] {
+            let e = OriginRule::parse(bad).unwrap_err();
+            assert_eq!(e.origin, bad);
+        }
+    }
+}

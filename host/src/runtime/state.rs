@@ -1,0 +1,141 @@
+//! The one host state of a Store: everything a single call may touch.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::kv_store::KvSession;
+use super::limits::Limits;
+use super::policy::OutboundPolicy;
+use super::stdio::GuestOutput;
+
+/// Who is calling: fixed for a plugin version, shared by all its calls.
+#[derive(Debug)]
+pub struct PluginIdentity {
+    pub name: String,
+    pub limits: Limits,
+    pub policy: OutboundPolicy,
+}
+
+/// Log output left for the current call, shared by the `log` import and the
+/// guest's stdout/stderr streams.
+#[derive(Clone)]
+pub struct LogBudget {
+    left: Arc<AtomicI64>,
+    exhausted: Arc<AtomicBool>,
+}
+
+impl LogBudget {
+    pub fn new(bytes: usize) -> LogBudget {
+        LogBudget {
+            left: Arc::new(AtomicI64::new(bytes as i64)),
+            exhausted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Takes `bytes` from the budget. `Err(true)` the first time it runs
+    /// out (so the host can say so once), `Err(false)` afterwards.
+    pub fn take(&self, bytes: usize) -> Result<(), bool> {
+        if self.left.fetch_sub(bytes as i64, Ordering::Relaxed) >= bytes as i64 {
+            Ok(())
+        } else {
+            Err(!self.exhausted.swap(true, Ordering::Relaxed))
+        }
+    }
+}
+
+pub struct HostState {
+    pub(super) wasi: WasiCtx,
+    pub(super) table: ResourceTable,
+    pub(super) plugin: Arc<PluginIdentity>,
+    /// Event ids of the batch in hand, for log context.
+    pub(super) context: Arc<str>,
+    pub(super) deadline: Instant,
+    pub(super) timed_out: bool,
+    pub(super) memory_exceeded: Option<usize>,
+    pub(super) requests_made: u32,
+    pub(super) log_budget: LogBudget,
+    pub(super) kv: KvSession,
+    pub(super) http: reqwest::Client,
+}
+
+impl HostState {
+    pub(super) fn new(
+        plugin: Arc<PluginIdentity>,
+        context: Arc<str>,
+        kv: KvSession,
+        http: reqwest::Client,
+    ) -> HostState {
+        let limits = plugin.limits;
+        let log_budget = LogBudget::new(limits.max_log_bytes);
+        let stdout = GuestOutput::new(&plugin.name, "stdout", log_budget.clone());
+        let stderr = GuestOutput::new(&plugin.name, "stderr", log_budget.clone());
+        // A minimal WASI: no environment, arguments, preopened directories
+        // or sockets. What a plugin needs from outside comes through the
+        // prismhook imports, where policy applies.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout)
+            .stderr(stderr)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            plugin,
+            context,
+            deadline: Instant::now() + limits.deadline,
+            timed_out: false,
+            memory_exceeded: None,
+            requests_made: 0,
+            log_budget,
+            kv,
+            http,
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let limit = self.plugin.limits.memory_bytes;
+        if desired > limit {
+            // Trap rather than fail the grow: a guest allocator that sees
+            // a failed grow aborts anyway, and the trap carries the reason.
+            self.memory_exceeded = Some(desired);
+            wasmtime::bail!(
+                "memory limit of {} MiB exceeded (asked for {} MiB)",
+                limit >> 20,
+                desired.div_ceil(1 << 20)
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}

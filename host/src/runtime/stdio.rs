@@ -1,0 +1,104 @@
+//! A guest's stdout and stderr, turned into host log lines tagged with the
+//! plugin's name.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+use super::state::LogBudget;
+
+#[derive(Clone)]
+pub struct GuestOutput {
+    plugin: String,
+    stream: &'static str,
+    budget: LogBudget,
+}
+
+impl GuestOutput {
+    pub fn new(plugin: &str, stream: &'static str, budget: LogBudget) -> GuestOutput {
+        GuestOutput {
+            plugin: plugin.to_owned(),
+            stream,
+            budget,
+        }
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineWriter {
+            out: self.clone(),
+            line: Vec::new(),
+        })
+    }
+}
+
+/// Buffers a partial line until its newline, so one `println!` in the guest
+/// is one log event in the host.
+struct LineWriter {
+    out: GuestOutput,
+    line: Vec<u8>,
+}
+
+impl LineWriter {
+    fn emit(&mut self) {
+        let text = String::from_utf8_lossy(&self.line);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            match self.out.budget.take(text.len()) {
+                Ok(()) => tracing::info!(
+                    target: "prismhook::plugin",
+                    plugin = %self.out.plugin,
+                    stream = self.out.stream,
+                    "{text}"
+                ),
+                Err(true) => tracing::warn!(
+                    plugin = %self.out.plugin,
+                    "log budget for this call used up; further plugin output is dropped"
+                ),
+                Err(false) => {}
+            }
+        }
+        self.line.clear();
+    }
+}
+
+impl AsyncWrite for LineWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        for &b in buf {
+            if b == b'\n' {
+                self.emit();
+            } else if self.line.len() < 16 << 10 {
+                self.line.push(b);
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.emit();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        self.emit();
+    }
+}

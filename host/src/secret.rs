@@ -1,0 +1,115 @@
+//! Secrets read from the environment or files, kept out of logs.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// A secret value. `Debug` and `Display` print `[redacted]`, so a secret
+/// that ends up in a log line or an error message by mistake says nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Arc<str>>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value itself: call only where it leaves the process (a header
+    /// sent to its origin, a comparison).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Where a secret comes from, as written in the config file: exactly one of
+/// an environment variable, a file, or (for tests and demos) the value.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SecretError {
+    #[error("give exactly one of `env`, `file` or `value`")]
+    Ambiguous,
+    #[error("environment variable `{0}` is not set")]
+    MissingEnv(String),
+    #[error("cannot read secret file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("the secret is empty")]
+    Empty,
+}
+
+impl SecretSource {
+    pub fn resolve(&self) -> Result<Secret, SecretError> {
+        let value = match (&self.env, &self.file, &self.value) {
+            (Some(var), None, None) => {
+                std::env::var(var).map_err(|_| SecretError::MissingEnv(var.clone()))?
+            }
+            (None, Some(path), None) => std::fs::read_to_string(path)
+                .map_err(|e| SecretError::File {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            (None, None, Some(value)) => value.clone(),
+            _ => return Err(SecretError::Ambiguous),
+        };
+        if value.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        Ok(Secret::new(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_never_prints_its_value() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "[redacted] [redacted]");
+    }
+
+    #[test]
+    fn a_source_must_name_exactly_one_origin() {
+        let both = SecretSource {
+            env: Some("X".into()),
+            file: None,
+            value: Some("v".into()),
+        };
+        assert_eq!(both.resolve(), Err(SecretError::Ambiguous));
+    }
+
+    #[test]
+    fn a_secret_file_loses_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "abc\n").unwrap();
+        let src = SecretSource {
+            env: None,
+            file: Some(path),
+            value: None,
+        };
+        assert_eq!(src.resolve().unwrap().expose(), "abc");
+    }
+}

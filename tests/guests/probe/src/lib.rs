@@ -1,0 +1,140 @@
+//! The probe: a plugin for the host's end-to-end tests.
+//!
+//! It records every event it handles in `kv` (so tests can check delivery,
+//! order and attempts from outside), and misbehaves on demand, chosen by the
+//! event type, so that each kind of misbehaviour is a real compiled guest:
+//!
+//! | event type     | what the probe does                                      |
+//! |----------------|----------------------------------------------------------|
+//! | `TEST.LOOP`    | spins forever                                            |
+//! | `TEST.OOM`     | allocates until the host's memory limit stops it         |
+//! | `TEST.TRAP`    | panics                                                   |
+//! | `TEST.HTTP`    | GETs `body.url`; stores status and body or the error     |
+//! | `TEST.RETRY`   | returns retry with `body.delay_ms`                       |
+//! | `TEST.REJECT`  | returns reject                                           |
+//! | `TEST.SHOUT`   | prints `body.lines` lines to stdout                      |
+//! | anything else  | records the event and returns done                       |
+
+wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
+
+use exports::prismhook::plugin::handler::{Event, Guest, Outcome, PluginInfo, Vm};
+use prismhook::plugin::types::Retry;
+use prismhook::plugin::{http, kv, log};
+use serde_json::Value;
+
+struct Probe;
+
+/// Set by `init`, which the host calls first on every fresh instance.
+static CONFIG: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+
+fn config() -> &'static Value {
+    CONFIG.get().expect("init runs before any other export")
+}
+
+impl Guest for Probe {
+    fn init(config: String) -> Result<PluginInfo, String> {
+        let config: Value = serde_json::from_str(&config).map_err(|e| format!("config is not JSON: {e}"))?;
+        if config.get("refuse").and_then(Value::as_bool) == Some(true) {
+            return Err("refusing to start: `refuse` is set".into());
+        }
+        if config.get("trap_in_init").and_then(Value::as_bool) == Some(true) {
+            panic!("asked to trap in init");
+        }
+        let name = config.get("name").and_then(Value::as_str).unwrap_or("probe").to_owned();
+        let subscriptions = match config.get("subscriptions").and_then(Value::as_array) {
+            Some(list) => list.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            None => vec!["*".to_owned()],
+        };
+        let version = config.get("version").and_then(Value::as_str).unwrap_or(env!("CARGO_PKG_VERSION")).to_owned();
+        let _ = CONFIG.set(config);
+        Ok(PluginInfo { name, version, subscriptions })
+    }
+
+    fn handle(events: Vec<Event>) -> Vec<Outcome> {
+        events.iter().map(handle_one).collect()
+    }
+
+    fn reconcile(cluster: String, vms: Vec<Vm>) -> Result<String, String> {
+        let uuids: Vec<&str> = vms.iter().map(|vm| vm.uuid.as_str()).collect();
+        kv::set(&format!("reconcile/{cluster}"), serde_json::to_vec(&uuids).unwrap().as_slice())?;
+        Ok(format!("{} vms", vms.len()))
+    }
+}
+
+fn body(event: &Event) -> Value {
+    serde_json::from_str(&event.body).unwrap_or(Value::Null)
+}
+
+fn handle_one(event: &Event) -> Outcome {
+    match event.event_type.as_str() {
+        "TEST.LOOP" => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "TEST.OOM" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "TEST.TRAP" => panic!("probe asked to trap by event {}", event.id),
+        "TEST.HTTP" => {
+            let url = body(event).get("url").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let result = http::send(&http::Request {
+                method: "GET".into(),
+                url,
+                headers: vec![("x-probe".into(), event.id.clone())],
+                body: None,
+                timeout_ms: Some(2_000),
+            });
+            let text = match result {
+                Ok(resp) => format!("status={} body={}", resp.status, String::from_utf8_lossy(&resp.body)),
+                Err(e) => format!("error={e:?}"),
+            };
+            // Tests read it back, and the probe's own memory is what a
+            // curious plugin could inspect: the result is all it ever has.
+            let _ = kv::set(&format!("http/{}", event.id), text.as_bytes());
+            record(event);
+            Outcome::Done
+        }
+        "TEST.RETRY" => Outcome::Retry(Retry {
+            reason: "probe asked to retry".into(),
+            delay_ms: body(event).get("delay_ms").and_then(Value::as_u64),
+        }),
+        "TEST.REJECT" => Outcome::Reject("probe asked to reject".into()),
+        "TEST.SHOUT" => {
+            let lines = body(event).get("lines").and_then(Value::as_u64).unwrap_or(10);
+            for i in 0..lines {
+                println!("shout {i} of {lines}");
+            }
+            record(event);
+            Outcome::Done
+        }
+        _ => {
+            record(event);
+            Outcome::Done
+        }
+    }
+}
+
+/// Appends the event to its entity's record: `seen/<cluster>/<uuid>` holds
+/// `id:attempt:event-type` entries in the order the probe handled them.
+fn record(event: &Event) {
+    let key = format!("seen/{}/{}", event.cluster, event.entity_uuid);
+    let mut seen = kv::get(&key).ok().flatten().unwrap_or_default();
+    if !seen.is_empty() {
+        seen.push(b'\n');
+    }
+    seen.extend_from_slice(format!("{}:{}:{}", event.id, event.attempt, event.event_type).as_bytes());
+    if let Err(e) = kv::set(&key, &seen) {
+        log::log(log::Level::Error, &format!("kv set failed: {e}"));
+    }
+    if config().get("verbose").and_then(Value::as_bool) == Some(true) {
+        log::log(log::Level::Info, &format!("handled {} {}", event.event_type, event.id));
+    }
+}
+
+export!(Probe);

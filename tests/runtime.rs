@@ -1,0 +1,284 @@
+//! The sandbox, tested with real compiled guests: each kind of misbehaviour
+//! is contained to its own call, with a clear error, and the next call works.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use prismhook::runtime::bindings::{Event, Outcome};
+use prismhook::runtime::policy::{InjectedHeader, OriginRule, OutboundPolicy};
+use prismhook::runtime::{CallError, LoadError, Plugin, PluginSettings, Runtime, RuntimeOptions};
+use prismhook::secret::Secret;
+
+struct Sandbox {
+    runtime: Arc<Runtime>,
+    _dir: tempfile::TempDir,
+}
+
+fn sandbox() -> Sandbox {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(RuntimeOptions::new(dir.path().join("kv.redb"))).unwrap();
+    Sandbox { runtime, _dir: dir }
+}
+
+fn settings() -> PluginSettings {
+    let mut s = PluginSettings::default();
+    s.limits.deadline = Duration::from_millis(500);
+    s.limits.memory_bytes = 32 << 20;
+    s
+}
+
+async fn probe(sb: &Sandbox, settings: PluginSettings) -> Plugin {
+    sb.runtime.load(&common::component("probe"), settings).await.unwrap()
+}
+
+fn event(id: u64, event_type: &str, body: serde_json::Value) -> Event {
+    Event {
+        id: id.to_string(),
+        cluster: "lab".into(),
+        event_type: event_type.into(),
+        entity_kind: "vm".into(),
+        entity_uuid: format!("vm-{id}"),
+        attempt: 1,
+        received_at_ms: 0,
+        body: body.to_string(),
+        vm: None,
+    }
+}
+
+async fn works(plugin: &Plugin) {
+    let out = plugin.handle(vec![event(99, "VM.ON", serde_json::json!({}))]).await.unwrap();
+    assert!(matches!(out[..], [Outcome::Done]));
+}
+
+fn kv_text(sb: &Sandbox, key: &str) -> Option<String> {
+    sb.runtime
+        .kv()
+        .dump("probe")
+        .unwrap()
+        .get(key)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[tokio::test]
+async fn a_plugin_reports_its_name_version_and_subscriptions_from_init() {
+    let sb = sandbox();
+    let mut s = settings();
+    s.config = serde_json::json!({"subscriptions": ["VM.*", "SUBNET.CREATE"]});
+    let p = probe(&sb, s).await;
+    assert_eq!(p.name(), "probe");
+    assert_eq!(p.info().subscriptions, vec!["VM.*", "SUBNET.CREATE"]);
+    assert_eq!(p.sha256().len(), 64);
+}
+
+#[tokio::test]
+async fn a_plugin_that_loops_is_stopped_at_its_deadline_and_the_next_call_works() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let started = std::time::Instant::now();
+    let err = p.handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))]).await.unwrap_err();
+    assert!(matches!(err, CallError::Timeout { export: "handle", .. }), "{err}");
+    assert!(err.to_string().contains("plugin `probe` exceeded its deadline"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the deadline did not stop the loop");
+    works(&p).await;
+}
+
+#[tokio::test]
+async fn a_plugin_that_eats_memory_is_stopped_at_its_limit() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let err = p.handle(vec![event(1, "TEST.OOM", serde_json::json!({}))]).await.unwrap_err();
+    assert!(matches!(err, CallError::Memory { limit_mib: 32, .. }), "{err}");
+    works(&p).await;
+}
+
+#[tokio::test]
+async fn a_plugin_that_panics_fails_only_its_own_call() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let err = p.handle(vec![event(1, "TEST.TRAP", serde_json::json!({}))]).await.unwrap_err();
+    assert!(matches!(err, CallError::Trap { export: "handle", .. }), "{err}");
+    assert!(err.to_string().starts_with("plugin `probe` trapped in handle"), "{err}");
+    works(&p).await;
+}
+
+#[tokio::test]
+async fn a_trapped_call_leaves_no_kv_writes_behind() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    // The first event records itself in kv, then the second traps: the
+    // record must not survive.
+    let err = p
+        .handle(vec![event(1, "VM.ON", serde_json::json!({})), event(2, "TEST.TRAP", serde_json::json!({}))])
+        .await;
+    assert!(err.is_err());
+    assert_eq!(kv_text(&sb, "seen/lab/vm-1"), None);
+    works(&p).await;
+    assert_eq!(kv_text(&sb, "seen/lab/vm-99").as_deref(), Some("99:1:VM.ON"));
+}
+
+#[tokio::test]
+async fn plugins_run_side_by_side_while_one_of_them_loops() {
+    let sb = sandbox();
+    let looping = probe(&sb, settings()).await;
+    let healthy = probe(&sb, settings()).await;
+    let stuck = tokio::spawn(async move { looping.handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))]).await });
+    for _ in 0..20 {
+        works(&healthy).await;
+    }
+    assert!(matches!(stuck.await.unwrap(), Err(CallError::Timeout { .. })));
+}
+
+#[tokio::test]
+async fn outcomes_come_back_one_per_event_in_order() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let out = p
+        .handle(vec![
+            event(1, "VM.ON", serde_json::json!({})),
+            event(2, "TEST.RETRY", serde_json::json!({"delay_ms": 1500})),
+            event(3, "TEST.REJECT", serde_json::json!({})),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Outcome::Done));
+    assert!(matches!(&out[1], Outcome::Retry(r) if r.delay_ms == Some(1500)));
+    assert!(matches!(&out[2], Outcome::Reject(r) if r == "probe asked to reject"));
+}
+
+/// A loopback server that counts hits and echoes request headers.
+async fn echo_server() -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new()
+        .route(
+            "/echo",
+            get(move |headers: axum::http::HeaderMap| {
+                let h = h.clone();
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let mut lines: Vec<String> = headers
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                        .collect();
+                    lines.sort();
+                    ([("x-echo", lines.join("; "))], lines.join("\n"))
+                }
+            }),
+        )
+        .route("/elsewhere", get(|| async { axum::response::Redirect::temporary("http://127.0.0.2:9/echo") }));
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });
+    (format!("http://{addr}"), hits)
+}
+
+fn allow(origins: &[&str], inject: Vec<InjectedHeader>) -> PluginSettings {
+    let mut s = settings();
+    s.policy = OutboundPolicy::new(origins.iter().map(|o| OriginRule::parse(o).unwrap()).collect(), inject);
+    s
+}
+
+#[tokio::test]
+async fn a_request_to_an_origin_off_the_allowlist_is_denied_before_anything_is_sent() {
+    let sb = sandbox();
+    let (base, hits) = echo_server().await;
+    let p = probe(&sb, allow(&["https://fw1.example.com"], vec![])).await;
+    let out = p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": format!("{base}/echo")}))]).await.unwrap();
+    assert!(matches!(out[..], [Outcome::Done]));
+    let result = kv_text(&sb, "http/1").unwrap();
+    assert!(result.starts_with("error=Error::Denied("), "{result}");
+    assert!(result.contains("not on plugin `probe`'s outbound allowlist"), "{result}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_redirect_off_the_allowlist_is_denied_at_the_hop() {
+    let sb = sandbox();
+    let (base, _) = echo_server().await;
+    let p = probe(&sb, allow(&[&base], vec![])).await;
+    p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": format!("{base}/elsewhere")}))]).await.unwrap();
+    let result = kv_text(&sb, "http/1").unwrap();
+    assert!(result.contains("Denied(\"http://127.0.0.2:9 is not on"), "{result}");
+}
+
+#[tokio::test]
+async fn an_ip_literal_outside_an_allowed_cidr_is_denied() {
+    let sb = sandbox();
+    let p = probe(&sb, allow(&["http://10.0.0.0/8:*"], vec![])).await;
+    p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": "http://127.0.0.1:1/x"}))]).await.unwrap();
+    assert!(kv_text(&sb, "http/1").unwrap().contains("Denied"));
+}
+
+#[tokio::test]
+async fn injected_credentials_reach_the_server_but_never_the_plugin() {
+    let sb = sandbox();
+    let (base, hits) = echo_server().await;
+    let secret = "s3cr3t-key-that-must-not-leak";
+    let inject = vec![InjectedHeader {
+        origin: OriginRule::parse(&base).unwrap(),
+        name: http::HeaderName::from_static("x-pan-key"),
+        value: Secret::new(secret),
+    }];
+    let p = probe(&sb, allow(&[&base], inject)).await;
+    p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": format!("{base}/echo")}))]).await.unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let result = kv_text(&sb, "http/1").unwrap();
+    // The server saw the header (its echo names it)…
+    assert!(result.contains("x-pan-key: [redacted]"), "{result}");
+    // …but the value never made it back into the guest.
+    assert!(!result.contains(secret), "{result}");
+    let everything: Vec<u8> = sb.runtime.kv().dump("probe").unwrap().into_values().flatten().collect();
+    assert!(!String::from_utf8_lossy(&everything).contains(secret));
+}
+
+#[tokio::test]
+async fn init_refusing_its_configuration_is_reported_with_the_plugins_words() {
+    let sb = sandbox();
+    let mut s = settings();
+    s.config = serde_json::json!({"refuse": true});
+    let err = sb.runtime.load(&common::component("probe"), s).await.unwrap_err();
+    assert!(matches!(err, LoadError::InitRefused { .. }), "{err}");
+    assert!(err.to_string().ends_with("init refused the configuration: refusing to start: `refuse` is set"), "{err}");
+}
+
+#[tokio::test]
+async fn a_trap_in_init_is_reported_as_a_failed_load() {
+    let sb = sandbox();
+    let mut s = settings();
+    s.config = serde_json::json!({"trap_in_init": true});
+    let err = sb.runtime.load(&common::component("probe"), s).await.unwrap_err();
+    assert!(err.to_string().contains("init failed: plugin `probe` trapped in init"), "{err}");
+}
+
+#[tokio::test]
+async fn files_that_are_not_components_are_refused_with_what_was_found() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty.wasm", vec![], "not a WebAssembly file (expected the bytes `\\0asm`, found an empty file)"),
+        ("text.wasm", b"hello world".to_vec(), "not a WebAssembly file"),
+        ("core.wasm", b"\0asm\x01\0\0\0".to_vec(), "a core WebAssembly module, not a component"),
+        ("truncated.wasm", std::fs::read(common::component("probe")).unwrap()[..4096].to_vec(), "invalid component"),
+    ];
+    for (name, bytes, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let err = sb.runtime.load(&path, settings()).await.unwrap_err().to_string();
+        assert!(err.starts_with(&path.display().to_string()), "{err}");
+        assert!(err.contains(expected), "{name}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_file_whose_hash_differs_from_the_pin_is_refused() {
+    let sb = sandbox();
+    let mut s = settings();
+    s.sha256 = Some("0".repeat(64));
+    let err = sb.runtime.load(&common::component("probe"), s).await.unwrap_err().to_string();
+    assert!(err.contains("but the configuration pins 0000"), "{err}");
+}
