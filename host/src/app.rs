@@ -1,0 +1,227 @@
+//! Assembles a running host from a configuration, in the order that loses
+//! nothing: the ledger and plugins first, then the listener, and only once
+//! the listener accepts, webhook registration (the 2017 framework registered
+//! first and dropped what arrived before its server was up).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::dispatch::{DispatchOptions, Dispatcher};
+use crate::ledger::{Jitter, Ledger, LedgerOptions, RetryPolicy};
+use crate::listener::{self, ClusterAuth, ListenerState, ListenerStats};
+use crate::nutanix::registrar::{self, ClusterStatus, Registrar};
+use crate::registry::Registry;
+use crate::reload::{self, Reloader, Report};
+use crate::runtime::{Runtime, RuntimeOptions};
+use crate::secret::Secret;
+
+pub struct App {
+    pub config: Arc<Config>,
+    pub listener_addr: SocketAddr,
+    pub ledger: Ledger,
+    pub registry: Registry,
+    pub runtime: Arc<Runtime>,
+    pub dispatcher: Dispatcher,
+    pub reloader: Reloader,
+    pub registrars: Vec<Registrar>,
+    pub stats: Arc<ListenerStats>,
+    /// Reports of the first plugin load.
+    pub loaded: Vec<Report>,
+    accepting: Arc<AtomicBool>,
+    shutdown_listener: tokio::sync::watch::Sender<bool>,
+    listener_task: JoinHandle<()>,
+    dispatcher_task: JoinHandle<()>,
+    reload_task: JoinHandle<()>,
+    watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl App {
+    pub async fn start(mut config: Config) -> anyhow::Result<App> {
+        // Bound first (not yet serving) so that a `:0` port is known before
+        // anything derives the callback URL from it.
+        let tcp = tokio::net::TcpListener::bind(config.listener.listen)
+            .await
+            .with_context(|| format!("binding the listener to {}", config.listener.listen))?;
+        config.listener.listen = tcp.local_addr()?;
+        let config = Arc::new(config);
+        let data = &config.storage.data_dir;
+        std::fs::create_dir_all(data).with_context(|| format!("creating data directory {}", data.display()))?;
+
+        let ledger = Ledger::open(LedgerOptions {
+            path: data.join("ledger.redb"),
+            dedupe_window: config.storage.dedupe_window,
+            max_backlog: config.storage.max_backlog,
+            max_file_bytes: config.storage.max_ledger_mib << 20,
+            retention: config.storage.retention,
+            retry: RetryPolicy {
+                initial: config.delivery.retry_initial,
+                max_delay: config.delivery.retry_max,
+                max_attempts: config.delivery.max_attempts,
+                max_age: config.delivery.max_age,
+                jitter: Jitter::Decorrelated,
+            },
+        })
+        .with_context(|| format!("opening the ledger in {}", data.display()))?;
+
+        let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
+        rt_opts.cache_dir = Some(data.join("cache"));
+        let runtime = Runtime::new(rt_opts).context("starting the plugin runtime")?;
+        let registry = Registry::default();
+        let reload::Started { reloader, reports: loaded, watcher, task: reload_task } =
+            reload::start(runtime.clone(), registry.clone(), config.clone())
+                .await
+                .context("loading plugins")?;
+
+        let dispatcher = Dispatcher::new(
+            ledger.clone(),
+            registry.clone(),
+            DispatchOptions {
+                batch_max: config.delivery.batch_max,
+                batch_window: config.delivery.batch_window,
+                workers_per_plugin: 2,
+            },
+        );
+        let dispatcher_task = tokio::spawn({
+            let d = dispatcher.clone();
+            async move { d.run().await }
+        });
+
+        let mut clusters = HashMap::new();
+        for c in &config.clusters {
+            let password = webhook_password(&config, c)?;
+            clusters.insert(c.name.clone(), ClusterAuth { user: c.webhook_user.clone(), password });
+        }
+        let accepting = Arc::new(AtomicBool::new(true));
+        let stats = Arc::new(ListenerStats::default());
+        let state = ListenerState {
+            clusters: Arc::new(clusters.clone()),
+            ledger: ledger.clone(),
+            registry: registry.clone(),
+            max_body_bytes: config.listener.max_body_bytes,
+            accepting: accepting.clone(),
+            stats: stats.clone(),
+        };
+        let listener_addr = config.listener.listen;
+        let (shutdown_listener, mut stop_rx) = tokio::sync::watch::channel(false);
+        let app_router = listener::router(state);
+        let listener_task = tokio::spawn(async move {
+            let serve = axum::serve(tcp, app_router).with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("listener stopped: {e}");
+            }
+        });
+        tracing::info!(addr = %listener_addr, "listening for Prism notifications");
+
+        // Only now, with the listener accepting, tell Prism where to post.
+        let mut registrars = Vec::new();
+        for c in &config.clusters {
+            let auth = clusters[&c.name].clone();
+            let r = Registrar::start(config.clone(), c.clone(), auth, registry.clone(), dispatcher.clone(), listener_addr)
+                .with_context(|| format!("cluster `{}`", c.name))?;
+            registrars.push(r);
+        }
+
+        Ok(App {
+            config,
+            listener_addr,
+            ledger,
+            registry,
+            runtime,
+            dispatcher,
+            reloader,
+            registrars,
+            stats,
+            loaded,
+            accepting,
+            shutdown_listener,
+            listener_task,
+            dispatcher_task,
+            reload_task,
+            watcher,
+        })
+    }
+
+    pub fn cluster_status(&self) -> Vec<ClusterStatus> {
+        self.registrars.iter().map(Registrar::status).collect()
+    }
+
+    /// Stops accepting (503), lets in-flight batches finish up to
+    /// `deadline`, optionally removes this host's webhooks, and closes the
+    /// ledger.
+    pub async fn shutdown(self, deregister: bool, deadline: Duration) -> anyhow::Result<()> {
+        self.accepting.store(false, Ordering::Relaxed);
+        for r in &self.registrars {
+            r.stop();
+        }
+        self.dispatcher.stop();
+        if tokio::time::timeout(deadline, self.dispatcher_task).await.is_err() {
+            tracing::warn!("in-flight batches did not finish within {deadline:?}; they will be redelivered");
+        }
+        // A sync still running could re-create what deregistering removes.
+        for r in &self.registrars {
+            r.join().await;
+        }
+        if deregister {
+            for r in &self.registrars {
+                if let Err(e) = r.deregister().await {
+                    tracing::error!("{e:#}");
+                }
+            }
+        }
+        let _ = self.shutdown_listener.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.listener_task).await;
+        // Every task holding the runtime or the ledger must be gone before
+        // they close, so the same data directory can be opened again.
+        drop((self.watcher, self.reloader));
+        let _ = self.reload_task.await;
+        self.ledger.close().await.context("closing the ledger")?;
+        Ok(())
+    }
+}
+
+/// The password Prism must present for `cluster`: from the config, or
+/// generated once and kept (mode 0600) in the data directory, so restarts
+/// do not force a webhook update.
+fn webhook_password(config: &Config, cluster: &crate::config::ClusterConfig) -> anyhow::Result<Secret> {
+    if let Some(src) = &cluster.webhook_password {
+        return src
+            .resolve()
+            .with_context(|| format!("cluster `{}`: webhook_password", cluster.name));
+    }
+    let dir = config.storage.data_dir.join("webhook-credentials");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(&cluster.name);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        if !existing.trim().is_empty() {
+            return Ok(Secret::new(existing.trim().to_owned()));
+        }
+    }
+    let generated = registrar::generate_password();
+    write_private(&path, &generated)?;
+    tracing::info!(cluster = %cluster.name, path = %path.display(), "generated webhook credentials");
+    Ok(Secret::new(generated))
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Operator subcommands that work on a configuration without running the
+//! host: webhook inspection and repair, plugin checks.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::nutanix::registrar::{client_for, expand, webhook_name};
+use crate::runtime::{PluginSettings, Runtime, RuntimeOptions};
+
+pub enum WebhookCommand {
+    List(PathBuf),
+    Sync(PathBuf),
+    Remove(PathBuf),
+}
+
+pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
+    let (path, action) = match &cmd {
+        WebhookCommand::List(p) => (p, "list"),
+        WebhookCommand::Sync(p) => (p, "sync"),
+        WebhookCommand::Remove(p) => (p, "remove"),
+    };
+    let config = Config::load(path)?;
+    let mut failed = false;
+    let events = if action == "sync" { expand(&subscriptions(&config).await?) } else { Vec::new() };
+    for cluster in &config.clusters {
+        let client = client_for(cluster)?;
+        let ours = webhook_name(&config, &cluster.name);
+        let url = config.callback_url(&cluster.name);
+        let result: anyhow::Result<()> = async {
+            let hooks = client.list_webhooks().await?;
+            match action {
+                "list" => {
+                    println!("cluster {} ({}): {} webhook(s)", cluster.name, cluster.prism_url, hooks.len());
+                    for h in &hooks {
+                        let mine = if h.name == ours || h.post_url == url { "  [this host]" } else { "" };
+                        println!("  {}  {}  {}  {} events  {}{mine}", h.uuid, h.state, h.name, h.events.len(), h.post_url);
+                    }
+                }
+                "remove" => {
+                    let mut n = 0;
+                    for h in hooks.iter().filter(|h| h.name == ours || h.post_url == url) {
+                        client.delete_webhook(&h.uuid).await?;
+                        n += 1;
+                    }
+                    println!("cluster {}: removed {n} webhook(s) of this host", cluster.name);
+                }
+                _ => {
+                    println!(
+                        "cluster {}: run `prismhook run` to keep the webhook in sync; \
+                         the plugins directory subscribes to: {}",
+                        cluster.name,
+                        events.join(", ")
+                    );
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            eprintln!("cluster {}: {e:#}", cluster.name);
+            failed = true;
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// The union of the subscriptions of the plugins in the configured
+/// directory (each loaded and `init`-ed as the host would).
+async fn subscriptions(config: &Config) -> anyhow::Result<Vec<String>> {
+    let dir = tempfile_dir()?;
+    let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb")))?;
+    let mut subs = Vec::new();
+    for entry in std::fs::read_dir(&config.plugins.dir).with_context(|| config.plugins.dir.display().to_string())? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+            continue;
+        }
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let settings = config.plugin_settings(&stem, None)?;
+        match runtime.load(&path, settings).await {
+            Ok(p) => subs.extend(p.info().subscriptions.iter().cloned()),
+            Err(e) => eprintln!("skipping {}: {e}", path.display()),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(subs)
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("prismhook-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// `prismhook plugin check FILE`: loads a component as the host would and
+/// says whether it fits, with its imports, size and compile time.
+pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Result<ExitCode> {
+    let dir = tempfile_dir()?;
+    let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb")))?;
+    let started = Instant::now();
+    let rt = runtime.clone();
+    let path = file.to_owned();
+    let compiled = tokio::task::spawn_blocking(move || rt.compile_file(&path, None)).await?;
+    let compiled = match compiled {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL  {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let compile_time = started.elapsed();
+    let size = compiled.size;
+    let imports: Vec<String> = component_imports(&runtime, &compiled.component);
+    let settings = PluginSettings {
+        config,
+        ..Default::default()
+    };
+    let result = Arc::clone(&runtime).instantiate(compiled, settings).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("file      {}", file.display());
+    println!("size      {} KiB", size / 1024);
+    println!("compile   {:.0} ms", compile_time.as_secs_f64() * 1000.0);
+    println!("imports   {}", imports.join("\n          "));
+    match result {
+        Ok(p) => {
+            println!("plugin    {} {}", p.name(), p.info().version);
+            println!("events    {}", p.info().subscriptions.join(", "));
+            println!("OK        fits {}", crate::runtime::bindings::PACKAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("FAIL      {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn component_imports(runtime: &Runtime, component: &wasmtime::component::Component) -> Vec<String> {
+    let ty = component.component_type();
+    ty.imports(runtime.engine()).map(|(name, _)| name.to_owned()).collect()
+}

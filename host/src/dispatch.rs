@@ -1,0 +1,386 @@
+//! Moves due deliveries from the ledger into plugins, and outcomes back.
+//!
+//! Per plugin, a few workers claim batches from the ledger (which keeps
+//! per-entity order: an entity is never in two batches at once), call the
+//! plugin version that is current when the batch starts, and record the
+//! outcomes. A failed call (trap, timeout, memory) counts as retry for the
+//! whole batch; repeated failures quarantine the plugin, pausing its
+//! deliveries (they stay queued) with a growing pause.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::ledger::{Delivery, Ledger, Outcome as LedgerOutcome};
+use crate::nutanix::payload::{self, Vm as NutanixVm};
+use crate::registry::{PluginState, Registry};
+use crate::runtime::bindings::{Category, Event, Nic, Outcome, Retry, Vm};
+use crate::runtime::CallError;
+
+/// Consecutive failed calls that quarantine a plugin.
+const QUARANTINE_AFTER: u32 = 5;
+const QUARANTINE_FIRST_PAUSE: Duration = Duration::from_secs(5);
+const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    pub batch_max: usize,
+    pub batch_window: Duration,
+    /// Batches of one plugin that may run at once (on disjoint entities).
+    pub workers_per_plugin: usize,
+}
+
+/// Per-plugin delivery counts since start, for status and metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub calls: u64,
+    pub failed_calls: u64,
+    pub delivered: u64,
+    pub retried: u64,
+    pub rejected: u64,
+    pub consecutive_failures: u32,
+    pub quarantines: u32,
+    #[serde(skip)]
+    pub handle_time: Duration,
+}
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ledger: Ledger,
+    registry: Registry,
+    opts: DispatchOptions,
+    counters: Mutex<BTreeMap<String, Counters>>,
+    /// Batches of a plugin share its lock; a reconcile takes it alone, so
+    /// the plugin's kv is never rewritten by both at once.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Inner {
+    fn lock_for(&self, plugin: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.locks.lock().expect("locks lock").entry(plugin.to_owned()).or_default().clone()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("plugin `{0}` is not loaded")]
+    NotLoaded(String),
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+impl Dispatcher {
+    pub fn new(ledger: Ledger, registry: Registry, opts: DispatchOptions) -> Dispatcher {
+        Dispatcher {
+            inner: Arc::new(Inner {
+                ledger,
+                registry,
+                opts,
+                counters: Mutex::default(),
+                locks: Mutex::default(),
+                stop: watch::channel(false).0,
+            }),
+        }
+    }
+
+    pub fn counters(&self) -> BTreeMap<String, Counters> {
+        self.inner.counters.lock().expect("counters lock").clone()
+    }
+
+    /// Runs until [`Dispatcher::stop`]: keeps workers running for every
+    /// loaded plugin, starting them when a plugin appears. Returns once
+    /// every worker has finished its batch in hand.
+    pub async fn run(&self) {
+        let mut changes = self.inner.registry.watch();
+        let mut stop = self.inner.stop.subscribe();
+        let mut running: HashMap<String, usize> = HashMap::new();
+        let mut workers = JoinSet::new();
+        loop {
+            for (name, entry) in self.inner.registry.snapshot().iter() {
+                if entry.plugin.is_none() {
+                    continue;
+                }
+                let n = running.entry(name.clone()).or_default();
+                while *n < self.inner.opts.workers_per_plugin {
+                    *n += 1;
+                    let inner = self.inner.clone();
+                    let name = name.clone();
+                    let span = tracing::info_span!("worker", plugin = %name);
+                    workers.spawn(async move { worker(inner, name.clone()).await; name }.instrument(span));
+                }
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                Some(done) = workers.join_next() => {
+                    if let Ok(name) = done {
+                        if let Some(n) = running.get_mut(&name) { *n -= 1; }
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        while workers.join_next().await.is_some() {}
+    }
+
+    /// Hands one cluster's inventory to a plugin's `reconcile`, with no
+    /// batch of that plugin running meanwhile.
+    pub async fn reconcile(&self, plugin: &str, cluster: &str, vms: Vec<Vm>) -> Result<Result<String, String>, DispatchError> {
+        let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
+            return Err(DispatchError::NotLoaded(plugin.to_owned()));
+        };
+        let lock = self.inner.lock_for(plugin);
+        let _exclusive = lock.write().await;
+        Ok(p.reconcile(cluster, vms).await?)
+    }
+
+    /// Asks workers to stop after their batch in hand.
+    pub fn stop(&self) {
+        self.inner.stop.send_replace(true);
+    }
+}
+
+async fn worker(inner: Arc<Inner>, name: String) {
+    let mut stop = inner.stop.subscribe();
+    let notify = inner.ledger.notifier(&name);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Some(entry) = inner.registry.get(&name) else { return };
+        let Some(plugin) = entry.plugin else { return };
+        if let PluginState::Quarantined { until_ms, .. } = entry.state {
+            let wait = Duration::from_millis(until_ms.saturating_sub(now_ms()));
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        }
+
+        // Register interest before looking, so an append between the
+        // claim and the wait still wakes us.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut batch = match inner.ledger.claim(&name, inner.opts.batch_max).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(plugin = %name, "cannot claim deliveries: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            let due = inner.ledger.next_due(&name);
+            let sleep = due.map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(Instant::now()));
+            tokio::select! {
+                _ = &mut notified => {
+                    // Something arrived: give a burst a moment to gather
+                    // into one batch.
+                    if !inner.opts.batch_window.is_zero() {
+                        tokio::time::sleep(inner.opts.batch_window).await;
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        if batch.len() < inner.opts.batch_max && !inner.opts.batch_window.is_zero() {
+            tokio::time::sleep(inner.opts.batch_window).await;
+            if let Ok(more) = inner.ledger.claim(&name, inner.opts.batch_max - batch.len()).await {
+                batch.extend(more);
+            }
+        }
+        deliver(&inner, &name, &plugin, entry.coalesce, batch).await;
+    }
+}
+
+async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coalesce: bool, batch: Vec<Delivery>) {
+    let ids: Vec<u64> = batch.iter().map(|d| d.event.id).collect();
+    // With coalescing, each entity's newest event stands for its older
+    // ones in the batch, and they share its outcome.
+    let representative: Vec<usize> = if coalesce {
+        let mut last: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, d) in batch.iter().enumerate() {
+            last.insert((&d.event.cluster, &d.event.entity_uuid), i);
+        }
+        batch.iter().map(|d| last[&(d.event.cluster.as_str(), d.event.entity_uuid.as_str())]).collect()
+    } else {
+        (0..batch.len()).collect()
+    };
+    let sent: Vec<usize> = (0..batch.len()).filter(|&i| representative[i] == i).collect();
+    let events: Vec<Event> = sent.iter().map(|&i| to_event(&batch[i])).collect();
+
+    let lock = inner.lock_for(name);
+    let shared = lock.read().await;
+    let started = Instant::now();
+    let result = plugin.handle(events).await;
+    let elapsed = started.elapsed();
+    drop(shared);
+
+    let outcomes: Vec<LedgerOutcome> = match &result {
+        Ok(outcomes) => {
+            let by_index: HashMap<usize, &Outcome> = sent.iter().copied().zip(outcomes.iter()).collect();
+            representative.iter().map(|r| to_ledger(by_index[r])).collect()
+        }
+        Err(e) => {
+            tracing::warn!(plugin = %name, events = batch.len(), error_kind = e.kind(), "{e}");
+            ids.iter()
+                .map(|_| LedgerOutcome::Retry { reason: e.to_string(), delay: None })
+                .collect()
+        }
+    };
+    for (d, o) in batch.iter().zip(&outcomes) {
+        match o {
+            LedgerOutcome::Done => tracing::debug!(
+                plugin = %name, event_id = d.event.id, cluster = %d.event.cluster,
+                event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "delivered"
+            ),
+            LedgerOutcome::Retry { reason, .. } => tracing::info!(
+                plugin = %name, event_id = d.event.id, cluster = %d.event.cluster,
+                event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "retry: {reason}"
+            ),
+            LedgerOutcome::Reject { reason } => tracing::warn!(
+                plugin = %name, event_id = d.event.id, cluster = %d.event.cluster,
+                event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "rejected: {reason}"
+            ),
+        }
+    }
+    count(inner, name, &result, &outcomes, elapsed);
+    let results: Vec<(u64, LedgerOutcome)> = ids.into_iter().zip(outcomes).collect();
+    if let Err(e) = inner.ledger.complete(name, results).await {
+        // The deliveries stay in flight in the ledger until restart, when
+        // they become pending again: at least once, never lost.
+        tracing::error!(plugin = %name, "cannot record outcomes: {e}");
+    }
+}
+
+fn count(inner: &Inner, name: &str, result: &Result<Vec<Outcome>, CallError>, outcomes: &[LedgerOutcome], elapsed: Duration) {
+    let quarantine = {
+        let mut all = inner.counters.lock().expect("counters lock");
+        let c = all.entry(name.to_owned()).or_default();
+        c.calls += 1;
+        c.handle_time += elapsed;
+        for o in outcomes {
+            match o {
+                LedgerOutcome::Done => c.delivered += 1,
+                LedgerOutcome::Retry { .. } => c.retried += 1,
+                LedgerOutcome::Reject { .. } => c.rejected += 1,
+            }
+        }
+        match result {
+            Ok(_) => {
+                c.consecutive_failures = 0;
+                None
+            }
+            Err(e) => {
+                c.failed_calls += 1;
+                c.consecutive_failures += 1;
+                (c.consecutive_failures >= QUARANTINE_AFTER).then(|| {
+                    c.quarantines += 1;
+                    let pause = QUARANTINE_FIRST_PAUSE
+                        .saturating_mul(1 << (c.consecutive_failures - QUARANTINE_AFTER).min(16))
+                        .min(QUARANTINE_MAX_PAUSE);
+                    (e.to_string(), pause)
+                })
+            }
+        }
+    };
+    // Touch the registry only when the state changes: every update wakes
+    // its watchers (the registrars among them).
+    let quarantined = inner
+        .registry
+        .get(name)
+        .is_some_and(|e| matches!(e.state, PluginState::Quarantined { .. }));
+    if let Some((reason, pause)) = quarantine {
+        tracing::warn!(plugin = %name, pause_s = pause.as_secs(), "quarantined after {QUARANTINE_AFTER} failed calls in a row: {reason}");
+        inner.registry.update(|plugins| {
+            if let Some(entry) = plugins.get_mut(name) {
+                entry.state = PluginState::Quarantined {
+                    reason,
+                    until_ms: now_ms() + pause.as_millis() as u64,
+                };
+            }
+        });
+    } else if quarantined && result.is_ok() {
+        tracing::info!(plugin = %name, "out of quarantine");
+        inner.registry.update(|plugins| {
+            if let Some(entry) = plugins.get_mut(name) {
+                entry.state = PluginState::Active;
+            }
+        });
+    }
+}
+
+fn to_ledger(o: &Outcome) -> LedgerOutcome {
+    match o {
+        Outcome::Done => LedgerOutcome::Done,
+        Outcome::Retry(Retry { reason, delay_ms }) => LedgerOutcome::Retry {
+            reason: reason.clone(),
+            delay: delay_ms.map(Duration::from_millis),
+        },
+        Outcome::Reject(reason) => LedgerOutcome::Reject { reason: reason.clone() },
+    }
+}
+
+/// The WIT view of a stored event, with the VM parsed leniently.
+pub fn to_event(d: &Delivery) -> Event {
+    let e = &d.event;
+    let vm = if e.entity_kind == "vm" {
+        payload::parse_notification(e.body.as_bytes()).ok().and_then(|n| n.vm).map(to_wit_vm)
+    } else {
+        None
+    };
+    Event {
+        id: e.id.to_string(),
+        cluster: e.cluster.clone(),
+        event_type: e.event_type.clone(),
+        entity_kind: e.entity_kind.clone(),
+        entity_uuid: e.entity_uuid.clone(),
+        attempt: d.attempt,
+        received_at_ms: e.received_at_ms,
+        body: e.body.clone(),
+        vm,
+    }
+}
+
+pub fn to_wit_vm(vm: NutanixVm) -> Vm {
+    Vm {
+        uuid: vm.uuid,
+        name: vm.name,
+        power_state: vm.power_state,
+        categories: vm.categories.into_iter().map(|(key, value)| Category { key, value }).collect(),
+        nics: vm
+            .nics
+            .into_iter()
+            .map(|n| Nic {
+                uuid: n.uuid,
+                mac_address: n.mac_address,
+                ips: n.ips,
+                subnet_name: n.subnet_name,
+                subnet_uuid: n.subnet_uuid,
+            })
+            .collect(),
+        host_name: vm.host_name,
+        entity_version: vm.entity_version,
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

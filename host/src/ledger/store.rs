@@ -1,0 +1,198 @@
+//! The ledger's redb tables and record formats.
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `events` | event id | (received_at_ms, cluster, event_type, entity_kind, entity_uuid, body) |
+//! | `deliveries` | (plugin, event id) | [`DeliveryRecord`] as JSON |
+//! | `dedupe` | dedupe key | (event id, received_at_ms) |
+//! | `dedupe_by_time` | (received_at_ms, dedupe key) | () — lets prune find expired keys without a scan |
+//! | `meta` | name | u64: `next_event_id`, `delivered/<plugin>` |
+//!
+//! Events are the bulk of the file and are written on the hot path, so they are a redb tuple:
+//! the body is stored as it came, not escaped into another JSON document. Delivery records are
+//! small and the likeliest to gain fields, so they are JSON with defaults.
+//!
+//! A delivery record exists only while the delivery is *pending* or *dead*: a done delivery's
+//! record is deleted (its count goes to `delivered/<plugin>`), so an event with no delivery
+//! records left is fully delivered, and the table's size follows the backlog, not the history.
+//! *In flight* is never written (see the index module).
+
+use redb::{Table, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{Ctx, LedgerError, StoredEvent};
+
+pub(super) type EventRow = (
+    u64,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+pub(super) const EVENTS: TableDefinition<u64, EventRow> = TableDefinition::new("events");
+pub(super) const DELIVERIES: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("deliveries");
+pub(super) const DEDUPE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("dedupe");
+pub(super) const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("dedupe_by_time");
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+pub(super) const NEXT_EVENT_ID: &str = "next_event_id";
+pub(super) const DELIVERED_PREFIX: &str = "delivered/";
+
+pub(super) fn delivered_key(plugin: &str) -> String {
+    format!("{DELIVERED_PREFIX}{plugin}")
+}
+
+/// The event as the rest of the host sees it, from its stored row.
+pub(super) fn event_from_row(
+    id: u64,
+    (received_at_ms, cluster, event_type, entity_kind, entity_uuid, body): (
+        u64,
+        &str,
+        &str,
+        &str,
+        &str,
+        &str,
+    ),
+) -> StoredEvent {
+    StoredEvent {
+        id,
+        cluster: cluster.to_owned(),
+        event_type: event_type.to_owned(),
+        entity_kind: entity_kind.to_owned(),
+        entity_uuid: entity_uuid.to_owned(),
+        received_at_ms,
+        body: body.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum DeliveryState {
+    #[default]
+    Pending,
+    Dead,
+}
+
+/// What is kept of one plugin's delivery of one event while it is pending or dead.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct DeliveryRecord {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub state: DeliveryState,
+    /// Failed attempts so far (a dead letter: all attempts, the last one included).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub attempts: u32,
+    /// Not before this time (ms since the epoch); 0 = now.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub due_at_ms: u64,
+    /// When the first attempt failed; retries stop `max_age` after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_failure_ms: Option<u64>,
+    /// The backoff chosen after the previous failure (decorrelated jitter grows from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delay_ms: Option<u64>,
+    /// Why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub died_at_ms: Option<u64>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+impl DeliveryRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a delivery record always serializes")
+    }
+
+    pub fn decode(plugin: &str, id: u64, bytes: &[u8]) -> Result<Self, LedgerError> {
+        serde_json::from_slice(bytes).map_err(|e| LedgerError::Corrupt {
+            what: format!("delivery of event {id} to plugin `{plugin}`"),
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn die(&mut self, attempts: u32, reason: String, now_ms: u64) {
+        self.state = DeliveryState::Dead;
+        self.attempts = attempts;
+        self.due_at_ms = 0;
+        self.reason = Some(reason);
+        self.died_at_ms = Some(now_ms);
+    }
+}
+
+/// All tables, opened once per write transaction.
+pub(super) struct Tables<'t> {
+    pub events: Table<'t, u64, EventRow>,
+    pub deliveries: Table<'t, (&'static str, u64), &'static [u8]>,
+    pub dedupe: Table<'t, &'static str, (u64, u64)>,
+    pub dedupe_by_time: Table<'t, (u64, &'static str), ()>,
+    pub meta: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, LedgerError> {
+        Ok(Self {
+            events: txn.open_table(EVENTS).ctx("opening the events table")?,
+            deliveries: txn
+                .open_table(DELIVERIES)
+                .ctx("opening the deliveries table")?,
+            dedupe: txn.open_table(DEDUPE).ctx("opening the dedupe table")?,
+            dedupe_by_time: txn
+                .open_table(DEDUPE_BY_TIME)
+                .ctx("opening the dedupe_by_time table")?,
+            meta: txn.open_table(META).ctx("opening the meta table")?,
+        })
+    }
+
+    pub fn record(&self, plugin: &str, id: u64) -> Result<Option<DeliveryRecord>, LedgerError> {
+        use redb::ReadableTable;
+        match self
+            .deliveries
+            .get((plugin, id))
+            .with_ctx(|| format!("reading the delivery of event {id} to `{plugin}`"))?
+        {
+            Some(bytes) => DeliveryRecord::decode(plugin, id, bytes.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_record(
+        &mut self,
+        plugin: &str,
+        id: u64,
+        record: &DeliveryRecord,
+    ) -> Result<(), LedgerError> {
+        self.deliveries
+            .insert((plugin, id), record.encode().as_slice())
+            .with_ctx(|| format!("writing the delivery of event {id} to `{plugin}`"))?;
+        Ok(())
+    }
+
+    pub fn remove_record(&mut self, plugin: &str, id: u64) -> Result<(), LedgerError> {
+        self.deliveries
+            .remove((plugin, id))
+            .with_ctx(|| format!("deleting the delivery of event {id} to `{plugin}`"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_pending_record_is_two_bytes_and_reads_back() {
+        let fresh = DeliveryRecord::default();
+        assert_eq!(fresh.encode(), b"{}");
+        let mut dead = DeliveryRecord::default();
+        dead.die(3, "no".into(), 42);
+        let back = DeliveryRecord::decode("p", 1, &dead.encode()).unwrap();
+        assert_eq!(back, dead);
+    }
+}

@@ -1,0 +1,826 @@
+//! The ledger's behaviour through its public API, on real files in temporary directories.
+
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::*;
+
+const MINUTE_MS: u64 = 60_000;
+
+fn options(dir: &TempDir) -> LedgerOptions {
+    LedgerOptions {
+        retry: RetryPolicy {
+            jitter: Jitter::None,
+            ..RetryPolicy::default()
+        },
+        ..LedgerOptions::new(dir.path().join("data").join("ledger.redb"))
+    }
+}
+
+fn open(dir: &TempDir) -> Ledger {
+    Ledger::open(options(dir)).expect("ledger opens")
+}
+
+fn event(entity: &str, received_at_ms: u64) -> NewEvent {
+    NewEvent {
+        cluster: "c1".into(),
+        event_type: "VM.UPDATE".into(),
+        entity_kind: "vm".into(),
+        entity_uuid: entity.into(),
+        dedupe_key: None,
+        received_at_ms,
+        body: format!(r#"{{"entity":"{entity}","at":{received_at_ms}}}"#),
+    }
+}
+
+fn plugins(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+async fn append(ledger: &Ledger, entity: &str, to: &[&str]) -> u64 {
+    append_at(ledger, entity, now_ms(), to).await
+}
+
+async fn append_at(ledger: &Ledger, entity: &str, received_at_ms: u64, to: &[&str]) -> u64 {
+    match ledger
+        .append(event(entity, received_at_ms), plugins(to))
+        .await
+        .expect("append succeeds")
+    {
+        Appended::Stored { id, .. } => id,
+        other => panic!("expected a stored event, got {other:?}"),
+    }
+}
+
+fn ids(deliveries: &[Delivery]) -> Vec<u64> {
+    deliveries.iter().map(|d| d.event.id).collect()
+}
+
+async fn complete_all(ledger: &Ledger, plugin: &str, deliveries: &[Delivery], outcome: Outcome) {
+    let results = deliveries
+        .iter()
+        .map(|d| (d.event.id, outcome.clone()))
+        .collect();
+    ledger
+        .complete(plugin, results)
+        .await
+        .expect("complete succeeds");
+}
+
+fn retry(reason: &str) -> Outcome {
+    Outcome::Retry {
+        reason: reason.into(),
+        delay: None,
+    }
+}
+
+fn backlog_of(ledger: &Ledger, plugin: &str) -> PluginBacklog {
+    ledger
+        .backlog()
+        .unwrap()
+        .into_iter()
+        .find(|b| b.plugin == plugin)
+        .unwrap_or_else(|| panic!("no backlog for {plugin}"))
+}
+
+/// Waits until `plugin` has something due, for at most `limit`.
+async fn until_due(ledger: &Ledger, plugin: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let due = ledger.next_due(plugin).expect("something is pending");
+    assert!(due <= deadline, "due {:?} from now", due - Instant::now());
+    tokio::time::sleep_until(due.into()).await;
+    // Due times have millisecond resolution.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+}
+
+#[test]
+fn a_ledger_handle_can_be_shared_between_tasks() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<Ledger>();
+}
+
+#[tokio::test]
+async fn an_appended_event_survives_reopening_with_its_content() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let id = append_at(&ledger, "vm-1", 1234, &["fw"]).await;
+    drop(ledger);
+
+    let ledger = open(&dir);
+    let claimed = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].attempt, 1);
+    assert_eq!(
+        claimed[0].event,
+        StoredEvent {
+            id,
+            cluster: "c1".into(),
+            event_type: "VM.UPDATE".into(),
+            entity_kind: "vm".into(),
+            entity_uuid: "vm-1".into(),
+            received_at_ms: 1234,
+            body: r#"{"entity":"vm-1","at":1234}"#.into(),
+        }
+    );
+    ledger.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn event_ids_keep_increasing_across_reopens_even_after_everything_is_pruned() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let first = append_at(&ledger, "vm-1", 1, &[]).await;
+    assert_eq!(ledger.prune().await.unwrap(), 1);
+    drop(ledger);
+    let ledger = open(&dir);
+    let second = append(&ledger, "vm-1", &[]).await;
+    assert!(second > first, "{second} after {first}");
+}
+
+#[tokio::test]
+async fn in_flight_deliveries_are_pending_again_after_a_crash() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let a = append(&ledger, "vm-1", &["fw"]).await;
+    let b = append(&ledger, "vm-2", &["fw"]).await;
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [a, b]);
+    assert_eq!(backlog_of(&ledger, "fw").in_flight, 2);
+    drop(ledger); // no close: the process "dies" with both in flight
+
+    let ledger = open(&dir);
+    assert_eq!(ledger.total_pending(), 2);
+    let again = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&again), [a, b]);
+    assert!(
+        again.iter().all(|d| d.attempt == 1),
+        "a crash is not a failed attempt"
+    );
+}
+
+#[tokio::test]
+async fn each_subscribed_plugin_gets_its_own_delivery() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let appended = ledger
+        .append(event("vm-1", now_ms()), plugins(&["fw", "siem", "fw"]))
+        .await
+        .unwrap();
+    let Appended::Stored { id, deliveries } = appended else {
+        panic!("{appended:?}")
+    };
+    assert_eq!(deliveries, 2, "duplicate plugin names count once");
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [id]);
+    assert_eq!(ids(&ledger.claim("siem", 10).await.unwrap()), [id]);
+    assert!(ledger.claim("lb", 10).await.unwrap().is_empty());
+    assert_eq!(ledger.total_pending(), 2);
+}
+
+#[tokio::test]
+async fn a_batch_mixes_entities_in_arrival_order_and_holds_consecutive_events_of_one() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let mut expected = Vec::new();
+    for entity in ["a", "b", "a", "c", "a", "b"] {
+        expected.push(append(&ledger, entity, &["fw"]).await);
+    }
+    let batch = ledger.claim("fw", 256).await.unwrap();
+    assert_eq!(ids(&batch), expected);
+}
+
+#[tokio::test]
+async fn a_claim_returns_at_most_the_batch_size() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let mut all = Vec::new();
+    for n in 0..10 {
+        all.push(append(&ledger, &format!("vm-{n}"), &["fw"]).await);
+    }
+    let first = ledger.claim("fw", 4).await.unwrap();
+    let second = ledger.claim("fw", 4).await.unwrap();
+    let third = ledger.claim("fw", 4).await.unwrap();
+    assert_eq!(ids(&first), all[0..4]);
+    assert_eq!(ids(&second), all[4..8]);
+    assert_eq!(ids(&third), all[8..10]);
+    assert!(ledger.claim("fw", 0).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_entity_with_a_batch_in_flight_gets_nothing_more_until_it_completes() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let a1 = append(&ledger, "a", &["fw"]).await;
+    let b1 = append(&ledger, "b", &["fw"]).await;
+    let first = ledger.claim("fw", 1).await.unwrap();
+    assert_eq!(ids(&first), [a1]);
+    let a2 = append(&ledger, "a", &["fw"]).await;
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [b1]);
+    complete_all(&ledger, "fw", &first, Outcome::Done).await;
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [a2]);
+}
+
+#[tokio::test]
+async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.initial = Duration::from_millis(300);
+    let ledger = Ledger::open(opts).unwrap();
+    let a1 = append(&ledger, "a", &["fw"]).await;
+    let b1 = append(&ledger, "b", &["fw"]).await;
+    let a2 = append(&ledger, "a", &["fw"]).await;
+    let b2 = append(&ledger, "b", &["fw"]).await;
+
+    let first = ledger.claim("fw", 1).await.unwrap();
+    assert_eq!(ids(&first), [a1]);
+    complete_all(&ledger, "fw", &first, retry("firewall timed out")).await;
+
+    // Entity b flows on; a waits for its retry time, a2 behind a1.
+    let others = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&others), [b1, b2]);
+    complete_all(&ledger, "fw", &others, Outcome::Done).await;
+    assert!(ledger.claim("fw", 10).await.unwrap().is_empty());
+    assert_eq!(backlog_of(&ledger, "fw").retrying, 1);
+
+    until_due(&ledger, "fw", Duration::from_secs(2)).await;
+    let again = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&again), [a1, a2]);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(again[1].attempt, 1);
+}
+
+#[tokio::test]
+async fn retry_backoff_doubles_and_honours_a_longer_plugin_delay() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.initial = Duration::from_millis(200);
+    let ledger = Ledger::open(opts).unwrap();
+    append(&ledger, "a", &["fw"]).await;
+
+    let mut waits = Vec::new();
+    for attempt in 1..=3 {
+        let batch = ledger.claim("fw", 1).await.unwrap();
+        assert_eq!(batch[0].attempt, attempt);
+        let before = Instant::now();
+        complete_all(&ledger, "fw", &batch, retry("busy")).await;
+        let wait = ledger
+            .next_due("fw")
+            .unwrap()
+            .saturating_duration_since(before);
+        waits.push(wait);
+        until_due(&ledger, "fw", Duration::from_secs(2)).await;
+    }
+    for (wait, expected_ms) in waits.iter().zip([200u64, 400, 800]) {
+        let expected = Duration::from_millis(expected_ms);
+        assert!(
+            *wait + Duration::from_millis(5) >= expected
+                && *wait <= expected + Duration::from_millis(100),
+            "waits {waits:?}"
+        );
+    }
+
+    let batch = ledger.claim("fw", 1).await.unwrap();
+    let before = Instant::now();
+    let results = vec![(
+        batch[0].event.id,
+        Outcome::Retry {
+            reason: "rate limited".into(),
+            delay: Some(Duration::from_secs(30)),
+        },
+    )];
+    ledger.complete("fw", results).await.unwrap();
+    let wait = ledger.next_due("fw").unwrap() - before;
+    assert!(wait >= Duration::from_secs(29), "{wait:?}");
+    assert!(wait <= Duration::from_secs(31), "{wait:?}");
+}
+
+#[tokio::test]
+async fn retry_state_survives_reopening() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.initial = Duration::from_millis(100);
+    let ledger = Ledger::open(opts.clone()).unwrap();
+    append(&ledger, "a", &["fw"]).await;
+    let batch = ledger.claim("fw", 1).await.unwrap();
+    complete_all(&ledger, "fw", &batch, retry("down")).await;
+    drop(ledger);
+
+    let ledger = Ledger::open(opts).unwrap();
+    assert!(
+        ledger.claim("fw", 1).await.unwrap().is_empty(),
+        "still waiting"
+    );
+    until_due(&ledger, "fw", Duration::from_secs(1)).await;
+    assert_eq!(ledger.claim("fw", 1).await.unwrap()[0].attempt, 2);
+}
+
+#[tokio::test]
+async fn a_delivery_is_dead_after_its_last_allowed_attempt() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.initial = Duration::from_millis(1);
+    opts.retry.max_attempts = 3;
+    let ledger = Ledger::open(opts).unwrap();
+    let id = append(&ledger, "a", &["fw"]).await;
+    let later = append(&ledger, "a", &["fw"]).await;
+
+    for _ in 0..3 {
+        until_due(&ledger, "fw", Duration::from_secs(1)).await;
+        let batch = ledger.claim("fw", 1).await.unwrap();
+        assert_eq!(ids(&batch), [id]);
+        complete_all(&ledger, "fw", &batch, retry("connection refused")).await;
+    }
+    let dead = ledger.dead_letters(Some("fw"), 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event.id, id);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(
+        dead[0].reason,
+        "gave up after 3 attempts: connection refused"
+    );
+    // A dead letter no longer holds back its entity.
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [later]);
+    let backlog = backlog_of(&ledger, "fw");
+    assert_eq!(
+        (backlog.dead, backlog.retrying, backlog.in_flight),
+        (1, 0, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_delivery_is_dead_once_it_has_failed_for_longer_than_the_max_age() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.initial = Duration::from_millis(1);
+    opts.retry.max_age = Duration::from_millis(150);
+    let ledger = Ledger::open(opts).unwrap();
+    append(&ledger, "a", &["fw"]).await;
+    let started = Instant::now();
+    while ledger.dead_letters(None, 10).unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "never died");
+        until_due(&ledger, "fw", Duration::from_secs(1)).await;
+        let batch = ledger.claim("fw", 1).await.unwrap();
+        complete_all(&ledger, "fw", &batch, retry("down")).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let dead = &ledger.dead_letters(None, 10).unwrap()[0];
+    assert!(
+        dead.reason.starts_with("gave up after 0."),
+        "{}",
+        dead.reason
+    );
+    assert!(
+        dead.reason.ends_with("s of retries: down"),
+        "{}",
+        dead.reason
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_delivery_is_dead_at_once() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let id = append(&ledger, "a", &["fw"]).await;
+    let batch = ledger.claim("fw", 1).await.unwrap();
+    let reject = Outcome::Reject {
+        reason: "malformed body".into(),
+    };
+    complete_all(&ledger, "fw", &batch, reject).await;
+    let dead = ledger.dead_letters(None, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].plugin.as_str(), dead[0].event.id, dead[0].attempts),
+        ("fw", id, 1)
+    );
+    assert_eq!(dead[0].reason, "rejected: malformed body");
+    assert!(dead[0].died_at_ms > 0);
+    assert_eq!(ledger.total_pending(), 0);
+    assert_eq!(ledger.next_due("fw"), None);
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_replayed_with_a_fresh_attempt_count_or_dropped() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let a = append(&ledger, "a", &["fw"]).await;
+    let b = append(&ledger, "b", &["fw"]).await;
+    let c = append(&ledger, "c", &["siem"]).await;
+    for plugin in ["fw", "siem"] {
+        let batch = ledger.claim(plugin, 10).await.unwrap();
+        complete_all(
+            &ledger,
+            plugin,
+            &batch,
+            Outcome::Reject {
+                reason: "no".into(),
+            },
+        )
+        .await;
+    }
+    assert_eq!(ledger.dead_letters(None, 10).unwrap().len(), 3);
+    assert_eq!(ledger.dead_letters(None, 2).unwrap().len(), 2);
+
+    assert_eq!(ledger.replay_dead(Some("fw"), Some(&[b])).await.unwrap(), 1);
+    let replayed = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&replayed), [b]);
+    assert_eq!(replayed[0].attempt, 1);
+    complete_all(&ledger, "fw", &replayed, Outcome::Done).await;
+
+    // Replays survive a restart.
+    assert_eq!(ledger.replay_dead(Some("siem"), None).await.unwrap(), 1);
+    drop(ledger);
+    let ledger = open(&dir);
+    assert_eq!(ids(&ledger.claim("siem", 10).await.unwrap()), [c]);
+
+    assert_eq!(ledger.drop_dead(None, None).await.unwrap(), 1);
+    assert!(ledger.dead_letters(None, 10).unwrap().is_empty());
+    assert_eq!(ledger.replay_dead(None, None).await.unwrap(), 0);
+    let fw = backlog_of(&ledger, "fw");
+    assert_eq!((fw.dead, fw.pending, fw.delivered), (0, 0, 1));
+    let _ = a;
+}
+
+#[tokio::test]
+async fn replay_since_gives_a_new_plugin_the_retained_events_from_that_time() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let t = now_ms() - 10 * MINUTE_MS;
+    let old = append_at(&ledger, "a", t, &["fw"]).await;
+    let mid = append_at(&ledger, "b", t + MINUTE_MS, &["fw"]).await;
+    let mut deleted = event("c", t + 2 * MINUTE_MS);
+    deleted.event_type = "VM.DELETE".into();
+    let new = match ledger.append(deleted, plugins(&["fw"])).await.unwrap() {
+        Appended::Stored { id, .. } => id,
+        other => panic!("{other:?}"),
+    };
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    complete_all(&ledger, "fw", &batch, Outcome::Done).await;
+
+    // A plugin added later sees nothing old on its own...
+    assert!(ledger.claim("lb", 10).await.unwrap().is_empty());
+    // ...until asked for.
+    assert_eq!(
+        ledger
+            .replay_since("lb", t + MINUTE_MS, None)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(ids(&ledger.claim("lb", 10).await.unwrap()), [mid, new]);
+    // Pending or in flight already: not replayed twice.
+    assert_eq!(ledger.replay_since("lb", t, None).await.unwrap(), 1);
+    assert_eq!(ids(&ledger.claim("lb", 10).await.unwrap()), [old]);
+
+    // An existing plugin can have delivered events again, filtered by type.
+    let types = ["VM.DELETE".to_string()];
+    assert_eq!(ledger.replay_since("fw", t, Some(&types)).await.unwrap(), 1);
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [new]);
+}
+
+#[tokio::test]
+async fn the_same_notification_within_the_dedupe_window_is_stored_once_and_again_after_it() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let t = now_ms();
+    let keyed = |at: u64| NewEvent {
+        dedupe_key: Some("c1|VM.UPDATE|vm-1|v7".into()),
+        ..event("vm-1", at)
+    };
+    let first = ledger.append(keyed(t), plugins(&["fw"])).await.unwrap();
+    let Appended::Stored { id, .. } = first else {
+        panic!("{first:?}")
+    };
+    let again = ledger
+        .append(keyed(t + 9 * MINUTE_MS), plugins(&["fw"]))
+        .await
+        .unwrap();
+    assert_eq!(again, Appended::Duplicate { id });
+    assert_eq!(ledger.total_pending(), 1);
+
+    let later = ledger
+        .append(keyed(t + 11 * MINUTE_MS), plugins(&["fw"]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(later, Appended::Stored { id: newer, .. } if newer > id),
+        "{later:?}"
+    );
+    let other_key = NewEvent {
+        dedupe_key: Some("c1|VM.UPDATE|vm-1|v8".into()),
+        ..event("vm-1", t)
+    };
+    assert!(matches!(
+        ledger.append(other_key, plugins(&["fw"])).await.unwrap(),
+        Appended::Stored { .. }
+    ));
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_in_one_group_commit_are_stored_once() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let t = now_ms();
+    let appends = (0..50).map(|_| {
+        let ledger = ledger.clone();
+        let ev = NewEvent {
+            dedupe_key: Some("same".into()),
+            ..event("vm-1", t)
+        };
+        async move { ledger.append(ev, plugins(&["fw"])).await.unwrap() }
+    });
+    let results = futures_join_all(appends).await;
+    let stored = results
+        .iter()
+        .filter(|r| matches!(r, Appended::Stored { .. }))
+        .count();
+    assert_eq!(stored, 1, "{results:?}");
+    assert_eq!(ledger.total_pending(), 1);
+}
+
+/// `futures::join_all` without the dependency: spawn and await in order.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(handle.await.expect("task completes"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn appends_are_refused_above_the_backlog_limit_until_deliveries_drain() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.max_backlog = 3;
+    let ledger = Ledger::open(opts).unwrap();
+    append(&ledger, "a", &["fw"]).await;
+    append(&ledger, "b", &["fw", "siem"]).await;
+    let refused = ledger.append(event("c", now_ms()), plugins(&["fw"])).await;
+    match refused {
+        Err(LedgerError::Backpressure {
+            resource: Resource::Backlog,
+            current: 3,
+            limit: 3,
+            retry_after,
+        }) => assert!(retry_after > Duration::ZERO),
+        other => panic!("expected backpressure, got {other:?}"),
+    }
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    complete_all(&ledger, "fw", &batch, Outcome::Done).await;
+    assert_eq!(ledger.total_pending(), 1);
+    append(&ledger, "c", &["fw"]).await;
+}
+
+#[tokio::test]
+async fn appends_are_refused_once_the_file_reaches_its_size_limit_until_prune_frees_room() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.max_file_bytes = 4 << 20;
+    opts.retention = Duration::ZERO;
+    let ledger = Ledger::open(opts).unwrap();
+    let body = "x".repeat(64 << 10);
+    let bulky = |n: u64| NewEvent {
+        body: body.clone(),
+        ..event(&format!("vm-{n}"), now_ms())
+    };
+    let mut accepted = 0u64;
+    let refusal = loop {
+        match ledger.append(bulky(accepted), plugins(&["fw"])).await {
+            Ok(_) => accepted += 1,
+            Err(error) => break error,
+        }
+        assert!(accepted < 1000, "never refused");
+    };
+    assert!(
+        matches!(
+            refusal,
+            LedgerError::Backpressure {
+                resource: Resource::FileSize,
+                ..
+            }
+        ),
+        "{refusal:?}"
+    );
+    // redb doubles the file as it grows, so refusal may come when the data fills half of it.
+    assert!(
+        accepted * (64 << 10) >= 1 << 20,
+        "refused too early: {accepted}"
+    );
+    assert!(ledger.file_bytes() >= 4 << 20);
+
+    while !ledger.claim("fw", 256).await.unwrap().is_empty() {}
+    let in_flight: Vec<u64> = (1..=accepted).collect();
+    let results = in_flight.iter().map(|&id| (id, Outcome::Done)).collect();
+    ledger.complete("fw", results).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert_eq!(ledger.prune().await.unwrap(), accepted);
+    assert!(ledger.file_bytes() < 4 << 20, "{}", ledger.file_bytes());
+    ledger.append(bulky(0), plugins(&["fw"])).await.unwrap();
+}
+
+#[tokio::test]
+async fn prune_removes_only_old_events_whose_deliveries_are_all_done() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retention = Duration::from_secs(3600);
+    let ledger = Ledger::open(opts).unwrap();
+    let old = now_ms() - 2 * 3600 * 1000;
+    let delivered = append_at(&ledger, "a", old, &["fw"]).await;
+    let half_delivered = append_at(&ledger, "b", old + 1, &["fw", "siem"]).await;
+    let dead = append_at(&ledger, "c", old + 2, &["fw"]).await;
+    let unsubscribed = append_at(&ledger, "d", old + 3, &[]).await;
+    let pending = append_at(&ledger, "e", old + 4, &["siem"]).await;
+    let recent = append(&ledger, "f", &["fw"]).await;
+
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&batch), [delivered, half_delivered, dead, recent]);
+    let results = batch
+        .iter()
+        .map(|d| {
+            let outcome = if d.event.id == dead {
+                Outcome::Reject {
+                    reason: "no".into(),
+                }
+            } else {
+                Outcome::Done
+            };
+            (d.event.id, outcome)
+        })
+        .collect();
+    ledger.complete("fw", results).await.unwrap();
+
+    assert_eq!(
+        ledger.prune().await.unwrap(),
+        2,
+        "delivered and unsubscribed"
+    );
+    assert_eq!(ledger.prune().await.unwrap(), 0);
+
+    // What is left is exactly what a new plugin can still be given.
+    assert_eq!(ledger.replay_since("audit", 0, None).await.unwrap(), 4);
+    let left = ids(&ledger.claim("audit", 10).await.unwrap());
+    assert_eq!(left, [half_delivered, dead, pending, recent]);
+    assert!(!left.contains(&unsubscribed));
+    // The survivors are intact and still deliverable.
+    assert_eq!(
+        ids(&ledger.claim("siem", 10).await.unwrap()),
+        [half_delivered, pending]
+    );
+    assert_eq!(ledger.dead_letters(None, 10).unwrap()[0].event.id, dead);
+}
+
+#[tokio::test]
+async fn prune_forgets_dedupe_keys_older_than_the_window() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let old = now_ms() - 20 * MINUTE_MS;
+    let keyed = |at: u64| NewEvent {
+        dedupe_key: Some("k".into()),
+        ..event("vm-1", at)
+    };
+    ledger.append(keyed(old), plugins(&[])).await.unwrap();
+    ledger.prune().await.unwrap();
+    // With the key gone, an old-stamped copy is new again (the window check alone would say
+    // duplicate: 0 ms apart).
+    let again = ledger.append(keyed(old), plugins(&[])).await.unwrap();
+    assert!(matches!(again, Appended::Stored { .. }), "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_appends_share_far_fewer_commits() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let before = ledger.commits();
+    let appends = (0..1000).map(|n| {
+        let ledger = ledger.clone();
+        async move { append(&ledger, &format!("vm-{}", n % 50), &["fw", "siem"]).await }
+    });
+    let mut stored = futures_join_all(appends).await;
+    let commits = ledger.commits() - before;
+    stored.sort_unstable();
+    stored.dedup();
+    assert_eq!(stored.len(), 1000);
+    assert!(commits < 100, "{commits} commits for 1000 appends");
+    assert_eq!(ledger.total_pending(), 2000);
+    drop(ledger);
+    assert_eq!(open(&dir).total_pending(), 2000);
+}
+
+#[tokio::test]
+async fn release_returns_deliveries_without_counting_an_attempt() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let a = append(&ledger, "a", &["fw"]).await;
+    let b = append(&ledger, "a", &["fw"]).await;
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    ledger.release("fw", &ids(&batch)).await.unwrap();
+    let again = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&again), [a, b]);
+    assert!(again.iter().all(|d| d.attempt == 1));
+}
+
+#[tokio::test]
+async fn a_claim_abandoned_before_it_returns_leaves_nothing_in_flight() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let a = append(&ledger, "a", &["fw"]).await;
+    {
+        let mut claim = Box::pin(ledger.claim("fw", 10));
+        let first = claim.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        assert!(
+            matches!(first, Poll::Pending),
+            "the events are read off the runtime"
+        );
+        assert_eq!(backlog_of(&ledger, "fw").in_flight, 1);
+    } // dropped, as by a `select!` that took another branch
+    assert_eq!(backlog_of(&ledger, "fw").in_flight, 0);
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [a]);
+}
+
+#[tokio::test]
+async fn outcomes_for_deliveries_not_in_flight_are_ignored() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let a = append(&ledger, "a", &["fw"]).await;
+    ledger
+        .complete("fw", vec![(a, Outcome::Done)])
+        .await
+        .unwrap();
+    ledger
+        .complete("fw", vec![(999, Outcome::Done)])
+        .await
+        .unwrap();
+    assert_eq!(ledger.total_pending(), 1);
+    assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [a]);
+}
+
+#[tokio::test]
+async fn the_notifier_wakes_the_plugin_an_append_is_for() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let fw = ledger.notifier("fw");
+    let siem = ledger.notifier("siem");
+    assert_eq!(ledger.next_due("fw"), None);
+    append(&ledger, "a", &["fw"]).await;
+    tokio::time::timeout(Duration::from_secs(1), fw.notified())
+        .await
+        .expect("fw is woken");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), siem.notified())
+            .await
+            .is_err()
+    );
+    assert!(ledger.next_due("fw").unwrap() <= Instant::now());
+}
+
+#[tokio::test]
+async fn after_close_other_handles_get_closed_errors_and_the_file_reopens() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let other = ledger.clone();
+    append(&ledger, "a", &["fw"]).await;
+    ledger.close().await.unwrap();
+    let refused = other.append(event("b", now_ms()), plugins(&["fw"])).await;
+    assert!(matches!(refused, Err(LedgerError::Closed)), "{refused:?}");
+    drop(other);
+    assert_eq!(open(&dir).total_pending(), 1);
+}
+
+#[tokio::test]
+async fn backlog_reports_each_plugins_counts() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.initial = Duration::from_secs(60);
+    let ledger = Ledger::open(opts).unwrap();
+    let t = now_ms() - MINUTE_MS;
+    for (n, entity) in ["a", "b", "c", "d"].iter().enumerate() {
+        append_at(&ledger, entity, t + n as u64, &["fw"]).await;
+    }
+    let batch = ledger.claim("fw", 3).await.unwrap();
+    let results = vec![
+        (batch[0].event.id, Outcome::Done),
+        (batch[1].event.id, retry("busy")),
+    ];
+    ledger.complete("fw", results).await.unwrap();
+    assert_eq!(
+        ledger.backlog().unwrap(),
+        vec![PluginBacklog {
+            plugin: "fw".into(),
+            pending: 2,
+            in_flight: 1,
+            retrying: 1,
+            dead: 0,
+            delivered: 1,
+            oldest_pending_ms: Some(t + 1),
+        }]
+    );
+    drop(ledger);
+    let reopened = open(&dir).backlog().unwrap();
+    assert_eq!((reopened[0].pending, reopened[0].delivered), (3, 1));
+}

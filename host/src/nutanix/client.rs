@@ -1,0 +1,1290 @@
+//! The client of Prism's v3 REST API: the webhook calls registration needs
+//! and the VM inventory reconciling needs.
+//!
+//! Choices, and why:
+//!
+//! - **Errors name the cluster, the call and Prism's own words.** Prism
+//!   answers errors as `{message_list: [{message, reason}]}`, except a 401,
+//!   which has an HTML body; both become one readable reason. An operator
+//!   with several clusters must see at once which one refuses what.
+//! - **The password goes only into the `Authorization` header.** It is never
+//!   part of a URL, a log field, an error or a `Debug` output, and any text
+//!   echoed back by a server is scrubbed of it.
+//! - **TLS is explicit.** Prism ships a self-signed certificate, so besides
+//!   the public roots a cluster can be trusted through a CA file or by
+//!   pinning its exact certificate; turning verification off is a separate,
+//!   named mode.
+//! - **Every call is bounded** (connect 5 s, whole request 30 s) and every
+//!   list is paged to the end, because a client that hangs or stops at the
+//!   first page silently breaks registration and reconciling.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderValue, ACCEPT};
+use reqwest::{Method, StatusCode};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
+use serde_json::{json, Value};
+use url::Url;
+
+use super::payload::{parse_vm, Vm};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const API_SEGMENTS: [&str; 3] = ["api", "nutanix", "v3"];
+const API_VERSION: &str = "3.1";
+const WEBHOOK_PAGE: u64 = 100;
+/// The largest page Prism's v3 list calls accept.
+const VM_PAGE: u64 = 500;
+const POLL_FIRST: Duration = Duration::from_millis(50);
+const POLL_MAX: Duration = Duration::from_secs(2);
+
+/// Where a cluster is and how to talk to it.
+#[derive(Clone)]
+pub struct ClusterEndpoint {
+    /// The cluster's name in prismhook's configuration; every error carries
+    /// it.
+    pub name: String,
+    /// `https://host:9440`; a path of `/api/nutanix/v3` may be included.
+    pub base_url: String,
+    pub username: String,
+    pub password: String,
+    pub tls: TlsMode,
+}
+
+impl fmt::Debug for ClusterEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterEndpoint")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// How Prism's certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// The public web roots bundled with the client.
+    System,
+    /// Only the CA certificates in this PEM (or DER) file.
+    CaFile(PathBuf),
+    /// Exactly this certificate (PEM or DER), whatever its issuer, names or
+    /// dates: the pin is the whole trust decision, which suits Prism's
+    /// self-signed certificates, often issued for an IP no one connects to.
+    PinnedCert(PathBuf),
+    /// No verification at all; for labs only.
+    Insecure,
+}
+
+/// A webhook as prismhook wants it registered.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSpec {
+    pub name: String,
+    pub description: String,
+    pub post_url: String,
+    pub events: Vec<String>,
+    /// `(username, password)` Prism sends to `post_url`.
+    pub credentials: Option<(String, String)>,
+}
+
+impl fmt::Debug for WebhookSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSpec")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("post_url", &self.post_url)
+            .field("events", &self.events)
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|(user, _)| (user, "<redacted>")),
+            )
+            .finish()
+    }
+}
+
+/// A webhook as Prism reports it. Prism never returns the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub uuid: String,
+    pub name: String,
+    pub post_url: String,
+    pub events: Vec<String>,
+    pub spec_version: u64,
+    /// `PENDING`, `COMPLETE`, `ERROR`, ... (older `kComplete` normalised).
+    pub state: String,
+    pub username: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrismError {
+    #[error("prism cluster `{cluster}`: {reason}")]
+    Config { cluster: String, reason: String },
+    #[error("prism cluster `{cluster}`: {method} {path}: request to {host} failed: {reason}")]
+    Transport {
+        cluster: String,
+        method: String,
+        path: String,
+        host: String,
+        reason: String,
+    },
+    #[error("prism cluster `{cluster}`: {method} {path} failed: {reason}")]
+    Api {
+        cluster: String,
+        method: String,
+        path: String,
+        status: u16,
+        reason: String,
+    },
+    #[error("prism cluster `{cluster}`: {method} {path}: unexpected answer: {reason}")]
+    BadAnswer {
+        cluster: String,
+        method: String,
+        path: String,
+        reason: String,
+    },
+    #[error("prism cluster `{cluster}`: webhook {uuid} is still {state} after {waited:?}")]
+    NotComplete {
+        cluster: String,
+        uuid: String,
+        state: String,
+        waited: Duration,
+    },
+    #[error("prism cluster `{cluster}`: webhook {uuid} ended in state {state}: {reason}")]
+    Failed {
+        cluster: String,
+        uuid: String,
+        state: String,
+        reason: String,
+    },
+}
+
+impl PrismError {
+    /// The HTTP status of an error answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            PrismError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn is_unauthorized(&self) -> bool {
+        self.status() == Some(401)
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    /// A stale `spec_version`: read the webhook again and retry.
+    pub fn is_conflict(&self) -> bool {
+        self.status() == Some(409)
+    }
+}
+
+/// A client of one cluster; cheap to clone.
+#[derive(Clone)]
+pub struct PrismClient {
+    cluster: String,
+    api: Url,
+    /// `host:port`, for errors.
+    host: String,
+    username: String,
+    password: String,
+    http: reqwest::Client,
+}
+
+impl fmt::Debug for PrismClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrismClient")
+            .field("cluster", &self.cluster)
+            .field("api", &self.api.as_str())
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrismClient {
+    /// Check the endpoint and load its TLS material; no request is made.
+    pub fn new(endpoint: ClusterEndpoint) -> Result<PrismClient, PrismError> {
+        let ClusterEndpoint {
+            name,
+            base_url,
+            username,
+            password,
+            tls,
+        } = endpoint;
+        let config = |reason: String| PrismError::Config {
+            cluster: name.clone(),
+            reason,
+        };
+        let shown = redact_userinfo(&base_url);
+        let mut api = Url::parse(&base_url)
+            .map_err(|e| config(format!("base URL `{shown}` is not a URL: {e}")))?;
+        if !api.username().is_empty() || api.password().is_some() {
+            // Not echoed: the URL itself holds the secret.
+            return Err(config(
+                "the base URL must not carry credentials; set username and password instead"
+                    .to_owned(),
+            ));
+        }
+        if !matches!(api.scheme(), "https" | "http") {
+            return Err(config(format!(
+                "base URL `{shown}` must be https://host:9440"
+            )));
+        }
+        let host = match (api.host_str(), api.port_or_known_default()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => return Err(config(format!("base URL `{shown}` has no host"))),
+        };
+        if api.scheme() == "http" && !is_loopback(&api) {
+            tracing::warn!(
+                cluster = %name,
+                %host,
+                "Prism is reached over plain HTTP: its password crosses the network unencrypted"
+            );
+        }
+        api.set_query(None);
+        api.set_fragment(None);
+        // A prefix (a reverse proxy's) is kept; the API path is added once.
+        let mut segments: Vec<String> = api
+            .path_segments()
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if !segments.ends_with(&API_SEGMENTS.map(str::to_owned)) {
+            segments.extend(API_SEGMENTS.map(str::to_owned));
+        }
+        api.path_segments_mut()
+            .map_err(|()| config(format!("base URL `{shown}` cannot take a path")))?
+            .clear()
+            .extend(&segments);
+        let builder = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")));
+        let http = with_tls(builder, &tls)
+            .map_err(config)?
+            .build()
+            .map_err(|e| config(format!("cannot build the HTTP client: {}", chain(&e))))?;
+        Ok(PrismClient {
+            cluster: name,
+            api,
+            host,
+            username,
+            password,
+            http,
+        })
+    }
+
+    /// The cluster's name as configured.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// `GET /users/me`: proves the address, certificate and credentials;
+    /// returns the user's name as Prism knows it.
+    pub async fn auth_check(&self) -> Result<String, PrismError> {
+        let me = self.call(Method::GET, &["users", "me"], None).await?;
+        Ok(str_at(&me, "/status/name")
+            .or_else(|| str_at(&me, "/status/resources/display_name"))
+            .unwrap_or(&self.username)
+            .to_owned())
+    }
+
+    /// Every webhook on the cluster, whoever made it.
+    pub async fn list_webhooks(&self) -> Result<Vec<Webhook>, PrismError> {
+        let entities = self.list_all("webhooks", "webhook", WEBHOOK_PAGE).await?;
+        let mut hooks = Vec::with_capacity(entities.len());
+        for entity in &entities {
+            match parse_webhook(entity) {
+                Some(h) => hooks.push(h),
+                None => tracing::warn!(
+                    cluster = %self.cluster,
+                    "webhook without a uuid in the list answer skipped"
+                ),
+            }
+        }
+        Ok(hooks)
+    }
+
+    pub async fn get_webhook(&self, uuid: &str) -> Result<Webhook, PrismError> {
+        let intent = self.call(Method::GET, &["webhooks", uuid], None).await?;
+        self.webhook_from(&intent, Method::GET, uuid)
+    }
+
+    /// `POST /webhooks`; returns the new uuid. The webhook is `PENDING` until
+    /// [`PrismClient::wait_complete`] sees it `COMPLETE`. Prism makes a new
+    /// webhook for every create, even an identical one: list first.
+    pub async fn create_webhook(&self, spec: &WebhookSpec) -> Result<String, PrismError> {
+        let body = webhook_body(spec, json!({ "kind": "webhook" }));
+        let answer = self.call(Method::POST, &["webhooks"], Some(&body)).await?;
+        str_at(&answer, "/metadata/uuid")
+            .map(str::to_owned)
+            .ok_or_else(|| self.bad_answer(Method::POST, &["webhooks"], "no `metadata.uuid`"))
+    }
+
+    /// `PUT /webhooks/{uuid}` with the `spec_version` last read; a stale one
+    /// fails with [`PrismError::is_conflict`]. The spec is replaced whole,
+    /// so the credentials must be given again.
+    pub async fn update_webhook(
+        &self,
+        uuid: &str,
+        spec_version: u64,
+        spec: &WebhookSpec,
+    ) -> Result<(), PrismError> {
+        let metadata = json!({ "kind": "webhook", "uuid": uuid, "spec_version": spec_version });
+        let body = webhook_body(spec, metadata);
+        self.call(Method::PUT, &["webhooks", uuid], Some(&body))
+            .await
+            .map(drop)
+    }
+
+    pub async fn delete_webhook(&self, uuid: &str) -> Result<(), PrismError> {
+        self.call(Method::DELETE, &["webhooks", uuid], None)
+            .await
+            .map(drop)
+    }
+
+    /// Poll the webhook, backing off from 50 ms to 2 s, until it is
+    /// `COMPLETE` (returned), in an error state, or `timeout` has passed.
+    pub async fn wait_complete(
+        &self,
+        uuid: &str,
+        timeout: Duration,
+    ) -> Result<Webhook, PrismError> {
+        let started = Instant::now();
+        let mut pause = POLL_FIRST;
+        loop {
+            let intent = self.call(Method::GET, &["webhooks", uuid], None).await?;
+            let hook = self.webhook_from(&intent, Method::GET, uuid)?;
+            match hook.state.as_str() {
+                "COMPLETE" => return Ok(hook),
+                "ERROR" | "FAILED" => {
+                    let reason = intent
+                        .pointer("/status/message_list")
+                        .and_then(messages)
+                        .unwrap_or_else(|| "no message".to_owned());
+                    return Err(PrismError::Failed {
+                        cluster: self.cluster.clone(),
+                        uuid: uuid.to_owned(),
+                        state: hook.state,
+                        reason: self.scrub(reason),
+                    });
+                }
+                _ => {}
+            }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(PrismError::NotComplete {
+                    cluster: self.cluster.clone(),
+                    uuid: uuid.to_owned(),
+                    state: hook.state,
+                    waited,
+                });
+            }
+            tokio::time::sleep(pause.min(timeout - waited)).await;
+            pause = (pause * 2).min(POLL_MAX);
+        }
+    }
+
+    /// Every VM intent, paged by 500.
+    pub async fn list_vms(&self) -> Result<Vec<Value>, PrismError> {
+        self.list_all("vms", "vm", VM_PAGE).await
+    }
+
+    /// [`PrismClient::list_vms`] read by the notification parser, so events
+    /// and reconciles see a VM the same way.
+    pub async fn list_vm_models(&self) -> Result<Vec<Vm>, PrismError> {
+        let intents = self.list_vms().await?;
+        let total = intents.len();
+        let vms: Vec<Vm> = intents.iter().filter_map(parse_vm).collect();
+        if vms.len() < total {
+            tracing::warn!(
+                cluster = %self.cluster,
+                skipped = total - vms.len(),
+                "VM intents without a uuid skipped"
+            );
+        }
+        Ok(vms)
+    }
+
+    /// `POST /{collection}/list` from offset 0 until `total_matches` is
+    /// reached (or, without it, a short page).
+    async fn list_all(
+        &self,
+        collection: &str,
+        kind: &str,
+        page: u64,
+    ) -> Result<Vec<Value>, PrismError> {
+        let segments = [collection, "list"];
+        let mut out = Vec::new();
+        loop {
+            let offset = out.len() as u64;
+            let body = json!({ "kind": kind, "offset": offset, "length": page });
+            let mut answer = self.call(Method::POST, &segments, Some(&body)).await?;
+            // Prism leaves `entities` out when there are none.
+            let entities = match answer.get_mut("entities").map(Value::take) {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(list)) => list,
+                Some(_) => {
+                    return Err(self.bad_answer(
+                        Method::POST,
+                        &segments,
+                        "`entities` is not a list",
+                    ))
+                }
+            };
+            let got = entities.len() as u64;
+            out.extend(entities);
+            let total = answer
+                .pointer("/metadata/total_matches")
+                .and_then(Value::as_u64);
+            let done = match total {
+                _ if got == 0 => true,
+                Some(total) => out.len() as u64 >= total,
+                None => got < page,
+            };
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn webhook_from(
+        &self,
+        intent: &Value,
+        method: Method,
+        uuid: &str,
+    ) -> Result<Webhook, PrismError> {
+        parse_webhook(intent)
+            .ok_or_else(|| self.bad_answer(method, &["webhooks", uuid], "no `metadata.uuid`"))
+    }
+
+    /// One v3 call; a 2xx answer's JSON body (null when empty), or an error
+    /// that says who failed and why.
+    async fn call(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+    ) -> Result<Value, PrismError> {
+        let mut url = self.api.clone();
+        url.path_segments_mut()
+            .expect("checked in new: the base URL takes a path")
+            .extend(segments);
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .basic_auth(&self.username, Some(&self.password))
+            .header(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let started = Instant::now();
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.transport(&method, segments, e))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport(&method, segments, e))?;
+        tracing::debug!(
+            cluster = %self.cluster,
+            method = %method,
+            path = %display_path(segments),
+            status = status.as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "prism call"
+        );
+        if !status.is_success() {
+            return Err(PrismError::Api {
+                cluster: self.cluster.clone(),
+                method: method.to_string(),
+                path: display_path(segments),
+                status: status.as_u16(),
+                reason: self.scrub(error_reason(status, &bytes)),
+            });
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| self.bad_answer(method, segments, &format!("body is not JSON: {e}")))
+    }
+
+    fn transport(&self, method: &Method, segments: &[&str], e: reqwest::Error) -> PrismError {
+        let reason = if e.is_timeout() && e.is_connect() {
+            format!("no connection within {CONNECT_TIMEOUT:?}")
+        } else if e.is_timeout() {
+            format!("no answer within {REQUEST_TIMEOUT:?}")
+        } else {
+            chain(&e.without_url())
+        };
+        PrismError::Transport {
+            cluster: self.cluster.clone(),
+            method: method.to_string(),
+            path: display_path(segments),
+            host: self.host.clone(),
+            reason: self.scrub(reason),
+        }
+    }
+
+    fn bad_answer(&self, method: Method, segments: &[&str], reason: &str) -> PrismError {
+        PrismError::BadAnswer {
+            cluster: self.cluster.clone(),
+            method: method.to_string(),
+            path: display_path(segments),
+            reason: self.scrub(reason.to_owned()),
+        }
+    }
+
+    /// Servers and libraries sometimes echo what they were sent.
+    fn scrub(&self, text: String) -> String {
+        if self.password.is_empty() || !text.contains(&self.password) {
+            text
+        } else {
+            text.replace(&self.password, "<redacted>")
+        }
+    }
+}
+
+/// `scheme://user:pass@host` shown as `scheme://<redacted>@host`, for a URL
+/// too broken to parse.
+fn redact_userinfo(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://<redacted>@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    }
+}
+
+fn webhook_body(spec: &WebhookSpec, metadata: Value) -> Value {
+    let mut resources = json!({
+        "post_url": spec.post_url,
+        "events_filter_list": spec.events,
+    });
+    if let Some((username, password)) = &spec.credentials {
+        resources["credentials"] = json!({ "username": username, "password": password });
+    }
+    json!({
+        "api_version": API_VERSION,
+        "metadata": metadata,
+        "spec": {
+            "name": spec.name,
+            "description": spec.description,
+            "resources": resources,
+        },
+    })
+}
+
+/// Spec first (what was asked), status as the fallback: a `PENDING` intent
+/// may have no status resources yet.
+fn parse_webhook(intent: &Value) -> Option<Webhook> {
+    let uuid = str_at(intent, "/metadata/uuid")?.to_owned();
+    let either = |path: &str| {
+        str_at(intent, &format!("/spec{path}"))
+            .or_else(|| str_at(intent, &format!("/status{path}")))
+    };
+    let events = [
+        "/spec/resources/events_filter_list",
+        "/status/resources/events_filter_list",
+    ]
+    .iter()
+    .find_map(|p| intent.pointer(p).and_then(Value::as_array))
+    .map(|list| {
+        list.iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default();
+    let spec_version = match intent.pointer("/metadata/spec_version") {
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    };
+    Some(Webhook {
+        uuid,
+        name: either("/name").unwrap_or_default().to_owned(),
+        post_url: either("/resources/post_url").unwrap_or_default().to_owned(),
+        events,
+        spec_version,
+        state: normalise_state(str_at(intent, "/status/state").unwrap_or("UNKNOWN")),
+        username: either("/resources/credentials/username").map(str::to_owned),
+    })
+}
+
+/// `kComplete` (older AOS) and `COMPLETE` are the same state.
+fn normalise_state(state: &str) -> String {
+    let bare = match state.strip_prefix('k') {
+        Some(rest) if rest.starts_with(|c: char| c.is_ascii_uppercase()) => rest,
+        _ => state,
+    };
+    bare.to_ascii_uppercase()
+}
+
+/// The reason of an error answer: Prism's messages when the body is its JSON
+/// error, a fixed text for the HTML 401, the status line otherwise.
+fn error_reason(status: StatusCode, body: &[u8]) -> String {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let from_json = parsed.as_ref().and_then(|v| {
+        v.get("message_list")
+            .and_then(messages)
+            .or_else(|| str_at(v, "/message").map(str::to_owned))
+    });
+    match from_json {
+        Some(text) => format!("{text} ({})", status.as_u16()),
+        None if status == StatusCode::UNAUTHORIZED => "authentication failed (401)".to_owned(),
+        None => format!("answered {status}"),
+    }
+}
+
+/// `message_list: [{message, reason}]` as one line.
+fn messages(list: &Value) -> Option<String> {
+    let parts: Vec<String> = list
+        .as_array()?
+        .iter()
+        .filter_map(|m| match (str_at(m, "/message"), str_at(m, "/reason")) {
+            (Some(message), Some(reason)) if !message.contains(reason) => {
+                Some(format!("{reason}: {message}"))
+            }
+            (Some(message), _) => Some(message.to_owned()),
+            (None, Some(reason)) => Some(reason.to_owned()),
+            (None, None) => None,
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+fn display_path(segments: &[&str]) -> String {
+    segments.iter().fold(String::new(), |mut path, s| {
+        path.push('/');
+        path.push_str(s);
+        path
+    })
+}
+
+fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+// --- TLS ---------------------------------------------------------------------
+
+fn with_tls(
+    builder: reqwest::ClientBuilder,
+    tls: &TlsMode,
+) -> Result<reqwest::ClientBuilder, String> {
+    Ok(match tls {
+        TlsMode::System => builder,
+        TlsMode::CaFile(path) => {
+            let bytes = read(path, "CA file")?;
+            let certs = if looks_like_pem(&bytes) {
+                reqwest::Certificate::from_pem_bundle(&bytes)
+            } else {
+                reqwest::Certificate::from_der(&bytes).map(|c| vec![c])
+            }
+            .map_err(|e| format!("CA file {}: {}", path.display(), chain(&e)))?;
+            if certs.is_empty() {
+                return Err(format!("CA file {}: no certificate in it", path.display()));
+            }
+            certs
+                .into_iter()
+                .fold(builder.tls_built_in_root_certs(false), |b, cert| {
+                    b.add_root_certificate(cert)
+                })
+        }
+        TlsMode::PinnedCert(path) => {
+            let bytes = read(path, "pinned certificate")?;
+            let pinned = if looks_like_pem(&bytes) {
+                CertificateDer::from_pem_slice(&bytes).map_err(|e| {
+                    format!(
+                        "pinned certificate {}: no PEM certificate: {e}",
+                        path.display()
+                    )
+                })?
+            } else {
+                CertificateDer::from(bytes)
+            };
+            builder.use_preconfigured_tls(pinned_tls(pinned))
+        }
+        TlsMode::Insecure => builder.danger_accept_invalid_certs(true),
+    })
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+fn looks_like_pem(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|w| w == b"-----BEGIN ")
+}
+
+/// A rustls configuration that trusts one certificate and nothing else.
+fn pinned_tls(pinned: CertificateDer<'static>) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedCertVerifier {
+        pinned,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    // The client speaks HTTP/1.1 only; reqwest sets this itself for the
+    // configurations it builds, but not for a preconfigured one.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+/// Accepts the server when its end-entity certificate is byte for byte the
+/// pinned one. The handshake signatures are still verified against that
+/// certificate's key, so a server that merely replays the certificate
+/// without its private key is refused.
+#[derive(Debug)]
+struct PinnedCertVerifier {
+    pinned: CertificateDer<'static>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+struct NotThePinnedCertificate;
+
+impl fmt::Display for NotThePinnedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the server's certificate is not the pinned one")
+    }
+}
+
+// rustls shows this error with `{:?}`: make that readable too.
+impl fmt::Debug for NotThePinnedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for NotThePinnedCertificate {}
+
+impl ServerCertVerifier for PinnedCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.pinned.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(NotThePinnedCertificate)),
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prismhook_sim::prism::{NewVm, PrismConfig, PrismFaults, PrismSim};
+
+    const PASSWORD: &str = "nutanix/4u";
+
+    async fn sim() -> PrismSim {
+        PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
+            .await
+            .unwrap()
+    }
+
+    fn endpoint(base_url: String, password: &str) -> ClusterEndpoint {
+        ClusterEndpoint {
+            name: "lab".to_owned(),
+            base_url,
+            username: "admin".to_owned(),
+            password: password.to_owned(),
+            tls: TlsMode::System,
+        }
+    }
+
+    fn client(sim: &PrismSim) -> PrismClient {
+        PrismClient::new(endpoint(sim.base_url(), PASSWORD)).unwrap()
+    }
+
+    fn spec(name: &str, events: &[&str]) -> WebhookSpec {
+        WebhookSpec {
+            name: name.to_owned(),
+            description: "managed by prismhook".to_owned(),
+            post_url: "http://127.0.0.1:1/hook".to_owned(),
+            events: events.iter().map(|e| e.to_string()).collect(),
+            credentials: Some(("hook-user".to_owned(), "hook-secret".to_owned())),
+        }
+    }
+
+    #[tokio::test]
+    async fn auth_check_answers_the_user_name() {
+        let sim = sim().await;
+        assert_eq!(client(&sim).auth_check().await.unwrap(), "admin");
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_is_an_authentication_failure_that_does_not_leak_it() {
+        let sim = sim().await;
+        let secret = "wrong-but-secret";
+        let c = PrismClient::new(endpoint(sim.base_url(), secret)).unwrap();
+        let err = c.auth_check().await.unwrap_err();
+        assert!(err.is_unauthorized());
+        assert_eq!(
+            err.to_string(),
+            "prism cluster `lab`: GET /users/me failed: authentication failed (401)"
+        );
+        assert!(!format!("{err:?}{c:?}").contains(secret));
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_webhook_goes_through_create_wait_update_and_delete() {
+        let sim = sim().await;
+        let c = client(&sim);
+        assert!(c.list_webhooks().await.unwrap().is_empty());
+
+        let uuid = c.create_webhook(&spec("ours", &["VM.ON"])).await.unwrap();
+        let pending = c.get_webhook(&uuid).await.unwrap();
+        assert_eq!(pending.state, "PENDING");
+        let done = c
+            .wait_complete(&uuid, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(done.state, "COMPLETE");
+        assert_eq!(
+            (
+                done.name.as_str(),
+                done.post_url.as_str(),
+                done.spec_version
+            ),
+            ("ours", "http://127.0.0.1:1/hook", 0)
+        );
+        assert_eq!(done.events, ["VM.ON"]);
+        assert_eq!(done.username.as_deref(), Some("hook-user"));
+        let registered = &sim.webhooks()[0];
+        let creds = registered.credentials.as_ref().unwrap();
+        assert_eq!(creds.password, "hook-secret");
+
+        let wider = spec("ours", &["VM.ON", "VM.OFF"]);
+        c.update_webhook(&uuid, 0, &wider).await.unwrap();
+        let updated = c
+            .wait_complete(&uuid, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(updated.spec_version, 1);
+        assert_eq!(updated.events, ["VM.ON", "VM.OFF"]);
+
+        let stale = c.update_webhook(&uuid, 0, &wider).await.unwrap_err();
+        assert!(stale.is_conflict(), "{stale}");
+        let text = stale.to_string();
+        assert!(text.starts_with(&format!(
+            "prism cluster `lab`: PUT /webhooks/{uuid} failed: "
+        )));
+        assert!(
+            text.contains("spec_version mismatch") && text.ends_with("(409)"),
+            "{text}"
+        );
+
+        c.delete_webhook(&uuid).await.unwrap();
+        let gone = c.get_webhook(&uuid).await.unwrap_err();
+        assert!(gone.is_not_found());
+        assert!(gone.to_string().contains("does not exist"), "{gone}");
+        assert!(c.list_webhooks().await.unwrap().is_empty());
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn wait_complete_gives_up_after_its_timeout() {
+        let sim = PrismSim::start(
+            "127.0.0.1:0".parse().unwrap(),
+            PrismConfig {
+                pending_ms: 60_000,
+                ..PrismConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let c = client(&sim);
+        let uuid = c.create_webhook(&spec("slow", &["VM.ON"])).await.unwrap();
+        let err = c
+            .wait_complete(&uuid, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PrismError::NotComplete { ref state, .. } if state == "PENDING"));
+        assert!(err.to_string().contains(&uuid));
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn lists_are_read_to_the_last_page() {
+        let sim = sim().await;
+        let c = client(&sim);
+        for i in 0..(WEBHOOK_PAGE + 3) {
+            c.create_webhook(&spec(&format!("hook-{i:03}"), &["VM.ON"]))
+                .await
+                .unwrap();
+        }
+        let hooks = c.list_webhooks().await.unwrap();
+        assert_eq!(hooks.len() as u64, WEBHOOK_PAGE + 3);
+        assert_eq!(
+            hooks.last().unwrap().name,
+            format!("hook-{:03}", WEBHOOK_PAGE + 2)
+        );
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_vm_inventory_is_read_as_models() {
+        let sim = sim().await;
+        sim.create_vm(
+            NewVm::named("web-01")
+                .powered_on()
+                .category("AppTier", "Web")
+                .nic(["10.0.0.5"]),
+        )
+        .await
+        .unwrap();
+        sim.create_vm(NewVm::named("db-01")).await.unwrap();
+        let c = client(&sim);
+        let vms = c.list_vm_models().await.unwrap();
+        assert_eq!(vms.len(), 2);
+        let web = &vms[0];
+        assert_eq!(web.name.as_deref(), Some("web-01"));
+        assert_eq!(web.power_state.as_deref(), Some("ON"));
+        assert_eq!(web.categories, [("AppTier".to_owned(), "Web".to_owned())]);
+        assert_eq!(web.nics[0].ips, ["10.0.0.5"]);
+        assert_eq!(vms[1].power_state.as_deref(), Some("OFF"));
+
+        sim.set_faults(PrismFaults {
+            legacy_payloads: true,
+            ..PrismFaults::default()
+        });
+        let legacy = c.list_vm_models().await.unwrap();
+        assert_eq!(legacy[0].name.as_deref(), Some("web-01"));
+        assert_eq!(legacy[0].power_state.as_deref(), Some("ON"));
+        assert_eq!(legacy[0].nics, web.nics);
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_cluster_is_reported_with_its_status() {
+        let sim = sim().await;
+        sim.set_faults(PrismFaults {
+            unavailable: true,
+            ..PrismFaults::default()
+        });
+        let err = client(&sim).list_webhooks().await.unwrap_err();
+        assert_eq!(err.status(), Some(503));
+        assert_eq!(
+            err.to_string(),
+            "prism cluster `lab`: POST /webhooks/list failed: answered 503 Service Unavailable"
+        );
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cluster_is_named_with_its_host() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = dead.local_addr().unwrap();
+        drop(dead);
+        let c = PrismClient::new(endpoint(format!("http://{addr}"), PASSWORD)).unwrap();
+        let err = c.auth_check().await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, PrismError::Transport { .. }), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "prism cluster `lab`: GET /users/me: request to {addr} failed: "
+            )),
+            "{text}"
+        );
+        assert!(!text.contains(PASSWORD));
+    }
+
+    #[test]
+    fn bad_endpoints_are_refused_before_any_request() {
+        let err = |url: &str| {
+            PrismClient::new(endpoint(url.to_owned(), PASSWORD))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("prism:9440").contains("is not a URL")
+                || err("prism:9440").contains("must be https")
+        );
+        assert!(err("ftp://prism").contains("must be https://host:9440"));
+        let with_secret = err("https://admin:hunter2@prism:9440");
+        assert!(with_secret.contains("must not carry credentials"));
+        assert!(!with_secret.contains("hunter2"));
+        let broken = err("https://admin:hunter2@pri sm:9440");
+        assert!(
+            broken.contains("is not a URL") && !broken.contains("hunter2"),
+            "{broken}"
+        );
+        let missing = PrismClient::new(ClusterEndpoint {
+            tls: TlsMode::CaFile("/nonexistent/ca.pem".into()),
+            ..endpoint("https://prism:9440".to_owned(), PASSWORD)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            missing.starts_with("prism cluster `lab`: cannot read CA file /nonexistent/ca.pem"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn the_api_path_is_added_once() {
+        for base in [
+            "https://prism:9440",
+            "https://prism:9440/",
+            "https://prism:9440/api/nutanix/v3/",
+        ] {
+            let c = PrismClient::new(endpoint(base.to_owned(), PASSWORD)).unwrap();
+            assert_eq!(c.api.path(), "/api/nutanix/v3", "{base}");
+            assert_eq!(c.host, "prism:9440");
+        }
+        let proxied = PrismClient::new(endpoint("https://gw/lab/".to_owned(), PASSWORD)).unwrap();
+        assert_eq!(proxied.api.path(), "/lab/api/nutanix/v3");
+        assert_eq!(proxied.host, "gw:443");
+    }
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let e = endpoint("https://prism:9440".to_owned(), "s3cret-pw");
+        let s = spec("x", &["VM.ON"]);
+        let c = PrismClient::new(e.clone()).unwrap();
+        let all = format!("{e:?} {s:?} {c:?}");
+        assert!(
+            !all.contains("s3cret-pw") && !all.contains("hook-secret"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn error_answers_become_one_readable_reason() {
+        let not_found = br#"{"api_version":"3.1","code":404,"kind":"webhook","message_list":[{"message":"ENTITY_NOT_FOUND: webhook : x does not exist.","reason":"ENTITY_NOT_FOUND","details":{}}],"state":"ERROR"}"#;
+        assert_eq!(
+            error_reason(StatusCode::NOT_FOUND, not_found),
+            "ENTITY_NOT_FOUND: webhook : x does not exist. (404)"
+        );
+        let blank = br#"{"code":400,"message_list":[{"message":"This field may not be blank.","reason":"INVALID"}]}"#;
+        assert_eq!(
+            error_reason(StatusCode::BAD_REQUEST, blank),
+            "INVALID: This field may not be blank. (400)"
+        );
+        assert_eq!(
+            error_reason(StatusCode::UNAUTHORIZED, b"<html>401</html>"),
+            "authentication failed (401)"
+        );
+        assert_eq!(normalise_state("kComplete"), "COMPLETE");
+        assert_eq!(normalise_state("PENDING"), "PENDING");
+    }
+
+    mod tls {
+        //! Prism over TLS: a TLS front on loopback (tokio-rustls, with
+        //! certificates made by rcgen) relays to the plain-HTTP simulator.
+
+        use super::*;
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedKey, IsCa, KeyPair};
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use std::net::SocketAddr;
+
+        /// A certificate for `names`, signed by `issuer` or self-signed.
+        fn certificate(names: &[&str], issuer: Option<&CertifiedKey>) -> CertifiedKey {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let params = CertificateParams::new(names).unwrap();
+            let key_pair = KeyPair::generate().unwrap();
+            let cert = match issuer {
+                Some(ca) => params.signed_by(&key_pair, &ca.cert, &ca.key_pair).unwrap(),
+                None => params.self_signed(&key_pair).unwrap(),
+            };
+            CertifiedKey { cert, key_pair }
+        }
+
+        fn authority() -> CertifiedKey {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key_pair = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key_pair).unwrap();
+            CertifiedKey { cert, key_pair }
+        }
+
+        /// Serve TLS with `leaf` on a new port and relay to `upstream`.
+        async fn tls_front(upstream: SocketAddr, leaf: &CertifiedKey) -> SocketAddr {
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_pair.serialize_der()));
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.cert.der().clone()], key)
+            .unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                    });
+                }
+            });
+            addr
+        }
+
+        fn write(dir: &tempfile::TempDir, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+
+        async fn check(front: SocketAddr, tls: TlsMode) -> Result<String, PrismError> {
+            let c = PrismClient::new(ClusterEndpoint {
+                tls,
+                ..endpoint(format!("https://{front}"), PASSWORD)
+            })?;
+            c.auth_check().await
+        }
+
+        #[tokio::test]
+        async fn a_ca_file_trusts_servers_of_that_ca_only() {
+            let sim = sim().await;
+            let files = tempfile::tempdir().unwrap();
+            let ca = authority();
+            let front = tls_front(sim.addr(), &certificate(&["127.0.0.1"], Some(&ca))).await;
+            let ca_file = write(&files, "ca.pem", ca.cert.pem());
+            assert_eq!(
+                check(front, TlsMode::CaFile(ca_file)).await.unwrap(),
+                "admin"
+            );
+
+            let other = write(&files, "other.pem", authority().cert.pem());
+            let err = check(front, TlsMode::CaFile(other)).await.unwrap_err();
+            assert!(matches!(err, PrismError::Transport { .. }), "{err}");
+            assert!(err.to_string().contains("certificate"), "{err}");
+            sim.shutdown().await;
+        }
+
+        #[tokio::test]
+        async fn a_pinned_certificate_is_accepted_whatever_its_names_and_nothing_else_is() {
+            let sim = sim().await;
+            let files = tempfile::tempdir().unwrap();
+            // Issued for a name the client does not connect to, as Prism's
+            // self-signed certificates often are.
+            let leaf = certificate(&["prism.invalid"], None);
+            let front = tls_front(sim.addr(), &leaf).await;
+            let pem = write(&files, "pin.pem", leaf.cert.pem());
+            let der = write(&files, "pin.der", leaf.cert.der().as_ref());
+            assert_eq!(
+                check(front, TlsMode::PinnedCert(pem)).await.unwrap(),
+                "admin"
+            );
+            assert_eq!(
+                check(front, TlsMode::PinnedCert(der)).await.unwrap(),
+                "admin"
+            );
+
+            let stranger = write(
+                &files,
+                "stranger.pem",
+                certificate(&["prism.invalid"], None).cert.pem(),
+            );
+            let err = check(front, TlsMode::PinnedCert(stranger))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("not the pinned one"), "{err}");
+            sim.shutdown().await;
+        }
+
+        #[tokio::test]
+        async fn a_self_signed_server_is_refused_by_default_and_accepted_only_when_insecure() {
+            let sim = sim().await;
+            let front = tls_front(sim.addr(), &certificate(&["127.0.0.1"], None)).await;
+            let err = check(front, TlsMode::System).await.unwrap_err();
+            assert!(err.to_string().contains("certificate"), "{err}");
+            assert_eq!(check(front, TlsMode::Insecure).await.unwrap(), "admin");
+            sim.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! Keeps exactly one webhook per cluster registered for the union of the
+//! loaded plugins' subscriptions, and reconciles plugins with the cluster's
+//! inventory on a timer.
+//!
+//! One task per cluster owns both jobs, so a cluster that is down or refuses
+//! our credentials only delays itself: it is reported, retried with backoff,
+//! and never blocks another cluster.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::client::{ClusterEndpoint, PrismClient, TlsMode, Webhook, WebhookSpec};
+use crate::config::{ClusterConfig, Config};
+use crate::dispatch::{now_ms, to_wit_vm, Dispatcher};
+use crate::listener::ClusterAuth;
+use crate::registry::{matches, Registry};
+
+/// Event types Prism is known to send; subscriptions with patterns are
+/// expanded against this list for the webhook's `events_filter_list`.
+pub const KNOWN_EVENTS: &[&str] = &[
+    "VM.CREATE",
+    "VM.DELETE",
+    "VM.UPDATE",
+    "VM.ON",
+    "VM.OFF",
+    "VM.MIGRATE",
+    "VM.NIC_PLUG",
+    "VM.NIC_UNPLUG",
+    "SUBNET.CREATE",
+    "SUBNET.UPDATE",
+    "SUBNET.DELETE",
+];
+
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Even with nothing changed, check the webhook this often: someone may
+/// have deleted or edited it in Prism.
+const RECHECK: Duration = Duration::from_secs(300);
+const WAIT_COMPLETE: Duration = Duration::from_secs(30);
+
+/// The concrete event types to register for a set of subscriptions.
+pub fn expand(subscriptions: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in subscriptions {
+        if s.contains('*') {
+            out.extend(KNOWN_EVENTS.iter().filter(|e| matches(s, e)).map(|e| e.to_string()));
+        } else {
+            out.push(s.to_ascii_uppercase());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+pub fn generate_password() -> String {
+    let bytes: [u8; 24] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+/// What operators see of one cluster.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub prism_url: String,
+    pub webhook_uuid: Option<String>,
+    pub registered_events: Vec<String>,
+    pub registered: bool,
+    pub last_error: Option<String>,
+    pub last_sync_ms: Option<u64>,
+    pub last_reconcile_ms: Option<u64>,
+    pub last_reconcile: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Registrar {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    cluster: ClusterConfig,
+    auth: ClusterAuth,
+    client: PrismClient,
+    registry: Registry,
+    dispatcher: Dispatcher,
+    status: Mutex<ClusterStatus>,
+    stop: watch::Sender<bool>,
+    reconcile_now: tokio::sync::Notify,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Registrar {
+    pub fn start(
+        config: Arc<Config>,
+        cluster: ClusterConfig,
+        auth: ClusterAuth,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        _listener: SocketAddr,
+    ) -> anyhow::Result<Registrar> {
+        let client = client_for(&cluster)?;
+        let status = ClusterStatus {
+            name: cluster.name.clone(),
+            prism_url: cluster.prism_url.to_string(),
+            ..Default::default()
+        };
+        let r = Registrar {
+            inner: Arc::new(Inner {
+                config,
+                cluster,
+                auth,
+                client,
+                registry,
+                dispatcher,
+                status: Mutex::new(status),
+                stop: watch::channel(false).0,
+                reconcile_now: tokio::sync::Notify::new(),
+                tasks: Mutex::default(),
+            }),
+        };
+        let tasks = vec![tokio::spawn(r.clone().run_registration()), tokio::spawn(r.clone().run_reconcile())];
+        *r.inner.tasks.lock().expect("tasks lock") = tasks;
+        Ok(r)
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        self.inner.status.lock().expect("status lock").clone()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.cluster.name
+    }
+
+    pub fn stop(&self) {
+        self.inner.stop.send_replace(true);
+    }
+
+    /// Waits for the registration and reconcile tasks to end after
+    /// [`Registrar::stop`].
+    pub async fn join(&self) {
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    pub fn reconcile_now(&self) {
+        self.inner.reconcile_now.notify_one();
+    }
+
+    fn webhook_name(&self) -> String {
+        webhook_name(&self.inner.config, &self.inner.cluster.name)
+    }
+
+    async fn run_registration(self) {
+        let mut changes = self.inner.registry.watch();
+        let mut stop = self.inner.stop.subscribe();
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let wait = match self.sync().await {
+                Ok(()) => {
+                    backoff = BACKOFF_FIRST;
+                    RECHECK
+                }
+                Err(e) => {
+                    tracing::error!(cluster = %self.inner.cluster.name, "webhook registration failed (retrying in {backoff:?}): {e:#}");
+                    self.inner.status.lock().expect("status lock").last_error = Some(format!("{e:#}"));
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+            };
+            let plugins_changed = tokio::select! {
+                r = changes.changed() => r.is_ok(),
+                _ = tokio::time::sleep(wait) => false,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            if plugins_changed {
+                // Plugins change in bursts (a reload touches several); let
+                // the burst settle before telling Prism.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Makes Prism hold exactly one webhook of ours, with the right URL,
+    /// events and credentials; removes our duplicates; leaves others alone.
+    pub async fn sync(&self) -> anyhow::Result<()> {
+        let c = &self.inner.client;
+        let name = self.webhook_name();
+        let post_url = self.inner.config.callback_url(&self.inner.cluster.name);
+        let events = expand(&self.inner.registry.subscriptions());
+        c.auth_check().await?;
+        let hooks = c.list_webhooks().await?;
+        let mut mine: Vec<Webhook> = hooks.into_iter().filter(|h| h.name == name || h.post_url == post_url).collect();
+        // Keep the one that already fits best, so a restart changes nothing.
+        mine.sort_by_key(|h| (h.post_url != post_url, h.name != name, h.uuid.clone()));
+        let spec = WebhookSpec {
+            name: name.clone(),
+            description: format!("prismhook instance `{}`: managed, do not edit", self.inner.config.instance),
+            post_url: post_url.clone(),
+            events: events.clone(),
+            credentials: Some((self.inner.auth.user.clone(), self.inner.auth.password.expose().to_owned())),
+        };
+        let creds_fp = self.credentials_fingerprint();
+        let recorded = self.recorded_fingerprint();
+        let mut keeper: Option<String> = None;
+        if events.is_empty() {
+            for h in &mine {
+                c.delete_webhook(&h.uuid).await?;
+                tracing::info!(cluster = %self.inner.cluster.name, uuid = %h.uuid, "no plugin subscribes to anything: webhook removed");
+            }
+        } else if let Some(first) = mine.first() {
+            let mut current_events = first.events.clone();
+            current_events.sort();
+            let differs = first.post_url != post_url
+                || first.name != name
+                || current_events != events
+                || first.username.as_deref().is_some_and(|u| u != self.inner.auth.user)
+                || recorded.as_deref() != Some(creds_fp.as_str());
+            if differs {
+                c.update_webhook(&first.uuid, first.spec_version, &spec).await?;
+                c.wait_complete(&first.uuid, WAIT_COMPLETE).await?;
+                tracing::info!(cluster = %self.inner.cluster.name, uuid = %first.uuid, events = events.len(), "webhook updated");
+            }
+            for extra in &mine[1..] {
+                c.delete_webhook(&extra.uuid).await?;
+                tracing::info!(cluster = %self.inner.cluster.name, uuid = %extra.uuid, "duplicate webhook of ours removed");
+            }
+            keeper = Some(first.uuid.clone());
+        } else {
+            let uuid = c.create_webhook(&spec).await?;
+            c.wait_complete(&uuid, WAIT_COMPLETE).await?;
+            tracing::info!(cluster = %self.inner.cluster.name, %uuid, %post_url, events = events.len(), "webhook created");
+            keeper = Some(uuid);
+        }
+        if keeper.is_some() {
+            self.record_fingerprint(&creds_fp);
+        }
+        let mut s = self.inner.status.lock().expect("status lock");
+        s.registered = keeper.is_some();
+        s.webhook_uuid = keeper;
+        s.registered_events = events;
+        s.last_error = None;
+        s.last_sync_ms = Some(now_ms());
+        Ok(())
+    }
+
+    /// Removes this host's webhooks from the cluster.
+    pub async fn deregister(&self) -> anyhow::Result<usize> {
+        let name = self.webhook_name();
+        let post_url = self.inner.config.callback_url(&self.inner.cluster.name);
+        let mut n = 0;
+        for h in self.inner.client.list_webhooks().await? {
+            if h.name == name || h.post_url == post_url {
+                self.inner.client.delete_webhook(&h.uuid).await?;
+                n += 1;
+            }
+        }
+        tracing::info!(cluster = %self.inner.cluster.name, removed = n, "webhooks deregistered");
+        Ok(n)
+    }
+
+    /// Prism never returns the password, so the host remembers a
+    /// fingerprint of the credentials it registered and updates the webhook
+    /// when they change.
+    fn credentials_fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.inner.auth.user.as_bytes());
+        h.update([0]);
+        h.update(self.inner.auth.password.expose().as_bytes());
+        hex::encode(&h.finalize()[..16])
+    }
+
+    fn fingerprint_path(&self) -> std::path::PathBuf {
+        self.inner
+            .config
+            .storage
+            .data_dir
+            .join("webhook-credentials")
+            .join(format!("{}.registered", self.inner.cluster.name))
+    }
+
+    fn recorded_fingerprint(&self) -> Option<String> {
+        std::fs::read_to_string(self.fingerprint_path()).ok().map(|s| s.trim().to_owned())
+    }
+
+    fn record_fingerprint(&self, fp: &str) {
+        let path = self.fingerprint_path();
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(&path, fp) {
+            tracing::warn!(path = %path.display(), "cannot record webhook credentials fingerprint: {e}");
+        }
+    }
+
+    async fn run_reconcile(self) {
+        let mut stop = self.inner.stop.subscribe();
+        let interval = self.inner.cluster.reconcile_interval;
+        let mut failures = 0u32;
+        loop {
+            let wait = match self.reconcile().await {
+                Ok(_) => {
+                    failures = 0;
+                    if interval.is_zero() { Duration::MAX } else { interval }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(cluster = %self.inner.cluster.name, "reconcile failed: {e:#}");
+                    BACKOFF_FIRST.saturating_mul(1 << failures.min(6)).min(BACKOFF_MAX)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(86400 * 365))) => {}
+                _ = self.inner.reconcile_now.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Lists the cluster's VMs and hands the inventory to every plugin that
+    /// subscribes to VM events.
+    pub async fn reconcile(&self) -> anyhow::Result<Vec<String>> {
+        let vms = self.inner.client.list_vm_models().await?;
+        let vms: Vec<_> = vms.into_iter().map(to_wit_vm).collect();
+        let cluster = &self.inner.cluster.name;
+        let mut lines = Vec::new();
+        for (name, entry) in self.inner.registry.snapshot().iter() {
+            if !entry.subscribes_to("VM.UPDATE") && !entry.subscribes_to("VM.ON") {
+                continue;
+            }
+            match self.inner.dispatcher.reconcile(name, cluster, vms.clone()).await {
+                Ok(Ok(summary)) => {
+                    tracing::info!(%cluster, plugin = %name, vms = vms.len(), "reconciled: {summary}");
+                    lines.push(format!("{name}: {summary}"));
+                }
+                Ok(Err(reason)) => {
+                    tracing::warn!(%cluster, plugin = %name, "reconcile refused: {reason}");
+                    lines.push(format!("{name}: failed: {reason}"));
+                }
+                Err(e) => {
+                    tracing::warn!(%cluster, plugin = %name, "reconcile failed: {e}");
+                    lines.push(format!("{name}: failed: {e}"));
+                }
+            }
+        }
+        let mut s = self.inner.status.lock().expect("status lock");
+        s.last_reconcile_ms = Some(now_ms());
+        s.last_reconcile = lines.clone();
+        Ok(lines)
+    }
+}
+
+pub fn webhook_name(config: &Config, cluster: &str) -> String {
+    format!("{}-{}", config.instance, cluster)
+}
+
+pub fn client_for(cluster: &ClusterConfig) -> anyhow::Result<PrismClient> {
+    let tls = if cluster.tls.insecure {
+        tracing::warn!(cluster = %cluster.name, "TLS verification towards Prism is OFF (`tls.insecure`); use `ca_file` or `pinned_cert` outside a lab");
+        TlsMode::Insecure
+    } else if let Some(ca) = &cluster.tls.ca_file {
+        TlsMode::CaFile(ca.clone())
+    } else if let Some(pin) = &cluster.tls.pinned_cert {
+        TlsMode::PinnedCert(pin.clone())
+    } else {
+        TlsMode::System
+    };
+    let password = cluster
+        .password
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("cluster `{}`: password: {e}", cluster.name))?;
+    Ok(PrismClient::new(ClusterEndpoint {
+        name: cluster.name.clone(),
+        base_url: cluster.prism_url.to_string(),
+        username: cluster.username.clone(),
+        password: password.expose().to_owned(),
+        tls,
+    })?)
+}

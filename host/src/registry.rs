@@ -1,0 +1,139 @@
+//! The set of loaded plugins, swapped as a whole by the reload task.
+//!
+//! Readers (the listener routing an event, a dispatcher worker starting a
+//! batch) take a snapshot; a batch keeps the plugin version it started with,
+//! so a replaced plugin finishes its in-flight batches while new batches go
+//! to the new version.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::runtime::Plugin;
+
+/// What operators see of one plugin.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum PluginState {
+    Active,
+    /// Loaded but not receiving deliveries after repeated traps or
+    /// timeouts; retried after `until_ms`.
+    Quarantined { reason: String, until_ms: u64 },
+    /// The file could not be loaded; the previous version (if any) serves.
+    Failed { reason: String },
+}
+
+#[derive(Clone)]
+pub struct Entry {
+    /// `None` when the plugin's file failed to load and no earlier version
+    /// exists.
+    pub plugin: Option<Plugin>,
+    pub state: PluginState,
+    pub coalesce: bool,
+    /// Why the newest file could not be loaded, while an older version
+    /// (if `plugin` is set) keeps serving.
+    pub load_error: Option<String>,
+}
+
+impl Entry {
+    /// Subscriptions of the serving version.
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        self.plugin
+            .as_ref()
+            .is_some_and(|p| p.info().subscriptions.iter().any(|s| matches(s, event_type)))
+    }
+}
+
+/// Whether a subscription (`VM.ON`, `VM.*`, `*`) covers `event_type`.
+pub fn matches(subscription: &str, event_type: &str) -> bool {
+    match subscription.strip_suffix('*') {
+        None => subscription.eq_ignore_ascii_case(event_type),
+        Some(prefix) => event_type
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+    }
+}
+
+pub type Snapshot = Arc<BTreeMap<String, Entry>>;
+
+#[derive(Clone)]
+pub struct Registry {
+    current: Arc<RwLock<Snapshot>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            current: Arc::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Registry {
+    pub fn snapshot(&self) -> Snapshot {
+        self.current.read().expect("registry lock").clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Entry> {
+        self.snapshot().get(name).cloned()
+    }
+
+    /// Names of the plugins an event of this type goes to. Quarantined
+    /// plugins still get deliveries queued: quarantine pauses delivery, it
+    /// does not drop events.
+    pub fn subscribers(&self, event_type: &str) -> Vec<String> {
+        self.snapshot()
+            .iter()
+            .filter(|(_, e)| e.subscribes_to(event_type))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The union of every plugin's subscriptions, for the webhook's event
+    /// list (patterns are kept as patterns; the registrar expands them).
+    pub fn subscriptions(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .snapshot()
+            .values()
+            .filter_map(|e| e.plugin.as_ref())
+            .flat_map(|p| p.info().subscriptions.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Replaces the whole set in one step and tells watchers.
+    pub fn update(&self, f: impl FnOnce(&mut BTreeMap<String, Entry>)) {
+        let mut guard = self.current.write().expect("registry lock");
+        let mut next = (**guard).clone();
+        f(&mut next);
+        *guard = Arc::new(next);
+        drop(guard);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Fires after every `update`.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+
+    #[test]
+    fn subscriptions_match_exact_kind_and_all_patterns() {
+        assert!(matches("VM.ON", "VM.ON"));
+        assert!(matches("vm.on", "VM.ON"));
+        assert!(!matches("VM.ON", "VM.OFF"));
+        assert!(matches("VM.*", "VM.NIC_PLUG"));
+        assert!(!matches("VM.*", "SUBNET.CREATE"));
+        assert!(matches("*", "SUBNET.CREATE"));
+    }
+}

@@ -1,0 +1,350 @@
+//! The one task that changes the plugin registry.
+//!
+//! The file watcher only says which path changed; this task debounces
+//! (files are often written in several steps), compiles off the async
+//! threads, links against the host's world, runs `init`, and only then
+//! swaps the plugin into the registry in one step. A file that fails any of
+//! that is reported precisely and the previous version keeps serving.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{resolve_plugin, Config, PluginConfig};
+use crate::registry::{Entry, PluginState, Registry};
+use crate::runtime::{LoadError, Runtime};
+
+/// Quiet time after the last change to a file before it is loaded.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What happened to one file in a reload.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Report {
+    Loaded { file: PathBuf, plugin: String, version: String, sha256: String, from_cache: bool },
+    Unchanged { file: PathBuf, plugin: String },
+    Removed { file: PathBuf, plugin: String },
+    Disabled { file: PathBuf },
+    Failed { file: PathBuf, error: String },
+}
+
+enum Command {
+    Changed(PathBuf),
+    /// Rescan the directory now and answer when done (tests, admin API).
+    Rescan(oneshot::Sender<Vec<Report>>),
+}
+
+/// A handle to the reload task.
+#[derive(Clone)]
+pub struct Reloader {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Reloader {
+    /// Reloads every file in the plugins directory that changed, and waits.
+    pub async fn reload(&self) -> Vec<Report> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Rescan(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+struct Loaded {
+    plugin: String,
+    sha256: String,
+    settings: PluginConfig,
+}
+
+struct Task {
+    runtime: Arc<Runtime>,
+    registry: Registry,
+    config: Arc<Config>,
+    dir: PathBuf,
+    /// `.wasm` path → what it provides now.
+    files: HashMap<PathBuf, Loaded>,
+}
+
+/// Loads the plugins directory once, then starts the reload task (and the
+/// file watcher when `watch` is set). Returns the reports of the first load.
+pub async fn start(
+    runtime: Arc<Runtime>,
+    registry: Registry,
+    config: Arc<Config>,
+) -> anyhow::Result<Started> {
+    let dir = config.plugins.dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", dir.display()))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let watcher = if config.plugins.watch {
+        let tx = tx.clone();
+        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(event) = res {
+                for path in event.paths {
+                    let _ = tx.send(Command::Changed(path));
+                }
+            }
+        })?;
+        w.watch(&dir, RecursiveMode::NonRecursive)?;
+        Some(w)
+    } else {
+        None
+    };
+    let mut task = Task {
+        runtime,
+        registry,
+        config,
+        dir,
+        files: HashMap::new(),
+    };
+    let first = task.rescan().await;
+    let handle = tokio::spawn(task.run(rx));
+    Ok(Started {
+        reloader: Reloader { tx },
+        reports: first,
+        watcher,
+        task: handle,
+    })
+}
+
+/// A running reload task. It ends once the watcher and every [`Reloader`]
+/// are dropped.
+pub struct Started {
+    pub reloader: Reloader,
+    /// What the first load of the directory did.
+    pub reports: Vec<Report>,
+    pub watcher: Option<notify::RecommendedWatcher>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut dirty: HashSet<PathBuf> = HashSet::new();
+        loop {
+            let cmd = if dirty.is_empty() {
+                rx.recv().await
+            } else {
+                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    Ok(cmd) => cmd,
+                    Err(_) => {
+                        // Quiet for a debounce period: load what changed.
+                        for wasm in std::mem::take(&mut dirty) {
+                            let report = self.reload_file(&wasm).await;
+                            log_report(&report);
+                        }
+                        continue;
+                    }
+                }
+            };
+            match cmd {
+                None => return,
+                Some(Command::Changed(path)) => {
+                    if let Some(wasm) = wasm_for(&path) {
+                        dirty.insert(wasm);
+                    }
+                }
+                Some(Command::Rescan(reply)) => {
+                    dirty.clear();
+                    let _ = reply.send(self.rescan().await);
+                }
+            }
+        }
+    }
+
+    /// Brings the registry in line with every file in the directory.
+    async fn rescan(&mut self) -> Vec<Report> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter_map(|p| wasm_for(&p)).collect())
+            .unwrap_or_default();
+        paths.extend(self.files.keys().cloned());
+        paths.sort();
+        paths.dedup();
+        let mut reports = Vec::new();
+        for path in paths {
+            let report = self.reload_file(&path).await;
+            log_report(&report);
+            reports.push(report);
+        }
+        reports
+    }
+
+    fn settings_for(&self, wasm: &Path) -> Result<PluginConfig, String> {
+        let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let beside = wasm.with_extension("toml");
+        match std::fs::read_to_string(&beside) {
+            Ok(text) => toml::from_str::<PluginConfig>(&text).map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.config.plugin.get(&stem).cloned().unwrap_or_default()),
+            Err(e) => Err(format!("{}: {e}", beside.display())),
+        }
+    }
+
+    async fn reload_file(&mut self, wasm: &Path) -> Report {
+        let file = wasm.to_owned();
+        if !wasm.exists() {
+            return match self.files.remove(wasm) {
+                Some(old) => {
+                    self.registry.update(|r| {
+                        r.remove(&old.plugin);
+                    });
+                    Report::Removed { file, plugin: old.plugin }
+                }
+                None => Report::Failed { file, error: "no such file".into() },
+            };
+        }
+        let settings = match self.settings_for(wasm) {
+            Ok(s) => s,
+            Err(error) => return self.failed(file, error),
+        };
+        if !settings.enabled {
+            if let Some(old) = self.files.remove(wasm) {
+                self.registry.update(|r| {
+                    r.remove(&old.plugin);
+                });
+            }
+            return Report::Disabled { file };
+        }
+        let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let resolved = match resolve_plugin(&settings, &stem, self.config.default_limits()) {
+            Ok(s) => s,
+            Err((key, msg)) => return self.failed(file, format!("`{key}`: {msg}")),
+        };
+        // Skip the work when neither the bytes nor the settings changed.
+        if let Some(old) = self.files.get(wasm) {
+            let same_bytes = std::fs::read(wasm)
+                .map(|b| crate::runtime::sha256_hex(&b) == old.sha256)
+                .unwrap_or(false);
+            if same_bytes && old.settings == settings {
+                return Report::Unchanged { file, plugin: old.plugin.clone() };
+            }
+        }
+        let plugin = match self.runtime.load(wasm, resolved).await {
+            Ok(p) => p,
+            Err(e) => return self.failed(file, load_error_text(&e)),
+        };
+        let name = plugin.name().to_owned();
+        if let Some((other, _)) = self.files.iter().find(|(p, l)| l.plugin == name && p.as_path() != wasm) {
+            return self.failed(file, format!("plugin name `{name}` is already provided by {}", other.display()));
+        }
+        let report = Report::Loaded {
+            file: file.clone(),
+            plugin: name.clone(),
+            version: plugin.info().version.clone(),
+            sha256: plugin.sha256().to_owned(),
+            from_cache: false,
+        };
+        let previous = self.files.insert(
+            file,
+            Loaded {
+                plugin: name.clone(),
+                sha256: plugin.sha256().to_owned(),
+                settings: settings.clone(),
+            },
+        );
+        let coalesce = settings.coalesce;
+        self.registry.update(|r| {
+            if let Some(prev) = &previous {
+                if prev.plugin != name {
+                    r.remove(&prev.plugin);
+                }
+            }
+            r.insert(
+                name,
+                Entry {
+                    plugin: Some(plugin),
+                    state: PluginState::Active,
+                    coalesce,
+                    load_error: None,
+                },
+            );
+        });
+        report
+    }
+
+    /// Records a failed load: the serving version (if any) stays, marked
+    /// with the error; a plugin that never loaded is listed as failed.
+    fn failed(&mut self, file: PathBuf, error: String) -> Report {
+        let name = self
+            .files
+            .get(&file)
+            .map(|l| l.plugin.clone())
+            .unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        self.registry.update(|r| {
+            let entry = r.entry(name).or_insert_with(|| Entry {
+                plugin: None,
+                state: PluginState::Failed { reason: error.clone() },
+                coalesce: false,
+                load_error: None,
+            });
+            entry.load_error = Some(error.clone());
+        });
+        Report::Failed { file, error }
+    }
+}
+
+fn load_error_text(e: &LoadError) -> String {
+    e.to_string()
+}
+
+fn log_report(report: &Report) {
+    match report {
+        Report::Loaded { file, plugin, version, sha256, .. } => {
+            tracing::info!(%plugin, %version, file = %file.display(), sha256 = &sha256[..12], "plugin loaded")
+        }
+        Report::Unchanged { .. } => {}
+        Report::Removed { file, plugin } => tracing::info!(%plugin, file = %file.display(), "plugin removed"),
+        Report::Disabled { file } => tracing::info!(file = %file.display(), "plugin disabled by its settings"),
+        Report::Failed { file, error } => {
+            tracing::error!(file = %file.display(), "plugin not loaded (a previous version, if any, keeps serving): {error}")
+        }
+    }
+}
+
+/// The `.wasm` file a changed path concerns: itself, or the component a
+/// `<name>.toml` configures. Temporary files are ignored.
+fn wasm_for(path: &Path) -> Option<PathBuf> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("wasm") => Some(path.to_owned()),
+        Some("toml") => Some(path.with_extension("wasm")),
+        _ => None,
+    }
+}
+
+/// What `plugins list` shows of each plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub version: Option<String>,
+    pub file: Option<PathBuf>,
+    pub sha256: Option<String>,
+    #[serde(flatten)]
+    pub state: PluginState,
+    pub load_error: Option<String>,
+    pub subscriptions: Vec<String>,
+}
+
+pub fn status(registry: &Registry) -> BTreeMap<String, PluginStatus> {
+    registry
+        .snapshot()
+        .iter()
+        .map(|(name, e)| {
+            let p = e.plugin.as_ref();
+            (
+                name.clone(),
+                PluginStatus {
+                    name: name.clone(),
+                    version: p.map(|p| p.info().version.clone()),
+                    file: p.map(|p| p.file().to_owned()),
+                    sha256: p.map(|p| p.sha256().to_owned()),
+                    state: e.state.clone(),
+                    load_error: e.load_error.clone(),
+                    subscriptions: p.map(|p| p.info().subscriptions.clone()).unwrap_or_default(),
+                },
+            )
+        })
+        .collect()
+}
