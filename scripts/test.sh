@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every test: installs what is missing (Debian wasm toolchain, crates),
+# builds every guest component from source, then runs the plugins' native
+# unit tests and the host's unit and end-to-end tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+ensure_rust
+step "building guest components (cargo xtask plugins)"
+cargo xtask plugins
+for dir in plugins/*/; do
+  if [ -f "$dir/Cargo.toml" ]; then
+    step "native unit tests of ${dir%/}"
+    cargo test --locked --manifest-path "$dir/Cargo.toml" --target-dir target/guests-native
+  fi
+done
+step "host unit and end-to-end tests"
+cargo test --locked --workspace
