@@ -134,8 +134,10 @@ mod component {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 subscriptions: config.subscriptions.clone(),
             };
+            // init runs on every fresh instance (once per call), so this is
+            // debug detail, not news.
             log::log(
-                log::Level::Info,
+                log::Level::Debug,
                 &format!(
                     "managing tags under `{}.` on {}",
                     config.tag_prefix, config.firewall
