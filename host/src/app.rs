@@ -87,6 +87,8 @@ impl App {
                 batch_max: config.delivery.batch_max,
                 batch_window: config.delivery.batch_window,
                 workers_per_plugin: 2,
+                quarantine_after: config.delivery.quarantine_after,
+                quarantine_pause: config.delivery.quarantine_pause,
             },
         );
         let dispatcher_task = tokio::spawn({

@@ -120,6 +120,13 @@ pub struct DeliveryConfig {
     /// Age after which a still-failing event goes to the dead letters.
     #[serde(default = "defaults::max_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// Failed calls (traps, timeouts, memory overruns) in a row after which
+    /// a plugin is quarantined: its deliveries pause, its events stay queued.
+    #[serde(default = "defaults::quarantine_after")]
+    pub quarantine_after: u32,
+    /// The first quarantine pause; it doubles with each further failure.
+    #[serde(default = "defaults::quarantine_pause", with = "humantime_serde")]
+    pub quarantine_pause: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,7 +143,7 @@ pub struct PluginsConfig {
     pub limits: LimitOverrides,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Handed to the plugin's `init` as a JSON object.
@@ -250,6 +257,12 @@ mod defaults {
     pub fn max_age() -> Duration {
         Duration::from_secs(24 * 3600)
     }
+    pub fn quarantine_after() -> u32 {
+        5
+    }
+    pub fn quarantine_pause() -> Duration {
+        Duration::from_secs(5)
+    }
     pub fn plugins_dir() -> PathBuf {
         "plugins".into()
     }
@@ -275,7 +288,9 @@ macro_rules! default_from_empty_table {
         }
     )*};
 }
-default_from_empty_table!(ListenerConfig, AdminConfig, StorageConfig, DeliveryConfig, PluginsConfig);
+// PluginConfig too: a derived Default would leave `enabled` false, and a
+// plugin file with no settings of its own would be silently disabled.
+default_from_empty_table!(ListenerConfig, AdminConfig, StorageConfig, DeliveryConfig, PluginsConfig, PluginConfig);
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -456,6 +471,13 @@ mod tests {
     fn an_admin_api_beyond_loopback_needs_a_token() {
         let e = parse("[admin]\nlisten = \"0.0.0.0:9100\"\n").unwrap_err().to_string();
         assert!(e.contains("`admin.token`"), "{e}");
+    }
+
+    #[test]
+    fn a_plugin_without_settings_of_its_own_is_enabled() {
+        let defaults = PluginConfig::default();
+        assert!(defaults.enabled);
+        assert_eq!(defaults, toml::from_str::<PluginConfig>("").unwrap());
     }
 
     #[test]

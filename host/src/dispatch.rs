@@ -22,9 +22,6 @@ use crate::registry::{PluginState, Registry};
 use crate::runtime::bindings::{Category, Event, Nic, Outcome, Retry, Vm};
 use crate::runtime::CallError;
 
-/// Consecutive failed calls that quarantine a plugin.
-const QUARANTINE_AFTER: u32 = 5;
-const QUARANTINE_FIRST_PAUSE: Duration = Duration::from_secs(5);
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
@@ -33,6 +30,10 @@ pub struct DispatchOptions {
     pub batch_window: Duration,
     /// Batches of one plugin that may run at once (on disjoint entities).
     pub workers_per_plugin: usize,
+    /// Failed calls in a row that quarantine a plugin.
+    pub quarantine_after: u32,
+    /// The first quarantine pause; it doubles with every further failure.
+    pub quarantine_pause: Duration,
 }
 
 /// Per-plugin delivery counts since start, for status and metrics.
@@ -227,22 +228,12 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
     let lock = inner.lock_for(name);
     let shared = lock.read().await;
     let started = Instant::now();
-    let result = plugin.handle(events).await;
+    let (sent_outcomes, failure) = handle_isolating(plugin, events).await;
     let elapsed = started.elapsed();
     drop(shared);
 
-    let outcomes: Vec<LedgerOutcome> = match &result {
-        Ok(outcomes) => {
-            let by_index: HashMap<usize, &Outcome> = sent.iter().copied().zip(outcomes.iter()).collect();
-            representative.iter().map(|r| to_ledger(by_index[r])).collect()
-        }
-        Err(e) => {
-            tracing::warn!(plugin = %name, events = batch.len(), error_kind = e.kind(), "{e}");
-            ids.iter()
-                .map(|_| LedgerOutcome::Retry { reason: e.to_string(), delay: None })
-                .collect()
-        }
-    };
+    let by_index: HashMap<usize, &LedgerOutcome> = sent.iter().copied().zip(sent_outcomes.iter()).collect();
+    let outcomes: Vec<LedgerOutcome> = representative.iter().map(|r| by_index[r].clone()).collect();
     for (d, o) in batch.iter().zip(&outcomes) {
         match o {
             LedgerOutcome::Done => tracing::debug!(
@@ -259,7 +250,7 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
             ),
         }
     }
-    count(inner, name, &result, &outcomes, elapsed);
+    count(inner, name, failure.as_ref(), &outcomes, elapsed);
     let results: Vec<(u64, LedgerOutcome)> = ids.into_iter().zip(outcomes).collect();
     if let Err(e) = inner.ledger.complete(name, results).await {
         // The deliveries stay in flight in the ledger until restart, when
@@ -268,7 +259,45 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
     }
 }
 
-fn count(inner: &Inner, name: &str, result: &Result<Vec<Outcome>, CallError>, outcomes: &[LedgerOutcome], elapsed: Duration) {
+/// Calls `handle` with the whole batch; if the call itself fails (trap,
+/// timeout, memory), delivers the events one at a time instead, so that one
+/// poison event cannot hold the healthy events of its batch hostage. Events
+/// after a failed one of the same entity are not tried, to keep that
+/// entity's order. Returns one outcome per event and the first call error.
+async fn handle_isolating(plugin: &crate::runtime::Plugin, events: Vec<Event>) -> (Vec<LedgerOutcome>, Option<CallError>) {
+    let retry = |e: &CallError| LedgerOutcome::Retry { reason: e.to_string(), delay: None };
+    let error = match plugin.handle(events.clone()).await {
+        Ok(outcomes) => return (outcomes.iter().map(to_ledger).collect(), None),
+        Err(e) => e,
+    };
+    tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{error}");
+    if events.len() == 1 {
+        return (vec![retry(&error)], Some(error));
+    }
+    let mut blocked: std::collections::HashSet<(String, String)> = Default::default();
+    let mut outcomes = Vec::with_capacity(events.len());
+    for event in events {
+        let entity = (event.cluster.clone(), event.entity_uuid.clone());
+        if blocked.contains(&entity) {
+            outcomes.push(LedgerOutcome::Retry {
+                reason: "waiting for an earlier event of the same entity".into(),
+                delay: None,
+            });
+            continue;
+        }
+        match plugin.handle(vec![event]).await {
+            Ok(o) => outcomes.push(to_ledger(&o[0])),
+            Err(e) => {
+                tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {e}");
+                outcomes.push(retry(&e));
+                blocked.insert(entity);
+            }
+        }
+    }
+    (outcomes, Some(error))
+}
+
+fn count(inner: &Inner, name: &str, failure: Option<&CallError>, outcomes: &[LedgerOutcome], elapsed: Duration) {
     let quarantine = {
         let mut all = inner.counters.lock().expect("counters lock");
         let c = all.entry(name.to_owned()).or_default();
@@ -281,18 +310,19 @@ fn count(inner: &Inner, name: &str, result: &Result<Vec<Outcome>, CallError>, ou
                 LedgerOutcome::Reject { .. } => c.rejected += 1,
             }
         }
-        match result {
-            Ok(_) => {
+        let (after, first_pause) = (inner.opts.quarantine_after, inner.opts.quarantine_pause);
+        match failure {
+            None => {
                 c.consecutive_failures = 0;
                 None
             }
-            Err(e) => {
+            Some(e) => {
                 c.failed_calls += 1;
                 c.consecutive_failures += 1;
-                (c.consecutive_failures >= QUARANTINE_AFTER).then(|| {
+                (c.consecutive_failures >= after).then(|| {
                     c.quarantines += 1;
-                    let pause = QUARANTINE_FIRST_PAUSE
-                        .saturating_mul(1 << (c.consecutive_failures - QUARANTINE_AFTER).min(16))
+                    let pause = first_pause
+                        .saturating_mul(1 << (c.consecutive_failures - after).min(16))
                         .min(QUARANTINE_MAX_PAUSE);
                     (e.to_string(), pause)
                 })
@@ -306,7 +336,7 @@ fn count(inner: &Inner, name: &str, result: &Result<Vec<Outcome>, CallError>, ou
         .get(name)
         .is_some_and(|e| matches!(e.state, PluginState::Quarantined { .. }));
     if let Some((reason, pause)) = quarantine {
-        tracing::warn!(plugin = %name, pause_s = pause.as_secs(), "quarantined after {QUARANTINE_AFTER} failed calls in a row: {reason}");
+        tracing::warn!(plugin = %name, pause_s = pause.as_secs(), "quarantined after {} failed calls in a row: {reason}", inner.opts.quarantine_after);
         inner.registry.update(|plugins| {
             if let Some(entry) = plugins.get_mut(name) {
                 entry.state = PluginState::Quarantined {
@@ -315,7 +345,7 @@ fn count(inner: &Inner, name: &str, result: &Result<Vec<Outcome>, CallError>, ou
                 };
             }
         });
-    } else if quarantined && result.is_ok() {
+    } else if quarantined && failure.is_none() {
         tracing::info!(plugin = %name, "out of quarantine");
         inner.registry.update(|plugins| {
             if let Some(entry) = plugins.get_mut(name) {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{resolve_plugin, Config, PluginConfig};
 use crate::registry::{Entry, PluginState, Registry};
-use crate::runtime::{LoadError, Runtime};
+use crate::runtime::Runtime;
 
 /// Quiet time after the last change to a file before it is loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -224,7 +224,7 @@ impl Task {
         }
         let plugin = match self.runtime.load(wasm, resolved).await {
             Ok(p) => p,
-            Err(e) => return self.failed(file, load_error_text(&e)),
+            Err(e) => return self.failed(file, e.to_string()),
         };
         let name = plugin.name().to_owned();
         if let Some((other, _)) = self.files.iter().find(|(p, l)| l.plugin == name && p.as_path() != wasm) {
@@ -235,7 +235,7 @@ impl Task {
             plugin: name.clone(),
             version: plugin.info().version.clone(),
             sha256: plugin.sha256().to_owned(),
-            from_cache: false,
+            from_cache: plugin.from_cache(),
         };
         let previous = self.files.insert(
             file,
@@ -284,10 +284,6 @@ impl Task {
         });
         Report::Failed { file, error }
     }
-}
-
-fn load_error_text(e: &LoadError) -> String {
-    e.to_string()
 }
 
 fn log_report(report: &Report) {

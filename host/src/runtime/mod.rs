@@ -271,6 +271,7 @@ impl Runtime {
             sha256: compiled.sha256,
             file: file.clone(),
             size: compiled.size,
+            from_cache: compiled.from_cache,
         };
         let info = match plugin.call(Call::Init, "init").await {
             Ok((info, _)) => info,
@@ -360,6 +361,7 @@ pub struct Plugin {
     sha256: String,
     file: PathBuf,
     size: usize,
+    from_cache: bool,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -391,6 +393,11 @@ impl Plugin {
 
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Whether the compiled code came from the on-disk cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
     }
 
     pub fn limits(&self) -> Limits {

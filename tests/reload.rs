@@ -1,0 +1,314 @@
+//! Hot reload of the plugins directory, with real components and real
+//! files: what is dropped, replaced, broken or removed takes effect without
+//! a restart, a broken file never replaces a working version, and no event
+//! is lost across reloads.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use prismhook::app::App;
+use prismhook::config::Config;
+use prismhook::ledger::NewEvent;
+use prismhook::registry::PluginState;
+use prismhook::reload::Report;
+use prismhook::runtime::kv_store::KvStore;
+
+struct Host {
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn new() -> Host {
+        common::init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        Host { dir }
+    }
+
+    fn plugins(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    fn config(&self, watch: bool) -> Config {
+        let text = format!(
+            "[listener]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n\
+             [delivery]\nretry_initial = \"20ms\"\nretry_max = \"50ms\"\nmax_attempts = 3\n\
+             quarantine_after = 5\nquarantine_pause = \"300ms\"\n\
+             [plugins]\ndir = \"{}\"\nwatch = {watch}\nlimits = {{ deadline_ms = 1000 }}\n",
+            self.dir.path().join("data").display(),
+            self.plugins().display()
+        );
+        Config::parse(&text, Path::new("reload.toml")).unwrap()
+    }
+
+    async fn start(&self, watch: bool) -> App {
+        App::start(self.config(watch)).await.unwrap()
+    }
+
+    /// Writes a file in one step, as a careful deployer would.
+    fn install(&self, name: &str, bytes: &[u8]) {
+        let tmp = self.plugins().join(format!(".{name}.partial"));
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(tmp, self.plugins().join(name)).unwrap();
+    }
+
+    fn kv(&self) -> BTreeMap<String, Vec<u8>> {
+        KvStore::open(&self.dir.path().join("data/kv.redb")).unwrap().dump("probe").unwrap()
+    }
+}
+
+/// The probe component with a custom section appended: other bytes (and
+/// sha256), same behaviour — a "new version" of the file.
+fn probe_variant(n: u32) -> Vec<u8> {
+    let mut bytes = std::fs::read(common::component("probe")).unwrap();
+    let name = b"prismhook-test-variant";
+    let payload = n.to_le_bytes();
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(&payload);
+    bytes.push(0); // custom section id
+    bytes.push(section.len() as u8);
+    bytes.extend_from_slice(&section);
+    bytes
+}
+
+async fn wait(mut ready: impl FnMut() -> bool, what: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn append(app: &App, seq: u64, entity: &str, event_type: &str) -> u64 {
+    let plugins = app.registry.subscribers(event_type);
+    let ev = NewEvent {
+        cluster: "lab".into(),
+        event_type: event_type.into(),
+        entity_kind: "vm".into(),
+        entity_uuid: entity.into(),
+        dedupe_key: Some(format!("seq-{seq}")),
+        received_at_ms: seq,
+        body: "{}".into(),
+    };
+    match app.ledger.append(ev, plugins).await.unwrap() {
+        prismhook::ledger::Appended::Stored { id, .. } => id,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn drained(app: &App) {
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    wait(
+        || app.ledger.backlog().unwrap().iter().all(|b| b.pending + b.in_flight == 0),
+        "deliveries to finish",
+    )
+    .await;
+}
+
+fn sha(app: &App) -> Option<String> {
+    app.registry.get("probe").and_then(|e| e.plugin).map(|p| p.sha256().to_owned())
+}
+
+#[tokio::test]
+async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
+    let h = Host::new();
+    let app = h.start(true).await;
+    assert!(app.registry.get("probe").is_none());
+    h.install("probe.wasm", &probe_variant(1));
+    wait(|| app.registry.get("probe").is_some_and(|e| e.plugin.is_some()), "the probe to load").await;
+    let id = append(&app, 1, "vm-a", "VM.ON").await;
+    drained(&app).await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]), format!("{id}:1:VM.ON"));
+}
+
+#[tokio::test]
+async fn replacing_a_plugin_under_load_loses_no_event() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(true).await;
+    let mut ids: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut seq = 0;
+    for version in 1..=5u32 {
+        let before = sha(&app);
+        h.install("probe.wasm", &probe_variant(version));
+        // Keep events coming while the reload task notices, compiles and
+        // swaps.
+        while sha(&app) == before {
+            seq += 1;
+            let entity = format!("vm-{}", seq % 7);
+            let id = append(&app, seq, &entity, "VM.UPDATE").await;
+            ids.entry(entity).or_default().push(id);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    drained(&app).await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    assert!(seq > 5, "events were flowing during the reloads");
+    let kv = h.kv();
+    for (entity, sent) in ids {
+        let seen: Vec<u64> = String::from_utf8_lossy(&kv[&format!("seen/lab/{entity}")])
+            .lines()
+            .map(|l| l.split(':').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(seen, sent, "{entity}: every event once, in order");
+    }
+}
+
+#[tokio::test]
+async fn a_broken_file_is_reported_and_the_previous_version_keeps_serving() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(false).await;
+    let good = sha(&app).unwrap();
+    let full = probe_variant(1);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated while being copied", full[..full.len() / 2].to_vec(), "invalid component"),
+        ("not wasm", b"#!/bin/sh\necho hi\n".to_vec(), "not a WebAssembly file"),
+        ("a core module", wat::parse_str("(module)").unwrap(), "a core WebAssembly module, not a component"),
+        (
+            "a component of another world",
+            wat::parse_str("(component)").unwrap(),
+            "does not fit the host's world prismhook:plugin@0.1.0",
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        std::fs::write(h.plugins().join("probe.wasm"), &bytes).unwrap();
+        let reports = app.reloader.reload().await;
+        let Some(Report::Failed { error, file }) = reports.into_iter().next() else { panic!("{what}: not reported") };
+        assert!(error.contains(expected), "{what}: {error}");
+        assert!(error.contains(&file.display().to_string()), "{what}: the error names the file: {error}");
+        let entry = app.registry.get("probe").unwrap();
+        assert_eq!(entry.plugin.unwrap().sha256(), good, "{what}: the old version serves");
+        assert!(entry.load_error.unwrap().contains(expected));
+    }
+    // Settings the plugin refuses, and a trap in init, also keep the old one.
+    std::fs::write(h.plugins().join("probe.wasm"), &full).unwrap();
+    for (settings, expected) in [
+        ("config = { refuse = true }", "init refused the configuration: refusing to start"),
+        ("config = { trap_in_init = true }", "init failed: plugin `probe` trapped in init"),
+    ] {
+        std::fs::write(h.plugins().join("probe.toml"), settings).unwrap();
+        let reports = app.reloader.reload().await;
+        assert!(matches!(&reports[0], Report::Failed { error, .. } if error.contains(expected)), "{reports:?}");
+        assert_eq!(sha(&app).unwrap(), good);
+    }
+    // The finished copy with sane settings is taken.
+    std::fs::remove_file(h.plugins().join("probe.toml")).unwrap();
+    let reports = app.reloader.reload().await;
+    assert!(matches!(&reports[0], Report::Loaded { .. }), "{reports:?}");
+    assert_ne!(sha(&app).unwrap(), good);
+    assert!(app.registry.get("probe").unwrap().load_error.is_none());
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(false).await;
+    // A slow event keeps the probe busy while more queue behind it.
+    let slow = append(&app, 1, "vm-slow", "TEST.LOOP").await;
+    let queued = append(&app, 2, "vm-slow", "VM.ON").await;
+    std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
+    let reports = app.reloader.reload().await;
+    assert!(matches!(&reports[0], Report::Removed { plugin, .. } if plugin == "probe"), "{reports:?}");
+    assert!(app.registry.get("probe").is_none());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let backlog = app.ledger.backlog().unwrap();
+    let probe = backlog.iter().find(|b| b.plugin == "probe").unwrap();
+    assert!(probe.pending >= 1, "the deliveries wait: {probe:?}");
+    // Back again: the queued event is delivered.
+    h.install("probe.wasm", &probe_variant(1));
+    app.reloader.reload().await;
+    wait(
+        || h.kv_opt_contains(&app, "seen/lab/vm-slow", &format!("{queued}:")),
+        "the queued event to be delivered",
+    )
+    .await;
+    let _ = slow;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+impl Host {
+    /// Whether the running host's probe has recorded `needle` under `key`:
+    /// read through the runtime's own store, which the running host holds.
+    fn kv_opt_contains(&self, app: &App, key: &str, needle: &str) -> bool {
+        app.runtime
+            .kv()
+            .dump("probe")
+            .ok()
+            .and_then(|kv| kv.get(key).map(|v| String::from_utf8_lossy(v).contains(needle)))
+            .unwrap_or(false)
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(false).await;
+    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: false, .. }), "{:?}", app.loaded);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+
+    // A warm restart takes the compiled code from the cache.
+    let app = h.start(false).await;
+    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: true, .. }), "{:?}", app.loaded);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+
+    // Flip bytes in the middle of every cache entry.
+    let cache = h.dir.path().join("data/cache");
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        bytes[mid + 1] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let app = h.start(false).await;
+    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: false, .. }), "{:?}", app.loaded);
+    append(&app, 1, "vm-a", "VM.ON").await;
+    drained(&app).await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    assert!(h.kv().contains_key("seen/lab/vm-a"));
+}
+
+#[tokio::test]
+async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(false).await;
+    // Five batches that trap, on five entities so they are not ordered
+    // behind one another.
+    for i in 0..5 {
+        append(&app, i, &format!("vm-{i}"), "TEST.TRAP").await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait(
+        || matches!(app.registry.get("probe").map(|e| e.state), Some(PluginState::Quarantined { .. })),
+        "quarantine",
+    )
+    .await;
+    let Some(PluginState::Quarantined { reason, .. }) = app.registry.get("probe").map(|e| e.state) else { unreachable!() };
+    assert!(reason.contains("trapped in handle"), "{reason}");
+    // Events keep queueing while it is quarantined; when it is tried
+    // again the trapping events are isolated, so the healthy one gets
+    // through instead of failing with them.
+    let ok = append(&app, 100, "vm-ok", "VM.ON").await;
+    wait(|| h.kv_opt_contains(&app, "seen/lab/vm-ok", &format!("{ok}:")), "delivery after quarantine").await;
+    // The trapping events die after their attempts; the next healthy call
+    // lifts the quarantine.
+    wait(
+        || app.ledger.backlog().unwrap().iter().any(|b| b.plugin == "probe" && b.dead == 5),
+        "the trapping events to become dead letters",
+    )
+    .await;
+    append(&app, 101, "vm-ok2", "VM.ON").await;
+    wait(|| matches!(app.registry.get("probe").map(|e| e.state), Some(PluginState::Active)), "recovery").await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
