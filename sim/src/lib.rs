@@ -1,1 +1,2 @@
+pub mod bigip;
 pub mod panos; pub mod prism;

@@ -298,7 +298,7 @@ fn newest_source(dir: &Path) -> Result<Option<std::time::SystemTime>> {
                 if !NOT_SOURCES.contains(&entry.file_name().to_string_lossy().as_ref()) {
                     stack.push(entry.path());
                 }
-            } else {
+            } else if !entry.file_name().to_string_lossy().ends_with(".md") {
                 let modified = entry.metadata()?.modified()?;
                 newest = newest.max(Some(modified));
             }
@@ -339,7 +339,7 @@ fn componentize_py(root: &Path) -> Result<Command> {
             tools.display()
         );
         run(Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "--target"])
             .arg(&tools)
             .arg(format!("componentize-py=={COMPONENTIZE_PY_VERSION}")))
         .context("installing componentize-py with pip (is python3 with pip installed?)")?;

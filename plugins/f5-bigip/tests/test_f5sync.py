@@ -1,0 +1,364 @@
+"""f5sync against an in-memory BIG-IP and kv, under plain CPython:
+`python -m unittest discover -s plugins/f5-bigip/tests` (or pytest)."""
+
+import json
+import os
+import sys
+import unittest
+from types import SimpleNamespace as NS
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import f5sync  # noqa: E402
+
+BIGIP = "https://bigip.test"
+
+
+def vm(uuid="vm-1", ips=("10.0.0.1",), pool="web", power="ON", categories=None):
+    cats = categories if categories is not None else ([NS(key="F5Pool", value=pool)] if pool else [])
+    return NS(uuid=uuid, name=uuid, power_state=power, categories=cats,
+              nics=[NS(uuid=None, mac_address=None, ips=list(ips), subnet_name=None, subnet_uuid=None)],
+              host_name=None, entity_version=None)
+
+
+_ids = iter(range(1, 1_000_000))
+
+
+def event(kind, vm_=None, uuid=None, cluster="c1"):
+    return NS(id=f"e{next(_ids)}", cluster=cluster, event_type=kind, entity_kind="vm",
+              entity_uuid=uuid or (vm_.uuid if vm_ else "vm-1"), attempt=1,
+              received_at_ms=0, body="{}", vm=vm_)
+
+
+class FakeHost:
+    """A BIG-IP answering iControl REST as the simulator does, plus kv."""
+
+    def __init__(self, pools=("/Common/web", "/Common/api")):
+        self.pools = {p: set() for p in pools}
+        self.kv = {}
+        self.logs = []
+        self.requests = []
+        self.fail = []  # statuses (or HttpFailure) to answer the next requests with
+
+    def send(self, method, url, headers, body, timeout_ms):
+        self.requests.append((method, url, json.loads(body) if body else None))
+        fault = self.fail.pop(0) if self.fail else None
+        if fault is not None:
+            if isinstance(fault, Exception):
+                raise fault
+            status, extra = fault if isinstance(fault, tuple) else (fault, [])
+            return NS(status=status, headers=extra, body=json.dumps({"code": status, "message": "boom"}).encode())
+        assert url.startswith(BIGIP + "/mgmt/tm/ltm/pool/"), url
+        rest = url[len(BIGIP + "/mgmt/tm/ltm/pool/"):]
+        parts = rest.split("/")
+        pool = parts[0].replace("~", "/")
+        if pool not in self.pools:
+            return self.answer(404, {"code": 404, "message": f"Object not found - {pool}"})
+        members = self.pools[pool]
+        if method == "GET" and parts[1:] == ["members"]:
+            return self.answer(200, {"items": [{"name": m} for m in sorted(members)]})
+        if method == "POST" and parts[1:] == ["members"]:
+            name = json.loads(body)["name"]
+            if name in members:
+                return self.answer(409, {"code": 409, "message": f"member {name} already exists in pool {pool}"})
+            members.add(name)
+            return self.answer(200, {"name": name})
+        if method == "DELETE" and len(parts) == 3:
+            name = parts[2].split("~")[-1]
+            if name not in members:
+                return self.answer(404, {"code": 404, "message": "not found"})
+            members.remove(name)
+            return self.answer(200, {})
+        return self.answer(400, {"code": 400, "message": "unexpected"})
+
+    @staticmethod
+    def answer(status, doc):
+        return NS(status=status, headers=[("content-type", "application/json")], body=json.dumps(doc).encode())
+
+    def kv_get(self, key):
+        return self.kv.get(key)
+
+    def kv_set(self, key, value):
+        self.kv[key] = bytes(value)
+
+    def kv_delete(self, key):
+        self.kv.pop(key, None)
+
+    def kv_list(self, prefix):
+        return sorted(k for k in self.kv if k.startswith(prefix))
+
+    def log(self, level, message):
+        self.logs.append((level, message))
+
+    def members(self):
+        return {p: sorted(m) for p, m in self.pools.items() if m}
+
+
+def config(**overrides):
+    return f5sync.Config.parse(json.dumps({"bigip": BIGIP, **overrides}))
+
+
+class ConfigTests(unittest.TestCase):
+    def test_defaults_apply_when_only_bigip_is_given(self):
+        c = config()
+        self.assertEqual((c.bigip, c.port, c.category, c.partition), (BIGIP, 80, "F5Pool", "Common"))
+        self.assertIn("VM.ON", c.subscriptions)
+        self.assertIn("VM.DELETE", c.subscriptions)
+
+    def test_unknown_keys_are_rejected_by_name(self):
+        with self.assertRaisesRegex(f5sync.ConfigError, "unknown key.*'prot'"):
+            config(prot=8080)
+
+    def test_bigip_is_required_and_must_be_a_base_url(self):
+        for bad in ({}, {"bigip": ""}, {"bigip": "bigip.test"}, {"bigip": "ftp://x"}, {"bigip": "https://x/mgmt"}):
+            with self.subTest(bad=bad), self.assertRaisesRegex(f5sync.ConfigError, "bigip"):
+                f5sync.Config.parse(json.dumps(bad))
+
+    def test_a_trailing_slash_is_dropped(self):
+        self.assertEqual(config(bigip=BIGIP + "/").bigip, BIGIP)
+
+    def test_bad_values_are_explained(self):
+        for key, value in [("port", 0), ("port", "80"), ("port", True), ("category", ""),
+                           ("partition", "a/b"), ("subscriptions", []), ("subscriptions", "VM.ON")]:
+            with self.subTest(key=key, value=value), self.assertRaisesRegex(f5sync.ConfigError, key):
+                config(**{key: value})
+
+    def test_config_that_is_not_a_json_object_is_rejected(self):
+        for text in ("[]", "nope"):
+            with self.assertRaises(f5sync.ConfigError):
+                f5sync.Config.parse(text)
+
+
+class MemberTests(unittest.TestCase):
+    def test_ipv4_members_are_ip_colon_port_and_ipv6_ip_dot_port(self):
+        self.assertEqual(f5sync.member_name("10.0.0.1", 80), "10.0.0.1:80")
+        self.assertEqual(f5sync.member_name("2001:db8::1", 443), "2001:db8::1.443")
+        self.assertEqual(f5sync.member_address("2001:db8::1.443"), "2001:db8::1")
+        self.assertEqual(f5sync.member_address("10.0.0.1:80"), "10.0.0.1")
+
+    def test_a_vm_contributes_each_valid_ip_to_each_pool_its_category_names(self):
+        v = vm(ips=("10.0.0.2", "bogus", "10.0.0.1"), categories=[
+            NS(key="F5Pool", value="web"), NS(key="F5Pool", value="api"), NS(key="Env", value="prod")])
+        logs = []
+        got = f5sync.wanted(config(port=8080), v, True, lambda lvl, msg: logs.append(msg))
+        self.assertEqual(got, {("/Common/web", "10.0.0.1:8080"), ("/Common/web", "10.0.0.2:8080"),
+                               ("/Common/api", "10.0.0.1:8080"), ("/Common/api", "10.0.0.2:8080")})
+        self.assertTrue(any("bogus" in m for m in logs))
+
+    def test_a_vm_without_the_category_or_powered_off_contributes_nothing(self):
+        self.assertEqual(f5sync.wanted(config(), vm(pool=None), True), set())
+        self.assertEqual(f5sync.wanted(config(), vm(), False), set())
+
+    def test_a_pool_name_bigip_cannot_hold_is_skipped_with_a_warning(self):
+        logs = []
+        self.assertEqual(f5sync.wanted(config(), vm(pool="a b"), True, lambda lvl, msg: logs.append(msg)), set())
+        self.assertTrue(logs)
+
+    def test_power_follows_the_event_type_then_the_state(self):
+        self.assertTrue(f5sync.powered_on("VM.ON", "OFF"))
+        self.assertFalse(f5sync.powered_on("VM.OFF", "ON"))
+        self.assertFalse(f5sync.powered_on("VM.UPDATE", "OFF"))
+        self.assertTrue(f5sync.powered_on("VM.UPDATE", None))
+
+    def test_urls_use_tilde_paths(self):
+        c = config(partition="Tenant1")
+        self.assertEqual(c.members_url("/Tenant1/web"), BIGIP + "/mgmt/tm/ltm/pool/~Tenant1~web/members")
+        self.assertEqual(c.member_url("/Tenant1/web", "10.0.0.1:80"),
+                         BIGIP + "/mgmt/tm/ltm/pool/~Tenant1~web/members/~Tenant1~10.0.0.1:80")
+
+
+class HandleTests(unittest.TestCase):
+    def setUp(self):
+        self.host = FakeHost()
+        self.config = config()
+
+    def handle(self, *events):
+        return f5sync.handle(self.config, self.host, list(events))
+
+    def test_power_on_adds_each_ip_to_the_pool_and_records_it(self):
+        out = self.handle(event("VM.ON", vm(ips=("10.0.0.1", "10.0.0.2"))))
+        self.assertEqual(out, [f5sync.DONE])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80", "10.0.0.2:80"]})
+        self.assertEqual(json.loads(self.host.kv["vm/c1/vm-1"]),
+                         [["/Common/web", "10.0.0.1:80"], ["/Common/web", "10.0.0.2:80"]])
+        post = self.host.requests[0]
+        self.assertEqual(post, ("POST", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members",
+                                {"name": "10.0.0.1:80", "address": "10.0.0.1"}))
+
+    def test_power_off_removes_what_was_added_and_forgets_the_vm(self):
+        self.handle(event("VM.ON", vm()))
+        out = self.handle(event("VM.OFF", vm(power="OFF")))
+        self.assertEqual(out, [f5sync.DONE])
+        self.assertEqual(self.host.members(), {})
+        self.assertEqual(self.host.kv, {})
+        self.assertEqual(self.host.requests[-1][:2],
+                         ("DELETE", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members/~Common~10.0.0.1:80"))
+
+    def test_delete_without_a_vm_body_removes_the_recorded_members(self):
+        self.handle(event("VM.ON", vm()))
+        self.assertEqual(self.handle(event("VM.DELETE", None, uuid="vm-1")), [f5sync.DONE])
+        self.assertEqual(self.host.members(), {})
+
+    def test_an_existing_member_counts_as_added(self):
+        self.host.pools["/Common/web"].add("10.0.0.1:80")
+        self.assertEqual(self.handle(event("VM.ON", vm())), [f5sync.DONE])
+        self.assertIn("vm/c1/vm-1", self.host.kv)
+
+    def test_a_member_already_gone_counts_as_removed(self):
+        self.handle(event("VM.ON", vm()))
+        self.host.pools["/Common/web"].clear()
+        self.assertEqual(self.handle(event("VM.OFF", vm())), [f5sync.DONE])
+        self.assertEqual(self.host.kv, {})
+
+    def test_redelivery_sends_nothing_new(self):
+        on = event("VM.ON", vm())
+        self.handle(on)
+        sent = len(self.host.requests)
+        self.assertEqual(self.handle(on), [f5sync.DONE])
+        self.assertEqual(len(self.host.requests), sent)
+
+    def test_a_category_change_moves_the_member_between_pools(self):
+        self.handle(event("VM.ON", vm(pool="web")))
+        self.handle(event("VM.UPDATE", vm(pool="api")))
+        self.assertEqual(self.host.members(), {"/Common/api": ["10.0.0.1:80"]})
+
+    def test_losing_the_category_removes_the_member(self):
+        self.handle(event("VM.ON", vm(pool="web")))
+        self.handle(event("VM.UPDATE", vm(pool=None)))
+        self.assertEqual(self.host.members(), {})
+        self.assertEqual(self.host.kv, {})
+
+    def test_nic_unplug_removes_the_address_that_went_away(self):
+        self.handle(event("VM.ON", vm(ips=("10.0.0.1", "10.0.0.2"))))
+        self.handle(event("VM.NIC_UNPLUG", vm(ips=("10.0.0.2",))))
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.2:80"]})
+
+    def test_create_of_a_powered_off_vm_adds_nothing(self):
+        self.assertEqual(self.handle(event("VM.CREATE", vm(power="OFF"))), [f5sync.DONE])
+        self.assertEqual(self.host.requests, [])
+
+    def test_events_of_one_vm_in_a_batch_are_coalesced_to_the_last(self):
+        out = self.handle(event("VM.ON", vm()), event("VM.OFF", vm()), event("VM.ON", vm(ips=("10.0.0.9",))))
+        self.assertEqual(out, [f5sync.DONE] * 3)
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.9:80"]})
+        self.assertEqual(len(self.host.requests), 1)
+
+    def test_an_address_two_vms_claim_stays_until_the_last_lets_go(self):
+        self.handle(event("VM.ON", vm("a")), event("VM.ON", vm("b")))
+        self.handle(event("VM.OFF", vm("a")))
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+        self.handle(event("VM.DELETE", None, uuid="b"))
+        self.assertEqual(self.host.members(), {})
+        self.assertEqual(self.host.kv, {})
+
+    def test_server_errors_and_connection_failures_ask_for_a_retry(self):
+        self.host.fail = [(503, [("Retry-After", "7")])]
+        [out] = self.handle(event("VM.ON", vm()))
+        self.assertEqual(out[0], "retry")
+        self.assertEqual(out[2], 7000)
+        self.assertIn("HTTP 503", out[1])
+        self.host.fail = [f5sync.HttpFailure("connection-failed", "refused")]
+        [out] = self.handle(event("VM.ON", vm()))
+        self.assertEqual((out[0], out[2]), ("retry", None))
+        self.assertIn("refused", out[1])
+        self.assertEqual(self.host.members(), {})
+        self.assertNotIn("vm/c1/vm-1", self.host.kv)
+        self.assertEqual(self.handle(event("VM.ON", vm())), [f5sync.DONE])
+
+    def test_a_retry_keeps_the_progress_made_before_the_failure(self):
+        self.handle(event("VM.ON", vm(ips=("10.0.0.1",))))
+        self.host.fail = [None, 500]  # the DELETE goes through, the POST fails
+        [out] = self.handle(event("VM.UPDATE", vm(ips=("10.0.0.2",))))
+        self.assertEqual(out[0], "retry")
+        self.assertEqual(self.host.members(), {})
+        self.assertNotIn("vm/c1/vm-1", self.host.kv, "the removal is recorded, the failed add is not")
+        self.assertEqual(self.handle(event("VM.UPDATE", vm(ips=("10.0.0.2",)))), [f5sync.DONE])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.2:80"]})
+
+    def test_the_hosts_request_limit_asks_for_an_immediate_retry_and_keeps_progress(self):
+        self.host.fail = [None, f5sync.HttpFailure("limit-exceeded", "16 requests per call")]
+        [out] = self.handle(event("VM.ON", vm(ips=("10.0.0.1", "10.0.0.2"))))
+        self.assertEqual(out[0], "retry")
+        self.assertEqual(out[2], 0)
+        self.assertEqual(json.loads(self.host.kv["vm/c1/vm-1"]), [["/Common/web", "10.0.0.1:80"]])
+        self.assertEqual(self.handle(event("VM.ON", vm(ips=("10.0.0.1", "10.0.0.2")))), [f5sync.DONE])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80", "10.0.0.2:80"]})
+
+    def test_client_errors_reject_with_bigips_message(self):
+        self.host.fail = [400]
+        [out] = self.handle(event("VM.ON", vm()))
+        self.assertEqual(out[0], "reject")
+        self.assertIn("HTTP 400", out[1])
+        self.assertIn("boom", out[1])
+
+    def test_a_missing_pool_rejects_and_says_so(self):
+        [out] = self.handle(event("VM.ON", vm(pool="nosuch")))
+        self.assertEqual(out[0], "reject")
+        self.assertIn("/Common/nosuch does not exist", out[1])
+
+    def test_policy_denial_rejects(self):
+        self.host.fail = [f5sync.HttpFailure("denied", "origin not allowed")]
+        [out] = self.handle(event("VM.ON", vm()))
+        self.assertEqual(out[0], "reject")
+
+    def test_one_failing_vm_does_not_hold_back_another(self):
+        self.host.fail = [503]
+        out = self.handle(event("VM.ON", vm("a", ips=("10.0.0.1",))), event("VM.ON", vm("b", ips=("10.0.0.2",))))
+        self.assertEqual([o[0] for o in out], ["retry", "done"])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.2:80"]})
+
+    def test_other_events_are_done_without_requests(self):
+        out = self.handle(event("SUBNET.CREATE", None, uuid="s"), event("VM.UPDATE", None))
+        self.assertEqual(out, [f5sync.DONE, f5sync.DONE])
+        self.assertEqual(self.host.requests, [])
+
+    def test_one_outcome_per_event_in_order(self):
+        out = self.handle(event("VM.ON", vm("a")), event("X.Y", None, uuid="x"),
+                          event("VM.ON", vm("b", pool="nosuch")), event("VM.OFF", vm("a")))
+        self.assertEqual([o[0] for o in out], ["done", "done", "reject", "done"])
+
+
+class ReconcileTests(unittest.TestCase):
+    def setUp(self):
+        self.host = FakeHost()
+        self.config = config()
+
+    def test_reconcile_adds_missing_members_and_removes_vms_gone_from_the_inventory(self):
+        f5sync.handle(self.config, self.host, [event("VM.ON", vm("gone", ips=("10.0.0.8",)))])
+        summary = f5sync.reconcile(self.config, self.host, "c1", [vm("a"), vm("b", ips=("10.0.0.2",), power="OFF")])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+        self.assertEqual(sorted(self.host.kv), ["member//Common/web/10.0.0.1:80", "vm/c1/a"])
+        self.assertIn("1 members added, 1 removed", summary)
+
+    def test_reconcile_restores_a_member_removed_behind_the_plugins_back(self):
+        f5sync.handle(self.config, self.host, [event("VM.ON", vm())])
+        self.host.pools["/Common/web"].clear()
+        f5sync.reconcile(self.config, self.host, "c1", [vm()])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+
+    def test_reconcile_in_step_sends_only_reads(self):
+        f5sync.handle(self.config, self.host, [event("VM.ON", vm())])
+        before = len(self.host.requests)
+        summary = f5sync.reconcile(self.config, self.host, "c1", [vm()])
+        self.assertEqual([r[0] for r in self.host.requests[before:]], ["GET"])
+        self.assertIn("0 members added, 0 removed", summary)
+
+    def test_reconcile_leaves_other_clusters_alone(self):
+        f5sync.handle(self.config, self.host, [event("VM.ON", vm("x", ips=("10.9.9.9",)), cluster="c2")])
+        f5sync.reconcile(self.config, self.host, "c1", [])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.9.9.9:80"]})
+
+    def test_reconcile_reports_a_missing_pool_without_failing(self):
+        summary = f5sync.reconcile(self.config, self.host, "c1", [vm(pool="nosuch"), vm("b", ips=("10.0.0.2",))])
+        self.assertIn("does not exist", summary)
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.2:80"]})
+
+    def test_reconcile_raises_a_retry_when_bigip_is_down(self):
+        self.host.fail = [503]
+        with self.assertRaises(f5sync.Failure) as caught:
+            f5sync.reconcile(self.config, self.host, "c1", [vm()])
+        self.assertEqual(caught.exception.outcome[0], "retry")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,266 @@
+// The forwarder's logic, free of WIT imports so that `node --test` runs it
+// with a fake `send`; `app.js` wires it to the host.
+//
+// Delivery is at least once: a redelivered event is posted again, with the
+// same `id`, so receivers that care deduplicate on it (unbatched posts also
+// carry it as `Idempotency-Key`).
+
+export const NAME = 'forwarder';
+export const VERSION = '0.1.0';
+
+export const FIELDS = [
+  'id',
+  'cluster',
+  'event_type',
+  'entity_kind',
+  'entity_uuid',
+  'attempt',
+  'received_at_ms',
+  'vm',
+  'body',
+];
+const DEFAULT_FIELDS = FIELDS.filter((f) => f !== 'body');
+const KNOWN_KEYS = ['url', 'events', 'fields', 'batch', 'timeout_ms'];
+const DEFAULT_TIMEOUT_MS = 10000;
+
+export class ConfigError extends Error {}
+
+function fail(message) {
+  throw new ConfigError(message);
+}
+
+/** Parses and checks the operator's JSON settings, applying defaults. */
+export function parseConfig(text) {
+  let raw;
+  try {
+    raw = text && text.trim() ? JSON.parse(text) : {};
+  } catch (e) {
+    fail(`the configuration is not JSON: ${e.message}`);
+  }
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
+    fail('the configuration must be a JSON object');
+  }
+  const unknown = Object.keys(raw).filter((k) => !KNOWN_KEYS.includes(k)).sort();
+  if (unknown.length) {
+    fail(`unknown key(s) ${unknown.map((k) => `'${k}'`).join(', ')}; known keys are ${KNOWN_KEYS.join(', ')}`);
+  }
+
+  if (typeof raw.url !== 'string' || !raw.url.trim()) {
+    fail('`url` (where to POST the events, such as https://siem.example.com/ingest) is required');
+  }
+  const url = raw.url.trim();
+  if (!/^https?:\/\/[^/?#\s]+/i.test(url) || /\s/.test(url)) {
+    fail(`\`url\` ${JSON.stringify(raw.url)} must be an absolute http:// or https:// URL`);
+  }
+
+  const events = raw.events ?? ['*'];
+  if (!Array.isArray(events) || !events.length || !events.every((e) => typeof e === 'string' && e.trim())) {
+    fail('`events` must be a non-empty list of event types or patterns such as "VM.ON", "VM.*" or "*"');
+  }
+  for (const e of events) {
+    if (e.indexOf('*') !== -1 && e.indexOf('*') !== e.length - 1) {
+      fail(`\`events\` entry ${JSON.stringify(e)}: \`*\` may only end a pattern`);
+    }
+  }
+
+  const fields = raw.fields ?? DEFAULT_FIELDS;
+  if (!Array.isArray(fields) || !fields.length || !fields.every((f) => typeof f === 'string')) {
+    fail(`\`fields\` must be a non-empty list of field names from: ${FIELDS.join(', ')}`);
+  }
+  const bad = fields.filter((f) => !FIELDS.includes(f));
+  if (bad.length) {
+    fail(`\`fields\`: unknown field(s) ${bad.map((f) => `'${f}'`).join(', ')}; known fields are ${FIELDS.join(', ')}`);
+  }
+
+  const batch = raw.batch ?? true;
+  if (typeof batch !== 'boolean') {
+    fail('`batch` must be true (one POST per batch, a JSON array) or false (one POST per event)');
+  }
+
+  const timeoutMs = raw.timeout_ms ?? DEFAULT_TIMEOUT_MS;
+  if (!Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > 600000) {
+    fail(`\`timeout_ms\` must be an integer from 1 to 600000, not ${JSON.stringify(timeoutMs)}`);
+  }
+
+  return { url, events: [...events], fields: [...new Set(fields)], batch, timeoutMs };
+}
+
+/** Whether a subscription (`VM.ON`, `VM.*`, `*`) covers an event type; the
+ * host's own rule: a trailing `*` is a prefix match, case-insensitive. */
+export function matches(pattern, eventType) {
+  if (pattern.endsWith('*')) {
+    const prefix = pattern.slice(0, -1).toUpperCase();
+    return eventType.toUpperCase().startsWith(prefix);
+  }
+  return pattern.toUpperCase() === eventType.toUpperCase();
+}
+
+export function selected(config, eventType) {
+  return config.events.some((p) => matches(p, eventType));
+}
+
+const opt = (v) => (v === undefined ? null : v);
+
+function vmJson(vm) {
+  if (vm === undefined || vm === null) return null;
+  return {
+    uuid: vm.uuid,
+    name: opt(vm.name),
+    power_state: opt(vm.powerState),
+    categories: (vm.categories || []).map((c) => ({ key: c.key, value: c.value })),
+    nics: (vm.nics || []).map((n) => ({
+      uuid: opt(n.uuid),
+      mac_address: opt(n.macAddress),
+      ips: [...(n.ips || [])],
+      subnet_name: opt(n.subnetName),
+      subnet_uuid: opt(n.subnetUuid),
+    })),
+    host_name: opt(vm.hostName),
+    entity_version: opt(vm.entityVersion),
+  };
+}
+
+function bodyJson(body) {
+  try {
+    return JSON.parse(body);
+  } catch {
+    return body; // not JSON: forward the text as it came
+  }
+}
+
+const GETTERS = {
+  id: (e) => e.id,
+  cluster: (e) => e.cluster,
+  event_type: (e) => e.eventType,
+  entity_kind: (e) => e.entityKind,
+  entity_uuid: (e) => e.entityUuid,
+  attempt: (e) => e.attempt,
+  // u64 arrives as a BigInt; milliseconds since 1970 fit a double exactly.
+  received_at_ms: (e) => Number(e.receivedAtMs),
+  vm: (e) => vmJson(e.vm),
+  body: (e) => bodyJson(e.body),
+};
+
+/** The JSON object posted for one event: the configured fields only. */
+export function project(config, event) {
+  const out = {};
+  for (const f of config.fields) out[f] = GETTERS[f](event);
+  return out;
+}
+
+function header(headers, name) {
+  for (const [k, v] of headers || []) {
+    if (k.toLowerCase() === name) return v;
+  }
+  return undefined;
+}
+
+/** Retry-After in milliseconds (delta-seconds or an HTTP date), if usable. */
+export function retryAfterMs(headers, now = Date.now()) {
+  const value = header(headers, 'retry-after');
+  if (value === undefined) return undefined;
+  const text = value.trim();
+  if (/^\d+(\.\d+)?$/.test(text)) return Math.round(Number(text) * 1000);
+  const date = Date.parse(text);
+  if (Number.isNaN(date)) return undefined;
+  return Math.max(0, date - now);
+}
+
+function snippet(body) {
+  const text = new TextDecoder().decode(body || new Uint8Array()).trim();
+  return (text.split('\n')[0] || 'no body').slice(0, 200);
+}
+
+export const done = () => ({ tag: 'done' });
+export const retry = (reason, delayMs) => ({ tag: 'retry', reason, delayMs });
+export const reject = (reason) => ({ tag: 'reject', reason });
+
+/** What an HTTP answer, or the host's error (`{tag, val}`), means. */
+export function outcomeOf(answer, what) {
+  if (answer.error) {
+    const { tag, val } = answer.error;
+    switch (tag) {
+      case 'denied':
+        return reject(`${what}: the host's policy does not allow it: ${val}`);
+      case 'invalid-request':
+        return reject(`${what}: the host refused the request as malformed: ${val}`);
+      case 'timeout':
+        return retry(`${what}: no answer in time`);
+      case 'connection-failed':
+        return retry(`${what}: could not connect: ${val}`);
+      case 'too-large':
+        // The request went through; only the answer was too big to read.
+        return done();
+      case 'limit-exceeded':
+        // The endpoint is fine; the rest goes in the next call, at once.
+        return retry(`${what}: too many requests in one call: ${val}`, 0);
+      default:
+        return retry(`${what}: ${val ?? tag}`);
+    }
+  }
+  const { status, headers, body } = answer.response;
+  if (status >= 200 && status < 300) return done();
+  const message = `${what}: HTTP ${status} ${snippet(body)}`;
+  if (status >= 500 || status === 429 || status === 408) {
+    return retry(message, retryAfterMs(headers));
+  }
+  return reject(message);
+}
+
+const encoder = new TextEncoder();
+
+function post(config, send, payload, extraHeaders = []) {
+  return send({
+    method: 'POST',
+    url: config.url,
+    headers: [['Content-Type', 'application/json'], ...extraHeaders],
+    body: encoder.encode(JSON.stringify(payload)),
+    timeoutMs: config.timeoutMs,
+  });
+}
+
+/**
+ * Forwards a batch; returns one outcome per event, in order.
+ *
+ * `send(request)` returns `{response}` or `{error}`; `log(level, message)`.
+ * Events the filter does not select are done without a request. Unbatched,
+ * a failure that calls for a retry stops the rest of the batch with the same
+ * retry: the endpoint is down or busy, and forwarding later events first
+ * would reorder them.
+ */
+export function handle(config, events, send, log) {
+  const outcomes = events.map(() => done());
+  const chosen = [];
+  events.forEach((event, i) => {
+    if (selected(config, event.eventType)) chosen.push(i);
+  });
+  if (!chosen.length) return outcomes;
+
+  if (config.batch) {
+    const what = `forwarding ${chosen.length} event(s) to ${config.url}`;
+    const outcome = outcomeOf(post(config, send, chosen.map((i) => project(config, events[i]))), what);
+    report(log, outcome);
+    for (const i of chosen) outcomes[i] = outcome;
+    return outcomes;
+  }
+
+  let stop;
+  for (const i of chosen) {
+    if (stop) {
+      outcomes[i] = stop;
+      continue;
+    }
+    const event = events[i];
+    const what = `forwarding ${event.eventType} ${event.id} to ${config.url}`;
+    const outcome = outcomeOf(post(config, send, project(config, event), [['Idempotency-Key', event.id]]), what);
+    report(log, outcome);
+    outcomes[i] = outcome;
+    if (outcome.tag === 'retry') stop = outcome;
+  }
+  return outcomes;
+}
+
+function report(log, outcome) {
+  if (outcome.tag === 'retry') log('warn', outcome.reason);
+  else if (outcome.tag === 'reject') log('error', outcome.reason);
+}

@@ -1,0 +1,208 @@
+// The forwarder's logic with a fake `send`: `node --test test/`.
+
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+
+import * as forward from '../forward.js';
+
+const URL = 'https://siem.test/ingest';
+
+function config(extra = {}) {
+  return forward.parseConfig(JSON.stringify({ url: URL, ...extra }));
+}
+
+let nextId = 1;
+function event(eventType = 'VM.ON', extra = {}) {
+  return {
+    id: `e${nextId++}`,
+    cluster: 'c1',
+    eventType,
+    entityKind: 'vm',
+    entityUuid: 'vm-1',
+    attempt: 1,
+    receivedAtMs: 1700000000123n,
+    body: '{"data":{"metadata":{}}}',
+    vm: {
+      uuid: 'vm-1',
+      name: 'web-01',
+      powerState: 'ON',
+      categories: [{ key: 'AppTier', value: 'Web' }],
+      nics: [{ uuid: undefined, macAddress: '50:6b:8d:00:00:01', ips: ['10.0.0.1'], subnetName: 'vlan0', subnetUuid: undefined }],
+      hostName: undefined,
+      entityVersion: '3',
+    },
+    ...extra,
+  };
+}
+
+/** A fake endpoint: answers from `replies` in turn (default 200), records posts. */
+function endpoint(...replies) {
+  const posts = [];
+  const logs = [];
+  const send = (request) => {
+    posts.push({ ...request, json: JSON.parse(new TextDecoder().decode(request.body)) });
+    const reply = replies.length ? replies.shift() : 200;
+    if (typeof reply === 'object') return reply;
+    return { response: { status: reply, headers: [], body: new TextEncoder().encode(`status ${reply}`) } };
+  };
+  const log = (level, message) => logs.push([level, message]);
+  return { send, log, posts, logs };
+}
+
+describe('configuration', () => {
+  it('needs only a url and applies the defaults', () => {
+    const c = config();
+    assert.equal(c.url, URL);
+    assert.deepEqual(c.events, ['*']);
+    assert.equal(c.batch, true);
+    assert.deepEqual(c.fields, forward.FIELDS.filter((f) => f !== 'body'));
+  });
+
+  it('rejects unknown keys by name', () => {
+    assert.throws(() => config({ evnts: ['VM.ON'] }), /unknown key\(s\) 'evnts'/);
+  });
+
+  it('rejects a missing or relative url', () => {
+    assert.throws(() => forward.parseConfig('{}'), /`url`.*required/);
+    assert.throws(() => config({ url: 'siem.test/ingest' }), /absolute http/);
+  });
+
+  it('rejects unknown fields, a non-boolean batch and bad patterns', () => {
+    assert.throws(() => config({ fields: ['id', 'nope'] }), /unknown field\(s\) 'nope'/);
+    assert.throws(() => config({ batch: 'yes' }), /`batch`/);
+    assert.throws(() => config({ events: [] }), /`events`/);
+    assert.throws(() => config({ events: ['VM.*.X'] }), /may only end/);
+  });
+
+  it('rejects what is not a JSON object', () => {
+    assert.throws(() => forward.parseConfig('[1]'), /JSON object/);
+    assert.throws(() => forward.parseConfig('{'), /not JSON/);
+  });
+});
+
+describe('filtering and fields', () => {
+  it('matches exact types, kind patterns and everything, ignoring case', () => {
+    assert.ok(forward.matches('*', 'VM.ON'));
+    assert.ok(forward.matches('VM.*', 'VM.OFF'));
+    assert.ok(forward.matches('vm.on', 'VM.ON'));
+    assert.ok(!forward.matches('VM.*', 'SUBNET.CREATE'));
+    assert.ok(!forward.matches('VM.ON', 'VM.ONX'));
+  });
+
+  it('projects the configured fields with snake_case names', () => {
+    const all = forward.project(config({ fields: forward.FIELDS }), event('VM.ON', { id: 'x' }));
+    assert.deepEqual(Object.keys(all), forward.FIELDS);
+    assert.equal(all.id, 'x');
+    assert.equal(all.event_type, 'VM.ON');
+    assert.equal(all.received_at_ms, 1700000000123);
+    assert.deepEqual(all.body, { data: { metadata: {} } });
+    assert.deepEqual(all.vm.nics[0], {
+      uuid: null,
+      mac_address: '50:6b:8d:00:00:01',
+      ips: ['10.0.0.1'],
+      subnet_name: 'vlan0',
+      subnet_uuid: null,
+    });
+    assert.equal(all.vm.power_state, 'ON');
+    assert.deepEqual(forward.project(config({ fields: ['cluster', 'event_type'] }), event()), {
+      cluster: 'c1',
+      event_type: 'VM.ON',
+    });
+  });
+
+  it('forwards a body that is not JSON as text and an absent vm as null', () => {
+    const got = forward.project(config({ fields: ['vm', 'body'] }), event('VM.DELETE', { vm: undefined, body: 'oops' }));
+    assert.deepEqual(got, { vm: null, body: 'oops' });
+  });
+
+  it('leaves the body out by default', () => {
+    assert.ok(!('body' in forward.project(config(), event())));
+  });
+});
+
+describe('handle', () => {
+  it('posts one JSON array per batch and marks every event done on 2xx', () => {
+    const ep = endpoint(202);
+    const out = forward.handle(config(), [event(), event('VM.OFF')], ep.send, ep.log);
+    assert.deepEqual(out, [forward.done(), forward.done()]);
+    assert.equal(ep.posts.length, 1);
+    assert.equal(ep.posts[0].method, 'POST');
+    assert.equal(ep.posts[0].url, URL);
+    assert.deepEqual(ep.posts[0].headers, [['Content-Type', 'application/json']]);
+    assert.deepEqual(ep.posts[0].json.map((e) => e.event_type), ['VM.ON', 'VM.OFF']);
+  });
+
+  it('posts each event on its own when batch is false, with its id as idempotency key', () => {
+    const ep = endpoint();
+    const events = [event(), event('VM.OFF')];
+    const out = forward.handle(config({ batch: false }), events, ep.send, ep.log);
+    assert.deepEqual(out, [forward.done(), forward.done()]);
+    assert.equal(ep.posts.length, 2);
+    assert.equal(ep.posts[1].json.event_type, 'VM.OFF');
+    assert.deepEqual(ep.posts[1].headers[1], ['Idempotency-Key', events[1].id]);
+  });
+
+  it('skips events the filter does not select, without a request when none is left', () => {
+    const ep = endpoint();
+    const c = config({ events: ['VM.ON'] });
+    assert.deepEqual(forward.handle(c, [event('VM.OFF')], ep.send, ep.log), [forward.done()]);
+    assert.equal(ep.posts.length, 0);
+    forward.handle(c, [event('VM.OFF'), event('VM.ON')], ep.send, ep.log);
+    assert.deepEqual(ep.posts[0].json.map((e) => e.event_type), ['VM.ON']);
+  });
+
+  it('retries on 5xx and 429 with the delay Retry-After asks for', () => {
+    const busy = { response: { status: 429, headers: [['retry-after', '3']], body: new Uint8Array() } };
+    const ep = endpoint(503, busy);
+    const [first] = forward.handle(config(), [event()], ep.send, ep.log);
+    const [second] = forward.handle(config(), [event()], ep.send, ep.log);
+    assert.equal(first.tag, 'retry');
+    assert.match(first.reason, /HTTP 503 status 503/);
+    assert.equal(first.delayMs, undefined);
+    assert.equal(second.tag, 'retry');
+    assert.equal(second.delayMs, 3000);
+    assert.equal(ep.logs[0][0], 'warn');
+  });
+
+  it('reads an HTTP-date Retry-After relative to now', () => {
+    const now = Date.parse('2024-01-01T00:00:00Z');
+    assert.equal(forward.retryAfterMs([['Retry-After', 'Mon, 01 Jan 2024 00:00:10 GMT']], now), 10000);
+    assert.equal(forward.retryAfterMs([['Retry-After', 'soon']], now), undefined);
+  });
+
+  it('rejects on other 4xx with the answer in the reason', () => {
+    const ep = endpoint(400);
+    const [out] = forward.handle(config(), [event()], ep.send, ep.log);
+    assert.equal(out.tag, 'reject');
+    assert.match(out.reason, /HTTP 400 status 400/);
+  });
+
+  it('retries connection failures and timeouts, rejects policy denials', () => {
+    const ep = endpoint(
+      { error: { tag: 'connection-failed', val: 'refused' } },
+      { error: { tag: 'timeout' } },
+      { error: { tag: 'denied', val: 'not allowed' } },
+    );
+    const tags = [1, 2, 3].map(() => forward.handle(config(), [event()], ep.send, ep.log)[0].tag);
+    assert.deepEqual(tags, ['retry', 'retry', 'reject']);
+  });
+
+  it('unbatched, stops at the first retry and gives the rest the same retry', () => {
+    const ep = endpoint(200, 503, 200);
+    const out = forward.handle(config({ batch: false }), [event(), event(), event()], ep.send, ep.log);
+    assert.deepEqual(out.map((o) => o.tag), ['done', 'retry', 'retry']);
+    assert.equal(ep.posts.length, 2);
+  });
+
+  it("unbatched, the host's request limit retries the rest at once", () => {
+    const ep = endpoint(200, { error: { tag: 'limit-exceeded', val: '16 requests per call' } });
+    const out = forward.handle(config({ batch: false }), [event(), event(), event()], ep.send, ep.log);
+    assert.deepEqual(out.map((o) => [o.tag, o.delayMs]), [['done', undefined], ['retry', 0], ['retry', 0]]);
+  });
+
+  it('unbatched, a rejected event does not hold back the next', () => {
+    const ep = endpoint(422, 200);
+    const out = forward.handle(config({ batch: false }), [event(), event()], ep.send, ep.log);
+    assert.deepEqual(out.map((o) => o.tag), ['reject', 'done']);
+  });
+});
