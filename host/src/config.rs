@@ -451,6 +451,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configurations_are_valid() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for name in ["prismhook.toml", "local.toml"] {
+            let c = Config::load(&examples.join(name)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!c.clusters.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
     fn an_unknown_key_is_refused_with_its_name_and_place() {
         let e = parse("[listener]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err().to_string();
         assert!(e.starts_with("prismhook.toml: "), "{e}");

@@ -161,7 +161,7 @@ impl OutboundPolicy {
 
     /// Every injected header name, so the plugin cannot set or override one.
     pub fn is_injected_name(&self, name: &http::HeaderName) -> bool {
-        self.inject.iter().any(|h| &h.name == name)
+        self.inject.iter().any(|h| h.name == *name)
     }
 
     /// Every secret this policy can add, so responses can be scrubbed of
