@@ -3,14 +3,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prismhook::app::App;
 use prismhook::config::Config;
 use prismhook_sim::panos::{PanosConfig, PanosSim};
-use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismFaults, PrismSim, SimVm};
+use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismFaults, PrismSim};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -76,12 +76,8 @@ reconcile_interval = "0s"
     }
 }
 
-async fn wait(mut ready: impl FnMut() -> bool, what: &str) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait(ready: impl FnMut() -> bool, what: &str) {
+    common::wait_until(what, Duration::from_secs(30), ready).await
 }
 
 async fn drained(app: &App) {
@@ -91,21 +87,6 @@ async fn drained(app: &App) {
         "deliveries to finish",
     )
     .await;
-}
-
-/// The registrations the VMs' state calls for, with the plugin's defaults.
-fn truth(vms: &[SimVm]) -> BTreeMap<String, Vec<String>> {
-    let mut want: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for vm in vms.iter().filter(|vm| vm.power_state == "ON") {
-        for ip in vm.nics.iter().flat_map(|n| &n.ips) {
-            let tags = want.entry(ip.clone()).or_default();
-            tags.insert("ntnx.managed".into());
-            for (k, v) in &vm.categories {
-                tags.insert(format!("ntnx.{k}.{v}"));
-            }
-        }
-    }
-    want.into_iter().map(|(ip, t)| (ip, t.into_iter().collect())).collect()
 }
 
 #[tokio::test]
@@ -179,7 +160,7 @@ async fn older_and_newer_payload_variants_are_both_understood() {
         w.prism.set_faults(PrismFaults { legacy_payloads: legacy, empty_delete_metadata: legacy, ..Default::default() });
         let vm = w.prism.create_vm(NewVm::named("v").powered_on().category("Env", "Dev").nic(["10.5.0.1"])).await.unwrap().uuid;
         drained(&app).await;
-        assert_eq!(w.panos.registered(), truth(&w.prism.vms()), "legacy={legacy}");
+        assert_eq!(w.panos.registered(), common::firewall_truth(&w.prism.vms()), "legacy={legacy}");
         w.prism.plug_nic(&vm, NewNic::with_ips(["10.5.0.2"])).await.unwrap();
         drained(&app).await;
         assert_eq!(w.panos.registered().len(), 2, "legacy={legacy}");
@@ -291,11 +272,77 @@ async fn the_firewall_converges_after_lost_duplicated_and_reordered_webhooks() {
     }
     w.prism.flush().await;
     drained(&app).await;
-    let expected = truth(&w.prism.vms());
+    let expected = common::firewall_truth(&w.prism.vms());
     assert_ne!(w.panos.registered(), expected, "with 20% of the webhooks lost the firewall should be off");
     let lines = app.registrars[0].reconcile().await.unwrap();
     assert!(lines.iter().all(|l| !l.contains("failed")), "{lines:?}");
     assert_eq!(w.panos.registered(), expected);
     assert_eq!(w.panos.stats().commits, 0);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_listener_serves_https_when_configured_and_prism_posts_over_it() {
+    let w = world().await;
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_path, key_path) = (w.dir.path().join("cert.pem"), w.dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let mut config = w.config("");
+    config.listener.tls = Some(prismhook::config::TlsFiles { cert: cert_path, key: key_path });
+    let app = App::start(config).await.unwrap();
+    wait(|| app.cluster_status().iter().all(|c| c.registered), "registration").await;
+    let hook = w.prism.webhooks()[0].clone();
+    assert!(hook.post_url.starts_with("https://"), "{}", hook.post_url);
+    w.prism.create_vm(NewVm::named("tls").powered_on().nic(["10.7.0.1"])).await.unwrap();
+    drained(&app).await;
+    assert_eq!(w.panos.registered().len(), 1, "{:?}", w.prism.deliveries());
+    // Plain HTTP to the TLS port gets nowhere.
+    let plain = hook.post_url.replacen("https://", "http://", 1);
+    let answer = reqwest::Client::new().post(plain).body("{}").send().await;
+    assert!(!matches!(&answer, Ok(r) if r.status().is_success()), "{answer:?}");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() {
+    let w = world().await;
+    let fw = w.panos.base_url();
+    let config = w.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "instance = \"test\"\n[listener]\nlisten = \"127.0.0.1:18080\"\n[storage]\ndata_dir = \"{}\"\n\
+             [plugins]\ndir = \"{}\"\n[plugin.paloalto]\nconfig = {{ firewall = \"{fw}\" }}\n\
+             [[cluster]]\nname = \"lab\"\nprism_url = \"{}\"\nusername = \"admin\"\npassword = {{ value = \"nutanix/4u\" }}\n",
+            w.dir.path().join("data").display(),
+            w.dir.path().join("plugins").display(),
+            w.prism.base_url()
+        ),
+    )
+    .unwrap();
+    let run = |action: &'static str| {
+        let config = config.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
+                .args(["webhooks", action, "--config"])
+                .arg(&config)
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{action}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    for _ in 0..2 {
+        let out = run("sync").await;
+        assert!(out.contains("in sync (8 events)"), "{out}");
+    }
+    assert_eq!(w.prism.webhooks().len(), 1, "syncing twice leaves one webhook");
+    assert_eq!(w.prism.webhooks()[0].post_url, "http://127.0.0.1:18080/listener/callback/lab");
+    let out = run("list").await;
+    assert!(out.contains("[this host]") && out.contains("test-lab"), "{out}");
+    let out = run("remove").await;
+    assert!(out.contains("removed 1 webhook"), "{out}");
+    assert!(w.prism.webhooks().is_empty());
 }

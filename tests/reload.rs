@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prismhook::app::App;
 use prismhook::config::Config;
@@ -75,12 +75,8 @@ fn probe_variant(n: u32) -> Vec<u8> {
     bytes
 }
 
-async fn wait(mut ready: impl FnMut() -> bool, what: &str) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait(ready: impl FnMut() -> bool, what: &str) {
+    common::wait_until(what, Duration::from_secs(60), ready).await
 }
 
 async fn append(app: &App, seq: u64, entity: &str, event_type: &str) -> u64 {

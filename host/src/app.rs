@@ -40,6 +40,7 @@ pub struct App {
     listener_task: JoinHandle<()>,
     dispatcher_task: JoinHandle<()>,
     reload_task: JoinHandle<()>,
+    prune_task: JoinHandle<()>,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -91,6 +92,21 @@ impl App {
                 quarantine_pause: config.delivery.quarantine_pause,
             },
         );
+        // Retention: delivered events older than the retention period go.
+        let prune_task = tokio::spawn({
+            let ledger = ledger.clone();
+            async move {
+                let mut every = tokio::time::interval(Duration::from_secs(300));
+                loop {
+                    every.tick().await;
+                    match ledger.prune().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(events = n, "pruned delivered events past retention"),
+                        Err(e) => tracing::warn!("pruning the ledger failed: {e}"),
+                    }
+                }
+            }
+        });
         let dispatcher_task = tokio::spawn({
             let d = dispatcher.clone();
             async move { d.run().await }
@@ -114,12 +130,20 @@ impl App {
         let listener_addr = config.listener.listen;
         let (shutdown_listener, mut stop_rx) = tokio::sync::watch::channel(false);
         let app_router = listener::router(state);
+        let tls = config.listener.tls.clone();
         let listener_task = tokio::spawn(async move {
-            let serve = axum::serve(tcp, app_router).with_graceful_shutdown(async move {
+            let stopped = async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("listener stopped: {e}");
+            };
+            let result = match tls {
+                Some(files) => listener::serve_tls(tcp, app_router, &files, stopped).await,
+                None => axum::serve(tcp, app_router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                    .map_err(anyhow::Error::from),
+            };
+            if let Err(e) = result {
+                tracing::error!("listener stopped: {e:#}");
             }
         });
         tracing::info!(addr = %listener_addr, "listening for Prism notifications");
@@ -149,6 +173,7 @@ impl App {
             listener_task,
             dispatcher_task,
             reload_task,
+            prune_task,
             watcher,
         })
     }
@@ -184,6 +209,8 @@ impl App {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.listener_task).await;
         // Every task holding the runtime or the ledger must be gone before
         // they close, so the same data directory can be opened again.
+        self.prune_task.abort();
+        let _ = self.prune_task.await;
         drop((self.watcher, self.reloader));
         let _ = self.reload_task.await;
         self.ledger.close().await.context("closing the ledger")?;
@@ -194,7 +221,7 @@ impl App {
 /// The password Prism must present for `cluster`: from the config, or
 /// generated once and kept (mode 0600) in the data directory, so restarts
 /// do not force a webhook update.
-fn webhook_password(config: &Config, cluster: &crate::config::ClusterConfig) -> anyhow::Result<Secret> {
+pub fn webhook_password(config: &Config, cluster: &crate::config::ClusterConfig) -> anyhow::Result<Secret> {
     if let Some(src) = &cluster.webhook_password {
         return src
             .resolve()

@@ -9,7 +9,8 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::nutanix::registrar::{client_for, expand, webhook_name};
+use crate::listener::ClusterAuth;
+use crate::nutanix::registrar::{client_for, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget};
 use crate::runtime::{PluginSettings, Runtime, RuntimeOptions};
 
 pub enum WebhookCommand {
@@ -50,12 +51,24 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                     println!("cluster {}: removed {n} webhook(s) of this host", cluster.name);
                 }
                 _ => {
-                    println!(
-                        "cluster {}: run `prismhook run` to keep the webhook in sync; \
-                         the plugins directory subscribes to: {}",
-                        cluster.name,
-                        events.join(", ")
-                    );
+                    let auth = ClusterAuth {
+                        user: cluster.webhook_user.clone(),
+                        password: crate::app::webhook_password(&config, cluster)?,
+                    };
+                    let target = SyncTarget {
+                        client: &client,
+                        cluster: &cluster.name,
+                        name: ours.clone(),
+                        description: format!("prismhook instance `{}`: managed, do not edit", config.instance),
+                        post_url: url.clone(),
+                        events: events.clone(),
+                        auth: &auth,
+                        fingerprint_path: fingerprint_path(&config, &cluster.name),
+                    };
+                    match sync_webhook(&target).await? {
+                        Some(uuid) => println!("cluster {}: webhook {uuid} in sync ({} events)", cluster.name, events.len()),
+                        None => println!("cluster {}: no plugin subscribes to anything; no webhook", cluster.name),
+                    }
                 }
             }
             Ok(())

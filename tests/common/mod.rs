@@ -18,7 +18,9 @@ pub fn component(name: &str) -> PathBuf {
 
 /// A fixture from ../shared/fixtures.
 pub fn fixture(rel: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures").join(rel);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures")
+        .join(rel);
     assert!(path.is_file(), "fixture {} is missing", path.display());
     path
 }
@@ -36,4 +38,38 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Polls `ready` until it holds; fails the test after `limit` with `what`.
+/// A liveness bound, not a timing assertion: it only stops a stuck test.
+pub async fn wait_until(what: &str, limit: std::time::Duration, mut ready: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + limit;
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The registrations the Palo Alto plugin's defaults call for, given the
+/// Prism simulator's VMs: the truth convergence tests compare against.
+pub fn firewall_truth(
+    vms: &[prismhook_sim::prism::SimVm],
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut want: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for vm in vms.iter().filter(|vm| vm.power_state == "ON") {
+        for ip in vm.nics.iter().flat_map(|n| &n.ips) {
+            let tags = want.entry(ip.clone()).or_default();
+            tags.insert("ntnx.managed".into());
+            for (k, v) in &vm.categories {
+                tags.insert(format!("ntnx.{k}.{v}"));
+            }
+        }
+    }
+    want.into_iter()
+        .map(|(ip, t)| (ip, t.into_iter().collect()))
+        .collect()
 }

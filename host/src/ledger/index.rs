@@ -308,7 +308,7 @@ impl Index {
         }
     }
 
-    fn lane_of(&self, id: u64) -> Option<LaneKey> {
+    pub fn lane_of(&self, id: u64) -> Option<LaneKey> {
         self.events.get(&id).map(|e| e.lane.clone())
     }
 

@@ -487,6 +487,11 @@ impl Ledger {
     /// attempts or age are used up; reject → dead at once. Outcomes for deliveries that are not in
     /// flight for `plugin` are ignored with a warning.
     ///
+    /// A done that follows, in the same results, an event of its entity that will be retried is
+    /// not delivered yet: it goes back to pending without counting an attempt and comes again
+    /// after the retried one, so a retrying event holds back the later events of its entity even
+    /// when they shared its batch.
+    ///
     /// Must not race with [`Ledger::release`] of the same ids.
     pub async fn complete(
         &self,

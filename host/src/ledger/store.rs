@@ -6,7 +6,7 @@
 //! | `deliveries` | (plugin, event id) | [`DeliveryRecord`] as JSON |
 //! | `dedupe` | dedupe key | (event id, received_at_ms) |
 //! | `dedupe_by_time` | (received_at_ms, dedupe key) | () — lets prune find expired keys without a scan |
-//! | `meta` | name | u64: `next_event_id`, `delivered/<plugin>` |
+//! | `meta` | name | u64: `next_event_id` (written by prune only), `delivered/<plugin>` |
 //!
 //! Events are the bulk of the file and are written on the hot path, so they are a redb tuple:
 //! the body is stored as it came, not escaped into another JSON document. Delivery records are

@@ -249,6 +249,52 @@ async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
 }
 
 #[tokio::test]
+async fn a_done_behind_a_retry_in_the_same_batch_comes_again_after_it() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.initial = Duration::from_millis(100);
+    let ledger = Ledger::open(opts).unwrap();
+    let a1 = append(&ledger, "a", &["fw"]).await;
+    let a2 = append(&ledger, "a", &["fw"]).await;
+    let b1 = append(&ledger, "b", &["fw"]).await;
+    let a3 = append(&ledger, "a", &["fw"]).await;
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&batch), [a1, a2, b1, a3]);
+
+    // a1 is done, a2 fails, a3 and b1 are done: a3 must not overtake a2.
+    let results = vec![
+        (a1, Outcome::Done),
+        (a2, retry("firewall busy")),
+        (b1, Outcome::Done),
+        (a3, Outcome::Done),
+    ];
+    ledger.complete("fw", results).await.unwrap();
+    let b = backlog_of(&ledger, "fw");
+    assert_eq!((b.delivered, b.pending, b.retrying, b.in_flight), (2, 2, 1, 0));
+    assert!(ledger.claim("fw", 10).await.unwrap().is_empty(), "a waits for a2's retry time");
+
+    until_due(&ledger, "fw", Duration::from_secs(2)).await;
+    let again = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&again), [a2, a3]);
+    assert_eq!((again[0].attempt, again[1].attempt), (2, 1), "held back, a3 used no attempt");
+}
+
+#[tokio::test]
+async fn a_done_behind_a_retry_that_dies_is_delivered() {
+    let dir = TempDir::new().unwrap();
+    let mut opts = options(&dir);
+    opts.retry.max_attempts = 1;
+    let ledger = Ledger::open(opts).unwrap();
+    let a1 = append(&ledger, "a", &["fw"]).await;
+    let a2 = append(&ledger, "a", &["fw"]).await;
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(ids(&batch), [a1, a2]);
+    ledger.complete("fw", vec![(a1, retry("no")), (a2, Outcome::Done)]).await.unwrap();
+    let b = backlog_of(&ledger, "fw");
+    assert_eq!((b.delivered, b.dead, b.pending), (1, 1, 0));
+}
+
+#[tokio::test]
 async fn retry_backoff_doubles_and_honours_a_longer_plugin_delay() {
     let dir = TempDir::new().unwrap();
     let mut opts = options(&dir);

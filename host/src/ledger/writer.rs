@@ -124,6 +124,8 @@ enum Change {
     Done,
     Retry(Failure),
     Dead,
+    /// Back to pending as it was, no attempt counted: see `stage_complete`.
+    HeldBack,
 }
 
 /// Per-transaction state that only becomes real if the transaction commits.
@@ -235,12 +237,6 @@ impl Writer {
                 .iter()
                 .map(|op| self.stage(&mut tables, &mut staged, op, now))
                 .collect::<Result<Vec<_>, _>>()?;
-            if staged.next_id != self.next_id {
-                tables
-                    .meta
-                    .insert(NEXT_EVENT_ID, staged.next_id)
-                    .ctx("writing the next event id")?;
-            }
             for (plugin, done) in &staged.delivered {
                 let key = delivered_key(plugin);
                 let total = tables
@@ -301,7 +297,9 @@ impl Writer {
                 event_types,
                 after,
             } => stage_replay_since(t, plugin, *since_ms, event_types.as_deref(), *after),
-            Op::PruneEvents { cutoff_ms, after } => self.stage_prune_events(t, *cutoff_ms, *after),
+            Op::PruneEvents { cutoff_ms, after } => {
+                self.stage_prune_events(t, staged, *cutoff_ms, *after)
+            }
             Op::PruneDedupe { cutoff_ms } => stage_prune_dedupe(t, *cutoff_ms),
             Op::MeasureFile => Ok(Effect::Nothing),
         }
@@ -319,18 +317,27 @@ impl Writer {
         results: &[(u64, Outcome)],
         now: u64,
     ) -> Result<Effect, LedgerError> {
-        let in_flight: Vec<bool> = {
+        let (in_flight, lanes): (Vec<bool>, Vec<Option<LaneKey>>) = {
             let index = self.shared.index();
             results
                 .iter()
-                .map(|(id, _)| index.is_in_flight(plugin, *id))
-                .collect()
+                .map(|(id, _)| (index.is_in_flight(plugin, *id), index.lane_of(*id)))
+                .unzip()
         };
         let policy = self.shared.opts.retry.clone();
         let mut seen = HashSet::new();
         let mut changes = Vec::new();
-        for ((id, outcome), in_flight) in results.iter().zip(in_flight) {
-            let id = *id;
+        // Entities with an event in these results that will be retried. A batch may carry several
+        // consecutive events of one entity; when an earlier one is to be retried, a later one the
+        // plugin says is done must not count as delivered ahead of it (the retry would then reach
+        // the plugin after it, and a stale state would win). It goes back to pending, uncounted,
+        // and comes again after the retry.
+        let mut retrying: HashSet<LaneKey> = HashSet::new();
+        let mut order: Vec<usize> = (0..results.len()).collect();
+        order.sort_by_key(|&i| results[i].0);
+        for i in order {
+            let (id, outcome) = &results[i];
+            let (id, in_flight, lane) = (*id, in_flight[i], &lanes[i]);
             if !in_flight || !seen.insert(id) {
                 warn!(
                     plugin,
@@ -347,6 +354,16 @@ impl Writer {
                 );
                 continue;
             };
+            let held = lane.as_ref().is_some_and(|l| retrying.contains(l));
+            if held && matches!(outcome, Outcome::Done) {
+                debug!(
+                    plugin,
+                    event_id = id,
+                    "held back: an earlier event of its entity will be retried"
+                );
+                changes.push((id, Change::HeldBack));
+                continue;
+            }
             let attempts = record.attempts + 1;
             let change = match outcome {
                 Outcome::Done => {
@@ -409,6 +426,7 @@ impl Writer {
                         record.due_at_ms = due_at_ms;
                         record.reason = Some(reason.clone());
                         t.put_record(plugin, id, &record)?;
+                        retrying.extend(lane.clone());
                         Change::Retry(Failure {
                             attempts,
                             due_at_ms,
@@ -427,6 +445,7 @@ impl Writer {
     fn stage_prune_events(
         &self,
         t: &mut Tables,
+        staged: &Staged,
         cutoff_ms: u64,
         after: Option<u64>,
     ) -> Result<Effect, LedgerError> {
@@ -457,6 +476,13 @@ impl Writer {
             t.events
                 .remove(id)
                 .with_ctx(|| format!("deleting event {id}"))?;
+        }
+        if !victims.is_empty() {
+            // On open the next id is one past the last event; once the last event may be gone,
+            // the counter must be on disk so that ids are never reused.
+            t.meta
+                .insert(NEXT_EVENT_ID, staged.next_id)
+                .ctx("writing the next event id")?;
         }
         Ok(Effect::Chunk {
             count: victims.len() as u64,
@@ -491,6 +517,9 @@ impl Writer {
                             Change::Done => index.mark_done(&plugin, id),
                             Change::Retry(failure) => index.mark_retry(&plugin, id, failure),
                             Change::Dead => index.mark_dead(&plugin, id),
+                            Change::HeldBack => {
+                                index.release(&plugin, &[id]);
+                            }
                         }
                     }
                     wake.push(plugin);

@@ -193,61 +193,21 @@ impl Registrar {
     /// Makes Prism hold exactly one webhook of ours, with the right URL,
     /// events and credentials; removes our duplicates; leaves others alone.
     pub async fn sync(&self) -> anyhow::Result<()> {
-        let c = &self.inner.client;
-        let name = self.webhook_name();
-        let post_url = self.inner.config.callback_url(&self.inner.cluster.name);
-        let events = expand(&self.inner.registry.subscriptions());
-        c.auth_check().await?;
-        let hooks = c.list_webhooks().await?;
-        let mut mine: Vec<Webhook> = hooks.into_iter().filter(|h| h.name == name || h.post_url == post_url).collect();
-        // Keep the one that already fits best, so a restart changes nothing.
-        mine.sort_by_key(|h| (h.post_url != post_url, h.name != name, h.uuid.clone()));
-        let spec = WebhookSpec {
-            name: name.clone(),
+        let target = SyncTarget {
+            client: &self.inner.client,
+            cluster: &self.inner.cluster.name,
+            name: self.webhook_name(),
             description: format!("prismhook instance `{}`: managed, do not edit", self.inner.config.instance),
-            post_url: post_url.clone(),
-            events: events.clone(),
-            credentials: Some((self.inner.auth.user.clone(), self.inner.auth.password.expose().to_owned())),
+            post_url: self.inner.config.callback_url(&self.inner.cluster.name),
+            events: expand(&self.inner.registry.subscriptions()),
+            auth: &self.inner.auth,
+            fingerprint_path: fingerprint_path(&self.inner.config, &self.inner.cluster.name),
         };
-        let creds_fp = self.credentials_fingerprint();
-        let recorded = self.recorded_fingerprint();
-        let mut keeper: Option<String> = None;
-        if events.is_empty() {
-            for h in &mine {
-                c.delete_webhook(&h.uuid).await?;
-                tracing::info!(cluster = %self.inner.cluster.name, uuid = %h.uuid, "no plugin subscribes to anything: webhook removed");
-            }
-        } else if let Some(first) = mine.first() {
-            let mut current_events = first.events.clone();
-            current_events.sort();
-            let differs = first.post_url != post_url
-                || first.name != name
-                || current_events != events
-                || first.username.as_deref().is_some_and(|u| u != self.inner.auth.user)
-                || recorded.as_deref() != Some(creds_fp.as_str());
-            if differs {
-                c.update_webhook(&first.uuid, first.spec_version, &spec).await?;
-                c.wait_complete(&first.uuid, WAIT_COMPLETE).await?;
-                tracing::info!(cluster = %self.inner.cluster.name, uuid = %first.uuid, events = events.len(), "webhook updated");
-            }
-            for extra in &mine[1..] {
-                c.delete_webhook(&extra.uuid).await?;
-                tracing::info!(cluster = %self.inner.cluster.name, uuid = %extra.uuid, "duplicate webhook of ours removed");
-            }
-            keeper = Some(first.uuid.clone());
-        } else {
-            let uuid = c.create_webhook(&spec).await?;
-            c.wait_complete(&uuid, WAIT_COMPLETE).await?;
-            tracing::info!(cluster = %self.inner.cluster.name, %uuid, %post_url, events = events.len(), "webhook created");
-            keeper = Some(uuid);
-        }
-        if keeper.is_some() {
-            self.record_fingerprint(&creds_fp);
-        }
+        let keeper = sync_webhook(&target).await?;
         let mut s = self.inner.status.lock().expect("status lock");
         s.registered = keeper.is_some();
         s.webhook_uuid = keeper;
-        s.registered_events = events;
+        s.registered_events = target.events;
         s.last_error = None;
         s.last_sync_ms = Some(now_ms());
         Ok(())
@@ -266,40 +226,6 @@ impl Registrar {
         }
         tracing::info!(cluster = %self.inner.cluster.name, removed = n, "webhooks deregistered");
         Ok(n)
-    }
-
-    /// Prism never returns the password, so the host remembers a
-    /// fingerprint of the credentials it registered and updates the webhook
-    /// when they change.
-    fn credentials_fingerprint(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(self.inner.auth.user.as_bytes());
-        h.update([0]);
-        h.update(self.inner.auth.password.expose().as_bytes());
-        hex::encode(&h.finalize()[..16])
-    }
-
-    fn fingerprint_path(&self) -> std::path::PathBuf {
-        self.inner
-            .config
-            .storage
-            .data_dir
-            .join("webhook-credentials")
-            .join(format!("{}.registered", self.inner.cluster.name))
-    }
-
-    fn recorded_fingerprint(&self) -> Option<String> {
-        std::fs::read_to_string(self.fingerprint_path()).ok().map(|s| s.trim().to_owned())
-    }
-
-    fn record_fingerprint(&self, fp: &str) {
-        let path = self.fingerprint_path();
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        if let Err(e) = std::fs::write(&path, fp) {
-            tracing::warn!(path = %path.display(), "cannot record webhook credentials fingerprint: {e}");
-        }
     }
 
     async fn run_reconcile(self) {
@@ -357,6 +283,96 @@ impl Registrar {
         s.last_reconcile = lines.clone();
         Ok(lines)
     }
+}
+
+/// Everything one webhook sync needs; shared by the registrar and the
+/// `prismhook webhooks sync` command.
+pub struct SyncTarget<'a> {
+    pub client: &'a PrismClient,
+    pub cluster: &'a str,
+    pub name: String,
+    pub description: String,
+    pub post_url: String,
+    pub events: Vec<String>,
+    pub auth: &'a ClusterAuth,
+    /// Where the fingerprint of the registered credentials is kept.
+    pub fingerprint_path: std::path::PathBuf,
+}
+
+/// Makes Prism hold exactly one webhook of ours (found by name or URL) with
+/// the right URL, events and credentials: creates it if missing, updates it
+/// if it differs, removes our duplicates, never touches others'. With no
+/// events, removes ours. Returns the uuid kept.
+pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> {
+    let c = t.client;
+    c.auth_check().await?;
+    let hooks = c.list_webhooks().await?;
+    let mut mine: Vec<Webhook> = hooks.into_iter().filter(|h| h.name == t.name || h.post_url == t.post_url).collect();
+    // Keep the one that already fits best, so a restart changes nothing.
+    mine.sort_by_key(|h| (h.post_url != t.post_url, h.name != t.name, h.uuid.clone()));
+    let spec = WebhookSpec {
+        name: t.name.clone(),
+        description: t.description.clone(),
+        post_url: t.post_url.clone(),
+        events: t.events.clone(),
+        credentials: Some((t.auth.user.clone(), t.auth.password.expose().to_owned())),
+    };
+    // Prism never returns the password, so a fingerprint of the registered
+    // credentials tells whether they changed.
+    let fingerprint = {
+        let mut h = Sha256::new();
+        h.update(t.auth.user.as_bytes());
+        h.update([0]);
+        h.update(t.auth.password.expose().as_bytes());
+        hex::encode(&h.finalize()[..16])
+    };
+    let recorded = std::fs::read_to_string(&t.fingerprint_path).ok().map(|s| s.trim().to_owned());
+    let cluster = t.cluster;
+    if t.events.is_empty() {
+        for h in &mine {
+            c.delete_webhook(&h.uuid).await?;
+            tracing::info!(%cluster, uuid = %h.uuid, "no plugin subscribes to anything: webhook removed");
+        }
+        return Ok(None);
+    }
+    let keeper = match mine.first() {
+        Some(first) => {
+            let mut current = first.events.clone();
+            current.sort();
+            let differs = first.post_url != t.post_url
+                || first.name != t.name
+                || current != t.events
+                || first.username.as_deref().is_some_and(|u| u != t.auth.user)
+                || recorded.as_deref() != Some(fingerprint.as_str());
+            if differs {
+                c.update_webhook(&first.uuid, first.spec_version, &spec).await?;
+                c.wait_complete(&first.uuid, WAIT_COMPLETE).await?;
+                tracing::info!(%cluster, uuid = %first.uuid, events = t.events.len(), "webhook updated");
+            }
+            for extra in &mine[1..] {
+                c.delete_webhook(&extra.uuid).await?;
+                tracing::info!(%cluster, uuid = %extra.uuid, "duplicate webhook of ours removed");
+            }
+            first.uuid.clone()
+        }
+        None => {
+            let uuid = c.create_webhook(&spec).await?;
+            c.wait_complete(&uuid, WAIT_COMPLETE).await?;
+            tracing::info!(%cluster, %uuid, post_url = %t.post_url, events = t.events.len(), "webhook created");
+            uuid
+        }
+    };
+    if let Some(dir) = t.fingerprint_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(&t.fingerprint_path, &fingerprint) {
+        tracing::warn!(path = %t.fingerprint_path.display(), "cannot record webhook credentials fingerprint: {e}");
+    }
+    Ok(Some(keeper))
+}
+
+pub fn fingerprint_path(config: &Config, cluster: &str) -> std::path::PathBuf {
+    config.storage.data_dir.join("webhook-credentials").join(format!("{cluster}.registered"))
 }
 
 pub fn webhook_name(config: &Config, cluster: &str) -> String {
