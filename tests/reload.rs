@@ -214,7 +214,13 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
     let reports = app.reloader.reload().await;
     assert!(matches!(&reports[0], Report::Removed { plugin, .. } if plugin == "probe"), "{reports:?}");
     assert!(app.registry.get("probe").is_none());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The batch in hand finishes on the removed version (the loop hits its
+    // deadline, then is isolated); after that nothing is in flight.
+    wait(
+        || app.ledger.backlog().unwrap().iter().all(|b| b.in_flight == 0),
+        "the batch in hand to finish",
+    )
+    .await;
     let backlog = app.ledger.backlog().unwrap();
     let probe = backlog.iter().find(|b| b.plugin == "probe").unwrap();
     assert!(probe.pending >= 1, "the deliveries wait: {probe:?}");

@@ -210,7 +210,6 @@ async fn worker(inner: Arc<Inner>, name: String) {
 }
 
 async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coalesce: bool, batch: Vec<Delivery>) {
-    let ids: Vec<u64> = batch.iter().map(|d| d.event.id).collect();
     // With coalescing, each entity's newest event stands for its older
     // ones in the batch, and they share its outcome.
     let representative: Vec<usize> = if coalesce {
@@ -232,8 +231,26 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
     let elapsed = started.elapsed();
     drop(shared);
 
-    let by_index: HashMap<usize, &LedgerOutcome> = sent.iter().copied().zip(sent_outcomes.iter()).collect();
-    let outcomes: Vec<LedgerOutcome> = representative.iter().map(|r| by_index[r].clone()).collect();
+    let by_index: HashMap<usize, &Option<LedgerOutcome>> = sent.iter().copied().zip(sent_outcomes.iter()).collect();
+    let mut release = Vec::new();
+    let mut tried = Vec::new();
+    let mut outcomes = Vec::new();
+    for (d, r) in batch.iter().zip(&representative) {
+        match by_index[r] {
+            Some(o) => {
+                tried.push(d);
+                outcomes.push(o.clone());
+            }
+            None => release.push(d.event.id),
+        }
+    }
+    if !release.is_empty() {
+        if let Err(e) = inner.ledger.release(name, &release).await {
+            tracing::error!(plugin = %name, "cannot release untried deliveries: {e}");
+        }
+    }
+    let batch = tried;
+    let ids: Vec<u64> = batch.iter().map(|d| d.event.id).collect();
     for (d, o) in batch.iter().zip(&outcomes) {
         match o {
             LedgerOutcome::Done => tracing::debug!(
@@ -264,32 +281,32 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
 /// poison event cannot hold the healthy events of its batch hostage. Events
 /// after a failed one of the same entity are not tried, to keep that
 /// entity's order. Returns one outcome per event and the first call error.
-async fn handle_isolating(plugin: &crate::runtime::Plugin, events: Vec<Event>) -> (Vec<LedgerOutcome>, Option<CallError>) {
+/// `None` marks an event that was not tried and must be released.
+async fn handle_isolating(plugin: &crate::runtime::Plugin, events: Vec<Event>) -> (Vec<Option<LedgerOutcome>>, Option<CallError>) {
     let retry = |e: &CallError| LedgerOutcome::Retry { reason: e.to_string(), delay: None };
     let error = match plugin.handle(events.clone()).await {
-        Ok(outcomes) => return (outcomes.iter().map(to_ledger).collect(), None),
+        Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
     };
     tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{error}");
     if events.len() == 1 {
-        return (vec![retry(&error)], Some(error));
+        return (vec![Some(retry(&error))], Some(error));
     }
     let mut blocked: std::collections::HashSet<(String, String)> = Default::default();
     let mut outcomes = Vec::with_capacity(events.len());
     for event in events {
         let entity = (event.cluster.clone(), event.entity_uuid.clone());
         if blocked.contains(&entity) {
-            outcomes.push(LedgerOutcome::Retry {
-                reason: "waiting for an earlier event of the same entity".into(),
-                delay: None,
-            });
+            // Not tried: it goes back to the queue without costing an
+            // attempt, behind the failed event of its entity.
+            outcomes.push(None);
             continue;
         }
         match plugin.handle(vec![event]).await {
-            Ok(o) => outcomes.push(to_ledger(&o[0])),
+            Ok(o) => outcomes.push(Some(to_ledger(&o[0]))),
             Err(e) => {
                 tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {e}");
-                outcomes.push(retry(&e));
+                outcomes.push(Some(retry(&e)));
                 blocked.insert(entity);
             }
         }
