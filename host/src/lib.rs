@@ -6,6 +6,7 @@
 //! dispatcher and runtime know nothing of Prism. [`app`] assembles them;
 //! [`reload`] is the only task that changes the plugin [`registry`].
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,531 @@
+//! The admin listener: health, readiness, Prometheus metrics, the operator
+//! API and a status page, on a port of its own.
+//!
+//! It is separate from the notification listener because the two face
+//! different people: Prism's listener must be reachable from the cluster,
+//! while this one lets an operator replay or drop events and should stay on
+//! loopback, or behind a token when it cannot (the configuration refuses a
+//! non-loopback address without one).
+//!
+//! Everything here reads the handles the running host already shares — the
+//! ledger, the plugin registry, the dispatcher's counters, the registrars
+//! and the listener's counts — so nothing is counted twice and nothing can
+//! drift. Nothing global is installed either: each [`AdminState`] owns its
+//! metrics registry, so several hosts in one process (as in the tests) never
+//! see each other's numbers.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | `ok` while the process runs; the only route without the token |
+//! | `GET /readyz` | 200 once the listener accepts, the ledger is open and a cluster is registered; else 503 with the reasons |
+//! | `GET /metrics` | Prometheus (OpenMetrics) text |
+//! | `GET /` | the status page (`admin/status.html`, inline CSS and JS) |
+//! | `GET /api/plugins`, `POST /api/plugins/reload` | plugins with state, counts and backlog; rescan the plugins directory |
+//! | `GET /api/clusters`, `POST /api/reconcile` | clusters and their webhook; reconcile now |
+//! | `GET /api/dlq`, `POST /api/dlq/replay`, `POST /api/dlq/drop` | dead letters |
+//! | `POST /api/replay` | redeliver a plugin's events since a time |
+//!
+//! The request and answer bodies are the types in [`api`]; [`client`] is the
+//! CLI side that speaks them.
+
+pub mod api;
+pub mod client;
+mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::app::App;
+use crate::dispatch::Dispatcher;
+use crate::ledger::{Ledger, LedgerError};
+use crate::listener::ListenerStats;
+use crate::nutanix::registrar::Registrar;
+use crate::registry::Registry;
+use crate::reload::{self, Reloader};
+use crate::secret::Secret;
+
+pub use metrics::HandleDurations;
+
+use api::{
+    ClusterReport, Count, DeadLetters, DlqQuery, DlqSelection, PluginReport, Readiness,
+    ReconcileRequest, ReconcileResult, ReplayRequest,
+};
+
+/// The status page: one self-contained file, no build step.
+const STATUS_PAGE: &str = include_str!("admin/status.html");
+
+/// Most dead letters one `GET /api/dlq` returns.
+const DLQ_LIMIT_MAX: usize = 10_000;
+
+/// The host's shared handles the admin API reads and acts on. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    pub ledger: Ledger,
+    pub registry: Registry,
+    pub dispatcher: Dispatcher,
+    pub registrars: Vec<Registrar>,
+    pub listener_stats: Arc<ListenerStats>,
+    pub reloader: Reloader,
+    /// When set, every route but `/healthz` needs `Authorization: Bearer`.
+    pub token: Option<Secret>,
+    /// Whether the notification listener accepts. Clear it when shutdown
+    /// begins, so that `/readyz` turns 503 before the listener stops.
+    pub ready: Arc<AtomicBool>,
+    /// `handle` durations, recorded by the dispatcher when it is given this
+    /// handle; rendered as a histogram per plugin.
+    pub handle_durations: HandleDurations,
+}
+
+impl AdminState {
+    /// The admin view of a started host: its handles, the token from
+    /// `[admin] token`, and ready (the listener accepts once `App::start`
+    /// has returned).
+    pub fn from_app(app: &App) -> anyhow::Result<AdminState> {
+        let token = match &app.config.admin.token {
+            Some(source) => Some(source.resolve().context("reading `admin.token`")?),
+            None => None,
+        };
+        Ok(AdminState {
+            ledger: app.ledger.clone(),
+            registry: app.registry.clone(),
+            dispatcher: app.dispatcher.clone(),
+            registrars: app.registrars.clone(),
+            listener_stats: app.stats.clone(),
+            reloader: app.reloader.clone(),
+            token,
+            ready: Arc::new(AtomicBool::new(true)),
+            handle_durations: HandleDurations::default(),
+        })
+    }
+
+    /// Marks the host (not) ready; `/readyz` follows at once.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// What the handlers share: the state and the metrics registry built on it.
+struct Shared {
+    state: AdminState,
+    metrics: metrics::Metrics,
+}
+
+type Admin = State<Arc<Shared>>;
+
+/// Serves the admin API on `listener` until `shutdown` completes.
+pub async fn serve(
+    state: AdminState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, token = state.token.is_some(), "admin API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The admin routes, for [`serve`] or for calling without a socket.
+pub fn router(state: AdminState) -> Router {
+    let metrics = metrics::Metrics::new(&state);
+    let shared = Arc::new(Shared { state, metrics });
+    let protected = Router::new()
+        .route("/", get(status_page))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/api/plugins", get(plugins))
+        .route("/api/plugins/reload", post(reload_plugins))
+        .route("/api/clusters", get(clusters))
+        .route("/api/reconcile", post(reconcile))
+        .route("/api/dlq", get(dlq_list))
+        .route("/api/dlq/replay", post(dlq_replay))
+        .route("/api/dlq/drop", post(dlq_drop))
+        .route("/api/replay", post(replay))
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(protected)
+        .layer(middleware::from_fn(trace_request))
+        .with_state(shared)
+}
+
+/// Logs each request by method and path; never the query, which may hold
+/// the status page's token.
+async fn trace_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = next.run(req).await;
+    tracing::debug!(%method, %path, status = response.status().as_u16(), "admin request");
+    response
+}
+
+async fn require_token(State(shared): Admin, req: Request, next: Next) -> Response {
+    let Some(expected) = &shared.state.token else {
+        return next.run(req).await;
+    };
+    // A browser cannot send a header when it opens the status page, so the
+    // page (and only the page, which holds no data) also takes `?token=`.
+    let presented = bearer(req.headers()).or_else(|| match req.uri().path() {
+        "/" => query_token(req.uri()),
+        _ => None,
+    });
+    if presented.is_some_and(|p| token_matches(&p, expected)) {
+        return next.run(req).await;
+    }
+    tracing::warn!(
+        path = req.uri().path(),
+        "admin request with a wrong or missing token refused"
+    );
+    let mut r = ApiError::Unauthorized.into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"prismhook admin\""),
+    );
+    r
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+fn query_token(uri: &Uri) -> Option<String> {
+    url::form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Compares digests in constant time, so neither the time taken nor an
+/// early exit on length tells how much of a guess was right.
+fn token_matches(presented: &str, expected: &Secret) -> bool {
+    let a = Sha256::digest(presented.as_bytes());
+    let b = Sha256::digest(expected.expose().as_bytes());
+    a.ct_eq(&b).into()
+}
+
+/// Why an admin request failed, as the operator should read it.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("wrong or missing token: send `Authorization: Bearer <admin.token>`")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match &self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, self.to_string()),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, self.to_string()),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, self.to_string()),
+            ApiError::Ledger(LedgerError::Closed) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the ledger is closed: the host is shutting down".to_owned(),
+            ),
+            ApiError::Ledger(e) => {
+                // The detail (paths, database errors) belongs in the log.
+                tracing::error!("admin API: {e}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the ledger failed; see the host's log".to_owned(),
+                )
+            }
+        };
+        (status, Json(api::Error { error: message })).into_response()
+    }
+}
+
+async fn status_page() -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            // The URL may carry the token: keep it out of Referer headers.
+            (header::REFERRER_POLICY, "no-referrer"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; connect-src 'self'; script-src 'unsafe-inline'; \
+                 style-src 'unsafe-inline'; img-src data:",
+            ),
+        ],
+        Html(STATUS_PAGE),
+    )
+        .into_response()
+}
+
+async fn readyz(State(shared): Admin) -> Response {
+    let state = &shared.state;
+    let mut reasons = Vec::new();
+    if !state.ready.load(Ordering::Relaxed) {
+        reasons.push(
+            "the notification listener is not accepting (starting or shutting down)".to_owned(),
+        );
+    }
+    // A read transaction proves the database file is open and readable.
+    if let Err(e) = state.ledger.dead_letters(None, 0) {
+        reasons.push(format!("the ledger is not readable: {e}"));
+    }
+    let clusters: Vec<_> = state.registrars.iter().map(Registrar::status).collect();
+    if !clusters.is_empty() && !clusters.iter().any(|c| c.registered) {
+        for c in &clusters {
+            reasons.push(match &c.last_error {
+                Some(e) => format!("cluster `{}`: webhook not registered: {e}", c.name),
+                None => format!("cluster `{}`: webhook not registered yet", c.name),
+            });
+        }
+    }
+    let ready = reasons.is_empty();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Readiness { ready, reasons })).into_response()
+}
+
+async fn metrics_text(State(shared): Admin) -> Response {
+    match shared.metrics.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::error!("admin API: cannot render metrics: {e}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot render metrics; see the host's log\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn plugins(State(shared): Admin) -> Result<Json<Vec<PluginReport>>, ApiError> {
+    let state = &shared.state;
+    Ok(Json(api::plugin_reports(
+        reload::status(&state.registry),
+        state.dispatcher.counters(),
+        state.ledger.backlog()?,
+    )))
+}
+
+async fn reload_plugins(State(shared): Admin) -> Json<Vec<reload::Report>> {
+    Json(shared.state.reloader.reload().await)
+}
+
+async fn clusters(State(shared): Admin) -> Json<Vec<ClusterReport>> {
+    Json(
+        shared
+            .state
+            .registrars
+            .iter()
+            .map(|r| r.status().into())
+            .collect(),
+    )
+}
+
+/// Reconciles now and waits, so the operator sees each plugin's summary.
+async fn reconcile(
+    State(shared): Admin,
+    body: Option<Json<ReconcileRequest>>,
+) -> Result<Json<Vec<ReconcileResult>>, ApiError> {
+    let cluster = body.and_then(|Json(b)| b.cluster);
+    let chosen: Vec<Registrar> = shared
+        .state
+        .registrars
+        .iter()
+        .filter(|r| cluster.as_deref().is_none_or(|c| r.name() == c))
+        .cloned()
+        .collect();
+    if let Some(c) = &cluster {
+        if chosen.is_empty() {
+            return Err(ApiError::NotFound(format!(
+                "no cluster named `{c}` is configured"
+            )));
+        }
+    }
+    // Clusters are independent: one slow Prism must not delay another.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, r) in chosen.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let result = match r.reconcile().await {
+                Ok(lines) => ReconcileResult {
+                    cluster: r.name().to_owned(),
+                    plugins: lines,
+                    error: None,
+                },
+                Err(e) => ReconcileResult {
+                    cluster: r.name().to_owned(),
+                    plugins: Vec::new(),
+                    error: Some(format!("{e:#}")),
+                },
+            };
+            (i, result)
+        });
+    }
+    let mut results: Vec<(usize, ReconcileResult)> = tasks.join_all().await;
+    results.sort_by_key(|(i, _)| *i);
+    Ok(Json(results.into_iter().map(|(_, r)| r).collect()))
+}
+
+async fn dlq_list(
+    State(shared): Admin,
+    Query(q): Query<DlqQuery>,
+) -> Result<Json<DeadLetters>, ApiError> {
+    let ledger = &shared.state.ledger;
+    let limit = q.limit.unwrap_or(100).min(DLQ_LIMIT_MAX);
+    let total = ledger
+        .backlog()?
+        .iter()
+        .filter(|b| q.plugin.as_deref().is_none_or(|p| b.plugin == p))
+        .map(|b| b.dead)
+        .sum();
+    let dead_letters = ledger.dead_letters(q.plugin.as_deref(), limit)?;
+    Ok(Json(DeadLetters {
+        total,
+        dead_letters,
+    }))
+}
+
+async fn dlq_replay(
+    State(shared): Admin,
+    Json(sel): Json<DlqSelection>,
+) -> Result<Json<Count>, ApiError> {
+    let n = shared
+        .state
+        .ledger
+        .replay_dead(sel.plugin.as_deref(), sel.ids.as_deref())
+        .await?;
+    tracing::info!(
+        plugin = sel.plugin.as_deref().unwrap_or("*"),
+        replayed = n,
+        "dead letters replayed from the admin API"
+    );
+    Ok(Json(Count { count: n }))
+}
+
+async fn dlq_drop(
+    State(shared): Admin,
+    Json(sel): Json<DlqSelection>,
+) -> Result<Json<Count>, ApiError> {
+    // Dropping is final: an empty selection must not mean "everything" by
+    // accident.
+    if sel.plugin.is_none() && sel.ids.is_none() && !sel.all {
+        return Err(ApiError::BadRequest(
+            "name a `plugin`, event `ids`, or set `all: true` to drop every dead letter".into(),
+        ));
+    }
+    let n = shared
+        .state
+        .ledger
+        .drop_dead(sel.plugin.as_deref(), sel.ids.as_deref())
+        .await?;
+    tracing::warn!(
+        plugin = sel.plugin.as_deref().unwrap_or("*"),
+        dropped = n,
+        "dead letters dropped from the admin API"
+    );
+    Ok(Json(Count { count: n }))
+}
+
+async fn replay(
+    State(shared): Admin,
+    Json(req): Json<ReplayRequest>,
+) -> Result<Json<Count>, ApiError> {
+    let state = &shared.state;
+    // Deliveries for a plugin that is not loaded would wait for nobody.
+    if state
+        .registry
+        .get(&req.plugin)
+        .and_then(|e| e.plugin)
+        .is_none()
+    {
+        return Err(ApiError::NotFound(format!(
+            "plugin `{}` is not loaded",
+            req.plugin
+        )));
+    }
+    let n = state
+        .ledger
+        .replay_since(&req.plugin, req.since_ms, req.event_types.as_deref())
+        .await?;
+    Ok(Json(Count { count: n }))
+}
+
+/// Where a client reaches an admin listener bound to `listen`: the
+/// loopback address of the same family when bound to all addresses.
+pub fn reachable_addr(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_matches_only_itself() {
+        let t = Secret::new("s3cret-token");
+        assert!(token_matches("s3cret-token", &t));
+        assert!(!token_matches("s3cret-tokeN", &t));
+        assert!(!token_matches("s3cret-token2", &t));
+        assert!(!token_matches("", &t));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_case_insensitively() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer(&h).as_deref(), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn the_page_token_is_read_from_the_query() {
+        let uri: Uri = "/?x=1&token=a%2Bb".parse().unwrap();
+        assert_eq!(query_token(&uri).as_deref(), Some("a+b"));
+        assert_eq!(query_token(&"/".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn an_unspecified_bind_address_is_reached_on_loopback() {
+        assert_eq!(
+            reachable_addr("0.0.0.0:9100".parse().unwrap()),
+            "127.0.0.1:9100".parse().unwrap()
+        );
+        assert_eq!(
+            reachable_addr("[::]:9100".parse().unwrap()),
+            "[::1]:9100".parse().unwrap()
+        );
+        assert_eq!(
+            reachable_addr("10.1.2.3:9100".parse().unwrap()),
+            "10.1.2.3:9100".parse().unwrap()
+        );
+    }
+}

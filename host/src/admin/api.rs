@@ -1,0 +1,257 @@
+//! The JSON the admin API speaks, shared by the server and [`super::client`].
+//!
+//! These are wire types, kept apart from the host's internal structs so that
+//! a refactoring inside the host does not silently change what scripts and
+//! the CLI read.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::Counters;
+use crate::ledger::{DeadLetter, PluginBacklog};
+use crate::nutanix::registrar::ClusterStatus;
+use crate::registry::PluginState;
+use crate::reload::PluginStatus;
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Error {
+    pub error: String,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not ready; empty when ready.
+    pub reasons: Vec<String>,
+}
+
+/// One plugin in `GET /api/plugins`: what is loaded, how its deliveries went
+/// since the host started, and what the ledger holds for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginReport {
+    pub name: String,
+    /// `active`, `quarantined` or `failed`; `unloaded` for a plugin that
+    /// only the ledger still knows (it has dead letters or old deliveries).
+    pub state: String,
+    /// Why quarantined or failed.
+    pub reason: Option<String>,
+    /// When a quarantine ends.
+    pub until_ms: Option<u64>,
+    pub version: Option<String>,
+    pub file: Option<PathBuf>,
+    pub sha256: Option<String>,
+    /// Why the newest file could not be loaded while an older version serves.
+    pub load_error: Option<String>,
+    pub subscriptions: Vec<String>,
+    pub counters: PluginCounters,
+    pub backlog: PluginBacklog,
+}
+
+/// Delivery counts since the host started (the ledger's `delivered` is the
+/// all-time count).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PluginCounters {
+    pub calls: u64,
+    pub failed_calls: u64,
+    pub delivered: u64,
+    pub retried: u64,
+    pub rejected: u64,
+    pub consecutive_failures: u32,
+    pub quarantines: u32,
+    /// Total time spent in `handle`.
+    pub handle_seconds: f64,
+}
+
+impl From<&Counters> for PluginCounters {
+    fn from(c: &Counters) -> Self {
+        PluginCounters {
+            calls: c.calls,
+            failed_calls: c.failed_calls,
+            delivered: c.delivered,
+            retried: c.retried,
+            rejected: c.rejected,
+            consecutive_failures: c.consecutive_failures,
+            quarantines: c.quarantines,
+            handle_seconds: c.handle_time.as_secs_f64(),
+        }
+    }
+}
+
+/// The lower-case name of a plugin state, as in the API and the metrics.
+pub fn state_name(state: &PluginState) -> &'static str {
+    match state {
+        PluginState::Active => "active",
+        PluginState::Quarantined { .. } => "quarantined",
+        PluginState::Failed { .. } => "failed",
+    }
+}
+
+fn empty_backlog(plugin: &str) -> PluginBacklog {
+    PluginBacklog {
+        plugin: plugin.to_owned(),
+        pending: 0,
+        in_flight: 0,
+        retrying: 0,
+        dead: 0,
+        delivered: 0,
+        oldest_pending_ms: None,
+    }
+}
+
+/// Joins the registry's view, the dispatcher's counters and the ledger's
+/// backlog by plugin name, loaded plugins first.
+pub(super) fn plugin_reports(
+    statuses: BTreeMap<String, PluginStatus>,
+    counters: BTreeMap<String, Counters>,
+    backlog: Vec<PluginBacklog>,
+) -> Vec<PluginReport> {
+    let mut backlog: BTreeMap<String, PluginBacklog> =
+        backlog.into_iter().map(|b| (b.plugin.clone(), b)).collect();
+    let counters_of = |name: &str| {
+        counters
+            .get(name)
+            .map(PluginCounters::from)
+            .unwrap_or_default()
+    };
+    let mut reports: Vec<PluginReport> = statuses
+        .into_values()
+        .map(|s| {
+            let (reason, until_ms) = match &s.state {
+                PluginState::Active => (None, None),
+                PluginState::Quarantined { reason, until_ms } => {
+                    (Some(reason.clone()), Some(*until_ms))
+                }
+                PluginState::Failed { reason } => (Some(reason.clone()), None),
+            };
+            PluginReport {
+                state: state_name(&s.state).to_owned(),
+                reason,
+                until_ms,
+                counters: counters_of(&s.name),
+                backlog: backlog
+                    .remove(&s.name)
+                    .unwrap_or_else(|| empty_backlog(&s.name)),
+                version: s.version,
+                file: s.file,
+                sha256: s.sha256,
+                load_error: s.load_error,
+                subscriptions: s.subscriptions,
+                name: s.name,
+            }
+        })
+        .collect();
+    // Removed plugins still matter while the ledger holds their dead letters.
+    reports.extend(backlog.into_values().map(|b| PluginReport {
+        name: b.plugin.clone(),
+        state: "unloaded".into(),
+        reason: None,
+        until_ms: None,
+        version: None,
+        file: None,
+        sha256: None,
+        load_error: None,
+        subscriptions: Vec::new(),
+        counters: counters_of(&b.plugin),
+        backlog: b,
+    }));
+    reports
+}
+
+/// One cluster in `GET /api/clusters`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterReport {
+    pub name: String,
+    pub prism_url: String,
+    /// Whether this host's webhook is registered in Prism.
+    pub registered: bool,
+    pub webhook_uuid: Option<String>,
+    pub registered_events: Vec<String>,
+    pub last_error: Option<String>,
+    pub last_sync_ms: Option<u64>,
+    pub last_reconcile_ms: Option<u64>,
+    /// Each plugin's summary of the last reconcile.
+    pub last_reconcile: Vec<String>,
+}
+
+impl From<ClusterStatus> for ClusterReport {
+    fn from(s: ClusterStatus) -> Self {
+        ClusterReport {
+            name: s.name,
+            prism_url: s.prism_url,
+            registered: s.registered,
+            webhook_uuid: s.webhook_uuid,
+            registered_events: s.registered_events,
+            last_error: s.last_error,
+            last_sync_ms: s.last_sync_ms,
+            last_reconcile_ms: s.last_reconcile_ms,
+            last_reconcile: s.last_reconcile,
+        }
+    }
+}
+
+/// The query of `GET /api/dlq`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DlqQuery {
+    pub plugin: Option<String>,
+    /// At most this many (default 100).
+    pub limit: Option<usize>,
+}
+
+/// `GET /api/dlq`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetters {
+    /// All dead letters of the selection, of which `dead_letters` lists the
+    /// first `limit` by plugin and event id.
+    pub total: u64,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// The body of `POST /api/dlq/replay` and `POST /api/dlq/drop`: the dead
+/// letters of one plugin, of some events, or both.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DlqSelection {
+    pub plugin: Option<String>,
+    /// Event ids.
+    pub ids: Option<Vec<u64>>,
+    /// Required by drop to select every dead letter, so that an empty body
+    /// never drops everything by accident. Replay needs no such guard.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// How many deliveries an action touched.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Count {
+    pub count: u64,
+}
+
+/// The body of `POST /api/replay`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayRequest {
+    pub plugin: String,
+    /// Events received at or after this time (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// Only these event types; all when absent.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+}
+
+/// The body of `POST /api/reconcile`; absent or without `cluster` = all.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReconcileRequest {
+    pub cluster: Option<String>,
+}
+
+/// One cluster's reconcile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReconcileResult {
+    pub cluster: String,
+    /// `plugin: summary` per plugin.
+    pub plugins: Vec<String>,
+    /// Why the cluster's inventory could not be read.
+    pub error: Option<String>,
+}

@@ -1,0 +1,330 @@
+//! `/metrics`: the host's counters as Prometheus (OpenMetrics) text.
+//!
+//! Almost everything is read at scrape time from counters the host keeps
+//! anyway (a `prometheus-client` [`Collector`]), so there is one source of
+//! truth per number and nothing to keep in step. The exception is the
+//! `handle` duration histogram: a distribution cannot be rebuilt from a
+//! total, so the dispatcher records each call into [`HandleDurations`].
+//!
+//! Each [`Metrics`] has its own registry; nothing is global.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, NoLabelSet,
+};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::api::state_name;
+use super::AdminState;
+use crate::ledger::{now_ms, PluginBacklog};
+
+pub(super) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds (seconds) of the `handle` duration buckets: from a trivial
+/// batch to the longest deadline worth configuring.
+const HANDLE_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+type PluginLabel = [(&'static str, String); 1];
+
+/// Durations of `handle` calls per plugin. Cheap to clone; clones share the
+/// histograms. Give the dispatcher a clone and call [`observe`] for every
+/// call, successful or not.
+///
+/// [`observe`]: HandleDurations::observe
+#[derive(Clone, Debug)]
+pub struct HandleDurations {
+    family: Family<PluginLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for HandleDurations {
+    fn default() -> Self {
+        HandleDurations {
+            family: Family::new_with_constructor(|| Histogram::new(HANDLE_BUCKETS)),
+        }
+    }
+}
+
+impl HandleDurations {
+    pub fn observe(&self, plugin: &str, elapsed: Duration) {
+        self.family
+            .get_or_create(&[("plugin", plugin.to_owned())])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+pub(super) struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(state: &AdminState) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(HostCollector(state.clone())));
+        registry.register(
+            "prismhook_plugin_handle_duration_seconds",
+            "Duration of each call to a plugin's handle (a batch of deliveries)",
+            state.handle_durations.family.clone(),
+        );
+        Metrics { registry }
+    }
+
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// Reads the host's counters on every scrape.
+struct HostCollector(AdminState);
+
+impl fmt::Debug for HostCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostCollector").finish_non_exhaustive()
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn plugin(name: &str) -> Labels {
+    vec![("plugin", name.to_owned())]
+}
+
+fn counter<N: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, N)],
+) -> fmt::Result {
+    let mut metric = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in rows {
+        metric
+            .encode_family(labels)?
+            .encode_counter::<NoLabelSet, _, u64>(value, None)?;
+    }
+    Ok(())
+}
+
+fn gauge<N: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, N)],
+) -> fmt::Result {
+    let mut metric = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        metric.encode_family(labels)?.encode_gauge(value)?;
+    }
+    Ok(())
+}
+
+/// A metric with a single, unlabelled sample.
+fn single_counter<N: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> fmt::Result {
+    enc.encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+fn single_gauge<N: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> fmt::Result {
+    enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+impl Collector for HostCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let state = &self.0;
+        let e = &mut enc;
+
+        let received: Vec<(Labels, u64)> = state
+            .listener_stats
+            .snapshot()
+            .into_iter()
+            .map(|((cluster, event_type, status), n)| {
+                let labels = vec![
+                    ("cluster", cluster),
+                    ("event_type", event_type),
+                    ("status", status.to_string()),
+                ];
+                (labels, n)
+            })
+            .collect();
+        counter(e, "prismhook_notifications", "Notifications answered by the listener, by cluster, event type (`-` when unreadable) and HTTP status", &received)?;
+        let unsubscribed = state.listener_stats.unsubscribed.load(Ordering::Relaxed);
+        single_counter(
+            e,
+            "prismhook_notifications_unsubscribed",
+            "Notifications stored that no loaded plugin subscribes to",
+            unsubscribed,
+        )?;
+
+        // A ledger that cannot be read leaves its metrics out rather than
+        // failing the whole scrape; /readyz says why.
+        if let Ok(backlog) = state.ledger.backlog() {
+            let now = now_ms();
+            let rows = |f: &dyn Fn(&PluginBacklog) -> u64| -> Vec<(Labels, u64)> {
+                backlog.iter().map(|b| (plugin(&b.plugin), f(b))).collect()
+            };
+            gauge(
+                e,
+                "prismhook_ledger_pending_deliveries",
+                "Deliveries waiting to be claimed, including those waiting for a retry",
+                &rows(&|b| b.pending),
+            )?;
+            gauge(
+                e,
+                "prismhook_ledger_in_flight_deliveries",
+                "Deliveries claimed and being handled",
+                &rows(&|b| b.in_flight),
+            )?;
+            gauge(
+                e,
+                "prismhook_ledger_retrying_deliveries",
+                "Pending deliveries that have failed before",
+                &rows(&|b| b.retrying),
+            )?;
+            gauge(
+                e,
+                "prismhook_ledger_dead_letters",
+                "Deliveries given up on, waiting for an operator to replay or drop them",
+                &rows(&|b| b.dead),
+            )?;
+            let ages: Vec<(Labels, f64)> = backlog
+                .iter()
+                .map(|b| {
+                    let age_ms = b.oldest_pending_ms.map_or(0, |t| now.saturating_sub(t));
+                    (plugin(&b.plugin), age_ms as f64 / 1000.0)
+                })
+                .collect();
+            gauge(
+                e,
+                "prismhook_ledger_oldest_pending_age_seconds",
+                "Age of the oldest undelivered event; 0 when nothing waits",
+                &ages,
+            )?;
+            counter(
+                e,
+                "prismhook_ledger_delivered",
+                "Deliveries completed, all time (kept in the ledger)",
+                &rows(&|b| b.delivered),
+            )?;
+        }
+        single_gauge(
+            e,
+            "prismhook_ledger_backlog",
+            "Undelivered deliveries over all plugins, as compared with `storage.max_backlog`",
+            state.ledger.total_pending(),
+        )?;
+        single_counter(e, "prismhook_ledger_commits", "Ledger write transactions committed since start (group commit makes them fewer than requests)", state.ledger.commits())?;
+        single_gauge(
+            e,
+            "prismhook_ledger_file_bytes",
+            "Bytes used by the ledger file, as compared with `storage.max_ledger_mib`",
+            state.ledger.file_bytes(),
+        )?;
+
+        let counters = state.dispatcher.counters();
+        let mut outcomes = Vec::new();
+        let mut calls = Vec::new();
+        let mut handle_seconds = Vec::new();
+        let mut quarantines = Vec::new();
+        for (name, c) in &counters {
+            for (outcome, n) in [
+                ("done", c.delivered),
+                ("retry", c.retried),
+                ("reject", c.rejected),
+            ] {
+                outcomes.push((
+                    vec![("plugin", name.clone()), ("outcome", outcome.to_owned())],
+                    n,
+                ));
+            }
+            for (result, n) in [
+                ("ok", c.calls.saturating_sub(c.failed_calls)),
+                ("failed", c.failed_calls),
+            ] {
+                calls.push((
+                    vec![("plugin", name.clone()), ("result", result.to_owned())],
+                    n,
+                ));
+            }
+            handle_seconds.push((plugin(name), c.handle_time.as_secs_f64()));
+            quarantines.push((plugin(name), u64::from(c.quarantines)));
+        }
+        counter(e, "prismhook_deliveries", "Delivery outcomes since start, by plugin and outcome (done, retry, reject); a failed call counts each of its events as retry", &outcomes)?;
+        counter(
+            e,
+            "prismhook_plugin_calls",
+            "Calls to handle since start, by result (failed = trap, timeout or memory limit)",
+            &calls,
+        )?;
+        counter(
+            e,
+            "prismhook_plugin_handle_seconds",
+            "Total time spent in handle since start",
+            &handle_seconds,
+        )?;
+        counter(
+            e,
+            "prismhook_plugin_quarantines",
+            "Times the plugin was quarantined after repeated failed calls",
+            &quarantines,
+        )?;
+
+        let mut states = Vec::new();
+        for (name, entry) in state.registry.snapshot().iter() {
+            let current = state_name(&entry.state);
+            for s in ["active", "quarantined", "failed"] {
+                states.push((
+                    vec![("plugin", name.clone()), ("state", s.to_owned())],
+                    u64::from(s == current),
+                ));
+            }
+        }
+        gauge(
+            e,
+            "prismhook_plugin_state",
+            "1 for the plugin's current state (active, quarantined or failed), 0 for the others",
+            &states,
+        )?;
+
+        let registered: Vec<(Labels, u64)> = state
+            .registrars
+            .iter()
+            .map(|r| {
+                let s = r.status();
+                (vec![("cluster", s.name)], u64::from(s.registered))
+            })
+            .collect();
+        gauge(
+            e,
+            "prismhook_cluster_webhook_registered",
+            "1 when this host's webhook is registered in the cluster's Prism",
+            &registered,
+        )?;
+        single_gauge(
+            e,
+            "prismhook_ready",
+            "1 while the notification listener accepts",
+            u64::from(state.ready.load(Ordering::Relaxed)),
+        )?;
+        Ok(())
+    }
+}

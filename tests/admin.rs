@@ -1,0 +1,953 @@
+//! The admin listener end to end: a host started on the Prism simulator (and
+//! the PAN-OS simulator where the firewall plugin is loaded), the admin API
+//! served on its own loopback port, real notifications posted to the
+//! listener, and the answers read over HTTP — by reqwest, by the CLI's
+//! client, and by headless Chromium for the status page.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use prismhook::admin::api::{DlqSelection, ReplayRequest};
+use prismhook::admin::client::{self, AdminClient};
+use prismhook::admin::{self as admin, AdminState};
+use prismhook::app::App;
+use prismhook::config::Config;
+use prismhook::secret::Secret;
+use prismhook_sim::panos::{PanosConfig, PanosSim};
+use prismhook_sim::prism::{PrismConfig, PrismSim};
+use serde_json::{json, Value};
+
+const WEBHOOK_USER: &str = "prismhook";
+const WEBHOOK_PASSWORD: &str = "hook-secret";
+const TOKEN: &str = "admin-token-for-tests";
+
+struct World {
+    prism: PrismSim,
+    panos: PanosSim,
+    dir: tempfile::TempDir,
+}
+
+/// What a test's host is made of, beyond the probe plugin and cluster `lab`.
+#[derive(Default)]
+struct Setup {
+    token: bool,
+    paloalto: bool,
+    /// Extra `[[cluster]]` tables, or `None` to keep `lab`.
+    clusters: Option<String>,
+}
+
+async fn world() -> World {
+    common::init_tracing();
+    World {
+        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
+            .await
+            .unwrap(),
+        panos: PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+            .await
+            .unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl World {
+    fn config(&self, setup: &Setup) -> Config {
+        let plugins = self.dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::copy(common::component("probe"), plugins.join("probe.wasm")).unwrap();
+        let fw = self.panos.base_url();
+        let paloalto = if setup.paloalto {
+            std::fs::copy(common::component("paloalto"), plugins.join("paloalto.wasm")).unwrap();
+            format!(
+                r#"
+[plugin.paloalto]
+config = {{ firewall = "{fw}" }}
+allow = ["{fw}"]
+inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]
+"#,
+                key = PanosConfig::default().api_key
+            )
+        } else {
+            String::new()
+        };
+        let token = if setup.token {
+            format!("token = {{ value = \"{TOKEN}\" }}")
+        } else {
+            String::new()
+        };
+        let clusters = setup.clusters.clone().unwrap_or_else(|| {
+            format!(
+                r#"
+[[cluster]]
+name = "lab"
+prism_url = "{prism}"
+username = "admin"
+password = {{ value = "nutanix/4u" }}
+webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
+reconcile_interval = "0s"
+"#,
+                prism = self.prism.base_url()
+            )
+        });
+        let text = format!(
+            r#"
+instance = "test"
+[listener]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+{token}
+[storage]
+data_dir = "{data}"
+[delivery]
+retry_initial = "50ms"
+retry_max = "200ms"
+[plugins]
+dir = "{plugins}"
+watch = false
+{paloalto}
+{clusters}
+"#,
+            data = self.dir.path().join("data").display(),
+            plugins = plugins.display(),
+        );
+        Config::parse(&text, Path::new("admin-test.toml")).unwrap()
+    }
+
+    async fn start(&self, setup: Setup) -> Host {
+        let app = App::start(self.config(&setup)).await.unwrap();
+        Host::serve(app).await
+    }
+}
+
+/// A started host with its admin API served on a loopback port of its own,
+/// as `main` wires it.
+struct Host {
+    app: App,
+    admin: AdminState,
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    http: reqwest::Client,
+}
+
+impl Host {
+    async fn serve(app: App) -> Host {
+        let admin = AdminState::from_app(&app).unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(admin::serve(admin.clone(), tcp, async {
+            let _ = stopped.await;
+        }));
+        Host {
+            app,
+            admin,
+            addr,
+            stop,
+            task,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn client(&self, token: Option<&str>) -> AdminClient {
+        AdminClient::new(self.addr, token.map(Secret::new)).unwrap()
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn metrics(&self, token: Option<&str>) -> String {
+        let resp = self.get("/metrics", token).await;
+        assert_eq!(resp.status(), 200);
+        let kind = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+        resp.text().await.unwrap()
+    }
+
+    /// Posts a notification to cluster `lab` as Prism would; returns the
+    /// listener's status.
+    async fn notify(&self, body: &Value, password: &str) -> u16 {
+        self.http
+            .post(format!(
+                "http://{}/listener/callback/lab",
+                self.app.listener_addr
+            ))
+            .basic_auth(WEBHOOK_USER, Some(password))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// A probe event: its type picks what the probe does (see its docs).
+    async fn probe_event(&self, event_type: &str, entity: &str, extra: Value) -> u16 {
+        let mut body = json!({
+            "event_type": event_type,
+            "entity_reference": {"kind": "test", "uuid": entity},
+            "version": "1.0",
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let status = self.notify(&body, WEBHOOK_PASSWORD).await;
+        assert_eq!(status, 202, "{event_type} for {entity}");
+        status
+    }
+
+    async fn registered(&self) {
+        wait(
+            || self.app.cluster_status().iter().all(|c| c.registered),
+            "the webhook registration",
+        )
+        .await;
+    }
+
+    /// Stops the admin API first: its state holds the reloader, which the
+    /// host's shutdown waits to see dropped.
+    async fn shutdown(self) {
+        let Host {
+            app,
+            admin,
+            stop,
+            task,
+            ..
+        } = self;
+        drop(admin);
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+        app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+async fn wait(mut ready: impl FnMut() -> bool, what: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn counter(host: &Host, plugin: &str, f: impl Fn(&prismhook::dispatch::Counters) -> u64) -> u64 {
+    host.app.dispatcher.counters().get(plugin).map_or(0, f)
+}
+
+/// The value of one sample, by its exact name and labels.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+#[track_caller]
+fn assert_sample(text: &str, series: &str, expected: f64) {
+    assert_eq!(sample(text, series), Some(expected), "{series} in:\n{text}");
+}
+
+#[tokio::test]
+async fn every_admin_route_but_healthz_needs_the_token() {
+    let w = world().await;
+    let host = w
+        .start(Setup {
+            token: true,
+            clusters: Some(String::new()),
+            ..Default::default()
+        })
+        .await;
+
+    let health = host.get("/healthz", None).await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.unwrap().trim(), "ok");
+
+    for path in [
+        "/metrics",
+        "/readyz",
+        "/api/plugins",
+        "/api/clusters",
+        "/api/dlq",
+        "/",
+    ] {
+        let none = host.get(path, None).await;
+        assert_eq!(none.status(), 401, "{path} without a token");
+        assert_eq!(
+            none.headers()["www-authenticate"],
+            "Bearer realm=\"prismhook admin\"",
+            "{path}"
+        );
+        let body: Value = none.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer"),
+            "{body}"
+        );
+        assert_eq!(
+            host.get(path, Some("admin-token-for-testz")).await.status(),
+            401,
+            "{path} with a wrong token"
+        );
+        assert_eq!(
+            host.get(path, Some(TOKEN)).await.status(),
+            200,
+            "{path} with the token"
+        );
+    }
+    let replay = host
+        .http
+        .post(host.url("/api/dlq/replay"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 401, "actions need the token too");
+
+    // The browser opens the page with the token in the query; only the page
+    // takes it from there.
+    let page = host.get(&format!("/?token={TOKEN}"), None).await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["referrer-policy"], "no-referrer");
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<title>prismhook status</title>"));
+    assert_eq!(
+        host.get(&format!("/api/plugins?token={TOKEN}"), None)
+            .await
+            .status(),
+        401
+    );
+
+    // The CLI's client says what to fix.
+    let e = host
+        .client(Some("wrong"))
+        .plugins()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(401)") && e.contains("admin.token"), "{e}");
+    let plugins = host.client(Some(TOKEN)).plugins().await.unwrap();
+    assert_eq!(
+        plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["probe"]
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes() {
+    let w = world().await;
+    let host = w
+        .start(Setup {
+            paloalto: true,
+            ..Default::default()
+        })
+        .await;
+    host.registered().await;
+
+    host.probe_event("TEST.NOTE", "e-1", json!({})).await;
+    host.probe_event("TEST.NOTE", "e-2", json!({})).await;
+    host.probe_event("TEST.REJECT", "e-3", json!({})).await;
+    // Retried much later: stays in the backlog while the test reads it.
+    host.probe_event("TEST.RETRY", "e-4", json!({"body": {"delay_ms": 600_000}}))
+        .await;
+    assert_eq!(
+        host.notify(
+            &common::fixture_json("nutanix/vm_on.json"),
+            WEBHOOK_PASSWORD
+        )
+        .await,
+        202
+    );
+    assert_eq!(
+        host.notify(&json!({"event_type": "TEST.NOTE"}), "wrong")
+            .await,
+        401
+    );
+    assert_eq!(
+        host.notify(&json!({"version": "1.0"}), WEBHOOK_PASSWORD)
+            .await,
+        400
+    );
+
+    wait(
+        || {
+            counter(&host, "probe", |c| c.delivered) == 3
+                && counter(&host, "probe", |c| c.rejected) == 1
+                && counter(&host, "probe", |c| c.retried) == 1
+                && counter(&host, "paloalto", |c| c.delivered) == 1
+        },
+        "every delivery to be handled once",
+    )
+    .await;
+    // The outcome is counted just before it is committed.
+    wait(
+        || {
+            host.app
+                .ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .all(|b| b.in_flight == 0)
+        },
+        "outcomes to be committed",
+    )
+    .await;
+    assert_eq!(
+        w.panos.registered()["1.2.3.4"],
+        vec!["ntnx.managed"],
+        "the VM reached the firewall"
+    );
+
+    let text = host.metrics(None).await;
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with EOF");
+    let notes =
+        r#"prismhook_notifications_total{cluster="lab",event_type="TEST.NOTE",status="202"}"#;
+    assert_sample(&text, notes, 2.0);
+    assert_sample(
+        &text,
+        r#"prismhook_notifications_total{cluster="lab",event_type="TEST.REJECT",status="202"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_notifications_total{cluster="lab",event_type="VM.ON",status="202"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_notifications_total{cluster="lab",event_type="-",status="401"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_notifications_total{cluster="lab",event_type="-",status="400"}"#,
+        1.0,
+    );
+
+    assert_sample(
+        &text,
+        r#"prismhook_deliveries_total{plugin="probe",outcome="done"}"#,
+        3.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_deliveries_total{plugin="probe",outcome="reject"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_deliveries_total{plugin="probe",outcome="retry"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_deliveries_total{plugin="paloalto",outcome="done"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_calls_total{plugin="paloalto",result="failed"}"#,
+        0.0,
+    );
+    assert!(
+        sample(
+            &text,
+            r#"prismhook_plugin_handle_seconds_total{plugin="probe"}"#
+        )
+        .unwrap()
+            > 0.0,
+        "{text}"
+    );
+
+    assert_sample(
+        &text,
+        r#"prismhook_ledger_pending_deliveries{plugin="probe"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_ledger_retrying_deliveries{plugin="probe"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_ledger_pending_deliveries{plugin="paloalto"}"#,
+        0.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_ledger_dead_letters{plugin="probe"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_ledger_delivered_total{plugin="probe"}"#,
+        3.0,
+    );
+    assert_sample(&text, "prismhook_ledger_backlog", 1.0);
+    let age = sample(
+        &text,
+        r#"prismhook_ledger_oldest_pending_age_seconds{plugin="probe"}"#,
+    )
+    .unwrap();
+    assert!(age > 0.0 && age < 60.0, "the retrying event's age: {age}");
+    assert_sample(
+        &text,
+        r#"prismhook_ledger_oldest_pending_age_seconds{plugin="paloalto"}"#,
+        0.0,
+    );
+    assert!(
+        sample(&text, "prismhook_ledger_commits_total").unwrap() >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "prismhook_ledger_file_bytes").unwrap() > 0.0,
+        "{text}"
+    );
+
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_state{plugin="probe",state="active"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_state{plugin="probe",state="quarantined"}"#,
+        0.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_quarantines_total{plugin="paloalto"}"#,
+        0.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_cluster_webhook_registered{cluster="lab"}"#,
+        1.0,
+    );
+    assert_sample(&text, "prismhook_ready", 1.0);
+
+    // The handle histogram is fed by whoever holds the hook (the
+    // dispatcher, once wired); here the test plays that part.
+    host.admin
+        .handle_durations
+        .observe("probe", Duration::from_millis(3));
+    let text = host.metrics(None).await;
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_handle_duration_seconds_count{plugin="probe"}"#,
+        1.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_handle_duration_seconds_bucket{le="0.0025",plugin="probe"}"#,
+        0.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_handle_duration_seconds_bucket{le="0.005",plugin="probe"}"#,
+        1.0,
+    );
+
+    // Two hosts in one process keep their own numbers.
+    let other = World::start(
+        &world().await,
+        Setup {
+            clusters: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let fresh = other.metrics(None).await;
+    assert_eq!(sample(&fresh, notes), None, "{fresh}");
+    other.shutdown().await;
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_replayed_and_dropped_through_the_api() {
+    let w = world().await;
+    let host = w.start(Setup::default()).await;
+    host.probe_event("TEST.REJECT", "r-1", json!({})).await;
+    host.probe_event("TEST.REJECT", "r-2", json!({})).await;
+    host.probe_event("TEST.NOTE", "n-1", json!({})).await;
+    let dead = |n: u64| {
+        let ledger = host.app.ledger.clone();
+        move || {
+            ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .find(|b| b.plugin == "probe")
+                .is_some_and(|b| b.dead == n && b.pending == 0)
+        }
+    };
+    wait(dead(2), "two dead letters").await;
+
+    let api = host.client(None);
+    let dlq = api.dead_letters(Some("probe"), 10).await.unwrap();
+    assert_eq!(dlq.total, 2);
+    let ids: Vec<u64> = dlq.dead_letters.iter().map(|d| d.event.id).collect();
+    assert_eq!(ids.len(), 2);
+    for d in &dlq.dead_letters {
+        assert_eq!(
+            (d.plugin.as_str(), d.event.event_type.as_str(), d.attempts),
+            ("probe", "TEST.REJECT", 1)
+        );
+        assert_eq!(d.reason, "rejected: probe asked to reject");
+    }
+    let table = client::render_dead_letters(&dlq, prismhook::ledger::now_ms());
+    assert!(table.starts_with("PLUGIN  EVENT  TYPE"), "{table}");
+    assert!(table.contains("r-1") && table.contains("r-2"), "{table}");
+    assert_eq!(api.dead_letters(Some("nobody"), 10).await.unwrap().total, 0);
+    assert_eq!(
+        api.dead_letters(None, 1).await.unwrap().dead_letters.len(),
+        1,
+        "the limit holds"
+    );
+
+    // Replayed: the probe sees it again, rejects it again.
+    let replayed = api
+        .replay_dead(&DlqSelection {
+            ids: Some(vec![ids[0]]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    wait(
+        || counter(&host, "probe", |c| c.rejected) == 3,
+        "the replayed event to be handled",
+    )
+    .await;
+    wait(dead(2), "the replayed event to die again").await;
+
+    // Dropping is explicit and final.
+    let e = api
+        .drop_dead(&DlqSelection::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("400") && e.contains("all: true"), "{e}");
+    assert_eq!(
+        api.drop_dead(&DlqSelection {
+            ids: Some(vec![ids[0]]),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        1
+    );
+    assert_eq!(api.dead_letters(None, 10).await.unwrap().total, 1);
+    assert_eq!(
+        api.drop_dead(&DlqSelection {
+            plugin: Some("probe".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        1
+    );
+    assert!(api
+        .dead_letters(None, 10)
+        .await
+        .unwrap()
+        .dead_letters
+        .is_empty());
+    assert_sample(
+        &host.metrics(None).await,
+        r#"prismhook_ledger_dead_letters{plugin="probe"}"#,
+        0.0,
+    );
+
+    // Replay since a time redelivers what was delivered.
+    let request = ReplayRequest {
+        plugin: "probe".into(),
+        since_ms: 0,
+        event_types: Some(vec!["TEST.NOTE".into()]),
+    };
+    assert_eq!(api.replay(&request).await.unwrap(), 1);
+    wait(
+        || counter(&host, "probe", |c| c.delivered) == 2,
+        "the replayed note",
+    )
+    .await;
+    let unknown = ReplayRequest {
+        plugin: "nobody".into(),
+        since_ms: 0,
+        event_types: None,
+    };
+    let e = api.replay(&unknown).await.unwrap_err().to_string();
+    assert!(
+        e.contains("404") && e.contains("plugin `nobody` is not loaded"),
+        "{e}"
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn plugins_clusters_reconcile_and_reload_answer_through_the_cli_client() {
+    let w = world().await;
+    let host = w.start(Setup::default()).await;
+    host.registered().await;
+    let api = host.client(None);
+
+    let plugins = api.plugins().await.unwrap();
+    assert_eq!(plugins.len(), 1);
+    assert_eq!(
+        (plugins[0].name.as_str(), plugins[0].state.as_str()),
+        ("probe", "active")
+    );
+    assert_eq!(plugins[0].subscriptions, ["*"]);
+    let table = client::render_plugins(&plugins, prismhook::ledger::now_ms());
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("probe "),
+        "{table}"
+    );
+
+    let clusters = api.clusters().await.unwrap();
+    assert_eq!(clusters.len(), 1);
+    assert!(
+        clusters[0].registered && clusters[0].webhook_uuid.is_some(),
+        "{clusters:?}"
+    );
+    assert!(client::render_clusters(&clusters, prismhook::ledger::now_ms()).contains("lab"));
+
+    let results = api.reconcile(None).await.unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].cluster, "lab");
+    assert_eq!(results[0].error, None);
+    assert_eq!(results[0].plugins, ["probe: 0 vms"]);
+    assert_eq!(client::render_reconcile(&results), "lab:\n  probe: 0 vms\n");
+    let e = api
+        .reconcile(Some("elsewhere"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("404") && e.contains("no cluster named `elsewhere`"),
+        "{e}"
+    );
+
+    let reports = api.reload().await.unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0]["result"], "unchanged");
+    assert!(client::render_reload(&reports).contains("unchanged  probe"));
+    host.shutdown().await;
+}
+
+#[tokio::test]
+async fn readiness_needs_a_registered_cluster_and_ends_when_shutdown_begins() {
+    let w = world().await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = format!(
+        "[[cluster]]\nname = \"down\"\nprism_url = \"http://{dead}\"\nusername = \"admin\"\npassword = {{ value = \"x\" }}\n"
+    );
+    let host = w
+        .start(Setup {
+            clusters: Some(down),
+            ..Default::default()
+        })
+        .await;
+    wait(
+        || host.app.cluster_status()[0].last_error.is_some(),
+        "the first failed registration",
+    )
+    .await;
+    let resp = host.get("/readyz", None).await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["ready"], false);
+    let reason = body["reasons"][0].as_str().unwrap();
+    assert!(
+        reason.starts_with("cluster `down`: webhook not registered"),
+        "{reason}"
+    );
+    host.shutdown().await;
+
+    let host = w.start(Setup::default()).await;
+    host.registered().await;
+    let resp = host.get("/readyz", None).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"ready": true, "reasons": []})
+    );
+    host.admin.set_ready(false);
+    let resp = host.get("/readyz", None).await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("not accepting"),
+        "{body}"
+    );
+    assert_eq!(
+        host.get("/healthz", None).await.status(),
+        200,
+        "alive all the same"
+    );
+    host.shutdown().await;
+
+    let host = w
+        .start(Setup {
+            clusters: Some(String::new()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        host.get("/readyz", None).await.status(),
+        200,
+        "no cluster configured: nothing to wait for"
+    );
+    host.shutdown().await;
+}
+
+/// Runs Debian's chromium headless on `url` with `extra` flags; its stdout.
+async fn chromium(profile: &Path, url: &str, extra: &[&str]) -> Vec<u8> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("/usr/bin/chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1200,900",
+                "--virtual-time-budget=3000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finished within 2 minutes")
+    .expect("chromium runs");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_clusters_plugins_and_dead_letters_in_headless_chromium() {
+    if !Path::new("/usr/bin/chromium").exists() {
+        eprintln!(
+            "SKIPPED: /usr/bin/chromium is missing; install it with \
+             `apt-get install -y chromium` to test the status page in a browser"
+        );
+        return;
+    }
+    let w = world().await;
+    let host = w
+        .start(Setup {
+            token: true,
+            ..Default::default()
+        })
+        .await;
+    host.registered().await;
+    host.probe_event("TEST.REJECT", "page-entity", json!({}))
+        .await;
+    host.probe_event("TEST.NOTE", "page-entity-2", json!({}))
+        .await;
+    wait(
+        || counter(&host, "probe", |c| c.rejected + c.delivered) == 2,
+        "both events to be handled",
+    )
+    .await;
+    wait(
+        || {
+            host.app
+                .ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .all(|b| b.in_flight == 0)
+        },
+        "outcomes to be committed",
+    )
+    .await;
+
+    let url = host.url(&format!("/?token={TOKEN}"));
+    let profile = tempfile::tempdir().unwrap();
+    let dom = String::from_utf8(chromium(profile.path(), &url, &["--dump-dom"]).await).unwrap();
+    assert!(
+        dom.contains(r#"<div id="banner" style="display: none;"></div>"#),
+        "the page read the API:\n{dom}"
+    );
+    // Only the script writes these: the page shipped has empty tables.
+    for expected in [
+        "<strong>lab</strong>",
+        "<strong>probe</strong>",
+        ">registered<",
+        ">TEST.REJECT<",
+        ">page-entity<",
+        "rejected: probe asked to reject",
+        r#"<span id="ready" class="badge ok">ready</span>"#,
+    ] {
+        assert!(
+            dom.contains(expected),
+            "the rendered page shows `{expected}`:\n{dom}"
+        );
+    }
+
+    let shot = profile.path().join("status.png");
+    let profile2 = tempfile::tempdir().unwrap();
+    chromium(
+        profile2.path(),
+        &url,
+        &[&format!("--screenshot={}", shot.display())],
+    )
+    .await;
+    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
+    let (width, height) = (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    );
+    assert_eq!((width, height), (1200, 900));
+    // A blank or error page compresses to a few KB; tables of text do not.
+    assert!(
+        png.len() > 20_000,
+        "the screenshot has content: {} bytes",
+        png.len()
+    );
+    if let Ok(dir) = std::env::var("PRISMHOOK_SCREENSHOT_DIR") {
+        std::fs::copy(&shot, Path::new(&dir).join("status-page.png")).unwrap();
+    }
+    host.shutdown().await;
+}
