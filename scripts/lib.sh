@@ -1,6 +1,8 @@
 # Shared by the scripts: progress lines and the one prerequisite they cannot
 # install themselves.
-step() { printf '\n==> %s\n' "$*"; }
+# Each line carries the seconds since the script started, so a slow CI run
+# shows where its time went.
+step() { printf '\n==> [%4ss] %s\n' "$SECONDS" "$*"; }
 
 ensure_rust() {
   if ! command -v cargo >/dev/null; then

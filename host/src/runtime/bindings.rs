@@ -15,9 +15,9 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::prismhook::plugin::handler::{Event, Outcome, PluginInfo};
-pub use prismhook::plugin::types::{Category, Nic, Retry, Vm};
-pub use prismhook::plugin::{http, kv, log};
+pub use self::exports::prismhook::plugin::handler::{Event, Outcome, PluginInfo};
+pub use self::prismhook::plugin::types::{Category, Nic, Retry, Vm};
+pub use self::prismhook::plugin::{http, kv, log};
 
 /// The WIT package this host implements, as components name it in their
 /// imports and exports.
