@@ -146,18 +146,21 @@ impl Ledger {
         let mut plan = Plan::default();
         let mut before = IpTags::new();
         let mut after = IpTags::new();
+        // Each IP's new contributions, gathered once: looking every change
+        // up for every IP would make a batch quadratic in its size.
+        let mut by_ip: BTreeMap<&str, Vec<(&VmKey, &BTreeSet<String>)>> = BTreeMap::new();
+        for (key, contribution) in changes {
+            for (ip, tags) in contribution.iter().filter(|(_, tags)| !tags.is_empty()) {
+                by_ip.entry(ip.as_str()).or_default().push((key, tags));
+            }
+        }
         for ip in self.affected_ips(changes) {
             let old_record = self.ips.get(&ip).cloned().unwrap_or_default();
+            // A changed VM's old contribution goes; its new one, if any, comes.
             let mut new_record = old_record.clone();
-            for (key, contribution) in changes {
-                match contribution.get(&ip) {
-                    Some(tags) if !tags.is_empty() => {
-                        new_record.insert(key.clone(), tags.clone());
-                    }
-                    _ => {
-                        new_record.remove(key);
-                    }
-                }
+            new_record.retain(|key, _| !changes.contains_key(key));
+            for (key, tags) in by_ip.get(ip.as_str()).into_iter().flatten() {
+                new_record.insert((*key).clone(), (*tags).clone());
             }
             before.insert(ip.clone(), union(&old_record));
             after.insert(ip.clone(), union(&new_record));
