@@ -10,3 +10,21 @@ ensure_rust() {
     exit 1
   fi
 }
+
+# Installs the Debian packages among "$@" that are missing (as root, or
+# through sudo), with one `apt-get update` per script run.
+ensure_debian_packages() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  step "installing Debian packages: ${missing[*]}"
+  if [ -z "${APT_UPDATED:-}" ]; then
+    $sudo apt-get update -q
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+}

@@ -14,5 +14,17 @@ for dir in plugins/*/; do
     cargo test --locked --manifest-path "$dir/Cargo.toml" --target-dir target/guests-native
   fi
 done
+if command -v python3 >/dev/null; then
+  step "unit tests of plugins/f5-bigip (Python)"
+  python3 -m unittest discover -s plugins/f5-bigip/tests
+fi
+if command -v node >/dev/null; then
+  step "unit tests of plugins/forwarder (JavaScript)"
+  node --test plugins/forwarder/test/
+fi
+# The status page is tested in a real headless browser: here it must run,
+# not be skipped.
+ensure_debian_packages chromium
+export PRISMHOOK_REQUIRE_CHROMIUM=1
 step "host unit and end-to-end tests"
 cargo test --locked --workspace

@@ -533,20 +533,6 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
 // ---------------------------------------------------------------------------
 // 2. A firewall outage.
 
-/// The registrations the VMs' state calls for, with the plugin's defaults.
-fn truth(vms: &[SimVm]) -> BTreeMap<String, Vec<String>> {
-    let mut want: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for vm in vms.iter().filter(|vm| vm.power_state == "ON") {
-        for ip in vm.nics.iter().flat_map(|n| &n.ips) {
-            let tags = want.entry(ip.clone()).or_default();
-            tags.insert("ntnx.managed".into());
-            for (k, v) in &vm.categories {
-                tags.insert(format!("ntnx.{k}.{v}"));
-            }
-        }
-    }
-    want.into_iter().map(|(ip, t)| (ip, t.into_iter().collect())).collect()
-}
 
 /// `[plugin.paloalto]` for the PAN-OS simulator, with its key injected.
 fn paloalto_settings(panos: &PanosSim) -> String {
@@ -583,7 +569,7 @@ async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_tr
     }
     wait(|| settled_now(&app), "the first VMs to be applied").await;
     let before = panos.registered();
-    assert_eq!(before, truth(&w.prism.vms()));
+    assert_eq!(before, common::firewall_truth(&w.prism.vms()));
 
     // The firewall goes down; a burst of lifecycle events arrives.
     panos.set_faults(Faults { fail_status: Some(503), ..Faults::default() });
@@ -636,7 +622,7 @@ async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_tr
     wait(|| settled_now(&app), "the queue to drain after the outage").await;
     let after = backlog(&app, "paloalto");
     assert_eq!(after.dead, 0, "{after:?}");
-    assert_eq!(panos.registered(), truth(&w.prism.vms()));
+    assert_eq!(panos.registered(), common::firewall_truth(&w.prism.vms()));
     assert_eq!(panos.stats().commits, 0);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -710,7 +696,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     let n = app.ledger.replay_dead(Some("paloalto"), None).await.unwrap();
     assert_eq!(n, firewall.len() as u64);
     wait(|| backlog(&app, "paloalto").dead == 0 && settled(&backlog(&app, "paloalto")), "the replayed events").await;
-    assert_eq!(panos.registered(), truth(&w.prism.vms()));
+    assert_eq!(panos.registered(), common::firewall_truth(&w.prism.vms()));
     assert_eq!(panos.registered().len(), 1);
 
     // Replayed, the retrying event is tried afresh and dies again after two

@@ -41,6 +41,8 @@ impl World {
 instance = "test"
 [listener]
 listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
 [storage]
 data_dir = "{data}"
 [delivery]

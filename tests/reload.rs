@@ -33,10 +33,15 @@ impl Host {
     }
 
     fn config(&self, watch: bool) -> Config {
+        self.config_with(watch, "")
+    }
+
+    /// The test configuration with `delivery` lines added.
+    fn config_with(&self, watch: bool, delivery: &str) -> Config {
         let text = format!(
-            "[listener]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n\
+            "[listener]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n\
              [delivery]\nretry_initial = \"20ms\"\nretry_max = \"50ms\"\nmax_attempts = 3\n\
-             quarantine_after = 5\nquarantine_pause = \"300ms\"\n\
+             quarantine_after = 5\nquarantine_pause = \"300ms\"\n{delivery}\n\
              [plugins]\ndir = \"{}\"\nwatch = {watch}\nlimits = {{ deadline_ms = 1000 }}\n",
             self.dir.path().join("data").display(),
             self.plugins().display()
@@ -236,6 +241,49 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+#[tokio::test]
+async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = App::start(h.config_with(false, "removed_plugin_expiry = \"400ms\"")).await.unwrap();
+    std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
+    // Subscribers are taken before the removal, as for events that were
+    // already queued when the file went away.
+    let subscribers = app.registry.subscribers("VM.ON");
+    assert_eq!(subscribers, vec!["probe".to_owned()]);
+    app.reloader.reload().await;
+    let mut ids = Vec::new();
+    for seq in 1..=3 {
+        let ev = NewEvent {
+            cluster: "lab".into(),
+            event_type: "VM.ON".into(),
+            entity_kind: "vm".into(),
+            entity_uuid: format!("vm-{seq}"),
+            dedupe_key: Some(format!("gone-{seq}")),
+            received_at_ms: seq,
+            body: "{}".into(),
+        };
+        match app.ledger.append(ev, subscribers.clone()).await.unwrap() {
+            prismhook::ledger::Appended::Stored { id, .. } => ids.push(id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    wait(
+        || app.ledger.backlog().unwrap().iter().any(|b| b.plugin == "probe" && b.dead == 3 && b.pending == 0),
+        "the queued deliveries to expire",
+    )
+    .await;
+    let dead = app.ledger.dead_letters(Some("probe"), 10).unwrap();
+    let mut dead_ids: Vec<u64> = dead.iter().map(|d| d.event.id).collect();
+    dead_ids.sort();
+    assert_eq!(dead_ids, ids);
+    assert!(
+        dead.iter().all(|d| d.reason.contains("plugin `probe` was removed more than 400ms ago")),
+        "{dead:?}"
+    );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 impl Host {
     /// Whether the running host's probe has recorded `needle` under `key`:
     /// read through the runtime's own store, which the running host holds.
@@ -262,10 +310,13 @@ async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
     assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: true, .. }), "{:?}", app.loaded);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 
-    // Flip bytes in the middle of every cache entry.
+    // Flip bytes in the middle of every compiled entry (not its checksum).
     let cache = h.dir.path().join("data/cache");
     for entry in std::fs::read_dir(&cache).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cwasm") {
+            continue;
+        }
         let mut bytes = std::fs::read(&path).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;

@@ -37,7 +37,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Context;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -47,7 +46,6 @@ use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::app::App;
 use crate::dispatch::Dispatcher;
 use crate::ledger::{Ledger, LedgerError};
 use crate::listener::ListenerStats;
@@ -78,6 +76,8 @@ pub struct AdminState {
     pub registrars: Vec<Registrar>,
     pub listener_stats: Arc<ListenerStats>,
     pub reloader: Reloader,
+    /// For the plugins' outbound request counts.
+    pub runtime: Arc<crate::runtime::Runtime>,
     /// When set, every route but `/healthz` needs `Authorization: Bearer`.
     pub token: Option<Secret>,
     /// Whether the notification listener accepts. Clear it when shutdown
@@ -89,27 +89,6 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// The admin view of a started host: its handles, the token from
-    /// `[admin] token`, and ready (the listener accepts once `App::start`
-    /// has returned).
-    pub fn from_app(app: &App) -> anyhow::Result<AdminState> {
-        let token = match &app.config.admin.token {
-            Some(source) => Some(source.resolve().context("reading `admin.token`")?),
-            None => None,
-        };
-        Ok(AdminState {
-            ledger: app.ledger.clone(),
-            registry: app.registry.clone(),
-            dispatcher: app.dispatcher.clone(),
-            registrars: app.registrars.clone(),
-            listener_stats: app.stats.clone(),
-            reloader: app.reloader.clone(),
-            token,
-            ready: Arc::new(AtomicBool::new(true)),
-            handle_durations: HandleDurations::default(),
-        })
-    }
-
     /// Marks the host (not) ready; `/readyz` follows at once.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);

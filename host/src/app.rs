@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
+use crate::admin::{self, AdminState, HandleDurations};
 use crate::config::Config;
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::ledger::{Jitter, Ledger, LedgerOptions, RetryPolicy};
@@ -33,14 +34,22 @@ pub struct App {
     pub reloader: Reloader,
     pub registrars: Vec<Registrar>,
     pub stats: Arc<ListenerStats>,
+    /// Where the admin API listens (the bound port when configured as `:0`).
+    pub admin_addr: SocketAddr,
+    /// The admin API's view of this host; its `ready` flag is the
+    /// listener's `accepting`.
+    pub admin: AdminState,
     /// Reports of the first plugin load.
     pub loaded: Vec<Report>,
     accepting: Arc<AtomicBool>,
+    shutdown_admin: tokio::sync::watch::Sender<bool>,
+    admin_task: JoinHandle<()>,
     shutdown_listener: tokio::sync::watch::Sender<bool>,
     listener_task: JoinHandle<()>,
     dispatcher_task: JoinHandle<()>,
     reload_task: JoinHandle<()>,
     prune_task: JoinHandle<()>,
+    expire_task: JoinHandle<()>,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -52,6 +61,12 @@ impl App {
             .await
             .with_context(|| format!("binding the listener to {}", config.listener.listen))?;
         config.listener.listen = tcp.local_addr()?;
+        // The admin port too: a port already taken is a configuration error
+        // worth failing on before anything else starts.
+        let admin_tcp = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("binding the admin API to {} (`admin.listen`)", config.admin.listen))?;
+        config.admin.listen = admin_tcp.local_addr()?;
         let config = Arc::new(config);
         let data = &config.storage.data_dir;
         std::fs::create_dir_all(data).with_context(|| format!("creating data directory {}", data.display()))?;
@@ -81,6 +96,7 @@ impl App {
                 .await
                 .context("loading plugins")?;
 
+        let handle_durations = HandleDurations::default();
         let dispatcher = Dispatcher::new(
             ledger.clone(),
             registry.clone(),
@@ -90,6 +106,7 @@ impl App {
                 workers_per_plugin: 2,
                 quarantine_after: config.delivery.quarantine_after,
                 quarantine_pause: config.delivery.quarantine_pause,
+                handle_durations: Some(handle_durations.clone()),
             },
         );
         // Retention: delivered events older than the retention period go.
@@ -103,6 +120,24 @@ impl App {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(events = n, "pruned delivered events past retention"),
                         Err(e) => tracing::warn!("pruning the ledger failed: {e}"),
+                    }
+                }
+            }
+        });
+        // Deliveries of a plugin removed for good expire to the dead letters.
+        let expiry = config.delivery.removed_plugin_expiry;
+        let expire_task = tokio::spawn({
+            let dispatcher = dispatcher.clone();
+            async move {
+                if expiry.is_zero() {
+                    return;
+                }
+                let mut gone_since = HashMap::new();
+                let mut every = tokio::time::interval((expiry / 4).clamp(Duration::from_millis(100), Duration::from_secs(300)));
+                loop {
+                    every.tick().await;
+                    if let Err(e) = dispatcher.expire_removed(&mut gone_since, expiry).await {
+                        tracing::warn!("expiring the deliveries of removed plugins failed: {e}");
                     }
                 }
             }
@@ -157,6 +192,36 @@ impl App {
             registrars.push(r);
         }
 
+        let admin_token = match &config.admin.token {
+            Some(source) => Some(source.resolve().context("reading `admin.token`")?),
+            None => None,
+        };
+        let admin = AdminState {
+            ledger: ledger.clone(),
+            registry: registry.clone(),
+            dispatcher: dispatcher.clone(),
+            registrars: registrars.clone(),
+            listener_stats: stats.clone(),
+            reloader: reloader.clone(),
+            runtime: runtime.clone(),
+            token: admin_token,
+            ready: accepting.clone(),
+            handle_durations,
+        };
+        let admin_addr = config.admin.listen;
+        let (shutdown_admin, mut admin_stop) = tokio::sync::watch::channel(false);
+        let admin_task = tokio::spawn({
+            let admin = admin.clone();
+            async move {
+                let stopped = async move {
+                    let _ = admin_stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = admin::serve(admin, admin_tcp, stopped).await {
+                    tracing::error!("admin API stopped: {e}");
+                }
+            }
+        });
+
         Ok(App {
             config,
             listener_addr,
@@ -167,13 +232,18 @@ impl App {
             reloader,
             registrars,
             stats,
+            admin_addr,
+            admin,
             loaded,
             accepting,
+            shutdown_admin,
+            admin_task,
             shutdown_listener,
             listener_task,
             dispatcher_task,
             reload_task,
             prune_task,
+            expire_task,
             watcher,
         })
     }
@@ -207,10 +277,22 @@ impl App {
         }
         let _ = self.shutdown_listener.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.listener_task).await;
+        // The admin API answers (readiness 503) until here; its state holds
+        // the reloader, which must be gone before the reload task can end.
+        let _ = self.shutdown_admin.send(true);
+        let mut admin_task = self.admin_task;
+        if tokio::time::timeout(Duration::from_secs(5), &mut admin_task).await.is_err() {
+            // A client holding a connection open must not hold up the exit.
+            admin_task.abort();
+            let _ = admin_task.await;
+        }
+        drop(self.admin);
         // Every task holding the runtime or the ledger must be gone before
         // they close, so the same data directory can be opened again.
         self.prune_task.abort();
         let _ = self.prune_task.await;
+        self.expire_task.abort();
+        let _ = self.expire_task.await;
         drop((self.watcher, self.reloader));
         let _ = self.reload_task.await;
         self.ledger.close().await.context("closing the ledger")?;

@@ -157,3 +157,31 @@ fn component_imports(runtime: &Runtime, component: &wasmtime::component::Compone
     let ty = component.component_type();
     ty.imports(runtime.engine()).map(|(name, _)| name.to_owned()).collect()
 }
+
+/// `prismhook plugin new NAME --lang LANG [--dir DIR]`: writes a skeleton
+/// into DIR/NAME and says how to build and check it.
+pub fn plugin_new(parent: &Path, name: &str, lang: crate::scaffold::Lang) -> anyhow::Result<ExitCode> {
+    let dir = match crate::scaffold::create(parent, name, lang) {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("wrote a {lang} plugin skeleton in {}", dir.display());
+    // `plugins/NAME` of a prismhook checkout is what `cargo xtask plugins NAME` builds.
+    let checkout = match parent.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let in_checkout = parent.file_name().is_some_and(|n| n == "plugins") && checkout.join("xtask").is_dir();
+    let build = if in_checkout {
+        format!("cargo xtask plugins {name}")
+    } else {
+        format!("cargo xtask plugins --dir {}   (from a prismhook checkout; README.md says how by hand)", dir.display())
+    };
+    println!("build     {build}");
+    println!("check     prismhook plugin check target/plugins/{name}.wasm");
+    println!("install   copy target/plugins/{name}.wasm into the host's plugins directory");
+    Ok(ExitCode::SUCCESS)
+}

@@ -127,6 +127,11 @@ pub struct DeliveryConfig {
     /// The first quarantine pause; it doubles with each further failure.
     #[serde(default = "defaults::quarantine_pause", with = "humantime_serde")]
     pub quarantine_pause: Duration,
+    /// How long the queued deliveries of a plugin whose file was removed
+    /// wait for it to come back before they move to the dead letters;
+    /// 0 = forever.
+    #[serde(default = "defaults::removed_plugin_expiry", with = "humantime_serde")]
+    pub removed_plugin_expiry: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,6 +268,9 @@ mod defaults {
     pub fn quarantine_pause() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn removed_plugin_expiry() -> Duration {
+        Duration::from_secs(7 * 24 * 3600)
+    }
     pub fn plugins_dir() -> PathBuf {
         "plugins".into()
     }
@@ -292,24 +300,101 @@ macro_rules! default_from_empty_table {
 // plugin file with no settings of its own would be silently disabled.
 default_from_empty_table!(ListenerConfig, AdminConfig, StorageConfig, DeliveryConfig, PluginsConfig, PluginConfig);
 
+/// The environment variables [`Config::load`] reads after the file.
+///
+/// Secrets are pointed at their variable rather than copied, so the value
+/// is read where every secret is read and never sits in the config struct.
+/// A cluster's name is written upper case with `-` as `_`.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("PRISMHOOK_LISTEN", "listener.listen"),
+    ("PRISMHOOK_ADMIN_LISTEN", "admin.listen"),
+    ("PRISMHOOK_ADMIN_TOKEN", "admin.token (a secret)"),
+    ("PRISMHOOK_DATA_DIR", "storage.data_dir"),
+    ("PRISMHOOK_PLUGINS_DIR", "plugins.dir"),
+    ("PRISMHOOK_CLUSTER_<NAME>_PASSWORD", "the cluster's Prism password (a secret)"),
+    ("PRISMHOOK_CLUSTER_<NAME>_WEBHOOK_PASSWORD", "the cluster's webhook password (a secret)"),
+];
+
 impl Config {
+    /// Reads `path`, applies the `PRISMHOOK_…` environment overrides
+    /// ([`ENV_OVERRIDES`]) and checks the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             file: path.to_owned(),
             reason: e.to_string(),
         })?;
-        Config::parse(&text, path)
+        Config::parse_with_env(&text, path, std::env::vars())
+    }
+
+    /// [`Config::parse`], then the overrides among `vars`.
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = Config::parse_unchecked(text, path)?;
+        config.apply_env(vars)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        let from_env = |var: &str| SecretSource { env: Some(var.to_owned()), file: None, value: None };
+        for (var, value) in vars {
+            let Some(rest) = var.strip_prefix("PRISMHOOK_") else { continue };
+            let bad = |expected: &str| ConfigError::Invalid {
+                file: self.source.clone(),
+                key: format!("environment variable {var}"),
+                message: format!("expected {expected}, found {value:?}"),
+            };
+            match rest {
+                "LISTEN" => self.listener.listen = value.parse().map_err(|_| bad("an address like 0.0.0.0:8080"))?,
+                "ADMIN_LISTEN" => self.admin.listen = value.parse().map_err(|_| bad("an address like 127.0.0.1:9100"))?,
+                "ADMIN_TOKEN" => self.admin.token = Some(from_env(&var)),
+                "DATA_DIR" => self.storage.data_dir = value.into(),
+                "PLUGINS_DIR" => self.plugins.dir = value.into(),
+                _ => {
+                    let Some(rest) = rest.strip_prefix("CLUSTER_") else { continue };
+                    let cluster = self.clusters.iter_mut().find_map(|c| {
+                        let name = c.name.to_ascii_uppercase().replace('-', "_");
+                        let which = rest.strip_prefix(name.as_str())?.strip_prefix('_')?;
+                        matches!(which, "PASSWORD" | "WEBHOOK_PASSWORD").then_some((c, which == "PASSWORD"))
+                    });
+                    match cluster {
+                        Some((c, true)) => c.password = from_env(&var),
+                        Some((c, false)) => c.webhook_password = Some(from_env(&var)),
+                        None => {
+                            // A typo here would silently leave the file's
+                            // secret in force.
+                            return Err(ConfigError::Invalid {
+                                file: self.source.clone(),
+                                key: format!("environment variable {var}"),
+                                message: "names no configured cluster: expected \
+                                          PRISMHOOK_CLUSTER_<NAME>_PASSWORD or _WEBHOOK_PASSWORD"
+                                    .into(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Parses and checks a configuration; `path` is only used in messages
     /// and to resolve relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::parse_unchecked(text, path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn parse_unchecked(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
         config.source = path.to_owned();
-        config.validate()?;
         Ok(config)
     }
 
@@ -321,7 +406,7 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             if c.name.is_empty() || !c.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
@@ -480,6 +565,97 @@ mod tests {
     fn an_admin_api_beyond_loopback_needs_a_token() {
         let e = parse("[admin]\nlisten = \"0.0.0.0:9100\"\n").unwrap_err().to_string();
         assert!(e.contains("`admin.token`"), "{e}");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const TWO_CLUSTERS: &str = r#"
+[[cluster]]
+name = "lab-east"
+prism_url = "https://pc1:9440"
+username = "u"
+password = { file = "/run/secrets/east" }
+[[cluster]]
+name = "west"
+prism_url = "https://pc2:9440"
+username = "u"
+password = { env = "WEST" }
+"#;
+
+    #[test]
+    fn environment_overrides_point_secrets_at_their_variable_and_set_addresses() {
+        let c = Config::parse_with_env(
+            TWO_CLUSTERS,
+            Path::new("prismhook.toml"),
+            env(&[
+                ("PRISMHOOK_CLUSTER_LAB_EAST_PASSWORD", "p1"),
+                ("PRISMHOOK_CLUSTER_WEST_WEBHOOK_PASSWORD", "p2"),
+                ("PRISMHOOK_ADMIN_LISTEN", "0.0.0.0:9200"),
+                ("PRISMHOOK_ADMIN_TOKEN", "t"),
+                ("PRISMHOOK_DATA_DIR", "/var/lib/prismhook"),
+                ("PRISMHOOK_LOG", "debug"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        let east = &c.clusters[0];
+        assert_eq!(east.password.env.as_deref(), Some("PRISMHOOK_CLUSTER_LAB_EAST_PASSWORD"));
+        assert_eq!(east.password.file, None, "the file's source is replaced, not merged");
+        assert_eq!(c.clusters[1].password.env.as_deref(), Some("WEST"));
+        let hook = c.clusters[1].webhook_password.as_ref().unwrap();
+        assert_eq!(hook.env.as_deref(), Some("PRISMHOOK_CLUSTER_WEST_WEBHOOK_PASSWORD"));
+        // The token from the environment is what lets the admin API leave loopback.
+        assert_eq!(c.admin.listen, "0.0.0.0:9200".parse().unwrap());
+        assert_eq!(c.storage.data_dir, Path::new("/var/lib/prismhook"));
+    }
+
+    #[test]
+    fn an_override_naming_no_cluster_or_a_bad_address_is_refused() {
+        let e = Config::parse_with_env(
+            TWO_CLUSTERS,
+            Path::new("prismhook.toml"),
+            env(&[("PRISMHOOK_CLUSTER_EAST_PASSWORD", "p")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("prismhook.toml: `environment variable PRISMHOOK_CLUSTER_EAST_PASSWORD`: names no configured cluster"), "{e}");
+        let e = Config::parse_with_env("", Path::new("p.toml"), env(&[("PRISMHOOK_LISTEN", "8080")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "p.toml: `environment variable PRISMHOOK_LISTEN`: expected an address like 0.0.0.0:8080, found \"8080\""
+        );
+    }
+
+    /// Each `tests/config/*.toml` must fail with exactly the message in the
+    /// `.err` file beside it. `PRISMHOOK_BLESS=1` rewrites the `.err` files.
+    #[test]
+    fn every_broken_configuration_gives_its_golden_error() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/config");
+        let bless = std::env::var_os("PRISMHOOK_BLESS").is_some();
+        let mut checked = 0;
+        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "toml")) {
+            let name = Path::new(path.file_name().unwrap());
+            let text = std::fs::read_to_string(path).unwrap();
+            let got = match Config::parse(&text, name) {
+                Ok(_) => panic!("{} parsed, but it is meant to be refused", path.display()),
+                Err(e) => format!("{e}\n"),
+            };
+            let golden = path.with_extension("err");
+            if bless {
+                std::fs::write(&golden, &got).unwrap();
+            }
+            let want = std::fs::read_to_string(&golden)
+                .unwrap_or_else(|e| panic!("{}: {e} (PRISMHOOK_BLESS=1 writes it)", golden.display()));
+            assert_eq!(got, want, "{}", path.display());
+            checked += 1;
+        }
+        assert!(checked >= 8, "only {checked} golden files in {}", dir.display());
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub async fn run(plugins: Option<PathBuf>) -> anyhow::Result<()> {
 instance = "prismhook-demo"
 [listener]
 listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
 [storage]
 data_dir = "{data}"
 [plugins]

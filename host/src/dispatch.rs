@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::ledger::{Delivery, Ledger, Outcome as LedgerOutcome};
+use crate::ledger::{Delivery, Ledger, LedgerError, Outcome as LedgerOutcome};
 use crate::nutanix::payload::{self, Vm as NutanixVm};
 use crate::registry::{PluginState, Registry};
 use crate::runtime::bindings::{Category, Event, Nic, Outcome, Retry, Vm};
@@ -34,6 +34,8 @@ pub struct DispatchOptions {
     pub quarantine_after: u32,
     /// The first quarantine pause; it doubles with every further failure.
     pub quarantine_pause: Duration,
+    /// Where each `handle` call's duration goes, for the metrics histogram.
+    pub handle_durations: Option<crate::admin::HandleDurations>,
 }
 
 /// Per-plugin delivery counts since start, for status and metrics.
@@ -144,6 +146,56 @@ impl Dispatcher {
         Ok(p.reconcile(cluster, vms).await?)
     }
 
+    /// Moves the queued deliveries of plugins that have been gone from the
+    /// plugins directory for longer than `after` to the dead letters, with
+    /// the reason, so that a plugin removed for good does not hold a backlog
+    /// (and the backpressure limit) forever; they can still be replayed.
+    /// `gone_since` remembers, between calls, when each was first seen gone.
+    /// Returns how many deliveries expired.
+    pub async fn expire_removed(&self, gone_since: &mut HashMap<String, Instant>, after: Duration) -> Result<u64, LedgerError> {
+        let ledger = &self.inner.ledger;
+        let loaded = self.inner.registry.snapshot();
+        let now = Instant::now();
+        let mut expired = 0;
+        let mut still_gone = HashMap::new();
+        for b in ledger.backlog()? {
+            if b.pending == 0 || loaded.get(&b.plugin).is_some_and(|e| e.plugin.is_some()) {
+                continue;
+            }
+            let since = gone_since.get(&b.plugin).copied().unwrap_or(now);
+            still_gone.insert(b.plugin.clone(), since);
+            if now.duration_since(since) < after {
+                continue;
+            }
+            let reason = format!(
+                "plugin `{}` was removed more than {} ago (delivery.removed_plugin_expiry)",
+                b.plugin,
+                humantime::format_duration(after)
+            );
+            let mut n = 0;
+            loop {
+                // Only due deliveries are claimable; ones waiting for a retry
+                // time expire at a later sweep.
+                let batch = ledger.claim(&b.plugin, 1024).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                n += batch.len() as u64;
+                let results = batch
+                    .iter()
+                    .map(|d| (d.event.id, LedgerOutcome::Reject { reason: reason.clone() }))
+                    .collect();
+                ledger.complete(&b.plugin, results).await?;
+            }
+            if n > 0 {
+                tracing::warn!(plugin = %b.plugin, deliveries = n, "{reason}: its queued deliveries moved to the dead letters");
+            }
+            expired += n;
+        }
+        *gone_since = still_gone;
+        Ok(expired)
+    }
+
     /// Asks workers to stop after their batch in hand.
     pub fn stop(&self) {
         self.inner.stop.send_replace(true);
@@ -230,6 +282,9 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
     let (sent_outcomes, failure) = handle_isolating(plugin, events).await;
     let elapsed = started.elapsed();
     drop(shared);
+    if let Some(h) = &inner.opts.handle_durations {
+        h.observe(name, elapsed);
+    }
 
     let by_index: HashMap<usize, &Option<LedgerOutcome>> = sent.iter().copied().zip(sent_outcomes.iter()).collect();
     let mut release = Vec::new();

@@ -18,4 +18,5 @@ pub mod nutanix;
 pub mod registry;
 pub mod reload;
 pub mod runtime;
+pub mod scaffold;
 pub mod secret;

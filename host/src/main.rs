@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use prismhook::admin::client as admin;
 use prismhook::app::App;
 use prismhook::config::Config;
 
@@ -38,6 +39,15 @@ enum Command {
         /// Override `listener.listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Override `admin.listen`.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Override `storage.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override `plugins.dir`.
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
     },
     /// Run a VM lifecycle on embedded Prism and PAN-OS simulators and show
     /// the firewall's table after each step.
@@ -66,6 +76,84 @@ enum Command {
         #[command(subcommand)]
         action: PluginAction,
     },
+    /// The running host's plugins (through its admin API).
+    Plugins {
+        #[command(subcommand)]
+        action: PluginsAction,
+    },
+    /// The running host's clusters and their webhooks (admin API).
+    Clusters {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Dead letters of the running host (admin API).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Deliver a plugin's events received since a time again (admin API).
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        plugin: String,
+        /// An RFC 3339 time (2024-05-01T12:00:00Z) or a duration before now (1h).
+        #[arg(long)]
+        since: String,
+    },
+    /// Hand every plugin the clusters' VM inventory now (admin API).
+    Reconcile {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsAction {
+    /// Each plugin: version, file hash, state, subscriptions and counts.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Rescan the plugins directory now.
+    Reload {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters, newest first.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        plugin: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Make dead letters pending again (all of them, a plugin's, or by event id).
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        plugin: Option<String>,
+        ids: Vec<u64>,
+    },
+    /// Delete dead letters for good: a plugin's, by event id, or `--all`.
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        plugin: Option<String>,
+        ids: Vec<u64>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,6 +167,14 @@ enum Sim {
     Prism {
         #[arg(long, default_value = prismhook_sim::prism::DEFAULT_LISTEN)]
         listen: SocketAddr,
+    },
+    /// F5 BIG-IP iControl REST simulator (LTM pool members).
+    Bigip {
+        #[arg(long, default_value = prismhook_sim::bigip::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// A pool that exists from the start (`web` or `/Tenant/web`); repeatable.
+        #[arg(long = "pool")]
+        pools: Vec<String>,
     },
 }
 
@@ -117,6 +213,23 @@ enum PluginAction {
         #[arg(long, default_value = "{}")]
         config: String,
     },
+    /// Write a minimal working plugin skeleton into DIR/NAME.
+    New {
+        /// The plugin's name: lower case, digits and `-`.
+        name: String,
+        #[arg(long, value_enum)]
+        lang: NewLang,
+        /// Parent directory of the new plugin's directory.
+        #[arg(long, default_value = "plugins")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NewLang {
+    Rust,
+    Python,
+    Js,
 }
 
 fn main() -> std::process::ExitCode {
@@ -146,11 +259,22 @@ fn init_tracing(format: LogFormat, default_level: &str) {
 
 async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
     match command {
-        Command::Run { config, deregister_on_exit, listen } => {
+        Command::Run { config, deregister_on_exit, listen, admin_listen, data_dir, plugins_dir } => {
             let mut config = Config::load(&config)?;
+            // Flags win over the environment, which wins over the file.
             if let Some(l) = listen {
                 config.listener.listen = l;
             }
+            if let Some(l) = admin_listen {
+                config.admin.listen = l;
+            }
+            if let Some(d) = data_dir {
+                config.storage.data_dir = d;
+            }
+            if let Some(d) = plugins_dir {
+                config.plugins.dir = d;
+            }
+            config.validate()?;
             let app = App::start(config).await?;
             wait_for_signal().await;
             tracing::info!("shutting down: no new notifications accepted; finishing in-flight batches");
@@ -176,6 +300,11 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             prismhook_sim::prism::run(listen, Default::default()).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Sim { which: Sim::Bigip { listen, pools } } => {
+            let config = prismhook_sim::bigip::BigipConfig { pools, ..Default::default() };
+            prismhook_sim::bigip::run(listen, config).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Webhooks { action } => prismhook::cli::webhooks(action.into()).await,
         Command::Config { action: ConfigAction::Check { file } } => match Config::load(&file) {
             Ok(c) => {
@@ -196,6 +325,47 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Plugin { action: PluginAction::Check { file, config } } => {
             let config: serde_json::Value = serde_json::from_str(&config).context("--config is not JSON")?;
             prismhook::cli::plugin_check(&file, config).await
+        }
+        Command::Plugin { action: PluginAction::New { name, lang, dir } } => {
+            let lang = match lang {
+                NewLang::Rust => prismhook::scaffold::Lang::Rust,
+                NewLang::Python => prismhook::scaffold::Lang::Python,
+                NewLang::Js => prismhook::scaffold::Lang::JavaScript,
+            };
+            prismhook::cli::plugin_new(&dir, &name, lang)
+        }
+        Command::Plugins { action } => {
+            match action {
+                PluginsAction::List { config } => admin::plugins_list(&Config::load(&config)?).await?,
+                PluginsAction::Reload { config } => admin::plugins_reload(&Config::load(&config)?).await?,
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Clusters { config } => {
+            admin::clusters_list(&Config::load(&config)?).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Dlq { action } => {
+            match action {
+                DlqAction::List { config, plugin, limit } => {
+                    admin::dlq_list(&Config::load(&config)?, plugin.as_deref(), limit).await?
+                }
+                DlqAction::Replay { config, plugin, ids } => {
+                    admin::dlq_replay(&Config::load(&config)?, plugin.as_deref(), &ids).await?
+                }
+                DlqAction::Drop { config, plugin, ids, all } => {
+                    admin::dlq_drop(&Config::load(&config)?, plugin.as_deref(), &ids, all).await?
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Replay { config, plugin, since } => {
+            admin::replay(&Config::load(&config)?, &plugin, &since).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Reconcile { config, cluster } => {
+            admin::reconcile(&Config::load(&config)?, cluster.as_deref()).await?;
+            Ok(std::process::ExitCode::SUCCESS)
         }
     }
 }

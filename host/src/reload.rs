@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,14 +40,42 @@ enum Command {
     Rescan(oneshot::Sender<Vec<Report>>),
 }
 
+/// What reloads did since start, by result, for metrics. Unchanged files
+/// are not counted: a rescan that changes nothing is not a reload.
+#[derive(Debug, Default)]
+pub struct ReloadCounts {
+    pub loaded: AtomicU64,
+    pub removed: AtomicU64,
+    pub disabled: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl ReloadCounts {
+    fn count(&self, report: &Report) {
+        let counter = match report {
+            Report::Loaded { .. } => &self.loaded,
+            Report::Removed { .. } => &self.removed,
+            Report::Disabled { .. } => &self.disabled,
+            Report::Failed { .. } => &self.failed,
+            Report::Unchanged { .. } => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A handle to the reload task.
 #[derive(Clone)]
 pub struct Reloader {
     tx: mpsc::UnboundedSender<Command>,
+    counts: Arc<ReloadCounts>,
 }
 
 impl Reloader {
     /// Reloads every file in the plugins directory that changed, and waits.
+    pub fn counts(&self) -> &ReloadCounts {
+        &self.counts
+    }
+
     pub async fn reload(&self) -> Vec<Report> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Rescan(tx)).is_err() {
@@ -69,6 +98,7 @@ struct Task {
     dir: PathBuf,
     /// `.wasm` path → what it provides now.
     files: HashMap<PathBuf, Loaded>,
+    counts: Arc<ReloadCounts>,
 }
 
 /// Loads the plugins directory once, then starts the reload task (and the
@@ -101,11 +131,13 @@ pub async fn start(
         config,
         dir,
         files: HashMap::new(),
+        counts: Arc::default(),
     };
     let first = task.rescan().await;
+    let counts = task.counts.clone();
     let handle = tokio::spawn(task.run(rx));
     Ok(Started {
-        reloader: Reloader { tx },
+        reloader: Reloader { tx, counts },
         reports: first,
         watcher,
         task: handle,
@@ -136,6 +168,7 @@ impl Task {
                         for wasm in std::mem::take(&mut dirty) {
                             let report = self.reload_file(&wasm).await;
                             log_report(&report);
+                            self.counts.count(&report);
                         }
                         continue;
                     }
@@ -168,6 +201,7 @@ impl Task {
         for path in paths {
             let report = self.reload_file(&path).await;
             log_report(&report);
+            self.counts.count(&report);
             reports.push(report);
         }
         reports

@@ -1,5 +1,8 @@
 //! `cargo xtask plugins [NAME...]`: builds every guest plugin to a
 //! WebAssembly component in `target/plugins/<name>.wasm`.
+//! `cargo xtask plugins --dir PATH [--out DIR]` builds the one plugin in
+//! PATH, wherever it is (a skeleton from `prismhook plugin new`, a vendor's
+//! checkout), into `DIR/<basename of PATH>.wasm`.
 //!
 //! Guests are built with Debian's Rust toolchain and its `wasm32-wasip1`
 //! standard library sources, because this project's machines reach only
@@ -32,6 +35,8 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask plugins [NAME...]   build guest plugins into target/plugins/\n       \
+                 cargo xtask plugins --dir PATH [--out DIR]\n       \
+                 \x20                              build the one plugin in PATH (anywhere) into DIR\n       \
                  cargo xtask toolchain          install the Debian wasm toolchain if missing"
             );
             std::process::exit(2)
@@ -59,59 +64,108 @@ fn guest_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
-fn build_plugins(only: &[String]) -> Result<()> {
-    ensure_toolchain()?;
+fn build_plugins(args: &[String]) -> Result<()> {
+    let mut only = Vec::new();
+    let mut one_dir = None;
+    let mut out_dir = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--dir" => one_dir = Some(PathBuf::from(args.next().context("--dir needs a path")?)),
+            "--out" => out_dir = Some(PathBuf::from(args.next().context("--out needs a directory")?)),
+            flag if flag.starts_with("--") => bail!("unknown option {flag}"),
+            name => only.push(name.to_owned()),
+        }
+    }
     let root = root();
-    let out_dir = root.join("target/plugins");
-    std::fs::create_dir_all(&out_dir)?;
+    let out_dir = out_dir.unwrap_or_else(|| root.join("target/plugins"));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    match one_dir {
+        Some(dir) if only.is_empty() => build_one(&root, &dir, &out_dir),
+        Some(_) => bail!("--dir builds one plugin; give no names with it"),
+        None => build_all(&root, &out_dir, &only),
+    }
+}
+
+/// `--dir PATH`: the plugin in PATH, wherever it is, by the same rules as
+/// the plugins of this repository; the component is named after the
+/// directory.
+fn build_one(root: &Path, dir: &Path, out_dir: &Path) -> Result<()> {
+    let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{} has no directory name to name the plugin", dir.display()))?
+        .to_string_lossy()
+        .into_owned();
+    if dir.join("Cargo.toml").is_file() {
+        ensure_toolchain()?;
+        build_rust_guest(&dir, &name, out_dir, &root.join("target/wasm-guests"))
+    } else if dir.join("app.py").is_file() {
+        build_scripted_guest(root, &dir, &name, Script::Python, out_dir)
+    } else if dir.join("package.json").is_file() {
+        build_scripted_guest(root, &dir, &name, Script::JavaScript, out_dir)
+    } else {
+        bail!("{} holds no plugin: no Cargo.toml (Rust), app.py (Python) or package.json (JavaScript)", dir.display())
+    }
+}
+
+fn build_all(root: &Path, out_dir: &Path, only: &[String]) -> Result<()> {
+    ensure_toolchain()?;
     let target_dir = root.join("target/wasm-guests");
     let mut built = 0;
-    for dir in guest_dirs(&root)? {
+    for dir in guest_dirs(root)? {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         if !only.is_empty() && !only.contains(&name) {
             continue;
         }
-        let started = Instant::now();
-        println!("xtask: building guest `{name}` ({}) for {TARGET}", dir.display());
-        let status = Command::new(CARGO)
-            .current_dir(&dir)
-            .args(["build", "--release", "--target", TARGET, "-Zbuild-std=std,panic_abort"])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env("RUSTC", RUSTC)
-            .env("RUSTC_BOOTSTRAP", "1")
-            .env("CARGO_TARGET_WASM32_WASIP1_LINKER", WASM_LD)
-            .env("RUSTFLAGS", format!("-C link-self-contained=no -L native={WASI_LIBC}"))
-            // The host's rustup toolchain must not leak into Debian's cargo.
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO")
-            .env_remove("RUSTC_WRAPPER")
-            .status()
-            .with_context(|| format!("running {CARGO}"))?;
-        if !status.success() {
-            bail!("building guest `{name}` failed ({status})");
-        }
-        let module = target_dir
-            .join(TARGET)
-            .join("release")
-            .join(format!("{}.wasm", package_name(&dir)?.replace('-', "_")));
-        let component = out_dir.join(format!("{name}.wasm"));
-        if is_newer(&component, &module)? {
-            println!("xtask: {} is up to date", component.display());
-        } else {
-            componentize(&module, &component)?;
-            println!(
-                "xtask: wrote {} ({} KiB) in {:.1}s",
-                component.display(),
-                std::fs::metadata(&component)?.len() / 1024,
-                started.elapsed().as_secs_f64()
-            );
-        }
+        build_rust_guest(&dir, &name, out_dir, &target_dir)?;
         built += 1;
     }
-    built += build_scripted_guests(&root, &out_dir, only)?;
+    built += build_scripted_guests(root, out_dir, only)?;
     if built == 0 {
         bail!("no guest matched {only:?}");
+    }
+    Ok(())
+}
+
+/// Builds the Rust guest in `dir` with Debian's toolchain and turns its core
+/// module into `out_dir/<name>.wasm`.
+fn build_rust_guest(dir: &Path, name: &str, out_dir: &Path, target_dir: &Path) -> Result<()> {
+    let started = Instant::now();
+    println!("xtask: building guest `{name}` ({}) for {TARGET}", dir.display());
+    let status = Command::new(CARGO)
+        .current_dir(dir)
+        .args(["build", "--release", "--target", TARGET, "-Zbuild-std=std,panic_abort"])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .env("RUSTC", RUSTC)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_WASM32_WASIP1_LINKER", WASM_LD)
+        .env("RUSTFLAGS", format!("-C link-self-contained=no -L native={WASI_LIBC}"))
+        // The host's rustup toolchain must not leak into Debian's cargo.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC_WRAPPER")
+        .status()
+        .with_context(|| format!("running {CARGO}"))?;
+    if !status.success() {
+        bail!("building guest `{name}` failed ({status})");
+    }
+    let module = target_dir
+        .join(TARGET)
+        .join("release")
+        .join(format!("{}.wasm", package_name(dir)?.replace('-', "_")));
+    let component = out_dir.join(format!("{name}.wasm"));
+    if is_newer(&component, &module)? {
+        println!("xtask: {} is up to date", component.display());
+    } else {
+        componentize(&module, &component)?;
+        println!(
+            "xtask: wrote {} ({} KiB) in {:.1}s",
+            component.display(),
+            std::fs::metadata(&component)?.len() / 1024,
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -251,39 +305,55 @@ fn build_scripted_guests(root: &Path, out_dir: &Path, only: &[String]) -> Result
             continue;
         }
         built += 1;
-        let started = Instant::now();
-        let component = out_dir.join(format!("{name}.wasm"));
-        let stamp = out_dir.join(format!(".{name}.tool"));
-        let (language, tool) = match script {
-            Script::Python => ("Python", format!("componentize-py {COMPONENTIZE_PY_VERSION}")),
-            Script::JavaScript => ("JavaScript", format!("componentize-js {}", componentize_js_pin(&dir)?)),
-        };
-        let newest = newest_source(&dir)?.max(newest_source(&root.join("wit"))?);
-        let fresh = std::fs::metadata(&component)
-            .and_then(|m| m.modified())
-            .is_ok_and(|built_at| Some(built_at) > newest)
-            && std::fs::read_to_string(&stamp).is_ok_and(|t| t == tool);
-        if fresh {
-            println!("xtask: {} is up to date ({language}, {tool})", component.display());
-            continue;
-        }
-        println!("xtask: building {language} guest `{name}` ({}) with {tool}", dir.display());
-        // Write then rename, so a host watching target/plugins never sees half a file.
-        let tmp = component.with_extension("wasm.tmp");
-        match script {
-            Script::Python => build_python(root, &dir, &tmp)?,
-            Script::JavaScript => build_javascript(root, &dir, &tmp)?,
-        }
-        std::fs::rename(&tmp, &component)?;
-        std::fs::write(&stamp, &tool)?;
-        println!(
-            "xtask: wrote {} ({} KiB) in {:.1}s",
-            component.display(),
-            std::fs::metadata(&component)?.len() / 1024,
-            started.elapsed().as_secs_f64()
-        );
+        build_scripted_guest(root, &dir, &name, script, out_dir)?;
     }
     Ok(built)
+}
+
+/// The WIT a guest is built against: its own `wit/` when it has one (a
+/// skeleton from `prismhook plugin new`), else this repository's.
+fn wit_dir(root: &Path, dir: &Path) -> PathBuf {
+    let own = dir.join("wit");
+    if own.is_dir() {
+        own
+    } else {
+        root.join("wit")
+    }
+}
+
+fn build_scripted_guest(root: &Path, dir: &Path, name: &str, script: Script, out_dir: &Path) -> Result<()> {
+    let started = Instant::now();
+    let component = out_dir.join(format!("{name}.wasm"));
+    let stamp = out_dir.join(format!(".{name}.tool"));
+    let (language, tool) = match script {
+        Script::Python => ("Python", format!("componentize-py {COMPONENTIZE_PY_VERSION}")),
+        Script::JavaScript => ("JavaScript", format!("componentize-js {}", componentize_js_pin(dir)?)),
+    };
+    let newest = newest_source(dir)?.max(newest_source(&wit_dir(root, dir))?);
+    let fresh = std::fs::metadata(&component)
+        .and_then(|m| m.modified())
+        .is_ok_and(|built_at| Some(built_at) > newest)
+        && std::fs::read_to_string(&stamp).is_ok_and(|t| t == tool);
+    if fresh {
+        println!("xtask: {} is up to date ({language}, {tool})", component.display());
+        return Ok(());
+    }
+    println!("xtask: building {language} guest `{name}` ({}) with {tool}", dir.display());
+    // Write then rename, so a host watching target/plugins never sees half a file.
+    let tmp = component.with_extension("wasm.tmp");
+    match script {
+        Script::Python => build_python(root, dir, &tmp)?,
+        Script::JavaScript => build_javascript(root, dir, &tmp)?,
+    }
+    std::fs::rename(&tmp, &component)?;
+    std::fs::write(&stamp, &tool)?;
+    println!(
+        "xtask: wrote {} ({} KiB) in {:.1}s",
+        component.display(),
+        std::fs::metadata(&component)?.len() / 1024,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The newest modification time of the files under `dir`, sources only.
@@ -311,7 +381,7 @@ fn build_python(root: &Path, dir: &Path, out: &Path) -> Result<()> {
     let mut componentize = componentize_py(root)?;
     componentize
         .arg("--wit-path")
-        .arg(root.join("wit"))
+        .arg(wit_dir(root, dir))
         .args(["--world", "plugin", "componentize", "app", "--python-path"])
         .arg(dir)
         .arg("--output")
@@ -386,7 +456,7 @@ fn build_javascript(root: &Path, dir: &Path, out: &Path) -> Result<()> {
     componentize
         .arg(&entry)
         .arg("--wit")
-        .arg(root.join("wit"))
+        .arg(wit_dir(root, dir))
         .args(["--world-name", "plugin"]);
     for feature in COMPONENTIZE_JS_DISABLE {
         componentize.args(["--disable", feature]);

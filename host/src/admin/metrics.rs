@@ -305,6 +305,38 @@ impl Collector for HostCollector {
             &states,
         )?;
 
+        let outbound: Vec<(Labels, u64)> = state
+            .runtime
+            .outbound()
+            .snapshot()
+            .into_iter()
+            .map(|((plugin, origin, result), n)| {
+                (vec![("plugin", plugin), ("origin", origin), ("result", result)], n)
+            })
+            .collect();
+        counter(
+            e,
+            "prismhook_plugin_outbound_requests",
+            "Plugins' outbound HTTP requests since start, by plugin, origin and result (the HTTP status, or denied, timeout, connection-failed, too-large, limit-exceeded, invalid-request, other)",
+            &outbound,
+        )?;
+        let counts = state.reloader.counts();
+        let reloads: Vec<(Labels, u64)> = [
+            ("loaded", &counts.loaded),
+            ("removed", &counts.removed),
+            ("disabled", &counts.disabled),
+            ("failed", &counts.failed),
+        ]
+        .into_iter()
+        .map(|(result, n)| (vec![("result", result.to_owned())], n.load(Ordering::Relaxed)))
+        .collect();
+        counter(
+            e,
+            "prismhook_plugin_reloads",
+            "Plugin files handled by the reload task since start, by result (a failed file leaves the previous version serving)",
+            &reloads,
+        )?;
+
         let registered: Vec<(Labels, u64)> = state
             .registrars
             .iter()

@@ -3,9 +3,13 @@
 //!
 //! Entries are keyed by the component's sha256 and the engine's
 //! compatibility hash (wasmtime version and settings). Deserializing is
-//! `unsafe` in wasmtime because it trusts the bytes, so every entry carries
-//! the sha256 of its own contents and is checked before use: a truncated or
-//! corrupted entry is recompiled and rewritten, never loaded.
+//! `unsafe` in wasmtime because it trusts the bytes, so every entry has the
+//! sha256 of its contents beside it (`.sum`) and is checked before use: a
+//! truncated or corrupted entry is recompiled and rewritten, never loaded.
+//!
+//! Entries are mapped, not read: the compiled code of a Python or
+//! JavaScript plugin is 40-odd MB, of which a plugin touches a small part,
+//! and only touched pages of a mapped file take memory.
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -35,19 +39,18 @@ impl ComponentCache {
 
     pub fn get(&self, engine: &Engine, sha256: &str) -> Option<Component> {
         let path = self.path(sha256);
-        let bytes = std::fs::read(&path).ok()?;
-        // Layout: 32 bytes of sha256 over the rest, then the serialized
-        // component.
-        let (sum, body) = bytes.split_at_checked(32)?;
-        if Sha256::digest(body).as_slice() != sum {
-            tracing::warn!(path = %path.display(), "compiled-component cache entry is corrupt; recompiling");
+        let sum = std::fs::read(path.with_extension("sum")).ok()?;
+        let intact = file_sha256(&path).is_ok_and(|actual| actual.as_slice() == sum.as_slice());
+        if !intact {
+            tracing::warn!(path = %path.display(), "compiled-component cache entry is corrupt or incomplete; recompiling");
             let _ = std::fs::remove_file(&path);
             return None;
         }
-        // SAFETY: the bytes are exactly what `Component::serialize` wrote
-        // for this engine configuration (checked by the key and checksum
-        // above); wasmtime additionally checks version and settings.
-        match unsafe { Component::deserialize(engine, body) } {
+        // SAFETY: the file is exactly what `Component::serialize` wrote for
+        // this engine configuration (checked by the key and checksum above,
+        // and only this process writes the cache directory); wasmtime
+        // additionally checks version and settings.
+        match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(path = %path.display(), "compiled-component cache entry unusable ({e}); recompiling");
@@ -61,16 +64,33 @@ impl ComponentCache {
         let result = (|| -> anyhow::Result<()> {
             std::fs::create_dir_all(&self.dir)?;
             let body = component.serialize()?;
-            let mut bytes = Sha256::digest(&body).to_vec();
-            bytes.extend_from_slice(&body);
             let path = self.path(sha256);
+            // The sum first: a crash between the two renames leaves a sum
+            // that does not match, never an unchecked entry.
+            let tmp = path.with_extension("sum.tmp");
+            std::fs::write(&tmp, Sha256::digest(&body))?;
+            std::fs::rename(tmp, path.with_extension("sum"))?;
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
+            std::fs::write(&tmp, body)?;
             std::fs::rename(tmp, path)?;
             Ok(())
         })();
         if let Err(e) = result {
             tracing::warn!("cannot write the compiled-component cache: {e:#}");
         }
+    }
+}
+
+fn file_sha256(path: &std::path::Path) -> std::io::Result<sha2::digest::Output<Sha256>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
     }
 }

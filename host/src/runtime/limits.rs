@@ -26,7 +26,11 @@ impl Default for Limits {
         Limits {
             memory_bytes: 64 << 20,
             deadline: Duration::from_secs(5),
-            max_requests_per_call: 16,
+            // One per event of a full batch: a plugin that talks to its
+            // system per VM (the F5 plugin) must not fail a batch of
+            // `delivery.batch_max` events, and reconcile reads a large
+            // firewall table page by page.
+            max_requests_per_call: 256,
             max_response_bytes: 8 << 20,
             max_log_bytes: 64 << 10,
         }

@@ -14,6 +14,7 @@ pub mod kv_store;
 pub mod limits;
 pub mod policy;
 mod state;
+pub use state::OutboundCounts;
 mod stdio;
 
 use std::path::{Path, PathBuf};
@@ -132,6 +133,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     http: reqwest::Client,
+    outbound: Arc<OutboundCounts>,
     kv: KvStore,
     cache: Option<cache::ComponentCache>,
     _ticker: EpochTicker,
@@ -178,6 +180,7 @@ impl Runtime {
             engine,
             linker,
             http,
+            outbound: Arc::default(),
             kv,
             cache,
             _ticker: ticker,
@@ -190,6 +193,11 @@ impl Runtime {
 
     pub fn kv(&self) -> &KvStore {
         &self.kv
+    }
+
+    /// Plugins' outbound requests since start, by plugin, origin and result.
+    pub fn outbound(&self) -> &OutboundCounts {
+        &self.outbound
     }
 
     /// Reads, checks and compiles a component file. CPU-heavy: call it off
@@ -220,10 +228,15 @@ impl Runtime {
                     file: file.to_owned(),
                     reason: format!("{e:#}"),
                 })?;
-                if let Some(cache) = &self.cache {
-                    cache.put(&sha256, &component);
+                match &self.cache {
+                    Some(cache) => {
+                        cache.put(&sha256, &component);
+                        // Served from the file from now on: mapped code
+                        // takes memory only for the pages in use.
+                        cache.get(&self.engine, &sha256).unwrap_or(component)
+                    }
+                    None => component,
                 }
-                component
             }
         };
         Ok(Compiled {
@@ -439,6 +452,7 @@ impl Plugin {
             context.into(),
             rt.kv.session(&self.identity.name),
             rt.http.clone(),
+            rt.outbound.clone(),
         );
         let mut store = Store::new(&rt.engine, state);
         store.limiter(|s| s);

@@ -47,6 +47,22 @@ impl LogBudget {
     }
 }
 
+/// Outbound requests since start by plugin, origin and result (the HTTP
+/// status, or the error kind: `denied`, `timeout`, …), for metrics.
+#[derive(Debug, Default)]
+pub struct OutboundCounts(std::sync::Mutex<std::collections::BTreeMap<(String, String, String), u64>>);
+
+impl OutboundCounts {
+    pub(super) fn count(&self, plugin: &str, origin: String, result: String) {
+        let mut all = self.0.lock().expect("outbound counts lock");
+        *all.entry((plugin.to_owned(), origin, result)).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> std::collections::BTreeMap<(String, String, String), u64> {
+        self.0.lock().expect("outbound counts lock").clone()
+    }
+}
+
 pub struct HostState {
     pub(super) wasi: WasiCtx,
     pub(super) table: ResourceTable,
@@ -60,6 +76,7 @@ pub struct HostState {
     pub(super) log_budget: LogBudget,
     pub(super) kv: KvSession,
     pub(super) http: reqwest::Client,
+    pub(super) outbound: Arc<OutboundCounts>,
 }
 
 impl HostState {
@@ -68,6 +85,7 @@ impl HostState {
         context: Arc<str>,
         kv: KvSession,
         http: reqwest::Client,
+        outbound: Arc<OutboundCounts>,
     ) -> HostState {
         let limits = plugin.limits;
         let log_budget = LogBudget::new(limits.max_log_bytes);
@@ -96,6 +114,7 @@ impl HostState {
             log_budget,
             kv,
             http,
+            outbound,
         }
     }
 }

@@ -23,7 +23,13 @@ impl Host for HostState {
         let started = Instant::now();
         let plugin = self.plugin.name.clone();
         let method = request.method.clone();
+        let asked = Url::parse(&request.url).map(|u| u.origin().ascii_serialization()).unwrap_or_else(|_| "-".into());
         let result = self.send_checked(request).await;
+        let (origin, outcome) = match &result {
+            Ok((url, resp)) => (url.origin().ascii_serialization(), resp.status.to_string()),
+            Err(e) => (asked, error_kind(e).to_owned()),
+        };
+        self.outbound.count(&plugin, origin, outcome);
         match &result {
             Ok((url, resp)) => tracing::debug!(
                 %plugin, events = %self.context, %method, origin = %url.origin().ascii_serialization(),
@@ -34,6 +40,19 @@ impl Host for HostState {
             Err(e) => tracing::debug!(%plugin, events = %self.context, %method, "plugin http request failed: {e:?}"),
         }
         Ok(result.map(|(_, r)| r))
+    }
+}
+
+/// The metrics label of a failed request.
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::Denied(_) => "denied",
+        Error::InvalidRequest(_) => "invalid-request",
+        Error::Timeout => "timeout",
+        Error::ConnectionFailed(_) => "connection-failed",
+        Error::TooLarge(_) => "too-large",
+        Error::LimitExceeded(_) => "limit-exceeded",
+        Error::Other(_) => "other",
     }
 }
 

@@ -1,0 +1,352 @@
+//! Issue 4's figures: what durability costs, and the whole path's rate.
+//!
+//! Three servers in this process, on the same runtime:
+//! - D, durable: the listener's own router (`listener::router`) with a real
+//!   ledger (redb, group commit, fsync before 202) and paloalto.wasm loaded
+//!   and subscribed, so each accept stores the event and one pending
+//!   delivery. No dispatcher runs: this isolates accepting.
+//! - N, non-durable: the same handler (auth, body cap, lenient parse,
+//!   subscriber lookup, event record, counters, JSON answer) without the
+//!   ledger write.
+//! - T, trivial: the reference's trivial axum handler.
+//!
+//! 1. Saturation with wrk (-t2 -c64, 5 s), D/N/T rotating, 3 rounds.
+//! 2. A fixed 1,000 notifications/s from an in-process open-loop generator,
+//!    latency from each request's scheduled time to its answer, D/N/T
+//!    rotating, 2 rounds of 5 s.
+//! 3. End to end: the full host (`App`), N VM.ON notifications posted as
+//!    fast as 64 keep-alive connections go, until every one is applied at
+//!    the PAN-OS simulator through the Wasm plugin; then VM.OFF for the
+//!    same VMs, until the firewall is empty again.
+//!
+//! `cargo bench -p prismhook --bench durability`
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine as _;
+use prismhook::dispatch::now_ms;
+use prismhook::ledger::{Ledger, LedgerOptions, NewEvent};
+use prismhook::listener::{self, ClusterAuth, ListenerState, ListenerStats};
+use prismhook::nutanix::payload::parse_notification;
+use prismhook::registry::{Entry, PluginState, Registry};
+use prismhook::runtime::policy::{OriginRule, OutboundPolicy};
+use prismhook::runtime::{PluginSettings, Runtime, RuntimeOptions};
+use prismhook::secret::Secret;
+use subtle::ConstantTimeEq;
+
+use common::*;
+
+// ------------------------------------------------------------ N: no ledger
+
+#[derive(Clone)]
+struct NonDurable {
+    expected: Arc<str>,
+    registry: Registry,
+    max_body_bytes: usize,
+    accepting: Arc<AtomicBool>,
+    next_id: Arc<AtomicU64>,
+    stats: Arc<Mutex<HashMap<(String, String, u16), u64>>>,
+}
+
+/// `listener::callback` line for line, minus `ledger.append`.
+async fn non_durable(State(s): State<NonDurable>, Path(cluster): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    if cluster != "lab" {
+        return (StatusCode::NOT_FOUND, "no such cluster\n").into_response();
+    }
+    let ok = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|e| base64::engine::general_purpose::STANDARD.decode(e.trim()).ok())
+        .is_some_and(|d| bool::from(d.as_slice().ct_eq(s.expected.as_bytes())));
+    if !ok {
+        return (StatusCode::UNAUTHORIZED, "wrong or missing credentials\n").into_response();
+    }
+    if !s.accepting.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let Ok(body) = axum::body::to_bytes(body, s.max_body_bytes).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "too large\n").into_response();
+    };
+    let note = match parse_notification(&body) {
+        Ok(n) => n,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let plugins = s.registry.subscribers(&note.event_type);
+    let event = NewEvent {
+        cluster: cluster.clone(),
+        event_type: note.event_type.clone(),
+        entity_kind: note.entity_kind,
+        entity_uuid: note.entity_uuid.clone(),
+        dedupe_key: Some(format!("{cluster}/{}", note.dedupe_key)),
+        received_at_ms: now_ms(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    std::hint::black_box(&event);
+    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let response = (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "deliveries": plugins.len() }))).into_response();
+    *s.stats.lock().unwrap().entry((cluster, note.event_type, 202)).or_default() += 1;
+    response
+}
+
+// ------------------------------------------------------------ figures
+
+struct Target {
+    name: &'static str,
+    url: String,
+}
+
+async fn wrk(url: &str, secs: u64, script: &std::path::Path, auth: &str, round: u32) -> WrkResult {
+    let (url, script, auth) = (url.to_owned(), script.to_owned(), auth.to_owned());
+    let fixtures = vm_fixtures();
+    tokio::task::spawn_blocking(move || run_wrk(&url, 2, 64, Duration::from_secs(secs), &script, &auth, round, &fixtures))
+        .await
+        .unwrap()
+}
+
+#[tokio::main]
+async fn main() {
+    init_tracing();
+    println!("# prismhook bench: durability (issue 4)");
+    machine_note();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A registry with paloalto.wasm loaded, as the listener consults it.
+    let runtime = Runtime::new(RuntimeOptions::new(dir.path().join("kv.redb"))).unwrap();
+    let fw = "http://127.0.0.1:9";
+    let settings = PluginSettings {
+        config: serde_json::json!({ "firewall": fw }),
+        policy: OutboundPolicy::new(vec![OriginRule::parse(fw).unwrap()], vec![]),
+        ..Default::default()
+    };
+    let plugin = runtime.load(&component("paloalto"), settings).await.unwrap();
+    let registry = Registry::default();
+    registry.update(|m| {
+        m.insert(
+            "paloalto".into(),
+            Entry { plugin: Some(plugin), state: PluginState::Active, coalesce: false, load_error: None },
+        );
+    });
+
+    let ledger = Ledger::open(LedgerOptions::new(dir.path().join("ledger.redb"))).unwrap();
+    let clusters: HashMap<String, ClusterAuth> = [(
+        "lab".to_owned(),
+        ClusterAuth { user: WEBHOOK_USER.into(), password: Secret::new(WEBHOOK_PASSWORD) },
+    )]
+    .into();
+    let durable = listener::router(ListenerState {
+        clusters: Arc::new(clusters),
+        ledger: ledger.clone(),
+        registry: registry.clone(),
+        max_body_bytes: 1 << 20,
+        accepting: Arc::new(AtomicBool::new(true)),
+        stats: Arc::new(ListenerStats::default()),
+    });
+    let nd = Router::new().route("/listener/callback/{cluster}", post(non_durable)).with_state(NonDurable {
+        expected: format!("{WEBHOOK_USER}:{WEBHOOK_PASSWORD}").into(),
+        registry: registry.clone(),
+        max_body_bytes: 1 << 20,
+        accepting: Arc::new(AtomicBool::new(true)),
+        next_id: Arc::new(AtomicU64::new(1)),
+        stats: Arc::default(),
+    });
+    let targets = [
+        Target { name: "D durable (ledger, fsync)", url: format!("http://{}/listener/callback/lab", serve(durable).await) },
+        Target { name: "N non-durable (same handler, no ledger)", url: format!("http://{}/listener/callback/lab", serve(nd).await) },
+        Target { name: "T trivial axum", url: format!("http://{}/listener/callback/lab", start_trivial().await) },
+    ];
+    let auth = basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD);
+    let script = wrk_script();
+    let mut round_id = 1000u32;
+
+    // ------------------------------------------------------------ 1
+    println!("\n## 1. Accept rate at saturation: wrk -t2 -c64 -d5s --latency (wrk shares the 2 cores), fixtures vm_*.json made unique");
+    for t in &targets {
+        wrk(&t.url, 1, &script, &auth, round_id).await;
+        round_id += 1;
+    }
+    let mut sat: Vec<Vec<WrkResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut group = Vec::new();
+    println!("| round | target | 202/s | p50 | p90 | p99 | non-2xx | ledger commits | events/commit |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for round in 0..3 {
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let c0 = ledger.commits();
+            let r = wrk(&targets[i].url, 5, &script, &auth, round_id).await;
+            round_id += 1;
+            let (c, per) = if i == 0 {
+                let c = ledger.commits() - c0;
+                let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;
+                group.push(per);
+                (c.to_string(), format!("{per:.1}"))
+            } else {
+                ("–".into(), "–".into())
+            };
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {c} | {per} |",
+                round + 1,
+                targets[i].name,
+                rate(r.ok_per_s),
+                us(r.p50_us),
+                us(r.p90_us),
+                us(r.p99_us),
+                r.non_2xx
+            );
+            sat[i].push(r);
+        }
+    }
+
+    // ------------------------------------------------------------ 2
+    println!("\n## 2. Ack latency at a fixed 1,000 notifications/s (in-process open-loop generator, reqwest, keep-alive; 2 rounds × 5 s per target)");
+    let templates: Vec<VmTemplate> = vm_fixtures().iter().map(|p| VmTemplate::load(p)).collect();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    let mut paced_lat: Vec<Vec<f64>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut paced_bad = [0u64; 3];
+    println!("| round | target | sent | 202 | other | p50 | p99 | p99.9 | max |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for round in 0..2 {
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let series = 2000 + round_id;
+            round_id += 1;
+            let ts = templates.clone();
+            let r = paced(&client, &targets[i].url, &auth, 1000, Duration::from_secs(5), move |n| {
+                ts[n as usize % ts.len()].render(series, n)
+            })
+            .await;
+            let l = &r.latencies_us;
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                round + 1,
+                targets[i].name,
+                r.sent,
+                r.accepted,
+                r.other,
+                us(percentile(l, 50.0)),
+                us(percentile(l, 99.0)),
+                us(percentile(l, 99.9)),
+                us(*l.last().unwrap_or(&f64::NAN))
+            );
+            paced_lat[i].extend_from_slice(l);
+            paced_bad[i] += r.other;
+        }
+    }
+
+    // ------------------------------------------------------------ summary 1+2
+    let med = |v: &[WrkResult], f: fn(&WrkResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    println!("\n## Summary, accepting (medians over rounds; paced latencies pooled over both rounds)");
+    println!("| target | 202/s saturated | vs trivial | p50 sat. | p99 sat. | p50 @1k/s | p99 @1k/s | p99.9 @1k/s | non-202 @1k/s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let trivial_rate = med(&sat[2], |r| r.ok_per_s);
+    for i in 0..3 {
+        let l = sorted(paced_lat[i].clone());
+        println!(
+            "| {} | {} | {:.2}× | {} | {} | {} | {} | {} | {} |",
+            targets[i].name,
+            rate(med(&sat[i], |r| r.ok_per_s)),
+            med(&sat[i], |r| r.ok_per_s) / trivial_rate,
+            us(med(&sat[i], |r| r.p50_us)),
+            us(med(&sat[i], |r| r.p99_us)),
+            us(percentile(&l, 50.0)),
+            us(percentile(&l, 99.0)),
+            us(percentile(&l, 99.9)),
+            paced_bad[i]
+        );
+    }
+    println!(
+        "durable / non-durable, saturated: {:.2}×; group commit: median {:.1} events per fsync'd commit",
+        med(&sat[0], |r| r.ok_per_s) / med(&sat[1], |r| r.ok_per_s),
+        median(&group)
+    );
+    let d_rate = med(&sat[0], |r| r.ok_per_s);
+    let d_p99 = percentile(&sorted(paced_lat[0].clone()), 99.0);
+    println!(
+        "targets: ≥ 10,000 durable accepts/s → {} ({}); p99 ack < 10 ms at 1,000/s → {} ({})",
+        rate(d_rate),
+        if d_rate >= 10_000.0 { "met" } else { "NOT met" },
+        us(d_p99),
+        if d_p99 < 10_000.0 { "met" } else { "NOT met" }
+    );
+    drop(targets);
+    let _ = std::fs::remove_file(&script);
+
+    // ------------------------------------------------------------ 3
+    println!("\n## 3. End to end: notifications posted → applied at the PAN-OS simulator through paloalto.wasm (full host)");
+    let rig = start_host().await;
+    let n: u64 = 20_000;
+    let on = Arc::new(VmTemplate::load(&fixtures_dir().join("vm_on.json")));
+    let off = Arc::new(VmTemplate::load(&fixtures_dir().join("vm_off.json")));
+    println!(
+        "{n} × VM.ON (vm_on.json, 1 IP, tag ntnx.managed) for distinct VMs, then {n} × VM.OFF for the same VMs; \
+         64 concurrent keep-alive posters in this process; done when the simulator's registered entries reach {n} / 0"
+    );
+    println!("| round | events | 202 | posting took | ingest /s | applied after | end-to-end events/s | firewall requests | fw commits |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut e2e = Vec::new();
+    for round in 0..4u32 {
+        let series = 3000 + round / 2;
+        let (template, want, label) = if round % 2 == 0 { (on.clone(), n, "VM.ON") } else { (off.clone(), 0, "VM.OFF") };
+        let before = rig.panos.stats();
+        let started = Instant::now();
+        let body: Arc<dyn Fn(u64) -> String + Send + Sync> = Arc::new(move |i| template.render(series, i));
+        let poster = {
+            let (client, url, auth) = (client.clone(), rig.url.clone(), rig.auth.clone());
+            tokio::spawn(async move { burst(&client, &url, &auth, n, 64, body).await })
+        };
+        let limit = Duration::from_secs(120);
+        let mut applied = None;
+        while started.elapsed() < limit {
+            if rig.panos.stats().registered_entries == want && poster.is_finished() {
+                applied = Some(started.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (accepted, _other, posting) = poster.await.unwrap();
+        let after = rig.panos.stats();
+        let e2e_rate = applied.map(|d| accepted as f64 / d.as_secs_f64());
+        if let Some(r) = e2e_rate {
+            e2e.push(r);
+        }
+        println!(
+            "| {} {label} | {n} | {accepted} | {:.2} s | {} | {} | {} | {} | {} |",
+            round + 1,
+            posting.as_secs_f64(),
+            rate(accepted as f64 / posting.as_secs_f64()),
+            applied.map_or("> 120 s".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+            e2e_rate.map_or("n/a".into(), rate),
+            after.requests - before.requests,
+            after.commits - before.commits
+        );
+        drain(&rig.app.ledger, Duration::from_secs(60)).await;
+    }
+    let e2e_median = median(&e2e);
+    println!(
+        "end-to-end median: {} (target ≥ 5,000 events/s: {})",
+        rate(e2e_median),
+        if e2e_median >= 5000.0 { "met" } else { "NOT met" }
+    );
+    let c = rig.app.dispatcher.counters();
+    if let Some(p) = c.get("paloalto") {
+        println!(
+            "dispatcher: {} handle calls for {} deliveries ({:.0} events/call), {} failed calls, time in handle {:.2} s",
+            p.calls,
+            p.delivered,
+            p.delivered as f64 / p.calls.max(1) as f64,
+            p.failed_calls,
+            p.handle_time.as_secs_f64()
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! `prismhook plugin new` end to end, for each language: the real binary
+//! writes a skeleton, the project's own guest build (`cargo xtask plugins
+//! --dir`) builds it unchanged, `prismhook plugin check` passes it, and once
+//! dropped into a running host's plugins directory it handles events Prism
+//! sends, which the skeleton records in its `kv` (`last-event`).
+//!
+//! The skeletons are written to fixed directories under target/tmp, left
+//! there for inspection after a run. A Python or JavaScript component is
+//! compiled twice, by `plugin check` and by the host, half a minute or more
+//! each in a debug host; componentize-py and componentize-js builds are not
+//! reproducible, so no cache can spare that.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use prismhook::app::App;
+use prismhook::config::Config;
+use prismhook_sim::prism::{NewVm, PrismConfig, PrismSim};
+
+const PRISMHOOK: &str = env!("CARGO_BIN_EXE_prismhook");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn work_dir(lang: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-new").join(lang)
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs a command off the async threads and returns its output.
+async fn run(mut command: Command) -> Output {
+    tokio::task::spawn_blocking(move || command.output().expect("starting a command")).await.unwrap()
+}
+
+fn prismhook(args: &[&str]) -> Command {
+    let mut command = Command::new(PRISMHOOK);
+    command.args(args).env("PRISMHOOK_LOG", "warn");
+    command
+}
+
+/// The project's guest build, exactly as a contributor runs it.
+fn xtask_build(dir: &Path, out: &Path) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(repo_root())
+        .args(["run", "--quiet", "-p", "xtask", "--", "plugins", "--dir"])
+        .arg(dir)
+        .arg("--out")
+        .arg(out);
+    command
+}
+
+async fn wait(mut ready: impl FnMut() -> bool, what: &str, limit: Duration) {
+    let until = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < until, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn host_config(dir: &Path, prism: &PrismSim) -> Config {
+    let text = format!(
+        r#"
+instance = "plugin-new"
+[listener]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[storage]
+data_dir = "{data}"
+[delivery]
+retry_initial = "50ms"
+retry_max = "200ms"
+[plugins]
+dir = "{plugins}"
+watch = true
+[[cluster]]
+name = "lab"
+prism_url = "{prism}"
+username = "admin"
+password = {{ value = "nutanix/4u" }}
+reconcile_interval = "0s"
+"#,
+        data = dir.join("data").display(),
+        plugins = dir.join("plugins").display(),
+        prism = prism.base_url(),
+    );
+    Config::parse(&text, Path::new("plugin-new.toml")).unwrap()
+}
+
+async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
+    common::init_tracing();
+    let name = format!("hello-{lang}");
+    let work = work_dir(lang);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let started = Instant::now();
+    let lap = |what: &str| eprintln!("{name}: {what} after {:.1}s", started.elapsed().as_secs_f64());
+
+    // 1. The skeleton, written by the real binary.
+    let src = work.join("src");
+    let new = run(prismhook(&["plugin", "new", &name, "--lang", lang, "--dir", src.to_str().unwrap()])).await;
+    assert!(new.status.success(), "{}", text(&new));
+    let skeleton = src.join(&name);
+    assert!(String::from_utf8_lossy(&new.stdout).contains(&skeleton.display().to_string()), "{}", text(&new));
+    assert!(skeleton.join("wit/world.wit").is_file());
+    assert!(std::fs::read_to_string(skeleton.join("README.md")).unwrap().contains(&format!("cargo xtask plugins {name}")));
+    let again = run(prismhook(&["plugin", "new", &name, "--lang", lang, "--dir", src.to_str().unwrap()])).await;
+    assert!(!again.status.success(), "a second `plugin new` must not overwrite the first");
+
+    // 2. Built unchanged by the project's guest build.
+    let out = work.join("out");
+    let build = run(xtask_build(&skeleton, &out)).await;
+    assert!(build.status.success(), "{}", text(&build));
+    let wasm = out.join(format!("{name}.wasm"));
+    assert!(wasm.is_file(), "{}", text(&build));
+    lap("built");
+
+    // 3. `plugin check` says it fits.
+    let check = run(prismhook(&["plugin", "check", wasm.to_str().unwrap(), "--config", "{}"])).await;
+    let report = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(report.lines().any(|l| l.starts_with("OK")), "{report}");
+    assert!(report.contains(&format!("plugin    {name} 0.1.0")), "{report}");
+    assert!(report.contains("events    VM.*"), "{report}");
+    lap("checked");
+
+    // 4. Dropped into a running host's plugins directory, it handles what
+    //    Prism sends.
+    let host = tempfile::tempdir().unwrap();
+    let plugins = host.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let prism = PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default()).await.unwrap();
+    let app = App::start(host_config(host.path(), &prism)).await.unwrap();
+    assert!(app.registry.get(&name).is_none());
+    let partial = plugins.join(format!(".{name}.partial"));
+    std::fs::copy(&wasm, &partial).unwrap();
+    std::fs::rename(&partial, plugins.join(format!("{name}.wasm"))).unwrap();
+    // A Python or JavaScript component takes half a minute to compile in a
+    // debug host, more on a busy machine.
+    wait(|| app.registry.get(&name).is_some_and(|e| e.plugin.is_some()), "the plugin to load", Duration::from_secs(240)).await;
+    lap("loaded");
+    wait(
+        || prism.webhooks().iter().any(|h| h.events_filter_list.iter().any(|e| e == "VM.ON")),
+        "the webhook to carry the plugin's subscriptions",
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let change = prism.create_vm(NewVm::named("vm-1").powered_on().nic(["10.9.0.1"])).await.unwrap();
+    assert_eq!(change.events, ["VM.CREATE", "VM.ON"]);
+    assert_eq!(change.delivered, 2, "both notifications reached the listener");
+    wait(
+        || app.dispatcher.counters().get(&name).is_some_and(|c| c.delivered == 2),
+        "the plugin to handle both events",
+        Duration::from_secs(30),
+    )
+    .await;
+    let kv = app.runtime.kv().dump(&name).unwrap();
+    let last = String::from_utf8(kv.get("last-event").cloned().unwrap_or_default()).unwrap();
+    assert!(!last.is_empty(), "handle recorded the last event id: {kv:?}");
+    let counters = &app.dispatcher.counters()[&name];
+    assert_eq!((counters.failed_calls, counters.retried, counters.rejected), (0, 0, 0), "{counters:?}");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    lap("handled");
+}
+
+#[tokio::test]
+async fn a_new_rust_plugin_builds_passes_check_and_handles_an_event() {
+    a_new_plugin_builds_checks_and_handles_an_event("rust").await;
+}
+
+#[tokio::test]
+async fn a_new_python_plugin_builds_passes_check_and_handles_an_event() {
+    a_new_plugin_builds_checks_and_handles_an_event("python").await;
+}
+
+#[tokio::test]
+async fn a_new_js_plugin_builds_passes_check_and_handles_an_event() {
+    a_new_plugin_builds_checks_and_handles_an_event("js").await;
+}

@@ -1,0 +1,167 @@
+//! Secrets never reach the logs: the real binary runs a VM lifecycle at
+//! debug level, in both log formats, and nothing it prints — nor what the
+//! operator's commands (`plugins list`, `clusters`, `dlq list`) print —
+//! contains the Prism password, the webhook password or the firewall key.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use prismhook_sim::panos::{PanosConfig, PanosSim};
+use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismSim};
+use tokio::io::AsyncReadExt;
+
+const PRISM_PASSWORD: &str = "prism-Pa55-never-logged";
+const WEBHOOK_PASSWORD: &str = "webhook-Pa55-never-logged";
+const PAN_KEY: &str = "pan-KEY-never-logged-0123456789";
+
+async fn run_host(log_format: &str) -> String {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(common::component("paloalto"), plugins.join("paloalto.wasm")).unwrap();
+    let prism = PrismSim::start(
+        "127.0.0.1:0".parse().unwrap(),
+        PrismConfig { password: PRISM_PASSWORD.into(), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let panos = PanosSim::start(
+        "127.0.0.1:0".parse().unwrap(),
+        PanosConfig { api_key: PAN_KEY.into(), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let port = free_port();
+    // A fixed admin port, so that the CLI finds the host from the config.
+    let admin_port = free_port();
+    let fw = panos.base_url();
+    let config = dir.path().join("prismhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[listener]
+listen = "127.0.0.1:{port}"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[storage]
+data_dir = "{data}"
+[plugins]
+dir = "{plugins}"
+[plugin.paloalto]
+config = {{ firewall = "{fw}" }}
+allow = ["{fw}"]
+inject = [{{ origin = "{fw}", header = "X-PAN-KEY", env = "TEST_PAN_KEY" }}]
+[[cluster]]
+name = "lab"
+prism_url = "{prism}"
+username = "admin"
+password = {{ env = "TEST_PRISM_PASSWORD" }}
+webhook_password = {{ env = "TEST_WEBHOOK_PASSWORD" }}
+"#,
+            data = dir.path().join("data").display(),
+            plugins = plugins.display(),
+            prism = prism.base_url(),
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
+        .args(["--log-format", log_format, "run", "--config"])
+        .arg(&config)
+        .env("PRISMHOOK_LOG", "debug")
+        .env("TEST_PAN_KEY", PAN_KEY)
+        .env("TEST_PRISM_PASSWORD", PRISM_PASSWORD)
+        .env("TEST_WEBHOOK_PASSWORD", WEBHOOK_PASSWORD)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s).await;
+        s
+    });
+    let err = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s).await;
+        s
+    });
+
+    let until = Instant::now() + Duration::from_secs(60);
+    while prism.webhooks().is_empty() {
+        assert!(Instant::now() < until, "the host never registered its webhook");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Wrong credentials too: the refusal is logged, the password is not.
+    let hook = prism.webhooks()[0].clone();
+    let _ = reqwest::Client::new().post(&hook.post_url).basic_auth("prismhook", Some("guess")).body("{}").send().await;
+    // Each step waits for the firewall, so that no batch folds them away.
+    let vm = prism
+        .create_vm(NewVm::named("web").powered_on().category("AppTier", "Web").nic(["10.9.0.1"]))
+        .await
+        .unwrap()
+        .uuid;
+    let limit = until.saturating_duration_since(Instant::now());
+    common::wait_until("the VM's address on the firewall", limit, || panos.registered().contains_key("10.9.0.1")).await;
+    prism.plug_nic(&vm, NewNic::with_ips(["10.9.0.2"])).await.unwrap();
+    let limit = until.saturating_duration_since(Instant::now());
+    common::wait_until("the new NIC's address on the firewall", limit, || panos.registered().contains_key("10.9.0.2")).await;
+    prism.delete_vm(&vm).await.unwrap();
+    let limit = until.saturating_duration_since(Instant::now());
+    common::wait_until("the deleted VM gone from the firewall", limit, || panos.registered().is_empty()).await;
+    // The operator's commands, through the admin API: they show the plugin
+    // and its counts, and no secret either.
+    let mut cli_output = String::new();
+    for args in [&["plugins", "list"][..], &["clusters"], &["dlq", "list"]] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("TEST_PAN_KEY", PAN_KEY)
+            .env("TEST_PRISM_PASSWORD", PRISM_PASSWORD)
+            .env("TEST_WEBHOOK_PASSWORD", WEBHOOK_PASSWORD)
+            .output()
+            .await
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "prismhook {args:?}:\n{text}");
+        cli_output.push_str(&text);
+    }
+    assert!(cli_output.contains("paloalto") && cli_output.contains("active"), "{cli_output}");
+    assert!(cli_output.contains("lab"), "the cluster is listed:\n{cli_output}");
+
+    // SIGTERM: graceful stop.
+    let pid = child.id().unwrap() as i32;
+    unsafe_kill(pid);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    format!("{}{}{cli_output}", out.await.unwrap(), err.await.unwrap())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn unsafe_kill(pid: i32) {
+    // No libc dependency for one signal: the kill(1) command does it.
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test]
+async fn no_configured_secret_appears_in_the_logs_of_a_full_run() {
+    for format in ["human", "json"] {
+        let logs = run_host(format).await;
+        assert!(logs.contains("webhook created"), "{format}: the run was logged:\n{logs}");
+        assert!(logs.contains("wrong or missing credentials"), "{format}: the refusal was logged");
+        for secret in [PRISM_PASSWORD, WEBHOOK_PASSWORD, PAN_KEY] {
+            assert!(!logs.contains(secret), "{format}: `{secret}` leaked into the logs");
+        }
+    }
+}
