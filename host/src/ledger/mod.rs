@@ -334,6 +334,9 @@ impl fmt::Debug for Ledger {
     }
 }
 
+/// The ledger database's page cache.
+const LEDGER_CACHE_BYTES: usize = 32 << 20;
+
 impl Ledger {
     /// Opens (or creates) the ledger file and rebuilds the in-memory index from it. Deliveries that
     /// were in flight when the process last stopped are pending again.
@@ -348,7 +351,13 @@ impl Ledger {
                 source,
             })?;
         }
-        let mut db = Database::create(&path).with_ctx(|| format!("opening {}", path.display()))?;
+        // redb caches up to 1 GiB per database by default, and a steady
+        // stream of 5 KB notifications would fill it; what is read back
+        // (recent events, claimed soon after they arrive) fits in far less.
+        let mut db = redb::Builder::new()
+            .set_cache_size(LEDGER_CACHE_BYTES)
+            .create(&path)
+            .with_ctx(|| format!("opening {}", path.display()))?;
         let txn = db.begin_write().ctx("beginning a write transaction")?;
         drop(Tables::open(&txn)?);
         txn.commit().ctx("creating the tables")?;

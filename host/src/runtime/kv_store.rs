@@ -46,7 +46,11 @@ impl KvStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(storage)?;
         }
-        let db = Database::create(path)
+        // Plugins keep small records; redb's default 1 GiB cache would let
+        // them grow the host's memory for nothing.
+        let db = redb::Builder::new()
+            .set_cache_size(16 << 20)
+            .create(path)
             .map_err(|e| KvError::Storage(format!("{}: {e}", path.display())))?;
         Ok(KvStore { db: Arc::new(db) })
     }
