@@ -24,7 +24,7 @@ use prismhook::ledger::{now_ms, Appended, DeadLetter, Ledger, LedgerOptions, New
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::runtime::kv_store::KvStore;
 use prismhook_sim::panos::{Faults, PanosConfig, PanosSim};
-use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismSim, SimVm};
+use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismSim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
