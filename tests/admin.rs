@@ -8,7 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prismhook::admin::api::{DlqSelection, ReplayRequest};
 use prismhook::admin::client::{self, AdminClient};
@@ -213,12 +213,8 @@ impl Host {
     }
 }
 
-async fn wait(mut ready: impl FnMut() -> bool, what: &str) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait(ready: impl FnMut() -> bool, what: &str) {
+    common::wait_until(what, Duration::from_secs(30), ready).await
 }
 
 fn counter(host: &Host, plugin: &str, f: impl Fn(&prismhook::dispatch::Counters) -> u64) -> u64 {

@@ -119,12 +119,8 @@ async fn wait(ready: impl FnMut() -> bool, what: &str) {
     wait_for(Duration::from_secs(30), ready, what).await
 }
 
-async fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool, what: &str) {
-    let until = Instant::now() + limit;
-    while !ready() {
-        assert!(Instant::now() < until, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_for(limit: Duration, ready: impl FnMut() -> bool, what: &str) {
+    common::wait_until(what, limit, ready).await
 }
 
 fn backlog(app: &App, plugin: &str) -> PluginBacklog {
@@ -328,10 +324,6 @@ impl Drop for HostProcess {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -413,7 +405,7 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
     let began = Instant::now();
 
     let w = world(&["probe"]).await;
-    let port = free_port();
+    let port = common::free_port();
     let setup = Setup {
         listen: format!("127.0.0.1:{port}"),
         delivery: "retry_initial = \"20ms\"\nretry_max = \"200ms\"".into(),

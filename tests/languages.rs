@@ -223,22 +223,10 @@ reconcile_interval = "0s"
     }
 }
 
-async fn wait(mut ready: impl FnMut() -> bool, what: &str) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait(ready: impl FnMut() -> bool, what: &str) {
+    common::wait_until(what, Duration::from_secs(30), ready).await
 }
 
-async fn drained(app: &App) {
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    wait(
-        || app.ledger.backlog().unwrap().iter().all(|b| b.pending + b.in_flight + b.retrying == 0),
-        "deliveries to finish",
-    )
-    .await;
-}
 
 
 /// The pool members the VMs' state calls for: every IP of every powered-on
@@ -282,7 +270,7 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
     }
     let mut seen = 0;
     let mut step = async |change: VmChange, power: Option<&str>, what: &str| {
-        drained(&app).await;
+        common::drained(&app).await;
         let vms = w.prism.vms();
         assert_eq!(w.panos.registered(), common::firewall_truth(&vms), "firewall after {what}");
         assert_eq!(w.members(), pool_truth(&vms), "pool after {what}");
@@ -350,7 +338,7 @@ async fn a_failing_load_balancer_and_siem_hold_up_only_their_own_plugins() {
 
     // The BIG-IP comes back: the queued events go through, in order.
     w.bigip.set_faults(BigipFaults::default());
-    drained(&app).await;
+    common::drained(&app).await;
     assert_eq!(w.members(), ["10.30.0.5:8080"]);
     let counters = app.dispatcher.counters();
     assert!(counters["forwarder"].retried > 0, "the SIEM's 503s were retried: {:?}", counters["forwarder"]);

@@ -82,14 +82,6 @@ async fn wait(ready: impl FnMut() -> bool, what: &str) {
     common::wait_until(what, Duration::from_secs(30), ready).await
 }
 
-async fn drained(app: &App) {
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    wait(
-        || app.ledger.backlog().unwrap().iter().all(|b| b.pending + b.in_flight + b.retrying == 0),
-        "deliveries to finish",
-    )
-    .await;
-}
 
 #[tokio::test]
 async fn the_host_registers_one_webhook_with_credentials_it_then_requires() {
@@ -120,7 +112,7 @@ async fn the_host_registers_one_webhook_with_credentials_it_then_requires() {
     // None of those was stored.
     assert!(app.ledger.backlog().unwrap().iter().all(|b| b.pending + b.delivered + b.in_flight == 0));
     assert_eq!(post(&creds.username, &creds.password, body).await.unwrap().status(), 202);
-    drained(&app).await;
+    common::drained(&app).await;
     assert_eq!(w.panos.registered()["1.2.3.4"], vec!["ntnx.managed"]);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -145,7 +137,7 @@ async fn every_fixture_notification_flows_from_prism_to_the_firewall() {
         let delivered = w.prism.notify(body).await;
         assert_eq!(delivered, usize::from(is_vm), "{name}: only subscribed types reach the listener");
     }
-    drained(&app).await;
+    common::drained(&app).await;
     assert!(w.prism.deliveries().iter().all(|d| d.status == Some(202)), "{:?}", w.prism.deliveries());
     // web-01 was created, changed, switched off and deleted; `example` is on.
     assert_eq!(w.panos.registered(), BTreeMap::from([("1.2.3.4".to_owned(), vec!["ntnx.managed".to_owned()])]));
@@ -161,13 +153,13 @@ async fn older_and_newer_payload_variants_are_both_understood() {
     for legacy in [true, false] {
         w.prism.set_faults(PrismFaults { legacy_payloads: legacy, empty_delete_metadata: legacy, ..Default::default() });
         let vm = w.prism.create_vm(NewVm::named("v").powered_on().category("Env", "Dev").nic(["10.5.0.1"])).await.unwrap().uuid;
-        drained(&app).await;
+        common::drained(&app).await;
         assert_eq!(w.panos.registered(), common::firewall_truth(&w.prism.vms()), "legacy={legacy}");
         w.prism.plug_nic(&vm, NewNic::with_ips(["10.5.0.2"])).await.unwrap();
-        drained(&app).await;
+        common::drained(&app).await;
         assert_eq!(w.panos.registered().len(), 2, "legacy={legacy}");
         w.prism.delete_vm(&vm).await.unwrap();
-        drained(&app).await;
+        common::drained(&app).await;
         assert!(w.panos.registered().is_empty(), "legacy={legacy}");
     }
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
@@ -225,7 +217,7 @@ async fn a_cluster_that_is_down_does_not_hold_up_another() {
     let down = app.cluster_status().into_iter().find(|c| c.name == "down").unwrap();
     assert!(down.last_error.unwrap().contains("down"), "the error names the cluster");
     w.prism.create_vm(NewVm::named("v").powered_on().nic(["10.6.0.1"])).await.unwrap();
-    drained(&app).await;
+    common::drained(&app).await;
     assert_eq!(w.panos.registered().len(), 1);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -273,7 +265,7 @@ async fn the_firewall_converges_after_lost_duplicated_and_reordered_webhooks() {
         }
     }
     w.prism.flush().await;
-    drained(&app).await;
+    common::drained(&app).await;
     let expected = common::firewall_truth(&w.prism.vms());
     assert_ne!(w.panos.registered(), expected, "with 20% of the webhooks lost the firewall should be off");
     let lines = app.registrars[0].reconcile().await.unwrap();
@@ -297,7 +289,7 @@ async fn the_listener_serves_https_when_configured_and_prism_posts_over_it() {
     let hook = w.prism.webhooks()[0].clone();
     assert!(hook.post_url.starts_with("https://"), "{}", hook.post_url);
     w.prism.create_vm(NewVm::named("tls").powered_on().nic(["10.7.0.1"])).await.unwrap();
-    drained(&app).await;
+    common::drained(&app).await;
     assert_eq!(w.panos.registered().len(), 1, "{:?}", w.prism.deliveries());
     // Plain HTTP to the TLS port gets nowhere.
     let plain = hook.post_url.replacen("https://", "http://", 1);

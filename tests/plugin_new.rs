@@ -63,12 +63,8 @@ fn xtask_build(dir: &Path, out: &Path) -> Command {
     command
 }
 
-async fn wait(mut ready: impl FnMut() -> bool, what: &str, limit: Duration) {
-    let until = Instant::now() + limit;
-    while !ready() {
-        assert!(Instant::now() < until, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn wait(ready: impl FnMut() -> bool, what: &str, limit: Duration) {
+    common::wait_until(what, limit, ready).await
 }
 
 fn host_config(dir: &Path, prism: &PrismSim) -> Config {

@@ -34,9 +34,9 @@ async fn run_host(log_format: &str) -> String {
     )
     .await
     .unwrap();
-    let port = free_port();
+    let port = common::free_port();
     // A fixed admin port, so that the CLI finds the host from the config.
-    let admin_port = free_port();
+    let admin_port = common::free_port();
     let fw = panos.base_url();
     let config = dir.path().join("prismhook.toml");
     std::fs::write(
@@ -142,10 +142,6 @@ webhook_password = {{ env = "TEST_WEBHOOK_PASSWORD" }}
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
     format!("{}{}{cli_output}", out.await.unwrap(), err.await.unwrap())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn unsafe_kill(pid: i32) {
