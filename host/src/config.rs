@@ -366,13 +366,11 @@ impl Config {
                         None => {
                             // A typo here would silently leave the file's
                             // secret in force.
-                            return Err(ConfigError::Invalid {
-                                file: self.source.clone(),
-                                key: format!("environment variable {var}"),
-                                message: "names no configured cluster: expected \
-                                          PRISMHOOK_CLUSTER_<NAME>_PASSWORD or _WEBHOOK_PASSWORD"
-                                    .into(),
-                            });
+                            return Err(self.invalid(
+                                format!("environment variable {var}"),
+                                "names no configured cluster: expected \
+                                 PRISMHOOK_CLUSTER_<NAME>_PASSWORD or _WEBHOOK_PASSWORD",
+                            ));
                         }
                     }
                 }

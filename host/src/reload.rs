@@ -167,8 +167,7 @@ impl Task {
                         // Quiet for a debounce period: load what changed.
                         for wasm in std::mem::take(&mut dirty) {
                             let report = self.reload_file(&wasm).await;
-                            log_report(&report);
-                            self.counts.count(&report);
+                            self.record(&report);
                         }
                         continue;
                     }
@@ -189,6 +188,12 @@ impl Task {
         }
     }
 
+    /// Logs what a reload did and counts it for the metrics.
+    fn record(&self, report: &Report) {
+        log_report(report);
+        self.counts.count(report);
+    }
+
     /// Brings the registry in line with every file in the directory.
     async fn rescan(&mut self) -> Vec<Report> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)
@@ -200,8 +205,7 @@ impl Task {
         let mut reports = Vec::new();
         for path in paths {
             let report = self.reload_file(&path).await;
-            log_report(&report);
-            self.counts.count(&report);
+            self.record(&report);
             reports.push(report);
         }
         reports

@@ -46,25 +46,17 @@ impl ComponentCache {
             let _ = std::fs::remove_file(&path);
             return None;
         }
-        // SAFETY: the file is exactly what `Component::serialize` wrote for
-        // this engine configuration (checked by the key and checksum above,
-        // and only this process writes the cache directory); wasmtime
-        // additionally checks version and settings.
-        match unsafe { Component::deserialize_file(engine, &path) } {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "compiled-component cache entry unusable ({e}); recompiling");
-                let _ = std::fs::remove_file(&path);
-                None
-            }
-        }
+        map(engine, &path)
     }
 
-    pub fn put(&self, sha256: &str, component: &Component) {
+    /// Writes `component` as the entry for `sha256` and returns it mapped
+    /// from there, so that from now on only its pages in use take memory;
+    /// `None` when it could not be written (the caller keeps its copy).
+    pub fn put(&self, engine: &Engine, sha256: &str, component: &Component) -> Option<Component> {
+        let path = self.path(sha256);
         let result = (|| -> anyhow::Result<()> {
             std::fs::create_dir_all(&self.dir)?;
             let body = component.serialize()?;
-            let path = self.path(sha256);
             // The sum first: a crash between the two renames leaves a sum
             // that does not match, never an unchecked entry.
             let tmp = path.with_extension("sum.tmp");
@@ -72,11 +64,31 @@ impl ComponentCache {
             std::fs::rename(tmp, path.with_extension("sum"))?;
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, body)?;
-            std::fs::rename(tmp, path)?;
+            std::fs::rename(tmp, &path)?;
             Ok(())
         })();
-        if let Err(e) = result {
-            tracing::warn!("cannot write the compiled-component cache: {e:#}");
+        match result {
+            Ok(()) => map(engine, &path),
+            Err(e) => {
+                tracing::warn!("cannot write the compiled-component cache: {e:#}");
+                None
+            }
+        }
+    }
+}
+
+/// Maps a checked cache entry; an entry wasmtime refuses is removed.
+fn map(engine: &Engine, path: &std::path::Path) -> Option<Component> {
+    // SAFETY: the file is exactly what `Component::serialize` wrote for this
+    // engine configuration (checked by the key, and by the checksum or
+    // because this process just wrote it; only this process writes the cache
+    // directory); wasmtime additionally checks version and settings.
+    match unsafe { Component::deserialize_file(engine, path) } {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "compiled-component cache entry unusable ({e}); recompiling");
+            let _ = std::fs::remove_file(path);
+            None
         }
     }
 }

@@ -229,12 +229,7 @@ impl Runtime {
                     reason: format!("{e:#}"),
                 })?;
                 match &self.cache {
-                    Some(cache) => {
-                        cache.put(&sha256, &component);
-                        // Served from the file from now on: mapped code
-                        // takes memory only for the pages in use.
-                        cache.get(&self.engine, &sha256).unwrap_or(component)
-                    }
+                    Some(cache) => cache.put(&self.engine, &sha256, &component).unwrap_or(component),
                     None => component,
                 }
             }
