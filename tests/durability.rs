@@ -221,7 +221,7 @@ fn seen_ids(app: &App, entity: &str) -> Vec<u64> {
     seen(&app.runtime.kv().dump("probe").unwrap(), entity).into_iter().map(|(id, _, _)| id).collect()
 }
 
-fn dead_letter<'a>(letters: &'a [DeadLetter], id: u64) -> &'a DeadLetter {
+fn dead_letter(letters: &[DeadLetter], id: u64) -> &DeadLetter {
     letters.iter().find(|d| d.event.id == id).unwrap_or_else(|| panic!("event {id} is not a dead letter: {letters:?}"))
 }
 

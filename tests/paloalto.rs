@@ -212,7 +212,7 @@ async fn a_firewall_that_drops_connections_gets_the_batch_retried() {
 async fn redelivering_the_same_events_is_harmless() {
     let mut r = rig(json!({})).await;
     let update = note("nutanix/vm_update_nic_ip.json", "VM.UPDATE", |_| {});
-    r.deliver(&[update.clone()]).await;
+    r.deliver(std::slice::from_ref(&update)).await;
     let before = r.table();
     let requests = r.panos.stats().requests;
     assert!(all_done(&r.deliver(&[update]).await));

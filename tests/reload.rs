@@ -15,6 +15,7 @@ use prismhook::ledger::NewEvent;
 use prismhook::registry::PluginState;
 use prismhook::reload::Report;
 use prismhook::runtime::kv_store::KvStore;
+use prismhook::runtime::Tier;
 
 struct Host {
     dir: tempfile::TempDir,
@@ -112,6 +113,16 @@ async fn drained(app: &App) {
 
 fn sha(app: &App) -> Option<String> {
     app.registry.get("probe").and_then(|e| e.plugin).map(|p| p.sha256().to_owned())
+}
+
+fn tier(app: &App) -> Option<Tier> {
+    app.registry.get("probe").and_then(|e| e.plugin).map(|p| p.tier())
+}
+
+fn cache_entries(h: &Host) -> Vec<PathBuf> {
+    std::fs::read_dir(h.dir.path().join("data/cache"))
+        .map(|rd| rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cwasm")).collect())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -285,6 +296,11 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
 }
 
 impl Host {
+    /// What the running host's probe has stored under `key`.
+    fn kv_live(&self, app: &App, key: &str) -> Vec<u8> {
+        app.runtime.kv().dump("probe").unwrap().get(key).cloned().unwrap_or_default()
+    }
+
     /// Whether the running host's probe has recorded `needle` under `key`:
     /// read through the runtime's own store, which the running host holds.
     fn kv_opt_contains(&self, app: &App, key: &str, needle: &str) -> bool {
@@ -298,11 +314,70 @@ impl Host {
 }
 
 #[tokio::test]
+async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(false).await;
+    // Nothing cached: the plugin serves at once with Winch's code...
+    assert!(
+        matches!(&app.loaded[0], Report::Loaded { from_cache: false, tier: Tier::Baseline, .. }),
+        "{:?}",
+        app.loaded
+    );
+    let first = append(&app, 1, "vm-a", "VM.ON").await;
+    drained(&app).await;
+    assert_eq!(String::from_utf8_lossy(&h.kv_live(&app, "seen/lab/vm-a")), format!("{first}:1:VM.ON"));
+
+    // ...until Cranelift's, compiled on the optimizer thread and cached,
+    // takes over: same load, same file, same state.
+    wait(|| tier(&app) == Some(Tier::Optimized), "Cranelift's code to serve").await;
+    assert_eq!(cache_entries(&h).len(), 1);
+    let state = app.registry.get("probe").unwrap().state;
+    assert_eq!(state, PluginState::Active);
+    let second = append(&app, 2, "vm-a", "VM.OFF").await;
+    drained(&app).await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]),
+        format!("{first}:1:VM.ON\n{second}:1:VM.OFF"),
+        "each event handled once, by one tier or the other"
+    );
+
+    // A restart maps Cranelift's code from the cache: no Winch step.
+    let app = h.start(false).await;
+    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: true, .. }), "{:?}", app.loaded);
+    assert_eq!(tier(&app), Some(Tier::Optimized));
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn without_tiering_a_new_file_waits_for_cranelift() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let text = format!(
+        "[storage]\ndata_dir = \"{}\"\n[listener]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [plugins]\ndir = \"{}\"\nwatch = false\ntiered = false\n",
+        h.dir.path().join("data").display(),
+        h.plugins().display()
+    );
+    let app = App::start(Config::parse(&text, Path::new("reload.toml")).unwrap()).await.unwrap();
+    assert!(
+        matches!(&app.loaded[0], Report::Loaded { from_cache: false, tier: Tier::Optimized, .. }),
+        "{:?}",
+        app.loaded
+    );
+    assert_eq!(cache_entries(&h).len(), 1);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
 async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
     let h = Host::new();
     h.install("probe.wasm", &probe_variant(0));
     let app = h.start(false).await;
     assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: false, .. }), "{:?}", app.loaded);
+    // Cranelift's code is what the cache keeps.
+    wait(|| tier(&app) == Some(Tier::Optimized), "Cranelift's code to serve").await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 
     // A warm restart takes the compiled code from the cache.

@@ -17,6 +17,8 @@
 //!    and the cluster registered; cold (empty data directory, so every
 //!    component is compiled) versus warm (restart on the same data
 //!    directory: compiled components come from the cache).
+//!    Beside it, each component's compile time with Winch (the first tier)
+//!    and with Cranelift, on an idle host (`compilers`).
 //! 4. The three languages side by side on one `Runtime`: instantiate per
 //!    call (a non-VM event: no kv, no http) and per-event cost of VM.ON /
 //!    VM.OFF batches, each plugin against its simulator or receiver.
@@ -39,7 +41,8 @@ use prismhook::config::Config;
 use prismhook::dispatch::to_wit_vm;
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::runtime::bindings::{Event, Outcome};
-use prismhook::runtime::{Runtime, RuntimeOptions};
+use prismhook::reload::Report;
+use prismhook::runtime::{Runtime, RuntimeOptions, Tier};
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
 use prismhook_sim::panos::{PanosConfig, PanosSim};
 use prismhook_sim::prism::{PrismConfig, PrismSim};
@@ -262,7 +265,11 @@ fn pct_row(label: &str, n: usize, a: &[f64], b: &[f64]) {
 
 async fn reloads(w: &World, client: &reqwest::Client) {
     println!("\n## 1. Reload latency: new paloalto.wasm + paloalto.toml renamed into a watched plugins directory, under 500 notifications/s");
-    println!("(the watcher debounces {} ms of quiet before loading: that is the floor)", prismhook::reload::DEBOUNCE.as_millis());
+    println!(
+        "(the reload task waits {} ms after a rename into place, {} ms after a write in place; new bytes serve with Winch's code first)",
+        prismhook::reload::SETTLE.as_millis(),
+        prismhook::reload::DEBOUNCE.as_millis()
+    );
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
@@ -285,29 +292,33 @@ async fn reloads(w: &World, client: &reqwest::Client) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let sha = || app.registry.get("paloalto").and_then(|e| e.plugin).map(|p| (p.sha256().to_owned(), p.from_cache()));
+    let tier = || app.registry.get("paloalto").and_then(|e| e.plugin).map(|p| p.tier());
     // 10 never-seen versions, then 12 alternating between the last two.
     let fresh = 10u32;
     let cached = 12u32;
     let (mut swap_fresh, mut first_fresh, mut swap_cached, mut first_cached) = (vec![], vec![], vec![], vec![]);
+    let mut optimized_fresh = vec![];
     let mut not_cached_when_expected = 0;
-    println!("| reload | bytes | from cache | file in place → new version serving | → first event handled by it |");
-    println!("|---|---|---|---|---|");
+    println!("| reload | bytes | from cache | first code | file in place → new version serving | → first event handled by it | → Cranelift's code serving |");
+    println!("|---|---|---|---|---|---|---|");
     for k in 1..=(fresh + cached) {
         let v = if k <= fresh { k } else if k % 2 == 1 { fresh - 1 } else { fresh };
         let (before, _) = sha().unwrap();
         let tag = format!("ntnx.r{k:03}");
-        std::fs::write(plugins.join("paloalto.toml"), toml_for(k)).unwrap();
         install(&plugins, "paloalto.wasm", &variant("paloalto", v));
         let t0 = Instant::now();
+        install(&plugins, "paloalto.toml", toml_for(k).as_bytes());
         let mut swapped = None;
         let mut first = None;
         let mut from_cache = false;
+        let mut first_tier = None;
         while first.is_none() && t0.elapsed() < Duration::from_secs(30) {
             if swapped.is_none() {
                 if let Some((s, c)) = sha() {
                     if s != before {
                         swapped = Some(t0.elapsed());
                         from_cache = c;
+                        first_tier = tier();
                     }
                 }
             }
@@ -317,10 +328,21 @@ async fn reloads(w: &World, client: &reqwest::Client) {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         let (s, f) = (swapped.expect("the new version loaded").as_secs_f64() * 1e6, first.expect("the new version handled an event").as_secs_f64() * 1e6);
-        println!("| {k} | v{v} | {from_cache} | {} | {} |", us(s), us(f));
+        while tier() != Some(Tier::Optimized) && t0.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let o = t0.elapsed().as_secs_f64() * 1e6;
+        let first_tier = match first_tier {
+            Some(Tier::Baseline) => "Winch",
+            Some(Tier::Optimized) => "Cranelift",
+            None => "?",
+        };
+        let optimized = if first_tier == "Winch" { us(o) } else { "–".into() };
+        println!("| {k} | v{v} | {from_cache} | {first_tier} | {} | {} | {optimized} |", us(s), us(f));
         if k <= fresh {
             swap_fresh.push(s);
             first_fresh.push(f);
+            optimized_fresh.push(o);
         } else {
             if !from_cache {
                 not_cached_when_expected += 1;
@@ -338,6 +360,13 @@ async fn reloads(w: &World, client: &reqwest::Client) {
     println!("|---|---|---|---|---|---|---|");
     pct_row("new bytes (compile)", swap_fresh.len(), &swap_fresh, &first_fresh);
     pct_row("known bytes (compiled-component cache)", swap_cached.len(), &swap_cached, &first_cached);
+    let o = sorted(optimized_fresh);
+    println!(
+        "new bytes, file in place → Cranelift's code serving: p50 {}, p90 {}, max {}",
+        us(percentile(&o, 50.0)),
+        us(percentile(&o, 90.0)),
+        us(*o.last().unwrap_or(&f64::NAN))
+    );
     if not_cached_when_expected > 0 {
         println!("(!) {not_cached_when_expected} of the alternating reloads did not come from the cache");
     }
@@ -371,8 +400,15 @@ async fn reloads(w: &World, client: &reqwest::Client) {
 
 // ------------------------------------------------------------ 3
 
-/// One start: (App::start returned, listener answered, registered).
-async fn start_once(w: &World, data: &Path, plugins: &Path, client: &reqwest::Client) -> (Duration, Duration, Duration, bool) {
+/// One start: (App::start returned, listener answered, registered, every
+/// plugin on Cranelift's code, all from the cache, how many served first
+/// with Winch's code).
+async fn start_once(
+    w: &World,
+    data: &Path,
+    plugins: &Path,
+    client: &reqwest::Client,
+) -> (Duration, Duration, Duration, Duration, bool, usize) {
     let started = Instant::now();
     let app = App::start(w.config(data, plugins, false)).await.unwrap();
     let returned = started.elapsed();
@@ -390,8 +426,11 @@ async fn start_once(w: &World, data: &Path, plugins: &Path, client: &reqwest::Cl
     let loaded = app.registry.snapshot().iter().filter(|(_, e)| e.plugin.is_some()).count();
     let all_cached = app.registry.snapshot().iter().all(|(_, e)| e.plugin.as_ref().is_some_and(|p| p.from_cache()));
     assert_eq!(loaded, 3, "{:?}", app.loaded);
+    let winch = app.loaded.iter().filter(|r| matches!(r, Report::Loaded { tier: Tier::Baseline, .. })).count();
+    wait_for_cranelift(&app).await;
+    let optimized = started.elapsed();
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
-    (returned, answering, registered, all_cached)
+    (returned, answering, registered, optimized, all_cached, winch)
 }
 
 /// Returns a data directory whose compiled-component cache is warm.
@@ -407,8 +446,8 @@ async fn startup(w: &World, client: &reqwest::Client) -> tempfile::TempDir {
         std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
     }
     let warm = tempfile::tempdir().unwrap();
-    println!("| round | kind | App::start returned | listener answering | cluster registered | all from cache |");
-    println!("|---|---|---|---|---|---|");
+    println!("| round | kind | App::start returned | listener answering | cluster registered | all on Cranelift's code | all from cache | served first by Winch |");
+    println!("|---|---|---|---|---|---|---|---|");
     let (mut cold, mut hot) = (Vec::new(), Vec::new());
     // C W W C W W: cold starts compile ~30 MB of components, so fewer.
     for (round, is_cold) in [true, false, false, true, false, false].into_iter().enumerate() {
@@ -419,31 +458,70 @@ async fn startup(w: &World, client: &reqwest::Client) -> tempfile::TempDir {
         } else {
             warm.path().to_owned()
         };
-        let (r, a, g, cached) = start_once(w, &data, &plugins, client).await;
+        let (r, a, g, o, cached, winch) = start_once(w, &data, &plugins, client).await;
         println!(
-            "| {} | {} | {} | {} | {} | {cached} |",
+            "| {} | {} | {} | {} | {} | {} | {cached} | {winch} of 3 |",
             round + 1,
             if is_cold { "cold (empty data dir)" } else { "warm (restart)" },
             us(r.as_secs_f64() * 1e6),
             us(a.as_secs_f64() * 1e6),
-            us(g.as_secs_f64() * 1e6)
+            us(g.as_secs_f64() * 1e6),
+            us(o.as_secs_f64() * 1e6)
         );
         // The very first warm round fills the warm cache: not a warm start.
         if round == 1 {
             continue;
         }
-        if is_cold { &mut cold } else { &mut hot }.push((r, a, g));
+        if is_cold { &mut cold } else { &mut hot }.push((r, a, g, o));
     }
-    let med = |v: &[(Duration, Duration, Duration)], f: fn(&(Duration, Duration, Duration)) -> Duration| {
-        median(&v.iter().map(|x| f(x).as_secs_f64() * 1e6).collect::<Vec<_>>())
-    };
-    println!("\n| start | n | App::start returned (median) | listener answering | registered |");
-    println!("|---|---|---|---|---|");
+    type Start = (Duration, Duration, Duration, Duration);
+    let med = |v: &[Start], f: fn(&Start) -> Duration| median(&v.iter().map(|x| f(x).as_secs_f64() * 1e6).collect::<Vec<_>>());
+    println!("\n| start | n | App::start returned (median) | listener answering | registered | all on Cranelift's code |");
+    println!("|---|---|---|---|---|---|");
     for (label, v) in [("cold", &cold), ("warm", &hot)] {
-        println!("| {label} | {} | {} | {} | {} |", v.len(), us(med(v, |x| x.0)), us(med(v, |x| x.1)), us(med(v, |x| x.2)));
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            v.len(),
+            us(med(v, |x| x.0)),
+            us(med(v, |x| x.1)),
+            us(med(v, |x| x.2)),
+            us(med(v, |x| x.3))
+        );
     }
     println!("warm/cold (listener answering): {:.3}×  (round 2 warmed the cache and is not counted)", med(&hot, |x| x.1) / med(&cold, |x| x.1));
     warm
+}
+
+/// Each component compiled by Winch and by Cranelift (no cache), as the
+/// runtime compiles them: the two tiers' costs side by side.
+fn compilers() {
+    println!("\n## 3a. Compile time by tier (idle host, no cache; median of the runs)");
+    let scratch = tempfile::tempdir().unwrap();
+    let runtime = |tiered| {
+        let mut opts = RuntimeOptions::new(scratch.path().join(format!("kv-{tiered}.redb")));
+        opts.tiered = tiered;
+        Runtime::new(opts).unwrap()
+    };
+    let (winch, cranelift) = (runtime(true), runtime(false));
+    println!("| component | size | runs | Winch | Cranelift | Cranelift / Winch |");
+    println!("|---|---|---|---|---|---|");
+    for (name, lang) in LANGS {
+        let file = component(name);
+        let runs = if name == "paloalto" { 5 } else { 2 };
+        let time = |rt: &Runtime, want: Tier| {
+            let mut t = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                let c = rt.compile_file(&file, None).unwrap();
+                t.push(started.elapsed().as_secs_f64() * 1e6);
+                assert_eq!(c.tier, want, "{name}");
+            }
+            median(&t)
+        };
+        let (w, c) = (time(&winch, Tier::Baseline), time(&cranelift, Tier::Optimized));
+        let size = std::fs::metadata(&file).unwrap().len() >> 10;
+        println!("| {name} ({lang}) | {size} KiB | {runs} | {} | {} | {:.1}× |", us(w), us(c), c / w);
+    }
 }
 
 /// Compiles the three components into the persistent cache (or copies a
@@ -736,6 +814,9 @@ async fn main() {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
     if want("reload") {
         reloads(&w, &client).await;
+    }
+    if want("startup") || want("compilers") {
+        compilers();
     }
     if want("startup") {
         let warm = startup(&w, &client).await;

@@ -89,6 +89,7 @@ impl App {
 
         let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
         rt_opts.cache_dir = Some(data.join("cache"));
+        rt_opts.tiered = config.plugins.tiered;
         let runtime = Runtime::new(rt_opts).context("starting the plugin runtime")?;
         let registry = Registry::default();
         let reload::Started { reloader, reports: loaded, watcher, task: reload_task } =

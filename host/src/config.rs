@@ -143,6 +143,10 @@ pub struct PluginsConfig {
     /// Reload plugins when files in `dir` change.
     #[serde(default = "defaults::yes")]
     pub watch: bool,
+    /// Serve a new file with Winch's quickly compiled code while Cranelift
+    /// compiles it in the background; false = wait for Cranelift.
+    #[serde(default = "defaults::yes")]
+    pub tiered: bool,
     /// Limits for every plugin, each overridable per plugin.
     #[serde(default)]
     pub limits: LimitOverrides,

@@ -1,41 +1,54 @@
 //! The one task that changes the plugin registry.
 //!
-//! The file watcher only says which path changed; this task debounces
-//! (files are often written in several steps), compiles off the async
-//! threads, links against the host's world, runs `init`, and only then
+//! The file watcher only says which path changed and how; this task
+//! debounces (files are often written in several steps), compiles off the
+//! async threads, links against the host's world, runs `init`, and only then
 //! swaps the plugin into the registry in one step. A file that fails any of
 //! that is reported precisely and the previous version keeps serving.
+//!
+//! When compilation is tiered, a new file serves with Winch's code first;
+//! an optimizer thread compiles it with Cranelift, and this task swaps that
+//! in as it does a new version, provided the same load is still serving.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify::event::{EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{resolve_plugin, Config, PluginConfig};
 use crate::registry::{Entry, PluginState, Registry};
-use crate::runtime::Runtime;
+use crate::runtime::{Optimizer, Plugin, Runtime, Source, Tier};
 
-/// Quiet time after the last change to a file before it is loaded.
+/// Quiet time after the last write to a file before it is loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Quiet time after a file was renamed into place or removed. Both are
+/// atomic, so there is no partial file to wait out; the short wait only
+/// groups a component with the settings file moved in beside it.
+pub const SETTLE: Duration = Duration::from_millis(25);
 
 /// What happened to one file in a reload.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Report {
-    Loaded { file: PathBuf, plugin: String, version: String, sha256: String, from_cache: bool },
+    Loaded { file: PathBuf, plugin: String, version: String, sha256: String, from_cache: bool, tier: Tier },
     Unchanged { file: PathBuf, plugin: String },
+    /// Cranelift's code replaced Winch's.
+    Optimized { file: PathBuf, plugin: String },
     Removed { file: PathBuf, plugin: String },
     Disabled { file: PathBuf },
     Failed { file: PathBuf, error: String },
 }
 
 enum Command {
-    Changed(PathBuf),
+    /// `atomic`: the path was renamed or removed, not written in place.
+    Changed { path: PathBuf, atomic: bool },
     /// Rescan the directory now and answer when done (tests, admin API).
     Rescan(oneshot::Sender<Vec<Report>>),
 }
@@ -57,7 +70,7 @@ impl ReloadCounts {
             Report::Removed { .. } => &self.removed,
             Report::Disabled { .. } => &self.disabled,
             Report::Failed { .. } => &self.failed,
-            Report::Unchanged { .. } => return,
+            Report::Unchanged { .. } | Report::Optimized { .. } => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -99,6 +112,40 @@ struct Task {
     /// `.wasm` path → what it provides now.
     files: HashMap<PathBuf, Loaded>,
     counts: Arc<ReloadCounts>,
+    /// Cranelift's compilations of baseline plugins; `None` when not tiered.
+    optimizing: Option<Optimizing>,
+    optimized: mpsc::UnboundedReceiver<(u64, Option<Compiled>)>,
+}
+
+type Compiled = Result<wasmtime::component::Component, crate::runtime::LoadError>;
+
+/// The reload task's side of the optimizer thread.
+struct Optimizing {
+    jobs: std::sync::mpsc::Sender<(u64, Source)>,
+    /// `.wasm` path → the job whose result is still wanted; the thread
+    /// skips the others (versions replaced before their turn).
+    wanted: Arc<std::sync::Mutex<HashMap<PathBuf, u64>>>,
+    /// Job → the baseline plugin it compiles for.
+    pending: HashMap<u64, Plugin>,
+    next: u64,
+}
+
+impl Optimizing {
+    /// Queues Cranelift's compilation of `plugin` (if it runs Winch's code),
+    /// in place of any earlier one for its file.
+    fn queue(&mut self, plugin: &Plugin) {
+        let mut wanted = self.wanted.lock().expect("optimizer lock");
+        wanted.remove(plugin.file());
+        let Some(source) = plugin.source() else { return };
+        self.next += 1;
+        wanted.insert(plugin.file().to_owned(), self.next);
+        self.pending.insert(self.next, plugin.clone());
+        let _ = self.jobs.send((self.next, source));
+    }
+
+    fn forget(&mut self, file: &Path) {
+        self.wanted.lock().expect("optimizer lock").remove(file);
+    }
 }
 
 /// Loads the plugins directory once, then starts the reload task (and the
@@ -115,8 +162,9 @@ pub async fn start(
         let tx = tx.clone();
         let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res {
+                let atomic = matches!(event.kind, EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_));
                 for path in event.paths {
-                    let _ = tx.send(Command::Changed(path));
+                    let _ = tx.send(Command::Changed { path, atomic });
                 }
             }
         })?;
@@ -125,6 +173,14 @@ pub async fn start(
     } else {
         None
     };
+    let (optimized_tx, optimized) = mpsc::unbounded_channel();
+    let (optimizing, optimizer) = match runtime.optimizer() {
+        Some(o) => {
+            let (optimizing, thread) = Optimizing::new(o, optimized_tx);
+            (Some(optimizing), Some(thread))
+        }
+        None => (None, None),
+    };
     let mut task = Task {
         runtime,
         registry,
@@ -132,8 +188,13 @@ pub async fn start(
         dir,
         files: HashMap::new(),
         counts: Arc::default(),
+        optimizing,
+        optimized,
     };
     let first = task.rescan().await;
+    if let Some(thread) = optimizer {
+        thread.spawn();
+    }
     let counts = task.counts.clone();
     let handle = tokio::spawn(task.run(rx));
     Ok(Started {
@@ -156,28 +217,38 @@ pub struct Started {
 
 impl Task {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        let mut dirty: HashSet<PathBuf> = HashSet::new();
+        // `.wasm` path → when to load it, unless it changes again first.
+        let mut dirty: HashMap<PathBuf, tokio::time::Instant> = HashMap::new();
         loop {
-            let cmd = if dirty.is_empty() {
-                rx.recv().await
-            } else {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                    Ok(cmd) => cmd,
-                    Err(_) => {
-                        // Quiet for a debounce period: load what changed.
-                        for wasm in std::mem::take(&mut dirty) {
-                            let report = self.reload_file(&wasm).await;
+            let due = dirty.values().min().copied();
+            let cmd = tokio::select! {
+                cmd = rx.recv() => cmd,
+                Some((job, result)) = self.optimized.recv() => {
+                    let baseline = self.optimizing.as_mut().and_then(|o| o.pending.remove(&job));
+                    if let (Some(baseline), Some(result)) = (baseline, result) {
+                        if let Some(report) = self.upgrade(&baseline, result).await {
                             self.record(&report);
                         }
-                        continue;
                     }
+                    continue;
+                }
+                () = sleep_until(due) => {
+                    let now = tokio::time::Instant::now();
+                    let ready: Vec<PathBuf> = dirty.iter().filter(|(_, due)| **due <= now).map(|(p, _)| p.clone()).collect();
+                    for wasm in ready {
+                        dirty.remove(&wasm);
+                        let report = self.reload_file(&wasm).await;
+                        self.record(&report);
+                    }
+                    continue;
                 }
             };
             match cmd {
                 None => return,
-                Some(Command::Changed(path)) => {
+                Some(Command::Changed { path, atomic }) => {
                     if let Some(wasm) = wasm_for(&path) {
-                        dirty.insert(wasm);
+                        let quiet = if atomic { SETTLE } else { DEBOUNCE };
+                        dirty.insert(wasm, tokio::time::Instant::now() + quiet);
                     }
                 }
                 Some(Command::Rescan(reply)) => {
@@ -186,6 +257,47 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Swaps Cranelift's code for Winch's, if the load it was made for is
+    /// still the one serving (not replaced, removed or reconfigured since).
+    async fn upgrade(&mut self, baseline: &Plugin, compiled: Compiled) -> Option<Report> {
+        let file = baseline.file().to_owned();
+        let plugin = baseline.name().to_owned();
+        if !self.serving(baseline) {
+            return None;
+        }
+        let code = match compiled {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::warn!(%plugin, "Cranelift cannot compile the plugin; Winch's code keeps serving: {e}");
+                return None;
+            }
+        };
+        let optimized = match self.runtime.upgrade(baseline, code).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%plugin, "Cranelift's code failed where Winch's did not; Winch's keeps serving: {e}");
+                return None;
+            }
+        };
+        // `init` awaited: look again before swapping.
+        if !self.serving(baseline) {
+            return None;
+        }
+        self.registry.update(|r| {
+            if let Some(entry) = r.get_mut(&plugin) {
+                entry.plugin = Some(optimized);
+            }
+        });
+        Some(Report::Optimized { file, plugin })
+    }
+
+    fn serving(&self, baseline: &Plugin) -> bool {
+        self.registry
+            .get(baseline.name())
+            .and_then(|e| e.plugin)
+            .is_some_and(|p| p.same_load(baseline) && p.tier() == Tier::Baseline)
     }
 
     /// Logs what a reload did and counts it for the metrics.
@@ -224,6 +336,9 @@ impl Task {
     async fn reload_file(&mut self, wasm: &Path) -> Report {
         let file = wasm.to_owned();
         if !wasm.exists() {
+            if let Some(optimizing) = &mut self.optimizing {
+                optimizing.forget(wasm);
+            }
             return match self.files.remove(wasm) {
                 Some(old) => {
                     self.registry.update(|r| {
@@ -239,6 +354,9 @@ impl Task {
             Err(error) => return self.failed(file, error),
         };
         if !settings.enabled {
+            if let Some(optimizing) = &mut self.optimizing {
+                optimizing.forget(wasm);
+            }
             if let Some(old) = self.files.remove(wasm) {
                 self.registry.update(|r| {
                     r.remove(&old.plugin);
@@ -274,6 +392,7 @@ impl Task {
             version: plugin.info().version.clone(),
             sha256: plugin.sha256().to_owned(),
             from_cache: plugin.from_cache(),
+            tier: plugin.tier(),
         };
         let previous = self.files.insert(
             file,
@@ -284,6 +403,9 @@ impl Task {
             },
         );
         let coalesce = settings.coalesce;
+        if let Some(optimizing) = &mut self.optimizing {
+            optimizing.queue(&plugin);
+        }
         self.registry.update(|r| {
             if let Some(prev) = &previous {
                 if prev.plugin != name {
@@ -326,14 +448,81 @@ impl Task {
 
 fn log_report(report: &Report) {
     match report {
-        Report::Loaded { file, plugin, version, sha256, .. } => {
-            tracing::info!(%plugin, %version, file = %file.display(), sha256 = &sha256[..12], "plugin loaded")
+        Report::Loaded { file, plugin, version, sha256, tier, .. } => {
+            tracing::info!(%plugin, %version, file = %file.display(), sha256 = &sha256[..12], ?tier, "plugin loaded")
         }
         Report::Unchanged { .. } => {}
+        Report::Optimized { file, plugin } => {
+            tracing::info!(%plugin, file = %file.display(), "plugin optimized: Cranelift's code replaced Winch's")
+        }
         Report::Removed { file, plugin } => tracing::info!(%plugin, file = %file.display(), "plugin removed"),
         Report::Disabled { file } => tracing::info!(file = %file.display(), "plugin disabled by its settings"),
         Report::Failed { file, error } => {
             tracing::error!(file = %file.display(), "plugin not loaded (a previous version, if any, keeps serving): {error}")
+        }
+    }
+}
+
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Optimizing {
+    /// The reload task's side, and the thread to start once the first load
+    /// is done (so that Cranelift does not slow it down).
+    fn new(optimizer: Optimizer, done: mpsc::UnboundedSender<(u64, Option<Compiled>)>) -> (Optimizing, OptimizerThread) {
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let wanted: Arc<std::sync::Mutex<HashMap<PathBuf, u64>>> = Arc::default();
+        let thread = OptimizerThread {
+            optimizer,
+            rx,
+            wanted: wanted.clone(),
+            done,
+        };
+        let optimizing = Optimizing {
+            jobs,
+            wanted,
+            pending: HashMap::new(),
+            next: 0,
+        };
+        (optimizing, thread)
+    }
+}
+
+/// The thread that compiles baseline plugins with Cranelift, one at a time
+/// (and Cranelift on one core) so that it takes at most one core from the
+/// event path. It is not a blocking task of the async runtime, because
+/// shutting down would wait for it, and it holds nothing of the runtime: it
+/// ends, unnoticed, once the reload task is gone.
+struct OptimizerThread {
+    optimizer: Optimizer,
+    rx: std::sync::mpsc::Receiver<(u64, Source)>,
+    wanted: Arc<std::sync::Mutex<HashMap<PathBuf, u64>>>,
+    done: mpsc::UnboundedSender<(u64, Option<Compiled>)>,
+}
+
+impl OptimizerThread {
+    fn spawn(self) {
+        let OptimizerThread { optimizer, rx, wanted, done } = self;
+        let spawned = std::thread::Builder::new().name("prismhook-optimizer".into()).spawn(move || {
+            for (job, source) in rx {
+                let current = wanted.lock().expect("optimizer lock").get(&source.file) == Some(&job);
+                let result = current.then(|| {
+                    let started = std::time::Instant::now();
+                    let result = optimizer.compile(&source);
+                    tracing::debug!(file = %source.file.display(), elapsed = ?started.elapsed(), "compiled with Cranelift");
+                    result
+                });
+                if done.send((job, result)).is_err() {
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the optimizer thread ({e}); plugins keep Winch's code");
         }
     }
 }
@@ -355,6 +544,7 @@ pub struct PluginStatus {
     pub version: Option<String>,
     pub file: Option<PathBuf>,
     pub sha256: Option<String>,
+    pub tier: Option<Tier>,
     #[serde(flatten)]
     pub state: PluginState,
     pub load_error: Option<String>,
@@ -374,6 +564,7 @@ pub fn status(registry: &Registry) -> BTreeMap<String, PluginStatus> {
                     version: p.map(|p| p.info().version.clone()),
                     file: p.map(|p| p.file().to_owned()),
                     sha256: p.map(|p| p.sha256().to_owned()),
+                    tier: p.map(|p| p.tier()),
                     state: e.state.clone(),
                     load_error: e.load_error.clone(),
                     subscriptions: p.map(|p| p.info().subscriptions.clone()).unwrap_or_default(),

@@ -577,8 +577,25 @@ reconcile_interval = "0s"
         assert!(Instant::now() < until, "webhook registration did not finish");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Measure Cranelift's code, not the Winch code a cold start serves with.
+    wait_for_cranelift(&app).await;
     let url = format!("http://{}/listener/callback/lab", app.listener_addr);
     HostRig { app, panos, prism, url, auth: basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD), dir }
+}
+
+/// Waits until every loaded plugin runs Cranelift's code.
+pub async fn wait_for_cranelift(app: &prismhook::app::App) {
+    let until = Instant::now() + Duration::from_secs(300);
+    let optimized = || {
+        app.registry
+            .snapshot()
+            .values()
+            .all(|e| e.plugin.as_ref().is_none_or(|p| p.tier() == prismhook::runtime::Tier::Optimized))
+    };
+    while !optimized() {
+        assert!(Instant::now() < until, "plugins still on Winch's code after 300 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Deliveries still to make (pending, in flight or retrying), all plugins.

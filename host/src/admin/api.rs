@@ -14,6 +14,7 @@ use crate::ledger::{DeadLetter, PluginBacklog};
 use crate::nutanix::registrar::ClusterStatus;
 use crate::registry::PluginState;
 use crate::reload::PluginStatus;
+use crate::runtime::Tier;
 
 /// The body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +45,10 @@ pub struct PluginReport {
     pub version: Option<String>,
     pub file: Option<PathBuf>,
     pub sha256: Option<String>,
+    /// Which compiler's code serves: `baseline` (Winch, until Cranelift's
+    /// is ready) or `optimized`.
+    #[serde(default)]
+    pub tier: Option<Tier>,
     /// Why the newest file could not be loaded while an older version serves.
     pub load_error: Option<String>,
     pub subscriptions: Vec<String>,
@@ -138,6 +143,7 @@ pub(super) fn plugin_reports(
                 version: s.version,
                 file: s.file,
                 sha256: s.sha256,
+                tier: s.tier,
                 load_error: s.load_error,
                 subscriptions: s.subscriptions,
                 name: s.name,
@@ -153,6 +159,7 @@ pub(super) fn plugin_reports(
         version: None,
         file: None,
         sha256: None,
+        tier: None,
         load_error: None,
         subscriptions: Vec::new(),
         counters: counters_of(&b.plugin),

@@ -705,6 +705,7 @@ mod tests {
                 version: Some("1.2.0".into()),
                 file: None,
                 sha256: None,
+                tier: None,
                 load_error: None,
                 subscriptions: vec!["VM.*".into()],
                 counters: super::super::api::PluginCounters {
@@ -723,6 +724,7 @@ mod tests {
                 version: None,
                 file: None,
                 sha256: None,
+                tier: None,
                 load_error: None,
                 subscriptions: vec![],
                 counters: Default::default(),

@@ -6,6 +6,14 @@
 //! an `InstancePre`, so a call costs one instantiation from the pooling
 //! allocator: a trap cannot poison the next call, because nothing of the
 //! trapped instance survives it.
+//!
+//! Compilation is tiered when the runtime is built with `tiered`: a file the
+//! cache does not know is first compiled by Winch, a baseline compiler an
+//! order of magnitude faster than Cranelift whose code runs a few times
+//! slower, so a new plugin serves within milliseconds of being dropped in.
+//! An [`Optimizer`] then compiles it with Cranelift on a thread of its own,
+//! and [`Runtime::upgrade`] makes a plugin of that code to swap in. Both
+//! tiers run the same sandbox: the same imports, limits and epoch deadlines.
 
 pub mod bindings;
 mod cache;
@@ -23,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Strategy, UpdateDeadline};
 
 use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
 use kv_store::KvStore;
@@ -116,6 +124,9 @@ pub struct RuntimeOptions {
     pub max_instances: u32,
     /// Where compiled components are cached between runs; `None` = no cache.
     pub cache_dir: Option<PathBuf>,
+    /// Compile files the cache does not know with Winch first, Cranelift
+    /// later (see the module documentation).
+    pub tiered: bool,
 }
 
 impl RuntimeOptions {
@@ -125,17 +136,31 @@ impl RuntimeOptions {
             max_memory_bytes: 1 << 30,
             max_instances: 128,
             cache_dir: None,
+            tiered: false,
         }
     }
 }
 
+/// Which compiler made a plugin's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tier {
+    /// Winch's code, serving until Cranelift's is ready.
+    Baseline,
+    /// Cranelift's code.
+    Optimized,
+}
+
 pub struct Runtime {
+    /// Cranelift: the code every plugin ends up running.
     engine: Engine,
     linker: Linker<HostState>,
+    /// Winch, when compilation is tiered.
+    baseline: Option<(Engine, Linker<HostState>)>,
     http: reqwest::Client,
     outbound: Arc<OutboundCounts>,
     kv: KvStore,
-    cache: Option<cache::ComponentCache>,
+    cache: Option<Arc<cache::ComponentCache>>,
     _ticker: EpochTicker,
 }
 
@@ -155,15 +180,40 @@ impl Runtime {
             .max_memory_size(opts.max_memory_bytes);
         let mut config = Config::new();
         config
+            // Tiered, Cranelift compiles in the background: one core, so
+            // the listener and the plugins keep the other.
+            .parallel_compilation(!opts.tiered)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_reservation(opts.max_memory_bytes as u64)
             .memory_init_cow(true);
         let engine = Engine::new(&config)?;
+        let linker = host_linker(&engine)?;
 
-        let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        // Baseline instances live for the seconds Cranelift takes, so they
+        // are allocated on demand rather than from a second reserved pool.
+        let baseline = if opts.tiered {
+            let mut config = Config::new();
+            config
+                .strategy(Strategy::Winch)
+                .epoch_interruption(true)
+                .memory_reservation(opts.max_memory_bytes as u64)
+                .memory_init_cow(true);
+            let built = || -> anyhow::Result<(Engine, Linker<HostState>)> {
+                let engine = Engine::new(&config)?;
+                let linker = host_linker(&engine)?;
+                Ok((engine, linker))
+            };
+            match built() {
+                Ok(baseline) => Some(baseline),
+                Err(e) => {
+                    tracing::warn!("no baseline compiler on this platform ({e:#}); every plugin waits for Cranelift");
+                    None
+                }
+            }
+        } else {
+            None
+        };
 
         // Redirects are followed by the http import itself, which re-checks
         // the allowlist at every hop.
@@ -174,11 +224,14 @@ impl Runtime {
             .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let kv = KvStore::open(&opts.kv_path)?;
-        let cache = opts.cache_dir.map(|dir| cache::ComponentCache::new(dir, &engine));
-        let ticker = EpochTicker::start(engine.clone());
+        let cache = opts.cache_dir.map(|dir| Arc::new(cache::ComponentCache::new(dir, &engine)));
+        let mut engines = vec![engine.clone()];
+        engines.extend(baseline.as_ref().map(|(e, _)| e.clone()));
+        let ticker = EpochTicker::start(engines);
         Ok(Arc::new(Runtime {
             engine,
             linker,
+            baseline,
             http,
             outbound: Arc::default(),
             kv,
@@ -221,41 +274,91 @@ impl Runtime {
         let started = Instant::now();
         let cached = self.cache.as_ref().and_then(|c| c.get(&self.engine, &sha256));
         let from_cache = cached.is_some();
-        let component = match cached {
-            Some(component) => component,
-            None => {
-                let component = Component::new(&self.engine, &bytes).map_err(|e| LoadError::Invalid {
-                    file: file.to_owned(),
-                    reason: format!("{e:#}"),
-                })?;
-                match &self.cache {
-                    Some(cache) => cache.put(&self.engine, &sha256, &component).unwrap_or(component),
-                    None => component,
-                }
-            }
+        let (component, tier) = match cached {
+            Some(component) => (component, Tier::Optimized),
+            None => match self.compile_baseline(file, &bytes) {
+                Some(component) => (component, Tier::Baseline),
+                None => (self.optimizer_parts().compile_bytes(file, &bytes, &sha256)?, Tier::Optimized),
+            },
         };
+        let size = bytes.len();
         Ok(Compiled {
             from_cache,
+            tier,
+            // Kept for Cranelift, which compiles a baseline plugin later.
+            source: (tier == Tier::Baseline).then(|| Arc::from(bytes)),
             file: file.to_owned(),
             sha256,
-            size: bytes.len(),
+            size,
             compile_time: started.elapsed(),
             component,
         })
+    }
+
+    /// Winch's compilation of `bytes`, when compilation is tiered and Winch
+    /// can compile it. A file Winch refuses (one using a proposal it lacks,
+    /// or not valid at all) goes to Cranelift, whose error is the one
+    /// reported.
+    fn compile_baseline(&self, file: &Path, bytes: &[u8]) -> Option<Component> {
+        let (engine, _) = self.baseline.as_ref()?;
+        Component::new(engine, bytes)
+            .inspect_err(|e| tracing::debug!(file = %file.display(), "Winch cannot compile this component: {e:#}"))
+            .ok()
+    }
+
+    fn optimizer_parts(&self) -> Optimizer {
+        Optimizer {
+            engine: self.engine.clone(),
+            cache: self.cache.clone(),
+        }
+    }
+
+    /// What compiles baseline plugins with Cranelift, on a thread of the
+    /// caller's; `None` when compilation is not tiered. It holds neither the
+    /// runtime nor its kv file, so it may outlive both.
+    pub fn optimizer(&self) -> Option<Optimizer> {
+        self.baseline.as_ref().map(|_| self.optimizer_parts())
+    }
+
+    /// A plugin like `baseline` running `optimized` (what
+    /// [`Optimizer::compile`] made of its [`Plugin::source`]). Its `init` runs once
+    /// more before it serves, so the new code has answered before the swap.
+    pub async fn upgrade(self: &Arc<Self>, baseline: &Plugin, optimized: Component) -> Result<Plugin, LoadError> {
+        let file = baseline.file.clone();
+        let pre = self.pre(&self.linker, &optimized, &file)?;
+        let plugin = Plugin {
+            engine: self.engine.clone(),
+            pre,
+            tier: Tier::Optimized,
+            source: None,
+            ..baseline.clone()
+        };
+        match plugin.call(Call::Init, "init").await {
+            Ok(_) => Ok(plugin),
+            Err(CallError::Init { message, .. }) => Err(LoadError::InitRefused { file, message }),
+            Err(source) => Err(LoadError::Init { file, source }),
+        }
+    }
+
+    fn pre(&self, linker: &Linker<HostState>, component: &Component, file: &Path) -> Result<PluginPre<HostState>, LoadError> {
+        linker
+            .instantiate_pre(component)
+            .and_then(PluginPre::new)
+            .map_err(|e| LoadError::WorldMismatch {
+                file: file.to_owned(),
+                reason: format!("{e:#}"),
+            })
     }
 
     /// Links a compiled component, runs its `init` with `settings`, and
     /// returns a plugin ready for calls.
     pub async fn instantiate(self: &Arc<Self>, compiled: Compiled, settings: PluginSettings) -> Result<Plugin, LoadError> {
         let file = compiled.file.clone();
-        let pre = self
-            .linker
-            .instantiate_pre(&compiled.component)
-            .and_then(PluginPre::new)
-            .map_err(|e| LoadError::WorldMismatch {
-                file: file.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let (engine, linker) = match (compiled.tier, &self.baseline) {
+            (Tier::Baseline, Some((engine, linker))) => (engine, linker),
+            _ => (&self.engine, &self.linker),
+        };
+        let pre = self.pre(linker, &compiled.component, &file)?;
         let config = serde_json::to_string(&settings.config).unwrap_or_else(|_| "{}".into());
         // Until init names it, the plugin is known by its file name.
         let provisional = file
@@ -275,7 +378,10 @@ impl Runtime {
                 subscriptions: Vec::new(),
             },
             config,
+            engine: engine.clone(),
             pre,
+            tier: compiled.tier,
+            source: compiled.source,
             sha256: compiled.sha256,
             file: file.clone(),
             size: compiled.size,
@@ -313,6 +419,14 @@ impl Runtime {
     }
 }
 
+/// The host's imports: WASI preview 2 and the plugin world's own.
+fn host_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
+    let mut linker = Linker::<HostState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -347,10 +461,46 @@ fn check_header(file: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Compiles baseline plugins with Cranelift and caches the result: the
+/// blocking half of an upgrade, for a thread of its own.
+pub struct Optimizer {
+    engine: Engine,
+    cache: Option<Arc<cache::ComponentCache>>,
+}
+
+impl Optimizer {
+    /// Compiles with Cranelift and stores the result in the cache, from
+    /// where it is mapped rather than held in memory.
+    pub fn compile(&self, source: &Source) -> Result<Component, LoadError> {
+        self.compile_bytes(&source.file, &source.bytes, &source.sha256)
+    }
+
+    fn compile_bytes(&self, file: &Path, bytes: &[u8], sha256: &str) -> Result<Component, LoadError> {
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
+            file: file.to_owned(),
+            reason: format!("{e:#}"),
+        })?;
+        Ok(match &self.cache {
+            Some(cache) => cache.put(&self.engine, sha256, &component).unwrap_or(component),
+            None => component,
+        })
+    }
+}
+
+/// What Cranelift needs of a baseline plugin: its file's bytes, read once.
+pub struct Source {
+    pub file: PathBuf,
+    pub sha256: String,
+    bytes: Arc<[u8]>,
+}
+
 /// A compiled component not yet linked.
 pub struct Compiled {
     /// Whether it came from the on-disk cache rather than the compiler.
     pub from_cache: bool,
+    pub tier: Tier,
+    /// The file's bytes, kept while only Winch has compiled them.
+    source: Option<Arc<[u8]>>,
     pub file: PathBuf,
     pub sha256: String,
     pub size: usize,
@@ -365,7 +515,11 @@ pub struct Plugin {
     identity: Arc<PluginIdentity>,
     info: PluginInfo,
     config: String,
+    /// The engine that compiled `pre`'s code: its Stores come from it.
+    engine: Engine,
     pre: PluginPre<HostState>,
+    tier: Tier,
+    source: Option<Arc<[u8]>>,
     sha256: String,
     file: PathBuf,
     size: usize,
@@ -378,6 +532,7 @@ impl std::fmt::Debug for Plugin {
             .field("name", &self.info.name)
             .field("version", &self.info.version)
             .field("file", &self.file)
+            .field("tier", &self.tier)
             .finish_non_exhaustive()
     }
 }
@@ -406,6 +561,26 @@ impl Plugin {
     /// Whether the compiled code came from the on-disk cache.
     pub fn from_cache(&self) -> bool {
         self.from_cache
+    }
+
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// What Cranelift needs to compile this plugin; `None` once it runs
+    /// Cranelift's code.
+    pub fn source(&self) -> Option<Source> {
+        self.source.as_ref().map(|bytes| Source {
+            file: self.file.clone(),
+            sha256: self.sha256.clone(),
+            bytes: bytes.clone(),
+        })
+    }
+
+    /// Whether both are the same load of a file (with the same settings),
+    /// whichever compiler made their code.
+    pub fn same_load(&self, other: &Plugin) -> bool {
+        Arc::ptr_eq(&self.identity, &other.identity)
     }
 
     pub fn limits(&self) -> Limits {
@@ -449,7 +624,7 @@ impl Plugin {
             rt.http.clone(),
             rt.outbound.clone(),
         );
-        let mut store = Store::new(&rt.engine, state);
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {
@@ -553,14 +728,14 @@ fn trap_message(e: &wasmtime::Error) -> String {
     msg
 }
 
-/// Advances the engine's epoch on a dedicated thread for as long as the
-/// runtime lives; deadlines are counted in its ticks.
+/// Advances the engines' epochs on a dedicated thread for as long as the
+/// runtime lives; deadlines are counted in their ticks.
 struct EpochTicker {
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> EpochTicker {
+    fn start(engines: Vec<Engine>) -> EpochTicker {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
@@ -568,7 +743,7 @@ impl EpochTicker {
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+                    engines.iter().for_each(Engine::increment_epoch);
                 }
             })
             .expect("spawning the epoch thread");
