@@ -38,7 +38,7 @@ use base64::Engine as _;
 use prismhook::dispatch::now_ms;
 use prismhook::ledger::{Ledger, LedgerOptions, NewEvent};
 use prismhook::listener::{self, ClusterAuth, ListenerState, ListenerStats};
-use prismhook::nutanix::payload::parse_notification;
+use prismhook::nutanix::payload::parse_envelope;
 use prismhook::registry::{Entry, PluginState, Registry};
 use prismhook::runtime::policy::{OriginRule, OutboundPolicy};
 use prismhook::runtime::{PluginSettings, Runtime, RuntimeOptions};
@@ -79,7 +79,7 @@ async fn non_durable(State(s): State<NonDurable>, Path(cluster): Path<String>, h
     let Ok(body) = axum::body::to_bytes(body, s.max_body_bytes).await else {
         return (StatusCode::PAYLOAD_TOO_LARGE, "too large\n").into_response();
     };
-    let note = match parse_notification(&body) {
+    let note = match parse_envelope(&body) {
         Ok(n) => n,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
@@ -91,7 +91,7 @@ async fn non_durable(State(s): State<NonDurable>, Path(cluster): Path<String>, h
         entity_uuid: note.entity_uuid.clone(),
         dedupe_key: Some(format!("{cluster}/{}", note.dedupe_key)),
         received_at_ms: now_ms(),
-        body: String::from_utf8_lossy(&body).into_owned(),
+        body: String::from_utf8(body.into()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
     };
     std::hint::black_box(&event);
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);

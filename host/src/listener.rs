@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 
 use crate::dispatch::now_ms;
 use crate::ledger::{Appended, Ledger, LedgerError, NewEvent};
-use crate::nutanix::payload::parse_notification;
+use crate::nutanix::payload::parse_envelope;
 use crate::registry::Registry;
 use crate::secret::Secret;
 
@@ -118,7 +118,7 @@ async fn callback(
             );
         }
     };
-    let note = match parse_notification(&body) {
+    let note = match parse_envelope(&body) {
         Ok(n) => n,
         Err(e) => {
             state.stats.count(&cluster, "-", StatusCode::BAD_REQUEST);
@@ -138,7 +138,8 @@ async fn callback(
         entity_uuid: note.entity_uuid.clone(),
         dedupe_key: Some(format!("{cluster}/{}", note.dedupe_key)),
         received_at_ms: now_ms(),
-        body: String::from_utf8_lossy(&body).into_owned(),
+        // Parsed as JSON, so UTF-8: no replacement characters needed.
+        body: String::from_utf8(body.into()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
     };
     let response = match state.ledger.append(event, plugins).await {
         Ok(Appended::Stored { id, deliveries }) => {

@@ -12,9 +12,16 @@
 //!
 //! The same VM parser reads the `POST /vms/list` inventory, so an event and
 //! a reconcile see a VM identically.
+//!
+//! The listener needs only the envelope ([`parse_envelope`]): it reads the
+//! few small fields it stores without building the rest of the 5-7 KB body
+//! into a tree, and leaves errors and unusual bodies to the full parse, so
+//! both always agree.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// What the listener needs from one notification.
@@ -31,6 +38,27 @@ pub struct Notification {
     /// Equal for two deliveries of the same change, different for different
     /// changes; does not name the cluster, so callers prefix it.
     pub dedupe_key: String,
+}
+
+/// What the listener stores of a notification: [`Notification`] without the
+/// VM, which is parsed again at delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub event_type: String,
+    pub entity_kind: String,
+    pub entity_uuid: String,
+    pub dedupe_key: String,
+}
+
+impl From<Notification> for Envelope {
+    fn from(n: Notification) -> Envelope {
+        Envelope {
+            event_type: n.event_type,
+            entity_kind: n.entity_kind,
+            entity_uuid: n.entity_uuid,
+            dedupe_key: n.dedupe_key,
+        }
+    }
 }
 
 /// A VM as plugins see it, whatever the AOS release.
@@ -79,6 +107,63 @@ pub enum PayloadError {
     BadEventType(String),
     #[error("missing entity uuid: neither `entity_reference.uuid` nor `data.metadata.metadata.uuid` is a non-empty string")]
     MissingEntityUuid,
+}
+
+/// [`parse_notification`] without the VM: the same envelope and the same
+/// errors, at a fraction of the cost for a usual body.
+pub fn parse_envelope(body: &[u8]) -> Result<Envelope, PayloadError> {
+    match quick_envelope(body) {
+        Some(envelope) => Ok(envelope),
+        None => parse_notification(body).map(Envelope::from),
+    }
+}
+
+/// JSON objects with their members left unparsed. A key with escapes does
+/// not borrow, so such an object takes the full parse.
+type RawObject<'a> = BTreeMap<&'a str, &'a RawValue>;
+
+/// The envelope of a well-formed, versioned notification, read from its
+/// small members only (the intent's spec and status, the bulk of a body,
+/// are checked as JSON but not built). `None` for anything else, which
+/// [`parse_notification`] then handles and explains.
+fn quick_envelope(body: &[u8]) -> Option<Envelope> {
+    let root: RawObject = serde_json::from_slice(body).ok()?;
+    let small = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).ok();
+    let event_type = match small(root.get("event_type")?)? {
+        Value::String(s) => s.trim().to_owned(),
+        _ => return None,
+    };
+    if !is_kind_action(&event_type) {
+        return None;
+    }
+    let reference = root.get("entity_reference").and_then(|r| small(r));
+    // As `pointer("/data/metadata")`: present only when `data` is an object.
+    let intent: Option<RawObject> = root
+        .get("data")
+        .and_then(|d| serde_json::from_str::<RawObject>(d.get()).ok())
+        .and_then(|data| data.get("metadata").copied())
+        .and_then(|m| serde_json::from_str::<RawObject>(m.get()).ok())
+        .filter(|m| !m.is_empty());
+    let meta = intent.as_ref().and_then(|i| i.get("metadata")).and_then(|m| small(m));
+    let entity_uuid = reference
+        .as_ref()
+        .and_then(|r| str_at(r, "/uuid"))
+        .or_else(|| meta.as_ref().and_then(|m| str_at(m, "/uuid")))?
+        .to_owned();
+    let entity_kind = reference
+        .as_ref()
+        .and_then(|r| str_at(r, "/kind"))
+        .or_else(|| meta.as_ref().and_then(|m| str_at(m, "/kind")))
+        .map(str::to_owned)
+        .unwrap_or_else(|| event_type.split_once('.').map_or("", |(k, _)| k).to_owned())
+        .to_ascii_lowercase();
+    let dedupe_key = versioned_key(&event_type, &entity_uuid, meta.as_ref())?;
+    Some(Envelope {
+        event_type,
+        entity_kind,
+        entity_uuid,
+        dedupe_key,
+    })
 }
 
 /// Parse a notification body as Prism POSTs it.
@@ -251,7 +336,16 @@ fn normalise_power(state: &str) -> String {
 /// redelivery matches and a new change does not. Without any of them (a
 /// delete with `data.metadata: {}`), the whole body decides.
 fn dedupe_key(event_type: &str, uuid: &str, intent: Option<&Value>, root: &Value) -> String {
-    let meta = intent.and_then(|i| i.get("metadata"));
+    versioned_key(event_type, uuid, intent.and_then(|i| i.get("metadata"))).unwrap_or_else(|| {
+        // Hash the compact re-serialisation, so whitespace does not matter.
+        let canonical = serde_json::to_vec(root).unwrap_or_default();
+        format!("{event_type}/{uuid}/body={:032x}", fnv1a_128(&canonical))
+    })
+}
+
+/// The dedupe key from the intent's version fields (its `metadata`); `None`
+/// when it has none of them.
+fn versioned_key(event_type: &str, uuid: &str, meta: Option<&Value>) -> Option<String> {
     let field = |name: &str| meta.and_then(|m| scalar_string(m.get(name)));
     let mut key = format!("{event_type}/{uuid}");
     let mut versioned = false;
@@ -265,12 +359,7 @@ fn dedupe_key(event_type: &str, uuid: &str, intent: Option<&Value>, root: &Value
             versioned = true;
         }
     }
-    if !versioned {
-        // Hash the compact re-serialisation, so whitespace does not matter.
-        let canonical = serde_json::to_vec(root).unwrap_or_default();
-        let _ = write!(key, "/body={:032x}", fnv1a_128(&canonical));
-    }
-    key
+    versioned.then_some(key)
 }
 
 /// FNV-1a, 128 bits: stable across builds and releases (the key may be
@@ -368,6 +457,18 @@ mod tests {
     }
 
     const WEB01: &str = "bdbbad7a-a401-4f9a-a789-2b8406905b56";
+
+    /// Every notification body among the shared fixtures.
+    const FIXTURES: [&str; 8] = [
+        "vm_on.json",
+        "vm_create.json",
+        "vm_off.json",
+        "vm_update_nic_ip.json",
+        "vm_migrate.json",
+        "vm_nic_plug.json",
+        "vm_delete_full.json",
+        "subnet_create.json",
+    ];
 
     #[test]
     fn the_captured_vm_on_gives_name_power_ip_subnet_and_host() {
@@ -480,22 +581,53 @@ mod tests {
         assert!(n.vm.is_none());
     }
 
+    /// The quick envelope must agree with the full parse on every input:
+    /// the fixtures, and variants that take each of its way-outs.
+    #[test]
+    fn the_quick_envelope_agrees_with_the_full_parse() {
+        let mut bodies: Vec<Vec<u8>> = FIXTURES.iter().map(|n| fixture(n)).collect();
+        let on: Value = serde_json::from_slice(&fixture("vm_on.json")).unwrap();
+        let variant = |edit: &dyn Fn(&mut Value)| {
+            let mut v = on.clone();
+            edit(&mut v);
+            serde_json::to_vec(&v).unwrap()
+        };
+        bodies.extend([
+            variant(&|v| v["entity_reference"] = Value::Null),
+            variant(&|v| v["entity_reference"]["kind"] = json!("VM")),
+            variant(&|v| v["entity_reference"]["uuid"] = json!(7)),
+            variant(&|v| v["data"]["metadata"]["metadata"]["spec_version"] = json!(12)),
+            variant(&|v| v["data"]["metadata"]["metadata"]["entity_version"] = json!("3")),
+            variant(&|v| v["data"]["metadata"]["metadata"] = json!({})),
+            variant(&|v| v["data"]["metadata"] = json!({})),
+            variant(&|v| v["data"]["metadata"] = json!([1, 2])),
+            variant(&|v| v["data"] = json!("x")),
+            variant(&|v| v["event_type"] = json!("  VM.ON ")),
+            variant(&|v| v["event_type"] = json!("VMON")),
+            variant(&|v| v["event_type"] = json!(3)),
+            variant(&|v| v["event_type"] = Value::Null),
+            variant(&|v| v.as_object_mut().unwrap().clear()),
+            br#"{"event_type": "VM.ON", "event_type": "VM.OFF", "entity_reference": {"uuid": "u"}}"#.to_vec(),
+            br#"{"event_type": "VM.ON", "entity_reference": {"uuid": "u\u00e9"}, "data": {"metadata": {"metadata": {"spec_version": 1}}}}"#.to_vec(),
+            br#"[1]"#.to_vec(),
+            br#"{"event_type": "VM.ON""#.to_vec(),
+            b"\xff".to_vec(),
+        ]);
+        for body in &bodies {
+            let full = parse_notification(body).map(Envelope::from).map_err(|e| e.to_string());
+            let quick = parse_envelope(body).map_err(|e| e.to_string());
+            assert_eq!(quick, full, "{}", String::from_utf8_lossy(body));
+        }
+        // The usual body takes the quick way.
+        assert!(quick_envelope(&fixture("vm_on.json")).is_some());
+    }
+
     #[test]
     fn every_fixture_has_a_distinct_dedupe_key() {
-        let names = [
-            "vm_on.json",
-            "vm_create.json",
-            "vm_off.json",
-            "vm_update_nic_ip.json",
-            "vm_migrate.json",
-            "vm_nic_plug.json",
-            "vm_delete_full.json",
-            "subnet_create.json",
-        ];
-        let mut keys: Vec<String> = names.iter().map(|n| parse(n).dedupe_key).collect();
+        let mut keys: Vec<String> = FIXTURES.iter().map(|n| parse(n).dedupe_key).collect();
         keys.sort();
         keys.dedup();
-        assert_eq!(keys.len(), names.len());
+        assert_eq!(keys.len(), FIXTURES.len());
     }
 
     #[test]
