@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::routing::get;
 use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::runtime::policy::{InjectedHeader, OriginRule, OutboundPolicy};
-use prismhook::runtime::{CallError, LoadError, Plugin, PluginSettings, Runtime, RuntimeOptions};
+use prismhook::runtime::{CallError, LoadError, Plugin, PluginSettings, Runtime, RuntimeOptions, Tier};
 use prismhook::secret::Secret;
 
 struct Sandbox {
@@ -94,6 +94,35 @@ async fn a_plugin_that_eats_memory_is_stopped_at_its_limit() {
     let err = p.handle(vec![event(1, "TEST.OOM", serde_json::json!({}))]).await.unwrap_err();
     assert!(matches!(err, CallError::Memory { limit_mib: 32, .. }), "{err}");
     works(&p).await;
+}
+
+#[tokio::test]
+async fn winch_code_is_held_to_the_same_limits_and_cranelift_code_takes_over() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = RuntimeOptions::new(dir.path().join("kv.redb"));
+    opts.tiered = true;
+    let sb = Sandbox { runtime: Runtime::new(opts).unwrap(), _dir: dir };
+    let p = probe(&sb, settings()).await;
+    assert_eq!(p.tier(), Tier::Baseline);
+
+    let err = p.handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))]).await.unwrap_err();
+    assert!(matches!(err, CallError::Timeout { export: "handle", .. }), "{err}");
+    let err = p.handle(vec![event(2, "TEST.OOM", serde_json::json!({}))]).await.unwrap_err();
+    assert!(matches!(err, CallError::Memory { limit_mib: 32, .. }), "{err}");
+    let err = p.handle(vec![event(3, "TEST.TRAP", serde_json::json!({}))]).await.unwrap_err();
+    assert!(matches!(err, CallError::Trap { .. }), "{err}");
+    works(&p).await;
+
+    let source = p.source().expect("a baseline plugin keeps its bytes for Cranelift");
+    let code = sb.runtime.optimizer().expect("tiered").compile(&source).unwrap();
+    let optimized = sb.runtime.upgrade(&p, code).await.unwrap();
+    assert_eq!(optimized.tier(), Tier::Optimized);
+    assert!(optimized.same_load(&p) && optimized.source().is_none());
+    assert_eq!((optimized.name(), optimized.sha256()), (p.name(), p.sha256()));
+    let err = optimized.handle(vec![event(4, "TEST.LOOP", serde_json::json!({}))]).await.unwrap_err();
+    assert!(matches!(err, CallError::Timeout { .. }), "{err}");
+    works(&optimized).await;
 }
 
 #[tokio::test]
