@@ -125,6 +125,24 @@ async fn winch_code_is_held_to_the_same_limits_and_cranelift_code_takes_over() {
     works(&optimized).await;
 }
 
+#[test]
+fn a_component_winch_cannot_compile_goes_straight_to_cranelift() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = RuntimeOptions::new(dir.path().join("kv.redb"));
+    opts.tiered = true;
+    let runtime = Runtime::new(opts).unwrap();
+    let compile = |name: &str, wat: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, wat::parse_str(wat).unwrap()).unwrap();
+        runtime.compile_file(&file, None).unwrap().tier
+    };
+    // Tail calls: Cranelift compiles them, Winch does not.
+    let tail_call = "(component (core module (func $f (result i32) i32.const 1) (func (export \"g\") (result i32) return_call $f)))";
+    assert_eq!(compile("tail-call.wasm", tail_call), Tier::Optimized);
+    let plain = "(component (core module (func (export \"g\") (result i32) i32.const 1)))";
+    assert_eq!(compile("plain.wasm", plain), Tier::Baseline);
+}
+
 #[tokio::test]
 async fn a_plugin_that_panics_fails_only_its_own_call() {
     let sb = sandbox();

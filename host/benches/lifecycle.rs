@@ -524,6 +524,60 @@ fn compilers() {
     }
 }
 
+/// The same plugin running Winch's code and Cranelift's, side by side: what
+/// a plugin pays in the seconds before Cranelift's code takes over.
+async fn tier_speed(w: &World) {
+    println!("\n## 3b. Per-event cost by tier: each plugin loaded once with Winch's code and once with Cranelift's (same file, same settings), alternating, 12 rounds (2 warm-up)");
+    let scratch = tempfile::tempdir().unwrap();
+    let mut opts = RuntimeOptions::new(scratch.path().join("kv.redb"));
+    opts.tiered = true;
+    let runtime = Runtime::new(opts).unwrap();
+    let config = w.config(scratch.path(), scratch.path(), false);
+    let template = vm_on_template();
+    println!("| plugin | events per call | Winch, per event (VM.ON / VM.OFF) | Cranelift, per event | Winch / Cranelift |");
+    println!("|---|---|---|---|---|");
+    let mut id = 1u64;
+    for (j, (name, lang)) in LANGS.iter().enumerate() {
+        let winch = runtime.load(&component(name), config.plugin_settings(name, None).unwrap()).await.unwrap();
+        assert_eq!(winch.tier(), Tier::Baseline, "{name}");
+        let code = runtime.optimizer().unwrap().compile(&winch.source().unwrap()).unwrap();
+        let cranelift = runtime.upgrade(&winch, code).await.unwrap();
+        let tiers = [&winch, &cranelift];
+        // The F5 plugin makes one request per VM: keep its batches small.
+        let size = if *name == "paloalto" { 256 } else { 10 };
+        let (mut on_t, mut off_t) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        for round in 0..12u32 {
+            for k in 0..2 {
+                let t = (round as usize + k) % 2;
+                let series = 7000 + round * 8 + j as u32 * 2 + t as u32;
+                let on: Vec<Event> = (0..size).map(|n| note_event(&template, series, n, "VM.ON", id + n)).collect();
+                let off: Vec<Event> = (0..size).map(|n| note_event(&template, series, n, "VM.OFF", id + size + n)).collect();
+                id += 2 * size;
+                let started = Instant::now();
+                let out = tiers[t].handle(on).await.unwrap();
+                let t_on = started.elapsed().as_secs_f64() * 1e6 / size as f64;
+                let started = Instant::now();
+                let out_off = tiers[t].handle(off).await.unwrap();
+                let t_off = started.elapsed().as_secs_f64() * 1e6 / size as f64;
+                assert!(out.iter().chain(&out_off).all(|o| matches!(o, Outcome::Done)), "{name}: {out:?}");
+                if round >= 2 {
+                    on_t[t].push(t_on);
+                    off_t[t].push(t_off);
+                }
+            }
+        }
+        let (w_on, w_off, c_on, c_off) = (median(&on_t[0]), median(&off_t[0]), median(&on_t[1]), median(&off_t[1]));
+        println!(
+            "| {name} ({lang}) | {size} | {} / {} | {} / {} | {:.1}× |",
+            us(w_on),
+            us(w_off),
+            us(c_on),
+            us(c_off),
+            (w_on + w_off) / (c_on + c_off)
+        );
+    }
+}
+
 /// Compiles the three components into the persistent cache (or copies a
 /// freshly warmed one there).
 fn fill_cache(from_or_into: &Path) {
@@ -817,6 +871,7 @@ async fn main() {
     }
     if want("startup") || want("compilers") {
         compilers();
+        tier_speed(&w).await;
     }
     if want("startup") {
         let warm = startup(&w, &client).await;

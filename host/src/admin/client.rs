@@ -492,6 +492,13 @@ pub fn render_plugins(plugins: &[PluginReport], now_ms: u64) -> String {
                 p.name
             );
         }
+        if p.tier == Some(crate::runtime::Tier::Baseline) {
+            let _ = writeln!(
+                notes,
+                "{}: serving Winch's code while Cranelift compiles it",
+                p.name
+            );
+        }
     }
     let mut out = t.render();
     if !notes.is_empty() {
@@ -695,7 +702,7 @@ mod tests {
     }
 
     #[test]
-    fn the_plugin_table_aligns_columns_and_explains_quarantine() {
+    fn the_plugin_table_aligns_columns_and_explains_quarantine_and_winch_code() {
         let plugins = vec![
             PluginReport {
                 name: "paloalto".into(),
@@ -724,7 +731,7 @@ mod tests {
                 version: None,
                 file: None,
                 sha256: None,
-                tier: None,
+                tier: Some(crate::runtime::Tier::Baseline),
                 load_error: None,
                 subscriptions: vec![],
                 counters: Default::default(),
@@ -753,6 +760,8 @@ mod tests {
             text.contains("probe: quarantined (until 2023-11-14T22:13:20Z): trapped in handle"),
             "{text}"
         );
+        assert!(text.contains("probe: serving Winch's code while Cranelift compiles it"), "{text}");
+        assert!(!text.contains("paloalto: serving"), "{text}");
     }
 
     #[test]
