@@ -119,18 +119,41 @@ struct Task {
 
 type Compiled = Result<wasmtime::component::Component, crate::runtime::LoadError>;
 
+/// `.wasm` path → the optimizer job whose result is still wanted.
+type Wanted = Arc<std::sync::Mutex<HashMap<PathBuf, u64>>>;
+
 /// The reload task's side of the optimizer thread.
 struct Optimizing {
     jobs: std::sync::mpsc::Sender<(u64, Source)>,
-    /// `.wasm` path → the job whose result is still wanted; the thread
-    /// skips the others (versions replaced before their turn).
-    wanted: Arc<std::sync::Mutex<HashMap<PathBuf, u64>>>,
+    /// The thread skips jobs no longer wanted (versions replaced before
+    /// their turn).
+    wanted: Wanted,
     /// Job → the baseline plugin it compiles for.
     pending: HashMap<u64, Plugin>,
     next: u64,
 }
 
 impl Optimizing {
+    /// The reload task's side, and the thread to start once the first load
+    /// is done (so that Cranelift does not slow it down).
+    fn new(optimizer: Optimizer, done: mpsc::UnboundedSender<(u64, Option<Compiled>)>) -> (Optimizing, OptimizerThread) {
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let wanted = Wanted::default();
+        let thread = OptimizerThread {
+            optimizer,
+            rx,
+            wanted: wanted.clone(),
+            done,
+        };
+        let optimizing = Optimizing {
+            jobs,
+            wanted,
+            pending: HashMap::new(),
+            next: 0,
+        };
+        (optimizing, thread)
+    }
+
     /// Queues Cranelift's compilation of `plugin` (if it runs Winch's code),
     /// in place of any earlier one for its file.
     fn queue(&mut self, plugin: &Plugin) {
@@ -140,7 +163,10 @@ impl Optimizing {
         self.next += 1;
         wanted.insert(plugin.file().to_owned(), self.next);
         self.pending.insert(self.next, plugin.clone());
-        let _ = self.jobs.send((self.next, source));
+        if self.jobs.send((self.next, source)).is_err() {
+            // No optimizer thread: the plugin keeps Winch's code.
+            self.pending.remove(&self.next);
+        }
     }
 
     fn forget(&mut self, file: &Path) {
@@ -470,28 +496,6 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
     }
 }
 
-impl Optimizing {
-    /// The reload task's side, and the thread to start once the first load
-    /// is done (so that Cranelift does not slow it down).
-    fn new(optimizer: Optimizer, done: mpsc::UnboundedSender<(u64, Option<Compiled>)>) -> (Optimizing, OptimizerThread) {
-        let (jobs, rx) = std::sync::mpsc::channel();
-        let wanted: Arc<std::sync::Mutex<HashMap<PathBuf, u64>>> = Arc::default();
-        let thread = OptimizerThread {
-            optimizer,
-            rx,
-            wanted: wanted.clone(),
-            done,
-        };
-        let optimizing = Optimizing {
-            jobs,
-            wanted,
-            pending: HashMap::new(),
-            next: 0,
-        };
-        (optimizing, thread)
-    }
-}
-
 /// The thread that compiles baseline plugins with Cranelift, one at a time
 /// (and Cranelift on one core) so that it takes at most one core from the
 /// event path. It is not a blocking task of the async runtime, because
@@ -500,7 +504,7 @@ impl Optimizing {
 struct OptimizerThread {
     optimizer: Optimizer,
     rx: std::sync::mpsc::Receiver<(u64, Source)>,
-    wanted: Arc<std::sync::Mutex<HashMap<PathBuf, u64>>>,
+    wanted: Wanted,
     done: mpsc::UnboundedSender<(u64, Option<Compiled>)>,
 }
 
