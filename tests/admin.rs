@@ -344,7 +344,7 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
     host.probe_event("TEST.NOTE", "e-2", json!({})).await;
     host.probe_event("TEST.REJECT", "e-3", json!({})).await;
     // Retried much later: stays in the backlog while the test reads it.
-    host.probe_event("TEST.RETRY", "e-4", json!({"body": {"delay_ms": 600_000}}))
+    host.probe_event("TEST.RETRY", "e-4", json!({"delay_ms": 600_000}))
         .await;
     assert_eq!(
         host.notify(
@@ -393,6 +393,20 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
         vec!["ntnx.managed"],
         "the VM reached the firewall"
     );
+
+    // Both plugins loaded with Winch's code (nothing cached): wait for the
+    // swaps to Cranelift's, which the metrics count.
+    wait(
+        || {
+            host.app.registry.snapshot().values().all(|e| {
+                e.plugin
+                    .as_ref()
+                    .is_some_and(|p| p.tier() == prismhook::runtime::Tier::Optimized)
+            })
+        },
+        "Cranelift's code to serve",
+    )
+    .await;
 
     let text = host.metrics(None).await;
     assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with EOF");
@@ -544,6 +558,7 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
     );
     assert!(sample(&text, &series).is_some_and(|n| n >= 1.0), "{series} in:\n{text}");
     assert_sample(&text, r#"prismhook_plugin_reloads_total{result="loaded"}"#, 2.0);
+    assert_sample(&text, r#"prismhook_plugin_reloads_total{result="optimized"}"#, 2.0);
     assert_sample(&text, r#"prismhook_plugin_reloads_total{result="failed"}"#, 0.0);
 
     // Two hosts in one process keep their own numbers.

@@ -58,6 +58,8 @@ enum Command {
 #[derive(Debug, Default)]
 pub struct ReloadCounts {
     pub loaded: AtomicU64,
+    /// Swaps of Cranelift's code for Winch's.
+    pub optimized: AtomicU64,
     pub removed: AtomicU64,
     pub disabled: AtomicU64,
     pub failed: AtomicU64,
@@ -70,7 +72,8 @@ impl ReloadCounts {
             Report::Removed { .. } => &self.removed,
             Report::Disabled { .. } => &self.disabled,
             Report::Failed { .. } => &self.failed,
-            Report::Unchanged { .. } | Report::Optimized { .. } => return,
+            Report::Optimized { .. } => &self.optimized,
+            Report::Unchanged { .. } => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -84,11 +87,12 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Reloads every file in the plugins directory that changed, and waits.
+    /// What reloads did since start, by result.
     pub fn counts(&self) -> &ReloadCounts {
         &self.counts
     }
 
+    /// Reloads every file in the plugins directory that changed, and waits.
     pub async fn reload(&self) -> Vec<Report> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Rescan(tx)).is_err() {

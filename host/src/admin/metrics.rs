@@ -323,6 +323,7 @@ impl Collector for HostCollector {
         let counts = state.reloader.counts();
         let reloads: Vec<(Labels, u64)> = [
             ("loaded", &counts.loaded),
+            ("optimized", &counts.optimized),
             ("removed", &counts.removed),
             ("disabled", &counts.disabled),
             ("failed", &counts.failed),
@@ -333,7 +334,7 @@ impl Collector for HostCollector {
         counter(
             e,
             "prismhook_plugin_reloads",
-            "Plugin files handled by the reload task since start, by result (a failed file leaves the previous version serving)",
+            "Plugin files handled by the reload task since start, by result (a failed file leaves the previous version serving; optimized: Cranelift's code replaced Winch's)",
             &reloads,
         )?;
 
