@@ -25,7 +25,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -56,7 +56,7 @@ struct NonDurable {
     max_body_bytes: usize,
     accepting: Arc<AtomicBool>,
     next_id: Arc<AtomicU64>,
-    stats: Arc<Mutex<HashMap<(String, String, u16), u64>>>,
+    stats: Arc<ListenerStats>,
 }
 
 /// `listener::callback` line for line, minus `ledger.append`.
@@ -96,7 +96,7 @@ async fn non_durable(State(s): State<NonDurable>, Path(cluster): Path<String>, h
     std::hint::black_box(&event);
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let response = (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "deliveries": plugins.len() }))).into_response();
-    *s.stats.lock().unwrap().entry((cluster, note.event_type, 202)).or_default() += 1;
+    s.stats.count(&cluster, &note.event_type, StatusCode::ACCEPTED);
     response
 }
 

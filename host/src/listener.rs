@@ -36,22 +36,38 @@ pub struct ClusterAuth {
 /// Counts of what the listener answered, by cluster, event type and status.
 #[derive(Default)]
 pub struct ListenerStats {
-    by_key: Mutex<HashMap<(String, String, u16), u64>>,
+    /// Cluster → event type → status → count: nested so that counting a
+    /// request allocates nothing once its cluster and type have been seen.
+    by_key: Mutex<HashMap<String, HashMap<String, HashMap<u16, u64>>>>,
     pub unsubscribed: AtomicU64,
 }
 
 impl ListenerStats {
-    fn count(&self, cluster: &str, event_type: &str, status: StatusCode) {
-        *self
-            .by_key
-            .lock()
-            .expect("stats lock")
-            .entry((cluster.to_owned(), event_type.to_owned(), status.as_u16()))
-            .or_default() += 1;
+    pub fn count(&self, cluster: &str, event_type: &str, status: StatusCode) {
+        let mut by_key = self.by_key.lock().expect("stats lock");
+        let by_type = match by_key.get_mut(cluster) {
+            Some(m) => m,
+            None => by_key.entry(cluster.to_owned()).or_default(),
+        };
+        let by_status = match by_type.get_mut(event_type) {
+            Some(m) => m,
+            None => by_type.entry(event_type.to_owned()).or_default(),
+        };
+        *by_status.entry(status.as_u16()).or_default() += 1;
     }
 
     pub fn snapshot(&self) -> Vec<((String, String, u16), u64)> {
-        let mut v: Vec<_> = self.by_key.lock().expect("stats lock").iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let by_key = self.by_key.lock().expect("stats lock");
+        let mut v: Vec<_> = by_key
+            .iter()
+            .flat_map(|(cluster, by_type)| {
+                by_type.iter().flat_map(move |(event_type, by_status)| {
+                    by_status
+                        .iter()
+                        .map(move |(status, n)| ((cluster.clone(), event_type.clone(), *status), *n))
+                })
+            })
+            .collect();
         v.sort();
         v
     }
