@@ -37,24 +37,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine as _;
-use hyper::body::Incoming;
-use hyper::service::{service_fn, Service as _};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
+
+use crate::server::{serve, ConnectionKill};
 
 /// Where `prismhook sim bigip` listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9445";
 
 /// How many `/mgmt/` requests `/_sim/requests` can look back on.
 const REQUEST_LOG_CAPACITY: usize = 1000;
-/// How long `shutdown` lets in-flight requests finish before cutting them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// BIG-IP object names are at most this long.
 const MAX_NAME_LEN: usize = 255;
 const DEFAULT_PARTITION: &str = "Common";
@@ -169,7 +165,7 @@ impl BigipSim {
             .context("reading the BIG-IP simulator's bound address")?;
         let shared = Arc::new(Shared::new(config));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, router(Arc::clone(&shared)), shutdown_rx));
+        let server = tokio::spawn(serve(listener, router(Arc::clone(&shared)), shutdown_rx, "BIG-IP"));
         debug!(%addr, "BIG-IP simulator started");
         Ok(BigipSim {
             addr,
@@ -479,73 +475,6 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    debug!(%peer, "BIG-IP simulator accepted a connection");
-                    connections.spawn(serve_connection(stream, router.clone(), shutdown.clone()));
-                }
-                Err(error) => {
-                    // Typically EMFILE; give connections a moment to close.
-                    warn!(%error, "BIG-IP simulator failed to accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            // A send or a dropped BigipSim: stop either way.
-            _ = shutdown.changed() => break,
-        }
-        while connections.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        connections.abort_all();
-    }
-    debug!("BIG-IP simulator stopped");
-}
-
-/// Lets a request handler close its own connection without answering.
-#[derive(Clone)]
-struct ConnectionKill(Arc<Notify>);
-
-async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch::Receiver<bool>) {
-    let kill = Arc::new(Notify::new());
-    let handle = ConnectionKill(Arc::clone(&kill));
-    let tower = TowerToHyperService::new(router);
-    let service = service_fn(move |mut request: hyper::Request<Incoming>| {
-        request.extensions_mut().insert(handle.clone());
-        tower.call(request)
-    });
-    let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    debug!(%error, "BIG-IP simulator connection ended with an error");
-                }
-                return;
-            }
-            // Returning drops the connection and with it the socket, unanswered.
-            () = kill.notified() => {
-                debug!("BIG-IP simulator dropped a connection (drop_connections fault)");
-                return;
-            }
-            _ = shutdown.changed(), if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-        }
-    }
-}
-
 /// An iControl answer: status and JSON body (`None` for an empty body).
 struct Reply {
     status: StatusCode,
@@ -647,7 +576,7 @@ async fn mgmt(
                 state.stats.errors += 1;
                 state.record(record);
             }
-            kill.0.notify_one();
+            kill.kill();
             // The connection task drops this future along with the socket.
             return std::future::pending().await;
         }

@@ -1,2 +1,4 @@
 pub mod bigip;
-pub mod panos; pub mod prism;
+pub mod panos;
+pub mod prism;
+mod server;

@@ -50,18 +50,16 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use hyper::body::Incoming;
-use hyper::service::{service_fn, Service as _};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use quick_xml::escape::{escape, resolve_predefined_entity};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
+
+use crate::server::{serve, ConnectionKill};
 
 /// Where `prismhook sim panos` listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9443";
@@ -78,8 +76,6 @@ const MAX_TAG_CHARS: usize = 127;
 const REQUEST_LOG_CAPACITY: usize = 1000;
 /// Nothing the API accepts nests deeper; the bound keeps hostile input cheap.
 const MAX_XML_DEPTH: usize = 32;
-/// How long `shutdown` lets in-flight requests finish before cutting them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Parameters that carry secrets and never reach the request log.
 const SECRET_PARAMS: [&str; 2] = ["password", "key"];
 
@@ -199,7 +195,7 @@ impl PanosSim {
             .context("reading the PAN-OS simulator's bound address")?;
         let shared = Arc::new(Shared::new(config));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, router(Arc::clone(&shared)), shutdown_rx));
+        let server = tokio::spawn(serve(listener, router(Arc::clone(&shared)), shutdown_rx, "PAN-OS"));
         debug!(%addr, "PAN-OS simulator started");
         Ok(PanosSim {
             addr,
@@ -462,74 +458,6 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    debug!(%peer, "PAN-OS simulator accepted a connection");
-                    connections.spawn(serve_connection(stream, router.clone(), shutdown.clone()));
-                }
-                Err(error) => {
-                    // Typically EMFILE; give connections a moment to close.
-                    warn!(%error, "PAN-OS simulator failed to accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            // A send or a dropped PanosSim: stop either way.
-            _ = shutdown.changed() => break,
-        }
-        while connections.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        connections.abort_all();
-    }
-    debug!("PAN-OS simulator stopped");
-}
-
-/// Lets a request handler close its own connection without answering.
-#[derive(Clone)]
-struct ConnectionKill(Arc<Notify>);
-
-async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch::Receiver<bool>) {
-    let kill = Arc::new(Notify::new());
-    let handle = ConnectionKill(Arc::clone(&kill));
-    let tower = TowerToHyperService::new(router);
-    let service = service_fn(move |mut request: hyper::Request<Incoming>| {
-        request.extensions_mut().insert(handle.clone());
-        tower.call(request)
-    });
-    let connection =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    debug!(%error, "PAN-OS simulator connection ended with an error");
-                }
-                return;
-            }
-            // Returning drops the connection and with it the socket, unanswered.
-            () = kill.notified() => {
-                debug!("PAN-OS simulator dropped a connection (drop_connections fault)");
-                return;
-            }
-            _ = shutdown.changed(), if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-        }
-    }
-}
-
 type Params = BTreeMap<String, String>;
 
 /// An `/api/` answer: XML body, HTTP status, and whether it refused the request.
@@ -653,7 +581,7 @@ async fn api(
                 state.stats.errors += 1;
                 state.record(record);
             }
-            kill.0.notify_one();
+            kill.kill();
             // The connection task drops this future along with the socket.
             return std::future::pending().await;
         }
