@@ -139,6 +139,32 @@ async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_file_written_in_place_is_loaded_once_the_writes_stop_not_half_written() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(true).await;
+    let before = sha(&app).unwrap();
+    // A slow copy over the old file: three writes, each well inside the
+    // debounce, the first two leaving a truncated component behind.
+    let full = probe_variant(1);
+    let file = h.plugins().join("probe.wasm");
+    let mut out = std::fs::File::create(&file).unwrap();
+    for chunk in full.chunks(full.len() / 3 + 1) {
+        use std::io::Write;
+        out.write_all(chunk).unwrap();
+        out.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    drop(out);
+    wait(|| sha(&app).is_some_and(|s| s != before), "the finished copy to load").await;
+    // The watcher saw every write, but the reload task waited for them to
+    // stop: it never tried the half-written file.
+    assert_eq!(app.reloader.counts().failed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(app.registry.get("probe").unwrap().load_error.is_none());
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
 async fn replacing_a_plugin_under_load_loses_no_event() {
     let h = Host::new();
     h.install("probe.wasm", &probe_variant(0));
