@@ -134,7 +134,7 @@ fn a_component_winch_cannot_compile_goes_straight_to_cranelift() {
     let compile = |name: &str, wat: &str| {
         let file = dir.path().join(name);
         std::fs::write(&file, wat::parse_str(wat).unwrap()).unwrap();
-        runtime.compile_file(&file, None).unwrap().tier
+        runtime.compile_file(&file, None).unwrap().tier()
     };
     // Tail calls: Cranelift compiles them, Winch does not.
     let tail_call = "(component (core module (func $f (result i32) i32.const 1) (func (export \"g\") (result i32) return_call $f)))";

@@ -514,7 +514,7 @@ fn compilers() {
                 let started = Instant::now();
                 let c = rt.compile_file(&file, None).unwrap();
                 t.push(started.elapsed().as_secs_f64() * 1e6);
-                assert_eq!(c.tier, want, "{name}");
+                assert_eq!(c.tier(), want, "{name}");
             }
             median(&t)
         };

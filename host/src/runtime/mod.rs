@@ -275,19 +275,18 @@ impl Runtime {
         let started = Instant::now();
         let cached = self.cache.as_ref().and_then(|c| c.get(&self.engine, &sha256));
         let from_cache = cached.is_some();
-        let (component, tier) = match cached {
-            Some(component) => (component, Tier::Optimized),
+        let size = bytes.len();
+        let (component, source) = match cached {
+            Some(component) => (component, None),
             None => match self.compile_baseline(file, &bytes) {
-                Some(component) => (component, Tier::Baseline),
-                None => (self.optimizer_parts().compile_bytes(file, &bytes, &sha256)?, Tier::Optimized),
+                // Kept for Cranelift, which compiles a baseline plugin later.
+                Some(component) => (component, Some(Arc::from(bytes))),
+                None => (self.optimizer_parts().compile_bytes(file, &bytes, &sha256)?, None),
             },
         };
-        let size = bytes.len();
         Ok(Compiled {
             from_cache,
-            tier,
-            // Kept for Cranelift, which compiles a baseline plugin later.
-            source: (tier == Tier::Baseline).then(|| Arc::from(bytes)),
+            source,
             file: file.to_owned(),
             sha256,
             size,
@@ -330,15 +329,11 @@ impl Runtime {
         let plugin = Plugin {
             engine: self.engine.clone(),
             pre,
-            tier: Tier::Optimized,
             source: None,
             ..baseline.clone()
         };
-        match plugin.call(Call::Init, "init").await {
-            Ok(_) => Ok(plugin),
-            Err(CallError::Init { message, .. }) => Err(LoadError::InitRefused { file, message }),
-            Err(source) => Err(LoadError::Init { file, source }),
-        }
+        plugin.init().await?;
+        Ok(plugin)
     }
 
     fn pre(&self, linker: &Linker<HostState>, component: &Component, file: &Path) -> Result<PluginPre<HostState>, LoadError> {
@@ -355,7 +350,7 @@ impl Runtime {
     /// returns a plugin ready for calls.
     pub async fn instantiate(self: &Arc<Self>, compiled: Compiled, settings: PluginSettings) -> Result<Plugin, LoadError> {
         let file = compiled.file.clone();
-        let (engine, linker) = match (compiled.tier, &self.baseline) {
+        let (engine, linker) = match (compiled.tier(), &self.baseline) {
             (Tier::Baseline, Some((engine, linker))) => (engine, linker),
             _ => (&self.engine, &self.linker),
         };
@@ -381,18 +376,13 @@ impl Runtime {
             config,
             engine: engine.clone(),
             pre,
-            tier: compiled.tier,
             source: compiled.source,
             sha256: compiled.sha256,
             file: file.clone(),
             size: compiled.size,
             from_cache: compiled.from_cache,
         };
-        let info = match plugin.call(Call::Init, "init").await {
-            Ok((info, _)) => info,
-            Err(CallError::Init { message, .. }) => return Err(LoadError::InitRefused { file, message }),
-            Err(source) => return Err(LoadError::Init { file, source }),
-        };
+        let info = plugin.init().await?;
         if !valid_name(&info.name) {
             return Err(LoadError::BadName { file, name: info.name });
         }
@@ -499,7 +489,6 @@ pub struct Source {
 pub struct Compiled {
     /// Whether it came from the on-disk cache rather than the compiler.
     pub from_cache: bool,
-    pub tier: Tier,
     /// The file's bytes, kept while only Winch has compiled them.
     source: Option<Arc<[u8]>>,
     pub file: PathBuf,
@@ -507,6 +496,20 @@ pub struct Compiled {
     pub size: usize,
     pub compile_time: Duration,
     pub component: Component,
+}
+
+impl Compiled {
+    /// Which compiler made the code: Winch's keeps the bytes for Cranelift.
+    pub fn tier(&self) -> Tier {
+        tier_of(&self.source)
+    }
+}
+
+fn tier_of(source: &Option<Arc<[u8]>>) -> Tier {
+    match source {
+        Some(_) => Tier::Baseline,
+        None => Tier::Optimized,
+    }
 }
 
 /// A loaded plugin version: cheap to clone, safe to call concurrently.
@@ -519,7 +522,7 @@ pub struct Plugin {
     /// The engine that compiled `pre`'s code: its Stores come from it.
     engine: Engine,
     pre: PluginPre<HostState>,
-    tier: Tier,
+    /// The file's bytes while the code is Winch's (for Cranelift).
     source: Option<Arc<[u8]>>,
     sha256: String,
     file: PathBuf,
@@ -533,7 +536,7 @@ impl std::fmt::Debug for Plugin {
             .field("name", &self.info.name)
             .field("version", &self.info.version)
             .field("file", &self.file)
-            .field("tier", &self.tier)
+            .field("tier", &self.tier())
             .finish_non_exhaustive()
     }
 }
@@ -565,7 +568,7 @@ impl Plugin {
     }
 
     pub fn tier(&self) -> Tier {
-        self.tier
+        tier_of(&self.source)
     }
 
     /// What Cranelift needs to compile this plugin; `None` once it runs
@@ -586,6 +589,16 @@ impl Plugin {
 
     pub fn limits(&self) -> Limits {
         self.identity.limits
+    }
+
+    /// Runs `init` alone, as a load does before the plugin serves.
+    async fn init(&self) -> Result<PluginInfo, LoadError> {
+        let file = self.file.clone();
+        match self.call(Call::Init, "init").await {
+            Ok((info, _)) => Ok(info),
+            Err(CallError::Init { message, .. }) => Err(LoadError::InitRefused { file, message }),
+            Err(source) => Err(LoadError::Init { file, source }),
+        }
     }
 
     /// Delivers a batch; one outcome per event, in order.
