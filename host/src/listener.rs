@@ -33,12 +33,15 @@ pub struct ClusterAuth {
     pub password: Secret,
 }
 
+/// Event type → status → count.
+type ByType = HashMap<String, HashMap<u16, u64>>;
+
 /// Counts of what the listener answered, by cluster, event type and status.
 #[derive(Default)]
 pub struct ListenerStats {
     /// Cluster → event type → status → count: nested so that counting a
     /// request allocates nothing once its cluster and type have been seen.
-    by_key: Mutex<HashMap<String, HashMap<String, HashMap<u16, u64>>>>,
+    by_key: Mutex<HashMap<String, ByType>>,
     pub unsubscribed: AtomicU64,
 }
 

@@ -145,18 +145,7 @@ fn quick_envelope(body: &[u8]) -> Option<Envelope> {
         .and_then(|m| serde_json::from_str::<RawObject>(m.get()).ok())
         .filter(|m| !m.is_empty());
     let meta = intent.as_ref().and_then(|i| i.get("metadata")).and_then(|m| small(m));
-    let entity_uuid = reference
-        .as_ref()
-        .and_then(|r| str_at(r, "/uuid"))
-        .or_else(|| meta.as_ref().and_then(|m| str_at(m, "/uuid")))?
-        .to_owned();
-    let entity_kind = reference
-        .as_ref()
-        .and_then(|r| str_at(r, "/kind"))
-        .or_else(|| meta.as_ref().and_then(|m| str_at(m, "/kind")))
-        .map(str::to_owned)
-        .unwrap_or_else(|| event_type.split_once('.').map_or("", |(k, _)| k).to_owned())
-        .to_ascii_lowercase();
+    let (entity_uuid, entity_kind) = entity(&event_type, reference.as_ref(), meta.as_ref())?;
     let dedupe_key = versioned_key(&event_type, &entity_uuid, meta.as_ref())?;
     Some(Envelope {
         event_type,
@@ -164,6 +153,18 @@ fn quick_envelope(body: &[u8]) -> Option<Envelope> {
         entity_uuid,
         dedupe_key,
     })
+}
+
+/// The entity's uuid and lower-case kind, from the notification's
+/// `entity_reference` or else the intent's `metadata`; the kind falls back
+/// to the event type's `KIND`. `None` without a uuid.
+fn entity(event_type: &str, reference: Option<&Value>, meta: Option<&Value>) -> Option<(String, String)> {
+    let field = |name: &str| reference.and_then(|r| str_at(r, name)).or_else(|| meta.and_then(|m| str_at(m, name)));
+    let uuid = field("/uuid")?.to_owned();
+    let kind = field("/kind")
+        .unwrap_or_else(|| event_type.split_once('.').map_or("", |(k, _)| k))
+        .to_ascii_lowercase();
+    Some((uuid, kind))
 }
 
 /// Parse a notification body as Prism POSTs it.
@@ -188,15 +189,12 @@ pub fn parse_notification(body: &[u8]) -> Result<Notification, PayloadError> {
     let intent = root
         .pointer("/data/metadata")
         .filter(|m| is_non_empty_object(m));
-    let entity_uuid = str_at(&root, "/entity_reference/uuid")
-        .or_else(|| intent.and_then(|i| str_at(i, "/metadata/uuid")))
-        .ok_or(PayloadError::MissingEntityUuid)?
-        .to_owned();
-    let entity_kind = str_at(&root, "/entity_reference/kind")
-        .or_else(|| intent.and_then(|i| str_at(i, "/metadata/kind")))
-        .map(str::to_owned)
-        .unwrap_or_else(|| event_type.split_once('.').map_or("", |(k, _)| k).to_owned())
-        .to_ascii_lowercase();
+    let (entity_uuid, entity_kind) = entity(
+        &event_type,
+        root.get("entity_reference"),
+        intent.and_then(|i| i.get("metadata")),
+    )
+    .ok_or(PayloadError::MissingEntityUuid)?;
     let vm = match intent {
         Some(intent) if entity_kind == "vm" => parse_vm_or(intent, &entity_uuid),
         _ => None,
