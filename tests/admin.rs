@@ -556,10 +556,25 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
     let series = format!(
         r#"prismhook_plugin_outbound_requests_total{{plugin="paloalto",origin="{origin}",result="200"}}"#
     );
-    assert!(sample(&text, &series).is_some_and(|n| n >= 1.0), "{series} in:\n{text}");
-    assert_sample(&text, r#"prismhook_plugin_reloads_total{result="loaded"}"#, 2.0);
-    assert_sample(&text, r#"prismhook_plugin_reloads_total{result="optimized"}"#, 2.0);
-    assert_sample(&text, r#"prismhook_plugin_reloads_total{result="failed"}"#, 0.0);
+    assert!(
+        sample(&text, &series).is_some_and(|n| n >= 1.0),
+        "{series} in:\n{text}"
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_reloads_total{result="loaded"}"#,
+        2.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_reloads_total{result="optimized"}"#,
+        2.0,
+    );
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_reloads_total{result="failed"}"#,
+        0.0,
+    );
 
     // Two hosts in one process keep their own numbers.
     let other = World::start(

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use prismhook::app::App;
 use prismhook::config::Config;
-use prismhook::ledger::{now_ms, Appended, DeadLetter, Ledger, LedgerOptions, NewEvent, PluginBacklog};
+use prismhook::ledger::{
+    now_ms, Appended, DeadLetter, Ledger, LedgerOptions, NewEvent, PluginBacklog,
+};
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::runtime::kv_store::KvStore;
 use prismhook_sim::panos::{Faults, PanosConfig, PanosSim};
@@ -59,10 +61,16 @@ async fn world(plugins: &[&str]) -> World {
     let plugin_dir = dir.path().join("plugins");
     std::fs::create_dir_all(&plugin_dir).unwrap();
     for name in plugins {
-        std::fs::copy(common::component(name), plugin_dir.join(format!("{name}.wasm"))).unwrap();
+        std::fs::copy(
+            common::component(name),
+            plugin_dir.join(format!("{name}.wasm")),
+        )
+        .unwrap();
     }
     World {
-        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default()).await.unwrap(),
+        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
+            .await
+            .unwrap(),
         dir,
     }
 }
@@ -73,7 +81,11 @@ impl World {
     }
 
     fn config_text(&self, setup: &Setup) -> String {
-        let listen = if setup.listen.is_empty() { "127.0.0.1:0" } else { &setup.listen };
+        let listen = if setup.listen.is_empty() {
+            "127.0.0.1:0"
+        } else {
+            &setup.listen
+        };
         format!(
             r#"
 instance = "durability"
@@ -110,7 +122,11 @@ reconcile_interval = "0s"
     async fn start(&self, setup: &Setup) -> App {
         let config = Config::parse(&self.config_text(setup), Path::new("durability.toml")).unwrap();
         let app = App::start(config).await.unwrap();
-        wait(|| app.cluster_status().iter().all(|c| c.registered), "webhook registration").await;
+        wait(
+            || app.cluster_status().iter().all(|c| c.registered),
+            "webhook registration",
+        )
+        .await;
         app
     }
 }
@@ -124,15 +140,20 @@ async fn wait_for(limit: Duration, ready: impl FnMut() -> bool, what: &str) {
 }
 
 fn backlog(app: &App, plugin: &str) -> PluginBacklog {
-    app.ledger.backlog().unwrap().into_iter().find(|b| b.plugin == plugin).unwrap_or(PluginBacklog {
-        plugin: plugin.to_owned(),
-        pending: 0,
-        in_flight: 0,
-        retrying: 0,
-        dead: 0,
-        delivered: 0,
-        oldest_pending_ms: None,
-    })
+    app.ledger
+        .backlog()
+        .unwrap()
+        .into_iter()
+        .find(|b| b.plugin == plugin)
+        .unwrap_or(PluginBacklog {
+            plugin: plugin.to_owned(),
+            pending: 0,
+            in_flight: 0,
+            retrying: 0,
+            dead: 0,
+            delivered: 0,
+            oldest_pending_ms: None,
+        })
 }
 
 fn settled(b: &PluginBacklog) -> bool {
@@ -149,13 +170,21 @@ struct Poster {
 impl Poster {
     fn new(listener: SocketAddr) -> Poster {
         Poster {
-            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
             url: format!("http://{listener}/listener/callback/lab"),
         }
     }
 
     async fn post(&self, body: &Value) -> reqwest::Result<reqwest::Response> {
-        self.http.post(&self.url).basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD)).body(body.to_string()).send().await
+        self.http
+            .post(&self.url)
+            .basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD))
+            .body(body.to_string())
+            .send()
+            .await
     }
 
     /// Posts and expects 202; returns the ledger's event id.
@@ -165,7 +194,11 @@ impl Poster {
         let text = r.text().await.unwrap();
         assert_eq!(status, 202, "{} refused: {text}", body["event_type"]);
         let answer: Value = serde_json::from_str(&text).unwrap();
-        assert_ne!(answer["duplicate"], true, "{} was taken for a duplicate", body["event_type"]);
+        assert_ne!(
+            answer["duplicate"], true,
+            "{} was taken for a duplicate",
+            body["event_type"]
+        );
         answer["id"].as_u64().unwrap()
     }
 }
@@ -205,7 +238,9 @@ fn vm_note(event_type: &str, uuid: &str, seq: u64) -> Value {
 /// What the probe recorded for one entity: `(event id, attempt, type)` in
 /// the order it handled them.
 fn seen(kv: &BTreeMap<String, Vec<u8>>, entity: &str) -> Vec<(u64, u32, String)> {
-    let Some(value) = kv.get(&format!("seen/lab/{entity}")) else { return Vec::new() };
+    let Some(value) = kv.get(&format!("seen/lab/{entity}")) else {
+        return Vec::new();
+    };
     String::from_utf8_lossy(value)
         .lines()
         .map(|line| {
@@ -218,11 +253,17 @@ fn seen(kv: &BTreeMap<String, Vec<u8>>, entity: &str) -> Vec<(u64, u32, String)>
 }
 
 fn seen_ids(app: &App, entity: &str) -> Vec<u64> {
-    seen(&app.runtime.kv().dump("probe").unwrap(), entity).into_iter().map(|(id, _, _)| id).collect()
+    seen(&app.runtime.kv().dump("probe").unwrap(), entity)
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect()
 }
 
 fn dead_letter(letters: &[DeadLetter], id: u64) -> &DeadLetter {
-    letters.iter().find(|d| d.event.id == id).unwrap_or_else(|| panic!("event {id} is not a dead letter: {letters:?}"))
+    letters
+        .iter()
+        .find(|d| d.event.id == id)
+        .unwrap_or_else(|| panic!("event {id} is not a dead letter: {letters:?}"))
 }
 
 /// Stores notifications in a stopped host's ledger, for the probe, as the
@@ -263,7 +304,11 @@ struct HostProcess {
 
 impl HostProcess {
     fn spawn(config: &Path, log: &Path) -> HostProcess {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_prismhook"))
             .arg("run")
             .arg("--config")
@@ -299,14 +344,20 @@ impl HostProcess {
 
     async fn sigkill(&mut self) {
         let _ = self.child().kill();
-        let status = self.wait_exit(Duration::from_secs(10)).await.expect("SIGKILL ends the host");
+        let status = self
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("SIGKILL ends the host");
         assert!(!status.success());
     }
 
     /// SIGTERM: the host stops accepting, finishes batches in hand and exits.
     async fn sigterm(&mut self) -> ExitStatus {
         let pid = self.child().id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("running kill");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("running kill");
         assert!(sent.success(), "kill -TERM {pid}");
         match self.wait_exit(Duration::from_secs(30)).await {
             Some(status) => status,
@@ -331,18 +382,32 @@ fn log_tail(log: &Path) -> String {
 }
 
 async fn wait_ready(host: &mut HostProcess, port: u16, log: &Path) {
-    let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = host.exited() {
-            panic!("the host exited while starting ({status}); its log ends:\n{}", log_tail(log));
+            panic!(
+                "the host exited while starting ({status}); its log ends:\n{}",
+                log_tail(log)
+            );
         }
-        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+        {
             if r.status() == 200 {
                 return;
             }
         }
-        assert!(Instant::now() < until, "the host did not answer /healthz within 30 s; log:\n{}", log_tail(log));
+        assert!(
+            Instant::now() < until,
+            "the host did not answer /healthz within 30 s; log:\n{}",
+            log_tail(log)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -358,8 +423,18 @@ struct Ack {
 /// posted until it gets a 202 (connection errors and 503 are tried again,
 /// the same body, so a notification stored just before a crash comes back
 /// as a duplicate with its original id); only then the next one.
-async fn entity_load(entity: usize, uuid: String, port: u16, seed: u64, acks: Arc<Mutex<Vec<Ack>>>, stop: Arc<AtomicBool>) {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+async fn entity_load(
+    entity: usize,
+    uuid: String,
+    port: u16,
+    seed: u64,
+    acks: Arc<Mutex<Vec<Ack>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let url = format!("http://127.0.0.1:{port}/listener/callback/lab");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seq = 0u64;
@@ -369,8 +444,17 @@ async fn entity_load(entity: usize, uuid: String, port: u16, seed: u64, acks: Ar
         let body = vm_note(event_type, &uuid, seq).to_string();
         let give_up = Instant::now() + Duration::from_secs(60);
         loop {
-            assert!(Instant::now() < give_up, "entity {entity} seq {seq}: no 202 within 60 s");
-            match http.post(&url).basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD)).body(body.clone()).send().await {
+            assert!(
+                Instant::now() < give_up,
+                "entity {entity} seq {seq}: no 202 within 60 s"
+            );
+            match http
+                .post(&url)
+                .basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD))
+                .body(body.clone())
+                .send()
+                .await
+            {
                 Ok(r) if r.status() == 202 => {
                     // A body cut short by the kill is no acknowledgement.
                     if let Ok(answer) = r.json::<Value>().await {
@@ -380,7 +464,11 @@ async fn entity_load(entity: usize, uuid: String, port: u16, seed: u64, acks: Ar
                     }
                 }
                 Ok(r) if r.status() == 503 => tokio::time::sleep(Duration::from_millis(20)).await,
-                Ok(r) => panic!("entity {entity} seq {seq}: unexpected {}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Ok(r) => panic!(
+                    "entity {entity} seq {seq}: unexpected {}: {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                ),
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
@@ -399,9 +487,17 @@ async fn stopped_backlog(data: &Path) -> Vec<PluginBacklog> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_order() {
     const ENTITIES: usize = 20;
-    let kills: usize = std::env::var("PRISMHOOK_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let seed: u64 = std::env::var("PRISMHOOK_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20_240_611);
-    eprintln!("crash test: {kills} SIGKILLs, seed {seed} (PRISMHOOK_CRASH_KILLS, PRISMHOOK_CRASH_SEED)");
+    let kills: usize = std::env::var("PRISMHOOK_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("PRISMHOOK_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_240_611);
+    eprintln!(
+        "crash test: {kills} SIGKILLs, seed {seed} (PRISMHOOK_CRASH_KILLS, PRISMHOOK_CRASH_SEED)"
+    );
     let began = Instant::now();
 
     let w = world(&["probe"]).await;
@@ -419,16 +515,29 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
 
     let mut host = HostProcess::spawn(&config, &log);
     wait_ready(&mut host, port, &log).await;
-    wait(|| w.prism.webhooks().len() == 1, "the binary to register its webhook").await;
+    wait(
+        || w.prism.webhooks().len() == 1,
+        "the binary to register its webhook",
+    )
+    .await;
 
-    let uuids: Vec<String> = (0..ENTITIES).map(|i| format!("0c4a5e00-0000-4000-8000-{i:012x}")).collect();
+    let uuids: Vec<String> = (0..ENTITIES)
+        .map(|i| format!("0c4a5e00-0000-4000-8000-{i:012x}"))
+        .collect();
     let acks = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = uuids
         .iter()
         .enumerate()
         .map(|(i, uuid)| {
-            tokio::spawn(entity_load(i, uuid.clone(), port, seed ^ (i as u64 + 1), acks.clone(), stop.clone()))
+            tokio::spawn(entity_load(
+                i,
+                uuid.clone(),
+                port,
+                seed ^ (i as u64 + 1),
+                acks.clone(),
+                stop.clone(),
+            ))
         })
         .collect();
 
@@ -446,7 +555,11 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
         eprintln!(
             "kill {kill}/{kills} at {:.1}s{}: {} acknowledged so far",
             began.elapsed().as_secs_f64(),
-            if during_startup { " (during start-up)" } else { "" },
+            if during_startup {
+                " (during start-up)"
+            } else {
+                ""
+            },
             acks.lock().unwrap().len()
         );
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
@@ -460,8 +573,16 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
         task.await.unwrap();
     }
     let acks = acks.lock().unwrap().clone();
-    eprintln!("load stopped at {:.1}s: {} notifications acknowledged", began.elapsed().as_secs_f64(), acks.len());
-    assert!(acks.len() >= 20 * kills, "too little load to mean anything: {} acknowledged", acks.len());
+    eprintln!(
+        "load stopped at {:.1}s: {} notifications acknowledged",
+        began.elapsed().as_secs_f64(),
+        acks.len()
+    );
+    assert!(
+        acks.len() >= 20 * kills,
+        "too little load to mean anything: {} acknowledged",
+        acks.len()
+    );
 
     // Let it drain, then stop it gracefully; restart and repeat if the
     // ledger says something is still undelivered.
@@ -469,21 +590,42 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let status = host.sigterm().await;
-        assert!(status.success(), "SIGTERM should end the host cleanly, got {status}; log:\n{}", log_tail(&log));
-        let probe = stopped_backlog(&w.data()).await.into_iter().find(|b| b.plugin == "probe").expect("probe backlog");
-        assert_eq!(probe.dead, 0, "no delivery of a plain VM event may die: {probe:?}");
+        assert!(
+            status.success(),
+            "SIGTERM should end the host cleanly, got {status}; log:\n{}",
+            log_tail(&log)
+        );
+        let probe = stopped_backlog(&w.data())
+            .await
+            .into_iter()
+            .find(|b| b.plugin == "probe")
+            .expect("probe backlog");
+        assert_eq!(
+            probe.dead, 0,
+            "no delivery of a plain VM event may die: {probe:?}"
+        );
         if settled(&probe) && probe.in_flight == 0 {
             break;
         }
-        assert!(Instant::now() < drain_until, "the ledger did not drain: {probe:?}");
+        assert!(
+            Instant::now() < drain_until,
+            "the ledger did not drain: {probe:?}"
+        );
         host = HostProcess::spawn(&config, &log);
         wait_ready(&mut host, port, &log).await;
     }
 
-    let kv = KvStore::open(&w.data().join("kv.redb")).unwrap().dump("probe").unwrap();
+    let kv = KvStore::open(&w.data().join("kv.redb"))
+        .unwrap()
+        .dump("probe")
+        .unwrap();
     let (mut missing, mut disorder, mut redelivered, mut extra) = (Vec::new(), Vec::new(), 0, 0);
     for (entity, uuid) in uuids.iter().enumerate() {
-        let acked: Vec<Ack> = acks.iter().copied().filter(|a| a.entity == entity).collect();
+        let acked: Vec<Ack> = acks
+            .iter()
+            .copied()
+            .filter(|a| a.entity == entity)
+            .collect();
         let acked_ids: Vec<u64> = acked.iter().map(|a| a.id).collect();
         assert!(
             acked_ids.windows(2).all(|w| w[0] < w[1]),
@@ -501,11 +643,27 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
         }
         let acked_set: HashSet<u64> = acked_ids.iter().copied().collect();
         extra += first.iter().filter(|id| !acked_set.contains(id)).count();
-        missing.extend(acked.iter().filter(|a| !known.contains(&a.id)).map(|a| (entity, a.seq, a.id)));
-        let delivered: Vec<u64> = first.into_iter().filter(|id| acked_set.contains(id)).collect();
-        let in_ack_order: Vec<u64> = acked_ids.iter().copied().filter(|id| known.contains(id)).collect();
+        missing.extend(
+            acked
+                .iter()
+                .filter(|a| !known.contains(&a.id))
+                .map(|a| (entity, a.seq, a.id)),
+        );
+        let delivered: Vec<u64> = first
+            .into_iter()
+            .filter(|id| acked_set.contains(id))
+            .collect();
+        let in_ack_order: Vec<u64> = acked_ids
+            .iter()
+            .copied()
+            .filter(|id| known.contains(id))
+            .collect();
         if delivered != in_ack_order {
-            let at = delivered.iter().zip(&in_ack_order).position(|(a, b)| a != b).unwrap_or(0);
+            let at = delivered
+                .iter()
+                .zip(&in_ack_order)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             disorder.push(format!(
                 "entity {entity}: first deliveries {:?} … where acknowledgement order is {:?} …",
                 &delivered[at..(at + 5).min(delivered.len())],
@@ -518,13 +676,21 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
         began.elapsed().as_secs_f64(),
         acks.len()
     );
-    assert!(missing.is_empty(), "{} acknowledged notifications never reached the probe, (entity, seq, id): {:?}", missing.len(), &missing[..missing.len().min(20)]);
-    assert!(disorder.is_empty(), "per-entity order broken:\n{}", disorder.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged notifications never reached the probe, (entity, seq, id): {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert!(
+        disorder.is_empty(),
+        "per-entity order broken:\n{}",
+        disorder.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------
 // 2. A firewall outage.
-
 
 /// `[plugin.paloalto]` for the PAN-OS simulator, with its key injected.
 fn paloalto_settings(panos: &PanosSim) -> String {
@@ -538,7 +704,9 @@ fn paloalto_settings(panos: &PanosSim) -> String {
 #[tokio::test]
 async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_truth_after_it() {
     let w = world(&["paloalto"]).await;
-    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap();
+    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+        .await
+        .unwrap();
     let setup = Setup {
         // Enough attempts that nothing dies during the outage.
         delivery: "retry_initial = \"50ms\"\nretry_max = \"400ms\"\nmax_attempts = 1000".into(),
@@ -557,14 +725,23 @@ async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_tr
         format!("10.20.{}.{}", next_ip / 250, next_ip % 250 + 1)
     };
     for i in 0..5 {
-        uuids.push(w.prism.create_vm(NewVm::named(format!("before-{i}")).powered_on().nic([ip()])).await.unwrap().uuid);
+        uuids.push(
+            w.prism
+                .create_vm(NewVm::named(format!("before-{i}")).powered_on().nic([ip()]))
+                .await
+                .unwrap()
+                .uuid,
+        );
     }
     wait(|| settled_now(&app), "the first VMs to be applied").await;
     let before = panos.registered();
     assert_eq!(before, common::firewall_truth(&w.prism.vms()));
 
     // The firewall goes down; a burst of lifecycle events arrives.
-    panos.set_faults(Faults { fail_status: Some(503), ..Faults::default() });
+    panos.set_faults(Faults {
+        fail_status: Some(503),
+        ..Faults::default()
+    });
     let outage = Instant::now();
     for i in 0..15 {
         let mut vm = NewVm::named(format!("burst-{i}")).nic([ip()]);
@@ -582,7 +759,10 @@ async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_tr
             0 => drop(w.prism.set_power(&uuid, true).await),
             1 => drop(w.prism.set_power(&uuid, false).await),
             2 => {
-                let cats = BTreeMap::from([("Env".to_owned(), ["Prod", "Dev"][rng.random_range(0..2)].to_owned())]);
+                let cats = BTreeMap::from([(
+                    "Env".to_owned(),
+                    ["Prod", "Dev"][rng.random_range(0..2)].to_owned(),
+                )]);
                 drop(w.prism.set_categories(&uuid, cats).await)
             }
             3 => drop(w.prism.plug_nic(&uuid, NewNic::with_ips([ip()])).await),
@@ -593,14 +773,29 @@ async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_tr
             _ => drop(w.prism.set_power(&uuid, true).await),
         }
     }
-    assert!(w.prism.deliveries().iter().all(|d| d.status == Some(202)), "every notification is accepted during the outage");
-    wait(|| backlog(&app, "paloalto").retrying > 0, "deliveries to be retrying").await;
+    assert!(
+        w.prism.deliveries().iter().all(|d| d.status == Some(202)),
+        "every notification is accepted during the outage"
+    );
+    wait(
+        || backlog(&app, "paloalto").retrying > 0,
+        "deliveries to be retrying",
+    )
+    .await;
     // Retrying with backoff, and not dying, for a while.
     tokio::time::sleep(Duration::from_millis(1500).saturating_sub(outage.elapsed())).await;
-    wait(|| backlog(&app, "paloalto").retrying > 0, "deliveries to be still retrying").await;
+    wait(
+        || backlog(&app, "paloalto").retrying > 0,
+        "deliveries to be still retrying",
+    )
+    .await;
     let during = backlog(&app, "paloalto");
     assert_eq!(during.dead, 0, "{during:?}");
-    assert_eq!(panos.registered(), before, "nothing is applied while the firewall fails");
+    assert_eq!(
+        panos.registered(),
+        before,
+        "nothing is applied while the firewall fails"
+    );
     let refused = panos.stats().errors;
     assert!(refused > 0);
     let retried = app.dispatcher.counters()["paloalto"].retried;
@@ -625,11 +820,16 @@ async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_tr
 #[tokio::test]
 async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     let w = world(&["probe", "paloalto"]).await;
-    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap();
+    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+        .await
+        .unwrap();
     // retry_initial = retry_max: every backoff is exactly 100 ms.
     let setup = Setup {
         delivery: "retry_initial = \"100ms\"\nretry_max = \"100ms\"\nmax_attempts = 2".into(),
-        plugins: format!("[plugin.probe]\nconfig = {{ subscriptions = [\"TEST.*\"] }}\n{}", paloalto_settings(&panos)),
+        plugins: format!(
+            "[plugin.probe]\nconfig = {{ subscriptions = [\"TEST.*\"] }}\n{}",
+            paloalto_settings(&panos)
+        ),
         ..Setup::default()
     };
     let app = w.start(&setup).await;
@@ -641,20 +841,40 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
 
     // A reject dies at once; a retry once its attempts are used up; a plain
     // event of a third entity is delivered.
-    let rejected = poster.accept(&probe_event("TEST.REJECT", "r-1", json!({}))).await;
-    let retried = poster.accept(&probe_event("TEST.RETRY", "t-1", json!({}))).await;
-    let fine = poster.accept(&probe_event("TEST.NOTE", "ok-1", json!({}))).await;
+    let rejected = poster
+        .accept(&probe_event("TEST.REJECT", "r-1", json!({})))
+        .await;
+    let retried = poster
+        .accept(&probe_event("TEST.RETRY", "t-1", json!({})))
+        .await;
+    let fine = poster
+        .accept(&probe_event("TEST.NOTE", "ok-1", json!({})))
+        .await;
     wait(|| probe_settled(&app, 2), "two dead letters").await;
     assert_eq!(seen_ids(&app, "ok-1"), [fine]);
     // A plugin that traps on an event fails its attempts and lets it die.
-    let trapped = poster.accept(&probe_event("TEST.TRAP", "x-1", json!({}))).await;
+    let trapped = poster
+        .accept(&probe_event("TEST.TRAP", "x-1", json!({})))
+        .await;
     wait(|| probe_settled(&app, 3), "three dead letters").await;
 
     // The firewall is down for longer than the attempts last: the VM's
     // events die for the firewall plugin.
-    panos.set_faults(Faults { fail_status: Some(503), ..Faults::default() });
-    let vm = w.prism.create_vm(NewVm::named("late").powered_on().nic(["10.9.0.1"])).await.unwrap().uuid;
-    wait(|| backlog(&app, "paloalto").dead > 0 && settled(&backlog(&app, "paloalto")), "the firewall's events to die").await;
+    panos.set_faults(Faults {
+        fail_status: Some(503),
+        ..Faults::default()
+    });
+    let vm = w
+        .prism
+        .create_vm(NewVm::named("late").powered_on().nic(["10.9.0.1"]))
+        .await
+        .unwrap()
+        .uuid;
+    wait(
+        || backlog(&app, "paloalto").dead > 0 && settled(&backlog(&app, "paloalto")),
+        "the firewall's events to die",
+    )
+    .await;
     panos.set_faults(Faults::default());
 
     // What an operator sees.
@@ -666,28 +886,52 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
         );
     }
     let d = dead_letter(&letters, rejected);
-    assert_eq!((d.plugin.as_str(), d.event.event_type.as_str(), d.attempts), ("probe", "TEST.REJECT", 1));
+    assert_eq!(
+        (d.plugin.as_str(), d.event.event_type.as_str(), d.attempts),
+        ("probe", "TEST.REJECT", 1)
+    );
     assert_eq!(d.reason, "rejected: probe asked to reject");
     let d = dead_letter(&letters, retried);
     assert_eq!(d.attempts, 2);
     assert_eq!(d.reason, "gave up after 2 attempts: probe asked to retry");
     let d = dead_letter(&letters, trapped);
     assert_eq!(d.attempts, 2);
-    assert!(d.reason.starts_with("gave up after 2 attempts: plugin `probe` trapped in handle"), "{}", d.reason);
+    assert!(
+        d.reason
+            .starts_with("gave up after 2 attempts: plugin `probe` trapped in handle"),
+        "{}",
+        d.reason
+    );
     let firewall: Vec<&DeadLetter> = letters.iter().filter(|d| d.plugin == "paloalto").collect();
     assert_eq!(letters.len(), 3 + firewall.len());
     for d in &firewall {
         assert_eq!(d.event.entity_uuid, vm);
         assert_eq!(d.attempts, 2);
-        assert!(d.reason.starts_with("gave up after 2 attempts: firewall answered HTTP 503"), "{}", d.reason);
-        assert!(d.died_at_ms > 0 && d.event.body.contains(&vm), "the letter carries the event: {d:?}");
+        assert!(
+            d.reason
+                .starts_with("gave up after 2 attempts: firewall answered HTTP 503"),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.died_at_ms > 0 && d.event.body.contains(&vm),
+            "the letter carries the event: {d:?}"
+        );
     }
     assert!(panos.registered().is_empty());
 
     // The firewall is back: replayed, the VM's events are applied.
-    let n = app.ledger.replay_dead(Some("paloalto"), None).await.unwrap();
+    let n = app
+        .ledger
+        .replay_dead(Some("paloalto"), None)
+        .await
+        .unwrap();
     assert_eq!(n, firewall.len() as u64);
-    wait(|| backlog(&app, "paloalto").dead == 0 && settled(&backlog(&app, "paloalto")), "the replayed events").await;
+    wait(
+        || backlog(&app, "paloalto").dead == 0 && settled(&backlog(&app, "paloalto")),
+        "the replayed events",
+    )
+    .await;
     assert_eq!(panos.registered(), common::firewall_truth(&w.prism.vms()));
     assert_eq!(panos.registered().len(), 1);
 
@@ -695,7 +939,13 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     // new attempts, not after one.
     let before = app.dispatcher.counters()["probe"].retried;
     let first_death = dead_letter(&letters, retried).died_at_ms;
-    assert_eq!(app.ledger.replay_dead(Some("probe"), Some(&[retried])).await.unwrap(), 1);
+    assert_eq!(
+        app.ledger
+            .replay_dead(Some("probe"), Some(&[retried]))
+            .await
+            .unwrap(),
+        1
+    );
     wait(
         || app.dispatcher.counters()["probe"].retried == before + 2 && probe_settled(&app, 3),
         "the replayed retry to die again",
@@ -707,17 +957,41 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     assert!(again.died_at_ms > first_death);
 
     // Dropped, the rejected one is gone for good.
-    assert_eq!(app.ledger.drop_dead(Some("probe"), Some(&[rejected])).await.unwrap(), 1);
-    assert_eq!(app.ledger.drop_dead(Some("probe"), Some(&[rejected])).await.unwrap(), 0);
-    let left: BTreeSet<u64> = app.ledger.dead_letters(None, 100).unwrap().iter().map(|d| d.event.id).collect();
+    assert_eq!(
+        app.ledger
+            .drop_dead(Some("probe"), Some(&[rejected]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        app.ledger
+            .drop_dead(Some("probe"), Some(&[rejected]))
+            .await
+            .unwrap(),
+        0
+    );
+    let left: BTreeSet<u64> = app
+        .ledger
+        .dead_letters(None, 100)
+        .unwrap()
+        .iter()
+        .map(|d| d.event.id)
+        .collect();
     assert_eq!(left, BTreeSet::from([retried, trapped]));
 
     // Dead letters outlive a restart, reasons and all.
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     let app = w.start(&setup).await;
     let letters = app.ledger.dead_letters(None, 100).unwrap();
-    assert_eq!(letters.iter().map(|d| d.event.id).collect::<BTreeSet<_>>(), BTreeSet::from([retried, trapped]));
-    assert_eq!(dead_letter(&letters, retried).reason, "gave up after 2 attempts: probe asked to retry");
+    assert_eq!(
+        letters.iter().map(|d| d.event.id).collect::<BTreeSet<_>>(),
+        BTreeSet::from([retried, trapped])
+    );
+    assert_eq!(
+        dead_letter(&letters, retried).reason,
+        "gave up after 2 attempts: probe asked to retry"
+    );
     assert_eq!(backlog(&app, "probe").dead, 2);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -737,7 +1011,8 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     };
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
-    let stuck = |i: usize| probe_event("TEST.RETRY", &format!("bp-{i}"), json!({"delay_ms": 5_000}));
+    let stuck =
+        |i: usize| probe_event("TEST.RETRY", &format!("bp-{i}"), json!({"delay_ms": 5_000}));
 
     let mut accepted = Vec::new();
     let mut refusal = None;
@@ -752,8 +1027,15 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     }
     let refusal = refusal.expect("the listener never pushed back");
     assert_eq!(accepted, [1, 2, 3, 4, 5], "exactly the limit is accepted");
-    let retry_after: u64 = refusal.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=3600).contains(&retry_after), "Retry-After: {retry_after}");
+    let retry_after: u64 = refusal.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=3600).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
     let text = refusal.text().await.unwrap();
     assert!(text.contains("backlog is at 5 of its limit 5"), "{text}");
 
@@ -764,15 +1046,33 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     assert_eq!(app.ledger.total_pending(), 5);
     let b = backlog(&app, "probe");
     assert_eq!(b.pending + b.in_flight, 5, "{b:?}");
-    let refused: u64 = app.stats.snapshot().iter().filter(|((_, _, status), _)| *status == 503).map(|(_, n)| n).sum();
+    let refused: u64 = app
+        .stats
+        .snapshot()
+        .iter()
+        .filter(|((_, _, status), _)| *status == 503)
+        .map(|(_, n)| n)
+        .sum();
     assert_eq!(refused, 6);
 
     // Once the backlog is worked off (here: the five die), it accepts again,
     // and the next event's id shows nothing was stored in between.
-    wait(|| backlog(&app, "probe").dead == 5 && settled(&backlog(&app, "probe")), "the backlog to clear").await;
-    let kept: Vec<u64> = app.ledger.dead_letters(Some("probe"), 100).unwrap().iter().map(|d| d.event.id).collect();
+    wait(
+        || backlog(&app, "probe").dead == 5 && settled(&backlog(&app, "probe")),
+        "the backlog to clear",
+    )
+    .await;
+    let kept: Vec<u64> = app
+        .ledger
+        .dead_letters(Some("probe"), 100)
+        .unwrap()
+        .iter()
+        .map(|d| d.event.id)
+        .collect();
     assert_eq!(kept, accepted, "every 202 is kept");
-    let next = poster.accept(&probe_event("TEST.NOTE", "bp-after", json!({}))).await;
+    let next = poster
+        .accept(&probe_event("TEST.NOTE", "bp-after", json!({})))
+        .await;
     assert_eq!(next, 6);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -783,59 +1083,121 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
 #[tokio::test]
 async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
     let w = world(&["probe"]).await;
-    let setup = Setup { delivery: "retry_initial = \"50ms\"\nretry_max = \"50ms\"\nmax_attempts = 2".into(), ..Setup::default() };
+    let setup = Setup {
+        delivery: "retry_initial = \"50ms\"\nretry_max = \"50ms\"\nmax_attempts = 2".into(),
+        ..Setup::default()
+    };
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
 
     // A's first event fails and will be tried again in 4 s (then die).
-    let head = poster.accept(&probe_event("TEST.RETRY", "A", json!({"delay_ms": 4_000}))).await;
-    wait(|| backlog(&app, "probe").retrying == 1, "A's head to be retrying").await;
+    let head = poster
+        .accept(&probe_event("TEST.RETRY", "A", json!({"delay_ms": 4_000})))
+        .await;
+    wait(
+        || backlog(&app, "probe").retrying == 1,
+        "A's head to be retrying",
+    )
+    .await;
     let mut a = Vec::new();
     let mut b = Vec::new();
     for _ in 0..3 {
-        a.push(poster.accept(&probe_event("TEST.NOTE", "A", json!({}))).await);
-        b.push(poster.accept(&probe_event("TEST.NOTE", "B", json!({}))).await);
+        a.push(
+            poster
+                .accept(&probe_event("TEST.NOTE", "A", json!({})))
+                .await,
+        );
+        b.push(
+            poster
+                .accept(&probe_event("TEST.NOTE", "B", json!({})))
+                .await,
+        );
     }
 
     // B proceeds; A waits behind its head.
-    wait(|| seen_ids(&app, "B").len() == 3 && backlog(&app, "probe").delivered == 3, "B's events").await;
+    wait(
+        || seen_ids(&app, "B").len() == 3 && backlog(&app, "probe").delivered == 3,
+        "B's events",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(seen_ids(&app, "B"), b);
-    assert!(seen_ids(&app, "A").is_empty(), "A's later events overtook its retrying head");
+    assert!(
+        seen_ids(&app, "A").is_empty(),
+        "A's later events overtook its retrying head"
+    );
     let held = backlog(&app, "probe");
-    assert_eq!((held.pending, held.retrying, held.in_flight), (4, 1, 0), "{held:?}");
+    assert_eq!(
+        (held.pending, held.retrying, held.in_flight),
+        (4, 1, 0),
+        "{held:?}"
+    );
 
     // Once the head is settled (dead here), A's events follow, in order.
-    wait(|| settled(&backlog(&app, "probe")), "A's events after its head").await;
+    wait(
+        || settled(&backlog(&app, "probe")),
+        "A's events after its head",
+    )
+    .await;
     assert_eq!(seen_ids(&app, "A"), a);
-    assert_eq!(app.ledger.dead_letters(Some("probe"), 10).unwrap().iter().map(|d| d.event.id).collect::<Vec<_>>(), [head]);
+    assert_eq!(
+        app.ledger
+            .dead_letters(Some("probe"), 10)
+            .unwrap()
+            .iter()
+            .map(|d| d.event.id)
+            .collect::<Vec<_>>(),
+        [head]
+    );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
 #[tokio::test]
 async fn a_retry_inside_a_batch_sends_the_entitys_later_events_again_after_it() {
     let w = world(&["probe"]).await;
-    let setup = Setup { delivery: "retry_initial = \"50ms\"\nretry_max = \"50ms\"\nmax_attempts = 2".into(), ..Setup::default() };
+    let setup = Setup {
+        delivery: "retry_initial = \"50ms\"\nretry_max = \"50ms\"\nmax_attempts = 2".into(),
+        ..Setup::default()
+    };
     // Waiting in the ledger at start, A's three events go out in one call.
     let bodies = [
         probe_event("TEST.NOTE", "A", json!({})),
         probe_event("TEST.RETRY", "A", json!({"delay_ms": 3_000})),
         probe_event("TEST.NOTE", "A", json!({})),
     ];
-    let [before, head, after] = append_while_stopped(&w.data(), &bodies).await[..] else { unreachable!() };
+    let [before, head, after] = append_while_stopped(&w.data(), &bodies).await[..] else {
+        unreachable!()
+    };
     let app = w.start(&setup).await;
 
     // The probe handled `after` in the same call its head failed in, but
     // `after` must not count as delivered before the head is settled.
-    wait(|| backlog(&app, "probe").retrying == 1, "the head to be retrying").await;
-    assert_eq!(seen_ids(&app, "A"), [before, after], "one call with all three");
+    wait(
+        || backlog(&app, "probe").retrying == 1,
+        "the head to be retrying",
+    )
+    .await;
+    assert_eq!(
+        seen_ids(&app, "A"),
+        [before, after],
+        "one call with all three"
+    );
     let held = backlog(&app, "probe");
-    assert_eq!((held.pending, held.retrying, held.delivered), (2, 1, 1), "`after` waits behind its head: {held:?}");
+    assert_eq!(
+        (held.pending, held.retrying, held.delivered),
+        (2, 1, 1),
+        "`after` waits behind its head: {held:?}"
+    );
 
     // The head dies after its second attempt; `after` is delivered again,
     // after it.
     wait(|| settled(&backlog(&app, "probe")), "A to settle").await;
     assert_eq!(seen_ids(&app, "A"), [before, after, after]);
-    assert_eq!(app.ledger.dead_letters(Some("probe"), 10).unwrap()[0].event.id, head);
+    assert_eq!(
+        app.ledger.dead_letters(Some("probe"), 10).unwrap()[0]
+            .event
+            .id,
+        head
+    );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }

@@ -54,11 +54,17 @@ async fn warm_cache() {
             let mut current = Vec::new();
             for name in PLUGINS {
                 let started = Instant::now();
-                let compiled = runtime.compile_file(&common::component(name), None).unwrap();
+                let compiled = runtime
+                    .compile_file(&common::component(name), None)
+                    .unwrap();
                 eprintln!(
                     "{name}: {} KiB, {} in {:.1}s",
                     compiled.size / 1024,
-                    if compiled.from_cache { "from the cache" } else { "compiled" },
+                    if compiled.from_cache {
+                        "from the cache"
+                    } else {
+                        "compiled"
+                    },
                     started.elapsed().as_secs_f64()
                 );
                 current.push(compiled.sha256);
@@ -86,7 +92,9 @@ struct Siem {
 
 impl Siem {
     async fn start(&self) -> SocketAddr {
-        let app = axum::Router::new().route("/ingest", post(ingest)).with_state(self.clone());
+        let app = axum::Router::new()
+            .route("/ingest", post(ingest))
+            .with_state(self.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -106,11 +114,20 @@ impl Siem {
     }
 
     fn authorizations(&self) -> BTreeSet<Option<String>> {
-        self.posts.lock().unwrap().iter().map(|(auth, _)| auth.clone()).collect()
+        self.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(auth, _)| auth.clone())
+            .collect()
     }
 }
 
-async fn ingest(State(siem): State<Siem>, headers: HeaderMap, Json(body): Json<Value>) -> StatusCode {
+async fn ingest(
+    State(siem): State<Siem>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> StatusCode {
     {
         let mut fail = siem.fail_next.lock().unwrap();
         if *fail > 0 {
@@ -118,7 +135,10 @@ async fn ingest(State(siem): State<Siem>, headers: HeaderMap, Json(body): Json<V
             return StatusCode::SERVICE_UNAVAILABLE;
         }
     }
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     siem.posts.lock().unwrap().push((auth, body));
     StatusCode::OK
 }
@@ -139,7 +159,11 @@ async fn world() -> World {
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     for name in PLUGINS {
-        std::fs::copy(common::component(name), plugins.join(format!("{name}.wasm"))).unwrap();
+        std::fs::copy(
+            common::component(name),
+            plugins.join(format!("{name}.wasm")),
+        )
+        .unwrap();
     }
     // The App caches compiled components in <data_dir>/cache.
     let data = dir.path().join("data");
@@ -147,11 +171,20 @@ async fn world() -> World {
     std::os::unix::fs::symlink(shared_cache(), data.join("cache")).unwrap();
     let siem = Siem::default();
     let siem_url = format!("http://{}", siem.start().await);
-    let bigip = BigipConfig { pools: vec![POOL.to_owned()], ..Default::default() };
+    let bigip = BigipConfig {
+        pools: vec![POOL.to_owned()],
+        ..Default::default()
+    };
     World {
-        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default()).await.unwrap(),
-        panos: PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap(),
-        bigip: BigipSim::start("127.0.0.1:0".parse().unwrap(), bigip).await.unwrap(),
+        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
+            .await
+            .unwrap(),
+        panos: PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+            .await
+            .unwrap(),
+        bigip: BigipSim::start("127.0.0.1:0".parse().unwrap(), bigip)
+            .await
+            .unwrap(),
         siem,
         siem_url,
         dir,
@@ -211,10 +244,24 @@ reconcile_interval = "0s"
 
     async fn start(&self) -> App {
         let app = App::start(self.config()).await.unwrap();
-        let loaded: BTreeSet<String> =
-            app.registry.snapshot().iter().filter(|(_, e)| e.plugin.is_some()).map(|(name, _)| name.clone()).collect();
-        assert_eq!(loaded, PLUGINS.iter().map(|p| p.to_string()).collect(), "{:?}", app.loaded);
-        wait(|| app.cluster_status().iter().all(|c| c.registered), "registration").await;
+        let loaded: BTreeSet<String> = app
+            .registry
+            .snapshot()
+            .iter()
+            .filter(|(_, e)| e.plugin.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        assert_eq!(
+            loaded,
+            PLUGINS.iter().map(|p| p.to_string()).collect(),
+            "{:?}",
+            app.loaded
+        );
+        wait(
+            || app.cluster_status().iter().all(|c| c.registered),
+            "registration",
+        )
+        .await;
         app
     }
 
@@ -227,14 +274,14 @@ async fn wait(ready: impl FnMut() -> bool, what: &str) {
     common::wait_until(what, Duration::from_secs(30), ready).await
 }
 
-
-
 /// The pool members the VMs' state calls for: every IP of every powered-on
 /// VM whose `F5Pool` category names the pool.
 fn pool_truth(vms: &[SimVm]) -> Vec<String> {
     let mut members: Vec<String> = vms
         .iter()
-        .filter(|vm| vm.power_state == "ON" && vm.categories.get("F5Pool").is_some_and(|p| p == "web"))
+        .filter(|vm| {
+            vm.power_state == "ON" && vm.categories.get("F5Pool").is_some_and(|p| p == "web")
+        })
         .flat_map(|vm| vm.nics.iter().flat_map(|n| &n.ips))
         .map(|ip| format!("{ip}:{MEMBER_PORT}"))
         .collect();
@@ -245,13 +292,28 @@ fn pool_truth(vms: &[SimVm]) -> Vec<String> {
 /// What the SIEM should have received for a change: one JSON object per
 /// event Prism sent, in order, with the fields asked for.
 fn assert_forwarded(received: &[Value], change: &VmChange, power: Option<&str>) {
-    let types: Vec<&str> = received.iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = received
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
     assert_eq!(types, change.events, "{received:#?}");
     for event in received {
         assert_eq!(event["entity_uuid"], change.uuid.as_str());
-        assert!(event["id"].as_str().is_some_and(|id| !id.is_empty()), "{event}");
-        let keys: BTreeSet<&str> = event.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, BTreeSet::from(["id", "event_type", "entity_uuid", "attempt", "vm"]), "only the selected fields");
+        assert!(
+            event["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{event}"
+        );
+        let keys: BTreeSet<&str> = event
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from(["id", "event_type", "entity_uuid", "attempt", "vm"]),
+            "only the selected fields"
+        );
     }
     if let Some(power) = power {
         let last = received.last().unwrap();
@@ -266,13 +328,21 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
     let app = w.start().await;
     let hook = &w.prism.webhooks()[0];
     for event in ["VM.CREATE", "VM.ON", "VM.OFF", "VM.NIC_PLUG", "VM.DELETE"] {
-        assert!(hook.events_filter_list.iter().any(|e| e == event), "{event} in {:?}", hook.events_filter_list);
+        assert!(
+            hook.events_filter_list.iter().any(|e| e == event),
+            "{event} in {:?}",
+            hook.events_filter_list
+        );
     }
     let mut seen = 0;
     let mut step = async |change: VmChange, power: Option<&str>, what: &str| {
         common::drained(&app).await;
         let vms = w.prism.vms();
-        assert_eq!(w.panos.registered(), common::firewall_truth(&vms), "firewall after {what}");
+        assert_eq!(
+            w.panos.registered(),
+            common::firewall_truth(&vms),
+            "firewall after {what}"
+        );
         assert_eq!(w.members(), pool_truth(&vms), "pool after {what}");
         let received = w.siem.events();
         assert_forwarded(&received[seen..], &change, power);
@@ -280,39 +350,91 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
     };
 
     // In the pool's category, created off: nothing to register yet.
-    let web = w.prism.create_vm(NewVm::named("web-01").category("F5Pool", "web").category("AppTier", "Web").nic(["10.20.0.11"])).await.unwrap();
+    let web = w
+        .prism
+        .create_vm(
+            NewVm::named("web-01")
+                .category("F5Pool", "web")
+                .category("AppTier", "Web")
+                .nic(["10.20.0.11"]),
+        )
+        .await
+        .unwrap();
     let uuid = web.uuid.clone();
     step(web, Some("OFF"), "create (off)").await;
     assert!(w.members().is_empty());
 
-    step(w.prism.set_power(&uuid, true).await.unwrap(), Some("ON"), "power on").await;
+    step(
+        w.prism.set_power(&uuid, true).await.unwrap(),
+        Some("ON"),
+        "power on",
+    )
+    .await;
     assert_eq!(w.members(), ["10.20.0.11:8080"]);
-    assert_eq!(w.panos.registered()["10.20.0.11"], ["ntnx.AppTier.Web", "ntnx.F5Pool.web", "ntnx.managed"]);
+    assert_eq!(
+        w.panos.registered()["10.20.0.11"],
+        ["ntnx.AppTier.Web", "ntnx.F5Pool.web", "ntnx.managed"]
+    );
 
-    step(w.prism.plug_nic(&uuid, NewNic::with_ips(["10.20.0.12"])).await.unwrap(), None, "a second NIC").await;
+    step(
+        w.prism
+            .plug_nic(&uuid, NewNic::with_ips(["10.20.0.12"]))
+            .await
+            .unwrap(),
+        None,
+        "a second NIC",
+    )
+    .await;
     assert_eq!(w.members(), ["10.20.0.11:8080", "10.20.0.12:8080"]);
 
     // Not in the pool's category: the firewall knows it, the pool does not.
-    let other = w.prism.create_vm(NewVm::named("db-01").powered_on().category("AppTier", "Db").nic(["10.20.0.21"])).await.unwrap();
+    let other = w
+        .prism
+        .create_vm(
+            NewVm::named("db-01")
+                .powered_on()
+                .category("AppTier", "Db")
+                .nic(["10.20.0.21"]),
+        )
+        .await
+        .unwrap();
     let db = other.uuid.clone();
     step(other, Some("ON"), "another VM, outside the pool").await;
     assert_eq!(w.members().len(), 2);
     assert!(w.panos.registered().contains_key("10.20.0.21"));
 
-    step(w.prism.set_power(&uuid, false).await.unwrap(), Some("OFF"), "power off").await;
+    step(
+        w.prism.set_power(&uuid, false).await.unwrap(),
+        Some("OFF"),
+        "power off",
+    )
+    .await;
     assert!(w.members().is_empty());
     assert!(!w.panos.registered().contains_key("10.20.0.11"));
 
-    step(w.prism.set_power(&uuid, true).await.unwrap(), Some("ON"), "power on again").await;
+    step(
+        w.prism.set_power(&uuid, true).await.unwrap(),
+        Some("ON"),
+        "power on again",
+    )
+    .await;
     assert_eq!(w.members().len(), 2);
 
     step(w.prism.delete_vm(&uuid).await.unwrap(), None, "delete").await;
-    step(w.prism.delete_vm(&db).await.unwrap(), None, "delete the other").await;
+    step(
+        w.prism.delete_vm(&db).await.unwrap(),
+        None,
+        "delete the other",
+    )
+    .await;
     assert!(w.members().is_empty());
     assert!(w.panos.registered().is_empty());
 
     // Credentials came from the host, per origin; the plugins never had them.
-    assert_eq!(w.siem.authorizations(), BTreeSet::from([Some(SIEM_TOKEN.to_owned())]));
+    assert_eq!(
+        w.siem.authorizations(),
+        BTreeSet::from([Some(SIEM_TOKEN.to_owned())])
+    );
     assert_eq!(w.bigip.stats().unauthorized, 0);
     assert_eq!(w.panos.stats().commits, 0);
     let counters = app.dispatcher.counters();
@@ -327,13 +449,38 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
 async fn a_failing_load_balancer_and_siem_hold_up_only_their_own_plugins() {
     let w = world().await;
     let app = w.start().await;
-    w.bigip.set_faults(BigipFaults { fail_status: Some(503), ..Default::default() });
+    w.bigip.set_faults(BigipFaults {
+        fail_status: Some(503),
+        ..Default::default()
+    });
     *w.siem.fail_next.lock().unwrap() = 2;
 
-    let change = w.prism.create_vm(NewVm::named("web-02").powered_on().category("F5Pool", "web").nic(["10.30.0.5"])).await.unwrap();
+    let change = w
+        .prism
+        .create_vm(
+            NewVm::named("web-02")
+                .powered_on()
+                .category("F5Pool", "web")
+                .nic(["10.30.0.5"]),
+        )
+        .await
+        .unwrap();
     // The firewall is served at once while the other two retry.
-    wait(|| w.panos.registered().contains_key("10.30.0.5"), "the firewall registration").await;
-    wait(|| app.dispatcher.counters().get("f5-bigip").is_some_and(|c| c.retried > 0), "the BIG-IP plugin to retry").await;
+    wait(
+        || w.panos.registered().contains_key("10.30.0.5"),
+        "the firewall registration",
+    )
+    .await;
+    wait(
+        || {
+            app.dispatcher
+                .counters()
+                .get("f5-bigip")
+                .is_some_and(|c| c.retried > 0)
+        },
+        "the BIG-IP plugin to retry",
+    )
+    .await;
     assert!(w.members().is_empty());
 
     // The BIG-IP comes back: the queued events go through, in order.
@@ -341,12 +488,19 @@ async fn a_failing_load_balancer_and_siem_hold_up_only_their_own_plugins() {
     common::drained(&app).await;
     assert_eq!(w.members(), ["10.30.0.5:8080"]);
     let counters = app.dispatcher.counters();
-    assert!(counters["forwarder"].retried > 0, "the SIEM's 503s were retried: {:?}", counters["forwarder"]);
+    assert!(
+        counters["forwarder"].retried > 0,
+        "the SIEM's 503s were retried: {:?}",
+        counters["forwarder"]
+    );
     assert_eq!(counters["paloalto"].retried, 0);
     // Every event reached the SIEM, in order; the first one on the attempt
     // after the two the SIEM refused.
     let received = w.siem.events();
-    let types: Vec<&str> = received.iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = received
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
     assert_eq!(types, change.events, "{received:#?}");
     assert_eq!(received[0]["attempt"], 3, "{received:#?}");
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();

@@ -33,7 +33,9 @@ async fn rig(extra: Value) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let cfg = PanosConfig::default();
     let key = cfg.api_key.clone();
-    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), cfg).await.unwrap();
+    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .unwrap();
     let runtime = Runtime::new(RuntimeOptions::new(dir.path().join("kv.redb"))).unwrap();
     let fw = panos.base_url();
     let mut config = json!({ "firewall": fw });
@@ -45,12 +47,25 @@ async fn rig(extra: Value) -> Rig {
         config,
         policy: OutboundPolicy::new(
             vec![origin.clone()],
-            vec![InjectedHeader { origin, name: http::HeaderName::from_static("x-pan-key"), value: Secret::new(key) }],
+            vec![InjectedHeader {
+                origin,
+                name: http::HeaderName::from_static("x-pan-key"),
+                value: Secret::new(key),
+            }],
         ),
         ..Default::default()
     };
-    let plugin = runtime.load(&common::component("paloalto"), settings).await.unwrap();
-    Rig { panos, runtime, plugin, next_id: 1, _dir: dir }
+    let plugin = runtime
+        .load(&common::component("paloalto"), settings)
+        .await
+        .unwrap();
+    Rig {
+        panos,
+        runtime,
+        plugin,
+        next_id: 1,
+        _dir: dir,
+    }
 }
 
 /// A notification from a fixture, optionally with another event type and
@@ -74,7 +89,10 @@ fn set_power(body: &mut Value, state: &str) {
 
 fn drop_second_nic(body: &mut Value) {
     for part in ["spec", "status"] {
-        body["data"]["metadata"][part]["resources"]["nic_list"].as_array_mut().unwrap().truncate(1);
+        body["data"]["metadata"][part]["resources"]["nic_list"]
+            .as_array_mut()
+            .unwrap()
+            .truncate(1);
     }
 }
 
@@ -99,7 +117,10 @@ impl Rig {
 
     async fn deliver(&mut self, bodies: &[Value]) -> Vec<Outcome> {
         let events: Vec<Event> = bodies.iter().map(|b| self.event(b)).collect();
-        self.plugin.handle(events).await.expect("handle does not fail")
+        self.plugin
+            .handle(events)
+            .await
+            .expect("handle does not fail")
     }
 
     fn table(&self) -> BTreeMap<String, Vec<String>> {
@@ -121,10 +142,17 @@ fn all_done(out: &[Outcome]) -> bool {
 #[tokio::test]
 async fn the_firewall_follows_a_vm_through_its_whole_lifecycle() {
     let mut r = rig(json!({})).await;
-    let web_tags: &[&str] = &["ntnx.AppTier.Web", "ntnx.Environment.Production", "ntnx.managed"];
+    let web_tags: &[&str] = &[
+        "ntnx.AppTier.Web",
+        "ntnx.Environment.Production",
+        "ntnx.managed",
+    ];
 
     // Created powered off: nothing to register yet.
-    assert!(all_done(&r.deliver(&[note("nutanix/vm_create.json", "VM.CREATE", |_| {})]).await));
+    assert!(all_done(
+        &r.deliver(&[note("nutanix/vm_create.json", "VM.CREATE", |_| {})])
+            .await
+    ));
     assert_eq!(r.table(), table(&[]));
 
     // Powered on: the static tag on its one IP.
@@ -133,16 +161,29 @@ async fn the_firewall_follows_a_vm_through_its_whole_lifecycle() {
     assert_eq!(r.table(), table(&[("10.23.129.96", &["ntnx.managed"])]));
 
     // A second NIC with a new IP and two categories.
-    assert!(all_done(&r.deliver(&[note("nutanix/vm_update_nic_ip.json", "VM.UPDATE", |_| {})]).await));
-    assert_eq!(r.table(), table(&[("10.23.129.96", web_tags), ("10.40.142.61", web_tags)]));
+    assert!(all_done(
+        &r.deliver(&[note("nutanix/vm_update_nic_ip.json", "VM.UPDATE", |_| {})])
+            .await
+    ));
+    assert_eq!(
+        r.table(),
+        table(&[("10.23.129.96", web_tags), ("10.40.142.61", web_tags)])
+    );
 
     // The second NIC unplugged: its IP loses every tag.
-    let unplug = note("nutanix/vm_update_nic_ip.json", "VM.NIC_UNPLUG", drop_second_nic);
+    let unplug = note(
+        "nutanix/vm_update_nic_ip.json",
+        "VM.NIC_UNPLUG",
+        drop_second_nic,
+    );
     assert!(all_done(&r.deliver(&[unplug]).await));
     assert_eq!(r.table(), table(&[("10.23.129.96", web_tags)]));
 
     // Powered off: everything it registered goes.
-    assert!(all_done(&r.deliver(&[note("nutanix/vm_off.json", "VM.OFF", |_| {})]).await));
+    assert!(all_done(
+        &r.deliver(&[note("nutanix/vm_off.json", "VM.OFF", |_| {})])
+            .await
+    ));
     assert_eq!(r.table(), table(&[]));
 
     // Deleted with an empty body: nothing left to undo, and nothing fails.
@@ -151,7 +192,10 @@ async fn the_firewall_follows_a_vm_through_its_whole_lifecycle() {
 
     let stats = r.panos.stats();
     assert_eq!(stats.commits, 0);
-    assert_eq!(stats.keygens, 0, "the plugin never asks for a key: the host injects it");
+    assert_eq!(
+        stats.keygens, 0,
+        "the plugin never asks for a key: the host injects it"
+    );
     // create and delete changed nothing, so sent nothing.
     assert_eq!(stats.uid_messages, 4);
 }
@@ -159,7 +203,8 @@ async fn the_firewall_follows_a_vm_through_its_whole_lifecycle() {
 #[tokio::test]
 async fn a_delete_without_a_body_undoes_what_was_registered_for_the_vm() {
     let mut r = rig(json!({})).await;
-    r.deliver(&[note("nutanix/vm_update_nic_ip.json", "VM.UPDATE", |_| {})]).await;
+    r.deliver(&[note("nutanix/vm_update_nic_ip.json", "VM.UPDATE", |_| {})])
+        .await;
     assert_eq!(r.table().len(), 2);
     assert!(all_done(&r.deliver(&[empty_delete(VM)]).await));
     assert_eq!(r.table(), table(&[]));
@@ -175,8 +220,8 @@ async fn a_burst_of_events_for_many_vms_is_one_firewall_request() {
                 b["entity_reference"]["uuid"] = json!(uuid);
                 b["data"]["metadata"]["metadata"]["uuid"] = json!(uuid);
                 for part in ["spec", "status"] {
-                    b["data"]["metadata"][part]["resources"]["nic_list"][0]["ip_endpoint_list"][0]["ip"] =
-                        json!(format!("10.1.{}.{}", i / 250, i % 250 + 1));
+                    b["data"]["metadata"][part]["resources"]["nic_list"][0]["ip_endpoint_list"]
+                        [0]["ip"] = json!(format!("10.1.{}.{}", i / 250, i % 250 + 1));
                 }
             })
         })
@@ -184,18 +229,31 @@ async fn a_burst_of_events_for_many_vms_is_one_firewall_request() {
     assert!(all_done(&r.deliver(&bodies).await));
     assert_eq!(r.table().len(), 200);
     let stats = r.panos.stats();
-    assert_eq!((stats.requests, stats.uid_messages, stats.commits), (1, 1, 0));
+    assert_eq!(
+        (stats.requests, stats.uid_messages, stats.commits),
+        (1, 1, 0)
+    );
 }
 
 #[tokio::test]
 async fn a_firewall_that_is_down_gets_the_batch_retried_and_nothing_recorded() {
     let mut r = rig(json!({})).await;
-    r.panos.set_faults(Faults { fail_status: Some(503), ..Default::default() });
-    let out = r.deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})]).await;
-    assert!(matches!(&out[0], Outcome::Retry(retry) if retry.reason.contains("503")), "{out:?}");
+    r.panos.set_faults(Faults {
+        fail_status: Some(503),
+        ..Default::default()
+    });
+    let out = r
+        .deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
+        .await;
+    assert!(
+        matches!(&out[0], Outcome::Retry(retry) if retry.reason.contains("503")),
+        "{out:?}"
+    );
     r.panos.set_faults(Faults::default());
     // Redelivery recomputes the same change, since nothing was recorded.
-    let out = r.deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})]).await;
+    let out = r
+        .deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
+        .await;
     assert!(all_done(&out));
     assert_eq!(r.table(), table(&[("1.2.3.4", &["ntnx.managed"])]));
 }
@@ -203,8 +261,13 @@ async fn a_firewall_that_is_down_gets_the_batch_retried_and_nothing_recorded() {
 #[tokio::test]
 async fn a_firewall_that_drops_connections_gets_the_batch_retried() {
     let mut r = rig(json!({})).await;
-    r.panos.set_faults(Faults { drop_connections: true, ..Default::default() });
-    let out = r.deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})]).await;
+    r.panos.set_faults(Faults {
+        drop_connections: true,
+        ..Default::default()
+    });
+    let out = r
+        .deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
+        .await;
     assert!(matches!(&out[0], Outcome::Retry(_)), "{out:?}");
 }
 
@@ -217,21 +280,32 @@ async fn redelivering_the_same_events_is_harmless() {
     let requests = r.panos.stats().requests;
     assert!(all_done(&r.deliver(&[update]).await));
     assert_eq!(r.table(), before);
-    assert_eq!(r.panos.stats().requests, requests, "nothing changed, so nothing is sent");
+    assert_eq!(
+        r.panos.stats().requests,
+        requests,
+        "nothing changed, so nothing is sent"
+    );
 }
 
 #[tokio::test]
 async fn categories_map_to_tags_with_the_configured_format() {
     let mut r = rig(json!({"tag_prefix": "acme", "category_tag": "{prefix}.PC-pc1.CL-{cluster}.{key}.{value}", "static_tag": ""})).await;
-    r.deliver(&[note("nutanix/vm_off.json", "VM.UPDATE", |b| set_power(b, "ON"))]).await;
-    assert_eq!(r.table(), table(&[("10.23.129.96", &["acme.PC-pc1.CL-lab.AppTier.Web"])]));
+    r.deliver(&[note("nutanix/vm_off.json", "VM.UPDATE", |b| {
+        set_power(b, "ON")
+    })])
+    .await;
+    assert_eq!(
+        r.table(),
+        table(&[("10.23.129.96", &["acme.PC-pc1.CL-lab.AppTier.Web"])])
+    );
 }
 
 #[tokio::test]
 async fn a_hostile_category_value_cannot_inject_xml() {
     let mut r = rig(json!({})).await;
     let body = note("nutanix/vm_on.json", "VM.ON", |b| {
-        b["data"]["metadata"]["metadata"]["categories"] = json!({"App": "x'\"]<member>evil</member>&"});
+        b["data"]["metadata"]["metadata"]["categories"] =
+            json!({"App": "x'\"]<member>evil</member>&"});
     });
     assert!(all_done(&r.deliver(&[body]).await));
     let tags = &r.table()["1.2.3.4"];
@@ -242,23 +316,38 @@ async fn a_hostile_category_value_cannot_inject_xml() {
 #[tokio::test]
 async fn reconcile_repairs_a_missed_delete_and_a_tag_changed_by_hand() {
     let mut r = rig(json!({})).await;
-    r.deliver(&[note("nutanix/vm_update_nic_ip.json", "VM.UPDATE", |_| {})]).await;
-    r.deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})]).await;
+    r.deliver(&[note("nutanix/vm_update_nic_ip.json", "VM.UPDATE", |_| {})])
+        .await;
+    r.deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
+        .await;
     // Someone removes a tag by hand and adds one of ours to a stray IP;
     // a tag outside our prefix must survive.
-    r.panos.register_directly("10.99.0.1", &["ntnx.managed", "other.team"]);
+    r.panos
+        .register_directly("10.99.0.1", &["ntnx.managed", "other.team"]);
     // The inventory no longer has the second VM (its VM.DELETE was lost).
     let inventory = vec![to_wit_vm(
-        parse_notification(common::fixture_json("nutanix/vm_update_nic_ip.json").to_string().as_bytes())
-            .unwrap()
-            .vm
-            .unwrap(),
+        parse_notification(
+            common::fixture_json("nutanix/vm_update_nic_ip.json")
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap()
+        .vm
+        .unwrap(),
     )];
     let summary = r.plugin.reconcile("lab", inventory).await.unwrap().unwrap();
-    let web: &[&str] = &["ntnx.AppTier.Web", "ntnx.Environment.Production", "ntnx.managed"];
+    let web: &[&str] = &[
+        "ntnx.AppTier.Web",
+        "ntnx.Environment.Production",
+        "ntnx.managed",
+    ];
     assert_eq!(
         r.table(),
-        table(&[("10.23.129.96", web), ("10.40.142.61", web), ("10.99.0.1", &["other.team"])]),
+        table(&[
+            ("10.23.129.96", web),
+            ("10.40.142.61", web),
+            ("10.99.0.1", &["other.team"])
+        ]),
         "{summary}"
     );
     assert_eq!(r.panos.stats().commits, 0);

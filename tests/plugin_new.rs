@@ -23,11 +23,16 @@ use prismhook_sim::prism::{NewVm, PrismConfig, PrismSim};
 const PRISMHOOK: &str = env!("CARGO_BIN_EXE_prismhook");
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn work_dir(lang: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-new").join(lang)
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("plugin-new")
+        .join(lang)
 }
 
 fn text(output: &Output) -> String {
@@ -41,7 +46,9 @@ fn text(output: &Output) -> String {
 
 /// Runs a command off the async threads and returns its output.
 async fn run(mut command: Command) -> Output {
-    tokio::task::spawn_blocking(move || command.output().expect("starting a command")).await.unwrap()
+    tokio::task::spawn_blocking(move || command.output().expect("starting a command"))
+        .await
+        .unwrap()
 }
 
 fn prismhook(args: &[&str]) -> Command {
@@ -104,18 +111,50 @@ async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let started = Instant::now();
-    let lap = |what: &str| eprintln!("{name}: {what} after {:.1}s", started.elapsed().as_secs_f64());
+    let lap = |what: &str| {
+        eprintln!(
+            "{name}: {what} after {:.1}s",
+            started.elapsed().as_secs_f64()
+        )
+    };
 
     // 1. The skeleton, written by the real binary.
     let src = work.join("src");
-    let new = run(prismhook(&["plugin", "new", &name, "--lang", lang, "--dir", src.to_str().unwrap()])).await;
+    let new = run(prismhook(&[
+        "plugin",
+        "new",
+        &name,
+        "--lang",
+        lang,
+        "--dir",
+        src.to_str().unwrap(),
+    ]))
+    .await;
     assert!(new.status.success(), "{}", text(&new));
     let skeleton = src.join(&name);
-    assert!(String::from_utf8_lossy(&new.stdout).contains(&skeleton.display().to_string()), "{}", text(&new));
+    assert!(
+        String::from_utf8_lossy(&new.stdout).contains(&skeleton.display().to_string()),
+        "{}",
+        text(&new)
+    );
     assert!(skeleton.join("wit/world.wit").is_file());
-    assert!(std::fs::read_to_string(skeleton.join("README.md")).unwrap().contains(&format!("cargo xtask plugins {name}")));
-    let again = run(prismhook(&["plugin", "new", &name, "--lang", lang, "--dir", src.to_str().unwrap()])).await;
-    assert!(!again.status.success(), "a second `plugin new` must not overwrite the first");
+    assert!(std::fs::read_to_string(skeleton.join("README.md"))
+        .unwrap()
+        .contains(&format!("cargo xtask plugins {name}")));
+    let again = run(prismhook(&[
+        "plugin",
+        "new",
+        &name,
+        "--lang",
+        lang,
+        "--dir",
+        src.to_str().unwrap(),
+    ]))
+    .await;
+    assert!(
+        !again.status.success(),
+        "a second `plugin new` must not overwrite the first"
+    );
 
     // 2. Built unchanged by the project's guest build.
     let out = work.join("out");
@@ -126,11 +165,21 @@ async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
     lap("built");
 
     // 3. `plugin check` says it fits.
-    let check = run(prismhook(&["plugin", "check", wasm.to_str().unwrap(), "--config", "{}"])).await;
+    let check = run(prismhook(&[
+        "plugin",
+        "check",
+        wasm.to_str().unwrap(),
+        "--config",
+        "{}",
+    ]))
+    .await;
     let report = String::from_utf8_lossy(&check.stdout).into_owned();
     assert!(check.status.success(), "{}", text(&check));
     assert!(report.lines().any(|l| l.starts_with("OK")), "{report}");
-    assert!(report.contains(&format!("plugin    {name} 0.1.0")), "{report}");
+    assert!(
+        report.contains(&format!("plugin    {name} 0.1.0")),
+        "{report}"
+    );
     assert!(report.contains("events    VM.*"), "{report}");
     lap("checked");
 
@@ -139,7 +188,9 @@ async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
     let host = tempfile::tempdir().unwrap();
     let plugins = host.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
-    let prism = PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default()).await.unwrap();
+    let prism = PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
+        .await
+        .unwrap();
     let app = App::start(host_config(host.path(), &prism)).await.unwrap();
     assert!(app.registry.get(&name).is_none());
     let partial = plugins.join(format!(".{name}.partial"));
@@ -147,29 +198,57 @@ async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
     std::fs::rename(&partial, plugins.join(format!("{name}.wasm"))).unwrap();
     // A Python or JavaScript component takes half a minute to compile in a
     // debug host, more on a busy machine.
-    wait(|| app.registry.get(&name).is_some_and(|e| e.plugin.is_some()), "the plugin to load", Duration::from_secs(240)).await;
+    wait(
+        || app.registry.get(&name).is_some_and(|e| e.plugin.is_some()),
+        "the plugin to load",
+        Duration::from_secs(240),
+    )
+    .await;
     lap("loaded");
     wait(
-        || prism.webhooks().iter().any(|h| h.events_filter_list.iter().any(|e| e == "VM.ON")),
+        || {
+            prism
+                .webhooks()
+                .iter()
+                .any(|h| h.events_filter_list.iter().any(|e| e == "VM.ON"))
+        },
         "the webhook to carry the plugin's subscriptions",
         Duration::from_secs(30),
     )
     .await;
 
-    let change = prism.create_vm(NewVm::named("vm-1").powered_on().nic(["10.9.0.1"])).await.unwrap();
+    let change = prism
+        .create_vm(NewVm::named("vm-1").powered_on().nic(["10.9.0.1"]))
+        .await
+        .unwrap();
     assert_eq!(change.events, ["VM.CREATE", "VM.ON"]);
-    assert_eq!(change.delivered, 2, "both notifications reached the listener");
+    assert_eq!(
+        change.delivered, 2,
+        "both notifications reached the listener"
+    );
     wait(
-        || app.dispatcher.counters().get(&name).is_some_and(|c| c.delivered == 2),
+        || {
+            app.dispatcher
+                .counters()
+                .get(&name)
+                .is_some_and(|c| c.delivered == 2)
+        },
         "the plugin to handle both events",
         Duration::from_secs(30),
     )
     .await;
     let kv = app.runtime.kv().dump(&name).unwrap();
     let last = String::from_utf8(kv.get("last-event").cloned().unwrap_or_default()).unwrap();
-    assert!(!last.is_empty(), "handle recorded the last event id: {kv:?}");
+    assert!(
+        !last.is_empty(),
+        "handle recorded the last event id: {kv:?}"
+    );
     let counters = &app.dispatcher.counters()[&name];
-    assert_eq!((counters.failed_calls, counters.retried, counters.rejected), (0, 0, 0), "{counters:?}");
+    assert_eq!(
+        (counters.failed_calls, counters.retried, counters.rejected),
+        (0, 0, 0),
+        "{counters:?}"
+    );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     lap("handled");
 }

@@ -62,7 +62,10 @@ impl Host {
     }
 
     fn kv(&self) -> BTreeMap<String, Vec<u8>> {
-        KvStore::open(&self.dir.path().join("data/kv.redb")).unwrap().dump("probe").unwrap()
+        KvStore::open(&self.dir.path().join("data/kv.redb"))
+            .unwrap()
+            .dump("probe")
+            .unwrap()
     }
 }
 
@@ -105,23 +108,39 @@ async fn append(app: &App, seq: u64, entity: &str, event_type: &str) -> u64 {
 async fn drained(app: &App) {
     tokio::time::sleep(Duration::from_millis(30)).await;
     wait(
-        || app.ledger.backlog().unwrap().iter().all(|b| b.pending + b.in_flight == 0),
+        || {
+            app.ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .all(|b| b.pending + b.in_flight == 0)
+        },
         "deliveries to finish",
     )
     .await;
 }
 
 fn sha(app: &App) -> Option<String> {
-    app.registry.get("probe").and_then(|e| e.plugin).map(|p| p.sha256().to_owned())
+    app.registry
+        .get("probe")
+        .and_then(|e| e.plugin)
+        .map(|p| p.sha256().to_owned())
 }
 
 fn tier(app: &App) -> Option<Tier> {
-    app.registry.get("probe").and_then(|e| e.plugin).map(|p| p.tier())
+    app.registry
+        .get("probe")
+        .and_then(|e| e.plugin)
+        .map(|p| p.tier())
 }
 
 fn cache_entries(h: &Host) -> Vec<PathBuf> {
     std::fs::read_dir(h.dir.path().join("data/cache"))
-        .map(|rd| rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cwasm")).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -131,11 +150,22 @@ async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
     let app = h.start(true).await;
     assert!(app.registry.get("probe").is_none());
     h.install("probe.wasm", &probe_variant(1));
-    wait(|| app.registry.get("probe").is_some_and(|e| e.plugin.is_some()), "the probe to load").await;
+    wait(
+        || {
+            app.registry
+                .get("probe")
+                .is_some_and(|e| e.plugin.is_some())
+        },
+        "the probe to load",
+    )
+    .await;
     let id = append(&app, 1, "vm-a", "VM.ON").await;
     drained(&app).await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]), format!("{id}:1:VM.ON"));
+    assert_eq!(
+        String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]),
+        format!("{id}:1:VM.ON")
+    );
 }
 
 #[tokio::test]
@@ -156,10 +186,20 @@ async fn a_file_written_in_place_is_loaded_once_the_writes_stop_not_half_written
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     drop(out);
-    wait(|| sha(&app).is_some_and(|s| s != before), "the finished copy to load").await;
+    wait(
+        || sha(&app).is_some_and(|s| s != before),
+        "the finished copy to load",
+    )
+    .await;
     // The watcher saw every write, but the reload task waited for them to
     // stop: it never tried the half-written file.
-    assert_eq!(app.reloader.counts().failed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        app.reloader
+            .counts()
+            .failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     assert!(app.registry.get("probe").unwrap().load_error.is_none());
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -205,9 +245,21 @@ async fn a_broken_file_is_reported_and_the_previous_version_keeps_serving() {
     let good = sha(&app).unwrap();
     let full = probe_variant(1);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("truncated while being copied", full[..full.len() / 2].to_vec(), "invalid component"),
-        ("not wasm", b"#!/bin/sh\necho hi\n".to_vec(), "not a WebAssembly file"),
-        ("a core module", wat::parse_str("(module)").unwrap(), "a core WebAssembly module, not a component"),
+        (
+            "truncated while being copied",
+            full[..full.len() / 2].to_vec(),
+            "invalid component",
+        ),
+        (
+            "not wasm",
+            b"#!/bin/sh\necho hi\n".to_vec(),
+            "not a WebAssembly file",
+        ),
+        (
+            "a core module",
+            wat::parse_str("(module)").unwrap(),
+            "a core WebAssembly module, not a component",
+        ),
         (
             "a component of another world",
             wat::parse_str("(component)").unwrap(),
@@ -217,22 +269,40 @@ async fn a_broken_file_is_reported_and_the_previous_version_keeps_serving() {
     for (what, bytes, expected) in cases {
         std::fs::write(h.plugins().join("probe.wasm"), &bytes).unwrap();
         let reports = app.reloader.reload().await;
-        let Some(Report::Failed { error, file }) = reports.into_iter().next() else { panic!("{what}: not reported") };
+        let Some(Report::Failed { error, file }) = reports.into_iter().next() else {
+            panic!("{what}: not reported")
+        };
         assert!(error.contains(expected), "{what}: {error}");
-        assert!(error.contains(&file.display().to_string()), "{what}: the error names the file: {error}");
+        assert!(
+            error.contains(&file.display().to_string()),
+            "{what}: the error names the file: {error}"
+        );
         let entry = app.registry.get("probe").unwrap();
-        assert_eq!(entry.plugin.unwrap().sha256(), good, "{what}: the old version serves");
+        assert_eq!(
+            entry.plugin.unwrap().sha256(),
+            good,
+            "{what}: the old version serves"
+        );
         assert!(entry.load_error.unwrap().contains(expected));
     }
     // Settings the plugin refuses, and a trap in init, also keep the old one.
     std::fs::write(h.plugins().join("probe.wasm"), &full).unwrap();
     for (settings, expected) in [
-        ("config = { refuse = true }", "init refused the configuration: refusing to start"),
-        ("config = { trap_in_init = true }", "init failed: plugin `probe` trapped in init"),
+        (
+            "config = { refuse = true }",
+            "init refused the configuration: refusing to start",
+        ),
+        (
+            "config = { trap_in_init = true }",
+            "init failed: plugin `probe` trapped in init",
+        ),
     ] {
         std::fs::write(h.plugins().join("probe.toml"), settings).unwrap();
         let reports = app.reloader.reload().await;
-        assert!(matches!(&reports[0], Report::Failed { error, .. } if error.contains(expected)), "{reports:?}");
+        assert!(
+            matches!(&reports[0], Report::Failed { error, .. } if error.contains(expected)),
+            "{reports:?}"
+        );
         assert_eq!(sha(&app).unwrap(), good);
     }
     // The finished copy with sane settings is taken.
@@ -254,12 +324,21 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
     let queued = append(&app, 2, "vm-slow", "VM.ON").await;
     std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
     let reports = app.reloader.reload().await;
-    assert!(matches!(&reports[0], Report::Removed { plugin, .. } if plugin == "probe"), "{reports:?}");
+    assert!(
+        matches!(&reports[0], Report::Removed { plugin, .. } if plugin == "probe"),
+        "{reports:?}"
+    );
     assert!(app.registry.get("probe").is_none());
     // The batch in hand finishes on the removed version (the loop hits its
     // deadline, then is isolated); after that nothing is in flight.
     wait(
-        || app.ledger.backlog().unwrap().iter().all(|b| b.in_flight == 0),
+        || {
+            app.ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .all(|b| b.in_flight == 0)
+        },
         "the batch in hand to finish",
     )
     .await;
@@ -282,7 +361,9 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
 async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters() {
     let h = Host::new();
     h.install("probe.wasm", &probe_variant(0));
-    let app = App::start(h.config_with(false, "removed_plugin_expiry = \"400ms\"")).await.unwrap();
+    let app = App::start(h.config_with(false, "removed_plugin_expiry = \"400ms\""))
+        .await
+        .unwrap();
     std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
     // Subscribers are taken before the removal, as for events that were
     // already queued when the file went away.
@@ -306,7 +387,13 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
         }
     }
     wait(
-        || app.ledger.backlog().unwrap().iter().any(|b| b.plugin == "probe" && b.dead == 3 && b.pending == 0),
+        || {
+            app.ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .any(|b| b.plugin == "probe" && b.dead == 3 && b.pending == 0)
+        },
         "the queued deliveries to expire",
     )
     .await;
@@ -315,7 +402,9 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
     dead_ids.sort();
     assert_eq!(dead_ids, ids);
     assert!(
-        dead.iter().all(|d| d.reason.contains("plugin `probe` was removed more than 400ms ago")),
+        dead.iter().all(|d| d
+            .reason
+            .contains("plugin `probe` was removed more than 400ms ago")),
         "{dead:?}"
     );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
@@ -324,7 +413,13 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
 impl Host {
     /// What the running host's probe has stored under `key`.
     fn kv_live(&self, app: &App, key: &str) -> Vec<u8> {
-        app.runtime.kv().dump("probe").unwrap().get(key).cloned().unwrap_or_default()
+        app.runtime
+            .kv()
+            .dump("probe")
+            .unwrap()
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Whether the running host's probe has recorded `needle` under `key`:
@@ -334,7 +429,10 @@ impl Host {
             .kv()
             .dump("probe")
             .ok()
-            .and_then(|kv| kv.get(key).map(|v| String::from_utf8_lossy(v).contains(needle)))
+            .and_then(|kv| {
+                kv.get(key)
+                    .map(|v| String::from_utf8_lossy(v).contains(needle))
+            })
             .unwrap_or(false)
     }
 }
@@ -346,17 +444,31 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
     let app = h.start(false).await;
     // Nothing cached: the plugin serves at once with Winch's code...
     assert!(
-        matches!(&app.loaded[0], Report::Loaded { from_cache: false, tier: Tier::Baseline, .. }),
+        matches!(
+            &app.loaded[0],
+            Report::Loaded {
+                from_cache: false,
+                tier: Tier::Baseline,
+                ..
+            }
+        ),
         "{:?}",
         app.loaded
     );
     let first = append(&app, 1, "vm-a", "VM.ON").await;
     drained(&app).await;
-    assert_eq!(String::from_utf8_lossy(&h.kv_live(&app, "seen/lab/vm-a")), format!("{first}:1:VM.ON"));
+    assert_eq!(
+        String::from_utf8_lossy(&h.kv_live(&app, "seen/lab/vm-a")),
+        format!("{first}:1:VM.ON")
+    );
 
     // ...until Cranelift's, compiled on the optimizer thread and cached,
     // takes over: same load, same file, same state.
-    wait(|| tier(&app) == Some(Tier::Optimized), "Cranelift's code to serve").await;
+    wait(
+        || tier(&app) == Some(Tier::Optimized),
+        "Cranelift's code to serve",
+    )
+    .await;
     assert_eq!(cache_entries(&h).len(), 1);
     let state = app.registry.get("probe").unwrap().state;
     assert_eq!(state, PluginState::Active);
@@ -371,7 +483,17 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
 
     // A restart maps Cranelift's code from the cache: no Winch step.
     let app = h.start(false).await;
-    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: true, .. }), "{:?}", app.loaded);
+    assert!(
+        matches!(
+            &app.loaded[0],
+            Report::Loaded {
+                from_cache: true,
+                ..
+            }
+        ),
+        "{:?}",
+        app.loaded
+    );
     assert_eq!(tier(&app), Some(Tier::Optimized));
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -386,9 +508,18 @@ async fn without_tiering_a_new_file_waits_for_cranelift() {
         h.dir.path().join("data").display(),
         h.plugins().display()
     );
-    let app = App::start(Config::parse(&text, Path::new("reload.toml")).unwrap()).await.unwrap();
+    let app = App::start(Config::parse(&text, Path::new("reload.toml")).unwrap())
+        .await
+        .unwrap();
     assert!(
-        matches!(&app.loaded[0], Report::Loaded { from_cache: false, tier: Tier::Optimized, .. }),
+        matches!(
+            &app.loaded[0],
+            Report::Loaded {
+                from_cache: false,
+                tier: Tier::Optimized,
+                ..
+            }
+        ),
         "{:?}",
         app.loaded
     );
@@ -401,14 +532,38 @@ async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
     let h = Host::new();
     h.install("probe.wasm", &probe_variant(0));
     let app = h.start(false).await;
-    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: false, .. }), "{:?}", app.loaded);
+    assert!(
+        matches!(
+            &app.loaded[0],
+            Report::Loaded {
+                from_cache: false,
+                ..
+            }
+        ),
+        "{:?}",
+        app.loaded
+    );
     // Cranelift's code is what the cache keeps.
-    wait(|| tier(&app) == Some(Tier::Optimized), "Cranelift's code to serve").await;
+    wait(
+        || tier(&app) == Some(Tier::Optimized),
+        "Cranelift's code to serve",
+    )
+    .await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 
     // A warm restart takes the compiled code from the cache.
     let app = h.start(false).await;
-    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: true, .. }), "{:?}", app.loaded);
+    assert!(
+        matches!(
+            &app.loaded[0],
+            Report::Loaded {
+                from_cache: true,
+                ..
+            }
+        ),
+        "{:?}",
+        app.loaded
+    );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 
     // Flip bytes in the middle of every compiled entry (not its checksum).
@@ -425,7 +580,17 @@ async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
         std::fs::write(&path, bytes).unwrap();
     }
     let app = h.start(false).await;
-    assert!(matches!(&app.loaded[0], Report::Loaded { from_cache: false, .. }), "{:?}", app.loaded);
+    assert!(
+        matches!(
+            &app.loaded[0],
+            Report::Loaded {
+                from_cache: false,
+                ..
+            }
+        ),
+        "{:?}",
+        app.loaded
+    );
     append(&app, 1, "vm-a", "VM.ON").await;
     drained(&app).await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
@@ -444,25 +609,52 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     wait(
-        || matches!(app.registry.get("probe").map(|e| e.state), Some(PluginState::Quarantined { .. })),
+        || {
+            matches!(
+                app.registry.get("probe").map(|e| e.state),
+                Some(PluginState::Quarantined { .. })
+            )
+        },
         "quarantine",
     )
     .await;
-    let Some(PluginState::Quarantined { reason, .. }) = app.registry.get("probe").map(|e| e.state) else { unreachable!() };
+    let Some(PluginState::Quarantined { reason, .. }) = app.registry.get("probe").map(|e| e.state)
+    else {
+        unreachable!()
+    };
     assert!(reason.contains("trapped in handle"), "{reason}");
     // Events keep queueing while it is quarantined; when it is tried
     // again the trapping events are isolated, so the healthy one gets
     // through instead of failing with them.
     let ok = append(&app, 100, "vm-ok", "VM.ON").await;
-    wait(|| h.kv_opt_contains(&app, "seen/lab/vm-ok", &format!("{ok}:")), "delivery after quarantine").await;
+    wait(
+        || h.kv_opt_contains(&app, "seen/lab/vm-ok", &format!("{ok}:")),
+        "delivery after quarantine",
+    )
+    .await;
     // The trapping events die after their attempts; the next healthy call
     // lifts the quarantine.
     wait(
-        || app.ledger.backlog().unwrap().iter().any(|b| b.plugin == "probe" && b.dead == 5),
+        || {
+            app.ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .any(|b| b.plugin == "probe" && b.dead == 5)
+        },
         "the trapping events to become dead letters",
     )
     .await;
     append(&app, 101, "vm-ok2", "VM.ON").await;
-    wait(|| matches!(app.registry.get("probe").map(|e| e.state), Some(PluginState::Active)), "recovery").await;
+    wait(
+        || {
+            matches!(
+                app.registry.get("probe").map(|e| e.state),
+                Some(PluginState::Active)
+            )
+        },
+        "recovery",
+    )
+    .await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use axum::routing::get;
 use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::runtime::policy::{InjectedHeader, OriginRule, OutboundPolicy};
-use prismhook::runtime::{CallError, LoadError, Plugin, PluginSettings, Runtime, RuntimeOptions, Tier};
+use prismhook::runtime::{
+    CallError, LoadError, Plugin, PluginSettings, Runtime, RuntimeOptions, Tier,
+};
 use prismhook::secret::Secret;
 
 struct Sandbox {
@@ -33,7 +35,10 @@ fn settings() -> PluginSettings {
 }
 
 async fn probe(sb: &Sandbox, settings: PluginSettings) -> Plugin {
-    sb.runtime.load(&common::component("probe"), settings).await.unwrap()
+    sb.runtime
+        .load(&common::component("probe"), settings)
+        .await
+        .unwrap()
 }
 
 fn event(id: u64, event_type: &str, body: serde_json::Value) -> Event {
@@ -51,7 +56,10 @@ fn event(id: u64, event_type: &str, body: serde_json::Value) -> Event {
 }
 
 async fn works(plugin: &Plugin) {
-    let out = plugin.handle(vec![event(99, "VM.ON", serde_json::json!({}))]).await.unwrap();
+    let out = plugin
+        .handle(vec![event(99, "VM.ON", serde_json::json!({}))])
+        .await
+        .unwrap();
     assert!(matches!(out[..], [Outcome::Done]));
 }
 
@@ -80,10 +88,29 @@ async fn a_plugin_that_loops_is_stopped_at_its_deadline_and_the_next_call_works(
     let sb = sandbox();
     let p = probe(&sb, settings()).await;
     let started = std::time::Instant::now();
-    let err = p.handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))]).await.unwrap_err();
-    assert!(matches!(err, CallError::Timeout { export: "handle", .. }), "{err}");
-    assert!(err.to_string().contains("plugin `probe` exceeded its deadline"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "the deadline did not stop the loop");
+    let err = p
+        .handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallError::Timeout {
+                export: "handle",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("plugin `probe` exceeded its deadline"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline did not stop the loop"
+    );
     works(&p).await;
 }
 
@@ -91,8 +118,14 @@ async fn a_plugin_that_loops_is_stopped_at_its_deadline_and_the_next_call_works(
 async fn a_plugin_that_eats_memory_is_stopped_at_its_limit() {
     let sb = sandbox();
     let p = probe(&sb, settings()).await;
-    let err = p.handle(vec![event(1, "TEST.OOM", serde_json::json!({}))]).await.unwrap_err();
-    assert!(matches!(err, CallError::Memory { limit_mib: 32, .. }), "{err}");
+    let err = p
+        .handle(vec![event(1, "TEST.OOM", serde_json::json!({}))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CallError::Memory { limit_mib: 32, .. }),
+        "{err}"
+    );
     works(&p).await;
 }
 
@@ -102,25 +135,62 @@ async fn winch_code_is_held_to_the_same_limits_and_cranelift_code_takes_over() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = RuntimeOptions::new(dir.path().join("kv.redb"));
     opts.tiered = true;
-    let sb = Sandbox { runtime: Runtime::new(opts).unwrap(), _dir: dir };
+    let sb = Sandbox {
+        runtime: Runtime::new(opts).unwrap(),
+        _dir: dir,
+    };
     let p = probe(&sb, settings()).await;
     assert_eq!(p.tier(), Tier::Baseline);
 
-    let err = p.handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))]).await.unwrap_err();
-    assert!(matches!(err, CallError::Timeout { export: "handle", .. }), "{err}");
-    let err = p.handle(vec![event(2, "TEST.OOM", serde_json::json!({}))]).await.unwrap_err();
-    assert!(matches!(err, CallError::Memory { limit_mib: 32, .. }), "{err}");
-    let err = p.handle(vec![event(3, "TEST.TRAP", serde_json::json!({}))]).await.unwrap_err();
+    let err = p
+        .handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallError::Timeout {
+                export: "handle",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = p
+        .handle(vec![event(2, "TEST.OOM", serde_json::json!({}))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CallError::Memory { limit_mib: 32, .. }),
+        "{err}"
+    );
+    let err = p
+        .handle(vec![event(3, "TEST.TRAP", serde_json::json!({}))])
+        .await
+        .unwrap_err();
     assert!(matches!(err, CallError::Trap { .. }), "{err}");
     works(&p).await;
 
-    let source = p.source().expect("a baseline plugin keeps its bytes for Cranelift");
-    let code = sb.runtime.optimizer().expect("tiered").compile(&source).unwrap();
+    let source = p
+        .source()
+        .expect("a baseline plugin keeps its bytes for Cranelift");
+    let code = sb
+        .runtime
+        .optimizer()
+        .expect("tiered")
+        .compile(&source)
+        .unwrap();
     let optimized = sb.runtime.upgrade(&p, code).await.unwrap();
     assert_eq!(optimized.tier(), Tier::Optimized);
     assert!(optimized.same_load(&p) && optimized.source().is_none());
-    assert_eq!((optimized.name(), optimized.sha256()), (p.name(), p.sha256()));
-    let err = optimized.handle(vec![event(4, "TEST.LOOP", serde_json::json!({}))]).await.unwrap_err();
+    assert_eq!(
+        (optimized.name(), optimized.sha256()),
+        (p.name(), p.sha256())
+    );
+    let err = optimized
+        .handle(vec![event(4, "TEST.LOOP", serde_json::json!({}))])
+        .await
+        .unwrap_err();
     assert!(matches!(err, CallError::Timeout { .. }), "{err}");
     works(&optimized).await;
 }
@@ -147,9 +217,25 @@ fn a_component_winch_cannot_compile_goes_straight_to_cranelift() {
 async fn a_plugin_that_panics_fails_only_its_own_call() {
     let sb = sandbox();
     let p = probe(&sb, settings()).await;
-    let err = p.handle(vec![event(1, "TEST.TRAP", serde_json::json!({}))]).await.unwrap_err();
-    assert!(matches!(err, CallError::Trap { export: "handle", .. }), "{err}");
-    assert!(err.to_string().starts_with("plugin `probe` trapped in handle"), "{err}");
+    let err = p
+        .handle(vec![event(1, "TEST.TRAP", serde_json::json!({}))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallError::Trap {
+                export: "handle",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("plugin `probe` trapped in handle"),
+        "{err}"
+    );
     works(&p).await;
 }
 
@@ -160,12 +246,18 @@ async fn a_trapped_call_leaves_no_kv_writes_behind() {
     // The first event records itself in kv, then the second traps: the
     // record must not survive.
     let err = p
-        .handle(vec![event(1, "VM.ON", serde_json::json!({})), event(2, "TEST.TRAP", serde_json::json!({}))])
+        .handle(vec![
+            event(1, "VM.ON", serde_json::json!({})),
+            event(2, "TEST.TRAP", serde_json::json!({})),
+        ])
         .await;
     assert!(err.is_err());
     assert_eq!(kv_text(&sb, "seen/lab/vm-1"), None);
     works(&p).await;
-    assert_eq!(kv_text(&sb, "seen/lab/vm-99").as_deref(), Some("99:1:VM.ON"));
+    assert_eq!(
+        kv_text(&sb, "seen/lab/vm-99").as_deref(),
+        Some("99:1:VM.ON")
+    );
 }
 
 #[tokio::test]
@@ -173,11 +265,18 @@ async fn plugins_run_side_by_side_while_one_of_them_loops() {
     let sb = sandbox();
     let looping = probe(&sb, settings()).await;
     let healthy = probe(&sb, settings()).await;
-    let stuck = tokio::spawn(async move { looping.handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))]).await });
+    let stuck = tokio::spawn(async move {
+        looping
+            .handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))])
+            .await
+    });
     for _ in 0..20 {
         works(&healthy).await;
     }
-    assert!(matches!(stuck.await.unwrap(), Err(CallError::Timeout { .. })));
+    assert!(matches!(
+        stuck.await.unwrap(),
+        Err(CallError::Timeout { .. })
+    ));
 }
 
 #[tokio::test]
@@ -217,7 +316,10 @@ async fn echo_server() -> (String, Arc<AtomicUsize>) {
                 }
             }),
         )
-        .route("/elsewhere", get(|| async { axum::response::Redirect::temporary("http://127.0.0.2:9/echo") }));
+        .route(
+            "/elsewhere",
+            get(|| async { axum::response::Redirect::temporary("http://127.0.0.2:9/echo") }),
+        );
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });
@@ -226,7 +328,13 @@ async fn echo_server() -> (String, Arc<AtomicUsize>) {
 
 fn allow(origins: &[&str], inject: Vec<InjectedHeader>) -> PluginSettings {
     let mut s = settings();
-    s.policy = OutboundPolicy::new(origins.iter().map(|o| OriginRule::parse(o).unwrap()).collect(), inject);
+    s.policy = OutboundPolicy::new(
+        origins
+            .iter()
+            .map(|o| OriginRule::parse(o).unwrap())
+            .collect(),
+        inject,
+    );
     s
 }
 
@@ -235,11 +343,21 @@ async fn a_request_to_an_origin_off_the_allowlist_is_denied_before_anything_is_s
     let sb = sandbox();
     let (base, hits) = echo_server().await;
     let p = probe(&sb, allow(&["https://fw1.example.com"], vec![])).await;
-    let out = p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": format!("{base}/echo")}))]).await.unwrap();
+    let out = p
+        .handle(vec![event(
+            1,
+            "TEST.HTTP",
+            serde_json::json!({"url": format!("{base}/echo")}),
+        )])
+        .await
+        .unwrap();
     assert!(matches!(out[..], [Outcome::Done]));
     let result = kv_text(&sb, "http/1").unwrap();
     assert!(result.starts_with("error=Error::Denied("), "{result}");
-    assert!(result.contains("not on plugin `probe`'s outbound allowlist"), "{result}");
+    assert!(
+        result.contains("not on plugin `probe`'s outbound allowlist"),
+        "{result}"
+    );
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
 
@@ -248,16 +366,31 @@ async fn a_redirect_off_the_allowlist_is_denied_at_the_hop() {
     let sb = sandbox();
     let (base, _) = echo_server().await;
     let p = probe(&sb, allow(&[&base], vec![])).await;
-    p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": format!("{base}/elsewhere")}))]).await.unwrap();
+    p.handle(vec![event(
+        1,
+        "TEST.HTTP",
+        serde_json::json!({"url": format!("{base}/elsewhere")}),
+    )])
+    .await
+    .unwrap();
     let result = kv_text(&sb, "http/1").unwrap();
-    assert!(result.contains("Denied(\"http://127.0.0.2:9 is not on"), "{result}");
+    assert!(
+        result.contains("Denied(\"http://127.0.0.2:9 is not on"),
+        "{result}"
+    );
 }
 
 #[tokio::test]
 async fn an_ip_literal_outside_an_allowed_cidr_is_denied() {
     let sb = sandbox();
     let p = probe(&sb, allow(&["http://10.0.0.0/8:*"], vec![])).await;
-    p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": "http://127.0.0.1:1/x"}))]).await.unwrap();
+    p.handle(vec![event(
+        1,
+        "TEST.HTTP",
+        serde_json::json!({"url": "http://127.0.0.1:1/x"}),
+    )])
+    .await
+    .unwrap();
     assert!(kv_text(&sb, "http/1").unwrap().contains("Denied"));
 }
 
@@ -272,14 +405,27 @@ async fn injected_credentials_reach_the_server_but_never_the_plugin() {
         value: Secret::new(secret),
     }];
     let p = probe(&sb, allow(&[&base], inject)).await;
-    p.handle(vec![event(1, "TEST.HTTP", serde_json::json!({"url": format!("{base}/echo")}))]).await.unwrap();
+    p.handle(vec![event(
+        1,
+        "TEST.HTTP",
+        serde_json::json!({"url": format!("{base}/echo")}),
+    )])
+    .await
+    .unwrap();
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     let result = kv_text(&sb, "http/1").unwrap();
     // The server saw the header (its echo names it)…
     assert!(result.contains("x-pan-key: [redacted]"), "{result}");
     // …but the value never made it back into the guest.
     assert!(!result.contains(secret), "{result}");
-    let everything: Vec<u8> = sb.runtime.kv().dump("probe").unwrap().into_values().flatten().collect();
+    let everything: Vec<u8> = sb
+        .runtime
+        .kv()
+        .dump("probe")
+        .unwrap()
+        .into_values()
+        .flatten()
+        .collect();
     assert!(!String::from_utf8_lossy(&everything).contains(secret));
 }
 
@@ -288,9 +434,17 @@ async fn init_refusing_its_configuration_is_reported_with_the_plugins_words() {
     let sb = sandbox();
     let mut s = settings();
     s.config = serde_json::json!({"refuse": true});
-    let err = sb.runtime.load(&common::component("probe"), s).await.unwrap_err();
+    let err = sb
+        .runtime
+        .load(&common::component("probe"), s)
+        .await
+        .unwrap_err();
     assert!(matches!(err, LoadError::InitRefused { .. }), "{err}");
-    assert!(err.to_string().ends_with("init refused the configuration: refusing to start: `refuse` is set"), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("init refused the configuration: refusing to start: `refuse` is set"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -298,8 +452,16 @@ async fn a_trap_in_init_is_reported_as_a_failed_load() {
     let sb = sandbox();
     let mut s = settings();
     s.config = serde_json::json!({"trap_in_init": true});
-    let err = sb.runtime.load(&common::component("probe"), s).await.unwrap_err();
-    assert!(err.to_string().contains("init failed: plugin `probe` trapped in init"), "{err}");
+    let err = sb
+        .runtime
+        .load(&common::component("probe"), s)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("init failed: plugin `probe` trapped in init"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -307,15 +469,36 @@ async fn files_that_are_not_components_are_refused_with_what_was_found() {
     let sb = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("empty.wasm", vec![], "not a WebAssembly file (expected the bytes `\\0asm`, found an empty file)"),
-        ("text.wasm", b"hello world".to_vec(), "not a WebAssembly file"),
-        ("core.wasm", b"\0asm\x01\0\0\0".to_vec(), "a core WebAssembly module, not a component"),
-        ("truncated.wasm", std::fs::read(common::component("probe")).unwrap()[..4096].to_vec(), "invalid component"),
+        (
+            "empty.wasm",
+            vec![],
+            "not a WebAssembly file (expected the bytes `\\0asm`, found an empty file)",
+        ),
+        (
+            "text.wasm",
+            b"hello world".to_vec(),
+            "not a WebAssembly file",
+        ),
+        (
+            "core.wasm",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "a core WebAssembly module, not a component",
+        ),
+        (
+            "truncated.wasm",
+            std::fs::read(common::component("probe")).unwrap()[..4096].to_vec(),
+            "invalid component",
+        ),
     ];
     for (name, bytes, expected) in cases {
         let path = dir.path().join(name);
         std::fs::write(&path, bytes).unwrap();
-        let err = sb.runtime.load(&path, settings()).await.unwrap_err().to_string();
+        let err = sb
+            .runtime
+            .load(&path, settings())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with(&path.display().to_string()), "{err}");
         assert!(err.contains(expected), "{name}: {err}");
     }
@@ -326,6 +509,11 @@ async fn a_file_whose_hash_differs_from_the_pin_is_refused() {
     let sb = sandbox();
     let mut s = settings();
     s.sha256 = Some("0".repeat(64));
-    let err = sb.runtime.load(&common::component("probe"), s).await.unwrap_err().to_string();
+    let err = sb
+        .runtime
+        .load(&common::component("probe"), s)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("but the configuration pins 0000"), "{err}");
 }

@@ -24,13 +24,19 @@ async fn run_host(log_format: &str) -> String {
     std::fs::copy(common::component("paloalto"), plugins.join("paloalto.wasm")).unwrap();
     let prism = PrismSim::start(
         "127.0.0.1:0".parse().unwrap(),
-        PrismConfig { password: PRISM_PASSWORD.into(), ..Default::default() },
+        PrismConfig {
+            password: PRISM_PASSWORD.into(),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
     let panos = PanosSim::start(
         "127.0.0.1:0".parse().unwrap(),
-        PanosConfig { api_key: PAN_KEY.into(), ..Default::default() },
+        PanosConfig {
+            api_key: PAN_KEY.into(),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
@@ -95,26 +101,51 @@ webhook_password = {{ env = "TEST_WEBHOOK_PASSWORD" }}
 
     let until = Instant::now() + Duration::from_secs(60);
     while prism.webhooks().is_empty() {
-        assert!(Instant::now() < until, "the host never registered its webhook");
+        assert!(
+            Instant::now() < until,
+            "the host never registered its webhook"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Wrong credentials too: the refusal is logged, the password is not.
     let hook = prism.webhooks()[0].clone();
-    let _ = reqwest::Client::new().post(&hook.post_url).basic_auth("prismhook", Some("guess")).body("{}").send().await;
+    let _ = reqwest::Client::new()
+        .post(&hook.post_url)
+        .basic_auth("prismhook", Some("guess"))
+        .body("{}")
+        .send()
+        .await;
     // Each step waits for the firewall, so that no batch folds them away.
     let vm = prism
-        .create_vm(NewVm::named("web").powered_on().category("AppTier", "Web").nic(["10.9.0.1"]))
+        .create_vm(
+            NewVm::named("web")
+                .powered_on()
+                .category("AppTier", "Web")
+                .nic(["10.9.0.1"]),
+        )
         .await
         .unwrap()
         .uuid;
     let limit = until.saturating_duration_since(Instant::now());
-    common::wait_until("the VM's address on the firewall", limit, || panos.registered().contains_key("10.9.0.1")).await;
-    prism.plug_nic(&vm, NewNic::with_ips(["10.9.0.2"])).await.unwrap();
+    common::wait_until("the VM's address on the firewall", limit, || {
+        panos.registered().contains_key("10.9.0.1")
+    })
+    .await;
+    prism
+        .plug_nic(&vm, NewNic::with_ips(["10.9.0.2"]))
+        .await
+        .unwrap();
     let limit = until.saturating_duration_since(Instant::now());
-    common::wait_until("the new NIC's address on the firewall", limit, || panos.registered().contains_key("10.9.0.2")).await;
+    common::wait_until("the new NIC's address on the firewall", limit, || {
+        panos.registered().contains_key("10.9.0.2")
+    })
+    .await;
     prism.delete_vm(&vm).await.unwrap();
     let limit = until.saturating_duration_since(Instant::now());
-    common::wait_until("the deleted VM gone from the firewall", limit, || panos.registered().is_empty()).await;
+    common::wait_until("the deleted VM gone from the firewall", limit, || {
+        panos.registered().is_empty()
+    })
+    .await;
     // The operator's commands, through the admin API: they show the plugin
     // and its counts, and no secret either.
     let mut cli_output = String::new();
@@ -129,24 +160,40 @@ webhook_password = {{ env = "TEST_WEBHOOK_PASSWORD" }}
             .output()
             .await
             .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(out.status.success(), "prismhook {args:?}:\n{text}");
         cli_output.push_str(&text);
     }
-    assert!(cli_output.contains("paloalto") && cli_output.contains("active"), "{cli_output}");
-    assert!(cli_output.contains("lab"), "the cluster is listed:\n{cli_output}");
+    assert!(
+        cli_output.contains("paloalto") && cli_output.contains("active"),
+        "{cli_output}"
+    );
+    assert!(
+        cli_output.contains("lab"),
+        "the cluster is listed:\n{cli_output}"
+    );
 
     // SIGTERM: graceful stop.
     let pid = child.id().unwrap() as i32;
     unsafe_kill(pid);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
     format!("{}{}{cli_output}", out.await.unwrap(), err.await.unwrap())
 }
 
 fn unsafe_kill(pid: i32) {
     // No libc dependency for one signal: the kill(1) command does it.
-    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -154,10 +201,19 @@ fn unsafe_kill(pid: i32) {
 async fn no_configured_secret_appears_in_the_logs_of_a_full_run() {
     for format in ["human", "json"] {
         let logs = run_host(format).await;
-        assert!(logs.contains("webhook created"), "{format}: the run was logged:\n{logs}");
-        assert!(logs.contains("wrong or missing credentials"), "{format}: the refusal was logged");
+        assert!(
+            logs.contains("webhook created"),
+            "{format}: the run was logged:\n{logs}"
+        );
+        assert!(
+            logs.contains("wrong or missing credentials"),
+            "{format}: the refusal was logged"
+        );
         for secret in [PRISM_PASSWORD, WEBHOOK_PASSWORD, PAN_KEY] {
-            assert!(!logs.contains(secret), "{format}: `{secret}` leaked into the logs");
+            assert!(
+                !logs.contains(secret),
+                "{format}: `{secret}` leaked into the logs"
+            );
         }
     }
 }

@@ -60,7 +60,12 @@ struct NonDurable {
 }
 
 /// `listener::callback` line for line, minus `ledger.append`.
-async fn non_durable(State(s): State<NonDurable>, Path(cluster): Path<String>, headers: HeaderMap, body: Body) -> Response {
+async fn non_durable(
+    State(s): State<NonDurable>,
+    Path(cluster): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if cluster != "lab" {
         return (StatusCode::NOT_FOUND, "no such cluster\n").into_response();
     }
@@ -68,7 +73,11 @@ async fn non_durable(State(s): State<NonDurable>, Path(cluster): Path<String>, h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|e| base64::engine::general_purpose::STANDARD.decode(e.trim()).ok())
+        .and_then(|e| {
+            base64::engine::general_purpose::STANDARD
+                .decode(e.trim())
+                .ok()
+        })
         .is_some_and(|d| bool::from(d.as_slice().ct_eq(s.expected.as_bytes())));
     if !ok {
         return (StatusCode::UNAUTHORIZED, "wrong or missing credentials\n").into_response();
@@ -91,12 +100,18 @@ async fn non_durable(State(s): State<NonDurable>, Path(cluster): Path<String>, h
         entity_uuid: note.entity_uuid.clone(),
         dedupe_key: Some(format!("{cluster}/{}", note.dedupe_key)),
         received_at_ms: now_ms(),
-        body: String::from_utf8(body.into()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        body: String::from_utf8(body.into())
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
     };
     std::hint::black_box(&event);
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let response = (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "deliveries": plugins.len() }))).into_response();
-    s.stats.count(&cluster, &note.event_type, StatusCode::ACCEPTED);
+    let response = (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "id": id, "deliveries": plugins.len() })),
+    )
+        .into_response();
+    s.stats
+        .count(&cluster, &note.event_type, StatusCode::ACCEPTED);
     response
 }
 
@@ -110,9 +125,20 @@ struct Target {
 async fn wrk(url: &str, secs: u64, script: &std::path::Path, auth: &str, round: u32) -> WrkResult {
     let (url, script, auth) = (url.to_owned(), script.to_owned(), auth.to_owned());
     let fixtures = vm_fixtures();
-    tokio::task::spawn_blocking(move || run_wrk(&url, 2, 64, Duration::from_secs(secs), &script, &auth, round, &fixtures))
-        .await
-        .unwrap()
+    tokio::task::spawn_blocking(move || {
+        run_wrk(
+            &url,
+            2,
+            64,
+            Duration::from_secs(secs),
+            &script,
+            &auth,
+            round,
+            &fixtures,
+        )
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::main]
@@ -130,19 +156,30 @@ async fn main() {
         policy: OutboundPolicy::new(vec![OriginRule::parse(fw).unwrap()], vec![]),
         ..Default::default()
     };
-    let plugin = runtime.load(&component("paloalto"), settings).await.unwrap();
+    let plugin = runtime
+        .load(&component("paloalto"), settings)
+        .await
+        .unwrap();
     let registry = Registry::default();
     registry.update(|m| {
         m.insert(
             "paloalto".into(),
-            Entry { plugin: Some(plugin), state: PluginState::Active, coalesce: false, load_error: None },
+            Entry {
+                plugin: Some(plugin),
+                state: PluginState::Active,
+                coalesce: false,
+                load_error: None,
+            },
         );
     });
 
     let ledger = Ledger::open(LedgerOptions::new(dir.path().join("ledger.redb"))).unwrap();
     let clusters: HashMap<String, ClusterAuth> = [(
         "lab".to_owned(),
-        ClusterAuth { user: WEBHOOK_USER.into(), password: Secret::new(WEBHOOK_PASSWORD) },
+        ClusterAuth {
+            user: WEBHOOK_USER.into(),
+            password: Secret::new(WEBHOOK_PASSWORD),
+        },
     )]
     .into();
     let durable = listener::router(ListenerState {
@@ -153,18 +190,29 @@ async fn main() {
         accepting: Arc::new(AtomicBool::new(true)),
         stats: Arc::new(ListenerStats::default()),
     });
-    let nd = Router::new().route("/listener/callback/{cluster}", post(non_durable)).with_state(NonDurable {
-        expected: format!("{WEBHOOK_USER}:{WEBHOOK_PASSWORD}").into(),
-        registry: registry.clone(),
-        max_body_bytes: 1 << 20,
-        accepting: Arc::new(AtomicBool::new(true)),
-        next_id: Arc::new(AtomicU64::new(1)),
-        stats: Arc::default(),
-    });
+    let nd = Router::new()
+        .route("/listener/callback/{cluster}", post(non_durable))
+        .with_state(NonDurable {
+            expected: format!("{WEBHOOK_USER}:{WEBHOOK_PASSWORD}").into(),
+            registry: registry.clone(),
+            max_body_bytes: 1 << 20,
+            accepting: Arc::new(AtomicBool::new(true)),
+            next_id: Arc::new(AtomicU64::new(1)),
+            stats: Arc::default(),
+        });
     let targets = [
-        Target { name: "D durable (ledger, fsync)", url: format!("http://{}/listener/callback/lab", serve(durable).await) },
-        Target { name: "N non-durable (same handler, no ledger)", url: format!("http://{}/listener/callback/lab", serve(nd).await) },
-        Target { name: "T trivial axum", url: format!("http://{}/listener/callback/lab", start_trivial().await) },
+        Target {
+            name: "D durable (ledger, fsync)",
+            url: format!("http://{}/listener/callback/lab", serve(durable).await),
+        },
+        Target {
+            name: "N non-durable (same handler, no ledger)",
+            url: format!("http://{}/listener/callback/lab", serve(nd).await),
+        },
+        Target {
+            name: "T trivial axum",
+            url: format!("http://{}/listener/callback/lab", start_trivial().await),
+        },
     ];
     let auth = basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD);
     let script = wrk_script();
@@ -178,7 +226,9 @@ async fn main() {
     }
     let mut sat: Vec<Vec<WrkResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
     let mut group = Vec::new();
-    println!("| round | target | 202/s | p50 | p90 | p99 | non-2xx | ledger commits | events/commit |");
+    println!(
+        "| round | target | 202/s | p50 | p90 | p99 | non-2xx | ledger commits | events/commit |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for round in 0..3 {
         for k in 0..3 {
@@ -211,7 +261,10 @@ async fn main() {
     // ------------------------------------------------------------ 2
     println!("\n## 2. Ack latency at a fixed 1,000 notifications/s (in-process open-loop generator, reqwest, keep-alive; 2 rounds × 5 s per target)");
     let templates: Vec<VmTemplate> = vm_fixtures().iter().map(|p| VmTemplate::load(p)).collect();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
     let mut paced_lat: Vec<Vec<f64>> = vec![Vec::new(), Vec::new(), Vec::new()];
     let mut paced_bad = [0u64; 3];
     println!("| round | target | sent | 202 | other | p50 | p99 | p99.9 | max |");
@@ -222,9 +275,14 @@ async fn main() {
             let series = 2000 + round_id;
             round_id += 1;
             let ts = templates.clone();
-            let r = paced(&client, &targets[i].url, &auth, 1000, Duration::from_secs(5), move |n| {
-                ts[n as usize % ts.len()].render(series, n)
-            })
+            let r = paced(
+                &client,
+                &targets[i].url,
+                &auth,
+                1000,
+                Duration::from_secs(5),
+                move |n| ts[n as usize % ts.len()].render(series, n),
+            )
             .await;
             let l = &r.latencies_us;
             println!(
@@ -245,8 +303,11 @@ async fn main() {
     }
 
     // ------------------------------------------------------------ summary 1+2
-    let med = |v: &[WrkResult], f: fn(&WrkResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
-    println!("\n## Summary, accepting (medians over rounds; paced latencies pooled over both rounds)");
+    let med =
+        |v: &[WrkResult], f: fn(&WrkResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    println!(
+        "\n## Summary, accepting (medians over rounds; paced latencies pooled over both rounds)"
+    );
     println!("| target | 202/s saturated | vs trivial | p50 sat. | p99 sat. | p50 @1k/s | p99 @1k/s | p99.9 @1k/s | non-202 @1k/s |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let trivial_rate = med(&sat[2], |r| r.ok_per_s);
@@ -297,10 +358,15 @@ async fn main() {
     let mut e2e = Vec::new();
     for round in 0..4u32 {
         let series = 3000 + round / 2;
-        let (template, want, label) = if round % 2 == 0 { (on.clone(), n, "VM.ON") } else { (off.clone(), 0, "VM.OFF") };
+        let (template, want, label) = if round % 2 == 0 {
+            (on.clone(), n, "VM.ON")
+        } else {
+            (off.clone(), 0, "VM.OFF")
+        };
         let before = rig.panos.stats();
         let started = Instant::now();
-        let body: Arc<dyn Fn(u64) -> String + Send + Sync> = Arc::new(move |i| template.render(series, i));
+        let body: Arc<dyn Fn(u64) -> String + Send + Sync> =
+            Arc::new(move |i| template.render(series, i));
         let poster = {
             let (client, url, auth) = (client.clone(), rig.url.clone(), rig.auth.clone());
             tokio::spawn(async move { burst(&client, &url, &auth, n, 64, body).await })
@@ -336,7 +402,11 @@ async fn main() {
     println!(
         "end-to-end median: {} (target ≥ 5,000 events/s: {})",
         rate(e2e_median),
-        if e2e_median >= 5000.0 { "met" } else { "NOT met" }
+        if e2e_median >= 5000.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     let c = rig.app.dispatcher.counters();
     if let Some(p) = c.get("paloalto") {

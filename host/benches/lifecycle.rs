@@ -40,8 +40,8 @@ use prismhook::app::App;
 use prismhook::config::Config;
 use prismhook::dispatch::to_wit_vm;
 use prismhook::nutanix::payload::parse_notification;
-use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::reload::Report;
+use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::runtime::{Runtime, RuntimeOptions, Tier};
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
 use prismhook_sim::panos::{PanosConfig, PanosSim};
@@ -50,7 +50,11 @@ use prismhook_sim::prism::{PrismConfig, PrismSim};
 use common::*;
 
 const POOL: &str = "/Common/web";
-const LANGS: [(&str, &str); 3] = [("paloalto", "Rust"), ("f5-bigip", "Python"), ("forwarder", "JavaScript")];
+const LANGS: [(&str, &str); 3] = [
+    ("paloalto", "Rust"),
+    ("f5-bigip", "Python"),
+    ("forwarder", "JavaScript"),
+];
 
 // ------------------------------------------------------------ the world
 
@@ -86,11 +90,21 @@ async fn world() -> World {
     let siem_events = Arc::new(AtomicU64::new(0));
     let siem_url = format!("http://{}", start_receiver(siem_events.clone()).await);
     World {
-        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default()).await.unwrap(),
-        panos: PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap(),
-        bigip: BigipSim::start("127.0.0.1:0".parse().unwrap(), BigipConfig { pools: vec![POOL.into()], ..Default::default() })
+        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
             .await
             .unwrap(),
+        panos: PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+            .await
+            .unwrap(),
+        bigip: BigipSim::start(
+            "127.0.0.1:0".parse().unwrap(),
+            BigipConfig {
+                pools: vec![POOL.into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
         siem_url,
         siem_events,
     }
@@ -124,7 +138,14 @@ inject = [{{ origin = "{siem}", header = "Authorization", value = "Bearer siem-t
         )
     }
 
-    fn config_text(&self, data: &Path, plugins: &Path, watch: bool, listen: &str, admin: &str) -> String {
+    fn config_text(
+        &self,
+        data: &Path,
+        plugins: &Path,
+        watch: bool,
+        listen: &str,
+        admin: &str,
+    ) -> String {
         format!(
             r#"
 instance = "bench"
@@ -155,7 +176,11 @@ reconcile_interval = "0s"
     }
 
     fn config(&self, data: &Path, plugins: &Path, watch: bool) -> Config {
-        Config::parse(&self.config_text(data, plugins, watch, "127.0.0.1:0", "127.0.0.1:0"), Path::new("bench.toml")).unwrap()
+        Config::parse(
+            &self.config_text(data, plugins, watch, "127.0.0.1:0", "127.0.0.1:0"),
+            Path::new("bench.toml"),
+        )
+        .unwrap()
     }
 }
 
@@ -163,8 +188,15 @@ reconcile_interval = "0s"
 /// every plugin has work for it (firewall tag, pool member, forwarded).
 fn vm_on_template() -> VmTemplate {
     let text = std::fs::read_to_string(fixtures_dir().join("vm_on.json")).unwrap();
-    assert_eq!(text.matches("\"categories\": {}").count(), 1, "vm_on.json changed shape");
-    let text = text.replace("\"categories\": {}", "\"categories\": {\"F5Pool\": \"web\"}");
+    assert_eq!(
+        text.matches("\"categories\": {}").count(),
+        1,
+        "vm_on.json changed shape"
+    );
+    let text = text.replace(
+        "\"categories\": {}",
+        "\"categories\": {\"F5Pool\": \"web\"}",
+    );
     VmTemplate::from_text("vm_on.json+F5Pool".into(), &text)
 }
 
@@ -185,7 +217,13 @@ struct Sender {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn start_sender(client: reqwest::Client, url: String, per_s: u64, series: u32, template: VmTemplate) -> Sender {
+fn start_sender(
+    client: reqwest::Client,
+    url: String,
+    per_s: u64,
+    series: u32,
+    template: VmTemplate,
+) -> Sender {
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
     let other = Arc::new(AtomicU64::new(0));
@@ -217,14 +255,22 @@ fn start_sender(client: reqwest::Client, url: String, per_s: u64, series: u32, t
             while inflight.join_next().await.is_some() {}
         }
     });
-    Sender { stop, accepted, other, task }
+    Sender {
+        stop,
+        accepted,
+        other,
+        task,
+    }
 }
 
 impl Sender {
     async fn finish(self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap();
-        (self.accepted.load(Ordering::Relaxed), self.other.load(Ordering::Relaxed))
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.other.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -283,26 +329,48 @@ async fn reloads(w: &World, client: &reqwest::Client) {
     };
     std::fs::write(plugins.join("paloalto.toml"), toml_for(0)).unwrap();
     install(&plugins, "paloalto.wasm", &variant("paloalto", 0));
-    let app = App::start(w.config(&dir.path().join("data"), &plugins, true)).await.unwrap();
-    wait_for("registration", Duration::from_secs(30), || app.cluster_status().iter().all(|c| c.registered)).await;
+    let app = App::start(w.config(&dir.path().join("data"), &plugins, true))
+        .await
+        .unwrap();
+    wait_for("registration", Duration::from_secs(30), || {
+        app.cluster_status().iter().all(|c| c.registered)
+    })
+    .await;
     let url = format!("http://{}/listener/callback/lab", app.listener_addr);
     let entries_before = w.panos.registered().len();
     let template = VmTemplate::load(&fixtures_dir().join("vm_on.json"));
     let sender = start_sender(client.clone(), url, 500, 7000, template);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let sha = || app.registry.get("paloalto").and_then(|e| e.plugin).map(|p| (p.sha256().to_owned(), p.from_cache()));
-    let tier = || app.registry.get("paloalto").and_then(|e| e.plugin).map(|p| p.tier());
+    let sha = || {
+        app.registry
+            .get("paloalto")
+            .and_then(|e| e.plugin)
+            .map(|p| (p.sha256().to_owned(), p.from_cache()))
+    };
+    let tier = || {
+        app.registry
+            .get("paloalto")
+            .and_then(|e| e.plugin)
+            .map(|p| p.tier())
+    };
     // 10 never-seen versions, then 12 alternating between the last two.
     let fresh = 10u32;
     let cached = 12u32;
-    let (mut swap_fresh, mut first_fresh, mut swap_cached, mut first_cached) = (vec![], vec![], vec![], vec![]);
+    let (mut swap_fresh, mut first_fresh, mut swap_cached, mut first_cached) =
+        (vec![], vec![], vec![], vec![]);
     let mut optimized_fresh = vec![];
     let mut not_cached_when_expected = 0;
     println!("| reload | bytes | from cache | first code | file in place → new version serving | → first event handled by it | → Cranelift's code serving |");
     println!("|---|---|---|---|---|---|---|");
     for k in 1..=(fresh + cached) {
-        let v = if k <= fresh { k } else if k % 2 == 1 { fresh - 1 } else { fresh };
+        let v = if k <= fresh {
+            k
+        } else if k % 2 == 1 {
+            fresh - 1
+        } else {
+            fresh
+        };
         let (before, _) = sha().unwrap();
         let tag = format!("ntnx.r{k:03}");
         install(&plugins, "paloalto.wasm", &variant("paloalto", v));
@@ -322,12 +390,22 @@ async fn reloads(w: &World, client: &reqwest::Client) {
                     }
                 }
             }
-            if w.panos.requests(8).iter().any(|r| r.xml_cmd.as_deref().is_some_and(|x| x.contains(&tag))) {
+            if w.panos
+                .requests(8)
+                .iter()
+                .any(|r| r.xml_cmd.as_deref().is_some_and(|x| x.contains(&tag)))
+            {
                 first = Some(t0.elapsed());
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
-        let (s, f) = (swapped.expect("the new version loaded").as_secs_f64() * 1e6, first.expect("the new version handled an event").as_secs_f64() * 1e6);
+        let (s, f) = (
+            swapped.expect("the new version loaded").as_secs_f64() * 1e6,
+            first
+                .expect("the new version handled an event")
+                .as_secs_f64()
+                * 1e6,
+        );
         while tier() != Some(Tier::Optimized) && t0.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -337,8 +415,16 @@ async fn reloads(w: &World, client: &reqwest::Client) {
             Some(Tier::Optimized) => "Cranelift",
             None => "?",
         };
-        let optimized = if first_tier == "Winch" { us(o) } else { "–".into() };
-        println!("| {k} | v{v} | {from_cache} | {first_tier} | {} | {} | {optimized} |", us(s), us(f));
+        let optimized = if first_tier == "Winch" {
+            us(o)
+        } else {
+            "–".into()
+        };
+        println!(
+            "| {k} | v{v} | {from_cache} | {first_tier} | {} | {} | {optimized} |",
+            us(s),
+            us(f)
+        );
         if k <= fresh {
             swap_fresh.push(s);
             first_fresh.push(f);
@@ -358,8 +444,18 @@ async fn reloads(w: &World, client: &reqwest::Client) {
     let drained = drain(&app.ledger, Duration::from_secs(60)).await;
     println!("\n| reloads | n | serving p50 | serving p90 | first event p50 | first event p90 | first event max |");
     println!("|---|---|---|---|---|---|---|");
-    pct_row("new bytes (compile)", swap_fresh.len(), &swap_fresh, &first_fresh);
-    pct_row("known bytes (compiled-component cache)", swap_cached.len(), &swap_cached, &first_cached);
+    pct_row(
+        "new bytes (compile)",
+        swap_fresh.len(),
+        &swap_fresh,
+        &first_fresh,
+    );
+    pct_row(
+        "known bytes (compiled-component cache)",
+        swap_cached.len(),
+        &swap_cached,
+        &first_cached,
+    );
     let o = sorted(optimized_fresh);
     println!(
         "new bytes, file in place → Cranelift's code serving: p50 {}, p90 {}, max {}",
@@ -368,7 +464,9 @@ async fn reloads(w: &World, client: &reqwest::Client) {
         us(*o.last().unwrap_or(&f64::NAN))
     );
     if not_cached_when_expected > 0 {
-        println!("(!) {not_cached_when_expected} of the alternating reloads did not come from the cache");
+        println!(
+            "(!) {not_cached_when_expected} of the alternating reloads did not come from the cache"
+        );
     }
     let p50 = percentile(&sorted(first_fresh.clone()), 50.0);
     let p50c = percentile(&sorted(first_cached.clone()), 50.0);
@@ -392,9 +490,19 @@ async fn reloads(w: &World, client: &reqwest::Client) {
         c.retried,
         c.rejected,
         accepted as i64 - registered as i64,
-        drained.map_or("NO (60 s)".into(), |d| format!("{:.2} s after", d.as_secs_f64()))
+        drained.map_or("NO (60 s)".into(), |d| format!(
+            "{:.2} s after",
+            d.as_secs_f64()
+        ))
     );
-    println!("target 0 lost: {}", if accepted as usize == registered && other == 0 { "met" } else { "NOT met" });
+    println!(
+        "target 0 lost: {}",
+        if accepted as usize == registered && other == 0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -421,23 +529,52 @@ async fn start_once(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let answering = started.elapsed();
-    wait_for("registration", Duration::from_secs(30), || app.cluster_status().iter().all(|c| c.registered)).await;
+    wait_for("registration", Duration::from_secs(30), || {
+        app.cluster_status().iter().all(|c| c.registered)
+    })
+    .await;
     let registered = started.elapsed();
-    let loaded = app.registry.snapshot().iter().filter(|(_, e)| e.plugin.is_some()).count();
-    let all_cached = app.registry.snapshot().iter().all(|(_, e)| e.plugin.as_ref().is_some_and(|p| p.from_cache()));
+    let loaded = app
+        .registry
+        .snapshot()
+        .iter()
+        .filter(|(_, e)| e.plugin.is_some())
+        .count();
+    let all_cached = app
+        .registry
+        .snapshot()
+        .iter()
+        .all(|(_, e)| e.plugin.as_ref().is_some_and(|p| p.from_cache()));
     assert_eq!(loaded, 3, "{:?}", app.loaded);
-    let winch = app.loaded.iter().filter(|r| matches!(r, Report::Loaded { tier: Tier::Baseline, .. })).count();
+    let winch = app
+        .loaded
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Report::Loaded {
+                    tier: Tier::Baseline,
+                    ..
+                }
+            )
+        })
+        .count();
     wait_for_cranelift(&app).await;
     let optimized = started.elapsed();
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
-    (returned, answering, registered, optimized, all_cached, winch)
+    (
+        returned, answering, registered, optimized, all_cached, winch,
+    )
 }
 
 /// Returns a data directory whose compiled-component cache is warm.
 async fn startup(w: &World, client: &reqwest::Client) -> tempfile::TempDir {
     println!("\n## 3. Start-up to ready, paloalto.wasm (Rust) + f5-bigip.wasm (Python) + forwarder.wasm (JavaScript)");
     for (name, lang) in LANGS {
-        println!("- {name}.wasm ({lang}): {} KiB", std::fs::metadata(component(name)).unwrap().len() >> 10);
+        println!(
+            "- {name}.wasm ({lang}): {} KiB",
+            std::fs::metadata(component(name)).unwrap().len() >> 10
+        );
     }
     let root = tempfile::tempdir().unwrap();
     let plugins = root.path().join("plugins");
@@ -450,7 +587,10 @@ async fn startup(w: &World, client: &reqwest::Client) -> tempfile::TempDir {
     println!("|---|---|---|---|---|---|---|---|");
     let (mut cold, mut hot) = (Vec::new(), Vec::new());
     // C W W C W W: cold starts compile ~30 MB of components, so fewer.
-    for (round, is_cold) in [true, false, false, true, false, false].into_iter().enumerate() {
+    for (round, is_cold) in [true, false, false, true, false, false]
+        .into_iter()
+        .enumerate()
+    {
         let scratch;
         let data = if is_cold {
             scratch = tempfile::tempdir().unwrap();
@@ -462,7 +602,11 @@ async fn startup(w: &World, client: &reqwest::Client) -> tempfile::TempDir {
         println!(
             "| {} | {} | {} | {} | {} | {} | {cached} | {winch} of 3 |",
             round + 1,
-            if is_cold { "cold (empty data dir)" } else { "warm (restart)" },
+            if is_cold {
+                "cold (empty data dir)"
+            } else {
+                "warm (restart)"
+            },
             us(r.as_secs_f64() * 1e6),
             us(a.as_secs_f64() * 1e6),
             us(g.as_secs_f64() * 1e6),
@@ -475,7 +619,13 @@ async fn startup(w: &World, client: &reqwest::Client) -> tempfile::TempDir {
         if is_cold { &mut cold } else { &mut hot }.push((r, a, g, o));
     }
     type Start = (Duration, Duration, Duration, Duration);
-    let med = |v: &[Start], f: fn(&Start) -> Duration| median(&v.iter().map(|x| f(x).as_secs_f64() * 1e6).collect::<Vec<_>>());
+    let med = |v: &[Start], f: fn(&Start) -> Duration| {
+        median(
+            &v.iter()
+                .map(|x| f(x).as_secs_f64() * 1e6)
+                .collect::<Vec<_>>(),
+        )
+    };
     println!("\n| start | n | App::start returned (median) | listener answering | registered | all on Cranelift's code |");
     println!("|---|---|---|---|---|---|");
     for (label, v) in [("cold", &cold), ("warm", &hot)] {
@@ -488,7 +638,10 @@ async fn startup(w: &World, client: &reqwest::Client) -> tempfile::TempDir {
             us(med(v, |x| x.3))
         );
     }
-    println!("warm/cold (listener answering): {:.3}×  (round 2 warmed the cache and is not counted)", med(&hot, |x| x.1) / med(&cold, |x| x.1));
+    println!(
+        "warm/cold (listener answering): {:.3}×  (round 2 warmed the cache and is not counted)",
+        med(&hot, |x| x.1) / med(&cold, |x| x.1)
+    );
     warm
 }
 
@@ -518,9 +671,17 @@ fn compilers() {
             }
             median(&t)
         };
-        let (w, c) = (time(&winch, Tier::Baseline), time(&cranelift, Tier::Optimized));
+        let (w, c) = (
+            time(&winch, Tier::Baseline),
+            time(&cranelift, Tier::Optimized),
+        );
         let size = std::fs::metadata(&file).unwrap().len() >> 10;
-        println!("| {name} ({lang}) | {size} KiB | {runs} | {} | {} | {:.1}× |", us(w), us(c), c / w);
+        println!(
+            "| {name} ({lang}) | {size} KiB | {runs} | {} | {} | {:.1}× |",
+            us(w),
+            us(c),
+            c / w
+        );
     }
 }
 
@@ -538,9 +699,19 @@ async fn tier_speed(w: &World) {
     println!("|---|---|---|---|---|");
     let mut id = 1u64;
     for (j, (name, lang)) in LANGS.iter().enumerate() {
-        let winch = runtime.load(&component(name), config.plugin_settings(name, None).unwrap()).await.unwrap();
+        let winch = runtime
+            .load(
+                &component(name),
+                config.plugin_settings(name, None).unwrap(),
+            )
+            .await
+            .unwrap();
         assert_eq!(winch.tier(), Tier::Baseline, "{name}");
-        let code = runtime.optimizer().unwrap().compile(&winch.source().unwrap()).unwrap();
+        let code = runtime
+            .optimizer()
+            .unwrap()
+            .compile(&winch.source().unwrap())
+            .unwrap();
         let cranelift = runtime.upgrade(&winch, code).await.unwrap();
         let tiers = [&winch, &cranelift];
         // The F5 plugin makes one request per VM: keep its batches small.
@@ -550,8 +721,12 @@ async fn tier_speed(w: &World) {
             for k in 0..2 {
                 let t = (round as usize + k) % 2;
                 let series = 7000 + round * 8 + j as u32 * 2 + t as u32;
-                let on: Vec<Event> = (0..size).map(|n| note_event(&template, series, n, "VM.ON", id + n)).collect();
-                let off: Vec<Event> = (0..size).map(|n| note_event(&template, series, n, "VM.OFF", id + size + n)).collect();
+                let on: Vec<Event> = (0..size)
+                    .map(|n| note_event(&template, series, n, "VM.ON", id + n))
+                    .collect();
+                let off: Vec<Event> = (0..size)
+                    .map(|n| note_event(&template, series, n, "VM.OFF", id + size + n))
+                    .collect();
                 id += 2 * size;
                 let started = Instant::now();
                 let out = tiers[t].handle(on).await.unwrap();
@@ -559,14 +734,24 @@ async fn tier_speed(w: &World) {
                 let started = Instant::now();
                 let out_off = tiers[t].handle(off).await.unwrap();
                 let t_off = started.elapsed().as_secs_f64() * 1e6 / size as f64;
-                assert!(out.iter().chain(&out_off).all(|o| matches!(o, Outcome::Done)), "{name}: {out:?}");
+                assert!(
+                    out.iter()
+                        .chain(&out_off)
+                        .all(|o| matches!(o, Outcome::Done)),
+                    "{name}: {out:?}"
+                );
                 if round >= 2 {
                     on_t[t].push(t_on);
                     off_t[t].push(t_off);
                 }
             }
         }
-        let (w_on, w_off, c_on, c_off) = (median(&on_t[0]), median(&off_t[0]), median(&on_t[1]), median(&off_t[1]));
+        let (w_on, w_off, c_on, c_off) = (
+            median(&on_t[0]),
+            median(&off_t[0]),
+            median(&on_t[1]),
+            median(&off_t[1]),
+        );
         println!(
             "| {name} ({lang}) | {size} | {} / {} | {} / {} | {:.1}× |",
             us(w_on),
@@ -596,7 +781,11 @@ fn fill_cache(from_or_into: &Path) {
     for (name, _) in LANGS {
         let started = Instant::now();
         let c = runtime.compile_file(&component(name), None).unwrap();
-        println!("compiled-component cache: {name} {} in {:.1} s", if c.from_cache { "found" } else { "compiled" }, started.elapsed().as_secs_f64());
+        println!(
+            "compiled-component cache: {name} {} in {:.1} s",
+            if c.from_cache { "found" } else { "compiled" },
+            started.elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -605,7 +794,9 @@ fn fill_cache(from_or_into: &Path) {
 fn note_event(template: &VmTemplate, series: u32, n: u64, event_type: &str, id: u64) -> Event {
     let mut body = template.render(series, n);
     if event_type == "VM.OFF" {
-        body = body.replace("\"power_state\": \"ON\"", "\"power_state\": \"OFF\"").replace("\"VM.ON\"", "\"VM.OFF\"");
+        body = body
+            .replace("\"power_state\": \"ON\"", "\"power_state\": \"OFF\"")
+            .replace("\"VM.ON\"", "\"VM.OFF\"");
     }
     let note = parse_notification(body.as_bytes()).unwrap();
     Event {
@@ -631,8 +822,18 @@ async fn languages(w: &World, warm_data: &Path) {
     let mut plugins = Vec::new();
     for (name, lang) in LANGS {
         let started = Instant::now();
-        let p = runtime.load(&component(name), config.plugin_settings(name, None).unwrap()).await.unwrap();
-        println!("- {name} ({lang}): loaded in {} (from cache: {})", us(started.elapsed().as_secs_f64() * 1e6), p.from_cache());
+        let p = runtime
+            .load(
+                &component(name),
+                config.plugin_settings(name, None).unwrap(),
+            )
+            .await
+            .unwrap();
+        println!(
+            "- {name} ({lang}): loaded in {} (from cache: {})",
+            us(started.elapsed().as_secs_f64() * 1e6),
+            p.from_cache()
+        );
         plugins.push(p);
     }
     let trivial = || Event {
@@ -666,7 +867,12 @@ async fn languages(w: &World, warm_data: &Path) {
     let rust_inst = median(&inst[0]);
     for (j, (name, lang)) in LANGS.iter().enumerate() {
         let s = sorted(inst[j].clone());
-        println!("| {name} | {lang} | {} | {} | {:.1}× |", us(percentile(&s, 50.0)), us(percentile(&s, 99.0)), percentile(&s, 50.0) / rust_inst);
+        println!(
+            "| {name} | {lang} | {} | {} | {:.1}× |",
+            us(percentile(&s, 50.0)),
+            us(percentile(&s, 99.0)),
+            percentile(&s, 50.0) / rust_inst
+        );
     }
 
     // Per event: VM.ON then VM.OFF for the same distinct VMs (F5Pool=web, one IP).
@@ -685,8 +891,12 @@ async fn languages(w: &World, warm_data: &Path) {
             for k in 0..3usize {
                 let j = (round as usize + k) % 3;
                 let series = 9000 + round * 4 + j as u32 + size as u32 * 100;
-                let on: Vec<Event> = (0..size).map(|n| note_event(&template, series, n, "VM.ON", id + n)).collect();
-                let off: Vec<Event> = (0..size).map(|n| note_event(&template, series, n, "VM.OFF", id + size + n)).collect();
+                let on: Vec<Event> = (0..size)
+                    .map(|n| note_event(&template, series, n, "VM.ON", id + n))
+                    .collect();
+                let off: Vec<Event> = (0..size)
+                    .map(|n| note_event(&template, series, n, "VM.OFF", id + size + n))
+                    .collect();
                 id += 2 * size;
                 let started = Instant::now();
                 let out = plugins[j].handle(on).await.unwrap();
@@ -734,7 +944,11 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
@@ -748,14 +962,23 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
         std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
     }
     // Start from compiled components, as any restart after the first does.
-    for e in std::fs::read_dir(warm_data.join("cache")).unwrap().flatten() {
+    for e in std::fs::read_dir(warm_data.join("cache"))
+        .unwrap()
+        .flatten()
+    {
         std::fs::copy(e.path(), data.join("cache").join(e.file_name())).unwrap();
     }
     let (port, admin_port) = (free_port(), free_port());
     let cfg = root.path().join("prismhook.toml");
     std::fs::write(
         &cfg,
-        w.config_text(&data, &plugins, false, &format!("127.0.0.1:{port}"), &format!("127.0.0.1:{admin_port}")),
+        w.config_text(
+            &data,
+            &plugins,
+            false,
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{admin_port}"),
+        ),
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_prismhook");
@@ -773,16 +996,27 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
     let started = Instant::now();
     let ready = format!("http://127.0.0.1:{admin_port}/readyz");
     loop {
-        if client.get(&ready).send().await.is_ok_and(|r| r.status().is_success()) {
+        if client
+            .get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) || child.try_wait().unwrap().is_some() {
             let _ = child.kill();
-            panic!("the binary did not become ready: {}", std::fs::read_to_string(root.path().join("host.log")).unwrap_or_default());
+            panic!(
+                "the binary did not become ready: {}",
+                std::fs::read_to_string(root.path().join("host.log")).unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("binary: {bin}; ready (/readyz 200) {:.2} s after spawn (warm cache)", started.elapsed().as_secs_f64());
+    println!(
+        "binary: {bin}; ready (/readyz 200) {:.2} s after spawn (warm cache)",
+        started.elapsed().as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let idle_rss = proc_status_kib(pid, "VmRSS:").unwrap();
     let idle_hwm = proc_status_kib(pid, "VmHWM:").unwrap();
@@ -807,13 +1041,26 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
     let template = Arc::new(vm_on_template());
     let url = format!("http://127.0.0.1:{port}/listener/callback/lab");
     let auth = basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD);
-    let (before_fw, before_lb, before_siem) = (w.panos.stats().requests, w.bigip.stats().members_added, w.siem_events.load(Ordering::Relaxed));
+    let (before_fw, before_lb, before_siem) = (
+        w.panos.stats().requests,
+        w.bigip.stats().members_added,
+        w.siem_events.load(Ordering::Relaxed),
+    );
     let t = template.clone();
-    let r = paced(client, &url, &auth, 1000, Duration::from_secs(20), move |n| t.render(8000, n)).await;
+    let r = paced(
+        client,
+        &url,
+        &auth,
+        1000,
+        Duration::from_secs(20),
+        move |n| t.render(8000, n),
+    )
+    .await;
     // Let the plugins catch up (or say they did not).
     let caught_up = Instant::now();
     while caught_up.elapsed() < Duration::from_secs(60)
-        && (w.bigip.stats().members_added - before_lb < r.accepted || w.siem_events.load(Ordering::Relaxed) - before_siem < r.accepted)
+        && (w.bigip.stats().members_added - before_lb < r.accepted
+            || w.siem_events.load(Ordering::Relaxed) - before_siem < r.accepted)
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -822,7 +1069,9 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
     let (peak_sampled, samples) = sampler.await.unwrap();
     let hwm = proc_status_kib(pid, "VmHWM:").unwrap();
     let end_rss = proc_status_kib(pid, "VmRSS:").unwrap();
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
 
     let mib = |k: u64| k as f64 / 1024.0;
@@ -832,7 +1081,11 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
         "| idle, 3 plugins loaded, 5 s after ready | {:.1} MiB | {:.1} MiB | < 100 MB: {} |",
         mib(idle_rss),
         mib(idle_hwm),
-        if idle_rss * 1024 < 100_000_000 { "met" } else { "NOT met" }
+        if idle_rss * 1024 < 100_000_000 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     println!(
         "| 1,000 notifications/s for 20 s (+ catch-up), sampled every 100 ms | median {:.1} MiB, peak sampled {:.1} MiB | {:.1} MiB | < 200 MB: {} |",
@@ -862,10 +1115,16 @@ async fn main() {
     init_tracing();
     println!("# prismhook bench: life cycle (reload, start-up), languages, memory");
     machine_note();
-    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let w = world().await;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
     if want("reload") {
         reloads(&w, &client).await;
     }

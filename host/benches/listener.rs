@@ -24,12 +24,31 @@ struct Side {
     url: String,
 }
 
-async fn wrk(url: &str, threads: u32, conns: u32, secs: u64, script: &std::path::Path, auth: &str, round: u32) -> WrkResult {
+async fn wrk(
+    url: &str,
+    threads: u32,
+    conns: u32,
+    secs: u64,
+    script: &std::path::Path,
+    auth: &str,
+    round: u32,
+) -> WrkResult {
     let (url, script, auth) = (url.to_owned(), script.to_owned(), auth.to_owned());
     let fixtures = vm_fixtures();
-    tokio::task::spawn_blocking(move || run_wrk(&url, threads, conns, Duration::from_secs(secs), &script, &auth, round, &fixtures))
-        .await
-        .unwrap()
+    tokio::task::spawn_blocking(move || {
+        run_wrk(
+            &url,
+            threads,
+            conns,
+            Duration::from_secs(secs),
+            &script,
+            &auth,
+            round,
+            &fixtures,
+        )
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::main]
@@ -41,19 +60,32 @@ async fn main() {
     let rig = start_host().await;
     let trivial = start_trivial().await;
     let sides = [
-        Side { name: "prismhook listener (durable, full host)", url: rig.url.clone() },
-        Side { name: "trivial axum handler", url: format!("http://{trivial}/listener/callback/lab") },
+        Side {
+            name: "prismhook listener (durable, full host)",
+            url: rig.url.clone(),
+        },
+        Side {
+            name: "trivial axum handler",
+            url: format!("http://{trivial}/listener/callback/lab"),
+        },
     ];
     let script = wrk_script();
-    let fixtures: Vec<String> = vm_fixtures().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    println!("bodies: {} ({} fixtures, 4.3–7.5 KB)", fixtures.join(", "), fixtures.len());
+    let fixtures: Vec<String> = vm_fixtures()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    println!(
+        "bodies: {} ({} fixtures, 4.3–7.5 KB)",
+        fixtures.join(", "),
+        fixtures.len()
+    );
 
     let mut round_id = 1u32;
     let mut results: Vec<Vec<WrkResult>> = vec![Vec::new(), Vec::new()];
     let mut commits = Vec::new();
     // Warm-up (connections, page cache, the JIT of wrk's Lua).
     for s in &sides {
-        wrk(&s.url, 2, 64, 1, &script, &rig.auth, round_id, ).await;
+        wrk(&s.url, 2, 64, 1, &script, &rig.auth, round_id).await;
         round_id += 1;
     }
     drain(&rig.app.ledger, Duration::from_secs(120)).await;
@@ -72,7 +104,11 @@ async fn main() {
                 commits.push(c);
                 let drained = drain(&rig.app.ledger, Duration::from_secs(180)).await;
                 let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;
-                (c.to_string(), format!("{per:.1}"), drained.map_or("> 180 s".into(), |d| format!("{:.1} s", d.as_secs_f64())))
+                (
+                    c.to_string(),
+                    format!("{per:.1}"),
+                    drained.map_or("> 180 s".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+                )
             } else {
                 ("–".into(), "–".into(), "–".into())
             };
@@ -103,29 +139,69 @@ async fn main() {
             if i == 0 {
                 drain(&rig.app.ledger, Duration::from_secs(120)).await;
             }
-            println!("| {} | {} | {} | {} | {} | {} |", round + 1, sides[i].name, rate(r.ok_per_s), us(r.p50_us), us(r.p90_us), us(r.p99_us));
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                round + 1,
+                sides[i].name,
+                rate(r.ok_per_s),
+                us(r.p50_us),
+                us(r.p90_us),
+                us(r.p99_us)
+            );
             single[i].push(r);
         }
     }
 
-    let med = |v: &[WrkResult], f: fn(&WrkResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    let med =
+        |v: &[WrkResult], f: fn(&WrkResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
     println!("\n## Summary (medians over rounds)");
     println!("| figure | prismhook listener | trivial axum | ratio |");
     println!("|---|---|---|---|");
     let (a, b) = (&results[0], &results[1]);
     let (ra, rb) = (med(a, |r| r.ok_per_s), med(b, |r| r.ok_per_s));
-    println!("| 202/s, 64 connections | {} | {} | {:.2}× ({:.0}% of trivial) |", rate(ra), rate(rb), ra / rb, 100.0 * ra / rb);
+    println!(
+        "| 202/s, 64 connections | {} | {} | {:.2}× ({:.0}% of trivial) |",
+        rate(ra),
+        rate(rb),
+        ra / rb,
+        100.0 * ra / rb
+    );
     let (pa, pb) = (med(a, |r| r.p50_us), med(b, |r| r.p50_us));
-    println!("| p50, 64 connections | {} | {} | {:.1}× |", us(pa), us(pb), pa / pb);
+    println!(
+        "| p50, 64 connections | {} | {} | {:.1}× |",
+        us(pa),
+        us(pb),
+        pa / pb
+    );
     let (pa, pb) = (med(a, |r| r.p99_us), med(b, |r| r.p99_us));
-    println!("| p99, 64 connections | {} | {} | {:.1}× |", us(pa), us(pb), pa / pb);
+    println!(
+        "| p99, 64 connections | {} | {} | {:.1}× |",
+        us(pa),
+        us(pb),
+        pa / pb
+    );
     let (a, b) = (&single[0], &single[1]);
     let (ra, rb) = (med(a, |r| r.ok_per_s), med(b, |r| r.ok_per_s));
-    println!("| 202/s, 1 connection | {} | {} | {:.2}× |", rate(ra), rate(rb), ra / rb);
+    println!(
+        "| 202/s, 1 connection | {} | {} | {:.2}× |",
+        rate(ra),
+        rate(rb),
+        ra / rb
+    );
     let (pa, pb) = (med(a, |r| r.p50_us), med(b, |r| r.p50_us));
-    println!("| p50, 1 connection | {} | {} | {:.1}× |", us(pa), us(pb), pa / pb);
+    println!(
+        "| p50, 1 connection | {} | {} | {:.1}× |",
+        us(pa),
+        us(pb),
+        pa / pb
+    );
     let (pa, pb) = (med(a, |r| r.p99_us), med(b, |r| r.p99_us));
-    println!("| p99, 1 connection | {} | {} | {:.1}× |", us(pa), us(pb), pa / pb);
+    println!(
+        "| p99, 1 connection | {} | {} | {:.1}× |",
+        us(pa),
+        us(pb),
+        pa / pb
+    );
     let stats = rig.panos.stats();
     println!(
         "\nfirewall over the whole run: {} requests, {} uid-messages, {} commits, {} errors",

@@ -68,7 +68,13 @@ fn trivial_event(event_type: &str) -> Event {
 
 /// One event per VM of series `series`, rendered from `template` and parsed
 /// the way the dispatcher hands it over.
-fn vm_events(template: &VmTemplate, series: u32, count: u64, event_type: &str, first_id: u64) -> Vec<Event> {
+fn vm_events(
+    template: &VmTemplate,
+    series: u32,
+    count: u64,
+    event_type: &str,
+    first_id: u64,
+) -> Vec<Event> {
     (0..count)
         .map(|n| {
             let body = template.render(series, n);
@@ -101,7 +107,11 @@ fn native_event(e: Event) -> pa::host::Event {
             uuid: vm.uuid,
             name: vm.name,
             power_state: vm.power_state,
-            categories: vm.categories.into_iter().map(|c| (c.key, c.value)).collect(),
+            categories: vm
+                .categories
+                .into_iter()
+                .map(|c| (c.key, c.value))
+                .collect(),
             nics: vm.nics.into_iter().map(|n| n.ips).collect(),
         }),
     }
@@ -122,7 +132,9 @@ impl pa::host::Host for NativeHost {
         self.kv.get(key).map_err(|e| e.to_string())
     }
     fn kv_set(&mut self, key: &str, value: &[u8]) -> Result<(), String> {
-        self.kv.set(key.to_owned(), value.to_vec()).map_err(|e| e.to_string())
+        self.kv
+            .set(key.to_owned(), value.to_vec())
+            .map_err(|e| e.to_string())
     }
     fn kv_delete(&mut self, key: &str) -> Result<(), String> {
         self.kv.delete(key.to_owned()).map_err(|e| e.to_string())
@@ -130,11 +142,17 @@ impl pa::host::Host for NativeHost {
     fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String> {
         self.kv.list_keys(prefix).map_err(|e| e.to_string())
     }
-    fn send(&mut self, request: pa::host::Request) -> Result<pa::host::Response, pa::host::HttpError> {
+    fn send(
+        &mut self,
+        request: pa::host::Request,
+    ) -> Result<pa::host::Response, pa::host::HttpError> {
         self.requests += 1;
         let mut req = self
             .client
-            .request(http::Method::from_bytes(request.method.as_bytes()).unwrap(), &request.url)
+            .request(
+                http::Method::from_bytes(request.method.as_bytes()).unwrap(),
+                &request.url,
+            )
             .header("x-pan-key", &self.key)
             .timeout(Duration::from_secs(5))
             .body(request.body);
@@ -142,15 +160,31 @@ impl pa::host::Host for NativeHost {
             req = req.header(k, v);
         }
         self.rt.block_on(async move {
-            let resp = req.send().await.map_err(|e| pa::host::HttpError::Other(e.to_string()))?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| pa::host::HttpError::Other(e.to_string()))?;
             let status = resp.status().as_u16();
             let headers = resp
                 .headers()
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect();
-            let body = resp.bytes().await.map_err(|e| pa::host::HttpError::Other(e.to_string()))?.to_vec();
-            Ok(pa::host::Response { status, headers, body })
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| pa::host::HttpError::Other(e.to_string()))?
+                .to_vec();
+            Ok(pa::host::Response {
+                status,
+                headers,
+                body,
+            })
         })
     }
     fn log(&mut self, level: pa::host::Level, message: &str) {
@@ -184,12 +218,24 @@ impl pa::host::Host for FakeHost {
         Ok(())
     }
     fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String> {
-        Ok(self.kv.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, _)| k.clone()).collect())
+        Ok(self
+            .kv
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect())
     }
-    fn send(&mut self, request: pa::host::Request) -> Result<pa::host::Response, pa::host::HttpError> {
+    fn send(
+        &mut self,
+        request: pa::host::Request,
+    ) -> Result<pa::host::Response, pa::host::HttpError> {
         self.requests += 1;
         std::hint::black_box(&request.body);
-        Ok(pa::host::Response { status: 200, headers: vec![], body: UID_OK.to_vec() })
+        Ok(pa::host::Response {
+            status: 200,
+            headers: vec![],
+            body: UID_OK.to_vec(),
+        })
     }
     fn log(&mut self, _level: pa::host::Level, message: &str) {
         std::hint::black_box(message);
@@ -230,7 +276,11 @@ async fn timed_wasm(plugin: &Plugin, events: Vec<Event>) -> Duration {
     let started = Instant::now();
     let out = plugin.handle(events).await.expect("wasm handle");
     let took = started.elapsed();
-    assert!(out.iter().all(|o| matches!(o, Outcome::Done)), "{:?}", &out[..1]);
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Done)),
+        "{:?}",
+        &out[..1]
+    );
     took
 }
 
@@ -238,7 +288,11 @@ async fn timed_native(native: &Native, events: Vec<Event>) -> Duration {
     let started = Instant::now();
     let out = native.handle(events).await;
     let took = started.elapsed();
-    assert!(out.iter().all(|o| matches!(o, pa::host::Outcome::Done)), "{:?}", &out[..1]);
+    assert!(
+        out.iter().all(|o| matches!(o, pa::host::Outcome::Done)),
+        "{:?}",
+        &out[..1]
+    );
     took
 }
 
@@ -263,10 +317,20 @@ async fn main() {
     opts.cache_dir = Some(dir.path().join("cache"));
     let runtime = Runtime::new(opts).unwrap();
 
-    let panos_wasm = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap();
-    let panos_native = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap();
-    let probe = runtime.load(&component("probe"), PluginSettings::default()).await.unwrap();
-    let paloalto = runtime.load(&component("paloalto"), paloalto_settings(&panos_wasm)).await.unwrap();
+    let panos_wasm = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+        .await
+        .unwrap();
+    let panos_native = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+        .await
+        .unwrap();
+    let probe = runtime
+        .load(&component("probe"), PluginSettings::default())
+        .await
+        .unwrap();
+    let paloalto = runtime
+        .load(&component("paloalto"), paloalto_settings(&panos_wasm))
+        .await
+        .unwrap();
     println!(
         "components: probe.wasm {} KiB, paloalto.wasm {} KiB (guest built opt-level=s + LTO by `cargo xtask plugins`; \
          the native side is this bench profile, opt-level 3)",
@@ -280,7 +344,11 @@ async fn main() {
     let (mut t_probe, mut t_pa) = (Vec::new(), Vec::new());
     let iterations = 4000;
     for i in 0..(iterations + 300) {
-        let order: [bool; 2] = if i % 2 == 0 { [true, false] } else { [false, true] };
+        let order: [bool; 2] = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for is_probe in order {
             let (plugin, ev, into) = if is_probe {
                 (&probe, "TEST.REJECT", &mut t_probe)
@@ -296,8 +364,14 @@ async fn main() {
             }
         }
     }
-    println!("| {:<42} | {:>9} | {:>9} | {:>9} | {:>6} |", "per call", "p50", "p99", "mean", "calls");
-    println!("|{:-<44}|{:-<11}|{:-<11}|{:-<11}|{:-<8}|", "", "", "", "", "");
+    println!(
+        "| {:<42} | {:>9} | {:>9} | {:>9} | {:>6} |",
+        "per call", "p50", "p99", "mean", "calls"
+    );
+    println!(
+        "|{:-<44}|{:-<11}|{:-<11}|{:-<11}|{:-<8}|",
+        "", "", "", "", ""
+    );
     row("probe.wasm", &t_probe);
     row("paloalto.wasm", &t_pa);
 
@@ -306,8 +380,13 @@ async fn main() {
     let template = VmTemplate::load(&fixtures_dir().join("vm_update_nic_ip.json"));
     let native = Native {
         kv: runtime.kv().clone(),
-        client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
-        config: serde_json::json!({ "firewall": panos_native.base_url() }).to_string().into(),
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        config: serde_json::json!({ "firewall": panos_native.base_url() })
+            .to_string()
+            .into(),
     };
     println!(
         "batches: one event per VM, from vm_update_nic_ip.json (2 NICs, 2 IPs, 2 categories → 3 tags per IP), \
@@ -316,7 +395,10 @@ async fn main() {
     );
     println!("\n| batch | events | wasm per event | native per event, same I/O | ratio wasm/native | native, in-memory host | wasm whole batch | native whole batch |");
     println!("|---|---|---|---|---|---|---|---|");
-    let config = pa::config::Config::parse(&serde_json::json!({ "firewall": "https://fw.example" }).to_string()).unwrap();
+    let config = pa::config::Config::parse(
+        &serde_json::json!({ "firewall": "https://fw.example" }).to_string(),
+    )
+    .unwrap();
     for (size, series) in [(256u64, 10u32), (BATCH, 1)] {
         let on_w = vm_events(&template, series, size, "VM.ON", 1);
         let off_w = vm_events(&template, series, size, "VM.OFF", 1 + size);
@@ -329,10 +411,21 @@ async fn main() {
         timed_native(&native, on_n.clone()).await;
         let after_on_n = panos_native.stats().registered_entries;
         timed_native(&native, off_n.clone()).await;
-        assert_eq!((after_on, after_on_n), (size * 6, size * 6), "each VM registers 2 IPs × 3 tags");
-        assert_eq!((panos_wasm.stats().registered_entries, panos_native.stats().registered_entries), (0, 0));
+        assert_eq!(
+            (after_on, after_on_n),
+            (size * 6, size * 6),
+            "each VM registers 2 IPs × 3 tags"
+        );
+        assert_eq!(
+            (
+                panos_wasm.stats().registered_entries,
+                panos_native.stats().registered_entries
+            ),
+            (0, 0)
+        );
 
-        let (mut w_on, mut w_off, mut n_on, mut n_off) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut w_on, mut w_off, mut n_on, mut n_off) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..12 {
             for side in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
                 if side == 0 {
@@ -358,7 +451,10 @@ async fn main() {
             }
         }
         let per = |v: &[f64]| median(v) / size as f64;
-        for (label, w, n, f) in [("VM.ON", &w_on, &n_on, &f_on), ("VM.OFF", &w_off, &n_off, &f_off)] {
+        for (label, w, n, f) in [
+            ("VM.ON", &w_on, &n_on, &f_on),
+            ("VM.OFF", &w_off, &n_off, &f_off),
+        ] {
             println!(
                 "| {size} | {label} | {} | {} | {:.2}× | {} | {} | {} |",
                 us(per(w)),
@@ -383,25 +479,43 @@ async fn main() {
         let reps = (8000 / size).clamp(10, 200);
         for _ in 0..reps {
             for (events, into) in [(&on, &mut t_on), (&off, &mut t_off)] {
-                let ev: Vec<pa::host::Event> = events.clone().into_iter().map(native_event).collect();
+                let ev: Vec<pa::host::Event> =
+                    events.clone().into_iter().map(native_event).collect();
                 let started = Instant::now();
                 std::hint::black_box(pa::handler::handle(&config, &mut fake, &ev));
                 into.push(started.elapsed().as_secs_f64() * 1e6 / size as f64);
             }
         }
-        println!("| {size} | {} | {} |", us(median(&t_on)), us(median(&t_off)));
+        println!(
+            "| {size} | {} | {} |",
+            us(median(&t_on)),
+            us(median(&t_off))
+        );
     }
 
     // ------------------------------------------------------------ 3
     println!("\n## 3. Firewall requests and commits per batch of {BATCH} VM events (one handle call, Wasm plugin)");
-    let panos_count = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap();
-    let counted = runtime.load(&component("paloalto"), paloalto_settings(&panos_count)).await.unwrap();
+    let panos_count = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+        .await
+        .unwrap();
+    let counted = runtime
+        .load(&component("paloalto"), paloalto_settings(&panos_count))
+        .await
+        .unwrap();
     let mixed: Vec<Event> = {
         // 250 VMs × a lifecycle of four notifications, interleaved as they
         // would arrive: create, power on, update (2nd NIC + categories), NIC plug.
-        let names = ["vm_create.json", "vm_on.json", "vm_update_nic_ip.json", "vm_nic_plug.json"];
+        let names = [
+            "vm_create.json",
+            "vm_on.json",
+            "vm_update_nic_ip.json",
+            "vm_nic_plug.json",
+        ];
         let types = ["VM.CREATE", "VM.ON", "VM.UPDATE", "VM.NIC_PLUG"];
-        let ts: Vec<VmTemplate> = names.iter().map(|n| VmTemplate::load(&fixtures_dir().join(n))).collect();
+        let ts: Vec<VmTemplate> = names
+            .iter()
+            .map(|n| VmTemplate::load(&fixtures_dir().join(n)))
+            .collect();
         let mut v = Vec::new();
         for step in 0..4 {
             let mut evs = vm_events(&ts[step], 4, 250, types[step], 1 + step as u64 * 250);
@@ -409,11 +523,19 @@ async fn main() {
         }
         v
     };
-    println!("| batch | events | firewall requests | uid-messages | commits | ip-tag entries after |");
+    println!(
+        "| batch | events | firewall requests | uid-messages | commits | ip-tag entries after |"
+    );
     println!("|---|---|---|---|---|---|");
     for (label, events) in [
-        ("1,000 × VM.ON, distinct VMs", vm_events(&template, 3, BATCH, "VM.ON", 1)),
-        ("1,000 × VM.OFF, same VMs", vm_events(&template, 3, BATCH, "VM.OFF", 1 + BATCH)),
+        (
+            "1,000 × VM.ON, distinct VMs",
+            vm_events(&template, 3, BATCH, "VM.ON", 1),
+        ),
+        (
+            "1,000 × VM.OFF, same VMs",
+            vm_events(&template, 3, BATCH, "VM.OFF", 1 + BATCH),
+        ),
         ("1,000 mixed: 250 VMs × CREATE, ON, UPDATE, NIC_PLUG", mixed),
     ] {
         let before = panos_count.stats();

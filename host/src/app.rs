@@ -65,11 +65,17 @@ impl App {
         // worth failing on before anything else starts.
         let admin_tcp = tokio::net::TcpListener::bind(config.admin.listen)
             .await
-            .with_context(|| format!("binding the admin API to {} (`admin.listen`)", config.admin.listen))?;
+            .with_context(|| {
+                format!(
+                    "binding the admin API to {} (`admin.listen`)",
+                    config.admin.listen
+                )
+            })?;
         config.admin.listen = admin_tcp.local_addr()?;
         let config = Arc::new(config);
         let data = &config.storage.data_dir;
-        std::fs::create_dir_all(data).with_context(|| format!("creating data directory {}", data.display()))?;
+        std::fs::create_dir_all(data)
+            .with_context(|| format!("creating data directory {}", data.display()))?;
 
         let ledger = Ledger::open(LedgerOptions {
             path: data.join("ledger.redb"),
@@ -92,10 +98,14 @@ impl App {
         rt_opts.tiered = config.plugins.tiered;
         let runtime = Runtime::new(rt_opts).context("starting the plugin runtime")?;
         let registry = Registry::default();
-        let reload::Started { reloader, reports: loaded, watcher, task: reload_task } =
-            reload::start(runtime.clone(), registry.clone(), config.clone())
-                .await
-                .context("loading plugins")?;
+        let reload::Started {
+            reloader,
+            reports: loaded,
+            watcher,
+            task: reload_task,
+        } = reload::start(runtime.clone(), registry.clone(), config.clone())
+            .await
+            .context("loading plugins")?;
 
         let handle_durations = HandleDurations::default();
         let dispatcher = Dispatcher::new(
@@ -119,7 +129,9 @@ impl App {
                     every.tick().await;
                     match ledger.prune().await {
                         Ok(0) => {}
-                        Ok(n) => tracing::info!(events = n, "pruned delivered events past retention"),
+                        Ok(n) => {
+                            tracing::info!(events = n, "pruned delivered events past retention")
+                        }
                         Err(e) => tracing::warn!("pruning the ledger failed: {e}"),
                     }
                 }
@@ -134,7 +146,9 @@ impl App {
                     return;
                 }
                 let mut gone_since = HashMap::new();
-                let mut every = tokio::time::interval((expiry / 4).clamp(Duration::from_millis(100), Duration::from_secs(300)));
+                let mut every = tokio::time::interval(
+                    (expiry / 4).clamp(Duration::from_millis(100), Duration::from_secs(300)),
+                );
                 loop {
                     every.tick().await;
                     if let Err(e) = dispatcher.expire_removed(&mut gone_since, expiry).await {
@@ -151,7 +165,13 @@ impl App {
         let mut clusters = HashMap::new();
         for c in &config.clusters {
             let password = webhook_password(&config, c)?;
-            clusters.insert(c.name.clone(), ClusterAuth { user: c.webhook_user.clone(), password });
+            clusters.insert(
+                c.name.clone(),
+                ClusterAuth {
+                    user: c.webhook_user.clone(),
+                    password,
+                },
+            );
         }
         let accepting = Arc::new(AtomicBool::new(true));
         let stats = Arc::new(ListenerStats::default());
@@ -188,8 +208,15 @@ impl App {
         let mut registrars = Vec::new();
         for c in &config.clusters {
             let auth = clusters[&c.name].clone();
-            let r = Registrar::start(config.clone(), c.clone(), auth, registry.clone(), dispatcher.clone(), listener_addr)
-                .with_context(|| format!("cluster `{}`", c.name))?;
+            let r = Registrar::start(
+                config.clone(),
+                c.clone(),
+                auth,
+                registry.clone(),
+                dispatcher.clone(),
+                listener_addr,
+            )
+            .with_context(|| format!("cluster `{}`", c.name))?;
             registrars.push(r);
         }
 
@@ -262,8 +289,13 @@ impl App {
             r.stop();
         }
         self.dispatcher.stop();
-        if tokio::time::timeout(deadline, self.dispatcher_task).await.is_err() {
-            tracing::warn!("in-flight batches did not finish within {deadline:?}; they will be redelivered");
+        if tokio::time::timeout(deadline, self.dispatcher_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "in-flight batches did not finish within {deadline:?}; they will be redelivered"
+            );
         }
         // A sync still running could re-create what deregistering removes.
         for r in &self.registrars {
@@ -282,7 +314,10 @@ impl App {
         // the reloader, which must be gone before the reload task can end.
         let _ = self.shutdown_admin.send(true);
         let mut admin_task = self.admin_task;
-        if tokio::time::timeout(Duration::from_secs(5), &mut admin_task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut admin_task)
+            .await
+            .is_err()
+        {
             // A client holding a connection open must not hold up the exit.
             admin_task.abort();
             let _ = admin_task.await;
@@ -304,7 +339,10 @@ impl App {
 /// The password Prism must present for `cluster`: from the config, or
 /// generated once and kept (mode 0600) in the data directory, so restarts
 /// do not force a webhook update.
-pub fn webhook_password(config: &Config, cluster: &crate::config::ClusterConfig) -> anyhow::Result<Secret> {
+pub fn webhook_password(
+    config: &Config,
+    cluster: &crate::config::ClusterConfig,
+) -> anyhow::Result<Secret> {
     if let Some(src) = &cluster.webhook_password {
         return src
             .resolve()
@@ -332,7 +370,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     Ok(())

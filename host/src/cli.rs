@@ -10,7 +10,9 @@ use anyhow::Context;
 
 use crate::config::Config;
 use crate::listener::ClusterAuth;
-use crate::nutanix::registrar::{client_for, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget};
+use crate::nutanix::registrar::{
+    client_for, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget,
+};
 use crate::runtime::{PluginSettings, Runtime, RuntimeOptions};
 
 pub enum WebhookCommand {
@@ -27,7 +29,11 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
     };
     let config = Config::load(path)?;
     let mut failed = false;
-    let events = if action == "sync" { expand(&subscriptions(&config).await?) } else { Vec::new() };
+    let events = if action == "sync" {
+        expand(&subscriptions(&config).await?)
+    } else {
+        Vec::new()
+    };
     for cluster in &config.clusters {
         let client = client_for(cluster)?;
         let ours = webhook_name(&config, &cluster.name);
@@ -36,10 +42,26 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
             let hooks = client.list_webhooks().await?;
             match action {
                 "list" => {
-                    println!("cluster {} ({}): {} webhook(s)", cluster.name, cluster.prism_url, hooks.len());
+                    println!(
+                        "cluster {} ({}): {} webhook(s)",
+                        cluster.name,
+                        cluster.prism_url,
+                        hooks.len()
+                    );
                     for h in &hooks {
-                        let mine = if h.name == ours || h.post_url == url { "  [this host]" } else { "" };
-                        println!("  {}  {}  {}  {} events  {}{mine}", h.uuid, h.state, h.name, h.events.len(), h.post_url);
+                        let mine = if h.name == ours || h.post_url == url {
+                            "  [this host]"
+                        } else {
+                            ""
+                        };
+                        println!(
+                            "  {}  {}  {}  {} events  {}{mine}",
+                            h.uuid,
+                            h.state,
+                            h.name,
+                            h.events.len(),
+                            h.post_url
+                        );
                     }
                 }
                 "remove" => {
@@ -48,7 +70,10 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                         client.delete_webhook(&h.uuid).await?;
                         n += 1;
                     }
-                    println!("cluster {}: removed {n} webhook(s) of this host", cluster.name);
+                    println!(
+                        "cluster {}: removed {n} webhook(s) of this host",
+                        cluster.name
+                    );
                 }
                 _ => {
                     let auth = ClusterAuth {
@@ -59,15 +84,25 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                         client: &client,
                         cluster: &cluster.name,
                         name: ours.clone(),
-                        description: format!("prismhook instance `{}`: managed, do not edit", config.instance),
+                        description: format!(
+                            "prismhook instance `{}`: managed, do not edit",
+                            config.instance
+                        ),
                         post_url: url.clone(),
                         events: events.clone(),
                         auth: &auth,
                         fingerprint_path: fingerprint_path(&config, &cluster.name),
                     };
                     match sync_webhook(&target).await? {
-                        Some(uuid) => println!("cluster {}: webhook {uuid} in sync ({} events)", cluster.name, events.len()),
-                        None => println!("cluster {}: no plugin subscribes to anything; no webhook", cluster.name),
+                        Some(uuid) => println!(
+                            "cluster {}: webhook {uuid} in sync ({} events)",
+                            cluster.name,
+                            events.len()
+                        ),
+                        None => println!(
+                            "cluster {}: no plugin subscribes to anything; no webhook",
+                            cluster.name
+                        ),
                     }
                 }
             }
@@ -79,7 +114,11 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
             failed = true;
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The union of the subscriptions of the plugins in the configured
@@ -88,12 +127,18 @@ async fn subscriptions(config: &Config) -> anyhow::Result<Vec<String>> {
     let dir = tempfile_dir()?;
     let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb")))?;
     let mut subs = Vec::new();
-    for entry in std::fs::read_dir(&config.plugins.dir).with_context(|| config.plugins.dir.display().to_string())? {
+    for entry in std::fs::read_dir(&config.plugins.dir)
+        .with_context(|| config.plugins.dir.display().to_string())?
+    {
         let path = entry?.path();
         if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
             continue;
         }
-        let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let stem = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let settings = config.plugin_settings(&stem, None)?;
         match runtime.load(&path, settings).await {
             Ok(p) => subs.extend(p.info().subscriptions.iter().cloned()),
@@ -155,12 +200,18 @@ pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Res
 
 fn component_imports(runtime: &Runtime, component: &wasmtime::component::Component) -> Vec<String> {
     let ty = component.component_type();
-    ty.imports(runtime.engine()).map(|(name, _)| name.to_owned()).collect()
+    ty.imports(runtime.engine())
+        .map(|(name, _)| name.to_owned())
+        .collect()
 }
 
 /// `prismhook plugin new NAME --lang LANG [--dir DIR]`: writes a skeleton
 /// into DIR/NAME and says how to build and check it.
-pub fn plugin_new(parent: &Path, name: &str, lang: crate::scaffold::Lang) -> anyhow::Result<ExitCode> {
+pub fn plugin_new(
+    parent: &Path,
+    name: &str,
+    lang: crate::scaffold::Lang,
+) -> anyhow::Result<ExitCode> {
     let dir = match crate::scaffold::create(parent, name, lang) {
         Ok(dir) => dir,
         Err(e) => {
@@ -174,7 +225,8 @@ pub fn plugin_new(parent: &Path, name: &str, lang: crate::scaffold::Lang) -> any
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let in_checkout = parent.file_name().is_some_and(|n| n == "plugins") && checkout.join("xtask").is_dir();
+    let in_checkout =
+        parent.file_name().is_some_and(|n| n == "plugins") && checkout.join("xtask").is_dir();
     let build = if in_checkout {
         format!("cargo xtask plugins {name}")
     } else {

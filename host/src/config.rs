@@ -23,7 +23,11 @@ pub enum ConfigError {
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
     #[error("{file}: `{key}`: {message}")]
-    Invalid { file: PathBuf, key: String, message: String },
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -302,7 +306,14 @@ macro_rules! default_from_empty_table {
 }
 // PluginConfig too: a derived Default would leave `enabled` false, and a
 // plugin file with no settings of its own would be silently disabled.
-default_from_empty_table!(ListenerConfig, AdminConfig, StorageConfig, DeliveryConfig, PluginsConfig, PluginConfig);
+default_from_empty_table!(
+    ListenerConfig,
+    AdminConfig,
+    StorageConfig,
+    DeliveryConfig,
+    PluginsConfig,
+    PluginConfig
+);
 
 /// The environment variables [`Config::load`] reads after the file.
 ///
@@ -315,8 +326,14 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PRISMHOOK_ADMIN_TOKEN", "admin.token (a secret)"),
     ("PRISMHOOK_DATA_DIR", "storage.data_dir"),
     ("PRISMHOOK_PLUGINS_DIR", "plugins.dir"),
-    ("PRISMHOOK_CLUSTER_<NAME>_PASSWORD", "the cluster's Prism password (a secret)"),
-    ("PRISMHOOK_CLUSTER_<NAME>_WEBHOOK_PASSWORD", "the cluster's webhook password (a secret)"),
+    (
+        "PRISMHOOK_CLUSTER_<NAME>_PASSWORD",
+        "the cluster's Prism password (a secret)",
+    ),
+    (
+        "PRISMHOOK_CLUSTER_<NAME>_WEBHOOK_PASSWORD",
+        "the cluster's webhook password (a secret)",
+    ),
 ];
 
 impl Config {
@@ -342,27 +359,47 @@ impl Config {
         Ok(config)
     }
 
-    fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
-        let from_env = |var: &str| SecretSource { env: Some(var.to_owned()), file: None, value: None };
+    fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let from_env = |var: &str| SecretSource {
+            env: Some(var.to_owned()),
+            file: None,
+            value: None,
+        };
         for (var, value) in vars {
-            let Some(rest) = var.strip_prefix("PRISMHOOK_") else { continue };
+            let Some(rest) = var.strip_prefix("PRISMHOOK_") else {
+                continue;
+            };
             let bad = |expected: &str| ConfigError::Invalid {
                 file: self.source.clone(),
                 key: format!("environment variable {var}"),
                 message: format!("expected {expected}, found {value:?}"),
             };
             match rest {
-                "LISTEN" => self.listener.listen = value.parse().map_err(|_| bad("an address like 0.0.0.0:8080"))?,
-                "ADMIN_LISTEN" => self.admin.listen = value.parse().map_err(|_| bad("an address like 127.0.0.1:9100"))?,
+                "LISTEN" => {
+                    self.listener.listen = value
+                        .parse()
+                        .map_err(|_| bad("an address like 0.0.0.0:8080"))?
+                }
+                "ADMIN_LISTEN" => {
+                    self.admin.listen = value
+                        .parse()
+                        .map_err(|_| bad("an address like 127.0.0.1:9100"))?
+                }
                 "ADMIN_TOKEN" => self.admin.token = Some(from_env(&var)),
                 "DATA_DIR" => self.storage.data_dir = value.into(),
                 "PLUGINS_DIR" => self.plugins.dir = value.into(),
                 _ => {
-                    let Some(rest) = rest.strip_prefix("CLUSTER_") else { continue };
+                    let Some(rest) = rest.strip_prefix("CLUSTER_") else {
+                        continue;
+                    };
                     let cluster = self.clusters.iter_mut().find_map(|c| {
                         let name = c.name.to_ascii_uppercase().replace('-', "_");
                         let which = rest.strip_prefix(name.as_str())?.strip_prefix('_')?;
-                        matches!(which, "PASSWORD" | "WEBHOOK_PASSWORD").then_some((c, which == "PASSWORD"))
+                        matches!(which, "PASSWORD" | "WEBHOOK_PASSWORD")
+                            .then_some((c, which == "PASSWORD"))
                     });
                     match cluster {
                         Some((c, true)) => c.password = from_env(&var),
@@ -411,19 +448,33 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
-            if c.name.is_empty() || !c.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
                 return Err(self.invalid(
                     format!("cluster[{i}].name"),
                     format!("expected letters, digits, `-` or `_`, found {:?}", c.name),
                 ));
             }
             if !names.insert(&c.name) {
-                return Err(self.invalid(format!("cluster[{i}].name"), format!("`{}` is used twice", c.name)));
+                return Err(self.invalid(
+                    format!("cluster[{i}].name"),
+                    format!("`{}` is used twice", c.name),
+                ));
             }
             if !matches!(c.prism_url.scheme(), "http" | "https") {
-                return Err(self.invalid(format!("cluster[{i}].prism_url"), "expected an http(s) URL"));
+                return Err(
+                    self.invalid(format!("cluster[{i}].prism_url"), "expected an http(s) URL")
+                );
             }
-            let pins = [c.tls.ca_file.is_some(), c.tls.pinned_cert.is_some(), c.tls.insecure];
+            let pins = [
+                c.tls.ca_file.is_some(),
+                c.tls.pinned_cert.is_some(),
+                c.tls.insecure,
+            ];
             if pins.iter().filter(|b| **b).count() > 1 {
                 return Err(self.invalid(
                     format!("cluster[{i}].tls"),
@@ -433,18 +484,26 @@ impl Config {
         }
         for (name, p) in &self.plugin {
             for (j, origin) in p.allow.iter().enumerate() {
-                OriginRule::parse(origin).map_err(|e| self.invalid(format!("plugin.{name}.allow[{j}]"), e.to_string()))?;
+                OriginRule::parse(origin).map_err(|e| {
+                    self.invalid(format!("plugin.{name}.allow[{j}]"), e.to_string())
+                })?;
             }
             for (j, inj) in p.inject.iter().enumerate() {
-                OriginRule::parse(&inj.origin)
-                    .map_err(|e| self.invalid(format!("plugin.{name}.inject[{j}].origin"), e.to_string()))?;
+                OriginRule::parse(&inj.origin).map_err(|e| {
+                    self.invalid(format!("plugin.{name}.inject[{j}].origin"), e.to_string())
+                })?;
                 http::HeaderName::from_bytes(inj.header.as_bytes()).map_err(|_| {
-                    self.invalid(format!("plugin.{name}.inject[{j}].header"), "not a valid header name")
+                    self.invalid(
+                        format!("plugin.{name}.inject[{j}].header"),
+                        "not a valid header name",
+                    )
                 })?;
             }
             if let Some(sha) = &p.sha256 {
                 if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(self.invalid(format!("plugin.{name}.sha256"), "expected 64 hex digits"));
+                    return Err(
+                        self.invalid(format!("plugin.{name}.sha256"), "expected 64 hex digits")
+                    );
                 }
             }
         }
@@ -465,7 +524,11 @@ impl Config {
         let base = match &self.listener.public_url {
             Some(u) => u.as_str().trim_end_matches('/').to_owned(),
             None => {
-                let scheme = if self.listener.tls.is_some() { "https" } else { "http" };
+                let scheme = if self.listener.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
                 format!("{scheme}://{}", self.listener.listen)
             }
         };
@@ -479,10 +542,15 @@ impl Config {
 
     /// Resolves a plugin's settings: its JSON config, limits and outbound
     /// policy with secrets read. `name` is the plugin's file stem.
-    pub fn plugin_settings(&self, name: &str, extra: Option<&PluginConfig>) -> Result<PluginSettings, ConfigError> {
+    pub fn plugin_settings(
+        &self,
+        name: &str,
+        extra: Option<&PluginConfig>,
+    ) -> Result<PluginSettings, ConfigError> {
         let empty = PluginConfig::default();
         let p = extra.or_else(|| self.plugin.get(name)).unwrap_or(&empty);
-        resolve_plugin(p, name, self.default_limits()).map_err(|(key, message)| self.invalid(key, message))
+        resolve_plugin(p, name, self.default_limits())
+            .map_err(|(key, message)| self.invalid(key, message))
     }
 }
 
@@ -491,7 +559,11 @@ pub fn callback_path(cluster: &str) -> String {
     format!("/listener/callback/{cluster}")
 }
 
-pub(crate) fn resolve_plugin(p: &PluginConfig, name: &str, defaults: Limits) -> Result<PluginSettings, (String, String)> {
+pub(crate) fn resolve_plugin(
+    p: &PluginConfig,
+    name: &str,
+    defaults: Limits,
+) -> Result<PluginSettings, (String, String)> {
     let key = |k: String| format!("plugin.{name}.{k}");
     let allow = p
         .allow
@@ -504,14 +576,27 @@ pub(crate) fn resolve_plugin(p: &PluginConfig, name: &str, defaults: Limits) -> 
         .iter()
         .enumerate()
         .map(|(j, inj)| {
-            let origin = OriginRule::parse(&inj.origin).map_err(|e| (key(format!("inject[{j}].origin")), e.to_string()))?;
-            let name = http::HeaderName::from_bytes(inj.header.as_bytes())
-                .map_err(|_| (key(format!("inject[{j}].header")), "not a valid header name".to_owned()))?;
-            let value: Secret = inj.secret.resolve().map_err(|e| (key(format!("inject[{j}]")), e.to_string()))?;
-            Ok(InjectedHeader { origin, name, value })
+            let origin = OriginRule::parse(&inj.origin)
+                .map_err(|e| (key(format!("inject[{j}].origin")), e.to_string()))?;
+            let name = http::HeaderName::from_bytes(inj.header.as_bytes()).map_err(|_| {
+                (
+                    key(format!("inject[{j}].header")),
+                    "not a valid header name".to_owned(),
+                )
+            })?;
+            let value: Secret = inj
+                .secret
+                .resolve()
+                .map_err(|e| (key(format!("inject[{j}]")), e.to_string()))?;
+            Ok(InjectedHeader {
+                origin,
+                name,
+                value,
+            })
         })
         .collect::<Result<Vec<_>, (String, String)>>()?;
-    let config = serde_json::to_value(&p.config).map_err(|e| (key("config".into()), e.to_string()))?;
+    let config =
+        serde_json::to_value(&p.config).map_err(|e| (key("config".into()), e.to_string()))?;
     Ok(PluginSettings {
         config,
         limits: defaults.with(&p.limits),
@@ -548,7 +633,9 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_refused_with_its_name_and_place() {
-        let e = parse("[listener]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err().to_string();
+        let e = parse("[listener]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("prismhook.toml: "), "{e}");
         assert!(e.contains("unknown field `listne`"), "{e}");
         assert!(e.contains("line 3"), "{e}");
@@ -556,7 +643,9 @@ mod tests {
 
     #[test]
     fn a_bad_origin_names_the_plugin_and_entry() {
-        let e = parse("[plugin.paloalto]\nallow = [\"https://fw1\", \"fw2\"]\n").unwrap_err().to_string();
+        let e = parse("[plugin.paloalto]\nallow = [\"https://fw1\", \"fw2\"]\n")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "prismhook.toml: `plugin.paloalto.allow[1]`: invalid origin `fw2`: expected scheme://host[:port]"
@@ -565,12 +654,17 @@ mod tests {
 
     #[test]
     fn an_admin_api_beyond_loopback_needs_a_token() {
-        let e = parse("[admin]\nlisten = \"0.0.0.0:9100\"\n").unwrap_err().to_string();
+        let e = parse("[admin]\nlisten = \"0.0.0.0:9100\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`admin.token`"), "{e}");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     const TWO_CLUSTERS: &str = r#"
@@ -603,11 +697,20 @@ password = { env = "WEST" }
         )
         .unwrap();
         let east = &c.clusters[0];
-        assert_eq!(east.password.env.as_deref(), Some("PRISMHOOK_CLUSTER_LAB_EAST_PASSWORD"));
-        assert_eq!(east.password.file, None, "the file's source is replaced, not merged");
+        assert_eq!(
+            east.password.env.as_deref(),
+            Some("PRISMHOOK_CLUSTER_LAB_EAST_PASSWORD")
+        );
+        assert_eq!(
+            east.password.file, None,
+            "the file's source is replaced, not merged"
+        );
         assert_eq!(c.clusters[1].password.env.as_deref(), Some("WEST"));
         let hook = c.clusters[1].webhook_password.as_ref().unwrap();
-        assert_eq!(hook.env.as_deref(), Some("PRISMHOOK_CLUSTER_WEST_WEBHOOK_PASSWORD"));
+        assert_eq!(
+            hook.env.as_deref(),
+            Some("PRISMHOOK_CLUSTER_WEST_WEBHOOK_PASSWORD")
+        );
         // The token from the environment is what lets the admin API leave loopback.
         assert_eq!(c.admin.listen, "0.0.0.0:9200".parse().unwrap());
         assert_eq!(c.storage.data_dir, Path::new("/var/lib/prismhook"));
@@ -623,9 +726,13 @@ password = { env = "WEST" }
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("prismhook.toml: `environment variable PRISMHOOK_CLUSTER_EAST_PASSWORD`: names no configured cluster"), "{e}");
-        let e = Config::parse_with_env("", Path::new("p.toml"), env(&[("PRISMHOOK_LISTEN", "8080")]))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse_with_env(
+            "",
+            Path::new("p.toml"),
+            env(&[("PRISMHOOK_LISTEN", "8080")]),
+        )
+        .unwrap_err()
+        .to_string();
         assert_eq!(
             e,
             "p.toml: `environment variable PRISMHOOK_LISTEN`: expected an address like 0.0.0.0:8080, found \"8080\""
@@ -639,9 +746,15 @@ password = { env = "WEST" }
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/config");
         let bless = std::env::var_os("PRISMHOOK_BLESS").is_some();
         let mut checked = 0;
-        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
-        for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "toml")) {
+        for path in entries
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        {
             let name = Path::new(path.file_name().unwrap());
             let text = std::fs::read_to_string(path).unwrap();
             let got = match Config::parse(&text, name) {
@@ -652,12 +765,17 @@ password = { env = "WEST" }
             if bless {
                 std::fs::write(&golden, &got).unwrap();
             }
-            let want = std::fs::read_to_string(&golden)
-                .unwrap_or_else(|e| panic!("{}: {e} (PRISMHOOK_BLESS=1 writes it)", golden.display()));
+            let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
+                panic!("{}: {e} (PRISMHOOK_BLESS=1 writes it)", golden.display())
+            });
             assert_eq!(got, want, "{}", path.display());
             checked += 1;
         }
-        assert!(checked >= 8, "only {checked} golden files in {}", dir.display());
+        assert!(
+            checked >= 8,
+            "only {checked} golden files in {}",
+            dir.display()
+        );
     }
 
     #[test]
@@ -692,7 +810,9 @@ inject = [{ origin = "https://fw1.example.com", header = "X-PAN-KEY", value = "k
         assert_eq!(s.limits.deadline, Duration::from_secs(2));
         assert_eq!(s.limits.memory_bytes, 32 << 20);
         assert_eq!(s.config["firewall"], "https://fw1.example.com");
-        assert!(s.policy.allows(&Url::parse("https://fw1.example.com/api/").unwrap()));
+        assert!(s
+            .policy
+            .allows(&Url::parse("https://fw1.example.com/api/").unwrap()));
         assert_eq!(s.policy.secrets().next().unwrap().expose(), "k");
     }
 }

@@ -18,9 +18,14 @@ use crate::config::Config;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(plugins: Option<PathBuf>) -> anyhow::Result<()> {
-    let source = plugins.unwrap_or_else(|| PathBuf::from("target/plugins")).join("paloalto.wasm");
+    let source = plugins
+        .unwrap_or_else(|| PathBuf::from("target/plugins"))
+        .join("paloalto.wasm");
     if !source.is_file() {
-        bail!("{} not found: build it with `cargo xtask plugins` (the README's demo command does)", source.display());
+        bail!(
+            "{} not found: build it with `cargo xtask plugins` (the README's demo command does)",
+            source.display()
+        );
     }
     let work = tempdir()?;
     let plugins_dir = work.join("plugins");
@@ -73,7 +78,11 @@ reconcile_interval = "0s"
     }
     println!("listener          http://{}", app.listener_addr);
 
-    wait_for(|| app.cluster_status().iter().all(|c| c.registered), "the webhook to be registered").await?;
+    wait_for(
+        || app.cluster_status().iter().all(|c| c.registered),
+        "the webhook to be registered",
+    )
+    .await?;
     let hooks = prism.webhooks();
     println!(
         "webhook           {} registered in Prism for {} event types\n",
@@ -81,20 +90,35 @@ reconcile_interval = "0s"
         hooks.first().map_or(0, |h| h.events_filter_list.len())
     );
 
-    let vm = prism.create_vm(NewVm::named("web-01").nic(["10.23.129.96"])).await?.uuid;
+    let vm = prism
+        .create_vm(NewVm::named("web-01").nic(["10.23.129.96"]))
+        .await?
+        .uuid;
     step(&app, &panos, "VM.CREATE   web-01 created, powered off").await?;
     prism.set_power(&vm, true).await?;
     step(&app, &panos, "VM.ON       web-01 powered on").await?;
-    prism.plug_nic(&vm, NewNic::with_ips(["192.168.50.23"])).await?;
+    prism
+        .plug_nic(&vm, NewNic::with_ips(["192.168.50.23"]))
+        .await?;
     step(&app, &panos, "VM.NIC_PLUG a second NIC with 192.168.50.23").await?;
     let categories = [("AppTier", "Web"), ("Environment", "Production")]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     prism.set_categories(&vm, categories).await?;
-    step(&app, &panos, "VM.UPDATE   categories AppTier=Web, Environment=Production").await?;
+    step(
+        &app,
+        &panos,
+        "VM.UPDATE   categories AppTier=Web, Environment=Production",
+    )
+    .await?;
     prism.migrate(&vm, "ahv-host-2").await?;
-    step(&app, &panos, "VM.MIGRATE  moved to ahv-host-2 (tags unchanged)").await?;
+    step(
+        &app,
+        &panos,
+        "VM.MIGRATE  moved to ahv-host-2 (tags unchanged)",
+    )
+    .await?;
     prism.set_power(&vm, false).await?;
     step(&app, &panos, "VM.OFF      web-01 powered off").await?;
     prism.delete_vm(&vm).await?;
@@ -113,9 +137,15 @@ reconcile_interval = "0s"
         delivered * 7,
         delivered
     );
-    println!("  elapsed                          {:.2}s", started.elapsed().as_secs_f64());
+    println!(
+        "  elapsed                          {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
     app.shutdown(true, Duration::from_secs(5)).await?;
-    println!("  webhooks left in Prism after shutdown: {}", prism.webhooks().len());
+    println!(
+        "  webhooks left in Prism after shutdown: {}",
+        prism.webhooks().len()
+    );
     panos.shutdown().await;
     prism.shutdown().await;
     let _ = std::fs::remove_dir_all(&work);

@@ -70,7 +70,12 @@ struct Inner {
 
 impl Inner {
     fn lock_for(&self, plugin: &str) -> Arc<tokio::sync::RwLock<()>> {
-        self.locks.lock().expect("locks lock").entry(plugin.to_owned()).or_default().clone()
+        self.locks
+            .lock()
+            .expect("locks lock")
+            .entry(plugin.to_owned())
+            .or_default()
+            .clone()
     }
 }
 
@@ -119,7 +124,13 @@ impl Dispatcher {
                     let inner = self.inner.clone();
                     let name = name.clone();
                     let span = tracing::info_span!("worker", plugin = %name);
-                    workers.spawn(async move { worker(inner, name.clone()).await; name }.instrument(span));
+                    workers.spawn(
+                        async move {
+                            worker(inner, name.clone()).await;
+                            name
+                        }
+                        .instrument(span),
+                    );
                 }
             }
             tokio::select! {
@@ -137,7 +148,12 @@ impl Dispatcher {
 
     /// Hands one cluster's inventory to a plugin's `reconcile`, with no
     /// batch of that plugin running meanwhile.
-    pub async fn reconcile(&self, plugin: &str, cluster: &str, vms: Vec<Vm>) -> Result<Result<String, String>, DispatchError> {
+    pub async fn reconcile(
+        &self,
+        plugin: &str,
+        cluster: &str,
+        vms: Vec<Vm>,
+    ) -> Result<Result<String, String>, DispatchError> {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
         };
@@ -152,7 +168,11 @@ impl Dispatcher {
     /// (and the backpressure limit) forever; they can still be replayed.
     /// `gone_since` remembers, between calls, when each was first seen gone.
     /// Returns how many deliveries expired.
-    pub async fn expire_removed(&self, gone_since: &mut HashMap<String, Instant>, after: Duration) -> Result<u64, LedgerError> {
+    pub async fn expire_removed(
+        &self,
+        gone_since: &mut HashMap<String, Instant>,
+        after: Duration,
+    ) -> Result<u64, LedgerError> {
         let ledger = &self.inner.ledger;
         let loaded = self.inner.registry.snapshot();
         let now = Instant::now();
@@ -183,7 +203,14 @@ impl Dispatcher {
                 n += batch.len() as u64;
                 let results = batch
                     .iter()
-                    .map(|d| (d.event.id, LedgerOutcome::Reject { reason: reason.clone() }))
+                    .map(|d| {
+                        (
+                            d.event.id,
+                            LedgerOutcome::Reject {
+                                reason: reason.clone(),
+                            },
+                        )
+                    })
                     .collect();
                 ledger.complete(&b.plugin, results).await?;
             }
@@ -209,7 +236,9 @@ async fn worker(inner: Arc<Inner>, name: String) {
         if *stop.borrow() {
             return;
         }
-        let Some(entry) = inner.registry.get(&name) else { return };
+        let Some(entry) = inner.registry.get(&name) else {
+            return;
+        };
         let Some(plugin) = entry.plugin else { return };
         if let PluginState::Quarantined { until_ms, .. } = entry.state {
             let wait = Duration::from_millis(until_ms.saturating_sub(now_ms()));
@@ -237,7 +266,9 @@ async fn worker(inner: Arc<Inner>, name: String) {
         };
         if batch.is_empty() {
             let due = inner.ledger.next_due(&name);
-            let sleep = due.map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(Instant::now()));
+            let sleep = due.map_or(Duration::from_secs(3600), |at| {
+                at.saturating_duration_since(Instant::now())
+            });
             tokio::select! {
                 _ = &mut notified => {
                     // Something arrived: give a burst a moment to gather
@@ -253,7 +284,11 @@ async fn worker(inner: Arc<Inner>, name: String) {
         }
         if batch.len() < inner.opts.batch_max && !inner.opts.batch_window.is_zero() {
             tokio::time::sleep(inner.opts.batch_window).await;
-            if let Ok(more) = inner.ledger.claim(&name, inner.opts.batch_max - batch.len()).await {
+            if let Ok(more) = inner
+                .ledger
+                .claim(&name, inner.opts.batch_max - batch.len())
+                .await
+            {
                 batch.extend(more);
             }
         }
@@ -261,7 +296,13 @@ async fn worker(inner: Arc<Inner>, name: String) {
     }
 }
 
-async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coalesce: bool, batch: Vec<Delivery>) {
+async fn deliver(
+    inner: &Inner,
+    name: &str,
+    plugin: &crate::runtime::Plugin,
+    coalesce: bool,
+    batch: Vec<Delivery>,
+) {
     // With coalescing, each entity's newest event stands for its older
     // ones in the batch, and they share its outcome.
     let representative: Vec<usize> = if coalesce {
@@ -269,11 +310,16 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
         for (i, d) in batch.iter().enumerate() {
             last.insert((&d.event.cluster, &d.event.entity_uuid), i);
         }
-        batch.iter().map(|d| last[&(d.event.cluster.as_str(), d.event.entity_uuid.as_str())]).collect()
+        batch
+            .iter()
+            .map(|d| last[&(d.event.cluster.as_str(), d.event.entity_uuid.as_str())])
+            .collect()
     } else {
         (0..batch.len()).collect()
     };
-    let sent: Vec<usize> = (0..batch.len()).filter(|&i| representative[i] == i).collect();
+    let sent: Vec<usize> = (0..batch.len())
+        .filter(|&i| representative[i] == i)
+        .collect();
     let events: Vec<Event> = sent.iter().map(|&i| to_event(&batch[i])).collect();
 
     let lock = inner.lock_for(name);
@@ -286,7 +332,8 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
         h.observe(name, elapsed);
     }
 
-    let by_index: HashMap<usize, &Option<LedgerOutcome>> = sent.iter().copied().zip(sent_outcomes.iter()).collect();
+    let by_index: HashMap<usize, &Option<LedgerOutcome>> =
+        sent.iter().copied().zip(sent_outcomes.iter()).collect();
     let mut release = Vec::new();
     let mut tried = Vec::new();
     let mut outcomes = Vec::new();
@@ -337,8 +384,14 @@ async fn deliver(inner: &Inner, name: &str, plugin: &crate::runtime::Plugin, coa
 /// after a failed one of the same entity are not tried, to keep that
 /// entity's order. Returns one outcome per event and the first call error.
 /// `None` marks an event that was not tried and must be released.
-async fn handle_isolating(plugin: &crate::runtime::Plugin, events: Vec<Event>) -> (Vec<Option<LedgerOutcome>>, Option<CallError>) {
-    let retry = |e: &CallError| LedgerOutcome::Retry { reason: e.to_string(), delay: None };
+async fn handle_isolating(
+    plugin: &crate::runtime::Plugin,
+    events: Vec<Event>,
+) -> (Vec<Option<LedgerOutcome>>, Option<CallError>) {
+    let retry = |e: &CallError| LedgerOutcome::Retry {
+        reason: e.to_string(),
+        delay: None,
+    };
     let error = match plugin.handle(events.clone()).await {
         Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
@@ -369,7 +422,13 @@ async fn handle_isolating(plugin: &crate::runtime::Plugin, events: Vec<Event>) -
     (outcomes, Some(error))
 }
 
-fn count(inner: &Inner, name: &str, failure: Option<&CallError>, outcomes: &[LedgerOutcome], elapsed: Duration) {
+fn count(
+    inner: &Inner,
+    name: &str,
+    failure: Option<&CallError>,
+    outcomes: &[LedgerOutcome],
+    elapsed: Duration,
+) {
     let quarantine = {
         let mut all = inner.counters.lock().expect("counters lock");
         let c = all.entry(name.to_owned()).or_default();
@@ -434,7 +493,9 @@ fn to_ledger(o: &Outcome) -> LedgerOutcome {
             reason: reason.clone(),
             delay: delay_ms.map(Duration::from_millis),
         },
-        Outcome::Reject(reason) => LedgerOutcome::Reject { reason: reason.clone() },
+        Outcome::Reject(reason) => LedgerOutcome::Reject {
+            reason: reason.clone(),
+        },
     }
 }
 
@@ -442,7 +503,10 @@ fn to_ledger(o: &Outcome) -> LedgerOutcome {
 pub fn to_event(d: &Delivery) -> Event {
     let e = &d.event;
     let vm = if e.entity_kind == "vm" {
-        payload::parse_notification(e.body.as_bytes()).ok().and_then(|n| n.vm).map(to_wit_vm)
+        payload::parse_notification(e.body.as_bytes())
+            .ok()
+            .and_then(|n| n.vm)
+            .map(to_wit_vm)
     } else {
         None
     };
@@ -464,7 +528,11 @@ pub fn to_wit_vm(vm: NutanixVm) -> Vm {
         uuid: vm.uuid,
         name: vm.name,
         power_state: vm.power_state,
-        categories: vm.categories.into_iter().map(|(key, value)| Category { key, value }).collect(),
+        categories: vm
+            .categories
+            .into_iter()
+            .map(|(key, value)| Category { key, value })
+            .collect(),
         nics: vm
             .nics
             .into_iter()

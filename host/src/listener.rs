@@ -65,9 +65,9 @@ impl ListenerStats {
             .iter()
             .flat_map(|(cluster, by_type)| {
                 by_type.iter().flat_map(move |(event_type, by_status)| {
-                    by_status
-                        .iter()
-                        .map(move |(status, n)| ((cluster.clone(), event_type.clone(), *status), *n))
+                    by_status.iter().map(move |(status, n)| {
+                        ((cluster.clone(), event_type.clone(), *status), *n)
+                    })
                 })
             })
             .collect();
@@ -104,7 +104,12 @@ struct Accepted {
 }
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{}\n", message.into())).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{}\n", message.into()),
+    )
+        .into_response()
 }
 
 async fn callback(
@@ -114,14 +119,19 @@ async fn callback(
     body: Body,
 ) -> Response {
     let Some(auth) = state.clusters.get(&cluster) else {
-        return problem(StatusCode::NOT_FOUND, format!("no cluster named `{cluster}` is configured"));
+        return problem(
+            StatusCode::NOT_FOUND,
+            format!("no cluster named `{cluster}` is configured"),
+        );
     };
     if !authorized(&headers, auth) {
         state.stats.count(&cluster, "-", StatusCode::UNAUTHORIZED);
         tracing::warn!(%cluster, "notification with wrong or missing credentials refused");
         let mut r = problem(StatusCode::UNAUTHORIZED, "wrong or missing credentials");
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"prismhook\""));
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"prismhook\""),
+        );
         return r;
     }
     if !state.accepting.load(Ordering::Relaxed) {
@@ -130,7 +140,9 @@ async fn callback(
     let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
         Ok(b) => b,
         Err(_) => {
-            state.stats.count(&cluster, "-", StatusCode::PAYLOAD_TOO_LARGE);
+            state
+                .stats
+                .count(&cluster, "-", StatusCode::PAYLOAD_TOO_LARGE);
             return problem(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body exceeds the limit of {} bytes", state.max_body_bytes),
@@ -158,16 +170,33 @@ async fn callback(
         dedupe_key: Some(format!("{cluster}/{}", note.dedupe_key)),
         received_at_ms: now_ms(),
         // Parsed as JSON, so UTF-8: no replacement characters needed.
-        body: String::from_utf8(body.into()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        body: String::from_utf8(body.into())
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
     };
     let response = match state.ledger.append(event, plugins).await {
         Ok(Appended::Stored { id, deliveries }) => {
             tracing::debug!(%cluster, event_type = %note.event_type, entity = %note.entity_uuid, event_id = id, deliveries, "accepted");
-            (StatusCode::ACCEPTED, Json(Accepted { id, duplicate: false, deliveries })).into_response()
+            (
+                StatusCode::ACCEPTED,
+                Json(Accepted {
+                    id,
+                    duplicate: false,
+                    deliveries,
+                }),
+            )
+                .into_response()
         }
         Ok(Appended::Duplicate { id }) => {
             tracing::debug!(%cluster, event_type = %note.event_type, entity = %note.entity_uuid, event_id = id, "duplicate notification");
-            (StatusCode::ACCEPTED, Json(Accepted { id, duplicate: true, deliveries: 0 })).into_response()
+            (
+                StatusCode::ACCEPTED,
+                Json(Accepted {
+                    id,
+                    duplicate: true,
+                    deliveries: 0,
+                }),
+            )
+                .into_response()
         }
         Err(e @ LedgerError::Backpressure { retry_after, .. }) => {
             tracing::warn!(%cluster, "notification refused with 503: {e}");
@@ -178,24 +207,36 @@ async fn callback(
             // The detail is for the operator's log; Prism only needs to
             // know the event was not kept.
             tracing::error!(%cluster, "cannot store notification: {e}");
-            problem(StatusCode::INTERNAL_SERVER_ERROR, "the event could not be stored")
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the event could not be stored",
+            )
         }
     };
-    state.stats.count(&cluster, &note.event_type, response.status());
+    state
+        .stats
+        .count(&cluster, &note.event_type, response.status());
     response
 }
 
 fn unavailable(message: &str, retry_after_s: u32) -> Response {
     let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, message);
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     r
 }
 
 fn authorized(headers: &HeaderMap, auth: &ClusterAuth) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let Some(encoded) = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")) else {
+    let Some(encoded) = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))
+    else {
         return false;
     };
     let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
@@ -257,7 +298,8 @@ pub async fn serve_tls(
                 }
             };
             let io = hyper_util::rt::TokioIo::new(tls);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             if let Err(e) = builder.serve_connection(io, service).await {
                 tracing::debug!(%peer, "connection ended: {e}");
             }

@@ -12,7 +12,11 @@ use prismhook::app::App;
 use prismhook::config::Config;
 
 #[derive(Parser)]
-#[command(name = "prismhook", version, about = "Turns Nutanix Prism events into actions on other systems through sandboxed WebAssembly plugins")]
+#[command(
+    name = "prismhook",
+    version,
+    about = "Turns Nutanix Prism events into actions on other systems through sandboxed WebAssembly plugins"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -235,9 +239,16 @@ enum NewLang {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; logs would drown it.
-    let default_level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     init_tracing(cli.log_format, default_level);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
@@ -250,7 +261,9 @@ fn main() -> std::process::ExitCode {
 fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PRISMHOOK_LOG")
         .unwrap_or_else(|_| format!("{default_level},wasmtime=warn,cranelift=warn").into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -259,7 +272,14 @@ fn init_tracing(format: LogFormat, default_level: &str) {
 
 async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
     match command {
-        Command::Run { config, deregister_on_exit, listen, admin_listen, data_dir, plugins_dir } => {
+        Command::Run {
+            config,
+            deregister_on_exit,
+            listen,
+            admin_listen,
+            data_dir,
+            plugins_dir,
+        } => {
             let mut config = Config::load(&config)?;
             // Flags win over the environment, which wins over the file.
             if let Some(l) = listen {
@@ -277,7 +297,9 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             config.validate()?;
             let app = App::start(config).await?;
             wait_for_signal().await;
-            tracing::info!("shutting down: no new notifications accepted; finishing in-flight batches");
+            tracing::info!(
+                "shutting down: no new notifications accepted; finishing in-flight batches"
+            );
             let shutdown = app.shutdown(deregister_on_exit, Duration::from_secs(10));
             tokio::select! {
                 r = shutdown => r?,
@@ -292,21 +314,32 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             prismhook::demo::run(plugins).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Sim { which: Sim::Panos { listen } } => {
+        Command::Sim {
+            which: Sim::Panos { listen },
+        } => {
             prismhook_sim::panos::run(listen, Default::default()).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Sim { which: Sim::Prism { listen } } => {
+        Command::Sim {
+            which: Sim::Prism { listen },
+        } => {
             prismhook_sim::prism::run(listen, Default::default()).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Sim { which: Sim::Bigip { listen, pools } } => {
-            let config = prismhook_sim::bigip::BigipConfig { pools, ..Default::default() };
+        Command::Sim {
+            which: Sim::Bigip { listen, pools },
+        } => {
+            let config = prismhook_sim::bigip::BigipConfig {
+                pools,
+                ..Default::default()
+            };
             prismhook_sim::bigip::run(listen, config).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Webhooks { action } => prismhook::cli::webhooks(action.into()).await,
-        Command::Config { action: ConfigAction::Check { file } } => match Config::load(&file) {
+        Command::Config {
+            action: ConfigAction::Check { file },
+        } => match Config::load(&file) {
             Ok(c) => {
                 println!(
                     "{}: valid ({} cluster(s), {} plugin setting(s), listener {})",
@@ -322,11 +355,16 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::FAILURE)
             }
         },
-        Command::Plugin { action: PluginAction::Check { file, config } } => {
-            let config: serde_json::Value = serde_json::from_str(&config).context("--config is not JSON")?;
+        Command::Plugin {
+            action: PluginAction::Check { file, config },
+        } => {
+            let config: serde_json::Value =
+                serde_json::from_str(&config).context("--config is not JSON")?;
             prismhook::cli::plugin_check(&file, config).await
         }
-        Command::Plugin { action: PluginAction::New { name, lang, dir } } => {
+        Command::Plugin {
+            action: PluginAction::New { name, lang, dir },
+        } => {
             let lang = match lang {
                 NewLang::Rust => prismhook::scaffold::Lang::Rust,
                 NewLang::Python => prismhook::scaffold::Lang::Python,
@@ -336,8 +374,12 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Plugins { action } => {
             match action {
-                PluginsAction::List { config } => admin::plugins_list(&Config::load(&config)?).await?,
-                PluginsAction::Reload { config } => admin::plugins_reload(&Config::load(&config)?).await?,
+                PluginsAction::List { config } => {
+                    admin::plugins_list(&Config::load(&config)?).await?
+                }
+                PluginsAction::Reload { config } => {
+                    admin::plugins_reload(&Config::load(&config)?).await?
+                }
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -347,19 +389,30 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Dlq { action } => {
             match action {
-                DlqAction::List { config, plugin, limit } => {
-                    admin::dlq_list(&Config::load(&config)?, plugin.as_deref(), limit).await?
-                }
-                DlqAction::Replay { config, plugin, ids } => {
-                    admin::dlq_replay(&Config::load(&config)?, plugin.as_deref(), &ids).await?
-                }
-                DlqAction::Drop { config, plugin, ids, all } => {
-                    admin::dlq_drop(&Config::load(&config)?, plugin.as_deref(), &ids, all).await?
-                }
+                DlqAction::List {
+                    config,
+                    plugin,
+                    limit,
+                } => admin::dlq_list(&Config::load(&config)?, plugin.as_deref(), limit).await?,
+                DlqAction::Replay {
+                    config,
+                    plugin,
+                    ids,
+                } => admin::dlq_replay(&Config::load(&config)?, plugin.as_deref(), &ids).await?,
+                DlqAction::Drop {
+                    config,
+                    plugin,
+                    ids,
+                    all,
+                } => admin::dlq_drop(&Config::load(&config)?, plugin.as_deref(), &ids, all).await?,
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Replay { config, plugin, since } => {
+        Command::Replay {
+            config,
+            plugin,
+            since,
+        } => {
             admin::replay(&Config::load(&config)?, &plugin, &since).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }

@@ -20,9 +20,14 @@ pub enum PluginState {
     Active,
     /// Loaded but not receiving deliveries after repeated traps or
     /// timeouts; retried after `until_ms`.
-    Quarantined { reason: String, until_ms: u64 },
+    Quarantined {
+        reason: String,
+        until_ms: u64,
+    },
     /// The file could not be loaded; the previous version (if any) serves.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Clone)]
@@ -40,9 +45,12 @@ pub struct Entry {
 impl Entry {
     /// Subscriptions of the serving version.
     pub fn subscribes_to(&self, event_type: &str) -> bool {
-        self.plugin
-            .as_ref()
-            .is_some_and(|p| p.info().subscriptions.iter().any(|s| matches(s, event_type)))
+        self.plugin.as_ref().is_some_and(|p| {
+            p.info()
+                .subscriptions
+                .iter()
+                .any(|s| matches(s, event_type))
+        })
     }
 }
 

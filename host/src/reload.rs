@@ -37,13 +37,34 @@ pub const SETTLE: Duration = Duration::from_millis(25);
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Report {
-    Loaded { file: PathBuf, plugin: String, version: String, sha256: String, from_cache: bool, tier: Tier },
-    Unchanged { file: PathBuf, plugin: String },
+    Loaded {
+        file: PathBuf,
+        plugin: String,
+        version: String,
+        sha256: String,
+        from_cache: bool,
+        tier: Tier,
+    },
+    Unchanged {
+        file: PathBuf,
+        plugin: String,
+    },
     /// Cranelift's code replaced Winch's.
-    Optimized { file: PathBuf, plugin: String },
-    Removed { file: PathBuf, plugin: String },
-    Disabled { file: PathBuf },
-    Failed { file: PathBuf, error: String },
+    Optimized {
+        file: PathBuf,
+        plugin: String,
+    },
+    Removed {
+        file: PathBuf,
+        plugin: String,
+    },
+    Disabled {
+        file: PathBuf,
+    },
+    Failed {
+        file: PathBuf,
+        error: String,
+    },
 }
 
 enum Command {
@@ -140,7 +161,10 @@ struct Optimizing {
 impl Optimizing {
     /// The reload task's side, and the thread to start once the first load
     /// is done (so that Cranelift does not slow it down).
-    fn new(optimizer: Optimizer, done: mpsc::UnboundedSender<(u64, Option<Compiled>)>) -> (Optimizing, OptimizerThread) {
+    fn new(
+        optimizer: Optimizer,
+        done: mpsc::UnboundedSender<(u64, Option<Compiled>)>,
+    ) -> (Optimizing, OptimizerThread) {
         let (jobs, rx) = std::sync::mpsc::channel();
         let wanted = Wanted::default();
         let thread = OptimizerThread {
@@ -163,7 +187,9 @@ impl Optimizing {
     fn queue(&mut self, plugin: &Plugin) {
         let mut wanted = self.wanted.lock().expect("optimizer lock");
         wanted.remove(plugin.file());
-        let Some(source) = plugin.source() else { return };
+        let Some(source) = plugin.source() else {
+            return;
+        };
         self.next += 1;
         wanted.insert(plugin.file().to_owned(), self.next);
         self.pending.insert(self.next, plugin.clone());
@@ -186,13 +212,17 @@ pub async fn start(
     config: Arc<Config>,
 ) -> anyhow::Result<Started> {
     let dir = config.plugins.dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", dir.display()))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let watcher = if config.plugins.watch {
         let tx = tx.clone();
         let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res {
-                let atomic = matches!(event.kind, EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_));
+                let atomic = matches!(
+                    event.kind,
+                    EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_)
+                );
                 for path in event.paths {
                     let _ = tx.send(Command::Changed { path, atomic });
                 }
@@ -339,7 +369,11 @@ impl Task {
     /// Brings the registry in line with every file in the directory.
     async fn rescan(&mut self) -> Vec<Report> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter_map(|p| wasm_for(&p)).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter_map(|p| wasm_for(&p))
+                    .collect()
+            })
             .unwrap_or_default();
         paths.extend(self.files.keys().cloned());
         paths.sort();
@@ -354,11 +388,17 @@ impl Task {
     }
 
     fn settings_for(&self, wasm: &Path) -> Result<PluginConfig, String> {
-        let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = wasm
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let beside = wasm.with_extension("toml");
         match std::fs::read_to_string(&beside) {
-            Ok(text) => toml::from_str::<PluginConfig>(&text).map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.config.plugin.get(&stem).cloned().unwrap_or_default()),
+            Ok(text) => toml::from_str::<PluginConfig>(&text)
+                .map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(self.config.plugin.get(&stem).cloned().unwrap_or_default())
+            }
             Err(e) => Err(format!("{}: {e}", beside.display())),
         }
     }
@@ -374,9 +414,15 @@ impl Task {
                     self.registry.update(|r| {
                         r.remove(&old.plugin);
                     });
-                    Report::Removed { file, plugin: old.plugin }
+                    Report::Removed {
+                        file,
+                        plugin: old.plugin,
+                    }
                 }
-                None => Report::Failed { file, error: "no such file".into() },
+                None => Report::Failed {
+                    file,
+                    error: "no such file".into(),
+                },
             };
         }
         let settings = match self.settings_for(wasm) {
@@ -394,7 +440,10 @@ impl Task {
             }
             return Report::Disabled { file };
         }
-        let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = wasm
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let resolved = match resolve_plugin(&settings, &stem, self.config.default_limits()) {
             Ok(s) => s,
             Err((key, msg)) => return self.failed(file, format!("`{key}`: {msg}")),
@@ -405,7 +454,10 @@ impl Task {
                 .map(|b| crate::runtime::sha256_hex(&b) == old.sha256)
                 .unwrap_or(false);
             if same_bytes && old.settings == settings {
-                return Report::Unchanged { file, plugin: old.plugin.clone() };
+                return Report::Unchanged {
+                    file,
+                    plugin: old.plugin.clone(),
+                };
             }
         }
         let plugin = match self.runtime.load(wasm, resolved).await {
@@ -413,8 +465,18 @@ impl Task {
             Err(e) => return self.failed(file, e.to_string()),
         };
         let name = plugin.name().to_owned();
-        if let Some((other, _)) = self.files.iter().find(|(p, l)| l.plugin == name && p.as_path() != wasm) {
-            return self.failed(file, format!("plugin name `{name}` is already provided by {}", other.display()));
+        if let Some((other, _)) = self
+            .files
+            .iter()
+            .find(|(p, l)| l.plugin == name && p.as_path() != wasm)
+        {
+            return self.failed(
+                file,
+                format!(
+                    "plugin name `{name}` is already provided by {}",
+                    other.display()
+                ),
+            );
         }
         let report = Report::Loaded {
             file: file.clone(),
@@ -462,11 +524,17 @@ impl Task {
             .files
             .get(&file)
             .map(|l| l.plugin.clone())
-            .unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+            .unwrap_or_else(|| {
+                file.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
         self.registry.update(|r| {
             let entry = r.entry(name).or_insert_with(|| Entry {
                 plugin: None,
-                state: PluginState::Failed { reason: error.clone() },
+                state: PluginState::Failed {
+                    reason: error.clone(),
+                },
                 coalesce: false,
                 load_error: None,
             });
@@ -478,15 +546,26 @@ impl Task {
 
 fn log_report(report: &Report) {
     match report {
-        Report::Loaded { file, plugin, version, sha256, tier, .. } => {
+        Report::Loaded {
+            file,
+            plugin,
+            version,
+            sha256,
+            tier,
+            ..
+        } => {
             tracing::info!(%plugin, %version, file = %file.display(), sha256 = &sha256[..12], ?tier, "plugin loaded")
         }
         Report::Unchanged { .. } => {}
         Report::Optimized { file, plugin } => {
             tracing::info!(%plugin, file = %file.display(), "plugin optimized: Cranelift's code replaced Winch's")
         }
-        Report::Removed { file, plugin } => tracing::info!(%plugin, file = %file.display(), "plugin removed"),
-        Report::Disabled { file } => tracing::info!(file = %file.display(), "plugin disabled by its settings"),
+        Report::Removed { file, plugin } => {
+            tracing::info!(%plugin, file = %file.display(), "plugin removed")
+        }
+        Report::Disabled { file } => {
+            tracing::info!(file = %file.display(), "plugin disabled by its settings")
+        }
         Report::Failed { file, error } => {
             tracing::error!(file = %file.display(), "plugin not loaded (a previous version, if any, keeps serving): {error}")
         }
@@ -514,7 +593,12 @@ struct OptimizerThread {
 
 impl OptimizerThread {
     fn spawn(self) {
-        let OptimizerThread { optimizer, rx, wanted, done } = self;
+        let OptimizerThread {
+            optimizer,
+            rx,
+            wanted,
+            done,
+        } = self;
         let spawned = std::thread::Builder::new().name("prismhook-optimizer".into()).spawn(move || {
             for (job, source) in rx {
                 let current = wanted.lock().expect("optimizer lock").get(&source.file) == Some(&job);
@@ -575,7 +659,9 @@ pub fn status(registry: &Registry) -> BTreeMap<String, PluginStatus> {
                     tier: p.map(|p| p.tier()),
                     state: e.state.clone(),
                     load_error: e.load_error.clone(),
-                    subscriptions: p.map(|p| p.info().subscriptions.clone()).unwrap_or_default(),
+                    subscriptions: p
+                        .map(|p| p.info().subscriptions.clone())
+                        .unwrap_or_default(),
                 },
             )
         })

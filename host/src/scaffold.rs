@@ -85,7 +85,9 @@ pub fn check_name(name: &str) -> Result<(), ScaffoldError> {
     let ok = (1..=64).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && !name.ends_with('-')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if ok {
         Ok(())
     } else {
@@ -99,20 +101,47 @@ pub fn files(name: &str, lang: Lang) -> Result<Vec<(PathBuf, String)>, ScaffoldE
     let fill = |template: &str| template.replace("{{name}}", name);
     let mut files: Vec<(PathBuf, String)> = match lang {
         Lang::Rust => vec![
-            ("Cargo.toml".into(), fill(include_str!("../templates/rust/Cargo.toml"))),
-            ("src/lib.rs".into(), fill(include_str!("../templates/rust/lib.rs"))),
-            (".gitignore".into(), include_str!("../templates/rust/gitignore").to_owned()),
+            (
+                "Cargo.toml".into(),
+                fill(include_str!("../templates/rust/Cargo.toml")),
+            ),
+            (
+                "src/lib.rs".into(),
+                fill(include_str!("../templates/rust/lib.rs")),
+            ),
+            (
+                ".gitignore".into(),
+                include_str!("../templates/rust/gitignore").to_owned(),
+            ),
         ],
         Lang::Python => vec![
-            ("app.py".into(), fill(include_str!("../templates/python/app.py"))),
-            (".gitignore".into(), include_str!("../templates/python/gitignore").to_owned()),
+            (
+                "app.py".into(),
+                fill(include_str!("../templates/python/app.py")),
+            ),
+            (
+                ".gitignore".into(),
+                include_str!("../templates/python/gitignore").to_owned(),
+            ),
         ],
         Lang::JavaScript => vec![
-            ("app.js".into(), fill(include_str!("../templates/js/app.js"))),
-            ("package.json".into(), fill(include_str!("../templates/js/package.json"))),
+            (
+                "app.js".into(),
+                fill(include_str!("../templates/js/app.js")),
+            ),
+            (
+                "package.json".into(),
+                fill(include_str!("../templates/js/package.json")),
+            ),
             // Pins componentize-js (and jco) exactly, as `npm ci` wants.
-            ("package-lock.json".into(), fill(include_str!("../templates/js/package-lock.json"))),
-            (".gitignore".into(), include_str!("../templates/js/gitignore").to_owned()),
+            (
+                "package-lock.json".into(),
+                fill(include_str!("../templates/js/package-lock.json")),
+            ),
+            (
+                ".gitignore".into(),
+                include_str!("../templates/js/gitignore").to_owned(),
+            ),
         ],
     };
     files.push(("README.md".into(), readme(name, lang)));
@@ -138,7 +167,10 @@ pub fn create(parent: &Path, name: &str, lang: Lang) -> Result<PathBuf, Scaffold
             }
             std::fs::write(&path, text)
         };
-        write().map_err(|e| ScaffoldError::Write { path: path.clone(), reason: e.to_string() })?;
+        write().map_err(|e| ScaffoldError::Write {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(dir)
 }
@@ -234,7 +266,16 @@ mod tests {
         for good in ["a", "hello", "f5-bigip", "x1-y2"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "Hello", "1abc", "a_b", "a-", "a/b", "../x", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "Hello",
+            "1abc",
+            "a_b",
+            "a-",
+            "a/b",
+            "../x",
+            &"a".repeat(65),
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
     }
@@ -244,11 +285,20 @@ mod tests {
         for lang in Lang::ALL {
             let files = files("hello-world", lang).unwrap();
             let names: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
-            assert!(names.contains(&"wit/world.wit".to_owned()), "{lang}: {names:?}");
+            assert!(
+                names.contains(&"wit/world.wit".to_owned()),
+                "{lang}: {names:?}"
+            );
             assert!(names.contains(&"README.md".to_owned()), "{lang}");
-            assert!(files.iter().all(|(_, text)| !text.contains("{{name}}")), "{lang}: a placeholder is left");
+            assert!(
+                files.iter().all(|(_, text)| !text.contains("{{name}}")),
+                "{lang}: a placeholder is left"
+            );
             let all: String = files.iter().map(|(_, t)| t.as_str()).collect();
-            assert!(all.contains("\"hello-world\"") || all.contains("'hello-world'"), "{lang}");
+            assert!(
+                all.contains("\"hello-world\"") || all.contains("'hello-world'"),
+                "{lang}"
+            );
             assert!(all.contains("cargo xtask plugins hello-world"), "{lang}");
         }
     }
@@ -260,8 +310,14 @@ mod tests {
         let made = create(&dir, "first", Lang::Python).unwrap();
         assert!(made.join("app.py").is_file());
         let before = std::fs::read_to_string(made.join("app.py")).unwrap();
-        assert!(matches!(create(&dir, "first", Lang::Rust), Err(ScaffoldError::Exists(_))));
-        assert_eq!(std::fs::read_to_string(made.join("app.py")).unwrap(), before);
+        assert!(matches!(
+            create(&dir, "first", Lang::Rust),
+            Err(ScaffoldError::Exists(_))
+        ));
+        assert_eq!(
+            std::fs::read_to_string(made.join("app.py")).unwrap(),
+            before
+        );
         assert!(!made.join("Cargo.toml").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -155,7 +155,8 @@ impl BigipSim {
     /// Binds `addr` (port 0 picks a free port) and serves in a background task.
     pub async fn start(addr: SocketAddr, config: BigipConfig) -> anyhow::Result<BigipSim> {
         for pool in &config.pools {
-            pool_path(pool).map_err(|problem| anyhow::anyhow!("BIG-IP simulator pool {pool:?}: {problem}"))?;
+            pool_path(pool)
+                .map_err(|problem| anyhow::anyhow!("BIG-IP simulator pool {pool:?}: {problem}"))?;
         }
         let listener = TcpListener::bind(addr)
             .await
@@ -165,7 +166,12 @@ impl BigipSim {
             .context("reading the BIG-IP simulator's bound address")?;
         let shared = Arc::new(Shared::new(config));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, router(Arc::clone(&shared)), shutdown_rx, "BIG-IP"));
+        let server = tokio::spawn(serve(
+            listener,
+            router(Arc::clone(&shared)),
+            shutdown_rx,
+            "BIG-IP",
+        ));
         debug!(%addr, "BIG-IP simulator started");
         Ok(BigipSim {
             addr,
@@ -224,7 +230,8 @@ impl BigipSim {
     ///
     /// If `name` is not a pool name or path.
     pub fn create_pool(&self, name: &str) {
-        let path = pool_path(name).unwrap_or_else(|problem| panic!("BigipSim::create_pool: {problem}"));
+        let path =
+            pool_path(name).unwrap_or_else(|problem| panic!("BigipSim::create_pool: {problem}"));
         self.shared.lock().pools.entry(path).or_default();
     }
 
@@ -235,8 +242,10 @@ impl BigipSim {
     ///
     /// If the pool does not exist or `member` is not `<ip>:<port>`.
     pub fn add_member_directly(&self, pool: &str, member: &str) {
-        let path = pool_path(pool).unwrap_or_else(|problem| panic!("BigipSim::add_member_directly: {problem}"));
-        let member = Member::parse(member).unwrap_or_else(|problem| panic!("BigipSim::add_member_directly: {problem}"));
+        let path = pool_path(pool)
+            .unwrap_or_else(|problem| panic!("BigipSim::add_member_directly: {problem}"));
+        let member = Member::parse(member)
+            .unwrap_or_else(|problem| panic!("BigipSim::add_member_directly: {problem}"));
         let mut state = self.shared.lock();
         let Some(members) = state.pools.get_mut(&path) else {
             panic!("BigipSim::add_member_directly: pool {path} does not exist");
@@ -266,7 +275,9 @@ pub async fn run(addr: SocketAddr, config: BigipConfig) -> anyhow::Result<()> {
         sim.base_url(),
         sim.base_url()
     );
-    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
     sim.shutdown().await;
     Ok(())
 }
@@ -317,7 +328,8 @@ struct Member {
 impl Member {
     /// `10.0.0.1:80` or `2001:db8::1.80`.
     fn parse(name: &str) -> Result<Member, String> {
-        let invalid = || format!("{name:?} is not a pool member name (<ipv4>:<port> or <ipv6>.<port>)");
+        let invalid =
+            || format!("{name:?} is not a pool member name (<ipv4>:<port> or <ipv6>.<port>)");
         let (address, port) = if name.matches(':').count() > 1 {
             name.rsplit_once('.').ok_or_else(invalid)?
         } else {
@@ -353,7 +365,10 @@ impl Member {
 }
 
 fn partition_of(path: &str) -> &str {
-    path.trim_start_matches('/').split('/').next().unwrap_or(DEFAULT_PARTITION)
+    path.trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or(DEFAULT_PARTITION)
 }
 
 // ---------------------------------------------------------------------------
@@ -449,7 +464,9 @@ impl SimState {
             }
             Some(FaultAction::Fail(status, retry_after))
         } else {
-            faults.fail_status.map(|status| FaultAction::Fail(status, retry_after))
+            faults
+                .fail_status
+                .map(|status| FaultAction::Fail(status, retry_after))
         };
         (latency, action)
     }
@@ -467,7 +484,10 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/mgmt/{*rest}", any(mgmt))
         .route("/_sim/pools", get(sim_pools))
-        .route("/_sim/pools/{name}", post(sim_create_pool).delete(sim_delete_pool))
+        .route(
+            "/_sim/pools/{name}",
+            post(sim_create_pool).delete(sim_delete_pool),
+        )
         .route("/_sim/stats", get(sim_stats))
         .route("/_sim/faults", post(sim_faults))
         .route("/_sim/reset", post(sim_reset))
@@ -529,9 +549,12 @@ impl IntoResponse for Reply {
             None => (self.status, [(CONTENT_TYPE, "application/json")], "").into_response(),
         };
         if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, "Basic realm=\"Enterprise Manager\"".parse().expect("a valid header"));
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                "Basic realm=\"Enterprise Manager\""
+                    .parse()
+                    .expect("a valid header"),
+            );
         }
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert("retry-after", secs.into());
@@ -550,11 +573,17 @@ async fn mgmt(
 ) -> Response {
     let mut record = RequestRecord {
         method: method.to_string(),
-        path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_else(|| uri.path().to_owned()),
+        path: uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| uri.path().to_owned()),
         body: if body.is_empty() {
             None
         } else {
-            Some(serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned())))
+            Some(
+                serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned())),
+            )
         },
         status_code: None,
     };
@@ -584,7 +613,10 @@ async fn mgmt(
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut reply = Reply::error(
                 status,
-                format!("simulated failure: HTTP {} injected by the BIG-IP simulator", status.as_u16()),
+                format!(
+                    "simulated failure: HTTP {} injected by the BIG-IP simulator",
+                    status.as_u16()
+                ),
             );
             reply.retry_after = retry_after;
             reply
@@ -659,7 +691,9 @@ fn decode_segment(segment: &str) -> Option<String> {
 
 fn dispatch(shared: &Shared, method: &Method, path: &str, body: &Bytes) -> Reply {
     let Some(rest) = path.strip_prefix("/mgmt/tm/ltm/pool") else {
-        return Reply::not_found(format!("URI path {path} not registered.  Please try again with a valid path."));
+        return Reply::not_found(format!(
+            "URI path {path} not registered.  Please try again with a valid path."
+        ));
     };
     let segments: Option<Vec<String>> = rest
         .split('/')
@@ -695,7 +729,9 @@ fn dispatch(shared: &Shared, method: &Method, path: &str, body: &Bytes) -> Reply
             StatusCode::METHOD_NOT_ALLOWED,
             format!("Method {method} is not supported on {path} by the simulator"),
         ),
-        _ => Reply::not_found(format!("URI path {path} not registered.  Please try again with a valid path.")),
+        _ => Reply::not_found(format!(
+            "URI path {path} not registered.  Please try again with a valid path."
+        )),
     }
 }
 
@@ -725,11 +761,17 @@ fn list_pools(shared: &Shared) -> Reply {
 }
 
 fn missing_pool(path: &str) -> Reply {
-    Reply::not_found(format!("01020036:3: The requested Pool ({path}) was not found."))
+    Reply::not_found(format!(
+        "01020036:3: The requested Pool ({path}) was not found."
+    ))
 }
 
 /// Runs `f` on an existing pool, or answers 400/404.
-fn with_pool(shared: &Shared, pool: &str, f: impl FnOnce(&str, &BTreeSet<Member>) -> Reply) -> Reply {
+fn with_pool(
+    shared: &Shared,
+    pool: &str,
+    f: impl FnOnce(&str, &BTreeSet<Member>) -> Reply,
+) -> Reply {
     let path = match pool_path(pool) {
         Ok(path) => path,
         Err(problem) => return Reply::bad_request(problem),
@@ -768,7 +810,9 @@ fn add_member(shared: &Shared, pool: &str, body: &Bytes) -> Reply {
     };
     let new: NewMember = match serde_json::from_slice(body) {
         Ok(new) => new,
-        Err(error) => return Reply::bad_request(format!("Found invalid JSON body in the request: {error}")),
+        Err(error) => {
+            return Reply::bad_request(format!("Found invalid JSON body in the request: {error}"))
+        }
     };
     let Some(name) = new.name else {
         return Reply::bad_request("\"name\" is required to create a pool member");
@@ -844,7 +888,11 @@ async fn sim_create_pool(State(shared): State<Arc<Shared>>, Path(name): Path<Str
                 state.pools.entry(path.clone()).or_default();
                 created
             };
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             (status, Json(json!({ "fullPath": path }))).into_response()
         }
         Err(problem) => (StatusCode::BAD_REQUEST, problem).into_response(),

@@ -195,7 +195,12 @@ impl PanosSim {
             .context("reading the PAN-OS simulator's bound address")?;
         let shared = Arc::new(Shared::new(config));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, router(Arc::clone(&shared)), shutdown_rx, "PAN-OS"));
+        let server = tokio::spawn(serve(
+            listener,
+            router(Arc::clone(&shared)),
+            shutdown_rx,
+            "PAN-OS",
+        ));
         debug!(%addr, "PAN-OS simulator started");
         Ok(PanosSim {
             addr,

@@ -32,7 +32,12 @@ impl ConnectionKill {
 
 /// Serves `router` until `shutdown` changes (a send or a dropped sender);
 /// `name` says which simulator in the logs.
-pub(crate) async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>, name: &'static str) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+    name: &'static str,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -63,7 +68,12 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, mut shutdown: w
     debug!("{name} simulator stopped");
 }
 
-async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch::Receiver<bool>, name: &'static str) {
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+    name: &'static str,
+) {
     let kill = Arc::new(Notify::new());
     let handle = ConnectionKill(Arc::clone(&kill));
     let tower = TowerToHyperService::new(router);
@@ -71,7 +81,8 @@ async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch
         request.extensions_mut().insert(handle.clone());
         tower.call(request)
     });
-    let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let connection =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut draining = false;
     loop {

@@ -28,7 +28,13 @@ struct Answer {
     body: Value,
 }
 
-async fn call(sim: &BigipSim, method: reqwest::Method, path: &str, body: Option<Value>, auth: Option<(&str, &str)>) -> Answer {
+async fn call(
+    sim: &BigipSim,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    auth: Option<(&str, &str)>,
+) -> Answer {
     let mut request = reqwest::Client::new().request(method, format!("{}{path}", sim.base_url()));
     if let Some((user, password)) = auth {
         request = request.basic_auth(user, Some(password));
@@ -44,14 +50,29 @@ async fn call(sim: &BigipSim, method: reqwest::Method, path: &str, body: Option<
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let text = response.text().await.expect("the answer has a body");
-    let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).expect("the answer is JSON") };
-    Answer { status, retry_after, body }
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).expect("the answer is JSON")
+    };
+    Answer {
+        status,
+        retry_after,
+        body,
+    }
 }
 
 const ADMIN: Option<(&str, &str)> = Some(("admin", "admin"));
 
 async fn add(sim: &BigipSim, pool: &str, member: &str) -> Answer {
-    let address = member.rsplit_once(if member.matches(':').count() > 1 { '.' } else { ':' }).map(|(a, _)| a).unwrap_or(member);
+    let address = member
+        .rsplit_once(if member.matches(':').count() > 1 {
+            '.'
+        } else {
+            ':'
+        })
+        .map(|(a, _)| a)
+        .unwrap_or(member);
     call(
         sim,
         reqwest::Method::POST,
@@ -63,17 +84,36 @@ async fn add(sim: &BigipSim, pool: &str, member: &str) -> Answer {
 }
 
 async fn remove(sim: &BigipSim, pool: &str, member: &str) -> Answer {
-    call(sim, reqwest::Method::DELETE, &format!("/mgmt/tm/ltm/pool/{pool}/members/{member}"), None, ADMIN).await
+    call(
+        sim,
+        reqwest::Method::DELETE,
+        &format!("/mgmt/tm/ltm/pool/{pool}/members/{member}"),
+        None,
+        ADMIN,
+    )
+    .await
 }
 
 async fn members(sim: &BigipSim, pool: &str) -> Answer {
-    call(sim, reqwest::Method::GET, &format!("/mgmt/tm/ltm/pool/{pool}/members"), None, ADMIN).await
+    call(
+        sim,
+        reqwest::Method::GET,
+        &format!("/mgmt/tm/ltm/pool/{pool}/members"),
+        None,
+        ADMIN,
+    )
+    .await
 }
 
 fn pools(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
     entries
         .iter()
-        .map(|(pool, members)| ((*pool).to_owned(), members.iter().map(|m| (*m).to_owned()).collect()))
+        .map(|(pool, members)| {
+            (
+                (*pool).to_owned(),
+                members.iter().map(|m| (*m).to_owned()).collect(),
+            )
+        })
         .collect()
 }
 
@@ -101,11 +141,21 @@ async fn a_duplicate_member_answers_409_with_the_icontrol_error_json() {
 
     assert_eq!(again.status, 409);
     assert_eq!(again.body["code"], 409);
-    assert!(again.body["message"].as_str().unwrap().contains("already exists in pool /Common/web"), "{:?}", again.body);
+    assert!(
+        again.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("already exists in pool /Common/web"),
+        "{:?}",
+        again.body
+    );
     assert_eq!(again.body["errorStack"], json!([]));
     assert_eq!(sim.pools()["/Common/web"], ["10.0.0.1:80"]);
     let stats = sim.stats();
-    assert_eq!((stats.members_added, stats.conflicts, stats.members), (1, 1, 1));
+    assert_eq!(
+        (stats.members_added, stats.conflicts, stats.members),
+        (1, 1, 1)
+    );
     sim.shutdown().await;
 }
 
@@ -116,7 +166,14 @@ async fn adding_to_a_missing_pool_answers_404_and_creates_nothing() {
     let answer = add(&sim, "~Common~nosuch", "10.0.0.1:80").await;
 
     assert_eq!(answer.status, 404);
-    assert!(answer.body["message"].as_str().unwrap().contains("/Common/nosuch"), "{:?}", answer.body);
+    assert!(
+        answer.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("/Common/nosuch"),
+        "{:?}",
+        answer.body
+    );
     assert_eq!(sim.pools(), pools(&[("/Common/web", &[])]));
     sim.shutdown().await;
 }
@@ -195,7 +252,10 @@ async fn a_malformed_member_or_body_answers_400() {
     )
     .await;
     let garbage = reqwest::Client::new()
-        .post(format!("{}/mgmt/tm/ltm/pool/~Common~web/members", sim.base_url()))
+        .post(format!(
+            "{}/mgmt/tm/ltm/pool/~Common~web/members",
+            sim.base_url()
+        ))
         .basic_auth("admin", Some("admin"))
         .body("{nope")
         .send()
@@ -216,11 +276,21 @@ async fn mgmt_requires_basic_auth_with_the_configured_credentials() {
     let sim = start().await;
 
     let none = call(&sim, reqwest::Method::GET, "/mgmt/tm/ltm/pool", None, None).await;
-    let wrong = call(&sim, reqwest::Method::GET, "/mgmt/tm/ltm/pool", None, Some(("admin", "nope"))).await;
+    let wrong = call(
+        &sim,
+        reqwest::Method::GET,
+        "/mgmt/tm/ltm/pool",
+        None,
+        Some(("admin", "nope")),
+    )
+    .await;
     let right = call(&sim, reqwest::Method::GET, "/mgmt/tm/ltm/pool", None, ADMIN).await;
     let sneaky = add_without_auth(&sim).await;
 
-    assert_eq!((none.status, wrong.status, right.status, sneaky), (401, 401, 200, 401));
+    assert_eq!(
+        (none.status, wrong.status, right.status, sneaky),
+        (401, 401, 200, 401)
+    );
     assert_eq!(none.body["code"], 401);
     assert!(sim.pools()["/Common/web"].is_empty());
     assert_eq!(sim.stats().unauthorized, 3);
@@ -229,7 +299,10 @@ async fn mgmt_requires_basic_auth_with_the_configured_credentials() {
 
 async fn add_without_auth(sim: &BigipSim) -> u16 {
     reqwest::Client::new()
-        .post(format!("{}/mgmt/tm/ltm/pool/~Common~web/members", sim.base_url()))
+        .post(format!(
+            "{}/mgmt/tm/ltm/pool/~Common~web/members",
+            sim.base_url()
+        ))
         .json(&json!({ "name": "10.0.0.1:80" }))
         .send()
         .await
@@ -244,11 +317,37 @@ async fn pools_list_and_read_back_like_icontrol() {
     add(&sim, "~Common~web", "10.0.0.1:80").await;
 
     let list = call(&sim, reqwest::Method::GET, "/mgmt/tm/ltm/pool", None, ADMIN).await;
-    let one = call(&sim, reqwest::Method::GET, "/mgmt/tm/ltm/pool/~Common~web", None, ADMIN).await;
-    let member = call(&sim, reqwest::Method::GET, "/mgmt/tm/ltm/pool/~Common~web/members/~Common~10.0.0.1:80", None, ADMIN).await;
-    let unknown = call(&sim, reqwest::Method::GET, "/mgmt/tm/ltm/virtual", None, ADMIN).await;
+    let one = call(
+        &sim,
+        reqwest::Method::GET,
+        "/mgmt/tm/ltm/pool/~Common~web",
+        None,
+        ADMIN,
+    )
+    .await;
+    let member = call(
+        &sim,
+        reqwest::Method::GET,
+        "/mgmt/tm/ltm/pool/~Common~web/members/~Common~10.0.0.1:80",
+        None,
+        ADMIN,
+    )
+    .await;
+    let unknown = call(
+        &sim,
+        reqwest::Method::GET,
+        "/mgmt/tm/ltm/virtual",
+        None,
+        ADMIN,
+    )
+    .await;
 
-    let paths: Vec<&str> = list.body["items"].as_array().unwrap().iter().map(|p| p["fullPath"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["fullPath"].as_str().unwrap())
+        .collect();
     assert_eq!(paths, ["/Common/web", "/Tenant1/app"]);
     assert_eq!(one.body["name"], "web");
     assert_eq!(one.body["partition"], "Common");
@@ -262,22 +361,52 @@ async fn control_endpoints_create_list_and_delete_pools() {
     let sim = start_with(&[]).await;
     let client = reqwest::Client::new();
 
-    let created = client.post(format!("{}/_sim/pools/web", sim.base_url())).send().await.expect("answers");
-    let again = client.post(format!("{}/_sim/pools/web", sim.base_url())).send().await.expect("answers");
-    let tenant = client.post(format!("{}/_sim/pools/~Tenant1~app", sim.base_url())).send().await.expect("answers");
-    let bad = client.post(format!("{}/_sim/pools/a%20b", sim.base_url())).send().await.expect("answers");
+    let created = client
+        .post(format!("{}/_sim/pools/web", sim.base_url()))
+        .send()
+        .await
+        .expect("answers");
+    let again = client
+        .post(format!("{}/_sim/pools/web", sim.base_url()))
+        .send()
+        .await
+        .expect("answers");
+    let tenant = client
+        .post(format!("{}/_sim/pools/~Tenant1~app", sim.base_url()))
+        .send()
+        .await
+        .expect("answers");
+    let bad = client
+        .post(format!("{}/_sim/pools/a%20b", sim.base_url()))
+        .send()
+        .await
+        .expect("answers");
     add(&sim, "~Common~web", "10.0.0.1:80").await;
-    let listed: BTreeMap<String, Vec<String>> = reqwest::get(format!("{}/_sim/pools", sim.base_url()))
+    let listed: BTreeMap<String, Vec<String>> =
+        reqwest::get(format!("{}/_sim/pools", sim.base_url()))
+            .await
+            .expect("answers")
+            .json()
+            .await
+            .expect("json");
+    let deleted = client
+        .delete(format!("{}/_sim/pools/~Tenant1~app", sim.base_url()))
+        .send()
         .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("json");
-    let deleted = client.delete(format!("{}/_sim/pools/~Tenant1~app", sim.base_url())).send().await.expect("answers");
+        .expect("answers");
 
-    let statuses = [created.status(), again.status(), tenant.status(), bad.status()].map(|s| s.as_u16());
+    let statuses = [
+        created.status(),
+        again.status(),
+        tenant.status(),
+        bad.status(),
+    ]
+    .map(|s| s.as_u16());
     assert_eq!(statuses, [201, 200, 201, 400]);
-    assert_eq!(listed, pools(&[("/Common/web", &["10.0.0.1:80"]), ("/Tenant1/app", &[])]));
+    assert_eq!(
+        listed,
+        pools(&[("/Common/web", &["10.0.0.1:80"]), ("/Tenant1/app", &[])])
+    );
     assert_eq!(deleted.status(), 204);
     assert_eq!(sim.pools(), pools(&[("/Common/web", &["10.0.0.1:80"])]));
     sim.shutdown().await;
@@ -299,9 +428,15 @@ async fn members_are_listed_sorted_and_stats_count_them() {
         .await
         .expect("json");
 
-    assert_eq!(sim.pools()["/Common/web"], ["10.0.0.10:80", "10.0.0.1:80", "10.0.0.2:80"]);
+    assert_eq!(
+        sim.pools()["/Common/web"],
+        ["10.0.0.10:80", "10.0.0.1:80", "10.0.0.2:80"]
+    );
     assert_eq!(sim.pools()["/Common/api"], ["10.0.0.9:8080"]);
-    assert_eq!((stats.requests, stats.members_added, stats.members), (3, 3, 4));
+    assert_eq!(
+        (stats.requests, stats.members_added, stats.members),
+        (3, 3, 4)
+    );
     sim.shutdown().await;
 }
 
@@ -324,14 +459,20 @@ async fn fail_next_answers_the_status_with_retry_after_then_recovers() {
 
     let first = add(&sim, "~Common~web", "10.0.0.1:80").await;
     let second = add(&sim, "~Common~web", "10.0.0.1:80").await;
-    assert!(sim.pools()["/Common/web"].is_empty(), "a failed request changes nothing");
+    assert!(
+        sim.pools()["/Common/web"].is_empty(),
+        "a failed request changes nothing"
+    );
     let third = add(&sim, "~Common~web", "10.0.0.1:80").await;
 
     assert_eq!([first.status, second.status, third.status], [503, 503, 200]);
     assert_eq!(first.retry_after.as_deref(), Some("7"));
     assert_eq!(first.body["code"], 503);
     let stats = sim.stats();
-    assert_eq!((stats.requests, stats.errors, stats.members_added), (3, 2, 1));
+    assert_eq!(
+        (stats.requests, stats.errors, stats.members_added),
+        (3, 2, 1)
+    );
     sim.shutdown().await;
 }
 
@@ -368,21 +509,32 @@ async fn dropped_connections_give_the_client_a_connection_error_without_any_answ
         .basic_auth("admin", Some("admin"))
         .send()
         .await;
-    let mut raw = tokio::net::TcpStream::connect(sim.addr()).await.expect("connects");
-    raw.write_all(b"GET /mgmt/tm/ltm/pool HTTP/1.1\r\nHost: bigip\r\n\r\n").await.expect("writes");
+    let mut raw = tokio::net::TcpStream::connect(sim.addr())
+        .await
+        .expect("connects");
+    raw.write_all(b"GET /mgmt/tm/ltm/pool HTTP/1.1\r\nHost: bigip\r\n\r\n")
+        .await
+        .expect("writes");
     let mut received = Vec::new();
     let read = raw.read_to_end(&mut received).await;
 
     let error = through_reqwest.expect_err("no answer arrives");
     assert!(!error.is_timeout(), "{error}");
-    assert!(received.is_empty(), "got {:?}", String::from_utf8_lossy(&received));
+    assert!(
+        received.is_empty(),
+        "got {:?}",
+        String::from_utf8_lossy(&received)
+    );
     // Either an orderly EOF or a reset, depending on unread bytes: both close.
     drop(read);
 
     sim.set_faults(Faults::default());
     assert_eq!(members(&sim, "~Common~web").await.status, 200);
     let log = sim.requests(3);
-    assert_eq!(log.iter().map(|r| r.status_code).collect::<Vec<_>>(), [None, None, Some(200)]);
+    assert_eq!(
+        log.iter().map(|r| r.status_code).collect::<Vec<_>>(),
+        [None, None, Some(200)]
+    );
     sim.shutdown().await;
 }
 
@@ -402,7 +554,10 @@ async fn the_request_log_shows_method_path_and_body_but_no_credentials() {
     assert_eq!(log.len(), 2);
     assert_eq!(log[0].method, "POST");
     assert_eq!(log[0].path, "/mgmt/tm/ltm/pool/~Common~web/members");
-    assert_eq!(log[0].body, Some(json!({ "name": "10.0.0.1:80", "address": "10.0.0.1" })));
+    assert_eq!(
+        log[0].body,
+        Some(json!({ "name": "10.0.0.1:80", "address": "10.0.0.1" }))
+    );
     assert_eq!(log[1].method, "DELETE");
     assert_eq!(log[1].status_code, Some(200));
     let raw = serde_json::to_string(&log).expect("serialises");
@@ -440,7 +595,10 @@ async fn a_bad_configured_pool_fails_start_with_its_name() {
         ..BigipConfig::default()
     };
 
-    let error = BigipSim::start(([127, 0, 0, 1], 0).into(), config).await.err().expect("refused");
+    let error = BigipSim::start(([127, 0, 0, 1], 0).into(), config)
+        .await
+        .err()
+        .expect("refused");
 
     assert!(error.to_string().contains("a b"), "{error}");
 }

@@ -56,16 +56,28 @@ pub async fn wait_until(what: &str, limit: std::time::Duration, mut ready: impl 
 /// A loopback port that was free a moment ago, for a process that must be
 /// told its port before it starts (the real binary, a fixed admin port).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until no delivery of `app` is pending, in flight or retrying.
 pub async fn drained(app: &prismhook::app::App) {
     // Events just acknowledged may not have reached the ledger's index yet.
     tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-    wait_until("deliveries to finish", std::time::Duration::from_secs(30), || {
-        app.ledger.backlog().unwrap().iter().all(|b| b.pending + b.in_flight + b.retrying == 0)
-    })
+    wait_until(
+        "deliveries to finish",
+        std::time::Duration::from_secs(30),
+        || {
+            app.ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .all(|b| b.pending + b.in_flight + b.retrying == 0)
+        },
+    )
     .await;
 }
 

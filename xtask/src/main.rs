@@ -20,7 +20,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "lld-19", "wasi-libc"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "lld-19",
+    "wasi-libc",
+];
 const RUSTC: &str = "/usr/bin/rustc";
 const CARGO: &str = "/usr/bin/cargo";
 const WASM_LD: &str = "/usr/lib/llvm-19/bin/wasm-ld";
@@ -45,14 +51,19 @@ fn main() -> Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// Rust guests: shipped plugins and the test guests.
 fn guest_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
     for parent in ["plugins", "tests/guests"] {
-        let Ok(entries) = std::fs::read_dir(root.join(parent)) else { continue };
+        let Ok(entries) = std::fs::read_dir(root.join(parent)) else {
+            continue;
+        };
         for entry in entries {
             let path = entry?.path();
             if path.join("Cargo.toml").is_file() {
@@ -72,7 +83,11 @@ fn build_plugins(args: &[String]) -> Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--dir" => one_dir = Some(PathBuf::from(args.next().context("--dir needs a path")?)),
-            "--out" => out_dir = Some(PathBuf::from(args.next().context("--out needs a directory")?)),
+            "--out" => {
+                out_dir = Some(PathBuf::from(
+                    args.next().context("--out needs a directory")?,
+                ))
+            }
             flag if flag.starts_with("--") => bail!("unknown option {flag}"),
             name => only.push(name.to_owned()),
         }
@@ -132,16 +147,28 @@ fn build_all(root: &Path, out_dir: &Path, only: &[String]) -> Result<()> {
 /// module into `out_dir/<name>.wasm`.
 fn build_rust_guest(dir: &Path, name: &str, out_dir: &Path, target_dir: &Path) -> Result<()> {
     let started = Instant::now();
-    println!("xtask: building guest `{name}` ({}) for {TARGET}", dir.display());
+    println!(
+        "xtask: building guest `{name}` ({}) for {TARGET}",
+        dir.display()
+    );
     let status = Command::new(CARGO)
         .current_dir(dir)
-        .args(["build", "--release", "--target", TARGET, "-Zbuild-std=std,panic_abort"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            TARGET,
+            "-Zbuild-std=std,panic_abort",
+        ])
         .arg("--target-dir")
         .arg(target_dir)
         .env("RUSTC", RUSTC)
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_WASM32_WASIP1_LINKER", WASM_LD)
-        .env("RUSTFLAGS", format!("-C link-self-contained=no -L native={WASI_LIBC}"))
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-self-contained=no -L native={WASI_LIBC}"),
+        )
         // The host's rustup toolchain must not leak into Debian's cargo.
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO")
@@ -174,7 +201,9 @@ fn build_rust_guest(dir: &Path, name: &str, out_dir: &Path, target_dir: &Path) -
 fn package_name(dir: &Path) -> Result<String> {
     let manifest = dir.join("Cargo.toml");
     let text = std::fs::read_to_string(&manifest)?;
-    let doc: toml::Table = text.parse().with_context(|| format!("parsing {}", manifest.display()))?;
+    let doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", manifest.display()))?;
     doc.get("package")
         .and_then(|p| p.get("name"))
         .and_then(|n| n.as_str())
@@ -183,7 +212,9 @@ fn package_name(dir: &Path) -> Result<String> {
 }
 
 fn is_newer(a: &Path, b: &Path) -> Result<bool> {
-    let Ok(a) = std::fs::metadata(a) else { return Ok(false) };
+    let Ok(a) = std::fs::metadata(a) else {
+        return Ok(false);
+    };
     let b = std::fs::metadata(b).with_context(|| format!("{} was not built", b.display()))?;
     Ok(a.modified()? > b.modified()?)
 }
@@ -218,7 +249,11 @@ fn ensure_toolchain() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
     if !is_root {
         bail!(
             "missing Debian packages: {}; install them with\n  sudo apt-get update && sudo apt-get install -y {}",
@@ -267,7 +302,14 @@ const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 /// plugin's `http` import is the only way out) and the fetch-event export.
 const COMPONENTIZE_JS_DISABLE: &[&str] = &["http", "fetch-event"];
 /// Directories that are never part of a component's sources.
-const NOT_SOURCES: &[&str] = &["node_modules", "__pycache__", ".pytest_cache", "target", "tests", "test"];
+const NOT_SOURCES: &[&str] = &[
+    "node_modules",
+    "__pycache__",
+    ".pytest_cache",
+    "target",
+    "tests",
+    "test",
+];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Script {
@@ -280,7 +322,9 @@ enum Script {
 fn scripted_guest_dirs(root: &Path) -> Result<Vec<(PathBuf, Script)>> {
     let mut dirs = Vec::new();
     for parent in ["plugins", "tests/guests"] {
-        let Ok(entries) = std::fs::read_dir(root.join(parent)) else { continue };
+        let Ok(entries) = std::fs::read_dir(root.join(parent)) else {
+            continue;
+        };
         for entry in entries {
             let path = entry?.path();
             if path.join("Cargo.toml").is_file() {
@@ -321,13 +365,25 @@ fn wit_dir(root: &Path, dir: &Path) -> PathBuf {
     }
 }
 
-fn build_scripted_guest(root: &Path, dir: &Path, name: &str, script: Script, out_dir: &Path) -> Result<()> {
+fn build_scripted_guest(
+    root: &Path,
+    dir: &Path,
+    name: &str,
+    script: Script,
+    out_dir: &Path,
+) -> Result<()> {
     let started = Instant::now();
     let component = out_dir.join(format!("{name}.wasm"));
     let stamp = out_dir.join(format!(".{name}.tool"));
     let (language, tool) = match script {
-        Script::Python => ("Python", format!("componentize-py {COMPONENTIZE_PY_VERSION}")),
-        Script::JavaScript => ("JavaScript", format!("componentize-js {}", componentize_js_pin(dir)?)),
+        Script::Python => (
+            "Python",
+            format!("componentize-py {COMPONENTIZE_PY_VERSION}"),
+        ),
+        Script::JavaScript => (
+            "JavaScript",
+            format!("componentize-js {}", componentize_js_pin(dir)?),
+        ),
     };
     let newest = newest_source(dir)?.max(newest_source(&wit_dir(root, dir))?);
     let fresh = std::fs::metadata(&component)
@@ -335,10 +391,16 @@ fn build_scripted_guest(root: &Path, dir: &Path, name: &str, script: Script, out
         .is_ok_and(|built_at| Some(built_at) > newest)
         && std::fs::read_to_string(&stamp).is_ok_and(|t| t == tool);
     if fresh {
-        println!("xtask: {} is up to date ({language}, {tool})", component.display());
+        println!(
+            "xtask: {} is up to date ({language}, {tool})",
+            component.display()
+        );
         return Ok(());
     }
-    println!("xtask: building {language} guest `{name}` ({}) with {tool}", dir.display());
+    println!(
+        "xtask: building {language} guest `{name}` ({}) with {tool}",
+        dir.display()
+    );
     // Write then rename, so a host watching target/plugins never sees half a file.
     let tmp = component.with_extension("wasm.tmp");
     match script {
@@ -361,7 +423,9 @@ fn newest_source(dir: &Path) -> Result<Option<std::time::SystemTime>> {
     let mut newest = None;
     let mut stack = vec![dir.to_owned()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
             let entry = entry?;
             let kind = entry.file_type()?;
             if kind.is_dir() {
@@ -387,7 +451,8 @@ fn build_python(root: &Path, dir: &Path, out: &Path) -> Result<()> {
         .arg("--output")
         .arg(out)
         .current_dir(dir);
-    run(&mut componentize).with_context(|| format!("building the Python guest in {}", dir.display()))
+    run(&mut componentize)
+        .with_context(|| format!("building the Python guest in {}", dir.display()))
 }
 
 /// A command that runs the pinned componentize-py: the one on `PATH` when it
@@ -397,19 +462,34 @@ fn componentize_py(root: &Path) -> Result<Command> {
     let on_path = Command::new("componentize-py")
         .arg("--version")
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).split_whitespace().any(|w| w == COMPONENTIZE_PY_VERSION))
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .any(|w| w == COMPONENTIZE_PY_VERSION)
+        })
         .unwrap_or(false);
     if on_path {
         return Ok(Command::new("componentize-py"));
     }
-    let tools = root.join("target/tools").join(format!("componentize-py-{COMPONENTIZE_PY_VERSION}"));
+    let tools = root
+        .join("target/tools")
+        .join(format!("componentize-py-{COMPONENTIZE_PY_VERSION}"));
     if !tools.join("componentize_py").is_dir() {
         println!(
             "xtask: installing componentize-py {COMPONENTIZE_PY_VERSION} from PyPI into {}",
             tools.display()
         );
         run(Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "--target"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--target",
+            ])
             .arg(&tools)
             .arg(format!("componentize-py=={COMPONENTIZE_PY_VERSION}")))
         .context("installing componentize-py with pip (is python3 with pip installed?)")?;
@@ -425,7 +505,10 @@ fn componentize_py(root: &Path) -> Result<Command> {
 fn componentize_js_pin(dir: &Path) -> Result<String> {
     let lock = dir.join("package-lock.json");
     let text = std::fs::read_to_string(&lock).with_context(|| {
-        format!("reading {}: a JavaScript guest must commit its lock file (run `npm install` there)", lock.display())
+        format!(
+            "reading {}: a JavaScript guest must commit its lock file (run `npm install` there)",
+            lock.display()
+        )
     })?;
     // The lock is JSON: find `"node_modules/@bytecodealliance/componentize-js": { ... "version": "X"`.
     let key = "\"node_modules/@bytecodealliance/componentize-js\"";
@@ -433,7 +516,12 @@ fn componentize_js_pin(dir: &Path) -> Result<String> {
         .find(key)
         .and_then(|at| text[at..].find("\"version\"").map(|v| at + v))
         .and_then(|at| text[at + "\"version\"".len()..].split('"').nth(1))
-        .with_context(|| format!("{} does not pin @bytecodealliance/componentize-js", lock.display()))?;
+        .with_context(|| {
+            format!(
+                "{} does not pin @bytecodealliance/componentize-js",
+                lock.display()
+            )
+        })?;
     Ok(version.to_owned())
 }
 
@@ -462,24 +550,37 @@ fn build_javascript(root: &Path, dir: &Path, out: &Path) -> Result<()> {
         componentize.args(["--disable", feature]);
     }
     componentize.arg("--out").arg(out).current_dir(dir);
-    run(&mut componentize).with_context(|| format!("building the JavaScript guest in {}", dir.display()))
+    run(&mut componentize)
+        .with_context(|| format!("building the JavaScript guest in {}", dir.display()))
 }
 
 /// `"name": "value"` at the top of a small JSON document such as package.json.
 fn json_string_field(json: &str, name: &str) -> Option<String> {
     let at = json.find(&format!("\"{name}\""))?;
-    let rest = json[at + name.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = json[at + name.len() + 2..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
     rest.strip_prefix('"')?.split('"').next().map(str::to_owned)
 }
 
 /// Node.js and npm, from Debian when missing (as root); otherwise says what
 /// to install.
 fn ensure_node() -> Result<()> {
-    let works = |tool: &str| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    let works = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if works("node") && works("npm") {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
     if !is_root {
         bail!("JavaScript guests need Node.js 18 or newer and npm; install them with\n  sudo apt-get install -y nodejs npm");
     }

@@ -24,8 +24,14 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 pub fn component(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: build the guest components first with `cargo xtask plugins`", path.display());
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the guest components first with `cargo xtask plugins`",
+        path.display()
+    );
     path
 }
 
@@ -72,8 +78,14 @@ impl VmTemplate {
 
     pub fn from_text(name: String, text: &str) -> VmTemplate {
         let json: serde_json::Value = serde_json::from_str(text).expect("fixture is JSON");
-        let uuid = json["entity_reference"]["uuid"].as_str().expect("fixture has an entity uuid").to_owned();
-        let event_type = json["event_type"].as_str().unwrap_or("VM.UPDATE").to_owned();
+        let uuid = json["entity_reference"]["uuid"]
+            .as_str()
+            .expect("fixture has an entity uuid")
+            .to_owned();
+        let event_type = json["event_type"]
+            .as_str()
+            .unwrap_or("VM.UPDATE")
+            .to_owned();
         let mut parts = Vec::new();
         let mut ips: Vec<String> = Vec::new();
         let mut rest = text;
@@ -103,7 +115,11 @@ impl VmTemplate {
             }
         }
         parts.push(Part::Text(rest.to_owned()));
-        VmTemplate { name, event_type, parts }
+        VmTemplate {
+            name,
+            event_type,
+            parts,
+        }
     }
 
     /// The body for VM number `n` of series `series`.
@@ -124,7 +140,10 @@ impl VmTemplate {
         let mut t = self.clone();
         for p in &mut t.parts {
             if let Part::Text(s) = p {
-                *s = s.replace(&format!("\"event_type\": \"{}\"", self.event_type), &format!("\"event_type\": \"{event_type}\""));
+                *s = s.replace(
+                    &format!("\"event_type\": \"{}\"", self.event_type),
+                    &format!("\"event_type\": \"{event_type}\""),
+                );
             }
         }
         t.event_type = event_type.to_owned();
@@ -138,11 +157,20 @@ pub fn vm_uuid(series: u32, n: u64) -> String {
 
 /// Distinct for every (series, n < 2^24, nic < 4).
 pub fn vm_ip(series: u32, n: u64, nic: usize) -> String {
-    format!("{}.{}.{}.{}", 10 + (series % 50) * 4 + nic as u32 % 4, (n >> 16) & 255, (n >> 8) & 255, n & 255)
+    format!(
+        "{}.{}.{}.{}",
+        10 + (series % 50) * 4 + nic as u32 % 4,
+        (n >> 16) & 255,
+        (n >> 8) & 255,
+        n & 255
+    )
 }
 
 pub fn basic_auth(user: &str, password: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 // ---------------------------------------------------------------- figures
@@ -208,7 +236,11 @@ pub fn machine_note() {
 pub fn fsync_probe() -> (f64, f64) {
     use std::io::Write;
     let path = std::env::temp_dir().join(format!("prismhook-fsync-probe-{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
     let block = vec![b'x'; 5000];
     let mut t = Vec::with_capacity(200);
     for _ in 0..200 {
@@ -342,7 +374,16 @@ fn parse_duration_us(s: &str) -> f64 {
 }
 
 /// Runs wrk (blocking: call from `spawn_blocking`) against `url`.
-pub fn run_wrk(url: &str, threads: u32, conns: u32, duration: Duration, script: &Path, auth: &str, round: u32, fixtures: &[PathBuf]) -> WrkResult {
+pub fn run_wrk(
+    url: &str,
+    threads: u32,
+    conns: u32,
+    duration: Duration,
+    script: &Path,
+    auth: &str,
+    round: u32,
+    fixtures: &[PathBuf],
+) -> WrkResult {
     let mut cmd = Command::new("wrk");
     cmd.arg(format!("-t{threads}"))
         .arg(format!("-c{conns}"))
@@ -362,7 +403,11 @@ pub fn run_wrk(url: &str, threads: u32, conns: u32, duration: Duration, script: 
     let out = cmd.output().expect("running wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        panic!("wrk failed: {}\n{}", text, String::from_utf8_lossy(&out.stderr));
+        panic!(
+            "wrk failed: {}\n{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut r = WrkResult::default();
     let mut in_dist = false;
@@ -388,7 +433,13 @@ pub fn run_wrk(url: &str, threads: u32, conns: u32, duration: Duration, script: 
             // "123456 requests in 5.00s, 10.00MB read"
             let mut it = l.split_whitespace();
             r.requests = it.next().unwrap().parse().unwrap_or(0);
-            let secs = l.split(" requests in ").nth(1).unwrap().split(',').next().unwrap();
+            let secs = l
+                .split(" requests in ")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap();
             r.seconds = parse_duration_us(secs) / 1e6;
         }
         if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
@@ -398,7 +449,11 @@ pub fn run_wrk(url: &str, threads: u32, conns: u32, duration: Duration, script: 
             // "connect 0, read 0, write 0, timeout 0"
             r.socket_errors = v
                 .split(',')
-                .filter_map(|p| p.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+                .filter_map(|p| {
+                    p.split_whitespace()
+                        .nth(1)
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
                 .sum();
         }
     }
@@ -424,7 +479,14 @@ pub struct PacedResult {
 
 /// Open-loop load: request i is sent at `start + i / rate`, whatever the
 /// answers before it are doing, over a pool of keep-alive connections.
-pub async fn paced(client: &reqwest::Client, url: &str, auth: &str, per_s: u64, duration: Duration, body: impl Fn(u64) -> String) -> PacedResult {
+pub async fn paced(
+    client: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    per_s: u64,
+    duration: Duration,
+    body: impl Fn(u64) -> String,
+) -> PacedResult {
     let total = per_s * duration.as_secs();
     let interval = Duration::from_nanos(1_000_000_000 / per_s);
     let accepted = Arc::new(AtomicU64::new(0));
@@ -468,15 +530,29 @@ pub async fn paced(client: &reqwest::Client, url: &str, auth: &str, per_s: u64, 
 
 /// `n` POSTs from `concurrency` keep-alive workers, as fast as answered.
 /// Returns (accepted, other, elapsed).
-pub async fn burst(client: &reqwest::Client, url: &str, auth: &str, n: u64, concurrency: usize, body: Arc<dyn Fn(u64) -> String + Send + Sync>) -> (u64, u64, Duration) {
+pub async fn burst(
+    client: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    n: u64,
+    concurrency: usize,
+    body: Arc<dyn Fn(u64) -> String + Send + Sync>,
+) -> (u64, u64, Duration) {
     let next = Arc::new(AtomicU64::new(0));
     let accepted = Arc::new(AtomicU64::new(0));
     let other = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
-        let (client, url, auth, next, accepted, other, body) =
-            (client.clone(), url.to_owned(), auth.to_owned(), next.clone(), accepted.clone(), other.clone(), body.clone());
+        let (client, url, auth, next, accepted, other, body) = (
+            client.clone(),
+            url.to_owned(),
+            auth.to_owned(),
+            next.clone(),
+            accepted.clone(),
+            other.clone(),
+            body.clone(),
+        );
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -503,12 +579,18 @@ pub async fn burst(client: &reqwest::Client, url: &str, auth: &str, n: u64, conc
         });
     }
     while tasks.join_next().await.is_some() {}
-    (accepted.load(Ordering::Relaxed), other.load(Ordering::Relaxed), started.elapsed())
+    (
+        accepted.load(Ordering::Relaxed),
+        other.load(Ordering::Relaxed),
+        started.elapsed(),
+    )
 }
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .try_init();
 }
 
@@ -537,8 +619,12 @@ pub async fn start_host() -> HostRig {
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::copy(component("paloalto"), plugins.join("paloalto.wasm")).unwrap();
-    let prism = PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default()).await.unwrap();
-    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default()).await.unwrap();
+    let prism = PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
+        .await
+        .unwrap();
+    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
+        .await
+        .unwrap();
     let fw = panos.base_url();
     let text = format!(
         r#"
@@ -574,33 +660,52 @@ reconcile_interval = "0s"
     let app = prismhook::app::App::start(config).await.unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     while !app.cluster_status().iter().all(|c| c.registered) {
-        assert!(Instant::now() < until, "webhook registration did not finish");
+        assert!(
+            Instant::now() < until,
+            "webhook registration did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Measure Cranelift's code, not the Winch code a cold start serves with.
     wait_for_cranelift(&app).await;
     let url = format!("http://{}/listener/callback/lab", app.listener_addr);
-    HostRig { app, panos, prism, url, auth: basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD), dir }
+    HostRig {
+        app,
+        panos,
+        prism,
+        url,
+        auth: basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD),
+        dir,
+    }
 }
 
 /// Waits until every loaded plugin runs Cranelift's code.
 pub async fn wait_for_cranelift(app: &prismhook::app::App) {
     let until = Instant::now() + Duration::from_secs(300);
     let optimized = || {
-        app.registry
-            .snapshot()
-            .values()
-            .all(|e| e.plugin.as_ref().is_none_or(|p| p.tier() == prismhook::runtime::Tier::Optimized))
+        app.registry.snapshot().values().all(|e| {
+            e.plugin
+                .as_ref()
+                .is_none_or(|p| p.tier() == prismhook::runtime::Tier::Optimized)
+        })
     };
     while !optimized() {
-        assert!(Instant::now() < until, "plugins still on Winch's code after 300 s");
+        assert!(
+            Instant::now() < until,
+            "plugins still on Winch's code after 300 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
 /// Deliveries still to make (pending, in flight or retrying), all plugins.
 pub fn undelivered(ledger: &prismhook::ledger::Ledger) -> u64 {
-    ledger.backlog().unwrap().iter().map(|b| b.pending + b.in_flight).sum()
+    ledger
+        .backlog()
+        .unwrap()
+        .iter()
+        .map(|b| b.pending + b.in_flight)
+        .sum()
 }
 
 /// Waits until every delivery is made; how long that took, or None.

@@ -760,7 +760,10 @@ mod tests {
             text.contains("probe: quarantined (until 2023-11-14T22:13:20Z): trapped in handle"),
             "{text}"
         );
-        assert!(text.contains("probe: serving Winch's code while Cranelift compiles it"), "{text}");
+        assert!(
+            text.contains("probe: serving Winch's code while Cranelift compiles it"),
+            "{text}"
+        );
         assert!(!text.contains("paloalto: serving"), "{text}");
     }
 

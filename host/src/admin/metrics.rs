@@ -311,7 +311,10 @@ impl Collector for HostCollector {
             .snapshot()
             .into_iter()
             .map(|((plugin, origin, result), n)| {
-                (vec![("plugin", plugin), ("origin", origin), ("result", result)], n)
+                (
+                    vec![("plugin", plugin), ("origin", origin), ("result", result)],
+                    n,
+                )
             })
             .collect();
         counter(
@@ -329,7 +332,12 @@ impl Collector for HostCollector {
             ("failed", &counts.failed),
         ]
         .into_iter()
-        .map(|(result, n)| (vec![("result", result.to_owned())], n.load(Ordering::Relaxed)))
+        .map(|(result, n)| {
+            (
+                vec![("result", result.to_owned())],
+                n.load(Ordering::Relaxed),
+            )
+        })
         .collect();
         counter(
             e,

@@ -270,13 +270,23 @@ async fn a_done_behind_a_retry_in_the_same_batch_comes_again_after_it() {
     ];
     ledger.complete("fw", results).await.unwrap();
     let b = backlog_of(&ledger, "fw");
-    assert_eq!((b.delivered, b.pending, b.retrying, b.in_flight), (2, 2, 1, 0));
-    assert!(ledger.claim("fw", 10).await.unwrap().is_empty(), "a waits for a2's retry time");
+    assert_eq!(
+        (b.delivered, b.pending, b.retrying, b.in_flight),
+        (2, 2, 1, 0)
+    );
+    assert!(
+        ledger.claim("fw", 10).await.unwrap().is_empty(),
+        "a waits for a2's retry time"
+    );
 
     until_due(&ledger, "fw", Duration::from_secs(2)).await;
     let again = ledger.claim("fw", 10).await.unwrap();
     assert_eq!(ids(&again), [a2, a3]);
-    assert_eq!((again[0].attempt, again[1].attempt), (2, 1), "held back, a3 used no attempt");
+    assert_eq!(
+        (again[0].attempt, again[1].attempt),
+        (2, 1),
+        "held back, a3 used no attempt"
+    );
 }
 
 #[tokio::test]
@@ -289,7 +299,10 @@ async fn a_done_behind_a_retry_that_dies_is_delivered() {
     let a2 = append(&ledger, "a", &["fw"]).await;
     let batch = ledger.claim("fw", 10).await.unwrap();
     assert_eq!(ids(&batch), [a1, a2]);
-    ledger.complete("fw", vec![(a1, retry("no")), (a2, Outcome::Done)]).await.unwrap();
+    ledger
+        .complete("fw", vec![(a1, retry("no")), (a2, Outcome::Done)])
+        .await
+        .unwrap();
     let b = backlog_of(&ledger, "fw");
     assert_eq!((b.delivered, b.dead, b.pending), (1, 1, 0));
 }

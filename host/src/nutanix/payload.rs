@@ -144,7 +144,10 @@ fn quick_envelope(body: &[u8]) -> Option<Envelope> {
         .and_then(|data| data.get("metadata").copied())
         .and_then(|m| serde_json::from_str::<RawObject>(m.get()).ok())
         .filter(|m| !m.is_empty());
-    let meta = intent.as_ref().and_then(|i| i.get("metadata")).and_then(|m| small(m));
+    let meta = intent
+        .as_ref()
+        .and_then(|i| i.get("metadata"))
+        .and_then(|m| small(m));
     let (entity_uuid, entity_kind) = entity(&event_type, reference.as_ref(), meta.as_ref())?;
     let dedupe_key = versioned_key(&event_type, &entity_uuid, meta.as_ref())?;
     Some(Envelope {
@@ -158,8 +161,16 @@ fn quick_envelope(body: &[u8]) -> Option<Envelope> {
 /// The entity's uuid and lower-case kind, from the notification's
 /// `entity_reference` or else the intent's `metadata`; the kind falls back
 /// to the event type's `KIND`. `None` without a uuid.
-fn entity(event_type: &str, reference: Option<&Value>, meta: Option<&Value>) -> Option<(String, String)> {
-    let field = |name: &str| reference.and_then(|r| str_at(r, name)).or_else(|| meta.and_then(|m| str_at(m, name)));
+fn entity(
+    event_type: &str,
+    reference: Option<&Value>,
+    meta: Option<&Value>,
+) -> Option<(String, String)> {
+    let field = |name: &str| {
+        reference
+            .and_then(|r| str_at(r, name))
+            .or_else(|| meta.and_then(|m| str_at(m, name)))
+    };
     let uuid = field("/uuid")?.to_owned();
     let kind = field("/kind")
         .unwrap_or_else(|| event_type.split_once('.').map_or("", |(k, _)| k))
@@ -612,7 +623,9 @@ mod tests {
             b"\xff".to_vec(),
         ]);
         for body in &bodies {
-            let full = parse_notification(body).map(Envelope::from).map_err(|e| e.to_string());
+            let full = parse_notification(body)
+                .map(Envelope::from)
+                .map_err(|e| e.to_string());
             let quick = parse_envelope(body).map_err(|e| e.to_string());
             assert_eq!(quick, full, "{}", String::from_utf8_lossy(body));
         }

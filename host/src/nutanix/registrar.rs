@@ -49,7 +49,12 @@ pub fn expand(subscriptions: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for s in subscriptions {
         if s.contains('*') {
-            out.extend(KNOWN_EVENTS.iter().filter(|e| matches(s, e)).map(|e| e.to_string()));
+            out.extend(
+                KNOWN_EVENTS
+                    .iter()
+                    .filter(|e| matches(s, e))
+                    .map(|e| e.to_string()),
+            );
         } else {
             out.push(s.to_ascii_uppercase());
         }
@@ -125,7 +130,10 @@ impl Registrar {
                 tasks: Mutex::default(),
             }),
         };
-        let tasks = vec![tokio::spawn(r.clone().run_registration()), tokio::spawn(r.clone().run_reconcile())];
+        let tasks = vec![
+            tokio::spawn(r.clone().run_registration()),
+            tokio::spawn(r.clone().run_reconcile()),
+        ];
         *r.inner.tasks.lock().expect("tasks lock") = tasks;
         Ok(r)
     }
@@ -171,7 +179,8 @@ impl Registrar {
                 }
                 Err(e) => {
                     tracing::error!(cluster = %self.inner.cluster.name, "webhook registration failed (retrying in {backoff:?}): {e:#}");
-                    self.inner.status.lock().expect("status lock").last_error = Some(format!("{e:#}"));
+                    self.inner.status.lock().expect("status lock").last_error =
+                        Some(format!("{e:#}"));
                     let w = backoff;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     w
@@ -197,7 +206,10 @@ impl Registrar {
             client: &self.inner.client,
             cluster: &self.inner.cluster.name,
             name: self.webhook_name(),
-            description: format!("prismhook instance `{}`: managed, do not edit", self.inner.config.instance),
+            description: format!(
+                "prismhook instance `{}`: managed, do not edit",
+                self.inner.config.instance
+            ),
             post_url: self.inner.config.callback_url(&self.inner.cluster.name),
             events: expand(&self.inner.registry.subscriptions()),
             auth: &self.inner.auth,
@@ -236,12 +248,18 @@ impl Registrar {
             let wait = match self.reconcile().await {
                 Ok(_) => {
                     failures = 0;
-                    if interval.is_zero() { Duration::MAX } else { interval }
+                    if interval.is_zero() {
+                        Duration::MAX
+                    } else {
+                        interval
+                    }
                 }
                 Err(e) => {
                     failures += 1;
                     tracing::error!(cluster = %self.inner.cluster.name, "reconcile failed: {e:#}");
-                    BACKOFF_FIRST.saturating_mul(1 << failures.min(6)).min(BACKOFF_MAX)
+                    BACKOFF_FIRST
+                        .saturating_mul(1 << failures.min(6))
+                        .min(BACKOFF_MAX)
                 }
             };
             tokio::select! {
@@ -263,7 +281,12 @@ impl Registrar {
             if !entry.subscribes_to("VM.UPDATE") && !entry.subscribes_to("VM.ON") {
                 continue;
             }
-            match self.inner.dispatcher.reconcile(name, cluster, vms.clone()).await {
+            match self
+                .inner
+                .dispatcher
+                .reconcile(name, cluster, vms.clone())
+                .await
+            {
                 Ok(Ok(summary)) => {
                     tracing::info!(%cluster, plugin = %name, vms = vms.len(), "reconciled: {summary}");
                     lines.push(format!("{name}: {summary}"));
@@ -307,7 +330,10 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
     let c = t.client;
     c.auth_check().await?;
     let hooks = c.list_webhooks().await?;
-    let mut mine: Vec<Webhook> = hooks.into_iter().filter(|h| h.name == t.name || h.post_url == t.post_url).collect();
+    let mut mine: Vec<Webhook> = hooks
+        .into_iter()
+        .filter(|h| h.name == t.name || h.post_url == t.post_url)
+        .collect();
     // Keep the one that already fits best, so a restart changes nothing.
     mine.sort_by_key(|h| (h.post_url != t.post_url, h.name != t.name, h.uuid.clone()));
     let spec = WebhookSpec {
@@ -326,7 +352,9 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
         h.update(t.auth.password.expose().as_bytes());
         hex::encode(&h.finalize()[..16])
     };
-    let recorded = std::fs::read_to_string(&t.fingerprint_path).ok().map(|s| s.trim().to_owned());
+    let recorded = std::fs::read_to_string(&t.fingerprint_path)
+        .ok()
+        .map(|s| s.trim().to_owned());
     let cluster = t.cluster;
     if t.events.is_empty() {
         for h in &mine {
@@ -345,7 +373,8 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
                 || first.username.as_deref().is_some_and(|u| u != t.auth.user)
                 || recorded.as_deref() != Some(fingerprint.as_str());
             if differs {
-                c.update_webhook(&first.uuid, first.spec_version, &spec).await?;
+                c.update_webhook(&first.uuid, first.spec_version, &spec)
+                    .await?;
                 c.wait_complete(&first.uuid, WAIT_COMPLETE).await?;
                 tracing::info!(%cluster, uuid = %first.uuid, events = t.events.len(), "webhook updated");
             }
@@ -372,7 +401,11 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
 }
 
 pub fn fingerprint_path(config: &Config, cluster: &str) -> std::path::PathBuf {
-    config.storage.data_dir.join("webhook-credentials").join(format!("{cluster}.registered"))
+    config
+        .storage
+        .data_dir
+        .join("webhook-credentials")
+        .join(format!("{cluster}.registered"))
 }
 
 pub fn webhook_name(config: &Config, cluster: &str) -> String {

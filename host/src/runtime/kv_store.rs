@@ -96,7 +96,11 @@ impl KvStore {
         Ok(keys)
     }
 
-    fn apply(&self, table_name: &str, writes: BTreeMap<String, Option<Vec<u8>>>) -> Result<(), KvError> {
+    fn apply(
+        &self,
+        table_name: &str,
+        writes: BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<(), KvError> {
         let txn = self.db.begin_write().map_err(storage)?;
         {
             let def: TableDefinition<&str, &[u8]> = TableDefinition::new(table_name);

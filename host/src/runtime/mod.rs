@@ -32,7 +32,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Strategy, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Strategy,
+    UpdateDeadline,
+};
 
 use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
 use kv_store::KvStore;
@@ -58,10 +61,17 @@ pub enum LoadError {
     CoreModule { file: PathBuf },
     #[error("{file}: invalid component: {reason}")]
     Invalid { file: PathBuf, reason: String },
-    #[error("{file}: does not fit the host's world {}: {reason}", bindings::PACKAGE)]
+    #[error(
+        "{file}: does not fit the host's world {}: {reason}",
+        bindings::PACKAGE
+    )]
     WorldMismatch { file: PathBuf, reason: String },
     #[error("{file}: sha256 is {found}, but the configuration pins {expected}")]
-    HashMismatch { file: PathBuf, expected: String, found: String },
+    HashMismatch {
+        file: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("{file}: init failed: {source}")]
     Init { file: PathBuf, source: CallError },
     #[error("{file}: init refused the configuration: {message}")]
@@ -75,15 +85,31 @@ pub enum LoadError {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("plugin `{plugin}` trapped in {export}: {message}")]
-    Trap { plugin: String, export: &'static str, message: String },
+    Trap {
+        plugin: String,
+        export: &'static str,
+        message: String,
+    },
     #[error("plugin `{plugin}` exceeded its deadline of {deadline:?} in {export}")]
-    Timeout { plugin: String, export: &'static str, deadline: Duration },
+    Timeout {
+        plugin: String,
+        export: &'static str,
+        deadline: Duration,
+    },
     #[error("plugin `{plugin}` exceeded its memory limit of {limit_mib} MiB in {export}")]
-    Memory { plugin: String, export: &'static str, limit_mib: usize },
+    Memory {
+        plugin: String,
+        export: &'static str,
+        limit_mib: usize,
+    },
     #[error("plugin `{plugin}` refused its configuration in init: {message}")]
     Init { plugin: String, message: String },
     #[error("plugin `{plugin}` returned {got} outcomes for {expected} events")]
-    OutcomeCount { plugin: String, expected: usize, got: usize },
+    OutcomeCount {
+        plugin: String,
+        expected: usize,
+        got: usize,
+    },
     #[error("plugin `{plugin}`: its kv writes could not be stored: {message}")]
     Kv { plugin: String, message: String },
 }
@@ -225,7 +251,9 @@ impl Runtime {
             .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let kv = KvStore::open(&opts.kv_path)?;
-        let cache = opts.cache_dir.map(|dir| Arc::new(cache::ComponentCache::new(dir, &engine)));
+        let cache = opts
+            .cache_dir
+            .map(|dir| Arc::new(cache::ComponentCache::new(dir, &engine)));
         let mut engines = vec![engine.clone()];
         engines.extend(baseline.as_ref().map(|(e, _)| e.clone()));
         let ticker = EpochTicker::start(engines);
@@ -256,7 +284,11 @@ impl Runtime {
 
     /// Reads, checks and compiles a component file. CPU-heavy: call it off
     /// the async threads (`spawn_blocking`).
-    pub fn compile_file(&self, file: &Path, pinned_sha256: Option<&str>) -> Result<Compiled, LoadError> {
+    pub fn compile_file(
+        &self,
+        file: &Path,
+        pinned_sha256: Option<&str>,
+    ) -> Result<Compiled, LoadError> {
         let bytes = std::fs::read(file).map_err(|e| LoadError::Read {
             file: file.to_owned(),
             reason: e.to_string(),
@@ -273,7 +305,10 @@ impl Runtime {
         }
         check_header(file, &bytes)?;
         let started = Instant::now();
-        let cached = self.cache.as_ref().and_then(|c| c.get(&self.engine, &sha256));
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(&self.engine, &sha256));
         let from_cache = cached.is_some();
         let size = bytes.len();
         let (component, source) = match cached {
@@ -281,7 +316,11 @@ impl Runtime {
             None => match self.compile_baseline(file, &bytes) {
                 // Kept for Cranelift, which compiles a baseline plugin later.
                 Some(component) => (component, Some(Arc::from(bytes))),
-                None => (self.optimizer_parts().compile_bytes(file, &bytes, &sha256)?, None),
+                None => (
+                    self.optimizer_parts()
+                        .compile_bytes(file, &bytes, &sha256)?,
+                    None,
+                ),
             },
         };
         Ok(Compiled {
@@ -323,7 +362,11 @@ impl Runtime {
     /// A plugin like `baseline` running `optimized` (what
     /// [`Optimizer::compile`] made of its [`Plugin::source`]). Its `init` runs once
     /// more before it serves, so the new code has answered before the swap.
-    pub async fn upgrade(self: &Arc<Self>, baseline: &Plugin, optimized: Component) -> Result<Plugin, LoadError> {
+    pub async fn upgrade(
+        self: &Arc<Self>,
+        baseline: &Plugin,
+        optimized: Component,
+    ) -> Result<Plugin, LoadError> {
         let file = baseline.file.clone();
         let pre = self.pre(&self.linker, &optimized, &file)?;
         let plugin = Plugin {
@@ -336,7 +379,12 @@ impl Runtime {
         Ok(plugin)
     }
 
-    fn pre(&self, linker: &Linker<HostState>, component: &Component, file: &Path) -> Result<PluginPre<HostState>, LoadError> {
+    fn pre(
+        &self,
+        linker: &Linker<HostState>,
+        component: &Component,
+        file: &Path,
+    ) -> Result<PluginPre<HostState>, LoadError> {
         linker
             .instantiate_pre(component)
             .and_then(PluginPre::new)
@@ -348,7 +396,11 @@ impl Runtime {
 
     /// Links a compiled component, runs its `init` with `settings`, and
     /// returns a plugin ready for calls.
-    pub async fn instantiate(self: &Arc<Self>, compiled: Compiled, settings: PluginSettings) -> Result<Plugin, LoadError> {
+    pub async fn instantiate(
+        self: &Arc<Self>,
+        compiled: Compiled,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
         let file = compiled.file.clone();
         let (engine, linker) = match (compiled.tier(), &self.baseline) {
             (Tier::Baseline, Some((engine, linker))) => (engine, linker),
@@ -384,7 +436,10 @@ impl Runtime {
         };
         let info = plugin.init().await?;
         if !valid_name(&info.name) {
-            return Err(LoadError::BadName { file, name: info.name });
+            return Err(LoadError::BadName {
+                file,
+                name: info.name,
+            });
         }
         plugin.identity = Arc::new(PluginIdentity {
             name: info.name.clone(),
@@ -396,7 +451,11 @@ impl Runtime {
     }
 
     /// `compile_file` off the async threads, then `instantiate`.
-    pub async fn load(self: &Arc<Self>, file: &Path, settings: PluginSettings) -> Result<Plugin, LoadError> {
+    pub async fn load(
+        self: &Arc<Self>,
+        file: &Path,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
         let rt = self.clone();
         let path = file.to_owned();
         let pin = settings.sha256.clone();
@@ -447,7 +506,9 @@ fn check_header(file: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     // Bytes 4..8: version and layer. Core modules are `01 00 00 00`,
     // components `0d 00 01 00` (layer 1).
     if bytes[6..8] == [0, 0] {
-        return Err(LoadError::CoreModule { file: file.to_owned() });
+        return Err(LoadError::CoreModule {
+            file: file.to_owned(),
+        });
     }
     Ok(())
 }
@@ -466,13 +527,20 @@ impl Optimizer {
         self.compile_bytes(&source.file, &source.bytes, &source.sha256)
     }
 
-    fn compile_bytes(&self, file: &Path, bytes: &[u8], sha256: &str) -> Result<Component, LoadError> {
+    fn compile_bytes(
+        &self,
+        file: &Path,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<Component, LoadError> {
         let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
             file: file.to_owned(),
             reason: format!("{e:#}"),
         })?;
         Ok(match &self.cache {
-            Some(cache) => cache.put(&self.engine, sha256, &component).unwrap_or(component),
+            Some(cache) => cache
+                .put(&self.engine, sha256, &component)
+                .unwrap_or(component),
             None => component,
         })
     }
@@ -604,7 +672,11 @@ impl Plugin {
     /// Delivers a batch; one outcome per event, in order.
     pub async fn handle(&self, events: Vec<Event>) -> Result<Vec<Outcome>, CallError> {
         let expected = events.len();
-        let context = events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(",");
+        let context = events
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         let Returned::Handle(outcomes) = self.call(Call::Handle(events), &context).await?.1 else {
             unreachable!("handle returns outcomes")
         };
@@ -619,9 +691,17 @@ impl Plugin {
     }
 
     /// Hands the plugin one cluster's whole inventory.
-    pub async fn reconcile(&self, cluster: &str, vms: Vec<Vm>) -> Result<Result<String, String>, CallError> {
+    pub async fn reconcile(
+        &self,
+        cluster: &str,
+        vms: Vec<Vm>,
+    ) -> Result<Result<String, String>, CallError> {
         let context = format!("reconcile:{cluster}");
-        let Returned::Reconcile(result) = self.call(Call::Reconcile(cluster.to_owned(), vms), &context).await?.1 else {
+        let Returned::Reconcile(result) = self
+            .call(Call::Reconcile(cluster.to_owned(), vms), &context)
+            .await?
+            .1
+        else {
             unreachable!("reconcile returns a result")
         };
         Ok(result)
@@ -662,7 +742,9 @@ impl Plugin {
             };
             let returned = match call {
                 Call::Init => Returned::Init,
-                Call::Handle(events) => Returned::Handle(handler.call_handle(&mut store, &events).await?),
+                Call::Handle(events) => {
+                    Returned::Handle(handler.call_handle(&mut store, &events).await?)
+                }
                 Call::Reconcile(cluster, vms) => {
                     Returned::Reconcile(handler.call_reconcile(&mut store, &cluster, &vms).await?)
                 }

@@ -64,7 +64,10 @@ impl OriginRule {
         let port = match port {
             None => Some(default_port),
             Some("*") => None,
-            Some(p) => Some(p.parse::<u16>().map_err(|_| err("the port must be a number or *"))?),
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .map_err(|_| err("the port must be a number or *"))?,
+            ),
         };
         let host = if let Some(domain) = host.strip_prefix("*.") {
             if domain.is_empty() || domain.contains('*') {
@@ -76,7 +79,9 @@ impl OriginRule {
         } else if let Ok(ip) = host.parse::<IpAddr>() {
             HostPattern::Net(IpNet::from(ip))
         } else if host.contains(['*', '/', ' ']) || host.is_empty() {
-            return Err(err("the host must be a name, *.domain, an IP address or a CIDR block"));
+            return Err(err(
+                "the host must be a name, *.domain, an IP address or a CIDR block",
+            ));
         } else {
             HostPattern::Name(host.to_ascii_lowercase())
         };
@@ -187,10 +192,22 @@ mod tests {
 
     #[test]
     fn an_origin_without_a_port_means_the_default_port() {
-        assert!(allows("https://fw1.example.com", "https://FW1.example.com/api/"));
-        assert!(allows("https://fw1.example.com:443", "https://fw1.example.com/api/"));
-        assert!(!allows("https://fw1.example.com", "https://fw1.example.com:8443/"));
-        assert!(!allows("https://fw1.example.com", "http://fw1.example.com/"));
+        assert!(allows(
+            "https://fw1.example.com",
+            "https://FW1.example.com/api/"
+        ));
+        assert!(allows(
+            "https://fw1.example.com:443",
+            "https://fw1.example.com/api/"
+        ));
+        assert!(!allows(
+            "https://fw1.example.com",
+            "https://fw1.example.com:8443/"
+        ));
+        assert!(!allows(
+            "https://fw1.example.com",
+            "http://fw1.example.com/"
+        ));
     }
 
     #[test]
@@ -211,7 +228,13 @@ mod tests {
 
     #[test]
     fn malformed_origins_are_refused_with_the_reason() {
-        for bad in ["fw1.example.com", "ftp://x", "https://x/path?q", "https://x:http", "https://a*.b"] {
+        for bad in [
+            "fw1.example.com",
+            "ftp://x",
+            "https://x/path?q",
+            "https://x:http",
+            "https://a*.b",
+        ] {
             let e = OriginRule::parse(bad).unwrap_err();
             assert_eq!(e.origin, bad);
         }

@@ -50,7 +50,9 @@ impl LogBudget {
 /// Outbound requests since start by plugin, origin and result (the HTTP
 /// status, or the error kind: `denied`, `timeout`, …), for metrics.
 #[derive(Debug, Default)]
-pub struct OutboundCounts(std::sync::Mutex<std::collections::BTreeMap<(String, String, String), u64>>);
+pub struct OutboundCounts(
+    std::sync::Mutex<std::collections::BTreeMap<(String, String, String), u64>>,
+);
 
 impl OutboundCounts {
     pub(super) fn count(&self, plugin: &str, origin: String, result: String) {

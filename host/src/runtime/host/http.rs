@@ -23,7 +23,9 @@ impl Host for HostState {
         let started = Instant::now();
         let plugin = self.plugin.name.clone();
         let method = request.method.clone();
-        let asked = Url::parse(&request.url).map(|u| u.origin().ascii_serialization()).unwrap_or_else(|_| "-".into());
+        let asked = Url::parse(&request.url)
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_else(|_| "-".into());
         let result = self.send_checked(request).await;
         let (origin, outcome) = match &result {
             Ok((url, resp)) => (url.origin().ascii_serialization(), resp.status.to_string()),
@@ -36,8 +38,12 @@ impl Host for HostState {
                 path = url.path(), status = resp.status, elapsed_ms = started.elapsed().as_millis() as u64,
                 "plugin http request"
             ),
-            Err(Error::Denied(why)) => tracing::warn!(%plugin, events = %self.context, %method, "plugin http request denied: {why}"),
-            Err(e) => tracing::debug!(%plugin, events = %self.context, %method, "plugin http request failed: {e:?}"),
+            Err(Error::Denied(why)) => {
+                tracing::warn!(%plugin, events = %self.context, %method, "plugin http request denied: {why}")
+            }
+            Err(e) => {
+                tracing::debug!(%plugin, events = %self.context, %method, "plugin http request failed: {e:?}")
+            }
         }
         Ok(result.map(|(_, r)| r))
     }
@@ -69,10 +75,13 @@ impl HostState {
 
         let mut method = Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| Error::InvalidRequest(format!("bad method `{}`", request.method)))?;
-        let mut url = Url::parse(&request.url)
-            .map_err(|e| Error::InvalidRequest(format!("bad url: {e}")))?;
+        let mut url =
+            Url::parse(&request.url).map_err(|e| Error::InvalidRequest(format!("bad url: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::InvalidRequest(format!("scheme `{}` is not http or https", url.scheme())));
+            return Err(Error::InvalidRequest(format!(
+                "scheme `{}` is not http or https",
+                url.scheme()
+            )));
         }
         let mut headers = http::HeaderMap::new();
         for (name, value) in &request.headers {
@@ -109,8 +118,9 @@ impl HostState {
                 .headers(headers.clone())
                 .timeout(deadline.saturating_duration_since(Instant::now()));
             for injected in self.plugin.policy.headers_for(&url) {
-                let mut value = HeaderValue::from_str(injected.value.expose())
-                    .map_err(|_| Error::Other("an injected credential is not a valid header value".into()))?;
+                let mut value = HeaderValue::from_str(injected.value.expose()).map_err(|_| {
+                    Error::Other("an injected credential is not a valid header value".into())
+                })?;
                 value.set_sensitive(true);
                 req = req.header(injected.name.clone(), value);
             }
@@ -140,7 +150,12 @@ impl HostState {
             let resp_headers = resp
                 .headers()
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect::<Vec<_>>();
             let body = read_capped(resp, limits.max_response_bytes).await?;
             let mut response = Response {

@@ -21,11 +21,21 @@ impl Host for HostState {
         let events = &self.context;
         // `tracing` levels are static, hence one macro call per level.
         match level {
-            Level::Trace => tracing::trace!(target: "prismhook::plugin", %plugin, %events, "{message}"),
-            Level::Debug => tracing::debug!(target: "prismhook::plugin", %plugin, %events, "{message}"),
-            Level::Info => tracing::info!(target: "prismhook::plugin", %plugin, %events, "{message}"),
-            Level::Warn => tracing::warn!(target: "prismhook::plugin", %plugin, %events, "{message}"),
-            Level::Error => tracing::error!(target: "prismhook::plugin", %plugin, %events, "{message}"),
+            Level::Trace => {
+                tracing::trace!(target: "prismhook::plugin", %plugin, %events, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "prismhook::plugin", %plugin, %events, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "prismhook::plugin", %plugin, %events, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "prismhook::plugin", %plugin, %events, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "prismhook::plugin", %plugin, %events, "{message}")
+            }
         }
         Ok(())
     }

@@ -33,21 +33,37 @@ fn config() -> &'static Value {
 
 impl Guest for Probe {
     fn init(config: String) -> Result<PluginInfo, String> {
-        let config: Value = serde_json::from_str(&config).map_err(|e| format!("config is not JSON: {e}"))?;
+        let config: Value =
+            serde_json::from_str(&config).map_err(|e| format!("config is not JSON: {e}"))?;
         if config.get("refuse").and_then(Value::as_bool) == Some(true) {
             return Err("refusing to start: `refuse` is set".into());
         }
         if config.get("trap_in_init").and_then(Value::as_bool) == Some(true) {
             panic!("asked to trap in init");
         }
-        let name = config.get("name").and_then(Value::as_str).unwrap_or("probe").to_owned();
+        let name = config
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("probe")
+            .to_owned();
         let subscriptions = match config.get("subscriptions").and_then(Value::as_array) {
-            Some(list) => list.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            Some(list) => list
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
             None => vec!["*".to_owned()],
         };
-        let version = config.get("version").and_then(Value::as_str).unwrap_or(env!("CARGO_PKG_VERSION")).to_owned();
+        let version = config
+            .get("version")
+            .and_then(Value::as_str)
+            .unwrap_or(env!("CARGO_PKG_VERSION"))
+            .to_owned();
         let _ = CONFIG.set(config);
-        Ok(PluginInfo { name, version, subscriptions })
+        Ok(PluginInfo {
+            name,
+            version,
+            subscriptions,
+        })
     }
 
     fn handle(events: Vec<Event>) -> Vec<Outcome> {
@@ -56,7 +72,10 @@ impl Guest for Probe {
 
     fn reconcile(cluster: String, vms: Vec<Vm>) -> Result<String, String> {
         let uuids: Vec<&str> = vms.iter().map(|vm| vm.uuid.as_str()).collect();
-        kv::set(&format!("reconcile/{cluster}"), serde_json::to_vec(&uuids).unwrap().as_slice())?;
+        kv::set(
+            &format!("reconcile/{cluster}"),
+            serde_json::to_vec(&uuids).unwrap().as_slice(),
+        )?;
         Ok(format!("{} vms", vms.len()))
     }
 }
@@ -82,7 +101,11 @@ fn handle_one(event: &Event) -> Outcome {
         }
         "TEST.TRAP" => panic!("probe asked to trap by event {}", event.id),
         "TEST.HTTP" => {
-            let url = body(event).get("url").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let url = body(event)
+                .get("url")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
             let result = http::send(&http::Request {
                 method: "GET".into(),
                 url,
@@ -91,7 +114,11 @@ fn handle_one(event: &Event) -> Outcome {
                 timeout_ms: Some(2_000),
             });
             let text = match result {
-                Ok(resp) => format!("status={} body={}", resp.status, String::from_utf8_lossy(&resp.body)),
+                Ok(resp) => format!(
+                    "status={} body={}",
+                    resp.status,
+                    String::from_utf8_lossy(&resp.body)
+                ),
                 Err(e) => format!("error={e:?}"),
             };
             // Tests read it back, and the probe's own memory is what a
@@ -106,7 +133,10 @@ fn handle_one(event: &Event) -> Outcome {
         }),
         "TEST.REJECT" => Outcome::Reject("probe asked to reject".into()),
         "TEST.SHOUT" => {
-            let lines = body(event).get("lines").and_then(Value::as_u64).unwrap_or(10);
+            let lines = body(event)
+                .get("lines")
+                .and_then(Value::as_u64)
+                .unwrap_or(10);
             for i in 0..lines {
                 println!("shout {i} of {lines}");
             }
@@ -128,12 +158,17 @@ fn record(event: &Event) {
     if !seen.is_empty() {
         seen.push(b'\n');
     }
-    seen.extend_from_slice(format!("{}:{}:{}", event.id, event.attempt, event.event_type).as_bytes());
+    seen.extend_from_slice(
+        format!("{}:{}:{}", event.id, event.attempt, event.event_type).as_bytes(),
+    );
     if let Err(e) = kv::set(&key, &seen) {
         log::log(log::Level::Error, &format!("kv set failed: {e}"));
     }
     if config().get("verbose").and_then(Value::as_bool) == Some(true) {
-        log::log(log::Level::Info, &format!("handled {} {}", event.event_type, event.id));
+        log::log(
+            log::Level::Info,
+            &format!("handled {} {}", event.event_type, event.id),
+        );
     }
 }
 
