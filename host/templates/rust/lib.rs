@@ -21,7 +21,9 @@ impl Guest for Plugin {
     /// (`{}` when there are none). An `Err` keeps the plugin from loading.
     fn init(config: String) -> Result<PluginInfo, String> {
         if !config.trim_start().starts_with('{') {
-            return Err(format!("{NAME}: the configuration must be a JSON object, not {config:?}"));
+            return Err(format!(
+                "{NAME}: the configuration must be a JSON object, not {config:?}"
+            ));
         }
         Ok(PluginInfo {
             name: NAME.to_owned(),
@@ -39,7 +41,10 @@ impl Guest for Plugin {
     /// The whole VM inventory of a cluster, at start and on a timer: bring
     /// outside state back in step with it here.
     fn reconcile(cluster: String, vms: Vec<Vm>) -> Result<String, String> {
-        Ok(format!("{} VMs in {cluster}: nothing to reconcile", vms.len()))
+        Ok(format!(
+            "{} VMs in {cluster}: nothing to reconcile",
+            vms.len()
+        ))
     }
 }
 
@@ -53,7 +58,10 @@ fn handle_one(event: &Event) -> Outcome {
     );
     // Something to see from outside: the id of the last event handled.
     if let Err(e) = kv::set("last-event", event.id.as_bytes()) {
-        return Outcome::Retry(Retry { reason: format!("kv: {e}"), delay_ms: None });
+        return Outcome::Retry(Retry {
+            reason: format!("kv: {e}"),
+            delay_ms: None,
+        });
     }
     Outcome::Done
 }
