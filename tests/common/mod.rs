@@ -16,10 +16,10 @@ pub fn component(name: &str) -> PathBuf {
     path
 }
 
-/// A fixture from ../shared/fixtures.
+/// A fixture from tests/fixtures (see its README for where each came from).
 pub fn fixture(rel: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
+        .join("../tests/fixtures")
         .join(rel);
     assert!(path.is_file(), "fixture {} is missing", path.display());
     path

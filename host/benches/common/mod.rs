@@ -20,7 +20,7 @@ use base64::Engine as _;
 // ---------------------------------------------------------------- fixtures
 
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nutanix")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nutanix")
 }
 
 pub fn component(name: &str) -> PathBuf {

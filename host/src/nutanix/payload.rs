@@ -445,13 +445,8 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/nutanix")
+            .join("../tests/fixtures/nutanix")
             .join(name);
-        let path = if path.exists() {
-            path
-        } else {
-            std::path::PathBuf::from("/work/shared/fixtures/nutanix").join(name)
-        };
         std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
     }
 

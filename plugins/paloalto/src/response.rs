@@ -384,7 +384,7 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!(
-            "{}/../../../shared/fixtures/panos/{name}",
+            "{}/../../tests/fixtures/panos/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -424,10 +424,7 @@ mod tests {
             ("uid_response_error_unreg_missing.xml", "ok"),
             ("uid_response_success.xml", "ok"),
         ];
-        let dir = format!(
-            "{}/../../../shared/fixtures/panos",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let dir = format!("{}/../../tests/fixtures/panos", env!("CARGO_MANIFEST_DIR"));
         let answers: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()

@@ -536,7 +536,7 @@ fn a_vm_off_without_a_body_still_removes_the_vm() {
 #[test]
 fn harmless_duplicate_answers_count_as_success() {
     let duplicate = std::fs::read(format!(
-        "{}/../../../shared/fixtures/panos/uid_response_error_duplicate.xml",
+        "{}/../../tests/fixtures/panos/uid_response_error_duplicate.xml",
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap();
@@ -688,7 +688,7 @@ fn requests_never_carry_credentials() {
 /// `data.metadata` is empty.
 fn nutanix_fixture(name: &str) -> Event {
     let path = format!(
-        "{}/../../../shared/fixtures/nutanix/{name}",
+        "{}/../../tests/fixtures/nutanix/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
