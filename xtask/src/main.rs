@@ -13,6 +13,11 @@
 //! Re-running is cheap: cargo's own incremental build decides whether a core
 //! module changed, and a component is re-encoded only when its module is
 //! newer.
+//!
+//! `cargo xtask layers [--graph]` checks that the modules of host/src import
+//! one another without cycles (see `layers.rs`).
+
+mod layers;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,12 +43,14 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("plugins") => build_plugins(&args[1..]),
         Some("toolchain") => ensure_toolchain(),
+        Some("layers") => layers::run(&root(), &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask plugins [NAME...]   build guest plugins into target/plugins/\n       \
                  cargo xtask plugins --dir PATH [--out DIR]\n       \
                  \x20                              build the one plugin in PATH (anywhere) into DIR\n       \
-                 cargo xtask toolchain          install the Debian wasm toolchain if missing"
+                 cargo xtask toolchain          install the Debian wasm toolchain if missing\n       \
+                 cargo xtask layers [--graph]   check host/src for import cycles (--graph: list the edges)"
             );
             std::process::exit(2)
         }
