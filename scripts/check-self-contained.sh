@@ -15,10 +15,7 @@ kernel='\([[:space:]]*r?"/(proc|sys)/'
 
 # Prose that must name such a path, as "file|text on the line". Keep it
 # short: rewording is better.
-allowed=(
-  # BENCHMARKS.md cites the benchmarking notes kept beside the repository.
-  'BENCHMARKS.md|shared/docs/benchmarking.md'
-)
+allowed=()
 
 is_allowed() {
   local file=$1 text=$2 entry

@@ -2,8 +2,8 @@
 //! and the demo.
 //!
 //! The firewall plugin is only as trustworthy as the firewall it is tested
-//! against, so this module speaks the wire format documented in
-//! `docs/domain.md` §3 and mirrored by `fixtures/panos/`, including the quirks
+//! against, so this module speaks the wire format of Palo Alto's XML API
+//! documentation, as recorded in `tests/fixtures/panos/`, including the quirks
 //! a client must survive: single-quoted attributes with spaces around `=` in
 //! 400/403 answers, whitespace between `<entry>` elements, `status="error"`
 //! answers that merely say "already exists, ignore", paging by 500. It
