@@ -1,8 +1,8 @@
 //! Issue 4's figures: what durability costs, and the whole path's rate.
 //!
 //! Three servers in this process, on the same runtime:
-//! - D, durable: the listener's own router (`listener::router`) with a real
-//!   ledger (redb, group commit, fsync before 202) and paloalto.wasm loaded
+//! - D, durable: the listener's own router (`listener::router` over the
+//!   Nutanix source's routes) with a real ledger (redb, group commit, fsync before 202) and paloalto.wasm loaded
 //!   and subscribed, so each accept stores the event and one pending
 //!   delivery. No dispatcher runs: this isolates accepting.
 //! - N, non-durable: the same handler (auth, body cap, lenient parse,
@@ -23,7 +23,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,14 +34,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
-use prismhook::dispatch::now_ms;
-use prismhook::ledger::{Ledger, LedgerOptions, NewEvent};
-use prismhook::listener::{self, ClusterAuth, ListenerState, ListenerStats};
-use prismhook::nutanix::payload::parse_envelope;
+use prismhook::clock::now_ms;
+use prismhook::config::Config;
+use prismhook::ledger::{LedgerOptions, NewEvent, RedbLedger, SharedLedger};
+use prismhook::listener::{self, Ingest};
+use prismhook::nutanix::payload::parse_notification;
+use prismhook::nutanix::NutanixSource;
 use prismhook::registry::{Entry, PluginState, Registry};
 use prismhook::runtime::policy::{OriginRule, OutboundPolicy};
 use prismhook::runtime::{PluginSettings, Runtime, RuntimeOptions};
-use prismhook::secret::Secret;
+use prismhook::source::EventSource as _;
+use prismhook::telemetry::ListenerStats;
 use subtle::ConstantTimeEq;
 
 use common::*;
@@ -59,7 +61,8 @@ struct NonDurable {
     stats: Arc<ListenerStats>,
 }
 
-/// `listener::callback` line for line, minus `ledger.append`.
+/// The Nutanix callback and `Ingest::accept` line for line, minus
+/// `ledger.append`.
 async fn non_durable(
     State(s): State<NonDurable>,
     Path(cluster): Path<String>,
@@ -88,7 +91,7 @@ async fn non_durable(
     let Ok(body) = axum::body::to_bytes(body, s.max_body_bytes).await else {
         return (StatusCode::PAYLOAD_TOO_LARGE, "too large\n").into_response();
     };
-    let note = match parse_envelope(&body) {
+    let note = match parse_notification(&body) {
         Ok(n) => n,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
@@ -102,6 +105,7 @@ async fn non_durable(
         received_at_ms: now_ms(),
         body: String::from_utf8(body.into())
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        vm: note.vm,
     };
     std::hint::black_box(&event);
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
@@ -111,7 +115,7 @@ async fn non_durable(
     )
         .into_response();
     s.stats
-        .count(&cluster, &note.event_type, StatusCode::ACCEPTED);
+        .count(&cluster, &note.event_type, StatusCode::ACCEPTED.as_u16());
     response
 }
 
@@ -173,23 +177,27 @@ async fn main() {
         );
     });
 
-    let ledger = Ledger::open(LedgerOptions::new(dir.path().join("ledger.redb"))).unwrap();
-    let clusters: HashMap<String, ClusterAuth> = [(
-        "lab".to_owned(),
-        ClusterAuth {
-            user: WEBHOOK_USER.into(),
-            password: Secret::new(WEBHOOK_PASSWORD),
-        },
-    )]
-    .into();
-    let durable = listener::router(ListenerState {
-        clusters: Arc::new(clusters),
-        ledger: ledger.clone(),
-        registry: registry.clone(),
-        max_body_bytes: 1 << 20,
-        accepting: Arc::new(AtomicBool::new(true)),
-        stats: Arc::new(ListenerStats::default()),
-    });
+    let ledger: SharedLedger =
+        Arc::new(RedbLedger::open(LedgerOptions::new(dir.path().join("ledger.redb"))).unwrap());
+    let config = Config::parse(
+        &format!(
+            "[storage]\ndata_dir = {data:?}\n[[cluster]]\nname = \"lab\"\n\
+             prism_url = \"http://127.0.0.1:9\"\nusername = \"admin\"\n\
+             password = {{ value = \"x\" }}\nwebhook_user = \"{WEBHOOK_USER}\"\n\
+             webhook_password = {{ value = \"{WEBHOOK_PASSWORD}\" }}\n",
+            data = dir.path().display().to_string(),
+        ),
+        &dir.path().join("bench.toml"),
+    )
+    .unwrap();
+    let source = NutanixSource::new(Arc::new(config)).unwrap();
+    let durable = listener::router(source.routes(Ingest::new(
+        ledger.clone(),
+        registry.clone(),
+        1 << 20,
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(ListenerStats::default()),
+    )));
     let nd = Router::new()
         .route("/listener/callback/{cluster}", post(non_durable))
         .with_state(NonDurable {
@@ -233,11 +241,11 @@ async fn main() {
     for round in 0..3 {
         for k in 0..3 {
             let i = (round + k) % 3;
-            let c0 = ledger.commits();
+            let c0 = ledger.stats().commits;
             let r = wrk(&targets[i].url, 5, &script, &auth, round_id).await;
             round_id += 1;
             let (c, per) = if i == 0 {
-                let c = ledger.commits() - c0;
+                let c = ledger.stats().commits - c0;
                 let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;
                 group.push(per);
                 (c.to_string(), format!("{per:.1}"))

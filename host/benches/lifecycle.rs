@@ -38,15 +38,16 @@ use std::time::{Duration, Instant};
 use axum::routing::post;
 use prismhook::app::App;
 use prismhook::config::Config;
-use prismhook::dispatch::to_wit_vm;
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::reload::Report;
+use prismhook::runtime::bindings::Vm as WitVm;
 use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::runtime::{Runtime, RuntimeOptions, Tier};
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
 use prismhook_sim::panos::{PanosConfig, PanosSim};
-use prismhook_sim::prism::{PrismConfig, PrismSim};
+use prismhook_sim::prism::PrismSim;
 
+use common::setup::{self, Cluster, HostConfig};
 use common::*;
 
 const POOL: &str = "/Common/web";
@@ -90,12 +91,8 @@ async fn world() -> World {
     let siem_events = Arc::new(AtomicU64::new(0));
     let siem_url = format!("http://{}", start_receiver(siem_events.clone()).await);
     World {
-        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
-            .await
-            .unwrap(),
-        panos: PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
-            .await
-            .unwrap(),
+        prism: setup::start_prism().await,
+        panos: setup::start_panos().await,
         bigip: BigipSim::start(
             "127.0.0.1:0".parse().unwrap(),
             BigipConfig {
@@ -111,31 +108,37 @@ async fn world() -> World {
 }
 
 impl World {
-    /// The `[plugin.*]` tables of the three plugins (applied to the files
-    /// present in the plugins directory).
-    fn plugin_tables(&self) -> String {
-        let fw = self.panos.base_url();
+    /// The three plugins' tables (applied to the files present in the
+    /// plugins directory) and cluster `lab`.
+    fn host(&self, data: &Path, plugins: &Path, watch: bool) -> HostConfig {
         let lb = self.bigip.base_url();
         let siem = &self.siem_url;
-        format!(
-            r#"
-[plugin.paloalto]
-config = {{ firewall = "{fw}" }}
-allow = ["{fw}"]
-inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]
-
-[plugin.f5-bigip]
-config = {{ bigip = "{lb}", port = 8080, category = "F5Pool" }}
-allow = ["{lb}"]
-inject = [{{ origin = "{lb}", header = "Authorization", value = "Basic YWRtaW46YWRtaW4=" }}]
-
-[plugin.forwarder]
-config = {{ url = "{siem}/ingest", events = ["VM.*"], fields = ["id", "event_type", "entity_uuid", "attempt", "vm"] }}
-allow = ["{siem}"]
-inject = [{{ origin = "{siem}", header = "Authorization", value = "Bearer siem-token" }}]
-"#,
-            key = PanosConfig::default().api_key,
-        )
+        HostConfig::new(data)
+            .instance("bench")
+            .dirs(data, plugins)
+            .watch(watch)
+            .paloalto(&self.panos)
+            .plugin(
+                "f5-bigip",
+                &[
+                    &format!(r#"config = {{ bigip = "{lb}", port = 8080, category = "F5Pool" }}"#),
+                    &format!(r#"allow = ["{lb}"]"#),
+                    &format!(r#"inject = [{{ origin = "{lb}", header = "Authorization", value = "Basic YWRtaW46YWRtaW4=" }}]"#),
+                ],
+            )
+            .plugin(
+                "forwarder",
+                &[
+                    &format!(r#"config = {{ url = "{siem}/ingest", events = ["VM.*"], fields = ["id", "event_type", "entity_uuid", "attempt", "vm"] }}"#),
+                    &format!(r#"allow = ["{siem}"]"#),
+                    &format!(r#"inject = [{{ origin = "{siem}", header = "Authorization", value = "Bearer siem-token" }}]"#),
+                ],
+            )
+            .cluster(Cluster {
+                webhook_password: Some(WEBHOOK_PASSWORD.into()),
+                extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
+                ..Cluster::lab(&self.prism)
+            })
     }
 
     fn config_text(
@@ -146,41 +149,14 @@ inject = [{{ origin = "{siem}", header = "Authorization", value = "Bearer siem-t
         listen: &str,
         admin: &str,
     ) -> String {
-        format!(
-            r#"
-instance = "bench"
-[listener]
-listen = "{listen}"
-[admin]
-listen = "{admin}"
-[storage]
-data_dir = "{data}"
-[plugins]
-dir = "{plugins}"
-watch = {watch}
-{tables}
-[[cluster]]
-name = "lab"
-prism_url = "{prism}"
-username = "admin"
-password = {{ value = "nutanix/4u" }}
-webhook_user = "{WEBHOOK_USER}"
-webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
-reconcile_interval = "0s"
-"#,
-            data = data.display(),
-            plugins = plugins.display(),
-            tables = self.plugin_tables(),
-            prism = self.prism.base_url(),
-        )
+        self.host(data, plugins, watch)
+            .listen(listen)
+            .admin_listen(admin)
+            .toml()
     }
 
     fn config(&self, data: &Path, plugins: &Path, watch: bool) -> Config {
-        Config::parse(
-            &self.config_text(data, plugins, watch, "127.0.0.1:0", "127.0.0.1:0"),
-            Path::new("bench.toml"),
-        )
-        .unwrap()
+        self.host(data, plugins, watch).config()
     }
 }
 
@@ -808,7 +784,7 @@ fn note_event(template: &VmTemplate, series: u32, n: u64, event_type: &str, id: 
         attempt: 1,
         received_at_ms: 0,
         body,
-        vm: note.vm.map(to_wit_vm),
+        vm: note.vm.as_ref().map(WitVm::from),
     }
 }
 

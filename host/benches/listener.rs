@@ -96,11 +96,11 @@ async fn main() {
     for round in 0..3 {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let commits_before = rig.app.ledger.commits();
+            let commits_before = rig.app.ledger.stats().commits;
             let r = wrk(&sides[i].url, 2, 64, 5, &script, &rig.auth, round_id).await;
             round_id += 1;
             let (c, per, drained) = if i == 0 {
-                let c = rig.app.ledger.commits() - commits_before;
+                let c = rig.app.ledger.stats().commits - commits_before;
                 commits.push(c);
                 let drained = drain(&rig.app.ledger, Duration::from_secs(180)).await;
                 let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;

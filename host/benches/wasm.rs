@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prismhook::dispatch::to_wit_vm;
 use prismhook::nutanix::payload::parse_notification;
+use prismhook::runtime::bindings::Vm as WitVm;
 use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::runtime::kv_store::{KvSession, KvStore};
 use prismhook::runtime::policy::{InjectedHeader, OriginRule, OutboundPolicy};
@@ -88,7 +88,7 @@ fn vm_events(
                 attempt: 1,
                 received_at_ms: 0,
                 body,
-                vm: note.vm.map(to_wit_vm),
+                vm: note.vm.as_ref().map(WitVm::from),
             }
         })
         .collect()

@@ -8,7 +8,7 @@
 //! non-loopback address without one).
 //!
 //! Everything here reads the handles the running host already shares — the
-//! ledger, the plugin registry, the dispatcher's counters, the registrars
+//! ledger, the plugin registry, the dispatcher's counters, the event source
 //! and the listener's counts — so nothing is counted twice and nothing can
 //! drift. Nothing global is installed either: each [`AdminState`] owns its
 //! metrics registry, so several hosts in one process (as in the tests) never
@@ -47,14 +47,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::dispatch::Dispatcher;
-use crate::ledger::{Ledger, LedgerError};
-use crate::listener::ListenerStats;
-use crate::nutanix::registrar::Registrar;
+use crate::ledger::{LedgerError, SharedLedger};
 use crate::registry::Registry;
 use crate::reload::{self, Reloader};
 use crate::secret::Secret;
-
-pub use metrics::HandleDurations;
+use crate::source::{EventSource, SourceError};
+use crate::telemetry::{HandleDurations, ListenerStats};
 
 use api::{
     ClusterReport, Count, DeadLetters, DlqQuery, DlqSelection, PluginReport, Readiness,
@@ -70,10 +68,11 @@ const DLQ_LIMIT_MAX: usize = 10_000;
 /// The host's shared handles the admin API reads and acts on. Cheap to clone.
 #[derive(Clone)]
 pub struct AdminState {
-    pub ledger: Ledger,
+    pub ledger: SharedLedger,
     pub registry: Registry,
     pub dispatcher: Dispatcher,
-    pub registrars: Vec<Registrar>,
+    /// Where events come from; its endpoints are the API's clusters.
+    pub source: Arc<dyn EventSource>,
     pub listener_stats: Arc<ListenerStats>,
     pub reloader: Reloader,
     /// For the plugins' outbound request counts.
@@ -213,6 +212,14 @@ enum ApiError {
     Ledger(#[from] LedgerError),
 }
 
+impl From<SourceError> for ApiError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::UnknownEndpoint { .. } => ApiError::NotFound(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, message) = match &self {
@@ -261,11 +268,10 @@ async fn readyz(State(shared): Admin) -> Response {
             "the notification listener is not accepting (starting or shutting down)".to_owned(),
         );
     }
-    // A read transaction proves the database file is open and readable.
-    if let Err(e) = state.ledger.dead_letters(None, 0) {
+    if let Err(e) = state.ledger.check().await {
         reasons.push(format!("the ledger is not readable: {e}"));
     }
-    let clusters: Vec<_> = state.registrars.iter().map(Registrar::status).collect();
+    let clusters = state.source.status();
     if !clusters.is_empty() && !clusters.iter().any(|c| c.registered) {
         for c in &clusters {
             reasons.push(match &c.last_error {
@@ -300,8 +306,9 @@ async fn metrics_text(State(shared): Admin) -> Response {
 async fn plugins(State(shared): Admin) -> Result<Json<Vec<PluginReport>>, ApiError> {
     let state = &shared.state;
     Ok(Json(api::plugin_reports(
-        reload::status(&state.registry),
+        state.registry.status(),
         state.dispatcher.counters(),
+        state.dispatcher.quarantined(),
         state.ledger.backlog()?,
     )))
 }
@@ -314,9 +321,10 @@ async fn clusters(State(shared): Admin) -> Json<Vec<ClusterReport>> {
     Json(
         shared
             .state
-            .registrars
-            .iter()
-            .map(|r| r.status().into())
+            .source
+            .status()
+            .into_iter()
+            .map(ClusterReport::from)
             .collect(),
     )
 }
@@ -327,42 +335,17 @@ async fn reconcile(
     body: Option<Json<ReconcileRequest>>,
 ) -> Result<Json<Vec<ReconcileResult>>, ApiError> {
     let cluster = body.and_then(|Json(b)| b.cluster);
-    let chosen: Vec<Registrar> = shared
-        .state
-        .registrars
-        .iter()
-        .filter(|r| cluster.as_deref().is_none_or(|c| r.name() == c))
-        .cloned()
-        .collect();
-    if let Some(c) = &cluster {
-        if chosen.is_empty() {
-            return Err(ApiError::NotFound(format!(
-                "no cluster named `{c}` is configured"
-            )));
-        }
-    }
-    // Clusters are independent: one slow Prism must not delay another.
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, r) in chosen.into_iter().enumerate() {
-        tasks.spawn(async move {
-            let result = match r.reconcile().await {
-                Ok(lines) => ReconcileResult {
-                    cluster: r.name().to_owned(),
-                    plugins: lines,
-                    error: None,
-                },
-                Err(e) => ReconcileResult {
-                    cluster: r.name().to_owned(),
-                    plugins: Vec::new(),
-                    error: Some(format!("{e:#}")),
-                },
-            };
-            (i, result)
-        });
-    }
-    let mut results: Vec<(usize, ReconcileResult)> = tasks.join_all().await;
-    results.sort_by_key(|(i, _)| *i);
-    Ok(Json(results.into_iter().map(|(_, r)| r).collect()))
+    let reports = shared.state.source.reconcile(cluster.as_deref()).await?;
+    Ok(Json(
+        reports
+            .into_iter()
+            .map(|r| ReconcileResult {
+                cluster: r.endpoint,
+                plugins: r.plugins,
+                error: r.error,
+            })
+            .collect(),
+    ))
 }
 
 async fn dlq_list(
@@ -377,7 +360,7 @@ async fn dlq_list(
         .filter(|b| q.plugin.as_deref().is_none_or(|p| b.plugin == p))
         .map(|b| b.dead)
         .sum();
-    let dead_letters = ledger.dead_letters(q.plugin.as_deref(), limit)?;
+    let dead_letters = ledger.dead_letters(q.plugin.as_deref(), limit).await?;
     Ok(Json(DeadLetters {
         total,
         dead_letters,

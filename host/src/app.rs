@@ -1,11 +1,15 @@
 //! Assembles a running host from a configuration, in the order that loses
 //! nothing: the ledger and plugins first, then the listener, and only once
-//! the listener accepts, webhook registration (the 2017 framework registered
-//! first and dropped what arrived before its server was up).
+//! the listener accepts, the event source's registration (the 2017
+//! framework registered first and dropped what arrived before its server
+//! was up).
+//!
+//! This is the one place that names concrete implementations: the redb
+//! ledger and the Nutanix source. Everything it hands them to uses the
+//! interfaces (`ledger::Ledger`, `source::EventSource`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,26 +17,27 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminState, HandleDurations};
+use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::dispatch::{DispatchOptions, Dispatcher};
-use crate::ledger::{Jitter, Ledger, LedgerOptions, RetryPolicy};
-use crate::listener::{self, ClusterAuth, ListenerState, ListenerStats};
-use crate::nutanix::registrar::{self, ClusterStatus, Registrar};
+use crate::ledger::{Jitter, LedgerOptions, RedbLedger, RetryPolicy, SharedLedger};
+use crate::listener::{self, Ingest};
+use crate::nutanix::NutanixSource;
 use crate::registry::Registry;
 use crate::reload::{self, Reloader, Report};
 use crate::runtime::{Runtime, RuntimeOptions};
-use crate::secret::Secret;
+use crate::source::{EndpointStatus, EventSource, SourceContext};
+use crate::telemetry::{HandleDurations, ListenerStats};
 
 pub struct App {
     pub config: Arc<Config>,
     pub listener_addr: SocketAddr,
-    pub ledger: Ledger,
+    pub ledger: SharedLedger,
     pub registry: Registry,
     pub runtime: Arc<Runtime>,
     pub dispatcher: Dispatcher,
     pub reloader: Reloader,
-    pub registrars: Vec<Registrar>,
+    pub source: Arc<dyn EventSource>,
     pub stats: Arc<ListenerStats>,
     /// Where the admin API listens (the bound port when configured as `:0`).
     pub admin_addr: SocketAddr,
@@ -77,21 +82,23 @@ impl App {
         std::fs::create_dir_all(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
 
-        let ledger = Ledger::open(LedgerOptions {
-            path: data.join("ledger.redb"),
-            dedupe_window: config.storage.dedupe_window,
-            max_backlog: config.storage.max_backlog,
-            max_file_bytes: config.storage.max_ledger_mib << 20,
-            retention: config.storage.retention,
-            retry: RetryPolicy {
-                initial: config.delivery.retry_initial,
-                max_delay: config.delivery.retry_max,
-                max_attempts: config.delivery.max_attempts,
-                max_age: config.delivery.max_age,
-                jitter: Jitter::Decorrelated,
-            },
-        })
-        .with_context(|| format!("opening the ledger in {}", data.display()))?;
+        let ledger: SharedLedger = Arc::new(
+            RedbLedger::open(LedgerOptions {
+                path: data.join("ledger.redb"),
+                dedupe_window: config.storage.dedupe_window,
+                max_backlog: config.storage.max_backlog,
+                max_file_bytes: config.storage.max_ledger_mib << 20,
+                retention: config.storage.retention,
+                retry: RetryPolicy {
+                    initial: config.delivery.retry_initial,
+                    max_delay: config.delivery.retry_max,
+                    max_attempts: config.delivery.max_attempts,
+                    max_age: config.delivery.max_age,
+                    jitter: Jitter::Decorrelated,
+                },
+            })
+            .with_context(|| format!("opening the ledger in {}", data.display()))?,
+        );
 
         let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
         rt_opts.cache_dir = Some(data.join("cache"));
@@ -162,30 +169,20 @@ impl App {
             async move { d.run().await }
         });
 
-        let mut clusters = HashMap::new();
-        for c in &config.clusters {
-            let password = webhook_password(&config, c)?;
-            clusters.insert(
-                c.name.clone(),
-                ClusterAuth {
-                    user: c.webhook_user.clone(),
-                    password,
-                },
-            );
-        }
+        let source: Arc<dyn EventSource> =
+            Arc::new(NutanixSource::new(config.clone()).context("setting up the clusters")?);
         let accepting = Arc::new(AtomicBool::new(true));
         let stats = Arc::new(ListenerStats::default());
-        let state = ListenerState {
-            clusters: Arc::new(clusters.clone()),
-            ledger: ledger.clone(),
-            registry: registry.clone(),
-            max_body_bytes: config.listener.max_body_bytes,
-            accepting: accepting.clone(),
-            stats: stats.clone(),
-        };
+        let ingest = Ingest::new(
+            ledger.clone(),
+            registry.clone(),
+            config.listener.max_body_bytes,
+            accepting.clone(),
+            stats.clone(),
+        );
         let listener_addr = config.listener.listen;
         let (shutdown_listener, mut stop_rx) = tokio::sync::watch::channel(false);
-        let app_router = listener::router(state);
+        let app_router = listener::router(source.routes(ingest));
         let tls = config.listener.tls.clone();
         let listener_task = tokio::spawn(async move {
             let stopped = async move {
@@ -202,23 +199,14 @@ impl App {
                 tracing::error!("listener stopped: {e:#}");
             }
         });
-        tracing::info!(addr = %listener_addr, "listening for Prism notifications");
+        tracing::info!(addr = %listener_addr, source = source.kind(), "listening for notifications");
 
-        // Only now, with the listener accepting, tell Prism where to post.
-        let mut registrars = Vec::new();
-        for c in &config.clusters {
-            let auth = clusters[&c.name].clone();
-            let r = Registrar::start(
-                config.clone(),
-                c.clone(),
-                auth,
-                registry.clone(),
-                dispatcher.clone(),
-                listener_addr,
-            )
-            .with_context(|| format!("cluster `{}`", c.name))?;
-            registrars.push(r);
-        }
+        // Only now, with the listener accepting, tell the source's systems
+        // where to post.
+        source.start(SourceContext {
+            subscriptions: registry.watch_subscriptions(),
+            inventory: Arc::new(dispatcher.clone()),
+        })?;
 
         let admin_token = match &config.admin.token {
             Some(source) => Some(source.resolve().context("reading `admin.token`")?),
@@ -228,7 +216,7 @@ impl App {
             ledger: ledger.clone(),
             registry: registry.clone(),
             dispatcher: dispatcher.clone(),
-            registrars: registrars.clone(),
+            source: source.clone(),
             listener_stats: stats.clone(),
             reloader: reloader.clone(),
             runtime: runtime.clone(),
@@ -258,7 +246,7 @@ impl App {
             runtime,
             dispatcher,
             reloader,
-            registrars,
+            source,
             stats,
             admin_addr,
             admin,
@@ -276,8 +264,8 @@ impl App {
         })
     }
 
-    pub fn cluster_status(&self) -> Vec<ClusterStatus> {
-        self.registrars.iter().map(Registrar::status).collect()
+    pub fn cluster_status(&self) -> Vec<EndpointStatus> {
+        self.source.status()
     }
 
     /// Stops accepting (503), lets in-flight batches finish up to
@@ -285,10 +273,12 @@ impl App {
     /// ledger.
     pub async fn shutdown(self, deregister: bool, deadline: Duration) -> anyhow::Result<()> {
         self.accepting.store(false, Ordering::Relaxed);
-        for r in &self.registrars {
-            r.stop();
-        }
         self.dispatcher.stop();
+        // Registration and reconcile stop alongside the batches; removing
+        // the webhooks waits for any sync still running, which could
+        // re-create them.
+        let source = self.source.clone();
+        let source_stopped = tokio::spawn(async move { source.stop(deregister).await });
         if tokio::time::timeout(deadline, self.dispatcher_task)
             .await
             .is_err()
@@ -297,17 +287,7 @@ impl App {
                 "in-flight batches did not finish within {deadline:?}; they will be redelivered"
             );
         }
-        // A sync still running could re-create what deregistering removes.
-        for r in &self.registrars {
-            r.join().await;
-        }
-        if deregister {
-            for r in &self.registrars {
-                if let Err(e) = r.deregister().await {
-                    tracing::error!("{e:#}");
-                }
-            }
-        }
+        let _ = source_stopped.await;
         let _ = self.shutdown_listener.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.listener_task).await;
         // The admin API answers (readiness 503) until here; its state holds
@@ -334,46 +314,4 @@ impl App {
         self.ledger.close().await.context("closing the ledger")?;
         Ok(())
     }
-}
-
-/// The password Prism must present for `cluster`: from the config, or
-/// generated once and kept (mode 0600) in the data directory, so restarts
-/// do not force a webhook update.
-pub fn webhook_password(
-    config: &Config,
-    cluster: &crate::config::ClusterConfig,
-) -> anyhow::Result<Secret> {
-    if let Some(src) = &cluster.webhook_password {
-        return src
-            .resolve()
-            .with_context(|| format!("cluster `{}`: webhook_password", cluster.name));
-    }
-    let dir = config.storage.data_dir.join("webhook-credentials");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(&cluster.name);
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        if !existing.trim().is_empty() {
-            return Ok(Secret::new(existing.trim().to_owned()));
-        }
-    }
-    let generated = registrar::generate_password();
-    write_private(&path, &generated)?;
-    tracing::info!(cluster = %cluster.name, path = %path.display(), "generated webhook credentials");
-    Ok(Secret::new(generated))
-}
-
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
 }

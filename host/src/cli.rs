@@ -9,11 +9,11 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::listener::ClusterAuth;
 use crate::nutanix::registrar::{
     client_for, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget,
 };
 use crate::runtime::{PluginSettings, Runtime, RuntimeOptions};
+use crate::secret::BasicCredentials;
 
 pub enum WebhookCommand {
     List(PathBuf),
@@ -76,9 +76,9 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                     );
                 }
                 _ => {
-                    let auth = ClusterAuth {
+                    let auth = BasicCredentials {
                         user: cluster.webhook_user.clone(),
-                        password: crate::app::webhook_password(&config, cluster)?,
+                        password: crate::nutanix::webhook_password(&config, cluster)?,
                     };
                     let target = SyncTarget {
                         client: &client,

@@ -11,16 +11,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::ledger::{Delivery, Ledger, LedgerError, Outcome as LedgerOutcome};
-use crate::nutanix::payload::{self, Vm as NutanixVm};
-use crate::registry::{PluginState, Registry};
-use crate::runtime::bindings::{Category, Event, Nic, Outcome, Retry, Vm};
+use crate::clock::now_ms;
+use crate::event::Vm;
+use crate::ledger::{Delivery, LedgerError, Outcome as LedgerOutcome, SharedLedger, Wake};
+use crate::registry::Registry;
+use crate::runtime::bindings::{self, Event, Outcome, Retry};
 use crate::runtime::CallError;
+use crate::source::InventorySink;
+use crate::telemetry::HandleDurations;
 
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
 
@@ -35,7 +39,15 @@ pub struct DispatchOptions {
     /// The first quarantine pause; it doubles with every further failure.
     pub quarantine_pause: Duration,
     /// Where each `handle` call's duration goes, for the metrics histogram.
-    pub handle_durations: Option<crate::admin::HandleDurations>,
+    pub handle_durations: Option<HandleDurations>,
+}
+
+/// Deliveries to a plugin paused after repeated failed calls; they stay
+/// queued and resume after `until_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Quarantine {
+    pub reason: String,
+    pub until_ms: u64,
 }
 
 /// Per-plugin delivery counts since start, for status and metrics.
@@ -58,10 +70,13 @@ pub struct Dispatcher {
 }
 
 struct Inner {
-    ledger: Ledger,
+    ledger: SharedLedger,
     registry: Registry,
     opts: DispatchOptions,
     counters: Mutex<BTreeMap<String, Counters>>,
+    /// Kept here, not in the registry: a quarantine changes which batches
+    /// run, not which plugins are loaded or what they subscribe to.
+    quarantined: Mutex<HashMap<String, Quarantine>>,
     /// Batches of a plugin share its lock; a reconcile takes it alone, so
     /// the plugin's kv is never rewritten by both at once.
     locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
@@ -69,6 +84,14 @@ struct Inner {
 }
 
 impl Inner {
+    fn quarantine_of(&self, plugin: &str) -> Option<Quarantine> {
+        self.quarantined
+            .lock()
+            .expect("quarantine lock")
+            .get(plugin)
+            .cloned()
+    }
+
     fn lock_for(&self, plugin: &str) -> Arc<tokio::sync::RwLock<()>> {
         self.locks
             .lock()
@@ -88,13 +111,14 @@ pub enum DispatchError {
 }
 
 impl Dispatcher {
-    pub fn new(ledger: Ledger, registry: Registry, opts: DispatchOptions) -> Dispatcher {
+    pub fn new(ledger: SharedLedger, registry: Registry, opts: DispatchOptions) -> Dispatcher {
         Dispatcher {
             inner: Arc::new(Inner {
                 ledger,
                 registry,
                 opts,
                 counters: Mutex::default(),
+                quarantined: Mutex::default(),
                 locks: Mutex::default(),
                 stop: watch::channel(false).0,
             }),
@@ -103,6 +127,12 @@ impl Dispatcher {
 
     pub fn counters(&self) -> BTreeMap<String, Counters> {
         self.inner.counters.lock().expect("counters lock").clone()
+    }
+
+    /// Plugins whose deliveries are paused, by name.
+    pub fn quarantined(&self) -> BTreeMap<String, Quarantine> {
+        let all = self.inner.quarantined.lock().expect("quarantine lock");
+        all.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Runs until [`Dispatcher::stop`]: keeps workers running for every
@@ -152,11 +182,12 @@ impl Dispatcher {
         &self,
         plugin: &str,
         cluster: &str,
-        vms: Vec<Vm>,
+        vms: &[Vm],
     ) -> Result<Result<String, String>, DispatchError> {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
         };
+        let vms = vms.iter().map(bindings::Vm::from).collect();
         let lock = self.inner.lock_for(plugin);
         let _exclusive = lock.write().await;
         Ok(p.reconcile(cluster, vms).await?)
@@ -231,7 +262,6 @@ impl Dispatcher {
 
 async fn worker(inner: Arc<Inner>, name: String) {
     let mut stop = inner.stop.subscribe();
-    let notify = inner.ledger.notifier(&name);
     loop {
         if *stop.borrow() {
             return;
@@ -240,8 +270,8 @@ async fn worker(inner: Arc<Inner>, name: String) {
             return;
         };
         let Some(plugin) = entry.plugin else { return };
-        if let PluginState::Quarantined { until_ms, .. } = entry.state {
-            let wait = Duration::from_millis(until_ms.saturating_sub(now_ms()));
+        if let Some(q) = inner.quarantine_of(&name) {
+            let wait = Duration::from_millis(q.until_ms.saturating_sub(now_ms()));
             if !wait.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -251,11 +281,6 @@ async fn worker(inner: Arc<Inner>, name: String) {
             }
         }
 
-        // Register interest before looking, so an append between the
-        // claim and the wait still wakes us.
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
         let mut batch = match inner.ledger.claim(&name, inner.opts.batch_max).await {
             Ok(b) => b,
             Err(e) => {
@@ -265,20 +290,16 @@ async fn worker(inner: Arc<Inner>, name: String) {
             }
         };
         if batch.is_empty() {
-            let due = inner.ledger.next_due(&name);
-            let sleep = due.map_or(Duration::from_secs(3600), |at| {
-                at.saturating_duration_since(Instant::now())
-            });
-            tokio::select! {
-                _ = &mut notified => {
-                    // Something arrived: give a burst a moment to gather
-                    // into one batch.
-                    if !inner.opts.batch_window.is_zero() {
-                        tokio::time::sleep(inner.opts.batch_window).await;
-                    }
-                }
-                _ = tokio::time::sleep(sleep) => {}
-                _ = stop.changed() => {}
+            // The ledger keeps a signal raised since the claim, so nothing
+            // appended meanwhile waits for the hour.
+            let woke = tokio::select! {
+                woke = inner.ledger.wait_for_work(&name, Duration::from_secs(3600)) => woke,
+                _ = stop.changed() => continue,
+            };
+            if woke == Wake::Signalled && !inner.opts.batch_window.is_zero() {
+                // Something arrived: give a burst a moment to gather into
+                // one batch.
+                tokio::time::sleep(inner.opts.batch_window).await;
             }
             continue;
         }
@@ -460,29 +481,13 @@ fn count(
             }
         }
     };
-    // Touch the registry only when the state changes: every update wakes
-    // its watchers (the registrars among them).
-    let quarantined = inner
-        .registry
-        .get(name)
-        .is_some_and(|e| matches!(e.state, PluginState::Quarantined { .. }));
+    let mut quarantined = inner.quarantined.lock().expect("quarantine lock");
     if let Some((reason, pause)) = quarantine {
         tracing::warn!(plugin = %name, pause_s = pause.as_secs(), "quarantined after {} failed calls in a row: {reason}", inner.opts.quarantine_after);
-        inner.registry.update(|plugins| {
-            if let Some(entry) = plugins.get_mut(name) {
-                entry.state = PluginState::Quarantined {
-                    reason,
-                    until_ms: now_ms() + pause.as_millis() as u64,
-                };
-            }
-        });
-    } else if quarantined && failure.is_none() {
+        let until_ms = now_ms() + pause.as_millis() as u64;
+        quarantined.insert(name.to_owned(), Quarantine { reason, until_ms });
+    } else if failure.is_none() && quarantined.remove(name).is_some() {
         tracing::info!(plugin = %name, "out of quarantine");
-        inner.registry.update(|plugins| {
-            if let Some(entry) = plugins.get_mut(name) {
-                entry.state = PluginState::Active;
-            }
-        });
     }
 }
 
@@ -499,17 +504,10 @@ fn to_ledger(o: &Outcome) -> LedgerOutcome {
     }
 }
 
-/// The WIT view of a stored event, with the VM parsed leniently.
+/// The WIT view of a stored event: the VM its source decoded at ingest, and
+/// the body as it came.
 pub fn to_event(d: &Delivery) -> Event {
     let e = &d.event;
-    let vm = if e.entity_kind == "vm" {
-        payload::parse_notification(e.body.as_bytes())
-            .ok()
-            .and_then(|n| n.vm)
-            .map(to_wit_vm)
-    } else {
-        None
-    };
     Event {
         id: e.id.to_string(),
         cluster: e.cluster.clone(),
@@ -519,38 +517,37 @@ pub fn to_event(d: &Delivery) -> Event {
         attempt: d.attempt,
         received_at_ms: e.received_at_ms,
         body: e.body.clone(),
-        vm,
+        vm: e.vm.as_ref().map(bindings::Vm::from),
     }
 }
 
-pub fn to_wit_vm(vm: NutanixVm) -> Vm {
-    Vm {
-        uuid: vm.uuid,
-        name: vm.name,
-        power_state: vm.power_state,
-        categories: vm
-            .categories
-            .into_iter()
-            .map(|(key, value)| Category { key, value })
-            .collect(),
-        nics: vm
-            .nics
-            .into_iter()
-            .map(|n| Nic {
-                uuid: n.uuid,
-                mac_address: n.mac_address,
-                ips: n.ips,
-                subnet_name: n.subnet_name,
-                subnet_uuid: n.subnet_uuid,
-            })
-            .collect(),
-        host_name: vm.host_name,
-        entity_version: vm.entity_version,
+/// Every plugin that keeps state about VMs (it subscribes to `VM.UPDATE`
+/// or `VM.ON`) is handed the inventory, with no batch of it running
+/// meanwhile.
+#[async_trait]
+impl InventorySink for Dispatcher {
+    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (name, entry) in self.inner.registry.snapshot().iter() {
+            if !entry.subscribes_to("VM.UPDATE") && !entry.subscribes_to("VM.ON") {
+                continue;
+            }
+            let cluster = endpoint;
+            match Dispatcher::reconcile(self, name, endpoint, &vms).await {
+                Ok(Ok(summary)) => {
+                    tracing::info!(%cluster, plugin = %name, vms = vms.len(), "reconciled: {summary}");
+                    lines.push(format!("{name}: {summary}"));
+                }
+                Ok(Err(reason)) => {
+                    tracing::warn!(%cluster, plugin = %name, "reconcile refused: {reason}");
+                    lines.push(format!("{name}: failed: {reason}"));
+                }
+                Err(e) => {
+                    tracing::warn!(%cluster, plugin = %name, "reconcile failed: {e}");
+                    lines.push(format!("{name}: failed: {e}"));
+                }
+            }
+        }
+        lines
     }
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

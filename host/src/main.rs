@@ -55,12 +55,14 @@ enum Command {
     },
     /// Run a VM lifecycle on embedded Prism and PAN-OS simulators and show
     /// the firewall's table after each step.
+    #[cfg(feature = "simulators")]
     Demo {
         /// Directory with paloalto.wasm (default: target/plugins).
         #[arg(long)]
         plugins: Option<PathBuf>,
     },
     /// Start a simulator on loopback for tests and local runs.
+    #[cfg(feature = "simulators")]
     Sim {
         #[command(subcommand)]
         which: Sim,
@@ -160,6 +162,7 @@ enum DlqAction {
     },
 }
 
+#[cfg(feature = "simulators")]
 #[derive(Subcommand)]
 enum Sim {
     /// PAN-OS XML API simulator.
@@ -239,11 +242,11 @@ enum NewLang {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; logs would drown it.
-    let default_level = if matches!(cli.command, Command::Demo { .. }) {
-        "warn"
-    } else {
-        "info"
-    };
+    #[cfg(feature = "simulators")]
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    #[cfg(not(feature = "simulators"))]
+    let quiet = false;
+    let default_level = if quiet { "warn" } else { "info" };
     init_tracing(cli.log_format, default_level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -310,22 +313,26 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
+        #[cfg(feature = "simulators")]
         Command::Demo { plugins } => {
             prismhook::demo::run(plugins).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        #[cfg(feature = "simulators")]
         Command::Sim {
             which: Sim::Panos { listen },
         } => {
             prismhook_sim::panos::run(listen, Default::default()).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        #[cfg(feature = "simulators")]
         Command::Sim {
             which: Sim::Prism { listen },
         } => {
             prismhook_sim::prism::run(listen, Default::default()).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        #[cfg(feature = "simulators")]
         Command::Sim {
             which: Sim::Bigip { listen, pools },
         } => {

@@ -6,28 +6,23 @@
 //! to the new version.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::runtime::Plugin;
+use crate::runtime::{Plugin, Tier};
 
 /// What operators see of one plugin.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum PluginState {
+    /// Loaded and serving. Whether its deliveries are paused after
+    /// repeated failed calls is the dispatcher's to say (its quarantine).
     Active,
-    /// Loaded but not receiving deliveries after repeated traps or
-    /// timeouts; retried after `until_ms`.
-    Quarantined {
-        reason: String,
-        until_ms: u64,
-    },
     /// The file could not be loaded; the previous version (if any) serves.
-    Failed {
-        reason: String,
-    },
+    Failed { reason: String },
 }
 
 #[derive(Clone)]
@@ -54,22 +49,29 @@ impl Entry {
     }
 }
 
-/// Whether a subscription (`VM.ON`, `VM.*`, `*`) covers `event_type`.
-pub fn matches(subscription: &str, event_type: &str) -> bool {
-    match subscription.strip_suffix('*') {
-        None => subscription.eq_ignore_ascii_case(event_type),
-        Some(prefix) => event_type
-            .get(..prefix.len())
-            .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
-    }
-}
+pub use crate::event::matches;
 
 pub type Snapshot = Arc<BTreeMap<String, Entry>>;
+
+/// What `plugins list` shows of one plugin's load.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub version: Option<String>,
+    pub file: Option<PathBuf>,
+    pub sha256: Option<String>,
+    pub tier: Option<Tier>,
+    #[serde(flatten)]
+    pub state: PluginState,
+    pub load_error: Option<String>,
+    pub subscriptions: Vec<String>,
+}
 
 #[derive(Clone)]
 pub struct Registry {
     current: Arc<RwLock<Snapshot>>,
     changed: watch::Sender<u64>,
+    subscriptions: watch::Sender<Vec<String>>,
 }
 
 impl Default for Registry {
@@ -77,6 +79,7 @@ impl Default for Registry {
         Registry {
             current: Arc::default(),
             changed: watch::channel(0).0,
+            subscriptions: watch::channel(Vec::new()).0,
         }
     }
 }
@@ -104,15 +107,7 @@ impl Registry {
     /// The union of every plugin's subscriptions, for the webhook's event
     /// list (patterns are kept as patterns; the registrar expands them).
     pub fn subscriptions(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .snapshot()
-            .values()
-            .filter_map(|e| e.plugin.as_ref())
-            .flat_map(|p| p.info().subscriptions.iter().cloned())
-            .collect();
-        all.sort();
-        all.dedup();
-        all
+        self.subscriptions.borrow().clone()
     }
 
     /// Replaces the whole set in one step and tells watchers.
@@ -120,15 +115,63 @@ impl Registry {
         let mut guard = self.current.write().expect("registry lock");
         let mut next = (**guard).clone();
         f(&mut next);
+        let union = union_of(&next);
         *guard = Arc::new(next);
         drop(guard);
         self.changed.send_modify(|v| *v += 1);
+        self.subscriptions.send_if_modified(|current| {
+            let changed = *current != union;
+            if changed {
+                *current = union;
+            }
+            changed
+        });
     }
 
     /// Fires after every `update`.
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+
+    /// The union of subscriptions (sorted, without repeats); fires only
+    /// when it changes.
+    pub fn watch_subscriptions(&self) -> watch::Receiver<Vec<String>> {
+        self.subscriptions.subscribe()
+    }
+
+    /// Each plugin's load as operators see it, by name.
+    pub fn status(&self) -> BTreeMap<String, PluginStatus> {
+        self.snapshot()
+            .iter()
+            .map(|(name, e)| {
+                let p = e.plugin.as_ref();
+                let status = PluginStatus {
+                    name: name.clone(),
+                    version: p.map(|p| p.info().version.clone()),
+                    file: p.map(|p| p.file().to_owned()),
+                    sha256: p.map(|p| p.sha256().to_owned()),
+                    tier: p.map(|p| p.tier()),
+                    state: e.state.clone(),
+                    load_error: e.load_error.clone(),
+                    subscriptions: p
+                        .map(|p| p.info().subscriptions.clone())
+                        .unwrap_or_default(),
+                };
+                (name.clone(), status)
+            })
+            .collect()
+    }
+}
+
+fn union_of(plugins: &BTreeMap<String, Entry>) -> Vec<String> {
+    let mut all: Vec<String> = plugins
+        .values()
+        .filter_map(|e| e.plugin.as_ref())
+        .flat_map(|p| p.info().subscriptions.iter().cloned())
+        .collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 #[cfg(test)]

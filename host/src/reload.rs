@@ -10,7 +10,7 @@
 //! an optimizer thread compiles it with Cranelift, and this task swaps that
 //! in as it does a new version, provided the same load is still serving.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -627,43 +627,4 @@ fn wasm_for(path: &Path) -> Option<PathBuf> {
         Some("toml") => Some(path.with_extension("wasm")),
         _ => None,
     }
-}
-
-/// What `plugins list` shows of each plugin.
-#[derive(Debug, Clone, Serialize)]
-pub struct PluginStatus {
-    pub name: String,
-    pub version: Option<String>,
-    pub file: Option<PathBuf>,
-    pub sha256: Option<String>,
-    pub tier: Option<Tier>,
-    #[serde(flatten)]
-    pub state: PluginState,
-    pub load_error: Option<String>,
-    pub subscriptions: Vec<String>,
-}
-
-pub fn status(registry: &Registry) -> BTreeMap<String, PluginStatus> {
-    registry
-        .snapshot()
-        .iter()
-        .map(|(name, e)| {
-            let p = e.plugin.as_ref();
-            (
-                name.clone(),
-                PluginStatus {
-                    name: name.clone(),
-                    version: p.map(|p| p.info().version.clone()),
-                    file: p.map(|p| p.file().to_owned()),
-                    sha256: p.map(|p| p.sha256().to_owned()),
-                    tier: p.map(|p| p.tier()),
-                    state: e.state.clone(),
-                    load_error: e.load_error.clone(),
-                    subscriptions: p
-                        .map(|p| p.info().subscriptions.clone())
-                        .unwrap_or_default(),
-                },
-            )
-        })
-        .collect()
 }

@@ -12,15 +12,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-/// The WIT contract, as compiled into this binary.
-pub const WIT: &[(&str, &str)] = &[
-    ("handler.wit", include_str!("../../wit/handler.wit")),
-    ("http.wit", include_str!("../../wit/http.wit")),
-    ("kv.wit", include_str!("../../wit/kv.wit")),
-    ("log.wit", include_str!("../../wit/log.wit")),
-    ("types.wit", include_str!("../../wit/types.wit")),
-    ("world.wit", include_str!("../../wit/world.wit")),
-];
+// `WIT`: every file of `wit/`, listed by build.rs.
+include!(concat!(env!("OUT_DIR"), "/wit_files.rs"));
 
 /// The languages a skeleton can be written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -80,6 +80,15 @@ impl SecretSource {
     }
 }
 
+/// A user name and password that a peer presents with HTTP Basic auth (the
+/// credentials Prism sends with each notification, and registers with its
+/// webhook).
+#[derive(Clone, Debug)]
+pub struct BasicCredentials {
+    pub user: String,
+    pub password: Secret,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

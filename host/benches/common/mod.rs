@@ -17,6 +17,11 @@ use axum::routing::post;
 use axum::Router;
 use base64::Engine as _;
 
+/// The tests' typed host configuration and simulator start-up, shared so
+/// that benches and tests configure hosts the same way.
+#[path = "../../../tests/all/common/setup.rs"]
+pub mod setup;
+
 // ---------------------------------------------------------------- fixtures
 
 pub fn fixtures_dir() -> PathBuf {
@@ -374,6 +379,8 @@ fn parse_duration_us(s: &str) -> f64 {
 }
 
 /// Runs wrk (blocking: call from `spawn_blocking`) against `url`.
+// The arguments are wrk's own knobs and the Lua script's, one each.
+#[allow(clippy::too_many_arguments)]
 pub fn run_wrk(
     url: &str,
     threads: u32,
@@ -613,50 +620,21 @@ pub struct HostRig {
 }
 
 pub async fn start_host() -> HostRig {
-    use prismhook_sim::panos::{PanosConfig, PanosSim};
-    use prismhook_sim::prism::{PrismConfig, PrismSim};
+    use setup::{Cluster, HostConfig};
     let dir = tempfile::tempdir().unwrap();
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::copy(component("paloalto"), plugins.join("paloalto.wasm")).unwrap();
-    let prism = PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
-        .await
-        .unwrap();
-    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
-        .await
-        .unwrap();
-    let fw = panos.base_url();
-    let text = format!(
-        r#"
-instance = "bench"
-[listener]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[storage]
-data_dir = "{data}"
-[plugins]
-dir = "{plugins}"
-watch = false
-[plugin.paloalto]
-config = {{ firewall = "{fw}" }}
-allow = ["{fw}"]
-inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]
-[[cluster]]
-name = "lab"
-prism_url = "{prism}"
-username = "admin"
-password = {{ value = "nutanix/4u" }}
-webhook_user = "{WEBHOOK_USER}"
-webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
-reconcile_interval = "0s"
-"#,
-        data = dir.path().join("data").display(),
-        plugins = plugins.display(),
-        key = PanosConfig::default().api_key,
-        prism = prism.base_url(),
-    );
-    let config = prismhook::config::Config::parse(&text, Path::new("bench.toml")).unwrap();
+    let prism = setup::start_prism().await;
+    let panos = setup::start_panos().await;
+    let host = HostConfig::new(dir.path())
+        .instance("bench")
+        .paloalto(&panos);
+    setup::install(host.plugins_dir(), &["paloalto"]);
+    let config = host
+        .cluster(Cluster {
+            webhook_password: Some(WEBHOOK_PASSWORD.into()),
+            extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
+            ..Cluster::lab(&prism)
+        })
+        .config();
     let app = prismhook::app::App::start(config).await.unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     while !app.cluster_status().iter().all(|c| c.registered) {
@@ -699,7 +677,7 @@ pub async fn wait_for_cranelift(app: &prismhook::app::App) {
 }
 
 /// Deliveries still to make (pending, in flight or retrying), all plugins.
-pub fn undelivered(ledger: &prismhook::ledger::Ledger) -> u64 {
+pub fn undelivered(ledger: &prismhook::ledger::SharedLedger) -> u64 {
     ledger
         .backlog()
         .unwrap()
@@ -709,7 +687,7 @@ pub fn undelivered(ledger: &prismhook::ledger::Ledger) -> u64 {
 }
 
 /// Waits until every delivery is made; how long that took, or None.
-pub async fn drain(ledger: &prismhook::ledger::Ledger, limit: Duration) -> Option<Duration> {
+pub async fn drain(ledger: &prismhook::ledger::SharedLedger, limit: Duration) -> Option<Duration> {
     let started = Instant::now();
     while undelivered(ledger) > 0 {
         if started.elapsed() > limit {

@@ -9,12 +9,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dispatch::Counters;
+use crate::dispatch::{Counters, Quarantine};
 use crate::ledger::{DeadLetter, PluginBacklog};
-use crate::nutanix::registrar::ClusterStatus;
-use crate::registry::PluginState;
-use crate::reload::PluginStatus;
+use crate::registry::{PluginState, PluginStatus};
 use crate::runtime::Tier;
+use crate::source::EndpointStatus;
 
 /// The body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,32 +85,23 @@ impl From<&Counters> for PluginCounters {
     }
 }
 
-/// The lower-case name of a plugin state, as in the API and the metrics.
-pub fn state_name(state: &PluginState) -> &'static str {
+/// The lower-case name of a plugin's state, as in the API and the metrics:
+/// its load (from the registry) and whether its deliveries are paused
+/// (from the dispatcher).
+pub fn state_name(state: &PluginState, quarantined: bool) -> &'static str {
     match state {
-        PluginState::Active => "active",
-        PluginState::Quarantined { .. } => "quarantined",
         PluginState::Failed { .. } => "failed",
+        PluginState::Active if quarantined => "quarantined",
+        PluginState::Active => "active",
     }
 }
 
-fn empty_backlog(plugin: &str) -> PluginBacklog {
-    PluginBacklog {
-        plugin: plugin.to_owned(),
-        pending: 0,
-        in_flight: 0,
-        retrying: 0,
-        dead: 0,
-        delivered: 0,
-        oldest_pending_ms: None,
-    }
-}
-
-/// Joins the registry's view, the dispatcher's counters and the ledger's
-/// backlog by plugin name, loaded plugins first.
+/// Joins the registry's view, the dispatcher's counters and quarantines and
+/// the ledger's backlog by plugin name, loaded plugins first.
 pub(super) fn plugin_reports(
     statuses: BTreeMap<String, PluginStatus>,
     counters: BTreeMap<String, Counters>,
+    quarantined: BTreeMap<String, Quarantine>,
     backlog: Vec<PluginBacklog>,
 ) -> Vec<PluginReport> {
     let mut backlog: BTreeMap<String, PluginBacklog> =
@@ -125,21 +115,20 @@ pub(super) fn plugin_reports(
     let mut reports: Vec<PluginReport> = statuses
         .into_values()
         .map(|s| {
-            let (reason, until_ms) = match &s.state {
-                PluginState::Active => (None, None),
-                PluginState::Quarantined { reason, until_ms } => {
-                    (Some(reason.clone()), Some(*until_ms))
-                }
-                PluginState::Failed { reason } => (Some(reason.clone()), None),
+            let quarantine = quarantined.get(&s.name);
+            let (reason, until_ms) = match (&s.state, quarantine) {
+                (PluginState::Failed { reason }, _) => (Some(reason.clone()), None),
+                (PluginState::Active, Some(q)) => (Some(q.reason.clone()), Some(q.until_ms)),
+                (PluginState::Active, None) => (None, None),
             };
             PluginReport {
-                state: state_name(&s.state).to_owned(),
+                state: state_name(&s.state, quarantine.is_some()).to_owned(),
                 reason,
                 until_ms,
                 counters: counters_of(&s.name),
                 backlog: backlog
                     .remove(&s.name)
-                    .unwrap_or_else(|| empty_backlog(&s.name)),
+                    .unwrap_or_else(|| PluginBacklog::empty(&s.name)),
                 version: s.version,
                 file: s.file,
                 sha256: s.sha256,
@@ -184,13 +173,13 @@ pub struct ClusterReport {
     pub last_reconcile: Vec<String>,
 }
 
-impl From<ClusterStatus> for ClusterReport {
-    fn from(s: ClusterStatus) -> Self {
+impl From<EndpointStatus> for ClusterReport {
+    fn from(s: EndpointStatus) -> Self {
         ClusterReport {
             name: s.name,
-            prism_url: s.prism_url,
+            prism_url: s.url,
             registered: s.registered,
-            webhook_uuid: s.webhook_uuid,
+            webhook_uuid: s.registration,
             registered_events: s.registered_events,
             last_error: s.last_error,
             last_sync_ms: s.last_sync_ms,

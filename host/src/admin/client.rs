@@ -23,6 +23,7 @@ use super::api::{
     ClusterReport, Count, DeadLetters, DlqSelection, PluginReport, ReconcileRequest,
     ReconcileResult, ReplayRequest,
 };
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::secret::Secret;
 
@@ -348,10 +349,6 @@ fn parse_rfc3339(text: &str) -> anyhow::Result<SystemTime> {
     } else {
         local + shift
     })
-}
-
-fn now_ms() -> u64 {
-    crate::ledger::now_ms()
 }
 
 /// `3m 12s ago`, or `–`.
@@ -781,6 +778,7 @@ mod tests {
                     entity_uuid: "u-1".into(),
                     received_at_ms: NOW - 10_000,
                     body: "{}".into(),
+                    vm: None,
                 },
                 attempts: 1,
                 reason: "probe asked\nto reject".into(),

@@ -4,62 +4,27 @@
 //! anyway (a `prometheus-client` [`Collector`]), so there is one source of
 //! truth per number and nothing to keep in step. The exception is the
 //! `handle` duration histogram: a distribution cannot be rebuilt from a
-//! total, so the dispatcher records each call into [`HandleDurations`].
+//! total, so the dispatcher records each call into
+//! [`crate::telemetry::HandleDurations`].
 //!
 //! Each [`Metrics`] has its own registry; nothing is global.
 
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, NoLabelSet,
 };
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::api::state_name;
 use super::AdminState;
-use crate::ledger::{now_ms, PluginBacklog};
+use crate::clock::now_ms;
+use crate::ledger::PluginBacklog;
 
 pub(super) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// Upper bounds (seconds) of the `handle` duration buckets: from a trivial
-/// batch to the longest deadline worth configuring.
-const HANDLE_BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-type PluginLabel = [(&'static str, String); 1];
-
-/// Durations of `handle` calls per plugin. Cheap to clone; clones share the
-/// histograms. Give the dispatcher a clone and call [`observe`] for every
-/// call, successful or not.
-///
-/// [`observe`]: HandleDurations::observe
-#[derive(Clone, Debug)]
-pub struct HandleDurations {
-    family: Family<PluginLabel, Histogram, fn() -> Histogram>,
-}
-
-impl Default for HandleDurations {
-    fn default() -> Self {
-        HandleDurations {
-            family: Family::new_with_constructor(|| Histogram::new(HANDLE_BUCKETS)),
-        }
-    }
-}
-
-impl HandleDurations {
-    pub fn observe(&self, plugin: &str, elapsed: Duration) {
-        self.family
-            .get_or_create(&[("plugin", plugin.to_owned())])
-            .observe(elapsed.as_secs_f64());
-    }
-}
 
 pub(super) struct Metrics {
     registry: Registry,
@@ -72,7 +37,7 @@ impl Metrics {
         registry.register(
             "prismhook_plugin_handle_duration_seconds",
             "Duration of each call to a plugin's handle (a batch of deliveries)",
-            state.handle_durations.family.clone(),
+            state.handle_durations.family(),
         );
         Metrics { registry }
     }
@@ -226,18 +191,19 @@ impl Collector for HostCollector {
                 &rows(&|b| b.delivered),
             )?;
         }
+        let stats = state.ledger.stats();
         single_gauge(
             e,
             "prismhook_ledger_backlog",
             "Undelivered deliveries over all plugins, as compared with `storage.max_backlog`",
-            state.ledger.total_pending(),
+            stats.undelivered,
         )?;
-        single_counter(e, "prismhook_ledger_commits", "Ledger write transactions committed since start (group commit makes them fewer than requests)", state.ledger.commits())?;
+        single_counter(e, "prismhook_ledger_commits", "Ledger write transactions committed since start (group commit makes them fewer than requests)", stats.commits)?;
         single_gauge(
             e,
             "prismhook_ledger_file_bytes",
             "Bytes used by the ledger file, as compared with `storage.max_ledger_mib`",
-            state.ledger.file_bytes(),
+            stats.bytes,
         )?;
 
         let counters = state.dispatcher.counters();
@@ -289,8 +255,9 @@ impl Collector for HostCollector {
         )?;
 
         let mut states = Vec::new();
+        let quarantined = state.dispatcher.quarantined();
         for (name, entry) in state.registry.snapshot().iter() {
-            let current = state_name(&entry.state);
+            let current = state_name(&entry.state, quarantined.contains_key(name));
             for s in ["active", "quarantined", "failed"] {
                 states.push((
                     vec![("plugin", name.clone()), ("state", s.to_owned())],
@@ -347,12 +314,10 @@ impl Collector for HostCollector {
         )?;
 
         let registered: Vec<(Labels, u64)> = state
-            .registrars
-            .iter()
-            .map(|r| {
-                let s = r.status();
-                (vec![("cluster", s.name)], u64::from(s.registered))
-            })
+            .source
+            .status()
+            .into_iter()
+            .map(|s| (vec![("cluster", s.name)], u64::from(s.registered)))
             .collect();
         gauge(
             e,

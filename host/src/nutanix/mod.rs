@@ -1,6 +1,6 @@
 //! Everything prismhook knows about Nutanix Prism, kept apart from the
 //! ledger, dispatcher and plugin runtime, which only see event types, entity
-//! uuids and the parsed [`Vm`].
+//! uuids and the host's own [`crate::event::Vm`].
 //!
 //! - [`payload`] reads notification bodies and VM intents leniently, because
 //!   their shape varies across AOS releases and is barely documented.
@@ -9,14 +9,64 @@
 //!   otherwise.
 //! - [`registrar`] keeps one webhook per cluster registered and reconciles
 //!   the inventory, using the other two.
+//! - [`source`] is Prism as the host's [`crate::source::EventSource`]: the
+//!   callback route and the registrars.
 //!
-//! `payload` and `client` depend on nothing else in the crate, so they can be
-//! built and tested on their own against `prismhook_sim::prism`, which
-//! shares no code with them.
+//! `payload` and `client` depend on nothing else in the crate but the event
+//! model, so they can be built and tested on their own against
+//! `prismhook_sim::prism`, which shares no code with them.
 
 pub mod client;
 pub mod payload;
 pub mod registrar;
+pub mod source;
+
+use std::path::Path;
+
+use anyhow::Context;
 
 pub use client::{ClusterEndpoint, PrismClient, PrismError, TlsMode, Webhook, WebhookSpec};
-pub use payload::{parse_notification, parse_vm, Nic, Notification, PayloadError, Vm};
+pub use payload::{parse_notification, parse_vm, PayloadError};
+pub use source::NutanixSource;
+
+use crate::config::{ClusterConfig, Config};
+use crate::secret::Secret;
+
+/// The password Prism must present for `cluster`: from the config, or
+/// generated once and kept (mode 0600) in the data directory, so restarts
+/// do not force a webhook update.
+pub fn webhook_password(config: &Config, cluster: &ClusterConfig) -> anyhow::Result<Secret> {
+    if let Some(src) = &cluster.webhook_password {
+        return src
+            .resolve()
+            .with_context(|| format!("cluster `{}`: webhook_password", cluster.name));
+    }
+    let dir = config.storage.data_dir.join("webhook-credentials");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(&cluster.name);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        if !existing.trim().is_empty() {
+            return Ok(Secret::new(existing.trim().to_owned()));
+        }
+    }
+    let generated = registrar::generate_password();
+    write_private(&path, &generated)?;
+    tracing::info!(cluster = %cluster.name, path = %path.display(), "generated webhook credentials");
+    Ok(Secret::new(generated))
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}

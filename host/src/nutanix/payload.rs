@@ -13,82 +13,15 @@
 //! The same VM parser reads the `POST /vms/list` inventory, so an event and
 //! a reconcile see a VM identically.
 //!
-//! The listener needs only the envelope ([`parse_envelope`]): it reads the
-//! few small fields it stores without building the rest of the 5-7 KB body
-//! into a tree, and leaves errors and unusual bodies to the full parse, so
-//! both always agree.
+//! The Nutanix source decodes each body once, when it arrives
+//! ([`parse_notification`]), into the host's own model ([`crate::event`]), so nothing
+//! downstream parses Prism's JSON again.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde_json::value::RawValue;
 use serde_json::Value;
 
-/// What the listener needs from one notification.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Notification {
-    /// As sent, e.g. `VM.ON`; any `KIND.ACTION` is accepted.
-    pub event_type: String,
-    /// Lower case, e.g. `vm`, `subnet`.
-    pub entity_kind: String,
-    pub entity_uuid: String,
-    /// The VM as the notification describes it; `None` for other kinds and
-    /// for a body without an intent (a `VM.DELETE` with `data.metadata: {}`).
-    pub vm: Option<Vm>,
-    /// Equal for two deliveries of the same change, different for different
-    /// changes; does not name the cluster, so callers prefix it.
-    pub dedupe_key: String,
-}
-
-/// What the listener stores of a notification: [`Notification`] without the
-/// VM, which is parsed again at delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    pub event_type: String,
-    pub entity_kind: String,
-    pub entity_uuid: String,
-    pub dedupe_key: String,
-}
-
-impl From<Notification> for Envelope {
-    fn from(n: Notification) -> Envelope {
-        Envelope {
-            event_type: n.event_type,
-            entity_kind: n.entity_kind,
-            entity_uuid: n.entity_uuid,
-            dedupe_key: n.dedupe_key,
-        }
-    }
-}
-
-/// A VM as plugins see it, whatever the AOS release.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Vm {
-    pub uuid: String,
-    pub name: Option<String>,
-    /// `ON` or `OFF` (older `POWERED_ON`/`POWERED_OFF` normalised); other
-    /// states are passed on upper-cased.
-    pub power_state: Option<String>,
-    /// `(key, value)` sorted; a key with several values appears once per
-    /// value.
-    pub categories: Vec<(String, String)>,
-    pub nics: Vec<Nic>,
-    pub host_name: Option<String>,
-    /// Numeric in older releases, a string in newer ones; always a string
-    /// here.
-    pub entity_version: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Nic {
-    pub uuid: Option<String>,
-    pub mac_address: Option<String>,
-    /// Assigned and learned addresses, in the order Prism lists them, without
-    /// repeats.
-    pub ips: Vec<String>,
-    pub subnet_name: Option<String>,
-    pub subnet_uuid: Option<String>,
-}
+pub use crate::event::{Decoded, Nic, Vm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
@@ -107,55 +40,6 @@ pub enum PayloadError {
     BadEventType(String),
     #[error("missing entity uuid: neither `entity_reference.uuid` nor `data.metadata.metadata.uuid` is a non-empty string")]
     MissingEntityUuid,
-}
-
-/// [`parse_notification`] without the VM: the same envelope and the same
-/// errors, at a fraction of the cost for a usual body.
-pub fn parse_envelope(body: &[u8]) -> Result<Envelope, PayloadError> {
-    match quick_envelope(body) {
-        Some(envelope) => Ok(envelope),
-        None => parse_notification(body).map(Envelope::from),
-    }
-}
-
-/// JSON objects with their members left unparsed. A key with escapes does
-/// not borrow, so such an object takes the full parse.
-type RawObject<'a> = BTreeMap<&'a str, &'a RawValue>;
-
-/// The envelope of a well-formed, versioned notification, read from its
-/// small members only (the intent's spec and status, the bulk of a body,
-/// are checked as JSON but not built). `None` for anything else, which
-/// [`parse_notification`] then handles and explains.
-fn quick_envelope(body: &[u8]) -> Option<Envelope> {
-    let root: RawObject = serde_json::from_slice(body).ok()?;
-    let small = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).ok();
-    let event_type = match small(root.get("event_type")?)? {
-        Value::String(s) => s.trim().to_owned(),
-        _ => return None,
-    };
-    if !is_kind_action(&event_type) {
-        return None;
-    }
-    let reference = root.get("entity_reference").and_then(|r| small(r));
-    // As `pointer("/data/metadata")`: present only when `data` is an object.
-    let intent: Option<RawObject> = root
-        .get("data")
-        .and_then(|d| serde_json::from_str::<RawObject>(d.get()).ok())
-        .and_then(|data| data.get("metadata").copied())
-        .and_then(|m| serde_json::from_str::<RawObject>(m.get()).ok())
-        .filter(|m| !m.is_empty());
-    let meta = intent
-        .as_ref()
-        .and_then(|i| i.get("metadata"))
-        .and_then(|m| small(m));
-    let (entity_uuid, entity_kind) = entity(&event_type, reference.as_ref(), meta.as_ref())?;
-    let dedupe_key = versioned_key(&event_type, &entity_uuid, meta.as_ref())?;
-    Some(Envelope {
-        event_type,
-        entity_kind,
-        entity_uuid,
-        dedupe_key,
-    })
 }
 
 /// The entity's uuid and lower-case kind, from the notification's
@@ -179,7 +63,7 @@ fn entity(
 }
 
 /// Parse a notification body as Prism POSTs it.
-pub fn parse_notification(body: &[u8]) -> Result<Notification, PayloadError> {
+pub fn parse_notification(body: &[u8]) -> Result<Decoded, PayloadError> {
     let root: Value = serde_json::from_slice(body).map_err(PayloadError::NotJson)?;
     if !root.is_object() {
         return Err(PayloadError::NotAnObject(json_type(&root)));
@@ -211,7 +95,7 @@ pub fn parse_notification(body: &[u8]) -> Result<Notification, PayloadError> {
         _ => None,
     };
     let dedupe_key = dedupe_key(&event_type, &entity_uuid, intent, &root);
-    Ok(Notification {
+    Ok(Decoded {
         event_type,
         entity_kind,
         entity_uuid,
@@ -450,7 +334,7 @@ mod tests {
         std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
     }
 
-    fn parse(name: &str) -> Notification {
+    fn parse(name: &str) -> Decoded {
         parse_notification(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
@@ -462,7 +346,7 @@ mod tests {
 
     const WEB01: &str = "bdbbad7a-a401-4f9a-a789-2b8406905b56";
 
-    /// Every notification body among the shared fixtures.
+    /// Every notification body in `tests/fixtures/nutanix`.
     const FIXTURES: [&str; 8] = [
         "vm_on.json",
         "vm_create.json",
@@ -583,49 +467,6 @@ mod tests {
         assert_eq!(n.entity_kind, "subnet");
         assert_eq!(n.entity_uuid, "c7938dc6-7659-453e-a688-e26020c68e43");
         assert!(n.vm.is_none());
-    }
-
-    /// The quick envelope must agree with the full parse on every input:
-    /// the fixtures, and variants that take each of its way-outs.
-    #[test]
-    fn the_quick_envelope_agrees_with_the_full_parse() {
-        let mut bodies: Vec<Vec<u8>> = FIXTURES.iter().map(|n| fixture(n)).collect();
-        let on: Value = serde_json::from_slice(&fixture("vm_on.json")).unwrap();
-        let variant = |edit: &dyn Fn(&mut Value)| {
-            let mut v = on.clone();
-            edit(&mut v);
-            serde_json::to_vec(&v).unwrap()
-        };
-        bodies.extend([
-            variant(&|v| v["entity_reference"] = Value::Null),
-            variant(&|v| v["entity_reference"]["kind"] = json!("VM")),
-            variant(&|v| v["entity_reference"]["uuid"] = json!(7)),
-            variant(&|v| v["data"]["metadata"]["metadata"]["spec_version"] = json!(12)),
-            variant(&|v| v["data"]["metadata"]["metadata"]["entity_version"] = json!("3")),
-            variant(&|v| v["data"]["metadata"]["metadata"] = json!({})),
-            variant(&|v| v["data"]["metadata"] = json!({})),
-            variant(&|v| v["data"]["metadata"] = json!([1, 2])),
-            variant(&|v| v["data"] = json!("x")),
-            variant(&|v| v["event_type"] = json!("  VM.ON ")),
-            variant(&|v| v["event_type"] = json!("VMON")),
-            variant(&|v| v["event_type"] = json!(3)),
-            variant(&|v| v["event_type"] = Value::Null),
-            variant(&|v| v.as_object_mut().unwrap().clear()),
-            br#"{"event_type": "VM.ON", "event_type": "VM.OFF", "entity_reference": {"uuid": "u"}}"#.to_vec(),
-            br#"{"event_type": "VM.ON", "entity_reference": {"uuid": "u\u00e9"}, "data": {"metadata": {"metadata": {"spec_version": 1}}}}"#.to_vec(),
-            br#"[1]"#.to_vec(),
-            br#"{"event_type": "VM.ON""#.to_vec(),
-            b"\xff".to_vec(),
-        ]);
-        for body in &bodies {
-            let full = parse_notification(body)
-                .map(Envelope::from)
-                .map_err(|e| e.to_string());
-            let quick = parse_envelope(body).map_err(|e| e.to_string());
-            assert_eq!(quick, full, "{}", String::from_utf8_lossy(body));
-        }
-        // The usual body takes the quick way.
-        assert!(quick_envelope(&fixture("vm_on.json")).is_some());
     }
 
     #[test]

@@ -6,20 +6,19 @@
 //! our credentials only delays itself: it is reported, retried with backoff,
 //! and never blocks another cluster.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::client::{ClusterEndpoint, PrismClient, TlsMode, Webhook, WebhookSpec};
+use crate::clock::now_ms;
 use crate::config::{ClusterConfig, Config};
-use crate::dispatch::{now_ms, to_wit_vm, Dispatcher};
-use crate::listener::ClusterAuth;
-use crate::registry::{matches, Registry};
+use crate::event::matches;
+use crate::secret::BasicCredentials;
+use crate::source::{EndpointStatus, SourceContext};
 
 /// Event types Prism is known to send; subscriptions with patterns are
 /// expanded against this list for the webhook's `events_filter_list`.
@@ -69,20 +68,6 @@ pub fn generate_password() -> String {
     hex::encode(bytes)
 }
 
-/// What operators see of one cluster.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ClusterStatus {
-    pub name: String,
-    pub prism_url: String,
-    pub webhook_uuid: Option<String>,
-    pub registered_events: Vec<String>,
-    pub registered: bool,
-    pub last_error: Option<String>,
-    pub last_sync_ms: Option<u64>,
-    pub last_reconcile_ms: Option<u64>,
-    pub last_reconcile: Vec<String>,
-}
-
 #[derive(Clone)]
 pub struct Registrar {
     inner: Arc<Inner>,
@@ -91,11 +76,10 @@ pub struct Registrar {
 struct Inner {
     config: Arc<Config>,
     cluster: ClusterConfig,
-    auth: ClusterAuth,
+    auth: BasicCredentials,
     client: PrismClient,
-    registry: Registry,
-    dispatcher: Dispatcher,
-    status: Mutex<ClusterStatus>,
+    ctx: SourceContext,
+    status: Mutex<EndpointStatus>,
     stop: watch::Sender<bool>,
     reconcile_now: tokio::sync::Notify,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -105,15 +89,13 @@ impl Registrar {
     pub fn start(
         config: Arc<Config>,
         cluster: ClusterConfig,
-        auth: ClusterAuth,
-        registry: Registry,
-        dispatcher: Dispatcher,
-        _listener: SocketAddr,
+        auth: BasicCredentials,
+        ctx: SourceContext,
     ) -> anyhow::Result<Registrar> {
         let client = client_for(&cluster)?;
-        let status = ClusterStatus {
+        let status = EndpointStatus {
             name: cluster.name.clone(),
-            prism_url: cluster.prism_url.to_string(),
+            url: cluster.prism_url.to_string(),
             ..Default::default()
         };
         let r = Registrar {
@@ -122,8 +104,7 @@ impl Registrar {
                 cluster,
                 auth,
                 client,
-                registry,
-                dispatcher,
+                ctx,
                 status: Mutex::new(status),
                 stop: watch::channel(false).0,
                 reconcile_now: tokio::sync::Notify::new(),
@@ -138,7 +119,7 @@ impl Registrar {
         Ok(r)
     }
 
-    pub fn status(&self) -> ClusterStatus {
+    pub fn status(&self) -> EndpointStatus {
         self.inner.status.lock().expect("status lock").clone()
     }
 
@@ -168,7 +149,9 @@ impl Registrar {
     }
 
     async fn run_registration(self) {
-        let mut changes = self.inner.registry.watch();
+        // Fires only when the union of subscriptions changes, so quarantines
+        // and compiler-tier swaps cost Prism nothing.
+        let mut changes = self.inner.ctx.subscriptions.clone();
         let mut stop = self.inner.stop.subscribe();
         let mut backoff = BACKOFF_FIRST;
         loop {
@@ -211,14 +194,14 @@ impl Registrar {
                 self.inner.config.instance
             ),
             post_url: self.inner.config.callback_url(&self.inner.cluster.name),
-            events: expand(&self.inner.registry.subscriptions()),
+            events: expand(&self.inner.ctx.subscriptions.borrow()),
             auth: &self.inner.auth,
             fingerprint_path: fingerprint_path(&self.inner.config, &self.inner.cluster.name),
         };
         let keeper = sync_webhook(&target).await?;
         let mut s = self.inner.status.lock().expect("status lock");
         s.registered = keeper.is_some();
-        s.webhook_uuid = keeper;
+        s.registration = keeper;
         s.registered_events = target.events;
         s.last_error = None;
         s.last_sync_ms = Some(now_ms());
@@ -271,36 +254,12 @@ impl Registrar {
     }
 
     /// Lists the cluster's VMs and hands the inventory to every plugin that
-    /// subscribes to VM events.
+    /// keeps state about VMs; returns each plugin's summary.
     pub async fn reconcile(&self) -> anyhow::Result<Vec<String>> {
         let vms = self.inner.client.list_vm_models().await?;
-        let vms: Vec<_> = vms.into_iter().map(to_wit_vm).collect();
         let cluster = &self.inner.cluster.name;
-        let mut lines = Vec::new();
-        for (name, entry) in self.inner.registry.snapshot().iter() {
-            if !entry.subscribes_to("VM.UPDATE") && !entry.subscribes_to("VM.ON") {
-                continue;
-            }
-            match self
-                .inner
-                .dispatcher
-                .reconcile(name, cluster, vms.clone())
-                .await
-            {
-                Ok(Ok(summary)) => {
-                    tracing::info!(%cluster, plugin = %name, vms = vms.len(), "reconciled: {summary}");
-                    lines.push(format!("{name}: {summary}"));
-                }
-                Ok(Err(reason)) => {
-                    tracing::warn!(%cluster, plugin = %name, "reconcile refused: {reason}");
-                    lines.push(format!("{name}: failed: {reason}"));
-                }
-                Err(e) => {
-                    tracing::warn!(%cluster, plugin = %name, "reconcile failed: {e}");
-                    lines.push(format!("{name}: failed: {e}"));
-                }
-            }
-        }
+        tracing::info!(%cluster, vms = vms.len(), "reconciling");
+        let lines = self.inner.ctx.inventory.reconcile(cluster, vms).await;
         let mut s = self.inner.status.lock().expect("status lock");
         s.last_reconcile_ms = Some(now_ms());
         s.last_reconcile = lines.clone();
@@ -317,7 +276,7 @@ pub struct SyncTarget<'a> {
     pub description: String,
     pub post_url: String,
     pub events: Vec<String>,
-    pub auth: &'a ClusterAuth,
+    pub auth: &'a BasicCredentials,
     /// Where the fingerprint of the registered credentials is kept.
     pub fingerprint_path: std::path::PathBuf,
 }

@@ -22,3 +22,35 @@ pub use self::prismhook::plugin::{http, kv, log};
 /// The WIT package this host implements, as components name it in their
 /// imports and exports.
 pub const PACKAGE: &str = "prismhook:plugin@0.1.0";
+
+/// The WIT record of a VM the host decoded at ingest.
+impl From<&crate::event::Vm> for Vm {
+    fn from(vm: &crate::event::Vm) -> Vm {
+        Vm {
+            uuid: vm.uuid.clone(),
+            name: vm.name.clone(),
+            power_state: vm.power_state.clone(),
+            categories: vm
+                .categories
+                .iter()
+                .map(|(key, value)| Category {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            nics: vm
+                .nics
+                .iter()
+                .map(|n| Nic {
+                    uuid: n.uuid.clone(),
+                    mac_address: n.mac_address.clone(),
+                    ips: n.ips.clone(),
+                    subnet_name: n.subnet_name.clone(),
+                    subnet_uuid: n.subnet_uuid.clone(),
+                })
+                .collect(),
+            host_name: vm.host_name.clone(),
+            entity_version: vm.entity_version.clone(),
+        }
+    }
+}

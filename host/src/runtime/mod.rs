@@ -1,11 +1,12 @@
 //! The sandbox: compiles plugin components, links them against the host's
 //! imports, and runs each call in a fresh, bounded Store.
 //!
-//! One [`Runtime`] holds the wasmtime `Engine` and `Linker` (built once), the
-//! shared outbound HTTP client and the kv store. Each loaded [`Plugin`] keeps
-//! an `InstancePre`, so a call costs one instantiation from the pooling
-//! allocator: a trap cannot poison the next call, because nothing of the
-//! trapped instance survives it.
+//! One [`Runtime`] holds the wasmtime `Engine` and `Linker` (built once) and
+//! the call environment every call shares (`state::CallEnv`: the kv store,
+//! the outbound HTTP client, counters). Each loaded [`Plugin`] keeps an
+//! `InstancePre` and the call environment, so a call costs one
+//! instantiation from the pooling allocator: a trap cannot poison the next
+//! call, because nothing of the trapped instance survives it.
 //!
 //! Compilation is tiered when the runtime is built with `tiered`: a file the
 //! cache does not know is first compiled by Winch, a baseline compiler 5-6
@@ -41,7 +42,7 @@ use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
 use kv_store::KvStore;
 pub use limits::{LimitOverrides, Limits};
 use policy::OutboundPolicy;
-use state::{HostState, PluginIdentity};
+use state::{CallEnv, HostState, PluginIdentity};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -184,9 +185,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     /// Winch, when compilation is tiered.
     baseline: Option<(Engine, Linker<HostState>)>,
-    http: reqwest::Client,
-    outbound: Arc<OutboundCounts>,
-    kv: KvStore,
+    env: Arc<CallEnv>,
     cache: Option<Arc<cache::ComponentCache>>,
     _ticker: EpochTicker,
 }
@@ -261,9 +260,11 @@ impl Runtime {
             engine,
             linker,
             baseline,
-            http,
-            outbound: Arc::default(),
-            kv,
+            env: Arc::new(CallEnv {
+                kv,
+                http,
+                outbound: Arc::default(),
+            }),
             cache,
             _ticker: ticker,
         }))
@@ -274,12 +275,12 @@ impl Runtime {
     }
 
     pub fn kv(&self) -> &KvStore {
-        &self.kv
+        &self.env.kv
     }
 
     /// Plugins' outbound requests since start, by plugin, origin and result.
     pub fn outbound(&self) -> &OutboundCounts {
-        &self.outbound
+        &self.env.outbound
     }
 
     /// Reads, checks and compiles a component file. CPU-heavy: call it off
@@ -414,7 +415,7 @@ impl Runtime {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin".into());
         let mut plugin = Plugin {
-            runtime: self.clone(),
+            env: self.env.clone(),
             identity: Arc::new(PluginIdentity {
                 name: provisional,
                 limits: settings.limits,
@@ -583,7 +584,8 @@ fn tier_of(source: &Option<Arc<[u8]>>) -> Tier {
 /// A loaded plugin version: cheap to clone, safe to call concurrently.
 #[derive(Clone)]
 pub struct Plugin {
-    runtime: Arc<Runtime>,
+    /// What its calls share with every other plugin's.
+    env: Arc<CallEnv>,
     identity: Arc<PluginIdentity>,
     info: PluginInfo,
     config: String,
@@ -710,14 +712,7 @@ impl Plugin {
     /// One bounded call: a fresh Store and instance, `init`, then the
     /// export asked for; kv writes are committed only if all of it returns.
     async fn call(&self, call: Call, context: &str) -> Result<(PluginInfo, Returned), CallError> {
-        let rt = &self.runtime;
-        let state = HostState::new(
-            self.identity.clone(),
-            context.into(),
-            rt.kv.session(&self.identity.name),
-            rt.http.clone(),
-            rt.outbound.clone(),
-        );
+        let state = HostState::new(self.identity.clone(), context.into(), &self.env);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
         store.set_epoch_deadline(1);

@@ -1,16 +1,15 @@
 //! The one host state of a Store: everything a single call may touch.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::kv_store::KvSession;
+use super::kv_store::{KvSession, KvStore};
 use super::limits::Limits;
 use super::policy::OutboundPolicy;
-use super::stdio::GuestOutput;
+use super::stdio::{GuestOutput, LogBudget};
 
 /// Who is calling: fixed for a plugin version, shared by all its calls.
 #[derive(Debug)]
@@ -18,33 +17,6 @@ pub struct PluginIdentity {
     pub name: String,
     pub limits: Limits,
     pub policy: OutboundPolicy,
-}
-
-/// Log output left for the current call, shared by the `log` import and the
-/// guest's stdout/stderr streams.
-#[derive(Clone)]
-pub struct LogBudget {
-    left: Arc<AtomicI64>,
-    exhausted: Arc<AtomicBool>,
-}
-
-impl LogBudget {
-    pub fn new(bytes: usize) -> LogBudget {
-        LogBudget {
-            left: Arc::new(AtomicI64::new(bytes as i64)),
-            exhausted: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// Takes `bytes` from the budget. `Err(true)` the first time it runs
-    /// out (so the host can say so once), `Err(false)` afterwards.
-    pub fn take(&self, bytes: usize) -> Result<(), bool> {
-        if self.left.fetch_sub(bytes as i64, Ordering::Relaxed) >= bytes as i64 {
-            Ok(())
-        } else {
-            Err(!self.exhausted.swap(true, Ordering::Relaxed))
-        }
-    }
 }
 
 /// Outbound requests since start by plugin, origin and result (the HTTP
@@ -65,6 +37,16 @@ impl OutboundCounts {
     }
 }
 
+/// What every call of every plugin shares, built once by the runtime: the
+/// services behind the host imports. A new import that needs a shared
+/// service adds it here and takes it in [`HostState::new`], and nowhere else.
+pub struct CallEnv {
+    pub kv: KvStore,
+    /// One connection pool for every plugin's outbound requests.
+    pub http: reqwest::Client,
+    pub outbound: Arc<OutboundCounts>,
+}
+
 pub struct HostState {
     pub(super) wasi: WasiCtx,
     pub(super) table: ResourceTable,
@@ -82,13 +64,9 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(super) fn new(
-        plugin: Arc<PluginIdentity>,
-        context: Arc<str>,
-        kv: KvSession,
-        http: reqwest::Client,
-        outbound: Arc<OutboundCounts>,
-    ) -> HostState {
+    /// The state of one call of `plugin` (`context`: the event ids of the
+    /// batch in hand, for log lines).
+    pub(super) fn new(plugin: Arc<PluginIdentity>, context: Arc<str>, env: &CallEnv) -> HostState {
         let limits = plugin.limits;
         let log_budget = LogBudget::new(limits.max_log_bytes);
         let stdout = GuestOutput::new(&plugin.name, "stdout", log_budget.clone());
@@ -107,16 +85,16 @@ impl HostState {
         HostState {
             wasi,
             table: ResourceTable::new(),
-            plugin,
             context,
             deadline: Instant::now() + limits.deadline,
             timed_out: false,
             memory_exceeded: None,
             requests_made: 0,
             log_budget,
-            kv,
-            http,
-            outbound,
+            kv: env.kv.session(&plugin.name),
+            http: env.http.clone(),
+            outbound: env.outbound.clone(),
+            plugin,
         }
     }
 }

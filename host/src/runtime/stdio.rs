@@ -1,13 +1,40 @@
 //! A guest's stdout and stderr, turned into host log lines tagged with the
-//! plugin's name.
+//! plugin's name, within the call's log budget.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
-use super::state::LogBudget;
+/// Log output left for the current call, shared by the `log` import and the
+/// guest's stdout/stderr streams.
+#[derive(Clone)]
+pub struct LogBudget {
+    left: Arc<AtomicI64>,
+    exhausted: Arc<AtomicBool>,
+}
+
+impl LogBudget {
+    pub fn new(bytes: usize) -> LogBudget {
+        LogBudget {
+            left: Arc::new(AtomicI64::new(bytes as i64)),
+            exhausted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Takes `bytes` from the budget. `Err(true)` the first time it runs
+    /// out (so the host can say so once), `Err(false)` afterwards.
+    pub fn take(&self, bytes: usize) -> Result<(), bool> {
+        if self.left.fetch_sub(bytes as i64, Ordering::Relaxed) >= bytes as i64 {
+            Ok(())
+        } else {
+            Err(!self.exhausted.swap(true, Ordering::Relaxed))
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct GuestOutput {

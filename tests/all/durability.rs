@@ -8,7 +8,7 @@
 //! default; the full run is 20) at moments drawn from `PRISMHOOK_CRASH_SEED`
 //! (printed on every run, so a failure can be replayed).
 
-mod common;
+use crate::common::{self, Cluster, HostConfig};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -19,14 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prismhook::app::App;
-use prismhook::config::Config;
+use prismhook::clock::now_ms;
 use prismhook::ledger::{
-    now_ms, Appended, DeadLetter, Ledger, LedgerOptions, NewEvent, PluginBacklog,
+    Appended, DeadLetter, Ledger, LedgerOptions, NewEvent, PluginBacklog, RedbLedger,
 };
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::runtime::kv_store::KvStore;
-use prismhook_sim::panos::{Faults, PanosConfig, PanosSim};
-use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismSim};
+use prismhook_sim::panos::Faults;
+use prismhook_sim::prism::{NewNic, NewVm, PrismSim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -37,19 +37,6 @@ const WEBHOOK_PASSWORD: &str = "durable-hook-secret";
 // ---------------------------------------------------------------------------
 // A host on the Prism simulator, in process or as the real binary.
 
-/// What a test's host is made of beyond cluster `lab` on the Prism simulator.
-#[derive(Default)]
-struct Setup {
-    /// `listener.listen`; a free loopback port when empty.
-    listen: String,
-    /// Lines of `[storage]` besides `data_dir`.
-    storage: String,
-    /// Lines of `[delivery]`.
-    delivery: String,
-    /// `[plugin.*]` tables.
-    plugins: String,
-}
-
 struct World {
     prism: PrismSim,
     dir: tempfile::TempDir,
@@ -58,19 +45,9 @@ struct World {
 async fn world(plugins: &[&str]) -> World {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let plugin_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugin_dir).unwrap();
-    for name in plugins {
-        std::fs::copy(
-            common::component(name),
-            plugin_dir.join(format!("{name}.wasm")),
-        )
-        .unwrap();
-    }
+    common::setup::install(&dir.path().join("plugins"), plugins);
     World {
-        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
-            .await
-            .unwrap(),
+        prism: common::setup::start_prism().await,
         dir,
     }
 }
@@ -80,48 +57,18 @@ impl World {
         self.dir.path().join("data")
     }
 
-    fn config_text(&self, setup: &Setup) -> String {
-        let listen = if setup.listen.is_empty() {
-            "127.0.0.1:0"
-        } else {
-            &setup.listen
-        };
-        format!(
-            r#"
-instance = "durability"
-[listener]
-listen = "{listen}"
-[admin]
-listen = "127.0.0.1:0"
-[storage]
-data_dir = "{data}"
-{storage}
-[delivery]
-{delivery}
-[plugins]
-dir = "{plugins_dir}"
-watch = false
-{plugins}
-[[cluster]]
-name = "lab"
-prism_url = "{prism}"
-username = "admin"
-password = {{ value = "nutanix/4u" }}
-webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
-reconcile_interval = "0s"
-"#,
-            data = self.data().display(),
-            storage = setup.storage,
-            delivery = setup.delivery,
-            plugins_dir = self.dir.path().join("plugins").display(),
-            plugins = setup.plugins,
-            prism = self.prism.base_url(),
-        )
+    /// Instance `durability` with cluster `lab` on the Prism simulator.
+    fn host(&self) -> HostConfig {
+        HostConfig::new(self.dir.path())
+            .instance("durability")
+            .cluster(Cluster {
+                webhook_password: Some(WEBHOOK_PASSWORD.into()),
+                ..Cluster::lab(&self.prism)
+            })
     }
 
-    async fn start(&self, setup: &Setup) -> App {
-        let config = Config::parse(&self.config_text(setup), Path::new("durability.toml")).unwrap();
-        let app = App::start(config).await.unwrap();
+    async fn start(&self, host: &HostConfig) -> App {
+        let app = App::start(host.config()).await.unwrap();
         wait(
             || app.cluster_status().iter().all(|c| c.registered),
             "webhook registration",
@@ -270,7 +217,7 @@ fn dead_letter(letters: &[DeadLetter], id: u64) -> &DeadLetter {
 /// listener would have: when the host starts, its first claim finds them all
 /// pending at once, so they share one `handle` call whatever the timing.
 async fn append_while_stopped(data: &Path, bodies: &[Value]) -> Vec<u64> {
-    let ledger = Ledger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap();
+    let ledger = RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap();
     let mut ids = Vec::new();
     for body in bodies {
         let text = body.to_string();
@@ -283,6 +230,7 @@ async fn append_while_stopped(data: &Path, bodies: &[Value]) -> Vec<u64> {
             dedupe_key: None,
             received_at_ms: now_ms(),
             body: text,
+            vm: note.vm,
         };
         match ledger.append(event, vec!["probe".into()]).await.unwrap() {
             Appended::Stored { id, .. } => ids.push(id),
@@ -478,7 +426,7 @@ async fn entity_load(
 
 /// The backlog of every plugin in a stopped host's ledger.
 async fn stopped_backlog(data: &Path) -> Vec<PluginBacklog> {
-    let ledger = Ledger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap();
+    let ledger = RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap();
     let backlog = ledger.backlog().unwrap();
     ledger.close().await.unwrap();
     backlog
@@ -502,14 +450,14 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
 
     let w = world(&["probe"]).await;
     let port = common::free_port();
-    let setup = Setup {
-        listen: format!("127.0.0.1:{port}"),
-        delivery: "retry_initial = \"20ms\"\nretry_max = \"200ms\"".into(),
-        plugins: "[plugin.probe]\nconfig = { subscriptions = [\"VM.*\"] }".into(),
-        ..Setup::default()
-    };
+    let setup = w
+        .host()
+        .listen(format!("127.0.0.1:{port}"))
+        .delivery(r#"retry_initial = "20ms""#)
+        .delivery(r#"retry_max = "200ms""#)
+        .plugin("probe", &[r#"config = { subscriptions = ["VM.*"] }"#]);
     let config = w.dir.path().join("prismhook.toml");
-    std::fs::write(&config, w.config_text(&setup)).unwrap();
+    std::fs::write(&config, setup.toml()).unwrap();
     let log = w.dir.path().join("host.log");
     let mut rng = StdRng::seed_from_u64(seed);
 
@@ -693,26 +641,24 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
 // 2. A firewall outage.
 
 /// `[plugin.paloalto]` for the PAN-OS simulator, with its key injected.
-fn paloalto_settings(panos: &PanosSim) -> String {
-    let fw = panos.base_url();
-    format!(
-        "[plugin.paloalto]\nconfig = {{ firewall = \"{fw}\" }}\nallow = [\"{fw}\"]\ninject = [{{ origin = \"{fw}\", header = \"X-PAN-KEY\", value = \"{key}\" }}]\n",
-        key = PanosConfig::default().api_key
-    )
+/// Two attempts 50 ms apart, then a dead letter.
+fn two_quick_attempts(host: HostConfig) -> HostConfig {
+    host.delivery(r#"retry_initial = "50ms""#)
+        .delivery(r#"retry_max = "50ms""#)
+        .delivery("max_attempts = 2")
 }
 
 #[tokio::test]
 async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_truth_after_it() {
     let w = world(&["paloalto"]).await;
-    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
-        .await
-        .unwrap();
-    let setup = Setup {
+    let panos = common::setup::start_panos().await;
+    let setup = w
+        .host()
         // Enough attempts that nothing dies during the outage.
-        delivery: "retry_initial = \"50ms\"\nretry_max = \"400ms\"\nmax_attempts = 1000".into(),
-        plugins: paloalto_settings(&panos),
-        ..Setup::default()
-    };
+        .delivery(r#"retry_initial = "50ms""#)
+        .delivery(r#"retry_max = "400ms""#)
+        .delivery("max_attempts = 1000")
+        .paloalto(&panos);
     let app = w.start(&setup).await;
     let settled_now = |app: &App| settled(&backlog(app, "paloalto"));
 
@@ -820,18 +766,15 @@ async fn events_queue_and_retry_through_a_firewall_outage_and_converge_to_the_tr
 #[tokio::test]
 async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     let w = world(&["probe", "paloalto"]).await;
-    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
-        .await
-        .unwrap();
+    let panos = common::setup::start_panos().await;
     // retry_initial = retry_max: every backoff is exactly 100 ms.
-    let setup = Setup {
-        delivery: "retry_initial = \"100ms\"\nretry_max = \"100ms\"\nmax_attempts = 2".into(),
-        plugins: format!(
-            "[plugin.probe]\nconfig = {{ subscriptions = [\"TEST.*\"] }}\n{}",
-            paloalto_settings(&panos)
-        ),
-        ..Setup::default()
-    };
+    let setup = w
+        .host()
+        .delivery(r#"retry_initial = "100ms""#)
+        .delivery(r#"retry_max = "100ms""#)
+        .delivery("max_attempts = 2")
+        .plugin("probe", &[r#"config = { subscriptions = ["TEST.*"] }"#])
+        .paloalto(&panos);
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
     let probe_settled = |app: &App, dead: u64| {
@@ -878,7 +821,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     panos.set_faults(Faults::default());
 
     // What an operator sees.
-    let letters = app.ledger.dead_letters(None, 100).unwrap();
+    let letters = app.ledger.dead_letters(None, 100).await.unwrap();
     for d in &letters {
         eprintln!(
             "dead letter: {} event {} {} {} after {} attempt(s): {}",
@@ -951,7 +894,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
         "the replayed retry to die again",
     )
     .await;
-    let letters = app.ledger.dead_letters(Some("probe"), 100).unwrap();
+    let letters = app.ledger.dead_letters(Some("probe"), 100).await.unwrap();
     let again = dead_letter(&letters, retried);
     assert_eq!(again.attempts, 2);
     assert!(again.died_at_ms > first_death);
@@ -974,6 +917,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     let left: BTreeSet<u64> = app
         .ledger
         .dead_letters(None, 100)
+        .await
         .unwrap()
         .iter()
         .map(|d| d.event.id)
@@ -983,7 +927,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     // Dead letters outlive a restart, reasons and all.
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     let app = w.start(&setup).await;
-    let letters = app.ledger.dead_letters(None, 100).unwrap();
+    let letters = app.ledger.dead_letters(None, 100).await.unwrap();
     assert_eq!(
         letters.iter().map(|d| d.event.id).collect::<BTreeSet<_>>(),
         BTreeSet::from([retried, trapped])
@@ -1004,11 +948,7 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     let w = world(&["probe"]).await;
     // Each event is retried once, 5 s later, then dies: until then it is
     // backlog, and the probe cannot work it off.
-    let setup = Setup {
-        storage: "max_backlog = 5".into(),
-        delivery: "retry_initial = \"50ms\"\nretry_max = \"50ms\"\nmax_attempts = 2".into(),
-        ..Setup::default()
-    };
+    let setup = two_quick_attempts(w.host()).storage("max_backlog = 5");
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
     let stuck =
@@ -1043,7 +983,7 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     for i in 20..25 {
         assert_eq!(poster.post(&stuck(i)).await.unwrap().status(), 503);
     }
-    assert_eq!(app.ledger.total_pending(), 5);
+    assert_eq!(app.ledger.stats().undelivered, 5);
     let b = backlog(&app, "probe");
     assert_eq!(b.pending + b.in_flight, 5, "{b:?}");
     let refused: u64 = app
@@ -1065,6 +1005,7 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     let kept: Vec<u64> = app
         .ledger
         .dead_letters(Some("probe"), 100)
+        .await
         .unwrap()
         .iter()
         .map(|d| d.event.id)
@@ -1083,10 +1024,7 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
 #[tokio::test]
 async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
     let w = world(&["probe"]).await;
-    let setup = Setup {
-        delivery: "retry_initial = \"50ms\"\nretry_max = \"50ms\"\nmax_attempts = 2".into(),
-        ..Setup::default()
-    };
+    let setup = two_quick_attempts(w.host());
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
 
@@ -1143,6 +1081,7 @@ async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
     assert_eq!(
         app.ledger
             .dead_letters(Some("probe"), 10)
+            .await
             .unwrap()
             .iter()
             .map(|d| d.event.id)
@@ -1155,10 +1094,7 @@ async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
 #[tokio::test]
 async fn a_retry_inside_a_batch_sends_the_entitys_later_events_again_after_it() {
     let w = world(&["probe"]).await;
-    let setup = Setup {
-        delivery: "retry_initial = \"50ms\"\nretry_max = \"50ms\"\nmax_attempts = 2".into(),
-        ..Setup::default()
-    };
+    let setup = two_quick_attempts(w.host());
     // Waiting in the ledger at start, A's three events go out in one call.
     let bodies = [
         probe_event("TEST.NOTE", "A", json!({})),
@@ -1194,7 +1130,7 @@ async fn a_retry_inside_a_batch_sends_the_entitys_later_events_again_after_it() 
     wait(|| settled(&backlog(&app, "probe")), "A to settle").await;
     assert_eq!(seen_ids(&app, "A"), [before, after, after]);
     assert_eq!(
-        app.ledger.dead_letters(Some("probe"), 10).unwrap()[0]
+        app.ledger.dead_letters(Some("probe"), 10).await.unwrap()[0]
             .event
             .id,
         head

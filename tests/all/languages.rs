@@ -9,7 +9,7 @@
 //! cache (under target/tmp): each is compiled at most once per run, and not
 //! at all while it is unchanged since the last run.
 
-mod common;
+use crate::common::{self, Cluster, HostConfig};
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -25,8 +25,8 @@ use prismhook::app::App;
 use prismhook::config::Config;
 use prismhook::runtime::{Runtime, RuntimeOptions};
 use prismhook_sim::bigip::{BigipConfig, BigipSim, Faults as BigipFaults};
-use prismhook_sim::panos::{PanosConfig, PanosSim};
-use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismSim, SimVm, VmChange};
+use prismhook_sim::panos::PanosSim;
+use prismhook_sim::prism::{NewNic, NewVm, PrismSim, SimVm, VmChange};
 use serde_json::Value;
 
 /// Plugin file stems, which are also the names the plugins give in `init`.
@@ -82,11 +82,14 @@ async fn warm_cache() {
     .await;
 }
 
+/// One body posted to the SIEM, with its `Authorization`.
+type Post = (Option<String>, Value);
+
 /// A stand-in for a SIEM: records every JSON body posted to `/ingest` and
 /// the `Authorization` it came with; answers 503 to the next `fail_next`.
 #[derive(Clone, Default)]
 struct Siem {
-    posts: Arc<Mutex<Vec<(Option<String>, Value)>>>,
+    posts: Arc<Mutex<Vec<Post>>>,
     fail_next: Arc<Mutex<u32>>,
 }
 
@@ -176,12 +179,8 @@ async fn world() -> World {
         ..Default::default()
     };
     World {
-        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
-            .await
-            .unwrap(),
-        panos: PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
-            .await
-            .unwrap(),
+        prism: common::setup::start_prism().await,
+        panos: common::setup::start_panos().await,
         bigip: BigipSim::start("127.0.0.1:0".parse().unwrap(), bigip)
             .await
             .unwrap(),
@@ -193,53 +192,34 @@ async fn world() -> World {
 
 impl World {
     fn config(&self) -> Config {
-        let fw = self.panos.base_url();
         let lb = self.bigip.base_url();
         let siem = &self.siem_url;
-        let text = format!(
-            r#"
-instance = "languages"
-[listener]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[storage]
-data_dir = "{data}"
-[delivery]
-retry_initial = "50ms"
-retry_max = "200ms"
-[plugins]
-dir = "{plugins}"
-watch = false
-
-[plugin.paloalto]
-config = {{ firewall = "{fw}" }}
-allow = ["{fw}"]
-inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{pan_key}" }}]
-
-[plugin.f5-bigip]
-config = {{ bigip = "{lb}", port = {MEMBER_PORT}, category = "F5Pool" }}
-allow = ["{lb}"]
-inject = [{{ origin = "{lb}", header = "Authorization", value = "Basic YWRtaW46YWRtaW4=" }}]
-
-[plugin.forwarder]
-config = {{ url = "{siem}/ingest", events = ["VM.*"], fields = ["id", "event_type", "entity_uuid", "attempt", "vm"] }}
-allow = ["{siem}"]
-inject = [{{ origin = "{siem}", header = "Authorization", value = "{SIEM_TOKEN}" }}]
-
-[[cluster]]
-name = "lab"
-prism_url = "{prism}"
-username = "admin"
-password = {{ value = "nutanix/4u" }}
-reconcile_interval = "0s"
-"#,
-            data = self.dir.path().join("data").display(),
-            plugins = self.dir.path().join("plugins").display(),
-            pan_key = PanosConfig::default().api_key,
-            prism = self.prism.base_url(),
-        );
-        Config::parse(&text, Path::new("languages.toml")).unwrap()
+        let lab = Cluster {
+            webhook_password: None,
+            ..Cluster::lab(&self.prism)
+        };
+        HostConfig::new(self.dir.path())
+            .instance("languages")
+            .fast_retries()
+            .paloalto(&self.panos)
+            .plugin(
+                "f5-bigip",
+                &[
+                    &format!(r#"config = {{ bigip = "{lb}", port = {MEMBER_PORT}, category = "F5Pool" }}"#),
+                    &format!(r#"allow = ["{lb}"]"#),
+                    &format!(r#"inject = [{{ origin = "{lb}", header = "Authorization", value = "Basic YWRtaW46YWRtaW4=" }}]"#),
+                ],
+            )
+            .plugin(
+                "forwarder",
+                &[
+                    &format!(r#"config = {{ url = "{siem}/ingest", events = ["VM.*"], fields = ["id", "event_type", "entity_uuid", "attempt", "vm"] }}"#),
+                    &format!(r#"allow = ["{siem}"]"#),
+                    &format!(r#"inject = [{{ origin = "{siem}", header = "Authorization", value = "{SIEM_TOKEN}" }}]"#),
+                ],
+            )
+            .cluster(lab)
+            .config()
     }
 
     async fn start(&self) -> App {

@@ -10,7 +10,7 @@
 //! each in a debug host; componentize-py and componentize-js builds are not
 //! reproducible, so no cache can spare that.
 
-mod common;
+use crate::common::{self, Cluster, HostConfig};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use prismhook::app::App;
 use prismhook::config::Config;
-use prismhook_sim::prism::{NewVm, PrismConfig, PrismSim};
+use prismhook_sim::prism::{NewVm, PrismSim};
 
 const PRISMHOOK: &str = env!("CARGO_BIN_EXE_prismhook");
 
@@ -75,33 +75,16 @@ async fn wait(ready: impl FnMut() -> bool, what: &str, limit: Duration) {
 }
 
 fn host_config(dir: &Path, prism: &PrismSim) -> Config {
-    let text = format!(
-        r#"
-instance = "plugin-new"
-[listener]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[storage]
-data_dir = "{data}"
-[delivery]
-retry_initial = "50ms"
-retry_max = "200ms"
-[plugins]
-dir = "{plugins}"
-watch = true
-[[cluster]]
-name = "lab"
-prism_url = "{prism}"
-username = "admin"
-password = {{ value = "nutanix/4u" }}
-reconcile_interval = "0s"
-"#,
-        data = dir.join("data").display(),
-        plugins = dir.join("plugins").display(),
-        prism = prism.base_url(),
-    );
-    Config::parse(&text, Path::new("plugin-new.toml")).unwrap()
+    let lab = Cluster {
+        webhook_password: None,
+        ..Cluster::lab(prism)
+    };
+    HostConfig::new(dir)
+        .instance("plugin-new")
+        .fast_retries()
+        .watch(true)
+        .cluster(lab)
+        .config()
 }
 
 async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
@@ -188,9 +171,7 @@ async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
     let host = tempfile::tempdir().unwrap();
     let plugins = host.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
-    let prism = PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
-        .await
-        .unwrap();
+    let prism = common::setup::start_prism().await;
     let app = App::start(host_config(host.path(), &prism)).await.unwrap();
     assert!(app.registry.get(&name).is_none());
     let partial = plugins.join(format!(".{name}.partial"));

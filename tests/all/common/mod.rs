@@ -1,7 +1,12 @@
 //! Helpers shared by the end-to-end tests.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
+
+// The benches include this file too and use other parts of it.
+#[allow(dead_code)]
+pub mod setup;
+
+pub use setup::{Cluster, HostConfig};
 
 /// A guest component built by `cargo xtask plugins`.
 pub fn component(name: &str) -> PathBuf {

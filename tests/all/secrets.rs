@@ -3,7 +3,7 @@
 //! operator's commands (`plugins list`, `clusters`, `dlq list`) print —
 //! contains the Prism password, the webhook password or the firewall key.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

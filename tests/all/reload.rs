@@ -3,10 +3,10 @@
 //! a restart, a broken file never replaces a working version, and no event
 //! is lost across reloads.
 
-mod common;
+use crate::common::{self, HostConfig};
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use prismhook::app::App;
@@ -34,20 +34,20 @@ impl Host {
     }
 
     fn config(&self, watch: bool) -> Config {
-        self.config_with(watch, "")
+        self.host(watch).config()
     }
 
-    /// The test configuration with `delivery` lines added.
-    fn config_with(&self, watch: bool, delivery: &str) -> Config {
-        let text = format!(
-            "[listener]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n\
-             [delivery]\nretry_initial = \"20ms\"\nretry_max = \"50ms\"\nmax_attempts = 3\n\
-             quarantine_after = 5\nquarantine_pause = \"300ms\"\n{delivery}\n\
-             [plugins]\ndir = \"{}\"\nwatch = {watch}\nlimits = {{ deadline_ms = 1000 }}\n",
-            self.dir.path().join("data").display(),
-            self.plugins().display()
-        );
-        Config::parse(&text, Path::new("reload.toml")).unwrap()
+    /// Quick retries, three attempts, quarantine after five failed calls
+    /// for 300 ms, a 1 s deadline.
+    fn host(&self, watch: bool) -> HostConfig {
+        HostConfig::new(self.dir.path())
+            .delivery(r#"retry_initial = "20ms""#)
+            .delivery(r#"retry_max = "50ms""#)
+            .delivery("max_attempts = 3")
+            .delivery("quarantine_after = 5")
+            .delivery(r#"quarantine_pause = "300ms""#)
+            .watch(watch)
+            .plugins_setting("limits = { deadline_ms = 1000 }")
     }
 
     async fn start(&self, watch: bool) -> App {
@@ -98,6 +98,7 @@ async fn append(app: &App, seq: u64, entity: &str, event_type: &str) -> u64 {
         dedupe_key: Some(format!("seq-{seq}")),
         received_at_ms: seq,
         body: "{}".into(),
+        vm: None,
     };
     match app.ledger.append(ev, plugins).await.unwrap() {
         prismhook::ledger::Appended::Stored { id, .. } => id,
@@ -361,9 +362,13 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
 async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters() {
     let h = Host::new();
     h.install("probe.wasm", &probe_variant(0));
-    let app = App::start(h.config_with(false, "removed_plugin_expiry = \"400ms\""))
-        .await
-        .unwrap();
+    let app = App::start(
+        h.host(false)
+            .delivery(r#"removed_plugin_expiry = "400ms""#)
+            .config(),
+    )
+    .await
+    .unwrap();
     std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
     // Subscribers are taken before the removal, as for events that were
     // already queued when the file went away.
@@ -380,6 +385,7 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
             dedupe_key: Some(format!("gone-{seq}")),
             received_at_ms: seq,
             body: "{}".into(),
+            vm: None,
         };
         match app.ledger.append(ev, subscribers.clone()).await.unwrap() {
             prismhook::ledger::Appended::Stored { id, .. } => ids.push(id),
@@ -397,7 +403,7 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
         "the queued deliveries to expire",
     )
     .await;
-    let dead = app.ledger.dead_letters(Some("probe"), 10).unwrap();
+    let dead = app.ledger.dead_letters(Some("probe"), 10).await.unwrap();
     let mut dead_ids: Vec<u64> = dead.iter().map(|d| d.event.id).collect();
     dead_ids.sort();
     assert_eq!(dead_ids, ids);
@@ -502,15 +508,10 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
 async fn without_tiering_a_new_file_waits_for_cranelift() {
     let h = Host::new();
     h.install("probe.wasm", &probe_variant(0));
-    let text = format!(
-        "[storage]\ndata_dir = \"{}\"\n[listener]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [plugins]\ndir = \"{}\"\nwatch = false\ntiered = false\n",
-        h.dir.path().join("data").display(),
-        h.plugins().display()
-    );
-    let app = App::start(Config::parse(&text, Path::new("reload.toml")).unwrap())
-        .await
-        .unwrap();
+    let config = HostConfig::new(h.dir.path())
+        .plugins_setting("tiered = false")
+        .config();
+    let app = App::start(config).await.unwrap();
     assert!(
         matches!(
             &app.loaded[0],
@@ -609,19 +610,16 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     wait(
-        || {
-            matches!(
-                app.registry.get("probe").map(|e| e.state),
-                Some(PluginState::Quarantined { .. })
-            )
-        },
+        || app.dispatcher.quarantined().contains_key("probe"),
         "quarantine",
     )
     .await;
-    let Some(PluginState::Quarantined { reason, .. }) = app.registry.get("probe").map(|e| e.state)
-    else {
-        unreachable!()
-    };
+    let reason = app.dispatcher.quarantined()["probe"].reason.clone();
+    assert_eq!(
+        app.registry.get("probe").map(|e| e.state),
+        Some(PluginState::Active),
+        "a quarantine pauses deliveries; the plugin stays loaded"
+    );
     assert!(reason.contains("trapped in handle"), "{reason}");
     // Events keep queueing while it is quarantined; when it is tried
     // again the trapping events are isolated, so the healthy one gets
@@ -647,12 +645,7 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
     .await;
     append(&app, 101, "vm-ok2", "VM.ON").await;
     wait(
-        || {
-            matches!(
-                app.registry.get("probe").map(|e| e.state),
-                Some(PluginState::Active)
-            )
-        },
+        || !app.dispatcher.quarantined().contains_key("probe"),
         "recovery",
     )
     .await;

@@ -3,15 +3,14 @@
 //! from the Nutanix fixtures, with one User-ID message per batch and no
 //! commits.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prismhook::dispatch::to_wit_vm;
 use prismhook::nutanix::payload::parse_notification;
-use prismhook::runtime::bindings::{Event, Outcome};
+use prismhook::runtime::bindings::{Event, Outcome, Vm as WitVm};
 use prismhook::runtime::policy::{InjectedHeader, OriginRule, OutboundPolicy};
 use prismhook::runtime::{Plugin, PluginSettings, Runtime, RuntimeOptions};
 use prismhook::secret::Secret;
@@ -111,7 +110,7 @@ impl Rig {
             attempt: 1,
             received_at_ms: 0,
             body: text,
-            vm: n.vm.map(to_wit_vm),
+            vm: n.vm.as_ref().map(WitVm::from),
         }
     }
 
@@ -325,16 +324,15 @@ async fn reconcile_repairs_a_missed_delete_and_a_tag_changed_by_hand() {
     r.panos
         .register_directly("10.99.0.1", &["ntnx.managed", "other.team"]);
     // The inventory no longer has the second VM (its VM.DELETE was lost).
-    let inventory = vec![to_wit_vm(
-        parse_notification(
-            common::fixture_json("nutanix/vm_update_nic_ip.json")
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap()
-        .vm
-        .unwrap(),
-    )];
+    let vm = parse_notification(
+        common::fixture_json("nutanix/vm_update_nic_ip.json")
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap()
+    .vm
+    .unwrap();
+    let inventory = vec![WitVm::from(&vm)];
     let summary = r.plugin.reconcile("lab", inventory).await.unwrap().unwrap();
     let web: &[&str] = &[
         "ntnx.AppTier.Web",

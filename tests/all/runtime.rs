@@ -1,7 +1,7 @@
 //! The sandbox, tested with real compiled guests: each kind of misbehaviour
 //! is contained to its own call, with a clear error, and the next call works.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -260,19 +260,38 @@ async fn a_trapped_call_leaves_no_kv_writes_behind() {
     );
 }
 
+/// The looping call first reaches a loopback server (so it is known to be
+/// running), then spins until its 2 s deadline; twenty calls of another
+/// plugin must all finish while it still spins. Were calls run one after
+/// another, they could only start once the loop had been stopped.
 #[tokio::test]
 async fn plugins_run_side_by_side_while_one_of_them_loops() {
     let sb = sandbox();
-    let looping = probe(&sb, settings()).await;
+    let (base, hits) = echo_server().await;
+    let mut slow = allow(&[&base], Vec::new());
+    slow.limits.deadline = Duration::from_secs(2);
+    let looping = probe(&sb, slow).await;
     let healthy = probe(&sb, settings()).await;
+    let url = format!("{base}/echo");
     let stuck = tokio::spawn(async move {
         looping
-            .handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))])
+            .handle(vec![
+                event(1, "TEST.HTTP", serde_json::json!({ "url": url })),
+                event(2, "TEST.LOOP", serde_json::json!({})),
+            ])
             .await
     });
+    common::wait_until("the looping call to start", Duration::from_secs(10), || {
+        hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
     for _ in 0..20 {
         works(&healthy).await;
     }
+    assert!(
+        !stuck.is_finished(),
+        "the healthy calls waited for the looping one to be stopped"
+    );
     assert!(matches!(
         stuck.await.unwrap(),
         Err(CallError::Timeout { .. })

@@ -6,11 +6,14 @@
 //! | `deliveries` | (plugin, event id) | [`DeliveryRecord`] as JSON |
 //! | `dedupe` | dedupe key | (event id, received_at_ms) |
 //! | `dedupe_by_time` | (received_at_ms, dedupe key) | () — lets prune find expired keys without a scan |
+//! | `event_vms` | event id | the VM its source decoded at ingest, as JSON (only events that have one) |
 //! | `meta` | name | u64: `next_event_id` (written by prune only), `delivered/<plugin>` |
 //!
 //! Events are the bulk of the file and are written on the hot path, so they are a redb tuple:
 //! the body is stored as it came, not escaped into another JSON document. Delivery records are
-//! small and the likeliest to gain fields, so they are JSON with defaults.
+//! small and the likeliest to gain fields, so they are JSON with defaults. The decoded VM is a
+//! table of its own, so that files written before it existed open unchanged (their events simply
+//! have no decoded VM).
 //!
 //! A delivery record exists only while the delivery is *pending* or *dead*: a done delivery's
 //! record is deleted (its count goes to `delivered/<plugin>`), so an event with no delivery
@@ -20,7 +23,9 @@
 use redb::{Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::{Ctx, LedgerError, StoredEvent};
+use super::Ctx;
+use crate::event::Vm;
+use crate::ledger::{LedgerError, StoredEvent};
 
 pub(super) type EventRow = (
     u64,
@@ -37,6 +42,7 @@ pub(super) const DELIVERIES: TableDefinition<(&str, u64), &[u8]> =
 pub(super) const DEDUPE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("dedupe");
 pub(super) const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("dedupe_by_time");
+pub(super) const EVENT_VMS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_vms");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 pub(super) const NEXT_EVENT_ID: &str = "next_event_id";
@@ -46,9 +52,10 @@ pub(super) fn delivered_key(plugin: &str) -> String {
     format!("{DELIVERED_PREFIX}{plugin}")
 }
 
-/// The event as the rest of the host sees it, from its stored row.
+/// The event as the rest of the host sees it, from its stored row and decoded VM.
 pub(super) fn event_from_row(
     id: u64,
+    vm: Option<Vm>,
     (received_at_ms, cluster, event_type, entity_kind, entity_uuid, body): (
         u64,
         &str,
@@ -66,7 +73,19 @@ pub(super) fn event_from_row(
         entity_uuid: entity_uuid.to_owned(),
         received_at_ms,
         body: body.to_owned(),
+        vm,
     }
+}
+
+pub(super) fn encode_vm(vm: &Vm) -> Vec<u8> {
+    serde_json::to_vec(vm).expect("a VM always serializes")
+}
+
+pub(super) fn decode_vm(id: u64, bytes: &[u8]) -> Result<Vm, LedgerError> {
+    serde_json::from_slice(bytes).map_err(|e| LedgerError::Corrupt {
+        what: format!("decoded VM of event {id}"),
+        detail: e.to_string(),
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +151,7 @@ pub(super) struct Tables<'t> {
     pub deliveries: Table<'t, (&'static str, u64), &'static [u8]>,
     pub dedupe: Table<'t, &'static str, (u64, u64)>,
     pub dedupe_by_time: Table<'t, (u64, &'static str), ()>,
+    pub event_vms: Table<'t, u64, &'static [u8]>,
     pub meta: Table<'t, &'static str, u64>,
 }
 
@@ -146,6 +166,9 @@ impl<'t> Tables<'t> {
             dedupe_by_time: txn
                 .open_table(DEDUPE_BY_TIME)
                 .ctx("opening the dedupe_by_time table")?,
+            event_vms: txn
+                .open_table(EVENT_VMS)
+                .ctx("opening the event_vms table")?,
             meta: txn.open_table(META).ctx("opening the meta table")?,
         })
     }

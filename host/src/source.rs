@@ -1,0 +1,103 @@
+//! Where events come from: the seam between the host and a system that
+//! sends notifications.
+//!
+//! An [`EventSource`] is shaped like a Spin trigger: it has a kind, reads
+//! its own part of the configuration, serves the HTTP routes its
+//! notifications arrive on, decodes each one once at ingest into the host's
+//! model ([`crate::event`]), keeps its registration with the upstream system
+//! (webhooks) in step with what the plugins subscribe to, hands the plugins
+//! the upstream inventory now and then (reconcile), and reports its status.
+//! Nutanix Prism ([`crate::nutanix::NutanixSource`]) is the first; the rest
+//! of the host (listener, ledger, dispatcher, admin API) knows only this
+//! interface.
+//!
+//! An *endpoint* is one upstream system a source talks to: for Nutanix, a
+//! cluster. Its name is what the ledger stores as an event's `cluster` and
+//! what the operator names in `reconcile --cluster`.
+
+use async_trait::async_trait;
+use axum::Router;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::event::Vm;
+use crate::listener::Ingest;
+
+/// One upstream system's state, as operators see it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EndpointStatus {
+    pub name: String,
+    /// Where the source reaches it (for Nutanix, the Prism URL).
+    pub url: String,
+    /// Whether this host's registration (webhook) is in place.
+    pub registered: bool,
+    /// The upstream system's id of that registration.
+    pub registration: Option<String>,
+    pub registered_events: Vec<String>,
+    pub last_error: Option<String>,
+    pub last_sync_ms: Option<u64>,
+    pub last_reconcile_ms: Option<u64>,
+    /// Each plugin's summary of the last reconcile.
+    pub last_reconcile: Vec<String>,
+}
+
+/// One endpoint's reconcile, run on request.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconcileReport {
+    pub endpoint: String,
+    /// `plugin: summary` per plugin.
+    pub plugins: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("no {kind} endpoint named `{name}` is configured")]
+    UnknownEndpoint { kind: &'static str, name: String },
+}
+
+/// Where a source hands an endpoint's whole inventory: every plugin that
+/// keeps state about VMs gets it (the dispatcher implements this).
+#[async_trait]
+pub trait InventorySink: Send + Sync {
+    /// Returns one `plugin: summary` (or `plugin: failed: reason`) line per
+    /// plugin that was handed the inventory.
+    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Vec<String>;
+}
+
+/// What a source's background work is given when the host starts it.
+#[derive(Clone)]
+pub struct SourceContext {
+    /// The union of the loaded plugins' subscriptions; changes only when it
+    /// does (see `Registry::watch_subscriptions`).
+    pub subscriptions: watch::Receiver<Vec<String>>,
+    pub inventory: std::sync::Arc<dyn InventorySink>,
+}
+
+/// A system that sends the host notifications.
+#[async_trait]
+pub trait EventSource: Send + Sync + 'static {
+    /// A short name for logs and status: `nutanix`.
+    fn kind(&self) -> &'static str;
+
+    /// The routes notifications arrive on. Each handler authenticates the
+    /// sender, decodes the body, and hands the event to `ingest`, which
+    /// stores it before answering.
+    fn routes(&self, ingest: Ingest) -> Router;
+
+    /// Starts the background work (registration, reconcile timers). Called
+    /// once, after the listener accepts, so that nothing the upstream
+    /// system sends after registration is lost.
+    fn start(&self, ctx: SourceContext) -> anyhow::Result<()>;
+
+    /// Every endpoint's state.
+    fn status(&self) -> Vec<EndpointStatus>;
+
+    /// Reconciles one endpoint, or all, now, and waits for the plugins'
+    /// summaries.
+    async fn reconcile(&self, endpoint: Option<&str>) -> Result<Vec<ReconcileReport>, SourceError>;
+
+    /// Stops the background work; with `deregister`, also removes this
+    /// host's registrations upstream.
+    async fn stop(&self, deregister: bool);
+}
