@@ -122,7 +122,9 @@ pub(super) trait AnyJob: Send {
 /// A staged job: applied once its transaction commits, or abandoned (to be tried again alone)
 /// when the transaction does not.
 pub(super) trait StagedJob: Send {
-    fn apply(self: Box<Self>, a: &mut Apply);
+    /// Applies the effect to memory and returns the answer to send, which is sent only once every
+    /// job of the transaction is applied: a caller then reads figures (`stats`) that include it.
+    fn apply(self: Box<Self>, a: &mut Apply) -> Box<dyn FnOnce() + Send>;
     fn abandon(self: Box<Self>) -> Box<dyn AnyJob>;
 }
 
@@ -147,9 +149,12 @@ impl<O: Op> AnyJob for Job<O> {
 }
 
 impl<O: Op> StagedJob for Staged<O> {
-    fn apply(self: Box<Self>, a: &mut Apply) {
+    fn apply(self: Box<Self>, a: &mut Apply) -> Box<dyn FnOnce() + Send> {
         let answer = O::apply(self.effect, a);
-        let _ = self.job.reply.send(Ok(answer));
+        let reply = self.job.reply;
+        Box::new(move || {
+            let _ = reply.send(Ok(answer));
+        })
     }
 
     fn abandon(self: Box<Self>) -> Box<dyn AnyJob> {
@@ -292,13 +297,17 @@ impl Writer {
             index: &mut index,
             wake: &mut wake,
         };
-        for job in staged {
-            job.apply(&mut apply);
-        }
+        let answers: Vec<_> = staged
+            .into_iter()
+            .map(|job| job.apply(&mut apply))
+            .collect();
         self.shared
             .total_pending
             .store(index.undelivered, Ordering::Relaxed);
         drop(index);
+        for answer in answers {
+            answer();
+        }
         wake.sort_unstable();
         wake.dedup();
         for plugin in &wake {
