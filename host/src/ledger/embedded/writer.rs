@@ -288,7 +288,8 @@ impl Writer {
         Ok(staged)
     }
 
-    /// Updates the in-memory index after a commit and answers each caller.
+    /// Updates the in-memory index after a commit, wakes the plugins with new work, and answers
+    /// each caller.
     fn apply(&mut self, staged: Vec<Box<dyn StagedJob>>) {
         let mut wake: Vec<String> = Vec::new();
         let mut index = self.shared.index();
@@ -305,13 +306,15 @@ impl Writer {
             .total_pending
             .store(index.undelivered, Ordering::Relaxed);
         drop(index);
-        for answer in answers {
-            answer();
-        }
+        // Wake before answering: a caller that waits for work right after its call returns
+        // must find this transaction's signal already raised, not have it arrive mid-wait.
         wake.sort_unstable();
         wake.dedup();
         for plugin in &wake {
             self.shared.notifier(plugin).notify_one();
+        }
+        for answer in answers {
+            answer();
         }
     }
 
