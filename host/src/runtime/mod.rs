@@ -723,8 +723,14 @@ impl Plugin {
                 return Ok(UpdateDeadline::Interrupt);
             }
             // Yield to the executor at every tick, so a busy guest shares
-            // its thread with the listener and other plugins.
-            Ok(UpdateDeadline::Yield(1))
+            // its thread with the listener and other plugins. Through tokio's
+            // own `yield_now`: tokio defers that task behind timers, I/O and
+            // every other ready task, where wasmtime's generic yield wakes it
+            // at once and a spinning guest is polled again before the rest.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
         });
 
         let export = call.export();
