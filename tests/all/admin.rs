@@ -706,7 +706,7 @@ async fn plugins_clusters_reconcile_and_reload_answer_through_the_cli_client() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("404") && e.contains("no cluster named `elsewhere`"),
+        e.contains("404") && e.contains("no cluster endpoint named `elsewhere` is configured"),
         "{e}"
     );
 
