@@ -195,6 +195,7 @@ async fn main() {
         ledger.clone(),
         registry.clone(),
         1 << 20,
+        Duration::from_secs(30),
         Arc::new(AtomicBool::new(true)),
         Arc::new(ListenerStats::default()),
     )));

@@ -79,6 +79,9 @@ pub struct AdminState {
     pub runtime: Arc<crate::runtime::Runtime>,
     /// When set, every route but `/healthz` needs `Authorization: Bearer`.
     pub token: Option<Secret>,
+    /// Host names (besides IP addresses and `localhost`) requests may name
+    /// in `Host`; others are refused, which defeats DNS rebinding.
+    pub hosts: Vec<String>,
     /// Whether the notification listener accepts. Clear it when shutdown
     /// begins, so that `/readyz` turns 503 before the listener stops.
     pub ready: Arc<AtomicBool>,
@@ -106,13 +109,14 @@ type Admin = State<Arc<Shared>>;
 pub async fn serve(
     state: AdminState,
     listener: tokio::net::TcpListener,
+    limits: crate::serve::ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, token = state.token.is_some(), "admin API listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, token = state.token.is_some(), "admin API listening");
+    }
+    let router = router(state);
+    crate::serve::serve("admin", listener, router, None, limits, shutdown).await;
 }
 
 /// The admin routes, for [`serve`] or for calling without a socket.
@@ -134,6 +138,10 @@ pub fn router(state: AdminState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             shared.clone(),
             require_token,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            refuse_foreign_sites,
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -150,6 +158,84 @@ async fn trace_request(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     tracing::debug!(%method, %path, status = response.status().as_u16(), "admin request");
     response
+}
+
+/// Refuses what a browser sends on another site's behalf. Without a token
+/// (the loopback default) any page a local browser opens could otherwise
+/// POST to the API, or reach it under its own domain name resolved to
+/// 127.0.0.1 (DNS rebinding). So the `Host` must be an IP address,
+/// `localhost` or a configured `admin.hosts` name, and a state-changing
+/// request that a browser marks as cross-site (`Sec-Fetch-Site`), or whose
+/// `Origin` is not this API, is refused. The CLI sends neither header.
+async fn refuse_foreign_sites(State(shared): Admin, req: Request, next: Next) -> Response {
+    let hosts = &shared.state.hosts;
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if let Some(host) = &host {
+        if !known_host(host, hosts) {
+            tracing::warn!(host, "admin request for an unknown host name refused");
+            return ApiError::Forbidden(format!(
+                "`Host: {host}` is not a name of this admin API; add it to `admin.hosts`"
+            ))
+            .into_response();
+        }
+    }
+    let safe = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if !safe {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        if let Some(site) = header("sec-fetch-site") {
+            if !matches!(site, "same-origin" | "none") {
+                tracing::warn!(
+                    site,
+                    path = req.uri().path(),
+                    "cross-site admin request refused"
+                );
+                return ApiError::Forbidden(format!(
+                    "a {site} request cannot change anything here"
+                ))
+                .into_response();
+            }
+        }
+        if let Some(origin) = header("origin") {
+            let own = origin
+                .split_once("://")
+                .is_some_and(|(_, authority)| Some(authority) == host.as_deref());
+            if !own {
+                tracing::warn!(
+                    origin,
+                    path = req.uri().path(),
+                    "admin request from another origin refused"
+                );
+                return ApiError::Forbidden(format!(
+                    "requests from `{origin}` cannot change anything here"
+                ))
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether `host` (a `Host` header: name or address, optional port) names
+/// this API: any IP address (a rebound name never arrives as one),
+/// `localhost`, or one of `configured`.
+fn known_host(host: &str, configured: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || configured
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(name) || c.eq_ignore_ascii_case(host))
 }
 
 async fn require_token(State(shared): Admin, req: Request, next: Next) -> Response {
@@ -207,6 +293,8 @@ enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -225,6 +313,7 @@ impl IntoResponse for ApiError {
         let (status, message) = match &self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, self.to_string()),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, self.to_string()),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, self.to_string()),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, self.to_string()),
             ApiError::Ledger(LedgerError::Closed) => (
                 StatusCode::SERVICE_UNAVAILABLE,

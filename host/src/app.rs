@@ -26,8 +26,12 @@ use crate::nutanix::NutanixSource;
 use crate::registry::Registry;
 use crate::reload::{self, Reloader, Report};
 use crate::runtime::{Runtime, RuntimeOptions};
+use crate::serve::{self, ServeLimits};
 use crate::source::{EndpointStatus, EventSource, SourceContext};
 use crate::telemetry::{HandleDurations, ListenerStats};
+
+/// Shorter admin tokens are refused: the API can replay and drop events.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 pub struct App {
     pub config: Arc<Config>,
@@ -79,8 +83,13 @@ impl App {
         config.admin.listen = admin_tcp.local_addr()?;
         let config = Arc::new(config);
         let data = &config.storage.data_dir;
+        // The ledger holds every notification's body, kv the plugins'
+        // state, and webhook-credentials a password: for this user only.
         std::fs::create_dir_all(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
+        if let Err(e) = crate::secret::create_private_dir(data) {
+            tracing::warn!(dir = %data.display(), "cannot make the data directory private (0700): {e}");
+        }
 
         let ledger: SharedLedger = Arc::new(
             RedbLedger::open(LedgerOptions {
@@ -103,6 +112,8 @@ impl App {
         let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
         rt_opts.cache_dir = Some(data.join("cache"));
         rt_opts.tiered = config.plugins.tiered;
+        rt_opts.max_file_bytes = config.plugins.max_file_mib << 20;
+        rt_opts.proxy_from_env = config.proxy_from_env;
         let runtime = Runtime::new(rt_opts).context("starting the plugin runtime")?;
         let registry = Registry::default();
         let reload::Started {
@@ -177,27 +188,23 @@ impl App {
             ledger.clone(),
             registry.clone(),
             config.listener.max_body_bytes,
+            config.listener.body_read_timeout,
             accepting.clone(),
             stats.clone(),
         );
         let listener_addr = config.listener.listen;
         let (shutdown_listener, mut stop_rx) = tokio::sync::watch::channel(false);
         let app_router = listener::router(source.routes(ingest));
-        let tls = config.listener.tls.clone();
+        let tls = match &config.listener.tls {
+            Some(files) => Some(serve::tls_acceptor(&files.cert, &files.key)?),
+            None => None,
+        };
+        let limits = config.listener.limits();
         let listener_task = tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             };
-            let result = match tls {
-                Some(files) => listener::serve_tls(tcp, app_router, &files, stopped).await,
-                None => axum::serve(tcp, app_router)
-                    .with_graceful_shutdown(stopped)
-                    .await
-                    .map_err(anyhow::Error::from),
-            };
-            if let Err(e) = result {
-                tracing::error!("listener stopped: {e:#}");
-            }
+            serve::serve("listener", tcp, app_router, tls, limits, stopped).await;
         });
         tracing::info!(addr = %listener_addr, source = source.kind(), "listening for notifications");
 
@@ -209,7 +216,16 @@ impl App {
         })?;
 
         let admin_token = match &config.admin.token {
-            Some(source) => Some(source.resolve().context("reading `admin.token`")?),
+            Some(source) => {
+                let token = source.resolve().context("reading `admin.token`")?;
+                if token.expose().chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                    anyhow::bail!(
+                        "`admin.token` is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; \
+                         use a long random one (`openssl rand -hex 32`)"
+                    );
+                }
+                Some(token)
+            }
             None => None,
         };
         let admin = AdminState {
@@ -221,10 +237,15 @@ impl App {
             reloader: reloader.clone(),
             runtime: runtime.clone(),
             token: admin_token,
+            hosts: config.admin.hosts.clone(),
             ready: accepting.clone(),
             handle_durations,
         };
         let admin_addr = config.admin.listen;
+        let limits = ServeLimits {
+            max_connections: config.admin.max_connections,
+            ..config.listener.limits()
+        };
         let (shutdown_admin, mut admin_stop) = tokio::sync::watch::channel(false);
         let admin_task = tokio::spawn({
             let admin = admin.clone();
@@ -232,9 +253,7 @@ impl App {
                 let stopped = async move {
                     let _ = admin_stop.wait_for(|s| *s).await;
                 };
-                if let Err(e) = admin::serve(admin, admin_tcp, stopped).await {
-                    tracing::error!("admin API stopped: {e}");
-                }
+                admin::serve(admin, admin_tcp, limits, stopped).await;
             }
         });
 

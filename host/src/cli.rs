@@ -35,7 +35,7 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
         Vec::new()
     };
     for cluster in &config.clusters {
-        let client = client_for(cluster)?;
+        let client = client_for(&config, cluster)?;
         let ours = webhook_name(&config, &cluster.name);
         let url = config.callback_url(&cluster.name);
         let result: anyhow::Result<()> = async {

@@ -37,6 +37,11 @@ pub struct Config {
     /// its own after a restart.
     #[serde(default = "defaults::instance")]
     pub instance: String,
+    /// Reach `https://` targets (Prism, plugins' origins) through the proxy
+    /// `HTTPS_PROXY` names, except `NO_PROXY` hosts. Off: the environment's
+    /// proxies are ignored. `http://` targets never go through a proxy.
+    #[serde(default)]
+    pub proxy_from_env: bool,
     #[serde(default)]
     pub listener: ListenerConfig,
     #[serde(default)]
@@ -68,6 +73,35 @@ pub struct ListenerConfig {
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
     pub tls: Option<TlsFiles>,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// A request's head must arrive within this, counted from when the
+    /// connection is idle (so it also ends idle keep-alive connections).
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Buffered request head per connection, before authentication (HTTP/1
+    /// answers 431 beyond it); at least 8192.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// An authenticated request's whole body must arrive within this (408).
+    #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A TLS handshake must finish within this.
+    #[serde(default = "defaults::tls_handshake_timeout", with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+}
+
+impl ListenerConfig {
+    /// What the listener's peers may cost before a handler runs.
+    pub fn limits(&self) -> crate::serve::ServeLimits {
+        crate::serve::ServeLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +118,15 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Required when `listen` is not a loopback address.
     pub token: Option<SecretSource>,
+    /// Host names the API may be reached by besides IP addresses and
+    /// `localhost` (`Host` headers naming others are refused: DNS
+    /// rebinding).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Connections served at once; the listener's timeouts and head limit
+    /// apply here too.
+    #[serde(default = "defaults::admin_max_connections")]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +194,9 @@ pub struct PluginsConfig {
     /// compiles it in the background; false = wait for Cranelift.
     #[serde(default = "defaults::yes")]
     pub tiered: bool,
+    /// Larger component files in `dir` are refused unread.
+    #[serde(default = "defaults::max_file_mib")]
+    pub max_file_mib: u64,
     /// Limits for every plugin, each overridable per plugin.
     #[serde(default)]
     pub limits: LimitOverrides,
@@ -169,6 +215,12 @@ pub struct PluginConfig {
     /// Headers the host adds for an origin; the plugin never sees them.
     #[serde(default)]
     pub inject: Vec<InjectConfig>,
+    /// Secrets this plugin's `<name>.toml` in the plugins directory may
+    /// have injected (`grant = "<key>"`), each for the origins listed only.
+    /// Only the main configuration grants: whoever can write the plugins
+    /// directory gets these and no other secret of the host.
+    #[serde(default)]
+    pub grants: BTreeMap<String, Grant>,
     #[serde(default)]
     pub limits: LimitOverrides,
     /// Refuse the plugin file unless its sha256 is this (hex).
@@ -181,13 +233,119 @@ pub struct PluginConfig {
     pub enabled: bool,
 }
 
+/// A header the host adds to a plugin's requests to one origin. The value
+/// is a secret read by the host (`env`, `file`, `value`), or in a plugin's
+/// settings file a secret the main configuration grants (`grant`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InjectConfig {
     pub origin: String,
     pub header: String,
-    #[serde(flatten)]
-    pub secret: SecretSource,
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+    pub value: Option<String>,
+    pub grant: Option<String>,
+}
+
+impl InjectConfig {
+    fn source(&self) -> SecretSource {
+        SecretSource {
+            env: self.env.clone(),
+            file: self.file.clone(),
+            value: self.value.clone(),
+        }
+    }
+}
+
+/// A secret the main configuration lets a plugin's settings file use, and
+/// where it may be sent.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+    pub value: Option<String>,
+    /// Origins (as in `allow`) an inject of this secret may name.
+    pub origins: Vec<String>,
+}
+
+impl Grant {
+    fn source(&self) -> SecretSource {
+        SecretSource {
+            env: self.env.clone(),
+            file: self.file.clone(),
+            value: self.value.clone(),
+        }
+    }
+}
+
+/// Settings from a plugin's `<name>.toml`, held to what the main
+/// configuration's `[plugin.<name>]` grants: every injected secret must be
+/// a `grant` of the main configuration, for one of the origins it is
+/// granted for. Returns the settings with each grant's source filled in.
+pub fn confine_settings_file(
+    mut settings: PluginConfig,
+    main: Option<&PluginConfig>,
+    name: &str,
+) -> Result<PluginConfig, (String, String)> {
+    if !settings.grants.is_empty() {
+        return Err((
+            "grants".into(),
+            "only the main configuration grants secrets".into(),
+        ));
+    }
+    let empty = BTreeMap::new();
+    let grants = main.map_or(&empty, |m| &m.grants);
+    for (j, inj) in settings.inject.iter_mut().enumerate() {
+        if inj.env.is_some() || inj.file.is_some() || inj.value.is_some() {
+            return Err((
+                format!("inject[{j}]"),
+                format!(
+                    "a settings file in the plugins directory cannot name secrets itself; \
+                     use `grant = \"…\"` with a secret that `[plugin.{name}.grants]` in the \
+                     main configuration grants"
+                ),
+            ));
+        }
+        fill_grant(inj, grants, name).map_err(|(k, m)| (format!("inject[{j}].{k}"), m))?;
+    }
+    Ok(settings)
+}
+
+/// Replaces an inject's `grant` by the granted secret's source, if the
+/// grant exists and covers the inject's origin.
+fn fill_grant(
+    inj: &mut InjectConfig,
+    grants: &BTreeMap<String, Grant>,
+    plugin: &str,
+) -> Result<(), (String, String)> {
+    let Some(name) = inj.grant.take() else {
+        return Ok(());
+    };
+    let Some(grant) = grants.get(&name) else {
+        return Err((
+            "grant".into(),
+            format!("`{name}` is not granted to `{plugin}` by the main configuration"),
+        ));
+    };
+    let wanted = OriginRule::parse(&inj.origin).map_err(|e| ("origin".into(), e.to_string()))?;
+    let covered = grant
+        .origins
+        .iter()
+        .any(|o| OriginRule::parse(o).is_ok_and(|rule| rule == wanted));
+    if !covered {
+        return Err((
+            "origin".into(),
+            format!(
+                "`{name}` is granted for {} only, not for `{}`",
+                grant.origins.join(", "),
+                inj.origin
+            ),
+        ));
+    }
+    let source = grant.source();
+    (inj.env, inj.file, inj.value) = (source.env, source.file, source.value);
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,6 +398,24 @@ mod defaults {
     pub fn max_body_bytes() -> usize {
         1 << 20
     }
+    pub fn max_connections() -> usize {
+        512
+    }
+    pub fn admin_max_connections() -> usize {
+        64
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_header_bytes() -> usize {
+        16 << 10
+    }
+    pub fn body_read_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn tls_handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
     pub fn data_dir() -> PathBuf {
         "data".into()
     }
@@ -278,6 +454,9 @@ mod defaults {
     }
     pub fn removed_plugin_expiry() -> Duration {
         Duration::from_secs(7 * 24 * 3600)
+    }
+    pub fn max_file_mib() -> u64 {
+        256
     }
     pub fn plugins_dir() -> PathBuf {
         "plugins".into()
@@ -499,6 +678,34 @@ impl Config {
                     )
                 })?;
             }
+            for (g, grant) in &p.grants {
+                let source = grant.source();
+                let given = [
+                    source.env.is_some(),
+                    source.file.is_some(),
+                    source.value.is_some(),
+                ];
+                if given.iter().filter(|b| **b).count() != 1 {
+                    return Err(self.invalid(
+                        format!("plugin.{name}.grants.{g}"),
+                        "give exactly one of `env`, `file` or `value`",
+                    ));
+                }
+                if grant.origins.is_empty() {
+                    return Err(self.invalid(
+                        format!("plugin.{name}.grants.{g}.origins"),
+                        "name at least one origin the secret may be sent to",
+                    ));
+                }
+                for (k, origin) in grant.origins.iter().enumerate() {
+                    OriginRule::parse(origin).map_err(|e| {
+                        self.invalid(
+                            format!("plugin.{name}.grants.{g}.origins[{k}]"),
+                            e.to_string(),
+                        )
+                    })?;
+                }
+            }
             if let Some(sha) = &p.sha256 {
                 if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err(
@@ -509,6 +716,30 @@ impl Config {
         }
         if self.delivery.batch_max == 0 {
             return Err(self.invalid("delivery.batch_max", "must be at least 1"));
+        }
+        let l = &self.listener;
+        if l.max_header_bytes < crate::serve::MIN_HEADER_BYTES {
+            return Err(self.invalid(
+                "listener.max_header_bytes",
+                format!("must be at least {}", crate::serve::MIN_HEADER_BYTES),
+            ));
+        }
+        for (key, n) in [
+            ("listener.max_connections", l.max_connections),
+            ("admin.max_connections", self.admin.max_connections),
+        ] {
+            if n == 0 {
+                return Err(self.invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, d) in [
+            ("listener.header_read_timeout", l.header_read_timeout),
+            ("listener.body_read_timeout", l.body_read_timeout),
+            ("listener.tls_handshake_timeout", l.tls_handshake_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(self.invalid(key, "must be longer than zero"));
+            }
         }
         if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
             return Err(self.invalid(
@@ -578,19 +809,22 @@ pub(crate) fn resolve_plugin(
         .map(|(j, inj)| {
             let origin = OriginRule::parse(&inj.origin)
                 .map_err(|e| (key(format!("inject[{j}].origin")), e.to_string()))?;
-            let name = http::HeaderName::from_bytes(inj.header.as_bytes()).map_err(|_| {
+            let header = http::HeaderName::from_bytes(inj.header.as_bytes()).map_err(|_| {
                 (
                     key(format!("inject[{j}].header")),
                     "not a valid header name".to_owned(),
                 )
             })?;
+            let mut inj = inj.clone();
+            fill_grant(&mut inj, &p.grants, name)
+                .map_err(|(k, m)| (key(format!("inject[{j}].{k}")), m))?;
             let value: Secret = inj
-                .secret
+                .source()
                 .resolve()
                 .map_err(|e| (key(format!("inject[{j}]")), e.to_string()))?;
             Ok(InjectedHeader {
                 origin,
-                name,
+                name: header,
                 value,
             })
         })

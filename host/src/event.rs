@@ -55,6 +55,24 @@ pub struct Nic {
     pub subnet_uuid: Option<String>,
 }
 
+/// Longest event type accepted (`KIND.ACTION`).
+pub const MAX_EVENT_TYPE_BYTES: usize = 64;
+
+/// Whether `s` is an event type: `KIND.ACTION`, each part letters, digits
+/// and `_`, at most [`MAX_EVENT_TYPE_BYTES`].
+pub fn valid_event_type(s: &str) -> bool {
+    let part = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    s.len() <= MAX_EVENT_TYPE_BYTES && s.split_once('.').is_some_and(|(k, a)| part(k) && part(a))
+}
+
+/// Whether `s` is a subscription: an event type, `KIND.*` or `*`.
+pub fn valid_subscription(s: &str) -> bool {
+    s == "*"
+        || valid_event_type(s)
+        || s.strip_suffix(".*")
+            .is_some_and(|kind| valid_event_type(&format!("{kind}.X")))
+}
+
 /// Whether a subscription (`VM.ON`, `VM.*`, `*`) covers `event_type`.
 pub fn matches(subscription: &str, event_type: &str) -> bool {
     match subscription.strip_suffix('*') {
@@ -62,5 +80,40 @@ pub fn matches(subscription: &str, event_type: &str) -> bool {
         Some(prefix) => event_type
             .get(..prefix.len())
             .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    #[test]
+    fn event_types_are_kind_dot_action_and_bounded() {
+        for ok in ["VM.ON", "VM.NIC_PLUG", "SUBNET.CREATE", "TEST.RETRY2"] {
+            assert!(valid_event_type(ok), "{ok}");
+        }
+        let long = format!("VM.{}", "A".repeat(MAX_EVENT_TYPE_BYTES));
+        for bad in [
+            "",
+            "VM",
+            "VM.",
+            ".ON",
+            "VM.ON.X",
+            "<svg onload=1>",
+            "VM.O N",
+            long.as_str(),
+        ] {
+            assert!(!valid_event_type(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subscriptions_are_event_types_kind_wildcards_or_everything() {
+        for ok in ["*", "VM.*", "VM.ON"] {
+            assert!(valid_subscription(ok), "{ok}");
+        }
+        for bad in ["VM*", "*.ON", "<svg onload=1>", "VM.*.*", ""] {
+            assert!(!valid_subscription(bad), "{bad}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -31,6 +32,9 @@ pub struct Ingest {
     ledger: SharedLedger,
     registry: Registry,
     max_body_bytes: usize,
+    /// The whole body must arrive within this: a sender that trickles a
+    /// large declared body holds a connection and a buffer only this long.
+    body_read_timeout: Duration,
     /// Cleared at shutdown: the listener then answers 503 so the sender (or
     /// a proxy) tries elsewhere or later.
     accepting: Arc<AtomicBool>,
@@ -50,6 +54,7 @@ impl Ingest {
         ledger: SharedLedger,
         registry: Registry,
         max_body_bytes: usize,
+        body_read_timeout: Duration,
         accepting: Arc<AtomicBool>,
         stats: Arc<ListenerStats>,
     ) -> Ingest {
@@ -57,6 +62,7 @@ impl Ingest {
             ledger,
             registry,
             max_body_bytes,
+            body_read_timeout,
             accepting,
             stats,
         }
@@ -67,21 +73,39 @@ impl Ingest {
         self.stats.count(endpoint, event_type, status.as_u16());
     }
 
-    /// The request body, once the host is known to accept and the body to
-    /// fit the cap; otherwise the answer to send instead (503, 413).
+    /// The request body, once the host is known to accept, the body to fit
+    /// the cap and to arrive in time; otherwise the answer to send instead
+    /// (503, 413, 408).
     pub async fn read_body(&self, endpoint: &str, body: Body) -> Result<Bytes, Response> {
         if !self.accepting.load(Ordering::Relaxed) {
             return Err(unavailable("prismhook is shutting down", 5));
         }
-        axum::body::to_bytes(body, self.max_body_bytes)
-            .await
-            .map_err(|_| {
+        let read = axum::body::to_bytes(body, self.max_body_bytes);
+        match tokio::time::timeout(self.body_read_timeout, read).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(_)) => {
                 self.count(endpoint, "-", StatusCode::PAYLOAD_TOO_LARGE);
-                problem(
+                Err(problem(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("body exceeds the limit of {} bytes", self.max_body_bytes),
-                )
-            })
+                ))
+            }
+            Err(_) => {
+                self.count(endpoint, "-", StatusCode::REQUEST_TIMEOUT);
+                tracing::warn!(cluster = endpoint, timeout = ?self.body_read_timeout, "a notification's body did not arrive in time");
+                let mut r = problem(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the body did not arrive within {}s",
+                        self.body_read_timeout.as_secs_f64()
+                    ),
+                );
+                // What is left of the body is not read: the connection ends.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Err(r)
+            }
+        }
     }
 
     /// Stores a decoded notification from `endpoint` with one delivery per
@@ -89,6 +113,11 @@ impl Ingest {
     /// as a duplicate), 503 + `Retry-After` at the ledger's limits, 500 when
     /// it could not be stored.
     pub async fn accept(&self, endpoint: &str, decoded: Decoded, body: Bytes) -> Response {
+        if let Err(why) = check_identifiers(&decoded) {
+            self.count(endpoint, "-", StatusCode::BAD_REQUEST);
+            tracing::warn!(cluster = endpoint, "notification refused: {why}");
+            return problem(StatusCode::BAD_REQUEST, why);
+        }
         let plugins = self.registry.subscribers(&decoded.event_type);
         if plugins.is_empty() {
             // Kept all the same: a plugin added later can have it replayed.
@@ -153,6 +182,41 @@ impl Ingest {
     }
 }
 
+/// Longest entity uuid or kind stored.
+const MAX_IDENTIFIER_BYTES: usize = 128;
+
+/// What is stored, indexed and labelled by must have a sane shape and size,
+/// even from an authenticated sender: an event type is `KIND.ACTION`, an
+/// entity uuid and kind are short tokens.
+fn check_identifiers(d: &Decoded) -> Result<(), String> {
+    let token = |s: &str| {
+        s.len() <= MAX_IDENTIFIER_BYTES
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    };
+    let clip = |s: &str| format!("{:?}", s.chars().take(40).collect::<String>());
+    if !crate::event::valid_event_type(&d.event_type) {
+        return Err(format!(
+            "event type {} is not KIND.ACTION (letters, digits and `_`, at most {} bytes)",
+            clip(&d.event_type),
+            crate::event::MAX_EVENT_TYPE_BYTES
+        ));
+    }
+    if !token(&d.entity_uuid) {
+        return Err(format!(
+            "entity uuid {} is not an identifier of at most {MAX_IDENTIFIER_BYTES} bytes",
+            clip(&d.entity_uuid)
+        ));
+    }
+    if !token(&d.entity_kind) {
+        return Err(format!(
+            "entity kind {} is not an identifier of at most {MAX_IDENTIFIER_BYTES} bytes",
+            clip(&d.entity_kind)
+        ));
+    }
+    Ok(())
+}
+
 /// The listener's whole router: the sources' routes and `/healthz`.
 pub fn router(source_routes: Router) -> Router {
     source_routes.route("/healthz", get(|| async { "ok" }))
@@ -174,63 +238,4 @@ pub fn unavailable(message: &str, retry_after_s: u32) -> Response {
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     r
-}
-
-/// Serves `router` over TLS (rustls) with the PEM certificate chain and key
-/// from the config, until `shutdown` resolves. Handshake failures are
-/// logged and cost only their own connection.
-pub async fn serve_tls(
-    tcp: tokio::net::TcpListener,
-    router: Router,
-    tls: &crate::config::TlsFiles,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading the listener certificate {}", tls.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .with_context(|| format!("reading the listener key {}", tls.key.display()))?;
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the listener certificate and key do not match")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = tcp.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return Ok(()),
-        };
-        let acceptor = acceptor.clone();
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
-            };
-            let io = hyper_util::rt::TokioIo::new(tls);
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(io, service).await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
-    }
 }

@@ -298,6 +298,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 config.plugins.dir = d;
             }
             config.validate()?;
+            prismhook::serve::raise_open_files_limit();
             let app = App::start(config).await?;
             wait_for_signal().await;
             tracing::info!(

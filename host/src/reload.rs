@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{resolve_plugin, Config, PluginConfig};
+use crate::config::{confine_settings_file, resolve_plugin, Config, PluginConfig};
 use crate::registry::{Entry, PluginState, Registry};
 use crate::runtime::{Optimizer, Plugin, Runtime, Source, Tier};
 
@@ -65,6 +65,12 @@ pub enum Report {
         file: PathBuf,
         error: String,
     },
+    /// The file failed before and neither it nor its settings changed
+    /// since: not tried again, not logged again.
+    StillFailing {
+        file: PathBuf,
+        error: String,
+    },
 }
 
 enum Command {
@@ -94,7 +100,7 @@ impl ReloadCounts {
             Report::Disabled { .. } => &self.disabled,
             Report::Failed { .. } => &self.failed,
             Report::Optimized { .. } => &self.optimized,
-            Report::Unchanged { .. } => return,
+            Report::Unchanged { .. } | Report::StillFailing { .. } => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -129,6 +135,46 @@ struct Loaded {
     settings: PluginConfig,
 }
 
+/// A file that did not load, with what it was when it failed.
+struct Failure {
+    /// The registry entry that shows the error.
+    plugin: String,
+    snapshot: Snapshot,
+    error: String,
+}
+
+/// Largest `<name>.toml` read.
+const MAX_SETTINGS_BYTES: u64 = 1 << 20;
+
+/// What a component file and its settings file held when read; equal
+/// snapshots load the same way.
+#[derive(Debug, Clone, PartialEq)]
+struct Snapshot {
+    /// The component's sha256, or why it could not be read.
+    wasm: Result<String, String>,
+    /// The settings file's text (`None`: there is none), or why it could
+    /// not be read.
+    settings: Result<Option<String>, String>,
+}
+
+impl Snapshot {
+    /// Blocking, bounded reads of regular files only.
+    fn read(wasm: &Path, limit: u64) -> Snapshot {
+        use crate::runtime::file::read_regular;
+        let settings = match read_regular(&wasm.with_extension("toml"), MAX_SETTINGS_BYTES) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| format!("{}: not UTF-8 text", wasm.with_extension("toml").display())),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.to_string()),
+        };
+        let wasm = read_regular(wasm, limit)
+            .map(|bytes| crate::runtime::sha256_hex(&bytes))
+            .map_err(|e| e.to_string());
+        Snapshot { wasm, settings }
+    }
+}
+
 struct Task {
     runtime: Arc<Runtime>,
     registry: Registry,
@@ -136,6 +182,8 @@ struct Task {
     dir: PathBuf,
     /// `.wasm` path → what it provides now.
     files: HashMap<PathBuf, Loaded>,
+    /// `.wasm` path → why its current bytes and settings did not load.
+    failures: HashMap<PathBuf, Failure>,
     counts: Arc<ReloadCounts>,
     /// Cranelift's compilations of baseline plugins; `None` when not tiered.
     optimizing: Option<Optimizing>,
@@ -211,14 +259,21 @@ pub async fn start(
     registry: Registry,
     config: Arc<Config>,
 ) -> anyhow::Result<Started> {
-    let dir = config.plugins.dir.clone();
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", dir.display()))?;
+    let configured = &config.plugins.dir;
+    std::fs::create_dir_all(configured)
+        .map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", configured.display()))?;
+    // One spelling of every path: the watcher reports absolute paths, so a
+    // relative `plugins.dir` would otherwise name each file twice.
+    let dir = std::fs::canonicalize(configured)
+        .map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", configured.display()))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let watcher = if config.plugins.watch {
         let tx = tx.clone();
         let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res {
+                if !changes_content(&event.kind) {
+                    return;
+                }
                 let atomic = matches!(
                     event.kind,
                     EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_)
@@ -247,6 +302,7 @@ pub async fn start(
         config,
         dir,
         files: HashMap::new(),
+        failures: HashMap::new(),
         counts: Arc::default(),
         optimizing,
         optimized,
@@ -376,6 +432,7 @@ impl Task {
             })
             .unwrap_or_default();
         paths.extend(self.files.keys().cloned());
+        paths.extend(self.failures.keys().cloned());
         paths.sort();
         paths.dedup();
         let mut reports = Vec::new();
@@ -387,57 +444,104 @@ impl Task {
         reports
     }
 
-    fn settings_for(&self, wasm: &Path) -> Result<PluginConfig, String> {
+    /// The settings a snapshot's `.toml` holds, or else the main config's
+    /// `[plugin.<stem>]`.
+    fn settings_for(&self, wasm: &Path, snapshot: &Snapshot) -> Result<PluginConfig, String> {
         let stem = wasm
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let beside = wasm.with_extension("toml");
-        match std::fs::read_to_string(&beside) {
-            Ok(text) => toml::from_str::<PluginConfig>(&text)
-                .map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(self.config.plugin.get(&stem).cloned().unwrap_or_default())
+        match &snapshot.settings {
+            Ok(Some(text)) => {
+                let settings = toml::from_str::<PluginConfig>(text)
+                    .map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end()))?;
+                confine_settings_file(settings, self.config.plugin.get(&stem), &stem)
+                    .map_err(|(key, msg)| format!("{}: `{key}`: {msg}", beside.display()))
             }
-            Err(e) => Err(format!("{}: {e}", beside.display())),
+            Ok(None) => Ok(self.config.plugin.get(&stem).cloned().unwrap_or_default()),
+            Err(e) => Err(e.clone()),
         }
     }
 
     async fn reload_file(&mut self, wasm: &Path) -> Report {
         let file = wasm.to_owned();
-        if !wasm.exists() {
+        let limit = self.runtime.max_file_bytes();
+        let snapshot = {
+            let wasm = wasm.to_owned();
+            match tokio::task::spawn_blocking(move || Snapshot::read(&wasm, limit)).await {
+                Ok(s) => s,
+                Err(e) => return self.failed(file, None, format!("reading failed: {e}")),
+            }
+        };
+        let gone = snapshot.wasm.is_err() && !wasm.exists();
+        if gone {
             if let Some(optimizing) = &mut self.optimizing {
                 optimizing.forget(wasm);
             }
-            return match self.files.remove(wasm) {
-                Some(old) => {
-                    self.registry.update(|r| {
-                        r.remove(&old.plugin);
-                    });
-                    Report::Removed {
-                        file,
-                        plugin: old.plugin,
-                    }
-                }
-                None => Report::Failed {
+            if let Some(old) = self.files.remove(wasm) {
+                self.failures.remove(wasm);
+                // A file refused because this one had its name may load
+                // now: the next rescan or change tries it again.
+                let by = format!("is already provided by {}", wasm.display());
+                self.failures.retain(|_, f| !f.error.contains(&by));
+                self.registry.update(|r| {
+                    r.remove(&old.plugin);
+                });
+                return Report::Removed {
                     file,
-                    error: "no such file".into(),
-                },
+                    plugin: old.plugin,
+                };
+            }
+            // A file that never loaded: its failed entry goes with it.
+            if let Some(failure) = self.failures.remove(wasm) {
+                self.registry.update(|r| {
+                    if r.get(&failure.plugin).is_some_and(|e| e.plugin.is_none()) {
+                        r.remove(&failure.plugin);
+                    }
+                });
+                return Report::Removed {
+                    file,
+                    plugin: failure.plugin,
+                };
+            }
+            return Report::Failed {
+                file,
+                error: "no such file".into(),
             };
         }
-        let settings = match self.settings_for(wasm) {
+        if let Some(failure) = self.failures.get(wasm) {
+            if failure.snapshot == snapshot {
+                return Report::StillFailing {
+                    file,
+                    error: failure.error.clone(),
+                };
+            }
+        }
+        if let Err(error) = &snapshot.wasm {
+            let error = error.clone();
+            return self.failed(file, Some(snapshot), error);
+        }
+        let settings = match self.settings_for(wasm, &snapshot) {
             Ok(s) => s,
-            Err(error) => return self.failed(file, error),
+            Err(error) => return self.failed(file, Some(snapshot), error),
         };
         if !settings.enabled {
             if let Some(optimizing) = &mut self.optimizing {
                 optimizing.forget(wasm);
             }
-            if let Some(old) = self.files.remove(wasm) {
-                self.registry.update(|r| {
-                    r.remove(&old.plugin);
-                });
-            }
+            let failed = self.failures.remove(wasm).map(|f| f.plugin);
+            let loaded = self.files.remove(wasm).map(|l| l.plugin);
+            self.registry.update(|r| {
+                if let Some(name) = loaded {
+                    r.remove(&name);
+                }
+                if let Some(name) = failed {
+                    if r.get(&name).is_some_and(|e| e.plugin.is_none()) {
+                        r.remove(&name);
+                    }
+                }
+            });
             return Report::Disabled { file };
         }
         let stem = wasm
@@ -446,14 +550,22 @@ impl Task {
             .unwrap_or_default();
         let resolved = match resolve_plugin(&settings, &stem, self.config.default_limits()) {
             Ok(s) => s,
-            Err((key, msg)) => return self.failed(file, format!("`{key}`: {msg}")),
+            Err((key, msg)) => return self.failed(file, Some(snapshot), format!("`{key}`: {msg}")),
         };
         // Skip the work when neither the bytes nor the settings changed.
         if let Some(old) = self.files.get(wasm) {
-            let same_bytes = std::fs::read(wasm)
-                .map(|b| crate::runtime::sha256_hex(&b) == old.sha256)
-                .unwrap_or(false);
+            let same_bytes = snapshot.wasm.as_deref() == Ok(old.sha256.as_str());
             if same_bytes && old.settings == settings {
+                // Back to what serves after a failed change: the error is
+                // no longer news.
+                if self.failures.remove(wasm).is_some() {
+                    let name = old.plugin.clone();
+                    self.registry.update(|r| {
+                        if let Some(entry) = r.get_mut(&name) {
+                            entry.load_error = None;
+                        }
+                    });
+                }
                 return Report::Unchanged {
                     file,
                     plugin: old.plugin.clone(),
@@ -462,7 +574,7 @@ impl Task {
         }
         let plugin = match self.runtime.load(wasm, resolved).await {
             Ok(p) => p,
-            Err(e) => return self.failed(file, e.to_string()),
+            Err(e) => return self.failed(file, Some(snapshot), e.to_string()),
         };
         let name = plugin.name().to_owned();
         if let Some((other, _)) = self
@@ -470,14 +582,13 @@ impl Task {
             .iter()
             .find(|(p, l)| l.plugin == name && p.as_path() != wasm)
         {
-            return self.failed(
-                file,
-                format!(
-                    "plugin name `{name}` is already provided by {}",
-                    other.display()
-                ),
+            let error = format!(
+                "plugin name `{name}` is already provided by {}",
+                other.display()
             );
+            return self.failed(file, Some(snapshot), error);
         }
+        self.failures.remove(wasm);
         let report = Report::Loaded {
             file: file.clone(),
             plugin: name.clone(),
@@ -518,8 +629,9 @@ impl Task {
     }
 
     /// Records a failed load: the serving version (if any) stays, marked
-    /// with the error; a plugin that never loaded is listed as failed.
-    fn failed(&mut self, file: PathBuf, error: String) -> Report {
+    /// with the error; a plugin that never loaded is listed as failed. The
+    /// same snapshot is not tried again.
+    fn failed(&mut self, file: PathBuf, snapshot: Option<Snapshot>, error: String) -> Report {
         let name = self
             .files
             .get(&file)
@@ -530,7 +642,7 @@ impl Task {
                     .unwrap_or_default()
             });
         self.registry.update(|r| {
-            let entry = r.entry(name).or_insert_with(|| Entry {
+            let entry = r.entry(name.clone()).or_insert_with(|| Entry {
                 plugin: None,
                 state: PluginState::Failed {
                     reason: error.clone(),
@@ -540,6 +652,16 @@ impl Task {
             });
             entry.load_error = Some(error.clone());
         });
+        if let Some(snapshot) = snapshot {
+            self.failures.insert(
+                file.clone(),
+                Failure {
+                    plugin: name.clone(),
+                    snapshot,
+                    error: error.clone(),
+                },
+            );
+        }
         Report::Failed { file, error }
     }
 }
@@ -568,6 +690,9 @@ fn log_report(report: &Report) {
         }
         Report::Failed { file, error } => {
             tracing::error!(file = %file.display(), "plugin not loaded (a previous version, if any, keeps serving): {error}")
+        }
+        Report::StillFailing { file, .. } => {
+            tracing::debug!(file = %file.display(), "unchanged since it failed to load; not tried again")
         }
     }
 }
@@ -617,6 +742,21 @@ impl OptimizerThread {
             tracing::warn!("cannot start the optimizer thread ({e}); plugins keep Winch's code");
         }
     }
+}
+
+/// Whether a watcher event may mean new content. Opening and reading a file
+/// (which the host itself does to load it) are not changes, nor are
+/// metadata updates such as access times; reacting to them made every load
+/// trigger the next.
+fn changes_content(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Any
+            | EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Any | ModifyKind::Data(_) | ModifyKind::Name(_))
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
 }
 
 /// The `.wasm` file a changed path concerns: itself, or the component a

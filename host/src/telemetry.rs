@@ -52,6 +52,11 @@ impl HandleDurations {
 /// Event type → status → count.
 type ByType = HashMap<String, HashMap<u16, u64>>;
 
+/// Distinct event types counted per endpoint; the rest count as
+/// [`OTHER_EVENT_TYPES`].
+pub const MAX_EVENT_TYPES: usize = 64;
+pub const OTHER_EVENT_TYPES: &str = "other";
+
 /// Counts of what the listener answered, by endpoint (cluster), event type
 /// and HTTP status.
 #[derive(Default)]
@@ -69,6 +74,13 @@ impl ListenerStats {
         let by_type = match by_key.get_mut(endpoint) {
             Some(m) => m,
             None => by_key.entry(endpoint.to_owned()).or_default(),
+        };
+        // Senders choose event types: past a bound, new ones share a label
+        // instead of adding series to every scrape forever.
+        let event_type = if by_type.len() >= MAX_EVENT_TYPES && !by_type.contains_key(event_type) {
+            OTHER_EVENT_TYPES
+        } else {
+            event_type
         };
         let by_status = match by_type.get_mut(event_type) {
             Some(m) => m,
@@ -91,5 +103,33 @@ impl ListenerStats {
             .collect();
         v.sort();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_past_the_bound_share_one_label() {
+        let stats = ListenerStats::default();
+        for i in 0..(MAX_EVENT_TYPES + 10) {
+            stats.count("lab", &format!("KIND.A{i}"), 202);
+        }
+        stats.count("lab", "KIND.A0", 202);
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.len(), MAX_EVENT_TYPES + 1);
+        let count = |t: &str| {
+            snapshot
+                .iter()
+                .find(|((_, et, _), _)| et == t)
+                .map(|(_, n)| *n)
+        };
+        assert_eq!(count(OTHER_EVENT_TYPES), Some(10));
+        assert_eq!(
+            count("KIND.A0"),
+            Some(2),
+            "a type already counted keeps its label"
+        );
     }
 }

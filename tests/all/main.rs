@@ -11,6 +11,7 @@ mod common;
 
 mod admin;
 mod durability;
+mod hardening;
 mod languages;
 mod nutanix;
 mod paloalto;

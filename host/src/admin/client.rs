@@ -625,7 +625,7 @@ pub fn render_reload(reports: &[serde_json::Value]) -> String {
         };
         let detail = match field("result").as_str() {
             "loaded" => format!("version {}", field("version")),
-            "failed" => clip(&field("error"), 100),
+            "failed" | "still-failing" => clip(&field("error"), 100),
             _ => String::new(),
         };
         t.row(vec![

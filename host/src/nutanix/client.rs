@@ -56,6 +56,9 @@ pub struct ClusterEndpoint {
     pub username: String,
     pub password: String,
     pub tls: TlsMode,
+    /// Reach Prism through the proxy `HTTPS_PROXY`/`HTTP_PROXY` name
+    /// (`NO_PROXY` honoured); otherwise the environment is ignored.
+    pub proxy_from_env: bool,
 }
 
 impl fmt::Debug for ClusterEndpoint {
@@ -66,6 +69,7 @@ impl fmt::Debug for ClusterEndpoint {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .field("tls", &self.tls)
+            .field("proxy_from_env", &self.proxy_from_env)
             .finish()
     }
 }
@@ -224,6 +228,7 @@ impl PrismClient {
             username,
             password,
             tls,
+            proxy_from_env,
         } = endpoint;
         let config = |reason: String| PrismError::Config {
             cluster: name.clone(),
@@ -277,6 +282,8 @@ impl PrismClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")));
+        let builder =
+            crate::outbound::with_proxy_policy(builder, proxy_from_env).map_err(config)?;
         let http = with_tls(builder, &tls)
             .map_err(config)?
             .build()
@@ -871,6 +878,7 @@ mod tests {
             username: "admin".to_owned(),
             password: password.to_owned(),
             tls: TlsMode::System,
+            proxy_from_env: false,
         }
     }
 

@@ -21,8 +21,6 @@ pub mod payload;
 pub mod registrar;
 pub mod source;
 
-use std::path::Path;
-
 use anyhow::Context;
 
 pub use client::{ClusterEndpoint, PrismClient, PrismError, TlsMode, Webhook, WebhookSpec};
@@ -42,7 +40,7 @@ pub fn webhook_password(config: &Config, cluster: &ClusterConfig) -> anyhow::Res
             .with_context(|| format!("cluster `{}`: webhook_password", cluster.name));
     }
     let dir = config.storage.data_dir.join("webhook-credentials");
-    std::fs::create_dir_all(&dir)?;
+    crate::secret::create_private_dir(&dir)?;
     let path = dir.join(&cluster.name);
     if let Ok(existing) = std::fs::read_to_string(&path) {
         if !existing.trim().is_empty() {
@@ -50,23 +48,8 @@ pub fn webhook_password(config: &Config, cluster: &ClusterConfig) -> anyhow::Res
         }
     }
     let generated = registrar::generate_password();
-    write_private(&path, &generated)?;
+    crate::secret::write_private(&path, &generated)
+        .with_context(|| format!("writing {}", path.display()))?;
     tracing::info!(cluster = %cluster.name, path = %path.display(), "generated webhook credentials");
     Ok(Secret::new(generated))
-}
-
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
 }

@@ -10,14 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::client::{ClusterEndpoint, PrismClient, TlsMode, Webhook, WebhookSpec};
 use crate::clock::now_ms;
 use crate::config::{ClusterConfig, Config};
 use crate::event::matches;
-use crate::secret::BasicCredentials;
+use crate::secret::{create_private_dir, write_private, BasicCredentials};
 use crate::source::{EndpointStatus, SourceContext};
 
 /// Event types Prism is known to send; subscriptions with patterns are
@@ -92,7 +91,7 @@ impl Registrar {
         auth: BasicCredentials,
         ctx: SourceContext,
     ) -> anyhow::Result<Registrar> {
-        let client = client_for(&cluster)?;
+        let client = client_for(&config, &cluster)?;
         let status = EndpointStatus {
             name: cluster.name.clone(),
             url: cluster.prism_url.to_string(),
@@ -304,16 +303,17 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
     };
     // Prism never returns the password, so a fingerprint of the registered
     // credentials tells whether they changed.
-    let fingerprint = {
-        let mut h = Sha256::new();
-        h.update(t.auth.user.as_bytes());
-        h.update([0]);
-        h.update(t.auth.password.expose().as_bytes());
-        hex::encode(&h.finalize()[..16])
-    };
     let recorded = std::fs::read_to_string(&t.fingerprint_path)
         .ok()
         .map(|s| s.trim().to_owned());
+    let unchanged_credentials = {
+        let (auth, recorded) = (t.auth.clone(), recorded.clone());
+        tokio::task::spawn_blocking(move || {
+            recorded.is_some_and(|r| Fingerprint::matches(&r, &auth))
+        })
+        .await
+        .unwrap_or(false)
+    };
     let cluster = t.cluster;
     if t.events.is_empty() {
         for h in &mine {
@@ -330,7 +330,7 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
                 || first.name != t.name
                 || current != t.events
                 || first.username.as_deref().is_some_and(|u| u != t.auth.user)
-                || recorded.as_deref() != Some(fingerprint.as_str());
+                || !unchanged_credentials;
             if differs {
                 c.update_webhook(&first.uuid, first.spec_version, &spec)
                     .await?;
@@ -350,13 +350,58 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
             uuid
         }
     };
-    if let Some(dir) = t.fingerprint_path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if let Err(e) = std::fs::write(&t.fingerprint_path, &fingerprint) {
-        tracing::warn!(path = %t.fingerprint_path.display(), "cannot record webhook credentials fingerprint: {e}");
+    if !unchanged_credentials {
+        let auth = t.auth.clone();
+        let path = t.fingerprint_path.clone();
+        let written = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            if let Some(dir) = path.parent() {
+                create_private_dir(dir)?;
+            }
+            write_private(&path, &Fingerprint::of(&auth)?)?;
+            Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(path = %t.fingerprint_path.display(), "cannot record webhook credentials fingerprint: {e:#}");
+        }
     }
     Ok(Some(keeper))
+}
+
+/// A salted, deliberately slow hash (Argon2id, as a PHC string) of the
+/// credentials registered with a webhook: it can tell that they changed,
+/// and a copy of the data directory does not hand out a cheap way to guess
+/// the password.
+struct Fingerprint;
+
+impl Fingerprint {
+    fn material(auth: &BasicCredentials) -> Vec<u8> {
+        let mut m = auth.user.as_bytes().to_vec();
+        m.push(0);
+        m.extend_from_slice(auth.password.expose().as_bytes());
+        m
+    }
+
+    fn of(auth: &BasicCredentials) -> anyhow::Result<String> {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let salt: [u8; 16] = rand::rng().random();
+        let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+        let hash = argon2::Argon2::default()
+            .hash_password(&Self::material(auth), &salt)
+            .map_err(|e| anyhow::anyhow!("hashing the webhook credentials: {e}"))?;
+        Ok(hash.to_string())
+    }
+
+    /// False for anything but a fingerprint of exactly these credentials
+    /// (including fingerprints in an older format: they are rewritten).
+    fn matches(recorded: &str, auth: &BasicCredentials) -> bool {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier};
+        PasswordHash::new(recorded).is_ok_and(|hash| {
+            argon2::Argon2::default()
+                .verify_password(&Self::material(auth), &hash)
+                .is_ok()
+        })
+    }
 }
 
 pub fn fingerprint_path(config: &Config, cluster: &str) -> std::path::PathBuf {
@@ -371,7 +416,7 @@ pub fn webhook_name(config: &Config, cluster: &str) -> String {
     format!("{}-{}", config.instance, cluster)
 }
 
-pub fn client_for(cluster: &ClusterConfig) -> anyhow::Result<PrismClient> {
+pub fn client_for(config: &Config, cluster: &ClusterConfig) -> anyhow::Result<PrismClient> {
     let tls = if cluster.tls.insecure {
         tracing::warn!(cluster = %cluster.name, "TLS verification towards Prism is OFF (`tls.insecure`); use `ca_file` or `pinned_cert` outside a lab");
         TlsMode::Insecure
@@ -392,5 +437,6 @@ pub fn client_for(cluster: &ClusterConfig) -> anyhow::Result<PrismClient> {
         username: cluster.username.clone(),
         password: password.expose().to_owned(),
         tls,
+        proxy_from_env: config.proxy_from_env,
     })?)
 }

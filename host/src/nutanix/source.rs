@@ -160,16 +160,22 @@ async fn callback(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(auth) = state.clusters.get(&cluster) else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            format!("no cluster named `{cluster}` is configured"),
-        );
-    };
     let ingest = &state.ingest;
-    if !authorized(&headers, auth) {
-        ingest.count(&cluster, "-", StatusCode::UNAUTHORIZED);
-        tracing::warn!(%cluster, "notification with wrong or missing credentials refused");
+    // An unknown cluster is answered like wrong credentials: the sender
+    // learns nothing of which clusters exist before it authenticates.
+    let auth = state.clusters.get(&cluster);
+    if !auth.is_some_and(|auth| authorized(&headers, auth)) {
+        let shown: String = cluster.chars().take(40).collect();
+        match auth {
+            Some(_) => {
+                ingest.count(&cluster, "-", StatusCode::UNAUTHORIZED);
+                tracing::warn!(%cluster, "notification with wrong or missing credentials refused");
+            }
+            None => {
+                ingest.count("-", "-", StatusCode::UNAUTHORIZED);
+                tracing::warn!(cluster = ?shown, "notification for a cluster that is not configured refused");
+            }
+        }
         let mut r = problem(StatusCode::UNAUTHORIZED, "wrong or missing credentials");
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,

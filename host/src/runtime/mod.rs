@@ -19,10 +19,12 @@
 
 pub mod bindings;
 mod cache;
+pub mod file;
 mod host;
 pub mod kv_store;
 pub mod limits;
 pub mod policy;
+pub mod scrub;
 mod state;
 pub use state::OutboundCounts;
 mod stdio;
@@ -51,8 +53,8 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// what was found.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{file}: cannot read: {reason}")]
-    Read { file: PathBuf, reason: String },
+    #[error(transparent)]
+    File(#[from] file::FileError),
     #[error("{file}: not a WebAssembly file (expected the bytes `\\0asm`, found {found})")]
     NotWasm { file: PathBuf, found: String },
     #[error(
@@ -79,6 +81,10 @@ pub enum LoadError {
     InitRefused { file: PathBuf, message: String },
     #[error("{file}: plugin name `{name}` is invalid (use lower case letters, digits and `-`)")]
     BadName { file: PathBuf, name: String },
+    #[error(
+        "{file}: subscription {subscription} is not an event type (`KIND.ACTION`), `KIND.*` or `*`"
+    )]
+    BadSubscription { file: PathBuf, subscription: String },
 }
 
 /// Why one call into a plugin failed. Every variant counts as `retry` for
@@ -155,6 +161,11 @@ pub struct RuntimeOptions {
     /// Compile files the cache does not know with Winch first, Cranelift
     /// later (see the module documentation).
     pub tiered: bool,
+    /// Larger component files are refused without being read whole.
+    pub max_file_bytes: u64,
+    /// Plugins' `https://` requests go through `HTTPS_PROXY` (see
+    /// [`crate::outbound`]); off: no proxy.
+    pub proxy_from_env: bool,
 }
 
 impl RuntimeOptions {
@@ -165,6 +176,8 @@ impl RuntimeOptions {
             max_instances: 128,
             cache_dir: None,
             tiered: false,
+            max_file_bytes: 256 << 20,
+            proxy_from_env: false,
         }
     }
 }
@@ -187,6 +200,7 @@ pub struct Runtime {
     baseline: Option<(Engine, Linker<HostState>)>,
     env: Arc<CallEnv>,
     cache: Option<Arc<cache::ComponentCache>>,
+    max_file_bytes: u64,
     _ticker: EpochTicker,
 }
 
@@ -247,7 +261,9 @@ impl Runtime {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")));
+        let http = crate::outbound::with_proxy_policy(http, opts.proxy_from_env)
+            .map_err(anyhow::Error::msg)?
             .build()?;
         let kv = KvStore::open(&opts.kv_path)?;
         let cache = opts
@@ -266,12 +282,18 @@ impl Runtime {
                 outbound: Arc::default(),
             }),
             cache,
+            max_file_bytes: opts.max_file_bytes,
             _ticker: ticker,
         }))
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The largest component file read.
+    pub fn max_file_bytes(&self) -> u64 {
+        self.max_file_bytes
     }
 
     pub fn kv(&self) -> &KvStore {
@@ -290,10 +312,7 @@ impl Runtime {
         file: &Path,
         pinned_sha256: Option<&str>,
     ) -> Result<Compiled, LoadError> {
-        let bytes = std::fs::read(file).map_err(|e| LoadError::Read {
-            file: file.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let bytes = file::read_regular(file, self.max_file_bytes)?;
         let sha256 = sha256_hex(&bytes);
         if let Some(expected) = pinned_sha256 {
             if !expected.eq_ignore_ascii_case(&sha256) {
@@ -440,6 +459,18 @@ impl Runtime {
             return Err(LoadError::BadName {
                 file,
                 name: info.name,
+            });
+        }
+        // Subscriptions are registered with Prism as event types.
+        if let Some(bad) = info
+            .subscriptions
+            .iter()
+            .find(|s| !crate::event::valid_subscription(s))
+        {
+            let shown: String = bad.chars().take(64).collect();
+            return Err(LoadError::BadSubscription {
+                file,
+                subscription: format!("{shown:?}"),
             });
         }
         plugin.identity = Arc::new(PluginIdentity {

@@ -80,6 +80,8 @@ pub struct HostConfig {
     data_dir: PathBuf,
     plugins_dir: PathBuf,
     watch: bool,
+    /// Further lines of `[listener]`.
+    listener: Vec<String>,
     /// Further lines of `[plugins]`.
     plugins_table: Vec<String>,
     storage: Vec<String>,
@@ -102,6 +104,7 @@ impl HostConfig {
             data_dir: root.join("data"),
             plugins_dir: root.join("plugins"),
             watch: false,
+            listener: Vec::new(),
             plugins_table: Vec::new(),
             storage: Vec::new(),
             delivery: Vec::new(),
@@ -148,6 +151,12 @@ impl HostConfig {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// A `key = value` line of `[listener]` (value in TOML).
+    pub fn listener(mut self, line: &str) -> Self {
+        self.listener.push(line.into());
+        self
     }
 
     /// A `key = value` line of `[plugins]` (value in TOML).
@@ -216,6 +225,9 @@ impl HostConfig {
         let mut t = String::new();
         let _ = writeln!(t, "instance = {:?}", self.instance);
         let _ = writeln!(t, "[listener]\nlisten = {:?}", self.listen);
+        for line in &self.listener {
+            let _ = writeln!(t, "{line}");
+        }
         let _ = writeln!(t, "[admin]\nlisten = {:?}", self.admin_listen);
         if let Some(token) = &self.admin_token {
             let _ = writeln!(t, "token = {{ value = {token:?} }}");

@@ -12,6 +12,7 @@ use http::{HeaderName, HeaderValue, Method};
 use url::Url;
 
 use crate::runtime::bindings::http::{Error, Host, Request, Response};
+use crate::runtime::scrub::Scrubber;
 use crate::runtime::state::HostState;
 
 const MAX_REDIRECTS: usize = 5;
@@ -26,7 +27,14 @@ impl Host for HostState {
         let asked = Url::parse(&request.url)
             .map(|u| u.origin().ascii_serialization())
             .unwrap_or_else(|_| "-".into());
-        let result = self.send_checked(request).await;
+        let scrubber = Scrubber::new(self.plugin.policy.secrets());
+        // Error messages can quote what a server sent (a redirect's
+        // `Location`): they are scrubbed like responses, before they are
+        // logged or handed to the plugin.
+        let result = self
+            .send_checked(request, &scrubber)
+            .await
+            .map_err(|e| scrub_error(e, &scrubber));
         let (origin, outcome) = match &result {
             Ok((url, resp)) => (url.origin().ascii_serialization(), resp.status.to_string()),
             Err(e) => (asked, error_kind(e).to_owned()),
@@ -63,7 +71,11 @@ fn error_kind(e: &Error) -> &'static str {
 }
 
 impl HostState {
-    async fn send_checked(&mut self, request: Request) -> Result<(Url, Response), Error> {
+    async fn send_checked(
+        &mut self,
+        request: Request,
+        scrubber: &Scrubber,
+    ) -> Result<(Url, Response), Error> {
         let limits = self.plugin.limits;
         if self.requests_made >= limits.max_requests_per_call {
             return Err(Error::LimitExceeded(format!(
@@ -163,45 +175,33 @@ impl HostState {
                 headers: resp_headers,
                 body,
             };
-            self.scrub(&mut response);
+            scrub_response(&mut response, scrubber);
             return Ok((url, response));
         }
         Err(Error::Other(format!("more than {MAX_REDIRECTS} redirects")))
     }
+}
 
-    /// Replaces every injected secret echoed back by the server, so a
-    /// plugin cannot read a credential through an echo endpoint.
-    fn scrub(&self, response: &mut Response) {
-        for secret in self.plugin.policy.secrets() {
-            let needle = secret.expose().as_bytes();
-            if needle.is_empty() {
-                continue;
-            }
-            for (_, v) in response.headers.iter_mut() {
-                if v.contains(secret.expose()) {
-                    *v = v.replace(secret.expose(), "[redacted]");
-                }
-            }
-            if response.body.windows(needle.len()).any(|w| w == needle) {
-                response.body = replace_bytes(&response.body, needle, b"[redacted]");
-            }
-        }
+/// Replaces every injected secret echoed back by the server, in any common
+/// encoding, so a plugin cannot read a credential through an echo.
+fn scrub_response(response: &mut Response, scrubber: &Scrubber) {
+    for (_, v) in response.headers.iter_mut() {
+        *v = scrubber.scrub_str(v);
+    }
+    if let Some(body) = scrubber.scrub(&response.body) {
+        response.body = body;
     }
 }
 
-fn replace_bytes(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(haystack.len());
-    let mut i = 0;
-    while i < haystack.len() {
-        if haystack[i..].starts_with(needle) {
-            out.extend_from_slice(with);
-            i += needle.len();
-        } else {
-            out.push(haystack[i]);
-            i += 1;
-        }
+fn scrub_error(e: Error, s: &Scrubber) -> Error {
+    match e {
+        Error::Denied(m) => Error::Denied(s.scrub_str(&m)),
+        Error::InvalidRequest(m) => Error::InvalidRequest(s.scrub_str(&m)),
+        Error::ConnectionFailed(m) => Error::ConnectionFailed(s.scrub_str(&m)),
+        Error::LimitExceeded(m) => Error::LimitExceeded(s.scrub_str(&m)),
+        Error::Other(m) => Error::Other(s.scrub_str(&m)),
+        e @ (Error::Timeout | Error::TooLarge(_)) => e,
     }
-    out
 }
 
 async fn read_capped(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>, Error> {

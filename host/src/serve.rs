@@ -1,0 +1,237 @@
+//! Serving HTTP on a socket that hostile peers can reach.
+//!
+//! `axum::serve` runs connections without a timer, so a peer that opens a
+//! connection and never finishes its request head (slowloris), or never
+//! finishes a TLS handshake, holds a socket, a task and up to ~400 KB of
+//! buffer forever; enough of them exhaust the process's file descriptors
+//! and no notification gets through. Both the listener and the admin API are
+//! served by [`serve`] instead, which bounds every stage before a request
+//! reaches a handler:
+//!
+//! - at most [`ServeLimits::max_connections`] connections at once; further
+//!   peers wait in the kernel's accept queue, costing the host nothing;
+//! - the TLS handshake within [`ServeLimits::tls_handshake_timeout`];
+//! - each request head within [`ServeLimits::header_read_timeout`], counted
+//!   from the moment the connection is idle (hyper starts the same timer
+//!   between requests, so it also closes idle keep-alive connections);
+//! - at most [`ServeLimits::max_header_bytes`] of buffered head per
+//!   connection (HTTP/1: 431; HTTP/2: the header list size), so the memory
+//!   held before authentication is at most connections × that.
+//!
+//! Bodies are bounded by the handlers, which know whether the sender is
+//! authenticated (`listener::Ingest::read_body`: size and deadline).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+
+/// How long in-flight requests may take to finish once shutdown begins.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// hyper refuses read buffers below this size.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// What one socket's peers may cost before a handler sees their request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 512,
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 << 10,
+        }
+    }
+}
+
+/// Serves `router` on `tcp` (over TLS when `tls` is given) within `limits`
+/// until `shutdown` resolves, then lets in-flight requests finish for a
+/// while. `name` says which socket in the logs.
+pub async fn serve(
+    name: &'static str,
+    tcp: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ServeLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(64u32);
+    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut full_logged = false;
+    tokio::pin!(shutdown);
+    loop {
+        // A permit first, then accept: at the cap, peers wait in the
+        // kernel's queue instead of in our memory.
+        if permits.available_permits() == 0 && !full_logged {
+            tracing::warn!(
+                socket = name,
+                max_connections = limits.max_connections,
+                "connection limit reached; new connections wait to be accepted"
+            );
+            full_logged = true;
+        }
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: retrying at once would spin.
+                    tracing::warn!(socket = name, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        full_logged = false;
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        match tls.clone() {
+            None => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    drive(name, peer, &builder, watcher, stream, service).await;
+                });
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let handshake = acceptor.accept(stream);
+                    let stream =
+                        match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(socket = name, %peer, "TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(socket = name, %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    drive(name, peer, &builder, watcher, stream, service).await;
+                });
+            }
+        }
+    }
+    drop(tcp);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            socket = name,
+            "requests still in flight after {DRAIN:?}; closing them"
+        );
+    }
+}
+
+type Service = hyper_util::service::TowerToHyperService<Router>;
+
+async fn drive<S>(
+    name: &'static str,
+    peer: std::net::SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    stream: S,
+    service: Service,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(socket = name, %peer, "connection ended: {e}");
+    }
+}
+
+/// The TLS acceptor for a PEM certificate chain and key.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading the listener certificate {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the listener key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the listener certificate and key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Raises the soft limit on open files to the hard limit, so that the
+/// connection cap, not the descriptor limit, is what peers run into. Says
+/// what it did; a failure only costs headroom.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(
+            "cannot read the open-files limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        tracing::info!(limit = limit.rlim_cur, "open-files limit");
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        tracing::info!(
+            from = soft,
+            to = limit.rlim_max,
+            "raised the open-files limit to its hard limit"
+        );
+    } else {
+        tracing::warn!(
+            limit = soft,
+            "cannot raise the open-files limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,622 @@
+//! The host against a hostile network and a plugins directory that others
+//! may write: slow and oversized requests on the listener, files that are
+//! not what they claim in the plugins directory, a watcher that must not
+//! feed itself, and settings files that reach for the host's secrets.
+//! Every test is one finding of an attack on the host, run with real
+//! sockets, real files and real components.
+
+use crate::common::{self, Cluster, HostConfig};
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prismhook::app::App;
+use prismhook::reload::Report;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WEBHOOK_USER: &str = "prismhook";
+
+/// A host with the probe plugin, cluster `lab` on a Prism simulator, and
+/// the listener settings given.
+struct Target {
+    app: App,
+    _prism: prismhook_sim::prism::PrismSim,
+    _dir: tempfile::TempDir,
+}
+
+async fn target(listener: &[&str]) -> Target {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    common::setup::install(&dir.path().join("plugins"), &["probe"]);
+    let prism = common::setup::start_prism().await;
+    let host = listener
+        .iter()
+        .fold(HostConfig::new(dir.path()), |h, line| h.listener(line))
+        .cluster(Cluster::lab(&prism));
+    let app = App::start(host.config()).await.unwrap();
+    Target {
+        app,
+        _prism: prism,
+        _dir: dir,
+    }
+}
+
+fn basic_auth() -> String {
+    use base64::Engine as _;
+    let raw = format!("{WEBHOOK_USER}:{}", common::setup::WEBHOOK_PASSWORD);
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// Reads until the peer closes or `limit` passes; what arrived, and
+/// whether the peer closed.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off_and_notifications_still_get_through() {
+    let t = target(&["max_connections = 16", r#"header_read_timeout = "300ms""#]).await;
+    let addr = t.app.listener_addr;
+    // More slowloris connections than the cap, each sending a byte of an
+    // unfinished head every 100 ms until the server hangs up.
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut loris = Vec::new();
+    for _ in 0..24 {
+        let closed = closed.clone();
+        loris.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s
+                .write_all(b"POST /listener/callback/lab HTTP/1.1\r\nHost: x\r\n")
+                .await;
+            for _ in 0..300 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if s.write_all(b"X").await.is_err() {
+                    break;
+                }
+                let mut probe = [0u8; 256];
+                match tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    _ => {}
+                }
+            }
+            closed.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let body = common::fixture_json("nutanix/vm_on.json").to_string();
+    let answer = reqwest::Client::new()
+        .post(format!("http://{addr}/listener/callback/lab"))
+        .header("Authorization", basic_auth())
+        .body(body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("a real notification is answered while slow peers hold connections");
+    assert_eq!(answer.status(), 202);
+    common::wait_until(
+        "the server to close every slow connection",
+        Duration::from_secs(20),
+        || closed.load(Ordering::SeqCst) == loris.len(),
+    )
+    .await;
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_head_over_the_limit_is_refused_before_authentication() {
+    let t = target(&["max_header_bytes = 16384"]).await;
+    let mut s = TcpStream::connect(t.app.listener_addr).await.unwrap();
+    let mut head = b"POST /listener/callback/lab HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 64 << 10));
+    // The server may hang up before it has all of it.
+    let _ = s.write_all(&head).await;
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "expected 431, got {answer:?}"
+    );
+    assert!(closed, "the connection is closed after the 431");
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_authenticated_body_that_trickles_is_cut_off_with_408() {
+    let t = target(&[r#"body_read_timeout = "500ms""#]).await;
+    let mut s = TcpStream::connect(t.app.listener_addr).await.unwrap();
+    let head = format!(
+        "POST /listener/callback/lab HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 500000\r\n\r\n{{",
+        basic_auth()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b" ").await.is_err() {
+                return s;
+            }
+            let mut buf = [0u8; 512];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+            {
+                if n > 0 {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+                    return s;
+                }
+            }
+        }
+        panic!("no answer while the body trickled for 10 s");
+    });
+    let _ = trickle.await.unwrap();
+    assert_eq!(
+        t.app.ledger.stats().undelivered,
+        0,
+        "nothing was stored from a body that never arrived"
+    );
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_never_finishes_is_closed() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let config = HostConfig::new(dir.path())
+        .listener(&format!(
+            "tls = {{ cert = {:?}, key = {:?} }}",
+            cert_path.display().to_string(),
+            key_path.display().to_string()
+        ))
+        .listener(r#"tls_handshake_timeout = "300ms""#)
+        .config();
+    let app = App::start(config).await.unwrap();
+    let mut s = TcpStream::connect(app.listener_addr).await.unwrap();
+    // Half a ClientHello's record header, then nothing.
+    s.write_all(&[0x16, 0x03]).await.unwrap();
+    let (_, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "a silent TLS peer is hung up on");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// A host on `plugins`, with the watcher on or off, and `[plugin.<name>]`
+/// tables in its main configuration.
+async fn on_dir(root: &Path, plugins: &Path, watch: bool, main: &[(&str, &[&str])]) -> App {
+    common::init_tracing();
+    let host = main.iter().fold(
+        HostConfig::new(root)
+            .dirs(&root.join("data"), plugins)
+            .watch(watch),
+        |h, (name, lines)| h.plugin(name, lines),
+    );
+    App::start(host.config()).await.unwrap()
+}
+
+#[tokio::test]
+async fn reading_a_plugin_file_does_not_make_the_host_load_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    common::setup::install(&plugins, &["probe"]);
+    // A plugin whose init refuses its settings fails every time it loads.
+    std::fs::write(plugins.join("probe.toml"), "config = { refuse = true }").unwrap();
+    let app = on_dir(dir.path(), &plugins, true, &[]).await;
+    assert!(
+        matches!(&app.loaded[0], Report::Failed { .. }),
+        "{:?}",
+        app.loaded
+    );
+    // The host's own reads of the file while loading it are not changes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(app.reloader.counts().failed.load(Ordering::Relaxed), 1);
+    // A rescan does not try the unchanged file again either...
+    let again = app.reloader.reload().await;
+    assert!(
+        matches!(&again[0], Report::StillFailing { error, .. } if error.contains("refusing to start")),
+        "{again:?}"
+    );
+    // ...but a change does.
+    std::fs::write(plugins.join("probe.toml"), "config = {}").unwrap();
+    common::wait_until("the fixed plugin to load", Duration::from_secs(20), || {
+        app.registry
+            .get("probe")
+            .is_some_and(|e| e.plugin.is_some())
+    })
+    .await;
+    assert_eq!(app.reloader.counts().failed.load(Ordering::Relaxed), 1);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// `to` written relative to the working directory.
+fn relative(to: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let mut up = PathBuf::new();
+    for _ in cwd.components().skip(1) {
+        up.push("..");
+    }
+    up.join(to.strip_prefix("/").unwrap())
+}
+
+#[tokio::test]
+async fn a_relative_plugins_dir_reloads_and_unloads_like_an_absolute_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    common::setup::install(&plugins, &["probe"]);
+    let app = on_dir(dir.path(), &relative(&plugins), true, &[]).await;
+    let first = app.registry.get("probe").unwrap().plugin.unwrap();
+    // A new version replaces the old one, under the same name...
+    let mut bytes = std::fs::read(common::component("probe")).unwrap();
+    bytes.extend_from_slice(&[0, 5, 4, b'n', b'e', b'x', b't']);
+    let tmp = plugins.join(".probe.partial");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, plugins.join("probe.wasm")).unwrap();
+    common::wait_until("the new version", Duration::from_secs(20), || {
+        app.registry
+            .get("probe")
+            .and_then(|e| e.plugin)
+            .is_some_and(|p| p.sha256() != first.sha256())
+    })
+    .await;
+    assert!(app.registry.get("probe").unwrap().load_error.is_none());
+    // ...and deleting the file unloads it.
+    std::fs::remove_file(plugins.join("probe.wasm")).unwrap();
+    common::wait_until("the plugin to unload", Duration::from_secs(20), || {
+        app.registry.get("probe").is_none()
+    })
+    .await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[tokio::test]
+async fn fifos_in_the_plugins_directory_are_refused_without_blocking_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    common::setup::install(&plugins, &["probe"]);
+    mkfifo(&plugins.join("evil.wasm"));
+    mkfifo(&plugins.join("probe.toml"));
+    let app = tokio::time::timeout(
+        Duration::from_secs(30),
+        on_dir(dir.path(), &plugins, false, &[]),
+    )
+    .await
+    .expect("the host starts although FIFOs sit where files should be");
+    let error_for = |name: &str| {
+        app.loaded.iter().find_map(|r| match r {
+            Report::Failed { file, error } if file.ends_with(name) => Some(error.clone()),
+            _ => None,
+        })
+    };
+    for name in ["evil.wasm", "probe.wasm"] {
+        let error = error_for(name).unwrap_or_else(|| panic!("{name}: {:?}", app.loaded));
+        assert!(
+            error.contains("is a FIFO (named pipe), not a regular file"),
+            "{name}: {error}"
+        );
+    }
+    // Rescans still run: the FIFO replaced by a real settings file loads.
+    std::fs::remove_file(plugins.join("probe.toml")).unwrap();
+    std::fs::write(plugins.join("probe.toml"), "config = {}").unwrap();
+    let reports = tokio::time::timeout(Duration::from_secs(30), app.reloader.reload())
+        .await
+        .expect("a rescan finishes");
+    assert!(
+        reports
+            .iter()
+            .any(|r| matches!(r, Report::Loaded { plugin, .. } if plugin == "probe")),
+        "{reports:?}"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        app.shutdown(false, Duration::from_secs(5)),
+    )
+    .await
+    .expect("the host stops")
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_file_that_is_deleted_leaves_no_entry_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(plugins.join("broken.wasm"), b"not a component").unwrap();
+    let app = on_dir(dir.path(), &plugins, true, &[]).await;
+    assert!(app
+        .registry
+        .get("broken")
+        .is_some_and(|e| e.plugin.is_none()));
+    std::fs::remove_file(plugins.join("broken.wasm")).unwrap();
+    common::wait_until("the failed entry to go", Duration::from_secs(20), || {
+        app.registry.get("broken").is_none()
+    })
+    .await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_settings_file_may_inject_only_what_the_main_config_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    common::setup::install(&plugins, &["probe"]);
+    let origin = "http://127.0.0.1:9";
+    let grant =
+        format!(r#"grants = {{ fw-key = {{ value = "granted", origins = ["{origin}"] }} }}"#);
+    let app = on_dir(dir.path(), &plugins, false, &[("probe", &[grant.as_str()])]).await;
+    let cases = [
+        (
+            format!(r#"inject = [{{ origin = "{origin}", header = "X-Key", env = "HOME" }}]"#),
+            "`inject[0]`: a settings file in the plugins directory cannot name secrets itself",
+        ),
+        (
+            format!(r#"inject = [{{ origin = "{origin}", header = "X-Key", file = "/etc/hostname" }}]"#),
+            "cannot name secrets itself",
+        ),
+        (
+            format!(r#"inject = [{{ origin = "{origin}", header = "X-Key", grant = "admin-token" }}]"#),
+            "`inject[0].grant`: `admin-token` is not granted to `probe` by the main configuration",
+        ),
+        (
+            r#"inject = [{ origin = "http://attacker.invalid", header = "X-Key", grant = "fw-key" }]"#.into(),
+            "`inject[0].origin`: `fw-key` is granted for http://127.0.0.1:9 only",
+        ),
+        (
+            format!(r#"grants = {{ mine = {{ env = "HOME", origins = ["{origin}"] }} }}"#),
+            "`grants`: only the main configuration grants secrets",
+        ),
+    ];
+    for (settings, expected) in &cases {
+        std::fs::write(plugins.join("probe.toml"), settings).unwrap();
+        let reports = app.reloader.reload().await;
+        assert!(
+            matches!(&reports[0], Report::Failed { error, .. } if error.contains(expected)),
+            "{settings}: {reports:?}"
+        );
+    }
+    std::fs::write(
+        plugins.join("probe.toml"),
+        format!(r#"inject = [{{ origin = "{origin}", header = "X-Key", grant = "fw-key" }}]"#),
+    )
+    .unwrap();
+    let reports = app.reloader.reload().await;
+    assert!(
+        matches!(&reports[0], Report::Loaded { .. }),
+        "a granted secret for its origin loads: {reports:?}"
+    );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn another_site_cannot_drive_the_tokenless_admin_api_from_a_browser() {
+    let t = target(&[]).await;
+    let base = format!("http://{}", t.app.admin_addr);
+    let port = t.app.admin_addr.port();
+    let client = reqwest::Client::new();
+    let reload = |headers: &[(&str, String)]| {
+        let mut r = client.post(format!("{base}/api/plugins/reload"));
+        for (k, v) in headers {
+            r = r.header(*k, v);
+        }
+        r.send()
+    };
+    // What a page on another site makes a browser send.
+    for headers in [
+        vec![("Origin", "http://evil.example".to_owned())],
+        vec![("Sec-Fetch-Site", "cross-site".to_owned())],
+        vec![("Sec-Fetch-Site", "same-site".to_owned())],
+    ] {
+        let answer = reload(&headers).await.unwrap();
+        assert_eq!(answer.status(), 403, "{headers:?}");
+    }
+    // A name that resolves to loopback only because an attacker says so.
+    let rebound = client
+        .get(format!("{base}/api/plugins"))
+        .header("Host", format!("rebind.evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
+    assert!(rebound.text().await.unwrap().contains("admin.hosts"));
+    // The status page's own requests and the CLI's still work.
+    let own = reload(&[
+        ("Origin", base.clone()),
+        ("Sec-Fetch-Site", "same-origin".to_owned()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(own.status(), 200);
+    let cli = prismhook::admin::client::AdminClient::new(t.app.admin_addr, None).unwrap();
+    assert!(!cli.reload().await.unwrap().is_empty());
+    let by_name = client
+        .get(format!("{base}/api/plugins"))
+        .header("Host", format!("localhost:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_name.status(), 200);
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_short_admin_token_is_refused_at_start() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let config = HostConfig::new(dir.path()).admin_token("letmein").config();
+    let error = App::start(config)
+        .await
+        .err()
+        .expect("a short token is refused");
+    assert!(
+        error
+            .to_string()
+            .contains("`admin.token` is shorter than 16 characters"),
+        "{error:#}"
+    );
+}
+
+#[tokio::test]
+async fn the_data_directory_and_the_webhook_secrets_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    // A subscriber, so that there is a webhook to register.
+    common::setup::install(&dir.path().join("plugins"), &["probe"]);
+    let prism = common::setup::start_prism().await;
+    // The host generates and keeps the webhook password itself.
+    let lab = Cluster {
+        webhook_password: None,
+        ..Cluster::lab(&prism)
+    };
+    let app = App::start(HostConfig::new(dir.path()).cluster(lab).config())
+        .await
+        .unwrap();
+    common::wait_until("registration", Duration::from_secs(30), || {
+        app.cluster_status().iter().all(|c| c.registered)
+    })
+    .await;
+    let data = dir.path().join("data");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "data directory");
+    let creds = data.join("webhook-credentials");
+    assert_eq!(mode(&creds), 0o700);
+    assert_eq!(mode(&creds.join("lab")), 0o600, "the generated password");
+    let fingerprint = creds.join("lab.registered");
+    assert_eq!(mode(&fingerprint), 0o600);
+    let recorded = std::fs::read_to_string(&fingerprint).unwrap();
+    assert!(recorded.starts_with("$argon2id$"), "{recorded}");
+    let password = std::fs::read_to_string(creds.join("lab")).unwrap();
+    assert!(!recorded.contains(password.trim()));
+    // The salt makes two fingerprints of the same credentials differ.
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    std::fs::remove_file(&fingerprint).unwrap();
+    let app = App::start(
+        HostConfig::new(dir.path())
+            .cluster(Cluster {
+                webhook_password: None,
+                ..Cluster::lab(&prism)
+            })
+            .config(),
+    )
+    .await
+    .unwrap();
+    common::wait_until("the fingerprint again", Duration::from_secs(30), || {
+        fingerprint.exists()
+    })
+    .await;
+    common::wait_until(
+        "the fingerprint to be written",
+        Duration::from_secs(5),
+        || std::fs::read_to_string(&fingerprint).is_ok_and(|s| s.starts_with("$argon2id$")),
+    )
+    .await;
+    assert_ne!(std::fs::read_to_string(&fingerprint).unwrap(), recorded);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_cluster_is_answered_like_wrong_credentials() {
+    let t = target(&[]).await;
+    let client = reqwest::Client::new();
+    let body = common::fixture_json("nutanix/vm_on.json").to_string();
+    for path in ["lab", "elsewhere"] {
+        let answer = client
+            .post(format!(
+                "http://{}/listener/callback/{path}",
+                t.app.listener_addr
+            ))
+            .basic_auth(WEBHOOK_USER, Some("wrong"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 401, "{path}");
+        assert_eq!(
+            answer.text().await.unwrap(),
+            "wrong or missing credentials\n"
+        );
+    }
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn identifiers_of_hostile_shape_are_refused_and_nothing_is_stored() {
+    let t = target(&[]).await;
+    let client = reqwest::Client::new();
+    let original = common::fixture_json("nutanix/vm_on.json");
+    let mut bad_type = original.clone();
+    bad_type["event_type"] = "<svg onload=1>".into();
+    let mut long_type = original.clone();
+    long_type["event_type"] = format!("VM.{}", "A".repeat(97)).into();
+    let mut huge_uuid = original.clone();
+    huge_uuid["entity_reference"]["uuid"] = "a".repeat(256 << 10).into();
+    huge_uuid["data"]["metadata"]["uuid"] = "a".repeat(256 << 10).into();
+    for (what, body, expected) in [
+        ("an event type of another shape", bad_type, "KIND.ACTION"),
+        (
+            "a 100-byte event type",
+            long_type,
+            "is not KIND.ACTION (letters, digits and `_`, at most 64 bytes)",
+        ),
+        ("a quarter-megabyte entity uuid", huge_uuid, "entity uuid"),
+    ] {
+        let answer = client
+            .post(format!(
+                "http://{}/listener/callback/lab",
+                t.app.listener_addr
+            ))
+            .header("Authorization", basic_auth())
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{what}");
+        let text = answer.text().await.unwrap();
+        assert!(text.contains(expected), "{what}: {text}");
+        assert!(text.len() < 300, "{what}: the answer does not echo it all");
+    }
+    assert_eq!(t.app.ledger.stats().undelivered, 0);
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_plugin_subscribing_to_something_that_is_no_event_type_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    common::setup::install(&plugins, &["probe"]);
+    std::fs::write(
+        plugins.join("probe.toml"),
+        r#"config = { subscriptions = ["VM.ON", "<svg onload=1>"] }"#,
+    )
+    .unwrap();
+    let app = on_dir(dir.path(), &plugins, false, &[]).await;
+    assert!(
+        matches!(&app.loaded[0], Report::Failed { error, .. }
+            if error.contains(r#"subscription "<svg onload=1>" is not an event type"#)),
+        "{:?}",
+        app.loaded
+    );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
