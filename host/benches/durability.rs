@@ -35,7 +35,6 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
 use prismhook::clock::now_ms;
-use prismhook::config::Config;
 use prismhook::ledger::{LedgerOptions, NewEvent, RedbLedger, SharedLedger};
 use prismhook::listener::{self, Ingest};
 use prismhook::nutanix::payload::parse_notification;
@@ -179,17 +178,14 @@ async fn main() {
 
     let ledger: SharedLedger =
         Arc::new(RedbLedger::open(LedgerOptions::new(dir.path().join("ledger.redb"))).unwrap());
-    let config = Config::parse(
-        &format!(
-            "[storage]\ndata_dir = {data:?}\n[[cluster]]\nname = \"lab\"\n\
-             prism_url = \"http://127.0.0.1:9\"\nusername = \"admin\"\n\
-             password = {{ value = \"x\" }}\nwebhook_user = \"{WEBHOOK_USER}\"\n\
-             webhook_password = {{ value = \"{WEBHOOK_PASSWORD}\" }}\n",
-            data = dir.path().display().to_string(),
-        ),
-        &dir.path().join("bench.toml"),
-    )
-    .unwrap();
+    // Cluster `lab` on a Prism that is never asked: only its routes serve.
+    let config = setup::HostConfig::new(dir.path())
+        .cluster(setup::Cluster {
+            webhook_password: Some(WEBHOOK_PASSWORD.into()),
+            extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
+            ..setup::Cluster::new("lab", "http://127.0.0.1:9")
+        })
+        .config();
     let source = NutanixSource::new(Arc::new(config)).unwrap();
     let durable = listener::router(source.routes(Ingest::new(
         ledger.clone(),
