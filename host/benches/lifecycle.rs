@@ -24,6 +24,8 @@
 //!    VM.OFF batches, each plugin against its simulator or receiver.
 //! 5. Resident memory of the real `prismhook run` binary with the three
 //!    plugins: idle, and under a paced 1,000 notifications/s for 20 s.
+//! 6. Idle CPU of the real binary with the watcher on and a plugin whose
+//!    `init` refuses its settings (`idle`).
 //!
 //! `cargo bench -p prismhook --bench lifecycle`
 
@@ -927,71 +929,176 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The real binary (`CARGO_BIN_EXE_prismhook`) running the three plugins
+/// from a warm compiled-code cache, ready (`/readyz` 200).
+struct RunningHost {
+    child: std::process::Child,
+    pid: u32,
+    port: u16,
+    root: tempfile::TempDir,
+    /// How long it took to become ready after spawn.
+    ready_after: Duration,
+}
+
+impl RunningHost {
+    /// `extra` files are written into the plugins directory beside the
+    /// three components.
+    async fn start(
+        w: &World,
+        warm_data: &Path,
+        client: &reqwest::Client,
+        watch: bool,
+        extra: &[(&str, Vec<u8>)],
+    ) -> RunningHost {
+        let root = tempfile::tempdir().unwrap();
+        let plugins = root.path().join("plugins");
+        let data = root.path().join("data");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::create_dir_all(data.join("cache")).unwrap();
+        for (name, _) in LANGS {
+            std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
+        }
+        for (name, bytes) in extra {
+            std::fs::write(plugins.join(name), bytes).unwrap();
+        }
+        // Start from compiled components, as any restart after the first does.
+        for e in std::fs::read_dir(warm_data.join("cache"))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::copy(e.path(), data.join("cache").join(e.file_name())).unwrap();
+        }
+        let (port, admin_port) = (free_port(), free_port());
+        let cfg = root.path().join("prismhook.toml");
+        std::fs::write(
+            &cfg,
+            w.config_text(
+                &data,
+                &plugins,
+                watch,
+                &format!("127.0.0.1:{port}"),
+                &format!("127.0.0.1:{admin_port}"),
+            ),
+        )
+        .unwrap();
+        let bin = env!("CARGO_BIN_EXE_prismhook");
+        let log = std::fs::File::create(root.path().join("host.log")).unwrap();
+        let mut child = std::process::Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("PRISMHOOK_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the prismhook binary");
+        let pid = child.id();
+        let started = Instant::now();
+        let ready = format!("http://127.0.0.1:{admin_port}/readyz");
+        loop {
+            if client
+                .get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(120) || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                panic!(
+                    "the binary did not become ready: {}",
+                    std::fs::read_to_string(root.path().join("host.log")).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        RunningHost {
+            child,
+            pid,
+            port,
+            root,
+            ready_after: started.elapsed(),
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    async fn stop(self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let mut child = self.child;
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("host.log")).unwrap_or_default()
+    }
+}
+
+/// User plus system CPU time of a process so far (`/proc/<pid>/stat`).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a constant.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_s)
+}
+
+/// Section 6, idle CPU: the binary with the three plugins, the watcher on,
+/// and a fourth component whose `init` refuses (f5-bigip.wasm copied
+/// without settings), measured over `PRISMHOOK_IDLE_SECS` (60) with no
+/// traffic. The watcher used to feed on the host's own reads of plugin
+/// files and reload (and fail) every file about every 200 ms forever.
+async fn idle(w: &World, warm_data: &Path, client: &reqwest::Client) {
+    let secs: u64 = std::env::var("PRISMHOOK_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    println!("\n## 6. Idle CPU of `prismhook run` with the watcher on, over {secs} s");
+    let refused = std::fs::read(component("f5-bigip")).unwrap();
+    let host = RunningHost::start(
+        w,
+        warm_data,
+        client,
+        true,
+        &[("f5-unconfigured.wasm", refused)],
+    )
+    .await;
+    // Let start-up work (Cranelift upgrades, registration) finish.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let failed_loads = |log: &str| log.matches("plugin not loaded").count();
+    let (cpu_before, loads_before) = (cpu_time(host.pid), failed_loads(&host.log()));
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (cpu, wall) = (cpu_time(host.pid) - cpu_before, started.elapsed());
+    let loads = failed_loads(&host.log()) - loads_before;
+    host.stop().await;
+    let share = cpu.as_secs_f64() / wall.as_secs_f64() * 100.0;
+    println!(
+        "| window | CPU time (user + system) | share of one core | failed loads logged | target |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {:.0} s idle, 3 plugins + 1 refusing its settings, watcher on | {} ms | {share:.2} % | {loads} | < 1 %: {} |",
+        wall.as_secs_f64(),
+        cpu.as_millis(),
+        if share < 1.0 { "met" } else { "NOT met" }
+    );
+}
+
 async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
     println!("\n## 5. Resident memory of `prismhook run` (target/release/prismhook) with the three plugins");
-    let root = tempfile::tempdir().unwrap();
-    let plugins = root.path().join("plugins");
-    let data = root.path().join("data");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::create_dir_all(data.join("cache")).unwrap();
-    for (name, _) in LANGS {
-        std::fs::copy(component(name), plugins.join(format!("{name}.wasm"))).unwrap();
-    }
-    // Start from compiled components, as any restart after the first does.
-    for e in std::fs::read_dir(warm_data.join("cache"))
-        .unwrap()
-        .flatten()
-    {
-        std::fs::copy(e.path(), data.join("cache").join(e.file_name())).unwrap();
-    }
-    let (port, admin_port) = (free_port(), free_port());
-    let cfg = root.path().join("prismhook.toml");
-    std::fs::write(
-        &cfg,
-        w.config_text(
-            &data,
-            &plugins,
-            false,
-            &format!("127.0.0.1:{port}"),
-            &format!("127.0.0.1:{admin_port}"),
-        ),
-    )
-    .unwrap();
-    let bin = env!("CARGO_BIN_EXE_prismhook");
-    let log = std::fs::File::create(root.path().join("host.log")).unwrap();
-    let mut child = std::process::Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("PRISMHOOK_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("starting the prismhook binary");
-    let pid = child.id();
-    let started = Instant::now();
-    let ready = format!("http://127.0.0.1:{admin_port}/readyz");
-    loop {
-        if client
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(120) || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            panic!(
-                "the binary did not become ready: {}",
-                std::fs::read_to_string(root.path().join("host.log")).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let host = RunningHost::start(w, warm_data, client, false, &[]).await;
+    let (pid, port) = (host.pid, host.port);
     println!(
-        "binary: {bin}; ready (/readyz 200) {:.2} s after spawn (warm cache)",
-        started.elapsed().as_secs_f64()
+        "binary: {}; ready (/readyz 200) {:.2} s after spawn (warm cache)",
+        env!("CARGO_BIN_EXE_prismhook"),
+        host.ready_after.as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let idle_rss = proc_status_kib(pid, "VmRSS:").unwrap();
@@ -1045,10 +1152,7 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
     let (peak_sampled, samples) = sampler.await.unwrap();
     let hwm = proc_status_kib(pid, "VmHWM:").unwrap();
     let end_rss = proc_status_kib(pid, "VmRSS:").unwrap();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    host.stop().await;
 
     let mib = |k: u64| k as f64 / 1024.0;
     println!("| state | VmRSS | VmHWM (peak so far) | target |");
@@ -1122,6 +1226,10 @@ async fn main() {
     }
     if want("memory") {
         memory(&w, &warm, &client).await;
+    }
+    if want("idle") {
+        fill_cache(&warm.join("cache"));
+        idle(&w, &warm, &client).await;
     }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         println!("\nload average at end: {}", l.trim());
