@@ -910,3 +910,86 @@ async fn the_status_page_renders_clusters_plugins_and_dead_letters_in_headless_c
     }
     host.shutdown().await;
 }
+
+/// A page on another site, opened in a real browser on the operator's
+/// machine, tries to make the tokenless admin API reconcile. The browser
+/// sends the request (no-cors POSTs are sent; only the answer is hidden),
+/// so the API itself must refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(chromium),
+    ignore = "/usr/bin/chromium is missing: `apt-get install -y chromium` to test the status page in a browser"
+)]
+async fn a_page_from_another_site_cannot_make_the_admin_api_act() {
+    let w = world().await;
+    let host = w.start(Setup::default()).await;
+    host.registered().await;
+    let has_record = |host: &Host| {
+        host.app
+            .runtime
+            .kv()
+            .dump("probe")
+            .unwrap()
+            .contains_key("reconcile/lab")
+    };
+    wait(|| has_record(&host), "the start-up reconcile").await;
+    // A VM the start-up reconcile did not see: only a new reconcile puts
+    // its uuid into the probe's `reconcile/lab` record.
+    let vm = w
+        .prism
+        .create_vm(prismhook_sim::prism::NewVm::named("late").powered_on())
+        .await
+        .unwrap()
+        .uuid;
+    let reconciled = |host: &Host| {
+        host.app
+            .runtime
+            .kv()
+            .dump("probe")
+            .unwrap()
+            .get("reconcile/lab")
+            .is_some_and(|v| String::from_utf8_lossy(v).contains(&vm))
+    };
+    assert!(!reconciled(&host));
+
+    // The attacker's page, on another loopback address (another site).
+    let target = host.url("/api/reconcile");
+    let page = format!(
+        r#"<html><body><script>
+        fetch("{target}", {{ method: "POST", mode: "no-cors" }})
+          .catch(() => {{}})
+          .finally(() => {{ document.body.setAttribute("data-sent", "yes"); }});
+        </script></body></html>"#
+    );
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let page = page.clone();
+            async move { axum::response::Html(page) }
+        }),
+    );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let evil = format!("http://{}/", tcp.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });
+    let profile = tempfile::tempdir().unwrap();
+    let dom = String::from_utf8(chromium(profile.path(), &evil, &["--dump-dom"]).await).unwrap();
+    assert!(
+        dom.contains(r#"data-sent="yes""#),
+        "the page sent its request:\n{dom}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !reconciled(&host),
+        "the cross-site POST made the host reconcile"
+    );
+
+    // The same request from the operator's CLI goes through, so the check
+    // above could have seen a reconcile.
+    AdminClient::new(host.addr, None)
+        .unwrap()
+        .reconcile(None)
+        .await
+        .unwrap();
+    assert!(reconciled(&host));
+    host.shutdown().await;
+}

@@ -384,6 +384,13 @@ async fn a_request_to_an_origin_off_the_allowlist_is_denied_before_anything_is_s
         "{result}"
     );
     assert_eq!(hits.load(Ordering::SeqCst), 0);
+    // Origins off the allowlist are not metrics labels: a plugin could ask
+    // for endlessly many.
+    let counted: Vec<_> = sb.runtime.outbound().snapshot().into_keys().collect();
+    assert_eq!(
+        counted,
+        [("probe".to_owned(), "-".to_owned(), "denied".to_owned())]
+    );
 }
 
 #[tokio::test]

@@ -37,6 +37,11 @@ impl Host for HostState {
             .map_err(|e| scrub_error(e, &scrubber));
         let (origin, outcome) = match &result {
             Ok((url, resp)) => (url.origin().ascii_serialization(), resp.status.to_string()),
+            // A plugin may ask for any number of origins off its allowlist;
+            // they must not each become a metrics series.
+            Err(e @ (Error::Denied(_) | Error::InvalidRequest(_))) => {
+                ("-".to_owned(), error_kind(e).to_owned())
+            }
             Err(e) => (asked, error_kind(e).to_owned()),
         };
         self.outbound.count(&plugin, origin, outcome);
