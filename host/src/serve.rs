@@ -15,8 +15,10 @@
 //!   from the moment the connection is idle (hyper starts the same timer
 //!   between requests, so it also closes idle keep-alive connections);
 //! - at most [`ServeLimits::max_header_bytes`] of buffered head per
-//!   connection (HTTP/1: 431; HTTP/2: the header list size), so the memory
-//!   held before authentication is at most connections × that.
+//!   connection (431 beyond), so the memory held before authentication is
+//!   at most connections × that;
+//! - HTTP/1.1 only (over TLS too: ALPN offers nothing else), so every
+//!   connection is under the head timer.
 //!
 //! Bodies are bounded by the handlers, which know whether the sender is
 //! authenticated (`listener::Ingest::read_body`: size and deadline).
@@ -70,17 +72,16 @@ pub async fn serve(
     limits: ServeLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: Prism, the CLI and browsers on the status page all
+    // speak it, and hyper's HTTP/2 server has no timer for a connection
+    // that sends its preface and then idles, which would hold a slot of the
+    // connection cap forever.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(64u32);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
@@ -194,7 +195,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::Tls
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("the listener certificate and key do not match")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -620,3 +620,20 @@ async fn a_plugin_subscribing_to_something_that_is_no_event_type_is_refused() {
     );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test]
+async fn an_http2_preface_gets_no_connection_that_outlives_the_head_timer() {
+    let t = target(&[r#"header_read_timeout = "300ms""#]).await;
+    let mut s = TcpStream::connect(t.app.listener_addr).await.unwrap();
+    // HTTP/2 with prior knowledge: the preface, then an empty SETTINGS
+    // frame, then silence.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let (_, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "an idle HTTP/2 peer would hold a connection slot forever"
+    );
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
