@@ -22,7 +22,7 @@ use quick_xml::Reader;
 use crate::host::Response;
 
 /// Longest firewall message quoted in a reason.
-const MAX_REASON: usize = 1_000;
+pub const MAX_REASON: usize = 1_000;
 /// How deep escaped XML inside a message is unpacked.
 const MAX_NESTING: usize = 3;
 

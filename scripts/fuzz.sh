@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every target under
+# plugins/*/fuzz, each for FUZZ_SECONDS (60 by default), seeded from the
+# fixtures. Prints executions and crashes per target; exits 1 on a crash
+# (the input is kept under <crate>/fuzz/artifacts/<target>/).
+#   scripts/fuzz.sh                   every target, 60 s each
+#   FUZZ_SECONDS=3600 scripts/fuzz.sh  the long run BENCHMARKS.md records
+# Not part of CI's time budget. libFuzzer needs rustc's -Z flags, which the
+# stable toolchain allows with RUSTC_BOOTSTRAP=1 (nothing else can be had).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+ensure_rust
+CARGO_FUZZ_VERSION=0.13.1
+seconds=${FUZZ_SECONDS:-60}
+if ! cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
+  step "installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+fi
+export RUSTC_BOOTSTRAP=1
+root=$PWD
+summary=()
+crashed=0
+
+# Seeds: real answers and requests, in each target's input layout.
+seed() {
+  local target=$1 dir=$2
+  mkdir -p "$dir"
+  case "$target" in
+    panos_response)
+      # (status: u16 little-endian 200, body)
+      for f in tests/fixtures/panos/*.xml; do
+        { printf '\xc8\x00'; cat "$f"; } >"$dir/$(basename "$f")"
+      done
+      ;;
+  esac
+}
+
+for fuzz in plugins/*/fuzz; do
+  crate=${fuzz%/fuzz}
+  step "building the fuzz targets of $crate"
+  (cd "$crate" && cargo fuzz build -O)
+  for target in $(cd "$crate" && cargo fuzz list); do
+    step "fuzzing $crate: $target for ${seconds}s"
+    corpus=$root/$fuzz/corpus/$target
+    seeds=$root/target/fuzz-seeds/$target
+    mkdir -p "$corpus"
+    rm -rf "$seeds"
+    seed "$target" "$seeds"
+    log=$root/target/fuzz-$target.log
+    status=0
+    (cd "$crate" && cargo fuzz run -O "$target" "$corpus" "$seeds" -- \
+      -max_total_time="$seconds" -print_final_stats=1) >"$log" 2>&1 || status=$?
+    runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+    crashes=$(find "$root/$fuzz/artifacts/$target" -type f 2>/dev/null | wc -l)
+    if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
+      crashed=1
+      tail -30 "$log"
+    fi
+    summary+=("$crate $target: $runs executions in ${seconds}s, $crashes crash input(s), exit $status")
+  done
+done
+step "summary"
+printf '%s\n' "${summary[@]}"
+exit "$crashed"
