@@ -25,6 +25,11 @@ use crate::host::Response;
 pub const MAX_REASON: usize = 1_000;
 /// How deep escaped XML inside a message is unpacked.
 const MAX_NESTING: usize = 3;
+/// Elements nested deeper end the document, as a syntax error does. PAN-OS
+/// answers are a few levels deep, and the tree is walked (and dropped)
+/// recursively: an answer nested a hundred thousand levels would otherwise
+/// exhaust the stack.
+const MAX_DEPTH: usize = 64;
 
 /// Why a request did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +120,12 @@ fn parse_tree(text: &str) -> Element {
     let mut stack = vec![Element::default()];
     loop {
         match reader.read_event() {
-            Ok(Event::Start(start)) => stack.push(element(&start)),
+            Ok(Event::Start(start)) => {
+                if stack.len() > MAX_DEPTH {
+                    break;
+                }
+                stack.push(element(&start));
+            }
             Ok(Event::Empty(start)) => {
                 let done = element(&start);
                 if let Some(parent) = stack.last_mut() {
@@ -571,6 +581,27 @@ mod tests {
                 ("10.40.142.61".to_owned(), vec![web]),
             ]
         );
+    }
+
+    #[test]
+    fn an_answer_nested_deeper_than_any_firewall_writes_is_read_without_exhausting_the_stack() {
+        let depth = 200_000;
+        let body = format!(
+            "<response status=\"error\"><msg>{}deep{}</msg></response>",
+            "<a>".repeat(depth),
+            "</a>".repeat(depth)
+        );
+        // Run on a thread with a small stack, as a guest has.
+        let verdict = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let answer = answer(200, &body);
+                (check(&answer).is_err(), registered_ips(&answer).is_err())
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert_eq!(verdict, (true, true));
     }
 
     #[test]
