@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{confine_settings_file, resolve_plugin, Config, PluginConfig};
 use crate::registry::{Entry, PluginState, Registry};
+use crate::runtime::file::{read_component, read_regular, ComponentBytes};
 use crate::runtime::{Optimizer, Plugin, Runtime, Source, Tier};
 
 /// Quiet time after the last write to a file before it is loaded.
@@ -158,9 +159,9 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    /// Blocking, bounded reads of regular files only.
-    fn read(wasm: &Path, limit: u64) -> Snapshot {
-        use crate::runtime::file::read_regular;
+    /// Blocking, bounded reads of regular files only. The component's
+    /// bytes come back too, so that loading it does not read it again.
+    fn read(wasm: &Path, limit: u64) -> (Snapshot, Option<ComponentBytes>) {
         let settings = match read_regular(&wasm.with_extension("toml"), MAX_SETTINGS_BYTES) {
             Ok(bytes) => String::from_utf8(bytes)
                 .map(Some)
@@ -168,10 +169,11 @@ impl Snapshot {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.to_string()),
         };
-        let wasm = read_regular(wasm, limit)
-            .map(|bytes| crate::runtime::sha256_hex(&bytes))
-            .map_err(|e| e.to_string());
-        Snapshot { wasm, settings }
+        let (wasm, bytes) = match read_component(wasm, limit) {
+            Ok(read) => (Ok(read.sha256.clone()), Some(read)),
+            Err(e) => (Err(e.to_string()), None),
+        };
+        (Snapshot { wasm, settings }, bytes)
     }
 }
 
@@ -467,10 +469,10 @@ impl Task {
     async fn reload_file(&mut self, wasm: &Path) -> Report {
         let file = wasm.to_owned();
         let limit = self.runtime.max_file_bytes();
-        let snapshot = {
+        let (snapshot, bytes) = {
             let wasm = wasm.to_owned();
             match tokio::task::spawn_blocking(move || Snapshot::read(&wasm, limit)).await {
-                Ok(s) => s,
+                Ok(read) => read,
                 Err(e) => return self.failed(file, None, format!("reading failed: {e}")),
             }
         };
@@ -572,7 +574,7 @@ impl Task {
                 };
             }
         }
-        let plugin = match self.runtime.load(wasm, resolved).await {
+        let plugin = match self.runtime.load_read(wasm, bytes, resolved).await {
             Ok(p) => p,
             Err(e) => return self.failed(file, Some(snapshot), e.to_string()),
         };

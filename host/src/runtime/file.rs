@@ -39,6 +39,20 @@ impl FileError {
     }
 }
 
+/// A component file's bytes with their sha256, read once for both the
+/// reload task's change check and the compiler.
+pub struct ComponentBytes {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+/// [`read_regular`], hashed.
+pub fn read_component(path: &Path, limit: u64) -> Result<ComponentBytes, FileError> {
+    let bytes = read_regular(path, limit)?;
+    let sha256 = super::sha256_hex(&bytes);
+    Ok(ComponentBytes { bytes, sha256 })
+}
+
 /// The whole content of `path`, if it is a regular file of at most `limit`
 /// bytes. Blocking (plain file I/O): call it off the async threads.
 pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {

@@ -312,8 +312,18 @@ impl Runtime {
         file: &Path,
         pinned_sha256: Option<&str>,
     ) -> Result<Compiled, LoadError> {
-        let bytes = file::read_regular(file, self.max_file_bytes)?;
-        let sha256 = sha256_hex(&bytes);
+        let read = file::read_component(file, self.max_file_bytes)?;
+        self.compile_read(file, read, pinned_sha256)
+    }
+
+    /// [`Runtime::compile_file`] for what was already read from `file`.
+    pub fn compile_read(
+        &self,
+        file: &Path,
+        read: file::ComponentBytes,
+        pinned_sha256: Option<&str>,
+    ) -> Result<Compiled, LoadError> {
+        let file::ComponentBytes { bytes, sha256 } = read;
         if let Some(expected) = pinned_sha256 {
             if !expected.eq_ignore_ascii_case(&sha256) {
                 return Err(LoadError::HashMismatch {
@@ -488,15 +498,30 @@ impl Runtime {
         file: &Path,
         settings: PluginSettings,
     ) -> Result<Plugin, LoadError> {
+        self.load_read(file, None, settings).await
+    }
+
+    /// [`Runtime::load`], with the file's bytes when they were already read.
+    pub async fn load_read(
+        self: &Arc<Self>,
+        file: &Path,
+        read: Option<file::ComponentBytes>,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
         let rt = self.clone();
         let path = file.to_owned();
         let pin = settings.sha256.clone();
-        let compiled = tokio::task::spawn_blocking(move || rt.compile_file(&path, pin.as_deref()))
-            .await
-            .map_err(|e| LoadError::Invalid {
-                file: file.to_owned(),
-                reason: format!("compilation panicked: {e}"),
-            })??;
+        let compile = move || match read {
+            Some(read) => rt.compile_read(&path, read, pin.as_deref()),
+            None => rt.compile_file(&path, pin.as_deref()),
+        };
+        let compiled =
+            tokio::task::spawn_blocking(compile)
+                .await
+                .map_err(|e| LoadError::Invalid {
+                    file: file.to_owned(),
+                    reason: format!("compilation panicked: {e}"),
+                })??;
         self.instantiate(compiled, settings).await
     }
 }
