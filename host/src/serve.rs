@@ -41,24 +41,14 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// hyper refuses read buffers below this size.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
-/// What one socket's peers may cost before a handler sees their request.
+/// What one socket's peers may cost before a handler sees their request
+/// (the defaults are the configuration's, `config::defaults`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub max_header_bytes: usize,
-}
-
-impl Default for ServeLimits {
-    fn default() -> Self {
-        ServeLimits {
-            max_connections: 512,
-            header_read_timeout: Duration::from_secs(10),
-            tls_handshake_timeout: Duration::from_secs(10),
-            max_header_bytes: 16 << 10,
-        }
-    }
 }
 
 /// Serves `router` on `tcp` (over TLS when `tls` is given) within `limits`
