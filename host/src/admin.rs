@@ -168,59 +168,43 @@ async fn trace_request(req: Request, next: Next) -> Response {
 /// request that a browser marks as cross-site (`Sec-Fetch-Site`), or whose
 /// `Origin` is not this API, is refused. The CLI sends neither header.
 async fn refuse_foreign_sites(State(shared): Admin, req: Request, next: Next) -> Response {
-    let hosts = &shared.state.hosts;
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
+    match foreign_site(&req, &shared.state.hosts) {
+        None => next.run(req).await,
+        Some(why) => {
+            tracing::warn!(path = req.uri().path(), "admin request refused: {why}");
+            ApiError::Forbidden(why).into_response()
+        }
+    }
+}
+
+/// Why `req` looks like a browser acting for another site, if it does.
+fn foreign_site(req: &Request, hosts: &[String]) -> Option<String> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let host = header(header::HOST.as_str())
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    if let Some(host) = &host {
-        if !known_host(host, hosts) {
-            tracing::warn!(host, "admin request for an unknown host name refused");
-            return ApiError::Forbidden(format!(
-                "`Host: {host}` is not a name of this admin API; add it to `admin.hosts`"
-            ))
-            .into_response();
-        }
+    if let Some(host) = host.as_deref().filter(|h| !known_host(h, hosts)) {
+        return Some(format!(
+            "`Host: {host}` is not a name of this admin API; add it to `admin.hosts`"
+        ));
     }
-    let safe = matches!(
+    if matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
-    );
-    if !safe {
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-        if let Some(site) = header("sec-fetch-site") {
-            if !matches!(site, "same-origin" | "none") {
-                tracing::warn!(
-                    site,
-                    path = req.uri().path(),
-                    "cross-site admin request refused"
-                );
-                return ApiError::Forbidden(format!(
-                    "a {site} request cannot change anything here"
-                ))
-                .into_response();
-            }
-        }
-        if let Some(origin) = header("origin") {
-            let own = origin
-                .split_once("://")
-                .is_some_and(|(_, authority)| Some(authority) == host.as_deref());
-            if !own {
-                tracing::warn!(
-                    origin,
-                    path = req.uri().path(),
-                    "admin request from another origin refused"
-                );
-                return ApiError::Forbidden(format!(
-                    "requests from `{origin}` cannot change anything here"
-                ))
-                .into_response();
-            }
-        }
+    ) {
+        return None;
     }
-    next.run(req).await
+    if let Some(site) = header("sec-fetch-site").filter(|s| !matches!(*s, "same-origin" | "none")) {
+        return Some(format!("a {site} request cannot change anything here"));
+    }
+    let own = |origin: &str| {
+        origin
+            .split_once("://")
+            .is_some_and(|(_, authority)| Some(authority) == host.as_deref())
+    };
+    header("origin")
+        .filter(|o| !own(o))
+        .map(|origin| format!("requests from `{origin}` cannot change anything here"))
 }
 
 /// Whether `host` (a `Host` header: name or address, optional port) names
