@@ -186,8 +186,8 @@ impl Ingest {
 const MAX_IDENTIFIER_BYTES: usize = 128;
 
 /// What is stored, indexed and labelled by must have a sane shape and size,
-/// even from an authenticated sender: an event type is `KIND.ACTION`, an
-/// entity uuid and kind are short tokens.
+/// even from an authenticated sender: an event type is `KIND.ACTION` of
+/// bounded length, an entity uuid and kind are short tokens.
 fn check_identifiers(d: &Decoded) -> Result<(), String> {
     let token = |s: &str| {
         s.len() <= MAX_IDENTIFIER_BYTES
@@ -197,7 +197,7 @@ fn check_identifiers(d: &Decoded) -> Result<(), String> {
     let clip = |s: &str| format!("{:?}", s.chars().take(40).collect::<String>());
     if !crate::event::valid_event_type(&d.event_type) {
         return Err(format!(
-            "event type {} is not KIND.ACTION (letters, digits and `_`, at most {} bytes)",
+            "event type {} is not KIND.ACTION of at most {} bytes",
             clip(&d.event_type),
             crate::event::MAX_EVENT_TYPE_BYTES
         ));

@@ -573,7 +573,7 @@ async fn identifiers_of_hostile_shape_are_refused_and_nothing_is_stored() {
         (
             "a 100-byte event type",
             long_type,
-            "is not KIND.ACTION (letters, digits and `_`, at most 64 bytes)",
+            "is not KIND.ACTION of at most 64 bytes",
         ),
         ("a quarter-megabyte entity uuid", huge_uuid, "entity uuid"),
     ] {

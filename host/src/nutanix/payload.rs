@@ -78,7 +78,7 @@ pub fn parse_notification(body: &[u8]) -> Result<Decoded, PayloadError> {
             })
         }
     };
-    if !is_kind_action(&event_type) {
+    if !crate::event::is_kind_action(&event_type) {
         return Err(PayloadError::BadEventType(event_type));
     }
     let intent = root
@@ -263,18 +263,6 @@ fn fnv1a_128(bytes: &[u8]) -> u128 {
     bytes
         .iter()
         .fold(OFFSET, |h, &b| (h ^ u128::from(b)).wrapping_mul(PRIME))
-}
-
-fn is_kind_action(event_type: &str) -> bool {
-    let Some((kind, action)) = event_type.split_once('.') else {
-        return false;
-    };
-    let word = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    };
-    word(kind) && word(action) && !kind.contains('.')
 }
 
 /// A non-empty string at `pointer`, trimmed of nothing: Prism's values are
