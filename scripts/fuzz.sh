@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every target under
-# plugins/*/fuzz, each for FUZZ_SECONDS (60 by default), seeded from the
-# fixtures. Prints executions and crashes per target; exits 1 on a crash
-# (the input is kept under <crate>/fuzz/artifacts/<target>/).
-#   scripts/fuzz.sh                   every target, 60 s each
-#   FUZZ_SECONDS=3600 scripts/fuzz.sh  the long run BENCHMARKS.md records
+# plugins/*/fuzz, each for FUZZ_SECONDS (60 by default) or FUZZ_RUNS
+# executions, whichever comes first, seeded from the fixtures. Prints
+# executions and crashes per target; exits 1 on a crash (the input is kept
+# under <crate>/fuzz/artifacts/<target>/).
+#   scripts/fuzz.sh                      every target, 60 s each
+#   scripts/fuzz.sh uid_message          only the targets named
+#   FUZZ_SECONDS=3600 FUZZ_RUNS=10000000 scripts/fuzz.sh
+#                                        the long run BENCHMARKS.md records
 # Not part of CI's time budget. libFuzzer needs rustc's -Z flags, which the
 # stable toolchain allows with RUSTC_BOOTSTRAP=1 (nothing else can be had).
 set -euo pipefail
@@ -13,6 +16,8 @@ source scripts/lib.sh
 ensure_rust
 CARGO_FUZZ_VERSION=0.13.1
 seconds=${FUZZ_SECONDS:-60}
+runs=${FUZZ_RUNS:--1}
+only=" $* "
 if ! cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
   step "installing cargo-fuzz $CARGO_FUZZ_VERSION"
   cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
@@ -41,6 +46,9 @@ for fuzz in plugins/*/fuzz; do
   step "building the fuzz targets of $crate"
   (cd "$crate" && cargo fuzz build -O)
   for target in $(cd "$crate" && cargo fuzz list); do
+    if [ "$only" != "  " ] && [[ "$only" != *" $target "* ]]; then
+      continue
+    fi
     step "fuzzing $crate: $target for ${seconds}s"
     corpus=$root/$fuzz/corpus/$target
     seeds=$root/target/fuzz-seeds/$target
@@ -49,15 +57,17 @@ for fuzz in plugins/*/fuzz; do
     seed "$target" "$seeds"
     log=$root/target/fuzz-$target.log
     status=0
+    started=$SECONDS
     (cd "$crate" && cargo fuzz run -O "$target" "$corpus" "$seeds" -- \
-      -max_total_time="$seconds" -print_final_stats=1) >"$log" 2>&1 || status=$?
-    runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+      -max_total_time="$seconds" -runs="$runs" -print_final_stats=1) >"$log" 2>&1 || status=$?
+    elapsed=$((SECONDS - started))
+    executed=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     crashes=$(find "$root/$fuzz/artifacts/$target" -type f 2>/dev/null | wc -l)
     if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
       crashed=1
       tail -30 "$log"
     fi
-    summary+=("$crate $target: $runs executions in ${seconds}s, $crashes crash input(s), exit $status")
+    summary+=("$crate $target: $executed executions in ${elapsed}s, $crashes crash input(s), exit $status")
   done
 done
 step "summary"
