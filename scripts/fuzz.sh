@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every target under
-# plugins/*/fuzz, each for FUZZ_SECONDS (60 by default) or FUZZ_RUNS
+# core/fuzz and plugins/*/fuzz, each for FUZZ_SECONDS (60 by default) or FUZZ_RUNS
 # executions, whichever comes first, seeded from the fixtures. Prints
 # executions and crashes per target; exits 1 on a crash (the input is kept
 # under <crate>/fuzz/artifacts/<target>/).
@@ -27,7 +27,8 @@ root=$PWD
 summary=()
 crashed=0
 
-# Seeds: real answers and requests, in each target's input layout.
+# Seeds: real answers, requests and configurations, in each target's input
+# layout (NUL separates the parts of one input).
 seed() {
   local target=$1 dir=$2
   mkdir -p "$dir"
@@ -38,10 +39,37 @@ seed() {
         { printf '\xc8\x00'; cat "$f"; } >"$dir/$(basename "$f")"
       done
       ;;
+    notification)
+      cp tests/fixtures/nutanix/*.json "$dir/"
+      ;;
+    prism_answers)
+      # (page size, list answers..., error body)
+      for f in tests/fixtures/nutanix/api/*.json; do
+        { printf '\x64'; cat "$f"; printf '\0'; cat tests/fixtures/nutanix/api/error_response_404.json; } \
+          >"$dir/$(basename "$f")"
+      done
+      ;;
+    config)
+      # (configuration, plugin settings file, plugin name, environment)
+      for f in examples/*.toml tests/config/*.toml; do
+        { cat "$f"; printf '\0allow = ["https://fw.example.com"]\n[[inject]]\norigin = "https://fw.example.com"\nheader = "x-api-key"\ngrant = "key"\n\0paloalto\0PRISMHOOK_LISTEN=127.0.0.1:1\n'; } \
+          >"$dir/$(basename "$f")"
+      done
+      ;;
+    origin_policy)
+      local i=0 pair
+      for pair in 'https://fw.example.com|https://fw.example.com/api/?type=user-id' \
+        'https://*.example.com|https://a.b.example.com:443/' 'http://10.0.0.0/8:*|http://10.1.2.3:8080/' \
+        'https://[fd00::/8]|https://[fd00::1]/' 'http://127.0.0.1:9000|http://127.0.0.1:9000/x' \
+        'https://FW.Example.COM/|https://fw.example.com./'; do
+        i=$((i + 1))
+        printf '%s\0%s' "${pair%%|*}" "${pair#*|}" >"$dir/pair-$i"
+      done
+      ;;
   esac
 }
 
-for fuzz in plugins/*/fuzz; do
+for fuzz in core/fuzz plugins/*/fuzz; do
   crate=${fuzz%/fuzz}
   step "building the fuzz targets of $crate"
   (cd "$crate" && cargo fuzz build -O)

@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_rust
 
-# Each Rust guest (and each guest's fuzz crate) is a crate of its own,
-# outside the host's workspace.
+# Each Rust guest and each fuzz crate is a crate of its own, outside the
+# host's workspace.
 guests=()
-for manifest in plugins/*/Cargo.toml plugins/*/fuzz/Cargo.toml tests/guests/*/Cargo.toml; do
+for manifest in plugins/*/Cargo.toml core/fuzz/Cargo.toml plugins/*/fuzz/Cargo.toml tests/guests/*/Cargo.toml; do
   if [ -f "$manifest" ]; then guests+=("$manifest"); fi
 done
 

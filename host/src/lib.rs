@@ -9,16 +9,18 @@
 //! [`reload`] is the only task that changes the plugin [`registry`].
 //! `cargo xtask layers` checks that no module imports another that imports
 //! it back.
+//!
+//! The event model, the configuration and every parser of outside input
+//! live in `prismhook-core` (no I/O, no runtime, fuzzed on its own); they
+//! are re-exported here under the names the host has always used.
 
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod clock;
-pub mod config;
 #[cfg(feature = "simulators")]
 pub mod demo;
 pub mod dispatch;
-pub mod event;
 pub mod ledger;
 pub mod listener;
 pub mod nutanix;
@@ -27,7 +29,8 @@ pub mod registry;
 pub mod reload;
 pub mod runtime;
 pub mod scaffold;
-pub mod secret;
 pub mod serve;
 pub mod source;
 pub mod telemetry;
+
+pub use prismhook_core::{config, event, secret};

@@ -38,18 +38,7 @@ use tokio::sync::Semaphore;
 /// How long in-flight requests may take to finish once shutdown begins.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// hyper refuses read buffers below this size.
-pub const MIN_HEADER_BYTES: usize = 8192;
-
-/// What one socket's peers may cost before a handler sees their request
-/// (the defaults are the configuration's, `config::defaults`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServeLimits {
-    pub max_connections: usize,
-    pub header_read_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    pub max_header_bytes: usize,
-}
+pub use prismhook_core::config::{ServeLimits, MIN_HEADER_BYTES};
 
 /// Serves `router` on `tcp` (over TLS when `tls` is given) within `limits`
 /// until `shutdown` resolves, then lets in-flight requests finish for a

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderValue, ACCEPT};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject as _;
@@ -34,6 +34,9 @@ use serde_json::{json, Value};
 use url::Url;
 
 use super::payload::{parse_vm, Vm};
+use prismhook_core::nutanix::str_at;
+pub use prismhook_core::nutanix::v3::Webhook;
+use prismhook_core::nutanix::v3::{error_reason, parse_webhook, status_messages, Listing};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -116,19 +119,6 @@ impl fmt::Debug for WebhookSpec {
             )
             .finish()
     }
-}
-
-/// A webhook as Prism reports it. Prism never returns the password.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Webhook {
-    pub uuid: String,
-    pub name: String,
-    pub post_url: String,
-    pub events: Vec<String>,
-    pub spec_version: u64,
-    /// `PENDING`, `COMPLETE`, `ERROR`, ... (older `kComplete` normalised).
-    pub state: String,
-    pub username: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -382,10 +372,8 @@ impl PrismClient {
             match hook.state.as_str() {
                 "COMPLETE" => return Ok(hook),
                 "ERROR" | "FAILED" => {
-                    let reason = intent
-                        .pointer("/status/message_list")
-                        .and_then(messages)
-                        .unwrap_or_else(|| "no message".to_owned());
+                    let reason =
+                        status_messages(&intent).unwrap_or_else(|| "no message".to_owned());
                     return Err(PrismError::Failed {
                         cluster: self.cluster.clone(),
                         uuid: uuid.to_owned(),
@@ -430,8 +418,7 @@ impl PrismClient {
         Ok(vms)
     }
 
-    /// `POST /{collection}/list` from offset 0 until `total_matches` is
-    /// reached (or, without it, a short page).
+    /// `POST /{collection}/list`, page after page (see [`Listing`]).
     async fn list_all(
         &self,
         collection: &str,
@@ -439,35 +426,15 @@ impl PrismClient {
         page: u64,
     ) -> Result<Vec<Value>, PrismError> {
         let segments = [collection, "list"];
-        let mut out = Vec::new();
+        let mut listing = Listing::new(page);
         loop {
-            let offset = out.len() as u64;
-            let body = json!({ "kind": kind, "offset": offset, "length": page });
-            let mut answer = self.call(Method::POST, &segments, Some(&body)).await?;
-            // Prism leaves `entities` out when there are none.
-            let entities = match answer.get_mut("entities").map(Value::take) {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(list)) => list,
-                Some(_) => {
-                    return Err(self.bad_answer(
-                        Method::POST,
-                        &segments,
-                        "`entities` is not a list",
-                    ))
-                }
-            };
-            let got = entities.len() as u64;
-            out.extend(entities);
-            let total = answer
-                .pointer("/metadata/total_matches")
-                .and_then(Value::as_u64);
-            let done = match total {
-                _ if got == 0 => true,
-                Some(total) => out.len() as u64 >= total,
-                None => got < page,
-            };
-            if done {
-                return Ok(out);
+            let body =
+                json!({ "kind": kind, "offset": listing.offset(), "length": listing.page() });
+            let answer = self.call(Method::POST, &segments, Some(&body)).await?;
+            match listing.add(answer) {
+                Ok(false) => {}
+                Ok(true) => return Ok(listing.into_entities()),
+                Err(e) => return Err(self.bad_answer(Method::POST, &segments, &e.to_string())),
             }
         }
     }
@@ -611,98 +578,12 @@ fn webhook_body(spec: &WebhookSpec, metadata: Value) -> Value {
     })
 }
 
-/// Spec first (what was asked), status as the fallback: a `PENDING` intent
-/// may have no status resources yet.
-fn parse_webhook(intent: &Value) -> Option<Webhook> {
-    let uuid = str_at(intent, "/metadata/uuid")?.to_owned();
-    let either = |path: &str| {
-        str_at(intent, &format!("/spec{path}"))
-            .or_else(|| str_at(intent, &format!("/status{path}")))
-    };
-    let events = [
-        "/spec/resources/events_filter_list",
-        "/status/resources/events_filter_list",
-    ]
-    .iter()
-    .find_map(|p| intent.pointer(p).and_then(Value::as_array))
-    .map(|list| {
-        list.iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default();
-    let spec_version = match intent.pointer("/metadata/spec_version") {
-        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
-        Some(Value::String(s)) => s.parse().unwrap_or(0),
-        _ => 0,
-    };
-    Some(Webhook {
-        uuid,
-        name: either("/name").unwrap_or_default().to_owned(),
-        post_url: either("/resources/post_url").unwrap_or_default().to_owned(),
-        events,
-        spec_version,
-        state: normalise_state(str_at(intent, "/status/state").unwrap_or("UNKNOWN")),
-        username: either("/resources/credentials/username").map(str::to_owned),
-    })
-}
-
-/// `kComplete` (older AOS) and `COMPLETE` are the same state.
-fn normalise_state(state: &str) -> String {
-    let bare = match state.strip_prefix('k') {
-        Some(rest) if rest.starts_with(|c: char| c.is_ascii_uppercase()) => rest,
-        _ => state,
-    };
-    bare.to_ascii_uppercase()
-}
-
-/// The reason of an error answer: Prism's messages when the body is its JSON
-/// error, a fixed text for the HTML 401, the status line otherwise.
-fn error_reason(status: StatusCode, body: &[u8]) -> String {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let from_json = parsed.as_ref().and_then(|v| {
-        v.get("message_list")
-            .and_then(messages)
-            .or_else(|| str_at(v, "/message").map(str::to_owned))
-    });
-    match from_json {
-        Some(text) => format!("{text} ({})", status.as_u16()),
-        None if status == StatusCode::UNAUTHORIZED => "authentication failed (401)".to_owned(),
-        None => format!("answered {status}"),
-    }
-}
-
-/// `message_list: [{message, reason}]` as one line.
-fn messages(list: &Value) -> Option<String> {
-    let parts: Vec<String> = list
-        .as_array()?
-        .iter()
-        .filter_map(|m| match (str_at(m, "/message"), str_at(m, "/reason")) {
-            (Some(message), Some(reason)) if !message.contains(reason) => {
-                Some(format!("{reason}: {message}"))
-            }
-            (Some(message), _) => Some(message.to_owned()),
-            (None, Some(reason)) => Some(reason.to_owned()),
-            (None, None) => None,
-        })
-        .collect();
-    (!parts.is_empty()).then(|| parts.join("; "))
-}
-
 fn display_path(segments: &[&str]) -> String {
     segments.iter().fold(String::new(), |mut path, s| {
         path.push('/');
         path.push_str(s);
         path
     })
-}
-
-fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
-    value
-        .pointer(pointer)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
 }
 
 /// An error and its sources on one line.
@@ -1139,26 +1020,6 @@ mod tests {
             !all.contains("s3cret-pw") && !all.contains("hook-secret"),
             "{all}"
         );
-    }
-
-    #[test]
-    fn error_answers_become_one_readable_reason() {
-        let not_found = br#"{"api_version":"3.1","code":404,"kind":"webhook","message_list":[{"message":"ENTITY_NOT_FOUND: webhook : x does not exist.","reason":"ENTITY_NOT_FOUND","details":{}}],"state":"ERROR"}"#;
-        assert_eq!(
-            error_reason(StatusCode::NOT_FOUND, not_found),
-            "ENTITY_NOT_FOUND: webhook : x does not exist. (404)"
-        );
-        let blank = br#"{"code":400,"message_list":[{"message":"This field may not be blank.","reason":"INVALID"}]}"#;
-        assert_eq!(
-            error_reason(StatusCode::BAD_REQUEST, blank),
-            "INVALID: This field may not be blank. (400)"
-        );
-        assert_eq!(
-            error_reason(StatusCode::UNAUTHORIZED, b"<html>401</html>"),
-            "authentication failed (401)"
-        );
-        assert_eq!(normalise_state("kComplete"), "COMPLETE");
-        assert_eq!(normalise_state("PENDING"), "PENDING");
     }
 
     mod tls {

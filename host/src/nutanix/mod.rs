@@ -17,7 +17,7 @@
 //! `prismhook_sim::prism`, which shares no code with them.
 
 pub mod client;
-pub mod payload;
+pub use prismhook_core::nutanix::payload;
 pub mod registrar;
 pub mod source;
 

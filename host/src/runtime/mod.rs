@@ -22,8 +22,6 @@ mod cache;
 pub mod file;
 mod host;
 pub mod kv_store;
-pub mod limits;
-pub mod policy;
 pub mod scrub;
 mod state;
 pub use state::OutboundCounts;
@@ -42,8 +40,9 @@ use wasmtime::{
 
 use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
 use kv_store::KvStore;
-pub use limits::{LimitOverrides, Limits};
-use policy::OutboundPolicy;
+pub use prismhook_core::config::PluginSettings;
+pub use prismhook_core::limits::{self, LimitOverrides, Limits};
+pub use prismhook_core::policy::{self, OutboundPolicy};
 use state::{CallEnv, HostState, PluginIdentity};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
@@ -133,17 +132,6 @@ impl CallError {
             CallError::Kv { .. } => "kv",
         }
     }
-}
-
-/// Settings the operator gives one plugin.
-#[derive(Debug, Clone, Default)]
-pub struct PluginSettings {
-    /// The plugin's own configuration, handed to `init` as JSON.
-    pub config: serde_json::Value,
-    pub limits: Limits,
-    pub policy: OutboundPolicy,
-    /// Refuse the file unless its sha256 (hex) is this.
-    pub sha256: Option<String>,
 }
 
 /// Process-wide options of the sandbox.

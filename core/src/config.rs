@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::runtime::policy::{InjectedHeader, OriginRule, OutboundPolicy};
-use crate::runtime::{LimitOverrides, Limits, PluginSettings};
+use crate::limits::{LimitOverrides, Limits};
+use crate::policy::{InjectedHeader, OriginRule, OutboundPolicy};
 use crate::secret::{Secret, SecretSource};
 
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +92,23 @@ pub struct ListenerConfig {
     pub tls_handshake_timeout: Duration,
 }
 
+/// hyper refuses read buffers below this size.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// What one socket's peers may cost before a handler sees their request
+/// (the host's `serve` enforces it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
 impl ListenerConfig {
     /// What the listener's peers may cost before a handler runs.
-    pub fn limits(&self) -> crate::serve::ServeLimits {
-        crate::serve::ServeLimits {
+    pub fn limits(&self) -> ServeLimits {
+        ServeLimits {
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,
             tls_handshake_timeout: self.tls_handshake_timeout,
@@ -231,6 +244,18 @@ pub struct PluginConfig {
     /// Set to false to keep a plugin file in the directory but not load it.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
+}
+
+/// What a plugin is loaded with, resolved from its [`PluginConfig`] (and
+/// settings file): secrets read, origins parsed, limits filled in.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSettings {
+    /// The plugin's own configuration, handed to `init` as JSON.
+    pub config: serde_json::Value,
+    pub limits: Limits,
+    pub policy: OutboundPolicy,
+    /// Refuse the file unless its sha256 (hex) is this.
+    pub sha256: Option<String>,
 }
 
 /// A header the host adds to a plugin's requests to one origin. The value
@@ -718,10 +743,10 @@ impl Config {
             return Err(self.invalid("delivery.batch_max", "must be at least 1"));
         }
         let l = &self.listener;
-        if l.max_header_bytes < crate::serve::MIN_HEADER_BYTES {
+        if l.max_header_bytes < MIN_HEADER_BYTES {
             return Err(self.invalid(
                 "listener.max_header_bytes",
-                format!("must be at least {}", crate::serve::MIN_HEADER_BYTES),
+                format!("must be at least {}", MIN_HEADER_BYTES),
             ));
         }
         for (key, n) in [
@@ -790,7 +815,10 @@ pub fn callback_path(cluster: &str) -> String {
     format!("/listener/callback/{cluster}")
 }
 
-pub(crate) fn resolve_plugin(
+/// A plugin's settings as it will be loaded: `p` (its `[plugin.<name>]` or
+/// settings file) with secrets read, origins parsed and `defaults` filled
+/// in. The error is (key, reason).
+pub fn resolve_plugin(
     p: &PluginConfig,
     name: &str,
     defaults: Limits,

@@ -21,6 +21,8 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use super::str_at;
+
 pub use crate::event::{Decoded, Nic, Vm};
 
 #[derive(Debug, thiserror::Error)]
@@ -263,15 +265,6 @@ fn fnv1a_128(bytes: &[u8]) -> u128 {
     bytes
         .iter()
         .fold(OFFSET, |h, &b| (h ^ u128::from(b)).wrapping_mul(PRIME))
-}
-
-/// A non-empty string at `pointer`, trimmed of nothing: Prism's values are
-/// used as they are.
-fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
-    value
-        .pointer(pointer)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
 }
 
 /// A string or number as a string; anything else (null, objects) as `None`.

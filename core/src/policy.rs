@@ -64,26 +64,36 @@ impl OriginRule {
         let port = match port {
             None => Some(default_port),
             Some("*") => None,
-            Some(p) => Some(
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => Some(
                 p.parse::<u16>()
                     .map_err(|_| err("the port must be a number or *"))?,
             ),
+            Some(_) => return Err(err("the port must be a number or *")),
         };
+        // Names are read by the URL parser the HTTP client uses, so a rule
+        // means what a request's URL means (case, IDNA, percent-escapes).
         let host = if let Some(domain) = host.strip_prefix("*.") {
-            if domain.is_empty() || domain.contains('*') {
-                return Err(err("a wildcard must look like *.example.com"));
+            match url::Host::parse(domain) {
+                Ok(url::Host::Domain(d)) if !d.contains('*') => {
+                    HostPattern::Subdomains(format!(".{d}"))
+                }
+                _ => return Err(err("a wildcard must look like *.example.com")),
             }
-            HostPattern::Subdomains(format!(".{}", domain.to_ascii_lowercase()))
         } else if let Ok(net) = host.parse::<IpNet>() {
             HostPattern::Net(net)
         } else if let Ok(ip) = host.parse::<IpAddr>() {
             HostPattern::Net(IpNet::from(ip))
-        } else if host.contains(['*', '/', ' ']) || host.is_empty() {
-            return Err(err(
-                "the host must be a name, *.domain, an IP address or a CIDR block",
-            ));
         } else {
-            HostPattern::Name(host.to_ascii_lowercase())
+            match url::Host::parse(host) {
+                Ok(url::Host::Domain(d)) if !d.contains('*') => HostPattern::Name(d),
+                Ok(url::Host::Ipv4(ip)) => HostPattern::Net(IpNet::from(IpAddr::V4(ip))),
+                Ok(url::Host::Ipv6(ip)) => HostPattern::Net(IpNet::from(IpAddr::V6(ip))),
+                _ => {
+                    return Err(err(
+                        "the host must be a name, *.domain, an IP address or a CIDR block",
+                    ))
+                }
+            }
         };
         Ok(OriginRule {
             scheme,
@@ -103,9 +113,10 @@ impl OriginRule {
             }
         }
         match (&self.host, url.host()) {
-            (HostPattern::Name(name), Some(url::Host::Domain(d))) => d.eq_ignore_ascii_case(name),
+            // Both sides come from the URL parser: lower case, ASCII.
+            (HostPattern::Name(name), Some(url::Host::Domain(d))) => d == name,
             (HostPattern::Subdomains(suffix), Some(url::Host::Domain(d))) => {
-                d.to_ascii_lowercase().ends_with(suffix.as_str())
+                d.ends_with(suffix.as_str())
             }
             (HostPattern::Net(net), Some(url::Host::Ipv4(ip))) => net.contains(&IpAddr::V4(ip)),
             (HostPattern::Net(net), Some(url::Host::Ipv6(ip))) => net.contains(&IpAddr::V6(ip)),
@@ -224,6 +235,23 @@ mod tests {
         assert!(!allows("http://127.0.0.0/8:*", "http://localhost:9000/"));
         assert!(allows("http://[::1]:8080", "http://[::1]:8080/x"));
         assert!(allows("https://[fd00::/8]", "https://[fd12::1]/"));
+    }
+
+    #[test]
+    fn rule_hosts_are_read_as_request_urls_are() {
+        // Found by the origin_policy fuzz target: the `//m` of `*.//m` was
+        // taken as part of a domain, where a URL parser reads host `m`.
+        assert!(OriginRule::parse("https://*.//m").is_err());
+        assert!(OriginRule::parse("https://x.example:+443").is_err());
+        assert!(allows(
+            "https://bücher.example",
+            "https://xn--bcher-kva.example/"
+        ));
+        assert!(allows(
+            "https://*.BÜCHER.example",
+            "https://a.bücher.example/"
+        ));
+        assert!(allows("https://ex%61mple.com", "https://example.com/"));
     }
 
     #[test]

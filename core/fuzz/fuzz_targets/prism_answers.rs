@@ -1,0 +1,57 @@
+//! Whatever Prism answers: a listing ends (complete, refused or bounded),
+//! every entity is read without panicking, and an error answer becomes a
+//! reason of bounded length.
+//!
+//! Input: a page size byte, then the list answers and last the error body,
+//! separated by NUL (which JSON text cannot hold), so fixtures are seeds.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use prismhook_core::nutanix::payload::parse_vm;
+use prismhook_core::nutanix::v3::{
+    error_reason, parse_webhook, status_messages, Listing, MAX_LISTED, MAX_REASON,
+};
+use serde_json::Value;
+
+/// A reason of at most MAX_REASON bytes, the ellipsis and ` (NNN)`.
+const REASON_BOUND: usize = MAX_REASON + '…'.len_utf8() + " (999)".len();
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&page, rest)) = data.split_first() else {
+        return;
+    };
+    let mut parts: Vec<&[u8]> = rest.split(|&b| b == 0).collect();
+    let error_body = parts.pop().unwrap_or_default();
+    let mut listing = Listing::new(u64::from(page.max(1)));
+    for body in &parts {
+        let Ok(answer) = serde_json::from_slice::<Value>(body) else {
+            break;
+        };
+        let before = listing.offset();
+        match listing.add(answer) {
+            Ok(true) | Err(_) => break,
+            // A page that adds nothing always ends the listing, so it
+            // cannot go on forever without growing towards the bound.
+            Ok(false) => assert!(listing.offset() > before),
+        }
+    }
+    let entities = listing.into_entities();
+    assert!(entities.len() <= MAX_LISTED);
+    for entity in &entities {
+        if let Some(vm) = parse_vm(entity) {
+            assert!(!vm.uuid.is_empty());
+        }
+        if let Some(hook) = parse_webhook(entity) {
+            assert!(!hook.uuid.is_empty());
+            assert_eq!(hook.state, hook.state.to_ascii_uppercase());
+        }
+        if let Some(reason) = status_messages(entity) {
+            assert!(reason.len() <= MAX_REASON + '…'.len_utf8());
+        }
+    }
+    for status in [http::StatusCode::NOT_FOUND, http::StatusCode::UNAUTHORIZED] {
+        let reason = error_reason(status, error_body);
+        assert!(reason.len() <= REASON_BOUND, "{} bytes", reason.len());
+    }
+});

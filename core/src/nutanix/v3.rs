@@ -1,0 +1,273 @@
+//! The Prism v3 API's answers, read leniently: list pages, webhook intents
+//! and error bodies. The host's Prism client sends the requests; everything
+//! it does with an answer's JSON is here, so a hostile or broken Prism can
+//! be fuzzed without a network (`core/fuzz`, target `prism_answers`).
+
+use serde_json::Value;
+
+use super::str_at;
+use crate::text::truncate;
+
+/// No listing reads past this many entities. Prism Central manages tens of
+/// thousands of VMs at most; an answer that keeps paging beyond this is
+/// broken or hostile, and would otherwise grow the host without end.
+pub const MAX_LISTED: usize = 1_000_000;
+
+/// Longest reason taken from an error answer, in bytes; a longer one is cut
+/// at a character boundary and ends in `…`.
+pub const MAX_REASON: usize = 1024;
+
+/// A webhook as Prism reports it. Prism never returns the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub uuid: String,
+    pub name: String,
+    pub post_url: String,
+    pub events: Vec<String>,
+    pub spec_version: u64,
+    /// `PENDING`, `COMPLETE`, `ERROR`, ... (older `kComplete` normalised).
+    pub state: String,
+    pub username: Option<String>,
+}
+
+/// Spec first (what was asked), status as the fallback: a `PENDING` intent
+/// may have no status resources yet. `None` without a `metadata.uuid`.
+pub fn parse_webhook(intent: &Value) -> Option<Webhook> {
+    let uuid = str_at(intent, "/metadata/uuid")?.to_owned();
+    let either = |path: &str| {
+        str_at(intent, &format!("/spec{path}"))
+            .or_else(|| str_at(intent, &format!("/status{path}")))
+    };
+    let events = [
+        "/spec/resources/events_filter_list",
+        "/status/resources/events_filter_list",
+    ]
+    .iter()
+    .find_map(|p| intent.pointer(p).and_then(Value::as_array))
+    .map(|list| {
+        list.iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default();
+    let spec_version = match intent.pointer("/metadata/spec_version") {
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    };
+    Some(Webhook {
+        uuid,
+        name: either("/name").unwrap_or_default().to_owned(),
+        post_url: either("/resources/post_url").unwrap_or_default().to_owned(),
+        events,
+        spec_version,
+        state: normalise_state(str_at(intent, "/status/state").unwrap_or("UNKNOWN")),
+        username: either("/resources/credentials/username").map(str::to_owned),
+    })
+}
+
+/// `kComplete` (older AOS) and `COMPLETE` are the same state.
+pub fn normalise_state(state: &str) -> String {
+    let bare = match state.strip_prefix('k') {
+        Some(rest) if rest.starts_with(|c: char| c.is_ascii_uppercase()) => rest,
+        _ => state,
+    };
+    bare.to_ascii_uppercase()
+}
+
+/// The reason of an error answer, at most [`MAX_REASON`] bytes (plus the
+/// status): Prism's messages when the body is its JSON error, a fixed text
+/// for the HTML 401, the status line otherwise.
+pub fn error_reason(status: http::StatusCode, body: &[u8]) -> String {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let from_json = parsed.as_ref().and_then(|v| {
+        v.get("message_list")
+            .and_then(messages)
+            .or_else(|| str_at(v, "/message").map(str::to_owned))
+    });
+    match from_json {
+        Some(text) => format!("{} ({})", truncate(text, MAX_REASON), status.as_u16()),
+        None if status == http::StatusCode::UNAUTHORIZED => {
+            "authentication failed (401)".to_owned()
+        }
+        None => format!("answered {status}"),
+    }
+}
+
+/// Why an intent in an error state failed: its status messages on one line,
+/// at most [`MAX_REASON`] bytes.
+pub fn status_messages(intent: &Value) -> Option<String> {
+    intent
+        .pointer("/status/message_list")
+        .and_then(messages)
+        .map(|text| truncate(text, MAX_REASON))
+}
+
+/// `message_list: [{message, reason}]` as one line.
+fn messages(list: &Value) -> Option<String> {
+    let parts: Vec<String> = list
+        .as_array()?
+        .iter()
+        .filter_map(|m| match (str_at(m, "/message"), str_at(m, "/reason")) {
+            (Some(message), Some(reason)) if !message.contains(reason) => {
+                Some(format!("{reason}: {message}"))
+            }
+            (Some(message), _) => Some(message.to_owned()),
+            (None, Some(reason)) => Some(reason.to_owned()),
+            (None, None) => None,
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// What was wrong with a list answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListError {
+    #[error("`entities` is not a list")]
+    NotAList,
+    #[error("it lists more than {MAX_LISTED} entities; refusing to read further")]
+    TooMany,
+}
+
+/// One `POST /{collection}/list` after another from offset 0, until
+/// `metadata.total_matches` is reached, or, without it, a short page; an
+/// empty page always ends it. Feed each answer to [`Listing::add`] and ask
+/// for the next page at [`Listing::offset`].
+#[derive(Debug)]
+pub struct Listing {
+    page: u64,
+    entities: Vec<Value>,
+}
+
+impl Listing {
+    /// A listing that asks for `page` entities at a time.
+    pub fn new(page: u64) -> Listing {
+        Listing {
+            page,
+            entities: Vec::new(),
+        }
+    }
+
+    /// The `offset` of the next request.
+    pub fn offset(&self) -> u64 {
+        self.entities.len() as u64
+    }
+
+    /// The `length` of every request.
+    pub fn page(&self) -> u64 {
+        self.page
+    }
+
+    /// Takes one answer's entities; `Ok(true)` when the listing is complete.
+    pub fn add(&mut self, mut answer: Value) -> Result<bool, ListError> {
+        // Prism leaves `entities` out when there are none.
+        let entities = match answer.get_mut("entities").map(Value::take) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(list)) => list,
+            Some(_) => return Err(ListError::NotAList),
+        };
+        let got = entities.len() as u64;
+        if self.entities.len().saturating_add(entities.len()) > MAX_LISTED {
+            return Err(ListError::TooMany);
+        }
+        self.entities.extend(entities);
+        let total = answer
+            .pointer("/metadata/total_matches")
+            .and_then(Value::as_u64);
+        Ok(match total {
+            _ if got == 0 => true,
+            Some(total) => self.offset() >= total,
+            None => got < self.page,
+        })
+    }
+
+    /// Every entity read, in the order Prism listed them.
+    pub fn into_entities(self) -> Vec<Value> {
+        self.entities
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn error_answers_become_one_readable_reason() {
+        let not_found = br#"{"api_version":"3.1","code":404,"kind":"webhook","message_list":[{"message":"ENTITY_NOT_FOUND: webhook : x does not exist.","reason":"ENTITY_NOT_FOUND","details":{}}],"state":"ERROR"}"#;
+        assert_eq!(
+            error_reason(http::StatusCode::NOT_FOUND, not_found),
+            "ENTITY_NOT_FOUND: webhook : x does not exist. (404)"
+        );
+        let blank = br#"{"code":400,"message_list":[{"message":"This field may not be blank.","reason":"INVALID"}]}"#;
+        assert_eq!(
+            error_reason(http::StatusCode::BAD_REQUEST, blank),
+            "INVALID: This field may not be blank. (400)"
+        );
+        assert_eq!(
+            error_reason(http::StatusCode::UNAUTHORIZED, b"<html>401</html>"),
+            "authentication failed (401)"
+        );
+        assert_eq!(normalise_state("kComplete"), "COMPLETE");
+        assert_eq!(normalise_state("PENDING"), "PENDING");
+    }
+
+    #[test]
+    fn an_error_message_of_a_megabyte_is_cut_to_the_bound() {
+        let body = json!({ "message": "é".repeat(500_000) }).to_string();
+        let reason = error_reason(http::StatusCode::INTERNAL_SERVER_ERROR, body.as_bytes());
+        assert!(reason.len() <= MAX_REASON + " (500)".len() + '…'.len_utf8());
+        assert!(reason.ends_with("… (500)"), "{reason}");
+    }
+
+    #[test]
+    fn a_listing_ends_at_total_matches_at_a_short_page_or_at_an_empty_one() {
+        let page = |n: usize, total: Option<u64>| {
+            let entities: Vec<Value> = (0..n).map(|i| json!({ "i": i })).collect();
+            match total {
+                Some(t) => json!({ "entities": entities, "metadata": { "total_matches": t } }),
+                None => json!({ "entities": entities }),
+            }
+        };
+        let mut by_total = Listing::new(2);
+        assert_eq!(by_total.add(page(2, Some(3))), Ok(false));
+        assert_eq!(by_total.offset(), 2);
+        assert_eq!(by_total.add(page(1, Some(3))), Ok(true));
+        assert_eq!(by_total.into_entities().len(), 3);
+
+        let mut by_short_page = Listing::new(2);
+        assert_eq!(by_short_page.add(page(2, None)), Ok(false));
+        assert_eq!(by_short_page.add(page(1, None)), Ok(true));
+
+        // A total that is never reached still ends at the first empty page.
+        let mut lying = Listing::new(2);
+        assert_eq!(lying.add(page(2, Some(100))), Ok(false));
+        assert_eq!(
+            lying.add(json!({ "metadata": { "total_matches": 100 } })),
+            Ok(true)
+        );
+        assert_eq!(lying.into_entities().len(), 2);
+
+        assert_eq!(
+            Listing::new(2).add(json!({ "entities": {} })),
+            Err(ListError::NotAList)
+        );
+    }
+
+    #[test]
+    fn a_listing_that_never_ends_is_refused_at_the_bound() {
+        let mut listing = Listing::new(100_000);
+        let full = json!({ "entities": vec![Value::Null; 100_000] });
+        let mut pages = 0;
+        let error = loop {
+            match listing.add(full.clone()) {
+                Ok(false) => pages += 1,
+                Ok(true) => panic!("a full page without a total never ends a listing"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(error, ListError::TooMany);
+        assert_eq!(pages, MAX_LISTED / 100_000);
+    }
+}
