@@ -19,12 +19,15 @@ use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::event::Vm;
-use crate::ledger::{Delivery, LedgerError, Outcome as LedgerOutcome, SharedLedger, Wake};
+use crate::ledger::{
+    Delivery, LedgerError, Outcome as LedgerOutcome, SharedLedger, Wake, MAX_REASON_BYTES,
+};
 use crate::registry::Registry;
 use crate::runtime::bindings::{self, Event, Outcome, Retry};
 use crate::runtime::CallError;
 use crate::source::InventorySink;
 use crate::telemetry::HandleDurations;
+use prismhook_core::text::truncate;
 
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
 
@@ -409,8 +412,9 @@ async fn handle_isolating(
     plugin: &crate::runtime::Plugin,
     events: Vec<Event>,
 ) -> (Vec<Option<LedgerOutcome>>, Option<CallError>) {
+    // A trap's message is the guest's panic text, as long as it likes.
     let retry = |e: &CallError| LedgerOutcome::Retry {
-        reason: e.to_string(),
+        reason: truncate(e.to_string(), MAX_REASON_BYTES),
         delay: None,
     };
     let error = match plugin.handle(events.clone()).await {
@@ -491,15 +495,18 @@ fn count(
     }
 }
 
+/// A plugin's outcome as the ledger keeps it. Reasons are the plugin's own
+/// text, stored with the delivery, logged and shown by `dlq list`: they are
+/// cut to [`MAX_REASON_BYTES`].
 fn to_ledger(o: &Outcome) -> LedgerOutcome {
     match o {
         Outcome::Done => LedgerOutcome::Done,
         Outcome::Retry(Retry { reason, delay_ms }) => LedgerOutcome::Retry {
-            reason: reason.clone(),
+            reason: truncate(reason.clone(), MAX_REASON_BYTES),
             delay: delay_ms.map(Duration::from_millis),
         },
         Outcome::Reject(reason) => LedgerOutcome::Reject {
-            reason: reason.clone(),
+            reason: truncate(reason.clone(), MAX_REASON_BYTES),
         },
     }
 }

@@ -22,6 +22,7 @@ use prismhook::app::App;
 use prismhook::clock::now_ms;
 use prismhook::ledger::{
     Appended, DeadLetter, Ledger, LedgerOptions, NewEvent, PluginBacklog, RedbLedger,
+    MAX_REASON_BYTES,
 };
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::runtime::kv_store::KvStore;
@@ -937,6 +938,96 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
         "gave up after 2 attempts: probe asked to retry"
     );
     assert_eq!(backlog(&app, "probe").dead, 2);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// The fuzzing guest: the probe answers each batch with whatever its
+/// events script (`TEST.OUTCOMES`), so the host gets random outcome lists,
+/// too many or too few for the batch, reasons up to megabytes and delays up
+/// to `u64::MAX` ms. Whatever it answers, every event ends delivered or
+/// dead, reasons stay bounded, and the host goes on delivering. The seed is
+/// printed; `PRISMHOOK_FUZZ_SEED` replays one.
+#[tokio::test]
+async fn random_outcome_lists_from_a_fuzzing_guest_lose_nothing_and_stay_bounded() {
+    let seed = std::env::var("PRISMHOOK_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("outcome fuzzing seed {seed} (PRISMHOOK_FUZZ_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w = world(&["probe"]).await;
+    let setup = w
+        .host()
+        .delivery(r#"retry_initial = "20ms""#)
+        .delivery(r#"retry_max = "50ms""#)
+        .delivery("max_attempts = 3")
+        // A plugin's longest delay is held to this.
+        .delivery(r#"max_age = "2s""#)
+        // Most calls fail here on purpose; the plugin must not be paused.
+        .delivery("quarantine_after = 1000")
+        // VM.DELETE: something to register with Prism, which start waits for.
+        .plugin(
+            "probe",
+            &[r#"config = { subscriptions = ["TEST.*", "VM.DELETE"] }"#],
+        );
+    let app = w.start(&setup).await;
+    let poster = Poster::new(app.listener_addr);
+
+    let mut accepted = Vec::new();
+    for i in 0..60 {
+        let outcomes: Vec<Value> = (0..rng.random_range(0..=3))
+            .map(|_| {
+                let reason = ["", "x", "é", "\u{1F525}", "<a>&\"\\"][rng.random_range(0..5)];
+                let repeat: u64 = match rng.random_range(0..4) {
+                    0 => 0,
+                    1 => rng.random_range(1..100),
+                    2 => 5_000,
+                    _ => rng.random_range(100_000..1_000_000),
+                };
+                let delay: Option<u64> = match rng.random_range(0..4) {
+                    0 => None,
+                    1 => Some(0),
+                    2 => Some(u64::MAX),
+                    _ => Some(rng.random_range(1..3_000)),
+                };
+                let kind = ["done", "retry", "reject"][rng.random_range(0..3)];
+                json!({ "kind": kind, "reason": reason, "repeat": repeat, "delay_ms": delay })
+            })
+            .collect();
+        let entity = format!("f-{}", i % 20);
+        let body = probe_event("TEST.OUTCOMES", &entity, json!({ "outcomes": outcomes }));
+        accepted.push(poster.accept(&body).await);
+    }
+    wait(
+        || settled(&backlog(&app, "probe")),
+        "every scripted event to settle",
+    )
+    .await;
+
+    let b = backlog(&app, "probe");
+    assert_eq!(b.delivered + b.dead, accepted.len() as u64, "{b:?}");
+    let letters = app.ledger.dead_letters(None, 1_000).await.unwrap();
+    assert_eq!(letters.len() as u64, b.dead);
+    for d in &letters {
+        assert!(accepted.contains(&d.event.id), "{d:?}");
+        // The bound, plus the ledger's own words around the plugin's reason.
+        assert!(
+            d.reason.len() <= MAX_REASON_BYTES + 64,
+            "event {}: a reason of {} bytes",
+            d.event.id,
+            d.reason.len()
+        );
+    }
+
+    // And the host still delivers.
+    let fine = poster
+        .accept(&probe_event("TEST.NOTE", "after-fuzz", json!({})))
+        .await;
+    wait(
+        || seen_ids(&app, "after-fuzz") == [fine],
+        "a plain event after the fuzzing",
+    )
+    .await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

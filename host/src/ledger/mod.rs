@@ -101,6 +101,10 @@ pub struct Delivery {
     pub attempt: u32,
 }
 
+/// A delivery's reason (a plugin's text or a call's error) is kept to this
+/// many bytes: each is stored with the delivery, logged and listed.
+pub const MAX_REASON_BYTES: usize = 4096;
+
 /// What became of a claimed delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -82,6 +82,16 @@ impl RetryPolicy {
             }
         }
     }
+
+    /// When a failed delivery is next due: after `backoff`, or after the
+    /// delay the plugin asked for when that is longer, but never beyond
+    /// `max_age`, past which the delivery is given up anyway. (A plugin may
+    /// ask for `u64::MAX` ms: that must neither overflow the clock nor park
+    /// the event for ever.)
+    pub fn due_at_ms(&self, now_ms: u64, backoff: Duration, asked: Option<Duration>) -> u64 {
+        let wait = backoff.max(asked.unwrap_or_default().min(self.max_age));
+        now_ms.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+    }
 }
 
 /// Uniform in `low..=high` at millisecond resolution, which is what due times are kept in.
@@ -104,6 +114,21 @@ mod tests {
             jitter,
             ..RetryPolicy::default()
         }
+    }
+
+    #[test]
+    fn a_plugin_may_delay_a_retry_beyond_the_backoff_but_not_beyond_max_age() {
+        let p = RetryPolicy::default();
+        let backoff = Duration::from_secs(1);
+        assert_eq!(p.due_at_ms(1_000, backoff, None), 2_000);
+        assert_eq!(
+            p.due_at_ms(1_000, backoff, Some(Duration::from_secs(60))),
+            61_000
+        );
+        let forever = Duration::from_millis(u64::MAX);
+        let capped = 1_000 + p.max_age.as_millis() as u64;
+        assert_eq!(p.due_at_ms(1_000, backoff, Some(forever)), capped);
+        assert_eq!(p.due_at_ms(u64::MAX - 1, backoff, None), u64::MAX);
     }
 
     #[test]

@@ -398,6 +398,24 @@ async fn retry_backoff_doubles_and_honours_a_longer_plugin_delay(h: &dyn Harness
     assert!(wait <= Duration::from_secs(31), "{wait:?}");
 }
 
+async fn a_plugin_delay_of_u64_max_ms_is_held_to_the_max_age(h: &dyn Harness) {
+    let opts = policy();
+    let ledger = h.open(&opts);
+    append(&ledger, "a", &["fw"]).await;
+    let batch = ledger.claim("fw", 1).await.unwrap();
+    let before = Instant::now();
+    let forever = Outcome::Retry {
+        reason: "later".into(),
+        delay: Some(Duration::from_millis(u64::MAX)),
+    };
+    complete_all(&ledger, "fw", &batch, forever).await;
+    let wait = ledger.next_due("fw").expect("still pending") - before;
+    let max_age = opts.retry.max_age;
+    assert!(wait <= max_age + Duration::from_secs(1), "{wait:?}");
+    assert!(wait + Duration::from_secs(1) >= max_age, "{wait:?}");
+    assert_eq!(backlog_of(&ledger, "fw").pending, 1);
+}
+
 async fn retry_state_survives_reopening(h: &dyn Harness) {
     let mut opts = policy();
     opts.retry.initial = Duration::from_millis(100);
@@ -879,6 +897,7 @@ backends!(
     a_done_behind_a_retry_in_the_same_batch_comes_again_after_it,
     a_done_behind_a_retry_that_dies_is_delivered,
     retry_backoff_doubles_and_honours_a_longer_plugin_delay,
+    a_plugin_delay_of_u64_max_ms_is_held_to_the_max_age,
     retry_state_survives_reopening,
     a_delivery_is_dead_after_its_last_allowed_attempt,
     a_delivery_is_dead_once_it_has_failed_for_longer_than_the_max_age,

@@ -773,14 +773,13 @@ fn stage_complete(
                 } else {
                     let previous = record.last_delay_ms.map(Duration::from_millis);
                     let backoff = policy.backoff(attempts, previous, s.rng);
-                    let wait = backoff.max(delay.unwrap_or_default());
-                    let due_at_ms = now + wait.as_millis() as u64;
+                    let due_at_ms = policy.due_at_ms(now, backoff, *delay);
                     debug!(
                         plugin,
                         event_id = id,
                         attempt = attempts,
                         reason,
-                        wait_ms = wait.as_millis() as u64,
+                        wait_ms = due_at_ms - now,
                         "delivery will be retried"
                     );
                     record.attempts = attempts;

@@ -13,6 +13,7 @@
 //! | `TEST.RETRY`   | returns retry with `body.delay_ms`                       |
 //! | `TEST.REJECT`  | returns reject                                           |
 //! | `TEST.SHOUT`   | prints `body.lines` lines to stdout                      |
+//! | `TEST.OUTCOMES`| the fuzzing guest: the batch's answer is what its events' `body.outcomes` script, however many |
 //! | anything else  | records the event and returns done                       |
 
 wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
@@ -67,6 +68,11 @@ impl Guest for Probe {
     }
 
     fn handle(events: Vec<Event>) -> Vec<Outcome> {
+        if events.iter().any(|e| e.event_type == "TEST.OUTCOMES") {
+            // Every event's script, concatenated: a batch may get more or
+            // fewer outcomes than it has events, as a buggy plugin's would.
+            return events.iter().flat_map(scripted).collect();
+        }
         events.iter().map(handle_one).collect()
     }
 
@@ -148,6 +154,32 @@ fn handle_one(event: &Event) -> Outcome {
             Outcome::Done
         }
     }
+}
+
+/// `body.outcomes`: `[{"kind": "done" | "retry" | "reject", "reason": s,
+/// "repeat": n, "delay_ms": d}]`; the reason is `s` repeated `n` times, so a
+/// small body can script a reason of megabytes.
+fn scripted(event: &Event) -> Vec<Outcome> {
+    let body = body(event);
+    let Some(script) = body.get("outcomes").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    script
+        .iter()
+        .map(|o| {
+            let text = o.get("reason").and_then(Value::as_str).unwrap_or_default();
+            let repeat = o.get("repeat").and_then(Value::as_u64).unwrap_or(1);
+            let reason = text.repeat(repeat as usize);
+            match o.get("kind").and_then(Value::as_str) {
+                Some("retry") => Outcome::Retry(Retry {
+                    reason,
+                    delay_ms: o.get("delay_ms").and_then(Value::as_u64),
+                }),
+                Some("reject") => Outcome::Reject(reason),
+                _ => Outcome::Done,
+            }
+        })
+        .collect()
 }
 
 /// Appends the event to its entity's record: `seen/<cluster>/<uuid>` holds
