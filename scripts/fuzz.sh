@@ -8,7 +8,8 @@
 #   scripts/fuzz.sh uid_message          only the targets named
 #   FUZZ_SECONDS=3600 FUZZ_RUNS=10000000 scripts/fuzz.sh
 #                                        the long run BENCHMARKS.md records
-# Not part of CI's time budget. libFuzzer needs rustc's -Z flags, which the
+# scripts/test.sh runs every target for 10 s as a smoke test; the long runs
+# are not part of CI's time budget. libFuzzer needs rustc's -Z flags, which the
 # stable toolchain allows with RUSTC_BOOTSTRAP=1 (nothing else can be had).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,12 +72,16 @@ seed() {
 
 for fuzz in core/fuzz plugins/*/fuzz; do
   crate=${fuzz%/fuzz}
+  targets=()
+  for target in $(cd "$crate" && cargo fuzz list); do
+    if [ "$only" = "  " ] || [[ "$only" == *" $target "* ]]; then
+      targets+=("$target")
+    fi
+  done
+  if [ "${#targets[@]}" -eq 0 ]; then continue; fi
   step "building the fuzz targets of $crate"
   (cd "$crate" && cargo fuzz build -O)
-  for target in $(cd "$crate" && cargo fuzz list); do
-    if [ "$only" != "  " ] && [[ "$only" != *" $target "* ]]; then
-      continue
-    fi
+  for target in "${targets[@]}"; do
     step "fuzzing $crate: $target for ${seconds}s"
     corpus=$root/$fuzz/corpus/$target
     seeds=$root/target/fuzz-seeds/$target

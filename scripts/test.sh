@@ -28,3 +28,8 @@ ensure_debian_packages chromium
 export PRISMHOOK_REQUIRE_CHROMIUM=1
 step "host unit and end-to-end tests"
 cargo test --locked --workspace
+# Every fuzz target (core/fuzz, plugins/*/fuzz) for 10 s from its seeds: a
+# target that no longer builds, or an input found at once, fails here. The
+# long runs are scripts/fuzz.sh's (BENCHMARKS.md).
+step "fuzz smoke run: every target for 10 s"
+FUZZ_SECONDS=10 ./scripts/fuzz.sh
