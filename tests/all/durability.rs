@@ -8,12 +8,12 @@
 //! default; the full run is 20) at moments drawn from `PRISMHOOK_CRASH_SEED`
 //! (printed on every run, so a failure can be replayed).
 
+use crate::common::process::{log_tail, wait_ready, HostProcess};
 use crate::common::{self, Cluster, HostConfig};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -244,122 +244,6 @@ async fn append_while_stopped(data: &Path, bodies: &[Value]) -> Vec<u64> {
 
 // ---------------------------------------------------------------------------
 // 1. SIGKILL under load, over the real binary.
-
-/// The `prismhook` binary running `run --config`, killed if the test ends
-/// early.
-struct HostProcess {
-    child: Option<Child>,
-}
-
-impl HostProcess {
-    fn spawn(config: &Path, log: &Path) -> HostProcess {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_prismhook"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("PRISMHOOK_LOG", "info,wasmtime=warn,cranelift=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting target/debug/prismhook");
-        HostProcess { child: Some(child) }
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.child.as_mut().expect("running")
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child().try_wait().unwrap()
-    }
-
-    async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            if let Some(status) = self.exited() {
-                self.child = None;
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        None
-    }
-
-    async fn sigkill(&mut self) {
-        let _ = self.child().kill();
-        let status = self
-            .wait_exit(Duration::from_secs(10))
-            .await
-            .expect("SIGKILL ends the host");
-        assert!(!status.success());
-    }
-
-    /// SIGTERM: the host stops accepting, finishes batches in hand and exits.
-    async fn sigterm(&mut self) -> ExitStatus {
-        let pid = self.child().id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -TERM {pid}");
-        match self.wait_exit(Duration::from_secs(30)).await {
-            Some(status) => status,
-            None => panic!("the host did not stop within 30 s of SIGTERM"),
-        }
-    }
-}
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-async fn wait_ready(host: &mut HostProcess, port: u16, log: &Path) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = host.exited() {
-            panic!(
-                "the host exited while starting ({status}); its log ends:\n{}",
-                log_tail(log)
-            );
-        }
-        if let Ok(r) = http
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < until,
-            "the host did not answer /healthz within 30 s; log:\n{}",
-            log_tail(log)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Ack {

@@ -5,6 +5,7 @@
 //! Every test is one finding of an attack on the host, run with real
 //! sockets, real files and real components.
 
+use crate::common::process::{status_kib, wait_ready, HostProcess};
 use crate::common::{self, Cluster, HostConfig};
 
 use std::path::{Path, PathBuf};
@@ -133,6 +134,73 @@ async fn a_request_head_over_the_limit_is_refused_before_authentication() {
     );
     assert!(closed, "the connection is closed after the 431");
     t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// Finding 2: 800 connections each holding ~380 KB of unfinished headers
+/// took the host from 43 MB to 354 MB before any authentication. Here 300
+/// connections each send 380 KB of header lines that never end the head, at
+/// once, to the real binary in a process of its own (so that only its
+/// memory is measured): every connection is ended by the host, which grows
+/// by far less than the 110 MiB they sent, and still serves afterwards.
+#[tokio::test]
+async fn unfinished_request_heads_cannot_grow_the_host_before_authentication() {
+    const CONNECTIONS: usize = 300;
+    const HEAD_BYTES: usize = 380 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let prism = common::setup::start_prism().await;
+    let port = common::free_port();
+    let setup = HostConfig::new(dir.path())
+        .listen(format!("127.0.0.1:{port}"))
+        .cluster(Cluster::lab(&prism));
+    let config = dir.path().join("prismhook.toml");
+    std::fs::write(&config, setup.toml()).unwrap();
+    let log = dir.path().join("host.log");
+    let mut host = HostProcess::spawn(&config, &log);
+    wait_ready(&mut host, port, &log).await;
+    let pid = host.child().id();
+    let peak_before = status_kib(pid, "VmHWM:");
+
+    let line = format!("X-Fill: {}\r\n", "a".repeat(1000));
+    let attackers: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let line = line.clone();
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                let mut sent = 0;
+                let _ = s
+                    .write_all(b"POST /listener/callback/lab HTTP/1.1\r\nHost: x\r\n")
+                    .await;
+                while sent < HEAD_BYTES {
+                    if s.write_all(line.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    sent += line.len();
+                }
+                // The host answers 431 and hangs up; a reset is as good.
+                read_until_closed(&mut s, Duration::from_secs(20)).await.1
+            })
+        })
+        .collect();
+    let mut ended = 0;
+    for a in attackers {
+        ended += usize::from(a.await.unwrap());
+    }
+    let growth_kib = status_kib(pid, "VmHWM:").saturating_sub(peak_before);
+    eprintln!(
+        "{CONNECTIONS} connections x {} KiB of head: peak RSS grew by {} KiB (VmRSS now {} KiB)",
+        HEAD_BYTES >> 10,
+        growth_kib,
+        status_kib(pid, "VmRSS:")
+    );
+    assert_eq!(ended, CONNECTIONS, "connections the host did not end");
+    // The configured bound is 16 KiB of head per connection (4.7 MiB for
+    // all); unbounded, hyper buffered ~400 KiB each (110 MiB here).
+    assert!(growth_kib < 40 << 10, "peak RSS grew by {growth_kib} KiB");
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    host.sigterm().await;
 }
 
 #[tokio::test]

@@ -8,6 +8,8 @@ pub mod setup;
 
 pub use setup::{Cluster, HostConfig};
 
+pub mod process;
+
 /// A guest component built by `cargo xtask plugins`.
 pub fn component(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
