@@ -700,3 +700,171 @@ async fn an_http2_preface_gets_no_connection_that_outlives_the_head_timer() {
     );
     t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
+
+/// A loopback server that records what reaches it, one entry per
+/// connection: a request head and, after a CONNECT (answered 200, never
+/// forwarded), whatever the tunnel carried. Plain requests get `200 ok`.
+#[derive(Clone)]
+struct Recorder {
+    port: u16,
+    seen: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Recorder {
+    async fn start() -> Recorder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorder = Recorder { port, seen };
+        let r = recorder.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 8192];
+                    let mut answered = false;
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await
+                    {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if !answered && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            answered = true;
+                            let answer: &[u8] = if got.starts_with(b"CONNECT ") {
+                                b"HTTP/1.1 200 Connection established\r\n\r\n"
+                            } else if got.starts_with(b"GET ") || got.starts_with(b"POST ") {
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                            } else {
+                                b""
+                            };
+                            let _ = s.write_all(answer).await;
+                        }
+                    }
+                    r.seen.lock().unwrap().push(got);
+                });
+            }
+        });
+        recorder
+    }
+
+    fn seen(&self) -> Vec<String> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+}
+
+/// Finding 9: `HTTP_PROXY` was honoured without a word, so plugin requests
+/// with injected keys (and Prism's Basic auth) went to whatever proxy the
+/// environment named, over plain HTTP for `http://` targets. The real
+/// binary runs with every proxy variable pointing at a recording proxy:
+/// by default nothing reaches it; with `proxy_from_env = true` only an
+/// `https://` request does, as a CONNECT that carries no credential, and
+/// `NO_PROXY` is honoured. `http://` requests, with their injected key,
+/// always go direct.
+#[tokio::test]
+async fn proxies_from_the_environment_are_used_only_when_configured_and_only_for_https() {
+    const SECRET: &str = "injected-key-that-must-not-cross-a-proxy";
+    let proxy = Recorder::start().await;
+    let plain = Recorder::start().await;
+    let tls_proxied = Recorder::start().await;
+    let tls_direct = Recorder::start().await;
+    let prism = common::setup::start_prism().await;
+    let origins = [
+        format!("http://127.0.0.1:{}", plain.port),
+        format!("https://127.0.0.1:{}", tls_proxied.port),
+        format!("https://localhost:{}", tls_direct.port),
+    ];
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.port);
+    let env = [
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("HTTPS_PROXY", proxy_url.as_str()),
+        ("ALL_PROXY", proxy_url.as_str()),
+        ("http_proxy", proxy_url.as_str()),
+        ("https_proxy", proxy_url.as_str()),
+        ("NO_PROXY", "localhost"),
+    ];
+
+    for from_env in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        common::setup::install(&dir.path().join("plugins"), &["probe"]);
+        let port = common::free_port();
+        let allow = format!("allow = {origins:?}");
+        let inject = origins
+            .iter()
+            .map(|o| format!(r#"{{ origin = "{o}", header = "X-Key", value = "{SECRET}" }}"#))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let setup = HostConfig::new(dir.path())
+            .listen(format!("127.0.0.1:{port}"))
+            .proxy_from_env(from_env)
+            .cluster(Cluster::lab(&prism))
+            .plugin(
+                "probe",
+                &[
+                    r#"config = { subscriptions = ["TEST.*", "VM.DELETE"] }"#,
+                    &allow,
+                    &format!("inject = [{inject}]"),
+                ],
+            );
+        let config = dir.path().join("prismhook.toml");
+        std::fs::write(&config, setup.toml()).unwrap();
+        let log = dir.path().join("host.log");
+        let mut host = HostProcess::spawn_with_env(&config, &log, &env);
+        wait_ready(&mut host, port, &log).await;
+        let counts = || [&proxy, &plain, &tls_proxied, &tls_direct].map(|r| r.seen().len());
+        let before = counts();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        for (i, origin) in origins.iter().enumerate() {
+            let note = serde_json::json!({
+                "event_type": "TEST.HTTP",
+                "entity_reference": { "kind": "test", "uuid": format!("proxy-{from_env}-{i}") },
+                "url": format!("{origin}/probe"),
+            });
+            let r = http
+                .post(format!("http://127.0.0.1:{port}/listener/callback/lab"))
+                .header("authorization", basic_auth())
+                .json(&note)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+        // Each request reaches its target or the proxy: three new
+        // connections in all.
+        common::wait_until(
+            "the three requests to leave",
+            Duration::from_secs(30),
+            || {
+                let now = counts();
+                (0..4).map(|i| now[i] - before[i]).sum::<usize>() >= 3
+            },
+        )
+        .await;
+        host.sigterm().await;
+
+        let proxied = proxy.seen()[before[0]..].to_vec();
+        let plain_seen = plain.seen()[before[1]..].to_vec();
+        // The http:// request went direct, with its key.
+        assert_eq!(plain_seen.len(), 1, "the proxy got {proxied:?}");
+        assert!(plain_seen[0]
+            .to_ascii_lowercase()
+            .contains(&format!("x-key: {SECRET}")));
+        // NO_PROXY: localhost was reached directly.
+        assert_eq!(tls_direct.seen().len() - before[3], 1);
+        if from_env {
+            assert_eq!(proxied.len(), 1, "{proxied:?}");
+            let connect = format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n", tls_proxied.port);
+            assert!(proxied[0].starts_with(&connect), "{:?}", proxied[0]);
+            assert!(!proxied[0].contains(SECRET), "{:?}", proxied[0]);
+            assert_eq!(tls_proxied.seen().len(), before[2]);
+        } else {
+            assert!(proxied.is_empty(), "the proxy got {proxied:?}");
+            assert_eq!(tls_proxied.seen().len() - before[2], 1, "https went direct");
+        }
+    }
+}

@@ -13,6 +13,11 @@ pub struct HostProcess {
 
 impl HostProcess {
     pub fn spawn(config: &Path, log: &Path) -> HostProcess {
+        HostProcess::spawn_with_env(config, log, &[])
+    }
+
+    /// [`HostProcess::spawn`] with these environment variables set.
+    pub fn spawn_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> HostProcess {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -23,6 +28,7 @@ impl HostProcess {
             .arg("--config")
             .arg(config)
             .env("PRISMHOOK_LOG", "info,wasmtime=warn,cranelift=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -89,6 +89,7 @@ pub struct HostConfig {
     /// Whole `[plugin.<name>]` tables.
     plugins: Vec<String>,
     clusters: Vec<Cluster>,
+    proxy_from_env: bool,
 }
 
 impl HostConfig {
@@ -110,7 +111,14 @@ impl HostConfig {
             delivery: Vec::new(),
             plugins: Vec::new(),
             clusters: Vec::new(),
+            proxy_from_env: false,
         }
+    }
+
+    /// Top-level `proxy_from_env`.
+    pub fn proxy_from_env(mut self, on: bool) -> Self {
+        self.proxy_from_env = on;
+        self
     }
 
     pub fn instance(mut self, name: &str) -> Self {
@@ -224,6 +232,7 @@ impl HostConfig {
     pub fn toml(&self) -> String {
         let mut t = String::new();
         let _ = writeln!(t, "instance = {:?}", self.instance);
+        let _ = writeln!(t, "proxy_from_env = {}", self.proxy_from_env);
         let _ = writeln!(t, "[listener]\nlisten = {:?}", self.listen);
         for line in &self.listener {
             let _ = writeln!(t, "{line}");
