@@ -63,10 +63,10 @@ impl SecretSource {
             (Some(var), None, None) => {
                 std::env::var(var).map_err(|_| SecretError::MissingEnv(var.clone()))?
             }
-            (None, Some(path), None) => std::fs::read_to_string(path)
-                .map_err(|e| SecretError::File {
+            (None, Some(path), None) => read_secret_file(path)
+                .map_err(|reason| SecretError::File {
                     path: path.clone(),
-                    reason: e.to_string(),
+                    reason,
                 })?
                 .trim_end_matches(['\r', '\n'])
                 .to_owned(),
@@ -78,6 +78,27 @@ impl SecretSource {
         }
         Ok(Secret::new(value))
     }
+}
+
+/// A secret file is a token, a password or a PEM key: anything longer is a
+/// wrong path (`/dev/zero`, a log file), refused rather than read whole.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+
+fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    // Not a size check up front: a pipe or device has no size to check.
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!(
+            "longer than {} KiB; a secret file holds one secret",
+            MAX_SECRET_FILE_BYTES >> 10
+        ));
+    }
+    Ok(text)
 }
 
 /// A user name and password that a peer presents with HTTP Basic auth (the
@@ -147,6 +168,20 @@ mod tests {
         assert_eq!(mode(&private), 0o700);
         assert_eq!(mode(&file), 0o600, "an existing file is made private too");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "new");
+    }
+
+    #[test]
+    fn a_secret_file_that_never_ends_is_refused_after_the_bound() {
+        let src = SecretSource {
+            env: None,
+            file: Some("/dev/zero".into()),
+            value: None,
+        };
+        let e = src.resolve().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot read secret file /dev/zero: longer than 64 KiB; a secret file holds one secret"
+        );
     }
 
     #[test]

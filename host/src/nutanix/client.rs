@@ -45,6 +45,9 @@ const API_VERSION: &str = "3.1";
 const WEBHOOK_PAGE: u64 = 100;
 /// The largest page Prism's v3 list calls accept.
 const VM_PAGE: u64 = 500;
+/// No answer of Prism's is read past this: a page of 500 VMs is a few MB,
+/// and an answer that never ends must not grow the host until it dies.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
 const POLL_FIRST: Duration = Duration::from_millis(50);
 const POLL_MAX: Duration = Duration::from_secs(2);
 
@@ -470,15 +473,23 @@ impl PrismClient {
             request = request.json(body);
         }
         let started = Instant::now();
-        let response = request
+        let mut response = request
             .send()
             .await
             .map_err(|e| self.transport(&method, segments, e))?;
         let status = response.status();
-        let bytes = response
-            .bytes()
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| self.transport(&method, segments, e))?;
+            .map_err(|e| self.transport(&method, segments, e))?
+        {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                let reason = format!("the answer is larger than {} MiB", MAX_ANSWER_BYTES >> 20);
+                return Err(self.bad_answer(method, segments, &reason));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         tracing::debug!(
             cluster = %self.cluster,
             method = %method,
@@ -926,6 +937,30 @@ mod tests {
         assert_eq!(legacy[0].power_state.as_deref(), Some("ON"));
         assert_eq!(legacy[0].nics, web.nics);
         sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_never_ends_is_refused_at_the_bound() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 4096];
+            let _ = s.read(&mut head).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await;
+            let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, " ".repeat(1 << 20));
+            // Until the client hangs up.
+            while s.write_all(chunk.as_bytes()).await.is_ok() {}
+        });
+        let c = PrismClient::new(endpoint(format!("http://{addr}"), PASSWORD)).unwrap();
+        let err = c.auth_check().await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prism cluster `lab`: GET /users/me: unexpected answer: the answer is larger than 64 MiB"
+        );
     }
 
     #[tokio::test]
