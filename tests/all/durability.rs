@@ -830,14 +830,21 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
 /// too many or too few for the batch, reasons up to megabytes and delays up
 /// to `u64::MAX` ms. Whatever it answers, every event ends delivered or
 /// dead, reasons stay bounded, and the host goes on delivering. The seed is
-/// printed; `PRISMHOOK_FUZZ_SEED` replays one.
+/// printed; `PRISMHOOK_FUZZ_SEED` replays one, and `PRISMHOOK_FUZZ_EVENTS`
+/// (60) makes a longer run (BENCHMARKS.md, Fuzzing).
 #[tokio::test]
 async fn random_outcome_lists_from_a_fuzzing_guest_lose_nothing_and_stay_bounded() {
     let seed = std::env::var("PRISMHOOK_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
-    eprintln!("outcome fuzzing seed {seed} (PRISMHOOK_FUZZ_SEED={seed} replays it)");
+    let events: usize = std::env::var("PRISMHOOK_FUZZ_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    eprintln!(
+        "outcome fuzzing: {events} events, seed {seed} (PRISMHOOK_FUZZ_SEED={seed} replays it)"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
     let w = world(&["probe"]).await;
     let setup = w
@@ -858,7 +865,7 @@ async fn random_outcome_lists_from_a_fuzzing_guest_lose_nothing_and_stay_bounded
     let poster = Poster::new(app.listener_addr);
 
     let mut accepted = Vec::new();
-    for i in 0..60 {
+    for i in 0..events {
         let outcomes: Vec<Value> = (0..rng.random_range(0..=3))
             .map(|_| {
                 let reason = ["", "x", "é", "\u{1F525}", "<a>&\"\\"][rng.random_range(0..5)];
@@ -878,19 +885,26 @@ async fn random_outcome_lists_from_a_fuzzing_guest_lose_nothing_and_stay_bounded
                 json!({ "kind": kind, "reason": reason, "repeat": repeat, "delay_ms": delay })
             })
             .collect();
-        let entity = format!("f-{}", i % 20);
+        // About three events per entity, so each entity's queue stays short.
+        let entity = format!("f-{}", i % (events / 3).max(20));
         let body = probe_event("TEST.OUTCOMES", &entity, json!({ "outcomes": outcomes }));
         accepted.push(poster.accept(&body).await);
     }
-    wait(
+    wait_for(
+        Duration::from_secs(30 + events as u64 / 10),
         || settled(&backlog(&app, "probe")),
         "every scripted event to settle",
     )
     .await;
 
     let b = backlog(&app, "probe");
+    let c = &app.dispatcher.counters()["probe"];
+    eprintln!(
+        "{} delivered, {} dead; {} calls, {} of them failed (wrong count, trap, memory)",
+        b.delivered, b.dead, c.calls, c.failed_calls
+    );
     assert_eq!(b.delivered + b.dead, accepted.len() as u64, "{b:?}");
-    let letters = app.ledger.dead_letters(None, 1_000).await.unwrap();
+    let letters = app.ledger.dead_letters(None, events).await.unwrap();
     assert_eq!(letters.len() as u64, b.dead);
     for d in &letters {
         assert!(accepted.contains(&d.event.id), "{d:?}");
