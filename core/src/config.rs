@@ -13,7 +13,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::limits::{LimitOverrides, Limits};
-use crate::policy::{InjectedHeader, OriginRule, OutboundPolicy};
+use crate::policy::{InjectedHeader, OriginRule, OutboundPolicy, TlsMode};
 use crate::secret::{Secret, SecretSource};
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +234,10 @@ pub struct PluginConfig {
     /// directory gets these and no other secret of the host.
     #[serde(default)]
     pub grants: BTreeMap<String, Grant>,
+    /// How the certificates of the plugin's `https://` origins are checked:
+    /// the public roots by default; a firewall's self-signed certificate
+    /// needs `pinned_cert`, a private CA `ca_file`. Main configuration only.
+    pub tls: Option<PluginTls>,
     #[serde(default)]
     pub limits: LimitOverrides,
     /// Refuse the plugin file unless its sha256 is this (hex).
@@ -246,6 +250,28 @@ pub struct PluginConfig {
     pub enabled: bool,
 }
 
+/// `[plugin.<name>] tls`: exactly one of the two.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginTls {
+    /// Trust servers whose chain ends at a CA in this PEM (or DER) file,
+    /// and no other CA.
+    pub ca_file: Option<PathBuf>,
+    /// Trust exactly this certificate (PEM or DER), whatever its issuer,
+    /// names and dates.
+    pub pinned_cert: Option<PathBuf>,
+}
+
+impl PluginTls {
+    fn mode(&self) -> Result<TlsMode, &'static str> {
+        match (&self.ca_file, &self.pinned_cert) {
+            (Some(ca), None) => Ok(TlsMode::CaFile(ca.clone())),
+            (None, Some(pin)) => Ok(TlsMode::PinnedCert(pin.clone())),
+            _ => Err("give exactly one of `ca_file` or `pinned_cert`"),
+        }
+    }
+}
+
 /// What a plugin is loaded with, resolved from its [`PluginConfig`] (and
 /// settings file): secrets read, origins parsed, limits filled in.
 #[derive(Debug, Clone, Default)]
@@ -254,6 +280,8 @@ pub struct PluginSettings {
     pub config: serde_json::Value,
     pub limits: Limits,
     pub policy: OutboundPolicy,
+    /// How its `https://` origins' certificates are checked.
+    pub tls: TlsMode,
     /// Refuse the file unless its sha256 (hex) is this.
     pub sha256: Option<String>,
 }
@@ -317,6 +345,13 @@ pub fn confine_settings_file(
         return Err((
             "grants".into(),
             "only the main configuration grants secrets".into(),
+        ));
+    }
+    if settings.tls.is_some() {
+        // Whom to trust is the operator's decision, as are the secrets.
+        return Err((
+            "tls".into(),
+            "only the main configuration says which certificates a plugin trusts".into(),
         ));
     }
     let empty = BTreeMap::new();
@@ -703,6 +738,10 @@ impl Config {
                     )
                 })?;
             }
+            if let Some(tls) = &p.tls {
+                tls.mode()
+                    .map_err(|m| self.invalid(format!("plugin.{name}.tls"), m))?;
+            }
             for (g, grant) in &p.grants {
                 let source = grant.source();
                 let given = [
@@ -824,6 +863,10 @@ pub fn resolve_plugin(
     defaults: Limits,
 ) -> Result<PluginSettings, (String, String)> {
     let key = |k: String| format!("plugin.{name}.{k}");
+    let tls = match &p.tls {
+        Some(tls) => tls.mode().map_err(|m| (key("tls".into()), m.to_owned()))?,
+        None => TlsMode::System,
+    };
     let allow = p
         .allow
         .iter()
@@ -863,6 +906,7 @@ pub fn resolve_plugin(
         config,
         limits: defaults.with(&p.limits),
         policy: OutboundPolicy::new(allow, inject),
+        tls,
         sha256: p.sha256.clone(),
     })
 }
@@ -1076,5 +1120,14 @@ inject = [{ origin = "https://fw1.example.com", header = "X-PAN-KEY", value = "k
             .policy
             .allows(&Url::parse("https://fw1.example.com/api/").unwrap()));
         assert_eq!(s.policy.secrets().next().unwrap().expose(), "k");
+    }
+
+    #[test]
+    fn a_settings_file_cannot_choose_which_certificates_its_plugin_trusts() {
+        let settings: PluginConfig =
+            toml::from_str(r#"tls = { pinned_cert = "/tmp/mitm.pem" }"#).unwrap();
+        let (key, message) = confine_settings_file(settings, None, "paloalto").unwrap_err();
+        assert_eq!(key, "tls");
+        assert!(message.contains("only the main configuration"), "{message}");
     }
 }

@@ -5,6 +5,7 @@
 //! is reachable until the operator lists it.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use ipnet::IpNet;
 use url::Url;
@@ -143,6 +144,24 @@ fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
         Some((host, port)) if !host.contains(':') => Some((host, Some(port))),
         _ => Some((s, None)),
     }
+}
+
+/// How an outbound peer's certificate is checked: Prism's (a cluster's
+/// `tls`) or the origins of a plugin (its `tls`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// The public web roots bundled with the client.
+    #[default]
+    System,
+    /// Only the CA certificates in this PEM (or DER) file.
+    CaFile(PathBuf),
+    /// Exactly this certificate (PEM or DER), whatever its issuer, names or
+    /// dates: the pin is the whole trust decision, which suits the
+    /// self-signed certificates Prism and firewalls come with, often issued
+    /// for an IP no one connects to.
+    PinnedCert(PathBuf),
+    /// No verification at all; for labs only.
+    Insecure,
 }
 
 /// A header the host adds to requests for one origin.

@@ -646,3 +646,116 @@ async fn a_file_whose_hash_differs_from_the_pin_is_refused() {
         .to_string();
     assert!(err.contains("but the configuration pins 0000"), "{err}");
 }
+
+/// A TLS front on loopback for `leaf`, relaying to the plain `upstream`.
+async fn tls_front(upstream: &str, leaf: &rcgen::CertifiedKey) -> u16 {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_pair.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+/// Firewalls ship with self-signed certificates, and companies run private
+/// CAs: a plugin reaches such an origin only with the trust its main
+/// configuration gives it (`tls = { pinned_cert | ca_file }`), and that
+/// trust is the plugin's own: a pin accepts that certificate and nothing
+/// else, and a plugin without one still refuses the self-signed server.
+#[tokio::test]
+async fn a_plugin_reaches_a_self_signed_origin_only_with_the_trust_it_is_given() {
+    use prismhook::runtime::TlsMode;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedKey, IsCa, KeyPair};
+    let sb = sandbox();
+    let (base, _) = echo_server().await;
+    let certificate = |issuer: Option<&CertifiedKey>| {
+        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let key_pair = KeyPair::generate().unwrap();
+        let cert = match issuer {
+            Some(ca) => params.signed_by(&key_pair, &ca.cert, &ca.key_pair).unwrap(),
+            None => params.self_signed(&key_pair).unwrap(),
+        };
+        CertifiedKey { cert, key_pair }
+    };
+    let ca = {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key_pair = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key_pair).unwrap();
+        CertifiedKey { cert, key_pair }
+    };
+    let self_signed = certificate(None);
+    let by_ca = certificate(Some(&ca));
+    let self_port = tls_front(&base, &self_signed).await;
+    let ca_port = tls_front(&base, &by_ca).await;
+    let files = tempfile::tempdir().unwrap();
+    let pin = files.path().join("firewall.pem");
+    std::fs::write(&pin, self_signed.cert.pem()).unwrap();
+    let ca_file = files.path().join("corp-ca.pem");
+    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+
+    let cases = [
+        (TlsMode::System, self_port, false),
+        (TlsMode::PinnedCert(pin.clone()), self_port, true),
+        (TlsMode::PinnedCert(pin), ca_port, false),
+        (TlsMode::CaFile(ca_file.clone()), ca_port, true),
+        (TlsMode::CaFile(ca_file), self_port, false),
+    ];
+    for (id, (tls, port, reachable)) in cases.into_iter().enumerate() {
+        let mut s = allow(&["https://localhost:*"], Vec::new());
+        s.tls = tls.clone();
+        let p = probe(&sb, s).await;
+        let url = format!("https://localhost:{port}/echo");
+        let out = p
+            .handle(vec![event(
+                id as u64,
+                "TEST.HTTP",
+                serde_json::json!({ "url": url }),
+            )])
+            .await
+            .unwrap();
+        assert!(matches!(out[..], [Outcome::Done]));
+        let result = kv_text(&sb, &format!("http/{id}")).unwrap();
+        if reachable {
+            assert!(
+                result.starts_with("status=200"),
+                "{tls:?} to {url}: {result}"
+            );
+        } else {
+            assert!(result.starts_with("error="), "{tls:?} to {url}: {result}");
+            assert!(result.contains("certificate"), "{tls:?} to {url}: {result}");
+        }
+    }
+
+    // A trust that cannot be read is a load error that names it.
+    let mut s = settings();
+    s.tls = TlsMode::CaFile(files.path().join("missing.pem"));
+    let Err(e) = sb.runtime.load(&common::component("probe"), s).await else {
+        panic!("a missing CA file refuses the plugin");
+    };
+    assert!(matches!(e, LoadError::Tls { .. }), "{e}");
+    assert!(e.to_string().contains("missing.pem"), "{e}");
+}

@@ -19,21 +19,16 @@
 //!   first page silently breaks registration and reconciling.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderValue, ACCEPT};
 use reqwest::Method;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use serde_json::{json, Value};
 use url::Url;
 
 use super::payload::{parse_vm, Vm};
+pub use crate::outbound::TlsMode;
+use crate::outbound::{chain, with_tls};
 use prismhook_core::nutanix::str_at;
 pub use prismhook_core::nutanix::v3::Webhook;
 use prismhook_core::nutanix::v3::{error_reason, parse_webhook, status_messages, Listing};
@@ -78,21 +73,6 @@ impl fmt::Debug for ClusterEndpoint {
             .field("proxy_from_env", &self.proxy_from_env)
             .finish()
     }
-}
-
-/// How Prism's certificate is checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TlsMode {
-    /// The public web roots bundled with the client.
-    System,
-    /// Only the CA certificates in this PEM (or DER) file.
-    CaFile(PathBuf),
-    /// Exactly this certificate (PEM or DER), whatever its issuer, names or
-    /// dates: the pin is the whole trust decision, which suits Prism's
-    /// self-signed certificates, often issued for an IP no one connects to.
-    PinnedCert(PathBuf),
-    /// No verification at all; for labs only.
-    Insecure,
 }
 
 /// A webhook as prismhook wants it registered.
@@ -597,159 +577,6 @@ fn display_path(segments: &[&str]) -> String {
     })
 }
 
-/// An error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
-// --- TLS ---------------------------------------------------------------------
-
-fn with_tls(
-    builder: reqwest::ClientBuilder,
-    tls: &TlsMode,
-) -> Result<reqwest::ClientBuilder, String> {
-    Ok(match tls {
-        TlsMode::System => builder,
-        TlsMode::CaFile(path) => {
-            let bytes = read(path, "CA file")?;
-            let certs = if looks_like_pem(&bytes) {
-                reqwest::Certificate::from_pem_bundle(&bytes)
-            } else {
-                reqwest::Certificate::from_der(&bytes).map(|c| vec![c])
-            }
-            .map_err(|e| format!("CA file {}: {}", path.display(), chain(&e)))?;
-            if certs.is_empty() {
-                return Err(format!("CA file {}: no certificate in it", path.display()));
-            }
-            certs
-                .into_iter()
-                .fold(builder.tls_built_in_root_certs(false), |b, cert| {
-                    b.add_root_certificate(cert)
-                })
-        }
-        TlsMode::PinnedCert(path) => {
-            let bytes = read(path, "pinned certificate")?;
-            let pinned = if looks_like_pem(&bytes) {
-                CertificateDer::from_pem_slice(&bytes).map_err(|e| {
-                    format!(
-                        "pinned certificate {}: no PEM certificate: {e}",
-                        path.display()
-                    )
-                })?
-            } else {
-                CertificateDer::from(bytes)
-            };
-            builder.use_preconfigured_tls(pinned_tls(pinned))
-        }
-        TlsMode::Insecure => builder.danger_accept_invalid_certs(true),
-    })
-}
-
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
-}
-
-fn looks_like_pem(bytes: &[u8]) -> bool {
-    bytes.windows(11).any(|w| w == b"-----BEGIN ")
-}
-
-/// A rustls configuration that trusts one certificate and nothing else.
-fn pinned_tls(pinned: CertificateDer<'static>) -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = PinnedCertVerifier {
-        pinned,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("the ring provider supports the default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    // The client speaks HTTP/1.1 only; reqwest sets this itself for the
-    // configurations it builds, but not for a preconfigured one.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config
-}
-
-/// Accepts the server when its end-entity certificate is byte for byte the
-/// pinned one. The handshake signatures are still verified against that
-/// certificate's key, so a server that merely replays the certificate
-/// without its private key is refused.
-#[derive(Debug)]
-struct PinnedCertVerifier {
-    pinned: CertificateDer<'static>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-struct NotThePinnedCertificate;
-
-impl fmt::Display for NotThePinnedCertificate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the server's certificate is not the pinned one")
-    }
-}
-
-// rustls shows this error with `{:?}`: make that readable too.
-impl fmt::Debug for NotThePinnedCertificate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl std::error::Error for NotThePinnedCertificate {}
-
-impl ServerCertVerifier for PinnedCertVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.pinned.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(NotThePinnedCertificate)),
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1065,6 +892,8 @@ mod tests {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedKey, IsCa, KeyPair};
         use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
         use std::net::SocketAddr;
+        use std::path::PathBuf;
+        use std::sync::Arc;
 
         /// A certificate for `names`, signed by `issuer` or self-signed.
         fn certificate(names: &[&str], issuer: Option<&CertifiedKey>) -> CertifiedKey {

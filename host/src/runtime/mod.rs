@@ -42,7 +42,7 @@ use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
 use kv_store::KvStore;
 pub use prismhook_core::config::PluginSettings;
 pub use prismhook_core::limits::{self, LimitOverrides, Limits};
-pub use prismhook_core::policy::{self, OutboundPolicy};
+pub use prismhook_core::policy::{self, OutboundPolicy, TlsMode};
 use state::{CallEnv, HostState, PluginIdentity};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
@@ -84,6 +84,8 @@ pub enum LoadError {
         "{file}: subscription {subscription} is not an event type (`KIND.ACTION`), `KIND.*` or `*`"
     )]
     BadSubscription { file: PathBuf, subscription: String },
+    #[error("{file}: tls: {reason}")]
+    Tls { file: PathBuf, reason: String },
 }
 
 /// Why one call into a plugin failed. Every variant counts as `retry` for
@@ -243,16 +245,8 @@ impl Runtime {
             None
         };
 
-        // Redirects are followed by the http import itself, which re-checks
-        // the allowlist at every hop.
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")));
-        let http = crate::outbound::with_proxy_policy(http, opts.proxy_from_env)
-            .map_err(anyhow::Error::msg)?
-            .build()?;
+        let http =
+            plugin_client(opts.proxy_from_env, &TlsMode::System).map_err(anyhow::Error::msg)?;
         let kv = KvStore::open(&opts.kv_path)?;
         let cache = opts
             .cache_dir
@@ -267,6 +261,7 @@ impl Runtime {
             env: Arc::new(CallEnv {
                 kv,
                 http,
+                proxy_from_env: opts.proxy_from_env,
                 outbound: Arc::default(),
             }),
             cache,
@@ -431,12 +426,24 @@ impl Runtime {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin".into());
+        // A plugin with its own trust gets its own connection pool; the
+        // others share one.
+        let http = match &settings.tls {
+            TlsMode::System => None,
+            tls => Some(
+                plugin_client(self.env.proxy_from_env, tls).map_err(|reason| LoadError::Tls {
+                    file: file.clone(),
+                    reason,
+                })?,
+            ),
+        };
         let mut plugin = Plugin {
             env: self.env.clone(),
             identity: Arc::new(PluginIdentity {
                 name: provisional,
                 limits: settings.limits,
                 policy: settings.policy,
+                http,
             }),
             info: PluginInfo {
                 name: String::new(),
@@ -475,6 +482,7 @@ impl Runtime {
             name: info.name.clone(),
             limits: plugin.identity.limits,
             policy: plugin.identity.policy.clone(),
+            http: plugin.identity.http.clone(),
         });
         plugin.info = info;
         Ok(plugin)
@@ -896,4 +904,19 @@ impl Drop for EpochTicker {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// The HTTP client behind the plugins' `http` import: no redirects (the
+/// import follows them itself, re-checking the allowlist at every hop), the
+/// proxy policy, and `tls` for certificates.
+fn plugin_client(proxy_from_env: bool, tls: &TlsMode) -> Result<reqwest::Client, String> {
+    let builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")));
+    let builder = crate::outbound::with_proxy_policy(builder, proxy_from_env)?;
+    crate::outbound::with_tls(builder, tls)?
+        .build()
+        .map_err(|e| crate::outbound::chain(&e))
 }

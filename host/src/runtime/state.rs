@@ -17,6 +17,9 @@ pub struct PluginIdentity {
     pub name: String,
     pub limits: Limits,
     pub policy: OutboundPolicy,
+    /// Its own client when its configuration trusts other certificates
+    /// than the public roots; `None` uses the shared one.
+    pub http: Option<reqwest::Client>,
 }
 
 /// Outbound requests since start by plugin, origin and result (the HTTP
@@ -42,8 +45,11 @@ impl OutboundCounts {
 /// service adds it here and takes it in [`HostState::new`], and nowhere else.
 pub struct CallEnv {
     pub kv: KvStore,
-    /// One connection pool for every plugin's outbound requests.
+    /// One connection pool for the outbound requests of every plugin that
+    /// trusts the public roots.
     pub http: reqwest::Client,
+    /// For the clients of plugins with a trust of their own.
+    pub proxy_from_env: bool,
     pub outbound: Arc<OutboundCounts>,
 }
 
@@ -92,7 +98,7 @@ impl HostState {
             requests_made: 0,
             log_budget,
             kv: env.kv.session(&plugin.name),
-            http: env.http.clone(),
+            http: plugin.http.clone().unwrap_or_else(|| env.http.clone()),
             outbound: env.outbound.clone(),
             plugin,
         }
