@@ -1125,7 +1125,7 @@ inject = [{ origin = "https://fw1.example.com", header = "X-PAN-KEY", value = "k
     #[test]
     fn a_settings_file_cannot_choose_which_certificates_its_plugin_trusts() {
         let settings: PluginConfig =
-            toml::from_str(r#"tls = { pinned_cert = "/tmp/mitm.pem" }"#).unwrap();
+            toml::from_str(r#"tls = { pinned_cert = "/etc/prismhook/mitm.pem" }"#).unwrap();
         let (key, message) = confine_settings_file(settings, None, "paloalto").unwrap_err();
         assert_eq!(key, "tls");
         assert!(message.contains("only the main configuration"), "{message}");
