@@ -638,4 +638,25 @@ mod tests {
             .starts_with("missing entity uuid"));
         assert!(err("").starts_with("body is not JSON: EOF while parsing"));
     }
+
+    #[test]
+    fn a_body_hashed_for_dedupe_hashes_the_same_whatever_its_number_spelling() {
+        // Found by the notification fuzz target: an integer too large for
+        // i64 is read as a float, and the parser's default fast path did
+        // not round it as it rounds the float's own shortest spelling, so
+        // the same body compacted got another dedupe key.
+        let body = format!(
+            r#"{{"event_type": "VM.OFF",
+            "entity_reference": {{"kind": "vm", "uuid": "bdbbad7a-a401-4f9a-a789-2b8406905b56"}},
+            "data": {{"metadata": {{"spec": {{"n": -5{}}}}}}}}}"#,
+            "1".repeat(59)
+        );
+        let body = body.as_bytes();
+        let value: Value = serde_json::from_slice(body).unwrap();
+        let compact = serde_json::to_vec(&value).unwrap();
+        assert_eq!(
+            parse_notification(body).unwrap().dedupe_key,
+            parse_notification(&compact).unwrap().dedupe_key
+        );
+    }
 }
