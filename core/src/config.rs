@@ -218,6 +218,12 @@ pub struct PluginsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
+    /// Runs this table as an *instance* of a component file in the plugins
+    /// directory (`paloalto.wasm`), under the table's name: one component
+    /// can then feed several firewalls, each instance with its own
+    /// settings, kv, deliveries and dead letters. A file some instance
+    /// names is loaded only as its instances.
+    pub component: Option<String>,
     /// Handed to the plugin's `init` as a JSON object.
     #[serde(default)]
     pub config: toml::Table,
@@ -722,6 +728,16 @@ impl Config {
             }
         }
         for (name, p) in &self.plugin {
+            if let Some(component) = &p.component {
+                if !valid_plugin_name(name) {
+                    return Err(self.invalid(
+                        format!("plugin.{name}"),
+                        "an instance's name is lower case letters, digits and `-`, at most 64",
+                    ));
+                }
+                check_component(component)
+                    .map_err(|m| self.invalid(format!("plugin.{name}.component"), m))?;
+            }
             for (j, origin) in p.allow.iter().enumerate() {
                 OriginRule::parse(origin).map_err(|e| {
                     self.invalid(format!("plugin.{name}.allow[{j}]"), e.to_string())
@@ -847,6 +863,34 @@ impl Config {
         resolve_plugin(p, name, self.default_limits())
             .map_err(|(key, message)| self.invalid(key, message))
     }
+}
+
+/// A plugin's name as it appears in the registry, kv, metrics and URLs:
+/// lower case letters, digits and `-`, at most 64 bytes.
+pub fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// An instance's `component`: the name of a `.wasm` file in the plugins
+/// directory, never a path (instances cannot reach outside it).
+pub fn check_component(component: &str) -> Result<(), String> {
+    let stem = component.strip_suffix(".wasm").unwrap_or_default();
+    if stem.is_empty()
+        || stem.starts_with('.')
+        || !stem
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "expected the name of a `.wasm` file in the plugins directory, such as \
+             \"paloalto.wasm\", found {component:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// The listener path for one cluster's notifications.

@@ -178,7 +178,9 @@ pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Res
         config,
         ..Default::default()
     };
-    let result = Arc::clone(&runtime).instantiate(compiled, settings).await;
+    let result = Arc::clone(&runtime)
+        .instantiate(compiled, settings, None)
+        .await;
     let _ = std::fs::remove_dir_all(&dir);
     println!("file      {}", file.display());
     println!("size      {} KiB", size / 1024);

@@ -57,6 +57,9 @@ pub type Snapshot = Arc<BTreeMap<String, Entry>>;
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginStatus {
     pub name: String,
+    /// The component's own name (its `init`'s) when this plugin is an
+    /// instance of it.
+    pub component: Option<String>,
     pub version: Option<String>,
     pub file: Option<PathBuf>,
     pub sha256: Option<String>,
@@ -147,6 +150,9 @@ impl Registry {
                 let p = e.plugin.as_ref();
                 let status = PluginStatus {
                     name: name.clone(),
+                    component: p
+                        .filter(|p| p.instance().is_some())
+                        .map(|p| p.info().name.clone()),
                     version: p.map(|p| p.info().version.clone()),
                     file: p.map(|p| p.file().to_owned()),
                     sha256: p.map(|p| p.sha256().to_owned()),

@@ -10,7 +10,7 @@
 //! an optimizer thread compiles it with Cranelift, and this task swaps that
 //! in as it does a new version, provided the same load is still serving.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,9 @@ use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{confine_settings_file, resolve_plugin, Config, PluginConfig};
+use crate::config::{
+    check_component, confine_settings_file, resolve_plugin, valid_plugin_name, Config, PluginConfig,
+};
 use crate::registry::{Entry, PluginState, Registry};
 use crate::runtime::file::{read_component, read_regular, ComponentBytes};
 use crate::runtime::{Optimizer, Plugin, Runtime, Source, Tier};
@@ -130,13 +132,146 @@ impl Reloader {
     }
 }
 
+/// What the registry serves one plugin from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Unit {
+    /// `<stem>.wasm` running as itself: configured by `<stem>.toml` or the
+    /// main configuration's `[plugin.<stem>]`, named by its `init`.
+    File(PathBuf),
+    /// An instance the operator named, of the component its settings name:
+    /// `[plugin.<name>] component = "…"` or a `<name>.toml` with
+    /// `component`.
+    Instance(String),
+}
+
+impl Unit {
+    /// Its settings file (which may not exist).
+    fn settings_file(&self, dir: &Path) -> PathBuf {
+        match self {
+            Unit::File(wasm) => wasm.with_extension("toml"),
+            Unit::Instance(name) => dir.join(format!("{name}.toml")),
+        }
+    }
+
+    /// Its name in the main configuration (`[plugin.<key>]`).
+    fn key(&self) -> String {
+        match self {
+            Unit::File(wasm) => stem(wasm),
+            Unit::Instance(name) => name.clone(),
+        }
+    }
+
+    /// The registry's name for it before it loads (or when it never does).
+    fn provisional_name(&self) -> String {
+        self.key()
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Unit::File(wasm) => wasm.display().to_string(),
+            Unit::Instance(name) => format!("instance `{name}`"),
+        }
+    }
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Which component file a unit runs now, or why that cannot be told.
+type Plan = BTreeMap<Unit, Result<PathBuf, String>>;
+
+/// Every plugin the directory and the main configuration describe now:
+/// each instance with its component, and each `.wasm` file no instance
+/// claims, as itself. Reads the directory and its (small, bounded)
+/// settings files: call it off the async threads.
+fn plan(dir: &Path, config: &Config) -> Plan {
+    let mut wasm = BTreeSet::new();
+    let mut settings = Vec::new();
+    for path in std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+    {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("wasm") => {
+                wasm.insert(path);
+            }
+            Some("toml") => settings.push(path),
+            _ => {}
+        }
+    }
+    let mut instances: BTreeMap<String, Result<PathBuf, String>> = config
+        .plugin
+        .iter()
+        .filter_map(|(name, p)| Some((name.clone(), Ok(dir.join(p.component.as_ref()?)))))
+        .collect();
+    for file in settings {
+        let name = stem(&file);
+        let declared = match declared_component(&file) {
+            Ok(Some(component)) => check_component(&component)
+                .map(|()| dir.join(component))
+                .map_err(|e| format!("{}: `component`: {e}", file.display())),
+            // The settings of `<name>.wasm`, or of an instance the main
+            // configuration declares.
+            Ok(None) => continue,
+            // Unreadable: reported by the component it configures, if any.
+            Err(_) if wasm.contains(&file.with_extension("wasm")) => continue,
+            Err(_) if instances.contains_key(&name) => continue,
+            Err(e) => Err(e),
+        };
+        let declared = match declared {
+            Ok(_) if !valid_plugin_name(&name) => Err(format!(
+                "{}: `{name}` cannot name an instance: use lower case letters, digits and `-`",
+                file.display()
+            )),
+            other => other,
+        };
+        instances.insert(name, declared);
+    }
+    let claimed: BTreeSet<&PathBuf> = instances.values().filter_map(|c| c.as_ref().ok()).collect();
+    let mut plan: Plan = wasm
+        .iter()
+        .filter(|w| !claimed.contains(w) && !instances.contains_key(&stem(w)))
+        .map(|w| (Unit::File(w.clone()), Ok(w.clone())))
+        .collect();
+    plan.extend(
+        instances
+            .into_iter()
+            .map(|(name, component)| (Unit::Instance(name), component)),
+    );
+    plan
+}
+
+/// The `component` a settings file names, if any.
+fn declared_component(file: &Path) -> Result<Option<String>, String> {
+    let bytes = read_regular(file, MAX_SETTINGS_BYTES).map_err(|e| e.to_string())?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", file.display()))?;
+    let table = toml::from_str::<toml::Table>(&text)
+        .map_err(|e| format!("{}: {}", file.display(), e.to_string().trim_end()))?;
+    match table.get("component") {
+        None => Ok(None),
+        Some(toml::Value::String(c)) => Ok(Some(c.clone())),
+        Some(_) => Err(format!(
+            "{}: `component`: expected the name of a `.wasm` file",
+            file.display()
+        )),
+    }
+}
+
 struct Loaded {
     plugin: String,
+    wasm: PathBuf,
     sha256: String,
     settings: PluginConfig,
 }
 
-/// A file that did not load, with what it was when it failed.
+/// A plugin that did not load, with what it was when it failed.
 struct Failure {
     /// The registry entry that shows the error.
     plugin: String,
@@ -147,10 +282,11 @@ struct Failure {
 /// Largest `<name>.toml` read.
 const MAX_SETTINGS_BYTES: u64 = 1 << 20;
 
-/// What a component file and its settings file held when read; equal
+/// What a unit's component file and settings file held when read; equal
 /// snapshots load the same way.
 #[derive(Debug, Clone, PartialEq)]
 struct Snapshot {
+    component: Result<PathBuf, String>,
     /// The component's sha256, or why it could not be read.
     wasm: Result<String, String>,
     /// The settings file's text (`None`: there is none), or why it could
@@ -161,19 +297,29 @@ struct Snapshot {
 impl Snapshot {
     /// Blocking, bounded reads of regular files only. The component's
     /// bytes come back too, so that loading it does not read it again.
-    fn read(wasm: &Path, limit: u64) -> (Snapshot, Option<ComponentBytes>) {
-        let settings = match read_regular(&wasm.with_extension("toml"), MAX_SETTINGS_BYTES) {
+    fn read(
+        component: Result<PathBuf, String>,
+        settings_file: &Path,
+        limit: u64,
+    ) -> (Snapshot, Option<ComponentBytes>) {
+        let settings = match read_regular(settings_file, MAX_SETTINGS_BYTES) {
             Ok(bytes) => String::from_utf8(bytes)
                 .map(Some)
-                .map_err(|_| format!("{}: not UTF-8 text", wasm.with_extension("toml").display())),
+                .map_err(|_| format!("{}: not UTF-8 text", settings_file.display())),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.to_string()),
         };
-        let (wasm, bytes) = match read_component(wasm, limit) {
-            Ok(read) => (Ok(read.sha256.clone()), Some(read)),
-            Err(e) => (Err(e.to_string()), None),
+        let (wasm, bytes) = match component.as_ref().map(|w| read_component(w, limit)) {
+            Ok(Ok(read)) => (Ok(read.sha256.clone()), Some(read)),
+            Ok(Err(e)) => (Err(e.to_string()), None),
+            Err(e) => (Err(e.clone()), None),
         };
-        (Snapshot { wasm, settings }, bytes)
+        let snapshot = Snapshot {
+            component,
+            wasm,
+            settings,
+        };
+        (snapshot, bytes)
     }
 }
 
@@ -182,10 +328,12 @@ struct Task {
     registry: Registry,
     config: Arc<Config>,
     dir: PathBuf,
-    /// `.wasm` path → what it provides now.
-    files: HashMap<PathBuf, Loaded>,
-    /// `.wasm` path → why its current bytes and settings did not load.
-    failures: HashMap<PathBuf, Failure>,
+    /// What the directory and configuration described at the last look.
+    plan: Plan,
+    /// What each unit provides now.
+    files: HashMap<Unit, Loaded>,
+    /// Why each unit's current files did not load.
+    failures: HashMap<Unit, Failure>,
     counts: Arc<ReloadCounts>,
     /// Cranelift's compilations of baseline plugins; `None` when not tiered.
     optimizing: Option<Optimizing>,
@@ -194,7 +342,7 @@ struct Task {
 
 type Compiled = Result<wasmtime::component::Component, crate::runtime::LoadError>;
 
-/// `.wasm` path → the optimizer job whose result is still wanted.
+/// Component file → the optimizer job whose result is still wanted.
 type Wanted = Arc<std::sync::Mutex<HashMap<PathBuf, u64>>>;
 
 /// The reload task's side of the optimizer thread.
@@ -203,8 +351,9 @@ struct Optimizing {
     /// The thread skips jobs no longer wanted (versions replaced before
     /// their turn).
     wanted: Wanted,
-    /// Job → the baseline plugin it compiles for.
-    pending: HashMap<u64, Plugin>,
+    /// Job → the file and version it compiles. One job serves every
+    /// instance of that version.
+    pending: HashMap<u64, (PathBuf, String)>,
     next: u64,
 }
 
@@ -233,16 +382,26 @@ impl Optimizing {
     }
 
     /// Queues Cranelift's compilation of `plugin` (if it runs Winch's code),
-    /// in place of any earlier one for its file.
+    /// in place of any earlier one for another version of its file.
     fn queue(&mut self, plugin: &Plugin) {
         let mut wanted = self.wanted.lock().expect("optimizer lock");
-        wanted.remove(plugin.file());
         let Some(source) = plugin.source() else {
             return;
         };
+        let queued = wanted
+            .get(plugin.file())
+            .and_then(|job| self.pending.get(job))
+            .is_some_and(|(_, sha)| sha == plugin.sha256());
+        if queued {
+            // Another instance of the same version: one compilation serves both.
+            return;
+        }
         self.next += 1;
         wanted.insert(plugin.file().to_owned(), self.next);
-        self.pending.insert(self.next, plugin.clone());
+        self.pending.insert(
+            self.next,
+            (plugin.file().to_owned(), plugin.sha256().to_owned()),
+        );
         if self.jobs.send((self.next, source)).is_err() {
             // No optimizer thread: the plugin keeps Winch's code.
             self.pending.remove(&self.next);
@@ -303,6 +462,7 @@ pub async fn start(
         registry,
         config,
         dir,
+        plan: Plan::new(),
         files: HashMap::new(),
         failures: HashMap::new(),
         counts: Arc::default(),
@@ -335,16 +495,16 @@ pub struct Started {
 
 impl Task {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        // `.wasm` path → when to load it, unless it changes again first.
+        // Changed path → when to look at it, unless it changes again first.
         let mut dirty: HashMap<PathBuf, tokio::time::Instant> = HashMap::new();
         loop {
             let due = dirty.values().min().copied();
             let cmd = tokio::select! {
                 cmd = rx.recv() => cmd,
                 Some((job, result)) = self.optimized.recv() => {
-                    let baseline = self.optimizing.as_mut().and_then(|o| o.pending.remove(&job));
-                    if let (Some(baseline), Some(result)) = (baseline, result) {
-                        if let Some(report) = self.upgrade(&baseline, result).await {
+                    let version = self.optimizing.as_mut().and_then(|o| o.pending.remove(&job));
+                    if let (Some((file, sha256)), Some(result)) = (version, result) {
+                        for report in self.upgrade(&file, &sha256, result).await {
                             self.record(&report);
                         }
                     }
@@ -353,9 +513,8 @@ impl Task {
                 () = sleep_until(due) => {
                     let now = tokio::time::Instant::now();
                     let ready: Vec<PathBuf> = dirty.iter().filter(|(_, due)| **due <= now).map(|(p, _)| p.clone()).collect();
-                    for wasm in ready {
-                        dirty.remove(&wasm);
-                        let report = self.reload_file(&wasm).await;
+                    dirty.retain(|_, due| *due > now);
+                    for report in self.changed(&ready).await {
                         self.record(&report);
                     }
                     continue;
@@ -364,9 +523,9 @@ impl Task {
             match cmd {
                 None => return,
                 Some(Command::Changed { path, atomic }) => {
-                    if let Some(wasm) = wasm_for(&path) {
+                    if concerns_plugins(&path) {
                         let quiet = if atomic { SETTLE } else { DEBOUNCE };
-                        dirty.insert(wasm, tokio::time::Instant::now() + quiet);
+                        dirty.insert(path, tokio::time::Instant::now() + quiet);
                     }
                 }
                 Some(Command::Rescan(reply)) => {
@@ -377,38 +536,52 @@ impl Task {
         }
     }
 
-    /// Swaps Cranelift's code for Winch's, if the load it was made for is
-    /// still the one serving (not replaced, removed or reconfigured since).
-    async fn upgrade(&mut self, baseline: &Plugin, compiled: Compiled) -> Option<Report> {
-        let file = baseline.file().to_owned();
-        let plugin = baseline.name().to_owned();
-        if !self.serving(baseline) {
-            return None;
-        }
+    /// Swaps Cranelift's code for Winch's in every plugin that runs this
+    /// version of `file` and still serves the load it was made for.
+    async fn upgrade(&mut self, file: &Path, sha256: &str, compiled: Compiled) -> Vec<Report> {
         let code = match compiled {
             Ok(code) => code,
             Err(e) => {
-                tracing::warn!(%plugin, "Cranelift cannot compile the plugin; Winch's code keeps serving: {e}");
-                return None;
+                tracing::warn!(file = %file.display(), "Cranelift cannot compile the plugin; Winch's code keeps serving: {e}");
+                return Vec::new();
             }
         };
-        let optimized = match self.runtime.upgrade(baseline, code).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(%plugin, "Cranelift's code failed where Winch's did not; Winch's keeps serving: {e}");
-                return None;
+        let names: Vec<String> = self
+            .files
+            .values()
+            .filter(|l| l.wasm == file && l.sha256 == sha256)
+            .map(|l| l.plugin.clone())
+            .collect();
+        let mut reports = Vec::new();
+        for plugin in names {
+            let Some(baseline) = self.registry.get(&plugin).and_then(|e| e.plugin) else {
+                continue;
+            };
+            if baseline.tier() != Tier::Baseline || baseline.sha256() != sha256 {
+                continue;
             }
-        };
-        // `init` awaited: look again before swapping.
-        if !self.serving(baseline) {
-            return None;
+            let optimized = match self.runtime.upgrade(&baseline, code.clone()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%plugin, "Cranelift's code failed where Winch's did not; Winch's keeps serving: {e}");
+                    continue;
+                }
+            };
+            // `init` awaited: look again before swapping.
+            if !self.serving(&baseline) {
+                continue;
+            }
+            self.registry.update(|r| {
+                if let Some(entry) = r.get_mut(&plugin) {
+                    entry.plugin = Some(optimized);
+                }
+            });
+            reports.push(Report::Optimized {
+                file: file.to_owned(),
+                plugin,
+            });
         }
-        self.registry.update(|r| {
-            if let Some(entry) = r.get_mut(&plugin) {
-                entry.plugin = Some(optimized);
-            }
-        });
-        Some(Report::Optimized { file, plugin })
+        reports
     }
 
     fn serving(&self, baseline: &Plugin) -> bool {
@@ -424,95 +597,136 @@ impl Task {
         self.counts.count(report);
     }
 
+    /// What the directory and configuration describe now.
+    async fn look(&self) -> Plan {
+        let (dir, config) = (self.dir.clone(), self.config.clone());
+        tokio::task::spawn_blocking(move || plan(&dir, &config))
+            .await
+            .unwrap_or_default()
+    }
+
     /// Brings the registry in line with every file in the directory.
     async fn rescan(&mut self) -> Vec<Report> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter_map(|p| wasm_for(&p))
-                    .collect()
-            })
-            .unwrap_or_default();
-        paths.extend(self.files.keys().cloned());
-        paths.extend(self.failures.keys().cloned());
-        paths.sort();
-        paths.dedup();
+        let plan = self.look().await;
+        let mut units: BTreeSet<Unit> = plan.keys().cloned().collect();
+        units.extend(self.plan.keys().cloned());
+        units.extend(self.files.keys().cloned());
+        units.extend(self.failures.keys().cloned());
+        self.reload_units(units, plan).await
+    }
+
+    /// Reloads what the `paths` that changed concern: plugins whose
+    /// component or settings file is one of them, and plugins that came or
+    /// went with them (a settings file that now claims a component for an
+    /// instance takes it from the plugin that ran it as itself).
+    async fn changed(&mut self, paths: &[PathBuf]) -> Vec<Report> {
+        let plan = self.look().await;
+        let runs = |unit: &Unit, path: &PathBuf| {
+            let component = |p: &Plan| p.get(unit).is_some_and(|c| c.as_ref() == Ok(path));
+            component(&plan)
+                || component(&self.plan)
+                || self.files.get(unit).is_some_and(|l| &l.wasm == path)
+                || &unit.settings_file(&self.dir) == path
+        };
+        let mut units: BTreeSet<Unit> = plan.keys().cloned().collect();
+        units.extend(self.plan.keys().cloned());
+        units.extend(self.files.keys().cloned());
+        units.extend(self.failures.keys().cloned());
+        units.retain(|u| plan.get(u) != self.plan.get(u) || paths.iter().any(|p| runs(u, p)));
+        self.reload_units(units, plan).await
+    }
+
+    async fn reload_units(&mut self, units: BTreeSet<Unit>, plan: Plan) -> Vec<Report> {
         let mut reports = Vec::new();
-        for path in paths {
-            let report = self.reload_file(&path).await;
+        for unit in units {
+            let component = plan.get(&unit).cloned();
+            let report = self.reload_unit(&unit, component).await;
             self.record(&report);
             reports.push(report);
         }
+        self.plan = plan;
         reports
     }
 
-    /// The settings a snapshot's `.toml` holds, or else the main config's
-    /// `[plugin.<stem>]`.
-    fn settings_for(&self, wasm: &Path, snapshot: &Snapshot) -> Result<PluginConfig, String> {
-        let stem = wasm
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let beside = wasm.with_extension("toml");
+    /// The settings a unit's settings file holds, or else the main
+    /// configuration's `[plugin.<key>]`.
+    fn settings_for(&self, unit: &Unit, snapshot: &Snapshot) -> Result<PluginConfig, String> {
+        let key = unit.key();
+        let beside = unit.settings_file(&self.dir);
         match &snapshot.settings {
             Ok(Some(text)) => {
                 let settings = toml::from_str::<PluginConfig>(text)
                     .map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end()))?;
-                confine_settings_file(settings, self.config.plugin.get(&stem), &stem)
-                    .map_err(|(key, msg)| format!("{}: `{key}`: {msg}", beside.display()))
+                confine_settings_file(settings, self.config.plugin.get(&key), &key)
+                    .map_err(|(k, msg)| format!("{}: `{k}`: {msg}", beside.display()))
             }
-            Ok(None) => Ok(self.config.plugin.get(&stem).cloned().unwrap_or_default()),
+            Ok(None) => Ok(self.config.plugin.get(&key).cloned().unwrap_or_default()),
             Err(e) => Err(e.clone()),
         }
     }
 
-    async fn reload_file(&mut self, wasm: &Path) -> Report {
-        let file = wasm.to_owned();
+    /// Takes a unit out of the registry: it is gone from the directory and
+    /// configuration, or disabled.
+    fn unload(&mut self, unit: &Unit) -> Option<String> {
+        let failed = self.failures.remove(unit).map(|f| f.plugin);
+        let loaded = self.files.remove(unit);
+        if let Some(old) = &loaded {
+            if !old.wasm.exists() {
+                if let Some(optimizing) = &mut self.optimizing {
+                    optimizing.forget(&old.wasm);
+                }
+            }
+            // A plugin refused because this one had its name may load
+            // now: the next rescan or change tries it again.
+            let by = format!("is already provided by {}", unit.describe());
+            self.failures.retain(|_, f| !f.error.contains(&by));
+        }
+        let loaded = loaded.map(|l| l.plugin);
+        self.registry.update(|r| {
+            if let Some(name) = &loaded {
+                r.remove(name);
+            }
+            if let Some(name) = &failed {
+                if r.get(name).is_some_and(|e| e.plugin.is_none()) {
+                    r.remove(name);
+                }
+            }
+        });
+        loaded.or(failed)
+    }
+
+    async fn reload_unit(
+        &mut self,
+        unit: &Unit,
+        component: Option<Result<PathBuf, String>>,
+    ) -> Report {
+        let Some(component) = component else {
+            let file = match unit {
+                Unit::File(wasm) => wasm.clone(),
+                Unit::Instance(_) => unit.settings_file(&self.dir),
+            };
+            return match self.unload(unit) {
+                Some(plugin) => Report::Removed { file, plugin },
+                None => Report::Failed {
+                    file,
+                    error: "no such file".into(),
+                },
+            };
+        };
+        let file = component
+            .clone()
+            .unwrap_or_else(|_| unit.settings_file(&self.dir));
         let limit = self.runtime.max_file_bytes();
         let (snapshot, bytes) = {
-            let wasm = wasm.to_owned();
-            match tokio::task::spawn_blocking(move || Snapshot::read(&wasm, limit)).await {
+            let (component, settings) = (component.clone(), unit.settings_file(&self.dir));
+            match tokio::task::spawn_blocking(move || Snapshot::read(component, &settings, limit))
+                .await
+            {
                 Ok(read) => read,
-                Err(e) => return self.failed(file, None, format!("reading failed: {e}")),
+                Err(e) => return self.failed(unit, file, None, format!("reading failed: {e}")),
             }
         };
-        let gone = snapshot.wasm.is_err() && !wasm.exists();
-        if gone {
-            if let Some(optimizing) = &mut self.optimizing {
-                optimizing.forget(wasm);
-            }
-            if let Some(old) = self.files.remove(wasm) {
-                self.failures.remove(wasm);
-                // A file refused because this one had its name may load
-                // now: the next rescan or change tries it again.
-                let by = format!("is already provided by {}", wasm.display());
-                self.failures.retain(|_, f| !f.error.contains(&by));
-                self.registry.update(|r| {
-                    r.remove(&old.plugin);
-                });
-                return Report::Removed {
-                    file,
-                    plugin: old.plugin,
-                };
-            }
-            // A file that never loaded: its failed entry goes with it.
-            if let Some(failure) = self.failures.remove(wasm) {
-                self.registry.update(|r| {
-                    if r.get(&failure.plugin).is_some_and(|e| e.plugin.is_none()) {
-                        r.remove(&failure.plugin);
-                    }
-                });
-                return Report::Removed {
-                    file,
-                    plugin: failure.plugin,
-                };
-            }
-            return Report::Failed {
-                file,
-                error: "no such file".into(),
-            };
-        }
-        if let Some(failure) = self.failures.get(wasm) {
+        if let Some(failure) = self.failures.get(unit) {
             if failure.snapshot == snapshot {
                 return Report::StillFailing {
                     file,
@@ -522,45 +736,30 @@ impl Task {
         }
         if let Err(error) = &snapshot.wasm {
             let error = error.clone();
-            return self.failed(file, Some(snapshot), error);
+            return self.failed(unit, file, Some(snapshot), error);
         }
-        let settings = match self.settings_for(wasm, &snapshot) {
+        let settings = match self.settings_for(unit, &snapshot) {
             Ok(s) => s,
-            Err(error) => return self.failed(file, Some(snapshot), error),
+            Err(error) => return self.failed(unit, file, Some(snapshot), error),
         };
         if !settings.enabled {
-            if let Some(optimizing) = &mut self.optimizing {
-                optimizing.forget(wasm);
-            }
-            let failed = self.failures.remove(wasm).map(|f| f.plugin);
-            let loaded = self.files.remove(wasm).map(|l| l.plugin);
-            self.registry.update(|r| {
-                if let Some(name) = loaded {
-                    r.remove(&name);
-                }
-                if let Some(name) = failed {
-                    if r.get(&name).is_some_and(|e| e.plugin.is_none()) {
-                        r.remove(&name);
-                    }
-                }
-            });
+            self.unload(unit);
             return Report::Disabled { file };
         }
-        let stem = wasm
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let resolved = match resolve_plugin(&settings, &stem, self.config.default_limits()) {
+        let key = unit.key();
+        let resolved = match resolve_plugin(&settings, &key, self.config.default_limits()) {
             Ok(s) => s,
-            Err((key, msg)) => return self.failed(file, Some(snapshot), format!("`{key}`: {msg}")),
+            Err((k, msg)) => {
+                return self.failed(unit, file, Some(snapshot), format!("`{k}`: {msg}"))
+            }
         };
         // Skip the work when neither the bytes nor the settings changed.
-        if let Some(old) = self.files.get(wasm) {
+        if let Some(old) = self.files.get(unit) {
             let same_bytes = snapshot.wasm.as_deref() == Ok(old.sha256.as_str());
-            if same_bytes && old.settings == settings {
+            if same_bytes && old.wasm == file && old.settings == settings {
                 // Back to what serves after a failed change: the error is
                 // no longer news.
-                if self.failures.remove(wasm).is_some() {
+                if self.failures.remove(unit).is_some() {
                     let name = old.plugin.clone();
                     self.registry.update(|r| {
                         if let Some(entry) = r.get_mut(&name) {
@@ -574,23 +773,31 @@ impl Task {
                 };
             }
         }
-        let plugin = match self.runtime.load_read(wasm, bytes, resolved).await {
+        let instance = match unit {
+            Unit::File(_) => None,
+            Unit::Instance(name) => Some(name.clone()),
+        };
+        let plugin = match self
+            .runtime
+            .load_read(&file, bytes, resolved, instance)
+            .await
+        {
             Ok(p) => p,
-            Err(e) => return self.failed(file, Some(snapshot), e.to_string()),
+            Err(e) => return self.failed(unit, file, Some(snapshot), e.to_string()),
         };
         let name = plugin.name().to_owned();
         if let Some((other, _)) = self
             .files
             .iter()
-            .find(|(p, l)| l.plugin == name && p.as_path() != wasm)
+            .find(|(u, l)| l.plugin == name && *u != unit)
         {
             let error = format!(
                 "plugin name `{name}` is already provided by {}",
-                other.display()
+                other.describe()
             );
-            return self.failed(file, Some(snapshot), error);
+            return self.failed(unit, file, Some(snapshot), error);
         }
-        self.failures.remove(wasm);
+        self.failures.remove(unit);
         let report = Report::Loaded {
             file: file.clone(),
             plugin: name.clone(),
@@ -600,9 +807,10 @@ impl Task {
             tier: plugin.tier(),
         };
         let previous = self.files.insert(
-            file,
+            unit.clone(),
             Loaded {
                 plugin: name.clone(),
+                wasm: file,
                 sha256: plugin.sha256().to_owned(),
                 settings: settings.clone(),
             },
@@ -633,16 +841,18 @@ impl Task {
     /// Records a failed load: the serving version (if any) stays, marked
     /// with the error; a plugin that never loaded is listed as failed. The
     /// same snapshot is not tried again.
-    fn failed(&mut self, file: PathBuf, snapshot: Option<Snapshot>, error: String) -> Report {
+    fn failed(
+        &mut self,
+        unit: &Unit,
+        file: PathBuf,
+        snapshot: Option<Snapshot>,
+        error: String,
+    ) -> Report {
         let name = self
             .files
-            .get(&file)
+            .get(unit)
             .map(|l| l.plugin.clone())
-            .unwrap_or_else(|| {
-                file.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            });
+            .unwrap_or_else(|| unit.provisional_name());
         self.registry.update(|r| {
             let entry = r.entry(name.clone()).or_insert_with(|| Entry {
                 plugin: None,
@@ -656,7 +866,7 @@ impl Task {
         });
         if let Some(snapshot) = snapshot {
             self.failures.insert(
-                file.clone(),
+                unit.clone(),
                 Failure {
                     plugin: name.clone(),
                     snapshot,
@@ -761,12 +971,11 @@ fn changes_content(kind: &EventKind) -> bool {
     )
 }
 
-/// The `.wasm` file a changed path concerns: itself, or the component a
-/// `<name>.toml` configures. Temporary files are ignored.
-fn wasm_for(path: &Path) -> Option<PathBuf> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("wasm") => Some(path.to_owned()),
-        Some("toml") => Some(path.with_extension("wasm")),
-        _ => None,
-    }
+/// Whether a changed path may concern a plugin: a component or a settings
+/// file. Temporary files are ignored.
+fn concerns_plugins(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("wasm" | "toml")
+    )
 }

@@ -219,12 +219,13 @@ fn readme(name: &str, lang: Lang) -> String {
             ),
         ),
     };
+    let package = crate::runtime::bindings::PACKAGE;
     format!(
         "# {name}\n\n\
          A prismhook plugin in {what}, made by `prismhook plugin new {name} --lang {flag}`.\n\
          It subscribes to `VM.*`, logs each event, remembers the last event id in `kv`\n\
          (`last-event`) and answers `done`; `reconcile` does nothing. Edit {files}.\n\
-         `wit/` is a copy of the host's contract (`prismhook:plugin@0.1.0`); the guide is\n\
+         `wit/` is a copy of the host's contract (`{package}`); the guide is\n\
          `docs/plugins.md` in the prismhook repository.\n\n\
          ## Build\n\n\
          In the prismhook repository, with this directory at `plugins/{name}`:\n\n\

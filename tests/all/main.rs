@@ -12,6 +12,7 @@ mod common;
 mod admin;
 mod durability;
 mod hardening;
+mod instances;
 mod languages;
 mod nutanix;
 mod paloalto;

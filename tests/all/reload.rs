@@ -88,24 +88,6 @@ async fn wait(ready: impl FnMut() -> bool, what: &str) {
     common::wait_until(what, Duration::from_secs(60), ready).await
 }
 
-async fn append(app: &App, seq: u64, entity: &str, event_type: &str) -> u64 {
-    let plugins = app.registry.subscribers(event_type);
-    let ev = NewEvent {
-        cluster: "lab".into(),
-        event_type: event_type.into(),
-        entity_kind: "vm".into(),
-        entity_uuid: entity.into(),
-        dedupe_key: Some(format!("seq-{seq}")),
-        received_at_ms: seq,
-        body: "{}".into(),
-        vm: None,
-    };
-    match app.ledger.append(ev, plugins).await.unwrap() {
-        prismhook::ledger::Appended::Stored { id, .. } => id,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
 async fn drained(app: &App) {
     tokio::time::sleep(Duration::from_millis(30)).await;
     wait(
@@ -160,7 +142,7 @@ async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
         "the probe to load",
     )
     .await;
-    let id = append(&app, 1, "vm-a", "VM.ON").await;
+    let id = common::append(&app, 1, "vm-a", "VM.ON").await;
     drained(&app).await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     assert_eq!(
@@ -220,7 +202,7 @@ async fn replacing_a_plugin_under_load_loses_no_event() {
         while sha(&app) == before {
             seq += 1;
             let entity = format!("vm-{}", seq % 7);
-            let id = append(&app, seq, &entity, "VM.UPDATE").await;
+            let id = common::append(&app, seq, &entity, "VM.UPDATE").await;
             ids.entry(entity).or_default().push(id);
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -264,7 +246,7 @@ async fn a_broken_file_is_reported_and_the_previous_version_keeps_serving() {
         (
             "a component of another world",
             wat::parse_str("(component)").unwrap(),
-            "does not fit the host's world prismhook:plugin@0.1.0",
+            "does not fit the host's world prismhook:plugin@0.1.1",
         ),
     ];
     for (what, bytes, expected) in cases {
@@ -321,8 +303,8 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
     h.install("probe.wasm", &probe_variant(0));
     let app = h.start(false).await;
     // A slow event keeps the probe busy while more queue behind it.
-    let slow = append(&app, 1, "vm-slow", "TEST.LOOP").await;
-    let queued = append(&app, 2, "vm-slow", "VM.ON").await;
+    let slow = common::append(&app, 1, "vm-slow", "TEST.LOOP").await;
+    let queued = common::append(&app, 2, "vm-slow", "VM.ON").await;
     std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
     let reports = app.reloader.reload().await;
     assert!(
@@ -461,7 +443,7 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
         "{:?}",
         app.loaded
     );
-    let first = append(&app, 1, "vm-a", "VM.ON").await;
+    let first = common::append(&app, 1, "vm-a", "VM.ON").await;
     drained(&app).await;
     assert_eq!(
         String::from_utf8_lossy(&h.kv_live(&app, "seen/lab/vm-a")),
@@ -478,7 +460,7 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
     assert_eq!(cache_entries(&h).len(), 1);
     let state = app.registry.get("probe").unwrap().state;
     assert_eq!(state, PluginState::Active);
-    let second = append(&app, 2, "vm-a", "VM.OFF").await;
+    let second = common::append(&app, 2, "vm-a", "VM.OFF").await;
     drained(&app).await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     assert_eq!(
@@ -592,7 +574,7 @@ async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
         "{:?}",
         app.loaded
     );
-    append(&app, 1, "vm-a", "VM.ON").await;
+    common::append(&app, 1, "vm-a", "VM.ON").await;
     drained(&app).await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     assert!(h.kv().contains_key("seen/lab/vm-a"));
@@ -606,7 +588,7 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
     // Five batches that trap, on five entities so they are not ordered
     // behind one another.
     for i in 0..5 {
-        append(&app, i, &format!("vm-{i}"), "TEST.TRAP").await;
+        common::append(&app, i, &format!("vm-{i}"), "TEST.TRAP").await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     wait(
@@ -624,7 +606,7 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
     // Events keep queueing while it is quarantined; when it is tried
     // again the trapping events are isolated, so the healthy one gets
     // through instead of failing with them.
-    let ok = append(&app, 100, "vm-ok", "VM.ON").await;
+    let ok = common::append(&app, 100, "vm-ok", "VM.ON").await;
     wait(
         || h.kv_opt_contains(&app, "seen/lab/vm-ok", &format!("{ok}:")),
         "delivery after quarantine",
@@ -643,11 +625,72 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
         "the trapping events to become dead letters",
     )
     .await;
-    append(&app, 101, "vm-ok2", "VM.ON").await;
+    common::append(&app, 101, "vm-ok2", "VM.ON").await;
     wait(
         || !app.dispatcher.quarantined().contains_key("probe"),
         "recovery",
     )
     .await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_new_component_file_upgrades_every_instance_and_each_instance_goes_with_its_settings() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    for name in ["alpha", "beta"] {
+        h.install(&format!("{name}.toml"), b"component = \"probe.wasm\"\n");
+    }
+    let app = h.start(true).await;
+    let sha_of = |name: &str| {
+        app.registry
+            .get(name)
+            .and_then(|e| e.plugin)
+            .map(|p| (p.sha256().to_owned(), p.tier()))
+    };
+    let first = sha_of("alpha").expect("alpha loaded").0;
+    assert_eq!(sha_of("beta").map(|s| s.0), Some(first.clone()));
+    assert!(app.registry.get("probe").is_none());
+    // One Cranelift compilation serves both instances.
+    wait(
+        || {
+            ["alpha", "beta"]
+                .iter()
+                .all(|n| sha_of(n).is_some_and(|s| s.1 == Tier::Optimized))
+        },
+        "both instances to run Cranelift's code",
+    )
+    .await;
+    assert_eq!(cache_entries(&h).len(), 1);
+
+    h.install("probe.wasm", &probe_variant(1));
+    wait(
+        || {
+            ["alpha", "beta"]
+                .iter()
+                .all(|n| sha_of(n).is_some_and(|s| s.0 != first))
+        },
+        "both instances to run the new file",
+    )
+    .await;
+    let second = sha_of("alpha").unwrap().0;
+
+    std::fs::remove_file(h.plugins().join("beta.toml")).unwrap();
+    wait(|| app.registry.get("beta").is_none(), "beta to go").await;
+    assert_eq!(sha_of("alpha").map(|s| s.0), Some(second.clone()));
+
+    // With no instance left to claim it, the file serves as itself.
+    std::fs::remove_file(h.plugins().join("alpha.toml")).unwrap();
+    wait(
+        || app.registry.get("alpha").is_none() && sha_of("probe").is_some(),
+        "the component to serve as itself",
+    )
+    .await;
+    let id = common::append(&app, 1, "vm-a", "VM.ON").await;
+    drained(&app).await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]),
+        format!("{id}:1:VM.ON")
+    );
 }

@@ -41,6 +41,10 @@ pub struct PluginReport {
     pub reason: Option<String>,
     /// When a quarantine ends.
     pub until_ms: Option<u64>,
+    /// The component's own name when this plugin is an instance of it
+    /// (`[plugin.fw-dc1] component = "paloalto.wasm"`).
+    #[serde(default)]
+    pub component: Option<String>,
     pub version: Option<String>,
     pub file: Option<PathBuf>,
     pub sha256: Option<String>,
@@ -129,6 +133,7 @@ pub(super) fn plugin_reports(
                 backlog: backlog
                     .remove(&s.name)
                     .unwrap_or_else(|| PluginBacklog::empty(&s.name)),
+                component: s.component,
                 version: s.version,
                 file: s.file,
                 sha256: s.sha256,
@@ -145,6 +150,7 @@ pub(super) fn plugin_reports(
         state: "unloaded".into(),
         reason: None,
         until_ms: None,
+        component: None,
         version: None,
         file: None,
         sha256: None,

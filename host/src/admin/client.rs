@@ -462,8 +462,12 @@ pub fn render_plugins(plugins: &[PluginReport], now_ms: u64) -> String {
         } else {
             "–".into()
         };
+        let name = match &p.component {
+            Some(component) => format!("{} ({component})", p.name),
+            None => p.name.clone(),
+        };
         t.row(vec![
-            p.name.clone(),
+            name,
             p.version.clone().unwrap_or_else(|| "–".into()),
             p.state.clone(),
             c.delivered.to_string(),
@@ -706,6 +710,7 @@ mod tests {
                 state: "active".into(),
                 reason: None,
                 until_ms: None,
+                component: None,
                 version: Some("1.2.0".into()),
                 file: None,
                 sha256: None,
@@ -725,6 +730,7 @@ mod tests {
                 state: "quarantined".into(),
                 reason: Some("trapped in handle".into()),
                 until_ms: Some(NOW),
+                component: None,
                 version: None,
                 file: None,
                 sha256: None,

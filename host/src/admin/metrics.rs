@@ -255,8 +255,17 @@ impl Collector for HostCollector {
         )?;
 
         let mut states = Vec::new();
+        let mut info = Vec::new();
         let quarantined = state.dispatcher.quarantined();
         for (name, entry) in state.registry.snapshot().iter() {
+            if let Some(p) = &entry.plugin {
+                let labels = vec![
+                    ("plugin", name.clone()),
+                    ("component", p.info().name.clone()),
+                    ("version", p.info().version.clone()),
+                ];
+                info.push((labels, 1u64));
+            }
             let current = state_name(&entry.state, quarantined.contains_key(name));
             for s in ["active", "quarantined", "failed"] {
                 states.push((
@@ -265,6 +274,12 @@ impl Collector for HostCollector {
                 ));
             }
         }
+        gauge(
+            e,
+            "prismhook_plugin_info",
+            "1 for each loaded plugin: the component it runs (its own name; an instance's differs from the plugin label) and its version",
+            &info,
+        )?;
         gauge(
             e,
             "prismhook_plugin_state",

@@ -17,11 +17,12 @@ wasmtime::component::bindgen!({
 
 pub use self::exports::prismhook::plugin::handler::{Event, Outcome, PluginInfo};
 pub use self::prismhook::plugin::types::{Category, Nic, Retry, Vm};
-pub use self::prismhook::plugin::{http, kv, log};
+pub use self::prismhook::plugin::{context, http, kv, log};
 
 /// The WIT package this host implements, as components name it in their
-/// imports and exports.
-pub const PACKAGE: &str = "prismhook:plugin@0.1.0";
+/// imports and exports. Components built against an earlier `0.1.x` link
+/// too: wasmtime resolves their imports and finds their exports by semver.
+pub const PACKAGE: &str = "prismhook:plugin@0.1.1";
 
 /// The WIT record of a VM the host decoded at ingest.
 impl From<&crate::event::Vm> for Vm {

@@ -40,6 +40,7 @@ use wasmtime::{
 
 use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
 use kv_store::KvStore;
+use prismhook_core::config::valid_plugin_name;
 pub use prismhook_core::config::PluginSettings;
 pub use prismhook_core::limits::{self, LimitOverrides, Limits};
 pub use prismhook_core::policy::{self, OutboundPolicy, TlsMode};
@@ -409,10 +410,16 @@ impl Runtime {
 
     /// Links a compiled component, runs its `init` with `settings`, and
     /// returns a plugin ready for calls.
+    ///
+    /// `instance`: the name the operator runs this component under
+    /// (`[plugin.fw-dc1] component = …`), which then names the plugin in
+    /// the registry, kv, deliveries and metrics; `None`: the plugin is
+    /// known by the name its `init` gives.
     pub async fn instantiate(
         self: &Arc<Self>,
         compiled: Compiled,
         settings: PluginSettings,
+        instance: Option<String>,
     ) -> Result<Plugin, LoadError> {
         let file = compiled.file.clone();
         let (engine, linker) = match (compiled.tier(), &self.baseline) {
@@ -421,11 +428,13 @@ impl Runtime {
         };
         let pre = self.pre(linker, &compiled.component, &file)?;
         let config = serde_json::to_string(&settings.config).unwrap_or_else(|_| "{}".into());
-        // Until init names it, the plugin is known by its file name.
-        let provisional = file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "plugin".into());
+        // Until init names it, a plugin running as itself is known by its
+        // file name.
+        let provisional = instance.clone().unwrap_or_else(|| {
+            file.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "plugin".into())
+        });
         // A plugin with its own trust gets its own connection pool; the
         // others share one.
         let http = match &settings.tls {
@@ -441,6 +450,7 @@ impl Runtime {
             env: self.env.clone(),
             identity: Arc::new(PluginIdentity {
                 name: provisional,
+                instance: instance.clone(),
                 limits: settings.limits,
                 policy: settings.policy,
                 http,
@@ -460,7 +470,7 @@ impl Runtime {
             from_cache: compiled.from_cache,
         };
         let info = plugin.init().await?;
-        if !valid_name(&info.name) {
+        if !valid_plugin_name(&info.name) {
             return Err(LoadError::BadName {
                 file,
                 name: info.name,
@@ -479,7 +489,8 @@ impl Runtime {
             });
         }
         plugin.identity = Arc::new(PluginIdentity {
-            name: info.name.clone(),
+            name: instance.unwrap_or_else(|| info.name.clone()),
+            instance: plugin.identity.instance.clone(),
             limits: plugin.identity.limits,
             policy: plugin.identity.policy.clone(),
             http: plugin.identity.http.clone(),
@@ -494,7 +505,7 @@ impl Runtime {
         file: &Path,
         settings: PluginSettings,
     ) -> Result<Plugin, LoadError> {
-        self.load_read(file, None, settings).await
+        self.load_read(file, None, settings, None).await
     }
 
     /// [`Runtime::load`], with the file's bytes when they were already read.
@@ -503,6 +514,7 @@ impl Runtime {
         file: &Path,
         read: Option<file::ComponentBytes>,
         settings: PluginSettings,
+        instance: Option<String>,
     ) -> Result<Plugin, LoadError> {
         let rt = self.clone();
         let path = file.to_owned();
@@ -518,7 +530,7 @@ impl Runtime {
                     file: file.to_owned(),
                     reason: format!("compilation panicked: {e}"),
                 })??;
-        self.instantiate(compiled, settings).await
+        self.instantiate(compiled, settings, instance).await
     }
 }
 
@@ -532,14 +544,6 @@ fn host_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Tells a component from a core module or a file that is not Wasm, so the
@@ -655,7 +659,7 @@ pub struct Plugin {
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
-            .field("name", &self.info.name)
+            .field("name", &self.identity.name)
             .field("version", &self.info.version)
             .field("file", &self.file)
             .field("tier", &self.tier())
@@ -664,8 +668,15 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
+    /// The name it serves under: its instance's, or its `init`'s.
     pub fn name(&self) -> &str {
-        &self.info.name
+        &self.identity.name
+    }
+
+    /// The operator's name for this instance of the component, if it runs
+    /// as one.
+    pub fn instance(&self) -> Option<&str> {
+        self.identity.instance.as_deref()
     }
 
     pub fn info(&self) -> &PluginInfo {

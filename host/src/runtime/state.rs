@@ -14,7 +14,12 @@ use super::stdio::{GuestOutput, LogBudget};
 /// Who is calling: fixed for a plugin version, shared by all its calls.
 #[derive(Debug)]
 pub struct PluginIdentity {
+    /// The name it serves under (its instance's, else its `init`'s): its
+    /// kv namespace, and the plugin named in logs and metrics.
     pub name: String,
+    /// The operator's name for it when it runs as an instance of its
+    /// component, as the `context` import tells it.
+    pub instance: Option<String>,
     pub limits: Limits,
     pub policy: OutboundPolicy,
     /// Its own client when its configuration trusts other certificates

@@ -108,3 +108,24 @@ pub fn firewall_truth(
         .map(|(ip, t)| (ip, t.into_iter().collect()))
         .collect()
 }
+
+/// Stores an event of cluster `lab` for `entity` as the listener would
+/// (its dedupe key and receive time from `seq`) and hands it to the
+/// plugins that subscribe to its type; returns its id.
+pub async fn append(app: &prismhook::app::App, seq: u64, entity: &str, event_type: &str) -> u64 {
+    let plugins = app.registry.subscribers(event_type);
+    let ev = prismhook::ledger::NewEvent {
+        cluster: "lab".into(),
+        event_type: event_type.into(),
+        entity_kind: "vm".into(),
+        entity_uuid: entity.into(),
+        dedupe_key: Some(format!("seq-{seq}")),
+        received_at_ms: seq,
+        body: "{}".into(),
+        vm: None,
+    };
+    match app.ledger.append(ev, plugins).await.unwrap() {
+        prismhook::ledger::Appended::Stored { id, .. } => id,
+        other => panic!("unexpected {other:?}"),
+    }
+}

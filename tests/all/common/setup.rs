@@ -197,10 +197,10 @@ impl HostConfig {
     }
 
     /// A `[plugin.<name>]` table with `lines` in it.
-    pub fn plugin(mut self, name: &str, lines: &[&str]) -> Self {
+    pub fn plugin(mut self, name: &str, lines: &[impl AsRef<str>]) -> Self {
         let mut table = format!("[plugin.{name}]\n");
         for line in lines {
-            let _ = writeln!(table, "{line}");
+            let _ = writeln!(table, "{}", line.as_ref());
         }
         self.plugins.push(table);
         self
@@ -209,18 +209,13 @@ impl HostConfig {
     /// The Palo Alto plugin's table for a PAN-OS simulator: its firewall,
     /// allowed, with the simulator's API key injected.
     pub fn paloalto(self, panos: &PanosSim) -> Self {
-        let fw = panos.base_url();
-        let key = PanosConfig::default().api_key;
-        self.plugin(
-            "paloalto",
-            &[
-                &format!(r#"config = {{ firewall = "{fw}" }}"#),
-                &format!(r#"allow = ["{fw}"]"#),
-                &format!(
-                    r#"inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]"#
-                ),
-            ],
-        )
+        self.plugin("paloalto", &paloalto_lines(panos, None))
+    }
+
+    /// An instance `name` of `paloalto.wasm` feeding a PAN-OS simulator,
+    /// configured as [`HostConfig::paloalto`] configures the plugin.
+    pub fn paloalto_instance(self, name: &str, panos: &PanosSim) -> Self {
+        self.plugin(name, &paloalto_lines(panos, Some("paloalto.wasm")))
     }
 
     pub fn cluster(mut self, cluster: Cluster) -> Self {
@@ -287,6 +282,18 @@ impl HostConfig {
         let text = self.toml();
         Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\nin:\n{text}"))
     }
+}
+
+fn paloalto_lines(panos: &PanosSim, component: Option<&str>) -> Vec<String> {
+    let fw = panos.base_url();
+    let key = PanosConfig::default().api_key;
+    let mut lines = vec![
+        format!(r#"config = {{ firewall = "{fw}" }}"#),
+        format!(r#"allow = ["{fw}"]"#),
+        format!(r#"inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]"#),
+    ];
+    lines.extend(component.map(|c| format!("component = {c:?}")));
+    lines
 }
 
 fn path(p: &Path) -> String {

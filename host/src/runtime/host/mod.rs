@@ -1,5 +1,6 @@
 //! Host implementations of the plugin imports: one file per WIT interface.
 
+mod context;
 mod http;
 mod kv;
 mod log;

@@ -15,12 +15,15 @@
 //! | `TEST.SHOUT`   | prints `body.lines` lines to stdout                      |
 //! | `TEST.OUTCOMES`| the fuzzing guest: the batch's answer is what its events' `body.outcomes` script, however many |
 //! | anything else  | records the event and returns done                       |
+//!
+//! Whatever it records, it also keeps the instance it runs as (the
+//! `context` import) in `kv` under `instance`.
 
 wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
 
 use exports::prismhook::plugin::handler::{Event, Guest, Outcome, PluginInfo, Vm};
 use prismhook::plugin::types::Retry;
-use prismhook::plugin::{http, kv, log};
+use prismhook::plugin::{context, http, kv, log};
 use serde_json::Value;
 
 struct Probe;
@@ -185,6 +188,8 @@ fn scripted(event: &Event) -> Vec<Outcome> {
 /// Appends the event to its entity's record: `seen/<cluster>/<uuid>` holds
 /// `id:attempt:event-type` entries in the order the probe handled them.
 fn record(event: &Event) {
+    let instance = context::instance().unwrap_or_else(|| "(itself)".into());
+    let _ = kv::set("instance", instance.as_bytes());
     let key = format!("seen/{}/{}", event.cluster, event.entity_uuid);
     let mut seen = kv::get(&key).ok().flatten().unwrap_or_default();
     if !seen.is_empty() {

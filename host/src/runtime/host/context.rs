@@ -1,0 +1,10 @@
+//! `prismhook:plugin/context`: what a call runs for.
+
+use crate::runtime::bindings::context::Host;
+use crate::runtime::state::HostState;
+
+impl Host for HostState {
+    fn instance(&mut self) -> wasmtime::Result<Option<String>> {
+        Ok(self.plugin.instance.clone())
+    }
+}
