@@ -13,7 +13,9 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::limits::{LimitOverrides, Limits};
-use crate::policy::{InjectedHeader, OriginRule, OutboundPolicy, TlsMode};
+use crate::policy::{
+    InjectedHeader, Login, LoginSend, OriginRule, OutboundPolicy, TlsMode, TokenAt,
+};
 use crate::secret::{Secret, SecretSource};
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +236,10 @@ pub struct PluginConfig {
     /// Headers the host adds for an origin; the plugin never sees them.
     #[serde(default)]
     pub inject: Vec<InjectConfig>,
+    /// Session logins: for each origin listed, the host signs in with a
+    /// username and password and injects the token it gets.
+    #[serde(default)]
+    pub login: Vec<LoginConfig>,
     /// Secrets this plugin's `<name>.toml` in the plugins directory may
     /// have injected (`grant = "<key>"`), each for the origins listed only.
     /// Only the main configuration grants: whoever can write the plugins
@@ -254,6 +260,112 @@ pub struct PluginConfig {
     /// Set to false to keep a plugin file in the directory but not load it.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
+}
+
+/// `[[plugin.<name>.login]]`: sign in to `origin` and inject the token.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoginConfig {
+    /// The origin whose requests carry the token (as in `allow`).
+    pub origin: String,
+    /// Where to sign in: a URL of `origin`, so the password goes nowhere
+    /// else.
+    pub url: String,
+    /// `json` (default), `form` or `basic`.
+    #[serde(default)]
+    pub send: LoginSend,
+    pub username: String,
+    pub password: SecretSource,
+    /// The body's names for the username and password.
+    #[serde(default = "defaults::username_field")]
+    pub username_field: String,
+    #[serde(default = "defaults::password_field")]
+    pub password_field: String,
+    /// Further fields of the body, such as `loginProviderName = "tmos"`.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// Where the token is in the answer: exactly one of these.
+    pub token_pointer: Option<String>,
+    pub token_header: Option<String>,
+    pub token_xml: Option<String>,
+    /// The header the token goes in, after `prefix` (`Bearer `).
+    pub header: String,
+    #[serde(default)]
+    pub prefix: String,
+    /// Sign in again after this long; without it, a token serves until the
+    /// origin answers 401 or 403.
+    #[serde(default, with = "humantime_serde")]
+    pub lifetime: Option<Duration>,
+}
+
+impl LoginConfig {
+    /// Everything but the password, checked: (key, reason) on error.
+    fn resolve(&self, password: Secret) -> Result<Login, (String, String)> {
+        let origin =
+            OriginRule::parse(&self.origin).map_err(|e| ("origin".into(), e.to_string()))?;
+        let url = Url::parse(&self.url).map_err(|e| ("url".into(), e.to_string()))?;
+        if !origin.matches(&url) {
+            return Err((
+                "url".into(),
+                format!(
+                    "the login URL must be on `{}`, the origin its token is for",
+                    self.origin
+                ),
+            ));
+        }
+        let header = |name: &str, key: &str| {
+            http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| (key.to_owned(), "not a valid header name".to_owned()))
+        };
+        let token = match (&self.token_pointer, &self.token_header, &self.token_xml) {
+            (Some(p), None, None) if p.starts_with('/') => TokenAt::JsonPointer(p.clone()),
+            (Some(_), None, None) => {
+                return Err((
+                    "token_pointer".into(),
+                    "a JSON pointer starts with `/` (`/token/token`)".into(),
+                ))
+            }
+            (None, Some(h), None) => TokenAt::Header(header(h, "token_header")?),
+            (None, None, Some(x)) => {
+                let path: Vec<String> = x
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if path.is_empty() {
+                    return Err((
+                        "token_xml".into(),
+                        "an element path such as `/response/result/key`".into(),
+                    ));
+                }
+                TokenAt::XmlPath(path)
+            }
+            _ => {
+                return Err((
+                    "token_pointer".into(),
+                    "give exactly one of `token_pointer`, `token_header` or `token_xml`".into(),
+                ))
+            }
+        };
+        Ok(Login {
+            origin,
+            url,
+            send: self.send,
+            username: self.username.clone(),
+            password,
+            username_field: self.username_field.clone(),
+            password_field: self.password_field.clone(),
+            fields: self
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            token,
+            header: header(&self.header, "header")?,
+            prefix: self.prefix.clone(),
+            lifetime: self.lifetime,
+        })
+    }
 }
 
 /// `[plugin.<name>] tls`: exactly one of the two.
@@ -351,6 +463,13 @@ pub fn confine_settings_file(
         return Err((
             "grants".into(),
             "only the main configuration grants secrets".into(),
+        ));
+    }
+    if !settings.login.is_empty() {
+        // A login carries a password: the main configuration's to give.
+        return Err((
+            "login".into(),
+            "only the main configuration configures logins (they carry a password)".into(),
         ));
     }
     if settings.tls.is_some() {
@@ -452,6 +571,12 @@ pub struct ClusterTls {
 mod defaults {
     use super::*;
 
+    pub fn username_field() -> String {
+        "username".into()
+    }
+    pub fn password_field() -> String {
+        "password".into()
+    }
     pub fn instance() -> String {
         "prismhook".into()
     }
@@ -754,6 +879,12 @@ impl Config {
                     )
                 })?;
             }
+            for (j, login) in p.login.iter().enumerate() {
+                // The password is read at load, like every plugin secret.
+                login
+                    .resolve(Secret::new("-"))
+                    .map_err(|(k, m)| self.invalid(format!("plugin.{name}.login[{j}].{k}"), m))?;
+            }
             if let Some(tls) = &p.tls {
                 tls.mode()
                     .map_err(|m| self.invalid(format!("plugin.{name}.tls"), m))?;
@@ -944,12 +1075,26 @@ pub fn resolve_plugin(
             })
         })
         .collect::<Result<Vec<_>, (String, String)>>()?;
+    let logins = p
+        .login
+        .iter()
+        .enumerate()
+        .map(|(j, login)| {
+            let password = login
+                .password
+                .resolve()
+                .map_err(|e| (key(format!("login[{j}].password")), e.to_string()))?;
+            login
+                .resolve(password)
+                .map_err(|(k, m)| (key(format!("login[{j}].{k}")), m))
+        })
+        .collect::<Result<Vec<_>, (String, String)>>()?;
     let config =
         serde_json::to_value(&p.config).map_err(|e| (key("config".into()), e.to_string()))?;
     Ok(PluginSettings {
         config,
         limits: defaults.with(&p.limits),
-        policy: OutboundPolicy::new(allow, inject),
+        policy: OutboundPolicy::new(allow, inject).with_logins(logins),
         tls,
         sha256: p.sha256.clone(),
     })
@@ -975,10 +1120,45 @@ mod tests {
     #[test]
     fn the_example_configurations_are_valid() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for name in ["prismhook.toml", "local.toml"] {
+        for name in ["prismhook.toml", "local.toml", "fleet.toml"] {
             let c = Config::load(&examples.join(name)).unwrap_or_else(|e| panic!("{e}"));
             assert!(!c.clusters.is_empty(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_login_sends_its_password_to_its_own_origin_only_and_reads_one_token() {
+        let login = |extra: &str| {
+            let text = format!(
+                "[[plugin.f5.login]]\norigin = \"https://lb.example.com\"\nusername = \"u\"\n\
+                 password = {{ value = \"p\" }}\nheader = \"X-F5-Auth-Token\"\n{extra}"
+            );
+            parse(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let good = "url = \"https://lb.example.com/mgmt/shared/authn/login\"\ntoken_pointer = \"/token/token\"\n";
+        login(good).unwrap();
+        let elsewhere =
+            login("url = \"https://evil.example.com/login\"\ntoken_pointer = \"/token/token\"\n")
+                .unwrap_err();
+        assert!(
+            elsewhere.contains("plugin.f5.login[0].url")
+                && elsewhere.contains("must be on `https://lb.example.com`"),
+            "{elsewhere}"
+        );
+        let two = login(&format!("{good}token_header = \"X-Token\"\n")).unwrap_err();
+        assert!(two.contains("exactly one of `token_pointer`"), "{two}");
+        let relative =
+            login("url = \"https://lb.example.com/login\"\ntoken_pointer = \"token/token\"\n")
+                .unwrap_err();
+        assert!(relative.contains("starts with `/`"), "{relative}");
+
+        let file: PluginConfig = toml::from_str(&format!(
+            "[[login]]\norigin = \"https://lb.example.com\"\nusername = \"u\"\n\
+             password = {{ value = \"p\" }}\nheader = \"H\"\n{good}"
+        ))
+        .unwrap();
+        let refused = confine_settings_file(file, None, "f5").unwrap_err();
+        assert_eq!(refused.0, "login");
     }
 
     #[test]

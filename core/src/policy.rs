@@ -172,16 +172,88 @@ pub struct InjectedHeader {
     pub value: Secret,
 }
 
+/// A session login: the host signs in to an origin with the operator's
+/// username and password, and adds the token it gets to that origin's
+/// requests. Neither the password nor the token reaches the plugin.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub origin: OriginRule,
+    /// Where to sign in; always an URL of `origin`.
+    pub url: Url,
+    pub send: LoginSend,
+    pub username: String,
+    pub password: Secret,
+    /// The body's names for the username and password.
+    pub username_field: String,
+    pub password_field: String,
+    /// Further fields of the body (`loginProviderName = "tmos"`).
+    pub fields: Vec<(String, String)>,
+    pub token: TokenAt,
+    /// The header the token goes in, and what comes before it.
+    pub header: http::HeaderName,
+    pub prefix: String,
+    /// Sign in again after this long, without waiting for a 401 or 403.
+    pub lifetime: Option<std::time::Duration>,
+}
+
+/// How the username and password are sent to the login URL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoginSend {
+    /// `POST` a JSON object (BIG-IP's `/mgmt/shared/authn/login`).
+    #[default]
+    Json,
+    /// `POST` an HTML form (PAN-OS `type=keygen`).
+    Form,
+    /// `POST` with no body and `Authorization: Basic` (Cisco FMC's
+    /// `generatetoken`).
+    Basic,
+}
+
+/// Where the token is in the login answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenAt {
+    /// A JSON pointer into the body (`/token/token`).
+    JsonPointer(String),
+    /// A header of the answer (`X-auth-access-token`).
+    Header(http::HeaderName),
+    /// The text of the element at this path of an XML body
+    /// (`/response/result/key`).
+    XmlPath(Vec<String>),
+}
+
 /// A plugin's outbound policy.
 #[derive(Debug, Clone, Default)]
 pub struct OutboundPolicy {
     allow: Vec<OriginRule>,
     inject: Vec<InjectedHeader>,
+    logins: Vec<Login>,
 }
 
 impl OutboundPolicy {
     pub fn new(allow: Vec<OriginRule>, inject: Vec<InjectedHeader>) -> OutboundPolicy {
-        OutboundPolicy { allow, inject }
+        OutboundPolicy {
+            allow,
+            inject,
+            logins: Vec::new(),
+        }
+    }
+
+    pub fn with_logins(mut self, logins: Vec<Login>) -> OutboundPolicy {
+        self.logins = logins;
+        self
+    }
+
+    /// The login whose token `url`'s requests carry, with its index.
+    pub fn login_for(&self, url: &Url) -> Option<(usize, &Login)> {
+        self.logins
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.origin.matches(url))
+    }
+
+    pub fn logins(&self) -> &[Login] {
+        &self.logins
     }
 
     pub fn allows(&self, url: &Url) -> bool {
@@ -196,13 +268,17 @@ impl OutboundPolicy {
 
     /// Every injected header name, so the plugin cannot set or override one.
     pub fn is_injected_name(&self, name: &http::HeaderName) -> bool {
-        self.inject.iter().any(|h| h.name == *name)
+        self.inject.iter().any(|h| h.name == *name) || self.logins.iter().any(|l| l.header == *name)
     }
 
     /// Every secret this policy can add, so responses can be scrubbed of
-    /// echoes before the plugin sees them.
+    /// echoes before the plugin sees them. (Session tokens are not known
+    /// in advance: the caller adds the ones in use.)
     pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
-        self.inject.iter().map(|h| &h.value)
+        self.inject
+            .iter()
+            .map(|h| &h.value)
+            .chain(self.logins.iter().map(|l| &l.password))
     }
 
     pub fn allowed_origins(&self) -> impl Iterator<Item = &str> {

@@ -4,8 +4,13 @@
 //!
 //! It models what a pool-member sync relies on, with the answers a client
 //! must survive:
-//! - Basic authentication on every `/mgmt/` request (401 with iControl's
-//!   error JSON otherwise);
+//! - Basic authentication or a token on every `/mgmt/` request (401 with
+//!   iControl's error JSON otherwise). `POST /mgmt/shared/authn/login` with
+//!   `{"username", "password", "loginProviderName"}` answers
+//!   `{"token": {"token", "timeout", ...}}`, and the token, sent back as
+//!   `X-F5-Auth-Token`, serves until its timeout (1,200 s, as the real
+//!   device's default) or `POST /_sim/tokens/expire`. Basic authentication
+//!   can be switched off, as it is for remotely authenticated users;
 //! - pools addressed as `~Partition~name` (or a bare `name` in `Common`), and
 //!   members as `~Partition~<ip>:<port>` (`<ip>.<port>` for IPv6);
 //! - `POST .../members` to a missing pool answers 404, a duplicate member
@@ -64,6 +69,10 @@ pub struct BigipConfig {
     pub password: String,
     /// Pools that exist from the start: `web` (in `Common`) or `/Tenant/web`.
     pub pools: Vec<String>,
+    /// Whether Basic authentication is accepted besides tokens.
+    pub basic_auth: bool,
+    /// How long a login token serves.
+    pub token_timeout: Duration,
 }
 
 impl Default for BigipConfig {
@@ -72,6 +81,8 @@ impl Default for BigipConfig {
             user: "admin".to_owned(),
             password: "admin".to_owned(),
             pools: Vec::new(),
+            basic_auth: true,
+            token_timeout: Duration::from_secs(1200),
         }
     }
 }
@@ -92,6 +103,11 @@ pub struct BigipStats {
     pub not_found: u64,
     /// 401 answers.
     pub unauthorized: u64,
+    /// Successful logins (tokens issued).
+    pub logins: u64,
+    /// Requests refused for an unknown or expired token (counted in
+    /// `unauthorized` too).
+    pub expired_tokens: u64,
     /// Non-2xx answers of any kind (404, 409 and injected ones included) and
     /// dropped connections.
     pub errors: u64,
@@ -217,6 +233,17 @@ impl BigipSim {
             panic!("BigipSim::set_faults: {problem}");
         }
         self.shared.lock().faults = faults;
+    }
+
+    /// Ends every token issued so far, as `POST /_sim/tokens/expire`: the
+    /// next request with one gets 401, as after the device's timeout.
+    pub fn expire_tokens(&self) {
+        self.shared.lock().tokens.clear();
+    }
+
+    /// Every token issued since start or the last reset, expired or not.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().issued.clone()
     }
 
     /// The last `n` `/mgmt/` requests, oldest first, as `GET /_sim/requests?n=`.
@@ -402,6 +429,10 @@ struct SimState {
     stats: BigipStats,
     faults: Faults,
     log: VecDeque<RequestRecord>,
+    /// Live tokens and when each expires.
+    tokens: BTreeMap<String, std::time::Instant>,
+    /// Every token issued, for tests that look for leaks.
+    issued: Vec<String>,
 }
 
 impl SimState {
@@ -489,6 +520,7 @@ fn router(shared: Arc<Shared>) -> Router {
             post(sim_create_pool).delete(sim_delete_pool),
         )
         .route("/_sim/stats", get(sim_stats))
+        .route("/_sim/tokens/expire", post(sim_expire_tokens))
         .route("/_sim/faults", post(sim_faults))
         .route("/_sim/reset", post(sim_reset))
         .route("/_sim/requests", get(sim_requests))
@@ -571,13 +603,15 @@ async fn mgmt(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let login = method == Method::POST && uri.path() == LOGIN_PATH;
     let mut record = RequestRecord {
         method: method.to_string(),
         path: uri
             .path_and_query()
             .map(|p| p.to_string())
             .unwrap_or_else(|| uri.path().to_owned()),
-        body: if body.is_empty() {
+        body: if body.is_empty() || login {
+            // A login's body holds a password: not for the request log.
             None
         } else {
             Some(
@@ -621,14 +655,23 @@ async fn mgmt(
             reply.retry_after = retry_after;
             reply
         }
-        None if !authorized(&shared.config, &headers) => {
-            shared.lock().stats.unauthorized += 1;
-            Reply::error(
-                StatusCode::UNAUTHORIZED,
-                "Authorization failed: no user authentication header or token detected. Uri:http://localhost:8100/mgmt/tm/ltm/pool Referrer:127.0.0.1 Sender:127.0.0.1",
-            )
-        }
-        None => dispatch(&shared, &method, uri.path(), &body),
+        None if login => sign_in(&shared, &body),
+        None => match authorized(&shared, &headers) {
+            Auth::Yes => dispatch(&shared, &method, uri.path(), &body),
+            Auth::No => {
+                shared.lock().stats.unauthorized += 1;
+                Reply::error(
+                    StatusCode::UNAUTHORIZED,
+                    "Authorization failed: no user authentication header or token detected. Uri:http://localhost:8100/mgmt/tm/ltm/pool Referrer:127.0.0.1 Sender:127.0.0.1",
+                )
+            }
+            Auth::BadToken => {
+                let mut state = shared.lock();
+                state.stats.unauthorized += 1;
+                state.stats.expired_tokens += 1;
+                Reply::error(StatusCode::UNAUTHORIZED, "X-F5-Auth-Token does not exist.")
+            }
+        },
     };
 
     record.status_code = Some(reply.status.as_u16());
@@ -653,7 +696,37 @@ async fn mgmt(
     reply.into_response()
 }
 
-fn authorized(config: &BigipConfig, headers: &HeaderMap) -> bool {
+/// Where clients sign in for a token.
+const LOGIN_PATH: &str = "/mgmt/shared/authn/login";
+
+enum Auth {
+    Yes,
+    /// Neither Basic credentials nor a token.
+    No,
+    /// A token that was never issued or has expired.
+    BadToken,
+}
+
+fn authorized(shared: &Shared, headers: &HeaderMap) -> Auth {
+    if let Some(token) = headers.get("x-f5-auth-token") {
+        let token = token.to_str().unwrap_or_default().to_owned();
+        let mut state = shared.lock();
+        let now = std::time::Instant::now();
+        state.tokens.retain(|_, expires| *expires > now);
+        return if state.tokens.contains_key(&token) {
+            Auth::Yes
+        } else {
+            Auth::BadToken
+        };
+    }
+    if shared.config.basic_auth && basic_matches(&shared.config, headers) {
+        Auth::Yes
+    } else {
+        Auth::No
+    }
+}
+
+fn basic_matches(config: &BigipConfig, headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -667,6 +740,60 @@ fn authorized(config: &BigipConfig, headers: &HeaderMap) -> bool {
         return false;
     };
     decoded == format!("{}:{}", config.user, config.password).as_bytes()
+}
+
+/// `POST /mgmt/shared/authn/login`: a token for the right username and
+/// password, in the shape BIG-IP answers.
+fn sign_in(shared: &Shared, body: &Bytes) -> Reply {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Login {
+        username: String,
+        password: String,
+        login_provider_name: Option<String>,
+    }
+    let Ok(login) = serde_json::from_slice::<Login>(body) else {
+        return Reply::bad_request(
+            "Bad Request: expected {\"username\", \"password\", \"loginProviderName\"}",
+        );
+    };
+    let config = &shared.config;
+    if login.username != config.user || login.password != config.password {
+        shared.lock().stats.unauthorized += 1;
+        return Reply::error(StatusCode::UNAUTHORIZED, "Authentication failed.");
+    }
+    let token: String = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        (0..26)
+            .map(|_| char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[rng.random_range(0..32)]))
+            .collect()
+    };
+    let timeout = config.token_timeout;
+    {
+        let mut state = shared.lock();
+        state.stats.logins += 1;
+        state
+            .tokens
+            .insert(token.clone(), std::time::Instant::now() + timeout);
+        state.issued.push(token.clone());
+    }
+    Reply::ok(json!({
+        "username": login.username,
+        "loginReference": { "link": "https://localhost/mgmt/cm/system/authn/providers/tmos/1f44a60e-11a7-3c51-a49f-82983026b41b/login" },
+        "loginProviderName": login.login_provider_name.unwrap_or_else(|| "tmos".into()),
+        "token": {
+            "token": token,
+            "name": token,
+            "userName": login.username,
+            "authProviderName": "tmos",
+            "timeout": timeout.as_secs(),
+            "kind": "shared:authz:tokens:authtokenitemstate",
+            "selfLink": format!("https://localhost/mgmt/shared/authz/tokens/{token}"),
+        },
+        "generation": 0,
+        "lastUpdateMicros": 0,
+    }))
 }
 
 /// Percent-decodes one path segment; `None` when it is not valid UTF-8.
@@ -923,6 +1050,11 @@ async fn sim_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults
     debug!(?faults, "BIG-IP simulator faults set");
     shared.lock().faults = faults;
     StatusCode::NO_CONTENT.into_response()
+}
+
+async fn sim_expire_tokens(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.lock().tokens.clear();
+    StatusCode::NO_CONTENT
 }
 
 /// Back to the configured pools, empty, with no stats, faults or log.

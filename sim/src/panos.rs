@@ -86,7 +86,8 @@ pub struct PanosConfig {
     pub user: String,
     /// Password `type=keygen` expects.
     pub password: String,
-    /// The key keygen hands out and every other call must carry in `X-PAN-KEY`.
+    /// The key keygen hands out and every other call must carry in
+    /// `X-PAN-KEY`, until [`PanosSim::expire_api_keys`] makes a new one.
     pub api_key: String,
 }
 
@@ -276,6 +277,18 @@ impl PanosSim {
         }
     }
 
+    /// Expires every API key, as "Expire All API Keys" (or the API key
+    /// lifetime running out) does on a firewall: the old key gets 403 from
+    /// now on and keygen hands out a new one. As `POST /_sim/keys/expire`.
+    pub fn expire_api_keys(&self) {
+        self.shared.lock().key_generation += 1;
+    }
+
+    /// The key keygen hands out now.
+    pub fn api_key(&self) -> String {
+        self.shared.lock().api_key(&self.shared.config)
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to a few seconds)
     /// and returns once the server task has ended.
     pub async fn shutdown(self) {
@@ -337,6 +350,9 @@ struct SimState {
     faults: Faults,
     jobs: Vec<Job>,
     log: VecDeque<RequestRecord>,
+    /// How many times every key was expired: the current key is the
+    /// configured one while this is 0, then a new one each time.
+    key_generation: u64,
 }
 
 struct Job {
@@ -345,6 +361,13 @@ struct Job {
 }
 
 impl SimState {
+    fn api_key(&self, config: &PanosConfig) -> String {
+        match self.key_generation {
+            0 => config.api_key.clone(),
+            n => format!("{}-{n}", config.api_key),
+        }
+    }
+
     fn registered_view(&self) -> BTreeMap<String, Vec<String>> {
         self.registered
             .iter()
@@ -458,6 +481,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/_sim/stats", get(sim_stats))
         .route("/_sim/faults", post(sim_faults))
         .route("/_sim/reset", post(sim_reset))
+        .route("/_sim/keys/expire", post(sim_expire_keys))
         .route("/_sim/requests", get(sim_requests))
         .layer(DefaultBodyLimit::max(API_BODY_LIMIT))
         .with_state(shared)
@@ -654,7 +678,8 @@ fn dispatch(shared: &Shared, headers: &HeaderMap, params: &Params) -> Reply {
     if kind == Some("keygen") {
         return keygen(shared, params);
     }
-    if !authorized(&shared.config, headers, params) {
+    let key = shared.lock().api_key(&shared.config);
+    if !authorized(&key, headers, params) {
         return Reply::result_msg_error(StatusCode::FORBIDDEN, "Invalid credentials.");
     }
     match kind {
@@ -669,22 +694,26 @@ fn dispatch(shared: &Shared, headers: &HeaderMap, params: &Params) -> Reply {
     }
 }
 
-fn authorized(config: &PanosConfig, headers: &HeaderMap, params: &Params) -> bool {
+fn authorized(key: &str, headers: &HeaderMap, params: &Params) -> bool {
     let header = headers
         .get("x-pan-key")
         .and_then(|value| value.to_str().ok());
-    header == Some(config.api_key.as_str()) || params.get("key") == Some(&config.api_key)
+    header == Some(key) || params.get("key").map(String::as_str) == Some(key)
 }
 
 fn keygen(shared: &Shared, params: &Params) -> Reply {
-    shared.lock().stats.keygens += 1;
+    let key = {
+        let mut state = shared.lock();
+        state.stats.keygens += 1;
+        state.api_key(&shared.config)
+    };
     let config = &shared.config;
     let user_ok = params.get("user") == Some(&config.user);
     let password_ok = params.get("password") == Some(&config.password);
     if user_ok && password_ok {
         Reply::ok(format!(
             "<response status = 'success'><result><key>{}</key></result></response>",
-            escape(config.api_key.as_str())
+            escape(&key)
         ))
     } else {
         Reply::result_msg_error(StatusCode::FORBIDDEN, "Invalid Credential")
@@ -979,6 +1008,11 @@ async fn sim_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults
     debug!(?faults, "PAN-OS simulator faults set");
     shared.lock().faults = faults;
     StatusCode::NO_CONTENT.into_response()
+}
+
+async fn sim_expire_keys(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.lock().key_generation += 1;
+    StatusCode::NO_CONTENT
 }
 
 async fn sim_reset(State(shared): State<Arc<Shared>>) -> StatusCode {

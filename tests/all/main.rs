@@ -20,6 +20,7 @@ mod plugin_new;
 mod reload;
 mod runtime;
 mod secrets;
+mod sessions;
 
 /// Every `.rs` file (and directory module) beside this one is declared
 /// above, and no test file is left at the top of `tests/`, where no target

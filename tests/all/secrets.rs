@@ -1,7 +1,9 @@
 //! Secrets never reach the logs: the real binary runs a VM lifecycle at
 //! debug level, in both log formats, and nothing it prints — nor what the
 //! operator's commands (`plugins list`, `clusters`, `dlq list`) print —
-//! contains the Prism password, the webhook password or the firewall key.
+//! contains the Prism password, the webhook password, the firewall
+//! password or any API key the host got from the firewall by signing in
+//! (the keys expire mid-run, so there are two).
 
 use crate::common;
 
@@ -15,6 +17,7 @@ use tokio::io::AsyncReadExt;
 const PRISM_PASSWORD: &str = "prism-Pa55-never-logged";
 const WEBHOOK_PASSWORD: &str = "webhook-Pa55-never-logged";
 const PAN_KEY: &str = "pan-KEY-never-logged-0123456789";
+const PAN_PASSWORD: &str = "pan-Pa55-never-logged";
 
 async fn run_host(log_format: &str) -> String {
     common::init_tracing();
@@ -35,6 +38,7 @@ async fn run_host(log_format: &str) -> String {
         "127.0.0.1:0".parse().unwrap(),
         PanosConfig {
             api_key: PAN_KEY.into(),
+            password: PAN_PASSWORD.into(),
             ..Default::default()
         },
     )
@@ -60,7 +64,16 @@ dir = "{plugins}"
 [plugin.paloalto]
 config = {{ firewall = "{fw}" }}
 allow = ["{fw}"]
-inject = [{{ origin = "{fw}", header = "X-PAN-KEY", env = "TEST_PAN_KEY" }}]
+# The API key comes from keygen: the host signs in with the password.
+[[plugin.paloalto.login]]
+origin = "{fw}"
+url = "{fw}/api/?type=keygen"
+send = "form"
+username = "admin"
+username_field = "user"
+password = {{ env = "TEST_PAN_PASSWORD" }}
+token_xml = "/response/result/key"
+header = "X-PAN-KEY"
 [[cluster]]
 name = "lab"
 prism_url = "{prism}"
@@ -78,7 +91,7 @@ webhook_password = {{ env = "TEST_WEBHOOK_PASSWORD" }}
         .args(["--log-format", log_format, "run", "--config"])
         .arg(&config)
         .env("PRISMHOOK_LOG", "debug")
-        .env("TEST_PAN_KEY", PAN_KEY)
+        .env("TEST_PAN_PASSWORD", PAN_PASSWORD)
         .env("TEST_PRISM_PASSWORD", PRISM_PASSWORD)
         .env("TEST_WEBHOOK_PASSWORD", WEBHOOK_PASSWORD)
         .stdout(Stdio::piped())
@@ -140,12 +153,17 @@ webhook_password = {{ env = "TEST_WEBHOOK_PASSWORD" }}
         panos.registered().contains_key("10.9.0.2")
     })
     .await;
+    // The firewall's keys expire: the next request gets 403, and the host
+    // signs in again and resends it.
+    assert_eq!(panos.stats().keygens, 1, "one sign-in serves every call");
+    panos.expire_api_keys();
     prism.delete_vm(&vm).await.unwrap();
     let limit = until.saturating_duration_since(Instant::now());
     common::wait_until("the deleted VM gone from the firewall", limit, || {
         panos.registered().is_empty()
     })
     .await;
+    assert_eq!(panos.stats().keygens, 2);
     // The operator's commands, through the admin API: they show the plugin
     // and its counts, and no secret either.
     let mut cli_output = String::new();
@@ -154,7 +172,7 @@ webhook_password = {{ env = "TEST_WEBHOOK_PASSWORD" }}
             .args(args)
             .arg("--config")
             .arg(&config)
-            .env("TEST_PAN_KEY", PAN_KEY)
+            .env("TEST_PAN_PASSWORD", PAN_PASSWORD)
             .env("TEST_PRISM_PASSWORD", PRISM_PASSWORD)
             .env("TEST_WEBHOOK_PASSWORD", WEBHOOK_PASSWORD)
             .output()
@@ -209,7 +227,11 @@ async fn no_configured_secret_appears_in_the_logs_of_a_full_run() {
             logs.contains("wrong or missing credentials"),
             "{format}: the refusal was logged"
         );
-        for secret in [PRISM_PASSWORD, WEBHOOK_PASSWORD, PAN_KEY] {
+        assert!(
+            logs.contains("signed in"),
+            "{format}: the sign-ins were logged"
+        );
+        for secret in [PRISM_PASSWORD, WEBHOOK_PASSWORD, PAN_PASSWORD, PAN_KEY] {
             assert!(
                 !logs.contains(secret),
                 "{format}: `{secret}` leaked into the logs"

@@ -23,6 +23,7 @@ pub mod file;
 mod host;
 pub mod kv_store;
 pub mod scrub;
+mod session;
 mod state;
 pub use state::OutboundCounts;
 mod stdio;
@@ -452,6 +453,7 @@ impl Runtime {
                 name: provisional,
                 instance: instance.clone(),
                 limits: settings.limits,
+                sessions: Arc::new(session::Sessions::new(settings.policy.logins().len())),
                 policy: settings.policy,
                 http,
             }),
@@ -488,12 +490,15 @@ impl Runtime {
                 subscription: format!("{shown:?}"),
             });
         }
+        let provisional = &plugin.identity;
         plugin.identity = Arc::new(PluginIdentity {
             name: instance.unwrap_or_else(|| info.name.clone()),
-            instance: plugin.identity.instance.clone(),
-            limits: plugin.identity.limits,
-            policy: plugin.identity.policy.clone(),
-            http: plugin.identity.http.clone(),
+            instance: provisional.instance.clone(),
+            limits: provisional.limits,
+            policy: provisional.policy.clone(),
+            http: provisional.http.clone(),
+            // The same sessions: init may have signed in already.
+            sessions: provisional.sessions.clone(),
         });
         plugin.info = info;
         Ok(plugin)

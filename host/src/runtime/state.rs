@@ -25,6 +25,8 @@ pub struct PluginIdentity {
     /// Its own client when its configuration trusts other certificates
     /// than the public roots; `None` uses the shared one.
     pub http: Option<reqwest::Client>,
+    /// The session tokens of its logins, shared by its calls.
+    pub sessions: Arc<super::session::Sessions>,
 }
 
 /// Outbound requests since start by plugin, origin and result (the HTTP

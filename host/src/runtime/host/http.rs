@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 use http::{HeaderName, HeaderValue, Method};
 use url::Url;
 
+use prismhook_core::policy::Login;
+use prismhook_core::secret::Secret;
+
 use crate::runtime::bindings::http::{Error, Host, Request, Response};
 use crate::runtime::scrub::Scrubber;
-use crate::runtime::state::HostState;
+use crate::runtime::session::SignInError;
+use crate::runtime::state::{HostState, PluginIdentity};
 
 const MAX_REDIRECTS: usize = 5;
 /// Ceiling for one request, whatever the plugin asks for.
@@ -27,14 +31,22 @@ impl Host for HostState {
         let asked = Url::parse(&request.url)
             .map(|u| u.origin().ascii_serialization())
             .unwrap_or_else(|_| "-".into());
-        let scrubber = Scrubber::new(self.plugin.policy.secrets());
+        let mut tokens = Vec::new();
+        let result = self.send_checked(request, &mut tokens).await;
+        // Every secret the request could carry: the injected ones, the
+        // login passwords, and the session tokens held or just used.
+        tokens.extend(self.plugin.sessions.current());
+        let scrubber = Scrubber::new(self.plugin.policy.secrets().chain(&tokens));
         // Error messages can quote what a server sent (a redirect's
         // `Location`): they are scrubbed like responses, before they are
         // logged or handed to the plugin.
-        let result = self
-            .send_checked(request, &scrubber)
-            .await
-            .map_err(|e| scrub_error(e, &scrubber));
+        let result = match result {
+            Ok((url, mut response)) => {
+                scrub_response(&mut response, &scrubber);
+                Ok((url, response))
+            }
+            Err(e) => Err(scrub_error(e, &scrubber)),
+        };
         let (origin, outcome) = match &result {
             Ok((url, resp)) => (url.origin().ascii_serialization(), resp.status.to_string()),
             // A plugin may ask for any number of origins off its allowlist;
@@ -76,10 +88,12 @@ fn error_kind(e: &Error) -> &'static str {
 }
 
 impl HostState {
+    /// Sends `request` under the plugin's policy. The session tokens sent
+    /// go into `tokens`, for the caller to scrub from the answer.
     async fn send_checked(
         &mut self,
         request: Request,
-        scrubber: &Scrubber,
+        tokens: &mut Vec<Secret>,
     ) -> Result<(Url, Response), Error> {
         let limits = self.plugin.limits;
         if self.requests_made >= limits.max_requests_per_call {
@@ -121,6 +135,8 @@ impl HostState {
             .min(remaining);
         let deadline = Instant::now() + timeout;
 
+        let (client, identity, context) =
+            (self.http.clone(), self.plugin.clone(), self.context.clone());
         for _hop in 0..=MAX_REDIRECTS {
             if !self.plugin.policy.allows(&url) {
                 return Err(Error::Denied(format!(
@@ -129,22 +145,32 @@ impl HostState {
                     self.plugin.name
                 )));
             }
-            let mut req = self
-                .http
-                .request(method.clone(), url.clone())
-                .headers(headers.clone())
-                .timeout(deadline.saturating_duration_since(Instant::now()));
-            for injected in self.plugin.policy.headers_for(&url) {
-                let mut value = HeaderValue::from_str(injected.value.expose()).map_err(|_| {
-                    Error::Other("an injected credential is not a valid header value".into())
-                })?;
-                value.set_sensitive(true);
-                req = req.header(injected.name.clone(), value);
+            let hop = Hop {
+                client: &client,
+                plugin: &identity,
+                context: &context,
+                method: &method,
+                url: &url,
+                headers: &headers,
+                body: &body,
+                deadline,
+            };
+            let login = identity.policy.login_for(&url);
+            let mut session = match login {
+                Some((index, login)) => Some(hop.session_token(index, login, None).await?),
+                None => None,
+            };
+            let mut resp = hop.send(session.as_ref()).await?;
+            // An expired or revoked token: sign in again, once, and resend.
+            if let (Some((index, login)), Some(refused)) = (login, &session) {
+                if matches!(resp.status().as_u16(), 401 | 403) {
+                    tokens.push(refused.clone());
+                    let fresh = hop.session_token(index, login, Some(refused)).await?;
+                    resp = hop.send(Some(&fresh)).await?;
+                    session = Some(fresh);
+                }
             }
-            if let Some(b) = &body {
-                req = req.body(b.clone());
-            }
-            let resp = req.send().await.map_err(classify)?;
+            tokens.extend(session);
             let status = resp.status();
             if status.is_redirection() {
                 if let Some(location) = resp.headers().get(http::header::LOCATION) {
@@ -175,16 +201,91 @@ impl HostState {
                 })
                 .collect::<Vec<_>>();
             let body = read_capped(resp, limits.max_response_bytes).await?;
-            let mut response = Response {
+            let response = Response {
                 status: status.as_u16(),
                 headers: resp_headers,
                 body,
             };
-            scrub_response(&mut response, scrubber);
             return Ok((url, response));
         }
         Err(Error::Other(format!("more than {MAX_REDIRECTS} redirects")))
     }
+}
+
+/// One request of a call to one URL (the first, or a redirect's).
+struct Hop<'a> {
+    client: &'a reqwest::Client,
+    plugin: &'a PluginIdentity,
+    /// The call's event ids, for log lines.
+    context: &'a str,
+    method: &'a Method,
+    url: &'a Url,
+    headers: &'a http::HeaderMap,
+    body: &'a Option<Vec<u8>>,
+    deadline: Instant,
+}
+
+impl Hop<'_> {
+    /// Sends it with the credentials injected for its origin: static
+    /// headers, and `session` in its login's header.
+    async fn send(&self, session: Option<&Secret>) -> Result<reqwest::Response, Error> {
+        let mut req = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(self.headers.clone())
+            .timeout(self.deadline.saturating_duration_since(Instant::now()));
+        for injected in self.plugin.policy.headers_for(self.url) {
+            req = req.header(injected.name.clone(), sensitive(injected.value.expose())?);
+        }
+        if let (Some((_, login)), Some(token)) = (self.plugin.policy.login_for(self.url), session) {
+            let value = sensitive(&format!("{}{}", login.prefix, token.expose()))?;
+            req = req.header(login.header.clone(), value);
+        }
+        if let Some(b) = self.body {
+            req = req.body(b.clone());
+        }
+        req.send().await.map_err(classify)
+    }
+
+    /// The session token for login `index` (see `runtime::session`).
+    async fn session_token(
+        &self,
+        index: usize,
+        login: &Login,
+        refused: Option<&Secret>,
+    ) -> Result<Secret, Error> {
+        let time_left = self.deadline.saturating_duration_since(Instant::now());
+        let (token, fresh) = self
+            .plugin
+            .sessions
+            .token(index, login, self.client, refused, time_left)
+            .await
+            .map_err(|e| {
+                tracing::warn!(plugin = %self.plugin.name, events = %self.context, "{e}");
+                match e {
+                    SignInError::Unreachable { .. } => Error::ConnectionFailed(e.to_string()),
+                    SignInError::Refused { .. } => Error::Other(e.to_string()),
+                }
+            })?;
+        if fresh {
+            // The origin only: a login URL's query may hold a credential.
+            let why = if refused.is_some() {
+                "the origin refused the last token"
+            } else {
+                "no token held"
+            };
+            tracing::info!(plugin = %self.plugin.name, events = %self.context, origin = login.origin.as_str(), "signed in for a session token ({why})");
+        }
+        Ok(token)
+    }
+}
+
+/// A credential as a header value that is never logged.
+fn sensitive(value: &str) -> Result<HeaderValue, Error> {
+    let mut value = HeaderValue::from_str(value)
+        .map_err(|_| Error::Other("an injected credential is not a valid header value".into()))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Replaces every injected secret echoed back by the server, in any common
