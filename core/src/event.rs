@@ -39,6 +39,10 @@ pub struct Vm {
     pub categories: Vec<(String, String)>,
     pub nics: Vec<Nic>,
     pub host_name: Option<String>,
+    /// The Nutanix (Prism Element) cluster the VM belongs to, by the name
+    /// Prism gives in its `cluster_reference`.
+    #[serde(default)]
+    pub cluster_name: Option<String>,
     /// The source's version of the entity, as a string.
     pub entity_version: Option<String>,
 }

@@ -24,7 +24,7 @@ use crate::ledger::{
 };
 use crate::registry::Registry;
 use crate::runtime::bindings::{self, Event, Outcome, Retry};
-use crate::runtime::CallError;
+use crate::runtime::{CallError, VmClusters};
 use crate::source::InventorySink;
 use crate::telemetry::HandleDurations;
 use prismhook_core::text::truncate;
@@ -190,10 +190,11 @@ impl Dispatcher {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
         };
+        let clusters = Arc::new(vm_clusters(vms));
         let vms = vms.iter().map(bindings::Vm::from).collect();
         let lock = self.inner.lock_for(plugin);
         let _exclusive = lock.write().await;
-        Ok(p.reconcile(cluster, vms).await?)
+        Ok(p.reconcile(cluster, vms, clusters).await?)
     }
 
     /// Moves the queued deliveries of plugins that have been gone from the
@@ -345,11 +346,14 @@ async fn deliver(
         .filter(|&i| representative[i] == i)
         .collect();
     let events: Vec<Event> = sent.iter().map(|&i| to_event(&batch[i])).collect();
+    let clusters = Arc::new(vm_clusters(
+        sent.iter().filter_map(|&i| batch[i].event.vm.as_ref()),
+    ));
 
     let lock = inner.lock_for(name);
     let shared = lock.read().await;
     let started = Instant::now();
-    let (sent_outcomes, failure) = handle_isolating(plugin, events).await;
+    let (sent_outcomes, failure) = handle_isolating(plugin, events, clusters).await;
     let elapsed = started.elapsed();
     drop(shared);
     if let Some(h) = &inner.opts.handle_durations {
@@ -411,13 +415,14 @@ async fn deliver(
 async fn handle_isolating(
     plugin: &crate::runtime::Plugin,
     events: Vec<Event>,
+    clusters: Arc<VmClusters>,
 ) -> (Vec<Option<LedgerOutcome>>, Option<CallError>) {
     // A trap's message is the guest's panic text, as long as it likes.
     let retry = |e: &CallError| LedgerOutcome::Retry {
         reason: truncate(e.to_string(), MAX_REASON_BYTES),
         delay: None,
     };
-    let error = match plugin.handle(events.clone()).await {
+    let error = match plugin.handle_in(events.clone(), clusters.clone()).await {
         Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
     };
@@ -435,7 +440,7 @@ async fn handle_isolating(
             outcomes.push(None);
             continue;
         }
-        match plugin.handle(vec![event]).await {
+        match plugin.handle_in(vec![event], clusters.clone()).await {
             Ok(o) => outcomes.push(Some(to_ledger(&o[0]))),
             Err(e) => {
                 tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {e}");
@@ -509,6 +514,13 @@ fn to_ledger(o: &Outcome) -> LedgerOutcome {
             reason: truncate(reason.clone(), MAX_REASON_BYTES),
         },
     }
+}
+
+/// Which Nutanix cluster each VM belongs to, where its source said.
+fn vm_clusters<'a>(vms: impl IntoIterator<Item = &'a Vm>) -> VmClusters {
+    vms.into_iter()
+        .filter_map(|vm| Some((vm.uuid.clone(), vm.cluster_name.clone()?)))
+        .collect()
 }
 
 /// The WIT view of a stored event: the VM its source decoded at ingest, and

@@ -492,3 +492,70 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
     assert!(out.contains("removed 1 webhook"), "{out}");
     assert!(w.prism.webhooks().is_empty());
 }
+
+/// Teams moving from Palo Alto's Panorama plugin for Nutanix keep their
+/// dynamic address groups: with `tag_preset = "panorama"` the tags are
+/// `ntnx.PC-<prism central>.CL-<nutanix cluster>.<category>.<value>`, from
+/// events and from reconcile alike, and tags of another Prism Central are
+/// left alone.
+#[tokio::test]
+async fn the_panorama_preset_registers_the_panorama_plugins_tag_names() {
+    let w = world().await;
+    let fw = w.panos.base_url();
+    let key = prismhook_sim::panos::PanosConfig::default().api_key;
+    let config = HostConfig::new(w.dir.path())
+        .fast_retries()
+        .plugin(
+            "paloalto",
+            &[
+                format!(
+                    r#"config = {{ firewall = "{fw}", tag_preset = "panorama", prism_central = "pc-east" }}"#
+                ),
+                format!(r#"allow = ["{fw}"]"#),
+                format!(r#"inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]"#),
+            ],
+        )
+        .cluster(Cluster::lab(&w.prism))
+        .config();
+    let app = App::start(config).await.unwrap();
+    wait(
+        || app.cluster_status().iter().all(|c| c.registered),
+        "registration",
+    )
+    .await;
+    w.prism
+        .create_vm(
+            NewVm::named("web")
+                .powered_on()
+                .category("AppTier", "Web")
+                .nic(["10.8.0.1"]),
+        )
+        .await
+        .unwrap();
+    w.prism.flush().await;
+    common::drained(&app).await;
+    // The simulator's VMs belong to Nutanix cluster `sim-cluster`.
+    let wanted = BTreeMap::from([(
+        "10.8.0.1".to_owned(),
+        vec!["ntnx.PC-pc-east.CL-sim-cluster.AppTier.Web".to_owned()],
+    )]);
+    assert_eq!(w.panos.registered(), wanted);
+
+    // Reconcile names them the same way from the inventory: it repairs a
+    // lost tag of its own and leaves another Prism Central's alone.
+    w.panos
+        .register_directly("10.8.0.9", &["ntnx.PC-pc-west.CL-other.AppTier.Db"]);
+    w.panos
+        .register_directly("10.8.0.7", &["ntnx.PC-pc-east.CL-sim-cluster.AppTier.Old"]);
+    let lines = app.source.reconcile(Some("lab")).await.unwrap()[0]
+        .plugins
+        .clone();
+    assert!(lines.iter().all(|l| !l.contains("failed")), "{lines:?}");
+    let mut expected = wanted.clone();
+    expected.insert(
+        "10.8.0.9".to_owned(),
+        vec!["ntnx.PC-pc-west.CL-other.AppTier.Db".to_owned()],
+    );
+    assert_eq!(w.panos.registered(), expected);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}

@@ -333,7 +333,12 @@ async fn reconcile_repairs_a_missed_delete_and_a_tag_changed_by_hand() {
     .vm
     .unwrap();
     let inventory = vec![WitVm::from(&vm)];
-    let summary = r.plugin.reconcile("lab", inventory).await.unwrap().unwrap();
+    let summary = r
+        .plugin
+        .reconcile("lab", inventory, Default::default())
+        .await
+        .unwrap()
+        .unwrap();
     let web: &[&str] = &[
         "ntnx.AppTier.Web",
         "ntnx.Environment.Production",

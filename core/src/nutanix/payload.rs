@@ -153,6 +153,12 @@ fn parse_vm_or(intent: &Value, fallback_uuid: &str) -> Option<Vm> {
     let host_name = resource("host_reference")
         .and_then(|h| str_at(h, "/name"))
         .map(str::to_owned);
+    // Beside `resources`, not in it; status first, as for the rest.
+    let cluster_name = [status, spec]
+        .into_iter()
+        .flatten()
+        .find_map(|s| str_at(s, "/cluster_reference/name"))
+        .map(str::to_owned);
     Some(Vm {
         uuid,
         name,
@@ -160,6 +166,7 @@ fn parse_vm_or(intent: &Value, fallback_uuid: &str) -> Option<Vm> {
         categories: meta.map(parse_categories).unwrap_or_default(),
         nics,
         host_name,
+        cluster_name,
         entity_version: meta.and_then(|m| scalar_string(m.get("entity_version"))),
     })
 }
@@ -351,6 +358,7 @@ mod tests {
         assert_eq!(vm.power_state.as_deref(), Some("ON"));
         assert!(vm.categories.is_empty());
         assert_eq!(vm.host_name.as_deref(), Some("10.10.10.101"));
+        assert_eq!(vm.cluster_name.as_deref(), Some("ntnx-ahv-cluster"));
         assert_eq!(vm.entity_version, None);
         assert_eq!(
             vm.nics,

@@ -25,7 +25,7 @@ pub mod kv_store;
 pub mod scrub;
 mod session;
 mod state;
-pub use state::OutboundCounts;
+pub use state::{OutboundCounts, VmClusters};
 mod stdio;
 
 use std::path::{Path, PathBuf};
@@ -732,7 +732,7 @@ impl Plugin {
     /// Runs `init` alone, as a load does before the plugin serves.
     async fn init(&self) -> Result<PluginInfo, LoadError> {
         let file = self.file.clone();
-        match self.call(Call::Init, "init").await {
+        match self.call(Call::Init, "init", Arc::default()).await {
             Ok((info, _)) => Ok(info),
             Err(CallError::Init { message, .. }) => Err(LoadError::InitRefused { file, message }),
             Err(source) => Err(LoadError::Init { file, source }),
@@ -741,13 +741,27 @@ impl Plugin {
 
     /// Delivers a batch; one outcome per event, in order.
     pub async fn handle(&self, events: Vec<Event>) -> Result<Vec<Outcome>, CallError> {
+        self.handle_in(events, Arc::default()).await
+    }
+
+    /// [`Plugin::handle`], telling the plugin which Nutanix cluster each of
+    /// the batch's VMs belongs to.
+    pub async fn handle_in(
+        &self,
+        events: Vec<Event>,
+        vm_clusters: Arc<VmClusters>,
+    ) -> Result<Vec<Outcome>, CallError> {
         let expected = events.len();
         let context = events
             .iter()
             .map(|e| e.id.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let Returned::Handle(outcomes) = self.call(Call::Handle(events), &context).await?.1 else {
+        let Returned::Handle(outcomes) = self
+            .call(Call::Handle(events), &context, vm_clusters)
+            .await?
+            .1
+        else {
             unreachable!("handle returns outcomes")
         };
         if outcomes.len() != expected {
@@ -760,15 +774,21 @@ impl Plugin {
         Ok(outcomes)
     }
 
-    /// Hands the plugin one cluster's whole inventory.
+    /// Hands the plugin one cluster's whole inventory, and which Nutanix
+    /// cluster each VM belongs to.
     pub async fn reconcile(
         &self,
         cluster: &str,
         vms: Vec<Vm>,
+        vm_clusters: Arc<VmClusters>,
     ) -> Result<Result<String, String>, CallError> {
         let context = format!("reconcile:{cluster}");
         let Returned::Reconcile(result) = self
-            .call(Call::Reconcile(cluster.to_owned(), vms), &context)
+            .call(
+                Call::Reconcile(cluster.to_owned(), vms),
+                &context,
+                vm_clusters,
+            )
             .await?
             .1
         else {
@@ -779,8 +799,18 @@ impl Plugin {
 
     /// One bounded call: a fresh Store and instance, `init`, then the
     /// export asked for; kv writes are committed only if all of it returns.
-    async fn call(&self, call: Call, context: &str) -> Result<(PluginInfo, Returned), CallError> {
-        let state = HostState::new(self.identity.clone(), context.into(), &self.env);
+    async fn call(
+        &self,
+        call: Call,
+        context: &str,
+        vm_clusters: Arc<VmClusters>,
+    ) -> Result<(PluginInfo, Returned), CallError> {
+        let state = HostState::new(
+            self.identity.clone(),
+            context.into(),
+            vm_clusters,
+            &self.env,
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
         store.set_epoch_deadline(1);

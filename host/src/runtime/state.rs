@@ -11,6 +11,10 @@ use super::limits::Limits;
 use super::policy::OutboundPolicy;
 use super::stdio::{GuestOutput, LogBudget};
 
+/// VM uuid → the name of the Nutanix cluster it belongs to, for the VMs a
+/// call hands over (the `context.vm-cluster-name` import).
+pub type VmClusters = std::collections::HashMap<String, String>;
+
 /// Who is calling: fixed for a plugin version, shared by all its calls.
 #[derive(Debug)]
 pub struct PluginIdentity {
@@ -72,6 +76,8 @@ pub struct HostState {
     pub(super) requests_made: u32,
     pub(super) log_budget: LogBudget,
     pub(super) kv: KvSession,
+    /// VM uuid → its Nutanix cluster's name, for the VMs of this call.
+    pub(super) vm_clusters: Arc<VmClusters>,
     pub(super) http: reqwest::Client,
     pub(super) outbound: Arc<OutboundCounts>,
 }
@@ -79,7 +85,12 @@ pub struct HostState {
 impl HostState {
     /// The state of one call of `plugin` (`context`: the event ids of the
     /// batch in hand, for log lines).
-    pub(super) fn new(plugin: Arc<PluginIdentity>, context: Arc<str>, env: &CallEnv) -> HostState {
+    pub(super) fn new(
+        plugin: Arc<PluginIdentity>,
+        context: Arc<str>,
+        vm_clusters: Arc<VmClusters>,
+        env: &CallEnv,
+    ) -> HostState {
         let limits = plugin.limits;
         let log_budget = LogBudget::new(limits.max_log_bytes);
         let stdout = GuestOutput::new(&plugin.name, "stdout", log_budget.clone());
@@ -105,6 +116,7 @@ impl HostState {
             requests_made: 0,
             log_budget,
             kv: env.kv.session(&plugin.name),
+            vm_clusters,
             http: plugin.http.clone().unwrap_or_else(|| env.http.clone()),
             outbound: env.outbound.clone(),
             plugin,

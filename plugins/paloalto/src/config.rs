@@ -45,6 +45,8 @@ fn invalid(message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 struct Raw {
     firewall: String,
+    tag_preset: Option<String>,
+    prism_central: Option<String>,
     vsys: Option<String>,
     target: Option<String>,
     tag_prefix: Option<String>,
@@ -81,8 +83,9 @@ impl Config {
         Config::from_raw(raw)
     }
 
-    fn from_raw(raw: Raw) -> Result<Config, ConfigError> {
+    fn from_raw(mut raw: Raw) -> Result<Config, ConfigError> {
         let firewall = check_firewall(&raw.firewall)?;
+        apply_preset(&mut raw)?;
 
         let tag_prefix = raw.tag_prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
         if tag_prefix.is_empty() || tag_prefix.len() > 63 {
@@ -108,7 +111,9 @@ impl Config {
                     "`static_tag` may only use the `{prefix}` placeholder",
                 ));
             }
-            let tag = template.render(&tag_prefix, "", "", "");
+            let tag = template
+                .render(&tag_prefix, "", None, "", "")
+                .unwrap_or_default();
             if !tag.starts_with(&owned) || tag.len() > tags::MAX_TAG_LEN {
                 return Err(invalid(format!(
                     "`static_tag` {tag:?} must start with {owned:?} and be at most {} characters",
@@ -123,7 +128,9 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_CATEGORY_TAG.to_owned());
         let category_tag = Template::parse(&category_source)
             .map_err(|e| invalid(format!("`category_tag`: {e}")))?;
-        let sample = category_tag.render(&tag_prefix, "c", "k", "v");
+        let sample = category_tag
+            .render(&tag_prefix, "c", Some("c"), "k", "v")
+            .unwrap_or_default();
         if !sample.starts_with(&owned) || sample.len() <= owned.len() {
             return Err(invalid(format!(
                 "`category_tag` {category_source:?} must produce tags that start with {owned:?}"
@@ -180,6 +187,47 @@ impl Config {
     }
 }
 
+/// The tag names of Palo Alto's Panorama plugin for Nutanix.
+pub const PANORAMA_PRESET: &str = "panorama";
+
+/// `tag_preset = "panorama"`: the names Palo Alto's Panorama plugin for
+/// Nutanix registers, `ntnx.PC-<prism central>.CL-<cluster>.<category>.<value>`,
+/// so dynamic address groups written for it keep matching. The prefix the
+/// plugin owns is `ntnx.PC-<prism central>`: tags of other Prism Centrals
+/// (another prismhook, or the Panorama plugin itself) are never touched.
+fn apply_preset(raw: &mut Raw) -> Result<(), ConfigError> {
+    let Some(preset) = raw.tag_preset.as_deref() else {
+        if raw.prism_central.is_some() {
+            return Err(invalid(
+                "`prism_central` is only read with `tag_preset = \"panorama\"`",
+            ));
+        }
+        return Ok(());
+    };
+    if preset != PANORAMA_PRESET {
+        return Err(invalid(format!(
+            "`tag_preset` {preset:?} is unknown (known: \"{PANORAMA_PRESET}\")"
+        )));
+    }
+    if raw.tag_prefix.is_some() || raw.static_tag.is_some() || raw.category_tag.is_some() {
+        return Err(invalid(
+            "`tag_preset` sets `tag_prefix`, `static_tag` and `category_tag`; leave them out",
+        ));
+    }
+    let pc = raw
+        .prism_central
+        .as_deref()
+        .map(str::trim)
+        .filter(|pc| !pc.is_empty())
+        .ok_or_else(|| {
+            invalid("`tag_preset = \"panorama\"` needs `prism_central`, the Prism Central's name")
+        })?;
+    raw.tag_prefix = Some(format!("ntnx.PC-{}", tags::sanitize(pc)));
+    raw.static_tag = Some(String::new());
+    raw.category_tag = Some("{prefix}.CL-{vm_cluster}.{key}.{value}".to_owned());
+    Ok(())
+}
+
 fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.trim().is_empty())
 }
@@ -224,14 +272,58 @@ mod tests {
         assert_eq!(config.tag_prefix, "ntnx");
         assert_eq!(config.static_tag.as_deref(), Some("ntnx.managed"));
         assert_eq!(
-            config.category_tag.render("ntnx", "cl", "AppTier", "Web"),
-            "ntnx.AppTier.Web"
+            config
+                .category_tag
+                .render("ntnx", "cl", None, "AppTier", "Web")
+                .as_deref(),
+            Some("ntnx.AppTier.Web")
         );
         assert_eq!(config.registration_timeout, 0);
         assert_eq!(config.max_message_bytes, 4_500_000);
         assert_eq!(config.subscriptions, DEFAULT_SUBSCRIPTIONS);
         assert_eq!(config.categories, None);
         assert_eq!((config.vsys, config.target), (None, None));
+    }
+
+    #[test]
+    fn the_panorama_preset_names_tags_as_the_panorama_plugin_and_owns_only_its_prism_centrals() {
+        let config = Config::parse(
+            r#"{"firewall": "https://fw", "tag_preset": "panorama", "prism_central": "PC East"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.tag_prefix, "ntnx.PC-PC_East");
+        assert_eq!(config.static_tag, None);
+        assert_eq!(
+            config
+                .category_tag
+                .render(&config.tag_prefix, "lab", Some("ahv-01"), "AppTier", "Web")
+                .as_deref(),
+            Some("ntnx.PC-PC_East.CL-ahv-01.AppTier.Web")
+        );
+        assert!(config.owns_tag("ntnx.PC-PC_East.CL-ahv-01.AppTier.Web"));
+        assert!(!config.owns_tag("ntnx.PC-PC_West.CL-ahv-01.AppTier.Web"));
+        assert!(!config.owns_tag("ntnx.managed"));
+        for (bad, why) in [
+            (
+                r#"{"firewall": "https://fw", "tag_preset": "panorama"}"#,
+                "needs `prism_central`",
+            ),
+            (
+                r#"{"firewall": "https://fw", "tag_preset": "panorama", "prism_central": "pc", "tag_prefix": "x"}"#,
+                "leave them out",
+            ),
+            (
+                r#"{"firewall": "https://fw", "tag_preset": "fortinet"}"#,
+                "is unknown",
+            ),
+            (
+                r#"{"firewall": "https://fw", "prism_central": "pc"}"#,
+                "only read with",
+            ),
+        ] {
+            let e = Config::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -249,8 +341,9 @@ mod tests {
         assert_eq!(
             config
                 .category_tag
-                .render("pc", "ncn-dev-sandbox", "AppTier", "Web"),
-            "pc.PC-pc1.CL-ncn-dev-sandbox.AppTier.Web"
+                .render("pc", "ncn-dev-sandbox", None, "AppTier", "Web")
+                .as_deref(),
+            Some("pc.PC-pc1.CL-ncn-dev-sandbox.AppTier.Web")
         );
         assert_eq!(
             config.categories,

@@ -18,6 +18,10 @@ pub struct Vm {
     pub categories: Vec<(String, String)>,
     /// The IPs of each NIC, in Prism's order.
     pub nics: Vec<Vec<String>>,
+    /// The Nutanix cluster it belongs to (host 0.1.1's
+    /// `context.vm-cluster-name`), asked for only when a tag template
+    /// names it.
+    pub cluster_name: Option<String>,
 }
 
 /// One notification of a batch.

@@ -26,7 +26,7 @@ mod component {
 
     use exports::prismhook::plugin::handler::Guest;
     use prismhook::plugin::types::{Event, Outcome, PluginInfo, Retry, Vm};
-    use prismhook::plugin::{http, kv, log};
+    use prismhook::plugin::{context, http, kv, log};
 
     thread_local! {
         // Each instance serves `init` and then one call, so the
@@ -91,7 +91,18 @@ mod component {
     }
 
     fn vm(vm: Vm) -> host::Vm {
+        // One host call per VM, made only when a tag names the cluster.
+        let wants_cluster = CONFIG.with(|slot| {
+            slot.borrow()
+                .as_ref()
+                .is_some_and(|c| c.category_tag.uses_vm_cluster())
+        });
         host::Vm {
+            cluster_name: if wants_cluster {
+                context::vm_cluster_name(&vm.uuid)
+            } else {
+                None
+            },
             uuid: vm.uuid,
             name: vm.name,
             power_state: vm.power_state,

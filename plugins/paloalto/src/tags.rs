@@ -55,7 +55,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 enum Piece {
     Literal(String),
     Prefix,
+    /// The event's cluster: prismhook's name for the Prism endpoint.
     Cluster,
+    /// The Nutanix cluster the VM belongs to, by Prism's name for it.
+    VmCluster,
     Key,
     Value,
 }
@@ -76,11 +79,12 @@ impl Template {
                 pieces.push(match &after[..end] {
                     "prefix" => Piece::Prefix,
                     "cluster" => Piece::Cluster,
+                    "vm_cluster" => Piece::VmCluster,
                     "key" => Piece::Key,
                     "value" => Piece::Value,
                     other => {
                         return Err(format!(
-                            "unknown placeholder `{{{other}}}` (known: {{prefix}}, {{cluster}}, {{key}}, {{value}})"
+                            "unknown placeholder `{{{other}}}` (known: {{prefix}}, {{cluster}}, {{vm_cluster}}, {{key}}, {{value}})"
                         ))
                     }
                 });
@@ -102,21 +106,41 @@ impl Template {
 
     /// Whether the template needs a VM's cluster or category.
     pub fn uses_vm_fields(&self) -> bool {
-        self.0
-            .iter()
-            .any(|p| matches!(p, Piece::Cluster | Piece::Key | Piece::Value))
+        self.0.iter().any(|p| {
+            matches!(
+                p,
+                Piece::Cluster | Piece::VmCluster | Piece::Key | Piece::Value
+            )
+        })
+    }
+
+    /// Whether the template needs the Nutanix cluster of the VM.
+    pub fn uses_vm_cluster(&self) -> bool {
+        self.0.iter().any(|p| matches!(p, Piece::VmCluster))
     }
 
     /// Fills in the placeholders with sanitised values; no length limit.
-    pub fn render(&self, prefix: &str, cluster: &str, key: &str, value: &str) -> String {
+    /// `None` when it needs the VM's Nutanix cluster and that is unknown: a
+    /// tag named without it would be another tag.
+    pub fn render(
+        &self,
+        prefix: &str,
+        cluster: &str,
+        vm_cluster: Option<&str>,
+        key: &str,
+        value: &str,
+    ) -> Option<String> {
         self.0
             .iter()
-            .map(|piece| match piece {
-                Piece::Literal(text) => text.clone(),
-                Piece::Prefix => sanitize(prefix),
-                Piece::Cluster => sanitize(cluster),
-                Piece::Key => sanitize(key),
-                Piece::Value => sanitize(value),
+            .map(|piece| {
+                Some(match piece {
+                    Piece::Literal(text) => text.clone(),
+                    Piece::Prefix => sanitize(prefix),
+                    Piece::Cluster => sanitize(cluster),
+                    Piece::VmCluster => sanitize(vm_cluster?),
+                    Piece::Key => sanitize(key),
+                    Piece::Value => sanitize(value),
+                })
             })
             .collect()
     }
@@ -133,9 +157,16 @@ pub fn vm_tags(config: &Config, cluster: &str, vm: &Vm) -> BTreeSet<String> {
         {
             continue;
         }
-        let tag = config
-            .category_tag
-            .render(&config.tag_prefix, cluster, key, value);
+        let rendered = config.category_tag.render(
+            &config.tag_prefix,
+            cluster,
+            vm.cluster_name.as_deref(),
+            key,
+            value,
+        );
+        // Without its Nutanix cluster the VM's category tags cannot be
+        // named; the static tag still marks it managed.
+        let Some(tag) = rendered else { break };
         tags.insert(limit_length(tag));
     }
     tags
@@ -191,6 +222,7 @@ pub(crate) mod tests {
                 ("Environment".into(), "Production".into()),
             ],
             nics: vec![vec!["10.23.129.96".into()], vec!["10.40.142.61".into()]],
+            cluster_name: Some("ncn-dev-sandbox".into()),
         }
     }
 
@@ -226,6 +258,23 @@ pub(crate) mod tests {
             vm_tags(&config, "ncn-dev-sandbox", &web_01()),
             set(&["ntnx.PC-pc1.CL-ncn-dev-sandbox.AppTier.Web"])
         );
+    }
+
+    #[test]
+    fn the_panorama_preset_names_the_vms_own_nutanix_cluster_and_skips_tags_it_cannot_name() {
+        let config = config(
+            r#"{"firewall": "https://fw", "tag_preset": "panorama", "prism_central": "pc1",
+                "categories": ["AppTier"]}"#,
+        );
+        assert_eq!(
+            vm_tags(&config, "lab", &web_01()),
+            set(&["ntnx.PC-pc1.CL-ncn-dev-sandbox.AppTier.Web"])
+        );
+        let unknown = Vm {
+            cluster_name: None,
+            ..web_01()
+        };
+        assert!(wanted(&config, "lab", &unknown).is_empty());
     }
 
     #[test]

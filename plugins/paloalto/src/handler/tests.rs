@@ -711,6 +711,9 @@ fn nutanix_fixture(name: &str) -> Event {
                     .collect()
             })
             .unwrap_or_default(),
+        cluster_name: intent["status"]["cluster_reference"]["name"]
+            .as_str()
+            .map(str::to_owned),
         nics: resources["nic_list"]
             .as_array()
             .unwrap()
