@@ -11,7 +11,8 @@
 //! its own small quick-xml tree builder, so a parsing or escaping bug cannot
 //! hide on both sides of a test.
 //!
-//! It models only what the plugin relies on: API keys, User-ID tag
+//! It models what the plugin relies on, and what other clients send first
+//! (`show system info`): API keys, User-ID tag
 //! registration (validated as a whole before anything is applied, like the
 //! firewall, so a bad message never half-applies), `show object
 //! registered-ip` read-back, and commits as counted, instantly finished jobs.
@@ -27,7 +28,16 @@
 //! - a `<limit>` outside 1..=500 or a `<start-point>` of 0 is refused (code 18)
 //!   instead of clamped, so a client that assumes bigger pages fails loudly;
 //! - a `<tag>` element without `<member>` is refused; only an unregister
-//!   `<entry>` with no `<tag>` at all removes every tag of an address.
+//!   `<entry>` with no `<tag>` at all removes every tag of an address;
+//! - a registration with `timeout="N"` lapses N seconds later, as on the
+//!   firewall, and registering the same tag again starts the timeout over
+//!   (an assumption: PAN-OS's documentation says a timeout unregisters the
+//!   tag, not what a repeated register does to it);
+//! - with `max_registered_ips`, a register of one more address is refused
+//!   for that entry with "max registered-ip for the platform reached (N)",
+//!   the text PAN-OS logs when it reaches its platform's limit;
+//! - API keys can be expired (`expire_api_keys`), as the firewall's "Expire
+//!   All API Keys" or API key lifetime do: the old key then gets 403.
 //!
 //! Faults (latency, failing statuses, dropped connections) are injected per
 //! `/api/` request. Dropping has to really close the TCP connection without an
@@ -89,6 +99,10 @@ pub struct PanosConfig {
     /// The key keygen hands out and every other call must carry in
     /// `X-PAN-KEY`, until [`PanosSim::expire_api_keys`] makes a new one.
     pub api_key: String,
+    /// How many addresses may be registered at once, as the platform's
+    /// limit; a register beyond it is refused for that entry with "max
+    /// registered-ip for the platform reached". `None`: no limit.
+    pub max_registered_ips: Option<usize>,
 }
 
 impl Default for PanosConfig {
@@ -97,6 +111,7 @@ impl Default for PanosConfig {
             user: "admin".to_owned(),
             password: "admin".to_owned(),
             api_key: "sim-key-0001".to_owned(),
+            max_registered_ips: None,
         }
     }
 }
@@ -231,13 +246,17 @@ impl PanosSim {
     /// Registered addresses and their sorted tags, as `GET /_sim/registered`.
     #[must_use]
     pub fn registered(&self) -> BTreeMap<String, Vec<String>> {
-        self.shared.lock().registered_view()
+        let mut state = self.shared.lock();
+        state.lapse();
+        state.registered_view()
     }
 
     /// Counters, as `GET /_sim/stats`.
     #[must_use]
     pub fn stats(&self) -> PanosStats {
-        self.shared.lock().stats_view()
+        let mut state = self.shared.lock();
+        state.lapse();
+        state.stats_view()
     }
 
     /// Replaces the injected faults, as `POST /_sim/faults`.
@@ -353,6 +372,10 @@ struct SimState {
     /// How many times every key was expired: the current key is the
     /// configured one while this is 0, then a new one each time.
     key_generation: u64,
+    /// When each registration made with a timeout lapses. Registering the
+    /// same tag again starts its timeout over (and `timeout="0"` or none
+    /// makes it permanent), the behaviour clients that refresh rely on.
+    expires: BTreeMap<(IpAddr, String), Instant>,
 }
 
 struct Job {
@@ -365,6 +388,27 @@ impl SimState {
         match self.key_generation {
             0 => config.api_key.clone(),
             n => format!("{}-{n}", config.api_key),
+        }
+    }
+
+    /// Drops the registrations whose timeout has run out, as the firewall
+    /// does by itself.
+    fn lapse(&mut self) {
+        let now = Instant::now();
+        let lapsed: Vec<(IpAddr, String)> = self
+            .expires
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (ip, tag) in lapsed {
+            self.expires.remove(&(ip, tag.clone()));
+            if let Some(tags) = self.registered.get_mut(&ip) {
+                tags.remove(&tag);
+                if tags.is_empty() {
+                    self.registered.remove(&ip);
+                }
+            }
         }
     }
 
@@ -416,13 +460,32 @@ impl SimState {
 
     /// Applies an already validated update in document order, collecting the
     /// firewall's "nothing to do" notes.
-    fn apply(&mut self, ops: Vec<UidOp>) -> Vec<UidNote> {
+    fn apply(&mut self, ops: Vec<UidOp>, max_ips: Option<usize>) -> Vec<UidNote> {
+        self.lapse();
         let mut notes = Vec::new();
         for op in ops {
             match op {
                 UidOp::Register { ip, tags } => {
+                    let full = max_ips.filter(|max| self.registered.len() >= *max);
+                    if let (Some(max), false) = (full, self.registered.contains_key(&ip)) {
+                        notes.push(UidNote::register(
+                            ip,
+                            format!("max registered-ip for the platform reached ({max})"),
+                        ));
+                        continue;
+                    }
                     let present = self.registered.entry(ip).or_default();
-                    for tag in tags {
+                    for (tag, timeout) in tags {
+                        let key = (ip, tag.clone());
+                        match timeout {
+                            Some(secs) if secs > 0 => {
+                                let at = Instant::now() + Duration::from_secs(secs);
+                                self.expires.insert(key, at);
+                            }
+                            _ => {
+                                self.expires.remove(&key);
+                            }
+                        }
                         if present.contains(&tag) {
                             notes.push(UidNote::register(
                                 ip,
@@ -434,6 +497,7 @@ impl SimState {
                     }
                 }
                 UidOp::Unregister { ip, tags: None } => {
+                    self.expires.retain(|(at, _), _| *at != ip);
                     if self.registered.remove(&ip).is_none() {
                         notes.push(UidNote::unregister(
                             ip,
@@ -447,6 +511,7 @@ impl SimState {
                 } => {
                     let mut present = self.registered.get_mut(&ip);
                     for tag in tags {
+                        self.expires.remove(&(ip, tag.clone()));
                         let removed = present.as_mut().is_some_and(|set| set.remove(&tag));
                         if !removed {
                             notes.push(UidNote::unregister(
@@ -737,7 +802,7 @@ fn user_id(shared: &Shared, params: &Params) -> Reply {
         Ok(ops) => ops,
         Err(PanError { code, message }) => return Reply::line_error(Some(code), &message),
     };
-    let notes = shared.lock().apply(ops);
+    let notes = shared.lock().apply(ops, shared.config.max_registered_ips);
     if notes.is_empty() {
         return Reply::ok(
             "<response status=\"success\"><result><uid-response><version>1.0</version><payload/></uid-response></result></response>"
@@ -789,12 +854,31 @@ fn op(shared: &Shared, params: &Params) -> Reply {
     let result = match command_path(&root).as_slice() {
         ["show", "object", "registered-ip", ..] => show_registered_ip(shared, &root),
         ["show", "jobs", "id"] => show_job(shared, &root),
+        ["show", "system", "info"] => Ok(system_info()),
         path => Err(PanError::new(
             1,
             format!("unknown command: {} is unexpected", path.join(" -> ")),
         )),
     };
     result.unwrap_or_else(|PanError { code, message }| Reply::line_error(Some(code), &message))
+}
+
+/// What the simulator's own serial number is, in `show system info`.
+pub const SERIAL: &str = "007951000000001";
+/// The PAN-OS release the simulator answers as.
+pub const SW_VERSION: &str = "11.1.4";
+
+/// `show system info`, which clients send first to learn the release and
+/// the serial: the fields pan-os-python and Ansible read, in the
+/// firewall's layout.
+fn system_info() -> Reply {
+    Reply::ok(format!(
+        "<response status=\"success\"><result><system>\
+         <hostname>prismhook-sim</hostname><ip-address>127.0.0.1</ip-address>\
+         <model>PA-VM</model><family>vm</family><serial>{SERIAL}</serial>\
+         <sw-version>{SW_VERSION}</sw-version><multi-vsys>off</multi-vsys>\
+         <operational-mode>normal</operational-mode></system></result></response>"
+    ))
 }
 
 /// The chain of first children, which is how an op command names itself.
@@ -878,7 +962,8 @@ fn show_registered_ip(shared: &Shared, root: &Element) -> Result<Reply, PanError
         }
     }
 
-    let state = shared.lock();
+    let mut state = shared.lock();
+    state.lapse();
     let page: Vec<(&IpAddr, &BTreeSet<String>)> = state
         .registered
         .iter()
@@ -994,11 +1079,15 @@ fn config(params: &Params) -> Reply {
 // /_sim/ control endpoints
 
 async fn sim_registered(State(shared): State<Arc<Shared>>) -> Json<BTreeMap<String, Vec<String>>> {
-    Json(shared.lock().registered_view())
+    let mut state = shared.lock();
+    state.lapse();
+    Json(state.registered_view())
 }
 
 async fn sim_stats(State(shared): State<Arc<Shared>>) -> Json<PanosStats> {
-    Json(shared.lock().stats_view())
+    let mut state = shared.lock();
+    state.lapse();
+    Json(state.stats_view())
 }
 
 async fn sim_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults>) -> Response {
@@ -1039,7 +1128,7 @@ async fn sim_requests(
 enum UidOp {
     Register {
         ip: IpAddr,
-        tags: Vec<String>,
+        tags: Vec<Member>,
     },
     /// `tags: None` removes every tag of the address.
     Unregister {
@@ -1173,18 +1262,25 @@ fn parse_uid_message(xml: &str) -> Result<Vec<UidOp>, PanError> {
                 })?;
                 UidOp::Register { ip, tags }
             } else {
-                UidOp::Unregister { ip, tags }
+                UidOp::Unregister {
+                    ip,
+                    tags: tags.map(|tags| tags.into_iter().map(|(tag, _)| tag).collect()),
+                }
             });
         }
     }
     Ok(ops)
 }
 
+/// A tag of a register entry, with its `timeout` attribute in seconds, if
+/// any.
+type Member = (String, Option<u64>);
+
 /// One `<entry ip="..">` with its optional `<tag>` members.
 fn parse_uid_entry(
     entry: &Element,
     block: &str,
-) -> Result<(IpAddr, Option<Vec<String>>), PanError> {
+) -> Result<(IpAddr, Option<Vec<Member>>), PanError> {
     let ip_text = entry
         .attr("ip")
         .ok_or_else(|| PanError::malformed(format!("<{block}><entry> lacks the ip attribute")))?;
@@ -1192,7 +1288,7 @@ fn parse_uid_entry(
         .parse()
         .map_err(|_| PanError::malformed(format!("invalid ip {ip_text:?} in <{block}>")))?;
     entry.require_no_text()?;
-    let mut tags: Option<Vec<String>> = None;
+    let mut tags: Option<Vec<Member>> = None;
     for tag in &entry.children {
         if tag.name != "tag" {
             return Err(PanError::malformed(format!(
@@ -1214,24 +1310,29 @@ fn parse_uid_entry(
     Ok((ip, tags))
 }
 
-fn parse_member(member: &Element, ip_text: &str) -> Result<String, PanError> {
+fn parse_member(member: &Element, ip_text: &str) -> Result<Member, PanError> {
     if member.name != "member" {
         return Err(PanError::malformed(format!(
             "unexpected element <{}> in <tag> for ip {ip_text}",
             member.name
         )));
     }
-    if let Some(timeout) = member.attr("timeout") {
-        let valid = timeout
-            .trim()
-            .parse::<u64>()
-            .is_ok_and(|seconds| seconds <= MAX_TIMEOUT_SECS);
-        if !valid {
-            return Err(PanError::malformed(format!(
-                "invalid timeout {timeout:?} for ip {ip_text}: seconds from 0 to {MAX_TIMEOUT_SECS}"
-            )));
+    let timeout = match member.attr("timeout") {
+        Some(timeout) => {
+            let seconds = timeout
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|seconds| *seconds <= MAX_TIMEOUT_SECS)
+                .ok_or_else(|| {
+                    PanError::malformed(format!(
+                        "invalid timeout {timeout:?} for ip {ip_text}: seconds from 0 to {MAX_TIMEOUT_SECS}"
+                    ))
+                })?;
+            Some(seconds)
         }
-    }
+        None => None,
+    };
     let name = member.leaf_text()?;
     if name.is_empty() {
         return Err(PanError::malformed(format!(
@@ -1244,7 +1345,7 @@ fn parse_member(member: &Element, ip_text: &str) -> Result<String, PanError> {
             format!("invalid object: tag name is longer than {MAX_TAG_CHARS} characters for ip {ip_text}"),
         ));
     }
-    Ok(name.to_owned())
+    Ok((name.to_owned(), timeout))
 }
 
 // ---------------------------------------------------------------------------

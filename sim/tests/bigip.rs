@@ -613,3 +613,53 @@ async fn shutdown_stops_listening() {
 
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn a_login_token_serves_until_it_expires_and_basic_can_be_switched_off() {
+    let sim = BigipSim::start(
+        ([127, 0, 0, 1], 0).into(),
+        BigipConfig {
+            basic_auth: false,
+            pools: vec!["web".into()],
+            ..BigipConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let base = sim.base_url();
+    let login = |password: &'static str| {
+        http.post(format!("{base}/mgmt/shared/authn/login"))
+            .json(&json!({"username": "admin", "password": password, "loginProviderName": "tmos"}))
+            .send()
+    };
+    assert_eq!(login("wrong").await.unwrap().status(), 401);
+    let answer: Value = login("admin").await.unwrap().json().await.unwrap();
+    let token = answer["token"]["token"].as_str().unwrap().to_owned();
+    assert_eq!(answer["token"]["timeout"], 1200);
+    assert!(
+        sim.requests(10).iter().all(|r| r.body.is_none()),
+        "a login's password stays out of the request log"
+    );
+
+    let pools = |token: Option<&str>| {
+        let mut req = http
+            .get(format!("{base}/mgmt/tm/ltm/pool"))
+            .basic_auth("admin", Some("admin"));
+        if let Some(token) = token {
+            req = req.header("X-F5-Auth-Token", token);
+        }
+        req.send()
+    };
+    assert_eq!(pools(None).await.unwrap().status(), 401, "Basic is off");
+    assert_eq!(pools(Some(&token)).await.unwrap().status(), 200);
+    sim.expire_tokens();
+    let expired = pools(Some(&token)).await.unwrap();
+    assert_eq!(expired.status(), 401);
+    let body: Value = expired.json().await.unwrap();
+    assert_eq!(body["message"], "X-F5-Auth-Token does not exist.");
+    let stats = sim.stats();
+    assert_eq!((stats.logins, stats.expired_tokens), (1, 1));
+    assert_eq!(sim.issued_tokens(), [token]);
+    sim.shutdown().await;
+}

@@ -242,6 +242,7 @@ async fn a_custom_configuration_changes_the_credentials_and_the_key() {
         user: "svc-ntnx-sync".to_owned(),
         password: "Secr3t!".to_owned(),
         api_key: "other-key".to_owned(),
+        max_registered_ips: None,
     };
     let sim = PanosSim::start(([127, 0, 0, 1], 0).into(), config)
         .await
@@ -737,14 +738,7 @@ async fn a_commit_is_counted_and_its_job_reads_back_finished() {
 async fn an_unknown_op_command_answers_code_1() {
     let sim = start().await;
 
-    let answer = api(
-        &sim,
-        &[
-            ("type", "op"),
-            ("cmd", "<show><system><info/></system></show>"),
-        ],
-    )
-    .await;
+    let answer = api(&sim, &[("type", "op"), ("cmd", "<show><clock/></show>")]).await;
 
     assert_eq!(answer.status, 200);
     let parsed = parse(&answer.body);
@@ -1107,4 +1101,129 @@ async fn shutdown_stops_listening() {
     sim.shutdown().await;
 
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn a_registration_with_a_timeout_lapses_unless_registered_again() {
+    let sim = start().await;
+    let timed = |ip: &str, secs: u32| {
+        format!(
+            "<uid-message><version>1.0</version><type>update</type><payload><register>\
+             <entry ip=\"{ip}\"><tag><member timeout=\"{secs}\">{WEB}</member></tag></entry>\
+             </register></payload></uid-message>"
+        )
+    };
+    user_id(&sim, &timed("10.0.0.1", 1)).await;
+    user_id(&sim, &timed("10.0.0.2", 1)).await;
+    user_id(&sim, &register(&[("10.0.0.3", &[WEB])])).await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // Registered again: its second starts over.
+    user_id(&sim, &timed("10.0.0.2", 1)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(
+        sim.registered().keys().collect::<Vec<_>>(),
+        ["10.0.0.2", "10.0.0.3"],
+        "the first lapsed, the refreshed and the permanent ones stay"
+    );
+    let listed = show_registered(&sim, "<all/>").await;
+    assert!(!listed.body.contains("10.0.0.1"), "{}", listed.body);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_register_beyond_the_platforms_limit_is_refused_for_that_address() {
+    let config = PanosConfig {
+        max_registered_ips: Some(1),
+        ..Default::default()
+    };
+    let sim = PanosSim::start(([127, 0, 0, 1], 0).into(), config)
+        .await
+        .expect("starts");
+    user_id(&sim, &register(&[("10.0.0.1", &[WEB])])).await;
+    let answer = user_id(
+        &sim,
+        &register(&[("10.0.0.1", &["ntnx.more"]), ("10.0.0.2", &[WEB])]),
+    )
+    .await;
+    assert!(
+        answer.body.contains(
+            "<entry ip=\"10.0.0.2\" message=\"max registered-ip for the platform reached (1)\"/>"
+        ),
+        "{}",
+        answer.body
+    );
+    assert_eq!(
+        sim.registered(),
+        BTreeMap::from([("10.0.0.1".to_owned(), tags(&[WEB, "ntnx.more"]))]),
+        "an address already registered may gain tags"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_keys_are_refused_and_keygen_hands_out_the_new_one() {
+    let sim = start().await;
+    let old = PanosConfig::default().api_key;
+    assert_eq!(
+        api(
+            &sim,
+            &[
+                ("type", "op"),
+                ("cmd", "<show><system><info/></system></show>")
+            ]
+        )
+        .await
+        .status,
+        200
+    );
+    sim.expire_api_keys();
+    let refused = post(
+        &sim,
+        Some(&old),
+        &[
+            ("type", "op"),
+            ("cmd", "<show><system><info/></system></show>"),
+        ],
+    )
+    .await;
+    assert_eq!(refused.status, 403);
+    let keygen = post(
+        &sim,
+        None,
+        &[("type", "keygen"), ("user", "admin"), ("password", "admin")],
+    )
+    .await;
+    assert!(keygen.body.contains(&sim.api_key()), "{}", keygen.body);
+    assert_ne!(sim.api_key(), old);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn show_system_info_tells_the_release_and_serial_clients_read_first() {
+    let sim = start().await;
+    let answer = api(
+        &sim,
+        &[
+            ("type", "op"),
+            ("cmd", "<show><system><info></info></system></show>"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        answer.body.starts_with("<response status=\"success\">"),
+        "{}",
+        answer.body
+    );
+    for field in [
+        format!(
+            "<sw-version>{}</sw-version>",
+            prismhook_sim::panos::SW_VERSION
+        ),
+        format!("<serial>{}</serial>", prismhook_sim::panos::SERIAL),
+        "<multi-vsys>off</multi-vsys>".to_owned(),
+    ] {
+        assert!(answer.body.contains(&field), "{field} in {}", answer.body);
+    }
+    sim.shutdown().await;
 }

@@ -501,19 +501,11 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
 #[tokio::test]
 async fn the_panorama_preset_registers_the_panorama_plugins_tag_names() {
     let w = world().await;
-    let fw = w.panos.base_url();
-    let key = prismhook_sim::panos::PanosConfig::default().api_key;
     let config = HostConfig::new(w.dir.path())
         .fast_retries()
-        .plugin(
-            "paloalto",
-            &[
-                format!(
-                    r#"config = {{ firewall = "{fw}", tag_preset = "panorama", prism_central = "pc-east" }}"#
-                ),
-                format!(r#"allow = ["{fw}"]"#),
-                format!(r#"inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]"#),
-            ],
+        .paloalto_with(
+            &w.panos,
+            r#"tag_preset = "panorama", prism_central = "pc-east""#,
         )
         .cluster(Cluster::lab(&w.prism))
         .config();
@@ -557,5 +549,65 @@ async fn the_panorama_preset_registers_the_panorama_plugins_tag_names() {
         vec!["ntnx.PC-pc-west.CL-other.AppTier.Db".to_owned()],
     );
     assert_eq!(w.panos.registered(), expected);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// With `registration_timeout`, every reconcile registers the live VMs'
+/// tags again: while the host runs they never lapse, and once it is gone
+/// the firewall drops them by itself, so a VM deleted meanwhile does not
+/// keep its tags. Back up, the host registers what is live again.
+#[tokio::test]
+async fn registrations_with_a_timeout_are_refreshed_while_the_host_runs_and_lapse_without_it() {
+    let w = world().await;
+    let host = HostConfig::new(w.dir.path())
+        .fast_retries()
+        .paloalto_with(&w.panos, "registration_timeout = 3")
+        .cluster(Cluster {
+            reconcile_interval: "300ms".into(),
+            ..Cluster::lab(&w.prism)
+        });
+    let app = App::start(host.config()).await.unwrap();
+    wait(
+        || app.cluster_status().iter().all(|c| c.registered),
+        "registration",
+    )
+    .await;
+    let mut uuids = Vec::new();
+    for (name, ip) in [("stays", "10.9.1.1"), ("goes", "10.9.1.2")] {
+        let vm = NewVm::named(name).powered_on().nic([ip]);
+        uuids.push(w.prism.create_vm(vm).await.unwrap().uuid);
+    }
+    w.prism.flush().await;
+    wait(|| w.panos.registered().len() == 2, "both VMs registered").await;
+    // Three timeouts' worth of time: a tag that was not refreshed would be
+    // gone at some sample.
+    let until = std::time::Instant::now() + Duration::from_secs(9);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            w.panos.registered().len(),
+            2,
+            "a live VM's registration lapsed while the host was running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+
+    // Gone: nothing refreshes the registrations, and the VM deleted
+    // meanwhile (its notification finds no host) loses its tags anyway.
+    w.prism.delete_vm(&uuids[1]).await.unwrap();
+    wait(
+        || w.panos.registered().is_empty(),
+        "the registrations to lapse",
+    )
+    .await;
+
+    let app = App::start(host.config()).await.unwrap();
+    let truth = common::firewall_truth(&w.prism.vms());
+    assert_eq!(truth.len(), 1);
+    wait(
+        || w.panos.registered() == truth,
+        "the live VM registered again",
+    )
+    .await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }

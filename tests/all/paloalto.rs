@@ -28,9 +28,13 @@ struct Rig {
 }
 
 async fn rig(extra: Value) -> Rig {
+    rig_on(PanosConfig::default(), extra).await
+}
+
+/// The plugin with `extra` settings, against a PAN-OS simulator of `cfg`.
+async fn rig_on(cfg: PanosConfig, extra: Value) -> Rig {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = PanosConfig::default();
     let key = cfg.api_key.clone();
     let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), cfg)
         .await
@@ -355,4 +359,27 @@ async fn reconcile_repairs_a_missed_delete_and_a_tag_changed_by_hand() {
     );
     assert_eq!(r.panos.stats().commits, 0);
     let _ = (&r.runtime, Duration::ZERO);
+}
+
+#[tokio::test]
+async fn the_platforms_registered_ip_limit_is_a_dead_letter_that_says_so() {
+    let full = PanosConfig {
+        max_registered_ips: Some(1),
+        ..Default::default()
+    };
+    let mut r = rig_on(full, json!({})).await;
+    let out = r
+        .deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
+        .await;
+    assert!(all_done(&out), "{out:?}");
+    let out = r
+        .deliver(&[note("nutanix/vm_nic_plug.json", "VM.NIC_PLUG", |_| {})])
+        .await;
+    assert!(
+        matches!(&out[0], Outcome::Reject(reason)
+            if reason.contains("registered-IP limit for its platform is reached")
+                && reason.contains("max registered-ip for the platform reached (1)")),
+        "{out:?}"
+    );
+    assert_eq!(r.table(), table(&[("1.2.3.4", &["ntnx.managed"])]));
 }

@@ -339,8 +339,16 @@ pub fn reconcile(
     let ips = state::index(&contributions);
     let wanted = state::wanted_union(&ips);
     let actual = firewall::registered(config, host).map_err(|f| f.reason().to_owned())?;
-    let diff = Diff::between(&actual, &wanted);
+    let mut diff = Diff::between(&actual, &wanted);
     let (registered, unregistered) = diff.counts();
+    // Registrations with a timeout lapse unless registered again: a
+    // reconcile is the refresh, so a live VM's tags never lapse while
+    // prismhook runs, and a VM deleted while it was stopped lets its go.
+    let refreshed = if config.registration_timeout > 0 {
+        diff.refresh(&wanted)
+    } else {
+        0
+    };
     if !diff.is_empty() {
         firewall::send_diff(config, host, &diff).map_err(|f| f.reason().to_owned())?;
     }
@@ -376,8 +384,13 @@ pub fn reconcile(
         }
     }
 
+    let refreshed = if config.registration_timeout > 0 {
+        format!(" ({refreshed} refreshed)")
+    } else {
+        String::new()
+    };
     let summary = format!(
-        "{registered} registered, {unregistered} unregistered, {} VMs",
+        "{registered} registered{refreshed}, {unregistered} unregistered, {} VMs",
         own.len()
     );
     host.log(Level::Info, &format!("reconciled {cluster}: {summary}"));

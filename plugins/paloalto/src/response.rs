@@ -13,6 +13,8 @@
 //!   unreg`): done;
 //! - HTTP 429/5xx, code 22 (session timed out), 403/16 or HTTP 401/403 (key
 //!   rejected, maybe being rotated): retry later;
+//! - the platform's registered-IP limit reached: refused, with a reason
+//!   that says so;
 //! - any other error: the firewall refuses this content; retrying the same
 //!   message cannot help.
 
@@ -347,6 +349,19 @@ fn read(response: &Response) -> Result<Element, Failure> {
             "firewall answered HTTP {status} to a successful PAN-OS response"
         ))));
     }
+    let limit = answer
+        .all_messages()
+        .any(|m| m.to_ascii_lowercase().contains("max registered-ip"));
+    if limit {
+        // Sending it again cannot help until addresses are unregistered or
+        // lapse: a dead letter that says so, not a generic error.
+        return Err(Failure::Reject(truncate(format!(
+            "the firewall's registered-IP limit for its platform is reached, so it refuses \
+             further addresses until others are unregistered or lapse (see \
+             `registration_timeout`): {}",
+            answer.describe()
+        ))));
+    }
     Err(match answer.code {
         Some(22) => Failure::retry(format!("session timed out: {}", answer.describe())),
         Some(16 | 403) => Failure::retry(format!(
@@ -627,5 +642,22 @@ mod tests {
         .reason()
         .to_owned();
         assert!(reason.len() <= MAX_REASON + 3);
+    }
+
+    #[test]
+    fn the_platforms_registered_ip_limit_is_a_refusal_that_says_so() {
+        let full = r#"<response status="error"><msg><line><uid-response><version>1.0</version><payload><register>
+            <entry ip="10.0.0.1" message="tag ntnx.a already exists, ignore"/>
+            <entry ip="10.0.0.2" message="max registered-ip for the platform reached (1000)"/></register></payload></uid-response></line></msg></response>"#;
+        match check(&answer(200, full)).unwrap_err() {
+            Failure::Reject(reason) => {
+                assert!(
+                    reason.contains("registered-IP limit for its platform is reached"),
+                    "{reason}"
+                );
+                assert!(reason.contains("(1000)"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 }

@@ -72,6 +72,21 @@ impl Diff {
         self.register.is_empty() && self.unregister.is_empty()
     }
 
+    /// Registers every pair of `wanted` again, present or not, so that
+    /// registrations made with a timeout start it over; returns how many
+    /// pairs were added for that alone.
+    pub fn refresh(&mut self, wanted: &IpTags) -> usize {
+        let mut added = 0;
+        for (ip, tags) in wanted {
+            let side = self.register.entry(ip.clone()).or_default();
+            for tag in tags {
+                added += usize::from(side.insert(tag.clone()));
+            }
+        }
+        self.register.retain(|_, tags| !tags.is_empty());
+        added
+    }
+
     /// `(ip, tag)` pairs to register and to unregister.
     pub fn counts(&self) -> (usize, usize) {
         let count = |side: &IpTags| side.values().map(BTreeSet::len).sum();

@@ -209,13 +209,19 @@ impl HostConfig {
     /// The Palo Alto plugin's table for a PAN-OS simulator: its firewall,
     /// allowed, with the simulator's API key injected.
     pub fn paloalto(self, panos: &PanosSim) -> Self {
-        self.plugin("paloalto", &paloalto_lines(panos, None))
+        self.plugin("paloalto", &paloalto_lines(panos, None, ""))
+    }
+
+    /// [`HostConfig::paloalto`] with more of the plugin's settings:
+    /// `settings` continues its `config` table (`tag_preset = "panorama"`).
+    pub fn paloalto_with(self, panos: &PanosSim, settings: &str) -> Self {
+        self.plugin("paloalto", &paloalto_lines(panos, None, settings))
     }
 
     /// An instance `name` of `paloalto.wasm` feeding a PAN-OS simulator,
     /// configured as [`HostConfig::paloalto`] configures the plugin.
     pub fn paloalto_instance(self, name: &str, panos: &PanosSim) -> Self {
-        self.plugin(name, &paloalto_lines(panos, Some("paloalto.wasm")))
+        self.plugin(name, &paloalto_lines(panos, Some("paloalto.wasm"), ""))
     }
 
     pub fn cluster(mut self, cluster: Cluster) -> Self {
@@ -284,11 +290,16 @@ impl HostConfig {
     }
 }
 
-fn paloalto_lines(panos: &PanosSim, component: Option<&str>) -> Vec<String> {
+fn paloalto_lines(panos: &PanosSim, component: Option<&str>, settings: &str) -> Vec<String> {
     let fw = panos.base_url();
     let key = PanosConfig::default().api_key;
+    let more = if settings.is_empty() {
+        String::new()
+    } else {
+        format!(", {settings}")
+    };
     let mut lines = vec![
-        format!(r#"config = {{ firewall = "{fw}" }}"#),
+        format!(r#"config = {{ firewall = "{fw}"{more} }}"#),
         format!(r#"allow = ["{fw}"]"#),
         format!(r#"inject = [{{ origin = "{fw}", header = "X-PAN-KEY", value = "{key}" }}]"#),
     ];

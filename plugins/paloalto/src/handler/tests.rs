@@ -605,6 +605,30 @@ fn reconcile_repairs_a_hand_changed_tag_and_leaves_foreign_tags_alone() {
 }
 
 #[test]
+fn with_a_registration_timeout_reconcile_registers_every_live_tag_again() {
+    let timed =
+        Config::parse(r#"{"firewall": "https://fw1.example.com", "registration_timeout": 600}"#)
+            .unwrap();
+    let mut fake = Fake::default();
+    let first = reconcile(&timed, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
+    assert_eq!(first, "6 registered (0 refreshed), 0 unregistered, 1 VMs");
+    // Nothing changed, yet everything is registered again so that the
+    // firewall starts each timeout over.
+    let second = reconcile(&timed, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
+    assert_eq!(second, "0 registered (6 refreshed), 0 unregistered, 1 VMs");
+    assert_eq!(fake.messages.len(), 2);
+    let again = &fake.messages[1];
+    assert_eq!(again.register[IP1], set(&[MANAGED, WEB, PROD]));
+    assert_eq!(again.register[IP2], set(&[MANAGED, WEB, PROD]));
+    assert!(again.unregister.is_empty());
+    // Without a timeout there is nothing to refresh and nothing is sent.
+    let mut quiet = Fake::default();
+    reconcile(&config(), &mut quiet, "ncn-dev-sandbox", &[web_01()]).unwrap();
+    reconcile(&config(), &mut quiet, "ncn-dev-sandbox", &[web_01()]).unwrap();
+    assert_eq!(quiet.messages.len(), 1);
+}
+
+#[test]
 fn reconcile_keeps_other_clusters_and_drops_vms_gone_from_the_inventory() {
     let mut fake = Fake::default();
     let other = Vm {
