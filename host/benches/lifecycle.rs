@@ -26,6 +26,11 @@
 //!    plugins: idle, and under a paced 1,000 notifications/s for 20 s.
 //! 6. Idle CPU of the real binary with the watcher on and a plugin whose
 //!    `init` refuses its settings (`idle`).
+//! 7. A fleet (`fleet`): the real binary feeding 1 and then 4 instances of
+//!    the Palo Alto component, each its own PAN-OS simulator, a burst of
+//!    1,000 VM.ON notifications: requests and commits per firewall, time
+//!    until every firewall holds every address, and the host's memory per
+//!    added instance.
 //!
 //! `cargo bench -p prismhook --bench lifecycle`
 
@@ -969,18 +974,27 @@ impl RunningHost {
             std::fs::copy(e.path(), data.join("cache").join(e.file_name())).unwrap();
         }
         let (port, admin_port) = (free_port(), free_port());
+        let text = w.config_text(
+            &data,
+            &plugins,
+            watch,
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{admin_port}"),
+        );
+        RunningHost::spawn(root, &text, port, admin_port, client).await
+    }
+
+    /// Runs the binary on `text` (written into `root`), listening on
+    /// `port` and `admin_port`, and waits until it is ready.
+    async fn spawn(
+        root: tempfile::TempDir,
+        text: &str,
+        port: u16,
+        admin_port: u16,
+        client: &reqwest::Client,
+    ) -> RunningHost {
         let cfg = root.path().join("prismhook.toml");
-        std::fs::write(
-            &cfg,
-            w.config_text(
-                &data,
-                &plugins,
-                watch,
-                &format!("127.0.0.1:{port}"),
-                &format!("127.0.0.1:{admin_port}"),
-            ),
-        )
-        .unwrap();
+        std::fs::write(&cfg, text).unwrap();
         let bin = env!("CARGO_BIN_EXE_prismhook");
         let log = std::fs::File::create(root.path().join("host.log")).unwrap();
         let mut child = std::process::Command::new(bin)
@@ -1034,6 +1048,124 @@ impl RunningHost {
     fn log(&self) -> String {
         std::fs::read_to_string(self.root.path().join("host.log")).unwrap_or_default()
     }
+}
+
+/// Section 7: one host, `n` Palo Alto instances, each its own firewall.
+async fn fleet(w: &World, warm_data: &Path, client: &reqwest::Client) {
+    println!(
+        "\n## 7. A fleet: 1,000 VM.ON notifications to N Palo Alto instances (the real binary)"
+    );
+    println!("| instances | requests per firewall | uid-messages per firewall | commits | all firewalls current after | VmRSS ready | VmRSS after | VmHWM |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let template = Arc::new(vm_on_template());
+    let mut rss = Vec::new();
+    for n in [1usize, 4] {
+        let mut firewalls = Vec::new();
+        for _ in 0..n {
+            firewalls.push(setup::start_panos().await);
+        }
+        let root = tempfile::tempdir().unwrap();
+        let (plugins, data) = (root.path().join("plugins"), root.path().join("data"));
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::create_dir_all(data.join("cache")).unwrap();
+        std::fs::copy(component("paloalto"), plugins.join("paloalto.wasm")).unwrap();
+        for e in std::fs::read_dir(warm_data.join("cache"))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::copy(e.path(), data.join("cache").join(e.file_name())).unwrap();
+        }
+        let (port, admin_port) = (free_port(), free_port());
+        let host = firewalls.iter().enumerate().fold(
+            HostConfig::new(&data)
+                .instance("bench-fleet")
+                .dirs(&data, &plugins)
+                .listen(format!("127.0.0.1:{port}"))
+                .admin_listen(format!("127.0.0.1:{admin_port}")),
+            |host, (i, fw)| host.paloalto_instance(&format!("fw-{i}"), fw),
+        );
+        let host = host.cluster(Cluster {
+            webhook_password: Some(WEBHOOK_PASSWORD.into()),
+            extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
+            ..Cluster::lab(&w.prism)
+        });
+        let running = RunningHost::spawn(root, &host.toml(), port, admin_port, client).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ready_rss = proc_status_kib(running.pid, "VmRSS:").unwrap();
+
+        let url = format!("http://127.0.0.1:{port}/listener/callback/lab");
+        let auth = basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD);
+        let t = template.clone();
+        let series = 9000 + n as u32;
+        let started = Instant::now();
+        let r = paced(
+            client,
+            &url,
+            &auth,
+            1000,
+            Duration::from_secs(1),
+            move |i| t.render(series, i),
+        )
+        .await;
+        let current = Instant::now();
+        while current.elapsed() < Duration::from_secs(120)
+            && firewalls
+                .iter()
+                .any(|fw| (fw.registered().len() as u64) < r.accepted)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let converged = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after_rss = proc_status_kib(running.pid, "VmRSS:").unwrap();
+        let hwm = proc_status_kib(running.pid, "VmHWM:").unwrap();
+        running.stop().await;
+
+        let stats: Vec<_> = firewalls.iter().map(|fw| fw.stats()).collect();
+        let spread = |f: &dyn Fn(&prismhook_sim::panos::PanosStats) -> u64| {
+            let (lo, hi) = (
+                stats.iter().map(f).min().unwrap(),
+                stats.iter().map(f).max().unwrap(),
+            );
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}–{hi}")
+            }
+        };
+        let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+        let all_there = firewalls
+            .iter()
+            .all(|fw| fw.registered().len() as u64 >= r.accepted);
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+            spread(&|s| s.requests),
+            spread(&|s| s.uid_messages),
+            stats.iter().map(|s| s.commits).sum::<u64>(),
+            if all_there {
+                format!("{:.2} s", converged.as_secs_f64())
+            } else {
+                "NOT within 120 s".into()
+            },
+            mib(ready_rss),
+            mib(after_rss),
+            mib(hwm),
+        );
+        println!(
+            "(n = {n}: {} sent, {} answered 202, {} other)",
+            r.sent, r.accepted, r.other
+        );
+        rss.push((ready_rss, after_rss));
+        for fw in firewalls {
+            fw.shutdown().await;
+        }
+    }
+    let per = |a: u64, b: u64| (b as f64 - a as f64) / 3.0 / 1024.0;
+    println!(
+        "added host memory per instance (4 instances against 1, divided by 3): {:.1} MiB ready, {:.1} MiB after the burst",
+        per(rss[0].0, rss[1].0),
+        per(rss[0].1, rss[1].1)
+    );
 }
 
 /// User plus system CPU time of a process so far (`/proc/<pid>/stat`).
@@ -1230,6 +1362,10 @@ async fn main() {
     if want("idle") {
         fill_cache(&warm.join("cache"));
         idle(&w, &warm, &client).await;
+    }
+    if want("fleet") {
+        fill_cache(&warm.join("cache"));
+        fleet(&w, &warm, &client).await;
     }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         println!("\nload average at end: {}", l.trim());

@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
-
-use crate::config::Config;
+use crate::config::{resolve_plugin, Config};
 use crate::nutanix::registrar::{
     client_for, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget,
 };
@@ -127,22 +125,38 @@ async fn subscriptions(config: &Config) -> anyhow::Result<Vec<String>> {
     let dir = tempfile_dir()?;
     let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb")))?;
     let mut subs = Vec::new();
-    for entry in std::fs::read_dir(&config.plugins.dir)
-        .with_context(|| config.plugins.dir.display().to_string())?
-    {
-        let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
-            continue;
-        }
-        let stem = path
-            .file_stem()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let settings = config.plugin_settings(&stem, None)?;
-        match runtime.load(&path, settings).await {
+    // The same plugins the host runs: instances, and settings files.
+    for plugin in crate::reload::describe(config) {
+        let named = plugin.instance.clone().unwrap_or_default();
+        let (file, settings) = match (plugin.component, plugin.settings) {
+            (Ok(_), Ok(settings)) if !settings.enabled => continue,
+            (Ok(file), Ok(settings)) => (file, settings),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("skipping {named}: {e}");
+                continue;
+            }
+        };
+        let key = plugin.instance.clone().unwrap_or_else(|| {
+            file.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        });
+        let resolved = resolve_plugin(&settings, &key, config.default_limits())
+            .map_err(|(k, m)| anyhow::anyhow!("`{k}`: {m}"))?;
+        let compiled = match runtime.compile_file(&file, resolved.sha256.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipping {}: {e}", file.display());
+                continue;
+            }
+        };
+        match Arc::clone(&runtime)
+            .instantiate(compiled, resolved, plugin.instance)
+            .await
+        {
             Ok(p) => subs.extend(p.info().subscriptions.iter().cloned()),
-            Err(e) => eprintln!("skipping {}: {e}", path.display()),
+            Err(e) => eprintln!("skipping {}: {e}", file.display()),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -247,6 +247,67 @@ fn plan(dir: &Path, config: &Config) -> Plan {
     plan
 }
 
+/// The settings a unit's settings file holds (`text`, as read), or else
+/// the main configuration's `[plugin.<key>]`.
+fn settings_for(
+    config: &Config,
+    dir: &Path,
+    unit: &Unit,
+    text: &Result<Option<String>, String>,
+) -> Result<PluginConfig, String> {
+    let key = unit.key();
+    let beside = unit.settings_file(dir);
+    match text {
+        Ok(Some(text)) => {
+            let settings = toml::from_str::<PluginConfig>(text)
+                .map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end()))?;
+            confine_settings_file(settings, config.plugin.get(&key), &key)
+                .map_err(|(k, msg)| format!("{}: `{k}`: {msg}", beside.display()))
+        }
+        Ok(None) => Ok(config.plugin.get(&key).cloned().unwrap_or_default()),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// A plugin the plugins directory and the main configuration describe, as
+/// the reload task would load it.
+#[derive(Debug)]
+pub struct Described {
+    /// The operator's name for it when it is an instance of its component.
+    pub instance: Option<String>,
+    /// Its component file, or why that cannot be told.
+    pub component: Result<PathBuf, String>,
+    /// Its settings, or why they cannot be read.
+    pub settings: Result<PluginConfig, String>,
+}
+
+/// Every plugin the host would load from `config`'s plugins directory,
+/// without loading any: for commands that run beside the host (or without
+/// it) and must see the same plugins.
+pub fn describe(config: &Config) -> Vec<Described> {
+    let dir = &config.plugins.dir;
+    plan(dir, config)
+        .into_iter()
+        .map(|(unit, component)| {
+            let text = match read_regular(&unit.settings_file(dir), MAX_SETTINGS_BYTES) {
+                Ok(bytes) => String::from_utf8(bytes)
+                    .map(Some)
+                    .map_err(|_| format!("{}: not UTF-8 text", unit.settings_file(dir).display())),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.to_string()),
+            };
+            Described {
+                instance: match &unit {
+                    Unit::File(_) => None,
+                    Unit::Instance(name) => Some(name.clone()),
+                },
+                component,
+                settings: settings_for(config, dir, &unit, &text),
+            }
+        })
+        .collect()
+}
+
 /// The `component` a settings file names, if any.
 fn declared_component(file: &Path) -> Result<Option<String>, String> {
     let bytes = read_regular(file, MAX_SETTINGS_BYTES).map_err(|e| e.to_string())?;
@@ -648,21 +709,8 @@ impl Task {
         reports
     }
 
-    /// The settings a unit's settings file holds, or else the main
-    /// configuration's `[plugin.<key>]`.
     fn settings_for(&self, unit: &Unit, snapshot: &Snapshot) -> Result<PluginConfig, String> {
-        let key = unit.key();
-        let beside = unit.settings_file(&self.dir);
-        match &snapshot.settings {
-            Ok(Some(text)) => {
-                let settings = toml::from_str::<PluginConfig>(text)
-                    .map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end()))?;
-                confine_settings_file(settings, self.config.plugin.get(&key), &key)
-                    .map_err(|(k, msg)| format!("{}: `{k}`: {msg}", beside.display()))
-            }
-            Ok(None) => Ok(self.config.plugin.get(&key).cloned().unwrap_or_default()),
-            Err(e) => Err(e.clone()),
-        }
+        settings_for(&self.config, &self.dir, unit, &snapshot.settings)
     }
 
     /// Takes a unit out of the registry: it is gone from the directory and

@@ -445,11 +445,16 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
         webhook_password: None,
         ..Cluster::lab(&w.prism)
     };
+    // The firewall's plugin is an instance of the component: the command
+    // sees the plugins the host would run, not just the files.
     let host = HostConfig::new(w.dir.path())
         .listen("127.0.0.1:18080")
         .plugin(
-            "paloalto",
-            &[&format!(r#"config = {{ firewall = "{fw}" }}"#)],
+            "fw-a",
+            &[
+                r#"component = "paloalto.wasm""#.to_owned(),
+                format!(r#"config = {{ firewall = "{fw}", subscriptions = ["VM.ON", "VM.OFF"] }}"#),
+            ],
         )
         .cluster(lab);
     std::fs::write(&config, host.toml()).unwrap();
@@ -472,7 +477,7 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
     };
     for _ in 0..2 {
         let out = run("sync").await;
-        assert!(out.contains("in sync (8 events)"), "{out}");
+        assert!(out.contains("in sync (2 events)"), "{out}");
     }
     assert_eq!(
         w.prism.webhooks().len(),
