@@ -706,11 +706,11 @@ mod tests {
     fn the_plugin_table_aligns_columns_and_explains_quarantine_and_winch_code() {
         let plugins = vec![
             PluginReport {
-                name: "paloalto".into(),
+                name: "fw-dc1".into(),
                 state: "active".into(),
                 reason: None,
                 until_ms: None,
-                component: None,
+                component: Some("paloalto".into()),
                 version: Some("1.2.0".into()),
                 file: None,
                 sha256: None,
@@ -723,7 +723,7 @@ mod tests {
                     handle_seconds: 0.01,
                     ..Default::default()
                 },
-                backlog: backlog("paloalto"),
+                backlog: backlog("fw-dc1"),
             },
             PluginReport {
                 name: "probe".into(),
@@ -744,19 +744,19 @@ mod tests {
         let text = render_plugins(&plugins, NOW);
         let lines: Vec<&str> = text.lines().collect();
         assert!(
-            lines[0].starts_with("PLUGIN    VERSION  STATE        DELIVERED"),
+            lines[0].starts_with("PLUGIN             VERSION  STATE        DELIVERED"),
             "{text}"
         );
         assert!(
-            lines[1].starts_with("paloalto  1.2.0    active             120"),
+            lines[1].starts_with("fw-dc1 (paloalto)  1.2.0    active             120"),
+            "an instance shows its component: {text}"
+        );
+        assert!(
+            lines[2].starts_with("probe              –        quarantined          0"),
             "{text}"
         );
         assert!(
             lines[1].contains("1m 15s ago") && lines[1].ends_with("2.5 ms"),
-            "{text}"
-        );
-        assert!(
-            lines[2].starts_with("probe     –        quarantined          0"),
             "{text}"
         );
         assert!(
@@ -767,7 +767,7 @@ mod tests {
             text.contains("probe: serving Winch's code while Cranelift compiles it"),
             "{text}"
         );
-        assert!(!text.contains("paloalto: serving"), "{text}");
+        assert!(!text.contains("fw-dc1: serving"), "{text}");
     }
 
     #[test]

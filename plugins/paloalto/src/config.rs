@@ -56,6 +56,7 @@ struct Raw {
     registration_timeout: Option<u64>,
     max_message_bytes: Option<usize>,
     subscriptions: Option<Vec<String>>,
+    compare: Option<bool>,
 }
 
 /// The checked configuration, defaults applied.
@@ -74,6 +75,11 @@ pub struct Config {
     pub registration_timeout: u64,
     pub max_message_bytes: usize,
     pub subscriptions: Vec<String>,
+    /// Compare mode: reconcile reads the firewall and reports how it
+    /// differs from what the plugin would register; nothing is ever sent
+    /// or recorded (for running beside another integration before taking
+    /// over from it).
+    pub compare: bool,
 }
 
 impl Config {
@@ -172,6 +178,7 @@ impl Config {
             registration_timeout,
             max_message_bytes,
             subscriptions,
+            compare: raw.compare.unwrap_or(false),
         })
     }
 

@@ -168,6 +168,13 @@ pub fn handle(config: &Config, host: &mut impl Host, events: &[Event]) -> Vec<Ou
 
     let outcomes = if changes.is_empty() {
         BTreeMap::new()
+    } else if config.compare {
+        // Compare mode writes nothing; reconcile does the comparing.
+        host.log(
+            Level::Debug,
+            &format!("compare mode: {} VM change(s) not applied", changes.len()),
+        );
+        BTreeMap::new()
     } else {
         apply(config, host, &changes)
     };
@@ -302,6 +309,38 @@ fn isolate(
 }
 
 /// Brings the firewall and the records in step with one cluster's inventory.
+/// Compare mode's reconcile: says how the firewall differs from what the
+/// plugin would register, with a few examples, and changes nothing.
+fn compared(host: &mut impl Host, cluster: &str, diff: &Diff, vms: usize) -> String {
+    let (missing, extra) = diff.counts();
+    let examples = |side: &IpTags| {
+        side.iter()
+            .flat_map(|(ip, tags)| tags.iter().map(move |tag| format!("{ip} {tag}")))
+            .take(10)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if missing > 0 {
+        host.log(
+            Level::Info,
+            &format!(
+                "compare {cluster}: missing on the firewall: {}",
+                examples(&diff.register)
+            ),
+        );
+    }
+    if extra > 0 {
+        host.log(
+            Level::Info,
+            &format!(
+                "compare {cluster}: on the firewall but not wanted: {}",
+                examples(&diff.unregister)
+            ),
+        );
+    }
+    format!("compare mode: {missing} missing, {extra} extra, {vms} VMs (nothing sent)")
+}
+
 pub fn reconcile(
     config: &Config,
     host: &mut impl Host,
@@ -341,6 +380,9 @@ pub fn reconcile(
     let actual = firewall::registered(config, host).map_err(|f| f.reason().to_owned())?;
     let mut diff = Diff::between(&actual, &wanted);
     let (registered, unregistered) = diff.counts();
+    if config.compare {
+        return Ok(compared(host, cluster, &diff, own.len()));
+    }
     // Registrations with a timeout lapse unless registered again: a
     // reconcile is the refresh, so a live VM's tags never lapse while
     // prismhook runs, and a VM deleted while it was stopped lets its go.

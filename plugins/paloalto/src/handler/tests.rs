@@ -629,6 +629,39 @@ fn with_a_registration_timeout_reconcile_registers_every_live_tag_again() {
 }
 
 #[test]
+fn compare_mode_reports_the_difference_and_never_writes() {
+    let compare =
+        Config::parse(r#"{"firewall": "https://fw1.example.com", "compare": true}"#).unwrap();
+    let registered = BTreeMap::from([
+        (IP1.to_owned(), set(&[MANAGED, WEB])),
+        ("10.9.9.9".to_owned(), set(&[MANAGED])),
+    ]);
+    let mut fake = Fake {
+        registered: registered.clone(),
+        ..Fake::default()
+    };
+    assert_eq!(
+        handle(&compare, &mut fake, &[event("VM.ON", Some(web_01()))]),
+        vec![Outcome::Done]
+    );
+    let summary = reconcile(&compare, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
+    assert_eq!(
+        summary,
+        "compare mode: 4 missing, 1 extra, 1 VMs (nothing sent)"
+    );
+    assert!(fake.messages.is_empty(), "nothing was sent");
+    assert!(fake.kv.is_empty(), "nothing was recorded");
+    assert_eq!(fake.registered, registered);
+    assert!(
+        fake.logs
+            .iter()
+            .any(|(_, l)| l.contains("10.9.9.9 ntnx.managed")),
+        "{:?}",
+        fake.logs
+    );
+}
+
+#[test]
 fn reconcile_keeps_other_clusters_and_drops_vms_gone_from_the_inventory() {
     let mut fake = Fake::default();
     let other = Vm {
