@@ -36,6 +36,9 @@
 //! - with `max_registered_ips`, a register of one more address is refused
 //!   for that entry with "max registered-ip for the platform reached (N)",
 //!   the text PAN-OS logs when it reaches its platform's limit;
+//! - `target=<serial>` (Panorama forwarding to a managed firewall) is
+//!   accepted for the simulator's own serial, [`SERIAL`], and refused for
+//!   any other, so a client that names the wrong device fails loudly;
 //! - API keys can be expired (`expire_api_keys`), as the firewall's "Expire
 //!   All API Keys" or API key lifetime do: the old key then gets 403.
 //!
@@ -746,6 +749,14 @@ fn dispatch(shared: &Shared, headers: &HeaderMap, params: &Params) -> Reply {
     let key = shared.lock().api_key(&shared.config);
     if !authorized(&key, headers, params) {
         return Reply::result_msg_error(StatusCode::FORBIDDEN, "Invalid credentials.");
+    }
+    // Panorama forwards a request with `target` to the managed firewall of
+    // that serial; the simulator stands for one firewall, its own serial.
+    if let Some(target) = params.get("target").filter(|t| t.as_str() != SERIAL) {
+        return Reply::line_error(
+            None,
+            &format!("target {target} is not a connected device (the simulator is {SERIAL})"),
+        );
     }
     match kind {
         Some("user-id") => user_id(shared, params),

@@ -1227,3 +1227,35 @@ async fn show_system_info_tells_the_release_and_serial_clients_read_first() {
     }
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_through_panorama_names_the_simulators_serial_as_its_target() {
+    let sim = start().await;
+    let message = register(&[("10.0.0.1", &[WEB])]);
+    let through = |target: &'static str| {
+        let message = message.clone();
+        let sim = &sim;
+        async move {
+            api(
+                sim,
+                &[("type", "user-id"), ("target", target), ("cmd", &message)],
+            )
+            .await
+        }
+    };
+    let wrong = through("000000000000").await;
+    assert!(
+        wrong.body.contains("is not a connected device"),
+        "{}",
+        wrong.body
+    );
+    assert!(sim.registered().is_empty());
+    let right = through(prismhook_sim::panos::SERIAL).await;
+    assert!(
+        right.body.starts_with("<response status=\"success\">"),
+        "{}",
+        right.body
+    );
+    assert_eq!(sim.registered().len(), 1);
+    sim.shutdown().await;
+}

@@ -383,3 +383,34 @@ async fn the_platforms_registered_ip_limit_is_a_dead_letter_that_says_so() {
     );
     assert_eq!(r.table(), table(&[("1.2.3.4", &["ntnx.managed"])]));
 }
+
+#[tokio::test]
+async fn through_panorama_every_request_names_the_target_firewall() {
+    let serial = prismhook_sim::panos::SERIAL;
+    let mut r = rig(json!({ "target": serial, "vsys": "vsys1" })).await;
+    let out = r
+        .deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
+        .await;
+    assert!(all_done(&out), "{out:?}");
+    assert_eq!(r.table(), table(&[("1.2.3.4", &["ntnx.managed"])]));
+    let sent = r.panos.requests(10);
+    assert!(!sent.is_empty());
+    for request in &sent {
+        assert_eq!(
+            request.params.get("target").map(String::as_str),
+            Some(serial),
+            "{request:?}"
+        );
+    }
+
+    // A serial Panorama does not manage is the operator's mistake to fix:
+    // a dead letter that names it, not an endless retry.
+    let mut wrong = rig(json!({ "target": "000000000000" })).await;
+    let out = wrong
+        .deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
+        .await;
+    assert!(
+        matches!(&out[0], Outcome::Reject(reason) if reason.contains("000000000000")),
+        "{out:?}"
+    );
+}
