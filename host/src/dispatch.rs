@@ -61,6 +61,10 @@ pub struct Counters {
     pub delivered: u64,
     pub retried: u64,
     pub rejected: u64,
+    /// Rejections whose reason starts with a `[code]`, by code (at most
+    /// [`MAX_REJECT_CODES`] of them; later codes count as `other`).
+    #[serde(skip)]
+    pub rejected_by_code: BTreeMap<String, u64>,
     pub consecutive_failures: u32,
     pub quarantines: u32,
     #[serde(skip)]
@@ -452,6 +456,24 @@ async fn handle_isolating(
     (outcomes, Some(error))
 }
 
+/// Distinct reject codes counted per plugin: a plugin cannot make metrics
+/// series without bound.
+pub const MAX_REJECT_CODES: usize = 32;
+
+/// The code a plugin put before a rejection's reason, as in
+/// `[registered-ip-limit] the firewall …`: lower case letters, digits and
+/// `-`, at most 32 of them.
+pub fn reject_code(reason: &str) -> Option<&str> {
+    let rest = reason.strip_prefix('[')?;
+    let code = &rest[..rest.find(']')?];
+    let valid = !code.is_empty()
+        && code.len() <= 32
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    valid.then_some(code)
+}
+
 fn count(
     inner: &Inner,
     name: &str,
@@ -468,7 +490,18 @@ fn count(
             match o {
                 LedgerOutcome::Done => c.delivered += 1,
                 LedgerOutcome::Retry { .. } => c.retried += 1,
-                LedgerOutcome::Reject { .. } => c.rejected += 1,
+                LedgerOutcome::Reject { reason } => {
+                    c.rejected += 1;
+                    if let Some(code) = reject_code(reason) {
+                        let known = c.rejected_by_code.contains_key(code);
+                        let code = if known || c.rejected_by_code.len() < MAX_REJECT_CODES {
+                            code
+                        } else {
+                            "other"
+                        };
+                        *c.rejected_by_code.entry(code.to_owned()).or_default() += 1;
+                    }
+                }
             }
         }
         let (after, first_pause) = (inner.opts.quarantine_after, inner.opts.quarantine_pause);
@@ -568,5 +601,28 @@ impl InventorySink for Dispatcher {
             }
         }
         lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reject_code;
+
+    #[test]
+    fn a_rejections_code_is_its_bracketed_prefix_when_well_formed() {
+        assert_eq!(
+            reject_code("[registered-ip-limit] the firewall is full"),
+            Some("registered-ip-limit")
+        );
+        for none in [
+            "no code",
+            "[] empty",
+            "[Upper] case",
+            "[spaces are] not codes",
+            "[unclosed",
+            "[a-code-that-is-much-longer-than-thirty-two] x",
+        ] {
+            assert_eq!(reject_code(none), None, "{none}");
+        }
     }
 }

@@ -83,12 +83,7 @@ async fn one_component_serves_several_instances_each_with_its_own_name_settings_
         kv(&app, "probe").is_empty(),
         "instances do not share the component's kv"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", app.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&app).await;
     assert!(
         metrics.contains(r#"prismhook_plugin_info{plugin="alpha",component="probe""#),
         "{metrics}"

@@ -51,14 +51,19 @@ impl World {
     }
 
     async fn start(&self) -> App {
-        let app = App::start(self.config(&[])).await.unwrap();
-        wait(
-            || app.cluster_status().iter().all(|c| c.registered),
-            "registration",
-        )
-        .await;
-        app
+        start_registered(self.config(&[])).await
     }
+}
+
+/// A host on `config`, once every cluster has its webhook.
+async fn start_registered(config: Config) -> App {
+    let app = App::start(config).await.unwrap();
+    wait(
+        || app.cluster_status().iter().all(|c| c.registered),
+        "registration",
+    )
+    .await;
+    app
 }
 
 async fn wait(ready: impl FnMut() -> bool, what: &str) {
@@ -412,12 +417,7 @@ async fn the_listener_serves_https_when_configured_and_prism_posts_over_it() {
         cert: cert_path,
         key: key_path,
     });
-    let app = App::start(config).await.unwrap();
-    wait(
-        || app.cluster_status().iter().all(|c| c.registered),
-        "registration",
-    )
-    .await;
+    let app = start_registered(config).await;
     let hook = w.prism.webhooks()[0].clone();
     assert!(hook.post_url.starts_with("https://"), "{}", hook.post_url);
     w.prism
@@ -514,12 +514,7 @@ async fn the_panorama_preset_registers_the_panorama_plugins_tag_names() {
         )
         .cluster(Cluster::lab(&w.prism))
         .config();
-    let app = App::start(config).await.unwrap();
-    wait(
-        || app.cluster_status().iter().all(|c| c.registered),
-        "registration",
-    )
-    .await;
+    let app = start_registered(config).await;
     w.prism
         .create_vm(
             NewVm::named("web")
@@ -571,12 +566,7 @@ async fn registrations_with_a_timeout_are_refreshed_while_the_host_runs_and_laps
             reconcile_interval: "300ms".into(),
             ..Cluster::lab(&w.prism)
         });
-    let app = App::start(host.config()).await.unwrap();
-    wait(
-        || app.cluster_status().iter().all(|c| c.registered),
-        "registration",
-    )
-    .await;
+    let app = start_registered(host.config()).await;
     let mut uuids = Vec::new();
     for (name, ip) in [("stays", "10.9.1.1"), ("goes", "10.9.1.2")] {
         let vm = NewVm::named(name).powered_on().nic([ip]);
@@ -614,5 +604,52 @@ async fn registrations_with_a_timeout_are_refreshed_while_the_host_runs_and_laps
         "the live VM registered again",
     )
     .await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// A firewall at its platform's registered-IP limit refuses one more
+/// address: the VM it cannot take is a dead letter that says why, counted
+/// by its code in the metrics, and the VM it holds stays registered.
+#[tokio::test]
+async fn a_full_firewall_dead_letters_the_vm_it_cannot_take_and_counts_it_by_code() {
+    let w = world().await;
+    let full = prismhook_sim::panos::PanosConfig {
+        max_registered_ips: Some(1),
+        ..Default::default()
+    };
+    let panos = PanosSim::start("127.0.0.1:0".parse().unwrap(), full)
+        .await
+        .unwrap();
+    let config = HostConfig::new(w.dir.path())
+        .fast_retries()
+        .paloalto(&panos)
+        .cluster(Cluster::lab(&w.prism))
+        .config();
+    let app = start_registered(config).await;
+    for (name, ip) in [("first", "10.5.0.1"), ("second", "10.5.0.2")] {
+        let vm = NewVm::named(name).powered_on().nic([ip]);
+        w.prism.create_vm(vm).await.unwrap();
+        w.prism.flush().await;
+        common::drained(&app).await;
+    }
+    assert_eq!(panos.registered().keys().collect::<Vec<_>>(), ["10.5.0.1"]);
+    let dead = app.ledger.dead_letters(Some("paloalto"), 10).await.unwrap();
+    assert!(!dead.is_empty());
+    for letter in &dead {
+        assert!(
+            letter.reason.contains("[registered-ip-limit] ")
+                && letter
+                    .reason
+                    .contains("max registered-ip for the platform reached (1)"),
+            "{}",
+            letter.reason
+        );
+    }
+    let metrics = common::metrics(&app).await;
+    let line = format!(
+        r#"prismhook_deliveries_rejected_by_code_total{{plugin="paloalto",code="registered-ip-limit"}} {}"#,
+        dead.len()
+    );
+    assert!(metrics.contains(&line), "{line} in\n{metrics}");
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }

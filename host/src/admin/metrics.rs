@@ -211,7 +211,11 @@ impl Collector for HostCollector {
         let mut calls = Vec::new();
         let mut handle_seconds = Vec::new();
         let mut quarantines = Vec::new();
+        let mut rejected = Vec::new();
         for (name, c) in &counters {
+            for (code, n) in &c.rejected_by_code {
+                rejected.push((vec![("plugin", name.clone()), ("code", code.clone())], *n));
+            }
             for (outcome, n) in [
                 ("done", c.delivered),
                 ("retry", c.retried),
@@ -235,6 +239,7 @@ impl Collector for HostCollector {
             quarantines.push((plugin(name), u64::from(c.quarantines)));
         }
         counter(e, "prismhook_deliveries", "Delivery outcomes since start, by plugin and outcome (done, retry, reject); a failed call counts each of its events as retry", &outcomes)?;
+        counter(e, "prismhook_deliveries_rejected_by_code", "Rejections since start whose reason names a code (`[code] …`), by plugin and code, such as the Palo Alto plugin's `registered-ip-limit`", &rejected)?;
         counter(
             e,
             "prismhook_plugin_calls",

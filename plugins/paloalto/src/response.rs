@@ -23,6 +23,10 @@ use quick_xml::Reader;
 
 use crate::host::Response;
 
+/// The code of a rejection for the platform's registered-IP limit, which the
+/// host counts in its metrics (`prismhook_deliveries_rejected_by_code`).
+pub const REGISTERED_IP_LIMIT: &str = "registered-ip-limit";
+
 /// Longest firewall message quoted in a reason.
 pub const MAX_REASON: usize = 1_000;
 /// How deep escaped XML inside a message is unpacked.
@@ -356,9 +360,9 @@ fn read(response: &Response) -> Result<Element, Failure> {
         // Sending it again cannot help until addresses are unregistered or
         // lapse: a dead letter that says so, not a generic error.
         return Err(Failure::Reject(truncate(format!(
-            "the firewall's registered-IP limit for its platform is reached, so it refuses \
-             further addresses until others are unregistered or lapse (see \
-             `registration_timeout`): {}",
+            "[{REGISTERED_IP_LIMIT}] the firewall's registered-IP limit for its platform is \
+             reached, so it refuses further addresses until others are unregistered or lapse \
+             (see `registration_timeout`): {}",
             answer.describe()
         ))));
     }

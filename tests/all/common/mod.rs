@@ -129,3 +129,13 @@ pub async fn append(app: &prismhook::app::App, seq: u64, entity: &str, event_typ
         other => panic!("unexpected {other:?}"),
     }
 }
+
+/// What the host's `/metrics` serves now.
+pub async fn metrics(app: &prismhook::app::App) -> String {
+    reqwest::get(format!("http://{}/metrics", app.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
