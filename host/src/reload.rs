@@ -161,12 +161,8 @@ impl Unit {
         }
     }
 
-    /// The registry's name for it before it loads (or when it never does).
-    fn provisional_name(&self) -> String {
-        self.key()
-    }
-
-    fn describe(&self) -> String {
+    /// How reports and errors name it.
+    fn label(&self) -> String {
         match self {
             Unit::File(wasm) => wasm.display().to_string(),
             Unit::Instance(name) => format!("instance `{name}`"),
@@ -289,13 +285,7 @@ pub fn describe(config: &Config) -> Vec<Described> {
     plan(dir, config)
         .into_iter()
         .map(|(unit, component)| {
-            let text = match read_regular(&unit.settings_file(dir), MAX_SETTINGS_BYTES) {
-                Ok(bytes) => String::from_utf8(bytes)
-                    .map(Some)
-                    .map_err(|_| format!("{}: not UTF-8 text", unit.settings_file(dir).display())),
-                Err(e) if e.is_not_found() => Ok(None),
-                Err(e) => Err(e.to_string()),
-            };
+            let text = read_settings(&unit.settings_file(dir));
             Described {
                 instance: match &unit {
                     Unit::File(_) => None,
@@ -308,11 +298,23 @@ pub fn describe(config: &Config) -> Vec<Described> {
         .collect()
 }
 
+/// A settings file's text: `None` when there is none, or why it cannot be
+/// read (bounded, regular files only).
+fn read_settings(file: &Path) -> Result<Option<String>, String> {
+    match read_regular(file, MAX_SETTINGS_BYTES) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| format!("{}: not UTF-8 text", file.display())),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The `component` a settings file names, if any.
 fn declared_component(file: &Path) -> Result<Option<String>, String> {
-    let bytes = read_regular(file, MAX_SETTINGS_BYTES).map_err(|e| e.to_string())?;
-    let text =
-        String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", file.display()))?;
+    let Some(text) = read_settings(file)? else {
+        return Ok(None);
+    };
     let table = toml::from_str::<toml::Table>(&text)
         .map_err(|e| format!("{}: {}", file.display(), e.to_string().trim_end()))?;
     match table.get("component") {
@@ -363,13 +365,7 @@ impl Snapshot {
         settings_file: &Path,
         limit: u64,
     ) -> (Snapshot, Option<ComponentBytes>) {
-        let settings = match read_regular(settings_file, MAX_SETTINGS_BYTES) {
-            Ok(bytes) => String::from_utf8(bytes)
-                .map(Some)
-                .map_err(|_| format!("{}: not UTF-8 text", settings_file.display())),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e.to_string()),
-        };
+        let settings = read_settings(settings_file);
         let (wasm, bytes) = match component.as_ref().map(|w| read_component(w, limit)) {
             Ok(Ok(read)) => (Ok(read.sha256.clone()), Some(read)),
             Ok(Err(e)) => (Err(e.to_string()), None),
@@ -726,7 +722,7 @@ impl Task {
             }
             // A plugin refused because this one had its name may load
             // now: the next rescan or change tries it again.
-            let by = format!("is already provided by {}", unit.describe());
+            let by = format!("is already provided by {}", unit.label());
             self.failures.retain(|_, f| !f.error.contains(&by));
         }
         let loaded = loaded.map(|l| l.plugin);
@@ -841,7 +837,7 @@ impl Task {
         {
             let error = format!(
                 "plugin name `{name}` is already provided by {}",
-                other.describe()
+                other.label()
             );
             return self.failed(unit, file, Some(snapshot), error);
         }
@@ -900,7 +896,8 @@ impl Task {
             .files
             .get(unit)
             .map(|l| l.plugin.clone())
-            .unwrap_or_else(|| unit.provisional_name());
+            // Until it loads, a plugin is known by its key.
+            .unwrap_or_else(|| unit.key());
         self.registry.update(|r| {
             let entry = r.entry(name.clone()).or_insert_with(|| Entry {
                 plugin: None,
