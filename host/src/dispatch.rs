@@ -25,7 +25,7 @@ use crate::ledger::{
 use crate::registry::Registry;
 use crate::runtime::bindings::{self, Event, Outcome, Retry};
 use crate::runtime::{CallError, VmClusters};
-use crate::source::InventorySink;
+use crate::source::{InventorySink, Reconciled};
 use crate::telemetry::HandleDurations;
 use prismhook_core::text::truncate;
 
@@ -578,8 +578,9 @@ pub fn to_event(d: &Delivery) -> Event {
 /// meanwhile.
 #[async_trait]
 impl InventorySink for Dispatcher {
-    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Vec<String> {
+    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Reconciled {
         let mut lines = Vec::new();
+        let mut failed = 0;
         for (name, entry) in self.inner.registry.snapshot().iter() {
             if !entry.subscribes_to("VM.UPDATE") && !entry.subscribes_to("VM.ON") {
                 continue;
@@ -593,14 +594,16 @@ impl InventorySink for Dispatcher {
                 Ok(Err(reason)) => {
                     tracing::warn!(%cluster, plugin = %name, "reconcile refused: {reason}");
                     lines.push(format!("{name}: failed: {reason}"));
+                    failed += 1;
                 }
                 Err(e) => {
                     tracing::warn!(%cluster, plugin = %name, "reconcile failed: {e}");
                     lines.push(format!("{name}: failed: {e}"));
+                    failed += 1;
                 }
             }
         }
-        lines
+        Reconciled { lines, failed }
     }
 }
 

@@ -60,9 +60,18 @@ pub enum SourceError {
 /// keeps state about VMs gets it (the dispatcher implements this).
 #[async_trait]
 pub trait InventorySink: Send + Sync {
-    /// Returns one `plugin: summary` (or `plugin: failed: reason`) line per
-    /// plugin that was handed the inventory.
-    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Vec<String>;
+    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Reconciled;
+}
+
+/// What handing an inventory to the plugins did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reconciled {
+    /// One `plugin: summary` (or `plugin: failed: reason`) line per plugin
+    /// that was handed the inventory.
+    pub lines: Vec<String>,
+    /// How many of those plugins failed: a source tries again with backoff
+    /// rather than at its next interval.
+    pub failed: usize,
 }
 
 /// What a source's background work is given when the host starts it.

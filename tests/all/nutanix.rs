@@ -653,3 +653,44 @@ async fn a_full_firewall_dead_letters_the_vm_it_cannot_take_and_counts_it_by_cod
     assert!(metrics.contains(&line), "{line} in\n{metrics}");
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
+
+/// A reconcile that fails for a plugin (its firewall unreachable) is tried
+/// again with backoff, not an interval later: here the interval is an hour,
+/// and only reconcile knows the VM created before the host started.
+#[tokio::test]
+async fn a_reconcile_that_failed_for_a_plugin_is_tried_again_soon() {
+    let w = world().await;
+    w.prism
+        .create_vm(NewVm::named("early").powered_on().nic(["10.4.0.1"]))
+        .await
+        .unwrap();
+    w.panos.set_faults(prismhook_sim::panos::Faults {
+        drop_connections: true,
+        ..Default::default()
+    });
+    let host = HostConfig::new(w.dir.path())
+        .fast_retries()
+        .paloalto(&w.panos)
+        .cluster(Cluster {
+            reconcile_interval: "1h".into(),
+            ..Cluster::lab(&w.prism)
+        });
+    let app = start_registered(host.config()).await;
+    wait(
+        || {
+            app.cluster_status()
+                .iter()
+                .any(|c| c.last_reconcile.iter().any(|l| l.contains("failed")))
+        },
+        "the first reconcile to fail",
+    )
+    .await;
+    assert!(w.panos.registered().is_empty());
+    w.panos.set_faults(prismhook_sim::panos::Faults::default());
+    wait(
+        || w.panos.registered().contains_key("10.4.0.1"),
+        "a reconcile soon after the firewall is back",
+    )
+    .await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}

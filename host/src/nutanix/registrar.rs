@@ -17,7 +17,7 @@ use crate::clock::now_ms;
 use crate::config::{ClusterConfig, Config};
 use crate::event::matches;
 use crate::secret::{create_private_dir, write_private, BasicCredentials};
-use crate::source::{EndpointStatus, SourceContext};
+use crate::source::{EndpointStatus, Reconciled, SourceContext};
 
 /// Event types Prism is known to send; subscriptions with patterns are
 /// expanded against this list for the webhook's `events_filter_list`.
@@ -37,6 +37,17 @@ pub const KNOWN_EVENTS: &[&str] = &[
 
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Longest wait before reconciling again after plugins failed: a plugin
+/// that keeps failing must not have the whole inventory listed every
+/// minute.
+const PLUGIN_RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// The wait before the next try after `failures` failures in a row, at
+/// most `max`.
+fn backoff(failures: u32, max: Duration) -> Duration {
+    BACKOFF_FIRST.saturating_mul(1 << failures.min(10)).min(max)
+}
 /// Even with nothing changed, check the webhook this often: someone may
 /// have deleted or edited it in Prism.
 const RECHECK: Duration = Duration::from_secs(300);
@@ -228,6 +239,19 @@ impl Registrar {
         let mut failures = 0u32;
         loop {
             let wait = match self.reconcile().await {
+                // A plugin that failed (its firewall down, say) is tried
+                // again soon, not an interval later: with every plugin, as
+                // reconcile is idempotent.
+                Ok(done) if done.failed > 0 => {
+                    failures += 1;
+                    tracing::warn!(cluster = %self.inner.cluster.name, failed = done.failed, "reconcile failed for some plugins; trying again with backoff");
+                    let max = if interval.is_zero() {
+                        PLUGIN_RETRY_MAX
+                    } else {
+                        interval.min(PLUGIN_RETRY_MAX)
+                    };
+                    backoff(failures, max)
+                }
                 Ok(_) => {
                     failures = 0;
                     if interval.is_zero() {
@@ -239,9 +263,7 @@ impl Registrar {
                 Err(e) => {
                     failures += 1;
                     tracing::error!(cluster = %self.inner.cluster.name, "reconcile failed: {e:#}");
-                    BACKOFF_FIRST
-                        .saturating_mul(1 << failures.min(6))
-                        .min(BACKOFF_MAX)
+                    backoff(failures, BACKOFF_MAX)
                 }
             };
             tokio::select! {
@@ -253,16 +275,16 @@ impl Registrar {
     }
 
     /// Lists the cluster's VMs and hands the inventory to every plugin that
-    /// keeps state about VMs; returns each plugin's summary.
-    pub async fn reconcile(&self) -> anyhow::Result<Vec<String>> {
+    /// keeps state about VMs; returns what each plugin made of it.
+    pub async fn reconcile(&self) -> anyhow::Result<Reconciled> {
         let vms = self.inner.client.list_vm_models().await?;
         let cluster = &self.inner.cluster.name;
         tracing::info!(%cluster, vms = vms.len(), "reconciling");
-        let lines = self.inner.ctx.inventory.reconcile(cluster, vms).await;
+        let done = self.inner.ctx.inventory.reconcile(cluster, vms).await;
         let mut s = self.inner.status.lock().expect("status lock");
         s.last_reconcile_ms = Some(now_ms());
-        s.last_reconcile = lines.clone();
-        Ok(lines)
+        s.last_reconcile = done.lines.clone();
+        Ok(done)
     }
 }
 

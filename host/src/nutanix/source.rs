@@ -116,9 +116,9 @@ impl EventSource for NutanixSource {
         for (i, r) in chosen.into_iter().enumerate() {
             tasks.spawn(async move {
                 let report = match r.reconcile().await {
-                    Ok(plugins) => ReconcileReport {
+                    Ok(done) => ReconcileReport {
                         endpoint: r.name().to_owned(),
-                        plugins,
+                        plugins: done.lines,
                         error: None,
                     },
                     Err(e) => ReconcileReport {
