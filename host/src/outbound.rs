@@ -49,6 +49,32 @@ pub fn with_proxy_policy(
     Ok(builder.proxy(proxy))
 }
 
+/// Why an answer's body was not read whole.
+#[derive(Debug)]
+pub enum BodyError {
+    /// It is (or says it is) longer than allowed.
+    TooLarge,
+    /// The connection failed while reading.
+    Transport(reqwest::Error),
+}
+
+/// An answer's body, refused as soon as it would pass `max` bytes: before
+/// reading when its length says so, else as it arrives, so a peer cannot
+/// make the host buffer more than it allows.
+pub async fn read_body(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>, BodyError> {
+    if resp.content_length().is_some_and(|len| len > max) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() as u64 + chunk.len() as u64 > max {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// An error and its sources on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();

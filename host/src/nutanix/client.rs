@@ -28,7 +28,7 @@ use url::Url;
 
 use super::payload::{parse_vm, Vm};
 pub use crate::outbound::TlsMode;
-use crate::outbound::{chain, with_tls};
+use crate::outbound::{chain, read_body, with_tls, BodyError};
 use prismhook_core::nutanix::str_at;
 pub use prismhook_core::nutanix::v3::Webhook;
 use prismhook_core::nutanix::v3::{error_reason, parse_webhook, status_messages, Listing};
@@ -42,7 +42,7 @@ const WEBHOOK_PAGE: u64 = 100;
 const VM_PAGE: u64 = 500;
 /// No answer of Prism's is read past this: a page of 500 VMs is a few MB,
 /// and an answer that never ends must not grow the host until it dies.
-const MAX_ANSWER_BYTES: usize = 64 << 20;
+const MAX_ANSWER_BYTES: u64 = 64 << 20;
 const POLL_FIRST: Duration = Duration::from_millis(50);
 const POLL_MAX: Duration = Duration::from_secs(2);
 
@@ -453,23 +453,19 @@ impl PrismClient {
             request = request.json(body);
         }
         let started = Instant::now();
-        let mut response = request
+        let response = request
             .send()
             .await
             .map_err(|e| self.transport(&method, segments, e))?;
         let status = response.status();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.transport(&method, segments, e))?
-        {
-            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+        let bytes = match read_body(response, MAX_ANSWER_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(BodyError::Transport(e)) => return Err(self.transport(&method, segments, e)),
+            Err(BodyError::TooLarge) => {
                 let reason = format!("the answer is larger than {} MiB", MAX_ANSWER_BYTES >> 20);
                 return Err(self.bad_answer(method, segments, &reason));
             }
-            bytes.extend_from_slice(&chunk);
-        }
+        };
         tracing::debug!(
             cluster = %self.cluster,
             method = %method,

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use prismhook_core::policy::{Login, LoginSend, TokenAt};
 use prismhook_core::secret::Secret;
 
+use crate::outbound::{read_body, BodyError};
+
 /// Largest sign-in answer read.
-const MAX_ANSWER_BYTES: usize = 1 << 20;
+const MAX_ANSWER_BYTES: u64 = 1 << 20;
 /// A sign-in gets at most this long, whatever is left of the call.
 const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -174,21 +176,13 @@ async fn sign_in(
     Ok(Secret::new(token))
 }
 
-async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
+async fn read_bounded(resp: reqwest::Response) -> Result<Vec<u8>, String> {
+    read_body(resp, MAX_ANSWER_BYTES)
         .await
-        .map_err(|_| "the answer was cut off".to_owned())?
-    {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(format!(
-                "the answer is larger than {MAX_ANSWER_BYTES} bytes"
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        .map_err(|e| match e {
+            BodyError::TooLarge => format!("the answer is larger than {MAX_ANSWER_BYTES} bytes"),
+            BodyError::Transport(_) => "the answer was cut off".to_owned(),
+        })
 }
 
 /// The text of the first element at `path` (names from the root down).

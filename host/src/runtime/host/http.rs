@@ -14,6 +14,7 @@ use url::Url;
 use prismhook_core::policy::Login;
 use prismhook_core::secret::Secret;
 
+use crate::outbound::{read_body, BodyError};
 use crate::runtime::bindings::http::{Error, Host, Request, Response};
 use crate::runtime::scrub::Scrubber;
 use crate::runtime::session::SignInError;
@@ -310,18 +311,11 @@ fn scrub_error(e: Error, s: &Scrubber) -> Error {
     }
 }
 
-async fn read_capped(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>, Error> {
-    if resp.content_length().is_some_and(|len| len > max) {
-        return Err(Error::TooLarge(max));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(classify)? {
-        if body.len() as u64 + chunk.len() as u64 > max {
-            return Err(Error::TooLarge(max));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+async fn read_capped(resp: reqwest::Response, max: u64) -> Result<Vec<u8>, Error> {
+    read_body(resp, max).await.map_err(|e| match e {
+        BodyError::TooLarge => Error::TooLarge(max),
+        BodyError::Transport(e) => classify(e),
+    })
 }
 
 fn classify(e: reqwest::Error) -> Error {
