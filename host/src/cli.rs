@@ -127,32 +127,18 @@ async fn subscriptions(config: &Config) -> anyhow::Result<Vec<String>> {
     let mut subs = Vec::new();
     // The same plugins the host runs: instances, and settings files.
     for plugin in crate::reload::describe(config) {
-        let named = plugin.instance.clone().unwrap_or_default();
         let (file, settings) = match (plugin.component, plugin.settings) {
             (Ok(_), Ok(settings)) if !settings.enabled => continue,
             (Ok(file), Ok(settings)) => (file, settings),
             (Err(e), _) | (_, Err(e)) => {
-                eprintln!("skipping {named}: {e}");
+                eprintln!("skipping {}: {e}", plugin.key);
                 continue;
             }
         };
-        let key = plugin.instance.clone().unwrap_or_else(|| {
-            file.file_stem()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned()
-        });
-        let resolved = resolve_plugin(&settings, &key, config.default_limits())
+        let resolved = resolve_plugin(&settings, &plugin.key, config.default_limits())
             .map_err(|(k, m)| anyhow::anyhow!("`{k}`: {m}"))?;
-        let compiled = match runtime.compile_file(&file, resolved.sha256.as_deref()) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipping {}: {e}", file.display());
-                continue;
-            }
-        };
-        match Arc::clone(&runtime)
-            .instantiate(compiled, resolved, plugin.instance)
+        match runtime
+            .load_read(&file, None, resolved, plugin.instance)
             .await
         {
             Ok(p) => subs.extend(p.info().subscriptions.iter().cloned()),

@@ -269,6 +269,8 @@ fn settings_for(
 /// the reload task would load it.
 #[derive(Debug)]
 pub struct Described {
+    /// Its name in the main configuration (`[plugin.<key>]`).
+    pub key: String,
     /// The operator's name for it when it is an instance of its component.
     pub instance: Option<String>,
     /// Its component file, or why that cannot be told.
@@ -287,6 +289,7 @@ pub fn describe(config: &Config) -> Vec<Described> {
         .map(|(unit, component)| {
             let text = read_settings(&unit.settings_file(dir));
             Described {
+                key: unit.key(),
                 instance: match &unit {
                     Unit::File(_) => None,
                     Unit::Instance(name) => Some(name.clone()),
@@ -665,11 +668,17 @@ impl Task {
     /// Brings the registry in line with every file in the directory.
     async fn rescan(&mut self) -> Vec<Report> {
         let plan = self.look().await;
+        let units = self.units(&plan);
+        self.reload_units(units, plan).await
+    }
+
+    /// Every unit `plan` describes, was described before, serves or failed.
+    fn units(&self, plan: &Plan) -> BTreeSet<Unit> {
         let mut units: BTreeSet<Unit> = plan.keys().cloned().collect();
         units.extend(self.plan.keys().cloned());
         units.extend(self.files.keys().cloned());
         units.extend(self.failures.keys().cloned());
-        self.reload_units(units, plan).await
+        units
     }
 
     /// Reloads what the `paths` that changed concern: plugins whose
@@ -685,10 +694,7 @@ impl Task {
                 || self.files.get(unit).is_some_and(|l| &l.wasm == path)
                 || &unit.settings_file(&self.dir) == path
         };
-        let mut units: BTreeSet<Unit> = plan.keys().cloned().collect();
-        units.extend(self.plan.keys().cloned());
-        units.extend(self.files.keys().cloned());
-        units.extend(self.failures.keys().cloned());
+        let mut units = self.units(&plan);
         units.retain(|u| plan.get(u) != self.plan.get(u) || paths.iter().any(|p| runs(u, p)));
         self.reload_units(units, plan).await
     }
