@@ -103,6 +103,18 @@ async fn drained(app: &App) {
     .await;
 }
 
+/// Delivers one event, stops the host, and checks that the probe (as
+/// itself) recorded it exactly once.
+async fn handles_one_event_as_the_probe(h: &Host, app: App) {
+    let id = common::append(&app, 1, "vm-a", "VM.ON").await;
+    drained(&app).await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]),
+        format!("{id}:1:VM.ON")
+    );
+}
+
 fn sha(app: &App) -> Option<String> {
     app.registry
         .get("probe")
@@ -142,13 +154,7 @@ async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
         "the probe to load",
     )
     .await;
-    let id = common::append(&app, 1, "vm-a", "VM.ON").await;
-    drained(&app).await;
-    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]),
-        format!("{id}:1:VM.ON")
-    );
+    handles_one_event_as_the_probe(&h, app).await;
 }
 
 #[tokio::test]
@@ -686,11 +692,5 @@ async fn a_new_component_file_upgrades_every_instance_and_each_instance_goes_wit
         "the component to serve as itself",
     )
     .await;
-    let id = common::append(&app, 1, "vm-a", "VM.ON").await;
-    drained(&app).await;
-    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&h.kv()["seen/lab/vm-a"]),
-        format!("{id}:1:VM.ON")
-    );
+    handles_one_event_as_the_probe(&h, app).await;
 }

@@ -8,7 +8,6 @@ use crate::common::{self, HostConfig};
 use std::time::Duration;
 
 use prismhook::app::App;
-use prismhook::ledger::NewEvent;
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
 
 const PASSWORD: &str = "bigip-Pa55-never-seen";
@@ -27,24 +26,9 @@ fn probe_on(lb: &str, password: &str) -> Vec<String> {
 /// A `TEST.HTTP` event: the probe GETs the pool list and keeps the answer.
 async fn fetch_pools(app: &App, seq: u64, lb: &str) -> u64 {
     let body = serde_json::json!({ "url": format!("{lb}/mgmt/tm/ltm/pool") }).to_string();
-    let ev = NewEvent {
-        cluster: "lab".into(),
-        event_type: "TEST.HTTP".into(),
-        entity_kind: "vm".into(),
-        entity_uuid: format!("vm-{seq}"),
-        dedupe_key: Some(format!("seq-{seq}")),
-        received_at_ms: seq,
-        body,
-        vm: None,
-    };
-    let plugins = app.registry.subscribers("TEST.HTTP");
-    match app.ledger.append(ev, plugins).await.unwrap() {
-        prismhook::ledger::Appended::Stored { id, .. } => {
-            common::drained(app).await;
-            id
-        }
-        other => panic!("unexpected {other:?}"),
-    }
+    let id = common::append_body(app, seq, &format!("vm-{seq}"), "TEST.HTTP", body).await;
+    common::drained(app).await;
+    id
 }
 
 fn answer(app: &App, plugin: &str, id: u64) -> String {

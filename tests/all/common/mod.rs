@@ -113,6 +113,17 @@ pub fn firewall_truth(
 /// (its dedupe key and receive time from `seq`) and hands it to the
 /// plugins that subscribe to its type; returns its id.
 pub async fn append(app: &prismhook::app::App, seq: u64, entity: &str, event_type: &str) -> u64 {
+    append_body(app, seq, entity, event_type, "{}".into()).await
+}
+
+/// [`append`] with `body` as the notification's.
+pub async fn append_body(
+    app: &prismhook::app::App,
+    seq: u64,
+    entity: &str,
+    event_type: &str,
+    body: String,
+) -> u64 {
     let plugins = app.registry.subscribers(event_type);
     let ev = prismhook::ledger::NewEvent {
         cluster: "lab".into(),
@@ -121,7 +132,7 @@ pub async fn append(app: &prismhook::app::App, seq: u64, entity: &str, event_typ
         entity_uuid: entity.into(),
         dedupe_key: Some(format!("seq-{seq}")),
         received_at_ms: seq,
-        body: "{}".into(),
+        body,
         vm: None,
     };
     match app.ledger.append(ev, plugins).await.unwrap() {
