@@ -237,6 +237,7 @@ enum NewLang {
     Rust,
     Python,
     Js,
+    Go,
 }
 
 fn main() -> std::process::ExitCode {
@@ -377,6 +378,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 NewLang::Rust => prismhook::scaffold::Lang::Rust,
                 NewLang::Python => prismhook::scaffold::Lang::Python,
                 NewLang::Js => prismhook::scaffold::Lang::JavaScript,
+                NewLang::Go => prismhook::scaffold::Lang::Go,
             };
             prismhook::cli::plugin_new(&dir, &name, lang)
         }

