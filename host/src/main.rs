@@ -183,6 +183,11 @@ enum Sim {
         #[arg(long = "pool")]
         pools: Vec<String>,
     },
+    /// Cisco Secure FMC REST simulator (dynamic objects and their mappings).
+    Fmc {
+        #[arg(long, default_value = prismhook_sim::fmc::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -343,6 +348,13 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 ..Default::default()
             };
             prismhook_sim::bigip::run(listen, config).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "simulators")]
+        Command::Sim {
+            which: Sim::Fmc { listen },
+        } => {
+            prismhook_sim::fmc::run(listen, Default::default()).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Webhooks { action } => prismhook::cli::webhooks(action.into()).await,

@@ -28,7 +28,7 @@
 //! `/mgmt/` request, as in the PAN-OS simulator: connections are served by
 //! hyper one task each so that a handler can drop its socket unanswered.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -49,13 +49,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+pub use crate::fault::Faults;
+use crate::fault::{FaultAction, RequestLog};
 use crate::server::{serve, ConnectionKill};
 
 /// Where `prismhook sim bigip` listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9445";
 
-/// How many `/mgmt/` requests `/_sim/requests` can look back on.
-const REQUEST_LOG_CAPACITY: usize = 1000;
 /// BIG-IP object names are at most this long.
 const MAX_NAME_LEN: usize = 255;
 const DEFAULT_PARTITION: &str = "Common";
@@ -113,36 +113,6 @@ pub struct BigipStats {
     pub errors: u64,
     /// Members in all pools right now.
     pub members: u64,
-}
-
-/// Faults injected into `/mgmt/` requests; `/_sim/` stays healthy so a test
-/// can always switch them off again.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Faults {
-    /// Delay before every `/mgmt/` answer (or drop).
-    pub latency_ms: u64,
-    /// Answer every `/mgmt/` request with this HTTP status and an error body.
-    pub fail_status: Option<u16>,
-    /// If above zero, only the next N `/mgmt/` requests fail (with
-    /// `fail_status`, or 500), after which the simulator behaves again and
-    /// `fail_status` is cleared.
-    pub fail_next: u32,
-    /// Sent as `Retry-After` (seconds) with injected failures.
-    pub retry_after_secs: Option<u64>,
-    /// Close each `/mgmt/` request's TCP connection without answering.
-    pub drop_connections: bool,
-}
-
-impl Faults {
-    fn validate(&self) -> Result<(), String> {
-        match self.fail_status {
-            Some(code) if StatusCode::from_u16(code).is_err() => {
-                Err(format!("fail_status {code} is not an HTTP status code"))
-            }
-            _ => Ok(()),
-        }
-    }
 }
 
 /// One `/mgmt/` request as `GET /_sim/requests` reports it (no headers, so
@@ -248,7 +218,7 @@ impl BigipSim {
 
     /// The last `n` `/mgmt/` requests, oldest first, as `GET /_sim/requests?n=`.
     pub fn requests(&self, n: usize) -> Vec<RequestRecord> {
-        self.shared.lock().recent_requests(n)
+        self.shared.lock().log.recent(n)
     }
 
     /// Creates an empty pool (if missing), as `POST /_sim/pools/<name>`.
@@ -428,7 +398,7 @@ struct SimState {
     pools: BTreeMap<String, BTreeSet<Member>>,
     stats: BigipStats,
     faults: Faults,
-    log: VecDeque<RequestRecord>,
+    log: RequestLog<RequestRecord>,
     /// Live tokens and when each expires.
     tokens: BTreeMap<String, std::time::Instant>,
     /// Every token issued, for tests that look for leaks.
@@ -467,45 +437,6 @@ impl SimState {
             ..self.stats.clone()
         }
     }
-
-    fn recent_requests(&self, n: usize) -> Vec<RequestRecord> {
-        let skip = self.log.len().saturating_sub(n);
-        self.log.iter().skip(skip).cloned().collect()
-    }
-
-    fn record(&mut self, record: RequestRecord) {
-        if self.log.len() == REQUEST_LOG_CAPACITY {
-            self.log.pop_front();
-        }
-        self.log.push_back(record);
-    }
-
-    /// Decides this request's fault, consuming one of `fail_next`.
-    fn take_fault(&mut self) -> (Duration, Option<FaultAction>) {
-        let faults = &mut self.faults;
-        let latency = Duration::from_millis(faults.latency_ms);
-        let retry_after = faults.retry_after_secs;
-        let action = if faults.drop_connections {
-            Some(FaultAction::Drop)
-        } else if faults.fail_next > 0 {
-            faults.fail_next -= 1;
-            let status = faults.fail_status.unwrap_or(500);
-            if faults.fail_next == 0 {
-                faults.fail_status = None;
-            }
-            Some(FaultAction::Fail(status, retry_after))
-        } else {
-            faults
-                .fail_status
-                .map(|status| FaultAction::Fail(status, retry_after))
-        };
-        (latency, action)
-    }
-}
-
-enum FaultAction {
-    Drop,
-    Fail(u16, Option<u64>),
 }
 
 // ---------------------------------------------------------------------------
@@ -625,7 +556,7 @@ async fn mgmt(
     let (latency, fault) = {
         let mut state = shared.lock();
         state.stats.requests += 1;
-        state.take_fault()
+        state.faults.take()
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -637,7 +568,7 @@ async fn mgmt(
             {
                 let mut state = shared.lock();
                 state.stats.errors += 1;
-                state.record(record);
+                state.log.record(record);
             }
             kill.kill();
             // The connection task drops this future along with the socket.
@@ -691,7 +622,7 @@ async fn mgmt(
             StatusCode::CONFLICT => state.stats.conflicts += 1,
             _ => {}
         }
-        state.record(record);
+        state.log.record(record);
     }
     reply.into_response()
 }
@@ -1072,5 +1003,5 @@ async fn sim_requests(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<RequestsQuery>,
 ) -> Json<Vec<RequestRecord>> {
-    Json(shared.lock().recent_requests(query.n.unwrap_or(50)))
+    Json(shared.lock().log.recent(query.n.unwrap_or(50)))
 }

@@ -1,4 +1,10 @@
+//! Loopback simulators of the systems prismhook talks to: Nutanix Prism (the
+//! event source), PAN-OS, F5 BIG-IP and Cisco Secure Firewall Management
+//! Center (the firewalls plugins drive), for tests and the demo.
+
 pub mod bigip;
+mod fault;
+pub mod fmc;
 pub mod panos;
 pub mod prism;
 mod server;

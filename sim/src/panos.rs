@@ -48,7 +48,7 @@
 //! plain listener and each is served by hyper in its own task that the request
 //! handler can tell to drop the socket.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -72,6 +72,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use crate::fault::RequestLog;
 use crate::server::{serve, ConnectionKill};
 
 /// Where `prismhook sim panos` listens unless told otherwise.
@@ -85,8 +86,6 @@ const MAX_PAGE: usize = 500;
 const MAX_TIMEOUT_SECS: u64 = 2_592_000;
 /// Commonly cited (unverified) limit on tag name length, in characters.
 const MAX_TAG_CHARS: usize = 127;
-/// How many `/api/` requests `/_sim/requests` can look back on.
-const REQUEST_LOG_CAPACITY: usize = 1000;
 /// Nothing the API accepts nests deeper; the bound keeps hostile input cheap.
 const MAX_XML_DEPTH: usize = 32;
 /// Parameters that carry secrets and never reach the request log.
@@ -278,7 +277,7 @@ impl PanosSim {
     /// The last `n` `/api/` requests, oldest first, as `GET /_sim/requests?n=`.
     #[must_use]
     pub fn requests(&self, n: usize) -> Vec<RequestRecord> {
-        self.shared.lock().recent_requests(n)
+        self.shared.lock().log.recent(n)
     }
 
     /// Registers tags behind the API's back, like an administrator editing the
@@ -371,7 +370,7 @@ struct SimState {
     stats: PanosStats,
     faults: Faults,
     jobs: Vec<Job>,
-    log: VecDeque<RequestRecord>,
+    log: RequestLog<RequestRecord>,
     /// How many times every key was expired: the current key is the
     /// configured one while this is 0, then a new one each time.
     key_generation: u64,
@@ -428,18 +427,6 @@ impl SimState {
             registered_entries: u64::try_from(pairs).unwrap_or(u64::MAX),
             ..self.stats.clone()
         }
-    }
-
-    fn recent_requests(&self, n: usize) -> Vec<RequestRecord> {
-        let skip = self.log.len().saturating_sub(n);
-        self.log.iter().skip(skip).cloned().collect()
-    }
-
-    fn record(&mut self, record: RequestRecord) {
-        if self.log.len() == REQUEST_LOG_CAPACITY {
-            self.log.pop_front();
-        }
-        self.log.push_back(record);
     }
 
     /// Decides this request's fault, consuming one of `fail_next`.
@@ -676,7 +663,7 @@ async fn api(
             {
                 let mut state = shared.lock();
                 state.stats.errors += 1;
-                state.record(record);
+                state.log.record(record);
             }
             kill.kill();
             // The connection task drops this future along with the socket.
@@ -705,7 +692,7 @@ async fn api(
         if reply.refused {
             state.stats.errors += 1;
         }
-        state.record(record);
+        state.log.record(record);
     }
     reply.into_response()
 }
@@ -1129,7 +1116,7 @@ async fn sim_requests(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<RequestsQuery>,
 ) -> Json<Vec<RequestRecord>> {
-    Json(shared.lock().recent_requests(query.n.unwrap_or(50)))
+    Json(shared.lock().log.recent(query.n.unwrap_or(50)))
 }
 
 // ---------------------------------------------------------------------------
