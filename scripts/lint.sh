@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The house rules cargo can check (DEVELOPERS.md, Standards): rustfmt, and
-# clippy with warnings as errors, for the workspace and every Rust guest.
+# clippy with warnings as errors, for the workspace and every Rust guest;
+# gofmt for the Go guests.
 #   scripts/lint.sh fmt      needs no build: run it first, it fails fast
 #   scripts/lint.sh clippy   reuses the builds of scripts/test.sh: run it after
 #   scripts/lint.sh          both
@@ -36,6 +37,10 @@ check_clippy() {
   # the demo and `sim` glue (main.rs, demo.rs) names them.
   step "clippy: prismhook without the simulators (--no-default-features)"
   cargo clippy --locked -p prismhook --no-default-features --lib --bins -- -D warnings
+  # Go guests: gofmt (their vet runs in scripts/test.sh with their tests).
+  # Here rather than in `fmt`, as it needs xtask built and Go installed.
+  step "gofmt: the Go guests (cargo xtask go-fmt)"
+  cargo xtask go-fmt
   # Natively, in the target directory scripts/test.sh builds the guests'
   # unit tests in.
   for manifest in "${guests[@]}"; do

@@ -22,6 +22,8 @@ if command -v node >/dev/null; then
   step "unit tests of plugins/forwarder (JavaScript)"
   node --test plugins/forwarder/test/
 fi
+step "go vet + go test of the Go plugins (cargo xtask go-test)"
+cargo xtask go-test
 # The status page is tested in a real headless browser: here it must run,
 # not be skipped.
 ensure_debian_packages chromium

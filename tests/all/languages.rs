@@ -1,8 +1,9 @@
-//! Three languages side by side in one host: the Palo Alto plugin (Rust),
-//! the F5 BIG-IP plugin (Python, componentize-py) and the forwarder
-//! (JavaScript, componentize-js), loaded together from one plugins
-//! directory, fed by the Prism simulator over real sockets, each driving its
-//! own simulator (PAN-OS, BIG-IP) or receiver.
+//! Four languages side by side in one host: the Palo Alto plugin (Rust),
+//! the F5 BIG-IP plugin (Python, componentize-py), the forwarder
+//! (JavaScript, componentize-js) and the Cisco FMC plugin (Go, upstream
+//! Go's wasip1 port), loaded together from one plugins directory, fed by the
+//! Prism simulator over real sockets, each driving its own simulator
+//! (PAN-OS, BIG-IP, FMC) or receiver.
 //!
 //! The Python and JavaScript components are 11-19 MB and take half a minute
 //! each to compile in a debug host, so the tests share one compiled-component
@@ -25,12 +26,13 @@ use prismhook::app::App;
 use prismhook::config::Config;
 use prismhook::runtime::{Runtime, RuntimeOptions};
 use prismhook_sim::bigip::{BigipConfig, BigipSim, Faults as BigipFaults};
+use prismhook_sim::fmc::FmcSim;
 use prismhook_sim::panos::PanosSim;
 use prismhook_sim::prism::{NewNic, NewVm, PrismSim, SimVm, VmChange};
 use serde_json::Value;
 
 /// Plugin file stems, which are also the names the plugins give in `init`.
-const PLUGINS: [&str; 3] = ["paloalto", "f5-bigip", "forwarder"];
+const PLUGINS: [&str; 4] = ["paloalto", "f5-bigip", "forwarder", "cisco-fmc"];
 const POOL: &str = "/Common/web";
 const MEMBER_PORT: u16 = 8080;
 const SIEM_TOKEN: &str = "Bearer siem-token-1";
@@ -150,6 +152,7 @@ struct World {
     prism: PrismSim,
     panos: PanosSim,
     bigip: BigipSim,
+    fmc: FmcSim,
     siem: Siem,
     siem_url: String,
     dir: tempfile::TempDir,
@@ -184,6 +187,7 @@ async fn world() -> World {
         bigip: BigipSim::start("127.0.0.1:0".parse().unwrap(), bigip)
             .await
             .unwrap(),
+        fmc: common::setup::start_fmc().await,
         siem,
         siem_url,
         dir,
@@ -218,6 +222,7 @@ impl World {
                     &format!(r#"inject = [{{ origin = "{siem}", header = "Authorization", value = "{SIEM_TOKEN}" }}]"#),
                 ],
             )
+            .cisco_fmc(&self.fmc, "")
             .cluster(lab)
             .config()
     }
@@ -324,6 +329,11 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
             "firewall after {what}"
         );
         assert_eq!(w.members(), pool_truth(&vms), "pool after {what}");
+        assert_eq!(
+            common::fmc_mapped(&w.fmc),
+            common::fmc_truth(&vms),
+            "FMC after {what}"
+        );
         let received = w.siem.events();
         assert_forwarded(&received[seen..], &change, power);
         seen = received.len();
@@ -417,6 +427,7 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
     );
     assert_eq!(w.bigip.stats().unauthorized, 0);
     assert_eq!(w.panos.stats().commits, 0);
+    assert_eq!(w.fmc.stats().logins, 1);
     let counters = app.dispatcher.counters();
     for plugin in PLUGINS {
         let c = &counters[plugin];

@@ -11,6 +11,7 @@ mod common;
 
 mod admin;
 mod durability;
+mod fmc;
 mod hardening;
 mod instances;
 mod languages;

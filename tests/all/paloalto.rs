@@ -3,7 +3,7 @@
 //! from the Nutanix fixtures, with one User-ID message per batch and no
 //! commits.
 
-use crate::common;
+use crate::common::{self, drop_second_nic, empty_delete, note, set_power, table};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -71,34 +71,6 @@ async fn rig_on(cfg: PanosConfig, extra: Value) -> Rig {
     }
 }
 
-/// A notification from a fixture, optionally with another event type and
-/// edited the way the host would receive it.
-fn note(rel: &str, event_type: &str, edit: impl FnOnce(&mut Value)) -> Value {
-    let mut body = common::fixture_json(rel);
-    body["event_type"] = json!(event_type);
-    edit(&mut body);
-    body
-}
-
-fn empty_delete(uuid: &str) -> Value {
-    json!({"entity_reference": {"kind": "vm", "uuid": uuid}, "data": {"metadata": {}}, "version": "1.0", "event_type": "VM.DELETE"})
-}
-
-fn set_power(body: &mut Value, state: &str) {
-    for part in ["spec", "status"] {
-        body["data"]["metadata"][part]["resources"]["power_state"] = json!(state);
-    }
-}
-
-fn drop_second_nic(body: &mut Value) {
-    for part in ["spec", "status"] {
-        body["data"]["metadata"][part]["resources"]["nic_list"]
-            .as_array_mut()
-            .unwrap()
-            .truncate(1);
-    }
-}
-
 impl Rig {
     fn event(&mut self, body: &Value) -> Event {
         let text = body.to_string();
@@ -129,13 +101,6 @@ impl Rig {
     fn table(&self) -> BTreeMap<String, Vec<String>> {
         self.panos.registered()
     }
-}
-
-fn table(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
-    entries
-        .iter()
-        .map(|(ip, tags)| (ip.to_string(), tags.iter().map(|t| t.to_string()).collect()))
-        .collect()
 }
 
 fn all_done(out: &[Outcome]) -> bool {

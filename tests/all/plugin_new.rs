@@ -248,3 +248,8 @@ async fn a_new_python_plugin_builds_passes_check_and_handles_an_event() {
 async fn a_new_js_plugin_builds_passes_check_and_handles_an_event() {
     a_new_plugin_builds_checks_and_handles_an_event("js").await;
 }
+
+#[tokio::test]
+async fn a_new_go_plugin_builds_passes_check_and_handles_an_event() {
+    a_new_plugin_builds_checks_and_handles_an_event("go").await;
+}

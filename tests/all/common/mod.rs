@@ -36,6 +36,56 @@ pub fn fixture_json(rel: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixture(rel)).unwrap()).unwrap()
 }
 
+/// A fixture notification as another event type, edited the way the host
+/// would receive it.
+pub fn note(
+    rel: &str,
+    event_type: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> serde_json::Value {
+    let mut body = fixture_json(rel);
+    body["event_type"] = serde_json::json!(event_type);
+    edit(&mut body);
+    body
+}
+
+/// Sets a notification's VM power state, in spec and status.
+pub fn set_power(body: &mut serde_json::Value, state: &str) {
+    for part in ["spec", "status"] {
+        body["data"]["metadata"][part]["resources"]["power_state"] = serde_json::json!(state);
+    }
+}
+
+/// Keeps only a notification's first NIC, in spec and status.
+pub fn drop_second_nic(body: &mut serde_json::Value) {
+    for part in ["spec", "status"] {
+        body["data"]["metadata"][part]["resources"]["nic_list"]
+            .as_array_mut()
+            .unwrap()
+            .truncate(1);
+    }
+}
+
+/// A `VM.DELETE` as Prism sends it when it no longer has the VM's intent:
+/// an empty `data.metadata`.
+pub fn empty_delete(uuid: &str) -> serde_json::Value {
+    serde_json::json!({"entity_reference": {"kind": "vm", "uuid": uuid}, "data": {"metadata": {}}, "version": "1.0", "event_type": "VM.DELETE"})
+}
+
+/// A table of names (IPs, objects) to sorted lists, as the simulators
+/// report registrations and mappings.
+pub fn table(entries: &[(&str, &[&str])]) -> std::collections::BTreeMap<String, Vec<String>> {
+    entries
+        .iter()
+        .map(|(key, values)| {
+            (
+                key.to_string(),
+                values.iter().map(|v| v.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
 /// Logs of the host under test, shown when a test fails.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -107,6 +157,34 @@ pub fn firewall_truth(
     want.into_iter()
         .map(|(ip, t)| (ip, t.into_iter().collect()))
         .collect()
+}
+
+/// The FMC dynamic objects the Cisco FMC plugin's defaults call for, by
+/// name, with their sorted addresses: [`firewall_truth`] turned around, as
+/// the plugin uses the same names for its objects as the Palo Alto plugin
+/// for its tags. Objects left empty are not listed.
+pub fn fmc_truth(
+    vms: &[prismhook_sim::prism::SimVm],
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut objects: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (ip, tags) in firewall_truth(vms) {
+        for tag in tags {
+            objects.entry(tag).or_default().push(ip.clone());
+        }
+    }
+    for ips in objects.values_mut() {
+        ips.sort();
+    }
+    objects
+}
+
+/// An FMC simulator's mappings without the objects that hold nothing.
+pub fn fmc_mapped(
+    fmc: &prismhook_sim::fmc::FmcSim,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut mapped = fmc.mappings();
+    mapped.retain(|_, ips| !ips.is_empty());
+    mapped
 }
 
 /// Stores an event of cluster `lab` for `entity` as the listener would

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use prismhook::config::Config;
+use prismhook_sim::fmc::{FmcConfig, FmcSim};
 use prismhook_sim::panos::{PanosConfig, PanosSim};
 use prismhook_sim::prism::{PrismConfig, PrismSim};
 
@@ -19,6 +20,12 @@ pub const PRISM_PASSWORD: &str = "nutanix/4u";
 /// Prism and PAN-OS simulators on loopback ports, with their defaults.
 pub async fn start_prism() -> PrismSim {
     PrismSim::start("127.0.0.1:0".parse().unwrap(), PrismConfig::default())
+        .await
+        .unwrap()
+}
+
+pub async fn start_fmc() -> FmcSim {
+    FmcSim::start("127.0.0.1:0".parse().unwrap(), FmcConfig::default())
         .await
         .unwrap()
 }
@@ -222,6 +229,31 @@ impl HostConfig {
     /// configured as [`HostConfig::paloalto`] configures the plugin.
     pub fn paloalto_instance(self, name: &str, panos: &PanosSim) -> Self {
         self.plugin(name, &paloalto_lines(panos, Some("paloalto.wasm"), ""))
+    }
+
+    /// The Cisco FMC plugin (Go) for an FMC simulator: its base URL,
+    /// allowed, with a session login that turns the simulator's user and
+    /// password into the `X-auth-access-token` it wants. `settings`
+    /// continues the plugin's `config` table.
+    pub fn cisco_fmc(self, fmc: &FmcSim, settings: &str) -> Self {
+        let url = fmc.base_url();
+        let defaults = FmcConfig::default();
+        let more = if settings.is_empty() {
+            String::new()
+        } else {
+            format!(", {settings}")
+        };
+        self.plugin(
+            "cisco-fmc",
+            &[
+                format!(r#"config = {{ fmc = "{url}"{more} }}"#),
+                format!(r#"allow = ["{url}"]"#),
+                format!(
+                    r#"login = [{{ origin = "{url}", url = "{url}/api/fmc_platform/v1/auth/generatetoken", send = "basic", username = "{}", password = {{ value = "{}" }}, token_header = "X-auth-access-token", header = "X-auth-access-token" }}]"#,
+                    defaults.user, defaults.password
+                ),
+            ],
+        )
     }
 
     pub fn cluster(mut self, cluster: Cluster) -> Self {

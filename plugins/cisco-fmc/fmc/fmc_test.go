@@ -1,0 +1,305 @@
+package fmc
+
+import (
+	"reflect"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func config(t *testing.T, extra string) *Config {
+	t.Helper()
+	text := `{"fmc": "https://fmc.test"` + extra + `}`
+	c, err := ParseConfig(text)
+	if err != nil {
+		t.Fatalf("ParseConfig(%s): %v", text, err)
+	}
+	return c
+}
+
+func vm(uuid, power string, categories map[string]string, ips ...string) *Vm {
+	v := &Vm{Uuid: uuid, PowerState: power, Nics: [][]string{ips}}
+	for k, val := range categories {
+		v.Categories = append(v.Categories, Category{k, val})
+	}
+	return v
+}
+
+func event(kind, uuid string, v *Vm) Event {
+	return Event{Id: kind + "-" + uuid, Cluster: "lab", EventType: kind, EntityUuid: uuid, Attempt: 1, Vm: v}
+}
+
+func expectMappings(t *testing.T, h *fakeHost, want map[string][]string) {
+	t.Helper()
+	got := h.fmc.mappings()
+	for name, ips := range got {
+		if len(ips) == 0 {
+			delete(got, name)
+		}
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("FMC mappings:\n got %v\nwant %v", got, want)
+	}
+}
+
+func allDone(t *testing.T, outcomes []Outcome) {
+	t.Helper()
+	for i, o := range outcomes {
+		if o.Kind != Done {
+			t.Fatalf("outcome %d: %+v", i, o)
+		}
+	}
+}
+
+func TestConfigRefusesUnknownKeysAndMissingFMC(t *testing.T) {
+	for text, want := range map[string]string{
+		`{}`:                                     "`fmc`",
+		`{"fmc":"https://f","tag_prefx":"x"}`:    "unknown field \"tag_prefx\"",
+		`{"fmc":"ftp://f"}`:                      "http(s) URL",
+		`{"fmc":"https://u:p@f"}`:                "no credentials",
+		`{"fmc":"https://f","tag_prefix":"a b"}`: "tag_prefix",
+		`{"fmc":"https://f","category_tag":"{prefix}.{nope}"}`: "unknown placeholder",
+		`{"fmc":"https://f","category_tag":"other.{key}"}`:     "must start with `{prefix}.`",
+		`{"fmc":"https://f","static_tag":"elsewhere"}`:         "must start with `ntnx.`",
+		`{"fmc":"https://f","max_request_bytes":10}`:           "max_request_bytes",
+		`not json`: "configuration",
+	} {
+		_, err := ParseConfig(text)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParseConfig(%s) = %v, want an error naming %s", text, err, want)
+		}
+	}
+	c := config(t, `, "domain": "Global/East", "categories": ["App"]`)
+	if c.Domain != "Global/East" || !c.Categories["App"] || c.StaticTag != "ntnx.managed" || c.Base != "https://fmc.test" {
+		t.Fatalf("%+v", c)
+	}
+}
+
+func TestNamesAreSanitisedAndLongOnesCutWithAHash(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	got := c.Objects(h, "lab", vm("u", "ON", map[string]string{"App Tier": "web/frontend"}))
+	want := []string{"ntnx.App_Tier.web_frontend", "ntnx.managed"}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %v want %v", got, want)
+	}
+	long1 := LimitLength("ntnx." + strings.Repeat("a", 200) + "1")
+	long2 := LimitLength("ntnx." + strings.Repeat("a", 200) + "2")
+	if len(long1) != MaxNameLen || long1 == long2 || !validName(long1) {
+		t.Fatalf("%q / %q", long1, long2)
+	}
+}
+
+func TestVmClusterPlaceholderAsksTheHostAndSkipsUnknownClusters(t *testing.T) {
+	c := config(t, `, "category_tag": "{prefix}.CL-{vm_cluster}.{key}.{value}"`)
+	h := newHost(t)
+	h.clusters["u1"] = "east 1"
+	if got := c.Objects(h, "lab", vm("u1", "ON", map[string]string{"App": "web"})); !reflect.DeepEqual(got, []string{"ntnx.CL-east_1.App.web", "ntnx.managed"}) {
+		t.Fatal(got)
+	}
+	if got := c.Objects(h, "lab", vm("u2", "ON", map[string]string{"App": "web"})); !reflect.DeepEqual(got, []string{"ntnx.managed"}) {
+		t.Fatal(got)
+	}
+}
+
+func TestLifecycleCreatesObjectsMapsMovesAndUnmaps(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	web := map[string]string{"App": "web"}
+	allDone(t, Handle(c, h, []Event{
+		event("VM.CREATE", "u1", vm("u1", "OFF", web, "10.0.0.1")),
+		event("VM.ON", "u1", vm("u1", "ON", web, "10.0.0.1")),
+	}))
+	expectMappings(t, h, map[string][]string{"ntnx.App.web": {"10.0.0.1"}, "ntnx.managed": {"10.0.0.1"}})
+
+	// A category change moves the address between objects in one request.
+	before := len(h.fmc.requests)
+	allDone(t, Handle(c, h, []Event{event("VM.UPDATE", "u1", vm("u1", "ON", map[string]string{"App": "db"}, "10.0.0.1"))}))
+	expectMappings(t, h, map[string][]string{"ntnx.App.db": {"10.0.0.1"}, "ntnx.managed": {"10.0.0.1"}})
+	posts := 0
+	for _, r := range h.fmc.requests[before:] {
+		if strings.HasPrefix(r, "POST "+domainPath+"dynamicobjectmappings") {
+			posts++
+		}
+	}
+	if posts != 1 {
+		t.Fatalf("%d bulk mapping requests: %v", posts, h.fmc.requests[before:])
+	}
+
+	allDone(t, Handle(c, h, []Event{event("VM.OFF", "u1", vm("u1", "OFF", web, "10.0.0.1"))}))
+	expectMappings(t, h, map[string][]string{})
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u1", vm("u1", "ON", web, "10.0.0.1"))}))
+	// VM.DELETE carries no body: the plugin undoes what kv says.
+	allDone(t, Handle(c, h, []Event{event("VM.DELETE", "u1", nil)}))
+	expectMappings(t, h, map[string][]string{})
+	if keys, _ := h.KvList(vmPrefix); len(keys) != 0 {
+		t.Fatalf("records left: %v", keys)
+	}
+}
+
+func TestAnAddressSharedByTwoVmsStaysWhileEitherWantsIt(t *testing.T) {
+	c := config(t, `, "static_tag": ""`)
+	h := newHost(t)
+	allDone(t, Handle(c, h, []Event{
+		event("VM.ON", "a", vm("a", "ON", map[string]string{"App": "web"}, "10.0.0.9")),
+		event("VM.ON", "b", vm("b", "ON", map[string]string{"App": "web"}, "10.0.0.9")),
+	}))
+	allDone(t, Handle(c, h, []Event{event("VM.DELETE", "a", nil)}))
+	expectMappings(t, h, map[string][]string{"ntnx.App.web": {"10.0.0.9"}})
+	allDone(t, Handle(c, h, []Event{event("VM.DELETE", "b", nil)}))
+	expectMappings(t, h, map[string][]string{})
+}
+
+func TestAShortRateLimitIsWaitedOutAndALongOneBecomesARetryWithItsDelay(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	h.fmc.throttle, h.fmc.retryAfter = 1, "1"
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))}))
+	if !reflect.DeepEqual(h.slept, []time.Duration{time.Second}) {
+		t.Fatalf("slept %v", h.slept)
+	}
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1"}})
+
+	h.fmc.throttle, h.fmc.retryAfter = 1, "45"
+	out := Handle(c, h, []Event{event("VM.ON", "u2", vm("u2", "ON", nil, "10.0.0.2"))})
+	if out[0].Kind != Retry || out[0].Delay != 45*time.Second || !strings.Contains(out[0].Reason, "429") {
+		t.Fatalf("%+v", out[0])
+	}
+	// Nothing was recorded, so the retry sends the change again.
+	if _, found, _ := h.KvGet(vmPrefix + VmKey("lab", "u2")); found {
+		t.Fatal("a VM record was written for a change FMC never took")
+	}
+	h.fmc.throttle, h.fmc.retryAfter = 1, ""
+	out = Handle(c, h, []Event{event("VM.ON", "u2", vm("u2", "ON", nil, "10.0.0.2"))})
+	if out[0].Delay != 30*time.Second {
+		t.Fatalf("without Retry-After the configured delay applies: %+v", out[0])
+	}
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u2", vm("u2", "ON", nil, "10.0.0.2"))}))
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1", "10.0.0.2"}})
+}
+
+func TestARefusedVmIsRejectedAloneAndTheRestOfTheBatchApplies(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	h.fmc.refuse = "10.0.0.66"
+	out := Handle(c, h, []Event{
+		event("VM.ON", "good", vm("good", "ON", nil, "10.0.0.1")),
+		event("VM.ON", "bad", vm("bad", "ON", nil, "10.0.0.66")),
+	})
+	if out[0].Kind != Done || out[1].Kind != Reject || !strings.HasPrefix(out[1].Reason, "[fmc-refused] ") ||
+		!strings.Contains(out[1].Reason, "Invalid mapping 10.0.0.66") {
+		t.Fatalf("%+v", out)
+	}
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1"}})
+}
+
+func TestAnObjectDeletedBehindThePluginsBackIsMadeAgain(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))}))
+	id := h.fmc.objects["ntnx.managed"]
+	delete(h.fmc.objects, "ntnx.managed")
+	delete(h.fmc.maps, id)
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u2", vm("u2", "ON", nil, "10.0.0.2"))}))
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.2"}})
+	// and reconcile restores the first VM's address too.
+	if _, err := Reconcile(c, h, "lab", []Vm{*vm("u1", "ON", nil, "10.0.0.1"), *vm("u2", "ON", nil, "10.0.0.2")}); err != nil {
+		t.Fatal(err)
+	}
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1", "10.0.0.2"}})
+}
+
+func TestReconcileRepairsOwnedObjectsAndNeverTouchesOthers(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	allDone(t, Handle(c, h, []Event{
+		event("VM.ON", "u1", vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1")),
+		event("VM.ON", "gone", vm("gone", "ON", nil, "10.0.0.7")),
+	}))
+	// Drift: a mapping lost, a stray one added, and someone else's object.
+	delete(h.fmc.maps[h.fmc.objects["ntnx.App.web"]], "10.0.0.1")
+	h.fmc.maps[h.fmc.objects["ntnx.managed"]]["192.0.2.50"] = true
+	h.fmc.nextID++
+	h.fmc.objects["corp.servers"] = "other"
+	h.fmc.maps["other"] = map[string]bool{"172.16.0.1": true}
+
+	summary, err := Reconcile(c, h, "lab", []Vm{
+		*vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"),
+		*vm("u3", "ON", nil, "10.0.0.3", "not-an-ip"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectMappings(t, h, map[string][]string{
+		"ntnx.App.web": {"10.0.0.1"},
+		"ntnx.managed": {"10.0.0.1", "10.0.0.3"},
+		"corp.servers": {"172.16.0.1"},
+	})
+	for _, want := range []string{"2 addresses added", "2 removed", "1 VMs gone", "1 values skipped"} {
+		if !strings.Contains(summary, want) {
+			t.Errorf("summary %q lacks %q", summary, want)
+		}
+	}
+	// A second reconcile finds nothing to do.
+	summary, err = Reconcile(c, h, "lab", []Vm{*vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"), *vm("u3", "ON", nil, "10.0.0.3")})
+	if err != nil || !strings.Contains(summary, "0 addresses added, 0 removed") {
+		t.Fatalf("%q %v", summary, err)
+	}
+}
+
+func TestReconcileOfOneClusterKeepsAnotherClustersAddresses(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	east := event("VM.ON", "e1", vm("e1", "ON", nil, "10.1.0.1"))
+	east.Cluster = "east"
+	allDone(t, Handle(c, h, []Event{east, event("VM.ON", "w1", vm("w1", "ON", nil, "10.2.0.1"))}))
+	if _, err := Reconcile(c, h, "lab", []Vm{}); err != nil {
+		t.Fatal(err)
+	}
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.1.0.1"}})
+}
+
+func TestLargeChangesAreSplitUnderTheRequestLimit(t *testing.T) {
+	c := config(t, `, "max_request_bytes": 4096`)
+	h := newHost(t)
+	var ips []string
+	for i := 0; i < 600; i++ {
+		ips = append(ips, "10.3."+strconv.Itoa(i/250)+"."+strconv.Itoa(i%250))
+	}
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "big", vm("big", "ON", nil, ips...))}))
+	if got := len(h.fmc.mappings()["ntnx.managed"]); got != 600 {
+		t.Fatalf("%d mapped", got)
+	}
+	total := 0
+	for _, size := range h.fmc.mappingBodies {
+		if size > 4096 {
+			t.Fatalf("a request of %d bytes: %v", size, h.fmc.mappingBodies)
+		}
+		total += size
+	}
+	if len(h.fmc.mappingBodies) < 2 || total < 600*12 {
+		t.Fatalf("600 addresses in requests of %v bytes", h.fmc.mappingBodies)
+	}
+}
+
+func TestADomainNameIsLookedUpOnceAndRemembered(t *testing.T) {
+	c := config(t, `, "domain": "global"`)
+	h := newHost(t)
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))}))
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u2", vm("u2", "ON", nil, "10.0.0.2"))}))
+	lookups := 0
+	for _, r := range h.fmc.requests {
+		if strings.Contains(r, "/info/domain") {
+			lookups++
+		}
+	}
+	if lookups != 1 {
+		t.Fatalf("%d domain lookups", lookups)
+	}
+	c = config(t, `, "domain": "Global/Nowhere"`)
+	out := Handle(c, newHost(t), []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))})
+	if out[0].Kind != Reject || !strings.Contains(out[0].Reason, `no domain named "Global/Nowhere" (FMC has: Global)`) {
+		t.Fatalf("%+v", out[0])
+	}
+}

@@ -1,0 +1,3 @@
+module cisco-fmc
+
+go 1.25
