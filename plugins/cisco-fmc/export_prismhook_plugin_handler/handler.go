@@ -43,7 +43,7 @@ func Handle(events []types.Event) []types.Outcome {
 	for i, e := range events {
 		converted[i] = fmc.Event{
 			Id: e.Id, Cluster: e.Cluster, EventType: e.EventType,
-			EntityUuid: e.EntityUuid, Attempt: e.Attempt,
+			EntityKind: e.EntityKind, EntityUuid: e.EntityUuid, Attempt: e.Attempt,
 		}
 		if e.Vm.IsSome() {
 			vm := vmOf(e.Vm.Some())

@@ -27,7 +27,7 @@ func vm(uuid, power string, categories map[string]string, ips ...string) *Vm {
 }
 
 func event(kind, uuid string, v *Vm) Event {
-	return Event{Id: kind + "-" + uuid, Cluster: "lab", EventType: kind, EntityUuid: uuid, Attempt: 1, Vm: v}
+	return Event{Id: kind + "-" + uuid, Cluster: "lab", EventType: kind, EntityKind: "vm", EntityUuid: uuid, Attempt: 1, Vm: v}
 }
 
 func expectMappings(t *testing.T, h *fakeHost, want map[string][]string) {
@@ -301,5 +301,15 @@ func TestADomainNameIsLookedUpOnceAndRemembered(t *testing.T) {
 	out := Handle(c, newHost(t), []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))})
 	if out[0].Kind != Reject || !strings.Contains(out[0].Reason, `no domain named "Global/Nowhere" (FMC has: Global)`) {
 		t.Fatalf("%+v", out[0])
+	}
+}
+
+func TestEventsOfOtherKindsAreDoneWithoutARequest(t *testing.T) {
+	c := config(t, `, "subscriptions": ["SUBNET.CREATE", "VM.ON"]`)
+	h := newHost(t)
+	subnet := Event{Id: "s1", Cluster: "lab", EventType: "SUBNET.CREATE", EntityKind: "subnet", EntityUuid: "s-1", Attempt: 1}
+	allDone(t, Handle(c, h, []Event{subnet}))
+	if len(h.fmc.requests) != 0 {
+		t.Fatalf("requests for a subnet: %v", h.fmc.requests)
 	}
 }

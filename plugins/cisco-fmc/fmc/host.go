@@ -25,8 +25,8 @@ type Vm struct {
 
 // Event is one notification for the plugin.
 type Event struct {
-	Id, Cluster, EventType, EntityUuid string
-	Attempt                            uint32
+	Id, Cluster, EventType, EntityKind, EntityUuid string
+	Attempt                                        uint32
 	// Vm is nil for other kinds and for bodies without a VM (a VM.DELETE).
 	Vm *Vm
 }

@@ -30,6 +30,12 @@ func poweredOn(eventType, powerState string) bool {
 // intended is what one event asks for: the VM's new contribution, or nil
 // when the event carries nothing to act on.
 func (c *Config) intended(host Host, event Event) IPObjects {
+	// An operator may subscribe the plugin to more than VMs; only VMs have
+	// addresses to map.
+	if event.EntityKind != "vm" {
+		host.Log(Debug, fmt.Sprintf("%s (%s %s): not a VM, nothing to map", event.EventType, event.EntityKind, event.EntityUuid))
+		return nil
+	}
 	switch event.EventType {
 	case "VM.DELETE", "VM.OFF":
 		return IPObjects{}
