@@ -1,4 +1,4 @@
-//! Figures of the host's life cycle, and of the three guest languages.
+//! Figures of the host's life cycle, and of the four guest languages.
 //!
 //! 1. Reload latency: a running host (`App`, `plugins.watch = true`) gets a
 //!    new paloalto.wasm (other bytes: a custom section appended) together
@@ -19,10 +19,10 @@
 //!    directory: compiled components come from the cache).
 //!    Beside it, each component's compile time with Winch (the first tier)
 //!    and with Cranelift, on an idle host (`compilers`).
-//! 4. The three languages side by side on one `Runtime`: instantiate per
+//! 4. The four languages side by side on one `Runtime`: instantiate per
 //!    call (a non-VM event: no kv, no http) and per-event cost of VM.ON /
 //!    VM.OFF batches, each plugin against its simulator or receiver.
-//! 5. Resident memory of the real `prismhook run` binary with the three
+//! 5. Resident memory of the real `prismhook run` binary with the four
 //!    plugins: idle, and under a paced 1,000 notifications/s for 20 s.
 //! 6. Idle CPU of the real binary with the watcher on and a plugin whose
 //!    `init` refuses its settings (`idle`).
@@ -31,6 +31,11 @@
 //!    1,000 VM.ON notifications: requests and commits per firewall, time
 //!    until every firewall holds every address, and the host's memory per
 //!    added instance.
+//!
+//! 8. A burst through the four languages (`burst`): the real binary with
+//!    the four plugins, 1,000 VM.ON notifications as fast as the listener
+//!    takes them: requests each plugin made to its system, and when each
+//!    system held all 1,000 VMs.
 //!
 //! `cargo bench -p prismhook --bench lifecycle`
 
@@ -51,6 +56,7 @@ use prismhook::runtime::bindings::Vm as WitVm;
 use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::runtime::{Runtime, RuntimeOptions, Tier};
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
+use prismhook_sim::fmc::FmcSim;
 use prismhook_sim::panos::{PanosConfig, PanosSim};
 use prismhook_sim::prism::PrismSim;
 
@@ -58,21 +64,24 @@ use common::setup::{self, Cluster, HostConfig};
 use common::*;
 
 const POOL: &str = "/Common/web";
-const LANGS: [(&str, &str); 3] = [
+const LANGS: [(&str, &str); 4] = [
     ("paloalto", "Rust"),
     ("f5-bigip", "Python"),
     ("forwarder", "JavaScript"),
+    ("cisco-fmc", "Go"),
 ];
 
 // ------------------------------------------------------------ the world
 
-/// A stand-in SIEM for the forwarder: counts the JSON events posted to it.
-async fn start_receiver(events: Arc<AtomicU64>) -> SocketAddr {
+/// A stand-in SIEM for the forwarder: counts the JSON events posted to it,
+/// and the posts.
+async fn start_receiver(events: Arc<AtomicU64>, posts: Arc<AtomicU64>) -> SocketAddr {
     let app = axum::Router::new().route(
         "/ingest",
         post(move |body: axum::body::Bytes| {
-            let events = events.clone();
+            let (events, posts) = (events.clone(), posts.clone());
             async move {
+                posts.fetch_add(1, Ordering::Relaxed);
                 let n = match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(serde_json::Value::Array(a)) => a.len() as u64,
                     Ok(_) => 1,
@@ -90,13 +99,19 @@ struct World {
     prism: PrismSim,
     panos: PanosSim,
     bigip: BigipSim,
+    fmc: FmcSim,
     siem_url: String,
     siem_events: Arc<AtomicU64>,
+    siem_posts: Arc<AtomicU64>,
 }
 
 async fn world() -> World {
     let siem_events = Arc::new(AtomicU64::new(0));
-    let siem_url = format!("http://{}", start_receiver(siem_events.clone()).await);
+    let siem_posts = Arc::new(AtomicU64::new(0));
+    let siem_url = format!(
+        "http://{}",
+        start_receiver(siem_events.clone(), siem_posts.clone()).await
+    );
     World {
         prism: setup::start_prism().await,
         panos: setup::start_panos().await,
@@ -109,13 +124,15 @@ async fn world() -> World {
         )
         .await
         .unwrap(),
+        fmc: setup::start_fmc().await,
         siem_url,
         siem_events,
+        siem_posts,
     }
 }
 
 impl World {
-    /// The three plugins' tables (applied to the files present in the
+    /// The four plugins' tables (applied to the files present in the
     /// plugins directory) and cluster `lab`.
     fn host(&self, data: &Path, plugins: &Path, watch: bool) -> HostConfig {
         let lb = self.bigip.base_url();
@@ -141,6 +158,7 @@ impl World {
                     &format!(r#"inject = [{{ origin = "{siem}", header = "Authorization", value = "Bearer siem-token" }}]"#),
                 ],
             )
+            .cisco_fmc(&self.fmc, "")
             .cluster(Cluster {
                 webhook_password: Some(WEBHOOK_PASSWORD.into()),
                 extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
@@ -698,7 +716,11 @@ async fn tier_speed(w: &World) {
         let cranelift = runtime.upgrade(&winch, code).await.unwrap();
         let tiers = [&winch, &cranelift];
         // The F5 plugin makes one request per VM: keep its batches small.
-        let size = if *name == "paloalto" { 256 } else { 10 };
+        let size = if matches!(*name, "paloalto" | "cisco-fmc") {
+            256
+        } else {
+            10
+        };
         let (mut on_t, mut off_t) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
         for round in 0..12u32 {
             for k in 0..2 {
@@ -746,7 +768,7 @@ async fn tier_speed(w: &World) {
     }
 }
 
-/// Compiles the three components into the persistent cache (or copies a
+/// Compiles the four components into the persistent cache (or copies a
 /// freshly warmed one there).
 fn fill_cache(from_or_into: &Path) {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-data/cache");
@@ -796,7 +818,8 @@ fn note_event(template: &VmTemplate, series: u32, n: u64, event_type: &str, id: 
 }
 
 async fn languages(w: &World, warm_data: &Path) {
-    println!("\n## 4. The three languages side by side (one Runtime, pooling allocator, compiled components from the cache)");
+    println!("\n## 4. The four languages side by side (one Runtime, pooling allocator, compiled components from the cache)");
+    let n = LANGS.len();
     let scratch = tempfile::tempdir().unwrap();
     let mut opts = RuntimeOptions::new(scratch.path().join("kv.redb"));
     opts.cache_dir = Some(warm_data.join("cache"));
@@ -831,10 +854,10 @@ async fn languages(w: &World, warm_data: &Path) {
         vm: None,
     };
     // Instantiate per call: fresh Store + instantiate + init + handle(1 non-VM event) + drop.
-    let mut inst: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut inst: Vec<Vec<f64>> = vec![Vec::new(); n];
     for i in 0..330 {
-        for k in 0..3 {
-            let j = (i + k) % 3;
+        for k in 0..n {
+            let j = (i + k) % n;
             let started = Instant::now();
             let out = plugins[j].handle(vec![trivial()]).await.unwrap();
             let took = started.elapsed().as_secs_f64() * 1e6;
@@ -866,13 +889,13 @@ async fn languages(w: &World, warm_data: &Path) {
     // 10, not more: the host caps a call at 16 outbound requests by default
     // and the F5 plugin makes one per VM.
     for size in [1u64, 10] {
-        let mut not_done = [0usize; 3];
-        let mut on_t: Vec<Vec<f64>> = vec![Vec::new(); 3];
-        let mut off_t: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        let mut not_done = vec![0usize; n];
+        let mut on_t: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let mut off_t: Vec<Vec<f64>> = vec![Vec::new(); n];
         let mut id = 1u64;
         for round in 0..12u32 {
-            for k in 0..3usize {
-                let j = (round as usize + k) % 3;
+            for k in 0..n {
+                let j = (round as usize + k) % n;
                 let series = 9000 + round * 4 + j as u32 + size as u32 * 100;
                 let on: Vec<Event> = (0..size)
                     .map(|n| note_event(&template, series, n, "VM.ON", id + n))
@@ -906,15 +929,17 @@ async fn languages(w: &World, warm_data: &Path) {
             );
         }
         if not_done.iter().any(|&n| n > 0) {
-            println!("(!) outcomes other than done, batch {size}: {not_done:?} (paloalto, f5-bigip, forwarder)");
+            println!("(!) outcomes other than done, batch {size}: {not_done:?} ({LANGS:?})");
         }
     }
     println!(
-        "work done: PAN-OS {} requests; BIG-IP {} members added, {} removed; SIEM {} events received",
+        "work done: PAN-OS {} requests; BIG-IP {} members added, {} removed; SIEM {} events received; FMC {} mappings added, {} removed",
         w.panos.stats().requests,
         w.bigip.stats().members_added,
         w.bigip.stats().members_removed,
-        w.siem_events.load(Ordering::Relaxed)
+        w.siem_events.load(Ordering::Relaxed),
+        w.fmc.stats().mappings_added,
+        w.fmc.stats().mappings_removed,
     );
 }
 
@@ -934,7 +959,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The real binary (`CARGO_BIN_EXE_prismhook`) running the three plugins
+/// The real binary (`CARGO_BIN_EXE_prismhook`) running the four plugins
 /// from a warm compiled-code cache, ready (`/readyz` 200).
 struct RunningHost {
     child: std::process::Child,
@@ -947,7 +972,7 @@ struct RunningHost {
 
 impl RunningHost {
     /// `extra` files are written into the plugins directory beside the
-    /// three components.
+    /// four components.
     async fn start(
         w: &World,
         warm_data: &Path,
@@ -1184,7 +1209,7 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / per_s)
 }
 
-/// Section 6, idle CPU: the binary with the three plugins, the watcher on,
+/// Section 6, idle CPU: the binary with the four plugins, the watcher on,
 /// and a fourth component whose `init` refuses (f5-bigip.wasm copied
 /// without settings), measured over `PRISMHOOK_IDLE_SECS` (60) with no
 /// traffic. The watcher used to feed on the host's own reads of plugin
@@ -1219,7 +1244,7 @@ async fn idle(w: &World, warm_data: &Path, client: &reqwest::Client) {
     );
     println!("|---|---|---|---|---|");
     println!(
-        "| {:.0} s idle, 3 plugins + 1 refusing its settings, watcher on | {} ms | {share:.2} % | {loads} | < 1 %: {} |",
+        "| {:.0} s idle, 4 plugins + 1 refusing its settings, watcher on | {} ms | {share:.2} % | {loads} | < 1 %: {} |",
         wall.as_secs_f64(),
         cpu.as_millis(),
         if share < 1.0 { "met" } else { "NOT met" }
@@ -1227,7 +1252,7 @@ async fn idle(w: &World, warm_data: &Path, client: &reqwest::Client) {
 }
 
 async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
-    println!("\n## 5. Resident memory of `prismhook run` (target/release/prismhook) with the three plugins");
+    println!("\n## 5. Resident memory of `prismhook run` (target/release/prismhook) with the four plugins");
     let host = RunningHost::start(w, warm_data, client, false, &[]).await;
     let (pid, port) = (host.pid, host.port);
     println!(
@@ -1293,7 +1318,7 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
     println!("| state | VmRSS | VmHWM (peak so far) | target |");
     println!("|---|---|---|---|");
     println!(
-        "| idle, 3 plugins loaded, 5 s after ready | {:.1} MiB | {:.1} MiB | < 100 MB: {} |",
+        "| idle, 4 plugins loaded, 5 s after ready | {:.1} MiB | {:.1} MiB | < 100 MB: {} |",
         mib(idle_rss),
         mib(idle_hwm),
         if idle_rss * 1024 < 100_000_000 {
@@ -1323,6 +1348,87 @@ async fn memory(w: &World, warm_data: &Path, client: &reqwest::Client) {
         w.bigip.stats().members_added - before_lb,
         w.siem_events.load(Ordering::Relaxed) - before_siem
     );
+}
+
+/// Section 8: 1,000 VM.ON notifications to the real binary running the
+/// four plugins; what each plugin asked of its system for them.
+async fn burst_by_language(w: &World, warm_data: &Path, client: &reqwest::Client) {
+    println!(
+        "\n## 8. A 1,000-VM burst through the four languages (the real binary, default batching)"
+    );
+    let host = RunningHost::start(w, warm_data, client, false, &[]).await;
+    let before = (
+        w.panos.stats().requests,
+        w.bigip.stats().requests,
+        w.siem_posts.load(Ordering::Relaxed),
+        w.fmc.stats().requests,
+    );
+    let fmc_before = w.fmc.stats();
+    let base = (
+        w.panos.registered().len(),
+        w.bigip.stats().members_added,
+        w.siem_events.load(Ordering::Relaxed),
+        w.fmc.mappings().get("ntnx.managed").map_or(0, Vec::len),
+    );
+    let template = Arc::new(vm_on_template());
+    let url = format!("http://127.0.0.1:{}/listener/callback/lab", host.port);
+    let auth = basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD);
+    let started = Instant::now();
+    let (accepted, other, sent_in) = burst(
+        client,
+        &url,
+        &auth,
+        1000,
+        64,
+        Arc::new(move |i| template.render(8500, i)),
+    )
+    .await;
+    // When each system first held every accepted VM.
+    let mut done: [Option<Duration>; 4] = [None; 4];
+    while started.elapsed() < Duration::from_secs(300) && done.iter().any(Option::is_none) {
+        let held = [
+            (w.panos.registered().len() - base.0) as u64,
+            w.bigip.stats().members_added - base.1,
+            w.siem_events.load(Ordering::Relaxed) - base.2,
+            (w.fmc.mappings().get("ntnx.managed").map_or(0, Vec::len) - base.3) as u64,
+        ];
+        for (j, &n) in held.iter().enumerate() {
+            if done[j].is_none() && n >= accepted {
+                done[j] = Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = host.log();
+    host.stop().await;
+    let requests = [
+        w.panos.stats().requests - before.0,
+        w.bigip.stats().requests - before.1,
+        w.siem_posts.load(Ordering::Relaxed) - before.2,
+        w.fmc.stats().requests - before.3,
+    ];
+    println!("| plugin | language | requests to its system | per VM | all {accepted} held after |");
+    println!("|---|---|---|---|---|");
+    for (j, (name, lang)) in LANGS.iter().enumerate() {
+        println!(
+            "| {name} | {lang} | {} | {:.3} | {} |",
+            requests[j],
+            requests[j] as f64 / accepted as f64,
+            done[j].map_or("NOT within 300 s".into(), |d| format!(
+                "{:.2} s",
+                d.as_secs_f64()
+            ))
+        );
+    }
+    println!(
+        "(1,000 sent by 64 connections in {:.2} s, {accepted} answered 202, {other} other; FMC: {} sign-in, {} answered 429)",
+        sent_in.as_secs_f64(),
+        w.fmc.stats().logins - fmc_before.logins,
+        w.fmc.stats().rate_limited - fmc_before.rate_limited
+    );
+    if done.iter().any(Option::is_none) {
+        println!("host log:\n{log}");
+    }
 }
 
 #[tokio::main]
@@ -1365,6 +1471,10 @@ async fn main() {
     if want("idle") {
         fill_cache(&warm.join("cache"));
         idle(&w, &warm, &client).await;
+    }
+    if want("burst") {
+        fill_cache(&warm.join("cache"));
+        burst_by_language(&w, &warm, &client).await;
     }
     if want("fleet") {
         fill_cache(&warm.join("cache"));
