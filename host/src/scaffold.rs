@@ -376,6 +376,8 @@ mod tests {
         for lang in Lang::ALL {
             assert_eq!(lang.flag().parse::<Lang>().unwrap(), lang);
         }
-        assert!("go".parse::<Lang>().is_err());
+        assert_eq!("golang".parse::<Lang>().unwrap(), Lang::Go);
+        let unknown = "cobol".parse::<Lang>().unwrap_err();
+        assert!(unknown.contains("rust, python, js or go"), "{unknown}");
     }
 }
