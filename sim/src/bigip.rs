@@ -49,8 +49,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-pub use crate::fault::Faults;
 use crate::fault::{FaultAction, RequestLog};
+pub use crate::fault::{Faults, RequestRecord};
 use crate::server::{serve, ConnectionKill};
 
 /// Where `prismhook sim bigip` listens unless told otherwise.
@@ -113,19 +113,6 @@ pub struct BigipStats {
     pub errors: u64,
     /// Members in all pools right now.
     pub members: u64,
-}
-
-/// One `/mgmt/` request as `GET /_sim/requests` reports it (no headers, so
-/// no credentials).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RequestRecord {
-    pub method: String,
-    /// Path and query, as sent.
-    pub path: String,
-    /// The JSON body, when there was one.
-    pub body: Option<Value>,
-    /// HTTP status answered; `None` when the connection was dropped.
-    pub status_code: Option<u16>,
 }
 
 /// A running simulator. Dropping it stops the server too, but only
@@ -535,23 +522,8 @@ async fn mgmt(
     body: Bytes,
 ) -> Response {
     let login = method == Method::POST && uri.path() == LOGIN_PATH;
-    let mut record = RequestRecord {
-        method: method.to_string(),
-        path: uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| uri.path().to_owned()),
-        body: if body.is_empty() || login {
-            // A login's body holds a password: not for the request log.
-            None
-        } else {
-            Some(
-                serde_json::from_slice(&body)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned())),
-            )
-        },
-        status_code: None,
-    };
+    // A login's body holds a password: not for the request log.
+    let mut record = RequestRecord::new(&method, &uri, &body, !login);
 
     let (latency, fault) = {
         let mut state = shared.lock();

@@ -1,14 +1,15 @@
 //! What the firewall and load-balancer simulators share: faults injected
 //! into their API's requests, and the log of recent requests a test reads
-//! back. Each simulator keeps its own `RequestRecord` (what is worth
-//! recording differs by API); the PAN-OS simulator keeps its own faults
-//! too, as it never sends `Retry-After`.
+//! back. The JSON APIs (BIG-IP, FMC) share one [`RequestRecord`]; the
+//! PAN-OS simulator records its XML API's parameters instead, and keeps
+//! its own faults, as it never sends `Retry-After`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode, Uri};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// How many requests a simulator's `/_sim/requests` can look back on.
 const REQUEST_LOG_CAPACITY: usize = 1000;
@@ -67,6 +68,39 @@ impl Faults {
                 .map(|status| FaultAction::Fail(status, retry_after))
         };
         (latency, action)
+    }
+}
+
+/// One request to a JSON API as `GET /_sim/requests` reports it (no
+/// headers, so no credentials or tokens).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub method: String,
+    /// Path and query, as sent.
+    pub path: String,
+    /// The JSON body (or its text, when it is not JSON), when there was
+    /// one and it may be shown.
+    pub body: Option<Value>,
+    /// HTTP status answered; `None` when the connection was dropped.
+    pub status_code: Option<u16>,
+}
+
+impl RequestRecord {
+    /// A record of a request not answered yet; `keep_body` false leaves a
+    /// body out (a sign-in's holds a password).
+    pub(crate) fn new(method: &Method, uri: &Uri, body: &[u8], keep_body: bool) -> RequestRecord {
+        RequestRecord {
+            method: method.to_string(),
+            path: uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| uri.path().to_owned()),
+            body: (keep_body && !body.is_empty()).then(|| {
+                serde_json::from_slice(body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+            }),
+            status_code: None,
+        }
     }
 }
 

@@ -145,8 +145,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-pub use crate::fault::Faults;
 use crate::fault::{FaultAction, RequestLog};
+pub use crate::fault::{Faults, RequestRecord};
 use crate::server::{serve, ConnectionKill};
 
 /// Where `prismhook sim fmc` listens unless told otherwise.
@@ -264,19 +264,6 @@ pub struct FmcStats {
     pub objects: u64,
     /// Mappings of all dynamic objects right now.
     pub mappings: u64,
-}
-
-/// One `/api/` request as `GET /_sim/requests` reports it (no headers, so
-/// no credentials or tokens).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RequestRecord {
-    pub method: String,
-    /// Path and query, as sent.
-    pub path: String,
-    /// The JSON body, when there was one.
-    pub body: Option<Value>,
-    /// HTTP status answered; `None` when the connection was dropped.
-    pub status_code: Option<u16>,
 }
 
 /// A running simulator. Dropping it stops the server too, but only
@@ -894,22 +881,7 @@ async fn api(
         }
         Err(_) => (Bytes::new(), true),
     };
-    let mut record = RequestRecord {
-        method: method.to_string(),
-        path: uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| uri.path().to_owned()),
-        body: if body.is_empty() || oversize {
-            None
-        } else {
-            Some(
-                serde_json::from_slice(&body)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned())),
-            )
-        },
-        status_code: None,
-    };
+    let mut record = RequestRecord::new(&method, &uri, &body, !oversize);
 
     let (latency, fault) = {
         let mut state = shared.lock();
