@@ -14,7 +14,7 @@ use std::time::Duration;
 use prismhook::app::App;
 use prismhook_sim::fmc::FmcSim;
 use prismhook_sim::prism::{NewVm, PrismFaults, PrismSim};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const VM: &str = "bdbbad7a-a401-4f9a-a789-2b8406905b56";
 
