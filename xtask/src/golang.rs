@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use wit_bindgen_core::wit_parser::Resolve;
+use wit_bindgen_core::wit_parser::{Resolve, WorldId};
 
 use crate::run;
 
@@ -109,8 +109,9 @@ fn module_path(dir: &Path) -> Result<String> {
         .with_context(|| format!("{} has no `module` line", file.display()))
 }
 
-/// Writes the plugin's `go.work` and `internal/bindings/`.
-fn prepare(root: &Path, dir: &Path, wit: &Path) -> Result<()> {
+/// Writes the plugin's `go.work` and `internal/bindings/`; returns the WIT
+/// world they were generated from, which the build embeds.
+fn prepare(root: &Path, dir: &Path, wit: &Path) -> Result<(Resolve, WorldId)> {
     let runtime = runtime_package()?;
     write_if_changed(
         &dir.join("go.work"),
@@ -128,6 +129,9 @@ fn prepare(root: &Path, dir: &Path, wit: &Path) -> Result<()> {
         .push_dir(wit)
         .with_context(|| format!("reading the WIT in {}", wit.display()))?;
     let world = resolve.select_world(&[package], Some("plugin"))?;
+    // The generator may rewrite what it is handed; the world to embed is
+    // the one as read.
+    let read = resolve.clone();
     let opts = wit_bindgen_go::Opts {
         format: wit_bindgen_go::Format::False,
         pkg_name: Some(format!("{module}/{BINDINGS}")),
@@ -160,7 +164,7 @@ fn prepare(root: &Path, dir: &Path, wit: &Path) -> Result<()> {
         std::fs::rename(&fresh, &out)
             .with_context(|| format!("moving the bindings to {}", out.display()))?;
     }
-    Ok(())
+    Ok((read, world))
 }
 
 fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -198,7 +202,7 @@ fn go_quote(path: &Path) -> String {
 
 /// Builds the Go plugin in `dir` into the component `out`.
 pub fn build(root: &Path, dir: &Path, wit: &Path, out: &Path) -> Result<()> {
-    prepare(root, dir, wit)?;
+    let (resolve, world) = prepare(root, dir, wit)?;
     let module = out.with_extension("core.wasm");
     run(go(root, dir)?
         .args([
@@ -219,9 +223,6 @@ pub fn build(root: &Path, dir: &Path, wit: &Path, out: &Path) -> Result<()> {
     let mut bytes =
         std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
     let _ = std::fs::remove_file(&module);
-    let mut resolve = Resolve::default();
-    let (package, _) = resolve.push_dir(wit)?;
-    let world = resolve.select_world(&[package], Some("plugin"))?;
     wit_component::embed_component_metadata(
         &mut bytes,
         &resolve,
