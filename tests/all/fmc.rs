@@ -193,6 +193,9 @@ async fn a_token_that_expires_mid_run_is_renewed_by_the_host_without_a_failed_ev
     // host signs in again and repeats it.
     r.fmc.expire_tokens();
     r.prism.set_power(&web.uuid, false).await.unwrap();
+    // One call meets the expired token: calls for two VMs in flight at
+    // once would each be refused with it (and share the one sign-in).
+    r.converged("the power-off").await;
     r.prism
         .create_vm(NewVm::named("web-2").powered_on().nic(["10.50.0.2"]))
         .await
