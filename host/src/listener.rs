@@ -162,7 +162,10 @@ impl Ingest {
                 };
                 (StatusCode::ACCEPTED, Json(accepted)).into_response()
             }
-            Err(e @ LedgerError::Backpressure { retry_after, .. }) => {
+            Err(
+                e @ (LedgerError::Backpressure { retry_after, .. }
+                | LedgerError::Unavailable { retry_after, .. }),
+            ) => {
                 tracing::warn!(%cluster, "notification refused with 503: {e}");
                 let secs = retry_after.as_secs().clamp(1, 3600) as u32;
                 unavailable(&format!("{e}; try again later"), secs)

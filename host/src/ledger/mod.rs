@@ -32,10 +32,14 @@
 //! stored and must mean the same after a restart; [`Ledger::next_due`] converts them to an
 //! [`Instant`] for sleeping.
 
+mod delivery;
 pub mod embedded;
+mod index;
+pub mod jetstream;
 mod retry;
 #[cfg(test)]
 mod suite;
+mod wake;
 
 use std::fmt;
 use std::sync::Arc;
@@ -47,6 +51,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::Vm;
 
 pub use embedded::{LedgerOptions, RedbLedger};
+pub use jetstream::{JetStreamLedger, JetStreamOptions};
 pub use retry::{Jitter, RetryPolicy};
 
 /// A ledger shared by every part of the host.
@@ -213,6 +218,15 @@ pub enum LedgerError {
         limit: u64,
         /// A hint for `Retry-After`.
         retry_after: Duration,
+    },
+    /// The storage cannot be reached (a NATS cluster without quorum, a connection that is down):
+    /// nothing was stored, and the sender should come back after `retry_after`.
+    #[error("ledger storage is unavailable while {context}")]
+    Unavailable {
+        context: String,
+        retry_after: Duration,
+        #[source]
+        source: BackendError,
     },
     #[error("ledger storage failed while {context}")]
     Storage {

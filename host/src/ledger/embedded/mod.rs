@@ -11,11 +11,9 @@
 //! - **Limits**: besides the backlog, the file's size (`max_file_bytes`); the file never shrinks by
 //!   itself, so it is compacted on open when over the limit.
 
-mod index;
 mod store;
 mod writer;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use index::{lane_key, Failure, Index};
+use crate::ledger::index::{lane_key, Failure, Index};
+use crate::ledger::wake::{instant_of, Notifiers};
 use store::{
     decode_vm, event_from_row, DeliveryRecord, DeliveryState, Tables, DELIVERED_PREFIX, DELIVERIES,
     EVENTS, EVENT_VMS, META, NEXT_EVENT_ID,
@@ -103,26 +102,12 @@ struct Shared {
     /// What backpressure compares with `max_file_bytes`.
     file_bytes: AtomicU64,
     commits: AtomicU64,
-    notifiers: Mutex<HashMap<String, Arc<Notify>>>,
+    pub(super) notifiers: Notifiers,
 }
 
 impl Shared {
     fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().expect("ledger index lock poisoned")
-    }
-
-    fn notifier(&self, plugin: &str) -> Arc<Notify> {
-        let mut notifiers = self
-            .notifiers
-            .lock()
-            .expect("ledger notifier lock poisoned");
-        if let Some(n) = notifiers.get(plugin) {
-            return n.clone();
-        }
-        notifiers
-            .entry(plugin.to_owned())
-            .or_insert_with(|| Arc::new(Notify::new()))
-            .clone()
     }
 
     fn read_events(&self, ids: &[u64]) -> Result<Vec<StoredEvent>, LedgerError> {
@@ -267,7 +252,7 @@ impl RedbLedger {
             index: Mutex::new(index),
             opts,
             commits: AtomicU64::new(0),
-            notifiers: Mutex::new(HashMap::new()),
+            notifiers: Notifiers::default(),
         });
         info!(path = %path.display(), undelivered = counts.0, events = counts.1, next_id, "ledger open");
 
@@ -408,32 +393,18 @@ impl Ledger for RedbLedger {
     /// Only memory changes, so this is cheap and immediate.
     async fn release(&self, plugin: &str, ids: &[u64]) -> Result<(), LedgerError> {
         if self.shared.index().release(plugin, ids) > 0 {
-            self.shared.notifier(plugin).notify_one();
+            self.shared.notifiers.wake(plugin);
         }
         Ok(())
     }
 
     fn next_due(&self, plugin: &str) -> Option<Instant> {
-        let due = self.shared.index().next_due_ms(plugin)?;
-        let wait = due.saturating_sub(now_ms());
-        Some(Instant::now() + Duration::from_millis(wait))
+        self.shared.index().next_due_ms(plugin).map(instant_of)
     }
 
-    /// Signals are a `Notify` per plugin with a stored permit (`notify_one`), so one raised while
-    /// nobody waits wakes the next wait at once.
     async fn wait_for_work(&self, plugin: &str, limit: Duration) -> Wake {
-        let notify = self.shared.notifier(plugin);
-        let due = self
-            .next_due(plugin)
-            .map(|at| at.saturating_duration_since(Instant::now()));
-        let (sleep, wake) = match due {
-            Some(due) if due <= limit => (due, Wake::Due),
-            _ => (limit, Wake::TimedOut),
-        };
-        tokio::select! {
-            _ = notify.notified() => Wake::Signalled,
-            _ = tokio::time::sleep(sleep) => wake,
-        }
+        let due = self.shared.index().next_due_ms(plugin);
+        self.shared.notifiers.wait(plugin, due, limit).await
     }
 
     async fn dead_letters(
@@ -498,21 +469,7 @@ impl Ledger for RedbLedger {
     }
 
     fn backlog(&self) -> Result<Vec<PluginBacklog>, LedgerError> {
-        Ok(self
-            .shared
-            .index()
-            .counts()
-            .into_iter()
-            .map(|(plugin, c)| PluginBacklog {
-                plugin,
-                pending: c.pending,
-                in_flight: c.in_flight,
-                retrying: c.retrying,
-                dead: c.dead,
-                delivered: c.delivered,
-                oldest_pending_ms: c.oldest_pending_ms,
-            })
-            .collect())
+        Ok(self.shared.index().backlog())
     }
 
     fn stats(&self) -> LedgerStats {
@@ -607,7 +564,7 @@ impl Drop for Unclaim<'_> {
     fn drop(&mut self) {
         if !self.ids.is_empty() {
             self.shared.index().release(self.plugin, &self.ids);
-            self.shared.notifier(self.plugin).notify_one();
+            self.shared.notifiers.wake(self.plugin);
         }
     }
 }

@@ -21,10 +21,10 @@
 //! *In flight* is never written (see the index module).
 
 use redb::{Table, TableDefinition, WriteTransaction};
-use serde::{Deserialize, Serialize};
 
 use super::Ctx;
 use crate::event::Vm;
+pub(super) use crate::ledger::delivery::{DeliveryRecord, DeliveryState};
 use crate::ledger::{LedgerError, StoredEvent};
 
 pub(super) type EventRow = (
@@ -86,63 +86,6 @@ pub(super) fn decode_vm(id: u64, bytes: &[u8]) -> Result<Vm, LedgerError> {
         what: format!("decoded VM of event {id}"),
         detail: e.to_string(),
     })
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(super) enum DeliveryState {
-    #[default]
-    Pending,
-    Dead,
-}
-
-/// What is kept of one plugin's delivery of one event while it is pending or dead.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct DeliveryRecord {
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub state: DeliveryState,
-    /// Failed attempts so far (a dead letter: all attempts, the last one included).
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub attempts: u32,
-    /// Not before this time (ms since the epoch); 0 = now.
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub due_at_ms: u64,
-    /// When the first attempt failed; retries stop `max_age` after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_failure_ms: Option<u64>,
-    /// The backoff chosen after the previous failure (decorrelated jitter grows from it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_delay_ms: Option<u64>,
-    /// Why the last attempt failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub died_at_ms: Option<u64>,
-}
-
-fn is_default<T: Default + PartialEq>(value: &T) -> bool {
-    *value == T::default()
-}
-
-impl DeliveryRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a delivery record always serializes")
-    }
-
-    pub fn decode(plugin: &str, id: u64, bytes: &[u8]) -> Result<Self, LedgerError> {
-        serde_json::from_slice(bytes).map_err(|e| LedgerError::Corrupt {
-            what: format!("delivery of event {id} to plugin `{plugin}`"),
-            detail: e.to_string(),
-        })
-    }
-
-    pub fn die(&mut self, attempts: u32, reason: String, now_ms: u64) {
-        self.state = DeliveryState::Dead;
-        self.attempts = attempts;
-        self.due_at_ms = 0;
-        self.reason = Some(reason);
-        self.died_at_ms = Some(now_ms);
-    }
 }
 
 /// All tables, opened once per write transaction.

@@ -19,21 +19,21 @@
 //! exactly the reply its request promises: a [`Job`] pairs an operation with its typed reply
 //! channel, and the writer only ever sees jobs through the [`AnyJob`] trait.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use redb::{Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::index::{lane_key, Failure, Index, LaneKey};
 use super::store::{
     delivered_key, encode_vm, DeliveryRecord, DeliveryState, Tables, NEXT_EVENT_ID,
 };
 use super::{Ctx, Shared};
 use crate::clock::now_ms;
+use crate::ledger::delivery::{plan_complete, Change, Planned, Standing};
+use crate::ledger::index::{lane_key, Index, LaneKey};
 use crate::ledger::{Appended, LedgerError, NewEvent, Outcome};
 
 /// Most requests committed in one transaction.
@@ -311,7 +311,7 @@ impl Writer {
         wake.sort_unstable();
         wake.dedup();
         for plugin in &wake {
-            self.shared.notifier(plugin).notify_one();
+            self.shared.notifiers.wake(plugin);
         }
         for answer in answers {
             answer();
@@ -419,14 +419,6 @@ impl Op for Append {
 pub(super) struct Complete {
     pub plugin: String,
     pub results: Vec<(u64, Outcome)>,
-}
-
-pub(super) enum Change {
-    Done,
-    Retry(Failure),
-    Dead,
-    /// Back to pending as it was, no attempt counted: see `stage_complete`.
-    HeldBack,
 }
 
 impl Op for Complete {
@@ -678,124 +670,35 @@ fn stage_complete(
     plugin: &str,
     results: &[(u64, Outcome)],
 ) -> Result<Vec<(u64, Change)>, LedgerError> {
-    let now = s.now;
-    let (in_flight, lanes): (Vec<bool>, Vec<Option<LaneKey>>) = {
+    let standing: Vec<Standing> = {
         let index = s.shared.index();
         results
             .iter()
             .map(|(id, _)| (index.is_in_flight(plugin, *id), index.lane_of(*id)))
-            .unzip()
+            .collect()
     };
     let policy = s.shared.opts.retry.clone();
+    let planned = plan_complete(
+        plugin,
+        results,
+        &standing,
+        |id| s.tables.record(plugin, id),
+        &policy,
+        s.now,
+        s.rng,
+    )?;
     let t = &mut *s.tables;
-    let mut seen = HashSet::new();
-    let mut changes = Vec::new();
-    // Entities with an event in these results that will be retried. A batch may carry several
-    // consecutive events of one entity; when an earlier one is to be retried, a later one the
-    // plugin says is done must not count as delivered ahead of it (the retry would then reach
-    // the plugin after it, and a stale state would win). It goes back to pending, uncounted,
-    // and comes again after the retry.
-    let mut retrying: HashSet<LaneKey> = HashSet::new();
-    let mut order: Vec<usize> = (0..results.len()).collect();
-    order.sort_by_key(|&i| results[i].0);
-    for i in order {
-        let (id, outcome) = &results[i];
-        let (id, in_flight, lane) = (*id, in_flight[i], &lanes[i]);
-        if !in_flight || !seen.insert(id) {
-            warn!(
-                plugin,
-                event_id = id,
-                "ignoring an outcome for a delivery that is not in flight"
-            );
-            continue;
-        }
-        let Some(mut record) = t.record(plugin, id)? else {
-            warn!(
-                plugin,
-                event_id = id,
-                "ignoring an outcome for a delivery with no record"
-            );
-            continue;
-        };
-        let held = lane.as_ref().is_some_and(|l| retrying.contains(l));
-        if held && matches!(outcome, Outcome::Done) {
-            debug!(
-                plugin,
-                event_id = id,
-                "held back: an earlier event of its entity will be retried"
-            );
-            changes.push((id, Change::HeldBack));
-            continue;
-        }
-        let attempts = record.attempts + 1;
-        let change = match outcome {
-            Outcome::Done => {
+    let mut changes = Vec::with_capacity(planned.len());
+    for Planned { id, change, record } in planned {
+        match (&change, record) {
+            (Change::HeldBack, _) => {}
+            (Change::Done, _) => {
                 t.remove_record(plugin, id)?;
                 *s.delivered.entry(plugin.to_owned()).or_default() += 1;
-                Change::Done
             }
-            Outcome::Reject { reason } => {
-                warn!(
-                    plugin,
-                    event_id = id,
-                    attempt = attempts,
-                    reason,
-                    "delivery rejected; it is a dead letter"
-                );
-                record.die(attempts, format!("rejected: {reason}"), now);
-                t.put_record(plugin, id, &record)?;
-                Change::Dead
-            }
-            Outcome::Retry { reason, delay } => {
-                let first = record.first_failure_ms.unwrap_or(now);
-                let age = Duration::from_millis(now.saturating_sub(first));
-                let verdict = if attempts >= policy.max_attempts.max(1) {
-                    Some(format!("gave up after {attempts} attempts: {reason}"))
-                } else if age >= policy.max_age {
-                    Some(format!(
-                        "gave up after {:.1}s of retries: {reason}",
-                        age.as_secs_f64()
-                    ))
-                } else {
-                    None
-                };
-                if let Some(verdict) = verdict {
-                    warn!(
-                        plugin,
-                        event_id = id,
-                        attempt = attempts,
-                        reason = verdict,
-                        "delivery is a dead letter"
-                    );
-                    record.die(attempts, verdict, now);
-                    t.put_record(plugin, id, &record)?;
-                    Change::Dead
-                } else {
-                    let previous = record.last_delay_ms.map(Duration::from_millis);
-                    let backoff = policy.backoff(attempts, previous, s.rng);
-                    let due_at_ms = policy.due_at_ms(now, backoff, *delay);
-                    debug!(
-                        plugin,
-                        event_id = id,
-                        attempt = attempts,
-                        reason,
-                        wait_ms = due_at_ms - now,
-                        "delivery will be retried"
-                    );
-                    record.attempts = attempts;
-                    record.first_failure_ms = Some(first);
-                    record.last_delay_ms = Some(backoff.as_millis() as u64);
-                    record.due_at_ms = due_at_ms;
-                    record.reason = Some(reason.clone());
-                    t.put_record(plugin, id, &record)?;
-                    retrying.extend(lane.clone());
-                    Change::Retry(Failure {
-                        attempts,
-                        due_at_ms,
-                    })
-                }
-            }
-        };
+            (_, Some(record)) => t.put_record(plugin, id, &record)?,
+            (_, None) => unreachable!("a retry or a dead letter always has a record"),
+        }
         changes.push((id, change));
     }
     Ok(changes)

@@ -1,10 +1,10 @@
 //! The in-memory view of every undelivered delivery, so that claiming work never scans the database.
 //!
-//! redb is the source of truth; this index is rebuilt from it on open and is only changed
-//! (a) by the writer thread, after the transaction that made the change has committed, and
-//! (b) by `claim`/`release`, which only move deliveries between *pending* and *in flight* — a state
-//! that is deliberately never written to disk, because after a crash every in-flight delivery must
-//! be delivered again anyway (at least once).
+//! Every backend keeps one. The backend's storage is the source of truth; the index is rebuilt
+//! from it on open and is only changed (a) after the storage holds the change (a redb commit, a
+//! JetStream acknowledgement), and (b) by `claim`/`release`, which only move deliveries between
+//! *pending* and *in flight* — a state that is deliberately never stored, because after a crash
+//! every in-flight delivery must be delivered again anyway (at least once).
 //!
 //! Per plugin, undelivered events are kept in *lanes*, one per entity (cluster + entity uuid),
 //! each a queue of event ids in arrival order. A lane is in exactly one of three places:
@@ -21,12 +21,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use crate::ledger::PluginBacklog;
+
 /// Identifies a lane: the entity whose events must stay in order.
-pub(super) type LaneKey = Arc<str>;
+pub(crate) type LaneKey = Arc<str>;
 
 /// The lane of an event. Events without an entity uuid have no order to keep, so each gets a lane
 /// of its own instead of queueing behind every other such event of its cluster.
-pub(super) fn lane_key(cluster: &str, entity_uuid: &str, id: u64) -> LaneKey {
+pub(crate) fn lane_key(cluster: &str, entity_uuid: &str, id: u64) -> LaneKey {
     if entity_uuid.is_empty() {
         format!("\u{1f}{id}").into()
     } else {
@@ -37,7 +39,7 @@ pub(super) fn lane_key(cluster: &str, entity_uuid: &str, id: u64) -> LaneKey {
 /// What the index remembers of an event while any plugin still has a delivery of it
 /// (pending, in flight or dead). Events absent from the map are fully delivered and may be pruned.
 #[derive(Debug)]
-pub(super) struct EventInfo {
+pub(crate) struct EventInfo {
     pub lane: LaneKey,
     pub received_at_ms: u64,
     /// Deliveries of this event that are pending, in flight or dead, over all plugins.
@@ -46,7 +48,7 @@ pub(super) struct EventInfo {
 
 /// A delivery that has failed before: how often, and when it may be tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Failure {
+pub(crate) struct Failure {
     pub attempts: u32,
     pub due_at_ms: u64,
 }
@@ -67,19 +69,8 @@ struct Lane {
     slot: Slot,
 }
 
-/// Counts of one plugin's deliveries, as shown by `Ledger::backlog`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Counts {
-    pub pending: u64,
-    pub in_flight: u64,
-    pub retrying: u64,
-    pub dead: u64,
-    pub delivered: u64,
-    pub oldest_pending_ms: Option<u64>,
-}
-
 #[derive(Debug, Default)]
-pub(super) struct PluginIndex {
+pub(crate) struct PluginIndex {
     lanes: HashMap<LaneKey, Lane>,
     ready: BTreeMap<u64, LaneKey>,
     waiting: BTreeMap<(u64, u64), LaneKey>,
@@ -249,14 +240,15 @@ impl PluginIndex {
         self.waiting.keys().next().map(|&(due, _)| due)
     }
 
-    fn counts(&self, events: &HashMap<u64, EventInfo>) -> Counts {
+    fn backlog(&self, plugin: &str, events: &HashMap<u64, EventInfo>) -> PluginBacklog {
         let oldest_pending_ms = self
             .lanes
             .values()
             .filter_map(|l| l.queue.front())
             .filter_map(|id| events.get(id).map(|e| e.received_at_ms))
             .min();
-        Counts {
+        PluginBacklog {
+            plugin: plugin.to_owned(),
             pending: self.undelivered - self.in_flight.len() as u64,
             in_flight: self.in_flight.len() as u64,
             retrying: self
@@ -273,7 +265,7 @@ impl PluginIndex {
 
 /// Every plugin's lanes plus the events they refer to.
 #[derive(Debug, Default)]
-pub(super) struct Index {
+pub(crate) struct Index {
     pub plugins: BTreeMap<String, PluginIndex>,
     pub events: HashMap<u64, EventInfo>,
     /// Pending plus in-flight deliveries over all plugins (what backpressure limits).
@@ -442,14 +434,35 @@ impl Index {
             .collect()
     }
 
+    /// Whether `plugin` has a delivery of event `id` that is pending, in flight or dead.
+    pub fn knows(&self, plugin: &str, id: u64) -> bool {
+        let Some(p) = self.plugins.get(plugin) else {
+            return false;
+        };
+        if p.dead.contains(&id) || p.in_flight.contains(&id) {
+            return true;
+        }
+        self.events
+            .get(&id)
+            .and_then(|e| p.lanes.get(&e.lane))
+            .is_some_and(|l| l.queue.binary_search(&id).is_ok())
+    }
+
+    /// Counts a done delivery of an event the index no longer holds (a done found on open after
+    /// every other delivery of its event was done too).
+    pub fn count_delivered(&mut self, plugin: &str) {
+        self.plugin(plugin).delivered += 1;
+    }
+
     pub fn next_due_ms(&self, plugin: &str) -> Option<u64> {
         self.plugins.get(plugin).and_then(PluginIndex::next_due_ms)
     }
 
-    pub fn counts(&self) -> Vec<(String, Counts)> {
+    /// Every plugin's counts, by name.
+    pub fn backlog(&self) -> Vec<PluginBacklog> {
         self.plugins
             .iter()
-            .map(|(name, p)| (name.clone(), p.counts(&self.events)))
+            .map(|(name, p)| p.backlog(name, &self.events))
             .collect()
     }
 }
@@ -534,7 +547,7 @@ mod tests {
         assert_eq!(index.undelivered, 3);
         index.mark_done("p", 2);
         assert_eq!(ids(&index.claim("p", 0, 10)), [1, 3]);
-        let counts = index.counts()[0].1;
+        let counts = &index.backlog()[0];
         assert_eq!((counts.in_flight, counts.pending, counts.dead), (2, 0, 0));
     }
 

@@ -1,0 +1,933 @@
+//! The JetStream ledger: the same promises as the embedded one, kept in a NATS JetStream stream
+//! that several hosts can share and that survives the loss of a minority of its nodes.
+//!
+//! - **Append** is one publish of the event (with the plugins it is for) and returns after
+//!   JetStream's acknowledgement: the stream's leader has stored it and a quorum of its replicas
+//!   has it (R3: two of three nodes). `Nats-Msg-Id` carries the dedupe key, so the same
+//!   notification posted to several hosts is stored once by JetStream itself.
+//! - **Outcomes**, replays and drops are small *marks* published per delivery (see `wire`); the
+//!   stream keeps only the latest mark of each delivery.
+//! - **Memory**: every handle folds the stream into the index the embedded ledger uses (`fold`):
+//!   first everything retained, on open, then whatever anyone publishes. A call that changed
+//!   something returns once its own change has been folded in, so a claim after an append or a
+//!   complete sees it, as with redb. Claiming works from that index; event bodies come from a
+//!   cache of recent events, else from the stream by sequence (direct get).
+//! - **Failure**: a publish JetStream does not acknowledge is
+//!   [`LedgerError::Unavailable`] (the listener answers 503 with `Retry-After`); a stream at its
+//!   byte limit refuses new messages, which is [`LedgerError::Backpressure`].
+//!
+//! What differs from redb: `delivered` counts the done deliveries the stream still holds plus
+//! those done since the handle opened (pruned events take their marks with them), and a dedupe
+//! key is forgotten by time alone (JetStream's duplicate window), not by `prune`.
+
+mod fold;
+mod wire;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use futures_util::StreamExt;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use fold::State;
+use wire::{EventRecord, Mark, Subjects, RECEIVED};
+
+use crate::clock::now_ms;
+use crate::config::NatsSignIn;
+use crate::ledger::delivery::{plan_complete, Change, DeliveryRecord, Planned, Standing};
+use crate::ledger::index::lane_key;
+use crate::ledger::wake::{instant_of, Notifiers};
+use crate::ledger::{
+    Appended, BackendError, DeadLetter, Delivery, Ledger, LedgerError, LedgerStats, NewEvent,
+    Outcome, PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
+};
+
+/// Where the stream is and the limits the ledger keeps.
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// `nats://host:port` (or `tls://`) URLs of any nodes of the cluster.
+    pub servers: Vec<String>,
+    /// The stream's name; its subjects are the name in lower case, then `.>`.
+    pub stream: String,
+    /// Copies of every message; `None` = 3 when the cluster has three or more nodes, else 1.
+    pub replicas: Option<usize>,
+    /// How to sign in; its secrets are never logged.
+    pub auth: NatsSignIn,
+    /// A CA bundle (PEM) to verify the servers with; setting it requires TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// The name this host shows in the server's connection list.
+    pub client_name: String,
+    /// How long a publish waits for JetStream's acknowledgement.
+    pub ack_timeout: Duration,
+    pub dedupe_window: Duration,
+    /// As in the embedded ledger: undelivered deliveries before appends are refused; 0 = none.
+    pub max_backlog: u64,
+    /// The stream's byte limit; 0 = none.
+    pub max_bytes: u64,
+    pub retention: Duration,
+    pub retry: RetryPolicy,
+    /// Recent events kept in memory so that claiming them costs no round trip; 0 = none.
+    pub cache_events: usize,
+}
+
+impl JetStreamOptions {
+    /// The defaults of [`super::LedgerOptions::new`], on the stream `PRISMHOOK`.
+    pub fn new(servers: Vec<String>) -> Self {
+        let redb = super::LedgerOptions::new("");
+        Self {
+            servers,
+            stream: "PRISMHOOK".into(),
+            replicas: None,
+            auth: NatsSignIn::None,
+            tls_ca: None,
+            client_name: "prismhook".into(),
+            ack_timeout: Duration::from_secs(5),
+            dedupe_window: redb.dedupe_window,
+            max_backlog: redb.max_backlog,
+            max_bytes: 0,
+            retention: redb.retention,
+            retry: redb.retry,
+            cache_events: 16_384,
+        }
+    }
+}
+
+/// How long a sender is asked to wait when the stream cannot be reached.
+const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+fn unavailable(context: impl Into<String>, source: impl Into<BackendError>) -> LedgerError {
+    LedgerError::Unavailable {
+        context: context.into(),
+        retry_after: UNAVAILABLE_RETRY_AFTER,
+        source: source.into(),
+    }
+}
+
+struct Inner {
+    opts: JetStreamOptions,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    subjects: Subjects,
+    state: Mutex<State>,
+    /// The highest sequence folded in, for calls waiting to see their own change.
+    applied: watch::Sender<u64>,
+    notifiers: Notifiers,
+    /// Mirrors `state.index.undelivered`, so backpressure checks take no lock.
+    undelivered: AtomicU64,
+    commits: AtomicU64,
+    bytes: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("ledger state lock poisoned")
+    }
+
+    fn ensure_open(&self) -> Result<(), LedgerError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(LedgerError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Folds in one message from the stream and wakes whoever it concerns.
+    fn fold(&self, seq: u64, subject: &str, payload: &[u8]) {
+        let wake = {
+            let mut state = self.state();
+            let wake = state.apply(&self.subjects, seq, subject, payload);
+            self.undelivered
+                .store(state.index.undelivered, Ordering::Relaxed);
+            wake
+        };
+        self.applied.send_replace(seq);
+        for plugin in wake {
+            self.notifiers.wake(&plugin);
+        }
+    }
+
+    /// Publishes one message and waits for JetStream to acknowledge it.
+    async fn publish(
+        &self,
+        subject: String,
+        message: PublishMessage,
+        context: impl FnOnce() -> String,
+    ) -> Result<jetstream::publish::PublishAck, LedgerError> {
+        let ack = async {
+            let pending = self.js.send_publish(subject, message).await?;
+            pending.await
+        };
+        let ack = ack.await.map_err(|error| publish_error(context(), error))?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(ack)
+    }
+
+    /// Publishes marks, all at once, and waits until every one is folded in here.
+    async fn mark(&self, marks: Vec<(u64, String, Mark)>) -> Result<(), LedgerError> {
+        let publishes = marks.into_iter().map(|(id, plugin, mark)| async move {
+            let payload = serde_json::to_vec(&mark).expect("a mark always serializes");
+            let message = PublishMessage::build().payload(payload.into());
+            self.publish(self.subjects.delivery(id, &plugin), message, || {
+                format!("recording the delivery of event {id} to `{plugin}`")
+            })
+            .await
+        });
+        let mut last = 0;
+        for ack in join_all(publishes).await {
+            last = last.max(ack?.sequence);
+        }
+        self.folded(last).await
+    }
+
+    /// Waits until the fold has reached `seq`.
+    async fn folded(&self, seq: u64) -> Result<(), LedgerError> {
+        let mut applied = self.applied.subscribe();
+        applied
+            .wait_for(|&done| done >= seq)
+            .await
+            .map(drop)
+            .map_err(|_| LedgerError::Closed)
+    }
+
+    /// The stored events of these ids: from the cache, else from the stream.
+    async fn read_events(&self, ids: &[u64]) -> Result<Vec<StoredEvent>, LedgerError> {
+        let cached: Vec<Option<StoredEvent>> = {
+            let state = self.state();
+            ids.iter().map(|&id| state.cached(id)).collect()
+        };
+        let reads = ids.iter().zip(cached).map(|(&id, cached)| async move {
+            match cached {
+                Some(event) => Ok(event),
+                None => self.read_event(id).await,
+            }
+        });
+        join_all(reads).await.into_iter().collect()
+    }
+
+    async fn read_event(&self, id: u64) -> Result<StoredEvent, LedgerError> {
+        let message = self
+            .stream
+            .direct_get(id)
+            .await
+            .map_err(|e| unavailable(format!("reading event {id}"), e))?;
+        let record: EventRecord =
+            serde_json::from_slice(&message.payload).map_err(|e| LedgerError::Corrupt {
+                what: format!("event {id}"),
+                detail: e.to_string(),
+            })?;
+        Ok(record.stored(id).0)
+    }
+
+    /// Reads every retained event in order (headers only, or whole), until `visit` says stop.
+    async fn scan_events(
+        &self,
+        headers_only: bool,
+        mut visit: impl FnMut(u64, &HeaderMap, &[u8]) -> bool,
+    ) -> Result<(), LedgerError> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subjects.events(),
+                headers_only,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("starting a scan of the events", e))?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(());
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("scanning the events", e))?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| unavailable("scanning the events", e))?;
+            let info = message
+                .info()
+                .map_err(|e| unavailable("reading a scanned event's position", e))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            let empty = HeaderMap::new();
+            let headers = message.headers.as_ref().unwrap_or(&empty);
+            if !visit(seq, headers, &message.payload) || pending == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh_bytes(&self) -> Result<(), LedgerError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| unavailable("reading the stream's state", e))?;
+        self.bytes.store(info.state.bytes, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Stops the fold when the last handle goes.
+struct Tail(Mutex<Option<JoinHandle<()>>>);
+
+impl Tail {
+    fn stop(&self) {
+        if let Some(task) = self.0.lock().ok().and_then(|mut t| t.take()) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The JetStream ledger. Cheap to clone; clones share one connection and one fold.
+#[derive(Clone)]
+pub struct JetStreamLedger {
+    tail: Arc<Tail>,
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for JetStreamLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JetStreamLedger")
+            .field("servers", &self.inner.opts.servers)
+            .field("stream", &self.inner.opts.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JetStreamLedger {
+    /// Connects, creates the stream if it is missing (or brings its settings in line), and folds
+    /// everything it retains before returning.
+    pub async fn open(opts: JetStreamOptions) -> Result<JetStreamLedger, LedgerError> {
+        let client = connect(&opts).await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(opts.ack_timeout);
+        let replicas = opts.replicas.unwrap_or_else(|| {
+            // Every node of a cluster advertises the others' client URLs.
+            if client.server_info().connect_urls.len() >= 3 {
+                3
+            } else {
+                1
+            }
+        });
+        let subjects = Subjects::new(&opts.stream.to_lowercase());
+        let config = stream::Config {
+            name: opts.stream.clone(),
+            description: Some("prismhook's ledger: notifications and their deliveries".into()),
+            subjects: vec![subjects.all()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_messages_per_subject: 1,
+            max_bytes: if opts.max_bytes == 0 {
+                -1
+            } else {
+                opts.max_bytes as i64
+            },
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: opts.dedupe_window,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let info = js.create_or_update_stream(config).await.map_err(|e| {
+            unavailable(
+                format!("creating or updating the stream `{}`", opts.stream),
+                e,
+            )
+        })?;
+        let stream = js
+            .get_stream(&opts.stream)
+            .await
+            .map_err(|e| unavailable(format!("opening the stream `{}`", opts.stream), e))?;
+
+        let inner = Arc::new(Inner {
+            bytes: AtomicU64::new(info.state.bytes),
+            client,
+            js,
+            stream,
+            subjects,
+            state: Mutex::new(State::new(opts.cache_events)),
+            applied: watch::channel(0).0,
+            notifiers: Notifiers::default(),
+            undelivered: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            opts,
+        });
+        let (ready_tx, ready) = oneshot::channel();
+        let task = tokio::spawn(tail(inner.clone(), ready_tx));
+        let ledger = JetStreamLedger {
+            tail: Arc::new(Tail(Mutex::new(Some(task)))),
+            inner,
+        };
+        ready.await.map_err(|_| LedgerError::Closed)?;
+        let state = ledger.inner.state();
+        info!(
+            stream = %ledger.inner.opts.stream,
+            replicas,
+            messages = info.state.messages,
+            undelivered = state.index.undelivered,
+            events = state.index.events.len(),
+            "ledger open (JetStream)"
+        );
+        drop(state);
+        Ok(ledger)
+    }
+
+    fn check_backlog(&self) -> Result<(), LedgerError> {
+        let limit = self.inner.opts.max_backlog;
+        let pending = self.inner.undelivered.load(Ordering::Relaxed);
+        if limit > 0 && pending >= limit {
+            return Err(LedgerError::Backpressure {
+                resource: Resource::Backlog,
+                current: pending,
+                limit,
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a notification JetStream calls a duplicate of event `original` is one by the
+    /// ledger's rule: received within the window of the original, while the original is itself
+    /// within the window of now.
+    async fn is_duplicate(&self, original: u64, event: &NewEvent) -> bool {
+        let window = self.inner.opts.dedupe_window.as_millis() as u64;
+        let known = self
+            .inner
+            .state()
+            .index
+            .events
+            .get(&original)
+            .map(|e| e.received_at_ms);
+        let received = match known {
+            Some(at) => at,
+            None => match self.inner.read_event(original).await {
+                Ok(e) => e.received_at_ms,
+                // Pruned meanwhile: nothing to be a duplicate of.
+                Err(_) => return false,
+            },
+        };
+        event.received_at_ms.abs_diff(received) < window
+            && now_ms().saturating_sub(received) < window
+    }
+}
+
+async fn connect(opts: &JetStreamOptions) -> Result<async_nats::Client, LedgerError> {
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(&opts.client_name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(opts.ack_timeout));
+    connect = match &opts.auth {
+        NatsSignIn::None => connect,
+        NatsSignIn::UserPassword { user, password } => {
+            connect.user_and_password(user.clone(), password.expose().to_owned())
+        }
+        NatsSignIn::Token(token) => connect.token(token.expose().to_owned()),
+        NatsSignIn::Credentials(path) => {
+            connect
+                .credentials_file(path)
+                .await
+                .map_err(|source| LedgerError::Io {
+                    context: format!("reading the NATS credentials file {}", path.display()),
+                    source,
+                })?
+        }
+    };
+    if let Some(ca) = &opts.tls_ca {
+        connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let servers = opts.servers.join(",");
+    connect
+        .connect(opts.servers.as_slice())
+        .await
+        .map_err(|e| unavailable(format!("connecting to NATS at {servers}"), e))
+}
+
+fn publish_error(context: String, error: jetstream::context::PublishError) -> LedgerError {
+    use jetstream::context::PublishErrorKind;
+    let text = error.to_string();
+    // JetStream refuses new messages on a full stream with "maximum bytes exceeded" (or
+    // messages): the stream is at the limit the operator set, which is backpressure.
+    if error.kind() == PublishErrorKind::Other && text.contains("maximum") {
+        return LedgerError::Backpressure {
+            resource: Resource::Storage,
+            current: 0,
+            limit: 0,
+            retry_after: Duration::from_secs(30),
+        };
+    }
+    unavailable(context, error)
+}
+
+/// Follows the stream from the start for as long as the ledger is open: the fold. Reports on
+/// `ready` once it has caught up with what the stream held when it started.
+async fn tail(inner: Arc<Inner>, ready: oneshot::Sender<()>) {
+    let mut ready = Some(ready);
+    loop {
+        let start = inner.state().applied + 1;
+        let consumer = inner
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: inner.subjects.all(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await;
+        let messages = match consumer {
+            Ok(consumer) => {
+                if consumer.cached_info().num_pending == 0 {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
+                }
+                consumer.messages().await.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match messages {
+            Ok(mut messages) => {
+                while let Some(message) = messages.next().await {
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(error) => {
+                            warn!(%error, "the ledger's view of the stream was interrupted; resuming");
+                            break;
+                        }
+                    };
+                    let Ok(info) = message.info() else {
+                        warn!(subject = %message.subject, "skipping a message without stream metadata");
+                        continue;
+                    };
+                    let (seq, pending) = (info.stream_sequence, info.pending);
+                    inner.fold(seq, &message.subject, &message.payload);
+                    if pending == 0 {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                    }
+                }
+            }
+            Err(error) => warn!(error, "cannot follow the ledger's stream; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[async_trait]
+impl Ledger for JetStreamLedger {
+    async fn append(
+        &self,
+        event: NewEvent,
+        mut plugins: Vec<String>,
+    ) -> Result<Appended, LedgerError> {
+        self.inner.ensure_open()?;
+        self.check_backlog()?;
+        plugins.sort_unstable();
+        plugins.dedup();
+        let deliveries = plugins.len();
+        let record = EventRecord {
+            cluster: event.cluster.clone(),
+            event_type: event.event_type.clone(),
+            entity_kind: event.entity_kind.clone(),
+            entity_uuid: event.entity_uuid.clone(),
+            received_at_ms: event.received_at_ms,
+            body: event.body.clone(),
+            vm: event.vm.clone(),
+            plugins,
+        };
+        let payload: bytes::Bytes = serde_json::to_vec(&record)
+            .expect("an event record always serializes")
+            .into();
+        let message = |msg_id: Option<String>| {
+            let m = PublishMessage::build()
+                .payload(payload.clone())
+                .header(RECEIVED, event.received_at_ms.to_string());
+            match msg_id {
+                Some(id) => m.message_id(id),
+                None => m,
+            }
+        };
+        let context = || format!("storing a {} event of {}", event.event_type, event.cluster);
+        let mut ack = self
+            .inner
+            .publish(
+                self.inner.subjects.new_event(),
+                message(event.dedupe_key.clone()),
+                context,
+            )
+            .await?;
+        if ack.duplicate {
+            if self.is_duplicate(ack.sequence, &event).await {
+                return Ok(Appended::Duplicate { id: ack.sequence });
+            }
+            // JetStream still remembers the key, but the ledger's window has passed: a new
+            // notification, under a key of its own.
+            let key = event
+                .dedupe_key
+                .as_deref()
+                .map(|k| format!("{k}@{}", event.received_at_ms));
+            ack = self
+                .inner
+                .publish(self.inner.subjects.new_event(), message(key), context)
+                .await?;
+            if ack.duplicate {
+                return Ok(Appended::Duplicate { id: ack.sequence });
+            }
+        }
+        self.inner.folded(ack.sequence).await?;
+        Ok(Appended::Stored {
+            id: ack.sequence,
+            deliveries,
+        })
+    }
+
+    async fn claim(&self, plugin: &str, max: usize) -> Result<Vec<Delivery>, LedgerError> {
+        self.inner.ensure_open()?;
+        let claimed = self.inner.state().index.claim(plugin, now_ms(), max);
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        // If this future is dropped while the events are read, the claim must not stay in flight.
+        let mut guard = Unclaim {
+            inner: &self.inner,
+            plugin,
+            ids: claimed.iter().map(|&(id, _)| id).collect(),
+        };
+        let events = self.inner.read_events(&guard.ids).await?;
+        guard.ids.clear();
+        Ok(events
+            .into_iter()
+            .zip(claimed)
+            .map(|(event, (_, attempt))| Delivery { event, attempt })
+            .collect())
+    }
+
+    async fn complete(
+        &self,
+        plugin: &str,
+        results: Vec<(u64, Outcome)>,
+    ) -> Result<(), LedgerError> {
+        self.inner.ensure_open()?;
+        if results.is_empty() {
+            return Ok(());
+        }
+        // Where each delivery stands, its record so far, and its event's lane and time.
+        let (standing, mut known): (Vec<Standing>, HashMap<u64, (DeliveryRecord, String, u64)>) = {
+            let state = self.inner.state();
+            let index = &state.index;
+            let standing = results
+                .iter()
+                .map(|(id, _)| (index.is_in_flight(plugin, *id), index.lane_of(*id)))
+                .collect();
+            let known = results
+                .iter()
+                .filter_map(|(id, _)| {
+                    let event = index.events.get(id)?;
+                    let record = state
+                        .records
+                        .get(&(plugin.to_owned(), *id))
+                        .cloned()
+                        .unwrap_or_default();
+                    Some((*id, (record, event.lane.to_string(), event.received_at_ms)))
+                })
+                .collect();
+            (standing, known)
+        };
+        let record_of = |id: u64| Ok(known.get(&id).map(|(record, ..)| record.clone()));
+        let planned = plan_complete(
+            plugin,
+            &results,
+            &standing,
+            record_of,
+            &self.inner.opts.retry,
+            now_ms(),
+            &mut rand::rng(),
+        )?;
+        let mut held = Vec::new();
+        let mut marks = Vec::with_capacity(planned.len());
+        for Planned { id, change, record } in planned {
+            let mark = match (change, record) {
+                (Change::HeldBack, _) => {
+                    held.push(id);
+                    continue;
+                }
+                (Change::Done, _) => Mark::Done,
+                (_, Some(record)) => {
+                    let (_, lane, received_at_ms) =
+                        known.remove(&id).expect("a planned delivery was known");
+                    Mark::Record {
+                        record,
+                        lane,
+                        received_at_ms,
+                    }
+                }
+                (_, None) => unreachable!("a retry or a dead letter always has a record"),
+            };
+            marks.push((id, plugin.to_owned(), mark));
+        }
+        let result = self.inner.mark(marks).await;
+        if !held.is_empty() {
+            self.inner.state().index.release(plugin, &held);
+        }
+        self.inner.notifiers.wake(plugin);
+        result
+    }
+
+    async fn release(&self, plugin: &str, ids: &[u64]) -> Result<(), LedgerError> {
+        if self.inner.state().index.release(plugin, ids) > 0 {
+            self.inner.notifiers.wake(plugin);
+        }
+        Ok(())
+    }
+
+    fn next_due(&self, plugin: &str) -> Option<Instant> {
+        self.inner.state().index.next_due_ms(plugin).map(instant_of)
+    }
+
+    async fn wait_for_work(&self, plugin: &str, limit: Duration) -> Wake {
+        let due = self.inner.state().index.next_due_ms(plugin);
+        self.inner.notifiers.wait(plugin, due, limit).await
+    }
+
+    async fn dead_letters(
+        &self,
+        plugin: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, LedgerError> {
+        self.inner.ensure_open()?;
+        let targets: Vec<(String, u64, DeliveryRecord)> = {
+            let state = self.inner.state();
+            state
+                .index
+                .dead(plugin, None)
+                .into_iter()
+                .take(limit)
+                .filter_map(|(p, id)| {
+                    let record = state.records.get(&(p.clone(), id))?.clone();
+                    Some((p, id, record))
+                })
+                .collect()
+        };
+        let ids: Vec<u64> = targets.iter().map(|(_, id, _)| *id).collect();
+        let events = self.inner.read_events(&ids).await?;
+        Ok(targets
+            .into_iter()
+            .zip(events)
+            .map(|((plugin, _, record), event)| DeadLetter {
+                plugin,
+                event,
+                attempts: record.attempts,
+                reason: record.reason.unwrap_or_default(),
+                died_at_ms: record.died_at_ms.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn replay_dead(
+        &self,
+        plugin: Option<&str>,
+        event_ids: Option<&[u64]>,
+    ) -> Result<u64, LedgerError> {
+        self.inner.ensure_open()?;
+        let marks: Vec<(u64, String, Mark)> = {
+            let state = self.inner.state();
+            state
+                .index
+                .dead(plugin, event_ids)
+                .into_iter()
+                .filter_map(|(plugin, id)| {
+                    let event = state.index.events.get(&id)?;
+                    let mark = Mark::Record {
+                        record: DeliveryRecord::default(),
+                        lane: event.lane.to_string(),
+                        received_at_ms: event.received_at_ms,
+                    };
+                    Some((id, plugin, mark))
+                })
+                .collect()
+        };
+        let count = marks.len() as u64;
+        self.inner.mark(marks).await?;
+        Ok(count)
+    }
+
+    async fn drop_dead(
+        &self,
+        plugin: Option<&str>,
+        event_ids: Option<&[u64]>,
+    ) -> Result<u64, LedgerError> {
+        self.inner.ensure_open()?;
+        let marks: Vec<(u64, String, Mark)> = self
+            .inner
+            .state()
+            .index
+            .dead(plugin, event_ids)
+            .into_iter()
+            .map(|(plugin, id)| (id, plugin, Mark::Dropped))
+            .collect();
+        let count = marks.len() as u64;
+        self.inner.mark(marks).await?;
+        Ok(count)
+    }
+
+    async fn replay_since(
+        &self,
+        plugin: &str,
+        since_ms: u64,
+        event_types: Option<&[String]>,
+    ) -> Result<u64, LedgerError> {
+        self.inner.ensure_open()?;
+        let mut wanted = Vec::new();
+        let mut unreadable = 0u64;
+        self.inner
+            .scan_events(false, |id, _, payload| {
+                match serde_json::from_slice::<EventRecord>(payload) {
+                    Ok(e) => {
+                        let typed = event_types.is_none_or(|t| t.contains(&e.event_type));
+                        if e.received_at_ms >= since_ms && typed {
+                            wanted.push((id, e.cluster, e.entity_uuid, e.received_at_ms));
+                        }
+                    }
+                    Err(_) => unreadable += 1,
+                }
+                true
+            })
+            .await?;
+        if unreadable > 0 {
+            warn!(
+                plugin,
+                unreadable, "replay skipped events that cannot be read"
+            );
+        }
+        let marks: Vec<(u64, String, Mark)> = {
+            let state = self.inner.state();
+            wanted
+                .into_iter()
+                .filter(|(id, ..)| !state.index.knows(plugin, *id))
+                .map(|(id, cluster, entity_uuid, received_at_ms)| {
+                    let mark = Mark::Record {
+                        record: DeliveryRecord::default(),
+                        lane: lane_key(&cluster, &entity_uuid, id).to_string(),
+                        received_at_ms,
+                    };
+                    (id, plugin.to_owned(), mark)
+                })
+                .collect()
+        };
+        let count = marks.len() as u64;
+        self.inner.mark(marks).await?;
+        info!(plugin, since_ms, replayed = count, "replayed events");
+        Ok(count)
+    }
+
+    fn backlog(&self) -> Result<Vec<PluginBacklog>, LedgerError> {
+        Ok(self.inner.state().index.backlog())
+    }
+
+    fn stats(&self) -> LedgerStats {
+        LedgerStats {
+            undelivered: self.inner.undelivered.load(Ordering::Relaxed),
+            commits: self.inner.commits.load(Ordering::Relaxed),
+            bytes: self.inner.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Deletes retained events past the retention period that nothing is waiting for, with
+    /// their delivery marks. Ids follow arrival, so the scan stops at the first young event.
+    async fn prune(&self) -> Result<u64, LedgerError> {
+        self.inner.ensure_open()?;
+        let cutoff_ms = now_ms().saturating_sub(self.inner.opts.retention.as_millis() as u64);
+        let mut old = Vec::new();
+        self.inner
+            .scan_events(true, |id, headers, _| {
+                let received = headers
+                    .get(RECEIVED)
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                    .unwrap_or(0);
+                if received >= cutoff_ms {
+                    return false;
+                }
+                old.push(id);
+                true
+            })
+            .await?;
+        let victims: Vec<u64> = {
+            let state = self.inner.state();
+            old.into_iter()
+                .filter(|id| !state.index.events.contains_key(id))
+                .collect()
+        };
+        for &id in &victims {
+            self.inner
+                .stream
+                .purge()
+                .filter(self.inner.subjects.deliveries_of(id))
+                .await
+                .map_err(|e| unavailable(format!("deleting the deliveries of event {id}"), e))?;
+            self.inner
+                .stream
+                .delete_message(id)
+                .await
+                .map_err(|e| unavailable(format!("deleting event {id}"), e))?;
+        }
+        self.inner.refresh_bytes().await?;
+        if !victims.is_empty() {
+            info!(events = victims.len(), "pruned the ledger");
+        }
+        debug!(pruned = victims.len(), "prune done");
+        Ok(victims.len() as u64)
+    }
+
+    /// A round trip to the stream proves the cluster answers.
+    async fn check(&self) -> Result<(), LedgerError> {
+        self.inner.ensure_open()?;
+        self.inner.refresh_bytes().await
+    }
+
+    /// Stops the fold and flushes the connection; other handles get [`LedgerError::Closed`].
+    async fn close(&self) -> Result<(), LedgerError> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.tail.stop();
+        if let Err(error) = self.inner.client.flush().await {
+            warn!(%error, "flushing the NATS connection at close");
+        }
+        Ok(())
+    }
+}
+
+/// Releases a claim that did not reach its caller.
+struct Unclaim<'a> {
+    inner: &'a Inner,
+    plugin: &'a str,
+    ids: Vec<u64>,
+}
+
+impl Drop for Unclaim<'_> {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            self.inner.state().index.release(self.plugin, &self.ids);
+            self.inner.notifiers.wake(self.plugin);
+        }
+    }
+}

