@@ -158,9 +158,132 @@ pub struct StorageConfig {
     /// Above this many pending deliveries the listener answers 503.
     #[serde(default = "defaults::max_backlog")]
     pub max_backlog: u64,
-    /// Above this ledger size (MiB) the listener answers 503; 0 = no limit.
+    /// Above this ledger size (MiB) the listener answers 503; 0 = no limit. With JetStream, the
+    /// stream's byte limit.
     #[serde(default)]
     pub max_ledger_mib: u64,
+    /// Where the ledger lives: `redb` (a file in `data_dir`, one host) or `jetstream` (a NATS
+    /// JetStream stream several hosts share; `[storage.jetstream]`).
+    #[serde(default)]
+    pub backend: StorageBackend,
+    pub jetstream: Option<JetStreamConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Redb,
+    Jetstream,
+}
+
+/// `[storage.jetstream]`: the NATS cluster the ledger's stream lives on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// Client URLs of any nodes of the cluster (`nats://host:4222`, `tls://…`).
+    pub servers: Vec<String>,
+    #[serde(default = "defaults::jetstream_stream")]
+    pub stream: String,
+    /// Copies of every message (1–5); unset: 3 when the cluster has three or more nodes, else 1.
+    pub replicas: Option<usize>,
+    /// Sign in with a user and password …
+    pub user: Option<String>,
+    pub password: Option<SecretSource>,
+    /// … or a token …
+    pub token: Option<SecretSource>,
+    /// … or a `.creds` file (user JWT and nkey seed).
+    pub credentials: Option<PathBuf>,
+    /// A CA bundle (PEM) the servers' certificates are checked against; TLS is then required.
+    pub ca_file: Option<PathBuf>,
+    /// How long a write waits for JetStream's acknowledgement before the listener answers 503.
+    #[serde(default = "defaults::jetstream_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: Duration,
+}
+
+/// How the host signs in to NATS, with its secrets read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NatsSignIn {
+    None,
+    UserPassword { user: String, password: Secret },
+    Token(Secret),
+    Credentials(PathBuf),
+}
+
+impl JetStreamConfig {
+    /// The sign-in, secrets read; the error is (key under `storage.jetstream`, reason).
+    pub fn sign_in(&self) -> Result<NatsSignIn, (String, String)> {
+        let secret = |key: &str, source: &SecretSource| {
+            source
+                .resolve()
+                .map_err(|e| (key.to_owned(), e.to_string()))
+        };
+        match (&self.user, &self.password, &self.token, &self.credentials) {
+            (None, None, None, None) => Ok(NatsSignIn::None),
+            (Some(user), Some(password), None, None) => Ok(NatsSignIn::UserPassword {
+                user: user.clone(),
+                password: secret("password", password)?,
+            }),
+            (None, None, Some(token), None) => Ok(NatsSignIn::Token(secret("token", token)?)),
+            (None, None, None, Some(path)) => Ok(NatsSignIn::Credentials(path.clone())),
+            (Some(_), None, None, None) => {
+                Err(("password".into(), "`user` needs a `password`".into()))
+            }
+            (None, Some(_), None, None) => Err(("user".into(), "`password` needs a `user`".into())),
+            _ => Err((
+                "user".into(),
+                "choose one way to sign in: `user` and `password`, `token`, or `credentials`"
+                    .into(),
+            )),
+        }
+    }
+
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.servers.is_empty() {
+            return Err(("servers".into(), "give at least one server URL".into()));
+        }
+        for (i, server) in self.servers.iter().enumerate() {
+            let url = Url::parse(server).map_err(|e| (format!("servers[{i}]"), e.to_string()))?;
+            // Checked first: the messages below quote the URL.
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err((
+                    format!("servers[{i}]"),
+                    "credentials do not belong in a URL: use `user` and `password`, `token` or \
+                     `credentials`"
+                        .into(),
+                ));
+            }
+            if !matches!(url.scheme(), "nats" | "tls") || url.host_str().is_none() {
+                return Err((
+                    format!("servers[{i}]"),
+                    format!("expected nats://host:port or tls://host:port, found {server:?}"),
+                ));
+            }
+        }
+        if self.stream.is_empty()
+            || !self
+                .stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err((
+                "stream".into(),
+                format!(
+                    "expected letters, digits, `-` or `_`, found {:?}",
+                    self.stream
+                ),
+            ));
+        }
+        if let Some(r) = self.replicas {
+            if !(1..=5).contains(&r) {
+                return Err(("replicas".into(), format!("expected 1 to 5, found {r}")));
+            }
+        }
+        if self.ack_timeout.is_zero() {
+            return Err(("ack_timeout".into(), "must be more than zero".into()));
+        }
+        self.sign_in().map(drop)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -616,6 +739,12 @@ mod defaults {
     pub fn dedupe_window() -> Duration {
         Duration::from_secs(600)
     }
+    pub fn jetstream_stream() -> String {
+        "PRISMHOOK".into()
+    }
+    pub fn jetstream_ack_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
     pub fn max_backlog() -> u64 {
         1_000_000
     }
@@ -816,6 +945,22 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match (self.storage.backend, &self.storage.jetstream) {
+            (StorageBackend::Jetstream, Some(js)) => js
+                .check()
+                .map_err(|(k, m)| self.invalid(format!("storage.jetstream.{k}"), m))?,
+            (StorageBackend::Jetstream, None) => {
+                return Err(self.invalid(
+                    "storage.jetstream",
+                    "`backend = \"jetstream\"` needs a [storage.jetstream] table with `servers`",
+                ))
+            }
+            (StorageBackend::Redb, Some(_)) => return Err(self.invalid(
+                "storage.backend",
+                "[storage.jetstream] is set but the backend is redb: add `backend = \"jetstream\"`",
+            )),
+            (StorageBackend::Redb, None) => {}
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             if c.name.is_empty()
@@ -1180,6 +1325,66 @@ mod tests {
             e,
             "prismhook.toml: `plugin.paloalto.allow[1]`: invalid origin `fw2`: expected scheme://host[:port]"
         );
+    }
+
+    #[test]
+    fn a_jetstream_ledger_is_checked_before_anything_connects() {
+        let storage = |extra: &str| {
+            let text = format!(
+                "[storage]\nbackend = \"jetstream\"\n[storage.jetstream]\n\
+                 servers = [\"nats://10.0.0.1:4222\", \"tls://nats-2.example.com:4222\"]\n{extra}"
+            );
+            parse(&text).map_err(|e| e.to_string())
+        };
+        let c =
+            storage("replicas = 3\nuser = \"ph\"\npassword = { value = \"s3cret\" }\n").unwrap();
+        let js = c.storage.jetstream.as_ref().unwrap();
+        assert_eq!((js.stream.as_str(), js.replicas), ("PRISMHOOK", Some(3)));
+        assert_eq!(js.ack_timeout, Duration::from_secs(5));
+        assert!(
+            matches!(js.sign_in(), Ok(NatsSignIn::UserPassword { ref user, .. }) if user == "ph")
+        );
+
+        let both = storage("token = { value = \"t\" }\ncredentials = \"/etc/ph.creds\"\n");
+        assert!(both.unwrap_err().contains("choose one way to sign in"));
+        let half = storage("user = \"ph\"\n").unwrap_err();
+        assert!(half.contains("`storage.jetstream.password`"), "{half}");
+        let too_many = storage("replicas = 7\n").unwrap_err();
+        assert!(too_many.contains("expected 1 to 5"), "{too_many}");
+
+        let in_url = parse(
+            "[storage]\nbackend = \"jetstream\"\n[storage.jetstream]\nservers = [\"nats://u:p@h:4222\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            in_url.contains("`storage.jetstream.servers[0]`"),
+            "{in_url}"
+        );
+        assert!(
+            !in_url.contains("u:p"),
+            "the credentials are not echoed: {in_url}"
+        );
+        let scheme = parse("[storage]\nbackend = \"jetstream\"\n[storage.jetstream]\nservers = [\"http://h:4222\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(scheme.contains("expected nats://host:port"), "{scheme}");
+
+        let missing = parse("[storage]\nbackend = \"jetstream\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("needs a [storage.jetstream] table"),
+            "{missing}"
+        );
+        let forgotten = parse("[storage.jetstream]\nservers = [\"nats://h:4222\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            forgotten.contains("add `backend = \"jetstream\"`"),
+            "{forgotten}"
+        );
+        assert_eq!(parse("").unwrap().storage.backend, StorageBackend::Redb);
     }
 
     #[test]

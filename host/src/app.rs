@@ -18,9 +18,11 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::dispatch::{DispatchOptions, Dispatcher};
-use crate::ledger::{Jitter, LedgerOptions, RedbLedger, RetryPolicy, SharedLedger};
+use crate::ledger::{
+    JetStreamLedger, JetStreamOptions, Jitter, LedgerOptions, RedbLedger, RetryPolicy, SharedLedger,
+};
 use crate::listener::{self, Ingest};
 use crate::nutanix::NutanixSource;
 use crate::registry::Registry;
@@ -91,23 +93,7 @@ impl App {
             tracing::warn!(dir = %data.display(), "cannot make the data directory private (0700): {e}");
         }
 
-        let ledger: SharedLedger = Arc::new(
-            RedbLedger::open(LedgerOptions {
-                path: data.join("ledger.redb"),
-                dedupe_window: config.storage.dedupe_window,
-                max_backlog: config.storage.max_backlog,
-                max_file_bytes: config.storage.max_ledger_mib << 20,
-                retention: config.storage.retention,
-                retry: RetryPolicy {
-                    initial: config.delivery.retry_initial,
-                    max_delay: config.delivery.retry_max,
-                    max_attempts: config.delivery.max_attempts,
-                    max_age: config.delivery.max_age,
-                    jitter: Jitter::Decorrelated,
-                },
-            })
-            .with_context(|| format!("opening the ledger in {}", data.display()))?,
-        );
+        let ledger = open_ledger(&config).await?;
 
         let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
         rt_opts.cache_dir = Some(data.join("cache"));
@@ -332,5 +318,60 @@ impl App {
         let _ = self.reload_task.await;
         self.ledger.close().await.context("closing the ledger")?;
         Ok(())
+    }
+}
+
+/// The ledger the configuration names: the redb file in the data directory, or the JetStream
+/// stream of `[storage.jetstream]`.
+async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
+    let storage = &config.storage;
+    let retry = RetryPolicy {
+        initial: config.delivery.retry_initial,
+        max_delay: config.delivery.retry_max,
+        max_attempts: config.delivery.max_attempts,
+        max_age: config.delivery.max_age,
+        jitter: Jitter::Decorrelated,
+    };
+    match (storage.backend, &storage.jetstream) {
+        (StorageBackend::Jetstream, Some(js)) => {
+            let auth = js
+                .sign_in()
+                .map_err(|(k, m)| anyhow::anyhow!("storage.jetstream.{k}: {m}"))?;
+            let opts = JetStreamOptions {
+                stream: js.stream.clone(),
+                replicas: js.replicas,
+                auth,
+                tls_ca: js.ca_file.clone(),
+                client_name: format!("prismhook {}", config.instance),
+                ack_timeout: js.ack_timeout,
+                dedupe_window: storage.dedupe_window,
+                max_backlog: storage.max_backlog,
+                max_bytes: storage.max_ledger_mib << 20,
+                retention: storage.retention,
+                retry,
+                ..JetStreamOptions::new(js.servers.clone())
+            };
+            let ledger = JetStreamLedger::open(opts).await.with_context(|| {
+                format!(
+                    "opening the ledger's JetStream stream `{}` on {}",
+                    js.stream,
+                    js.servers.join(", ")
+                )
+            })?;
+            Ok(Arc::new(ledger))
+        }
+        _ => {
+            let data = &storage.data_dir;
+            let ledger = RedbLedger::open(LedgerOptions {
+                path: data.join("ledger.redb"),
+                dedupe_window: storage.dedupe_window,
+                max_backlog: storage.max_backlog,
+                max_file_bytes: storage.max_ledger_mib << 20,
+                retention: storage.retention,
+                retry,
+            })
+            .with_context(|| format!("opening the ledger in {}", data.display()))?;
+            Ok(Arc::new(ledger))
+        }
     }
 }

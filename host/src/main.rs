@@ -362,8 +362,16 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             action: ConfigAction::Check { file },
         } => match Config::load(&file) {
             Ok(c) => {
+                let ledger = match &c.storage.jetstream {
+                    Some(js) => format!(
+                        "JetStream stream {} on {}",
+                        js.stream,
+                        js.servers.join(", ")
+                    ),
+                    None => format!("redb in {}", c.storage.data_dir.display()),
+                };
                 println!(
-                    "{}: valid ({} cluster(s), {} plugin setting(s), listener {})",
+                    "{}: valid ({} cluster(s), {} plugin setting(s), listener {}, ledger: {ledger})",
                     file.display(),
                     c.clusters.len(),
                     c.plugin.len(),
