@@ -122,21 +122,15 @@ impl NatsNode {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn()?;
-        self.wait_healthy(false).await
+        self.wait_healthy().await
     }
 
-    /// Waits until the node serves clients (and, with `jetstream`, until JetStream is ready).
-    async fn wait_healthy(&self, jetstream: bool) -> Result<()> {
-        let url = if jetstream {
-            format!(
-                "http://127.0.0.1:{}/healthz?js-enabled-only=true",
-                self.monitor
-            )
-        } else {
-            format!("http://127.0.0.1:{}/healthz", self.monitor)
-        };
+    /// Waits until the node reports healthy: serving clients, and its JetStream current with
+    /// the cluster's (a meta leader elected, its streams caught up).
+    async fn wait_healthy(&self) -> Result<()> {
+        let url = format!("http://127.0.0.1:{}/healthz", self.monitor);
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = client.get(&url).send().await {
                 if r.status().is_success() {
@@ -147,7 +141,7 @@ impl NatsNode {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 bail!(
-                    "nats-server {} did not become healthy within 20 s; its log ends:\n{}",
+                    "nats-server {} did not become healthy within 30 s; its log ends:\n{}",
                     self.name,
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
@@ -205,7 +199,7 @@ impl Nats {
             nodes.push(node);
         }
         for node in &nodes {
-            node.wait_healthy(true).await?;
+            node.wait_healthy().await?;
         }
         Ok(Nats { nodes })
     }

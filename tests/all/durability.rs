@@ -6,7 +6,8 @@
 //!
 //! The crash test kills the host `PRISMHOOK_CRASH_KILLS` times (5 by
 //! default; the full run is 20) at moments drawn from `PRISMHOOK_CRASH_SEED`
-//! (printed on every run, so a failure can be replayed).
+//! (printed on every run, so a failure can be replayed); its JetStream twin
+//! runs the host on a three-node NATS cluster and kills NATS nodes too.
 
 use crate::common::process::{log_tail, wait_ready, HostProcess};
 use crate::common::{self, Cluster, HostConfig};
@@ -21,11 +22,12 @@ use std::time::{Duration, Instant};
 use prismhook::app::App;
 use prismhook::clock::now_ms;
 use prismhook::ledger::{
-    Appended, DeadLetter, Ledger, LedgerOptions, NewEvent, PluginBacklog, RedbLedger,
-    MAX_REASON_BYTES,
+    Appended, DeadLetter, JetStreamLedger, JetStreamOptions, Ledger, LedgerOptions, NewEvent,
+    PluginBacklog, RedbLedger, SharedLedger, MAX_REASON_BYTES,
 };
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::runtime::kv_store::KvStore;
+use prismhook_sim::nats::Nats;
 use prismhook_sim::panos::Faults;
 use prismhook_sim::prism::{NewNic, NewVm, PrismSim};
 use rand::rngs::StdRng;
@@ -309,9 +311,17 @@ async fn entity_load(
     }
 }
 
-/// The backlog of every plugin in a stopped host's ledger.
-async fn stopped_backlog(data: &Path) -> Vec<PluginBacklog> {
-    let ledger = RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap();
+/// The backlog of every plugin in a stopped host's ledger (its redb file, or
+/// the stream on `nats`).
+async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<PluginBacklog> {
+    let ledger: SharedLedger = match nats {
+        None => Arc::new(RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap()),
+        Some(nats) => Arc::new(
+            JetStreamLedger::open(JetStreamOptions::new(nats.urls()))
+                .await
+                .unwrap(),
+        ),
+    };
     let backlog = ledger.backlog().unwrap();
     ledger.close().await.unwrap();
     backlog
@@ -319,6 +329,32 @@ async fn stopped_backlog(data: &Path) -> Vec<PluginBacklog> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_order() {
+    sigkills_under_load(None).await
+}
+
+/// The same on the JetStream ledger, a stream of three replicas on a
+/// three-node cluster: each kill is of the host or of one NATS node (then
+/// restarted), never two at once, so the stream always keeps its quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_notification_survives_sigkills_of_the_host_and_of_nats_nodes_on_jetstream(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start(dir.path(), 3).await.unwrap();
+    sigkills_under_load(Some(&mut nats)).await
+}
+
+/// The ledger a host of [`sigkills_under_load`] uses: its redb file, or the
+/// stream on `nats`.
+fn ledger_lines(nats: Option<&Nats>) -> Option<String> {
+    nats.map(|n| {
+        format!(
+            "jetstream = {{ servers = {:?}, replicas = 3, ack_timeout = \"2s\" }}",
+            n.urls()
+        )
+    })
+}
+
+async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
     const ENTITIES: usize = 20;
     let kills: usize = std::env::var("PRISMHOOK_CRASH_KILLS")
         .ok()
@@ -335,12 +371,15 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
 
     let w = world(&["probe"]).await;
     let port = common::free_port();
-    let setup = w
+    let mut setup = w
         .host()
         .listen(format!("127.0.0.1:{port}"))
         .delivery(r#"retry_initial = "20ms""#)
         .delivery(r#"retry_max = "200ms""#)
         .plugin("probe", &[r#"config = { subscriptions = ["VM.*"] }"#]);
+    if let Some(lines) = ledger_lines(nats.as_deref()) {
+        setup = setup.storage(r#"backend = "jetstream""#).storage(&lines);
+    }
     let config = w.dir.path().join("prismhook.toml");
     std::fs::write(&config, setup.toml()).unwrap();
     let log = w.dir.path().join("host.log");
@@ -375,6 +414,24 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
         .collect();
 
     for kill in 1..=kills {
+        // With JetStream, every other kill on average is of a NATS node: the
+        // host rides it out on the other two.
+        if let Some(nats) = nats.as_deref_mut() {
+            if rng.random_bool(0.5) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+                let node = rng.random_range(0..nats.nodes.len());
+                nats.nodes[node].kill();
+                eprintln!(
+                    "kill {kill}/{kills} at {:.1}s: NATS node {}; {} acknowledged so far",
+                    began.elapsed().as_secs_f64(),
+                    nats.nodes[node].name,
+                    acks.lock().unwrap().len()
+                );
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+                nats.nodes[node].restart().await.unwrap();
+                continue;
+            }
+        }
         // Mostly while serving under load; now and then while starting up
         // (ledger rebuild, plugin load, registration).
         let during_startup = kill > 1 && rng.random_bool(0.25);
@@ -428,7 +485,7 @@ async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_
             "SIGTERM should end the host cleanly, got {status}; log:\n{}",
             log_tail(&log)
         );
-        let probe = stopped_backlog(&w.data())
+        let probe = stopped_backlog(&w.data(), nats.as_deref())
             .await
             .into_iter()
             .find(|b| b.plugin == "probe")
@@ -1009,6 +1066,77 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
 
 // ---------------------------------------------------------------------------
 // 5. Per-entity order with a retrying head.
+
+#[tokio::test]
+async fn while_its_nats_cluster_is_down_the_listener_answers_503_and_nothing_answered_202_is_lost()
+{
+    let nats_dir = tempfile::tempdir().unwrap();
+    let mut nats = Nats::single(nats_dir.path()).await.unwrap();
+    let w = world(&["probe"]).await;
+    let setup = w
+        .host()
+        .storage(r#"backend = "jetstream""#)
+        .storage(&format!(
+            "jetstream = {{ servers = {:?}, ack_timeout = \"1s\" }}",
+            nats.urls()
+        ))
+        // VM.* makes Prism worth a webhook; the notes are TEST.*.
+        .plugin(
+            "probe",
+            &[r#"config = { subscriptions = ["VM.*", "TEST.*"] }"#],
+        );
+    let app = w.start(&setup).await;
+    let poster = Poster::new(app.listener_addr);
+    let note = |entity: &str| probe_event("TEST.NOTE", entity, json!({}));
+
+    let before = poster.accept(&note("before")).await;
+    wait(
+        || seen_ids(&app, "before") == [before],
+        "delivery before the outage",
+    )
+    .await;
+
+    nats.nodes[0].kill();
+    let during = note("during");
+    let refusal = poster.post(&during).await.unwrap();
+    assert_eq!(refusal.status(), 503);
+    let retry_after: u64 = refusal.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=60).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
+    let text = refusal.text().await.unwrap();
+    assert!(text.contains("unavailable"), "{text}");
+    assert!(
+        app.ledger.check().await.is_err(),
+        "readiness sees the outage"
+    );
+
+    // Back: the refused notification, posted again as Prism would, and new
+    // ones are stored and delivered; the one before was delivered once.
+    nats.nodes[0].restart().await.unwrap();
+    let during = loop {
+        let r = poster.post(&during).await.unwrap();
+        if r.status() == 202 {
+            break r.json::<Value>().await.unwrap()["id"].as_u64().unwrap();
+        }
+        assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let after = poster.accept(&note("after")).await;
+    wait(
+        || seen_ids(&app, "during") == [during] && seen_ids(&app, "after") == [after],
+        "delivery after the outage",
+    )
+    .await;
+    assert_eq!(seen_ids(&app, "before"), [before]);
+    app.ledger.check().await.unwrap();
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
 
 #[tokio::test]
 async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {

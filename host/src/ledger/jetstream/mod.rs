@@ -36,7 +36,7 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -103,6 +103,9 @@ impl JetStreamOptions {
     }
 }
 
+/// How long opening waits for a cluster that does not answer yet.
+const OPEN_PATIENCE: Duration = Duration::from_secs(30);
+
 /// How long a sender is asked to wait when the stream cannot be reached.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -124,6 +127,8 @@ struct Inner {
     /// The highest sequence folded in, for calls waiting to see their own change.
     applied: watch::Sender<u64>,
     notifiers: Notifiers,
+    /// Raised when the client (re)connects to a server.
+    reconnected: Arc<Notify>,
     /// Mirrors `state.index.undelivered`, so backpressure checks take no lock.
     undelivered: AtomicU64,
     commits: AtomicU64,
@@ -165,6 +170,12 @@ impl Inner {
         message: PublishMessage,
         context: impl FnOnce() -> String,
     ) -> Result<jetstream::publish::PublishAck, LedgerError> {
+        // While disconnected the client would buffer the message and send it on reconnect:
+        // refused now, it is not stored behind the sender's back later (but for a publish
+        // caught in the very moment of the loss, which the dedupe key then collapses).
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(unavailable(context(), "not connected to any NATS server"));
+        }
         let ack = async {
             let pending = self.js.send_publish(subject, message).await?;
             pending.await
@@ -316,7 +327,8 @@ impl JetStreamLedger {
     /// Connects, creates the stream if it is missing (or brings its settings in line), and folds
     /// everything it retains before returning.
     pub async fn open(opts: JetStreamOptions) -> Result<JetStreamLedger, LedgerError> {
-        let client = connect(&opts).await?;
+        let reconnected = Arc::new(Notify::new());
+        let client = connect(&opts, reconnected.clone()).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(opts.ack_timeout);
         let replicas = opts.replicas.unwrap_or_else(|| {
@@ -345,12 +357,24 @@ impl JetStreamLedger {
             allow_direct: true,
             ..Default::default()
         };
-        let info = js.create_or_update_stream(config).await.map_err(|e| {
-            unavailable(
-                format!("creating or updating the stream `{}`", opts.stream),
-                e,
-            )
-        })?;
+        // A cluster that has just started (or lost a node) may still be electing its leaders:
+        // creating the stream is tried again for a while before the host gives up.
+        let deadline = Instant::now() + OPEN_PATIENCE;
+        let info = loop {
+            match js.create_or_update_stream(config.clone()).await {
+                Ok(info) => break info,
+                Err(error) if Instant::now() < deadline => {
+                    warn!(stream = %opts.stream, %error, "the stream is not available yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    return Err(unavailable(
+                        format!("creating or updating the stream `{}`", opts.stream),
+                        error,
+                    ))
+                }
+            }
+        };
         let stream = js
             .get_stream(&opts.stream)
             .await
@@ -365,6 +389,7 @@ impl JetStreamLedger {
             state: Mutex::new(State::new(opts.cache_events)),
             applied: watch::channel(0).0,
             notifiers: Notifiers::default(),
+            reconnected,
             undelivered: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -429,8 +454,31 @@ impl JetStreamLedger {
     }
 }
 
-async fn connect(opts: &JetStreamOptions) -> Result<async_nats::Client, LedgerError> {
+async fn connect(
+    opts: &JetStreamOptions,
+    reconnected: Arc<Notify>,
+) -> Result<async_nats::Client, LedgerError> {
+    // Only a connection that follows a loss is a reconnect: the first one is not.
+    let lost = Arc::new(AtomicBool::new(false));
     let mut connect = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let (reconnected, lost) = (reconnected.clone(), lost.clone());
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        if lost.swap(false, Ordering::AcqRel) {
+                            info!("reconnected to NATS");
+                            reconnected.notify_one();
+                        }
+                    }
+                    async_nats::Event::Disconnected => {
+                        lost.store(true, Ordering::Release);
+                        warn!("disconnected from NATS");
+                    }
+                    other => debug!(event = %other, "NATS connection event"),
+                }
+            }
+        })
         .name(&opts.client_name)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(opts.ack_timeout));
@@ -505,13 +553,24 @@ async fn tail(inner: Arc<Inner>, ready: oneshot::Sender<()>) {
         };
         match messages {
             Ok(mut messages) => {
-                while let Some(message) = messages.next().await {
+                loop {
+                    // An ordered consumer lives on the server it was made on; after a
+                    // reconnect it is followed again from where the fold stands, rather than
+                    // after its missed heartbeats.
+                    let message = tokio::select! {
+                        message = messages.next() => message,
+                        _ = inner.reconnected.notified() => {
+                            info!("following the ledger's stream again after a reconnect");
+                            break;
+                        }
+                    };
                     let message = match message {
-                        Ok(message) => message,
-                        Err(error) => {
+                        Some(Ok(message)) => message,
+                        Some(Err(error)) => {
                             warn!(%error, "the ledger's view of the stream was interrupted; resuming");
                             break;
                         }
+                        None => break,
                     };
                     let Ok(info) = message.info() else {
                         warn!(subject = %message.subject, "skipping a message without stream metadata");
