@@ -316,10 +316,14 @@ async fn entity_load(
 async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<PluginBacklog> {
     let ledger: SharedLedger = match nats {
         None => Arc::new(RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap()),
+        // Under the host's own name: the stream is still held for it.
         Some(nats) => Arc::new(
-            JetStreamLedger::open(JetStreamOptions::new(nats.urls()))
-                .await
-                .unwrap(),
+            JetStreamLedger::open(JetStreamOptions {
+                client_name: "prismhook durability".into(),
+                ..JetStreamOptions::new(nats.urls())
+            })
+            .await
+            .unwrap(),
         ),
     };
     let backlog = ledger.backlog().unwrap();

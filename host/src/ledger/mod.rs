@@ -242,6 +242,13 @@ pub enum LedgerError {
     },
     #[error("ledger {what} is corrupt: {detail}")]
     Corrupt { what: String, detail: String },
+    /// Another host dispatches from this ledger (see the JetStream backend's owner guard).
+    #[error("ledger {what} is in use by `{holder}`; {hint}")]
+    InUse {
+        what: String,
+        holder: String,
+        hint: String,
+    },
     #[error("ledger is closed")]
     Closed,
 }

@@ -66,7 +66,7 @@ pub struct JetStreamOptions {
     pub auth: NatsSignIn,
     /// A CA bundle (PEM) to verify the servers with; setting it requires TLS.
     pub tls_ca: Option<PathBuf>,
-    /// The name this host shows in the server's connection list.
+    /// The name this host shows in the server's connection list, and holds the stream by.
     pub client_name: String,
     /// How long a publish waits for JetStream's acknowledgement.
     pub ack_timeout: Duration,
@@ -157,10 +157,12 @@ impl Inner {
                 .store(state.index.undelivered, Ordering::Relaxed);
             wake
         };
-        self.applied.send_replace(seq);
+        // Woken before the sequence is published: a caller waiting for its own change must not
+        // return ahead of the signal that change raises.
         for plugin in wake {
             self.notifiers.wake(&plugin);
         }
+        self.applied.send_replace(seq);
     }
 
     /// Publishes one message and waits for JetStream to acknowledge it.
@@ -290,13 +292,15 @@ impl Inner {
     }
 }
 
-/// Stops the fold when the last handle goes.
-struct Tail(Mutex<Option<JoinHandle<()>>>);
+/// Stops the fold and the owner's renewal when the last handle goes.
+struct Tail(Mutex<Vec<JoinHandle<()>>>);
 
 impl Tail {
     fn stop(&self) {
-        if let Some(task) = self.0.lock().ok().and_then(|mut t| t.take()) {
-            task.abort();
+        if let Ok(mut tasks) = self.0.lock() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
         }
     }
 }
@@ -395,10 +399,11 @@ impl JetStreamLedger {
             closed: AtomicBool::new(false),
             opts,
         });
+        let renewal = own(&inner.js, &inner.opts, replicas).await?;
         let (ready_tx, ready) = oneshot::channel();
         let task = tokio::spawn(tail(inner.clone(), ready_tx));
         let ledger = JetStreamLedger {
-            tail: Arc::new(Tail(Mutex::new(Some(task)))),
+            tail: Arc::new(Tail(Mutex::new(vec![renewal, task]))),
             inner,
         };
         ready.await.map_err(|_| LedgerError::Closed)?;
@@ -452,6 +457,87 @@ impl JetStreamLedger {
         event.received_at_ms.abs_diff(received) < window
             && now_ms().saturating_sub(received) < window
     }
+}
+
+/// How long the owner's record outlives its last renewal.
+const OWNER_TTL: Duration = Duration::from_secs(15);
+const OWNER_KEY: &str = "dispatcher";
+
+/// Takes the stream for this host, or refuses: until dispatch is shared between hosts by lease,
+/// two hosts dispatching from one stream would deliver everything twice, out of order. The
+/// owner is a key in a KV bucket whose entries expire `OWNER_TTL` after their last renewal, so a
+/// host that died frees the stream by itself; the same host (by name) restarting takes it back
+/// at once. Returns the task that renews it.
+async fn own(
+    js: &jetstream::Context,
+    opts: &JetStreamOptions,
+    replicas: usize,
+) -> Result<JoinHandle<()>, LedgerError> {
+    let bucket = format!("{}_OWNER", opts.stream);
+    let config = jetstream::kv::Config {
+        bucket: bucket.clone(),
+        description: "which prismhook host dispatches from the ledger's stream".into(),
+        history: 1,
+        max_age: OWNER_TTL,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let kv = match js.create_key_value(config).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| unavailable(format!("opening the KV bucket `{bucket}`"), e))?,
+    };
+    let me: bytes::Bytes = opts.client_name.clone().into();
+    let holder = |kv: jetstream::kv::Store| async move {
+        kv.entry(OWNER_KEY)
+            .await
+            .ok()
+            .flatten()
+            .filter(|e| e.operation == jetstream::kv::Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+    };
+    if kv.create(OWNER_KEY, me.clone()).await.is_err() {
+        match holder(kv.clone()).await {
+            Some(other) if other != opts.client_name => {
+                return Err(LedgerError::InUse {
+                    what: format!("stream `{}`", opts.stream),
+                    holder: other,
+                    hint: format!(
+                        "one host dispatches from a stream (it is free {}s after its host \
+                         stops); give this host a stream of its own",
+                        OWNER_TTL.as_secs()
+                    ),
+                })
+            }
+            _ => {
+                kv.put(OWNER_KEY, me.clone())
+                    .await
+                    .map_err(|e| unavailable(format!("taking the stream `{}`", opts.stream), e))?;
+            }
+        }
+    }
+    let name = opts.client_name.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(OWNER_TTL / 3).await;
+            match holder(kv.clone()).await {
+                Some(other) if other != name => {
+                    tracing::error!(
+                        holder = other,
+                        "another host has taken this ledger's stream"
+                    )
+                }
+                _ => {
+                    if let Err(error) = kv.put(OWNER_KEY, me.clone()).await {
+                        warn!(%error, "cannot renew this host's hold on the ledger's stream");
+                    }
+                }
+            }
+        }
+    }))
 }
 
 async fn connect(
@@ -988,5 +1074,34 @@ impl Drop for Unclaim<'_> {
             self.inner.state().index.release(self.plugin, &self.ids);
             self.inner.notifiers.wake(self.plugin);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_host_is_refused_the_stream_and_the_same_host_gets_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let named = |name: &str| JetStreamOptions {
+            client_name: name.into(),
+            ..JetStreamOptions::new(nats.urls())
+        };
+        let first = JetStreamLedger::open(named("prismhook a")).await.unwrap();
+        let refused = JetStreamLedger::open(named("prismhook b"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, LedgerError::InUse { holder, .. } if holder == "prismhook a"),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("stream `PRISMHOOK` is in use"),
+            "{refused}"
+        );
+        drop(first); // as by a crash: the record stays until it expires
+        JetStreamLedger::open(named("prismhook a")).await.unwrap();
     }
 }
