@@ -26,7 +26,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::ledger::index::{lane_key, Failure, Index};
+use crate::ledger::index::{lane_key, Index};
 use crate::ledger::wake::{instant_of, Notifiers};
 use store::{
     decode_vm, event_from_row, DeliveryRecord, DeliveryState, Tables, DELIVERED_PREFIX, DELIVERIES,
@@ -612,11 +612,7 @@ fn rebuild(db: &Database) -> Result<(Index, u64), LedgerError> {
             };
             match record.state {
                 DeliveryState::Pending => {
-                    let failure = (record.attempts > 0).then_some(Failure {
-                        attempts: record.attempts,
-                        due_at_ms: record.due_at_ms,
-                    });
-                    index.add_pending(plugin, id, lane, received_at_ms, failure);
+                    index.add_pending(plugin, id, lane, received_at_ms, record.failure());
                 }
                 DeliveryState::Dead => index.add_dead(plugin, id, lane, received_at_ms),
             }

@@ -437,7 +437,7 @@ impl JetStreamLedger {
     /// Whether a notification JetStream calls a duplicate of event `original` is one by the
     /// ledger's rule: received within the window of the original, while the original is itself
     /// within the window of now.
-    async fn is_duplicate(&self, original: u64, event: &NewEvent) -> bool {
+    async fn is_duplicate(&self, original: u64, received_at_ms: u64) -> bool {
         let window = self.inner.opts.dedupe_window.as_millis() as u64;
         let known = self
             .inner
@@ -454,8 +454,7 @@ impl JetStreamLedger {
                 Err(_) => return false,
             },
         };
-        event.received_at_ms.abs_diff(received) < window
-            && now_ms().saturating_sub(received) < window
+        received_at_ms.abs_diff(received) < window && now_ms().saturating_sub(received) < window
     }
 }
 
@@ -689,14 +688,16 @@ impl Ledger for JetStreamLedger {
         plugins.sort_unstable();
         plugins.dedup();
         let deliveries = plugins.len();
+        let (dedupe_key, received_at_ms) = (event.dedupe_key, event.received_at_ms);
+        // The event moves into the record: its body is not copied on the way.
         let record = EventRecord {
-            cluster: event.cluster.clone(),
-            event_type: event.event_type.clone(),
-            entity_kind: event.entity_kind.clone(),
-            entity_uuid: event.entity_uuid.clone(),
-            received_at_ms: event.received_at_ms,
-            body: event.body.clone(),
-            vm: event.vm.clone(),
+            cluster: event.cluster,
+            event_type: event.event_type,
+            entity_kind: event.entity_kind,
+            entity_uuid: event.entity_uuid,
+            received_at_ms,
+            body: event.body,
+            vm: event.vm,
             plugins,
         };
         let payload: bytes::Bytes = serde_json::to_vec(&record)
@@ -705,31 +706,33 @@ impl Ledger for JetStreamLedger {
         let message = |msg_id: Option<String>| {
             let m = PublishMessage::build()
                 .payload(payload.clone())
-                .header(RECEIVED, event.received_at_ms.to_string());
+                .header(RECEIVED, received_at_ms.to_string());
             match msg_id {
                 Some(id) => m.message_id(id),
                 None => m,
             }
         };
-        let context = || format!("storing a {} event of {}", event.event_type, event.cluster);
+        let context = || {
+            format!(
+                "storing a {} event of {}",
+                record.event_type, record.cluster
+            )
+        };
         let mut ack = self
             .inner
             .publish(
                 self.inner.subjects.new_event(),
-                message(event.dedupe_key.clone()),
+                message(dedupe_key.clone()),
                 context,
             )
             .await?;
         if ack.duplicate {
-            if self.is_duplicate(ack.sequence, &event).await {
+            if self.is_duplicate(ack.sequence, received_at_ms).await {
                 return Ok(Appended::Duplicate { id: ack.sequence });
             }
             // JetStream still remembers the key, but the ledger's window has passed: a new
             // notification, under a key of its own.
-            let key = event
-                .dedupe_key
-                .as_deref()
-                .map(|k| format!("{k}@{}", event.received_at_ms));
+            let key = dedupe_key.map(|k| format!("{k}@{received_at_ms}"));
             ack = self
                 .inner
                 .publish(self.inner.subjects.new_event(), message(key), context)
