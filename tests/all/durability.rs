@@ -153,6 +153,15 @@ impl Poster {
     }
 }
 
+/// The seconds a 503 asks the sender to wait.
+fn retry_after(refusal: &reqwest::Response) -> u64 {
+    refusal.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// A notification the probe acts on by its type (see its docs), for
 /// `entity`; each one unique so that dedupe keeps it.
 fn probe_event(event_type: &str, entity: &str, extra: Value) -> Value {
@@ -1017,11 +1026,7 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     }
     let refusal = refusal.expect("the listener never pushed back");
     assert_eq!(accepted, [1, 2, 3, 4, 5], "exactly the limit is accepted");
-    let retry_after: u64 = refusal.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&refusal);
     assert!(
         (1..=3600).contains(&retry_after),
         "Retry-After: {retry_after}"
@@ -1104,11 +1109,7 @@ async fn while_its_nats_cluster_is_down_the_listener_answers_503_and_nothing_ans
     let during = note("during");
     let refusal = poster.post(&during).await.unwrap();
     assert_eq!(refusal.status(), 503);
-    let retry_after: u64 = refusal.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&refusal);
     assert!(
         (1..=60).contains(&retry_after),
         "Retry-After: {retry_after}"
