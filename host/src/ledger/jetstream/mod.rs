@@ -472,6 +472,25 @@ async fn own(
     opts: &JetStreamOptions,
     replicas: usize,
 ) -> Result<JoinHandle<()>, LedgerError> {
+    // As with the stream: a bucket whose leader is moving (a node just lost) answers again
+    // within moments, and a host starting then must wait for it, not fail.
+    let deadline = Instant::now() + OPEN_PATIENCE;
+    loop {
+        match try_own(js, opts, replicas).await {
+            Err(error @ LedgerError::Unavailable { .. }) if Instant::now() < deadline => {
+                warn!(stream = %opts.stream, %error, "cannot take the stream yet; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_own(
+    js: &jetstream::Context,
+    opts: &JetStreamOptions,
+    replicas: usize,
+) -> Result<JoinHandle<()>, LedgerError> {
     let bucket = format!("{}_OWNER", opts.stream);
     let config = jetstream::kv::Config {
         bucket: bucket.clone(),
