@@ -199,6 +199,7 @@ impl App {
         source.start(SourceContext {
             subscriptions: registry.watch_subscriptions(),
             inventory: Arc::new(dispatcher.clone()),
+            leadership: ledger.leadership(),
         })?;
 
         let admin_token = match &config.admin.token {

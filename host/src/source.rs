@@ -81,6 +81,10 @@ pub struct SourceContext {
     /// does (see `Registry::watch_subscriptions`).
     pub subscriptions: watch::Receiver<Vec<String>>,
     pub inventory: std::sync::Arc<dyn InventorySink>,
+    /// Whether this host leads the hosts that share its ledger (always, for a host alone):
+    /// periodic reconciles run on the leader only, so that a firewall is not reconciled by
+    /// every host at once.
+    pub leadership: watch::Receiver<bool>,
 }
 
 /// A system that sends the host notifications.

@@ -325,7 +325,7 @@ async fn entity_load(
 async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<PluginBacklog> {
     let ledger: SharedLedger = match nats {
         None => Arc::new(RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap()),
-        // Under the host's own name: the stream is still held for it.
+        // Under the host's own name, which takes back at once the leases it left behind.
         Some(nats) => Arc::new(
             JetStreamLedger::open(JetStreamOptions {
                 client_name: "prismhook durability".into(),

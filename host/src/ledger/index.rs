@@ -7,21 +7,24 @@
 //! every in-flight delivery must be delivered again anyway (at least once).
 //!
 //! Per plugin, undelivered events are kept in *lanes*, one per entity (cluster + entity uuid),
-//! each a queue of event ids in arrival order. A lane is in exactly one of three places:
+//! each a queue of event ids in arrival order. Each lane belongs to a partition (see
+//! `partition`), and within its partition it is in exactly one of three places:
 //! - `ready`, keyed by its head event id, when nothing of it is in flight and its head is due;
 //! - `waiting`, keyed by (due time, head id), when its head waits for a retry time;
 //! - nowhere, while some of its events are in flight, or when it is empty (then it is removed).
 //!
-//! Claiming is then a k-way merge in id order over the ready lanes: take the lane with the
-//! smallest head, then keep taking whichever of the ready heads or the next events of
-//! already-taken lanes has the smallest id. That gives per-entity order (a lane with anything in
-//! flight is never offered), fairness between entities (global arrival order), and batches that
-//! mix entities and may hold several consecutive events of one.
+//! Claiming is then a k-way merge in id order over the ready lanes of the partitions this host
+//! holds: take the lane with the smallest head, then keep taking whichever of the ready heads or
+//! the next events of already-taken lanes has the smallest id. That gives per-entity order (a
+//! lane with anything in flight is never offered), fairness between entities (global arrival
+//! order), and batches that mix entities and may hold several consecutive events of one. A
+//! host alone holds every partition; hosts sharing a ledger hold disjoint sets of them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::ledger::PluginBacklog;
+use crate::ledger::partition::{partition_of, PartitionSet, PARTITIONS};
+use crate::ledger::{PartitionLag, PluginBacklog};
 
 /// Identifies a lane: the entity whose events must stay in order.
 pub(crate) type LaneKey = Arc<str>;
@@ -67,13 +70,20 @@ struct Lane {
     queue: VecDeque<u64>,
     in_flight: usize,
     slot: Slot,
+    partition: usize,
 }
 
+/// One partition's schedulable lanes.
 #[derive(Debug, Default)]
-pub(crate) struct PluginIndex {
-    lanes: HashMap<LaneKey, Lane>,
+struct Part {
     ready: BTreeMap<u64, LaneKey>,
     waiting: BTreeMap<(u64, u64), LaneKey>,
+}
+
+#[derive(Debug)]
+pub(crate) struct PluginIndex {
+    lanes: HashMap<LaneKey, Lane>,
+    parts: Box<[Part]>,
     in_flight: HashSet<u64>,
     /// Deliveries that have failed at least once and are not done or dead.
     failed: HashMap<u64, Failure>,
@@ -84,12 +94,27 @@ pub(crate) struct PluginIndex {
     pub delivered: u64,
 }
 
+impl Default for PluginIndex {
+    fn default() -> Self {
+        PluginIndex {
+            lanes: HashMap::new(),
+            parts: (0..PARTITIONS).map(|_| Part::default()).collect(),
+            in_flight: HashSet::new(),
+            failed: HashMap::new(),
+            dead: BTreeSet::new(),
+            undelivered: 0,
+            delivered: 0,
+        }
+    }
+}
+
 impl PluginIndex {
     fn enqueue(&mut self, id: u64, lane: &LaneKey) {
         let entry = self.lanes.entry(lane.clone()).or_insert_with(|| Lane {
             queue: VecDeque::new(),
             in_flight: 0,
             slot: Slot::Idle,
+            partition: partition_of(lane),
         });
         // Appends arrive in id order; only replays insert in the middle.
         match entry.queue.back() {
@@ -114,13 +139,14 @@ impl PluginIndex {
         let Some(lane) = self.lanes.get_mut(key) else {
             return;
         };
+        let part = &mut self.parts[lane.partition];
         match lane.slot {
             Slot::Idle => {}
             Slot::Ready(head) => {
-                self.ready.remove(&head);
+                part.ready.remove(&head);
             }
             Slot::Waiting(due, head) => {
-                self.waiting.remove(&(due, head));
+                part.waiting.remove(&(due, head));
             }
         }
         lane.slot = Slot::Idle;
@@ -133,29 +159,39 @@ impl PluginIndex {
         };
         match self.failed.get(&head) {
             Some(f) if f.due_at_ms > 0 => {
-                self.waiting.insert((f.due_at_ms, head), key.clone());
+                part.waiting.insert((f.due_at_ms, head), key.clone());
                 lane.slot = Slot::Waiting(f.due_at_ms, head);
             }
             _ => {
-                self.ready.insert(head, key.clone());
+                part.ready.insert(head, key.clone());
                 lane.slot = Slot::Ready(head);
             }
         }
     }
 
     /// Moves lanes whose retry time has come from `waiting` to `ready`.
-    fn promote(&mut self, now_ms: u64) {
-        while let Some(entry) = self.waiting.first_entry() {
-            let (due, head) = *entry.key();
-            if due > now_ms {
-                break;
+    fn promote(&mut self, now_ms: u64, held: PartitionSet) {
+        for p in held.iter() {
+            let part = &mut self.parts[p];
+            while let Some(entry) = part.waiting.first_entry() {
+                let (due, head) = *entry.key();
+                if due > now_ms {
+                    break;
+                }
+                let key = entry.remove();
+                if let Some(lane) = self.lanes.get_mut(&key) {
+                    lane.slot = Slot::Ready(head);
+                }
+                part.ready.insert(head, key);
             }
-            let key = entry.remove();
-            if let Some(lane) = self.lanes.get_mut(&key) {
-                lane.slot = Slot::Ready(head);
-            }
-            self.ready.insert(head, key);
         }
+    }
+
+    /// The smallest ready head over the held partitions, with its partition.
+    fn first_ready(&self, held: PartitionSet) -> Option<(u64, usize)> {
+        held.iter()
+            .filter_map(|p| self.parts[p].ready.first_key_value().map(|(&id, _)| (id, p)))
+            .min()
     }
 
     fn is_due(&self, id: u64, now_ms: u64) -> bool {
@@ -164,20 +200,21 @@ impl PluginIndex {
 
     /// Takes up to `max` due deliveries in id order and marks them in flight; returns each id
     /// with the 1-based number of the attempt about to be made.
-    fn claim(&mut self, now_ms: u64, max: usize) -> Vec<(u64, u32)> {
-        self.promote(now_ms);
+    fn claim(&mut self, now_ms: u64, max: usize, held: PartitionSet) -> Vec<(u64, u32)> {
+        self.promote(now_ms, held);
         let mut out = Vec::new();
         // Next candidate of each lane already taken in this claim, by id, with its queue position.
         let mut frontier: BTreeMap<u64, (LaneKey, usize)> = BTreeMap::new();
         while out.len() < max {
-            let take_ready = match (self.ready.first_key_value(), frontier.first_key_value()) {
+            let ready = self.first_ready(held);
+            let take_ready = match (ready, frontier.first_key_value()) {
                 (None, None) => break,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
-                (Some((r, _)), Some((f, _))) => r < f,
+                (Some((r, _)), Some((f, _))) => r < *f,
             };
-            let (id, key, pos) = if take_ready {
-                let (id, key) = self.ready.pop_first().expect("checked non-empty");
+            let (id, key, pos) = if let (true, Some((_, p))) = (take_ready, ready) {
+                let (id, key) = self.parts[p].ready.pop_first().expect("checked non-empty");
                 (id, key, 0)
             } else {
                 let (id, (key, pos)) = frontier.pop_first().expect("checked non-empty");
@@ -233,11 +270,18 @@ impl PluginIndex {
     /// The earliest time something of this plugin is claimable: `Some(0)` when something is due
     /// now, `None` when nothing is waiting (in-flight lanes are not counted: completing them
     /// signals the notifier).
-    fn next_due_ms(&self) -> Option<u64> {
-        if !self.ready.is_empty() {
-            return Some(0);
+    fn next_due_ms(&self, held: PartitionSet) -> Option<u64> {
+        let mut due = None;
+        for p in held.iter() {
+            let part = &self.parts[p];
+            if !part.ready.is_empty() {
+                return Some(0);
+            }
+            if let Some(&(at, _)) = part.waiting.keys().next() {
+                due = Some(due.map_or(at, |d: u64| d.min(at)));
+            }
         }
-        self.waiting.keys().next().map(|&(due, _)| due)
+        due
     }
 
     fn backlog(&self, plugin: &str, events: &HashMap<u64, EventInfo>) -> PluginBacklog {
@@ -270,6 +314,8 @@ pub(crate) struct Index {
     pub events: HashMap<u64, EventInfo>,
     /// Pending plus in-flight deliveries over all plugins (what backpressure limits).
     pub undelivered: u64,
+    /// The partitions this host claims from; all of them unless it shares the ledger.
+    pub held: PartitionSet,
 }
 
 impl Index {
@@ -337,7 +383,7 @@ impl Index {
 
     pub fn claim(&mut self, plugin: &str, now_ms: u64, max: usize) -> Vec<(u64, u32)> {
         match self.plugins.get_mut(plugin) {
-            Some(p) if max > 0 => p.claim(now_ms, max),
+            Some(p) if max > 0 => p.claim(now_ms, max, self.held),
             _ => Vec::new(),
         }
     }
@@ -455,7 +501,43 @@ impl Index {
     }
 
     pub fn next_due_ms(&self, plugin: &str) -> Option<u64> {
-        self.plugins.get(plugin).and_then(PluginIndex::next_due_ms)
+        self.plugins.get(plugin).and_then(|p| p.next_due_ms(self.held))
+    }
+
+    /// Deliveries in flight (over all plugins) in one partition.
+    pub fn in_flight_in(&self, partition: usize) -> usize {
+        self.plugins
+            .values()
+            .flat_map(|p| p.in_flight.iter())
+            .filter(|id| {
+                self.events
+                    .get(id)
+                    .is_some_and(|e| partition_of(&e.lane) == partition)
+            })
+            .count()
+    }
+
+    /// Undelivered deliveries (over all plugins) per partition, with the oldest one's time.
+    pub fn lag(&self) -> Vec<PartitionLag> {
+        let mut lag: Vec<PartitionLag> = (0..PARTITIONS)
+            .map(|partition| PartitionLag {
+                partition,
+                undelivered: 0,
+                oldest_undelivered_ms: None,
+            })
+            .collect();
+        for p in self.plugins.values() {
+            for lane in p.lanes.values() {
+                let entry = &mut lag[lane.partition];
+                entry.undelivered += lane.queue.len() as u64;
+                let head = lane.queue.front().and_then(|id| self.events.get(id));
+                if let Some(at) = head.map(|e| e.received_at_ms) {
+                    let oldest = entry.oldest_undelivered_ms.get_or_insert(at);
+                    *oldest = (*oldest).min(at);
+                }
+            }
+        }
+        lag
     }
 
     /// Every plugin's counts, by name.
@@ -565,6 +647,31 @@ mod tests {
         index.forget_dead("q", 1);
         assert!(!index.events.contains_key(&1));
         assert_eq!(index.undelivered, 0);
+    }
+
+    #[test]
+    fn a_host_claims_and_waits_only_for_the_partitions_it_holds() {
+        let mut index = Index::default();
+        // Two entities in different partitions.
+        let a = lane("a");
+        let b = (0..)
+            .map(|i| lane(&format!("b{i}")))
+            .find(|l| partition_of(l) != partition_of(&a))
+            .unwrap();
+        index.add_pending("p", 1, a.clone(), 1, None);
+        index.add_pending("p", 2, b.clone(), 2, None);
+        index.held = PartitionSet::NONE.with(partition_of(&b));
+        assert_eq!(ids(&index.claim("p", 0, 10)), [2]);
+        assert_eq!(index.next_due_ms("p"), None, "a's partition is not ours");
+        assert_eq!(index.in_flight_in(partition_of(&b)), 1);
+        assert_eq!(index.in_flight_in(partition_of(&a)), 0);
+        index.held = index.held.with(partition_of(&a));
+        assert_eq!(index.next_due_ms("p"), Some(0));
+        assert_eq!(ids(&index.claim("p", 0, 10)), [1]);
+        let lag = index.lag();
+        assert_eq!(lag[partition_of(&a)].undelivered, 1);
+        assert_eq!(lag[partition_of(&a)].oldest_undelivered_ms, Some(1));
+        assert_eq!(lag.iter().map(|l| l.undelivered).sum::<u64>(), 2);
     }
 
     #[test]

@@ -36,6 +36,7 @@ mod delivery;
 pub mod embedded;
 mod index;
 pub mod jetstream;
+mod partition;
 mod retry;
 #[cfg(test)]
 mod suite;
@@ -47,11 +48,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::event::Vm;
 
 pub use embedded::{LedgerOptions, RedbLedger};
 pub use jetstream::{JetStreamLedger, JetStreamOptions};
+pub use partition::{PartitionSet, PARTITIONS};
 pub use retry::{Jitter, RetryPolicy};
 
 /// A ledger shared by every part of the host.
@@ -174,6 +177,46 @@ pub struct LedgerStats {
     pub commits: u64,
     /// Bytes of storage in use, as compared with the backend's size limit.
     pub bytes: u64,
+}
+
+/// One partition's undelivered deliveries, over all plugins: its lag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionLag {
+    pub partition: usize,
+    /// Pending plus in-flight deliveries.
+    pub undelivered: u64,
+    /// When the oldest of them (by lane head) was received.
+    pub oldest_undelivered_ms: Option<u64>,
+}
+
+/// Hosts sharing one ledger, and how they split its work, as one of them sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// The host that answers.
+    pub me: String,
+    /// The host that runs the jobs one host runs for all (reconcile), if any holds the lease.
+    pub leader: Option<String>,
+    /// Every live host, by name.
+    pub hosts: Vec<HostLeases>,
+    /// Partitions no live host holds at this moment (moving from one host to another).
+    pub unheld: Vec<usize>,
+    /// Partitions this host claims from.
+    pub serving: Vec<usize>,
+    /// Every partition's lag, from this host's view of the ledger.
+    pub lag: Vec<PartitionLag>,
+}
+
+/// One live host of a [`Membership`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostLeases {
+    pub name: String,
+    /// The host that answers.
+    pub me: bool,
+    pub leader: bool,
+    /// The partitions whose leases it holds.
+    pub partitions: Vec<usize>,
+    /// How long ago it last renewed its presence.
+    pub seen_ms_ago: u64,
 }
 
 /// Why [`Ledger::wait_for_work`] returned.
@@ -327,6 +370,17 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
 
     /// Whole-ledger figures, from memory.
     fn stats(&self) -> LedgerStats;
+
+    /// The hosts sharing this ledger and what each holds; `None` for a ledger of one host.
+    fn membership(&self) -> Option<Membership> {
+        None
+    }
+
+    /// Whether this host leads, that is runs the jobs one host runs for all; it changes as
+    /// leadership moves between hosts. The only host of a ledger always leads.
+    fn leadership(&self) -> watch::Receiver<bool> {
+        watch::channel(true).1
+    }
 
     /// Deletes events past the retention period whose deliveries are all done, and dedupe keys
     /// older than the dedupe window. Returns how many events were deleted. Call it on a timer.

@@ -456,7 +456,9 @@ async fn a_plugin_delay_of_u64_max_ms_is_held_to_the_max_age(h: &dyn Harness) {
 
 async fn retry_state_survives_reopening(h: &dyn Harness) {
     let mut opts = policy();
-    opts.retry.initial = Duration::from_millis(100);
+    // Longer than reopening takes: a JetStream host restarted under its name first makes sure
+    // the process it replaces is gone (about a second and a half).
+    opts.retry.initial = Duration::from_secs(3);
     let ledger = h.open(&opts);
     append(&ledger, "a", &["fw"]).await;
     let batch = ledger.claim("fw", 1).await.unwrap();
@@ -468,7 +470,7 @@ async fn retry_state_survives_reopening(h: &dyn Harness) {
         ledger.claim("fw", 1).await.unwrap().is_empty(),
         "still waiting"
     );
-    until_due(&ledger, "fw", Duration::from_secs(1)).await;
+    until_due(&ledger, "fw", Duration::from_secs(4)).await;
     assert_eq!(ledger.claim("fw", 1).await.unwrap()[0].attempt, 2);
 }
 

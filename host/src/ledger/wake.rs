@@ -31,6 +31,14 @@ impl Notifiers {
         self.get(plugin).notify_one();
     }
 
+    /// Wakes every plugin's dispatcher (work that was there all along became this host's).
+    pub fn wake_all(&self) {
+        let notifiers = self.0.lock().expect("ledger notifier lock poisoned");
+        for notify in notifiers.values() {
+            notify.notify_one();
+        }
+    }
+
     /// Waits for a signal, for the due time (`next_due_ms` from the index), or for `limit`.
     pub async fn wait(&self, plugin: &str, next_due_ms: Option<u64>, limit: Duration) -> Wake {
         let notify = self.get(plugin);

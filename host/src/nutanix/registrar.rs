@@ -235,9 +235,19 @@ impl Registrar {
 
     async fn run_reconcile(self) {
         let mut stop = self.inner.stop.subscribe();
+        let mut leadership = self.inner.ctx.leadership.clone();
         let interval = self.inner.cluster.reconcile_interval;
         let mut failures = 0u32;
         loop {
+            // Hosts sharing a ledger reconcile on the leader only; a host that becomes the
+            // leader reconciles at once, as the one before it may have died midway.
+            if !*leadership.borrow_and_update() {
+                tracing::info!(cluster = %self.inner.cluster.name, "not the leader; the leader reconciles");
+                tokio::select! {
+                    _ = until_leading(&mut leadership, true) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
             let wait = match self.reconcile().await {
                 // A plugin that failed (its firewall down, say) is tried
                 // again soon, not an interval later: with every plugin, as
@@ -269,6 +279,7 @@ impl Registrar {
             tokio::select! {
                 _ = tokio::time::sleep(wait.min(Duration::from_secs(86400 * 365))) => {}
                 _ = self.inner.reconcile_now.notified() => {}
+                _ = until_leading(&mut leadership, false) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -285,6 +296,14 @@ impl Registrar {
         s.last_reconcile_ms = Some(now_ms());
         s.last_reconcile = done.lines.clone();
         Ok(done)
+    }
+}
+
+/// Returns once this host's leadership is `leads`; never, if it can no longer change (a host
+/// alone leads for good).
+async fn until_leading(leadership: &mut watch::Receiver<bool>, leads: bool) {
+    if leadership.wait_for(|l| *l == leads).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

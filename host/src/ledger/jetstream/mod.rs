@@ -16,15 +16,21 @@
 //!   [`LedgerError::Unavailable`] (the listener answers 503 with `Retry-After`); a stream at its
 //!   byte limit refuses new messages, which is [`LedgerError::Backpressure`].
 //!
+//! - **Several hosts** share one stream: each claims from the partitions it holds by lease (see
+//!   `lease`), so each entity's events go to one host at a time, in order, and a host's death
+//!   moves its partitions to the others.
+//!
 //! What differs from redb: `delivered` counts the done deliveries the stream still holds plus
 //! those done since the handle opened (pruned events take their marks with them), and a dedupe
 //! key is forgotten by time alone (JetStream's duplicate window), not by `prune`.
 
 mod fold;
+mod lease;
 mod wire;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +47,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use fold::State;
+use lease::Leases;
 use wire::{EventRecord, Mark, Subjects, RECEIVED};
 
 use crate::clock::now_ms;
@@ -49,8 +56,8 @@ use crate::ledger::delivery::{plan_complete, Change, DeliveryRecord, Planned, St
 use crate::ledger::index::lane_key;
 use crate::ledger::wake::{instant_of, Notifiers};
 use crate::ledger::{
-    Appended, BackendError, DeadLetter, Delivery, Ledger, LedgerError, LedgerStats, NewEvent,
-    Outcome, PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
+    Appended, BackendError, DeadLetter, Delivery, Ledger, LedgerError, LedgerStats, Membership,
+    NewEvent, Outcome, PartitionSet, PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
 };
 
 /// Where the stream is and the limits the ledger keeps.
@@ -66,7 +73,8 @@ pub struct JetStreamOptions {
     pub auth: NatsSignIn,
     /// A CA bundle (PEM) to verify the servers with; setting it requires TLS.
     pub tls_ca: Option<PathBuf>,
-    /// The name this host shows in the server's connection list, and holds the stream by.
+    /// The name this host shows in the server's connection list, and holds its leases by:
+    /// every host sharing the stream needs its own.
     pub client_name: String,
     /// How long a publish waits for JetStream's acknowledgement.
     pub ack_timeout: Duration,
@@ -114,6 +122,26 @@ fn unavailable(context: impl Into<String>, source: impl Into<BackendError>) -> L
         context: context.into(),
         retry_after: UNAVAILABLE_RETRY_AFTER,
         source: source.into(),
+    }
+}
+
+/// Tries `attempt` again while it finds the cluster unavailable, for up to [`OPEN_PATIENCE`]: a
+/// cluster that has just started, or just lost a node, may still be electing the leaders of its
+/// streams, and a host starting then must wait for them rather than fail.
+async fn patiently<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, LedgerError>>,
+{
+    let deadline = Instant::now() + OPEN_PATIENCE;
+    loop {
+        match attempt().await {
+            Err(error @ LedgerError::Unavailable { .. }) if Instant::now() < deadline => {
+                warn!(%error, "{what}: not available yet; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -204,6 +232,18 @@ impl Inner {
         self.folded(last).await
     }
 
+    /// Waits until the fold has reached the end of the stream as it is now.
+    async fn caught_up(&self) -> Result<(), LedgerError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| unavailable("reading the stream's state", e))?;
+        tokio::time::timeout(OPEN_PATIENCE, self.folded(info.state.last_sequence))
+            .await
+            .map_err(|_| unavailable("catching up with the stream", "the fold fell behind"))?
+    }
+
     /// Waits until the fold has reached `seq`.
     async fn folded(&self, seq: u64) -> Result<(), LedgerError> {
         let mut applied = self.applied.subscribe();
@@ -292,7 +332,7 @@ impl Inner {
     }
 }
 
-/// Stops the fold and the owner's renewal when the last handle goes.
+/// Stops the fold and the leases' renewal when the last handle goes.
 struct Tail(Mutex<Vec<JoinHandle<()>>>);
 
 impl Tail {
@@ -316,6 +356,7 @@ impl Drop for Tail {
 pub struct JetStreamLedger {
     tail: Arc<Tail>,
     inner: Arc<Inner>,
+    leases: Arc<Leases>,
 }
 
 impl fmt::Debug for JetStreamLedger {
@@ -361,36 +402,28 @@ impl JetStreamLedger {
             allow_direct: true,
             ..Default::default()
         };
-        // A cluster that has just started (or lost a node) may still be electing its leaders:
-        // creating the stream is tried again for a while before the host gives up.
-        let deadline = Instant::now() + OPEN_PATIENCE;
-        let info = loop {
-            match js.create_or_update_stream(config.clone()).await {
-                Ok(info) => break info,
-                Err(error) if Instant::now() < deadline => {
-                    warn!(stream = %opts.stream, %error, "the stream is not available yet; trying again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(error) => {
-                    return Err(unavailable(
-                        format!("creating or updating the stream `{}`", opts.stream),
-                        error,
-                    ))
-                }
-            }
-        };
+        let what = format!("creating or updating the stream `{}`", opts.stream);
+        let info = patiently(&what, || async {
+            js.create_or_update_stream(config.clone())
+                .await
+                .map_err(|e| unavailable(what.clone(), e))
+        })
+        .await?;
         let stream = js
             .get_stream(&opts.stream)
             .await
             .map_err(|e| unavailable(format!("opening the stream `{}`", opts.stream), e))?;
 
+        // Nothing is claimed before this host holds partitions by lease.
+        let mut state = State::new(opts.cache_events);
+        state.index.held = PartitionSet::NONE;
         let inner = Arc::new(Inner {
             bytes: AtomicU64::new(info.state.bytes),
             client,
             js,
             stream,
             subjects,
-            state: Mutex::new(State::new(opts.cache_events)),
+            state: Mutex::new(state),
             applied: watch::channel(0).0,
             notifiers: Notifiers::default(),
             reconnected,
@@ -399,14 +432,19 @@ impl JetStreamLedger {
             closed: AtomicBool::new(false),
             opts,
         });
-        let renewal = own(&inner.js, &inner.opts, replicas).await?;
         let (ready_tx, ready) = oneshot::channel();
-        let task = tokio::spawn(tail(inner.clone(), ready_tx));
-        let ledger = JetStreamLedger {
-            tail: Arc::new(Tail(Mutex::new(vec![renewal, task]))),
-            inner,
-        };
+        let fold = tokio::spawn(tail(inner.clone(), ready_tx));
+        let tail_tasks = Arc::new(Tail(Mutex::new(vec![fold])));
         ready.await.map_err(|_| LedgerError::Closed)?;
+        // With the fold caught up, the first round of leases: a host alone (or the first of
+        // several) serves its partitions before `open` returns.
+        let (leases, renewal) = Leases::join(&inner, replicas).await?;
+        tail_tasks.0.lock().expect("tail lock").push(renewal);
+        let ledger = JetStreamLedger {
+            tail: tail_tasks,
+            inner,
+            leases,
+        };
         let state = ledger.inner.state();
         info!(
             stream = %ledger.inner.opts.stream,
@@ -414,6 +452,7 @@ impl JetStreamLedger {
             messages = info.state.messages,
             undelivered = state.index.undelivered,
             events = state.index.events.len(),
+            serving = state.index.held.len(),
             "ledger open (JetStream)"
         );
         drop(state);
@@ -456,106 +495,6 @@ impl JetStreamLedger {
         };
         received_at_ms.abs_diff(received) < window && now_ms().saturating_sub(received) < window
     }
-}
-
-/// How long the owner's record outlives its last renewal.
-const OWNER_TTL: Duration = Duration::from_secs(15);
-const OWNER_KEY: &str = "dispatcher";
-
-/// Takes the stream for this host, or refuses: until dispatch is shared between hosts by lease,
-/// two hosts dispatching from one stream would deliver everything twice, out of order. The
-/// owner is a key in a KV bucket whose entries expire `OWNER_TTL` after their last renewal, so a
-/// host that died frees the stream by itself; the same host (by name) restarting takes it back
-/// at once. Returns the task that renews it.
-async fn own(
-    js: &jetstream::Context,
-    opts: &JetStreamOptions,
-    replicas: usize,
-) -> Result<JoinHandle<()>, LedgerError> {
-    // As with the stream: a bucket whose leader is moving (a node just lost) answers again
-    // within moments, and a host starting then must wait for it, not fail.
-    let deadline = Instant::now() + OPEN_PATIENCE;
-    loop {
-        match try_own(js, opts, replicas).await {
-            Err(error @ LedgerError::Unavailable { .. }) if Instant::now() < deadline => {
-                warn!(stream = %opts.stream, %error, "cannot take the stream yet; trying again");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-async fn try_own(
-    js: &jetstream::Context,
-    opts: &JetStreamOptions,
-    replicas: usize,
-) -> Result<JoinHandle<()>, LedgerError> {
-    let bucket = format!("{}_OWNER", opts.stream);
-    let config = jetstream::kv::Config {
-        bucket: bucket.clone(),
-        description: "which prismhook host dispatches from the ledger's stream".into(),
-        history: 1,
-        max_age: OWNER_TTL,
-        num_replicas: replicas,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    let kv = match js.create_key_value(config).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|e| unavailable(format!("opening the KV bucket `{bucket}`"), e))?,
-    };
-    let me: bytes::Bytes = opts.client_name.clone().into();
-    let holder = |kv: jetstream::kv::Store| async move {
-        kv.entry(OWNER_KEY)
-            .await
-            .ok()
-            .flatten()
-            .filter(|e| e.operation == jetstream::kv::Operation::Put)
-            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
-    };
-    if kv.create(OWNER_KEY, me.clone()).await.is_err() {
-        match holder(kv.clone()).await {
-            Some(other) if other != opts.client_name => {
-                return Err(LedgerError::InUse {
-                    what: format!("stream `{}`", opts.stream),
-                    holder: other,
-                    hint: format!(
-                        "one host dispatches from a stream (it is free {}s after its host \
-                         stops); give this host a stream of its own",
-                        OWNER_TTL.as_secs()
-                    ),
-                })
-            }
-            _ => {
-                kv.put(OWNER_KEY, me.clone())
-                    .await
-                    .map_err(|e| unavailable(format!("taking the stream `{}`", opts.stream), e))?;
-            }
-        }
-    }
-    let name = opts.client_name.clone();
-    Ok(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(OWNER_TTL / 3).await;
-            match holder(kv.clone()).await {
-                Some(other) if other != name => {
-                    tracing::error!(
-                        holder = other,
-                        "another host has taken this ledger's stream"
-                    )
-                }
-                _ => {
-                    if let Err(error) = kv.put(OWNER_KEY, me.clone()).await {
-                        warn!(%error, "cannot renew this host's hold on the ledger's stream");
-                    }
-                }
-            }
-        }
-    }))
 }
 
 async fn connect(
@@ -1018,6 +957,16 @@ impl Ledger for JetStreamLedger {
         }
     }
 
+    fn membership(&self) -> Option<Membership> {
+        let mut membership = self.leases.membership();
+        membership.lag = self.inner.state().index.lag();
+        Some(membership)
+    }
+
+    fn leadership(&self) -> watch::Receiver<bool> {
+        self.leases.leadership()
+    }
+
     /// Deletes retained events past the retention period that nothing is waiting for, with
     /// their delivery marks. Ids follow arrival, so the scan stops at the first young event.
     async fn prune(&self) -> Result<u64, LedgerError> {
@@ -1076,6 +1025,7 @@ impl Ledger for JetStreamLedger {
             return Ok(());
         }
         self.tail.stop();
+        self.leases.leave().await;
         if let Err(error) = self.inner.client.flush().await {
             warn!(%error, "flushing the NATS connection at close");
         }
@@ -1103,27 +1053,127 @@ impl Drop for Unclaim<'_> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_second_host_is_refused_the_stream_and_the_same_host_gets_it_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
-        let named = |name: &str| JetStreamOptions {
+    use crate::ledger::PARTITIONS;
+
+    fn named(nats: &prismhook_sim::nats::Nats, name: &str) -> JetStreamOptions {
+        JetStreamOptions {
             client_name: name.into(),
             ..JetStreamOptions::new(nats.urls())
-        };
-        let first = JetStreamLedger::open(named("prismhook a")).await.unwrap();
-        let refused = JetStreamLedger::open(named("prismhook b"))
+        }
+    }
+
+    fn serving(ledger: &JetStreamLedger) -> Vec<usize> {
+        ledger.membership().unwrap().serving
+    }
+
+    /// Waits (up to `limit`) until `done` holds, checking every 50 ms; returns how long it took.
+    async fn within(limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < limit, "not within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        started.elapsed()
+    }
+
+    fn event(entity: usize) -> NewEvent {
+        NewEvent {
+            cluster: "lab".into(),
+            event_type: "VM.UPDATE".into(),
+            entity_kind: "vm".into(),
+            entity_uuid: format!("vm-{entity}"),
+            dedupe_key: None,
+            received_at_ms: now_ms(),
+            body: "{}".into(),
+            vm: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_hosts_name_is_refused_to_a_second_process_and_a_crashed_hosts_is_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let first = JetStreamLedger::open(named(&nats, "prismhook a"))
+            .await
+            .unwrap();
+        let refused = JetStreamLedger::open(named(&nats, "prismhook a"))
             .await
             .unwrap_err();
+        assert!(matches!(&refused, LedgerError::InUse { .. }), "{refused}");
         assert!(
-            matches!(&refused, LedgerError::InUse { holder, .. } if holder == "prismhook a"),
+            refused.to_string().contains("host name `prismhook a`"),
             "{refused}"
         );
-        assert!(
-            refused.to_string().contains("stream `PRISMHOOK` is in use"),
-            "{refused}"
-        );
-        drop(first); // as by a crash: the record stays until it expires
-        JetStreamLedger::open(named("prismhook a")).await.unwrap();
+        drop(first); // as by a crash: its keys stay until they expire
+        let again = JetStreamLedger::open(named(&nats, "prismhook a"))
+            .await
+            .unwrap();
+        assert_eq!(serving(&again).len(), PARTITIONS, "taken back at once");
+        assert!(*again.leadership().borrow(), "it leads again");
+    }
+
+    #[tokio::test]
+    async fn hosts_split_the_partitions_and_a_dead_hosts_share_moves_to_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let a = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        assert_eq!(serving(&a).len(), PARTITIONS);
+        for entity in 0..200 {
+            a.append(event(entity), vec!["p".into()]).await.unwrap();
+        }
+        let b = JetStreamLedger::open(named(&nats, "b")).await.unwrap();
+        let c = JetStreamLedger::open(named(&nats, "c")).await.unwrap();
+        let hosts = [&a, &b, &c];
+        // Shared out: disjoint, complete, and each host gets a share.
+        within(Duration::from_secs(10), || {
+            let shares: Vec<Vec<usize>> = hosts.iter().map(|h| serving(h)).collect();
+            shares.iter().all(|s| !s.is_empty()) && shares.iter().map(Vec::len).sum::<usize>() == PARTITIONS
+        })
+        .await;
+        let mut all: Vec<usize> = hosts.iter().flat_map(|h| serving(h)).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..PARTITIONS).collect::<Vec<_>>());
+        let view = b.membership().unwrap();
+        assert_eq!(view.hosts.len(), 3, "{view:?}");
+        assert_eq!(view.leader.as_deref(), Some("a"));
+        assert!(view.unheld.is_empty(), "{view:?}");
+        assert_eq!(view.lag.iter().map(|l| l.undelivered).sum::<u64>(), 200);
+
+        // Each host claims only its own partitions' events: together, every event once.
+        let mut claimed = Vec::new();
+        for host in hosts {
+            let batch = host.claim("p", 1000).await.unwrap();
+            claimed.extend(batch.iter().map(|d| d.event.id));
+            let results = batch.iter().map(|d| (d.event.id, Outcome::Done)).collect();
+            host.complete("p", results).await.unwrap();
+        }
+        claimed.sort_unstable();
+        claimed.dedup();
+        assert_eq!(claimed.len(), 200);
+
+        // `a` dies holding its leases: `b` and `c` take its partitions and the lead.
+        let dead: Vec<usize> = serving(&a);
+        drop(a);
+        for entity in 0..200 {
+            b.append(event(entity), vec!["p".into()]).await.unwrap();
+        }
+        let took = within(Duration::from_secs(10), || {
+            serving(&b).len() + serving(&c).len() == PARTITIONS
+        })
+        .await;
+        assert!(took < Duration::from_secs(6), "failover took {took:?}");
+        within(Duration::from_secs(5), || {
+            *b.leadership().borrow() || *c.leadership().borrow()
+        })
+        .await;
+        assert!(dead.iter().all(|p| serving(&b).contains(p) || serving(&c).contains(p)));
+        let mut claimed = b.claim("p", 1000).await.unwrap().len();
+        claimed += c.claim("p", 1000).await.unwrap().len();
+        assert_eq!(claimed, 200, "every new event is claimed by one of the two");
+
+        // A host that closes gives its share up at once.
+        c.close().await.unwrap();
+        let took = within(Duration::from_secs(5), || serving(&b).len() == PARTITIONS).await;
+        assert!(took < Duration::from_secs(2), "handover took {took:?}");
     }
 }
