@@ -22,6 +22,7 @@
 //! | `GET /` | the status page (`admin/status.html`, inline CSS and JS) |
 //! | `GET /api/plugins`, `POST /api/plugins/reload` | plugins with state, counts and backlog; rescan the plugins directory |
 //! | `GET /api/clusters`, `POST /api/reconcile` | clusters and their webhook; reconcile now |
+//! | `GET /api/hosts` | the hosts sharing a JetStream ledger, their partitions and lag; `null` for a host alone |
 //! | `GET /api/dlq`, `POST /api/dlq/replay`, `POST /api/dlq/drop` | dead letters |
 //! | `POST /api/replay` | redeliver a plugin's events since a time |
 //!
@@ -47,7 +48,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::dispatch::Dispatcher;
-use crate::ledger::{LedgerError, SharedLedger};
+use crate::ledger::{LedgerError, Membership, SharedLedger};
 use crate::registry::Registry;
 use crate::reload::{self, Reloader};
 use crate::secret::Secret;
@@ -130,6 +131,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/plugins", get(plugins))
         .route("/api/plugins/reload", post(reload_plugins))
         .route("/api/clusters", get(clusters))
+        .route("/api/hosts", get(hosts))
         .route("/api/reconcile", post(reconcile))
         .route("/api/dlq", get(dlq_list))
         .route("/api/dlq/replay", post(dlq_replay))
@@ -400,6 +402,11 @@ async fn clusters(State(shared): Admin) -> Json<Vec<ClusterReport>> {
             .map(ClusterReport::from)
             .collect(),
     )
+}
+
+/// The prismhook hosts sharing this host's ledger; `null` for a host alone.
+async fn hosts(State(shared): Admin) -> Json<Option<Membership>> {
+    Json(shared.state.ledger.membership())
 }
 
 /// Reconciles now and waits, so the operator sees each plugin's summary.

@@ -92,6 +92,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The prismhook hosts sharing the running host's ledger (admin API).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Dead letters of the running host (admin API).
     Dlq {
         #[command(subcommand)]
@@ -126,6 +131,15 @@ enum PluginsAction {
     },
     /// Rescan the plugins directory now.
     Reload {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Each host: its partitions, their undelivered deliveries, and which host leads.
+    Status {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -415,6 +429,12 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Clusters { config } => {
             admin::clusters_list(&Config::load(&config)?).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Cluster {
+            action: ClusterAction::Status { config },
+        } => {
+            admin::cluster_status(&Config::load(&config)?).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Dlq { action } => {

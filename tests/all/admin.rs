@@ -212,6 +212,7 @@ async fn every_admin_route_but_healthz_needs_the_token() {
         "/readyz",
         "/api/plugins",
         "/api/clusters",
+        "/api/hosts",
         "/api/dlq",
         "/",
     ] {

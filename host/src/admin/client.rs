@@ -25,6 +25,7 @@ use super::api::{
 };
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::ledger::Membership;
 use crate::secret::Secret;
 
 /// Reads answer at once; reconcile and reload wait for the work itself.
@@ -147,6 +148,11 @@ impl AdminClient {
         self.get("/api/clusters").await
     }
 
+    /// The hosts sharing the ledger; `None` for a host alone.
+    pub async fn hosts(&self) -> anyhow::Result<Option<Membership>> {
+        self.get("/api/hosts").await
+    }
+
     pub async fn dead_letters(
         &self,
         plugin: Option<&str>,
@@ -206,6 +212,13 @@ pub async fn plugins_reload(config: &Config) -> anyhow::Result<()> {
 pub async fn clusters_list(config: &Config) -> anyhow::Result<()> {
     let clusters = AdminClient::from_config(config)?.clusters().await?;
     print!("{}", render_clusters(&clusters, now_ms()));
+    Ok(())
+}
+
+/// `prismhook cluster status`.
+pub async fn cluster_status(config: &Config) -> anyhow::Result<()> {
+    let membership = AdminClient::from_config(config)?.hosts().await?;
+    print!("{}", render_membership(membership.as_ref(), now_ms()));
     Ok(())
 }
 
@@ -543,6 +556,60 @@ pub fn render_clusters(clusters: &[ClusterReport], now_ms: u64) -> String {
     t.render()
 }
 
+pub fn render_membership(membership: Option<&Membership>, now_ms: u64) -> String {
+    let Some(m) = membership else {
+        return "this host runs alone (redb ledger): it holds every partition and leads\n".into();
+    };
+    let mut out = format!(
+        "{} host{} share the ledger; leader: {}\n",
+        m.hosts.len(),
+        if m.hosts.len() == 1 { "" } else { "s" },
+        m.leader.as_deref().unwrap_or("none at this moment")
+    );
+    let mut lag_of = vec![(0u64, None::<u64>); crate::ledger::PARTITIONS];
+    for l in &m.lag {
+        if let Some(slot) = lag_of.get_mut(l.partition) {
+            *slot = (l.undelivered, l.oldest_undelivered_ms);
+        }
+    }
+    let mut t = Table::new(&[
+        ("HOST", false),
+        ("LEADER", false),
+        ("PARTITIONS", true),
+        ("UNDELIVERED", true),
+        ("OLDEST", false),
+        ("SEEN", false),
+    ]);
+    for h in &m.hosts {
+        let undelivered: u64 = h.partitions.iter().map(|&p| lag_of[p].0).sum();
+        let oldest = h.partitions.iter().filter_map(|&p| lag_of[p].1).min();
+        t.row(vec![
+            if h.me {
+                format!("{} (this host)", h.name)
+            } else {
+                h.name.clone()
+            },
+            if h.leader { "yes".into() } else { String::new() },
+            h.partitions.len().to_string(),
+            undelivered.to_string(),
+            ago(oldest, now_ms),
+            format!("{:.1} s ago", h.seen_ms_ago as f64 / 1000.0),
+        ]);
+    }
+    out.push_str(&t.render());
+    if !m.unheld.is_empty() {
+        let list: Vec<String> = m.unheld.iter().map(usize::to_string).collect();
+        let undelivered: u64 = m.unheld.iter().map(|&p| lag_of[p].0).sum();
+        let _ = writeln!(
+            out,
+            "moving between hosts: partition{} {} ({undelivered} undelivered)",
+            if list.len() == 1 { "" } else { "s" },
+            list.join(", ")
+        );
+    }
+    out
+}
+
 pub fn render_dead_letters(dlq: &DeadLetters, now_ms: u64) -> String {
     if dlq.dead_letters.is_empty() {
         return "no dead letters\n".into();
@@ -798,6 +865,44 @@ mod tests {
         );
         assert!(text.contains("5s ago  probe asked to reject"), "{text}");
         assert!(text.contains("1 of 5 dead letters shown"), "{text}");
+    }
+
+    #[test]
+    fn the_host_table_sums_each_hosts_partitions_and_names_those_on_the_move() {
+        use crate::ledger::{HostLeases, PartitionLag};
+        let host = |name: &str, partitions: Vec<usize>, leader: bool| HostLeases {
+            name: name.into(),
+            me: name == "a",
+            leader,
+            partitions,
+            seen_ms_ago: 400,
+        };
+        let lag = |partition, undelivered, oldest| PartitionLag {
+            partition,
+            undelivered,
+            oldest_undelivered_ms: oldest,
+        };
+        let m = Membership {
+            me: "a".into(),
+            leader: Some("b".into()),
+            hosts: vec![host("a", vec![0, 1], false), host("b", vec![2], true)],
+            unheld: vec![3],
+            serving: vec![0, 1],
+            lag: vec![
+                lag(0, 2, Some(NOW - 5_000)),
+                lag(1, 3, Some(NOW - 65_000)),
+                lag(3, 7, Some(NOW - 1_000)),
+            ],
+        };
+        let text = render_membership(Some(&m), NOW);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "2 hosts share the ledger; leader: b");
+        assert!(lines[2].starts_with("a (this host)"), "{text}");
+        assert!(lines[2].contains(" 2 ") && lines[2].contains(" 5 "), "{text}");
+        assert!(lines[2].contains("1m 5s ago"), "{text}");
+        assert!(lines[3].starts_with("b ") && lines[3].contains("yes"), "{text}");
+        assert_eq!(lines[4], "moving between hosts: partition 3 (7 undelivered)");
+        assert!(render_membership(None, NOW).contains("runs alone"));
     }
 
     #[test]

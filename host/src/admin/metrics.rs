@@ -206,6 +206,56 @@ impl Collector for HostCollector {
             stats.bytes,
         )?;
 
+        // Hosts sharing the ledger: where the work is, and which host leads.
+        if let Some(m) = state.ledger.membership() {
+            let now = now_ms();
+            let by_partition = |p: usize| vec![("partition", p.to_string())];
+            let undelivered: Vec<(Labels, u64)> = m
+                .lag
+                .iter()
+                .map(|l| (by_partition(l.partition), l.undelivered))
+                .collect();
+            gauge(
+                e,
+                "prismhook_partition_undelivered",
+                "Undelivered deliveries per ledger partition, over all plugins (its lag)",
+                &undelivered,
+            )?;
+            let ages: Vec<(Labels, f64)> = m
+                .lag
+                .iter()
+                .map(|l| {
+                    let age_ms = l.oldest_undelivered_ms.map_or(0, |t| now.saturating_sub(t));
+                    (by_partition(l.partition), age_ms as f64 / 1000.0)
+                })
+                .collect();
+            gauge(
+                e,
+                "prismhook_partition_oldest_undelivered_age_seconds",
+                "Age of the oldest undelivered event per ledger partition; 0 when nothing waits",
+                &ages,
+            )?;
+            single_gauge(
+                e,
+                "prismhook_partitions_served",
+                "Ledger partitions this host holds by lease and claims from",
+                m.serving.len() as u64,
+            )?;
+            single_gauge(
+                e,
+                "prismhook_hosts",
+                "Live hosts sharing the ledger, as this host sees them",
+                m.hosts.len() as u64,
+            )?;
+            let leads = m.leader.as_deref() == Some(m.me.as_str());
+            single_gauge(
+                e,
+                "prismhook_leader",
+                "1 on the host that runs the jobs one host runs for all (reconcile)",
+                u64::from(leads),
+            )?;
+        }
+
         let counters = state.dispatcher.counters();
         let mut outcomes = Vec::new();
         let mut calls = Vec::new();
