@@ -402,11 +402,16 @@ async fn deliver(
         }
     }
     count(inner, name, failure.as_ref(), &outcomes, elapsed);
-    let results: Vec<(u64, LedgerOutcome)> = ids.into_iter().zip(outcomes).collect();
+    let results: Vec<(u64, LedgerOutcome)> = ids.iter().copied().zip(outcomes).collect();
     if let Err(e) = inner.ledger.complete(name, results).await {
-        // The deliveries stay in flight in the ledger until restart, when
-        // they become pending again: at least once, never lost.
-        tracing::error!(plugin = %name, "cannot record outcomes: {e}");
+        // Pending again, to be delivered again once the ledger can record
+        // outcomes (at least once, never lost). Left in flight, they would
+        // hold their entities back until a restart: a NATS cluster electing
+        // a leader fails a few completes, then answers again.
+        tracing::error!(plugin = %name, events = ids.len(), "cannot record outcomes; they will be delivered again: {e}");
+        if let Err(e) = inner.ledger.release(name, &ids).await {
+            tracing::error!(plugin = %name, "cannot release the deliveries either: {e}");
+        }
     }
 }
 
