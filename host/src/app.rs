@@ -27,6 +27,7 @@ use crate::listener::{self, Ingest};
 use crate::nutanix::NutanixSource;
 use crate::registry::Registry;
 use crate::reload::{self, Reloader, Report};
+use crate::runtime::kv_store::KvStore;
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::serve::{self, ServeLimits};
 use crate::source::{EndpointStatus, EventSource, SourceContext};
@@ -93,9 +94,10 @@ impl App {
             tracing::warn!(dir = %data.display(), "cannot make the data directory private (0700): {e}");
         }
 
-        let ledger = open_ledger(&config).await?;
+        let (ledger, shared_kv) = open_ledger(&config).await?;
 
         let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
+        rt_opts.kv = shared_kv;
         rt_opts.cache_dir = Some(data.join("cache"));
         rt_opts.tiered = config.plugins.tiered;
         rt_opts.max_file_bytes = config.plugins.max_file_mib << 20;
@@ -323,8 +325,9 @@ impl App {
 }
 
 /// The ledger the configuration names: the redb file in the data directory, or the JetStream
-/// stream of `[storage.jetstream]`.
-async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
+/// stream of `[storage.jetstream]`; with the latter, the plugins' kv shared by the hosts of that
+/// stream (`None`: each host keeps its own, in the data directory).
+async fn open_ledger(config: &Config) -> anyhow::Result<(SharedLedger, Option<KvStore>)> {
     let storage = &config.storage;
     let retry = RetryPolicy {
         initial: config.delivery.retry_initial,
@@ -359,7 +362,11 @@ async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
                     js.servers.join(", ")
                 )
             })?;
-            Ok(Arc::new(ledger))
+            let kv = ledger
+                .plugin_kv()
+                .await
+                .context("opening the plugins' kv on JetStream")?;
+            Ok((Arc::new(ledger), Some(KvStore::new(Arc::new(kv)))))
         }
         _ => {
             let data = &storage.data_dir;
@@ -372,7 +379,7 @@ async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
                 retry,
             })
             .with_context(|| format!("opening the ledger in {}", data.display()))?;
-            Ok(Arc::new(ledger))
+            Ok((Arc::new(ledger), None))
         }
     }
 }

@@ -1,9 +1,13 @@
-//! Storage behind the `kv` import: one redb file for all plugins, one table
-//! per plugin, and a per-call session that buffers writes.
+//! Storage behind the `kv` import, and a per-call session that buffers writes.
 //!
 //! Writes are buffered so that a call's changes land together, and only
 //! when the call returns: a trap or a timeout midway leaves the store as it
 //! was, which keeps "what I registered" records honest.
+//!
+//! Where the data lives is a [`KvBackend`]: by default this host's redb file
+//! (one table per plugin); hosts sharing a JetStream ledger share a store in
+//! JetStream instead (`ledger::jetstream::kv`), so that a plugin finds its
+//! records whichever host runs its next batch.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,13 +40,74 @@ fn table(plugin: &str) -> String {
     format!("plugin:{plugin}")
 }
 
+/// Where plugins' records are kept. Reads come from memory or a local file,
+/// never from the network: they run inside a plugin's call.
+pub trait KvBackend: Send + Sync + 'static {
+    fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
+
+    /// `plugin`'s keys that start with `prefix`, in order.
+    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError>;
+
+    /// Makes one call's writes durable together (`None` deletes); returns once
+    /// a read on this host sees them. Blocks: it is called off the async
+    /// threads.
+    fn apply(&self, plugin: &str, writes: BTreeMap<String, Option<Vec<u8>>>)
+        -> Result<(), KvError>;
+}
+
+/// The plugins' store, whichever backend keeps it. Cheap to clone.
 #[derive(Clone)]
 pub struct KvStore {
-    db: Arc<Database>,
+    backend: Arc<dyn KvBackend>,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore").finish_non_exhaustive()
+    }
 }
 
 impl KvStore {
+    /// This host's redb file at `path`.
     pub fn open(path: &Path) -> Result<KvStore, KvError> {
+        Ok(KvStore::new(Arc::new(RedbKv::open(path)?)))
+    }
+
+    pub fn new(backend: Arc<dyn KvBackend>) -> KvStore {
+        KvStore { backend }
+    }
+
+    /// A session for one call of `plugin`.
+    pub fn session(&self, plugin: &str) -> KvSession {
+        KvSession {
+            store: self.clone(),
+            plugin: plugin.to_owned(),
+            writes: BTreeMap::new(),
+            pending_bytes: 0,
+        }
+    }
+
+    /// Everything `plugin` has stored, for operators and tests.
+    pub fn dump(&self, plugin: &str) -> Result<BTreeMap<String, Vec<u8>>, KvError> {
+        self.backend
+            .keys(plugin, "")?
+            .into_iter()
+            .filter_map(|k| match self.backend.read(plugin, &k) {
+                Ok(Some(v)) => Some(Ok((k, v))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect()
+    }
+}
+
+/// One redb file for all plugins, one table per plugin.
+struct RedbKv {
+    db: Database,
+}
+
+impl RedbKv {
+    fn open(path: &Path) -> Result<RedbKv, KvError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(storage)?;
         }
@@ -52,22 +117,15 @@ impl KvStore {
             .set_cache_size(16 << 20)
             .create(path)
             .map_err(|e| KvError::Storage(format!("{}: {e}", path.display())))?;
-        Ok(KvStore { db: Arc::new(db) })
+        Ok(RedbKv { db })
     }
+}
 
-    /// A session for one call of `plugin`.
-    pub fn session(&self, plugin: &str) -> KvSession {
-        KvSession {
-            store: self.clone(),
-            table: table(plugin),
-            writes: BTreeMap::new(),
-            pending_bytes: 0,
-        }
-    }
-
-    fn read(&self, table_name: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+impl KvBackend for RedbKv {
+    fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let table_name = table(plugin);
         let txn = self.db.begin_read().map_err(storage)?;
-        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(table_name);
+        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
         let table = match txn.open_table(def) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -76,9 +134,10 @@ impl KvStore {
         Ok(table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
     }
 
-    fn keys(&self, table_name: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let table_name = table(plugin);
         let txn = self.db.begin_read().map_err(storage)?;
-        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(table_name);
+        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
         let table = match txn.open_table(def) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -98,12 +157,13 @@ impl KvStore {
 
     fn apply(
         &self,
-        table_name: &str,
+        plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
     ) -> Result<(), KvError> {
+        let table_name = table(plugin);
         let txn = self.db.begin_write().map_err(storage)?;
         {
-            let def: TableDefinition<&str, &[u8]> = TableDefinition::new(table_name);
+            let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
             let mut table = txn.open_table(def).map_err(storage)?;
             for (k, v) in &writes {
                 match v {
@@ -115,25 +175,12 @@ impl KvStore {
         }
         txn.commit().map_err(storage)
     }
-
-    /// Everything `plugin` has stored, for operators and tests.
-    pub fn dump(&self, plugin: &str) -> Result<BTreeMap<String, Vec<u8>>, KvError> {
-        let name = table(plugin);
-        self.keys(&name, "")?
-            .into_iter()
-            .filter_map(|k| match self.read(&name, &k) {
-                Ok(Some(v)) => Some(Ok((k, v))),
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect()
-    }
 }
 
 /// One call's view of its plugin's store: reads see the call's own writes.
 pub struct KvSession {
     store: KvStore,
-    table: String,
+    plugin: String,
     writes: BTreeMap<String, Option<Vec<u8>>>,
     pending_bytes: usize,
 }
@@ -142,7 +189,7 @@ impl KvSession {
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         match self.writes.get(key) {
             Some(v) => Ok(v.clone()),
-            None => self.store.read(&self.table, key),
+            None => self.store.backend.read(&self.plugin, key),
         }
     }
 
@@ -171,7 +218,7 @@ impl KvSession {
 
     pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>, KvError> {
         let mut keys: std::collections::BTreeSet<String> =
-            self.store.keys(&self.table, prefix)?.into_iter().collect();
+            self.store.backend.keys(&self.plugin, prefix)?.into_iter().collect();
         for (k, v) in self.writes.range(prefix.to_owned()..) {
             if !k.starts_with(prefix) {
                 break;
@@ -193,7 +240,7 @@ impl KvSession {
         if self.writes.is_empty() {
             return Ok(());
         }
-        self.store.apply(&self.table, self.writes)
+        self.store.backend.apply(&self.plugin, self.writes)
     }
 }
 

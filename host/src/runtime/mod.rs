@@ -141,8 +141,10 @@ impl CallError {
 /// Process-wide options of the sandbox.
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
-    /// Where plugin kv data lives (a redb file).
+    /// Where plugin kv data lives (a redb file), unless `kv` is given.
     pub kv_path: PathBuf,
+    /// A store shared with other hosts, used instead of the file at `kv_path`.
+    pub kv: Option<KvStore>,
     /// Largest linear memory any plugin may have; per-plugin limits are
     /// checked below this by the Store's limiter.
     pub max_memory_bytes: usize,
@@ -164,6 +166,7 @@ impl RuntimeOptions {
     pub fn new(kv_path: PathBuf) -> RuntimeOptions {
         RuntimeOptions {
             kv_path,
+            kv: None,
             max_memory_bytes: 1 << 30,
             max_instances: 128,
             cache_dir: None,
@@ -249,7 +252,10 @@ impl Runtime {
 
         let http =
             plugin_client(opts.proxy_from_env, &TlsMode::System).map_err(anyhow::Error::msg)?;
-        let kv = KvStore::open(&opts.kv_path)?;
+        let kv = match opts.kv {
+            Some(kv) => kv,
+            None => KvStore::open(&opts.kv_path)?,
+        };
         let cache = opts
             .cache_dir
             .map(|dir| Arc::new(cache::ComponentCache::new(dir, &engine)));

@@ -215,6 +215,19 @@ impl Leases {
         }
     }
 
+    /// Whether the watcher has stopped reporting: this host's own renewals succeed but do not
+    /// come back through it (its consumer died with a server this host is not connected to).
+    fn view_is_stale(&self) -> bool {
+        let state = self.state();
+        let key = host_key(&self.me.host);
+        let Some(held) = state.held.get(&key) else {
+            return false;
+        };
+        let seen_at = state.seen.get(&key).map(|s| s.at);
+        held.renewed.elapsed() < RENEW * 2
+            && seen_at.is_none_or(|at| held.renewed.saturating_duration_since(at) > RENEW * 2)
+    }
+
     /// Reads what the bucket holds now, up to its latest entry.
     async fn catch_up(&self, watcher: &mut kv::Watch) {
         while let Ok(Some(Ok(entry))) =
@@ -250,21 +263,40 @@ impl Leases {
 
     /// Whether a key can be taken, and at which revision (0: create it).
     fn takeable(&self, state: &State, key: &str) -> Option<u64> {
-        match state.seen.get(key) {
-            None => Some(0),
-            Some(seen) => match &seen.holder {
-                Some(h) if h.host == self.me.host && Some(h.nonce) == self.predecessor => {
-                    Some(seen.revision)
-                }
-                Some(h) if *h == self.me => Some(seen.revision),
-                _ if !seen.fresh() => Some(0),
-                _ => None,
-            },
+        let seen = match state.seen.get(key) {
+            None => return Some(0),
+            // Not renewed for a TTL: expired on the server (which reports no expiry), or about to.
+            Some(seen) if !seen.fresh() => return Some(0),
+            Some(seen) => seen,
+        };
+        match &seen.holder {
+            Some(h) if *h == self.me => Some(seen.revision),
+            Some(h) if h.host == self.me.host && Some(h.nonce) == self.predecessor => {
+                Some(seen.revision)
+            }
+            _ => None,
         }
     }
 
     /// Writes a key this host takes or renews; `revision` 0 creates it.
     async fn write(&self, key: &str, revision: u64) -> Result<u64, WriteError> {
+        // A write that takes longer than a renewal period is no use to a lease, and must not
+        // hold up the renewal of the others.
+        tokio::time::timeout(RENEW, self.try_write(key, revision))
+            .await
+            .unwrap_or_else(|_| Err(WriteError::Unreachable("timed out".into())))
+    }
+
+    async fn try_write(&self, key: &str, revision: u64) -> Result<u64, WriteError> {
+        if key == host_key(&self.me.host) {
+            // This host's own key is nobody else's (a live namesake was refused at join): written
+            // whatever revision it has, which a view that lagged may not know.
+            return self
+                .kv
+                .put(key, self.value())
+                .await
+                .map_err(|e| WriteError::Unreachable(e.to_string()));
+        }
         if revision == 0 {
             return self.kv.create(key, self.value()).await.map_err(|e| {
                 if e.kind() == kv::CreateErrorKind::AlreadyExists {
@@ -377,7 +409,10 @@ impl Leases {
             if inner.state().index.in_flight_in(partition) > 0 {
                 continue;
             }
-            match self.kv.delete_expect_revision(&key, Some(revision)).await {
+            let delete = self.kv.delete_expect_revision(&key, Some(revision));
+            match tokio::time::timeout(RENEW, delete).await.unwrap_or_else(|_| {
+                Err(kv::DeleteError::new(kv::DeleteErrorKind::TimedOut))
+            }) {
                 Ok(()) => {
                     self.state().held.remove(&key);
                     info!(partition, "gave up a partition to the host that should hold it");
@@ -420,7 +455,9 @@ impl Leases {
                 .filter(|&p| !state.serving.contains(p) && !releasing.contains(p))
                 .fold(PartitionSet::NONE, |set, p| set.with(p))
         };
-        if !waiting.is_empty() && inner.caught_up().await.is_ok() {
+        // Not waited for long: the leases must be renewed meanwhile. What is not caught up
+        // with now is tried again next round.
+        if !waiting.is_empty() && inner.caught_up(TICK).await.is_ok() {
             self.serve(inner, |serving| {
                 waiting.iter().fold(serving, |set, p| set.with(p))
             });
@@ -609,6 +646,10 @@ async fn run(leases: Arc<Leases>, inner: Arc<Inner>, watcher: kv::Watch) {
                 None => watcher = None,
             },
             _ = tick.tick() => {
+                if watcher.is_some() && leases.view_is_stale() {
+                    warn!("the view of the leases stopped; watching them again");
+                    watcher = None;
+                }
                 if watcher.is_none() {
                     // Keys stay as last seen: a lease seen fresh stays so until its TTL,
                     // which errs on the side of not taking what may still be held.

@@ -25,6 +25,8 @@
 //! key is forgotten by time alone (JetStream's duplicate window), not by `prune`.
 
 mod fold;
+mod follow;
+pub mod kv;
 mod lease;
 mod wire;
 
@@ -33,7 +35,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
@@ -42,7 +44,7 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -114,6 +116,9 @@ impl JetStreamOptions {
 /// How long opening waits for a cluster that does not answer yet.
 const OPEN_PATIENCE: Duration = Duration::from_secs(30);
 
+/// How long a write waits for the fold to show it before it returns all the same.
+const SEEN_SOON: Duration = Duration::from_secs(1);
+
 /// How long a sender is asked to wait when the stream cannot be reached.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -155,8 +160,11 @@ struct Inner {
     /// The highest sequence folded in, for calls waiting to see their own change.
     applied: watch::Sender<u64>,
     notifiers: Notifiers,
-    /// Raised when the client (re)connects to a server.
-    reconnected: Arc<Notify>,
+    /// Starts the followers of streams again (after a reconnect, or a stall).
+    restarts: Arc<follow::Restarts>,
+    /// The plugins' kv mirror and its stream, once [`JetStreamLedger::plugin_kv`] made them.
+    kv: OnceLock<(Arc<kv::Mirror>, stream::Stream)>,
+    replicas: usize,
     /// Mirrors `state.index.undelivered`, so backpressure checks take no lock.
     undelivered: AtomicU64,
     commits: AtomicU64,
@@ -176,8 +184,15 @@ impl Inner {
         Ok(())
     }
 
+}
+
+impl follow::Fold for Inner {
+    fn applied(&self) -> u64 {
+        self.state().applied
+    }
+
     /// Folds in one message from the stream and wakes whoever it concerns.
-    fn fold(&self, seq: u64, subject: &str, payload: &[u8]) {
+    fn fold(&self, seq: u64, subject: &str, _: Option<&HeaderMap>, payload: &[u8]) {
         let wake = {
             let mut state = self.state();
             let wake = state.apply(&self.subjects, seq, subject, payload);
@@ -192,7 +207,9 @@ impl Inner {
         }
         self.applied.send_replace(seq);
     }
+}
 
+impl Inner {
     /// Publishes one message and waits for JetStream to acknowledge it.
     async fn publish(
         &self,
@@ -215,7 +232,7 @@ impl Inner {
         Ok(ack)
     }
 
-    /// Publishes marks, all at once, and waits until every one is folded in here.
+    /// Publishes marks, all at once, and waits (a moment) until every one is folded in here.
     async fn mark(&self, marks: Vec<(u64, String, Mark)>) -> Result<(), LedgerError> {
         let publishes = marks.into_iter().map(|(id, plugin, mark)| async move {
             let payload = serde_json::to_vec(&mark).expect("a mark always serializes");
@@ -229,29 +246,55 @@ impl Inner {
         for ack in join_all(publishes).await {
             last = last.max(ack?.sequence);
         }
-        self.folded(last).await
+        self.seen_soon(last).await
     }
 
-    /// Waits until the fold has reached the end of the stream as it is now.
-    async fn caught_up(&self) -> Result<(), LedgerError> {
+    /// Waits, up to `limit` each, until the fold, and the plugins' kv mirror if there is one,
+    /// have reached the end of their streams as they are now.
+    async fn caught_up(&self, limit: Duration) -> Result<(), LedgerError> {
         let info = self
             .stream
             .get_info()
             .await
             .map_err(|e| unavailable("reading the stream's state", e))?;
-        tokio::time::timeout(OPEN_PATIENCE, self.folded(info.state.last_sequence))
+        tokio::time::timeout(limit, self.folded(info.state.last_sequence))
             .await
-            .map_err(|_| unavailable("catching up with the stream", "the fold fell behind"))?
+            .map_err(|_| unavailable("catching up with the stream", "the fold is behind"))??;
+        if let Some((mirror, stream)) = self.kv.get() {
+            let info = stream
+                .get_info()
+                .await
+                .map_err(|e| unavailable("reading the kv stream's state", e))?;
+            if !mirror.reached(info.state.last_sequence, limit).await {
+                return Err(unavailable(
+                    "catching up with the kv stream",
+                    "the kv mirror fell behind",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits a moment for the fold to reach a change this host just had acknowledged, so that
+    /// what it does next (a claim) sees it. The change is durable already: a fold that lags
+    /// (restarting after its server died) does not turn it into a failure.
+    async fn seen_soon(&self, seq: u64) -> Result<(), LedgerError> {
+        match tokio::time::timeout(SEEN_SOON, self.folded(seq)).await {
+            Ok(folded) => folded,
+            Err(_) => {
+                debug!(seq, "stored; the fold has not reached it yet");
+                Ok(())
+            }
+        }
     }
 
     /// Waits until the fold has reached `seq`.
     async fn folded(&self, seq: u64) -> Result<(), LedgerError> {
-        let mut applied = self.applied.subscribe();
-        applied
-            .wait_for(|&done| done >= seq)
-            .await
-            .map(drop)
-            .map_err(|_| LedgerError::Closed)
+        if follow::reached("ledger", &self.applied, seq, &self.restarts, None).await {
+            Ok(())
+        } else {
+            Err(LedgerError::Closed)
+        }
     }
 
     /// The stored events of these ids: from the cache, else from the stream.
@@ -332,6 +375,45 @@ impl Inner {
     }
 }
 
+/// Notices a follower that stopped while nobody waits for it (no write of this host's, only
+/// other hosts' that it misses): its stream moved on between two looks, and it did not.
+#[derive(Debug, Default)]
+struct Watchdog {
+    ledger: u64,
+    kv: u64,
+}
+
+impl Watchdog {
+    const EVERY: Duration = Duration::from_secs(3);
+
+    /// Looks every few seconds until aborted.
+    async fn run(mut self, inner: Arc<Inner>) {
+        loop {
+            tokio::time::sleep(Self::EVERY).await;
+            self.look(&inner).await;
+        }
+    }
+
+    async fn look(&mut self, inner: &Inner) {
+        let applied = inner.state().applied;
+        if let Ok(info) = inner.stream.get_info().await {
+            if info.state.last_sequence > applied && applied == self.ledger {
+                inner.restarts.stalled("ledger", info.state.last_sequence);
+            }
+        }
+        self.ledger = applied;
+        if let Some((mirror, stream)) = inner.kv.get() {
+            let applied = follow::Fold::applied(mirror.as_ref());
+            if let Ok(info) = stream.get_info().await {
+                if info.state.last_sequence > applied && applied == self.kv {
+                    inner.restarts.stalled("plugin kv", info.state.last_sequence);
+                }
+            }
+            self.kv = applied;
+        }
+    }
+}
+
 /// Stops the fold and the leases' renewal when the last handle goes.
 struct Tail(Mutex<Vec<JoinHandle<()>>>);
 
@@ -372,8 +454,8 @@ impl JetStreamLedger {
     /// Connects, creates the stream if it is missing (or brings its settings in line), and folds
     /// everything it retains before returning.
     pub async fn open(opts: JetStreamOptions) -> Result<JetStreamLedger, LedgerError> {
-        let reconnected = Arc::new(Notify::new());
-        let client = connect(&opts, reconnected.clone()).await?;
+        let restarts = Arc::new(follow::Restarts::default());
+        let client = connect(&opts, restarts.clone()).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(opts.ack_timeout);
         let replicas = opts.replicas.unwrap_or_else(|| {
@@ -402,17 +484,7 @@ impl JetStreamLedger {
             allow_direct: true,
             ..Default::default()
         };
-        let what = format!("creating or updating the stream `{}`", opts.stream);
-        let info = patiently(&what, || async {
-            js.create_or_update_stream(config.clone())
-                .await
-                .map_err(|e| unavailable(what.clone(), e))
-        })
-        .await?;
-        let stream = js
-            .get_stream(&opts.stream)
-            .await
-            .map_err(|e| unavailable(format!("opening the stream `{}`", opts.stream), e))?;
+        let (info, stream) = ensure_stream(&js, config).await?;
 
         // Nothing is claimed before this host holds partitions by lease.
         let mut state = State::new(opts.cache_events);
@@ -426,20 +498,34 @@ impl JetStreamLedger {
             state: Mutex::new(state),
             applied: watch::channel(0).0,
             notifiers: Notifiers::default(),
-            reconnected,
+            restarts,
+            kv: OnceLock::new(),
+            replicas,
             undelivered: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             opts,
         });
         let (ready_tx, ready) = oneshot::channel();
-        let fold = tokio::spawn(tail(inner.clone(), ready_tx));
+        let fold = tokio::spawn(follow::follow(
+            "ledger",
+            inner.stream.clone(),
+            inner.subjects.all(),
+            inner.clone(),
+            inner.restarts.subscribe(),
+            ready_tx,
+        ));
         let tail_tasks = Arc::new(Tail(Mutex::new(vec![fold])));
         ready.await.map_err(|_| LedgerError::Closed)?;
         // With the fold caught up, the first round of leases: a host alone (or the first of
         // several) serves its partitions before `open` returns.
         let (leases, renewal) = Leases::join(&inner, replicas).await?;
-        tail_tasks.0.lock().expect("tail lock").push(renewal);
+        let watchdog = tokio::spawn(Watchdog::default().run(inner.clone()));
+        tail_tasks
+            .0
+            .lock()
+            .expect("tail lock")
+            .extend([renewal, watchdog]);
         let ledger = JetStreamLedger {
             tail: tail_tasks,
             inner,
@@ -459,6 +545,37 @@ impl JetStreamLedger {
         Ok(ledger)
     }
 
+    /// The plugins' kv, shared by every host of this stream: creates its stream if missing and
+    /// mirrors it here before returning. Call it once.
+    pub async fn plugin_kv(&self) -> Result<kv::JetStreamKv, LedgerError> {
+        let inner = &self.inner;
+        let (config, root) = kv::stream_config(&inner.opts.stream, inner.replicas);
+        let name = config.name.to_lowercase();
+        let (_, stream) = ensure_stream(&inner.js, config).await?;
+        let mirror = kv::JetStreamKv::mirror(root, inner.restarts.clone());
+        let (ready_tx, ready) = oneshot::channel();
+        let task = tokio::spawn(follow::follow(
+            "plugin kv",
+            stream.clone(),
+            format!("{name}.>"),
+            mirror.clone(),
+            inner.restarts.subscribe(),
+            ready_tx,
+        ));
+        self.tail.0.lock().expect("tail lock").push(task);
+        ready.await.map_err(|_| LedgerError::Closed)?;
+        if inner.kv.set((mirror.clone(), stream)).is_err() {
+            warn!("the plugins' kv was opened twice; the second one is not waited for on takeover");
+        }
+        Ok(kv::JetStreamKv {
+            mirror,
+            client: inner.client.clone(),
+            js: inner.js.clone(),
+            ack_timeout: inner.opts.ack_timeout,
+            handle: tokio::runtime::Handle::current(),
+        })
+    }
+
     fn check_backlog(&self) -> Result<(), LedgerError> {
         let limit = self.inner.opts.max_backlog;
         let pending = self.inner.undelivered.load(Ordering::Relaxed);
@@ -475,9 +592,12 @@ impl JetStreamLedger {
 
     /// Whether a notification JetStream calls a duplicate of event `original` is one by the
     /// ledger's rule: received within the window of the original, while the original is itself
-    /// within the window of now.
+    /// within the window of now. When the original cannot be read (another host stored it a
+    /// moment ago and the replica asked has not got it yet), JetStream's word stands.
     async fn is_duplicate(&self, original: u64, received_at_ms: u64) -> bool {
         let window = self.inner.opts.dedupe_window.as_millis() as u64;
+        // The original may come from another host: this fold reaches it first.
+        let _ = tokio::time::timeout(self.inner.opts.ack_timeout, self.inner.folded(original)).await;
         let known = self
             .inner
             .state()
@@ -489,29 +609,49 @@ impl JetStreamLedger {
             Some(at) => at,
             None => match self.inner.read_event(original).await {
                 Ok(e) => e.received_at_ms,
-                // Pruned meanwhile: nothing to be a duplicate of.
-                Err(_) => return false,
+                Err(_) => return true,
             },
         };
         received_at_ms.abs_diff(received) < window && now_ms().saturating_sub(received) < window
     }
 }
 
+/// Creates the stream, or brings its settings in line, and opens it; patiently, as several hosts
+/// starting on a new cluster race to do it while its leaders are still being elected.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<(stream::Info, stream::Stream), LedgerError> {
+    let what = format!("creating or updating the stream `{}`", config.name);
+    patiently(&what, || async {
+        let info = js
+            .create_or_update_stream(config.clone())
+            .await
+            .map_err(|e| unavailable(what.clone(), e))?;
+        let stream = js
+            .get_stream(&config.name)
+            .await
+            .map_err(|e| unavailable(format!("opening the stream `{}`", config.name), e))?;
+        Ok((info, stream))
+    })
+    .await
+}
+
 async fn connect(
     opts: &JetStreamOptions,
-    reconnected: Arc<Notify>,
+    restarts: Arc<follow::Restarts>,
 ) -> Result<async_nats::Client, LedgerError> {
     // Only a connection that follows a loss is a reconnect: the first one is not.
     let lost = Arc::new(AtomicBool::new(false));
     let mut connect = async_nats::ConnectOptions::new()
         .event_callback(move |event| {
-            let (reconnected, lost) = (reconnected.clone(), lost.clone());
+            let (restarts, lost) = (restarts.clone(), lost.clone());
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         if lost.swap(false, Ordering::AcqRel) {
                             info!("reconnected to NATS");
-                            reconnected.notify_one();
+                            restarts.restart();
                         }
                     }
                     async_nats::Event::Disconnected => {
@@ -565,73 +705,6 @@ fn publish_error(context: String, error: jetstream::context::PublishError) -> Le
         };
     }
     unavailable(context, error)
-}
-
-/// Follows the stream from the start for as long as the ledger is open: the fold. Reports on
-/// `ready` once it has caught up with what the stream held when it started.
-async fn tail(inner: Arc<Inner>, ready: oneshot::Sender<()>) {
-    let mut ready = Some(ready);
-    loop {
-        let start = inner.state().applied + 1;
-        let consumer = inner
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: inner.subjects.all(),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ..Default::default()
-            })
-            .await;
-        let messages = match consumer {
-            Ok(consumer) => {
-                if consumer.cached_info().num_pending == 0 {
-                    if let Some(ready) = ready.take() {
-                        let _ = ready.send(());
-                    }
-                }
-                consumer.messages().await.map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        match messages {
-            Ok(mut messages) => {
-                loop {
-                    // An ordered consumer lives on the server it was made on; after a
-                    // reconnect it is followed again from where the fold stands, rather than
-                    // after its missed heartbeats.
-                    let message = tokio::select! {
-                        message = messages.next() => message,
-                        _ = inner.reconnected.notified() => {
-                            info!("following the ledger's stream again after a reconnect");
-                            break;
-                        }
-                    };
-                    let message = match message {
-                        Some(Ok(message)) => message,
-                        Some(Err(error)) => {
-                            warn!(%error, "the ledger's view of the stream was interrupted; resuming");
-                            break;
-                        }
-                        None => break,
-                    };
-                    let Ok(info) = message.info() else {
-                        warn!(subject = %message.subject, "skipping a message without stream metadata");
-                        continue;
-                    };
-                    let (seq, pending) = (info.stream_sequence, info.pending);
-                    inner.fold(seq, &message.subject, &message.payload);
-                    if pending == 0 {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(());
-                        }
-                    }
-                }
-            }
-            Err(error) => warn!(error, "cannot follow the ledger's stream; retrying"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 #[async_trait]
@@ -699,7 +772,7 @@ impl Ledger for JetStreamLedger {
                 return Ok(Appended::Duplicate { id: ack.sequence });
             }
         }
-        self.inner.folded(ack.sequence).await?;
+        self.inner.seen_soon(ack.sequence).await?;
         Ok(Appended::Stored {
             id: ack.sequence,
             deliveries,
@@ -1110,6 +1183,61 @@ mod tests {
             .unwrap();
         assert_eq!(serving(&again).len(), PARTITIONS, "taken back at once");
         assert!(*again.leadership().borrow(), "it leads again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_kv_is_the_same_on_every_host_and_a_calls_writes_land_together() {
+        use crate::runtime::kv_store::{KvSession, KvStore};
+
+        async fn commit(session: KvSession) {
+            tokio::task::spawn_blocking(move || session.commit())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let a = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        let b = JetStreamLedger::open(named(&nats, "b")).await.unwrap();
+        let kv_a = KvStore::new(Arc::new(a.plugin_kv().await.unwrap()));
+        let kv_b = KvStore::new(Arc::new(b.plugin_kv().await.unwrap()));
+
+        let mut s = kv_a.session("fw");
+        s.set("vm/1".into(), b"10.0.0.1".to_vec()).unwrap();
+        s.set("vm/2".into(), b"10.0.0.2".to_vec()).unwrap();
+        assert!(kv_b.dump("fw").unwrap().is_empty(), "nothing before the commit");
+        commit(s).await;
+        // Read-your-writes on the writing host, at once.
+        assert_eq!(kv_a.dump("fw").unwrap().len(), 2);
+        // The other host, once it has read the stream that far (as it does before serving a
+        // partition it takes over).
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        assert_eq!(kv_b.dump("fw").unwrap(), kv_a.dump("fw").unwrap());
+
+        // A delete on one host is one on the other; other plugins' keys are their own.
+        let mut s = kv_b.session("fw");
+        s.delete("vm/1".into()).unwrap();
+        commit(s).await;
+        a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        assert_eq!(kv_a.session("fw").list_keys("vm/").unwrap(), ["vm/2"]);
+        assert!(kv_a.dump("other").unwrap().is_empty());
+
+        // More writes than one atomic batch holds, and a key and value of any bytes.
+        let mut s = kv_a.session("fw");
+        for i in 0..2_500 {
+            s.set(format!("ip/{i}"), vec![i as u8; 16]).unwrap();
+        }
+        s.set("odd key .*> é".into(), vec![0, 255]).unwrap();
+        commit(s).await;
+        assert_eq!(kv_a.session("fw").list_keys("ip/").unwrap().len(), 2_500);
+
+        // A host that starts later mirrors it all before it serves anything.
+        let c = JetStreamLedger::open(named(&nats, "c")).await.unwrap();
+        let kv_c = KvStore::new(Arc::new(c.plugin_kv().await.unwrap()));
+        let everything = kv_c.dump("fw").unwrap();
+        assert_eq!(everything.len(), 2_502);
+        assert_eq!(everything["odd key .*> é"], vec![0, 255]);
+        assert_eq!(everything, kv_a.dump("fw").unwrap());
     }
 
     #[tokio::test]

@@ -1,0 +1,306 @@
+//! Plugins' kv on JetStream, for hosts that share a ledger: a plugin finds its records whichever
+//! host runs its next batch.
+//!
+//! One stream (`<STREAM>_KV`) holds one message per key, on the subject
+//! `<stream>_kv.p<hex plugin>.k<hex key>`, and keeps only the latest (a delete is a message with
+//! the `Prismhook-Kv: del` header). Every host mirrors the stream in memory, so a plugin's reads
+//! are memory reads, as its calls need them to be.
+//!
+//! A call's writes are published as one JetStream *atomic batch* (nats-server 2.12+): all of them
+//! are stored, or none, and a write returns once this host's mirror shows it. A call that
+//! writes more than [`BATCH_MAX`] keys (a reconcile of a large inventory, say) is stored in
+//! several batches, each atomic: a host that dies between two of them leaves the first ones
+//! stored, records the next reconcile rewrites.
+//!
+//! A host taking over a partition waits until its mirror has caught up with the stream, as it
+//! does for the ledger, so it reads what the previous holder wrote. Two hosts running batches of
+//! one plugin at the same moment (for entities in different partitions) write as two workers on
+//! one host do: the later write of a key wins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::follow::{self, Fold, Restarts};
+use crate::runtime::kv_store::{KvBackend, KvError};
+
+/// Messages in one atomic batch: nats-server's limit.
+pub const BATCH_MAX: usize = 1000;
+
+const OP: &str = "Prismhook-Kv";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The stream as this host has read it: every plugin's keys and values.
+pub(super) struct Mirror {
+    root: String,
+    data: RwLock<HashMap<String, BTreeMap<String, Vec<u8>>>>,
+    applied: watch::Sender<u64>,
+    restarts: Arc<Restarts>,
+}
+
+impl Mirror {
+    fn new(root: String, restarts: Arc<Restarts>) -> Mirror {
+        Mirror {
+            root,
+            data: RwLock::default(),
+            applied: watch::channel(0).0,
+            restarts,
+        }
+    }
+
+    fn subject(&self, plugin: &str, key: &str) -> String {
+        format!(
+            "{}.p{}.k{}",
+            self.root,
+            hex(plugin.as_bytes()),
+            hex(key.as_bytes())
+        )
+    }
+
+    fn parse(&self, subject: &str) -> Option<(String, String)> {
+        let rest = subject.strip_prefix(&self.root)?.strip_prefix(".p")?;
+        let (plugin, key) = rest.split_once(".k")?;
+        Some((
+            String::from_utf8(unhex(plugin)?).ok()?,
+            String::from_utf8(unhex(key)?).ok()?,
+        ))
+    }
+
+    /// Waits until the mirror has reached `seq`.
+    pub(super) async fn reached(&self, seq: u64, limit: Duration) -> bool {
+        follow::reached("plugin kv", &self.applied, seq, &self.restarts, Some(limit)).await
+    }
+}
+
+impl Fold for Mirror {
+    fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    fn fold(&self, seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: &[u8]) {
+        match self.parse(subject) {
+            Some((plugin, key)) => {
+                let deleted = headers
+                    .and_then(|h| h.get(OP))
+                    .is_some_and(|v| v.as_str() == "del");
+                let mut data = self.data.write().expect("kv mirror lock poisoned");
+                let records = data.entry(plugin).or_default();
+                if deleted {
+                    records.remove(&key);
+                } else {
+                    records.insert(key, payload.to_vec());
+                }
+            }
+            None => tracing::warn!(subject, "skipping a kv message on an unknown subject"),
+        }
+        self.applied.send_replace(seq);
+    }
+}
+
+/// The stream's settings: one message per key, file storage, the ledger's replicas, and atomic
+/// batches allowed.
+pub(super) fn stream_config(ledger_stream: &str, replicas: usize) -> (stream::Config, String) {
+    let name = format!("{ledger_stream}_KV");
+    let root = name.to_lowercase();
+    let config = stream::Config {
+        name,
+        description: Some("prismhook plugins' kv: the latest value of every key".into()),
+        subjects: vec![format!("{root}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: 1,
+        allow_atomic_publish: true,
+        ..Default::default()
+    };
+    (config, root)
+}
+
+/// The [`KvBackend`] of hosts sharing a JetStream ledger.
+pub struct JetStreamKv {
+    pub(super) mirror: Arc<Mirror>,
+    pub(super) client: async_nats::Client,
+    pub(super) js: jetstream::Context,
+    pub(super) ack_timeout: Duration,
+    /// The runtime the blocking `apply` runs its publishes on.
+    pub(super) handle: tokio::runtime::Handle,
+}
+
+impl JetStreamKv {
+    pub(super) fn mirror(root: String, restarts: Arc<Restarts>) -> Arc<Mirror> {
+        Arc::new(Mirror::new(root, restarts))
+    }
+
+    /// Publishes one batch of writes atomically; returns the sequence of its last message.
+    async fn publish(
+        &self,
+        plugin: &str,
+        writes: &[(String, Option<Vec<u8>>)],
+    ) -> Result<u64, KvError> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            KvError::Storage(format!("{what} `{plugin}`'s writes to JetStream: {e}"))
+        };
+        let batch = hex(&rand::random::<[u8; 12]>());
+        let last = writes.len();
+        let mut sequence = 0;
+        for (n, (key, value)) in writes.iter().enumerate() {
+            let n = n + 1;
+            let mut headers = HeaderMap::new();
+            if value.is_none() {
+                headers.insert(OP, "del");
+            }
+            let payload: bytes::Bytes = value.clone().unwrap_or_default().into();
+            let subject = self.mirror.subject(plugin, key);
+            if last == 1 {
+                // One write is atomic by itself.
+                let ack = self
+                    .js
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| failed("publishing", &e))?
+                    .await
+                    .map_err(|e| failed("storing", &e))?;
+                return Ok(ack.sequence);
+            }
+            headers.insert("Nats-Batch-Id", batch.as_str());
+            headers.insert("Nats-Batch-Sequence", n.to_string().as_str());
+            if n == last {
+                headers.insert("Nats-Batch-Commit", "1");
+            }
+            // The first message is acknowledged (a stream that refuses batches says so at
+            // once) and the commit answers for the whole batch; the rest are sent without
+            // waiting, in order on this connection.
+            if n == 1 || n == last {
+                let answer = tokio::time::timeout(
+                    self.ack_timeout,
+                    self.client.request_with_headers(subject, headers, payload),
+                )
+                .await
+                .map_err(|_| failed("waiting for JetStream to store", &"timed out"))?
+                .map_err(|e| failed("sending", &e))?;
+                if !answer.payload.is_empty() {
+                    sequence = batch_answer(&answer.payload).map_err(|e| failed("storing", &e))?;
+                }
+            } else {
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| failed("sending", &e))?;
+            }
+        }
+        Ok(sequence)
+    }
+}
+
+/// Reads JetStream's answer to a batch message: the sequence stored, or its error.
+fn batch_answer(payload: &[u8]) -> Result<u64, String> {
+    #[derive(Deserialize)]
+    struct ApiError {
+        description: String,
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        seq: u64,
+        error: Option<ApiError>,
+    }
+    let answer: Answer = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    match answer.error {
+        Some(error) => Err(error.description),
+        None => Ok(answer.seq),
+    }
+}
+
+impl KvBackend for JetStreamKv {
+    fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let data = self.mirror.data.read().expect("kv mirror lock poisoned");
+        Ok(data.get(plugin).and_then(|r| r.get(key)).cloned())
+    }
+
+    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+        let data = self.mirror.data.read().expect("kv mirror lock poisoned");
+        Ok(data
+            .get(plugin)
+            .map(|records| {
+                records
+                    .range(prefix.to_owned()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn apply(
+        &self,
+        plugin: &str,
+        writes: BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<(), KvError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(KvError::Storage(format!(
+                "`{plugin}`'s writes cannot be stored: not connected to any NATS server"
+            )));
+        }
+        let writes: Vec<(String, Option<Vec<u8>>)> = writes.into_iter().collect();
+        self.handle.block_on(async {
+            let mut last = 0;
+            for chunk in writes.chunks(BATCH_MAX) {
+                last = self.publish(plugin, chunk).await?;
+            }
+            // Read-your-writes: the next call on this host sees them.
+            if !self.mirror.reached(last, self.ack_timeout).await {
+                return Err(KvError::Storage(format!(
+                    "`{plugin}`'s writes were stored but this host has not read them back \
+                     within {:?}",
+                    self.ack_timeout
+                )));
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_plugin_name_and_key_survive_the_subject_and_back() {
+        let mirror = Mirror::new("prismhook_kv".into(), Arc::default());
+        for (plugin, key) in [("paloalto", "vm/lab/0c4a"), ("p", ""), ("x.y", "a b.*>\u{e9}")] {
+            let subject = mirror.subject(plugin, key);
+            assert!(!subject.contains(' ') && !subject.contains('*'));
+            assert_eq!(mirror.parse(&subject), Some((plugin.into(), key.into())));
+        }
+        assert_eq!(mirror.parse("prismhook_kv.pzz.k00"), None);
+    }
+
+    #[test]
+    fn a_batch_answer_is_its_sequence_or_its_error() {
+        assert_eq!(
+            batch_answer(br#"{"stream":"S_KV","seq":42,"batch":"b","count":3}"#),
+            Ok(42)
+        );
+        assert_eq!(
+            batch_answer(br#"{"error":{"code":400,"err_code":10174,"description":"atomic publish is disabled"}}"#),
+            Err("atomic publish is disabled".into())
+        );
+    }
+}
