@@ -267,10 +267,70 @@ struct Ack {
 /// posted until it gets a 202 (connection errors and 503 are tried again,
 /// the same body, so a notification stored just before a crash comes back
 /// as a duplicate with its original id); only then the next one.
+/// One [`entity_load`] task per entity, and what they got acknowledged.
+struct Load {
+    acks: Arc<Mutex<Vec<Ack>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(uuids: &[String], ports: Vec<u16>, seed: u64) -> Load {
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = uuids
+            .iter()
+            .enumerate()
+            .map(|(i, uuid)| {
+                tokio::spawn(entity_load(
+                    i,
+                    uuid.clone(),
+                    ports.clone(),
+                    seed ^ (i as u64 + 1),
+                    acks.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        Load { acks, stop, tasks }
+    }
+
+    fn acknowledged(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// Stops after each entity's notification in progress is answered.
+    async fn stop(self) -> Vec<Ack> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let acks = self.acks.lock().unwrap().clone();
+        acks
+    }
+}
+
+/// SIGKILLs a random node of `nats` and restarts it a moment later.
+async fn kill_a_nats_node(nats: &mut Nats, rng: &mut StdRng, at: &str, load: &Load) {
+    let node = rng.random_range(0..nats.nodes.len());
+    nats.nodes[node].kill();
+    eprintln!(
+        "{at}: NATS node {}; {} acknowledged so far",
+        nats.nodes[node].name,
+        load.acknowledged()
+    );
+    tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
+    nats.nodes[node].restart().await.unwrap();
+}
+
+/// With several hosts (`ports`), each notification goes to all of them, as
+/// Prism posts to every webhook: it is acknowledged when any host answers
+/// 202, and every host that does names the same event (the duplicates
+/// collapse in the stream).
 async fn entity_load(
     entity: usize,
     uuid: String,
-    port: u16,
+    ports: Vec<u16>,
     seed: u64,
     acks: Arc<Mutex<Vec<Ack>>>,
     stop: Arc<AtomicBool>,
@@ -279,7 +339,6 @@ async fn entity_load(
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}/listener/callback/lab");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -292,32 +351,63 @@ async fn entity_load(
                 Instant::now() < give_up,
                 "entity {entity} seq {seq}: no 202 within 60 s"
             );
-            match http
-                .post(&url)
-                .basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD))
-                .body(body.clone())
-                .send()
-                .await
-            {
-                Ok(r) if r.status() == 202 => {
-                    // A body cut short by the kill is no acknowledgement.
-                    if let Ok(answer) = r.json::<Value>().await {
-                        let id = answer["id"].as_u64().expect("202 carries the event id");
-                        acks.lock().unwrap().push(Ack { entity, seq, id });
-                        break;
+            let posts = ports.iter().map(|port| {
+                http.post(format!("http://127.0.0.1:{port}/listener/callback/lab"))
+                    .basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD))
+                    .body(body.clone())
+                    .send()
+            });
+            let mut ids = BTreeSet::new();
+            for answer in futures_util::future::join_all(posts).await {
+                match answer {
+                    Ok(r) if r.status() == 202 => {
+                        // A body cut short by the kill is no acknowledgement.
+                        if let Ok(answer) = r.json::<Value>().await {
+                            ids.insert(answer["id"].as_u64().expect("202 carries the event id"));
+                        }
                     }
+                    Ok(r) if r.status() == 503 => {}
+                    Ok(r) => panic!(
+                        "entity {entity} seq {seq}: unexpected {}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ),
+                    Err(_) => {}
                 }
-                Ok(r) if r.status() == 503 => tokio::time::sleep(Duration::from_millis(20)).await,
-                Ok(r) => panic!(
-                    "entity {entity} seq {seq}: unexpected {}: {}",
-                    r.status(),
-                    r.text().await.unwrap_or_default()
-                ),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
+            assert!(
+                ids.len() <= 1,
+                "entity {entity} seq {seq}: hosts stored one notification as events {ids:?}"
+            );
+            if let Some(&id) = ids.first() {
+                acks.lock().unwrap().push(Ack { entity, seq, id });
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
     }
+}
+
+/// What the probe recorded, from a stopped host's kv: its redb file, or the
+/// plugins' kv on `nats` that every host of the stream shares.
+async fn probe_records(data: &Path, nats: Option<&Nats>) -> BTreeMap<String, Vec<u8>> {
+    let Some(nats) = nats else {
+        return KvStore::open(&data.join("kv.redb"))
+            .unwrap()
+            .dump("probe")
+            .unwrap();
+    };
+    let ledger = JetStreamLedger::open(JetStreamOptions {
+        client_name: "prismhook checker".into(),
+        ..JetStreamOptions::new(nats.urls())
+    })
+    .await
+    .unwrap();
+    let kv = KvStore::new(Arc::new(ledger.plugin_kv().await.unwrap()));
+    let records = kv.dump("probe").unwrap();
+    ledger.close().await.unwrap();
+    records
 }
 
 /// The backlog of every plugin in a stopped host's ledger (its redb file, or
@@ -354,6 +444,164 @@ async fn every_acknowledged_notification_survives_sigkills_of_the_host_and_of_na
     let dir = tempfile::tempdir().unwrap();
     let mut nats = Nats::start(dir.path(), 3).await.unwrap();
     sigkills_under_load(Some(&mut nats)).await
+}
+
+/// Three hosts share one stream on a three-node NATS cluster, each with a
+/// webhook of its own, and every notification goes to all three (as Prism
+/// posts to every webhook). Hosts and NATS nodes are SIGKILLed at random
+/// and restarted; afterwards every acknowledged notification reached the
+/// probe, in order per entity, whichever hosts handled it, and the probe's
+/// records (plugin kv, shared by the hosts) hold them all.
+/// `PRISMHOOK_CLUSTER_KILLS` (4 by default) and `PRISMHOOK_CRASH_SEED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_die() {
+    const HOSTS: usize = 3;
+    const ENTITIES: usize = 12;
+    let kills: usize = std::env::var("PRISMHOOK_CLUSTER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let seed: u64 = std::env::var("PRISMHOOK_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_261_203);
+    eprintln!("cluster test: {kills} SIGKILLs, seed {seed}");
+    let began = Instant::now();
+    let w = world(&["probe"]).await;
+    let mut nats = Nats::start(&w.dir.path().join("nats"), 3).await.unwrap();
+    let lines = ledger_lines(Some(&nats)).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    struct Host {
+        config: PathBuf,
+        log: PathBuf,
+        port: u16,
+        admin: u16,
+        process: HostProcess,
+    }
+    let mut hosts: Vec<Host> = (0..HOSTS)
+        .map(|i| {
+            let (port, admin) = (common::free_port(), common::free_port());
+            let root = w.dir.path().join(format!("h{i}"));
+            let setup = w
+                .host()
+                .instance(&format!("h{i}"))
+                .listen(format!("127.0.0.1:{port}"))
+                .admin_listen(format!("127.0.0.1:{admin}"))
+                .dirs(&root.join("data"), &w.dir.path().join("plugins"))
+                .delivery(r#"retry_initial = "20ms""#)
+                .delivery(r#"retry_max = "200ms""#)
+                .plugin("probe", &[r#"config = { subscriptions = ["VM.*"] }"#])
+                .storage(r#"backend = "jetstream""#)
+                .storage(&lines);
+            std::fs::create_dir_all(&root).unwrap();
+            let config = root.join("prismhook.toml");
+            std::fs::write(&config, setup.toml()).unwrap();
+            let log = root.join("host.log");
+            let process = HostProcess::spawn(&config, &log);
+            Host {
+                config,
+                log,
+                port,
+                admin,
+                process,
+            }
+        })
+        .collect();
+    for h in &mut hosts {
+        wait_ready(&mut h.process, h.port, &h.log).await;
+    }
+    wait(
+        || w.prism.webhooks().len() == HOSTS,
+        "each host to register a webhook of its own",
+    )
+    .await;
+    let admin = reqwest::Client::new();
+    let membership = |port: u16| {
+        let admin = admin.clone();
+        async move {
+            let url = format!("http://127.0.0.1:{port}/api/hosts");
+            let answer = admin.get(url).send().await.ok()?;
+            answer.json::<Option<prismhook::ledger::Membership>>().await.ok()?
+        }
+    };
+    let shared_out = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = membership(hosts[0].admin).await.expect("a membership");
+        if m.hosts.len() == HOSTS && m.unheld.is_empty() && m.hosts.iter().all(|h| !h.partitions.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < shared_out, "the hosts did not share out the partitions: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let uuids: Vec<String> = (0..ENTITIES)
+        .map(|i| format!("0c4a5e00-0000-4000-8000-{i:012x}"))
+        .collect();
+    let ports: Vec<u16> = hosts.iter().map(|h| h.port).collect();
+    let load = Load::start(&uuids, ports.clone(), seed);
+
+    for kill in 1..=kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+        if rng.random_bool(0.5) {
+            let at = format!("kill {kill}/{kills} at {:.1}s", began.elapsed().as_secs_f64());
+            kill_a_nats_node(&mut nats, &mut rng, &at, &load).await;
+        } else {
+            let h = &mut hosts[rng.random_range(0..HOSTS)];
+            h.process.sigkill().await;
+            eprintln!(
+                "kill {kill}/{kills} at {:.1}s: host {}; {} acknowledged so far",
+                began.elapsed().as_secs_f64(),
+                h.config.display(),
+                load.acknowledged()
+            );
+            // Long enough for its partitions to move to the others.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..5000))).await;
+            h.process = HostProcess::spawn(&h.config, &h.log);
+            wait_ready(&mut h.process, h.port, &h.log).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acks = load.stop().await;
+    eprintln!(
+        "load stopped at {:.1}s: {} notifications acknowledged",
+        began.elapsed().as_secs_f64(),
+        acks.len()
+    );
+    assert!(acks.len() >= 100, "too little load to mean anything: {}", acks.len());
+
+    // Drained, as every host sees the stream: nothing undelivered anywhere.
+    let drained = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(m) = membership(hosts[0].admin).await {
+            if m.lag.iter().all(|l| l.undelivered == 0) && m.unheld.is_empty() {
+                break;
+            }
+            if Instant::now() >= drained {
+                for h in &hosts {
+                    // The 503s of the outages would hide everything else.
+                    let text = std::fs::read_to_string(&h.log).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().filter(|l| !l.contains("with 503")).collect();
+                    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+                    eprintln!("{}:\n{tail}", h.log.display());
+                }
+                panic!("the hosts did not drain the ledger: {m:?}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for h in &mut hosts {
+        let status = h.process.sigterm().await;
+        assert!(status.success(), "{status}; log:\n{}", log_tail(&h.log));
+    }
+    assert_eq!(
+        w.prism.webhooks().len(),
+        HOSTS,
+        "one webhook per host after every restart"
+    );
+    let kv = probe_records(&w.data(), Some(&nats)).await;
+    assert_delivered_in_order(&acks, &kv, &uuids);
+    eprintln!("cluster test done in {:.1}s", began.elapsed().as_secs_f64());
 }
 
 /// The ledger a host of [`sigkills_under_load`] uses: its redb file, or the
@@ -409,22 +657,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
     let uuids: Vec<String> = (0..ENTITIES)
         .map(|i| format!("0c4a5e00-0000-4000-8000-{i:012x}"))
         .collect();
-    let acks = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = uuids
-        .iter()
-        .enumerate()
-        .map(|(i, uuid)| {
-            tokio::spawn(entity_load(
-                i,
-                uuid.clone(),
-                port,
-                seed ^ (i as u64 + 1),
-                acks.clone(),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let load = Load::start(&uuids, vec![port], seed);
 
     for kill in 1..=kills {
         // With JetStream, every other kill on average is of a NATS node: the
@@ -432,16 +665,8 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
         if let Some(nats) = nats.as_deref_mut() {
             if rng.random_bool(0.5) {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
-                let node = rng.random_range(0..nats.nodes.len());
-                nats.nodes[node].kill();
-                eprintln!(
-                    "kill {kill}/{kills} at {:.1}s: NATS node {}; {} acknowledged so far",
-                    began.elapsed().as_secs_f64(),
-                    nats.nodes[node].name,
-                    acks.lock().unwrap().len()
-                );
-                tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
-                nats.nodes[node].restart().await.unwrap();
+                let at = format!("kill {kill}/{kills} at {:.1}s", began.elapsed().as_secs_f64());
+                kill_a_nats_node(nats, &mut rng, &at, &load).await;
                 continue;
             }
         }
@@ -463,7 +688,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
             } else {
                 ""
             },
-            acks.lock().unwrap().len()
+            load.acknowledged()
         );
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
         host = HostProcess::spawn(&config, &log);
@@ -471,11 +696,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
 
     wait_ready(&mut host, port, &log).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
-    let acks = acks.lock().unwrap().clone();
+    let acks = load.stop().await;
     eprintln!(
         "load stopped at {:.1}s: {} notifications acknowledged",
         began.elapsed().as_secs_f64(),
@@ -518,10 +739,18 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
         wait_ready(&mut host, port, &log).await;
     }
 
-    let kv = KvStore::open(&w.data().join("kv.redb"))
-        .unwrap()
-        .dump("probe")
-        .unwrap();
+    let kv = probe_records(&w.data(), nats.as_deref()).await;
+    assert_delivered_in_order(&acks, &kv, &uuids);
+    eprintln!(
+        "crash test done in {:.1}s: {} acknowledged, all checked",
+        began.elapsed().as_secs_f64(),
+        acks.len()
+    );
+}
+
+/// Every acknowledged notification reached the probe (by its records in
+/// `kv`), each entity's in the order they were acknowledged.
+fn assert_delivered_in_order(acks: &[Ack], kv: &BTreeMap<String, Vec<u8>>, uuids: &[String]) {
     let (mut missing, mut disorder, mut redelivered, mut extra) = (Vec::new(), Vec::new(), 0, 0);
     for (entity, uuid) in uuids.iter().enumerate() {
         let acked: Vec<Ack> = acks
@@ -534,7 +763,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
             acked_ids.windows(2).all(|w| w[0] < w[1]),
             "entity {entity}: the ledger numbered its events out of arrival order: {acked_ids:?}"
         );
-        let record = seen(&kv, uuid);
+        let record = seen(kv, uuid);
         let mut first: Vec<u64> = Vec::new();
         let mut known = HashSet::new();
         for (id, _, _) in &record {
@@ -575,8 +804,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
         }
     }
     eprintln!(
-        "crash test done in {:.1}s: {} acknowledged, all checked; {redelivered} redeliveries, {extra} stored but never acknowledged",
-        began.elapsed().as_secs_f64(),
+        "{} acknowledged, all delivered; {redelivered} redeliveries, {extra} stored but never acknowledged",
         acks.len()
     );
     assert!(
