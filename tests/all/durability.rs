@@ -522,16 +522,25 @@ async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_
         async move {
             let url = format!("http://127.0.0.1:{port}/api/hosts");
             let answer = admin.get(url).send().await.ok()?;
-            answer.json::<Option<prismhook::ledger::Membership>>().await.ok()?
+            answer
+                .json::<Option<prismhook::ledger::Membership>>()
+                .await
+                .ok()?
         }
     };
     let shared_out = Instant::now() + Duration::from_secs(30);
     loop {
         let m = membership(hosts[0].admin).await.expect("a membership");
-        if m.hosts.len() == HOSTS && m.unheld.is_empty() && m.hosts.iter().all(|h| !h.partitions.is_empty()) {
+        if m.hosts.len() == HOSTS
+            && m.unheld.is_empty()
+            && m.hosts.iter().all(|h| !h.partitions.is_empty())
+        {
             break;
         }
-        assert!(Instant::now() < shared_out, "the hosts did not share out the partitions: {m:?}");
+        assert!(
+            Instant::now() < shared_out,
+            "the hosts did not share out the partitions: {m:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -544,7 +553,10 @@ async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_
     for kill in 1..=kills {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
         if rng.random_bool(0.5) {
-            let at = format!("kill {kill}/{kills} at {:.1}s", began.elapsed().as_secs_f64());
+            let at = format!(
+                "kill {kill}/{kills} at {:.1}s",
+                began.elapsed().as_secs_f64()
+            );
             kill_a_nats_node(&mut nats, &mut rng, &at, &load).await;
         } else {
             let h = &mut hosts[rng.random_range(0..HOSTS)];
@@ -568,7 +580,11 @@ async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_
         began.elapsed().as_secs_f64(),
         acks.len()
     );
-    assert!(acks.len() >= 100, "too little load to mean anything: {}", acks.len());
+    assert!(
+        acks.len() >= 100,
+        "too little load to mean anything: {}",
+        acks.len()
+    );
 
     // Drained, as every host sees the stream: nothing undelivered anywhere.
     let drained = Instant::now() + Duration::from_secs(60);
@@ -581,7 +597,8 @@ async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_
                 for h in &hosts {
                     // The 503s of the outages would hide everything else.
                     let text = std::fs::read_to_string(&h.log).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().filter(|l| !l.contains("with 503")).collect();
+                    let lines: Vec<&str> =
+                        text.lines().filter(|l| !l.contains("with 503")).collect();
                     let tail = lines[lines.len().saturating_sub(60)..].join("\n");
                     eprintln!("{}:\n{tail}", h.log.display());
                 }
@@ -665,7 +682,10 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
         if let Some(nats) = nats.as_deref_mut() {
             if rng.random_bool(0.5) {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
-                let at = format!("kill {kill}/{kills} at {:.1}s", began.elapsed().as_secs_f64());
+                let at = format!(
+                    "kill {kill}/{kills} at {:.1}s",
+                    began.elapsed().as_secs_f64()
+                );
                 kill_a_nats_node(nats, &mut rng, &at, &load).await;
                 continue;
             }

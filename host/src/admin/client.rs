@@ -589,7 +589,11 @@ pub fn render_membership(membership: Option<&Membership>, now_ms: u64) -> String
             } else {
                 h.name.clone()
             },
-            if h.leader { "yes".into() } else { String::new() },
+            if h.leader {
+                "yes".into()
+            } else {
+                String::new()
+            },
             h.partitions.len().to_string(),
             undelivered.to_string(),
             ago(oldest, now_ms),
@@ -898,10 +902,19 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "2 hosts share the ledger; leader: b");
         assert!(lines[2].starts_with("a (this host)"), "{text}");
-        assert!(lines[2].contains(" 2 ") && lines[2].contains(" 5 "), "{text}");
+        assert!(
+            lines[2].contains(" 2 ") && lines[2].contains(" 5 "),
+            "{text}"
+        );
         assert!(lines[2].contains("1m 5s ago"), "{text}");
-        assert!(lines[3].starts_with("b ") && lines[3].contains("yes"), "{text}");
-        assert_eq!(lines[4], "moving between hosts: partition 3 (7 undelivered)");
+        assert!(
+            lines[3].starts_with("b ") && lines[3].contains("yes"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[4],
+            "moving between hosts: partition 3 (7 undelivered)"
+        );
         assert!(render_membership(None, NOW).contains("runs alone"));
     }
 

@@ -190,7 +190,12 @@ impl PluginIndex {
     /// The smallest ready head over the held partitions, with its partition.
     fn first_ready(&self, held: PartitionSet) -> Option<(u64, usize)> {
         held.iter()
-            .filter_map(|p| self.parts[p].ready.first_key_value().map(|(&id, _)| (id, p)))
+            .filter_map(|p| {
+                self.parts[p]
+                    .ready
+                    .first_key_value()
+                    .map(|(&id, _)| (id, p))
+            })
             .min()
     }
 
@@ -501,7 +506,9 @@ impl Index {
     }
 
     pub fn next_due_ms(&self, plugin: &str) -> Option<u64> {
-        self.plugins.get(plugin).and_then(|p| p.next_due_ms(self.held))
+        self.plugins
+            .get(plugin)
+            .and_then(|p| p.next_due_ms(self.held))
     }
 
     /// Deliveries in flight (over all plugins) in one partition.

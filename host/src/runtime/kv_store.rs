@@ -217,8 +217,12 @@ impl KvSession {
     }
 
     pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>, KvError> {
-        let mut keys: std::collections::BTreeSet<String> =
-            self.store.backend.keys(&self.plugin, prefix)?.into_iter().collect();
+        let mut keys: std::collections::BTreeSet<String> = self
+            .store
+            .backend
+            .keys(&self.plugin, prefix)?
+            .into_iter()
+            .collect();
         for (k, v) in self.writes.range(prefix.to_owned()..) {
             if !k.starts_with(prefix) {
                 break;

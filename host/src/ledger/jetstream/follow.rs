@@ -38,7 +38,10 @@ impl Restarts {
         let mut last = self.last_stall.lock().expect("restart lock poisoned");
         if last.is_none_or(|at| at.elapsed() >= STALL) {
             *last = Some(Instant::now());
-            warn!(what, seq, "following the stream again: it fell behind a stored write");
+            warn!(
+                what,
+                seq, "following the stream again: it fell behind a stored write"
+            );
             self.restart();
         }
     }

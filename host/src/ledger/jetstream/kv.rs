@@ -284,7 +284,11 @@ mod tests {
     #[test]
     fn any_plugin_name_and_key_survive_the_subject_and_back() {
         let mirror = Mirror::new("prismhook_kv".into(), Arc::default());
-        for (plugin, key) in [("paloalto", "vm/lab/0c4a"), ("p", ""), ("x.y", "a b.*>\u{e9}")] {
+        for (plugin, key) in [
+            ("paloalto", "vm/lab/0c4a"),
+            ("p", ""),
+            ("x.y", "a b.*>\u{e9}"),
+        ] {
             let subject = mirror.subject(plugin, key);
             assert!(!subject.contains(' ') && !subject.contains('*'));
             assert_eq!(mirror.parse(&subject), Some((plugin.into(), key.into())));

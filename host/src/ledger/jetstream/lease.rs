@@ -401,21 +401,23 @@ impl Leases {
             .iter()
             .fold(PartitionSet::NONE, |set, (p, ..)| set.with(*p));
         self.serve(inner, |serving| {
-            release
-                .iter()
-                .fold(serving, |set, (p, ..)| set.without(*p))
+            release.iter().fold(serving, |set, (p, ..)| set.without(*p))
         });
         for (partition, key, revision) in release {
             if inner.state().index.in_flight_in(partition) > 0 {
                 continue;
             }
             let delete = self.kv.delete_expect_revision(&key, Some(revision));
-            match tokio::time::timeout(RENEW, delete).await.unwrap_or_else(|_| {
-                Err(kv::DeleteError::new(kv::DeleteErrorKind::TimedOut))
-            }) {
+            match tokio::time::timeout(RENEW, delete)
+                .await
+                .unwrap_or_else(|_| Err(kv::DeleteError::new(kv::DeleteErrorKind::TimedOut)))
+            {
                 Ok(()) => {
                     self.state().held.remove(&key);
-                    info!(partition, "gave up a partition to the host that should hold it");
+                    info!(
+                        partition,
+                        "gave up a partition to the host that should hold it"
+                    );
                 }
                 Err(error) => warn!(partition, %error, "cannot give up a partition; trying again"),
             }
@@ -476,7 +478,8 @@ impl Leases {
                 .fold(PartitionSet::NONE, |set, p| set.with(p))
         });
         let leads = self.state().held.contains_key(LEADER);
-        self.leader.send_if_modified(|l| std::mem::replace(l, leads) != leads);
+        self.leader
+            .send_if_modified(|l| std::mem::replace(l, leads) != leads);
     }
 
     /// Changes the partitions this host claims from, in the lease state and in the index, and

@@ -183,7 +183,6 @@ impl Inner {
         }
         Ok(())
     }
-
 }
 
 impl follow::Fold for Inner {
@@ -406,7 +405,9 @@ impl Watchdog {
             let applied = follow::Fold::applied(mirror.as_ref());
             if let Ok(info) = stream.get_info().await {
                 if info.state.last_sequence > applied && applied == self.kv {
-                    inner.restarts.stalled("plugin kv", info.state.last_sequence);
+                    inner
+                        .restarts
+                        .stalled("plugin kv", info.state.last_sequence);
                 }
             }
             self.kv = applied;
@@ -597,7 +598,8 @@ impl JetStreamLedger {
     async fn is_duplicate(&self, original: u64, received_at_ms: u64) -> bool {
         let window = self.inner.opts.dedupe_window.as_millis() as u64;
         // The original may come from another host: this fold reaches it first.
-        let _ = tokio::time::timeout(self.inner.opts.ack_timeout, self.inner.folded(original)).await;
+        let _ =
+            tokio::time::timeout(self.inner.opts.ack_timeout, self.inner.folded(original)).await;
         let known = self
             .inner
             .state()
@@ -1205,7 +1207,10 @@ mod tests {
         let mut s = kv_a.session("fw");
         s.set("vm/1".into(), b"10.0.0.1".to_vec()).unwrap();
         s.set("vm/2".into(), b"10.0.0.2".to_vec()).unwrap();
-        assert!(kv_b.dump("fw").unwrap().is_empty(), "nothing before the commit");
+        assert!(
+            kv_b.dump("fw").unwrap().is_empty(),
+            "nothing before the commit"
+        );
         commit(s).await;
         // Read-your-writes on the writing host, at once.
         assert_eq!(kv_a.dump("fw").unwrap().len(), 2);
@@ -1255,7 +1260,8 @@ mod tests {
         // Shared out: disjoint, complete, and each host gets a share.
         within(Duration::from_secs(10), || {
             let shares: Vec<Vec<usize>> = hosts.iter().map(|h| serving(h)).collect();
-            shares.iter().all(|s| !s.is_empty()) && shares.iter().map(Vec::len).sum::<usize>() == PARTITIONS
+            shares.iter().all(|s| !s.is_empty())
+                && shares.iter().map(Vec::len).sum::<usize>() == PARTITIONS
         })
         .await;
         let mut all: Vec<usize> = hosts.iter().flat_map(|h| serving(h)).collect();
@@ -1294,7 +1300,9 @@ mod tests {
             *b.leadership().borrow() || *c.leadership().borrow()
         })
         .await;
-        assert!(dead.iter().all(|p| serving(&b).contains(p) || serving(&c).contains(p)));
+        assert!(dead
+            .iter()
+            .all(|p| serving(&b).contains(p) || serving(&c).contains(p)));
         let mut claimed = b.claim("p", 1000).await.unwrap().len();
         claimed += c.claim("p", 1000).await.unwrap().len();
         assert_eq!(claimed, 200, "every new event is claimed by one of the two");
