@@ -54,7 +54,7 @@ use crate::event::Vm;
 
 pub use embedded::{LedgerOptions, RedbLedger};
 pub use jetstream::{JetStreamLedger, JetStreamOptions};
-pub use partition::{PartitionSet, PARTITIONS};
+pub use partition::{partition_of_entity, PartitionSet, PARTITIONS};
 pub use retry::{Jitter, RetryPolicy};
 
 /// A ledger shared by every part of the host.

@@ -365,15 +365,11 @@ impl Leases {
             let live = Self::live(&state, &self.me.host);
             let mut release = Vec::new();
             let mut take = Vec::new();
-            // This host's own key, lost when a renewal found it expired: announced again.
+            // This host's own key, should it ever be dropped: announced again (written
+            // whatever its revision, see `try_write`).
             let me = host_key(&self.me.host);
             if !state.held.contains_key(&me) {
-                let revision = state
-                    .seen
-                    .get(&me)
-                    .filter(|s| s.holder.as_ref() == Some(&self.me))
-                    .map_or(0, |s| s.revision);
-                take.push((me, revision));
+                take.push((me, 0));
             }
             for partition in 0..PARTITIONS {
                 let key = partition_key(partition);
