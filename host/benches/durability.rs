@@ -36,13 +36,8 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use prismhook::clock::now_ms;
 use prismhook::ledger::{LedgerOptions, NewEvent, RedbLedger, SharedLedger};
-use prismhook::listener::{self, Ingest};
 use prismhook::nutanix::payload::parse_notification;
-use prismhook::nutanix::NutanixSource;
-use prismhook::registry::{Entry, PluginState, Registry};
-use prismhook::runtime::policy::{OriginRule, OutboundPolicy};
-use prismhook::runtime::{PluginSettings, Runtime, RuntimeOptions};
-use prismhook::source::EventSource as _;
+use prismhook::registry::Registry;
 use prismhook::telemetry::ListenerStats;
 use subtle::ConstantTimeEq;
 
@@ -120,30 +115,6 @@ async fn non_durable(
 
 // ------------------------------------------------------------ figures
 
-struct Target {
-    name: &'static str,
-    url: String,
-}
-
-async fn wrk(url: &str, secs: u64, script: &std::path::Path, auth: &str, round: u32) -> WrkResult {
-    let (url, script, auth) = (url.to_owned(), script.to_owned(), auth.to_owned());
-    let fixtures = vm_fixtures();
-    tokio::task::spawn_blocking(move || {
-        run_wrk(
-            &url,
-            2,
-            64,
-            Duration::from_secs(secs),
-            &script,
-            &auth,
-            round,
-            &fixtures,
-        )
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::main]
 async fn main() {
     init_tracing();
@@ -151,50 +122,10 @@ async fn main() {
     machine_note();
     let dir = tempfile::tempdir().unwrap();
 
-    // A registry with paloalto.wasm loaded, as the listener consults it.
-    let runtime = Runtime::new(RuntimeOptions::new(dir.path().join("kv.redb"))).unwrap();
-    let fw = "http://127.0.0.1:9";
-    let settings = PluginSettings {
-        config: serde_json::json!({ "firewall": fw }),
-        policy: OutboundPolicy::new(vec![OriginRule::parse(fw).unwrap()], vec![]),
-        ..Default::default()
-    };
-    let plugin = runtime
-        .load(&component("paloalto"), settings)
-        .await
-        .unwrap();
-    let registry = Registry::default();
-    registry.update(|m| {
-        m.insert(
-            "paloalto".into(),
-            Entry {
-                plugin: Some(plugin),
-                state: PluginState::Active,
-                coalesce: false,
-                load_error: None,
-            },
-        );
-    });
-
+    let registry = paloalto_registry(dir.path()).await;
     let ledger: SharedLedger =
         Arc::new(RedbLedger::open(LedgerOptions::new(dir.path().join("ledger.redb"))).unwrap());
-    // Cluster `lab` on a Prism that is never asked: only its routes serve.
-    let config = setup::HostConfig::new(dir.path())
-        .cluster(setup::Cluster {
-            webhook_password: Some(WEBHOOK_PASSWORD.into()),
-            extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
-            ..setup::Cluster::new("lab", "http://127.0.0.1:9")
-        })
-        .config();
-    let source = NutanixSource::new(Arc::new(config)).unwrap();
-    let durable = listener::router(source.routes(Ingest::new(
-        ledger.clone(),
-        registry.clone(),
-        1 << 20,
-        Duration::from_secs(30),
-        Arc::new(AtomicBool::new(true)),
-        Arc::new(ListenerStats::default()),
-    )));
+    let durable = listener_router(ledger.clone(), registry.clone(), dir.path());
     let nd = Router::new()
         .route("/listener/callback/{cluster}", post(non_durable))
         .with_state(NonDurable {
@@ -225,87 +156,30 @@ async fn main() {
 
     // ------------------------------------------------------------ 1
     println!("\n## 1. Accept rate at saturation: wrk -t2 -c64 -d5s --latency (wrk shares the 2 cores), fixtures vm_*.json made unique");
-    for t in &targets {
-        wrk(&t.url, 1, &script, &auth, round_id).await;
-        round_id += 1;
-    }
-    let mut sat: Vec<Vec<WrkResult>> = vec![Vec::new(), Vec::new(), Vec::new()];
     let mut group = Vec::new();
-    println!(
-        "| round | target | 202/s | p50 | p90 | p99 | non-2xx | ledger commits | events/commit |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for round in 0..3 {
-        for k in 0..3 {
-            let i = (round + k) % 3;
-            let c0 = ledger.stats().commits;
-            let r = wrk(&targets[i].url, 5, &script, &auth, round_id).await;
-            round_id += 1;
-            let (c, per) = if i == 0 {
-                let c = ledger.stats().commits - c0;
-                let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;
-                group.push(per);
-                (c.to_string(), format!("{per:.1}"))
-            } else {
-                ("–".into(), "–".into())
-            };
-            println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {c} | {per} |",
-                round + 1,
-                targets[i].name,
-                rate(r.ok_per_s),
-                us(r.p50_us),
-                us(r.p90_us),
-                us(r.p99_us),
-                r.non_2xx
-            );
-            sat[i].push(r);
-        }
-    }
+    let sat = saturate(
+        &targets,
+        3,
+        &script,
+        &auth,
+        &mut round_id,
+        &["ledger commits", "events/commit"],
+        |_| ledger.stats().commits,
+        |i, c0, r| {
+            if i != 0 {
+                return " – | – |".into();
+            }
+            let c = ledger.stats().commits - c0;
+            let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;
+            group.push(per);
+            format!(" {c} | {per:.1} |")
+        },
+    )
+    .await;
 
     // ------------------------------------------------------------ 2
     println!("\n## 2. Ack latency at a fixed 1,000 notifications/s (in-process open-loop generator, reqwest, keep-alive; 2 rounds × 5 s per target)");
-    let templates: Vec<VmTemplate> = vm_fixtures().iter().map(|p| VmTemplate::load(p)).collect();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .unwrap();
-    let mut paced_lat: Vec<Vec<f64>> = vec![Vec::new(), Vec::new(), Vec::new()];
-    let mut paced_bad = [0u64; 3];
-    println!("| round | target | sent | 202 | other | p50 | p99 | p99.9 | max |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for round in 0..2 {
-        for k in 0..3 {
-            let i = (round + k) % 3;
-            let series = 2000 + round_id;
-            round_id += 1;
-            let ts = templates.clone();
-            let r = paced(
-                &client,
-                &targets[i].url,
-                &auth,
-                1000,
-                Duration::from_secs(5),
-                move |n| ts[n as usize % ts.len()].render(series, n),
-            )
-            .await;
-            let l = &r.latencies_us;
-            println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                round + 1,
-                targets[i].name,
-                r.sent,
-                r.accepted,
-                r.other,
-                us(percentile(l, 50.0)),
-                us(percentile(l, 99.0)),
-                us(percentile(l, 99.9)),
-                us(*l.last().unwrap_or(&f64::NAN))
-            );
-            paced_lat[i].extend_from_slice(l);
-            paced_bad[i] += r.other;
-        }
-    }
+    let (paced_lat, paced_bad) = paced_rounds(&targets, 2, &auth, 2000, &mut round_id).await;
 
     // ------------------------------------------------------------ summary 1+2
     let med =
@@ -351,6 +225,10 @@ async fn main() {
     // ------------------------------------------------------------ 3
     println!("\n## 3. End to end: notifications posted → applied at the PAN-OS simulator through paloalto.wasm (full host)");
     let rig = start_host().await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
     let n: u64 = 20_000;
     let on = Arc::new(VmTemplate::load(&fixtures_dir().join("vm_on.json")));
     let off = Arc::new(VmTemplate::load(&fixtures_dir().join("vm_off.json")));

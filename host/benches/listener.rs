@@ -19,38 +19,6 @@ use std::time::Duration;
 
 use common::*;
 
-struct Side {
-    name: &'static str,
-    url: String,
-}
-
-async fn wrk(
-    url: &str,
-    threads: u32,
-    conns: u32,
-    secs: u64,
-    script: &std::path::Path,
-    auth: &str,
-    round: u32,
-) -> WrkResult {
-    let (url, script, auth) = (url.to_owned(), script.to_owned(), auth.to_owned());
-    let fixtures = vm_fixtures();
-    tokio::task::spawn_blocking(move || {
-        run_wrk(
-            &url,
-            threads,
-            conns,
-            Duration::from_secs(secs),
-            &script,
-            &auth,
-            round,
-            &fixtures,
-        )
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::main]
 async fn main() {
     init_tracing();
@@ -60,11 +28,11 @@ async fn main() {
     let rig = start_host().await;
     let trivial = start_trivial().await;
     let sides = [
-        Side {
+        Target {
             name: "prismhook listener (durable, full host)",
             url: rig.url.clone(),
         },
-        Side {
+        Target {
             name: "trivial axum handler",
             url: format!("http://{trivial}/listener/callback/lab"),
         },
@@ -85,7 +53,7 @@ async fn main() {
     let mut commits = Vec::new();
     // Warm-up (connections, page cache, the JIT of wrk's Lua).
     for s in &sides {
-        wrk(&s.url, 2, 64, 1, &script, &rig.auth, round_id).await;
+        wrk_with(&s.url, 2, 64, 1, &script, &rig.auth, round_id).await;
         round_id += 1;
     }
     drain(&rig.app.ledger, Duration::from_secs(120)).await;
@@ -97,7 +65,7 @@ async fn main() {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let commits_before = rig.app.ledger.stats().commits;
-            let r = wrk(&sides[i].url, 2, 64, 5, &script, &rig.auth, round_id).await;
+            let r = wrk_with(&sides[i].url, 2, 64, 5, &script, &rig.auth, round_id).await;
             round_id += 1;
             let (c, per, drained) = if i == 0 {
                 let c = rig.app.ledger.stats().commits - commits_before;
@@ -134,7 +102,7 @@ async fn main() {
     for round in 0..2 {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let r = wrk(&sides[i].url, 1, 1, 3, &script, &rig.auth, round_id).await;
+            let r = wrk_with(&sides[i].url, 1, 1, 3, &script, &rig.auth, round_id).await;
             round_id += 1;
             if i == 0 {
                 drain(&rig.app.ledger, Duration::from_secs(120)).await;

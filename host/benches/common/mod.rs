@@ -378,6 +378,210 @@ fn parse_duration_us(s: &str) -> f64 {
     num.trim().parse::<f64>().unwrap_or(f64::NAN) * mul
 }
 
+/// A server a bench compares, by the name its rows carry.
+pub struct Target {
+    pub name: &'static str,
+    pub url: String,
+}
+
+/// `wrk -t2 -c64` for `secs` against `url`, posting the VM fixtures made
+/// unique by `round`.
+pub async fn wrk(url: &str, secs: u64, script: &Path, auth: &str, round: u32) -> WrkResult {
+    wrk_with(url, 2, 64, secs, script, auth, round).await
+}
+
+/// [`run_wrk`] off the async threads.
+pub async fn wrk_with(
+    url: &str,
+    threads: u32,
+    conns: u32,
+    secs: u64,
+    script: &Path,
+    auth: &str,
+    round: u32,
+) -> WrkResult {
+    let (url, script, auth) = (url.to_owned(), script.to_owned(), auth.to_owned());
+    let fixtures = vm_fixtures();
+    tokio::task::spawn_blocking(move || {
+        run_wrk(
+            &url,
+            threads,
+            conns,
+            Duration::from_secs(secs),
+            &script,
+            &auth,
+            round,
+            &fixtures,
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Saturates the targets with [`wrk`], 1 s of warm-up each, then `rounds`
+/// rounds of 5 s rotating A B C, B C A, …; prints a row per run. `before`
+/// is called ahead of each run and `after` with its result, for the
+/// `extra` columns a bench adds (`" | a | b"`). Results by target.
+#[allow(clippy::too_many_arguments)]
+pub async fn saturate<S>(
+    targets: &[Target],
+    rounds: usize,
+    script: &Path,
+    auth: &str,
+    round_id: &mut u32,
+    extra: &[&str],
+    mut before: impl FnMut(usize) -> S,
+    mut after: impl FnMut(usize, S, &WrkResult) -> String,
+) -> Vec<Vec<WrkResult>> {
+    for t in targets {
+        wrk(&t.url, 1, script, auth, *round_id).await;
+        *round_id += 1;
+    }
+    let header: String = extra.iter().map(|c| format!(" {c} |")).collect();
+    println!("| round | target | 202/s | p50 | p90 | p99 | non-2xx |{header}");
+    println!(
+        "|---|---|---|---|---|---|---|{}",
+        "---|".repeat(extra.len())
+    );
+    let mut sat: Vec<Vec<WrkResult>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let state = before(i);
+            let r = wrk(&targets[i].url, 5, script, auth, *round_id).await;
+            *round_id += 1;
+            let columns = after(i, state, &r);
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |{columns}",
+                round + 1,
+                targets[i].name,
+                rate(r.ok_per_s),
+                us(r.p50_us),
+                us(r.p90_us),
+                us(r.p99_us),
+                r.non_2xx
+            );
+            sat[i].push(r);
+        }
+    }
+    sat
+}
+
+/// Ack latencies at a fixed 1,000 notifications/s ([`paced`]), `rounds`
+/// rounds of 5 s per target rotating; prints a row per run. Returns each
+/// target's latencies pooled, and its answers other than 202.
+pub async fn paced_rounds(
+    targets: &[Target],
+    rounds: usize,
+    auth: &str,
+    series_base: u32,
+    round_id: &mut u32,
+) -> (Vec<Vec<f64>>, Vec<u64>) {
+    let templates: Vec<VmTemplate> = vm_fixtures().iter().map(|p| VmTemplate::load(p)).collect();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let mut latencies: Vec<Vec<f64>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut bad = vec![0u64; targets.len()];
+    println!("| round | target | sent | 202 | other | p50 | p99 | p99.9 | max |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let series = series_base + *round_id;
+            *round_id += 1;
+            let ts = templates.clone();
+            let r = paced(
+                &client,
+                &targets[i].url,
+                auth,
+                1000,
+                Duration::from_secs(5),
+                move |n| ts[n as usize % ts.len()].render(series, n),
+            )
+            .await;
+            let l = &r.latencies_us;
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                round + 1,
+                targets[i].name,
+                r.sent,
+                r.accepted,
+                r.other,
+                us(percentile(l, 50.0)),
+                us(percentile(l, 99.0)),
+                us(percentile(l, 99.9)),
+                us(*l.last().unwrap_or(&f64::NAN))
+            );
+            latencies[i].extend_from_slice(l);
+            bad[i] += r.other;
+        }
+    }
+    (latencies, bad)
+}
+
+/// A registry with paloalto.wasm loaded and subscribed, as the listener
+/// consults it (its kv in `dir`; its firewall never asked).
+pub async fn paloalto_registry(dir: &Path) -> prismhook::registry::Registry {
+    use prismhook::registry::{Entry, PluginState, Registry};
+    use prismhook::runtime::policy::{OriginRule, OutboundPolicy};
+    use prismhook::runtime::{PluginSettings, Runtime, RuntimeOptions};
+
+    let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb"))).unwrap();
+    let fw = "http://127.0.0.1:9";
+    let settings = PluginSettings {
+        config: serde_json::json!({ "firewall": fw }),
+        policy: OutboundPolicy::new(vec![OriginRule::parse(fw).unwrap()], vec![]),
+        ..Default::default()
+    };
+    let plugin = runtime
+        .load(&component("paloalto"), settings)
+        .await
+        .unwrap();
+    let registry = Registry::default();
+    registry.update(|m| {
+        m.insert(
+            "paloalto".into(),
+            Entry {
+                plugin: Some(plugin),
+                state: PluginState::Active,
+                coalesce: false,
+                load_error: None,
+            },
+        );
+    });
+    registry
+}
+
+/// The listener's own router (the Nutanix source's routes for cluster
+/// `lab`, on a Prism that is never asked) storing into `ledger`: every
+/// accept stores the event and one pending delivery to paloalto.
+pub fn listener_router(
+    ledger: prismhook::ledger::SharedLedger,
+    registry: prismhook::registry::Registry,
+    dir: &Path,
+) -> Router {
+    use prismhook::source::EventSource as _;
+
+    let config = setup::HostConfig::new(dir)
+        .cluster(setup::Cluster {
+            webhook_password: Some(WEBHOOK_PASSWORD.into()),
+            extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
+            ..setup::Cluster::new("lab", "http://127.0.0.1:9")
+        })
+        .config();
+    let source = prismhook::nutanix::NutanixSource::new(Arc::new(config)).unwrap();
+    prismhook::listener::router(source.routes(prismhook::listener::Ingest::new(
+        ledger,
+        registry,
+        1 << 20,
+        Duration::from_secs(30),
+        Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        Arc::new(prismhook::telemetry::ListenerStats::default()),
+    )))
+}
+
 /// Runs wrk (blocking: call from `spawn_blocking`) against `url`.
 // The arguments are wrk's own knobs and the Lua script's, one each.
 #[allow(clippy::too_many_arguments)]
