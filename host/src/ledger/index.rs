@@ -39,6 +39,12 @@ pub(crate) fn lane_key(cluster: &str, entity_uuid: &str, id: u64) -> LaneKey {
     }
 }
 
+/// The partition an entity's events fall in (for tools and benchmarks; the ledger works from
+/// lanes).
+pub fn partition_of_entity(cluster: &str, entity_uuid: &str) -> usize {
+    partition_of(&lane_key(cluster, entity_uuid, 0))
+}
+
 /// What the index remembers of an event while any plugin still has a delivery of it
 /// (pending, in flight or dead). Events absent from the map are fully delivered and may be pruned.
 #[derive(Debug)]

@@ -53,8 +53,9 @@ use tokio::sync::watch;
 use crate::event::Vm;
 
 pub use embedded::{LedgerOptions, RedbLedger};
+pub use index::partition_of_entity;
 pub use jetstream::{JetStreamLedger, JetStreamOptions};
-pub use partition::{partition_of_entity, PartitionSet, PARTITIONS};
+pub use partition::{PartitionSet, PARTITIONS};
 pub use retry::{Jitter, RetryPolicy};
 
 /// A ledger shared by every part of the host.

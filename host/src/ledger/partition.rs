@@ -10,12 +10,6 @@
 /// share the work usefully, far beyond the three to five a deployment runs.
 pub const PARTITIONS: usize = 32;
 
-/// The partition an entity's events fall in (for tools and benchmarks; the ledger works from
-/// lanes).
-pub fn partition_of_entity(cluster: &str, entity_uuid: &str) -> usize {
-    partition_of(&crate::ledger::index::lane_key(cluster, entity_uuid, 0))
-}
-
 /// The partition of a lane.
 pub(crate) fn partition_of(lane: &str) -> usize {
     (mix(fnv1a(lane.as_bytes())) % PARTITIONS as u64) as usize
