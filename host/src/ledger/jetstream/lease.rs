@@ -98,10 +98,9 @@ struct Held {
 struct State {
     /// Every key of the bucket, as the watcher reported it.
     seen: HashMap<String, Seen>,
-    /// The keys this host holds.
+    /// The keys this host holds. The held partitions it has caught up on and claims from are
+    /// the index's `held`.
     held: BTreeMap<String, Held>,
-    /// Held partitions this host has caught up on and claims from.
-    serving: PartitionSet,
 }
 
 /// This host's part in sharing the stream. The lease task drives it; the ledger reads it.
@@ -151,10 +150,7 @@ impl Leases {
         let announce = format!("announcing host `{host}`");
         let (revision, predecessor) =
             patiently(&announce, || announce_host(&kv, &me, stream)).await?;
-        let mut state = State {
-            serving: PartitionSet::NONE,
-            ..State::default()
-        };
+        let mut state = State::default();
         state.held.insert(
             host_key(host),
             Held {
@@ -444,15 +440,14 @@ impl Leases {
 
         // Held but not yet served: serve once the fold has everything the previous holder
         // recorded. Partitions this host is giving up stay unserved.
-        let waiting: PartitionSet = {
-            let state = self.state();
-            state
-                .held
-                .keys()
-                .filter_map(|k| partition_of_key(k))
-                .filter(|&p| !state.serving.contains(p) && !releasing.contains(p))
-                .fold(PartitionSet::NONE, |set, p| set.with(p))
-        };
+        let serving = inner.state().index.held;
+        let waiting: PartitionSet = self
+            .state()
+            .held
+            .keys()
+            .filter_map(|k| partition_of_key(k))
+            .filter(|&p| !serving.contains(p) && !releasing.contains(p))
+            .fold(PartitionSet::NONE, |set, p| set.with(p));
         // Not waited for long: the leases must be renewed meanwhile. What is not caught up
         // with now is tried again next round.
         if !waiting.is_empty() && inner.caught_up(TICK).await.is_ok() {
@@ -478,15 +473,14 @@ impl Leases {
             .send_if_modified(|l| std::mem::replace(l, leads) != leads);
     }
 
-    /// Changes the partitions this host claims from, in the lease state and in the index, and
-    /// wakes the dispatchers when some became this host's.
+    /// Changes the partitions this host claims from (the index's `held`), and wakes the
+    /// dispatchers when some became this host's.
     fn serve(&self, inner: &Inner, change: impl FnOnce(PartitionSet) -> PartitionSet) {
-        let before = self.state().serving;
+        let before = inner.state().index.held;
         let after = change(before);
         if after == before {
             return;
         }
-        self.state().serving = after;
         inner.state().index.held = after;
         if after.iter().any(|p| !before.contains(p)) {
             inner.notifiers.wake_all();
@@ -510,7 +504,8 @@ impl Leases {
         self.leader.send_replace(false);
     }
 
-    /// The hosts sharing the stream and what each holds, as this host sees it.
+    /// The hosts sharing the stream and what each holds, as this host sees it; the ledger adds
+    /// what only its index knows (what this host serves, and the lag).
     pub(super) fn membership(&self) -> Membership {
         let state = self.state();
         let mut hosts: BTreeMap<String, HostLeases> = BTreeMap::new();
@@ -561,7 +556,7 @@ impl Leases {
             leader,
             hosts: hosts.into_values().collect(),
             unheld,
-            serving: state.serving.iter().collect(),
+            serving: Vec::new(),
             lag: Vec::new(),
         }
     }

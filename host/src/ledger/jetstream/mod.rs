@@ -1034,7 +1034,9 @@ impl Ledger for JetStreamLedger {
 
     fn membership(&self) -> Option<Membership> {
         let mut membership = self.leases.membership();
-        membership.lag = self.inner.state().index.lag();
+        let state = self.inner.state();
+        membership.serving = state.index.held.iter().collect();
+        membership.lag = state.index.lag();
         Some(membership)
     }
 
