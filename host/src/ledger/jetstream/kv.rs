@@ -84,6 +84,11 @@ impl Mirror {
         ))
     }
 
+    /// The last sequence folded in, to wait on.
+    pub(super) fn progress(&self) -> &watch::Sender<u64> {
+        &self.applied
+    }
+
     /// Waits until the mirror has reached `seq`.
     pub(super) async fn reached(&self, seq: u64, limit: Duration) -> bool {
         follow::reached("plugin kv", &self.applied, seq, &self.restarts, Some(limit)).await

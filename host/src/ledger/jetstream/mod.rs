@@ -248,26 +248,29 @@ impl Inner {
         self.seen_soon(last).await
     }
 
-    /// Waits, up to `limit` each, until the fold, and the plugins' kv mirror if there is one,
-    /// have reached the end of their streams as they are now.
-    async fn caught_up(&self, limit: Duration) -> Result<(), LedgerError> {
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| unavailable("reading the stream's state", e))?;
-        tokio::time::timeout(limit, self.folded(info.state.last_sequence))
-            .await
-            .map_err(|_| unavailable("catching up with the stream", "the fold is behind"))??;
+    /// The streams this handle follows, each with how far its follower has got: the ledger's,
+    /// and the plugins' kv once [`JetStreamLedger::plugin_kv`] opened it.
+    fn followed(&self) -> Vec<(&'static str, &stream::Stream, &watch::Sender<u64>)> {
+        let mut followed = vec![("ledger", &self.stream, &self.applied)];
         if let Some((mirror, stream)) = self.kv.get() {
+            followed.push(("plugin kv", stream, mirror.progress()));
+        }
+        followed
+    }
+
+    /// Waits, up to `limit` each, until every follower has reached the end of its stream as it
+    /// is now.
+    async fn caught_up(&self, limit: Duration) -> Result<(), LedgerError> {
+        for (what, stream, applied) in self.followed() {
             let info = stream
                 .get_info()
                 .await
-                .map_err(|e| unavailable("reading the kv stream's state", e))?;
-            if !mirror.reached(info.state.last_sequence, limit).await {
+                .map_err(|e| unavailable(format!("reading the {what} stream's state"), e))?;
+            let last = info.state.last_sequence;
+            if !follow::reached(what, applied, last, &self.restarts, Some(limit)).await {
                 return Err(unavailable(
-                    "catching up with the kv stream",
-                    "the kv mirror fell behind",
+                    format!("catching up with the {what} stream"),
+                    "its follower is behind",
                 ));
             }
         }
@@ -378,8 +381,8 @@ impl Inner {
 /// other hosts' that it misses): its stream moved on between two looks, and it did not.
 #[derive(Debug, Default)]
 struct Watchdog {
-    ledger: u64,
-    kv: u64,
+    /// Where each follower stood at the last look, by name.
+    last: HashMap<&'static str, u64>,
 }
 
 impl Watchdog {
@@ -394,23 +397,15 @@ impl Watchdog {
     }
 
     async fn look(&mut self, inner: &Inner) {
-        let applied = inner.state().applied;
-        if let Ok(info) = inner.stream.get_info().await {
-            if info.state.last_sequence > applied && applied == self.ledger {
-                inner.restarts.stalled("ledger", info.state.last_sequence);
-            }
-        }
-        self.ledger = applied;
-        if let Some((mirror, stream)) = inner.kv.get() {
-            let applied = follow::Fold::applied(mirror.as_ref());
+        for (what, stream, applied) in inner.followed() {
+            let at = *applied.borrow();
             if let Ok(info) = stream.get_info().await {
-                if info.state.last_sequence > applied && applied == self.kv {
-                    inner
-                        .restarts
-                        .stalled("plugin kv", info.state.last_sequence);
+                let last = info.state.last_sequence;
+                if last > at && self.last.get(what) == Some(&at) {
+                    inner.restarts.stalled(what, last);
                 }
             }
-            self.kv = applied;
+            self.last.insert(what, at);
         }
     }
 }
@@ -551,14 +546,14 @@ impl JetStreamLedger {
     pub async fn plugin_kv(&self) -> Result<kv::JetStreamKv, LedgerError> {
         let inner = &self.inner;
         let (config, root) = kv::stream_config(&inner.opts.stream, inner.replicas);
-        let name = config.name.to_lowercase();
+        let filter = config.subjects[0].clone();
         let (_, stream) = ensure_stream(&inner.js, config).await?;
         let mirror = kv::JetStreamKv::mirror(root, inner.restarts.clone());
         let (ready_tx, ready) = oneshot::channel();
         let task = tokio::spawn(follow::follow(
             "plugin kv",
             stream.clone(),
-            format!("{name}.>"),
+            filter,
             mirror.clone(),
             inner.restarts.subscribe(),
             ready_tx,
