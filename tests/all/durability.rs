@@ -267,6 +267,18 @@ struct Ack {
 /// posted until it gets a 202 (connection errors and 503 are tried again,
 /// the same body, so a notification stored just before a crash comes back
 /// as a duplicate with its original id); only then the next one.
+/// A test's knob from the environment (a seed, a number of kills), if set.
+fn env_setting<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// The VM uuids the load tests post about, one per entity.
+fn entity_uuids(entities: usize) -> Vec<String> {
+    (0..entities)
+        .map(|i| format!("0c4a5e00-0000-4000-8000-{i:012x}"))
+        .collect()
+}
+
 /// One [`entity_load`] task per entity, and what they got acknowledged.
 struct Load {
     acks: Arc<Mutex<Vec<Ack>>>,
@@ -457,14 +469,8 @@ async fn every_acknowledged_notification_survives_sigkills_of_the_host_and_of_na
 async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_die() {
     const HOSTS: usize = 3;
     const ENTITIES: usize = 12;
-    let kills: usize = std::env::var("PRISMHOOK_CLUSTER_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
-    let seed: u64 = std::env::var("PRISMHOOK_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_261_203);
+    let kills: usize = env_setting("PRISMHOOK_CLUSTER_KILLS").unwrap_or(4);
+    let seed: u64 = env_setting("PRISMHOOK_CRASH_SEED").unwrap_or(20_261_203);
     eprintln!("cluster test: {kills} SIGKILLs, seed {seed}");
     let began = Instant::now();
     let w = world(&["probe"]).await;
@@ -544,9 +550,7 @@ async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let uuids: Vec<String> = (0..ENTITIES)
-        .map(|i| format!("0c4a5e00-0000-4000-8000-{i:012x}"))
-        .collect();
+    let uuids: Vec<String> = entity_uuids(ENTITIES);
     let ports: Vec<u16> = hosts.iter().map(|h| h.port).collect();
     let load = Load::start(&uuids, ports.clone(), seed);
 
@@ -634,14 +638,8 @@ fn ledger_lines(nats: Option<&Nats>) -> Option<String> {
 
 async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
     const ENTITIES: usize = 20;
-    let kills: usize = std::env::var("PRISMHOOK_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let seed: u64 = std::env::var("PRISMHOOK_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_240_611);
+    let kills: usize = env_setting("PRISMHOOK_CRASH_KILLS").unwrap_or(5);
+    let seed: u64 = env_setting("PRISMHOOK_CRASH_SEED").unwrap_or(20_240_611);
     eprintln!(
         "crash test: {kills} SIGKILLs, seed {seed} (PRISMHOOK_CRASH_KILLS, PRISMHOOK_CRASH_SEED)"
     );
@@ -671,9 +669,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
     )
     .await;
 
-    let uuids: Vec<String> = (0..ENTITIES)
-        .map(|i| format!("0c4a5e00-0000-4000-8000-{i:012x}"))
-        .collect();
+    let uuids: Vec<String> = entity_uuids(ENTITIES);
     let load = Load::start(&uuids, vec![port], seed);
 
     for kill in 1..=kills {
@@ -1152,14 +1148,8 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
 /// (60) makes a longer run (BENCHMARKS.md, Fuzzing).
 #[tokio::test]
 async fn random_outcome_lists_from_a_fuzzing_guest_lose_nothing_and_stay_bounded() {
-    let seed = std::env::var("PRISMHOOK_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    let events: usize = std::env::var("PRISMHOOK_FUZZ_EVENTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let seed = env_setting("PRISMHOOK_FUZZ_SEED").unwrap_or_else(|| rand::rng().random());
+    let events: usize = env_setting("PRISMHOOK_FUZZ_EVENTS").unwrap_or(60);
     eprintln!(
         "outcome fuzzing: {events} events, seed {seed} (PRISMHOOK_FUZZ_SEED={seed} replays it)"
     );
