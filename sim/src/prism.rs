@@ -258,6 +258,9 @@ pub struct VmChange {
 pub struct DeliveryRecord {
     pub event_type: String,
     pub entity_uuid: String,
+    /// The entity's version the notification carried (`entity_version` of
+    /// its intent): which change of the entity this delivery was about.
+    pub entity_version: Option<u64>,
     pub webhook_uuid: String,
     pub post_url: String,
     /// HTTP status answered; `None` when dropped or not answered.
@@ -620,6 +623,7 @@ impl WebhookRec {
 struct Send {
     event_type: String,
     entity_uuid: String,
+    entity_version: Option<u64>,
     webhook_uuid: String,
     post_url: String,
     credentials: Option<SimCredentials>,
@@ -732,6 +736,10 @@ impl Sim {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
+        // A string since AOS 5.x, a number before (`legacy_payloads`).
+        let entity_version = body
+            .pointer("/data/metadata/metadata/entity_version")
+            .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()));
         let bytes = Arc::new(serde_json::to_vec(&body).expect("a Value serialises"));
         let mut summary = Dispatched::default();
         let mut now = Vec::new();
@@ -750,6 +758,7 @@ impl Sim {
                     st.log.push(DeliveryRecord {
                         event_type: event_type.clone(),
                         entity_uuid: entity_uuid.clone(),
+                        entity_version,
                         webhook_uuid: hook.uuid.clone(),
                         post_url: hook.post_url.clone(),
                         status: None,
@@ -776,6 +785,7 @@ impl Sim {
                     queue.push(Send {
                         event_type: event_type.clone(),
                         entity_uuid: entity_uuid.clone(),
+                        entity_version,
                         webhook_uuid: hook.uuid.clone(),
                         post_url: hook.post_url.clone(),
                         credentials: hook.credentials.clone(),
@@ -841,6 +851,7 @@ impl Sim {
             self.lock().log.push(DeliveryRecord {
                 event_type: send.event_type.clone(),
                 entity_uuid: send.entity_uuid.clone(),
+                entity_version: send.entity_version,
                 webhook_uuid: send.webhook_uuid.clone(),
                 post_url: send.post_url.clone(),
                 status,

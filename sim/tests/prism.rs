@@ -515,6 +515,13 @@ async fn a_vm_lifecycle_emits_its_events_in_order_with_rising_versions() {
         })
         .collect();
     assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    // The delivery log names the change each delivery carried.
+    let logged: Vec<u64> = sim
+        .deliveries()
+        .iter()
+        .map(|d| d.entity_version.unwrap())
+        .collect();
+    assert_eq!(logged, versions);
     let on = &seen[1].body;
     assert_eq!(
         on["entity_reference"],
@@ -718,6 +725,10 @@ async fn legacy_payloads_take_the_older_aos_shape() {
     assert_eq!(resources["memory_size_mb"], 1024);
     assert!(resources.get("memory_size_mib").is_none());
     assert!(intent["metadata"]["entity_version"].is_u64());
+    assert_eq!(
+        sim.deliveries()[0].entity_version,
+        intent["metadata"]["entity_version"].as_u64()
+    );
     assert!(intent["metadata"]["owner_reference"].is_null());
 
     let (_, page) = v3_post(&sim, "/vms/list", json!({ "kind": "vm" })).await;

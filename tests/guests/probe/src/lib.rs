@@ -187,6 +187,10 @@ fn scripted(event: &Event) -> Vec<Outcome> {
 
 /// Appends the event to its entity's record: `seen/<cluster>/<uuid>` holds
 /// `id:attempt:event-type` entries in the order the probe handled them.
+/// A notification that names its entity's version (`entity_version`, as
+/// Prism's do) is also appended to `changes/<cluster>/<uuid>` as
+/// `event-type@version`: which change of the entity it was, for tests whose
+/// notifications are sent by Prism's simulator and whose ids they never see.
 fn record(event: &Event) {
     let instance = context::instance().unwrap_or_else(|| "(itself)".into());
     let _ = kv::set("instance", instance.as_bytes());
@@ -201,12 +205,31 @@ fn record(event: &Event) {
     if let Err(e) = kv::set(&key, &seen) {
         log::log(log::Level::Error, &format!("kv set failed: {e}"));
     }
+    if let Some(version) = entity_version(event) {
+        let key = format!("changes/{}/{}", event.cluster, event.entity_uuid);
+        let mut changes = kv::get(&key).ok().flatten().unwrap_or_default();
+        if !changes.is_empty() {
+            changes.push(b'\n');
+        }
+        changes.extend_from_slice(format!("{}@{version}", event.event_type).as_bytes());
+        if let Err(e) = kv::set(&key, &changes) {
+            log::log(log::Level::Error, &format!("kv set failed: {e}"));
+        }
+    }
     if config().get("verbose").and_then(Value::as_bool) == Some(true) {
         log::log(
             log::Level::Info,
             &format!("handled {} {}", event.event_type, event.id),
         );
     }
+}
+
+/// The intent's `entity_version`: a string since AOS 5.x, a number before.
+fn entity_version(event: &Event) -> Option<u64> {
+    let v = body(event)
+        .pointer("/data/metadata/metadata/entity_version")?
+        .clone();
+    v.as_u64().or_else(|| v.as_str()?.parse().ok())
 }
 
 export!(Probe);
