@@ -25,7 +25,7 @@ use crate::ledger::{
 use crate::registry::Registry;
 use crate::runtime::bindings::{self, Event, Outcome, Retry};
 use crate::runtime::{CallError, VmClusters};
-use crate::source::{InventorySink, Reconciled};
+use crate::source::{InventoryError, InventorySink, Listing, Reconciled};
 use crate::telemetry::HandleDurations;
 use prismhook_core::text::truncate;
 
@@ -183,9 +183,9 @@ impl Dispatcher {
         while workers.join_next().await.is_some() {}
     }
 
-    /// Hands one cluster's inventory to a plugin's `reconcile`, with no
-    /// batch of that plugin running meanwhile.
-    pub async fn reconcile(
+    /// Hands one cluster's inventory to a plugin's `reconcile`; the caller
+    /// holds the plugin's lock exclusively, so no batch of it runs meanwhile.
+    async fn hand_inventory(
         &self,
         plugin: &str,
         cluster: &str,
@@ -194,10 +194,12 @@ impl Dispatcher {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
         };
+        p.settle_kv().await.map_err(|e| CallError::Kv {
+            plugin: plugin.to_owned(),
+            message: e.to_string(),
+        })?;
         let clusters = Arc::new(vm_clusters(vms));
         let vms = vms.iter().map(bindings::Vm::from).collect();
-        let lock = self.inner.lock_for(plugin);
-        let _exclusive = lock.write().await;
         Ok(p.reconcile(cluster, vms, clusters).await?)
     }
 
@@ -289,6 +291,13 @@ async fn worker(inner: Arc<Inner>, name: String) {
             }
         }
 
+        // Before claiming, not between the claim and the call: a host's
+        // claim holds only as long as its lease.
+        if let Err(e) = plugin.settle_kv().await {
+            tracing::warn!(plugin = %name, "waiting to claim: {e}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         let mut batch = match inner.ledger.claim(&name, inner.opts.batch_max).await {
             Ok(b) => b,
             Err(e) => {
@@ -579,19 +588,54 @@ pub fn to_event(d: &Delivery) -> Event {
 }
 
 /// Every plugin that keeps state about VMs (it subscribes to `VM.UPDATE`
-/// or `VM.ON`) is handed the inventory, with no batch of it running
-/// meanwhile.
+/// or `VM.ON`) is handed the inventory. The other hosts sharing the ledger
+/// pause, then this host's batches of those plugins finish and wait, and
+/// only then is the inventory read: whatever was applied before is in it,
+/// and whatever arrives later is delivered after the hand-over.
 #[async_trait]
 impl InventorySink for Dispatcher {
-    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Reconciled {
+    async fn reconcile(
+        &self,
+        endpoint: &str,
+        listing: Listing<'_>,
+    ) -> Result<Reconciled, InventoryError> {
+        let mut plugins: Vec<String> = self
+            .inner
+            .registry
+            .snapshot()
+            .iter()
+            .filter(|(_, e)| e.subscribes_to("VM.UPDATE") || e.subscribes_to("VM.ON"))
+            .map(|(name, _)| name.clone())
+            .collect();
+        // In one order, so that two reconciles (of two clusters) never hold
+        // each a lock the other waits for.
+        plugins.sort();
+        self.inner
+            .ledger
+            .pause_others()
+            .await
+            .map_err(|e| InventoryError::Pause(e.to_string()))?;
+        let mut exclusive = Vec::new();
+        for name in &plugins {
+            exclusive.push(self.inner.lock_for(name).write_owned().await);
+        }
+        let listed = listing.await;
+        let done = match listed {
+            Ok(vms) => Ok(self.hand_over(endpoint, &plugins, &vms).await),
+            Err(e) => Err(InventoryError::Listing(e)),
+        };
+        drop(exclusive);
+        self.inner.ledger.resume_others().await;
+        done
+    }
+}
+
+impl Dispatcher {
+    async fn hand_over(&self, cluster: &str, plugins: &[String], vms: &[Vm]) -> Reconciled {
         let mut lines = Vec::new();
         let mut failed = 0;
-        for (name, entry) in self.inner.registry.snapshot().iter() {
-            if !entry.subscribes_to("VM.UPDATE") && !entry.subscribes_to("VM.ON") {
-                continue;
-            }
-            let cluster = endpoint;
-            match Dispatcher::reconcile(self, name, endpoint, &vms).await {
+        for name in plugins {
+            match self.hand_inventory(name, cluster, vms).await {
                 Ok(Ok(summary)) => {
                     tracing::info!(%cluster, plugin = %name, vms = vms.len(), "reconciled: {summary}");
                     lines.push(format!("{name}: {summary}"));

@@ -17,6 +17,7 @@
 
 use async_trait::async_trait;
 use axum::Router;
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -56,11 +57,30 @@ pub enum SourceError {
     UnknownEndpoint { kind: &'static str, name: String },
 }
 
+/// An endpoint's whole inventory, read when the sink is ready for it.
+pub type Listing<'a> = BoxFuture<'a, anyhow::Result<Vec<Vm>>>;
+
 /// Where a source hands an endpoint's whole inventory: every plugin that
 /// keeps state about VMs gets it (the dispatcher implements this).
 #[async_trait]
 pub trait InventorySink: Send + Sync {
-    async fn reconcile(&self, endpoint: &str, vms: Vec<Vm>) -> Reconciled;
+    /// Reads the inventory with `listing` and hands it to those plugins,
+    /// with no delivery to them running meanwhile on this host or on any
+    /// host sharing its ledger: an event applied between the reading and
+    /// the hand-over would be undone by the older inventory.
+    async fn reconcile(
+        &self,
+        endpoint: &str,
+        listing: Listing<'_>,
+    ) -> Result<Reconciled, InventoryError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("reading the inventory: {0:#}")]
+    Listing(anyhow::Error),
+    #[error("pausing the deliveries for the reconcile: {0}")]
+    Pause(String),
 }
 
 /// What handing an inventory to the plugins did.

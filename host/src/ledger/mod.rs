@@ -383,6 +383,18 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
         watch::channel(true).1
     }
 
+    /// Has every other host sharing this ledger stop delivering (each finishes what it has in
+    /// flight and claims nothing more), waiting until they have; this host goes on. Until
+    /// [`Ledger::resume_others`]. Reconcile lists an inventory and hands it to the plugins under
+    /// it, so that no host applies an event the listing would then undo. A ledger of one host
+    /// has no others.
+    async fn pause_others(&self) -> Result<(), LedgerError> {
+        Ok(())
+    }
+
+    /// Ends one [`Ledger::pause_others`]; the others deliver again once every pause has ended.
+    async fn resume_others(&self) {}
+
     /// Deletes events past the retention period whose deliveries are all done, and dedupe keys
     /// older than the dedupe window. Returns how many events were deleted. Call it on a timer.
     async fn prune(&self) -> Result<u64, LedgerError>;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::watch;
 
-use super::client::{ClusterEndpoint, PrismClient, TlsMode, Webhook, WebhookSpec};
+use super::client::{ClusterEndpoint, PrismClient, PrismError, TlsMode, Webhook, WebhookSpec};
 use crate::clock::now_ms;
 use crate::config::{ClusterConfig, Config};
 use crate::event::matches;
@@ -288,10 +288,13 @@ impl Registrar {
     /// Lists the cluster's VMs and hands the inventory to every plugin that
     /// keeps state about VMs; returns what each plugin made of it.
     pub async fn reconcile(&self) -> anyhow::Result<Reconciled> {
-        let vms = self.inner.client.list_vm_models().await?;
         let cluster = &self.inner.cluster.name;
-        tracing::info!(%cluster, vms = vms.len(), "reconciling");
-        let done = self.inner.ctx.inventory.reconcile(cluster, vms).await;
+        let listing = Box::pin(async {
+            let vms = self.inner.client.list_vm_models().await?;
+            tracing::info!(%cluster, vms = vms.len(), "reconciling");
+            Ok::<_, anyhow::Error>(vms)
+        });
+        let done = self.inner.ctx.inventory.reconcile(cluster, listing).await?;
         let mut s = self.inner.status.lock().expect("status lock");
         s.last_reconcile_ms = Some(now_ms());
         s.last_reconcile = done.lines.clone();
@@ -325,6 +328,12 @@ pub struct SyncTarget<'a> {
 /// the right URL, events and credentials: creates it if missing, updates it
 /// if it differs, removes our duplicates, never touches others'. With no
 /// events, removes ours. Returns the uuid kept.
+///
+/// A webhook already at our URL is kept under whatever name it has: hosts
+/// that share one URL behind a load balancer (each with its own `instance`)
+/// all find the same webhooks by URL and keep the same one, the lowest
+/// uuid, so the service has one webhook and the hosts never rename it back
+/// and forth. Our name finds our webhook when our URL has changed.
 pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> {
     let c = t.client;
     c.auth_check().await?;
@@ -334,7 +343,7 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
         .filter(|h| h.name == t.name || h.post_url == t.post_url)
         .collect();
     // Keep the one that already fits best, so a restart changes nothing.
-    mine.sort_by_key(|h| (h.post_url != t.post_url, h.name != t.name, h.uuid.clone()));
+    mine.sort_by_key(|h| (h.post_url != t.post_url, h.uuid.clone()));
     let spec = WebhookSpec {
         name: t.name.clone(),
         description: t.description.clone(),
@@ -368,27 +377,49 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
             let mut current = first.events.clone();
             current.sort();
             let differs = first.post_url != t.post_url
-                || first.name != t.name
                 || current != t.events
                 || first.username.as_deref().is_some_and(|u| u != t.auth.user)
                 || !unchanged_credentials;
             if differs {
+                let spec = WebhookSpec {
+                    // Another host of the same service may have named it.
+                    name: if first.post_url == t.post_url {
+                        first.name.clone()
+                    } else {
+                        spec.name.clone()
+                    },
+                    ..spec.clone()
+                };
                 c.update_webhook(&first.uuid, first.spec_version, &spec)
                     .await?;
                 c.wait_complete(&first.uuid, WAIT_COMPLETE).await?;
                 tracing::info!(%cluster, uuid = %first.uuid, events = t.events.len(), "webhook updated");
             }
             for extra in &mine[1..] {
-                c.delete_webhook(&extra.uuid).await?;
-                tracing::info!(%cluster, uuid = %extra.uuid, "duplicate webhook of ours removed");
+                remove_duplicate(c, cluster, &extra.uuid).await?;
             }
             first.uuid.clone()
         }
         None => {
             let uuid = c.create_webhook(&spec).await?;
-            c.wait_complete(&uuid, WAIT_COMPLETE).await?;
             tracing::info!(%cluster, %uuid, post_url = %t.post_url, events = t.events.len(), "webhook created");
-            uuid
+            // Hosts behind one URL that start together each create one:
+            // all keep the lowest uuid at the URL, so the last to create
+            // sees every one and leaves a single webhook.
+            let mut twins: Vec<String> = c
+                .list_webhooks()
+                .await?
+                .into_iter()
+                .filter(|h| h.post_url == t.post_url)
+                .map(|h| h.uuid)
+                .collect();
+            twins.sort();
+            let keeper = twins.first().cloned().unwrap_or(uuid);
+            for twin in &twins[1.min(twins.len())..] {
+                remove_duplicate(c, cluster, twin).await?;
+            }
+            c.wait_complete(&keeper, WAIT_COMPLETE).await?;
+            keeper
         }
     };
     if !unchanged_credentials {
@@ -407,6 +438,19 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
         }
     }
     Ok(Some(keeper))
+}
+
+/// Deletes a duplicate of our webhook; one that another host sharing our
+/// URL deleted first is gone all the same.
+async fn remove_duplicate(c: &PrismClient, cluster: &str, uuid: &str) -> anyhow::Result<()> {
+    match c.delete_webhook(uuid).await {
+        Ok(()) => {
+            tracing::info!(%cluster, %uuid, "duplicate webhook of ours removed");
+            Ok(())
+        }
+        Err(PrismError::Api { status: 404, .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A salted, deliberately slow hash (Argon2id, as a PHC string) of the

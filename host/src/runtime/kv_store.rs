@@ -53,6 +53,20 @@ pub trait KvBackend: Send + Sync + 'static {
     /// threads.
     fn apply(&self, plugin: &str, writes: BTreeMap<String, Option<Vec<u8>>>)
         -> Result<(), KvError>;
+
+    /// Whether a read on this host sees every write this host has stored,
+    /// those whose `apply` failed after they were sent included. Cheap: it
+    /// is asked before every call.
+    fn settled(&self) -> bool {
+        true
+    }
+
+    /// Blocks until [`KvBackend::settled`], or fails when that cannot be had
+    /// in time: a call must not read records older than what it wrote
+    /// before, or it would undo what it did then. Off the async threads.
+    fn settle(&self) -> Result<(), KvError> {
+        Ok(())
+    }
 }
 
 /// The plugins' store, whichever backend keeps it. Cheap to clone.
@@ -75,6 +89,24 @@ impl KvStore {
 
     pub fn new(backend: Arc<dyn KvBackend>) -> KvStore {
         KvStore { backend }
+    }
+
+    /// Whether a read sees every write this host stored (see
+    /// [`KvBackend::settled`]).
+    pub fn settled(&self) -> bool {
+        self.backend.settled()
+    }
+
+    /// Waits, when it must, until a read sees every write this host stored
+    /// (see [`KvBackend::settle`]).
+    pub async fn settle(&self) -> Result<(), KvError> {
+        if self.backend.settled() {
+            return Ok(());
+        }
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || backend.settle())
+            .await
+            .map_err(|e| KvError::Storage(e.to_string()))?
     }
 
     /// A session for one call of `plugin`.

@@ -752,6 +752,13 @@ impl Plugin {
 
     /// [`Plugin::handle`], telling the plugin which Nutanix cluster each of
     /// the batch's VMs belongs to.
+    /// Waits until a read of the plugin's kv sees every write this host
+    /// made (see [`kv_store::KvBackend::settle`]); a call made before then
+    /// fails at once.
+    pub async fn settle_kv(&self) -> Result<(), kv_store::KvError> {
+        self.env.kv.settle().await
+    }
+
     pub async fn handle_in(
         &self,
         events: Vec<Event>,
@@ -811,6 +818,15 @@ impl Plugin {
         context: &str,
         vm_clusters: Arc<VmClusters>,
     ) -> Result<(PluginInfo, Returned), CallError> {
+        // A call that may write must read what this host wrote before. The
+        // dispatcher waits for that before it claims (`settle_kv`): a call
+        // never waits, as what it claimed is leased for a limited time.
+        if !matches!(call, Call::Init) && !self.env.kv.settled() {
+            return Err(CallError::Kv {
+                plugin: self.identity.name.clone(),
+                message: "this host has not read back its own last kv writes yet".into(),
+            });
+        }
         let state = HostState::new(
             self.identity.clone(),
             context.into(),

@@ -13,11 +13,21 @@
 //! stored, records the next reconcile rewrites.
 //!
 //! A host taking over a partition waits until its mirror has caught up with the stream, as it
-//! does for the ledger, so it reads what the previous holder wrote. Two hosts running batches of
-//! one plugin at the same moment (for entities in different partitions) write as two workers on
-//! one host do: the later write of a key wins.
+//! does for the ledger, so it reads what the previous holder wrote. A host that cannot tell
+//! whether a write of its own was stored (the answer timed out, the server went away) reads
+//! nothing until its mirror has caught up with the whole stream, and its dispatcher claims
+//! nothing meanwhile ([`KvBackend::settle`]).
+//!
+//! Every message names the sequence of its key's last message as this host read it
+//! (`Nats-Expected-Last-Subject-Sequence`; tombstones keep a deleted key's): a write that reaches
+//! the servers after a newer write of the same key (a call that failed, whose messages the client
+//! sent once it reconnected) is refused, the whole batch with it, instead of undoing the newer
+//! one. Two hosts running batches of one plugin at the same moment (for entities in different
+//! partitions) cannot overwrite each other's keys unseen either: the second to write a key it
+//! read before the first wrote it fails, and its call is delivered again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -48,10 +58,17 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// One key as this host has read it: its value (`None`: deleted) and the sequence of the message
+/// that set it, which a write of the key expects to be still the last.
+struct Record {
+    value: Option<Vec<u8>>,
+    seq: u64,
+}
+
 /// The stream as this host has read it: every plugin's keys and values.
 pub(super) struct Mirror {
     root: String,
-    data: RwLock<HashMap<String, BTreeMap<String, Vec<u8>>>>,
+    data: RwLock<HashMap<String, BTreeMap<String, Record>>>,
     applied: watch::Sender<u64>,
     restarts: Arc<Restarts>,
 }
@@ -107,12 +124,12 @@ impl Fold for Mirror {
                     .and_then(|h| h.get(OP))
                     .is_some_and(|v| v.as_str() == "del");
                 let mut data = self.data.write().expect("kv mirror lock poisoned");
-                let records = data.entry(plugin).or_default();
-                if deleted {
-                    records.remove(&key);
-                } else {
-                    records.insert(key, payload.to_vec());
-                }
+                // A delete stays as a tombstone: its message is the key's last, which the next
+                // write of the key must name.
+                let value = (!deleted).then(|| payload.to_vec());
+                data.entry(plugin)
+                    .or_default()
+                    .insert(key, Record { value, seq });
             }
             None => tracing::warn!(subject, "skipping a kv message on an unknown subject"),
         }
@@ -141,6 +158,12 @@ pub(super) fn stream_config(ledger_stream: &str, replicas: usize) -> (stream::Co
 /// The [`KvBackend`] of hosts sharing a JetStream ledger.
 pub struct JetStreamKv {
     pub(super) mirror: Arc<Mirror>,
+    pub(super) stream: stream::Stream,
+    /// The sequence of this host's last stored write: reads wait until the mirror shows it.
+    pub(super) written: AtomicU64,
+    /// A write failed after it was sent, so it may be stored where this host does not know:
+    /// reads wait until the mirror has caught up with the whole stream.
+    pub(super) unsure: AtomicBool,
     pub(super) client: async_nats::Client,
     pub(super) js: jetstream::Context,
     pub(super) ack_timeout: Duration,
@@ -165,12 +188,26 @@ impl JetStreamKv {
         let batch = hex(&rand::random::<[u8; 12]>());
         let last = writes.len();
         let mut sequence = 0;
-        for (n, (key, value)) in writes.iter().enumerate() {
+        let expected: Vec<u64> = {
+            let data = self.mirror.data.read().expect("kv mirror lock poisoned");
+            let records = data.get(plugin);
+            writes
+                .iter()
+                .map(|(key, _)| records.and_then(|r| r.get(key)).map_or(0, |r| r.seq))
+                .collect()
+        };
+        for (n, ((key, value), expected)) in writes.iter().zip(expected).enumerate() {
             let n = n + 1;
             let mut headers = HeaderMap::new();
             if value.is_none() {
                 headers.insert(OP, "del");
             }
+            // Each key must still be as this host last read it: a write sent by a call that
+            // failed and stored late, after a newer one, is refused rather than undo it.
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                expected.to_string().as_str(),
+            );
             let payload: bytes::Bytes = value.clone().unwrap_or_default().into();
             let subject = self.mirror.subject(plugin, key);
             if last == 1 {
@@ -236,7 +273,10 @@ fn batch_answer(payload: &[u8]) -> Result<u64, String> {
 impl KvBackend for JetStreamKv {
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         let data = self.mirror.data.read().expect("kv mirror lock poisoned");
-        Ok(data.get(plugin).and_then(|r| r.get(key)).cloned())
+        Ok(data
+            .get(plugin)
+            .and_then(|r| r.get(key))
+            .and_then(|r| r.value.clone()))
     }
 
     fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
@@ -247,6 +287,7 @@ impl KvBackend for JetStreamKv {
                 records
                     .range(prefix.to_owned()..)
                     .take_while(|(k, _)| k.starts_with(prefix))
+                    .filter(|(_, r)| r.value.is_some())
                     .map(|(k, _)| k.clone())
                     .collect()
             })
@@ -267,7 +308,10 @@ impl KvBackend for JetStreamKv {
         self.handle.block_on(async {
             let mut last = 0;
             for chunk in writes.chunks(BATCH_MAX) {
-                last = self.publish(plugin, chunk).await?;
+                last = self.publish(plugin, chunk).await.inspect_err(|_| {
+                    self.unsure.store(true, Ordering::SeqCst);
+                })?;
+                self.written.fetch_max(last, Ordering::SeqCst);
             }
             // Read-your-writes: the next call on this host sees them.
             if !self.mirror.reached(last, self.ack_timeout).await {
@@ -276,6 +320,39 @@ impl KvBackend for JetStreamKv {
                      within {:?}",
                     self.ack_timeout
                 )));
+            }
+            Ok(())
+        })
+    }
+
+    fn settled(&self) -> bool {
+        !self.unsure.load(Ordering::SeqCst)
+            && Fold::applied(self.mirror.as_ref()) >= self.written.load(Ordering::SeqCst)
+    }
+
+    fn settle(&self) -> Result<(), KvError> {
+        self.handle.block_on(async {
+            let behind = |what: &str| {
+                KvError::Storage(format!(
+                    "this host's copy of the plugins' kv has not caught up with {what} within {:?}",
+                    self.ack_timeout
+                ))
+            };
+            if self.unsure.load(Ordering::SeqCst) {
+                let last = tokio::time::timeout(self.ack_timeout, self.stream.get_info())
+                    .await
+                    .map_err(|_| behind("the stream"))?
+                    .map_err(|e| KvError::Storage(format!("reading the kv stream's state: {e}")))?
+                    .state
+                    .last_sequence;
+                if !self.mirror.reached(last, self.ack_timeout).await {
+                    return Err(behind("the stream"));
+                }
+                self.unsure.store(false, Ordering::SeqCst);
+            }
+            let written = self.written.load(Ordering::SeqCst);
+            if !self.mirror.reached(written, self.ack_timeout).await {
+                return Err(behind("this host's own writes"));
             }
             Ok(())
         })

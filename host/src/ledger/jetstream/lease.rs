@@ -4,7 +4,10 @@
 //! their last write, by the servers' clock:
 //! - `host.<hex name>`: a host is alive;
 //! - `part.<n>`: which host claims from partition `n` (see `ledger::partition`);
-//! - `leader`: which host runs the jobs one host runs for all (reconcile).
+//! - `leader`: which host runs the jobs one host runs for all (reconcile);
+//! - `pause`: a host that has the others stop delivering while it reconciles (see
+//!   [`Leases::pause_others`]): they give up every partition, as to a host that should hold it,
+//!   and take none until the key is gone.
 //!
 //! A host renews what it holds every [`RENEW`]. One that stops (a crash, a lost connection)
 //! loses everything a `TTL` later, and the others take over: failover takes `TTL` plus a tick.
@@ -47,6 +50,7 @@ const TICK: Duration = Duration::from_millis(250);
 const MARGIN: Duration = Duration::from_secs(1);
 
 const LEADER: &str = "leader";
+const PAUSE: &str = "pause";
 
 fn host_key(name: &str) -> String {
     // Host names are free text; KV keys are not.
@@ -101,6 +105,8 @@ struct State {
     /// The keys this host holds. The held partitions it has caught up on and claims from are
     /// the index's `held`.
     held: BTreeMap<String, Held>,
+    /// This host's pauses of the others in progress; the `pause` key goes when the last ends.
+    pauses: usize,
 }
 
 /// This host's part in sharing the stream. The lease task drives it; the ledger reads it.
@@ -330,14 +336,14 @@ impl Leases {
             let mut state = self.state();
             for ((key, _), result) in due.into_iter().zip(renewals) {
                 match result {
+                    // Unless let go meanwhile (a pause that ended, the host leaving).
                     Ok(revision) => {
-                        state.held.insert(
-                            key,
-                            Held {
+                        if let Some(held) = state.held.get_mut(&key) {
+                            *held = Held {
                                 revision,
                                 renewed: started,
-                            },
-                        );
+                            };
+                        }
                     }
                     Err(WriteError::Taken) => {
                         warn!(key, "another host took over a lease this host held");
@@ -359,6 +365,7 @@ impl Leases {
         let (release, take) = {
             let state = self.state();
             let live = Self::live(&state, &self.me.host);
+            let paused = self.paused_by_another(&state);
             let mut release = Vec::new();
             let mut take = Vec::new();
             // This host's own key, should it ever be dropped: announced again (written
@@ -369,7 +376,7 @@ impl Leases {
             }
             for partition in 0..PARTITIONS {
                 let key = partition_key(partition);
-                let mine = Self::owner(partition, &live) == Some(self.me.host.as_str());
+                let mine = !paused && Self::owner(partition, &live) == Some(self.me.host.as_str());
                 match (state.held.get(&key), mine) {
                     (Some(held), false) => release.push((partition, key, held.revision)),
                     (None, true) => {
@@ -484,6 +491,96 @@ impl Leases {
         inner.state().index.held = after;
         if after.iter().any(|p| !before.contains(p)) {
             inner.notifiers.wake_all();
+        }
+    }
+
+    /// Whether another process holds the `pause`: this host then serves no partition.
+    fn paused_by_another(&self, state: &State) -> bool {
+        state
+            .seen
+            .get(PAUSE)
+            .is_some_and(|s| s.fresh() && s.holder.as_ref() != Some(&self.me))
+    }
+
+    /// The other hosts that hold a partition, as this host sees the leases.
+    fn others_holding(&self, state: &State) -> BTreeSet<String> {
+        (0..PARTITIONS)
+            .filter_map(|p| state.seen.get(&partition_key(p)))
+            .filter(|s| s.fresh())
+            .filter_map(|s| s.holder.as_ref())
+            .filter(|h| **h != self.me)
+            .map(|h| h.host.clone())
+            .collect()
+    }
+
+    /// Has every other host stop delivering: takes the `pause` key (renewed with the other
+    /// leases), then waits until no other host holds a partition, that is until each has
+    /// finished what it had in flight and let its partitions go. This host serves on. Fails
+    /// after `limit`, the pause undone; a pause another host holds is waited for meanwhile.
+    pub(super) async fn pause_others(&self, limit: Duration) -> Result<(), LedgerError> {
+        self.state().pauses += 1;
+        let paused = self.hold_pause(limit).await;
+        if paused.is_err() {
+            self.resume_others().await;
+        }
+        paused
+    }
+
+    async fn hold_pause(&self, limit: Duration) -> Result<(), LedgerError> {
+        let started = Instant::now();
+        loop {
+            let (take, others) = {
+                let state = self.state();
+                let take = (!state.held.contains_key(PAUSE)).then(|| self.takeable(&state, PAUSE));
+                (take, self.others_holding(&state))
+            };
+            match take {
+                Some(Some(revision)) => {
+                    let began = Instant::now();
+                    if let Ok(revision) = self.write(PAUSE, revision).await {
+                        let held = Held {
+                            revision,
+                            renewed: began,
+                        };
+                        self.state().held.insert(PAUSE.to_owned(), held);
+                        info!(host = %self.me.host, "pausing the other hosts");
+                        continue;
+                    }
+                }
+                None if others.is_empty() => return Ok(()),
+                // Another host's pause (wait for it to end), or still in flight elsewhere.
+                _ => {}
+            }
+            if started.elapsed() >= limit {
+                let waiting = if take.is_some() {
+                    "another host's pause to end".to_owned()
+                } else {
+                    format!("{others:?} to finish their deliveries")
+                };
+                return Err(LedgerError::Unavailable {
+                    context: format!("pausing the other hosts: waited {limit:?} for {waiting}"),
+                    retry_after: RENEW,
+                    source: "the other hosts did not pause in time".into(),
+                });
+            }
+            tokio::time::sleep(TICK / 5).await;
+        }
+    }
+
+    /// Ends one [`Leases::pause_others`]; the last to end deletes the `pause` key (best effort:
+    /// one left behind expires a `TTL` later).
+    pub(super) async fn resume_others(&self) {
+        {
+            let mut state = self.state();
+            state.pauses = state.pauses.saturating_sub(1);
+            if state.pauses > 0 || state.held.remove(PAUSE).is_none() {
+                return;
+            }
+        }
+        match tokio::time::timeout(RENEW, self.kv.delete(PAUSE)).await {
+            Ok(Ok(())) => info!(host = %self.me.host, "the other hosts deliver again"),
+            Ok(Err(error)) => warn!(%error, "cannot end the pause of the other hosts; it expires"),
+            Err(_) => warn!("ending the pause of the other hosts timed out; it expires"),
         }
     }
 

@@ -119,6 +119,9 @@ const OPEN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long a write waits for the fold to show it before it returns all the same.
 const SEEN_SOON: Duration = Duration::from_secs(1);
 
+/// How long a reconcile waits for the other hosts to finish their deliveries and pause.
+const PAUSE_LIMIT: Duration = Duration::from_secs(30);
+
 /// How long a sender is asked to wait when the stream cannot be reached.
 const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -560,11 +563,14 @@ impl JetStreamLedger {
         ));
         self.tail.0.lock().expect("tail lock").push(task);
         ready.await.map_err(|_| LedgerError::Closed)?;
-        if inner.kv.set((mirror.clone(), stream)).is_err() {
+        if inner.kv.set((mirror.clone(), stream.clone())).is_err() {
             warn!("the plugins' kv was opened twice; the second one is not waited for on takeover");
         }
         Ok(kv::JetStreamKv {
             mirror,
+            stream,
+            written: AtomicU64::new(0),
+            unsure: AtomicBool::new(false),
             client: inner.client.clone(),
             js: inner.js.clone(),
             ack_timeout: inner.opts.ack_timeout,
@@ -1039,6 +1045,14 @@ impl Ledger for JetStreamLedger {
         self.leases.leadership()
     }
 
+    async fn pause_others(&self) -> Result<(), LedgerError> {
+        self.leases.pause_others(PAUSE_LIMIT).await
+    }
+
+    async fn resume_others(&self) {
+        self.leases.resume_others().await
+    }
+
     /// Deletes retained events past the retention period that nothing is waiting for, with
     /// their delivery marks. Ids follow arrival, so the scan stops at the first young event.
     async fn prune(&self) -> Result<u64, LedgerError> {
@@ -1308,5 +1322,67 @@ mod tests {
         c.close().await.unwrap();
         let took = within(Duration::from_secs(5), || serving(&b).len() == PARTITIONS).await;
         assert!(took < Duration::from_secs(2), "handover took {took:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_that_pauses_the_others_waits_for_their_deliveries_in_flight_and_they_resume_after(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let a = Arc::new(JetStreamLedger::open(named(&nats, "a")).await.unwrap());
+        let b = JetStreamLedger::open(named(&nats, "b")).await.unwrap();
+        within(Duration::from_secs(10), || {
+            !serving(&a).is_empty()
+                && !serving(&b).is_empty()
+                && serving(&a).len() + serving(&b).len() == PARTITIONS
+        })
+        .await;
+        let mine = serving(&a);
+        for entity in 0..100 {
+            a.append(event(entity), vec!["p".into()]).await.unwrap();
+        }
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        let in_flight = b.claim("p", 1000).await.unwrap();
+        assert!(!in_flight.is_empty());
+
+        // `b` has deliveries in flight: the pause waits for them.
+        let pausing = tokio::spawn({
+            let a = a.clone();
+            async move { a.pause_others().await }
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(!pausing.is_finished(), "paused with deliveries in flight");
+        assert!(serving(&b).is_empty(), "a paused host claims nothing more");
+        let done = in_flight
+            .iter()
+            .map(|d| (d.event.id, Outcome::Done))
+            .collect();
+        b.complete("p", done).await.unwrap();
+        pausing.await.unwrap().unwrap();
+        let view = a.membership().unwrap();
+        assert!(
+            view.hosts.iter().all(|h| h.me || h.partitions.is_empty()),
+            "{view:?}"
+        );
+        assert_eq!(
+            serving(&a),
+            mine,
+            "the pausing host serves on, and only its own"
+        );
+        assert!(b.claim("p", 1000).await.unwrap().is_empty());
+
+        // A second pause from another host waits for the first to end.
+        let refused = b.leases.pause_others(Duration::from_millis(500)).await;
+        assert!(
+            matches!(refused, Err(LedgerError::Unavailable { .. })),
+            "{refused:?}"
+        );
+
+        a.resume_others().await;
+        within(Duration::from_secs(5), || {
+            serving(&a).len() + serving(&b).len() == PARTITIONS && !serving(&b).is_empty()
+        })
+        .await;
+        assert_eq!(serving(&a), mine);
     }
 }
