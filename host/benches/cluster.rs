@@ -17,20 +17,33 @@
 //!    of a partition it served through a survivor, and times until a
 //!    survivor claims it; then the host comes back under its name. 20 kills.
 //!
+//! 4. End to end, 1 host against 3: whole in-process hosts (`App`, as
+//!    `prismhook run` assembles it) on an R3 stream of their own, the Palo
+//!    Alto plugin feeding a PAN-OS simulator. 10,000 VM.ON for distinct VMs,
+//!    then VM.OFF for the same, posted by 64 keep-alive posters per host,
+//!    timed until the firewall holds them all (then none). Three hosts are
+//!    fed two ways: every notification to all three (a webhook each, as
+//!    Prism posts) and each to one in turn (one URL behind a balancer). The
+//!    three set-ups rotate, 2 rounds of ON + OFF each.
+//!
 //! `cargo bench -p prismhook --bench cluster` (nats-server from `cargo xtask
 //! nats-server`, found as the tests find it).
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prismhook::app::App;
 use prismhook::clock::now_ms;
 use prismhook::ledger::{
     partition_of_entity, JetStreamLedger, JetStreamOptions, Ledger, LedgerOptions, NewEvent,
     Outcome, RedbLedger, SharedLedger, PARTITIONS,
 };
 use prismhook_sim::nats::Nats;
+use prismhook_sim::panos::PanosSim;
+use prismhook_sim::prism::PrismSim;
 
 use common::*;
 
@@ -214,6 +227,9 @@ async fn main() {
             "NOT met"
         }
     );
+    // ------------------------------------------------------------ 4
+    end_to_end(&three, dir.path()).await;
+
     // The listeners and their ledgers live on in server tasks: the process
     // ends before the NATS nodes stop under them, which would only log.
     std::process::exit(0);
@@ -236,5 +252,177 @@ async fn shared_out(hosts: &[Option<JetStreamLedger>]) {
             "the hosts never shared the partitions out"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One set-up of section 4: hosts on a stream of their own, and the
+/// firewall they feed.
+struct Fleet {
+    name: &'static str,
+    apps: Vec<App>,
+    urls: Vec<String>,
+    spread: Spread,
+    panos: PanosSim,
+}
+
+impl Fleet {
+    /// `count` whole hosts on stream `stream` of `nats`, each with the Palo
+    /// Alto plugin feeding one PAN-OS simulator, registered with `prism`,
+    /// sharing the partitions and running Cranelift's code.
+    async fn start(
+        name: &'static str,
+        (nats, dir, prism): (&Nats, &Path, &PrismSim),
+        stream: &str,
+        count: usize,
+        spread: Spread,
+    ) -> Fleet {
+        use setup::{Cluster, HostConfig};
+        let panos = setup::start_panos().await;
+        let mut apps = Vec::new();
+        for i in 0..count {
+            let root = dir.join(format!("{stream}-{i}"));
+            let host = HostConfig::new(&root)
+                .instance(&format!("{}-{i}", stream.to_lowercase()))
+                .paloalto(&panos)
+                .storage(r#"backend = "jetstream""#)
+                .storage(&format!(
+                    "jetstream = {{ servers = {:?}, stream = {stream:?}, replicas = 3 }}",
+                    nats.urls()
+                ));
+            setup::install(host.plugins_dir(), &["paloalto"]);
+            let config = host
+                .cluster(Cluster {
+                    webhook_password: Some(WEBHOOK_PASSWORD.into()),
+                    extra: vec![format!("webhook_user = {WEBHOOK_USER:?}")],
+                    ..Cluster::lab(prism)
+                })
+                .config();
+            apps.push(App::start(config).await.unwrap());
+        }
+        let started = Instant::now();
+        loop {
+            let registered = apps
+                .iter()
+                .all(|a| a.cluster_status().iter().all(|c| c.registered));
+            let served: usize = apps
+                .iter()
+                .map(|a| a.ledger.membership().map_or(0, |m| m.serving.len()))
+                .sum();
+            if registered && served == PARTITIONS {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the hosts of {stream} did not register and share the partitions"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for app in &apps {
+            wait_for_cranelift(app).await;
+        }
+        let urls = apps
+            .iter()
+            .map(|a| format!("http://{}/listener/callback/lab", a.listener_addr))
+            .collect();
+        Fleet {
+            name,
+            apps,
+            urls,
+            spread,
+            panos,
+        }
+    }
+
+    async fn drained(&self) {
+        for app in &self.apps {
+            drain(&app.ledger, Duration::from_secs(120)).await;
+        }
+    }
+}
+
+async fn end_to_end(nats: &Nats, dir: &Path) {
+    const N: u64 = 10_000;
+    println!("\n## 4. End to end on JetStream R3, 1 host vs 3 hosts: {N} × VM.ON (vm_on.json) for distinct VMs, then VM.OFF for the same, 64 keep-alive posters per host, until the PAN-OS simulator holds them all / none (the set-ups rotate; 2 rounds of ON + OFF each)");
+    let prism = setup::start_prism().await;
+    let world = (nats, dir, &prism);
+    let fleets = [
+        Fleet::start("1 host", world, "E2E1", 1, Spread::All).await,
+        Fleet::start(
+            "3 hosts, each notification to all",
+            world,
+            "E2E3",
+            3,
+            Spread::All,
+        )
+        .await,
+        Fleet::start(
+            "3 hosts, each notification to one",
+            world,
+            "E2E3RR",
+            3,
+            Spread::RoundRobin,
+        )
+        .await,
+    ];
+    let on = Arc::new(VmTemplate::load(&fixtures_dir().join("vm_on.json")));
+    let off = Arc::new(VmTemplate::load(&fixtures_dir().join("vm_off.json")));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let auth = basic_auth(WEBHOOK_USER, WEBHOOK_PASSWORD);
+    println!("| set-up | round | 202 answers | posting took | applied after | end-to-end events/s | firewall requests |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); fleets.len()];
+    for round in 0..2u32 {
+        for k in 0..fleets.len() {
+            // Rotate, so no set-up always runs first.
+            let f = (k + round as usize) % fleets.len();
+            let fleet = &fleets[f];
+            let series = 4000 + 10 * round + f as u32;
+            for (template, want, label) in [(&on, N, "VM.ON"), (&off, 0, "VM.OFF")] {
+                let template = template.clone();
+                let body: Arc<dyn Fn(u64) -> String + Send + Sync> =
+                    Arc::new(move |i| template.render(series, i));
+                let limit = Duration::from_secs(180);
+                let r = applied_round(
+                    &client,
+                    &fleet.urls,
+                    fleet.spread,
+                    &auth,
+                    N,
+                    body,
+                    &fleet.panos,
+                    want,
+                    limit,
+                )
+                .await;
+                let e2e = r.applied.map(|d| N as f64 / d.as_secs_f64());
+                rates[f].extend(e2e);
+                println!(
+                    "| {} | {} {label} | {} | {:.2} s | {} | {} | {} |",
+                    fleet.name,
+                    round + 1,
+                    r.accepted,
+                    r.posting.as_secs_f64(),
+                    r.applied
+                        .map_or("> 180 s".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+                    e2e.map_or("n/a".into(), rate),
+                    r.requests
+                );
+                fleet.drained().await;
+            }
+        }
+    }
+    println!("\n| set-up | end-to-end events/s (median of 4) | vs 1 host |");
+    println!("|---|---|---|");
+    let one = median(&rates[0]);
+    for (fleet, r) in fleets.iter().zip(&rates) {
+        println!(
+            "| {} | {} | {:.2}× |",
+            fleet.name,
+            rate(median(r)),
+            median(r) / one
+        );
     }
 }

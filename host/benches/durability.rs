@@ -25,7 +25,7 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -246,38 +246,37 @@ async fn main() {
         } else {
             (off.clone(), 0, "VM.OFF")
         };
-        let before = rig.panos.stats();
-        let started = Instant::now();
         let body: Arc<dyn Fn(u64) -> String + Send + Sync> =
             Arc::new(move |i| template.render(series, i));
-        let poster = {
-            let (client, url, auth) = (client.clone(), rig.url.clone(), rig.auth.clone());
-            tokio::spawn(async move { burst(&client, &url, &auth, n, 64, body).await })
-        };
         let limit = Duration::from_secs(120);
-        let mut applied = None;
-        while started.elapsed() < limit {
-            if rig.panos.stats().registered_entries == want && poster.is_finished() {
-                applied = Some(started.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let (accepted, _other, posting) = poster.await.unwrap();
-        let after = rig.panos.stats();
-        let e2e_rate = applied.map(|d| accepted as f64 / d.as_secs_f64());
-        if let Some(r) = e2e_rate {
-            e2e.push(r);
+        let urls = [rig.url.clone()];
+        let r = applied_round(
+            &client,
+            &urls,
+            Spread::All,
+            &rig.auth,
+            n,
+            body,
+            &rig.panos,
+            want,
+            limit,
+        )
+        .await;
+        let e2e_rate = r.applied.map(|d| r.accepted as f64 / d.as_secs_f64());
+        if let Some(rate) = e2e_rate {
+            e2e.push(rate);
         }
         println!(
-            "| {} {label} | {n} | {accepted} | {:.2} s | {} | {} | {} | {} | {} |",
+            "| {} {label} | {n} | {} | {:.2} s | {} | {} | {} | {} | {} |",
             round + 1,
-            posting.as_secs_f64(),
-            rate(accepted as f64 / posting.as_secs_f64()),
-            applied.map_or("> 120 s".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+            r.accepted,
+            r.posting.as_secs_f64(),
+            rate(r.accepted as f64 / r.posting.as_secs_f64()),
+            r.applied
+                .map_or("> 120 s".into(), |d| format!("{:.2} s", d.as_secs_f64())),
             e2e_rate.map_or("n/a".into(), rate),
-            after.requests - before.requests,
-            after.commits - before.commits
+            r.requests,
+            r.commits
         );
         drain(&rig.app.ledger, Duration::from_secs(60)).await;
     }

@@ -797,6 +797,87 @@ pub async fn burst(
     )
 }
 
+/// How a round's notifications reach the hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// Every notification to every URL, as Prism posts to every webhook.
+    All,
+    /// Each notification to one URL in turn, as a load balancer spreads them.
+    RoundRobin,
+}
+
+/// One end-to-end round: what [`applied_round`] measured.
+pub struct Applied {
+    /// 202 answers, over every URL.
+    pub accepted: u64,
+    /// Until the last POST was answered.
+    pub posting: Duration,
+    /// Until the firewall held what the round wanted; None past the limit.
+    pub applied: Option<Duration>,
+    /// PAN-OS API requests and commits the round caused.
+    pub requests: u64,
+    pub commits: u64,
+}
+
+/// Posts notifications `body(0..n)` to `urls` as `spread` says, 64
+/// keep-alive posters per URL, and times until the PAN-OS simulator holds
+/// `want` registered entries (at most `limit`).
+#[allow(clippy::too_many_arguments)]
+pub async fn applied_round(
+    client: &reqwest::Client,
+    urls: &[String],
+    spread: Spread,
+    auth: &str,
+    n: u64,
+    body: Arc<dyn Fn(u64) -> String + Send + Sync>,
+    panos: &prismhook_sim::panos::PanosSim,
+    want: u64,
+    limit: Duration,
+) -> Applied {
+    let before = panos.stats();
+    let started = Instant::now();
+    let ways = urls.len() as u64;
+    let posters: Vec<_> = urls
+        .iter()
+        .enumerate()
+        .map(|(k, url)| {
+            let (client, url, auth, body) =
+                (client.clone(), url.clone(), auth.to_owned(), body.clone());
+            let (count, body): (u64, Arc<dyn Fn(u64) -> String + Send + Sync>) = match spread {
+                Spread::All => (n, body),
+                // The k-th URL gets notifications k, k + ways, k + 2·ways, …
+                Spread::RoundRobin => (
+                    (n + ways - 1 - k as u64) / ways,
+                    Arc::new(move |i| body(i * ways + k as u64)),
+                ),
+            };
+            tokio::spawn(async move { burst(&client, &url, &auth, count, 64, body).await })
+        })
+        .collect();
+    let mut applied = None;
+    while started.elapsed() < limit {
+        if panos.stats().registered_entries == want && posters.iter().all(|p| p.is_finished()) {
+            applied = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (mut accepted, mut posting) = (0, Duration::ZERO);
+    for p in posters {
+        let (a, _other, took) = p.await.unwrap();
+        accepted += a;
+        posting = posting.max(took);
+    }
+    let after = panos.stats();
+    Applied {
+        accepted,
+        posting,
+        applied,
+        requests: after.requests - before.requests,
+        commits: after.commits - before.commits,
+    }
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
