@@ -393,8 +393,20 @@ impl Index {
     }
 
     pub fn claim(&mut self, plugin: &str, now_ms: u64, max: usize) -> Vec<(u64, u32)> {
+        self.claim_within(plugin, now_ms, max, PartitionSet::ALL)
+    }
+
+    /// [`Index::claim`] from the held partitions that are also in `within`.
+    pub fn claim_within(
+        &mut self,
+        plugin: &str,
+        now_ms: u64,
+        max: usize,
+        within: PartitionSet,
+    ) -> Vec<(u64, u32)> {
+        let held = self.held.and(within);
         match self.plugins.get_mut(plugin) {
-            Some(p) if max > 0 => p.claim(now_ms, max, self.held),
+            Some(p) if max > 0 => p.claim(now_ms, max, held),
             _ => Vec::new(),
         }
     }

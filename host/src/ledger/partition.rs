@@ -70,6 +70,11 @@ impl PartitionSet {
     pub fn iter(self) -> impl Iterator<Item = usize> {
         (0..PARTITIONS).filter(move |&p| self.contains(p))
     }
+
+    /// The partitions in both.
+    pub fn and(self, other: PartitionSet) -> PartitionSet {
+        PartitionSet(self.0 & other.0)
+    }
 }
 
 impl Default for PartitionSet {

@@ -159,7 +159,8 @@ pub(super) fn stream_config(ledger_stream: &str, replicas: usize) -> (stream::Co
 pub struct JetStreamKv {
     pub(super) mirror: Arc<Mirror>,
     pub(super) stream: stream::Stream,
-    /// The sequence of this host's last stored write: reads wait until the mirror shows it.
+    /// The sequence of a write of this host's that was stored but not yet read back when its
+    /// call ended: reads wait until the mirror shows it.
     pub(super) written: AtomicU64,
     /// A write failed after it was sent, so it may be stored where this host does not know:
     /// reads wait until the mirror has caught up with the whole stream.
@@ -311,10 +312,11 @@ impl KvBackend for JetStreamKv {
                 last = self.publish(plugin, chunk).await.inspect_err(|_| {
                     self.unsure.store(true, Ordering::SeqCst);
                 })?;
-                self.written.fetch_max(last, Ordering::SeqCst);
             }
-            // Read-your-writes: the next call on this host sees them.
+            // Read-your-writes: the next call on this host sees them. Should the mirror not show
+            // them in time, no call reads before it does (`settle`).
             if !self.mirror.reached(last, self.ack_timeout).await {
+                self.written.fetch_max(last, Ordering::SeqCst);
                 return Err(KvError::Storage(format!(
                     "`{plugin}`'s writes were stored but this host has not read them back \
                      within {:?}",

@@ -494,6 +494,18 @@ impl Leases {
         }
     }
 
+    /// The partitions whose leases this host renewed recently enough to claim from now. The lease
+    /// task drops the others from the index's `held` on its next round; a claim does not wait for
+    /// that round, which a busy machine can hold back past the lease's end.
+    pub(super) fn claimable(&self) -> PartitionSet {
+        self.state()
+            .held
+            .iter()
+            .filter(|(_, h)| h.renewed.elapsed() < TTL - MARGIN)
+            .filter_map(|(key, _)| partition_of_key(key))
+            .fold(PartitionSet::NONE, |set, p| set.with(p))
+    }
+
     /// Whether another process holds the `pause`: this host then serves no partition.
     fn paused_by_another(&self, state: &State) -> bool {
         state

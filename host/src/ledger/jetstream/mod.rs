@@ -784,7 +784,12 @@ impl Ledger for JetStreamLedger {
 
     async fn claim(&self, plugin: &str, max: usize) -> Result<Vec<Delivery>, LedgerError> {
         self.inner.ensure_open()?;
-        let claimed = self.inner.state().index.claim(plugin, now_ms(), max);
+        let claimable = self.leases.claimable();
+        let claimed = self
+            .inner
+            .state()
+            .index
+            .claim_within(plugin, now_ms(), max, claimable);
         if claimed.is_empty() {
             return Ok(Vec::new());
         }
