@@ -23,7 +23,7 @@ use crate::durability::{
     wait, world, OrderReport, World,
 };
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -320,23 +320,32 @@ async fn chaos(ingest: Ingest, kills: usize) {
     // (the leader's, which pauses the other hosts while it runs).
     let truth = firewall_truth(&fleet.w.prism.vms());
     let by_events = fleet.panos.registered();
-    let off: Vec<String> = by_events
+    let off: BTreeSet<&String> = by_events
         .keys()
         .chain(truth.keys())
         .filter(|ip| by_events.get(*ip) != truth.get(*ip))
-        .map(|ip| {
-            format!(
-                "{ip}: {:?} where the truth is {:?}",
-                by_events.get(ip),
-                truth.get(ip)
-            )
-        })
         .collect();
     eprintln!(
-        "after the events: {} IPs registered, {} off the truth {off:?}",
+        "after the events: {} IPs registered, {} off the truth",
         by_events.len(),
         off.len()
     );
+    // What the firewall was told about each, in the order it took it.
+    let requests = fleet.panos.requests(usize::MAX);
+    for ip in &off {
+        let needle = format!("ip=\"{ip}\"");
+        let told: Vec<&str> = requests
+            .iter()
+            .filter_map(|r| r.xml_cmd.as_deref())
+            .filter(|xml| xml.contains(&needle))
+            .collect();
+        eprintln!(
+            "{ip}: {:?} where the truth is {:?}; the User-ID messages naming it:\n{}",
+            by_events.get(*ip),
+            truth.get(*ip),
+            told.join("\n")
+        );
+    }
     let reports = fleet.reconcile().await;
     assert_eq!(
         fleet.panos.registered(),

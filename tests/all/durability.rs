@@ -263,6 +263,9 @@ struct Ack {
 }
 
 /// A test's knob from the environment (a seed, a number of kills), if set.
+/// Host binaries inherit the test's environment, and a host refuses to
+/// start on a `PRISMHOOK_CLUSTER_*` variable that names no cluster of its:
+/// knobs are named otherwise.
 pub(crate) fn env_setting<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
