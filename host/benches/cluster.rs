@@ -160,7 +160,8 @@ async fn main() {
     let mut took = Vec::new();
     let mut serial = 0u64;
     for kill in 0..20 {
-        shared_out(&hosts).await;
+        let live: Vec<&dyn Ledger> = hosts.iter().flatten().map(|h| h as &dyn Ledger).collect();
+        shared_out(&live).await;
         let victim = kill % names.len();
         let dead = hosts[victim].take().unwrap();
         let partition = dead.membership().unwrap().serving[0];
@@ -236,12 +237,11 @@ async fn main() {
 }
 
 /// Waits until the live hosts serve every partition between them.
-async fn shared_out(hosts: &[Option<JetStreamLedger>]) {
+async fn shared_out(hosts: &[&dyn Ledger]) {
     let started = Instant::now();
     loop {
         let served: usize = hosts
             .iter()
-            .flatten()
             .map(|h| h.membership().unwrap().serving.len())
             .sum();
         if served == PARTITIONS {
@@ -300,23 +300,18 @@ impl Fleet {
             apps.push(App::start(config).await.unwrap());
         }
         let started = Instant::now();
-        loop {
-            let registered = apps
-                .iter()
-                .all(|a| a.cluster_status().iter().all(|c| c.registered));
-            let served: usize = apps
-                .iter()
-                .map(|a| a.ledger.membership().map_or(0, |m| m.serving.len()))
-                .sum();
-            if registered && served == PARTITIONS {
-                break;
-            }
+        while !apps
+            .iter()
+            .all(|a| a.cluster_status().iter().all(|c| c.registered))
+        {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
-                "the hosts of {stream} did not register and share the partitions"
+                "the hosts of {stream} did not register their webhooks"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let ledgers: Vec<&dyn Ledger> = apps.iter().map(|a| a.ledger.as_ref()).collect();
+        shared_out(&ledgers).await;
         for app in &apps {
             wait_for_cranelift(app).await;
         }

@@ -415,7 +415,7 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
                 .collect();
             twins.sort();
             let keeper = twins.first().cloned().unwrap_or(uuid);
-            for twin in &twins[1.min(twins.len())..] {
+            for twin in twins.iter().skip(1) {
                 remove_duplicate(c, cluster, twin).await?;
             }
             c.wait_complete(&keeper, WAIT_COMPLETE).await?;

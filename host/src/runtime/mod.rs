@@ -750,8 +750,6 @@ impl Plugin {
         self.handle_in(events, Arc::default()).await
     }
 
-    /// [`Plugin::handle`], telling the plugin which Nutanix cluster each of
-    /// the batch's VMs belongs to.
     /// Waits until a read of the plugin's kv sees every write this host
     /// made (see [`kv_store::KvBackend::settle`]); a call made before then
     /// fails at once.
@@ -759,6 +757,8 @@ impl Plugin {
         self.env.kv.settle().await
     }
 
+    /// [`Plugin::handle`], telling the plugin which Nutanix cluster each of
+    /// the batch's VMs belongs to.
     pub async fn handle_in(
         &self,
         events: Vec<Event>,

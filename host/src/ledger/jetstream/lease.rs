@@ -98,6 +98,14 @@ struct Held {
     renewed: Instant,
 }
 
+impl Held {
+    /// Whether this host may still act on it: past `TTL - MARGIN` since its last renewal began
+    /// it is as good as lost, whatever the server says later.
+    fn current(&self) -> bool {
+        self.renewed.elapsed() < TTL - MARGIN
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Every key of the bucket, as the watcher reported it.
@@ -354,11 +362,10 @@ impl Leases {
                     }
                 }
             }
-            // Past its safe time a lease is as good as lost, whatever the server says later.
             // The host's own key is not a lease: it is written again below.
             state
                 .held
-                .retain(|key, h| key.starts_with("host.") || h.renewed.elapsed() < TTL - MARGIN);
+                .retain(|key, h| key.starts_with("host.") || h.current());
         }
 
         // Decide: what to give up, what to take.
@@ -501,7 +508,7 @@ impl Leases {
         self.state()
             .held
             .iter()
-            .filter(|(_, h)| h.renewed.elapsed() < TTL - MARGIN)
+            .filter(|(_, h)| h.current())
             .filter_map(|(key, _)| partition_of_key(key))
             .fold(PartitionSet::NONE, |set, p| set.with(p))
     }
