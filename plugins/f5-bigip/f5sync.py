@@ -20,7 +20,12 @@ VM at all and the plugin must still know which members to take away:
 
 Every side effect is idempotent: adding an existing member (409) and
 removing a missing one (404) count as success, so a redelivered batch simply
-does the same requests again.
+does the same requests again. A batch delivered again can hold later events
+of a VM than the attempt whose requests reached BIG-IP but whose kv writes
+were lost (its host died); that attempt left the VM at a state one of its
+events in this batch wanted, so for a VM with several events the last one's
+members are all added again, and what the others wanted and the last one no
+longer does is removed too.
 """
 
 import ipaddress
@@ -420,12 +425,16 @@ def pool_members(config, host, pool):
 # Applying a VM's wanted state
 
 
-def apply_vm(config, host, cluster, uuid, want, present=None):
+def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
     """Moves one VM's members from what kv records to `want`.
 
     `present` maps pool path -> set of members BIG-IP lists (reconcile);
     when given, requests whose effect is already there are skipped and
     missing members are added again even if kv says they were added.
+    `passed` holds the pairs the batch's earlier events of the VM wanted,
+    `None` when it had none (see the module's doc): those no longer wanted
+    are removed as well, and when there were such events every wanted pair
+    is added again.
     Returns `(added, removed)` counts. Progress is recorded even when a
     request fails, so the retry starts where this one stopped.
     """
@@ -434,8 +443,9 @@ def apply_vm(config, host, cluster, uuid, want, present=None):
     recorded = load_record(host, key)
     record = set(recorded)
     added = removed = 0
+    earlier = passed is not None
     try:
-        for pool, member in sorted(recorded - want):
+        for pool, member in sorted((recorded | (passed or set())) - want):
             owners = load_owners(host, pool, member) - {me}
             if not owners:
                 if present is None or member in present.get(pool, ()):
@@ -448,7 +458,8 @@ def apply_vm(config, host, cluster, uuid, want, present=None):
         for pool, member in sorted(want):
             new = (pool, member) not in recorded
             if present is None:
-                if not new:
+                # After earlier events, kv's record may not be what BIG-IP holds.
+                if not new and not earlier:
                     continue
             else:
                 if pool not in present:
@@ -488,6 +499,7 @@ def handle(config, host, events):
     last state they ask for, applied once."""
     owners = []  # per event: the VM it belongs to, or its outcome already
     changes = {}  # (cluster, uuid) -> wanted pairs, in first-seen order
+    passed = {}  # (cluster, uuid) -> what its earlier events wanted
     for event in events:
         if not event.event_type.startswith("VM."):
             host.log("debug", f"ignoring {event.event_type} (not a VM event)")
@@ -500,13 +512,15 @@ def handle(config, host, events):
         vm = (event.cluster, uuid)
         want = intended(config, event, host.log)
         if want is not None:
+            if vm in changes:
+                passed[vm] = passed.get(vm, set()) | changes[vm]
             changes[vm] = want
         owners.append(("vm", vm))
 
     results = {}
     for (cluster, uuid), want in changes.items():
         try:
-            apply_vm(config, host, cluster, uuid, want)
+            apply_vm(config, host, cluster, uuid, want, passed=passed.get((cluster, uuid)))
             results[(cluster, uuid)] = DONE
         except Failure as failure:
             level = "warn" if failure.outcome[0] == "retry" else "error"

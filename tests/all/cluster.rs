@@ -5,11 +5,9 @@
 //! records what it was handed. Hosts and NATS nodes are SIGKILLed at random
 //! moments, one at a time, and restarted. Afterwards every notification a
 //! host answered 202 was delivered, in per-VM order, nothing is dead or
-//! left over, and the webhooks are what the ingest mode calls for. The
-//! firewall's distance from the VMs' truth after the events alone is
-//! printed; after a reconcile (the leader's, pausing the other hosts) it
-//! must be nil. The events alone leave a stray registration in about one
-//! run in four with host SIGKILLs, a defect not found yet (DEVELOPERS.md).
+//! left over, the webhooks are what the ingest mode calls for, and the
+//! firewall's registrations equal the VMs' truth: after the events alone,
+//! and again after a reconcile (the leader's, pausing the other hosts).
 //!
 //! `PRISMHOOK_CHAOS_KILLS` (4 by default; `scripts/chaos.sh` runs the
 //! long variant) and `PRISMHOOK_CRASH_SEED` (printed, so a failure can be
@@ -332,20 +330,28 @@ async fn chaos(ingest: Ingest, kills: usize) {
     );
     // What the firewall was told about each, in the order it took it.
     let requests = fleet.panos.requests(usize::MAX);
-    for ip in &off {
-        let needle = format!("ip=\"{ip}\"");
-        let told: Vec<&str> = requests
-            .iter()
-            .filter_map(|r| r.xml_cmd.as_deref())
-            .filter(|xml| xml.contains(&needle))
-            .collect();
-        eprintln!(
-            "{ip}: {:?} where the truth is {:?}; the User-ID messages naming it:\n{}",
-            by_events.get(*ip),
-            truth.get(*ip),
-            told.join("\n")
-        );
-    }
+    let explained: Vec<String> = off
+        .iter()
+        .map(|ip| {
+            let needle = format!("ip=\"{ip}\"");
+            let told: Vec<&str> = requests
+                .iter()
+                .filter_map(|r| r.xml_cmd.as_deref())
+                .filter(|xml| xml.contains(&needle))
+                .collect();
+            format!(
+                "{ip}: {:?} where the truth is {:?}; the User-ID messages naming it:\n{}",
+                by_events.get(*ip),
+                truth.get(*ip),
+                told.join("\n")
+            )
+        })
+        .collect();
+    assert!(
+        off.is_empty(),
+        "the events left the firewall off the VMs' truth:\n{}",
+        explained.join("\n")
+    );
     let reports = fleet.reconcile().await;
     assert_eq!(
         fleet.panos.registered(),

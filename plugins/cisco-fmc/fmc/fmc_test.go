@@ -151,6 +151,48 @@ func TestAnAddressSharedByTwoVmsStaysWhileEitherWantsIt(t *testing.T) {
 	expectMappings(t, h, map[string][]string{})
 }
 
+// lostThenAgain handles first as an attempt whose host died after FMC took
+// its change and before kv stored its writes, then again: the batch the
+// next host is delivered, first once more and what came after it.
+func lostThenAgain(t *testing.T, c *Config, h *fakeHost, first, again []Event) {
+	t.Helper()
+	stored := map[string][]byte{}
+	for k, v := range h.kv {
+		stored[k] = v
+	}
+	Handle(c, h, first)
+	h.kv = stored
+	allDone(t, Handle(c, h, again))
+}
+
+func TestABatchFMCTookButKvLostIsUndoneWhenDeliveredAgainWithALaterOff(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u1", vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"))}))
+	moved := event("VM.UPDATE", "u1", vm("u1", "ON", map[string]string{"App": "db"}, "10.0.0.2"))
+	lostThenAgain(t, c, h, []Event{moved}, []Event{moved, event("VM.OFF", "u1", nil)})
+	expectMappings(t, h, map[string][]string{})
+	for _, prefix := range []string{vmPrefix, ipPrefix} {
+		if keys, _ := h.KvList(prefix); len(keys) != 0 {
+			t.Fatalf("records left: %v", keys)
+		}
+	}
+}
+
+func TestWhatALostAttemptTookAwayIsAddedAgainWhenTheBatchBringsItBack(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	web := vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1")
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "u1", web)}))
+	want := map[string][]string{"ntnx.App.web": {"10.0.0.1"}, "ntnx.managed": {"10.0.0.1"}}
+	away := event("VM.UPDATE", "u1", vm("u1", "ON", map[string]string{"App": "db"}, "10.0.0.1"))
+	lostThenAgain(t, c, h, []Event{away}, []Event{away, event("VM.UPDATE", "u1", web)})
+	expectMappings(t, h, want)
+	off := event("VM.OFF", "u1", nil)
+	lostThenAgain(t, c, h, []Event{off}, []Event{off, event("VM.ON", "u1", web)})
+	expectMappings(t, h, want)
+}
+
 func TestAShortRateLimitIsWaitedOutAndALongOneBecomesARetryWithItsDelay(t *testing.T) {
 	c := config(t, "")
 	h := newHost(t)

@@ -140,6 +140,29 @@ func (t Template) Render(prefix, cluster, vmCluster, key, value string) string {
 // IPObjects maps an address to the objects it belongs in.
 type IPObjects map[string]map[string]bool
 
+// merge adds other's memberships to o.
+func (o IPObjects) merge(other IPObjects) {
+	for ip, names := range other {
+		set := o[ip]
+		if set == nil {
+			set = map[string]bool{}
+			o[ip] = set
+		}
+		for name := range names {
+			set[name] = true
+		}
+	}
+}
+
+// addresses is the set of o's addresses.
+func (o IPObjects) addresses() map[string]bool {
+	set := make(map[string]bool, len(o))
+	for ip := range o {
+		set[ip] = true
+	}
+	return set
+}
+
 // Objects is the names of the objects a VM's addresses belong in.
 func (c *Config) Objects(host Host, cluster string, vm *Vm) []string {
 	names := map[string]bool{}

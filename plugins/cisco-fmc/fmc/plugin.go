@@ -58,8 +58,9 @@ func (c *Config) intended(host Host, event Event) IPObjects {
 // Handle applies a batch: each VM's final wanted state is diffed against
 // what kv says FMC holds and sent as one bulk change (or a few, for FMC's
 // body limit). Records are written only after FMC accepted the change, so
-// a retried batch recomputes the same diff, and adding or removing an
-// address twice is harmless.
+// a retried batch recomputes the diff, and adding or removing an address
+// twice is harmless. A batch delivered again can hold later events of a VM
+// than the attempt that reached FMC did (see store.passedThrough).
 //
 // When FMC refuses the batch's content, each VM is tried alone, so that one
 // VM that can never succeed is rejected and the rest go through.
@@ -110,8 +111,13 @@ func apply(cfg *Config, host Host, events []Event, vms []string, groups map[stri
 	for _, key := range vms {
 		// Events of one VM come in order: the last that says anything wins.
 		var final IPObjects
+		passed, earlier := IPObjects{}, false
 		for _, i := range groups[key] {
 			if wanted := cfg.intended(host, events[i]); wanted != nil {
+				if final != nil {
+					earlier = true
+					passed.merge(final)
+				}
 				final = wanted
 			}
 		}
@@ -120,6 +126,11 @@ func apply(cfg *Config, host Host, events []Event, vms []string, groups map[stri
 		}
 		if err := st.setVM(key, final, changes); err != nil {
 			return err
+		}
+		if earlier {
+			if err := st.passedThrough(passed, final, changes); err != nil {
+				return err
+			}
 		}
 	}
 	add, remove := byObject(changes)

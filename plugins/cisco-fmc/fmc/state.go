@@ -192,6 +192,39 @@ func (s *store) setVM(key string, wanted IPObjects, changes map[string]*Change) 
 	return nil
 }
 
+// passedThrough completes the change of a VM with several events in the
+// batch. An attempt at this batch that reached FMC but not kv (its host
+// died, or storing failed) may have left the VM at any state its earlier
+// events wanted, and the batch delivered again can hold more of its events
+// than that attempt did, so a diff from the records alone would not undo
+// it: every address the VM wants now is added again, and what the earlier
+// events wanted and no VM wants now is removed. FMC takes adding a mapping
+// it has and removing one it lacks without error.
+func (s *store) passedThrough(passed, wanted IPObjects, changes map[string]*Change) error {
+	for _, ip := range sortedKeys(passed.addresses()) {
+		record, err := s.ip(ip)
+		if err != nil {
+			return err
+		}
+		now := record.union()
+		for name := range passed[ip] {
+			if !now[name] {
+				c := change(changes, ip)
+				c.Remove[name] = true
+				delete(c.Add, name)
+			}
+		}
+	}
+	for ip, names := range wanted {
+		for name := range names {
+			c := change(changes, ip)
+			c.Add[name] = true
+			delete(c.Remove, name)
+		}
+	}
+	return nil
+}
+
 func change(changes map[string]*Change, ip string) *Change {
 	c := changes[ip]
 	if c == nil {

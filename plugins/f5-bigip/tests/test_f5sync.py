@@ -241,7 +241,42 @@ class HandleTests(unittest.TestCase):
         out = self.handle(event("VM.ON", vm()), event("VM.OFF", vm()), event("VM.ON", vm(ips=("10.0.0.9",))))
         self.assertEqual(out, [f5sync.DONE] * 3)
         self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.9:80"]})
-        self.assertEqual(len(self.host.requests), 1)
+        # The first ON's member is removed in case an earlier attempt added it.
+        self.assertEqual([r[:2] for r in self.host.requests], [
+            ("DELETE", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members/~Common~10.0.0.1:80"),
+            ("POST", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members"),
+        ])
+
+    def lost_then_again(self, first, again):
+        """Handles `first` as an attempt whose host died after BIG-IP took
+        its requests and before kv stored its writes, then `again`: the batch
+        the next host is delivered, `first` once more and what came after."""
+        stored = dict(self.host.kv)
+        self.handle(*first)
+        self.host.kv = stored
+        self.assertEqual(self.handle(*again), [f5sync.DONE] * len(again))
+
+    def test_a_batch_bigip_took_but_kv_lost_is_undone_when_delivered_again_with_a_later_off(self):
+        self.handle(event("VM.ON", vm(pool="web")))
+        moved = event("VM.UPDATE", vm(pool="api", ips=("10.0.0.2",)))
+        self.lost_then_again([moved], [moved, event("VM.OFF", vm(power="OFF"))])
+        self.assertEqual(self.host.members(), {})
+        self.assertEqual(self.host.kv, {})
+
+    def test_members_a_lost_off_removed_are_added_again_when_the_batch_turns_the_vm_back_on(self):
+        self.handle(event("VM.ON", vm()))
+        off = event("VM.OFF", vm(power="OFF"))
+        self.lost_then_again([off], [off, event("VM.ON", vm())])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+
+    def test_what_a_lost_attempt_passed_through_stays_while_another_vm_claims_it(self):
+        self.handle(event("VM.ON", vm("other", pool="api")))
+        self.handle(event("VM.ON", vm("vm-1", pool="web")))
+        through = event("VM.UPDATE", vm("vm-1", pool="api"))
+        self.lost_then_again([through], [through, event("VM.UPDATE", vm("vm-1", pool="web"))])
+        self.assertEqual(self.host.members(), {"/Common/api": ["10.0.0.1:80"], "/Common/web": ["10.0.0.1:80"]})
+        self.handle(event("VM.DELETE", None, uuid="other"))
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
 
     def test_an_address_two_vms_claim_stays_until_the_last_lets_go(self):
         self.handle(event("VM.ON", vm("a")), event("VM.ON", vm("b")))

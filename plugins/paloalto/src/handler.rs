@@ -4,8 +4,12 @@
 //! A batch is coalesced to the final wanted state of each VM, diffed against
 //! what `kv` says the firewall holds, and sent as one change. Records are
 //! written only after the firewall accepted it, so a retried or redelivered
-//! batch recomputes the same diff, and sending it again is harmless
-//! (PAN-OS answers duplicates with `already exists, ignore`).
+//! batch recomputes the diff, and sending it again is harmless (PAN-OS
+//! answers duplicates with `already exists, ignore`). A batch delivered again
+//! can hold later events of a VM than the attempt that reached the firewall
+//! did; that attempt's state is one the VM passed through in this batch, so
+//! the diff also unregisters what was passed and is no longer wanted
+//! ([`Ledger::plan`]).
 
 use std::collections::BTreeMap;
 
@@ -139,6 +143,8 @@ pub fn handle(config: &Config, host: &mut impl Host, events: &[Event]) -> Vec<Ou
     // Which VM each event belongs to, and the last state each VM asked for.
     let mut owners: Vec<Result<Option<VmKey>, String>> = Vec::with_capacity(events.len());
     let mut changes: BTreeMap<VmKey, IpTags> = BTreeMap::new();
+    // What each VM's earlier events in the batch wanted.
+    let mut passed: BTreeMap<VmKey, IpTags> = BTreeMap::new();
     for event in events {
         if !event.event_type.starts_with("VM.") {
             host.log(
@@ -161,7 +167,12 @@ pub fn handle(config: &Config, host: &mut impl Host, events: &[Event]) -> Vec<Ou
         };
         let key = state::vm_key(&event.cluster, uuid);
         if let Some(wanted) = intended(config, host, event) {
-            changes.insert(key.clone(), wanted);
+            if let Some(earlier) = changes.insert(key.clone(), wanted) {
+                let through = passed.entry(key.clone()).or_default();
+                for (ip, tags) in earlier {
+                    through.entry(ip).or_default().extend(tags);
+                }
+            }
         }
         owners.push(Ok(Some(key)));
     }
@@ -176,7 +187,7 @@ pub fn handle(config: &Config, host: &mut impl Host, events: &[Event]) -> Vec<Ou
         );
         BTreeMap::new()
     } else {
-        apply(config, host, &changes)
+        apply(config, host, &changes, &passed)
     };
     owners
         .into_iter()
@@ -189,13 +200,17 @@ pub fn handle(config: &Config, host: &mut impl Host, events: &[Event]) -> Vec<Ou
 }
 
 /// Loads the records the changes touch.
-fn load_ledger(host: &mut impl Host, changes: &BTreeMap<VmKey, IpTags>) -> Result<Ledger, String> {
+fn load_ledger(
+    host: &mut impl Host,
+    changes: &BTreeMap<VmKey, IpTags>,
+    passed: &BTreeMap<VmKey, IpTags>,
+) -> Result<Ledger, String> {
     let mut ledger = Ledger::default();
     for key in changes.keys() {
         let record: IpTags = load(host, &state::vm_record_key(key))?;
         ledger.vms.insert(key.clone(), record);
     }
-    for ip in ledger.affected_ips(changes) {
+    for ip in ledger.affected_ips(changes, passed) {
         let record: IpRecord = load(host, &state::ip_record_key(&ip))?;
         ledger.ips.insert(ip, record);
     }
@@ -207,6 +222,7 @@ fn apply(
     config: &Config,
     host: &mut impl Host,
     changes: &BTreeMap<VmKey, IpTags>,
+    passed: &BTreeMap<VmKey, IpTags>,
 ) -> BTreeMap<VmKey, Outcome> {
     let every = |outcome: Outcome| {
         changes
@@ -214,11 +230,11 @@ fn apply(
             .map(|k| (k.clone(), outcome.clone()))
             .collect()
     };
-    let mut ledger = match load_ledger(host, changes) {
+    let mut ledger = match load_ledger(host, changes, passed) {
         Ok(ledger) => ledger,
         Err(reason) => return every(retry(reason)),
     };
-    let plan = ledger.plan(changes);
+    let plan = ledger.plan(changes, passed);
     let (register, unregister) = plan.diff.counts();
     host.log(
         if plan.diff.is_empty() {
@@ -248,7 +264,7 @@ fn apply(
                     "firewall refused the batch ({reason}); resending VM by VM to find the bad one"
                 ),
             );
-            isolate(config, host, &mut ledger, changes)
+            isolate(config, host, &mut ledger, changes, passed)
         }
         Err(failure) => {
             host.log(
@@ -267,6 +283,7 @@ fn isolate(
     host: &mut impl Host,
     ledger: &mut Ledger,
     changes: &BTreeMap<VmKey, IpTags>,
+    passed: &BTreeMap<VmKey, IpTags>,
 ) -> BTreeMap<VmKey, Outcome> {
     let mut outcomes = BTreeMap::new();
     let mut unavailable: Option<Outcome> = None;
@@ -275,7 +292,7 @@ fn isolate(
             outcomes.insert(key.clone(), outcome.clone());
             continue;
         }
-        let plan = ledger.plan(&BTreeMap::from([(key.clone(), wanted.clone())]));
+        let plan = ledger.plan(&BTreeMap::from([(key.clone(), wanted.clone())]), passed);
         let sent = if plan.diff.is_empty() {
             Ok(())
         } else {

@@ -144,20 +144,40 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// The IPs whose records a change to these VMs touches.
-    pub fn affected_ips(&self, changes: &BTreeMap<VmKey, IpTags>) -> BTreeSet<String> {
+    /// The IPs whose records a change to these VMs touches, and those the
+    /// VMs passed through on the way (see [`Ledger::plan`]).
+    pub fn affected_ips(
+        &self,
+        changes: &BTreeMap<VmKey, IpTags>,
+        passed: &BTreeMap<VmKey, IpTags>,
+    ) -> BTreeSet<String> {
         changes
             .iter()
             .flat_map(|(key, new)| {
                 let old = self.vms.get(key).into_iter().flat_map(|c| c.keys());
-                old.chain(new.keys()).cloned()
+                let between = passed.get(key).into_iter().flat_map(|c| c.keys());
+                old.chain(between).chain(new.keys()).cloned()
             })
             .collect()
     }
 
     /// Sets each changed VM's contribution to its new value and compares
     /// each affected IP's union before and after.
-    pub fn plan(&self, changes: &BTreeMap<VmKey, IpTags>) -> Plan {
+    ///
+    /// `passed` holds, per VM with more than one event in the batch, what
+    /// its earlier events wanted. An attempt at this batch that reached the
+    /// firewall but not `kv` (its host died, or storing failed) may have
+    /// left the VM at any of those states, and the batch delivered again can
+    /// hold more of the VM's events than that attempt did, so a diff from the
+    /// records alone would not undo it. For such a VM the change registers
+    /// its whole new contribution and unregisters whatever was passed and is
+    /// no longer wanted. PAN-OS answers both kinds of no-op harmlessly
+    /// (`already exists, ignore`, `does not exist, ignore unreg`).
+    pub fn plan(
+        &self,
+        changes: &BTreeMap<VmKey, IpTags>,
+        passed: &BTreeMap<VmKey, IpTags>,
+    ) -> Plan {
         let mut plan = Plan::default();
         let mut before = IpTags::new();
         let mut after = IpTags::new();
@@ -169,7 +189,7 @@ impl Ledger {
                 by_ip.entry(ip.as_str()).or_default().push((key, tags));
             }
         }
-        for ip in self.affected_ips(changes) {
+        for ip in self.affected_ips(changes, passed) {
             let old_record = self.ips.get(&ip).cloned().unwrap_or_default();
             // A changed VM's old contribution goes; its new one, if any, comes.
             let mut new_record = old_record.clone();
@@ -184,6 +204,23 @@ impl Ledger {
             }
         }
         plan.diff = Diff::between(&before, &after);
+        for (key, earlier) in passed {
+            let Some(contribution) = changes.get(key) else {
+                continue;
+            };
+            for (ip, tags) in earlier {
+                let kept = after.get(ip);
+                add(
+                    &mut plan.diff.unregister,
+                    ip,
+                    tags.iter()
+                        .filter(|t| !kept.is_some_and(|k| k.contains(*t))),
+                );
+            }
+            for (ip, tags) in contribution {
+                add(&mut plan.diff.register, ip, tags.iter());
+            }
+        }
         for (key, contribution) in changes {
             let old = self.vms.get(key).cloned().unwrap_or_default();
             if &old != contribution {
@@ -229,6 +266,10 @@ mod tests {
             .collect()
     }
 
+    fn none() -> BTreeMap<VmKey, IpTags> {
+        BTreeMap::new()
+    }
+
     #[test]
     fn the_diff_registers_what_is_new_and_unregisters_what_is_gone() {
         let before = ip_tags(&[("10.0.0.1", &["a", "b"]), ("10.0.0.2", &["a"])]);
@@ -250,17 +291,23 @@ mod tests {
         let old_vm = vm_key("c1", "old");
         let new_vm = vm_key("c1", "new");
         let mut ledger = Ledger::default();
-        let first = ledger.plan(&BTreeMap::from([(
-            old_vm.clone(),
-            ip_tags(&[("10.0.0.9", &["ntnx.managed", "ntnx.AppTier.Web"])]),
-        )]));
+        let first = ledger.plan(
+            &BTreeMap::from([(
+                old_vm.clone(),
+                ip_tags(&[("10.0.0.9", &["ntnx.managed", "ntnx.AppTier.Web"])]),
+            )]),
+            &none(),
+        );
         ledger.commit(&first);
 
         // The new VM takes the IP while the old one still holds it.
-        let second = ledger.plan(&BTreeMap::from([(
-            new_vm.clone(),
-            ip_tags(&[("10.0.0.9", &["ntnx.managed", "ntnx.AppTier.Db"])]),
-        )]));
+        let second = ledger.plan(
+            &BTreeMap::from([(
+                new_vm.clone(),
+                ip_tags(&[("10.0.0.9", &["ntnx.managed", "ntnx.AppTier.Db"])]),
+            )]),
+            &none(),
+        );
         assert_eq!(
             second.diff.register,
             ip_tags(&[("10.0.0.9", &["ntnx.AppTier.Db"])])
@@ -269,7 +316,7 @@ mod tests {
         ledger.commit(&second);
 
         // The old VM is deleted: only the tag nobody else wants goes.
-        let third = ledger.plan(&BTreeMap::from([(old_vm.clone(), IpTags::new())]));
+        let third = ledger.plan(&BTreeMap::from([(old_vm.clone(), IpTags::new())]), &none());
         assert!(third.diff.register.is_empty());
         assert_eq!(
             third.diff.unregister,
@@ -287,8 +334,8 @@ mod tests {
         let key = vm_key("c1", "vm");
         let change = BTreeMap::from([(key, ip_tags(&[("10.0.0.1", &["ntnx.managed"])]))]);
         let mut ledger = Ledger::default();
-        ledger.commit(&ledger.plan(&change));
-        assert_eq!(ledger.plan(&change), Plan::default());
+        ledger.commit(&ledger.plan(&change, &none()));
+        assert_eq!(ledger.plan(&change, &none()), Plan::default());
     }
 
     #[test]

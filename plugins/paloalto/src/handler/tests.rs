@@ -366,7 +366,7 @@ fn an_ip_moving_to_another_vm_keeps_the_tags_the_new_vm_wants() {
 }
 
 #[test]
-fn on_then_off_in_one_batch_sends_nothing() {
+fn on_then_off_in_one_batch_registers_nothing_and_unregisters_what_on_may_have_left() {
     let mut fake = Fake::default();
     let outcomes = handle(
         &config(),
@@ -377,8 +377,98 @@ fn on_then_off_in_one_batch_sends_nothing() {
         ],
     );
     assert_eq!(outcomes, vec![Outcome::Done, Outcome::Done]);
-    assert!(fake.requests.is_empty());
+    assert_eq!(
+        fake.messages,
+        vec![Diff {
+            register: IpTags::new(),
+            unregister: ip_tags(&[(IP1, &[MANAGED, PROD, WEB]), (IP2, &[MANAGED, PROD, WEB])]),
+        }]
+    );
+    assert!(fake.registered.is_empty());
     assert!(fake.kv.is_empty());
+}
+
+/// Handles `lost` as a batch whose host died after the firewall took the
+/// change and before `kv` stored it, then the batch the next host is
+/// delivered: `lost` once more, and `then`, which came after it.
+fn lost_then_again(fake: &mut Fake, lost: Event, then: Event) {
+    let stored = fake.kv.clone();
+    handle(&config(), fake, std::slice::from_ref(&lost));
+    fake.kv = stored;
+    let outcomes = handle(&config(), fake, &[lost, then]);
+    assert_eq!(outcomes, vec![Outcome::Done; 2]);
+}
+
+#[test]
+fn a_batch_the_firewall_took_but_kv_lost_is_undone_when_delivered_again_with_a_later_off() {
+    let categorised = Vm {
+        categories: vec![("AppTier".into(), "App".into())],
+        ..vm_on_one_nic()
+    };
+    let moved = Vm {
+        nics: vec![vec![IP2.into()]],
+        ..vm_on_one_nic()
+    };
+    // The categories change, or the VM moves to another IP; the host dies
+    // before kv; then the VM goes off, or is deleted.
+    for (update, end) in [(categorised, "VM.OFF"), (moved, "VM.DELETE")] {
+        let mut fake = Fake::default();
+        step(&mut fake, event("VM.CREATE", Some(vm_on_one_nic())));
+        lost_then_again(
+            &mut fake,
+            event("VM.UPDATE", Some(update)),
+            event(end, None),
+        );
+        assert!(fake.registered.is_empty(), "{end}: {:?}", fake.registered);
+        assert!(fake.kv.is_empty());
+    }
+}
+
+#[test]
+fn what_a_lost_attempt_took_away_is_registered_again_when_the_batch_brings_it_back() {
+    let mut fake = Fake::default();
+    step(&mut fake, event("VM.UPDATE", Some(web_01())));
+    let before = fake.registered.clone();
+    let away = Vm {
+        nics: vec![vec![IP1.into()]],
+        categories: vec![("AppTier".into(), "Db".into())],
+        ..web_01()
+    };
+    let back = event("VM.UPDATE", Some(web_01()));
+    lost_then_again(&mut fake, event("VM.UPDATE", Some(away)), back);
+    assert_eq!(fake.registered, before);
+
+    // An earlier event that wanted nothing counts too.
+    let on = event("VM.ON", Some(web_01()));
+    lost_then_again(&mut fake, event("VM.OFF", None), on);
+    assert_eq!(fake.registered, before);
+}
+
+#[test]
+fn what_a_lost_attempt_passed_through_is_unregistered_but_not_what_another_vm_holds() {
+    let mut fake = Fake::default();
+    let other = Vm {
+        uuid: "other".into(),
+        nics: vec![vec![IP2.into()]],
+        categories: vec![("AppTier".into(), "Web".into())],
+        ..vm_on_one_nic()
+    };
+    step(&mut fake, event("VM.CREATE", Some(other)));
+    step(&mut fake, event("VM.CREATE", Some(vm_on_one_nic())));
+    // On its way, the VM took the other VM's IP and tag, then left it.
+    let through = Vm {
+        nics: vec![vec![IP1.into(), IP2.into()]],
+        categories: vec![
+            ("AppTier".into(), "Web".into()),
+            ("Environment".into(), "Production".into()),
+        ],
+        ..vm_on_one_nic()
+    };
+    let back = event("VM.UPDATE", Some(vm_on_one_nic()));
+    lost_then_again(&mut fake, event("VM.UPDATE", Some(through)), back);
+    assert_eq!(fake.registered[IP1], set(&[MANAGED]));
+    assert_eq!(fake.registered[IP2], set(&[MANAGED, WEB]));
+    assert_eq!(fake.registered.len(), 2);
 }
 
 #[test]
