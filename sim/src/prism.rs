@@ -1074,9 +1074,12 @@ impl Sim {
         let envelope = {
             let mut guard = self.lock();
             let st = &mut *guard;
+            // From the newest: a VM being created is powered on at once,
+            // which keeps filling an inventory of 200,000 linear.
             let vm = st
                 .vms
                 .iter_mut()
+                .rev()
                 .find(|v| v.uuid == uuid)
                 .ok_or_else(|| no_vm(uuid))?;
             let mut next = vm.clone();
@@ -1451,13 +1454,22 @@ fn parse_list_request(body: &Bytes, kind: &'static str) -> Result<ListRequest, V
     })
 }
 
-fn list_response(kind: &str, req: &ListRequest, matching: Vec<Value>) -> Response {
-    let total = matching.len();
-    let page: Vec<Value> = matching
-        .into_iter()
-        .skip(req.offset)
-        .take(req.length)
-        .collect();
+/// One page of a list answer: only the page's entities are built, so
+/// reading a large inventory page by page stays linear.
+fn list_response<T>(
+    kind: &str,
+    req: &ListRequest,
+    matching: impl Iterator<Item = T>,
+    entity: impl Fn(T) -> Value,
+) -> Response {
+    let mut total = 0;
+    let mut page = Vec::new();
+    for (n, item) in matching.enumerate() {
+        total += 1;
+        if n >= req.offset && page.len() < req.length {
+            page.push(entity(item));
+        }
+    }
     Json(json!({
         "api_version": API_VERSION,
         "metadata": {
@@ -1474,34 +1486,26 @@ fn list_response(kind: &str, req: &ListRequest, matching: Vec<Value>) -> Respons
 async fn webhooks_list(State(sim): State<Sim>, body: Bytes) -> Result<Response, V3Error> {
     let req = parse_list_request(&body, "webhook")?;
     let st = sim.lock();
-    let matching = st
-        .webhooks
-        .iter()
-        .filter(|h| match &req.filter {
-            None => true,
-            Some((field, value)) if field == "name" => h.name == *value,
-            Some(_) => false,
-        })
-        .map(WebhookRec::intent)
-        .collect();
-    Ok(list_response("webhook", &req, matching))
+    let matching = st.webhooks.iter().filter(|h| match &req.filter {
+        None => true,
+        Some((field, value)) if field == "name" => h.name == *value,
+        Some(_) => false,
+    });
+    Ok(list_response("webhook", &req, matching, WebhookRec::intent))
 }
 
 async fn vms_list(State(sim): State<Sim>, body: Bytes) -> Result<Response, V3Error> {
     let req = parse_list_request(&body, "vm")?;
     let st = sim.lock();
     let legacy = st.faults.legacy_payloads;
-    let matching = st
-        .vms
-        .iter()
-        .filter(|vm| match &req.filter {
-            None => true,
-            Some((field, value)) if field == "vm_name" => vm.name == *value,
-            Some(_) => false,
-        })
-        .map(|vm| vm_intent(vm, legacy))
-        .collect();
-    Ok(list_response("vm", &req, matching))
+    let matching = st.vms.iter().filter(|vm| match &req.filter {
+        None => true,
+        Some((field, value)) if field == "vm_name" => vm.name == *value,
+        Some(_) => false,
+    });
+    Ok(list_response("vm", &req, matching, |vm| {
+        vm_intent(vm, legacy)
+    }))
 }
 
 /// The fields of a create or update body that the simulator keeps.

@@ -132,26 +132,33 @@ pub enum ListError {
 
 /// One `POST /{collection}/list` after another from offset 0, until
 /// `metadata.total_matches` is reached, or, without it, a short page; an
-/// empty page always ends it. Feed each answer to [`Listing::add`] and ask
-/// for the next page at [`Listing::offset`].
+/// empty page always ends it. Feed each answer to [`Listing::add`], which
+/// hands its entities back (so a caller can convert a page and drop it,
+/// rather than hold every answer of a large inventory), and ask for the next
+/// page at [`Listing::offset`].
 #[derive(Debug)]
 pub struct Listing {
     page: u64,
-    entities: Vec<Value>,
+    read: u64,
+}
+
+/// One answer's share of a [`Listing`].
+#[derive(Debug, PartialEq)]
+pub struct Page {
+    pub entities: Vec<Value>,
+    /// Whether the listing is complete.
+    pub last: bool,
 }
 
 impl Listing {
     /// A listing that asks for `page` entities at a time.
     pub fn new(page: u64) -> Listing {
-        Listing {
-            page,
-            entities: Vec::new(),
-        }
+        Listing { page, read: 0 }
     }
 
     /// The `offset` of the next request.
     pub fn offset(&self) -> u64 {
-        self.entities.len() as u64
+        self.read
     }
 
     /// The `length` of every request.
@@ -159,8 +166,8 @@ impl Listing {
         self.page
     }
 
-    /// Takes one answer's entities; `Ok(true)` when the listing is complete.
-    pub fn add(&mut self, mut answer: Value) -> Result<bool, ListError> {
+    /// Takes one answer: its entities, and whether the listing is complete.
+    pub fn add(&mut self, mut answer: Value) -> Result<Page, ListError> {
         // Prism leaves `entities` out when there are none.
         let entities = match answer.get_mut("entities").map(Value::take) {
             None | Some(Value::Null) => Vec::new(),
@@ -168,23 +175,19 @@ impl Listing {
             Some(_) => return Err(ListError::NotAList),
         };
         let got = entities.len() as u64;
-        if self.entities.len().saturating_add(entities.len()) > MAX_LISTED {
+        if self.read.saturating_add(got) > MAX_LISTED as u64 {
             return Err(ListError::TooMany);
         }
-        self.entities.extend(entities);
+        self.read += got;
         let total = answer
             .pointer("/metadata/total_matches")
             .and_then(Value::as_u64);
-        Ok(match total {
+        let last = match total {
             _ if got == 0 => true,
-            Some(total) => self.offset() >= total,
+            Some(total) => self.read >= total,
             None => got < self.page,
-        })
-    }
-
-    /// Every entity read, in the order Prism listed them.
-    pub fn into_entities(self) -> Vec<Value> {
-        self.entities
+        };
+        Ok(Page { entities, last })
     }
 }
 
@@ -230,24 +233,30 @@ mod tests {
                 None => json!({ "entities": entities }),
             }
         };
+        let last = |r: Result<Page, ListError>| r.map(|p| p.last);
         let mut by_total = Listing::new(2);
-        assert_eq!(by_total.add(page(2, Some(3))), Ok(false));
+        let first = by_total.add(page(2, Some(3))).unwrap();
+        assert_eq!(first.entities, vec![json!({ "i": 0 }), json!({ "i": 1 })]);
+        assert!(!first.last);
         assert_eq!(by_total.offset(), 2);
-        assert_eq!(by_total.add(page(1, Some(3))), Ok(true));
-        assert_eq!(by_total.into_entities().len(), 3);
+        assert_eq!(last(by_total.add(page(1, Some(3)))), Ok(true));
+        assert_eq!(by_total.offset(), 3);
 
         let mut by_short_page = Listing::new(2);
-        assert_eq!(by_short_page.add(page(2, None)), Ok(false));
-        assert_eq!(by_short_page.add(page(1, None)), Ok(true));
+        assert_eq!(last(by_short_page.add(page(2, None))), Ok(false));
+        assert_eq!(last(by_short_page.add(page(1, None))), Ok(true));
 
         // A total that is never reached still ends at the first empty page.
         let mut lying = Listing::new(2);
-        assert_eq!(lying.add(page(2, Some(100))), Ok(false));
+        assert_eq!(last(lying.add(page(2, Some(100)))), Ok(false));
         assert_eq!(
             lying.add(json!({ "metadata": { "total_matches": 100 } })),
-            Ok(true)
+            Ok(Page {
+                entities: vec![],
+                last: true
+            })
         );
-        assert_eq!(lying.into_entities().len(), 2);
+        assert_eq!(lying.offset(), 2);
 
         assert_eq!(
             Listing::new(2).add(json!({ "entities": {} })),
@@ -261,7 +270,7 @@ mod tests {
         let full = json!({ "entities": vec![Value::Null; 100_000] });
         let mut pages = 0;
         let error = loop {
-            match listing.add(full.clone()) {
+            match listing.add(full.clone()).map(|p| p.last) {
                 Ok(false) => pages += 1,
                 Ok(true) => panic!("a full page without a total never ends a listing"),
                 Err(e) => break e,

@@ -288,18 +288,18 @@ impl PrismClient {
 
     /// Every webhook on the cluster, whoever made it.
     pub async fn list_webhooks(&self) -> Result<Vec<Webhook>, PrismError> {
-        let entities = self.list_all("webhooks", "webhook", WEBHOOK_PAGE).await?;
-        let mut hooks = Vec::with_capacity(entities.len());
-        for entity in &entities {
-            match parse_webhook(entity) {
-                Some(h) => hooks.push(h),
-                None => tracing::warn!(
+        let read = |entity: Value| {
+            let hook = parse_webhook(&entity);
+            if hook.is_none() {
+                tracing::warn!(
                     cluster = %self.cluster,
                     "webhook without a uuid in the list answer skipped"
-                ),
+                );
             }
-        }
-        Ok(hooks)
+            hook
+        };
+        self.list_all("webhooks", "webhook", WEBHOOK_PAGE, read)
+            .await
     }
 
     pub async fn get_webhook(&self, uuid: &str) -> Result<Webhook, PrismError> {
@@ -380,44 +380,49 @@ impl PrismClient {
         }
     }
 
-    /// Every VM intent, paged by 500.
-    pub async fn list_vms(&self) -> Result<Vec<Value>, PrismError> {
-        self.list_all("vms", "vm", VM_PAGE).await
-    }
-
-    /// [`PrismClient::list_vms`] read by the notification parser, so events
-    /// and reconciles see a VM the same way.
+    /// Every VM, paged by 500, read by the notification parser so that
+    /// events and reconciles see a VM the same way. Each page is parsed as
+    /// it comes: the host holds VMs, never a whole inventory of JSON.
     pub async fn list_vm_models(&self) -> Result<Vec<Vm>, PrismError> {
-        let intents = self.list_vms().await?;
-        let total = intents.len();
-        let vms: Vec<Vm> = intents.iter().filter_map(parse_vm).collect();
-        if vms.len() < total {
+        let mut skipped = 0usize;
+        let read = |intent: Value| {
+            let vm = parse_vm(&intent);
+            skipped += usize::from(vm.is_none());
+            vm
+        };
+        let vms = self.list_all("vms", "vm", VM_PAGE, read).await?;
+        if skipped > 0 {
             tracing::warn!(
                 cluster = %self.cluster,
-                skipped = total - vms.len(),
+                skipped,
                 "VM intents without a uuid skipped"
             );
         }
         Ok(vms)
     }
 
-    /// `POST /{collection}/list`, page after page (see [`Listing`]).
-    async fn list_all(
+    /// `POST /{collection}/list`, page after page (see [`Listing`]), each
+    /// entity kept as `read` makes it (or skipped, for `None`).
+    async fn list_all<T>(
         &self,
         collection: &str,
         kind: &str,
         page: u64,
-    ) -> Result<Vec<Value>, PrismError> {
+        mut read: impl FnMut(Value) -> Option<T>,
+    ) -> Result<Vec<T>, PrismError> {
         let segments = [collection, "list"];
         let mut listing = Listing::new(page);
+        let mut out = Vec::new();
         loop {
             let body =
                 json!({ "kind": kind, "offset": listing.offset(), "length": listing.page() });
             let answer = self.call(Method::POST, &segments, Some(&body)).await?;
-            match listing.add(answer) {
-                Ok(false) => {}
-                Ok(true) => return Ok(listing.into_entities()),
-                Err(e) => return Err(self.bad_answer(Method::POST, &segments, &e.to_string())),
+            let page = listing
+                .add(answer)
+                .map_err(|e| self.bad_answer(Method::POST, &segments, &e.to_string()))?;
+            out.extend(page.entities.into_iter().filter_map(&mut read));
+            if page.last {
+                return Ok(out);
             }
         }
     }
