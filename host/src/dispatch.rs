@@ -189,7 +189,7 @@ impl Dispatcher {
         &self,
         plugin: &str,
         cluster: &str,
-        vms: &[Vm],
+        vms: &Arc<Vec<Vm>>,
     ) -> Result<Result<String, String>, DispatchError> {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
@@ -198,9 +198,8 @@ impl Dispatcher {
             plugin: plugin.to_owned(),
             message: e.to_string(),
         })?;
-        let clusters = Arc::new(vm_clusters(vms));
-        let vms = vms.iter().map(bindings::Vm::from).collect();
-        Ok(p.reconcile(cluster, vms, clusters).await?)
+        let clusters = Arc::new(vm_clusters(vms.iter()));
+        Ok(p.reconcile(cluster, vms.clone(), clusters).await?)
     }
 
     /// Moves the queued deliveries of plugins that have been gone from the
@@ -621,7 +620,7 @@ impl InventorySink for Dispatcher {
         }
         let listed = listing.await;
         let done = match listed {
-            Ok(vms) => Ok(self.hand_over(endpoint, &plugins, &vms).await),
+            Ok(vms) => Ok(self.hand_over(endpoint, &plugins, &Arc::new(vms)).await),
             Err(e) => Err(InventoryError::Listing(e)),
         };
         drop(exclusive);
@@ -631,7 +630,7 @@ impl InventorySink for Dispatcher {
 }
 
 impl Dispatcher {
-    async fn hand_over(&self, cluster: &str, plugins: &[String], vms: &[Vm]) -> Reconciled {
+    async fn hand_over(&self, cluster: &str, plugins: &[String], vms: &Arc<Vec<Vm>>) -> Reconciled {
         let mut lines = Vec::new();
         let mut failed = 0;
         for name in plugins {

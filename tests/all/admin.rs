@@ -485,6 +485,15 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
         r#"prismhook_plugin_quarantines_total{plugin="paloalto"}"#,
         0.0,
     );
+    let memory = sample(
+        &text,
+        r#"prismhook_plugin_memory_peak_bytes{plugin="probe"}"#,
+    )
+    .unwrap();
+    assert!(
+        memory > 0.0 && memory <= (64 << 20) as f64,
+        "the probe's peak memory: {memory}"
+    );
     assert_sample(
         &text,
         r#"prismhook_cluster_webhook_registered{cluster="lab"}"#,

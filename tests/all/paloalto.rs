@@ -301,10 +301,9 @@ async fn reconcile_repairs_a_missed_delete_and_a_tag_changed_by_hand() {
     .unwrap()
     .vm
     .unwrap();
-    let inventory = vec![WitVm::from(&vm)];
     let summary = r
         .plugin
-        .reconcile("lab", inventory, Default::default())
+        .reconcile("lab", std::sync::Arc::new(vec![vm]), Default::default())
         .await
         .unwrap()
         .unwrap();

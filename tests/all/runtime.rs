@@ -119,9 +119,53 @@ async fn a_plugin_that_loops_is_stopped_at_its_deadline_and_the_next_call_works(
 }
 
 #[tokio::test]
+async fn a_paged_reconcile_reads_the_inventory_a_page_at_a_time_and_an_error_discards_its_writes() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let vms: Vec<prismhook::event::Vm> = (0..1_201)
+        .map(|i| prismhook::event::Vm {
+            uuid: format!("vm-{i}"),
+            ..Default::default()
+        })
+        .collect();
+    let vms = std::sync::Arc::new(vms);
+    let summary = p
+        .reconcile("lab", vms.clone(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(summary, Ok("1201 vms".to_owned()));
+    assert_eq!(kv_text(&sb, "reconcile-pages/lab").as_deref(), Some("3"));
+    let read: Vec<String> = serde_json::from_str(&kv_text(&sb, "reconcile/lab").unwrap()).unwrap();
+    assert_eq!(read.len(), 1_201);
+    assert_eq!(
+        (read[0].as_str(), read[1_200].as_str()),
+        ("vm-0", "vm-1200")
+    );
+
+    // Unlike `handler.reconcile`'s, a paged reconcile's error keeps nothing.
+    let refused = p
+        .reconcile("refuse", vms, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(refused, Err("refused after recording 1201 vms".to_owned()));
+    assert_eq!(kv_text(&sb, "reconcile/refuse"), None);
+    assert_eq!(kv_text(&sb, "reconcile-pages/refuse"), None);
+
+    // An empty inventory is one call that reads no page.
+    let empty = p
+        .reconcile("empty", Default::default(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(empty, Ok("0 vms".to_owned()));
+    assert_eq!(kv_text(&sb, "reconcile-pages/empty").as_deref(), Some("0"));
+}
+
+#[tokio::test]
 async fn a_plugin_that_eats_memory_is_stopped_at_its_limit() {
     let sb = sandbox();
     let p = probe(&sb, settings()).await;
+    let quiet = p.memory_peak();
+    assert!(quiet > 0 && quiet < 32 << 20, "init's memory: {quiet}");
     let err = p
         .handle(vec![event(1, "TEST.OOM", serde_json::json!({}))])
         .await
@@ -130,6 +174,7 @@ async fn a_plugin_that_eats_memory_is_stopped_at_its_limit() {
         matches!(err, CallError::Memory { limit_mib: 32, .. }),
         "{err}"
     );
+    assert_eq!(p.memory_peak(), 32 << 20, "the peak is held to the limit");
     works(&p).await;
 }
 

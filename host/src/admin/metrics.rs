@@ -311,6 +311,7 @@ impl Collector for HostCollector {
 
         let mut states = Vec::new();
         let mut info = Vec::new();
+        let mut memory = Vec::new();
         let quarantined = state.dispatcher.quarantined();
         for (name, entry) in state.registry.snapshot().iter() {
             if let Some(p) = &entry.plugin {
@@ -320,6 +321,7 @@ impl Collector for HostCollector {
                     ("version", p.info().version.clone()),
                 ];
                 info.push((labels, 1u64));
+                memory.push((plugin(name), p.memory_peak() as u64));
             }
             let current = state_name(&entry.state, quarantined.contains_key(name));
             for s in ["active", "quarantined", "failed"] {
@@ -334,6 +336,12 @@ impl Collector for HostCollector {
             "prismhook_plugin_info",
             "1 for each loaded plugin: the component it runs (its own name; an instance's differs from the plugin label) and its version",
             &info,
+        )?;
+        gauge(
+            e,
+            "prismhook_plugin_memory_peak_bytes",
+            "The largest linear memory a call of the plugin's current version reached (its limit is `limits.memory`)",
+            &memory,
         )?;
         gauge(
             e,

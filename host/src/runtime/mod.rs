@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, ComponentExportIndex, HasSelf, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Strategy,
     UpdateDeadline,
@@ -45,7 +45,7 @@ use prismhook_core::config::valid_plugin_name;
 pub use prismhook_core::config::PluginSettings;
 pub use prismhook_core::limits::{self, LimitOverrides, Limits};
 pub use prismhook_core::policy::{self, OutboundPolicy, TlsMode};
-use state::{CallEnv, HostState, PluginIdentity};
+use state::{CallEnv, HostState, Pages, PluginIdentity};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -392,6 +392,7 @@ impl Runtime {
         let pre = self.pre(&self.linker, &optimized, &file)?;
         let plugin = Plugin {
             engine: self.engine.clone(),
+            paged: paged_export(&optimized),
             pre,
             source: None,
             ..baseline.clone()
@@ -460,6 +461,7 @@ impl Runtime {
                 instance: instance.clone(),
                 limits: settings.limits,
                 sessions: Arc::new(session::Sessions::new(settings.policy.logins().len())),
+                memory_peak: Arc::default(),
                 policy: settings.policy,
                 http,
             }),
@@ -470,6 +472,7 @@ impl Runtime {
             },
             config,
             engine: engine.clone(),
+            paged: paged_export(&compiled.component),
             pre,
             source: compiled.source,
             sha256: compiled.sha256,
@@ -505,6 +508,7 @@ impl Runtime {
             http: provisional.http.clone(),
             // The same sessions: init may have signed in already.
             sessions: provisional.sessions.clone(),
+            memory_peak: provisional.memory_peak.clone(),
         });
         plugin.info = info;
         Ok(plugin)
@@ -543,6 +547,13 @@ impl Runtime {
                 })??;
         self.instantiate(compiled, settings, instance).await
     }
+}
+
+/// Where a component exports the paged reconcile (`paged-plugin`), if it
+/// does.
+fn paged_export(component: &Component) -> Option<ComponentExportIndex> {
+    let interface = component.get_export_index(None, bindings::PAGED)?;
+    component.get_export_index(Some(&interface), "reconcile")
 }
 
 /// The host's imports: WASI preview 2 and the plugin world's own.
@@ -659,6 +670,8 @@ pub struct Plugin {
     /// The engine that compiled `pre`'s code: its Stores come from it.
     engine: Engine,
     pre: PluginPre<HostState>,
+    /// Its paged reconcile, when it exports one (`paged-plugin`).
+    paged: Option<ComponentExportIndex>,
     /// The file's bytes while the code is Winch's (for Cranelift).
     source: Option<Arc<[u8]>>,
     sha256: String,
@@ -735,6 +748,14 @@ impl Plugin {
         self.identity.limits
     }
 
+    /// The largest linear memory a call of this load has reached, in bytes
+    /// (at most the limit: a call that asked for more failed).
+    pub fn memory_peak(&self) -> usize {
+        self.identity
+            .memory_peak
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Runs `init` alone, as a load does before the plugin serves.
     async fn init(&self) -> Result<PluginInfo, LoadError> {
         let file = self.file.clone();
@@ -788,23 +809,21 @@ impl Plugin {
     }
 
     /// Hands the plugin one cluster's whole inventory, and which Nutanix
-    /// cluster each VM belongs to.
+    /// cluster each VM belongs to: a page at a time when it exports the
+    /// paged reconcile, else in one list.
     pub async fn reconcile(
         &self,
         cluster: &str,
-        vms: Vec<Vm>,
+        vms: Arc<Vec<crate::event::Vm>>,
         vm_clusters: Arc<VmClusters>,
     ) -> Result<Result<String, String>, CallError> {
         let context = format!("reconcile:{cluster}");
-        let Returned::Reconcile(result) = self
-            .call(
-                Call::Reconcile(cluster.to_owned(), vms),
-                &context,
-                vm_clusters,
-            )
-            .await?
-            .1
-        else {
+        let call = if self.paged.is_some() {
+            Call::ReconcilePaged(cluster.to_owned(), vms)
+        } else {
+            Call::Reconcile(cluster.to_owned(), vms.iter().map(Vm::from).collect())
+        };
+        let Returned::Reconcile(result) = self.call(call, &context, vm_clusters).await?.1 else {
             unreachable!("reconcile returns a result")
         };
         Ok(result)
@@ -834,6 +853,17 @@ impl Plugin {
             &self.env,
         );
         let mut store = Store::new(&self.engine, state);
+        if let Call::ReconcilePaged(_, vms) = &call {
+            // The deadline and the request budget are the plugin's once per
+            // page: a long inventory is not a slow or chatty plugin.
+            let pages = Pages::new(vms.clone());
+            let count = u32::try_from(pages.count()).unwrap_or(u32::MAX);
+            let limits = self.identity.limits;
+            let state = store.data_mut();
+            state.deadline = Instant::now() + limits.deadline.saturating_mul(count);
+            state.max_requests = limits.max_requests_per_call.saturating_mul(count);
+            state.inventory = Some(pages);
+        }
         store.limiter(|s| s);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {
@@ -854,14 +884,41 @@ impl Plugin {
         });
 
         let export = call.export();
+        // A paged reconcile's error discards its kv writes (wit/paged.wit):
+        // it has written the inventory's records before it knows whether
+        // the outside took the change.
+        let writes_need_success = matches!(call, Call::ReconcilePaged(..));
         let result = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            let handler = instance.prismhook_plugin_handler();
+            let instance = self
+                .pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await?;
+            let plugin = bindings::Plugin::new(&mut store, &instance)?;
+            let handler = plugin.prismhook_plugin_handler();
             let info = match handler.call_init(&mut store, &self.config).await? {
                 Ok(info) => info,
                 Err(message) => return Ok(Err(message)),
             };
+            let paged = |store: &mut Store<HostState>| {
+                let index = self.paged.as_ref().expect("checked by the caller");
+                instance
+                    .get_typed_func::<(&str,), (Result<String, String>,)>(store, index)
+                    .map_err(|e| {
+                        e.context(format!(
+                            "its export {} is not the function of {}",
+                            bindings::PAGED,
+                            bindings::PACKAGE
+                        ))
+                    })
+            };
             let returned = match call {
+                // A paged reconcile of the wrong type fails the load, not
+                // the first reconcile.
+                Call::Init if self.paged.is_some() => {
+                    paged(&mut store)?;
+                    Returned::Init
+                }
                 Call::Init => Returned::Init,
                 Call::Handle(events) => {
                     Returned::Handle(handler.call_handle(&mut store, &events).await?)
@@ -869,17 +926,25 @@ impl Plugin {
                 Call::Reconcile(cluster, vms) => {
                     Returned::Reconcile(handler.call_reconcile(&mut store, &cluster, &vms).await?)
                 }
+                Call::ReconcilePaged(cluster, _) => {
+                    let reconcile = paged(&mut store)?;
+                    Returned::Reconcile(reconcile.call_async(&mut store, (&cluster,)).await?.0)
+                }
             };
             Ok::<_, wasmtime::Error>(Ok((info, returned)))
         }
         .await;
         let state = store.into_data();
+        self.identity
+            .memory_peak
+            .fetch_max(state.memory_peak, std::sync::atomic::Ordering::Relaxed);
 
         let plugin = self.identity.name.clone();
         match result {
             Ok(Ok(ok)) => {
                 let session = state.kv;
-                if session.has_writes() {
+                let failed = matches!(ok.1, Returned::Reconcile(Err(_)));
+                if session.has_writes() && !(writes_need_success && failed) {
                     tokio::task::spawn_blocking(move || session.commit())
                         .await
                         .map_err(|e| e.to_string())
@@ -912,6 +977,8 @@ enum Call {
     Init,
     Handle(Vec<Event>),
     Reconcile(String, Vec<Vm>),
+    /// The cluster, and the inventory `inventory.next-page` hands out.
+    ReconcilePaged(String, Arc<Vec<crate::event::Vm>>),
 }
 
 impl Call {
@@ -920,6 +987,7 @@ impl Call {
             Call::Init => "init",
             Call::Handle(_) => "handle",
             Call::Reconcile(..) => "reconcile",
+            Call::ReconcilePaged(..) => "paged.reconcile",
         }
     }
 }

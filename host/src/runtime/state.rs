@@ -31,6 +31,9 @@ pub struct PluginIdentity {
     pub http: Option<reqwest::Client>,
     /// The session tokens of its logins, shared by its calls.
     pub sessions: Arc<super::session::Sessions>,
+    /// The largest linear memory any call of this load reached, in bytes:
+    /// how close the plugin runs to its limit.
+    pub memory_peak: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Outbound requests since start by plugin, origin and result (the HTTP
@@ -73,11 +76,18 @@ pub struct HostState {
     pub(super) deadline: Instant,
     pub(super) timed_out: bool,
     pub(super) memory_exceeded: Option<usize>,
+    /// The largest linear memory this call was granted.
+    pub(super) memory_peak: usize,
     pub(super) requests_made: u32,
+    /// The plugin's `max_requests_per_call`, once per page in a paged
+    /// reconcile.
+    pub(super) max_requests: u32,
     pub(super) log_budget: LogBudget,
     pub(super) kv: KvSession,
     /// VM uuid → its Nutanix cluster's name, for the VMs of this call.
     pub(super) vm_clusters: Arc<VmClusters>,
+    /// The inventory of a paged reconcile, for `inventory.next-page`.
+    pub(super) inventory: Option<Pages>,
     pub(super) http: reqwest::Client,
     pub(super) outbound: Arc<OutboundCounts>,
 }
@@ -113,10 +123,13 @@ impl HostState {
             deadline: Instant::now() + limits.deadline,
             timed_out: false,
             memory_exceeded: None,
+            memory_peak: 0,
             requests_made: 0,
+            max_requests: limits.max_requests_per_call,
             log_budget,
             kv: env.kv.session(&plugin.name),
             vm_clusters,
+            inventory: None,
             http: plugin.http.clone().unwrap_or_else(|| env.http.clone()),
             outbound: env.outbound.clone(),
             plugin,
@@ -141,6 +154,7 @@ impl wasmtime::ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let limit = self.plugin.limits.memory_bytes;
+        self.memory_peak = self.memory_peak.max(desired.min(limit));
         if desired > limit {
             // Trap rather than fail the grow: a guest allocator that sees
             // a failed grow aborts anyway, and the trap carries the reason.
@@ -161,5 +175,36 @@ impl wasmtime::ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
+    }
+}
+
+/// VMs in one page of `inventory.next-page`: Prism's own page size.
+pub const INVENTORY_PAGE: usize = 500;
+
+/// The inventory of a paged reconcile: the host holds it as it decoded it,
+/// and turns one page at a time into the WIT records the plugin reads.
+pub(super) struct Pages {
+    vms: Arc<Vec<crate::event::Vm>>,
+    next: usize,
+}
+
+impl Pages {
+    pub(super) fn new(vms: Arc<Vec<crate::event::Vm>>) -> Pages {
+        Pages { vms, next: 0 }
+    }
+
+    /// How many pages there are (at least one, for the deadline).
+    pub(super) fn count(&self) -> usize {
+        self.vms.len().div_ceil(INVENTORY_PAGE).max(1)
+    }
+
+    pub(super) fn next(&mut self) -> Option<Vec<super::bindings::Vm>> {
+        let page = self.vms.get(self.next..)?;
+        if page.is_empty() {
+            return None;
+        }
+        let page = &page[..page.len().min(INVENTORY_PAGE)];
+        self.next += page.len();
+        Some(page.iter().map(super::bindings::Vm::from).collect())
     }
 }

@@ -4,6 +4,8 @@
 //! Requests carry no credentials: the host adds `X-PAN-KEY` for the
 //! firewall's origin, so the key never enters plugin memory, logs or URLs.
 
+use std::collections::BTreeSet;
+
 use crate::config::Config;
 use crate::host::{Host, HttpError, Level, Request, Response};
 use crate::response::{self, Failure};
@@ -73,20 +75,35 @@ pub fn send_diff(config: &Config, host: &mut impl Host, diff: &Diff) -> Result<(
 /// owned tags are dropped.
 pub fn registered(config: &Config, host: &mut impl Host) -> Result<IpTags, Failure> {
     let mut actual = IpTags::new();
+    each_registered(config, host, |_, ip, owned| {
+        actual.entry(ip).or_default().extend(owned);
+        Ok(())
+    })?;
+    Ok(actual)
+}
+
+/// Hands `each` every registered IP that holds tags this plugin owns, with
+/// those tags, a page of the firewall's answer at a time.
+pub fn each_registered<H: Host>(
+    config: &Config,
+    host: &mut H,
+    mut each: impl FnMut(&mut H, String, BTreeSet<String>) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let mut start = 1;
     for _ in 0..MAX_PAGES {
         let answer = post(config, host, uid::registered_ip_query(config, start))?;
         let page = response::registered_ips(&answer)?;
         let full = page.len() >= uid::PAGE_SIZE;
         for (ip, found) in page {
-            let owned: Vec<String> = found.into_iter().filter(|t| config.owns_tag(t)).collect();
+            let owned: BTreeSet<String> =
+                found.into_iter().filter(|t| config.owns_tag(t)).collect();
             if !owned.is_empty() {
                 let ip = tags::normalise_ip(&ip).unwrap_or(ip);
-                actual.entry(ip).or_default().extend(owned);
+                each(host, ip, owned)?;
             }
         }
         if !full {
-            return Ok(actual);
+            return Ok(());
         }
         start += uid::PAGE_SIZE;
     }

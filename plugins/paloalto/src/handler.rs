@@ -23,7 +23,7 @@ use crate::tags::{self, IpTags};
 /// Whether a VM counts as powered on. `VM.ON`/`VM.OFF` decide themselves;
 /// otherwise only an explicit `OFF` is off, as an absent state most likely
 /// comes from a payload that simply does not say.
-fn powered_on(event_type: Option<&str>, power_state: Option<&str>) -> bool {
+pub(crate) fn powered_on(event_type: Option<&str>, power_state: Option<&str>) -> bool {
     match event_type {
         Some("VM.ON") => true,
         Some("VM.OFF") => false,
@@ -32,7 +32,13 @@ fn powered_on(event_type: Option<&str>, power_state: Option<&str>) -> bool {
 }
 
 /// The tags a VM should contribute, given its power.
-fn contribution(config: &Config, host: &mut impl Host, cluster: &str, vm: &Vm, on: bool) -> IpTags {
+pub(crate) fn contribution(
+    config: &Config,
+    host: &mut impl Host,
+    cluster: &str,
+    vm: &Vm,
+    on: bool,
+) -> IpTags {
     if !on {
         return IpTags::new();
     }
@@ -73,7 +79,7 @@ fn intended(config: &Config, host: &mut impl Host, event: &Event) -> Option<IpTa
 
 /// Reads a record, treating an unreadable one as empty: refusing every
 /// future event over one bad record would be worse, and reconcile rewrites it.
-fn load<T>(host: &mut impl Host, key: &str) -> Result<T, String>
+pub(crate) fn load<T>(host: &mut impl Host, key: &str) -> Result<T, String>
 where
     T: serde::de::DeserializeOwned + Default,
 {
@@ -92,7 +98,7 @@ where
     }
 }
 
-fn store<T: serde::Serialize>(
+pub(crate) fn store<T: serde::Serialize>(
     host: &mut impl Host,
     key: &str,
     record: &T,
@@ -443,17 +449,34 @@ pub fn reconcile(
         }
     }
 
+    Ok(summarise(
+        config,
+        host,
+        cluster,
+        (registered, refreshed, unregistered),
+        own.len(),
+    ))
+}
+
+/// A reconcile's summary, logged and returned: the pairs registered that
+/// were missing, those registered again to restart their timeout (with a
+/// `registration_timeout`), and those unregistered.
+pub(crate) fn summarise(
+    config: &Config,
+    host: &mut impl Host,
+    cluster: &str,
+    (registered, refreshed, unregistered): (usize, usize, usize),
+    vms: usize,
+) -> String {
     let refreshed = if config.registration_timeout > 0 {
         format!(" ({refreshed} refreshed)")
     } else {
         String::new()
     };
-    let summary = format!(
-        "{registered} registered{refreshed}, {unregistered} unregistered, {} VMs",
-        own.len()
-    );
+    let summary =
+        format!("{registered} registered{refreshed}, {unregistered} unregistered, {vms} VMs");
     host.log(Level::Info, &format!("reconciled {cluster}: {summary}"));
-    Ok(summary)
+    summary
 }
 
 #[cfg(test)]

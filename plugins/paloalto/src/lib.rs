@@ -10,6 +10,7 @@ pub mod config;
 pub mod firewall;
 pub mod handler;
 pub mod host;
+pub mod paged;
 pub mod response;
 pub mod state;
 pub mod tags;
@@ -22,11 +23,12 @@ mod component {
     use crate::config::Config;
     use crate::host;
 
-    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+    wit_bindgen::generate!({ path: "../../wit", world: "paged-plugin" });
 
     use exports::prismhook::plugin::handler::Guest;
+    use exports::prismhook::plugin::paged::Guest as PagedGuest;
     use prismhook::plugin::types::{Event, Outcome, PluginInfo, Retry, Vm};
-    use prismhook::plugin::{context, http, kv, log};
+    use prismhook::plugin::{context, http, inventory, kv, log};
 
     thread_local! {
         // Each instance serves `init` and then one call, so the
@@ -181,6 +183,16 @@ mod component {
             let vms: Vec<host::Vm> = vms.into_iter().map(vm).collect();
             CONFIG.with(|slot| match slot.borrow().as_ref() {
                 Some(config) => crate::handler::reconcile(config, &mut Imports, &cluster, &vms),
+                None => Err(NOT_INITIALISED.to_owned()),
+            })
+        }
+    }
+
+    impl PagedGuest for Plugin {
+        fn reconcile(cluster: String) -> Result<String, String> {
+            let pages = || inventory::next_page().map(|page| page.into_iter().map(vm).collect());
+            CONFIG.with(|slot| match slot.borrow().as_ref() {
+                Some(config) => crate::paged::reconcile(config, &mut Imports, &cluster, pages),
                 None => Err(NOT_INITIALISED.to_owned()),
             })
         }

@@ -97,10 +97,10 @@ impl HostState {
         tokens: &mut Vec<Secret>,
     ) -> Result<(Url, Response), Error> {
         let limits = self.plugin.limits;
-        if self.requests_made >= limits.max_requests_per_call {
+        if self.requests_made >= self.max_requests {
             return Err(Error::LimitExceeded(format!(
                 "at most {} requests per call",
-                limits.max_requests_per_call
+                self.max_requests
             )));
         }
         self.requests_made += 1;

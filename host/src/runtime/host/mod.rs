@@ -2,6 +2,7 @@
 
 mod context;
 mod http;
+mod inventory;
 mod kv;
 mod log;
 

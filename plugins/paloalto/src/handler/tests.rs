@@ -645,53 +645,82 @@ fn harmless_duplicate_answers_count_as_success() {
     assert!(fake.kv.contains_key(&format!("vm/ncn-dev-sandbox/{UUID}")));
 }
 
+/// A reconcile as the host makes it: the whole inventory in one list, or
+/// a page at a time.
+type Reconcile = fn(&Config, &mut Fake, &str, &[Vm]) -> Result<String, String>;
+
+fn whole(config: &Config, fake: &mut Fake, cluster: &str, vms: &[Vm]) -> Result<String, String> {
+    reconcile(config, fake, cluster, vms)
+}
+
+/// Pages of two VMs; like the host, discards the kv writes of a failure.
+fn paged(config: &Config, fake: &mut Fake, cluster: &str, vms: &[Vm]) -> Result<String, String> {
+    let mut pages = vms.chunks(2).map(<[Vm]>::to_vec);
+    let stored = fake.kv.clone();
+    let result = crate::paged::reconcile(config, fake, cluster, || pages.next());
+    if result.is_err() {
+        fake.kv = stored;
+    }
+    result
+}
+
+const RECONCILES: [(&str, Reconcile); 2] = [("whole", whole), ("paged", paged)];
+
 #[test]
 fn reconcile_repairs_a_hand_changed_tag_and_leaves_foreign_tags_alone() {
-    let registered = BTreeMap::from([
-        // Someone removed `ntnx.managed` and added a stale owned tag by hand.
-        (
-            IP1.to_owned(),
-            set(&[WEB, PROD, "ntnx.AppTier.Old", "finance-server"]),
-        ),
-        // An IP only other systems manage.
-        ("192.168.1.1".to_owned(), set(&["user-group-x"])),
-        // An owned registration for a VM that no longer exists.
-        ("10.9.9.9".to_owned(), set(&[MANAGED])),
-    ]);
-    let mut fake = Fake {
-        registered,
-        ..Fake::default()
-    };
-    let off = Vm {
-        uuid: "off".into(),
-        power_state: Some("OFF".into()),
-        nics: vec![vec!["10.7.7.7".into()]],
-        ..web_01()
-    };
-    let summary = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[web_01(), off]).unwrap();
+    for (how, reconcile) in RECONCILES {
+        let registered = BTreeMap::from([
+            // Someone removed `ntnx.managed` and added a stale owned tag by hand.
+            (
+                IP1.to_owned(),
+                set(&[WEB, PROD, "ntnx.AppTier.Old", "finance-server"]),
+            ),
+            // An IP only other systems manage.
+            ("192.168.1.1".to_owned(), set(&["user-group-x"])),
+            // An owned registration for a VM that no longer exists.
+            ("10.9.9.9".to_owned(), set(&[MANAGED])),
+        ]);
+        let mut fake = Fake {
+            registered,
+            ..Fake::default()
+        };
+        let off = Vm {
+            uuid: "off".into(),
+            power_state: Some("OFF".into()),
+            nics: vec![vec!["10.7.7.7".into()]],
+            ..web_01()
+        };
+        let summary = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[web_01(), off]).unwrap();
 
-    assert_eq!(summary, "4 registered, 2 unregistered, 2 VMs");
-    assert_eq!(
-        fake.registered[IP1],
-        set(&[MANAGED, WEB, PROD, "finance-server"])
-    );
-    assert_eq!(fake.registered[IP2], set(&[MANAGED, WEB, PROD]));
-    assert_eq!(fake.registered["192.168.1.1"], set(&["user-group-x"]));
-    assert!(!fake.registered.contains_key("10.9.9.9"));
-    let unregistered = &fake.messages[0].unregister;
-    assert!(unregistered
-        .values()
-        .flatten()
-        .all(|t| t.starts_with("ntnx.")));
+        assert_eq!(summary, "4 registered, 2 unregistered, 2 VMs", "{how}");
+        assert_eq!(
+            fake.registered[IP1],
+            set(&[MANAGED, WEB, PROD, "finance-server"]),
+            "{how}"
+        );
+        assert_eq!(fake.registered[IP2], set(&[MANAGED, WEB, PROD]), "{how}");
+        assert_eq!(fake.registered["192.168.1.1"], set(&["user-group-x"]));
+        assert!(!fake.registered.contains_key("10.9.9.9"), "{how}");
+        let unregistered = &fake.messages[0].unregister;
+        assert!(unregistered
+            .values()
+            .flatten()
+            .all(|t| t.starts_with("ntnx.")));
 
-    // The records now match, so events and a second reconcile change nothing.
-    assert!(fake.kv.contains_key(&format!("vm/ncn-dev-sandbox/{UUID}")));
-    assert!(!fake.kv.contains_key("vm/ncn-dev-sandbox/off"));
-    assert_eq!(step(&mut fake, event("VM.UPDATE", Some(web_01()))), None);
-    assert_eq!(
-        reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap(),
-        "0 registered, 0 unregistered, 1 VMs"
-    );
+        // The records now match, so events and a second reconcile change nothing.
+        assert!(fake.kv.contains_key(&format!("vm/ncn-dev-sandbox/{UUID}")));
+        assert!(!fake.kv.contains_key("vm/ncn-dev-sandbox/off"), "{how}");
+        assert_eq!(
+            step(&mut fake, event("VM.UPDATE", Some(web_01()))),
+            None,
+            "{how}"
+        );
+        assert_eq!(
+            reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap(),
+            "0 registered, 0 unregistered, 1 VMs",
+            "{how}"
+        );
+    }
 }
 
 #[test]
@@ -699,120 +728,161 @@ fn with_a_registration_timeout_reconcile_registers_every_live_tag_again() {
     let timed =
         Config::parse(r#"{"firewall": "https://fw1.example.com", "registration_timeout": 600}"#)
             .unwrap();
-    let mut fake = Fake::default();
-    let first = reconcile(&timed, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
-    assert_eq!(first, "6 registered (0 refreshed), 0 unregistered, 1 VMs");
-    // Nothing changed, yet everything is registered again so that the
-    // firewall starts each timeout over.
-    let second = reconcile(&timed, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
-    assert_eq!(second, "0 registered (6 refreshed), 0 unregistered, 1 VMs");
-    assert_eq!(fake.messages.len(), 2);
-    let again = &fake.messages[1];
-    assert_eq!(again.register[IP1], set(&[MANAGED, WEB, PROD]));
-    assert_eq!(again.register[IP2], set(&[MANAGED, WEB, PROD]));
-    assert!(again.unregister.is_empty());
-    // Without a timeout there is nothing to refresh and nothing is sent.
-    let mut quiet = Fake::default();
-    reconcile(&config(), &mut quiet, "ncn-dev-sandbox", &[web_01()]).unwrap();
-    reconcile(&config(), &mut quiet, "ncn-dev-sandbox", &[web_01()]).unwrap();
-    assert_eq!(quiet.messages.len(), 1);
+    for (how, reconcile) in RECONCILES {
+        let mut fake = Fake::default();
+        let first = reconcile(&timed, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
+        assert_eq!(
+            first, "6 registered (0 refreshed), 0 unregistered, 1 VMs",
+            "{how}"
+        );
+        // Nothing changed, yet everything is registered again so that the
+        // firewall starts each timeout over.
+        let second = reconcile(&timed, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
+        assert_eq!(
+            second, "0 registered (6 refreshed), 0 unregistered, 1 VMs",
+            "{how}"
+        );
+        assert_eq!(fake.messages.len(), 2, "{how}");
+        let again = &fake.messages[1];
+        assert_eq!(again.register[IP1], set(&[MANAGED, WEB, PROD]));
+        assert_eq!(again.register[IP2], set(&[MANAGED, WEB, PROD]));
+        assert!(again.unregister.is_empty());
+        // Without a timeout there is nothing to refresh and nothing is sent.
+        let mut quiet = Fake::default();
+        reconcile(&config(), &mut quiet, "ncn-dev-sandbox", &[web_01()]).unwrap();
+        reconcile(&config(), &mut quiet, "ncn-dev-sandbox", &[web_01()]).unwrap();
+        assert_eq!(quiet.messages.len(), 1, "{how}");
+    }
 }
 
 #[test]
 fn compare_mode_reports_the_difference_and_never_writes() {
     let compare =
         Config::parse(r#"{"firewall": "https://fw1.example.com", "compare": true}"#).unwrap();
-    let registered = BTreeMap::from([
-        (IP1.to_owned(), set(&[MANAGED, WEB])),
-        ("10.9.9.9".to_owned(), set(&[MANAGED])),
-    ]);
-    let mut fake = Fake {
-        registered: registered.clone(),
-        ..Fake::default()
-    };
-    assert_eq!(
-        handle(&compare, &mut fake, &[event("VM.ON", Some(web_01()))]),
-        vec![Outcome::Done]
-    );
-    let summary = reconcile(&compare, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
-    assert_eq!(
-        summary,
-        "compare mode: 4 missing, 1 extra, 1 VMs (nothing sent)"
-    );
-    assert!(fake.messages.is_empty(), "nothing was sent");
-    assert!(fake.kv.is_empty(), "nothing was recorded");
-    assert_eq!(fake.registered, registered);
-    assert!(
-        fake.logs
-            .iter()
-            .any(|(_, l)| l.contains("10.9.9.9 ntnx.managed")),
-        "{:?}",
-        fake.logs
-    );
+    for (how, reconcile) in RECONCILES {
+        let registered = BTreeMap::from([
+            (IP1.to_owned(), set(&[MANAGED, WEB])),
+            ("10.9.9.9".to_owned(), set(&[MANAGED])),
+        ]);
+        let mut fake = Fake {
+            registered: registered.clone(),
+            ..Fake::default()
+        };
+        assert_eq!(
+            handle(&compare, &mut fake, &[event("VM.ON", Some(web_01()))]),
+            vec![Outcome::Done]
+        );
+        let summary = reconcile(&compare, &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap();
+        assert_eq!(
+            summary, "compare mode: 4 missing, 1 extra, 1 VMs (nothing sent)",
+            "{how}"
+        );
+        assert!(fake.messages.is_empty(), "nothing was sent");
+        assert!(fake.kv.is_empty(), "nothing was recorded");
+        assert_eq!(fake.registered, registered);
+        assert!(
+            fake.logs
+                .iter()
+                .any(|(_, l)| l.contains("10.9.9.9 ntnx.managed")),
+            "{:?}",
+            fake.logs
+        );
+    }
 }
 
 #[test]
 fn reconcile_keeps_other_clusters_and_drops_vms_gone_from_the_inventory() {
-    let mut fake = Fake::default();
-    let other = Vm {
-        uuid: "other".into(),
-        nics: vec![vec!["10.5.5.5".into()]],
-        categories: vec![],
-        ..web_01()
-    };
-    let gone = Vm {
-        uuid: "gone".into(),
-        nics: vec![vec!["10.6.6.6".into()]],
-        categories: vec![],
-        ..web_01()
-    };
-    handle(
-        &config(),
-        &mut fake,
-        &[Event {
-            cluster: "cl-2".into(),
-            ..event("VM.CREATE", Some(other))
-        }],
-    );
-    handle(&config(), &mut fake, &[event("VM.CREATE", Some(gone))]);
+    for (how, reconcile) in RECONCILES {
+        let mut fake = Fake::default();
+        let other = Vm {
+            uuid: "other".into(),
+            nics: vec![vec!["10.5.5.5".into()]],
+            categories: vec![],
+            ..web_01()
+        };
+        let gone = Vm {
+            uuid: "gone".into(),
+            nics: vec![vec!["10.6.6.6".into()]],
+            categories: vec![],
+            ..web_01()
+        };
+        handle(
+            &config(),
+            &mut fake,
+            &[Event {
+                cluster: "cl-2".into(),
+                ..event("VM.CREATE", Some(other))
+            }],
+        );
+        handle(&config(), &mut fake, &[event("VM.CREATE", Some(gone))]);
 
-    let summary = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[]).unwrap();
-    assert_eq!(summary, "0 registered, 1 unregistered, 0 VMs");
-    assert_eq!(
-        fake.registered,
-        BTreeMap::from([("10.5.5.5".to_owned(), set(&[MANAGED]))])
-    );
-    let keys: Vec<&String> = fake.kv.keys().collect();
-    assert_eq!(keys, ["ip/10.5.5.5", "vm/cl-2/other"]);
+        let summary = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[]).unwrap();
+        assert_eq!(summary, "0 registered, 1 unregistered, 0 VMs", "{how}");
+        assert_eq!(
+            fake.registered,
+            BTreeMap::from([("10.5.5.5".to_owned(), set(&[MANAGED]))]),
+            "{how}"
+        );
+        let keys: Vec<&String> = fake.kv.keys().collect();
+        assert_eq!(keys, ["ip/10.5.5.5", "vm/cl-2/other"], "{how}");
+    }
 }
 
 #[test]
 fn reconcile_reads_every_page_of_registered_ips() {
-    let mut fake = Fake::default();
-    for i in 0..1200 {
-        fake.registered
-            .insert(format!("10.8.{}.{}", i / 200, i % 200), set(&[MANAGED]));
+    for (how, reconcile) in RECONCILES {
+        let mut fake = Fake::default();
+        for i in 0..1200 {
+            fake.registered
+                .insert(format!("10.8.{}.{}", i / 200, i % 200), set(&[MANAGED]));
+        }
+        let summary = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[]).unwrap();
+        assert_eq!(summary, "0 registered, 1200 unregistered, 0 VMs", "{how}");
+        let queries = fake
+            .requests
+            .iter()
+            .filter(|r| form(&r.body)["type"] == "op")
+            .count();
+        assert_eq!(queries, 3, "{how}");
+        assert!(fake.registered.is_empty(), "{how}");
     }
-    let summary = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[]).unwrap();
-    assert_eq!(summary, "0 registered, 1200 unregistered, 0 VMs");
-    let queries = fake
-        .requests
-        .iter()
-        .filter(|r| form(&r.body)["type"] == "op")
-        .count();
-    assert_eq!(queries, 3);
-    assert!(fake.registered.is_empty());
 }
 
 #[test]
 fn reconcile_reports_a_firewall_failure_as_an_error() {
-    let mut fake = Fake {
-        fail: Some(Err(HttpError::Timeout)),
-        ..Fake::default()
-    };
-    let err = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap_err();
-    assert!(err.contains("did not answer"), "{err}");
-    assert!(fake.kv.is_empty());
+    for (how, reconcile) in RECONCILES {
+        let mut fake = Fake {
+            fail: Some(Err(HttpError::Timeout)),
+            ..Fake::default()
+        };
+        let err = reconcile(&config(), &mut fake, "ncn-dev-sandbox", &[web_01()]).unwrap_err();
+        assert!(err.contains("did not answer"), "{how}: {err}");
+        assert!(fake.kv.is_empty(), "{how}");
+    }
+}
+
+#[test]
+fn the_paged_reconcile_repairs_ip_records_a_dead_host_left_half_written() {
+    let mut fake = Fake::default();
+    step(&mut fake, event("VM.CREATE", Some(vm_on_one_nic())));
+    // An `ip/` record claims the VM for an IP its `vm/` record does not
+    // have, and another lost the VM's entry (a JetStream kv batch stored
+    // without the next one).
+    let key = format!("ncn-dev-sandbox/{UUID}");
+    let stray = IpRecord::from([(key.clone(), set(&[MANAGED]))]);
+    fake.kv.insert("ip/10.3.3.3".into(), state::encode(&stray));
+    fake.kv.remove(&format!("ip/{IP1}"));
+    fake.registered.insert("10.3.3.3".into(), set(&[MANAGED]));
+
+    let summary = paged(&config(), &mut fake, "ncn-dev-sandbox", &[vm_on_one_nic()]).unwrap();
+    assert_eq!(summary, "0 registered, 1 unregistered, 1 VMs");
+    assert_eq!(
+        fake.registered,
+        BTreeMap::from([(IP1.to_owned(), set(&[MANAGED]))])
+    );
+    assert!(!fake.kv.contains_key("ip/10.3.3.3"));
+    let record: IpRecord = state::decode(&fake.kv[&format!("ip/{IP1}")]).unwrap();
+    assert_eq!(record, IpRecord::from([(key, set(&[MANAGED]))]));
 }
 
 #[test]

@@ -18,12 +18,18 @@
 //!
 //! Whatever it records, it also keeps the instance it runs as (the
 //! `context` import) in `kv` under `instance`.
+//!
+//! It reconciles a page at a time (`paged-plugin`): it records the uuids it
+//! read under `reconcile/<cluster>` and the number of pages under
+//! `reconcile-pages/<cluster>`, and a cluster named `refuse` gets an error
+//! after those writes.
 
-wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
+wit_bindgen::generate!({ path: "../../../wit", world: "paged-plugin" });
 
 use exports::prismhook::plugin::handler::{Event, Guest, Outcome, PluginInfo, Vm};
+use exports::prismhook::plugin::paged::Guest as PagedGuest;
 use prismhook::plugin::types::Retry;
-use prismhook::plugin::{context, http, kv, log};
+use prismhook::plugin::{context, http, inventory, kv, log};
 use serde_json::Value;
 
 struct Probe;
@@ -86,6 +92,29 @@ impl Guest for Probe {
             serde_json::to_vec(&uuids).unwrap().as_slice(),
         )?;
         Ok(format!("{} vms", vms.len()))
+    }
+}
+
+impl PagedGuest for Probe {
+    fn reconcile(cluster: String) -> Result<String, String> {
+        let mut uuids: Vec<String> = Vec::new();
+        let mut pages = 0u32;
+        while let Some(page) = inventory::next_page() {
+            pages += 1;
+            uuids.extend(page.into_iter().map(|vm| vm.uuid));
+        }
+        kv::set(
+            &format!("reconcile/{cluster}"),
+            serde_json::to_vec(&uuids).unwrap().as_slice(),
+        )?;
+        kv::set(
+            &format!("reconcile-pages/{cluster}"),
+            pages.to_string().as_bytes(),
+        )?;
+        if cluster == "refuse" {
+            return Err(format!("refused after recording {} vms", uuids.len()));
+        }
+        Ok(format!("{} vms", uuids.len()))
     }
 }
 

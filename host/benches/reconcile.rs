@@ -1,0 +1,309 @@
+//! Issue 16's reconcile at scale: the release binary started against a Prism
+//! simulator that already holds N VMs and a PAN-OS simulator that already
+//! holds N registrations, some wrong, with the Palo Alto plugin between them.
+//! The host reconciles once at start; the bench times it from the host's
+//! start until `GET /api/clusters` reports it done, then checks the
+//! firewall against the VMs' truth.
+//!
+//! Per size: the time (and, from the host's log, how much of it was listing
+//! the inventory), firewall requests, the host's peak RSS (`VmHWM` of the
+//! process) and the plugin's peak linear memory
+//! (`prismhook_plugin_memory_peak_bytes`), and whether the firewall ended
+//! equal to the truth.
+//!
+//! The simulators run in this process, the host in its own, so its memory
+//! is its own. Sizes: `RECONCILE_SIZES` (comma-separated; 1,000, 10,000,
+//! 50,000 and 200,000 by default). A size the host cannot reconcile is
+//! reported with the reason its status gives, and the larger sizes still
+//! run. `RECONCILE_HOSTS` (`label=binary[:paloalto.wasm],…`) compares host
+//! binaries (and the plugin each runs) side by side, each size on each in
+//! turn; by default, this build's with `target/plugins/paloalto.wasm`.
+//!
+//! `cargo bench -p prismhook --bench reconcile` (the guests from `cargo
+//! xtask plugins`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::setup::{self, Cluster, HostConfig};
+use prismhook_sim::panos::PanosSim;
+use prismhook_sim::prism::{NewVm, PrismSim};
+
+const TIERS: [&str; 3] = ["Web", "App", "Db"];
+/// No size takes longer than this; past it the host is stopped and the
+/// size reported as not converged.
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn vm_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250 + 1)
+}
+
+/// Sorted, as the simulator lists them.
+fn tags(i: usize) -> Vec<String> {
+    vec![
+        format!("ntnx.AppTier.{}", TIERS[i % TIERS.len()]),
+        "ntnx.managed".to_owned(),
+    ]
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `kB` line of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A sample of the host's `/metrics`.
+async fn metric(client: &reqwest::Client, admin: &str, name: &str) -> Option<f64> {
+    let text = client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The last reconcile's lines, once there was one.
+async fn reconciled(client: &reqwest::Client, admin: &str) -> Option<Vec<String>> {
+    let clusters: serde_json::Value = client
+        .get(format!("{admin}/api/clusters"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let lab = clusters.as_array()?.first()?;
+    lab.get("last_reconcile_ms")?.as_u64()?;
+    Some(
+        lab.get("last_reconcile")?
+            .as_array()?
+            .iter()
+            .filter_map(|l| Some(l.as_str()?.to_owned()))
+            .collect(),
+    )
+}
+
+/// Seconds between the host's first log line and its first line holding
+/// `needle`, from the timestamps `tracing` writes.
+fn log_offset(log: &Path, needle: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let stamp = |line: &str| -> Option<f64> {
+        // `2026-12-04T07:13:45.962521Z`, perhaps in colour: the seconds of
+        // the day are enough here.
+        let t = line.split_whitespace().next()?;
+        let t = t.strip_prefix("\u{1b}[2m").unwrap_or(t);
+        let time = t.split('T').nth(1)?.split('Z').next()?;
+        let mut parts = time.split(':');
+        let h: f64 = parts.next()?.parse().ok()?;
+        let m: f64 = parts.next()?.parse().ok()?;
+        let s: f64 = parts.next()?.parse().ok()?;
+        Some(h * 3600.0 + m * 60.0 + s)
+    };
+    let first = text.lines().find_map(stamp)?;
+    let at = text.lines().find(|l| l.contains(needle)).and_then(stamp)?;
+    Some(at - first)
+}
+
+struct Figures {
+    host: String,
+    vms: usize,
+    outcome: String,
+    took: Duration,
+    listing: Option<f64>,
+    requests: u64,
+    host_peak: Option<u64>,
+    plugin_peak: Option<f64>,
+    off_truth: usize,
+}
+
+async fn one_size(label: &str, (binary, plugin): &(PathBuf, PathBuf), n: usize) -> Figures {
+    let dir = tempfile::tempdir().unwrap();
+    let prism = setup::start_prism().await;
+    let panos = setup::start_panos().await;
+    prepare(&prism, &panos, n).await;
+    let truth: BTreeMap<String, Vec<String>> = (0..n).map(|i| (vm_ip(i), tags(i))).collect();
+    let before = panos.stats();
+
+    let admin = format!("127.0.0.1:{}", free_port());
+    let host = HostConfig::new(dir.path())
+        .instance("bench")
+        .admin_listen(&admin)
+        .paloalto(&panos);
+    std::fs::create_dir_all(host.plugins_dir()).unwrap();
+    std::fs::copy(plugin, host.plugins_dir().join("paloalto.wasm")).unwrap();
+    let config_file = dir.path().join("prismhook.toml");
+    std::fs::write(&config_file, host.cluster(Cluster::lab(&prism)).toml()).unwrap();
+    let log = dir.path().join("host.log");
+
+    let started = Instant::now();
+    let mut child = spawn(binary, &config_file, &log);
+    let pid = child.id();
+    let admin = format!("http://{admin}");
+    let client = reqwest::Client::new();
+    let mut peak = None;
+    let outcome = loop {
+        peak = status_bytes(pid, "VmHWM").or(peak);
+        if let Some(lines) = reconciled(&client, &admin).await {
+            break lines.join("; ");
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break format!("the host exited: {status}");
+        }
+        if started.elapsed() > LIMIT {
+            break format!("not reconciled within {LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = started.elapsed();
+    let plugin_peak = metric(
+        &client,
+        &admin,
+        "prismhook_plugin_memory_peak_bytes{plugin=\"paloalto\"}",
+    )
+    .await;
+    peak = status_bytes(pid, "VmHWM").or(peak);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let registered = panos.registered();
+    let off_truth = truth
+        .iter()
+        .filter(|(ip, want)| registered.get(*ip) != Some(*want))
+        .count()
+        + registered
+            .keys()
+            .filter(|ip| !truth.contains_key(*ip))
+            .count();
+    Figures {
+        host: label.to_owned(),
+        vms: n,
+        outcome,
+        took,
+        listing: log_offset(&log, "reconciling"),
+        requests: panos.stats().requests - before.requests,
+        host_peak: peak,
+        plugin_peak,
+        off_truth,
+    }
+}
+
+/// N VMs powered on, one IP and one `AppTier` each; on the firewall, most
+/// registered right, every 20th with a stale tier, every 20th missing, and
+/// N/20 IPs no VM has.
+async fn prepare(prism: &PrismSim, panos: &PanosSim, n: usize) {
+    for i in 0..n {
+        let vm = NewVm::named(format!("vm-{i}"))
+            .powered_on()
+            .category("AppTier", TIERS[i % TIERS.len()])
+            .nic([vm_ip(i)]);
+        prism.create_vm(vm).await.unwrap();
+        match i % 20 {
+            0 => panos.register_directly(&vm_ip(i), &["ntnx.managed", "ntnx.AppTier.Old"]),
+            1 => {}
+            _ => {
+                let t = tags(i);
+                panos.register_directly(&vm_ip(i), &[&t[0], &t[1]]);
+            }
+        }
+    }
+    for i in 0..n / 20 {
+        panos.register_directly(
+            &format!("172.16.{}.{}", i / 250, i % 250 + 1),
+            &["ntnx.managed"],
+        );
+    }
+}
+
+fn spawn(binary: &Path, config: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(binary)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("PRISMHOOK_LOG", "info,wasmtime=warn,cranelift=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting the prismhook binary")
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.0} MiB", bytes / f64::from(1 << 20))
+}
+
+#[tokio::main]
+async fn main() {
+    println!("# prismhook bench: reconcile at scale (issue 16)");
+    common::machine_note();
+    let sizes: Vec<usize> = std::env::var("RECONCILE_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 10_000, 50_000, 200_000]);
+    let ours = common::component("paloalto");
+    let hosts: Vec<(String, (PathBuf, PathBuf))> = match std::env::var("RECONCILE_HOSTS") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|h| h.split_once('='))
+            .map(|(label, paths)| {
+                let (binary, plugin) = match paths.split_once(':') {
+                    Some((binary, plugin)) => (binary.into(), plugin.into()),
+                    None => (paths.into(), ours.clone()),
+                };
+                (label.to_owned(), (binary, plugin))
+            })
+            .collect(),
+        Err(_) => vec![(
+            "this build".into(),
+            (env!("CARGO_BIN_EXE_prismhook").into(), ours),
+        )],
+    };
+    println!(
+        "the release binary, the Palo Alto plugin, its default limits (64 MiB, 5 s a call); \
+         Prism simulator paging by 500; PAN-OS simulator with every 20th IP stale, every 20th \
+         missing and N/20 foreign IPs; time from the host's start until its status reports the \
+         reconcile\n"
+    );
+    println!("| VMs | host | result | time | of which listing | firewall requests | host peak RSS | plugin peak memory | IPs off the truth after |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        for (label, host) in &hosts {
+            print_row(one_size(label, host, n).await);
+        }
+    }
+}
+
+fn print_row(f: Figures) {
+    println!(
+        "| {} | {} | {} | {:.1} s | {} | {} | {} | {} | {} |",
+        f.vms,
+        f.host,
+        f.outcome,
+        f.took.as_secs_f64(),
+        f.listing.map_or("–".into(), |s| format!("{s:.1} s")),
+        f.requests,
+        f.host_peak.map_or("–".into(), |b| mib(b as f64)),
+        f.plugin_peak.map_or("–".into(), mib),
+        f.off_truth,
+    );
+}
