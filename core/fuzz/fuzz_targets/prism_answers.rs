@@ -24,19 +24,28 @@ fuzz_target!(|data: &[u8]| {
     let mut parts: Vec<&[u8]> = rest.split(|&b| b == 0).collect();
     let error_body = parts.pop().unwrap_or_default();
     let mut listing = Listing::new(u64::from(page.max(1)));
+    let mut entities = Vec::new();
     for body in &parts {
         let Ok(answer) = serde_json::from_slice::<Value>(body) else {
             break;
         };
         let before = listing.offset();
         match listing.add(answer) {
-            Ok(true) | Err(_) => break,
-            // A page that adds nothing always ends the listing, so it
-            // cannot go on forever without growing towards the bound.
-            Ok(false) => assert!(listing.offset() > before),
+            Err(_) => break,
+            Ok(page) => {
+                // The offset moves by the page, and only a page that ends
+                // the listing may add nothing: it cannot go on forever
+                // without growing towards the bound.
+                assert_eq!(listing.offset(), before + page.entities.len() as u64);
+                let last = page.last;
+                assert!(last || listing.offset() > before);
+                entities.extend(page.entities);
+                if last {
+                    break;
+                }
+            }
         }
     }
-    let entities = listing.into_entities();
     assert!(entities.len() <= MAX_LISTED);
     for entity in &entities {
         if let Some(vm) = parse_vm(entity) {
