@@ -190,6 +190,7 @@ impl Dispatcher {
         plugin: &str,
         cluster: &str,
         vms: &Arc<Vec<Vm>>,
+        clusters: &Arc<VmClusters>,
     ) -> Result<Result<String, String>, DispatchError> {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
@@ -198,8 +199,7 @@ impl Dispatcher {
             plugin: plugin.to_owned(),
             message: e.to_string(),
         })?;
-        let clusters = Arc::new(vm_clusters(vms.iter()));
-        Ok(p.reconcile(cluster, vms.clone(), clusters).await?)
+        Ok(p.reconcile(cluster, vms.clone(), clusters.clone()).await?)
     }
 
     /// Moves the queued deliveries of plugins that have been gone from the
@@ -633,8 +633,10 @@ impl Dispatcher {
     async fn hand_over(&self, cluster: &str, plugins: &[String], vms: &Arc<Vec<Vm>>) -> Reconciled {
         let mut lines = Vec::new();
         let mut failed = 0;
+        // Which Nutanix cluster each VM belongs to, once for every plugin.
+        let clusters = Arc::new(vm_clusters(vms.iter()));
         for name in plugins {
-            match self.hand_inventory(name, cluster, vms).await {
+            match self.hand_inventory(name, cluster, vms, &clusters).await {
                 Ok(Ok(summary)) => {
                     tracing::info!(%cluster, plugin = %name, vms = vms.len(), "reconciled: {summary}");
                     lines.push(format!("{name}: {summary}"));

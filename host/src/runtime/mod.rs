@@ -216,7 +216,7 @@ impl Runtime {
             // Every call gets a fresh instance, so a slot is reset after
             // every call: its first 64 KiB with memset rather than madvise
             // and the page faults of the next call (BENCHMARKS.md, "Wasm
-            // runtime": 0.89× the per-call time of the Palo Alto plugin).
+            // runtime": 0.88× the per-call time of the Palo Alto plugin).
             .linear_memory_keep_resident(64 << 10)
             .table_keep_resident(64 << 10);
         let mut config = Config::new();

@@ -55,6 +55,19 @@ fn records(host: &mut impl Host, prefix: &str) -> Result<Vec<String>, String> {
     Ok(keys)
 }
 
+/// Makes VM `key`'s entry in the record of `ip` what the VM contributes to
+/// the IP (no entry when nothing); whether the record changed.
+fn set_entry(record: &mut IpRecord, ip: &str, key: &VmKey, contribution: &IpTags) -> bool {
+    match contribution.get(ip).filter(|tags| !tags.is_empty()) {
+        Some(tags) if record.get(key) == Some(tags) => false,
+        Some(tags) => {
+            record.insert(key.clone(), tags.clone());
+            true
+        }
+        None => record.remove(key).is_some(),
+    }
+}
+
 /// Sets a VM's contribution in its `vm/` record and in the `ip/` records of
 /// every IP it had or has, writing only what differs.
 fn set_contribution(host: &mut impl Host, key: &VmKey, wanted: &IpTags) -> Result<(), String> {
@@ -64,15 +77,7 @@ fn set_contribution(host: &mut impl Host, key: &VmKey, wanted: &IpTags) -> Resul
     for ip in ips {
         let ip_key = state::ip_record_key(ip);
         let mut record: IpRecord = load(host, &ip_key)?;
-        let changed = match wanted.get(ip).filter(|tags| !tags.is_empty()) {
-            Some(tags) if record.get(key) == Some(tags) => false,
-            Some(tags) => {
-                record.insert(key.clone(), tags.clone());
-                true
-            }
-            None => record.remove(key).is_some(),
-        };
-        if changed {
+        if set_entry(&mut record, ip, key, wanted) {
             store(host, &ip_key, &record, record.is_empty())?;
         }
     }
@@ -126,17 +131,7 @@ fn repair_ip_records(host: &mut impl Host) -> Result<(), String> {
         let mut fixed = false;
         for holder in holders {
             let contribution: IpTags = load(host, &state::vm_record_key(&holder))?;
-            match contribution.get(ip).filter(|tags| !tags.is_empty()) {
-                Some(tags) if record.get(&holder) == Some(tags) => {}
-                Some(tags) => {
-                    record.insert(holder, tags.clone());
-                    fixed = true;
-                }
-                None => {
-                    record.remove(&holder);
-                    fixed = true;
-                }
-            }
+            fixed |= set_entry(&mut record, ip, &holder, &contribution);
         }
         if fixed {
             store(host, &ip_key, &record, record.is_empty())?;
