@@ -16,9 +16,13 @@
 //!
 //! `cargo xtask layers [--graph]` checks that the modules of host/src import
 //! one another without cycles (see `layers.rs`).
+//!
+//! `cargo xtask one-build` checks that the tests reuse the demo's build of the
+//! host's dependencies (see `one_build.rs`).
 
 mod golang;
 mod layers;
+mod one_build;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,6 +53,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("layers") => layers::run(&root(), &args[1..]),
+        Some("one-build") => one_build::run(&root()),
         Some("go-test") => go_guests(&args[1..], |root, dir| {
             golang::test(root, dir, &wit_dir(root, dir))
         }),
@@ -72,7 +77,8 @@ fn main() -> Result<()> {
                  cargo xtask nats-server        install the pinned nats-server if missing; print its path\n       \
                  cargo xtask go-test [NAME...]  go vet + go test (natively) in the Go guests\n       \
                  cargo xtask go-fmt [NAME...]   fail if gofmt would change a Go guest\n       \
-                 cargo xtask layers [--graph]   check host/src for import cycles (--graph: list the edges)"
+                 cargo xtask layers [--graph]   check host/src for import cycles (--graph: list the edges)\n       \
+                 cargo xtask one-build          check that the tests reuse the demo's build of the host"
             );
             std::process::exit(2)
         }
