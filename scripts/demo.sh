@@ -13,15 +13,17 @@ cargo build --locked --quiet -p xtask
 # first command of a fresh machine waited for both (BENCHMARKS.md, "First
 # build"). xtask runs without cargo, which would wait for the host's build
 # directory.
-mkdir -p target
-step "building the host (log: target/demo-host-build.log) and the Palo Alto plugin component"
-cargo build --locked -p prismhook >target/demo-host-build.log 2>&1 &
+target="${CARGO_TARGET_DIR:-target}"
+log="$target/demo-host-build.log"
+mkdir -p "$target"
+step "building the host (log: $log) and the Palo Alto plugin component"
+cargo build --locked -p prismhook >"$log" 2>&1 &
 host=$!
-target/debug/xtask plugins paloalto || { kill "$host" 2>/dev/null; exit 1; }
+"$target/debug/xtask" plugins paloalto || { kill "$host" 2>/dev/null; exit 1; }
 if ! wait "$host"; then
-  tail -n 40 target/demo-host-build.log >&2
-  echo "building the host failed: the whole log is target/demo-host-build.log" >&2
+  tail -n 40 "$log" >&2
+  echo "building the host failed: the whole log is $log" >&2
   exit 1
 fi
 step "running the demo"
-exec target/debug/prismhook demo "$@"
+exec "$target/debug/prismhook" demo "$@"
