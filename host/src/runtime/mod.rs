@@ -225,6 +225,11 @@ impl Runtime {
             // the listener and the plugins keep the other.
             .parallel_compilation(!opts.tiered)
             .epoch_interruption(true)
+            // Plugins' exports are synchronous: without this a Store sets up
+            // component-model-async's task state and every `call_async`
+            // goes through its event loop (wasmtime 48 turns it on whenever
+            // that feature is compiled in, as a dependency may ask for it).
+            .concurrency_support(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_reservation(opts.max_memory_bytes as u64)
             .memory_init_cow(true);
@@ -238,6 +243,7 @@ impl Runtime {
             config
                 .strategy(Strategy::Winch)
                 .epoch_interruption(true)
+                .concurrency_support(false)
                 .memory_reservation(opts.max_memory_bytes as u64)
                 .memory_init_cow(true);
             let built = || -> anyhow::Result<(Engine, Linker<HostState>)> {
