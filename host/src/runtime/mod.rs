@@ -199,6 +199,28 @@ pub struct Runtime {
     _ticker: EpochTicker,
 }
 
+/// What both tiers' engines share: epoch deadlines, a plugin's memory
+/// reserved up front and initialised copy-on-write.
+fn tier_config(max_memory_bytes: usize) -> Config {
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        // Plugins' exports are synchronous: without this a Store sets up
+        // component-model-async's task state and every `call_async` goes
+        // through its event loop (wasmtime 48 turns it on whenever that
+        // feature is compiled in, as a dependency may ask for it).
+        .concurrency_support(false)
+        .memory_reservation(max_memory_bytes as u64)
+        .memory_init_cow(true);
+    config
+}
+
+fn engine_and_linker(config: &Config) -> anyhow::Result<(Engine, Linker<HostState>)> {
+    let engine = Engine::new(config)?;
+    let linker = host_linker(&engine)?;
+    Ok((engine, linker))
+}
+
 impl Runtime {
     pub fn new(opts: RuntimeOptions) -> anyhow::Result<Arc<Runtime>> {
         let mut pool = PoolingAllocationConfig::default();
@@ -219,39 +241,20 @@ impl Runtime {
             // runtime": 0.88× the per-call time of the Palo Alto plugin).
             .linear_memory_keep_resident(64 << 10)
             .table_keep_resident(64 << 10);
-        let mut config = Config::new();
+        let mut config = tier_config(opts.max_memory_bytes);
         config
             // Tiered, Cranelift compiles in the background: one core, so
             // the listener and the plugins keep the other.
             .parallel_compilation(!opts.tiered)
-            .epoch_interruption(true)
-            // Plugins' exports are synchronous: without this a Store sets up
-            // component-model-async's task state and every `call_async`
-            // goes through its event loop (wasmtime 48 turns it on whenever
-            // that feature is compiled in, as a dependency may ask for it).
-            .concurrency_support(false)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .memory_reservation(opts.max_memory_bytes as u64)
-            .memory_init_cow(true);
-        let engine = Engine::new(&config)?;
-        let linker = host_linker(&engine)?;
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let (engine, linker) = engine_and_linker(&config)?;
 
         // Baseline instances live for the seconds Cranelift takes, so they
         // are allocated on demand rather than from a second reserved pool.
         let baseline = if opts.tiered {
-            let mut config = Config::new();
-            config
-                .strategy(Strategy::Winch)
-                .epoch_interruption(true)
-                .concurrency_support(false)
-                .memory_reservation(opts.max_memory_bytes as u64)
-                .memory_init_cow(true);
-            let built = || -> anyhow::Result<(Engine, Linker<HostState>)> {
-                let engine = Engine::new(&config)?;
-                let linker = host_linker(&engine)?;
-                Ok((engine, linker))
-            };
-            match built() {
+            let mut config = tier_config(opts.max_memory_bytes);
+            config.strategy(Strategy::Winch);
+            match engine_and_linker(&config) {
                 Ok(baseline) => Some(baseline),
                 Err(e) => {
                     tracing::warn!("no baseline compiler on this platform ({e:#}); every plugin waits for Cranelift");
