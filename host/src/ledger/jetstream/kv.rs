@@ -33,14 +33,11 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
-use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::batch::{self, BATCH_MAX};
 use super::follow::{self, Fold, Restarts};
 use crate::runtime::kv_store::{KvBackend, KvError};
-
-/// Messages in one atomic batch: nats-server's limit.
-pub const BATCH_MAX: usize = 1000;
 
 const OP: &str = "Prismhook-Kv";
 
@@ -183,91 +180,40 @@ impl JetStreamKv {
         plugin: &str,
         writes: &[(String, Option<Vec<u8>>)],
     ) -> Result<u64, KvError> {
-        let failed = |what: &str, e: &dyn std::fmt::Display| {
-            KvError::Storage(format!("{what} `{plugin}`'s writes to JetStream: {e}"))
-        };
-        let batch = hex(&rand::random::<[u8; 12]>());
-        let last = writes.len();
-        let mut sequence = 0;
-        let expected: Vec<u64> = {
+        let messages = {
             let data = self.mirror.data.read().expect("kv mirror lock poisoned");
             let records = data.get(plugin);
             writes
                 .iter()
-                .map(|(key, _)| records.and_then(|r| r.get(key)).map_or(0, |r| r.seq))
+                .map(|(key, value)| {
+                    let mut headers = HeaderMap::new();
+                    if value.is_none() {
+                        headers.insert(OP, "del");
+                    }
+                    // Each key must still be as this host last read it: a write sent by a call
+                    // that failed and stored late, after a newer one, is refused rather than
+                    // undo it.
+                    let expected = records.and_then(|r| r.get(key)).map_or(0, |r| r.seq);
+                    headers.insert(
+                        "Nats-Expected-Last-Subject-Sequence",
+                        expected.to_string().as_str(),
+                    );
+                    batch::Message {
+                        subject: self.mirror.subject(plugin, key),
+                        headers,
+                        payload: value.clone().unwrap_or_default().into(),
+                    }
+                })
                 .collect()
         };
-        for (n, ((key, value), expected)) in writes.iter().zip(expected).enumerate() {
-            let n = n + 1;
-            let mut headers = HeaderMap::new();
-            if value.is_none() {
-                headers.insert(OP, "del");
-            }
-            // Each key must still be as this host last read it: a write sent by a call that
-            // failed and stored late, after a newer one, is refused rather than undo it.
-            headers.insert(
-                "Nats-Expected-Last-Subject-Sequence",
-                expected.to_string().as_str(),
-            );
-            let payload: bytes::Bytes = value.clone().unwrap_or_default().into();
-            let subject = self.mirror.subject(plugin, key);
-            if last == 1 {
-                // One write is atomic by itself.
-                let ack = self
-                    .js
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| failed("publishing", &e))?
-                    .await
-                    .map_err(|e| failed("storing", &e))?;
-                return Ok(ack.sequence);
-            }
-            headers.insert("Nats-Batch-Id", batch.as_str());
-            headers.insert("Nats-Batch-Sequence", n.to_string().as_str());
-            if n == last {
-                headers.insert("Nats-Batch-Commit", "1");
-            }
-            // The first message is acknowledged (a stream that refuses batches says so at
-            // once) and the commit answers for the whole batch; the rest are sent without
-            // waiting, in order on this connection.
-            if n == 1 || n == last {
-                let answer = tokio::time::timeout(
-                    self.ack_timeout,
-                    self.client.request_with_headers(subject, headers, payload),
-                )
-                .await
-                .map_err(|_| failed("waiting for JetStream to store", &"timed out"))?
-                .map_err(|e| failed("sending", &e))?;
-                if !answer.payload.is_empty() {
-                    sequence = batch_answer(&answer.payload).map_err(|e| failed("storing", &e))?;
-                }
-            } else {
-                self.client
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| failed("sending", &e))?;
-            }
-        }
-        Ok(sequence)
-    }
-}
-
-/// Reads JetStream's answer to a batch message: the sequence stored, or its error.
-fn batch_answer(payload: &[u8]) -> Result<u64, String> {
-    #[derive(Deserialize)]
-    struct ApiError {
-        description: String,
-    }
-    #[derive(Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        seq: u64,
-        error: Option<ApiError>,
-    }
-    let answer: Answer = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    match answer.error {
-        Some(error) => Err(error.description),
-        None => Ok(answer.seq),
+        batch::publish(&self.client, &self.js, self.ack_timeout, messages)
+            .await
+            .map_err(|e| {
+                KvError::Storage(format!(
+                    "{} `{plugin}`'s writes to JetStream: {}",
+                    e.stage, e.message
+                ))
+            })
     }
 }
 
@@ -378,17 +324,5 @@ mod tests {
             assert_eq!(mirror.parse(&subject), Some((plugin.into(), key.into())));
         }
         assert_eq!(mirror.parse("prismhook_kv.pzz.k00"), None);
-    }
-
-    #[test]
-    fn a_batch_answer_is_its_sequence_or_its_error() {
-        assert_eq!(
-            batch_answer(br#"{"stream":"S_KV","seq":42,"batch":"b","count":3}"#),
-            Ok(42)
-        );
-        assert_eq!(
-            batch_answer(br#"{"error":{"code":400,"err_code":10174,"description":"atomic publish is disabled"}}"#),
-            Err("atomic publish is disabled".into())
-        );
     }
 }

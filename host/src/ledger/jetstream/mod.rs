@@ -5,8 +5,10 @@
 //!   JetStream's acknowledgement: the stream's leader has stored it and a quorum of its replicas
 //!   has it (R3: two of three nodes). `Nats-Msg-Id` carries the dedupe key, so the same
 //!   notification posted to several hosts is stored once by JetStream itself.
-//! - **Outcomes**, replays and drops are small *marks* published per delivery (see `wire`); the
-//!   stream keeps only the latest mark of each delivery.
+//! - **Outcomes**, replays and drops are small *marks*, one per delivery (see `wire`); the
+//!   stream keeps only the latest mark of each delivery. The marks of one call (a completed
+//!   batch, a replay) are stored together, as atomic batches (`batch`), as redb commits them in
+//!   one transaction.
 //! - **Memory**: every handle folds the stream into the index the embedded ledger uses (`fold`):
 //!   first everything retained, on open, then whatever anyone publishes. A call that changed
 //!   something returns once its own change has been folded in, so a claim after an append or a
@@ -24,6 +26,7 @@
 //! those done since the handle opened (pruned events take their marks with them), and a dedupe
 //! key is forgotten by time alone (JetStream's duplicate window), not by `prune`.
 
+mod batch;
 mod fold;
 mod follow;
 pub mod kv;
@@ -234,19 +237,35 @@ impl Inner {
         Ok(ack)
     }
 
-    /// Publishes marks, all at once, and waits (a moment) until every one is folded in here.
-    async fn mark(&self, marks: Vec<(u64, String, Mark)>) -> Result<(), LedgerError> {
-        let publishes = marks.into_iter().map(|(id, plugin, mark)| async move {
-            let payload = serde_json::to_vec(&mark).expect("a mark always serializes");
-            let message = PublishMessage::build().payload(payload.into());
-            self.publish(self.subjects.delivery(id, &plugin), message, || {
-                format!("recording the delivery of event {id} to `{plugin}`")
-            })
-            .await
-        });
+    /// Publishes marks, and waits (a moment) until every one is folded in here. They are stored
+    /// in atomic batches, in the order of their events, one batch after the other: what a failure
+    /// or a kill leaves stored is all of them, or the marks of the older events, never a later
+    /// event's mark without an earlier one's (which would send the earlier event again, alone,
+    /// after the later one).
+    async fn mark(&self, mut marks: Vec<(u64, String, Mark)>) -> Result<(), LedgerError> {
+        marks.sort_by_key(|(id, ..)| *id);
         let mut last = 0;
-        for ack in join_all(publishes).await {
-            last = last.max(ack?.sequence);
+        let mut marks = marks.into_iter().peekable();
+        while marks.peek().is_some() {
+            let chunk: Vec<_> = marks.by_ref().take(batch::BATCH_MAX).collect();
+            let (first, count) = (chunk[0].0, chunk.len());
+            let messages = chunk
+                .into_iter()
+                .map(|(id, plugin, mark)| batch::Message {
+                    subject: self.subjects.delivery(id, &plugin),
+                    headers: HeaderMap::new(),
+                    payload: serde_json::to_vec(&mark)
+                        .expect("a mark always serializes")
+                        .into(),
+                })
+                .collect();
+            last = batch::publish(&self.client, &self.js, self.opts.ack_timeout, messages)
+                .await
+                .map_err(|e| {
+                    let context = format!("recording {count} deliveries from event {first} on");
+                    refused_or_unavailable(context, e.stage == "storing", e)
+                })?;
+            self.commits.fetch_add(1, Ordering::Relaxed);
         }
         self.seen_soon(last).await
     }
@@ -481,6 +500,8 @@ impl JetStreamLedger {
             discard: stream::DiscardPolicy::New,
             duplicate_window: opts.dedupe_window,
             allow_direct: true,
+            // The marks of one completed batch land together (`Inner::mark`).
+            allow_atomic_publish: true,
             ..Default::default()
         };
         let (info, stream) = ensure_stream(&js, config).await?;
@@ -696,10 +717,19 @@ async fn connect(
 
 fn publish_error(context: String, error: jetstream::context::PublishError) -> LedgerError {
     use jetstream::context::PublishErrorKind;
-    let text = error.to_string();
-    // JetStream refuses new messages on a full stream with "maximum bytes exceeded" (or
-    // messages): the stream is at the limit the operator set, which is backpressure.
-    if error.kind() == PublishErrorKind::Other && text.contains("maximum") {
+    let refused = error.kind() == PublishErrorKind::Other;
+    refused_or_unavailable(context, refused, error)
+}
+
+/// JetStream refuses new messages on a full stream with "maximum bytes exceeded" (or messages):
+/// the stream is at the limit the operator set, which is backpressure. Anything else means the
+/// stream cannot be reached now.
+fn refused_or_unavailable(
+    context: String,
+    refused: bool,
+    error: impl Into<BackendError> + fmt::Display,
+) -> LedgerError {
+    if refused && error.to_string().contains("maximum") {
         return LedgerError::Backpressure {
             resource: Resource::Storage,
             current: 0,
@@ -1259,6 +1289,60 @@ mod tests {
         assert_eq!(everything.len(), 2_502);
         assert_eq!(everything["odd key .*> é"], vec![0, 255]);
         assert_eq!(everything, kv_a.dump("fw").unwrap());
+    }
+
+    /// The marks of a completed batch are stored together: when the stream has room for only
+    /// one of them, none is stored, and the entity's events come back whole and in order —
+    /// not the later ones done and an earlier one sent again after them.
+    #[tokio::test]
+    async fn a_batch_whose_marks_cannot_all_be_stored_leaves_none_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let ledger = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            match ledger.append(event(7), vec!["p".into()]).await.unwrap() {
+                Appended::Stored { id, .. } => ids.push(id),
+                other => panic!("not stored: {other:?}"),
+            }
+        }
+        let claim = || async {
+            let batch = ledger.claim("p", 10).await.unwrap();
+            batch.iter().map(|d| d.event.id).collect::<Vec<u64>>()
+        };
+        assert_eq!(claim().await, ids);
+
+        // Room for one more message in the stream.
+        let info = ledger.inner.stream.clone().info().await.unwrap().clone();
+        let (unlimited, mut config) = (info.config.clone(), info.config);
+        config.max_messages = i64::try_from(info.state.messages).unwrap() + 1;
+        let js = &ledger.inner.js;
+        js.update_stream(config.clone()).await.unwrap();
+        let done = ids.iter().map(|&id| (id, Outcome::Done)).collect();
+        let refused = ledger.complete("p", done).await.unwrap_err();
+        assert!(
+            matches!(refused, LedgerError::Backpressure { .. }),
+            "a full stream is backpressure: {refused}"
+        );
+        js.update_stream(unlimited).await.unwrap();
+
+        let backlog = ledger.backlog().unwrap();
+        assert_eq!(
+            (backlog[0].delivered, backlog[0].in_flight),
+            (0, 3),
+            "{backlog:?}"
+        );
+        ledger.release("p", &ids).await.unwrap();
+        assert_eq!(claim().await, ids, "the whole batch again, in order");
+        // A stopped host's ledger says the same: nothing was stored behind the error.
+        ledger.close().await.unwrap();
+        let reopened = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        let backlog = reopened.backlog().unwrap();
+        assert_eq!(
+            (backlog[0].pending, backlog[0].delivered),
+            (3, 0),
+            "{backlog:?}"
+        );
     }
 
     #[tokio::test]
