@@ -288,6 +288,41 @@ async fn a_plugin_that_panics_fails_only_its_own_call() {
     works(&p).await;
 }
 
+/// Memory is reset between calls in place (only the pages a call wrote,
+/// where Linux reports them): every call must still start from the
+/// plugin's first memory, whatever the last one wrote or however it ended.
+#[tokio::test]
+async fn every_call_starts_from_the_plugins_first_memory_not_the_last_calls() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let memory = |id| event(id, "TEST.MEMORY", serde_json::json!({}));
+    let seen = |out: &Outcome| match out {
+        Outcome::Reject(seen) => seen.clone(),
+        other => panic!("not what TEST.MEMORY answers: {other:?}"),
+    };
+    let fresh = "data=7 bss=0 heap=0";
+    for round in 0..3 {
+        let out = p.handle(vec![memory(1)]).await.unwrap();
+        assert_eq!(seen(&out[0]), fresh, "round {round}");
+        // Within a call the probe sees its own writes: it would see another's.
+        let out = p.handle(vec![memory(2), memory(3)]).await.unwrap();
+        assert_eq!(seen(&out[0]), fresh, "round {round}");
+        assert!(
+            seen(&out[1]).starts_with("data=8 bss=1 "),
+            "round {round}: {}",
+            seen(&out[1])
+        );
+        // A call that trapped after writing leaves nothing either.
+        let trapped = p
+            .handle(vec![
+                memory(4),
+                event(5, "TEST.TRAP", serde_json::json!({})),
+            ])
+            .await;
+        assert!(trapped.is_err());
+    }
+}
+
 #[tokio::test]
 async fn a_trapped_call_leaves_no_kv_writes_behind() {
     let sb = sandbox();

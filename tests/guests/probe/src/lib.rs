@@ -31,6 +31,7 @@ use exports::prismhook::plugin::paged::Guest as PagedGuest;
 use prismhook::plugin::types::Retry;
 use prismhook::plugin::{context, http, inventory, kv, log};
 use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 struct Probe;
 
@@ -118,6 +119,9 @@ impl PagedGuest for Probe {
     }
 }
 
+static IMAGE_MARK: AtomicU64 = AtomicU64::new(7);
+static ZEROED: [AtomicU64; 512] = [const { AtomicU64::new(0) }; 512];
+
 fn body(event: &Event) -> Value {
     serde_json::from_str(&event.body).unwrap_or(Value::Null)
 }
@@ -170,6 +174,19 @@ fn handle_one(event: &Event) -> Outcome {
             delay_ms: body(event).get("delay_ms").and_then(Value::as_u64),
         }),
         "TEST.REJECT" => Outcome::Reject("probe asked to reject".into()),
+        // What the last call left in memory: a static with a value in the
+        // image (.data), one in the zeroed rest (.bss) and a heap block.
+        // Each is changed, so a call that sees anything but 7, 0 and 0
+        // started from another call's memory.
+        "TEST.MEMORY" => {
+            let data = IMAGE_MARK.fetch_add(1, Ordering::Relaxed);
+            let bss = ZEROED[300].fetch_add(1, Ordering::Relaxed);
+            let mut block = vec![0u64; 512];
+            let heap = block.iter().fold(0, |a, b| a | b);
+            block.fill(0x5a5a);
+            std::hint::black_box(&block);
+            Outcome::Reject(format!("data={data} bss={bss} heap={heap}"))
+        }
         "TEST.SHOUT" => {
             let lines = body(event)
                 .get("lines")
