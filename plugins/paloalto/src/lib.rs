@@ -10,6 +10,7 @@ pub mod config;
 pub mod firewall;
 pub mod handler;
 pub mod host;
+pub mod memcmp;
 pub mod paged;
 pub mod response;
 pub mod state;
