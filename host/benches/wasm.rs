@@ -14,6 +14,14 @@
 //! 3. Requests and commits at the firewall for batches of 1,000 VM events.
 //!
 //! `cargo bench -p prismhook --bench wasm`
+//!
+//! For a profile, `PRISMHOOK_BENCH_PROFILE` runs one workload in a loop
+//! instead of the tables, for `PRISMHOOK_BENCH_SECONDS` (20): `probe` or
+//! `paloalto` (section 1's call), or `batches` (section 2's Wasm side,
+//! batches of 256 VM.ON then VM.OFF, built before the loop). It keeps the
+//! compiled components in the cache directory it prints, where `perf
+//! report` reads the guest functions' names:
+//! `PRISMHOOK_BENCH_PROFILE=batches perf record -g -D 5000 target/release/deps/wasm-… --bench`
 
 mod common;
 
@@ -275,6 +283,59 @@ impl Native {
     }
 }
 
+/// One workload in a loop, for a profiler (see the module documentation).
+async fn profile(workload: &str, probe: &Plugin, paloalto: &Plugin) {
+    let seconds: u64 = std::env::var("PRISMHOOK_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut events = 0u64;
+    match workload {
+        "probe" | "paloalto" => {
+            let (plugin, event_type) = if workload == "probe" {
+                (probe, "TEST.REJECT")
+            } else {
+                (paloalto, "SUBNET.CREATE")
+            };
+            while Instant::now() < until {
+                let out = plugin.handle(vec![trivial_event(event_type)]).await;
+                std::hint::black_box(out.expect("a trivial call"));
+                events += 1;
+            }
+        }
+        "batches" => {
+            let template = VmTemplate::load(&fixtures_dir().join("vm_update_nic_ip.json"));
+            let batches: Vec<_> = (0..20u32)
+                .flat_map(|series| {
+                    [
+                        vm_events(&template, 100 + series, 256, "VM.ON", 1),
+                        vm_events(&template, 100 + series, 256, "VM.OFF", 257),
+                    ]
+                })
+                .collect();
+            'run: loop {
+                for batch in &batches {
+                    if Instant::now() >= until {
+                        break 'run;
+                    }
+                    timed_wasm(paloalto, batch.clone()).await;
+                    events += batch.len() as u64;
+                }
+            }
+        }
+        other => {
+            panic!("PRISMHOOK_BENCH_PROFILE: no workload `{other}` (probe, paloalto, batches)")
+        }
+    }
+    println!(
+        "{workload}: {events} events in {:.1} s, {:.2} µs per event",
+        started.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64() * 1e6 / events.max(1) as f64
+    );
+}
+
 async fn timed_wasm(plugin: &Plugin, events: Vec<Event>) -> Duration {
     let started = Instant::now();
     let out = plugin.handle(events).await.expect("wasm handle");
@@ -340,6 +401,15 @@ async fn main() {
         probe.size() >> 10,
         paloalto.size() >> 10
     );
+
+    if let Ok(workload) = std::env::var("PRISMHOOK_BENCH_PROFILE") {
+        profile(&workload, &probe, &paloalto).await;
+        println!(
+            "compiled components (for perf's symbols) kept in {}",
+            dir.keep().join("cache").display()
+        );
+        return;
+    }
 
     // ------------------------------------------------------------ 1
     println!("\n## 1. Instantiate per call: fresh Store + instantiate + init + handle(1 trivial event) + drop");
