@@ -199,11 +199,6 @@ pub struct Runtime {
     _ticker: EpochTicker,
 }
 
-/// The most of a memory slot's written pages reset in place after a call,
-/// where the kernel reports them; a call that wrote more has the rest
-/// decommitted. A slot keeps at most this much resident between calls.
-const KEEP_RESIDENT_SCANNED: usize = 1 << 20;
-
 /// What both tiers' engines share: epoch deadlines, a plugin's memory
 /// reserved up front and initialised copy-on-write.
 fn tier_config(max_memory_bytes: usize) -> Config {
@@ -240,19 +235,18 @@ impl Runtime {
             .max_core_instances_per_component(64)
             .max_tables_per_component(16)
             .max_memory_size(opts.max_memory_bytes)
+            // Every call gets a fresh instance, so a slot is reset after
+            // every call: 64 KiB of it stay resident, reset in place.
+            .linear_memory_keep_resident(64 << 10)
             .table_keep_resident(64 << 10);
-        // Every call gets a fresh instance, so a slot is reset after every
-        // call. madvise and the next call's page faults were about half of
-        // a call (BENCHMARKS.md, "Wasm runtime"): where Linux can say which
-        // pages a call wrote (PAGEMAP_SCAN, 6.7+), those are copied back
-        // from the image and stay mapped. Elsewhere only the first 64 KiB
-        // are reset with memset: Rust guests put their 1 MiB stack first,
-        // and memsetting all of it would cost more than it saves.
+        // Which 64 KiB: without help, the lowest addresses, with memset; but
+        // Rust guests put their 1 MiB stack first, so those are pages no
+        // call touched, and madvise and the next call's page faults stayed
+        // about half of a call (BENCHMARKS.md, "Wasm runtime"). Where Linux
+        // reports which pages a call wrote (PAGEMAP_SCAN, 6.7+), wasmtime
+        // copies those back from the image instead, and they stay mapped.
         if PoolingAllocationConfig::is_pagemap_scan_available() {
-            pool.pagemap_scan(Enabled::Yes)
-                .linear_memory_keep_resident(KEEP_RESIDENT_SCANNED);
-        } else {
-            pool.linear_memory_keep_resident(64 << 10);
+            pool.pagemap_scan(Enabled::Yes);
         }
         let mut config = tier_config(opts.max_memory_bytes);
         config
