@@ -232,7 +232,12 @@ async fn main() {
     end_to_end(&three, dir.path()).await;
 
     // The listeners and their ledgers live on in server tasks: the process
-    // ends before the NATS nodes stop under them, which would only log.
+    // ends right after the NATS nodes stop under them, before those tasks
+    // log about it. `exit` runs no destructors, so the nodes are dropped
+    // (killed) and their directory removed first, or they would outlive
+    // the bench.
+    drop((one, three));
+    drop(dir);
     std::process::exit(0);
 }
 
