@@ -22,16 +22,34 @@ pub(super) struct Message {
     pub payload: bytes::Bytes,
 }
 
+/// What was under way when a batch failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    Sending,
+    Waiting,
+    /// JetStream answered, refusing the batch (a full stream, say).
+    Storing,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Sending => "sending",
+            Stage::Waiting => "waiting for JetStream to store",
+            Stage::Storing => "storing",
+        })
+    }
+}
+
 /// Why a batch was not stored, or may not have been.
 #[derive(Debug, thiserror::Error)]
 #[error("{stage}: {message}")]
 pub(super) struct BatchError {
-    /// What was under way: sending, waiting for JetStream, or storing.
-    pub stage: &'static str,
+    pub stage: Stage,
     pub message: String,
 }
 
-fn failed(stage: &'static str, message: impl std::fmt::Display) -> BatchError {
+fn failed(stage: Stage, message: impl std::fmt::Display) -> BatchError {
     BatchError {
         stage,
         message: message.to_string(),
@@ -53,7 +71,7 @@ pub(super) async fn publish(
     // While disconnected the client would buffer the messages and send them on reconnect:
     // refused now, they are not stored behind the caller's back later.
     if client.connection_state() != async_nats::connection::State::Connected {
-        return Err(failed("sending", "not connected to any NATS server"));
+        return Err(failed(Stage::Sending, "not connected to any NATS server"));
     }
     let last = messages.len();
     if last == 1 {
@@ -66,9 +84,9 @@ pub(super) async fn publish(
         let ack = js
             .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(|e| failed("sending", e))?
+            .map_err(|e| failed(Stage::Sending, e))?
             .await
-            .map_err(|e| failed("storing", e))?;
+            .map_err(|e| failed(Stage::Storing, e))?;
         return Ok(ack.sequence);
     }
     let batch = format!("{:032x}", rand::random::<u128>());
@@ -94,16 +112,16 @@ pub(super) async fn publish(
                 client.request_with_headers(subject, headers, payload),
             )
             .await
-            .map_err(|_| failed("waiting for JetStream to store", "timed out"))?
-            .map_err(|e| failed("sending", e))?;
+            .map_err(|_| failed(Stage::Waiting, "timed out"))?
+            .map_err(|e| failed(Stage::Sending, e))?;
             if !answer.payload.is_empty() {
-                sequence = answer_of(&answer.payload).map_err(|e| failed("storing", e))?;
+                sequence = answer_of(&answer.payload).map_err(|e| failed(Stage::Storing, e))?;
             }
         } else {
             client
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(|e| failed("sending", e))?;
+                .map_err(|e| failed(Stage::Sending, e))?;
         }
     }
     Ok(sequence)

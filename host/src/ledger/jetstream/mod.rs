@@ -263,7 +263,7 @@ impl Inner {
                 .await
                 .map_err(|e| {
                     let context = format!("recording {count} deliveries from event {first} on");
-                    refused_or_unavailable(context, e.stage == "storing", e)
+                    refused_or_unavailable(context, e.stage == batch::Stage::Storing, e)
                 })?;
             self.commits.fetch_add(1, Ordering::Relaxed);
         }
