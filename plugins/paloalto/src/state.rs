@@ -94,11 +94,18 @@ impl Diff {
     }
 }
 
-fn add<'a>(side: &mut IpTags, ip: &str, tags: impl Iterator<Item = &'a String>) {
-    let tags: BTreeSet<String> = tags.cloned().collect();
-    if !tags.is_empty() {
-        side.entry(ip.to_owned()).or_default().extend(tags);
+fn add<T: Into<String>>(side: &mut IpTags, ip: &str, tags: impl Iterator<Item = T>) {
+    let mut tags = tags.peekable();
+    if tags.peek().is_some() {
+        side.entry(ip.to_owned())
+            .or_default()
+            .extend(tags.map(Into::into));
     }
+}
+
+/// [`union`], borrowed from the record.
+fn union_of(record: &IpRecord) -> BTreeSet<&str> {
+    record.values().flatten().map(String::as_str).collect()
 }
 
 /// Every tag any VM wants on the IP.
@@ -179,7 +186,8 @@ impl Ledger {
         passed: &BTreeMap<VmKey, IpTags>,
     ) -> Plan {
         let mut plan = Plan::default();
-        let mut before = IpTags::new();
+        // Each affected IP's tags after the change; only the VMs in `passed`
+        // need it, to tell what they passed through and no longer want.
         let mut after = IpTags::new();
         // Each IP's new contributions, gathered once: looking every change
         // up for every IP would make a batch quadratic in its size.
@@ -189,21 +197,38 @@ impl Ledger {
                 by_ip.entry(ip.as_str()).or_default().push((key, tags));
             }
         }
+        let nobody = IpRecord::new();
         for ip in self.affected_ips(changes, passed) {
-            let old_record = self.ips.get(&ip).cloned().unwrap_or_default();
+            let old_record = self.ips.get(&ip).unwrap_or(&nobody);
             // A changed VM's old contribution goes; its new one, if any, comes.
-            let mut new_record = old_record.clone();
-            new_record.retain(|key, _| !changes.contains_key(key));
+            let mut new_record: IpRecord = old_record
+                .iter()
+                .filter(|(key, _)| !changes.contains_key(*key))
+                .map(|(key, tags)| (key.clone(), tags.clone()))
+                .collect();
             for (key, tags) in by_ip.get(ip.as_str()).into_iter().flatten() {
                 new_record.insert((*key).clone(), (*tags).clone());
             }
-            before.insert(ip.clone(), union(&old_record));
-            after.insert(ip.clone(), union(&new_record));
-            if new_record != old_record {
+            // The unions borrow from the records: only tags that change are copied.
+            let before = union_of(old_record);
+            let now = union_of(&new_record);
+            add(
+                &mut plan.diff.register,
+                &ip,
+                now.difference(&before).copied(),
+            );
+            add(
+                &mut plan.diff.unregister,
+                &ip,
+                before.difference(&now).copied(),
+            );
+            if !passed.is_empty() {
+                after.insert(ip.clone(), now.iter().map(|t| (*t).to_owned()).collect());
+            }
+            if &new_record != old_record {
                 plan.ip_writes.insert(ip, new_record);
             }
         }
-        plan.diff = Diff::between(&before, &after);
         for (key, earlier) in passed {
             let Some(contribution) = changes.get(key) else {
                 continue;
@@ -222,8 +247,11 @@ impl Ledger {
             }
         }
         for (key, contribution) in changes {
-            let old = self.vms.get(key).cloned().unwrap_or_default();
-            if &old != contribution {
+            let unchanged = match self.vms.get(key) {
+                Some(old) => old == contribution,
+                None => contribution.is_empty(),
+            };
+            if !unchanged {
                 plan.vm_writes.insert(key.clone(), contribution.clone());
             }
         }

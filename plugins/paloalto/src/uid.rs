@@ -16,59 +16,188 @@ use crate::state::Diff;
 /// How many entries the firewall returns per registered-IP page.
 pub const PAGE_SIZE: usize = 500;
 
+/// Where a document goes: as it is, percent-encoded into a form body, or
+/// only counted. Writing, encoding and measuring share one description of
+/// the markup, so the sizes `split` counts are the bodies' sizes by
+/// construction, and neither builds the XML as a string first (it was most
+/// of a batch's encoding time in Wasm).
+trait Sink {
+    /// Writes markup as given.
+    fn raw(&mut self, text: &str);
+
+    /// Writes text for XML content and attribute values alike, escaped.
+    fn text(&mut self, text: &str) {
+        let mut rest = text;
+        // Bytes, not chars: the five are ASCII, and a byte scan is what is fast in Wasm.
+        while let Some(at) = rest.bytes().position(|b| entity(b).is_some()) {
+            self.raw(&rest[..at]);
+            self.raw(entity(rest.as_bytes()[at]).unwrap_or_default());
+            rest = &rest[at + 1..];
+        }
+        self.raw(rest);
+    }
+}
+
+/// The XML entity that stands for `byte`, if it needs one.
+const fn entity(byte: u8) -> Option<&'static str> {
+    match byte {
+        b'&' => Some("&amp;"),
+        b'<' => Some("&lt;"),
+        b'>' => Some("&gt;"),
+        b'"' => Some("&quot;"),
+        b'\'' => Some("&apos;"),
+        _ => None,
+    }
+}
+
+impl Sink for String {
+    fn raw(&mut self, text: &str) {
+        self.push_str(text);
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of what is written.
+struct FormEncoded(Vec<u8>);
+
+impl Sink for FormEncoded {
+    fn raw(&mut self, text: &str) {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        self.0.reserve(3 * text.len());
+        for &b in text.as_bytes() {
+            match FORM[usize::from(b)] {
+                Form::Keep => self.0.push(b),
+                Form::Plus => self.0.push(b'+'),
+                Form::Escape => self.0.extend_from_slice(&[
+                    b'%',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 15)],
+                ]),
+            }
+        }
+    }
+}
+
+impl FormEncoded {
+    fn into_string(self) -> String {
+        String::from_utf8(self.0).expect("form encoding is ASCII")
+    }
+}
+
+/// The length of what is written, form-encoded.
+#[derive(Default)]
+struct EncodedLen(usize);
+
+impl Sink for EncodedLen {
+    fn raw(&mut self, text: &str) {
+        self.0 += encoded_len(text);
+    }
+
+    fn text(&mut self, text: &str) {
+        self.0 += text
+            .bytes()
+            .map(|b| usize::from(ESCAPED_LEN[usize::from(b)]))
+            .sum::<usize>();
+    }
+}
+
+/// Per byte, the length of its form encoding once XML-escaped.
+const ESCAPED_LEN: [u8; 256] = {
+    let mut table = [0; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        table[b] = match entity(byte) {
+            Some(entity) => const_encoded_len(entity.as_bytes()),
+            None => const_encoded_len(&[byte]),
+        };
+        b += 1;
+    }
+    table
+};
+
+const fn const_encoded_len(bytes: &[u8]) -> u8 {
+    let mut len = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        len += match FORM[bytes[i] as usize] {
+            Form::Keep | Form::Plus => 1,
+            Form::Escape => 3,
+        };
+        i += 1;
+    }
+    len
+}
+
 /// Escapes text for XML content and attribute values alike.
 pub fn escape_xml(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
+    out.text(text);
     out
 }
 
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'*' | b'-' | b'.' | b'_')
+#[derive(Clone, Copy)]
+enum Form {
+    Keep,
+    Plus,
+    Escape,
 }
+
+/// How form encoding writes each byte, looked up rather than tested.
+const FORM: [Form; 256] = {
+    let mut table = [Form::Escape; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        if byte == b' ' {
+            table[b] = Form::Plus;
+        } else if byte.is_ascii_alphanumeric() || matches!(byte, b'*' | b'-' | b'.' | b'_') {
+            table[b] = Form::Keep;
+        }
+        b += 1;
+    }
+    table
+};
 
 /// `application/x-www-form-urlencoded` encoding of one value.
 pub fn form_encode(text: &str) -> String {
-    // A uid-message is mostly markup, so most bytes are escaped: by table,
-    // not through `format!` (a formatter and an allocation per byte were a
-    // tenth of a batch's time in Wasm).
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = Vec::with_capacity(encoded_len(text));
-    for &b in text.as_bytes() {
-        match b {
-            b' ' => out.push(b'+'),
-            b if is_unreserved(b) => out.push(b),
-            b => out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]),
-        }
-    }
-    String::from_utf8(out).expect("form encoding is ASCII")
+    let mut out = FormEncoded(Vec::with_capacity(encoded_len(text)));
+    out.raw(text);
+    out.into_string()
 }
 
 /// The length of [`form_encode`]`(text)`, without building it.
 fn encoded_len(text: &str) -> usize {
     text.bytes()
-        .map(|b| if b == b' ' || is_unreserved(b) { 1 } else { 3 })
+        .map(|b| usize::from(const_encoded_len(&[b])))
         .sum()
 }
 
-/// A form body: `type=…&cmd=…` plus `vsys` and `target` when configured.
-fn form_body(config: &Config, kind: &str, cmd: &str) -> String {
-    let mut body = format!("type={kind}&cmd={}", form_encode(cmd));
+/// A form body: `type=…&cmd=…` plus `vsys` and `target` when configured;
+/// `cmd` writes the command's XML, which is encoded as it is written.
+fn form_body(config: &Config, kind: &str, cmd: impl FnOnce(&mut FormEncoded)) -> String {
+    let mut out = FormEncoded(Vec::new());
+    // The field names and `kind` are unreserved: they go in as they are.
+    out.0
+        .extend_from_slice(format!("type={kind}&cmd=").as_bytes());
+    cmd(&mut out);
     for (name, value) in [("vsys", &config.vsys), ("target", &config.target)] {
         if let Some(value) = value {
-            body.push_str(&format!("&{name}={}", form_encode(value)));
+            out.0.extend_from_slice(format!("&{name}=").as_bytes());
+            out.raw(value);
         }
     }
-    body
+    out.into_string()
+}
+
+/// The bytes [`form_body`] adds around the encoded command.
+fn form_overhead(config: &Config, kind: &str) -> usize {
+    let mut bytes = "type=&cmd=".len() + kind.len();
+    for (name, value) in [("vsys", &config.vsys), ("target", &config.target)] {
+        if let Some(value) = value {
+            bytes += "&=".len() + name.len() + encoded_len(value);
+        }
+    }
+    bytes
 }
 
 /// The body asking for one page of registered IPs (`start` is 1-based).
@@ -76,47 +205,78 @@ pub fn registered_ip_query(config: &Config, start: usize) -> String {
     let cmd = format!(
         "<show><object><registered-ip><limit>{PAGE_SIZE}</limit><start-point>{start}</start-point></registered-ip></object></show>"
     );
-    form_body(config, "op", &cmd)
+    form_body(config, "op", |out| out.raw(&cmd))
 }
 
-/// One `uid-message`'s content: `(ip, tags)` entries per section.
+const HEAD: &str = "<uid-message><version>1.0</version><type>update</type><payload>";
+const TAIL: &str = "</payload></uid-message>";
+
+/// One `uid-message`'s content: `(ip, tags)` entries per section, borrowed
+/// from the diff it was split from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Message {
-    pub register: Vec<(String, Vec<String>)>,
-    pub unregister: Vec<(String, Vec<String>)>,
+pub struct Message<'a> {
+    pub register: Vec<(&'a str, Vec<&'a str>)>,
+    pub unregister: Vec<(&'a str, Vec<&'a str>)>,
 }
 
-impl Message {
+/// The opening tag of a member: register members carry the timeout.
+fn member_open(register: bool, timeout: u64) -> String {
+    if register {
+        format!("<member timeout=\"{timeout}\">")
+    } else {
+        "<member>".to_owned()
+    }
+}
+
+fn write_entry<'t>(
+    out: &mut impl Sink,
+    ip: &str,
+    member_open: &str,
+    tags: impl IntoIterator<Item = &'t str>,
+) {
+    out.raw("<entry ip=\"");
+    out.text(ip);
+    out.raw("\"><tag>");
+    for tag in tags {
+        out.raw(member_open);
+        out.text(tag);
+        out.raw("</member>");
+    }
+    out.raw("</tag></entry>");
+}
+
+impl Message<'_> {
     fn is_empty(&self) -> bool {
         self.register.is_empty() && self.unregister.is_empty()
     }
 
-    /// The `uid-message` document; register members carry `timeout`.
-    pub fn to_xml(&self, timeout: u64) -> String {
-        let mut xml =
-            String::from("<uid-message><version>1.0</version><type>update</type><payload>");
-        for (section, entries, member) in [
-            (
-                "register",
-                &self.register,
-                format!("<member timeout=\"{timeout}\">"),
-            ),
-            ("unregister", &self.unregister, "<member>".to_owned()),
+    fn write(&self, out: &mut impl Sink, timeout: u64) {
+        out.raw(HEAD);
+        for (register, section, entries) in [
+            (true, "register", &self.register),
+            (false, "unregister", &self.unregister),
         ] {
             if entries.is_empty() {
                 continue;
             }
-            xml.push_str(&format!("<{section}>"));
+            let member = member_open(register, timeout);
+            out.raw("<");
+            out.raw(section);
+            out.raw(">");
             for (ip, tags) in entries {
-                xml.push_str(&format!("<entry ip=\"{}\"><tag>", escape_xml(ip)));
-                for tag in tags {
-                    xml.push_str(&format!("{member}{}</member>", escape_xml(tag)));
-                }
-                xml.push_str("</tag></entry>");
+                write_entry(out, ip, &member, tags.iter().copied());
             }
-            xml.push_str(&format!("</{section}>"));
+            out.raw("</");
+            out.raw(section);
+            out.raw(">");
         }
-        xml.push_str("</payload></uid-message>");
+        out.raw(TAIL);
+    }
+
+    /// The `uid-message` document; register members carry `timeout`.
+    pub fn to_xml(&self, timeout: u64) -> String {
+        let mut xml = String::new();
+        self.write(&mut xml, timeout);
         xml
     }
 }
@@ -124,55 +284,54 @@ impl Message {
 /// Splits a diff into messages whose encoded bodies each stay within
 /// `config.max_message_bytes`. An IP's tags may be spread over two
 /// messages; every `(ip, tag)` pair appears exactly once.
-pub fn split(config: &Config, diff: &Diff) -> Vec<Message> {
+pub fn split<'a>(config: &Config, diff: &'a Diff) -> Vec<Message<'a>> {
     let timeout = config.registration_timeout;
-    // An empty message with both sections open is the fixed cost of each.
-    let skeleton = Message {
-        register: vec![(String::new(), vec![])],
-        unregister: vec![(String::new(), vec![])],
+    let encoded = |write: &dyn Fn(&mut EncodedLen)| {
+        let mut len = EncodedLen::default();
+        write(&mut len);
+        len.0
     };
-    let fixed = form_body(config, "user-id", &skeleton.to_xml(timeout)).len()
-        - 2 * encoded_len("<entry ip=\"\"><tag></tag></entry>");
-    let register_member = encoded_len(&format!("<member timeout=\"{timeout}\"></member>"));
-    let unregister_member = encoded_len("<member></member>");
+    // A message with both sections open is the fixed cost of each.
+    let fixed = form_overhead(config, "user-id")
+        + encoded(&|out| {
+            for part in [HEAD, "<register></register><unregister></unregister>", TAIL] {
+                out.raw(part);
+            }
+        });
 
     let mut messages = Vec::new();
     let mut current = Message::default();
     let mut size = fixed;
-    for (is_register, side) in [(true, &diff.register), (false, &diff.unregister)] {
-        let member_cost = if is_register {
-            register_member
-        } else {
-            unregister_member
-        };
+    for (register, side) in [(true, &diff.register), (false, &diff.unregister)] {
+        let member = member_open(register, timeout);
+        let member_cost = encoded(&|out| write_entry(out, "", &member, [""]))
+            - encoded(&|out| write_entry(out, "", &member, []));
         for (ip, tags) in side {
-            let escaped_ip = escape_xml(ip);
-            let entry_cost =
-                encoded_len(&format!("<entry ip=\"{escaped_ip}\"><tag></tag></entry>"));
+            let entry_cost = encoded(&|out| write_entry(out, ip, &member, []));
             let mut open = false;
             for tag in tags {
-                let member = member_cost + encoded_len(&escape_xml(tag));
-                if size + member + if open { 0 } else { entry_cost } > config.max_message_bytes
+                let cost = member_cost + encoded(&|out| out.text(tag));
+                if size + cost + if open { 0 } else { entry_cost } > config.max_message_bytes
                     && !current.is_empty()
                 {
                     messages.push(std::mem::take(&mut current));
                     size = fixed;
                     open = false;
                 }
-                let entries = if is_register {
+                let entries = if register {
                     &mut current.register
                 } else {
                     &mut current.unregister
                 };
                 match entries.last_mut() {
-                    Some((_, members)) if open => members.push(tag.clone()),
+                    Some((_, members)) if open => members.push(tag.as_str()),
                     _ => {
-                        entries.push((ip.clone(), vec![tag.clone()]));
+                        entries.push((ip.as_str(), vec![tag.as_str()]));
                         size += entry_cost;
                         open = true;
                     }
                 }
-                size += member;
+                size += cost;
             }
         }
     }
@@ -184,11 +343,8 @@ pub fn split(config: &Config, diff: &Diff) -> Vec<Message> {
 
 /// The form body that sends one message.
 pub fn uid_body(config: &Config, message: &Message) -> String {
-    form_body(
-        config,
-        "user-id",
-        &message.to_xml(config.registration_timeout),
-    )
+    let timeout = config.registration_timeout;
+    form_body(config, "user-id", |out| message.write(out, timeout))
 }
 
 #[cfg(test)]
@@ -295,7 +451,7 @@ mod tests {
     #[test]
     fn names_and_values_are_xml_escaped() {
         let message = Message {
-            register: vec![("1.2.3.4\"/><x a=\"".into(), vec!["x'\"]<&>".into()])],
+            register: vec![("1.2.3.4\"/><x a=\"", vec!["x'\"]<&>"])],
             unregister: vec![],
         };
         let xml = message.to_xml(0);
@@ -308,7 +464,7 @@ mod tests {
             "{xml}"
         );
         let plain = Message {
-            register: vec![("1.2.3.4".into(), vec!["x".into()])],
+            register: vec![("1.2.3.4", vec!["x"])],
             unregister: vec![],
         };
         assert_eq!(
@@ -322,7 +478,7 @@ mod tests {
     fn the_form_body_encodes_cmd_and_adds_vsys_and_target() {
         let config = config(r#"{"firewall": "https://fw", "vsys": "vsys1", "target": "0071"}"#);
         let message = Message {
-            register: vec![("10.0.0.1".into(), vec!["ntnx.a b&c".into()])],
+            register: vec![("10.0.0.1", vec!["ntnx.a b&c"])],
             unregister: vec![],
         };
         let body = uid_body(&config, &message);
@@ -392,12 +548,12 @@ mod tests {
             assert!(body.len() <= 4096, "a body of {} bytes", body.len());
             for (ip, tags) in &message.register {
                 for tag in tags {
-                    assert!(seen.0.insert((ip.clone(), tag.clone())), "sent twice");
+                    assert!(seen.0.insert((*ip, *tag)), "sent twice");
                 }
             }
             for (ip, tags) in &message.unregister {
                 for tag in tags {
-                    assert!(seen.1.insert((ip.clone(), tag.clone())), "sent twice");
+                    assert!(seen.1.insert((*ip, *tag)), "sent twice");
                 }
             }
         }
@@ -411,6 +567,37 @@ mod tests {
         assert!(
             full > 4096 - 200,
             "messages are filled up to the limit, the largest is {full}"
+        );
+    }
+
+    #[test]
+    fn split_counts_a_body_to_the_byte() {
+        // Above the smallest limit allowed, with text that needs escaping twice.
+        let register: Vec<(String, Vec<&str>)> = (0..40)
+            .map(|i| (format!("10.0.0.{i}"), vec!["ntnx.a b&c", "ntnx.<d>\"é"]))
+            .collect();
+        let register: Vec<(&str, &[&str])> = register
+            .iter()
+            .map(|(ip, tags)| (ip.as_str(), tags.as_slice()))
+            .collect();
+        let diff = Diff {
+            register: ip_tags(&register),
+            unregister: ip_tags(&[("10.0.1.2", &["ntnx.'e'"])]),
+        };
+        let base = r#""firewall": "https://fw", "vsys": "vsys 1", "registration_timeout": 60"#;
+        let roomy = config(&format!("{{{base}}}"));
+        let whole = uid_body(&roomy, &split(&roomy, &diff)[0]);
+        assert!(whole.len() > 4096, "{} bytes", whole.len());
+        let limit = |bytes: usize| config(&format!(r#"{{{base}, "max_message_bytes": {bytes}}}"#));
+        assert_eq!(
+            split(&limit(whole.len()), &diff).len(),
+            1,
+            "a body of exactly the limit fits"
+        );
+        assert_eq!(
+            split(&limit(whole.len() - 1), &diff).len(),
+            2,
+            "one byte less does not"
         );
     }
 

@@ -89,6 +89,13 @@ fn read_back(xml: &str) -> (Entries, Entries) {
     }
 }
 
+fn borrow(entries: &Entries) -> Vec<(&str, Vec<&str>)> {
+    entries
+        .iter()
+        .map(|(ip, tags)| (ip.as_str(), tags.iter().map(String::as_str).collect()))
+        .collect()
+}
+
 fuzz_target!(|input: (Entries, Entries, u64)| {
     let (register, unregister, timeout) = input;
     let all = register.iter().chain(&unregister);
@@ -99,8 +106,8 @@ fuzz_target!(|input: (Entries, Entries, u64)| {
         return;
     }
     let message = Message {
-        register: register.clone(),
-        unregister: unregister.clone(),
+        register: borrow(&register),
+        unregister: borrow(&unregister),
     };
     let xml = message.to_xml(timeout);
     assert_eq!(read_back(&xml), (register, unregister), "{xml}");
