@@ -150,8 +150,15 @@ impl pa::host::Host for NativeHost {
     fn kv_delete(&mut self, key: &str) -> Result<(), String> {
         self.kv.delete(key.to_owned()).map_err(|e| e.to_string())
     }
-    fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String> {
-        self.kv.list_keys(prefix).map_err(|e| e.to_string())
+    fn kv_list_after(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, String> {
+        self.kv
+            .list_keys_after(prefix, after, limit as usize)
+            .map_err(|e| e.to_string())
     }
     fn send(
         &mut self,
@@ -228,11 +235,18 @@ impl pa::host::Host for FakeHost {
         self.kv.remove(key);
         Ok(())
     }
-    fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String> {
+    fn kv_list_after(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, String> {
         Ok(self
             .kv
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
+            .take(limit as usize)
             .map(|(k, _)| k.clone())
             .collect())
     }

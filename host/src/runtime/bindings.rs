@@ -22,12 +22,12 @@ pub use self::prismhook::plugin::{context, http, inventory, kv, log};
 /// The WIT package this host implements, as components name it in their
 /// imports and exports. Components built against an earlier `0.1.x` link
 /// too: wasmtime resolves their imports and finds their exports by semver.
-pub const PACKAGE: &str = "prismhook:plugin@0.1.2";
+pub const PACKAGE: &str = "prismhook:plugin@0.1.3";
 
 /// The paged reconcile a component of the world `paged-plugin` exports.
 /// Optional, so it is looked up by name rather than bound above: a plugin
 /// without it is handed its inventory in `handler.reconcile`.
-pub const PAGED: &str = "prismhook:plugin/paged@0.1.2";
+pub const PAGED: &str = "prismhook:plugin/paged@0.1.3";
 
 /// The WIT record of a VM the host decoded at ingest.
 impl From<&crate::event::Vm> for Vm {

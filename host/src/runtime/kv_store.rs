@@ -9,7 +9,8 @@
 //! JetStream instead (`ledger::jetstream::kv`), so that a plugin finds its
 //! records whichever host runs its next batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -40,13 +41,28 @@ fn table(plugin: &str) -> String {
     format!("plugin:{plugin}")
 }
 
+/// Where a listing of the keys under `prefix` after `after` starts.
+pub(crate) fn start<'k>(prefix: &'k str, after: Option<&'k str>) -> Bound<&'k str> {
+    match after {
+        Some(after) if after >= prefix => Bound::Excluded(after),
+        _ => Bound::Included(prefix),
+    }
+}
+
 /// Where plugins' records are kept. Reads come from memory or a local file,
 /// never from the network: they run inside a plugin's call.
 pub trait KvBackend: Send + Sync + 'static {
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
 
-    /// `plugin`'s keys that start with `prefix`, in order.
-    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError>;
+    /// `plugin`'s keys that start with `prefix` and sort after `after`
+    /// (from the first when `None`), in order, at most `limit`.
+    fn keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, KvError>;
 
     /// Makes one call's writes durable together (`None` deletes); returns once
     /// a read on this host sees them. Blocks: it is called off the async
@@ -122,7 +138,7 @@ impl KvStore {
     /// Everything `plugin` has stored, for operators and tests.
     pub fn dump(&self, plugin: &str) -> Result<BTreeMap<String, Vec<u8>>, KvError> {
         self.backend
-            .keys(plugin, "")?
+            .keys(plugin, "", None, usize::MAX)?
             .into_iter()
             .filter_map(|k| match self.backend.read(plugin, &k) {
                 Ok(Some(v)) => Some(Ok((k, v))),
@@ -166,7 +182,13 @@ impl KvBackend for RedbKv {
         Ok(table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
     }
 
-    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+    fn keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, KvError> {
         let table_name = table(plugin);
         let txn = self.db.begin_read().map_err(storage)?;
         let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
@@ -176,7 +198,11 @@ impl KvBackend for RedbKv {
             Err(e) => return Err(storage(e)),
         };
         let mut keys = Vec::new();
-        for entry in table.range(prefix..).map_err(storage)? {
+        let range = (start(prefix, after), Bound::Unbounded);
+        for entry in table.range::<&str>(range).map_err(storage)? {
+            if keys.len() >= limit {
+                break;
+            }
             let (k, _) = entry.map_err(storage)?;
             let k = k.value();
             if !k.starts_with(prefix) {
@@ -249,22 +275,50 @@ impl KvSession {
     }
 
     pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>, KvError> {
-        let mut keys: std::collections::BTreeSet<String> = self
-            .store
-            .backend
-            .keys(&self.plugin, prefix)?
-            .into_iter()
-            .collect();
-        for (k, v) in self.writes.range(prefix.to_owned()..) {
-            if !k.starts_with(prefix) {
-                break;
+        self.list_keys_after(prefix, None, usize::MAX)
+    }
+
+    /// At most `limit` keys under `prefix` after `after`, the stored ones
+    /// merged with the call's buffered writes. Fewer than `limit` only when
+    /// there are no more, even where the call deleted a whole stored page.
+    pub fn list_keys_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, KvError> {
+        let mut keys = Vec::new();
+        let mut cursor = after.map(str::to_owned);
+        while keys.len() < limit {
+            let want = limit - keys.len();
+            let stored = self
+                .store
+                .backend
+                .keys(&self.plugin, prefix, cursor.as_deref(), want)?;
+            // The stored page covers the keys up to its last one, or all
+            // the rest when it came back short: buffered writes apply there.
+            let upper = (stored.len() >= want)
+                .then(|| stored.last().cloned())
+                .flatten();
+            let mut page: BTreeSet<String> = stored.into_iter().collect();
+            let lower = start(prefix, cursor.as_deref()).map(str::to_owned);
+            let to = upper.clone().map_or(Bound::Unbounded, Bound::Included);
+            for (k, v) in self.writes.range::<String, _>((lower, to)) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                match v {
+                    Some(_) => page.insert(k.clone()),
+                    None => page.remove(k),
+                };
             }
-            match v {
-                Some(_) => keys.insert(k.clone()),
-                None => keys.remove(k),
-            };
+            keys.extend(page.into_iter().take(want));
+            match upper {
+                Some(upper) => cursor = Some(upper),
+                None => break,
+            }
         }
-        Ok(keys.into_iter().collect())
+        Ok(keys)
     }
 
     pub fn has_writes(&self) -> bool {
@@ -322,5 +376,62 @@ mod tests {
         s.delete("vm/a".into()).unwrap();
         s.set("vm/c".into(), vec![]).unwrap();
         assert_eq!(s.list_keys("vm/").unwrap(), vec!["vm/b", "vm/c"]);
+    }
+
+    /// Every page of `list_keys_after` with `limit`, in order.
+    fn pages(s: &KvSession, prefix: &str, limit: usize) -> Vec<Vec<String>> {
+        let mut pages = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.list_keys_after(prefix, after.as_deref(), limit).unwrap();
+            let last = page.len() < limit;
+            after = page.last().cloned().or(after);
+            pages.push(page);
+            if last {
+                return pages;
+            }
+        }
+    }
+
+    #[test]
+    fn pages_of_keys_are_full_until_the_last_and_together_are_list_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p");
+        for k in ["ip/1", "vm/a", "vm/b", "vm/c", "vm/d", "vm/e", "w"] {
+            s.set(k.into(), vec![]).unwrap();
+        }
+        s.commit().unwrap();
+        // The call deletes a whole stored page (a, b) and keys between
+        // pages, and adds keys inside and past the stored ones.
+        let mut s = store.session("p");
+        for k in ["vm/a", "vm/b", "vm/d"] {
+            s.delete(k.into()).unwrap();
+        }
+        for k in ["vm/bb", "vm/z", "x"] {
+            s.set(k.into(), vec![]).unwrap();
+        }
+        let all = s.list_keys("vm/").unwrap();
+        assert_eq!(all, ["vm/bb", "vm/c", "vm/e", "vm/z"]);
+        for limit in 1..=6 {
+            let pages = pages(&s, "vm/", limit);
+            let (last, full) = pages.split_last().unwrap();
+            assert!(full.iter().all(|p| p.len() == limit), "{limit}: {pages:?}");
+            assert!(last.len() < limit, "{limit}: {pages:?}");
+            assert_eq!(pages.concat(), all, "limit {limit}");
+        }
+        assert_eq!(
+            s.list_keys_after("vm/", Some("a"), 2).unwrap(),
+            ["vm/bb", "vm/c"],
+            "an `after` before the prefix starts at the prefix"
+        );
+        assert!(s
+            .list_keys_after("vm/", Some("vm/z"), 2)
+            .unwrap()
+            .is_empty());
+        assert!(s.list_keys_after("vm/", None, 0).unwrap().is_empty());
+        s.commit().unwrap();
+        let s = store.session("p");
+        assert_eq!(pages(&s, "vm/", 3).concat(), all, "the same once stored");
     }
 }

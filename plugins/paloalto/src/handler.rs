@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use crate::config::Config;
 use crate::firewall;
-use crate::host::{Event, Host, Level, Outcome, Vm};
+use crate::host::{Event, Host, Keys, Level, Outcome, Vm};
 use crate::response::Failure;
 use crate::state::{self, Diff, IpRecord, Ledger, Plan, VmKey};
 use crate::tags::{self, IpTags};
@@ -381,10 +381,8 @@ pub fn reconcile(
     let own_prefix = state::cluster_prefix(cluster);
     let mut stale_own = Vec::new();
     let mut contributions = own.clone();
-    let vm_keys = host
-        .kv_list(state::VM_PREFIX)
-        .map_err(|e| format!("listing kv VM records: {e}"))?;
-    for record_key in vm_keys {
+    let mut vm_keys = Keys::new(state::VM_PREFIX);
+    while let Some(record_key) = vm_keys.next(host)? {
         let Some(key) = record_key.strip_prefix(state::VM_PREFIX) else {
             continue;
         };
@@ -430,10 +428,8 @@ pub fn reconcile(
     for record_key in stale_own {
         store(host, &record_key, &IpTags::new(), true)?;
     }
-    let ip_keys = host
-        .kv_list(state::IP_PREFIX)
-        .map_err(|e| format!("listing kv IP records: {e}"))?;
-    for record_key in ip_keys {
+    let mut ip_keys = Keys::new(state::IP_PREFIX);
+    while let Some(record_key) = ip_keys.next(host)? {
         let known = record_key
             .strip_prefix(state::IP_PREFIX)
             .is_some_and(|ip| ips.contains_key(ip));

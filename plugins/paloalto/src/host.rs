@@ -85,8 +85,58 @@ pub trait Host {
     fn kv_get(&mut self, key: &str) -> Result<Option<Vec<u8>>, String>;
     fn kv_set(&mut self, key: &str, value: &[u8]) -> Result<(), String>;
     fn kv_delete(&mut self, key: &str) -> Result<(), String>;
-    /// Keys starting with `prefix`, in byte order.
-    fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String>;
+    /// At most `limit` keys starting with `prefix` and sorting after
+    /// `after`, in byte order; fewer means there are no more (host 0.1.3).
+    fn kv_list_after(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, String>;
     fn send(&mut self, request: Request) -> Result<Response, HttpError>;
     fn log(&mut self, level: Level, message: &str);
+}
+
+/// The keys under a prefix, read from `kv` a page at a time, so that no
+/// list of them grows with the store.
+pub struct Keys {
+    prefix: String,
+    page: std::vec::IntoIter<String>,
+    /// The last key read; `None` before the first page.
+    after: Option<String>,
+    more: bool,
+}
+
+impl Keys {
+    /// Keys per `kv.list-keys-after`: ~70 KB of keys in the plugin's memory.
+    pub const PAGE: u32 = 1_000;
+
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+            page: Vec::new().into_iter(),
+            after: None,
+            more: true,
+        }
+    }
+
+    /// The next key; a page sees the call's writes as they are when it is
+    /// read.
+    pub fn next(&mut self, host: &mut impl Host) -> Result<Option<String>, String> {
+        if let Some(key) = self.page.next() {
+            return Ok(Some(key));
+        }
+        if !self.more {
+            return Ok(None);
+        }
+        let page = host
+            .kv_list_after(&self.prefix, self.after.as_deref(), Self::PAGE)
+            .map_err(|e| format!("listing the kv records `{}…`: {e}", self.prefix))?;
+        self.more = page.len() >= Self::PAGE as usize;
+        if let Some(last) = page.last() {
+            self.after = Some(last.clone());
+        }
+        self.page = page.into_iter();
+        Ok(self.page.next())
+    }
 }

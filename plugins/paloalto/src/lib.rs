@@ -53,8 +53,13 @@ mod component {
             kv::delete(key)
         }
 
-        fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String> {
-            kv::list_keys(prefix)
+        fn kv_list_after(
+            &mut self,
+            prefix: &str,
+            after: Option<&str>,
+            limit: u32,
+        ) -> Result<Vec<String>, String> {
+            kv::list_keys_after(prefix, after, limit)
         }
 
         fn send(&mut self, request: host::Request) -> Result<host::Response, host::HttpError> {

@@ -26,7 +26,7 @@ use std::hash::{Hash, Hasher};
 use crate::config::Config;
 use crate::firewall;
 use crate::handler::{self, contribution, load, powered_on, store};
-use crate::host::{Host, Vm};
+use crate::host::{Host, Keys, Vm};
 use crate::response::Failure;
 use crate::state::{self, Diff, IpRecord, VmKey};
 use crate::tags::IpTags;
@@ -43,16 +43,6 @@ fn fingerprint(key: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
     key.hash(&mut hasher);
     hasher.finish()
-}
-
-/// The keys of the records under `prefix` (`kv` answers with every one:
-/// the one list here that grows with the inventory, ~70 bytes a record).
-fn records(host: &mut impl Host, prefix: &str) -> Result<Vec<String>, String> {
-    let mut keys = host
-        .kv_list(prefix)
-        .map_err(|e| format!("listing the kv records `{prefix}…`: {e}"))?;
-    keys.retain(|key| key.starts_with(prefix));
-    Ok(keys)
 }
 
 /// Makes VM `key`'s entry in the record of `ip` what the VM contributes to
@@ -107,7 +97,8 @@ fn take_inventory(
         }
     }
     let own_prefix = state::cluster_prefix(cluster);
-    for record_key in records(host, state::VM_PREFIX)? {
+    let mut records = Keys::new(state::VM_PREFIX);
+    while let Some(record_key) = records.next(host)? {
         let key = record_key[state::VM_PREFIX.len()..].to_owned();
         if record_key.starts_with(&own_prefix) {
             if !listed.contains(&fingerprint(&key)) {
@@ -124,7 +115,8 @@ fn take_inventory(
 
 /// Step 2: each `ip/` entry must be what its VM's record says.
 fn repair_ip_records(host: &mut impl Host) -> Result<(), String> {
-    for ip_key in records(host, state::IP_PREFIX)? {
+    let mut records = Keys::new(state::IP_PREFIX);
+    while let Some(ip_key) = records.next(host)? {
         let ip = &ip_key[state::IP_PREFIX.len()..];
         let mut record: IpRecord = load(host, &ip_key)?;
         let holders: Vec<VmKey> = record.keys().cloned().collect();
@@ -214,7 +206,8 @@ fn compare_firewall(config: &Config, host: &mut impl Host) -> Result<Change, Str
         Ok(())
     })
     .map_err(|f| f.reason().to_owned())?;
-    for ip_key in records(host, state::IP_PREFIX)? {
+    let mut records = Keys::new(state::IP_PREFIX);
+    while let Some(ip_key) = records.next(host)? {
         let ip = &ip_key[state::IP_PREFIX.len()..];
         if !on_firewall.contains(&fingerprint(ip)) {
             let record: IpRecord = load(host, &ip_key)?;

@@ -27,6 +27,7 @@
 //! read before the first wrote it fails, and its call is delivered again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -37,7 +38,7 @@ use tokio::sync::watch;
 
 use super::batch::{self, BATCH_MAX};
 use super::follow::{self, Fold, Restarts};
-use crate::runtime::kv_store::{KvBackend, KvError};
+use crate::runtime::kv_store::{self, KvBackend, KvError};
 
 const OP: &str = "Prismhook-Kv";
 
@@ -226,16 +227,24 @@ impl KvBackend for JetStreamKv {
             .and_then(|r| r.value.clone()))
     }
 
-    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, KvError> {
+    fn keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, KvError> {
         let data = self.mirror.data.read().expect("kv mirror lock poisoned");
+        let from = kv_store::start(prefix, after).map(str::to_owned);
         Ok(data
             .get(plugin)
             .map(|records| {
                 records
-                    .range(prefix.to_owned()..)
+                    .range::<String, _>((from, Bound::Unbounded))
                     .take_while(|(k, _)| k.starts_with(prefix))
                     .filter(|(_, r)| r.value.is_some())
                     .map(|(k, _)| k.clone())
+                    .take(limit)
                     .collect()
             })
             .unwrap_or_default())

@@ -1280,7 +1280,24 @@ mod tests {
         }
         s.set("odd key .*> é".into(), vec![0, 255]).unwrap();
         commit(s).await;
-        assert_eq!(kv_a.session("fw").list_keys("ip/").unwrap().len(), 2_500);
+        let session = kv_a.session("fw");
+        let all = session.list_keys("ip/").unwrap();
+        assert_eq!(all.len(), 2_500);
+        let first = session.list_keys_after("ip/", None, 1_000).unwrap();
+        let second = session.list_keys_after("ip/", first.last().map(String::as_str), 1_000);
+        let second = second.unwrap();
+        let last = session.list_keys_after("ip/", second.last().map(String::as_str), 1_000);
+        assert_eq!(
+            [first, second, last.unwrap()].concat(),
+            all,
+            "pages of the mirror"
+        );
+        drop(session);
+        // A deleted key's tombstone is not a key of a page.
+        assert_eq!(
+            kv_a.session("fw").list_keys_after("vm/", None, 1).unwrap(),
+            ["vm/2"]
+        );
 
         // A host that starts later mirrors it all before it serves anything.
         let c = JetStreamLedger::open(named(&nats, "c")).await.unwrap();

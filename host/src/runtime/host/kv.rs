@@ -20,4 +20,17 @@ impl Host for HostState {
     fn list_keys(&mut self, prefix: String) -> wasmtime::Result<Result<Vec<String>, String>> {
         Ok(self.kv.list_keys(&prefix).map_err(|e| e.to_string()))
     }
+
+    fn list_keys_after(
+        &mut self,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<String>, String>> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(self
+            .kv
+            .list_keys_after(&prefix, after.as_deref(), limit)
+            .map_err(|e| e.to_string()))
+    }
 }

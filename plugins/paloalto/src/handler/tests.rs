@@ -91,6 +91,9 @@ struct Fake {
     /// Every request fails with this.
     fail: Option<Result<Response, HttpError>>,
     logs: Vec<(Level, String)>,
+    /// `kv.list-keys-after` calls, and the most keys one answered with.
+    kv_lists: usize,
+    largest_key_list: usize,
 }
 
 fn xml_answer(body: String) -> Response {
@@ -116,13 +119,22 @@ impl Host for Fake {
         Ok(())
     }
 
-    fn kv_list(&mut self, prefix: &str) -> Result<Vec<String>, String> {
-        Ok(self
+    fn kv_list_after(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, String> {
+        self.kv_lists += 1;
+        let keys: Vec<String> = self
             .kv
             .keys()
-            .filter(|k| k.starts_with(prefix))
+            .filter(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
+            .take(limit as usize)
             .cloned()
-            .collect())
+            .collect();
+        self.largest_key_list = self.largest_key_list.max(keys.len());
+        Ok(keys)
     }
 
     fn send(&mut self, request: Request) -> Result<Response, HttpError> {
@@ -721,6 +733,42 @@ fn reconcile_repairs_a_hand_changed_tag_and_leaves_foreign_tags_alone() {
             "{how}"
         );
     }
+}
+
+#[test]
+fn the_paged_reconcile_reads_kv_keys_a_page_at_a_time_and_still_removes_every_stale_vm() {
+    // `count` powered-on VMs named `<name>-NNNN`, one IP each in 10.`net`/16.
+    let vms = |name: &str, net: u32, count: u32| -> Vec<Vm> {
+        (0..count)
+            .map(|i| Vm {
+                uuid: format!("{name}-{i:04}"),
+                power_state: Some("ON".into()),
+                nics: vec![vec![format!("10.{net}.{}.{}", i / 250, i % 250)]],
+                ..Vm::default()
+            })
+            .collect()
+    };
+    let (live, gone) = (vms("live", 1, 2_500), vms("gone", 2, 1_200));
+    let mut fake = Fake::default();
+    let both = [gone.clone(), live.clone()].concat();
+    paged(&config(), &mut fake, "c1", &both).unwrap();
+    assert_eq!(fake.registered.len(), 3_700);
+
+    fake.kv_lists = 0;
+    fake.largest_key_list = 0;
+    let summary = paged(&config(), &mut fake, "c1", &live).unwrap();
+    assert_eq!(summary, "0 registered, 1200 unregistered, 2500 VMs");
+    assert_eq!(fake.registered.len(), 2_500);
+    assert!(fake.registered.keys().all(|ip| ip.starts_with("10.1.")));
+    assert!(!fake.kv.keys().any(|k| k.contains("gone-")));
+    assert_eq!(
+        fake.largest_key_list,
+        Keys::PAGE as usize,
+        "no list of keys is longer than a page"
+    );
+    // 3,700 VM records, then the 2,500 IP records left twice (repair and
+    // compare; the gone VMs' went with them): 4 + 3 + 3 pages.
+    assert!(fake.kv_lists >= 10, "{} lists", fake.kv_lists);
 }
 
 #[test]
