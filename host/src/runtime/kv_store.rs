@@ -9,7 +9,7 @@
 //! JetStream instead (`ledger::jetstream::kv`), so that a plugin finds its
 //! records whichever host runs its next batch.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
@@ -297,22 +297,42 @@ impl KvSession {
                 .keys(&self.plugin, prefix, cursor.as_deref(), want)?;
             // The stored page covers the keys up to its last one, or all
             // the rest when it came back short: buffered writes apply there.
+            // Merged as two sorted runs, stopping at `want`: a call that
+            // wrote the whole store (a first reconcile) must not walk all of
+            // its writes for every page.
             let upper = (stored.len() >= want)
                 .then(|| stored.last().cloned())
                 .flatten();
-            let mut page: BTreeSet<String> = stored.into_iter().collect();
             let lower = start(prefix, cursor.as_deref()).map(str::to_owned);
             let to = upper.clone().map_or(Bound::Unbounded, Bound::Included);
-            for (k, v) in self.writes.range::<String, _>((lower, to)) {
-                if !k.starts_with(prefix) {
-                    break;
-                }
-                match v {
-                    Some(_) => page.insert(k.clone()),
-                    None => page.remove(k),
+            let mut writes = self
+                .writes
+                .range::<String, _>((lower, to))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .peekable();
+            let mut stored = stored.into_iter().peekable();
+            while keys.len() < limit {
+                let from_writes = match (stored.peek(), writes.peek()) {
+                    (None, None) => break,
+                    (Some(k), Some((w, _))) => w.as_str() <= k.as_str(),
+                    (Some(_), None) => false,
+                    (None, Some(_)) => true,
                 };
+                if !from_writes {
+                    keys.push(stored.next().expect("peeked"));
+                    continue;
+                }
+                let (key, value) = writes.next().expect("peeked");
+                if stored.peek() == Some(key) {
+                    stored.next();
+                }
+                if value.is_some() {
+                    keys.push(key.clone());
+                }
             }
-            keys.extend(page.into_iter().take(want));
+            if keys.len() >= limit {
+                break;
+            }
             match upper {
                 Some(upper) => cursor = Some(upper),
                 None => break,
@@ -433,5 +453,15 @@ mod tests {
         s.commit().unwrap();
         let s = store.session("p");
         assert_eq!(pages(&s, "vm/", 3).concat(), all, "the same once stored");
+
+        // Nothing stored yet: every key comes from the call's writes.
+        let mut fresh = store.session("q");
+        for k in ["vm/3", "vm/1", "vm/2", "w"] {
+            fresh.set(k.into(), vec![]).unwrap();
+        }
+        assert_eq!(
+            pages(&fresh, "vm/", 2),
+            [["vm/1", "vm/2"].as_slice(), &["vm/3"]]
+        );
     }
 }
