@@ -268,6 +268,7 @@ fn main() -> std::process::ExitCode {
     let quiet = false;
     let default_level = if quiet { "warn" } else { "info" };
     init_tracing(cli.log_format, default_level);
+    prismhook::serve::bound_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

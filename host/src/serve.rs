@@ -178,6 +178,35 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::Tls
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Caps glibc's malloc arenas at two per core, where glibc's default is
+/// eight per core. Each thread that allocates in bursts (the tokio workers,
+/// the ledger's writer, the blocking threads plugin calls and kv commits
+/// run on) otherwise grows an arena of its own, and glibc gives back little
+/// of what is freed inside one: under 1,000 notifications/s the host's
+/// peak was about 20 MiB higher. One per core saved more, but then the
+/// ledger's writer waited on the listener's arena locks and durable accepts
+/// fell by a fifth (BENCHMARKS.md, Memory). An operator's own `GLIBC_TUNABLES` or
+/// `MALLOC_ARENA_MAX` setting wins. Call it before the runtime's threads
+/// start.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn bound_malloc_arenas() {
+    let set_by_operator = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"))
+        || std::env::var_os("MALLOC_ARENA_MAX").is_some();
+    if set_by_operator {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arenas = libc::c_int::try_from(2 * cores).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets one of malloc's parameters.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } == 0 {
+        tracing::debug!(arenas, "glibc refused a cap on malloc arenas");
+    }
+}
+
+/// Other C libraries keep their own allocators' defaults.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn bound_malloc_arenas() {}
+
 /// Raises the soft limit on open files to the hard limit, so that the
 /// connection cap, not the descriptor limit, is what peers run into. Says
 /// what it did; a failure only costs headroom.
