@@ -123,20 +123,28 @@ impl Keys {
     /// The next key; a page sees the call's writes as they are when it is
     /// read.
     pub fn next(&mut self, host: &mut impl Host) -> Result<Option<String>, String> {
-        if let Some(key) = self.page.next() {
-            return Ok(Some(key));
+        loop {
+            if let Some(key) = self.page.next() {
+                return Ok(Some(key));
+            }
+            if !self.more {
+                return Ok(None);
+            }
+            let page = host
+                .kv_list_after(&self.prefix, self.after.as_deref(), Self::PAGE)
+                .map_err(|e| format!("listing the kv records `{}…`: {e}", self.prefix))?;
+            self.more = page.len() >= Self::PAGE as usize;
+            if let Some(last) = page.last() {
+                self.after = Some(last.clone());
+            }
+            // The caller cuts the prefix off each key: a host that answered
+            // with another key must not make it panic.
+            let prefix = self.prefix.as_str();
+            self.page = page
+                .into_iter()
+                .filter(|key| key.starts_with(prefix))
+                .collect::<Vec<_>>()
+                .into_iter();
         }
-        if !self.more {
-            return Ok(None);
-        }
-        let page = host
-            .kv_list_after(&self.prefix, self.after.as_deref(), Self::PAGE)
-            .map_err(|e| format!("listing the kv records `{}…`: {e}", self.prefix))?;
-        self.more = page.len() >= Self::PAGE as usize;
-        if let Some(last) = page.last() {
-            self.after = Some(last.clone());
-        }
-        self.page = page.into_iter();
-        Ok(self.page.next())
     }
 }

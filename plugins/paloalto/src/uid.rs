@@ -128,13 +128,6 @@ const fn const_encoded_len(bytes: &[u8]) -> u8 {
     len
 }
 
-/// Escapes text for XML content and attribute values alike.
-pub fn escape_xml(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    out.text(text);
-    out
-}
-
 #[derive(Clone, Copy)]
 enum Form {
     Keep,
@@ -158,14 +151,7 @@ const FORM: [Form; 256] = {
     table
 };
 
-/// `application/x-www-form-urlencoded` encoding of one value.
-pub fn form_encode(text: &str) -> String {
-    let mut out = FormEncoded(Vec::with_capacity(encoded_len(text)));
-    out.raw(text);
-    out.into_string()
-}
-
-/// The length of [`form_encode`]`(text)`, without building it.
+/// The length of `text` form-encoded, without encoding it.
 fn encoded_len(text: &str) -> usize {
     text.bytes()
         .map(|b| usize::from(const_encoded_len(&[b])))
@@ -491,6 +477,12 @@ mod tests {
         assert_eq!(fields[1], ("cmd".into(), message.to_xml(0)));
         assert_eq!(fields[2], ("vsys".into(), "vsys1".into()));
         assert_eq!(fields[3], ("target".into(), "0071".into()));
+    }
+
+    fn form_encode(text: &str) -> String {
+        let mut out = FormEncoded(Vec::new());
+        out.raw(text);
+        out.into_string()
     }
 
     #[test]
