@@ -184,10 +184,10 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::Tls
 /// run on) otherwise grows an arena of its own, and glibc gives back little
 /// of what is freed inside one: under 1,000 notifications/s the host's
 /// peak was about 20 MiB higher. One per core saved more, but then the
-/// ledger's writer waited on the listener's arena locks and durable accepts
-/// fell by a fifth (BENCHMARKS.md, Memory). An operator's own `GLIBC_TUNABLES` or
-/// `MALLOC_ARENA_MAX` setting wins. Call it before the runtime's threads
-/// start.
+/// ledger's writer waited on the listener's arena locks and durable
+/// accepts fell by a fifth (BENCHMARKS.md, Memory). An operator's own
+/// `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` setting wins. Call it before the
+/// runtime's threads start.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn bound_malloc_arenas() {
     let set_by_operator = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"))

@@ -330,9 +330,6 @@ impl KvSession {
                     keys.push(key.clone());
                 }
             }
-            if keys.len() >= limit {
-                break;
-            }
             match upper {
                 Some(upper) => cursor = Some(upper),
                 None => break,

@@ -214,6 +214,12 @@ fn member_open(register: bool, timeout: u64) -> String {
     }
 }
 
+fn write_member(out: &mut impl Sink, member_open: &str, tag: &str) {
+    out.raw(member_open);
+    out.text(tag);
+    out.raw("</member>");
+}
+
 fn write_entry<'t>(
     out: &mut impl Sink,
     ip: &str,
@@ -224,11 +230,20 @@ fn write_entry<'t>(
     out.text(ip);
     out.raw("\"><tag>");
     for tag in tags {
-        out.raw(member_open);
-        out.text(tag);
-        out.raw("</member>");
+        write_member(out, member_open, tag);
     }
     out.raw("</tag></entry>");
+}
+
+/// A section, `register` or `unregister`, around what `entries` writes.
+fn write_section<S: Sink>(out: &mut S, name: &str, entries: impl FnOnce(&mut S)) {
+    out.raw("<");
+    out.raw(name);
+    out.raw(">");
+    entries(out);
+    out.raw("</");
+    out.raw(name);
+    out.raw(">");
 }
 
 impl Message<'_> {
@@ -246,15 +261,11 @@ impl Message<'_> {
                 continue;
             }
             let member = member_open(register, timeout);
-            out.raw("<");
-            out.raw(section);
-            out.raw(">");
-            for (ip, tags) in entries {
-                write_entry(out, ip, &member, tags.iter().copied());
-            }
-            out.raw("</");
-            out.raw(section);
-            out.raw(">");
+            write_section(out, section, |out| {
+                for (ip, tags) in entries {
+                    write_entry(out, ip, &member, tags.iter().copied());
+                }
+            });
         }
         out.raw(TAIL);
     }
@@ -280,9 +291,10 @@ pub fn split<'a>(config: &Config, diff: &'a Diff) -> Vec<Message<'a>> {
     // A message with both sections open is the fixed cost of each.
     let fixed = form_overhead(config, "user-id")
         + encoded(&|out| {
-            for part in [HEAD, "<register></register><unregister></unregister>", TAIL] {
-                out.raw(part);
-            }
+            out.raw(HEAD);
+            write_section(out, "register", |_| {});
+            write_section(out, "unregister", |_| {});
+            out.raw(TAIL);
         });
 
     let mut messages = Vec::new();
@@ -290,8 +302,7 @@ pub fn split<'a>(config: &Config, diff: &'a Diff) -> Vec<Message<'a>> {
     let mut size = fixed;
     for (register, side) in [(true, &diff.register), (false, &diff.unregister)] {
         let member = member_open(register, timeout);
-        let member_cost = encoded(&|out| write_entry(out, "", &member, [""]))
-            - encoded(&|out| write_entry(out, "", &member, []));
+        let member_cost = encoded(&|out| write_member(out, &member, ""));
         for (ip, tags) in side {
             let entry_cost = encoded(&|out| write_entry(out, ip, &member, []));
             let mut open = false;
