@@ -201,7 +201,7 @@ pub struct Runtime {
 
 /// What both tiers' engines share: epoch deadlines, a plugin's memory
 /// reserved up front and initialised copy-on-write.
-fn tier_config(max_memory_bytes: usize) -> Config {
+fn tier_config() -> Config {
     let mut config = Config::new();
     config
         .epoch_interruption(true)
@@ -210,7 +210,12 @@ fn tier_config(max_memory_bytes: usize) -> Config {
         // through its event loop (wasmtime 48 turns it on whenever that
         // feature is compiled in, as a dependency may ask for it).
         .concurrency_support(false)
-        .memory_reservation(max_memory_bytes as u64)
+        // All of a 32-bit memory's index space, so compiled code needs no
+        // bounds check on a load or store: the guard pages fault instead.
+        // It costs address space only; the limiter and the pool's
+        // `max_memory_size` bound what a plugin may use. (A reservation of
+        // the size limit made every access compare and select first.)
+        .memory_reservation(4 << 30)
         .memory_init_cow(true);
     config
 }
@@ -248,7 +253,7 @@ impl Runtime {
         if PoolingAllocationConfig::is_pagemap_scan_available() {
             pool.pagemap_scan(Enabled::Yes);
         }
-        let mut config = tier_config(opts.max_memory_bytes);
+        let mut config = tier_config();
         config
             // Tiered, Cranelift compiles in the background: one core, so
             // the listener and the plugins keep the other.
@@ -259,7 +264,7 @@ impl Runtime {
         // Baseline instances live for the seconds Cranelift takes, so they
         // are allocated on demand rather than from a second reserved pool.
         let baseline = if opts.tiered {
-            let mut config = tier_config(opts.max_memory_bytes);
+            let mut config = tier_config();
             config.strategy(Strategy::Winch);
             match engine_and_linker(&config) {
                 Ok(baseline) => Some(baseline),
