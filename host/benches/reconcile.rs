@@ -199,7 +199,9 @@ async fn one_size(label: &str, (binary, plugin): &(PathBuf, PathBuf), n: usize) 
         vms: n,
         outcome,
         took,
-        listing: log_offset(&log, "reconciling"),
+        // A host that feeds the plugin each page as it is read logs the
+        // listing's end; one before that logged "reconciling" after it.
+        listing: log_offset(&log, "inventory listed").or_else(|| log_offset(&log, "reconciling")),
         requests: panos.stats().requests - before.requests,
         host_peak: peak,
         plugin_peak,

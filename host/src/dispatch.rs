@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -24,7 +25,8 @@ use crate::ledger::{
 };
 use crate::registry::Registry;
 use crate::runtime::bindings::{self, Event, Outcome, Retry};
-use crate::runtime::{CallError, VmClusters};
+use crate::runtime::feed::{Feed, Inventory};
+use crate::runtime::{CallError, Plugin, VmClusters};
 use crate::source::{InventoryError, InventorySink, Listing, Reconciled};
 use crate::telemetry::HandleDurations;
 use prismhook_core::text::truncate;
@@ -183,15 +185,10 @@ impl Dispatcher {
         while workers.join_next().await.is_some() {}
     }
 
-    /// Hands one cluster's inventory to a plugin's `reconcile`; the caller
-    /// holds the plugin's lock exclusively, so no batch of it runs meanwhile.
-    async fn hand_inventory(
-        &self,
-        plugin: &str,
-        cluster: &str,
-        vms: &Arc<Vec<Vm>>,
-        clusters: &Arc<VmClusters>,
-    ) -> Result<Result<String, String>, DispatchError> {
+    /// A plugin to hand an inventory to, once it reads its own kv writes;
+    /// the caller holds its lock exclusively, so no batch of it runs
+    /// meanwhile.
+    async fn reconciling(&self, plugin: &str) -> Result<Plugin, DispatchError> {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
         };
@@ -199,7 +196,7 @@ impl Dispatcher {
             plugin: plugin.to_owned(),
             message: e.to_string(),
         })?;
-        Ok(p.reconcile(cluster, vms.clone(), clusters.clone()).await?)
+        Ok(p)
     }
 
     /// Moves the queued deliveries of plugins that have been gone from the
@@ -565,7 +562,7 @@ fn to_ledger(o: &Outcome) -> LedgerOutcome {
 /// Which Nutanix cluster each VM belongs to, where its source said.
 fn vm_clusters<'a>(vms: impl IntoIterator<Item = &'a Vm>) -> VmClusters {
     vms.into_iter()
-        .filter_map(|vm| Some((vm.uuid.clone(), vm.cluster_name.clone()?)))
+        .filter_map(|vm| Some((&vm.uuid, vm.cluster_name.as_ref()?)))
         .collect()
 }
 
@@ -618,11 +615,7 @@ impl InventorySink for Dispatcher {
         for name in &plugins {
             exclusive.push(self.inner.lock_for(name).write_owned().await);
         }
-        let listed = listing.await;
-        let done = match listed {
-            Ok(vms) => Ok(self.hand_over(endpoint, &plugins, &Arc::new(vms)).await),
-            Err(e) => Err(InventoryError::Listing(e)),
-        };
+        let done = self.hand_over(endpoint, &plugins, listing).await;
         drop(exclusive);
         self.inner.ledger.resume_others().await;
         done
@@ -630,30 +623,115 @@ impl InventorySink for Dispatcher {
 }
 
 impl Dispatcher {
-    async fn hand_over(&self, cluster: &str, plugins: &[String], vms: &Arc<Vec<Vm>>) -> Reconciled {
-        let mut lines = Vec::new();
-        let mut failed = 0;
-        // Which Nutanix cluster each VM belongs to, once for every plugin.
-        let clusters = Arc::new(vm_clusters(vms.iter()));
+    /// Plugins that take the inventory a page at a time are handed each
+    /// page as the listing reads it, all at once, the listing waiting for
+    /// the slowest; the others get the whole list once it is read, and only
+    /// for them does the host hold it.
+    async fn hand_over(
+        &self,
+        cluster: &str,
+        plugins: &[String],
+        mut listing: Listing<'_>,
+    ) -> Result<Reconciled, InventoryError> {
+        let mut done = Reconciled::default();
+        let (mut fed, mut whole) = (Vec::new(), Vec::new());
         for name in plugins {
-            match self.hand_inventory(name, cluster, vms, &clusters).await {
-                Ok(Ok(summary)) => {
-                    tracing::info!(%cluster, plugin = %name, vms = vms.len(), "reconciled: {summary}");
-                    lines.push(format!("{name}: {summary}"));
-                }
-                Ok(Err(reason)) => {
-                    tracing::warn!(%cluster, plugin = %name, "reconcile refused: {reason}");
-                    lines.push(format!("{name}: failed: {reason}"));
-                    failed += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(%cluster, plugin = %name, "reconcile failed: {e}");
-                    lines.push(format!("{name}: failed: {e}"));
-                    failed += 1;
-                }
+            match self.reconciling(name).await {
+                Ok(p) if p.is_paged() => fed.push((name, p)),
+                Ok(p) => whole.push((name, p)),
+                Err(e) => report(&mut done, cluster, name, None, Err(e)),
             }
         }
-        Reconciled { lines, failed }
+        let mut feeds = Vec::new();
+        let calls = futures_util::future::join_all(fed.iter().map(|(name, p)| {
+            let (feed, inventory) = Inventory::fed();
+            feeds.push(feed);
+            async move { (*name, p.reconcile_fed(cluster, inventory).await) }
+        }));
+        let keep = !whole.is_empty();
+        let read = async move {
+            let (mut all, mut count) = (Vec::new(), 0);
+            let read = loop {
+                let (item, end) = match listing.next().await {
+                    Some(Ok(page)) => {
+                        count += page.len();
+                        if keep {
+                            all.extend(page.iter().cloned());
+                        }
+                        (Feed::Page(Arc::new(page)), Ok(false))
+                    }
+                    Some(Err(e)) => (Feed::Failed(format!("{e:#}").into()), Err(e)),
+                    None => {
+                        tracing::info!(%cluster, vms = count, "inventory listed");
+                        (Feed::End, Ok(true))
+                    }
+                };
+                for feed in &feeds {
+                    // A call that ended early (a refused `init`, a trap) has
+                    // dropped its end: nothing more to give it.
+                    let _ = feed.send(item.clone()).await;
+                }
+                match end {
+                    Ok(false) => continue,
+                    Ok(true) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            (read, all, count)
+        };
+        let ((read, all, count), results) = tokio::join!(read, calls);
+        if let Err(e) = read {
+            for (name, result) in results {
+                tracing::debug!(%cluster, plugin = %name, "reconcile ended with the listing: {:?}", result.err());
+            }
+            return Err(InventoryError::Listing(e));
+        }
+        let mut results = results;
+        if !whole.is_empty() {
+            // Which Nutanix cluster each VM belongs to, once for every plugin.
+            let clusters = Arc::new(vm_clusters(all.iter()));
+            let all = Arc::new(all);
+            for (name, p) in whole {
+                let result = p.reconcile(cluster, all.clone(), clusters.clone()).await;
+                results.push((name, result));
+            }
+        }
+        for (name, result) in results {
+            report(
+                &mut done,
+                cluster,
+                name,
+                Some(count),
+                result.map_err(Into::into),
+            );
+        }
+        Ok(done)
+    }
+}
+
+/// Adds one plugin's reconcile to the lines, and logs it.
+fn report(
+    done: &mut Reconciled,
+    cluster: &str,
+    name: &str,
+    vms: Option<usize>,
+    result: Result<Result<String, String>, DispatchError>,
+) {
+    match result {
+        Ok(Ok(summary)) => {
+            tracing::info!(%cluster, plugin = %name, vms, "reconciled: {summary}");
+            done.lines.push(format!("{name}: {summary}"));
+        }
+        Ok(Err(reason)) => {
+            tracing::warn!(%cluster, plugin = %name, "reconcile refused: {reason}");
+            done.lines.push(format!("{name}: failed: {reason}"));
+            done.failed += 1;
+        }
+        Err(e) => {
+            tracing::warn!(%cluster, plugin = %name, "reconcile failed: {e}");
+            done.lines.push(format!("{name}: failed: {e}"));
+            done.failed += 1;
+        }
     }
 }
 

@@ -17,7 +17,7 @@
 
 use async_trait::async_trait;
 use axum::Router;
-use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -57,8 +57,10 @@ pub enum SourceError {
     UnknownEndpoint { kind: &'static str, name: String },
 }
 
-/// An endpoint's whole inventory, read when the sink is ready for it.
-pub type Listing<'a> = BoxFuture<'a, anyhow::Result<Vec<Vm>>>;
+/// An endpoint's whole inventory, a page at a time, read when the sink is
+/// ready for it. It ends after the last page, or with an error; an
+/// inventory is whole only when it ended without one.
+pub type Listing<'a> = BoxStream<'a, anyhow::Result<Vec<Vm>>>;
 
 /// Where a source hands an endpoint's whole inventory: every plugin that
 /// keeps state about VMs gets it (the dispatcher implements this).
@@ -67,7 +69,8 @@ pub trait InventorySink: Send + Sync {
     /// Reads the inventory with `listing` and hands it to those plugins,
     /// with no delivery to them running meanwhile on this host or on any
     /// host sharing its ledger: an event applied between the reading and
-    /// the hand-over would be undone by the older inventory.
+    /// the hand-over would be undone by the older inventory. Plugins that
+    /// take it a page at a time are handed each page as it is read.
     async fn reconcile(
         &self,
         endpoint: &str,

@@ -113,6 +113,9 @@ pub struct PrismFaults {
     pub empty_delete_metadata: bool,
     /// Retry a failed delivery (connection error or non-2xx) this many times.
     pub retries: u32,
+    /// `POST /vms/list` answers 500 from this offset on, as a Prism that
+    /// fails partway through a long listing.
+    pub vms_list_fails_from: Option<usize>,
 }
 
 /// A registered webhook as the simulator knows it, credentials included,
@@ -1497,6 +1500,18 @@ async fn webhooks_list(State(sim): State<Sim>, body: Bytes) -> Result<Response, 
 async fn vms_list(State(sim): State<Sim>, body: Bytes) -> Result<Response, V3Error> {
     let req = parse_list_request(&body, "vm")?;
     let st = sim.lock();
+    if st
+        .faults
+        .vms_list_fails_from
+        .is_some_and(|from| req.offset >= from)
+    {
+        return Err(V3Error {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "vm",
+            reason: "INTERNAL_ERROR",
+            message: format!("INTERNAL_ERROR: listing VMs from offset {}", req.offset),
+        });
+    }
     let legacy = st.faults.legacy_payloads;
     let matching = st.vms.iter().filter(|vm| match &req.filter {
         None => true,

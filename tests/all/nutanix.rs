@@ -53,6 +53,19 @@ impl World {
     async fn start(&self) -> App {
         start_registered(self.config(&[])).await
     }
+
+    /// A host that reconciles at start and then only when asked (within a
+    /// test), so that each reconcile a test sees is one it caused.
+    async fn start_reconciling_hourly(&self) -> App {
+        let host = HostConfig::new(self.dir.path())
+            .fast_retries()
+            .paloalto(&self.panos)
+            .cluster(Cluster {
+                reconcile_interval: "1h".into(),
+                ..Cluster::lab(&self.prism)
+            });
+        start_registered(host.config()).await
+    }
 }
 
 /// A host on `config`, once every cluster has its webhook.
@@ -668,14 +681,7 @@ async fn a_reconcile_that_failed_for_a_plugin_is_tried_again_soon() {
         drop_connections: true,
         ..Default::default()
     });
-    let host = HostConfig::new(w.dir.path())
-        .fast_retries()
-        .paloalto(&w.panos)
-        .cluster(Cluster {
-            reconcile_interval: "1h".into(),
-            ..Cluster::lab(&w.prism)
-        });
-    let app = start_registered(host.config()).await;
+    let app = w.start_reconciling_hourly().await;
     wait(
         || {
             app.cluster_status()
@@ -692,5 +698,74 @@ async fn a_reconcile_that_failed_for_a_plugin_is_tried_again_soon() {
         "a reconcile soon after the firewall is back",
     )
     .await;
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// The Palo Alto plugin is handed each page of the inventory as the host
+/// reads it. A listing that breaks off partway is no inventory: taken for
+/// one, the VMs of the pages never read would be removed as gone. A plugin
+/// built before the paged reconcile (`legacy`, 0.1.0) is handed the whole
+/// list once it was read.
+#[tokio::test]
+async fn a_listing_that_breaks_off_midway_removes_nothing_and_the_next_reconcile_completes() {
+    let w = world().await;
+    common::setup::install(&w.dir.path().join("plugins"), &["legacy"]);
+    for i in 0..1_100u32 {
+        let ip = format!("10.6.{}.{}", i / 250, i % 250 + 1);
+        w.prism
+            .create_vm(NewVm::named(format!("vm-{i}")).powered_on().nic([ip]))
+            .await
+            .unwrap();
+    }
+    let app = w.start_reconciling_hourly().await;
+    wait(
+        || w.panos.registered().len() == 1_100,
+        "the reconcile at start",
+    )
+    .await;
+
+    // A VM goes while its notification is lost, and Prism fails from the
+    // second page of its listing on (pages are 500 VMs).
+    w.prism.set_faults(PrismFaults {
+        drop_rate: 1.0,
+        ..Default::default()
+    });
+    let gone = w.prism.vms()[700].uuid.clone();
+    w.prism.delete_vm(&gone).await.unwrap();
+    w.prism.set_faults(PrismFaults {
+        drop_rate: 1.0,
+        vms_list_fails_from: Some(500),
+        ..Default::default()
+    });
+    let report = app.source.reconcile(Some("lab")).await.unwrap().remove(0);
+    let error = report.error.expect("the listing failed");
+    assert!(
+        error.contains("INTERNAL_ERROR: listing VMs from offset 500"),
+        "{error}"
+    );
+    assert_eq!(
+        w.panos.registered().len(),
+        1_100,
+        "a broken listing removed registrations"
+    );
+    assert!(report.plugins.is_empty(), "{:?}", report.plugins);
+
+    w.prism.set_faults(PrismFaults::default());
+    let report = app.source.reconcile(Some("lab")).await.unwrap().remove(0);
+    assert_eq!(report.error, None);
+    assert_eq!(report.plugins.len(), 2, "{:?}", report.plugins);
+    assert!(
+        report.plugins.iter().all(|l| !l.contains("failed")),
+        "{:?}",
+        report.plugins
+    );
+    assert!(
+        report.plugins.contains(&"legacy: 1099 vms".to_owned()),
+        "{:?}",
+        report.plugins
+    );
+    let truth = common::firewall_truth(&w.prism.vms());
+    assert_eq!(truth.len(), 1_099);
+    assert_eq!(w.panos.registered(), truth);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }

@@ -150,6 +150,7 @@ async fn a_paged_reconcile_reads_the_inventory_a_page_at_a_time_and_an_error_dis
     assert_eq!(refused, Err("refused after recording 1201 vms".to_owned()));
     assert_eq!(kv_text(&sb, "reconcile/refuse"), None);
     assert_eq!(kv_text(&sb, "reconcile-pages/refuse"), None);
+    assert_eq!(kv_text(&sb, "reconcile-page/refuse/1"), None);
 
     // An empty inventory is one call that reads no page.
     let empty = p
@@ -158,6 +159,74 @@ async fn a_paged_reconcile_reads_the_inventory_a_page_at_a_time_and_an_error_dis
         .unwrap();
     assert_eq!(empty, Ok("0 vms".to_owned()));
     assert_eq!(kv_text(&sb, "reconcile-pages/empty").as_deref(), Some("0"));
+}
+
+#[tokio::test]
+async fn a_fed_reconcile_reads_pages_as_they_come_and_a_broken_listing_keeps_nothing() {
+    use prismhook::runtime::feed::{Feed, Inventory};
+    let sb = sandbox();
+    let mut s = settings();
+    s.limits.deadline = Duration::from_millis(400);
+    let p = probe(&sb, s).await;
+    assert!(p.is_paged());
+    let page = |from: usize, n: usize| {
+        Feed::Page(Arc::new(
+            (from..from + n)
+                .map(|i| prismhook::event::Vm {
+                    uuid: format!("vm-{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+        ))
+    };
+
+    // Pages arrive slower than the plugin's deadline: waiting for the
+    // listing is not the plugin's time.
+    let (feed, inventory) = Inventory::fed();
+    let listing = tokio::spawn(async move {
+        for (from, n) in [(0, 300), (300, 0), (300, 200)] {
+            feed.send(page(from, n)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        feed.send(Feed::End).await.unwrap();
+    });
+    let summary = p.reconcile_fed("lab", inventory).await.unwrap();
+    listing.await.unwrap();
+    assert_eq!(summary, Ok("500 vms".to_owned()));
+    assert_eq!(kv_text(&sb, "reconcile-pages/lab").as_deref(), Some("2"));
+    assert_eq!(kv_text(&sb, "reconcile-page/lab/1").as_deref(), Some("300"));
+    assert_eq!(kv_text(&sb, "reconcile-page/lab/2").as_deref(), Some("200"));
+
+    // A listing that breaks off is an error of its own, not a `none` the
+    // plugin would take for the end, and the call's kv writes are dropped.
+    let (feed, inventory) = Inventory::fed();
+    feed.send(page(0, 300)).await.unwrap();
+    feed.send(Feed::Failed("prism answered 500 on page 2".into()))
+        .await
+        .unwrap();
+    let err = p.reconcile_fed("broken", inventory).await.unwrap_err();
+    assert!(matches!(err, CallError::Inventory { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "plugin `probe` was not handed a whole inventory: \
+         the inventory could not be read to its end: prism answered 500 on page 2"
+    );
+    // It had recorded the first page when the second could not come.
+    assert_eq!(kv_text(&sb, "reconcile-page/broken/1"), None);
+    assert_eq!(kv_text(&sb, "reconcile-pages/broken"), None);
+
+    // Nor is a listing that goes away without a word.
+    let (feed, inventory) = Inventory::fed();
+    feed.send(page(0, 10)).await.unwrap();
+    drop(feed);
+    let err = p.reconcile_fed("gone", inventory).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("the inventory's listing stopped before its end"),
+        "{err}"
+    );
+    assert_eq!(kv_text(&sb, "reconcile-page/gone/1"), None);
+    works(&p).await;
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{self, Stream};
 use reqwest::header::{HeaderValue, ACCEPT};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -381,24 +382,28 @@ impl PrismClient {
     }
 
     /// Every VM, paged by 500, read by the notification parser so that
-    /// events and reconciles see a VM the same way. Each page is parsed as
-    /// it comes: the host holds VMs, never a whole inventory of JSON.
-    pub async fn list_vm_models(&self) -> Result<Vec<Vm>, PrismError> {
-        let mut skipped = 0usize;
-        let read = |intent: Value| {
-            let vm = parse_vm(&intent);
-            skipped += usize::from(vm.is_none());
-            vm
-        };
-        let vms = self.list_all("vms", "vm", VM_PAGE, read).await?;
-        if skipped > 0 {
-            tracing::warn!(
-                cluster = %self.cluster,
-                skipped,
-                "VM intents without a uuid skipped"
-            );
-        }
-        Ok(vms)
+    /// events and reconciles see a VM the same way: one item per page of
+    /// Prism's answers, each parsed as it comes, so that the reader holds
+    /// the pages it has not passed on yet, never a whole inventory. The
+    /// stream ends after the last page, or with the first error.
+    pub fn vm_pages(&self) -> impl Stream<Item = Result<Vec<Vm>, PrismError>> + Send + '_ {
+        let start = (Listing::new(VM_PAGE), false, 0usize);
+        stream::try_unfold(start, move |(mut listing, done, mut skipped)| async move {
+            if done {
+                return Ok(None);
+            }
+            let (entities, last) = self.list_page("vms", "vm", &mut listing).await?;
+            let vms: Vec<Vm> = entities.iter().filter_map(parse_vm).collect();
+            skipped += entities.len() - vms.len();
+            if last && skipped > 0 {
+                tracing::warn!(
+                    cluster = %self.cluster,
+                    skipped,
+                    "VM intents without a uuid skipped"
+                );
+            }
+            Ok(Some((vms, (listing, last, skipped))))
+        })
     }
 
     /// `POST /{collection}/list`, page after page (see [`Listing`]), each
@@ -410,21 +415,31 @@ impl PrismClient {
         page: u64,
         mut read: impl FnMut(Value) -> Option<T>,
     ) -> Result<Vec<T>, PrismError> {
-        let segments = [collection, "list"];
         let mut listing = Listing::new(page);
         let mut out = Vec::new();
         loop {
-            let body =
-                json!({ "kind": kind, "offset": listing.offset(), "length": listing.page() });
-            let answer = self.call(Method::POST, &segments, Some(&body)).await?;
-            let page = listing
-                .add(answer)
-                .map_err(|e| self.bad_answer(Method::POST, &segments, &e.to_string()))?;
-            out.extend(page.entities.into_iter().filter_map(&mut read));
-            if page.last {
+            let (entities, last) = self.list_page(collection, kind, &mut listing).await?;
+            out.extend(entities.into_iter().filter_map(&mut read));
+            if last {
                 return Ok(out);
             }
         }
+    }
+
+    /// The next page of a listing: its entities, and whether it was the last.
+    async fn list_page(
+        &self,
+        collection: &str,
+        kind: &str,
+        listing: &mut Listing,
+    ) -> Result<(Vec<Value>, bool), PrismError> {
+        let segments = [collection, "list"];
+        let body = json!({ "kind": kind, "offset": listing.offset(), "length": listing.page() });
+        let answer = self.call(Method::POST, &segments, Some(&body)).await?;
+        let page = listing
+            .add(answer)
+            .map_err(|e| self.bad_answer(Method::POST, &segments, &e.to_string()))?;
+        Ok((page.entities, page.last))
     }
 
     fn webhook_from(
@@ -581,6 +596,7 @@ fn display_path(segments: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::{StreamExt, TryStreamExt};
     use prismhook_sim::prism::{NewVm, PrismConfig, PrismFaults, PrismSim};
 
     const PASSWORD: &str = "nutanix/4u";
@@ -747,7 +763,7 @@ mod tests {
         .unwrap();
         sim.create_vm(NewVm::named("db-01")).await.unwrap();
         let c = client(&sim);
-        let vms = c.list_vm_models().await.unwrap();
+        let vms: Vec<Vm> = c.vm_pages().try_concat().await.unwrap();
         assert_eq!(vms.len(), 2);
         let web = &vms[0];
         assert_eq!(web.name.as_deref(), Some("web-01"));
@@ -760,10 +776,42 @@ mod tests {
             legacy_payloads: true,
             ..PrismFaults::default()
         });
-        let legacy = c.list_vm_models().await.unwrap();
+        let legacy: Vec<Vm> = c.vm_pages().try_concat().await.unwrap();
         assert_eq!(legacy[0].name.as_deref(), Some("web-01"));
         assert_eq!(legacy[0].power_state.as_deref(), Some("ON"));
         assert_eq!(legacy[0].nics, web.nics);
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_vm_inventory_comes_a_page_at_a_time_and_ends_at_a_failed_page() {
+        let sim = sim().await;
+        for i in 0..VM_PAGE + 3 {
+            sim.create_vm(NewVm::named(format!("vm-{i}")))
+                .await
+                .unwrap();
+        }
+        let c = client(&sim);
+        let pages: Vec<usize> = c
+            .vm_pages()
+            .map_ok(|page| page.len())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(pages, [VM_PAGE as usize, 3]);
+
+        sim.set_faults(PrismFaults {
+            vms_list_fails_from: Some(VM_PAGE as usize),
+            ..PrismFaults::default()
+        });
+        let items: Vec<Result<Vec<Vm>, PrismError>> = c.vm_pages().collect().await;
+        assert_eq!(items.len(), 2, "the stream ends at its error");
+        assert_eq!(items[0].as_ref().unwrap().len(), VM_PAGE as usize);
+        let err = items[1].as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains("INTERNAL_ERROR: listing VMs from offset 500"),
+            "{err}"
+        );
         sim.shutdown().await;
     }
 

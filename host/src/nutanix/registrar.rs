@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::{StreamExt, TryStreamExt};
 use rand::Rng;
 use tokio::sync::watch;
 
@@ -289,11 +290,13 @@ impl Registrar {
     /// keeps state about VMs; returns what each plugin made of it.
     pub async fn reconcile(&self) -> anyhow::Result<Reconciled> {
         let cluster = &self.inner.cluster.name;
-        let listing = Box::pin(async {
-            let vms = self.inner.client.list_vm_models().await?;
-            tracing::info!(%cluster, vms = vms.len(), "reconciling");
-            Ok::<_, anyhow::Error>(vms)
-        });
+        tracing::info!(%cluster, "reconciling");
+        let listing = self
+            .inner
+            .client
+            .vm_pages()
+            .map_err(anyhow::Error::from)
+            .boxed();
         let done = self.inner.ctx.inventory.reconcile(cluster, listing).await?;
         let mut s = self.inner.status.lock().expect("status lock");
         s.last_reconcile_ms = Some(now_ms());

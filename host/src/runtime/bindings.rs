@@ -10,6 +10,8 @@ wasmtime::component::bindgen!({
         // Outbound HTTP waits on the network, so it must not block the
         // executor thread the guest runs on.
         "prismhook:plugin/http.send": async | trappable,
+        // A fed reconcile's next page may still be on its way from the source.
+        "prismhook:plugin/inventory.next-page": async | trappable,
         default: trappable,
     },
     exports: { default: async },

@@ -19,13 +19,16 @@
 
 pub mod bindings;
 mod cache;
+mod clusters;
+pub mod feed;
 pub mod file;
 mod host;
 pub mod kv_store;
 pub mod scrub;
 mod session;
 mod state;
-pub use state::{OutboundCounts, VmClusters};
+pub use clusters::VmClusters;
+pub use state::OutboundCounts;
 mod stdio;
 
 use std::path::{Path, PathBuf};
@@ -40,12 +43,13 @@ use wasmtime::{
 };
 
 use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
+use feed::{FeedError, Inventory};
 use kv_store::KvStore;
 use prismhook_core::config::valid_plugin_name;
 pub use prismhook_core::config::PluginSettings;
 pub use prismhook_core::limits::{self, LimitOverrides, Limits};
 pub use prismhook_core::policy::{self, OutboundPolicy, TlsMode};
-use state::{CallEnv, HostState, Pages, PluginIdentity};
+use state::{CallEnv, HostState, PluginIdentity};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -122,6 +126,10 @@ pub enum CallError {
     },
     #[error("plugin `{plugin}`: its kv writes could not be stored: {message}")]
     Kv { plugin: String, message: String },
+    /// The host's listing broke off under a paged reconcile: not the
+    /// plugin's doing, and nothing it wrote is kept.
+    #[error("plugin `{plugin}` was not handed a whole inventory: {reason}")]
+    Inventory { plugin: String, reason: FeedError },
 }
 
 impl CallError {
@@ -134,6 +142,7 @@ impl CallError {
             CallError::Init { .. } => "init",
             CallError::OutcomeCount { .. } => "outcome-count",
             CallError::Kv { .. } => "kv",
+            CallError::Inventory { .. } => "inventory",
         }
     }
 }
@@ -835,6 +844,12 @@ impl Plugin {
         Ok(outcomes)
     }
 
+    /// Whether it exports the paged reconcile, and so can be handed an
+    /// inventory as it is listed ([`Plugin::reconcile_fed`]).
+    pub fn is_paged(&self) -> bool {
+        self.paged.is_some()
+    }
+
     /// Hands the plugin one cluster's whole inventory, and which Nutanix
     /// cluster each VM belongs to: a page at a time when it exports the
     /// paged reconcile, else in one list.
@@ -844,12 +859,35 @@ impl Plugin {
         vms: Arc<Vec<crate::event::Vm>>,
         vm_clusters: Arc<VmClusters>,
     ) -> Result<Result<String, String>, CallError> {
-        let context = format!("reconcile:{cluster}");
         let call = if self.paged.is_some() {
-            Call::ReconcilePaged(cluster.to_owned(), vms)
+            Call::ReconcilePaged(cluster.to_owned(), Inventory::listed(vms))
         } else {
             Call::Reconcile(cluster.to_owned(), vms.iter().map(Vm::from).collect())
         };
+        self.reconcile_call(cluster, call, vm_clusters).await
+    }
+
+    /// Hands a plugin that [`is_paged`](Plugin::is_paged) an inventory
+    /// that `inventory` receives while the call runs; which Nutanix cluster
+    /// each VM belongs to is taken from its pages. Panics for a plugin
+    /// that is not paged: its caller chooses by `is_paged`.
+    pub async fn reconcile_fed(
+        &self,
+        cluster: &str,
+        inventory: Inventory,
+    ) -> Result<Result<String, String>, CallError> {
+        assert!(self.is_paged(), "only a paged reconcile reads a feed");
+        let call = Call::ReconcilePaged(cluster.to_owned(), inventory);
+        self.reconcile_call(cluster, call, Arc::default()).await
+    }
+
+    async fn reconcile_call(
+        &self,
+        cluster: &str,
+        call: Call,
+        vm_clusters: Arc<VmClusters>,
+    ) -> Result<Result<String, String>, CallError> {
+        let context = format!("reconcile:{cluster}");
         let Returned::Reconcile(result) = self.call(call, &context, vm_clusters).await?.1 else {
             unreachable!("reconcile returns a result")
         };
@@ -860,7 +898,7 @@ impl Plugin {
     /// export asked for; kv writes are committed only if all of it returns.
     async fn call(
         &self,
-        call: Call,
+        mut call: Call,
         context: &str,
         vm_clusters: Arc<VmClusters>,
     ) -> Result<(PluginInfo, Returned), CallError> {
@@ -880,16 +918,12 @@ impl Plugin {
             &self.env,
         );
         let mut store = Store::new(&self.engine, state);
-        if let Call::ReconcilePaged(_, vms) = &call {
-            // The deadline and the request budget are the plugin's once per
-            // page: a long inventory is not a slow or chatty plugin.
-            let pages = Pages::new(vms.clone());
-            let count = u32::try_from(pages.count()).unwrap_or(u32::MAX);
-            let limits = self.identity.limits;
-            let state = store.data_mut();
-            state.deadline = Instant::now() + limits.deadline.saturating_mul(count);
-            state.max_requests = limits.max_requests_per_call.saturating_mul(count);
-            state.inventory = Some(pages);
+        if let Call::ReconcilePaged(_, inventory) = &mut call {
+            // Moved into the Store, where `inventory.next-page` hands it
+            // out and grows the deadline and the request budget by the
+            // plugin's own with each page after the first.
+            let inventory = std::mem::replace(inventory, Inventory::listed(Arc::default()));
+            store.data_mut().inventory = Some(inventory);
         }
         store.limiter(|s| s);
         store.set_epoch_deadline(1);
@@ -981,6 +1015,10 @@ impl Plugin {
                 Ok(ok)
             }
             Ok(Err(message)) => Err(CallError::Init { plugin, message }),
+            Err(_) if state.inventory_failed.is_some() => Err(CallError::Inventory {
+                plugin,
+                reason: state.inventory_failed.expect("checked"),
+            }),
             Err(_) if state.timed_out => Err(CallError::Timeout {
                 plugin,
                 export,
@@ -1005,7 +1043,7 @@ enum Call {
     Handle(Vec<Event>),
     Reconcile(String, Vec<Vm>),
     /// The cluster, and the inventory `inventory.next-page` hands out.
-    ReconcilePaged(String, Arc<Vec<crate::event::Vm>>),
+    ReconcilePaged(String, Inventory),
 }
 
 impl Call {

@@ -6,14 +6,11 @@ use std::time::Instant;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::clusters::VmClusters;
 use super::kv_store::{KvSession, KvStore};
 use super::limits::Limits;
 use super::policy::OutboundPolicy;
 use super::stdio::{GuestOutput, LogBudget};
-
-/// VM uuid → the name of the Nutanix cluster it belongs to, for the VMs a
-/// call hands over (the `context.vm-cluster-name` import).
-pub type VmClusters = std::collections::HashMap<String, String>;
 
 /// Who is calling: fixed for a plugin version, shared by all its calls.
 #[derive(Debug)]
@@ -87,7 +84,11 @@ pub struct HostState {
     /// VM uuid → its Nutanix cluster's name, for the VMs of this call.
     pub(super) vm_clusters: Arc<VmClusters>,
     /// The inventory of a paged reconcile, for `inventory.next-page`.
-    pub(super) inventory: Option<Pages>,
+    pub(super) inventory: Option<super::feed::Inventory>,
+    /// Pages `inventory.next-page` has handed out.
+    pub(super) pages_read: u32,
+    /// Why `inventory.next-page` had no page to give, when it failed.
+    pub(super) inventory_failed: Option<super::feed::FeedError>,
     pub(super) http: reqwest::Client,
     pub(super) outbound: Arc<OutboundCounts>,
 }
@@ -130,6 +131,8 @@ impl HostState {
             kv: env.kv.session(&plugin.name),
             vm_clusters,
             inventory: None,
+            pages_read: 0,
+            inventory_failed: None,
             http: plugin.http.clone().unwrap_or_else(|| env.http.clone()),
             outbound: env.outbound.clone(),
             plugin,
@@ -175,36 +178,5 @@ impl wasmtime::ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
-    }
-}
-
-/// VMs in one page of `inventory.next-page`: Prism's own page size.
-pub const INVENTORY_PAGE: usize = 500;
-
-/// The inventory of a paged reconcile: the host holds it as it decoded it,
-/// and turns one page at a time into the WIT records the plugin reads.
-pub(super) struct Pages {
-    vms: Arc<Vec<crate::event::Vm>>,
-    next: usize,
-}
-
-impl Pages {
-    pub(super) fn new(vms: Arc<Vec<crate::event::Vm>>) -> Pages {
-        Pages { vms, next: 0 }
-    }
-
-    /// How many pages there are (at least one, for the deadline).
-    pub(super) fn count(&self) -> usize {
-        self.vms.len().div_ceil(INVENTORY_PAGE).max(1)
-    }
-
-    pub(super) fn next(&mut self) -> Option<Vec<super::bindings::Vm>> {
-        let page = self.vms.get(self.next..)?;
-        if page.is_empty() {
-            return None;
-        }
-        let page = &page[..page.len().min(INVENTORY_PAGE)];
-        self.next += page.len();
-        Some(page.iter().map(super::bindings::Vm::from).collect())
     }
 }

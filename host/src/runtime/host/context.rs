@@ -9,6 +9,6 @@ impl Host for HostState {
     }
 
     fn vm_cluster_name(&mut self, vm_uuid: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.vm_clusters.get(&vm_uuid).cloned())
+        Ok(self.vm_clusters.get(&vm_uuid).map(str::to_owned))
     }
 }

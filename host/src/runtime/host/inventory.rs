@@ -1,10 +1,49 @@
 //! `prismhook:plugin/inventory`: the pages of a paged reconcile.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use crate::runtime::bindings::{inventory::Host, Vm};
 use crate::runtime::state::HostState;
 
 impl Host for HostState {
-    fn next_page(&mut self) -> wasmtime::Result<Option<Vec<Vm>>> {
-        Ok(self.inventory.as_mut().and_then(|pages| pages.next()))
+    async fn next_page(&mut self) -> wasmtime::Result<Option<Vec<Vm>>> {
+        let Some(inventory) = self.inventory.as_mut() else {
+            return Ok(None);
+        };
+        let fed = inventory.is_fed();
+        let waiting = Instant::now();
+        let next = inventory.next().await;
+        // Waiting for the listing is not the plugin's time.
+        self.deadline += waiting.elapsed();
+        let page = match next {
+            Ok(Some(page)) => page,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                self.inventory_failed = Some(e.clone());
+                return Err(e.into());
+            }
+        };
+        // The deadline and the request budget are the plugin's once per
+        // page: a long inventory is not a slow or chatty plugin.
+        if self.pages_read > 0 {
+            let limits = self.plugin.limits;
+            self.deadline += limits.deadline;
+            self.max_requests = self
+                .max_requests
+                .saturating_add(limits.max_requests_per_call);
+        }
+        self.pages_read += 1;
+        if fed {
+            // The call's own map (a fed reconcile starts with an empty one),
+            // so this does not copy it.
+            let clusters = Arc::make_mut(&mut self.vm_clusters);
+            for vm in page.vms() {
+                if let Some(name) = &vm.cluster_name {
+                    clusters.insert(&vm.uuid, name);
+                }
+            }
+        }
+        Ok(Some(page.vms().iter().map(Vm::from).collect()))
     }
 }

@@ -19,8 +19,9 @@
 //! Whatever it records, it also keeps the instance it runs as (the
 //! `context` import) in `kv` under `instance`.
 //!
-//! It reconciles a page at a time (`paged-plugin`): it records the uuids it
-//! read under `reconcile/<cluster>` and the number of pages under
+//! It reconciles a page at a time (`paged-plugin`): it records each page's
+//! size as it reads it under `reconcile-page/<cluster>/<n>`, then the uuids
+//! it read under `reconcile/<cluster>` and the number of pages under
 //! `reconcile-pages/<cluster>`, and a cluster named `refuse` gets an error
 //! after those writes.
 
@@ -102,6 +103,10 @@ impl PagedGuest for Probe {
         let mut pages = 0u32;
         while let Some(page) = inventory::next_page() {
             pages += 1;
+            kv::set(
+                &format!("reconcile-page/{cluster}/{pages}"),
+                page.len().to_string().as_bytes(),
+            )?;
             uuids.extend(page.into_iter().map(|vm| vm.uuid));
         }
         kv::set(
