@@ -5,8 +5,8 @@
 // thrown as strings: componentize-js turns a thrown string into `err`, but
 // a thrown `Error` into a trap.
 
-import { send as hostSend } from 'prismhook:plugin/http@0.1.3';
-import { log as hostLog } from 'prismhook:plugin/log@0.1.3';
+import { send as hostSend } from 'prismhook:plugin/http@0.1.4';
+import { log as hostLog } from 'prismhook:plugin/log@0.1.4';
 import * as forward from './forward.js';
 
 let config;

@@ -252,7 +252,7 @@ async fn a_broken_file_is_reported_and_the_previous_version_keeps_serving() {
         (
             "a component of another world",
             wat::parse_str("(component)").unwrap(),
-            "does not fit the host's world prismhook:plugin@0.1.3",
+            "does not fit the host's world prismhook:plugin@0.1.4",
         ),
     ];
     for (what, bytes, expected) in cases {

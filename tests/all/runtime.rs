@@ -162,7 +162,8 @@ async fn a_paged_reconcile_reads_the_inventory_a_page_at_a_time_and_an_error_dis
 }
 
 #[tokio::test]
-async fn a_fed_reconcile_reads_pages_as_they_come_and_a_broken_listing_keeps_nothing() {
+async fn a_fed_reconcile_reads_pages_as_they_come_and_a_broken_listing_keeps_only_what_was_committed(
+) {
     use prismhook::runtime::feed::{Feed, Inventory};
     let sb = sandbox();
     let mut s = settings();
@@ -214,6 +215,27 @@ async fn a_fed_reconcile_reads_pages_as_they_come_and_a_broken_listing_keeps_not
     // It had recorded the first page when the second could not come.
     assert_eq!(kv_text(&sb, "reconcile-page/broken/1"), None);
     assert_eq!(kv_text(&sb, "reconcile-pages/broken"), None);
+
+    // What the plugin committed (`kv.commit`, which it calls as each page
+    // comes) before the listing broke off stays; what it wrote after, the
+    // record of the second page, is dropped.
+    let (feed, inventory) = Inventory::fed();
+    let listing = tokio::spawn(async move {
+        for item in [page(0, 300), page(300, 200), Feed::Failed("gone".into())] {
+            feed.send(item).await.unwrap();
+        }
+    });
+    let err = p
+        .reconcile_fed("commit-broken", inventory)
+        .await
+        .unwrap_err();
+    listing.await.unwrap();
+    assert!(matches!(err, CallError::Inventory { .. }), "{err:?}");
+    assert_eq!(
+        kv_text(&sb, "reconcile-page/commit-broken/1").as_deref(),
+        Some("300")
+    );
+    assert_eq!(kv_text(&sb, "reconcile-page/commit-broken/2"), None);
 
     // Nor is a listing that goes away without a word.
     let (feed, inventory) = Inventory::fed();

@@ -12,6 +12,8 @@ wasmtime::component::bindgen!({
         "prismhook:plugin/http.send": async | trappable,
         // A fed reconcile's next page may still be on its way from the source.
         "prismhook:plugin/inventory.next-page": async | trappable,
+        // A transaction with an fsync: on the blocking pool.
+        "prismhook:plugin/kv.commit": async | trappable,
         default: trappable,
     },
     exports: { default: async },
@@ -24,12 +26,12 @@ pub use self::prismhook::plugin::{context, http, inventory, kv, log};
 /// The WIT package this host implements, as components name it in their
 /// imports and exports. Components built against an earlier `0.1.x` link
 /// too: wasmtime resolves their imports and finds their exports by semver.
-pub const PACKAGE: &str = "prismhook:plugin@0.1.3";
+pub const PACKAGE: &str = "prismhook:plugin@0.1.4";
 
 /// The paged reconcile a component of the world `paged-plugin` exports.
 /// Optional, so it is looked up by name rather than bound above: a plugin
 /// without it is handed its inventory in `handler.reconcile`.
-pub const PAGED: &str = "prismhook:plugin/paged@0.1.3";
+pub const PAGED: &str = "prismhook:plugin/paged@0.1.4";
 
 /// The WIT record of a VM the host decoded at ingest.
 impl From<&crate::event::Vm> for Vm {

@@ -342,6 +342,26 @@ impl KvSession {
         !self.writes.is_empty()
     }
 
+    /// Makes the writes so far durable now, in one transaction, on the
+    /// blocking pool (`kv.commit`); what is written after stays buffered,
+    /// to be committed or discarded with the call. On failure the writes
+    /// stay buffered too.
+    pub async fn commit_now(&mut self) -> Result<(), KvError> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        let (backend, plugin) = (self.store.backend.clone(), self.plugin.clone());
+        let writes = self.writes.clone();
+        tokio::task::spawn_blocking(move || backend.apply(&plugin, writes))
+            .await
+            .map_err(storage)??;
+        // The backend reads back what it applied (a JetStream host's
+        // mirror shows a write before `apply` returns).
+        self.writes.clear();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
     /// Makes the call's writes durable in one transaction.
     pub fn commit(self) -> Result<(), KvError> {
         if self.writes.is_empty() {
@@ -354,6 +374,23 @@ impl KvSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn writes_committed_mid_call_stay_when_the_rest_of_the_call_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p");
+        s.set("vm/a".into(), b"1".to_vec()).unwrap();
+        s.commit_now().await.unwrap();
+        assert_eq!(s.get("vm/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.list_keys("vm/").unwrap(), ["vm/a"]);
+        s.set("vm/b".into(), b"2".to_vec()).unwrap();
+        s.delete("vm/a".into()).unwrap();
+        drop(s); // the call failed: what came after the commit goes
+        let after = store.session("p");
+        assert_eq!(after.get("vm/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(after.get("vm/b").unwrap(), None);
+    }
 
     #[test]
     fn writes_are_invisible_to_others_until_committed_and_durable_after() {

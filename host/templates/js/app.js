@@ -8,8 +8,8 @@
 // Errors of `result` exports are thrown as strings: componentize-js turns a
 // thrown string into `err`, and a thrown `Error` into a trap.
 
-import { set as kvSet } from 'prismhook:plugin/kv@0.1.3';
-import { log } from 'prismhook:plugin/log@0.1.3';
+import { set as kvSet } from 'prismhook:plugin/kv@0.1.4';
+import { log } from 'prismhook:plugin/log@0.1.4';
 
 const NAME = '{{name}}';
 const VERSION = '0.1.0';

@@ -33,4 +33,8 @@ impl Host for HostState {
             .list_keys_after(&prefix, after.as_deref(), limit)
             .map_err(|e| e.to_string()))
     }
+
+    async fn commit(&mut self) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.kv.commit_now().await.map_err(|e| e.to_string()))
+    }
 }

@@ -23,7 +23,8 @@
 //! size as it reads it under `reconcile-page/<cluster>/<n>`, then the uuids
 //! it read under `reconcile/<cluster>` and the number of pages under
 //! `reconcile-pages/<cluster>`, and a cluster named `refuse` gets an error
-//! after those writes.
+//! after those writes. For a cluster whose name starts with `commit`, it
+//! commits its writes (`kv.commit`) as each page comes, before recording it.
 
 wit_bindgen::generate!({ path: "../../../wit", world: "paged-plugin" });
 
@@ -103,6 +104,9 @@ impl PagedGuest for Probe {
         let mut pages = 0u32;
         while let Some(page) = inventory::next_page() {
             pages += 1;
+            if cluster.starts_with("commit") {
+                kv::commit()?;
+            }
             kv::set(
                 &format!("reconcile-page/{cluster}/{pages}"),
                 page.len().to_string().as_bytes(),
