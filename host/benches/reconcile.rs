@@ -19,6 +19,10 @@
 //! binaries (and the plugin each runs) side by side, each size on each in
 //! turn; by default, this build's with `target/plugins/paloalto.wasm`.
 //!
+//! `RECONCILE_PLUGIN=f5-bigip` runs the F5 plugin against a BIG-IP
+//! simulator instead: every 100th VM serves in pool `/Common/web`, the pool
+//! starts empty, and "off the truth" counts members against those VMs.
+//!
 //! `cargo bench -p prismhook --bench reconcile` (the guests from `cargo
 //! xtask plugins`).
 
@@ -31,6 +35,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::setup::{self, Cluster, HostConfig};
+use prismhook_sim::bigip::{BigipConfig, BigipSim};
 use prismhook_sim::panos::PanosSim;
 use prismhook_sim::prism::{NewVm, PrismSim};
 
@@ -136,21 +141,75 @@ struct Figures {
     off_truth: usize,
 }
 
-async fn one_size(label: &str, (binary, plugin): &(PathBuf, PathBuf), n: usize) -> Figures {
+/// Which plugin reconciles, against which simulator.
+#[derive(Clone, Copy, PartialEq)]
+enum Vendor {
+    PaloAlto,
+    F5,
+}
+
+impl Vendor {
+    fn plugin(self) -> &'static str {
+        match self {
+            Vendor::PaloAlto => "paloalto",
+            Vendor::F5 => "f5-bigip",
+        }
+    }
+}
+
+/// The F5 plugin's pool and member port, and which VMs serve in it.
+const POOL: &str = "/Common/web";
+const MEMBER_PORT: u16 = 8080;
+fn in_pool(i: usize) -> bool {
+    i.is_multiple_of(100)
+}
+
+async fn one_size(
+    vendor: Vendor,
+    label: &str,
+    (binary, plugin): &(PathBuf, PathBuf),
+    n: usize,
+) -> Figures {
     let dir = tempfile::tempdir().unwrap();
     let prism = setup::start_prism().await;
     let panos = setup::start_panos().await;
-    prepare(&prism, &panos, n).await;
+    let bigip = BigipSim::start(
+        "127.0.0.1:0".parse().unwrap(),
+        BigipConfig {
+            pools: vec![POOL.to_owned()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    match vendor {
+        Vendor::PaloAlto => prepare(&prism, &panos, n).await,
+        Vendor::F5 => prepare_f5(&prism, n).await,
+    }
     let truth: BTreeMap<String, Vec<String>> = (0..n).map(|i| (vm_ip(i), tags(i))).collect();
-    let before = panos.stats();
+    let before = (panos.stats().requests, bigip.stats().requests);
 
     let admin = format!("127.0.0.1:{}", free_port());
     let host = HostConfig::new(dir.path())
         .instance("bench")
-        .admin_listen(&admin)
-        .paloalto(&panos);
+        .admin_listen(&admin);
+    let host = match vendor {
+        Vendor::PaloAlto => host.paloalto(&panos),
+        Vendor::F5 => {
+            let lb = bigip.base_url();
+            host.plugin(
+                "f5-bigip",
+                &[
+                    format!(r#"config = {{ bigip = "{lb}", port = {MEMBER_PORT}, category = "F5Pool" }}"#),
+                    format!(r#"allow = ["{lb}"]"#),
+                    format!(r#"inject = [{{ origin = "{lb}", header = "Authorization", value = "Basic YWRtaW46YWRtaW4=" }}]"#),
+                ],
+            )
+        }
+    };
     std::fs::create_dir_all(host.plugins_dir()).unwrap();
-    std::fs::copy(plugin, host.plugins_dir().join("paloalto.wasm")).unwrap();
+    let file = format!("{}.wasm", vendor.plugin());
+    std::fs::copy(plugin, host.plugins_dir().join(file)).unwrap();
     let config_file = dir.path().join("prismhook.toml");
     std::fs::write(&config_file, host.cluster(Cluster::lab(&prism)).toml()).unwrap();
     let log = dir.path().join("host.log");
@@ -178,22 +237,38 @@ async fn one_size(label: &str, (binary, plugin): &(PathBuf, PathBuf), n: usize) 
     let plugin_peak = metric(
         &client,
         &admin,
-        "prismhook_plugin_memory_peak_bytes{plugin=\"paloalto\"}",
+        &format!(
+            "prismhook_plugin_memory_peak_bytes{{plugin=\"{}\"}}",
+            vendor.plugin()
+        ),
     )
     .await;
     peak = status_bytes(pid, "VmHWM").or(peak);
     let _ = child.kill();
     let _ = child.wait();
 
-    let registered = panos.registered();
-    let off_truth = truth
-        .iter()
-        .filter(|(ip, want)| registered.get(*ip) != Some(*want))
-        .count()
-        + registered
-            .keys()
-            .filter(|ip| !truth.contains_key(*ip))
-            .count();
+    let off_truth = match vendor {
+        Vendor::PaloAlto => {
+            let registered = panos.registered();
+            truth
+                .iter()
+                .filter(|(ip, want)| registered.get(*ip) != Some(*want))
+                .count()
+                + registered
+                    .keys()
+                    .filter(|ip| !truth.contains_key(*ip))
+                    .count()
+        }
+        Vendor::F5 => {
+            let want: std::collections::BTreeSet<String> = (0..n)
+                .filter(|i| in_pool(*i))
+                .map(|i| format!("{}:{MEMBER_PORT}", vm_ip(i)))
+                .collect();
+            let members = bigip.pools().remove(POOL).unwrap_or_default();
+            want.iter().filter(|m| !members.contains(m)).count()
+                + members.iter().filter(|m| !want.contains(*m)).count()
+        }
+    };
     Figures {
         host: label.to_owned(),
         vms: n,
@@ -202,7 +277,7 @@ async fn one_size(label: &str, (binary, plugin): &(PathBuf, PathBuf), n: usize) 
         // A host that feeds the plugin each page as it is read logs the
         // listing's end; one before that logged "reconciling" after it.
         listing: log_offset(&log, "inventory listed").or_else(|| log_offset(&log, "reconciling")),
-        requests: panos.stats().requests - before.requests,
+        requests: panos.stats().requests - before.0 + bigip.stats().requests - before.1,
         host_peak: peak,
         plugin_peak,
         off_truth,
@@ -236,6 +311,17 @@ async fn prepare(prism: &PrismSim, panos: &PanosSim, n: usize) {
     }
 }
 
+/// N VMs powered on, one IP each; every 100th in the F5 pool.
+async fn prepare_f5(prism: &PrismSim, n: usize) {
+    for i in 0..n {
+        let mut vm = NewVm::named(format!("vm-{i}")).powered_on().nic([vm_ip(i)]);
+        if in_pool(i) {
+            vm = vm.category("F5Pool", "web");
+        }
+        prism.create_vm(vm).await.unwrap();
+    }
+}
+
 fn spawn(binary: &Path, config: &Path, log: &Path) -> Child {
     let log = std::fs::File::create(log).unwrap();
     Command::new(binary)
@@ -262,7 +348,12 @@ async fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000, 10_000, 50_000, 200_000]);
-    let ours = common::component("paloalto");
+    let vendor = match std::env::var("RECONCILE_PLUGIN").as_deref() {
+        Ok("f5-bigip") => Vendor::F5,
+        Ok("paloalto") | Err(_) => Vendor::PaloAlto,
+        Ok(other) => panic!("RECONCILE_PLUGIN: no plugin `{other}` (paloalto, f5-bigip)"),
+    };
+    let ours = common::component(vendor.plugin());
     let hosts: Vec<(String, (PathBuf, PathBuf))> = match std::env::var("RECONCILE_HOSTS") {
         Ok(list) => list
             .split(',')
@@ -280,17 +371,24 @@ async fn main() {
             (env!("CARGO_BIN_EXE_prismhook").into(), ours),
         )],
     };
-    println!(
-        "the release binary, the Palo Alto plugin, its default limits (64 MiB, 5 s a call); \
-         Prism simulator paging by 500; PAN-OS simulator with every 20th IP stale, every 20th \
-         missing and N/20 foreign IPs; time from the host's start until its status reports the \
-         reconcile\n"
-    );
+    match vendor {
+        Vendor::PaloAlto => println!(
+            "the release binary, the Palo Alto plugin, its default limits (64 MiB, 5 s a call); \
+             Prism simulator paging by 500; PAN-OS simulator with every 20th IP stale, every 20th \
+             missing and N/20 foreign IPs; time from the host's start until its status reports the \
+             reconcile\n"
+        ),
+        Vendor::F5 => println!(
+            "the release binary, the F5 plugin, its default limits; Prism simulator paging by 500, \
+             every 100th VM in pool {POOL}; BIG-IP simulator with the pool empty; time from the \
+             host's start until its status reports the reconcile\n"
+        ),
+    }
     println!("| VMs | host | result | time | of which listing | firewall requests | host peak RSS | plugin peak memory | IPs off the truth after |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         for (label, host) in &hosts {
-            print_row(one_size(label, host, n).await);
+            print_row(one_size(vendor, label, host, n).await);
         }
     }
 }

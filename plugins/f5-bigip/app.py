@@ -10,7 +10,7 @@ import traceback
 import f5sync
 from componentize_py_types import Err
 from wit_world import exports
-from wit_world.imports import http, kv, log, types
+from wit_world.imports import http, inventory, kv, log, types
 
 _LEVELS = {
     "trace": log.Level.TRACE,
@@ -77,6 +77,12 @@ class _Host:
         except Err as e:
             raise f5sync.KvFailure(str(e.value)) from None
 
+    def kv_commit(self):
+        try:
+            kv.commit()
+        except Err as e:
+            raise f5sync.KvFailure(str(e.value)) from None
+
     def log(self, level, message):
         log.log(_LEVELS.get(level, log.Level.INFO), message)
 
@@ -115,12 +121,30 @@ class Handler(exports.Handler):
         return [_outcome(o) for o in outcomes]
 
     def reconcile(self, cluster, vms):
-        config = _config_or_trap()
-        host = _Host()
-        try:
-            return f5sync.reconcile(config, host, cluster, vms)
-        except f5sync.Failure as failure:
-            raise Err(failure.outcome[1]) from None
-        except Exception as e:
-            host.log("error", "f5-bigip failed in reconcile: " + "".join(traceback.format_exception(e)))
-            raise Err(f"f5-bigip internal error: {e!r}") from None
+        return _reconciled(lambda config, host: f5sync.reconcile(config, host, cluster, vms))
+
+
+def _pages():
+    """The inventory of a paged reconcile, page after page."""
+    while (page := inventory.next_page()) is not None:
+        yield page
+
+
+def _reconciled(run):
+    """Runs a reconcile, its failures as WIT errors."""
+    config = _config_or_trap()
+    host = _Host()
+    try:
+        return run(config, host)
+    except f5sync.Failure as failure:
+        raise Err(failure.outcome[1]) from None
+    except Exception as e:
+        host.log("error", "f5-bigip failed in reconcile: " + "".join(traceback.format_exception(e)))
+        raise Err(f"f5-bigip internal error: {e!r}") from None
+
+
+class Paged(exports.Paged):
+    """The inventory a page at a time (WIT 0.1.2; `kv.commit` 0.1.4)."""
+
+    def reconcile(self, cluster):
+        return _reconciled(lambda config, host: f5sync.reconcile_paged(config, host, cluster, _pages()))

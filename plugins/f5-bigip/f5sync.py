@@ -537,16 +537,54 @@ def reconcile(config, host, cluster, vms):
     for vm in vms:
         if vm.uuid:
             wants[vm.uuid] = wanted(config, vm, powered_on(None, vm.power_state), host.log)
+    for uuid in recorded_vms(host, cluster):
+        wants.setdefault(uuid, set())  # gone from the inventory
+    return bring_in_line(config, host, cluster, wants, len(vms))
+
+
+# VMs brought in line between two `kv_commit`s of a paged reconcile: a
+# timeout loses at most the records of these.
+COMMIT_EVERY = 100
+
+
+def reconcile_paged(config, host, cluster, pages):
+    """`reconcile` with the inventory read a page at a time from `pages`
+    (the host's `inventory.next-page`). Across pages it keeps what the
+    pools need, not the inventory: the members each VM in a pool wants, and
+    the VMs kv has a record of. A paged reconcile's error discards its kv
+    writes, so the records of what it changed are committed (`kv_commit`)
+    every `COMMIT_EVERY` VMs and before it raises: a member it added is
+    never forgotten, to stay on BIG-IP after its VM is gone."""
+    has_record = set(recorded_vms(host, cluster))
+    wants = {}
+    listed = 0
+    for page in pages:
+        for vm in page:
+            listed += 1
+            if not vm.uuid:
+                continue
+            want = wanted(config, vm, powered_on(None, vm.power_state), host.log)
+            if want or vm.uuid in has_record or vm.uuid in wants:
+                wants[vm.uuid] = want
+    for uuid in has_record:
+        wants.setdefault(uuid, set())  # gone from the inventory
+    return bring_in_line(config, host, cluster, wants, listed, commit=host.kv_commit)
+
+
+def recorded_vms(host, cluster):
+    """The uuids of the cluster's VMs that kv holds a record of."""
     prefix = vm_key(cluster, "")
     try:
-        recorded_keys = host.kv_list(prefix)
+        keys = host.kv_list(prefix)
     except KvFailure as e:
         raise Failure(retry(f"listing kv `{prefix}`: {e}")) from None
-    for key in recorded_keys:
-        uuid = key[len(prefix):]
-        if uuid and uuid not in wants:
-            wants[uuid] = set()  # gone from the inventory
+    return [key[len(prefix):] for key in keys if key[len(prefix):]]
 
+
+def bring_in_line(config, host, cluster, wants, listed, commit=None):
+    """Moves every VM of `wants` (uuid -> the pairs it should contribute)
+    to what it wants, against what the pools hold. `commit`, when given,
+    makes the kv writes so far durable (see `reconcile_paged`)."""
     pools = set()
     records = {}
     for uuid in wants:
@@ -562,6 +600,7 @@ def reconcile(config, host, cluster, vms):
 
     added = removed = 0
     problems = []
+    since_commit = 0
     for uuid, want in wants.items():
         try:
             a, r = apply_vm(config, host, cluster, uuid, want, present)
@@ -571,8 +610,21 @@ def reconcile(config, host, cluster, vms):
             if failure.outcome[0] == "reject":
                 problems.append(failure.outcome[1])
                 continue
+            if commit is not None:
+                _commit(commit)
             raise
-    summary = f"{len(vms)} VMs: {added} members added, {removed} removed"
+        since_commit += 1
+        if commit is not None and since_commit >= COMMIT_EVERY:
+            _commit(commit)
+            since_commit = 0
+    summary = f"{listed} VMs: {added} members added, {removed} removed"
     if problems:
         summary += f"; {len(problems)} problem(s): {problems[0]}"
     return summary
+
+
+def _commit(commit):
+    try:
+        commit()
+    except KvFailure as e:
+        raise Failure(retry(f"committing kv: {e}")) from None

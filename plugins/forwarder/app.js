@@ -72,3 +72,12 @@ export const handler = {
     return `nothing to reconcile (${vms.length} VMs in ${cluster})`;
   },
 };
+
+// The paged reconcile (WIT 0.1.2), which the host calls instead: it reads
+// no page, so the host lists the inventory for the plugins that need it
+// without holding the list for this one.
+export const paged = {
+  reconcile(cluster) {
+    return `nothing to reconcile (${cluster})`;
+  },
+};

@@ -31,6 +31,10 @@ pub struct Faults {
     pub retry_after_secs: Option<u64>,
     /// Close each API request's TCP connection without answering.
     pub drop_connections: bool,
+    /// If above zero, the next N API requests are answered as if there
+    /// were no faults, and the faults apply after them: a system that fails
+    /// partway through a long run of requests.
+    pub pass_first: u32,
 }
 
 /// What an injected fault does to one request.
@@ -50,9 +54,14 @@ impl Faults {
         }
     }
 
-    /// Decides this request's fault, consuming one of `fail_next`.
+    /// Decides this request's fault, consuming one of `pass_first` or
+    /// `fail_next`.
     pub(crate) fn take(&mut self) -> (Duration, Option<FaultAction>) {
         let latency = Duration::from_millis(self.latency_ms);
+        if self.pass_first > 0 {
+            self.pass_first -= 1;
+            return (latency, None);
+        }
         let retry_after = self.retry_after_secs;
         let action = if self.drop_connections {
             Some(FaultAction::Drop)

@@ -28,7 +28,7 @@ use prismhook::runtime::{Runtime, RuntimeOptions};
 use prismhook_sim::bigip::{BigipConfig, BigipSim, Faults as BigipFaults};
 use prismhook_sim::fmc::FmcSim;
 use prismhook_sim::panos::PanosSim;
-use prismhook_sim::prism::{NewNic, NewVm, PrismSim, SimVm, VmChange};
+use prismhook_sim::prism::{NewNic, NewVm, PrismFaults, PrismSim, SimVm, VmChange};
 use serde_json::Value;
 
 /// Plugin file stems, which are also the names the plugins give in `init`.
@@ -433,6 +433,76 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
         let c = &counters[plugin];
         assert_eq!((c.failed_calls, c.rejected), (0, 0), "{plugin}: {c:?}");
     }
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// The BIG-IP plugin reconciles a page at a time (WIT 0.1.2) and commits
+/// its records as it goes (0.1.4, `kv.commit`): when BIG-IP fails partway
+/// through, the members it added are on record, so one whose VM then goes
+/// unheard is still taken away by the next reconcile.
+#[tokio::test]
+async fn the_load_balancer_plugin_reconciles_by_pages_and_keeps_what_it_changed_when_bigip_fails_partway(
+) {
+    let w = world().await;
+    // Three pages of Prism's 500; every other VM serves in the pool.
+    for i in 0..1_100u32 {
+        let ip = format!("10.40.{}.{}", i / 250, i % 250 + 1);
+        let mut vm = NewVm::named(format!("vm-{i}")).powered_on().nic([ip]);
+        if i % 2 == 0 {
+            vm = vm.category("F5Pool", "web");
+        }
+        w.prism.create_vm(vm).await.unwrap();
+    }
+    // The reconcile at start reads the pool, adds 50 members, and then
+    // BIG-IP fails: before the plugin's first periodic commit (every 100
+    // VMs), so only its commit on failure keeps their records.
+    w.bigip.set_faults(BigipFaults {
+        fail_status: Some(503),
+        pass_first: 51,
+        ..Default::default()
+    });
+    let app = w.start().await;
+    let f5 = app.registry.get("f5-bigip").unwrap().plugin.unwrap();
+    assert!(f5.is_paged(), "the BIG-IP plugin exports paged.reconcile");
+    wait(
+        || {
+            app.cluster_status().iter().any(|c| {
+                c.last_reconcile
+                    .iter()
+                    .any(|l| l.starts_with("f5-bigip: failed"))
+            })
+        },
+        "the reconcile at start to fail at BIG-IP",
+    )
+    .await;
+    assert_eq!(w.members().len(), 50);
+
+    // One of the VMs it added goes, and Prism's notification is lost.
+    let first = w.members()[0].clone();
+    let gone = w
+        .prism
+        .vms()
+        .into_iter()
+        .find(|vm| format!("{}:{MEMBER_PORT}", vm.nics[0].ips[0]) == first)
+        .unwrap();
+    w.prism.set_faults(PrismFaults {
+        drop_rate: 1.0,
+        ..Default::default()
+    });
+    w.prism.delete_vm(&gone.uuid).await.unwrap();
+    w.bigip.set_faults(BigipFaults::default());
+    let report = app.source.reconcile(Some("lab")).await.unwrap().remove(0);
+    let line = report
+        .plugins
+        .iter()
+        .find(|l| l.starts_with("f5-bigip: "))
+        .unwrap();
+    assert!(line.starts_with("f5-bigip: 1099 VMs: "), "{line}");
+    let (members, truth) = (w.members(), pool_truth(&w.prism.vms()));
+    assert!(!members.contains(&first), "{first} stayed behind");
+    let off: Vec<&String> = members.iter().filter(|m| !truth.contains(m)).collect();
+    assert!(off.is_empty(), "members no VM wants: {off:?}");
+    assert_eq!((members.len(), truth.len()), (549, 549));
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

@@ -514,12 +514,26 @@ fn newest_source(dir: &Path) -> Result<Option<std::time::SystemTime>> {
     Ok(newest)
 }
 
+/// The WIT world a Python or JavaScript guest is built for, which
+/// componentize-py and componentize-js want named: the one that exports the
+/// paged reconcile when the guest's source implements it (`marker`).
+fn world_of(source: &Path, marker: &str) -> Result<&'static str> {
+    let text =
+        std::fs::read_to_string(source).with_context(|| format!("reading {}", source.display()))?;
+    Ok(if text.contains(marker) {
+        "paged-plugin"
+    } else {
+        "plugin"
+    })
+}
+
 fn build_python(root: &Path, dir: &Path, out: &Path) -> Result<()> {
+    let world = world_of(&dir.join("app.py"), "(exports.Paged)")?;
     let mut componentize = componentize_py(root)?;
     componentize
         .arg("--wit-path")
         .arg(wit_dir(root, dir))
-        .args(["--world", "plugin", "componentize", "app", "--python-path"])
+        .args(["--world", world, "componentize", "app", "--python-path"])
         .arg(dir)
         .arg("--output")
         .arg(out)
@@ -642,13 +656,14 @@ fn build_javascript(root: &Path, dir: &Path, out: &Path) -> Result<()> {
     }
     let manifest = std::fs::read_to_string(dir.join("package.json"))?;
     let entry = json_string_field(&manifest, "main").unwrap_or_else(|| "app.js".to_owned());
+    let world = world_of(&dir.join(&entry), "export const paged")?;
     let cli = dir.join("node_modules/.bin/componentize-js");
     let mut componentize = Command::new(&cli);
     componentize
         .arg(&entry)
         .arg("--wit")
         .arg(wit_dir(root, dir))
-        .args(["--world-name", "plugin"]);
+        .args(["--world-name", world]);
     for feature in COMPONENTIZE_JS_DISABLE {
         componentize.args(["--disable", feature]);
     }

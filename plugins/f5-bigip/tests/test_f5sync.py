@@ -36,6 +36,9 @@ class FakeHost:
     def __init__(self, pools=("/Common/web", "/Common/api")):
         self.pools = {p: set() for p in pools}
         self.kv = {}
+        self.committed = {}  # kv as of the last kv_commit
+        self.commits = 0
+        self.kv_reads = []
         self.logs = []
         self.requests = []
         self.fail = []  # statuses (or HttpFailure) to answer the next requests with
@@ -76,6 +79,7 @@ class FakeHost:
         return NS(status=status, headers=[("content-type", "application/json")], body=json.dumps(doc).encode())
 
     def kv_get(self, key):
+        self.kv_reads.append(key)
         return self.kv.get(key)
 
     def kv_set(self, key, value):
@@ -86,6 +90,14 @@ class FakeHost:
 
     def kv_list(self, prefix):
         return sorted(k for k in self.kv if k.startswith(prefix))
+
+    def kv_commit(self):
+        self.committed = dict(self.kv)
+        self.commits += 1
+
+    def discard_uncommitted(self):
+        """What the host does with a paged reconcile's writes when it fails."""
+        self.kv = dict(self.committed)
 
     def log(self, level, message):
         self.logs.append((level, message))
@@ -393,6 +405,52 @@ class ReconcileTests(unittest.TestCase):
         with self.assertRaises(f5sync.Failure) as caught:
             f5sync.reconcile(self.config, self.host, "c1", [vm()])
         self.assertEqual(caught.exception.outcome[0], "retry")
+
+
+class PagedReconcileTests(unittest.TestCase):
+    def setUp(self):
+        self.host = FakeHost()
+        self.config = config()
+
+    def reconcile(self, *pages):
+        return f5sync.reconcile_paged(self.config, self.host, "c1", iter(pages))
+
+    def test_it_ends_where_the_whole_list_reconcile_does(self):
+        f5sync.handle(self.config, self.host, [event("VM.ON", vm("gone", ips=("10.0.0.8",)))])
+        summary = self.reconcile([vm("a")], [], [vm("b", ips=("10.0.0.2",), power="OFF")])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+        self.assertEqual(sorted(self.host.kv), ["member//Common/web/10.0.0.1:80", "vm/c1/a"])
+        self.assertEqual(summary, "2 VMs: 1 members added, 1 removed")
+
+    def test_vms_in_no_pool_and_without_a_record_are_not_looked_up(self):
+        f5sync.handle(self.config, self.host, [event("VM.ON", vm("kept", ips=("10.0.0.9",)))])
+        self.host.kv_reads.clear()
+        others = [vm(f"other-{i}", pool=None) for i in range(1_000)]
+        summary = self.reconcile(others[:500], others[500:] + [vm("kept", ips=("10.0.0.9",))])
+        self.assertEqual({k for k in self.host.kv_reads if k.startswith("vm/")}, {"vm/c1/kept"})
+        self.assertEqual(summary, "1001 VMs: 0 members added, 0 removed")
+
+    def test_a_failure_midway_keeps_the_records_of_what_it_changed(self):
+        # BIG-IP takes a and b, then fails: the host discards the writes
+        # since the last commit, and the records of a and b must survive it.
+        self.host.fail = [None, None, None, 503]
+        with self.assertRaises(f5sync.Failure) as caught:
+            self.reconcile([vm("a"), vm("b", ips=("10.0.0.2",))], [vm("c", ips=("10.0.0.3",))])
+        self.assertEqual(caught.exception.outcome[0], "retry")
+        self.host.discard_uncommitted()
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80", "10.0.0.2:80"]})
+        self.assertIn("vm/c1/a", self.host.kv)
+        # VM a goes while nobody hears of it: the next reconcile takes its
+        # member away, which it could not without the record.
+        self.reconcile([vm("b", ips=("10.0.0.2",))], [vm("c", ips=("10.0.0.3",))])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.2:80", "10.0.0.3:80"]})
+        self.assertNotIn("vm/c1/a", self.host.kv)
+
+    def test_records_are_committed_every_hundred_vms(self):
+        vms = [vm(f"v{i}", ips=(f"10.1.{i // 250}.{i % 250 + 1}",)) for i in range(250)]
+        self.reconcile(vms[:120], vms[120:])
+        self.assertEqual(self.host.commits, 2)  # after 100 and 200; the host commits the rest
+        self.assertEqual(len(self.host.members()["/Common/web"]), 250)
 
 
 if __name__ == "__main__":
