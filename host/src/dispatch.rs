@@ -25,7 +25,7 @@ use crate::ledger::{
 };
 use crate::registry::Registry;
 use crate::runtime::bindings::{self, Event, Outcome, Retry};
-use crate::runtime::feed::{Feed, Inventory};
+use crate::runtime::feed::{Feed, FeedSender, Inventory};
 use crate::runtime::{CallError, Plugin, VmClusters};
 use crate::source::{InventoryError, InventorySink, Listing, Reconciled};
 use crate::telemetry::HandleDurations;
@@ -631,7 +631,7 @@ impl Dispatcher {
         &self,
         cluster: &str,
         plugins: &[String],
-        mut listing: Listing<'_>,
+        listing: Listing<'_>,
     ) -> Result<Reconciled, InventoryError> {
         let mut done = Reconciled::default();
         let (mut fed, mut whole) = (Vec::new(), Vec::new());
@@ -648,45 +648,15 @@ impl Dispatcher {
             feeds.push(feed);
             async move { (*name, p.reconcile_fed(cluster, inventory).await) }
         }));
-        let keep = !whole.is_empty();
-        let read = async move {
-            let (mut all, mut count) = (Vec::new(), 0);
-            let read = loop {
-                let (item, end) = match listing.next().await {
-                    Some(Ok(page)) => {
-                        count += page.len();
-                        if keep {
-                            all.extend(page.iter().cloned());
-                        }
-                        (Feed::Page(Arc::new(page)), Ok(false))
-                    }
-                    Some(Err(e)) => (Feed::Failed(format!("{e:#}").into()), Err(e)),
-                    None => {
-                        tracing::info!(%cluster, vms = count, "inventory listed");
-                        (Feed::End, Ok(true))
-                    }
-                };
-                for feed in &feeds {
-                    // A call that ended early (a refused `init`, a trap) has
-                    // dropped its end: nothing more to give it.
-                    let _ = feed.send(item.clone()).await;
-                }
-                match end {
-                    Ok(false) => continue,
-                    Ok(true) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            };
-            (read, all, count)
-        };
-        let ((read, all, count), results) = tokio::join!(read, calls);
+        let read = read_into(cluster, listing, feeds, !whole.is_empty());
+        let (Listed { read, all, count }, mut results) = tokio::join!(read, calls);
         if let Err(e) = read {
             for (name, result) in results {
-                tracing::debug!(%cluster, plugin = %name, "reconcile ended with the listing: {:?}", result.err());
+                let ended = result.err();
+                tracing::debug!(%cluster, plugin = %name, ?ended, "reconcile ended with the listing");
             }
             return Err(InventoryError::Listing(e));
         }
-        let mut results = results;
         if !whole.is_empty() {
             // Which Nutanix cluster each VM belongs to, once for every plugin.
             let clusters = Arc::new(vm_clusters(all.iter()));
@@ -707,6 +677,53 @@ impl Dispatcher {
         }
         Ok(done)
     }
+}
+
+/// What reading a listing into the feeds came to.
+struct Listed {
+    /// Whether the listing reached its end.
+    read: anyhow::Result<()>,
+    /// Every VM, when asked to keep them (for plugins that take the list).
+    all: Vec<Vm>,
+    count: usize,
+}
+
+/// Reads `listing` to its end and sends each page to every feed, then the
+/// end or the listing's error; keeps the VMs too when `keep`.
+async fn read_into(
+    cluster: &str,
+    mut listing: Listing<'_>,
+    feeds: Vec<FeedSender>,
+    keep: bool,
+) -> Listed {
+    let (mut all, mut count) = (Vec::new(), 0);
+    let read = loop {
+        let (item, end) = match listing.next().await {
+            Some(Ok(page)) => {
+                count += page.len();
+                if keep {
+                    all.extend(page.iter().cloned());
+                }
+                (Feed::Page(Arc::new(page)), Ok(false))
+            }
+            Some(Err(e)) => (Feed::Failed(format!("{e:#}").into()), Err(e)),
+            None => {
+                tracing::info!(%cluster, vms = count, "inventory listed");
+                (Feed::End, Ok(true))
+            }
+        };
+        for feed in &feeds {
+            // A call that ended early (a refused `init`, a trap) has
+            // dropped its end: nothing more to give it.
+            let _ = feed.send(item.clone()).await;
+        }
+        match end {
+            Ok(false) => continue,
+            Ok(true) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    Listed { read, all, count }
 }
 
 /// Adds one plugin's reconcile to the lines, and logs it.
