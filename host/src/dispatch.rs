@@ -649,7 +649,7 @@ impl Dispatcher {
             async move { (*name, p.reconcile_fed(cluster, inventory).await) }
         }));
         let read = read_into(cluster, listing, feeds, !whole.is_empty());
-        let (Listed { read, all, count }, mut results) = tokio::join!(read, calls);
+        let (Listed { read, pages, count }, mut results) = tokio::join!(read, calls);
         if let Err(e) = read {
             for (name, result) in results {
                 let ended = result.err();
@@ -658,6 +658,9 @@ impl Dispatcher {
             return Err(InventoryError::Listing(e));
         }
         if !whole.is_empty() {
+            // The fed calls have ended and let go of the pages, so this
+            // moves the VMs rather than copying them.
+            let all: Vec<Vm> = pages.into_iter().flat_map(Arc::unwrap_or_clone).collect();
             // Which Nutanix cluster each VM belongs to, once for every plugin.
             let clusters = Arc::new(vm_clusters(all.iter()));
             let all = Arc::new(all);
@@ -683,28 +686,30 @@ impl Dispatcher {
 struct Listed {
     /// Whether the listing reached its end.
     read: anyhow::Result<()>,
-    /// Every VM, when asked to keep them (for plugins that take the list).
-    all: Vec<Vm>,
+    /// Every page, when asked to keep them (for plugins that take the
+    /// list): shared with the feeds, not copied.
+    pages: Vec<Arc<Vec<Vm>>>,
     count: usize,
 }
 
 /// Reads `listing` to its end and sends each page to every feed, then the
-/// end or the listing's error; keeps the VMs too when `keep`.
+/// end or the listing's error; keeps the pages too when `keep`.
 async fn read_into(
     cluster: &str,
     mut listing: Listing<'_>,
     feeds: Vec<FeedSender>,
     keep: bool,
 ) -> Listed {
-    let (mut all, mut count) = (Vec::new(), 0);
+    let (mut pages, mut count) = (Vec::new(), 0);
     let read = loop {
         let (item, end) = match listing.next().await {
             Some(Ok(page)) => {
                 count += page.len();
+                let page = Arc::new(page);
                 if keep {
-                    all.extend(page.iter().cloned());
+                    pages.push(page.clone());
                 }
-                (Feed::Page(Arc::new(page)), Ok(false))
+                (Feed::Page(page), Ok(false))
             }
             Some(Err(e)) => (Feed::Failed(format!("{e:#}").into()), Err(e)),
             None => {
@@ -723,7 +728,7 @@ async fn read_into(
             Err(e) => break Err(e),
         }
     };
-    Listed { read, all, count }
+    Listed { read, pages, count }
 }
 
 /// Adds one plugin's reconcile to the lines, and logs it.
