@@ -1,8 +1,7 @@
-//! Where a paged reconcile's pages come from: a list the host already
-//! holds, or a source's listing that sends each page as it reads it, so that
-//! the host holds a few pages rather than the inventory.
+//! Where a paged reconcile's pages come from: a source's listing sends each
+//! page as it reads it, so that the host holds a few pages rather than the
+//! inventory; a list held whole is sent the same way ([`send_list`]).
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -40,85 +39,58 @@ pub enum FeedError {
     Abandoned,
 }
 
-/// The inventory of one paged reconcile call.
-pub enum Inventory {
-    /// Listed before the call, handed out [`INVENTORY_PAGE`] VMs at a time.
-    Listed { vms: Arc<Vec<Vm>>, next: usize },
-    /// Sent while the call runs.
-    Fed {
-        pages: mpsc::Receiver<Feed>,
-        ended: bool,
-    },
-}
-
-/// A page to hand out: which VMs of which list.
-pub struct Page {
-    pub vms: Arc<Vec<Vm>>,
-    pub range: Range<usize>,
-}
-
-impl Page {
-    pub fn vms(&self) -> &[Vm] {
-        &self.vms[self.range.clone()]
-    }
+/// The inventory of one paged reconcile call, as its listing sends it.
+pub struct Inventory {
+    pages: mpsc::Receiver<Feed>,
+    ended: bool,
 }
 
 impl Inventory {
-    pub fn listed(vms: Arc<Vec<Vm>>) -> Inventory {
-        Inventory::Listed { vms, next: 0 }
-    }
-
     /// A feed and the inventory that reads it.
     pub fn fed() -> (FeedSender, Inventory) {
         let (tx, pages) = mpsc::channel(AHEAD);
-        (
-            tx,
-            Inventory::Fed {
-                pages,
-                ended: false,
-            },
-        )
-    }
-
-    pub fn is_fed(&self) -> bool {
-        matches!(self, Inventory::Fed { .. })
+        let inventory = Inventory {
+            pages,
+            ended: false,
+        };
+        (tx, inventory)
     }
 
     /// The next page, `None` once every VM was handed out (and after that).
-    pub async fn next(&mut self) -> Result<Option<Page>, FeedError> {
-        match self {
-            Inventory::Listed { vms, next } => {
-                let start = *next;
-                let end = vms.len().min(start + INVENTORY_PAGE);
-                if start >= end {
+    pub async fn next(&mut self) -> Result<Option<Arc<Vec<Vm>>>, FeedError> {
+        if self.ended {
+            return Ok(None);
+        }
+        loop {
+            match self.pages.recv().await {
+                // An empty page says nothing; the plugin is told `none` only
+                // at the end.
+                Some(Feed::Page(vms)) if vms.is_empty() => continue,
+                Some(Feed::Page(vms)) => return Ok(Some(vms)),
+                Some(Feed::End) => {
+                    self.ended = true;
                     return Ok(None);
                 }
-                *next = end;
-                Ok(Some(Page {
-                    vms: vms.clone(),
-                    range: start..end,
-                }))
+                Some(Feed::Failed(reason)) => return Err(FeedError::Failed(reason)),
+                None => return Err(FeedError::Abandoned),
             }
-            Inventory::Fed { ended: true, .. } => Ok(None),
-            Inventory::Fed { pages, ended } => loop {
-                match pages.recv().await {
-                    // An empty page says nothing; the plugin is told `none`
-                    // only at the end.
-                    Some(Feed::Page(vms)) if vms.is_empty() => continue,
-                    Some(Feed::Page(vms)) => {
-                        let range = 0..vms.len();
-                        return Ok(Some(Page { vms, range }));
-                    }
-                    Some(Feed::End) => {
-                        *ended = true;
-                        return Ok(None);
-                    }
-                    Some(Feed::Failed(reason)) => return Err(FeedError::Failed(reason)),
-                    None => return Err(FeedError::Abandoned),
-                }
-            },
         }
     }
+}
+
+/// Sends a list its caller holds whole, [`INVENTORY_PAGE`] VMs at a time,
+/// then its end; stops early once the call reading it has ended.
+pub async fn send_list(feed: FeedSender, vms: &[Vm]) {
+    for page in vms.chunks(INVENTORY_PAGE) {
+        if feed
+            .send(Feed::Page(Arc::new(page.to_vec())))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = feed.send(Feed::End).await;
 }
 
 #[cfg(test)]
@@ -137,15 +109,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_listed_inventory_is_handed_out_in_pages_of_five_hundred() {
-        let mut inventory = Inventory::listed(vms(1_001));
-        let mut sizes = Vec::new();
-        while let Some(page) = inventory.next().await.unwrap() {
-            sizes.push(page.vms().len());
-        }
+    async fn a_list_is_sent_in_pages_of_five_hundred_then_its_end() {
+        let (tx, mut inventory) = Inventory::fed();
+        let list = vms(1_001);
+        let send = send_list(tx, &list);
+        let read = async {
+            let mut sizes = Vec::new();
+            while let Some(page) = inventory.next().await.unwrap() {
+                sizes.push(page.len());
+            }
+            sizes
+        };
+        let ((), sizes) = tokio::join!(send, read);
         assert_eq!(sizes, [500, 500, 1]);
         assert!(inventory.next().await.unwrap().is_none());
-        assert!(Inventory::listed(vms(0)).next().await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -159,7 +136,7 @@ mod tests {
         });
         let mut sizes = Vec::new();
         while let Some(page) = inventory.next().await.unwrap() {
-            sizes.push(page.vms().len());
+            sizes.push(page.len());
         }
         assert_eq!(sizes, [3, 2]);
         assert!(inventory.next().await.unwrap().is_none());

@@ -858,19 +858,21 @@ impl Plugin {
     }
 
     /// Hands the plugin one cluster's whole inventory, and which Nutanix
-    /// cluster each VM belongs to: a page at a time when it exports the
-    /// paged reconcile, else in one list.
+    /// cluster each VM belongs to: in one list, or a page at a time when it
+    /// exports the paged reconcile (the cluster names then come from the
+    /// VMs, as in [`Plugin::reconcile_fed`]).
     pub async fn reconcile(
         &self,
         cluster: &str,
         vms: Arc<Vec<crate::event::Vm>>,
         vm_clusters: Arc<VmClusters>,
     ) -> Result<Result<String, String>, CallError> {
-        let call = if self.paged.is_some() {
-            Call::ReconcilePaged(cluster.to_owned(), Inventory::listed(vms))
-        } else {
-            Call::Reconcile(cluster.to_owned(), vms.iter().map(Vm::from).collect())
-        };
+        if self.is_paged() {
+            let (feed, inventory) = Inventory::fed();
+            let send = feed::send_list(feed, &vms);
+            return tokio::join!(send, self.reconcile_fed(cluster, inventory)).1;
+        }
+        let call = Call::Reconcile(cluster.to_owned(), vms.iter().map(Vm::from).collect());
         self.reconcile_call(cluster, call, vm_clusters).await
     }
 
@@ -884,7 +886,7 @@ impl Plugin {
         inventory: Inventory,
     ) -> Result<Result<String, String>, CallError> {
         assert!(self.is_paged(), "only a paged reconcile reads a feed");
-        let call = Call::ReconcilePaged(cluster.to_owned(), inventory);
+        let call = Call::ReconcilePaged(cluster.to_owned(), Some(inventory));
         self.reconcile_call(cluster, call, Arc::default()).await
     }
 
@@ -929,8 +931,7 @@ impl Plugin {
             // Moved into the Store, where `inventory.next-page` hands it
             // out and grows the deadline and the request budget by the
             // plugin's own with each page after the first.
-            let inventory = std::mem::replace(inventory, Inventory::listed(Arc::default()));
-            store.data_mut().inventory = Some(inventory);
+            store.data_mut().inventory = inventory.take();
         }
         store.limiter(|s| s);
         store.set_epoch_deadline(1);
@@ -1049,8 +1050,9 @@ enum Call {
     Init,
     Handle(Vec<Event>),
     Reconcile(String, Vec<Vm>),
-    /// The cluster, and the inventory `inventory.next-page` hands out.
-    ReconcilePaged(String, Inventory),
+    /// The cluster, and the inventory `inventory.next-page` hands out
+    /// (taken into the Store when the call starts).
+    ReconcilePaged(String, Option<Inventory>),
 }
 
 impl Call {

@@ -11,7 +11,6 @@ impl Host for HostState {
         let Some(inventory) = self.inventory.as_mut() else {
             return Ok(None);
         };
-        let fed = inventory.is_fed();
         let waiting = Instant::now();
         let next = inventory.next().await;
         // Waiting for the listing is not the plugin's time.
@@ -34,16 +33,14 @@ impl Host for HostState {
                 .saturating_add(limits.max_requests_per_call);
         }
         self.pages_read += 1;
-        if fed {
-            // The call's own map (a fed reconcile starts with an empty one),
-            // so this does not copy it.
-            let clusters = Arc::make_mut(&mut self.vm_clusters);
-            for vm in page.vms() {
-                if let Some(name) = &vm.cluster_name {
-                    clusters.insert(&vm.uuid, name);
-                }
+        // The call's own map (a paged reconcile starts with an empty one),
+        // so this does not copy it.
+        let clusters = Arc::make_mut(&mut self.vm_clusters);
+        for vm in page.iter() {
+            if let Some(name) = &vm.cluster_name {
+                clusters.insert(&vm.uuid, name);
             }
         }
-        Ok(Some(page.vms().iter().map(Vm::from).collect()))
+        Ok(Some(page.iter().map(Vm::from).collect()))
     }
 }
