@@ -51,6 +51,9 @@ fn is_default<T: Default + PartialEq>(value: &T) -> bool {
 }
 
 impl DeliveryRecord {
+    /// A fresh pending record, as [`encode`](Self::encode) writes it.
+    pub const PENDING: &'static [u8] = b"{}";
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a delivery record always serializes")
     }

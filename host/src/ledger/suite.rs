@@ -665,6 +665,48 @@ async fn the_same_notification_within_the_dedupe_window_is_stored_once_and_again
     ));
 }
 
+async fn the_dedupe_window_survives_reopening_and_ends_where_it_would_have(h: &dyn Harness) {
+    let ledger = h.open(&policy());
+    let t = now_ms();
+    let keyed = |key: &str, at: u64| NewEvent {
+        dedupe_key: Some(key.into()),
+        ..event("vm-1", at)
+    };
+    let stored = |appended: Appended| match appended {
+        Appended::Stored { id, .. } => id,
+        other => panic!("{other:?}"),
+    };
+    let recent = stored(
+        ledger
+            .append(keyed("recent", t), plugins(&["fw"]))
+            .await
+            .unwrap(),
+    );
+    let stale = keyed("stale", t - 11 * MINUTE_MS);
+    stored(
+        ledger
+            .append(stale.clone(), plugins(&["fw"]))
+            .await
+            .unwrap(),
+    );
+    drop(ledger);
+
+    let ledger = h.open(&policy());
+    assert_eq!(
+        ledger
+            .append(keyed("recent", t + MINUTE_MS), plugins(&["fw"]))
+            .await
+            .unwrap(),
+        Appended::Duplicate { id: recent }
+    );
+    let again = NewEvent {
+        received_at_ms: t,
+        ..stale
+    };
+    stored(ledger.append(again, plugins(&["fw"])).await.unwrap());
+    assert_eq!(ledger.stats().undelivered, 3);
+}
+
 async fn concurrent_duplicates_in_one_group_commit_are_stored_once(h: &dyn Harness) {
     let ledger = h.open(&policy());
     let t = now_ms();
@@ -967,6 +1009,7 @@ backends!(
     dead_letters_can_be_replayed_with_a_fresh_attempt_count_or_dropped,
     replay_since_gives_a_new_plugin_the_retained_events_from_that_time,
     the_same_notification_within_the_dedupe_window_is_stored_once_and_again_after_it,
+    the_dedupe_window_survives_reopening_and_ends_where_it_would_have,
     concurrent_duplicates_in_one_group_commit_are_stored_once,
     appends_are_refused_above_the_backlog_limit_until_deliveries_drain,
     prune_removes_only_old_events_whose_deliveries_are_all_done,

@@ -8,10 +8,15 @@
 //!   that was in flight must be made again anyway.
 //! - **Complete**, replays, drops and pruning go through the same writer thread, each as an
 //!   operation with its own typed answer.
+//! - **Dedupe**: the window of keys is held in memory (the `window` module), each key stored beside
+//!   its event and read back on open.
 //! - **Limits**: besides the backlog, the file's size (`max_file_bytes`); the file never shrinks by
 //!   itself, so it is compacted on open when over the limit.
+//! - **Older files** are converted to the current layout when opened (the `convert` module).
 
+mod convert;
 mod store;
+mod window;
 mod writer;
 
 use std::fmt;
@@ -29,13 +34,13 @@ use tracing::{info, warn};
 use crate::ledger::index::{lane_key, Index};
 use crate::ledger::wake::{instant_of, Notifiers};
 use store::{
-    decode_vm, event_from_row, DeliveryRecord, DeliveryState, Tables, DELIVERED_PREFIX, DELIVERIES,
-    EVENTS, EVENT_VMS, META, NEXT_EVENT_ID,
+    event_from_row, DeliveryRecord, DeliveryState, Tables, DELIVERED_PREFIX, DELIVERIES, EVENTS,
+    EVENT_KEYS, META, NEXT_EVENT_ID,
 };
+use window::Window;
 use writer::{Chunk, Command, Job, Op, Writer};
 
 use crate::clock::now_ms;
-use crate::event::Vm;
 use crate::ledger::{
     Appended, DeadLetter, Delivery, Ledger, LedgerError, LedgerStats, NewEvent, Outcome,
     PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
@@ -113,9 +118,6 @@ impl Shared {
     fn read_events(&self, ids: &[u64]) -> Result<Vec<StoredEvent>, LedgerError> {
         let txn = self.db.begin_read().ctx("beginning a read transaction")?;
         let events = txn.open_table(EVENTS).ctx("opening the events table")?;
-        let vms = txn
-            .open_table(EVENT_VMS)
-            .ctx("opening the event_vms table")?;
         ids.iter()
             .map(|&id| {
                 let row = events
@@ -125,7 +127,7 @@ impl Shared {
                         what: format!("event {id}"),
                         detail: "it has deliveries but is missing".into(),
                     })?;
-                Ok(event_from_row(id, read_vm(&vms, id)?, row.value()))
+                event_from_row(id, row.value())
             })
             .collect()
     }
@@ -140,9 +142,6 @@ impl Shared {
             .open_table(DELIVERIES)
             .ctx("opening the deliveries table")?;
         let events = txn.open_table(EVENTS).ctx("opening the events table")?;
-        let vms = txn
-            .open_table(EVENT_VMS)
-            .ctx("opening the event_vms table")?;
         let mut letters = Vec::with_capacity(targets.len());
         for (plugin, id) in targets {
             let record = match deliveries
@@ -156,7 +155,7 @@ impl Shared {
                 continue;
             };
             letters.push(DeadLetter {
-                event: event_from_row(id, read_vm(&vms, id)?, row.value()),
+                event: event_from_row(id, row.value())?,
                 attempts: record.attempts,
                 reason: record.reason.unwrap_or_default(),
                 died_at_ms: record.died_at_ms.unwrap_or_default(),
@@ -229,8 +228,9 @@ impl RedbLedger {
             .set_cache_size(LEDGER_CACHE_BYTES)
             .create(&path)
             .with_ctx(|| format!("opening {}", path.display()))?;
+        convert::convert(&db)?;
         let txn = db.begin_write().ctx("beginning a write transaction")?;
-        drop(Tables::open(&txn)?);
+        Tables::create(&txn)?;
         txn.commit().ctx("creating the tables")?;
 
         if opts.max_file_bytes > 0 && file_len(&path) > opts.max_file_bytes {
@@ -244,6 +244,7 @@ impl RedbLedger {
         }
 
         let (index, next_id) = rebuild(&db)?;
+        let window = recall_window(&db, opts.dedupe_window)?;
         let counts = (index.undelivered, index.events.len());
         let shared = Arc::new(Shared {
             db,
@@ -254,13 +255,20 @@ impl RedbLedger {
             commits: AtomicU64::new(0),
             notifiers: Notifiers::default(),
         });
-        info!(path = %path.display(), undelivered = counts.0, events = counts.1, next_id, "ledger open");
+        info!(
+            path = %path.display(),
+            undelivered = counts.0,
+            events = counts.1,
+            next_id,
+            dedupe_keys = window.len(),
+            "ledger open"
+        );
 
         let (tx, rx) = mpsc::channel(4 * writer::MAX_GROUP);
         let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || Writer::new(writer_shared, next_id).run(rx))
+            .spawn(move || Writer::new(writer_shared, next_id, window).run(rx))
             .map_err(|source| LedgerError::Io {
                 context: "starting the ledger writer thread".into(),
                 source,
@@ -334,15 +342,9 @@ impl RedbLedger {
 #[async_trait]
 impl Ledger for RedbLedger {
     /// Concurrent calls share one transaction and one fsync.
-    async fn append(
-        &self,
-        event: NewEvent,
-        mut plugins: Vec<String>,
-    ) -> Result<Appended, LedgerError> {
+    async fn append(&self, event: NewEvent, plugins: Vec<String>) -> Result<Appended, LedgerError> {
         self.check_limits()?;
-        plugins.sort_unstable();
-        plugins.dedup();
-        self.run(writer::Append { event, plugins }).await
+        self.run(writer::Append::new(event, plugins)).await
     }
 
     /// Claiming works from memory and never writes.
@@ -540,19 +542,6 @@ impl Ledger for RedbLedger {
     }
 }
 
-fn read_vm(
-    vms: &impl ReadableTable<u64, &'static [u8]>,
-    id: u64,
-) -> Result<Option<Vm>, LedgerError> {
-    match vms
-        .get(id)
-        .with_ctx(|| format!("reading the decoded VM of event {id}"))?
-    {
-        Some(bytes) => decode_vm(id, bytes.value()).map(Some),
-        None => Ok(None),
-    }
-}
-
 /// Releases a claim that did not reach its caller.
 struct Unclaim<'a> {
     shared: &'a Shared,
@@ -601,7 +590,7 @@ fn rebuild(db: &Database) -> Result<(Index, u64), LedgerError> {
                 Some(info) => (info.lane.clone(), info.received_at_ms),
                 None => match events.get(id).with_ctx(|| format!("reading event {id}"))? {
                     Some(row) => {
-                        let (received_at_ms, cluster, _, _, entity_uuid, _) = row.value();
+                        let (received_at_ms, cluster, _, _, entity_uuid, _, _) = row.value();
                         (lane_key(cluster, entity_uuid, id), received_at_ms)
                     }
                     None => {
@@ -643,6 +632,26 @@ fn rebuild(db: &Database) -> Result<(Index, u64), LedgerError> {
         txn.commit().ctx("deleting orphaned deliveries")?;
     }
     Ok((index, next_id))
+}
+
+/// The dedupe window as the file last knew it: every key stored within `window` of now.
+fn recall_window(db: &Database, window: Duration) -> Result<Window, LedgerError> {
+    let cutoff_ms = now_ms().saturating_sub(window.as_millis() as u64);
+    let txn = db.begin_read().ctx("beginning a read transaction")?;
+    let keys = txn
+        .open_table(EVENT_KEYS)
+        .ctx("opening the event_keys table")?;
+    let mut recalled = Window::new();
+    // In id order, so a key stored again later replaces its earlier event, as it did when stored.
+    for row in keys.iter().ctx("reading dedupe keys")? {
+        let (id, value) = row.ctx("reading a dedupe key")?;
+        let (at_ms, key) = value.value();
+        if at_ms >= cutoff_ms {
+            recalled.insert(key, id.value());
+        }
+    }
+    recalled.commit();
+    Ok(recalled)
 }
 
 #[cfg(test)]

@@ -2,23 +2,31 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `events` | event id | (received_at_ms, cluster, event_type, entity_kind, entity_uuid, body) |
+//! | `event_records` | event id | (received_at_ms, cluster, event_type, entity_kind, entity_uuid, decoded VM as JSON, body) |
 //! | `deliveries` | (plugin, event id) | [`DeliveryRecord`] as JSON |
-//! | `dedupe` | dedupe key | (event id, received_at_ms) |
-//! | `dedupe_by_time` | (received_at_ms, dedupe key) | () — lets prune find expired keys without a scan |
-//! | `event_vms` | event id | the VM its source decoded at ingest, as JSON (only events that have one) |
+//! | `event_keys` | event id | (received_at_ms, dedupe key), for events that have one |
 //! | `meta` | name | u64: `next_event_id` (written by prune only), `delivered/<plugin>` |
+//! | `events` | – | empty, of a type older releases cannot open (see below) |
 //!
-//! Events are the bulk of the file and are written on the hot path, so they are a redb tuple:
-//! the body is stored as it came, not escaped into another JSON document. Delivery records are
-//! small and the likeliest to gain fields, so they are JSON with defaults. The decoded VM is a
-//! table of its own, so that files written before it existed open unchanged (their events simply
-//! have no decoded VM).
+//! An append writes one row of `event_records`, one of `event_keys` and one per delivery, each
+//! at the end of its table (ids follow arrival), so a commit rewrites few pages besides the new
+//! ones: at saturation that cost is what bounds the accept rate. Events are the bulk of the file,
+//! so they are a redb tuple: the body is stored as it came, not escaped into another JSON
+//! document. Delivery records are small and the likeliest to gain fields, so they are JSON with
+//! defaults.
+//!
+//! The dedupe window is held in memory (see the `window` module); `event_keys` is what it is read
+//! back from on open, and prune deletes its rows once they are older than the window.
 //!
 //! A delivery record exists only while the delivery is *pending* or *dead*: a done delivery's
 //! record is deleted (its count goes to `delivered/<plugin>`), so an event with no delivery
 //! records left is fully delivered, and the table's size follows the backlog, not the history.
 //! *In flight* is never written (see the index module).
+//!
+//! Files written by releases before this layout are converted when opened (the `convert`
+//! module). Those releases kept events in a table named `events`; it is left behind empty and of
+//! another type, so that such a release refuses the file instead of reading it as one without
+//! events, where it would delete every delivery as an orphan.
 
 use redb::{Table, TableDefinition, WriteTransaction};
 
@@ -33,17 +41,18 @@ pub(super) type EventRow = (
     &'static str,
     &'static str,
     &'static str,
+    Option<&'static [u8]>,
     &'static str,
 );
 
-pub(super) const EVENTS: TableDefinition<u64, EventRow> = TableDefinition::new("events");
+pub(super) const EVENTS: TableDefinition<u64, EventRow> = TableDefinition::new("event_records");
 pub(super) const DELIVERIES: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("deliveries");
-pub(super) const DEDUPE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("dedupe");
-pub(super) const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> =
-    TableDefinition::new("dedupe_by_time");
-pub(super) const EVENT_VMS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_vms");
+pub(super) const EVENT_KEYS: TableDefinition<u64, (u64, &str)> = TableDefinition::new("event_keys");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Holds nothing: its name and type keep older releases out of the file.
+pub(super) const OLDER_RELEASES_STOP_HERE: TableDefinition<&str, &str> =
+    TableDefinition::new("events");
 
 pub(super) const NEXT_EVENT_ID: &str = "next_event_id";
 pub(super) const DELIVERED_PREFIX: &str = "delivered/";
@@ -52,20 +61,20 @@ pub(super) fn delivered_key(plugin: &str) -> String {
     format!("{DELIVERED_PREFIX}{plugin}")
 }
 
-/// The event as the rest of the host sees it, from its stored row and decoded VM.
+/// The event as the rest of the host sees it, from its stored row.
 pub(super) fn event_from_row(
     id: u64,
-    vm: Option<Vm>,
-    (received_at_ms, cluster, event_type, entity_kind, entity_uuid, body): (
+    (received_at_ms, cluster, event_type, entity_kind, entity_uuid, vm, body): (
         u64,
         &str,
         &str,
         &str,
         &str,
+        Option<&[u8]>,
         &str,
     ),
-) -> StoredEvent {
-    StoredEvent {
+) -> Result<StoredEvent, LedgerError> {
+    Ok(StoredEvent {
         id,
         cluster: cluster.to_owned(),
         event_type: event_type.to_owned(),
@@ -73,8 +82,8 @@ pub(super) fn event_from_row(
         entity_uuid: entity_uuid.to_owned(),
         received_at_ms,
         body: body.to_owned(),
-        vm,
-    }
+        vm: vm.map(|bytes| decode_vm(id, bytes)).transpose()?,
+    })
 }
 
 pub(super) fn encode_vm(vm: &Vm) -> Vec<u8> {
@@ -92,9 +101,7 @@ pub(super) fn decode_vm(id: u64, bytes: &[u8]) -> Result<Vm, LedgerError> {
 pub(super) struct Tables<'t> {
     pub events: Table<'t, u64, EventRow>,
     pub deliveries: Table<'t, (&'static str, u64), &'static [u8]>,
-    pub dedupe: Table<'t, &'static str, (u64, u64)>,
-    pub dedupe_by_time: Table<'t, (u64, &'static str), ()>,
-    pub event_vms: Table<'t, u64, &'static [u8]>,
+    pub event_keys: Table<'t, u64, (u64, &'static str)>,
     pub meta: Table<'t, &'static str, u64>,
 }
 
@@ -105,15 +112,19 @@ impl<'t> Tables<'t> {
             deliveries: txn
                 .open_table(DELIVERIES)
                 .ctx("opening the deliveries table")?,
-            dedupe: txn.open_table(DEDUPE).ctx("opening the dedupe table")?,
-            dedupe_by_time: txn
-                .open_table(DEDUPE_BY_TIME)
-                .ctx("opening the dedupe_by_time table")?,
-            event_vms: txn
-                .open_table(EVENT_VMS)
-                .ctx("opening the event_vms table")?,
+            event_keys: txn
+                .open_table(EVENT_KEYS)
+                .ctx("opening the event_keys table")?,
             meta: txn.open_table(META).ctx("opening the meta table")?,
         })
+    }
+
+    /// Creates the tables of a new file, and the one that keeps older releases out.
+    pub fn create(txn: &'t WriteTransaction) -> Result<(), LedgerError> {
+        drop(Self::open(txn)?);
+        txn.open_table(OLDER_RELEASES_STOP_HERE)
+            .ctx("creating the events table")?;
+        Ok(())
     }
 
     pub fn record(&self, plugin: &str, id: u64) -> Result<Option<DeliveryRecord>, LedgerError> {
@@ -155,7 +166,7 @@ mod tests {
     #[test]
     fn a_fresh_pending_record_is_two_bytes_and_reads_back() {
         let fresh = DeliveryRecord::default();
-        assert_eq!(fresh.encode(), b"{}");
+        assert_eq!(fresh.encode(), DeliveryRecord::PENDING);
         let mut dead = DeliveryRecord::default();
         dead.die(3, "no".into(), 42);
         let back = DeliveryRecord::decode("p", 1, &dead.encode()).unwrap();

@@ -125,3 +125,113 @@ async fn a_thousand_concurrent_appends_share_far_fewer_commits() {
     drop(ledger);
     assert_eq!(open(&dir).stats().undelivered, 2000);
 }
+
+/// What a file written before `event_records` and `event_keys` held: the tables as those
+/// releases defined them.
+mod older_layout {
+    use redb::TableDefinition;
+
+    pub const EVENTS: TableDefinition<u64, (u64, &str, &str, &str, &str, &str)> =
+        TableDefinition::new("events");
+    pub const EVENT_VMS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_vms");
+    pub const DEDUPE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("dedupe");
+    pub const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> =
+        TableDefinition::new("dedupe_by_time");
+    pub const DELIVERIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deliveries");
+    pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+}
+
+#[tokio::test]
+async fn a_file_of_the_older_layout_opens_with_its_events_deliveries_and_dedupe_window() {
+    let dir = TempDir::new().unwrap();
+    let path = options(&dir).path;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // More events than two conversion chunks, so that it takes several transactions; the first
+    // two are in the current layout already, as a conversion that crashed midway leaves them.
+    let count = 2 * writer::CHUNK as u64 + 3;
+    let t = now_ms();
+    let vm = crate::event::Vm {
+        uuid: "vm-1".into(),
+        power_state: Some("ON".into()),
+        ..Default::default()
+    };
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut events = txn.open_table(older_layout::EVENTS).unwrap();
+            let mut vms = txn.open_table(older_layout::EVENT_VMS).unwrap();
+            let mut dedupe = txn.open_table(older_layout::DEDUPE).unwrap();
+            let mut by_time = txn.open_table(older_layout::DEDUPE_BY_TIME).unwrap();
+            let mut deliveries = txn.open_table(older_layout::DELIVERIES).unwrap();
+            let mut meta = txn.open_table(older_layout::META).unwrap();
+            let mut moved = txn.open_table(store::EVENTS).unwrap();
+            for id in 1..=count {
+                let uuid = format!("vm-{id}");
+                let body = format!(r#"{{"n":{id}}}"#);
+                let encoded = store::encode_vm(&vm);
+                let vm = (id == 1).then_some(encoded.as_slice());
+                if id <= 2 {
+                    let row = (t, "c1", "VM.ON", "vm", uuid.as_str(), vm, body.as_str());
+                    moved.insert(id, row).unwrap();
+                } else {
+                    let row = (t, "c1", "VM.ON", "vm", uuid.as_str(), body.as_str());
+                    events.insert(id, row).unwrap();
+                }
+                if id == 3 {
+                    vms.insert(id, encoded.as_slice()).unwrap();
+                }
+                deliveries.insert(("fw", id), b"{}".as_slice()).unwrap();
+            }
+            dedupe.insert("key-of-1", (1, t)).unwrap();
+            by_time.insert((t, "key-of-1"), ()).unwrap();
+            meta.insert("delivered/fw", 7).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let ledger = open(&dir);
+    assert_eq!(ledger.stats().undelivered, count);
+    let claimed = ledger.claim("fw", 4).await.unwrap();
+    let vms: Vec<_> = claimed.iter().map(|d| d.event.vm.is_some()).collect();
+    assert_eq!(vms, [true, false, true, false]);
+    assert_eq!(claimed[2].event.vm.as_ref(), Some(&vm));
+    assert_eq!(claimed[2].event.body, r#"{"n":3}"#);
+    assert_eq!(claimed[3].event.entity_uuid, "vm-4");
+    assert_eq!(ledger.backlog().unwrap()[0].delivered, 7);
+    let again = NewEvent {
+        dedupe_key: Some("key-of-1".into()),
+        ..event("vm-1", t + 1)
+    };
+    assert_eq!(
+        ledger.append(again, plugins(&["fw"])).await.unwrap(),
+        Appended::Duplicate { id: 1 }
+    );
+    let next = ledger
+        .append(event("vm-x", t), plugins(&["fw"]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Appended::Stored { id, .. } if id == count + 1),
+        "{next:?}"
+    );
+    drop(ledger);
+
+    // A release of the older layout finds a table of another type where it kept its events, so
+    // it refuses the file instead of deleting its deliveries as orphans.
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(matches!(
+        txn.open_table(older_layout::EVENTS),
+        Err(redb::TableError::TableTypeMismatch { .. })
+    ));
+    for gone in ["dedupe", "dedupe_by_time", "event_vms"] {
+        assert!(
+            !txn.list_tables().unwrap().any(|t| {
+                use redb::TableHandle;
+                t.name() == gone
+            }),
+            "{gone} is still there"
+        );
+    }
+}

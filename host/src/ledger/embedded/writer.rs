@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 use super::store::{
     delivered_key, encode_vm, DeliveryRecord, DeliveryState, Tables, NEXT_EVENT_ID,
 };
+use super::window::Window;
 use super::{Ctx, Shared};
 use crate::clock::now_ms;
 use crate::ledger::delivery::{plan_complete, Change, Planned, Standing};
@@ -57,6 +58,8 @@ pub(super) struct Stage<'a, 't> {
     pub next_id: &'a mut u64,
     pub delivered: &'a mut BTreeMap<String, u64>,
     pub rng: &'a mut rand::rngs::ThreadRng,
+    /// The dedupe window; what a transaction records in it is undone if it does not commit.
+    pub window: &'a mut Window,
     pub now: u64,
 }
 
@@ -165,16 +168,18 @@ impl<O: Op> StagedJob for Staged<O> {
 pub(super) struct Writer {
     shared: Arc<Shared>,
     next_id: u64,
+    window: Window,
     last_file_len: u64,
     rng: rand::rngs::ThreadRng,
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, next_id: u64) -> Self {
+    pub fn new(shared: Arc<Shared>, next_id: u64, window: Window) -> Self {
         let last_file_len = shared.file_bytes.load(Ordering::Relaxed);
         Self {
             shared,
             next_id,
+            window,
             last_file_len,
             rng: rand::rng(),
         }
@@ -217,7 +222,12 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Box<dyn AnyJob>>) {
         let size = batch.len();
-        match self.transact(batch) {
+        let result = self.transact(batch);
+        match &result {
+            Ok(_) => self.window.commit(),
+            Err(_) => self.window.abort(),
+        }
+        match result {
             Ok(staged) => self.apply(staged),
             Err((jobs, error)) if size > 1 => {
                 warn!(%error, requests = size, "group commit failed; retrying its requests one by one");
@@ -259,6 +269,7 @@ impl Writer {
                 next_id: &mut next_id,
                 delivered: &mut delivered,
                 rng: &mut self.rng,
+                window: &mut self.window,
                 now: now_ms(),
             };
             let mut staged: Vec<Box<dyn StagedJob>> = Vec::with_capacity(jobs.len());
@@ -368,9 +379,30 @@ pub(super) struct Chunk {
     pub resume: Option<u64>,
 }
 
+/// An event to store. What can be worked out before the writer takes it (the decoded VM's
+/// encoding, the lane) is, since every moment the writer spends per event delays a whole group.
 pub(super) struct Append {
-    pub event: NewEvent,
-    pub plugins: Vec<String>,
+    event: NewEvent,
+    vm: Option<Vec<u8>>,
+    /// `None` for an event without an entity, whose lane is named by its id, not known yet.
+    lane: Option<LaneKey>,
+    plugins: Vec<String>,
+}
+
+impl Append {
+    pub fn new(mut event: NewEvent, mut plugins: Vec<String>) -> Self {
+        plugins.sort_unstable();
+        plugins.dedup();
+        let vm = event.vm.take().as_ref().map(encode_vm);
+        let lane = (!event.entity_uuid.is_empty())
+            .then(|| lane_key(&event.cluster, &event.entity_uuid, 0));
+        Self {
+            event,
+            vm,
+            lane,
+            plugins,
+        }
+    }
 }
 
 pub(super) enum Appending {
@@ -392,7 +424,7 @@ impl Op for Append {
 
     fn stage(&self, s: &mut Stage) -> Result<Appending, LedgerError> {
         let window_ms = s.shared.opts.dedupe_window.as_millis() as u64;
-        stage_append(s, &self.event, &self.plugins, window_ms)
+        stage_append(s, self, window_ms)
     }
 
     fn apply(effect: Appending, a: &mut Apply) -> Appended {
@@ -577,7 +609,7 @@ impl Op for PruneDedupe {
     type Answer = Chunk;
 
     fn stage(&self, s: &mut Stage) -> Result<Chunk, LedgerError> {
-        stage_prune_dedupe(s.tables, self.cutoff_ms)
+        stage_prune_dedupe(s, self.cutoff_ms)
     }
 
     fn apply(chunk: Chunk, _: &mut Apply) -> Chunk {
@@ -603,34 +635,32 @@ impl Op for MeasureFile {
     }
 }
 
-fn stage_append(
-    s: &mut Stage,
-    event: &NewEvent,
-    plugins: &[String],
-    window_ms: u64,
-) -> Result<Appending, LedgerError> {
+fn stage_append(s: &mut Stage, append: &Append, window_ms: u64) -> Result<Appending, LedgerError> {
+    let Append {
+        event,
+        vm,
+        lane,
+        plugins,
+    } = append;
     let t = &mut *s.tables;
     let id = *s.next_id;
     if let Some(key) = event.dedupe_key.as_deref() {
-        let seen = t
-            .dedupe
-            .get(key)
-            .ctx("looking up a dedupe key")?
-            .map(|v| v.value());
-        if let Some((original, at_ms)) = seen {
-            if event.received_at_ms.saturating_sub(at_ms) < window_ms {
-                return Ok(Appending::Duplicate { id: original });
+        if let Some(candidate) = s.window.candidate(key) {
+            let stored = t
+                .event_keys
+                .get(candidate)
+                .with_ctx(|| format!("reading the dedupe key of event {candidate}"))?;
+            if let Some(stored) = stored {
+                let (at_ms, stored_key) = stored.value();
+                if stored_key == key && event.received_at_ms.saturating_sub(at_ms) < window_ms {
+                    return Ok(Appending::Duplicate { id: candidate });
+                }
             }
-            t.dedupe_by_time
-                .remove((at_ms, key))
-                .ctx("deleting an expired dedupe key")?;
         }
-        t.dedupe
-            .insert(key, (id, event.received_at_ms))
-            .ctx("writing a dedupe key")?;
-        t.dedupe_by_time
-            .insert((event.received_at_ms, key), ())
-            .ctx("writing a dedupe key")?;
+        t.event_keys
+            .insert(id, (event.received_at_ms, key))
+            .with_ctx(|| format!("writing the dedupe key of event {id}"))?;
+        s.window.insert(key, id);
     }
     *s.next_id += 1;
     t.events
@@ -642,24 +672,22 @@ fn stage_append(
                 event.event_type.as_str(),
                 event.entity_kind.as_str(),
                 event.entity_uuid.as_str(),
+                vm.as_deref(),
                 event.body.as_str(),
             ),
         )
         .with_ctx(|| format!("writing event {id}"))?;
-    if let Some(vm) = &event.vm {
-        t.event_vms
-            .insert(id, encode_vm(vm).as_slice())
-            .with_ctx(|| format!("writing the decoded VM of event {id}"))?;
-    }
-    let pending = DeliveryRecord::default().encode();
+    let pending = DeliveryRecord::PENDING;
     for plugin in plugins {
         t.deliveries
-            .insert((plugin.as_str(), id), pending.as_slice())
+            .insert((plugin.as_str(), id), pending)
             .with_ctx(|| format!("writing the delivery of event {id} to `{plugin}`"))?;
     }
     Ok(Appending::Stored {
         id,
-        lane: lane_key(&event.cluster, &event.entity_uuid, id),
+        lane: lane
+            .clone()
+            .unwrap_or_else(|| lane_key(&event.cluster, &event.entity_uuid, id)),
         received_at_ms: event.received_at_ms,
         plugins: plugins.to_vec(),
     })
@@ -737,9 +765,6 @@ fn stage_prune_events(
         t.events
             .remove(id)
             .with_ctx(|| format!("deleting event {id}"))?;
-        t.event_vms
-            .remove(id)
-            .with_ctx(|| format!("deleting the decoded VM of event {id}"))?;
     }
     if !victims.is_empty() {
         // On open the next id is one past the last event; once the last event may be gone,
@@ -767,7 +792,7 @@ fn stage_replay_since(
     for (examined, row) in t.events.range(start..).ctx("scanning events")?.enumerate() {
         let (key, value) = row.ctx("reading an event")?;
         let id = key.value();
-        let (received_at_ms, cluster, event_type, _, entity_uuid, _) = value.value();
+        let (received_at_ms, cluster, event_type, _, entity_uuid, _, _) = value.value();
         let wanted = event_types.is_none_or(|types| types.iter().any(|t| t == event_type));
         if received_at_ms >= since_ms && wanted {
             matching.push((id, lane_key(cluster, entity_uuid, id), received_at_ms));
@@ -788,38 +813,33 @@ fn stage_replay_since(
     Ok((added, resume))
 }
 
-fn stage_prune_dedupe(t: &mut Tables, cutoff_ms: u64) -> Result<Chunk, LedgerError> {
+fn stage_prune_dedupe(s: &mut Stage, cutoff_ms: u64) -> Result<Chunk, LedgerError> {
+    // Keys are written in id order, so the first young enough to keep ends the scan.
     let mut expired = Vec::new();
-    for row in t
-        .dedupe_by_time
-        .range(..(cutoff_ms, ""))
-        .ctx("scanning dedupe keys")?
-    {
-        let (key, _) = row.ctx("reading a dedupe key")?;
-        let (at_ms, dedupe_key) = key.value();
-        expired.push((at_ms, dedupe_key.to_owned()));
+    let mut first_kept = None;
+    for row in s.tables.event_keys.iter().ctx("scanning dedupe keys")? {
+        let (id, value) = row.ctx("reading a dedupe key")?;
+        if value.value().0 >= cutoff_ms {
+            first_kept = Some(id.value());
+            break;
+        }
         if expired.len() >= CHUNK {
             break;
         }
+        expired.push(id.value());
     }
-    for (at_ms, key) in &expired {
-        t.dedupe_by_time
-            .remove((*at_ms, key.as_str()))
-            .ctx("deleting an expired dedupe key")?;
-        // The key may have been stored again since; only its own entry goes.
-        let current = t
-            .dedupe
-            .get(key.as_str())
-            .ctx("reading a dedupe key")?
-            .map(|v| v.value().1);
-        if current == Some(*at_ms) {
-            t.dedupe
-                .remove(key.as_str())
-                .ctx("deleting an expired dedupe key")?;
-        }
+    for id in &expired {
+        s.tables
+            .event_keys
+            .remove(id)
+            .with_ctx(|| format!("deleting the dedupe key of event {id}"))?;
+    }
+    let more = expired.len() >= CHUNK && first_kept.is_none();
+    if !more {
+        s.window.expire(first_kept.unwrap_or(*s.next_id));
     }
     Ok(Chunk {
         count: expired.len() as u64,
-        resume: (expired.len() >= CHUNK).then_some(0),
+        resume: more.then_some(0),
     })
 }
