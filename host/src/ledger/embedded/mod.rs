@@ -647,10 +647,9 @@ fn recall_window(db: &Database, window: Duration) -> Result<Window, LedgerError>
         let (id, value) = row.ctx("reading a dedupe key")?;
         let (at_ms, key) = value.value();
         if at_ms >= cutoff_ms {
-            recalled.insert(key, id.value());
+            recalled.recall(key, id.value());
         }
     }
-    recalled.commit();
     Ok(recalled)
 }
 

@@ -39,6 +39,12 @@ impl Window {
         self.seen.get(&self.keys.hash_one(key)).copied()
     }
 
+    /// Records that event `id` carries `key`, as the file already holds it (reading the window
+    /// back on open): there is no transaction to undo it with.
+    pub fn recall(&mut self, key: &str, id: u64) {
+        self.seen.insert(self.keys.hash_one(key), id);
+    }
+
     /// Records that event `id` carries `key`, as part of the open transaction.
     pub fn insert(&mut self, key: &str, id: u64) {
         let fingerprint = self.keys.hash_one(key);
@@ -114,6 +120,15 @@ mod tests {
         assert_eq!(w.candidate("a"), Some(1));
         assert_eq!(w.candidate("b"), None);
         assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn a_recalled_key_outlives_an_abort() {
+        let mut w = Window::new();
+        w.recall("a", 1);
+        w.insert("a", 2);
+        w.abort();
+        assert_eq!(w.candidate("a"), Some(1));
     }
 
     #[test]
