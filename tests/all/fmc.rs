@@ -313,3 +313,101 @@ async fn reconcile_repairs_dropped_notifications_and_hand_edits_but_leaves_forei
     assert_eq!(r.failures(), (0, 0, 0));
     r.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
+
+/// The Go plugin exports `paged.reconcile`, so the host hands it Prism's
+/// inventory a page at a time: 1,100 VMs are three of Prism's pages, and
+/// 1,100 addresses two of FMC's pages of an object's mappings.
+#[tokio::test]
+async fn the_go_plugin_reconciles_a_page_at_a_time_across_prisms_and_fmcs_pages() {
+    let r = rig("").await;
+    let plugin = r.app.registry.get("cisco-fmc").unwrap().plugin.unwrap();
+    assert!(plugin.is_paged(), "the FMC plugin exports paged.reconcile");
+
+    // Every notification lost: the VMs are known from Prism's list only.
+    r.prism.set_faults(PrismFaults {
+        drop_rate: 1.0,
+        ..Default::default()
+    });
+    for i in 0..1_100u32 {
+        let ip = format!("10.71.{}.{}", i / 250, i % 250 + 1);
+        let mut vm = NewVm::named(format!("vm-{i}")).powered_on().nic([ip]);
+        if i % 2 == 0 {
+            vm = vm.category("Tier", "web");
+        }
+        r.prism.create_vm(vm).await.unwrap();
+    }
+    // An object of the plugin's name made by hand, with a stray address:
+    // adopted, and the stray removed.
+    r.fmc.create_object_directly("ntnx.managed");
+    r.fmc.add_mapping_directly("ntnx.managed", "192.0.2.7");
+    r.prism.set_faults(PrismFaults::default());
+
+    let reconcile = || async {
+        let report = r.app.source.reconcile(Some("lab")).await.unwrap().remove(0);
+        let line = report.plugins.iter().find(|l| l.starts_with("cisco-fmc: "));
+        line.unwrap_or_else(|| panic!("{:?}", report.plugins))
+            .clone()
+    };
+    let line = reconcile().await;
+    assert!(
+        line.starts_with("cisco-fmc: 1100 VMs, 2 objects owned: 1650 addresses added, 1 removed"),
+        "{line}"
+    );
+    assert_eq!(
+        common::fmc_mapped(&r.fmc),
+        common::fmc_truth(&r.prism.vms())
+    );
+
+    // In step: FMC's mappings are read back over two pages, nothing changes.
+    let line = reconcile().await;
+    assert!(
+        line.contains(": 0 addresses added, 0 removed, 0 VMs gone"),
+        "{line}"
+    );
+    r.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// The host writes a batch into the Go heap through the guest's
+/// `cabi_realloc`, where nothing may call out of the instance; a garbage
+/// collection finishing in there reads the wall clock through the host and
+/// traps. 2,000 events of 8 KiB each are four times Go's first collection
+/// goal, so the collector must be held off while they are written.
+#[tokio::test]
+async fn a_batch_larger_than_the_go_heaps_first_collection_goal_is_handled() {
+    use prismhook::runtime::bindings::{Event, Outcome};
+    use prismhook::runtime::{PluginSettings, Runtime, RuntimeOptions};
+
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(RuntimeOptions::new(dir.path().join("kv.redb"))).unwrap();
+    let settings = PluginSettings {
+        config: serde_json::json!({ "fmc": "https://fmc.example.com" }),
+        ..Default::default()
+    };
+    let plugin = runtime
+        .load(&common::component("cisco-fmc"), settings)
+        .await
+        .unwrap();
+    let padding = "x".repeat(8 << 10);
+    let events: Vec<Event> = (0..2_000u32)
+        .map(|i| Event {
+            id: i.to_string(),
+            cluster: "lab".into(),
+            // A kind the plugin does not act on: no request, only the batch.
+            event_type: "SUBNET.CREATE".into(),
+            entity_kind: "subnet".into(),
+            entity_uuid: format!("subnet-{i}"),
+            attempt: 1,
+            received_at_ms: 0,
+            body: serde_json::json!({ "padding": padding }).to_string(),
+            vm: None,
+        })
+        .collect();
+    let out = plugin.handle(events).await.unwrap();
+    assert_eq!(out.len(), 2_000);
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Done)),
+        "{:?}",
+        &out[..1]
+    );
+}

@@ -35,6 +35,9 @@ pub const WIT_BINDGEN_VERSION: &str = "0.61.1";
 /// The `go` directive of the generated `go.work`: the oldest Go that reads
 /// the generated bindings (their own module says `go 1.25`).
 const GO_WORK_VERSION: &str = "1.25";
+/// The package of a plugin that implements `paged.reconcile` (the
+/// generated bindings name it after the interface).
+const PAGED_EXPORTS: &str = "export_prismhook_plugin_paged";
 /// Where the generated bindings go inside a plugin.
 pub const BINDINGS: &str = "internal/bindings";
 
@@ -109,6 +112,16 @@ fn module_path(dir: &Path) -> Result<String> {
         .with_context(|| format!("{} has no `module` line", file.display()))
 }
 
+/// The WIT world a Go plugin is built for: the one that exports the paged
+/// reconcile when the plugin has the package the bindings call it in.
+fn world_of(dir: &Path) -> &'static str {
+    if dir.join(PAGED_EXPORTS).is_dir() {
+        "paged-plugin"
+    } else {
+        "plugin"
+    }
+}
+
 /// Writes the plugin's `go.work` and `internal/bindings/`; returns the WIT
 /// world they were generated from, which the build embeds.
 fn prepare(root: &Path, dir: &Path, wit: &Path) -> Result<(Resolve, WorldId)> {
@@ -128,15 +141,16 @@ fn prepare(root: &Path, dir: &Path, wit: &Path) -> Result<(Resolve, WorldId)> {
     let (package, _) = resolve
         .push_dir(wit)
         .with_context(|| format!("reading the WIT in {}", wit.display()))?;
-    let world = resolve.select_world(&[package], Some("plugin"))?;
+    let world = resolve.select_world(&[package], Some(world_of(dir)))?;
     // The generator may rewrite what it is handed; the world to embed is
     // the one as read.
     let read = resolve.clone();
     let opts = wit_bindgen_go::Opts {
         format: wit_bindgen_go::Format::False,
         pkg_name: Some(format!("{module}/{BINDINGS}")),
-        // The plugin's own package `export_prismhook_plugin_handler` holds
-        // what it exports; the bindings call into it.
+        // The plugin's own packages `export_prismhook_plugin_handler` (and
+        // `export_prismhook_plugin_paged`) hold what it exports; the
+        // bindings call into them.
         export_pkg_name: Some(module),
         ..Default::default()
     };

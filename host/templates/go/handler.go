@@ -11,6 +11,7 @@ package export_prismhook_plugin_handler
 import (
 	"encoding/json"
 	"fmt"
+	"runtime/debug"
 
 	kv "{{name}}/internal/bindings/prismhook_plugin_kv"
 	log "{{name}}/internal/bindings/prismhook_plugin_log"
@@ -24,6 +25,17 @@ const (
 	version = "0.1.0"
 )
 
+// The host writes the arguments of Handle and Reconcile (and what an import
+// returns) into Go's heap through cabi_realloc, where nothing may call out
+// of the instance; a garbage collection that ends in there reads the wall
+// clock from the host and the call traps ("cannot leave component instance
+// (in clock_time_get)"). So Init turns the collector off before the host
+// writes the batch, and Handle and Reconcile turn it back on. Around an
+// import that returns a lot (an HTTP body, many kv keys), turn it off too:
+// see plugins/cisco-fmc/component in the prismhook repository.
+func holdGC()   { debug.SetGCPercent(-1) }
+func resumeGC() { debug.SetGCPercent(100) }
+
 // Init reads config, the operator's settings for this plugin as a JSON
 // object (`{}` when there are none). An error keeps the plugin from loading.
 func Init(config string) witTypes.Result[PluginInfo, string] {
@@ -31,6 +43,7 @@ func Init(config string) witTypes.Result[PluginInfo, string] {
 	if err := json.Unmarshal([]byte(config), &settings); err != nil {
 		return witTypes.Err[PluginInfo, string](fmt.Sprintf("%s: the configuration must be a JSON object: %v", name, err))
 	}
+	holdGC()
 	return witTypes.Ok[PluginInfo, string](PluginInfo{
 		Name:          name,
 		Version:       version,
@@ -42,6 +55,7 @@ func Init(config string) witTypes.Result[PluginInfo, string] {
 // once: the same event (same Id) may come again, so side effects must be
 // idempotent.
 func Handle(events []Event) []Outcome {
+	resumeGC()
 	outcomes := make([]Outcome, len(events))
 	for i, event := range events {
 		outcomes[i] = handleOne(event)
@@ -52,6 +66,7 @@ func Handle(events []Event) []Outcome {
 // Reconcile gets the whole VM inventory of a cluster, at start and on a
 // timer: bring outside state back in step with it here.
 func Reconcile(cluster string, vms []Vm) witTypes.Result[string, string] {
+	resumeGC()
 	return witTypes.Ok[string, string](fmt.Sprintf("%d VMs in %s: nothing to reconcile", len(vms), cluster))
 }
 

@@ -442,13 +442,26 @@ func (a *api) Owned() (map[string]string, error) {
 	return owned, nil
 }
 
-// Mappings reads an object's addresses, canonical and sorted.
+// Mappings reads an object's addresses, canonical.
 func (a *api) Mappings(id string) (map[string]bool, error) {
+	ips := map[string]bool{}
+	err := a.eachMapping(id, func(ip string) error {
+		ips[ip] = true
+		return nil
+	})
+	return ips, err
+}
+
+// eachMapping hands each of an object's addresses to each, canonical, a
+// page of FMC's answer at a time.
+func (a *api) eachMapping(id string, each func(ip string) error) error {
 	base, err := a.objectsPath()
 	if err != nil {
-		return nil, err
+		return err
 	}
-	ips := map[string]bool{}
+	// pages reports what its callback returns as a fault of FMC's answer;
+	// each's own errors (kv) are not, so they come back apart.
+	var failed error
 	err = a.pages(base+"/"+url.PathEscape(id)+"/mappings", func(raw json.RawMessage) (int, error) {
 		var items []struct {
 			Mapping string `json:"mapping"`
@@ -457,17 +470,22 @@ func (a *api) Mappings(id string) (map[string]bool, error) {
 			return 0, err
 		}
 		for _, m := range items {
-			if ip, ok := CanonicalIP(m.Mapping); ok {
-				ips[ip] = true
-			} else {
+			ip, ok := CanonicalIP(m.Mapping)
+			if !ok {
 				// A network someone mapped by hand: kept as FMC says it,
 				// so that reconcile removes it from an owned object.
-				ips[m.Mapping] = true
+				ip = m.Mapping
+			}
+			if failed = each(ip); failed != nil {
+				return 0, failed
 			}
 		}
 		return len(items), nil
 	})
-	return ips, err
+	if failed != nil {
+		return failed
+	}
+	return err
 }
 
 type objectRef struct {

@@ -188,6 +188,8 @@ type fakeHost struct {
 	logs     []string
 	slept    []time.Duration
 	clusters map[string]string
+	// writes counts KvSet and KvDelete calls, keyPages KvListAfter calls.
+	writes, keyPages int
 }
 
 func newHost(t *testing.T) *fakeHost {
@@ -214,8 +216,16 @@ func (h *fakeHost) KvGet(key string) ([]byte, bool, error) {
 	v, ok := h.kv[key]
 	return v, ok, nil
 }
-func (h *fakeHost) KvSet(key string, value []byte) error { h.kv[key] = value; return nil }
-func (h *fakeHost) KvDelete(key string) error            { delete(h.kv, key); return nil }
+func (h *fakeHost) KvSet(key string, value []byte) error {
+	h.writes++
+	h.kv[key] = value
+	return nil
+}
+func (h *fakeHost) KvDelete(key string) error {
+	h.writes++
+	delete(h.kv, key)
+	return nil
+}
 func (h *fakeHost) KvList(prefix string) ([]string, error) {
 	var keys []string
 	for k := range h.kv {
@@ -225,6 +235,15 @@ func (h *fakeHost) KvList(prefix string) ([]string, error) {
 	}
 	sort.Strings(keys)
 	return keys, nil
+}
+func (h *fakeHost) KvListAfter(prefix, after string, limit uint32) ([]string, error) {
+	h.keyPages++
+	all, _ := h.KvList(prefix)
+	from := sort.SearchStrings(all, after)
+	if from < len(all) && all[from] == after {
+		from++
+	}
+	return all[from:min(len(all), from+int(limit))], nil
 }
 func (h *fakeHost) Log(level Level, message string) { h.logs = append(h.logs, message) }
 func (h *fakeHost) VmClusterName(uuid string) (string, bool) {

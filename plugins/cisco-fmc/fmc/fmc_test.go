@@ -1,7 +1,9 @@
 package fmc
 
 import (
+	"fmt"
 	"reflect"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -252,54 +254,175 @@ func TestAnObjectDeletedBehindThePluginsBackIsMadeAgain(t *testing.T) {
 	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1", "10.0.0.2"}})
 }
 
-func TestReconcileRepairsOwnedObjectsAndNeverTouchesOthers(t *testing.T) {
-	c := config(t, "")
-	h := newHost(t)
-	allDone(t, Handle(c, h, []Event{
-		event("VM.ON", "u1", vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1")),
-		event("VM.ON", "gone", vm("gone", "ON", nil, "10.0.0.7")),
-	}))
-	// Drift: a mapping lost, a stray one added, and someone else's object.
-	delete(h.fmc.maps[h.fmc.objects["ntnx.App.web"]], "10.0.0.1")
-	h.fmc.maps[h.fmc.objects["ntnx.managed"]]["192.0.2.50"] = true
-	h.fmc.nextID++
-	h.fmc.objects["corp.servers"] = "other"
-	h.fmc.maps["other"] = map[string]bool{"172.16.0.1": true}
+// reconcilers are the two reconciles a host may call: the whole list
+// (handler.reconcile, hosts before 0.1.2) and a page at a time
+// (paged.reconcile), here in pages of two VMs so that every test crosses
+// a page.
+var reconcilers = []struct {
+	name string
+	run  func(c *Config, h Host, cluster string, vms []Vm) (string, error)
+}{
+	{"whole", Reconcile},
+	{"paged", func(c *Config, h Host, cluster string, vms []Vm) (string, error) {
+		return PagedReconcile(c, h, cluster, pagesOf(vms, 2))
+	}},
+}
 
-	summary, err := Reconcile(c, h, "lab", []Vm{
-		*vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"),
-		*vm("u3", "ON", nil, "10.0.0.3", "not-an-ip"),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	expectMappings(t, h, map[string][]string{
-		"ntnx.App.web": {"10.0.0.1"},
-		"ntnx.managed": {"10.0.0.1", "10.0.0.3"},
-		"corp.servers": {"172.16.0.1"},
-	})
-	for _, want := range []string{"2 addresses added", "2 removed", "1 VMs gone", "1 values skipped"} {
-		if !strings.Contains(summary, want) {
-			t.Errorf("summary %q lacks %q", summary, want)
+func pagesOf(vms []Vm, size int) Pages {
+	return func() ([]Vm, bool) {
+		if len(vms) == 0 {
+			return nil, false
 		}
+		page := vms[:min(size, len(vms))]
+		vms = vms[len(page):]
+		return page, true
 	}
-	// A second reconcile finds nothing to do.
-	summary, err = Reconcile(c, h, "lab", []Vm{*vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"), *vm("u3", "ON", nil, "10.0.0.3")})
-	if err != nil || !strings.Contains(summary, "0 addresses added, 0 removed") {
-		t.Fatalf("%q %v", summary, err)
+}
+
+func TestReconcileRepairsOwnedObjectsAndNeverTouchesOthers(t *testing.T) {
+	for _, reconcile := range reconcilers {
+		t.Run(reconcile.name, func(t *testing.T) {
+			c := config(t, "")
+			h := newHost(t)
+			allDone(t, Handle(c, h, []Event{
+				event("VM.ON", "u1", vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1")),
+				event("VM.ON", "gone", vm("gone", "ON", nil, "10.0.0.7")),
+			}))
+			// Drift: a mapping lost, a stray one added, and someone else's object.
+			delete(h.fmc.maps[h.fmc.objects["ntnx.App.web"]], "10.0.0.1")
+			h.fmc.maps[h.fmc.objects["ntnx.managed"]]["192.0.2.50"] = true
+			h.fmc.nextID++
+			h.fmc.objects["corp.servers"] = "other"
+			h.fmc.maps["other"] = map[string]bool{"172.16.0.1": true}
+
+			summary, err := reconcile.run(c, h, "lab", []Vm{
+				*vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"),
+				*vm("u3", "ON", nil, "10.0.0.3", "not-an-ip"),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			expectMappings(t, h, map[string][]string{
+				"ntnx.App.web": {"10.0.0.1"},
+				"ntnx.managed": {"10.0.0.1", "10.0.0.3"},
+				"corp.servers": {"172.16.0.1"},
+			})
+			for _, want := range []string{"2 VMs, 2 objects owned", "2 addresses added", "2 removed", "1 VMs gone", "1 values skipped"} {
+				if !strings.Contains(summary, want) {
+					t.Errorf("summary %q lacks %q", summary, want)
+				}
+			}
+			// A second reconcile finds nothing to do.
+			summary, err = reconcile.run(c, h, "lab", []Vm{*vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"), *vm("u3", "ON", nil, "10.0.0.3")})
+			if err != nil || !strings.Contains(summary, "0 addresses added, 0 removed") {
+				t.Fatalf("%q %v", summary, err)
+			}
+		})
 	}
 }
 
 func TestReconcileOfOneClusterKeepsAnotherClustersAddresses(t *testing.T) {
+	for _, reconcile := range reconcilers {
+		t.Run(reconcile.name, func(t *testing.T) {
+			c := config(t, "")
+			h := newHost(t)
+			east := event("VM.ON", "e1", vm("e1", "ON", nil, "10.1.0.1"))
+			east.Cluster = "east"
+			allDone(t, Handle(c, h, []Event{east, event("VM.ON", "w1", vm("w1", "ON", nil, "10.2.0.1"))}))
+			if _, err := reconcile.run(c, h, "lab", []Vm{}); err != nil {
+				t.Fatal(err)
+			}
+			expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.1.0.1"}})
+		})
+	}
+}
+
+// Thousands of VMs: Prism's pages, kv's pages of keys and FMC's pages of
+// mappings (1,000 each) all run out mid-object.
+func TestThePagedReconcileConvergesOverManyPagesAndWritesNothingWhenInStep(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	var vms []Vm
+	for i := 0; i < 2_500; i++ {
+		tier := map[string]string{"Tier": []string{"web", "app"}[i%2]}
+		vms = append(vms, *vm(fmt.Sprintf("u%04d", i), "ON", tier, fmt.Sprintf("10.8.%d.%d", i/250, i%250+1)))
+	}
+	// Events for the first 2,000 only, and FMC drifts: 50 mappings lost, 30
+	// strays; then 100 VMs go without a word.
+	var events []Event
+	for i := range vms[:2_000] {
+		events = append(events, event("VM.ON", vms[i].Uuid, &vms[i]))
+	}
+	allDone(t, Handle(c, h, events))
+	managed := h.fmc.maps[h.fmc.objects["ntnx.managed"]]
+	for i := 0; i < 50; i++ {
+		delete(managed, vms[i*7].Nics[0][0])
+	}
+	for i := 0; i < 30; i++ {
+		managed[fmt.Sprintf("192.0.2.%d", i+1)] = true
+	}
+	vms = vms[100:]
+
+	summary, err := PagedReconcile(c, h, "lab", pagesOf(vms, 500))
+	if err != nil {
+		t.Fatal(err)
+	}
+	truth := map[string][]string{}
+	for _, v := range vms {
+		ip := v.Nics[0][0]
+		truth["ntnx.managed"] = append(truth["ntnx.managed"], ip)
+		name := "ntnx.Tier." + v.Categories[0].Value
+		truth[name] = append(truth[name], ip)
+	}
+	for _, ips := range truth {
+		sort.Strings(ips)
+	}
+	expectMappings(t, h, truth)
+	// Added: 500 VMs new to the records, in two objects each, and the 50
+	// lost mappings but the 15 of VMs gone since (u0000 to u0098). Removed:
+	// the 30 strays and the gone VMs' two mappings each, but those 15.
+	want := fmt.Sprintf("2400 VMs, 3 objects owned: %d addresses added, %d removed, 100 VMs gone", 500*2+50-15, 30+100*2-15)
+	if !strings.Contains(summary, want) {
+		t.Fatalf("summary %q lacks %q", summary, want)
+	}
+	if h.keyPages < 6 {
+		t.Fatalf("%d pages of kv keys for 2,400 VMs' and addresses' records", h.keyPages)
+	}
+
+	writes := h.writes
+	summary, err = PagedReconcile(c, h, "lab", pagesOf(vms, 500))
+	if err != nil || !strings.Contains(summary, "0 addresses added, 0 removed, 0 VMs gone") {
+		t.Fatalf("%q %v", summary, err)
+	}
+	if h.writes != writes {
+		t.Fatalf("a reconcile with nothing to change wrote kv %d times", h.writes-writes)
+	}
+}
+
+// What a host that died mid-batch can leave: an address record naming a
+// VM that no longer holds the address, and another cluster's VM whose
+// address record lost its entry.
+func TestThePagedReconcileRepairsHalfWrittenAddressRecords(t *testing.T) {
 	c := config(t, "")
 	h := newHost(t)
 	east := event("VM.ON", "e1", vm("e1", "ON", nil, "10.1.0.1"))
 	east.Cluster = "east"
 	allDone(t, Handle(c, h, []Event{east, event("VM.ON", "w1", vm("w1", "ON", nil, "10.2.0.1"))}))
-	if _, err := Reconcile(c, h, "lab", []Vm{}); err != nil {
+	h.kv["ip/10.9.9.9"] = []byte(`{"lab/w1":["ntnx.managed"]}`)
+	delete(h.kv, "ip/10.1.0.1")
+	h.fmc.maps[h.fmc.objects["ntnx.managed"]]["10.9.9.9"] = true
+	delete(h.fmc.maps[h.fmc.objects["ntnx.managed"]], "10.1.0.1")
+
+	if _, err := PagedReconcile(c, h, "lab", pagesOf([]Vm{*vm("w1", "ON", nil, "10.2.0.1")}, 1)); err != nil {
 		t.Fatal(err)
 	}
-	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.1.0.1"}})
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.1.0.1", "10.2.0.1"}})
+	if _, ok := h.kv["ip/10.9.9.9"]; ok {
+		t.Fatal("the stale address record is still there")
+	}
+	if got := string(h.kv["ip/10.1.0.1"]); got != `{"east/e1":["ntnx.managed"]}` {
+		t.Fatalf("east's address record: %s", got)
+	}
 }
 
 func TestLargeChangesAreSplitUnderTheRequestLimit(t *testing.T) {

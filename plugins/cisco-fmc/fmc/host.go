@@ -94,6 +94,9 @@ type Host interface {
 	KvSet(key string, value []byte) error
 	KvDelete(key string) error
 	KvList(prefix string) ([]string, error)
+	// KvListAfter is a page of KvList: at most limit keys that start with
+	// prefix and sort after after ("" for the first page), in byte order.
+	KvListAfter(prefix, after string, limit uint32) ([]string, error)
 	Log(level Level, message string)
 	// VmClusterName is the Nutanix cluster a VM belongs to, when known.
 	VmClusterName(vmUuid string) (string, bool)

@@ -291,12 +291,8 @@ func Reconcile(cfg *Config, host Host, cluster string, vms []Vm) (string, error)
 	if err := st.flush(); err != nil {
 		return "", err
 	}
-	summary := fmt.Sprintf("%d VMs, %d objects owned: %d addresses added, %d removed, %d VMs gone; %d FMC requests",
-		len(vms), len(union(keysOf(wanted), keysOf(owned))), count(add), count(remove), gone, a.Requests)
-	if invalid > 0 {
-		summary += fmt.Sprintf("; %d values skipped as not IP addresses", invalid)
-	}
-	return summary, nil
+	counted := inventory{vms: len(vms), gone: gone, invalid: invalid}
+	return summarise(counted, len(union(keysOf(wanted), keysOf(owned))), add, remove, a.Requests), nil
 }
 
 func missingObjects(wanted map[string]map[string]bool, owned map[string]string) map[string]bool {
