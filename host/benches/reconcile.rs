@@ -22,6 +22,13 @@
 //! `RECONCILE_PLUGIN=f5-bigip` runs the F5 plugin against a BIG-IP
 //! simulator instead: every 100th VM serves in pool `/Common/web`, the pool
 //! starts empty, and "off the truth" counts members against those VMs.
+//! `RECONCILE_PLUGIN=cisco-fmc` runs the Go plugin against an FMC
+//! simulator whose dynamic objects hold the same state as the PAN-OS
+//! simulator's registrations (the same tags as object names, the same
+//! stale, missing and foreign IPs), with its rate limit off unless
+//! `RECONCILE_FMC_RATE_LIMIT` gives one (requests a minute; FMC's is 120):
+//! with it, reading N/1,000 pages of mappings per object is most of the
+//! time.
 //!
 //! `cargo bench -p prismhook --bench reconcile` (the guests from `cargo
 //! xtask plugins`).
@@ -36,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use common::setup::{self, Cluster, HostConfig};
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
-use prismhook_sim::panos::PanosSim;
+use prismhook_sim::fmc::{FmcConfig, FmcSim};
 use prismhook_sim::prism::{NewVm, PrismSim};
 
 const TIERS: [&str; 3] = ["Web", "App", "Db"];
@@ -146,6 +153,7 @@ struct Figures {
 enum Vendor {
     PaloAlto,
     F5,
+    Fmc,
 }
 
 impl Vendor {
@@ -153,6 +161,7 @@ impl Vendor {
         match self {
             Vendor::PaloAlto => "paloalto",
             Vendor::F5 => "f5-bigip",
+            Vendor::Fmc => "cisco-fmc",
         }
     }
 }
@@ -182,12 +191,41 @@ async fn one_size(
     )
     .await
     .unwrap();
+    let fmc = FmcSim::start(
+        "127.0.0.1:0".parse().unwrap(),
+        FmcConfig {
+            rate_limit_per_minute: std::env::var("RECONCILE_FMC_RATE_LIMIT")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     match vendor {
-        Vendor::PaloAlto => prepare(&prism, &panos, n).await,
+        Vendor::PaloAlto => prepare(&prism, |ip, tags| panos.register_directly(ip, tags), n).await,
         Vendor::F5 => prepare_f5(&prism, n).await,
+        Vendor::Fmc => {
+            for name in ["ntnx.managed", "ntnx.AppTier.Old"].into_iter().chain(
+                TIERS
+                    .map(|t| format!("ntnx.AppTier.{t}"))
+                    .iter()
+                    .map(String::as_str),
+            ) {
+                fmc.create_object_directly(name);
+            }
+            let map = |ip: &str, tags: &[&str]| {
+                for tag in tags {
+                    fmc.add_mapping_directly(tag, ip);
+                }
+            };
+            prepare(&prism, map, n).await
+        }
     }
     let truth: BTreeMap<String, Vec<String>> = (0..n).map(|i| (vm_ip(i), tags(i))).collect();
-    let before = (panos.stats().requests, bigip.stats().requests);
+    let requests = || panos.stats().requests + bigip.stats().requests + fmc.stats().requests;
+    let before = requests();
 
     let admin = format!("127.0.0.1:{}", free_port());
     let host = HostConfig::new(dir.path())
@@ -195,6 +233,7 @@ async fn one_size(
         .admin_listen(&admin);
     let host = match vendor {
         Vendor::PaloAlto => host.paloalto(&panos),
+        Vendor::Fmc => host.cisco_fmc(&fmc, ""),
         Vendor::F5 => {
             let lb = bigip.base_url();
             host.plugin(
@@ -248,8 +287,20 @@ async fn one_size(
     let _ = child.wait();
 
     let off_truth = match vendor {
-        Vendor::PaloAlto => {
-            let registered = panos.registered();
+        Vendor::PaloAlto | Vendor::Fmc => {
+            // What each IP is registered with or mapped in, sorted as
+            // `tags` is (objects come in name order).
+            let registered = if vendor == Vendor::Fmc {
+                let mut by_ip: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (object, ips) in fmc.mappings() {
+                    for ip in ips {
+                        by_ip.entry(ip).or_default().push(object.clone());
+                    }
+                }
+                by_ip
+            } else {
+                panos.registered()
+            };
             truth
                 .iter()
                 .filter(|(ip, want)| registered.get(*ip) != Some(*want))
@@ -277,17 +328,18 @@ async fn one_size(
         // A host that feeds the plugin each page as it is read logs the
         // listing's end; one before that logged "reconciling" after it.
         listing: log_offset(&log, "inventory listed").or_else(|| log_offset(&log, "reconciling")),
-        requests: panos.stats().requests - before.0 + bigip.stats().requests - before.1,
+        requests: requests() - before,
         host_peak: peak,
         plugin_peak,
         off_truth,
     }
 }
 
-/// N VMs powered on, one IP and one `AppTier` each; on the firewall, most
-/// registered right, every 20th with a stale tier, every 20th missing, and
-/// N/20 IPs no VM has.
-async fn prepare(prism: &PrismSim, panos: &PanosSim, n: usize) {
+/// N VMs powered on, one IP and one `AppTier` each; on the firewall (`hold`
+/// registers an IP with tags, or maps it in objects of those names), most
+/// right, every 20th with a stale tier, every 20th missing, and N/20 IPs no
+/// VM has.
+async fn prepare(prism: &PrismSim, hold: impl Fn(&str, &[&str]), n: usize) {
     for i in 0..n {
         let vm = NewVm::named(format!("vm-{i}"))
             .powered_on()
@@ -295,16 +347,16 @@ async fn prepare(prism: &PrismSim, panos: &PanosSim, n: usize) {
             .nic([vm_ip(i)]);
         prism.create_vm(vm).await.unwrap();
         match i % 20 {
-            0 => panos.register_directly(&vm_ip(i), &["ntnx.managed", "ntnx.AppTier.Old"]),
+            0 => hold(&vm_ip(i), &["ntnx.managed", "ntnx.AppTier.Old"]),
             1 => {}
             _ => {
                 let t = tags(i);
-                panos.register_directly(&vm_ip(i), &[&t[0], &t[1]]);
+                hold(&vm_ip(i), &[&t[0], &t[1]]);
             }
         }
     }
     for i in 0..n / 20 {
-        panos.register_directly(
+        hold(
             &format!("172.16.{}.{}", i / 250, i % 250 + 1),
             &["ntnx.managed"],
         );
@@ -350,8 +402,11 @@ async fn main() {
         .unwrap_or_else(|| vec![1_000, 10_000, 50_000, 200_000]);
     let vendor = match std::env::var("RECONCILE_PLUGIN").as_deref() {
         Ok("f5-bigip") => Vendor::F5,
+        Ok("cisco-fmc") => Vendor::Fmc,
         Ok("paloalto") | Err(_) => Vendor::PaloAlto,
-        Ok(other) => panic!("RECONCILE_PLUGIN: no plugin `{other}` (paloalto, f5-bigip)"),
+        Ok(other) => {
+            panic!("RECONCILE_PLUGIN: no plugin `{other}` (paloalto, f5-bigip, cisco-fmc)")
+        }
     };
     let ours = common::component(vendor.plugin());
     let hosts: Vec<(String, (PathBuf, PathBuf))> = match std::env::var("RECONCILE_HOSTS") {
@@ -382,6 +437,12 @@ async fn main() {
             "the release binary, the F5 plugin, its default limits; Prism simulator paging by 500, \
              every 100th VM in pool {POOL}; BIG-IP simulator with the pool empty; time from the \
              host's start until its status reports the reconcile\n"
+        ),
+        Vendor::Fmc => println!(
+            "the release binary, the Cisco FMC plugin (Go), its default limits (64 MiB, 5 s a \
+             call); Prism simulator paging by 500; FMC simulator without its rate limit, its \
+             dynamic objects with every 20th IP in a stale tier, every 20th missing and N/20 \
+             foreign IPs; time from the host's start until its status reports the reconcile\n"
         ),
     }
     println!("| VMs | host | result | time | of which listing | firewall requests | host peak RSS | plugin peak memory | IPs off the truth after |");

@@ -19,6 +19,7 @@ import (
 	log "cisco-fmc/internal/bindings/prismhook_plugin_log"
 	types "cisco-fmc/internal/bindings/prismhook_plugin_types"
 
+	witRuntime "go.bytecodealliance.org/pkg/wit/runtime"
 	witTypes "go.bytecodealliance.org/pkg/wit/types"
 )
 
@@ -45,10 +46,17 @@ func Hold() { debug.SetGCPercent(-1) }
 // Resume turns the collector back on, at the start of an export.
 func Resume() { debug.SetGCPercent(gcPercent) }
 
-// lowered runs an import with the collector off.
+// lowered runs an import with the collector off, and then lets go of what
+// the host wrote: wit-bindgen's cabi_realloc pins every block it hands the
+// host, and only an export's entry unpins them, so without this every
+// answer of every import (each kv record, each page, each HTTP body) would
+// stay for the rest of the call, and a reconcile's memory would grow with
+// the inventory. What the answer's lifted values still point at stays
+// alive through them.
 func lowered[T any](call func() T) T {
 	old := debug.SetGCPercent(-1)
 	defer debug.SetGCPercent(old)
+	defer witRuntime.Unpin()
 	return call()
 }
 

@@ -73,7 +73,22 @@ type api struct {
 	ids map[string]string
 	// Requests counts the HTTP requests made, for the summary.
 	Requests int
+	// patient waits out every 429 inside the call (see reconcileWait).
+	patient bool
 }
+
+// A paged reconcile waits out FMC's rate limit, however often it answers
+// 429, for up to this much at a time (FMC counts requests by the minute).
+// Its deadline grows by the plugin's deadline with every page of the
+// inventory, and one that gives up starts over from nothing on its retry,
+// where the requests it had made count against the next minute all the
+// same: at 200,000 VMs a reconcile reads some 400 pages of mappings, more
+// than FMC's 120 (or 300) requests a minute.
+const reconcileWait = 60 * time.Second
+
+// reconcileWaits bounds the 429s in a row on one request a reconcile
+// waits out.
+const reconcileWaits = 10
 
 func newAPI(cfg *Config, host Host) *api {
 	return &api{cfg: cfg, host: host, ids: map[string]string{}}
@@ -82,7 +97,8 @@ func newAPI(cfg *Config, host Host) *api {
 var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
 // do sends one request. A 429 is waited out inside the call when FMC asks
-// for at most cfg.RateLimitWait, twice at most; otherwise it is a
+// for at most cfg.RateLimitWait, twice at most (in a paged reconcile, for
+// at most reconcileWait, reconcileWaits times); otherwise it is a
 // *RateLimited for the caller to turn into a retry.
 func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, error) {
 	var payload []byte
@@ -121,6 +137,11 @@ func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, e
 			}
 			if waited < 2 && after <= a.cfg.RateLimitWait {
 				a.host.Log(Debug, fmt.Sprintf("FMC rate limit on %s %s: waiting %s", method, path, after))
+				a.host.Sleep(after)
+				continue
+			}
+			if a.patient && waited < reconcileWaits && after <= reconcileWait {
+				a.host.Log(Info, fmt.Sprintf("FMC rate limit on %s %s: the reconcile waits %s", method, path, after))
 				a.host.Sleep(after)
 				continue
 			}

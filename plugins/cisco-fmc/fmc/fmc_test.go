@@ -223,6 +223,36 @@ func TestAShortRateLimitIsWaitedOutAndALongOneBecomesARetryWithItsDelay(t *testi
 	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1", "10.0.0.2"}})
 }
 
+// Where Handle gives a long 429 back to the host, the paged reconcile
+// waits it out, however many come: it has a deadline that grew with the
+// inventory, and its retry would start over.
+func TestThePagedReconcileWaitsOutLong429sThatHandleGivesBack(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	h.fmc.throttle, h.fmc.retryAfter = 3, "45"
+	summary, err := PagedReconcile(c, h, "lab", pagesOf([]Vm{*vm("u1", "ON", nil, "10.0.0.1")}, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(h.slept, []time.Duration{45 * time.Second, 45 * time.Second, 45 * time.Second}) {
+		t.Fatalf("slept %v", h.slept)
+	}
+	if !strings.Contains(summary, "1 addresses added") {
+		t.Fatalf("%q", summary)
+	}
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1"}})
+
+	// Past a minute, or past ten in a row, it gives up like Handle does.
+	h.fmc.throttle, h.fmc.retryAfter = 1, "90"
+	if _, err := PagedReconcile(c, h, "lab", pagesOf(nil, 1)); err == nil || !strings.Contains(err.Error(), "429") {
+		t.Fatalf("%v", err)
+	}
+	h.fmc.throttle, h.fmc.retryAfter = 11, "1"
+	if _, err := PagedReconcile(c, h, "lab", pagesOf(nil, 1)); err == nil || !strings.Contains(err.Error(), "429") {
+		t.Fatalf("%v", err)
+	}
+}
+
 func TestARefusedVmIsRejectedAloneAndTheRestOfTheBatchApplies(t *testing.T) {
 	c := config(t, "")
 	h := newHost(t)

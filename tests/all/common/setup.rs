@@ -213,6 +213,14 @@ impl HostConfig {
         self
     }
 
+    /// Adds `line` to the table of the plugin added last, such as
+    /// `limits = { memory_mib = 16 }`.
+    pub fn plugin_line(mut self, line: &str) -> Self {
+        let table = self.plugins.last_mut().expect("a plugin added before");
+        let _ = writeln!(table, "{line}");
+        self
+    }
+
     /// The Palo Alto plugin's table for a PAN-OS simulator: its firewall,
     /// allowed, with the simulator's API key injected.
     pub fn paloalto(self, panos: &PanosSim) -> Self {
