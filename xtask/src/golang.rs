@@ -248,15 +248,8 @@ pub fn build(root: &Path, dir: &Path, wit: &Path, out: &Path) -> Result<()> {
         .with_context(|| format!("turning the Go guest in {} into a component", dir.display()))
 }
 
-/// `go vet` and `go test` on the host's own architecture, for every package
-/// of the plugin: its logic is plain Go, and the bindings compile natively
-/// (their imports have empty bodies there), so only calling an import from
-/// a test would fail.
-pub fn test(root: &Path, dir: &Path, wit: &Path) -> Result<()> {
-    prepare(root, dir, wit)?;
-    println!("xtask: go vet + go test in {}", dir.display());
-    // The generated bindings are all unsafe.Pointer arithmetic, which vet
-    // rightly distrusts; they are wit-bindgen's to answer for, not ours.
+/// The plugin's own packages: every one but the generated bindings.
+fn own_packages(root: &Path, dir: &Path) -> Result<Vec<String>> {
     let list = go(root, dir)?
         .args(["list", "./..."])
         .output()
@@ -268,15 +261,38 @@ pub fn test(root: &Path, dir: &Path, wit: &Path) -> Result<()> {
             String::from_utf8_lossy(&list.stderr).trim()
         );
     }
-    let own: Vec<String> = String::from_utf8_lossy(&list.stdout)
+    Ok(String::from_utf8_lossy(&list.stdout)
         .lines()
         .filter(|package| !package.contains(&format!("/{BINDINGS}/")))
         .map(str::to_owned)
-        .collect();
+        .collect())
+}
+
+/// `go vet` and `go test` on the host's own architecture, for every package
+/// of the plugin: its logic is plain Go, and the bindings compile natively
+/// (their imports have empty bodies there), so only calling an import from
+/// a test would fail.
+pub fn test(root: &Path, dir: &Path, wit: &Path) -> Result<()> {
+    prepare(root, dir, wit)?;
+    println!("xtask: go vet + go test in {}", dir.display());
+    // The generated bindings are all unsafe.Pointer arithmetic, which vet
+    // rightly distrusts; they are wit-bindgen's to answer for, not ours.
+    let own = own_packages(root, dir)?;
     run(go(root, dir)?.arg("vet").args(&own))
         .with_context(|| format!("go vet in {}", dir.display()))?;
     run(go(root, dir)?.args(["test", "-count=1"]).args(&own))
         .with_context(|| format!("go test in {}", dir.display()))
+}
+
+/// The plugin's own Go benchmarks (`go test -bench`), natively: its logic
+/// without Wasm, for the comparisons in BENCHMARKS.md.
+pub fn bench(root: &Path, dir: &Path, wit: &Path) -> Result<()> {
+    prepare(root, dir, wit)?;
+    let own = own_packages(root, dir)?;
+    run(go(root, dir)?
+        .args(["test", "-run", "^$", "-bench", ".", "-count=1"])
+        .args(&own))
+    .with_context(|| format!("go test -bench in {}", dir.display()))
 }
 
 /// Files gofmt would change, for the lint step.

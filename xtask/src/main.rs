@@ -57,6 +57,9 @@ fn main() -> Result<()> {
         Some("go-test") => go_guests(&args[1..], |root, dir| {
             golang::test(root, dir, &wit_dir(root, dir))
         }),
+        Some("go-bench") => go_guests(&args[1..], |root, dir| {
+            golang::bench(root, dir, &wit_dir(root, dir))
+        }),
         Some("go-fmt") => go_guests(&args[1..], |root, dir| {
             let unformatted = golang::unformatted(root, dir)?;
             if unformatted.is_empty() {
@@ -76,6 +79,7 @@ fn main() -> Result<()> {
                  cargo xtask toolchain          install the Debian wasm toolchain if missing\n       \
                  cargo xtask nats-server        install the pinned nats-server if missing; print its path\n       \
                  cargo xtask go-test [NAME...]  go vet + go test (natively) in the Go guests\n       \
+                 cargo xtask go-bench [NAME...] the Go guests' benchmarks, natively\n       \
                  cargo xtask go-fmt [NAME...]   fail if gofmt would change a Go guest\n       \
                  cargo xtask layers [--graph]   check host/src for import cycles (--graph: list the edges)\n       \
                  cargo xtask one-build          check that the tests reuse the demo's build of the host"

@@ -17,7 +17,7 @@ import (
 // as an http.Handler the fake host calls directly. The end-to-end tests in
 // tests/all run the real component against the simulator instead.
 type fakeFMC struct {
-	t       *testing.T
+	t       testing.TB
 	domains map[string]string // name -> uuid
 	objects map[string]string // name -> id
 	maps    map[string]map[string]bool
@@ -32,7 +32,7 @@ type fakeFMC struct {
 	mappingBodies []int
 }
 
-func newFake(t *testing.T) *fakeFMC {
+func newFake(t testing.TB) *fakeFMC {
 	return &fakeFMC{t: t, domains: map[string]string{"Global": "e276abec-e0f2-11e3-8169-6d9ed49b625f"},
 		objects: map[string]string{}, maps: map[string]map[string]bool{}}
 }
@@ -192,7 +192,7 @@ type fakeHost struct {
 	writes, keyPages int
 }
 
-func newHost(t *testing.T) *fakeHost {
+func newHost(t testing.TB) *fakeHost {
 	return &fakeHost{fmc: newFake(t), kv: map[string][]byte{}, clusters: map[string]string{}}
 }
 

@@ -45,7 +45,7 @@ func expectMappings(t *testing.T, h *fakeHost, want map[string][]string) {
 	}
 }
 
-func allDone(t *testing.T, outcomes []Outcome) {
+func allDone(t testing.TB, outcomes []Outcome) {
 	t.Helper()
 	for i, o := range outcomes {
 		if o.Kind != Done {
