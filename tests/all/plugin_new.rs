@@ -2,7 +2,8 @@
 //! writes a skeleton, the project's own guest build (`cargo xtask plugins
 //! --dir`) builds it unchanged, `prismhook plugin check` passes it, and once
 //! dropped into a running host's plugins directory it handles events Prism
-//! sends, which the skeleton records in its `kv` (`last-event`).
+//! sends, which the skeleton records in its `kv` (`last-event`), and
+//! reconciles the inventory a page at a time.
 //!
 //! The skeletons are written to fixed directories under target/tmp, left
 //! there for inspection after a run. A Python or JavaScript component is
@@ -230,8 +231,17 @@ async fn a_new_plugin_builds_checks_and_handles_an_event(lang: &str) {
         (0, 0, 0),
         "{counters:?}"
     );
-    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     lap("handled");
+
+    // 5. It reconciles a page at a time, so the host never holds the
+    //    inventory for it.
+    let plugin = app.registry.get(&name).unwrap().plugin.unwrap();
+    assert!(plugin.is_paged(), "the skeleton exports paged.reconcile");
+    let report = app.source.reconcile(Some("lab")).await.unwrap().remove(0);
+    let want = format!("{name}: 1 VMs in lab, read a page at a time: nothing to reconcile");
+    assert!(report.plugins.contains(&want), "{:?}", report.plugins);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    lap("reconciled");
 }
 
 #[tokio::test]

@@ -31,8 +31,9 @@ const (
 // clock from the host and the call traps ("cannot leave component instance
 // (in clock_time_get)"). So Init turns the collector off before the host
 // writes the batch, and Handle and Reconcile turn it back on. Around an
-// import that returns a lot (an HTTP body, many kv keys), turn it off too:
-// see plugins/cisco-fmc/component in the prismhook repository.
+// import that returns a lot (an HTTP body, many kv keys, a page), turn it
+// off too, and unpin what the host wrote afterwards, or it stays for the
+// rest of the call: nextPage in paged.go does both.
 func holdGC()   { debug.SetGCPercent(-1) }
 func resumeGC() { debug.SetGCPercent(100) }
 

@@ -1,13 +1,15 @@
 // `{{name}}`: a prismhook plugin, built with componentize-js.
 //
 // The host makes every call on a fresh instance: `init` with the operator's
-// configuration, then exactly one `handle` or `reconcile`. Module variables
-// do not survive between calls; what must be remembered goes into `kv`,
+// configuration, then exactly one `handle` or `reconcile` (`paged.reconcile`,
+// or `handler.reconcile` on hosts before 0.1.2). Module variables do not
+// survive between calls; what must be remembered goes into `kv`,
 // whose writes become durable together when the call returns.
 //
 // Errors of `result` exports are thrown as strings: componentize-js turns a
 // thrown string into `err`, and a thrown `Error` into a trap.
 
+import { nextPage } from 'prismhook:plugin/inventory@0.1.4';
 import { set as kvSet } from 'prismhook:plugin/kv@0.1.4';
 import { log } from 'prismhook:plugin/log@0.1.4';
 
@@ -46,9 +48,22 @@ export const handler = {
     });
   },
 
-  // The whole VM inventory of a cluster, at start and on a timer: bring
-  // outside state back in step with it here.
+  // The whole VM inventory in one list: only hosts before 0.1.2 call this;
+  // newer ones call `paged.reconcile`.
   reconcile(cluster, vms) {
     return `${vms.length} VMs in ${cluster}: nothing to reconcile`;
+  },
+};
+
+export const paged = {
+  // The VM inventory of a cluster, at start and on a timer, a page at a
+  // time (so that neither this plugin's memory nor the host's grows with
+  // it): bring outside state back in step with it here.
+  reconcile(cluster) {
+    let vms = 0;
+    for (let page = nextPage(); page !== undefined; page = nextPage()) {
+      vms += page.length;
+    }
+    return `${vms} VMs in ${cluster}, read a page at a time: nothing to reconcile`;
   },
 };

@@ -1,8 +1,9 @@
 """`{{name}}`: a prismhook plugin, built with componentize-py.
 
 The host makes every call on a fresh instance: `init` with the operator's
-configuration, then exactly one `handle` or `reconcile`. Module globals do
-not survive between calls; what must be remembered goes into `kv`, whose
+configuration, then exactly one `handle` or `reconcile` (`Paged.reconcile`,
+or `Handler.reconcile` on hosts before 0.1.2). Module globals do not survive
+between calls; what must be remembered goes into `kv`, whose
 writes become durable together when the call returns.
 
 componentize-py snapshots the interpreter after importing this module, and
@@ -14,7 +15,7 @@ import json
 
 from componentize_py_types import Err
 from wit_world import exports
-from wit_world.imports import kv, log, types
+from wit_world.imports import inventory, kv, log, types
 
 NAME = "{{name}}"
 VERSION = "0.1.0"
@@ -53,6 +54,17 @@ class Handler(exports.Handler):
         return outcomes
 
     def reconcile(self, cluster, vms):
-        """The whole VM inventory of a cluster, at start and on a timer:
-        bring outside state back in step with it here."""
+        """The whole VM inventory in one list: only hosts before 0.1.2 call
+        this; newer ones call `Paged.reconcile`."""
         return f"{len(vms)} VMs in {cluster}: nothing to reconcile"
+
+
+class Paged(exports.Paged):
+    def reconcile(self, cluster):
+        """The VM inventory of a cluster, at start and on a timer, a page at
+        a time (so that neither this plugin's memory nor the host's grows
+        with it): bring outside state back in step with it here."""
+        vms = 0
+        while (page := inventory.next_page()) is not None:
+            vms += len(page)
+        return f"{vms} VMs in {cluster}, read a page at a time: nothing to reconcile"

@@ -1,13 +1,17 @@
 //! `{{name}}`: a prismhook plugin.
 //!
 //! The host makes every call on a fresh instance: `init` with the
-//! operator's configuration, then exactly one `handle` or `reconcile`.
+//! operator's configuration, then exactly one `handle` or `reconcile`
+//! (`paged::Guest::reconcile`, or `Guest::reconcile` on hosts before
+//! 0.1.2).
 //! Globals do not survive between calls; what must be remembered goes into
 //! `kv`, whose writes become durable together when the call returns.
 
-wit_bindgen::generate!({ path: "wit", world: "plugin" });
+wit_bindgen::generate!({ path: "wit", world: "paged-plugin" });
 
 use exports::prismhook::plugin::handler::{Event, Guest, Outcome, PluginInfo, Vm};
+use exports::prismhook::plugin::paged;
+use prismhook::plugin::inventory;
 use prismhook::plugin::kv;
 use prismhook::plugin::log::{log, Level};
 use prismhook::plugin::types::Retry;
@@ -38,12 +42,27 @@ impl Guest for Plugin {
         events.iter().map(handle_one).collect()
     }
 
-    /// The whole VM inventory of a cluster, at start and on a timer: bring
-    /// outside state back in step with it here.
+    /// The whole VM inventory in one list: only hosts before 0.1.2 call
+    /// this; newer ones call the paged reconcile below.
     fn reconcile(cluster: String, vms: Vec<Vm>) -> Result<String, String> {
         Ok(format!(
             "{} VMs in {cluster}: nothing to reconcile",
             vms.len()
+        ))
+    }
+}
+
+impl paged::Guest for Plugin {
+    /// The VM inventory of a cluster, at start and on a timer, a page at a
+    /// time (so that neither this plugin's memory nor the host's grows
+    /// with it): bring outside state back in step with it here.
+    fn reconcile(cluster: String) -> Result<String, String> {
+        let mut vms = 0;
+        while let Some(page) = inventory::next_page() {
+            vms += page.len();
+        }
+        Ok(format!(
+            "{vms} VMs in {cluster}, read a page at a time: nothing to reconcile"
         ))
     }
 }
