@@ -585,11 +585,11 @@ def bring_in_line(config, host, cluster, wants, listed, commit=None):
     """Moves every VM of `wants` (uuid -> the pairs it should contribute)
     to what it wants, against what the pools hold. `commit`, when given,
     makes the kv writes so far durable (see `reconcile_paged`)."""
+    # The pools to list: those wanted and those on record. apply_vm reads
+    # each record again rather than this keeping every one until then.
     pools = set()
-    records = {}
-    for uuid in wants:
-        records[uuid] = load_record(host, vm_key(cluster, uuid))
-        pools.update(p for p, _ in wants[uuid] | records[uuid])
+    for uuid, want in wants.items():
+        pools.update(p for p, _ in want | load_record(host, vm_key(cluster, uuid)))
     present = {}
     for pool in sorted(pools):
         members = pool_members(config, host, pool)
