@@ -23,6 +23,7 @@ package fmc
 import (
 	"fmt"
 	"hash/maphash"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -119,18 +120,6 @@ func setEntry(record *ipRecord, key string, names []string) bool {
 	return true
 }
 
-func sameRecord(a, b vmRecord) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for ip, names := range a {
-		if other, ok := b[ip]; !ok || !slices.Equal(names, other) {
-			return false
-		}
-	}
-	return true
-}
-
 // setContribution makes VM key's record, and its entries in the records of
 // every address it had or has, what it contributes now (wanted), writing
 // only what differs.
@@ -139,14 +128,7 @@ func setContribution(host Host, key string, wanted vmRecord) error {
 	if err := load(host, vmPrefix+key, &old); err != nil {
 		return err
 	}
-	touched := map[string]bool{}
-	for ip := range old {
-		touched[ip] = true
-	}
-	for ip := range wanted {
-		touched[ip] = true
-	}
-	for _, ip := range sortedKeys(touched) {
+	for _, ip := range sortedKeys(union(keysOf(old), keysOf(wanted))) {
 		var record ipRecord
 		if err := load(host, ipPrefix+ip, &record); err != nil {
 			return err
@@ -157,7 +139,7 @@ func setContribution(host Host, key string, wanted vmRecord) error {
 			}
 		}
 	}
-	if sameRecord(old, wanted) {
+	if maps.EqualFunc(old, wanted, slices.Equal[[]string]) {
 		return nil
 	}
 	return write(host, vmPrefix+key, wanted, len(wanted) == 0)
@@ -222,13 +204,8 @@ func repairAddresses(host Host) error {
 		if err := load(host, recordKey, &record); err != nil {
 			return err
 		}
-		holders := make([]string, 0, len(record))
-		for holder := range record {
-			holders = append(holders, holder)
-		}
-		sort.Strings(holders)
 		fixed := false
-		for _, holder := range holders {
+		for _, holder := range sortedNames(record) {
 			var contribution vmRecord
 			if err := load(host, vmPrefix+holder, &contribution); err != nil {
 				return err
@@ -305,13 +282,7 @@ func PagedReconcile(cfg *Config, host Host, cluster string, next Pages) (string,
 	if err != nil {
 		return "", err
 	}
-	missing := map[string]bool{}
-	for name := range add {
-		if _, ok := owned[name]; !ok {
-			missing[name] = true
-		}
-	}
-	if err := a.Ensure(sortedKeys(missing)); err != nil {
+	if err := a.Ensure(sortedKeys(missingObjects(add, owned))); err != nil {
 		return "", err
 	}
 	if err := a.Apply(add, remove); err != nil {

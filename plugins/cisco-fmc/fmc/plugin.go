@@ -295,7 +295,9 @@ func Reconcile(cfg *Config, host Host, cluster string, vms []Vm) (string, error)
 	return summarise(counted, len(union(keysOf(wanted), keysOf(owned))), add, remove, a.Requests), nil
 }
 
-func missingObjects(wanted map[string]map[string]bool, owned map[string]string) map[string]bool {
+// missingObjects is the objects that would get addresses (wanted: a set or
+// a list of them per name) and FMC does not have.
+func missingObjects[S map[string]bool | []string](wanted map[string]S, owned map[string]string) map[string]bool {
 	missing := map[string]bool{}
 	for name, set := range wanted {
 		if _, ok := owned[name]; !ok && len(set) > 0 {

@@ -154,14 +154,7 @@ func (s *store) setVM(key string, wanted IPObjects, changes map[string]*Change) 
 	if err != nil {
 		return err
 	}
-	touched := map[string]bool{}
-	for ip := range before {
-		touched[ip] = true
-	}
-	for ip := range wanted {
-		touched[ip] = true
-	}
-	for _, ip := range sortedKeys(touched) {
+	for _, ip := range sortedKeys(union(keysOf(before), keysOf(wanted))) {
 		record, err := s.ip(ip)
 		if err != nil {
 			return err
