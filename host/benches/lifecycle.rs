@@ -21,7 +21,9 @@
 //!    and with Cranelift, on an idle host (`compilers`).
 //! 4. The four languages side by side on one `Runtime`: instantiate per
 //!    call (a non-VM event: no kv, no http) and per-event cost of VM.ON /
-//!    VM.OFF batches, each plugin against its simulator or receiver.
+//!    VM.OFF batches, each plugin against its simulator or receiver; then
+//!    the F5 plugin's logic under the machine's `python3`, sending the same
+//!    requests to the same simulator (`plugins/f5-bigip/bench.py --bigip`).
 //! 5. Resident memory of the real `prismhook run` binary with the four
 //!    plugins: idle, and under a paced 1,000 notifications/s for 20 s.
 //! 6. Idle CPU of the real binary with the watcher on and a plugin whose
@@ -42,7 +44,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -885,6 +887,7 @@ async fn languages(w: &World, warm_data: &Path) {
     println!("|---|---|---|---|---|---|---|");
     // 10, not more: the host caps a call at 16 outbound requests by default
     // and the F5 plugin makes one per VM.
+    let mut python_component_on = None;
     for size in [1u64, 10] {
         let mut not_done = vec![0usize; n];
         let mut on_t: Vec<Vec<f64>> = vec![Vec::new(); n];
@@ -916,6 +919,9 @@ async fn languages(w: &World, warm_data: &Path) {
             }
         }
         let rust_on = median(&on_t[0]);
+        if size == 10 {
+            python_component_on = Some(median(&on_t[1]) / size as f64);
+        }
         for (j, (name, lang)) in LANGS.iter().enumerate() {
             println!(
                 "| {size} | {name} | {lang} | {} | {} | {} | {:.1}× |",
@@ -929,6 +935,9 @@ async fn languages(w: &World, warm_data: &Path) {
             println!("(!) outcomes other than done, batch {size}: {not_done:?} ({LANGS:?})");
         }
     }
+    if let Some(component) = python_component_on {
+        python_with_the_same_requests(w, component);
+    }
     println!(
         "work done: PAN-OS {} requests; BIG-IP {} members added, {} removed; SIEM {} events received; FMC {} mappings added, {} removed",
         w.panos.stats().requests,
@@ -938,6 +947,49 @@ async fn languages(w: &World, warm_data: &Path) {
         w.fmc.stats().mappings_added,
         w.fmc.stats().mappings_removed,
     );
+}
+
+/// The F5 plugin's logic under the machine's CPython, sending the same
+/// requests to the same simulator as the component just did
+/// (`plugins/f5-bigip/bench.py --bigip`), against the component's figure
+/// for batches of 10 VM.ON.
+fn python_with_the_same_requests(w: &World, component_us: f64) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/f5-bigip/bench.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--bigip", &w.bigip.base_url()])
+        .args(["--authorization", "Basic YWRtaW46YWRtaW4="])
+        .output();
+    let text = match out {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(out) => {
+            println!(
+                "(!) {} failed ({}): {}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            println!("(!) could not run python3 {}: {e}", script.display());
+            return;
+        }
+    };
+    println!("\n{}", text.trim());
+    let native_us = text
+        .split("VM.ON ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<f64>().ok());
+    if let Some(native_us) = native_us {
+        println!(
+            "f5-bigip per event, batches of 10 VM.ON, the same requests to the same simulator: component {} against CPython natively {}: **{:.1}×** (the component's kv is the host's redb, the native one a dict)",
+            us(component_us),
+            us(native_us),
+            component_us / native_us
+        );
+    }
 }
 
 // ------------------------------------------------------------ 5
