@@ -126,8 +126,9 @@ impl NatsNode {
     }
 
     /// Waits until the node reports healthy: serving clients, and its JetStream current with
-    /// the cluster's (a meta leader elected, its streams caught up).
-    async fn wait_healthy(&self) -> Result<()> {
+    /// the cluster's (a meta leader elected, its streams caught up). A node that exits meanwhile
+    /// (a port taken, a store it cannot open) is reported at once, with its log.
+    async fn wait_healthy(&mut self) -> Result<()> {
         let url = format!("http://127.0.0.1:{}/healthz", self.monitor);
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -137,17 +138,33 @@ impl NatsNode {
                     return Ok(());
                 }
             }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!(
+                    "nats-server {} exited ({status}) before it became healthy; its log ends:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 bail!(
                     "nats-server {} did not become healthy within 30 s; its log ends:\n{}",
                     self.name,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    self.log_tail()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -170,7 +187,27 @@ impl Nats {
     }
 
     /// `size` nodes; more than one form a cluster (routes between all of them).
+    ///
+    /// The ports are found free here and bound by the servers a moment later, so a process
+    /// starting beside them (tests run in parallel) can take one first; the cluster is then
+    /// started again on other ports, in a clean directory.
     pub async fn start(dir: &Path, size: usize) -> Result<Nats> {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1.. {
+            match Self::start_once(dir, size, attempt > 1).await {
+                Err(e)
+                    if attempt < ATTEMPTS
+                        && format!("{e:#}").contains("address already in use") =>
+                {
+                    eprintln!("nats: a port was taken before the server bound it; starting again on others ({e:#})");
+                }
+                result => return result,
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    async fn start_once(dir: &Path, size: usize, fresh: bool) -> Result<Nats> {
         let mut ports = Vec::new();
         for _ in 0..size {
             ports.push((free_port()?, free_port()?, free_port()?));
@@ -180,6 +217,10 @@ impl Nats {
         for (i, &(port, monitor, route)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
             let node_dir = dir.join(&name);
+            if fresh && node_dir.exists() {
+                std::fs::remove_dir_all(&node_dir)
+                    .with_context(|| format!("clearing {}", node_dir.display()))?;
+            }
             std::fs::create_dir_all(&node_dir)
                 .with_context(|| format!("creating {}", node_dir.display()))?;
             let cluster = (size > 1).then(|| {
@@ -198,7 +239,7 @@ impl Nats {
             node.spawn()?;
             nodes.push(node);
         }
-        for node in &nodes {
+        for node in &mut nodes {
             node.wait_healthy().await?;
         }
         Ok(Nats { nodes })
@@ -207,5 +248,33 @@ impl Nats {
     /// Every node's client URL.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(NatsNode::url).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_that_cannot_bind_its_port_is_reported_at_once_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        // Held for the whole test: the server finds its client port taken.
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut node = NatsNode {
+            name: "n1".into(),
+            port: taken.local_addr().unwrap().port(),
+            monitor: free_port().unwrap(),
+            cluster: None,
+            store: dir.path().join("store"),
+            log: dir.path().join("nats-server.log"),
+            child: None,
+        };
+        node.spawn().unwrap();
+        let error = format!("{:#}", node.wait_healthy().await.unwrap_err());
+        assert!(
+            error.contains("exited") && error.contains("address already in use"),
+            "{error}"
+        );
+        assert!(!node.is_running());
     }
 }
