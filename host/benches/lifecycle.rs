@@ -133,6 +133,13 @@ async fn world() -> World {
     }
 }
 
+/// What the host injects into the F5 plugin's requests: the BIG-IP
+/// simulator's own (default) credentials.
+fn bigip_authorization() -> String {
+    let sim = BigipConfig::default();
+    basic_auth(&sim.user, &sim.password)
+}
+
 impl World {
     /// The four plugins' tables (applied to the files present in the
     /// plugins directory) and cluster `lab`.
@@ -149,7 +156,7 @@ impl World {
                 &[
                     &format!(r#"config = {{ bigip = "{lb}", port = 8080, category = "F5Pool" }}"#),
                     &format!(r#"allow = ["{lb}"]"#),
-                    &format!(r#"inject = [{{ origin = "{lb}", header = "Authorization", value = "Basic YWRtaW46YWRtaW4=" }}]"#),
+                    &format!(r#"inject = [{{ origin = "{lb}", header = "Authorization", value = "{}" }}]"#, bigip_authorization()),
                 ],
             )
             .plugin(
@@ -958,7 +965,7 @@ fn python_with_the_same_requests(w: &World, component_us: f64) {
     let out = std::process::Command::new("python3")
         .arg(&script)
         .args(["--bigip", &w.bigip.base_url()])
-        .args(["--authorization", "Basic YWRtaW46YWRtaW4="])
+        .args(["--authorization", &bigip_authorization()])
         .output();
     let text = match out {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -193,18 +193,19 @@ impl Nats {
     /// started again on other ports, in a clean directory.
     pub async fn start(dir: &Path, size: usize) -> Result<Nats> {
         const ATTEMPTS: usize = 3;
-        for attempt in 1.. {
+        let mut attempt = 1;
+        loop {
             match Self::start_once(dir, size, attempt > 1).await {
                 Err(e)
                     if attempt < ATTEMPTS
                         && format!("{e:#}").contains("address already in use") =>
                 {
                     eprintln!("nats: a port was taken before the server bound it; starting again on others ({e:#})");
+                    attempt += 1;
                 }
                 result => return result,
             }
         }
-        unreachable!("the last attempt returns")
     }
 
     async fn start_once(dir: &Path, size: usize, fresh: bool) -> Result<Nats> {
