@@ -47,7 +47,12 @@ pub(crate) struct World {
 
 pub(crate) async fn world(plugins: &[&str]) -> World {
     common::init_tracing();
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    // The hosts' logs and data outlive a failure that needs reading.
+    if std::env::var_os("PRISMHOOK_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
     common::setup::install(&dir.path().join("plugins"), plugins);
     World {
         prism: Arc::new(common::setup::start_prism().await),
