@@ -413,7 +413,11 @@ async fn deliver(
         // outcomes (at least once, never lost). Left in flight, they would
         // hold their entities back until a restart: a NATS cluster electing
         // a leader fails a few completes, then answers again.
-        tracing::error!(plugin = %name, events = ids.len(), "cannot record outcomes; they will be delivered again: {e}");
+        if matches!(e, LedgerError::Superseded { .. }) {
+            tracing::warn!(plugin = %name, events = ids.len(), "outcomes dropped: {e}");
+        } else {
+            tracing::error!(plugin = %name, events = ids.len(), "cannot record outcomes; they will be delivered again: {e}");
+        }
         if let Err(e) = inner.ledger.release(name, &ids).await {
             tracing::error!(plugin = %name, "cannot release the deliveries either: {e}");
         }

@@ -293,6 +293,11 @@ pub enum LedgerError {
         holder: String,
         hint: String,
     },
+    /// Outcomes not stored because another host recorded those deliveries first: this host's
+    /// lease on their partition ran out while it delivered them, and the host that took over
+    /// delivers them from what it recorded.
+    #[error("ledger refused {context}: another host recorded those deliveries first")]
+    Superseded { context: String },
     #[error("ledger is closed")]
     Closed,
 }

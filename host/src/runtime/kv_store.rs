@@ -54,6 +54,18 @@ pub(crate) fn start<'k>(prefix: &'k str, after: Option<&'k str>) -> Bound<&'k st
 pub trait KvBackend: Send + Sync + 'static {
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
 
+    /// [`KvBackend::read`], with the version of the key it read, for a store
+    /// several hosts write: a call that writes a key it read is then stored
+    /// only if the key is still at that version (see [`KvBackend::apply`]).
+    /// `None`: the backend has one writer and keeps no versions.
+    fn read_versioned(
+        &self,
+        plugin: &str,
+        key: &str,
+    ) -> Result<(Option<Vec<u8>>, Option<u64>), KvError> {
+        Ok((self.read(plugin, key)?, None))
+    }
+
     /// `plugin`'s keys that start with `prefix` and sort after `after`
     /// (from the first when `None`), in order, at most `limit`.
     fn keys(
@@ -65,10 +77,17 @@ pub trait KvBackend: Send + Sync + 'static {
     ) -> Result<Vec<String>, KvError>;
 
     /// Makes one call's writes durable together (`None` deletes); returns once
-    /// a read on this host sees them. Blocks: it is called off the async
+    /// a read on this host sees them. `read` holds the version at which the
+    /// call first read each key it read ([`KvBackend::read_versioned`]): a
+    /// backend that keeps versions refuses the writes, all of them, when one
+    /// of those keys has changed since. Blocks: it is called off the async
     /// threads.
-    fn apply(&self, plugin: &str, writes: BTreeMap<String, Option<Vec<u8>>>)
-        -> Result<(), KvError>;
+    fn apply(
+        &self,
+        plugin: &str,
+        writes: BTreeMap<String, Option<Vec<u8>>>,
+        read: &BTreeMap<String, u64>,
+    ) -> Result<(), KvError>;
 
     /// Whether a read on this host sees every write this host has stored,
     /// those whose `apply` failed after they were sent included. Cheap: it
@@ -131,6 +150,7 @@ impl KvStore {
             store: self.clone(),
             plugin: plugin.to_owned(),
             writes: BTreeMap::new(),
+            read: BTreeMap::new(),
             pending_bytes: 0,
         }
     }
@@ -213,10 +233,12 @@ impl KvBackend for RedbKv {
         Ok(keys)
     }
 
+    /// One host writes this file: nothing else can change a key a call read.
     fn apply(
         &self,
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
+        _read: &BTreeMap<String, u64>,
     ) -> Result<(), KvError> {
         let table_name = table(plugin);
         let txn = self.db.begin_write().map_err(storage)?;
@@ -240,15 +262,24 @@ pub struct KvSession {
     store: KvStore,
     plugin: String,
     writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// The version of each key when this call first read it from the store
+    /// (for backends that keep versions): its writes are stored only if
+    /// those keys are unchanged, so that what it wrote from what it read
+    /// cannot overwrite another host's write in between.
+    read: BTreeMap<String, u64>,
     pending_bytes: usize,
 }
 
 impl KvSession {
-    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        match self.writes.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => self.store.backend.read(&self.plugin, key),
+    pub fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        if let Some(v) = self.writes.get(key) {
+            return Ok(v.clone());
         }
+        let (value, version) = self.store.backend.read_versioned(&self.plugin, key)?;
+        if let Some(version) = version {
+            self.read.entry(key.to_owned()).or_insert(version);
+        }
+        Ok(value)
     }
 
     pub fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), KvError> {
@@ -351,13 +382,16 @@ impl KvSession {
             return Ok(());
         }
         let (backend, plugin) = (self.store.backend.clone(), self.plugin.clone());
-        let writes = self.writes.clone();
-        tokio::task::spawn_blocking(move || backend.apply(&plugin, writes))
+        let (writes, read) = (self.writes.clone(), self.read.clone());
+        tokio::task::spawn_blocking(move || backend.apply(&plugin, writes, &read))
             .await
             .map_err(storage)??;
         // The backend reads back what it applied (a JetStream host's
-        // mirror shows a write before `apply` returns).
-        self.writes.clear();
+        // mirror shows a write before `apply` returns). The keys written are
+        // this call's own now: a later write of them expects this version.
+        for key in std::mem::take(&mut self.writes).into_keys() {
+            self.read.remove(&key);
+        }
         self.pending_bytes = 0;
         Ok(())
     }
@@ -367,7 +401,9 @@ impl KvSession {
         if self.writes.is_empty() {
             return Ok(());
         }
-        self.store.backend.apply(&self.plugin, self.writes)
+        self.store
+            .backend
+            .apply(&self.plugin, self.writes, &self.read)
     }
 }
 
@@ -387,7 +423,7 @@ mod tests {
         s.set("vm/b".into(), b"2".to_vec()).unwrap();
         s.delete("vm/a".into()).unwrap();
         drop(s); // the call failed: what came after the commit goes
-        let after = store.session("p");
+        let mut after = store.session("p");
         assert_eq!(after.get("vm/a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(after.get("vm/b").unwrap(), None);
     }

@@ -49,6 +49,14 @@ pub(super) struct BatchError {
     pub message: String,
 }
 
+impl BatchError {
+    /// Whether JetStream refused the batch because a message's subject had moved on from the
+    /// sequence it expected (`Nats-Expected-Last-Subject-Sequence`): someone else wrote it first.
+    pub fn superseded(&self) -> bool {
+        self.stage == Stage::Storing && self.message.contains("wrong last sequence")
+    }
+}
+
 fn failed(stage: Stage, message: impl std::fmt::Display) -> BatchError {
     BatchError {
         stage,

@@ -24,6 +24,10 @@ pub(super) struct State {
     pub index: Index,
     /// The records of deliveries that failed or died, by plugin and event id.
     pub records: HashMap<(String, u64), DeliveryRecord>,
+    /// The stream sequence of the latest mark of each delivery not yet done, by plugin and event
+    /// id (none: the delivery has no mark). Marking an outcome names it, so that a mark this
+    /// host's fold had not seen yet, another host's, is not overwritten (see `Inner::mark`).
+    pub last_marks: HashMap<(String, u64), u64>,
     /// Recently appended events, by id; the oldest are evicted first.
     cache: BTreeMap<u64, StoredEvent>,
     cache_bytes: usize,
@@ -93,7 +97,7 @@ impl State {
             },
             Subject::Delivery { id, plugin } => match serde_json::from_slice::<Mark>(payload) {
                 Ok(mark) => {
-                    self.apply_mark(id, plugin, mark);
+                    self.apply_mark(seq, id, plugin, mark);
                     vec![plugin.to_owned()]
                 }
                 Err(error) => {
@@ -105,8 +109,23 @@ impl State {
         }
     }
 
-    fn apply_mark(&mut self, id: u64, plugin: &str, mark: Mark) {
+    /// The sequence a new mark of this delivery must find its subject at: its latest mark's, or
+    /// 0 for none.
+    pub fn last_mark(&self, plugin: &str, id: u64) -> u64 {
+        self.last_marks
+            .get(&(plugin.to_owned(), id))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn apply_mark(&mut self, seq: u64, id: u64, plugin: &str, mark: Mark) {
         let key = (plugin.to_owned(), id);
+        // A done or dropped delivery is never claimed again: nothing will name its mark.
+        if matches!(mark, Mark::Record { .. }) {
+            self.last_marks.insert(key.clone(), seq);
+        } else {
+            self.last_marks.remove(&key);
+        }
         match mark {
             Mark::Done => {
                 self.records.remove(&key);

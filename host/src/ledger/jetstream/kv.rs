@@ -18,13 +18,16 @@
 //! nothing until its mirror has caught up with the whole stream, and its dispatcher claims
 //! nothing meanwhile ([`KvBackend::settle`]).
 //!
-//! Every message names the sequence of its key's last message as this host read it
+//! Every message names the sequence of its key's last message as the call read it, or, for a key
+//! it wrote without reading, as this host's mirror has it when the call ends
 //! (`Nats-Expected-Last-Subject-Sequence`; tombstones keep a deleted key's): a write that reaches
 //! the servers after a newer write of the same key (a call that failed, whose messages the client
 //! sent once it reconnected) is refused, the whole batch with it, instead of undoing the newer
 //! one. Two hosts running batches of one plugin at the same moment (for entities in different
-//! partitions) cannot overwrite each other's keys unseen either: the second to write a key it
-//! read before the first wrote it fails, and its call is delivered again.
+//! partitions, or one whose lease ran out mid-call and the host that took over) cannot overwrite
+//! each other's keys unseen either: the second to write a key it read before the first wrote it
+//! fails, even when its mirror has shown it the first one's write since, and its call is
+//! delivered again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -180,6 +183,7 @@ impl JetStreamKv {
         &self,
         plugin: &str,
         writes: &[(String, Option<Vec<u8>>)],
+        read: &BTreeMap<String, u64>,
     ) -> Result<u64, KvError> {
         let messages = {
             let data = self.mirror.data.read().expect("kv mirror lock poisoned");
@@ -191,10 +195,14 @@ impl JetStreamKv {
                     if value.is_none() {
                         headers.insert(OP, "del");
                     }
-                    // Each key must still be as this host last read it: a write sent by a call
-                    // that failed and stored late, after a newer one, is refused rather than
-                    // undo it.
-                    let expected = records.and_then(|r| r.get(key)).map_or(0, |r| r.seq);
+                    // Each key must still be as the call read it (or, written unread, as this
+                    // host knows it now): a write made from an older value, or sent by a call
+                    // that failed and stored late after a newer one, is refused rather than
+                    // undo the newer one.
+                    let expected = read
+                        .get(key)
+                        .copied()
+                        .unwrap_or_else(|| records.and_then(|r| r.get(key)).map_or(0, |r| r.seq));
                     headers.insert(
                         "Nats-Expected-Last-Subject-Sequence",
                         expected.to_string().as_str(),
@@ -210,21 +218,38 @@ impl JetStreamKv {
         batch::publish(&self.client, &self.js, self.ack_timeout, messages)
             .await
             .map_err(|e| {
-                KvError::Storage(format!(
-                    "{} `{plugin}`'s writes to JetStream: {}",
-                    e.stage, e.message
-                ))
+                if e.superseded() {
+                    KvError::Storage(format!(
+                        "`{plugin}`'s writes were refused: a key the call read was written \
+                         since, by another call or host"
+                    ))
+                } else {
+                    KvError::Storage(format!(
+                        "{} `{plugin}`'s writes to JetStream: {}",
+                        e.stage, e.message
+                    ))
+                }
             })
     }
 }
 
 impl KvBackend for JetStreamKv {
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.read_versioned(plugin, key)?.0)
+    }
+
+    /// The version is the sequence of the key's last message (0: never written).
+    fn read_versioned(
+        &self,
+        plugin: &str,
+        key: &str,
+    ) -> Result<(Option<Vec<u8>>, Option<u64>), KvError> {
         let data = self.mirror.data.read().expect("kv mirror lock poisoned");
-        Ok(data
-            .get(plugin)
-            .and_then(|r| r.get(key))
-            .and_then(|r| r.value.clone()))
+        let record = data.get(plugin).and_then(|r| r.get(key));
+        Ok((
+            record.and_then(|r| r.value.clone()),
+            Some(record.map_or(0, |r| r.seq)),
+        ))
     }
 
     fn keys(
@@ -254,6 +279,7 @@ impl KvBackend for JetStreamKv {
         &self,
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
+        read: &BTreeMap<String, u64>,
     ) -> Result<(), KvError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(KvError::Storage(format!(
@@ -264,7 +290,7 @@ impl KvBackend for JetStreamKv {
         self.handle.block_on(async {
             let mut last = 0;
             for chunk in writes.chunks(BATCH_MAX) {
-                last = self.publish(plugin, chunk).await.inspect_err(|_| {
+                last = self.publish(plugin, chunk, read).await.inspect_err(|_| {
                     self.unsure.store(true, Ordering::SeqCst);
                 })?;
             }

@@ -23,6 +23,9 @@
 //! since its last successful renewal began, which is before any other host can take them over. A
 //! call already running then runs on to its end (at most the plugin's deadline); its outcome
 //! cannot be recorded without NATS, so the next holder delivers that event again (at least once).
+//! Should it reach NATS again (or a starved host wake up) after another host took over, neither
+//! its outcome nor its kv writes overwrite what the new holder recorded since: each names the
+//! version it replaces, and JetStream refuses a stale one (`Inner::mark`, `kv`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

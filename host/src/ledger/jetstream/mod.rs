@@ -20,7 +20,8 @@
 //!
 //! - **Several hosts** share one stream: each claims from the partitions it holds by lease (see
 //!   `lease`), so each entity's events go to one host at a time, in order, and a host's death
-//!   moves its partitions to the others.
+//!   moves its partitions to the others. An outcome names the delivery's mark it replaces, so a
+//!   host whose lease ran out mid-call cannot overwrite what the next holder recorded.
 //!
 //! What differs from redb: `delivered` counts the done deliveries the stream still holds plus
 //! those done since the handle opened (pruned events take their marks with them), and a dedupe
@@ -191,6 +192,27 @@ impl Inner {
     }
 }
 
+/// A mark to store for one delivery; `expect`: the sequence its subject must be at (see
+/// [`Inner::mark`]).
+struct Marking {
+    id: u64,
+    plugin: String,
+    mark: Mark,
+    expect: Option<u64>,
+}
+
+impl Marking {
+    /// An operator's mark (a replay, a drop): stored whatever the delivery's latest mark is.
+    fn unfenced(id: u64, plugin: String, mark: Mark) -> Marking {
+        Marking {
+            id,
+            plugin,
+            mark,
+            expect: None,
+        }
+    }
+}
+
 impl follow::Fold for Inner {
     fn applied(&self) -> u64 {
         self.state().applied
@@ -242,29 +264,54 @@ impl Inner {
     /// or a kill leaves stored is all of them, or the marks of the older events, never a later
     /// event's mark without an earlier one's (which would send the earlier event again, alone,
     /// after the later one).
-    async fn mark(&self, mut marks: Vec<(u64, String, Mark)>) -> Result<(), LedgerError> {
-        marks.sort_by_key(|(id, ..)| *id);
+    ///
+    /// A mark with `expect` is stored only while its delivery's latest mark is still the one
+    /// this host's fold knew (`Nats-Expected-Last-Subject-Sequence`), else its whole batch is
+    /// refused as [`LedgerError::Superseded`]. That fences off a host whose lease ran out while
+    /// it delivered: the host that took the partition over may have delivered the same events,
+    /// and later ones, and marked them done, and a late "retry" from the first host would send
+    /// an old event again, alone, after the newer ones.
+    async fn mark(&self, mut marks: Vec<Marking>) -> Result<(), LedgerError> {
+        marks.sort_by_key(|m| m.id);
         let mut last = 0;
         let mut marks = marks.into_iter().peekable();
         while marks.peek().is_some() {
             let chunk: Vec<_> = marks.by_ref().take(batch::BATCH_MAX).collect();
-            let (first, count) = (chunk[0].0, chunk.len());
+            let (first, count) = (chunk[0].id, chunk.len());
             let messages = chunk
                 .into_iter()
-                .map(|(id, plugin, mark)| batch::Message {
-                    subject: self.subjects.delivery(id, &plugin),
-                    headers: HeaderMap::new(),
-                    payload: serde_json::to_vec(&mark)
-                        .expect("a mark always serializes")
-                        .into(),
+                .map(|m| {
+                    let mut headers = HeaderMap::new();
+                    if let Some(expect) = m.expect {
+                        headers.insert(
+                            "Nats-Expected-Last-Subject-Sequence",
+                            expect.to_string().as_str(),
+                        );
+                    }
+                    batch::Message {
+                        subject: self.subjects.delivery(m.id, &m.plugin),
+                        headers,
+                        payload: serde_json::to_vec(&m.mark)
+                            .expect("a mark always serializes")
+                            .into(),
+                    }
                 })
                 .collect();
-            last = batch::publish(&self.client, &self.js, self.opts.ack_timeout, messages)
-                .await
-                .map_err(|e| {
-                    let context = format!("recording {count} deliveries from event {first} on");
-                    refused_or_unavailable(context, e.stage == batch::Stage::Storing, e)
-                })?;
+            let context = || format!("recording {count} deliveries from event {first} on");
+            let stored = batch::publish(&self.client, &self.js, self.opts.ack_timeout, messages);
+            last = match stored.await {
+                Ok(last) => last,
+                Err(e) if e.superseded() => {
+                    // Whatever the other host recorded is what this host claims from next:
+                    // given a moment to arrive, it is not delivered again from here meanwhile.
+                    let _ = self.caught_up(SEEN_SOON).await;
+                    return Err(LedgerError::Superseded { context: context() });
+                }
+                Err(e) => {
+                    let refused = e.stage == batch::Stage::Storing;
+                    return Err(refused_or_unavailable(context(), refused, e));
+                }
+            };
             self.commits.fetch_add(1, Ordering::Relaxed);
         }
         self.seen_soon(last).await
@@ -640,6 +687,9 @@ impl JetStreamLedger {
     }
 }
 
+/// What `complete` reads of each delivery: its record so far, its event's lane and time.
+type Known = HashMap<u64, (DeliveryRecord, String, u64)>;
+
 /// Creates the stream, or brings its settings in line, and opens it; patiently, as several hosts
 /// starting on a new cluster race to do it while its leaders are still being elected.
 async fn ensure_stream(
@@ -847,13 +897,19 @@ impl Ledger for JetStreamLedger {
         if results.is_empty() {
             return Ok(());
         }
-        // Where each delivery stands, its record so far, and its event's lane and time.
-        let (standing, mut known): (Vec<Standing>, HashMap<u64, (DeliveryRecord, String, u64)>) = {
+        // Where each delivery stands, its record so far, its event's lane and time, and its
+        // latest mark. While a delivery is in flight here, this host's fold has folded no mark
+        // of it since the claim (any mark lands it): a newer one is another host's.
+        let (standing, mut known, fences): (Vec<Standing>, Known, HashMap<u64, u64>) = {
             let state = self.inner.state();
             let index = &state.index;
             let standing = results
                 .iter()
                 .map(|(id, _)| (index.is_in_flight(plugin, *id), index.lane_of(*id)))
+                .collect();
+            let fences = results
+                .iter()
+                .map(|(id, _)| (*id, state.last_mark(plugin, *id)))
                 .collect();
             let known = results
                 .iter()
@@ -867,7 +923,7 @@ impl Ledger for JetStreamLedger {
                     Some((*id, (record, event.lane.to_string(), event.received_at_ms)))
                 })
                 .collect();
-            (standing, known)
+            (standing, known, fences)
         };
         let record_of = |id: u64| Ok(known.get(&id).map(|(record, ..)| record.clone()));
         let planned = plan_complete(
@@ -899,7 +955,12 @@ impl Ledger for JetStreamLedger {
                 }
                 (_, None) => unreachable!("a retry or a dead letter always has a record"),
             };
-            marks.push((id, plugin.to_owned(), mark));
+            marks.push(Marking {
+                id,
+                plugin: plugin.to_owned(),
+                mark,
+                expect: Some(fences[&id]),
+            });
         }
         let result = self.inner.mark(marks).await;
         if !held.is_empty() {
@@ -965,7 +1026,7 @@ impl Ledger for JetStreamLedger {
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
         self.inner.ensure_open()?;
-        let marks: Vec<(u64, String, Mark)> = {
+        let marks: Vec<Marking> = {
             let state = self.inner.state();
             state
                 .index
@@ -978,7 +1039,7 @@ impl Ledger for JetStreamLedger {
                         lane: event.lane.to_string(),
                         received_at_ms: event.received_at_ms,
                     };
-                    Some((id, plugin, mark))
+                    Some(Marking::unfenced(id, plugin, mark))
                 })
                 .collect()
         };
@@ -993,13 +1054,13 @@ impl Ledger for JetStreamLedger {
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
         self.inner.ensure_open()?;
-        let marks: Vec<(u64, String, Mark)> = self
+        let marks: Vec<Marking> = self
             .inner
             .state()
             .index
             .dead(plugin, event_ids)
             .into_iter()
-            .map(|(plugin, id)| (id, plugin, Mark::Dropped))
+            .map(|(plugin, id)| Marking::unfenced(id, plugin, Mark::Dropped))
             .collect();
         let count = marks.len() as u64;
         self.inner.mark(marks).await?;
@@ -1035,7 +1096,7 @@ impl Ledger for JetStreamLedger {
                 unreadable, "replay skipped events that cannot be read"
             );
         }
-        let marks: Vec<(u64, String, Mark)> = {
+        let marks: Vec<Marking> = {
             let state = self.inner.state();
             wanted
                 .into_iter()
@@ -1046,7 +1107,7 @@ impl Ledger for JetStreamLedger {
                         lane: lane_key(&cluster, &entity_uuid, id).to_string(),
                         received_at_ms,
                     };
-                    (id, plugin.to_owned(), mark)
+                    Marking::unfenced(id, plugin.to_owned(), mark)
                 })
                 .collect()
         };
@@ -1175,6 +1236,7 @@ mod tests {
     use super::*;
 
     use crate::ledger::PARTITIONS;
+    use crate::runtime::kv_store::{KvError, KvSession, KvStore};
 
     fn named(nats: &prismhook_sim::nats::Nats, name: &str) -> JetStreamOptions {
         JetStreamOptions {
@@ -1210,6 +1272,22 @@ mod tests {
         }
     }
 
+    /// `count` events of one entity for plugin `p`; their ids.
+    async fn append_events(ledger: &JetStreamLedger, entity: usize, count: usize) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            match ledger
+                .append(event(entity), vec!["p".into()])
+                .await
+                .unwrap()
+            {
+                Appended::Stored { id, .. } => ids.push(id),
+                other => panic!("not stored: {other:?}"),
+            }
+        }
+        ids
+    }
+
     #[tokio::test]
     async fn a_live_hosts_name_is_refused_to_a_second_process_and_a_crashed_hosts_is_taken_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -1233,22 +1311,50 @@ mod tests {
         assert!(*again.leadership().borrow(), "it leads again");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn plugin_kv_is_the_same_on_every_host_and_a_calls_writes_land_together() {
-        use crate::runtime::kv_store::{KvSession, KvStore};
+    /// Commits a call's kv writes off the async threads, as the runtime does.
+    async fn commit(session: KvSession) -> Result<(), KvError> {
+        tokio::task::spawn_blocking(move || session.commit())
+            .await
+            .unwrap()
+    }
 
-        async fn commit(session: KvSession) {
-            tokio::task::spawn_blocking(move || session.commit())
-                .await
-                .unwrap()
-                .unwrap();
-        }
+    /// Hosts `a` and `b` on one single-node NATS, each with the plugins' kv.
+    struct TwoHosts {
+        a: JetStreamLedger,
+        b: JetStreamLedger,
+        kv_a: KvStore,
+        kv_b: KvStore,
+        nats: prismhook_sim::nats::Nats,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn two_hosts() -> TwoHosts {
         let dir = tempfile::tempdir().unwrap();
         let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
         let a = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
         let b = JetStreamLedger::open(named(&nats, "b")).await.unwrap();
         let kv_a = KvStore::new(Arc::new(a.plugin_kv().await.unwrap()));
         let kv_b = KvStore::new(Arc::new(b.plugin_kv().await.unwrap()));
+        TwoHosts {
+            a,
+            b,
+            kv_a,
+            kv_b,
+            nats,
+            _dir: dir,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_kv_is_the_same_on_every_host_and_a_calls_writes_land_together() {
+        let TwoHosts {
+            a,
+            b,
+            kv_a,
+            kv_b,
+            nats,
+            _dir,
+        } = two_hosts().await;
 
         let mut s = kv_a.session("fw");
         s.set("vm/1".into(), b"10.0.0.1".to_vec()).unwrap();
@@ -1257,7 +1363,7 @@ mod tests {
             kv_b.dump("fw").unwrap().is_empty(),
             "nothing before the commit"
         );
-        commit(s).await;
+        commit(s).await.unwrap();
         // Read-your-writes on the writing host, at once.
         assert_eq!(kv_a.dump("fw").unwrap().len(), 2);
         // The other host, once it has read the stream that far (as it does before serving a
@@ -1268,7 +1374,7 @@ mod tests {
         // A delete on one host is one on the other; other plugins' keys are their own.
         let mut s = kv_b.session("fw");
         s.delete("vm/1".into()).unwrap();
-        commit(s).await;
+        commit(s).await.unwrap();
         a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
         assert_eq!(kv_a.session("fw").list_keys("vm/").unwrap(), ["vm/2"]);
         assert!(kv_a.dump("other").unwrap().is_empty());
@@ -1279,7 +1385,7 @@ mod tests {
             s.set(format!("ip/{i}"), vec![i as u8; 16]).unwrap();
         }
         s.set("odd key .*> é".into(), vec![0, 255]).unwrap();
-        commit(s).await;
+        commit(s).await.unwrap();
         let session = kv_a.session("fw");
         let all = session.list_keys("ip/").unwrap();
         assert_eq!(all.len(), 2_500);
@@ -1308,6 +1414,80 @@ mod tests {
         assert_eq!(everything, kv_a.dump("fw").unwrap());
     }
 
+    /// A call writes from what it read: when another host wrote one of those keys after the
+    /// read, the call's writes are refused, even once this host's mirror shows the other write,
+    /// and the other write stands. A key written without being read is not held to that.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_read_a_key_another_host_wrote_since_cannot_overwrite_it() {
+        // The server and its directory live as long as the test, bound too.
+        let TwoHosts {
+            a,
+            b,
+            kv_a,
+            kv_b,
+            nats: _nats,
+            _dir,
+        } = two_hosts().await;
+        let mut s = kv_a.session("fw");
+        s.set("changes/vm-1".into(), b"CREATE".to_vec()).unwrap();
+        commit(s).await.unwrap();
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+
+        // A call on `a` reads the record (and one key that does not exist yet)...
+        let mut slow = kv_a.session("fw");
+        assert_eq!(
+            slow.get("changes/vm-1").unwrap().as_deref(),
+            Some(&b"CREATE"[..])
+        );
+        assert_eq!(slow.get("changes/vm-2").unwrap(), None);
+        // ...while `b` appends to it, and `a`'s mirror shows that before the call ends.
+        let mut s = kv_b.session("fw");
+        s.set("changes/vm-1".into(), b"CREATE\nON".to_vec())
+            .unwrap();
+        commit(s).await.unwrap();
+        a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        slow.set("changes/vm-1".into(), b"CREATE\nOFF".to_vec())
+            .unwrap();
+        slow.set("instance".into(), b"a".to_vec()).unwrap();
+        let refused = commit(slow).await.unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("a key the call read was written since"),
+            "{refused}"
+        );
+        let mut now = kv_a.session("fw");
+        assert_eq!(
+            now.get("changes/vm-1").unwrap().as_deref(),
+            Some(&b"CREATE\nON"[..]),
+            "the newer write stands"
+        );
+        assert_eq!(
+            now.get("instance").unwrap(),
+            None,
+            "none of the call's writes"
+        );
+
+        // A key read as missing is held to that too; keys written unread are not held at all.
+        let mut reader = kv_a.session("fw");
+        assert_eq!(reader.get("changes/vm-2").unwrap(), None);
+        let mut s = kv_b.session("fw");
+        s.set("changes/vm-2".into(), b"CREATE".to_vec()).unwrap();
+        commit(s).await.unwrap();
+        reader.set("changes/vm-2".into(), b"OFF".to_vec()).unwrap();
+        assert!(commit(reader).await.is_err(), "created since it was read");
+        a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        let mut blind = kv_a.session("fw");
+        blind
+            .set("changes/vm-2".into(), b"DELETE".to_vec())
+            .unwrap();
+        commit(blind).await.unwrap();
+        assert_eq!(
+            kv_a.session("fw").get("changes/vm-2").unwrap().as_deref(),
+            Some(&b"DELETE"[..])
+        );
+    }
+
     /// The marks of a completed batch are stored together: when the stream has room for only
     /// one of them, none is stored, and the entity's events come back whole and in order —
     /// not the later ones done and an earlier one sent again after them.
@@ -1316,13 +1496,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
         let ledger = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            match ledger.append(event(7), vec!["p".into()]).await.unwrap() {
-                Appended::Stored { id, .. } => ids.push(id),
-                other => panic!("not stored: {other:?}"),
-            }
-        }
+        let ids = append_events(&ledger, 7, 3).await;
         let claim = || async {
             let batch = ledger.claim("p", 10).await.unwrap();
             batch.iter().map(|d| d.event.id).collect::<Vec<u64>>()
@@ -1360,6 +1534,61 @@ mod tests {
             (3, 0),
             "{backlog:?}"
         );
+    }
+
+    /// A host whose lease ran out while it delivered (starved, or cut off from NATS) must not
+    /// overwrite what the host that took the partition over recorded: its late "retry" of an
+    /// entity's oldest event would send that event again, alone, after the newer ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outcomes_of_a_host_that_lost_the_partition_do_not_undo_the_new_holders() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let a = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        let ids = append_events(&a, 7, 3).await;
+        let claimed = a.claim("p", 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|d| d.event.id).collect::<Vec<_>>(), ids);
+
+        // `a` stalls: it folds and renews nothing more. The host that takes over delivers the
+        // three events and records them done.
+        a.tail.stop();
+        let b = JetStreamLedger::open(named(&nats, "b")).await.unwrap();
+        let done = ids
+            .iter()
+            .map(|&id| Marking {
+                id,
+                plugin: "p".into(),
+                mark: Mark::Done,
+                expect: Some(0),
+            })
+            .collect();
+        b.inner.mark(done).await.unwrap();
+
+        // Then `a`'s call ends: the first two events failed (two marks: an atomic batch), the
+        // third waits behind them.
+        let retry = || Outcome::Retry {
+            reason: "the firewall timed out".into(),
+            delay: None,
+        };
+        let results = vec![
+            (ids[0], retry()),
+            (ids[1], retry()),
+            (ids[2], Outcome::Done),
+        ];
+        let late = a.complete("p", results).await.unwrap_err();
+        assert!(matches!(late, LedgerError::Superseded { .. }), "{late}");
+        assert!(late.to_string().contains("another host recorded"), "{late}");
+
+        // Every host, and one that starts now, sees the three done and nothing to send again.
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        let c = JetStreamLedger::open(named(&nats, "c")).await.unwrap();
+        for host in [&b, &c] {
+            let backlog = host.backlog().unwrap();
+            assert_eq!(
+                (backlog[0].pending, backlog[0].delivered),
+                (0, 3),
+                "{backlog:?}"
+            );
+        }
     }
 
     #[tokio::test]
