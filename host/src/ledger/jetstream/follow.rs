@@ -88,6 +88,7 @@ pub(super) async fn follow(
 ) {
     let mut ready = Some(ready);
     loop {
+        let mut pause = true;
         reconnects.borrow_and_update();
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -134,6 +135,22 @@ pub(super) async fn follow(
                     continue;
                 };
                 let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq <= into.applied() {
+                    // The client recreated the consumer from the start of the stream: it does
+                    // that for an ordered consumer whose server went away before it delivered
+                    // anything (async-nats 0.51 recreates one that has seen no message with
+                    // `DeliverPolicy::All`, whatever it was made with). Folded again, old events
+                    // would be pending once more until their marks came round, and be delivered
+                    // again after newer ones. Followed again, at once, from where the fold is.
+                    info!(
+                        what,
+                        seq,
+                        applied = into.applied(),
+                        "the stream came again from an earlier message; following it from where the fold is"
+                    );
+                    pause = false;
+                    break;
+                }
                 into.fold(
                     seq,
                     &message.subject,
@@ -148,6 +165,108 @@ pub(super) async fn follow(
             },
             Err(error) => warn!(what, error, "cannot follow the stream; retrying"),
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if pause {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use async_nats::jetstream;
+
+    /// Remembers the sequences folded in, as the ledger's fold and the kv mirror do.
+    #[derive(Default)]
+    struct Seen {
+        folded: Mutex<Vec<u64>>,
+        applied: AtomicU64,
+    }
+
+    impl Fold for Seen {
+        fn applied(&self) -> u64 {
+            self.applied.load(Ordering::SeqCst)
+        }
+
+        fn fold(&self, seq: u64, _: &str, _: Option<&HeaderMap>, _: &[u8]) {
+            self.folded.lock().unwrap().push(seq);
+            self.applied.fetch_max(seq, Ordering::SeqCst);
+        }
+    }
+
+    async fn consumers(stream: &stream::Stream) -> Vec<String> {
+        let names: Vec<_> = stream.consumer_names().collect().await;
+        names.into_iter().map(Result::unwrap).collect()
+    }
+
+    /// The client recreates a follower's consumer from the start of the stream when its server
+    /// drops it before it delivered anything: what was folded is not folded a second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_consumer_recreated_from_the_start_folds_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let client = async_nats::connect(nats.urls().join(",")).await.unwrap();
+        let js = jetstream::new(client);
+        let stream = js
+            .create_stream(stream::Config {
+                name: "S".into(),
+                subjects: vec!["s.>".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for n in 1..=5 {
+            js.publish(format!("s.{n}"), "old".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        // Everything stored so far is folded already, as by a follower before this one.
+        let seen = Arc::new(Seen::default());
+        seen.applied.store(5, Ordering::SeqCst);
+        let (ready_tx, ready) = oneshot::channel();
+        let restarts = Restarts::default();
+        let follower = tokio::spawn(follow(
+            "test",
+            stream.clone(),
+            "s.>".into(),
+            seen.clone(),
+            restarts.subscribe(),
+            ready_tx,
+        ));
+        ready.await.unwrap();
+
+        // Its consumer goes, as with the server it lived on; the client makes a new one.
+        let names = consumers(&stream).await;
+        assert_eq!(names.len(), 1, "{names:?}");
+        stream.delete_consumer(&names[0]).await.unwrap();
+        let recreated = Instant::now();
+        loop {
+            if consumers(&stream).await.iter().any(|n| *n != names[0]) {
+                break;
+            }
+            assert!(
+                recreated.elapsed() < Duration::from_secs(10),
+                "no new consumer"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        js.publish("s.6", "new".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while seen.applied() < 6 {
+            assert!(Instant::now() < until, "message 6 not folded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        follower.abort();
+        assert_eq!(*seen.folded.lock().unwrap(), [6]);
     }
 }
