@@ -109,6 +109,35 @@ impl Held {
     }
 }
 
+impl State {
+    /// Takes in one entry the watcher reports, seen at `now`. A write already seen is not seen
+    /// again: a watcher started anew (by this host, or by the client when its server went away)
+    /// reports every key's last write once more, and a lease written long ago, by a host that
+    /// died since, must not look freshly renewed.
+    fn saw(&mut self, entry: kv::Entry, now: Instant) {
+        if self
+            .seen
+            .get(&entry.key)
+            .is_some_and(|seen| seen.revision >= entry.revision)
+        {
+            return;
+        }
+        match entry.operation {
+            kv::Operation::Put => {
+                let seen = Seen {
+                    holder: serde_json::from_slice(&entry.value).ok(),
+                    revision: entry.revision,
+                    at: now,
+                };
+                self.seen.insert(entry.key, seen);
+            }
+            kv::Operation::Delete | kv::Operation::Purge => {
+                self.seen.remove(&entry.key);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Every key of the bucket, as the watcher reported it.
@@ -212,20 +241,7 @@ impl Leases {
 
     /// Takes in what the watcher reports.
     fn saw(&self, entry: kv::Entry) {
-        let mut state = self.state();
-        match entry.operation {
-            kv::Operation::Put => {
-                let seen = Seen {
-                    holder: serde_json::from_slice(&entry.value).ok(),
-                    revision: entry.revision,
-                    at: Instant::now(),
-                };
-                state.seen.insert(entry.key, seen);
-            }
-            kv::Operation::Delete | kv::Operation::Purge => {
-                state.seen.remove(&entry.key);
-            }
-        }
+        self.state().saw(entry, Instant::now());
     }
 
     /// Whether the watcher has stopped reporting: this host's own renewals succeed but do not
@@ -765,7 +781,8 @@ async fn run(leases: Arc<Leases>, inner: Arc<Inner>, watcher: kv::Watch) {
                 }
                 if watcher.is_none() {
                     // Keys stay as last seen: a lease seen fresh stays so until its TTL,
-                    // which errs on the side of not taking what may still be held.
+                    // which errs on the side of not taking what may still be held. What the
+                    // new watcher reports again is not news (`State::saw`).
                     watcher = leases.kv.watch_with_history(">").await.ok();
                 }
                 leases.tick(&inner).await;
@@ -792,5 +809,47 @@ mod tests {
         }
         assert_eq!(counts.len(), 3, "every host gets a share: {counts:?}");
         assert!(counts.values().all(|&n| n >= 5), "{counts:?}");
+    }
+
+    fn entry(key: &str, revision: u64, operation: kv::Operation) -> kv::Entry {
+        let holder = Holder {
+            host: "b".into(),
+            nonce: 7,
+        };
+        kv::Entry {
+            bucket: "PRISMHOOK_LEASES".into(),
+            key: key.into(),
+            value: serde_json::to_vec(&holder).unwrap().into(),
+            revision,
+            delta: 0,
+            created: async_nats::datetime::parse_rfc3339("2026-12-05T00:00:00Z").unwrap(),
+            operation,
+            seen_current: true,
+        }
+    }
+
+    /// A watcher started again reports the last write of every key once more: a dead host's
+    /// lease keeps the age it had, so the others take it over on time.
+    #[test]
+    fn a_lease_reported_again_by_a_new_watcher_does_not_look_renewed() {
+        let mut state = State::default();
+        let written = Instant::now() - TTL;
+        state.saw(entry("part.3", 10, kv::Operation::Put), written);
+        assert!(!state.seen["part.3"].fresh());
+
+        state.saw(entry("part.3", 10, kv::Operation::Put), Instant::now());
+        assert!(
+            !state.seen["part.3"].fresh(),
+            "the same write, reported again"
+        );
+        state.saw(entry("part.3", 11, kv::Operation::Put), Instant::now());
+        assert!(state.seen["part.3"].fresh(), "a renewal");
+
+        // A delete reported again after the key was written anew does not undo the new write.
+        state.saw(entry("part.3", 12, kv::Operation::Delete), Instant::now());
+        assert!(!state.seen.contains_key("part.3"));
+        state.saw(entry("part.3", 13, kv::Operation::Put), Instant::now());
+        state.saw(entry("part.3", 12, kv::Operation::Delete), Instant::now());
+        assert_eq!(state.seen["part.3"].revision, 13);
     }
 }
