@@ -233,7 +233,8 @@ impl KvBackend for RedbKv {
         Ok(keys)
     }
 
-    /// One host writes this file: nothing else can change a key a call read.
+    /// Keeps no versions: of two calls on this host writing one key, the
+    /// last to return wins (docs/plugins.md).
     fn apply(
         &self,
         plugin: &str,
