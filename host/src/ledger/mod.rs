@@ -389,7 +389,8 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Has every other host sharing this ledger stop delivering (each finishes what it has in
-    /// flight and claims nothing more), waiting until they have; this host goes on. Until
+    /// flight and claims nothing more), waiting until they have and until this host has read
+    /// everything they stored (outcomes, plugins' kv); this host goes on. Until
     /// [`Ledger::resume_others`]. Reconcile lists an inventory and hands it to the plugins under
     /// it, so that no host applies an event the listing would then undo. A ledger of one host
     /// has no others.

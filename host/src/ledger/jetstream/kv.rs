@@ -107,6 +107,12 @@ impl Mirror {
         &self.applied
     }
 
+    /// Holds the mirror still: nothing is folded in while the guard lives.
+    #[cfg(test)]
+    pub(super) fn hold(&self) -> impl Sized + '_ {
+        self.data.read().expect("kv mirror lock poisoned")
+    }
+
     /// Waits until the mirror has reached `seq`.
     pub(super) async fn reached(&self, seq: u64, limit: Duration) -> bool {
         follow::reached("plugin kv", &self.applied, seq, &self.restarts, Some(limit)).await

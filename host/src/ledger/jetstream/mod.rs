@@ -1142,7 +1142,15 @@ impl Ledger for JetStreamLedger {
     }
 
     async fn pause_others(&self) -> Result<(), LedgerError> {
-        self.leases.pause_others(PAUSE_LIMIT).await
+        self.leases.pause_others(PAUSE_LIMIT).await?;
+        // What the others stored before they stopped (their last outcomes, their plugins' kv
+        // writes) is read here before this host goes on alone: a reconcile reading older
+        // records would have its writes refused, or undo theirs.
+        if let Err(error) = self.inner.caught_up(PAUSE_LIMIT).await {
+            self.leases.resume_others().await;
+            return Err(error);
+        }
+        Ok(())
     }
 
     async fn resume_others(&self) {
@@ -1419,15 +1427,8 @@ mod tests {
     /// and the other write stands. A key written without being read is not held to that.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_that_read_a_key_another_host_wrote_since_cannot_overwrite_it() {
-        // The server and its directory live as long as the test, bound too.
-        let TwoHosts {
-            a,
-            b,
-            kv_a,
-            kv_b,
-            nats: _nats,
-            _dir,
-        } = two_hosts().await;
+        let h = two_hosts().await;
+        let (a, b, kv_a, kv_b) = (&h.a, &h.b, &h.kv_a, &h.kv_b);
         let mut s = kv_a.session("fw");
         s.set("changes/vm-1".into(), b"CREATE".to_vec()).unwrap();
         commit(s).await.unwrap();
@@ -1719,5 +1720,45 @@ mod tests {
         })
         .await;
         assert_eq!(serving(&a), mine);
+    }
+
+    /// What the others wrote to the plugins' kv before they stopped is what the pausing host
+    /// reads next (its reconcile's writes would be refused, or undo theirs, otherwise): the
+    /// pause ends only once its mirror shows it.
+    // Four workers: the held mirror blocks the one its follower runs on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_pause_ends_once_the_pausing_host_has_read_the_others_last_kv_writes() {
+        // The server and the other fields live to the end of the test.
+        let h = two_hosts().await;
+        let (b, kv_a, kv_b) = (&h.b, &h.kv_a, &h.kv_b);
+        let a = Arc::new(h.a);
+        within(Duration::from_secs(10), || {
+            !serving(&a).is_empty() && !serving(b).is_empty()
+        })
+        .await;
+        // `a`'s mirror is held behind while `b` writes, as a follower that lost its server is.
+        let (mirror, _) = a.inner.kv.get().expect("the kv is open");
+        let held = mirror.hold();
+        let mut s = kv_b.session("fw");
+        s.set("vm/lab/1".into(), b"10.0.0.1".to_vec()).unwrap();
+        commit(s).await.unwrap();
+
+        let pausing = tokio::spawn({
+            let a = a.clone();
+            async move { a.pause_others().await }
+        });
+        within(Duration::from_secs(10), || serving(b).is_empty()).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !pausing.is_finished(),
+            "paused before the others' last writes were read"
+        );
+        drop(held);
+        pausing.await.unwrap().unwrap();
+        assert_eq!(
+            kv_a.session("fw").get("vm/lab/1").unwrap().as_deref(),
+            Some(&b"10.0.0.1"[..])
+        );
+        a.resume_others().await;
     }
 }
