@@ -32,6 +32,12 @@ use crate::telemetry::HandleDurations;
 use prismhook_core::text::truncate;
 
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
+/// Calls in a row whose kv writes lost a race that are made again at no
+/// cost to their events' attempts. Hosts of a cluster writing the same keys
+/// race now and then, and the one made again reads the winner's write; a
+/// longer run (or a store that refuses everything) costs attempts like any
+/// failed call, with their backoff, so nothing loops hot.
+const FREE_KV_CONFLICTS: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct DispatchOptions {
@@ -69,6 +75,11 @@ pub struct Counters {
     pub rejected_by_code: BTreeMap<String, u64>,
     pub consecutive_failures: u32,
     pub quarantines: u32,
+    /// Calls whose kv writes were refused because a key they read was
+    /// written since (counted in `failed_calls` too).
+    pub kv_conflicts: u64,
+    #[serde(skip)]
+    pub kv_conflicts_in_a_row: u32,
     #[serde(skip)]
     pub handle_time: Duration,
 }
@@ -195,6 +206,7 @@ impl Dispatcher {
         p.settle_kv().await.map_err(|e| CallError::Kv {
             plugin: plugin.to_owned(),
             message: e.to_string(),
+            conflict: false,
         })?;
         Ok(p)
     }
@@ -362,7 +374,13 @@ async fn deliver(
     let lock = inner.lock_for(name);
     let shared = lock.read().await;
     let started = Instant::now();
-    let (sent_outcomes, failure) = handle_isolating(plugin, events, clusters).await;
+    let conflicts_free = inner
+        .counters
+        .lock()
+        .expect("counters lock")
+        .get(name)
+        .is_none_or(|c| c.kv_conflicts_in_a_row < FREE_KV_CONFLICTS);
+    let (sent_outcomes, failure) = handle_isolating(plugin, events, clusters, conflicts_free).await;
     let elapsed = started.elapsed();
     drop(shared);
     if let Some(h) = &inner.opts.handle_durations {
@@ -430,10 +448,17 @@ async fn deliver(
 /// after a failed one of the same entity are not tried, to keep that
 /// entity's order. Returns one outcome per event and the first call error.
 /// `None` marks an event that was not tried and must be released.
+///
+/// A call that failed for the host's kv is not the events' doing, so none is
+/// tried alone: one whose writes lost a race leaves them all untried when
+/// `conflicts_free` (the worker's next claim waits until this host reads the
+/// write that won, and the call made again reads it); any other kv failure
+/// retries them all.
 async fn handle_isolating(
     plugin: &crate::runtime::Plugin,
     events: Vec<Event>,
     clusters: Arc<VmClusters>,
+    conflicts_free: bool,
 ) -> (Vec<Option<LedgerOutcome>>, Option<CallError>) {
     // A trap's message is the guest's panic text, as long as it likes.
     let retry = |e: &CallError| LedgerOutcome::Retry {
@@ -444,6 +469,16 @@ async fn handle_isolating(
         Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
     };
+    if let CallError::Kv { conflict, .. } = error {
+        let outcome = if conflict && conflicts_free {
+            tracing::info!(plugin = %plugin.name(), events = events.len(), "made again: {error}");
+            None
+        } else {
+            tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{error}");
+            Some(retry(&error))
+        };
+        return (vec![outcome; events.len()], Some(error));
+    }
     tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{error}");
     if events.len() == 1 {
         return (vec![Some(retry(&error))], Some(error));
@@ -522,10 +557,25 @@ fn count(
         match failure {
             None => {
                 c.consecutive_failures = 0;
+                c.kv_conflicts_in_a_row = 0;
+                None
+            }
+            // The host's kv failed the call, not the plugin: no step
+            // towards a quarantine, which would pause the plugin beyond
+            // the store's recovery.
+            Some(CallError::Kv { conflict, .. }) => {
+                c.failed_calls += 1;
+                if *conflict {
+                    c.kv_conflicts += 1;
+                    c.kv_conflicts_in_a_row += 1;
+                } else {
+                    c.kv_conflicts_in_a_row = 0;
+                }
                 None
             }
             Some(e) => {
                 c.failed_calls += 1;
+                c.kv_conflicts_in_a_row = 0;
                 c.consecutive_failures += 1;
                 (c.consecutive_failures >= after).then(|| {
                     c.quarantines += 1;

@@ -1269,6 +1269,134 @@ async fn while_its_nats_cluster_is_down_the_listener_answers_503_and_nothing_ans
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// Hosts sharing a JetStream ledger race now and then for a kv key: when another host writes a
+/// key a call read before the call's writes are stored, the writes are refused and the call is
+/// made again once this host reads the winner's write. That costs no attempt and is not the
+/// plugin's failure: no event is tried alone, nothing is quarantined (after one failed call,
+/// here), and the other host's write stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_kv_writes_lose_a_race_is_made_again_at_no_attempts_cost_and_no_quarantine() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = Nats::single(nats_dir.path()).await.unwrap();
+    // The second event's request is where the other host writes the record the
+    // call has read (the probe appends each event to `seen/<cluster>/<entity>`).
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", target.local_addr().unwrap());
+    let hits = Arc::new(Mutex::new(Vec::<String>::new()));
+    let other_host = async_nats::connect(nats.urls()).await.unwrap();
+    let js = async_nats::jetstream::new(other_host);
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let record = format!("prismhook_kv.p{}.k{}", hex("probe"), hex("seen/lab/race"));
+    let server = tokio::spawn({
+        let hits = hits.clone();
+        async move {
+            loop {
+                let (mut conn, _) = target.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                        .await
+                        .unwrap();
+                    assert!(n > 0, "the plugin's request ended early");
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let path = String::from_utf8_lossy(&request)
+                    .split(' ')
+                    .nth(1)
+                    .unwrap()
+                    .to_owned();
+                let first_race = {
+                    let mut hits = hits.lock().unwrap();
+                    hits.push(path.clone());
+                    path == "/second" && hits.iter().filter(|p| *p == "/second").count() == 1
+                };
+                if first_race {
+                    js.publish(record.clone(), "0:0:OTHER.HOST".into())
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                }
+                let reply = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                tokio::io::AsyncWriteExt::write_all(&mut conn, reply.as_bytes())
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+
+    let w = world(&["probe"]).await;
+    let setup = w
+        .host()
+        .storage(r#"backend = "jetstream""#)
+        .storage(&format!("jetstream = {{ servers = {:?} }}", nats.urls()))
+        // Both events in one batch; one failed call would quarantine.
+        .delivery(r#"batch_window = "400ms""#)
+        .delivery("quarantine_after = 1")
+        .plugin(
+            "probe",
+            &[
+                r#"config = { subscriptions = ["VM.*", "TEST.*"] }"#,
+                &format!(r#"allow = ["{origin}"]"#),
+            ],
+        );
+    let app = w.start(&setup).await;
+    let poster = Poster::new(app.listener_addr);
+    let first = poster
+        .accept(&probe_event(
+            "TEST.HTTP",
+            "race",
+            json!({"url": format!("{origin}/first")}),
+        ))
+        .await;
+    let second = poster
+        .accept(&probe_event(
+            "TEST.HTTP",
+            "race",
+            json!({"url": format!("{origin}/second")}),
+        ))
+        .await;
+    wait(
+        || seen(&app.runtime.kv().dump("probe").unwrap(), "race").len() == 3,
+        "the race's events to be recorded",
+    )
+    .await;
+
+    assert_eq!(
+        seen(&app.runtime.kv().dump("probe").unwrap(), "race"),
+        [
+            (0, 0, "OTHER.HOST".to_owned()),
+            (first, 1, "TEST.HTTP".to_owned()),
+            (second, 1, "TEST.HTTP".to_owned()),
+        ],
+        "the other host's write stands, and the batch came again whole, at its first attempt"
+    );
+    assert_eq!(
+        *hits.lock().unwrap(),
+        ["/first", "/second", "/first", "/second"],
+        "no event tried alone"
+    );
+    let counters = &app.dispatcher.counters()["probe"];
+    assert_eq!(
+        (
+            counters.kv_conflicts,
+            counters.quarantines,
+            counters.retried
+        ),
+        (1, 0, 0),
+        "{counters:?}"
+    );
+    assert!(app.dispatcher.quarantined().is_empty());
+    let metrics = common::metrics(&app).await;
+    assert!(
+        metrics.contains(r#"prismhook_plugin_kv_conflicts_total{plugin="probe"} 1"#),
+        "{metrics}"
+    );
+    server.abort();
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
     let w = world(&["probe"]).await;

@@ -70,6 +70,10 @@ pub struct PluginCounters {
     pub rejected: u64,
     pub consecutive_failures: u32,
     pub quarantines: u32,
+    /// Calls whose kv writes lost a race with another call or host (also
+    /// in `failed_calls`); absent from hosts before it.
+    #[serde(default)]
+    pub kv_conflicts: u64,
     /// Total time spent in `handle`.
     pub handle_seconds: f64,
 }
@@ -84,6 +88,7 @@ impl From<&Counters> for PluginCounters {
             rejected: c.rejected,
             consecutive_failures: c.consecutive_failures,
             quarantines: c.quarantines,
+            kv_conflicts: c.kv_conflicts,
             handle_seconds: c.handle_time.as_secs_f64(),
         }
     }

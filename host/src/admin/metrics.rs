@@ -261,6 +261,7 @@ impl Collector for HostCollector {
         let mut calls = Vec::new();
         let mut handle_seconds = Vec::new();
         let mut quarantines = Vec::new();
+        let mut kv_conflicts = Vec::new();
         let mut rejected = Vec::new();
         for (name, c) in &counters {
             for (code, n) in &c.rejected_by_code {
@@ -287,13 +288,14 @@ impl Collector for HostCollector {
             }
             handle_seconds.push((plugin(name), c.handle_time.as_secs_f64()));
             quarantines.push((plugin(name), u64::from(c.quarantines)));
+            kv_conflicts.push((plugin(name), c.kv_conflicts));
         }
         counter(e, "prismhook_deliveries", "Delivery outcomes since start, by plugin and outcome (done, retry, reject); a failed call counts each of its events as retry", &outcomes)?;
         counter(e, "prismhook_deliveries_rejected_by_code", "Rejections since start whose reason names a code (`[code] …`), by plugin and code, such as the Palo Alto plugin's `registered-ip-limit`", &rejected)?;
         counter(
             e,
             "prismhook_plugin_calls",
-            "Calls to handle since start, by result (failed = trap, timeout or memory limit)",
+            "Calls to handle since start, by result (failed = trap, timeout, memory limit, or kv writes not stored)",
             &calls,
         )?;
         counter(
@@ -307,6 +309,12 @@ impl Collector for HostCollector {
             "prismhook_plugin_quarantines",
             "Times the plugin was quarantined after repeated failed calls",
             &quarantines,
+        )?;
+        counter(
+            e,
+            "prismhook_plugin_kv_conflicts",
+            "Calls whose kv writes were refused because another call or host wrote a key they read since (JetStream); their events are delivered again",
+            &kv_conflicts,
         )?;
 
         let mut states = Vec::new();

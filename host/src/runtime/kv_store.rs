@@ -25,6 +25,11 @@ const MAX_PENDING_BYTES: usize = 64 << 20;
 pub enum KvError {
     #[error("kv storage: {0}")]
     Storage(String),
+    /// Optimistic concurrency at work, not a fault: a key the call read was
+    /// written since (by another call or host), so its writes were refused
+    /// and the newer value stands. Made again, the call reads that value.
+    #[error("kv conflict: {0}")]
+    Conflict(String),
     #[error("key is {0} bytes; keys are limited to {MAX_KEY_BYTES}")]
     KeyTooLong(usize),
     #[error("value is {0} bytes; values are limited to {MAX_VALUE_BYTES}")]

@@ -124,8 +124,15 @@ pub enum CallError {
         expected: usize,
         got: usize,
     },
+    /// Not the plugin's doing: the host could not store its kv writes, or
+    /// (`conflict`) refused them because a key the call read was written
+    /// since. Either way the call's outcomes are void.
     #[error("plugin `{plugin}`: its kv writes could not be stored: {message}")]
-    Kv { plugin: String, message: String },
+    Kv {
+        plugin: String,
+        message: String,
+        conflict: bool,
+    },
     /// The host's listing broke off under a paged reconcile: not the
     /// plugin's doing, and nothing it wrote is kept.
     #[error("plugin `{plugin}` was not handed a whole inventory: {reason}")]
@@ -141,6 +148,7 @@ impl CallError {
             CallError::Memory { .. } => "memory",
             CallError::Init { .. } => "init",
             CallError::OutcomeCount { .. } => "outcome-count",
+            CallError::Kv { conflict: true, .. } => "kv-conflict",
             CallError::Kv { .. } => "kv",
             CallError::Inventory { .. } => "inventory",
         }
@@ -918,6 +926,7 @@ impl Plugin {
             return Err(CallError::Kv {
                 plugin: self.identity.name.clone(),
                 message: "this host has not read back its own last kv writes yet".into(),
+                conflict: false,
             });
         }
         let state = HostState::new(
@@ -1014,11 +1023,19 @@ impl Plugin {
                 let session = state.kv;
                 let failed = matches!(ok.1, Returned::Reconcile(Err(_)));
                 if session.has_writes() && !(writes_need_success && failed) {
-                    tokio::task::spawn_blocking(move || session.commit())
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
-                        .map_err(|message| CallError::Kv { plugin, message })?;
+                    let kv = |message, conflict| CallError::Kv {
+                        plugin,
+                        message,
+                        conflict,
+                    };
+                    match tokio::task::spawn_blocking(move || session.commit()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            let conflict = matches!(e, kv_store::KvError::Conflict(_));
+                            return Err(kv(e.to_string(), conflict));
+                        }
+                        Err(e) => return Err(kv(e.to_string(), false)),
+                    }
                 }
                 Ok(ok)
             }

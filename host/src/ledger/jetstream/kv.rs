@@ -225,7 +225,7 @@ impl JetStreamKv {
             .await
             .map_err(|e| {
                 if e.superseded() {
-                    KvError::Storage(format!(
+                    KvError::Conflict(format!(
                         "`{plugin}`'s writes were refused: a key the call read was written \
                          since, by another call or host"
                     ))

@@ -1452,10 +1452,11 @@ mod tests {
         slow.set("instance".into(), b"a".to_vec()).unwrap();
         let refused = commit(slow).await.unwrap_err();
         assert!(
-            refused
-                .to_string()
-                .contains("a key the call read was written since"),
-            "{refused}"
+            matches!(refused, KvError::Conflict(_))
+                && refused
+                    .to_string()
+                    .contains("a key the call read was written since"),
+            "a conflict, which the dispatcher makes again: {refused}"
         );
         let mut now = kv_a.session("fw");
         assert_eq!(
@@ -1476,7 +1477,10 @@ mod tests {
         s.set("changes/vm-2".into(), b"CREATE".to_vec()).unwrap();
         commit(s).await.unwrap();
         reader.set("changes/vm-2".into(), b"OFF".to_vec()).unwrap();
-        assert!(commit(reader).await.is_err(), "created since it was read");
+        assert!(
+            matches!(commit(reader).await, Err(KvError::Conflict(_))),
+            "created since it was read"
+        );
         a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
         let mut blind = kv_a.session("fw");
         blind
