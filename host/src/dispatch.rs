@@ -32,11 +32,13 @@ use crate::telemetry::HandleDurations;
 use prismhook_core::text::truncate;
 
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
-/// Calls in a row whose kv writes lost a race that are made again at no
-/// cost to their events' attempts. Hosts of a cluster writing the same keys
-/// race now and then, and the one made again reads the winner's write; a
-/// longer run (or a store that refuses everything) costs attempts like any
-/// failed call, with their backoff, so nothing loops hot.
+/// Calls in a row failed by a kv conflict (`CallError::Kv { conflict }`:
+/// their writes lost a race, or another call's write was not read back yet)
+/// that are made again at no cost to their events' attempts. Hosts of a
+/// cluster writing the same keys race now and then, and the call made again
+/// reads the winner's write; a longer run (or a store that refuses
+/// everything) costs attempts like any failed call, with their backoff, so
+/// nothing loops hot.
 const FREE_KV_CONFLICTS: u32 = 3;
 
 #[derive(Debug, Clone)]
@@ -75,8 +77,7 @@ pub struct Counters {
     pub rejected_by_code: BTreeMap<String, u64>,
     pub consecutive_failures: u32,
     pub quarantines: u32,
-    /// Calls whose kv writes were refused because a key they read was
-    /// written since (counted in `failed_calls` too).
+    /// Calls failed by a kv conflict (counted in `failed_calls` too).
     pub kv_conflicts: u64,
     #[serde(skip)]
     pub kv_conflicts_in_a_row: u32,
@@ -450,10 +451,10 @@ async fn deliver(
 /// `None` marks an event that was not tried and must be released.
 ///
 /// A call that failed for the host's kv is not the events' doing, so none is
-/// tried alone: one whose writes lost a race leaves them all untried when
-/// `conflicts_free` (the worker's next claim waits until this host reads the
-/// write that won, and the call made again reads it); any other kv failure
-/// retries them all.
+/// tried alone: a kv conflict leaves them all untried when `conflicts_free`
+/// (the worker's next claim waits until this host has read the write it was
+/// behind, and the call made again reads it); any other kv failure retries
+/// them all.
 async fn handle_isolating(
     plugin: &crate::runtime::Plugin,
     events: Vec<Event>,

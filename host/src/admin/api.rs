@@ -70,8 +70,8 @@ pub struct PluginCounters {
     pub rejected: u64,
     pub consecutive_failures: u32,
     pub quarantines: u32,
-    /// Calls whose kv writes lost a race with another call or host (also
-    /// in `failed_calls`); absent from hosts before it.
+    /// Calls failed by a kv conflict, made again (also in
+    /// `failed_calls`); absent from hosts before it.
     #[serde(default)]
     pub kv_conflicts: u64,
     /// Total time spent in `handle`.

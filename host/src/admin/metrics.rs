@@ -313,7 +313,7 @@ impl Collector for HostCollector {
         counter(
             e,
             "prismhook_plugin_kv_conflicts",
-            "Calls whose kv writes were refused because another call or host wrote a key they read since (JetStream); their events are delivered again",
+            "Calls failed by a kv conflict (JetStream): another host wrote a key the call read, or this host had not read back a write yet; their events are delivered again at no attempt's cost",
             &kv_conflicts,
         )?;
 

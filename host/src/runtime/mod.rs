@@ -124,9 +124,12 @@ pub enum CallError {
         expected: usize,
         got: usize,
     },
-    /// Not the plugin's doing: the host could not store its kv writes, or
-    /// (`conflict`) refused them because a key the call read was written
-    /// since. Either way the call's outcomes are void.
+    /// Not the plugin's doing: the host could not store the call's kv
+    /// writes. With `conflict`, this host's copy of the kv was behind a
+    /// write: a key the call read was written since (its writes refused),
+    /// or this host has not read back one of its own writes yet (the call
+    /// was not made); made again later, the call reads that write. Either
+    /// way the call's outcomes are void.
     #[error("plugin `{plugin}`: its kv writes could not be stored: {message}")]
     Kv {
         plugin: String,
@@ -926,7 +929,7 @@ impl Plugin {
             return Err(CallError::Kv {
                 plugin: self.identity.name.clone(),
                 message: "this host has not read back its own last kv writes yet".into(),
-                conflict: false,
+                conflict: true,
             });
         }
         let state = HostState::new(
