@@ -40,6 +40,9 @@ const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
 /// everything) costs attempts like any failed call, with their backoff, so
 /// nothing loops hot.
 const FREE_KV_CONFLICTS: u32 = 3;
+/// How long a worker waits to claim again after the ledger failed to record
+/// its batch's outcomes.
+const UNRECORDED_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct DispatchOptions {
@@ -339,17 +342,28 @@ async fn worker(inner: Arc<Inner>, name: String) {
                 batch.extend(more);
             }
         }
-        deliver(&inner, &name, &plugin, entry.coalesce, batch).await;
+        if !deliver(&inner, &name, &plugin, entry.coalesce, batch).await {
+            // Pending again, claimed at once they would be handed to the
+            // plugin again and again, its work done for nothing each time,
+            // for as long as the ledger cannot record (a NATS stream
+            // electing a leader takes seconds).
+            tokio::select! {
+                _ = tokio::time::sleep(UNRECORDED_PAUSE) => {}
+                _ = stop.changed() => {}
+            }
+        }
     }
 }
 
+/// Hands `batch` to the plugin and records the outcomes; false when the
+/// ledger could not record them (the deliveries are pending again).
 async fn deliver(
     inner: &Inner,
     name: &str,
     plugin: &crate::runtime::Plugin,
     coalesce: bool,
     batch: Vec<Delivery>,
-) {
+) -> bool {
     // With coalescing, each entity's newest event stands for its older
     // ones in the batch, and they share its outcome.
     let representative: Vec<usize> = if coalesce {
@@ -426,21 +440,28 @@ async fn deliver(
         }
     }
     count(inner, name, failure.as_ref(), &outcomes, elapsed);
-    let results: Vec<(u64, LedgerOutcome)> = ids.iter().copied().zip(outcomes).collect();
-    if let Err(e) = inner.ledger.complete(name, results).await {
-        // Pending again, to be delivered again once the ledger can record
-        // outcomes (at least once, never lost). Left in flight, they would
-        // hold their entities back until a restart: a NATS cluster electing
-        // a leader fails a few completes, then answers again.
-        if matches!(e, LedgerError::Superseded { .. }) {
-            tracing::warn!(plugin = %name, events = ids.len(), "outcomes dropped: {e}");
-        } else {
-            tracing::error!(plugin = %name, events = ids.len(), "cannot record outcomes; they will be delivered again: {e}");
-        }
-        if let Err(e) = inner.ledger.release(name, &ids).await {
-            tracing::error!(plugin = %name, "cannot release the deliveries either: {e}");
-        }
+    if ids.is_empty() {
+        return true;
     }
+    let results: Vec<(u64, LedgerOutcome)> = ids.iter().copied().zip(outcomes).collect();
+    let Err(e) = inner.ledger.complete(name, results).await else {
+        return true;
+    };
+    // Pending again, to be delivered again once the ledger can record
+    // outcomes (at least once, never lost). Left in flight, they would hold
+    // their entities back until a restart: a NATS cluster electing a leader
+    // fails a few completes, then answers again.
+    let superseded = matches!(e, LedgerError::Superseded { .. });
+    if superseded {
+        tracing::warn!(plugin = %name, events = ids.len(), "outcomes dropped: {e}");
+    } else {
+        tracing::error!(plugin = %name, events = ids.len(), "cannot record outcomes; they will be delivered again: {e}");
+    }
+    if let Err(e) = inner.ledger.release(name, &ids).await {
+        tracing::error!(plugin = %name, "cannot release the deliveries either: {e}");
+    }
+    // Superseded: another host holds them now, and has recorded more.
+    superseded
 }
 
 /// Calls `handle` with the whole batch; if the call itself fails (trap,

@@ -1269,6 +1269,63 @@ async fn while_its_nats_cluster_is_down_the_listener_answers_503_and_nothing_ans
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// A loopback HTTP target for the probe's `TEST.HTTP` events (`{"url": "<origin>/<path>"}`):
+/// it answers 200 to each request once `before_answering(path, nth)` is done (`nth`: 1 for the
+/// path's first request). Returns its origin and the paths asked for, in order.
+async fn probe_target<F, Fut>(before_answering: F) -> (String, Arc<Mutex<Vec<String>>>)
+where
+    F: Fn(String, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", target.local_addr().unwrap());
+    let hits = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = target.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                    .await
+                    .unwrap();
+                assert!(n > 0, "the plugin's request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let path = String::from_utf8_lossy(&request)
+                .split(' ')
+                .nth(1)
+                .unwrap()
+                .to_owned();
+            let nth = {
+                let mut hits = seen.lock().unwrap();
+                hits.push(path.clone());
+                hits.iter().filter(|p| **p == path).count()
+            };
+            before_answering(path, nth).await;
+            let reply = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+            // The plugin may have given up waiting.
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, reply.as_bytes()).await;
+        }
+    });
+    (origin, hits)
+}
+
+/// The probe on a host whose ledger is `nats`, allowed to send to `origin`.
+fn probe_on_jetstream(w: &World, nats: &Nats, origin: &str) -> HostConfig {
+    w.host()
+        .storage(r#"backend = "jetstream""#)
+        .storage(&format!("jetstream = {{ servers = {:?} }}", nats.urls()))
+        .plugin(
+            "probe",
+            &[
+                r#"config = { subscriptions = ["VM.*", "TEST.*"] }"#,
+                &format!(r#"allow = ["{origin}"]"#),
+            ],
+        )
+}
+
 /// Hosts sharing a JetStream ledger race now and then for a kv key: when another host writes a
 /// key a call read before the call's writes are stored, the writes are refused and the call is
 /// made again once this host reads the winner's write. That costs no attempt and is not the
@@ -1280,67 +1337,28 @@ async fn a_call_whose_kv_writes_lose_a_race_is_made_again_at_no_attempts_cost_an
     let nats = Nats::single(nats_dir.path()).await.unwrap();
     // The second event's request is where the other host writes the record the
     // call has read (the probe appends each event to `seen/<cluster>/<entity>`).
-    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", target.local_addr().unwrap());
-    let hits = Arc::new(Mutex::new(Vec::<String>::new()));
-    let other_host = async_nats::connect(nats.urls()).await.unwrap();
-    let js = async_nats::jetstream::new(other_host);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
     let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
     let record = format!("prismhook_kv.p{}.k{}", hex("probe"), hex("seen/lab/race"));
-    let server = tokio::spawn({
-        let hits = hits.clone();
+    let (origin, hits) = probe_target(move |path, nth| {
+        let (js, record) = (js.clone(), record.clone());
         async move {
-            loop {
-                let (mut conn, _) = target.accept().await.unwrap();
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
-                        .await
-                        .unwrap();
-                    assert!(n > 0, "the plugin's request ended early");
-                    request.extend_from_slice(&buf[..n]);
-                }
-                let path = String::from_utf8_lossy(&request)
-                    .split(' ')
-                    .nth(1)
+            if path == "/second" && nth == 1 {
+                js.publish(record, "0:0:OTHER.HOST".into())
+                    .await
                     .unwrap()
-                    .to_owned();
-                let first_race = {
-                    let mut hits = hits.lock().unwrap();
-                    hits.push(path.clone());
-                    path == "/second" && hits.iter().filter(|p| *p == "/second").count() == 1
-                };
-                if first_race {
-                    js.publish(record.clone(), "0:0:OTHER.HOST".into())
-                        .await
-                        .unwrap()
-                        .await
-                        .unwrap();
-                }
-                let reply = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
-                tokio::io::AsyncWriteExt::write_all(&mut conn, reply.as_bytes())
                     .await
                     .unwrap();
             }
         }
-    });
+    })
+    .await;
 
     let w = world(&["probe"]).await;
-    let setup = w
-        .host()
-        .storage(r#"backend = "jetstream""#)
-        .storage(&format!("jetstream = {{ servers = {:?} }}", nats.urls()))
+    let setup = probe_on_jetstream(&w, &nats, &origin)
         // Both events in one batch; one failed call would quarantine.
         .delivery(r#"batch_window = "400ms""#)
-        .delivery("quarantine_after = 1")
-        .plugin(
-            "probe",
-            &[
-                r#"config = { subscriptions = ["VM.*", "TEST.*"] }"#,
-                &format!(r#"allow = ["{origin}"]"#),
-            ],
-        );
+        .delivery("quarantine_after = 1");
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
     let first = poster
@@ -1393,7 +1411,66 @@ async fn a_call_whose_kv_writes_lose_a_race_is_made_again_at_no_attempts_cost_an
         metrics.contains(r#"prismhook_plugin_kv_conflicts_total{plugin="probe"} 1"#),
         "{metrics}"
     );
-    server.abort();
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// While the ledger cannot record a batch's outcomes (here a JetStream stream with no room
+/// left; a NATS leader election does the same for seconds), the batch is pending again, and the
+/// worker waits before it claims again: handed back at once, the plugin would do its work again
+/// and again for nothing. Once the ledger records again, the event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_outcomes_cannot_be_recorded_is_not_handed_to_the_plugin_again_at_once() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = Nats::single(nats_dir.path()).await.unwrap();
+    // The first call waits in its request until the stream is full.
+    let (full_tx, full) = tokio::sync::watch::channel(false);
+    let (origin, hits) = probe_target(move |_, nth| {
+        let mut full = full.clone();
+        async move {
+            if nth == 1 {
+                full.wait_for(|f| *f).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let w = world(&["probe"]).await;
+    let setup = probe_on_jetstream(&w, &nats, &origin);
+    let app = w.start(&setup).await;
+    let poster = Poster::new(app.listener_addr);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
+    let mut stream = js.get_stream("PRISMHOOK").await.unwrap();
+
+    let url = format!("{origin}/unrecorded");
+    let id = poster
+        .accept(&probe_event(
+            "TEST.HTTP",
+            "unrecorded",
+            json!({ "url": url }),
+        ))
+        .await;
+    let calls = || hits.lock().unwrap().len();
+    wait(|| calls() == 1, "the first call").await;
+    let info = stream.info().await.unwrap().clone();
+    let (unlimited, mut full) = (info.config.clone(), info.config);
+    full.max_messages = i64::try_from(info.state.messages).unwrap();
+    js.update_stream(full).await.unwrap();
+    full_tx.send_replace(true);
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let made = calls();
+    assert!(
+        (2..=6).contains(&made),
+        "{made} calls in {window:?} while the outcome could not be recorded: \
+         about one a second is a retry, many more a hot loop"
+    );
+
+    js.update_stream(unlimited).await.unwrap();
+    wait(
+        || backlog(&app, "probe").delivered == 1,
+        "delivery once the ledger records again",
+    )
+    .await;
+    assert!(seen_ids(&app, "unrecorded").iter().all(|&seen| seen == id));
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
