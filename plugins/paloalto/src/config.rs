@@ -74,6 +74,7 @@ pub struct Config {
     pub categories: Option<BTreeSet<String>>,
     pub registration_timeout: u64,
     pub max_message_bytes: usize,
+    /// Given to the host by `init`, which leaves this empty.
     pub subscriptions: Vec<String>,
     /// Compare mode: reconcile reads the firewall and reports how it
     /// differs from what the plugin would register; nothing is ever sent
@@ -102,15 +103,15 @@ impl Config {
                 "`tag_prefix` {tag_prefix:?} may only contain letters, digits, `.`, `_` and `-`, and must not end with `.`"
             )));
         }
-        let owned = format!("{tag_prefix}.");
+        let mut owned = String::with_capacity(tag_prefix.len() + 1);
+        owned.push_str(&tag_prefix);
+        owned.push('.');
 
-        let static_template = raw
-            .static_tag
-            .unwrap_or_else(|| DEFAULT_STATIC_TAG.to_owned());
+        let static_template = raw.static_tag.as_deref().unwrap_or(DEFAULT_STATIC_TAG);
         let static_tag = if static_template.is_empty() {
             None
         } else {
-            let template = Template::parse(&static_template)
+            let template = Template::parse(static_template)
                 .map_err(|e| invalid(format!("`static_tag`: {e}")))?;
             if template.uses_vm_fields() {
                 return Err(invalid(
@@ -129,10 +130,8 @@ impl Config {
             Some(tag)
         };
 
-        let category_source = raw
-            .category_tag
-            .unwrap_or_else(|| DEFAULT_CATEGORY_TAG.to_owned());
-        let category_tag = Template::parse(&category_source)
+        let category_source = raw.category_tag.as_deref().unwrap_or(DEFAULT_CATEGORY_TAG);
+        let category_tag = Template::parse(category_source)
             .map_err(|e| invalid(format!("`category_tag`: {e}")))?;
         let sample = category_tag
             .render(&tag_prefix, "c", Some("c"), "k", "v")

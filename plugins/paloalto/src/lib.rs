@@ -146,22 +146,17 @@ mod component {
     struct Plugin;
 
     impl Guest for Plugin {
+        // Runs on every fresh instance, so once per call: it checks the
+        // settings and says nothing (the host logs the load), and the
+        // subscriptions, which only the host reads, are handed over, not
+        // copied.
         fn init(config: String) -> Result<PluginInfo, String> {
-            let config = Config::parse(&config).map_err(|e| e.to_string())?;
+            let mut config = Config::parse(&config).map_err(|e| e.to_string())?;
             let info = PluginInfo {
                 name: "paloalto".to_owned(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
-                subscriptions: config.subscriptions.clone(),
+                subscriptions: std::mem::take(&mut config.subscriptions),
             };
-            // init runs on every fresh instance (once per call), so this is
-            // debug detail, not news.
-            log::log(
-                log::Level::Debug,
-                &format!(
-                    "managing tags under `{}.` on {}",
-                    config.tag_prefix, config.firewall
-                ),
-            );
             CONFIG.with(|slot| *slot.borrow_mut() = Some(config));
             Ok(info)
         }

@@ -24,9 +24,13 @@ pub fn is_tag_char(c: char) -> bool {
 
 /// Replaces every character a tag name cannot hold with `_`.
 pub fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| if is_tag_char(c) { c } else { '_' })
-        .collect()
+    let mut out = String::with_capacity(text.len());
+    push_sanitized(&mut out, text);
+    out
+}
+
+fn push_sanitized(out: &mut String, text: &str) {
+    out.extend(text.chars().map(|c| if is_tag_char(c) { c } else { '_' }));
 }
 
 /// Cuts a tag to [`MAX_TAG_LEN`], ending it with `-` and 8 hex digits of a
@@ -69,13 +73,15 @@ pub struct Template(Vec<Piece>);
 
 impl Template {
     pub fn parse(source: &str) -> Result<Template, String> {
-        let mut pieces = Vec::new();
+        // Byte searches: `{` and `}` are ASCII, and this runs in every
+        // call's `init`, where a `char` pattern's search is dear.
+        let find = |text: &str, byte: u8| text.bytes().position(|b| b == byte);
+        let mut pieces = Vec::with_capacity(4);
         let mut rest = source;
         while !rest.is_empty() {
             if let Some(after) = rest.strip_prefix('{') {
-                let end = after
-                    .find('}')
-                    .ok_or_else(|| format!("unclosed `{{` in {source:?}"))?;
+                let end =
+                    find(after, b'}').ok_or_else(|| format!("unclosed `{{` in {source:?}"))?;
                 pieces.push(match &after[..end] {
                     "prefix" => Piece::Prefix,
                     "cluster" => Piece::Cluster,
@@ -90,7 +96,7 @@ impl Template {
                 });
                 rest = &after[end + 1..];
             } else {
-                let end = rest.find('{').unwrap_or(rest.len());
+                let end = find(rest, b'{').unwrap_or(rest.len());
                 let literal = &rest[..end];
                 if let Some(bad) = literal.chars().find(|&c| !is_tag_char(c)) {
                     return Err(format!(
@@ -130,19 +136,20 @@ impl Template {
         key: &str,
         value: &str,
     ) -> Option<String> {
-        self.0
-            .iter()
-            .map(|piece| {
-                Some(match piece {
-                    Piece::Literal(text) => text.clone(),
-                    Piece::Prefix => sanitize(prefix),
-                    Piece::Cluster => sanitize(cluster),
-                    Piece::VmCluster => sanitize(vm_cluster?),
-                    Piece::Key => sanitize(key),
-                    Piece::Value => sanitize(value),
-                })
-            })
-            .collect()
+        // One string written in place: this runs for every category of
+        // every VM of a batch.
+        let mut tag = String::with_capacity(64);
+        for piece in &self.0 {
+            match piece {
+                Piece::Literal(text) => tag.push_str(text),
+                Piece::Prefix => push_sanitized(&mut tag, prefix),
+                Piece::Cluster => push_sanitized(&mut tag, cluster),
+                Piece::VmCluster => push_sanitized(&mut tag, vm_cluster?),
+                Piece::Key => push_sanitized(&mut tag, key),
+                Piece::Value => push_sanitized(&mut tag, value),
+            }
+        }
+        Some(tag)
     }
 }
 
