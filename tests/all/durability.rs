@@ -1356,8 +1356,9 @@ async fn a_call_whose_kv_writes_lose_a_race_is_made_again_at_no_attempts_cost_an
 
     let w = world(&["probe"]).await;
     let setup = probe_on_jetstream(&w, &nats, &origin)
-        // Both events in one batch; one failed call would quarantine.
-        .delivery(r#"batch_window = "400ms""#)
+        // Both events in one batch (posted well within the window, even on
+        // a loaded machine); one failed call would quarantine.
+        .delivery(r#"batch_window = "1s""#)
         .delivery("quarantine_after = 1");
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
