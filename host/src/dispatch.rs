@@ -207,11 +207,9 @@ impl Dispatcher {
         let Some(p) = self.inner.registry.get(plugin).and_then(|e| e.plugin) else {
             return Err(DispatchError::NotLoaded(plugin.to_owned()));
         };
-        p.settle_kv().await.map_err(|e| CallError::Kv {
-            plugin: plugin.to_owned(),
-            message: e.to_string(),
-            conflict: false,
-        })?;
+        p.settle_kv()
+            .await
+            .map_err(|e| CallError::kv(plugin.to_owned(), &e))?;
         Ok(p)
     }
 
@@ -491,19 +489,13 @@ async fn handle_isolating(
         Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
     };
-    if let CallError::Kv { conflict, .. } = error {
-        let outcome = if conflict && conflicts_free {
-            tracing::info!(plugin = %plugin.name(), events = events.len(), "made again: {error}");
-            None
-        } else {
-            tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{error}");
-            Some(retry(&error))
-        };
-        return (vec![outcome; events.len()], Some(error));
+    if matches!(error, CallError::Kv { conflict: true, .. }) && conflicts_free {
+        tracing::info!(plugin = %plugin.name(), events = events.len(), "made again: {error}");
+        return (vec![None; events.len()], Some(error));
     }
     tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{error}");
-    if events.len() == 1 {
-        return (vec![Some(retry(&error))], Some(error));
+    if events.len() == 1 || matches!(error, CallError::Kv { .. }) {
+        return (vec![Some(retry(&error)); events.len()], Some(error));
     }
     let mut blocked: std::collections::HashSet<(String, String)> = Default::default();
     let mut outcomes = Vec::with_capacity(events.len());

@@ -1362,20 +1362,15 @@ async fn a_call_whose_kv_writes_lose_a_race_is_made_again_at_no_attempts_cost_an
         .delivery("quarantine_after = 1");
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
-    let first = poster
-        .accept(&probe_event(
+    let get = |path: &str| {
+        probe_event(
             "TEST.HTTP",
             "race",
-            json!({"url": format!("{origin}/first")}),
-        ))
-        .await;
-    let second = poster
-        .accept(&probe_event(
-            "TEST.HTTP",
-            "race",
-            json!({"url": format!("{origin}/second")}),
-        ))
-        .await;
+            json!({"url": format!("{origin}/{path}")}),
+        )
+    };
+    let first = poster.accept(&get("first")).await;
+    let second = poster.accept(&get("second")).await;
     wait(
         || seen(&app.runtime.kv().dump("probe").unwrap(), "race").len() == 3,
         "the race's events to be recorded",

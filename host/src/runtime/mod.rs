@@ -143,6 +143,16 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// The call's kv writes were not stored because of `error`: a conflict
+    /// when another write came first.
+    pub fn kv(plugin: String, error: &kv_store::KvError) -> CallError {
+        CallError::Kv {
+            plugin,
+            message: error.to_string(),
+            conflict: matches!(error, kv_store::KvError::Conflict(_)),
+        }
+    }
+
     /// A short machine-friendly label for metrics and status.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -1026,18 +1036,16 @@ impl Plugin {
                 let session = state.kv;
                 let failed = matches!(ok.1, Returned::Reconcile(Err(_)));
                 if session.has_writes() && !(writes_need_success && failed) {
-                    let kv = |message, conflict| CallError::Kv {
-                        plugin,
-                        message,
-                        conflict,
-                    };
                     match tokio::task::spawn_blocking(move || session.commit()).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            let conflict = matches!(e, kv_store::KvError::Conflict(_));
-                            return Err(kv(e.to_string(), conflict));
+                        Ok(Err(e)) => return Err(CallError::kv(plugin, &e)),
+                        Err(e) => {
+                            return Err(CallError::Kv {
+                                plugin,
+                                message: e.to_string(),
+                                conflict: false,
+                            })
                         }
-                        Err(e) => return Err(kv(e.to_string(), false)),
                     }
                 }
                 Ok(ok)
