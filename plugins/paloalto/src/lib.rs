@@ -6,6 +6,7 @@
 //! natively; only the `component` module below, compiled for Wasm, touches
 //! the generated WIT bindings.
 
+pub mod alloc;
 pub mod config;
 pub mod firewall;
 pub mod handler;
