@@ -10,24 +10,35 @@
 /// zero as `a` sorts before, with or after `b`, byte by byte unsigned.
 pub fn compare(a: &[u8], b: &[u8]) -> i32 {
     assert_eq!(a.len(), b.len(), "memcmp compares equal lengths");
-    // Plain index loops: at the guest's `opt-level = "s"` iterator adapters
-    // stay calls of their own, which cost more than the comparing.
-    let word =
-        |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("eight bytes"));
+    // SAFETY: both slices hold `a.len()` bytes.
+    unsafe { compare_raw(a.as_ptr(), b.as_ptr(), a.len()) }
+}
+
+/// `compare` over raw pointers, inlined into `memcmp` itself: a B-tree
+/// lookup makes a dozen compares, and through slices each paid a call and
+/// a bounds check per word.
+///
+/// # Safety
+/// `a` and `b` each point to `n` readable bytes.
+#[inline(always)]
+unsafe fn compare_raw(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY (all reads): `at + 8 <= n`, or `at < n`, and the caller's promise.
+    let word = |p: *const u8, at: usize| unsafe { p.add(at).cast::<u64>().read_unaligned() };
+    let byte = |p: *const u8, at: usize| i32::from(unsafe { p.add(at).read() });
     let mut at = 0;
-    while at + 8 <= a.len() {
+    while at + 8 <= n {
         let (x, y) = (word(a, at), word(b, at));
         if x != y {
             // Little-endian: the lowest differing bit is in the first
             // differing byte, which decides.
-            at += (x ^ y).trailing_zeros() as usize / 8;
-            return i32::from(a[at]) - i32::from(b[at]);
+            at += (u64::from_le(x) ^ u64::from_le(y)).trailing_zeros() as usize / 8;
+            return byte(a, at) - byte(b, at);
         }
         at += 8;
     }
-    while at < a.len() {
-        if a[at] != b[at] {
-            return i32::from(a[at]) - i32::from(b[at]);
+    while at < n {
+        if byte(a, at) != byte(b, at) {
+            return byte(a, at) - byte(b, at);
         }
         at += 1;
     }
@@ -40,13 +51,7 @@ pub fn compare(a: &[u8], b: &[u8]) -> i32 {
 #[no_mangle]
 unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: `memcmp`'s contract: both point to `n` readable bytes.
-    let (a, b) = unsafe {
-        (
-            std::slice::from_raw_parts(a, n),
-            std::slice::from_raw_parts(b, n),
-        )
-    };
-    compare(a, b)
+    unsafe { compare_raw(a, b, n) }
 }
 
 #[cfg(test)]
