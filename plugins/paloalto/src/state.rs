@@ -186,9 +186,6 @@ impl Ledger {
         passed: &BTreeMap<VmKey, IpTags>,
     ) -> Plan {
         let mut plan = Plan::default();
-        // Each affected IP's tags after the change; only the VMs in `passed`
-        // need it, to tell what they passed through and no longer want.
-        let mut after = IpTags::new();
         // Each IP's new contributions, gathered once: looking every change
         // up for every IP would make a batch quadratic in its size.
         let mut by_ip: BTreeMap<&str, Vec<(&VmKey, &BTreeSet<String>)>> = BTreeMap::new();
@@ -198,6 +195,12 @@ impl Ledger {
             }
         }
         let nobody = IpRecord::new();
+        // The affected IPs come in order, so what each yields is gathered
+        // in order and the maps built in bulk after the loop: a B-tree
+        // insert searches from the root, and the compares of long string
+        // keys are the dearest part of it in Wasm.
+        let (mut register, mut unregister, mut after, mut ip_writes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ip in self.affected_ips(changes, passed) {
             let old_record = self.ips.get(&ip).unwrap_or(&nobody);
             // A changed VM's old contribution goes; its new one, if any, comes.
@@ -212,23 +215,32 @@ impl Ledger {
             // The unions borrow from the records: only tags that change are copied.
             let before = union_of(old_record);
             let now = union_of(&new_record);
-            add(
-                &mut plan.diff.register,
-                &ip,
-                now.difference(&before).copied(),
+            let owned = |tags: std::collections::btree_set::Difference<'_, &str>| {
+                tags.map(|t| (*t).to_owned()).collect::<BTreeSet<String>>()
+            };
+            let (gained, lost) = (
+                owned(now.difference(&before)),
+                owned(before.difference(&now)),
             );
-            add(
-                &mut plan.diff.unregister,
-                &ip,
-                before.difference(&now).copied(),
-            );
+            if !gained.is_empty() {
+                register.push((ip.clone(), gained));
+            }
+            if !lost.is_empty() {
+                unregister.push((ip.clone(), lost));
+            }
             if !passed.is_empty() {
-                after.insert(ip.clone(), now.iter().map(|t| (*t).to_owned()).collect());
+                after.push((ip.clone(), now.iter().map(|t| (*t).to_owned()).collect()));
             }
             if &new_record != old_record {
-                plan.ip_writes.insert(ip, new_record);
+                ip_writes.push((ip, new_record));
             }
         }
+        plan.diff.register = register.into_iter().collect();
+        plan.diff.unregister = unregister.into_iter().collect();
+        plan.ip_writes = ip_writes.into_iter().collect();
+        // Each affected IP's tags after the change; only the VMs in `passed`
+        // need it, to tell what they passed through and no longer want.
+        let after: IpTags = after.into_iter().collect();
         for (key, earlier) in passed {
             let Some(contribution) = changes.get(key) else {
                 continue;
@@ -246,15 +258,14 @@ impl Ledger {
                 add(&mut plan.diff.register, ip, tags.iter());
             }
         }
-        for (key, contribution) in changes {
-            let unchanged = match self.vms.get(key) {
-                Some(old) => old == contribution,
-                None => contribution.is_empty(),
-            };
-            if !unchanged {
-                plan.vm_writes.insert(key.clone(), contribution.clone());
-            }
-        }
+        plan.vm_writes = changes
+            .iter()
+            .filter(|(key, contribution)| match self.vms.get(*key) {
+                Some(old) => old != *contribution,
+                None => !contribution.is_empty(),
+            })
+            .map(|(key, contribution)| (key.clone(), contribution.clone()))
+            .collect();
         plan
     }
 
