@@ -410,8 +410,8 @@ async fn main() {
         .await
         .unwrap();
     println!(
-        "components: probe.wasm {} KiB, paloalto.wasm {} KiB (guest built opt-level=s + LTO by `cargo xtask plugins`; \
-         the native side is this bench profile, opt-level 3)",
+        "components: probe.wasm {} KiB, paloalto.wasm {} KiB (built with LTO by `cargo xtask plugins`, the probe at opt-level s, \
+         the Palo Alto plugin at 3; the native side is this bench profile, opt-level 3)",
         probe.size() >> 10,
         paloalto.size() >> 10
     );
