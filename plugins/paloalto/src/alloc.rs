@@ -7,7 +7,7 @@
 //! is work no call needs for the small blocks it allocates by the thousand
 //! (B-tree nodes, IPs, tags, keys). wasi-libc's dlmalloc spent about 7 % of
 //! a batch's samples on them (BENCHMARKS.md, "Per event, the guest's
-//! allocator"). Here a small allocation pops its class's list or is carved
+//! allocator, `memcmp` and B-trees built in bulk"). Here a small allocation pops its class's list or is carved
 //! off a chunk, and its free pushes it back: a few instructions each.
 //!
 //! Blocks above [`SMALL`] bytes (notification bodies, firewall requests,
@@ -15,8 +15,8 @@
 //! as before: rounding those up to a class would cost more memory than the
 //! saving is worth, and more memory is more pages for the host to reset
 //! after the call. What a class keeps on its list is only reused by that
-//! class; classes are 16 bytes apart up to 256 and a quarter of a power of
-//! two above, so a block wastes at most a fifth of itself.
+//! class; classes are 16 bytes apart up to 256 (a block wastes at most 15
+//! bytes) and a quarter of a power of two above (at most a fifth of it).
 
 use std::alloc::{GlobalAlloc, Layout};
 
@@ -41,6 +41,7 @@ pub struct Classes<B> {
     /// The uncarved rest of the last chunk: `next..end`.
     next: *mut u8,
     end: *mut u8,
+    /// The size of the next chunk.
     chunk: usize,
     backing: B,
 }
