@@ -485,7 +485,7 @@ async fn handle_isolating(
         reason: truncate(e.to_string(), MAX_REASON_BYTES),
         delay: None,
     };
-    let error = match plugin.handle_in(events.clone(), clusters.clone()).await {
+    let error = match plugin.handle_in(&events, clusters.clone()).await {
         Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
     };
@@ -499,7 +499,7 @@ async fn handle_isolating(
     }
     let mut blocked: std::collections::HashSet<(String, String)> = Default::default();
     let mut outcomes = Vec::with_capacity(events.len());
-    for event in events {
+    for event in &events {
         let entity = (event.cluster.clone(), event.entity_uuid.clone());
         if blocked.contains(&entity) {
             // Not tried: it goes back to the queue without costing an
@@ -507,7 +507,10 @@ async fn handle_isolating(
             outcomes.push(None);
             continue;
         }
-        match plugin.handle_in(vec![event], clusters.clone()).await {
+        match plugin
+            .handle_in(std::slice::from_ref(event), clusters.clone())
+            .await
+        {
             Ok(o) => outcomes.push(Some(to_ledger(&o[0]))),
             Err(e) => {
                 tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {e}");

@@ -832,7 +832,7 @@ impl Plugin {
 
     /// Delivers a batch; one outcome per event, in order.
     pub async fn handle(&self, events: Vec<Event>) -> Result<Vec<Outcome>, CallError> {
-        self.handle_in(events, Arc::default()).await
+        self.handle_in(&events, Arc::default()).await
     }
 
     /// Waits until a read of the plugin's kv sees every write this host
@@ -843,10 +843,11 @@ impl Plugin {
     }
 
     /// [`Plugin::handle`], telling the plugin which Nutanix cluster each of
-    /// the batch's VMs belongs to.
+    /// the batch's VMs belongs to. The batch is only borrowed: the
+    /// dispatcher keeps it to try its events one by one if the call fails.
     pub async fn handle_in(
         &self,
-        events: Vec<Event>,
+        events: &[Event],
         vm_clusters: Arc<VmClusters>,
     ) -> Result<Vec<Outcome>, CallError> {
         let expected = events.len();
@@ -914,7 +915,7 @@ impl Plugin {
     async fn reconcile_call(
         &self,
         cluster: &str,
-        call: Call,
+        call: Call<'_>,
         vm_clusters: Arc<VmClusters>,
     ) -> Result<Result<String, String>, CallError> {
         let context = format!("reconcile:{cluster}");
@@ -928,7 +929,7 @@ impl Plugin {
     /// export asked for; kv writes are committed only if all of it returns.
     async fn call(
         &self,
-        mut call: Call,
+        mut call: Call<'_>,
         context: &str,
         vm_clusters: Arc<VmClusters>,
     ) -> Result<(PluginInfo, Returned), CallError> {
@@ -1012,7 +1013,7 @@ impl Plugin {
                 }
                 Call::Init => Returned::Init,
                 Call::Handle(events) => {
-                    Returned::Handle(handler.call_handle(&mut store, &events).await?)
+                    Returned::Handle(handler.call_handle(&mut store, events).await?)
                 }
                 Call::Reconcile(cluster, vms) => {
                     Returned::Reconcile(handler.call_reconcile(&mut store, &cluster, &vms).await?)
@@ -1074,16 +1075,16 @@ impl Plugin {
     }
 }
 
-enum Call {
+enum Call<'a> {
     Init,
-    Handle(Vec<Event>),
+    Handle(&'a [Event]),
     Reconcile(String, Vec<Vm>),
     /// The cluster, and the inventory `inventory.next-page` hands out
     /// (taken into the Store when the call starts).
     ReconcilePaged(String, Option<Inventory>),
 }
 
-impl Call {
+impl Call<'_> {
     fn export(&self) -> &'static str {
         match self {
             Call::Init => "init",
