@@ -108,6 +108,11 @@ fn union_of(record: &IpRecord) -> BTreeSet<&str> {
     record.values().flatten().map(String::as_str).collect()
 }
 
+/// Borrowed tags, in order, copied into a set of their own (built in bulk).
+fn owned<'a>(tags: impl Iterator<Item = &'a &'a str>) -> BTreeSet<String> {
+    tags.map(|t| (*t).to_owned()).collect()
+}
+
 /// Every tag any VM wants on the IP.
 pub fn union(record: &IpRecord) -> BTreeSet<String> {
     record.values().flatten().cloned().collect()
@@ -215,9 +220,6 @@ impl Ledger {
             // The unions borrow from the records: only tags that change are copied.
             let before = union_of(old_record);
             let now = union_of(&new_record);
-            let owned = |tags: std::collections::btree_set::Difference<'_, &str>| {
-                tags.map(|t| (*t).to_owned()).collect::<BTreeSet<String>>()
-            };
             let (gained, lost) = (
                 owned(now.difference(&before)),
                 owned(before.difference(&now)),
@@ -229,7 +231,7 @@ impl Ledger {
                 unregister.push((ip.clone(), lost));
             }
             if !passed.is_empty() {
-                after.push((ip.clone(), now.iter().map(|t| (*t).to_owned()).collect()));
+                after.push((ip.clone(), owned(now.iter())));
             }
             if &new_record != old_record {
                 ip_writes.push((ip, new_record));
