@@ -393,7 +393,8 @@ async fn deliver(
         .expect("counters lock")
         .get(name)
         .is_none_or(|c| c.kv_conflicts_in_a_row < FREE_KV_CONFLICTS);
-    let (sent_outcomes, failure) = handle_isolating(plugin, events, clusters, conflicts_free).await;
+    let (sent_outcomes, failure) =
+        handle_isolating(plugin, &events, clusters, conflicts_free).await;
     let elapsed = started.elapsed();
     drop(shared);
     if let Some(h) = &inner.opts.handle_durations {
@@ -476,7 +477,7 @@ async fn deliver(
 /// them all.
 async fn handle_isolating(
     plugin: &crate::runtime::Plugin,
-    events: Vec<Event>,
+    events: &[Event],
     clusters: Arc<VmClusters>,
     conflicts_free: bool,
 ) -> (Vec<Option<LedgerOutcome>>, Option<CallError>) {
@@ -485,7 +486,7 @@ async fn handle_isolating(
         reason: truncate(e.to_string(), MAX_REASON_BYTES),
         delay: None,
     };
-    let error = match plugin.handle_in(&events, clusters.clone()).await {
+    let error = match plugin.handle_in(events, clusters.clone()).await {
         Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
     };
@@ -499,7 +500,7 @@ async fn handle_isolating(
     }
     let mut blocked: std::collections::HashSet<(String, String)> = Default::default();
     let mut outcomes = Vec::with_capacity(events.len());
-    for event in &events {
+    for event in events {
         let entity = (event.cluster.clone(), event.entity_uuid.clone());
         if blocked.contains(&entity) {
             // Not tried: it goes back to the queue without costing an
