@@ -859,32 +859,34 @@ async fn languages(w: &World, warm_data: &Path) {
         body: "{}".into(),
         vm: None,
     };
-    // Instantiate per call: fresh Store + instantiate + init + handle(1 non-VM event) + drop.
+    // Instantiate per call: fresh Store + instantiate + init + handle(1
+    // non-VM event) + drop, in µs.
+    let call = async |j: usize| {
+        let started = Instant::now();
+        let out = plugins[j].handle(vec![trivial()]).await.unwrap();
+        let took = started.elapsed().as_secs_f64() * 1e6;
+        assert!(matches!(out[0], Outcome::Done), "{}: {:?}", LANGS[j].0, out);
+        took
+    };
     let mut inst: Vec<Vec<f64>> = vec![Vec::new(); n];
     for i in 0..330 {
         for k in 0..n {
             let j = (i + k) % n;
-            let started = Instant::now();
-            let out = plugins[j].handle(vec![trivial()]).await.unwrap();
-            let took = started.elapsed().as_secs_f64() * 1e6;
-            assert!(matches!(out[0], Outcome::Done), "{}: {:?}", LANGS[j].0, out);
+            let took = call(j).await;
             if i >= 30 {
                 inst[j].push(took);
             }
         }
     }
-    // The same calls, one plugin's in a row: what a call costs when the
-    // one before it was another language's (its caches and pool slots
-    // taken) against a warm run of its own.
+    // The same calls, one plugin's in a row: what a call costs right after
+    // another language's (whose call evicted its working set from the
+    // caches) against a warm run of its own.
     let mut alone: Vec<Vec<f64>> = vec![Vec::new(); n];
-    for (j, plugin) in plugins.iter().enumerate() {
+    for (j, times) in alone.iter_mut().enumerate() {
         for i in 0..330 {
-            let started = Instant::now();
-            let out = plugin.handle(vec![trivial()]).await.unwrap();
-            let took = started.elapsed().as_secs_f64() * 1e6;
-            assert!(matches!(out[0], Outcome::Done), "{}: {:?}", LANGS[j].0, out);
+            let took = call(j).await;
             if i >= 30 {
-                alone[j].push(took);
+                times.push(took);
             }
         }
     }
