@@ -72,6 +72,27 @@ pub(super) struct Mirror {
     data: RwLock<HashMap<String, BTreeMap<String, Record>>>,
     applied: watch::Sender<u64>,
     restarts: Arc<Restarts>,
+    /// Messages read while a test holds the mirror still ([`Mirror::hold`]), folded in when it
+    /// lets go.
+    #[cfg(test)]
+    held: std::sync::Mutex<Option<Vec<Held>>>,
+}
+
+#[cfg(test)]
+type Held = (u64, String, Option<HeaderMap>, Vec<u8>);
+
+/// The mirror held still; dropping it folds in what was read meanwhile.
+#[cfg(test)]
+pub(super) struct Hold<'a>(&'a Mirror);
+
+#[cfg(test)]
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let held = self.0.held.lock().expect("kv hold poisoned").take();
+        for (seq, subject, headers, payload) in held.into_iter().flatten() {
+            self.0.fold(seq, &subject, headers.as_ref(), &payload);
+        }
+    }
 }
 
 impl Mirror {
@@ -81,6 +102,8 @@ impl Mirror {
             data: RwLock::default(),
             applied: watch::channel(0).0,
             restarts,
+            #[cfg(test)]
+            held: Default::default(),
         }
     }
 
@@ -107,10 +130,14 @@ impl Mirror {
         &self.applied
     }
 
-    /// Holds the mirror still: nothing is folded in while the guard lives.
+    /// Holds the mirror still, as a follower that lost its server is: nothing is folded in
+    /// while the guard lives. The follower reads on meanwhile; blocking it instead (holding the
+    /// data's lock) would block the runtime worker it runs on, and with it the tasks queued
+    /// there and the I/O driver, which can stall every timer and socket of the test.
     #[cfg(test)]
-    pub(super) fn hold(&self) -> impl Sized + '_ {
-        self.data.read().expect("kv mirror lock poisoned")
+    pub(super) fn hold(&self) -> Hold<'_> {
+        *self.held.lock().expect("kv hold poisoned") = Some(Vec::new());
+        Hold(self)
     }
 
     /// Waits until the mirror has reached `seq`.
@@ -125,6 +152,11 @@ impl Fold for Mirror {
     }
 
     fn fold(&self, seq: u64, subject: &str, headers: Option<&HeaderMap>, payload: &[u8]) {
+        #[cfg(test)]
+        if let Some(held) = self.held.lock().expect("kv hold poisoned").as_mut() {
+            held.push((seq, subject.to_owned(), headers.cloned(), payload.to_vec()));
+            return;
+        }
         match self.parse(subject) {
             Some((plugin, key)) => {
                 let deleted = headers

@@ -1729,8 +1729,7 @@ mod tests {
     /// What the others wrote to the plugins' kv before they stopped is what the pausing host
     /// reads next (its reconcile's writes would be refused, or undo theirs, otherwise): the
     /// pause ends only once its mirror shows it.
-    // Four workers: the held mirror blocks the one its follower runs on.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pause_ends_once_the_pausing_host_has_read_the_others_last_kv_writes() {
         // The server and the other fields live to the end of the test.
         let h = two_hosts().await;
@@ -1758,7 +1757,11 @@ mod tests {
             "paused before the others' last writes were read"
         );
         drop(held);
-        pausing.await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), pausing)
+            .await
+            .expect("the pause ends once the mirror has caught up")
+            .unwrap()
+            .unwrap();
         assert_eq!(
             kv_a.session("fw").get("vm/lab/1").unwrap().as_deref(),
             Some(&b"10.0.0.1"[..])
