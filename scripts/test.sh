@@ -31,7 +31,19 @@ export_nats_server
 ensure_debian_packages chromium
 export PRISMHOOK_REQUIRE_CHROMIUM=1
 step "host unit and end-to-end tests"
-cargo test --locked --workspace
+cargo test --locked --workspace --no-run
+# They take about 4 minutes once built. A test that hangs fails the run after
+# TEST_MINUTES instead of using up CI's whole budget; the test harness names
+# it above ("has been running for over 60 seconds"). `timeout` signals its
+# whole process group: cargo, the test binary and the servers it started.
+test_minutes=${TEST_MINUTES:-20}
+timeout --kill-after=30s "${test_minutes}m" cargo test --locked --workspace || {
+  rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "test.sh: the host's tests did not finish within $test_minutes minutes; the test still running is named above" >&2
+  fi
+  exit "$rc"
+}
 # Every fuzz target (core/fuzz, plugins/*/fuzz) for 10 s from its seeds: a
 # target that no longer builds, or an input found at once, fails here. The
 # long runs are scripts/fuzz.sh's (BENCHMARKS.md).
