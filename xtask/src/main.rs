@@ -241,10 +241,13 @@ fn build_rust_guest(dir: &Path, name: &str, out_dir: &Path, target_dir: &Path) -
         .join("release")
         .join(format!("{}.wasm", package_name(dir)?.replace('-', "_")));
     let component = out_dir.join(format!("{name}.wasm"));
-    if is_newer(&component, &module)? {
+    let stamp = out_dir.join(format!(".{name}.built"));
+    let module_digest = format!("module {:016x}", digest(&module)?);
+    if stamped(&stamp, &component, &module_digest) {
         println!("xtask: {} is up to date", component.display());
     } else {
         componentize(&module, &component)?;
+        write_stamp(&stamp, &component, &module_digest)?;
         println!(
             "xtask: wrote {} ({} KiB) in {:.1}s",
             component.display(),
@@ -267,6 +270,35 @@ fn package_name(dir: &Path) -> Result<String> {
         .and_then(|n| n.as_str())
         .map(str::to_owned)
         .with_context(|| format!("{} has no [package] name", manifest.display()))
+}
+
+/// A build's stamp names what it was built from and the component it wrote, by content: a
+/// component that is not the one the last build wrote (copied over by hand, say, for an A/B
+/// bench) is rebuilt, which file times alone would not catch.
+fn stamped(stamp: &Path, component: &Path, from: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(stamp) else {
+        return false;
+    };
+    digest(component).is_ok_and(|d| text == stamp_text(from, d))
+}
+
+fn write_stamp(stamp: &Path, component: &Path, from: &str) -> Result<()> {
+    let text = stamp_text(from, digest(component)?);
+    std::fs::write(stamp, text).with_context(|| format!("writing {}", stamp.display()))
+}
+
+fn stamp_text(from: &str, component: u64) -> String {
+    format!("{from}\ncomponent {component:016x}\n")
+}
+
+/// A file's content as a 64-bit digest. SipHash with fixed keys: stable for a given
+/// toolchain, which is all a local stamp needs (a new one rebuilds once).
+fn digest(path: &Path) -> Result<u64> {
+    use std::hash::{DefaultHasher, Hasher};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = DefaultHasher::new();
+    hasher.write(&bytes);
+    Ok(hasher.finish())
 }
 
 fn is_newer(a: &Path, b: &Path) -> Result<bool> {
@@ -442,7 +474,7 @@ fn build_other_guest(
 ) -> Result<()> {
     let started = Instant::now();
     let component = out_dir.join(format!("{name}.wasm"));
-    let stamp = out_dir.join(format!(".{name}.tool"));
+    let stamp = out_dir.join(format!(".{name}.built"));
     let (label, tool) = match language {
         Language::Python => (
             "Python",
@@ -465,7 +497,7 @@ fn build_other_guest(
     let fresh = std::fs::metadata(&component)
         .and_then(|m| m.modified())
         .is_ok_and(|built_at| Some(built_at) > newest)
-        && std::fs::read_to_string(&stamp).is_ok_and(|t| t == tool);
+        && stamped(&stamp, &component, &tool);
     if fresh {
         println!(
             "xtask: {} is up to date ({label}, {tool})",
@@ -485,7 +517,7 @@ fn build_other_guest(
         Language::Go => golang::build(root, dir, &wit_dir(root, dir), &tmp)?,
     }
     std::fs::rename(&tmp, &component)?;
-    std::fs::write(&stamp, &tool)?;
+    write_stamp(&stamp, &component, &tool)?;
     println!(
         "xtask: wrote {} ({} KiB) in {:.1}s",
         component.display(),
