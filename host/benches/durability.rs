@@ -10,7 +10,9 @@
 //!   ledger write.
 //! - T, trivial: the reference's trivial axum handler.
 //!
-//! 1. Saturation with wrk (-t2 -c64, 5 s), D/N/T rotating, 3 rounds.
+//! 1. Saturation with wrk (-t2 -c64, 5 s), D/N/T rotating, 3 rounds
+//!    (`DURABILITY_ROUNDS`: more show how the rates hold up as the ledger's
+//!    file and the process's heap grow; nothing is delivered or pruned).
 //! 2. A fixed 1,000 notifications/s from an in-process open-loop generator,
 //!    latency from each request's scheduled time to its answer, D/N/T
 //!    rotating, 2 rounds of 5 s.
@@ -157,22 +159,28 @@ async fn main() {
     // ------------------------------------------------------------ 1
     println!("\n## 1. Accept rate at saturation: wrk -t2 -c64 -d5s --latency (wrk shares the 2 cores), fixtures vm_*.json made unique");
     let mut group = Vec::new();
+    let rounds: usize = std::env::var("DURABILITY_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let ledger_file = dir.path().join("ledger.redb");
     let sat = saturate(
         &targets,
-        3,
+        rounds,
         &script,
         &auth,
         &mut round_id,
-        &["ledger commits", "events/commit"],
+        &["ledger commits", "events/commit", "ledger file"],
         |_| ledger.stats().commits,
         |i, c0, r| {
             if i != 0 {
-                return " – | – |".into();
+                return " – | – | – |".into();
             }
             let c = ledger.stats().commits - c0;
             let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;
             group.push(per);
-            format!(" {c} | {per:.1} |")
+            let size = std::fs::metadata(&ledger_file).map_or(0, |m| m.len());
+            format!(" {c} | {per:.1} | {} MiB |", size >> 20)
         },
     )
     .await;
