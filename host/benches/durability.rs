@@ -125,8 +125,9 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     let registry = paloalto_registry(dir.path()).await;
+    let ledger_file = dir.path().join("ledger.redb");
     let ledger: SharedLedger =
-        Arc::new(RedbLedger::open(LedgerOptions::new(dir.path().join("ledger.redb"))).unwrap());
+        Arc::new(RedbLedger::open(LedgerOptions::new(ledger_file.clone())).unwrap());
     let durable = listener_router(ledger.clone(), registry.clone(), dir.path());
     let nd = Router::new()
         .route("/listener/callback/{cluster}", post(non_durable))
@@ -159,11 +160,7 @@ async fn main() {
     // ------------------------------------------------------------ 1
     println!("\n## 1. Accept rate at saturation: wrk -t2 -c64 -d5s --latency (wrk shares the 2 cores), fixtures vm_*.json made unique");
     let mut group = Vec::new();
-    let rounds: usize = std::env::var("DURABILITY_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    let ledger_file = dir.path().join("ledger.redb");
+    let rounds: usize = env_number("DURABILITY_ROUNDS", 3);
     let sat = saturate(
         &targets,
         rounds,

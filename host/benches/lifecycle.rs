@@ -1291,10 +1291,7 @@ fn cpu_time(pid: u32) -> Duration {
 /// traffic. The watcher used to feed on the host's own reads of plugin
 /// files and reload (and fail) every file about every 200 ms forever.
 async fn idle(w: &World, warm_data: &Path, client: &reqwest::Client) {
-    let secs: u64 = std::env::var("PRISMHOOK_IDLE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let secs: u64 = env_number("PRISMHOOK_IDLE_SECS", 60);
     println!("\n## 6. Idle CPU of `prismhook run` with the watcher on, over {secs} s");
     let refused = std::fs::read(component("f5-bigip")).unwrap();
     let host = RunningHost::start(

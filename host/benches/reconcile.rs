@@ -194,10 +194,7 @@ async fn one_size(
     let fmc = FmcSim::start(
         "127.0.0.1:0".parse().unwrap(),
         FmcConfig {
-            rate_limit_per_minute: std::env::var("RECONCILE_FMC_RATE_LIMIT")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0),
+            rate_limit_per_minute: common::env_number("RECONCILE_FMC_RATE_LIMIT", 0),
             ..Default::default()
         },
     )

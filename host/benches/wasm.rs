@@ -299,10 +299,7 @@ impl Native {
 
 /// One workload in a loop, for a profiler (see the module documentation).
 async fn profile(workload: &str, probe: &Plugin, paloalto: &Plugin) {
-    let seconds: u64 = std::env::var("PRISMHOOK_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let seconds: u64 = env_number("PRISMHOOK_BENCH_SECONDS", 20);
     let until = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut events = 0u64;

@@ -24,6 +24,14 @@ pub mod setup;
 
 // ---------------------------------------------------------------- fixtures
 
+/// A number from the environment (a bench's size or length), else `default`.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nutanix")
 }
