@@ -241,7 +241,7 @@ fn build_rust_guest(dir: &Path, name: &str, out_dir: &Path, target_dir: &Path) -
         .join("release")
         .join(format!("{}.wasm", package_name(dir)?.replace('-', "_")));
     let component = out_dir.join(format!("{name}.wasm"));
-    let stamp = out_dir.join(format!(".{name}.built"));
+    let stamp = stamp_path(out_dir, name);
     let module_digest = format!("module {:016x}", digest(&module)?);
     if stamped(&stamp, &component, &module_digest) {
         println!("xtask: {} is up to date", component.display());
@@ -280,6 +280,11 @@ fn stamped(stamp: &Path, component: &Path, from: &str) -> bool {
         return false;
     };
     digest(component).is_ok_and(|d| text == stamp_text(from, d))
+}
+
+/// Where the stamp of `name`'s component is kept, beside it.
+fn stamp_path(out_dir: &Path, name: &str) -> PathBuf {
+    out_dir.join(format!(".{name}.built"))
 }
 
 fn write_stamp(stamp: &Path, component: &Path, from: &str) -> Result<()> {
@@ -474,7 +479,7 @@ fn build_other_guest(
 ) -> Result<()> {
     let started = Instant::now();
     let component = out_dir.join(format!("{name}.wasm"));
-    let stamp = out_dir.join(format!(".{name}.built"));
+    let stamp = stamp_path(out_dir, name);
     let (label, tool) = match language {
         Language::Python => (
             "Python",
