@@ -61,7 +61,13 @@ impl OriginRule {
         if rest.contains(['?', '#', '@']) || rest.is_empty() {
             return Err(err("an origin has no path, query, user or fragment"));
         }
-        let (host, port) = split_host_port(rest).ok_or_else(|| err("unbalanced brackets"))?;
+        let (host, port, bracketed) =
+            split_host_port(rest).ok_or_else(|| err("unbalanced brackets"))?;
+        // A URL parser reads `[f]` as a bad IPv6 address, never as host `f`,
+        // so a rule must not either.
+        if bracketed && !(is_ipv6_net(host) || host.parse::<std::net::Ipv6Addr>().is_ok()) {
+            return Err(err("brackets enclose an IPv6 address or block only"));
+        }
         let port = match port {
             None => Some(default_port),
             Some("*") => None,
@@ -131,19 +137,24 @@ impl OriginRule {
     }
 }
 
-/// Splits `host[:port]`, keeping IPv6 brackets and CIDR slashes intact.
-fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
+/// Splits `host[:port]`, keeping CIDR slashes intact; says whether the host
+/// was in brackets (which it returns without them).
+fn split_host_port(s: &str) -> Option<(&str, Option<&str>, bool)> {
     if let Some(inner) = s.strip_prefix('[') {
         let (host, after) = inner.split_once(']')?;
         return match after {
-            "" => Some((host, None)),
-            p => Some((host, Some(p.strip_prefix(':')?))),
+            "" => Some((host, None, true)),
+            p => Some((host, Some(p.strip_prefix(':')?), true)),
         };
     }
     match s.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => Some((host, Some(port))),
-        _ => Some((s, None)),
+        Some((host, port)) if !host.contains(':') => Some((host, Some(port), false)),
+        _ => Some((s, None, false)),
     }
+}
+
+fn is_ipv6_net(host: &str) -> bool {
+    matches!(host.parse::<IpNet>(), Ok(IpNet::V6(_)))
 }
 
 /// How an outbound peer's certificate is checked: Prism's (a cluster's
@@ -347,6 +358,17 @@ mod tests {
             "https://a.bücher.example/"
         ));
         assert!(allows("https://ex%61mple.com", "https://example.com/"));
+        // Found by the origin_policy fuzz target: `[f]` was read as host `f`.
+        for bracketed in [
+            "https://[f]",
+            "https://[f]:443",
+            "http://[10.0.0.1]",
+            "http://[10.0.0.0/8]",
+        ] {
+            let e = OriginRule::parse(bracketed).unwrap_err();
+            assert!(e.reason.contains("IPv6"), "{bracketed}: {e}");
+        }
+        assert!(allows("https://[fd00::1]:8443", "https://[fd00::1]:8443/"));
     }
 
     #[test]
