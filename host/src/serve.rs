@@ -185,10 +185,10 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::Tls
 /// of what is freed inside one: under 1,000 notifications/s the host's
 /// peak was about 20 MiB higher. One per core saved more, but then the
 /// ledger's writer waited on the listener's arena locks and durable
-/// accepts fell by a fifth (BENCHMARKS.md, Memory). Two per core cost as
-/// much in some later runs and nothing in others (same section); an
-/// operator with memory to spare can set `MALLOC_ARENA_MAX` to glibc's eight
-/// per core. An operator's own
+/// accepts fell by a fifth (BENCHMARKS.md, Memory). Two per core costs
+/// about as much when the listener is saturated (same section): the cap
+/// buys the memory target, and an operator with memory to spare can set
+/// `MALLOC_ARENA_MAX` to glibc's eight per core. An operator's own
 /// `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` setting wins. Call it before the
 /// runtime's threads start.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
