@@ -63,11 +63,6 @@ impl OriginRule {
         }
         let (host, port, bracketed) =
             split_host_port(rest).ok_or_else(|| err("unbalanced brackets"))?;
-        // A URL parser reads `[f]` as a bad IPv6 address, never as host `f`,
-        // so a rule must not either.
-        if bracketed && !(is_ipv6_net(host) || host.parse::<std::net::Ipv6Addr>().is_ok()) {
-            return Err(err("brackets enclose an IPv6 address or block only"));
-        }
         let port = match port {
             None => Some(default_port),
             Some("*") => None,
@@ -102,6 +97,11 @@ impl OriginRule {
                 }
             }
         };
+        // A URL parser reads `[f]` as a bad IPv6 address, never as host `f`,
+        // so a rule must not either.
+        if bracketed && !matches!(host, HostPattern::Net(IpNet::V6(_))) {
+            return Err(err("brackets enclose an IPv6 address or block only"));
+        }
         Ok(OriginRule {
             scheme,
             host,
@@ -151,10 +151,6 @@ fn split_host_port(s: &str) -> Option<(&str, Option<&str>, bool)> {
         Some((host, port)) if !host.contains(':') => Some((host, Some(port), false)),
         _ => Some((s, None, false)),
     }
-}
-
-fn is_ipv6_net(host: &str) -> bool {
-    matches!(host.parse::<IpNet>(), Ok(IpNet::V6(_)))
 }
 
 /// How an outbound peer's certificate is checked: Prism's (a cluster's
