@@ -20,10 +20,11 @@
 //! order), and batches that mix entities and may hold several consecutive events of one. A
 //! host alone holds every partition; hosts sharing a ledger hold disjoint sets of them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::ledger::partition::{partition_of, PartitionSet, PARTITIONS};
+use crate::ledger::sharded::Sharded;
 use crate::ledger::{PartitionLag, PluginBacklog};
 
 /// Identifies a lane: the entity whose events must stay in order.
@@ -88,11 +89,11 @@ struct Part {
 
 #[derive(Debug)]
 pub(crate) struct PluginIndex {
-    lanes: HashMap<LaneKey, Lane>,
+    lanes: Sharded<LaneKey, Lane>,
     parts: Box<[Part]>,
     in_flight: HashSet<u64>,
     /// Deliveries that have failed at least once and are not done or dead.
-    failed: HashMap<u64, Failure>,
+    failed: Sharded<u64, Failure>,
     dead: BTreeSet<u64>,
     /// Pending plus in-flight deliveries.
     undelivered: u64,
@@ -103,10 +104,10 @@ pub(crate) struct PluginIndex {
 impl Default for PluginIndex {
     fn default() -> Self {
         PluginIndex {
-            lanes: HashMap::new(),
+            lanes: Sharded::default(),
             parts: (0..PARTITIONS).map(|_| Part::default()).collect(),
             in_flight: HashSet::new(),
-            failed: HashMap::new(),
+            failed: Sharded::default(),
             dead: BTreeSet::new(),
             undelivered: 0,
             delivered: 0,
@@ -295,7 +296,7 @@ impl PluginIndex {
         due
     }
 
-    fn backlog(&self, plugin: &str, events: &HashMap<u64, EventInfo>) -> PluginBacklog {
+    fn backlog(&self, plugin: &str, events: &Sharded<u64, EventInfo>) -> PluginBacklog {
         let oldest_pending_ms = self
             .lanes
             .values()
@@ -322,7 +323,7 @@ impl PluginIndex {
 #[derive(Debug, Default)]
 pub(crate) struct Index {
     pub plugins: BTreeMap<String, PluginIndex>,
-    pub events: HashMap<u64, EventInfo>,
+    pub events: Sharded<u64, EventInfo>,
     /// Pending plus in-flight deliveries over all plugins (what backpressure limits).
     pub undelivered: u64,
     /// The partitions this host claims from; all of them unless it shares the ledger.
@@ -576,6 +577,8 @@ impl Index {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn lane(name: &str) -> LaneKey {

@@ -38,6 +38,7 @@ mod index;
 pub mod jetstream;
 mod partition;
 mod retry;
+mod sharded;
 #[cfg(test)]
 mod suite;
 mod wake;
