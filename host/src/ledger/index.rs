@@ -85,6 +85,10 @@ struct Lane {
 struct Part {
     ready: BTreeMap<u64, LaneKey>,
     waiting: BTreeMap<(u64, u64), LaneKey>,
+    /// The heads in `waiting`, by id, so that the oldest is found without walking every lane.
+    waiting_heads: BTreeSet<u64>,
+    /// Undelivered ids queued in this partition's lanes (ready, waiting, in flight or idle).
+    undelivered: u64,
 }
 
 #[derive(Debug)]
@@ -136,6 +140,7 @@ impl PluginIndex {
             _ => entry.queue.push_back(id),
         }
         self.undelivered += 1;
+        self.parts[entry.partition].undelivered += 1;
         if entry.in_flight == 0 {
             self.reschedule(lane);
         }
@@ -154,6 +159,7 @@ impl PluginIndex {
             }
             Slot::Waiting(due, head) => {
                 part.waiting.remove(&(due, head));
+                part.waiting_heads.remove(&head);
             }
         }
         lane.slot = Slot::Idle;
@@ -167,6 +173,7 @@ impl PluginIndex {
         match self.failed.get(&head) {
             Some(f) if f.due_at_ms > 0 => {
                 part.waiting.insert((f.due_at_ms, head), key.clone());
+                part.waiting_heads.insert(head);
                 lane.slot = Slot::Waiting(f.due_at_ms, head);
             }
             _ => {
@@ -186,6 +193,7 @@ impl PluginIndex {
                     break;
                 }
                 let key = entry.remove();
+                part.waiting_heads.remove(&head);
                 if let Some(lane) = self.lanes.get_mut(&key) {
                     lane.slot = Slot::Ready(head);
                 }
@@ -267,6 +275,7 @@ impl PluginIndex {
             Ok(at) => {
                 l.queue.remove(at);
                 self.undelivered -= 1;
+                self.parts[l.partition].undelivered -= 1;
                 true
             }
             Err(_) => false,
@@ -296,13 +305,45 @@ impl PluginIndex {
         due
     }
 
+    /// Per partition, the smallest id at the head of a lane. A lane with nothing in flight is
+    /// ready or waiting under its head; one with something in flight is found from those
+    /// deliveries. So this reads the partitions' first entries and the lanes of what is in
+    /// flight, not every lane: `/metrics` asks on every scrape, under the index lock, and a
+    /// backlog can be millions of lanes.
+    fn oldest_heads(&self, events: &Sharded<u64, EventInfo>) -> Vec<Option<u64>> {
+        let mut heads: Vec<Option<u64>> = self
+            .parts
+            .iter()
+            .map(|part| {
+                let ready = part.ready.keys().next();
+                ready
+                    .into_iter()
+                    .chain(part.waiting_heads.first())
+                    .copied()
+                    .min()
+            })
+            .collect();
+        for id in &self.in_flight {
+            let Some(lane) = events.get(id).and_then(|e| self.lanes.get(&e.lane)) else {
+                continue;
+            };
+            if let Some(&head) = lane.queue.front() {
+                let oldest = &mut heads[lane.partition];
+                *oldest = Some(oldest.map_or(head, |o| o.min(head)));
+            }
+        }
+        heads
+    }
+
     fn backlog(&self, plugin: &str, events: &Sharded<u64, EventInfo>) -> PluginBacklog {
+        // Ids follow arrival, so the smallest head is the oldest undelivered event.
         let oldest_pending_ms = self
-            .lanes
-            .values()
-            .filter_map(|l| l.queue.front())
-            .filter_map(|id| events.get(id).map(|e| e.received_at_ms))
-            .min();
+            .oldest_heads(events)
+            .into_iter()
+            .flatten()
+            .min()
+            .and_then(|id| events.get(&id))
+            .map(|e| e.received_at_ms);
         PluginBacklog {
             plugin: plugin.to_owned(),
             pending: self.undelivered - self.in_flight.len() as u64,
@@ -328,6 +369,17 @@ pub(crate) struct Index {
     pub undelivered: u64,
     /// The partitions this host claims from; all of them unless it shares the ledger.
     pub held: PartitionSet,
+}
+
+/// Every partition, nothing undelivered.
+fn no_lag() -> Vec<PartitionLag> {
+    (0..PARTITIONS)
+        .map(|partition| PartitionLag {
+            partition,
+            undelivered: 0,
+            oldest_undelivered_ms: None,
+        })
+        .collect()
 }
 
 impl Index {
@@ -545,19 +597,16 @@ impl Index {
 
     /// Undelivered deliveries (over all plugins) per partition, with the oldest one's time.
     pub fn lag(&self) -> Vec<PartitionLag> {
-        let mut lag: Vec<PartitionLag> = (0..PARTITIONS)
-            .map(|partition| PartitionLag {
-                partition,
-                undelivered: 0,
-                oldest_undelivered_ms: None,
-            })
-            .collect();
+        let mut lag = no_lag();
         for p in self.plugins.values() {
-            for lane in p.lanes.values() {
-                let entry = &mut lag[lane.partition];
-                entry.undelivered += lane.queue.len() as u64;
-                let head = lane.queue.front().and_then(|id| self.events.get(id));
-                if let Some(at) = head.map(|e| e.received_at_ms) {
+            let heads = p.oldest_heads(&self.events);
+            for ((entry, part), head) in lag.iter_mut().zip(p.parts.iter()).zip(heads) {
+                entry.undelivered += part.undelivered;
+                // Ids follow arrival, so the smallest head is the partition's oldest event.
+                if let Some(at) = head
+                    .and_then(|id| self.events.get(&id))
+                    .map(|e| e.received_at_ms)
+                {
                     let oldest = entry.oldest_undelivered_ms.get_or_insert(at);
                     *oldest = (*oldest).min(at);
                 }
@@ -659,6 +708,81 @@ mod tests {
         assert_eq!(ids(&index.claim("p", 0, 10)), [1, 3]);
         let counts = &index.backlog()[0];
         assert_eq!((counts.in_flight, counts.pending, counts.dead), (2, 0, 0));
+    }
+
+    /// What `backlog` reported before it read heads: the earliest time over every lane's head.
+    fn oldest_by_walking_every_lane(index: &Index, plugin: &str) -> Option<u64> {
+        index.plugins[plugin]
+            .lanes
+            .values()
+            .filter_map(|l| l.queue.front())
+            .filter_map(|id| index.events.get(id).map(|e| e.received_at_ms))
+            .min()
+    }
+
+    /// What `lag` reported before it kept counts per partition and read heads.
+    fn lag_by_walking_every_lane(index: &Index) -> Vec<PartitionLag> {
+        let mut lag = no_lag();
+        for p in index.plugins.values() {
+            for lane in p.lanes.values() {
+                let entry = &mut lag[lane.partition];
+                entry.undelivered += lane.queue.len() as u64;
+                let head = lane.queue.front().and_then(|id| index.events.get(id));
+                if let Some(at) = head.map(|e| e.received_at_ms) {
+                    let oldest = entry.oldest_undelivered_ms.get_or_insert(at);
+                    *oldest = (*oldest).min(at);
+                }
+            }
+        }
+        lag
+    }
+
+    #[test]
+    fn the_oldest_pending_time_is_read_from_heads_whether_ready_waiting_or_in_flight() {
+        let mut index = Index::default();
+        // Ids follow arrival; received 1000 + id.
+        for (id, name) in [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "b"), (6, "d")] {
+            index.add_pending("p", id, lane(name), 1_000 + id, None);
+        }
+        let oldest = |index: &Index| {
+            for part in index.plugins["p"].parts.iter() {
+                let heads: BTreeSet<u64> = part.waiting.keys().map(|&(_, head)| head).collect();
+                assert_eq!(heads, part.waiting_heads);
+            }
+            let reported = index.backlog()[0].oldest_pending_ms;
+            assert_eq!(reported, oldest_by_walking_every_lane(index, "p"));
+            assert_eq!(index.lag(), lag_by_walking_every_lane(index));
+            reported
+        };
+        assert_eq!(oldest(&index), Some(1_001));
+        // In flight: lane a's head is 1, claimed with 2 and 3.
+        assert_eq!(ids(&index.claim("p", 0, 3)), [1, 2, 3]);
+        assert_eq!(oldest(&index), Some(1_001));
+        // Waiting for a retry.
+        let failure = Failure {
+            attempts: 1,
+            due_at_ms: 500,
+        };
+        index.mark_retry("p", 1, failure);
+        assert_eq!(oldest(&index), Some(1_001));
+        // Dead letters are not pending: lane a's head becomes 3 (in flight).
+        index.mark_done("p", 2);
+        index.claim("p", 500, 10);
+        index.mark_dead("p", 1);
+        assert_eq!(oldest(&index), Some(1_003));
+        index.mark_retry("p", 3, failure);
+        index.mark_done("p", 4);
+        index.mark_done("p", 5);
+        index.mark_done("p", 6);
+        assert_eq!(oldest(&index), Some(1_003));
+        // Promoted from waiting to ready, then claimed and done: nothing pending is left.
+        index.claim("p", 500, 10);
+        index.mark_done("p", 3);
+        assert_eq!(oldest(&index), None);
+        // A revived dead letter is pending again, older than anything else.
+        index.add_pending("p", 7, lane("e"), 1_007, None);
+        index.revive("p", 1);
+        assert_eq!(oldest(&index), Some(1_001));
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl<K, V> Sharded<K, V> {
         self.shards.iter().flat_map(HashMap::keys)
     }
 
+    #[cfg(test)]
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.shards.iter().flat_map(HashMap::values)
     }
