@@ -112,6 +112,7 @@ impl<K, V> Sharded<K, V> {
         self.shards.iter().all(HashMap::is_empty)
     }
 
+    #[cfg(test)]
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.shards.iter().flat_map(HashMap::keys)
     }
