@@ -99,8 +99,6 @@ pub(crate) struct PluginIndex {
     /// Deliveries that have failed at least once and are not done or dead.
     failed: Sharded<u64, Failure>,
     dead: BTreeSet<u64>,
-    /// Pending plus in-flight deliveries.
-    undelivered: u64,
     /// Done deliveries, all time (persisted in the meta table).
     pub delivered: u64,
 }
@@ -113,14 +111,19 @@ impl Default for PluginIndex {
             in_flight: HashSet::new(),
             failed: Sharded::default(),
             dead: BTreeSet::new(),
-            undelivered: 0,
             delivered: 0,
         }
     }
 }
 
 impl PluginIndex {
-    fn enqueue(&mut self, id: u64, lane: &LaneKey) {
+    /// Pending plus in-flight deliveries.
+    fn undelivered(&self) -> u64 {
+        self.parts.iter().map(|part| part.undelivered).sum()
+    }
+
+    /// Queues a delivery in its lane; returns whether it was not queued already.
+    fn enqueue(&mut self, id: u64, lane: &LaneKey) -> bool {
         let entry = self.lanes.entry(lane.clone()).or_insert_with(|| Lane {
             queue: VecDeque::new(),
             in_flight: 0,
@@ -132,18 +135,18 @@ impl PluginIndex {
             Some(&last) if last > id => {
                 let at = entry.queue.partition_point(|&x| x < id);
                 if entry.queue.get(at) == Some(&id) {
-                    return;
+                    return false;
                 }
                 entry.queue.insert(at, id);
             }
-            Some(&last) if last == id => return,
+            Some(&last) if last == id => return false,
             _ => entry.queue.push_back(id),
         }
-        self.undelivered += 1;
         self.parts[entry.partition].undelivered += 1;
         if entry.in_flight == 0 {
             self.reschedule(lane);
         }
+        true
     }
 
     /// Puts a lane back where it belongs after its head or in-flight count changed.
@@ -274,7 +277,6 @@ impl PluginIndex {
         match l.queue.binary_search(&id) {
             Ok(at) => {
                 l.queue.remove(at);
-                self.undelivered -= 1;
                 self.parts[l.partition].undelivered -= 1;
                 true
             }
@@ -346,7 +348,7 @@ impl PluginIndex {
             .map(|e| e.received_at_ms);
         PluginBacklog {
             plugin: plugin.to_owned(),
-            pending: self.undelivered - self.in_flight.len() as u64,
+            pending: self.undelivered() - self.in_flight.len() as u64,
             in_flight: self.in_flight.len() as u64,
             // Counted from the few in flight, not by walking every failed delivery (with a
             // firewall down, that is every one).
@@ -431,10 +433,9 @@ impl Index {
         if let Some(f) = failure {
             p.failed.insert(id, f);
         }
-        let before = p.undelivered;
-        p.enqueue(id, &lane);
-        let added = p.undelivered - before;
-        self.undelivered += added;
+        if p.enqueue(id, &lane) {
+            self.undelivered += 1;
+        }
     }
 
     /// A dead letter found on open.
@@ -532,10 +533,9 @@ impl Index {
         if !p.dead.remove(&id) {
             return;
         }
-        let before = p.undelivered;
-        p.enqueue(id, &lane);
-        let added = p.undelivered - before;
-        self.undelivered += added;
+        if p.enqueue(id, &lane) {
+            self.undelivered += 1;
+        }
     }
 
     pub fn forget_dead(&mut self, plugin: &str, id: u64) {
