@@ -12,6 +12,7 @@ source scripts/lib.sh
 bench="${1:?usage: scripts/bench.sh wasm|listener|durability|lifecycle|cluster|reconcile [sections…]}"
 shift
 ensure_rust
+build_xtask
 case "$bench" in
   listener | durability | cluster) ensure_debian_packages wrk ;;
 esac

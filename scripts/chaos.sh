@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_rust
+build_xtask
 build_guests
 export_nats_server
 export PRISMHOOK_CHAOS_KILLS="${CHAOS_KILLS:-20}"

@@ -25,6 +25,9 @@ if ! cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
 fi
 export RUSTC_BOOTSTRAP=1
 root=$PWD
+# One target directory for every fuzz crate: they build the same libFuzzer,
+# serde and friends with the same flags, once.
+target_dir=$root/target/fuzz
 summary=()
 crashed=0
 
@@ -80,7 +83,7 @@ for fuzz in core/fuzz plugins/*/fuzz; do
   done
   if [ "${#targets[@]}" -eq 0 ]; then continue; fi
   step "building the fuzz targets of $crate"
-  (cd "$crate" && cargo fuzz build -O)
+  (cd "$crate" && cargo fuzz build -O --target-dir "$target_dir")
   for target in "${targets[@]}"; do
     step "fuzzing $crate: $target for ${seconds}s"
     corpus=$root/$fuzz/corpus/$target
@@ -91,7 +94,7 @@ for fuzz in core/fuzz plugins/*/fuzz; do
     log=$root/target/fuzz-$target.log
     status=0
     started=$SECONDS
-    (cd "$crate" && cargo fuzz run -O "$target" "$corpus" "$seeds" -- \
+    (cd "$crate" && cargo fuzz run -O --target-dir "$target_dir" "$target" "$corpus" "$seeds" -- \
       -max_total_time="$seconds" -runs="$runs" -print_final_stats=1) >"$log" 2>&1 || status=$?
     elapsed=$((SECONDS - started))
     executed=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")

