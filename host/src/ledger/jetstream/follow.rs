@@ -101,12 +101,14 @@ pub(super) async fn follow(
             .await;
         let messages = match consumer {
             Ok(consumer) => {
-                if consumer.cached_info().num_pending == 0 {
+                let caught_up = consumer.cached_info().num_pending == 0;
+                let messages = consumer.messages().await.map_err(|e| e.to_string());
+                if caught_up && messages.is_ok() {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(());
                     }
                 }
-                consumer.messages().await.map_err(|e| e.to_string())
+                messages
             }
             Err(e) => Err(e.to_string()),
         };
