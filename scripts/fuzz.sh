@@ -102,6 +102,9 @@ for fuzz in core/fuzz plugins/*/fuzz; do
     if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
       crashed=1
       tail -30 "$log"
+      # cargo-fuzz's own hint above omits the target directory, so following
+      # it would build every target again in the crate's own one.
+      echo "fuzz.sh: to replay an input: (cd $crate && RUSTC_BOOTSTRAP=1 cargo fuzz run -O --target-dir $target_dir $target $root/$fuzz/artifacts/$target/<file>)"
     fi
     summary+=("$crate $target: $executed executions in ${elapsed}s, $crashes crash input(s), exit $status")
   done
