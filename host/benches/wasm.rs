@@ -407,8 +407,8 @@ async fn main() {
         .await
         .unwrap();
     println!(
-        "components: probe.wasm {} KiB, paloalto.wasm {} KiB (built with LTO by `cargo xtask plugins`, the probe at opt-level s, \
-         the Palo Alto plugin at 3; the native side is this bench profile, opt-level 3)",
+        "components: probe.wasm {} KiB, paloalto.wasm {} KiB (built with LTO by `cargo xtask plugins`, both at opt-level 3, \
+         the native side this bench profile, opt-level 3 too)",
         probe.size() >> 10,
         paloalto.size() >> 10
     );

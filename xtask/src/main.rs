@@ -211,8 +211,16 @@ fn build_rust_guest(dir: &Path, name: &str, out_dir: &Path, target_dir: &Path) -
     );
     let status = Command::new(CARGO)
         .current_dir(dir)
+        // Only the cdylib, whatever else the crate is for natively (the Palo Alto
+        // plugin is an rlib too, for its tests and fuzzing): an rlib beside it
+        // makes cargo compile every dependency, the standard library included,
+        // to object code as well as bitcode, which is slower, and a standard
+        // library built that way is not the one the cdylib-only guests share.
         .args([
-            "build",
+            "rustc",
+            "--lib",
+            "--crate-type",
+            "cdylib",
             "--release",
             "--target",
             TARGET,
