@@ -424,6 +424,11 @@ async fn main() {
 
     // ------------------------------------------------------------ 1
     println!("\n## 1. Instantiate per call: fresh Store + instantiate + init + handle(1 trivial event) + drop");
+    println!(
+        "pre-initialised (no init per call, the instance starts from the snapshot after init): probe {}, paloalto {}",
+        probe.pre_initialised(),
+        paloalto.pre_initialised()
+    );
     println!("probe gets TEST.REJECT (answers reject, no kv, no http); paloalto gets SUBNET.CREATE (not a VM event: done, no kv, no http)");
     let (mut t_probe, mut t_pa) = (Vec::new(), Vec::new());
     let iterations = 4000;

@@ -190,6 +190,14 @@ pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Res
         Ok(p) => {
             println!("plugin    {} {}", p.name(), p.info().version);
             println!("events    {}", p.info().subscriptions.join(", "));
+            println!(
+                "init      {}",
+                if p.pre_initialised() {
+                    "once per load: calls start from a snapshot of the instance after init"
+                } else {
+                    "in every call (the log says why)"
+                }
+            );
             println!("OK        fits {}", crate::runtime::bindings::PACKAGE);
             Ok(ExitCode::SUCCESS)
         }

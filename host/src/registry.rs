@@ -64,6 +64,8 @@ pub struct PluginStatus {
     pub file: Option<PathBuf>,
     pub sha256: Option<String>,
     pub tier: Option<Tier>,
+    /// Whether its calls start from the snapshot after `init`.
+    pub pre_initialised: Option<bool>,
     #[serde(flatten)]
     pub state: PluginState,
     pub load_error: Option<String>,
@@ -157,6 +159,7 @@ impl Registry {
                     file: p.map(|p| p.file().to_owned()),
                     sha256: p.map(|p| p.sha256().to_owned()),
                     tier: p.map(|p| p.tier()),
+                    pre_initialised: p.map(|p| p.pre_initialised()),
                     state: e.state.clone(),
                     load_error: e.load_error.clone(),
                     subscriptions: p

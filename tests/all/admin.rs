@@ -362,6 +362,17 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
         "Cranelift's code to serve",
     )
     .await;
+    // Neither plugin's init calls the host: Cranelift's code came with a
+    // snapshot after init, which the plugin list reports.
+    let plugins = host.client(None).plugins().await.unwrap();
+    assert!(
+        plugins.iter().all(|p| p.pre_initialised == Some(true)),
+        "{:?}",
+        plugins
+            .iter()
+            .map(|p| (&p.name, p.pre_initialised))
+            .collect::<Vec<_>>()
+    );
 
     let text = host.metrics(None).await;
     assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with EOF");

@@ -129,6 +129,19 @@ fn tier(app: &App) -> Option<Tier> {
         .map(|p| p.tier())
 }
 
+fn pre_initialised(app: &App) -> Option<bool> {
+    app.registry
+        .get("probe")
+        .and_then(|e| e.plugin)
+        .map(|p| p.pre_initialised())
+}
+
+/// What the cache holds once the probe (whose `init` reads only its
+/// configuration) runs Cranelift's code: that code, and the two
+/// compilations of its snapshot after `init` (the component instrumented to
+/// take it, and the snapshot).
+const SNAPSHOTTED: usize = 3;
+
 fn cache_entries(h: &Host) -> Vec<PathBuf> {
     std::fs::read_dir(h.dir.path().join("data/cache"))
         .map(|rd| {
@@ -463,7 +476,10 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
         "Cranelift's code to serve",
     )
     .await;
-    assert_eq!(cache_entries(&h).len(), 1);
+    // The component's code, and the two of its snapshot after init: the
+    // component instrumented to take it, and the snapshot itself.
+    assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
+    assert_eq!(pre_initialised(&app), Some(true));
     let state = app.registry.get("probe").unwrap().state;
     assert_eq!(state, PluginState::Active);
     let second = common::append(&app, 2, "vm-a", "VM.OFF").await;
@@ -489,6 +505,9 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
         app.loaded
     );
     assert_eq!(tier(&app), Some(Tier::Optimized));
+    // The snapshot is taken again, from code the cache holds.
+    assert_eq!(pre_initialised(&app), Some(true));
+    assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -512,7 +531,7 @@ async fn without_tiering_a_new_file_waits_for_cranelift() {
         "{:?}",
         app.loaded
     );
-    assert_eq!(cache_entries(&h).len(), 1);
+    assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -657,7 +676,8 @@ async fn a_new_component_file_upgrades_every_instance_and_each_instance_goes_wit
     let first = sha_of("alpha").expect("alpha loaded").0;
     assert_eq!(sha_of("beta").map(|s| s.0), Some(first.clone()));
     assert!(app.registry.get("probe").is_none());
-    // One Cranelift compilation serves both instances.
+    // One Cranelift compilation serves both instances, and so does one
+    // snapshot: their settings are the same.
     wait(
         || {
             ["alpha", "beta"]
@@ -667,7 +687,7 @@ async fn a_new_component_file_upgrades_every_instance_and_each_instance_goes_wit
         "both instances to run Cranelift's code",
     )
     .await;
-    assert_eq!(cache_entries(&h).len(), 1);
+    assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
 
     h.install("probe.wasm", &probe_variant(1));
     wait(

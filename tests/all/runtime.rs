@@ -281,6 +281,8 @@ async fn winch_code_is_held_to_the_same_limits_and_cranelift_code_takes_over() {
     };
     let p = probe(&sb, settings()).await;
     assert_eq!(p.tier(), Tier::Baseline);
+    // Snapshots are of Cranelift's code: made when it takes over.
+    assert!(!p.pre_initialised());
 
     let err = p
         .handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))])
@@ -322,6 +324,7 @@ async fn winch_code_is_held_to_the_same_limits_and_cranelift_code_takes_over() {
         .unwrap();
     let optimized = sb.runtime.upgrade(&p, code).await.unwrap();
     assert_eq!(optimized.tier(), Tier::Optimized);
+    assert!(optimized.pre_initialised());
     assert!(optimized.same_load(&p) && optimized.source().is_none());
     assert_eq!(
         (optimized.name(), optimized.sha256()),
@@ -412,6 +415,76 @@ async fn every_call_starts_from_the_plugins_first_memory_not_the_last_calls() {
             .await;
         assert!(trapped.is_err());
     }
+}
+
+/// An `init` that computes from its configuration alone runs once per
+/// load: calls start from a snapshot of the instance it left. Two
+/// instances of one component each start from their own, also after a
+/// trap.
+#[tokio::test]
+async fn a_plugin_whose_init_reads_only_its_configuration_starts_every_call_where_init_left_it() {
+    let sb = sandbox();
+    let load = |tag: &'static str| {
+        let runtime = sb.runtime.clone();
+        async move {
+            let mut s = settings();
+            s.config = serde_json::json!({ "tag": tag });
+            runtime
+                .load_read(
+                    &common::component("probe"),
+                    None,
+                    s,
+                    Some(format!("probe-{tag}")),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = (load("a").await, load("b").await);
+    let config = |p: Plugin| async move {
+        let out = p
+            .handle(vec![event(1, "TEST.CONFIG", serde_json::json!({}))])
+            .await
+            .unwrap();
+        match &out[..] {
+            [Outcome::Reject(config)] => config.clone(),
+            other => panic!("not what TEST.CONFIG answers: {other:?}"),
+        }
+    };
+    for p in [&a, &b] {
+        assert!(p.pre_initialised(), "{}", p.name());
+    }
+    for _ in 0..2 {
+        assert_eq!(config(a.clone()).await, r#"{"tag":"a"}"#);
+        assert_eq!(config(b.clone()).await, r#"{"tag":"b"}"#);
+        let trapped = a
+            .handle(vec![event(2, "TEST.TRAP", serde_json::json!({}))])
+            .await;
+        assert!(
+            matches!(trapped, Err(CallError::Trap { .. })),
+            "{trapped:?}"
+        );
+    }
+}
+
+/// An `init` that calls the host (here kv) cannot be captured, as what it
+/// got from outside may change: that plugin runs `init` in every call, as
+/// every plugin did before snapshots.
+#[tokio::test]
+async fn a_plugin_whose_init_calls_the_host_runs_init_in_every_call() {
+    let sb = sandbox();
+    let mut s = settings();
+    s.config = serde_json::json!({ "count_inits": true });
+    let p = probe(&sb, s).await;
+    assert!(!p.pre_initialised());
+    assert_eq!(
+        kv_text(&sb, "inits").as_deref(),
+        Some("1"),
+        "the load's init"
+    );
+    works(&p).await;
+    works(&p).await;
+    assert_eq!(kv_text(&sb, "inits").as_deref(), Some("3"));
 }
 
 #[tokio::test]

@@ -52,6 +52,10 @@ pub struct PluginReport {
     /// is ready) or `optimized`.
     #[serde(default)]
     pub tier: Option<Tier>,
+    /// Whether its calls start from a snapshot of its instance after
+    /// `init` instead of running `init` (docs/plugins.md, "The contract").
+    #[serde(default)]
+    pub pre_initialised: Option<bool>,
     /// Why the newest file could not be loaded while an older version serves.
     pub load_error: Option<String>,
     pub subscriptions: Vec<String>,
@@ -143,6 +147,7 @@ pub(super) fn plugin_reports(
                 file: s.file,
                 sha256: s.sha256,
                 tier: s.tier,
+                pre_initialised: s.pre_initialised,
                 load_error: s.load_error,
                 subscriptions: s.subscriptions,
                 name: s.name,
@@ -160,6 +165,7 @@ pub(super) fn plugin_reports(
         file: None,
         sha256: None,
         tier: None,
+        pre_initialised: None,
         load_error: None,
         subscriptions: Vec::new(),
         counters: counters_of(&b.plugin),

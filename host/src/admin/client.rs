@@ -786,6 +786,7 @@ mod tests {
                 file: None,
                 sha256: None,
                 tier: None,
+                pre_initialised: Some(true),
                 load_error: None,
                 subscriptions: vec!["VM.*".into()],
                 counters: super::super::api::PluginCounters {
@@ -806,6 +807,7 @@ mod tests {
                 file: None,
                 sha256: None,
                 tier: Some(crate::runtime::Tier::Baseline),
+                pre_initialised: Some(false),
                 load_error: None,
                 subscriptions: vec![],
                 counters: Default::default(),

@@ -26,6 +26,7 @@ mod host;
 pub mod kv_store;
 pub mod scrub;
 mod session;
+mod snapshot;
 mod state;
 pub use clusters::VmClusters;
 pub use state::OutboundCounts;
@@ -396,11 +397,12 @@ impl Runtime {
             .and_then(|c| c.get(&self.engine, &sha256));
         let from_cache = cached.is_some();
         let size = bytes.len();
+        let bytes: Arc<[u8]> = Arc::from(bytes);
         let (component, source) = match cached {
             Some(component) => (component, None),
             None => match self.compile_baseline(file, &bytes) {
                 // Kept for Cranelift, which compiles a baseline plugin later.
-                Some(component) => (component, Some(Arc::from(bytes))),
+                Some(component) => (component, Some(bytes.clone())),
                 None => (
                     self.optimizer_parts()
                         .compile_bytes(file, &bytes, &sha256)?,
@@ -410,6 +412,7 @@ impl Runtime {
         };
         Ok(Compiled {
             from_cache,
+            bytes,
             source,
             file: file.to_owned(),
             sha256,
@@ -461,8 +464,99 @@ impl Runtime {
             source: None,
             ..baseline.clone()
         };
-        plugin.init().await?;
-        Ok(plugin)
+        let (_, called_host) = plugin.init().await?;
+        let bytes = baseline
+            .source
+            .clone()
+            .expect("a baseline plugin keeps its file's bytes");
+        Ok(self.pre_initialise(plugin, bytes, called_host).await)
+    }
+
+    /// `plugin` running from a snapshot of its instance after `init`, when
+    /// its `init` made no call to the host and the snapshot can be made
+    /// (see `snapshot.rs`); else `plugin` as it is, which runs `init` in
+    /// every call. Cranelift's code only: a baseline plugin is snapshotted
+    /// when it is upgraded.
+    async fn pre_initialise(
+        self: &Arc<Self>,
+        plugin: Plugin,
+        bytes: Arc<[u8]>,
+        called_host: bool,
+    ) -> Plugin {
+        let name = plugin.name().to_owned();
+        if called_host {
+            tracing::info!(plugin = %name, "runs `init` in every call: its `init` calls the host, so the state it leaves is not kept");
+            return plugin;
+        }
+        let started = Instant::now();
+        let rt = self.clone();
+        let (file, config, limits) = (plugin.file.clone(), plugin.config.clone(), plugin.limits());
+        let made = tokio::task::spawn_blocking(move || {
+            let compile = |bytes: &[u8]| {
+                rt.compile_cached(&file, bytes)
+                    .map_err(|e| snapshot::SnapshotError::Compile(e.to_string()))
+            };
+            let (image, info) = tokio::runtime::Handle::current().block_on(snapshot::snapshot(
+                &rt.engine, &bytes, &config, limits, compile,
+            ))?;
+            Ok::<_, snapshot::SnapshotError>((compile(&image)?, info))
+        })
+        .await;
+        let made = match made {
+            Ok(Ok(made)) => made,
+            Ok(Err(e)) => {
+                tracing::info!(plugin = %name, "runs `init` in every call: {e}");
+                return plugin;
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %name, "runs `init` in every call: its snapshot panicked: {e}");
+                return plugin;
+            }
+        };
+        let (component, info) = made;
+        if (&info.name, &info.version, &info.subscriptions)
+            != (
+                &plugin.info.name,
+                &plugin.info.version,
+                &plugin.info.subscriptions,
+            )
+        {
+            tracing::info!(plugin = %name, "runs `init` in every call: its `init` answered differently from one run to the next");
+            return plugin;
+        }
+        let candidate = match self.pre(&self.linker, &component, &plugin.file) {
+            Ok(pre) => Plugin {
+                paged: paged_export(&component),
+                pre,
+                initialized: Some(info),
+                ..plugin.clone()
+            },
+            Err(e) => {
+                tracing::warn!(plugin = %name, "runs `init` in every call: its snapshot does not link: {e}");
+                return plugin;
+            }
+        };
+        // The snapshot instantiates (and exports what the plugin did) before
+        // it serves.
+        if let Err(e) = candidate.init().await {
+            tracing::warn!(plugin = %name, "runs `init` in every call: its snapshot does not start: {e}");
+            return plugin;
+        }
+        tracing::info!(plugin = %name, took_ms = started.elapsed().as_millis() as u64, "pre-initialised: each call starts from the state `init` left");
+        candidate
+    }
+
+    /// Cranelift's compilation of `bytes`, from the cache when it has it.
+    fn compile_cached(&self, file: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
+        let sha256 = sha256_hex(bytes);
+        if let Some(component) = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(&self.engine, &sha256))
+        {
+            return Ok(component);
+        }
+        self.optimizer_parts().compile_bytes(file, bytes, &sha256)
     }
 
     fn pre(
@@ -494,7 +588,8 @@ impl Runtime {
         instance: Option<String>,
     ) -> Result<Plugin, LoadError> {
         let file = compiled.file.clone();
-        let (engine, linker) = match (compiled.tier(), &self.baseline) {
+        let tier = compiled.tier();
+        let (engine, linker) = match (tier, &self.baseline) {
             (Tier::Baseline, Some((engine, linker))) => (engine, linker),
             _ => (&self.engine, &self.linker),
         };
@@ -538,13 +633,14 @@ impl Runtime {
             engine: engine.clone(),
             paged: paged_export(&compiled.component),
             pre,
+            initialized: None,
             source: compiled.source,
             sha256: compiled.sha256,
             file: file.clone(),
             size: compiled.size,
             from_cache: compiled.from_cache,
         };
-        let info = plugin.init().await?;
+        let (info, called_host) = plugin.init().await?;
         if !valid_plugin_name(&info.name) {
             return Err(LoadError::BadName {
                 file,
@@ -575,7 +671,13 @@ impl Runtime {
             memory_peak: provisional.memory_peak.clone(),
         });
         plugin.info = info;
-        Ok(plugin)
+        Ok(match tier {
+            Tier::Optimized => {
+                self.pre_initialise(plugin, compiled.bytes, called_host)
+                    .await
+            }
+            Tier::Baseline => plugin,
+        })
     }
 
     /// `compile_file` off the async threads, then `instantiate`.
@@ -624,7 +726,12 @@ fn paged_export(component: &Component) -> Option<ComponentExportIndex> {
 fn host_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
     let mut linker = Linker::<HostState>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| {
+        // Every call to the plugin world's imports comes through here (and
+        // WASI's through `HostState::ctx`).
+        s.host_calls += 1;
+        s
+    })?;
     Ok(linker)
 }
 
@@ -700,6 +807,8 @@ pub struct Source {
 pub struct Compiled {
     /// Whether it came from the on-disk cache rather than the compiler.
     pub from_cache: bool,
+    /// The file's bytes, for the snapshot after `init`.
+    bytes: Arc<[u8]>,
     /// The file's bytes, kept while only Winch has compiled them.
     source: Option<Arc<[u8]>>,
     pub file: PathBuf,
@@ -734,6 +843,10 @@ pub struct Plugin {
     /// The engine that compiled `pre`'s code: its Stores come from it.
     engine: Engine,
     pre: PluginPre<HostState>,
+    /// What `init` returned, when `pre` is the snapshot of an instance
+    /// after `init` (see `snapshot.rs`): calls then start from that state
+    /// and do not run `init` again.
+    initialized: Option<PluginInfo>,
     /// Its paged reconcile, when it exports one (`paged-plugin`).
     paged: Option<ComponentExportIndex>,
     /// The file's bytes while the code is Winch's (for Cranelift).
@@ -792,6 +905,12 @@ impl Plugin {
         tier_of(&self.source)
     }
 
+    /// Whether its calls start from a snapshot of its instance after
+    /// `init` rather than running `init` first.
+    pub fn pre_initialised(&self) -> bool {
+        self.initialized.is_some()
+    }
+
     /// What Cranelift needs to compile this plugin; `None` once it runs
     /// Cranelift's code.
     pub fn source(&self) -> Option<Source> {
@@ -820,11 +939,14 @@ impl Plugin {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Runs `init` alone, as a load does before the plugin serves.
-    async fn init(&self) -> Result<PluginInfo, LoadError> {
+    /// Runs `init` alone, as a load does before the plugin serves (for a
+    /// snapshot, only instantiates it); and tells whether `init` called
+    /// the host.
+    async fn init(&self) -> Result<(PluginInfo, bool), LoadError> {
         let file = self.file.clone();
         match self.call(Call::Init, "init", Arc::default()).await {
-            Ok((info, _)) => Ok(info),
+            Ok(Returned::Init { info, called_host }) => Ok((info, called_host)),
+            Ok(_) => unreachable!("init returns the plugin's info"),
             Err(CallError::Init { message, .. }) => Err(LoadError::InitRefused { file, message }),
             Err(source) => Err(LoadError::Init { file, source }),
         }
@@ -859,7 +981,6 @@ impl Plugin {
         let Returned::Handle(outcomes) = self
             .call(Call::Handle(events), &context, vm_clusters)
             .await?
-            .1
         else {
             unreachable!("handle returns outcomes")
         };
@@ -919,7 +1040,7 @@ impl Plugin {
         vm_clusters: Arc<VmClusters>,
     ) -> Result<Result<String, String>, CallError> {
         let context = format!("reconcile:{cluster}");
-        let Returned::Reconcile(result) = self.call(call, &context, vm_clusters).await?.1 else {
+        let Returned::Reconcile(result) = self.call(call, &context, vm_clusters).await? else {
             unreachable!("reconcile returns a result")
         };
         Ok(result)
@@ -932,7 +1053,7 @@ impl Plugin {
         mut call: Call<'_>,
         context: &str,
         vm_clusters: Arc<VmClusters>,
-    ) -> Result<(PluginInfo, Returned), CallError> {
+    ) -> Result<Returned, CallError> {
         // A call that may write must read what this host wrote before. The
         // dispatcher waits for that before it claims (`settle_kv`): a call
         // never waits, as what it claimed is leased for a limited time.
@@ -988,9 +1109,12 @@ impl Plugin {
                 .await?;
             let plugin = bindings::Plugin::new(&mut store, &instance)?;
             let handler = plugin.prismhook_plugin_handler();
-            let info = match handler.call_init(&mut store, &self.config).await? {
-                Ok(info) => info,
-                Err(message) => return Ok(Err(message)),
+            let info = match &self.initialized {
+                Some(info) => matches!(call, Call::Init).then(|| info.clone()),
+                None => match handler.call_init(&mut store, &self.config).await? {
+                    Ok(info) => Some(info),
+                    Err(message) => return Ok(Err(message)),
+                },
             };
             let paged = |store: &mut Store<HostState>| {
                 let index = self.paged.as_ref().expect("checked by the caller");
@@ -1007,11 +1131,15 @@ impl Plugin {
             let returned = match call {
                 // A paged reconcile of the wrong type fails the load, not
                 // the first reconcile.
-                Call::Init if self.paged.is_some() => {
-                    paged(&mut store)?;
-                    Returned::Init
+                Call::Init => {
+                    if self.paged.is_some() {
+                        paged(&mut store)?;
+                    }
+                    Returned::Init {
+                        info: info.expect("init's answer, or the snapshot's"),
+                        called_host: false,
+                    }
                 }
-                Call::Init => Returned::Init,
                 Call::Handle(events) => {
                     Returned::Handle(handler.call_handle(&mut store, events).await?)
                 }
@@ -1023,7 +1151,7 @@ impl Plugin {
                     Returned::Reconcile(reconcile.call_async(&mut store, (&cluster,)).await?.0)
                 }
             };
-            Ok::<_, wasmtime::Error>(Ok((info, returned)))
+            Ok::<_, wasmtime::Error>(Ok(returned))
         }
         .await;
         let state = store.into_data();
@@ -1033,9 +1161,12 @@ impl Plugin {
 
         let plugin = self.identity.name.clone();
         match result {
-            Ok(Ok(ok)) => {
+            Ok(Ok(mut ok)) => {
+                if let Returned::Init { called_host, .. } = &mut ok {
+                    *called_host = state.host_calls > 0;
+                }
                 let session = state.kv;
-                let failed = matches!(ok.1, Returned::Reconcile(Err(_)));
+                let failed = matches!(ok, Returned::Reconcile(Err(_)));
                 if session.has_writes() && !(writes_need_success && failed) {
                     match tokio::task::spawn_blocking(move || session.commit()).await {
                         Ok(Ok(())) => {}
@@ -1096,7 +1227,11 @@ impl Call<'_> {
 }
 
 enum Returned {
-    Init,
+    Init {
+        info: PluginInfo,
+        /// Whether the instance called any import before it answered.
+        called_host: bool,
+    },
     Handle(Vec<Outcome>),
     Reconcile(Result<String, String>),
 }

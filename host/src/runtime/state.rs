@@ -91,6 +91,10 @@ pub struct HostState {
     pub(super) inventory_failed: Option<super::feed::FeedError>,
     pub(super) http: reqwest::Client,
     pub(super) outbound: Arc<OutboundCounts>,
+    /// Calls the guest made to any import, WASI's or the plugin world's:
+    /// an `init` that made none can be captured in a snapshot
+    /// (`runtime/snapshot.rs`).
+    pub(super) host_calls: u32,
 }
 
 impl HostState {
@@ -135,6 +139,7 @@ impl HostState {
             inventory_failed: None,
             http: plugin.http.clone().unwrap_or_else(|| env.http.clone()),
             outbound: env.outbound.clone(),
+            host_calls: 0,
             plugin,
         }
     }
@@ -142,6 +147,8 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        // Every WASI import reaches its context through here.
+        self.host_calls += 1;
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,

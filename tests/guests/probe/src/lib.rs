@@ -13,11 +13,15 @@
 //! | `TEST.RETRY`   | returns retry with `body.delay_ms`                       |
 //! | `TEST.REJECT`  | returns reject                                           |
 //! | `TEST.SHOUT`   | prints `body.lines` lines to stdout                      |
+//! | `TEST.CONFIG`  | returns reject with the configuration `init` was given   |
 //! | `TEST.OUTCOMES`| the fuzzing guest: the batch's answer is what its events' `body.outcomes` script, however many |
 //! | anything else  | records the event and returns done                       |
 //!
 //! Whatever it records, it also keeps the instance it runs as (the
-//! `context` import) in `kv` under `instance`.
+//! `context` import) in `kv` under `instance`. With `count_inits` in its
+//! configuration, its `init` counts its own runs in `kv` under `inits`
+//! (so it calls the host, and cannot be pre-initialised); otherwise `init`
+//! reads nothing but its configuration.
 //!
 //! It reconciles a page at a time (`paged-plugin`): it records each page's
 //! size as it reads it under `reconcile-page/<cluster>/<n>`, then the uuids
@@ -71,6 +75,12 @@ impl Guest for Probe {
             .and_then(Value::as_str)
             .unwrap_or(env!("CARGO_PKG_VERSION"))
             .to_owned();
+        if config.get("count_inits").and_then(Value::as_bool) == Some(true) {
+            let runs = kv::get("inits")?
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            kv::set("inits", (runs + 1).to_string().as_bytes())?;
+        }
         let _ = CONFIG.set(config);
         Ok(PluginInfo {
             name,
@@ -183,6 +193,7 @@ fn handle_one(event: &Event) -> Outcome {
             delay_ms: body(event).get("delay_ms").and_then(Value::as_u64),
         }),
         "TEST.REJECT" => Outcome::Reject("probe asked to reject".into()),
+        "TEST.CONFIG" => Outcome::Reject(config().to_string()),
         // What the last call left in memory: a static with a value in the
         // image (.data), one in the zeroed rest (.bss) and a heap block.
         // Each is changed, so a call that sees anything but 7, 0 and 0
