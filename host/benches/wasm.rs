@@ -398,14 +398,17 @@ async fn main() {
     let panos_native = PanosSim::start("127.0.0.1:0".parse().unwrap(), PanosConfig::default())
         .await
         .unwrap();
+    // As the host serves them once their snapshot after init is made.
     let probe = runtime
         .load(&component("probe"), PluginSettings::default())
         .await
         .unwrap();
+    let probe = runtime.pre_initialise(probe).await;
     let paloalto = runtime
         .load(&component("paloalto"), paloalto_settings(&panos_wasm))
         .await
         .unwrap();
+    let paloalto = runtime.pre_initialise(paloalto).await;
     println!(
         "components: probe.wasm {} KiB, paloalto.wasm {} KiB (built with LTO by `cargo xtask plugins`, both at opt-level 3, \
          the native side this bench profile, opt-level 3 too)",
@@ -591,6 +594,7 @@ async fn main() {
         .load(&component("paloalto"), paloalto_settings(&panos_count))
         .await
         .unwrap();
+    let counted = runtime.pre_initialise(counted).await;
     let mixed: Vec<Event> = {
         // 250 VMs × a lifecycle of four notifications, interleaved as they
         // would arrive: create, power on, update (2nd NIC + categories), NIC plug.

@@ -178,9 +178,14 @@ pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Res
         config,
         ..Default::default()
     };
-    let result = Arc::clone(&runtime)
+    let result = match Arc::clone(&runtime)
         .instantiate(compiled, settings, None)
-        .await;
+        .await
+    {
+        // As the host serves it once its snapshot after init is made.
+        Ok(p) => Ok(runtime.pre_initialise(p).await),
+        Err(e) => Err(e),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     println!("file      {}", file.display());
     println!("size      {} KiB", size / 1024);

@@ -9,6 +9,9 @@
 //! When compilation is tiered, a new file serves with Winch's code first;
 //! an optimizer thread compiles it with Cranelift, and this task swaps that
 //! in as it does a new version, provided the same load is still serving.
+//! Then, for a plugin whose `init` calls nothing, a snapshot after `init`
+//! (`Runtime::pre_initialise`) is made in the background and swapped in the
+//! same way.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -398,6 +401,13 @@ struct Task {
     /// Cranelift's compilations of baseline plugins; `None` when not tiered.
     optimizing: Option<Optimizing>,
     optimized: mpsc::UnboundedReceiver<(u64, Option<Compiled>)>,
+    /// Snapshots after `init` (`Runtime::pre_initialise`) of plugins that
+    /// serve Cranelift's code: made off the reload path, since each
+    /// compiles twice, and each in its turn, so the listener keeps a core.
+    /// What they made is swapped in as they finish; the task stops them
+    /// before it ends, as they hold the runtime.
+    pre_initialising: tokio::task::JoinSet<Option<Plugin>>,
+    turn: Arc<tokio::sync::Semaphore>,
 }
 
 type Compiled = Result<wasmtime::component::Component, crate::runtime::LoadError>;
@@ -510,6 +520,9 @@ pub async fn start(
         None
     };
     let (optimized_tx, optimized) = mpsc::unbounded_channel();
+    // No turn for a snapshot until the first load is done, as for
+    // Cranelift's thread.
+    let turn = Arc::new(tokio::sync::Semaphore::new(0));
     let (optimizing, optimizer) = match runtime.optimizer() {
         Some(o) => {
             let (optimizing, thread) = Optimizing::new(o, optimized_tx);
@@ -528,11 +541,14 @@ pub async fn start(
         counts: Arc::default(),
         optimizing,
         optimized,
+        pre_initialising: tokio::task::JoinSet::new(),
+        turn: turn.clone(),
     };
     let first = task.rescan().await;
     if let Some(thread) = optimizer {
         thread.spawn();
     }
+    turn.add_permits(1);
     let counts = task.counts.clone();
     let handle = tokio::spawn(task.run(rx));
     Ok(Started {
@@ -561,6 +577,12 @@ impl Task {
             let due = dirty.values().min().copied();
             let cmd = tokio::select! {
                 cmd = rx.recv() => cmd,
+                Some(made) = self.pre_initialising.join_next() => {
+                    if let Ok(Some(plugin)) = made {
+                        self.swap_pre_initialised(plugin);
+                    }
+                    continue;
+                }
                 Some((job, result)) = self.optimized.recv() => {
                     let version = self.optimizing.as_mut().and_then(|o| o.pending.remove(&job));
                     if let (Some((file, sha256)), Some(result)) = (version, result) {
@@ -581,7 +603,10 @@ impl Task {
                 }
             };
             match cmd {
-                None => return,
+                None => {
+                    self.pre_initialising.shutdown().await;
+                    return;
+                }
                 Some(Command::Changed { path, atomic }) => {
                     if concerns_plugins(&path) {
                         let quiet = if atomic { SETTLE } else { DEBOUNCE };
@@ -631,17 +656,51 @@ impl Task {
             if !self.serving(&baseline) {
                 continue;
             }
+            let serving = optimized.clone();
             self.registry.update(|r| {
                 if let Some(entry) = r.get_mut(&plugin) {
                     entry.plugin = Some(optimized);
                 }
             });
+            self.pre_initialise_later(&serving);
             reports.push(Report::Optimized {
                 file: file.to_owned(),
                 plugin,
             });
         }
         reports
+    }
+
+    /// Asks for `plugin`'s snapshot after `init` once it serves Cranelift's
+    /// code; the result comes back to [`Task::swap_pre_initialised`].
+    fn pre_initialise_later(&mut self, plugin: &Plugin) {
+        if plugin.tier() != Tier::Optimized || plugin.pre_initialised() {
+            return;
+        }
+        let (runtime, registry) = (self.runtime.clone(), self.registry.clone());
+        let (turn, plugin) = (self.turn.clone(), plugin.clone());
+        self.pre_initialising.spawn(async move {
+            let _turn = turn.acquire_owned().await.ok()?;
+            // Replaced while it waited: nothing to make.
+            if !still_serves(&registry, &plugin) {
+                return None;
+            }
+            Some(runtime.pre_initialise(plugin).await).filter(Plugin::pre_initialised)
+        });
+    }
+
+    /// Serves `plugin` (a snapshot's) in place of the same load's plain
+    /// Cranelift code, if that still serves.
+    fn swap_pre_initialised(&self, plugin: Plugin) {
+        if !still_serves(&self.registry, &plugin) {
+            return;
+        }
+        let name = plugin.name().to_owned();
+        self.registry.update(|r| {
+            if let Some(entry) = r.get_mut(&name) {
+                entry.plugin = Some(plugin);
+            }
+        });
     }
 
     fn serving(&self, baseline: &Plugin) -> bool {
@@ -869,6 +928,7 @@ impl Task {
         if let Some(optimizing) = &mut self.optimizing {
             optimizing.queue(&plugin);
         }
+        let serving = plugin.clone();
         self.registry.update(|r| {
             if let Some(prev) = &previous {
                 if prev.plugin != name {
@@ -885,6 +945,7 @@ impl Task {
                 },
             );
         });
+        self.pre_initialise_later(&serving);
         report
     }
 
@@ -927,6 +988,15 @@ impl Task {
         }
         Report::Failed { file, error }
     }
+}
+
+/// Whether the same load as `plugin`'s serves Cranelift's code without a
+/// snapshot after `init`.
+fn still_serves(registry: &Registry, plugin: &Plugin) -> bool {
+    registry
+        .get(plugin.name())
+        .and_then(|e| e.plugin)
+        .is_some_and(|p| p.same_load(plugin) && p.tier() == Tier::Optimized && !p.pre_initialised())
 }
 
 fn log_report(report: &Report) {

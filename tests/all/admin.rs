@@ -362,8 +362,19 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
         "Cranelift's code to serve",
     )
     .await;
-    // Neither plugin's init calls the host: Cranelift's code came with a
-    // snapshot after init, which the plugin list reports.
+    // Neither plugin's init calls the host: each is snapshotted after init
+    // once Cranelift's code serves, which the plugin list reports.
+    wait(
+        || {
+            host.app
+                .registry
+                .snapshot()
+                .values()
+                .all(|e| e.plugin.as_ref().is_some_and(|p| p.pre_initialised()))
+        },
+        "the snapshots after init to serve",
+    )
+    .await;
     let plugins = host.client(None).plugins().await.unwrap();
     assert!(
         plugins.iter().all(|p| p.pre_initialised == Some(true)),

@@ -476,10 +476,13 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
         "Cranelift's code to serve",
     )
     .await;
-    // The component's code, and the two of its snapshot after init: the
-    // component instrumented to take it, and the snapshot itself.
+    // Then, off the reload path, its snapshot after init.
+    wait(
+        || pre_initialised(&app) == Some(true),
+        "the snapshot after init to serve",
+    )
+    .await;
     assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
-    assert_eq!(pre_initialised(&app), Some(true));
     let state = app.registry.get("probe").unwrap().state;
     assert_eq!(state, PluginState::Active);
     let second = common::append(&app, 2, "vm-a", "VM.OFF").await;
@@ -506,7 +509,11 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
     );
     assert_eq!(tier(&app), Some(Tier::Optimized));
     // The snapshot is taken again, from code the cache holds.
-    assert_eq!(pre_initialised(&app), Some(true));
+    wait(
+        || pre_initialised(&app) == Some(true),
+        "the snapshot after init to serve",
+    )
+    .await;
     assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -531,6 +538,11 @@ async fn without_tiering_a_new_file_waits_for_cranelift() {
         "{:?}",
         app.loaded
     );
+    wait(
+        || pre_initialised(&app) == Some(true),
+        "the snapshot after init to serve",
+    )
+    .await;
     assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
@@ -685,6 +697,18 @@ async fn a_new_component_file_upgrades_every_instance_and_each_instance_goes_wit
                 .all(|n| sha_of(n).is_some_and(|s| s.1 == Tier::Optimized))
         },
         "both instances to run Cranelift's code",
+    )
+    .await;
+    wait(
+        || {
+            ["alpha", "beta"].iter().all(|n| {
+                app.registry
+                    .get(n)
+                    .and_then(|e| e.plugin)
+                    .is_some_and(|p| p.pre_initialised())
+            })
+        },
+        "both instances' snapshots after init to serve",
     )
     .await;
     assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);

@@ -281,7 +281,8 @@ async fn winch_code_is_held_to_the_same_limits_and_cranelift_code_takes_over() {
     };
     let p = probe(&sb, settings()).await;
     assert_eq!(p.tier(), Tier::Baseline);
-    // Snapshots are of Cranelift's code: made when it takes over.
+    // Snapshots are of Cranelift's code.
+    let p = sb.runtime.pre_initialise(p).await;
     assert!(!p.pre_initialised());
 
     let err = p
@@ -324,6 +325,7 @@ async fn winch_code_is_held_to_the_same_limits_and_cranelift_code_takes_over() {
         .unwrap();
     let optimized = sb.runtime.upgrade(&p, code).await.unwrap();
     assert_eq!(optimized.tier(), Tier::Optimized);
+    let optimized = sb.runtime.pre_initialise(optimized).await;
     assert!(optimized.pre_initialised());
     assert!(optimized.same_load(&p) && optimized.source().is_none());
     assert_eq!(
@@ -384,11 +386,20 @@ async fn a_plugin_that_panics_fails_only_its_own_call() {
 
 /// Memory is reset between calls in place (only the pages a call wrote,
 /// where Linux reports them): every call must still start from the
-/// plugin's first memory, whatever the last one wrote or however it ended.
+/// plugin's first memory, whatever the last one wrote or however it ended;
+/// for a plugin with a snapshot after `init`, from the snapshot's.
 #[tokio::test]
 async fn every_call_starts_from_the_plugins_first_memory_not_the_last_calls() {
     let sb = sandbox();
-    let p = probe(&sb, settings()).await;
+    let plain = probe(&sb, settings()).await;
+    let snapshot = sb.runtime.pre_initialise(plain.clone()).await;
+    assert!(snapshot.pre_initialised());
+    for p in [plain, snapshot] {
+        every_call_starts_from_the_first_memory(&p).await;
+    }
+}
+
+async fn every_call_starts_from_the_first_memory(p: &Plugin) {
     let memory = |id| event(id, "TEST.MEMORY", serde_json::json!({}));
     let seen = |out: &Outcome| match out {
         Outcome::Reject(seen) => seen.clone(),
@@ -429,7 +440,7 @@ async fn a_plugin_whose_init_reads_only_its_configuration_starts_every_call_wher
         async move {
             let mut s = settings();
             s.config = serde_json::json!({ "tag": tag });
-            runtime
+            let p = runtime
                 .load_read(
                     &common::component("probe"),
                     None,
@@ -437,7 +448,12 @@ async fn a_plugin_whose_init_reads_only_its_configuration_starts_every_call_wher
                     Some(format!("probe-{tag}")),
                 )
                 .await
-                .unwrap()
+                .unwrap();
+            assert!(
+                !p.pre_initialised(),
+                "a load does not wait for its snapshot"
+            );
+            runtime.pre_initialise(p).await
         }
     };
     let (a, b) = (load("a").await, load("b").await);
@@ -475,7 +491,7 @@ async fn a_plugin_whose_init_calls_the_host_runs_init_in_every_call() {
     let sb = sandbox();
     let mut s = settings();
     s.config = serde_json::json!({ "count_inits": true });
-    let p = probe(&sb, s).await;
+    let p = sb.runtime.pre_initialise(probe(&sb, s).await).await;
     assert!(!p.pre_initialised());
     assert_eq!(
         kv_text(&sb, "inits").as_deref(),

@@ -16,6 +16,11 @@
 //! of its own, and [`Runtime::upgrade`] makes a plugin of that code to swap
 //! in. Both tiers run the same sandbox: the same imports, limits and epoch
 //! deadlines.
+//!
+//! A plugin whose `init` called no import at its load can then be
+//! pre-initialised ([`Runtime::pre_initialise`], `snapshot.rs`): its calls
+//! start a fresh instance of the component as `init` left it, and skip
+//! `init`. Like Cranelift's code, the reload task swaps it in when ready.
 
 pub mod bindings;
 mod cache;
@@ -397,12 +402,11 @@ impl Runtime {
             .and_then(|c| c.get(&self.engine, &sha256));
         let from_cache = cached.is_some();
         let size = bytes.len();
-        let bytes: Arc<[u8]> = Arc::from(bytes);
         let (component, source) = match cached {
             Some(component) => (component, None),
             None => match self.compile_baseline(file, &bytes) {
                 // Kept for Cranelift, which compiles a baseline plugin later.
-                Some(component) => (component, Some(bytes.clone())),
+                Some(component) => (component, Some(Arc::from(bytes))),
                 None => (
                     self.optimizer_parts()
                         .compile_bytes(file, &bytes, &sha256)?,
@@ -412,7 +416,6 @@ impl Runtime {
         };
         Ok(Compiled {
             from_cache,
-            bytes,
             source,
             file: file.to_owned(),
             sha256,
@@ -464,44 +467,58 @@ impl Runtime {
             source: None,
             ..baseline.clone()
         };
-        let (_, called_host) = plugin.init().await?;
-        let bytes = baseline
-            .source
-            .clone()
-            .expect("a baseline plugin keeps its file's bytes");
-        Ok(self.pre_initialise(plugin, bytes, called_host).await)
+        let (_, init_called_host) = plugin.init().await?;
+        Ok(Plugin {
+            init_called_host,
+            ..plugin
+        })
     }
 
     /// `plugin` running from a snapshot of its instance after `init`, when
     /// its `init` made no call to the host and the snapshot can be made
     /// (see `snapshot.rs`); else `plugin` as it is, which runs `init` in
-    /// every call. Cranelift's code only: a baseline plugin is snapshotted
-    /// when it is upgraded.
-    async fn pre_initialise(
-        self: &Arc<Self>,
-        plugin: Plugin,
-        bytes: Arc<[u8]>,
-        called_host: bool,
-    ) -> Plugin {
+    /// every call. Cranelift's code only. It compiles twice (through the
+    /// cache), so a load does not wait for it: the reload task asks for it
+    /// once a plugin serves, and swaps the result in.
+    pub async fn pre_initialise(self: &Arc<Self>, plugin: Plugin) -> Plugin {
         let name = plugin.name().to_owned();
-        if called_host {
+        if plugin.pre_initialised() || plugin.tier() != Tier::Optimized {
+            return plugin;
+        }
+        if plugin.init_called_host {
             tracing::info!(plugin = %name, "runs `init` in every call: its `init` calls the host, so the state it leaves is not kept");
             return plugin;
         }
         let started = Instant::now();
-        let rt = self.clone();
+        let read = {
+            let (file, max) = (plugin.file.clone(), self.max_file_bytes);
+            tokio::task::spawn_blocking(move || file::read_component(&file, max)).await
+        };
+        let bytes = match read {
+            Ok(Ok(read)) if read.sha256 == plugin.sha256 => read.bytes,
+            _ => {
+                tracing::info!(plugin = %name, "runs `init` in every call: its file changed or went since it loaded");
+                return plugin;
+            }
+        };
+        // Neither the runtime nor the plugin goes to the blocking thread:
+        // they hold the kv file, which must close when the host stops while
+        // this may still be compiling (so `Optimizer`, for the same reason).
+        let optimizer = self.optimizer_parts();
         let (file, config, limits) = (plugin.file.clone(), plugin.config.clone(), plugin.limits());
-        let made = tokio::task::spawn_blocking(move || {
-            let compile = |bytes: &[u8]| {
-                rt.compile_cached(&file, bytes)
-                    .map_err(|e| snapshot::SnapshotError::Compile(e.to_string()))
-            };
-            let (image, info) = tokio::runtime::Handle::current().block_on(snapshot::snapshot(
-                &rt.engine, &bytes, &config, limits, compile,
-            ))?;
-            Ok::<_, snapshot::SnapshotError>((compile(&image)?, info))
-        })
-        .await;
+        let made =
+            tokio::task::spawn_blocking(move || {
+                let compile = |bytes: &[u8]| {
+                    optimizer
+                        .compile_cached(&file, bytes)
+                        .map_err(|e| snapshot::SnapshotError::Compile(e.to_string()))
+                };
+                let (image, info) = tokio::runtime::Handle::current().block_on(
+                    snapshot::snapshot(&optimizer.engine, &bytes, &config, limits, compile),
+                )?;
+                Ok::<_, snapshot::SnapshotError>((compile(&image)?, info))
+            })
+            .await;
         let made = match made {
             Ok(Ok(made)) => made,
             Ok(Err(e)) => {
@@ -546,19 +563,6 @@ impl Runtime {
         candidate
     }
 
-    /// Cranelift's compilation of `bytes`, from the cache when it has it.
-    fn compile_cached(&self, file: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
-        let sha256 = sha256_hex(bytes);
-        if let Some(component) = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.get(&self.engine, &sha256))
-        {
-            return Ok(component);
-        }
-        self.optimizer_parts().compile_bytes(file, bytes, &sha256)
-    }
-
     fn pre(
         &self,
         linker: &Linker<HostState>,
@@ -588,8 +592,7 @@ impl Runtime {
         instance: Option<String>,
     ) -> Result<Plugin, LoadError> {
         let file = compiled.file.clone();
-        let tier = compiled.tier();
-        let (engine, linker) = match (tier, &self.baseline) {
+        let (engine, linker) = match (compiled.tier(), &self.baseline) {
             (Tier::Baseline, Some((engine, linker))) => (engine, linker),
             _ => (&self.engine, &self.linker),
         };
@@ -634,13 +637,14 @@ impl Runtime {
             paged: paged_export(&compiled.component),
             pre,
             initialized: None,
+            init_called_host: false,
             source: compiled.source,
             sha256: compiled.sha256,
             file: file.clone(),
             size: compiled.size,
             from_cache: compiled.from_cache,
         };
-        let (info, called_host) = plugin.init().await?;
+        let (info, init_called_host) = plugin.init().await?;
         if !valid_plugin_name(&info.name) {
             return Err(LoadError::BadName {
                 file,
@@ -671,13 +675,8 @@ impl Runtime {
             memory_peak: provisional.memory_peak.clone(),
         });
         plugin.info = info;
-        Ok(match tier {
-            Tier::Optimized => {
-                self.pre_initialise(plugin, compiled.bytes, called_host)
-                    .await
-            }
-            Tier::Baseline => plugin,
-        })
+        plugin.init_called_host = init_called_host;
+        Ok(plugin)
     }
 
     /// `compile_file` off the async threads, then `instantiate`.
@@ -777,6 +776,19 @@ impl Optimizer {
         self.compile_bytes(&source.file, &source.bytes, &source.sha256)
     }
 
+    /// Cranelift's compilation of `bytes`, from the cache when it has it.
+    fn compile_cached(&self, file: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
+        let sha256 = sha256_hex(bytes);
+        if let Some(component) = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(&self.engine, &sha256))
+        {
+            return Ok(component);
+        }
+        self.compile_bytes(file, bytes, &sha256)
+    }
+
     fn compile_bytes(
         &self,
         file: &Path,
@@ -807,8 +819,6 @@ pub struct Source {
 pub struct Compiled {
     /// Whether it came from the on-disk cache rather than the compiler.
     pub from_cache: bool,
-    /// The file's bytes, for the snapshot after `init`.
-    bytes: Arc<[u8]>,
     /// The file's bytes, kept while only Winch has compiled them.
     source: Option<Arc<[u8]>>,
     pub file: PathBuf,
@@ -847,6 +857,9 @@ pub struct Plugin {
     /// after `init` (see `snapshot.rs`): calls then start from that state
     /// and do not run `init` again.
     initialized: Option<PluginInfo>,
+    /// Whether its `init` called any import when it last ran at a load: if
+    /// so it cannot be snapshotted.
+    init_called_host: bool,
     /// Its paged reconcile, when it exports one (`paged-plugin`).
     paged: Option<ComponentExportIndex>,
     /// The file's bytes while the code is Winch's (for Cranelift).
