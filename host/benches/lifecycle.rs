@@ -59,7 +59,7 @@ use prismhook::runtime::bindings::{Event, Outcome};
 use prismhook::runtime::{Runtime, RuntimeOptions, Tier};
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
 use prismhook_sim::fmc::FmcSim;
-use prismhook_sim::panos::{PanosConfig, PanosSim};
+use prismhook_sim::panos::PanosSim;
 use prismhook_sim::prism::PrismSim;
 
 use common::setup::{self, Cluster, HostConfig};
@@ -330,11 +330,11 @@ async fn reloads(w: &World, client: &reqwest::Client) {
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     let fw = w.panos.base_url();
+    // The firewall's key is the main configuration's to inject (a settings
+    // file in the plugins directory may not name secrets).
     let toml_for = |k: u32| {
         format!(
-            "config = {{ firewall = \"{fw}\", static_tag = \"ntnx.r{k:03}\" }}\nallow = [\"{fw}\"]\n\
-             inject = [{{ origin = \"{fw}\", header = \"X-PAN-KEY\", value = \"{}\" }}]\n",
-            PanosConfig::default().api_key
+            "config = {{ firewall = \"{fw}\", static_tag = \"ntnx.r{k:03}\" }}\nallow = [\"{fw}\"]\n"
         )
     };
     std::fs::write(plugins.join("paloalto.toml"), toml_for(0)).unwrap();
