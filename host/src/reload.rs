@@ -704,10 +704,7 @@ impl Task {
     }
 
     fn serving(&self, baseline: &Plugin) -> bool {
-        self.registry
-            .get(baseline.name())
-            .and_then(|e| e.plugin)
-            .is_some_and(|p| p.same_load(baseline) && p.tier() == Tier::Baseline)
+        serving_load(&self.registry, baseline).is_some_and(|p| p.tier() == Tier::Baseline)
     }
 
     /// Logs what a reload did and counts it for the metrics.
@@ -990,13 +987,20 @@ impl Task {
     }
 }
 
-/// Whether the same load as `plugin`'s serves Cranelift's code without a
-/// snapshot after `init`.
-fn still_serves(registry: &Registry, plugin: &Plugin) -> bool {
+/// What serves under `plugin`'s name, if it is the same load as `plugin`
+/// (whichever code it runs).
+fn serving_load(registry: &Registry, plugin: &Plugin) -> Option<Plugin> {
     registry
         .get(plugin.name())
         .and_then(|e| e.plugin)
-        .is_some_and(|p| p.same_load(plugin) && p.tier() == Tier::Optimized && !p.pre_initialised())
+        .filter(|p| p.same_load(plugin))
+}
+
+/// Whether the same load as `plugin`'s serves Cranelift's code without a
+/// snapshot after `init`.
+fn still_serves(registry: &Registry, plugin: &Plugin) -> bool {
+    serving_load(registry, plugin)
+        .is_some_and(|p| p.tier() == Tier::Optimized && !p.pre_initialised())
 }
 
 fn log_report(report: &Report) {

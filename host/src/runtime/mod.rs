@@ -545,7 +545,7 @@ impl Runtime {
             Ok(pre) => Plugin {
                 paged: paged_export(&component),
                 pre,
-                initialized: Some(info),
+                pre_initialised: true,
                 ..plugin.clone()
             },
             Err(e) => {
@@ -636,7 +636,7 @@ impl Runtime {
             engine: engine.clone(),
             paged: paged_export(&compiled.component),
             pre,
-            initialized: None,
+            pre_initialised: false,
             init_called_host: false,
             source: compiled.source,
             sha256: compiled.sha256,
@@ -853,10 +853,10 @@ pub struct Plugin {
     /// The engine that compiled `pre`'s code: its Stores come from it.
     engine: Engine,
     pre: PluginPre<HostState>,
-    /// What `init` returned, when `pre` is the snapshot of an instance
-    /// after `init` (see `snapshot.rs`): calls then start from that state
-    /// and do not run `init` again.
-    initialized: Option<PluginInfo>,
+    /// Whether `pre` is the snapshot of an instance after `init` (see
+    /// `snapshot.rs`): calls then start from that state and do not run
+    /// `init` again; what it returned is `info`.
+    pre_initialised: bool,
     /// Whether its `init` called any import when it last ran at a load: if
     /// so it cannot be snapshotted.
     init_called_host: bool,
@@ -921,7 +921,7 @@ impl Plugin {
     /// Whether its calls start from a snapshot of its instance after
     /// `init` rather than running `init` first.
     pub fn pre_initialised(&self) -> bool {
-        self.initialized.is_some()
+        self.pre_initialised
     }
 
     /// What Cranelift needs to compile this plugin; `None` once it runs
@@ -1122,12 +1122,13 @@ impl Plugin {
                 .await?;
             let plugin = bindings::Plugin::new(&mut store, &instance)?;
             let handler = plugin.prismhook_plugin_handler();
-            let info = match &self.initialized {
-                Some(info) => matches!(call, Call::Init).then(|| info.clone()),
-                None => match handler.call_init(&mut store, &self.config).await? {
+            let info = if self.pre_initialised {
+                matches!(call, Call::Init).then(|| self.info.clone())
+            } else {
+                match handler.call_init(&mut store, &self.config).await? {
                     Ok(info) => Some(info),
                     Err(message) => return Ok(Err(message)),
-                },
+                }
             };
             let paged = |store: &mut Store<HostState>| {
                 let index = self.paged.as_ref().expect("checked by the caller");
