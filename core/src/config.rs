@@ -335,6 +335,14 @@ pub struct PluginsConfig {
     /// Larger component files in `dir` are refused unread.
     #[serde(default = "defaults::max_file_mib")]
     pub max_file_mib: u64,
+    /// Soft limit on `<data_dir>/cache`, the compiled components: beyond
+    /// it the least recently used go. 0 = no limit.
+    #[serde(default = "defaults::cache_max_mib")]
+    pub cache_max_mib: u64,
+    /// Snapshot each plugin after its load-time `init` (when `init` called
+    /// no import) so that calls skip it; false = `init` in every call.
+    #[serde(default = "defaults::yes")]
+    pub pre_initialise: bool,
     /// Limits for every plugin, each overridable per plugin.
     #[serde(default)]
     pub limits: LimitOverrides,
@@ -777,6 +785,9 @@ mod defaults {
     }
     pub fn max_file_mib() -> u64 {
         256
+    }
+    pub fn cache_max_mib() -> u64 {
+        1024
     }
     pub fn plugins_dir() -> PathBuf {
         "plugins".into()
@@ -1260,6 +1271,8 @@ mod tests {
         assert_eq!(c.listener.max_body_bytes, 1 << 20);
         assert_eq!(c.delivery.batch_max, 256);
         assert_eq!(c.default_limits(), Limits::default());
+        assert_eq!(c.plugins.cache_max_mib, 1024);
+        assert!(c.plugins.tiered && c.plugins.pre_initialise);
     }
 
     #[test]

@@ -99,6 +99,7 @@ impl App {
         let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
         rt_opts.kv = shared_kv;
         rt_opts.cache_dir = Some(data.join("cache"));
+        rt_opts.cache_max_bytes = config.plugins.cache_max_mib << 20;
         rt_opts.tiered = config.plugins.tiered;
         rt_opts.max_file_bytes = config.plugins.max_file_mib << 20;
         rt_opts.proxy_from_env = config.proxy_from_env;

@@ -11,7 +11,7 @@
 //! in as it does a new version, provided the same load is still serving.
 //! Then, for a plugin whose `init` calls nothing, a snapshot after `init`
 //! (`Runtime::pre_initialise`) is made in the background and swapped in the
-//! same way.
+//! same way, unless `plugins.pre_initialise` is off.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -674,7 +674,10 @@ impl Task {
     /// Asks for `plugin`'s snapshot after `init` once it serves Cranelift's
     /// code; the result comes back to [`Task::swap_pre_initialised`].
     fn pre_initialise_later(&mut self, plugin: &Plugin) {
-        if plugin.tier() != Tier::Optimized || plugin.pre_initialised() {
+        if !self.config.plugins.pre_initialise
+            || plugin.tier() != Tier::Optimized
+            || plugin.pre_initialised()
+        {
             return;
         }
         let (runtime, registry) = (self.runtime.clone(), self.registry.clone());

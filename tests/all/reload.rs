@@ -3,7 +3,7 @@
 //! a restart, a broken file never replaces a working version, and no event
 //! is lost across reloads.
 
-use crate::common::{self, HostConfig};
+use crate::common::{self, probe_variant, HostConfig};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -67,21 +67,6 @@ impl Host {
             .dump("probe")
             .unwrap()
     }
-}
-
-/// The probe component with a custom section appended: other bytes (and
-/// sha256), same behaviour — a "new version" of the file.
-fn probe_variant(n: u32) -> Vec<u8> {
-    let mut bytes = std::fs::read(common::component("probe")).unwrap();
-    let name = b"prismhook-test-variant";
-    let payload = n.to_le_bytes();
-    let mut section = vec![name.len() as u8];
-    section.extend_from_slice(name);
-    section.extend_from_slice(&payload);
-    bytes.push(0); // custom section id
-    bytes.push(section.len() as u8);
-    bytes.extend_from_slice(&section);
-    bytes
 }
 
 async fn wait(ready: impl FnMut() -> bool, what: &str) {
@@ -544,6 +529,26 @@ async fn without_tiering_a_new_file_waits_for_cranelift() {
     )
     .await;
     assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn with_snapshots_off_init_runs_in_every_call_and_nothing_more_is_compiled() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let config = HostConfig::new(h.dir.path())
+        .plugins_setting("tiered = false")
+        .plugins_setting("pre_initialise = false")
+        .config();
+    let app = App::start(config).await.unwrap();
+    assert_eq!(tier(&app), Some(Tier::Optimized));
+    common::append(&app, 1, "vm-a", "VM.ON").await;
+    drained(&app).await;
+    // The test above, with snapshots on, sees the snapshot well within this
+    // wait; here it must never come.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pre_initialised(&app), Some(false));
+    assert_eq!(cache_entries(&h).len(), 1, "Cranelift's code only");
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

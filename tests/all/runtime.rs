@@ -1023,3 +1023,83 @@ async fn a_plugin_reaches_a_self_signed_origin_only_with_the_trust_it_is_given()
     assert!(matches!(e, LoadError::Tls { .. }), "{e}");
     assert!(e.to_string().contains("missing.pem"), "{e}");
 }
+
+/// The cache's entries of the probe's variants, by variant, with their size
+/// (the compiled code and its checksum).
+fn cached_variants(cache: &std::path::Path, shas: &[String]) -> Vec<Option<u64>> {
+    shas.iter()
+        .map(|sha| {
+            std::fs::read_dir(cache)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with(sha.as_str())
+                })
+                .map(|p| std::fs::metadata(p).unwrap().len())
+                .reduce(|a, b| a + b)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_compiled_code_cache_keeps_to_its_limit_dropping_the_least_recently_used() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let files: Vec<_> = (1..=3u32)
+        .map(|n| {
+            let file = dir.path().join(format!("probe-{n}.wasm"));
+            std::fs::write(&file, common::probe_variant(n)).unwrap();
+            file
+        })
+        .collect();
+    let runtime = |kv: &str, max_bytes: u64| {
+        let mut opts = RuntimeOptions::new(dir.path().join(kv));
+        opts.cache_dir = Some(cache.clone());
+        opts.cache_max_bytes = max_bytes;
+        Runtime::new(opts).unwrap()
+    };
+    let load = |rt: Arc<Runtime>, n: usize| {
+        let file = files[n].clone();
+        async move { rt.load(&file, settings()).await.unwrap() }
+    };
+
+    // No limit: each version adds an entry. Version 1 is then loaded again,
+    // from its entry, which makes version 2's the least recently used.
+    let rt = runtime("kv1.redb", 0);
+    let v1 = load(rt.clone(), 0).await;
+    let v2 = load(rt.clone(), 1).await;
+    assert!(!v1.from_cache() && !v2.from_cache());
+    assert!(load(rt.clone(), 0).await.from_cache());
+    let shas: Vec<String> = [&v1, &v2].iter().map(|p| p.sha256().to_owned()).collect();
+    let sizes = cached_variants(&cache, &shas);
+    let (s1, s2) = (sizes[0].unwrap(), sizes[1].unwrap());
+    drop((v1, v2, rt));
+
+    // Room for one and a half more: the third version's entry pushes out
+    // the least recently used, version 2's, and only it.
+    let rt = runtime("kv2.redb", s1 + s2 + s2 / 2);
+    let v3 = load(rt.clone(), 2).await;
+    assert!(!v3.from_cache());
+    let shas = [shas[0].clone(), shas[1].clone(), v3.sha256().to_owned()];
+    let cached = cached_variants(&cache, &shas);
+    assert!(
+        cached[0].is_some() && cached[1].is_none() && cached[2].is_some(),
+        "{cached:?}"
+    );
+    assert!(load(rt.clone(), 0).await.from_cache());
+    works(&v3).await;
+    drop((v3, rt));
+
+    // A lower limit takes effect at start: only what fits stays, the most
+    // recently used first (version 1, just loaded).
+    let rt = runtime("kv3.redb", s1 + s1 / 2);
+    let cached = cached_variants(&cache, &shas);
+    assert_eq!(cached.iter().flatten().count(), 1, "{cached:?}");
+    assert!(cached[0].is_some(), "{cached:?}");
+    assert!(load(rt.clone(), 0).await.from_cache());
+    assert!(!load(rt, 2).await.from_cache());
+}

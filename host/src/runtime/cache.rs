@@ -10,9 +10,18 @@
 //! Entries are mapped, not read: the compiled code of a Python or
 //! JavaScript plugin is 40-odd MB, of which a plugin touches a small part,
 //! and only touched pages of a mapped file take memory.
+//!
+//! Every new version of a file adds an entry (three for a plugin with a
+//! snapshot after `init`), so the directory is bounded the way wasmtime's
+//! own cache is: a soft limit on its size, least recently used entries
+//! removed first after each write and at start. An entry's mtime is its
+//! last use (written, or mapped for a load). Removing the entry of a
+//! plugin that serves is harmless: its mapping keeps the file's pages, and
+//! only its next load compiles it again.
 
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -21,16 +30,23 @@ use wasmtime::Engine;
 pub struct ComponentCache {
     dir: PathBuf,
     engine_key: String,
+    /// Soft limit on the entries' bytes; 0 = no limit.
+    max_bytes: u64,
 }
 
 impl ComponentCache {
-    pub fn new(dir: PathBuf, engine: &Engine) -> ComponentCache {
+    pub fn new(dir: PathBuf, engine: &Engine, max_bytes: u64) -> ComponentCache {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
-        ComponentCache {
+        let cache = ComponentCache {
             dir,
             engine_key: format!("{:016x}", h.finish()),
-        }
+            max_bytes,
+        };
+        // A lowered limit, or entries of an older wasmtime, take effect now
+        // rather than at the next compilation.
+        cache.prune(None);
+        cache
     }
 
     fn path(&self, sha256: &str) -> PathBuf {
@@ -46,7 +62,9 @@ impl ComponentCache {
             let _ = std::fs::remove_file(&path);
             return None;
         }
-        map(engine, &path)
+        let component = map(engine, &path)?;
+        touch(&path);
+        Some(component)
     }
 
     /// Writes `component` as the entry for `sha256` and returns it mapped
@@ -68,12 +86,121 @@ impl ComponentCache {
             Ok(())
         })();
         match result {
-            Ok(()) => map(engine, &path),
+            Ok(()) => {
+                self.prune(Some(&path));
+                map(engine, &path)
+            }
             Err(e) => {
                 tracing::warn!("cannot write the compiled-component cache: {e:#}");
                 None
             }
         }
+    }
+
+    /// Removes least recently used entries until the cache is within its
+    /// limit, never `keep` (the entry just written, which may alone exceed
+    /// a small limit).
+    fn prune(&self, keep: Option<&Path>) {
+        if self.max_bytes == 0 {
+            return;
+        }
+        match prune_dir(&self.dir, self.max_bytes, keep) {
+            Ok(p) if p.removed > 0 => tracing::info!(
+                dir = %self.dir.display(),
+                entries = p.removed,
+                freed_mib = p.freed_bytes >> 20,
+                kept_mib = p.kept_bytes >> 20,
+                "removed the least recently used compiled components to stay under `plugins.cache_max_mib`"
+            ),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), "cannot prune the compiled-component cache: {e}")
+            }
+        }
+    }
+}
+
+/// What one pass of [`prune_dir`] did.
+#[derive(Debug, Default, PartialEq)]
+struct Pruned {
+    removed: usize,
+    freed_bytes: u64,
+    kept_bytes: u64,
+}
+
+/// A write interrupted by a crash leaves a `.tmp` file, and a write in
+/// progress has a `.sum` before its entry: either is removed only when
+/// this old, so a concurrent write is never disturbed.
+const STALE: Duration = Duration::from_secs(3600);
+
+/// Entries (`.cwasm` and its `.sum`) of `dir` by mtime, oldest removed
+/// first until the rest fit in `max_bytes`; also stale leftovers of
+/// interrupted writes.
+fn prune_dir(dir: &Path, max_bytes: u64, keep: Option<&Path>) -> std::io::Result<Pruned> {
+    let now = SystemTime::now();
+    let mut entries = Vec::new();
+    let mut leftovers = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let path = item.path();
+        let Ok(meta) = item.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let modified = meta.modified().unwrap_or(now);
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let stale = now.duration_since(modified).unwrap_or_default() > STALE;
+        match ext {
+            "cwasm" => {
+                let sum = path.with_extension("sum");
+                let sum_len = std::fs::metadata(&sum).map(|m| m.len()).unwrap_or(0);
+                entries.push((modified, meta.len() + sum_len, path));
+            }
+            "sum" if stale && !path.with_extension("cwasm").exists() => leftovers.push(path),
+            "tmp" if stale => leftovers.push(path),
+            _ => {}
+        }
+    }
+    for path in leftovers {
+        let _ = std::fs::remove_file(path);
+    }
+    let mut pruned = Pruned {
+        kept_bytes: entries.iter().map(|(_, len, _)| len).sum(),
+        ..Pruned::default()
+    };
+    entries.sort();
+    for (_, len, path) in entries {
+        if pruned.kept_bytes <= max_bytes {
+            break;
+        }
+        if Some(path.as_path()) == keep {
+            continue;
+        }
+        // The sum first: an entry without one is never read, and the next
+        // write of it replaces both.
+        let _ = std::fs::remove_file(path.with_extension("sum"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            // Another pass removed it first: its bytes are gone all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        pruned.removed += 1;
+        pruned.freed_bytes += len;
+        pruned.kept_bytes -= len;
+    }
+    Ok(pruned)
+}
+
+/// Marks an entry as used now, for the least-recently-used order.
+fn touch(path: &Path) {
+    let result = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = result {
+        tracing::debug!(path = %path.display(), "cannot mark a cache entry as used: {e}");
     }
 }
 
@@ -104,5 +231,108 @@ fn file_sha256(path: &std::path::Path) -> std::io::Result<sha2::digest::Output<S
             return Ok(hasher.finalize());
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry of `len` bytes (and its 32-byte sum) last used `age` ago.
+    fn entry(dir: &Path, name: &str, len: usize, age: Duration) -> PathBuf {
+        let path = dir.join(format!("{name}.cwasm"));
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        std::fs::write(path.with_extension("sum"), [0u8; 32]).unwrap();
+        let when = SystemTime::now() - age;
+        for p in [&path, &path.with_extension("sum")] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+        }
+        path
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn the_least_recently_used_entries_go_first_until_the_rest_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        entry(dir.path(), "old", 1000, 30 * MIN);
+        entry(dir.path(), "older", 1000, 40 * MIN);
+        entry(dir.path(), "new", 1000, MIN);
+        entry(dir.path(), "newest", 1000, Duration::ZERO);
+
+        let pruned = prune_dir(dir.path(), 2 * 1032, None).unwrap();
+
+        assert_eq!(
+            pruned,
+            Pruned {
+                removed: 2,
+                freed_bytes: 2 * 1032,
+                kept_bytes: 2 * 1032
+            }
+        );
+        assert_eq!(
+            names(dir.path()),
+            ["new.cwasm", "new.sum", "newest.cwasm", "newest.sum"]
+        );
+        // Within the limit, nothing more goes.
+        assert_eq!(prune_dir(dir.path(), 2 * 1032, None).unwrap().removed, 0);
+    }
+
+    #[test]
+    fn the_entry_just_written_stays_even_when_it_alone_is_over_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        entry(dir.path(), "other", 10, MIN);
+        // Its mtime is older than the other's (a copied file, a clock step):
+        // being just written protects it, not its mtime.
+        let keep = entry(dir.path(), "big", 5000, 2 * MIN);
+
+        let pruned = prune_dir(dir.path(), 1000, Some(&keep)).unwrap();
+
+        assert_eq!(pruned.removed, 1);
+        assert_eq!(names(dir.path()), ["big.cwasm", "big.sum"]);
+    }
+
+    #[test]
+    fn leftovers_of_interrupted_writes_go_once_stale_and_never_while_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = 2 * STALE;
+        for (name, age) in [
+            ("crashed.tmp", stale),
+            ("crashed.sum.tmp", stale),
+            ("orphan.sum", stale),
+            ("writing.tmp", Duration::ZERO),
+            ("writing.sum", Duration::ZERO),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"x").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(SystemTime::now() - age)
+                .unwrap();
+        }
+        entry(dir.path(), "used", 10, stale);
+
+        prune_dir(dir.path(), 1 << 20, None).unwrap();
+
+        assert_eq!(
+            names(dir.path()),
+            ["used.cwasm", "used.sum", "writing.sum", "writing.tmp"]
+        );
     }
 }

@@ -188,6 +188,9 @@ pub struct RuntimeOptions {
     pub max_instances: u32,
     /// Where compiled components are cached between runs; `None` = no cache.
     pub cache_dir: Option<PathBuf>,
+    /// Soft limit on the cache's size: the least recently used entries go
+    /// beyond it; 0 = no limit.
+    pub cache_max_bytes: u64,
     /// Compile files the cache does not know with Winch first, Cranelift
     /// later (see the module documentation).
     pub tiered: bool,
@@ -206,6 +209,7 @@ impl RuntimeOptions {
             max_memory_bytes: 1 << 30,
             max_instances: 128,
             cache_dir: None,
+            cache_max_bytes: 1 << 30,
             tiered: false,
             max_file_bytes: 256 << 20,
             proxy_from_env: false,
@@ -326,9 +330,13 @@ impl Runtime {
             Some(kv) => kv,
             None => KvStore::open(&opts.kv_path)?,
         };
-        let cache = opts
-            .cache_dir
-            .map(|dir| Arc::new(cache::ComponentCache::new(dir, &engine)));
+        let cache = opts.cache_dir.map(|dir| {
+            Arc::new(cache::ComponentCache::new(
+                dir,
+                &engine,
+                opts.cache_max_bytes,
+            ))
+        });
         let mut engines = vec![engine.clone()];
         engines.extend(baseline.as_ref().map(|(e, _)| e.clone()));
         let ticker = EpochTicker::start(engines);

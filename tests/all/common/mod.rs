@@ -24,6 +24,21 @@ pub fn component(name: &str) -> PathBuf {
     path
 }
 
+/// The probe component with a custom section appended: other bytes (and
+/// sha256), same behaviour — a "new version" of the file.
+pub fn probe_variant(n: u32) -> Vec<u8> {
+    let mut bytes = std::fs::read(component("probe")).unwrap();
+    let name = b"prismhook-test-variant";
+    let payload = n.to_le_bytes();
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(&payload);
+    bytes.push(0); // custom section id
+    bytes.push(section.len() as u8);
+    bytes.extend_from_slice(&section);
+    bytes
+}
+
 /// A fixture from tests/fixtures (see its README for where each came from).
 pub fn fixture(rel: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
