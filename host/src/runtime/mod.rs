@@ -42,13 +42,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, ComponentExportIndex, HasSelf, Linker};
+use wasmtime::component::{Component, ComponentExportIndex, HasSelf, InstancePre, Linker};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Strategy,
     UpdateDeadline,
 };
 
-use bindings::{Event, Outcome, PluginInfo, PluginPre, Vm};
+use bindings::{Event, Outcome, PluginIndices, PluginInfo, Vm};
 use feed::{FeedError, Inventory};
 use kv_store::KvStore;
 use prismhook_core::config::valid_plugin_name;
@@ -576,10 +576,15 @@ impl Runtime {
         linker: &Linker<HostState>,
         component: &Component,
         file: &Path,
-    ) -> Result<PluginPre<HostState>, LoadError> {
+    ) -> Result<Linked, LoadError> {
         linker
             .instantiate_pre(component)
-            .and_then(PluginPre::new)
+            .and_then(|instance_pre| {
+                Ok(Linked {
+                    exports: PluginIndices::new(&instance_pre)?,
+                    instance_pre,
+                })
+            })
             .map_err(|e| LoadError::WorldMismatch {
                 file: file.to_owned(),
                 reason: format!("{e:#}"),
@@ -850,6 +855,15 @@ fn tier_of(source: &Option<Arc<[u8]>>) -> Tier {
     }
 }
 
+/// A component linked against the host's world, its exports found once:
+/// bindgen's `Plugin::new` looks them up by name in every call (and its
+/// `PluginPre` keeps the indices to itself).
+#[derive(Clone)]
+struct Linked {
+    instance_pre: InstancePre<HostState>,
+    exports: PluginIndices,
+}
+
 /// A loaded plugin version: cheap to clone, safe to call concurrently.
 #[derive(Clone)]
 pub struct Plugin {
@@ -860,7 +874,7 @@ pub struct Plugin {
     config: String,
     /// The engine that compiled `pre`'s code: its Stores come from it.
     engine: Engine,
-    pre: PluginPre<HostState>,
+    pre: Linked,
     /// Whether `pre` is the snapshot of an instance after `init` (see
     /// `snapshot.rs`): calls then start from that state and do not run
     /// `init` again; what it returned is `info`.
@@ -1123,12 +1137,8 @@ impl Plugin {
         // the outside took the change.
         let writes_need_success = matches!(call, Call::ReconcilePaged(..));
         let result = async {
-            let instance = self
-                .pre
-                .instance_pre()
-                .instantiate_async(&mut store)
-                .await?;
-            let plugin = bindings::Plugin::new(&mut store, &instance)?;
+            let instance = self.pre.instance_pre.instantiate_async(&mut store).await?;
+            let plugin = self.pre.exports.load(&mut store, &instance)?;
             let handler = plugin.prismhook_plugin_handler();
             let info = if self.pre_initialised {
                 matches!(call, Call::Init).then(|| self.info.clone())
