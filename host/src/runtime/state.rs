@@ -65,7 +65,9 @@ pub struct CallEnv {
 }
 
 pub struct HostState {
-    pub(super) wasi: WasiCtx,
+    /// Built at the first WASI call: a call that makes none (a snapshotted
+    /// plugin's often does not) saves its allocations.
+    wasi: Option<WasiCtx>,
     pub(super) table: ResourceTable,
     pub(super) plugin: Arc<PluginIdentity>,
     /// Event ids of the batch in hand, for log context.
@@ -107,22 +109,8 @@ impl HostState {
         env: &CallEnv,
     ) -> HostState {
         let limits = plugin.limits;
-        let log_budget = LogBudget::new(limits.max_log_bytes);
-        let stdout = GuestOutput::new(&plugin.name, "stdout", log_budget.clone());
-        let stderr = GuestOutput::new(&plugin.name, "stderr", log_budget.clone());
-        // A minimal WASI: no environment, arguments, preopened directories
-        // or sockets. What a plugin needs from outside comes through the
-        // prismhook imports, where policy applies.
-        let wasi = WasiCtx::builder()
-            .stdout(stdout)
-            .stderr(stderr)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .socket_addr_check(|_, _| Box::pin(async { false }))
-            .build();
         HostState {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             context,
             deadline: Instant::now() + limits.deadline,
@@ -131,7 +119,7 @@ impl HostState {
             memory_peak: 0,
             requests_made: 0,
             max_requests: limits.max_requests_per_call,
-            log_budget,
+            log_budget: LogBudget::new(limits.max_log_bytes),
             kv: env.kv.session(&plugin.name),
             vm_clusters,
             inventory: None,
@@ -145,12 +133,29 @@ impl HostState {
     }
 }
 
+/// A minimal WASI: no environment, arguments, preopened directories or
+/// sockets. What a plugin needs from outside comes through the prismhook
+/// imports, where policy applies.
+fn minimal_wasi(plugin: &str, log_budget: &LogBudget) -> WasiCtx {
+    WasiCtx::builder()
+        .stdout(GuestOutput::new(plugin, "stdout", log_budget.clone()))
+        .stderr(GuestOutput::new(plugin, "stderr", log_budget.clone()))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }))
+        .build()
+}
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         // Every WASI import reaches its context through here.
         self.host_calls += 1;
+        let (plugin, log_budget) = (&self.plugin.name, &self.log_budget);
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| minimal_wasi(plugin, log_budget)),
             table: &mut self.table,
         }
     }
