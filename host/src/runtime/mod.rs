@@ -4,9 +4,10 @@
 //! One [`Runtime`] holds the wasmtime `Engine` and `Linker` (built once) and
 //! the call environment every call shares (`state::CallEnv`: the kv store,
 //! the outbound HTTP client, counters). Each loaded [`Plugin`] keeps an
-//! `InstancePre` and the call environment, so a call costs one
-//! instantiation from the pooling allocator: a trap cannot poison the next
-//! call, because nothing of the trapped instance survives it.
+//! `InstancePre`, its exports' indices and the call environment, so a call
+//! costs one instantiation from the pooling allocator (and a WASI context
+//! only if it calls WASI): a trap cannot poison the next call, because
+//! nothing of the trapped instance survives it.
 //!
 //! Compilation is tiered when the runtime is built with `tiered`: a file the
 //! cache does not know is first compiled by Winch, a baseline compiler 5-6
