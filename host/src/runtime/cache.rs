@@ -43,8 +43,9 @@ impl ComponentCache {
             engine_key: format!("{:016x}", h.finish()),
             max_bytes,
         };
-        // A lowered limit, or entries of an older wasmtime, take effect now
-        // rather than at the next compilation.
+        // A lowered limit takes effect now rather than at the next
+        // compilation. (Entries of an older wasmtime or other settings are
+        // never used again, so they are the first to go.)
         cache.prune(None);
         cache
     }
