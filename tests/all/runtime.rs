@@ -1103,3 +1103,79 @@ async fn the_compiled_code_cache_keeps_to_its_limit_dropping_the_least_recently_
     assert!(load(rt.clone(), 0).await.from_cache());
     assert!(!load(rt, 2).await.from_cache());
 }
+
+/// What `tracing` writes, for a subscriber set on one thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Captures this thread's log lines until the guard drops.
+    fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let logs = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer({
+                let logs = logs.clone();
+                move || logs.clone()
+            })
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// A current-thread runtime (the default of `tokio::test`) runs the call and
+// the WASI streams' tasks on this thread, where the subscriber is set.
+#[tokio::test]
+async fn a_plugins_printed_lines_are_host_log_lines_with_its_name_and_events_until_its_budget_runs_out(
+) {
+    let sb = sandbox();
+    let mut s = settings();
+    // Seven of the probe's 13-byte lines fit, the eighth does not.
+    s.limits.max_log_bytes = 100;
+    let plugin = probe(&sb, s).await;
+    let (logs, guard) = Captured::start();
+    let shout = event(7, "TEST.SHOUT", serde_json::json!({ "lines": 50 }));
+    let out = plugin.handle(vec![shout]).await.unwrap();
+    drop(guard);
+    assert!(matches!(out[..], [Outcome::Done]));
+
+    let text = logs.text();
+    let shouts: Vec<&str> = text.lines().filter(|l| l.contains("shout ")).collect();
+    assert_eq!(shouts.len(), 7, "{text}");
+    for (i, line) in shouts.iter().enumerate() {
+        assert!(
+            line.contains(&format!("shout {i} of 50"))
+                && line.contains("plugin=probe")
+                && line.contains("events=7")
+                && line.contains("stream=\"stdout\""),
+            "{line}"
+        );
+    }
+    let used_up: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("log budget for this call used up"))
+        .collect();
+    assert_eq!(used_up.len(), 1, "said once: {text}");
+    assert!(used_up[0].contains("events=7"), "{}", used_up[0]);
+
+    // The next call has its own budget.
+    let again = event(8, "TEST.SHOUT", serde_json::json!({ "lines": 1 }));
+    let (logs, guard) = Captured::start();
+    plugin.handle(vec![again]).await.unwrap();
+    drop(guard);
+    assert!(logs.text().contains("shout 0 of 1"), "{}", logs.text());
+}

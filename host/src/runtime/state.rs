@@ -136,10 +136,11 @@ impl HostState {
 /// A minimal WASI: no environment, arguments, preopened directories or
 /// sockets. What a plugin needs from outside comes through the prismhook
 /// imports, where policy applies.
-fn minimal_wasi(plugin: &str, log_budget: &LogBudget) -> WasiCtx {
+fn minimal_wasi(plugin: &str, events: &Arc<str>, log_budget: &LogBudget) -> WasiCtx {
+    let output = |stream| GuestOutput::new(plugin, events.clone(), stream, log_budget.clone());
     WasiCtx::builder()
-        .stdout(GuestOutput::new(plugin, "stdout", log_budget.clone()))
-        .stderr(GuestOutput::new(plugin, "stderr", log_budget.clone()))
+        .stdout(output("stdout"))
+        .stderr(output("stderr"))
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
@@ -151,11 +152,11 @@ impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         // Every WASI import reaches its context through here.
         self.host_calls += 1;
-        let (plugin, log_budget) = (&self.plugin.name, &self.log_budget);
+        let (plugin, events, log_budget) = (&self.plugin.name, &self.context, &self.log_budget);
         WasiCtxView {
             ctx: self
                 .wasi
-                .get_or_insert_with(|| minimal_wasi(plugin, log_budget)),
+                .get_or_insert_with(|| minimal_wasi(plugin, events, log_budget)),
             table: &mut self.table,
         }
     }

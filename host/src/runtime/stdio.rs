@@ -39,14 +39,22 @@ impl LogBudget {
 #[derive(Clone)]
 pub struct GuestOutput {
     plugin: String,
+    /// The event ids of the call's batch, as on the `log` import's lines.
+    events: Arc<str>,
     stream: &'static str,
     budget: LogBudget,
 }
 
 impl GuestOutput {
-    pub fn new(plugin: &str, stream: &'static str, budget: LogBudget) -> GuestOutput {
+    pub fn new(
+        plugin: &str,
+        events: Arc<str>,
+        stream: &'static str,
+        budget: LogBudget,
+    ) -> GuestOutput {
         GuestOutput {
             plugin: plugin.to_owned(),
+            events,
             stream,
             budget,
         }
@@ -84,11 +92,13 @@ impl LineWriter {
                 Ok(()) => tracing::info!(
                     target: "prismhook::plugin",
                     plugin = %self.out.plugin,
+                    events = %self.out.events,
                     stream = self.out.stream,
                     "{text}"
                 ),
                 Err(true) => tracing::warn!(
                     plugin = %self.out.plugin,
+                    events = %self.out.events,
                     "log budget for this call used up; further plugin output is dropped"
                 ),
                 Err(false) => {}
