@@ -13,4 +13,4 @@ step "building the Palo Alto plugin component"
 xtask plugins paloalto
 wait_background
 step "running the demo"
-exec "${CARGO_TARGET_DIR:-target}/debug/prismhook" demo "$@"
+exec "$TARGET_DIR/debug/prismhook" demo "$@"

@@ -4,6 +4,9 @@
 # shows where its time went.
 step() { printf '\n==> [%4ss] %s\n' "$SECONDS" "$*"; }
 
+# Where cargo builds: the scripts run binaries from it.
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+
 ensure_rust() {
   if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust (1.95 or newer) first" >&2
@@ -38,7 +41,7 @@ build_xtask() {
 }
 
 xtask() {
-  "${CARGO_TARGET_DIR:-target}/debug/xtask" "$@"
+  "$TARGET_DIR/debug/xtask" "$@"
 }
 
 # Every guest component, built from source (the wasm toolchain is installed
@@ -64,7 +67,7 @@ export_nats_server() {
 start_background() {
   local name=$1
   shift
-  BACKGROUND_LOG="${CARGO_TARGET_DIR:-target}/$name.log"
+  BACKGROUND_LOG="$TARGET_DIR/$name.log"
   mkdir -p "$(dirname "$BACKGROUND_LOG")"
   step "$name in the background (log: $BACKGROUND_LOG): $*"
   "$@" >"$BACKGROUND_LOG" 2>&1 &
