@@ -39,8 +39,9 @@ check_clippy() {
   cargo clippy --locked -p prismhook --no-default-features --lib --bins -- -D warnings
   # Go guests: gofmt (their vet runs in scripts/test.sh with their tests).
   # Here rather than in `fmt`, as it needs xtask built and Go installed.
-  step "gofmt: the Go guests (cargo xtask go-fmt)"
-  cargo xtask go-fmt
+  build_xtask
+  step "gofmt: the Go guests (xtask go-fmt)"
+  xtask go-fmt
   # Natively, in the target directory scripts/test.sh builds the guests'
   # unit tests in.
   for manifest in "${guests[@]}"; do
