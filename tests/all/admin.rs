@@ -561,6 +561,11 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
         r#"prismhook_plugin_reloads_total{result="failed"}"#,
         0.0,
     );
+    // Cranelift's code of both, cached.
+    assert!(
+        sample(&text, "prismhook_compiled_cache_bytes").is_some_and(|n| n > 0.0),
+        "{text}"
+    );
 
     // Two hosts in one process keep their own numbers.
     let other = World::start(

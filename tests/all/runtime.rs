@@ -1090,6 +1090,8 @@ async fn the_compiled_code_cache_keeps_to_its_limit_dropping_the_least_recently_
         cached[0].is_some() && cached[1].is_none() && cached[2].is_some(),
         "{cached:?}"
     );
+    let kept: u64 = cached.iter().flatten().sum();
+    assert_eq!(rt.compiled_cache_bytes(), Some(kept), "what /metrics shows");
     assert!(load(rt.clone(), 0).await.from_cache());
     works(&v3).await;
     drop((v3, rt));

@@ -376,6 +376,14 @@ impl Collector for HostCollector {
             "Plugins' outbound HTTP requests since start, by plugin, origin and result (the HTTP status, or denied, timeout, connection-failed, too-large, limit-exceeded, invalid-request, other)",
             &outbound,
         )?;
+        if let Some(bytes) = state.runtime.compiled_cache_bytes() {
+            single_gauge(
+                e,
+                "prismhook_compiled_cache_bytes",
+                "Bytes of compiled plugin code in `<data_dir>/cache`, as compared with `plugins.cache_max_mib`",
+                bytes,
+            )?;
+        }
         let counts = state.reloader.counts();
         let reloads: Vec<(Labels, u64)> = [
             ("loaded", &counts.loaded),

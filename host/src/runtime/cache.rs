@@ -21,6 +21,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -32,6 +33,8 @@ pub struct ComponentCache {
     engine_key: String,
     /// Soft limit on the entries' bytes; 0 = no limit.
     max_bytes: u64,
+    /// The entries' bytes as the last pass over the directory found them.
+    bytes: AtomicU64,
 }
 
 impl ComponentCache {
@@ -42,6 +45,7 @@ impl ComponentCache {
             dir,
             engine_key: format!("{:016x}", h.finish()),
             max_bytes,
+            bytes: AtomicU64::new(0),
         };
         // A lowered limit takes effect now rather than at the next
         // compilation. (Entries of an older wasmtime or other settings are
@@ -98,14 +102,24 @@ impl ComponentCache {
         }
     }
 
+    /// The entries' bytes, as of the last write or start.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
     /// Removes least recently used entries until the cache is within its
     /// limit, never `keep` (the entry just written, which may alone exceed
     /// a small limit).
     fn prune(&self, keep: Option<&Path>) {
-        if self.max_bytes == 0 {
-            return;
+        let limit = match self.max_bytes {
+            0 => u64::MAX,
+            limit => limit,
+        };
+        let pruned = prune_dir(&self.dir, limit, keep);
+        if let Ok(p) = &pruned {
+            self.bytes.store(p.kept_bytes, Ordering::Relaxed);
         }
-        match prune_dir(&self.dir, self.max_bytes, keep) {
+        match pruned {
             Ok(p) if p.removed > 0 => tracing::info!(
                 dir = %self.dir.display(),
                 entries = p.removed,

@@ -370,6 +370,11 @@ impl Runtime {
         &self.env.kv
     }
 
+    /// Bytes of compiled code in the on-disk cache, when there is one.
+    pub fn compiled_cache_bytes(&self) -> Option<u64> {
+        self.cache.as_ref().map(|c| c.bytes())
+    }
+
     /// Plugins' outbound requests since start, by plugin, origin and result.
     pub fn outbound(&self) -> &OutboundCounts {
         &self.env.outbound
