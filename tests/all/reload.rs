@@ -137,6 +137,17 @@ fn cache_entries(h: &Host) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Waits for the probe's snapshot after `init` to serve, and checks that
+/// the cache then holds its three compilations.
+async fn snapshot_serves(h: &Host, app: &App) {
+    wait(
+        || pre_initialised(app) == Some(true),
+        "the snapshot after init to serve",
+    )
+    .await;
+    assert_eq!(cache_entries(h).len(), SNAPSHOTTED);
+}
+
 #[tokio::test]
 async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
     let h = Host::new();
@@ -462,12 +473,7 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
     )
     .await;
     // Then, off the reload path, its snapshot after init.
-    wait(
-        || pre_initialised(&app) == Some(true),
-        "the snapshot after init to serve",
-    )
-    .await;
-    assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
+    snapshot_serves(&h, &app).await;
     let state = app.registry.get("probe").unwrap().state;
     assert_eq!(state, PluginState::Active);
     let second = common::append(&app, 2, "vm-a", "VM.OFF").await;
@@ -494,12 +500,7 @@ async fn a_new_file_serves_with_winch_code_until_cranelift_code_takes_over() {
     );
     assert_eq!(tier(&app), Some(Tier::Optimized));
     // The snapshot is taken again, from code the cache holds.
-    wait(
-        || pre_initialised(&app) == Some(true),
-        "the snapshot after init to serve",
-    )
-    .await;
-    assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
+    snapshot_serves(&h, &app).await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -523,12 +524,7 @@ async fn without_tiering_a_new_file_waits_for_cranelift() {
         "{:?}",
         app.loaded
     );
-    wait(
-        || pre_initialised(&app) == Some(true),
-        "the snapshot after init to serve",
-    )
-    .await;
-    assert_eq!(cache_entries(&h).len(), SNAPSHOTTED);
+    snapshot_serves(&h, &app).await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
