@@ -195,14 +195,13 @@ pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Res
         Ok(p) => {
             println!("plugin    {} {}", p.name(), p.info().version);
             println!("events    {}", p.info().subscriptions.join(", "));
-            println!(
-                "init      {}",
-                if p.pre_initialised() {
-                    "once per load: calls start from a snapshot of the instance after init"
-                } else {
-                    "in every call (the log says why)"
-                }
-            );
+            match p.init_every_call() {
+                _ if p.pre_initialised() => println!(
+                    "init      once per load: calls start from a snapshot of the instance after init"
+                ),
+                Some(why) => println!("init      in every call: {why}"),
+                None => println!("init      in every call"),
+            }
             println!("OK        fits {}", crate::runtime::bindings::PACKAGE);
             Ok(ExitCode::SUCCESS)
         }

@@ -66,6 +66,8 @@ pub struct PluginStatus {
     pub tier: Option<Tier>,
     /// Whether its calls start from the snapshot after `init`.
     pub pre_initialised: Option<bool>,
+    /// Why they run `init` instead, when a snapshot was tried.
+    pub init_every_call: Option<String>,
     #[serde(flatten)]
     pub state: PluginState,
     pub load_error: Option<String>,
@@ -160,6 +162,7 @@ impl Registry {
                     sha256: p.map(|p| p.sha256().to_owned()),
                     tier: p.map(|p| p.tier()),
                     pre_initialised: p.map(|p| p.pre_initialised()),
+                    init_every_call: p.and_then(|p| p.init_every_call().map(str::to_owned)),
                     state: e.state.clone(),
                     load_error: e.load_error.clone(),
                     subscriptions: p

@@ -677,6 +677,7 @@ impl Task {
         if !self.config.plugins.pre_initialise
             || plugin.tier() != Tier::Optimized
             || plugin.pre_initialised()
+            || plugin.init_every_call().is_some()
         {
             return;
         }
@@ -688,12 +689,13 @@ impl Task {
             if !still_serves(&registry, &plugin) {
                 return None;
             }
-            Some(runtime.pre_initialise(plugin).await).filter(Plugin::pre_initialised)
+            Some(runtime.pre_initialise(plugin).await)
         });
     }
 
-    /// Serves `plugin` (a snapshot's) in place of the same load's plain
-    /// Cranelift code, if that still serves.
+    /// Serves `plugin` (a snapshot's, or the same load noting why it has
+    /// none) in place of the same load's plain Cranelift code, if that
+    /// still serves.
     fn swap_pre_initialised(&self, plugin: Plugin) {
         if !still_serves(&self.registry, &plugin) {
             return;
@@ -1000,10 +1002,11 @@ fn serving_load(registry: &Registry, plugin: &Plugin) -> Option<Plugin> {
 }
 
 /// Whether the same load as `plugin`'s serves Cranelift's code without a
-/// snapshot after `init`.
+/// snapshot after `init`, not yet tried.
 fn still_serves(registry: &Registry, plugin: &Plugin) -> bool {
-    serving_load(registry, plugin)
-        .is_some_and(|p| p.tier() == Tier::Optimized && !p.pre_initialised())
+    serving_load(registry, plugin).is_some_and(|p| {
+        p.tier() == Tier::Optimized && !p.pre_initialised() && p.init_every_call().is_none()
+    })
 }
 
 fn log_report(report: &Report) {

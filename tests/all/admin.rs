@@ -37,6 +37,8 @@ struct Setup {
     paloalto: bool,
     /// The clusters, or `None` for `lab` alone.
     clusters: Option<Vec<Cluster>>,
+    /// The probe's `config` table, if not its defaults.
+    probe_config: Option<&'static str>,
 }
 
 async fn world() -> World {
@@ -57,6 +59,9 @@ impl World {
             host = host.paloalto(&self.panos);
         }
         common::setup::install(host.plugins_dir(), &components);
+        if let Some(config) = setup.probe_config {
+            host = host.plugin("probe", &[format!("config = {config}")]);
+        }
         if setup.token {
             host = host.admin_token(TOKEN);
         }
@@ -869,13 +874,25 @@ async fn chromium(profile: &Path, url: &str, extra: &[&str]) -> Vec<u8> {
 )]
 async fn the_status_page_renders_clusters_plugins_and_dead_letters_in_headless_chromium() {
     let w = world().await;
+    // Its `init` calls the host, so it cannot be snapshotted: the page
+    // says so once the snapshot has been tried.
     let host = w
         .start(Setup {
             token: true,
+            probe_config: Some("{ count_inits = true }"),
             ..Default::default()
         })
         .await;
     host.registered().await;
+    wait(
+        || {
+            host.app.registry.status()["probe"]
+                .init_every_call
+                .is_some()
+        },
+        "the snapshot after init to be tried",
+    )
+    .await;
     host.probe_event("TEST.REJECT", "page-entity", json!({}))
         .await;
     host.probe_event("TEST.NOTE", "page-entity-2", json!({}))
@@ -913,6 +930,7 @@ async fn the_status_page_renders_clusters_plugins_and_dead_letters_in_headless_c
         ">TEST.REJECT<",
         ">page-entity<",
         "rejected: probe asked to reject",
+        "runs init in every call: its `init` calls the host",
         r#"<span id="ready" class="badge ok">ready</span>"#,
     ] {
         assert!(

@@ -548,6 +548,37 @@ async fn with_snapshots_off_init_runs_in_every_call_and_nothing_more_is_compiled
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// A plugin whose `init` calls the host (here kv) cannot be snapshotted:
+/// the plugin list says why its calls run `init`, and that load is not
+/// tried again.
+#[tokio::test]
+async fn a_plugin_whose_init_calls_the_host_is_listed_with_why_it_runs_init_in_every_call() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let config = HostConfig::new(h.dir.path())
+        .plugins_setting("tiered = false")
+        .plugin("probe", &["config = { count_inits = true }"])
+        .config();
+    let app = App::start(config).await.unwrap();
+    let why = || app.registry.status()["probe"].init_every_call.clone();
+    wait(|| why().is_some(), "the snapshot to be refused").await;
+    assert_eq!(
+        why().as_deref(),
+        Some("its `init` calls the host, so the state it leaves is not kept")
+    );
+    assert_eq!(app.registry.status()["probe"].pre_initialised, Some(false));
+    assert_eq!(cache_entries(&h).len(), 1, "Cranelift's code only");
+    common::append(&app, 1, "vm-a", "VM.ON").await;
+    drained(&app).await;
+    assert!(why().is_some(), "still listed after the call");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&h.kv()["inits"]),
+        "2",
+        "the load's init and the call's"
+    );
+}
+
 #[tokio::test]
 async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
     let h = Host::new();

@@ -494,6 +494,10 @@ async fn a_plugin_whose_init_calls_the_host_runs_init_in_every_call() {
     let p = sb.runtime.pre_initialise(probe(&sb, s).await).await;
     assert!(!p.pre_initialised());
     assert_eq!(
+        p.init_every_call(),
+        Some("its `init` calls the host, so the state it leaves is not kept")
+    );
+    assert_eq!(
         kv_text(&sb, "inits").as_deref(),
         Some("1"),
         "the load's init"

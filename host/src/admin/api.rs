@@ -56,6 +56,10 @@ pub struct PluginReport {
     /// `init` instead of running `init` (docs/plugins.md, "The contract").
     #[serde(default)]
     pub pre_initialised: Option<bool>,
+    /// Why its calls run `init`, when its snapshot could not be made (its
+    /// `init` calls the host, …).
+    #[serde(default)]
+    pub init_every_call: Option<String>,
     /// Why the newest file could not be loaded while an older version serves.
     pub load_error: Option<String>,
     pub subscriptions: Vec<String>,
@@ -148,6 +152,7 @@ pub(super) fn plugin_reports(
                 sha256: s.sha256,
                 tier: s.tier,
                 pre_initialised: s.pre_initialised,
+                init_every_call: s.init_every_call,
                 load_error: s.load_error,
                 subscriptions: s.subscriptions,
                 name: s.name,
@@ -166,6 +171,7 @@ pub(super) fn plugin_reports(
         sha256: None,
         tier: None,
         pre_initialised: None,
+        init_every_call: None,
         load_error: None,
         subscriptions: Vec::new(),
         counters: counters_of(&b.plugin),

@@ -513,6 +513,9 @@ pub fn render_plugins(plugins: &[PluginReport], now_ms: u64) -> String {
                 p.name
             );
         }
+        if let Some(why) = &p.init_every_call {
+            let _ = writeln!(notes, "{}: runs `init` in every call: {why}", p.name);
+        }
     }
     let mut out = t.render();
     if !notes.is_empty() {
@@ -787,6 +790,7 @@ mod tests {
                 sha256: None,
                 tier: None,
                 pre_initialised: Some(true),
+                init_every_call: None,
                 load_error: None,
                 subscriptions: vec!["VM.*".into()],
                 counters: super::super::api::PluginCounters {
@@ -808,6 +812,9 @@ mod tests {
                 sha256: None,
                 tier: Some(crate::runtime::Tier::Baseline),
                 pre_initialised: Some(false),
+                init_every_call: Some(
+                    "its `init` calls the host, so the state it leaves is not kept".into(),
+                ),
                 load_error: None,
                 subscriptions: vec![],
                 counters: Default::default(),
@@ -841,6 +848,11 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("fw-dc1: serving"), "{text}");
+        assert!(
+            text.contains("probe: runs `init` in every call: its `init` calls the host"),
+            "{text}"
+        );
+        assert!(!text.contains("fw-dc1: runs"), "{text}");
     }
 
     #[test]

@@ -496,12 +496,18 @@ impl Runtime {
     /// once a plugin serves, and swaps the result in.
     pub async fn pre_initialise(self: &Arc<Self>, plugin: Plugin) -> Plugin {
         let name = plugin.name().to_owned();
-        if plugin.pre_initialised() || plugin.tier() != Tier::Optimized {
+        if plugin.pre_initialised()
+            || plugin.init_every_call.is_some()
+            || plugin.tier() != Tier::Optimized
+        {
             return plugin;
         }
         if plugin.init_called_host {
-            tracing::info!(plugin = %name, "runs `init` in every call: its `init` calls the host, so the state it leaves is not kept");
-            return plugin;
+            return refused(
+                plugin,
+                Refusal::Expected,
+                "its `init` calls the host, so the state it leaves is not kept",
+            );
         }
         let started = Instant::now();
         let read = {
@@ -511,8 +517,11 @@ impl Runtime {
         let bytes = match read {
             Ok(Ok(read)) if read.sha256 == plugin.sha256 => read.bytes,
             _ => {
-                tracing::info!(plugin = %name, "runs `init` in every call: its file changed or went since it loaded");
-                return plugin;
+                return refused(
+                    plugin,
+                    Refusal::Expected,
+                    "its file changed or went since it loaded",
+                )
             }
         };
         // Neither the runtime nor the plugin goes to the blocking thread:
@@ -533,18 +542,17 @@ impl Runtime {
                 Ok::<_, snapshot::SnapshotError>((compile(&image)?, info))
             })
             .await;
-        let made = match made {
+        let (component, info) = match made {
             Ok(Ok(made)) => made,
-            Ok(Err(e)) => {
-                tracing::info!(plugin = %name, "runs `init` in every call: {e}");
-                return plugin;
-            }
+            Ok(Err(e)) => return refused(plugin, Refusal::Expected, &e.to_string()),
             Err(e) => {
-                tracing::warn!(plugin = %name, "runs `init` in every call: its snapshot panicked: {e}");
-                return plugin;
+                return refused(
+                    plugin,
+                    Refusal::Unexpected,
+                    &format!("its snapshot panicked: {e}"),
+                )
             }
         };
-        let (component, info) = made;
         if (&info.name, &info.version, &info.subscriptions)
             != (
                 &plugin.info.name,
@@ -552,8 +560,11 @@ impl Runtime {
                 &plugin.info.subscriptions,
             )
         {
-            tracing::info!(plugin = %name, "runs `init` in every call: its `init` answered differently from one run to the next");
-            return plugin;
+            return refused(
+                plugin,
+                Refusal::Expected,
+                "its `init` answered differently from one run to the next",
+            );
         }
         let candidate = match self.pre(&self.linker, &component, &plugin.file) {
             Ok(pre) => Plugin {
@@ -563,15 +574,21 @@ impl Runtime {
                 ..plugin.clone()
             },
             Err(e) => {
-                tracing::warn!(plugin = %name, "runs `init` in every call: its snapshot does not link: {e}");
-                return plugin;
+                return refused(
+                    plugin,
+                    Refusal::Unexpected,
+                    &format!("its snapshot does not link: {e}"),
+                )
             }
         };
         // The snapshot instantiates (and exports what the plugin did) before
         // it serves.
         if let Err(e) = candidate.init().await {
-            tracing::warn!(plugin = %name, "runs `init` in every call: its snapshot does not start: {e}");
-            return plugin;
+            return refused(
+                plugin,
+                Refusal::Unexpected,
+                &format!("its snapshot does not start: {e}"),
+            );
         }
         tracing::info!(plugin = %name, took_ms = started.elapsed().as_millis() as u64, "pre-initialised: each call starts from the state `init` left");
         candidate
@@ -657,6 +674,7 @@ impl Runtime {
             pre,
             pre_initialised: false,
             init_called_host: false,
+            init_every_call: None,
             source: compiled.source,
             sha256: compiled.sha256,
             file: file.clone(),
@@ -735,6 +753,27 @@ impl Runtime {
 
 /// Where a component exports the paged reconcile (`paged-plugin`), if it
 /// does.
+/// Whether a snapshot's refusal is the plugin's way (its `init`, its
+/// file) or points at a fault of the host's, which is logged louder.
+#[derive(Clone, Copy)]
+enum Refusal {
+    Expected,
+    Unexpected,
+}
+
+/// `plugin` as it was, noting why its calls go on running `init`.
+fn refused(plugin: Plugin, refusal: Refusal, why: &str) -> Plugin {
+    let name = plugin.name();
+    match refusal {
+        Refusal::Expected => tracing::info!(plugin = %name, "runs `init` in every call: {why}"),
+        Refusal::Unexpected => tracing::warn!(plugin = %name, "runs `init` in every call: {why}"),
+    }
+    Plugin {
+        init_every_call: Some(why.into()),
+        ..plugin
+    }
+}
+
 fn paged_export(component: &Component) -> Option<ComponentExportIndex> {
     let interface = component.get_export_index(None, bindings::PAGED)?;
     component.get_export_index(Some(&interface), "reconcile")
@@ -888,6 +927,9 @@ pub struct Plugin {
     /// Whether its `init` called any import when it last ran at a load: if
     /// so it cannot be snapshotted.
     init_called_host: bool,
+    /// Why no snapshot could be made of this load, once one was tried: its
+    /// calls run `init` (operators see it in `/api/plugins`).
+    init_every_call: Option<Arc<str>>,
     /// Its paged reconcile, when it exports one (`paged-plugin`).
     paged: Option<ComponentExportIndex>,
     /// The file's bytes while the code is Winch's (for Cranelift).
@@ -950,6 +992,12 @@ impl Plugin {
     /// `init` rather than running `init` first.
     pub fn pre_initialised(&self) -> bool {
         self.pre_initialised
+    }
+
+    /// Why its calls run `init` though a snapshot after `init` was tried
+    /// ([`Runtime::pre_initialise`]); `None` if none was, or one serves.
+    pub fn init_every_call(&self) -> Option<&str> {
+        self.init_every_call.as_deref()
     }
 
     /// What Cranelift needs to compile this plugin; `None` once it runs
