@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The house rules cargo can check (DEVELOPERS.md, Standards): rustfmt, and
 # clippy with warnings as errors, for the workspace and every Rust guest;
+# rustdoc's warnings (broken links in doc comments) for the workspace;
 # gofmt for the Go guests.
 #   scripts/lint.sh fmt      needs no build: run it first, it fails fast
 #   scripts/lint.sh clippy   reuses the builds of scripts/test.sh: run it after
@@ -37,6 +38,10 @@ check_clippy() {
   # the demo and `sim` glue (main.rs, demo.rs) names them.
   step "clippy: prismhook without the simulators (--no-default-features)"
   cargo clippy --locked -p prismhook --no-default-features --lib --bins -- -D warnings
+  # Documents the workspace's own crates only, on the dependencies' check
+  # builds that clippy just made.
+  step "rustdoc: the workspace, warnings as errors"
+  RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps
   # Go guests: gofmt (their vet runs in scripts/test.sh with their tests).
   # Here rather than in `fmt`, as it needs xtask built and Go installed.
   build_xtask

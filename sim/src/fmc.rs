@@ -84,7 +84,7 @@
 //!
 //! Choices where the sources are silent (UNCONFIRMED), made to surface client
 //! bugs rather than hide them:
-//! - a duplicate name answers 400 VALIDATION "Duplicate Name: <name>"
+//! - a duplicate name answers 400 VALIDATION `"Duplicate Name: <name>"`
 //!   (fireREST maps 400 + "Duplicate Name" to "already exists");
 //! - a name outside `^[a-zA-Z0-9_.+-]{1,128}$` (Cisco's Network-as-Code
 //!   model), a description over 255 characters, a `type` other than
@@ -92,8 +92,8 @@
 //!   VALIDATION; an array without `bulk=true` too;
 //! - malformed JSON answers 422 "Unprocessable Entity" (lab 105), and so does
 //!   a body over [`MAX_PAYLOAD`] bytes, as fmcapi reports FMC doing;
-//! - an unknown domain UUID answers 404 (FRAMEWORK) "Domain <uuid> does not
-//!   exist" (the lab says 404 means a wrong URL; 403 is for domains a user
+//! - an unknown domain UUID answers 404 (FRAMEWORK) `"Domain <uuid> does not
+//!   exist"` (the lab says 404 means a wrong URL; 403 is for domains a user
 //!   may not use, which the simulator does not model);
 //! - an unknown object answers 404 `Dynamic object "<x>" not found`; an
 //!   unknown route 404 "Resource not found"; a wrong method 405;

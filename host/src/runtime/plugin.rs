@@ -108,7 +108,8 @@ impl Plugin {
     }
 
     /// Why its calls run `init` though a snapshot after `init` was tried
-    /// ([`Runtime::pre_initialise`]); `None` if none was, or one serves.
+    /// ([`Runtime::pre_initialise`](super::Runtime::pre_initialise)); `None`
+    /// if none was, or one serves.
     pub fn init_every_call(&self) -> Option<&str> {
         self.init_every_call.as_deref()
     }

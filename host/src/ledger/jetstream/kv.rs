@@ -8,7 +8,7 @@
 //!
 //! A call's writes are published as one JetStream *atomic batch* (nats-server 2.12+): all of them
 //! are stored, or none, and a write returns once this host's mirror shows it. A call that
-//! writes more than [`BATCH_MAX`] keys (a reconcile of a large inventory, say) is stored in
+//! writes more than `BATCH_MAX` (1,000) keys (a reconcile of a large inventory, say) is stored in
 //! several batches, each atomic: a host that dies between two of them leaves the first ones
 //! stored, records the next reconcile rewrites.
 //!
