@@ -754,8 +754,6 @@ impl Runtime {
     }
 }
 
-/// Where a component exports the paged reconcile (`paged-plugin`), if it
-/// does.
 /// Whether a snapshot's refusal is the plugin's way (its `init`, its
 /// file) or points at a fault of the host's, which is logged louder.
 #[derive(Clone, Copy)]
@@ -777,6 +775,8 @@ fn refused(plugin: Plugin, refusal: Refusal, why: &str) -> Plugin {
     }
 }
 
+/// Where a component exports the paged reconcile (`paged-plugin`), if it
+/// does.
 fn paged_export(component: &Component) -> Option<ComponentExportIndex> {
     let interface = component.get_export_index(None, bindings::PAGED)?;
     component.get_export_index(Some(&interface), "reconcile")
