@@ -896,10 +896,10 @@ async fn languages(w: &World, warm_data: &Path) {
     let m = rows.len();
     let mut inst: Vec<Vec<f64>> = vec![Vec::new(); m];
     for i in 0..330 {
-        for j in 0..m {
+        for (j, times) in inst.iter_mut().enumerate() {
             let took = call(j).await;
             if i >= 30 {
-                inst[j].push(took);
+                times.push(took);
             }
         }
     }
