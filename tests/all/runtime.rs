@@ -495,7 +495,7 @@ async fn a_plugin_whose_init_calls_the_host_runs_init_in_every_call() {
     assert!(!p.pre_initialised());
     assert_eq!(
         p.init_every_call(),
-        Some("its `init` calls the host, so the state it leaves is not kept")
+        Some("its `init` calls the host's imports (log, kv, http or context), so the state it leaves is not kept")
     );
     assert_eq!(
         kv_text(&sb, "inits").as_deref(),

@@ -813,7 +813,7 @@ mod tests {
                 tier: Some(crate::runtime::Tier::Baseline),
                 pre_initialised: Some(false),
                 init_every_call: Some(
-                    "its `init` calls the host, so the state it leaves is not kept".into(),
+                    "its `init` calls WASI (clocks, random or environment, as language runtimes do when they start), so the state it leaves is not kept".into(),
                 ),
                 load_error: None,
                 subscriptions: vec![],
@@ -849,7 +849,7 @@ mod tests {
         );
         assert!(!text.contains("fw-dc1: serving"), "{text}");
         assert!(
-            text.contains("probe: runs `init` in every call: its `init` calls the host"),
+            text.contains("probe: runs `init` in every call: its `init` calls WASI"),
             "{text}"
         );
         assert!(!text.contains("fw-dc1: runs"), "{text}");

@@ -59,7 +59,7 @@ use prismhook_core::config::valid_plugin_name;
 pub use prismhook_core::config::PluginSettings;
 pub use prismhook_core::limits::{self, LimitOverrides, Limits};
 pub use prismhook_core::policy::{self, OutboundPolicy, TlsMode};
-use state::{CallEnv, HostState, PluginIdentity};
+use state::{CallEnv, HostCalls, HostState, PluginIdentity};
 
 /// How often the engine's epoch advances; the granularity of deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -484,9 +484,9 @@ impl Runtime {
             source: None,
             ..baseline.clone()
         };
-        let (_, init_called_host) = plugin.init().await?;
+        let (_, init_calls) = plugin.init().await?;
         Ok(Plugin {
-            init_called_host,
+            init_calls,
             ..plugin
         })
     }
@@ -505,12 +505,8 @@ impl Runtime {
         {
             return plugin;
         }
-        if plugin.init_called_host {
-            return refused(
-                plugin,
-                Refusal::Expected,
-                "its `init` calls the host, so the state it leaves is not kept",
-            );
+        if let Some(why) = plugin.init_calls.keep_init_from_snapshot() {
+            return refused(plugin, Refusal::Expected, why);
         }
         let started = Instant::now();
         let read = {
@@ -676,7 +672,7 @@ impl Runtime {
             paged: paged_export(&compiled.component),
             pre,
             pre_initialised: false,
-            init_called_host: false,
+            init_calls: HostCalls::default(),
             init_every_call: None,
             source: compiled.source,
             sha256: compiled.sha256,
@@ -684,7 +680,7 @@ impl Runtime {
             size: compiled.size,
             from_cache: compiled.from_cache,
         };
-        let (info, init_called_host) = plugin.init().await?;
+        let (info, init_calls) = plugin.init().await?;
         if !valid_plugin_name(&info.name) {
             return Err(LoadError::BadName {
                 file,
@@ -715,7 +711,7 @@ impl Runtime {
             memory_peak: provisional.memory_peak.clone(),
         });
         plugin.info = info;
-        plugin.init_called_host = init_called_host;
+        plugin.init_calls = init_calls;
         Ok(plugin)
     }
 
@@ -789,7 +785,7 @@ fn host_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
     bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| {
         // Every call to the plugin world's imports comes through here (and
         // WASI's through `HostState::ctx`).
-        s.host_calls += 1;
+        s.host_calls.imports += 1;
         s
     })?;
     Ok(linker)

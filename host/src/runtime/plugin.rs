@@ -10,7 +10,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 
 use super::bindings::{self, Event, Outcome, PluginIndices, PluginInfo, Vm};
 use super::feed::{self, Inventory};
-use super::state::{CallEnv, HostState, PluginIdentity};
+use super::state::{CallEnv, HostCalls, HostState, PluginIdentity};
 use super::{kv_store, tier_of, CallError, Limits, LoadError, Source, Tier, VmClusters};
 
 /// A component linked against the host's world, its exports found once:
@@ -37,9 +37,9 @@ pub struct Plugin {
     /// `snapshot.rs`): calls then start from that state and do not run
     /// `init` again; what it returned is `info`.
     pub(super) pre_initialised: bool,
-    /// Whether its `init` called any import when it last ran at a load: if
-    /// so it cannot be snapshotted.
-    pub(super) init_called_host: bool,
+    /// The calls to the host its `init` made when it last ran at a load:
+    /// with any, it cannot be snapshotted.
+    pub(super) init_calls: HostCalls,
     /// Why no snapshot could be made of this load, once one was tried: its
     /// calls run `init` (operators see it in `/api/plugins`).
     pub(super) init_every_call: Option<Arc<str>>,
@@ -143,12 +143,12 @@ impl Plugin {
     }
 
     /// Runs `init` alone, as a load does before the plugin serves (for a
-    /// snapshot, only instantiates it); and tells whether `init` called
-    /// the host.
-    pub(super) async fn init(&self) -> Result<(PluginInfo, bool), LoadError> {
+    /// snapshot, only instantiates it); and tells which calls to the host
+    /// `init` made.
+    pub(super) async fn init(&self) -> Result<(PluginInfo, HostCalls), LoadError> {
         let file = self.file.clone();
         match self.call(Call::Init, "init", Arc::default()).await {
-            Ok(Returned::Init { info, called_host }) => Ok((info, called_host)),
+            Ok(Returned::Init { info, calls }) => Ok((info, calls)),
             Ok(_) => unreachable!("init returns the plugin's info"),
             Err(CallError::Init { message, .. }) => Err(LoadError::InitRefused { file, message }),
             Err(source) => Err(LoadError::Init { file, source }),
@@ -337,7 +337,7 @@ impl Plugin {
                     }
                     Returned::Init {
                         info: info.expect("init's answer, or the snapshot's"),
-                        called_host: false,
+                        calls: HostCalls::default(),
                     }
                 }
                 Call::Handle(events) => {
@@ -362,8 +362,8 @@ impl Plugin {
         let plugin = self.identity.name.clone();
         match result {
             Ok(Ok(mut ok)) => {
-                if let Returned::Init { called_host, .. } = &mut ok {
-                    *called_host = state.host_calls > 0;
+                if let Returned::Init { calls, .. } = &mut ok {
+                    *calls = state.host_calls;
                 }
                 let session = state.kv;
                 let failed = matches!(ok, Returned::Reconcile(Err(_)));
@@ -429,8 +429,8 @@ impl Call<'_> {
 pub(super) enum Returned {
     Init {
         info: PluginInfo,
-        /// Whether the instance called any import before it answered.
-        called_host: bool,
+        /// The calls the instance made to the host before it answered.
+        calls: HostCalls,
     },
     Handle(Vec<Outcome>),
     Reconcile(Result<String, String>),

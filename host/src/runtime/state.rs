@@ -93,10 +93,31 @@ pub struct HostState {
     pub(super) inventory_failed: Option<super::feed::FeedError>,
     pub(super) http: reqwest::Client,
     pub(super) outbound: Arc<OutboundCounts>,
-    /// Calls the guest made to any import, WASI's or the plugin world's:
-    /// an `init` that made none can be captured in a snapshot
-    /// (`runtime/snapshot.rs`).
-    pub(super) host_calls: u32,
+    /// Calls the guest made to the host: an `init` that made none can be
+    /// captured in a snapshot (`runtime/snapshot.rs`).
+    pub(super) host_calls: HostCalls,
+}
+
+/// How many calls a guest made to WASI and to the plugin world's imports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct HostCalls {
+    pub(super) wasi: u32,
+    pub(super) imports: u32,
+}
+
+impl HostCalls {
+    /// Why an `init` that made these calls cannot be captured in a
+    /// snapshot; `None` if it made none. Said apart, as the cure differs:
+    /// an import call is the plugin's own (a log line, a kv read), WASI is
+    /// mostly its language runtime starting.
+    pub(super) fn keep_init_from_snapshot(self) -> Option<&'static str> {
+        match (self.wasi > 0, self.imports > 0) {
+            (false, false) => None,
+            (false, true) => Some("its `init` calls the host's imports (log, kv, http or context), so the state it leaves is not kept"),
+            (true, false) => Some("its `init` calls WASI (clocks, random or environment, as language runtimes do when they start), so the state it leaves is not kept"),
+            (true, true) => Some("its `init` calls the host's imports and WASI, so the state it leaves is not kept"),
+        }
+    }
 }
 
 impl HostState {
@@ -127,7 +148,7 @@ impl HostState {
             inventory_failed: None,
             http: plugin.http.clone().unwrap_or_else(|| env.http.clone()),
             outbound: env.outbound.clone(),
-            host_calls: 0,
+            host_calls: HostCalls::default(),
             plugin,
         }
     }
@@ -151,7 +172,7 @@ fn minimal_wasi(plugin: &str, events: &Arc<str>, log_budget: &LogBudget) -> Wasi
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         // Every WASI import reaches its context through here.
-        self.host_calls += 1;
+        self.host_calls.wasi += 1;
         let (plugin, events, log_budget) = (&self.plugin.name, &self.context, &self.log_budget);
         WasiCtxView {
             ctx: self
