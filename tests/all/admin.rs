@@ -930,7 +930,7 @@ async fn the_status_page_renders_clusters_plugins_and_dead_letters_in_headless_c
         ">TEST.REJECT<",
         ">page-entity<",
         "rejected: probe asked to reject",
-        "runs init in every call: its `init` calls the host's imports (log, kv",
+        "runs init in every call: its `init` calls the host's kv, http or inventory",
         r#"<span id="ready" class="badge ok">ready</span>"#,
     ] {
         assert!(

@@ -564,7 +564,7 @@ async fn a_plugin_whose_init_calls_the_host_is_listed_with_why_it_runs_init_in_e
     wait(|| why().is_some(), "the snapshot to be refused").await;
     assert_eq!(
         why().as_deref(),
-        Some("its `init` calls the host's imports (log, kv, http or context), so the state it leaves is not kept")
+        Some("its `init` calls the host's kv, http or inventory imports, so the state it leaves is not kept")
     );
     assert_eq!(app.registry.status()["probe"].pre_initialised, Some(false));
     assert_eq!(cache_entries(&h).len(), 1, "Cranelift's code only");

@@ -495,7 +495,7 @@ async fn a_plugin_whose_init_calls_the_host_runs_init_in_every_call() {
     assert!(!p.pre_initialised());
     assert_eq!(
         p.init_every_call(),
-        Some("its `init` calls the host's imports (log, kv, http or context), so the state it leaves is not kept")
+        Some("its `init` calls the host's kv, http or inventory imports, so the state it leaves is not kept")
     );
     assert_eq!(
         kv_text(&sb, "inits").as_deref(),
@@ -505,6 +505,30 @@ async fn a_plugin_whose_init_calls_the_host_runs_init_in_every_call() {
     works(&p).await;
     works(&p).await;
     assert_eq!(kv_text(&sb, "inits").as_deref(), Some("3"));
+}
+
+/// Log lines and the context are fixed for a load, so an `init` that uses
+/// them is still captured; what `context` told it is the load's.
+#[tokio::test]
+async fn a_plugin_whose_init_logs_and_reads_its_context_still_starts_from_a_snapshot() {
+    let sb = sandbox();
+    let mut s = settings();
+    s.config = serde_json::json!({ "log_in_init": true });
+    let p = sb
+        .runtime
+        .load_read(&common::component("probe"), None, s, Some("probe-a".into()))
+        .await
+        .unwrap();
+    let p = sb.runtime.pre_initialise(p).await;
+    assert!(p.pre_initialised(), "{:?}", p.init_every_call());
+    let out = p
+        .handle(vec![event(1, "TEST.INIT", serde_json::json!({}))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out[..], [Outcome::Reject(seen)] if seen == r#"Some(Some("probe-a"))"#),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]

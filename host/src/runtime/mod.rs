@@ -528,19 +528,24 @@ impl Runtime {
         // this may still be compiling (so `Optimizer`, for the same reason).
         let optimizer = self.optimizer_parts();
         let (file, config, limits) = (plugin.file.clone(), plugin.config.clone(), plugin.limits());
-        let made =
-            tokio::task::spawn_blocking(move || {
-                let compile = |bytes: &[u8]| {
-                    optimizer
-                        .compile_cached(&file, bytes)
-                        .map_err(|e| snapshot::SnapshotError::Compile(e.to_string()))
-                };
-                let (image, info) = tokio::runtime::Handle::current().block_on(
-                    snapshot::snapshot(&optimizer.engine, &bytes, &config, limits, compile),
-                )?;
-                Ok::<_, snapshot::SnapshotError>((compile(&image)?, info))
-            })
-            .await;
+        let instance = plugin.instance().map(str::to_owned);
+        let made = tokio::task::spawn_blocking(move || {
+            let compile = |bytes: &[u8]| {
+                optimizer
+                    .compile_cached(&file, bytes)
+                    .map_err(|e| snapshot::SnapshotError::Compile(e.to_string()))
+            };
+            let (image, info) = tokio::runtime::Handle::current().block_on(snapshot::snapshot(
+                &optimizer.engine,
+                &bytes,
+                &config,
+                instance,
+                limits,
+                compile,
+            ))?;
+            Ok::<_, snapshot::SnapshotError>((compile(&image)?, info))
+        })
+        .await;
         let (component, info) = match made {
             Ok(Ok(made)) => made,
             Ok(Err(e)) => return refused(plugin, Refusal::Expected, &e.to_string()),
@@ -782,12 +787,24 @@ fn paged_export(component: &Component) -> Option<ComponentExportIndex> {
 fn host_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
     let mut linker = Linker::<HostState>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| {
-        // Every call to the plugin world's imports comes through here (and
-        // WASI's through `HostState::ctx`).
-        s.host_calls.imports += 1;
+    // Interface by interface, so that calls are counted by kind (WASI's
+    // through `HostState::ctx`): an `init` may log and read its context,
+    // and still be captured in a snapshot (`snapshot.rs`).
+    use bindings::prismhook::plugin::{context, http, inventory, kv, log, types};
+    fn stateful(s: &mut HostState) -> &mut HostState {
+        s.host_calls.stateful += 1;
         s
-    })?;
+    }
+    fn stateless(s: &mut HostState) -> &mut HostState {
+        s.host_calls.stateless += 1;
+        s
+    }
+    types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(&mut linker, stateless)?;
+    context::add_to_linker::<_, HasSelf<_>>(&mut linker, stateless)?;
+    kv::add_to_linker::<_, HasSelf<_>>(&mut linker, stateful)?;
+    http::add_to_linker::<_, HasSelf<_>>(&mut linker, stateful)?;
+    inventory::add_to_linker::<_, HasSelf<_>>(&mut linker, stateful)?;
     Ok(linker)
 }
 

@@ -6,18 +6,19 @@
 //! Only an `init` that computes from its configuration alone can be
 //! captured: what it got from the host (kv, a sign-in, a WASI stream whose
 //! handle would not exist in the next call's Store) must not be frozen into
-//! the image. So the runtime tries only when the load's own `init` made no
-//! call to any import (`HostState::host_calls`), and the instance here has
-//! every import stubbed as a trap besides. A plugin that cannot be captured
-//! keeps running `init` in every call, as before.
+//! the image. So the runtime tries only when the load's own `init` called
+//! nothing but `log` and `context` (`HostState::host_calls`), whose answers
+//! are fixed for the load, and the instance here answers those two as the
+//! load did and has every other import stubbed as a trap besides. A plugin
+//! that cannot be captured keeps running `init` in every call, as before.
 
 use std::time::Instant;
 
-use wasmtime::component::{Component, Instance, Lift, Linker, WasmList};
+use wasmtime::component::{Component, HasSelf, Instance, Lift, Linker, WasmList};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
-use super::bindings::{self, PluginInfo};
+use super::bindings::{self, context, log, PluginInfo};
 use super::Limits;
 
 /// Why a plugin has no snapshot; it then runs `init` in every call.
@@ -38,15 +39,37 @@ pub enum SnapshotError {
 struct State {
     limits: StoreLimits,
     deadline: Instant,
+    /// What `context.instance` answers: the load's instance name.
+    instance: Option<String>,
 }
 
-/// Runs `init(config)` in an instance whose imports all trap and returns
-/// the component rewritten to start from that instance's state, with what
-/// `init` returned.
+/// The load's `init` logged these lines already.
+impl log::Host for State {
+    fn log(&mut self, _: log::Level, _: String) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+/// As for the load; `init` has no VMs to name.
+impl context::Host for State {
+    fn instance(&mut self) -> wasmtime::Result<Option<String>> {
+        Ok(self.instance.clone())
+    }
+
+    fn vm_cluster_name(&mut self, _: String) -> wasmtime::Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// Runs `init(config)` in an instance whose imports all trap but `log`
+/// and `context` (answered as at the load), and returns the component
+/// rewritten to start from that instance's state, with what `init`
+/// returned. `instance` is the name the load runs under, if an instance.
 pub(super) async fn snapshot(
     engine: &Engine,
     bytes: &[u8],
     config: &str,
+    instance: Option<String>,
     limits: Limits,
     compile: impl Fn(&[u8]) -> Result<Component, SnapshotError>,
 ) -> Result<(Vec<u8>, PluginInfo), SnapshotError> {
@@ -56,6 +79,9 @@ pub(super) async fn snapshot(
         .map_err(|e| SnapshotError::Instrument(format!("{e:#}")))?;
     let component = compile(&instrumented)?;
     let mut linker = Linker::<State>::new(engine);
+    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+        .and_then(|()| context::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s))
+        .map_err(|e| SnapshotError::Compile(format!("{e:#}")))?;
     linker
         .define_unknown_imports_as_traps(&component)
         .map_err(|e| SnapshotError::Compile(format!("{e:#}")))?;
@@ -67,6 +93,7 @@ pub(super) async fn snapshot(
                 .memory_size(limits.memory_bytes)
                 .build(),
             deadline: Instant::now() + limits.deadline,
+            instance,
         },
     );
     store.limiter(|s| &mut s.limits);

@@ -93,29 +93,34 @@ pub struct HostState {
     pub(super) inventory_failed: Option<super::feed::FeedError>,
     pub(super) http: reqwest::Client,
     pub(super) outbound: Arc<OutboundCounts>,
-    /// Calls the guest made to the host: an `init` that made none can be
-    /// captured in a snapshot (`runtime/snapshot.rs`).
+    /// Calls the guest made to the host: an `init` that made none but to
+    /// `log` and `context` can be captured in a snapshot
+    /// (`runtime/snapshot.rs`).
     pub(super) host_calls: HostCalls,
 }
 
-/// How many calls a guest made to WASI and to the plugin world's imports.
+/// How many calls a guest made to the host, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct HostCalls {
     pub(super) wasi: u32,
-    pub(super) imports: u32,
+    /// `kv`, `http`, `inventory`: what they answer may differ next time.
+    pub(super) stateful: u32,
+    /// `log`, `context`: what they answer is fixed for a load (in `init`,
+    /// `context` has no VMs to name), so a snapshot may follow them.
+    pub(super) stateless: u32,
 }
 
 impl HostCalls {
     /// Why an `init` that made these calls cannot be captured in a
-    /// snapshot; `None` if it made none. Said apart, as the cure differs:
-    /// an import call is the plugin's own (a log line, a kv read), WASI is
-    /// mostly its language runtime starting.
+    /// snapshot; `None` if it can. Said apart, as the cure differs: a kv
+    /// read or a request is the plugin's own doing, WASI is mostly its
+    /// language runtime starting.
     pub(super) fn keep_init_from_snapshot(self) -> Option<&'static str> {
-        match (self.wasi > 0, self.imports > 0) {
+        match (self.wasi > 0, self.stateful > 0) {
             (false, false) => None,
-            (false, true) => Some("its `init` calls the host's imports (log, kv, http or context), so the state it leaves is not kept"),
+            (false, true) => Some("its `init` calls the host's kv, http or inventory imports, so the state it leaves is not kept"),
             (true, false) => Some("its `init` calls WASI (clocks, random or environment, as language runtimes do when they start), so the state it leaves is not kept"),
-            (true, true) => Some("its `init` calls the host's imports and WASI, so the state it leaves is not kept"),
+            (true, true) => Some("its `init` calls WASI and the host's kv, http or inventory imports, so the state it leaves is not kept"),
         }
     }
 }

@@ -14,14 +14,17 @@
 //! | `TEST.REJECT`  | returns reject                                           |
 //! | `TEST.SHOUT`   | prints `body.lines` lines to stdout                      |
 //! | `TEST.CONFIG`  | returns reject with the configuration `init` was given   |
+//! | `TEST.INIT`    | returns reject with what `context.instance` told `init` (`log_in_init`) |
 //! | `TEST.OUTCOMES`| the fuzzing guest: the batch's answer is what its events' `body.outcomes` script, however many |
 //! | anything else  | records the event and returns done                       |
 //!
 //! Whatever it records, it also keeps the instance it runs as (the
 //! `context` import) in `kv` under `instance`. With `count_inits` in its
 //! configuration, its `init` counts its own runs in `kv` under `inits`
-//! (so it calls the host, and cannot be pre-initialised); otherwise `init`
-//! reads nothing but its configuration.
+//! (so it calls the host, and cannot be pre-initialised); with
+//! `log_in_init`, it asks `context` for its instance and logs a line (which
+//! does not keep it from a snapshot); otherwise `init` reads nothing but
+//! its configuration.
 //!
 //! It reconciles a page at a time (`paged-plugin`): it records each page's
 //! size as it reads it under `reconcile-page/<cluster>/<n>`, then the uuids
@@ -43,6 +46,9 @@ struct Probe;
 
 /// Set by `init`, which the host calls first on every fresh instance.
 static CONFIG: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+
+/// What `context.instance` answered `init`, with `log_in_init`.
+static INIT_INSTANCE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 fn config() -> &'static Value {
     CONFIG.get().expect("init runs before any other export")
@@ -80,6 +86,14 @@ impl Guest for Probe {
                 .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
                 .unwrap_or(0);
             kv::set("inits", (runs + 1).to_string().as_bytes())?;
+        }
+        if config.get("log_in_init").and_then(Value::as_bool) == Some(true) {
+            let instance = context::instance();
+            log::log(
+                log::Level::Info,
+                &format!("starting as {}", instance.as_deref().unwrap_or(&name)),
+            );
+            let _ = INIT_INSTANCE.set(instance);
         }
         let _ = CONFIG.set(config);
         Ok(PluginInfo {
@@ -194,6 +208,7 @@ fn handle_one(event: &Event) -> Outcome {
         }),
         "TEST.REJECT" => Outcome::Reject("probe asked to reject".into()),
         "TEST.CONFIG" => Outcome::Reject(config().to_string()),
+        "TEST.INIT" => Outcome::Reject(format!("{:?}", INIT_INSTANCE.get())),
         // What the last call left in memory: a static with a value in the
         // image (.data), one in the zeroed rest (.bss) and a heap block.
         // Each is changed, so a call that sees anything but 7, 0 and 0
