@@ -674,11 +674,7 @@ impl Task {
     /// Asks for `plugin`'s snapshot after `init` once it serves Cranelift's
     /// code; the result comes back to [`Task::swap_pre_initialised`].
     fn pre_initialise_later(&mut self, plugin: &Plugin) {
-        if !self.config.plugins.pre_initialise
-            || plugin.tier() != Tier::Optimized
-            || plugin.pre_initialised()
-            || plugin.init_every_call().is_some()
-        {
+        if !self.config.plugins.pre_initialise || !plugin.awaits_snapshot() {
             return;
         }
         let (runtime, registry) = (self.runtime.clone(), self.registry.clone());
@@ -1001,12 +997,10 @@ fn serving_load(registry: &Registry, plugin: &Plugin) -> Option<Plugin> {
         .filter(|p| p.same_load(plugin))
 }
 
-/// Whether the same load as `plugin`'s serves Cranelift's code without a
-/// snapshot after `init`, not yet tried.
+/// Whether the same load as `plugin`'s serves, still awaiting its
+/// snapshot after `init`.
 fn still_serves(registry: &Registry, plugin: &Plugin) -> bool {
-    serving_load(registry, plugin).is_some_and(|p| {
-        p.tier() == Tier::Optimized && !p.pre_initialised() && p.init_every_call().is_none()
-    })
+    serving_load(registry, plugin).is_some_and(|p| p.awaits_snapshot())
 }
 
 fn log_report(report: &Report) {

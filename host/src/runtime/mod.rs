@@ -499,10 +499,7 @@ impl Runtime {
     /// once a plugin serves, and swaps the result in.
     pub async fn pre_initialise(self: &Arc<Self>, plugin: Plugin) -> Plugin {
         let name = plugin.name().to_owned();
-        if plugin.pre_initialised()
-            || plugin.init_every_call.is_some()
-            || plugin.tier() != Tier::Optimized
-        {
+        if !plugin.awaits_snapshot() {
             return plugin;
         }
         if let Some(why) = plugin.init_calls.keep_init_from_snapshot() {
@@ -787,21 +784,17 @@ fn paged_export(component: &Component) -> Option<ComponentExportIndex> {
 fn host_linker(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
     let mut linker = Linker::<HostState>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    // Interface by interface, so that calls are counted by kind (WASI's
-    // through `HostState::ctx`): an `init` may log and read its context,
-    // and still be captured in a snapshot (`snapshot.rs`).
+    // Interface by interface, so that only the calls that keep an `init`
+    // from its snapshot are counted (WASI's through `HostState::ctx`): one
+    // that logs and reads its context is still captured (`snapshot.rs`).
     use bindings::prismhook::plugin::{context, http, inventory, kv, log, types};
     fn stateful(s: &mut HostState) -> &mut HostState {
         s.host_calls.stateful += 1;
         s
     }
-    fn stateless(s: &mut HostState) -> &mut HostState {
-        s.host_calls.stateless += 1;
-        s
-    }
     types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    log::add_to_linker::<_, HasSelf<_>>(&mut linker, stateless)?;
-    context::add_to_linker::<_, HasSelf<_>>(&mut linker, stateless)?;
+    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    context::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     kv::add_to_linker::<_, HasSelf<_>>(&mut linker, stateful)?;
     http::add_to_linker::<_, HasSelf<_>>(&mut linker, stateful)?;
     inventory::add_to_linker::<_, HasSelf<_>>(&mut linker, stateful)?;

@@ -107,6 +107,12 @@ impl Plugin {
         self.pre_initialised
     }
 
+    /// Whether a snapshot after `init` may still be made of it: it serves
+    /// Cranelift's code, and none was made or refused yet.
+    pub fn awaits_snapshot(&self) -> bool {
+        self.tier() == Tier::Optimized && !self.pre_initialised && self.init_every_call.is_none()
+    }
+
     /// Why its calls run `init` though a snapshot after `init` was tried
     /// ([`Runtime::pre_initialise`](super::Runtime::pre_initialise)); `None`
     /// if none was, or one serves.

@@ -93,21 +93,20 @@ pub struct HostState {
     pub(super) inventory_failed: Option<super::feed::FeedError>,
     pub(super) http: reqwest::Client,
     pub(super) outbound: Arc<OutboundCounts>,
-    /// Calls the guest made to the host: an `init` that made none but to
-    /// `log` and `context` can be captured in a snapshot
+    /// Calls the guest made to the host, but to `log` and `context`: an
+    /// `init` that made none can be captured in a snapshot
     /// (`runtime/snapshot.rs`).
     pub(super) host_calls: HostCalls,
 }
 
-/// How many calls a guest made to the host, by kind.
+/// How many calls a guest made to the host that a snapshot could not
+/// replay, by kind. `log` and `context` are not counted: what they answer
+/// is fixed for a load (in `init`, `context` has no VMs to name).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct HostCalls {
     pub(super) wasi: u32,
     /// `kv`, `http`, `inventory`: what they answer may differ next time.
     pub(super) stateful: u32,
-    /// `log`, `context`: what they answer is fixed for a load (in `init`,
-    /// `context` has no VMs to name), so a snapshot may follow them.
-    pub(super) stateless: u32,
 }
 
 impl HostCalls {
