@@ -9,9 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-bench="${1:?usage: scripts/bench.sh wasm|listener|durability|lifecycle|cluster|reconcile [sections…]}"
+bench="${1:?usage: scripts/bench.sh wasm|listener|durability|lifecycle|cluster|reconcile|payload [sections…]}"
 shift
 ensure_rust
+# Reading notifications is prismhook-core's alone: no guests, no wasmtime.
+if [ "$bench" = payload ]; then
+  step "cargo bench -p prismhook-core --bench payload"
+  exec cargo bench --locked -p prismhook-core --bench payload
+fi
 build_xtask
 case "$bench" in
   listener | durability | cluster) ensure_debian_packages wrk ;;

@@ -1,15 +1,21 @@
 //! Any body POSTed to the listener: the notification parser never panics,
-//! accepts only what the event path can carry, and decodes a body the same
-//! whatever its whitespace (the dedupe key depends on that).
+//! accepts only what the event path can carry, answers as it does when it
+//! builds the whole body (it builds only what it reads), and decodes a body
+//! the same whatever its whitespace (the dedupe key depends on that).
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use prismhook_core::event::is_kind_action;
-use prismhook_core::nutanix::payload::parse_notification;
+use prismhook_core::nutanix::payload::{parse_notification, parse_notification_whole};
 
 fuzz_target!(|body: &[u8]| {
-    let Ok(decoded) = parse_notification(body) else {
+    let answer = parse_notification(body).map_err(|e| e.to_string());
+    assert_eq!(
+        answer,
+        parse_notification_whole(body).map_err(|e| e.to_string())
+    );
+    let Ok(decoded) = answer else {
         return;
     };
     assert!(is_kind_action(&decoded.event_type), "{decoded:?}");

@@ -14,14 +14,19 @@
 //! a reconcile see a VM identically.
 //!
 //! The Nutanix source decodes each body once, when it arrives
-//! ([`parse_notification`]), into the host's own model ([`crate::event`]), so nothing
-//! downstream parses Prism's JSON again.
+//! ([`parse_notification`]), into the host's own model ([`crate::event`]),
+//! so nothing downstream parses Prism's JSON again. It builds only the
+//! members it reads (the `READ` table, with [`super::pruned`]) and checks
+//! the rest as strictly as if it built it: [`parse_notification_whole`]
+//! builds everything, and the tests and the fuzz target hold the two to
+//! the same answers.
 
 use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::str_at;
+use super::pruned::{self, Keep};
+use super::{member_at, str_at};
 
 pub use crate::event::{Decoded, Nic, Vm};
 
@@ -64,12 +69,106 @@ fn entity(
     Some((uuid, kind))
 }
 
+/// What decoding reads of a notification (in [`decode`] and
+/// [`parse_vm_or`]); the rest is checked as JSON but not built. A member
+/// read there and missing here would read as absent on the quick path only:
+/// the tests compare both paths on every fixture and on variants of each,
+/// and so does the notification fuzz target.
+const READ: Keep = Keep::Members(&[
+    ("event_type", Keep::All),
+    ("entity_reference", UUID_KIND),
+    (
+        "data",
+        Keep::Members(&[(
+            "metadata",
+            Keep::Members(&[
+                ("metadata", METADATA),
+                ("spec", SPEC_OR_STATUS),
+                ("status", SPEC_OR_STATUS),
+            ]),
+        )]),
+    ),
+]);
+
+/// What [`decode`] and [`parse_vm_or`] read of an intent's `metadata`.
+const METADATA: Keep = Keep::Members(&[
+    ("uuid", Keep::All),
+    ("kind", Keep::All),
+    ("categories", Keep::All),
+    ("categories_mapping", Keep::All),
+    ("entity_version", Keep::All),
+    ("spec_version", Keep::All),
+    ("last_update_time", Keep::All),
+]);
+
+/// What [`parse_vm_or`] reads of an intent's `spec` or `status`.
+const SPEC_OR_STATUS: Keep = Keep::Members(&[
+    ("name", Keep::All),
+    ("cluster_reference", NAME),
+    (
+        "resources",
+        Keep::Members(&[
+            ("power_state", Keep::All),
+            ("nic_list", Keep::Each(&NIC)),
+            ("host_reference", NAME),
+        ]),
+    ),
+]);
+
+/// What [`parse_nic`] reads of a NIC.
+const NIC: Keep = Keep::Members(&[
+    ("uuid", Keep::All),
+    ("mac_address", Keep::All),
+    (
+        "ip_endpoint_list",
+        Keep::Each(&Keep::Members(&[("ip", Keep::All)])),
+    ),
+    ("subnet_reference", NAME_UUID),
+]);
+
+/// Of a reference to another entity, what [`entity`] reads.
+const UUID_KIND: Keep = Keep::Members(&[("uuid", Keep::All), ("kind", Keep::All)]);
+
+/// Of a reference to another entity, what [`parse_nic`] reads.
+const NAME_UUID: Keep = Keep::Members(&[("name", Keep::All), ("uuid", Keep::All)]);
+
+/// Of a reference to a host or cluster, its name.
+const NAME: Keep = Keep::Members(&[("name", Keep::All)]);
+
 /// Parse a notification body as Prism POSTs it.
+///
+/// Only the members decoding reads are built (see [`pruned`]): the whole
+/// body was 250–370 allocations, freed again at once, and the allocator's
+/// work slowed every handler beside it (BENCHMARKS.md, "Reading only what
+/// is decoded"). A body that is not a JSON object is read whole, so its
+/// error says what it is.
 pub fn parse_notification(body: &[u8]) -> Result<Decoded, PayloadError> {
+    match pruned::read(body, &READ) {
+        Ok(root @ Value::Object(_)) => decode(&root, || {
+            let whole: Value = serde_json::from_slice(body).map_err(PayloadError::NotJson)?;
+            Ok(body_hash(&whole))
+        }),
+        _ => parse_notification_whole(body),
+    }
+}
+
+/// [`parse_notification`] building the whole body: the reference it must
+/// agree with, answer for answer, on any input.
+pub fn parse_notification_whole(body: &[u8]) -> Result<Decoded, PayloadError> {
     let root: Value = serde_json::from_slice(body).map_err(PayloadError::NotJson)?;
     if !root.is_object() {
         return Err(PayloadError::NotAnObject(json_type(&root)));
     }
+    decode(&root, || Ok(body_hash(&root)))
+}
+
+/// Decodes a notification whose `root` holds at least what [`READ`] keeps;
+/// `body_hash` hashes the whole body, for a notification without version
+/// fields.
+fn decode(
+    root: &Value,
+    body_hash: impl FnOnce() -> Result<u128, PayloadError>,
+) -> Result<Decoded, PayloadError> {
     let event_type = match root.get("event_type") {
         None | Some(Value::Null) => return Err(PayloadError::Missing("event_type")),
         Some(Value::String(s)) => s.trim().to_owned(),
@@ -83,9 +182,7 @@ pub fn parse_notification(body: &[u8]) -> Result<Decoded, PayloadError> {
     if !crate::event::is_kind_action(&event_type) {
         return Err(PayloadError::BadEventType(event_type));
     }
-    let intent = root
-        .pointer("/data/metadata")
-        .filter(|m| is_non_empty_object(m));
+    let intent = member_at(root, "/data/metadata").filter(|m| is_non_empty_object(m));
     let (entity_uuid, entity_kind) = entity(
         &event_type,
         root.get("entity_reference"),
@@ -96,7 +193,16 @@ pub fn parse_notification(body: &[u8]) -> Result<Decoded, PayloadError> {
         Some(intent) if entity_kind == "vm" => parse_vm_or(intent, &entity_uuid),
         _ => None,
     };
-    let dedupe_key = dedupe_key(&event_type, &entity_uuid, intent, &root);
+    let dedupe_key = match versioned_key(
+        &event_type,
+        &entity_uuid,
+        intent.and_then(|i| i.get("metadata")),
+    ) {
+        Some(key) => key,
+        // Without any of them (a delete with `data.metadata: {}`), the whole
+        // body decides.
+        None => format!("{event_type}/{entity_uuid}/body={:032x}", body_hash()?),
+    };
     Ok(Decoded {
         event_type,
         entity_kind,
@@ -234,19 +340,15 @@ fn normalise_power(state: &str) -> String {
     }
 }
 
-/// Built from the fields that change with every change of the entity, so a
-/// redelivery matches and a new change does not. Without any of them (a
-/// delete with `data.metadata: {}`), the whole body decides.
-fn dedupe_key(event_type: &str, uuid: &str, intent: Option<&Value>, root: &Value) -> String {
-    versioned_key(event_type, uuid, intent.and_then(|i| i.get("metadata"))).unwrap_or_else(|| {
-        // Hash the compact re-serialisation, so whitespace does not matter.
-        let canonical = serde_json::to_vec(root).unwrap_or_default();
-        format!("{event_type}/{uuid}/body={:032x}", fnv1a_128(&canonical))
-    })
+/// A body's hash, of its compact re-serialisation so that whitespace does
+/// not matter.
+fn body_hash(root: &Value) -> u128 {
+    fnv1a_128(&serde_json::to_vec(root).unwrap_or_default())
 }
 
-/// The dedupe key from the intent's version fields (its `metadata`); `None`
-/// when it has none of them.
+/// The dedupe key, built from the intent's version fields (its `metadata`),
+/// which change with every change of the entity, so a redelivery matches
+/// and a new change does not; `None` when it has none of them.
 fn versioned_key(event_type: &str, uuid: &str, meta: Option<&Value>) -> Option<String> {
     let field = |name: &str| meta.and_then(|m| scalar_string(m.get(name)));
     let mut key = format!("{event_type}/{uuid}");
@@ -645,6 +747,118 @@ mod tests {
         assert!(err(r#"{"event_type":"VM.ON","data":{"metadata":{}}}"#)
             .starts_with("missing entity uuid"));
         assert!(err("").starts_with("body is not JSON: EOF while parsing"));
+    }
+
+    /// Both paths' answers, errors as their messages.
+    fn both(body: &[u8]) -> [Result<Decoded, String>; 2] {
+        [
+            parse_notification(body).map_err(|e| e.to_string()),
+            parse_notification_whole(body).map_err(|e| e.to_string()),
+        ]
+    }
+
+    /// `body` with the object member at `pointer` replaced (or removed,
+    /// with `None`).
+    fn with(body: &Value, pointer: &str, new: Option<&Value>) -> Value {
+        let mut out = body.clone();
+        let (parent, last) = pointer.rsplit_once('/').unwrap();
+        let object = out.pointer_mut(parent).unwrap().as_object_mut().unwrap();
+        match new {
+            Some(value) => object.insert(last.to_owned(), value.clone()),
+            None => object.remove(last),
+        };
+        out
+    }
+
+    /// The pointer of every object member down to `depth` levels of
+    /// objects and arrays (no fixture's keys need escaping).
+    fn member_pointers(value: &Value, depth: usize, at: &str, out: &mut Vec<String>) {
+        if depth == 0 {
+            return;
+        }
+        match value {
+            Value::Object(object) => {
+                for (key, member) in object {
+                    let pointer = format!("{at}/{key}");
+                    member_pointers(member, depth - 1, &pointer, out);
+                    out.push(pointer);
+                }
+            }
+            Value::Array(elements) => {
+                for (i, element) in elements.iter().enumerate() {
+                    member_pointers(element, depth - 1, &format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_quick_read_answers_as_the_whole_one_on_every_fixture_and_its_variants() {
+        let replacements = [
+            json!(null),
+            json!({}),
+            json!([]),
+            json!(""),
+            json!(7),
+            json!(true),
+            json!([1]),
+            json!({ "x": 1 }),
+            json!("POWERED_ON"),
+        ];
+        let mut compared = 0;
+        for name in FIXTURES {
+            let body: Value = serde_json::from_slice(&fixture(name)).unwrap();
+            let mut variants = vec![body.clone()];
+            // Without version fields the whole body decides the dedupe key.
+            let mut unversioned = body.clone();
+            if let Some(meta) = unversioned
+                .pointer_mut("/data/metadata/metadata")
+                .and_then(Value::as_object_mut)
+            {
+                for field in ["entity_version", "spec_version", "last_update_time"] {
+                    meta.remove(field);
+                }
+            }
+            variants.push(unversioned);
+            // Down to each NIC's addresses.
+            let mut pointers = Vec::new();
+            member_pointers(&body, 9, "", &mut pointers);
+            for pointer in &pointers {
+                variants.push(with(&body, pointer, None));
+                for new in &replacements {
+                    variants.push(with(&body, pointer, Some(new)));
+                }
+            }
+            for variant in variants {
+                let bytes = serde_json::to_vec(&variant).unwrap();
+                let [quick, whole] = both(&bytes);
+                assert_eq!(quick, whole, "{name}: {variant}");
+                compared += 1;
+            }
+        }
+        // Enough to say the walk reached the NICs.
+        assert!(compared > 5_000, "{compared}");
+    }
+
+    #[test]
+    fn a_repeated_member_counts_once_its_last_time_on_both_paths() {
+        let body = String::from_utf8(fixture("vm_on.json")).unwrap();
+        let repeats = [
+            body.replacen('{', r#"{"event_type": "VM.OFF", "data": 1,"#, 1),
+            body.replacen('{', r#"{"event_type": 7,"#, 1),
+            body.replacen(
+                r#""resources": {"#,
+                r#""resources": {"power_state": "OFF", "nic_list": [],"#,
+                2,
+            ),
+            body.replacen(r#""metadata": {"#, r#""metadata": {"spec": [], "#, 1),
+        ];
+        for repeated in repeats {
+            assert_ne!(repeated, body);
+            let [quick, whole] = both(repeated.as_bytes());
+            assert_eq!(quick, whole, "{repeated}");
+        }
     }
 
     #[test]
