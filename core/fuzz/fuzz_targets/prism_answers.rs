@@ -1,5 +1,6 @@
 //! Whatever Prism answers: a listing ends (complete, refused or bounded),
-//! every entity is read without panicking, and an error answer becomes a
+//! every entity is read without panicking, a VM listing's page read for its
+//! VMs alone gives what the whole page gives, and an error answer becomes a
 //! reason of bounded length.
 //!
 //! Input: a page size byte, then the list answers and last the error body,
@@ -9,8 +10,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use prismhook_core::nutanix::payload::parse_vm;
+use prismhook_core::nutanix::pruned;
 use prismhook_core::nutanix::v3::{
-    error_reason, parse_webhook, status_messages, Listing, MAX_LISTED, MAX_REASON,
+    error_reason, parse_webhook, status_messages, Listing, MAX_LISTED, MAX_REASON, VM_LIST,
 };
 use serde_json::Value;
 
@@ -23,7 +25,21 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut parts: Vec<&[u8]> = rest.split(|&b| b == 0).collect();
     let error_body = parts.pop().unwrap_or_default();
-    let mut listing = Listing::new(u64::from(page.max(1)));
+    let page = u64::from(page.max(1));
+    for body in &parts {
+        let whole = serde_json::from_slice::<Value>(body).ok();
+        let quick = pruned::read(body, &VM_LIST).ok();
+        assert_eq!(quick.is_some(), whole.is_some());
+        if let (Some(quick), Some(whole)) = (quick, whole) {
+            let vms = |answer| {
+                Listing::new(page)
+                    .add(answer)
+                    .map(|p| (p.entities.iter().map(parse_vm).collect::<Vec<_>>(), p.last))
+            };
+            assert_eq!(vms(quick), vms(whole));
+        }
+    }
+    let mut listing = Listing::new(page);
     let mut entities = Vec::new();
     for body in &parts {
         let Ok(answer) = serde_json::from_slice::<Value>(body) else {

@@ -77,17 +77,15 @@ fn entity(
 const READ: Keep = Keep::Members(&[
     ("event_type", Keep::All),
     ("entity_reference", UUID_KIND),
-    (
-        "data",
-        Keep::Members(&[(
-            "metadata",
-            Keep::Members(&[
-                ("metadata", METADATA),
-                ("spec", SPEC_OR_STATUS),
-                ("status", SPEC_OR_STATUS),
-            ]),
-        )]),
-    ),
+    ("data", Keep::Members(&[("metadata", INTENT)])),
+]);
+
+/// What [`parse_vm`] reads of a VM's intent, in a notification or a
+/// listing.
+pub const INTENT: Keep = Keep::Members(&[
+    ("metadata", METADATA),
+    ("spec", SPEC_OR_STATUS),
+    ("status", SPEC_OR_STATUS),
 ]);
 
 /// What [`decode`] and [`parse_vm_or`] read of an intent's `metadata`.

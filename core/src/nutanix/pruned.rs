@@ -39,9 +39,13 @@ pub enum Keep {
 /// `body` read as one JSON document, keeping what `keep` says.
 ///
 /// Not UTF-8 is an error of its own, without a position: the caller that
-/// wants `serde_json`'s message reads the body whole. Checking the bytes
-/// once up front spares checking every string as it is read.
+/// wants `serde_json`'s message reads the body whole (as [`Keep::All`]
+/// does). Checking the bytes once up front spares checking every string as
+/// it is read.
 pub fn read(body: &[u8], keep: &'static Keep) -> Result<Value, Error> {
+    if let Keep::All = keep {
+        return Ok(serde_json::from_slice(body)?);
+    }
     let text = std::str::from_utf8(body).map_err(|_| Error::NotUtf8)?;
     let mut de = serde_json::Deserializer::from_str(text);
     let value = Pruned(keep).deserialize(&mut de)?;

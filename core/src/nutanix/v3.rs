@@ -5,6 +5,8 @@
 
 use serde_json::Value;
 
+use super::payload::INTENT;
+use super::pruned::Keep;
 use super::str_at;
 use crate::text::truncate;
 
@@ -130,6 +132,14 @@ pub enum ListError {
     TooMany,
 }
 
+/// What the VM listing's reader uses of a `POST /vms/list` answer (read
+/// with [`super::pruned::read`]): each VM as [`super::payload::parse_vm`]
+/// reads it, and the total; a page of 500 VMs is megabytes of JSON.
+pub const VM_LIST: Keep = Keep::Members(&[
+    ("entities", Keep::Each(&INTENT)),
+    ("metadata", Keep::Members(&[("total_matches", Keep::All)])),
+]);
+
 /// One `POST /{collection}/list` after another from offset 0, until
 /// `metadata.total_matches` is reached, or, without it, a short page; an
 /// empty page always ends it. Feed each answer to [`Listing::add`], which
@@ -194,7 +204,74 @@ impl Listing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nutanix::payload::{parse_vm, Vm};
+    use crate::nutanix::pruned;
     use serde_json::json;
+
+    /// The VMs and the end of a listing, as the client reads them.
+    fn vms_of(answer: Value) -> Result<(Vec<Option<Vm>>, bool), ListError> {
+        // Pages of three, as many as the listing below holds: only its
+        // total says whether it is the last.
+        let page = Listing::new(3).add(answer)?;
+        Ok((page.entities.iter().map(parse_vm).collect(), page.last))
+    }
+
+    /// The notification tests compare the two reads of an intent member by
+    /// member; this holds the listing's own members to it.
+    #[test]
+    fn a_vm_listing_read_for_its_vms_answers_as_the_whole_one() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nutanix");
+        let intents: Vec<Value> = ["vm_on.json", "vm_update_nic_ip.json", "vm_delete_full.json"]
+            .iter()
+            .map(|name| {
+                let body: Value =
+                    serde_json::from_slice(&std::fs::read(dir.join(name)).unwrap()).unwrap();
+                body["data"]["metadata"].clone()
+            })
+            .collect();
+        let page = json!({
+            "api_version": "3.1",
+            "metadata": { "kind": "vm", "offset": 0, "length": 3, "total_matches": 3 },
+            "entities": intents,
+        });
+        let others = [
+            json!(null),
+            json!({}),
+            json!([]),
+            json!(""),
+            json!(7),
+            json!(-1),
+            json!([1]),
+            json!({ "x": 1 }),
+        ];
+        let mut variants = vec![page.clone()];
+        for pointer in [
+            "/entities",
+            "/metadata",
+            "/metadata/total_matches",
+            "/entities/0",
+            "/entities/1/metadata",
+            "/entities/2/status",
+        ] {
+            for other in &others {
+                let mut variant = page.clone();
+                *variant.pointer_mut(pointer).unwrap() = other.clone();
+                variants.push(variant);
+            }
+        }
+        for member in ["entities", "metadata"] {
+            let mut variant = page.clone();
+            variant.as_object_mut().unwrap().remove(member);
+            variants.push(variant);
+        }
+        for variant in variants {
+            let bytes = serde_json::to_vec(&variant).unwrap();
+            let quick = vms_of(pruned::read(&bytes, &VM_LIST).unwrap());
+            let whole = vms_of(serde_json::from_slice(&bytes).unwrap());
+            assert_eq!(quick, whole, "{variant}");
+        }
+    }
 
     #[test]
     fn error_answers_become_one_readable_reason() {

@@ -30,9 +30,10 @@ use url::Url;
 use super::payload::{parse_vm, Vm};
 pub use crate::outbound::TlsMode;
 use crate::outbound::{chain, read_body, with_tls, BodyError};
+use prismhook_core::nutanix::pruned::{self, Keep};
 use prismhook_core::nutanix::str_at;
 pub use prismhook_core::nutanix::v3::Webhook;
-use prismhook_core::nutanix::v3::{error_reason, parse_webhook, status_messages, Listing};
+use prismhook_core::nutanix::v3::{error_reason, parse_webhook, status_messages, Listing, VM_LIST};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -384,15 +385,17 @@ impl PrismClient {
     /// Every VM, paged by 500, read by the notification parser so that
     /// events and reconciles see a VM the same way: one item per page of
     /// Prism's answers, each parsed as it comes, so that the reader holds
-    /// the pages it has not passed on yet, never a whole inventory. The
-    /// stream ends after the last page, or with the first error.
+    /// the pages it has not passed on yet, never a whole inventory. As for
+    /// a notification, only what the parser reads of a page is built
+    /// (`VM_LIST`). The stream ends after the last page, or with the first
+    /// error.
     pub fn vm_pages(&self) -> impl Stream<Item = Result<Vec<Vm>, PrismError>> + Send + '_ {
         let start = (Listing::new(VM_PAGE), false, 0usize);
         stream::try_unfold(start, move |(mut listing, done, mut skipped)| async move {
             if done {
                 return Ok(None);
             }
-            let (entities, last) = self.list_page("vms", "vm", &mut listing).await?;
+            let (entities, last) = self.list_page("vms", "vm", &VM_LIST, &mut listing).await?;
             let vms: Vec<Vm> = entities.iter().filter_map(parse_vm).collect();
             skipped += entities.len() - vms.len();
             if last && skipped > 0 {
@@ -418,7 +421,9 @@ impl PrismClient {
         let mut listing = Listing::new(page);
         let mut out = Vec::new();
         loop {
-            let (entities, last) = self.list_page(collection, kind, &mut listing).await?;
+            let (entities, last) = self
+                .list_page(collection, kind, &Keep::All, &mut listing)
+                .await?;
             out.extend(entities.into_iter().filter_map(&mut read));
             if last {
                 return Ok(out);
@@ -431,11 +436,14 @@ impl PrismClient {
         &self,
         collection: &str,
         kind: &str,
+        keep: &'static Keep,
         listing: &mut Listing,
     ) -> Result<(Vec<Value>, bool), PrismError> {
         let segments = [collection, "list"];
         let body = json!({ "kind": kind, "offset": listing.offset(), "length": listing.page() });
-        let answer = self.call(Method::POST, &segments, Some(&body)).await?;
+        let answer = self
+            .call_keeping(Method::POST, &segments, Some(&body), keep)
+            .await?;
         let page = listing
             .add(answer)
             .map_err(|e| self.bad_answer(Method::POST, &segments, &e.to_string()))?;
@@ -459,6 +467,17 @@ impl PrismClient {
         method: Method,
         segments: &[&str],
         body: Option<&Value>,
+    ) -> Result<Value, PrismError> {
+        self.call_keeping(method, segments, body, &Keep::All).await
+    }
+
+    /// [`Self::call`], building only what `keep` says of the answer.
+    async fn call_keeping(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+        keep: &'static Keep,
     ) -> Result<Value, PrismError> {
         let mut url = self.api.clone();
         url.path_segments_mut()
@@ -506,7 +525,7 @@ impl PrismClient {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Value::Null);
         }
-        serde_json::from_slice(&bytes)
+        pruned::read(&bytes, keep)
             .map_err(|e| self.bad_answer(method, segments, &format!("body is not JSON: {e}")))
     }
 
