@@ -138,35 +138,32 @@ const NAME: Keep = Keep::Members(&[("name", Keep::All)]);
 /// Only the members decoding reads are built (see [`pruned`]): the whole
 /// body was 250–370 allocations, freed again at once, and the allocator's
 /// work slowed every handler beside it (BENCHMARKS.md, "Reading only what
-/// is decoded"). A body that is not a JSON object is read whole, so its
-/// error says what it is.
+/// is decoded").
 pub fn parse_notification(body: &[u8]) -> Result<Decoded, PayloadError> {
-    match pruned::read(body, &READ) {
-        Ok(root @ Value::Object(_)) => decode(&root, || {
-            let whole: Value = serde_json::from_slice(body).map_err(PayloadError::NotJson)?;
-            Ok(body_hash(&whole))
-        }),
-        _ => parse_notification_whole(body),
-    }
+    let root = pruned::read(body, &READ).map_err(PayloadError::NotJson)?;
+    decode(&root, || {
+        let whole: Value = serde_json::from_slice(body).map_err(PayloadError::NotJson)?;
+        Ok(body_hash(&whole))
+    })
 }
 
 /// [`parse_notification`] building the whole body: the reference it must
 /// agree with, answer for answer, on any input.
 pub fn parse_notification_whole(body: &[u8]) -> Result<Decoded, PayloadError> {
     let root: Value = serde_json::from_slice(body).map_err(PayloadError::NotJson)?;
-    if !root.is_object() {
-        return Err(PayloadError::NotAnObject(json_type(&root)));
-    }
     decode(&root, || Ok(body_hash(&root)))
 }
 
-/// Decodes a notification whose `root` holds at least what [`READ`] keeps;
-/// `body_hash` hashes the whole body, for a notification without version
-/// fields.
+/// Decodes a notification whose `root` holds at least what [`READ`] keeps
+/// (its type, and the members named there); `body_hash` hashes the whole
+/// body, for a notification without version fields.
 fn decode(
     root: &Value,
     body_hash: impl FnOnce() -> Result<u128, PayloadError>,
 ) -> Result<Decoded, PayloadError> {
+    if !root.is_object() {
+        return Err(PayloadError::NotAnObject(json_type(root)));
+    }
     let event_type = match root.get("event_type") {
         None | Some(Value::Null) => return Err(PayloadError::Missing("event_type")),
         Some(Value::String(s)) => s.trim().to_owned(),

@@ -38,29 +38,29 @@ pub enum Keep {
 
 /// `body` read as one JSON document, keeping what `keep` says.
 ///
-/// Not UTF-8 is an error of its own, without a position: the caller that
-/// wants `serde_json`'s message reads the body whole (as [`Keep::All`]
-/// does). Checking the bytes once up front spares checking every string as
-/// it is read.
-pub fn read(body: &[u8], keep: &'static Keep) -> Result<Value, Error> {
-    if let Keep::All = keep {
-        return Ok(serde_json::from_slice(body)?);
+/// A document that cannot be read this way is read whole, so that what is
+/// returned, and every error, is what `serde_json::from_slice` gives: one
+/// that is not UTF-8 (checking the bytes once up front spares checking
+/// every string as it is read), one that is not JSON, and one with a member
+/// named as `serde_json`'s private markers (`$serde_json::private::…`),
+/// which a `Value` read takes as an instruction (with the `raw_value`
+/// feature, `{"$serde_json::private::RawValue": "[1]"}` reads as `[1]`).
+pub fn read(body: &[u8], keep: &'static Keep) -> serde_json::Result<Value> {
+    if !matches!(keep, Keep::All) {
+        if let Ok(text) = std::str::from_utf8(body) {
+            let mut de = serde_json::Deserializer::from_str(text);
+            if let Ok(value) = Pruned(keep).deserialize(&mut de) {
+                if de.end().is_ok() {
+                    return Ok(value);
+                }
+            }
+        }
     }
-    let text = std::str::from_utf8(body).map_err(|_| Error::NotUtf8)?;
-    let mut de = serde_json::Deserializer::from_str(text);
-    let value = Pruned(keep).deserialize(&mut de)?;
-    de.end()?;
-    Ok(value)
+    serde_json::from_slice(body)
 }
 
-/// Why a document could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("not UTF-8")]
-    NotUtf8,
-    #[error(transparent)]
-    Json(#[from] serde_json::Error),
-}
+/// How a member's name starts when `serde_json` reads it as a marker.
+const MARKER: &str = "$serde_json::private::";
 
 struct Pruned(&'static Keep);
 
@@ -127,16 +127,16 @@ impl<'de> Visitor<'de> for Reader {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let members = match self.0 {
-            None => {
-                while map.next_entry::<Checked, Checked>()?.is_some() {}
-                return Ok(Value::Null);
-            }
+            None => &[],
             Some(Keep::Members(members)) => *members,
             Some(_) => &[],
         };
         let mut kept = Map::new();
         let mut dropped = None;
         while let Some(Key(name)) = map.next_key()? {
+            if name.starts_with(MARKER) {
+                return Err(de::Error::custom("a marker member: read it whole"));
+            }
             match members.iter().find(|(wanted, _)| *wanted == name) {
                 // A repeated member replaces the earlier one, as in a `Value`.
                 Some((_, keep)) => {
@@ -147,6 +147,9 @@ impl<'de> Visitor<'de> for Reader {
                     dropped.get_or_insert(name);
                 }
             }
+        }
+        if self.0.is_none() {
+            return Ok(Value::Null);
         }
         if let (true, Some(name)) = (kept.is_empty(), dropped) {
             kept.insert(name.into_owned(), Value::Null);
@@ -283,9 +286,7 @@ mod tests {
         ];
         for body in cases {
             let whole = serde_json::from_slice::<Value>(&body).unwrap_err();
-            let Error::Json(pruned) = read(&body, &KEEP).unwrap_err() else {
-                panic!("not a JSON error: {}", String::from_utf8_lossy(&body));
-            };
+            let pruned = read(&body, &KEEP).unwrap_err();
             assert_eq!(
                 pruned.to_string(),
                 whole.to_string(),
@@ -295,11 +296,36 @@ mod tests {
         }
     }
 
+    /// Both reads' answers, errors as their messages.
+    fn both(body: &[u8]) -> [Result<Value, String>; 2] {
+        [
+            read(body, &KEEP).map_err(|e| e.to_string()),
+            serde_json::from_slice::<Value>(body).map_err(|e| e.to_string()),
+        ]
+    }
+
     #[test]
-    fn a_body_that_is_not_utf8_is_refused_whatever_it_keeps() {
-        let body = b"{\"z\": \"\xff\"}";
-        assert!(serde_json::from_slice::<Value>(body).is_err());
-        assert!(matches!(read(body, &KEEP), Err(Error::NotUtf8)));
+    fn a_body_that_is_not_utf8_is_refused_as_serde_json_refuses_it() {
+        let [pruned, whole] = both(b"{\"z\": \"\xff\"}");
+        assert!(whole.is_err());
+        assert_eq!(pruned, whole);
+    }
+
+    /// `serde_json` reads a member named `$serde_json::private::RawValue`
+    /// (with its `raw_value` feature) as JSON text to parse in the object's
+    /// place. Found by the `prism_answers` fuzz target: such a member,
+    /// dropped, let a page through that the whole read refused.
+    #[test]
+    fn a_member_named_as_a_serde_json_marker_is_read_whole() {
+        for body in [
+            &br#"{"z": {"$serde_json::private::RawValue": "66666666ROR"}}"#[..],
+            br#"{"z": {"$serde_json::private::RawValue": "[1]"}, "a": 2}"#,
+            br#"{"$serde_json::private::RawValue": "{\"a\": 1}"}"#,
+            br#"{"b": {"$serde_json::private::Number": "1"}}"#,
+        ] {
+            let [pruned, whole] = both(body);
+            assert_eq!(pruned, whole, "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]
