@@ -127,9 +127,8 @@ impl<'de> Visitor<'de> for Reader {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let members = match self.0 {
-            None => &[],
             Some(Keep::Members(members)) => *members,
-            Some(_) => &[],
+            _ => &[],
         };
         let mut kept = Map::new();
         let mut dropped = None;
