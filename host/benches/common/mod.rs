@@ -241,6 +241,16 @@ pub fn machine_note() {
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         println!("load average now: {}", l.trim());
     }
+    // On the 2-core machine of BENCHMARKS.md, writing a page into the page
+    // cache costs 25–30× as much once some 3.5 GiB is cached: what is cached
+    // already decides when a growing ledger file meets that.
+    if let Some(kib) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("Cached:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+    }) {
+        println!("page cache now: {} MiB", kib >> 10);
+    }
     let (p50, p99) = fsync_probe();
     println!("flush probe (5 KB append + fdatasync in the temp dir, 200×): p50 {}, p99 {} (reference machine: ~40 µs)", us(p50), us(p99));
 }
