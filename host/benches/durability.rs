@@ -105,21 +105,20 @@ impl FileLog {
                     let mut next = Some(first);
                     // As the ledger's writer: at most 256 a group.
                     while let Some((event, vm, answer)) = next {
-                        let put = |buf: &mut Vec<u8>, part: &[u8]| {
+                        buf.extend_from_slice(&event.received_at_ms.to_le_bytes());
+                        let dedupe_key = event.dedupe_key.as_deref().unwrap_or("");
+                        for part in [
+                            event.cluster.as_bytes(),
+                            event.event_type.as_bytes(),
+                            event.entity_kind.as_bytes(),
+                            event.entity_uuid.as_bytes(),
+                            dedupe_key.as_bytes(),
+                            vm.as_deref().unwrap_or(b""),
+                            event.body.as_bytes(),
+                        ] {
                             buf.extend_from_slice(&(part.len() as u32).to_le_bytes());
                             buf.extend_from_slice(part);
-                        };
-                        buf.extend_from_slice(&event.received_at_ms.to_le_bytes());
-                        put(&mut buf, event.cluster.as_bytes());
-                        put(&mut buf, event.event_type.as_bytes());
-                        put(&mut buf, event.entity_kind.as_bytes());
-                        put(&mut buf, event.entity_uuid.as_bytes());
-                        put(
-                            &mut buf,
-                            event.dedupe_key.as_deref().unwrap_or("").as_bytes(),
-                        );
-                        put(&mut buf, vm.as_deref().unwrap_or(b""));
-                        put(&mut buf, event.body.as_bytes());
+                        }
                         answers.push(answer);
                         next = (answers.len() < 256).then(|| rx.try_recv().ok()).flatten();
                     }
@@ -268,6 +267,12 @@ async fn main() {
     // ------------------------------------------------------------ 1
     println!("\n## 1. Accept rate at saturation: wrk -t2 -c64 -d5s --latency (wrk shares the 2 cores), fixtures vm_*.json made unique");
     let mut group = Vec::new();
+    // Flushes so far of the targets that flush: D's ledger and F's file.
+    let commits = |i: usize| match i {
+        0 => Some(ledger.stats().commits),
+        3 => Some(file.commits.load(Ordering::Relaxed)),
+        _ => None,
+    };
     let rounds: usize = env_number("DURABILITY_ROUNDS", 3);
     let sat = saturate(
         &targets,
@@ -276,17 +281,12 @@ async fn main() {
         &auth,
         &mut round_id,
         &["ledger commits", "events/commit", "ledger file"],
-        |i| match i {
-            0 => ledger.stats().commits,
-            3 => file.commits.load(Ordering::Relaxed),
-            _ => 0,
-        },
+        commits,
         |i, c0, r| {
-            let c = match i {
-                0 => ledger.stats().commits - c0,
-                3 => file.commits.load(Ordering::Relaxed) - c0,
-                _ => return " – | – | – |".into(),
+            let (Some(c0), Some(now)) = (c0, commits(i)) else {
+                return " – | – | – |".into();
             };
+            let c = now - c0;
             let per = r.requests.saturating_sub(r.non_2xx) as f64 / c.max(1) as f64;
             if i != 0 {
                 return format!(" {c} | {per:.1} | – |");
@@ -341,12 +341,11 @@ async fn main() {
         f / n,
         d / f
     );
-    let d_rate = med(&sat[0], |r| r.ok_per_s);
     let d_p99 = percentile(&sorted(paced_lat[0].clone()), 99.0);
     println!(
         "targets: ≥ 10,000 durable accepts/s → {} ({}); p99 ack < 10 ms at 1,000/s → {} ({})",
-        rate(d_rate),
-        if d_rate >= 10_000.0 { "met" } else { "NOT met" },
+        rate(d),
+        if d >= 10_000.0 { "met" } else { "NOT met" },
         us(d_p99),
         if d_p99 < 10_000.0 { "met" } else { "NOT met" }
     );
