@@ -92,6 +92,10 @@ pub struct ListenerConfig {
     /// A TLS handshake must finish within this.
     #[serde(default = "defaults::tls_handshake_timeout", with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// A connection whose peer takes none of an answer for this long is
+    /// closed (a peer that stops reading would otherwise hold its slot).
+    #[serde(default = "defaults::write_stall_timeout", with = "humantime_serde")]
+    pub write_stall_timeout: Duration,
 }
 
 /// hyper refuses read buffers below this size.
@@ -105,6 +109,7 @@ pub struct ServeLimits {
     pub header_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub max_header_bytes: usize,
+    pub write_stall_timeout: Duration,
 }
 
 impl ListenerConfig {
@@ -115,6 +120,7 @@ impl ListenerConfig {
             header_read_timeout: self.header_read_timeout,
             tls_handshake_timeout: self.tls_handshake_timeout,
             max_header_bytes: self.max_header_bytes,
+            write_stall_timeout: self.write_stall_timeout,
         }
     }
 }
@@ -738,6 +744,9 @@ mod defaults {
     pub fn tls_handshake_timeout() -> Duration {
         Duration::from_secs(10)
     }
+    pub fn write_stall_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
     pub fn data_dir() -> PathBuf {
         "data".into()
     }
@@ -1103,6 +1112,7 @@ impl Config {
             ("listener.header_read_timeout", l.header_read_timeout),
             ("listener.body_read_timeout", l.body_read_timeout),
             ("listener.tls_handshake_timeout", l.tls_handshake_timeout),
+            ("listener.write_stall_timeout", l.write_stall_timeout),
         ] {
             if d.is_zero() {
                 return Err(self.invalid(key, "must be longer than zero"));

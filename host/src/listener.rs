@@ -83,12 +83,28 @@ impl Ingest {
         let read = axum::body::to_bytes(body, self.max_body_bytes);
         match tokio::time::timeout(self.body_read_timeout, read).await {
             Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(_)) => {
+            Ok(Err(e)) if over_limit(&e) => {
                 self.count(endpoint, "-", StatusCode::PAYLOAD_TOO_LARGE);
                 Err(problem(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("body exceeds the limit of {} bytes", self.max_body_bytes),
                 ))
+            }
+            Ok(Err(e)) => {
+                // The peer went away or broke the chunked framing: nothing
+                // stored, and nothing of the connection is worth keeping.
+                self.count(endpoint, "-", StatusCode::BAD_REQUEST);
+                tracing::warn!(
+                    cluster = endpoint,
+                    "a notification's body could not be read: {e}"
+                );
+                let mut r = problem(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body could not be read: {e}"),
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Err(r)
             }
             Err(_) => {
                 self.count(endpoint, "-", StatusCode::REQUEST_TIMEOUT);
@@ -233,6 +249,19 @@ pub fn problem(status: StatusCode, message: impl Into<String>) -> Response {
         format!("{}\n", message.into()),
     )
         .into_response()
+}
+
+/// Whether reading a body failed because it passed the cap, rather than
+/// because the peer broke off.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// 503 with `Retry-After`.

@@ -18,22 +18,31 @@
 //!   connection (431 beyond), so the memory held before authentication is
 //!   at most connections × that;
 //! - HTTP/1.1 only (over TLS too: ALPN offers nothing else), so every
-//!   connection is under the head timer.
+//!   connection is under the head timer;
+//! - an answer's bytes taken by the peer within
+//!   [`ServeLimits::write_stall_timeout`] of each other ([`StallGuard`]):
+//!   hyper reads no further request while an answer is unsent, so a peer
+//!   that pipelines requests and never reads the answers (slow read) would
+//!   otherwise hold its connection, out of every timer's reach, forever.
 //!
 //! Bodies are bounded by the handlers, which know whether the sender is
 //! authenticated (`listener::Ingest::read_body`: size and deadline).
 
 use std::future::Future;
+use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 
 /// How long in-flight requests may take to finish once shutdown begins.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -95,6 +104,9 @@ pub async fn serve(
         };
         full_logged = false;
         let _ = stream.set_nodelay(true);
+        // Under TLS too, so that the handshake's and every record's bytes
+        // are held to the same limit.
+        let stream = StallGuard::new(stream, limits.write_stall_timeout);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -153,6 +165,103 @@ async fn drive<S>(
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(socket = name, %peer, "connection ended: {e}");
+    }
+}
+
+/// A socket whose writes fail once the peer has taken none of their bytes
+/// for `limit`: the connection then ends like one the peer reset. Reads are
+/// passed through (hyper's head timer and the handlers' body deadlines
+/// bound them).
+pub struct StallGuard<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed by the first write that found the socket full, disarmed by
+    /// any write that makes progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> StallGuard<S> {
+    pub fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// What a write that found the socket full returns: still pending, or
+    /// the error that ends the connection once the peer has stalled for
+    /// longer than the limit.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer took no bytes of the answer for {limit:?}"),
+            ))),
+        }
+    }
+
+    fn progress<T>(
+        &mut self,
+        result: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progress(result, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.progress(result, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progress(result, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.progress(result, cx)
     }
 }
 

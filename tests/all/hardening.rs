@@ -54,6 +54,21 @@ fn basic_auth() -> String {
     )
 }
 
+/// Posts a real notification with the right credentials: its status, or
+/// why there was none within 20 s.
+async fn notify(addr: std::net::SocketAddr) -> Result<u16, String> {
+    let body = common::fixture_json("nutanix/vm_on.json").to_string();
+    reqwest::Client::new()
+        .post(format!("http://{addr}/listener/callback/lab"))
+        .header("Authorization", basic_auth())
+        .body(body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .map(|answer| answer.status().as_u16())
+        .map_err(|e| e.to_string())
+}
+
 /// Reads until the peer closes or `limit` passes; what arrived, and
 /// whether the peer closed.
 async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
@@ -100,22 +115,51 @@ async fn slow_request_heads_are_cut_off_and_notifications_still_get_through() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let body = common::fixture_json("nutanix/vm_on.json").to_string();
-    let answer = reqwest::Client::new()
-        .post(format!("http://{addr}/listener/callback/lab"))
-        .header("Authorization", basic_auth())
-        .body(body)
-        .timeout(Duration::from_secs(20))
-        .send()
-        .await
-        .expect("a real notification is answered while slow peers hold connections");
-    assert_eq!(answer.status(), 202);
+    assert_eq!(
+        notify(addr).await,
+        Ok(202),
+        "a real notification is answered while slow peers hold connections"
+    );
     common::wait_until(
         "the server to close every slow connection",
         Duration::from_secs(20),
         || closed.load(Ordering::SeqCst) == loris.len(),
     )
     .await;
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_that_never_reads_its_answers_loses_its_connection_and_notifications_still_get_through(
+) {
+    // One connection slot: while the slow reader holds it, nothing else is
+    // served.
+    let t = target(&["max_connections = 1", r#"write_stall_timeout = "500ms""#]).await;
+    let addr = t.app.listener_addr;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(addr).await.unwrap();
+    // Pipelined requests whose answers fill the server's send buffer and
+    // then wait on a peer that reads nothing. The writes block too, once
+    // the server stops reading: hyper reads no request while an answer is
+    // unsent.
+    let flood = tokio::spawn(async move {
+        let requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1024);
+        for _ in 0..400 {
+            if slow.write_all(&requests).await.is_err() {
+                break;
+            }
+        }
+        slow
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(
+        notify(addr).await,
+        Ok(202),
+        "a notification is answered once the slow reader's connection is cut"
+    );
+    flood.abort();
     t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -238,6 +282,28 @@ async fn an_authenticated_body_that_trickles_is_cut_off_with_408() {
         0,
         "nothing was stored from a body that never arrived"
     );
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_whose_chunked_framing_breaks_is_a_bad_request_not_too_large() {
+    let t = target(&[]).await;
+    let mut s = TcpStream::connect(t.app.listener_addr).await.unwrap();
+    let request = format!(
+        "POST /listener/callback/lab HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+         2\r\n{{}}\r\nnot-a-chunk-size\r\n",
+        basic_auth()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "expected 400, got {answer:?}"
+    );
+    assert!(answer.contains("the body could not be read"), "{answer}");
+    assert!(closed, "the connection is closed after the 400");
+    assert_eq!(t.app.ledger.stats().undelivered, 0, "nothing was stored");
     t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
