@@ -11,14 +11,17 @@ use prismhook::app::App;
 use prismhook_sim::bigip::{BigipConfig, BigipSim};
 
 const PASSWORD: &str = "bigip-Pa55-never-seen";
+/// A credential some origins take as a parameter of the login URL.
+const QUERY_KEY: &str = "query-held-credential";
 
-/// The probe's settings for a BIG-IP simulator with a token login.
-fn probe_on(lb: &str, password: &str) -> Vec<String> {
+/// The probe's settings for a BIG-IP simulator with a token login, whose
+/// URL ends with `query`.
+fn probe_on(lb: &str, password: &str, query: &str) -> Vec<String> {
     vec![
         r#"component = "probe.wasm""#.to_owned(),
         format!(r#"allow = ["{lb}"]"#),
         format!(
-            r#"login = [{{ origin = "{lb}", url = "{lb}/mgmt/shared/authn/login", username = "admin", password = {{ value = "{password}" }}, fields = {{ loginProviderName = "tmos" }}, token_pointer = "/token/token", header = "X-F5-Auth-Token" }}]"#
+            r#"login = [{{ origin = "{lb}", url = "{lb}/mgmt/shared/authn/login{query}", username = "admin", password = {{ value = "{password}" }}, fields = {{ loginProviderName = "tmos" }}, token_pointer = "/token/token", header = "X-F5-Auth-Token" }}]"#
         ),
     ]
 }
@@ -53,8 +56,11 @@ async fn one_sign_in_serves_every_call_and_an_expired_token_is_renewed_without_a
     let lb = bigip.base_url();
     let dir = tempfile::tempdir().unwrap();
     let host = HostConfig::new(dir.path())
-        .plugin("good", &probe_on(&lb, PASSWORD))
-        .plugin("wrong", &probe_on(&lb, "not-the-password"));
+        .plugin("good", &probe_on(&lb, PASSWORD, ""))
+        .plugin(
+            "wrong",
+            &probe_on(&lb, "not-the-password", &format!("?apikey={QUERY_KEY}")),
+        );
     common::setup::install(host.plugins_dir(), &["probe"]);
     let app = App::start(host.config()).await.unwrap();
 
@@ -75,10 +81,14 @@ async fn one_sign_in_serves_every_call_and_an_expired_token_is_renewed_without_a
         assert!(got.contains("~Common~web"), "{got}");
     }
     // A refused sign-in is the plugin's error to retry, and says why
-    // without the password.
+    // without the password or the URL's query.
     let refused = answer(&app, "wrong", ids[0]);
     assert!(
         refused.contains("signing in to") && refused.contains("failed: HTTP 401"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("/mgmt/shared/authn/login failed") && !refused.contains(QUERY_KEY),
         "{refused}"
     );
 
@@ -87,7 +97,11 @@ async fn one_sign_in_serves_every_call_and_an_expired_token_is_renewed_without_a
     for plugin in ["good", "wrong"] {
         for (key, value) in app.runtime.kv().dump(plugin).unwrap() {
             let value = String::from_utf8_lossy(&value);
-            for secret in tokens.iter().map(String::as_str).chain([PASSWORD]) {
+            for secret in tokens
+                .iter()
+                .map(String::as_str)
+                .chain([PASSWORD, QUERY_KEY])
+            {
                 assert!(
                     !value.contains(secret),
                     "{plugin} holds `{secret}` in `{key}`: {value}"

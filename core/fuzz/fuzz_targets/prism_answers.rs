@@ -71,12 +71,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(!hook.uuid.is_empty());
             assert_eq!(hook.state, hook.state.to_ascii_uppercase());
         }
-        if let Some(reason) = status_messages(entity) {
+        if let Some(reason) = status_messages(entity, &[]) {
             assert!(reason.len() <= MAX_REASON + '…'.len_utf8());
         }
     }
     for status in [http::StatusCode::NOT_FOUND, http::StatusCode::UNAUTHORIZED] {
-        let reason = error_reason(status, error_body);
+        let reason = error_reason(status, error_body, &[]);
         assert!(reason.len() <= REASON_BOUND, "{} bytes", reason.len());
     }
 });

@@ -80,8 +80,9 @@ pub fn normalise_state(state: &str) -> String {
 
 /// The reason of an error answer, at most [`MAX_REASON`] bytes (plus the
 /// status): Prism's messages when the body is its JSON error, a fixed text
-/// for the HTML 401, the status line otherwise.
-pub fn error_reason(status: http::StatusCode, body: &[u8]) -> String {
+/// for the HTML 401, the status line otherwise. Each of `secrets` is
+/// redacted from the messages before they are cut (see [`redact`]).
+pub fn error_reason(status: http::StatusCode, body: &[u8], secrets: &[&str]) -> String {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     let from_json = parsed.as_ref().and_then(|v| {
         v.get("message_list")
@@ -89,7 +90,11 @@ pub fn error_reason(status: http::StatusCode, body: &[u8]) -> String {
             .or_else(|| str_at(v, "/message").map(str::to_owned))
     });
     match from_json {
-        Some(text) => format!("{} ({})", truncate(text, MAX_REASON), status.as_u16()),
+        Some(text) => format!(
+            "{} ({})",
+            truncate(redact(text, secrets), MAX_REASON),
+            status.as_u16()
+        ),
         None if status == http::StatusCode::UNAUTHORIZED => {
             "authentication failed (401)".to_owned()
         }
@@ -98,12 +103,24 @@ pub fn error_reason(status: http::StatusCode, body: &[u8]) -> String {
 }
 
 /// Why an intent in an error state failed: its status messages on one line,
-/// at most [`MAX_REASON`] bytes.
-pub fn status_messages(intent: &Value) -> Option<String> {
+/// at most [`MAX_REASON`] bytes, `secrets` redacted as in [`error_reason`].
+pub fn status_messages(intent: &Value, secrets: &[&str]) -> Option<String> {
     intent
         .pointer("/status/message_list")
         .and_then(messages)
-        .map(|text| truncate(text, MAX_REASON))
+        .map(|text| truncate(redact(text, secrets), MAX_REASON))
+}
+
+/// `text` with every non-empty one of `secrets` (a password Prism or a
+/// library may echo) replaced by `<redacted>`. Before any cut to a bound:
+/// cutting first could leave a secret's prefix that no longer matches.
+pub fn redact(mut text: String, secrets: &[&str]) -> String {
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if text.contains(secret) {
+            text = text.replace(secret, "<redacted>");
+        }
+    }
+    text
 }
 
 /// `message_list: [{message, reason}]` as one line.
@@ -277,16 +294,16 @@ mod tests {
     fn error_answers_become_one_readable_reason() {
         let not_found = br#"{"api_version":"3.1","code":404,"kind":"webhook","message_list":[{"message":"ENTITY_NOT_FOUND: webhook : x does not exist.","reason":"ENTITY_NOT_FOUND","details":{}}],"state":"ERROR"}"#;
         assert_eq!(
-            error_reason(http::StatusCode::NOT_FOUND, not_found),
+            error_reason(http::StatusCode::NOT_FOUND, not_found, &[]),
             "ENTITY_NOT_FOUND: webhook : x does not exist. (404)"
         );
         let blank = br#"{"code":400,"message_list":[{"message":"This field may not be blank.","reason":"INVALID"}]}"#;
         assert_eq!(
-            error_reason(http::StatusCode::BAD_REQUEST, blank),
+            error_reason(http::StatusCode::BAD_REQUEST, blank, &[]),
             "INVALID: This field may not be blank. (400)"
         );
         assert_eq!(
-            error_reason(http::StatusCode::UNAUTHORIZED, b"<html>401</html>"),
+            error_reason(http::StatusCode::UNAUTHORIZED, b"<html>401</html>", &[]),
             "authentication failed (401)"
         );
         assert_eq!(normalise_state("kComplete"), "COMPLETE");
@@ -296,9 +313,29 @@ mod tests {
     #[test]
     fn an_error_message_of_a_megabyte_is_cut_to_the_bound() {
         let body = json!({ "message": "é".repeat(500_000) }).to_string();
-        let reason = error_reason(http::StatusCode::INTERNAL_SERVER_ERROR, body.as_bytes());
+        let reason = error_reason(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            body.as_bytes(),
+            &[],
+        );
         assert!(reason.len() <= MAX_REASON + " (500)".len() + '…'.len_utf8());
         assert!(reason.ends_with("… (500)"), "{reason}");
+    }
+
+    #[test]
+    fn a_secret_echoed_across_the_bound_is_redacted_whole_not_cut_in_two() {
+        let secret = "s3cret-Password-echoed";
+        // The secret starts a few bytes before the cut.
+        let message = format!("{}{secret} and more", "x".repeat(MAX_REASON - 6));
+        let body = json!({ "message": message }).to_string();
+        let reason = error_reason(http::StatusCode::BAD_REQUEST, body.as_bytes(), &[secret]);
+        // What survives the cut is the start of the marker, not of the secret.
+        assert!(!reason.contains(&secret[..6]), "{reason}");
+        assert!(reason.contains("x<redac…"), "{reason}");
+        let intent =
+            json!({ "status": { "message_list": [{ "message": message, "reason": "X" }] } });
+        let status = status_messages(&intent, &["", secret]).unwrap();
+        assert!(!status.contains(&secret[..6]), "{status}");
     }
 
     #[test]

@@ -33,7 +33,9 @@ use crate::outbound::{chain, read_body, with_tls, BodyError};
 use prismhook_core::nutanix::pruned::{self, Keep};
 use prismhook_core::nutanix::str_at;
 pub use prismhook_core::nutanix::v3::Webhook;
-use prismhook_core::nutanix::v3::{error_reason, parse_webhook, status_messages, Listing, VM_LIST};
+use prismhook_core::nutanix::v3::{
+    error_reason, parse_webhook, redact, status_messages, Listing, VM_LIST,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -357,13 +359,13 @@ impl PrismClient {
             match hook.state.as_str() {
                 "COMPLETE" => return Ok(hook),
                 "ERROR" | "FAILED" => {
-                    let reason =
-                        status_messages(&intent).unwrap_or_else(|| "no message".to_owned());
+                    let reason = status_messages(&intent, &self.secrets(None))
+                        .unwrap_or_else(|| "no message".to_owned());
                     return Err(PrismError::Failed {
                         cluster: self.cluster.clone(),
                         uuid: uuid.to_owned(),
                         state: hook.state,
-                        reason: self.scrub(reason),
+                        reason,
                     });
                 }
                 _ => {}
@@ -519,7 +521,7 @@ impl PrismClient {
                 method: method.to_string(),
                 path: display_path(segments),
                 status: status.as_u16(),
-                reason: self.scrub(error_reason(status, &bytes)),
+                reason: error_reason(status, &bytes, &self.secrets(body)),
             });
         }
         if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -557,11 +559,19 @@ impl PrismClient {
 
     /// Servers and libraries sometimes echo what they were sent.
     fn scrub(&self, text: String) -> String {
-        if self.password.is_empty() || !text.contains(&self.password) {
-            text
-        } else {
-            text.replace(&self.password, "<redacted>")
-        }
+        redact(text, &self.secrets(None))
+    }
+
+    /// The secrets a call sends, which its answer may echo: the password,
+    /// and the webhook's password when `body` carries one.
+    fn secrets<'a>(&'a self, body: Option<&'a Value>) -> Vec<&'a str> {
+        let webhook = body
+            .and_then(|b| b.pointer("/spec/resources/credentials/password"))
+            .and_then(Value::as_str);
+        [Some(self.password.as_str()), webhook]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }
 
@@ -671,6 +681,38 @@ mod tests {
         );
         assert!(!format!("{err:?}{c:?}").contains(secret));
         sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_echoing_the_request_shows_neither_password() {
+        // Some API gateways answer a refused request with what it sent.
+        let echo = axum::Router::new().route(
+            "/api/nutanix/v3/webhooks",
+            axum::routing::post(|body: String| async move {
+                let message = format!("invalid spec: {body}");
+                (
+                    http::StatusCode::UNPROCESSABLE_ENTITY,
+                    axum::Json(
+                        json!({ "message_list": [{ "message": message, "reason": "INVALID" }] }),
+                    ),
+                )
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", tcp.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(tcp, echo).await });
+        let c = PrismClient::new(endpoint(base, PASSWORD)).unwrap();
+        let err = c
+            .create_webhook(&spec("ours", &["VM.ON"]))
+            .await
+            .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            shown.contains("invalid spec") && shown.contains("hook-user"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hook-secret"), "{shown}");
+        server.abort();
     }
 
     #[tokio::test]

@@ -60,7 +60,7 @@ impl Sessions {
     ) -> Result<(Secret, bool), SignInError> {
         let Some(slot) = self.0.get(index) else {
             return Err(SignInError::Refused {
-                url: login.url.to_string(),
+                url: shown(&login.url),
                 reason: "no such login".into(),
             });
         };
@@ -92,12 +92,21 @@ impl Sessions {
     }
 }
 
+/// A login URL as errors and logs show it: without its query and fragment,
+/// which may hold a credential (an API key as a parameter).
+fn shown(url: &url::Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    url.to_string()
+}
+
 async fn sign_in(
     login: &Login,
     client: &reqwest::Client,
     timeout: Duration,
 ) -> Result<Secret, SignInError> {
-    let url = login.url.to_string();
+    let url = shown(&login.url);
     let refused = |reason: String| SignInError::Refused {
         url: url.clone(),
         reason,
