@@ -914,16 +914,46 @@ impl Config {
                     let Some(rest) = rest.strip_prefix("CLUSTER_") else {
                         continue;
                     };
-                    let cluster = self.clusters.iter_mut().find_map(|c| {
-                        let name = c.name.to_ascii_uppercase().replace('-', "_");
-                        let which = rest.strip_prefix(name.as_str())?.strip_prefix('_')?;
-                        matches!(which, "PASSWORD" | "WEBHOOK_PASSWORD")
-                            .then_some((c, which == "PASSWORD"))
-                    });
-                    match cluster {
-                        Some((c, true)) => c.password = from_env(&var),
-                        Some((c, false)) => c.webhook_password = Some(from_env(&var)),
-                        None => {
+                    // Every reading, not the first: with clusters `prod` and
+                    // `prod_webhook`, PRISMHOOK_CLUSTER_PROD_WEBHOOK_PASSWORD
+                    // is the one's webhook password and the other's password.
+                    let readings: Vec<(usize, bool)> = self
+                        .clusters
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, c)| {
+                            let which = rest.strip_prefix(env_name(&c.name).as_str())?;
+                            match which.strip_prefix('_')? {
+                                "PASSWORD" => Some((i, true)),
+                                "WEBHOOK_PASSWORD" => Some((i, false)),
+                                _ => None,
+                            }
+                        })
+                        .collect();
+                    match readings[..] {
+                        [(i, true)] => self.clusters[i].password = from_env(&var),
+                        [(i, false)] => self.clusters[i].webhook_password = Some(from_env(&var)),
+                        [_, _, ..] => {
+                            let named: Vec<String> = readings
+                                .iter()
+                                .map(|&(i, password)| {
+                                    let what = if password {
+                                        "password"
+                                    } else {
+                                        "webhook password"
+                                    };
+                                    format!("`{}`'s {what}", self.clusters[i].name)
+                                })
+                                .collect();
+                            return Err(self.invalid(
+                                format!("environment variable {var}"),
+                                format!(
+                                    "could be {}; rename a cluster so that each variable names one",
+                                    named.join(" or ")
+                                ),
+                            ));
+                        }
+                        [] => {
                             // A typo here would silently leave the file's
                             // secret in force.
                             return Err(self.invalid(
@@ -998,6 +1028,21 @@ impl Config {
                 return Err(self.invalid(
                     format!("cluster[{i}].name"),
                     format!("`{}` is used twice", c.name),
+                ));
+            }
+            if let Some(other) = self.clusters[..i]
+                .iter()
+                .find(|o| env_name(&o.name) == env_name(&c.name))
+            {
+                return Err(self.invalid(
+                    format!("cluster[{i}].name"),
+                    format!(
+                        "`{}` and `{}` would read the same environment variables \
+                         (PRISMHOOK_CLUSTER_{}_*)",
+                        other.name,
+                        c.name,
+                        env_name(&c.name)
+                    ),
                 ));
             }
             if !matches!(c.prism_url.scheme(), "http" | "https") {
@@ -1266,6 +1311,12 @@ pub fn resolve_plugin(
     })
 }
 
+/// A cluster's name as its environment variables spell it:
+/// `PRISMHOOK_CLUSTER_<this>_PASSWORD`.
+fn env_name(cluster: &str) -> String {
+    cluster.to_ascii_uppercase().replace('-', "_")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1472,6 +1523,49 @@ password = { env = "WEST" }
         // The token from the environment is what lets the admin API leave loopback.
         assert_eq!(c.admin.listen, "0.0.0.0:9200".parse().unwrap());
         assert_eq!(c.storage.data_dir, Path::new("/var/lib/prismhook"));
+    }
+
+    #[test]
+    fn a_variable_two_clusters_could_read_is_refused_and_so_are_names_that_spell_alike() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[cluster]]\nname = \"{a}\"\nprism_url = \"https://pc1:9440\"\nusername = \"u\"\n\
+                 password = {{ value = \"x\" }}\n\
+                 [[cluster]]\nname = \"{b}\"\nprism_url = \"https://pc2:9440\"\nusername = \"u\"\n\
+                 password = {{ value = \"y\" }}\n"
+            )
+        };
+        let e = Config::parse_with_env(
+            &two("prod", "prod_webhook"),
+            Path::new("p.toml"),
+            env(&[("PRISMHOOK_CLUSTER_PROD_WEBHOOK_PASSWORD", "s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "p.toml: `environment variable PRISMHOOK_CLUSTER_PROD_WEBHOOK_PASSWORD`: could be \
+             `prod`'s webhook password or `prod_webhook`'s password; rename a cluster so that \
+             each variable names one"
+        );
+        // Unambiguous variables of the same two clusters are fine.
+        let c = Config::parse_with_env(
+            &two("prod", "prod_webhook"),
+            Path::new("p.toml"),
+            env(&[("PRISMHOOK_CLUSTER_PROD_PASSWORD", "s")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.clusters[0].password.env.as_deref(),
+            Some("PRISMHOOK_CLUSTER_PROD_PASSWORD")
+        );
+        let e = Config::parse_with_env(&two("lab-a", "lab_a"), Path::new("p.toml"), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`lab-a` and `lab_a` would read the same environment variables (PRISMHOOK_CLUSTER_LAB_A_*)"),
+            "{e}"
+        );
     }
 
     #[test]
