@@ -8,11 +8,12 @@
 //! deliveries (they stay queued) with a growing pause.
 
 use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -43,6 +44,12 @@ const FREE_KV_CONFLICTS: u32 = 3;
 /// How long a worker waits to claim again after the ledger failed to record
 /// its batch's outcomes.
 const UNRECORDED_PAUSE: Duration = Duration::from_secs(1);
+/// How many of the plugin's deadlines isolating a failed batch may take.
+/// Each event that fails alone can take a whole deadline (a firewall that
+/// drops traffic, a guest that loops): without a bound, one batch of 256
+/// would hold its worker for 257 deadlines. Past it, the events not yet
+/// tried alone share the batch's failure, with its backoff.
+const ISOLATION_DEADLINES: u32 = 2;
 
 #[derive(Debug, Clone)]
 pub struct DispatchOptions {
@@ -167,6 +174,8 @@ impl Dispatcher {
         let mut stop = self.inner.stop.subscribe();
         let mut running: HashMap<String, usize> = HashMap::new();
         let mut workers = JoinSet::new();
+        // Which plugin each worker serves, to count it out however it ends.
+        let mut serving: HashMap<tokio::task::Id, String> = HashMap::new();
         loop {
             for (name, entry) in self.inner.registry.snapshot().iter() {
                 if entry.plugin.is_none() {
@@ -178,21 +187,25 @@ impl Dispatcher {
                     let inner = self.inner.clone();
                     let name = name.clone();
                     let span = tracing::info_span!("worker", plugin = %name);
-                    workers.spawn(
-                        async move {
-                            worker(inner, name.clone()).await;
-                            name
-                        }
-                        .instrument(span),
-                    );
+                    let task = workers.spawn(worker(inner, name.clone()).instrument(span));
+                    serving.insert(task.id(), name);
                 }
             }
             tokio::select! {
                 _ = changes.changed() => {}
-                Some(done) = workers.join_next() => {
-                    if let Ok(name) = done {
-                        if let Some(n) = running.get_mut(&name) { *n -= 1; }
+                Some(done) = workers.join_next_with_id() => {
+                    let id = match &done {
+                        Ok((id, ())) => *id,
+                        Err(e) => e.id(),
+                    };
+                    let name = serving.remove(&id).unwrap_or_default();
+                    if let Err(e) = done {
+                        // A bug, not the plugin's doing (a plugin's trap is
+                        // an error, not a panic): the next pass starts
+                        // another worker in its place.
+                        tracing::error!(plugin = %name, "a delivery worker ended: {e}");
                     }
+                    if let Some(n) = running.get_mut(&name) { *n -= 1; }
                 }
                 _ = stop.wait_for(|s| *s) => break,
             }
@@ -340,7 +353,13 @@ async fn worker(inner: Arc<Inner>, name: String) {
                 batch.extend(more);
             }
         }
-        if !deliver(&inner, &name, &plugin, entry.coalesce, batch).await {
+        let ids: Vec<u64> = batch.iter().map(|d| d.event.id).collect();
+        let delivering = AssertUnwindSafe(deliver(&inner, &name, &plugin, entry.coalesce, batch));
+        let recorded = match delivering.catch_unwind().await {
+            Ok(recorded) => recorded,
+            Err(panic) => settle_after_panic(&inner, &name, &ids, panic_text(&*panic)).await,
+        };
+        if !recorded {
             // Pending again, claimed at once they would be handed to the
             // plugin again and again, its work done for nothing each time,
             // for as long as the ledger cannot record (a NATS stream
@@ -353,6 +372,42 @@ async fn worker(inner: Arc<Inner>, name: String) {
     }
 }
 
+/// What a worker does with a batch whose delivery panicked (a bug in the
+/// host, or in a host import the plugin called): the batch's events are
+/// retried with backoff like a failed call's, so they are neither stuck in
+/// flight until a restart nor handed over again at once to the same bug.
+/// Returns whether the ledger recorded it, as [`deliver`] does.
+async fn settle_after_panic(inner: &Inner, name: &str, ids: &[u64], what: String) -> bool {
+    tracing::error!(plugin = %name, events = ids.len(), "delivering a batch panicked: {what}; its events will be retried");
+    let retry = LedgerOutcome::Retry {
+        reason: truncate(
+            format!("the host failed while delivering the batch: {what}"),
+            MAX_REASON_BYTES,
+        ),
+        delay: None,
+    };
+    let results = ids.iter().map(|&id| (id, retry.clone())).collect();
+    match inner.ledger.complete(name, results).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(plugin = %name, "cannot record the panicked batch; releasing it: {e}");
+            if let Err(e) = inner.ledger.release(name, ids).await {
+                tracing::error!(plugin = %name, "cannot release it either: {e}");
+            }
+            false
+        }
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
 /// Hands `batch` to the plugin and records the outcomes; false when the
 /// ledger could not record them (the deliveries are pending again).
 async fn deliver(
@@ -363,15 +418,24 @@ async fn deliver(
     batch: Vec<Delivery>,
 ) -> bool {
     // With coalescing, each entity's newest event stands for its older
-    // ones in the batch, and they share its outcome.
+    // ones in the batch, and they share its outcome. Events that name no
+    // entity are about nothing in common (the ledger gives each a lane of
+    // its own): each stands for itself.
     let representative: Vec<usize> = if coalesce {
+        fn entity(d: &Delivery) -> Option<(&str, &str)> {
+            let e = &d.event;
+            (!e.entity_uuid.is_empty()).then_some((e.cluster.as_str(), e.entity_uuid.as_str()))
+        }
         let mut last: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, d) in batch.iter().enumerate() {
-            last.insert((&d.event.cluster, &d.event.entity_uuid), i);
+            if let Some(key) = entity(d) {
+                last.insert(key, i);
+            }
         }
         batch
             .iter()
-            .map(|d| last[&(d.event.cluster.as_str(), d.event.entity_uuid.as_str())])
+            .enumerate()
+            .map(|(i, d)| entity(d).map_or(i, |key| last[&key]))
             .collect()
     } else {
         (0..batch.len()).collect()
@@ -467,7 +531,9 @@ async fn deliver(
 /// timeout, memory), delivers the events one at a time instead, so that one
 /// poison event cannot hold the healthy events of its batch hostage. Events
 /// after a failed one of the same entity are not tried, to keep that
-/// entity's order. Returns one outcome per event and the first call error.
+/// entity's order. Isolating stops after [`ISOLATION_DEADLINES`] of the
+/// plugin's deadlines: the events not tried alone by then get the batch's
+/// failure. Returns one outcome per event and the first call error.
 /// `None` marks an event that was not tried and must be released.
 ///
 /// A call that failed for the host's kv is not the events' doing, so none is
@@ -498,14 +564,28 @@ async fn handle_isolating(
     if events.len() == 1 || matches!(error, CallError::Kv { .. }) {
         return (vec![Some(retry(&error)); events.len()], Some(error));
     }
+    let budget = plugin.limits().deadline * ISOLATION_DEADLINES;
+    let isolating = Instant::now();
     let mut blocked: std::collections::HashSet<(String, String)> = Default::default();
     let mut outcomes = Vec::with_capacity(events.len());
+    let mut out_of_time = 0;
     for event in events {
         let entity = (event.cluster.clone(), event.entity_uuid.clone());
         if blocked.contains(&entity) {
             // Not tried: it goes back to the queue without costing an
             // attempt, behind the failed event of its entity.
             outcomes.push(None);
+            continue;
+        }
+        if isolating.elapsed() >= budget {
+            out_of_time += 1;
+            outcomes.push(Some(LedgerOutcome::Retry {
+                reason: truncate(
+                    format!("not tried alone: isolating its batch's failure took {budget:?}; the batch: {error}"),
+                    MAX_REASON_BYTES,
+                ),
+                delay: None,
+            }));
             continue;
         }
         match plugin
@@ -516,9 +596,16 @@ async fn handle_isolating(
             Err(e) => {
                 tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {e}");
                 outcomes.push(Some(retry(&e)));
-                blocked.insert(entity);
+                // Events without an entity each have a lane of their own:
+                // none waits behind another.
+                if !event.entity_uuid.is_empty() {
+                    blocked.insert(entity);
+                }
             }
         }
+    }
+    if out_of_time > 0 {
+        tracing::warn!(plugin = %plugin.name(), events = out_of_time, "not tried alone: isolating the batch's failure took its budget of {budget:?}; they are retried");
     }
     (outcomes, Some(error))
 }

@@ -234,12 +234,10 @@ fn dead_letter(letters: &[DeadLetter], id: u64) -> &DeadLetter {
 /// listener would have: when the host starts, its first claim finds them all
 /// pending at once, so they share one `handle` call whatever the timing.
 async fn append_while_stopped(data: &Path, bodies: &[Value]) -> Vec<u64> {
-    let ledger = RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap();
-    let mut ids = Vec::new();
-    for body in bodies {
+    let events = bodies.iter().map(|body| {
         let text = body.to_string();
         let note = parse_notification(text.as_bytes()).unwrap();
-        let event = NewEvent {
+        NewEvent {
             cluster: "lab".into(),
             event_type: note.event_type,
             entity_kind: note.entity_kind,
@@ -248,7 +246,16 @@ async fn append_while_stopped(data: &Path, bodies: &[Value]) -> Vec<u64> {
             received_at_ms: now_ms(),
             body: text,
             vm: note.vm,
-        };
+        }
+    });
+    store_while_stopped(data, events).await
+}
+
+/// [`append_while_stopped`] for events as any source could store them.
+async fn store_while_stopped(data: &Path, events: impl IntoIterator<Item = NewEvent>) -> Vec<u64> {
+    let ledger = RedbLedger::open(LedgerOptions::new(data.join("ledger.redb"))).unwrap();
+    let mut ids = Vec::new();
+    for event in events {
         match ledger.append(event, vec!["probe".into()]).await.unwrap() {
             Appended::Stored { id, .. } => ids.push(id),
             other => panic!("not stored: {other:?}"),
@@ -1540,6 +1547,66 @@ async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
             .collect::<Vec<_>>(),
         [head]
     );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn isolating_a_failed_batch_stops_after_two_deadlines_and_the_rest_share_its_failure() {
+    let w = world(&["probe"]).await;
+    // One attempt each: every outcome is a dead letter with its reason.
+    let setup = w
+        .host()
+        .delivery("max_attempts = 1")
+        .plugin("probe", &["limits = { deadline_ms = 300 }"]);
+    // Four events that each take the whole deadline, as with a firewall
+    // that drops traffic: one call for the batch, then two alone.
+    let bodies: Vec<Value> = ["A", "B", "C", "D"]
+        .iter()
+        .map(|entity| probe_event("TEST.LOOP", entity, json!({})))
+        .collect();
+    append_while_stopped(&w.data(), &bodies).await;
+    let app = w.start(&setup).await;
+    wait(|| backlog(&app, "probe").dead == 4, "the batch to settle").await;
+    let letters = app.ledger.dead_letters(Some("probe"), 10).await.unwrap();
+    let untried: Vec<&str> = letters
+        .iter()
+        .map(|d| d.reason.as_str())
+        .filter(|r| r.contains("not tried alone: isolating its batch's failure took 600ms"))
+        .collect();
+    // Each call alone takes at least the deadline, so at most two fit in
+    // the budget (one, on a machine that stalls a call past 600 ms).
+    assert!((2..=3).contains(&untried.len()), "{letters:#?}");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn coalescing_hands_over_each_entitys_newest_event_and_never_merges_events_without_one() {
+    let w = world(&["probe"]).await;
+    let setup = w.host().plugin("probe", &["coalesce = true"]);
+    // Waiting in the ledger at start, all four go out in one call. Prism's
+    // notifications always name their VM; an event source need not.
+    let events = ["A", "", "A", ""].map(|entity| NewEvent {
+        cluster: "lab".into(),
+        event_type: "TEST.NOTE".into(),
+        entity_kind: "test".into(),
+        entity_uuid: entity.into(),
+        dedupe_key: None,
+        received_at_ms: now_ms(),
+        body: "{}".into(),
+        vm: None,
+    });
+    let [_, lone_1, newest, lone_2] = store_while_stopped(&w.data(), events).await[..] else {
+        unreachable!()
+    };
+    let app = w.start(&setup).await;
+    wait(|| settled(&backlog(&app, "probe")), "the batch to settle").await;
+    assert_eq!(seen_ids(&app, "A"), [newest], "A's newest stands for both");
+    assert_eq!(
+        seen_ids(&app, ""),
+        [lone_1, lone_2],
+        "events without an entity are each handed over"
+    );
+    assert_eq!(backlog(&app, "probe").delivered, 4, "all four are done");
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

@@ -1209,3 +1209,172 @@ async fn a_plugins_printed_lines_are_host_log_lines_with_its_name_and_events_unt
     drop(guard);
     assert!(logs.text().contains("shout 0 of 1"), "{}", logs.text());
 }
+
+mod panics_on_complete {
+    use prismhook::ledger::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// The embedded ledger, except that recording the first batch's
+    /// outcomes panics: a bug in the host while a batch is in flight.
+    #[derive(Debug)]
+    pub struct PanicsOnComplete {
+        pub inner: RedbLedger,
+        pub armed: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Ledger for PanicsOnComplete {
+        async fn append(&self, e: NewEvent, p: Vec<String>) -> Result<Appended, LedgerError> {
+            self.inner.append(e, p).await
+        }
+        async fn claim(&self, plugin: &str, max: usize) -> Result<Vec<Delivery>, LedgerError> {
+            self.inner.claim(plugin, max).await
+        }
+        async fn complete(
+            &self,
+            plugin: &str,
+            results: Vec<(u64, Outcome)>,
+        ) -> Result<(), LedgerError> {
+            if self.armed.swap(false, Ordering::SeqCst) {
+                panic!("a bug while recording outcomes");
+            }
+            self.inner.complete(plugin, results).await
+        }
+        async fn release(&self, plugin: &str, ids: &[u64]) -> Result<(), LedgerError> {
+            self.inner.release(plugin, ids).await
+        }
+        fn next_due(&self, plugin: &str) -> Option<Instant> {
+            self.inner.next_due(plugin)
+        }
+        async fn wait_for_work(&self, plugin: &str, limit: Duration) -> Wake {
+            self.inner.wait_for_work(plugin, limit).await
+        }
+        async fn dead_letters(
+            &self,
+            plugin: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<DeadLetter>, LedgerError> {
+            self.inner.dead_letters(plugin, limit).await
+        }
+        async fn replay_dead(
+            &self,
+            plugin: Option<&str>,
+            ids: Option<&[u64]>,
+        ) -> Result<u64, LedgerError> {
+            self.inner.replay_dead(plugin, ids).await
+        }
+        async fn drop_dead(
+            &self,
+            plugin: Option<&str>,
+            ids: Option<&[u64]>,
+        ) -> Result<u64, LedgerError> {
+            self.inner.drop_dead(plugin, ids).await
+        }
+        async fn replay_since(
+            &self,
+            plugin: &str,
+            since_ms: u64,
+            types: Option<&[String]>,
+        ) -> Result<u64, LedgerError> {
+            self.inner.replay_since(plugin, since_ms, types).await
+        }
+        fn backlog(&self) -> Result<Vec<PluginBacklog>, LedgerError> {
+            self.inner.backlog()
+        }
+        fn stats(&self) -> LedgerStats {
+            self.inner.stats()
+        }
+        async fn prune(&self) -> Result<u64, LedgerError> {
+            self.inner.prune().await
+        }
+        async fn check(&self) -> Result<(), LedgerError> {
+            self.inner.check().await
+        }
+        async fn close(&self) -> Result<(), LedgerError> {
+            self.inner.close().await
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_delivering_retries_the_batch_and_the_worker_carries_on() {
+    use panics_on_complete::PanicsOnComplete;
+    use prismhook::dispatch::{DispatchOptions, Dispatcher};
+    use prismhook::ledger::{Ledger, LedgerOptions, NewEvent, RedbLedger, SharedLedger};
+    use prismhook::registry::{Entry, PluginState, Registry};
+
+    let sb = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = LedgerOptions::new(dir.path().join("ledger.redb"));
+    opts.retry.initial = Duration::from_millis(50);
+    opts.retry.max_delay = Duration::from_millis(50);
+    let ledger = Arc::new(PanicsOnComplete {
+        inner: RedbLedger::open(opts).unwrap(),
+        armed: true.into(),
+    });
+    let registry = Registry::default();
+    let plugin = probe(&sb, settings()).await;
+    registry.update(|all| {
+        all.insert(
+            "probe".into(),
+            Entry {
+                plugin: Some(plugin),
+                state: PluginState::Active,
+                coalesce: false,
+                load_error: None,
+            },
+        );
+    });
+    for entity in ["A", "B"] {
+        let event = NewEvent {
+            cluster: "lab".into(),
+            event_type: "TEST.NOTE".into(),
+            entity_kind: "test".into(),
+            entity_uuid: entity.into(),
+            dedupe_key: None,
+            received_at_ms: 1,
+            body: "{}".into(),
+            vm: None,
+        };
+        ledger.append(event, vec!["probe".into()]).await.unwrap();
+    }
+    // One worker: were it lost with the panic, nothing would be delivered.
+    let shared: SharedLedger = ledger.clone();
+    let dispatcher = Dispatcher::new(
+        shared,
+        registry,
+        DispatchOptions {
+            batch_max: 16,
+            batch_window: Duration::from_millis(50),
+            workers_per_plugin: 1,
+            quarantine_after: 100,
+            quarantine_pause: Duration::from_secs(1),
+            handle_durations: None,
+        },
+    );
+    let running = tokio::spawn({
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.run().await }
+    });
+    common::wait_until(
+        "both events to be delivered",
+        Duration::from_secs(20),
+        || {
+            ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .all(|b| b.delivered == 2 && b.pending + b.in_flight + b.retrying == 0)
+        },
+    )
+    .await;
+    // Handled in the batch that panicked, then once more as a retry.
+    for entity in ["A", "B"] {
+        let seen = kv_text(&sb, &format!("seen/lab/{entity}")).unwrap();
+        let attempts: Vec<&str> = seen.lines().map(|l| l.split(':').nth(1).unwrap()).collect();
+        assert_eq!(attempts, ["1", "2"], "{entity}: {seen}");
+    }
+    dispatcher.stop();
+    running.await.unwrap();
+}
