@@ -686,6 +686,38 @@ async fn a_request_to_an_origin_off_the_allowlist_is_denied_before_anything_is_s
 }
 
 #[tokio::test]
+async fn requests_past_the_budget_are_not_metrics_series_of_the_origins_asked() {
+    let sb = sandbox();
+    let mut s = allow(&["https://fw1.example.com"], vec![]);
+    s.limits.max_requests_per_call = 0;
+    let p = probe(&sb, s).await;
+    let events = (1..=3)
+        .map(|i| {
+            let url = format!("https://r{i}.example.net/");
+            event(i, "TEST.HTTP", serde_json::json!({ "url": url }))
+        })
+        .collect();
+    p.handle(events).await.unwrap();
+    let result = kv_text(&sb, "http/2").unwrap();
+    assert!(
+        result.starts_with("error=Error::LimitExceeded("),
+        "{result}"
+    );
+    let counted: Vec<_> = sb.runtime.outbound().snapshot().into_iter().collect();
+    assert_eq!(
+        counted,
+        [(
+            (
+                "probe".to_owned(),
+                "-".to_owned(),
+                "limit-exceeded".to_owned()
+            ),
+            3
+        )]
+    );
+}
+
+#[tokio::test]
 async fn a_redirect_off_the_allowlist_is_denied_at_the_hop() {
     let sb = sandbox();
     let (base, _) = echo_server().await;

@@ -50,9 +50,10 @@ impl Host for HostState {
         };
         let (origin, outcome) = match &result {
             Ok((url, resp)) => (url.origin().ascii_serialization(), resp.status.to_string()),
-            // A plugin may ask for any number of origins off its allowlist;
-            // they must not each become a metrics series.
-            Err(e @ (Error::Denied(_) | Error::InvalidRequest(_))) => {
+            // A plugin may ask for any number of origins off its allowlist
+            // (and, past its request budget, before the allowlist is
+            // consulted); they must not each become a metrics series.
+            Err(e @ (Error::Denied(_) | Error::InvalidRequest(_) | Error::LimitExceeded(_))) => {
                 ("-".to_owned(), error_kind(e).to_owned())
             }
             Err(e) => (asked, error_kind(e).to_owned()),
