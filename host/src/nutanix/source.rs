@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -25,6 +26,7 @@ use crate::config::Config;
 use crate::listener::{problem, Ingest};
 use crate::secret::BasicCredentials;
 use crate::source::{EndpointStatus, EventSource, ReconcileReport, SourceContext, SourceError};
+use crate::telemetry::LogThrottle;
 
 /// Every configured Prism cluster.
 pub struct NutanixSource {
@@ -65,7 +67,13 @@ impl NutanixSource {
 struct Callback {
     clusters: Arc<HashMap<String, BasicCredentials>>,
     ingest: Ingest,
+    /// Refusals before authentication are logged at most this often.
+    refusals: Arc<LogThrottle>,
 }
+
+/// Refused notifications logged per minute; the rest are counted, and the
+/// next line logged says how many.
+const REFUSALS_LOGGED_PER_MINUTE: u32 = 10;
 
 #[async_trait]
 impl EventSource for NutanixSource {
@@ -77,6 +85,10 @@ impl EventSource for NutanixSource {
         let state = Callback {
             clusters: self.clusters.clone(),
             ingest,
+            refusals: Arc::new(LogThrottle::new(
+                REFUSALS_LOGGED_PER_MINUTE,
+                Duration::from_secs(60),
+            )),
         };
         Router::new()
             .route("/listener/callback/{cluster}", post(callback))
@@ -166,14 +178,19 @@ async fn callback(
     let auth = state.clusters.get(&cluster);
     if !auth.is_some_and(|auth| authorized(&headers, auth)) {
         let shown: String = cluster.chars().take(40).collect();
+        let logged = state.refusals.admit();
         match auth {
             Some(_) => {
                 ingest.count(&cluster, "-", StatusCode::UNAUTHORIZED);
-                tracing::warn!(%cluster, "notification with wrong or missing credentials refused");
+                if let Some(held_back) = logged {
+                    tracing::warn!(%cluster, held_back, "notification with wrong or missing credentials refused");
+                }
             }
             None => {
                 ingest.count("-", "-", StatusCode::UNAUTHORIZED);
-                tracing::warn!(cluster = ?shown, "notification for a cluster that is not configured refused");
+                if let Some(held_back) = logged {
+                    tracing::warn!(cluster = ?shown, held_back, "notification for a cluster that is not configured refused");
+                }
             }
         }
         let mut r = problem(StatusCode::UNAUTHORIZED, "wrong or missing credentials");
