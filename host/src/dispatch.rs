@@ -243,7 +243,9 @@ impl Dispatcher {
         let mut expired = 0;
         let mut still_gone = HashMap::new();
         for b in ledger.backlog()? {
-            if b.pending == 0 || loaded.get(&b.plugin).is_some_and(|e| e.plugin.is_some()) {
+            // A plugin whose file is there but failed to load is not gone:
+            // the reload task tries it again, or the operator fixes it.
+            if b.pending == 0 || loaded.contains_key(&b.plugin) {
                 continue;
             }
             let since = gone_since.get(&b.plugin).copied().unwrap_or(now);

@@ -29,7 +29,7 @@ use crate::config::{
 };
 use crate::registry::{Entry, PluginState, Registry};
 use crate::runtime::file::{read_component, read_regular, ComponentBytes};
-use crate::runtime::{Optimizer, Plugin, Runtime, Source, Tier};
+use crate::runtime::{LoadError, Optimizer, Plugin, Runtime, Source, Tier};
 
 /// Quiet time after the last write to a file before it is loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -346,6 +346,28 @@ struct Failure {
     plugin: String,
     snapshot: Snapshot,
     error: String,
+    /// When to try the same files again, for a failure that may pass
+    /// (`init` failed or refused: its firewall, its kv or the host may have
+    /// been down or busy); `None`: only a change of the files retries.
+    retry: Option<Retry>,
+}
+
+#[derive(Clone, Copy)]
+struct Retry {
+    at: tokio::time::Instant,
+    /// Tries of these files so far, for the backoff.
+    tries: u32,
+}
+
+/// The first wait before a failed `init` is tried again; it doubles with
+/// every try, up to [`LOAD_RETRY_MAX`].
+const LOAD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LOAD_RETRY_MAX: Duration = Duration::from_secs(300);
+
+impl Failure {
+    fn retry_due(&self, now: tokio::time::Instant) -> bool {
+        self.retry.is_some_and(|r| r.at <= now)
+    }
 }
 
 /// Largest `<name>.toml` read.
@@ -575,6 +597,7 @@ impl Task {
         let mut dirty: HashMap<PathBuf, tokio::time::Instant> = HashMap::new();
         loop {
             let due = dirty.values().min().copied();
+            let retry = self.next_retry();
             let cmd = tokio::select! {
                 cmd = rx.recv() => cmd,
                 Some(made) = self.pre_initialising.join_next() => {
@@ -589,6 +612,12 @@ impl Task {
                         for report in self.upgrade(&file, &sha256, result).await {
                             self.record(&report);
                         }
+                    }
+                    continue;
+                }
+                () = sleep_until(retry) => {
+                    for report in self.retry_failed().await {
+                        self.record(&report);
                     }
                     continue;
                 }
@@ -722,6 +751,32 @@ impl Task {
             .unwrap_or_default()
     }
 
+    /// When the next failed load that may pass is due to be tried again.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.failures
+            .values()
+            .filter_map(|f| f.retry.map(|r| r.at))
+            .min()
+    }
+
+    /// Tries again the failed loads that are due, with the files the last
+    /// look found (a change of them is the watcher's to report).
+    async fn retry_failed(&mut self) -> Vec<Report> {
+        let now = tokio::time::Instant::now();
+        let due: Vec<Unit> = self
+            .failures
+            .iter()
+            .filter(|(_, f)| f.retry_due(now))
+            .map(|(unit, _)| unit.clone())
+            .collect();
+        let mut reports = Vec::new();
+        for unit in due {
+            let component = self.plan.get(&unit).cloned();
+            reports.push(self.reload_unit(&unit, component).await);
+        }
+        reports
+    }
+
     /// Brings the registry in line with every file in the directory.
     async fn rescan(&mut self) -> Vec<Report> {
         let plan = self.look().await;
@@ -834,7 +889,7 @@ impl Task {
             }
         };
         if let Some(failure) = self.failures.get(unit) {
-            if failure.snapshot == snapshot {
+            if failure.snapshot == snapshot && !failure.retry_due(tokio::time::Instant::now()) {
                 return Report::StillFailing {
                     file,
                     error: failure.error.clone(),
@@ -890,7 +945,29 @@ impl Task {
             .await
         {
             Ok(p) => p,
-            Err(e) => return self.failed(unit, file, Some(snapshot), e.to_string()),
+            Err(e) => {
+                let may_pass = matches!(e, LoadError::Init { .. } | LoadError::InitRefused { .. });
+                let tries = self
+                    .failures
+                    .get(unit)
+                    .filter(|f| f.snapshot == snapshot)
+                    .and_then(|f| f.retry)
+                    .map_or(0, |r| r.tries);
+                let report = self.failed(unit, file, Some(snapshot), e.to_string());
+                if may_pass {
+                    let wait = LOAD_RETRY_FIRST
+                        .saturating_mul(1 << tries.min(16))
+                        .min(LOAD_RETRY_MAX);
+                    if let Some(f) = self.failures.get_mut(unit) {
+                        f.retry = Some(Retry {
+                            at: tokio::time::Instant::now() + wait,
+                            tries: tries + 1,
+                        });
+                    }
+                    tracing::warn!(plugin = %unit.key(), "its init may succeed later: tried again in {}", humantime::format_duration(wait));
+                }
+                return report;
+            }
         };
         let name = plugin.name().to_owned();
         if let Some((other, _)) = self
@@ -981,6 +1058,7 @@ impl Task {
                     plugin: name.clone(),
                     snapshot,
                     error: error.clone(),
+                    retry: None,
                 },
             );
         }

@@ -413,6 +413,67 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_plugin_whose_init_failed_is_tried_again_and_keeps_its_backlog_meanwhile() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    // Its first init refuses, as with a system that is down at start; the
+    // expiry of removed plugins' deliveries passes before the next try.
+    let app = App::start(
+        h.host(false)
+            .plugin("probe", &["config = { refuse_inits = 1 }"])
+            .delivery(r#"removed_plugin_expiry = "400ms""#)
+            .config(),
+    )
+    .await
+    .unwrap();
+    let entry = app
+        .registry
+        .get("probe")
+        .expect("listed although it failed");
+    assert!(entry.plugin.is_none());
+    assert!(
+        entry
+            .load_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refusing init 1 of 1")),
+        "{:?}",
+        entry.load_error
+    );
+    let mut ids = Vec::new();
+    for seq in 1..=2 {
+        let ev = NewEvent {
+            cluster: "lab".into(),
+            event_type: "VM.ON".into(),
+            entity_kind: "vm".into(),
+            entity_uuid: format!("vm-{seq}"),
+            dedupe_key: Some(format!("queued-{seq}")),
+            received_at_ms: seq,
+            body: "{}".into(),
+            vm: None,
+        };
+        match app.ledger.append(ev, vec!["probe".into()]).await.unwrap() {
+            prismhook::ledger::Appended::Stored { id, .. } => ids.push(id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    wait(
+        || {
+            app.ledger
+                .backlog()
+                .unwrap()
+                .iter()
+                .any(|b| b.plugin == "probe" && b.delivered == 2)
+        },
+        "the plugin to load on its next try and deliver what waited",
+    )
+    .await;
+    let probe = app.ledger.backlog().unwrap();
+    assert!(probe.iter().all(|b| b.dead == 0), "{probe:?}");
+    assert!(app.registry.get("probe").unwrap().load_error.is_none());
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 impl Host {
     /// What the running host's probe has stored under `key`.
     fn kv_live(&self, app: &App, key: &str) -> Vec<u8> {

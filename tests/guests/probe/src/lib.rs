@@ -64,6 +64,18 @@ impl Guest for Probe {
         if config.get("trap_in_init").and_then(Value::as_bool) == Some(true) {
             panic!("asked to trap in init");
         }
+        // The first `refuse_inits` inits refuse, as one whose system is
+        // down at start would; the count outlives them through kv.
+        if let Some(refusals) = config.get("refuse_inits").and_then(Value::as_u64) {
+            let refused = kv::get("refused-inits")?
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            if refused < refusals {
+                kv::set("refused-inits", (refused + 1).to_string().as_bytes())?;
+                kv::commit()?;
+                return Err(format!("refusing init {} of {refusals}", refused + 1));
+            }
+        }
         let name = config
             .get("name")
             .and_then(Value::as_str)
