@@ -92,6 +92,10 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                         fingerprint_path: fingerprint_path(&config, &cluster.name),
                     };
                     match sync_webhook(&target).await? {
+                        Some(uuid) if events.is_empty() => println!(
+                            "cluster {}: no plugin subscribes to anything; webhook {uuid} left as it is",
+                            cluster.name
+                        ),
                         Some(uuid) => println!(
                             "cluster {}: webhook {uuid} in sync ({} events)",
                             cluster.name,

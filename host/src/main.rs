@@ -37,7 +37,8 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
-        /// Remove this host's webhooks from every cluster at shutdown.
+        /// Remove this host's webhooks from every cluster at shutdown (not
+        /// for hosts that share one URL: theirs is the service's webhook).
         #[arg(long)]
         deregister_on_exit: bool,
         /// Override `listener.listen`.

@@ -266,6 +266,44 @@ async fn ten_restarts_leave_exactly_one_webhook() {
 }
 
 #[tokio::test]
+async fn a_restart_whose_plugin_fails_to_load_leaves_the_webhook_in_place() {
+    let w = world().await;
+    let app = w.start().await;
+    let registered = w.prism.webhooks();
+    assert_eq!(registered.len(), 1);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+    // No plugin loads, so nothing subscribes: what Prism sends meanwhile
+    // is still stored (for replay) only if the webhook stays.
+    std::fs::write(
+        w.dir.path().join("plugins/paloalto.wasm"),
+        b"not a component",
+    )
+    .unwrap();
+    let app = App::start(w.config(&[])).await.unwrap();
+    wait(
+        || {
+            app.cluster_status()
+                .iter()
+                .all(|c| c.last_sync_ms.is_some())
+        },
+        "the registrar's first sync",
+    )
+    .await;
+    let status = &app.cluster_status()[0];
+    assert_eq!(
+        status.registration.as_deref(),
+        Some(registered[0].uuid.as_str())
+    );
+    let now = w.prism.webhooks();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(
+        (&now[0].uuid, &now[0].events_filter_list),
+        (&registered[0].uuid, &registered[0].events_filter_list)
+    );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
 async fn duplicates_of_our_webhook_are_removed_and_foreign_ones_left_alone() {
     let w = world().await;
     let app = w.start().await;

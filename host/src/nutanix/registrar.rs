@@ -330,7 +330,7 @@ pub struct SyncTarget<'a> {
 /// Makes Prism hold exactly one webhook of ours (found by name or URL) with
 /// the right URL, events and credentials: creates it if missing, updates it
 /// if it differs, removes our duplicates, never touches others'. With no
-/// events, removes ours. Returns the uuid kept.
+/// events it changes nothing (see below). Returns the uuid kept.
 ///
 /// A webhook already at our URL is kept under whatever name it has: hosts
 /// that share one URL behind a load balancer (each with its own `instance`)
@@ -369,11 +369,15 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
     };
     let cluster = t.cluster;
     if t.events.is_empty() {
-        for h in &mine {
-            c.delete_webhook(&h.uuid).await?;
-            tracing::info!(%cluster, uuid = %h.uuid, "no plugin subscribes to anything: webhook removed");
+        // No plugin loaded (yet): one whose init failed is tried again, and
+        // a host behind a shared URL may be the only one without plugins.
+        // Removing the webhook would lose what Prism sends meanwhile, which
+        // the ledger otherwise keeps for replay; a webhook is removed only
+        // on request (`deregister`).
+        if let Some(kept) = mine.first() {
+            tracing::info!(%cluster, uuid = %kept.uuid, "no plugin subscribes to anything: the webhook is left as it is");
         }
-        return Ok(None);
+        return Ok(mine.first().map(|h| h.uuid.clone()));
     }
     let keeper = match mine.first() {
         Some(first) => {
