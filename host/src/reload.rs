@@ -29,7 +29,7 @@ use crate::config::{
 };
 use crate::registry::{Entry, PluginState, Registry};
 use crate::runtime::file::{read_component, read_regular, ComponentBytes};
-use crate::runtime::{LoadError, Optimizer, Plugin, Runtime, Source, Tier};
+use crate::runtime::{CallError, LoadError, Optimizer, Plugin, Runtime, Source, Tier};
 
 /// Quiet time after the last write to a file before it is loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -347,8 +347,8 @@ struct Failure {
     snapshot: Snapshot,
     error: String,
     /// When to try the same files again, for a failure that may pass
-    /// (`init` failed or refused: its firewall, its kv or the host may have
-    /// been down or busy); `None`: only a change of the files retries.
+    /// (`init` ran out of time, or its kv writes could not be stored);
+    /// `None`: only a change of the files retries.
     retry: Option<Retry>,
 }
 
@@ -359,7 +359,7 @@ struct Retry {
     tries: u32,
 }
 
-/// The first wait before a failed `init` is tried again; it doubles with
+/// The first wait before such an `init` is tried again; it doubles with
 /// every try, up to [`LOAD_RETRY_MAX`].
 const LOAD_RETRY_FIRST: Duration = Duration::from_secs(1);
 const LOAD_RETRY_MAX: Duration = Duration::from_secs(300);
@@ -946,7 +946,16 @@ impl Task {
         {
             Ok(p) => p,
             Err(e) => {
-                let may_pass = matches!(e, LoadError::Init { .. } | LoadError::InitRefused { .. });
+                // Out of time (a busy host) or without its kv (a store
+                // that was down): the same files may load later. A refusal
+                // or a trap is the plugin's verdict, until the files change.
+                let may_pass = matches!(
+                    e,
+                    LoadError::Init {
+                        source: CallError::Timeout { .. } | CallError::Kv { .. },
+                        ..
+                    }
+                );
                 let tries = self
                     .failures
                     .get(unit)
@@ -1026,7 +1035,8 @@ impl Task {
 
     /// Records a failed load: the serving version (if any) stays, marked
     /// with the error; a plugin that never loaded is listed as failed. The
-    /// same snapshot is not tried again.
+    /// same snapshot is not tried again, unless the caller sets a retry (an
+    /// `init` that may succeed later).
     fn failed(
         &mut self,
         unit: &Unit,

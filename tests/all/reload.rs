@@ -414,14 +414,20 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
 }
 
 #[tokio::test]
-async fn a_plugin_whose_init_failed_is_tried_again_and_keeps_its_backlog_meanwhile() {
+async fn a_plugin_whose_init_ran_out_of_time_is_tried_again_and_keeps_its_backlog_meanwhile() {
     let h = Host::new();
     h.install("probe.wasm", &probe_variant(0));
-    // Its first init refuses, as with a system that is down at start; the
-    // expiry of removed plugins' deliveries passes before the next try.
+    // Its first init runs out of time, as on a host too busy; the expiry of
+    // removed plugins' deliveries passes before the next try.
     let app = App::start(
         h.host(false)
-            .plugin("probe", &["config = { refuse_inits = 1 }"])
+            .plugin(
+                "probe",
+                &[
+                    "config = { stall_inits = 1 }",
+                    "limits = { deadline_ms = 300 }",
+                ],
+            )
             .delivery(r#"removed_plugin_expiry = "400ms""#)
             .config(),
     )
@@ -436,7 +442,7 @@ async fn a_plugin_whose_init_failed_is_tried_again_and_keeps_its_backlog_meanwhi
         entry
             .load_error
             .as_deref()
-            .is_some_and(|e| e.contains("refusing init 1 of 1")),
+            .is_some_and(|e| e.contains("exceeded its deadline of 300ms in init")),
         "{:?}",
         entry.load_error
     );

@@ -64,16 +64,19 @@ impl Guest for Probe {
         if config.get("trap_in_init").and_then(Value::as_bool) == Some(true) {
             panic!("asked to trap in init");
         }
-        // The first `refuse_inits` inits refuse, as one whose system is
-        // down at start would; the count outlives them through kv.
-        if let Some(refusals) = config.get("refuse_inits").and_then(Value::as_u64) {
-            let refused = kv::get("refused-inits")?
+        // The first `stall_inits` inits run out of time, as on a host too
+        // busy to finish them; the count outlives them through kv.
+        if let Some(stalls) = config.get("stall_inits").and_then(Value::as_u64) {
+            let stalled = kv::get("stalled-inits")?
                 .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
                 .unwrap_or(0);
-            if refused < refusals {
-                kv::set("refused-inits", (refused + 1).to_string().as_bytes())?;
+            if stalled < stalls {
+                kv::set("stalled-inits", (stalled + 1).to_string().as_bytes())?;
                 kv::commit()?;
-                return Err(format!("refusing init {} of {refusals}", refused + 1));
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
             }
         }
         let name = config
