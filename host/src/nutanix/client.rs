@@ -684,7 +684,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_error_answer_echoing_the_request_shows_neither_password() {
+    async fn an_error_answer_echoing_the_request_does_not_show_the_webhook_password() {
         // Some API gateways answer a refused request with what it sent.
         let echo = axum::Router::new().route(
             "/api/nutanix/v3/webhooks",
