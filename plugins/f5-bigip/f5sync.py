@@ -211,9 +211,17 @@ def vm_ips(vm):
     for nic in vm.nics or []:
         for raw in nic.ips or []:
             try:
-                good.add(str(ipaddress.ip_address(raw.strip())))
+                address = ipaddress.ip_address(raw.strip())
             except ValueError:
                 bad.append(raw)
+                continue
+            # A zone (`fe80::1%eth0`) would end up in the member's name and
+            # URL, where `%` means a route domain and the rest is Prism's
+            # text: not an address BIG-IP should be given.
+            if getattr(address, "scope_id", None):
+                bad.append(raw)
+            else:
+                good.add(str(address))
     return sorted(good, key=lambda a: (":" in a, ipaddress.ip_address(a))), bad
 
 
@@ -382,7 +390,9 @@ def request(config, host, method, url, what, body=None, ok=(200, 201, 204)):
     if status in ok:
         return response
     message = error_message(response.body)
-    if status >= 500 or status in (408, 429):
+    # 401 and 403: a credential the operator rotated or that expired (a
+    # session login signs in again by itself); the events wait for the fix.
+    if status >= 500 or status in (401, 403, 408, 429):
         raise Failure(retry(f"BIG-IP answered HTTP {status} ({what}): {message}",
                             retry_after_ms(response.headers)))
     raise Failure(reject(f"BIG-IP refused ({what}) with HTTP {status}: {message}"))
@@ -451,6 +461,9 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
                 if present is None or member in present.get(pool, ()):
                     remove_member(config, host, pool, member)
                     removed += 1
+                    if present is not None:
+                        # A VM later in the inventory may want it back.
+                        present[pool].discard(member)
             else:
                 host.log("debug", f"{member} in pool {pool} is still claimed by {sorted(owners)}; keeping it")
             store_owners(host, pool, member, owners)
@@ -470,6 +483,8 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
             if present is None or member not in present[pool]:
                 add_member(config, host, pool, member)
                 added += 1
+                if present is not None:
+                    present[pool].add(member)
             owners = load_owners(host, pool, member)
             if me not in owners:
                 store_owners(host, pool, member, owners | {me})

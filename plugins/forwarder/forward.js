@@ -201,7 +201,9 @@ export function outcomeOf(answer, what) {
   const { status, headers, body } = answer.response;
   if (status >= 200 && status < 300) return done();
   const message = `${what}: HTTP ${status} ${snippet(body)}`;
-  if (status >= 500 || status === 429 || status === 408) {
+  // 401 and 403: a credential the operator rotated or that expired; the
+  // events wait (with backoff, towards the dead letters) for the fix.
+  if (status >= 500 || [401, 403, 408, 429].includes(status)) {
     return retry(message, retryAfterMs(headers));
   }
   return reject(message);

@@ -157,6 +157,13 @@ class MemberTests(unittest.TestCase):
                                ("/Common/api", "10.0.0.1:8080"), ("/Common/api", "10.0.0.2:8080")})
         self.assertTrue(any("bogus" in m for m in logs))
 
+    def test_an_ipv6_address_with_a_zone_is_skipped_as_invalid(self):
+        v = vm(ips=("fe80::1%a?b", "2001:db8::1%~Common~x", "2001:db8::2"))
+        logs = []
+        got = f5sync.wanted(config(), v, True, lambda lvl, msg: logs.append(msg))
+        self.assertEqual(got, {("/Common/web", "2001:db8::2.80")})
+        self.assertTrue(any("fe80::1%a?b" in m for m in logs), logs)
+
     def test_a_vm_without_the_category_or_powered_off_contributes_nothing(self):
         self.assertEqual(f5sync.wanted(config(), vm(pool=None), True), set())
         self.assertEqual(f5sync.wanted(config(), vm(), False), set())
@@ -331,6 +338,14 @@ class HandleTests(unittest.TestCase):
         self.assertEqual(self.handle(event("VM.ON", vm(ips=("10.0.0.1", "10.0.0.2")))), [f5sync.DONE])
         self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80", "10.0.0.2:80"]})
 
+    def test_a_refused_credential_asks_for_a_retry_not_a_dead_letter(self):
+        for status in (401, 403):
+            self.host.fail = [status]
+            [out] = self.handle(event("VM.ON", vm()))
+            self.assertEqual(out[0], "retry", status)
+            self.assertIn(f"HTTP {status}", out[1])
+        self.assertEqual(self.handle(event("VM.ON", vm())), [f5sync.DONE])
+
     def test_client_errors_reject_with_bigips_message(self):
         self.host.fail = [400]
         [out] = self.handle(event("VM.ON", vm()))
@@ -382,6 +397,13 @@ class ReconcileTests(unittest.TestCase):
         self.host.pools["/Common/web"].clear()
         f5sync.reconcile(self.config, self.host, "c1", [vm()])
         self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+
+    def test_a_member_one_vm_lets_go_is_added_back_for_a_later_vm_that_wants_it(self):
+        # b's events were lost: only a's record holds the address.
+        f5sync.handle(self.config, self.host, [event("VM.ON", vm("a"))])
+        f5sync.reconcile(self.config, self.host, "c1", [vm("a", power="OFF"), vm("b")])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+        self.assertIn("vm/c1/b", self.host.kv)
 
     def test_reconcile_in_step_sends_only_reads(self):
         f5sync.handle(self.config, self.host, [event("VM.ON", vm())])

@@ -170,6 +170,15 @@ describe('handle', () => {
     assert.equal(forward.retryAfterMs([['Retry-After', 'soon']], now), undefined);
   });
 
+  it('retries a refused credential (401, 403) instead of dead-lettering', () => {
+    for (const status of [401, 403]) {
+      const ep = endpoint(status);
+      const [out] = forward.handle(config(), [event()], ep.send, ep.log);
+      assert.equal(out.tag, 'retry', `${status}`);
+      assert.match(out.reason, new RegExp(`HTTP ${status}`));
+    }
+  });
+
   it('rejects on other 4xx with the answer in the reason', () => {
     const ep = endpoint(400);
     const [out] = forward.handle(config(), [event()], ep.send, ep.log);
