@@ -30,7 +30,7 @@ use crate::runtime::feed::{Feed, FeedSender, Inventory};
 use crate::runtime::{CallError, Plugin, VmClusters};
 use crate::source::{InventoryError, InventorySink, Listing, Reconciled};
 use crate::telemetry::HandleDurations;
-use prismhook_core::text::truncate;
+use prismhook_core::text::{one_line, truncate};
 
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
 /// Calls in a row failed by a kv conflict (`CallError::Kv { conflict }`:
@@ -496,11 +496,11 @@ async fn deliver(
             ),
             LedgerOutcome::Retry { reason, .. } => tracing::info!(
                 plugin = %name, event_id = d.event.id, cluster = %d.event.cluster,
-                event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "retry: {reason}"
+                event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "retry: {}", one_line(reason)
             ),
             LedgerOutcome::Reject { reason } => tracing::warn!(
                 plugin = %name, event_id = d.event.id, cluster = %d.event.cluster,
-                event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "rejected: {reason}"
+                event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "rejected: {}", one_line(reason)
             ),
         }
     }
@@ -562,7 +562,8 @@ async fn handle_isolating(
         tracing::info!(plugin = %plugin.name(), events = events.len(), "made again: {error}");
         return (vec![None; events.len()], Some(error));
     }
-    tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{error}");
+    // A trap's message is the guest's panic text: one line in the log.
+    tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{}", one_line(&error.to_string()));
     if events.len() == 1 || matches!(error, CallError::Kv { .. }) {
         return (vec![Some(retry(&error)); events.len()], Some(error));
     }
@@ -596,7 +597,7 @@ async fn handle_isolating(
         {
             Ok(o) => outcomes.push(Some(to_ledger(&o[0]))),
             Err(e) => {
-                tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {e}");
+                tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {}", one_line(&e.to_string()));
                 outcomes.push(Some(retry(&e)));
                 // Events without an entity each have a lane of their own:
                 // none waits behind another.

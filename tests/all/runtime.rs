@@ -1206,8 +1206,9 @@ async fn a_plugins_printed_lines_are_host_log_lines_with_its_name_and_events_unt
 ) {
     let sb = sandbox();
     let mut s = settings();
-    // Seven of the probe's 13-byte lines fit, the eighth does not.
-    s.limits.max_log_bytes = 100;
+    // Seven of the probe's 13-byte lines fit (45 bytes each with what a
+    // line costs besides its text), the eighth does not.
+    s.limits.max_log_bytes = 325;
     let plugin = probe(&sb, s).await;
     let (logs, guard) = Captured::start();
     let shout = event(7, "TEST.SHOUT", serde_json::json!({ "lines": 50 }));

@@ -384,7 +384,9 @@ fn timestamp(ms: u64) -> String {
 
 /// Shortens free text (reasons, errors) to fit a table cell.
 fn clip(text: &str, max: usize) -> String {
-    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let spaced = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // What a plugin wrote must not drive the operator's terminal.
+    let one_line = prismhook_core::text::one_line(&spaced).into_owned();
     if one_line.chars().count() <= max {
         one_line
     } else {
@@ -481,7 +483,9 @@ pub fn render_plugins(plugins: &[PluginReport], now_ms: u64) -> String {
         };
         t.row(vec![
             name,
-            p.version.clone().unwrap_or_else(|| "–".into()),
+            p.version
+                .as_deref()
+                .map_or_else(|| "–".into(), |v| clip(v, 40)),
             p.state.clone(),
             c.delivered.to_string(),
             c.retried.to_string(),
@@ -497,13 +501,20 @@ pub fn render_plugins(plugins: &[PluginReport], now_ms: u64) -> String {
                 .until_ms
                 .map(|t| format!(" (until {})", timestamp(t)))
                 .unwrap_or_default();
-            let _ = writeln!(notes, "{}: {}{until}: {}", p.name, p.state, reason);
+            let _ = writeln!(
+                notes,
+                "{}: {}{until}: {}",
+                p.name,
+                p.state,
+                clip(reason, 400)
+            );
         }
         if let Some(e) = &p.load_error {
             let _ = writeln!(
                 notes,
-                "{}: newest file not loaded, previous version serves: {e}",
-                p.name
+                "{}: newest file not loaded, previous version serves: {}",
+                p.name,
+                prismhook_core::text::one_line(e)
             );
         }
         if p.tier == Some(crate::runtime::Tier::Baseline) {
@@ -935,6 +946,7 @@ mod tests {
     #[test]
     fn clipping_keeps_one_line_and_marks_the_cut() {
         assert_eq!(clip("a\nb", 10), "a b");
+        assert_eq!(clip("a\u{1b}[2Jb", 20), "a\\u{1b}[2Jb");
         assert_eq!(clip("abcdefghijk", 5), "abcd…");
     }
 }

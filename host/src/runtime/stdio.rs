@@ -6,11 +6,17 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use prismhook_core::text::one_line;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
+/// What one line costs the budget beyond its text: about what the host adds
+/// to it (time, level, plugin, events), so that a plugin cannot multiply
+/// the host's log with empty or one-byte lines.
+pub const LINE_COST: usize = 32;
+
 /// Log output left for the current call, shared by the `log` import and the
-/// guest's stdout/stderr streams.
+/// guest's stdout/stderr streams; each line costs its text and [`LINE_COST`].
 #[derive(Clone)]
 pub struct LogBudget {
     left: Arc<AtomicI64>,
@@ -25,9 +31,10 @@ impl LogBudget {
         }
     }
 
-    /// Takes `bytes` from the budget. `Err(true)` the first time it runs
-    /// out (so the host can say so once), `Err(false)` afterwards.
-    pub fn take(&self, bytes: usize) -> Result<(), bool> {
+    /// Takes a line of `bytes` from the budget. `Err(true)` the first time
+    /// it runs out (so the host can say so once), `Err(false)` afterwards.
+    pub fn take_line(&self, bytes: usize) -> Result<(), bool> {
+        let bytes = bytes.saturating_add(LINE_COST);
         if self.left.fetch_sub(bytes as i64, Ordering::Relaxed) >= bytes as i64 {
             Ok(())
         } else {
@@ -88,13 +95,14 @@ impl LineWriter {
         let text = String::from_utf8_lossy(&self.line);
         let text = text.trim_end();
         if !text.is_empty() {
-            match self.out.budget.take(text.len()) {
+            match self.out.budget.take_line(text.len()) {
                 Ok(()) => tracing::info!(
                     target: "prismhook::plugin",
                     plugin = %self.out.plugin,
                     events = %self.out.events,
                     stream = self.out.stream,
-                    "{text}"
+                    "{}",
+                    one_line(text)
                 ),
                 Err(true) => tracing::warn!(
                     plugin = %self.out.plugin,
@@ -137,5 +145,24 @@ impl AsyncWrite for LineWriter {
 impl Drop for LineWriter {
     fn drop(&mut self) {
         self.emit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_costs_its_text_and_what_the_host_adds_so_empty_lines_are_not_free() {
+        let budget = LogBudget::new(3 * LINE_COST + 5);
+        for _ in 0..3 {
+            assert_eq!(budget.take_line(0), Ok(()));
+        }
+        assert_eq!(
+            budget.take_line(0),
+            Err(true),
+            "the first line over says so"
+        );
+        assert_eq!(budget.take_line(0), Err(false));
     }
 }

@@ -1,11 +1,13 @@
 //! `prismhook:plugin/log`.
 
+use prismhook_core::text::one_line;
+
 use crate::runtime::bindings::log::{Host, Level};
 use crate::runtime::state::HostState;
 
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
-        match self.log_budget.take(message.len()) {
+        match self.log_budget.take_line(message.len()) {
             Ok(()) => {}
             Err(true) => {
                 tracing::warn!(
@@ -19,6 +21,8 @@ impl Host for HostState {
         }
         let plugin = &self.plugin.name;
         let events = &self.context;
+        // A plugin's line breaks must not make lines that look like the host's.
+        let message = one_line(&message);
         // `tracing` levels are static, hence one macro call per level.
         match level {
             Level::Trace => {
