@@ -153,10 +153,33 @@ async fn subscriptions(config: &Config) -> anyhow::Result<Vec<String>> {
     Ok(subs)
 }
 
+/// A fresh private directory (mode 0700) for a command's scratch kv, as
+/// mkdtemp makes one: never a path that already exists, which another
+/// local user could have made, or pointed elsewhere with a symlink.
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("prismhook-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    use anyhow::Context as _;
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for _ in 0..16 {
+        let name = format!(
+            "prismhook-cli-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let dir = base.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("creating a directory in {}", base.display()))
+            }
+        }
+    }
+    anyhow::bail!(
+        "no fresh temporary directory could be made in {}",
+        base.display()
+    )
 }
 
 /// `prismhook plugin check FILE`: loads a component as the host would and
