@@ -14,7 +14,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const MAX_KEY_BYTES: usize = 1024;
 const MAX_VALUE_BYTES: usize = 1 << 20;
@@ -44,6 +44,13 @@ fn storage(e: impl std::fmt::Display) -> KvError {
 
 fn table(plugin: &str) -> String {
     format!("plugin:{plugin}")
+}
+
+/// Each key's version in `plugin`'s table (0: never written), raised by
+/// every write of it and kept when it is deleted, so that a call's read can
+/// tell whether another call wrote the key since.
+fn versions(plugin: &str) -> String {
+    format!("versions:{plugin}")
 }
 
 /// Where a listing of the keys under `prefix` after `after` starts.
@@ -174,7 +181,10 @@ impl KvStore {
     }
 }
 
-/// One redb file for all plugins, one table per plugin.
+/// One redb file for all plugins, one table per plugin, with a table of
+/// versions beside each: two calls of a plugin run at once (on disjoint
+/// entities), and records some VMs share (an address two of them hold)
+/// must not lose one call's update to the other's.
 struct RedbKv {
     db: Database,
 }
@@ -238,17 +248,56 @@ impl KvBackend for RedbKv {
         Ok(keys)
     }
 
-    /// Keeps no versions: of two calls on this host writing one key, the
-    /// last to return wins (docs/plugins.md).
+    fn read_versioned(
+        &self,
+        plugin: &str,
+        key: &str,
+    ) -> Result<(Option<Vec<u8>>, Option<u64>), KvError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let (table_name, versions_name) = (table(plugin), versions(plugin));
+        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
+        let value = match txn.open_table(def) {
+            Ok(t) => t.get(key).map_err(storage)?.map(|v| v.value().to_vec()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(storage(e)),
+        };
+        let def: TableDefinition<&str, u64> = TableDefinition::new(&versions_name);
+        let version = match txn.open_table(def) {
+            Ok(t) => t.get(key).map_err(storage)?.map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(storage(e)),
+        };
+        Ok((value, Some(version)))
+    }
+
+    /// Refuses all of a call's writes when a key it read was written since
+    /// (by another call of the plugin): checked and written in one
+    /// transaction, so of two calls only the first to return is stored;
+    /// the other is made again and reads what the first wrote. A key the
+    /// call wrote without reading it is simply written.
     fn apply(
         &self,
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
-        _read: &BTreeMap<String, u64>,
+        read: &BTreeMap<String, u64>,
     ) -> Result<(), KvError> {
-        let table_name = table(plugin);
+        let (table_name, versions_name) = (table(plugin), versions(plugin));
         let txn = self.db.begin_write().map_err(storage)?;
         {
+            let def: TableDefinition<&str, u64> = TableDefinition::new(&versions_name);
+            let mut versions = txn.open_table(def).map_err(storage)?;
+            for (k, seen) in read {
+                let now = versions
+                    .get(k.as_str())
+                    .map_err(storage)?
+                    .map_or(0, |v| v.value());
+                if now != *seen {
+                    // Dropped without a commit: nothing of the call is stored.
+                    return Err(KvError::Conflict(format!(
+                        "`{k}` was written by another call since this one read it"
+                    )));
+                }
+            }
             let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
             let mut table = txn.open_table(def).map_err(storage)?;
             for (k, v) in &writes {
@@ -257,6 +306,12 @@ impl KvBackend for RedbKv {
                     None => table.remove(k.as_str()).map(drop),
                 }
                 .map_err(storage)?;
+                let next = versions
+                    .get(k.as_str())
+                    .map_err(storage)?
+                    .map_or(0, |v| v.value())
+                    + 1;
+                versions.insert(k.as_str(), next).map_err(storage)?;
             }
         }
         txn.commit().map_err(storage)
@@ -416,6 +471,56 @@ impl KvSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn of_two_calls_that_read_and_write_one_key_only_the_first_to_return_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        // Two batches on disjoint VMs that share an address's record.
+        let (mut a, mut b) = (store.session("p"), store.session("p"));
+        assert_eq!(a.get("ip/10.0.0.5").unwrap(), None);
+        assert_eq!(b.get("ip/10.0.0.5").unwrap(), None);
+        a.set("ip/10.0.0.5".into(), b"vm-a".to_vec()).unwrap();
+        b.set("ip/10.0.0.5".into(), b"vm-b".to_vec()).unwrap();
+        a.commit().unwrap();
+        assert!(matches!(b.commit(), Err(KvError::Conflict(_))));
+        // Made again, the second call reads the first one's write.
+        let mut b = store.session("p");
+        let both = [b.get("ip/10.0.0.5").unwrap().unwrap(), b",vm-b".to_vec()].concat();
+        b.set("ip/10.0.0.5".into(), both).unwrap();
+        b.commit().unwrap();
+        assert_eq!(store.dump("p").unwrap()["ip/10.0.0.5"], b"vm-a,vm-b");
+    }
+
+    #[test]
+    fn a_key_deleted_and_written_again_is_still_a_change_and_blind_writes_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut first = store.session("p");
+        first.set("k".into(), b"1".to_vec()).unwrap();
+        first.commit().unwrap();
+        let mut reader = store.session("p");
+        assert_eq!(reader.get("k").unwrap(), Some(b"1".to_vec()));
+        let mut other = store.session("p");
+        other.delete("k".into()).unwrap();
+        other.commit().unwrap();
+        let mut again = store.session("p");
+        again.set("k".into(), b"1".to_vec()).unwrap();
+        again.commit().unwrap();
+        // Same value as it read, but written twice since: refused.
+        reader.set("k".into(), b"2".to_vec()).unwrap();
+        assert!(matches!(reader.commit(), Err(KvError::Conflict(_))));
+        // A call that never read the key writes it.
+        let mut blind = store.session("p");
+        blind.set("k".into(), b"3".to_vec()).unwrap();
+        blind.commit().unwrap();
+        assert_eq!(store.dump("p").unwrap()["k"], b"3");
+        // Plugins do not see each other's versions.
+        let mut q = store.session("q");
+        assert_eq!(q.get("k").unwrap(), None);
+        q.set("k".into(), b"q".to_vec()).unwrap();
+        q.commit().unwrap();
+    }
 
     #[tokio::test]
     async fn writes_committed_mid_call_stay_when_the_rest_of_the_call_is_discarded() {
