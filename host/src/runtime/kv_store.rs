@@ -206,15 +206,8 @@ impl RedbKv {
 
 impl KvBackend for RedbKv {
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        let table_name = table(plugin);
         let txn = self.db.begin_read().map_err(storage)?;
-        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
-        let table = match txn.open_table(def) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(storage(e)),
-        };
-        Ok(table.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+        value_in(&txn, plugin, key)
     }
 
     fn keys(
@@ -224,13 +217,9 @@ impl KvBackend for RedbKv {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, KvError> {
-        let table_name = table(plugin);
         let txn = self.db.begin_read().map_err(storage)?;
-        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
-        let table = match txn.open_table(def) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(storage(e)),
+        let Some(table) = open_read::<&[u8]>(&txn, &table(plugin))? else {
+            return Ok(Vec::new());
         };
         let mut keys = Vec::new();
         let range = (start(prefix, after), Bound::Unbounded);
@@ -254,20 +243,11 @@ impl KvBackend for RedbKv {
         key: &str,
     ) -> Result<(Option<Vec<u8>>, Option<u64>), KvError> {
         let txn = self.db.begin_read().map_err(storage)?;
-        let (table_name, versions_name) = (table(plugin), versions(plugin));
-        let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
-        let value = match txn.open_table(def) {
-            Ok(t) => t.get(key).map_err(storage)?.map(|v| v.value().to_vec()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(storage(e)),
+        let version = match open_read::<u64>(&txn, &versions(plugin))? {
+            Some(t) => t.get(key).map_err(storage)?.map_or(0, |v| v.value()),
+            None => 0,
         };
-        let def: TableDefinition<&str, u64> = TableDefinition::new(&versions_name);
-        let version = match txn.open_table(def) {
-            Ok(t) => t.get(key).map_err(storage)?.map_or(0, |v| v.value()),
-            Err(redb::TableError::TableDoesNotExist(_)) => 0,
-            Err(e) => return Err(storage(e)),
-        };
-        Ok((value, Some(version)))
+        Ok((value_in(&txn, plugin, key)?, Some(version)))
     }
 
     /// Refuses all of a call's writes when a key it read was written since
@@ -315,6 +295,31 @@ impl KvBackend for RedbKv {
             }
         }
         txn.commit().map_err(storage)
+    }
+}
+
+/// Table `name` as `txn` sees it, or `None` when it was never made (a
+/// plugin that has written nothing yet).
+fn open_read<V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    name: &str,
+) -> Result<Option<redb::ReadOnlyTable<&'static str, V>>, KvError> {
+    match txn.open_table(TableDefinition::<&str, V>::new(name)) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(storage(e)),
+    }
+}
+
+/// `plugin`'s value of `key` as `txn` sees it.
+fn value_in(
+    txn: &redb::ReadTransaction,
+    plugin: &str,
+    key: &str,
+) -> Result<Option<Vec<u8>>, KvError> {
+    match open_read::<&[u8]>(txn, &table(plugin))? {
+        Some(t) => Ok(t.get(key).map_err(storage)?.map(|v| v.value().to_vec())),
+        None => Ok(None),
     }
 }
 
