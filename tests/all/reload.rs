@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use prismhook::app::App;
 use prismhook::config::Config;
-use prismhook::ledger::NewEvent;
 use prismhook::registry::PluginState;
 use prismhook::reload::Report;
 use prismhook::runtime::kv_store::KvStore;
@@ -374,20 +373,9 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
     app.reloader.reload().await;
     let mut ids = Vec::new();
     for seq in 1..=3 {
-        let ev = NewEvent {
-            cluster: "lab".into(),
-            event_type: "VM.ON".into(),
-            entity_kind: "vm".into(),
-            entity_uuid: format!("vm-{seq}"),
-            dedupe_key: Some(format!("gone-{seq}")),
-            received_at_ms: seq,
-            body: "{}".into(),
-            vm: None,
-        };
-        match app.ledger.append(ev, subscribers.clone()).await.unwrap() {
-            prismhook::ledger::Appended::Stored { id, .. } => ids.push(id),
-            other => panic!("unexpected {other:?}"),
-        }
+        let entity = format!("vm-{seq}");
+        let body = "{}".to_owned();
+        ids.push(common::append_for(&app, seq, &entity, "VM.ON", body, subscribers.clone()).await);
     }
     wait(
         || {
@@ -446,22 +434,9 @@ async fn a_plugin_whose_init_ran_out_of_time_is_tried_again_and_keeps_its_backlo
         "{:?}",
         entry.load_error
     );
-    let mut ids = Vec::new();
     for seq in 1..=2 {
-        let ev = NewEvent {
-            cluster: "lab".into(),
-            event_type: "VM.ON".into(),
-            entity_kind: "vm".into(),
-            entity_uuid: format!("vm-{seq}"),
-            dedupe_key: Some(format!("queued-{seq}")),
-            received_at_ms: seq,
-            body: "{}".into(),
-            vm: None,
-        };
-        match app.ledger.append(ev, vec!["probe".into()]).await.unwrap() {
-            prismhook::ledger::Appended::Stored { id, .. } => ids.push(id),
-            other => panic!("unexpected {other:?}"),
-        }
+        let (entity, body) = (format!("vm-{seq}"), "{}".to_owned());
+        common::append_for(&app, seq, &entity, "VM.ON", body, vec!["probe".into()]).await;
     }
     wait(
         || {

@@ -219,6 +219,19 @@ pub async fn append_body(
     body: String,
 ) -> u64 {
     let plugins = app.registry.subscribers(event_type);
+    append_for(app, seq, entity, event_type, body, plugins).await
+}
+
+/// [`append_body`] for the `plugins` given, loaded or not (events queued
+/// for a plugin that is gone, or that has not loaded yet).
+pub async fn append_for(
+    app: &prismhook::app::App,
+    seq: u64,
+    entity: &str,
+    event_type: &str,
+    body: String,
+    plugins: Vec<String>,
+) -> u64 {
     let ev = prismhook::ledger::NewEvent {
         cluster: "lab".into(),
         event_type: event_type.into(),
