@@ -74,10 +74,9 @@ impl Rig {
         common::drained(&self.app).await;
     }
 
-    /// The plugin's counters: calls that failed, events retried, rejected.
+    /// [`common::plugin_failures`] of the plugin.
     fn failures(&self) -> (u64, u64, u64) {
-        let c = &self.app.dispatcher.counters()["cisco-fmc"];
-        (c.failed_calls, c.retried, c.rejected)
+        common::plugin_failures(&self.app, "cisco-fmc")
     }
 
     /// Creates `vms` in Prism with every notification lost: the host

@@ -154,6 +154,18 @@ pub async fn drained(app: &prismhook::app::App) {
     .await;
 }
 
+/// A plugin's calls that failed for its own reasons (kv conflicts made
+/// again are not: two batches on different VMs that update a record both
+/// read, a dynamic object's members, race by design, and the loser is made
+/// again at no cost to its events), events retried and rejected.
+pub fn plugin_failures(app: &prismhook::app::App, plugin: &str) -> (u64, u64, u64) {
+    let counters = app.dispatcher.counters();
+    let c = counters
+        .get(plugin)
+        .unwrap_or_else(|| panic!("no counters for `{plugin}`: {counters:?}"));
+    (c.failed_calls - c.kv_conflicts, c.retried, c.rejected)
+}
+
 /// The registrations the Palo Alto plugin's defaults call for, given the
 /// Prism simulator's VMs: the truth convergence tests compare against.
 pub fn firewall_truth(
