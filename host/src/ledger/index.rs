@@ -580,9 +580,14 @@ impl Index {
     }
 
     pub fn next_due_ms(&self, plugin: &str) -> Option<u64> {
+        self.next_due_ms_within(plugin, PartitionSet::ALL)
+    }
+
+    /// [`Index::next_due_ms`] in the held partitions that are also in `within`.
+    pub fn next_due_ms_within(&self, plugin: &str, within: PartitionSet) -> Option<u64> {
         self.plugins
             .get(plugin)
-            .and_then(|p| p.next_due_ms(self.held))
+            .and_then(|p| p.next_due_ms(self.held.and(within)))
     }
 
     /// Deliveries in flight (over all plugins) in one partition.

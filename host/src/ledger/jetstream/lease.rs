@@ -48,7 +48,7 @@ pub(super) const TTL: Duration = Duration::from_secs(3);
 /// How often a holder renews.
 const RENEW: Duration = Duration::from_secs(1);
 /// How often a host looks for partitions to take or give up.
-const TICK: Duration = Duration::from_millis(250);
+pub(super) const TICK: Duration = Duration::from_millis(250);
 /// A holder stops claiming this long before its lease could expire on the server.
 const MARGIN: Duration = Duration::from_secs(1);
 

@@ -977,12 +977,29 @@ impl Ledger for JetStreamLedger {
         Ok(())
     }
 
+    /// Of the partitions [`JetStreamLedger::claim`] takes from: those whose lease is current.
     fn next_due(&self, plugin: &str) -> Option<Instant> {
-        self.inner.state().index.next_due_ms(plugin).map(instant_of)
+        let claimable = self.leases.claimable();
+        let index = &self.inner.state().index;
+        index.next_due_ms_within(plugin, claimable).map(instant_of)
     }
 
     async fn wait_for_work(&self, plugin: &str, limit: Duration) -> Wake {
-        let due = self.inner.state().index.next_due_ms(plugin);
+        let claimable = self.leases.claimable();
+        let (due, lapsing) = {
+            let index = &self.inner.state().index;
+            let due = index.next_due_ms_within(plugin, claimable);
+            (due, index.next_due_ms(plugin) != due)
+        };
+        // Work due in a partition whose lease is lapsing (held, no longer renewed in time: NATS
+        // is out of reach) cannot be claimed, and is not due here; the lease comes back or goes
+        // on the lease task's next round, which wakes no one when it comes back. Looking again
+        // after that round, instead of as soon as it is due, keeps a worker from spinning.
+        let limit = if lapsing {
+            limit.min(lease::TICK)
+        } else {
+            limit
+        };
         self.inner.notifiers.wait(plugin, due, limit).await
     }
 
@@ -1594,6 +1611,36 @@ mod tests {
                 "{backlog:?}"
             );
         }
+    }
+
+    /// A host cut off from NATS stops claiming once its leases lapse, before its lease task gives
+    /// the partitions up: its workers must then wait, not find the work due, claim nothing and
+    /// look again at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_waits_while_its_leases_lapse_instead_of_spinning() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let a = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        append_events(&a, 7, 1).await;
+        assert!(a.next_due("p").is_some_and(|t| t <= Instant::now()));
+
+        nats.nodes[0].kill();
+        within(Duration::from_secs(10), || a.leases.claimable().is_empty()).await;
+        assert_eq!(a.next_due("p"), None, "nothing this host may claim is due");
+        // A dispatcher's worker, for a second: claim, and when nothing came, wait for work.
+        let (mut rounds, mut lapsing) = (0, 0);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            assert!(a.claim("p", 10).await.unwrap().is_empty());
+            lapsing += usize::from(!a.inner.state().index.held.is_empty());
+            a.wait_for_work("p", Duration::from_secs(1)).await;
+            rounds += 1;
+        }
+        assert!(
+            lapsing > 0,
+            "the leases were given up before the worker looked"
+        );
+        assert!(rounds <= 8, "{rounds} rounds in a second");
     }
 
     #[tokio::test]
