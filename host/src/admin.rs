@@ -48,7 +48,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::dispatch::Dispatcher;
-use crate::ledger::{LedgerError, Membership, SharedLedger};
+use crate::ledger::{DeadLetterCursor, LedgerError, Membership, SharedLedger};
 use crate::registry::Registry;
 use crate::reload::{self, Reloader};
 use crate::secret::Secret;
@@ -65,6 +65,13 @@ const STATUS_PAGE: &str = include_str!("admin/status.html");
 
 /// Most dead letters one `GET /api/dlq` returns.
 const DLQ_LIMIT_MAX: usize = 10_000;
+/// About the most bytes of bodies and reasons one page of dead letters holds
+/// (it ends after the letter that reaches it): 10,000 letters of 1 MiB
+/// bodies would be 10 GiB in the host's memory, then on the wire.
+const DLQ_PAGE_BYTES: usize = 8 << 20;
+/// Dead letters read from the ledger at a time while a page fills, so that
+/// what is read past the page's bytes stays small.
+const DLQ_READ_CHUNK: usize = 16;
 
 /// The host's shared handles the admin API reads and acts on. Cheap to clone.
 #[derive(Clone)]
@@ -432,19 +439,75 @@ async fn dlq_list(
     State(shared): Admin,
     Query(q): Query<DlqQuery>,
 ) -> Result<Json<DeadLetters>, ApiError> {
-    let ledger = &shared.state.ledger;
+    Ok(Json(
+        dead_letter_page(&shared.state.ledger, &q, DLQ_PAGE_BYTES).await?,
+    ))
+}
+
+/// One page of `GET /api/dlq`: up to the query's limit, and ending after the
+/// letter whose body and reason reach `max_bytes`.
+async fn dead_letter_page(
+    ledger: &SharedLedger,
+    q: &DlqQuery,
+    max_bytes: usize,
+) -> Result<DeadLetters, ApiError> {
     let limit = q.limit.unwrap_or(100).min(DLQ_LIMIT_MAX);
+    let mut after = match (&q.after_plugin, q.after_event) {
+        (Some(plugin), Some(event_id)) => Some(DeadLetterCursor {
+            plugin: plugin.clone(),
+            event_id,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "`after_plugin` and `after_event` go together: pass both (the last page's `next`) or neither".into(),
+            ))
+        }
+    };
+    let bodies = q.bodies.unwrap_or(true);
     let total = ledger
         .backlog()?
         .iter()
         .filter(|b| q.plugin.as_deref().is_none_or(|p| b.plugin == p))
         .map(|b| b.dead)
         .sum();
-    let dead_letters = ledger.dead_letters(q.plugin.as_deref(), limit).await?;
-    Ok(Json(DeadLetters {
+    let mut dead_letters = Vec::new();
+    let mut bytes = 0;
+    let mut cut = false;
+    while !cut && dead_letters.len() < limit {
+        let want = (limit - dead_letters.len()).min(DLQ_READ_CHUNK);
+        let chunk = ledger
+            .dead_letters(q.plugin.as_deref(), after.as_ref(), want)
+            .await?;
+        if chunk.is_empty() {
+            break;
+        }
+        for mut letter in chunk {
+            if !bodies {
+                letter.event.body = String::new();
+                letter.event.vm = None;
+            }
+            bytes += letter.event.body.len() + letter.reason.len();
+            after = Some(letter.cursor());
+            dead_letters.push(letter);
+            if bytes >= max_bytes {
+                cut = true;
+                break;
+            }
+        }
+    }
+    // A page cut short, or full, may have more after it; a page that ran out
+    // has none.
+    let next = if cut || dead_letters.len() == limit {
+        after
+    } else {
+        None
+    };
+    Ok(DeadLetters {
         total,
         dead_letters,
-    }))
+        next,
+    })
 }
 
 async fn dlq_replay(
@@ -568,6 +631,112 @@ mod tests {
         assert_eq!(
             reachable_addr("10.1.2.3:9100".parse().unwrap()),
             "10.1.2.3:9100".parse().unwrap()
+        );
+    }
+
+    /// A ledger holding one dead letter for `fw` per body, and one for
+    /// `siem` of the last.
+    async fn ledger_with_dead_letters(dir: &tempfile::TempDir, bodies: &[usize]) -> SharedLedger {
+        use crate::ledger::{LedgerOptions, NewEvent, Outcome, RedbLedger};
+        let ledger: SharedLedger =
+            Arc::new(RedbLedger::open(LedgerOptions::new(dir.path().join("l.redb"))).unwrap());
+        for (i, &len) in bodies.iter().enumerate() {
+            let to = if i + 1 == bodies.len() {
+                vec!["fw".to_owned(), "siem".to_owned()]
+            } else {
+                vec!["fw".to_owned()]
+            };
+            let event = NewEvent {
+                cluster: "c1".into(),
+                event_type: "VM.ON".into(),
+                entity_kind: "vm".into(),
+                entity_uuid: format!("vm-{i}"),
+                dedupe_key: None,
+                received_at_ms: 1,
+                body: "x".repeat(len),
+                vm: None,
+            };
+            ledger.append(event, to).await.unwrap();
+        }
+        for plugin in ["fw", "siem"] {
+            let claimed = ledger.claim(plugin, 100).await.unwrap();
+            let reject = Outcome::Reject {
+                reason: "no".into(),
+            };
+            let results = claimed.iter().map(|d| (d.event.id, reject.clone()));
+            ledger.complete(plugin, results.collect()).await.unwrap();
+        }
+        ledger
+    }
+
+    fn listed(page: &DeadLetters) -> Vec<(&str, u64, usize)> {
+        page.dead_letters
+            .iter()
+            .map(|d| (d.plugin.as_str(), d.event.id, d.event.body.len()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_page_of_dead_letters_ends_at_its_bytes_and_the_next_starts_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger_with_dead_letters(&dir, &[300, 300, 300, 300, 10]).await;
+        let mut q = DlqQuery::default();
+
+        // 1,000 bytes: the fourth letter reaches it (each reason is 2 bytes).
+        let page = dead_letter_page(&ledger, &q, 1_000).await.unwrap();
+        assert_eq!(page.total, 6);
+        assert_eq!(
+            listed(&page),
+            [
+                ("fw", 1, 300),
+                ("fw", 2, 300),
+                ("fw", 3, 300),
+                ("fw", 4, 300)
+            ]
+        );
+        let next = page
+            .next
+            .clone()
+            .expect("a page cut short says where to go on");
+        assert_eq!((next.plugin.as_str(), next.event_id), ("fw", 4));
+
+        (q.after_plugin, q.after_event) = (Some(next.plugin), Some(next.event_id));
+        let page = dead_letter_page(&ledger, &q, 1_000).await.unwrap();
+        assert_eq!(listed(&page), [("fw", 5, 10), ("siem", 5, 10)]);
+        assert_eq!(page.next, None, "the end");
+
+        // At its limit a page says where the next starts; without bodies
+        // the same page is smaller but lists the same letters.
+        let q = DlqQuery {
+            limit: Some(2),
+            bodies: Some(false),
+            ..Default::default()
+        };
+        let page = dead_letter_page(&ledger, &q, 1_000).await.unwrap();
+        assert_eq!(listed(&page), [("fw", 1, 0), ("fw", 2, 0)]);
+        assert_eq!(page.next.map(|n| n.event_id), Some(2));
+
+        // Of one plugin only.
+        let q = DlqQuery {
+            plugin: Some("siem".into()),
+            ..Default::default()
+        };
+        let page = dead_letter_page(&ledger, &q, 1_000).await.unwrap();
+        assert_eq!((page.total, listed(&page)), (1, vec![("siem", 5, 10)]));
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_cursor_needs_both_its_plugin_and_its_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger_with_dead_letters(&dir, &[10]).await;
+        let q = DlqQuery {
+            after_event: Some(1),
+            ..Default::default()
+        };
+        let e = dead_letter_page(&ledger, &q, 1_000).await.unwrap_err();
+        assert!(
+            matches!(&e, ApiError::BadRequest(m) if m.contains("after_plugin")),
+            "{e}"
         );
     }
 }

@@ -148,7 +148,7 @@ enum ClusterAction {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// List dead letters, newest first.
+    /// List dead letters by plugin and event id, without their bodies.
     List {
         #[arg(long, short)]
         config: PathBuf,

@@ -915,7 +915,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     panos.set_faults(Faults::default());
 
     // What an operator sees.
-    let letters = app.ledger.dead_letters(None, 100).await.unwrap();
+    let letters = app.ledger.dead_letters(None, None, 100).await.unwrap();
     for d in &letters {
         eprintln!(
             "dead letter: {} event {} {} {} after {} attempt(s): {}",
@@ -988,7 +988,11 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
         "the replayed retry to die again",
     )
     .await;
-    let letters = app.ledger.dead_letters(Some("probe"), 100).await.unwrap();
+    let letters = app
+        .ledger
+        .dead_letters(Some("probe"), None, 100)
+        .await
+        .unwrap();
     let again = dead_letter(&letters, retried);
     assert_eq!(again.attempts, 2);
     assert!(again.died_at_ms > first_death);
@@ -1010,7 +1014,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     );
     let left: BTreeSet<u64> = app
         .ledger
-        .dead_letters(None, 100)
+        .dead_letters(None, None, 100)
         .await
         .unwrap()
         .iter()
@@ -1021,7 +1025,7 @@ async fn dead_letters_say_why_they_died_and_can_be_replayed_or_dropped() {
     // Dead letters outlive a restart, reasons and all.
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
     let app = w.start(&setup).await;
-    let letters = app.ledger.dead_letters(None, 100).await.unwrap();
+    let letters = app.ledger.dead_letters(None, None, 100).await.unwrap();
     assert_eq!(
         letters.iter().map(|d| d.event.id).collect::<BTreeSet<_>>(),
         BTreeSet::from([retried, trapped])
@@ -1107,7 +1111,7 @@ async fn random_outcome_lists_from_a_fuzzing_guest_lose_nothing_and_stay_bounded
         b.delivered, b.dead, c.calls, c.failed_calls
     );
     assert_eq!(b.delivered + b.dead, accepted.len() as u64, "{b:?}");
-    let letters = app.ledger.dead_letters(None, events).await.unwrap();
+    let letters = app.ledger.dead_letters(None, None, events).await.unwrap();
     assert_eq!(letters.len() as u64, b.dead);
     for d in &letters {
         assert!(accepted.contains(&d.event.id), "{d:?}");
@@ -1192,7 +1196,7 @@ async fn over_its_backlog_limit_the_listener_answers_503_with_retry_after_and_ke
     .await;
     let kept: Vec<u64> = app
         .ledger
-        .dead_letters(Some("probe"), 100)
+        .dead_letters(Some("probe"), None, 100)
         .await
         .unwrap()
         .iter()
@@ -1539,7 +1543,7 @@ async fn a_retrying_event_holds_back_later_events_of_its_entity_only() {
     assert_eq!(seen_ids(&app, "A"), a);
     assert_eq!(
         app.ledger
-            .dead_letters(Some("probe"), 10)
+            .dead_letters(Some("probe"), None, 10)
             .await
             .unwrap()
             .iter()
@@ -1567,7 +1571,11 @@ async fn isolating_a_failed_batch_stops_after_two_deadlines_and_the_rest_share_i
     append_while_stopped(&w.data(), &bodies).await;
     let app = w.start(&setup).await;
     wait(|| backlog(&app, "probe").dead == 4, "the batch to settle").await;
-    let letters = app.ledger.dead_letters(Some("probe"), 10).await.unwrap();
+    let letters = app
+        .ledger
+        .dead_letters(Some("probe"), None, 10)
+        .await
+        .unwrap();
     let untried: Vec<&str> = letters
         .iter()
         .map(|d| d.reason.as_str())
@@ -1649,7 +1657,10 @@ async fn a_retry_inside_a_batch_sends_the_entitys_later_events_again_after_it() 
     wait(|| settled(&backlog(&app, "probe")), "A to settle").await;
     assert_eq!(seen_ids(&app, "A"), [before, after, after]);
     assert_eq!(
-        app.ledger.dead_letters(Some("probe"), 10).await.unwrap()[0]
+        app.ledger
+            .dead_letters(Some("probe"), None, 10)
+            .await
+            .unwrap()[0]
             .event
             .id,
         head

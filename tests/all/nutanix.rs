@@ -684,7 +684,11 @@ async fn a_full_firewall_dead_letters_the_vm_it_cannot_take_and_counts_it_by_cod
         common::drained(&app).await;
     }
     assert_eq!(panos.registered().keys().collect::<Vec<_>>(), ["10.5.0.1"]);
-    let dead = app.ledger.dead_letters(Some("paloalto"), 10).await.unwrap();
+    let dead = app
+        .ledger
+        .dead_letters(Some("paloalto"), None, 10)
+        .await
+        .unwrap();
     assert!(!dead.is_empty());
     for letter in &dead {
         assert!(

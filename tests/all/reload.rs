@@ -388,7 +388,11 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
         "the queued deliveries to expire",
     )
     .await;
-    let dead = app.ledger.dead_letters(Some("probe"), 10).await.unwrap();
+    let dead = app
+        .ledger
+        .dead_letters(Some("probe"), None, 10)
+        .await
+        .unwrap();
     let mut dead_ids: Vec<u64> = dead.iter().map(|d| d.event.id).collect();
     dead_ids.sort();
     assert_eq!(dead_ids, ids);

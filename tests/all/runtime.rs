@@ -1286,9 +1286,10 @@ mod panics_on_complete {
         async fn dead_letters(
             &self,
             plugin: Option<&str>,
+            after: Option<&DeadLetterCursor>,
             limit: usize,
         ) -> Result<Vec<DeadLetter>, LedgerError> {
-            self.inner.dead_letters(plugin, limit).await
+            self.inner.dead_letters(plugin, after, limit).await
         }
         async fn replay_dead(
             &self,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::dispatch::{Counters, Quarantine};
-use crate::ledger::{DeadLetter, PluginBacklog};
+use crate::ledger::{DeadLetter, DeadLetterCursor, PluginBacklog};
 use crate::registry::{PluginState, PluginStatus};
 use crate::runtime::Tier;
 use crate::source::EndpointStatus;
@@ -212,21 +212,32 @@ impl From<EndpointStatus> for ClusterReport {
     }
 }
 
-/// The query of `GET /api/dlq`.
+/// The query of `GET /api/dlq`: one page of the dead letters, by plugin and
+/// event id.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DlqQuery {
     pub plugin: Option<String>,
-    /// At most this many (default 100).
+    /// At most this many (default 100, at most 10,000).
     pub limit: Option<usize>,
+    /// The page starts after this plugin's letter of `after_event` (the
+    /// previous page's `next`); both or neither.
+    pub after_plugin: Option<String>,
+    pub after_event: Option<u64>,
+    /// `false` leaves each event's body and decoded VM out (default `true`).
+    pub bodies: Option<bool>,
 }
 
 /// `GET /api/dlq`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetters {
-    /// All dead letters of the selection, of which `dead_letters` lists the
-    /// first `limit` by plugin and event id.
+    /// All dead letters of the selection; `dead_letters` lists a page of
+    /// them by plugin and event id.
     pub total: u64,
     pub dead_letters: Vec<DeadLetter>,
+    /// Where the next page starts, when this one ended at its `limit` or at
+    /// the bytes a page may hold (see the API's docs); absent at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<DeadLetterCursor>,
 }
 
 /// The body of `POST /api/dlq/replay` and `POST /api/dlq/drop`: the dead

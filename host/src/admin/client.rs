@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::api::{
-    ClusterReport, Count, DeadLetters, DlqSelection, PluginReport, ReconcileRequest,
+    ClusterReport, Count, DeadLetters, DlqQuery, DlqSelection, PluginReport, ReconcileRequest,
     ReconcileResult, ReplayRequest,
 };
 use crate::clock::now_ms;
@@ -153,17 +153,51 @@ impl AdminClient {
         self.get("/api/hosts").await
     }
 
+    /// One page of `GET /api/dlq`, as asked.
+    pub async fn dead_letter_page(&self, q: &DlqQuery) -> anyhow::Result<DeadLetters> {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(p) = &q.plugin {
+            query.append_pair("plugin", p);
+        }
+        if let Some(limit) = q.limit {
+            query.append_pair("limit", &limit.to_string());
+        }
+        if let (Some(p), Some(id)) = (&q.after_plugin, q.after_event) {
+            query.append_pair("after_plugin", p);
+            query.append_pair("after_event", &id.to_string());
+        }
+        if let Some(bodies) = q.bodies {
+            query.append_pair("bodies", &bodies.to_string());
+        }
+        self.get(&format!("/api/dlq?{}", query.finish())).await
+    }
+
+    /// The first `limit` dead letters (of `plugin`) without their bodies,
+    /// read page by page.
     pub async fn dead_letters(
         &self,
         plugin: Option<&str>,
         limit: usize,
     ) -> anyhow::Result<DeadLetters> {
-        let mut path = format!("/api/dlq?limit={limit}");
-        if let Some(p) = plugin {
-            path.push_str("&plugin=");
-            path.extend(url::form_urlencoded::byte_serialize(p.as_bytes()));
+        let mut q = DlqQuery {
+            plugin: plugin.map(str::to_owned),
+            limit: Some(limit),
+            bodies: Some(false),
+            ..Default::default()
+        };
+        let mut listed = self.dead_letter_page(&q).await?;
+        while listed.dead_letters.len() < limit {
+            let Some(next) = listed.next.take() else {
+                break;
+            };
+            q.limit = Some(limit - listed.dead_letters.len());
+            (q.after_plugin, q.after_event) = (Some(next.plugin), Some(next.event_id));
+            let page = self.dead_letter_page(&q).await?;
+            listed.total = page.total;
+            listed.dead_letters.extend(page.dead_letters);
+            listed.next = page.next;
         }
-        self.get(&path).await
+        Ok(listed)
     }
 
     /// Dead letters become pending again; returns how many.
@@ -886,6 +920,7 @@ mod tests {
                 reason: "probe asked\nto reject".into(),
                 died_at_ms: NOW - 5_000,
             }],
+            next: None,
         };
         let text = render_dead_letters(&dlq, NOW);
         assert!(

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use crate::ledger::partition::{partition_of, PartitionSet, PARTITIONS};
 use crate::ledger::sharded::Sharded;
-use crate::ledger::{PartitionLag, PluginBacklog};
+use crate::ledger::{DeadLetterCursor, PartitionLag, PluginBacklog};
 
 /// Identifies a lane: the entity whose events must stay in order.
 pub(crate) type LaneKey = Arc<str>;
@@ -556,6 +556,30 @@ impl Index {
                     .filter(|id| wanted.as_ref().is_none_or(|w| w.contains(id)))
                     .map(move |&id| (name.clone(), id))
             })
+            .collect()
+    }
+
+    /// Up to `limit` dead letters (plugin, event id) in that order, of `plugin` or all, from
+    /// the one after `after`.
+    pub fn dead_page(
+        &self,
+        plugin: Option<&str>,
+        after: Option<&DeadLetterCursor>,
+        limit: usize,
+    ) -> Vec<(String, u64)> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let from = after.map_or(Unbounded, |a| Included(a.plugin.as_str()));
+        self.plugins
+            .range::<str, _>((from, Unbounded))
+            .filter(|(name, _)| plugin.is_none_or(|p| p == name.as_str()))
+            .flat_map(|(name, p)| {
+                let ids = match after {
+                    Some(a) if a.plugin == *name => p.dead.range((Excluded(a.event_id), Unbounded)),
+                    _ => p.dead.range(..),
+                };
+                ids.map(move |&id| (name.clone(), id))
+            })
+            .take(limit)
             .collect()
     }
 

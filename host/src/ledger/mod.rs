@@ -139,6 +139,24 @@ pub struct DeadLetter {
     pub died_at_ms: u64,
 }
 
+impl DeadLetter {
+    /// Where a listing that ends with this letter goes on.
+    pub fn cursor(&self) -> DeadLetterCursor {
+        DeadLetterCursor {
+            plugin: self.plugin.clone(),
+            event_id: self.event.id,
+        }
+    }
+}
+
+/// A place in the dead letters' order (by plugin, then event id): a listing
+/// from it starts with the letter after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterCursor {
+    pub plugin: String,
+    pub event_id: u64,
+}
+
 /// One plugin's deliveries at a glance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginBacklog {
@@ -341,10 +359,13 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// last [`Ledger::claim`] and before this call is not lost.
     async fn wait_for_work(&self, plugin: &str, limit: Duration) -> Wake;
 
-    /// Dead letters by plugin and event id, optionally of one plugin only; at most `limit`.
+    /// Dead letters by plugin and event id, optionally of one plugin only, from the one after
+    /// `after`; at most `limit`. A letter dropped while it is read is left out, so fewer than
+    /// `limit` does not mean there are no more; none does.
     async fn dead_letters(
         &self,
         plugin: Option<&str>,
+        after: Option<&DeadLetterCursor>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, LedgerError>;
 

@@ -493,7 +493,7 @@ async fn a_delivery_is_dead_after_its_last_allowed_attempt(h: &dyn Harness) {
         assert_eq!(ids(&batch), [id]);
         complete_all(&ledger, "fw", &batch, retry("connection refused")).await;
     }
-    let dead = ledger.dead_letters(Some("fw"), 10).await.unwrap();
+    let dead = ledger.dead_letters(Some("fw"), None, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].event.id, id);
     assert_eq!(dead[0].attempts, 3);
@@ -517,14 +517,19 @@ async fn a_delivery_is_dead_once_it_has_failed_for_longer_than_the_max_age(h: &d
     let ledger = h.open(&opts);
     append(&ledger, "a", &["fw"]).await;
     let started = Instant::now();
-    while ledger.dead_letters(None, 10).await.unwrap().is_empty() {
+    while ledger
+        .dead_letters(None, None, 10)
+        .await
+        .unwrap()
+        .is_empty()
+    {
         assert!(started.elapsed() < Duration::from_secs(5), "never died");
         until_due(&ledger, "fw", Duration::from_secs(1)).await;
         let batch = ledger.claim("fw", 1).await.unwrap();
         complete_all(&ledger, "fw", &batch, retry("down")).await;
     }
     assert!(started.elapsed() >= Duration::from_millis(150));
-    let dead = &ledger.dead_letters(None, 10).await.unwrap()[0];
+    let dead = &ledger.dead_letters(None, None, 10).await.unwrap()[0];
     assert!(
         dead.reason.starts_with("gave up after 0."),
         "{}",
@@ -545,7 +550,7 @@ async fn a_rejected_delivery_is_dead_at_once(h: &dyn Harness) {
         reason: "malformed body".into(),
     };
     complete_all(&ledger, "fw", &batch, reject).await;
-    let dead = ledger.dead_letters(None, 10).await.unwrap();
+    let dead = ledger.dead_letters(None, None, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(
         (dead[0].plugin.as_str(), dead[0].event.id, dead[0].attempts),
@@ -574,8 +579,35 @@ async fn dead_letters_can_be_replayed_with_a_fresh_attempt_count_or_dropped(h: &
         )
         .await;
     }
-    assert_eq!(ledger.dead_letters(None, 10).await.unwrap().len(), 3);
-    assert_eq!(ledger.dead_letters(None, 2).await.unwrap().len(), 2);
+    assert_eq!(ledger.dead_letters(None, None, 10).await.unwrap().len(), 3);
+    // Listed in pages, each from the last one's cursor, by plugin then event.
+    let first = ledger.dead_letters(None, None, 2).await.unwrap();
+    let keys = |letters: &[DeadLetter]| {
+        letters
+            .iter()
+            .map(|d| (d.plugin.clone(), d.event.id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&first), [("fw".into(), a), ("fw".into(), b)]);
+    let after = first[1].cursor();
+    let second = ledger.dead_letters(None, Some(&after), 2).await.unwrap();
+    assert_eq!(keys(&second), [("siem".into(), c)]);
+    let after = second[0].cursor();
+    assert!(ledger
+        .dead_letters(None, Some(&after), 2)
+        .await
+        .unwrap()
+        .is_empty());
+    let after_a = first[0].cursor();
+    let fw = ledger.dead_letters(Some("fw"), Some(&after_a), 10).await;
+    assert_eq!(keys(&fw.unwrap()), [("fw".into(), b)]);
+    // A cursor need not name a letter that exists.
+    let between = DeadLetterCursor {
+        plugin: "fx".into(),
+        event_id: 0,
+    };
+    let rest = ledger.dead_letters(None, Some(&between), 10).await;
+    assert_eq!(keys(&rest.unwrap()), [("siem".into(), c)]);
 
     assert_eq!(ledger.replay_dead(Some("fw"), Some(&[b])).await.unwrap(), 1);
     let replayed = ledger.claim("fw", 10).await.unwrap();
@@ -590,11 +622,14 @@ async fn dead_letters_can_be_replayed_with_a_fresh_attempt_count_or_dropped(h: &
     assert_eq!(ids(&ledger.claim("siem", 10).await.unwrap()), [c]);
 
     assert_eq!(ledger.drop_dead(None, None).await.unwrap(), 1);
-    assert!(ledger.dead_letters(None, 10).await.unwrap().is_empty());
+    assert!(ledger
+        .dead_letters(None, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(ledger.replay_dead(None, None).await.unwrap(), 0);
     let fw = backlog_of(&ledger, "fw");
     assert_eq!((fw.dead, fw.pending, fw.delivered), (0, 0, 1));
-    let _ = a;
 }
 
 async fn replay_since_gives_a_new_plugin_the_retained_events_from_that_time(h: &dyn Harness) {
@@ -801,7 +836,9 @@ async fn prune_removes_only_old_events_whose_deliveries_are_all_done(h: &dyn Har
         [half_delivered, pending]
     );
     assert_eq!(
-        ledger.dead_letters(None, 10).await.unwrap()[0].event.id,
+        ledger.dead_letters(None, None, 10).await.unwrap()[0]
+            .event
+            .id,
         dead
     );
 }

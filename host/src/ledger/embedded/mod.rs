@@ -42,8 +42,8 @@ use writer::{Chunk, Command, Job, Op, Writer};
 
 use crate::clock::now_ms;
 use crate::ledger::{
-    Appended, DeadLetter, Delivery, Ledger, LedgerError, LedgerStats, NewEvent, Outcome,
-    PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
+    Appended, DeadLetter, DeadLetterCursor, Delivery, Ledger, LedgerError, LedgerStats, NewEvent,
+    Outcome, PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
 };
 
 /// Where the ledger lives and the limits it keeps.
@@ -412,15 +412,10 @@ impl Ledger for RedbLedger {
     async fn dead_letters(
         &self,
         plugin: Option<&str>,
+        after: Option<&DeadLetterCursor>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, LedgerError> {
-        let targets: Vec<(String, u64)> = self
-            .shared
-            .index()
-            .dead(plugin, None)
-            .into_iter()
-            .take(limit)
-            .collect();
+        let targets = self.shared.index().dead_page(plugin, after, limit);
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.read_dead_letters(targets))
             .await

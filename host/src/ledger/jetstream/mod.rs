@@ -62,8 +62,9 @@ use crate::ledger::delivery::{plan_complete, Change, DeliveryRecord, Planned, St
 use crate::ledger::index::lane_key;
 use crate::ledger::wake::{instant_of, Notifiers};
 use crate::ledger::{
-    Appended, BackendError, DeadLetter, Delivery, Ledger, LedgerError, LedgerStats, Membership,
-    NewEvent, Outcome, PartitionSet, PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
+    Appended, BackendError, DeadLetter, DeadLetterCursor, Delivery, Ledger, LedgerError,
+    LedgerStats, Membership, NewEvent, Outcome, PartitionSet, PluginBacklog, Resource, RetryPolicy,
+    StoredEvent, Wake,
 };
 
 /// Where the stream is and the limits the ledger keeps.
@@ -1006,6 +1007,7 @@ impl Ledger for JetStreamLedger {
     async fn dead_letters(
         &self,
         plugin: Option<&str>,
+        after: Option<&DeadLetterCursor>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, LedgerError> {
         self.inner.ensure_open()?;
@@ -1013,9 +1015,8 @@ impl Ledger for JetStreamLedger {
             let state = self.inner.state();
             state
                 .index
-                .dead(plugin, None)
+                .dead_page(plugin, after, limit)
                 .into_iter()
-                .take(limit)
                 .filter_map(|(p, id)| {
                     let record = state.records.get(&(p.clone(), id))?.clone();
                     Some((p, id, record))
