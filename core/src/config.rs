@@ -148,6 +148,11 @@ pub struct AdminConfig {
     /// apply here too.
     #[serde(default = "defaults::admin_max_connections")]
     pub max_connections: usize,
+    /// Serve the API over TLS with this certificate and key. The CLI,
+    /// reading the same file, trusts exactly this certificate (whatever its
+    /// issuer and names), so a self-signed one will do. Beyond loopback the
+    /// token otherwise crosses the network in the clear.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

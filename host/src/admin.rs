@@ -5,7 +5,8 @@
 //! different people: Prism's listener must be reachable from the cluster,
 //! while this one lets an operator replay or drop events and should stay on
 //! loopback, or behind a token when it cannot (the configuration refuses a
-//! non-loopback address without one).
+//! non-loopback address without one), over TLS (`admin.tls`) so that the
+//! token does not cross the network in the clear.
 //!
 //! Everything here reads the handles the running host already shares — the
 //! ledger, the plugin registry, the dispatcher's counters, the event source
@@ -117,14 +118,15 @@ type Admin = State<Arc<Shared>>;
 pub async fn serve(
     state: AdminState,
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     limits: crate::serve::ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, token = state.token.is_some(), "admin API listening");
+        tracing::info!(%addr, token = state.token.is_some(), tls = tls.is_some(), "admin API listening");
     }
     let router = router(state);
-    crate::serve::serve("admin", listener, router, None, limits, shutdown).await;
+    crate::serve::serve("admin", listener, router, tls, limits, shutdown).await;
 }
 
 /// The admin routes, for [`serve`] or for calling without a socket.

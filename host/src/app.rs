@@ -236,6 +236,17 @@ impl App {
             max_connections: config.admin.max_connections,
             ..config.listener.limits()
         };
+        let admin_tls = match &config.admin.tls {
+            Some(files) => Some(
+                serve::tls_acceptor(&files.cert, &files.key).context("setting up `admin.tls`")?,
+            ),
+            None => {
+                if !admin_addr.ip().is_loopback() {
+                    tracing::warn!(addr = %admin_addr, "the admin API listens beyond loopback without TLS: its token crosses the network in the clear (set `admin.tls`)");
+                }
+                None
+            }
+        };
         let (shutdown_admin, mut admin_stop) = tokio::sync::watch::channel(false);
         let admin_task = tokio::spawn({
             let admin = admin.clone();
@@ -243,7 +254,7 @@ impl App {
                 let stopped = async move {
                     let _ = admin_stop.wait_for(|s| *s).await;
                 };
-                admin::serve(admin, admin_tcp, limits, stopped).await;
+                admin::serve(admin, admin_tcp, admin_tls, limits, stopped).await;
             }
         });
 

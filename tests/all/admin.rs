@@ -1048,3 +1048,62 @@ async fn a_page_from_another_site_cannot_make_the_admin_api_act() {
     assert!(reconciled(&host));
     host.shutdown().await;
 }
+
+/// Beyond loopback the token would cross the network in the clear. With
+/// `admin.tls` the API answers over TLS only, and the CLI's client, built
+/// from the same configuration, trusts exactly that certificate: one made
+/// for another name passes, and another certificate for the right address
+/// does not.
+#[tokio::test]
+async fn with_admin_tls_the_api_answers_over_tls_only_and_the_cli_trusts_exactly_its_certificate() {
+    let w = world().await;
+    let write_cert = |name: &str, cert: &rcgen::CertifiedKey| {
+        let (c, k) = (
+            w.dir.path().join(format!("{name}.pem")),
+            w.dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.cert.pem()).unwrap();
+        std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+        (c, k)
+    };
+    let served = rcgen::generate_simple_self_signed(vec!["admin.example".into()]).unwrap();
+    let (cert, key) = write_cert("admin", &served);
+    let mut config = w.config(&Setup {
+        token: true,
+        ..Default::default()
+    });
+    config.admin.tls = Some(prismhook::config::TlsFiles { cert, key });
+    let app = App::start(config.clone()).await.unwrap();
+    let addr = app.admin_addr;
+    config.admin.listen = addr;
+    let cli = AdminClient::from_config(&config).unwrap();
+    let plugins = cli.plugins().await.unwrap();
+    assert_eq!(plugins[0].name, "probe");
+    assert!(cli
+        .dead_letters(None, 10)
+        .await
+        .unwrap()
+        .dead_letters
+        .is_empty());
+
+    // Plain HTTP gets no answer, and the token sent with it reaches no handler.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{addr}/api/plugins"))
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+
+    // A client that pins another certificate, even one for this very
+    // address, refuses the host's.
+    let stranger = rcgen::generate_simple_self_signed(vec![addr.ip().to_string()]).unwrap();
+    let (other, _) = write_cert("stranger", &stranger);
+    let e = AdminClient::over_tls(addr, Some(Secret::new(TOKEN)), &other)
+        .unwrap()
+        .plugins()
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("not the pinned one"), "{e:#}");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -50,19 +50,43 @@ impl AdminClient {
                 })?),
                 None => None,
             };
-        AdminClient::new(super::reachable_addr(config.admin.listen), token)
+        let addr = super::reachable_addr(config.admin.listen);
+        match &config.admin.tls {
+            Some(tls) => AdminClient::over_tls(addr, token, &tls.cert)
+                .with_context(|| format!("{}: `admin.tls`", config.source.display())),
+            None => AdminClient::new(addr, token),
+        }
     }
 
+    /// A client of the API at `addr` over plain HTTP.
     pub fn new(addr: SocketAddr, token: Option<Secret>) -> anyhow::Result<AdminClient> {
-        let http = reqwest::Client::builder()
+        AdminClient::build(format!("http://{addr}"), token, reqwest::Client::builder())
+    }
+
+    /// A client of the API at `addr` over TLS, trusting exactly the
+    /// certificate in `cert` (the host's `admin.tls.cert`): no name, issuer
+    /// or date to get right, and no other certificate passes.
+    pub fn over_tls(
+        addr: SocketAddr,
+        token: Option<Secret>,
+        cert: &std::path::Path,
+    ) -> anyhow::Result<AdminClient> {
+        let pinned = crate::outbound::TlsMode::PinnedCert(cert.to_owned());
+        let builder = crate::outbound::with_tls(reqwest::Client::builder(), &pinned)
+            .map_err(|e| anyhow!(e))?;
+        AdminClient::build(format!("https://{addr}"), token, builder)
+    }
+
+    fn build(
+        base: String,
+        token: Option<Secret>,
+        builder: reqwest::ClientBuilder,
+    ) -> anyhow::Result<AdminClient> {
+        let http = builder
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("building the HTTP client")?;
-        Ok(AdminClient {
-            base: format!("http://{addr}"),
-            token,
-            http,
-        })
+        Ok(AdminClient { base, token, http })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -89,9 +113,12 @@ impl AdminClient {
             } else {
                 ""
             };
+            // The reason is in the chain (a refused connection, a
+            // certificate that is not the pinned one).
             anyhow::anyhow!(
-                "cannot reach the admin API at {}{hint}: {what}: {e}",
-                self.base
+                "cannot reach the admin API at {}{hint}: {what}: {}",
+                self.base,
+                crate::outbound::chain(&e)
             )
         })?;
         let status = resp.status();
