@@ -19,6 +19,9 @@ pub struct Limits {
     /// Log output (`log` import plus stdout/stderr) kept per call; the rest
     /// is dropped so a chatty plugin cannot flood the host log.
     pub max_log_bytes: usize,
+    /// What the plugin's kv may hold, keys and values, over all calls: it
+    /// shares the disk (or the JetStream servers) with the ledger.
+    pub kv_bytes: u64,
 }
 
 impl Default for Limits {
@@ -33,6 +36,9 @@ impl Default for Limits {
             max_requests_per_call: 256,
             max_response_bytes: 8 << 20,
             max_log_bytes: 64 << 10,
+            // Some 200 bytes a VM for the firewall plugins: room for a
+            // million VMs, not for a plugin that never deletes.
+            kv_bytes: 1 << 30,
         }
     }
 }
@@ -46,6 +52,7 @@ pub struct LimitOverrides {
     pub max_requests_per_call: Option<u32>,
     pub max_response_bytes: Option<u64>,
     pub max_log_bytes: Option<usize>,
+    pub kv_mib: Option<u64>,
 }
 
 impl Limits {
@@ -65,6 +72,7 @@ impl Limits {
                 .max_response_bytes
                 .unwrap_or(self.max_response_bytes),
             max_log_bytes: overrides.max_log_bytes.unwrap_or(self.max_log_bytes),
+            kv_bytes: overrides.kv_mib.map_or(self.kv_bytes, |mib| mib << 20),
         }
     }
 }

@@ -282,7 +282,7 @@ impl Native {
             let config = pa::config::Config::parse(&config).expect("config");
             let events: Vec<pa::host::Event> = events.into_iter().map(native_event).collect();
             let mut host = NativeHost {
-                kv: kv.session("paloalto-native"),
+                kv: kv.session("paloalto-native", u64::MAX),
                 client,
                 rt,
                 key: PanosConfig::default().api_key,

@@ -521,6 +521,15 @@ async fn metrics_after_a_scripted_run_count_notifications_backlog_and_outcomes()
         memory > 0.0 && memory <= (64 << 20) as f64,
         "the probe's peak memory: {memory}"
     );
+    // What the probe recorded of the events, keys and values.
+    let kv = host.app.runtime.kv().dump("probe").unwrap();
+    let stored: usize = kv.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert!(stored > 0);
+    assert_sample(
+        &text,
+        r#"prismhook_plugin_kv_bytes{plugin="probe"}"#,
+        stored as f64,
+    );
     assert_sample(
         &text,
         r#"prismhook_cluster_webhook_registered{cluster="lab"}"#,

@@ -1667,3 +1667,72 @@ async fn a_retry_inside_a_batch_sends_the_entitys_later_events_again_after_it() 
     );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
+
+/// `limits.kv_mib` bounds what a plugin keeps in kv over all its calls (it
+/// shares the disk with the ledger). A call that would pass it stores none
+/// of its writes; its event is retried with why, then kept as a dead
+/// letter, and once the operator raises the limit (the plugin's settings
+/// file), replaying it loses nothing.
+#[tokio::test]
+async fn a_plugin_over_its_kv_limit_keeps_its_events_until_the_limit_is_raised() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    common::setup::install(&plugins, &["probe"]);
+    std::fs::write(plugins.join("probe.toml"), "limits = { kv_mib = 1 }").unwrap();
+    let host = HostConfig::new(dir.path())
+        .dirs(&dir.path().join("data"), &plugins)
+        .watch(true)
+        .fast_retries()
+        .delivery("max_attempts = 2");
+    let app = App::start(host.config()).await.unwrap();
+    let blob = || json!({ "bytes": 700_000 }).to_string();
+    let kv_of = |app: &App| app.runtime.kv().dump("probe").unwrap();
+
+    let first = common::append_body(&app, 1, "vm-1", "TEST.KV", blob()).await;
+    common::drained(&app).await;
+    let second = common::append_body(&app, 2, "vm-2", "TEST.KV", blob()).await;
+    wait_for(
+        Duration::from_secs(30),
+        || backlog(&app, "probe").dead == 1,
+        "the second event to die",
+    )
+    .await;
+    let letters = app.ledger.dead_letters(Some("probe"), None, 10).await;
+    let letters = letters.unwrap();
+    assert_eq!(letters[0].event.id, second);
+    assert!(
+        letters[0]
+            .reason
+            .contains("over its limit of 1048576 (`limits.kv_mib`)"),
+        "{}",
+        letters[0].reason
+    );
+    let kv = kv_of(&app);
+    assert!(kv.contains_key(&format!("blob/{first}")), "{:?}", kv.keys());
+    assert!(
+        !kv.contains_key(&format!("blob/{second}")),
+        "none of it stored"
+    );
+
+    std::fs::write(plugins.join("probe.toml"), "limits = { kv_mib = 4 }").unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        || {
+            app.registry
+                .get("probe")
+                .and_then(|e| e.plugin)
+                .is_some_and(|p| p.limits().kv_bytes == 4 << 20)
+        },
+        "the plugin to load with the new limit",
+    )
+    .await;
+    assert_eq!(
+        app.ledger.replay_dead(Some("probe"), None).await.unwrap(),
+        1
+    );
+    common::drained(&app).await;
+    assert!(kv_of(&app).contains_key(&format!("blob/{second}")));
+    assert_eq!(backlog(&app, "probe").dead, 0);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}

@@ -320,6 +320,7 @@ impl Collector for HostCollector {
         let mut states = Vec::new();
         let mut info = Vec::new();
         let mut memory = Vec::new();
+        let mut kv_bytes = Vec::new();
         let quarantined = state.dispatcher.quarantined();
         for (name, entry) in state.registry.snapshot().iter() {
             if let Some(p) = &entry.plugin {
@@ -330,6 +331,10 @@ impl Collector for HostCollector {
                 ];
                 info.push((labels, 1u64));
                 memory.push((plugin(name), p.memory_peak() as u64));
+                // A store that cannot be read now leaves the series out.
+                if let Ok(bytes) = state.runtime.kv().bytes(name) {
+                    kv_bytes.push((plugin(name), bytes));
+                }
             }
             let current = state_name(&entry.state, quarantined.contains_key(name));
             for s in ["active", "quarantined", "failed"] {
@@ -350,6 +355,12 @@ impl Collector for HostCollector {
             "prismhook_plugin_memory_peak_bytes",
             "The largest linear memory a call of the plugin's current version reached (its limit is `limits.memory`)",
             &memory,
+        )?;
+        gauge(
+            e,
+            "prismhook_plugin_kv_bytes",
+            "The bytes (keys and values) the plugin's kv holds (its limit is `limits.kv_mib`)",
+            &kv_bytes,
         )?;
         gauge(
             e,

@@ -36,6 +36,13 @@ pub enum KvError {
     ValueTooLarge(usize),
     #[error("this call has buffered over {MAX_PENDING_BYTES} bytes of writes")]
     TooManyWrites,
+    /// The writes would take the plugin's store past `limits.kv_mib`;
+    /// none of them was stored. Writes that shrink it always pass.
+    #[error(
+        "they would take the plugin's kv to {would} bytes, over its limit of {limit} \
+         (`limits.kv_mib`)"
+    )]
+    OverLimit { would: u64, limit: u64 },
 }
 
 fn storage(e: impl std::fmt::Display) -> KvError {
@@ -51,6 +58,27 @@ fn table(plugin: &str) -> String {
 /// tell whether another call wrote the key since.
 fn versions(plugin: &str) -> String {
     format!("versions:{plugin}")
+}
+
+/// The bytes (keys and values) each plugin's table holds, kept with every
+/// write; a plugin missing from it is counted once, from its table.
+const USAGE: TableDefinition<&str, u64> = TableDefinition::new("usage");
+
+/// What one record costs against `limits.kv_mib`.
+pub(crate) fn record_bytes(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+/// The plugin's bytes after a call's writes, `before` them, or the error
+/// when they grow it past `limit`.
+pub(crate) fn within_limit(before: u64, after: u64, limit: u64) -> Result<u64, KvError> {
+    if after > limit && after > before {
+        return Err(KvError::OverLimit {
+            would: after,
+            limit,
+        });
+    }
+    Ok(after)
 }
 
 /// Where a listing of the keys under `prefix` after `after` starts.
@@ -92,14 +120,22 @@ pub trait KvBackend: Send + Sync + 'static {
     /// a read on this host sees them. `read` holds the version at which the
     /// call first read each key it read ([`KvBackend::read_versioned`]): a
     /// backend that keeps versions refuses the writes, all of them, when one
-    /// of those keys has changed since. Blocks: it is called off the async
-    /// threads.
+    /// of those keys has changed since. They are refused too when they
+    /// would take the plugin's keys and values past `limit` bytes
+    /// ([`KvError::OverLimit`]; a store several hosts write may pass it by
+    /// what their calls write at the same moment). Blocks: it is called off
+    /// the async threads.
     fn apply(
         &self,
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
         read: &BTreeMap<String, u64>,
+        limit: u64,
     ) -> Result<(), KvError>;
+
+    /// The bytes (keys and values) `plugin`'s keys hold, as `apply` counts
+    /// them against its limit.
+    fn bytes(&self, plugin: &str) -> Result<u64, KvError>;
 
     /// Whether a read on this host sees every write this host has stored,
     /// those whose `apply` failed after they were sent included. Cheap: it
@@ -156,15 +192,22 @@ impl KvStore {
             .map_err(|e| KvError::Storage(e.to_string()))?
     }
 
-    /// A session for one call of `plugin`.
-    pub fn session(&self, plugin: &str) -> KvSession {
+    /// A session for one call of `plugin`, whose store may hold `limit`
+    /// bytes (`limits.kv_mib`).
+    pub fn session(&self, plugin: &str, limit: u64) -> KvSession {
         KvSession {
             store: self.clone(),
             plugin: plugin.to_owned(),
             writes: BTreeMap::new(),
             read: BTreeMap::new(),
             pending_bytes: 0,
+            limit,
         }
+    }
+
+    /// The bytes `plugin`'s keys and values hold (against `limits.kv_mib`).
+    pub fn bytes(&self, plugin: &str) -> Result<u64, KvError> {
+        self.backend.bytes(plugin)
     }
 
     /// Everything `plugin` has stored, for operators and tests.
@@ -237,6 +280,22 @@ impl KvBackend for RedbKv {
         Ok(keys)
     }
 
+    fn bytes(&self, plugin: &str) -> Result<u64, KvError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let counted = match txn.open_table(USAGE) {
+            Ok(usage) => usage.get(plugin).map_err(storage)?.map(|b| b.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(storage(e)),
+        };
+        if let Some(bytes) = counted {
+            return Ok(bytes);
+        }
+        match open_read::<&[u8]>(&txn, &table(plugin))? {
+            Some(table) => count_bytes(table.iter().map_err(storage)?),
+            None => Ok(0),
+        }
+    }
+
     fn read_versioned(
         &self,
         plugin: &str,
@@ -260,6 +319,7 @@ impl KvBackend for RedbKv {
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
         read: &BTreeMap<String, u64>,
+        limit: u64,
     ) -> Result<(), KvError> {
         let (table_name, versions_name) = (table(plugin), versions(plugin));
         let txn = self.db.begin_write().map_err(storage)?;
@@ -280,12 +340,24 @@ impl KvBackend for RedbKv {
             }
             let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
             let mut table = txn.open_table(def).map_err(storage)?;
+            let mut usage = txn.open_table(USAGE).map_err(storage)?;
+            let before = match usage.get(plugin).map_err(storage)? {
+                Some(bytes) => bytes.value(),
+                None => count_bytes(table.iter().map_err(storage)?)?,
+            };
+            let mut after = before;
             for (k, v) in &writes {
-                match v {
-                    Some(v) => table.insert(k.as_str(), v.as_slice()).map(drop),
-                    None => table.remove(k.as_str()).map(drop),
+                let old = match v {
+                    Some(v) => {
+                        after += record_bytes(k, v);
+                        table.insert(k.as_str(), v.as_slice())
+                    }
+                    None => table.remove(k.as_str()),
                 }
                 .map_err(storage)?;
+                if let Some(old) = old {
+                    after = after.saturating_sub(record_bytes(k, old.value()));
+                }
                 let next = versions
                     .get(k.as_str())
                     .map_err(storage)?
@@ -293,9 +365,32 @@ impl KvBackend for RedbKv {
                     + 1;
                 versions.insert(k.as_str(), next).map_err(storage)?;
             }
+            // Dropped without a commit when over: nothing is stored.
+            let after = within_limit(before, after, limit)?;
+            usage.insert(plugin, after).map_err(storage)?;
         }
         txn.commit().map_err(storage)
     }
+}
+
+/// What a plugin's table holds, counted row by row: a store written before
+/// the `usage` table was.
+fn count_bytes<'a>(
+    rows: impl Iterator<
+        Item = Result<
+            (
+                redb::AccessGuard<'a, &'static str>,
+                redb::AccessGuard<'a, &'static [u8]>,
+            ),
+            redb::StorageError,
+        >,
+    >,
+) -> Result<u64, KvError> {
+    rows.map(|row| {
+        let (k, v) = row.map_err(storage)?;
+        Ok(record_bytes(k.value(), v.value()))
+    })
+    .sum()
 }
 
 /// Table `name` as `txn` sees it, or `None` when it was never made (a
@@ -334,6 +429,7 @@ pub struct KvSession {
     /// cannot overwrite another host's write in between.
     read: BTreeMap<String, u64>,
     pending_bytes: usize,
+    limit: u64,
 }
 
 impl KvSession {
@@ -448,8 +544,8 @@ impl KvSession {
             return Ok(());
         }
         let (backend, plugin) = (self.store.backend.clone(), self.plugin.clone());
-        let (writes, read) = (self.writes.clone(), self.read.clone());
-        tokio::task::spawn_blocking(move || backend.apply(&plugin, writes, &read))
+        let (writes, read, limit) = (self.writes.clone(), self.read.clone(), self.limit);
+        tokio::task::spawn_blocking(move || backend.apply(&plugin, writes, &read, limit))
             .await
             .map_err(storage)??;
         // The backend reads back what it applied (a JetStream host's
@@ -469,7 +565,7 @@ impl KvSession {
         }
         self.store
             .backend
-            .apply(&self.plugin, self.writes, &self.read)
+            .apply(&self.plugin, self.writes, &self.read, self.limit)
     }
 }
 
@@ -477,12 +573,83 @@ impl KvSession {
 mod tests {
     use super::*;
 
+    fn write(store: &KvStore, limit: u64, writes: &[(&str, Option<usize>)]) -> Result<(), KvError> {
+        let mut s = store.session("p", limit);
+        for &(k, len) in writes {
+            match len {
+                Some(len) => s.set(k.into(), vec![b'x'; len]).unwrap(),
+                None => s.delete(k.into()).unwrap(),
+            }
+        }
+        s.commit()
+    }
+
+    #[test]
+    fn writes_that_would_take_a_plugins_kv_past_its_limit_are_refused_whole_and_shrinking_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        // Keys count too: "a" + 60 bytes.
+        write(&store, 100, &[("a", Some(60))]).unwrap();
+        assert_eq!(store.bytes("p").unwrap(), 61);
+        let e = write(&store, 100, &[("b", Some(10)), ("c", Some(30))]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KvError::OverLimit {
+                    would: 103,
+                    limit: 100
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("`limits.kv_mib`"), "{e}");
+        assert_eq!(
+            store.dump("p").unwrap().len(),
+            1,
+            "nothing of it was stored"
+        );
+        // Replacing a value counts the difference, a delete frees its bytes.
+        write(&store, 100, &[("a", Some(90))]).unwrap();
+        write(&store, 100, &[("a", None), ("b", Some(50))]).unwrap();
+        assert_eq!(store.bytes("p").unwrap(), 51);
+        // Under a limit lowered below what it holds, only shrinking passes.
+        write(&store, 10, &[("b", Some(40))]).unwrap();
+        assert!(write(&store, 10, &[("b", Some(45))]).is_err());
+        // Other plugins have their own.
+        let mut q = store.session("q", 100);
+        q.set("a".into(), vec![0; 90]).unwrap();
+        q.commit().unwrap();
+    }
+
+    #[test]
+    fn a_store_written_before_the_limit_existed_is_counted_from_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.redb");
+        let store = KvStore::open(&path).unwrap();
+        write(&store, u64::MAX, &[("a", Some(60)), ("b", Some(20))]).unwrap();
+        drop(store);
+        // As an older release left it: the records, no usage row.
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(USAGE).unwrap().remove("p").unwrap();
+            txn.commit().unwrap();
+        }
+        let store = KvStore::open(&path).unwrap();
+        assert_eq!(store.bytes("p").unwrap(), 82);
+        let e = write(&store, 100, &[("c", Some(20))]).unwrap_err();
+        assert!(matches!(e, KvError::OverLimit { would: 103, .. }), "{e}");
+        write(&store, 100, &[("c", Some(15))]).unwrap();
+        assert_eq!(store.bytes("p").unwrap(), 98);
+        assert_eq!(store.bytes("never-wrote").unwrap(), 0);
+    }
+
     #[test]
     fn of_two_calls_that_read_and_write_one_key_only_the_first_to_return_is_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
         // Two batches on disjoint VMs that share an address's record.
-        let (mut a, mut b) = (store.session("p"), store.session("p"));
+        let (mut a, mut b) = (store.session("p", u64::MAX), store.session("p", u64::MAX));
         assert_eq!(a.get("ip/10.0.0.5").unwrap(), None);
         assert_eq!(b.get("ip/10.0.0.5").unwrap(), None);
         a.set("ip/10.0.0.5".into(), b"vm-a".to_vec()).unwrap();
@@ -490,7 +657,7 @@ mod tests {
         a.commit().unwrap();
         assert!(matches!(b.commit(), Err(KvError::Conflict(_))));
         // Made again, the second call reads the first one's write.
-        let mut b = store.session("p");
+        let mut b = store.session("p", u64::MAX);
         let both = [b.get("ip/10.0.0.5").unwrap().unwrap(), b",vm-b".to_vec()].concat();
         b.set("ip/10.0.0.5".into(), both).unwrap();
         b.commit().unwrap();
@@ -501,27 +668,27 @@ mod tests {
     fn a_key_deleted_and_written_again_is_still_a_change_and_blind_writes_pass() {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        let mut first = store.session("p");
+        let mut first = store.session("p", u64::MAX);
         first.set("k".into(), b"1".to_vec()).unwrap();
         first.commit().unwrap();
-        let mut reader = store.session("p");
+        let mut reader = store.session("p", u64::MAX);
         assert_eq!(reader.get("k").unwrap(), Some(b"1".to_vec()));
-        let mut other = store.session("p");
+        let mut other = store.session("p", u64::MAX);
         other.delete("k".into()).unwrap();
         other.commit().unwrap();
-        let mut again = store.session("p");
+        let mut again = store.session("p", u64::MAX);
         again.set("k".into(), b"1".to_vec()).unwrap();
         again.commit().unwrap();
         // Same value as it read, but written twice since: refused.
         reader.set("k".into(), b"2".to_vec()).unwrap();
         assert!(matches!(reader.commit(), Err(KvError::Conflict(_))));
         // A call that never read the key writes it.
-        let mut blind = store.session("p");
+        let mut blind = store.session("p", u64::MAX);
         blind.set("k".into(), b"3".to_vec()).unwrap();
         blind.commit().unwrap();
         assert_eq!(store.dump("p").unwrap()["k"], b"3");
         // Plugins do not see each other's versions.
-        let mut q = store.session("q");
+        let mut q = store.session("q", u64::MAX);
         assert_eq!(q.get("k").unwrap(), None);
         q.set("k".into(), b"q".to_vec()).unwrap();
         q.commit().unwrap();
@@ -531,7 +698,7 @@ mod tests {
     async fn writes_committed_mid_call_stay_when_the_rest_of_the_call_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        let mut s = store.session("p");
+        let mut s = store.session("p", u64::MAX);
         s.set("vm/a".into(), b"1".to_vec()).unwrap();
         s.commit_now().await.unwrap();
         assert_eq!(s.get("vm/a").unwrap(), Some(b"1".to_vec()));
@@ -539,7 +706,7 @@ mod tests {
         s.set("vm/b".into(), b"2".to_vec()).unwrap();
         s.delete("vm/a".into()).unwrap();
         drop(s); // the call failed: what came after the commit goes
-        let mut after = store.session("p");
+        let mut after = store.session("p", u64::MAX);
         assert_eq!(after.get("vm/a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(after.get("vm/b").unwrap(), None);
     }
@@ -548,37 +715,40 @@ mod tests {
     fn writes_are_invisible_to_others_until_committed_and_durable_after() {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        let mut s = store.session("p");
+        let mut s = store.session("p", u64::MAX);
         s.set("vm/a".into(), b"1".to_vec()).unwrap();
         assert_eq!(s.get("vm/a").unwrap(), Some(b"1".to_vec()));
-        assert_eq!(store.session("p").get("vm/a").unwrap(), None);
+        assert_eq!(store.session("p", u64::MAX).get("vm/a").unwrap(), None);
         s.commit().unwrap();
         drop(store);
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        assert_eq!(store.session("p").get("vm/a").unwrap(), Some(b"1".to_vec()));
-        assert_eq!(store.session("other").get("vm/a").unwrap(), None);
+        assert_eq!(
+            store.session("p", u64::MAX).get("vm/a").unwrap(),
+            Some(b"1".to_vec())
+        );
+        assert_eq!(store.session("other", u64::MAX).get("vm/a").unwrap(), None);
     }
 
     #[test]
     fn a_dropped_session_leaves_the_store_unchanged() {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        let mut s = store.session("p");
+        let mut s = store.session("p", u64::MAX);
         s.set("k".into(), b"v".to_vec()).unwrap();
         drop(s);
-        assert_eq!(store.session("p").get("k").unwrap(), None);
+        assert_eq!(store.session("p", u64::MAX).get("k").unwrap(), None);
     }
 
     #[test]
     fn list_keys_merges_stored_and_buffered_keys_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        let mut s = store.session("p");
+        let mut s = store.session("p", u64::MAX);
         for k in ["vm/a", "vm/b", "ip/1"] {
             s.set(k.into(), vec![]).unwrap();
         }
         s.commit().unwrap();
-        let mut s = store.session("p");
+        let mut s = store.session("p", u64::MAX);
         s.delete("vm/a".into()).unwrap();
         s.set("vm/c".into(), vec![]).unwrap();
         assert_eq!(s.list_keys("vm/").unwrap(), vec!["vm/b", "vm/c"]);
@@ -603,14 +773,14 @@ mod tests {
     fn pages_of_keys_are_full_until_the_last_and_together_are_list_keys() {
         let dir = tempfile::tempdir().unwrap();
         let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
-        let mut s = store.session("p");
+        let mut s = store.session("p", u64::MAX);
         for k in ["ip/1", "vm/a", "vm/b", "vm/c", "vm/d", "vm/e", "w"] {
             s.set(k.into(), vec![]).unwrap();
         }
         s.commit().unwrap();
         // The call deletes a whole stored page (a, b) and keys between
         // pages, and adds keys inside and past the stored ones.
-        let mut s = store.session("p");
+        let mut s = store.session("p", u64::MAX);
         for k in ["vm/a", "vm/b", "vm/d"] {
             s.delete(k.into()).unwrap();
         }
@@ -637,11 +807,11 @@ mod tests {
             .is_empty());
         assert!(s.list_keys_after("vm/", None, 0).unwrap().is_empty());
         s.commit().unwrap();
-        let s = store.session("p");
+        let s = store.session("p", u64::MAX);
         assert_eq!(pages(&s, "vm/", 3).concat(), all, "the same once stored");
 
         // Nothing stored yet: every key comes from the call's writes.
-        let mut fresh = store.session("q");
+        let mut fresh = store.session("q", u64::MAX);
         for k in ["vm/3", "vm/1", "vm/2", "w"] {
             fresh.set(k.into(), vec![]).unwrap();
         }

@@ -70,6 +70,9 @@ struct Record {
 pub(super) struct Mirror {
     root: String,
     data: RwLock<HashMap<String, BTreeMap<String, Record>>>,
+    /// The bytes (keys and values) of each plugin's live keys in `data`, changed with it (under
+    /// its write lock).
+    bytes: RwLock<HashMap<String, u64>>,
     applied: watch::Sender<u64>,
     restarts: Arc<Restarts>,
     /// Messages read while a test holds the mirror still ([`Mirror::hold`]), folded in when it
@@ -100,6 +103,7 @@ impl Mirror {
         Mirror {
             root,
             data: RwLock::default(),
+            bytes: RwLock::default(),
             applied: watch::channel(0).0,
             restarts,
             #[cfg(test)]
@@ -140,6 +144,35 @@ impl Mirror {
         Hold(self)
     }
 
+    /// Refuses `writes` when, applied to what this host has read, they would take `plugin`'s
+    /// bytes past `limit`. Hosts writing at the same moment each check against what they have
+    /// read, so together they may pass it by what those calls write.
+    fn within_limit(
+        &self,
+        plugin: &str,
+        writes: &BTreeMap<String, Option<Vec<u8>>>,
+        limit: u64,
+    ) -> Result<(), KvError> {
+        let data = self.data.read().expect("kv mirror lock poisoned");
+        let before = self
+            .bytes
+            .read()
+            .expect("kv mirror lock poisoned")
+            .get(plugin)
+            .copied()
+            .unwrap_or(0);
+        let records = data.get(plugin);
+        let after = writes.iter().fold(before, |after, (key, value)| {
+            let old = records
+                .and_then(|r| r.get(key))
+                .and_then(|r| r.value.as_ref())
+                .map_or(0, |v| kv_store::record_bytes(key, v));
+            let new = value.as_ref().map_or(0, |v| kv_store::record_bytes(key, v));
+            (after + new).saturating_sub(old)
+        });
+        kv_store::within_limit(before, after, limit).map(drop)
+    }
+
     /// Waits until the mirror has reached `seq`.
     pub(super) async fn reached(&self, seq: u64, limit: Duration) -> bool {
         follow::reached("plugin kv", &self.applied, seq, &self.restarts, Some(limit)).await
@@ -166,9 +199,18 @@ impl Fold for Mirror {
                 // A delete stays as a tombstone: its message is the key's last, which the next
                 // write of the key must name.
                 let value = (!deleted).then(|| payload.to_vec());
-                data.entry(plugin)
-                    .or_default()
-                    .insert(key, Record { value, seq });
+                let added = value
+                    .as_ref()
+                    .map_or(0, |v| kv_store::record_bytes(&key, v));
+                let records = data.entry(plugin.clone()).or_default();
+                let removed = records
+                    .get(&key)
+                    .and_then(|r| r.value.as_ref())
+                    .map_or(0, |v| kv_store::record_bytes(&key, v));
+                records.insert(key, Record { value, seq });
+                let mut bytes = self.bytes.write().expect("kv mirror lock poisoned");
+                let total = bytes.entry(plugin).or_default();
+                *total = (*total + added).saturating_sub(removed);
             }
             None => tracing::warn!(subject, "skipping a kv message on an unknown subject"),
         }
@@ -318,12 +360,14 @@ impl KvBackend for JetStreamKv {
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
         read: &BTreeMap<String, u64>,
+        limit: u64,
     ) -> Result<(), KvError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(KvError::Storage(format!(
                 "`{plugin}`'s writes cannot be stored: not connected to any NATS server"
             )));
         }
+        self.mirror.within_limit(plugin, &writes, limit)?;
         let writes: Vec<(String, Option<Vec<u8>>)> = writes.into_iter().collect();
         self.handle.block_on(async {
             let mut last = 0;
@@ -344,6 +388,11 @@ impl KvBackend for JetStreamKv {
             }
             Ok(())
         })
+    }
+
+    fn bytes(&self, plugin: &str) -> Result<u64, KvError> {
+        let bytes = self.mirror.bytes.read().expect("kv mirror lock poisoned");
+        Ok(bytes.get(plugin).copied().unwrap_or(0))
     }
 
     fn settled(&self) -> bool {

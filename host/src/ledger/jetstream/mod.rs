@@ -1371,6 +1371,54 @@ mod tests {
         }
     }
 
+    /// `limits.kv_mib` on a shared kv: each host counts what its mirror holds, so a call on the
+    /// other host is held to what the first one wrote.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plugins_kv_limit_holds_across_the_hosts_and_shrinking_always_passes() {
+        // Every part held to the end: dropping the NATS handle stops the server.
+        let TwoHosts {
+            a: _a,
+            b,
+            kv_a,
+            kv_b,
+            nats: _nats,
+            _dir,
+        } = two_hosts().await;
+        let write = |kv: &KvStore, limit: u64, key: &str, len: Option<usize>| {
+            let mut s = kv.session("fw", limit);
+            match len {
+                Some(len) => s.set(key.into(), vec![b'x'; len]).unwrap(),
+                None => s.delete(key.into()).unwrap(),
+            }
+            commit(s)
+        };
+        write(&kv_a, 100, "a", Some(60)).await.unwrap();
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        let e = write(&kv_b, 100, "b", Some(40)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KvError::OverLimit {
+                    would: 102,
+                    limit: 100
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            kv_b.dump("fw").unwrap().len(),
+            1,
+            "nothing of it was stored"
+        );
+        // A value replaced counts the difference; a delete frees its bytes, on either host.
+        write(&kv_b, 100, "a", Some(90)).await.unwrap();
+        write(&kv_b, 100, "a", None).await.unwrap();
+        write(&kv_b, 100, "b", Some(90)).await.unwrap();
+        assert!(write(&kv_b, 50, "b", Some(95)).await.is_err());
+        write(&kv_b, 50, "b", Some(80)).await.unwrap();
+        assert_eq!(kv_b.bytes("fw").unwrap(), 81);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plugin_kv_is_the_same_on_every_host_and_a_calls_writes_land_together() {
         let TwoHosts {
@@ -1382,7 +1430,7 @@ mod tests {
             _dir,
         } = two_hosts().await;
 
-        let mut s = kv_a.session("fw");
+        let mut s = kv_a.session("fw", u64::MAX);
         s.set("vm/1".into(), b"10.0.0.1".to_vec()).unwrap();
         s.set("vm/2".into(), b"10.0.0.2".to_vec()).unwrap();
         assert!(
@@ -1398,21 +1446,24 @@ mod tests {
         assert_eq!(kv_b.dump("fw").unwrap(), kv_a.dump("fw").unwrap());
 
         // A delete on one host is one on the other; other plugins' keys are their own.
-        let mut s = kv_b.session("fw");
+        let mut s = kv_b.session("fw", u64::MAX);
         s.delete("vm/1".into()).unwrap();
         commit(s).await.unwrap();
         a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
-        assert_eq!(kv_a.session("fw").list_keys("vm/").unwrap(), ["vm/2"]);
+        assert_eq!(
+            kv_a.session("fw", u64::MAX).list_keys("vm/").unwrap(),
+            ["vm/2"]
+        );
         assert!(kv_a.dump("other").unwrap().is_empty());
 
         // More writes than one atomic batch holds, and a key and value of any bytes.
-        let mut s = kv_a.session("fw");
+        let mut s = kv_a.session("fw", u64::MAX);
         for i in 0..2_500 {
             s.set(format!("ip/{i}"), vec![i as u8; 16]).unwrap();
         }
         s.set("odd key .*> é".into(), vec![0, 255]).unwrap();
         commit(s).await.unwrap();
-        let session = kv_a.session("fw");
+        let session = kv_a.session("fw", u64::MAX);
         let all = session.list_keys("ip/").unwrap();
         assert_eq!(all.len(), 2_500);
         let first = session.list_keys_after("ip/", None, 1_000).unwrap();
@@ -1427,7 +1478,9 @@ mod tests {
         drop(session);
         // A deleted key's tombstone is not a key of a page.
         assert_eq!(
-            kv_a.session("fw").list_keys_after("vm/", None, 1).unwrap(),
+            kv_a.session("fw", u64::MAX)
+                .list_keys_after("vm/", None, 1)
+                .unwrap(),
             ["vm/2"]
         );
 
@@ -1447,20 +1500,20 @@ mod tests {
     async fn a_call_that_read_a_key_another_host_wrote_since_cannot_overwrite_it() {
         let h = two_hosts().await;
         let (a, b, kv_a, kv_b) = (&h.a, &h.b, &h.kv_a, &h.kv_b);
-        let mut s = kv_a.session("fw");
+        let mut s = kv_a.session("fw", u64::MAX);
         s.set("changes/vm-1".into(), b"CREATE".to_vec()).unwrap();
         commit(s).await.unwrap();
         b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
 
         // A call on `a` reads the record (and one key that does not exist yet)...
-        let mut slow = kv_a.session("fw");
+        let mut slow = kv_a.session("fw", u64::MAX);
         assert_eq!(
             slow.get("changes/vm-1").unwrap().as_deref(),
             Some(&b"CREATE"[..])
         );
         assert_eq!(slow.get("changes/vm-2").unwrap(), None);
         // ...while `b` appends to it, and `a`'s mirror shows that before the call ends.
-        let mut s = kv_b.session("fw");
+        let mut s = kv_b.session("fw", u64::MAX);
         s.set("changes/vm-1".into(), b"CREATE\nON".to_vec())
             .unwrap();
         commit(s).await.unwrap();
@@ -1476,7 +1529,7 @@ mod tests {
                     .contains("a key the call read was written since"),
             "a conflict, which the dispatcher makes again: {refused}"
         );
-        let mut now = kv_a.session("fw");
+        let mut now = kv_a.session("fw", u64::MAX);
         assert_eq!(
             now.get("changes/vm-1").unwrap().as_deref(),
             Some(&b"CREATE\nON"[..]),
@@ -1489,9 +1542,9 @@ mod tests {
         );
 
         // A key read as missing is held to that too; keys written unread are not held at all.
-        let mut reader = kv_a.session("fw");
+        let mut reader = kv_a.session("fw", u64::MAX);
         assert_eq!(reader.get("changes/vm-2").unwrap(), None);
-        let mut s = kv_b.session("fw");
+        let mut s = kv_b.session("fw", u64::MAX);
         s.set("changes/vm-2".into(), b"CREATE".to_vec()).unwrap();
         commit(s).await.unwrap();
         reader.set("changes/vm-2".into(), b"OFF".to_vec()).unwrap();
@@ -1500,13 +1553,16 @@ mod tests {
             "created since it was read"
         );
         a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
-        let mut blind = kv_a.session("fw");
+        let mut blind = kv_a.session("fw", u64::MAX);
         blind
             .set("changes/vm-2".into(), b"DELETE".to_vec())
             .unwrap();
         commit(blind).await.unwrap();
         assert_eq!(
-            kv_a.session("fw").get("changes/vm-2").unwrap().as_deref(),
+            kv_a.session("fw", u64::MAX)
+                .get("changes/vm-2")
+                .unwrap()
+                .as_deref(),
             Some(&b"DELETE"[..])
         );
     }
@@ -1790,7 +1846,7 @@ mod tests {
         // `a`'s mirror is held behind while `b` writes, as a follower that lost its server is.
         let (mirror, _) = a.inner.kv.get().expect("the kv is open");
         let held = mirror.hold();
-        let mut s = kv_b.session("fw");
+        let mut s = kv_b.session("fw", u64::MAX);
         s.set("vm/lab/1".into(), b"10.0.0.1".to_vec()).unwrap();
         commit(s).await.unwrap();
 
@@ -1811,7 +1867,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            kv_a.session("fw").get("vm/lab/1").unwrap().as_deref(),
+            kv_a.session("fw", u64::MAX)
+                .get("vm/lab/1")
+                .unwrap()
+                .as_deref(),
             Some(&b"10.0.0.1"[..])
         );
         a.resume_others().await;

@@ -217,6 +217,16 @@ fn handle_one(event: &Event) -> Outcome {
             record(event);
             Outcome::Done
         }
+        // `body.bytes` of kv under `blob/<event id>`.
+        "TEST.KV" => {
+            let bytes = body(event).get("bytes").and_then(Value::as_u64);
+            let blob = vec![b'k'; bytes.unwrap_or(0) as usize];
+            if let Err(e) = kv::set(&format!("blob/{}", event.id), &blob) {
+                return Outcome::Reject(format!("kv set failed: {e}"));
+            }
+            record(event);
+            Outcome::Done
+        }
         "TEST.RETRY" => Outcome::Retry(Retry {
             reason: "probe asked to retry".into(),
             delay_ms: body(event).get("delay_ms").and_then(Value::as_u64),
