@@ -6,7 +6,11 @@
 //! then shows up in an error message. Replacing the literal value is not
 //! enough — an echo may carry it base64- or hex-encoded, percent- or
 //! JSON-escaped, or upper-cased. [`Scrubber`] knows every such spelling of
-//! every secret of one policy and replaces each by `[redacted]`.
+//! every secret of one policy and replaces each by `[redacted]`. Escapes
+//! can also be mixed, an encoder escaping only some characters (Python's
+//! `quote` leaves `/`, PHP's JSON writes `\/`, .NET's `\u002B`, HTML
+//! `&#43;`): the text is also read with every such escape decoded, and a
+//! secret found there is redacted as spelled.
 
 use base64::Engine as _;
 
@@ -30,16 +34,23 @@ struct Needle {
 #[derive(Debug, Clone, Default)]
 pub struct Scrubber {
     needles: Vec<Needle>,
+    /// The secrets as they are, for the text read with its escapes decoded.
+    raw: Vec<Needle>,
 }
 
 impl Scrubber {
     pub fn new<'a>(secrets: impl IntoIterator<Item = &'a Secret>) -> Scrubber {
         let mut needles = Vec::new();
+        let mut raws = Vec::new();
         for secret in secrets {
             let raw = secret.expose().as_bytes();
             if raw.is_empty() {
                 continue;
             }
+            raws.push(Needle {
+                bytes: raw.to_vec(),
+                fold_case: true,
+            });
             let mut add = |bytes: Vec<u8>, fold_case: bool| {
                 if bytes.len() >= MIN_NEEDLE.min(raw.len()) {
                     let n = Needle { bytes, fold_case };
@@ -68,13 +79,13 @@ impl Scrubber {
         }
         // Longest first, so that a long form is not cut up by a short one.
         needles.sort_by_key(|n| std::cmp::Reverse(n.bytes.len()));
-        Scrubber { needles }
+        Scrubber { needles, raw: raws }
     }
 
     /// `text` with every spelling of every secret replaced; `None` when it
     /// holds none (nothing copied).
     pub fn scrub(&self, text: &[u8]) -> Option<Vec<u8>> {
-        let mut out: Option<Vec<u8>> = None;
+        let mut out: Option<Vec<u8>> = self.scrub_escaped(text);
         for needle in &self.needles {
             let current = out.as_deref().unwrap_or(text);
             if let Some(replaced) = replace_all(current, needle) {
@@ -91,6 +102,177 @@ impl Scrubber {
             None => text.to_owned(),
         }
     }
+
+    /// `text` with each secret redacted that shows once its escapes are
+    /// decoded, whatever mix of them spells it; `None` when none does.
+    fn scrub_escaped(&self, text: &[u8]) -> Option<Vec<u8>> {
+        if self.raw.is_empty() || !text.iter().any(|b| matches!(b, b'%' | b'\\' | b'&')) {
+            return None;
+        }
+        let decoded = Decoded::of(text);
+        if decoded.escapes.is_empty() {
+            return None;
+        }
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        for needle in &self.raw {
+            let mut at = 0;
+            while let Some(i) = find(&decoded.bytes[at..], needle) {
+                let (start, end) = (at + i, at + i + needle.bytes.len());
+                found.push((decoded.origin(start).0, decoded.origin(end - 1).1));
+                at = end;
+            }
+        }
+        if found.is_empty() {
+            return None;
+        }
+        found.sort_unstable();
+        let mut out = Vec::with_capacity(text.len());
+        let mut copied = 0;
+        for (start, end) in found {
+            // Overlapping finds (two secrets sharing text) are one redaction.
+            if start < copied {
+                copied = copied.max(end);
+                continue;
+            }
+            out.extend_from_slice(&text[copied..start]);
+            out.extend_from_slice(REDACTED);
+            copied = end;
+        }
+        out.extend_from_slice(&text[copied..]);
+        Some(out)
+    }
+}
+
+/// A text read with its escapes decoded: `%XX`, JSON's `\uXXXX` (surrogate
+/// pairs joined) and `\/ \" \\ \'`, HTML's `&#NN;`, `&#xHH;` and the five
+/// named entities. Bytes outside escapes are kept, so most of a body is one
+/// run between the escapes.
+struct Decoded {
+    bytes: Vec<u8>,
+    /// Each escape: where its decoded bytes start, how many there are, and
+    /// the range of the text it spells.
+    escapes: Vec<(usize, usize, std::ops::Range<usize>)>,
+}
+
+impl Decoded {
+    fn of(text: &[u8]) -> Decoded {
+        let mut bytes = Vec::with_capacity(text.len());
+        let mut escapes = Vec::new();
+        let mut i = 0;
+        while i < text.len() {
+            match escape_at(text, i) {
+                Some((spelled, len)) => {
+                    let mut buf = [0u8; 4];
+                    let decoded: &[u8] = match spelled {
+                        Spelled::Byte(b) => {
+                            buf[0] = b;
+                            &buf[..1]
+                        }
+                        Spelled::Char(c) => c.encode_utf8(&mut buf).as_bytes(),
+                    };
+                    escapes.push((bytes.len(), decoded.len(), i..i + len));
+                    bytes.extend_from_slice(decoded);
+                    i += len;
+                }
+                None => {
+                    bytes.push(text[i]);
+                    i += 1;
+                }
+            }
+        }
+        Decoded { bytes, escapes }
+    }
+
+    /// The range of the text the decoded byte at `at` came from.
+    fn origin(&self, at: usize) -> (usize, usize) {
+        // The last escape that starts at or before `at`.
+        let n = self.escapes.partition_point(|(start, ..)| *start <= at);
+        let Some((start, len, from)) = n.checked_sub(1).map(|k| &self.escapes[k]) else {
+            return (at, at + 1);
+        };
+        if at < start + len {
+            return (from.start, from.end);
+        }
+        // A kept byte after that escape: shifted by what the escapes before it saved.
+        let text_at = from.end + (at - (start + len));
+        (text_at, text_at + 1)
+    }
+}
+
+/// What an escape stands for: `%XX` is a byte (of UTF-8 or not), the
+/// others a character.
+enum Spelled {
+    Byte(u8),
+    Char(char),
+}
+
+/// What an escape at `text[i..]` spells, and the escape's length.
+fn escape_at(text: &[u8], i: usize) -> Option<(Spelled, usize)> {
+    let rest = &text[i..];
+    // Digits only: `from_str_radix` would take a sign too.
+    let number = |s: &[u8], radix: u32| -> Option<u32> {
+        let digits =
+            !s.is_empty() && s.len() <= 8 && s.iter().all(|b| (*b as char).is_digit(radix));
+        digits.then(|| u32::from_str_radix(std::str::from_utf8(s).ok()?, radix).ok())?
+    };
+    let hex = |s: &[u8]| number(s, 16);
+    match rest.first()? {
+        b'%' => {
+            let b = hex(rest.get(1..3)?)?;
+            Some((Spelled::Byte(b as u8), 3))
+        }
+        b'\\' => match rest.get(1)? {
+            b'/' | b'"' | b'\\' | b'\'' => Some((Spelled::Char(char::from(rest[1])), 2)),
+            b'u' => {
+                let unit = hex(rest.get(2..6)?)?;
+                if (0xD800..0xDC00).contains(&unit) {
+                    let low = rest
+                        .get(6..8)
+                        .filter(|p| p == b"\\u")
+                        .and_then(|_| hex(rest.get(8..12)?))?;
+                    if !(0xDC00..0xE000).contains(&low) {
+                        return None;
+                    }
+                    let ch = char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00))?;
+                    return Some((Spelled::Char(ch), 12));
+                }
+                Some((Spelled::Char(char::from_u32(unit)?), 6))
+            }
+            _ => None,
+        },
+        b'&' => {
+            let end = rest.iter().take(12).position(|&b| b == b';')?;
+            let name = &rest[1..end];
+            let ch = match name {
+                b"amp" => '&',
+                b"lt" => '<',
+                b"gt" => '>',
+                b"quot" => '"',
+                b"apos" => '\'',
+                [b'#', b'x' | b'X', digits @ ..] => char::from_u32(hex(digits)?)?,
+                [b'#', digits @ ..] => char::from_u32(number(digits, 10)?)?,
+                _ => return None,
+            };
+            Some((Spelled::Char(ch), end + 1))
+        }
+        _ => None,
+    }
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &Needle) -> Option<usize> {
+    let n = &needle.bytes;
+    if n.is_empty() || haystack.len() < n.len() {
+        return None;
+    }
+    (0..=haystack.len() - n.len()).find(|&i| {
+        let window = &haystack[i..i + n.len()];
+        if needle.fold_case {
+            window.eq_ignore_ascii_case(n)
+        } else {
+            window == n.as_slice()
+        }
+    })
 }
 
 /// The form-encoding of the secret (only what must be escaped), and every
@@ -135,30 +317,13 @@ fn base64_cores(raw: &[u8], engine: &base64::engine::GeneralPurpose) -> Vec<Vec<
 }
 
 fn replace_all(haystack: &[u8], needle: &Needle) -> Option<Vec<u8>> {
-    let n = &needle.bytes;
-    if n.is_empty() || haystack.len() < n.len() {
-        return None;
-    }
-    let eq = |a: &[u8]| {
-        if needle.fold_case {
-            a.eq_ignore_ascii_case(n)
-        } else {
-            a == n.as_slice()
-        }
-    };
     let mut out: Option<Vec<u8>> = None;
     let mut copied = 0;
-    let mut i = 0;
-    while i + n.len() <= haystack.len() {
-        if eq(&haystack[i..i + n.len()]) {
-            let o = out.get_or_insert_with(|| Vec::with_capacity(haystack.len()));
-            o.extend_from_slice(&haystack[copied..i]);
-            o.extend_from_slice(REDACTED);
-            i += n.len();
-            copied = i;
-        } else {
-            i += 1;
-        }
+    while let Some(i) = find(&haystack[copied..], needle) {
+        let o = out.get_or_insert_with(|| Vec::with_capacity(haystack.len()));
+        o.extend_from_slice(&haystack[copied..copied + i]);
+        o.extend_from_slice(REDACTED);
+        copied += i + needle.bytes.len();
     }
     let mut o = out?;
     o.extend_from_slice(&haystack[copied..]);
@@ -202,6 +367,85 @@ mod tests {
             assert!(out.contains("[redacted]"), "{s} survived in {out}");
             assert!(!out.contains(&s), "{s} survived in {out}");
         }
+    }
+
+    /// Encoders that escape some characters and not others, and escapes
+    /// mixed in one spelling: found once the text is read decoded, and
+    /// redacted as it was spelled, the text around it kept.
+    #[test]
+    fn a_secret_partly_escaped_is_redacted_as_spelled() {
+        let spellings = [
+            // Python's `quote`: `/` left as it is.
+            "pan-KEY/never%2Bseen%3D0123".to_owned(),
+            // PHP's json_encode: `/` escaped, the rest not.
+            "pan-KEY\\/never+seen=0123".to_owned(),
+            // .NET's JavaScriptEncoder: `+` escaped.
+            "pan-KEY/never\\u002Bseen\\u003D0123".to_owned(),
+            // HTML character references, decimal and hex.
+            "pan-KEY&#47;never&#x2b;seen&#61;0123".to_owned(),
+            // All of them at once, in lower case.
+            "PAN-key\\/never%2bseen&#x3D;0123".to_owned(),
+        ];
+        for s in spellings {
+            let text = format!("echo: <{s}> end");
+            let out = scrubbed(&text);
+            assert_eq!(out, "echo: <[redacted]> end", "{s}");
+        }
+        // A secret of characters outside ASCII, its UTF-8 bytes escaped,
+        // some by JSON (a surrogate pair) and some by percent-encoding.
+        let secret = Secret::new("clé-🔑-secrète");
+        let text = "x clé-\\ud83d\\udd11-secr%C3%A8te y";
+        assert_eq!(Scrubber::new([&secret]).scrub_str(text), "x [redacted] y");
+    }
+
+    /// Each character of the secret spelled any of five ways, amid text
+    /// made of the same escapes' pieces: always redacted, never a panic.
+    #[test]
+    fn any_mix_of_escapes_is_redacted_and_broken_ones_are_harmless() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let scrubber = Scrubber::new([&Secret::new(KEY)]);
+        // No lone `\\`: before the secret it would escape the backslash of
+        // a first `\\u`, and the text would spell it no more.
+        let junk = [
+            "%", "%2", "%zz", "\\u", "\\ud83d", "&#", "&#x;", "&amp", ";", "a", "é",
+        ];
+        for _ in 0..2_000 {
+            let spelled: String = KEY
+                .chars()
+                .map(|c| match rng.random_range(0..5) {
+                    0 => c.to_string(),
+                    1 => format!("%{:02X}", c as u32),
+                    2 => format!("\\u{:04x}", c as u32),
+                    3 => format!("&#{};", c as u32),
+                    _ => format!("&#x{:X};", c as u32),
+                })
+                .collect();
+            let noise = |rng: &mut rand::rngs::StdRng| -> String {
+                (0..rng.random_range(0..6))
+                    .map(|_| junk[rng.random_range(0..junk.len())])
+                    .collect()
+            };
+            let (before, after) = (noise(&mut rng), noise(&mut rng));
+            let text = format!("{before}{spelled}{after}");
+            let out = scrubber.scrub_str(&text);
+            assert!(
+                out.contains("[redacted]") && !out.contains(&spelled),
+                "{text} -> {out}"
+            );
+            // Pieces of escapes alone: no panic, and nothing taken.
+            let pieces = noise(&mut rng) + &noise(&mut rng);
+            assert_eq!(scrubber.scrub(pieces.as_bytes()), None, "{pieces}");
+        }
+    }
+
+    #[test]
+    fn escapes_that_spell_no_secret_are_left_as_they_are() {
+        let text = "a %2B b \\/ c &amp; d %+1 &#+43; \\ud800 \\u00zz &unknown; e";
+        assert_eq!(
+            Scrubber::new([&Secret::new(KEY)]).scrub(text.as_bytes()),
+            None
+        );
     }
 
     #[test]
