@@ -222,13 +222,28 @@ function post(config, send, payload, extraHeaders = []) {
 }
 
 /**
+ * Answers that can be one event's doing (too large, malformed): a batch
+ * refused with one is sent again in halves, so that only the events the
+ * endpoint refuses on their own are rejected. Others (404, 405, …) are the
+ * endpoint's, and a split would refuse every half the same way.
+ */
+const SPLIT_ON = [400, 413, 422];
+
+/**
+ * Requests one batch may make finding what an endpoint refuses: a few bad
+ * events among 256 take about 2·log2(256) = 16 each; an endpoint that
+ * refuses every event is not asked 511 times.
+ */
+export const SPLIT_REQUESTS = 32;
+
+/**
  * Forwards a batch; returns one outcome per event, in order.
  *
  * `send(request)` returns `{response}` or `{error}`; `log(level, message)`.
- * Events the filter does not select are done without a request. Unbatched,
- * a failure that calls for a retry stops the rest of the batch with the same
- * retry: the endpoint is down or busy, and forwarding later events first
- * would reorder them.
+ * Events the filter does not select are done without a request. A failure
+ * that calls for a retry stops the rest of the batch with the same retry:
+ * the endpoint is down or busy, and forwarding later events first would
+ * reorder them.
  */
 export function handle(config, events, send, log) {
   const outcomes = events.map(() => done());
@@ -239,10 +254,9 @@ export function handle(config, events, send, log) {
   if (!chosen.length) return outcomes;
 
   if (config.batch) {
-    const what = `forwarding ${chosen.length} event(s) to ${config.url}`;
-    const outcome = outcomeOf(post(config, send, chosen.map((i) => project(config, events[i]))), what);
-    report(log, outcome);
-    for (const i of chosen) outcomes[i] = outcome;
+    // The first post is one of them; each split books its two halves' posts.
+    const budget = { left: SPLIT_REQUESTS - 1 };
+    forwardGroup(config, events, chosen, { send, log, outcomes, budget });
     return outcomes;
   }
 
@@ -260,6 +274,32 @@ export function handle(config, events, send, log) {
     if (outcome.tag === 'retry') stop = outcome;
   }
   return outcomes;
+}
+
+/**
+ * Posts the events at `group` (indices into `events`) as one array and sets
+ * their outcomes; a refusal that may be some events' doing sends it again
+ * in halves, the first before the second. Returns the retry that stops what
+ * follows, if one came.
+ */
+function forwardGroup(config, events, group, ctx) {
+  const what = `forwarding ${group.length} event(s) to ${config.url}`;
+  const answer = post(config, ctx.send, group.map((i) => project(config, events[i])));
+  const outcome = outcomeOf(answer, what);
+  const status = answer.response?.status;
+  const split = outcome.tag === 'reject' && group.length > 1 && SPLIT_ON.includes(status);
+  if (split && ctx.budget.left >= 2) {
+    ctx.budget.left -= 2;
+    ctx.log('info', `${outcome.reason}: sending the ${group.length} events again in halves`);
+    const half = Math.ceil(group.length / 2);
+    const stop = forwardGroup(config, events, group.slice(0, half), ctx);
+    if (!stop) return forwardGroup(config, events, group.slice(half), ctx);
+    for (const i of group.slice(half)) ctx.outcomes[i] = stop;
+    return stop;
+  }
+  report(ctx.log, outcome);
+  for (const i of group) ctx.outcomes[i] = outcome;
+  return outcome.tag === 'retry' ? outcome : undefined;
 }
 
 function report(log, outcome) {

@@ -215,3 +215,73 @@ describe('handle', () => {
     assert.deepEqual(out.map((o) => o.tag), ['reject', 'done']);
   });
 });
+
+/** An endpoint that refuses, with `status`, any array holding an event `bad` says is bad. */
+function picky(bad, status = 413, then = []) {
+  const posts = [];
+  const logs = [];
+  const send = (request) => {
+    const json = JSON.parse(new TextDecoder().decode(request.body));
+    posts.push(json.map((e) => e.id));
+    const reply = then.length ? then.shift() : json.some(bad) ? status : 200;
+    return { response: { status: reply, headers: [], body: new TextEncoder().encode(`status ${reply}`) } };
+  };
+  return { send, log: (level, message) => logs.push([level, message]), posts, logs };
+}
+
+describe('a batch refused for some of its events', () => {
+  const batchOf = (n) => Array.from({ length: n }, () => event());
+
+  it('is sent again in halves until only the refused event is rejected', () => {
+    const events = batchOf(8);
+    const tooBig = events[5].id;
+    const ep = picky((e) => e.id === tooBig);
+    const out = forward.handle(config(), events, ep.send, ep.log);
+    assert.deepEqual(
+      out.map((o) => o.tag),
+      ['done', 'done', 'done', 'done', 'done', 'reject', 'done', 'done'],
+    );
+    assert.match(out[5].reason, /forwarding 1 event\(s\).*HTTP 413/);
+    // 8, its halves, the refused half's halves, the refused quarter's
+    // halves before the last quarter: every event posted in order.
+    assert.deepEqual(ep.posts.map((p) => p.length), [8, 4, 4, 2, 1, 1, 2]);
+    assert.deepEqual(ep.posts.slice(1).filter((p) => p.length < 8 && !p.includes(tooBig)).flat(),
+      [events[0], events[1], events[2], events[3], events[4], events[6], events[7]].map((e) => e.id));
+    assert.ok(ep.logs.some(([level, m]) => level === 'info' && /in halves/.test(m)), ep.logs);
+  });
+
+  it('with 400 and 422 too, and several refused events each found', () => {
+    for (const status of [400, 422]) {
+      const events = batchOf(6);
+      const bad = new Set([events[0].id, events[4].id]);
+      const ep = picky((e) => bad.has(e.id), status);
+      const out = forward.handle(config(), events, ep.send, ep.log);
+      assert.deepEqual(out.map((o) => o.tag), ['reject', 'done', 'done', 'done', 'reject', 'done']);
+    }
+  });
+
+  it('is not split for an answer about the endpoint, such as 404', () => {
+    const ep = picky(() => true, 404);
+    const out = forward.handle(config(), batchOf(8), ep.send, ep.log);
+    assert.ok(out.every((o) => o.tag === 'reject'));
+    assert.equal(ep.posts.length, 1);
+  });
+
+  it('takes at most SPLIT_REQUESTS requests when the endpoint refuses everything', () => {
+    const ep = picky(() => true, 400);
+    const out = forward.handle(config(), batchOf(256), ep.send, ep.log);
+    assert.ok(out.every((o) => o.tag === 'reject'));
+    // The first post, then halves two at a time.
+    const n = ep.posts.length;
+    assert.ok(n <= forward.SPLIT_REQUESTS && n >= forward.SPLIT_REQUESTS - 1, `${n} requests`);
+  });
+
+  it('stops at a retry in a half and gives the rest the same retry, in order', () => {
+    const events = batchOf(4);
+    // The whole batch: 413; its first half: 503.
+    const ep = picky(() => true, 413, [413, 503]);
+    const out = forward.handle(config(), events, ep.send, ep.log);
+    assert.deepEqual(out.map((o) => o.tag), ['retry', 'retry', 'retry', 'retry']);
+    assert.deepEqual(ep.posts.map((p) => p.length), [4, 2]);
+  });
+});
