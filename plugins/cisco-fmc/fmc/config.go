@@ -104,6 +104,9 @@ func ParseConfig(text string) (*Config, error) {
 	if c.TagPrefix == "" || !validName(c.TagPrefix) {
 		return nil, fmt.Errorf("configuration: `tag_prefix` %q must be non-empty and hold only letters, digits, `.`, `_`, `+`, `-`", c.TagPrefix)
 	}
+	if len(c.TagPrefix) > MaxPrefixLen {
+		return nil, fmt.Errorf("configuration: `tag_prefix` is %d characters; at most %d, so that an object name cut to FMC's %d still starts with it", len(c.TagPrefix), MaxPrefixLen, MaxNameLen)
+	}
 	prefixTemplate := "{prefix}.managed"
 	if s.StaticTag != nil {
 		prefixTemplate = *s.StaticTag
@@ -119,6 +122,9 @@ func ParseConfig(text string) (*Config, error) {
 		c.StaticTag = static.Render(c.TagPrefix, "", "", "", "")
 		if !c.owns(c.StaticTag) {
 			return nil, fmt.Errorf("configuration: `static_tag` %q must start with `%s.`, so that the plugin knows it owns it", c.StaticTag, c.TagPrefix)
+		}
+		if len(c.StaticTag) > MaxNameLen {
+			return nil, fmt.Errorf("configuration: `static_tag` %q is %d characters; FMC's object names hold at most %d", c.StaticTag, len(c.StaticTag), MaxNameLen)
 		}
 	}
 	categoryTemplate := "{prefix}.{key}.{value}"

@@ -55,7 +55,7 @@ func allDone(t testing.TB, outcomes []Outcome) {
 }
 
 func TestConfigRefusesUnknownKeysAndMissingFMC(t *testing.T) {
-	for text, want := range map[string]string{
+	cases := map[string]string{
 		`{}`:                                     "`fmc`",
 		`{"fmc":"https://f","tag_prefx":"x"}`:    "unknown field \"tag_prefx\"",
 		`{"fmc":"ftp://f"}`:                      "http(s) URL",
@@ -66,7 +66,12 @@ func TestConfigRefusesUnknownKeysAndMissingFMC(t *testing.T) {
 		`{"fmc":"https://f","static_tag":"elsewhere"}`:         "must start with `ntnx.`",
 		`{"fmc":"https://f","max_request_bytes":10}`:           "max_request_bytes",
 		`not json`: "configuration",
-	} {
+	}
+	// Names FMC could not hold.
+	cases[fmt.Sprintf(`{"fmc":"https://f","tag_prefix":%q}`, strings.Repeat("p", MaxPrefixLen+1))] = "at most 118"
+	cases[fmt.Sprintf(`{"fmc":"https://f","tag_prefix":%q,"static_tag":"{prefix}.%s"}`,
+		strings.Repeat("p", 100), strings.Repeat("s", 30))] = "at most 128"
+	for text, want := range cases {
 		_, err := ParseConfig(text)
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("ParseConfig(%s) = %v, want an error naming %s", text, err, want)
@@ -90,6 +95,16 @@ func TestNamesAreSanitisedAndLongOnesCutWithAHash(t *testing.T) {
 	long2 := LimitLength("ntnx." + strings.Repeat("a", 200) + "2")
 	if len(long1) != MaxNameLen || long1 == long2 || !validName(long1) {
 		t.Fatalf("%q / %q", long1, long2)
+	}
+	// The longest prefix allowed: a category's name cut to 128 is still
+	// known as the plugin's.
+	prefix := strings.Repeat("p", MaxPrefixLen)
+	c = config(t, `, "tag_prefix": "`+prefix+`"`)
+	names := c.Objects(h, "lab", vm("u", "ON", map[string]string{"App": strings.Repeat("v", 50)}))
+	for _, name := range names {
+		if len(name) > MaxNameLen || !c.owns(name) {
+			t.Fatalf("%q: %d characters, owned %v", name, len(name), c.owns(name))
+		}
 	}
 }
 

@@ -39,6 +39,14 @@ func Sanitize(s string) string {
 	}, s)
 }
 
+// hashSuffixLen is what LimitLength ends a cut name with: `-` and 8 hex digits.
+const hashSuffixLen = 9
+
+// MaxPrefixLen is the longest `tag_prefix`: a name LimitLength cuts keeps
+// its first MaxNameLen-hashSuffixLen characters, which must still hold the
+// prefix and its dot, or the plugin would not know the object as its own.
+const MaxPrefixLen = MaxNameLen - hashSuffixLen - 1
+
 // LimitLength cuts a name to MaxNameLen, ending it with `-` and 8 hex digits
 // of FNV-1a over the whole name (names are ASCII after Sanitize).
 func LimitLength(name string) string {
@@ -48,7 +56,7 @@ func LimitLength(name string) string {
 	h := fnv.New64a()
 	h.Write([]byte(name))
 	suffix := fmt.Sprintf("-%08x", uint32(h.Sum64()))
-	return name[:MaxNameLen-len(suffix)] + suffix
+	return name[:MaxNameLen-hashSuffixLen] + suffix
 }
 
 type piece struct {
