@@ -289,9 +289,12 @@ async fn reconcile_repairs_a_missed_delete_and_a_tag_changed_by_hand() {
     r.deliver(&[note("nutanix/vm_on.json", "VM.ON", |_| {})])
         .await;
     // Someone removes a tag by hand and adds one of ours to a stray IP;
-    // a tag outside our prefix must survive.
+    // a tag outside our prefix must survive, and so must one of Palo Alto's
+    // Panorama plugin for Nutanix, under `ntnx.PC-` (running beside it, as
+    // when moving from it).
+    let panorama = "ntnx.PC-East.CL-ahv-01.AppTier.Web";
     r.panos
-        .register_directly("10.99.0.1", &["ntnx.managed", "other.team"]);
+        .register_directly("10.99.0.1", &["ntnx.managed", "other.team", panorama]);
     // The inventory no longer has the second VM (its VM.DELETE was lost).
     let vm = parse_notification(
         common::fixture_json("nutanix/vm_update_nic_ip.json")
@@ -317,7 +320,7 @@ async fn reconcile_repairs_a_missed_delete_and_a_tag_changed_by_hand() {
         table(&[
             ("10.23.129.96", web),
             ("10.40.142.61", web),
-            ("10.99.0.1", &["other.team"])
+            ("10.99.0.1", &[panorama, "other.team"])
         ]),
         "{summary}"
     );

@@ -81,6 +81,9 @@ pub struct Config {
     /// or recorded (for running beside another integration before taking
     /// over from it).
     pub compare: bool,
+    /// Whether its tags are named in the Panorama plugin's namespace on
+    /// purpose (see [`Config::owns_tag`]).
+    pub claims_panorama: bool,
 }
 
 impl Config {
@@ -141,6 +144,22 @@ impl Config {
                 "`category_tag` {category_source:?} must produce tags that start with {owned:?}"
             )));
         }
+        // Names written there on purpose (the preset, or a template of its
+        // own like `{prefix}.PC-pc1.…`) claim the namespace.
+        let claims_panorama =
+            tag_prefix.starts_with(PANORAMA_NAMESPACE) || sample.starts_with(PANORAMA_NAMESPACE);
+        if let Some(tag) = static_tag
+            .as_ref()
+            .filter(|t| t.starts_with(PANORAMA_NAMESPACE))
+        {
+            if !claims_panorama {
+                return Err(invalid(format!(
+                    "`static_tag` {tag:?} is in the Panorama plugin's namespace ({PANORAMA_NAMESPACE:?}), \
+                     which this plugin leaves alone unless its category tags are named there too \
+                     (`tag_preset = \"panorama\"`)"
+                )));
+            }
+        }
 
         let registration_timeout = raw.registration_timeout.unwrap_or(0);
         if registration_timeout > MAX_REGISTRATION_TIMEOUT {
@@ -178,6 +197,7 @@ impl Config {
             max_message_bytes,
             subscriptions,
             compare: raw.compare.unwrap_or(false),
+            claims_panorama,
         })
     }
 
@@ -186,12 +206,32 @@ impl Config {
         format!("{}/api/", self.firewall)
     }
 
-    /// Whether `tag` is one this plugin manages.
+    /// Whether `tag` is one this plugin manages: under its prefix and a
+    /// dot, and outside the namespace of the Panorama plugin for Nutanix
+    /// (which the default `ntnx` covers) unless it names its tags there.
     pub fn owns_tag(&self, tag: &str) -> bool {
         tag.strip_prefix(self.tag_prefix.as_str())
             .is_some_and(|rest| rest.starts_with('.'))
+            && (self.claims_panorama || !tag.starts_with(PANORAMA_NAMESPACE))
+    }
+
+    /// `tag` as this plugin registers it: one its templates render into the
+    /// Panorama plugin's namespace (a category key `PC-…` under the default
+    /// prefix) is moved beside it (`ntnx.PC_…`), so that every tag it
+    /// registers is one it owns.
+    pub fn own_tag(&self, tag: String) -> String {
+        match tag.strip_prefix(PANORAMA_NAMESPACE) {
+            Some(rest) if !self.claims_panorama => format!("ntnx.PC_{rest}"),
+            _ => tag,
+        }
     }
 }
+
+/// Where Palo Alto's Panorama plugin for Nutanix names its tags (and the
+/// `panorama` preset, for one Prism Central): a plugin with another prefix
+/// leaves them alone, so that it can run beside that plugin on one firewall
+/// (as when moving from it) without unregistering its tags.
+const PANORAMA_NAMESPACE: &str = "ntnx.PC-";
 
 /// The tag names of Palo Alto's Panorama plugin for Nutanix.
 pub const PANORAMA_PRESET: &str = "panorama";
@@ -410,6 +450,12 @@ mod tests {
                 .is_err()
         );
         assert!(Config::parse(r#"{"firewall": "https://fw", "tag_prefix": "a b"}"#).is_err());
+        let e = Config::parse(r#"{"firewall": "https://fw", "static_tag": "{prefix}.PC-x"}"#);
+        assert!(e.is_err_and(|e| e.to_string().contains("Panorama plugin's namespace")));
+        // With category tags named there too, the namespace is claimed.
+        let claimed = r#"{"firewall": "https://fw", "static_tag": "{prefix}.PC-x",
+            "category_tag": "{prefix}.PC-x.{key}.{value}"}"#;
+        assert!(Config::parse(claimed).is_ok_and(|c| c.owns_tag("ntnx.PC-x")));
         assert!(
             Config::parse(r#"{"firewall": "https://fw", "static_tag": "{prefix}.{key}"}"#).is_err()
         );
@@ -429,5 +475,30 @@ mod tests {
         assert!(config.owns_tag("ntnx.managed"));
         assert!(!config.owns_tag("ntnxfoo.managed"));
         assert!(!config.owns_tag("web"));
+    }
+
+    #[test]
+    fn the_default_prefix_leaves_the_panorama_plugins_tags_alone_and_names_none_there() {
+        let config = Config::parse(r#"{"firewall": "https://fw"}"#).unwrap();
+        assert!(!config.owns_tag("ntnx.PC-East.CL-ahv-01.AppTier.Web"));
+        assert!(config.owns_tag("ntnx.PCI.yes"));
+        let moved = config.own_tag("ntnx.PC-owner.alice".into());
+        assert_eq!(moved, "ntnx.PC_owner.alice");
+        assert!(config.owns_tag(&moved));
+        assert_eq!(config.own_tag("ntnx.App.web".into()), "ntnx.App.web");
+        // The preset is in that namespace: its own tags are its own.
+        let preset = Config::parse(
+            r#"{"firewall": "https://fw", "tag_preset": "panorama", "prism_central": "East"}"#,
+        )
+        .unwrap();
+        let tag = "ntnx.PC-East.CL-ahv-01.AppTier.Web";
+        assert!(preset.owns_tag(tag));
+        assert_eq!(preset.own_tag(tag.into()), tag);
+        // So is a template that names its tags there on purpose.
+        let own_style = Config::parse(
+            r#"{"firewall": "https://fw", "category_tag": "{prefix}.PC-pc1.CL-{cluster}.{key}.{value}"}"#,
+        )
+        .unwrap();
+        assert!(own_style.owns_tag("ntnx.PC-pc1.CL-lab.App.web"));
     }
 }

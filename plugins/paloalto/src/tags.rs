@@ -174,7 +174,7 @@ pub fn vm_tags(config: &Config, cluster: &str, vm: &Vm) -> BTreeSet<String> {
         // Without its Nutanix cluster the VM's category tags cannot be
         // named; the static tag still marks it managed.
         let Some(tag) = rendered else { break };
-        tags.insert(limit_length(tag));
+        tags.insert(limit_length(config.own_tag(tag)));
     }
     tags
 }
