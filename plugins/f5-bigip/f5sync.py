@@ -20,7 +20,10 @@ VM at all and the plugin must still know which members to take away:
 
 Every side effect is idempotent: adding an existing member (409) and
 removing a missing one (404) count as success, so a redelivered batch simply
-does the same requests again. A batch delivered again can hold later events
+does the same requests again. The members the plugin adds carry the
+description `MANAGED`: that is how it tells a member an earlier attempt
+added (and whose kv record was lost) from one an administrator added by
+hand, which it leaves alone. A batch delivered again can hold later events
 of a VM than the attempt whose requests reached BIG-IP but whose kv writes
 were lost (its host died); that attempt left the VM at a state one of its
 events in this batch wanted, so for a VM with several events the last one's
@@ -31,7 +34,7 @@ longer does is removed too.
 import ipaddress
 import json
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 NAME = "f5-bigip"
 
 DEFAULT_SUBSCRIPTIONS = [
@@ -44,6 +47,11 @@ DEFAULT_SUBSCRIPTIONS = [
     "VM.NIC_UNPLUG",
     "VM.DELETE",
 ]
+# The `description` of every member the plugin adds. A member BIG-IP
+# already holds without it was added by someone else: the plugin neither
+# records it as a VM's nor ever removes it.
+MANAGED = "managed by prismhook (f5-bigip)"
+
 KNOWN_KEYS = ("bigip", "port", "category", "partition", "subscriptions", "timeout_ms")
 DEFAULT_TIMEOUT_MS = 10_000
 
@@ -398,17 +406,60 @@ def request(config, host, method, url, what, body=None, ok=(200, 201, 204)):
     raise Failure(reject(f"BIG-IP refused ({what}) with HTTP {status}: {message}"))
 
 
-def add_member(config, host, pool, member):
+def add_member(config, host, pool, member, recorded=False):
+    """Adds a member. Returns False when BIG-IP already holds it and it is
+    not the plugin's: someone else's member, left alone and not recorded.
+    `recorded` says kv holds it as the plugin's already, which a 409 then
+    confirms without asking whose it is (members added before the
+    description was set carry none)."""
     what = f"adding {member} to pool {pool}"
     response = request(config, host, "POST", config.members_url(pool), what,
-                       {"name": member, "address": member_address(member)},
+                       {"name": member, "address": member_address(member), "description": MANAGED},
                        ok=(200, 201, 409, 404))
     if response.status == 404:
         raise Failure(reject(
             f"pool {pool} does not exist on BIG-IP ({what}): create it, or fix the "
             f"`{config.category}` category; BIG-IP said: {error_message(response.body)}"
         ))
-    host.log("info", f"{'kept' if response.status == 409 else 'added'} {member} in pool {pool}")
+    if response.status != 409:
+        host.log("info", f"added {member} in pool {pool}")
+        return True
+    if not recorded:
+        description = member_description(config, host, pool, member)
+        if description is None:
+            raise Failure(retry(f"{member} left pool {pool} between BIG-IP's 409 and reading it ({what})", 0))
+        if description != MANAGED:
+            left_alone(host, pool, member)
+            return False
+    host.log("info", f"kept {member} in pool {pool}")
+    return True
+
+
+def left_alone(host, pool, member):
+    host.log("info", f"left {member} in pool {pool} alone: it was not added by prismhook "
+                     f"(its description is not {MANAGED!r}), so it stays when its VM goes")
+
+
+def member_description(config, host, pool, member):
+    """The description of a member BIG-IP holds ("" when it has none), or
+    None when the member is not there."""
+    what = f"reading {member} in pool {pool}"
+    response = request(config, host, "GET", config.member_url(pool, member), what, ok=(200, 404))
+    if response.status == 404:
+        return None
+    return description_of(json_body(response, what))
+
+
+def description_of(item):
+    value = item.get("description") if isinstance(item, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def json_body(response, what):
+    try:
+        return json.loads(bytes(response.body).decode("utf-8"))
+    except ValueError as e:
+        raise Failure(retry(f"BIG-IP's answer ({what}) is not the expected JSON: {e}")) from None
 
 
 def remove_member(config, host, pool, member):
@@ -419,16 +470,18 @@ def remove_member(config, host, pool, member):
 
 
 def pool_members(config, host, pool):
-    """The members BIG-IP lists for a pool, or None when the pool is missing."""
+    """The members BIG-IP lists for a pool, name -> description, or None
+    when the pool is missing."""
     what = f"listing pool {pool}"
     response = request(config, host, "GET", config.members_url(pool), what, ok=(200, 404))
     if response.status == 404:
         return None
-    try:
-        items = json.loads(bytes(response.body).decode("utf-8")).get("items", [])
-        return {item["name"] for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)}
-    except (ValueError, AttributeError) as e:
-        raise Failure(retry(f"BIG-IP's answer ({what}) is not the expected JSON: {e}")) from None
+    doc = json_body(response, what)
+    items = doc.get("items", []) if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise Failure(retry(f"BIG-IP's answer ({what}) has no list of `items`"))
+    return {item["name"]: description_of(item) for item in items
+            if isinstance(item, dict) and isinstance(item.get("name"), str)}
 
 
 # ---------------------------------------------------------------------------
@@ -458,12 +511,21 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
         for pool, member in sorted((recorded | (passed or set())) - want):
             owners = load_owners(host, pool, member) - {me}
             if not owners:
-                if present is None or member in present.get(pool, ()):
+                if (pool, member) not in recorded:
+                    # Only an earlier event of the batch wanted it: BIG-IP
+                    # holds it only if a lost attempt added it, or someone else.
+                    description = member_description(config, host, pool, member)
+                    if description == MANAGED:
+                        remove_member(config, host, pool, member)
+                        removed += 1
+                    elif description is not None:
+                        left_alone(host, pool, member)
+                elif present is None or member in present.get(pool, ()):
                     remove_member(config, host, pool, member)
                     removed += 1
                     if present is not None:
                         # A VM later in the inventory may want it back.
-                        present[pool].discard(member)
+                        present[pool].pop(member, None)
             else:
                 host.log("debug", f"{member} in pool {pool} is still claimed by {sorted(owners)}; keeping it")
             store_owners(host, pool, member, owners)
@@ -474,17 +536,28 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
                 # After earlier events, kv's record may not be what BIG-IP holds.
                 if not new and not earlier:
                     continue
+                ours = add_member(config, host, pool, member, recorded=not new)
+                added += ours
             else:
                 if pool not in present:
                     raise Failure(reject(f"pool {pool} does not exist on BIG-IP; create it, "
                                          f"or fix the `{config.category}` category of VM {uuid}"))
-                if member in present[pool] and not new:
-                    continue
-            if present is None or member not in present[pool]:
-                add_member(config, host, pool, member)
-                added += 1
-                if present is not None:
-                    present[pool].add(member)
+                listed = present[pool]
+                if member in listed:
+                    if not new:
+                        continue
+                    # Taken on record without a request when it is the
+                    # plugin's: an attempt whose kv writes were lost added it.
+                    ours = listed[member] == MANAGED
+                    if not ours:
+                        left_alone(host, pool, member)
+                else:
+                    ours = add_member(config, host, pool, member)
+                    added += ours
+                    if ours:
+                        listed[member] = MANAGED
+            if not ours:
+                continue
             owners = load_owners(host, pool, member)
             if me not in owners:
                 store_owners(host, pool, member, owners | {me})

@@ -16,6 +16,10 @@
 //! - `POST .../members` to a missing pool answers 404, a duplicate member
 //!   409 `{"code":409,"message":"... already exists in pool ...","errorStack":[]}`,
 //!   and `DELETE` of a missing member 404, as the real device does;
+//! - a member keeps the `description` it was created with and shows it
+//!   when read (one without a description has no such field, as on the
+//!   real device), which is how a client tells its members from those an
+//!   administrator added;
 //! - pools are never created by the API under test: they come from the
 //!   configuration or from `POST /_sim/pools/<name>`, like a pool an
 //!   administrator set up by hand.
@@ -28,7 +32,7 @@
 //! `/mgmt/` request, as in the PAN-OS simulator: connections are served by
 //! hyper one task each so that a handler can drop its socket unanswered.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -220,12 +224,22 @@ impl BigipSim {
     }
 
     /// Adds a member behind the API's back, like an administrator editing the
-    /// pool by hand. Counts nothing.
+    /// pool by hand, with no description. Counts nothing.
     ///
     /// # Panics
     ///
     /// If the pool does not exist or `member` is not `<ip>:<port>`.
     pub fn add_member_directly(&self, pool: &str, member: &str) {
+        self.add_member_described(pool, member, None);
+    }
+
+    /// [`add_member_directly`](Self::add_member_directly) with a
+    /// description.
+    ///
+    /// # Panics
+    ///
+    /// As `add_member_directly`.
+    pub fn add_member_described(&self, pool: &str, member: &str, description: Option<&str>) {
         let path = pool_path(pool)
             .unwrap_or_else(|problem| panic!("BigipSim::add_member_directly: {problem}"));
         let member = Member::parse(member)
@@ -234,7 +248,7 @@ impl BigipSim {
         let Some(members) = state.pools.get_mut(&path) else {
             panic!("BigipSim::add_member_directly: pool {path} does not exist");
         };
-        members.insert(member);
+        members.insert(member, description.map(str::to_owned));
     }
 
     /// Stops accepting, lets in-flight requests finish (up to a few seconds)
@@ -334,9 +348,9 @@ impl Member {
         }
     }
 
-    fn json(&self, partition: &str) -> Value {
+    fn json(&self, partition: &str, description: Option<&str>) -> Value {
         let name = self.name();
-        json!({
+        let mut json = json!({
             "kind": "tm:ltm:pool:members:membersstate",
             "name": name,
             "partition": partition,
@@ -344,7 +358,11 @@ impl Member {
             "address": self.address.to_string(),
             "session": "user-enabled",
             "state": "unchecked",
-        })
+        });
+        if let Some(description) = description {
+            json["description"] = description.into();
+        }
+        json
     }
 }
 
@@ -379,10 +397,13 @@ impl Shared {
     }
 }
 
+/// A pool's members and their descriptions.
+type Members = BTreeMap<Member, Option<String>>;
+
 #[derive(Default)]
 struct SimState {
-    /// Full path -> members.
-    pools: BTreeMap<String, BTreeSet<Member>>,
+    /// Full path -> members and their descriptions.
+    pools: BTreeMap<String, Members>,
     stats: BigipStats,
     faults: Faults,
     log: RequestLog<RequestRecord>,
@@ -398,7 +419,7 @@ impl SimState {
             .pools
             .iter()
             .filter_map(|pool| pool_path(pool).ok())
-            .map(|path| (path, BTreeSet::new()))
+            .map(|path| (path, Members::new()))
             .collect();
         SimState {
             pools,
@@ -410,7 +431,7 @@ impl SimState {
         self.pools
             .iter()
             .map(|(path, members)| {
-                let mut names: Vec<String> = members.iter().map(Member::name).collect();
+                let mut names: Vec<String> = members.keys().map(Member::name).collect();
                 names.sort();
                 (path.clone(), names)
             })
@@ -418,7 +439,7 @@ impl SimState {
     }
 
     fn stats_view(&self) -> BigipStats {
-        let members = self.pools.values().map(BTreeSet::len).sum::<usize>();
+        let members = self.pools.values().map(Members::len).sum::<usize>();
         BigipStats {
             members: u64::try_from(members).unwrap_or(u64::MAX),
             ..self.stats.clone()
@@ -744,13 +765,13 @@ fn dispatch(shared: &Shared, method: &Method, path: &str, body: &Bytes) -> Reply
             Reply::ok(json!({
                 "kind": "tm:ltm:pool:members:memberscollectionstate",
                 "selfLink": format!("https://localhost/mgmt/tm/ltm/pool/{}/members", path.replace('/', "~")),
-                "items": members.iter().map(|m| m.json(partition)).collect::<Vec<_>>(),
+                "items": members.iter().map(|(m, d)| m.json(partition, d.as_deref())).collect::<Vec<_>>(),
             }))
         }),
         (&Method::POST, [pool, "members"]) => add_member(shared, pool, body),
         (&Method::GET, [pool, "members", member]) => with_pool(shared, pool, |path, members| {
             match find_member(path, members, member) {
-                Ok(found) => Reply::ok(found.json(partition_of(path))),
+                Ok(found) => Reply::ok(found.json(partition_of(path), members[&found].as_deref())),
                 Err(reply) => reply,
             }
         }),
@@ -797,11 +818,7 @@ fn missing_pool(path: &str) -> Reply {
 }
 
 /// Runs `f` on an existing pool, or answers 400/404.
-fn with_pool(
-    shared: &Shared,
-    pool: &str,
-    f: impl FnOnce(&str, &BTreeSet<Member>) -> Reply,
-) -> Reply {
+fn with_pool(shared: &Shared, pool: &str, f: impl FnOnce(&str, &Members) -> Reply) -> Reply {
     let path = match pool_path(pool) {
         Ok(path) => path,
         Err(problem) => return Reply::bad_request(problem),
@@ -814,10 +831,10 @@ fn with_pool(
 }
 
 /// The member a URL segment (`~Common~10.0.0.1:80`) names in a pool.
-fn find_member(pool: &str, members: &BTreeSet<Member>, raw: &str) -> Result<Member, Reply> {
+fn find_member(pool: &str, members: &Members, raw: &str) -> Result<Member, Reply> {
     let (partition, name) = split_path(raw).map_err(Reply::bad_request)?;
     let member = Member::parse(&name).map_err(Reply::bad_request)?;
-    if partition == partition_of(pool) && members.contains(&member) {
+    if partition == partition_of(pool) && members.contains_key(&member) {
         Ok(member)
     } else {
         Err(Reply::not_found(format!(
@@ -831,6 +848,7 @@ struct NewMember {
     name: Option<String>,
     address: Option<String>,
     partition: Option<String>,
+    description: Option<String>,
 }
 
 fn add_member(shared: &Shared, pool: &str, body: &Bytes) -> Reply {
@@ -871,7 +889,7 @@ fn add_member(shared: &Shared, pool: &str, body: &Bytes) -> Reply {
         return missing_pool(&path);
     };
     let partition = partition_of(&path).to_owned();
-    if !members.insert(member.clone()) {
+    if members.contains_key(&member) {
         return Reply::error(
             StatusCode::CONFLICT,
             format!(
@@ -880,8 +898,10 @@ fn add_member(shared: &Shared, pool: &str, body: &Bytes) -> Reply {
             ),
         );
     }
+    let reply = Reply::ok(member.json(&partition, new.description.as_deref()));
+    members.insert(member, new.description);
     state.stats.members_added += 1;
-    Reply::ok(member.json(&partition))
+    reply
 }
 
 fn remove_member(shared: &Shared, pool: &str, raw: &str) -> Reply {

@@ -105,6 +105,17 @@ async fn members(sim: &BigipSim, pool: &str) -> Answer {
     .await
 }
 
+async fn read_member(sim: &BigipSim, pool: &str, member: &str) -> Answer {
+    call(
+        sim,
+        reqwest::Method::GET,
+        &format!("/mgmt/tm/ltm/pool/{pool}/members/{member}"),
+        None,
+        ADMIN,
+    )
+    .await
+}
+
 fn pools(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
     entries
         .iter()
@@ -156,6 +167,35 @@ async fn a_duplicate_member_answers_409_with_the_icontrol_error_json() {
         (stats.members_added, stats.conflicts, stats.members),
         (1, 1, 1)
     );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_member_shows_the_description_it_was_created_with_and_a_duplicate_keeps_it() {
+    let sim = start().await;
+    sim.add_member_directly("web", "10.0.0.2:80");
+    let post = |member: &'static str, description: &'static str| {
+        call(
+            &sim,
+            reqwest::Method::POST,
+            "/mgmt/tm/ltm/pool/~Common~web/members",
+            Some(json!({ "name": member, "description": description })),
+            ADMIN,
+        )
+    };
+
+    let created = post("10.0.0.1:80", "ours").await;
+    let again = post("10.0.0.1:80", "someone else's").await;
+    let read = read_member(&sim, "~Common~web", "~Common~10.0.0.1:80").await;
+    let listed = members(&sim, "~Common~web").await;
+
+    assert_eq!((created.status, again.status), (200, 409));
+    assert_eq!(created.body["description"], "ours");
+    assert_eq!(read.body["description"], "ours");
+    let items = listed.body["items"].as_array().unwrap();
+    assert_eq!(items[0]["description"], "ours");
+    assert_eq!(items[1]["name"], "10.0.0.2:80");
+    assert!(items[1].get("description").is_none(), "{:?}", items[1]);
     sim.shutdown().await;
 }
 
@@ -325,14 +365,7 @@ async fn pools_list_and_read_back_like_icontrol() {
         ADMIN,
     )
     .await;
-    let member = call(
-        &sim,
-        reqwest::Method::GET,
-        "/mgmt/tm/ltm/pool/~Common~web/members/~Common~10.0.0.1:80",
-        None,
-        ADMIN,
-    )
-    .await;
+    let member = read_member(&sim, "~Common~web", "~Common~10.0.0.1:80").await;
     let unknown = call(
         &sim,
         reqwest::Method::GET,

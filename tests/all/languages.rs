@@ -435,6 +435,58 @@ async fn a_vm_lifecycle_reaches_the_firewall_the_load_balancer_and_the_siem_from
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// A member an administrator put in the pool at a VM's address carries no
+/// description of the plugin's: the plugin neither takes it on record nor
+/// removes it, by event or by reconcile, while the members it added go.
+#[tokio::test]
+async fn the_load_balancer_plugin_leaves_a_member_added_by_hand_when_its_vm_goes() {
+    let w = world().await;
+    w.bigip
+        .add_member_described(POOL, "10.20.0.31:8080", Some("kept by the web team"));
+    let app = w.start().await;
+
+    let vm = w
+        .prism
+        .create_vm(
+            NewVm::named("web-31")
+                .powered_on()
+                .category("F5Pool", "web")
+                .nic(["10.20.0.31", "10.20.0.32"]),
+        )
+        .await
+        .unwrap();
+    common::drained(&app).await;
+    assert_eq!(w.members(), ["10.20.0.31:8080", "10.20.0.32:8080"]);
+
+    w.prism.set_power(&vm.uuid, false).await.unwrap();
+    common::drained(&app).await;
+    assert_eq!(w.members(), ["10.20.0.31:8080"], "by event");
+
+    // Its notifications lost, the VM comes back and goes: reconcile alone
+    // brings the pool in line, and leaves the administrator's member too.
+    w.prism.set_faults(PrismFaults {
+        drop_rate: 1.0,
+        ..Default::default()
+    });
+    w.prism.set_power(&vm.uuid, true).await.unwrap();
+    app.source.reconcile(Some("lab")).await.unwrap();
+    assert_eq!(w.members(), ["10.20.0.31:8080", "10.20.0.32:8080"]);
+    w.prism.delete_vm(&vm.uuid).await.unwrap();
+    let report = app.source.reconcile(Some("lab")).await.unwrap().remove(0);
+    assert!(
+        report
+            .plugins
+            .iter()
+            .any(|l| l.starts_with("f5-bigip: ") && l.contains("1 removed")),
+        "{:?}",
+        report.plugins
+    );
+    assert_eq!(w.members(), ["10.20.0.31:8080"], "by reconcile");
+    let (failed, _, rejected) = common::plugin_failures(&app, "f5-bigip");
+    assert_eq!((failed, rejected), (0, 0));
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 /// The BIG-IP plugin reconciles a page at a time (WIT 0.1.2) and commits
 /// its records as it goes (0.1.4, `kv.commit`): when BIG-IP fails partway
 /// through, the members it added are on record, so one whose VM then goes

@@ -34,7 +34,7 @@ class FakeHost:
     """A BIG-IP answering iControl REST as the simulator does, plus kv."""
 
     def __init__(self, pools=("/Common/web", "/Common/api")):
-        self.pools = {p: set() for p in pools}
+        self.pools = {p: {} for p in pools}  # pool -> member -> description
         self.kv = {}
         self.committed = {}  # kv as of the last kv_commit
         self.commits = 0
@@ -59,20 +59,32 @@ class FakeHost:
             return self.answer(404, {"code": 404, "message": f"Object not found - {pool}"})
         members = self.pools[pool]
         if method == "GET" and parts[1:] == ["members"]:
-            return self.answer(200, {"items": [{"name": m} for m in sorted(members)]})
+            return self.answer(200, {"items": [self.member(m, d) for m, d in sorted(members.items())]})
         if method == "POST" and parts[1:] == ["members"]:
-            name = json.loads(body)["name"]
+            new = json.loads(body)
+            name = new["name"]
             if name in members:
                 return self.answer(409, {"code": 409, "message": f"member {name} already exists in pool {pool}"})
-            members.add(name)
-            return self.answer(200, {"name": name})
-        if method == "DELETE" and len(parts) == 3:
+            members[name] = new.get("description")
+            return self.answer(200, self.member(name, members[name]))
+        if len(parts) == 3 and parts[1] == "members":
             name = parts[2].split("~")[-1]
             if name not in members:
                 return self.answer(404, {"code": 404, "message": "not found"})
-            members.remove(name)
-            return self.answer(200, {})
+            if method == "GET":
+                return self.answer(200, self.member(name, members[name]))
+            if method == "DELETE":
+                del members[name]
+                return self.answer(200, {})
         return self.answer(400, {"code": 400, "message": "unexpected"})
+
+    @staticmethod
+    def member(name, description):
+        # BIG-IP leaves `description` out of a member that has none.
+        return {"name": name} if description is None else {"name": name, "description": description}
+
+    def add_by_hand(self, pool, member, description=None):
+        self.pools[pool][member] = description
 
     @staticmethod
     def answer(status, doc):
@@ -202,7 +214,7 @@ class HandleTests(unittest.TestCase):
                          [["/Common/web", "10.0.0.1:80"], ["/Common/web", "10.0.0.2:80"]])
         post = self.host.requests[0]
         self.assertEqual(post, ("POST", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members",
-                                {"name": "10.0.0.1:80", "address": "10.0.0.1"}))
+                                {"name": "10.0.0.1:80", "address": "10.0.0.1", "description": f5sync.MANAGED}))
 
     def test_power_off_removes_what_was_added_and_forgets_the_vm(self):
         self.handle(event("VM.ON", vm()))
@@ -218,10 +230,44 @@ class HandleTests(unittest.TestCase):
         self.assertEqual(self.handle(event("VM.DELETE", None, uuid="vm-1")), [f5sync.DONE])
         self.assertEqual(self.host.members(), {})
 
-    def test_an_existing_member_counts_as_added(self):
-        self.host.pools["/Common/web"].add("10.0.0.1:80")
+    def test_a_member_an_attempt_added_before_its_record_was_lost_is_taken_on_record(self):
+        self.host.add_by_hand("/Common/web", "10.0.0.1:80", f5sync.MANAGED)
         self.assertEqual(self.handle(event("VM.ON", vm())), [f5sync.DONE])
         self.assertIn("vm/c1/vm-1", self.host.kv)
+        self.assertEqual(self.handle(event("VM.OFF", vm(power="OFF"))), [f5sync.DONE])
+        self.assertEqual(self.host.members(), {})
+
+    def test_a_member_added_by_hand_is_left_alone_and_outlives_the_vm(self):
+        self.host.add_by_hand("/Common/web", "10.0.0.1:80", "the web team's canary")
+        self.host.add_by_hand("/Common/web", "10.0.0.2:80")
+        self.assertEqual(self.handle(event("VM.ON", vm(ips=("10.0.0.1", "10.0.0.2", "10.0.0.3")))), [f5sync.DONE])
+        self.assertEqual(json.loads(self.host.kv["vm/c1/vm-1"]), [["/Common/web", "10.0.0.3:80"]])
+        self.assertIn(("info", "left 10.0.0.1:80 in pool /Common/web alone: it was not added by prismhook "
+                               "(its description is not 'managed by prismhook (f5-bigip)'), so it stays when its VM goes"),
+                      self.host.logs)
+        self.assertEqual(self.handle(event("VM.OFF", vm(power="OFF"))), [f5sync.DONE])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80", "10.0.0.2:80"]})
+        self.assertEqual(self.host.kv, {})
+
+    def test_a_batch_that_turns_a_vm_on_and_off_leaves_a_member_added_by_hand(self):
+        self.host.add_by_hand("/Common/web", "10.0.0.1:80")
+        out = self.handle(event("VM.ON", vm()), event("VM.OFF", vm(power="OFF")))
+        self.assertEqual(out, [f5sync.DONE, f5sync.DONE])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+
+    def test_a_batch_that_turns_a_vm_on_and_off_removes_what_a_lost_attempt_added(self):
+        # The first attempt's POST reached BIG-IP; its kv writes did not land.
+        self.host.add_by_hand("/Common/web", "10.0.0.1:80", f5sync.MANAGED)
+        out = self.handle(event("VM.ON", vm()), event("VM.OFF", vm(power="OFF")))
+        self.assertEqual(out, [f5sync.DONE, f5sync.DONE])
+        self.assertEqual(self.host.members(), {})
+
+    def test_a_member_that_vanishes_between_the_409_and_its_read_is_tried_again_at_once(self):
+        self.host.fail = [409, 404]
+        out = self.handle(event("VM.ON", vm()))
+        self.assertEqual(out[0][0], "retry")
+        self.assertIn("left pool /Common/web between BIG-IP's 409 and reading it", out[0][1])
+        self.assertEqual(out[0][2], 0)
 
     def test_a_member_already_gone_counts_as_removed(self):
         self.handle(event("VM.ON", vm()))
@@ -260,9 +306,9 @@ class HandleTests(unittest.TestCase):
         out = self.handle(event("VM.ON", vm()), event("VM.OFF", vm()), event("VM.ON", vm(ips=("10.0.0.9",))))
         self.assertEqual(out, [f5sync.DONE] * 3)
         self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.9:80"]})
-        # The first ON's member is removed in case an earlier attempt added it.
+        # The first ON's member is looked for, in case an earlier attempt added it.
         self.assertEqual([r[:2] for r in self.host.requests], [
-            ("DELETE", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members/~Common~10.0.0.1:80"),
+            ("GET", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members/~Common~10.0.0.1:80"),
             ("POST", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members"),
         ])
 
@@ -404,6 +450,22 @@ class ReconcileTests(unittest.TestCase):
         f5sync.reconcile(self.config, self.host, "c1", [vm("a", power="OFF"), vm("b")])
         self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
         self.assertIn("vm/c1/b", self.host.kv)
+
+    def test_reconcile_leaves_a_member_added_by_hand_off_the_record(self):
+        self.host.add_by_hand("/Common/web", "10.0.0.1:80")
+        f5sync.reconcile(self.config, self.host, "c1", [vm("a")])
+        self.assertEqual([r[0] for r in self.host.requests], ["GET"])
+        self.assertNotIn("vm/c1/a", self.host.kv)
+        f5sync.reconcile(self.config, self.host, "c1", [vm("a", power="OFF")])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+
+    def test_reconcile_takes_the_plugins_own_unrecorded_member_on_record_without_a_request(self):
+        self.host.add_by_hand("/Common/web", "10.0.0.1:80", f5sync.MANAGED)
+        f5sync.reconcile(self.config, self.host, "c1", [vm("a")])
+        self.assertEqual([r[0] for r in self.host.requests], ["GET"])
+        self.assertIn("vm/c1/a", self.host.kv)
+        f5sync.reconcile(self.config, self.host, "c1", [vm("a", power="OFF")])
+        self.assertEqual(self.host.members(), {})
 
     def test_reconcile_in_step_sends_only_reads(self):
         f5sync.handle(self.config, self.host, [event("VM.ON", vm())])
