@@ -185,7 +185,10 @@ impl App {
         let (shutdown_listener, mut stop_rx) = tokio::sync::watch::channel(false);
         let app_router = listener::router(source.routes(ingest));
         let tls = match &config.listener.tls {
-            Some(files) => Some(serve::tls_acceptor(&files.cert, &files.key)?),
+            Some(files) => Some(
+                serve::tls_acceptor(&files.cert, &files.key)
+                    .context("setting up `listener.tls`")?,
+            ),
             None => None,
         };
         let limits = config.listener.limits();

@@ -28,6 +28,8 @@
 //! Bodies are bounded by the handlers, which know whether the sender is
 //! authenticated (`listener::Ingest::read_body`: size and deadline).
 
+pub mod tls;
+
 use std::future::Future;
 use std::io;
 use std::path::Path;
@@ -265,24 +267,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
     }
 }
 
-/// The TLS acceptor for a PEM certificate chain and key.
+/// The TLS acceptor for a PEM certificate chain and key, which serves a
+/// renewed pair once its files change ([`tls`]).
 pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use anyhow::Context;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading the listener certificate {}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("reading the listener key {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let files = tls::CertFiles::load(cert, key, provider.clone())?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the listener certificate and key do not match")?;
+        .with_cert_resolver(Arc::new(files));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

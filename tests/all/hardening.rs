@@ -332,6 +332,70 @@ async fn a_tls_handshake_that_never_finishes_is_closed() {
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_renewed_listener_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let issue = || {
+        let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        (issued.cert.pem(), issued.key_pair.serialize_pem())
+    };
+    let first = issue();
+    std::fs::write(&cert_path, &first.0).unwrap();
+    std::fs::write(&key_path, &first.1).unwrap();
+    let config = HostConfig::new(dir.path())
+        .listener(&format!(
+            "tls = {{ cert = {:?}, key = {:?} }}",
+            cert_path.display().to_string(),
+            key_path.display().to_string()
+        ))
+        .config();
+    let app = App::start(config).await.unwrap();
+    let url = format!("https://{}/", app.listener_addr);
+    // A client that trusts exactly one certificate completes a handshake
+    // (and gets any answer) only when the listener serves that one.
+    let trusts = |pem: &str| {
+        let url = url.clone();
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        async move { client.get(url).send().await.is_ok() }
+    };
+    let served = async |pem: &str| {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !trusts(pem).await {
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    };
+    assert!(trusts(&first.0).await, "the first certificate");
+
+    let second = issue();
+    std::fs::write(&cert_path, &second.0).unwrap();
+    std::fs::write(&key_path, &second.1).unwrap();
+    assert!(served(&second.0).await, "the renewed certificate is served");
+    assert!(!trusts(&first.0).await, "and the first no longer");
+
+    // A certificate without its key, then a key file that is not PEM: the
+    // renewed pair stays served through both.
+    let third = issue();
+    std::fs::write(&cert_path, &third.0).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(trusts(&second.0).await, "a certificate without its key");
+    std::fs::write(&key_path, "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(trusts(&second.0).await, "a key that is not PEM");
+    std::fs::write(&key_path, &third.1).unwrap();
+    assert!(served(&third.0).await, "the pair once whole");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 /// A host on `plugins`, with the watcher on or off, and `[plugin.<name>]`
 /// tables in its main configuration.
 async fn on_dir(root: &Path, plugins: &Path, watch: bool, main: &[(&str, &[&str])]) -> App {

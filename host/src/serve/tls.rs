@@ -1,0 +1,243 @@
+//! The certificate the listener and the admin API serve, read again when
+//! its files change.
+//!
+//! Certificates are renewed every few weeks (ACME, cert-manager, an
+//! internal CA's agent), and the tools that renew them replace the files
+//! and expect the server to notice: a host that read them once would serve
+//! the old certificate until it expired and every Prism and operator was
+//! refused. So each handshake that comes at least [`RECHECK`] after the
+//! last look reads the files and loads them again when their contents
+//! differ from what is served: contents, not modification times, which
+//! some filesystems keep to the second and which a symlink swap (how
+//! Kubernetes updates a mounted secret) leaves as they were.
+//! A pair that does not load (half written, a key that is not the
+//! certificate's) leaves the served one in place, with a warning, and is
+//! tried again only when the files change once more: a renewal caught
+//! between writing the certificate and the key is served once the key
+//! lands.
+
+use std::fmt;
+use std::hash::{Hash as _, Hasher as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+/// How often at most a handshake looks at the files: reading a few
+/// kilobytes a second costs nothing beside a handshake, and a renewal is
+/// served within it.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// Why a certificate and key could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("reading the certificate {path}: {source}")]
+    Cert {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the certificate file {0} holds no certificate")]
+    NoCert(PathBuf),
+    #[error("reading the key {path}: {source}")]
+    Key {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the certificate {cert} and the key {key} do not go together: {source}")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+}
+
+/// A digest of the two files' contents (or of their absence), so that the
+/// key's bytes are not kept beside the key rustls holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp(u64);
+
+impl Stamp {
+    fn of(cert: &Path, key: &Path) -> Stamp {
+        let mut digest = std::hash::DefaultHasher::new();
+        for path in [cert, key] {
+            std::fs::read(path).ok().hash(&mut digest);
+        }
+        Stamp(digest.finish())
+    }
+}
+
+/// A certificate chain and key from PEM files, served by rustls and loaded
+/// again when the files change.
+pub struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    state: Mutex<Served>,
+}
+
+struct Served {
+    key: Arc<CertifiedKey>,
+    stamp: Stamp,
+    looked: Instant,
+    /// The version of the files that last failed to load, not tried again.
+    refused: Option<Stamp>,
+}
+
+impl fmt::Debug for CertFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertFiles")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertFiles {
+    /// Loads the pair, or says what is wrong with it.
+    pub fn load(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<Self, CertError> {
+        let stamp = Stamp::of(cert, key);
+        let served = load(cert, key, &provider)?;
+        Ok(CertFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            provider,
+            state: Mutex::new(Served {
+                key: Arc::new(served),
+                stamp,
+                looked: Instant::now(),
+                refused: None,
+            }),
+        })
+    }
+
+    /// The pair to serve now, loaded again if the files changed since.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut served = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if served.looked.elapsed() < RECHECK {
+            return served.key.clone();
+        }
+        served.looked = Instant::now();
+        let stamp = Stamp::of(&self.cert, &self.key);
+        if stamp == served.stamp || Some(stamp) == served.refused {
+            return served.key.clone();
+        }
+        match load(&self.cert, &self.key, &self.provider) {
+            Ok(renewed) => {
+                tracing::info!(cert = %self.cert.display(), "serving the certificate as its files changed");
+                served.key = Arc::new(renewed);
+                served.stamp = stamp;
+                served.refused = None;
+            }
+            Err(error) => {
+                tracing::warn!(cert = %self.cert.display(), "the certificate's files changed but do not load; still serving the one before: {error}");
+                served.refused = Some(stamp);
+            }
+        }
+        served.key.clone()
+    }
+}
+
+impl ResolvesServerCert for CertFiles {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, CertError> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| CertError::Cert {
+            path: cert.to_owned(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(CertError::NoCert(cert.to_owned()));
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|source| CertError::Key {
+        path: key.to_owned(),
+        source,
+    })?;
+    CertifiedKey::from_der(chain, private, provider).map_err(|source| CertError::Mismatch {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn issue(dir: &Path, cert: &str, key: &str) -> Vec<u8> {
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.join(cert), issued.cert.pem()).unwrap();
+        std::fs::write(dir.join(key), issued.key_pair.serialize_pem()).unwrap();
+        issued.cert.der().to_vec()
+    }
+
+    fn served(files: &CertFiles) -> Vec<u8> {
+        files.current().cert[0].to_vec()
+    }
+
+    /// As if the last look were a while ago.
+    fn look_now(files: &CertFiles) {
+        files.state.lock().unwrap().looked = Instant::now() - RECHECK;
+    }
+
+    #[test]
+    fn a_pair_that_does_not_load_is_refused_naming_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        issue(dir.path(), "a.pem", "a.key");
+        issue(dir.path(), "b.pem", "b.key");
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let p = |name: &str| dir.path().join(name);
+
+        let mismatch = CertFiles::load(&p("a.pem"), &p("b.key"), provider()).unwrap_err();
+        let no_cert = CertFiles::load(&p("empty.pem"), &p("a.key"), provider()).unwrap_err();
+        let no_key = CertFiles::load(&p("a.pem"), &p("empty.pem"), provider()).unwrap_err();
+        let missing = CertFiles::load(&p("gone.pem"), &p("a.key"), provider()).unwrap_err();
+
+        assert!(matches!(mismatch, CertError::Mismatch { .. }), "{mismatch}");
+        assert!(mismatch.to_string().contains("a.pem") && mismatch.to_string().contains("b.key"));
+        assert!(matches!(no_cert, CertError::NoCert(_)), "{no_cert}");
+        assert!(matches!(no_key, CertError::Key { .. }), "{no_key}");
+        assert!(missing.to_string().contains("gone.pem"), "{missing}");
+    }
+
+    #[test]
+    fn changed_files_are_served_once_they_load_and_not_before_the_next_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = issue(dir.path(), "cert.pem", "key.pem");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let files = CertFiles::load(&cert, &key, provider()).unwrap();
+
+        // A renewal caught halfway: the new certificate, the old key.
+        let renewed = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&cert, renewed.cert.pem()).unwrap();
+        let too_soon = served(&files);
+        look_now(&files);
+        let halfway = served(&files);
+        let refused = files.state.lock().unwrap().refused;
+        std::fs::write(&key, renewed.key_pair.serialize_pem()).unwrap();
+        look_now(&files);
+        let whole = served(&files);
+
+        assert_eq!(too_soon, first);
+        assert_eq!(
+            halfway, first,
+            "a certificate without its key is not served"
+        );
+        assert!(refused.is_some());
+        assert_eq!(whole, renewed.cert.der().to_vec());
+        assert_eq!(files.state.lock().unwrap().refused, None);
+    }
+}
