@@ -321,8 +321,11 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             }
             config.validate()?;
             prismhook::serve::raise_open_files_limit();
+            // Before the start, so that a SIGHUP during it does not end the
+            // process (its default action).
+            let hangup = Hangup::listen();
             let app = App::start(config).await?;
-            wait_for_signal().await;
+            serve_until_signal(&app, hangup).await;
             tracing::info!(
                 "shutting down: no new notifications accepted; finishing in-flight batches"
             );
@@ -483,6 +486,47 @@ impl From<WebhookAction> for prismhook::cli::WebhookCommand {
             WebhookAction::Sync { config } => W::Sync(config),
             WebhookAction::Remove { config } => W::Remove(config),
         }
+    }
+}
+
+/// SIGHUP, caught from the moment it is listened for.
+struct Hangup(#[cfg(unix)] tokio::signal::unix::Signal);
+
+impl Hangup {
+    fn listen() -> Hangup {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Hangup(signal(SignalKind::hangup()).expect("SIGHUP handler"))
+        }
+        #[cfg(not(unix))]
+        Hangup()
+    }
+}
+
+/// Returns at SIGTERM or Ctrl-C. SIGHUP (`systemctl reload`) reloads the
+/// plugins meanwhile, taking the main configuration's `[plugin.*]` tables
+/// as its file is now, as `prismhook plugins reload` does.
+async fn serve_until_signal(app: &App, hangup: Hangup) {
+    #[cfg(unix)]
+    {
+        let Hangup(mut hangup) = hangup;
+        let stop = wait_for_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the plugins and the main configuration's plugin settings");
+                    app.reloader.reload().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (app, hangup);
+        wait_for_signal().await;
     }
 }
 

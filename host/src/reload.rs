@@ -82,7 +82,8 @@ pub enum Report {
 enum Command {
     /// `atomic`: the path was renamed or removed, not written in place.
     Changed { path: PathBuf, atomic: bool },
-    /// Rescan the directory now and answer when done (tests, admin API).
+    /// Read the main configuration's plugin tables again, rescan the
+    /// directory now and answer when done (admin API, SIGHUP, tests).
     Rescan(oneshot::Sender<Vec<Report>>),
 }
 
@@ -125,7 +126,9 @@ impl Reloader {
         &self.counts
     }
 
-    /// Reloads every file in the plugins directory that changed, and waits.
+    /// Reads the main configuration's `[plugin.*]` tables again (when the
+    /// host was started from a file), reloads every plugin whose files or
+    /// settings changed, and waits.
     pub async fn reload(&self) -> Vec<Report> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Rescan(tx)).is_err() {
@@ -430,6 +433,37 @@ struct Task {
     /// before it ends, as they hold the runtime.
     pre_initialising: tokio::task::JoinSet<Option<Plugin>>,
     turn: Arc<tokio::sync::Semaphore>,
+    /// The main configuration's file as last read, when the host was
+    /// started from one.
+    main: Option<MainFile>,
+}
+
+/// The main configuration's file, whose `[plugin.*]` tables a reload takes
+/// again. Its other sections configure what runs beside the plugins (the
+/// listener, the ledger, the clusters) and apply at the next start.
+struct MainFile {
+    path: PathBuf,
+    table: toml::Table,
+}
+
+impl MainFile {
+    /// The file `config` was loaded from, if it reads as TOML.
+    fn of(config: &Config) -> Option<MainFile> {
+        let text = std::fs::read_to_string(&config.source).ok()?;
+        Some(MainFile {
+            path: config.source.clone(),
+            table: text.parse().ok()?,
+        })
+    }
+
+    /// The file as it is now, as a table and as the host's configuration.
+    fn read(path: &Path) -> Result<(toml::Table, Config), String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+        let config =
+            Config::parse_with_env(&text, path, std::env::vars()).map_err(|e| e.to_string())?;
+        Ok((table, config))
+    }
 }
 
 type Compiled = Result<wasmtime::component::Component, crate::runtime::LoadError>;
@@ -565,6 +599,14 @@ pub async fn start(
         optimized,
         pre_initialising: tokio::task::JoinSet::new(),
         turn: turn.clone(),
+        main: None,
+    };
+    task.main = {
+        let config = task.config.clone();
+        tokio::task::spawn_blocking(move || MainFile::of(&config))
+            .await
+            .ok()
+            .flatten()
     };
     let first = task.rescan().await;
     if let Some(thread) = optimizer {
@@ -644,10 +686,67 @@ impl Task {
                 }
                 Some(Command::Rescan(reply)) => {
                     dirty.clear();
+                    self.reread_main().await;
                     let _ = reply.send(self.rescan().await);
                 }
             }
         }
+    }
+
+    /// Takes the `[plugin.*]` tables of the main configuration as its file
+    /// is now; says which other sections changed, as those apply at the
+    /// next start. A file that does not load changes nothing.
+    async fn reread_main(&mut self) {
+        let Some(path) = self.main.as_ref().map(|m| m.path.clone()) else {
+            return;
+        };
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || MainFile::read(&path)).await
+        };
+        let (table, config) = match read {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                tracing::warn!(file = %path.display(), "the main configuration does not load; the plugins keep the settings they have: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "reading the main configuration failed: {e}");
+                return;
+            }
+        };
+        let before = self.main.as_ref().map(|m| &m.table);
+        let sections: BTreeSet<&String> = before
+            .into_iter()
+            .flat_map(|t| t.keys())
+            .chain(table.keys())
+            .collect();
+        let elsewhere: Vec<&str> = sections
+            .into_iter()
+            .filter(|k| *k != "plugin" && before.and_then(|t| t.get(*k)) != table.get(*k))
+            .map(String::as_str)
+            .collect();
+        if !elsewhere.is_empty() {
+            tracing::warn!(file = %path.display(), "`{}` changed in the main configuration: that applies at the next start", elsewhere.join("`, `"));
+        }
+        let old = &self.config.plugin;
+        let changed: BTreeSet<String> = old
+            .keys()
+            .chain(config.plugin.keys())
+            .filter(|k| old.get(*k) != config.plugin.get(*k))
+            .cloned()
+            .collect();
+        if !changed.is_empty() {
+            tracing::info!(file = %path.display(), plugins = ?changed, "the main configuration's settings changed for these plugins");
+            // A load that failed under the old settings may pass now.
+            self.failures
+                .retain(|unit, _| !changed.contains(&unit.key()));
+            self.config = Arc::new(Config {
+                plugin: config.plugin,
+                ..(*self.config).clone()
+            });
+        }
+        self.main = Some(MainFile { path, table });
     }
 
     /// Swaps Cranelift's code for Winch's in every plugin that runs this

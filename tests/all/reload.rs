@@ -816,3 +816,152 @@ async fn a_new_component_file_upgrades_every_instance_and_each_instance_goes_wit
     .await;
     handles_one_event_as_the_probe(&h, app).await;
 }
+
+fn subscriptions(app: &App, name: &str) -> Vec<String> {
+    app.registry
+        .get(name)
+        .and_then(|e| e.plugin)
+        .map(|p| p.info().subscriptions.clone())
+        .unwrap_or_default()
+}
+
+/// `[plugin.*]` in the main configuration's file, as a reload (the admin
+/// API's, or SIGHUP's) finds them; a file that does not load changes
+/// nothing.
+#[tokio::test]
+async fn a_reload_takes_the_plugin_tables_of_the_main_configuration_as_its_file_is_now() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let file = h.dir.path().join("prismhook.toml");
+    let write = |host: HostConfig| std::fs::write(&file, host.toml()).unwrap();
+    write(
+        h.host(false)
+            .plugin("probe", &["config = { refuse = true }"]),
+    );
+    let app = App::start(Config::load(&file).unwrap()).await.unwrap();
+    assert!(
+        matches!(&app.loaded[0], Report::Failed { error, .. } if error.contains("refusing to start")),
+        "{:?}",
+        app.loaded
+    );
+
+    // Settings it accepts, and a change elsewhere (which waits for the
+    // next start).
+    write(
+        h.host(false)
+            .delivery("max_attempts = 4")
+            .plugin("probe", &[r#"config = { subscriptions = ["VM.OFF"] }"#]),
+    );
+    let reports = app.reloader.reload().await;
+    assert!(
+        matches!(&reports[..], [Report::Loaded { plugin, .. }] if plugin == "probe"),
+        "{reports:?}"
+    );
+    assert_eq!(subscriptions(&app, "probe"), ["VM.OFF"]);
+
+    std::fs::write(&file, "[plugin.probe\nconfig = {").unwrap();
+    let reports = app.reloader.reload().await;
+    assert!(
+        matches!(&reports[..], [Report::Unchanged { plugin, .. }] if plugin == "probe"),
+        "{reports:?}"
+    );
+    assert_eq!(subscriptions(&app, "probe"), ["VM.OFF"]);
+
+    // An instance of the component, which then no longer runs as itself.
+    write(
+        h.host(false)
+            .plugin("probe", &[r#"config = { subscriptions = ["VM.OFF"] }"#])
+            .plugin(
+                "probe-b",
+                &[
+                    r#"component = "probe.wasm""#,
+                    r#"config = { subscriptions = ["VM.ON"] }"#,
+                ],
+            ),
+    );
+    let reports = app.reloader.reload().await;
+    assert!(
+        matches!(&reports[..], [Report::Removed { plugin: gone, .. }, Report::Loaded { plugin: new, .. }] if gone == "probe" && new == "probe-b"),
+        "{reports:?}"
+    );
+    assert_eq!(subscriptions(&app, "probe-b"), ["VM.ON"]);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// `systemctl reload` sends SIGHUP: the running binary takes the plugin
+/// tables as the file is now, and carries on serving.
+#[tokio::test]
+async fn sighup_reloads_the_plugins_of_the_running_binary_with_its_file_as_it_is_now() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let file = h.dir.path().join("prismhook.toml");
+    let host = |subscriptions: &str| {
+        h.host(false)
+            .listen(format!("127.0.0.1:{}", common::free_port()))
+            .admin_listen(format!("127.0.0.1:{}", common::free_port()))
+            .plugin(
+                "probe",
+                &[format!("config = {{ subscriptions = [{subscriptions}] }}")],
+            )
+    };
+    let first = host(r#""VM.ON""#);
+    std::fs::write(&file, first.toml()).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin =
+        prismhook::admin::client::AdminClient::from_config(&Config::load(&file).unwrap()).unwrap();
+    let probe = async || -> Option<Vec<String>> {
+        let plugins = admin.plugins().await.ok()?;
+        Some(
+            plugins
+                .into_iter()
+                .find(|p| p.name == "probe")?
+                .subscriptions,
+        )
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while probe().await.is_none() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the host never served its admin API"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(probe().await.unwrap(), ["VM.ON"]);
+
+    // The same ports: only the plugin's table differs.
+    let second = first
+        .toml()
+        .replace(r#"["VM.ON"]"#, r#"["VM.ON", "VM.DELETE"]"#);
+    std::fs::write(&file, second).unwrap();
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    // SAFETY: kill only sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while probe().await.as_deref() != Some(&["VM.ON".to_owned(), "VM.DELETE".to_owned()][..]) {
+        assert!(
+            std::time::Instant::now() < until,
+            "SIGHUP changed nothing: {:?}",
+            probe().await
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "SIGHUP stopped the host"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the host stops at SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
