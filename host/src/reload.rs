@@ -348,6 +348,9 @@ struct Failure {
     /// The registry entry that shows the error.
     plugin: String,
     snapshot: Snapshot,
+    /// Its `[plugin.<key>]` in the main configuration then: a reload that
+    /// finds another tries it again.
+    configured: Option<PluginConfig>,
     error: String,
     /// When to try the same files again, for a failure that may pass
     /// (`init` ran out of time, or its kv writes could not be stored);
@@ -738,9 +741,6 @@ impl Task {
             .collect();
         if !changed.is_empty() {
             tracing::info!(file = %path.display(), plugins = ?changed, "the main configuration's settings changed for these plugins");
-            // A load that failed under the old settings may pass now.
-            self.failures
-                .retain(|unit, _| !changed.contains(&unit.key()));
             self.config = Arc::new(Config {
                 plugin: config.plugin,
                 ..(*self.config).clone()
@@ -988,7 +988,9 @@ impl Task {
             }
         };
         if let Some(failure) = self.failures.get(unit) {
-            if failure.snapshot == snapshot && !failure.retry_due(tokio::time::Instant::now()) {
+            let same = failure.snapshot == snapshot
+                && failure.configured.as_ref() == self.config.plugin.get(&unit.key());
+            if same && !failure.retry_due(tokio::time::Instant::now()) {
                 return Report::StillFailing {
                     file,
                     error: failure.error.clone(),
@@ -1166,6 +1168,7 @@ impl Task {
                 Failure {
                     plugin: name.clone(),
                     snapshot,
+                    configured: self.config.plugin.get(&unit.key()).cloned(),
                     error: error.clone(),
                     retry: None,
                 },
