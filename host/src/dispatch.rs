@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::clock::now_ms;
+use crate::clock::{doubled, now_ms};
 use crate::event::Vm;
 use crate::ledger::{
     Delivery, LedgerError, Outcome as LedgerOutcome, SharedLedger, Wake, MAX_REASON_BYTES,
@@ -687,9 +687,11 @@ fn count(
                 c.consecutive_failures += 1;
                 (c.consecutive_failures >= after).then(|| {
                     c.quarantines += 1;
-                    let pause = first_pause
-                        .saturating_mul(1 << (c.consecutive_failures - after).min(16))
-                        .min(QUARANTINE_MAX_PAUSE);
+                    let pause = doubled(
+                        first_pause,
+                        c.consecutive_failures - after,
+                        QUARANTINE_MAX_PAUSE,
+                    );
                     (e.to_string(), pause)
                 })
             }

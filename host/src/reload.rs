@@ -24,6 +24,7 @@ use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clock::doubled;
 use crate::config::{
     check_component, confine_settings_file, resolve_plugin, valid_plugin_name, Config, PluginConfig,
 };
@@ -1065,9 +1066,7 @@ impl Task {
                     .map_or(0, |r| r.tries);
                 let report = self.failed(unit, file, Some(snapshot), e.to_string());
                 if may_pass {
-                    let wait = LOAD_RETRY_FIRST
-                        .saturating_mul(1 << tries.min(16))
-                        .min(LOAD_RETRY_MAX);
+                    let wait = doubled(LOAD_RETRY_FIRST, tries, LOAD_RETRY_MAX);
                     if let Some(f) = self.failures.get_mut(unit) {
                         f.retry = Some(Retry {
                             at: tokio::time::Instant::now() + wait,

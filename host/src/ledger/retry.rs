@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::clock::doubled;
+
 /// How the backoff delay is randomised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -55,10 +57,7 @@ impl RetryPolicy {
     /// The exponential ceiling after `failures` failures (1-based): `initial * 2^(failures-1)`,
     /// never above `max_delay`.
     pub fn ceiling(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(31);
-        self.initial
-            .saturating_mul(1u32 << doublings)
-            .min(self.max_delay)
+        doubled(self.initial, failures.saturating_sub(1), self.max_delay)
     }
 
     /// The delay before the next attempt after `failures` failures; `previous` is the delay

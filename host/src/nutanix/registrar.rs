@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use super::client::{ClusterEndpoint, PrismClient, PrismError, TlsMode, Webhook, WebhookSpec};
-use crate::clock::now_ms;
+use crate::clock::{doubled, now_ms};
 use crate::config::{ClusterConfig, Config};
 use crate::event::matches;
 use crate::secret::{create_private_dir, write_private, BasicCredentials};
@@ -47,7 +47,7 @@ const PLUGIN_RETRY_MAX: Duration = Duration::from_secs(600);
 /// The wait before the next try after `failures` failures in a row, at
 /// most `max`.
 fn backoff(failures: u32, max: Duration) -> Duration {
-    BACKOFF_FIRST.saturating_mul(1 << failures.min(10)).min(max)
+    doubled(BACKOFF_FIRST, failures, max)
 }
 /// Even with nothing changed, check the webhook this often: someone may
 /// have deleted or edited it in Prism.
@@ -164,20 +164,20 @@ impl Registrar {
         // and compiler-tier swaps cost Prism nothing.
         let mut changes = self.inner.ctx.subscriptions.clone();
         let mut stop = self.inner.stop.subscribe();
-        let mut backoff = BACKOFF_FIRST;
+        let mut failures = 0;
         loop {
             let wait = match self.sync().await {
                 Ok(()) => {
-                    backoff = BACKOFF_FIRST;
+                    failures = 0;
                     RECHECK
                 }
                 Err(e) => {
-                    tracing::error!(cluster = %self.inner.cluster.name, "webhook registration failed (retrying in {backoff:?}): {e:#}");
+                    let wait = backoff(failures, BACKOFF_MAX);
+                    failures += 1;
+                    tracing::error!(cluster = %self.inner.cluster.name, "webhook registration failed (retrying in {wait:?}): {e:#}");
                     self.inner.status.lock().expect("status lock").last_error =
                         Some(format!("{e:#}"));
-                    let w = backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    w
+                    wait
                 }
             };
             let plugins_changed = tokio::select! {
