@@ -78,6 +78,12 @@ pub struct ListenerConfig {
     /// Connections served at once; more wait in the kernel's accept queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Connections one peer (an IPv4 address, an IPv6 /64) may hold at
+    /// once; more from it are closed as they come, so that one host cannot
+    /// take every slot of `max_connections`. 0: no such cap (behind a load
+    /// balancer, every connection comes from its addresses).
+    #[serde(default = "defaults::max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
     /// A request's head must arrive within this, counted from when the
     /// connection is idle (so it also ends idle keep-alive connections).
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
@@ -106,6 +112,8 @@ pub const MIN_HEADER_BYTES: usize = 8192;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeLimits {
     pub max_connections: usize,
+    /// 0: no cap per peer.
+    pub max_connections_per_peer: usize,
     pub header_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,
     pub max_header_bytes: usize,
@@ -117,6 +125,7 @@ impl ListenerConfig {
     pub fn limits(&self) -> ServeLimits {
         ServeLimits {
             max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
             header_read_timeout: self.header_read_timeout,
             tls_handshake_timeout: self.tls_handshake_timeout,
             max_header_bytes: self.max_header_bytes,
@@ -733,6 +742,9 @@ mod defaults {
     }
     pub fn max_connections() -> usize {
         512
+    }
+    pub fn max_connections_per_peer() -> usize {
+        128
     }
     pub fn admin_max_connections() -> usize {
         64

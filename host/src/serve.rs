@@ -10,6 +10,10 @@
 //!
 //! - at most [`ServeLimits::max_connections`] connections at once; further
 //!   peers wait in the kernel's accept queue, costing the host nothing;
+//! - at most [`ServeLimits::max_connections_per_peer`] of them from one
+//!   peer (an IPv4 address, an IPv6 /64): more from it are closed as they
+//!   are accepted, so that one host cannot hold every slot and starve
+//!   Prism;
 //! - the TLS handshake within [`ServeLimits::tls_handshake_timeout`];
 //! - each request head within [`ServeLimits::header_read_timeout`], counted
 //!   from the moment the connection is idle (hyper starts the same timer
@@ -30,13 +34,15 @@
 
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -74,6 +80,7 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let peers = Peers::new(limits.max_connections_per_peer);
     let graceful = GracefulShutdown::new();
     let mut full_logged = false;
     tokio::pin!(shutdown);
@@ -105,6 +112,11 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         full_logged = false;
+        let Some(slot) = peers.take(peer.ip()) else {
+            peers.refused(name, peer.ip());
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         // Under TLS too, so that the handshake's and every record's bytes
         // are held to the same limit.
@@ -115,13 +127,13 @@ pub async fn serve(
         match tls.clone() {
             None => {
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _held = (permit, slot);
                     drive(name, peer, &builder, watcher, stream, service).await;
                 });
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _held = (permit, slot);
                     let handshake = acceptor.accept(stream);
                     let stream =
                         match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
@@ -149,6 +161,98 @@ pub async fn serve(
             socket = name,
             "requests still in flight after {DRAIN:?}; closing them"
         );
+    }
+}
+
+/// Connections held per peer, against
+/// [`ServeLimits::max_connections_per_peer`]. A peer is an IPv4 address or
+/// an IPv6 /64, which one host commonly holds whole.
+struct Peers {
+    max: usize,
+    held: Held,
+    /// Refusals since the last line logged, and when that was: at most one
+    /// line a minute, whatever a peer does.
+    refusals: std::cell::Cell<(u64, Option<Instant>)>,
+}
+
+/// One connection's place in [`Peers`], given back when dropped; nothing
+/// is counted when there is no cap.
+struct PeerSlot(Option<(IpAddr, Held)>);
+
+/// Connections held, by peer.
+type Held = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+
+impl Peers {
+    fn new(max: usize) -> Peers {
+        Peers {
+            max,
+            held: Arc::default(),
+            refusals: std::cell::Cell::new((0, None)),
+        }
+    }
+
+    /// A slot for a connection from `ip`, or `None` when its peer holds
+    /// the most it may.
+    fn take(&self, ip: IpAddr) -> Option<PeerSlot> {
+        if self.max == 0 {
+            return Some(PeerSlot(None));
+        }
+        let peer = peer_of(ip);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(peer).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(Some((peer, self.held.clone()))))
+    }
+
+    fn refused(&self, socket: &'static str, ip: IpAddr) {
+        let (count, logged) = self.refusals.get();
+        let count = count + 1;
+        if logged.is_some_and(|at| at.elapsed() < REFUSALS_LOGGED_EVERY) {
+            self.refusals.set((count, logged));
+            return;
+        }
+        tracing::warn!(
+            socket,
+            peer = %peer_of(ip),
+            max_connections_per_peer = self.max,
+            refused = count,
+            "a peer holds the most connections it may; closing the ones it opens beyond (refused counts those since the last such line)"
+        );
+        self.refusals.set((0, Some(Instant::now())));
+    }
+}
+
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let Some((peer, held)) = &self.0 else {
+            return;
+        };
+        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(peer) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(peer);
+            }
+        }
+    }
+}
+
+/// The peer an address belongs to: an IPv4 address (an IPv4-mapped IPv6
+/// address is one), or the /64 of an IPv6 address.
+fn peer_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
@@ -350,5 +454,37 @@ pub fn raise_open_files_limit() {
             "cannot raise the open-files limit: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let peer = |s: &str| peer_of(s.parse().unwrap()).to_string();
+        assert_eq!(peer("192.0.2.7"), "192.0.2.7");
+        assert_eq!(peer("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(peer("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(peer("2001:db8:1:2::1"), peer("2001:db8:1:2:ffff::9"));
+        assert_ne!(peer("2001:db8:1:2::1"), peer("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn a_peer_gets_its_slots_back_as_its_connections_end() {
+        let peers = Peers::new(2);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let (a, b) = (peers.take(ip).unwrap(), peers.take(ip).unwrap());
+        assert!(peers.take(ip).is_none());
+        assert!(peers.take("192.0.2.8".parse().unwrap()).is_some());
+        drop(a);
+        let c = peers.take(ip).unwrap();
+        drop((b, c));
+        assert!(peers.held.lock().unwrap().is_empty());
+        let uncapped = Peers::new(0);
+        let slots: Vec<Option<PeerSlot>> = (0..1000).map(|_| uncapped.take(ip)).collect();
+        assert!(slots.iter().all(Option::is_some));
+        assert!(uncapped.held.lock().unwrap().is_empty());
     }
 }

@@ -308,6 +308,46 @@ async fn a_body_whose_chunked_framing_breaks_is_a_bad_request_not_too_large() {
 }
 
 #[tokio::test]
+async fn one_peer_cannot_hold_every_connection_and_others_still_get_through() {
+    let t = target(&["max_connections = 8", "max_connections_per_peer = 3"]).await;
+    let addr = t.app.listener_addr;
+    let from = |ip: &str| {
+        let local: std::net::SocketAddr = format!("{ip}:0").parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(local).unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+    };
+    // Three idle connections from 127.0.0.2: its share.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(from("127.0.0.2").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = from("127.0.0.2").await;
+    let (answer, closed) = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
+    assert!(
+        closed && answer.is_empty(),
+        "the fourth is closed unanswered: {answer:?}"
+    );
+
+    // Another peer is served meanwhile; and once one of its connections
+    // ends, the first peer may open another.
+    assert_eq!(notify(addr).await, Ok(202));
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = from("127.0.0.2").await;
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut again, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer:?}");
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
 async fn a_tls_handshake_that_never_finishes_is_closed() {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
