@@ -83,6 +83,8 @@ pub struct AdminState {
     /// Where events come from; its endpoints are the API's clusters.
     pub source: Arc<dyn EventSource>,
     pub listener_stats: Arc<ListenerStats>,
+    /// What the listener's connection limits turned away.
+    pub listener_serve: Arc<crate::serve::ServeStats>,
     pub reloader: Reloader,
     /// For the plugins' outbound request counts.
     pub runtime: Arc<crate::runtime::Runtime>,
@@ -126,7 +128,8 @@ pub async fn serve(
         tracing::info!(%addr, token = state.token.is_some(), tls = tls.is_some(), "admin API listening");
     }
     let router = router(state);
-    crate::serve::serve("admin", listener, router, tls, limits, shutdown).await;
+    let stats = Arc::default();
+    crate::serve::serve("admin", listener, router, tls, limits, stats, shutdown).await;
 }
 
 /// The admin routes, for [`serve`] or for calling without a socket.

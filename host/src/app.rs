@@ -192,11 +192,15 @@ impl App {
             None => None,
         };
         let limits = config.listener.limits();
-        let listener_task = tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            };
-            serve::serve("listener", tcp, app_router, tls, limits, stopped).await;
+        let listener_serve = Arc::new(serve::ServeStats::default());
+        let listener_task = tokio::spawn({
+            let stats = listener_serve.clone();
+            async move {
+                let stopped = async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                };
+                serve::serve("listener", tcp, app_router, tls, limits, stats, stopped).await;
+            }
         });
         tracing::info!(addr = %listener_addr, source = source.kind(), "listening for notifications");
 
@@ -227,6 +231,7 @@ impl App {
             dispatcher: dispatcher.clone(),
             source: source.clone(),
             listener_stats: stats.clone(),
+            listener_serve,
             reloader: reloader.clone(),
             runtime: runtime.clone(),
             token: admin_token,

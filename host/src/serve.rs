@@ -40,6 +40,7 @@ use std::io;
 use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -59,13 +60,15 @@ pub use prismhook_core::config::{ServeLimits, MIN_HEADER_BYTES};
 
 /// Serves `router` on `tcp` (over TLS when `tls` is given) within `limits`
 /// until `shutdown` resolves, then lets in-flight requests finish for a
-/// while. `name` says which socket in the logs.
+/// while. `name` says which socket in the logs; `stats` counts what the
+/// limits turned away, for metrics.
 pub async fn serve(
     name: &'static str,
     tcp: tokio::net::TcpListener,
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ServeLimits,
+    stats: Arc<ServeStats>,
     shutdown: impl Future<Output = ()>,
 ) {
     // HTTP/1.1 only: Prism, the CLI and browsers on the status page all
@@ -113,6 +116,7 @@ pub async fn serve(
         };
         full_logged = false;
         let Some(slot) = peers.take(peer.ip()) else {
+            stats.refused_per_peer.fetch_add(1, Ordering::Relaxed);
             peers.refused(name, peer.ip());
             drop(stream);
             continue;
@@ -162,6 +166,14 @@ pub async fn serve(
             "requests still in flight after {DRAIN:?}; closing them"
         );
     }
+}
+
+/// What [`serve`] turned away.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Connections closed as they came, their peer holding
+    /// [`ServeLimits::max_connections_per_peer`] already.
+    pub refused_per_peer: AtomicU64,
 }
 
 /// Connections held per peer, against

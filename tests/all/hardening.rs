@@ -331,6 +331,16 @@ async fn one_peer_cannot_hold_every_connection_and_others_still_get_through() {
         closed && answer.is_empty(),
         "the fourth is closed unanswered: {answer:?}"
     );
+    let metrics = reqwest::get(format!("http://{}/metrics", t.app.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("prismhook_listener_connections_refused_total 1\n"),
+        "{metrics}"
+    );
 
     // Another peer is served meanwhile; and once one of its connections
     // ends, the first peer may open another.

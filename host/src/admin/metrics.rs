@@ -132,6 +132,12 @@ impl Collector for HostCollector {
             })
             .collect();
         counter(e, "prismhook_notifications", "Notifications answered by the listener, by cluster, event type (`-` when unreadable) and HTTP status", &received)?;
+        single_counter(
+            e,
+            "prismhook_listener_connections_refused",
+            "Connections the listener closed as they came, their peer holding `listener.max_connections_per_peer` already",
+            state.listener_serve.refused_per_peer.load(Ordering::Relaxed),
+        )?;
         let unsubscribed = state.listener_stats.unsubscribed.load(Ordering::Relaxed);
         single_counter(
             e,
