@@ -78,6 +78,18 @@ pub enum Report {
         file: PathBuf,
         error: String,
     },
+    /// The main configuration's file, read again, does not load: the
+    /// plugins keep the settings they have.
+    ConfigNotLoaded {
+        file: PathBuf,
+        error: String,
+    },
+    /// Sections of the main configuration other than `[plugin.*]` changed:
+    /// they apply at the next start.
+    ConfigForNextStart {
+        file: PathBuf,
+        sections: Vec<String>,
+    },
 }
 
 enum Command {
@@ -106,9 +118,11 @@ impl ReloadCounts {
             Report::Loaded { .. } => &self.loaded,
             Report::Removed { .. } => &self.removed,
             Report::Disabled { .. } => &self.disabled,
-            Report::Failed { .. } => &self.failed,
+            Report::Failed { .. } | Report::ConfigNotLoaded { .. } => &self.failed,
             Report::Optimized { .. } => &self.optimized,
-            Report::Unchanged { .. } | Report::StillFailing { .. } => return,
+            Report::Unchanged { .. }
+            | Report::StillFailing { .. }
+            | Report::ConfigForNextStart { .. } => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -437,8 +451,8 @@ struct Task {
     /// before it ends, as they hold the runtime.
     pre_initialising: tokio::task::JoinSet<Option<Plugin>>,
     turn: Arc<tokio::sync::Semaphore>,
-    /// The main configuration's file as last read, when the host was
-    /// started from one.
+    /// The main configuration's file as the host started with it, when it
+    /// was started from one.
     main: Option<MainFile>,
 }
 
@@ -690,19 +704,21 @@ impl Task {
                 }
                 Some(Command::Rescan(reply)) => {
                     dirty.clear();
-                    self.reread_main().await;
-                    let _ = reply.send(self.rescan().await);
+                    let mut reports = self.reread_main().await;
+                    reports.extend(self.rescan().await);
+                    let _ = reply.send(reports);
                 }
             }
         }
     }
 
     /// Takes the `[plugin.*]` tables of the main configuration as its file
-    /// is now; says which other sections changed, as those apply at the
-    /// next start. A file that does not load changes nothing.
-    async fn reread_main(&mut self) {
+    /// is now; reports a file that does not load (which changes nothing)
+    /// and the other sections that differ from what the host started
+    /// with, as those apply at the next start.
+    async fn reread_main(&mut self) -> Vec<Report> {
         let Some(path) = self.main.as_ref().map(|m| m.path.clone()) else {
-            return;
+            return Vec::new();
         };
         let read = {
             let path = path.clone();
@@ -710,14 +726,8 @@ impl Task {
         };
         let (table, config) = match read {
             Ok(Ok(read)) => read,
-            Ok(Err(e)) => {
-                tracing::warn!(file = %path.display(), "the main configuration does not load; the plugins keep the settings they have: {e}");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(file = %path.display(), "reading the main configuration failed: {e}");
-                return;
-            }
+            Ok(Err(error)) => return vec![self.config_report(path, Err(error))],
+            Err(e) => return vec![self.config_report(path, Err(format!("reading it failed: {e}")))],
         };
         let before = self.main.as_ref().map(|m| &m.table);
         let sections: BTreeSet<&String> = before
@@ -725,14 +735,11 @@ impl Task {
             .flat_map(|t| t.keys())
             .chain(table.keys())
             .collect();
-        let elsewhere: Vec<&str> = sections
+        let elsewhere: Vec<String> = sections
             .into_iter()
             .filter(|k| *k != "plugin" && before.and_then(|t| t.get(*k)) != table.get(*k))
-            .map(String::as_str)
+            .cloned()
             .collect();
-        if !elsewhere.is_empty() {
-            tracing::warn!(file = %path.display(), "`{}` changed in the main configuration: that applies at the next start", elsewhere.join("`, `"));
-        }
         let old = &self.config.plugin;
         let changed: BTreeSet<String> = old
             .keys()
@@ -747,7 +754,20 @@ impl Task {
                 ..(*self.config).clone()
             });
         }
-        self.main = Some(MainFile { path, table });
+        if elsewhere.is_empty() {
+            return Vec::new();
+        }
+        vec![self.config_report(path, Ok(elsewhere))]
+    }
+
+    /// Logs and counts what re-reading the main configuration found.
+    fn config_report(&self, file: PathBuf, found: Result<Vec<String>, String>) -> Report {
+        let report = match found {
+            Ok(sections) => Report::ConfigForNextStart { file, sections },
+            Err(error) => Report::ConfigNotLoaded { file, error },
+        };
+        self.record(&report);
+        report
     }
 
     /// Swaps Cranelift's code for Winch's in every plugin that runs this
@@ -1219,6 +1239,12 @@ fn log_report(report: &Report) {
         }
         Report::StillFailing { file, .. } => {
             tracing::debug!(file = %file.display(), "unchanged since it failed to load; not tried again")
+        }
+        Report::ConfigNotLoaded { file, error } => {
+            tracing::warn!(file = %file.display(), "the main configuration does not load; the plugins keep the settings they have: {error}")
+        }
+        Report::ConfigForNextStart { file, sections } => {
+            tracing::warn!(file = %file.display(), "`{}` changed in the main configuration: that applies at the next start", sections.join("`, `"))
         }
     }
 }

@@ -854,15 +854,25 @@ async fn a_reload_takes_the_plugin_tables_of_the_main_configuration_as_its_file_
     );
     let reports = app.reloader.reload().await;
     assert!(
-        matches!(&reports[..], [Report::Loaded { plugin, .. }] if plugin == "probe"),
+        matches!(&reports[..], [Report::ConfigForNextStart { sections, .. }, Report::Loaded { plugin, .. }] if sections == &["delivery"] && plugin == "probe"),
         "{reports:?}"
     );
     assert_eq!(subscriptions(&app, "probe"), ["VM.OFF"]);
+    let shown = prismhook::admin::client::render_reload(
+        &reports
+            .iter()
+            .map(|r| serde_json::to_value(r).unwrap())
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        shown.contains("`delivery` changed: applies at the next start"),
+        "{shown}"
+    );
 
     std::fs::write(&file, "[plugin.probe\nconfig = {").unwrap();
     let reports = app.reloader.reload().await;
     assert!(
-        matches!(&reports[..], [Report::Unchanged { plugin, .. }] if plugin == "probe"),
+        matches!(&reports[..], [Report::ConfigNotLoaded { file: named, error }, Report::Unchanged { plugin, .. }] if named == &file && error.contains("TOML parse error") && plugin == "probe"),
         "{reports:?}"
     );
     assert_eq!(subscriptions(&app, "probe"), ["VM.OFF"]);

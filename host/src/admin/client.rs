@@ -775,7 +775,18 @@ pub fn render_reload(reports: &[serde_json::Value]) -> String {
         };
         let detail = match field("result").as_str() {
             "loaded" => format!("version {}", field("version")),
-            "failed" | "still-failing" => clip(&field("error"), 100),
+            "failed" | "still-failing" | "config-not-loaded" => clip(&field("error"), 100),
+            "config-for-next-start" => {
+                let sections: Vec<&str> = r
+                    .get("sections")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+                    .unwrap_or_default();
+                format!(
+                    "`{}` changed: applies at the next start",
+                    sections.join("`, `")
+                )
+            }
             _ => String::new(),
         };
         t.row(vec![
