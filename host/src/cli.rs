@@ -184,6 +184,80 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 
 /// `prismhook plugin check FILE`: loads a component as the host would and
 /// says whether it fits, with its imports, size and compile time.
+/// `prismhook config check`: the file parses, and everything it names that
+/// the host reads at start can be read: every secret (from the
+/// environment or a file, as the service would see them), and the TLS
+/// certificates and keys, which must go together. Prints what is wrong,
+/// each with the key it is under, or one line saying what the file
+/// configures.
+pub fn config_check(path: &Path) -> ExitCode {
+    let c = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut problems: Vec<String> = Vec::new();
+    let mut secret = |key: String, source: Option<&crate::secret::SecretSource>| {
+        if let Some(Err(e)) = source.map(|s| s.resolve()) {
+            problems.push(format!("`{key}`: {e}"));
+        }
+    };
+    secret("admin.token".into(), c.admin.token.as_ref());
+    if let Some(js) = &c.storage.jetstream {
+        secret("storage.jetstream.password".into(), js.password.as_ref());
+        secret("storage.jetstream.token".into(), js.token.as_ref());
+    }
+    for (j, cluster) in c.clusters.iter().enumerate() {
+        secret(format!("cluster[{j}].password"), Some(&cluster.password));
+        secret(
+            format!("cluster[{j}].webhook_password"),
+            cluster.webhook_password.as_ref(),
+        );
+    }
+    for (name, settings) in &c.plugin {
+        if let Err((key, message)) = resolve_plugin(settings, name, c.default_limits()) {
+            problems.push(format!("`{key}`: {message}"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    for (key, files) in [
+        ("listener.tls", &c.listener.tls),
+        ("admin.tls", &c.admin.tls),
+    ] {
+        if let Some(files) = files {
+            if let Err(e) =
+                crate::serve::tls::CertFiles::load(&files.cert, &files.key, provider.clone())
+            {
+                problems.push(format!("`{key}`: {e}"));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        for problem in &problems {
+            eprintln!("{}: {problem}", path.display());
+        }
+        return ExitCode::FAILURE;
+    }
+    let ledger = match &c.storage.jetstream {
+        Some(js) => format!(
+            "JetStream stream {} on {}",
+            js.stream,
+            js.servers.join(", ")
+        ),
+        None => format!("redb in {}", c.storage.data_dir.display()),
+    };
+    println!(
+        "{}: valid ({} cluster(s), {} plugin setting(s), listener {}, ledger: {ledger})",
+        path.display(),
+        c.clusters.len(),
+        c.plugin.len(),
+        c.listener.listen
+    );
+    ExitCode::SUCCESS
+}
+
 pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Result<ExitCode> {
     let dir = tempfile_dir()?;
     let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb")))?;

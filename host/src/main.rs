@@ -227,7 +227,8 @@ enum WebhookAction {
 
 #[derive(Subcommand)]
 enum ConfigAction {
-    /// Parse and check a configuration; exit 1 with the reason if invalid.
+    /// Parse a configuration and read what it names (secrets, TLS
+    /// certificates and keys); exit 1 with every problem found.
     Check { file: PathBuf },
 }
 
@@ -379,30 +380,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Webhooks { action } => prismhook::cli::webhooks(action.into()).await,
         Command::Config {
             action: ConfigAction::Check { file },
-        } => match Config::load(&file) {
-            Ok(c) => {
-                let ledger = match &c.storage.jetstream {
-                    Some(js) => format!(
-                        "JetStream stream {} on {}",
-                        js.stream,
-                        js.servers.join(", ")
-                    ),
-                    None => format!("redb in {}", c.storage.data_dir.display()),
-                };
-                println!(
-                    "{}: valid ({} cluster(s), {} plugin setting(s), listener {}, ledger: {ledger})",
-                    file.display(),
-                    c.clusters.len(),
-                    c.plugin.len(),
-                    c.listener.listen
-                );
-                Ok(std::process::ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                Ok(std::process::ExitCode::FAILURE)
-            }
-        },
+        } => Ok(prismhook::cli::config_check(&file)),
         Command::Plugin {
             action: PluginAction::Check { file, config },
         } => {

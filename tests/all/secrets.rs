@@ -239,3 +239,87 @@ async fn no_configured_secret_appears_in_the_logs_of_a_full_run() {
         }
     }
 }
+
+/// `prismhook config check` (the systemd unit's `ExecStartPre`) reads
+/// what the host would read at start, and names the key of every problem,
+/// never a secret's value.
+#[tokio::test]
+async fn config_check_reads_every_secret_and_certificate_and_names_the_key_of_each_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let (one, other) = (
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap(),
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap(),
+    );
+    std::fs::write(p("cert.pem"), one.cert.pem()).unwrap();
+    std::fs::write(p("key.pem"), one.key_pair.serialize_pem()).unwrap();
+    std::fs::write(p("other.key"), other.key_pair.serialize_pem()).unwrap();
+    let file = dir.path().join("prismhook.toml");
+    let write = |key: &str| {
+        let text = format!(
+            r#"[listener]
+tls = {{ cert = "{cert}", key = "{key}" }}
+[storage]
+data_dir = "{data}"
+[plugins]
+dir = "{plugins}"
+[plugin.fw]
+allow = ["https://fw.example.com"]
+inject = [{{ origin = "https://fw.example.com", header = "X-Key", env = "TEST_CHECK_FW_KEY" }}]
+[[cluster]]
+name = "lab"
+prism_url = "https://prism.example.com:9440"
+username = "admin"
+password = {{ env = "TEST_CHECK_PRISM_PASSWORD" }}
+webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
+"#,
+            cert = p("cert.pem"),
+            key = p(key),
+            data = p("data"),
+            plugins = p("plugins"),
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    let check = |env: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_prismhook"));
+        command.args(["config", "check"]).arg(&file);
+        command.env_remove("TEST_CHECK_FW_KEY");
+        command.env_remove("TEST_CHECK_PRISM_PASSWORD");
+        if env {
+            command.env("TEST_CHECK_FW_KEY", PAN_KEY);
+            command.env("TEST_CHECK_PRISM_PASSWORD", PRISM_PASSWORD);
+        }
+        let out = command.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    write("other.key");
+    let (ok, text) = check(false);
+    assert!(!ok, "{text}");
+    for expected in [
+        "`listener.tls`: the certificate",
+        "do not go together",
+        "`cluster[0].password`",
+        "TEST_CHECK_PRISM_PASSWORD",
+        "`plugin.fw.inject[0]`",
+        "TEST_CHECK_FW_KEY",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+
+    write("key.pem");
+    let (ok, text) = check(true);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(": valid (1 cluster(s), 1 plugin setting(s)"),
+        "{text}"
+    );
+    for secret in [WEBHOOK_PASSWORD, PAN_KEY, PRISM_PASSWORD] {
+        assert!(!text.contains(secret), "{text}");
+    }
+}
