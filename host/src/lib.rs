@@ -31,6 +31,8 @@ pub mod runtime;
 pub mod scaffold;
 pub mod serve;
 pub mod source;
+#[cfg(unix)]
+pub mod systemd;
 pub mod telemetry;
 
 pub use prismhook_core::{config, event, secret};

@@ -326,7 +326,11 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             // process (its default action).
             let hangup = Hangup::listen();
             let app = App::start(config).await?;
+            #[cfg(unix)]
+            prismhook::systemd::ready(&serving(&app));
             serve_until_signal(&app, hangup).await;
+            #[cfg(unix)]
+            prismhook::systemd::stopping();
             tracing::info!(
                 "shutting down: no new notifications accepted; finishing in-flight batches"
             );
@@ -496,7 +500,9 @@ async fn serve_until_signal(app: &App, hangup: Hangup) {
                 () = &mut stop => return,
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP: reloading the plugins and the main configuration's plugin settings");
+                    prismhook::systemd::reloading();
                     app.reloader.reload().await;
+                    prismhook::systemd::ready(&serving(app));
                 }
             }
         }
@@ -506,6 +512,21 @@ async fn serve_until_signal(app: &App, hangup: Hangup) {
         let _ = (app, hangup);
         wait_for_signal().await;
     }
+}
+
+/// What the service manager shows as the host's status.
+#[cfg(unix)]
+fn serving(app: &App) -> String {
+    let loaded = app
+        .registry
+        .snapshot()
+        .values()
+        .filter(|e| e.plugin.is_some())
+        .count();
+    format!(
+        "listening on {}; {loaded} plugin(s) loaded",
+        app.listener_addr
+    )
 }
 
 async fn wait_for_signal() {

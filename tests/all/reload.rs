@@ -899,7 +899,9 @@ async fn a_reload_takes_the_plugin_tables_of_the_main_configuration_as_its_file_
 }
 
 /// `systemctl reload` sends SIGHUP: the running binary takes the plugin
-/// tables as the file is now, and carries on serving.
+/// tables as the file is now, and carries on serving. It tells the service
+/// manager (`NOTIFY_SOCKET`) when it is ready, reloading, ready again and
+/// stopping.
 #[tokio::test]
 async fn sighup_reloads_the_plugins_of_the_running_binary_with_its_file_as_it_is_now() {
     let h = Host::new();
@@ -916,9 +918,19 @@ async fn sighup_reloads_the_plugins_of_the_running_binary_with_its_file_as_it_is
     };
     let first = host(r#""VM.ON""#);
     std::fs::write(&file, first.toml()).unwrap();
+    let manager = tokio::net::UnixDatagram::bind(h.dir.path().join("notify.sock")).unwrap();
+    let told = async || {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(30), manager.recv(&mut buf))
+            .await
+            .expect("a message for the service manager")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
         .args(["run", "--config"])
         .arg(&file)
+        .env("NOTIFY_SOCKET", h.dir.path().join("notify.sock"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -944,6 +956,12 @@ async fn sighup_reloads_the_plugins_of_the_running_binary_with_its_file_as_it_is
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(probe().await.unwrap(), ["VM.ON"]);
+    let ready = told().await;
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=listening on 127.0.0.1:")
+            && ready.ends_with("; 1 plugin(s) loaded"),
+        "{ready:?}"
+    );
 
     // The same ports: only the plugin's table differs.
     let second = first
@@ -954,6 +972,16 @@ async fn sighup_reloads_the_plugins_of_the_running_binary_with_its_file_as_it_is
     // SAFETY: kill only sends a signal to the child this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     let until = std::time::Instant::now() + Duration::from_secs(30);
+    let reloading = told().await;
+    let usec: u64 = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{reloading:?}"));
+    assert!(usec > 0);
+    assert!(
+        told().await.starts_with("READY=1\n"),
+        "ready again after the reload"
+    );
     while probe().await.as_deref() != Some(&["VM.ON".to_owned(), "VM.DELETE".to_owned()][..]) {
         assert!(
             std::time::Instant::now() < until,
@@ -974,4 +1002,5 @@ async fn sighup_reloads_the_plugins_of_the_running_binary_with_its_file_as_it_is
         .expect("the host stops at SIGTERM")
         .unwrap();
     assert!(status.success(), "{status:?}");
+    assert_eq!(told().await, "STOPPING=1");
 }
