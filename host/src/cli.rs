@@ -216,9 +216,24 @@ pub fn config_check(path: &Path) -> ExitCode {
             cluster.webhook_password.as_ref(),
         );
     }
+    // The clients' trust (CA files, pinned certificates), built as at start
+    // but sending nothing; a cluster whose password is missing is told above.
+    for (j, cluster) in c.clusters.iter().enumerate() {
+        if cluster.password.resolve().is_ok() {
+            if let Err(e) = client_for(&c, cluster) {
+                problems.push(format!("`cluster[{j}].tls`: {e:#}"));
+            }
+        }
+    }
     for (name, settings) in &c.plugin {
-        if let Err((key, message)) = resolve_plugin(settings, name, c.default_limits()) {
-            problems.push(format!("`{key}`: {message}"));
+        match resolve_plugin(settings, name, c.default_limits()) {
+            Err((key, message)) => problems.push(format!("`{key}`: {message}")),
+            Ok(resolved) => {
+                if let Err(e) = crate::outbound::with_tls(reqwest::Client::builder(), &resolved.tls)
+                {
+                    problems.push(format!("`plugin.{name}.tls`: {e}"));
+                }
+            }
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

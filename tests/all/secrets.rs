@@ -255,7 +255,8 @@ async fn config_check_reads_every_secret_and_certificate_and_names_the_key_of_ea
     std::fs::write(p("key.pem"), one.key_pair.serialize_pem()).unwrap();
     std::fs::write(p("other.key"), other.key_pair.serialize_pem()).unwrap();
     let file = dir.path().join("prismhook.toml");
-    let write = |key: &str| {
+    // `ca` and `pin`: the trust files of the cluster and the plugin.
+    let write = |key: &str, ca: &str, pin: &str| {
         let text = format!(
             r#"[listener]
 tls = {{ cert = "{cert}", key = "{key}" }}
@@ -266,15 +267,19 @@ dir = "{plugins}"
 [plugin.fw]
 allow = ["https://fw.example.com"]
 inject = [{{ origin = "https://fw.example.com", header = "X-Key", env = "TEST_CHECK_FW_KEY" }}]
+tls = {{ pinned_cert = "{pin}" }}
 [[cluster]]
 name = "lab"
 prism_url = "https://prism.example.com:9440"
 username = "admin"
 password = {{ env = "TEST_CHECK_PRISM_PASSWORD" }}
 webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
+tls = {{ ca_file = "{ca}" }}
 "#,
             cert = p("cert.pem"),
             key = p(key),
+            ca = p(ca),
+            pin = p(pin),
             data = p("data"),
             plugins = p("plugins"),
         );
@@ -298,7 +303,7 @@ webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
         (out.status.success(), text)
     };
 
-    write("other.key");
+    write("other.key", "no-ca.pem", "no-pin.pem");
     let (ok, text) = check(false);
     assert!(!ok, "{text}");
     for expected in [
@@ -311,8 +316,19 @@ webhook_password = {{ value = "{WEBHOOK_PASSWORD}" }}
     ] {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");
     }
+    // With the secrets there, the trust files are read too.
+    let (ok, text) = check(true);
+    assert!(!ok, "{text}");
+    for expected in [
+        "`cluster[0].tls`",
+        "no-ca.pem",
+        "`plugin.fw.tls`",
+        "no-pin.pem",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
 
-    write("key.pem");
+    write("key.pem", "cert.pem", "cert.pem");
     let (ok, text) = check(true);
     assert!(ok, "{text}");
     assert!(
