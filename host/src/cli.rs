@@ -182,8 +182,6 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// `prismhook plugin check FILE`: loads a component as the host would and
-/// says whether it fits, with its imports, size and compile time.
 /// `prismhook config check`: the file parses, and everything it names that
 /// the host reads at start can be read: every secret (from the
 /// environment or a file, as the service would see them), and the TLS
@@ -199,31 +197,36 @@ pub fn config_check(path: &Path) -> ExitCode {
         }
     };
     let mut problems: Vec<String> = Vec::new();
-    let mut secret = |key: String, source: Option<&crate::secret::SecretSource>| {
-        if let Some(Err(e)) = source.map(|s| s.resolve()) {
-            problems.push(format!("`{key}`: {e}"));
-        }
+    let unreadable = |key: String, source: Option<&crate::secret::SecretSource>| {
+        let e = source?.resolve().err()?;
+        Some(format!("`{key}`: {e}"))
     };
-    secret("admin.token".into(), c.admin.token.as_ref());
+    problems.extend(unreadable("admin.token".into(), c.admin.token.as_ref()));
     if let Some(js) = &c.storage.jetstream {
-        secret("storage.jetstream.password".into(), js.password.as_ref());
-        secret("storage.jetstream.token".into(), js.token.as_ref());
+        problems.extend(unreadable(
+            "storage.jetstream.password".into(),
+            js.password.as_ref(),
+        ));
+        problems.extend(unreadable(
+            "storage.jetstream.token".into(),
+            js.token.as_ref(),
+        ));
     }
     for (j, cluster) in c.clusters.iter().enumerate() {
-        secret(format!("cluster[{j}].password"), Some(&cluster.password));
-        secret(
-            format!("cluster[{j}].webhook_password"),
-            cluster.webhook_password.as_ref(),
-        );
-    }
-    // The clients' trust (CA files, pinned certificates), built as at start
-    // but sending nothing; a cluster whose password is missing is told above.
-    for (j, cluster) in c.clusters.iter().enumerate() {
-        if cluster.password.resolve().is_ok() {
-            if let Err(e) = client_for(&c, cluster) {
-                problems.push(format!("`cluster[{j}].tls`: {e:#}"));
+        // The client as at start, sending nothing: its password, then its
+        // trust (a CA file, a pinned certificate).
+        match cluster.password.resolve() {
+            Err(e) => problems.push(format!("`cluster[{j}].password`: {e}")),
+            Ok(_) => {
+                if let Err(e) = client_for(&c, cluster) {
+                    problems.push(format!("`cluster[{j}].tls`: {e:#}"));
+                }
             }
         }
+        problems.extend(unreadable(
+            format!("cluster[{j}].webhook_password"),
+            cluster.webhook_password.as_ref(),
+        ));
     }
     for (name, settings) in &c.plugin {
         match resolve_plugin(settings, name, c.default_limits()) {
@@ -273,6 +276,8 @@ pub fn config_check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `prismhook plugin check FILE`: loads a component as the host would and
+/// says whether it fits, with its imports, size and compile time.
 pub async fn plugin_check(file: &Path, config: serde_json::Value) -> anyhow::Result<ExitCode> {
     let dir = tempfile_dir()?;
     let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb")))?;
