@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{Error as PemError, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -61,11 +61,24 @@ pub enum CertError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp(u64);
 
-impl Stamp {
-    fn of(cert: &Path, key: &Path) -> Stamp {
+/// The two files as read at one moment: what is stamped is what is loaded.
+struct Read {
+    cert: std::io::Result<Vec<u8>>,
+    key: std::io::Result<Vec<u8>>,
+}
+
+impl Read {
+    fn now(cert: &Path, key: &Path) -> Read {
+        Read {
+            cert: std::fs::read(cert),
+            key: std::fs::read(key),
+        }
+    }
+
+    fn stamp(&self) -> Stamp {
         let mut digest = std::hash::DefaultHasher::new();
-        for path in [cert, key] {
-            std::fs::read(path).ok().hash(&mut digest);
+        for file in [&self.cert, &self.key] {
+            file.as_ref().ok().hash(&mut digest);
         }
         Stamp(digest.finish())
     }
@@ -100,8 +113,9 @@ impl fmt::Debug for CertFiles {
 impl CertFiles {
     /// Loads the pair, or says what is wrong with it.
     pub fn load(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<Self, CertError> {
-        let stamp = Stamp::of(cert, key);
-        let served = load(cert, key, &provider)?;
+        let read = Read::now(cert, key);
+        let stamp = read.stamp();
+        let served = load(read, cert, key, &provider)?;
         Ok(CertFiles {
             cert: cert.to_owned(),
             key: key.to_owned(),
@@ -122,11 +136,12 @@ impl CertFiles {
             return served.key.clone();
         }
         served.looked = Instant::now();
-        let stamp = Stamp::of(&self.cert, &self.key);
+        let read = Read::now(&self.cert, &self.key);
+        let stamp = read.stamp();
         if stamp == served.stamp || Some(stamp) == served.refused {
             return served.key.clone();
         }
-        match load(&self.cert, &self.key, &self.provider) {
+        match load(read, &self.cert, &self.key, &self.provider) {
             Ok(renewed) => {
                 tracing::info!(cert = %self.cert.display(), "serving the certificate as its files changed");
                 served.key = Arc::new(renewed);
@@ -148,9 +163,17 @@ impl ResolvesServerCert for CertFiles {
     }
 }
 
-fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, CertError> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+/// The pair `read` holds; `cert` and `key` name the files in errors.
+fn load(
+    read: Read,
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, CertError> {
+    let chain = read
+        .cert
+        .map_err(PemError::Io)
+        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>())
         .map_err(|source| CertError::Cert {
             path: cert.to_owned(),
             source,
@@ -158,10 +181,14 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedK
     if chain.is_empty() {
         return Err(CertError::NoCert(cert.to_owned()));
     }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|source| CertError::Key {
-        path: key.to_owned(),
-        source,
-    })?;
+    let private = read
+        .key
+        .map_err(PemError::Io)
+        .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem))
+        .map_err(|source| CertError::Key {
+            path: key.to_owned(),
+            source,
+        })?;
     CertifiedKey::from_der(chain, private, provider).map_err(|source| CertError::Mismatch {
         cert: cert.to_owned(),
         key: key.to_owned(),
