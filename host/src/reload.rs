@@ -717,9 +717,10 @@ impl Task {
     /// and the other sections that differ from what the host started
     /// with, as those apply at the next start.
     async fn reread_main(&mut self) -> Vec<Report> {
-        let Some(path) = self.main.as_ref().map(|m| m.path.clone()) else {
+        let Some(started) = &self.main else {
             return Vec::new();
         };
+        let path = started.path.clone();
         let read = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || MainFile::read(&path)).await
@@ -729,15 +730,10 @@ impl Task {
             Ok(Err(error)) => return vec![self.config_report(path, Err(error))],
             Err(e) => return vec![self.config_report(path, Err(format!("reading it failed: {e}")))],
         };
-        let before = self.main.as_ref().map(|m| &m.table);
-        let sections: BTreeSet<&String> = before
-            .into_iter()
-            .flat_map(|t| t.keys())
-            .chain(table.keys())
-            .collect();
+        let sections: BTreeSet<&String> = started.table.keys().chain(table.keys()).collect();
         let elsewhere: Vec<String> = sections
             .into_iter()
-            .filter(|k| *k != "plugin" && before.and_then(|t| t.get(*k)) != table.get(*k))
+            .filter(|k| *k != "plugin" && started.table.get(*k) != table.get(*k))
             .cloned()
             .collect();
         let old = &self.config.plugin;
