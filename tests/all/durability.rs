@@ -1701,12 +1701,13 @@ async fn a_plugin_over_its_kv_limit_keeps_its_events_until_the_limit_is_raised()
     let letters = app.ledger.dead_letters(Some("probe"), None, 10).await;
     let letters = letters.unwrap();
     assert_eq!(letters[0].event.id, second);
+    // Refused at the `set` that would pass the limit, so the plugin could
+    // say which event's record it could not keep.
+    let reason = &letters[0].reason;
     assert!(
-        letters[0]
-            .reason
-            .contains("over its limit of 1048576 (`limits.kv_mib`)"),
-        "{}",
-        letters[0].reason
+        reason.starts_with("rejected: kv set failed: the plugin's kv would hold ")
+            && reason.ends_with(" bytes, over its limit of 1048576 (`limits.kv_mib`)"),
+        "{reason}"
     );
     let kv = kv_of(&app);
     assert!(kv.contains_key(&format!("blob/{first}")), "{:?}", kv.keys());

@@ -36,10 +36,11 @@ pub enum KvError {
     ValueTooLarge(usize),
     #[error("this call has buffered over {MAX_PENDING_BYTES} bytes of writes")]
     TooManyWrites,
-    /// The writes would take the plugin's store past `limits.kv_mib`;
-    /// none of them was stored. Writes that shrink it always pass.
+    /// A `set`, or a call's writes as they are stored, would take the
+    /// plugin's store past `limits.kv_mib`; none of it was stored. Writes
+    /// that shrink it always pass.
     #[error(
-        "they would take the plugin's kv to {would} bytes, over its limit of {limit} \
+        "the plugin's kv would hold {would} bytes, over its limit of {limit} \
          (`limits.kv_mib`)"
     )]
     OverLimit { would: u64, limit: u64 },
@@ -79,6 +80,11 @@ pub(crate) fn within_limit(before: u64, after: u64, limit: u64) -> Result<u64, K
         });
     }
     Ok(after)
+}
+
+/// Record sizes are bounded far below `i64::MAX`.
+fn signed(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// Where a listing of the keys under `prefix` after `after` starts.
@@ -202,6 +208,7 @@ impl KvStore {
             read: BTreeMap::new(),
             pending_bytes: 0,
             limit,
+            growth: Growth::default(),
         }
     }
 
@@ -430,6 +437,27 @@ pub struct KvSession {
     read: BTreeMap<String, u64>,
     pending_bytes: usize,
     limit: u64,
+    growth: Growth,
+}
+
+/// What a call's writes do to the plugin's bytes, so that a `set` that
+/// would take its store past `limits.kv_mib` is refused there, where the
+/// plugin sees which write it was, rather than with all of the call's
+/// writes when it returns. Counted cheaply while the writes are far from
+/// the limit, exactly (a read of each key's stored size) only near it.
+#[derive(Debug, Default)]
+struct Growth {
+    /// The store's bytes when the call first wrote (or since `kv.commit`).
+    base: Option<u64>,
+    /// What the values set could add at most: their records' bytes.
+    most: u64,
+    /// Once `base + most` passes the limit: the writes' exact change.
+    exact: Option<i64>,
+}
+
+/// What one buffered write (`None`: a delete) holds against the limit.
+fn write_bytes(key: &str, value: Option<&[u8]>) -> u64 {
+    value.map_or(0, |v| record_bytes(key, v))
 }
 
 impl KvSession {
@@ -459,12 +487,56 @@ impl KvSession {
         if key.len() > MAX_KEY_BYTES {
             return Err(KvError::KeyTooLong(key.len()));
         }
-        self.pending_bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-        if self.pending_bytes > MAX_PENDING_BYTES {
+        let pending = self.pending_bytes + key.len() + value.as_ref().map_or(0, Vec::len);
+        if pending > MAX_PENDING_BYTES {
             return Err(KvError::TooManyWrites);
         }
+        let new = write_bytes(&key, value.as_deref());
+        let exact = self.growth_with(&key, new)?;
+        self.pending_bytes = pending;
+        self.growth.most += new;
+        self.growth.exact = exact;
         self.writes.insert(key, value);
         Ok(())
+    }
+
+    /// The writes' exact change to the store's bytes with `key` written to
+    /// hold `new` bytes (`None` while they are far from the limit), or
+    /// [`KvError::OverLimit`] when that would grow the store past it.
+    fn growth_with(&mut self, key: &str, new: u64) -> Result<Option<i64>, KvError> {
+        let base = match self.growth.base {
+            Some(base) => base,
+            None => *self
+                .growth
+                .base
+                .insert(self.store.backend.bytes(&self.plugin)?),
+        };
+        let so_far = match self.growth.exact {
+            Some(delta) => delta,
+            None if base.saturating_add(self.growth.most + new) <= self.limit => return Ok(None),
+            None => {
+                let mut delta = 0;
+                for (k, v) in &self.writes {
+                    delta += signed(write_bytes(k, v.as_deref())) - signed(self.stored_bytes(k)?);
+                }
+                // Kept even when this write is refused: the writes before it stand.
+                self.growth.exact = Some(delta);
+                delta
+            }
+        };
+        let before = match self.writes.get(key) {
+            Some(v) => write_bytes(key, v.as_deref()),
+            None => self.stored_bytes(key)?,
+        };
+        let delta = so_far + signed(new) - signed(before);
+        within_limit(base, base.saturating_add_signed(delta), self.limit)?;
+        Ok(Some(delta))
+    }
+
+    /// What `key` holds in the store, as the limit counts it.
+    fn stored_bytes(&self, key: &str) -> Result<u64, KvError> {
+        let value = self.store.backend.read(&self.plugin, key)?;
+        Ok(write_bytes(key, value.as_deref()))
     }
 
     pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>, KvError> {
@@ -555,6 +627,7 @@ impl KvSession {
             self.read.remove(&key);
         }
         self.pending_bytes = 0;
+        self.growth = Growth::default();
         Ok(())
     }
 
@@ -577,8 +650,8 @@ mod tests {
         let mut s = store.session("p", limit);
         for &(k, len) in writes {
             match len {
-                Some(len) => s.set(k.into(), vec![b'x'; len]).unwrap(),
-                None => s.delete(k.into()).unwrap(),
+                Some(len) => s.set(k.into(), vec![b'x'; len])?,
+                None => s.delete(k.into())?,
             }
         }
         s.commit()
@@ -619,6 +692,68 @@ mod tests {
         let mut q = store.session("q", 100);
         q.set("a".into(), vec![0; 90]).unwrap();
         q.commit().unwrap();
+    }
+
+    #[test]
+    fn the_set_that_would_pass_the_limit_is_refused_there_and_the_calls_other_writes_stand() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        write(&store, 100, &[("a", Some(40)), ("b", Some(30))]).unwrap();
+        let mut s = store.session("p", 100);
+        s.set("c".into(), vec![0; 20]).unwrap();
+        // 72 stored + 21 buffered: 11 more bytes would be 104.
+        let e = s.set("d".into(), vec![0; 10]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KvError::OverLimit {
+                    would: 104,
+                    limit: 100
+                }
+            ),
+            "{e}"
+        );
+        // Near the limit, writes are counted exactly: replacing a stored
+        // value by one as long, or shrinking, passes; a delete makes room.
+        s.set("a".into(), vec![1; 40]).unwrap();
+        s.set("b".into(), vec![1; 5]).unwrap();
+        s.set("d".into(), vec![0; 10]).unwrap();
+        s.delete("c".into()).unwrap();
+        s.set("e".into(), vec![0; 30]).unwrap();
+        assert!(s.set("e".into(), vec![0; 45]).is_err(), "104 bytes");
+        s.commit().unwrap();
+        let kv = store.dump("p").unwrap();
+        assert_eq!(kv.keys().collect::<Vec<_>>(), ["a", "b", "d", "e"]);
+        assert_eq!(kv["e"].len(), 30, "the refused value was not buffered");
+        assert_eq!(store.bytes("p").unwrap(), 41 + 6 + 11 + 31);
+    }
+
+    #[test]
+    fn two_calls_each_within_the_limit_are_held_to_it_together_when_they_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        write(&store, 100, &[("a", Some(60))]).unwrap();
+        let (mut x, mut y) = (store.session("p", 100), store.session("p", 100));
+        x.set("x".into(), vec![0; 29]).unwrap();
+        y.set("y".into(), vec![0; 29]).unwrap();
+        x.commit().unwrap();
+        let e = y.commit().unwrap_err();
+        assert!(matches!(e, KvError::OverLimit { would: 121, .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn after_kv_commit_the_limit_counts_from_what_is_stored_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p", 100);
+        s.set("a".into(), vec![0; 59]).unwrap();
+        s.commit_now().await.unwrap();
+        // What was made durable is the base now, not a write of this call.
+        s.set("a".into(), vec![0; 19]).unwrap();
+        s.set("b".into(), vec![0; 59]).unwrap();
+        assert!(s.set("c".into(), vec![0; 59]).is_err());
+        s.commit().unwrap();
+        assert_eq!(store.bytes("p").unwrap(), 20 + 60);
     }
 
     #[test]

@@ -1386,11 +1386,14 @@ mod tests {
         } = two_hosts().await;
         let write = |kv: &KvStore, limit: u64, key: &str, len: Option<usize>| {
             let mut s = kv.session("fw", limit);
-            match len {
-                Some(len) => s.set(key.into(), vec![b'x'; len]).unwrap(),
-                None => s.delete(key.into()).unwrap(),
+            let buffered = match len {
+                Some(len) => s.set(key.into(), vec![b'x'; len]),
+                None => s.delete(key.into()),
+            };
+            async move {
+                buffered?;
+                commit(s).await
             }
-            commit(s)
         };
         write(&kv_a, 100, "a", Some(60)).await.unwrap();
         b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
