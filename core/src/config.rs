@@ -157,6 +157,11 @@ pub struct AdminConfig {
     /// apply here too.
     #[serde(default = "defaults::admin_max_connections")]
     pub max_connections: usize,
+    /// Of them, what one peer (an IPv4 address, an IPv6 /64) may hold,
+    /// so that one host cannot keep operators and the scraper out. 0: no
+    /// such cap (behind a reverse proxy).
+    #[serde(default = "defaults::admin_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
     /// Serve the API over TLS with this certificate and key. The CLI,
     /// reading the same file, trusts exactly this certificate (whatever its
     /// issuer and names), so a self-signed one will do. Beyond loopback the
@@ -748,6 +753,11 @@ mod defaults {
     }
     pub fn admin_max_connections() -> usize {
         64
+    }
+    /// A browser on the status page opens six, a scraper one, the CLI one
+    /// at a time.
+    pub fn admin_max_connections_per_peer() -> usize {
+        16
     }
     pub fn header_read_timeout() -> Duration {
         Duration::from_secs(10)

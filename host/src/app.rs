@@ -242,6 +242,7 @@ impl App {
         let admin_addr = config.admin.listen;
         let limits = ServeLimits {
             max_connections: config.admin.max_connections,
+            max_connections_per_peer: config.admin.max_connections_per_peer,
             ..config.listener.limits()
         };
         let admin_tls = match &config.admin.tls {

@@ -311,14 +311,7 @@ async fn a_body_whose_chunked_framing_breaks_is_a_bad_request_not_too_large() {
 async fn one_peer_cannot_hold_every_connection_and_others_still_get_through() {
     let t = target(&["max_connections = 8", "max_connections_per_peer = 3"]).await;
     let addr = t.app.listener_addr;
-    let from = |ip: &str| {
-        let local: std::net::SocketAddr = format!("{ip}:0").parse().unwrap();
-        async move {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind(local).unwrap();
-            socket.connect(addr).await.unwrap()
-        }
-    };
+    let from = |ip: &'static str| connect_from(ip, addr);
     // Three idle connections from 127.0.0.2: its share.
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -355,6 +348,44 @@ async fn one_peer_cannot_hold_every_connection_and_others_still_get_through() {
     let (answer, _) = read_until_closed(&mut again, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 "), "{answer:?}");
     t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// A connection to `addr` from loopback address `ip` (Linux answers for
+/// all of 127.0.0.0/8): another peer than the tests' 127.0.0.1.
+async fn connect_from(ip: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let local: std::net::SocketAddr = format!("{ip}:0").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(local).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_admin_api_holds_one_peer_to_its_own_share_of_connections() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let config = HostConfig::new(dir.path())
+        .admin("max_connections_per_peer = 2")
+        .config();
+    assert_eq!(config.admin.max_connections, 64);
+    let app = App::start(config).await.unwrap();
+    let addr = app.admin_addr;
+    let held = [
+        connect_from("127.0.0.2", addr).await,
+        connect_from("127.0.0.2", addr).await,
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = connect_from("127.0.0.2", addr).await;
+    let (answer, closed) = read_until_closed(&mut third, Duration::from_secs(5)).await;
+    assert!(
+        closed && answer.is_empty(),
+        "the third is closed unanswered: {answer:?}"
+    );
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200, "another peer is served meanwhile");
+    drop(held);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
 #[tokio::test]

@@ -84,6 +84,8 @@ pub struct HostConfig {
     listen: String,
     admin_listen: String,
     admin_token: Option<String>,
+    /// Further lines of `[admin]`.
+    admin: Vec<String>,
     data_dir: PathBuf,
     plugins_dir: PathBuf,
     watch: bool,
@@ -109,6 +111,7 @@ impl HostConfig {
             listen: "127.0.0.1:0".into(),
             admin_listen: "127.0.0.1:0".into(),
             admin_token: None,
+            admin: Vec::new(),
             data_dir: root.join("data"),
             plugins_dir: root.join("plugins"),
             watch: false,
@@ -152,6 +155,12 @@ impl HostConfig {
 
     pub fn admin_token(mut self, token: &str) -> Self {
         self.admin_token = Some(token.into());
+        self
+    }
+
+    /// A `key = value` line of `[admin]` (value in TOML).
+    pub fn admin(mut self, line: &str) -> Self {
+        self.admin.push(line.into());
         self
     }
 
@@ -281,6 +290,9 @@ impl HostConfig {
         let _ = writeln!(t, "[admin]\nlisten = {:?}", self.admin_listen);
         if let Some(token) = &self.admin_token {
             let _ = writeln!(t, "token = {{ value = {token:?} }}");
+        }
+        for line in &self.admin {
+            let _ = writeln!(t, "{line}");
         }
         let _ = writeln!(t, "[storage]\ndata_dir = {:?}", path(&self.data_dir));
         for line in &self.storage {
