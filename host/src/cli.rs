@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::config::{resolve_plugin, Config};
 use crate::nutanix::registrar::{
-    client_for, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget,
+    client_for, client_with, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget,
 };
 use crate::runtime::{PluginSettings, Runtime, RuntimeOptions};
 use crate::secret::BasicCredentials;
@@ -217,8 +217,8 @@ pub fn config_check(path: &Path) -> ExitCode {
         // trust (a CA file, a pinned certificate).
         match cluster.password.resolve() {
             Err(e) => problems.push(format!("`cluster[{j}].password`: {e}")),
-            Ok(_) => {
-                if let Err(e) = client_for(&c, cluster) {
+            Ok(password) => {
+                if let Err(e) = client_with(&c, cluster, &password) {
                     problems.push(format!("`cluster[{j}].tls`: {e:#}"));
                 }
             }

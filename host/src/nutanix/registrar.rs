@@ -17,7 +17,7 @@ use super::client::{ClusterEndpoint, PrismClient, PrismError, TlsMode, Webhook, 
 use crate::clock::{doubled, now_ms};
 use crate::config::{ClusterConfig, Config};
 use crate::event::matches;
-use crate::secret::{create_private_dir, write_private, BasicCredentials};
+use crate::secret::{create_private_dir, write_private, BasicCredentials, Secret};
 use crate::source::{EndpointStatus, Reconciled, SourceContext};
 
 /// Event types Prism is known to send; subscriptions with patterns are
@@ -509,6 +509,19 @@ pub fn webhook_name(config: &Config, cluster: &str) -> String {
 }
 
 pub fn client_for(config: &Config, cluster: &ClusterConfig) -> anyhow::Result<PrismClient> {
+    let password = cluster
+        .password
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("cluster `{}`: password: {e}", cluster.name))?;
+    client_with(config, cluster, &password)
+}
+
+/// [`client_for`] with the cluster's password already read.
+pub fn client_with(
+    config: &Config,
+    cluster: &ClusterConfig,
+    password: &Secret,
+) -> anyhow::Result<PrismClient> {
     let tls = if cluster.tls.insecure {
         tracing::warn!(cluster = %cluster.name, "TLS verification towards Prism is OFF (`tls.insecure`); use `ca_file` or `pinned_cert` outside a lab");
         TlsMode::Insecure
@@ -519,10 +532,6 @@ pub fn client_for(config: &Config, cluster: &ClusterConfig) -> anyhow::Result<Pr
     } else {
         TlsMode::System
     };
-    let password = cluster
-        .password
-        .resolve()
-        .map_err(|e| anyhow::anyhow!("cluster `{}`: password: {e}", cluster.name))?;
     Ok(PrismClient::new(ClusterEndpoint {
         name: cluster.name.clone(),
         base_url: cluster.prism_url.to_string(),
