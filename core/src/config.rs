@@ -62,6 +62,11 @@ pub struct Config {
     /// Where the file was read from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
+    /// The file as [`Config::load`] read it, as a table: what a later
+    /// reading of the file is compared with. `None` for a configuration
+    /// parsed from text.
+    #[serde(skip)]
+    pub file_table: Option<toml::Table>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -890,7 +895,9 @@ impl Config {
             file: path.to_owned(),
             reason: e.to_string(),
         })?;
-        Config::parse_with_env(&text, path, std::env::vars())
+        let mut config = Config::parse_with_env(&text, path, std::env::vars())?;
+        config.file_table = text.parse().ok();
+        Ok(config)
     }
 
     /// [`Config::parse`], then the overrides among `vars`.

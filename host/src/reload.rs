@@ -465,12 +465,11 @@ struct MainFile {
 }
 
 impl MainFile {
-    /// The file `config` was loaded from, if it reads as TOML.
+    /// The file `config` was loaded from, as it was read then.
     fn of(config: &Config) -> Option<MainFile> {
-        let text = std::fs::read_to_string(&config.source).ok()?;
         Some(MainFile {
             path: config.source.clone(),
-            table: text.parse().ok()?,
+            table: config.file_table.clone()?,
         })
     }
 
@@ -605,6 +604,7 @@ pub async fn start(
         None => (None, None),
     };
     let mut task = Task {
+        main: MainFile::of(&config),
         runtime,
         registry,
         config,
@@ -617,14 +617,6 @@ pub async fn start(
         optimized,
         pre_initialising: tokio::task::JoinSet::new(),
         turn: turn.clone(),
-        main: None,
-    };
-    task.main = {
-        let config = task.config.clone();
-        tokio::task::spawn_blocking(move || MainFile::of(&config))
-            .await
-            .ok()
-            .flatten()
     };
     let first = task.rescan().await;
     if let Some(thread) = optimizer {
