@@ -129,15 +129,16 @@ pub trait KvBackend: Send + Sync + 'static {
     /// of those keys has changed since. They are refused too when they
     /// would take the plugin's keys and values past `limit` bytes
     /// ([`KvError::OverLimit`]; a store several hosts write may pass it by
-    /// what their calls write at the same moment). Blocks: it is called off
-    /// the async threads.
+    /// what their calls write at the same moment). Returns the version each
+    /// written key was stored at (none for a backend that keeps no
+    /// versions). Blocks: it is called off the async threads.
     fn apply(
         &self,
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
         read: &BTreeMap<String, u64>,
         limit: u64,
-    ) -> Result<(), KvError>;
+    ) -> Result<BTreeMap<String, u64>, KvError>;
 
     /// The bytes (keys and values) `plugin`'s keys hold, as `apply` counts
     /// them against its limit.
@@ -206,6 +207,7 @@ impl KvStore {
             plugin: plugin.to_owned(),
             writes: BTreeMap::new(),
             read: BTreeMap::new(),
+            committed: BTreeMap::new(),
             pending_bytes: 0,
             limit,
             growth: Growth::default(),
@@ -327,8 +329,9 @@ impl KvBackend for RedbKv {
         writes: BTreeMap<String, Option<Vec<u8>>>,
         read: &BTreeMap<String, u64>,
         limit: u64,
-    ) -> Result<(), KvError> {
+    ) -> Result<BTreeMap<String, u64>, KvError> {
         let (table_name, versions_name) = (table(plugin), versions(plugin));
+        let mut stored = BTreeMap::new();
         let txn = self.db.begin_write().map_err(storage)?;
         {
             let def: TableDefinition<&str, u64> = TableDefinition::new(&versions_name);
@@ -371,12 +374,14 @@ impl KvBackend for RedbKv {
                     .map_or(0, |v| v.value())
                     + 1;
                 versions.insert(k.as_str(), next).map_err(storage)?;
+                stored.insert(k.clone(), next);
             }
             // Dropped without a commit when over: nothing is stored.
             let after = within_limit(before, after, limit)?;
             usage.insert(plugin, after).map_err(storage)?;
         }
-        txn.commit().map_err(storage)
+        txn.commit().map_err(storage)?;
+        Ok(stored)
     }
 }
 
@@ -435,6 +440,9 @@ pub struct KvSession {
     /// those keys are unchanged, so that what it wrote from what it read
     /// cannot overwrite another host's write in between.
     read: BTreeMap<String, u64>,
+    /// The version each key stored by `kv.commit` in this call was stored
+    /// at, for a later write of it.
+    committed: BTreeMap<String, u64>,
     pending_bytes: usize,
     limit: u64,
     growth: Growth,
@@ -487,7 +495,10 @@ impl KvSession {
         if key.len() > MAX_KEY_BYTES {
             return Err(KvError::KeyTooLong(key.len()));
         }
-        let pending = self.pending_bytes + key.len() + value.as_ref().map_or(0, Vec::len);
+        // What is buffered: a key written again replaces its entry.
+        let size = |value: Option<&Vec<u8>>| key.len() + value.map_or(0, Vec::len);
+        let replaced = self.writes.get(&key).map_or(0, |v| size(v.as_ref()));
+        let pending = self.pending_bytes - replaced + size(value.as_ref());
         if pending > MAX_PENDING_BYTES {
             return Err(KvError::TooManyWrites);
         }
@@ -503,6 +514,10 @@ impl KvSession {
     /// The writes' exact change to the store's bytes with `key` written to
     /// hold `new` bytes (`None` while they are far from the limit), or
     /// [`KvError::OverLimit`] when that would grow the store past it.
+    ///
+    /// Other calls change the store meanwhile, so the running count may be
+    /// stale: a write it finds over the limit is refused only once the
+    /// store, read again, says so too.
     fn growth_with(&mut self, key: &str, new: u64) -> Result<Option<i64>, KvError> {
         let base = match self.growth.base {
             Some(base) => base,
@@ -514,23 +529,40 @@ impl KvSession {
         let so_far = match self.growth.exact {
             Some(delta) => delta,
             None if base.saturating_add(self.growth.most + new) <= self.limit => return Ok(None),
-            None => {
-                let mut delta = 0;
-                for (k, v) in &self.writes {
-                    delta += signed(write_bytes(k, v.as_deref())) - signed(self.stored_bytes(k)?);
-                }
-                // Kept even when this write is refused: the writes before it stand.
-                self.growth.exact = Some(delta);
-                delta
-            }
+            None => self.growth_now()?,
         };
-        let before = match self.writes.get(key) {
-            Some(v) => write_bytes(key, v.as_deref()),
-            None => self.stored_bytes(key)?,
-        };
-        let delta = so_far + signed(new) - signed(before);
+        let delta = so_far + signed(new) - signed(self.buffered_or_stored(key)?);
+        if within_limit(base, base.saturating_add_signed(delta), self.limit).is_ok() {
+            return Ok(Some(delta));
+        }
+        // Read again, and kept even when this write is refused: the writes
+        // before it stand.
+        let base = *self
+            .growth
+            .base
+            .insert(self.store.backend.bytes(&self.plugin)?);
+        let so_far = self.growth_now()?;
+        self.growth.exact = Some(so_far);
+        let delta = so_far + signed(new) - signed(self.buffered_or_stored(key)?);
         within_limit(base, base.saturating_add_signed(delta), self.limit)?;
         Ok(Some(delta))
+    }
+
+    /// What the buffered writes change of the store as it is now.
+    fn growth_now(&self) -> Result<i64, KvError> {
+        let mut delta = 0;
+        for (k, v) in &self.writes {
+            delta += signed(write_bytes(k, v.as_deref())) - signed(self.stored_bytes(k)?);
+        }
+        Ok(delta)
+    }
+
+    /// What `key` holds as the call would leave it so far.
+    fn buffered_or_stored(&self, key: &str) -> Result<u64, KvError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(write_bytes(key, v.as_deref())),
+            None => self.stored_bytes(key),
+        }
     }
 
     /// What `key` holds in the store, as the limit counts it.
@@ -613,18 +645,25 @@ impl KvSession {
     /// stay buffered too.
     pub async fn commit_now(&mut self) -> Result<(), KvError> {
         if self.writes.is_empty() {
+            // Whatever other calls stored meanwhile counts from here on.
+            self.growth = Growth::default();
             return Ok(());
         }
         let (backend, plugin) = (self.store.backend.clone(), self.plugin.clone());
-        let (writes, read, limit) = (self.writes.clone(), self.read.clone(), self.limit);
-        tokio::task::spawn_blocking(move || backend.apply(&plugin, writes, &read, limit))
-            .await
-            .map_err(storage)??;
+        let (writes, limit) = (self.writes.clone(), self.limit);
+        let fence = fence(self.read.clone(), &self.committed, &self.writes);
+        let stored =
+            tokio::task::spawn_blocking(move || backend.apply(&plugin, writes, &fence, limit))
+                .await
+                .map_err(storage)??;
         // The backend reads back what it applied (a JetStream host's
         // mirror shows a write before `apply` returns). The keys written are
-        // this call's own now: a later write of them expects this version.
-        for key in std::mem::take(&mut self.writes).into_keys() {
+        // this call's own now: a later write of them expects the version
+        // stored, and is refused if another call wrote them since.
+        self.writes.clear();
+        for (key, version) in stored {
             self.read.remove(&key);
+            self.committed.insert(key, version);
         }
         self.pending_bytes = 0;
         self.growth = Growth::default();
@@ -636,10 +675,28 @@ impl KvSession {
         if self.writes.is_empty() {
             return Ok(());
         }
+        let fence = fence(self.read, &self.committed, &self.writes);
         self.store
             .backend
-            .apply(&self.plugin, self.writes, &self.read, self.limit)
+            .apply(&self.plugin, self.writes, &fence, self.limit)
+            .map(drop)
     }
+}
+
+/// The versions a call's writes are stored against: those of the keys it
+/// read, and of the keys it writes again after a `kv.commit` stored them
+/// (at the version stored then, unless it read them again since).
+fn fence(
+    mut read: BTreeMap<String, u64>,
+    committed: &BTreeMap<String, u64>,
+    writes: &BTreeMap<String, Option<Vec<u8>>>,
+) -> BTreeMap<String, u64> {
+    for key in writes.keys() {
+        if let Some(&version) = committed.get(key) {
+            read.entry(key.clone()).or_insert(version);
+        }
+    }
+    read
 }
 
 #[cfg(test)]
@@ -754,6 +811,63 @@ mod tests {
         assert!(s.set("c".into(), vec![0; 59]).is_err());
         s.commit().unwrap();
         assert_eq!(store.bytes("p").unwrap(), 20 + 60);
+    }
+
+    #[test]
+    fn a_set_the_store_has_made_room_for_since_the_call_began_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        write(&store, 200, &[("a", Some(40)), ("b", Some(18))]).unwrap();
+        let mut x = store.session("p", 200);
+        x.set("a".into(), vec![0; 40]).unwrap();
+        // Another call frees 41 bytes while this one runs.
+        write(&store, 200, &[("a", None)]).unwrap();
+        // 60 bytes when the call began, 19 now: 19 + 41 + 100 fits.
+        x.set("c".into(), vec![0; 99]).unwrap();
+        x.commit().unwrap();
+        assert_eq!(store.bytes("p").unwrap(), 160);
+    }
+
+    #[test]
+    fn a_key_written_over_and_over_counts_once_against_the_calls_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p", u64::MAX);
+        // 100 MiB written, 1 MiB buffered.
+        for i in 0..100u8 {
+            s.set("summary".into(), vec![i; MAX_VALUE_BYTES]).unwrap();
+        }
+        s.commit().unwrap();
+        assert_eq!(store.dump("p").unwrap()["summary"][0], 99);
+    }
+
+    #[tokio::test]
+    async fn a_key_kv_commit_stored_is_not_written_again_over_another_calls_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut x = store.session("p", u64::MAX);
+        assert_eq!(x.get("ip/1").unwrap(), None);
+        x.set("ip/1".into(), b"vm-a".to_vec()).unwrap();
+        x.commit_now().await.unwrap();
+        // Another call reads what x stored and adds to it.
+        let mut y = store.session("p", u64::MAX);
+        assert_eq!(y.get("ip/1").unwrap().as_deref(), Some(&b"vm-a"[..]));
+        y.set("ip/1".into(), b"vm-a,vm-b".to_vec()).unwrap();
+        y.commit().unwrap();
+        // x writes the key again from what it knew: that would lose vm-b.
+        x.set("ip/1".into(), b"vm-a,vm-c".to_vec()).unwrap();
+        assert!(matches!(x.commit(), Err(KvError::Conflict(_))));
+        assert_eq!(store.dump("p").unwrap()["ip/1"], b"vm-a,vm-b");
+
+        // Nobody wrote it since: the call writes it again as often as it likes.
+        let mut z = store.session("p", u64::MAX);
+        z.set("ip/2".into(), b"1".to_vec()).unwrap();
+        z.commit_now().await.unwrap();
+        z.set("ip/2".into(), b"2".to_vec()).unwrap();
+        z.commit_now().await.unwrap();
+        z.set("ip/2".into(), b"3".to_vec()).unwrap();
+        z.commit().unwrap();
+        assert_eq!(store.dump("p").unwrap()["ip/2"], b"3");
     }
 
     #[test]

@@ -45,6 +45,9 @@ use crate::runtime::kv_store::{self, KvBackend, KvError};
 
 const OP: &str = "Prismhook-Kv";
 
+/// A key and what a call writes to it (`None`: deletes it).
+type Write = (String, Option<Vec<u8>>);
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -173,6 +176,46 @@ impl Mirror {
         kv_store::within_limit(before, after, limit).map(drop)
     }
 
+    /// Refuses a call's writes when a key it read and does not write has changed since, as far as
+    /// this host has read.
+    fn unchanged(
+        &self,
+        plugin: &str,
+        read: &BTreeMap<String, u64>,
+        writes: &BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<(), KvError> {
+        let data = self.data.read().expect("kv mirror lock poisoned");
+        let records = data.get(plugin);
+        let changed = read.iter().find(|&(key, &seen)| {
+            !writes.contains_key(key)
+                && records.and_then(|r| r.get(key)).map_or(0, |r| r.seq) != seen
+        });
+        match changed {
+            Some((key, _)) => Err(KvError::Conflict(format!(
+                "`{key}` was written by another call or host since this one read it"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The sequence each key of `chunks` was stored at, once the mirror shows them. A key whose
+    /// last message is past its batch's last (another host wrote it since) gets the batch's last:
+    /// not the key's last message, so that a later write of it by this call is refused rather
+    /// than overwrite the other host's unseen.
+    fn stored(&self, plugin: &str, chunks: &[(&[Write], u64)]) -> BTreeMap<String, u64> {
+        let data = self.data.read().expect("kv mirror lock poisoned");
+        let records = data.get(plugin);
+        chunks
+            .iter()
+            .flat_map(|&(chunk, last)| {
+                chunk.iter().map(move |(key, _)| {
+                    let seq = records.and_then(|r| r.get(key)).map_or(0, |r| r.seq);
+                    (key.clone(), seq.min(last))
+                })
+            })
+            .collect()
+    }
+
     /// Waits until the mirror has reached `seq`.
     pub(super) async fn reached(&self, seq: u64, limit: Duration) -> bool {
         follow::reached("plugin kv", &self.applied, seq, &self.restarts, Some(limit)).await
@@ -262,7 +305,7 @@ impl JetStreamKv {
     async fn publish(
         &self,
         plugin: &str,
-        writes: &[(String, Option<Vec<u8>>)],
+        writes: &[Write],
         read: &BTreeMap<String, u64>,
     ) -> Result<u64, KvError> {
         let messages = {
@@ -355,27 +398,33 @@ impl KvBackend for JetStreamKv {
             .unwrap_or_default())
     }
 
+    /// Keys the call read but does not write are held to what this host has read since: a
+    /// write of them by another host that the mirror does not show yet goes unseen (the keys
+    /// written are fenced by the servers, whatever this host has read).
     fn apply(
         &self,
         plugin: &str,
         writes: BTreeMap<String, Option<Vec<u8>>>,
         read: &BTreeMap<String, u64>,
         limit: u64,
-    ) -> Result<(), KvError> {
+    ) -> Result<BTreeMap<String, u64>, KvError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(KvError::Storage(format!(
                 "`{plugin}`'s writes cannot be stored: not connected to any NATS server"
             )));
         }
+        self.mirror.unchanged(plugin, read, &writes)?;
         self.mirror.within_limit(plugin, &writes, limit)?;
-        let writes: Vec<(String, Option<Vec<u8>>)> = writes.into_iter().collect();
+        let writes: Vec<Write> = writes.into_iter().collect();
         self.handle.block_on(async {
-            let mut last = 0;
+            let mut lasts = Vec::new();
             for chunk in writes.chunks(BATCH_MAX) {
-                last = self.publish(plugin, chunk, read).await.inspect_err(|_| {
+                let last = self.publish(plugin, chunk, read).await.inspect_err(|_| {
                     self.unsure.store(true, Ordering::SeqCst);
                 })?;
+                lasts.push((chunk, last));
             }
+            let last = lasts.last().map_or(0, |(_, last)| *last);
             // Read-your-writes: the next call on this host sees them. Should the mirror not show
             // them in time, no call reads before it does (`settle`).
             if !self.mirror.reached(last, self.ack_timeout).await {
@@ -386,7 +435,7 @@ impl KvBackend for JetStreamKv {
                     self.ack_timeout
                 )));
             }
-            Ok(())
+            Ok(self.mirror.stored(plugin, &lasts))
         })
     }
 

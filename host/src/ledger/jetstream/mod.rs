@@ -1422,6 +1422,55 @@ mod tests {
         assert_eq!(kv_b.bytes("fw").unwrap(), 81);
     }
 
+    /// A call is held to the keys it read and does not write (as far as its host has read the
+    /// other's write) and to the keys a `kv.commit` of its stored, when it writes them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_is_held_to_what_it_read_and_to_what_it_committed_across_the_hosts() {
+        let TwoHosts {
+            a,
+            b,
+            kv_a,
+            kv_b,
+            nats: _nats,
+            _dir,
+        } = two_hosts().await;
+        let mut x = kv_a.session("fw", u64::MAX);
+        assert_eq!(x.get("owner/10.0.0.5").unwrap(), None);
+        let mut y = kv_b.session("fw", u64::MAX);
+        y.set("owner/10.0.0.5".into(), b"vm-b".to_vec()).unwrap();
+        commit(y).await.unwrap();
+        a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        // Written from what x read of the owner, which is no longer so.
+        x.set("vm/vm-2".into(), b"10.0.0.5".to_vec()).unwrap();
+        let e = commit(x).await.unwrap_err();
+        assert!(matches!(e, KvError::Conflict(_)), "{e}");
+        assert!(!kv_a.dump("fw").unwrap().contains_key("vm/vm-2"));
+
+        let mut x = kv_a.session("fw", u64::MAX);
+        x.set("ip/1".into(), b"vm-a".to_vec()).unwrap();
+        x.commit_now().await.unwrap();
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        let mut y = kv_b.session("fw", u64::MAX);
+        assert_eq!(y.get("ip/1").unwrap().as_deref(), Some(&b"vm-a"[..]));
+        y.set("ip/1".into(), b"vm-a,vm-b".to_vec()).unwrap();
+        commit(y).await.unwrap();
+        a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        x.set("ip/1".into(), b"vm-a,vm-c".to_vec()).unwrap();
+        let e = commit(x).await.unwrap_err();
+        assert!(matches!(e, KvError::Conflict(_)), "{e}");
+        assert_eq!(kv_a.dump("fw").unwrap()["ip/1"], b"vm-a,vm-b");
+
+        // Unwritten by others, a committed key is written again as often as the call likes.
+        let mut z = kv_a.session("fw", u64::MAX);
+        for n in 0..3u8 {
+            z.set("ip/2".into(), vec![n]).unwrap();
+            z.commit_now().await.unwrap();
+        }
+        z.set("ip/2".into(), vec![9]).unwrap();
+        commit(z).await.unwrap();
+        assert_eq!(kv_a.dump("fw").unwrap()["ip/2"], vec![9]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plugin_kv_is_the_same_on_every_host_and_a_calls_writes_land_together() {
         let TwoHosts {
