@@ -14,7 +14,10 @@
 //! certificate's) leaves the served one in place, with a warning, and is
 //! tried again only when the files change once more: a renewal caught
 //! between writing the certificate and the key is served once the key
-//! lands.
+//! lands. The look runs on the blocking pool while the handshake goes on
+//! with the pair served so far: files on a mount that hangs must not hold
+//! handshakes (their timeout cannot fire on a blocked thread), and one
+//! look at a time is all there is.
 
 use std::fmt;
 use std::hash::{Hash as _, Hasher as _};
@@ -87,6 +90,11 @@ impl Read {
 /// A certificate chain and key from PEM files, served by rustls and loaded
 /// again when the files change.
 pub struct CertFiles {
+    files: Arc<Files>,
+}
+
+/// What a look on the blocking pool needs.
+struct Files {
     cert: PathBuf,
     key: PathBuf,
     provider: Arc<CryptoProvider>,
@@ -99,13 +107,15 @@ struct Served {
     looked: Instant,
     /// The version of the files that last failed to load, not tried again.
     refused: Option<Stamp>,
+    /// A look is under way.
+    looking: bool,
 }
 
 impl fmt::Debug for CertFiles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertFiles")
-            .field("cert", &self.cert)
-            .field("key", &self.key)
+            .field("cert", &self.files.cert)
+            .field("key", &self.files.key)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +126,7 @@ impl CertFiles {
         let read = Read::now(cert, key);
         let stamp = read.stamp();
         let served = load(read, cert, key, &provider)?;
-        Ok(CertFiles {
+        let files = Files {
             cert: cert.to_owned(),
             key: key.to_owned(),
             provider,
@@ -125,35 +135,70 @@ impl CertFiles {
                 stamp,
                 looked: Instant::now(),
                 refused: None,
+                looking: false,
             }),
+        };
+        Ok(CertFiles {
+            files: Arc::new(files),
         })
     }
 
-    /// The pair to serve now, loaded again if the files changed since.
+    /// The pair to serve now. When the last look is [`RECHECK`] old, a new
+    /// one starts: on the blocking pool when there is a runtime (what it
+    /// loads is served from a later handshake on), else here.
     fn current(&self) -> Arc<CertifiedKey> {
-        let mut served = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if served.looked.elapsed() < RECHECK {
+        let mut served = self.files.state();
+        if served.looking || served.looked.elapsed() < RECHECK {
             return served.key.clone();
         }
         served.looked = Instant::now();
+        served.looking = true;
+        let key = served.key.clone();
+        drop(served);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let files = self.files.clone();
+                runtime.spawn_blocking(move || files.look());
+                key
+            }
+            Err(_) => {
+                self.files.look();
+                self.files.state().key.clone()
+            }
+        }
+    }
+}
+
+impl Files {
+    fn state(&self) -> std::sync::MutexGuard<'_, Served> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the files (holding no lock) and serves them if they changed
+    /// and load.
+    fn look(&self) {
         let read = Read::now(&self.cert, &self.key);
         let stamp = read.stamp();
-        if stamp == served.stamp || Some(stamp) == served.refused {
-            return served.key.clone();
-        }
-        match load(read, &self.cert, &self.key, &self.provider) {
-            Ok(renewed) => {
+        let known = {
+            let served = self.state();
+            stamp == served.stamp || Some(stamp) == served.refused
+        };
+        let loaded = (!known).then(|| load(read, &self.cert, &self.key, &self.provider));
+        let mut served = self.state();
+        served.looking = false;
+        match loaded {
+            None => {}
+            Some(Ok(renewed)) => {
                 tracing::info!(cert = %self.cert.display(), "serving the certificate as its files changed");
                 served.key = Arc::new(renewed);
                 served.stamp = stamp;
                 served.refused = None;
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 tracing::warn!(cert = %self.cert.display(), "the certificate's files changed but do not load; still serving the one before: {error}");
                 served.refused = Some(stamp);
             }
         }
-        served.key.clone()
     }
 }
 
@@ -217,7 +262,7 @@ mod tests {
 
     /// As if the last look were a while ago.
     fn look_now(files: &CertFiles) {
-        files.state.lock().unwrap().looked = Instant::now() - RECHECK;
+        files.files.state().looked = Instant::now() - RECHECK;
     }
 
     #[test]
@@ -253,7 +298,7 @@ mod tests {
         let too_soon = served(&files);
         look_now(&files);
         let halfway = served(&files);
-        let refused = files.state.lock().unwrap().refused;
+        let refused = files.files.state().refused;
         std::fs::write(&key, renewed.key_pair.serialize_pem()).unwrap();
         look_now(&files);
         let whole = served(&files);
@@ -265,6 +310,37 @@ mod tests {
         );
         assert!(refused.is_some());
         assert_eq!(whole, renewed.cert.der().to_vec());
-        assert_eq!(files.state.lock().unwrap().refused, None);
+        assert_eq!(files.files.state().refused, None);
+    }
+
+    #[tokio::test]
+    async fn a_look_at_files_that_hang_never_holds_a_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = issue(dir.path(), "cert.pem", "key.pem");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let files = CertFiles::load(&cert, &key, provider()).unwrap();
+        // A FIFO: reading it blocks until a writer comes, as a file on a
+        // mount that hangs does.
+        std::fs::remove_file(&cert).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&cert).status();
+        assert!(made.unwrap().success());
+        look_now(&files);
+
+        let during = served(&files);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let still = served(&files);
+        assert_eq!(during, first);
+        assert_eq!(still, first);
+        assert!(files.files.state().looking, "one look, still blocked");
+
+        // The writer comes and goes: the look reads nothing, and refuses it.
+        drop(std::fs::OpenOptions::new().write(true).open(&cert).unwrap());
+        let until = Instant::now() + Duration::from_secs(10);
+        while files.files.state().looking {
+            assert!(Instant::now() < until, "the look ends once the read does");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(files.files.state().refused.is_some());
+        assert_eq!(served(&files), first);
     }
 }
