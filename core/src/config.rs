@@ -112,6 +112,10 @@ pub struct ListenerConfig {
 /// hyper refuses read buffers below this size.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
+/// Far beyond what one process keeps open (each connection is a file
+/// descriptor and buffers), and below what a semaphore can count.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
 /// What one socket's peers may cost before a handler sees their request
 /// (the host's `serve` enforces it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1185,6 +1189,9 @@ impl Config {
         ] {
             if n == 0 {
                 return Err(self.invalid(key, "must be at least 1"));
+            }
+            if n > MAX_CONNECTIONS {
+                return Err(self.invalid(key, format!("must be at most {MAX_CONNECTIONS}")));
             }
         }
         for (key, d) in [

@@ -1,5 +1,9 @@
 //! Bounding text that comes from outside (a firewall's error, a plugin's
-//! reason) before the host stores or logs it.
+//! reason) before the host stores or logs it, and how many lines about
+//! peers it logs.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// `text` cut to at most `max` bytes at a character boundary, ending in `…`
 /// when it was cut.
@@ -36,9 +40,78 @@ pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Lets at most `burst` log lines of one kind through per `window` and
+/// counts the rest, so that peers who are refused before they authenticate
+/// cannot fill the host's log or its disk (the metrics still count every
+/// refusal).
+#[derive(Debug)]
+pub struct LogThrottle {
+    burst: u32,
+    window: Duration,
+    state: Mutex<Throttled>,
+}
+
+#[derive(Debug)]
+struct Throttled {
+    window_start: Instant,
+    logged: u32,
+    held_back: u64,
+}
+
+impl LogThrottle {
+    pub fn new(burst: u32, window: Duration) -> LogThrottle {
+        LogThrottle {
+            burst,
+            window,
+            state: Mutex::new(Throttled {
+                window_start: Instant::now(),
+                logged: 0,
+                held_back: 0,
+            }),
+        }
+    }
+
+    /// Whether to log this line: if so, how many were held back since the
+    /// last one logged, for the line to say.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock().expect("log throttle lock");
+        if now.saturating_duration_since(s.window_start) >= self.window {
+            s.window_start = now;
+            s.logged = 0;
+        }
+        if s.logged < self.burst {
+            s.logged += 1;
+            Some(std::mem::take(&mut s.held_back))
+        } else {
+            s.held_back += 1;
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_log_lets_a_burst_through_per_window_and_counts_what_it_held_back() {
+        let t = LogThrottle::new(2, Duration::from_secs(60));
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(t.admit_at(at(0)), Some(0));
+        assert_eq!(t.admit_at(at(1)), Some(0));
+        for s in 2..7 {
+            assert_eq!(t.admit_at(at(s)), None, "second {s}");
+        }
+        // A new window: the first line says how many were held back.
+        assert_eq!(t.admit_at(at(61)), Some(5));
+        assert_eq!(t.admit_at(at(62)), Some(0));
+        assert_eq!(t.admit_at(at(63)), None);
+    }
 
     #[test]
     fn control_characters_are_written_as_escapes_on_one_line() {

@@ -38,6 +38,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
@@ -53,8 +54,10 @@ use crate::ledger::{DeadLetterCursor, LedgerError, Membership, SharedLedger};
 use crate::registry::Registry;
 use crate::reload::{self, Reloader};
 use crate::secret::Secret;
+use crate::serve::BodyError;
 use crate::source::{EventSource, SourceError};
 use crate::telemetry::{HandleDurations, ListenerStats};
+use prismhook_core::text::LogThrottle;
 
 use api::{
     ClusterReport, Count, DeadLetters, DlqQuery, DlqSelection, PluginReport, Readiness,
@@ -99,6 +102,9 @@ pub struct AdminState {
     /// `handle` durations, recorded by the dispatcher when it is given this
     /// handle; rendered as a histogram per plugin.
     pub handle_durations: HandleDurations,
+    /// A request's body must arrive within this (the listener's
+    /// `body_read_timeout`), or the request is answered 408.
+    pub body_read_timeout: Duration,
 }
 
 impl AdminState {
@@ -112,7 +118,21 @@ impl AdminState {
 struct Shared {
     state: AdminState,
     metrics: metrics::Metrics,
+    /// Refused requests are logged at most this often: a peer without the
+    /// token must not fill the host's log.
+    refusals: LogThrottle,
 }
+
+/// Refused requests logged per minute; the rest are counted, and the next
+/// line logged says how many.
+const REFUSALS_LOGGED_PER_MINUTE: u32 = 10;
+
+/// Most bytes of an operator request's body (axum's own default for JSON):
+/// filters, or a selection of some hundred thousand dead letters by id.
+const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// Most characters of a peer's header quoted in a log line or an answer.
+const QUOTED_HEADER_BYTES: usize = 100;
 
 type Admin = State<Arc<Shared>>;
 
@@ -135,7 +155,11 @@ pub async fn serve(
 /// The admin routes, for [`serve`] or for calling without a socket.
 pub fn router(state: AdminState) -> Router {
     let metrics = metrics::Metrics::new(&state);
-    let shared = Arc::new(Shared { state, metrics });
+    let shared = Arc::new(Shared {
+        state,
+        metrics,
+        refusals: LogThrottle::new(REFUSALS_LOGGED_PER_MINUTE, Duration::from_secs(60)),
+    });
     let protected = Router::new()
         .route("/", get(status_page))
         .route("/readyz", get(readyz))
@@ -149,6 +173,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/dlq/replay", post(dlq_replay))
         .route("/api/dlq/drop", post(dlq_drop))
         .route("/api/replay", post(replay))
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            read_body_in_time,
+        ))
         .route_layer(middleware::from_fn_with_state(
             shared.clone(),
             require_token,
@@ -185,10 +213,19 @@ async fn refuse_foreign_sites(State(shared): Admin, req: Request, next: Next) ->
     match foreign_site(&req, &shared.state.hosts) {
         None => next.run(req).await,
         Some(why) => {
-            tracing::warn!(path = req.uri().path(), "admin request refused: {why}");
+            if let Some(held_back) = shared.refusals.admit() {
+                tracing::warn!(path = %quoted(req.uri().path()), held_back, "admin request refused: {why}");
+            }
             ApiError::Forbidden(why).into_response()
         }
     }
+}
+
+/// What a peer sent, shortened and on one line, for a log line or an
+/// answer.
+fn quoted(text: &str) -> String {
+    let text = prismhook_core::text::truncate(text.to_owned(), QUOTED_HEADER_BYTES);
+    prismhook_core::text::one_line(&text).into_owned()
 }
 
 /// Why `req` looks like a browser acting for another site, if it does.
@@ -199,7 +236,8 @@ fn foreign_site(req: &Request, hosts: &[String]) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
     if let Some(host) = host.as_deref().filter(|h| !known_host(h, hosts)) {
         return Some(format!(
-            "`Host: {host}` is not a name of this admin API; add it to `admin.hosts`"
+            "`Host: {}` is not a name of this admin API; add it to `admin.hosts`",
+            quoted(host)
         ));
     }
     if matches!(
@@ -209,16 +247,22 @@ fn foreign_site(req: &Request, hosts: &[String]) -> Option<String> {
         return None;
     }
     if let Some(site) = header("sec-fetch-site").filter(|s| !matches!(*s, "same-origin" | "none")) {
-        return Some(format!("a {site} request cannot change anything here"));
+        return Some(format!(
+            "a {} request cannot change anything here",
+            quoted(site)
+        ));
     }
     let own = |origin: &str| {
         origin
             .split_once("://")
             .is_some_and(|(_, authority)| Some(authority) == host.as_deref())
     };
-    header("origin")
-        .filter(|o| !own(o))
-        .map(|origin| format!("requests from `{origin}` cannot change anything here"))
+    header("origin").filter(|o| !own(o)).map(|origin| {
+        format!(
+            "requests from `{}` cannot change anything here",
+            quoted(origin)
+        )
+    })
 }
 
 /// Whether `host` (a `Host` header: name or address, optional port) names
@@ -249,15 +293,40 @@ async fn require_token(State(shared): Admin, req: Request, next: Next) -> Respon
     if presented.is_some_and(|p| token_matches(&p, expected)) {
         return next.run(req).await;
     }
-    tracing::warn!(
-        path = req.uri().path(),
-        "admin request with a wrong or missing token refused"
-    );
+    if let Some(held_back) = shared.refusals.admit() {
+        tracing::warn!(
+            path = %quoted(req.uri().path()),
+            held_back,
+            "admin request with a wrong or missing token refused"
+        );
+    }
     let mut r = ApiError::Unauthorized.into_response();
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"prismhook admin\""),
     );
+    r
+}
+
+/// Reads the body of an authorised request, whole, within the listener's
+/// `body_read_timeout` (408) and [`MAX_BODY_BYTES`] (413), before its
+/// handler: [`crate::serve::read_body`].
+async fn read_body_in_time(State(shared): Admin, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let timeout = shared.state.body_read_timeout;
+    match crate::serve::read_body(body, MAX_BODY_BYTES, timeout).await {
+        Ok(bytes) => {
+            let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(req).await
+        }
+        Err(e) => closing(ApiError::Body(e).into_response()),
+    }
+}
+
+/// `r`, ending its connection: what is left of the request is not read.
+fn closing(mut r: Response) -> Response {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 
@@ -295,6 +364,8 @@ enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error(transparent)]
+    Body(crate::serve::BodyError),
+    #[error(transparent)]
     Ledger(#[from] LedgerError),
 }
 
@@ -313,6 +384,14 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, self.to_string()),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, self.to_string()),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, self.to_string()),
+            ApiError::Body(e) => (
+                match e {
+                    BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                    BodyError::Broken(_) => StatusCode::BAD_REQUEST,
+                    BodyError::Late(_) => StatusCode::REQUEST_TIMEOUT,
+                },
+                self.to_string(),
+            ),
             ApiError::Ledger(LedgerError::Closed) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the ledger is closed: the host is shutting down".to_owned(),

@@ -18,7 +18,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, StorageBackend};
+use crate::config::{AdminConfig, Config, StorageBackend};
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::ledger::{
     JetStreamLedger, JetStreamOptions, Jitter, LedgerOptions, RedbLedger, RetryPolicy, SharedLedger,
@@ -29,12 +29,37 @@ use crate::registry::Registry;
 use crate::reload::{self, Reloader, Report};
 use crate::runtime::kv_store::KvStore;
 use crate::runtime::{Runtime, RuntimeOptions};
+use crate::secret::Secret;
 use crate::serve::{self, ServeLimits};
 use crate::source::{EndpointStatus, EventSource, SourceContext};
 use crate::telemetry::{HandleDurations, ListenerStats};
 
 /// Shorter admin tokens are refused: the API can replay and drop events.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// The admin API's token, read and checked: long enough, and spelled so
+/// that a client can send it (`Authorization: Bearer` takes visible ASCII,
+/// and spaces around it would be lost on the way).
+pub fn admin_token(admin: &AdminConfig) -> anyhow::Result<Option<Secret>> {
+    let Some(source) = &admin.token else {
+        return Ok(None);
+    };
+    let token = source.resolve().context("reading `admin.token`")?;
+    let text = token.expose();
+    if text.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        anyhow::bail!(
+            "`admin.token` is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; \
+             use a long random one (`openssl rand -hex 32`)"
+        );
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        anyhow::bail!(
+            "`admin.token` holds a space or a character beyond visible ASCII, which a \
+             client cannot send in a header; use a random hex or base64 one"
+        );
+    }
+    Ok(Some(token))
+}
 
 pub struct App {
     pub config: Arc<Config>,
@@ -84,6 +109,7 @@ impl App {
                 )
             })?;
         config.admin.listen = admin_tcp.local_addr()?;
+        let admin_token = admin_token(&config.admin)?;
         let config = Arc::new(config);
         let data = &config.storage.data_dir;
         // The ledger holds every notification's body, kv the plugins'
@@ -212,19 +238,6 @@ impl App {
             leadership: ledger.leadership(),
         })?;
 
-        let admin_token = match &config.admin.token {
-            Some(source) => {
-                let token = source.resolve().context("reading `admin.token`")?;
-                if token.expose().chars().count() < MIN_ADMIN_TOKEN_CHARS {
-                    anyhow::bail!(
-                        "`admin.token` is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; \
-                         use a long random one (`openssl rand -hex 32`)"
-                    );
-                }
-                Some(token)
-            }
-            None => None,
-        };
         let admin = AdminState {
             ledger: ledger.clone(),
             registry: registry.clone(),
@@ -238,6 +251,7 @@ impl App {
             hosts: config.admin.hosts.clone(),
             ready: accepting.clone(),
             handle_durations,
+            body_read_timeout: config.listener.body_read_timeout,
         };
         let admin_addr = config.admin.listen;
         let limits = ServeLimits {
@@ -318,7 +332,10 @@ impl App {
         }
         let _ = source_stopped.await;
         let _ = self.shutdown_listener.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.listener_task).await;
+        // `serve` closes what is left after its drain; the ledger must
+        // outlive the requests it lets finish.
+        let _ =
+            tokio::time::timeout(serve::DRAIN + Duration::from_secs(1), self.listener_task).await;
         // The admin API answers (readiness 503) until here; its state holds
         // the reloader, which must be gone before the reload task can end.
         let _ = self.shutdown_admin.send(true);

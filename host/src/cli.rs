@@ -201,7 +201,9 @@ pub fn config_check(path: &Path) -> ExitCode {
         let e = source?.resolve().err()?;
         Some(format!("`{key}`: {e}"))
     };
-    problems.extend(unreadable("admin.token".into(), c.admin.token.as_ref()));
+    if let Err(e) = crate::app::admin_token(&c.admin) {
+        problems.push(format!("{e:#}"));
+    }
     if let Some(js) = &c.storage.jetstream {
         problems.extend(unreadable(
             "storage.jetstream.password".into(),

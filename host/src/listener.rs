@@ -23,6 +23,7 @@ use crate::clock::now_ms;
 use crate::event::Decoded;
 use crate::ledger::{Appended, LedgerError, NewEvent, SharedLedger};
 use crate::registry::Registry;
+use crate::serve::{read_body, BodyError};
 use crate::telemetry::ListenerStats;
 
 /// What every source's handlers share to store what they accept. Cheap to
@@ -80,54 +81,31 @@ impl Ingest {
         if !self.accepting.load(Ordering::Relaxed) {
             return Err(unavailable("prismhook is shutting down", 5));
         }
-        let read = axum::body::to_bytes(body, self.max_body_bytes);
-        match tokio::time::timeout(self.body_read_timeout, read).await {
-            Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(e)) if over_limit(&e) => {
-                self.count(endpoint, "-", StatusCode::PAYLOAD_TOO_LARGE);
-                Err(problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body exceeds the limit of {} bytes", self.max_body_bytes),
-                ))
-            }
-            Ok(Err(e)) => {
-                // The peer went away or broke the chunked framing: nothing
-                // stored, and nothing of the connection is worth keeping.
-                self.count(endpoint, "-", StatusCode::BAD_REQUEST);
-                tracing::warn!(
-                    cluster = endpoint,
-                    "a notification's body could not be read: {e}"
-                );
-                let mut r = problem(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body could not be read: {e}"),
-                );
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                Err(r)
-            }
-            Err(_) => {
-                self.count(endpoint, "-", StatusCode::REQUEST_TIMEOUT);
-                tracing::warn!(cluster = endpoint, timeout = ?self.body_read_timeout, "a notification's body did not arrive in time");
-                let mut r = problem(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the body did not arrive within {}s",
-                        self.body_read_timeout.as_secs_f64()
-                    ),
-                );
-                // What is left of the body is not read: the connection ends.
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                Err(r)
-            }
+        let e = match read_body(body, self.max_body_bytes, self.body_read_timeout).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => e,
+        };
+        let status = match &e {
+            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Broken(_) => StatusCode::BAD_REQUEST,
+            BodyError::Late(_) => StatusCode::REQUEST_TIMEOUT,
+        };
+        self.count(endpoint, "-", status);
+        let mut r = problem(status, e.to_string());
+        if status != StatusCode::PAYLOAD_TOO_LARGE {
+            tracing::warn!(cluster = endpoint, "a notification was refused: {e}");
+            // What is left of the body is not read, and nothing of a
+            // connection whose framing broke is worth keeping: it ends.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        Err(r)
     }
 
     /// Stores a decoded notification from `endpoint` with one delivery per
     /// subscribed plugin, durably, and answers: 202 once stored (or known
-    /// as a duplicate), 503 + `Retry-After` at the ledger's limits, 500 when
-    /// it could not be stored.
+    /// as a duplicate), 503 + `Retry-After` at the ledger's limits or once
+    /// it is closed, 500 when it could not be stored.
     pub async fn accept(&self, endpoint: &str, decoded: Decoded, body: Bytes) -> Response {
         if let Err(why) = check_identifiers(&decoded) {
             self.count(endpoint, "-", StatusCode::BAD_REQUEST);
@@ -185,6 +163,12 @@ impl Ingest {
                 tracing::warn!(%cluster, "notification refused with 503: {e}");
                 let secs = retry_after.as_secs().clamp(1, 3600) as u32;
                 unavailable(&format!("{e}; try again later"), secs)
+            }
+            // A body that took its time arrives after shutdown closed the
+            // ledger: Prism sends it again to this host or another.
+            Err(LedgerError::Closed) => {
+                tracing::warn!(%cluster, "notification refused with 503: the host is shutting down");
+                unavailable("prismhook is shutting down", 5)
             }
             Err(e) => {
                 // The detail is for the operator's log; the sender only
@@ -249,19 +233,6 @@ pub fn problem(status: StatusCode, message: impl Into<String>) -> Response {
         format!("{}\n", message.into()),
     )
         .into_response()
-}
-
-/// Whether reading a body failed because it passed the cap, rather than
-/// because the peer broke off.
-fn over_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// 503 with `Retry-After`.

@@ -30,7 +30,9 @@
 //!   otherwise hold its connection, out of every timer's reach, forever.
 //!
 //! Bodies are bounded by the handlers, which know whether the sender is
-//! authenticated (`listener::Ingest::read_body`: size and deadline).
+//! authenticated, with [`read_body`] (size and deadline). At shutdown,
+//! requests in flight get [`DRAIN`] to finish; the connections still open
+//! then are closed.
 
 pub mod tls;
 
@@ -43,7 +45,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -53,8 +55,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 
+use prismhook_core::text::LogThrottle;
+
 /// How long in-flight requests may take to finish once shutdown begins.
-const DRAIN: Duration = Duration::from_secs(10);
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 pub use prismhook_core::config::{ServeLimits, MIN_HEADER_BYTES};
 
@@ -85,17 +89,26 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let peers = Peers::new(limits.max_connections_per_peer);
     let graceful = GracefulShutdown::new();
+    // Ends the connections still open when the drain is over: dropped,
+    // their sockets close, and nothing of them outlives `serve`.
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let full = LogThrottle::new(1, REFUSALS_LOGGED_EVERY);
     let mut full_logged = false;
     tokio::pin!(shutdown);
     loop {
         // A permit first, then accept: at the cap, peers wait in the
-        // kernel's queue instead of in our memory.
+        // kernel's queue instead of in our memory. Logged once each time
+        // the cap is reached, and at most once a minute however often
+        // peers that hold every slot reconnect.
         if permits.available_permits() == 0 && !full_logged {
-            tracing::warn!(
-                socket = name,
-                max_connections = limits.max_connections,
-                "connection limit reached; new connections wait to be accepted"
-            );
+            if let Some(since) = full.admit() {
+                tracing::warn!(
+                    socket = name,
+                    max_connections = limits.max_connections,
+                    times_reached_unlogged = since,
+                    "connection limit reached; new connections wait to be accepted"
+                );
+            }
             full_logged = true;
         }
         let permit = tokio::select! {
@@ -128,16 +141,11 @@ pub async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        match tls.clone() {
-            None => {
-                tokio::spawn(async move {
-                    let _held = (permit, slot);
-                    drive(name, peer, &builder, watcher, stream, service).await;
-                });
-            }
-            Some(acceptor) => {
-                tokio::spawn(async move {
-                    let _held = (permit, slot);
+        let tls = tls.clone();
+        let connection = async move {
+            match tls {
+                None => drive(name, peer, &builder, watcher, stream, service).await,
+                Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     let stream =
                         match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
@@ -152,9 +160,17 @@ pub async fn serve(
                             }
                         };
                     drive(name, peer, &builder, watcher, stream, service).await;
-                });
+                }
             }
-        }
+        };
+        let mut closed = closed.clone();
+        tokio::spawn(async move {
+            let _held = (permit, slot);
+            tokio::select! {
+                () = connection => {}
+                _ = closed.wait_for(|c| *c) => {}
+            }
+        });
     }
     drop(tcp);
     if tokio::time::timeout(DRAIN, graceful.shutdown())
@@ -166,6 +182,49 @@ pub async fn serve(
             "requests still in flight after {DRAIN:?}; closing them"
         );
     }
+    let _ = closing.send(true);
+}
+
+/// Why a request's body could not be had whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body exceeds the limit of {0} bytes")]
+    TooLarge(usize),
+    /// The peer went away or broke the chunked framing.
+    #[error("the body could not be read: {0}")]
+    Broken(axum::Error),
+    #[error("the body did not arrive within {}s", .0.as_secs_f64())]
+    Late(Duration),
+}
+
+/// `body`, whole, if it holds at most `max` bytes and arrives within
+/// `timeout`: once its head is read, hyper times nothing of a request, and
+/// a peer that announces a body and sends none would hold its connection
+/// slot for as long as it likes.
+pub async fn read_body(
+    body: axum::body::Body,
+    max: usize,
+    timeout: Duration,
+) -> Result<axum::body::Bytes, BodyError> {
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if over_limit(&e) => Err(BodyError::TooLarge(max)),
+        Ok(Err(e)) => Err(BodyError::Broken(e)),
+        Err(_) => Err(BodyError::Late(timeout)),
+    }
+}
+
+/// Whether reading a body failed because it passed the cap, rather than
+/// because the peer broke off.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// What [`serve`] turned away.
@@ -182,9 +241,8 @@ pub struct ServeStats {
 struct Peers {
     max: usize,
     held: Held,
-    /// Refusals since the last line logged, and when that was: at most one
-    /// line a minute, whatever a peer does.
-    refusals: std::cell::Cell<(u64, Option<Instant>)>,
+    /// At most one line a minute, whatever a peer does.
+    refusals: LogThrottle,
 }
 
 /// One connection's place in [`Peers`], given back when dropped; nothing
@@ -199,7 +257,7 @@ impl Peers {
         Peers {
             max,
             held: Arc::default(),
-            refusals: std::cell::Cell::new((0, None)),
+            refusals: LogThrottle::new(1, REFUSALS_LOGGED_EVERY),
         }
     }
 
@@ -220,20 +278,16 @@ impl Peers {
     }
 
     fn refused(&self, socket: &'static str, ip: IpAddr) {
-        let (count, logged) = self.refusals.get();
-        let count = count + 1;
-        if logged.is_some_and(|at| at.elapsed() < REFUSALS_LOGGED_EVERY) {
-            self.refusals.set((count, logged));
+        let Some(held_back) = self.refusals.admit() else {
             return;
-        }
+        };
         tracing::warn!(
             socket,
             peer = %peer_of(ip),
             max_connections_per_peer = self.max,
-            refused = count,
+            refused = held_back + 1,
             "a peer holds the most connections it may; closing the ones it opens beyond (refused counts those since the last such line)"
         );
-        self.refusals.set((0, Some(Instant::now())));
     }
 }
 

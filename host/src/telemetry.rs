@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -46,59 +46,6 @@ impl HandleDurations {
     /// The histograms, for registering with a metrics registry.
     pub fn family(&self) -> Family<PluginLabel, Histogram, fn() -> Histogram> {
         self.family.clone()
-    }
-}
-
-/// Lets at most `burst` log lines of one kind through per `window` and
-/// counts the rest, so that peers who are refused before they authenticate
-/// cannot fill the host's log or its disk (the metrics still count every
-/// refusal).
-#[derive(Debug)]
-pub struct LogThrottle {
-    burst: u32,
-    window: Duration,
-    state: Mutex<Throttled>,
-}
-
-#[derive(Debug)]
-struct Throttled {
-    window_start: Instant,
-    logged: u32,
-    held_back: u64,
-}
-
-impl LogThrottle {
-    pub fn new(burst: u32, window: Duration) -> LogThrottle {
-        LogThrottle {
-            burst,
-            window,
-            state: Mutex::new(Throttled {
-                window_start: Instant::now(),
-                logged: 0,
-                held_back: 0,
-            }),
-        }
-    }
-
-    /// Whether to log this line: if so, how many were held back since the
-    /// last one logged, for the line to say.
-    pub fn admit(&self) -> Option<u64> {
-        self.admit_at(Instant::now())
-    }
-
-    fn admit_at(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().expect("log throttle lock");
-        if now.saturating_duration_since(s.window_start) >= self.window {
-            s.window_start = now;
-            s.logged = 0;
-        }
-        if s.logged < self.burst {
-            s.logged += 1;
-            Some(std::mem::take(&mut s.held_back))
-        } else {
-            s.held_back += 1;
-            None
-        }
     }
 }
 
@@ -162,22 +109,6 @@ impl ListenerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_throttled_log_lets_a_burst_through_per_window_and_counts_what_it_held_back() {
-        let t = LogThrottle::new(2, Duration::from_secs(60));
-        let start = Instant::now();
-        let at = |s: u64| start + Duration::from_secs(s);
-        assert_eq!(t.admit_at(at(0)), Some(0));
-        assert_eq!(t.admit_at(at(1)), Some(0));
-        for s in 2..7 {
-            assert_eq!(t.admit_at(at(s)), None, "second {s}");
-        }
-        // A new window: the first line says how many were held back.
-        assert_eq!(t.admit_at(at(61)), Some(5));
-        assert_eq!(t.admit_at(at(62)), Some(0));
-        assert_eq!(t.admit_at(at(63)), None);
-    }
 
     #[test]
     fn event_types_past_the_bound_share_one_label() {

@@ -389,6 +389,78 @@ async fn the_admin_api_holds_one_peer_to_its_own_share_of_connections() {
 }
 
 #[tokio::test]
+async fn an_admin_request_whose_body_does_not_come_is_answered_408_and_one_too_large_413() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let config = HostConfig::new(dir.path())
+        .listener(r#"body_read_timeout = "300ms""#)
+        .config();
+    let app = App::start(config).await.unwrap();
+    let addr = app.admin_addr;
+    let head = |length: usize| {
+        format!(
+            "POST /api/replay HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+
+    // The head announces a body that never comes: the slot is given back.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    silent.write_all(head(2_000).as_bytes()).await.unwrap();
+    let (answer, closed) = read_until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        answer.contains("the body did not arrive within 0.3s"),
+        "{answer}"
+    );
+    assert!(closed, "and the connection ends");
+
+    let large = reqwest::Client::new()
+        .post(format!("http://{addr}/api/replay"))
+        .header("Content-Type", "application/json")
+        .body(" ".repeat(3 << 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 413);
+
+    // A body in time and within the limit reaches its handler, which says
+    // what is wrong with it.
+    let mut small = TcpStream::connect(addr).await.unwrap();
+    small.write_all(head(2).as_bytes()).await.unwrap();
+    small.write_all(b"{}").await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = small.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer:?}");
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// A body that took its time can arrive after shutdown closed the ledger:
+/// Prism is told to come back (to this host once it is up again, or to
+/// another), not that the event failed.
+#[tokio::test]
+async fn a_notification_stored_after_the_ledger_closed_is_answered_503_with_retry_after() {
+    let t = target(&[]).await;
+    t.app.ledger.close().await.unwrap();
+    let body = common::fixture_json("nutanix/vm_on.json").to_string();
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "http://{}/listener/callback/lab",
+            t.app.listener_addr
+        ))
+        .header("Authorization", basic_auth())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    assert_eq!(answer.headers()["retry-after"], "5");
+    assert!(answer.text().await.unwrap().contains("shutting down"));
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
 async fn a_tls_handshake_that_never_finishes_is_closed() {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
@@ -735,20 +807,24 @@ async fn another_site_cannot_drive_the_tokenless_admin_api_from_a_browser() {
 }
 
 #[tokio::test]
-async fn a_short_admin_token_is_refused_at_start() {
+async fn an_admin_token_too_short_or_unsendable_is_refused_at_start() {
     common::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let config = HostConfig::new(dir.path()).admin_token("letmein").config();
-    let error = App::start(config)
-        .await
-        .err()
-        .expect("a short token is refused");
-    assert!(
-        error
-            .to_string()
-            .contains("`admin.token` is shorter than 16 characters"),
-        "{error:#}"
-    );
+    for (token, expected) in [
+        ("letmein", "`admin.token` is shorter than 16 characters"),
+        (
+            " a passphrase with spaces ",
+            "`admin.token` holds a space or a character beyond visible ASCII",
+        ),
+        ("jelszó-jelszó-jelszó", "beyond visible ASCII"),
+    ] {
+        let config = HostConfig::new(dir.path()).admin_token(token).config();
+        let error = App::start(config)
+            .await
+            .err()
+            .expect("the token is refused");
+        assert!(error.to_string().contains(expected), "{error:#}");
+    }
 }
 
 #[tokio::test]
