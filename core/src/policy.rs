@@ -264,7 +264,12 @@ impl OutboundPolicy {
     }
 
     pub fn allows(&self, url: &Url) -> bool {
-        self.allow.iter().any(|rule| rule.matches(url))
+        self.rule_for(url).is_some()
+    }
+
+    /// The first allowlist rule that lets `url` through.
+    pub fn rule_for(&self, url: &Url) -> Option<&OriginRule> {
+        self.allow.iter().find(|rule| rule.matches(url))
     }
 
     /// Headers to add for `url`; never for an origin the rule does not

@@ -11,8 +11,13 @@
 //! Certificates are checked as [`TlsMode`] says: the public roots, a CA
 //! file, or one pinned certificate (what Prism and most firewalls ship with
 //! is self-signed).
+//!
+//! Plugins' names resolve through [`NoLocalNames`]: a name on an allowlist
+//! (a wildcard especially) must not lead a plugin to the host itself or to
+//! a cloud's metadata service.
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -225,5 +230,98 @@ impl ServerCertVerifier for PinnedCertVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// Resolves the names plugins ask for, without the addresses of the host
+/// itself and of its link (loopback, unspecified, link-local: where a
+/// cloud's metadata service answers). A zone may point any name there
+/// (`localhost.example.com`, a record for 169.254.169.254), and a rule such
+/// as `https://*.example.com` would let a plugin pick it. `localhost`
+/// itself is left alone; other such services are allowed by address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLocalNames;
+
+impl reqwest::dns::Resolve for NoLocalNames {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let kept = not_local(&name, found)?;
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// `found` without the local addresses, or why nothing is left.
+fn not_local(name: &str, found: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, String> {
+    if name.eq_ignore_ascii_case("localhost") || found.is_empty() {
+        return Ok(found);
+    }
+    let kept: Vec<SocketAddr> = found.into_iter().filter(|a| !local(a.ip())).collect();
+    if kept.is_empty() {
+        return Err(format!(
+            "{name} resolves only to loopback or link-local addresses, where a name may not \
+             lead; allow such a service by its address"
+        ));
+    }
+    Ok(kept)
+}
+
+fn local(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), 0)
+    }
+
+    #[test]
+    fn a_name_does_not_lead_to_the_host_or_its_link() {
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            let refused = not_local("a.example.com", vec![at(ip)]).unwrap_err();
+            assert!(
+                refused.contains("a.example.com resolves only to loopback"),
+                "{ip}: {refused}"
+            );
+        }
+        let mixed = vec![
+            at("127.0.0.1"),
+            at("10.1.2.3"),
+            at("fd00::5"),
+            at("169.254.0.1"),
+        ];
+        assert_eq!(
+            not_local("fw.example.com", mixed).unwrap(),
+            [at("10.1.2.3"), at("fd00::5")]
+        );
+        assert_eq!(
+            not_local("LOCALHOST", vec![at("127.0.0.1")]).unwrap(),
+            [at("127.0.0.1")]
+        );
     }
 }

@@ -636,6 +636,11 @@ async fn echo_server() -> (String, Arc<AtomicUsize>) {
         .route(
             "/elsewhere",
             get(|| async { axum::response::Redirect::temporary("http://127.0.0.2:9/echo") }),
+        )
+        // Compressed whatever was asked for.
+        .route(
+            "/gzip",
+            get(|| async { ([("content-encoding", "gzip")], vec![0x1f, 0x8b, 8, 0]) }),
         );
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
@@ -682,6 +687,55 @@ async fn a_request_to_an_origin_off_the_allowlist_is_denied_before_anything_is_s
     assert_eq!(
         counted,
         [("probe".to_owned(), "-".to_owned(), "denied".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn answers_come_unencoded_or_not_at_all_and_a_url_may_not_carry_credentials() {
+    let sb = sandbox();
+    let (base, hits) = echo_server().await;
+    let p = probe(&sb, allow(&["http://127.0.0.1:*"], vec![])).await;
+    let with_userinfo = base.replacen("http://", "http://me:x@", 1);
+    let urls = [
+        format!("{base}/echo"),
+        format!("{base}/gzip"),
+        format!("{with_userinfo}/echo"),
+    ];
+    let events = urls
+        .iter()
+        .zip(1..)
+        .map(|(url, i)| event(i, "TEST.HTTP", serde_json::json!({ "url": url })))
+        .collect();
+    p.handle(events).await.unwrap();
+    let echoed = kv_text(&sb, "http/1").unwrap();
+    assert!(echoed.contains("accept-encoding: identity"), "{echoed}");
+    let gzip = kv_text(&sb, "http/2").unwrap();
+    assert!(
+        gzip.contains("the answer is encoded (`gzip`) although the host asked for none"),
+        "{gzip}"
+    );
+    let userinfo = kv_text(&sb, "http/3").unwrap();
+    assert!(
+        userinfo.starts_with("error=Error::InvalidRequest(")
+            && userinfo.contains("carries a user name or password"),
+        "{userinfo}"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the URL with credentials was not sent"
+    );
+    // Counted under the rule that let them through, not one series per port.
+    let origins: std::collections::BTreeSet<String> = sb
+        .runtime
+        .outbound()
+        .snapshot()
+        .into_keys()
+        .map(|(_, origin, _)| origin)
+        .collect();
+    assert_eq!(
+        origins.into_iter().collect::<Vec<_>>(),
+        ["-", "http://127.0.0.1:*"]
     );
 }
 

@@ -390,7 +390,7 @@ impl Collector for HostCollector {
         counter(
             e,
             "prismhook_plugin_outbound_requests",
-            "Plugins' outbound HTTP requests since start, by plugin, origin and result (the HTTP status, or denied, timeout, connection-failed, too-large, limit-exceeded, invalid-request, other)",
+            "Plugins' outbound HTTP requests since start, by plugin, origin (for an answer, the allowlist rule that let its URL through) and result (the HTTP status, or denied, timeout, connection-failed, too-large, limit-exceeded, invalid-request, other)",
             &outbound,
         )?;
         if let Some(bytes) = state.runtime.compiled_cache_bytes() {

@@ -946,6 +946,7 @@ fn plugin_client(proxy_from_env: bool, tls: &TlsMode) -> Result<reqwest::Client,
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90))
+        .dns_resolver(Arc::new(crate::outbound::NoLocalNames))
         .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")));
     let builder = crate::outbound::with_proxy_policy(builder, proxy_from_env)?;
     crate::outbound::with_tls(builder, tls)?

@@ -43,37 +43,39 @@ impl Scrubber {
         let mut needles = Vec::new();
         let mut raws = Vec::new();
         for secret in secrets {
-            let raw = secret.expose().as_bytes();
-            if raw.is_empty() {
-                continue;
-            }
-            raws.push(Needle {
-                bytes: raw.to_vec(),
-                fold_case: true,
-            });
-            let mut add = |bytes: Vec<u8>, fold_case: bool| {
-                if bytes.len() >= MIN_NEEDLE.min(raw.len()) {
-                    let n = Needle { bytes, fold_case };
-                    if !needles.contains(&n) {
-                        needles.push(n);
-                    }
+            for raw in parts(secret.expose()) {
+                let raw = raw.as_bytes();
+                if raw.is_empty() {
+                    continue;
                 }
-            };
-            add(raw.to_vec(), true);
-            add(hex::encode(raw).into_bytes(), true);
-            for form in percent_encoded(raw) {
-                add(form, true);
-            }
-            add(json_unicode_escaped(raw), true);
-            if let Ok(json) = serde_json::to_string(secret.expose()) {
-                add(json.trim_matches('"').as_bytes().to_vec(), true);
-            }
-            for engine in [
-                &base64::engine::general_purpose::STANDARD_NO_PAD,
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-            ] {
-                for part in base64_cores(raw, engine) {
-                    add(part, false);
+                raws.push(Needle {
+                    bytes: raw.to_vec(),
+                    fold_case: true,
+                });
+                let mut add = |bytes: Vec<u8>, fold_case: bool| {
+                    if bytes.len() >= MIN_NEEDLE.min(raw.len()) {
+                        let n = Needle { bytes, fold_case };
+                        if !needles.contains(&n) {
+                            needles.push(n);
+                        }
+                    }
+                };
+                add(raw.to_vec(), true);
+                add(hex::encode(raw).into_bytes(), true);
+                for form in percent_encoded(raw) {
+                    add(form, true);
+                }
+                add(json_unicode_escaped(raw), true);
+                if let Ok(json) = serde_json::to_string(&String::from_utf8_lossy(raw)) {
+                    add(json.trim_matches('"').as_bytes().to_vec(), true);
+                }
+                for engine in [
+                    &base64::engine::general_purpose::STANDARD_NO_PAD,
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                ] {
+                    for part in base64_cores(raw, engine) {
+                        add(part, false);
+                    }
                 }
             }
         }
@@ -110,7 +112,7 @@ impl Scrubber {
             return None;
         }
         let decoded = Decoded::of(text);
-        if decoded.escapes.is_empty() {
+        if !decoded.escaped {
             return None;
         }
         let mut found: Vec<(usize, usize)> = Vec::new();
@@ -143,59 +145,112 @@ impl Scrubber {
     }
 }
 
+/// A secret, and the parts of it a server may quote alone: the credential
+/// of an `Authorization`-style value (`Bearer <token>`, `Basic <base64>`),
+/// and for Basic its decoded `user:password` and the password. Parts
+/// shorter than [`MIN_NEEDLE`] would match by chance and are left out.
+fn parts(secret: &str) -> Vec<String> {
+    let mut parts = vec![secret.to_owned()];
+    let Some((scheme, credential)) = secret.split_once(' ') else {
+        return parts;
+    };
+    let credential = credential.trim();
+    let scheme_like = (1..=20).contains(&scheme.len())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !scheme_like || credential.contains(' ') {
+        return parts;
+    }
+    parts.push(credential.to_owned());
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(credential)
+            .ok()
+            .and_then(|d| String::from_utf8(d).ok());
+        if let Some(decoded) = decoded {
+            if let Some((_, password)) = decoded.split_once(':') {
+                parts.push(password.to_owned());
+            }
+            parts.push(decoded);
+        }
+    }
+    parts.retain(|p| p == secret || p.len() >= MIN_NEEDLE);
+    parts
+}
+
 /// A text read with its escapes decoded: `%XX`, JSON's `\uXXXX` (surrogate
 /// pairs joined) and `\/ \" \\ \'`, HTML's `&#NN;`, `&#xHH;` and the five
 /// named entities. Bytes outside escapes are kept, so most of a body is one
 /// run between the escapes.
-struct Decoded {
+///
+/// Where a decoded byte came from is found again by decoding forward from
+/// the last mark before it: marks every [`MARK_EVERY`] decoded bytes cost a
+/// few kilobytes for the largest answer, where a record per escape would
+/// cost many times the answer in a body made of escapes.
+struct Decoded<'t> {
+    text: &'t [u8],
     bytes: Vec<u8>,
-    /// Each escape: where its decoded bytes start, how many there are, and
-    /// the range of the text it spells.
-    escapes: Vec<(usize, usize, std::ops::Range<usize>)>,
+    /// (decoded position, text position) at an element's start, about
+    /// every [`MARK_EVERY`] decoded bytes, from (0, 0).
+    marks: Vec<(usize, usize)>,
+    escaped: bool,
 }
 
-impl Decoded {
-    fn of(text: &[u8]) -> Decoded {
-        let mut bytes = Vec::with_capacity(text.len());
-        let mut escapes = Vec::new();
-        let mut i = 0;
-        while i < text.len() {
-            match escape_at(text, i) {
-                Some((spelled, len)) => {
-                    let mut buf = [0u8; 4];
-                    let decoded: &[u8] = match spelled {
-                        Spelled::Byte(b) => {
-                            buf[0] = b;
-                            &buf[..1]
-                        }
-                        Spelled::Char(c) => c.encode_utf8(&mut buf).as_bytes(),
-                    };
-                    escapes.push((bytes.len(), decoded.len(), i..i + len));
-                    bytes.extend_from_slice(decoded);
-                    i += len;
-                }
-                None => {
-                    bytes.push(text[i]);
-                    i += 1;
-                }
-            }
+const MARK_EVERY: usize = 4096;
+
+/// One element of a text: an escape, or a byte kept as it is.
+fn element_at(text: &[u8], i: usize, buf: &mut [u8; 4]) -> (usize, usize) {
+    match escape_at(text, i) {
+        Some((Spelled::Byte(b), len)) => {
+            buf[0] = b;
+            (1, len)
         }
-        Decoded { bytes, escapes }
+        Some((Spelled::Char(c), len)) => (c.encode_utf8(buf).len(), len),
+        None => {
+            buf[0] = text[i];
+            (1, 1)
+        }
+    }
+}
+
+impl<'t> Decoded<'t> {
+    fn of(text: &'t [u8]) -> Decoded<'t> {
+        let mut bytes = Vec::with_capacity(text.len());
+        let mut marks = vec![(0, 0)];
+        let mut escaped = false;
+        let mut i = 0;
+        let mut buf = [0u8; 4];
+        while i < text.len() {
+            if bytes.len() >= marks.last().map_or(0, |m| m.0) + MARK_EVERY {
+                marks.push((bytes.len(), i));
+            }
+            let (decoded, spelled) = element_at(text, i, &mut buf);
+            escaped |= spelled > 1;
+            bytes.extend_from_slice(&buf[..decoded]);
+            i += spelled;
+        }
+        Decoded {
+            text,
+            bytes,
+            marks,
+            escaped,
+        }
     }
 
     /// The range of the text the decoded byte at `at` came from.
     fn origin(&self, at: usize) -> (usize, usize) {
-        // The last escape that starts at or before `at`.
-        let n = self.escapes.partition_point(|(start, ..)| *start <= at);
-        let Some((start, len, from)) = n.checked_sub(1).map(|k| &self.escapes[k]) else {
-            return (at, at + 1);
-        };
-        if at < start + len {
-            return (from.start, from.end);
+        let n = self.marks.partition_point(|(d, _)| *d <= at);
+        let (mut d, mut t) = self.marks[n.saturating_sub(1)];
+        let mut buf = [0u8; 4];
+        loop {
+            let (decoded, spelled) = element_at(self.text, t, &mut buf);
+            if at < d + decoded {
+                return (t, t + spelled);
+            }
+            d += decoded;
+            t += spelled;
         }
-        // A kept byte after that escape: shifted by what the escapes before it saved.
-        let text_at = from.end + (at - (start + len));
-        (text_at, text_at + 1)
     }
 }
 
@@ -437,6 +492,48 @@ mod tests {
             let pieces = noise(&mut rng) + &noise(&mut rng);
             assert_eq!(scrubber.scrub(pieces.as_bytes()), None, "{pieces}");
         }
+    }
+
+    #[test]
+    fn a_secret_spelled_with_escapes_far_into_a_body_of_escapes_is_redacted_where_it_is() {
+        let scrubber = Scrubber::new([&Secret::new(KEY)]);
+        let spelled = "pan-KEY\\/never%2Bseen&#61;0123";
+        let text = format!("{}{spelled}.{}", "\\/".repeat(10_000), "%41".repeat(3_000));
+        let out = scrubber.scrub_str(&text);
+        assert_eq!(
+            out,
+            format!("{}[redacted].{}", "\\/".repeat(10_000), "%41".repeat(3_000))
+        );
+    }
+
+    #[test]
+    fn the_credential_of_an_authorization_value_is_redacted_on_its_own() {
+        use base64::Engine as _;
+        let bearer = Secret::new("Bearer eyJhbGciOi.token.part");
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("svc-prismhook:s3cret-pass")
+        );
+        let basic = Secret::new(basic);
+        let scrubber = Scrubber::new([&bearer, &basic]);
+        for echoed in [
+            "invalid token eyJhbGciOi.token.part",
+            &format!(
+                "bad credentials {}",
+                base64::engine::general_purpose::STANDARD.encode("svc-prismhook:s3cret-pass")
+            ),
+            "user svc-prismhook:s3cret-pass refused",
+            "password s3cret-pass is wrong",
+        ] {
+            let out = scrubber.scrub_str(echoed);
+            assert!(out.contains("[redacted]"), "{echoed} -> {out}");
+            assert!(
+                !out.contains("s3cret") && !out.contains("token.part"),
+                "{out}"
+            );
+        }
+        // A scheme alone, or words with spaces, are not secrets of their own.
+        assert_eq!(scrubber.scrub(b"send a Bearer token, Basic auth"), None);
     }
 
     #[test]

@@ -29,9 +29,17 @@ impl Host for HostState {
         let started = Instant::now();
         let plugin = self.plugin.name.clone();
         let method = request.method.clone();
-        let asked = Url::parse(&request.url)
-            .map(|u| u.origin().ascii_serialization())
-            .unwrap_or_else(|_| "-".into());
+        // Series are per allowlist rule: a rule for many origins (a
+        // wildcard, a network, any port) is one series, not one per origin
+        // the plugin or a redirect picks.
+        let identity = self.plugin.clone();
+        let label = |url: &Url| {
+            identity
+                .policy
+                .rule_for(url)
+                .map_or_else(|| "-".to_owned(), |rule| rule.as_str().to_owned())
+        };
+        let asked = Url::parse(&request.url).map_or_else(|_| "-".into(), |u| label(&u));
         let mut tokens = Vec::new();
         let result = self.send_checked(request, &mut tokens).await;
         // Every secret the request could carry: the injected ones, the
@@ -49,7 +57,7 @@ impl Host for HostState {
             Err(e) => Err(scrub_error(e, &scrubber)),
         };
         let (origin, outcome) = match &result {
-            Ok((url, resp)) => (url.origin().ascii_serialization(), resp.status.to_string()),
+            Ok((url, resp)) => (label(url), resp.status.to_string()),
             // A plugin may ask for any number of origins off its allowlist
             // (and, past its request budget, before the allowlist is
             // consulted); they must not each become a metrics series.
@@ -122,11 +130,23 @@ impl HostState {
                 .map_err(|_| Error::InvalidRequest(format!("bad header name `{name}`")))?;
             let value = HeaderValue::from_str(value)
                 .map_err(|_| Error::InvalidRequest(format!("bad value for header `{name}`")))?;
-            // The plugin may neither set nor override what the host injects.
-            if !self.plugin.policy.is_injected_name(&name) && name != http::header::HOST {
+            // The plugin may neither set nor override what the host injects,
+            // nor ask for an answer the scrubber cannot read whole: a
+            // compressed one, or a part of one that may cut a secret in two.
+            let unscrubbable = name == http::header::ACCEPT_ENCODING
+                || name == http::header::RANGE
+                || name == http::header::IF_RANGE;
+            if !self.plugin.policy.is_injected_name(&name)
+                && name != http::header::HOST
+                && !unscrubbable
+            {
                 headers.append(name, value);
             }
         }
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         let mut body = request.body;
 
         let remaining = self.deadline.saturating_duration_since(Instant::now());
@@ -140,6 +160,14 @@ impl HostState {
         let (client, identity, context) =
             (self.http.clone(), self.plugin.clone(), self.context.clone());
         for _hop in 0..=MAX_REDIRECTS {
+            // reqwest would send them as `Authorization`, beside (not
+            // instead of) an injected one, and a server may take the first.
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(Error::InvalidRequest(format!(
+                    "{} carries a user name or password; credentials are the host's to add",
+                    url.origin().ascii_serialization()
+                )));
+            }
             if !self.plugin.policy.allows(&url) {
                 return Err(Error::Denied(format!(
                     "{} is not on plugin `{}`'s outbound allowlist",
@@ -163,13 +191,18 @@ impl HostState {
                 None => None,
             };
             let mut resp = hop.send(session.as_ref()).await?;
-            // An expired or revoked token: sign in again, once, and resend.
+            // An expired or revoked token: sign in again, once, and resend;
+            // unless the token was itself signed in for moments ago after a
+            // refusal (a 403 for what the account may not do), when the
+            // answer stands.
             if let (Some((index, login)), Some(refused)) = (login, &session) {
                 if matches!(resp.status().as_u16(), 401 | 403) {
                     tokens.push(refused.clone());
-                    let fresh = hop.session_token(index, login, Some(refused)).await?;
-                    resp = hop.send(Some(&fresh)).await?;
-                    session = Some(fresh);
+                    let next = hop.session_token(index, login, Some(refused)).await?;
+                    if next.expose() != refused.expose() {
+                        resp = hop.send(Some(&next)).await?;
+                    }
+                    session = Some(next);
                 }
             }
             tokens.extend(session);
@@ -181,16 +214,39 @@ impl HostState {
                         .ok()
                         .and_then(|l| url.join(l).ok())
                         .ok_or_else(|| Error::Other("redirect with an unusable Location".into()))?;
-                    // 303 (and, as browsers do, 301/302 after POST) turn into GET.
+                    // 303 (and, as browsers do, 301/302 after POST) turn into
+                    // GET, without the body or the headers that described it.
                     if status == http::StatusCode::SEE_OTHER
                         || (matches!(status.as_u16(), 301 | 302) && method == Method::POST)
                     {
                         method = Method::GET;
                         body = None;
+                        for name in [
+                            http::header::CONTENT_LENGTH,
+                            http::header::CONTENT_TYPE,
+                            http::header::CONTENT_ENCODING,
+                            http::header::TRANSFER_ENCODING,
+                        ] {
+                            headers.remove(name);
+                        }
                     }
                     url = next;
                     continue;
                 }
+            }
+            if let Some(coding) = resp
+                .headers()
+                .get(http::header::CONTENT_ENCODING)
+                .filter(|c| !c.as_bytes().eq_ignore_ascii_case(b"identity"))
+            {
+                return Err(Error::Other(format!(
+                    "the answer is encoded (`{}`) although the host asked for none: \
+                     the host cannot keep injected secrets out of it",
+                    prismhook_core::text::truncate(
+                        String::from_utf8_lossy(coding.as_bytes()).into_owned(),
+                        40
+                    )
+                )));
             }
             let resp_headers = resp
                 .headers()
@@ -256,17 +312,23 @@ impl Hop<'_> {
         login: &Login,
         refused: Option<&Secret>,
     ) -> Result<Secret, Error> {
-        let time_left = self.deadline.saturating_duration_since(Instant::now());
         let (token, fresh) = self
             .plugin
             .sessions
-            .token(index, login, self.client, refused, time_left)
+            .token(index, login, self.client, refused, self.deadline)
             .await
             .map_err(|e| {
                 tracing::warn!(plugin = %self.plugin.name, events = %self.context, "{e}");
-                match e {
-                    SignInError::Unreachable { .. } => Error::ConnectionFailed(e.to_string()),
-                    SignInError::Refused { .. } => Error::Other(e.to_string()),
+                let unreachable = match &e {
+                    SignInError::Waiting { last, .. } => {
+                        matches!(**last, SignInError::Unreachable { .. })
+                    }
+                    e => matches!(e, SignInError::Unreachable { .. }),
+                };
+                if unreachable {
+                    Error::ConnectionFailed(e.to_string())
+                } else {
+                    Error::Other(e.to_string())
                 }
             })?;
         if fresh {
