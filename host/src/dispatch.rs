@@ -259,26 +259,36 @@ impl Dispatcher {
                 humantime::format_duration(after)
             );
             let mut n = 0;
-            loop {
+            // Checked again before each chunk: a plugin loaded meanwhile
+            // keeps what is left.
+            while self.inner.registry.get(&b.plugin).is_none() {
                 // Only due deliveries are claimable; ones waiting for a retry
                 // time expire at a later sweep.
                 let batch = ledger.claim(&b.plugin, 1024).await?;
                 if batch.is_empty() {
                     break;
                 }
-                n += batch.len() as u64;
-                let results = batch
+                let ids: Vec<u64> = batch.iter().map(|d| d.event.id).collect();
+                let results = ids
                     .iter()
-                    .map(|d| {
+                    .map(|&id| {
                         (
-                            d.event.id,
+                            id,
                             LedgerOutcome::Reject {
                                 reason: reason.clone(),
                             },
                         )
                     })
                     .collect();
-                ledger.complete(&b.plugin, results).await?;
+                if let Err(e) = ledger.complete(&b.plugin, results).await {
+                    // Claimed and not completed, they would stay in flight
+                    // until a restart, their entities with them.
+                    if let Err(again) = ledger.release(&b.plugin, &ids).await {
+                        tracing::error!(plugin = %b.plugin, "releasing deliveries after a failed expiry: {again}");
+                    }
+                    return Err(e);
+                }
+                n += ids.len() as u64;
             }
             if n > 0 {
                 tracing::warn!(plugin = %b.plugin, deliveries = n, "{reason}: its queued deliveries moved to the dead letters");
@@ -347,12 +357,21 @@ async fn worker(inner: Arc<Inner>, name: String) {
         }
         if batch.len() < inner.opts.batch_max && !inner.opts.batch_window.is_zero() {
             tokio::time::sleep(inner.opts.batch_window).await;
-            if let Ok(more) = inner
-                .ledger
-                .claim(&name, inner.opts.batch_max - batch.len())
-                .await
-            {
-                batch.extend(more);
+            // Guarded as the delivery is: a panic here would end the worker
+            // with the batch in hand claimed until a restart.
+            let more = AssertUnwindSafe(
+                inner
+                    .ledger
+                    .claim(&name, inner.opts.batch_max - batch.len()),
+            )
+            .catch_unwind()
+            .await;
+            match more {
+                Ok(Ok(more)) => batch.extend(more),
+                Ok(Err(_)) => {}
+                Err(panic) => {
+                    tracing::error!(plugin = %name, "claiming more for the batch panicked: {}", panic_text(&*panic));
+                }
             }
         }
         let ids: Vec<u64> = batch.iter().map(|d| d.event.id).collect();

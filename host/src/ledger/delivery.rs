@@ -184,7 +184,8 @@ pub(crate) fn plan_complete(
                 Change::Dead
             }
             Outcome::Retry { reason, delay } => {
-                let first = record.first_failure_ms.unwrap_or(now);
+                // Stamped ahead of now by a clock since stepped back: from now.
+                let first = record.first_failure_ms.unwrap_or(now).min(now);
                 let age = Duration::from_millis(now.saturating_sub(first));
                 let verdict = if attempts >= policy.max_attempts.max(1) {
                     Some(format!("gave up after {attempts} attempts: {reason}"))
@@ -209,7 +210,7 @@ pub(crate) fn plan_complete(
                 } else {
                     let previous = record.last_delay_ms.map(Duration::from_millis);
                     let backoff = policy.backoff(attempts, previous, rng);
-                    let due_at_ms = policy.due_at_ms(now, backoff, *delay);
+                    let due_at_ms = policy.due_at_ms(now, first, backoff, *delay);
                     debug!(
                         plugin,
                         event_id = id,

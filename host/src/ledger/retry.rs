@@ -84,12 +84,21 @@ impl RetryPolicy {
 
     /// When a failed delivery is next due: after `backoff`, or after the
     /// delay the plugin asked for when that is longer, but never beyond
-    /// `max_age`, past which the delivery is given up anyway. (A plugin may
-    /// ask for `u64::MAX` ms: that must neither overflow the clock nor park
-    /// the event for ever.)
-    pub fn due_at_ms(&self, now_ms: u64, backoff: Duration, asked: Option<Duration>) -> u64 {
-        let wait = backoff.max(asked.unwrap_or_default().min(self.max_age));
-        now_ms.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+    /// `max_age` after its `first_ms` failure, past which it is given up
+    /// anyway (held longer, it would hold its VM's later events with it).
+    /// A plugin may ask for `u64::MAX` ms: that must neither overflow the
+    /// clock nor park the event for ever.
+    pub fn due_at_ms(
+        &self,
+        now_ms: u64,
+        first_ms: u64,
+        backoff: Duration,
+        asked: Option<Duration>,
+    ) -> u64 {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let wait = backoff.max(asked.unwrap_or_default());
+        let last_chance = first_ms.min(now_ms).saturating_add(ms(self.max_age));
+        now_ms.saturating_add(ms(wait)).min(last_chance.max(now_ms))
     }
 }
 
@@ -119,15 +128,31 @@ mod tests {
     fn a_plugin_may_delay_a_retry_beyond_the_backoff_but_not_beyond_max_age() {
         let p = RetryPolicy::default();
         let backoff = Duration::from_secs(1);
-        assert_eq!(p.due_at_ms(1_000, backoff, None), 2_000);
+        assert_eq!(p.due_at_ms(1_000, 1_000, backoff, None), 2_000);
         assert_eq!(
-            p.due_at_ms(1_000, backoff, Some(Duration::from_secs(60))),
+            p.due_at_ms(1_000, 1_000, backoff, Some(Duration::from_secs(60))),
             61_000
         );
         let forever = Duration::from_millis(u64::MAX);
-        let capped = 1_000 + p.max_age.as_millis() as u64;
-        assert_eq!(p.due_at_ms(1_000, backoff, Some(forever)), capped);
-        assert_eq!(p.due_at_ms(u64::MAX - 1, backoff, None), u64::MAX);
+        let max_age = p.max_age.as_millis() as u64;
+        assert_eq!(
+            p.due_at_ms(1_000, 1_000, backoff, Some(forever)),
+            1_000 + max_age
+        );
+        assert_eq!(
+            p.due_at_ms(u64::MAX - 1, u64::MAX - 1, backoff, None),
+            u64::MAX
+        );
+        // Counted from the first failure: late in its life a delivery is
+        // not held past its max_age by a long delay.
+        let late = max_age - 3_600_000;
+        assert_eq!(
+            p.due_at_ms(late, 0, backoff, Some(Duration::from_secs(20 * 3600))),
+            max_age
+        );
+        // A first failure stamped ahead of now (a clock stepped back) counts
+        // from now.
+        assert_eq!(p.due_at_ms(1_000, 9_999_999_999, backoff, None), 2_000);
     }
 
     #[test]
