@@ -251,8 +251,10 @@ mod tests {
             if consumers(&stream).await.iter().any(|n| *n != names[0]) {
                 break;
             }
+            // The client learns of the deletion from the pull in flight,
+            // or else from two missed heartbeats (10 s), later under load.
             assert!(
-                recreated.elapsed() < Duration::from_secs(10),
+                recreated.elapsed() < Duration::from_secs(30),
                 "no new consumer"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
