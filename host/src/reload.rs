@@ -277,7 +277,7 @@ fn settings_for(
     match text {
         Ok(Some(text)) => {
             let settings = toml::from_str::<PluginConfig>(text)
-                .map_err(|e| format!("{}: {}", beside.display(), e.to_string().trim_end()))?;
+                .map_err(|e| format!("{}: {}", beside.display(), unquoted(&e, text)))?;
             confine_settings_file(settings, config.plugin.get(&key), &key)
                 .map_err(|(k, msg)| format!("{}: `{k}`: {msg}", beside.display()))
         }
@@ -334,13 +334,33 @@ fn read_settings(file: &Path) -> Result<Option<String>, String> {
     }
 }
 
+/// Where `text` did not parse and why, without quoting it as toml does:
+/// a settings file may be a link to a file that holds a secret (whoever
+/// may write the plugins directory may make one), and its first line would
+/// reach the log and the admin API.
+fn unquoted(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim_end();
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return message.to_owned();
+    };
+    let before = &text.as_bytes()[..at];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = at
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+        + 1;
+    format!("line {line}, column {column}: {message}")
+}
+
 /// The `component` a settings file names, if any.
 fn declared_component(file: &Path) -> Result<Option<String>, String> {
     let Some(text) = read_settings(file)? else {
         return Ok(None);
     };
     let table = toml::from_str::<toml::Table>(&text)
-        .map_err(|e| format!("{}: {}", file.display(), e.to_string().trim_end()))?;
+        .map_err(|e| format!("{}: {}", file.display(), unquoted(&e, &text)))?;
     match table.get("component") {
         None => Ok(None),
         Some(toml::Value::String(c)) => Ok(Some(c.clone())),

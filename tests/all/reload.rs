@@ -284,6 +284,18 @@ async fn a_broken_file_is_reported_and_the_previous_version_keeps_serving() {
     }
     // Settings the plugin refuses, and a trap in init, also keep the old one.
     std::fs::write(h.plugins().join("probe.wasm"), &full).unwrap();
+    // Settings that do not parse are located, not quoted: the file may be a
+    // link to one that holds a secret.
+    let secret = h.dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-in-another-file\n").unwrap();
+    std::os::unix::fs::symlink(&secret, h.plugins().join("probe.toml")).unwrap();
+    let reports = app.reloader.reload().await;
+    let Some(Report::Failed { error, .. }) = reports.into_iter().next() else {
+        panic!("a settings file that does not parse is not reported")
+    };
+    assert!(error.contains("probe.toml: line 1, column"), "{error}");
+    assert!(!error.contains("s3cret"), "{error}");
+    std::fs::remove_file(h.plugins().join("probe.toml")).unwrap();
     for (settings, expected) in [
         (
             "config = { refuse = true }",

@@ -87,15 +87,7 @@ async fn a_plugin_reports_its_name_version_and_subscriptions_from_init() {
     assert_eq!(p.sha256().len(), 64);
 }
 
-#[tokio::test]
-async fn a_plugin_that_loops_is_stopped_at_its_deadline_and_the_next_call_works() {
-    let sb = sandbox();
-    let p = probe(&sb, settings()).await;
-    let started = std::time::Instant::now();
-    let err = p
-        .handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))])
-        .await
-        .unwrap_err();
+fn assert_handle_timed_out(err: &CallError) {
     assert!(
         matches!(
             err,
@@ -111,10 +103,41 @@ async fn a_plugin_that_loops_is_stopped_at_its_deadline_and_the_next_call_works(
             .contains("plugin `probe` exceeded its deadline"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_plugin_that_loops_is_stopped_at_its_deadline_and_the_next_call_works() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let started = std::time::Instant::now();
+    let err = p
+        .handle(vec![event(1, "TEST.LOOP", serde_json::json!({}))])
+        .await
+        .unwrap_err();
+    assert_handle_timed_out(&err);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the deadline did not stop the loop"
     );
+    works(&p).await;
+}
+
+/// The epoch callback stops wasm that runs; a guest asleep in WASI runs
+/// none, and is ended by the timer around the call.
+#[tokio::test]
+async fn a_plugin_asleep_in_a_host_call_is_stopped_at_its_deadline_and_the_next_call_works() {
+    let sb = sandbox();
+    let p = probe(&sb, settings()).await;
+    let an_hour = serde_json::json!({ "ms": 3_600_000 });
+    let call = p.handle(vec![event(1, "TEST.SLEEP", an_hour)]);
+    let err = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the call ended, not an hour later")
+        .unwrap_err();
+    assert_handle_timed_out(&err);
+    let short = serde_json::json!({ "ms": 10 });
+    let out = p.handle(vec![event(2, "TEST.SLEEP", short)]).await.unwrap();
+    assert!(matches!(out[..], [Outcome::Done]));
     works(&p).await;
 }
 

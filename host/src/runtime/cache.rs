@@ -6,6 +6,10 @@
 //! `unsafe` in wasmtime because it trusts the bytes, so every entry has the
 //! sha256 of its contents beside it (`.sum`) and is checked before use: a
 //! truncated or corrupted entry is recompiled and rewritten, never loaded.
+//! The sum proves no author, so the cache is used only where no one but
+//! this user can write: the directory and the one above it owned by this
+//! user, writable by no one else, and not symbolic links. Anywhere else a
+//! planted entry would be mapped as code and run as the host.
 //!
 //! Entries are mapped, not read: the compiled code of a Python or
 //! JavaScript plugin is 40-odd MB, of which a plugin touches a small part,
@@ -30,6 +34,9 @@ use wasmtime::Engine;
 
 pub struct ComponentCache {
     dir: PathBuf,
+    /// Why the directory is not the host's alone, when it is not: the cache
+    /// is then neither read nor written.
+    untrusted: Option<String>,
     engine_key: String,
     /// Soft limit on the entries' bytes; 0 = no limit.
     max_bytes: u64,
@@ -37,12 +44,57 @@ pub struct ComponentCache {
     bytes: AtomicU64,
 }
 
+/// Makes `dir` (0700) and checks that it and the directory above it are
+/// this user's alone.
+fn private_to_this_user(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    prismhook_core::secret::create_private_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for d in [
+        Some(dir),
+        dir.parent().filter(|p| !p.as_os_str().is_empty()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let meta = std::fs::symlink_metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        if meta.file_type().is_symlink() || !meta.is_dir() {
+            return Err(format!(
+                "{} is not a directory but a link or a file",
+                d.display()
+            ));
+        }
+        if meta.uid() != me {
+            return Err(format!(
+                "{} belongs to another user (uid {})",
+                d.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "others may write to {} (mode {:o})",
+                d.display(),
+                meta.mode() & 0o777
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl ComponentCache {
     pub fn new(dir: PathBuf, engine: &Engine, max_bytes: u64) -> ComponentCache {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
+        let untrusted = private_to_this_user(&dir).err();
+        if let Some(why) = &untrusted {
+            tracing::warn!(dir = %dir.display(), "not using the compiled-component cache (every plugin is compiled at each start): {why}");
+        }
         let cache = ComponentCache {
             dir,
+            untrusted,
             engine_key: format!("{:016x}", h.finish()),
             max_bytes,
             bytes: AtomicU64::new(0),
@@ -59,6 +111,9 @@ impl ComponentCache {
     }
 
     pub fn get(&self, engine: &Engine, sha256: &str) -> Option<Component> {
+        if self.untrusted.is_some() {
+            return None;
+        }
         let path = self.path(sha256);
         let sum = std::fs::read(path.with_extension("sum")).ok()?;
         let intact = file_sha256(&path).is_ok_and(|actual| actual.as_slice() == sum.as_slice());
@@ -76,6 +131,9 @@ impl ComponentCache {
     /// from there, so that from now on only its pages in use take memory;
     /// `None` when it could not be written (the caller keeps its copy).
     pub fn put(&self, engine: &Engine, sha256: &str, component: &Component) -> Option<Component> {
+        if self.untrusted.is_some() {
+            return None;
+        }
         let path = self.path(sha256);
         let result = (|| -> anyhow::Result<()> {
             std::fs::create_dir_all(&self.dir)?;
@@ -111,6 +169,9 @@ impl ComponentCache {
     /// limit, never `keep` (the entry just written, which may alone exceed
     /// a small limit).
     fn prune(&self, keep: Option<&Path>) {
+        if self.untrusted.is_some() {
+            return;
+        }
         let limit = match self.max_bytes {
             0 => u64::MAX,
             limit => limit,
@@ -252,6 +313,26 @@ fn file_sha256(path: &std::path::Path) -> std::io::Result<sha2::digest::Output<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_is_used_only_where_no_one_else_may_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        assert_eq!(private_to_this_user(&data.join("cache")), Ok(()));
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let open = private_to_this_user(&data.join("cache")).unwrap_err();
+        assert!(
+            open.contains("others may write to") && open.contains("mode 777"),
+            "{open}"
+        );
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, data.join("linked")).unwrap();
+        let linked = private_to_this_user(&data.join("linked")).unwrap_err();
+        assert!(linked.contains("not a directory but a link"), "{linked}");
+    }
 
     /// An entry of `len` bytes (and its 32-byte sum) last used `age` ago.
     fn entry(dir: &Path, name: &str, len: usize, age: Duration) -> PathBuf {

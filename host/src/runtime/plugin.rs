@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{ComponentExportIndex, InstancePre};
 use wasmtime::{Engine, Store, UpdateDeadline};
@@ -310,7 +310,8 @@ impl Plugin {
         // it has written the inventory's records before it knows whether
         // the outside took the change.
         let writes_need_success = matches!(call, Call::ReconcilePaged(..));
-        let result = async {
+        let deadline = store.data().deadline_shared.clone();
+        let running = async {
             let instance = self.pre.instance_pre.instantiate_async(&mut store).await?;
             let plugin = self.pre.exports.load(&mut store, &instance)?;
             let handler = plugin.prismhook_plugin_handler();
@@ -358,8 +359,12 @@ impl Plugin {
                 }
             };
             Ok::<_, wasmtime::Error>(Ok(returned))
+        };
+        let result = past_its_deadline(running, &deadline).await;
+        if result.is_none() {
+            store.data_mut().timed_out = true;
         }
-        .await;
+        let result = result.unwrap_or_else(|| Err(wasmtime::Error::msg("deadline")));
         let state = store.into_data();
         self.identity
             .memory_peak
@@ -411,6 +416,35 @@ impl Plugin {
         }
     }
 }
+
+/// `call`, or `None` once the call's `deadline` (which a paged reconcile
+/// moves as it reads pages) has passed by [`OUTER_GRACE`]: dropped then,
+/// wherever the guest is waiting. Wasm that runs is stopped at the deadline
+/// by the epoch callback; this ends a guest that waits in a host call (a
+/// WASI sleep of an hour or for ever), which runs no wasm to stop.
+async fn past_its_deadline<T>(
+    call: impl std::future::Future<Output = T>,
+    deadline: &std::sync::Mutex<Instant>,
+) -> Option<T> {
+    let now = || *deadline.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::pin!(call);
+    loop {
+        let until = now() + OUTER_GRACE;
+        tokio::select! {
+            done = &mut call => return Some(done),
+            () = tokio::time::sleep_until(until.into()) => {
+                if now() + OUTER_GRACE <= Instant::now() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// How long past its deadline a call waiting in the host is let be: the
+/// epoch callback, which stops running wasm with a clearer account, comes
+/// first when it can.
+const OUTER_GRACE: Duration = Duration::from_millis(500);
 
 pub(super) enum Call<'a> {
     Init,

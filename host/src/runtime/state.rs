@@ -73,6 +73,11 @@ pub struct HostState {
     /// Event ids of the batch in hand, for log context.
     pub(super) context: Arc<str>,
     pub(super) deadline: Instant,
+    /// [`HostState::deadline`], for the task that runs the call to read
+    /// while the Store is lent to it: the epoch callback stops wasm that
+    /// runs past the deadline, but a guest waiting in a host call (a WASI
+    /// sleep) runs no wasm, and only a timer outside the call ends it.
+    pub(super) deadline_shared: Arc<std::sync::Mutex<Instant>>,
     pub(super) timed_out: bool,
     pub(super) memory_exceeded: Option<usize>,
     /// The largest linear memory this call was granted.
@@ -124,7 +129,30 @@ impl HostCalls {
     }
 }
 
+/// Resources (streams, pollables) a call may hold at once: language
+/// runtimes hold a few.
+const MAX_RESOURCES: usize = 4096;
+
 impl HostState {
+    /// Holds the timer around the call while the host, not the plugin,
+    /// takes its time; [`HostState::extend_deadline`] sets it again.
+    pub(super) fn hold_deadline(&mut self) {
+        const A_DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+        *self
+            .deadline_shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now() + A_DAY;
+    }
+
+    /// Moves the call's deadline `by` later.
+    pub(super) fn extend_deadline(&mut self, by: std::time::Duration) {
+        self.deadline += by;
+        *self
+            .deadline_shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.deadline;
+    }
+
     /// The state of one call of `plugin` (`context`: the event ids of the
     /// batch in hand, for log lines).
     pub(super) fn new(
@@ -134,11 +162,18 @@ impl HostState {
         env: &CallEnv,
     ) -> HostState {
         let limits = plugin.limits;
+        let deadline = Instant::now() + limits.deadline;
+        // Each handle may hold host memory beyond the plugin's limit (a
+        // stdout stream buffers a line): wasmtime's default of a million
+        // would let a call hold gigabytes.
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         HostState {
             wasi: None,
-            table: ResourceTable::new(),
+            table,
             context,
-            deadline: Instant::now() + limits.deadline,
+            deadline,
+            deadline_shared: Arc::new(std::sync::Mutex::new(deadline)),
             timed_out: false,
             memory_exceeded: None,
             memory_peak: 0,

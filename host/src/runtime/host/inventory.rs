@@ -8,13 +8,16 @@ use crate::runtime::state::HostState;
 
 impl Host for HostState {
     async fn next_page(&mut self) -> wasmtime::Result<Option<Vec<Vm>>> {
-        let Some(inventory) = self.inventory.as_mut() else {
+        if self.inventory.is_none() {
             return Ok(None);
-        };
+        }
         let waiting = Instant::now();
+        // Waiting for the listing is not the plugin's time: the timer
+        // around the call (see `HostState::deadline_shared`) waits too.
+        self.hold_deadline();
+        let inventory = self.inventory.as_mut().expect("checked above");
         let next = inventory.next().await;
-        // Waiting for the listing is not the plugin's time.
-        self.deadline += waiting.elapsed();
+        self.extend_deadline(waiting.elapsed());
         let page = match next {
             Ok(Some(page)) => page,
             Ok(None) => return Ok(None),
@@ -27,7 +30,7 @@ impl Host for HostState {
         // page: a long inventory is not a slow or chatty plugin.
         if self.pages_read > 0 {
             let limits = self.plugin.limits;
-            self.deadline += limits.deadline;
+            self.extend_deadline(limits.deadline);
             self.max_requests = self
                 .max_requests
                 .saturating_add(limits.max_requests_per_call);

@@ -7,6 +7,7 @@
 //! | event type     | what the probe does                                      |
 //! |----------------|----------------------------------------------------------|
 //! | `TEST.LOOP`    | spins forever                                            |
+//! | `TEST.SLEEP`   | sleeps `body.ms` in WASI (a host wait, no wasm running)  |
 //! | `TEST.OOM`     | allocates until the host's memory limit stops it         |
 //! | `TEST.TRAP`    | panics                                                   |
 //! | `TEST.HTTP`    | GETs `body.url`; stores status and body or the error     |
@@ -181,6 +182,12 @@ fn handle_one(event: &Event) -> Outcome {
             loop {
                 n = std::hint::black_box(n.wrapping_add(1));
             }
+        }
+        "TEST.SLEEP" => {
+            let ms = body(event).get("ms").and_then(Value::as_u64).unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            record(event);
+            Outcome::Done
         }
         "TEST.OOM" => {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
