@@ -93,8 +93,8 @@ pub fn each_registered<H: Host>(
     for _ in 0..MAX_PAGES {
         let answer = post(config, host, uid::registered_ip_query(config, start))?;
         let page = response::registered_ips(&answer)?;
-        let full = page.len() >= uid::PAGE_SIZE;
-        for (ip, found) in page {
+        let full = page.listed >= uid::PAGE_SIZE;
+        for (ip, found) in page.ips {
             let owned: BTreeSet<String> =
                 found.into_iter().filter(|t| config.owns_tag(t)).collect();
             if !owned.is_empty() {

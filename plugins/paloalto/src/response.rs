@@ -381,15 +381,24 @@ pub fn check(response: &Response) -> Result<(), Failure> {
     read(response).map(|_| ())
 }
 
-/// One page of `show object registered-ip`: `(ip, tags)` per entry.
-pub fn registered_ips(response: &Response) -> Result<Vec<(String, Vec<String>)>, Failure> {
+/// One page of `show object registered-ip`: `(ip, tags)` per entry with
+/// an address.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    pub ips: Vec<(String, Vec<String>)>,
+    /// Every `entry` the page listed, with an `ip` or not: a full page is
+    /// told by this, so an entry of another shape does not end the listing.
+    pub listed: usize,
+}
+
+/// One page of `show object registered-ip`.
+pub fn registered_ips(response: &Response) -> Result<Page, Failure> {
     let response_element = read(response)?;
     let Some(result) = response_element.child("result") else {
-        return Ok(Vec::new());
+        return Ok(Page::default());
     };
-    Ok(result
-        .elements()
-        .filter(|e| e.name == "entry")
+    let entries = || result.elements().filter(|e| e.name == "entry");
+    let ips = entries()
         .filter_map(|entry| {
             let ip = entry.attribute("ip")?.trim().to_owned();
             let tags = entry
@@ -404,7 +413,11 @@ pub fn registered_ips(response: &Response) -> Result<Vec<(String, Vec<String>)>,
                 .unwrap_or_default();
             Some((ip, tags))
         })
-        .collect())
+        .collect();
+    Ok(Page {
+        ips,
+        listed: entries().count(),
+    })
 }
 
 #[cfg(test)]
@@ -582,6 +595,23 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_without_an_address_still_counts_towards_a_full_page() {
+        let page = registered_ips(&answer(
+            200,
+            r#"<response status="success"><result>
+               <entry ip="10.0.0.1"><tag><member>ntnx.a</member></tag></entry>
+               <entry range="10.0.0.2-10.0.0.9"><tag><member>ntnx.b</member></tag></entry>
+               <count>2</count></result></response>"#,
+        ))
+        .unwrap();
+        assert_eq!(page.listed, 2);
+        assert_eq!(
+            page.ips,
+            [("10.0.0.1".to_owned(), vec!["ntnx.a".to_owned()])]
+        );
+    }
+
+    #[test]
     fn the_registered_ip_fixture_lists_ips_with_their_tags() {
         let page = registered_ips(&Response {
             status: 200,
@@ -589,6 +619,8 @@ mod tests {
             body: fixture("op_show_registered_ip_response.xml"),
         })
         .unwrap();
+        assert_eq!(page.listed, 2);
+        let page = page.ips;
         let web = "ntnx.PC-pc1.CL-ncn-dev-sandbox.AppTier.Web".to_owned();
         assert_eq!(
             page,

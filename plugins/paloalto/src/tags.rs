@@ -33,6 +33,18 @@ fn push_sanitized(out: &mut String, text: &str) {
     out.extend(text.chars().map(|c| if is_tag_char(c) { c } else { '_' }));
 }
 
+/// `tag`, with `-` and 8 hex digits of a hash of `key` and `value` when
+/// either held characters beyond ASCII: [`sanitize`] makes each of them
+/// `_`, so `Env: 本番` and `Env: 開発` (production and development) would
+/// otherwise be one tag, and one dynamic address group.
+fn distinct(tag: String, key: &str, value: &str) -> String {
+    if key.is_ascii() && value.is_ascii() {
+        return tag;
+    }
+    let raw = format!("{key}\0{value}");
+    format!("{tag}-{:08x}", fnv1a(raw.as_bytes()) as u32)
+}
+
 /// Cuts a tag to [`MAX_TAG_LEN`], ending it with `-` and 8 hex digits of a
 /// hash of the whole name. Tags are ASCII after [`sanitize`], so cutting at a
 /// byte offset is safe; the `get` keeps it panic-free even if one is not.
@@ -174,7 +186,7 @@ pub fn vm_tags(config: &Config, cluster: &str, vm: &Vm) -> BTreeSet<String> {
         // Without its Nutanix cluster the VM's category tags cannot be
         // named; the static tag still marks it managed.
         let Some(tag) = rendered else { break };
-        tags.insert(limit_length(config.own_tag(tag)));
+        tags.insert(limit_length(distinct(config.own_tag(tag), key, value)));
     }
     tags
 }
@@ -298,10 +310,32 @@ pub(crate) mod tests {
     fn category_values_are_sanitised_into_tag_characters() {
         let config = config(r#"{"firewall": "https://fw", "static_tag": ""}"#);
         let vm = Vm {
-            categories: vec![("Team name".into(), "x'\"]<&é".into())],
+            categories: vec![("Team name".into(), "x'\"]<&".into())],
             ..web_01()
         };
-        assert_eq!(vm_tags(&config, "c", &vm), set(&["ntnx.Team_name.x______"]));
+        assert_eq!(vm_tags(&config, "c", &vm), set(&["ntnx.Team_name.x_____"]));
+    }
+
+    #[test]
+    fn values_beyond_ascii_keep_distinct_tags() {
+        let config = config(r#"{"firewall": "https://fw", "static_tag": ""}"#);
+        let tag = |value: &str| {
+            let vm = Vm {
+                categories: vec![("Env".into(), value.into())],
+                ..web_01()
+            };
+            vm_tags(&config, "c", &vm).pop_first().unwrap()
+        };
+        // Production and development: sanitised alike, told apart by a hash.
+        let (production, development) = (tag("本番"), tag("開発"));
+        assert_ne!(production, development);
+        for t in [&production, &development] {
+            assert!(
+                t.starts_with("ntnx.Env.__-") && t.len() == "ntnx.Env.__-".len() + 8,
+                "{t}"
+            );
+        }
+        assert_eq!(production, tag("本番"), "the same value, the same tag");
     }
 
     #[test]

@@ -253,9 +253,12 @@ impl Message<'_> {
 
     fn write(&self, out: &mut impl Sink, timeout: u64) {
         out.raw(HEAD);
+        // Unregisters first: at the platform's limit of registered IPs they
+        // make the room the registers need. A diff's pairs are disjoint, so
+        // the order changes nothing else.
         for (register, section, entries) in [
-            (true, "register", &self.register),
             (false, "unregister", &self.unregister),
+            (true, "register", &self.register),
         ] {
             if entries.is_empty() {
                 continue;
@@ -300,7 +303,8 @@ pub fn split<'a>(config: &Config, diff: &'a Diff) -> Vec<Message<'a>> {
     let mut messages = Vec::new();
     let mut current = Message::default();
     let mut size = fixed;
-    for (register, side) in [(true, &diff.register), (false, &diff.unregister)] {
+    // Unregisters first, in the first messages, as in each message.
+    for (register, side) in [(false, &diff.unregister), (true, &diff.register)] {
         let member = member_open(register, timeout);
         let member_cost = encoded(&|out| write_member(out, &member, ""));
         for (ip, tags) in side {
@@ -439,8 +443,8 @@ mod tests {
         assert_eq!(
             xml,
             "<uid-message><version>1.0</version><type>update</type><payload>\
-             <register><entry ip=\"10.0.0.1\"><tag><member timeout=\"3600\">ntnx.a</member></tag></entry></register>\
              <unregister><entry ip=\"10.0.0.2\"><tag><member>ntnx.b</member></tag></entry></unregister>\
+             <register><entry ip=\"10.0.0.1\"><tag><member timeout=\"3600\">ntnx.a</member></tag></entry></register>\
              </payload></uid-message>"
         );
     }
