@@ -18,8 +18,9 @@ fuzz_target!(|input: (u16, &[u8])| {
     if let Err(failure) = check(&response) {
         assert!(failure.reason().len() <= MAX_REASON + 3);
     }
-    if let Ok(entries) = registered_ips(&response) {
-        for (ip, _) in entries {
+    if let Ok(page) = registered_ips(&response) {
+        assert!(page.ips.len() <= page.listed);
+        for (ip, _) in page.ips {
             assert_eq!(ip, ip.trim());
         }
     }
