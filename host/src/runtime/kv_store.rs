@@ -20,6 +20,8 @@ const MAX_KEY_BYTES: usize = 1024;
 const MAX_VALUE_BYTES: usize = 1 << 20;
 /// Buffered writes one call may hold.
 const MAX_PENDING_BYTES: usize = 64 << 20;
+/// Keys read from the store at a time for a listing.
+const LIST_PAGE: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -36,6 +38,13 @@ pub enum KvError {
     ValueTooLarge(usize),
     #[error("this call has buffered over {MAX_PENDING_BYTES} bytes of writes")]
     TooManyWrites,
+    /// A listing would not fit the plugin's memory: the host stops reading
+    /// it rather than hold it all first.
+    #[error(
+        "the keys listed come to over {0} bytes, more than the plugin's memory holds; \
+         list them a page at a time (`list-keys-after`)"
+    )]
+    ListTooLarge(usize),
     /// A `set`, or a call's writes as they are stored, would take the
     /// plugin's store past `limits.kv_mib`; none of it was stored. Writes
     /// that shrink it always pass.
@@ -211,6 +220,7 @@ impl KvStore {
             pending_bytes: 0,
             limit,
             growth: Growth::default(),
+            max_listed_bytes: usize::MAX,
         }
     }
 
@@ -446,6 +456,8 @@ pub struct KvSession {
     pending_bytes: usize,
     limit: u64,
     growth: Growth,
+    /// What a listing may come to ([`KvSession::listing_at_most`]).
+    max_listed_bytes: usize,
 }
 
 /// What a call's writes do to the plugin's bytes, so that a `set` that
@@ -469,6 +481,14 @@ fn write_bytes(key: &str, value: Option<&[u8]>) -> u64 {
 }
 
 impl KvSession {
+    /// Refuses a listing whose keys come to more than `bytes`
+    /// ([`KvError::ListTooLarge`]): the plugin's memory, which could not
+    /// take it anyway.
+    pub fn listing_at_most(mut self, bytes: usize) -> KvSession {
+        self.max_listed_bytes = bytes;
+        self
+    }
+
     pub fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         if let Some(v) = self.writes.get(key) {
             return Ok(v.clone());
@@ -585,9 +605,16 @@ impl KvSession {
         limit: usize,
     ) -> Result<Vec<String>, KvError> {
         let mut keys = Vec::new();
+        let mut bytes = 0;
         let mut cursor = after.map(str::to_owned);
         while keys.len() < limit {
-            let want = limit - keys.len();
+            if bytes > self.max_listed_bytes {
+                return Err(KvError::ListTooLarge(self.max_listed_bytes));
+            }
+            // Read from the store a bounded page at a time, so that the host
+            // never holds more of a listing than the plugin could take.
+            let want = (limit - keys.len()).min(LIST_PAGE);
+            let from = keys.len();
             let stored = self
                 .store
                 .backend
@@ -627,10 +654,14 @@ impl KvSession {
                     keys.push(key.clone());
                 }
             }
+            bytes += keys[from..].iter().map(String::len).sum::<usize>();
             match upper {
                 Some(upper) => cursor = Some(upper),
                 None => break,
             }
+        }
+        if bytes > self.max_listed_bytes {
+            return Err(KvError::ListTooLarge(self.max_listed_bytes));
         }
         Ok(keys)
     }
@@ -1001,6 +1032,28 @@ mod tests {
         s.delete("vm/a".into()).unwrap();
         s.set("vm/c".into(), vec![]).unwrap();
         assert_eq!(s.list_keys("vm/").unwrap(), vec!["vm/b", "vm/c"]);
+    }
+
+    #[test]
+    fn a_listing_larger_than_the_plugins_memory_is_refused_not_held_and_pages_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        let mut s = store.session("p", u64::MAX);
+        for i in 0..25_000 {
+            s.set(format!("vm/{i:06}"), Vec::new()).unwrap();
+        }
+        s.commit().unwrap();
+        // 25,000 keys of 9 bytes: 225,000 bytes, against 100,000.
+        let s = store.session("p", u64::MAX).listing_at_most(100_000);
+        let e = s.list_keys("vm/").unwrap_err();
+        assert!(matches!(e, KvError::ListTooLarge(100_000)), "{e}");
+        assert!(e.to_string().contains("`list-keys-after`"), "{e}");
+        // Whole, across the store's pages of 10,000, when it fits.
+        let all = store.session("p", u64::MAX).list_keys("vm/").unwrap();
+        assert_eq!(all.len(), 25_000);
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        let page = s.list_keys_after("vm/", Some("vm/012345"), 1_000).unwrap();
+        assert_eq!((page.len(), page[0].as_str()), (1_000, "vm/012346"));
     }
 
     /// Every page of `list_keys_after` with `limit`, in order.

@@ -180,7 +180,10 @@ impl HostState {
             requests_made: 0,
             max_requests: limits.max_requests_per_call,
             log_budget: LogBudget::new(limits.max_log_bytes),
-            kv: env.kv.session(&plugin.name, limits.kv_bytes),
+            kv: env
+                .kv
+                .session(&plugin.name, limits.kv_bytes)
+                .listing_at_most(limits.memory_bytes),
             vm_clusters,
             inventory: None,
             pages_read: 0,
