@@ -364,7 +364,7 @@ enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error(transparent)]
-    Body(crate::serve::BodyError),
+    Body(BodyError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
 }
@@ -384,14 +384,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, self.to_string()),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, self.to_string()),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, self.to_string()),
-            ApiError::Body(e) => (
-                match e {
-                    BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                    BodyError::Broken(_) => StatusCode::BAD_REQUEST,
-                    BodyError::Late(_) => StatusCode::REQUEST_TIMEOUT,
-                },
-                self.to_string(),
-            ),
+            ApiError::Body(e) => (e.status(), self.to_string()),
             ApiError::Ledger(LedgerError::Closed) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the ledger is closed: the host is shutting down".to_owned(),

@@ -23,7 +23,7 @@ use crate::clock::now_ms;
 use crate::event::Decoded;
 use crate::ledger::{Appended, LedgerError, NewEvent, SharedLedger};
 use crate::registry::Registry;
-use crate::serve::{read_body, BodyError};
+use crate::serve::read_body;
 use crate::telemetry::ListenerStats;
 
 /// What every source's handlers share to store what they accept. Cheap to
@@ -85,11 +85,7 @@ impl Ingest {
             Ok(bytes) => return Ok(bytes),
             Err(e) => e,
         };
-        let status = match &e {
-            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyError::Broken(_) => StatusCode::BAD_REQUEST,
-            BodyError::Late(_) => StatusCode::REQUEST_TIMEOUT,
-        };
+        let status = e.status();
         self.count(endpoint, "-", status);
         let mut r = problem(status, e.to_string());
         if status != StatusCode::PAYLOAD_TOO_LARGE {

@@ -197,6 +197,17 @@ pub enum BodyError {
     Late(Duration),
 }
 
+impl BodyError {
+    /// The answer it calls for: 413, 400 or 408.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            BodyError::TooLarge(_) => http::StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Broken(_) => http::StatusCode::BAD_REQUEST,
+            BodyError::Late(_) => http::StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+}
+
 /// `body`, whole, if it holds at most `max` bytes and arrives within
 /// `timeout`: once its head is read, hyper times nothing of a request, and
 /// a peer that announces a body and sends none would hold its connection

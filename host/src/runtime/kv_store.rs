@@ -608,9 +608,6 @@ impl KvSession {
         let mut bytes = 0;
         let mut cursor = after.map(str::to_owned);
         while keys.len() < limit {
-            if bytes > self.max_listed_bytes {
-                return Err(KvError::ListTooLarge(self.max_listed_bytes));
-            }
             // Read from the store a bounded page at a time, so that the host
             // never holds more of a listing than the plugin could take.
             let want = (limit - keys.len()).min(LIST_PAGE);
@@ -655,13 +652,13 @@ impl KvSession {
                 }
             }
             bytes += keys[from..].iter().map(String::len).sum::<usize>();
+            if bytes > self.max_listed_bytes {
+                return Err(KvError::ListTooLarge(self.max_listed_bytes));
+            }
             match upper {
                 Some(upper) => cursor = Some(upper),
                 None => break,
             }
-        }
-        if bytes > self.max_listed_bytes {
-            return Err(KvError::ListTooLarge(self.max_listed_bytes));
         }
         Ok(keys)
     }
