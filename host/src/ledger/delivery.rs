@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::ledger::index::{Failure, LaneKey};
-use crate::ledger::{LedgerError, Outcome, RetryPolicy};
+use crate::ledger::{Delivery, LedgerError, Outcome, RetryPolicy, StoredEvent};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -105,6 +105,42 @@ pub(crate) struct Planned {
 /// Where a delivery stood when its outcome came: whether it is in flight for this plugin, and
 /// the lane of its event (read from the index in one lock, before any storage is touched).
 pub(crate) type Standing = (bool, Option<LaneKey>);
+
+/// One event as a backend read it, or why it could not.
+pub(crate) type EventRead = Result<StoredEvent, LedgerError>;
+
+/// Outcomes by event id, as [`crate::ledger::Ledger::complete`] takes them.
+pub(crate) type Outcomes = Vec<(u64, Outcome)>;
+
+/// A claim's reads, sorted: the deliveries whose event was read, and an outcome for each one whose
+/// event can never be read (corrupt, or missing under its delivery) that makes it a dead letter
+/// saying why. One such event used to fail every later claim of its plugin, stalling them all.
+/// Any other failure (storage out of reach) fails the claim as a whole, to be tried again.
+pub(crate) fn sort_reads(
+    plugin: &str,
+    claimed: Vec<(u64, u32)>,
+    reads: Vec<EventRead>,
+) -> Result<(Vec<Delivery>, Outcomes), LedgerError> {
+    let mut deliveries = Vec::with_capacity(claimed.len());
+    let mut unreadable = Vec::new();
+    for ((id, attempt), read) in claimed.into_iter().zip(reads) {
+        match read {
+            Ok(event) => deliveries.push(Delivery { event, attempt }),
+            Err(failure @ LedgerError::Corrupt { .. }) => {
+                error!(
+                    plugin,
+                    event_id = id,
+                    error = %failure,
+                    "an event due for delivery cannot be read; its delivery is a dead letter"
+                );
+                let reason = format!("the host cannot read this event: {failure}");
+                unreadable.push((id, Outcome::Reject { reason }));
+            }
+            Err(failure) => return Err(failure),
+        }
+    }
+    Ok((deliveries, unreadable))
+}
 
 /// Decides what each outcome does, in event id order.
 ///

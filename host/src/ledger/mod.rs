@@ -95,6 +95,24 @@ pub struct StoredEvent {
     pub vm: Option<Vm>,
 }
 
+impl StoredEvent {
+    /// What a listing shows of an event the host cannot read: its id, and nothing else. The
+    /// error is logged here with the plugin whose listing met it.
+    pub(crate) fn unreadable(plugin: &str, id: u64, error: &LedgerError) -> Self {
+        tracing::warn!(plugin, event_id = id, %error, "a dead letter's event cannot be read");
+        StoredEvent {
+            id,
+            cluster: String::new(),
+            event_type: String::new(),
+            entity_kind: String::new(),
+            entity_uuid: String::new(),
+            received_at_ms: 0,
+            body: String::new(),
+            vm: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Appended {
     /// Durably stored, with one pending delivery per subscribed plugin.

@@ -208,6 +208,33 @@ where
     out
 }
 
+/// What every backend does with three events of `plugin` whose middle one it cannot read: a
+/// claim delivers the other two, and the middle one is a dead letter whose reason names it.
+pub(super) async fn the_unreadable_middle_event_is_a_dead_letter(
+    ledger: &dyn Ledger,
+    plugin: &str,
+    ids: &[u64],
+) {
+    let claimed = ledger
+        .claim(plugin, 10)
+        .await
+        .expect("the claim goes on past the unreadable event");
+    let claimed: Vec<u64> = claimed.iter().map(|d| d.event.id).collect();
+    assert_eq!(claimed, [ids[0], ids[2]]);
+    let letters = ledger.dead_letters(Some(plugin), None, 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].event.id, ids[1]);
+    assert_eq!(letters[0].event.entity_uuid, "", "nothing of it is made up");
+    assert!(
+        letters[0].reason.contains(&format!("event {}", ids[1])),
+        "the reason says which event: {}",
+        letters[0].reason
+    );
+    let backlog = ledger.backlog().unwrap();
+    let backlog = backlog.iter().find(|b| b.plugin == plugin).unwrap();
+    assert_eq!((backlog.in_flight, backlog.dead), (2, 1), "{backlog:?}");
+}
+
 async fn an_appended_event_survives_reopening_with_its_content(h: &dyn Harness) {
     let ledger = h.open(&policy());
     let id = append_at(&ledger, "vm-1", 1234, &["fw"]).await;

@@ -31,6 +31,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::ledger::delivery::{sort_reads, EventRead};
 use crate::ledger::index::{lane_key, Index};
 use crate::ledger::wake::{instant_of, Notifiers};
 use store::{
@@ -115,10 +116,12 @@ impl Shared {
         self.index.lock().expect("ledger index lock poisoned")
     }
 
-    fn read_events(&self, ids: &[u64]) -> Result<Vec<StoredEvent>, LedgerError> {
+    /// Each event read, or why it cannot be; the outer error is a read that could not start.
+    fn read_events(&self, ids: &[u64]) -> Result<Vec<EventRead>, LedgerError> {
         let txn = self.db.begin_read().ctx("beginning a read transaction")?;
         let events = txn.open_table(EVENTS).ctx("opening the events table")?;
-        ids.iter()
+        Ok(ids
+            .iter()
             .map(|&id| {
                 let row = events
                     .get(id)
@@ -129,7 +132,7 @@ impl Shared {
                     })?;
                 event_from_row(id, row.value())
             })
-            .collect()
+            .collect())
     }
 
     /// The dead letters named, with their events; letters dropped meanwhile are left out.
@@ -155,7 +158,8 @@ impl Shared {
                 continue;
             };
             letters.push(DeadLetter {
-                event: event_from_row(id, row.value())?,
+                event: event_from_row(id, row.value())
+                    .unwrap_or_else(|error| StoredEvent::unreadable(&plugin, id, &error)),
                 attempts: record.attempts,
                 reason: record.reason.unwrap_or_default(),
                 died_at_ms: record.died_at_ms.unwrap_or_default(),
@@ -362,19 +366,15 @@ impl Ledger for RedbLedger {
         };
         let shared = self.shared.clone();
         let ids = guard.ids.clone();
-        let read = tokio::task::spawn_blocking(move || shared.read_events(&ids)).await;
-        match read {
-            Ok(Ok(events)) => {
-                guard.ids.clear();
-                Ok(events
-                    .into_iter()
-                    .zip(claimed)
-                    .map(|(event, (_, attempt))| Delivery { event, attempt })
-                    .collect())
-            }
-            Ok(Err(error)) => Err(error),
+        let reads = match tokio::task::spawn_blocking(move || shared.read_events(&ids)).await {
+            Ok(reads) => reads?,
             Err(join) => std::panic::resume_unwind(join.into_panic()),
-        }
+        };
+        let (deliveries, unreadable) = sort_reads(plugin, claimed, reads)?;
+        // Until these are settled, the guard releases the whole claim if anything fails.
+        self.complete(plugin, unreadable).await?;
+        guard.ids.clear();
+        Ok(deliveries)
     }
 
     async fn complete(

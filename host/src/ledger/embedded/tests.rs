@@ -6,7 +6,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::*;
-use crate::ledger::suite::futures_join_all;
+use crate::ledger::suite::{futures_join_all, the_unreadable_middle_event_is_a_dead_letter};
 use crate::ledger::{Jitter, SharedLedger};
 
 fn options(dir: &TempDir) -> LedgerOptions {
@@ -234,4 +234,44 @@ async fn a_file_of_the_older_layout_opens_with_its_events_deliveries_and_dedupe_
             "{gone} is still there"
         );
     }
+}
+
+/// A row the host cannot decode used to fail every claim of the plugins it was due to, so
+/// nothing after it was delivered again.
+#[tokio::test]
+async fn a_delivery_whose_event_cannot_be_read_is_a_dead_letter_and_the_others_are_delivered() {
+    let dir = TempDir::new().unwrap();
+    let path = options(&dir).path;
+    let t = now_ms();
+    let ledger = open(&dir);
+    let mut ids = Vec::new();
+    for entity in ["vm-1", "vm-2", "vm-3"] {
+        match ledger.append(event(entity, t), plugins(&["fw"])).await {
+            Ok(Appended::Stored { id, .. }) => ids.push(id),
+            other => panic!("not stored: {other:?}"),
+        }
+    }
+    drop(ledger);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut events = txn.open_table(store::EVENTS).unwrap();
+            let body = r#"{"entity":"vm-2"}"#;
+            let row = (
+                t,
+                "c1",
+                "VM.UPDATE",
+                "vm",
+                "vm-2",
+                Some(&b"\xff not a vm"[..]),
+                body,
+            );
+            events.insert(ids[1], row).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let ledger = open(&dir);
+    the_unreadable_middle_event_is_a_dead_letter(&ledger, "fw", &ids).await;
 }

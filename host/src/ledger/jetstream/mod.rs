@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
@@ -58,7 +59,9 @@ use wire::{EventRecord, Mark, Subjects, RECEIVED};
 
 use crate::clock::now_ms;
 use crate::config::NatsSignIn;
-use crate::ledger::delivery::{plan_complete, Change, DeliveryRecord, Planned, Standing};
+use crate::ledger::delivery::{
+    plan_complete, sort_reads, Change, DeliveryRecord, EventRead, Planned, Standing,
+};
 use crate::ledger::index::lane_key;
 use crate::ledger::wake::{instant_of, Notifiers};
 use crate::ledger::{
@@ -370,7 +373,8 @@ impl Inner {
     }
 
     /// The stored events of these ids: from the cache, else from the stream.
-    async fn read_events(&self, ids: &[u64]) -> Result<Vec<StoredEvent>, LedgerError> {
+    /// Each event read, or why it cannot be.
+    async fn read_events(&self, ids: &[u64]) -> Vec<EventRead> {
         let cached: Vec<Option<StoredEvent>> = {
             let state = self.state();
             ids.iter().map(|&id| state.cached(id)).collect()
@@ -381,7 +385,7 @@ impl Inner {
                 None => self.read_event(id).await,
             }
         });
-        join_all(reads).await.into_iter().collect()
+        join_all(reads).await
     }
 
     async fn read_event(&self, id: u64) -> Result<StoredEvent, LedgerError> {
@@ -389,7 +393,14 @@ impl Inner {
             .stream
             .direct_get(id)
             .await
-            .map_err(|e| unavailable(format!("reading event {id}"), e))?;
+            .map_err(|e| match e.kind() {
+                // Pruned while a replay marked it again: its delivery has nothing to deliver.
+                DirectGetErrorKind::NotFound => LedgerError::Corrupt {
+                    what: format!("event {id}"),
+                    detail: "it has deliveries but is missing".into(),
+                },
+                _ => unavailable(format!("reading event {id}"), e),
+            })?;
         let record: EventRecord =
             serde_json::from_slice(&message.payload).map_err(|e| LedgerError::Corrupt {
                 what: format!("event {id}"),
@@ -880,13 +891,12 @@ impl Ledger for JetStreamLedger {
             plugin,
             ids: claimed.iter().map(|&(id, _)| id).collect(),
         };
-        let events = self.inner.read_events(&guard.ids).await?;
+        let reads = self.inner.read_events(&guard.ids).await;
+        let (deliveries, unreadable) = sort_reads(plugin, claimed, reads)?;
+        // Until these are settled, the guard releases the whole claim if anything fails.
+        self.complete(plugin, unreadable).await?;
         guard.ids.clear();
-        Ok(events
-            .into_iter()
-            .zip(claimed)
-            .map(|(event, (_, attempt))| Delivery { event, attempt })
-            .collect())
+        Ok(deliveries)
     }
 
     async fn complete(
@@ -1024,18 +1034,27 @@ impl Ledger for JetStreamLedger {
                 .collect()
         };
         let ids: Vec<u64> = targets.iter().map(|(_, id, _)| *id).collect();
-        let events = self.inner.read_events(&ids).await?;
-        Ok(targets
+        let reads = self.inner.read_events(&ids).await;
+        targets
             .into_iter()
-            .zip(events)
-            .map(|((plugin, _, record), event)| DeadLetter {
-                plugin,
-                event,
-                attempts: record.attempts,
-                reason: record.reason.unwrap_or_default(),
-                died_at_ms: record.died_at_ms.unwrap_or_default(),
+            .zip(reads)
+            .map(|((plugin, id, record), read)| {
+                let event = match read {
+                    Ok(event) => event,
+                    Err(error @ LedgerError::Corrupt { .. }) => {
+                        StoredEvent::unreadable(&plugin, id, &error)
+                    }
+                    Err(error) => return Err(error),
+                };
+                Ok(DeadLetter {
+                    plugin,
+                    event,
+                    attempts: record.attempts,
+                    reason: record.reason.unwrap_or_default(),
+                    died_at_ms: record.died_at_ms.unwrap_or_default(),
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn replay_dead(
@@ -1261,6 +1280,7 @@ impl Drop for Unclaim<'_> {
 mod tests {
     use super::*;
 
+    use crate::ledger::suite::the_unreadable_middle_event_is_a_dead_letter;
     use crate::ledger::PARTITIONS;
     use crate::runtime::kv_store::{KvError, KvSession, KvStore};
 
@@ -1665,6 +1685,28 @@ mod tests {
             (3, 0),
             "{backlog:?}"
         );
+    }
+
+    /// A prune racing a replay can leave a delivery whose event is gone; it used to fail every
+    /// claim of its plugin, so nothing after it was delivered again.
+    #[tokio::test]
+    async fn a_delivery_whose_event_is_gone_is_a_dead_letter_and_the_others_are_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let opts = JetStreamOptions {
+            cache_events: 0,
+            ..named(&nats, "a")
+        };
+        let ledger = JetStreamLedger::open(opts).await.unwrap();
+        let mut ids = append_events(&ledger, 1, 1).await;
+        ids.extend(append_events(&ledger, 2, 1).await);
+        ids.extend(append_events(&ledger, 3, 1).await);
+        ledger.inner.stream.delete_message(ids[1]).await.unwrap();
+
+        the_unreadable_middle_event_is_a_dead_letter(&ledger, "p", &ids).await;
+        let letters = ledger.dead_letters(Some("p"), None, 10).await.unwrap();
+        assert!(letters[0].reason.contains("missing"), "{letters:?}");
+        assert_eq!(ledger.drop_dead(Some("p"), None).await.unwrap(), 1);
     }
 
     /// A host whose lease ran out while it delivered (starved, or cut off from NATS) must not
