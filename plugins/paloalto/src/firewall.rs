@@ -11,7 +11,7 @@ use crate::host::{Host, HttpError, Level, Request, Response};
 use crate::response::{self, Failure};
 use crate::state::Diff;
 use crate::tags::{self, IpTags};
-use crate::uid;
+use crate::uid::{self, Message};
 
 /// 10,000 pages of 500 entries: far beyond any firewall's User-ID capacity,
 /// so hitting it means the firewall ignores `start-point`.
@@ -69,6 +69,90 @@ pub fn send_diff(config: &Config, host: &mut impl Host, diff: &Diff) -> Result<(
         response::check(&answer)?;
     }
     Ok(())
+}
+
+/// Requests a send may spend finding the entries a refused message carries:
+/// enough to single out a few IPs in the largest message (two per halving,
+/// about thirteen halvings of 5,000 IPs each), not a request per IP of a
+/// message refused for something every IP in it shares.
+const MAX_ISOLATING_REQUESTS: usize = 96;
+
+/// IPs the firewall refused, each with its answer.
+pub type Refused = Vec<(String, String)>;
+
+/// Sends a diff as [`send_diff`] does, except that a message the firewall
+/// refuses is cut in two by IP and each half sent again, down to a single
+/// IP, so that an entry the firewall will never take does not hold back
+/// the others. A failure that may pass (the firewall down, busy) still
+/// stops the send, as does a refusal that no one IP explains: the
+/// platform's registered-IP limit, or more refused than
+/// [`MAX_ISOLATING_REQUESTS`] can single out.
+pub fn send_diff_around_refusals(
+    config: &Config,
+    host: &mut impl Host,
+    diff: &Diff,
+) -> Result<Refused, Failure> {
+    let mut refused = Refused::new();
+    let mut isolating = 0;
+    let mut queue: Vec<Message> = uid::split(config, diff);
+    queue.reverse();
+    while let Some(message) = queue.pop() {
+        let answer = post(config, host, uid::uid_body(config, &message))?;
+        let reason = match response::check(&answer) {
+            Ok(()) => continue,
+            Err(Failure::Reject(reason)) if !reason.contains(response::REGISTERED_IP_LIMIT) => {
+                reason
+            }
+            Err(failure) => return Err(failure),
+        };
+        match halves(&message) {
+            None => {
+                let ip = message.unregister.iter().chain(&message.register);
+                let ip = ip.map(|(ip, _)| *ip).next().unwrap_or_default();
+                refused.push((ip.to_owned(), reason));
+            }
+            Some(_) if isolating + 2 > MAX_ISOLATING_REQUESTS => {
+                return Err(Failure::Reject(reason));
+            }
+            Some((first, second)) => {
+                isolating += 2;
+                queue.push(second);
+                queue.push(first);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// A message cut in two by its IPs, each IP's entries in one half; `None`
+/// for a message of one IP.
+fn halves<'a>(message: &Message<'a>) -> Option<(Message<'a>, Message<'a>)> {
+    let mut seen = BTreeSet::new();
+    let ips: Vec<&str> = message
+        .unregister
+        .iter()
+        .chain(&message.register)
+        .map(|(ip, _)| *ip)
+        .filter(|ip| seen.insert(*ip))
+        .collect();
+    if ips.len() < 2 {
+        return None;
+    }
+    let first: BTreeSet<&str> = ips[..ips.len() / 2].iter().copied().collect();
+    let part = |keep: bool| {
+        let side = |entries: &[(&'a str, Vec<&'a str>)]| {
+            entries
+                .iter()
+                .filter(|(ip, _)| first.contains(ip) == keep)
+                .cloned()
+                .collect()
+        };
+        Message {
+            register: side(&message.register),
+            unregister: side(&message.unregister),
+        }
+    };
+    Some((part(true), part(false)))
 }
 
 /// Every registered IP with the tags this plugin owns; IPs left without

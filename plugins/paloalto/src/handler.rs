@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::Config;
-use crate::firewall;
+use crate::firewall::{self, Refused};
 use crate::host::{Event, Host, Keys, Level, Outcome, Vm};
 use crate::response::Failure;
 use crate::state::{self, Diff, IpRecord, Ledger, Plan, VmKey};
@@ -422,9 +422,12 @@ pub fn reconcile(
     } else {
         0
     };
-    if !diff.is_empty() {
-        firewall::send_diff(config, host, &diff).map_err(|f| f.reason().to_owned())?;
-    }
+    let refused = if diff.is_empty() {
+        Refused::new()
+    } else {
+        firewall::send_diff_around_refusals(config, host, &diff)
+            .map_err(|f| f.reason().to_owned())?
+    };
 
     // Rewrite this cluster's records and the whole IP index; write only what
     // changed, to keep the call's kv writes small.
@@ -461,26 +464,43 @@ pub fn reconcile(
         cluster,
         (registered, refreshed, unregistered),
         own.len(),
+        &refused,
     ))
 }
 
 /// A reconcile's summary, logged and returned: the pairs registered that
 /// were missing, those registered again to restart their timeout (with a
-/// `registration_timeout`), and those unregistered.
+/// `registration_timeout`), and those unregistered, the last two counts
+/// including the pairs of IPs the firewall refused, which are named.
 pub(crate) fn summarise(
     config: &Config,
     host: &mut impl Host,
     cluster: &str,
     (registered, refreshed, unregistered): (usize, usize, usize),
     vms: usize,
+    refused: &Refused,
 ) -> String {
     let refreshed = if config.registration_timeout > 0 {
         format!(" ({refreshed} refreshed)")
     } else {
         String::new()
     };
-    let summary =
+    let mut summary =
         format!("{registered} registered{refreshed}, {unregistered} unregistered, {vms} VMs");
+    if !refused.is_empty() {
+        // Each refusal is logged, at most ten of them: a firewall that
+        // refuses thousands says so once in the count.
+        for (ip, reason) in refused.iter().take(10) {
+            host.log(
+                Level::Warn,
+                &format!("reconcile {cluster}: the firewall refused the change for {ip}: {reason}"),
+            );
+        }
+        summary.push_str(&format!(
+            "; the firewall refused the change for {} IPs, tried again at the next reconcile",
+            refused.len()
+        ));
+    }
     host.log(Level::Info, &format!("reconciled {cluster}: {summary}"));
     summary
 }

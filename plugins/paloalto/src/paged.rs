@@ -16,7 +16,9 @@
 //!
 //! An error returns before anything is sent, or after part of it; the host
 //! then discards the call's `kv` writes (the paged contract), so the
-//! records never claim what the firewall did not take. Compare mode reads
+//! records never claim what the firewall did not take. IPs the firewall
+//! refuses (not an error: see [`firewall::send_diff_around_refusals`]) keep
+//! what the records want of them, so the next reconcile sends them again. Compare mode reads
 //! the inventory whole and compares as [`handler::reconcile`] does.
 
 use std::collections::hash_map::DefaultHasher;
@@ -24,7 +26,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
 
 use crate::config::Config;
-use crate::firewall;
+use crate::firewall::{self, Refused};
 use crate::handler::{self, contribution, load, powered_on, store};
 use crate::host::{Host, Keys, Vm};
 use crate::response::Failure;
@@ -172,10 +174,12 @@ impl Change {
         (count(&self.register), count(&self.unregister))
     }
 
-    /// Sends it, [`SEND_IPS`] IPs of each side at a time.
-    fn send(self, config: &Config, host: &mut impl Host) -> Result<(), Failure> {
+    /// Sends it, [`SEND_IPS`] IPs of each side at a time; returns the IPs
+    /// the firewall refused.
+    fn send(self, config: &Config, host: &mut impl Host) -> Result<Refused, Failure> {
         let mut register = self.register.into_iter();
         let mut unregister = self.unregister.into_iter();
+        let mut refused = Refused::new();
         loop {
             let side = |part: &mut dyn Iterator<Item = (String, Vec<String>)>| -> IpTags {
                 part.take(SEND_IPS)
@@ -187,9 +191,9 @@ impl Change {
                 unregister: side(&mut unregister),
             };
             if diff.is_empty() {
-                return Ok(());
+                return Ok(refused);
             }
-            firewall::send_diff(config, host, &diff)?;
+            refused.extend(firewall::send_diff_around_refusals(config, host, &diff)?);
         }
     }
 }
@@ -234,9 +238,11 @@ pub fn reconcile(
     let change = compare_firewall(config, host)?;
     let (registered, unregistered) = change.counts();
     let refreshed = change.refreshed;
-    change
+    let refused = change
         .send(config, host)
         .map_err(|f| f.reason().to_owned())?;
     let counts = (registered - refreshed, refreshed, unregistered);
-    Ok(handler::summarise(config, host, cluster, counts, vms))
+    Ok(handler::summarise(
+        config, host, cluster, counts, vms, &refused,
+    ))
 }

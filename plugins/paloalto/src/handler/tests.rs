@@ -736,6 +736,84 @@ fn reconcile_repairs_a_hand_changed_tag_and_leaves_foreign_tags_alone() {
 }
 
 #[test]
+fn a_reconcile_sends_every_ip_the_firewall_takes_and_names_the_one_it_refuses() {
+    for (how, reconcile) in RECONCILES {
+        let mut fake = Fake {
+            refuse_tag: Some("ntnx.Bad.Value".into()),
+            ..Fake::default()
+        };
+        let mut vms: Vec<Vm> = (0..300)
+            .map(|i| Vm {
+                uuid: format!("vm-{i:03}"),
+                power_state: Some("ON".into()),
+                nics: vec![vec![format!("10.1.{}.{}", i / 250, i % 250)]],
+                categories: vec![],
+                ..web_01()
+            })
+            .collect();
+        vms[150].categories = vec![("Bad".into(), "Value".into())];
+        let bad_ip = vms[150].nics[0][0].clone();
+
+        let summary = reconcile(&config(), &mut fake, "c1", &vms).unwrap();
+        assert_eq!(
+            summary,
+            "301 registered, 0 unregistered, 300 VMs; the firewall refused the change for 1 \
+             IPs, tried again at the next reconcile",
+            "{how}"
+        );
+        assert_eq!(
+            fake.registered.len(),
+            299,
+            "{how}: every other IP is registered"
+        );
+        assert!(!fake.registered.contains_key(&bad_ip), "{how}");
+        let warned = fake.logs.iter().any(|(level, line)| {
+            *level == Level::Warn && line.contains(&bad_ip) && line.contains("tag is invalid")
+        });
+        assert!(warned, "{how}: the refused IP is named: {:?}", fake.logs);
+        assert!(
+            fake.requests.len() < 40,
+            "{how}: the bad entry is found by halving, not an IP at a time: {} requests",
+            fake.requests.len()
+        );
+
+        // The next reconcile sends the refused IP again, and only it.
+        fake.requests.clear();
+        let again = reconcile(&config(), &mut fake, "c1", &vms).unwrap();
+        assert!(
+            again.starts_with("2 registered, 0 unregistered"),
+            "{how}: {again}"
+        );
+        assert_eq!(fake.registered.len(), 299, "{how}");
+    }
+}
+
+#[test]
+fn a_refusal_no_single_ip_explains_still_fails_the_reconcile() {
+    for (how, reconcile) in RECONCILES {
+        let mut fake = Fake {
+            refuse_tag: Some(MANAGED.into()),
+            ..Fake::default()
+        };
+        let vms: Vec<Vm> = (0..200)
+            .map(|i| Vm {
+                uuid: format!("vm-{i:03}"),
+                nics: vec![vec![format!("10.2.0.{i}")]],
+                ..web_01()
+            })
+            .collect();
+        let error = reconcile(&config(), &mut fake, "c1", &vms).unwrap_err();
+        assert!(error.contains("tag is invalid"), "{how}: {error}");
+        assert!(fake.registered.is_empty(), "{how}");
+        assert!(
+            fake.requests.len() <= 100,
+            "{how}: the halving gives up: {} requests",
+            fake.requests.len()
+        );
+    }
+}
+
+#[test]
 fn the_paged_reconcile_reads_kv_keys_a_page_at_a_time_and_still_removes_every_stale_vm() {
     // `count` powered-on VMs named `<name>-NNNN`, one IP each in 10.`net`/16.
     let vms = |name: &str, net: u32, count: u32| -> Vec<Vm> {
