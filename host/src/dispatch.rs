@@ -174,11 +174,14 @@ impl Dispatcher {
         let mut stop = self.inner.stop.subscribe();
         let mut running: HashMap<String, usize> = HashMap::new();
         let mut workers = JoinSet::new();
-        // Which plugin each worker serves, to count it out however it ends.
-        let mut serving: HashMap<tokio::task::Id, String> = HashMap::new();
+        // Which plugin each worker serves and since when, to count it out
+        // however it ends.
+        let mut serving: HashMap<tokio::task::Id, (String, Instant)> = HashMap::new();
+        let mut restarts: HashMap<String, Restart> = HashMap::new();
         loop {
+            let now = Instant::now();
             for (name, entry) in self.inner.registry.snapshot().iter() {
-                if entry.plugin.is_none() {
+                if entry.plugin.is_none() || restarts.get(name).is_some_and(|r| r.at > now) {
                     continue;
                 }
                 let n = running.entry(name.clone()).or_default();
@@ -188,9 +191,10 @@ impl Dispatcher {
                     let name = name.clone();
                     let span = tracing::info_span!("worker", plugin = %name);
                     let task = workers.spawn(worker(inner, name.clone()).instrument(span));
-                    serving.insert(task.id(), name);
+                    serving.insert(task.id(), (name, now));
                 }
             }
+            let next_restart = restarts.values().map(|r| r.at).filter(|&at| at > now).min();
             tokio::select! {
                 _ = changes.changed() => {}
                 Some(done) = workers.join_next_with_id() => {
@@ -198,15 +202,20 @@ impl Dispatcher {
                         Ok((id, ())) => *id,
                         Err(e) => e.id(),
                     };
-                    let name = serving.remove(&id).unwrap_or_default();
+                    let (name, started) = serving.remove(&id).unwrap_or_else(|| (String::new(), now));
                     if let Err(e) = done {
                         // A bug, not the plugin's doing (a plugin's trap is
-                        // an error, not a panic): the next pass starts
-                        // another worker in its place.
-                        tracing::error!(plugin = %name, "a delivery worker ended: {e}");
+                        // an error, not a panic). Another worker takes its
+                        // place after a pause that grows while the bug
+                        // recurs, rather than at once, in a loop that would
+                        // spin a core and fill the log.
+                        let restart = restarts.entry(name.clone()).or_insert_with(Restart::new);
+                        restart.failed(started);
+                        tracing::error!(plugin = %name, "a delivery worker ended: {e}; another starts in {:?}", restart.delay);
                     }
                     if let Some(n) = running.get_mut(&name) { *n -= 1; }
                 }
+                _ = sleep_until_some(next_restart) => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
         }
@@ -302,6 +311,46 @@ impl Dispatcher {
     /// Asks workers to stop after their batch in hand.
     pub fn stop(&self) {
         self.inner.stop.send_replace(true);
+    }
+}
+
+/// When a plugin's worker that ended by a panic is started again.
+#[derive(Debug)]
+struct Restart {
+    at: Instant,
+    delay: Duration,
+    /// Panics in a row, each within [`WORKER_RESTART_MAX`] of its start.
+    times: u32,
+}
+
+const WORKER_RESTART_FIRST: Duration = Duration::from_secs(1);
+const WORKER_RESTART_MAX: Duration = Duration::from_secs(60);
+
+impl Restart {
+    fn new() -> Self {
+        Restart {
+            at: Instant::now(),
+            delay: Duration::ZERO,
+            times: 0,
+        }
+    }
+
+    /// A worker started at `started` panicked: the pause doubles while
+    /// workers keep panicking soon after they start.
+    fn failed(&mut self, started: Instant) {
+        if started.elapsed() >= WORKER_RESTART_MAX {
+            self.times = 0;
+        }
+        self.delay = doubled(WORKER_RESTART_FIRST, self.times, WORKER_RESTART_MAX);
+        self.times = self.times.saturating_add(1);
+        self.at = Instant::now() + self.delay;
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

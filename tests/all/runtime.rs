@@ -1331,25 +1331,43 @@ async fn a_plugins_printed_lines_are_host_log_lines_with_its_name_and_events_unt
     assert!(logs.text().contains("shout 0 of 1"), "{}", logs.text());
 }
 
-mod panics_on_complete {
+mod buggy_ledger {
     use prismhook::ledger::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::time::{Duration, Instant};
 
-    /// The embedded ledger, except that recording the first batch's
-    /// outcomes panics: a bug in the host while a batch is in flight.
+    /// The embedded ledger with a bug in the host to arm: recording the
+    /// next batch's outcomes panics (while a batch is in flight), or every
+    /// claim panics (which ends the worker that made it).
     #[derive(Debug)]
-    pub struct PanicsOnComplete {
+    pub struct BuggyLedger {
         pub inner: RedbLedger,
-        pub armed: AtomicBool,
+        pub panic_on_complete: AtomicBool,
+        pub panic_on_claim: AtomicBool,
+        pub claims: AtomicU32,
+    }
+
+    impl BuggyLedger {
+        pub fn new(inner: RedbLedger) -> Self {
+            BuggyLedger {
+                inner,
+                panic_on_complete: false.into(),
+                panic_on_claim: false.into(),
+                claims: 0.into(),
+            }
+        }
     }
 
     #[async_trait::async_trait]
-    impl Ledger for PanicsOnComplete {
+    impl Ledger for BuggyLedger {
         async fn append(&self, e: NewEvent, p: Vec<String>) -> Result<Appended, LedgerError> {
             self.inner.append(e, p).await
         }
         async fn claim(&self, plugin: &str, max: usize) -> Result<Vec<Delivery>, LedgerError> {
+            self.claims.fetch_add(1, Ordering::SeqCst);
+            if self.panic_on_claim.load(Ordering::SeqCst) {
+                panic!("a bug while claiming");
+            }
             self.inner.claim(plugin, max).await
         }
         async fn complete(
@@ -1357,7 +1375,7 @@ mod panics_on_complete {
             plugin: &str,
             results: Vec<(u64, Outcome)>,
         ) -> Result<(), LedgerError> {
-            if self.armed.swap(false, Ordering::SeqCst) {
+            if self.panic_on_complete.swap(false, Ordering::SeqCst) {
                 panic!("a bug while recording outcomes");
             }
             self.inner.complete(plugin, results).await
@@ -1419,24 +1437,18 @@ mod panics_on_complete {
     }
 }
 
-#[tokio::test]
-async fn a_panic_while_delivering_retries_the_batch_and_the_worker_carries_on() {
-    use panics_on_complete::PanicsOnComplete;
+/// A dispatcher with one worker for the probe, on `ledger`, running, with
+/// an event of entities A and B queued; stop it with `stop`.
+async fn dispatching_two_events(
+    sb: &Sandbox,
+    ledger: Arc<buggy_ledger::BuggyLedger>,
+) -> (prismhook::dispatch::Dispatcher, tokio::task::JoinHandle<()>) {
     use prismhook::dispatch::{DispatchOptions, Dispatcher};
-    use prismhook::ledger::{Ledger, LedgerOptions, NewEvent, RedbLedger, SharedLedger};
+    use prismhook::ledger::{Ledger, NewEvent, SharedLedger};
     use prismhook::registry::{Entry, PluginState, Registry};
 
-    let sb = sandbox();
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = LedgerOptions::new(dir.path().join("ledger.redb"));
-    opts.retry.initial = Duration::from_millis(50);
-    opts.retry.max_delay = Duration::from_millis(50);
-    let ledger = Arc::new(PanicsOnComplete {
-        inner: RedbLedger::open(opts).unwrap(),
-        armed: true.into(),
-    });
     let registry = Registry::default();
-    let plugin = probe(&sb, settings()).await;
+    let plugin = probe(sb, settings()).await;
     registry.update(|all| {
         all.insert(
             "probe".into(),
@@ -1461,8 +1473,8 @@ async fn a_panic_while_delivering_retries_the_batch_and_the_worker_carries_on() 
         };
         ledger.append(event, vec!["probe".into()]).await.unwrap();
     }
-    // One worker: were it lost with the panic, nothing would be delivered.
-    let shared: SharedLedger = ledger.clone();
+    // One worker: were it lost with a panic, nothing would be delivered.
+    let shared: SharedLedger = ledger;
     let dispatcher = Dispatcher::new(
         shared,
         registry,
@@ -1479,24 +1491,70 @@ async fn a_panic_while_delivering_retries_the_batch_and_the_worker_carries_on() 
         let dispatcher = dispatcher.clone();
         async move { dispatcher.run().await }
     });
-    common::wait_until(
-        "both events to be delivered",
-        Duration::from_secs(20),
-        || {
-            ledger
-                .backlog()
-                .unwrap()
-                .iter()
-                .all(|b| b.delivered == 2 && b.pending + b.in_flight + b.retrying == 0)
-        },
-    )
+    (dispatcher, running)
+}
+
+async fn both_delivered(ledger: &buggy_ledger::BuggyLedger, within: Duration) {
+    use prismhook::ledger::Ledger;
+    common::wait_until("both events to be delivered", within, || {
+        ledger
+            .backlog()
+            .unwrap()
+            .iter()
+            .all(|b| b.delivered == 2 && b.pending + b.in_flight + b.retrying == 0)
+    })
     .await;
+}
+
+#[tokio::test]
+async fn a_panic_while_delivering_retries_the_batch_and_the_worker_carries_on() {
+    use prismhook::ledger::{LedgerOptions, RedbLedger};
+
+    let sb = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = LedgerOptions::new(dir.path().join("ledger.redb"));
+    opts.retry.initial = Duration::from_millis(50);
+    opts.retry.max_delay = Duration::from_millis(50);
+    let ledger = Arc::new(buggy_ledger::BuggyLedger::new(
+        RedbLedger::open(opts).unwrap(),
+    ));
+    ledger.panic_on_complete.store(true, Ordering::SeqCst);
+    let (dispatcher, running) = dispatching_two_events(&sb, ledger.clone()).await;
+    both_delivered(&ledger, Duration::from_secs(20)).await;
     // Handled in the batch that panicked, then once more as a retry.
     for entity in ["A", "B"] {
         let seen = kv_text(&sb, &format!("seen/lab/{entity}")).unwrap();
         let attempts: Vec<&str> = seen.lines().map(|l| l.split(':').nth(1).unwrap()).collect();
         assert_eq!(attempts, ["1", "2"], "{entity}: {seen}");
     }
+    dispatcher.stop();
+    running.await.unwrap();
+}
+
+/// A worker that panics is started again after a pause that grows, not at
+/// once: a bug met on every claim used to spin a core and flood the log.
+#[tokio::test]
+async fn a_worker_ended_by_a_panic_is_started_again_after_a_growing_pause() {
+    use prismhook::ledger::{LedgerOptions, RedbLedger};
+
+    let sb = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LedgerOptions::new(dir.path().join("ledger.redb"));
+    let ledger = Arc::new(buggy_ledger::BuggyLedger::new(
+        RedbLedger::open(opts).unwrap(),
+    ));
+    ledger.panic_on_claim.store(true, Ordering::SeqCst);
+    let (dispatcher, running) = dispatching_two_events(&sb, ledger.clone()).await;
+    // Pauses of 1 s, then 2 s: claims at about 0, 1 and 3 s.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let claims = ledger.claims.load(Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&claims),
+        "{claims} claims in 2.5 s: the worker is restarted after a pause"
+    );
+    // Once the bug is gone, the next worker delivers.
+    ledger.panic_on_claim.store(false, Ordering::SeqCst);
+    both_delivered(&ledger, Duration::from_secs(20)).await;
     dispatcher.stop();
     running.await.unwrap();
 }
