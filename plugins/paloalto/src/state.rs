@@ -220,10 +220,26 @@ impl Ledger {
             // The unions borrow from the records: only tags that change are copied.
             let before = union_of(old_record);
             let now = union_of(&new_record);
-            let (gained, lost) = (
+            let (mut gained, lost) = (
                 owned(now.difference(&before)),
                 owned(before.difference(&now)),
             );
+            // A tag a changed VM gives up here that another VM keeps is
+            // registered again. This call may be running a second time: its
+            // first attempt saw the IP without the other VM (a concurrent
+            // call was adding it), unregistered the tag, and lost its kv
+            // writes to that call. The firewall did not undo the
+            // unregister, and the other call, seeing this VM's tag, sent
+            // none.
+            for (key, tags) in old_record.iter().filter(|(k, _)| changes.contains_key(*k)) {
+                let keeps = new_record.get(key);
+                gained.extend(
+                    tags.iter()
+                        .filter(|t| now.contains(t.as_str()))
+                        .filter(|t| !keeps.is_some_and(|k| k.contains(*t)))
+                        .cloned(),
+                );
+            }
             if !gained.is_empty() {
                 register.push((ip.clone(), gained));
             }
@@ -356,9 +372,13 @@ mod tests {
         assert!(second.diff.unregister.is_empty());
         ledger.commit(&second);
 
-        // The old VM is deleted: only the tag nobody else wants goes.
+        // The old VM is deleted: only the tag nobody else wants goes, and
+        // the one the new VM keeps is registered again.
         let third = ledger.plan(&BTreeMap::from([(old_vm.clone(), IpTags::new())]), &none());
-        assert!(third.diff.register.is_empty());
+        assert_eq!(
+            third.diff.register,
+            ip_tags(&[("10.0.0.9", &["ntnx.managed"])])
+        );
         assert_eq!(
             third.diff.unregister,
             ip_tags(&[("10.0.0.9", &["ntnx.AppTier.Web"])])

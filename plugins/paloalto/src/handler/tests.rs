@@ -367,14 +367,65 @@ fn an_ip_moving_to_another_vm_keeps_the_tags_the_new_vm_wants() {
         },
     )
     .unwrap();
+    // The tag both held is registered again (see `Ledger::plan`).
     assert_eq!(
         deleted,
         Diff {
-            register: IpTags::new(),
+            register: ip_tags(&[(IP1, &[MANAGED])]),
             unregister: ip_tags(&[(IP1, &[WEB])])
         }
     );
     assert_eq!(fake.registered[IP1], set(&[MANAGED, "ntnx.AppTier.Db"]));
+}
+
+/// Two workers' calls on VMs sharing an IP: B going away unregisters the
+/// tag they share (it saw only B), then loses its kv writes to A's call
+/// (which saw B holding the tag, so sent nothing), and is made again.
+#[test]
+fn a_tag_a_concurrent_call_unregistered_under_another_vm_is_registered_again() {
+    let mut fake = Fake::default();
+    let (a, b) = (
+        Vm {
+            uuid: "a".into(),
+            ..vm_on_one_nic()
+        },
+        Vm {
+            uuid: "b".into(),
+            ..vm_on_one_nic()
+        },
+    );
+    step(&mut fake, event("VM.CREATE", Some(b.clone())));
+    let before_either = fake.kv.clone();
+    let b_off = event(
+        "VM.OFF",
+        Some(Vm {
+            power_state: Some("OFF".into()),
+            ..b
+        }),
+    );
+
+    assert_eq!(
+        handle(&config(), &mut fake, std::slice::from_ref(&b_off)),
+        [Outcome::Done]
+    );
+    assert!(
+        !fake.registered.contains_key(IP1),
+        "B's first attempt took it all"
+    );
+    fake.kv = before_either;
+    let a_on = event("VM.CREATE", Some(a));
+    assert_eq!(handle(&config(), &mut fake, &[a_on]), [Outcome::Done]);
+    assert!(
+        !fake.registered.contains_key(IP1),
+        "A saw B's tags: nothing sent"
+    );
+
+    assert_eq!(handle(&config(), &mut fake, &[b_off]), [Outcome::Done]);
+    assert_eq!(
+        fake.registered.get(IP1),
+        Some(&set(&[MANAGED])),
+        "what A wants is on the firewall again"
+    );
 }
 
 #[test]
