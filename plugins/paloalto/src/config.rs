@@ -84,6 +84,9 @@ pub struct Config {
     /// Whether its tags are named in the Panorama plugin's namespace on
     /// purpose (see [`Config::owns_tag`]).
     pub claims_panorama: bool,
+    /// What every tag it registers starts with: `<tag_prefix>.`, or with
+    /// the preset `<tag_prefix>.CL-`.
+    pub owned: String,
 }
 
 impl Config {
@@ -106,9 +109,14 @@ impl Config {
                 "`tag_prefix` {tag_prefix:?} may only contain letters, digits, `.`, `_` and `-`, and must not end with `.`"
             )));
         }
-        let mut owned = String::with_capacity(tag_prefix.len() + 1);
-        owned.push_str(&tag_prefix);
-        owned.push('.');
+        // The preset's tags all go on with `.CL-<cluster>`: owning only
+        // those keeps a Prism Central named `pc1` off the tags of one named
+        // `pc1.lab`, which also start with `ntnx.PC-pc1.`.
+        let owned = if raw.tag_preset.is_some() {
+            format!("{tag_prefix}.CL-")
+        } else {
+            format!("{tag_prefix}.")
+        };
 
         let static_template = raw.static_tag.as_deref().unwrap_or(DEFAULT_STATIC_TAG);
         let static_tag = if static_template.is_empty() {
@@ -198,6 +206,7 @@ impl Config {
             subscriptions,
             compare: raw.compare.unwrap_or(false),
             claims_panorama,
+            owned,
         })
     }
 
@@ -207,11 +216,11 @@ impl Config {
     }
 
     /// Whether `tag` is one this plugin manages: under its prefix and a
-    /// dot, and outside the namespace of the Panorama plugin for Nutanix
-    /// (which the default `ntnx` covers) unless it names its tags there.
+    /// dot (with the preset, and `CL-`), and outside the namespace of the
+    /// Panorama plugin for Nutanix (which the default `ntnx` covers) unless
+    /// it names its tags there.
     pub fn owns_tag(&self, tag: &str) -> bool {
-        tag.strip_prefix(self.tag_prefix.as_str())
-            .is_some_and(|rest| rest.starts_with('.'))
+        tag.starts_with(self.owned.as_str())
             && (self.claims_panorama || !tag.starts_with(PANORAMA_NAMESPACE))
     }
 
@@ -238,9 +247,9 @@ pub const PANORAMA_PRESET: &str = "panorama";
 
 /// `tag_preset = "panorama"`: the names Palo Alto's Panorama plugin for
 /// Nutanix registers, `ntnx.PC-<prism central>.CL-<cluster>.<category>.<value>`,
-/// so dynamic address groups written for it keep matching. The prefix the
-/// plugin owns is `ntnx.PC-<prism central>`: tags of other Prism Centrals
-/// (another prismhook, or the Panorama plugin itself) are never touched.
+/// so dynamic address groups written for it keep matching. The plugin owns
+/// `ntnx.PC-<prism central>.CL-…`: tags of other Prism Centrals (another
+/// prismhook, or the Panorama plugin itself) are never touched.
 fn apply_preset(raw: &mut Raw) -> Result<(), ConfigError> {
     let Some(preset) = raw.tag_preset.as_deref() else {
         if raw.prism_central.is_some() {
@@ -348,6 +357,8 @@ mod tests {
         );
         assert!(config.owns_tag("ntnx.PC-PC_East.CL-ahv-01.AppTier.Web"));
         assert!(!config.owns_tag("ntnx.PC-PC_West.CL-ahv-01.AppTier.Web"));
+        // A Prism Central whose name goes on from this one's with a dot.
+        assert!(!config.owns_tag("ntnx.PC-PC_East.lab.CL-ahv-01.AppTier.Web"));
         assert!(!config.owns_tag("ntnx.managed"));
         for (bad, why) in [
             (
