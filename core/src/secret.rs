@@ -21,6 +21,27 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `presented` is this secret. Digests of equal length are
+    /// compared without an early exit, so the time taken tells neither how
+    /// much of a guess was right nor how long the secret is.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        digests_match(presented, self.0.as_bytes())
+    }
+}
+
+/// [`Secret::matches`] for a secret put together at the comparison (a
+/// user and password), or for none at all: `expected = None` costs the
+/// same and never matches, so an unknown name takes as long as a known one.
+pub fn matches_if_any(presented: &[u8], expected: Option<&[u8]>) -> bool {
+    let same = digests_match(presented, expected.unwrap_or_default());
+    expected.is_some() && same
+}
+
+fn digests_match(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(a).ct_eq(&Sha256::digest(b)).into()
 }
 
 impl fmt::Debug for Secret {
@@ -137,6 +158,23 @@ pub fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_matches_only_itself() {
+        let t = Secret::new("s3cret-token");
+        assert!(t.matches(b"s3cret-token"));
+        assert!(!t.matches(b"s3cret-tokeN"));
+        assert!(!t.matches(b"s3cret-token2"));
+        assert!(!t.matches(b""));
+    }
+
+    #[test]
+    fn nothing_matches_no_secret_not_even_nothing() {
+        assert!(matches_if_any(b"user:pw", Some(b"user:pw")));
+        assert!(!matches_if_any(b"user:pw", Some(b"user:pW")));
+        assert!(!matches_if_any(b"", None));
+        assert!(!matches_if_any(b"user:pw", None));
+    }
 
     #[test]
     fn a_secret_never_prints_its_value() {

@@ -47,8 +47,8 @@ use prismhook::clock::now_ms;
 use prismhook::ledger::{LedgerOptions, NewEvent, RedbLedger, SharedLedger};
 use prismhook::nutanix::payload::parse_notification;
 use prismhook::registry::Registry;
+use prismhook::secret;
 use prismhook::telemetry::ListenerStats;
-use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use common::*;
@@ -169,7 +169,7 @@ async fn non_durable(
                 .decode(e.trim())
                 .ok()
         })
-        .is_some_and(|d| bool::from(d.as_slice().ct_eq(s.expected.as_bytes())));
+        .is_some_and(|d| secret::matches_if_any(&d, Some(s.expected.as_bytes())));
     if !ok {
         return (StatusCode::UNAUTHORIZED, "wrong or missing credentials\n").into_response();
     }
