@@ -539,33 +539,37 @@ impl KvSession {
     /// stale: a write it finds over the limit is refused only once the
     /// store, read again, says so too.
     fn growth_with(&mut self, key: &str, new: u64) -> Result<Option<i64>, KvError> {
-        let base = match self.growth.base {
+        let mut base = match self.growth.base {
             Some(base) => base,
             None => *self
                 .growth
                 .base
                 .insert(self.store.backend.bytes(&self.plugin)?),
         };
-        let so_far = match self.growth.exact {
+        let mut so_far = match self.growth.exact {
             Some(delta) => delta,
             None if base.saturating_add(self.growth.most + new) <= self.limit => return Ok(None),
             None => self.growth_now()?,
         };
-        let delta = so_far + signed(new) - signed(self.buffered_or_stored(key)?);
-        if within_limit(base, base.saturating_add_signed(delta), self.limit).is_ok() {
-            return Ok(Some(delta));
+        let mut read_again = false;
+        loop {
+            let delta = so_far + signed(new) - signed(self.buffered_or_stored(key)?);
+            match within_limit(base, base.saturating_add_signed(delta), self.limit) {
+                Ok(_) => return Ok(Some(delta)),
+                Err(over) if read_again => return Err(over),
+                // Read again, and kept even when this write is refused: the
+                // writes before it stand.
+                Err(_) => {
+                    base = *self
+                        .growth
+                        .base
+                        .insert(self.store.backend.bytes(&self.plugin)?);
+                    so_far = self.growth_now()?;
+                    self.growth.exact = Some(so_far);
+                    read_again = true;
+                }
+            }
         }
-        // Read again, and kept even when this write is refused: the writes
-        // before it stand.
-        let base = *self
-            .growth
-            .base
-            .insert(self.store.backend.bytes(&self.plugin)?);
-        let so_far = self.growth_now()?;
-        self.growth.exact = Some(so_far);
-        let delta = so_far + signed(new) - signed(self.buffered_or_stored(key)?);
-        within_limit(base, base.saturating_add_signed(delta), self.limit)?;
-        Ok(Some(delta))
     }
 
     /// What the buffered writes change of the store as it is now.
