@@ -1219,18 +1219,24 @@ impl Ledger for JetStreamLedger {
                 .filter(|id| !state.index.events.contains_key(id))
                 .collect()
         };
+        // The event goes first. A prune stopped between the two steps (a
+        // crash, NATS out of reach) then leaves done marks of an event that
+        // is gone, which a fold counts as delivered; the other order left an
+        // event without its marks, which every host folding the stream from
+        // the start took for undelivered and delivered again, after newer
+        // events of its VM.
         for &id in &victims {
+            self.inner
+                .stream
+                .delete_message(id)
+                .await
+                .map_err(|e| unavailable(format!("deleting event {id}"), e))?;
             self.inner
                 .stream
                 .purge()
                 .filter(self.inner.subjects.deliveries_of(id))
                 .await
                 .map_err(|e| unavailable(format!("deleting the deliveries of event {id}"), e))?;
-            self.inner
-                .stream
-                .delete_message(id)
-                .await
-                .map_err(|e| unavailable(format!("deleting event {id}"), e))?;
         }
         self.inner.refresh_bytes().await?;
         if !victims.is_empty() {
@@ -1683,6 +1689,41 @@ mod tests {
         assert_eq!(
             (backlog[0].pending, backlog[0].delivered),
             (3, 0),
+            "{backlog:?}"
+        );
+    }
+
+    /// What a prune stopped after its first step leaves (the event deleted,
+    /// its done marks not yet) is delivered to nobody by a host that folds
+    /// the stream from the start.
+    #[tokio::test]
+    async fn a_prune_stopped_halfway_delivers_nothing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let ledger = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        let ids = append_events(&ledger, 1, 2).await;
+        assert_eq!(ledger.claim("p", 10).await.unwrap().len(), 2);
+        ledger
+            .complete("p", vec![(ids[0], Outcome::Done)])
+            .await
+            .unwrap();
+        ledger.release("p", &ids[1..]).await.unwrap();
+        ledger.inner.stream.delete_message(ids[0]).await.unwrap();
+        ledger.close().await.unwrap();
+
+        let reopened = JetStreamLedger::open(named(&nats, "b")).await.unwrap();
+        let claimed: Vec<u64> = reopened
+            .claim("p", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.event.id)
+            .collect();
+        assert_eq!(claimed, [ids[1]], "only the event never delivered");
+        let backlog = reopened.backlog().unwrap();
+        assert_eq!(
+            (backlog[0].delivered, backlog[0].dead),
+            (1, 0),
             "{backlog:?}"
         );
     }
