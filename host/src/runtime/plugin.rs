@@ -286,7 +286,7 @@ impl Plugin {
             // plugin's own with each page after the first.
             store.data_mut().inventory = inventory.take();
         }
-        store.limiter(|s| s);
+        store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
@@ -366,9 +366,10 @@ impl Plugin {
         }
         let result = result.unwrap_or_else(|| Err(wasmtime::Error::msg("deadline")));
         let state = store.into_data();
-        self.identity
-            .memory_peak
-            .fetch_max(state.memory_peak, std::sync::atomic::Ordering::Relaxed);
+        self.identity.memory_peak.fetch_max(
+            state.limiter.memory_peak,
+            std::sync::atomic::Ordering::Relaxed,
+        );
 
         let plugin = self.identity.name.clone();
         match result {
@@ -403,7 +404,7 @@ impl Plugin {
                 export,
                 deadline: self.identity.limits.deadline,
             }),
-            Err(_) if state.memory_exceeded.is_some() => Err(CallError::Memory {
+            Err(_) if state.limiter.memory_exceeded.is_some() => Err(CallError::Memory {
                 plugin,
                 export,
                 limit_mib: self.identity.limits.memory_bytes >> 20,

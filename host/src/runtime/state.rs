@@ -28,8 +28,8 @@ pub struct PluginIdentity {
     pub http: Option<reqwest::Client>,
     /// The session tokens of its logins, shared by its calls.
     pub sessions: Arc<super::session::Sessions>,
-    /// The largest linear memory any call of this load reached, in bytes:
-    /// how close the plugin runs to its limit.
+    /// The most any call of this load held in its linear memories
+    /// together, in bytes: how close the plugin runs to its limit.
     pub memory_peak: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -79,9 +79,7 @@ pub struct HostState {
     /// sleep) runs no wasm, and only a timer outside the call ends it.
     pub(super) deadline_shared: Arc<std::sync::Mutex<Instant>>,
     pub(super) timed_out: bool,
-    pub(super) memory_exceeded: Option<usize>,
-    /// The largest linear memory this call was granted.
-    pub(super) memory_peak: usize,
+    pub(super) limiter: Limiter,
     pub(super) requests_made: u32,
     /// The plugin's `max_requests_per_call`, once per page in a paged
     /// reconcile.
@@ -175,8 +173,7 @@ impl HostState {
             deadline,
             deadline_shared: Arc::new(std::sync::Mutex::new(deadline)),
             timed_out: false,
-            memory_exceeded: None,
-            memory_peak: 0,
+            limiter: Limiter::new(limits.memory_bytes),
             requests_made: 0,
             max_requests: limits.max_requests_per_call,
             log_budget: LogBudget::new(limits.max_log_bytes),
@@ -225,25 +222,54 @@ impl WasiView for HostState {
     }
 }
 
-impl wasmtime::ResourceLimiter for HostState {
+/// What a call's instances may grow to: the plugin's `memory_mib` counts
+/// all of its linear memories together (a component may declare several,
+/// each of which the pool would otherwise let reach the limit).
+#[derive(Debug)]
+pub(super) struct Limiter {
+    memory_limit: usize,
+    /// Bytes of every linear memory granted so far.
+    memory_total: usize,
+    /// The most this call's memories held together.
+    pub(super) memory_peak: usize,
+    /// What the refused grow would have made the total.
+    pub(super) memory_exceeded: Option<usize>,
+}
+
+impl Limiter {
+    pub(super) fn new(memory_limit: usize) -> Limiter {
+        Limiter {
+            memory_limit,
+            memory_total: 0,
+            memory_peak: 0,
+            memory_exceeded: None,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    /// Also asked, with `current` 0, for each memory an instance creates.
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let limit = self.plugin.limits.memory_bytes;
-        self.memory_peak = self.memory_peak.max(desired.min(limit));
-        if desired > limit {
+        let total = self
+            .memory_total
+            .saturating_add(desired.saturating_sub(current));
+        if total > self.memory_limit {
             // Trap rather than fail the grow: a guest allocator that sees
             // a failed grow aborts anyway, and the trap carries the reason.
-            self.memory_exceeded = Some(desired);
+            self.memory_exceeded = Some(total);
             wasmtime::bail!(
-                "memory limit of {} MiB exceeded (asked for {} MiB)",
-                limit >> 20,
-                desired.div_ceil(1 << 20)
+                "memory limit of {} MiB exceeded (its memories would hold {} MiB)",
+                self.memory_limit >> 20,
+                total.div_ceil(1 << 20)
             );
         }
+        self.memory_total = total;
+        self.memory_peak = self.memory_peak.max(total);
         Ok(true)
     }
 
@@ -254,5 +280,51 @@ impl wasmtime::ResourceLimiter for HostState {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::component::{Component, Linker};
+    use wasmtime::{Engine, Store};
+
+    /// A component whose core modules each declare a memory of `mib`.
+    fn memories(count: usize, mib: usize) -> Component {
+        let module = |i: usize| {
+            format!(
+                "(core module $m{i} (memory {})) (core instance (instantiate $m{i}))",
+                mib * 16
+            )
+        };
+        let body: String = (0..count).map(module).collect();
+        let engine = Engine::default();
+        Component::new(
+            &engine,
+            wat::parse_str(format!("(component {body})")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn instantiate(component: &Component, limit_mib: usize) -> (Limiter, wasmtime::Result<()>) {
+        let mut store = Store::new(component.engine(), Limiter::new(limit_mib << 20));
+        store.limiter(|l| l);
+        let made = Linker::new(component.engine())
+            .instantiate(&mut store, component)
+            .map(drop);
+        (store.into_data(), made)
+    }
+
+    #[test]
+    fn a_plugins_memory_limit_counts_all_its_memories_together() {
+        let (limiter, made) = instantiate(&memories(2, 15), 32);
+        made.expect("two memories of 15 MiB fit in 32");
+        assert_eq!(limiter.memory_peak, 30 << 20);
+
+        // Each of three fits alone; together they do not.
+        let (limiter, made) = instantiate(&memories(3, 15), 32);
+        let error = format!("{:#}", made.unwrap_err());
+        assert!(error.contains("memory limit of 32 MiB exceeded"), "{error}");
+        assert_eq!(limiter.memory_exceeded, Some(45 << 20));
     }
 }
