@@ -767,7 +767,8 @@ async fn a_listing_that_breaks_off_midway_removes_nothing_and_the_next_reconcile
     .await;
 
     // A VM goes while its notification is lost, and Prism fails from the
-    // second page of its listing on (pages are 500 VMs).
+    // second page of its listing on (pages are 500 VMs, and the second
+    // starts 51 before the first ended).
     w.prism.set_faults(PrismFaults {
         drop_rate: 1.0,
         ..Default::default()
@@ -776,13 +777,13 @@ async fn a_listing_that_breaks_off_midway_removes_nothing_and_the_next_reconcile
     w.prism.delete_vm(&gone).await.unwrap();
     w.prism.set_faults(PrismFaults {
         drop_rate: 1.0,
-        vms_list_fails_from: Some(500),
+        vms_list_fails_from: Some(1),
         ..Default::default()
     });
     let report = app.source.reconcile(Some("lab")).await.unwrap().remove(0);
     let error = report.error.expect("the listing failed");
     assert!(
-        error.contains("INTERNAL_ERROR: listing VMs from offset 500"),
+        error.contains("INTERNAL_ERROR: listing VMs from offset 449"),
         "{error}"
     );
     assert_eq!(

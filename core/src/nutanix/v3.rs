@@ -147,6 +147,16 @@ pub enum ListError {
     NotAList,
     #[error("it lists more than {MAX_LISTED} entities; refusing to read further")]
     TooMany,
+    #[error(
+        "the page at offset {offset} holds none of the last page's final entities: more than \
+         {overlap} were deleted while the listing ran, or the order changed; it is read again later"
+    )]
+    Shifted { offset: u64, overlap: u64 },
+    #[error(
+        "the page at offset {offset} holds only entities already listed: the server seems to \
+         ignore `offset`"
+    )]
+    Repeated { offset: u64 },
 }
 
 /// What the VM listing's reader uses of a `POST /vms/list` answer (read
@@ -163,15 +173,59 @@ pub const VM_LIST: Keep = Keep::Members(&[
 /// hands its entities back (so a caller can convert a page and drop it,
 /// rather than hold every answer of a large inventory), and ask for the next
 /// page at [`Listing::offset`].
+///
+/// Prism pages by offset, so an entity deleted from an earlier page while
+/// the listing runs shifts the rest one place down, and the next page would
+/// start one entity late: a VM that existed all along would be missed, and
+/// a reconcile would take its registrations away. So each page after the
+/// first starts [`Listing::overlap`] entities before where the last one
+/// ended, entities are handed out once by `metadata.uuid`, and a page must
+/// hold one of the last page's final entities: otherwise more were deleted
+/// than the overlap absorbs ([`ListError::Shifted`]). A full page of
+/// entities all handed out before means the server ignores `offset`
+/// ([`ListError::Repeated`]).
 #[derive(Debug)]
 pub struct Listing {
     page: u64,
-    read: u64,
+    /// Where the next request starts.
+    offset: u64,
+    /// Entities handed out, with a uuid or not.
+    handed: u64,
+    /// The uuids handed out (see [`Identity`]).
+    seen: std::collections::HashSet<Identity>,
+    /// The uuids of the last page's final [`Listing::overlap`] entities.
+    tail: Vec<Identity>,
+}
+
+/// An entity's `metadata.uuid`: the 128 bits of a canonical UUID, or a
+/// 64-bit hash of any other text (so that 200,000 VMs take megabytes, not
+/// tens of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Identity {
+    Uuid(u128),
+    Hashed(u64),
+}
+
+impl Identity {
+    fn of(entity: &Value) -> Option<Identity> {
+        let uuid = str_at(entity, "/metadata/uuid")?;
+        let hex: String = uuid.chars().filter(|&c| c != '-').collect();
+        match u128::from_str_radix(&hex, 16) {
+            Ok(bits) if hex.len() == 32 && uuid.len() == 36 => Some(Identity::Uuid(bits)),
+            _ => {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                uuid.hash(&mut hasher);
+                Some(Identity::Hashed(hasher.finish()))
+            }
+        }
+    }
 }
 
 /// One answer's share of a [`Listing`].
 #[derive(Debug, PartialEq)]
 pub struct Page {
+    /// Those not handed out before.
     pub entities: Vec<Value>,
     /// Whether the listing is complete.
     pub last: bool,
@@ -180,12 +234,18 @@ pub struct Page {
 impl Listing {
     /// A listing that asks for `page` entities at a time.
     pub fn new(page: u64) -> Listing {
-        Listing { page, read: 0 }
+        Listing {
+            page,
+            offset: 0,
+            handed: 0,
+            seen: Default::default(),
+            tail: Vec::new(),
+        }
     }
 
     /// The `offset` of the next request.
     pub fn offset(&self) -> u64 {
-        self.read
+        self.offset
     }
 
     /// The `length` of every request.
@@ -193,7 +253,15 @@ impl Listing {
         self.page
     }
 
-    /// Takes one answer: its entities, and whether the listing is complete.
+    /// How many entities a page reads again of the one before: a tenth of a
+    /// page and one (51 of Prism's 500), which absorbs one deletion fewer
+    /// between two requests.
+    pub fn overlap(&self) -> u64 {
+        (self.page / 10 + 1).min(self.page.saturating_sub(1)).max(1)
+    }
+
+    /// Takes one answer: its entities not handed out before, and whether
+    /// the listing is complete.
     pub fn add(&mut self, mut answer: Value) -> Result<Page, ListError> {
         // Prism leaves `entities` out when there are none.
         let entities = match answer.get_mut("entities").map(Value::take) {
@@ -202,19 +270,53 @@ impl Listing {
             Some(_) => return Err(ListError::NotAList),
         };
         let got = entities.len() as u64;
-        if self.read.saturating_add(got) > MAX_LISTED as u64 {
-            return Err(ListError::TooMany);
+        let ids: Vec<Option<Identity>> = entities.iter().map(Identity::of).collect();
+        if got > 0
+            && !self.tail.is_empty()
+            && !ids.iter().flatten().any(|id| self.tail.contains(id))
+        {
+            return Err(ListError::Shifted {
+                offset: self.offset,
+                overlap: self.overlap(),
+            });
         }
-        self.read += got;
         let total = answer
             .pointer("/metadata/total_matches")
             .and_then(Value::as_u64);
+        let reached = self.offset.saturating_add(got);
         let last = match total {
             _ if got == 0 => true,
-            Some(total) => self.read >= total,
+            Some(total) => reached >= total,
             None => got < self.page,
         };
-        Ok(Page { entities, last })
+        let overlap = self.overlap() as usize;
+        self.tail = ids[ids.len().saturating_sub(overlap)..]
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let fresh: Vec<Value> = entities
+            .into_iter()
+            .zip(ids)
+            .filter(|(_, id)| id.is_none_or(|id| self.seen.insert(id)))
+            .map(|(entity, _)| entity)
+            .collect();
+        if self.handed.saturating_add(fresh.len() as u64) > MAX_LISTED as u64 {
+            return Err(ListError::TooMany);
+        }
+        if fresh.is_empty() && !last {
+            return Err(ListError::Repeated {
+                offset: self.offset,
+            });
+        }
+        self.handed += fresh.len() as u64;
+        if !last {
+            self.offset = reached.saturating_sub(overlap as u64).max(self.offset + 1);
+        }
+        Ok(Page {
+            entities: fresh,
+            last,
+        })
     }
 }
 
@@ -352,9 +454,8 @@ mod tests {
         let first = by_total.add(page(2, Some(3))).unwrap();
         assert_eq!(first.entities, vec![json!({ "i": 0 }), json!({ "i": 1 })]);
         assert!(!first.last);
-        assert_eq!(by_total.offset(), 2);
-        assert_eq!(last(by_total.add(page(1, Some(3)))), Ok(true));
-        assert_eq!(by_total.offset(), 3);
+        assert_eq!(by_total.offset(), 1, "the next page reads one entity again");
+        assert_eq!(last(by_total.add(page(2, Some(3)))), Ok(true));
 
         let mut by_short_page = Listing::new(2);
         assert_eq!(last(by_short_page.add(page(2, None))), Ok(false));
@@ -370,12 +471,104 @@ mod tests {
                 last: true
             })
         );
-        assert_eq!(lying.offset(), 2);
+        assert_eq!(lying.offset(), 1);
 
         assert_eq!(
             Listing::new(2).add(json!({ "entities": {} })),
             Err(ListError::NotAList)
         );
+    }
+
+    /// Prism's VM list as a server pages it: `length` entities from
+    /// `offset`, and the total, of whatever `vms` holds at the time.
+    fn serve(vms: &[String], offset: u64, length: u64) -> Value {
+        let entities: Vec<Value> = vms
+            .iter()
+            .skip(offset as usize)
+            .take(length as usize)
+            .map(|uuid| json!({ "metadata": { "uuid": uuid } }))
+            .collect();
+        json!({ "entities": entities, "metadata": { "total_matches": vms.len() } })
+    }
+
+    fn uuid(i: usize) -> String {
+        format!("{i:08x}-0000-4000-8000-000000000000")
+    }
+
+    /// Reads a whole listing of pages of 10, calling `between` after each
+    /// page with the page's number; the uuids handed out, in order.
+    fn list(
+        vms: &mut Vec<String>,
+        mut between: impl FnMut(usize, &mut Vec<String>),
+    ) -> Result<Vec<String>, ListError> {
+        let mut listing = Listing::new(10);
+        let mut out = Vec::new();
+        for n in 0.. {
+            let page = listing.add(serve(vms, listing.offset(), listing.page()))?;
+            out.extend(
+                page.entities
+                    .iter()
+                    .map(|e| str_at(e, "/metadata/uuid").unwrap().to_owned()),
+            );
+            if page.last {
+                break;
+            }
+            between(n, vms);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn a_vm_deleted_from_an_earlier_page_while_listing_does_not_hide_a_later_one() {
+        let all: Vec<String> = (0..35).map(uuid).collect();
+        let mut vms = all.clone();
+        // After the first page, the first VM goes: the rest move one place
+        // down, and without the overlap `uuid(10)` would never be read.
+        let listed = list(&mut vms, |n, vms| {
+            if n == 0 {
+                vms.remove(0);
+            }
+        })
+        .unwrap();
+        assert_eq!(listed, all, "every VM once, in order");
+    }
+
+    #[test]
+    fn a_vm_created_before_the_listings_place_is_not_handed_out_twice() {
+        let mut vms: Vec<String> = (0..25).map(uuid).collect();
+        let listed = list(&mut vms, |n, vms| {
+            if n == 0 {
+                vms.insert(0, uuid(1000));
+            }
+        })
+        .unwrap();
+        let expected: Vec<String> = (0..25).map(uuid).collect();
+        assert_eq!(listed, expected, "the new VM is the next event's to bring");
+    }
+
+    #[test]
+    fn more_deletions_than_the_overlap_or_a_server_ignoring_offset_fail_the_listing() {
+        let mut vms: Vec<String> = (0..40).map(uuid).collect();
+        let shifted = list(&mut vms, |n, vms| {
+            if n == 0 {
+                vms.drain(0..2);
+            }
+        });
+        assert_eq!(
+            shifted,
+            Err(ListError::Shifted {
+                offset: 8,
+                overlap: 2
+            })
+        );
+
+        let vms: Vec<String> = (0..40).map(uuid).collect();
+        let mut listing = Listing::new(10);
+        let same_page = || serve(&vms, 0, 10);
+        assert!(!listing.add(same_page()).unwrap().last);
+        let error = listing.add(same_page()).unwrap_err();
+        assert_eq!(error, ListError::Repeated { offset: 8 });
+        assert!(error.to_string().contains("ignore `offset`"), "{error}");
     }
 
     #[test]

@@ -861,8 +861,10 @@ mod tests {
             .unwrap();
         assert_eq!(pages, [VM_PAGE as usize, 3]);
 
+        // From the second page on, which starts where the first ended but
+        // for the overlap.
         sim.set_faults(PrismFaults {
-            vms_list_fails_from: Some(VM_PAGE as usize),
+            vms_list_fails_from: Some(1),
             ..PrismFaults::default()
         });
         let items: Vec<Result<Vec<Vm>, PrismError>> = c.vm_pages().collect().await;
@@ -870,7 +872,7 @@ mod tests {
         assert_eq!(items[0].as_ref().unwrap().len(), VM_PAGE as usize);
         let err = items[1].as_ref().unwrap_err().to_string();
         assert!(
-            err.contains("INTERNAL_ERROR: listing VMs from offset 500"),
+            err.contains("INTERNAL_ERROR: listing VMs from offset 449"),
             "{err}"
         );
         sim.shutdown().await;
