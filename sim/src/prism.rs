@@ -338,6 +338,14 @@ impl PrismSim {
         self.sim.webhooks()
     }
 
+    /// Puts a webhook in the `ERROR` state, as Prism leaves an intent it
+    /// could not apply, until its next update; false if there is none.
+    pub fn fail_webhook(&self, uuid: &str) -> bool {
+        let mut st = self.sim.lock();
+        let found = st.webhooks.iter_mut().find(|h| h.uuid == uuid);
+        found.map(|h| h.failed = true).is_some()
+    }
+
     /// Deliver a raw notification body to every webhook whose filter has its
     /// `event_type`; returns to how many webhooks it was sent (dropped and
     /// held deliveries not counted) once the POSTs are done.
@@ -556,13 +564,17 @@ struct WebhookRec {
     credentials: Option<SimCredentials>,
     spec_version: u64,
     pending_until: Instant,
+    /// Set by [`PrismSim::fail_webhook`]; the next update clears it.
+    failed: bool,
     creation_time: String,
     last_update_time: String,
 }
 
 impl WebhookRec {
     fn state(&self) -> &'static str {
-        if Instant::now() < self.pending_until {
+        if self.failed {
+            "ERROR"
+        } else if Instant::now() < self.pending_until {
             "PENDING"
         } else {
             "COMPLETE"
@@ -1627,6 +1639,7 @@ async fn webhook_create(State(sim): State<Sim>, body: Bytes) -> Result<Response,
         credentials: input.credentials,
         spec_version: 0,
         pending_until,
+        failed: false,
         creation_time: now.clone(),
         last_update_time: now,
     };
@@ -1694,6 +1707,7 @@ async fn webhook_put(
     rec.credentials = input.credentials;
     rec.spec_version += 1;
     rec.pending_until = pending_until;
+    rec.failed = false;
     rec.last_update_time = rfc3339(SystemTime::now());
     Ok(accepted(rec, &mut st.names))
 }

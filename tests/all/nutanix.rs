@@ -539,6 +539,18 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
         w.prism.webhooks()[0].post_url,
         "http://127.0.0.1:18080/listener/callback/lab"
     );
+    // Prism shows a webhook it could not apply with the spec it was asked
+    // for: nothing in it differs, yet it is asked again.
+    let before = w.prism.webhooks()[0].clone();
+    assert!(w.prism.fail_webhook(&before.uuid));
+    let out = run("sync").await;
+    assert!(out.contains("in sync (2 events)"), "{out}");
+    let after = &w.prism.webhooks()[0];
+    assert_eq!(
+        (&after.uuid, after.spec_version, after.state.as_str()),
+        (&before.uuid, before.spec_version + 1, "COMPLETE")
+    );
+
     let out = run("list").await;
     assert!(
         out.contains("[this host]") && out.contains("test-lab"),

@@ -383,7 +383,10 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
         Some(first) => {
             let mut current = first.events.clone();
             current.sort();
+            // An intent Prism could not apply shows the spec it was asked
+            // for, not what it does: it is asked again.
             let differs = first.post_url != t.post_url
+                || first.state == "ERROR"
                 || current != t.events
                 || first.username.as_deref().is_some_and(|u| u != t.auth.user)
                 || !unchanged_credentials;
