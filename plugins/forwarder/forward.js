@@ -6,7 +6,7 @@
 // carry it as `Idempotency-Key`).
 
 export const NAME = 'forwarder';
-export const VERSION = '0.1.0';
+export const VERSION = '0.1.1';
 
 export const FIELDS = [
   'id',
@@ -155,15 +155,27 @@ function header(headers, name) {
   return undefined;
 }
 
+/**
+ * The longest delay a Retry-After may ask for: a day. The host's retries
+ * end at their `max_age` anyway, and a delay past 2^64 ms could not even be
+ * handed to the host.
+ */
+export const MAX_RETRY_AFTER_MS = 86_400_000;
+
 /** Retry-After in milliseconds (delta-seconds or an HTTP date), if usable. */
 export function retryAfterMs(headers, now = Date.now()) {
   const value = header(headers, 'retry-after');
   if (value === undefined) return undefined;
   const text = value.trim();
-  if (/^\d+(\.\d+)?$/.test(text)) return Math.round(Number(text) * 1000);
-  const date = Date.parse(text);
-  if (Number.isNaN(date)) return undefined;
-  return Math.max(0, date - now);
+  let ms;
+  if (/^\d+(\.\d+)?$/.test(text)) {
+    ms = Math.round(Number(text) * 1000);
+  } else {
+    const date = Date.parse(text);
+    if (Number.isNaN(date)) return undefined;
+    ms = date - now;
+  }
+  return Math.min(Math.max(0, ms), MAX_RETRY_AFTER_MS);
 }
 
 function snippet(body) {
@@ -189,8 +201,12 @@ export function outcomeOf(answer, what) {
       case 'connection-failed':
         return retry(`${what}: could not connect: ${val}`);
       case 'too-large':
-        // The request went through; only the answer was too big to read.
-        return done();
+        // The host read no status: the endpoint may have refused the
+        // events (an error page) as well as taken them.
+        return retry(
+          `${what}: the answer was larger than the host reads (${val} bytes, the plugin's ` +
+            '`limits.max_response_bytes`), so whether the endpoint took the events is unknown',
+        );
       case 'limit-exceeded':
         // The endpoint is fine; the rest goes in the next call, at once.
         return retry(`${what}: too many requests in one call: ${val}`, 0);
@@ -256,7 +272,7 @@ export function handle(config, events, send, log) {
   if (config.batch) {
     // The first post is one of them; each split books its two halves' posts.
     const budget = { left: SPLIT_REQUESTS - 1 };
-    forwardGroup(config, events, chosen, { send, log, outcomes, budget });
+    forwardGroup(config, events, chosen, { send, log, outcomes, budget, delivered: false });
     return outcomes;
   }
 
@@ -297,9 +313,17 @@ function forwardGroup(config, events, group, ctx) {
     for (const i of group.slice(half)) ctx.outcomes[i] = stop;
     return stop;
   }
-  report(ctx.log, outcome);
-  for (const i of group) ctx.outcomes[i] = outcome;
-  return outcome.tag === 'retry' ? outcome : undefined;
+  // Out of requests for finding the refused events: when the endpoint took
+  // some of this batch, the refusal is some events' doing, and this group's
+  // others deserve the next call's requests rather than the dead letters.
+  // When it took none, it refuses everything, and every event is rejected.
+  const remainder = split && ctx.delivered
+    ? retry(`${outcome.reason}; the requests this call may spend finding the refused events are used up: the ${group.length} events are sent again in the next call`, 0)
+    : outcome;
+  report(ctx.log, remainder);
+  for (const i of group) ctx.outcomes[i] = remainder;
+  if (remainder.tag === 'done') ctx.delivered = true;
+  return remainder.tag === 'retry' ? remainder : undefined;
 }
 
 function report(log, outcome) {

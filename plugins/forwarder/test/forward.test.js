@@ -276,6 +276,42 @@ describe('a batch refused for some of its events', () => {
     assert.ok(n <= forward.SPLIT_REQUESTS && n >= forward.SPLIT_REQUESTS - 1, `${n} requests`);
   });
 
+  it('sends the events it had no requests left to split again in the next call, when the endpoint took some', () => {
+    const events = batchOf(256);
+    const bad = new Set([events[0].id, events[100].id, events[200].id]);
+    const ep = picky((e) => bad.has(e.id), 400);
+    const out = forward.handle(config(), events, ep.send, ep.log);
+    assert.ok(ep.posts.length <= forward.SPLIT_REQUESTS, `${ep.posts.length} requests`);
+    const rejected = events.filter((_, i) => out[i].tag === 'reject').map((e) => e.id);
+    assert.ok(rejected.every((id) => bad.has(id)), 'no good event is dead-lettered');
+    const again = events.filter((_, i) => out[i].tag === 'retry');
+    assert.ok(again.length > 0 && out.every((o) => o.tag !== 'retry' || o.delayMs === 0));
+    assert.match(out[255].reason, /sent again in the next call/);
+
+    // The next calls find the rest with requests of their own.
+    let left = again;
+    for (let call = 0; call < 10 && left.length; call++) {
+      const next = forward.handle(config(), left, ep.send, ep.log);
+      rejected.push(...left.filter((_, i) => next[i].tag === 'reject').map((e) => e.id));
+      left = left.filter((_, i) => next[i].tag === 'retry');
+    }
+    assert.equal(left.length, 0, 'every event settled');
+    assert.deepEqual(new Set(rejected), bad, 'only the refused events are rejected');
+  });
+
+  it('caps a Retry-After at a day, however large', () => {
+    for (const value of ['99999999999999999999999999', 'Fri, 31 Dec 9999 23:59:59 GMT']) {
+      assert.equal(forward.retryAfterMs([['Retry-After', value]]), forward.MAX_RETRY_AFTER_MS);
+    }
+  });
+
+  it('retries when the answer was too large to read, as its status is unknown', () => {
+    const ep = endpoint({ error: { tag: 'too-large', val: 8388608 } });
+    const [out] = forward.handle(config(), [event()], ep.send, ep.log);
+    assert.equal(out.tag, 'retry');
+    assert.match(out.reason, /max_response_bytes/);
+  });
+
   it('stops at a retry in a half and gives the rest the same retry, in order', () => {
     const events = batchOf(4);
     // The whole batch: 413; its first half: 503.
