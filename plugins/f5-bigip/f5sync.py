@@ -33,8 +33,9 @@ longer does is removed too.
 
 import ipaddress
 import json
+import math
 
-VERSION = "0.2.0"
+VERSION = "0.2.1"
 NAME = "f5-bigip"
 
 DEFAULT_SUBSCRIPTIONS = [
@@ -339,6 +340,11 @@ def _header(headers, name):
     return None
 
 
+# The longest delay a Retry-After may ask for: a day. The host's retries end
+# at their `max_age` anyway, and a delay past 2^64 ms cannot be handed to it.
+MAX_RETRY_AFTER_MS = 86_400_000
+
+
 def retry_after_ms(headers):
     value = _header(headers, "retry-after")
     if value is None:
@@ -347,7 +353,9 @@ def retry_after_ms(headers):
         seconds = float(value.strip())
     except ValueError:
         return None  # an HTTP date: leave the delay to the host's backoff
-    return max(0, int(seconds * 1000))
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0, int(seconds * 1000)), MAX_RETRY_AFTER_MS)
 
 
 def error_message(body):
@@ -414,7 +422,11 @@ def add_member(config, host, pool, member, recorded=False):
     description was set carry none)."""
     what = f"adding {member} to pool {pool}"
     response = request(config, host, "POST", config.members_url(pool), what,
-                       {"name": member, "address": member_address(member), "description": MANAGED},
+                       # The partition said outright: BIG-IP puts a member
+                       # created without one in /Common, where the member
+                       # URLs, which name the pool's, would not find it.
+                       {"name": member, "address": member_address(member),
+                        "partition": config.partition, "description": MANAGED},
                        ok=(200, 201, 409, 404))
     if response.status == 404:
         raise Failure(reject(
@@ -507,6 +519,9 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
     record = set(recorded)
     added = removed = 0
     earlier = passed is not None
+    # Why BIG-IP refused a pair (a pool that does not exist, say): the VM's
+    # other pools are still brought in line, then the VM is rejected.
+    refused = []
     try:
         for pool, member in sorted((recorded | (passed or set())) - want):
             owners = load_owners(host, pool, member) - {me}
@@ -532,30 +547,36 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
             record.discard((pool, member))
         for pool, member in sorted(want):
             new = (pool, member) not in recorded
-            if present is None:
-                # After earlier events, kv's record may not be what BIG-IP holds.
-                if not new and not earlier:
-                    continue
-                ours = add_member(config, host, pool, member, recorded=not new)
-                added += ours
-            else:
-                if pool not in present:
-                    raise Failure(reject(f"pool {pool} does not exist on BIG-IP; create it, "
-                                         f"or fix the `{config.category}` category of VM {uuid}"))
-                listed = present[pool]
-                if member in listed:
-                    if not new:
+            try:
+                if present is None:
+                    # After earlier events, kv's record may not be what BIG-IP holds.
+                    if not new and not earlier:
                         continue
-                    # Taken on record without a request when it is the
-                    # plugin's: an attempt whose kv writes were lost added it.
-                    ours = listed[member] == MANAGED
-                    if not ours:
-                        left_alone(host, pool, member)
-                else:
-                    ours = add_member(config, host, pool, member)
+                    ours = add_member(config, host, pool, member, recorded=not new)
                     added += ours
-                    if ours:
-                        listed[member] = MANAGED
+                else:
+                    if pool not in present:
+                        raise Failure(reject(f"pool {pool} does not exist on BIG-IP; create it, "
+                                             f"or fix the `{config.category}` category of VM {uuid}"))
+                    listed = present[pool]
+                    if member in listed:
+                        if not new:
+                            continue
+                        # Taken on record without a request when it is the
+                        # plugin's: an attempt whose kv writes were lost added it.
+                        ours = listed[member] == MANAGED
+                        if not ours:
+                            left_alone(host, pool, member)
+                    else:
+                        ours = add_member(config, host, pool, member)
+                        added += ours
+                        if ours:
+                            listed[member] = MANAGED
+            except Failure as failure:
+                if failure.outcome[0] != "reject":
+                    raise
+                refused.append(failure.outcome[1])
+                continue
             if not ours:
                 continue
             owners = load_owners(host, pool, member)
@@ -565,6 +586,8 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
     finally:
         if record != recorded:
             store_record(host, key, record)
+    if refused:
+        raise Failure(reject("; ".join(refused)))
     return added, removed
 
 

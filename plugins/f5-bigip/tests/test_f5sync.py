@@ -214,7 +214,8 @@ class HandleTests(unittest.TestCase):
                          [["/Common/web", "10.0.0.1:80"], ["/Common/web", "10.0.0.2:80"]])
         post = self.host.requests[0]
         self.assertEqual(post, ("POST", BIGIP + "/mgmt/tm/ltm/pool/~Common~web/members",
-                                {"name": "10.0.0.1:80", "address": "10.0.0.1", "description": f5sync.MANAGED}))
+                                {"name": "10.0.0.1:80", "address": "10.0.0.1", "partition": "Common",
+                                 "description": f5sync.MANAGED}))
 
     def test_power_off_removes_what_was_added_and_forgets_the_vm(self):
         self.handle(event("VM.ON", vm()))
@@ -403,6 +404,32 @@ class HandleTests(unittest.TestCase):
         [out] = self.handle(event("VM.ON", vm(pool="nosuch")))
         self.assertEqual(out[0], "reject")
         self.assertIn("/Common/nosuch does not exist", out[1])
+
+    def test_a_missing_pool_does_not_keep_the_vm_out_of_its_other_pools(self):
+        pools = [NS(key="F5Pool", value="nosuch"), NS(key="F5Pool", value="web")]
+        [out] = self.handle(event("VM.ON", vm(categories=pools)))
+        self.assertEqual(out[0], "reject")
+        self.assertIn("/Common/nosuch does not exist", out[1])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+        # Recorded, so that its VM going takes it away.
+        self.handle(event("VM.OFF", vm(categories=pools, power="OFF")))
+        self.assertEqual(self.host.members(), {})
+
+    def test_a_member_is_created_in_the_pools_partition(self):
+        self.host = FakeHost(pools=("/Tenant/web",))
+        self.config = config(partition="Tenant")
+        [out] = self.handle(event("VM.ON", vm()))
+        self.assertEqual(out, f5sync.DONE)
+        posts = [body for method, _, body in self.host.requests if method == "POST"]
+        self.assertEqual([p["partition"] for p in posts], ["Tenant"])
+
+    def test_a_retry_after_counts_for_at_most_a_day_and_nonsense_for_nothing(self):
+        def asked(value):
+            return f5sync.retry_after_ms([("Retry-After", value)])
+        self.assertEqual(asked("1e30"), f5sync.MAX_RETRY_AFTER_MS)
+        self.assertEqual(asked("3"), 3000)
+        self.assertIsNone(asked("nan"))
+        self.assertIsNone(asked("inf"))
 
     def test_policy_denial_rejects(self):
         self.host.fail = [f5sync.HttpFailure("denied", "origin not allowed")]
