@@ -100,7 +100,12 @@ func (Host) Send(r fmc.Request) (fmc.Response, error) {
 	}
 	result := lowered(func() witTypes.Result[http.Response, http.Error] { return http.Send(request) })
 	if result.IsErr() {
-		return fmc.Response{}, httpError{result.Err()}
+		failure := httpError{result.Err()}
+		switch failure.e.Tag() {
+		case http.ErrorDenied, http.ErrorInvalidRequest:
+			return fmc.Response{}, &fmc.HostRefused{Reason: failure.Error()}
+		}
+		return fmc.Response{}, failure
 	}
 	response := result.Ok()
 	out := fmc.Response{Status: response.Status, Body: response.Body}

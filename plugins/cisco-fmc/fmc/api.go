@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/url"
 	"regexp"
 	"sort"
@@ -65,6 +66,17 @@ func (e *RateLimited) Error() string {
 	return fmt.Sprintf("FMC rate limit (HTTP 429) on %s %s; again in %s", e.Method, e.Path, e.After)
 }
 
+// HostRefused is a request the host would not make: its allowlist denies
+// it, or it is malformed. No retry helps until the operator changes the
+// plugin's configuration or the host's.
+type HostRefused struct{ Reason string }
+
+func (e *HostRefused) Error() string { return e.Reason }
+
+// maxRetryAfter is the longest Retry-After taken: a day. More would not fit
+// a time.Duration for long, and the host's retries end at their max_age.
+const maxRetryAfter = 24 * time.Hour
+
 type api struct {
 	cfg    *Config
 	host   Host
@@ -121,7 +133,7 @@ func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, e
 		a.Requests++
 		response, err := a.host.Send(request)
 		if err != nil {
-			return nil, fmt.Errorf("%s %s: %v", method, path, err)
+			return nil, fmt.Errorf("%s %s: %w", method, path, err)
 		}
 		for _, want := range wantStatus {
 			if response.Status == want {
@@ -132,7 +144,7 @@ func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, e
 			after := a.cfg.RateLimitDelay
 			if value, ok := response.Header("Retry-After"); ok {
 				if secs, err := strconv.ParseFloat(strings.TrimSpace(value), 64); err == nil && secs >= 0 {
-					after = time.Duration(secs * float64(time.Second))
+					after = time.Duration(math.Min(secs, maxRetryAfter.Seconds()) * float64(time.Second))
 				}
 			}
 			if waited < 2 && after <= a.cfg.RateLimitWait {

@@ -198,7 +198,7 @@ func newHost(t testing.TB) *fakeHost {
 
 func (h *fakeHost) Send(r Request) (Response, error) {
 	if !strings.HasPrefix(r.URL, "https://fmc.test/") {
-		return Response{}, fmt.Errorf("denied: %s", r.URL)
+		return Response{}, &HostRefused{Reason: "denied by the host's allowlist: " + r.URL}
 	}
 	req := httptest.NewRequest(r.Method, strings.TrimPrefix(r.URL, "https://fmc.test"), strings.NewReader(string(r.Body)))
 	rec := httptest.NewRecorder()

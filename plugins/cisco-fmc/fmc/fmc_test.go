@@ -283,6 +283,27 @@ func TestARefusedVmIsRejectedAloneAndTheRestOfTheBatchApplies(t *testing.T) {
 	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1"}})
 }
 
+func TestARequestTheHostRefusesIsRejectedNotRetried(t *testing.T) {
+	// The fake host's allowlist holds https://fmc.test only.
+	c := config(t, "")
+	c.Base = "https://elsewhere.test"
+	out := Handle(c, newHost(t), []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))})
+	if out[0].Kind != Reject || !strings.HasPrefix(out[0].Reason, "[host-refused] ") ||
+		!strings.Contains(out[0].Reason, "allowlist") {
+		t.Fatalf("%+v", out[0])
+	}
+}
+
+func TestAHugeRetryAfterCountsForADay(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	h.fmc.throttle, h.fmc.retryAfter = 1, "1e30"
+	out := Handle(c, h, []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))})
+	if out[0].Kind != Retry || out[0].Delay != 24*time.Hour {
+		t.Fatalf("%+v", out[0])
+	}
+}
+
 func TestAnObjectDeletedBehindThePluginsBackIsMadeAgain(t *testing.T) {
 	c := config(t, "")
 	h := newHost(t)

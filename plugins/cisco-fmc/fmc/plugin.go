@@ -11,7 +11,7 @@ import (
 // Name and Version are what Init reports.
 const (
 	Name    = "cisco-fmc"
-	Version = "0.1.0"
+	Version = "0.1.1"
 )
 
 // poweredOn says whether a VM counts as on. VM.ON and VM.OFF decide
@@ -173,6 +173,10 @@ func failure(err error) Outcome {
 	var refused *APIError
 	if errors.As(err, &refused) && refused.Permanent() {
 		return Outcome{Kind: Reject, Reason: "[fmc-refused] " + err.Error()}
+	}
+	var denied *HostRefused
+	if errors.As(err, &denied) {
+		return Outcome{Kind: Reject, Reason: "[host-refused] " + err.Error()}
 	}
 	return Outcome{Kind: Retry, Reason: err.Error()}
 }
