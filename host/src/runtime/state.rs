@@ -230,7 +230,8 @@ pub(super) struct Limiter {
     memory_limit: usize,
     /// Bytes of every linear memory granted so far.
     memory_total: usize,
-    /// The most this call's memories held together.
+    /// The most this call's memories held together; its limit once a
+    /// grow past it was refused.
     pub(super) memory_peak: usize,
     /// What the refused grow would have made the total.
     pub(super) memory_exceeded: Option<usize>,
@@ -261,7 +262,9 @@ impl wasmtime::ResourceLimiter for Limiter {
         if total > self.memory_limit {
             // Trap rather than fail the grow: a guest allocator that sees
             // a failed grow aborts anyway, and the trap carries the reason.
+            // The peak says the call reached its limit.
             self.memory_exceeded = Some(total);
+            self.memory_peak = self.memory_limit;
             wasmtime::bail!(
                 "memory limit of {} MiB exceeded (its memories would hold {} MiB)",
                 self.memory_limit >> 20,
@@ -326,5 +329,10 @@ mod tests {
         let error = format!("{:#}", made.unwrap_err());
         assert!(error.contains("memory limit of 32 MiB exceeded"), "{error}");
         assert_eq!(limiter.memory_exceeded, Some(45 << 20));
+        assert_eq!(
+            limiter.memory_peak,
+            32 << 20,
+            "the peak says it reached the limit"
+        );
     }
 }
