@@ -10,7 +10,8 @@
 //!   gets a 401 with an HTML body, not the JSON error shape, because that is
 //!   what Prism sends and a client must not choke on it.
 //! - Webhook intents that start `PENDING` and turn `COMPLETE` only after
-//!   [`PrismConfig::pending_ms`]; `spec_version` checked on every `PUT` (409
+//!   [`PrismConfig::pending_ms`], sending nothing until then (an assumption:
+//!   Prism's documentation does not say); `spec_version` checked on every `PUT` (409
 //!   when stale); a create with a body identical to an existing webhook makes
 //!   a second webhook, so a client that registers blindly gets duplicates.
 //! - A VM inventory (`POST /vms/list`) whose intents have the same shape as
@@ -581,6 +582,12 @@ impl WebhookRec {
         }
     }
 
+    /// Whether it sends anything: a new webhook once Prism has applied it
+    /// (`COMPLETE`), one updated since with the spec it has now.
+    fn in_effect(&self) -> bool {
+        self.spec_version > 0 || Instant::now() >= self.pending_until
+    }
+
     fn to_sim(&self) -> SimWebhook {
         SimWebhook {
             uuid: self.uuid.clone(),
@@ -765,7 +772,7 @@ impl Sim {
             for hook in st
                 .webhooks
                 .iter()
-                .filter(|h| h.events.contains(&event_type))
+                .filter(|h| h.in_effect() && h.events.contains(&event_type))
             {
                 summary.matched += 1;
                 if roll(&mut st.fault_rng, faults.drop_rate) {

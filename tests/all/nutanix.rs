@@ -9,7 +9,7 @@ use std::time::Duration;
 use prismhook::app::App;
 use prismhook::config::Config;
 use prismhook_sim::panos::PanosSim;
-use prismhook_sim::prism::{NewNic, NewVm, PrismFaults, PrismSim};
+use prismhook_sim::prism::{NewNic, NewVm, PrismConfig, PrismFaults, PrismSim};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -333,6 +333,58 @@ async fn duplicates_of_our_webhook_are_removed_and_foreign_ones_left_alone() {
         "{names:?}"
     );
     assert!(names.contains(&"someone-else".to_owned()));
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// A VM changed after a listing and before the webhook sends anything
+/// comes as no event: the reconcile at start waits for the webhook, so that
+/// its listing is the later of the two.
+#[tokio::test]
+async fn the_first_reconcile_waits_for_the_webhook_so_no_change_falls_between() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    common::setup::install(&dir.path().join("plugins"), &["paloalto"]);
+    let slow = PrismConfig {
+        pending_ms: 1_500,
+        ..PrismConfig::default()
+    };
+    let w = World {
+        prism: PrismSim::start("127.0.0.1:0".parse().unwrap(), slow)
+            .await
+            .unwrap(),
+        panos: common::setup::start_panos().await,
+        dir,
+    };
+    let vm = w
+        .prism
+        .create_vm(NewVm::named("v").powered_on().nic(["10.7.0.1"]))
+        .await
+        .unwrap();
+    let app = App::start(w.config(&[])).await.unwrap();
+    // Once the webhook is asked for, before Prism applies it.
+    wait(
+        || !w.prism.webhooks().is_empty(),
+        "the webhook to be created",
+    )
+    .await;
+    let nic = w.prism.vms()[0].nics[0].uuid.clone();
+    let change = w
+        .prism
+        .set_nic_ips(&vm.uuid, &nic, vec!["10.7.0.2".into()])
+        .await
+        .unwrap();
+    assert_eq!(change.delivered, 0, "a pending webhook sends nothing");
+
+    wait(
+        || app.cluster_status().iter().all(|c| c.registered),
+        "registration",
+    )
+    .await;
+    wait(
+        || w.panos.registered().keys().eq(["10.7.0.2"]),
+        "the VM's new address alone on the firewall",
+    )
+    .await;
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

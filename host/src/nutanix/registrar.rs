@@ -52,6 +52,8 @@ fn backoff(failures: u32, max: Duration) -> Duration {
 /// Even with nothing changed, check the webhook this often: someone may
 /// have deleted or edited it in Prism.
 const RECHECK: Duration = Duration::from_secs(300);
+/// How long the first reconcile waits for the first registration attempt.
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(60);
 const WAIT_COMPLETE: Duration = Duration::from_secs(30);
 
 /// The concrete event types to register for a set of subscriptions.
@@ -93,6 +95,10 @@ struct Inner {
     status: Mutex<EndpointStatus>,
     stop: watch::Sender<bool>,
     reconcile_now: tokio::sync::Notify,
+    /// Whether a reconcile has begun listing the cluster's VMs.
+    listed: std::sync::atomic::AtomicBool,
+    /// Set once the first registration attempt is over, either way.
+    first_sync: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -119,6 +125,8 @@ impl Registrar {
                 status: Mutex::new(status),
                 stop: watch::channel(false).0,
                 reconcile_now: tokio::sync::Notify::new(),
+                listed: Default::default(),
+                first_sync: watch::channel(false).0,
                 tasks: Mutex::default(),
             }),
         };
@@ -166,7 +174,9 @@ impl Registrar {
         let mut stop = self.inner.stop.subscribe();
         let mut failures = 0;
         loop {
-            let wait = match self.sync().await {
+            let synced = self.sync().await;
+            self.inner.first_sync.send_replace(true);
+            let wait = match synced {
                 Ok(()) => {
                     failures = 0;
                     RECHECK
@@ -211,11 +221,25 @@ impl Registrar {
         };
         let keeper = sync_webhook(&target).await?;
         let mut s = self.inner.status.lock().expect("status lock");
+        let gained = keeper.is_some()
+            && (!s.registered
+                || target
+                    .events
+                    .iter()
+                    .any(|e| !s.registered_events.contains(e)));
         s.registered = keeper.is_some();
         s.registration = keeper;
         s.registered_events = target.events;
         s.last_error = None;
         s.last_sync_ms = Some(now_ms());
+        drop(s);
+        // What changed in the cluster between a listing and this moment
+        // came as no event (the webhook was not there yet, or did not ask
+        // for it): the reconcile that listed it before is made again.
+        if gained && self.inner.listed.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::info!(cluster = %self.inner.cluster.name, "the webhook now sends what it did not when the cluster was listed: reconciling again");
+            self.inner.reconcile_now.notify_one();
+        }
         Ok(())
     }
 
@@ -239,6 +263,16 @@ impl Registrar {
         let mut leadership = self.inner.ctx.leadership.clone();
         let interval = self.inner.cluster.reconcile_interval;
         let mut failures = 0u32;
+        // The first listing waits for the webhook: a VM changed between a
+        // listing and the webhook's arrival would be in neither until the
+        // next reconcile (never, with `reconcile_interval = 0`). A
+        // registration that keeps failing holds it up for a minute at most.
+        let mut first_sync = self.inner.first_sync.subscribe();
+        tokio::select! {
+            _ = first_sync.wait_for(|done| *done) => {}
+            _ = tokio::time::sleep(FIRST_SYNC_WAIT) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
         loop {
             // Hosts sharing a ledger reconcile on the leader only; a host that becomes the
             // leader reconciles at once, as the one before it may have died midway.
@@ -291,6 +325,9 @@ impl Registrar {
     pub async fn reconcile(&self) -> anyhow::Result<Reconciled> {
         let cluster = &self.inner.cluster.name;
         tracing::info!(%cluster, "reconciling");
+        self.inner
+            .listed
+            .store(true, std::sync::atomic::Ordering::Release);
         let listing = self
             .inner
             .client
