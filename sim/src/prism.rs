@@ -10,8 +10,7 @@
 //!   gets a 401 with an HTML body, not the JSON error shape, because that is
 //!   what Prism sends and a client must not choke on it.
 //! - Webhook intents that start `PENDING` and turn `COMPLETE` only after
-//!   [`PrismConfig::pending_ms`], sending nothing until then (an assumption:
-//!   Prism's documentation does not say); `spec_version` checked on every `PUT` (409
+//!   [`PrismConfig::pending_ms`]; `spec_version` checked on every `PUT` (409
 //!   when stale); a create with a body identical to an existing webhook makes
 //!   a second webhook, so a client that registers blindly gets duplicates.
 //! - A VM inventory (`POST /vms/list`) whose intents have the same shape as
@@ -117,6 +116,9 @@ pub struct PrismFaults {
     /// `POST /vms/list` answers 500 from this offset on, as a Prism that
     /// fails partway through a long listing.
     pub vms_list_fails_from: Option<usize>,
+    /// A new webhook sends nothing until it is `COMPLETE` (Prism's
+    /// documentation does not say whether a `PENDING` one does).
+    pub silent_while_pending: bool,
 }
 
 /// A registered webhook as the simulator knows it, credentials included,
@@ -772,7 +774,8 @@ impl Sim {
             for hook in st
                 .webhooks
                 .iter()
-                .filter(|h| h.in_effect() && h.events.contains(&event_type))
+                .filter(|h| !faults.silent_while_pending || h.in_effect())
+                .filter(|h| h.events.contains(&event_type))
             {
                 summary.matched += 1;
                 if roll(&mut st.fault_rng, faults.drop_rate) {

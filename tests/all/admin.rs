@@ -156,11 +156,7 @@ impl Host {
     }
 
     async fn registered(&self) {
-        wait(
-            || self.app.cluster_status().iter().all(|c| c.registered),
-            "the webhook registration",
-        )
-        .await;
+        common::registered_and_reconciled(&self.app).await;
     }
 
     /// Drops this clone of the admin state first: it holds the reloader,

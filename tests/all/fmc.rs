@@ -54,10 +54,7 @@ async fn rig_with(settings: &str, lines: &[&str]) -> Rig {
         "{:?}",
         app.loaded
     );
-    common::wait_until("registration", Duration::from_secs(30), || {
-        app.cluster_status().iter().all(|c| c.registered)
-    })
-    .await;
+    common::registered_and_reconciled(&app).await;
     Rig {
         prism,
         fmc,

@@ -189,11 +189,7 @@ async fn a_firewall_that_is_down_delays_only_its_own_instance_and_catches_up_in_
         .cluster(Cluster::lab(&prism));
     common::setup::install(host.plugins_dir(), &["paloalto"]);
     let app = App::start(host.config()).await.unwrap();
-    wait(
-        || app.cluster_status().iter().all(|c| c.registered),
-        "registration",
-    )
-    .await;
+    common::registered_and_reconciled(&app).await;
     dc2.set_faults(Faults {
         drop_connections: true,
         ..Default::default()

@@ -242,11 +242,7 @@ impl World {
             "{:?}",
             app.loaded
         );
-        wait(
-            || app.cluster_status().iter().all(|c| c.registered),
-            "registration",
-        )
-        .await;
+        common::registered_and_reconciled(&app).await;
         app
     }
 

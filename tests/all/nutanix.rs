@@ -71,11 +71,7 @@ impl World {
 /// A host on `config`, once every cluster has its webhook.
 async fn start_registered(config: Config) -> App {
     let app = App::start(config).await.unwrap();
-    wait(
-        || app.cluster_status().iter().all(|c| c.registered),
-        "registration",
-    )
-    .await;
+    common::registered_and_reconciled(&app).await;
     app
 }
 
@@ -360,6 +356,10 @@ async fn the_first_reconcile_waits_for_the_webhook_so_no_change_falls_between() 
         .create_vm(NewVm::named("v").powered_on().nic(["10.7.0.1"]))
         .await
         .unwrap();
+    w.prism.set_faults(PrismFaults {
+        silent_while_pending: true,
+        ..PrismFaults::default()
+    });
     let app = App::start(w.config(&[])).await.unwrap();
     // Once the webhook is asked for, before Prism applies it.
     wait(

@@ -126,6 +126,23 @@ pub async fn wait_until(what: &str, limit: std::time::Duration, mut ready: impl 
     }
 }
 
+/// Waits until every cluster of a host that runs alone has its webhook and
+/// has been reconciled once: the reconcile at start waits for the webhook,
+/// and a test that changed the cluster while it ran would see its own
+/// reconcile find less to do.
+pub async fn registered_and_reconciled(app: &prismhook::app::App) {
+    wait_until(
+        "registration and the reconcile at start",
+        std::time::Duration::from_secs(30),
+        || {
+            app.cluster_status()
+                .iter()
+                .all(|c| c.registered && c.last_reconcile_ms.is_some())
+        },
+    )
+    .await
+}
+
 /// A loopback port that was free a moment ago, for a process that must be
 /// told its port before it starts (the real binary, a fixed admin port).
 pub fn free_port() -> u16 {
