@@ -330,10 +330,10 @@ pub enum LedgerError {
         holder: String,
         hint: String,
     },
-    /// Outcomes not stored because another host recorded those deliveries first: this host's
-    /// lease on their partition ran out while it delivered them, and the host that took over
-    /// delivers them from what it recorded.
-    #[error("ledger refused {context}: another host recorded those deliveries first")]
+    /// Outcomes not stored because this host's lease on their partition ran out while it
+    /// delivered them (another host may have recorded them first, or claimed them again): the
+    /// host that took over delivers them from what it recorded.
+    #[error("ledger refused {context}: another host holds those deliveries now")]
     Superseded { context: String },
     #[error("ledger is closed")]
     Closed,

@@ -63,6 +63,7 @@ use crate::ledger::delivery::{
     plan_complete, sort_reads, Change, DeliveryRecord, EventRead, Planned, Standing,
 };
 use crate::ledger::index::lane_key;
+use crate::ledger::partition::partition_of;
 use crate::ledger::wake::{instant_of, Notifiers};
 use crate::ledger::{
     Appended, BackendError, DeadLetter, DeadLetterCursor, Delivery, Ledger, LedgerError,
@@ -936,6 +937,28 @@ impl Ledger for JetStreamLedger {
                 .collect();
             (standing, known, fences)
         };
+        // A delivery nobody has marked yet has no mark to fence on: a host whose lease lapsed
+        // while it delivered (cut off from NATS, paused) could mark it after the host that took
+        // the partition over claimed it again with the VM's later events, and put the VM's
+        // events out of order. Outcomes are stored only while this host holds their partitions.
+        let claimable = self.leases.claimable();
+        let lapsed = standing
+            .iter()
+            .filter(|(in_flight, lane)| {
+                *in_flight
+                    && lane
+                        .as_ref()
+                        .is_some_and(|l| !claimable.contains(partition_of(l)))
+            })
+            .count();
+        if lapsed > 0 {
+            return Err(LedgerError::Superseded {
+                context: format!(
+                    "the outcomes of {lapsed} deliveries in partitions whose lease this host no \
+                     longer holds"
+                ),
+            });
+        }
         let record_of = |id: u64| Ok(known.get(&id).map(|(record, ..)| record.clone()));
         let planned = plan_complete(
             plugin,
@@ -1790,7 +1813,7 @@ mod tests {
         ];
         let late = a.complete("p", results).await.unwrap_err();
         assert!(matches!(late, LedgerError::Superseded { .. }), "{late}");
-        assert!(late.to_string().contains("another host recorded"), "{late}");
+        assert!(late.to_string().contains("another host holds"), "{late}");
 
         // Every host, and one that starts now, sees the three done and nothing to send again.
         b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
@@ -1803,6 +1826,35 @@ mod tests {
                 "{backlog:?}"
             );
         }
+    }
+
+    /// A delivery nobody has marked yet has no mark to fence a late outcome on: the host whose
+    /// lease lapsed must not store one once another host may have claimed it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_whose_lease_lapsed_stores_no_outcome_of_a_delivery_nobody_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let a = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        let ids = append_events(&a, 7, 1).await;
+        assert_eq!(a.claim("p", 10).await.unwrap().len(), 1);
+
+        a.tail.stop();
+        let b = JetStreamLedger::open(named(&nats, "b")).await.unwrap();
+        let partition = partition_of(&lane_key("lab", "vm-7", 0));
+        within(Duration::from_secs(30), || serving(&b).contains(&partition)).await;
+        let retry = Outcome::Retry {
+            reason: "the firewall timed out".into(),
+            delay: None,
+        };
+        let late = a.complete("p", vec![(ids[0], retry)]).await.unwrap_err();
+        assert!(matches!(late, LedgerError::Superseded { .. }), "{late}");
+        assert!(late.to_string().contains("no longer holds"), "{late}");
+
+        // Nothing was stored: the new holder delivers the event as it found it.
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        let claimed = b.claim("p", 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|d| d.event.id).collect::<Vec<_>>(), ids);
+        assert_eq!(claimed[0].attempt, 1, "no failure was recorded");
     }
 
     /// A host cut off from NATS stops claiming once its leases lapse, before its lease task gives
