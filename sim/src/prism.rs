@@ -119,6 +119,10 @@ pub struct PrismFaults {
     /// A new webhook sends nothing until it is `COMPLETE` (Prism's
     /// documentation does not say whether a `PENDING` one does).
     pub silent_while_pending: bool,
+    /// The webhook list shows each updated webhook one update behind (its
+    /// `spec_version` less one), as a list read before another client's
+    /// update: a `PUT` with it gets 409.
+    pub list_lags_one_update: bool,
 }
 
 /// A registered webhook as the simulator knows it, credentials included,
@@ -1516,7 +1520,14 @@ async fn webhooks_list(State(sim): State<Sim>, body: Bytes) -> Result<Response, 
         Some((field, value)) if field == "name" => h.name == *value,
         Some(_) => false,
     });
-    Ok(list_response("webhook", &req, matching, WebhookRec::intent))
+    let lagging = st.faults.list_lags_one_update;
+    Ok(list_response("webhook", &req, matching, |h| {
+        let mut intent = h.intent();
+        if lagging && h.spec_version > 0 {
+            intent["metadata"]["spec_version"] = json!(h.spec_version - 1);
+        }
+        intent
+    }))
 }
 
 async fn vms_list(State(sim): State<Sim>, body: Bytes) -> Result<Response, V3Error> {

@@ -597,11 +597,22 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
     assert!(w.prism.fail_webhook(&before.uuid));
     let out = run("sync").await;
     assert!(out.contains("in sync (2 events)"), "{out}");
-    let after = &w.prism.webhooks()[0];
+    let after = w.prism.webhooks()[0].clone();
     assert_eq!(
         (&after.uuid, after.spec_version, after.state.as_str()),
         (&before.uuid, before.spec_version + 1, "COMPLETE")
     );
+    // The same, where the list shows the webhook before its last update:
+    // the PUT it makes gets 409, and the webhook is read again.
+    w.prism.set_faults(PrismFaults {
+        list_lags_one_update: true,
+        ..PrismFaults::default()
+    });
+    assert!(w.prism.fail_webhook(&after.uuid));
+    let out = run("sync").await;
+    assert!(out.contains("in sync (2 events)"), "{out}");
+    assert_eq!(w.prism.webhooks()[0].spec_version, after.spec_version + 1);
+    w.prism.set_faults(PrismFaults::default());
 
     let out = run("list").await;
     assert!(

@@ -437,8 +437,19 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
                     },
                     ..spec.clone()
                 };
-                c.update_webhook(&first.uuid, first.spec_version, &spec)
-                    .await?;
+                match c
+                    .update_webhook(&first.uuid, first.spec_version, &spec)
+                    .await
+                {
+                    // Updated since it was listed (another host of the
+                    // service, say): read again, and asked once more.
+                    Err(e) if e.is_conflict() => {
+                        let now = c.get_webhook(&first.uuid).await?;
+                        c.update_webhook(&first.uuid, now.spec_version, &spec)
+                            .await?;
+                    }
+                    updated => updated?,
+                }
                 c.wait_complete(&first.uuid, WAIT_COMPLETE).await?;
                 tracing::info!(%cluster, uuid = %first.uuid, events = t.events.len(), "webhook updated");
             }
