@@ -65,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(entities.len() <= MAX_LISTED);
     // No entity is handed out twice, however the pages overlap.
     let mut uuids = std::collections::HashSet::new();
-    for uuid in entities.iter().filter_map(|e| e.pointer("/metadata/uuid")?.as_str()) {
+    for uuid in entities
+        .iter()
+        .filter_map(|e| e.pointer("/metadata/uuid")?.as_str())
+    {
         assert!(uuids.insert(uuid), "{uuid} handed out twice");
     }
     for entity in &entities {
