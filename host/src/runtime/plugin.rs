@@ -367,7 +367,7 @@ impl Plugin {
         let result = result.unwrap_or_else(|| Err(wasmtime::Error::msg("deadline")));
         let state = store.into_data();
         self.identity.memory_peak.fetch_max(
-            state.limiter.memory_peak,
+            state.limiter.memory_peak(),
             std::sync::atomic::Ordering::Relaxed,
         );
 

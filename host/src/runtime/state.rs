@@ -228,11 +228,9 @@ impl WasiView for HostState {
 #[derive(Debug)]
 pub(super) struct Limiter {
     memory_limit: usize,
-    /// Bytes of every linear memory granted so far.
+    /// Bytes of every linear memory granted so far (memories never
+    /// shrink, so this is also the most they held).
     memory_total: usize,
-    /// The most this call's memories held together; its limit once a
-    /// grow past it was refused.
-    pub(super) memory_peak: usize,
     /// What the refused grow would have made the total.
     pub(super) memory_exceeded: Option<usize>,
 }
@@ -242,8 +240,16 @@ impl Limiter {
         Limiter {
             memory_limit,
             memory_total: 0,
-            memory_peak: 0,
             memory_exceeded: None,
+        }
+    }
+
+    /// The most this call's memories held together; its limit once a grow
+    /// past it was refused.
+    pub(super) fn memory_peak(&self) -> usize {
+        match self.memory_exceeded {
+            Some(_) => self.memory_limit,
+            None => self.memory_total,
         }
     }
 }
@@ -262,9 +268,7 @@ impl wasmtime::ResourceLimiter for Limiter {
         if total > self.memory_limit {
             // Trap rather than fail the grow: a guest allocator that sees
             // a failed grow aborts anyway, and the trap carries the reason.
-            // The peak says the call reached its limit.
             self.memory_exceeded = Some(total);
-            self.memory_peak = self.memory_limit;
             wasmtime::bail!(
                 "memory limit of {} MiB exceeded (its memories would hold {} MiB)",
                 self.memory_limit >> 20,
@@ -272,7 +276,6 @@ impl wasmtime::ResourceLimiter for Limiter {
             );
         }
         self.memory_total = total;
-        self.memory_peak = self.memory_peak.max(total);
         Ok(true)
     }
 
@@ -322,7 +325,7 @@ mod tests {
     fn a_plugins_memory_limit_counts_all_its_memories_together() {
         let (limiter, made) = instantiate(&memories(2, 15), 32);
         made.expect("two memories of 15 MiB fit in 32");
-        assert_eq!(limiter.memory_peak, 30 << 20);
+        assert_eq!(limiter.memory_peak(), 30 << 20);
 
         // Each of three fits alone; together they do not.
         let (limiter, made) = instantiate(&memories(3, 15), 32);
@@ -330,7 +333,7 @@ mod tests {
         assert!(error.contains("memory limit of 32 MiB exceeded"), "{error}");
         assert_eq!(limiter.memory_exceeded, Some(45 << 20));
         assert_eq!(
-            limiter.memory_peak,
+            limiter.memory_peak(),
             32 << 20,
             "the peak says it reached the limit"
         );
