@@ -339,6 +339,16 @@ pub enum LedgerError {
     Closed,
 }
 
+impl LedgerError {
+    /// An event whose deliveries outlived it, which no read can bring back.
+    pub(crate) fn missing_event(id: u64) -> LedgerError {
+        LedgerError::Corrupt {
+            what: format!("event {id}"),
+            detail: "it has deliveries but is missing".into(),
+        }
+    }
+}
+
 /// The durable delivery ledger, as every part of the host uses it.
 ///
 /// Implementations are shared (`Arc<dyn Ledger>`) and called concurrently from many tasks. Every

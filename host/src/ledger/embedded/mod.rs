@@ -126,10 +126,7 @@ impl Shared {
                 let row = events
                     .get(id)
                     .with_ctx(|| format!("reading event {id}"))?
-                    .ok_or_else(|| LedgerError::Corrupt {
-                        what: format!("event {id}"),
-                        detail: "it has deliveries but is missing".into(),
-                    })?;
+                    .ok_or_else(|| LedgerError::missing_event(id))?;
                 event_from_row(id, row.value())
             })
             .collect())

@@ -396,10 +396,7 @@ impl Inner {
             .await
             .map_err(|e| match e.kind() {
                 // Pruned while a replay marked it again: its delivery has nothing to deliver.
-                DirectGetErrorKind::NotFound => LedgerError::Corrupt {
-                    what: format!("event {id}"),
-                    detail: "it has deliveries but is missing".into(),
-                },
+                DirectGetErrorKind::NotFound => LedgerError::missing_event(id),
                 _ => unavailable(format!("reading event {id}"), e),
             })?;
         let record: EventRecord =
