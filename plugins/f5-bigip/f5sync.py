@@ -554,10 +554,11 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
                         continue
                     ours = add_member(config, host, pool, member, recorded=not new)
                     added += ours
+                elif pool not in present:
+                    refused.append(f"pool {pool} does not exist on BIG-IP; create it, "
+                                   f"or fix the `{config.category}` category of VM {uuid}")
+                    continue
                 else:
-                    if pool not in present:
-                        raise Failure(reject(f"pool {pool} does not exist on BIG-IP; create it, "
-                                             f"or fix the `{config.category}` category of VM {uuid}"))
                     listed = present[pool]
                     if member in listed:
                         if not new:
