@@ -614,17 +614,13 @@ impl Index {
             .and_then(|p| p.next_due_ms(self.held.and(within)))
     }
 
-    /// Deliveries in flight (over all plugins) in one partition.
-    pub fn in_flight_in(&self, partition: usize) -> usize {
+    /// The partitions with a delivery in flight (for any plugin).
+    pub fn in_flight_partitions(&self) -> PartitionSet {
         self.plugins
             .values()
             .flat_map(|p| p.in_flight.iter())
-            .filter(|id| {
-                self.events
-                    .get(id)
-                    .is_some_and(|e| partition_of(&e.lane) == partition)
-            })
-            .count()
+            .filter_map(|id| self.events.get(id))
+            .fold(PartitionSet::NONE, |set, e| set.with(partition_of(&e.lane)))
     }
 
     /// Undelivered deliveries (over all plugins) per partition, with the oldest one's time.
@@ -853,8 +849,8 @@ mod tests {
         index.held = PartitionSet::NONE.with(partition_of(&b));
         assert_eq!(ids(&index.claim("p", 0, 10)), [2]);
         assert_eq!(index.next_due_ms("p"), None, "a's partition is not ours");
-        assert_eq!(index.in_flight_in(partition_of(&b)), 1);
-        assert_eq!(index.in_flight_in(partition_of(&a)), 0);
+        assert!(index.in_flight_partitions().contains(partition_of(&b)));
+        assert!(!index.in_flight_partitions().contains(partition_of(&a)));
         index.held = index.held.with(partition_of(&a));
         assert_eq!(index.next_due_ms("p"), Some(0));
         assert_eq!(ids(&index.claim("p", 0, 10)), [1]);

@@ -428,8 +428,9 @@ impl Leases {
         self.serve(inner, |serving| {
             release.iter().fold(serving, |set, (p, ..)| set.without(*p))
         });
+        let in_flight = inner.state().index.in_flight_partitions();
         for (partition, key, revision) in release {
-            if inner.state().index.in_flight_in(partition) > 0 {
+            if in_flight.contains(partition) {
                 continue;
             }
             let delete = self.kv.delete_expect_revision(&key, Some(revision));
@@ -622,15 +623,26 @@ impl Leases {
         }
     }
 
-    /// Gives everything up at once, so that the other hosts take over without waiting for the
-    /// leases to expire. Best effort: what cannot be deleted expires.
-    pub(super) async fn leave(&self) {
+    /// Gives up at once what nothing is in flight in, so that the other hosts take it over
+    /// without waiting for the leases to expire. A partition with a call still running (one that
+    /// outlived the shutdown's deadline) is left to expire instead: handed over now, its events
+    /// would be delivered again while the call still acts on them. Best effort: what cannot be
+    /// deleted expires too.
+    pub(super) async fn leave(&self, in_flight: PartitionSet) {
         let held: Vec<(String, u64)> = self
             .state()
             .held
             .iter()
+            .filter(|(key, _)| partition_of_key(key).is_none_or(|p| !in_flight.contains(p)))
             .map(|(k, h)| (k.clone(), h.revision))
             .collect();
+        if !in_flight.is_empty() {
+            warn!(
+                partitions = ?in_flight.iter().collect::<Vec<_>>(),
+                "calls still running at close: their partitions pass to the other hosts when \
+                 the leases expire"
+            );
+        }
         let deletes = held
             .iter()
             .map(|(key, rev)| self.kv.delete_expect_revision(key, Some(*rev)));

@@ -1278,7 +1278,8 @@ impl Ledger for JetStreamLedger {
             return Ok(());
         }
         self.tail.stop();
-        self.leases.leave().await;
+        let in_flight = self.inner.state().index.in_flight_partitions();
+        self.leases.leave(in_flight).await;
         if let Err(error) = self.inner.client.flush().await {
             warn!(%error, "flushing the NATS connection at close");
         }
@@ -1304,8 +1305,11 @@ impl Drop for Unclaim<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
+    use crate::ledger::partition_of_entity;
     use crate::ledger::suite::the_unreadable_middle_event_is_a_dead_letter;
     use crate::ledger::PARTITIONS;
     use crate::runtime::kv_store::{KvError, KvSession, KvStore};
@@ -2012,6 +2016,68 @@ mod tests {
         })
         .await;
         assert_eq!(serving(&a), mine);
+    }
+
+    /// A host that closes while a call outlived the shutdown's deadline keeps that call's
+    /// partition until its lease expires: handed over at once, its events would be delivered
+    /// again while the call still acts on them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_closing_with_calls_in_flight_hands_their_partitions_over_only_when_its_lease_expires(
+    ) {
+        let h = two_hosts().await;
+        let (a, b) = (&h.a, &h.b);
+        within(Duration::from_secs(10), || {
+            !serving(a).is_empty()
+                && !serving(b).is_empty()
+                && serving(a).len() + serving(b).len() == PARTITIONS
+        })
+        .await;
+        for entity in 0..200 {
+            a.append(event(entity), vec!["p".into()]).await.unwrap();
+        }
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        let running = b.claim("p", 2).await.unwrap();
+        assert!(!running.is_empty());
+        let running_ids: BTreeSet<u64> = running.iter().map(|d| d.event.id).collect();
+        let busy: BTreeSet<usize> = running
+            .iter()
+            .map(|d| partition_of_entity(&d.event.cluster, &d.event.entity_uuid))
+            .collect();
+        let idle: Vec<usize> = serving(b)
+            .into_iter()
+            .filter(|p| !busy.contains(p))
+            .collect();
+        assert!(
+            !idle.is_empty(),
+            "b holds a partition with nothing in flight"
+        );
+
+        b.close().await.unwrap();
+        within(Duration::from_secs(5), || {
+            idle.iter().all(|p| serving(a).contains(p))
+        })
+        .await;
+        let claimed = a.claim("p", 1000).await.unwrap();
+        assert!(
+            claimed.iter().all(|d| !running_ids.contains(&d.event.id)),
+            "a delivers what b's running call holds"
+        );
+        let done = claimed
+            .iter()
+            .map(|d| (d.event.id, Outcome::Done))
+            .collect();
+        a.complete("p", done).await.unwrap();
+
+        // Once the lease has expired the call's events are delivered again: at least once.
+        within(Duration::from_secs(10), || serving(a).len() == PARTITIONS).await;
+        let again: BTreeSet<u64> = a
+            .claim("p", 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.event.id)
+            .collect();
+        assert!(running_ids.is_subset(&again), "{running_ids:?} {again:?}");
     }
 
     /// What the others wrote to the plugins' kv before they stopped is what the pausing host
