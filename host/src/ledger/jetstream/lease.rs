@@ -428,16 +428,24 @@ impl Leases {
         self.serve(inner, |serving| {
             release.iter().fold(serving, |set, (p, ..)| set.without(*p))
         });
+        // Concurrently, as the renewals: one at a time, a slow server would hold up the next
+        // round's renewals by a second a partition.
         let in_flight = inner.state().index.in_flight_partitions();
-        for (partition, key, revision) in release {
-            if in_flight.contains(partition) {
-                continue;
+        let release: Vec<_> = release
+            .into_iter()
+            .filter(|(partition, ..)| !in_flight.contains(*partition))
+            .collect();
+        let deletes = release.iter().map(|(_, key, revision)| {
+            let delete = self.kv.delete_expect_revision(key, Some(*revision));
+            async move {
+                tokio::time::timeout(RENEW, delete)
+                    .await
+                    .unwrap_or_else(|_| Err(kv::DeleteError::new(kv::DeleteErrorKind::TimedOut)))
             }
-            let delete = self.kv.delete_expect_revision(&key, Some(revision));
-            match tokio::time::timeout(RENEW, delete)
-                .await
-                .unwrap_or_else(|_| Err(kv::DeleteError::new(kv::DeleteErrorKind::TimedOut)))
-            {
+        });
+        let deleted = join_all(deletes).await;
+        for ((partition, key, _), result) in release.into_iter().zip(deleted) {
+            match result {
                 Ok(()) => {
                     self.state().held.remove(&key);
                     info!(
