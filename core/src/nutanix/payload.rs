@@ -44,9 +44,33 @@ pub enum PayloadError {
         found: &'static str,
     },
     #[error("`event_type` must look like KIND.ACTION, found {0:?}")]
-    BadEventType(String),
+    BadEventType(Clipped),
     #[error("missing entity uuid: neither `entity_reference.uuid` nor `data.metadata.metadata.uuid` is a non-empty string")]
     MissingEntityUuid,
+}
+
+/// The start of a sender's text quoted in an error: an answer and a log
+/// line of bounded size, whatever the sender put in.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Clipped(String);
+
+impl Clipped {
+    /// Characters kept.
+    const KEPT: usize = 64;
+
+    fn of(text: &str) -> Clipped {
+        let mut kept: String = text.chars().take(Self::KEPT).collect();
+        if kept.len() < text.len() {
+            kept.push('…');
+        }
+        Clipped(kept)
+    }
+}
+
+impl std::fmt::Debug for Clipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
 }
 
 /// The entity's uuid and lower-case kind, from the notification's
@@ -175,7 +199,7 @@ fn decode(
         }
     };
     if !crate::event::is_kind_action(&event_type) {
-        return Err(PayloadError::BadEventType(event_type));
+        return Err(PayloadError::BadEventType(Clipped::of(&event_type)));
     }
     let intent = member_at(root, "/data/metadata").filter(|m| is_non_empty_object(m));
     let (entity_uuid, entity_kind) = entity(
@@ -279,6 +303,9 @@ fn field<'a>(resources: Option<&'a Value>, key: &str) -> Option<&'a Value> {
 
 fn parse_nic(nic: &Value) -> Nic {
     let mut ips: Vec<String> = Vec::new();
+    // A set beside the list: checking the list itself is quadratic in a
+    // sender's list of a hundred thousand addresses.
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for endpoint in nic
         .get("ip_endpoint_list")
         .and_then(Value::as_array)
@@ -286,7 +313,7 @@ fn parse_nic(nic: &Value) -> Nic {
         .flatten()
     {
         if let Some(ip) = str_at(endpoint, "/ip") {
-            if !ips.iter().any(|known| known == ip) {
+            if seen.insert(ip) {
                 ips.push(ip.to_owned());
             }
         }
@@ -344,19 +371,32 @@ fn body_hash(root: &Value) -> u128 {
 /// The dedupe key, built from the intent's version fields (its `metadata`),
 /// which change with every change of the entity, so a redelivery matches
 /// and a new change does not; `None` when it has none of them.
+///
+/// The fields are the sender's free text, so the key holds their hash, not
+/// them: of bounded size, whatever their length, and without a separator a
+/// value could contain (`"1/sv=2"` and `1`, `2` would otherwise read alike).
 fn versioned_key(event_type: &str, uuid: &str, meta: Option<&Value>) -> Option<String> {
+    use sha2::{Digest, Sha256};
     let field = |name: &str| meta.and_then(|m| scalar_string(m.get(name)));
-    let mut key = format!("{event_type}/{uuid}");
+    let mut versions = Sha256::new();
     let mut versioned = false;
-    for (label, name) in [
-        ("ev", "entity_version"),
-        ("sv", "spec_version"),
-        ("t", "last_update_time"),
-    ] {
-        if let Some(value) = field(name) {
-            let _ = write!(key, "/{label}={value}");
-            versioned = true;
+    for name in ["entity_version", "spec_version", "last_update_time"] {
+        // Each field present or not, and each value length-prefixed: one
+        // spelling per set of versions.
+        match field(name) {
+            Some(value) => {
+                versions.update([1]);
+                versions.update((value.len() as u64).to_le_bytes());
+                versions.update(value.as_bytes());
+                versioned = true;
+            }
+            None => versions.update([0]),
         }
+    }
+    let digest = versions.finalize();
+    let mut key = format!("{event_type}/{uuid}/v=");
+    for byte in &digest[..16] {
+        let _ = write!(key, "{byte:02x}");
     }
     versioned.then_some(key)
 }
@@ -469,7 +509,11 @@ mod tests {
         );
         assert_eq!(
             n.dedupe_key,
-            "VM.ON/addfa04e-751f-456d-b35b-4550238a7389/sv=1/t=2019-04-08T06:29:45Z"
+            key_of_versions(
+                "VM.ON",
+                "addfa04e-751f-456d-b35b-4550238a7389",
+                json!({ "spec_version": 1, "last_update_time": "2019-04-08T06:29:45Z" })
+            )
         );
     }
 
@@ -542,7 +586,11 @@ mod tests {
         assert_eq!(vm.entity_version.as_deref(), Some("6"));
         assert_eq!(
             n.dedupe_key,
-            format!("VM.DELETE/{WEB01}/ev=6/sv=5/t=2025-06-07T18:45:12Z")
+            key_of_versions(
+                "VM.DELETE",
+                WEB01,
+                json!({ "entity_version": "6", "spec_version": 5, "last_update_time": "2025-06-07T18:45:12Z" })
+            )
         );
     }
 
@@ -553,6 +601,62 @@ mod tests {
         assert_eq!(n.entity_kind, "subnet");
         assert_eq!(n.entity_uuid, "c7938dc6-7659-453e-a688-e26020c68e43");
         assert!(n.vm.is_none());
+    }
+
+    /// The dedupe key of a notification whose intent's `metadata` is `meta`
+    /// and nothing else: which of a body's fields its key depends on.
+    fn key_of_versions(event_type: &str, uuid: &str, meta: Value) -> String {
+        let body = json!({
+            "event_type": event_type,
+            "entity_reference": { "kind": "vm", "uuid": uuid },
+            "data": { "metadata": { "metadata": meta } },
+        });
+        parse_notification(&serde_json::to_vec(&body).unwrap())
+            .unwrap()
+            .dedupe_key
+    }
+
+    #[test]
+    fn a_dedupe_key_has_a_bounded_size_and_one_spelling_whatever_the_versions_hold() {
+        let key = |meta: Value| key_of_versions("VM.ON", WEB01, meta);
+        let plain = key(json!({ "entity_version": "1", "spec_version": "2" }));
+        assert!(plain.starts_with(&format!("VM.ON/{WEB01}/v=")), "{plain}");
+        // A separator inside a value does not make two sets of versions alike.
+        assert_ne!(key(json!({ "entity_version": "1/sv=2" })), plain);
+        assert_ne!(
+            key(json!({ "entity_version": "2", "spec_version": "1" })),
+            plain
+        );
+        assert_ne!(
+            key(json!({ "spec_version": "1" })),
+            key(json!({ "entity_version": "1" }))
+        );
+        // Line breaks and a megabyte of version become the same 32 hex digits.
+        for hostile in ["1\r\nNats-Msg-Id: x", &"9".repeat(1 << 20)] {
+            let k = key(json!({ "entity_version": hostile }));
+            assert_eq!(k.len(), plain.len());
+            assert!(k.bytes().all(|b| b.is_ascii_graphic()), "{k:?}");
+        }
+        // A redelivery, the numbers spelt as strings or not, keeps its key.
+        assert_eq!(
+            key(json!({ "entity_version": 1, "spec_version": 2 })),
+            plain
+        );
+    }
+
+    #[test]
+    fn a_bad_event_type_is_quoted_clipped() {
+        let body = json!({
+            "event_type": "<".repeat(1 << 20),
+            "entity_reference": { "kind": "vm", "uuid": WEB01 },
+        });
+        let error = parse_notification(&serde_json::to_vec(&body).unwrap()).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.starts_with("`event_type` must look like KIND.ACTION, found \"<<<"),
+            "{text}"
+        );
+        assert!(text.len() < 200, "{} bytes", text.len());
     }
 
     #[test]

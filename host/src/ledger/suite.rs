@@ -732,6 +732,37 @@ async fn the_same_notification_within_the_dedupe_window_is_stored_once_and_again
     ));
 }
 
+/// A dedupe key is the caller's text: line breaks, and a megabyte of it, dedupe like any other
+/// (JetStream carries the key in a header, which a line break would break).
+async fn any_dedupe_key_dedupes_line_breaks_and_a_megabyte_included(h: &dyn Harness) {
+    let ledger = h.open(&policy());
+    let t = now_ms();
+    let long = "9".repeat(1 << 20);
+    for (key, other) in [
+        (
+            "1\r\nNats-Msg-Id: x".to_owned(),
+            "1\r\nNats-Msg-Id: y".to_owned(),
+        ),
+        (format!("{long}a"), format!("{long}b")),
+    ] {
+        let keyed = |key: &str| NewEvent {
+            dedupe_key: Some(key.to_owned()),
+            ..event("vm-1", t)
+        };
+        let first = ledger.append(keyed(&key), plugins(&["fw"])).await.unwrap();
+        let Appended::Stored { id, .. } = first else {
+            panic!("{first:?}")
+        };
+        let again = ledger.append(keyed(&key), plugins(&["fw"])).await.unwrap();
+        assert_eq!(again, Appended::Duplicate { id });
+        let other = ledger
+            .append(keyed(&other), plugins(&["fw"]))
+            .await
+            .unwrap();
+        assert!(matches!(other, Appended::Stored { .. }), "{other:?}");
+    }
+}
+
 async fn the_dedupe_window_survives_reopening_and_ends_where_it_would_have(h: &dyn Harness) {
     let ledger = h.open(&policy());
     let t = now_ms();
@@ -1082,6 +1113,7 @@ backends!(
     replay_since_gives_a_new_plugin_the_retained_events_from_that_time,
     the_same_notification_within_the_dedupe_window_is_stored_once_and_again_after_it,
     the_dedupe_window_survives_reopening_and_ends_where_it_would_have,
+    any_dedupe_key_dedupes_line_breaks_and_a_megabyte_included,
     concurrent_duplicates_in_one_group_commit_are_stored_once,
     appends_are_refused_above_the_backlog_limit_until_deliveries_drain,
     prune_removes_only_old_events_whose_deliveries_are_all_done,

@@ -802,6 +802,20 @@ fn refused_or_unavailable(
     unavailable(context, error)
 }
 
+/// A dedupe key as the `Nats-Msg-Id` header that carries it: as it is when a header can carry
+/// it, else its hash. A line break in a header value would panic the client, and the key is
+/// the caller's text.
+fn msg_id(key: String) -> String {
+    const MAX: usize = 256;
+    if key.len() <= MAX && key.bytes().all(|b| b.is_ascii_graphic()) {
+        return key;
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 #[async_trait]
 impl Ledger for JetStreamLedger {
     async fn append(
@@ -814,7 +828,7 @@ impl Ledger for JetStreamLedger {
         plugins.sort_unstable();
         plugins.dedup();
         let deliveries = plugins.len();
-        let (dedupe_key, received_at_ms) = (event.dedupe_key, event.received_at_ms);
+        let (dedupe_key, received_at_ms) = (event.dedupe_key.map(msg_id), event.received_at_ms);
         // The event moves into the record: its body is not copied on the way.
         let record = EventRecord {
             cluster: event.cluster,
