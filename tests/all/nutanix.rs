@@ -128,6 +128,25 @@ async fn the_host_registers_one_webhook_with_credentials_it_then_requires() {
             .status(),
         401
     );
+    // The scheme is case-insensitive, and no other scheme carries the same credentials.
+    let encoded = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", creds.username, creds.password))
+    };
+    let with_scheme = |scheme: &str| {
+        client
+            .post(url)
+            .header("Authorization", format!("{scheme} {encoded}"))
+            .body("{\"version\":\"1.0\"}")
+            .send()
+    };
+    assert_eq!(
+        with_scheme("BASIC").await.unwrap().status(),
+        400,
+        "past authentication"
+    );
+    assert_eq!(with_scheme("Bearer").await.unwrap().status(), 401);
     let bad = post(&creds.username, &creds.password, "{\"event_type\": ".into())
         .await
         .unwrap();

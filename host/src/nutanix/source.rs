@@ -224,9 +224,11 @@ fn authorized(headers: &HeaderMap, auth: Option<&BasicCredentials>) -> bool {
     else {
         return false;
     };
+    // The scheme's name is case-insensitive (RFC 9110, 11.1).
     let Some(encoded) = value
-        .strip_prefix("Basic ")
-        .or_else(|| value.strip_prefix("basic "))
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+        .map(|(_, credentials)| credentials)
     else {
         return false;
     };
