@@ -650,6 +650,19 @@ async fn dead_letters_are_listed_replayed_and_dropped_through_the_api() {
     .await;
     wait(dead(2), "the replayed event to die again").await;
 
+    // A misspelt field is refused, not read as a wider selection.
+    let misspelt = host
+        .http
+        .post(host.url("/api/dlq/drop"))
+        .json(&json!({ "plugin": "probe", "id": [ids[0]] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(misspelt.status(), 422);
+    let why = misspelt.text().await.unwrap();
+    assert!(why.contains("unknown field `id`"), "{why}");
+    assert_eq!(api.dead_letters(None, 10).await.unwrap().total, 2);
+
     // Dropping is explicit and final.
     let e = api
         .drop_dead(&DlqSelection::default())

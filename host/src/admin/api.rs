@@ -241,8 +241,10 @@ pub struct DeadLetters {
 }
 
 /// The body of `POST /api/dlq/replay` and `POST /api/dlq/drop`: the dead
-/// letters of one plugin, of some events, or both.
+/// letters of one plugin, of some events, or both. An unknown field is
+/// refused: a misspelt `ids` would otherwise select all of the plugin's.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DlqSelection {
     pub plugin: Option<String>,
     /// Event ids.
@@ -261,6 +263,7 @@ pub struct Count {
 
 /// The body of `POST /api/replay`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
     pub plugin: String,
     /// Events received at or after this time (ms since the Unix epoch).
@@ -272,6 +275,7 @@ pub struct ReplayRequest {
 
 /// The body of `POST /api/reconcile`; absent or without `cluster` = all.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReconcileRequest {
     pub cluster: Option<String>,
 }
