@@ -664,7 +664,33 @@ async fn echo_server() -> (String, Arc<AtomicUsize>) {
         .route(
             "/gzip",
             get(|| async { ([("content-encoding", "gzip")], vec![0x1f, 0x8b, 8, 0]) }),
-        );
+        )
+        // The same, under a first line that says it is not.
+        .route(
+            "/gzip-second",
+            get(|| async {
+                (
+                    [
+                        ("content-encoding", "identity"),
+                        ("content-encoding", "gzip"),
+                    ],
+                    vec![0x1f, 0x8b, 8, 0],
+                )
+            }),
+        )
+        // A redirect whose target carries the key the host injected.
+        .route(
+            "/leak",
+            get(|headers: axum::http::HeaderMap| async move {
+                let key = headers
+                    .get("x-pan-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned();
+                axum::response::Redirect::temporary(&format!("/landed/{key}"))
+            }),
+        )
+        .route("/landed/{*rest}", get(|| async { "landed" }));
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });
@@ -760,6 +786,66 @@ async fn answers_come_unencoded_or_not_at_all_and_a_url_may_not_carry_credential
         origins.into_iter().collect::<Vec<_>>(),
         ["-", "http://127.0.0.1:*"]
     );
+}
+
+#[tokio::test]
+async fn only_the_wits_methods_are_sent_and_an_encoding_on_a_second_line_is_refused() {
+    let sb = sandbox();
+    let (base, hits) = echo_server().await;
+    let p = probe(&sb, allow(&["http://127.0.0.1:*"], vec![])).await;
+    let events = vec![
+        event(
+            1,
+            "TEST.HTTP",
+            serde_json::json!({ "url": format!("{base}/echo"), "method": "TRACE" }),
+        ),
+        event(
+            2,
+            "TEST.HTTP",
+            serde_json::json!({ "url": format!("{base}/gzip-second") }),
+        ),
+        event(
+            3,
+            "TEST.HTTP",
+            serde_json::json!({ "url": format!("{base}/echo"), "method": "get" }),
+        ),
+    ];
+    p.handle(events).await.unwrap();
+    let trace = kv_text(&sb, "http/1").unwrap();
+    assert!(
+        trace.starts_with("error=Error::InvalidRequest(")
+            && trace.contains("method `TRACE` is not one of GET, POST, PUT, PATCH, DELETE, HEAD"),
+        "{trace}"
+    );
+    let second = kv_text(&sb, "http/2").unwrap();
+    assert!(
+        second.contains("the answer is encoded (`gzip`)"),
+        "{second}"
+    );
+    assert!(kv_text(&sb, "http/3").unwrap().starts_with("status=200"));
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "TRACE was not sent");
+}
+
+/// What the log shows of a request is scrubbed as the answer is: where a
+/// redirect ended can carry the key the host injected.
+#[tokio::test]
+async fn a_key_a_redirect_carries_reaches_neither_the_plugin_nor_the_log() {
+    let (captured, _logging) = Captured::start_at(tracing::Level::DEBUG);
+    let sb = sandbox();
+    let (base, _) = echo_server().await;
+    let p = probe(&sb, with_key(&base)).await;
+    p.handle(vec![event(
+        1,
+        "TEST.HTTP",
+        serde_json::json!({"url": format!("{base}/leak")}),
+    )])
+    .await
+    .unwrap();
+    assert_eq!(kv_text(&sb, "http/1").unwrap(), "status=200 body=landed");
+    let logs = captured.text();
+    assert!(logs.contains("plugin http request"), "{logs}");
+    assert!(logs.contains("/landed/"), "{logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
 }
 
 #[tokio::test]
@@ -1271,8 +1357,14 @@ impl std::io::Write for Captured {
 impl Captured {
     /// Captures this thread's log lines until the guard drops.
     fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+        Self::start_at(tracing::Level::INFO)
+    }
+
+    /// [`Captured::start`], at `level` and above.
+    fn start_at(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
         let logs = Captured::default();
         let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
             .with_ansi(false)
             .with_writer({
                 let logs = logs.clone();

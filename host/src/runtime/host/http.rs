@@ -28,7 +28,8 @@ impl Host for HostState {
     async fn send(&mut self, request: Request) -> wasmtime::Result<Result<Response, Error>> {
         let started = Instant::now();
         let plugin = self.plugin.name.clone();
-        let method = request.method.clone();
+        // Logged: the plugin's text only once it is known to be a method.
+        let method = method_of(&request.method).map_or_else(|| "-".to_owned(), |m| m.to_string());
         // Series are per allowlist rule: a rule for many origins (a
         // wildcard, a network, any port) is one series, not one per origin
         // the plugin or a redirect picks.
@@ -68,9 +69,13 @@ impl Host for HostState {
         };
         self.outbound.count(&plugin, origin, outcome);
         match &result {
+            // Where the redirects ended is the server's text: a `Location`
+            // can carry an injected secret, so it is scrubbed as the answer is.
             Ok((url, resp)) => tracing::debug!(
-                %plugin, events = %self.context, %method, origin = %url.origin().ascii_serialization(),
-                path = url.path(), status = resp.status, elapsed_ms = started.elapsed().as_millis() as u64,
+                %plugin, events = %self.context, %method,
+                origin = %scrubber.scrub_str(&url.origin().ascii_serialization()),
+                path = %scrubber.scrub_str(url.path()), status = resp.status,
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 "plugin http request"
             ),
             Err(Error::Denied(why)) => {
@@ -82,6 +87,24 @@ impl Host for HostState {
         }
         Ok(result.map(|(_, r)| r))
     }
+}
+
+/// The methods the WIT names. Others are refused: `TRACE` has a server echo
+/// the request, injected headers and all; `CONNECT` opens a tunnel.
+const METHODS: [Method; 6] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::HEAD,
+];
+
+/// The method a plugin names, in any case, if it is one of [`METHODS`].
+fn method_of(name: &str) -> Option<Method> {
+    METHODS
+        .into_iter()
+        .find(|m| m.as_str().eq_ignore_ascii_case(name))
 }
 
 /// The metrics label of a failed request.
@@ -114,8 +137,13 @@ impl HostState {
         }
         self.requests_made += 1;
 
-        let mut method = Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| Error::InvalidRequest(format!("bad method `{}`", request.method)))?;
+        let mut method = method_of(&request.method).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "method `{}` is not one of {}",
+                prismhook_core::text::truncate(request.method.clone(), 40),
+                METHODS.map(|m| m.to_string()).join(", ")
+            ))
+        })?;
         let mut url =
             Url::parse(&request.url).map_err(|e| Error::InvalidRequest(format!("bad url: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -134,6 +162,7 @@ impl HostState {
             // nor ask for an answer the scrubber cannot read whole: a
             // compressed one, or a part of one that may cut a secret in two.
             let unscrubbable = name == http::header::ACCEPT_ENCODING
+                || name == http::header::TE
                 || name == http::header::RANGE
                 || name == http::header::IF_RANGE;
             if !self.plugin.policy.is_injected_name(&name)
@@ -234,10 +263,12 @@ impl HostState {
                     continue;
                 }
             }
+            // Every `Content-Encoding` line: a second one would apply too.
             if let Some(coding) = resp
                 .headers()
-                .get(http::header::CONTENT_ENCODING)
-                .filter(|c| !c.as_bytes().eq_ignore_ascii_case(b"identity"))
+                .get_all(http::header::CONTENT_ENCODING)
+                .iter()
+                .find(|c| !c.as_bytes().eq_ignore_ascii_case(b"identity"))
             {
                 return Err(Error::Other(format!(
                     "the answer is encoded (`{}`) although the host asked for none: \

@@ -10,7 +10,7 @@
 //! | `TEST.SLEEP`   | sleeps `body.ms` in WASI (a host wait, no wasm running)  |
 //! | `TEST.OOM`     | allocates until the host's memory limit stops it         |
 //! | `TEST.TRAP`    | panics                                                   |
-//! | `TEST.HTTP`    | GETs `body.url`; stores status and body or the error     |
+//! | `TEST.HTTP`    | GETs `body.url` (or `body.method`s it); stores status and body or the error |
 //! | `TEST.RETRY`   | returns retry with `body.delay_ms`                       |
 //! | `TEST.REJECT`  | returns reject                                           |
 //! | `TEST.SHOUT`   | prints `body.lines` lines to stdout                      |
@@ -198,13 +198,15 @@ fn handle_one(event: &Event) -> Outcome {
         }
         "TEST.TRAP" => panic!("probe asked to trap by event {}", event.id),
         "TEST.HTTP" => {
-            let url = body(event)
-                .get("url")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
+            let text_of = |key: &str| {
+                body(event)
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            let url = text_of("url").unwrap_or_default();
             let result = http::send(&http::Request {
-                method: "GET".into(),
+                method: text_of("method").unwrap_or_else(|| "GET".into()),
                 url,
                 headers: vec![("x-probe".into(), event.id.clone())],
                 body: None,
