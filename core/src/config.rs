@@ -619,10 +619,16 @@ impl Grant {
 /// configuration's `[plugin.<name>]` grants: every injected secret must be
 /// a `grant` of the main configuration, for one of the origins it is
 /// granted for. Returns the settings with each grant's source filled in.
+///
+/// What only the operator decides holds whatever the file says: the main
+/// configuration's logins, grants, `tls` and `sha256` pin stay, a plugin it
+/// disables stays disabled, and its limits (`defaults` under its own
+/// `limits`) are ceilings the file may lower a limit under, not raise.
 pub fn confine_settings_file(
     mut settings: PluginConfig,
     main: Option<&PluginConfig>,
     name: &str,
+    defaults: &Limits,
 ) -> Result<PluginConfig, (String, String)> {
     if !settings.grants.is_empty() {
         return Err((
@@ -659,7 +665,35 @@ pub fn confine_settings_file(
         }
         fill_grant(inj, grants, name).map_err(|(k, m)| (format!("inject[{j}].{k}"), m))?;
     }
-    Ok(settings)
+    let operator = main.cloned().unwrap_or_default();
+    if let (Some(pin), Some(other)) = (&operator.sha256, &settings.sha256) {
+        if !pin.eq_ignore_ascii_case(other) {
+            return Err((
+                "sha256".into(),
+                format!("the main configuration pins `{name}` to {pin}"),
+            ));
+        }
+    }
+    let limits = operator.limits.overlaid_with(&settings.limits);
+    let ceiling = defaults.with(&operator.limits);
+    if let Some((limit, wanted, allowed)) = defaults.with(&limits).first_above(&ceiling) {
+        return Err((
+            format!("limits.{limit}"),
+            format!(
+                "{wanted} is above the {allowed} the main configuration allows `{name}`; \
+                 only `[plugin.{name}] limits` there may raise it"
+            ),
+        ));
+    }
+    Ok(PluginConfig {
+        limits,
+        login: operator.login,
+        grants: operator.grants,
+        tls: operator.tls,
+        sha256: operator.sha256.or(settings.sha256),
+        enabled: operator.enabled && settings.enabled,
+        ..settings
+    })
 }
 
 /// Replaces an inject's `grant` by the granted secret's source, if the
@@ -1417,7 +1451,7 @@ mod tests {
              password = {{ value = \"p\" }}\nheader = \"H\"\n{good}"
         ))
         .unwrap();
-        let refused = confine_settings_file(file, None, "f5").unwrap_err();
+        let refused = confine_settings_file(file, None, "f5", &Limits::default()).unwrap_err();
         assert_eq!(refused.0, "login");
     }
 
@@ -1710,10 +1744,78 @@ inject = [{ origin = "https://fw1.example.com", header = "X-PAN-KEY", value = "k
     }
 
     #[test]
+    fn a_settings_file_keeps_the_operators_pin_trust_and_switch_and_may_only_lower_limits() {
+        let pin = "ab".repeat(32);
+        let main: PluginConfig = toml::from_str(&format!(
+            r#"
+sha256 = "{pin}"
+tls = {{ pinned_cert = "/etc/prismhook/fw1.pem" }}
+limits = {{ deadline_ms = 10000 }}
+enabled = false
+"#
+        ))
+        .unwrap();
+        let defaults = Limits::default();
+        let confine = |file: &str| {
+            let settings: PluginConfig = toml::from_str(file).unwrap();
+            confine_settings_file(settings, Some(&main), "paloalto", &defaults)
+        };
+
+        let kept = confine(
+            "config = { firewall = \"https://fw1.example.com\" }\n\
+             limits = { memory_mib = 32 }\nenabled = true\n",
+        )
+        .unwrap();
+        assert_eq!(kept.sha256.as_deref(), Some(pin.as_str()));
+        assert_eq!(kept.tls, main.tls);
+        assert!(!kept.enabled, "the operator's switch stays off");
+        let limits = defaults.with(&kept.limits);
+        assert_eq!(limits.memory_bytes, 32 << 20, "lowered by the file");
+        assert_eq!(
+            limits.deadline,
+            Duration::from_secs(10),
+            "the operator's own, which the file does not name, stays"
+        );
+        assert!(confine("limits = { deadline_ms = 10000 }").is_ok());
+
+        let (key, message) = confine(&format!("sha256 = \"{}\"", "cd".repeat(32))).unwrap_err();
+        assert_eq!(key, "sha256");
+        assert!(message.contains("pins `paloalto`"), "{message}");
+        for (file, key, above) in [
+            (
+                "limits = { memory_mib = 128 }",
+                "limits.memory_mib",
+                "128 is above the 64",
+            ),
+            (
+                "limits = { deadline_ms = 10001 }",
+                "limits.deadline_ms",
+                "10001 is above the 10000",
+            ),
+            (
+                "limits = { max_response_bytes = 18446744073709551615 }",
+                "limits.max_response_bytes",
+                "18446744073709551615 is above the 8388608",
+            ),
+            (
+                "limits = { kv_mib = 18446744073709551615 }",
+                "limits.kv_mib",
+                "is above the 1024",
+            ),
+        ] {
+            let (k, message) = confine(file).unwrap_err();
+            assert_eq!(k, key, "{file}");
+            assert!(message.contains(above), "{message}");
+            assert!(message.contains("[plugin.paloalto] limits"), "{message}");
+        }
+    }
+
+    #[test]
     fn a_settings_file_cannot_choose_which_certificates_its_plugin_trusts() {
         let settings: PluginConfig =
             toml::from_str(r#"tls = { pinned_cert = "/etc/prismhook/mitm.pem" }"#).unwrap();
-        let (key, message) = confine_settings_file(settings, None, "paloalto").unwrap_err();
+        let (key, message) =
+            confine_settings_file(settings, None, "paloalto", &Limits::default()).unwrap_err();
         assert_eq!(key, "tls");
         assert!(message.contains("only the main configuration"), "{message}");
     }

@@ -59,9 +59,9 @@ impl Limits {
     /// Applies `overrides` on top of `self`.
     pub fn with(self, overrides: &LimitOverrides) -> Limits {
         Limits {
-            memory_bytes: overrides
-                .memory_mib
-                .map_or(self.memory_bytes, |mib| (mib as usize) << 20),
+            memory_bytes: overrides.memory_mib.map_or(self.memory_bytes, |mib| {
+                usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+            }),
             deadline: overrides
                 .deadline_ms
                 .map_or(self.deadline, Duration::from_millis),
@@ -72,7 +72,59 @@ impl Limits {
                 .max_response_bytes
                 .unwrap_or(self.max_response_bytes),
             max_log_bytes: overrides.max_log_bytes.unwrap_or(self.max_log_bytes),
-            kv_bytes: overrides.kv_mib.map_or(self.kv_bytes, |mib| mib << 20),
+            kv_bytes: overrides
+                .kv_mib
+                .map_or(self.kv_bytes, |mib| mib.saturating_mul(1 << 20)),
+        }
+    }
+
+    /// The first limit of `self` above `ceiling`: its name as the config
+    /// spells it, and both values in its units.
+    pub fn first_above(&self, ceiling: &Limits) -> Option<(&'static str, u128, u128)> {
+        let mib = |bytes: u64| u128::from(bytes) >> 20;
+        [
+            (
+                "memory_mib",
+                mib(self.memory_bytes as u64),
+                mib(ceiling.memory_bytes as u64),
+            ),
+            (
+                "deadline_ms",
+                self.deadline.as_millis(),
+                ceiling.deadline.as_millis(),
+            ),
+            (
+                "max_requests_per_call",
+                self.max_requests_per_call.into(),
+                ceiling.max_requests_per_call.into(),
+            ),
+            (
+                "max_response_bytes",
+                self.max_response_bytes.into(),
+                ceiling.max_response_bytes.into(),
+            ),
+            (
+                "max_log_bytes",
+                self.max_log_bytes as u128,
+                ceiling.max_log_bytes as u128,
+            ),
+            ("kv_mib", mib(self.kv_bytes), mib(ceiling.kv_bytes)),
+        ]
+        .into_iter()
+        .find(|(_, wanted, allowed)| wanted > allowed)
+    }
+}
+
+impl LimitOverrides {
+    /// `self`, with what `over` sets put over it.
+    pub fn overlaid_with(&self, over: &LimitOverrides) -> LimitOverrides {
+        LimitOverrides {
+            memory_mib: over.memory_mib.or(self.memory_mib),
+            deadline_ms: over.deadline_ms.or(self.deadline_ms),
+            max_requests_per_call: over.max_requests_per_call.or(self.max_requests_per_call),
+            max_response_bytes: over.max_response_bytes.or(self.max_response_bytes),
+            max_log_bytes: over.max_log_bytes.or(self.max_log_bytes),
+            kv_mib: over.kv_mib.or(self.kv_mib),
         }
     }
 }

@@ -278,8 +278,13 @@ fn settings_for(
         Ok(Some(text)) => {
             let settings = toml::from_str::<PluginConfig>(text)
                 .map_err(|e| format!("{}: {}", beside.display(), unquoted(&e, text)))?;
-            confine_settings_file(settings, config.plugin.get(&key), &key)
-                .map_err(|(k, msg)| format!("{}: `{k}`: {msg}", beside.display()))
+            confine_settings_file(
+                settings,
+                config.plugin.get(&key),
+                &key,
+                &config.default_limits(),
+            )
+            .map_err(|(k, msg)| format!("{}: `{k}`: {msg}", beside.display()))
         }
         Ok(None) => Ok(config.plugin.get(&key).cloned().unwrap_or_default()),
         Err(e) => Err(e.clone()),
