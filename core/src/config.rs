@@ -80,7 +80,9 @@ pub struct ListenerConfig {
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
     pub tls: Option<TlsFiles>,
-    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Connections served at once. A peer that finds them all held has the
+    /// oldest connection of the peer holding the most closed; more wait in
+    /// the kernel's accept queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
     /// Connections one peer (an IPv4 address, an IPv6 /64) may hold at

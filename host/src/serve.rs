@@ -8,8 +8,14 @@
 //! served by [`serve`] instead, which bounds every stage before a request
 //! reaches a handler:
 //!
-//! - at most [`ServeLimits::max_connections`] connections at once; further
-//!   peers wait in the kernel's accept queue, costing the host nothing;
+//! - at most [`ServeLimits::max_connections`] connections at once. A peer
+//!   that comes while they are all held has the oldest connection of the
+//!   peer holding the most asked to close (after the request it is serving,
+//!   if any), as nginx drains idle keep-alive connections when it runs out:
+//!   else a few peers each holding their share with a request every few
+//!   seconds would keep everyone else, Prism included, out for good. Until
+//!   a slot frees, that one peer waits accepted, the rest in the kernel's
+//!   accept queue;
 //! - at most [`ServeLimits::max_connections_per_peer`] of them from one
 //!   peer (an IPv4 address, an IPv6 /64): more from it are closed as they
 //!   are accepted, so that one host cannot hold every slot and starve
@@ -50,9 +56,8 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Sleep;
 
 use prismhook_core::text::LogThrottle;
@@ -86,35 +91,17 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
     let builder = Arc::new(builder);
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max_connections = limits.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max_connections));
     let peers = Peers::new(limits.max_connections_per_peer);
-    let graceful = GracefulShutdown::new();
+    // Asks every connection to finish its request and close, at shutdown.
+    let (draining, drain) = watch::channel(false);
     // Ends the connections still open when the drain is over: dropped,
     // their sockets close, and nothing of them outlives `serve`.
-    let (closing, closed) = tokio::sync::watch::channel(false);
+    let (closing, closed) = watch::channel(false);
     let full = LogThrottle::new(1, REFUSALS_LOGGED_EVERY);
-    let mut full_logged = false;
     tokio::pin!(shutdown);
-    loop {
-        // A permit first, then accept: at the cap, peers wait in the
-        // kernel's queue instead of in our memory. Logged once each time
-        // the cap is reached, and at most once a minute however often
-        // peers that hold every slot reconnect.
-        if permits.available_permits() == 0 && !full_logged {
-            if let Some(since) = full.admit() {
-                tracing::warn!(
-                    socket = name,
-                    max_connections = limits.max_connections,
-                    times_reached_unlogged = since,
-                    "connection limit reached; new connections wait to be accepted"
-                );
-            }
-            full_logged = true;
-        }
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
+    'accepting: loop {
         let (stream, peer) = tokio::select! {
             accepted = tcp.accept() => match accepted {
                 Ok(a) => a,
@@ -127,24 +114,53 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        full_logged = false;
-        let Some(slot) = peers.take(peer.ip()) else {
+        let Some(mut slot) = peers.take(peer.ip()) else {
             stats.refused_per_peer.fetch_add(1, Ordering::Relaxed);
             peers.refused(name, peer.ip());
             drop(stream);
             continue;
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => loop {
+                // Every slot held and someone waiting: the oldest
+                // connection of the peer holding the most is asked to
+                // close, and another a while later if that frees nothing
+                // (a request it serves can take its time).
+                if let Some(from) = peers.evict_one() {
+                    stats.evicted.fetch_add(1, Ordering::Relaxed);
+                    if let Some(unlogged) = full.admit() {
+                        tracing::warn!(
+                            socket = name,
+                            max_connections,
+                            peer = %from,
+                            times_unlogged = unlogged,
+                            "every connection is held: closing the oldest of the peer holding the most for a new one"
+                        );
+                    }
+                }
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => break p.expect("the semaphore is never closed"),
+                    () = tokio::time::sleep(EVICTION_PATIENCE) => {}
+                    () = &mut shutdown => break 'accepting,
+                }
+            },
+        };
+        let evict = peers.evictable(&mut slot);
         let _ = stream.set_nodelay(true);
         // Under TLS too, so that the handshake's and every record's bytes
         // are held to the same limit.
         let stream = StallGuard::new(stream, limits.write_stall_timeout);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let tls = tls.clone();
+        let ends = Ends {
+            evict,
+            drain: drain.clone(),
+        };
         let connection = async move {
             match tls {
-                None => drive(name, peer, &builder, watcher, stream, service).await,
+                None => drive(name, peer, &builder, ends, stream, service).await,
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     let stream =
@@ -159,7 +175,7 @@ pub async fn serve(
                                 return;
                             }
                         };
-                    drive(name, peer, &builder, watcher, stream, service).await;
+                    drive(name, peer, &builder, ends, stream, service).await;
                 }
             }
         };
@@ -173,7 +189,10 @@ pub async fn serve(
         });
     }
     drop(tcp);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
+    let _ = draining.send(true);
+    // Every connection gives its permit back as it ends.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN, permits.acquire_many(all))
         .await
         .is_err()
     {
@@ -184,6 +203,10 @@ pub async fn serve(
     }
     let _ = closing.send(true);
 }
+
+/// How long a new peer waits for the connection it had closed before
+/// another is asked to close.
+const EVICTION_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Why a request's body could not be had whole.
 #[derive(Debug, thiserror::Error)]
@@ -244,48 +267,98 @@ pub struct ServeStats {
     /// Connections closed as they came, their peer holding
     /// [`ServeLimits::max_connections_per_peer`] already.
     pub refused_per_peer: AtomicU64,
+    /// Connections asked to close for a new peer, every slot of
+    /// [`ServeLimits::max_connections`] being held.
+    pub evicted: AtomicU64,
 }
 
 /// Connections held per peer, against
-/// [`ServeLimits::max_connections_per_peer`]. A peer is an IPv4 address or
-/// an IPv6 /64, which one host commonly holds whole.
+/// [`ServeLimits::max_connections_per_peer`], and which of them to close
+/// when a new peer finds every slot held. A peer is an IPv4 address or an
+/// IPv6 /64, which one host commonly holds whole.
 struct Peers {
     max: usize,
     held: Held,
+    /// Numbers the connections in the order they were accepted.
+    next: AtomicU64,
     /// At most one line a minute, whatever a peer does.
     refusals: LogThrottle,
 }
 
-/// One connection's place in [`Peers`], given back when dropped; nothing
-/// is counted when there is no cap.
-struct PeerSlot(Option<(IpAddr, Held)>);
+/// One connection's place in [`Peers`], given back when dropped.
+struct PeerSlot {
+    peer: IpAddr,
+    /// Its number, once it may be asked to close.
+    number: Option<u64>,
+    held: Held,
+}
+
+/// One peer's connections.
+#[derive(Default)]
+struct PeerConnections {
+    count: usize,
+    /// Those that may be asked to close, oldest first, each with what asks.
+    closable: std::collections::BTreeMap<u64, Arc<Notify>>,
+}
 
 /// Connections held, by peer.
-type Held = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+type Held = Arc<std::sync::Mutex<HashMap<IpAddr, PeerConnections>>>;
 
 impl Peers {
     fn new(max: usize) -> Peers {
         Peers {
             max,
             held: Arc::default(),
+            next: AtomicU64::new(0),
             refusals: LogThrottle::new(1, REFUSALS_LOGGED_EVERY),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PeerConnections>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A slot for a connection from `ip`, or `None` when its peer holds
-    /// the most it may.
+    /// the most it may (`max_connections_per_peer`, 0 = no cap).
     fn take(&self, ip: IpAddr) -> Option<PeerSlot> {
-        if self.max == 0 {
-            return Some(PeerSlot(None));
-        }
         let peer = peer_of(ip);
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let n = held.entry(peer).or_default();
-        if *n >= self.max {
+        let mut held = self.lock();
+        let connections = held.entry(peer).or_default();
+        if self.max > 0 && connections.count >= self.max {
             return None;
         }
-        *n += 1;
-        Some(PeerSlot(Some((peer, self.held.clone()))))
+        connections.count += 1;
+        Some(PeerSlot {
+            peer,
+            number: None,
+            held: self.held.clone(),
+        })
+    }
+
+    /// Lets `slot`'s connection be asked to close from now on: what asks.
+    fn evictable(&self, slot: &mut PeerSlot) -> Arc<Notify> {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let ask = Arc::new(Notify::new());
+        if let Some(connections) = self.lock().get_mut(&slot.peer) {
+            connections.closable.insert(number, ask.clone());
+        }
+        slot.number = Some(number);
+        ask
+    }
+
+    /// Asks the oldest connection of the peer holding the most to close;
+    /// that peer, or `None` when no connection is left to ask.
+    fn evict_one(&self) -> Option<IpAddr> {
+        let mut held = self.lock();
+        let (peer, connections) = held
+            .iter_mut()
+            .filter(|(_, c)| !c.closable.is_empty())
+            .max_by_key(|(_, c)| c.count)?;
+        let (_, ask) = connections.closable.pop_first()?;
+        // Stored when the connection is not yet waiting for it (still in
+        // its TLS handshake): it closes as soon as it serves.
+        ask.notify_one();
+        Some(*peer)
     }
 
     fn refused(&self, socket: &'static str, ip: IpAddr) {
@@ -306,14 +379,14 @@ const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let Some((peer, held)) = &self.0 else {
-            return;
-        };
-        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = held.get_mut(peer) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(peer);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(connections) = held.get_mut(&self.peer) {
+            connections.count -= 1;
+            if let Some(number) = self.number {
+                connections.closable.remove(&number);
+            }
+            if connections.count == 0 {
+                held.remove(&self.peer);
             }
         }
     }
@@ -335,19 +408,47 @@ fn peer_of(ip: IpAddr) -> IpAddr {
 
 type Service = hyper_util::service::TowerToHyperService<Router>;
 
+/// What asks one connection to close: [`Peers::evict_one`], or the
+/// server's shutdown.
+struct Ends {
+    evict: Arc<Notify>,
+    drain: watch::Receiver<bool>,
+}
+
+/// Serves one connection until it ends; asked to close, it finishes the
+/// request it serves (answered with `Connection: close`), or closes at once
+/// between requests.
 async fn drive<S>(
     name: &'static str,
     peer: std::net::SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut ends: Ends,
     stream: S,
     service: Service,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(socket = name, %peer, "connection ended: {e}");
+    tokio::pin!(conn);
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(socket = name, %peer, "connection ended: {e}");
+                }
+                return;
+            }
+            () = ends.evict.notified(), if !asked => {
+                tracing::debug!(socket = name, %peer, "closing a connection for a new peer");
+                asked = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = ends.drain.wait_for(|d| *d), if !asked => {
+                asked = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
 }
 
@@ -562,6 +663,40 @@ mod tests {
         let uncapped = Peers::new(0);
         let slots: Vec<Option<PeerSlot>> = (0..1000).map(|_| uncapped.take(ip)).collect();
         assert!(slots.iter().all(Option::is_some));
+        drop(slots);
         assert!(uncapped.held.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_peer_holding_the_most_is_asked_to_close_its_oldest_connection_first() {
+        let peers = Peers::new(0);
+        let (one, many): (IpAddr, IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.9".parse().unwrap());
+        let open = |ip: IpAddr| {
+            let mut slot = peers.take(ip).unwrap();
+            let ask = peers.evictable(&mut slot);
+            (slot, ask)
+        };
+        let lone = open(one);
+        let oldest = open(many);
+        let next = open(many);
+        let asked = |ask: &Arc<Notify>| {
+            let waiting = ask.notified();
+            tokio::pin!(waiting);
+            // A stored notification makes the first poll ready.
+            waiting.as_mut().enable()
+        };
+        assert_eq!(peers.evict_one(), Some(many));
+        assert!(asked(&oldest.1) && !asked(&next.1) && !asked(&lone.1));
+        // Asked once only: then the next of the same peer, which still
+        // holds as many (the first has not closed yet).
+        assert_eq!(peers.evict_one(), Some(many));
+        assert!(asked(&next.1));
+        drop((oldest, next));
+        assert_eq!(peers.evict_one(), Some(one));
+        assert!(asked(&lone.1));
+        assert_eq!(peers.evict_one(), None, "nothing left to ask");
+        drop(lone);
+        assert!(peers.held.lock().unwrap().is_empty());
     }
 }

@@ -54,6 +54,16 @@ fn basic_auth() -> String {
     )
 }
 
+/// The host's `/metrics`, as a scraper reads them.
+async fn metrics(t: &Target) -> String {
+    reqwest::get(format!("http://{}/metrics", t.app.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Posts a real notification with the right credentials: its status, or
 /// why there was none within 20 s.
 async fn notify(addr: std::net::SocketAddr) -> Result<u16, String> {
@@ -324,12 +334,7 @@ async fn one_peer_cannot_hold_every_connection_and_others_still_get_through() {
         closed && answer.is_empty(),
         "the fourth is closed unanswered: {answer:?}"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", t.app.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&t).await;
     assert!(
         metrics.contains("prismhook_listener_connections_refused_total 1\n"),
         "{metrics}"
@@ -347,6 +352,48 @@ async fn one_peer_cannot_hold_every_connection_and_others_still_get_through() {
         .unwrap();
     let (answer, _) = read_until_closed(&mut again, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 "), "{answer:?}");
+    t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
+/// Two peers each holding their share, every connection kept alive with a
+/// request now and then (under the head timer), would keep Prism out for
+/// good: a newcomer has the oldest connection of the peer holding the most
+/// closed instead.
+#[tokio::test]
+async fn peers_holding_every_connection_give_one_up_for_a_newcomer() {
+    let t = target(&[
+        "max_connections = 4",
+        "max_connections_per_peer = 2",
+        r#"header_read_timeout = "60s""#,
+    ])
+    .await;
+    let addr = t.app.listener_addr;
+    let mut held = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        let mut c = connect_from(ip, addr).await;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 256];
+        let n = c.read(&mut answer).await.unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "served, kept alive"
+        );
+        held.push(c);
+    }
+
+    assert_eq!(notify(addr).await, Ok(202), "the newcomer is served");
+    let mut closed = 0;
+    for c in &mut held {
+        closed += usize::from(read_until_closed(c, Duration::from_millis(200)).await.1);
+    }
+    assert_eq!(closed, 1, "one connection was closed for it");
+    let metrics = metrics(&t).await;
+    assert!(
+        metrics.contains("prismhook_listener_connections_evicted_total 1\n"),
+        "{metrics}"
+    );
     t.app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

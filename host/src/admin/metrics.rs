@@ -138,6 +138,12 @@ impl Collector for HostCollector {
             "Connections the listener closed as they came, their peer holding `listener.max_connections_per_peer` already",
             state.listener_serve.refused_per_peer.load(Ordering::Relaxed),
         )?;
+        single_counter(
+            e,
+            "prismhook_listener_connections_evicted",
+            "Connections the listener asked to close for a new peer, every one of `listener.max_connections` being held",
+            state.listener_serve.evicted.load(Ordering::Relaxed),
+        )?;
         let unsubscribed = state.listener_stats.unsubscribed.load(Ordering::Relaxed);
         single_counter(
             e,
