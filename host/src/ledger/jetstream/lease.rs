@@ -326,25 +326,51 @@ impl Leases {
                 .await
                 .map_err(|e| WriteError::Unreachable(e.to_string()));
         }
-        if revision == 0 {
-            return self.kv.create(key, self.value()).await.map_err(|e| {
-                if e.kind() == kv::CreateErrorKind::AlreadyExists {
-                    WriteError::Taken
-                } else {
-                    WriteError::Unreachable(e.to_string())
-                }
-            });
-        }
+        let refused = if revision == 0 {
+            match self.kv.create(key, self.value()).await {
+                Ok(revision) => return Ok(revision),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => e.to_string(),
+                Err(e) => return Err(WriteError::Unreachable(e.to_string())),
+            }
+        } else {
+            match self.kv.update(key, self.value(), revision).await {
+                Ok(revision) => return Ok(revision),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => e.to_string(),
+                Err(e) => return Err(WriteError::Unreachable(e.to_string())),
+            }
+        };
+        self.ours_after_all(key, refused).await
+    }
+
+    /// Writes `key` as this process, as a renewal whose answer was lost leaves it: stored, at a
+    /// revision this host does not know.
+    #[cfg(test)]
+    pub(super) async fn write_unanswered(&self, key: &str) {
         self.kv
-            .update(key, self.value(), revision)
+            .put(key, self.value())
             .await
-            .map_err(|e| {
-                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
-                    WriteError::Taken
-                } else {
-                    WriteError::Unreachable(e.to_string())
-                }
-            })
+            .expect("the bucket takes it");
+    }
+
+    /// After a write refused for its revision: whether the key holds this process's own earlier
+    /// write, stored though its answer never came (a renewal that timed out), so that the key is
+    /// still this host's, at the revision found. Taken as another host's takeover, a lost answer
+    /// would drop a lease nobody else holds, and with the `pause` the reconcile's hold on the
+    /// other hosts.
+    async fn ours_after_all(&self, key: &str, refused: String) -> Result<u64, WriteError> {
+        match self.kv.entry(key).await {
+            Ok(Some(entry))
+                if entry.operation == kv::Operation::Put
+                    && serde_json::from_slice::<Holder>(&entry.value).ok().as_ref()
+                        == Some(&self.me) =>
+            {
+                Ok(entry.revision)
+            }
+            Ok(_) => Err(WriteError::Taken),
+            Err(e) => Err(WriteError::Unreachable(format!(
+                "{refused}, then reading the key: {e}"
+            ))),
+        }
     }
 
     /// One round: renew, give up, take, and tell the index what to claim from.
@@ -617,14 +643,21 @@ impl Leases {
     /// Ends one [`Leases::pause_others`]; the last to end deletes the `pause` key (best effort:
     /// one left behind expires a `TTL` later).
     pub(super) async fn resume_others(&self) {
-        {
+        let revision = {
             let mut state = self.state();
             state.pauses = state.pauses.saturating_sub(1);
-            if state.pauses > 0 || state.held.remove(PAUSE).is_none() {
+            if state.pauses > 0 {
                 return;
             }
-        }
-        match tokio::time::timeout(RENEW, self.kv.delete(PAUSE)).await {
+            match state.held.remove(PAUSE) {
+                Some(held) => held.revision,
+                None => return,
+            }
+        };
+        // At the revision this host wrote: a pause of another host's since (this one's had
+        // lapsed) is not this host's to end.
+        let delete = self.kv.delete_expect_revision(PAUSE, Some(revision));
+        match tokio::time::timeout(RENEW, delete).await {
             Ok(Ok(())) => info!(host = %self.me.host, "the other hosts deliver again"),
             Ok(Err(error)) => warn!(%error, "cannot end the pause of the other hosts; it expires"),
             Err(_) => warn!("ending the pause of the other hosts timed out; it expires"),

@@ -2101,6 +2101,32 @@ mod tests {
         assert!(running_ids.is_subset(&again), "{running_ids:?} {again:?}");
     }
 
+    /// A renewal stored without its answer reaching this host (a timeout) is not taken for
+    /// another host's takeover: the `pause` a reconcile holds outlives it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renewal_stored_without_its_answer_keeps_the_pause() {
+        let h = two_hosts().await;
+        let (a, b) = (&h.a, &h.b);
+        within(Duration::from_secs(10), || {
+            !serving(a).is_empty() && !serving(b).is_empty()
+        })
+        .await;
+        a.pause_others().await.unwrap();
+        assert!(serving(b).is_empty());
+        a.leases.write_unanswered("pause").await;
+        // Past the TTL: a pause this host had given up would have expired by then.
+        let until = Instant::now() + lease::TTL * 2;
+        while Instant::now() < until {
+            assert!(
+                serving(b).is_empty(),
+                "the other host delivers during the pause"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        a.resume_others().await;
+        within(Duration::from_secs(10), || !serving(b).is_empty()).await;
+    }
+
     /// What the others wrote to the plugins' kv before they stopped is what the pausing host
     /// reads next (its reconcile's writes would be refused, or undo theirs, otherwise): the
     /// pause ends only once its mirror shows it.
