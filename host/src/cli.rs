@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context as _;
+
 use crate::config::{resolve_plugin, Config};
 use crate::nutanix::registrar::{
     client_for, client_with, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget,
@@ -130,7 +132,13 @@ async fn subscriptions(config: &Config) -> anyhow::Result<Vec<String>> {
     let runtime = Runtime::new(RuntimeOptions::new(dir.join("kv.redb")))?;
     let mut subs = Vec::new();
     // The same plugins the host runs: instances, and settings files.
-    for plugin in crate::reload::describe(config) {
+    let plugins = crate::reload::describe(config).with_context(|| {
+        format!(
+            "reading the plugins directory {}",
+            config.plugins.dir.display()
+        )
+    })?;
+    for plugin in plugins {
         let (file, settings) = match (plugin.component, plugin.settings) {
             (Ok(_), Ok(settings)) if !settings.enabled => continue,
             (Ok(file), Ok(settings)) => (file, settings),

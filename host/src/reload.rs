@@ -203,17 +203,17 @@ type Plan = BTreeMap<Unit, Result<PathBuf, String>>;
 /// Every plugin the directory and the main configuration describe now:
 /// each instance with its component, and each `.wasm` file no instance
 /// claims, as itself. Reads the directory and its (small, bounded)
-/// settings files: call it off the async threads.
-fn plan(dir: &Path, config: &Config) -> Plan {
+/// settings files: call it off the async threads. A directory that cannot
+/// be listed whole is an error, not an empty plan: taken for one, it would
+/// unload every plugin (out of file descriptors, a network file system's
+/// hiccup).
+fn plan(dir: &Path, config: &Config) -> std::io::Result<Plan> {
     let mut wasm = BTreeSet::new();
     let mut settings = Vec::new();
-    for path in std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default()
-    {
+    let paths = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for path in paths {
         match path.extension().and_then(|e| e.to_str()) {
             Some("wasm") => {
                 wasm.insert(path);
@@ -261,7 +261,7 @@ fn plan(dir: &Path, config: &Config) -> Plan {
             .into_iter()
             .map(|(name, component)| (Unit::Instance(name), component)),
     );
-    plan
+    Ok(plan)
 }
 
 /// The settings a unit's settings file holds (`text`, as read), or else
@@ -308,9 +308,9 @@ pub struct Described {
 /// Every plugin the host would load from `config`'s plugins directory,
 /// without loading any: for commands that run beside the host (or without
 /// it) and must see the same plugins.
-pub fn describe(config: &Config) -> Vec<Described> {
+pub fn describe(config: &Config) -> std::io::Result<Vec<Described>> {
     let dir = &config.plugins.dir;
-    plan(dir, config)
+    Ok(plan(dir, config)?
         .into_iter()
         .map(|(unit, component)| {
             let text = read_settings(&unit.settings_file(dir));
@@ -324,7 +324,7 @@ pub fn describe(config: &Config) -> Vec<Described> {
                 settings: settings_for(config, dir, &unit, &text),
             }
         })
-        .collect()
+        .collect())
 }
 
 /// A settings file's text: `None` when there is none, or why it cannot be
@@ -465,6 +465,9 @@ struct Task {
     files: HashMap<Unit, Loaded>,
     /// Why each unit's current files did not load.
     failures: HashMap<Unit, Failure>,
+    /// Units refused for a name an unloaded plugin had: to load again in
+    /// the reload under way.
+    freed: Vec<Unit>,
     counts: Arc<ReloadCounts>,
     /// Cranelift's compilations of baseline plugins; `None` when not tiered.
     optimizing: Option<Optimizing>,
@@ -637,6 +640,7 @@ pub async fn start(
         plan: Plan::new(),
         files: HashMap::new(),
         failures: HashMap::new(),
+        freed: Vec::new(),
         counts: Arc::default(),
         optimizing,
         optimized,
@@ -876,12 +880,25 @@ impl Task {
         self.counts.count(report);
     }
 
-    /// What the directory and configuration describe now.
-    async fn look(&self) -> Plan {
+    /// What the directory and configuration describe now; `None` when the
+    /// directory cannot be read, and then what serves keeps serving.
+    async fn look(&self) -> Option<Plan> {
         let (dir, config) = (self.dir.clone(), self.config.clone());
-        tokio::task::spawn_blocking(move || plan(&dir, &config))
+        let read = tokio::task::spawn_blocking(move || plan(&dir, &config))
             .await
-            .unwrap_or_default()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|read| read);
+        match read {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                tracing::error!(
+                    dir = %self.dir.display(),
+                    "cannot read the plugins directory: {e}; the plugins loaded keep serving, \
+                     and it is read again at the next change or reload"
+                );
+                None
+            }
+        }
     }
 
     /// When the next failed load that may pass is due to be tried again.
@@ -912,7 +929,9 @@ impl Task {
 
     /// Brings the registry in line with every file in the directory.
     async fn rescan(&mut self) -> Vec<Report> {
-        let plan = self.look().await;
+        let Some(plan) = self.look().await else {
+            return Vec::new();
+        };
         let units = self.units(&plan);
         self.reload_units(units, plan).await
     }
@@ -931,7 +950,9 @@ impl Task {
     /// went with them (a settings file that now claims a component for an
     /// instance takes it from the plugin that ran it as itself).
     async fn changed(&mut self, paths: &[PathBuf]) -> Vec<Report> {
-        let plan = self.look().await;
+        let Some(plan) = self.look().await else {
+            return Vec::new();
+        };
         let runs = |unit: &Unit, path: &PathBuf| {
             let component = |p: &Plan| p.get(unit).is_some_and(|c| c.as_ref() == Ok(path));
             component(&plan)
@@ -946,11 +967,20 @@ impl Task {
 
     async fn reload_units(&mut self, units: BTreeSet<Unit>, plan: Plan) -> Vec<Report> {
         let mut reports = Vec::new();
-        for unit in units {
+        let mut queue: Vec<Unit> = units.into_iter().rev().collect();
+        while let Some(unit) = queue.pop() {
             let component = plan.get(&unit).cloned();
             let report = self.reload_unit(&unit, component).await;
             self.record(&report);
             reports.push(report);
+            // Refused because a plugin that is gone now had their name
+            // (an upgrade's new file dropped before the old one was
+            // removed): they load now, not at some later change of theirs.
+            queue.extend(
+                std::mem::take(&mut self.freed)
+                    .into_iter()
+                    .filter(|u| plan.contains_key(u)),
+            );
         }
         self.plan = plan;
         reports
@@ -972,22 +1002,40 @@ impl Task {
                 }
             }
             // A plugin refused because this one had its name may load
-            // now: the next rescan or change tries it again.
+            // now: tried again before this reload ends.
             let by = format!("is already provided by {}", unit.label());
-            self.failures.retain(|_, f| !f.error.contains(&by));
+            let freed: Vec<(Unit, String)> = self
+                .failures
+                .iter()
+                .filter(|(_, f)| f.error.contains(&by))
+                .map(|(u, f)| (u.clone(), f.plugin.clone()))
+                .collect();
+            for (unit, name) in freed {
+                self.failures.remove(&unit);
+                self.forget_failed(&name);
+                self.freed.push(unit);
+            }
         }
         let loaded = loaded.map(|l| l.plugin);
+        if let Some(name) = &loaded {
+            self.registry.update(|r| {
+                r.remove(name);
+            });
+        }
+        if let Some(name) = &failed {
+            self.forget_failed(name);
+        }
+        loaded.or(failed)
+    }
+
+    /// Takes out the registry's entry of a plugin that failed to load, if
+    /// nothing of it serves.
+    fn forget_failed(&self, name: &str) {
         self.registry.update(|r| {
-            if let Some(name) = &loaded {
+            if r.get(name).is_some_and(|e| e.plugin.is_none()) {
                 r.remove(name);
             }
-            if let Some(name) = &failed {
-                if r.get(name).is_some_and(|e| e.plugin.is_none()) {
-                    r.remove(name);
-                }
-            }
         });
-        loaded.or(failed)
     }
 
     async fn reload_unit(
@@ -1123,7 +1171,12 @@ impl Task {
             );
             return self.failed(unit, file, Some(snapshot), error);
         }
-        self.failures.remove(unit);
+        // Known by its key while it failed: by its name from now on.
+        if let Some(failure) = self.failures.remove(unit) {
+            if failure.plugin != name {
+                self.forget_failed(&failure.plugin);
+            }
+        }
         let report = Report::Loaded {
             file: file.clone(),
             plugin: name.clone(),

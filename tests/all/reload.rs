@@ -165,6 +165,61 @@ async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
     handles_one_event_as_the_probe(&h, app).await;
 }
 
+/// An upgrade dropped beside the old file is refused while the old one
+/// provides its name, and serves as soon as the old one is removed: not at
+/// some later change of its own, with nothing serving meanwhile.
+#[tokio::test]
+async fn a_file_refused_for_its_plugins_name_serves_once_the_file_that_had_it_goes() {
+    let h = Host::new();
+    h.install("probe-old.wasm", &probe_variant(1));
+    let app = h.start(true).await;
+    let old = sha(&app).expect("the old file serves");
+    h.install("probe-new.wasm", &probe_variant(2));
+    wait(
+        || {
+            app.registry
+                .get("probe-new")
+                .and_then(|e| e.load_error)
+                .is_some_and(|e| e.contains("already provided by"))
+        },
+        "the new file to be refused for the name",
+    )
+    .await;
+    assert_eq!(
+        sha(&app).as_deref(),
+        Some(old.as_str()),
+        "the old one serves on"
+    );
+
+    std::fs::remove_file(h.plugins().join("probe-old.wasm")).unwrap();
+    wait(
+        || sha(&app).is_some_and(|s| s != old),
+        "the new file to serve the name",
+    )
+    .await;
+    assert!(
+        app.registry.get("probe-new").is_none(),
+        "no entry left of the refusal"
+    );
+    handles_one_event_as_the_probe(&h, app).await;
+}
+
+/// A directory that cannot be read is not an empty one: what serves goes
+/// on serving.
+#[tokio::test]
+async fn a_plugins_directory_that_cannot_be_read_unloads_nothing() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(1));
+    let app = h.start(false).await;
+    let moved = h.dir.path().join("elsewhere");
+    std::fs::rename(h.plugins(), &moved).unwrap();
+    let reports = app.reloader.reload().await;
+    assert!(reports.is_empty(), "{reports:?}");
+    assert!(sha(&app).is_some(), "the probe serves on");
+    std::fs::rename(&moved, h.plugins()).unwrap();
+    handles_one_event_as_the_probe(&h, app).await;
+}
+
 #[tokio::test]
 async fn a_file_written_in_place_is_loaded_once_the_writes_stop_not_half_written() {
     let h = Host::new();
