@@ -424,6 +424,17 @@ async fn worker(inner: Arc<Inner>, name: String) {
             }
         }
         let ids: Vec<u64> = batch.iter().map(|d| d.event.id).collect();
+        // The version that serves when the batch starts: one loaded (or a
+        // removal) while the claim and the window ran takes the batch, not
+        // the version read before them. Code swapped in for the same load
+        // (Cranelift's for Winch's) is the same version.
+        let serving = inner.registry.get(&name).and_then(|e| e.plugin);
+        if !serving.is_some_and(|p| p.same_load(&plugin)) {
+            if let Err(e) = inner.ledger.release(&name, &ids).await {
+                tracing::error!(plugin = %name, "cannot release a batch for the version reloaded meanwhile: {e}");
+            }
+            continue;
+        }
         let delivering = AssertUnwindSafe(deliver(&inner, &name, &plugin, entry.coalesce, batch));
         let recorded = match delivering.catch_unwind().await {
             Ok(recorded) => recorded,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use prismhook::app::App;
 use prismhook::config::Config;
+use prismhook::ledger::PluginBacklog;
 use prismhook::registry::PluginState;
 use prismhook::reload::Report;
 use prismhook::runtime::kv_store::KvStore;
@@ -66,6 +67,15 @@ impl Host {
             .dump("probe")
             .unwrap()
     }
+}
+
+/// Whether the ledger holds the probe's deliveries as `holds` says.
+fn probe_backlog(app: &App, holds: impl Fn(&PluginBacklog) -> bool) -> bool {
+    app.ledger
+        .backlog()
+        .unwrap()
+        .iter()
+        .any(|b| b.plugin == "probe" && holds(b))
 }
 
 async fn wait(ready: impl FnMut() -> bool, what: &str) {
@@ -202,6 +212,52 @@ async fn a_file_refused_for_its_plugins_name_serves_once_the_file_that_had_it_go
         "no entry left of the refusal"
     );
     handles_one_event_as_the_probe(&h, app).await;
+}
+
+/// A batch goes to the version that serves when it starts: one loaded
+/// while the batch was being claimed and gathered takes it.
+#[tokio::test]
+async fn a_batch_gathered_across_a_reload_goes_to_the_new_version() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(1));
+    h.install("probe.toml", b"config = { version = 1 }\n");
+    let app = App::start(
+        h.host(false)
+            .delivery(r#"batch_window = "3s""#)
+            .delivery("max_attempts = 1")
+            .config(),
+    )
+    .await
+    .unwrap();
+    common::append(&app, 1, "vm-a", "TEST.CONFIG").await;
+    // Claimed, then held for the window while more may come.
+    wait(
+        || probe_backlog(&app, |b| b.in_flight == 1),
+        "the event to be claimed",
+    )
+    .await;
+    h.install("probe.toml", b"config = { version = 2 }\n");
+    let reports = app.reloader.reload().await;
+    assert!(
+        reports.iter().any(|r| matches!(r, Report::Loaded { .. })),
+        "{reports:?}"
+    );
+    wait(
+        || probe_backlog(&app, |b| b.dead == 1),
+        "the event to be handled",
+    )
+    .await;
+    let dead = app
+        .ledger
+        .dead_letters(Some("probe"), None, 10)
+        .await
+        .unwrap();
+    assert!(
+        dead[0].reason.contains(r#""version":2"#),
+        "{}",
+        dead[0].reason
+    );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
 /// A directory that cannot be read is not an empty one: what serves goes
@@ -445,13 +501,7 @@ async fn the_deliveries_of_a_plugin_removed_for_good_expire_to_the_dead_letters(
         ids.push(common::append_for(&app, seq, &entity, "VM.ON", body, subscribers.clone()).await);
     }
     wait(
-        || {
-            app.ledger
-                .backlog()
-                .unwrap()
-                .iter()
-                .any(|b| b.plugin == "probe" && b.dead == 3 && b.pending == 0)
-        },
+        || probe_backlog(&app, |b| b.dead == 3 && b.pending == 0),
         "the queued deliveries to expire",
     )
     .await;
@@ -510,13 +560,7 @@ async fn a_plugin_whose_init_ran_out_of_time_is_tried_again_and_keeps_its_backlo
         common::append_for(&app, seq, &entity, "VM.ON", body, vec!["probe".into()]).await;
     }
     wait(
-        || {
-            app.ledger
-                .backlog()
-                .unwrap()
-                .iter()
-                .any(|b| b.plugin == "probe" && b.delivered == 2)
-        },
+        || probe_backlog(&app, |b| b.delivered == 2),
         "the plugin to load on its next try and deliver what waited",
     )
     .await;
@@ -797,13 +841,7 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
     // The trapping events die after their attempts; the next healthy call
     // lifts the quarantine.
     wait(
-        || {
-            app.ledger
-                .backlog()
-                .unwrap()
-                .iter()
-                .any(|b| b.plugin == "probe" && b.dead == 5)
-        },
+        || probe_backlog(&app, |b| b.dead == 5),
         "the trapping events to become dead letters",
     )
     .await;
