@@ -123,6 +123,23 @@ impl Inner {
             .cloned()
     }
 
+    /// A new version starts with a clean record: the failures that
+    /// quarantined the one it replaces are not its own.
+    fn forgive(&self, plugin: &str) {
+        if let Some(c) = self.counters.lock().expect("counters lock").get_mut(plugin) {
+            c.consecutive_failures = 0;
+        }
+        if self
+            .quarantined
+            .lock()
+            .expect("quarantine lock")
+            .remove(plugin)
+            .is_some()
+        {
+            tracing::info!(plugin = %plugin, "out of quarantine: a new version serves");
+        }
+    }
+
     fn lock_for(&self, plugin: &str) -> Arc<tokio::sync::RwLock<()>> {
         self.locks
             .lock()
@@ -356,6 +373,9 @@ async fn sleep_until_some(at: Option<Instant>) {
 
 async fn worker(inner: Arc<Inner>, name: String) {
     let mut stop = inner.stop.subscribe();
+    let mut changes = inner.registry.watch();
+    // The load this worker served last time round.
+    let mut served: Option<Plugin> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -364,12 +384,20 @@ async fn worker(inner: Arc<Inner>, name: String) {
             return;
         };
         let Some(plugin) = entry.plugin else { return };
+        if served
+            .replace(plugin.clone())
+            .is_some_and(|p| !p.same_load(&plugin))
+        {
+            inner.forgive(&name);
+        }
         if let Some(q) = inner.quarantine_of(&name) {
             let wait = Duration::from_millis(q.until_ms.saturating_sub(now_ms()));
             if !wait.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => {}
+                    // A new version may serve, which the quarantine was not for.
+                    Ok(()) = changes.changed() => {}
                 }
                 continue;
             }
@@ -771,7 +799,12 @@ fn count(
                         c.consecutive_failures - after,
                         QUARANTINE_MAX_PAUSE,
                     );
-                    (e.to_string(), pause)
+                    // A trap's text names the guest's own functions: one
+                    // line, bounded, as a plugin's reasons are.
+                    (
+                        truncate(one_line(&e.to_string()).into_owned(), MAX_REASON_BYTES),
+                        pause,
+                    )
                 })
             }
         }

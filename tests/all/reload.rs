@@ -854,6 +854,45 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// A quarantine is the failing version's: a new one serves at once, with
+/// a clean record, instead of waiting out its predecessor's pause.
+#[tokio::test]
+async fn a_new_version_of_a_quarantined_plugin_serves_at_once() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = App::start(
+        HostConfig::new(h.dir.path())
+            .delivery("max_attempts = 1")
+            .delivery("quarantine_after = 2")
+            .delivery(r#"quarantine_pause = "10m""#)
+            .watch(false)
+            .config(),
+    )
+    .await
+    .unwrap();
+    for i in 0..2 {
+        common::append(&app, i, &format!("vm-{i}"), "TEST.TRAP").await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait(
+        || app.dispatcher.quarantined().contains_key("probe"),
+        "quarantine",
+    )
+    .await;
+    let queued = common::append(&app, 100, "vm-ok", "VM.ON").await;
+
+    h.install("probe.wasm", &probe_variant(1));
+    app.reloader.reload().await;
+    wait(
+        || h.kv_opt_contains(&app, "seen/lab/vm-ok", &format!("{queued}:")),
+        "the new version to deliver what queued",
+    )
+    .await;
+    assert!(!app.dispatcher.quarantined().contains_key("probe"));
+    assert_eq!(app.dispatcher.counters()["probe"].consecutive_failures, 0);
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_new_component_file_upgrades_every_instance_and_each_instance_goes_with_its_settings() {
     let h = Host::new();
