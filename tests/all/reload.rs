@@ -806,15 +806,11 @@ async fn a_corrupt_cache_entry_is_rebuilt_not_trusted() {
     assert!(h.kv().contains_key("seen/lab/vm-a"));
 }
 
-#[tokio::test]
-async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
-    let h = Host::new();
-    h.install("probe.wasm", &probe_variant(0));
-    let app = h.start(false).await;
-    // Five batches that trap, on five entities so they are not ordered
-    // behind one another.
-    for i in 0..5 {
-        common::append(&app, i, &format!("vm-{i}"), "TEST.TRAP").await;
+/// Batches that trap, `n` of them, on as many entities so that they are
+/// not ordered behind one another, until the probe is quarantined.
+async fn trap_until_quarantined(app: &App, n: u64) {
+    for i in 0..n {
+        common::append(app, i, &format!("vm-{i}"), "TEST.TRAP").await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     wait(
@@ -822,6 +818,14 @@ async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
         "quarantine",
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_plugin_that_keeps_trapping_is_quarantined_and_recovers() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(0));
+    let app = h.start(false).await;
+    trap_until_quarantined(&app, 5).await;
     let reason = app.dispatcher.quarantined()["probe"].reason.clone();
     assert_eq!(
         app.registry.get("probe").map(|e| e.state),
@@ -870,15 +874,7 @@ async fn a_new_version_of_a_quarantined_plugin_serves_at_once() {
     )
     .await
     .unwrap();
-    for i in 0..2 {
-        common::append(&app, i, &format!("vm-{i}"), "TEST.TRAP").await;
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    wait(
-        || app.dispatcher.quarantined().contains_key("probe"),
-        "quarantine",
-    )
-    .await;
+    trap_until_quarantined(&app, 2).await;
     let queued = common::append(&app, 100, "vm-ok", "VM.ON").await;
 
     h.install("probe.wasm", &probe_variant(1));
