@@ -639,8 +639,8 @@ async fn deliver(
 /// Calls `handle` with the whole batch; if the call itself fails (trap,
 /// timeout, memory), delivers the events one at a time instead, so that one
 /// poison event cannot hold the healthy events of its batch hostage. Events
-/// after a failed one of the same entity are not tried, to keep that
-/// entity's order. Isolating stops after [`ISOLATION_DEADLINES`] of the
+/// after a failed one of the same entity, or one the plugin asked to retry,
+/// are not tried, to keep that entity's order. Isolating stops after [`ISOLATION_DEADLINES`] of the
 /// plugin's deadlines: the events not tried alone by then get the batch's
 /// failure. Returns one outcome per event and the first call error.
 /// `None` marks an event that was not tried and must be released.
@@ -702,7 +702,16 @@ async fn handle_isolating(
             .handle_in(std::slice::from_ref(event), clusters.clone())
             .await
         {
-            Ok(o) => outcomes.push(Some(to_ledger(&o[0]))),
+            Ok(o) => {
+                let outcome = to_ledger(&o[0]);
+                // Asked to be tried again later, it holds its entity's later
+                // events back as a failed call does: handed over now, they
+                // would reach the plugin before it.
+                if matches!(outcome, LedgerOutcome::Retry { .. }) && !event.entity_uuid.is_empty() {
+                    blocked.insert(entity);
+                }
+                outcomes.push(Some(outcome));
+            }
             Err(e) => {
                 tracing::warn!(plugin = %plugin.name(), error_kind = e.kind(), "isolated: {}", one_line(&e.to_string()));
                 outcomes.push(Some(retry(&e)));

@@ -1587,6 +1587,43 @@ async fn isolating_a_failed_batch_stops_after_two_deadlines_and_the_rest_share_i
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// Isolating a failed batch hands an entity's later event to the plugin
+/// only after its earlier one went through: one answered `retry` holds it
+/// back, as a failed call does, so the plugin never sees it first.
+#[tokio::test]
+async fn isolating_holds_an_entitys_later_events_behind_one_that_asked_for_a_retry() {
+    let w = world(&["probe"]).await;
+    let setup = w.host();
+    // Waiting in the ledger at start, they go out in one call, which X's
+    // trap fails: each is then tried alone.
+    let bodies = [
+        probe_event("TEST.TRAP", "X", json!({})),
+        probe_event("TEST.RETRY", "A", json!({"delay_ms": 60_000})),
+        probe_event("TEST.NOTE", "A", json!({})),
+    ];
+    append_while_stopped(&w.data(), &bodies).await;
+    let app = w.start(&setup).await;
+    wait(
+        || {
+            let b = backlog(&app, "probe");
+            b.retrying == 2 && b.in_flight == 0
+        },
+        "the batch to be isolated",
+    )
+    .await;
+    assert!(
+        seen_ids(&app, "A").is_empty(),
+        "A's later event reached the plugin before its head"
+    );
+    assert_eq!(
+        backlog(&app, "probe").pending,
+        3,
+        "{:?}",
+        backlog(&app, "probe")
+    );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test]
 async fn coalescing_hands_over_each_entitys_newest_event_and_never_merges_events_without_one() {
     let w = world(&["probe"]).await;
