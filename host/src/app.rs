@@ -322,13 +322,18 @@ impl App {
         // re-create them.
         let source = self.source.clone();
         let source_stopped = tokio::spawn(async move { source.stop(deregister).await });
-        if tokio::time::timeout(deadline, self.dispatcher_task)
+        let mut dispatcher_task = self.dispatcher_task;
+        if tokio::time::timeout(deadline, &mut dispatcher_task)
             .await
             .is_err()
         {
             tracing::warn!(
                 "in-flight batches did not finish within {deadline:?}; they will be redelivered"
             );
+            // Stopped, not left running: its calls hold the runtime and the
+            // ledger, which close below.
+            dispatcher_task.abort();
+            let _ = dispatcher_task.await;
         }
         let _ = source_stopped.await;
         let _ = self.shutdown_listener.send(true);

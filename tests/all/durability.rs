@@ -1587,6 +1587,43 @@ async fn isolating_a_failed_batch_stops_after_two_deadlines_and_the_rest_share_i
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// A call still running past the shutdown's deadline is stopped, not left
+/// behind holding the runtime: shutdown ends without waiting for the call
+/// (it would take a minute), the same data directory opens again, and the
+/// event is delivered again.
+#[tokio::test]
+async fn a_call_that_outlives_the_shutdown_deadline_is_stopped_and_its_event_comes_back() {
+    let w = world(&["probe"]).await;
+    let setup = w
+        .host()
+        .plugin("probe", &["limits = { deadline_ms = 60000 }"]);
+    append_while_stopped(&w.data(), &[probe_event("TEST.LOOP", "A", json!({}))]).await;
+    let app = w.start(&setup).await;
+    wait(
+        || backlog(&app, "probe").in_flight == 1,
+        "the call to start",
+    )
+    .await;
+    // A bound on the wait, far from the call's minute: not a timing test.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        app.shutdown(false, Duration::from_millis(200)),
+    )
+    .await
+    .expect("shutdown waited for the call")
+    .unwrap();
+
+    let app = w.start(&setup).await;
+    wait(
+        || backlog(&app, "probe").in_flight == 1,
+        "the event to be delivered again",
+    )
+    .await;
+    app.shutdown(false, Duration::from_millis(200))
+        .await
+        .unwrap();
+}
+
 /// Isolating a failed batch hands an entity's later event to the plugin
 /// only after its earlier one went through: one answered `retry` holds it
 /// back, as a failed call does, so the plugin never sees it first.
