@@ -300,7 +300,7 @@ impl Dispatcher {
                     .map(|&id| {
                         (
                             id,
-                            LedgerOutcome::Reject {
+                            LedgerOutcome::Abandon {
                                 reason: reason.clone(),
                             },
                         )
@@ -609,6 +609,8 @@ async fn deliver(
                 plugin = %name, event_id = d.event.id, cluster = %d.event.cluster,
                 event_type = %d.event.event_type, entity = %d.event.entity_uuid, attempt = d.attempt, "rejected: {}", one_line(reason)
             ),
+            // A plugin's answer is never the host's giving up.
+            LedgerOutcome::Abandon { .. } => {}
         }
     }
     count(inner, name, failure.as_ref(), &outcomes, elapsed);
@@ -775,6 +777,7 @@ fn count(
                         *c.rejected_by_code.entry(code.to_owned()).or_default() += 1;
                     }
                 }
+                LedgerOutcome::Abandon { .. } => {}
             }
         }
         let (after, first_pause) = (inner.opts.quarantine_after, inner.opts.quarantine_pause);

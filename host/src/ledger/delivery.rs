@@ -134,7 +134,7 @@ pub(crate) fn sort_reads(
                     "an event due for delivery cannot be read; its delivery is a dead letter"
                 );
                 let reason = format!("the host cannot read this event: {failure}");
-                unreadable.push((id, Outcome::Reject { reason }));
+                unreadable.push((id, Outcome::Abandon { reason }));
             }
             Err(failure) => return Err(failure),
         }
@@ -217,6 +217,16 @@ pub(crate) fn plan_complete(
                     "delivery rejected; it is a dead letter"
                 );
                 record.die(attempts, format!("rejected: {reason}"), now);
+                Change::Dead
+            }
+            Outcome::Abandon { reason } => {
+                warn!(
+                    plugin,
+                    event_id = id,
+                    reason,
+                    "delivery given up by the host; it is a dead letter"
+                );
+                record.die(record.attempts, reason.clone(), now);
                 Change::Dead
             }
             Outcome::Retry { reason, delay } => {

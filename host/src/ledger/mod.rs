@@ -146,6 +146,12 @@ pub enum Outcome {
     Reject {
         reason: String,
     },
+    /// The host gives up on it without the plugin's word (its plugin was removed for good, its
+    /// event cannot be read): dead letter at once, with `reason` as it is and no attempt
+    /// counted, since the plugin never had it.
+    Abandon {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
