@@ -280,9 +280,10 @@ impl Runtime {
             .total_memories(opts.max_instances * 4)
             .total_tables(opts.max_instances * 8)
             .total_stacks(opts.max_instances)
-            .max_memories_per_component(8)
-            .max_core_instances_per_component(64)
-            .max_tables_per_component(16)
+            .max_memories_per_component(state::MEMORIES_PER_COMPONENT as u32)
+            .max_core_instances_per_component(state::CORE_INSTANCES_PER_COMPONENT as u32)
+            .max_tables_per_component(state::TABLES_PER_COMPONENT as u32)
+            .table_elements(state::TABLE_ELEMENTS)
             .max_memory_size(opts.max_memory_bytes)
             .table_keep_resident(64 << 10);
         // Every call gets a fresh instance, so a slot is reset after every

@@ -285,9 +285,36 @@ impl wasmtime::ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        Ok(desired <= TABLE_ELEMENTS)
+    }
+
+    // The pool holds Cranelift's instances to these per component; Winch's
+    // are allocated on demand, where only the limiter does (wasmtime's
+    // defaults are 10,000 of each, and every memory reserves 4 GiB of
+    // address space).
+    fn instances(&self) -> usize {
+        CORE_INSTANCES_PER_COMPONENT
+    }
+
+    fn tables(&self) -> usize {
+        TABLES_PER_COMPONENT
+    }
+
+    fn memories(&self) -> usize {
+        MEMORIES_PER_COMPONENT
     }
 }
+
+/// Linear memories one call's component may have: guest components built
+/// with the WASI adapter hold two, Python's and JavaScript's a few more.
+pub(super) const MEMORIES_PER_COMPONENT: usize = 8;
+/// Core instances one call's component may create.
+pub(super) const CORE_INSTANCES_PER_COMPONENT: usize = 64;
+/// Tables one call's component may have.
+pub(super) const TABLES_PER_COMPONENT: usize = 16;
+/// Elements a table may grow to (8 bytes each): what wasmtime's pool
+/// allows by default, which every shipped guest fits.
+pub(super) const TABLE_ELEMENTS: usize = 20_000;
 
 #[cfg(test)]
 mod tests {
@@ -319,6 +346,51 @@ mod tests {
             .instantiate(&mut store, component)
             .map(drop);
         (store.into_data(), made)
+    }
+
+    /// A component of `count` core instances, each of a module with one
+    /// table of `elements` and nothing else.
+    fn tables(count: usize, elements: usize) -> Component {
+        let module = |i: usize| {
+            format!("(core module $m{i} (table {elements} funcref)) (core instance (instantiate $m{i}))")
+        };
+        let body: String = (0..count).map(module).collect();
+        Component::new(
+            &Engine::default(),
+            wat::parse_str(format!("(component {body})")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// On demand (how Winch's code runs), only the limiter bounds how many
+    /// instances, tables and memories a call makes, and how large a table.
+    #[test]
+    fn a_call_is_held_to_the_pools_counts_of_instances_tables_and_memories_and_table_size() {
+        instantiate(&tables(TABLES_PER_COMPONENT, TABLE_ELEMENTS), 64)
+            .1
+            .expect("what the pool allows");
+        let refused = |component: &Component| {
+            let (_, made) = instantiate(component, 64);
+            format!("{:#}", made.expect_err("refused"))
+        };
+        let many = refused(&tables(TABLES_PER_COMPONENT + 1, 1));
+        assert!(many.contains("table"), "{many}");
+        let large = refused(&tables(1, TABLE_ELEMENTS + 1));
+        assert!(large.contains("table"), "{large}");
+        let memories = refused(&memories(MEMORIES_PER_COMPONENT + 1, 1));
+        assert!(memories.contains("memor"), "{memories}");
+        let instances = {
+            let body: String = (0..=CORE_INSTANCES_PER_COMPONENT)
+                .map(|i| format!("(core module $m{i}) (core instance (instantiate $m{i}))"))
+                .collect();
+            let component = Component::new(
+                &Engine::default(),
+                wat::parse_str(format!("(component {body})")).unwrap(),
+            )
+            .unwrap();
+            refused(&component)
+        };
+        assert!(instances.contains("instance"), "{instances}");
     }
 
     #[test]
