@@ -18,8 +18,15 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const MAX_KEY_BYTES: usize = 1024;
 const MAX_VALUE_BYTES: usize = 1 << 20;
-/// Buffered writes one call may hold.
+/// Buffered writes one call may hold, each counted with [`ENTRY_BYTES`].
 const MAX_PENDING_BYTES: usize = 64 << 20;
+/// Keys one call may read from the store, each counted with
+/// [`ENTRY_BYTES`]: their versions are kept, to be checked when it returns.
+const MAX_READ_BYTES: usize = 64 << 20;
+/// What a buffered write or a recorded read costs the host besides its
+/// bytes (a map entry and its allocations): a call of millions of empty
+/// writes, or reads of keys that do not exist, is not free.
+const ENTRY_BYTES: usize = 64;
 /// Keys read from the store at a time for a listing.
 const LIST_PAGE: usize = 10_000;
 
@@ -38,6 +45,11 @@ pub enum KvError {
     ValueTooLarge(usize),
     #[error("this call has buffered over {MAX_PENDING_BYTES} bytes of writes")]
     TooManyWrites,
+    #[error(
+        "this call has read over {MAX_READ_BYTES} bytes of distinct keys; \
+         read fewer per call (the host keeps each one read, to check it when the call returns)"
+    )]
+    TooManyReads,
     /// A listing would not fit the plugin's memory: the host stops reading
     /// it rather than hold it all first.
     #[error(
@@ -216,6 +228,7 @@ impl KvStore {
             plugin: plugin.to_owned(),
             writes: BTreeMap::new(),
             read: BTreeMap::new(),
+            read_bytes: 0,
             committed: BTreeMap::new(),
             pending_bytes: 0,
             limit,
@@ -252,6 +265,17 @@ struct RedbKv {
 }
 
 impl RedbKv {
+    /// How many keys of `plugin` have a version kept.
+    #[cfg(test)]
+    fn versions_kept(&self, plugin: &str) -> usize {
+        let txn = self.db.begin_read().unwrap();
+        open_read::<u64>(&txn, &versions(plugin))
+            .unwrap()
+            .map_or(0, |t| {
+                redb::ReadableTableMetadata::len(&t).unwrap() as usize
+            })
+    }
+
     fn open(path: &Path) -> Result<RedbKv, KvError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(storage)?;
@@ -375,8 +399,13 @@ impl KvBackend for RedbKv {
                     None => table.remove(k.as_str()),
                 }
                 .map_err(storage)?;
-                if let Some(old) = old {
-                    after = after.saturating_sub(record_bytes(k, old.value()));
+                match old {
+                    Some(old) => after = after.saturating_sub(record_bytes(k, old.value())),
+                    // A delete of what is not there changes nothing, and
+                    // leaves no version behind: a version row is kept for
+                    // good, and a call may delete any number of keys.
+                    None if v.is_none() => continue,
+                    None => {}
                 }
                 let next = versions
                     .get(k.as_str())
@@ -450,6 +479,8 @@ pub struct KvSession {
     /// those keys are unchanged, so that what it wrote from what it read
     /// cannot overwrite another host's write in between.
     read: BTreeMap<String, u64>,
+    /// What `read` holds, against [`MAX_READ_BYTES`].
+    read_bytes: usize,
     /// The version each key stored by `kv.commit` in this call was stored
     /// at, for a later write of it.
     committed: BTreeMap<String, u64>,
@@ -494,8 +525,13 @@ impl KvSession {
             return Ok(v.clone());
         }
         let (value, version) = self.store.backend.read_versioned(&self.plugin, key)?;
-        if let Some(version) = version {
-            self.read.entry(key.to_owned()).or_insert(version);
+        if let (Some(version), false) = (version, self.read.contains_key(key)) {
+            let read_bytes = self.read_bytes + key.len() + ENTRY_BYTES;
+            if read_bytes > MAX_READ_BYTES {
+                return Err(KvError::TooManyReads);
+            }
+            self.read_bytes = read_bytes;
+            self.read.insert(key.to_owned(), version);
         }
         Ok(value)
     }
@@ -516,7 +552,7 @@ impl KvSession {
             return Err(KvError::KeyTooLong(key.len()));
         }
         // What is buffered: a key written again replaces its entry.
-        let size = |value: Option<&Vec<u8>>| key.len() + value.map_or(0, Vec::len);
+        let size = |value: Option<&Vec<u8>>| ENTRY_BYTES + key.len() + value.map_or(0, Vec::len);
         let replaced = self.writes.get(&key).map_or(0, |v| size(v.as_ref()));
         let pending = self.pending_bytes - replaced + size(value.as_ref());
         if pending > MAX_PENDING_BYTES {
@@ -694,7 +730,9 @@ impl KvSession {
         // stored, and is refused if another call wrote them since.
         self.writes.clear();
         for (key, version) in stored {
-            self.read.remove(&key);
+            if self.read.remove(&key).is_some() {
+                self.read_bytes = self.read_bytes.saturating_sub(key.len() + ENTRY_BYTES);
+            }
             self.committed.insert(key, version);
         }
         self.pending_bytes = 0;
@@ -744,6 +782,52 @@ mod tests {
             }
         }
         s.commit()
+    }
+
+    #[test]
+    fn a_calls_reads_and_writes_are_held_to_what_the_host_keeps_of_them_however_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KvStore::open(&dir.path().join("kv.redb")).unwrap();
+        // Keys that do not exist are read all the same, and kept.
+        let mut s = store.session("p", u64::MAX);
+        let read = (0..)
+            .take_while(|i| s.get(&format!("{i:01024}")).is_ok())
+            .count();
+        assert_eq!(read, MAX_READ_BYTES / (1024 + ENTRY_BYTES));
+        let one_more = format!("{:01024}", read);
+        assert!(matches!(s.get(&one_more), Err(KvError::TooManyReads)));
+        assert!(
+            s.get(&format!("{:01024}", 0)).is_ok(),
+            "a key read before is read again"
+        );
+
+        // Empty writes of short keys cost the host their entries.
+        let mut s = store.session("p", u64::MAX);
+        let written = (0..)
+            .take_while(|i| s.set(format!("{i:08}"), Vec::new()).is_ok())
+            .count();
+        assert_eq!(written, MAX_PENDING_BYTES / (8 + ENTRY_BYTES));
+    }
+
+    #[test]
+    fn deleting_keys_that_were_never_written_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(RedbKv::open(&dir.path().join("kv.redb")).unwrap());
+        let store = KvStore::new(kv.clone());
+        let mut s = store.session("p", u64::MAX);
+        s.set("kept".into(), b"1".to_vec()).unwrap();
+        s.set("gone".into(), b"1".to_vec()).unwrap();
+        s.commit().unwrap();
+        let mut s = store.session("p", u64::MAX);
+        for i in 0..1000 {
+            s.delete(format!("never/{i}")).unwrap();
+        }
+        s.delete("gone".into()).unwrap();
+        s.commit().unwrap();
+        assert_eq!(store.dump("p").unwrap().len(), 1);
+        // `gone`'s version stays (a call that read it must see it changed);
+        // the thousand keys never written have none.
+        assert_eq!(kv.versions_kept("p"), 2);
     }
 
     #[test]

@@ -415,7 +415,25 @@ impl KvBackend for JetStreamKv {
         }
         self.mirror.unchanged(plugin, read, &writes)?;
         self.mirror.within_limit(plugin, &writes, limit)?;
-        let writes: Vec<Write> = writes.into_iter().collect();
+        // A delete of what is not there changes nothing, and would leave a
+        // tombstone on its own subject for good: a call may delete any
+        // number of keys.
+        let writes: Vec<Write> = {
+            let data = self.mirror.data.read().expect("kv mirror lock poisoned");
+            let held = data.get(plugin);
+            writes
+                .into_iter()
+                .filter(|(key, value)| {
+                    value.is_some()
+                        || held
+                            .and_then(|r| r.get(key))
+                            .is_some_and(|r| r.value.is_some())
+                })
+                .collect()
+        };
+        if writes.is_empty() {
+            return Ok(BTreeMap::new());
+        }
         self.handle.block_on(async {
             let mut lasts = Vec::new();
             for chunk in writes.chunks(BATCH_MAX) {

@@ -1602,6 +1602,21 @@ mod tests {
             ["vm/2"]
         );
 
+        // Deletes of keys never written (or deleted already) store nothing: each would be a
+        // tombstone kept for good.
+        let stored = || async {
+            let (_, stream) = a.inner.kv.get().expect("the kv is open");
+            stream.clone().get_info().await.unwrap().state.messages
+        };
+        let before = stored().await;
+        let mut s = kv_a.session("fw", u64::MAX);
+        for i in 0..100 {
+            s.delete(format!("never/{i}")).unwrap();
+        }
+        s.delete("vm/1".into()).unwrap();
+        commit(s).await.unwrap();
+        assert_eq!(stored().await, before);
+
         // A host that starts later mirrors it all before it serves anything.
         let c = JetStreamLedger::open(named(&nats, "c")).await.unwrap();
         let kv_c = KvStore::new(Arc::new(c.plugin_kv().await.unwrap()));
