@@ -504,6 +504,8 @@ struct Growth {
     most: u64,
     /// Once `base + most` passes the limit: the writes' exact change.
     exact: Option<i64>,
+    /// The store's bytes when `exact` was last counted from it.
+    counted_at: Option<u64>,
 }
 
 /// What one buffered write (`None`: a delete) holds against the limit.
@@ -585,7 +587,10 @@ impl KvSession {
         let mut so_far = match self.growth.exact {
             Some(delta) => delta,
             None if base.saturating_add(self.growth.most + new) <= self.limit => return Ok(None),
-            None => self.growth_now()?,
+            None => {
+                self.growth.counted_at = Some(base);
+                self.growth_now()?
+            }
         };
         let mut read_again = false;
         loop {
@@ -595,13 +600,20 @@ impl KvSession {
                 Err(over) if read_again => return Err(over),
                 // Read again, and kept even when this write is refused: the
                 // writes before it stand.
-                Err(_) => {
-                    base = *self
-                        .growth
-                        .base
-                        .insert(self.store.backend.bytes(&self.plugin)?);
+                Err(over) => {
+                    let now = self.store.backend.bytes(&self.plugin)?;
+                    // The store's bytes as they were at the exact count:
+                    // it is taken to stand (the call's writes are held to
+                    // the limit exactly when they are stored), and a
+                    // plugin retrying a refused `set` does not have every
+                    // buffered key read again each time.
+                    if self.growth.counted_at == Some(now) {
+                        return Err(over);
+                    }
+                    base = *self.growth.base.insert(now);
                     so_far = self.growth_now()?;
                     self.growth.exact = Some(so_far);
+                    self.growth.counted_at = Some(now);
                     read_again = true;
                 }
             }
@@ -691,7 +703,12 @@ impl KvSession {
                     keys.push(key.clone());
                 }
             }
-            bytes += keys[from..].iter().map(String::len).sum::<usize>();
+            // Each key with its `String`: millions of short keys are not
+            // their bytes alone, to the host or to the plugin.
+            bytes += keys[from..]
+                .iter()
+                .map(|k| k.len() + std::mem::size_of::<String>())
+                .sum::<usize>();
             if bytes > self.max_listed_bytes {
                 return Err(KvError::ListTooLarge(self.max_listed_bytes));
             }
