@@ -32,6 +32,14 @@ pub enum ConfigError {
     },
 }
 
+/// The smallest `listener.max_body_bytes`.
+pub const MIN_BODY_BYTES: usize = 64 << 10;
+/// The longest `delivery.batch_window`.
+pub const MAX_BATCH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// The largest `memory_mib`: what the runtime reserves a plugin's memories
+/// for.
+pub const MAX_MEMORY_MIB: u64 = 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -1209,8 +1217,19 @@ impl Config {
                 }
             }
         }
-        if self.delivery.batch_max == 0 {
-            return Err(self.invalid("delivery.batch_max", "must be at least 1"));
+        self.check_delivery()?;
+        self.check_limits("plugins.limits", &self.plugins.limits)?;
+        for (name, p) in &self.plugin {
+            self.check_limits(&format!("plugin.{name}.limits"), &p.limits)?;
+        }
+        if self.listener.max_body_bytes < MIN_BODY_BYTES {
+            return Err(self.invalid(
+                "listener.max_body_bytes",
+                format!(
+                    "must be at least {MIN_BODY_BYTES}: a VM's notification can take tens of \
+                     KiB, and one over the limit is refused (413)"
+                ),
+            ));
         }
         let l = &self.listener;
         if l.max_header_bytes < MIN_HEADER_BYTES {
@@ -1245,6 +1264,88 @@ impl Config {
                 "admin.token",
                 "required when the admin API listens beyond loopback",
             ));
+        }
+        if !self.clusters.is_empty()
+            && self.listener.public_url.is_none()
+            && self.listener.listen.ip().is_unspecified()
+        {
+            return Err(self.invalid(
+                "listener.public_url",
+                format!(
+                    "required when the listener listens on {} (every address): the webhook \
+                     registered with Prism needs the URL Prism reaches this host at",
+                    self.listener.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[delivery]`: waits and counts that do what they say.
+    fn check_delivery(&self) -> Result<(), ConfigError> {
+        let d = &self.delivery;
+        let zero = |key: &str, is_zero: bool, why: &str| {
+            if is_zero {
+                Err(self.invalid(format!("delivery.{key}"), why.to_owned()))
+            } else {
+                Ok(())
+            }
+        };
+        zero("batch_max", d.batch_max == 0, "must be at least 1")?;
+        zero(
+            "retry_initial",
+            d.retry_initial.is_zero(),
+            "must be longer than zero: retries at once would spend every attempt of an outage in milliseconds",
+        )?;
+        zero("max_attempts", d.max_attempts == 0, "must be at least 1")?;
+        zero(
+            "max_age",
+            d.max_age.is_zero(),
+            "must be longer than zero: every first failure would be a dead letter",
+        )?;
+        zero(
+            "quarantine_after",
+            d.quarantine_after == 0,
+            "must be at least 1",
+        )?;
+        zero(
+            "quarantine_pause",
+            d.quarantine_pause.is_zero(),
+            "must be longer than zero",
+        )?;
+        if d.retry_max < d.retry_initial {
+            return Err(self.invalid(
+                "delivery.retry_max",
+                format!(
+                    "{:?} is shorter than retry_initial ({:?})",
+                    d.retry_max, d.retry_initial
+                ),
+            ));
+        }
+        if d.batch_window > MAX_BATCH_WINDOW {
+            return Err(self.invalid(
+                "delivery.batch_window",
+                format!(
+                    "must be at most {MAX_BATCH_WINDOW:?}: every batch short of batch_max waits \
+                     this long"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A table of plugin limits: what a plugin can run within.
+    fn check_limits(&self, table: &str, l: &LimitOverrides) -> Result<(), ConfigError> {
+        if let Some(mib) = l.memory_mib {
+            if !(1..=MAX_MEMORY_MIB).contains(&mib) {
+                return Err(self.invalid(
+                    format!("{table}.memory_mib"),
+                    format!("must be from 1 to {MAX_MEMORY_MIB} (the most a plugin's memories may hold)"),
+                ));
+            }
+        }
+        if l.deadline_ms == Some(0) {
+            return Err(self.invalid(format!("{table}.deadline_ms"), "must be at least 1"));
         }
         Ok(())
     }
@@ -1554,6 +1655,9 @@ mod tests {
     }
 
     const TWO_CLUSTERS: &str = r#"
+[listener]
+public_url = "https://prismhook.example.com:8080"
+
 [[cluster]]
 name = "lab-east"
 prism_url = "https://pc1:9440"
@@ -1606,7 +1710,8 @@ password = { env = "WEST" }
     fn a_variable_two_clusters_could_read_is_refused_and_so_are_names_that_spell_alike() {
         let two = |a: &str, b: &str| {
             format!(
-                "[[cluster]]\nname = \"{a}\"\nprism_url = \"https://pc1:9440\"\nusername = \"u\"\n\
+                "[listener]\npublic_url = \"https://prismhook.example.com\"\n\
+                 [[cluster]]\nname = \"{a}\"\nprism_url = \"https://pc1:9440\"\nusername = \"u\"\n\
                  password = {{ value = \"x\" }}\n\
                  [[cluster]]\nname = \"{b}\"\nprism_url = \"https://pc2:9440\"\nusername = \"u\"\n\
                  password = {{ value = \"y\" }}\n"

@@ -131,11 +131,28 @@ pub struct BasicCredentials {
     pub password: Secret,
 }
 
-/// Creates `dir` (and its parents) and makes it private to this user.
+/// Creates `dir` (and its parents) private to this user (0700). A directory
+/// that is there already is left as it is, the operator's to set (see
+/// [`is_private`]): a data directory given as `/tmp` or `/var/lib` by
+/// mistake must not be closed to every other user.
 pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        made => made,
+    }
+}
+
+/// Whether no other user may read or enter `dir`.
+pub fn is_private(dir: &std::path::Path) -> std::io::Result<bool> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    Ok(std::fs::metadata(dir)?.permissions().mode() & 0o077 == 0)
 }
 
 /// Writes a file only this user can read (0600), durably.
@@ -204,8 +221,17 @@ mod tests {
         write_private(&file, "new").unwrap();
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&private), 0o700);
+        assert!(is_private(&private).unwrap());
         assert_eq!(mode(&file), 0o600, "an existing file is made private too");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "new");
+
+        // A directory that was there is the operator's: left as it is.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o755);
+        assert!(!is_private(&shared).unwrap());
     }
 
     #[test]

@@ -114,10 +114,14 @@ impl App {
         let data = &config.storage.data_dir;
         // The ledger holds every notification's body, kv the plugins'
         // state, and webhook-credentials a password: for this user only.
-        std::fs::create_dir_all(data)
+        crate::secret::create_private_dir(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
-        if let Err(e) = crate::secret::create_private_dir(data) {
-            tracing::warn!(dir = %data.display(), "cannot make the data directory private (0700): {e}");
+        if !crate::secret::is_private(data).unwrap_or(false) {
+            tracing::warn!(
+                dir = %data.display(),
+                "the data directory is open to other users: it holds every notification's body \
+                 and the webhook passwords; make it 0700 (StateDirectoryMode=0700 under systemd)"
+            );
         }
 
         let (ledger, shared_kv) = open_ledger(&config).await?;
