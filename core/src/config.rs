@@ -32,6 +32,52 @@ pub enum ConfigError {
     },
 }
 
+/// What a configuration that does not parse gets told: toml's message,
+/// which quotes the line it failed at and the value it found there, unless
+/// that line may hold a secret written in the file (a password, token or
+/// key), which neither the terminal nor the journal
+/// (`ExecStartPre=prismhook config check`) should show.
+fn parse_message(e: &toml::de::Error, text: &str) -> String {
+    let full = e.to_string().trim_end().to_owned();
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return full;
+    };
+    let Some(before) = text.get(..at) else {
+        return full;
+    };
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = text[start..end].to_ascii_lowercase();
+    let secret = ["password", "token", "secret", "value", "key", "credential"];
+    if !secret.iter().any(|word| line.contains(word)) {
+        return full;
+    }
+    // The message quotes what it found ("invalid type: string \"…\"").
+    let mut message = String::new();
+    let mut quoted = None;
+    for c in e.message().trim_end().chars() {
+        match quoted {
+            Some(q) if c == q => {
+                message.push('…');
+                message.push(c);
+                quoted = None;
+            }
+            Some(_) => {}
+            None => {
+                message.push(c);
+                if c == '"' || c == '`' {
+                    quoted = Some(c);
+                }
+            }
+        }
+    }
+    format!(
+        "TOML parse error at line {}, column {} (not shown: the line may hold a secret)\n{message}",
+        before.matches('\n').count() + 1,
+        at - start + 1
+    )
+}
+
 /// The smallest `listener.max_body_bytes`.
 pub const MIN_BODY_BYTES: usize = 64 << 10;
 /// The longest `delivery.batch_window`.
@@ -1062,7 +1108,7 @@ impl Config {
     fn parse_unchecked(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: parse_message(&e, text),
         })?;
         config.source = path.to_owned();
         Ok(config)
