@@ -138,26 +138,43 @@ async fn subscriptions(config: &Config) -> anyhow::Result<Vec<String>> {
             config.plugins.dir.display()
         )
     })?;
+    // A plugin left out would take its event types out of the webhook: the
+    // sync fails instead, naming each one and why.
+    let mut failed = Vec::new();
     for plugin in plugins {
         let (file, settings) = match (plugin.component, plugin.settings) {
             (Ok(_), Ok(settings)) if !settings.enabled => continue,
             (Ok(file), Ok(settings)) => (file, settings),
             (Err(e), _) | (_, Err(e)) => {
-                eprintln!("skipping {}: {e}", plugin.key);
+                failed.push(format!("{}: {e}", plugin.key));
                 continue;
             }
         };
-        let resolved = resolve_plugin(&settings, &plugin.key, config.default_limits())
-            .map_err(|(k, m)| anyhow::anyhow!("`{k}`: {m}"))?;
+        let resolved = match resolve_plugin(&settings, &plugin.key, config.default_limits()) {
+            Ok(resolved) => resolved,
+            Err((k, m)) => {
+                failed.push(format!("{}: `{k}`: {m}", plugin.key));
+                continue;
+            }
+        };
         match runtime
             .load_read(&file, None, resolved, plugin.instance)
             .await
         {
             Ok(p) => subs.extend(p.info().subscriptions.iter().cloned()),
-            Err(e) => eprintln!("skipping {}: {e}", file.display()),
+            Err(e) => failed.push(format!("{}: {e}", file.display())),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} plugin(s) in {} cannot be loaded, so the webhook cannot name their events; fix \
+             them, or set `enabled = false` in their settings:\n  {}",
+            failed.len(),
+            config.plugins.dir.display(),
+            failed.join("\n  ")
+        );
+    }
     Ok(subs)
 }
 

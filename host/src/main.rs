@@ -403,17 +403,19 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             };
             prismhook::cli::plugin_new(&dir, &name, lang)
         }
-        Command::Plugins { action } => {
-            match action {
-                PluginsAction::List { config } => {
-                    admin::plugins_list(&Config::load(&config)?).await?
-                }
-                PluginsAction::Reload { config } => {
-                    admin::plugins_reload(&Config::load(&config)?).await?
+        Command::Plugins { action } => Ok(match action {
+            PluginsAction::List { config } => {
+                admin::plugins_list(&Config::load(&config)?).await?;
+                std::process::ExitCode::SUCCESS
+            }
+            // Scripts and the unit's ExecReload see a failed load.
+            PluginsAction::Reload { config } => {
+                match admin::plugins_reload(&Config::load(&config)?).await? {
+                    true => std::process::ExitCode::SUCCESS,
+                    false => std::process::ExitCode::FAILURE,
                 }
             }
-            Ok(std::process::ExitCode::SUCCESS)
-        }
+        }),
         Command::Clusters { config } => {
             admin::clusters_list(&Config::load(&config)?).await?;
             Ok(std::process::ExitCode::SUCCESS)

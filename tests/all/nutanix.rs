@@ -580,22 +580,25 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
         )
         .cluster(lab);
     std::fs::write(&config, host.toml()).unwrap();
-    let run = |action: &'static str| {
+    let command = |action: &'static str| {
         let config = config.clone();
         async move {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
                 .args(["webhooks", action, "--config"])
                 .arg(&config)
                 .output()
                 .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{action}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
+                .unwrap()
         }
+    };
+    let run = |action: &'static str| async move {
+        let out = command(action).await;
+        assert!(
+            out.status.success(),
+            "{action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
     for _ in 0..2 {
         let out = run("sync").await;
@@ -632,6 +635,18 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
     assert!(out.contains("in sync (2 events)"), "{out}");
     assert_eq!(w.prism.webhooks()[0].spec_version, after.spec_version + 1);
     w.prism.set_faults(PrismFaults::default());
+
+    // A plugin that cannot be loaded would take its events out of the
+    // webhook: the sync fails, naming it, and the webhook stays as it is.
+    let synced = w.prism.webhooks()[0].clone();
+    let broken = w.dir.path().join("plugins/broken.wasm");
+    std::fs::write(&broken, b"not a component").unwrap();
+    let out = command("sync").await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("broken.wasm"), "{stderr}");
+    assert_eq!(w.prism.webhooks()[0].spec_version, synced.spec_version);
+    std::fs::remove_file(&broken).unwrap();
 
     let out = run("list").await;
     assert!(

@@ -262,11 +262,17 @@ pub async fn plugins_list(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `prismhook plugins reload`.
-pub async fn plugins_reload(config: &Config) -> anyhow::Result<()> {
+/// `prismhook plugins reload`: whether every plugin file loaded (or was
+/// left as it serves), for the exit status.
+pub async fn plugins_reload(config: &Config) -> anyhow::Result<bool> {
     let reports = AdminClient::from_config(config)?.reload().await?;
     print!("{}", render_reload(&reports));
-    Ok(())
+    Ok(!reports.iter().any(|r| {
+        matches!(
+            r.get("result").and_then(|v| v.as_str()),
+            Some("failed" | "still-failing" | "config-not-loaded")
+        )
+    }))
 }
 
 /// `prismhook clusters`.
