@@ -1097,8 +1097,8 @@ impl Config {
         Ok(())
     }
 
-    /// Parses and checks a configuration; `path` is only used in messages
-    /// and to resolve relative paths.
+    /// Parses and checks a configuration; `path` is only used in messages.
+    /// Relative paths in it stay relative to the working directory.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config = Config::parse_unchecked(text, path)?;
         config.validate()?;

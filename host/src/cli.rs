@@ -76,6 +76,7 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                     );
                 }
                 _ => {
+                    refuse_new_credentials_elsewhere(&config, &cluster.name, &hooks, &ours)?;
                     let auth = BasicCredentials {
                         user: cluster.webhook_user.clone(),
                         password: crate::nutanix::webhook_password(&config, cluster)?,
@@ -123,6 +124,35 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Refuses to make up webhook credentials in a data directory that is
+/// relative to where the command runs, for a webhook Prism already has: the
+/// host keeps them in its own data directory, and a command run elsewhere
+/// would give Prism a password the running host refuses (every
+/// notification a 401).
+fn refuse_new_credentials_elsewhere(
+    config: &Config,
+    cluster: &str,
+    hooks: &[crate::nutanix::Webhook],
+    ours: &str,
+) -> anyhow::Result<()> {
+    let data = &config.storage.data_dir;
+    let kept = data.join("webhook-credentials").join(cluster);
+    let cluster_config = config.clusters.iter().find(|c| c.name == cluster);
+    let generated = cluster_config.is_some_and(|c| c.webhook_password.is_none());
+    if !generated || !data.is_relative() || kept.exists() || !hooks.iter().any(|h| h.name == ours) {
+        return Ok(());
+    }
+    let here = std::env::current_dir().unwrap_or_default();
+    anyhow::bail!(
+        "cluster {cluster}: no webhook credentials in {}, which is relative to this \
+         directory ({}): run the command where the host runs, give storage.data_dir as an \
+         absolute path, or set the cluster's webhook_password; a new password would lock the \
+         running host's webhook out",
+        kept.display(),
+        here.display()
+    )
 }
 
 /// The union of the subscriptions of the plugins in the configured

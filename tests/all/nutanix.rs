@@ -648,6 +648,31 @@ async fn operators_can_sync_list_and_remove_the_webhook_from_the_command_line() 
     assert_eq!(w.prism.webhooks()[0].spec_version, synced.spec_version);
     std::fs::remove_file(&broken).unwrap();
 
+    // Run from another directory with a relative data_dir, the command
+    // would make up a new password in the wrong place and lock the running
+    // host's webhook out: it refuses.
+    let elsewhere = w.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let relative = w.dir.path().join("relative.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let data_line = text.lines().find(|l| l.starts_with("data_dir")).unwrap();
+    std::fs::write(&relative, text.replace(data_line, r#"data_dir = "data""#)).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
+        .args(["webhooks", "sync", "--config"])
+        .arg(&relative)
+        .current_dir(&elsewhere)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no webhook credentials in data/webhook-credentials/lab"),
+        "{stderr}"
+    );
+    assert!(!elsewhere.join("data/webhook-credentials/lab").exists());
+    assert_eq!(w.prism.webhooks()[0].spec_version, synced.spec_version);
+
     let out = run("list").await;
     assert!(
         out.contains("[this host]") && out.contains("test-lab"),
