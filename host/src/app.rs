@@ -129,9 +129,9 @@ impl App {
         let mut rt_opts = RuntimeOptions::new(data.join("kv.redb"));
         rt_opts.kv = shared_kv;
         rt_opts.cache_dir = Some(data.join("cache"));
-        rt_opts.cache_max_bytes = config.plugins.cache_max_mib << 20;
+        rt_opts.cache_max_bytes = config.plugins.cache_max_mib.saturating_mul(1 << 20);
         rt_opts.tiered = config.plugins.tiered;
-        rt_opts.max_file_bytes = config.plugins.max_file_mib << 20;
+        rt_opts.max_file_bytes = config.plugins.max_file_mib.saturating_mul(1 << 20);
         rt_opts.proxy_from_env = config.proxy_from_env;
         let runtime = Runtime::new(rt_opts).context("starting the plugin runtime")?;
         let registry = Registry::default();
@@ -397,7 +397,7 @@ async fn open_ledger(config: &Config) -> anyhow::Result<(SharedLedger, Option<Kv
                 ack_timeout: js.ack_timeout,
                 dedupe_window: storage.dedupe_window,
                 max_backlog: storage.max_backlog,
-                max_bytes: storage.max_ledger_mib << 20,
+                max_bytes: storage.max_ledger_mib.saturating_mul(1 << 20),
                 retention: storage.retention,
                 retry,
                 ..JetStreamOptions::new(js.servers.clone())
@@ -421,7 +421,7 @@ async fn open_ledger(config: &Config) -> anyhow::Result<(SharedLedger, Option<Kv
                 path: data.join("ledger.redb"),
                 dedupe_window: storage.dedupe_window,
                 max_backlog: storage.max_backlog,
-                max_file_bytes: storage.max_ledger_mib << 20,
+                max_file_bytes: storage.max_ledger_mib.saturating_mul(1 << 20),
                 retention: storage.retention,
                 retry,
             })
