@@ -932,6 +932,21 @@ impl Task {
         let Some(plan) = self.look().await else {
             return Vec::new();
         };
+        // A misspelt table would leave its plugin without its settings
+        // (no `allow`, no `inject`) and say nothing.
+        let described: BTreeSet<String> = plan.keys().map(Unit::key).collect();
+        for name in self
+            .config
+            .plugin
+            .keys()
+            .filter(|k| !described.contains(*k))
+        {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "[plugin.{name}] names no plugin: there is no {name}.wasm in the plugins \
+                 directory, and the table names no `component`; its settings wait for such a file"
+            );
+        }
         let units = self.units(&plan);
         self.reload_units(units, plan).await
     }
