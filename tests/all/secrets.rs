@@ -259,6 +259,7 @@ async fn config_check_reads_every_secret_and_certificate_and_names_the_key_of_ea
     let write = |key: &str, ca: &str, pin: &str| {
         let text = format!(
             r#"[listener]
+public_url = "https://prismhook.example.com:8080"
 tls = {{ cert = "{cert}", key = "{key}" }}
 [storage]
 data_dir = "{data}"
