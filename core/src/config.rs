@@ -677,8 +677,9 @@ impl Grant {
 /// granted for. Returns the settings with each grant's source filled in.
 ///
 /// What only the operator decides holds whatever the file says: the main
-/// configuration's logins, grants, `tls` and `sha256` pin stay, a plugin it
-/// disables stays disabled, and its limits (`defaults` under its own
+/// configuration's logins, `tls` and `sha256` pin stay (its grants are
+/// spent above, on the injects that name them), a plugin it disables stays
+/// disabled, and its limits (`defaults` under its own
 /// `limits`) are ceilings the file may lower a limit under, not raise.
 pub fn confine_settings_file(
     mut settings: PluginConfig,
@@ -744,7 +745,6 @@ pub fn confine_settings_file(
     Ok(PluginConfig {
         limits,
         login: operator.login,
-        grants: operator.grants,
         tls: operator.tls,
         sha256: operator.sha256.or(settings.sha256),
         enabled: operator.enabled && settings.enabled,

@@ -1,6 +1,7 @@
 //! Any configuration file, environment and plugin settings file: loading
 //! never panics, and a settings file from the plugins directory gets no
-//! secret that the main configuration does not grant it for that origin.
+//! secret that the main configuration does not grant it for that origin,
+//! nor undoes the operator's pin, trust or limits.
 //! (Nothing here resolves a secret: no environment variable or file is read.)
 //!
 //! Input: the configuration, the settings file, the plugin's name and
@@ -13,6 +14,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use prismhook_core::config::{confine_settings_file, Config, PluginConfig};
+use prismhook_core::limits::Limits;
 use prismhook_core::policy::OriginRule;
 
 fuzz_target!(|data: &[u8]| {
@@ -35,10 +37,29 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let main = config.as_ref().ok().and_then(|c| c.plugin.get(plugin));
-    let Ok(confined) = confine_settings_file(settings, main, plugin) else {
+    let defaults = config
+        .as_ref()
+        .map_or_else(|_| Limits::default(), |c| c.default_limits());
+    let Ok(confined) = confine_settings_file(settings, main, plugin, &defaults) else {
         return;
     };
     assert!(confined.grants.is_empty());
+    if let Some(main) = main {
+        if main.sha256.is_some() {
+            assert_eq!(confined.sha256, main.sha256, "the operator's pin holds");
+        }
+        assert_eq!(confined.tls, main.tls, "the operator's trust holds");
+        assert!(
+            main.enabled || !confined.enabled,
+            "the operator's switch holds"
+        );
+    }
+    let ceiling = defaults.with(&main.map(|m| m.limits.clone()).unwrap_or_default());
+    assert_eq!(
+        defaults.with(&confined.limits).first_above(&ceiling),
+        None,
+        "the file raised a limit"
+    );
     for inject in &confined.inject {
         let source = (&inject.env, &inject.file, &inject.value);
         if source == (&None, &None, &None) {
