@@ -95,14 +95,16 @@ impl LineWriter {
         let text = String::from_utf8_lossy(&self.line);
         let text = text.trim_end();
         if !text.is_empty() {
-            match self.out.budget.take_line(text.len()) {
+            // Charged as the log shows it: escaped control characters and
+            // replaced invalid bytes take up to six times the guest's bytes.
+            let shown = one_line(text);
+            match self.out.budget.take_line(shown.len()) {
                 Ok(()) => tracing::info!(
                     target: "prismhook::plugin",
                     plugin = %self.out.plugin,
                     events = %self.out.events,
                     stream = self.out.stream,
-                    "{}",
-                    one_line(text)
+                    "{shown}"
                 ),
                 Err(true) => tracing::warn!(
                     plugin = %self.out.plugin,
@@ -164,5 +166,23 @@ mod tests {
             "the first line over says so"
         );
         assert_eq!(budget.take_line(0), Err(false));
+    }
+
+    #[test]
+    fn a_line_costs_what_the_log_shows_of_it_escapes_and_all() {
+        let budget = LogBudget::new(1000);
+        let out = GuestOutput::new("p", Arc::from("1"), "stdout", budget.clone());
+        let line = "\u{1}".repeat(20);
+        let shown = one_line(&line).len();
+        assert!(shown > line.len());
+        let mut writer = LineWriter {
+            out,
+            line: line.into_bytes(),
+        };
+        writer.emit();
+        assert_eq!(
+            budget.left.load(Ordering::Relaxed),
+            (1000 - shown - LINE_COST) as i64
+        );
     }
 }

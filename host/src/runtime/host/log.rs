@@ -7,6 +7,9 @@ use crate::runtime::state::HostState;
 
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        // A plugin's line breaks must not make lines that look like the
+        // host's; the budget pays for the line as the log shows it.
+        let message = one_line(&message);
         match self.log_budget.take_line(message.len()) {
             Ok(()) => {}
             Err(true) => {
@@ -21,8 +24,6 @@ impl Host for HostState {
         }
         let plugin = &self.plugin.name;
         let events = &self.context;
-        // A plugin's line breaks must not make lines that look like the host's.
-        let message = one_line(&message);
         // `tracing` levels are static, hence one macro call per level.
         match level {
             Level::Trace => {
