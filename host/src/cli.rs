@@ -268,6 +268,36 @@ pub fn config_check(path: &Path) -> ExitCode {
             "storage.jetstream.token".into(),
             js.token.as_ref(),
         ));
+        if let Some(path) = &js.credentials {
+            let read = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    async_nats::ConnectOptions::with_credentials(&text).map_err(|e| e.to_string())
+                });
+            if let Err(e) = read {
+                problems.push(format!(
+                    "`storage.jetstream.credentials`: {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+        if let Some(ca) = &js.ca_file {
+            // The NATS client reads PEM certificates only.
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let certs = CertificateDer::pem_file_iter(ca)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>());
+            let problem = match certs {
+                Ok(certs) if certs.is_empty() => Some("no PEM certificate in it".to_owned()),
+                Ok(_) => None,
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(problem) = problem {
+                problems.push(format!(
+                    "`storage.jetstream.ca_file`: {}: {problem}",
+                    ca.display()
+                ));
+            }
+        }
     }
     for (j, cluster) in c.clusters.iter().enumerate() {
         // The client as at start, sending nothing: its password, then its

@@ -340,3 +340,47 @@ tls = {{ ca_file = "{ca}" }}
         assert!(!text.contains(secret), "{text}");
     }
 }
+
+/// The NATS sign-in and trust files are read as the host reads them at
+/// start: a credentials file that is not one, or a CA file that holds no
+/// certificate, is named by its key.
+#[test]
+fn config_check_reads_the_nats_credentials_and_ca_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(p("nats.creds"), "not a credentials file").unwrap();
+    std::fs::write(p("nats-ca.pem"), "not a certificate").unwrap();
+    let file = dir.path().join("prismhook.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[storage]
+data_dir = "{data}"
+backend = "jetstream"
+[storage.jetstream]
+servers = ["nats://127.0.0.1:4222"]
+credentials = "{creds}"
+ca_file = "{ca}"
+"#,
+            data = p("data"),
+            creds = p("nats.creds"),
+            ca = p("nats-ca.pem"),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prismhook"))
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for expected in [
+        "`storage.jetstream.credentials`",
+        "nats.creds",
+        "`storage.jetstream.ca_file`",
+        "nats-ca.pem",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+}
