@@ -75,12 +75,18 @@ fn table(plugin: &str) -> String {
     format!("plugin:{plugin}")
 }
 
-/// Each key's version in `plugin`'s table (0: never written), raised by
-/// every write of it and kept when it is deleted, so that a call's read can
-/// tell whether another call wrote the key since.
+/// Each present key's version in `plugin`'s table (0: not there), so that
+/// a call's read can tell whether another call wrote the key since. Every
+/// write takes the plugin's next version ([`VERSION_SEQ`]), never one a key
+/// had before, so a deleted key's row can go: written again, the key comes
+/// back at a version no earlier read of it saw.
 fn versions(plugin: &str) -> String {
     format!("versions:{plugin}")
 }
+
+/// The last version each plugin's writes took. A plugin missing from it
+/// (a store from before it) starts after the highest version it has.
+const VERSION_SEQ: TableDefinition<&str, u64> = TableDefinition::new("version-seq");
 
 /// The bytes (keys and values) each plugin's table holds, kept with every
 /// write; a plugin missing from it is counted once, from its table.
@@ -385,6 +391,15 @@ impl KvBackend for RedbKv {
             let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
             let mut table = txn.open_table(def).map_err(storage)?;
             let mut usage = txn.open_table(USAGE).map_err(storage)?;
+            let mut seqs = txn.open_table(VERSION_SEQ).map_err(storage)?;
+            let mut seq = match seqs.get(plugin).map_err(storage)? {
+                Some(seq) => seq.value(),
+                None => versions
+                    .iter()
+                    .map_err(storage)?
+                    .map(|row| row.map(|(_, v)| v.value()).map_err(storage))
+                    .try_fold(0, |most, v| v.map(|v| most.max(v)))?,
+            };
             let before = match usage.get(plugin).map_err(storage)? {
                 Some(bytes) => bytes.value(),
                 None => count_bytes(table.iter().map_err(storage)?)?,
@@ -401,20 +416,21 @@ impl KvBackend for RedbKv {
                 .map_err(storage)?;
                 match old {
                     Some(old) => after = after.saturating_sub(record_bytes(k, old.value())),
-                    // A delete of what is not there changes nothing, and
-                    // leaves no version behind: a version row is kept for
-                    // good, and a call may delete any number of keys.
+                    // A delete of what is not there changes nothing.
                     None if v.is_none() => continue,
                     None => {}
                 }
-                let next = versions
-                    .get(k.as_str())
-                    .map_err(storage)?
-                    .map_or(0, |v| v.value())
-                    + 1;
-                versions.insert(k.as_str(), next).map_err(storage)?;
-                stored.insert(k.clone(), next);
+                if v.is_none() {
+                    // Not there: version 0, and no row left behind.
+                    versions.remove(k.as_str()).map_err(storage)?;
+                    stored.insert(k.clone(), 0);
+                    continue;
+                }
+                seq += 1;
+                versions.insert(k.as_str(), seq).map_err(storage)?;
+                stored.insert(k.clone(), seq);
             }
+            seqs.insert(plugin, seq).map_err(storage)?;
             // Dropped without a commit when over: nothing is stored.
             let after = within_limit(before, after, limit)?;
             usage.insert(plugin, after).map_err(storage)?;
@@ -842,9 +858,44 @@ mod tests {
         s.delete("gone".into()).unwrap();
         s.commit().unwrap();
         assert_eq!(store.dump("p").unwrap().len(), 1);
-        // `gone`'s version stays (a call that read it must see it changed);
-        // the thousand keys never written have none.
-        assert_eq!(kv.versions_kept("p"), 2);
+        // Neither `gone` nor the thousand keys never written keep a version.
+        assert_eq!(kv.versions_kept("p"), 1);
+    }
+
+    /// A store from before the plugin's version sequence: its first write
+    /// takes a version past every one the store has, so a read of a key at
+    /// its old version still tells that the key changed.
+    #[test]
+    fn versions_in_a_store_from_before_the_sequence_are_never_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Arc::new(RedbKv::open(&dir.path().join("kv.redb")).unwrap());
+        {
+            // As the old per-key counters left it: `a` written three times,
+            // `b` once.
+            let txn = kv.db.begin_write().unwrap();
+            {
+                let mut values = txn
+                    .open_table(TableDefinition::<&str, &[u8]>::new(&table("p")))
+                    .unwrap();
+                let mut versions = txn
+                    .open_table(TableDefinition::<&str, u64>::new(&versions("p")))
+                    .unwrap();
+                for (key, version) in [("a", 3), ("b", 1)] {
+                    values.insert(key, b"old".as_slice()).unwrap();
+                    versions.insert(key, version).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let store = KvStore::new(kv);
+        let mut reader = store.session("p", u64::MAX);
+        assert_eq!(reader.get("b").unwrap().as_deref(), Some(&b"old"[..]));
+        let mut writer = store.session("p", u64::MAX);
+        writer.set("b".into(), b"new".to_vec()).unwrap();
+        writer.commit().unwrap();
+        reader.set("b".into(), b"from old".to_vec()).unwrap();
+        assert!(matches!(reader.commit(), Err(KvError::Conflict(_))));
+        assert_eq!(store.dump("p").unwrap()["b"], b"new");
     }
 
     #[test]
