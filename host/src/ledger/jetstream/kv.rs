@@ -415,9 +415,11 @@ impl KvBackend for JetStreamKv {
         }
         self.mirror.unchanged(plugin, read, &writes)?;
         self.mirror.within_limit(plugin, &writes, limit)?;
-        // A delete of what is not there changes nothing, and would leave a
-        // tombstone on its own subject for good: a call may delete any
-        // number of keys.
+        // A delete of what is not there, of a key the call did not read,
+        // changes nothing, and would leave a tombstone on its own subject for
+        // good: a call may delete any number of keys. One the call read is
+        // published all the same: its message carries the fence that has the
+        // servers refuse the call if another host wrote the key since.
         let writes: Vec<Write> = {
             let data = self.mirror.data.read().expect("kv mirror lock poisoned");
             let held = data.get(plugin);
@@ -425,6 +427,7 @@ impl KvBackend for JetStreamKv {
                 .into_iter()
                 .filter(|(key, value)| {
                     value.is_some()
+                        || read.contains_key(key)
                         || held
                             .and_then(|r| r.get(key))
                             .is_some_and(|r| r.value.is_some())

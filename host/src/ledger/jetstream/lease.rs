@@ -358,19 +358,33 @@ impl Leases {
     /// would drop a lease nobody else holds, and with the `pause` the reconcile's hold on the
     /// other hosts.
     async fn ours_after_all(&self, key: &str, refused: String) -> Result<u64, WriteError> {
-        match self.kv.entry(key).await {
+        let revision = match self.kv.entry(key).await {
             Ok(Some(entry))
                 if entry.operation == kv::Operation::Put
                     && serde_json::from_slice::<Holder>(&entry.value).ok().as_ref()
                         == Some(&self.me) =>
             {
-                Ok(entry.revision)
+                entry.revision
             }
-            Ok(_) => Err(WriteError::Taken),
-            Err(e) => Err(WriteError::Unreachable(format!(
-                "{refused}, then reading the key: {e}"
-            ))),
-        }
+            Ok(_) => return Err(WriteError::Taken),
+            Err(e) => {
+                return Err(WriteError::Unreachable(format!(
+                    "{refused}, then reading the key: {e}"
+                )))
+            }
+        };
+        // Written again now: the key's time to live runs from the lost
+        // write, and the caller counts its hold from this one.
+        self.kv
+            .update(key, self.value(), revision)
+            .await
+            .map_err(|e| {
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                    WriteError::Taken
+                } else {
+                    WriteError::Unreachable(e.to_string())
+                }
+            })
     }
 
     /// One round: renew, give up, take, and tell the index what to claim from.

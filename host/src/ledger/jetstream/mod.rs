@@ -241,6 +241,10 @@ impl follow::Fold for Inner {
     }
 }
 
+/// How long asking a stream where its end is may take at least: a round trip to a server far
+/// away, short of a lease's renewal period.
+const STREAM_INFO_PATIENCE: Duration = Duration::from_millis(750);
+
 impl Inner {
     /// Publishes one message and waits for JetStream to acknowledge it.
     async fn publish(
@@ -333,12 +337,14 @@ impl Inner {
     }
 
     /// Waits, up to `limit` each, until every follower has reached the end of its stream as it
-    /// is now. Asking a stream where its end is takes up to `limit` too: a stream electing a
-    /// leader answers no one meanwhile, and the lease task, which must renew every second, asks.
+    /// is now. Asking a stream where its end is takes up to `limit` too, and at least
+    /// [`STREAM_INFO_PATIENCE`] (a server far away): a stream electing a leader answers no one
+    /// meanwhile, and the lease task, which must renew every second, asks.
     async fn caught_up(&self, limit: Duration) -> Result<(), LedgerError> {
         for (what, stream, applied) in self.followed() {
             let context = || format!("reading the {what} stream's state");
-            let info = tokio::time::timeout(limit, stream.get_info())
+            let patience = limit.max(STREAM_INFO_PATIENCE);
+            let info = tokio::time::timeout(patience, stream.get_info())
                 .await
                 .map_err(|_| unavailable(context(), "no answer in time"))?
                 .map_err(|e| unavailable(context(), e))?;
@@ -1697,6 +1703,25 @@ mod tests {
                 .unwrap()
                 .as_deref(),
             Some(&b"DELETE"[..])
+        );
+
+        // A key read and then deleted is held to what was read, even when this host's mirror
+        // already shows it gone: another host's delete since refuses the call's other writes.
+        let mut reader = kv_a.session("fw", u64::MAX);
+        assert!(reader.get("changes/vm-2").unwrap().is_some());
+        let mut s = kv_b.session("fw", u64::MAX);
+        s.delete("changes/vm-2".into()).unwrap();
+        commit(s).await.unwrap();
+        a.inner.caught_up(OPEN_PATIENCE).await.unwrap();
+        reader.delete("changes/vm-2".into()).unwrap();
+        reader.set("ips/10.0.0.9".into(), b"vm-2".to_vec()).unwrap();
+        assert!(
+            matches!(commit(reader).await, Err(KvError::Conflict(_))),
+            "deleted by another host since it was read"
+        );
+        assert_eq!(
+            kv_a.session("fw", u64::MAX).get("ips/10.0.0.9").unwrap(),
+            None
         );
     }
 
