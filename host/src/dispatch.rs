@@ -108,6 +108,10 @@ struct Inner {
     /// Kept here, not in the registry: a quarantine changes which batches
     /// run, not which plugins are loaded or what they subscribe to.
     quarantined: Mutex<HashMap<String, Quarantine>>,
+    /// The load each plugin's failures in a row and quarantine are about: a
+    /// new version (a new file or new settings) starts with a clean record,
+    /// however it came (replaced in place, or removed and added again).
+    records_of: Mutex<HashMap<String, Plugin>>,
     /// Batches of a plugin share its lock; a reconcile takes it alone, so
     /// the plugin's kv is never rewritten by both at once.
     locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
@@ -115,28 +119,39 @@ struct Inner {
 }
 
 impl Inner {
-    fn quarantine_of(&self, plugin: &str) -> Option<Quarantine> {
+    /// `name`'s quarantine, if `load` is what it is about.
+    fn quarantine_of(&self, name: &str, load: &Plugin) -> Option<Quarantine> {
+        self.record_is_of(name, load);
         self.quarantined
             .lock()
             .expect("quarantine lock")
-            .get(plugin)
+            .get(name)
             .cloned()
     }
 
-    /// A new version starts with a clean record: the failures that
-    /// quarantined the one it replaces are not its own.
-    fn forgive(&self, plugin: &str) {
-        if let Some(c) = self.counters.lock().expect("counters lock").get_mut(plugin) {
+    /// Makes `load` what `name`'s record is about. A new version starts
+    /// with a clean record: the failures that quarantined the one it
+    /// replaces are not its own.
+    fn record_is_of(&self, name: &str, load: &Plugin) {
+        let previous = self
+            .records_of
+            .lock()
+            .expect("records lock")
+            .insert(name.to_owned(), load.clone());
+        if previous.is_none_or(|p| p.same_load(load)) {
+            return;
+        }
+        if let Some(c) = self.counters.lock().expect("counters lock").get_mut(name) {
             c.consecutive_failures = 0;
         }
         if self
             .quarantined
             .lock()
             .expect("quarantine lock")
-            .remove(plugin)
+            .remove(name)
             .is_some()
         {
-            tracing::info!(plugin = %plugin, "out of quarantine: a new version serves");
+            tracing::info!(plugin = %name, "out of quarantine: a new version serves");
         }
     }
 
@@ -167,6 +182,7 @@ impl Dispatcher {
                 opts,
                 counters: Mutex::default(),
                 quarantined: Mutex::default(),
+                records_of: Mutex::default(),
                 locks: Mutex::default(),
                 stop: watch::channel(false).0,
             }),
@@ -374,8 +390,6 @@ async fn sleep_until_some(at: Option<Instant>) {
 async fn worker(inner: Arc<Inner>, name: String) {
     let mut stop = inner.stop.subscribe();
     let mut changes = inner.registry.watch();
-    // The load this worker served last time round.
-    let mut served: Option<Plugin> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -384,13 +398,7 @@ async fn worker(inner: Arc<Inner>, name: String) {
             return;
         };
         let Some(plugin) = entry.plugin else { return };
-        if served
-            .replace(plugin.clone())
-            .is_some_and(|p| !p.same_load(&plugin))
-        {
-            inner.forgive(&name);
-        }
-        if let Some(q) = inner.quarantine_of(&name) {
+        if let Some(q) = inner.quarantine_of(&name, &plugin) {
             let wait = Duration::from_millis(q.until_ms.saturating_sub(now_ms()));
             if !wait.is_zero() {
                 tokio::select! {
@@ -613,7 +621,7 @@ async fn deliver(
             LedgerOutcome::Abandon { .. } => {}
         }
     }
-    count(inner, name, failure.as_ref(), &outcomes, elapsed);
+    count(inner, name, plugin, failure.as_ref(), &outcomes, elapsed);
     if ids.is_empty() {
         return true;
     }
@@ -752,10 +760,12 @@ pub fn reject_code(reason: &str) -> Option<&str> {
 fn count(
     inner: &Inner,
     name: &str,
+    load: &Plugin,
     failure: Option<&CallError>,
     outcomes: &[LedgerOutcome],
     elapsed: Duration,
 ) {
+    inner.record_is_of(name, load);
     let quarantine = {
         let mut all = inner.counters.lock().expect("counters lock");
         let c = all.entry(name.to_owned()).or_default();
