@@ -981,24 +981,28 @@ impl Task {
     }
 
     async fn reload_units(&mut self, units: BTreeSet<Unit>, plan: Plan) -> Vec<Report> {
-        let mut reports = Vec::new();
+        let mut reports: Vec<(Unit, Report)> = Vec::new();
         let mut queue: Vec<Unit> = units.into_iter().rev().collect();
         while let Some(unit) = queue.pop() {
             let component = plan.get(&unit).cloned();
             let report = self.reload_unit(&unit, component).await;
             self.record(&report);
-            reports.push(report);
+            // A unit freed below is tried again: what it reported before
+            // (refused for the name) is not how this reload left it.
+            reports.retain(|(u, _)| *u != unit);
+            reports.push((unit, report));
             // Refused because a plugin that is gone now had their name
             // (an upgrade's new file dropped before the old one was
             // removed): they load now, not at some later change of theirs.
-            queue.extend(
-                std::mem::take(&mut self.freed)
-                    .into_iter()
-                    .filter(|u| plan.contains_key(u)),
-            );
+            // One still queued is tried in its turn.
+            let freed: Vec<Unit> = std::mem::take(&mut self.freed)
+                .into_iter()
+                .filter(|u| plan.contains_key(u) && !queue.contains(u))
+                .collect();
+            queue.extend(freed);
         }
         self.plan = plan;
-        reports
+        reports.into_iter().map(|(_, report)| report).collect()
     }
 
     fn settings_for(&self, unit: &Unit, snapshot: &Snapshot) -> Result<PluginConfig, String> {
