@@ -416,8 +416,13 @@ impl KvBackend for RedbKv {
                 .map_err(storage)?;
                 match old {
                     Some(old) => after = after.saturating_sub(record_bytes(k, old.value())),
-                    // A delete of what is not there changes nothing.
-                    None if v.is_none() => continue,
+                    // A delete of what is not there changes nothing (but
+                    // for the row a store from before kept of a key deleted
+                    // then, which goes).
+                    None if v.is_none() => {
+                        versions.remove(k.as_str()).map_err(storage)?;
+                        continue;
+                    }
                     None => {}
                 }
                 if v.is_none() {
@@ -604,8 +609,10 @@ impl KvSession {
             Some(delta) => delta,
             None if base.saturating_add(self.growth.most + new) <= self.limit => return Ok(None),
             None => {
+                let exact = self.growth_now()?;
+                self.growth.exact = Some(exact);
                 self.growth.counted_at = Some(base);
-                self.growth_now()?
+                exact
             }
         };
         let mut read_again = false;
