@@ -985,11 +985,25 @@ impl Config {
     /// Reads `path`, applies the `PRISMHOOK_…` environment overrides
     /// ([`ENV_OVERRIDES`]) and checks the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_adjusted(path, |_| {})
+    }
+
+    /// [`Config::load`], with `adjust` (the command line's flags, which win
+    /// over the environment and the file) applied before the checks, so
+    /// that they judge what runs: a flag can make a file's configuration
+    /// valid, or invalid.
+    pub fn load_adjusted(
+        path: &Path,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             file: path.to_owned(),
             reason: e.to_string(),
         })?;
-        let mut config = Config::parse_with_env(&text, path, std::env::vars())?;
+        let mut config = Config::parse_unchecked(&text, path)?;
+        config.apply_env(std::env::vars())?;
+        adjust(&mut config);
+        config.validate()?;
         config.file_table = text.parse().ok();
         Ok(config)
     }
@@ -1961,6 +1975,37 @@ enabled = false
             assert!(message.contains(above), "{message}");
             assert!(message.contains("[plugin.paloalto] limits"), "{message}");
         }
+    }
+
+    /// The command line's flags are applied before the checks: a flag can
+    /// make a file valid (an address Prism can post to), or invalid.
+    #[test]
+    fn flags_are_judged_with_the_file_not_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("prismhook.toml");
+        std::fs::write(
+            &file,
+            "[[cluster]]\nname = \"lab\"\nprism_url = \"https://pc:9440\"\nusername = \"u\"\n\
+             password = { value = \"p\" }\n",
+        )
+        .unwrap();
+        let e = Config::load(&file).unwrap_err().to_string();
+        assert!(e.contains("`listener.public_url`"), "{e}");
+        let c = Config::load_adjusted(&file, |c| {
+            c.listener.listen = "10.0.0.5:8080".parse().unwrap()
+        })
+        .unwrap();
+        assert_eq!(
+            c.callback_url("lab"),
+            "http://10.0.0.5:8080/listener/callback/lab"
+        );
+        let e = Config::load_adjusted(&file, |c| {
+            c.listener.listen = "10.0.0.5:8080".parse().unwrap();
+            c.admin.listen = "0.0.0.0:9100".parse().unwrap();
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`admin.token`"), "{e}");
     }
 
     #[test]

@@ -306,21 +306,21 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             data_dir,
             plugins_dir,
         } => {
-            let mut config = Config::load(&config)?;
             // Flags win over the environment, which wins over the file.
-            if let Some(l) = listen {
-                config.listener.listen = l;
-            }
-            if let Some(l) = admin_listen {
-                config.admin.listen = l;
-            }
-            if let Some(d) = data_dir {
-                config.storage.data_dir = d;
-            }
-            if let Some(d) = plugins_dir {
-                config.plugins.dir = d;
-            }
-            config.validate()?;
+            let config = Config::load_adjusted(&config, |config| {
+                if let Some(l) = listen {
+                    config.listener.listen = l;
+                }
+                if let Some(l) = admin_listen {
+                    config.admin.listen = l;
+                }
+                if let Some(d) = data_dir {
+                    config.storage.data_dir = d;
+                }
+                if let Some(d) = plugins_dir {
+                    config.plugins.dir = d;
+                }
+            })?;
             prismhook::serve::raise_open_files_limit();
             // Before the start, so that a SIGHUP during it does not end the
             // process (its default action).
