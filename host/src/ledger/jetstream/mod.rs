@@ -1709,6 +1709,8 @@ mod tests {
         // already shows it gone: another host's delete since refuses the call's other writes.
         let mut reader = kv_a.session("fw", u64::MAX);
         assert!(reader.get("changes/vm-2").unwrap().is_some());
+        // `b` deletes what it has read `a` write (else its own delete is refused).
+        b.inner.caught_up(OPEN_PATIENCE).await.unwrap();
         let mut s = kv_b.session("fw", u64::MAX);
         s.delete("changes/vm-2".into()).unwrap();
         commit(s).await.unwrap();
