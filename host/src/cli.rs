@@ -76,7 +76,7 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                     );
                 }
                 _ => {
-                    refuse_new_credentials_elsewhere(&config, &cluster.name, &hooks, &ours)?;
+                    refuse_new_credentials_elsewhere(&config, cluster, &hooks, &ours)?;
                     let auth = BasicCredentials {
                         user: cluster.webhook_user.clone(),
                         password: crate::nutanix::webhook_password(&config, cluster)?,
@@ -133,17 +133,17 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
 /// notification a 401).
 fn refuse_new_credentials_elsewhere(
     config: &Config,
-    cluster: &str,
+    cluster: &crate::config::ClusterConfig,
     hooks: &[crate::nutanix::Webhook],
     ours: &str,
 ) -> anyhow::Result<()> {
     let data = &config.storage.data_dir;
-    let kept = data.join("webhook-credentials").join(cluster);
-    let cluster_config = config.clusters.iter().find(|c| c.name == cluster);
-    let generated = cluster_config.is_some_and(|c| c.webhook_password.is_none());
+    let kept = data.join("webhook-credentials").join(&cluster.name);
+    let generated = cluster.webhook_password.is_none();
     if !generated || !data.is_relative() || kept.exists() || !hooks.iter().any(|h| h.name == ours) {
         return Ok(());
     }
+    let cluster = &cluster.name;
     let here = std::env::current_dir().unwrap_or_default();
     anyhow::bail!(
         "cluster {cluster}: no webhook credentials in {}, which is relative to this \

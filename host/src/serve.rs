@@ -304,6 +304,12 @@ struct PeerConnections {
 /// Connections held, by peer.
 type Held = Arc<std::sync::Mutex<HashMap<IpAddr, PeerConnections>>>;
 
+/// The counts, whatever a panic elsewhere left them as: a count is never
+/// half-updated.
+fn lock_held(held: &Held) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PeerConnections>> {
+    held.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Peers {
     fn new(max: usize) -> Peers {
         Peers {
@@ -315,7 +321,7 @@ impl Peers {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PeerConnections>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        lock_held(&self.held)
     }
 
     /// A slot for a connection from `ip`, or `None` when its peer holds
@@ -379,7 +385,7 @@ const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = lock_held(&self.held);
         if let Some(connections) = held.get_mut(&self.peer) {
             connections.count -= 1;
             if let Some(number) = self.number {

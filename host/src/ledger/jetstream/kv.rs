@@ -48,7 +48,8 @@ const OP: &str = "Prismhook-Kv";
 /// A key and what a call writes to it (`None`: deletes it).
 type Write = (String, Option<Vec<u8>>);
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` as lower-case hex: for what a subject, key or header cannot carry as it is.
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

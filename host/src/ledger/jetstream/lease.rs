@@ -57,8 +57,7 @@ const PAUSE: &str = "pause";
 
 fn host_key(name: &str) -> String {
     // Host names are free text; KV keys are not.
-    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("host.{hex}")
+    format!("host.{}", super::kv::hex(name.as_bytes()))
 }
 
 fn partition_key(partition: usize) -> String {

@@ -817,9 +817,7 @@ fn msg_id(key: String) -> String {
         return key;
     }
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", kv::hex(&Sha256::digest(key.as_bytes())))
 }
 
 #[async_trait]
