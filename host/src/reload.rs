@@ -468,6 +468,12 @@ struct Task {
     /// Units refused for a name an unloaded plugin had: to load again in
     /// the reload under way.
     freed: Vec<Unit>,
+    /// Units the reload under way takes away (gone from the directory or
+    /// configuration): a unit it loads may take one's name over.
+    leaving: BTreeSet<Unit>,
+    /// Leaving units whose name a unit loaded in this reload took over,
+    /// with that name: nothing is left to unload of them.
+    taken: HashMap<Unit, String>,
     counts: Arc<ReloadCounts>,
     /// Cranelift's compilations of baseline plugins; `None` when not tiered.
     optimizing: Option<Optimizing>,
@@ -641,6 +647,8 @@ pub async fn start(
         files: HashMap::new(),
         failures: HashMap::new(),
         freed: Vec::new(),
+        leaving: BTreeSet::new(),
+        taken: HashMap::new(),
         counts: Arc::default(),
         optimizing,
         optimized,
@@ -980,9 +988,28 @@ impl Task {
         self.reload_units(units, plan).await
     }
 
-    async fn reload_units(&mut self, units: BTreeSet<Unit>, plan: Plan) -> Vec<Report> {
+    async fn reload_units(&mut self, mut units: BTreeSet<Unit>, plan: Plan) -> Vec<Report> {
+        // A name changes hands in one registry update, so an event
+        // accepted meanwhile has a subscriber: a unit that takes over a
+        // leaving one's name loads before that one is unloaded (an upgrade
+        // dropped as a new file, a file turned into an instance). Units
+        // refused earlier for the name of one leaving now are tried again.
+        self.leaving = units
+            .iter()
+            .filter(|u| !plan.contains_key(u) && self.files.contains_key(u))
+            .cloned()
+            .collect();
+        for leaving in self.leaving.clone() {
+            units.extend(self.free_refused(&leaving));
+        }
+        let (coming, going): (Vec<Unit>, Vec<Unit>) =
+            units.into_iter().partition(|u| plan.contains_key(u));
         let mut reports: Vec<(Unit, Report)> = Vec::new();
-        let mut queue: Vec<Unit> = units.into_iter().rev().collect();
+        let mut queue: Vec<Unit> = going
+            .into_iter()
+            .rev()
+            .chain(coming.into_iter().rev())
+            .collect();
         while let Some(unit) = queue.pop() {
             let component = plan.get(&unit).cloned();
             let report = self.reload_unit(&unit, component).await;
@@ -992,9 +1019,8 @@ impl Task {
             reports.retain(|(u, _)| *u != unit);
             reports.push((unit, report));
             // Refused because a plugin that is gone now had their name
-            // (an upgrade's new file dropped before the old one was
-            // removed): they load now, not at some later change of theirs.
-            // One still queued is tried in its turn.
+            // (one disabled): they load now, not at some later change of
+            // theirs. One still queued is tried in its turn.
             let freed: Vec<Unit> = std::mem::take(&mut self.freed)
                 .into_iter()
                 .filter(|u| plan.contains_key(u) && !queue.contains(u))
@@ -1002,6 +1028,8 @@ impl Task {
             queue.extend(freed);
         }
         self.plan = plan;
+        self.leaving.clear();
+        self.taken.clear();
         reports.into_iter().map(|(_, report)| report).collect()
     }
 
@@ -1013,27 +1041,15 @@ impl Task {
     /// configuration, or disabled.
     fn unload(&mut self, unit: &Unit) -> Option<String> {
         let failed = self.failures.remove(unit).map(|f| f.plugin);
+        if let Some(name) = self.taken.remove(unit) {
+            // Its name serves another unit's load now.
+            return Some(name);
+        }
         let loaded = self.files.remove(unit);
         if let Some(old) = &loaded {
-            if !old.wasm.exists() {
-                if let Some(optimizing) = &mut self.optimizing {
-                    optimizing.forget(&old.wasm);
-                }
-            }
-            // A plugin refused because this one had its name may load
-            // now: tried again before this reload ends.
-            let by = format!("is already provided by {}", unit.label());
-            let freed: Vec<(Unit, String)> = self
-                .failures
-                .iter()
-                .filter(|(_, f)| f.error.contains(&by))
-                .map(|(u, f)| (u.clone(), f.plugin.clone()))
-                .collect();
-            for (unit, name) in freed {
-                self.failures.remove(&unit);
-                self.forget_failed(&name);
-                self.freed.push(unit);
-            }
+            self.forget_optimizing(old);
+            let freed = self.free_refused(unit);
+            self.freed.extend(freed);
         }
         let loaded = loaded.map(|l| l.plugin);
         if let Some(name) = &loaded {
@@ -1045,6 +1061,34 @@ impl Task {
             self.forget_failed(name);
         }
         loaded.or(failed)
+    }
+
+    fn forget_optimizing(&mut self, old: &Loaded) {
+        if !old.wasm.exists() {
+            if let Some(optimizing) = &mut self.optimizing {
+                optimizing.forget(&old.wasm);
+            }
+        }
+    }
+
+    /// Forgets why the units refused for `unit`'s plugin name failed, so
+    /// they may load once it is gone, and returns them.
+    fn free_refused(&mut self, unit: &Unit) -> Vec<Unit> {
+        let by = format!("is already provided by {}", unit.label());
+        let refused: Vec<(Unit, String)> = self
+            .failures
+            .iter()
+            .filter(|(_, f)| f.error.contains(&by))
+            .map(|(u, f)| (u.clone(), f.plugin.clone()))
+            .collect();
+        refused
+            .into_iter()
+            .map(|(unit, name)| {
+                self.failures.remove(&unit);
+                self.forget_failed(&name);
+                unit
+            })
+            .collect()
     }
 
     /// Takes out the registry's entry of a plugin that failed to load, if
@@ -1179,16 +1223,25 @@ impl Task {
             }
         };
         let name = plugin.name().to_owned();
-        if let Some((other, _)) = self
+        let holder = self
             .files
             .iter()
             .find(|(u, l)| l.plugin == name && *u != unit)
-        {
-            let error = format!(
-                "plugin name `{name}` is already provided by {}",
-                other.label()
-            );
-            return self.failed(unit, file, Some(snapshot), error);
+            .map(|(u, _)| u.clone());
+        if let Some(other) = holder {
+            if !self.leaving.contains(&other) {
+                let error = format!(
+                    "plugin name `{name}` is already provided by {}",
+                    other.label()
+                );
+                return self.failed(unit, file, Some(snapshot), error);
+            }
+            // Going in this reload: the registry's entry passes to this
+            // load below, with no moment in between.
+            if let Some(old) = self.files.remove(&other) {
+                self.forget_optimizing(&old);
+            }
+            self.taken.insert(other, name.clone());
         }
         // Known by its key while it failed: by its name from now on.
         if let Some(failure) = self.failures.remove(unit) {

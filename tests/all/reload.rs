@@ -157,6 +157,46 @@ async fn snapshot_serves(h: &Host, app: &App) {
     assert_eq!(cache_entries(h).len(), SNAPSHOTTED);
 }
 
+/// Looks from another thread, until stopped, at whether the probe's name
+/// is served: an event accepted while it is not has no subscriber, and is
+/// never queued for it.
+struct ServedWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl ServedWatch {
+    fn start(app: &App) -> ServedWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let registry = app.registry.clone();
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut looks, mut unserved) = (0, 0);
+            while !stopped.load(Ordering::Relaxed) {
+                looks += 1;
+                if !registry
+                    .get("probe")
+                    .is_some_and(|e| e.subscribes_to("VM.ON"))
+                {
+                    unserved += 1;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            (looks, unserved)
+        });
+        ServedWatch { stop, thread }
+    }
+
+    /// Stops looking and checks that every look found the name served.
+    fn served_throughout(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (looks, unserved) = self.thread.join().unwrap();
+        assert!(looks > 0);
+        assert_eq!(unserved, 0, "unserved in {unserved} of {looks} looks");
+    }
+}
+
 #[tokio::test]
 async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
     let h = Host::new();
@@ -177,7 +217,7 @@ async fn a_plugin_dropped_into_the_directory_is_served_without_a_restart() {
 
 /// An upgrade dropped beside the old file is refused while the old one
 /// provides its name, and serves as soon as the old one is removed: not at
-/// some later change of its own, with nothing serving meanwhile.
+/// some later change of its own, and with the name served throughout.
 #[tokio::test]
 async fn a_file_refused_for_its_plugins_name_serves_once_the_file_that_had_it_goes() {
     let h = Host::new();
@@ -201,16 +241,48 @@ async fn a_file_refused_for_its_plugins_name_serves_once_the_file_that_had_it_go
         "the old one serves on"
     );
 
+    let watch = ServedWatch::start(&app);
     std::fs::remove_file(h.plugins().join("probe-old.wasm")).unwrap();
     wait(
         || sha(&app).is_some_and(|s| s != old),
         "the new file to serve the name",
     )
     .await;
+    watch.served_throughout();
     assert!(
         app.registry.get("probe-new").is_none(),
         "no entry left of the refusal"
     );
+    handles_one_event_as_the_probe(&h, app).await;
+}
+
+/// An upgrade under a new file name, the old file removed in the same
+/// reload: the new version takes the name over before the old one is
+/// unloaded.
+#[tokio::test]
+async fn an_upgrade_under_a_new_file_name_serves_the_name_throughout_its_reload() {
+    let h = Host::new();
+    h.install("probe.wasm", &probe_variant(1));
+    let app = h.start(false).await;
+    let old = sha(&app).expect("the old file serves");
+    let watch = ServedWatch::start(&app);
+    h.install("probe-2.wasm", &probe_variant(2));
+    std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
+    let reports = app.reloader.reload().await;
+    watch.served_throughout();
+    assert!(
+        matches!(
+            &reports[..],
+            [Report::Loaded { plugin: a, file, .. }, Report::Removed { plugin: b, .. }]
+                if a == "probe" && b == "probe" && file.ends_with("probe-2.wasm")
+        ),
+        "{reports:?}"
+    );
+    assert!(
+        sha(&app).is_some_and(|s| s != old),
+        "the new version serves"
+    );
+    assert!(app.registry.get("probe").unwrap().load_error.is_none());
     handles_one_event_as_the_probe(&h, app).await;
 }
 
@@ -1034,7 +1106,7 @@ async fn a_reload_takes_the_plugin_tables_of_the_main_configuration_as_its_file_
     );
     let reports = app.reloader.reload().await;
     assert!(
-        matches!(&reports[..], [Report::Removed { plugin: gone, .. }, Report::Loaded { plugin: new, .. }] if gone == "probe" && new == "probe-b"),
+        matches!(&reports[..], [Report::Loaded { plugin: new, .. }, Report::Removed { plugin: gone, .. }] if gone == "probe" && new == "probe-b"),
         "{reports:?}"
     );
     assert_eq!(subscriptions(&app, "probe-b"), ["VM.ON"]);
