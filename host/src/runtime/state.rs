@@ -131,6 +131,10 @@ impl HostCalls {
 /// runtimes hold a few.
 const MAX_RESOURCES: usize = 4096;
 
+/// The most one `get-random-bytes` may ask for; a guest asking for more
+/// traps.
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
+
 impl HostState {
     /// Holds the timer around the call while the host, not the plugin,
     /// takes its time; [`HostState::extend_deadline`] sets it again.
@@ -205,6 +209,9 @@ fn minimal_wasi(plugin: &str, events: &Arc<str>, log_budget: &LogBudget) -> Wasi
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }))
+        // The host allocates what a guest asks for before its memory limit
+        // sees it: wasmtime's default lets each call take 64 MiB.
+        .max_random_size(MAX_RANDOM_BYTES)
         .build()
 }
 
@@ -321,6 +328,20 @@ mod tests {
     use super::*;
     use wasmtime::component::{Component, Linker};
     use wasmtime::{Engine, Store};
+
+    #[test]
+    fn a_guest_asking_for_more_random_bytes_than_the_bound_is_refused_before_the_host_allocates_them(
+    ) {
+        use wasmtime_wasi::p2::bindings::random::random::Host;
+        let mut wasi = minimal_wasi("p", &Arc::from("1"), &LogBudget::new(0));
+        let random = wasi.random();
+        assert_eq!(random.get_random_bytes(64).unwrap().len(), 64);
+        let err = random
+            .get_random_bytes(MAX_RANDOM_BYTES + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceeds limit"), "{err}");
+    }
 
     /// A component whose core modules each declare a memory of `mib`.
     fn memories(count: usize, mib: usize) -> Component {

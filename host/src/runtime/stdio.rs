@@ -3,12 +3,14 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use prismhook_core::text::one_line;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 /// What one line costs the budget beyond its text: about what the host adds
 /// to it (time, level, plugin, events), so that a plugin cannot multiply
@@ -43,13 +45,28 @@ impl LogBudget {
     }
 }
 
+/// A call's stdout or stderr. Every handle the guest opens on it writes to
+/// the one partial line, straight from the guest's write: wasmtime's
+/// default stream gives each handle a task and an 8 KiB buffer, and a guest
+/// may open thousands of handles in one call.
 #[derive(Clone)]
 pub struct GuestOutput {
+    line: Arc<Line>,
+}
+
+/// How much one write may carry (`check-write`'s permit).
+const WRITE_PERMIT: usize = 8 << 10;
+
+/// The longest line kept; the rest of a longer one is dropped.
+const MAX_LINE: usize = 16 << 10;
+
+struct Line {
     plugin: String,
     /// The event ids of the call's batch, as on the `log` import's lines.
     events: Arc<str>,
     stream: &'static str,
     budget: LogBudget,
+    text: Mutex<Vec<u8>>,
 }
 
 impl GuestOutput {
@@ -60,11 +77,64 @@ impl GuestOutput {
         budget: LogBudget,
     ) -> GuestOutput {
         GuestOutput {
-            plugin: plugin.to_owned(),
-            events,
-            stream,
-            budget,
+            line: Arc::new(Line {
+                plugin: plugin.to_owned(),
+                events,
+                stream,
+                budget,
+                text: Mutex::new(Vec::new()),
+            }),
         }
+    }
+
+    fn write_bytes(&self, buf: &[u8]) {
+        let mut text = self.line.text.lock().unwrap_or_else(|e| e.into_inner());
+        for &b in buf {
+            if b == b'\n' {
+                self.line.emit(&mut text);
+            } else if text.len() < MAX_LINE {
+                text.push(b);
+            }
+        }
+    }
+}
+
+impl Line {
+    /// Logs the line so far, so one `println!` in the guest is one log
+    /// event in the host.
+    fn emit(&self, line: &mut Vec<u8>) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            // Charged as the log shows it: escaped control characters and
+            // replaced invalid bytes take up to six times the guest's bytes.
+            let shown = one_line(text);
+            match self.budget.take_line(shown.len()) {
+                Ok(()) => tracing::info!(
+                    target: "prismhook::plugin",
+                    plugin = %self.plugin,
+                    events = %self.events,
+                    stream = self.stream,
+                    "{shown}"
+                ),
+                Err(true) => tracing::warn!(
+                    plugin = %self.plugin,
+                    events = %self.events,
+                    "log budget for this call used up; further plugin output is dropped"
+                ),
+                Err(false) => {}
+            }
+        }
+        line.clear();
+    }
+}
+
+impl Drop for Line {
+    /// The last handle (or the call's context) is gone: a line without its
+    /// newline is still shown.
+    fn drop(&mut self) {
+        let mut text = std::mem::take(self.text.get_mut().unwrap_or_else(|e| e.into_inner()));
+        self.emit(&mut text);
     }
 }
 
@@ -75,62 +145,42 @@ impl IsTerminal for GuestOutput {
 }
 
 impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineWriter {
-            out: self.clone(),
-            line: Vec::new(),
-        })
+        Box::new(self.clone())
     }
 }
 
-/// Buffers a partial line until its newline, so one `println!` in the guest
-/// is one log event in the host.
-struct LineWriter {
-    out: GuestOutput,
-    line: Vec<u8>,
-}
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.write_bytes(&bytes);
+        Ok(())
+    }
 
-impl LineWriter {
-    fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end();
-        if !text.is_empty() {
-            // Charged as the log shows it: escaped control characters and
-            // replaced invalid bytes take up to six times the guest's bytes.
-            let shown = one_line(text);
-            match self.out.budget.take_line(shown.len()) {
-                Ok(()) => tracing::info!(
-                    target: "prismhook::plugin",
-                    plugin = %self.out.plugin,
-                    events = %self.out.events,
-                    stream = self.out.stream,
-                    "{shown}"
-                ),
-                Err(true) => tracing::warn!(
-                    plugin = %self.out.plugin,
-                    events = %self.out.events,
-                    "log budget for this call used up; further plugin output is dropped"
-                ),
-                Err(false) => {}
-            }
-        }
-        self.line.clear();
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(WRITE_PERMIT)
     }
 }
 
-impl AsyncWrite for LineWriter {
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl AsyncWrite for GuestOutput {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        for &b in buf {
-            if b == b'\n' {
-                self.emit();
-            } else if self.line.len() < 16 << 10 {
-                self.line.push(b);
-            }
-        }
+        self.write_bytes(buf);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -138,15 +188,8 @@ impl AsyncWrite for LineWriter {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.emit();
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-impl Drop for LineWriter {
-    fn drop(&mut self) {
-        self.emit();
     }
 }
 
@@ -175,14 +218,30 @@ mod tests {
         let line = "\u{1}".repeat(20);
         let shown = one_line(&line).len();
         assert!(shown > line.len());
-        let mut writer = LineWriter {
-            out,
-            line: line.into_bytes(),
-        };
-        writer.emit();
+        out.write_bytes(format!("{line}\n").as_bytes());
         assert_eq!(
             budget.left.load(Ordering::Relaxed),
             (1000 - shown - LINE_COST) as i64
+        );
+    }
+
+    #[test]
+    fn every_handle_writes_to_one_line_shown_once_the_last_handle_is_gone() {
+        let budget = LogBudget::new(1000);
+        let out = GuestOutput::new("p", Arc::from("1"), "stdout", budget.clone());
+        let mut handles: Vec<Box<dyn OutputStream>> = (0..3).map(|_| out.p2_stream()).collect();
+        for (handle, part) in handles.iter_mut().zip(["one ", "line ", "split"]) {
+            assert!(handle.check_write().unwrap() >= part.len());
+            handle.write(Bytes::from(part)).unwrap();
+        }
+        let left = |b: &LogBudget| b.left.load(Ordering::Relaxed);
+        assert_eq!(left(&budget), 1000, "nothing shown before the line ends");
+        drop(handles);
+        assert_eq!(left(&budget), 1000, "the context's stream still holds it");
+        drop(out);
+        assert_eq!(
+            left(&budget),
+            (1000 - "one line split".len() - LINE_COST) as i64
         );
     }
 }
