@@ -64,8 +64,9 @@ func Handle(events []Event) []Outcome {
 	return outcomes
 }
 
-// Reconcile gets the whole VM inventory of a cluster, at start and on a
-// timer: bring outside state back in step with it here.
+// Reconcile is never called: the world requires it (the whole inventory in
+// one list, for hosts before 0.1.2), but hosts that can load this plugin (it
+// imports `inventory`) call Reconcile in export_prismhook_plugin_paged.
 func Reconcile(cluster string, vms []Vm) witTypes.Result[string, string] {
 	resumeGC()
 	return witTypes.Ok[string, string](fmt.Sprintf("%d VMs in %s: nothing to reconcile", len(vms), cluster))

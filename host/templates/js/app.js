@@ -1,10 +1,9 @@
 // `{{name}}`: a prismhook plugin, built with componentize-js.
 //
 // The host makes every call on a fresh instance: `init` with the operator's
-// configuration, then exactly one `handle` or `reconcile` (`paged.reconcile`,
-// or `handler.reconcile` on hosts before 0.1.2). Module variables do not
-// survive between calls; what must be remembered goes into `kv`,
-// whose writes become durable together when the call returns.
+// configuration, then exactly one `handle` or `paged.reconcile`. Module
+// variables do not survive between calls; what must be remembered goes into
+// `kv`, whose writes become durable together when the call returns.
 //
 // Errors of `result` exports are thrown as strings: componentize-js turns a
 // thrown string into `err`, and a thrown `Error` into a trap.
@@ -48,8 +47,9 @@ export const handler = {
     });
   },
 
-  // The whole VM inventory in one list: only hosts before 0.1.2 call this;
-  // newer ones call `paged.reconcile`.
+  // The whole VM inventory in one list, for hosts before 0.1.2. The world
+  // requires it, but no host that can load this plugin calls it: it imports
+  // `inventory` (0.1.2), and such hosts call `paged.reconcile`.
   reconcile(cluster, vms) {
     return `${vms.length} VMs in ${cluster}: nothing to reconcile`;
   },

@@ -1,10 +1,9 @@
 """`{{name}}`: a prismhook plugin, built with componentize-py.
 
 The host makes every call on a fresh instance: `init` with the operator's
-configuration, then exactly one `handle` or `reconcile` (`Paged.reconcile`,
-or `Handler.reconcile` on hosts before 0.1.2). Module globals do not survive
-between calls; what must be remembered goes into `kv`, whose
-writes become durable together when the call returns.
+configuration, then exactly one `handle` or `Paged.reconcile`. Module
+globals do not survive between calls; what must be remembered goes into
+`kv`, whose writes become durable together when the call returns.
 
 componentize-py snapshots the interpreter after importing this module, and
 the component has no files to import from later: import everything at the
@@ -54,8 +53,9 @@ class Handler(exports.Handler):
         return outcomes
 
     def reconcile(self, cluster, vms):
-        """The whole VM inventory in one list: only hosts before 0.1.2 call
-        this; newer ones call `Paged.reconcile`."""
+        """The whole VM inventory in one list, for hosts before 0.1.2. The
+        world requires it, but no host that can load this plugin calls it: it
+        imports `inventory` (0.1.2), and such hosts call `Paged.reconcile`."""
         return f"{len(vms)} VMs in {cluster}: nothing to reconcile"
 
 

@@ -24,7 +24,7 @@ use quick_xml::Reader;
 use crate::host::Response;
 
 /// The code of a rejection for the platform's registered-IP limit, which the
-/// host counts in its metrics (`prismhook_deliveries_rejected_by_code`).
+/// host counts in its metrics (`prismhook_deliveries_rejected_by_code_total`).
 pub const REGISTERED_IP_LIMIT: &str = "registered-ip-limit";
 
 /// Longest firewall message quoted in a reason.
