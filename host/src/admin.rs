@@ -48,6 +48,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::dispatch::Dispatcher;
+use crate::event::matches;
 use crate::ledger::{DeadLetterCursor, LedgerError, Membership, SharedLedger};
 use crate::registry::Registry;
 use crate::reload::{self, Reloader};
@@ -624,22 +625,59 @@ async fn replay(
 ) -> Result<Json<Count>, ApiError> {
     let state = &shared.state;
     // Deliveries for a plugin that is not loaded would wait for nobody.
-    if state
-        .registry
-        .get(&req.plugin)
-        .and_then(|e| e.plugin)
-        .is_none()
-    {
+    let Some(plugin) = state.registry.get(&req.plugin).and_then(|e| e.plugin) else {
         return Err(ApiError::NotFound(format!(
             "plugin `{}` is not loaded",
             req.plugin
         )));
-    }
+    };
+    let wanted = replayed_types(&plugin.info().subscriptions, req.event_types.as_deref())
+        .map_err(|e| ApiError::BadRequest(format!("plugin `{}` {e}", req.plugin)))?;
     let n = state
         .ledger
-        .replay_since(&req.plugin, req.since_ms, req.event_types.as_deref())
+        .replay_since(&req.plugin, req.since_ms, &wanted)
         .await?;
     Ok(Json(Count { count: n }))
+}
+
+/// What a replay gives a plugin: the types asked for that its
+/// subscriptions cover, or all they cover. A plugin is never handed an event
+/// it did not subscribe to (other kinds, other plugins' types).
+fn replayed_types(
+    subscriptions: &[String],
+    asked: Option<&[String]>,
+) -> Result<Vec<String>, String> {
+    let Some(asked) = asked else {
+        return match subscriptions {
+            [] => Err("subscribes to no event types".into()),
+            _ => Ok(subscriptions.to_vec()),
+        };
+    };
+    // Either may be the narrower: `VM.ON` asked of a `VM.*` plugin, or
+    // `VM.*` asked of a plugin of `VM.ON` and `VM.OFF`.
+    let mut wanted: Vec<String> = Vec::new();
+    for a in asked {
+        for s in subscriptions {
+            let narrower = if matches(s, a) {
+                a
+            } else if matches(a, s) {
+                s
+            } else {
+                continue;
+            };
+            if !wanted.contains(narrower) {
+                wanted.push(narrower.clone());
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Err(format!(
+            "subscribes to none of {}: it subscribes to {}",
+            asked.join(", "),
+            subscriptions.join(", ")
+        ));
+    }
+    Ok(wanted)
 }
 
 /// Where a client reaches an admin listener bound to `listen`: the
@@ -656,6 +694,28 @@ pub fn reachable_addr(listen: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_gives_a_plugin_only_the_types_its_subscriptions_cover() {
+        let subs = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let vm = subs(&["VM.ON", "VM.OFF"]);
+        assert_eq!(replayed_types(&vm, None).unwrap(), vm);
+        assert_eq!(
+            replayed_types(&vm, Some(&subs(&["VM.OFF", "IMAGE.CREATE"]))).unwrap(),
+            ["VM.OFF"]
+        );
+        assert_eq!(replayed_types(&vm, Some(&subs(&["VM.*"]))).unwrap(), vm);
+        assert_eq!(
+            replayed_types(&subs(&["VM.*"]), Some(&subs(&["vm.on"]))).unwrap(),
+            ["vm.on"]
+        );
+        let e = replayed_types(&vm, Some(&subs(&["IMAGE.CREATE"]))).unwrap_err();
+        assert_eq!(
+            e,
+            "subscribes to none of IMAGE.CREATE: it subscribes to VM.ON, VM.OFF"
+        );
+        assert!(replayed_types(&[], None).is_err());
+    }
 
     #[test]
     fn the_bearer_scheme_is_read_case_insensitively() {

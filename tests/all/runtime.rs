@@ -1507,9 +1507,11 @@ mod buggy_ledger {
             &self,
             plugin: &str,
             since_ms: u64,
-            types: Option<&[String]>,
+            subscriptions: &[String],
         ) -> Result<u64, LedgerError> {
-            self.inner.replay_since(plugin, since_ms, types).await
+            self.inner
+                .replay_since(plugin, since_ms, subscriptions)
+                .await
         }
         fn backlog(&self) -> Result<Vec<PluginBacklog>, LedgerError> {
             self.inner.backlog()

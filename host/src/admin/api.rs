@@ -268,7 +268,8 @@ pub struct ReplayRequest {
     pub plugin: String,
     /// Events received at or after this time (ms since the Unix epoch).
     pub since_ms: u64,
-    /// Only these event types; all when absent.
+    /// Only these event types (or subscriptions, `VM.*`) of those the plugin
+    /// subscribes to; every one it subscribes to when absent.
     #[serde(default)]
     pub event_types: Option<Vec<String>>,
 }

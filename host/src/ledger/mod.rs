@@ -419,12 +419,13 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     ) -> Result<u64, LedgerError>;
 
     /// Gives `plugin` a pending delivery of every retained event received at or after `since_ms`
-    /// (optionally only of some event types) that it has no delivery of yet. Returns how many.
+    /// whose type one of `subscriptions` covers (`VM.ON`, `VM.*`, `*`), that it has no delivery
+    /// of yet. Returns how many.
     async fn replay_since(
         &self,
         plugin: &str,
         since_ms: u64,
-        event_types: Option<&[String]>,
+        subscriptions: &[String],
     ) -> Result<u64, LedgerError>;
 
     /// Every plugin that has or had deliveries, by name, from the ledger's in-memory view.

@@ -148,6 +148,11 @@ async fn append_at(ledger: &SharedLedger, entity: &str, received_at_ms: u64, to:
     }
 }
 
+/// A subscription to every event type.
+fn every() -> [String; 1] {
+    ["*".to_owned()]
+}
+
 fn ids(deliveries: &[Delivery]) -> Vec<u64> {
     deliveries.iter().map(|d| d.event.id).collect()
 }
@@ -682,19 +687,20 @@ async fn replay_since_gives_a_new_plugin_the_retained_events_from_that_time(h: &
     // ...until asked for.
     assert_eq!(
         ledger
-            .replay_since("lb", t + MINUTE_MS, None)
+            .replay_since("lb", t + MINUTE_MS, &every())
             .await
             .unwrap(),
         2
     );
     assert_eq!(ids(&ledger.claim("lb", 10).await.unwrap()), [mid, new]);
     // Pending or in flight already: not replayed twice.
-    assert_eq!(ledger.replay_since("lb", t, None).await.unwrap(), 1);
+    assert_eq!(ledger.replay_since("lb", t, &every()).await.unwrap(), 1);
     assert_eq!(ids(&ledger.claim("lb", 10).await.unwrap()), [old]);
 
-    // An existing plugin can have delivered events again, filtered by type.
-    let types = ["VM.DELETE".to_string()];
-    assert_eq!(ledger.replay_since("fw", t, Some(&types)).await.unwrap(), 1);
+    // An existing plugin can have delivered events again, of the types its
+    // subscriptions cover.
+    let types = ["VM.DEL*".to_string(), "IMAGE.CREATE".to_string()];
+    assert_eq!(ledger.replay_since("fw", t, &types).await.unwrap(), 1);
     assert_eq!(ids(&ledger.claim("fw", 10).await.unwrap()), [new]);
 }
 
@@ -888,7 +894,7 @@ async fn prune_removes_only_old_events_whose_deliveries_are_all_done(h: &dyn Har
     assert_eq!(ledger.prune().await.unwrap(), 0);
 
     // What is left is exactly what a new plugin can still be given.
-    assert_eq!(ledger.replay_since("audit", 0, None).await.unwrap(), 4);
+    assert_eq!(ledger.replay_since("audit", 0, &every()).await.unwrap(), 4);
     let left = ids(&ledger.claim("audit", 10).await.unwrap());
     assert_eq!(left, [half_delivered, dead, pending, recent]);
     assert!(!left.contains(&unsubscribed));

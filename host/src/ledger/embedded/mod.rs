@@ -448,13 +448,13 @@ impl Ledger for RedbLedger {
         &self,
         plugin: &str,
         since_ms: u64,
-        event_types: Option<&[String]>,
+        subscriptions: &[String],
     ) -> Result<u64, LedgerError> {
         let total = self
             .run_chunks(|after| writer::ReplaySince {
                 plugin: plugin.to_owned(),
                 since_ms,
-                event_types: event_types.map(<[String]>::to_vec),
+                subscriptions: subscriptions.to_vec(),
                 after,
             })
             .await?;

@@ -33,6 +33,7 @@ use super::store::{
 use super::window::Window;
 use super::{Ctx, Shared};
 use crate::clock::now_ms;
+use crate::event::matches;
 use crate::ledger::delivery::{plan_complete, Change, Planned, Standing};
 use crate::ledger::index::{lane_key, Index, LaneKey};
 use crate::ledger::{Appended, LedgerError, NewEvent, Outcome};
@@ -549,7 +550,7 @@ impl Op for DropDead {
 pub(super) struct ReplaySince {
     pub plugin: String,
     pub since_ms: u64,
-    pub event_types: Option<Vec<String>>,
+    pub subscriptions: Vec<String>,
     pub after: Option<u64>,
 }
 
@@ -562,7 +563,7 @@ impl Op for ReplaySince {
             s.tables,
             &self.plugin,
             self.since_ms,
-            self.event_types.as_deref(),
+            &self.subscriptions,
             self.after,
         )?;
         Ok((self.plugin.clone(), events, resume))
@@ -783,7 +784,7 @@ fn stage_replay_since(
     t: &mut Tables,
     plugin: &str,
     since_ms: u64,
-    event_types: Option<&[String]>,
+    subscriptions: &[String],
     after: Option<u64>,
 ) -> Result<ReplayMatches, LedgerError> {
     let start = after.map_or(0, |a| a + 1);
@@ -793,7 +794,7 @@ fn stage_replay_since(
         let (key, value) = row.ctx("reading an event")?;
         let id = key.value();
         let (received_at_ms, cluster, event_type, _, entity_uuid, _, _) = value.value();
-        let wanted = event_types.is_none_or(|types| types.iter().any(|t| t == event_type));
+        let wanted = subscriptions.iter().any(|s| matches(s, event_type));
         if received_at_ms >= since_ms && wanted {
             matching.push((id, lane_key(cluster, entity_uuid, id), received_at_ms));
         }

@@ -59,6 +59,7 @@ use wire::{EventRecord, Mark, Subjects, RECEIVED};
 
 use crate::clock::now_ms;
 use crate::config::NatsSignIn;
+use crate::event::matches;
 use crate::ledger::delivery::{
     plan_complete, sort_reads, Change, DeliveryRecord, EventRead, Planned, Standing,
 };
@@ -1148,7 +1149,7 @@ impl Ledger for JetStreamLedger {
         &self,
         plugin: &str,
         since_ms: u64,
-        event_types: Option<&[String]>,
+        subscriptions: &[String],
     ) -> Result<u64, LedgerError> {
         self.inner.ensure_open()?;
         let mut wanted = Vec::new();
@@ -1157,7 +1158,7 @@ impl Ledger for JetStreamLedger {
             .scan_events(false, |id, _, payload| {
                 match serde_json::from_slice::<EventRecord>(payload) {
                     Ok(e) => {
-                        let typed = event_types.is_none_or(|t| t.contains(&e.event_type));
+                        let typed = subscriptions.iter().any(|s| matches(s, &e.event_type));
                         if e.received_at_ms >= since_ms && typed {
                             wanted.push((id, e.cluster, e.entity_uuid, e.received_at_ms));
                         }
