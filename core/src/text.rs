@@ -19,6 +19,22 @@ pub fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some errors repeat their source's text in their own.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// `text` on one line, as a log line or a terminal shows it: line breaks
 /// and other control characters (an escape sequence a terminal would obey)
 /// written as escapes, so that text from a plugin or a peer cannot forge

@@ -322,15 +322,19 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                 }
             })?;
             prismhook::serve::raise_open_files_limit();
+            prismhook::serve::fail_writes_past_the_file_size_limit();
             // Before the start, so that a SIGHUP during it does not end the
             // process (its default action).
             let hangup = Hangup::listen();
             let app = App::start(config).await?;
             #[cfg(unix)]
             prismhook::systemd::ready(&serving(&app));
-            serve_until_signal(&app, hangup).await;
+            let ledger_failed = serve_until_signal(&app, hangup).await;
             #[cfg(unix)]
             prismhook::systemd::stopping();
+            if let Some(why) = &ledger_failed {
+                tracing::error!("stopping, so that the service manager starts the host again and the ledger's file is checked and recovered: {why}");
+            }
             tracing::info!(
                 "shutting down: no new notifications accepted; finishing in-flight batches"
             );
@@ -341,6 +345,9 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                     tracing::warn!("second signal: exiting at once; unfinished deliveries will be redelivered");
                     return Ok(std::process::ExitCode::from(130));
                 }
+            }
+            if ledger_failed.is_some() {
+                return Ok(std::process::ExitCode::FAILURE);
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -488,18 +495,22 @@ impl Hangup {
     }
 }
 
-/// Returns at SIGTERM or Ctrl-C. SIGHUP (`systemctl reload`) reloads the
-/// plugins meanwhile, taking the main configuration's `[plugin.*]` tables
-/// as its file is now, as `prismhook plugins reload` does.
-async fn serve_until_signal(app: &App, hangup: Hangup) {
+/// Returns at SIGTERM or Ctrl-C, or with why once the ledger has failed
+/// for good. SIGHUP (`systemctl reload`) reloads the plugins meanwhile,
+/// taking the main configuration's `[plugin.*]` tables as its file is now,
+/// as `prismhook plugins reload` does.
+async fn serve_until_signal(app: &App, hangup: Hangup) -> Option<String> {
     #[cfg(unix)]
     {
         let Hangup(mut hangup) = hangup;
         let stop = wait_for_signal();
         tokio::pin!(stop);
+        let failed = app.ledger.failed();
+        tokio::pin!(failed);
         loop {
             tokio::select! {
-                () = &mut stop => return,
+                () = &mut stop => return None,
+                why = &mut failed => return Some(why),
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP: reloading the plugins and the main configuration's plugin settings");
                     prismhook::systemd::reloading();
@@ -511,8 +522,11 @@ async fn serve_until_signal(app: &App, hangup: Hangup) {
     }
     #[cfg(not(unix))]
     {
-        let _ = (app, hangup);
-        wait_for_signal().await;
+        let _ = hangup;
+        tokio::select! {
+            () = wait_for_signal() => None,
+            why = app.ledger.failed() => Some(why),
+        }
     }
 }
 

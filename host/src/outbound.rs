@@ -80,20 +80,7 @@ pub async fn read_body(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>,
     Ok(body)
 }
 
-/// An error and its sources on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use prismhook_core::text::error_chain as chain;
 
 /// `builder` trusting what `tls` says instead of (or, for `System`, as) the
 /// public roots. The error names the file and what is wrong with it.

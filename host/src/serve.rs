@@ -641,6 +641,17 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// A write past the file-size limit (`ulimit -f`, `LimitFSIZE=`) then
+/// fails with EFBIG, which the ledger reports and stops on, instead of
+/// SIGXFSZ killing the process mid-write with its default action.
+pub fn fail_writes_past_the_file_size_limit() {
+    // SAFETY: setting a signal's disposition to "ignore" runs no code of
+    // ours in a handler.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -440,6 +440,96 @@ pub(crate) async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<Plu
     backlog
 }
 
+/// A ledger file that cannot grow (a file-size limit here; a full disk
+/// alike) fails redb for good: notifications are refused with 503 and a
+/// `Retry-After`, and the host stops with an error, for its service manager
+/// to start it again. Started again with room, it delivers every
+/// notification it acknowledged, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_file_that_cannot_grow_stops_the_host_and_loses_nothing_acknowledged() {
+    const LIMIT: u64 = 8 << 20;
+    let w = world(&["probe"]).await;
+    let port = common::free_port();
+    let setup = w
+        .host()
+        .listen(format!("127.0.0.1:{port}"))
+        .plugin("probe", &[r#"config = { subscriptions = ["VM.*"] }"#]);
+    let config = w.dir.path().join("prismhook.toml");
+    std::fs::write(&config, setup.toml()).unwrap();
+    let log = w.dir.path().join("host.log");
+    let mut host = HostProcess::spawn_with_file_size_limit(&config, &log, LIMIT);
+    wait_ready(&mut host, port, &log).await;
+
+    let poster = Poster::new(SocketAddr::from(([127, 0, 0, 1], port)));
+    let uuids = entity_uuids(4);
+    let padding = "x".repeat(32 << 10);
+    let mut acked: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut sent = 0u64;
+    let refusal = loop {
+        assert!(
+            sent < 2_000,
+            "the ledger never reached the limit; log:\n{}",
+            log_tail(&log)
+        );
+        sent += 1;
+        let uuid = &uuids[sent as usize % uuids.len()];
+        let mut note = vm_note("VM.UPDATE", uuid, sent);
+        note["padding"] = json!(padding);
+        let answer = poster.post(&note).await.unwrap();
+        if answer.status() != 202 {
+            break answer;
+        }
+        let id = answer.json::<Value>().await.unwrap()["id"]
+            .as_u64()
+            .unwrap();
+        acked.entry(uuid).or_default().push(id);
+    };
+    let status = refusal.status();
+    let wait = retry_after(&refusal);
+    let text = refusal.text().await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(wait >= 1 && text.contains("restart"), "{wait}: {text}");
+    let exit = host
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the host stops");
+    assert_eq!(exit.code(), Some(1), "log:\n{}", log_tail(&log));
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("the ledger's file failed"),
+        "log:\n{}",
+        log_tail(&log)
+    );
+    eprintln!("{} acknowledged before the file filled", sent - 1);
+
+    let mut host = HostProcess::spawn(&config, &log);
+    wait_ready(&mut host, port, &log).await;
+    let drain_until = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(host.sigterm().await.success(), "log:\n{}", log_tail(&log));
+        let probe = stopped_backlog(&w.data(), None)
+            .await
+            .into_iter()
+            .find(|b| b.plugin == "probe")
+            .expect("probe backlog");
+        if settled(&probe) {
+            break;
+        }
+        assert!(Instant::now() < drain_until, "not drained: {probe:?}");
+        host = HostProcess::spawn(&config, &log);
+        wait_ready(&mut host, port, &log).await;
+    }
+    let kv = probe_records(&w.data(), None).await;
+    let mut report = OrderReport::default();
+    for (uuid, ids) in &acked {
+        let recorded: Vec<u64> = seen(&kv, uuid).into_iter().map(|(id, _, _)| id).collect();
+        report.add(uuid, check_entity(ids, &recorded));
+    }
+    report.assert(acked.values().map(Vec::len).sum());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_notification_survives_random_sigkills_in_per_entity_order() {
     sigkills_under_load(None).await

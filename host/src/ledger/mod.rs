@@ -465,6 +465,13 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// Proves the storage is reachable and readable, for readiness.
     async fn check(&self) -> Result<(), LedgerError>;
 
+    /// Resolves, with why, once the storage has failed in a way only
+    /// opening it again mends; the host then stops, for its supervisor to
+    /// start it again. Backends that recover by themselves never resolve.
+    async fn failed(&self) -> String {
+        std::future::pending().await
+    }
+
     /// Lets queued writes finish and stops the backend; later calls on any handle fail with
     /// [`LedgerError::Closed`].
     async fn close(&self) -> Result<(), LedgerError>;

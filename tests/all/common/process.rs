@@ -18,12 +18,48 @@ impl HostProcess {
 
     /// [`HostProcess::spawn`] with these environment variables set.
     pub fn spawn_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> HostProcess {
+        HostProcess::spawn_command(
+            config,
+            log,
+            env,
+            Command::new(env!("CARGO_BIN_EXE_prismhook")),
+        )
+    }
+
+    /// [`HostProcess::spawn`] with the files it writes held to `bytes`
+    /// (`ulimit -f`): a write past that fails, as on a full disk.
+    pub fn spawn_with_file_size_limit(config: &Path, log: &Path, bytes: u64) -> HostProcess {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_prismhook"));
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        HostProcess::spawn_command(config, log, &[], command)
+    }
+
+    fn spawn_command(
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+        mut command: Command,
+    ) -> HostProcess {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_prismhook"))
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(config)

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable};
-use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
 
 use crate::ledger::delivery::{sort_reads, EventRead};
 use crate::ledger::index::{lane_key, Index};
@@ -109,11 +109,42 @@ struct Shared {
     file_bytes: AtomicU64,
     commits: AtomicU64,
     pub(super) notifiers: Notifiers,
+    /// Why the file cannot be written any more, once it cannot: redb fails
+    /// every operation after one whose I/O failed (a full disk, a failed
+    /// flush), as what is on disk is unknown until the file is opened again.
+    failure: watch::Sender<Option<String>>,
 }
 
 impl Shared {
     fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().expect("ledger index lock poisoned")
+    }
+
+    /// Why the file is unwritable, if `error` made it so (recorded the first
+    /// time) or it was already.
+    pub(super) fn failed_for_good(&self, error: &LedgerError) -> Option<String> {
+        let io = matches!(
+            error,
+            LedgerError::Storage { source, .. }
+                if matches!(source.downcast_ref::<redb::Error>(), Some(redb::Error::Io(_) | redb::Error::PreviousIo))
+        );
+        if io {
+            self.failure.send_if_modified(|failure| {
+                if failure.is_some() {
+                    return false;
+                }
+                let why = prismhook_core::text::error_chain(error);
+                error!(error = %why, "the ledger's file failed; nothing more is accepted until the host is restarted, which checks and recovers the file");
+                *failure = Some(why);
+                true
+            });
+        }
+        self.failure.borrow().clone()
+    }
+
+    /// What a caller hears once the file has failed.
+    pub(super) fn unavailable(&self) -> Option<LedgerError> {
+        self.failure.borrow().as_deref().map(unavailable_because)
     }
 
     /// Each event read, or why it cannot be; the outer error is a read that could not start.
@@ -164,6 +195,16 @@ impl Shared {
             });
         }
         Ok(letters)
+    }
+}
+
+/// The sender is asked to come back: to this host once restarted, or to
+/// another.
+pub(super) fn unavailable_because(why: &str) -> LedgerError {
+    LedgerError::Unavailable {
+        context: "writing its file, which failed until the host restarts".into(),
+        retry_after: Duration::from_secs(5),
+        source: Box::new(std::io::Error::other(why.to_owned())),
     }
 }
 
@@ -255,6 +296,7 @@ impl RedbLedger {
             opts,
             commits: AtomicU64::new(0),
             notifiers: Notifiers::default(),
+            failure: watch::channel(None).0,
         });
         info!(
             path = %path.display(),
@@ -506,11 +548,27 @@ impl Ledger for RedbLedger {
         if self.writer.sender().is_closed() {
             return Err(LedgerError::Closed);
         }
+        if let Some(failed) = self.shared.unavailable() {
+            return Err(failed);
+        }
         self.shared
             .db
             .begin_read()
             .ctx("beginning a read transaction")
             .map(drop)
+    }
+
+    async fn failed(&self) -> String {
+        let mut failure = self.shared.failure.subscribe();
+        let why = failure
+            .wait_for(Option::is_some)
+            .await
+            .map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => why,
+            // The sender lives as long as `shared`, which `self` holds.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops the writer once queued writes are done. The file closes when the last handle is

@@ -31,7 +31,7 @@ use super::store::{
     delivered_key, encode_vm, DeliveryRecord, DeliveryState, Tables, NEXT_EVENT_ID,
 };
 use super::window::Window;
-use super::{Ctx, Shared};
+use super::{unavailable_because, Ctx, Shared};
 use crate::clock::now_ms;
 use crate::event::matches;
 use crate::ledger::delivery::{plan_complete, Change, Planned, Standing};
@@ -230,17 +230,25 @@ impl Writer {
         }
         match result {
             Ok(staged) => self.apply(staged),
-            Err((jobs, error)) if size > 1 => {
-                warn!(%error, requests = size, "group commit failed; retrying its requests one by one");
-                for job in jobs {
-                    self.commit(vec![job]);
+            Err((jobs, error)) => match self.shared.failed_for_good(&error) {
+                // One by one would fail alike.
+                Some(why) => {
+                    for job in jobs {
+                        job.fail(unavailable_because(&why));
+                    }
                 }
-            }
-            Err((jobs, error)) => {
-                if let Some(job) = jobs.into_iter().next() {
-                    job.fail(error);
+                None if size > 1 => {
+                    warn!(%error, requests = size, "group commit failed; retrying its requests one by one");
+                    for job in jobs {
+                        self.commit(vec![job]);
+                    }
                 }
-            }
+                None => {
+                    if let Some(job) = jobs.into_iter().next() {
+                        job.fail(error);
+                    }
+                }
+            },
         }
     }
 
@@ -252,6 +260,9 @@ impl Writer {
         jobs: Vec<Box<dyn AnyJob>>,
     ) -> Result<Vec<Box<dyn StagedJob>>, (Vec<Box<dyn AnyJob>>, LedgerError)> {
         let shared = self.shared.clone();
+        if let Some(failed) = shared.unavailable() {
+            return Err((jobs, failed));
+        }
         let txn = match begin(&shared) {
             Ok(txn) => txn,
             Err(error) => return Err((jobs, error)),

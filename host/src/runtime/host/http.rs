@@ -412,7 +412,10 @@ async fn read_capped(resp: reqwest::Response, max: u64) -> Result<Vec<u8>, Error
     })
 }
 
+/// reqwest's top-level message is vague ("error sending request"); the
+/// cause chain says what actually happened.
 fn classify(e: reqwest::Error) -> Error {
+    use prismhook_core::text::error_chain;
     if e.is_timeout() {
         Error::Timeout
     } else if e.is_connect() {
@@ -420,17 +423,4 @@ fn classify(e: reqwest::Error) -> Error {
     } else {
         Error::Other(error_chain(&e))
     }
-}
-
-/// reqwest's top-level message is vague ("error sending request"); the
-/// cause chain says what actually happened.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
