@@ -198,7 +198,7 @@ pub(crate) fn plan_complete(
             });
             continue;
         }
-        let attempts = record.attempts + 1;
+        let attempts = record.attempts.saturating_add(1);
         let change = match outcome {
             Outcome::Done => {
                 planned.push(Planned {

@@ -32,6 +32,7 @@
 //! stored and must mean the same after a restart; [`Ledger::next_due`] converts them to an
 //! [`Instant`] for sleeping.
 
+mod age;
 mod delivery;
 pub mod embedded;
 mod index;

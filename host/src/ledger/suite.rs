@@ -857,6 +857,34 @@ async fn appends_are_refused_above_the_backlog_limit_until_deliveries_drain(h: &
     append(&ledger, "c", &["fw"]).await;
 }
 
+/// An event received while the clock ran a day fast (stepped back since)
+/// neither stops a prune at it, keeping every later event however old, nor
+/// is kept itself once a later event is old enough to go.
+async fn a_prune_goes_past_events_stamped_ahead_of_a_clock_that_stepped_back(h: &dyn Harness) {
+    let mut opts = policy();
+    opts.retention = Duration::from_secs(3600);
+    let ledger = h.open(&opts);
+    let (now, day) = (now_ms(), 24 * 3600 * 1000);
+    append_at(&ledger, "a", now + day, &["fw"]).await;
+    append_at(&ledger, "b", now - 2 * 3600 * 1000, &["fw"]).await;
+    let ahead = append_at(&ledger, "c", now + day, &["fw"]).await;
+    let recent = append(&ledger, "d", &["fw"]).await;
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    assert_eq!(batch.len(), 4);
+    complete_all(&ledger, "fw", &batch, Outcome::Done).await;
+
+    assert_eq!(
+        ledger.prune().await.unwrap(),
+        2,
+        "the old one, and the one before it"
+    );
+    assert_eq!(ledger.replay_since("audit", 0, &every()).await.unwrap(), 2);
+    assert_eq!(
+        ids(&ledger.claim("audit", 10).await.unwrap()),
+        [ahead, recent]
+    );
+}
+
 async fn prune_removes_only_old_events_whose_deliveries_are_all_done(h: &dyn Harness) {
     let mut opts = policy();
     opts.retention = Duration::from_secs(3600);
@@ -1127,6 +1155,7 @@ backends!(
     concurrent_duplicates_in_one_group_commit_are_stored_once,
     appends_are_refused_above_the_backlog_limit_until_deliveries_drain,
     prune_removes_only_old_events_whose_deliveries_are_all_done,
+    a_prune_goes_past_events_stamped_ahead_of_a_clock_that_stepped_back,
     prune_forgets_dedupe_keys_older_than_the_window,
     release_returns_deliveries_without_counting_an_attempt,
     a_claim_abandoned_before_it_returns_leaves_nothing_in_flight,

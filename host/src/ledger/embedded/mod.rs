@@ -182,12 +182,17 @@ impl Shared {
                 Some(bytes) => DeliveryRecord::decode(&plugin, id, bytes.value())?,
                 None => continue, // dropped meanwhile
             };
-            let Some(row) = events.get(id).with_ctx(|| format!("reading event {id}"))? else {
-                continue;
+            if record.state != DeliveryState::Dead {
+                continue; // replayed meanwhile
+            }
+            // A letter whose event is gone is still listed: leaving it out
+            // would hide it, and a page of such letters would end the list.
+            let event = match events.get(id).with_ctx(|| format!("reading event {id}"))? {
+                Some(row) => event_from_row(id, row.value()),
+                None => Err(LedgerError::missing_event(id)),
             };
             letters.push(DeadLetter {
-                event: event_from_row(id, row.value())
-                    .unwrap_or_else(|error| StoredEvent::unreadable(&plugin, id, &error)),
+                event: event.unwrap_or_else(|error| StoredEvent::unreadable(&plugin, id, &error)),
                 attempts: record.attempts,
                 reason: record.reason.unwrap_or_default(),
                 died_at_ms: record.died_at_ms.unwrap_or_default(),

@@ -34,6 +34,7 @@ use super::window::Window;
 use super::{unavailable_because, Ctx, Shared};
 use crate::clock::now_ms;
 use crate::event::matches;
+use crate::ledger::age::ByAge;
 use crate::ledger::delivery::{plan_complete, Change, Planned, Standing};
 use crate::ledger::index::{lane_key, Index, LaneKey};
 use crate::ledger::{Appended, LedgerError, NewEvent, Outcome};
@@ -752,15 +753,14 @@ fn stage_prune_events(
     let t = &mut *s.tables;
     let start = after.map_or(0, |a| a + 1);
     let mut candidates = Vec::new();
+    let mut by_age = ByAge::new(s.now, cutoff_ms);
     let mut resume = None;
     for (examined, row) in t.events.range(start..).ctx("scanning events")?.enumerate() {
         let (key, value) = row.ctx("reading an event")?;
         let id = key.value();
-        // Ids follow arrival, so the first event young enough to keep ends the scan.
-        if value.value().0 >= cutoff_ms {
+        if !by_age.read_on(id, value.value().0, &mut candidates) {
             break;
         }
-        candidates.push(id);
         if examined + 1 >= CHUNK {
             resume = Some(id);
             break;
@@ -828,18 +828,17 @@ fn stage_replay_since(
 fn stage_prune_dedupe(s: &mut Stage, cutoff_ms: u64) -> Result<Chunk, LedgerError> {
     // Keys are written in id order, so the first young enough to keep ends the scan.
     let mut expired = Vec::new();
-    let mut first_kept = None;
+    let mut by_age = ByAge::new(s.now, cutoff_ms);
     for row in s.tables.event_keys.iter().ctx("scanning dedupe keys")? {
+        if expired.len() + by_age.held() >= CHUNK {
+            break;
+        }
         let (id, value) = row.ctx("reading a dedupe key")?;
-        if value.value().0 >= cutoff_ms {
-            first_kept = Some(id.value());
+        if !by_age.read_on(id.value(), value.value().0, &mut expired) {
             break;
         }
-        if expired.len() >= CHUNK {
-            break;
-        }
-        expired.push(id.value());
     }
+    let first_kept = by_age.first_kept();
     for id in &expired {
         s.tables
             .event_keys

@@ -60,6 +60,7 @@ use wire::{EventRecord, Mark, Subjects, RECEIVED};
 use crate::clock::now_ms;
 use crate::config::NatsSignIn;
 use crate::event::matches;
+use crate::ledger::age::ByAge;
 use crate::ledger::delivery::{
     plan_complete, sort_reads, Change, DeliveryRecord, EventRead, Planned, Standing,
 };
@@ -1239,19 +1240,17 @@ impl Ledger for JetStreamLedger {
     /// their delivery marks. Ids follow arrival, so the scan stops at the first young event.
     async fn prune(&self) -> Result<u64, LedgerError> {
         self.inner.ensure_open()?;
-        let cutoff_ms = now_ms().saturating_sub(self.inner.opts.retention.as_millis() as u64);
+        let now = now_ms();
+        let cutoff_ms = now.saturating_sub(self.inner.opts.retention.as_millis() as u64);
         let mut old = Vec::new();
+        let mut by_age = ByAge::new(now, cutoff_ms);
         self.inner
             .scan_events(true, |id, headers, _| {
                 let received = headers
                     .get(RECEIVED)
                     .and_then(|v| v.as_str().parse::<u64>().ok())
                     .unwrap_or(0);
-                if received >= cutoff_ms {
-                    return false;
-                }
-                old.push(id);
-                true
+                by_age.read_on(id, received, &mut old)
             })
             .await?;
         let victims: Vec<u64> = {
