@@ -380,6 +380,9 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the ledger is closed: the host is shutting down".to_owned(),
             ),
+            ApiError::Ledger(
+                e @ (LedgerError::ReplayStopped { .. } | LedgerError::Backpressure { .. }),
+            ) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             ApiError::Ledger(e) => {
                 // The detail (paths, database errors) belongs in the log.
                 tracing::error!("admin API: {e}");

@@ -545,7 +545,12 @@ impl Index {
     }
 
     /// Dead letters by plugin and id, optionally narrowed to one plugin and/or some event ids.
-    pub fn dead(&self, plugin: Option<&str>, ids: Option<&[u64]>) -> Vec<(String, u64)> {
+    pub fn dead(
+        &self,
+        plugin: Option<&str>,
+        ids: Option<&[u64]>,
+        limit: usize,
+    ) -> Vec<(String, u64)> {
         let wanted: Option<HashSet<u64>> = ids.map(|ids| ids.iter().copied().collect());
         self.plugins
             .iter()
@@ -556,6 +561,7 @@ impl Index {
                     .filter(|id| wanted.as_ref().is_none_or(|w| w.contains(id)))
                     .map(move |&id| (name.clone(), id))
             })
+            .take(limit)
             .collect()
     }
 

@@ -342,6 +342,18 @@ pub enum LedgerError {
     /// host that took over delivers them from what it recorded.
     #[error("ledger refused {context}: another host holds those deliveries now")]
     Superseded { context: String },
+    /// A replay filled the backlog to its limit: what it queued stays queued.
+    #[error(
+        "replayed {replayed} event(s), then stopped at the backlog limit of {limit} deliveries; \
+         once they drain, replay again since {}",
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(*resume_since_ms))
+    )]
+    ReplayStopped {
+        replayed: u64,
+        limit: u64,
+        /// When the first event not replayed was received.
+        resume_since_ms: u64,
+    },
     #[error("ledger is closed")]
     Closed,
 }

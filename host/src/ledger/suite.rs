@@ -885,6 +885,59 @@ async fn a_prune_goes_past_events_stamped_ahead_of_a_clock_that_stepped_back(h: 
     );
 }
 
+/// A replay queues no more than the backlog limit has room for, and says
+/// when the first event it left out was received, to replay again from.
+async fn a_replay_stops_at_the_backlog_limit_and_says_where_to_go_on(h: &dyn Harness) {
+    let mut opts = policy();
+    opts.max_backlog = 3;
+    let ledger = h.open(&opts);
+    let t = now_ms() - MINUTE_MS;
+    let mut retained = Vec::new();
+    for (i, entity) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        retained.push(append_at(&ledger, entity, t + i as u64, &["fw"]).await);
+        let batch = ledger.claim("fw", 10).await.unwrap();
+        complete_all(&ledger, "fw", &batch, Outcome::Done).await;
+    }
+    retained.push(append_at(&ledger, "e", t + 4, &["siem"]).await);
+
+    let mut since = t;
+    let mut replayed = Vec::new();
+    for (room, stops_at) in [(2, Some(t + 2)), (2, Some(t + 4)), (1, None)] {
+        match ledger.replay_since("audit", since, &every()).await {
+            Err(LedgerError::ReplayStopped {
+                replayed,
+                limit: 3,
+                resume_since_ms,
+            }) if Some(resume_since_ms) == stops_at => {
+                assert_eq!(replayed, room);
+                assert_eq!(
+                    ledger.stats().undelivered,
+                    3,
+                    "filled to the limit, no further"
+                );
+                since = resume_since_ms;
+            }
+            Ok(n) if stops_at.is_none() => assert_eq!(n, room),
+            other => panic!("{other:?}, expected a stop at {stops_at:?}"),
+        }
+        let batch = ledger.claim("audit", 10).await.unwrap();
+        assert_eq!(batch.len() as u64, room);
+        replayed.extend(ids(&batch));
+        complete_all(&ledger, "audit", &batch, Outcome::Done).await;
+    }
+    assert_eq!(replayed, retained, "each retained event once, in order");
+    let full = ledger
+        .replay_since("audit", t, &every())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        full.contains("replayed 2 event(s), then stopped at the backlog limit of 3")
+            && full.contains("replay again since"),
+        "{full}"
+    );
+}
+
 async fn prune_removes_only_old_events_whose_deliveries_are_all_done(h: &dyn Harness) {
     let mut opts = policy();
     opts.retention = Duration::from_secs(3600);
@@ -1156,6 +1209,7 @@ backends!(
     appends_are_refused_above_the_backlog_limit_until_deliveries_drain,
     prune_removes_only_old_events_whose_deliveries_are_all_done,
     a_prune_goes_past_events_stamped_ahead_of_a_clock_that_stepped_back,
+    a_replay_stops_at_the_backlog_limit_and_says_where_to_go_on,
     prune_forgets_dedupe_keys_older_than_the_window,
     release_returns_deliveries_without_counting_an_attempt,
     a_claim_abandoned_before_it_returns_leaves_nothing_in_flight,

@@ -39,7 +39,7 @@ use store::{
     EVENT_KEYS, META, NEXT_EVENT_ID,
 };
 use window::Window;
-use writer::{Chunk, Command, Job, Op, Writer};
+use writer::{Chunk, Command, Job, Op, ReplayChunk, Writer};
 
 use crate::clock::now_ms;
 use crate::ledger::{
@@ -471,7 +471,7 @@ impl Ledger for RedbLedger {
         plugin: Option<&str>,
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
-        self.run(writer::ReplayDead {
+        self.run_chunks(|_| writer::ReplayDead {
             plugin: plugin.map(str::to_owned),
             ids: event_ids.map(<[u64]>::to_vec),
         })
@@ -483,7 +483,7 @@ impl Ledger for RedbLedger {
         plugin: Option<&str>,
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
-        self.run(writer::DropDead {
+        self.run_chunks(|_| writer::DropDead {
             plugin: plugin.map(str::to_owned),
             ids: event_ids.map(<[u64]>::to_vec),
         })
@@ -497,14 +497,41 @@ impl Ledger for RedbLedger {
         since_ms: u64,
         subscriptions: &[String],
     ) -> Result<u64, LedgerError> {
-        let total = self
-            .run_chunks(|after| writer::ReplaySince {
-                plugin: plugin.to_owned(),
-                since_ms,
-                subscriptions: subscriptions.to_vec(),
-                after,
-            })
-            .await?;
+        // Nothing queued yet: the backlog may be full, or the file.
+        self.check_limits()?;
+        let max_backlog = self.shared.opts.max_backlog;
+        let mut total = 0;
+        let mut after = None;
+        loop {
+            let pending = self.shared.total_pending.load(Ordering::Relaxed);
+            let ReplayChunk { chunk, full_at } = self
+                .run(writer::ReplaySince {
+                    plugin: plugin.to_owned(),
+                    since_ms,
+                    subscriptions: subscriptions.to_vec(),
+                    // At least one, so that a chunk always moves on.
+                    room: match max_backlog {
+                        0 => u64::MAX,
+                        limit => limit.saturating_sub(pending).max(1),
+                    },
+                    after,
+                })
+                .await?;
+            total += chunk.count;
+            if let Some(resume_since_ms) = full_at {
+                let full = LedgerError::ReplayStopped {
+                    replayed: total,
+                    limit: max_backlog,
+                    resume_since_ms,
+                };
+                info!(plugin, since_ms, "{full}");
+                return Err(full);
+            }
+            match chunk.resume {
+                Some(resume) => after = Some(resume),
+                None => break,
+            }
+        }
         info!(plugin, since_ms, replayed = total, "replayed events");
         Ok(total)
     }

@@ -126,6 +126,63 @@ async fn a_thousand_concurrent_appends_share_far_fewer_commits() {
     assert_eq!(open(&dir).stats().undelivered, 2000);
 }
 
+/// Rejects every delivery `fw` has.
+async fn reject_all(ledger: &RedbLedger) {
+    loop {
+        let batch = ledger.claim("fw", 1000).await.unwrap();
+        if batch.is_empty() {
+            return;
+        }
+        let rejected = batch
+            .iter()
+            .map(|d| {
+                let reason = "no".to_owned();
+                (d.event.id, Outcome::Reject { reason })
+            })
+            .collect();
+        ledger.complete("fw", rejected).await.unwrap();
+    }
+}
+
+/// Replaying or dropping more dead letters than one chunk takes several
+/// transactions, each short, so the appends between them are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_replayed_and_dropped_a_chunk_per_transaction() {
+    let dir = TempDir::new().unwrap();
+    let ledger = open(&dir);
+    let letters = writer::CHUNK + 10;
+    let appends = (0..letters).map(|n| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .append(event(&format!("vm-{n}"), now_ms()), plugins(&["fw"]))
+                .await
+                .unwrap()
+        }
+    });
+    futures_join_all(appends).await;
+    reject_all(&ledger).await;
+    let dead = |l: &RedbLedger| l.backlog().unwrap()[0].dead;
+    assert_eq!(dead(&ledger), letters as u64);
+
+    let before = ledger.stats().commits;
+    assert_eq!(
+        ledger.replay_dead(Some("fw"), None).await.unwrap(),
+        letters as u64
+    );
+    assert_eq!(ledger.stats().commits - before, 2);
+    assert_eq!(ledger.stats().undelivered, letters as u64);
+
+    reject_all(&ledger).await;
+    let before = ledger.stats().commits;
+    assert_eq!(
+        ledger.drop_dead(Some("fw"), None).await.unwrap(),
+        letters as u64
+    );
+    assert_eq!(ledger.stats().commits - before, 2);
+    assert_eq!(dead(&ledger), 0);
+}
+
 /// What a file written before `event_records` and `event_keys` held: the tables as those
 /// releases defined them.
 mod older_layout {

@@ -97,7 +97,9 @@ pub(super) type Answer<T> = oneshot::Receiver<Result<T, LedgerError>>;
 
 /// Events a replay matched, as (event id, lane, received at), and where the
 /// next chunk resumes.
-type ReplayMatches = (Vec<(u64, LaneKey, u64)>, Option<u64>);
+/// The deliveries to add, where the next chunk starts, and when the first
+/// event left out for want of room was received.
+type ReplayMatches = (Vec<(u64, LaneKey, u64)>, Option<u64>, Option<u64>);
 
 impl<O: Op> Job<O> {
     pub fn boxed(op: O) -> (Box<dyn AnyJob>, Answer<O::Answer>) {
@@ -497,15 +499,20 @@ pub(super) struct ReplayDead {
     pub ids: Option<Vec<u64>>,
 }
 
+/// Each of [`CHUNK`] letters, so that a million of them do not hold up the
+/// appends for one long transaction. The letters done leave the index's
+/// dead set, so the next chunk takes the next ones; one left there (its
+/// record is not dead) ends the run, rather than be taken again and again.
 impl Op for ReplayDead {
-    type Effect = Vec<(String, u64)>;
-    type Answer = u64;
+    type Effect = (Vec<(String, u64)>, bool);
+    type Answer = Chunk;
 
     fn stage(&self, s: &mut Stage) -> Result<Self::Effect, LedgerError> {
         let targets = s
             .shared
             .index()
-            .dead(self.plugin.as_deref(), self.ids.as_deref());
+            .dead(self.plugin.as_deref(), self.ids.as_deref(), CHUNK);
+        let full = targets.len() >= CHUNK;
         let mut revived = Vec::new();
         for (plugin, id) in targets {
             match s.tables.record(&plugin, id)? {
@@ -517,15 +524,19 @@ impl Op for ReplayDead {
                 _ => {}
             }
         }
-        Ok(revived)
+        let more = full && revived.len() == CHUNK;
+        Ok((revived, more))
     }
 
-    fn apply(revived: Self::Effect, a: &mut Apply) -> u64 {
+    fn apply((revived, more): Self::Effect, a: &mut Apply) -> Chunk {
         for (plugin, id) in &revived {
             a.index.revive(plugin, *id);
             a.wake.push(plugin.clone());
         }
-        revived.len() as u64
+        Chunk {
+            count: revived.len() as u64,
+            resume: more.then_some(0),
+        }
     }
 }
 
@@ -535,26 +546,30 @@ pub(super) struct DropDead {
     pub ids: Option<Vec<u64>>,
 }
 
+/// In chunks, as [`ReplayDead`].
 impl Op for DropDead {
     type Effect = Vec<(String, u64)>;
-    type Answer = u64;
+    type Answer = Chunk;
 
     fn stage(&self, s: &mut Stage) -> Result<Self::Effect, LedgerError> {
         let targets = s
             .shared
             .index()
-            .dead(self.plugin.as_deref(), self.ids.as_deref());
+            .dead(self.plugin.as_deref(), self.ids.as_deref(), CHUNK);
         for (plugin, id) in &targets {
             s.tables.remove_record(plugin, *id)?;
         }
         Ok(targets)
     }
 
-    fn apply(dropped: Self::Effect, a: &mut Apply) -> u64 {
+    fn apply(dropped: Self::Effect, a: &mut Apply) -> Chunk {
         for (plugin, id) in &dropped {
             a.index.forget_dead(plugin, *id);
         }
-        dropped.len() as u64
+        Chunk {
+            count: dropped.len() as u64,
+            resume: (dropped.len() >= CHUNK).then_some(0),
+        }
     }
 }
 
@@ -563,25 +578,29 @@ pub(super) struct ReplaySince {
     pub plugin: String,
     pub since_ms: u64,
     pub subscriptions: Vec<String>,
+    /// The most deliveries this chunk may add: the room left under the
+    /// backlog limit.
+    pub room: u64,
     pub after: Option<u64>,
 }
 
 impl Op for ReplaySince {
-    type Effect = (String, Vec<(u64, LaneKey, u64)>, Option<u64>);
-    type Answer = Chunk;
+    type Effect = (String, ReplayMatches);
+    type Answer = ReplayChunk;
 
     fn stage(&self, s: &mut Stage) -> Result<Self::Effect, LedgerError> {
-        let (events, resume) = stage_replay_since(
+        let matches = stage_replay_since(
             s.tables,
             &self.plugin,
             self.since_ms,
             &self.subscriptions,
+            self.room,
             self.after,
         )?;
-        Ok((self.plugin.clone(), events, resume))
+        Ok((self.plugin.clone(), matches))
     }
 
-    fn apply((plugin, events, resume): Self::Effect, a: &mut Apply) -> Chunk {
+    fn apply((plugin, (events, resume, full_at)): Self::Effect, a: &mut Apply) -> ReplayChunk {
         let count = events.len() as u64;
         for (id, lane, received_at_ms) in events {
             a.index.add_pending(&plugin, id, lane, received_at_ms, None);
@@ -589,8 +608,18 @@ impl Op for ReplaySince {
         if count > 0 {
             a.wake.push(plugin);
         }
-        Chunk { count, resume }
+        ReplayChunk {
+            chunk: Chunk { count, resume },
+            full_at,
+        }
     }
+}
+
+/// A chunk of `replay_since`, and when the first event it left out for
+/// want of room was received.
+pub(super) struct ReplayChunk {
+    pub chunk: Chunk,
+    pub full_at: Option<u64>,
 }
 
 /// One chunk of pruning delivered events past retention.
@@ -796,6 +825,7 @@ fn stage_replay_since(
     plugin: &str,
     since_ms: u64,
     subscriptions: &[String],
+    room: u64,
     after: Option<u64>,
 ) -> Result<ReplayMatches, LedgerError> {
     let start = after.map_or(0, |a| a + 1);
@@ -814,15 +844,19 @@ fn stage_replay_since(
             break;
         }
     }
-    let mut added = Vec::new();
+    let mut added: Vec<(u64, LaneKey, u64)> = Vec::new();
     for (id, lane, received_at_ms) in matching {
         // Pending, in flight or dead already: nothing to replay.
-        if t.record(plugin, id)?.is_none() {
-            t.put_record(plugin, id, &DeliveryRecord::default())?;
-            added.push((id, lane, received_at_ms));
+        if t.record(plugin, id)?.is_some() {
+            continue;
         }
+        if added.len() as u64 >= room {
+            return Ok((added, None, Some(received_at_ms)));
+        }
+        t.put_record(plugin, id, &DeliveryRecord::default())?;
+        added.push((id, lane, received_at_ms));
     }
-    Ok((added, resume))
+    Ok((added, resume, None))
 }
 
 fn stage_prune_dedupe(s: &mut Stage, cutoff_ms: u64) -> Result<Chunk, LedgerError> {

@@ -1109,7 +1109,7 @@ impl Ledger for JetStreamLedger {
             let state = self.inner.state();
             state
                 .index
-                .dead(plugin, event_ids)
+                .dead(plugin, event_ids, usize::MAX)
                 .into_iter()
                 .filter_map(|(plugin, id)| {
                     let event = state.index.events.get(&id)?;
@@ -1137,7 +1137,7 @@ impl Ledger for JetStreamLedger {
             .inner
             .state()
             .index
-            .dead(plugin, event_ids)
+            .dead(plugin, event_ids, usize::MAX)
             .into_iter()
             .map(|(plugin, id)| Marking::unfenced(id, plugin, Mark::Dropped))
             .collect();
@@ -1175,11 +1175,28 @@ impl Ledger for JetStreamLedger {
                 unreadable, "replay skipped events that cannot be read"
             );
         }
+        let limit = self.inner.opts.max_backlog;
+        let pending = self.inner.undelivered.load(Ordering::Relaxed);
+        let room = match limit {
+            0 => usize::MAX,
+            limit => usize::try_from(limit.saturating_sub(pending)).unwrap_or(usize::MAX),
+        };
+        if room == 0 {
+            self.check_backlog()?;
+        }
+        let mut full_at = None;
         let marks: Vec<Marking> = {
             let state = self.inner.state();
-            wanted
+            let mut unknown: Vec<_> = wanted
                 .into_iter()
                 .filter(|(id, ..)| !state.index.knows(plugin, *id))
+                .collect();
+            if let Some((.., received_at_ms)) = unknown.get(room) {
+                full_at = Some(*received_at_ms);
+                unknown.truncate(room);
+            }
+            unknown
+                .into_iter()
                 .map(|(id, cluster, entity_uuid, received_at_ms)| {
                     let mark = Mark::Record {
                         record: DeliveryRecord::default(),
@@ -1192,6 +1209,15 @@ impl Ledger for JetStreamLedger {
         };
         let count = marks.len() as u64;
         self.inner.mark(marks).await?;
+        if let Some(resume_since_ms) = full_at {
+            let full = LedgerError::ReplayStopped {
+                replayed: count,
+                limit,
+                resume_since_ms,
+            };
+            info!(plugin, since_ms, "{full}");
+            return Err(full);
+        }
         info!(plugin, since_ms, replayed = count, "replayed events");
         Ok(count)
     }
