@@ -222,10 +222,12 @@ impl ServerCertVerifier for PinnedCertVerifier {
 
 /// Resolves the names plugins ask for, without the addresses of the host
 /// itself and of its link (loopback, unspecified, link-local: where a
-/// cloud's metadata service answers). A zone may point any name there
-/// (`localhost.example.com`, a record for 169.254.169.254), and a rule such
-/// as `https://*.example.com` would let a plugin pick it. `localhost`
-/// itself is left alone; other such services are allowed by address.
+/// cloud's metadata service answers; and every address of the host's own
+/// interfaces, where services bound to all addresses answer). A zone may
+/// point any name there (`localhost.example.com`, a record for
+/// 169.254.169.254 or for the host's LAN address), and a rule such as
+/// `https://*.example.com` would let a plugin pick it. `localhost` itself
+/// is left alone; other such services are allowed by address.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoLocalNames;
 
@@ -235,38 +237,98 @@ impl reqwest::dns::Resolve for NoLocalNames {
         Box::pin(async move {
             let found: Vec<SocketAddr> =
                 tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let kept = not_local(&name, found)?;
+            let kept = not_local(&name, found, &own_addresses())?;
             Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
         })
     }
 }
 
-/// `found` without the local addresses, or why nothing is left.
-fn not_local(name: &str, found: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, String> {
+/// `found` without the local addresses and the host's `own`, or why
+/// nothing is left.
+fn not_local(
+    name: &str,
+    found: Vec<SocketAddr>,
+    own: &[IpAddr],
+) -> Result<Vec<SocketAddr>, String> {
     if name.eq_ignore_ascii_case("localhost") || found.is_empty() {
         return Ok(found);
     }
-    let kept: Vec<SocketAddr> = found.into_iter().filter(|a| !local(a.ip())).collect();
+    let kept: Vec<SocketAddr> = found
+        .into_iter()
+        .filter(|a| !local(a.ip()) && !own.contains(&embedded_v4(a.ip())))
+        .collect();
     if kept.is_empty() {
         return Err(format!(
-            "{name} resolves only to loopback or link-local addresses, where a name may not \
-             lead; allow such a service by its address"
+            "{name} resolves only to loopback or link-local addresses or to this host's own, \
+             where a name may not lead; allow such a service by its address"
         ));
     }
     Ok(kept)
 }
 
-fn local(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
+/// The IPv4 address an IPv6 one carries (mapped `::ffff:a.b.c.d`,
+/// compatible `::a.b.c.d`, or NAT64's `64:ff9b::a.b.c.d`), which is where it
+/// leads; otherwise the address itself.
+fn embedded_v4(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else {
+        return ip;
     };
+    let s = v6.segments();
+    let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    let compatible = s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified();
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None if nat64 || compatible => {
+            let [.., a, b, c, d] = v6.octets();
+            IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d))
+        }
+        None => ip,
+    }
+}
+
+fn local(ip: IpAddr) -> bool {
+    let ip = embedded_v4(ip);
     ip.is_loopback()
         || ip.is_unspecified()
         || match ip {
             IpAddr::V4(v4) => v4.is_link_local(),
             IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
         }
+}
+
+/// The addresses of the host's interfaces now (they change with DHCP and
+/// VPNs, so they are read at each lookup); none if they cannot be read.
+fn own_addresses() -> Vec<IpAddr> {
+    let mut own = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs hands over a list that freeifaddrs takes back; each
+    // entry's address is read as the structure its family names.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return own;
+        }
+        let mut entry = head;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*addr.cast::<libc::sockaddr_in>();
+                        // In network order, as it lies in memory.
+                        own.push(IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*addr.cast::<libc::sockaddr_in6>();
+                        own.push(IpAddr::from(v6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    own
 }
 
 #[cfg(test)]
@@ -289,8 +351,11 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
         ] {
-            let refused = not_local("a.example.com", vec![at(ip)]).unwrap_err();
+            let refused = not_local("a.example.com", vec![at(ip)], &[]).unwrap_err();
             assert!(
                 refused.contains("a.example.com resolves only to loopback"),
                 "{ip}: {refused}"
@@ -303,12 +368,30 @@ mod tests {
             at("169.254.0.1"),
         ];
         assert_eq!(
-            not_local("fw.example.com", mixed).unwrap(),
+            not_local("fw.example.com", mixed, &[]).unwrap(),
             [at("10.1.2.3"), at("fd00::5")]
         );
         assert_eq!(
-            not_local("LOCALHOST", vec![at("127.0.0.1")]).unwrap(),
+            not_local("LOCALHOST", vec![at("127.0.0.1")], &[]).unwrap(),
             [at("127.0.0.1")]
+        );
+    }
+
+    #[test]
+    fn a_name_does_not_lead_to_an_address_of_the_hosts_own_interfaces() {
+        let own = own_addresses();
+        assert!(
+            own.iter().any(|ip| ip.is_loopback()),
+            "the interfaces are read: {own:?}"
+        );
+        let own = ["10.0.0.5".parse().unwrap()];
+        for ip in ["10.0.0.5", "::ffff:10.0.0.5", "64:ff9b::a00:5"] {
+            let refused = not_local("svc.example.com", vec![at(ip)], &own).unwrap_err();
+            assert!(refused.contains("this host's own"), "{ip}: {refused}");
+        }
+        assert_eq!(
+            not_local("fw.example.com", vec![at("10.0.0.5"), at("10.0.0.6")], &own).unwrap(),
+            [at("10.0.0.6")]
         );
     }
 }
