@@ -513,6 +513,11 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
     let app = h.start(false).await;
     // A slow event keeps the probe busy while more queue behind it.
     let slow = common::append(&app, 1, "vm-slow", "TEST.LOOP").await;
+    wait(
+        || probe_backlog(&app, |b| b.in_flight == 1),
+        "the slow event to be in hand",
+    )
+    .await;
     let queued = common::append(&app, 2, "vm-slow", "VM.ON").await;
     std::fs::remove_file(h.plugins().join("probe.wasm")).unwrap();
     let reports = app.reloader.reload().await;
@@ -536,7 +541,11 @@ async fn a_removed_plugin_keeps_its_pending_deliveries_until_it_comes_back() {
     .await;
     let backlog = app.ledger.backlog().unwrap();
     let probe = backlog.iter().find(|b| b.plugin == "probe").unwrap();
-    assert!(probe.pending >= 1, "the deliveries wait: {probe:?}");
+    assert_eq!(
+        (probe.pending, probe.retrying, probe.dead, probe.delivered),
+        (2, 1, 0, 0),
+        "both wait, the slow one (out of time) to be tried again: {probe:?}"
+    );
     // Back again: the queued event is delivered.
     h.install("probe.wasm", &probe_variant(1));
     app.reloader.reload().await;
