@@ -243,6 +243,16 @@ impl reqwest::dns::Resolve for NoLocalNames {
     }
 }
 
+/// [`NoLocalNames`]'s rule for a request a proxy sends, which resolves the
+/// name itself: refused if the name leads only where a name may not. A name
+/// the host cannot resolve is the proxy's to resolve.
+pub async fn refuse_local_name(name: &str) -> Result<(), String> {
+    match tokio::net::lookup_host((name, 0)).await {
+        Ok(found) => not_local(name, found.collect(), &own_addresses()).map(drop),
+        Err(_) => Ok(()),
+    }
+}
+
 /// `found` without the local addresses and the host's `own`, or why
 /// nothing is left.
 fn not_local(
@@ -375,6 +385,15 @@ mod tests {
             not_local("LOCALHOST", vec![at("127.0.0.1")], &[]).unwrap(),
             [at("127.0.0.1")]
         );
+    }
+
+    #[tokio::test]
+    async fn a_name_a_proxy_will_resolve_is_held_to_the_same_rule_first() {
+        let refused = refuse_local_name("127.0.0.2").await.unwrap_err();
+        assert!(refused.contains("resolves only to loopback"), "{refused}");
+        refuse_local_name("10.1.2.3").await.unwrap();
+        refuse_local_name("localhost").await.unwrap();
+        refuse_local_name("no-such-name.invalid").await.unwrap();
     }
 
     #[test]

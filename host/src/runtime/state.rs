@@ -95,6 +95,9 @@ pub struct HostState {
     /// Why `inventory.next-page` had no page to give, when it failed.
     pub(super) inventory_failed: Option<super::feed::FeedError>,
     pub(super) http: reqwest::Client,
+    /// Whether `https://` requests may go through a proxy, which resolves
+    /// their names itself.
+    pub(super) proxy_from_env: bool,
     pub(super) outbound: Arc<OutboundCounts>,
     /// Calls the guest made to the host, but to `log` and `context`: an
     /// `init` that made none can be captured in a snapshot
@@ -190,6 +193,7 @@ impl HostState {
             pages_read: 0,
             inventory_failed: None,
             http: plugin.http.clone().unwrap_or_else(|| env.http.clone()),
+            proxy_from_env: env.proxy_from_env,
             outbound: env.outbound.clone(),
             host_calls: HostCalls::default(),
             plugin,

@@ -186,8 +186,12 @@ impl HostState {
             .min(remaining);
         let deadline = Instant::now() + timeout;
 
-        let (client, identity, context) =
-            (self.http.clone(), self.plugin.clone(), self.context.clone());
+        let (client, identity, context, proxied) = (
+            self.http.clone(),
+            self.plugin.clone(),
+            self.context.clone(),
+            self.proxy_from_env,
+        );
         for _hop in 0..=MAX_REDIRECTS {
             // reqwest would send them as `Authorization`, beside (not
             // instead of) an injected one, and a server may take the first.
@@ -203,6 +207,15 @@ impl HostState {
                     url.origin().ascii_serialization(),
                     self.plugin.name
                 )));
+            }
+            // A proxy resolves the names of `https://` requests itself,
+            // past the host's resolver: the same rule, applied first.
+            if let (true, "https", Some(url::Host::Domain(name))) =
+                (proxied, url.scheme(), url.host())
+            {
+                crate::outbound::refuse_local_name(name)
+                    .await
+                    .map_err(Error::Denied)?;
             }
             let hop = Hop {
                 client: &client,
