@@ -1223,6 +1223,22 @@ impl Task {
             }
         };
         let name = plugin.name().to_owned();
+        // A name the operator pinned goes with the pinned file only: another
+        // file may not take it (its kv, its deliveries) by declaring it.
+        if let Some(pin) = self
+            .config
+            .plugin
+            .get(&name)
+            .filter(|_| name != unit.key())
+            .and_then(|p| p.sha256.as_deref())
+            .filter(|pin| !pin.eq_ignore_ascii_case(plugin.sha256()))
+        {
+            let error = format!(
+                "plugin name `{name}` is pinned to another file by `plugin.{name}.sha256` ({})",
+                &pin[..pin.len().min(12)]
+            );
+            return self.failed(unit, file, Some(snapshot), error);
+        }
         let holder = self
             .files
             .iter()

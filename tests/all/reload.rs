@@ -286,6 +286,44 @@ async fn an_upgrade_under_a_new_file_name_serves_the_name_throughout_its_reload(
     handles_one_event_as_the_probe(&h, app).await;
 }
 
+/// A name whose table pins a file is that file's: another file that
+/// declares the name (to take its kv and its deliveries) is refused.
+#[tokio::test]
+async fn a_file_declaring_a_name_pinned_to_another_file_is_refused() {
+    use sha2::Digest;
+    let h = Host::new();
+    let pinned = probe_variant(1);
+    let pin = hex(&sha2::Sha256::digest(&pinned));
+    h.install("impostor.wasm", &probe_variant(2));
+    let app = App::start(
+        h.host(false)
+            .plugin("probe", &[format!(r#"sha256 = "{pin}""#)])
+            .config(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&app.loaded[..], [Report::Failed { error, .. }] if error.contains("plugin name `probe` is pinned to another file")),
+        "{:?}",
+        app.loaded
+    );
+    assert!(sha(&app).is_none(), "nothing serves the name");
+
+    h.install("probe.wasm", &pinned);
+    let reports = app.reloader.reload().await;
+    assert!(
+        reports
+            .iter()
+            .any(|r| matches!(r, Report::Loaded { plugin, .. } if plugin == "probe")),
+        "{reports:?}"
+    );
+    handles_one_event_as_the_probe(&h, app).await;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A batch goes to the version that serves when it starts: one loaded
 /// while the batch was being claimed and gathered takes it.
 #[tokio::test]
