@@ -587,8 +587,16 @@ async fn deliver(
     let mut release = Vec::new();
     let mut tried = Vec::new();
     let mut outcomes = Vec::new();
-    for (d, r) in batch.iter().zip(&representative) {
+    for (i, (d, r)) in batch.iter().zip(&representative).enumerate() {
         match by_index[r] {
+            // Superseded by its entity's newest event, handed over in its
+            // stead: done, whatever that one's answer, which alone carries
+            // the VM's state on. Sharing a retry, it would count attempts
+            // and could die without ever being handed over.
+            Some(_) if *r != i => {
+                tried.push(d);
+                outcomes.push(LedgerOutcome::Done);
+            }
             Some(o) => {
                 tried.push(d);
                 outcomes.push(o.clone());

@@ -1782,6 +1782,37 @@ async fn coalescing_hands_over_each_entitys_newest_event_and_never_merges_events
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// The newest event stands for its VM: when it fails, the older events it
+/// was handed over for are done, not retried with it until they die
+/// without the plugin ever seeing them.
+#[tokio::test]
+async fn with_coalescing_only_the_newest_event_is_retried_and_dies() {
+    let w = world(&["probe"]).await;
+    let setup = two_quick_attempts(w.host()).plugin("probe", &["coalesce = true"]);
+    let bodies = [
+        probe_event("TEST.NOTE", "A", json!({})),
+        probe_event("TEST.NOTE", "A", json!({})),
+        probe_event("TEST.RETRY", "A", json!({"delay_ms": 50})),
+    ];
+    let [older_1, older_2, newest] = append_while_stopped(&w.data(), &bodies).await[..] else {
+        unreachable!()
+    };
+    let app = w.start(&setup).await;
+    wait(|| settled(&backlog(&app, "probe")), "A to settle").await;
+    let dead: Vec<u64> = app
+        .ledger
+        .dead_letters(Some("probe"), None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.event.id)
+        .collect();
+    assert_eq!(dead, [newest], "the older ones were never handed over");
+    assert_eq!(backlog(&app, "probe").delivered, 2);
+    assert!(![older_1, older_2].iter().any(|id| dead.contains(id)));
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_retry_inside_a_batch_sends_the_entitys_later_events_again_after_it() {
     let w = world(&["probe"]).await;
