@@ -658,8 +658,8 @@ async fn deliver(
 /// timeout, memory), delivers the events one at a time instead, so that one
 /// poison event cannot hold the healthy events of its batch hostage. Events
 /// after a failed one of the same entity, or one the plugin asked to retry,
-/// are not tried, to keep that entity's order. Isolating stops after [`ISOLATION_DEADLINES`] of the
-/// plugin's deadlines: the events not tried alone by then get the batch's
+/// are not tried, to keep that entity's order. Isolating takes at most [`ISOLATION_DEADLINES`] of
+/// the plugin's deadlines: the events it leaves untried get the batch's
 /// failure. Returns one outcome per event and the first call error.
 /// `None` marks an event that was not tried and must be released.
 ///
@@ -692,7 +692,8 @@ async fn handle_isolating(
     if events.len() == 1 || matches!(error, CallError::Kv { .. }) {
         return (vec![Some(retry(&error)); events.len()], Some(error));
     }
-    let budget = plugin.limits().deadline * ISOLATION_DEADLINES;
+    let deadline = plugin.limits().deadline;
+    let budget = deadline * ISOLATION_DEADLINES;
     let isolating = Instant::now();
     let mut blocked: std::collections::HashSet<(String, String)> = Default::default();
     let mut outcomes = Vec::with_capacity(events.len());
@@ -705,7 +706,9 @@ async fn handle_isolating(
             outcomes.push(None);
             continue;
         }
-        if isolating.elapsed() >= budget {
+        // A call alone may take its whole deadline: it starts only if that
+        // much is left of the budget, which then holds.
+        if isolating.elapsed() + deadline > budget {
             out_of_time += 1;
             outcomes.push(Some(LedgerOutcome::Retry {
                 reason: truncate(
