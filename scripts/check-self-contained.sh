@@ -37,13 +37,23 @@ report() {
   failures=$((failures + 1))
 }
 
-while IFS= read -r hit; do
-  report "names a path outside the checkout" "$hit"
-done < <(git grep -nIE -e "$outside" || true)
+# `git grep` exits 1 when nothing matches, which is the good outcome; any
+# other failure (a bad pattern) must not read as a clean tree.
+grep_tracked() {
+  local status=0
+  git grep "$@" || status=$?
+  [ "$status" -le 1 ] || { echo "check-self-contained: git grep $* failed ($status)" >&2; exit 2; }
+}
 
+hits=$(grep_tracked -nIE -e "$outside")
 while IFS= read -r hit; do
-  report "reads a file by absolute path" "$hit"
-done < <(git grep -nE -e "$absolute_read" -- '*.rs' | grep -vE "$kernel" || true)
+  [ -n "$hit" ] && report "names a path outside the checkout" "$hit"
+done <<<"$hits"
+
+hits=$(grep_tracked -nE -e "$absolute_read" -- '*.rs')
+while IFS= read -r hit; do
+  [ -n "$hit" ] && report "reads a file by absolute path" "$hit"
+done < <(grep -vE "$kernel" <<<"$hits" || true)
 
 if [ "$failures" -gt 0 ]; then
   echo "check-self-contained: $failures line(s) above depend on files outside the checkout;" \

@@ -76,13 +76,19 @@ seed() {
 for fuzz in core/fuzz plugins/*/fuzz; do
   crate=${fuzz%/fuzz}
   targets=()
-  for target in $(cd "$crate" && cargo fuzz list); do
+  # On a line of its own: a failure inside a `for` list would not stop the
+  # script, and the crate would be skipped without a word.
+  listed=$(cd "$crate" && cargo fuzz list)
+  [ -n "$listed" ] || { echo "fuzz.sh: $crate lists no fuzz targets" >&2; exit 1; }
+  for target in $listed; do
     if [ "$only" = "  " ] || [[ "$only" == *" $target "* ]]; then
       targets+=("$target")
     fi
   done
   if [ "${#targets[@]}" -eq 0 ]; then continue; fi
   step "building the fuzz targets of $crate"
+  # cargo fuzz has no --locked: a lock file that needs changing fails here.
+  cargo fetch --locked --manifest-path "$fuzz/Cargo.toml"
   (cd "$crate" && cargo fuzz build -O --target-dir "$target_dir")
   for target in "${targets[@]}"; do
     step "fuzzing $crate: $target for ${seconds}s"
@@ -98,7 +104,8 @@ for fuzz in core/fuzz plugins/*/fuzz; do
       -max_total_time="$seconds" -runs="$runs" -print_final_stats=1) >"$log" 2>&1 || status=$?
     elapsed=$((SECONDS - started))
     executed=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
-    crashes=$(find "$root/$fuzz/artifacts/$target" -type f 2>/dev/null | wc -l)
+    mkdir -p "$root/$fuzz/artifacts/$target"
+    crashes=$(find "$root/$fuzz/artifacts/$target" -type f | wc -l)
     if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
       crashed=1
       tail -30 "$log"

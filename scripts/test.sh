@@ -8,7 +8,7 @@ source scripts/lib.sh
 ensure_rust
 build_xtask
 # The status page is tested in a real headless browser: here it must run,
-# not be skipped. The host's build script looks for it, so it comes first.
+# not be skipped (the browser tests fail without it).
 ensure_debian_packages chromium
 export PRISMHOOK_REQUIRE_CHROMIUM=1
 # The host's tests build while the guests build and their own tests run
@@ -21,14 +21,12 @@ for dir in plugins/*/; do
     cargo test --locked --manifest-path "$dir/Cargo.toml" --target-dir target/guests-native
   fi
 done
-if command -v python3 >/dev/null; then
-  step "unit tests of plugins/f5-bigip (Python)"
-  python3 -m unittest discover -s plugins/f5-bigip/tests
-fi
-if command -v node >/dev/null; then
-  step "unit tests of plugins/forwarder (JavaScript)"
-  node --test plugins/forwarder/test/
-fi
+# Both exist wherever the guests above were built (componentize-py,
+# componentize-js): a missing one is an error, not a skip.
+step "unit tests of plugins/f5-bigip (Python)"
+python3 -m unittest discover -s plugins/f5-bigip/tests
+step "unit tests of plugins/forwarder (JavaScript)"
+node --test plugins/forwarder/test/
 step "go vet + go test of the Go plugins (xtask go-test)"
 xtask go-test
 # The JetStream ledger is tested against real nats-server nodes (the PyPI

@@ -54,6 +54,9 @@ fn go(root: &Path, dir: &Path) -> Result<Command> {
         .env("GOCACHE", root.join("target/tools/go-cache"))
         .env("GOMODCACHE", root.join("target/tools/go-mod"))
         .env("GOTELEMETRY", "off")
+        // A user's `go env -w` settings and GOFLAGS would change the build.
+        .env("GOENV", "off")
+        .env("GOFLAGS", "")
         .env_remove("GOOS")
         .env_remove("GOARCH")
         .env_remove("GOPATH");
@@ -304,6 +307,15 @@ pub fn unformatted(root: &Path, dir: &Path) -> Result<Vec<String>> {
         .current_dir(dir)
         .output()
         .context("running gofmt")?;
+    // A file it cannot parse is an error, not a formatted file.
+    if !out.status.success() {
+        bail!(
+            "gofmt -l in {} failed ({}):\n{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|f| !f.starts_with(BINDINGS))
