@@ -203,6 +203,20 @@ impl Shared {
     }
 }
 
+/// Makes the entry of the file at `path` in its directory durable.
+fn sync_dir(path: &Path) -> Result<(), LedgerError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| LedgerError::Io {
+            context: format!("flushing the directory {}", dir.display()),
+            source,
+        })
+}
+
 /// The sender is asked to come back: to this host once restarted, or to
 /// another.
 pub(super) fn unavailable_because(why: &str) -> LedgerError {
@@ -268,6 +282,7 @@ impl RedbLedger {
                 source,
             })?;
         }
+        let created = !path.exists();
         // redb caches up to 1 GiB per database by default, and a steady
         // stream of 5 KB notifications would fill it; what is read back
         // (recent events, claimed soon after they arrive) fits in far less.
@@ -279,6 +294,11 @@ impl RedbLedger {
         let txn = db.begin_write().ctx("beginning a write transaction")?;
         Tables::create(&txn)?;
         txn.commit().ctx("creating the tables")?;
+        if created {
+            // The file's own fsyncs do not make its name durable: a power cut
+            // could take the new file, and every event answered 202 in it.
+            sync_dir(&path)?;
+        }
 
         if opts.max_file_bytes > 0 && file_len(&path) > opts.max_file_bytes {
             // The file never shrinks by itself; this is the one moment nothing else uses it.
@@ -667,7 +687,13 @@ fn rebuild(db: &Database) -> Result<(Index, u64), LedgerError> {
         for row in deliveries.iter().ctx("reading deliveries")? {
             let (key, value) = row.ctx("reading a delivery")?;
             let (plugin, id) = key.value();
-            let record = DeliveryRecord::decode(plugin, id, value.value())?;
+            // One record spoilt on disk must not keep the host from starting:
+            // its event is delivered again (at least once), and its next
+            // outcome writes the record anew.
+            let record = DeliveryRecord::decode(plugin, id, value.value()).unwrap_or_else(|error| {
+                error!(plugin, event_id = id, %error, "a delivery's record cannot be read; the event is delivered again");
+                DeliveryRecord::default()
+            });
             let (lane, received_at_ms) = match index.events.get(&id) {
                 Some(info) => (info.lane.clone(), info.received_at_ms),
                 None => match events.get(id).with_ctx(|| format!("reading event {id}"))? {

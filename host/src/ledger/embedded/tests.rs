@@ -126,6 +126,45 @@ async fn a_thousand_concurrent_appends_share_far_fewer_commits() {
     assert_eq!(open(&dir).stats().undelivered, 2000);
 }
 
+/// A delivery's record spoilt on disk does not keep the ledger from
+/// opening: its event is pending again, and the others are as they were.
+#[tokio::test]
+async fn a_delivery_record_that_cannot_be_read_is_pending_again_and_the_ledger_opens() {
+    let dir = TempDir::new().unwrap();
+    let path = options(&dir).path;
+    let ledger = open(&dir);
+    let mut ids = Vec::new();
+    for entity in ["vm-1", "vm-2"] {
+        match ledger
+            .append(event(entity, now_ms()), plugins(&["fw"]))
+            .await
+        {
+            Ok(Appended::Stored { id, .. }) => ids.push(id),
+            other => panic!("not stored: {other:?}"),
+        }
+    }
+    drop(ledger);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(store::DELIVERIES)
+            .unwrap()
+            .insert(("fw", ids[0]), &b"\xff not a record"[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    let ledger = open(&dir);
+    let claimed: Vec<u64> = ledger
+        .claim("fw", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.event.id)
+        .collect();
+    assert_eq!(claimed, ids);
+}
+
 /// Rejects every delivery `fw` has.
 async fn reject_all(ledger: &RedbLedger) {
     loop {
