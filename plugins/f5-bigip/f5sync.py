@@ -214,8 +214,17 @@ def member_address(member):
     return member.rsplit(":", 1)[0]
 
 
+def reachable(address):
+    """Whether another machine can reach the VM at `address`: Prism lists
+    every address a NIC reports, an IPv6 NIC's link-local one among them,
+    which BIG-IP cannot use without a scope."""
+    return not (address.is_link_local or address.is_loopback
+                or address.is_unspecified or address.is_multicast)
+
+
 def vm_ips(vm):
-    """The VM's valid addresses, canonical and sorted, and the invalid ones."""
+    """The VM's valid addresses, canonical and sorted, and the invalid ones;
+    addresses no other machine reaches it at are left out."""
     good, bad = set(), []
     for nic in vm.nics or []:
         for raw in nic.ips or []:
@@ -229,7 +238,7 @@ def vm_ips(vm):
             # text: not an address BIG-IP should be given.
             if getattr(address, "scope_id", None):
                 bad.append(raw)
-            else:
+            elif reachable(address):
                 good.add(str(address))
     return sorted(good, key=lambda a: (":" in a, ipaddress.ip_address(a))), bad
 
@@ -439,7 +448,14 @@ def add_member(config, host, pool, member, recorded=False):
     if not recorded:
         description = member_description(config, host, pool, member)
         if description is None:
-            raise Failure(retry(f"{member} left pool {pool} between BIG-IP's 409 and reading it ({what})", 0))
+            # Refused as existing, yet not there by that name: another member
+            # holds the address under another name (a named node). Retrying
+            # would be refused alike until someone changes the pool.
+            raise Failure(reject(
+                f"BIG-IP refused {member} in pool {pool} as existing (409) but has no member "
+                f"of that name ({what}): another member may use {member_address(member)} under "
+                f"another node name; remove it, or leave the address to it"
+            ))
         if description != MANAGED:
             left_alone(host, pool, member)
             return False

@@ -104,6 +104,8 @@ func (Host) Send(r fmc.Request) (fmc.Response, error) {
 		switch failure.e.Tag() {
 		case http.ErrorDenied, http.ErrorInvalidRequest:
 			return fmc.Response{}, &fmc.HostRefused{Reason: failure.Error()}
+		case http.ErrorLimitExceeded:
+			return fmc.Response{}, &fmc.OutOfRequests{Reason: failure.Error()}
 		}
 		return fmc.Response{}, failure
 	}

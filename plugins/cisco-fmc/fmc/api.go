@@ -66,6 +66,12 @@ func (e *RateLimited) Error() string {
 	return fmt.Sprintf("FMC rate limit (HTTP 429) on %s %s; again in %s", e.Method, e.Path, e.After)
 }
 
+// OutOfRequests is the host's refusal of a request past the call's share
+// (`max_requests_per_call`): the rest goes in the next call, at once.
+type OutOfRequests struct{ Reason string }
+
+func (e *OutOfRequests) Error() string { return e.Reason }
+
 // HostRefused is a request the host would not make: its allowlist denies
 // it, or it is malformed. No retry helps until the operator changes the
 // plugin's configuration or the host's.

@@ -190,6 +190,11 @@ type fakeHost struct {
 	clusters map[string]string
 	// writes counts KvSet and KvDelete calls, keyPages KvListAfter calls.
 	writes, keyPages int
+	// requestsLeft, when set, is how many more requests the host makes
+	// before it refuses them as over the call's share; overShare counts
+	// those refused.
+	requestsLeft *int
+	overShare    int
 }
 
 func newHost(t testing.TB) *fakeHost {
@@ -199,6 +204,13 @@ func newHost(t testing.TB) *fakeHost {
 func (h *fakeHost) Send(r Request) (Response, error) {
 	if !strings.HasPrefix(r.URL, "https://fmc.test/") {
 		return Response{}, &HostRefused{Reason: "denied by the host's allowlist: " + r.URL}
+	}
+	if h.requestsLeft != nil {
+		if *h.requestsLeft == 0 {
+			h.overShare++
+			return Response{}, &OutOfRequests{Reason: "limit exceeded: at most N requests per call"}
+		}
+		*h.requestsLeft--
 	}
 	req := httptest.NewRequest(r.Method, strings.TrimPrefix(r.URL, "https://fmc.test"), strings.NewReader(string(r.Body)))
 	rec := httptest.NewRecorder()

@@ -283,6 +283,40 @@ func TestARefusedVmIsRejectedAloneAndTheRestOfTheBatchApplies(t *testing.T) {
 	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1"}})
 }
 
+func TestAddressesNoOtherMachineReachesAreNotMapped(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	allDone(t, Handle(c, h, []Event{
+		event("VM.ON", "u1", vm("u1", "ON", nil, "fe80::5054:ff:fe12:3456", "127.0.0.1", "::", "ff02::1", "10.0.0.1")),
+	}))
+	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1"}})
+}
+
+func TestABatchPastTheCallsRequestsIsRetriedAtOnceAndItsOtherVmsAreNotTriedAlone(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	h.fmc.refuse = "10.0.0.66"
+	// Objects and domain looked up and remembered first.
+	allDone(t, Handle(c, h, []Event{event("VM.ON", "warm", vm("warm", "ON", nil, "10.0.0.9"))}))
+	// Enough for the batch's bulk change, which FMC refuses: the first VM
+	// tried alone finds the call's requests spent.
+	left := 1
+	h.requestsLeft = &left
+	out := Handle(c, h, []Event{
+		event("VM.ON", "bad", vm("bad", "ON", nil, "10.0.0.66")),
+		event("VM.ON", "a", vm("a", "ON", nil, "10.0.0.1")),
+		event("VM.ON", "b", vm("b", "ON", nil, "10.0.0.2")),
+	})
+	for _, o := range out {
+		if o.Kind != Retry || !o.Now || !strings.Contains(o.Reason, "limit exceeded") {
+			t.Fatalf("past the share: %+v", out)
+		}
+	}
+	if h.overShare != 1 {
+		t.Fatalf("%d requests past the share: the VMs after the first were tried alone", h.overShare)
+	}
+}
+
 func TestARequestTheHostRefusesIsRejectedNotRetried(t *testing.T) {
 	// The fake host's allowlist holds https://fmc.test only.
 	c := config(t, "")

@@ -211,6 +211,9 @@ func (c *Config) Wanted(host Host, cluster string, vm *Vm) (IPObjects, []string)
 				invalid = append(invalid, text)
 				continue
 			}
+			if !reachable(ip) {
+				continue
+			}
 			set := wanted[ip]
 			if set == nil {
 				set = map[string]bool{}
@@ -232,6 +235,15 @@ func CanonicalIP(text string) (string, bool) {
 		return "", false
 	}
 	return addr.Unmap().WithZone("").String(), true
+}
+
+// reachable says whether another machine can reach the VM at ip: Prism
+// lists every address a NIC reports, an IPv6 NIC's link-local one among
+// them, which no rule on the firewall can use.
+func reachable(ip string) bool {
+	addr, err := netip.ParseAddr(ip)
+	return err == nil && !addr.IsLinkLocalUnicast() && !addr.IsLinkLocalMulticast() &&
+		!addr.IsLoopback() && !addr.IsUnspecified() && !addr.IsMulticast()
 }
 
 func sortedKeys(set map[string]bool) []string {

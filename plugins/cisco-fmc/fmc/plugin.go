@@ -74,12 +74,23 @@ func Handle(cfg *Config, host Host, events []Event) []Outcome {
 	var refused *APIError
 	if len(order) > 1 && errors.As(err, &refused) && refused.Permanent() {
 		host.Log(Warn, fmt.Sprintf("FMC refused a batch of %d VMs (%v); trying each VM alone", len(order), err))
+		// Past an error FMC's refusal of one VM does not explain (its rate
+		// limit, the call's requests spent, a connection), the VMs left
+		// share it untried: trying them would meet it again.
+		var stop error
 		for _, key := range order {
-			one := []string{key}
-			if err := apply(cfg, host, events, one, groups); err != nil {
-				for _, i := range groups[key] {
-					outcomes[i] = failure(err)
-				}
+			err := stop
+			if err == nil {
+				err = apply(cfg, host, events, []string{key}, groups)
+			}
+			if err == nil {
+				continue
+			}
+			for _, i := range groups[key] {
+				outcomes[i] = failure(err)
+			}
+			if !errors.As(err, &refused) || !refused.Permanent() {
+				stop = err
 			}
 		}
 		return outcomes
@@ -169,6 +180,10 @@ func failure(err error) Outcome {
 	var limited *RateLimited
 	if errors.As(err, &limited) {
 		return Outcome{Kind: Retry, Reason: err.Error(), Delay: limited.After}
+	}
+	var spent *OutOfRequests
+	if errors.As(err, &spent) {
+		return Outcome{Kind: Retry, Reason: err.Error(), Now: true}
 	}
 	var refused *APIError
 	if errors.As(err, &refused) && refused.Permanent() {

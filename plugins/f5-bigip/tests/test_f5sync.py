@@ -176,6 +176,13 @@ class MemberTests(unittest.TestCase):
         self.assertEqual(got, {("/Common/web", "2001:db8::2.80")})
         self.assertTrue(any("fe80::1%a?b" in m for m in logs), logs)
 
+    def test_addresses_no_other_machine_reaches_are_left_out_without_a_warning(self):
+        v = vm(ips=("fe80::5054:ff:fe12:3456", "127.0.0.1", "0.0.0.0", "ff02::1", "10.0.0.1"))
+        logs = []
+        got = f5sync.wanted(config(), v, True, lambda lvl, msg: logs.append(msg))
+        self.assertEqual(got, {("/Common/web", "10.0.0.1:80")})
+        self.assertEqual(logs, [])
+
     def test_a_vm_without_the_category_or_powered_off_contributes_nothing(self):
         self.assertEqual(f5sync.wanted(config(), vm(pool=None), True), set())
         self.assertEqual(f5sync.wanted(config(), vm(), False), set())
@@ -263,12 +270,14 @@ class HandleTests(unittest.TestCase):
         self.assertEqual(out, [f5sync.DONE, f5sync.DONE])
         self.assertEqual(self.host.members(), {})
 
-    def test_a_member_that_vanishes_between_the_409_and_its_read_is_tried_again_at_once(self):
+    def test_a_409_for_a_member_not_there_by_its_name_is_refused_not_retried_for_ever(self):
+        # Another member holds the address under another node name: BIG-IP
+        # would refuse every retry alike.
         self.host.fail = [409, 404]
         out = self.handle(event("VM.ON", vm()))
-        self.assertEqual(out[0][0], "retry")
-        self.assertIn("left pool /Common/web between BIG-IP's 409 and reading it", out[0][1])
-        self.assertEqual(out[0][2], 0)
+        self.assertEqual(out[0][0], "reject")
+        self.assertIn("refused 10.0.0.1:80 in pool /Common/web as existing (409)", out[0][1])
+        self.assertIn("another node name", out[0][1])
 
     def test_a_member_already_gone_counts_as_removed(self):
         self.handle(event("VM.ON", vm()))

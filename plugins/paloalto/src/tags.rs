@@ -201,9 +201,21 @@ pub fn wanted(config: &Config, cluster: &str, vm: &Vm) -> IpTags {
     vm.nics
         .iter()
         .flatten()
+        .filter(|ip| ip.trim().parse().is_ok_and(reachable))
         .filter_map(|ip| normalise_ip(ip))
         .map(|ip| (ip, tags.clone()))
         .collect()
+}
+
+/// Whether other machines (and so the firewall's rules) see the VM at
+/// `ip`: Prism lists every address a NIC reports, an IPv6 NIC's link-local
+/// one among them, which would only spend registrations.
+fn reachable(ip: IpAddr) -> bool {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    !(link_local || ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
 }
 
 /// The VM's IPs that are not IP addresses; they are skipped (and logged).
@@ -369,12 +381,31 @@ pub(crate) mod tests {
             nics: vec![vec![
                 " 10.0.0.1 ".into(),
                 "not-an-ip".into(),
-                "FE80::1".into(),
+                "2001:DB8::1".into(),
             ]],
             ..web_01()
         };
         let ips: Vec<_> = wanted(&config, "c", &vm).into_keys().collect();
-        assert_eq!(ips, ["10.0.0.1", "fe80::1"]);
+        assert_eq!(ips, ["10.0.0.1", "2001:db8::1"]);
         assert_eq!(invalid_ips(&vm), ["not-an-ip"]);
+    }
+
+    #[test]
+    fn addresses_no_other_machine_reaches_the_vm_at_are_not_registered() {
+        let config = config(r#"{"firewall": "https://fw"}"#);
+        let vm = Vm {
+            nics: vec![vec![
+                "FE80::5054:ff:fe12:3456".into(),
+                "169.254.0.7".into(),
+                "127.0.0.1".into(),
+                "::".into(),
+                "ff02::1".into(),
+                "10.0.0.1".into(),
+            ]],
+            ..web_01()
+        };
+        let ips: Vec<_> = wanted(&config, "c", &vm).into_keys().collect();
+        assert_eq!(ips, ["10.0.0.1"]);
+        assert!(invalid_ips(&vm).is_empty(), "skipped, not invalid");
     }
 }
