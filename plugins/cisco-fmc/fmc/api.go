@@ -93,6 +93,9 @@ type api struct {
 	Requests int
 	// patient waits out every 429 inside the call (see reconcileWait).
 	patient bool
+	// slept is how long this call has waited out 429s: what a call may
+	// wait in all is cfg.RateLimitWait, which its deadline must hold.
+	slept time.Duration
 }
 
 // A paged reconcile waits out FMC's rate limit, however often it answers
@@ -114,8 +117,8 @@ func newAPI(cfg *Config, host Host) *api {
 
 var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
-// do sends one request. A 429 is waited out inside the call when FMC asks
-// for at most cfg.RateLimitWait, twice at most (in a paged reconcile, for
+// do sends one request. A 429 is waited out inside the call while the
+// call's waits come to at most cfg.RateLimitWait in all (in a paged reconcile, for
 // at most reconcileWait, reconcileWaits times); otherwise it is a
 // *RateLimited for the caller to turn into a retry.
 func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, error) {
@@ -153,9 +156,10 @@ func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, e
 					after = time.Duration(math.Min(secs, maxRetryAfter.Seconds()) * float64(time.Second))
 				}
 			}
-			if waited < 2 && after <= a.cfg.RateLimitWait {
+			if a.slept+after <= a.cfg.RateLimitWait {
 				a.host.Log(Debug, fmt.Sprintf("FMC rate limit on %s %s: waiting %s", method, path, after))
 				a.host.Sleep(after)
+				a.slept += after
 				continue
 			}
 			if a.patient && waited < reconcileWaits && after <= reconcileWait {

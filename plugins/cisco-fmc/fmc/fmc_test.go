@@ -238,6 +238,21 @@ func TestAShortRateLimitIsWaitedOutAndALongOneBecomesARetryWithItsDelay(t *testi
 	expectMappings(t, h, map[string][]string{"ntnx.managed": {"10.0.0.1", "10.0.0.2"}})
 }
 
+// A call's waits come to rate_limit_wait in all, however many requests
+// meet a 429: the call's deadline must hold them and its requests.
+func TestTheWaitsOfOneCallComeToTheRateLimitWaitInAll(t *testing.T) {
+	c := config(t, "")
+	h := newHost(t)
+	h.fmc.throttle, h.fmc.retryAfter = 2, "1.5"
+	out := Handle(c, h, []Event{event("VM.ON", "u1", vm("u1", "ON", nil, "10.0.0.1"))})
+	if out[0].Kind != Retry || out[0].Delay != 1500*time.Millisecond {
+		t.Fatalf("%+v", out[0])
+	}
+	if !reflect.DeepEqual(h.slept, []time.Duration{1500 * time.Millisecond}) {
+		t.Fatalf("slept %v: past the 2 s a call waits in all", h.slept)
+	}
+}
+
 // Where Handle gives a long 429 back to the host, the paged reconcile
 // waits it out, however many come: it has a deadline that grew with the
 // inventory, and its retry would start over.
