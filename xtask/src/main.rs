@@ -421,6 +421,9 @@ const NOT_SOURCES: &[&str] = &[
     "test",
 ];
 
+/// Paths in a guest's directory that its build writes.
+const GENERATED: &[&str] = &[golang::BINDINGS, "go.work", "go.work.sum"];
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Language {
     Python,
@@ -506,11 +509,11 @@ fn build_other_guest(
             ),
         ),
     };
-    let newest = newest_source(dir)?.max(newest_source(&wit_dir(root, dir))?);
-    let fresh = std::fs::metadata(&component)
-        .and_then(|m| m.modified())
-        .is_ok_and(|built_at| Some(built_at) > newest)
-        && stamped(&stamp, &component, &tool);
+    // What the component was built from, by content: a file removed or
+    // renamed, or copied back with an older time, is a change too.
+    let sources = sources_digest(&[dir, &wit_dir(root, dir)])?;
+    let from = format!("{tool}\nsources {sources:016x}");
+    let fresh = component.is_file() && stamped(&stamp, &component, &from);
     if fresh {
         println!(
             "xtask: {} is up to date ({label}, {tool})",
@@ -530,7 +533,7 @@ fn build_other_guest(
         Language::Go => golang::build(root, dir, &wit_dir(root, dir), &tmp)?,
     }
     std::fs::rename(&tmp, &component)?;
-    write_stamp(&stamp, &component, &tool)?;
+    write_stamp(&stamp, &component, &from)?;
     println!(
         "xtask: wrote {} ({} KiB) in {:.1}s",
         component.display(),
@@ -540,27 +543,46 @@ fn build_other_guest(
     Ok(())
 }
 
-/// The newest modification time of the files under `dir`, sources only.
-fn newest_source(dir: &Path) -> Result<Option<std::time::SystemTime>> {
-    let mut newest = None;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in
-            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
-        {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                if !NOT_SOURCES.contains(&entry.file_name().to_string_lossy().as_ref()) {
-                    stack.push(entry.path());
+/// A digest of the source files under `dirs` (their paths, relative to each
+/// dir, and their bytes), in a fixed order.
+fn sources_digest(dirs: &[&Path]) -> Result<u64> {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut files = Vec::new();
+    for (n, root) in dirs.iter().enumerate() {
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in
+                std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+            {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let relative = entry.path().strip_prefix(root)?.to_path_buf();
+                // What the build writes there itself (the Go bindings and
+                // go.work) is not what it is built from.
+                if GENERATED.iter().any(|g| relative == Path::new(g)) {
+                    continue;
                 }
-            } else if !entry.file_name().to_string_lossy().ends_with(".md") {
-                let modified = entry.metadata()?.modified()?;
-                newest = newest.max(Some(modified));
+                if entry.file_type()?.is_dir() {
+                    if !NOT_SOURCES.contains(&name.as_str()) {
+                        stack.push(entry.path());
+                    }
+                } else if !name.ends_with(".md") {
+                    files.push((n, relative, entry.path()));
+                }
             }
         }
     }
-    Ok(newest)
+    files.sort();
+    let mut hasher = DefaultHasher::new();
+    for (n, relative, path) in files {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        hasher.write_usize(n);
+        hasher.write(relative.to_string_lossy().as_bytes());
+        hasher.write_u8(0);
+        hasher.write_usize(bytes.len());
+        hasher.write(&bytes);
+    }
+    Ok(hasher.finish())
 }
 
 /// The WIT world a Python or JavaScript guest is built for, which
