@@ -41,11 +41,6 @@ impl ByAge {
         }
     }
 
-    /// How many rows of unknown age are held since the last old one.
-    pub fn held(&self) -> usize {
-        self.ahead.len()
-    }
-
     /// The first row read that is kept, if one was.
     pub fn first_kept(&self) -> Option<u64> {
         self.ahead.first().copied().or(self.first_young)

@@ -545,20 +545,26 @@ impl Index {
     }
 
     /// Dead letters by plugin and id, optionally narrowed to one plugin and/or some event ids.
+    /// Up to `limit` of them, in (plugin, id) order, from the one after `after`.
     pub fn dead(
         &self,
         plugin: Option<&str>,
         ids: Option<&[u64]>,
+        after: Option<&(String, u64)>,
         limit: usize,
     ) -> Vec<(String, u64)> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
         let wanted: Option<HashSet<u64>> = ids.map(|ids| ids.iter().copied().collect());
+        let from = after.map_or(Unbounded, |(p, _)| Included(p.as_str()));
         self.plugins
-            .iter()
+            .range::<str, _>((from, Unbounded))
             .filter(|(name, _)| plugin.is_none_or(|p| p == name.as_str()))
             .flat_map(|(name, p)| {
-                p.dead
-                    .iter()
-                    .filter(|id| wanted.as_ref().is_none_or(|w| w.contains(id)))
+                let ids = match after {
+                    Some((a, id)) if a == name => p.dead.range((Excluded(*id), Unbounded)),
+                    _ => p.dead.range(..),
+                };
+                ids.filter(|id| wanted.as_ref().is_none_or(|w| w.contains(id)))
                     .map(move |&id| (name.clone(), id))
             })
             .take(limit)

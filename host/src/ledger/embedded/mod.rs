@@ -282,7 +282,6 @@ impl RedbLedger {
                 source,
             })?;
         }
-        let created = !path.exists();
         // redb caches up to 1 GiB per database by default, and a steady
         // stream of 5 KB notifications would fill it; what is read back
         // (recent events, claimed soon after they arrive) fits in far less.
@@ -294,11 +293,10 @@ impl RedbLedger {
         let txn = db.begin_write().ctx("beginning a write transaction")?;
         Tables::create(&txn)?;
         txn.commit().ctx("creating the tables")?;
-        if created {
-            // The file's own fsyncs do not make its name durable: a power cut
-            // could take the new file, and every event answered 202 in it.
-            sync_dir(&path)?;
-        }
+        // The file's own fsyncs do not make its name durable: a power cut
+        // could take a new file, and every event answered 202 in it. Every
+        // open, not only the one that made it: that one may have died first.
+        sync_dir(&path)?;
 
         if opts.max_file_bytes > 0 && file_len(&path) > opts.max_file_bytes {
             // The file never shrinks by itself; this is the one moment nothing else uses it.
@@ -373,6 +371,23 @@ impl RedbLedger {
             total += chunk.count;
             match chunk.resume {
                 Some(resume) => after = Some(resume),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    /// [`Self::run_chunks`] for dead letters, whose chunks go by (plugin, id).
+    async fn run_dead_chunks<O: Op<Answer = writer::DeadChunk>>(
+        &self,
+        mut op: impl FnMut(Option<(String, u64)>) -> O,
+    ) -> Result<u64, LedgerError> {
+        let mut total = 0;
+        let mut after = None;
+        loop {
+            let (count, next) = self.run(op(after)).await?;
+            total += count;
+            match next {
+                Some(next) => after = Some(next),
                 None => return Ok(total),
             }
         }
@@ -491,9 +506,10 @@ impl Ledger for RedbLedger {
         plugin: Option<&str>,
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
-        self.run_chunks(|_| writer::ReplayDead {
+        self.run_dead_chunks(|after| writer::ReplayDead {
             plugin: plugin.map(str::to_owned),
             ids: event_ids.map(<[u64]>::to_vec),
+            after,
         })
         .await
     }
@@ -503,9 +519,10 @@ impl Ledger for RedbLedger {
         plugin: Option<&str>,
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
-        self.run_chunks(|_| writer::DropDead {
+        self.run_dead_chunks(|after| writer::DropDead {
             plugin: plugin.map(str::to_owned),
             ids: event_ids.map(<[u64]>::to_vec),
+            after,
         })
         .await
     }
@@ -529,10 +546,10 @@ impl Ledger for RedbLedger {
                     plugin: plugin.to_owned(),
                     since_ms,
                     subscriptions: subscriptions.to_vec(),
-                    // At least one, so that a chunk always moves on.
+                    // None left stops the replay at its next match.
                     room: match max_backlog {
                         0 => u64::MAX,
-                        limit => limit.saturating_sub(pending).max(1),
+                        limit => limit.saturating_sub(pending),
                     },
                     after,
                 })
@@ -668,6 +685,7 @@ fn file_len(path: &Path) -> u64 {
 fn rebuild(db: &Database) -> Result<(Index, u64), LedgerError> {
     let mut index = Index::default();
     let mut orphans = Vec::new();
+    let mut spoilt = Vec::new();
     let next_id = {
         let txn = db.begin_read().ctx("beginning a read transaction")?;
         let events = txn.open_table(EVENTS).ctx("opening the events table")?;
@@ -688,10 +706,11 @@ fn rebuild(db: &Database) -> Result<(Index, u64), LedgerError> {
             let (key, value) = row.ctx("reading a delivery")?;
             let (plugin, id) = key.value();
             // One record spoilt on disk must not keep the host from starting:
-            // its event is delivered again (at least once), and its next
-            // outcome writes the record anew.
+            // its event is delivered again (at least once), from a record
+            // written anew below, which every later read of it needs.
             let record = DeliveryRecord::decode(plugin, id, value.value()).unwrap_or_else(|error| {
                 error!(plugin, event_id = id, %error, "a delivery's record cannot be read; the event is delivered again");
+                spoilt.push((plugin.to_owned(), id));
                 DeliveryRecord::default()
             });
             let (lane, received_at_ms) = match index.events.get(&id) {
@@ -725,19 +744,25 @@ fn rebuild(db: &Database) -> Result<(Index, u64), LedgerError> {
             .map_or(1, |(k, _)| k.value() + 1);
         stored.max(after_last).max(1)
     };
-    if !orphans.is_empty() {
-        warn!(
-            count = orphans.len(),
-            "deleting deliveries whose event is missing"
-        );
+    if !orphans.is_empty() || !spoilt.is_empty() {
+        if !orphans.is_empty() {
+            warn!(
+                count = orphans.len(),
+                "deleting deliveries whose event is missing"
+            );
+        }
         let txn = db.begin_write().ctx("beginning a write transaction")?;
         {
             let mut tables = Tables::open(&txn)?;
             for (plugin, id) in &orphans {
                 tables.remove_record(plugin, *id)?;
             }
+            for (plugin, id) in &spoilt {
+                tables.put_record(plugin, *id, &DeliveryRecord::default())?;
+            }
         }
-        txn.commit().ctx("deleting orphaned deliveries")?;
+        txn.commit()
+            .ctx("deleting orphaned deliveries and mending spoilt ones")?;
     }
     Ok((index, next_id))
 }

@@ -155,14 +155,14 @@ async fn a_delivery_record_that_cannot_be_read_is_pending_again_and_the_ledger_o
     }
 
     let ledger = open(&dir);
-    let claimed: Vec<u64> = ledger
-        .claim("fw", 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| d.event.id)
-        .collect();
+    let batch = ledger.claim("fw", 10).await.unwrap();
+    let claimed: Vec<u64> = batch.iter().map(|d| d.event.id).collect();
     assert_eq!(claimed, ids);
+    // Its outcome is recorded like any other: the record was written anew.
+    let done = claimed.iter().map(|&id| (id, Outcome::Done)).collect();
+    ledger.complete("fw", done).await.unwrap();
+    let fw = &ledger.backlog().unwrap()[0];
+    assert_eq!((fw.pending, fw.delivered), (0, 2), "{fw:?}");
 }
 
 /// Rejects every delivery `fw` has.

@@ -497,22 +497,41 @@ impl Op for Complete {
 pub(super) struct ReplayDead {
     pub plugin: Option<String>,
     pub ids: Option<Vec<u64>>,
+    /// The last letter of the chunk before.
+    pub after: Option<(String, u64)>,
 }
 
-/// Each of [`CHUNK`] letters, so that a million of them do not hold up the
-/// appends for one long transaction. The letters done leave the index's
-/// dead set, so the next chunk takes the next ones; one left there (its
-/// record is not dead) ends the run, rather than be taken again and again.
+/// A chunk of dead letters done, and the last of them when more may follow.
+pub(super) type DeadChunk = (u64, Option<(String, u64)>);
+
+/// [`CHUNK`] letters at a time, so that a million of them do not hold up
+/// the appends for one long transaction; each chunk starts after the last
+/// letter of the one before, whether it was revived or not (its event gone,
+/// its record not dead).
 impl Op for ReplayDead {
-    type Effect = (Vec<(String, u64)>, bool);
-    type Answer = Chunk;
+    type Effect = (Vec<(String, u64)>, Option<(String, u64)>);
+    type Answer = DeadChunk;
 
     fn stage(&self, s: &mut Stage) -> Result<Self::Effect, LedgerError> {
-        let targets = s
-            .shared
-            .index()
-            .dead(self.plugin.as_deref(), self.ids.as_deref(), CHUNK);
-        let full = targets.len() >= CHUNK;
+        let (targets, next) = {
+            let index = s.shared.index();
+            let targets = index.dead(
+                self.plugin.as_deref(),
+                self.ids.as_deref(),
+                self.after.as_ref(),
+                CHUNK,
+            );
+            let next = (targets.len() >= CHUNK)
+                .then(|| targets.last().cloned())
+                .flatten();
+            // A letter whose event is gone has nothing to deliver: it stays
+            // a letter, listed as unreadable, until dropped.
+            let live: Vec<_> = targets
+                .into_iter()
+                .filter(|(_, id)| index.lane_of(*id).is_some())
+                .collect();
+            (live, next)
+        };
         let mut revived = Vec::new();
         for (plugin, id) in targets {
             match s.tables.record(&plugin, id)? {
@@ -524,19 +543,15 @@ impl Op for ReplayDead {
                 _ => {}
             }
         }
-        let more = full && revived.len() == CHUNK;
-        Ok((revived, more))
+        Ok((revived, next))
     }
 
-    fn apply((revived, more): Self::Effect, a: &mut Apply) -> Chunk {
+    fn apply((revived, next): Self::Effect, a: &mut Apply) -> DeadChunk {
         for (plugin, id) in &revived {
             a.index.revive(plugin, *id);
             a.wake.push(plugin.clone());
         }
-        Chunk {
-            count: revived.len() as u64,
-            resume: more.then_some(0),
-        }
+        (revived.len() as u64, next)
     }
 }
 
@@ -544,32 +559,35 @@ impl Op for ReplayDead {
 pub(super) struct DropDead {
     pub plugin: Option<String>,
     pub ids: Option<Vec<u64>>,
+    pub after: Option<(String, u64)>,
 }
 
 /// In chunks, as [`ReplayDead`].
 impl Op for DropDead {
     type Effect = Vec<(String, u64)>;
-    type Answer = Chunk;
+    type Answer = DeadChunk;
 
     fn stage(&self, s: &mut Stage) -> Result<Self::Effect, LedgerError> {
-        let targets = s
-            .shared
-            .index()
-            .dead(self.plugin.as_deref(), self.ids.as_deref(), CHUNK);
+        let targets = s.shared.index().dead(
+            self.plugin.as_deref(),
+            self.ids.as_deref(),
+            self.after.as_ref(),
+            CHUNK,
+        );
         for (plugin, id) in &targets {
             s.tables.remove_record(plugin, *id)?;
         }
         Ok(targets)
     }
 
-    fn apply(dropped: Self::Effect, a: &mut Apply) -> Chunk {
+    fn apply(dropped: Self::Effect, a: &mut Apply) -> DeadChunk {
         for (plugin, id) in &dropped {
             a.index.forget_dead(plugin, *id);
         }
-        Chunk {
-            count: dropped.len() as u64,
-            resume: (dropped.len() >= CHUNK).then_some(0),
-        }
+        let next = (dropped.len() >= CHUNK)
+            .then(|| dropped.last().cloned())
+            .flatten();
+        (dropped.len() as u64, next)
     }
 }
 
@@ -864,7 +882,10 @@ fn stage_prune_dedupe(s: &mut Stage, cutoff_ms: u64) -> Result<Chunk, LedgerErro
     let mut expired = Vec::new();
     let mut by_age = ByAge::new(s.now, cutoff_ms);
     for row in s.tables.event_keys.iter().ctx("scanning dedupe keys")? {
-        if expired.len() + by_age.held() >= CHUNK {
+        // Rows stamped ahead are read on past, however many: a chunk that
+        // stopped among them would start at them again, and never reach
+        // the old keys behind them.
+        if expired.len() >= CHUNK {
             break;
         }
         let (id, value) = row.ctx("reading a dedupe key")?;

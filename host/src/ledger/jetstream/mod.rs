@@ -1109,7 +1109,7 @@ impl Ledger for JetStreamLedger {
             let state = self.inner.state();
             state
                 .index
-                .dead(plugin, event_ids, usize::MAX)
+                .dead(plugin, event_ids, None, usize::MAX)
                 .into_iter()
                 .filter_map(|(plugin, id)| {
                     let event = state.index.events.get(&id)?;
@@ -1137,7 +1137,7 @@ impl Ledger for JetStreamLedger {
             .inner
             .state()
             .index
-            .dead(plugin, event_ids, usize::MAX)
+            .dead(plugin, event_ids, None, usize::MAX)
             .into_iter()
             .map(|(plugin, id)| Marking::unfenced(id, plugin, Mark::Dropped))
             .collect();
