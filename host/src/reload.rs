@@ -469,7 +469,7 @@ struct Task {
     /// the reload under way.
     freed: Vec<Unit>,
     /// Units the reload under way takes away (gone from the directory or
-    /// configuration): a unit it loads may take one's name over.
+    /// configuration): a unit it loads may take a loaded one's name over.
     leaving: BTreeSet<Unit>,
     /// Leaving units whose name a unit loaded in this reload took over,
     /// with that name: nothing is left to unload of them.
@@ -996,11 +996,12 @@ impl Task {
         // refused earlier for the name of one leaving now are tried again.
         self.leaving = units
             .iter()
-            .filter(|u| !plan.contains_key(u) && self.files.contains_key(u))
+            .filter(|u| !plan.contains_key(u))
             .cloned()
             .collect();
         for leaving in self.leaving.clone() {
-            units.extend(self.free_refused(&leaving));
+            // Those leaving too stay as they are, to be unloaded in turn.
+            units.extend(self.free_refused(&leaving, |u| plan.contains_key(u)));
         }
         let (coming, going): (Vec<Unit>, Vec<Unit>) =
             units.into_iter().partition(|u| plan.contains_key(u));
@@ -1048,7 +1049,10 @@ impl Task {
         let loaded = self.files.remove(unit);
         if let Some(old) = &loaded {
             self.forget_optimizing(old);
-            let freed = self.free_refused(unit);
+            // Those leaving too stay as they are, to be unloaded in turn.
+            let leaving = std::mem::take(&mut self.leaving);
+            let freed = self.free_refused(unit, |u| !leaving.contains(u));
+            self.leaving = leaving;
             self.freed.extend(freed);
         }
         let loaded = loaded.map(|l| l.plugin);
@@ -1071,14 +1075,14 @@ impl Task {
         }
     }
 
-    /// Forgets why the units refused for `unit`'s plugin name failed, so
-    /// they may load once it is gone, and returns them.
-    fn free_refused(&mut self, unit: &Unit) -> Vec<Unit> {
+    /// Forgets why the units refused for `unit`'s plugin name failed (those
+    /// `which` picks), so they may load once it is gone, and returns them.
+    fn free_refused(&mut self, unit: &Unit, which: impl Fn(&Unit) -> bool) -> Vec<Unit> {
         let by = format!("is already provided by {}", unit.label());
         let refused: Vec<(Unit, String)> = self
             .failures
             .iter()
-            .filter(|(_, f)| f.error.contains(&by))
+            .filter(|(u, f)| f.error.contains(&by) && which(u))
             .map(|(u, f)| (u.clone(), f.plugin.clone()))
             .collect();
         refused

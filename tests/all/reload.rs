@@ -256,6 +256,33 @@ async fn a_file_refused_for_its_plugins_name_serves_once_the_file_that_had_it_go
     handles_one_event_as_the_probe(&h, app).await;
 }
 
+/// The file that had the name and the one refused for it, removed together:
+/// both reported removed, no failure made up for the refused one.
+#[tokio::test]
+async fn a_holder_and_the_file_refused_for_its_name_removed_together_are_both_removed() {
+    let h = Host::new();
+    h.install("probe-old.wasm", &probe_variant(1));
+    h.install("probe-new.wasm", &probe_variant(2));
+    let app = h.start(false).await;
+    assert!(
+        app.loaded.iter().any(
+            |r| matches!(r, Report::Failed { error, .. } if error.contains("already provided by"))
+        ),
+        "{:?}",
+        app.loaded
+    );
+    std::fs::remove_file(h.plugins().join("probe-old.wasm")).unwrap();
+    std::fs::remove_file(h.plugins().join("probe-new.wasm")).unwrap();
+    let reports = app.reloader.reload().await;
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(
+        reports.iter().all(|r| matches!(r, Report::Removed { .. })),
+        "{reports:?}"
+    );
+    assert!(app.registry.get("probe").is_none());
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 /// An upgrade under a new file name, the old file removed in the same
 /// reload: the new version takes the name over before the old one is
 /// unloaded.
