@@ -338,7 +338,9 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             tracing::info!(
                 "shutting down: no new notifications accepted; finishing in-flight batches"
             );
-            let shutdown = app.shutdown(deregister_on_exit, Duration::from_secs(10));
+            // A stop for a restart keeps the webhooks it will serve again.
+            let deregister = deregister_on_exit && ledger_failed.is_none();
+            let shutdown = app.shutdown(deregister, Duration::from_secs(10));
             tokio::select! {
                 r = shutdown => r?,
                 _ = wait_for_signal() => {

@@ -213,9 +213,15 @@ impl HostState {
             if let (true, "https", Some(url::Host::Domain(name))) =
                 (proxied, url.scheme(), url.host())
             {
-                crate::outbound::refuse_local_name(name)
-                    .await
-                    .map_err(Error::Denied)?;
+                match tokio::time::timeout_at(
+                    deadline.into(),
+                    crate::outbound::refuse_local_name(name),
+                )
+                .await
+                {
+                    Ok(checked) => checked.map_err(Error::Denied)?,
+                    Err(_) => return Err(Error::Timeout),
+                }
             }
             let hop = Hop {
                 client: &client,
