@@ -50,9 +50,7 @@ func Handle(events []types.Event) []types.Outcome {
 			out[i] = types.MakeOutcomeReject(o.Reason)
 		default:
 			delay := witTypes.None[uint64]()
-			if o.Now {
-				delay = witTypes.Some[uint64](0)
-			} else if o.Delay > 0 {
+			if o.Delay > 0 {
 				delay = witTypes.Some(o.RetryAfter())
 			}
 			out[i] = types.MakeOutcomeRetry(types.Retry{Reason: o.Reason, DelayMs: delay})

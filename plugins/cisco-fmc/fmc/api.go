@@ -67,7 +67,7 @@ func (e *RateLimited) Error() string {
 }
 
 // OutOfRequests is the host's refusal of a request past the call's share
-// (`max_requests_per_call`): the rest goes in the next call, at once.
+// (`max_requests_per_call`): the rest goes in a later call.
 type OutOfRequests struct{ Reason string }
 
 func (e *OutOfRequests) Error() string { return e.Reason }
@@ -93,9 +93,10 @@ type api struct {
 	Requests int
 	// patient waits out every 429 inside the call (see reconcileWait).
 	patient bool
-	// slept is how long this call has waited out 429s: what a call may
-	// wait in all is cfg.RateLimitWait, which its deadline must hold.
-	slept time.Duration
+	// slept is how long this call has waited out 429s, shared by the apis
+	// of one call: what a call may wait in all is cfg.RateLimitWait, which
+	// its deadline must hold.
+	slept *time.Duration
 }
 
 // A paged reconcile waits out FMC's rate limit, however often it answers
@@ -112,13 +113,13 @@ const reconcileWait = 60 * time.Second
 const reconcileWaits = 10
 
 func newAPI(cfg *Config, host Host) *api {
-	return &api{cfg: cfg, host: host, ids: map[string]string{}}
+	return &api{cfg: cfg, host: host, ids: map[string]string{}, slept: new(time.Duration)}
 }
 
 var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
-// do sends one request. A 429 is waited out inside the call while the
-// call's waits come to at most cfg.RateLimitWait in all (in a paged reconcile, for
+// do sends one request. A 429 is waited out inside the call, twice at most,
+// while the call's waits come to at most cfg.RateLimitWait in all (in a paged reconcile, for
 // at most reconcileWait, reconcileWaits times); otherwise it is a
 // *RateLimited for the caller to turn into a retry.
 func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, error) {
@@ -156,10 +157,11 @@ func (a *api) do(method, path string, body any, wantStatus ...uint16) ([]byte, e
 					after = time.Duration(math.Min(secs, maxRetryAfter.Seconds()) * float64(time.Second))
 				}
 			}
-			if a.slept+after <= a.cfg.RateLimitWait {
+			// Twice at most per request: a `Retry-After: 0` must not loop.
+			if waited < 2 && *a.slept+after <= a.cfg.RateLimitWait {
 				a.host.Log(Debug, fmt.Sprintf("FMC rate limit on %s %s: waiting %s", method, path, after))
 				a.host.Sleep(after)
-				a.slept += after
+				*a.slept += after
 				continue
 			}
 			if a.patient && waited < reconcileWaits && after <= reconcileWait {

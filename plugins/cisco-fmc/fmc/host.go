@@ -47,9 +47,6 @@ type Outcome struct {
 	// Delay is the earliest moment to try again (Retry only); 0 leaves it
 	// to the host's backoff.
 	Delay time.Duration
-	// Now asks for the next try at once (Retry only): the call's share of
-	// requests ran out, and the rest goes in the next call.
-	Now bool
 }
 
 // Level is a log level.

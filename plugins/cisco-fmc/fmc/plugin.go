@@ -67,7 +67,9 @@ func (c *Config) intended(host Host, event Event) IPObjects {
 func Handle(cfg *Config, host Host, events []Event) []Outcome {
 	outcomes := make([]Outcome, len(events))
 	groups, order := groupByVM(events)
-	err := apply(cfg, host, events, order, groups)
+	// The call's waits for 429s, all its attempts together.
+	var slept time.Duration
+	err := apply(cfg, host, events, order, groups, &slept)
 	if err == nil {
 		return outcomes
 	}
@@ -81,7 +83,7 @@ func Handle(cfg *Config, host Host, events []Event) []Outcome {
 		for _, key := range order {
 			err := stop
 			if err == nil {
-				err = apply(cfg, host, events, []string{key}, groups)
+				err = apply(cfg, host, events, []string{key}, groups, &slept)
 			}
 			if err == nil {
 				continue
@@ -89,7 +91,9 @@ func Handle(cfg *Config, host Host, events []Event) []Outcome {
 			for _, i := range groups[key] {
 				outcomes[i] = failure(err)
 			}
-			if !errors.As(err, &refused) || !refused.Permanent() {
+			// A refusal of this VM's own (FMC's or the host's) is its
+			// alone; what would be retried would meet the others too.
+			if failure(err).Kind == Retry {
 				stop = err
 			}
 		}
@@ -116,7 +120,7 @@ func groupByVM(events []Event) (map[string][]int, []string) {
 }
 
 // apply sends the changes of the given VMs' events and records them.
-func apply(cfg *Config, host Host, events []Event, vms []string, groups map[string][]int) error {
+func apply(cfg *Config, host Host, events []Event, vms []string, groups map[string][]int, slept *time.Duration) error {
 	st := newStore(host)
 	changes := map[string]*Change{}
 	for _, key := range vms {
@@ -147,6 +151,7 @@ func apply(cfg *Config, host Host, events []Event, vms []string, groups map[stri
 	add, remove := byObject(changes)
 	if len(add)+len(remove) > 0 {
 		a := newAPI(cfg, host)
+		a.slept = slept
 		err := send(a, add, remove)
 		var refused *APIError
 		if errors.As(err, &refused) && refused.Permanent() {
@@ -180,10 +185,6 @@ func failure(err error) Outcome {
 	var limited *RateLimited
 	if errors.As(err, &limited) {
 		return Outcome{Kind: Retry, Reason: err.Error(), Delay: limited.After}
-	}
-	var spent *OutOfRequests
-	if errors.As(err, &spent) {
-		return Outcome{Kind: Retry, Reason: err.Error(), Now: true}
 	}
 	var refused *APIError
 	if errors.As(err, &refused) && refused.Permanent() {
