@@ -403,8 +403,8 @@ fn run(cmd: &mut Command) -> Result<()> {
 // componentize-js CLI its own package-lock.json pins (from npm); one with
 // `go.mod` is a Go guest (see `golang.rs`). The first two bundle a whole
 // interpreter, so a build takes a minute and the component is 12-20 MB: every
-// build is skipped while the component is newer than every source file and
-// was made by the same tool versions.
+// build is skipped while the component's stamp names the same tool versions
+// and the same sources, by a digest of their paths and bytes.
 
 /// The componentize-py release the Python guests are built with.
 const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
