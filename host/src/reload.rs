@@ -1000,8 +1000,7 @@ impl Task {
             .cloned()
             .collect();
         for leaving in self.leaving.clone() {
-            // Those leaving too stay as they are, to be unloaded in turn.
-            units.extend(self.free_refused(&leaving, |u| plan.contains_key(u)));
+            units.extend(self.free_refused(&leaving));
         }
         let (coming, going): (Vec<Unit>, Vec<Unit>) =
             units.into_iter().partition(|u| plan.contains_key(u));
@@ -1049,10 +1048,7 @@ impl Task {
         let loaded = self.files.remove(unit);
         if let Some(old) = &loaded {
             self.forget_optimizing(old);
-            // Those leaving too stay as they are, to be unloaded in turn.
-            let leaving = std::mem::take(&mut self.leaving);
-            let freed = self.free_refused(unit, |u| !leaving.contains(u));
-            self.leaving = leaving;
+            let freed = self.free_refused(unit);
             self.freed.extend(freed);
         }
         let loaded = loaded.map(|l| l.plugin);
@@ -1075,14 +1071,15 @@ impl Task {
         }
     }
 
-    /// Forgets why the units refused for `unit`'s plugin name failed (those
-    /// `which` picks), so they may load once it is gone, and returns them.
-    fn free_refused(&mut self, unit: &Unit, which: impl Fn(&Unit) -> bool) -> Vec<Unit> {
+    /// Forgets why the units refused for `unit`'s plugin name failed, so
+    /// they may load once it is gone, and returns them. Those leaving in
+    /// the reload under way too stay as they are, to be unloaded in turn.
+    fn free_refused(&mut self, unit: &Unit) -> Vec<Unit> {
         let by = format!("is already provided by {}", unit.label());
         let refused: Vec<(Unit, String)> = self
             .failures
             .iter()
-            .filter(|(u, f)| f.error.contains(&by) && which(u))
+            .filter(|(u, f)| f.error.contains(&by) && !self.leaving.contains(u))
             .map(|(u, f)| (u.clone(), f.plugin.clone()))
             .collect();
         refused
