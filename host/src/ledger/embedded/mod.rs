@@ -360,9 +360,9 @@ impl RedbLedger {
     }
 
     /// Runs a chunked operation until it says it is done; returns the sum of its counts.
-    async fn run_chunks<O: Op<Answer = Chunk>>(
+    async fn run_chunks<C, O: Op<Answer = Chunk<C>>>(
         &self,
-        mut op: impl FnMut(Option<u64>) -> O,
+        mut op: impl FnMut(Option<C>) -> O,
     ) -> Result<u64, LedgerError> {
         let mut total = 0;
         let mut after = None;
@@ -371,23 +371,6 @@ impl RedbLedger {
             total += chunk.count;
             match chunk.resume {
                 Some(resume) => after = Some(resume),
-                None => return Ok(total),
-            }
-        }
-    }
-
-    /// [`Self::run_chunks`] for dead letters, whose chunks go by (plugin, id).
-    async fn run_dead_chunks<O: Op<Answer = writer::DeadChunk>>(
-        &self,
-        mut op: impl FnMut(Option<(String, u64)>) -> O,
-    ) -> Result<u64, LedgerError> {
-        let mut total = 0;
-        let mut after = None;
-        loop {
-            let (count, next) = self.run(op(after)).await?;
-            total += count;
-            match next {
-                Some(next) => after = Some(next),
                 None => return Ok(total),
             }
         }
@@ -506,7 +489,7 @@ impl Ledger for RedbLedger {
         plugin: Option<&str>,
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
-        self.run_dead_chunks(|after| writer::ReplayDead {
+        self.run_chunks(|after| writer::ReplayDead {
             plugin: plugin.map(str::to_owned),
             ids: event_ids.map(<[u64]>::to_vec),
             after,
@@ -519,7 +502,7 @@ impl Ledger for RedbLedger {
         plugin: Option<&str>,
         event_ids: Option<&[u64]>,
     ) -> Result<u64, LedgerError> {
-        self.run_dead_chunks(|after| writer::DropDead {
+        self.run_chunks(|after| writer::DropDead {
             plugin: plugin.map(str::to_owned),
             ids: event_ids.map(<[u64]>::to_vec),
             after,

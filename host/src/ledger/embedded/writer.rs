@@ -387,11 +387,19 @@ fn write_delivered(t: &mut Tables, delivered: &BTreeMap<String, u64>) -> Result<
     Ok(())
 }
 
-/// One chunk of a long operation: what it did, and where the next chunk starts (`None` = done).
+/// One chunk of a long operation: what it did, and where the next chunk starts (`None` = done):
+/// after an event id, or after a (plugin, event id) for dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Chunk {
+pub(super) struct Chunk<C = u64> {
     pub count: u64,
-    pub resume: Option<u64>,
+    pub resume: Option<C>,
+}
+
+/// Where the chunk after `read` starts: after its last row when it was a whole [`CHUNK`].
+fn resume_after<C: Clone>(read: &[C]) -> Option<C> {
+    (read.len() >= CHUNK)
+        .then(|| read.last().cloned())
+        .flatten()
 }
 
 /// An event to store. What can be worked out before the writer takes it (the decoded VM's
@@ -501,16 +509,13 @@ pub(super) struct ReplayDead {
     pub after: Option<(String, u64)>,
 }
 
-/// A chunk of dead letters done, and the last of them when more may follow.
-pub(super) type DeadChunk = (u64, Option<(String, u64)>);
-
 /// [`CHUNK`] letters at a time, so that a million of them do not hold up
 /// the appends for one long transaction; each chunk starts after the last
 /// letter of the one before, whether it was revived or not (its event gone,
 /// its record not dead).
 impl Op for ReplayDead {
     type Effect = (Vec<(String, u64)>, Option<(String, u64)>);
-    type Answer = DeadChunk;
+    type Answer = Chunk<(String, u64)>;
 
     fn stage(&self, s: &mut Stage) -> Result<Self::Effect, LedgerError> {
         let (targets, next) = {
@@ -521,9 +526,7 @@ impl Op for ReplayDead {
                 self.after.as_ref(),
                 CHUNK,
             );
-            let next = (targets.len() >= CHUNK)
-                .then(|| targets.last().cloned())
-                .flatten();
+            let next = resume_after(&targets);
             // A letter whose event is gone has nothing to deliver: it stays
             // a letter, listed as unreadable, until dropped.
             let live: Vec<_> = targets
@@ -546,12 +549,15 @@ impl Op for ReplayDead {
         Ok((revived, next))
     }
 
-    fn apply((revived, next): Self::Effect, a: &mut Apply) -> DeadChunk {
+    fn apply((revived, resume): Self::Effect, a: &mut Apply) -> Chunk<(String, u64)> {
         for (plugin, id) in &revived {
             a.index.revive(plugin, *id);
             a.wake.push(plugin.clone());
         }
-        (revived.len() as u64, next)
+        Chunk {
+            count: revived.len() as u64,
+            resume,
+        }
     }
 }
 
@@ -565,7 +571,7 @@ pub(super) struct DropDead {
 /// In chunks, as [`ReplayDead`].
 impl Op for DropDead {
     type Effect = Vec<(String, u64)>;
-    type Answer = DeadChunk;
+    type Answer = Chunk<(String, u64)>;
 
     fn stage(&self, s: &mut Stage) -> Result<Self::Effect, LedgerError> {
         let targets = s.shared.index().dead(
@@ -580,14 +586,14 @@ impl Op for DropDead {
         Ok(targets)
     }
 
-    fn apply(dropped: Self::Effect, a: &mut Apply) -> DeadChunk {
+    fn apply(dropped: Self::Effect, a: &mut Apply) -> Chunk<(String, u64)> {
         for (plugin, id) in &dropped {
             a.index.forget_dead(plugin, *id);
         }
-        let next = (dropped.len() >= CHUNK)
-            .then(|| dropped.last().cloned())
-            .flatten();
-        (dropped.len() as u64, next)
+        Chunk {
+            count: dropped.len() as u64,
+            resume: resume_after(&dropped),
+        }
     }
 }
 
