@@ -80,8 +80,6 @@ pub async fn read_body(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>,
     Ok(body)
 }
 
-pub use prismhook_core::text::error_chain as chain;
-
 /// `builder` trusting what `tls` says instead of (or, for `System`, as) the
 /// public roots. The error names the file and what is wrong with it.
 pub fn with_tls(
@@ -97,7 +95,13 @@ pub fn with_tls(
             } else {
                 reqwest::Certificate::from_der(&bytes).map(|c| vec![c])
             }
-            .map_err(|e| format!("CA file {}: {}", path.display(), chain(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "CA file {}: {}",
+                    path.display(),
+                    prismhook_core::text::error_chain(&e)
+                )
+            })?;
             if certs.is_empty() {
                 return Err(format!("CA file {}: no certificate in it", path.display()));
             }
@@ -235,9 +239,7 @@ impl reqwest::dns::Resolve for NoLocalNames {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let name = name.as_str().to_owned();
         Box::pin(async move {
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let kept = not_local(&name, found, &own_addresses())?;
+            let kept = lookup_not_local(&name).await??;
             Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -247,10 +249,17 @@ impl reqwest::dns::Resolve for NoLocalNames {
 /// name itself: refused if the name leads only where a name may not. A name
 /// the host cannot resolve is the proxy's to resolve.
 pub async fn refuse_local_name(name: &str) -> Result<(), String> {
-    match tokio::net::lookup_host((name, 0)).await {
-        Ok(found) => not_local(name, found.collect(), &own_addresses()).map(drop),
+    match lookup_not_local(name).await {
+        Ok(kept) => kept.map(drop),
         Err(_) => Ok(()),
     }
+}
+
+/// `name`'s addresses without the local ones, or why none is left; the
+/// outer error is a name that does not resolve.
+async fn lookup_not_local(name: &str) -> std::io::Result<Result<Vec<SocketAddr>, String>> {
+    let found = tokio::net::lookup_host((name, 0)).await?.collect();
+    Ok(not_local(name, found, &own_addresses()))
 }
 
 /// `found` without the local addresses and the host's `own`, or why

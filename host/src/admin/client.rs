@@ -118,7 +118,7 @@ impl AdminClient {
             anyhow::anyhow!(
                 "cannot reach the admin API at {}{hint}: {what}: {}",
                 self.base,
-                crate::outbound::chain(&e)
+                prismhook_core::text::error_chain(&e)
             )
         })?;
         let status = resp.status();

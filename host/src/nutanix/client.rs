@@ -29,13 +29,14 @@ use url::Url;
 
 use super::payload::{parse_vm, Vm};
 pub use crate::outbound::TlsMode;
-use crate::outbound::{chain, read_body, with_tls, BodyError};
+use crate::outbound::{read_body, with_tls, BodyError};
 use prismhook_core::nutanix::pruned::{self, Keep};
 use prismhook_core::nutanix::str_at;
 pub use prismhook_core::nutanix::v3::Webhook;
 use prismhook_core::nutanix::v3::{
     error_reason, parse_webhook, redact, status_messages, Listing, VM_LIST,
 };
+use prismhook_core::text::error_chain;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -264,7 +265,7 @@ impl PrismClient {
         let http = with_tls(builder, &tls)
             .map_err(config)?
             .build()
-            .map_err(|e| config(format!("cannot build the HTTP client: {}", chain(&e))))?;
+            .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
         Ok(PrismClient {
             cluster: name,
             api,
@@ -537,7 +538,7 @@ impl PrismClient {
         } else if e.is_timeout() {
             format!("no answer within {REQUEST_TIMEOUT:?}")
         } else {
-            chain(&e.without_url())
+            error_chain(&e.without_url())
         };
         PrismError::Transport {
             cluster: self.cluster.clone(),

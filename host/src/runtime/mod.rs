@@ -952,5 +952,5 @@ fn plugin_client(proxy_from_env: bool, tls: &TlsMode) -> Result<reqwest::Client,
     let builder = crate::outbound::with_proxy_policy(builder, proxy_from_env)?;
     crate::outbound::with_tls(builder, tls)?
         .build()
-        .map_err(|e| crate::outbound::chain(&e))
+        .map_err(|e| prismhook_core::text::error_chain(&e))
 }
