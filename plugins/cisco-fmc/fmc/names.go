@@ -206,14 +206,15 @@ func (c *Config) Wanted(host Host, cluster string, vm *Vm) (IPObjects, []string)
 	}
 	for _, nic := range vm.Nics {
 		for _, text := range nic {
-			ip, ok := CanonicalIP(text)
+			addr, ok := canonicalAddr(text)
 			if !ok {
 				invalid = append(invalid, text)
 				continue
 			}
-			if !reachable(ip) {
+			if !reachable(addr) {
 				continue
 			}
+			ip := addr.String()
 			set := wanted[ip]
 			if set == nil {
 				set = map[string]bool{}
@@ -230,19 +231,26 @@ func (c *Config) Wanted(host Host, cluster string, vm *Vm) (IPObjects, []string)
 // CanonicalIP is the canonical text of an address (IPv4-mapped IPv6 as
 // IPv4, IPv6 zones dropped), so records and FMC's answers compare equal.
 func CanonicalIP(text string) (string, bool) {
-	addr, err := netip.ParseAddr(strings.TrimSpace(text))
-	if err != nil {
+	addr, ok := canonicalAddr(text)
+	if !ok {
 		return "", false
 	}
-	return addr.Unmap().WithZone("").String(), true
+	return addr.String(), true
 }
 
-// reachable says whether another machine can reach the VM at ip: Prism
+func canonicalAddr(text string) (netip.Addr, bool) {
+	addr, err := netip.ParseAddr(strings.TrimSpace(text))
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return addr.Unmap().WithZone(""), true
+}
+
+// reachable says whether another machine can reach the VM at addr: Prism
 // lists every address a NIC reports, an IPv6 NIC's link-local one among
 // them, which no rule on the firewall can use.
-func reachable(ip string) bool {
-	addr, err := netip.ParseAddr(ip)
-	return err == nil && !addr.IsLinkLocalUnicast() && !addr.IsLinkLocalMulticast() &&
+func reachable(addr netip.Addr) bool {
+	return !addr.IsLinkLocalUnicast() && !addr.IsLinkLocalMulticast() &&
 		!addr.IsLoopback() && !addr.IsUnspecified() && !addr.IsMulticast()
 }
 

@@ -201,9 +201,9 @@ pub fn wanted(config: &Config, cluster: &str, vm: &Vm) -> IpTags {
     vm.nics
         .iter()
         .flatten()
-        .filter(|ip| ip.trim().parse().is_ok_and(reachable))
-        .filter_map(|ip| normalise_ip(ip))
-        .map(|ip| (ip, tags.clone()))
+        .filter_map(|ip| parse_ip(ip))
+        .filter(|ip| reachable(*ip))
+        .map(|ip| (ip.to_string(), tags.clone()))
         .collect()
 }
 
@@ -231,7 +231,11 @@ pub fn invalid_ips(vm: &Vm) -> Vec<&str> {
 /// The canonical text of an IP, so `ip/<ip>` records and the firewall's
 /// answers compare equal whatever spelling Prism used.
 pub fn normalise_ip(ip: &str) -> Option<String> {
-    ip.trim().parse::<IpAddr>().ok().map(|ip| ip.to_string())
+    parse_ip(ip).map(|ip| ip.to_string())
+}
+
+fn parse_ip(ip: &str) -> Option<IpAddr> {
+    ip.trim().parse().ok()
 }
 
 #[cfg(test)]
