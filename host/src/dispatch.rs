@@ -27,13 +27,13 @@ use crate::ledger::{
 use crate::registry::Registry;
 use crate::runtime::bindings::{self, Event, Outcome, Retry};
 use crate::runtime::feed::{Feed, FeedSender, Inventory};
-use crate::runtime::{CallError, Plugin, VmClusters};
+use crate::runtime::{CallError, KvFailure, Plugin, VmClusters};
 use crate::source::{InventoryError, InventorySink, Listing, Reconciled};
 use crate::telemetry::HandleDurations;
 use prismhook_core::text::{one_line, truncate};
 
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
-/// Calls in a row failed by a kv conflict (`CallError::Kv { conflict }`:
+/// Calls in a row failed by a kv conflict ([`KvFailure::Conflict`]:
 /// their writes lost a race, or another call's write was not read back yet)
 /// that are made again at no cost to their events' attempts. Hosts of a
 /// cluster writing the same keys race now and then, and the call made again
@@ -42,8 +42,12 @@ const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
 /// nothing loops hot.
 const FREE_KV_CONFLICTS: u32 = 3;
 /// How long a worker waits to claim again after the ledger failed to record
-/// its batch's outcomes.
+/// its batch's outcomes, or the kv store to take its writes; it doubles while
+/// they keep failing, up to [`UNRECORDED_MAX_PAUSE`].
 const UNRECORDED_PAUSE: Duration = Duration::from_secs(1);
+/// A store that fails for good (a kv file on a failed disk) costs the
+/// plugin's target one call in this long, not one a second.
+const UNRECORDED_MAX_PAUSE: Duration = Duration::from_secs(30);
 /// How many of the plugin's deadlines isolating a failed batch may take.
 /// Each event that fails alone can take a whole deadline (a firewall that
 /// drops traffic, a guest that loops): without a bound, one batch of 256
@@ -390,6 +394,7 @@ async fn sleep_until_some(at: Option<Instant>) {
 async fn worker(inner: Arc<Inner>, name: String) {
     let mut stop = inner.stop.subscribe();
     let mut changes = inner.registry.watch();
+    let mut unrecorded_in_a_row = 0;
     loop {
         if *stop.borrow() {
             return;
@@ -476,13 +481,17 @@ async fn worker(inner: Arc<Inner>, name: String) {
             Ok(recorded) => recorded,
             Err(panic) => settle_after_panic(&inner, &name, &ids, panic_text(&*panic)).await,
         };
-        if !recorded {
+        if recorded {
+            unrecorded_in_a_row = 0;
+        } else {
             // Pending again, claimed at once they would be handed to the
             // plugin again and again, its work done for nothing each time,
-            // for as long as the ledger cannot record (a NATS stream
-            // electing a leader takes seconds).
+            // for as long as the ledger cannot record or the kv store take
+            // writes (a NATS stream electing a leader takes seconds).
+            let pause = doubled(UNRECORDED_PAUSE, unrecorded_in_a_row, UNRECORDED_MAX_PAUSE);
+            unrecorded_in_a_row += 1;
             tokio::select! {
-                _ = tokio::time::sleep(UNRECORDED_PAUSE) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = stop.changed() => {}
             }
         }
@@ -526,7 +535,8 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Hands `batch` to the plugin and records the outcomes; false when the
-/// ledger could not record them (the deliveries are pending again).
+/// deliveries are pending again for want of the host's storage: the ledger
+/// could not record the outcomes, or the kv store take the call's writes.
 async fn deliver(
     inner: &Inner,
     name: &str,
@@ -631,7 +641,14 @@ async fn deliver(
     }
     count(inner, name, plugin, failure.as_ref(), &outcomes, elapsed);
     if ids.is_empty() {
-        return true;
+        let store_down = matches!(
+            failure,
+            Some(CallError::Kv {
+                failure: KvFailure::Unavailable,
+                ..
+            })
+        );
+        return !store_down;
     }
     let results: Vec<(u64, LedgerOutcome)> = ids.iter().copied().zip(outcomes).collect();
     let Err(e) = inner.ledger.complete(name, results).await else {
@@ -666,8 +683,9 @@ async fn deliver(
 /// A call that failed for the host's kv is not the events' doing, so none is
 /// tried alone: a kv conflict leaves them all untried when `conflicts_free`
 /// (the worker's next claim waits until this host has read the write it was
-/// behind, and the call made again reads it); any other kv failure retries
-/// them all.
+/// behind, and the call made again reads it), and so does a store that did
+/// not take the writes (the worker waits for it); writes the store refused
+/// (the plugin's kv full) retry them all.
 async fn handle_isolating(
     plugin: &crate::runtime::Plugin,
     events: &[Event],
@@ -683,9 +701,24 @@ async fn handle_isolating(
         Ok(outcomes) => return (outcomes.iter().map(|o| Some(to_ledger(o))).collect(), None),
         Err(e) => e,
     };
-    if matches!(error, CallError::Kv { conflict: true, .. }) && conflicts_free {
-        tracing::info!(plugin = %plugin.name(), events = events.len(), "made again: {error}");
-        return (vec![None; events.len()], Some(error));
+    match &error {
+        CallError::Kv {
+            failure: KvFailure::Conflict,
+            ..
+        } if conflicts_free => {
+            tracing::info!(plugin = %plugin.name(), events = events.len(), "made again: {error}");
+            return (vec![None; events.len()], Some(error));
+        }
+        // Counted as attempts, a store electing a leader for longer than
+        // the retries' backoff would make dead letters of healthy events.
+        CallError::Kv {
+            failure: KvFailure::Unavailable,
+            ..
+        } => {
+            tracing::warn!(plugin = %plugin.name(), events = events.len(), "made again once the kv store takes writes: {error}");
+            return (vec![None; events.len()], Some(error));
+        }
+        _ => {}
     }
     // A trap's message is the guest's panic text: one line in the log.
     tracing::warn!(plugin = %plugin.name(), events = events.len(), error_kind = error.kind(), "{}", one_line(&error.to_string()));
@@ -811,9 +844,9 @@ fn count(
             // The host's kv failed the call, not the plugin: no step
             // towards a quarantine, which would pause the plugin beyond
             // the store's recovery.
-            Some(CallError::Kv { conflict, .. }) => {
+            Some(CallError::Kv { failure, .. }) => {
                 c.failed_calls += 1;
-                if *conflict {
+                if *failure == KvFailure::Conflict {
                     c.kv_conflicts += 1;
                     c.kv_conflicts_in_a_row += 1;
                 } else {

@@ -1517,9 +1517,29 @@ async fn a_call_whose_kv_writes_lose_a_race_is_made_again_at_no_attempts_cost_an
 /// While the ledger cannot record a batch's outcomes (here a JetStream stream with no room
 /// left; a NATS leader election does the same for seconds), the batch is pending again, and the
 /// worker waits before it claims again: handed back at once, the plugin would do its work again
-/// and again for nothing. Once the ledger records again, the event is delivered.
+/// and again for nothing. Once the ledger records again, the event is delivered, at its first
+/// attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_outcomes_cannot_be_recorded_is_not_handed_to_the_plugin_again_at_once() {
+    while_a_stream_takes_no_writes("PRISMHOOK").await
+}
+
+/// While the plugins' kv store does not take a call's writes (here its JetStream stream with no
+/// room left; a NATS leader election does the same for seconds), that is the host's failure,
+/// not the events': they wait for the store, at no cost to their attempts, and the worker
+/// waits before it claims again. Counted as attempts, an election longer than the retries'
+/// backoff made dead letters of healthy events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_kv_writes_the_store_does_not_take_costs_no_attempt_and_is_not_made_again_at_once(
+) {
+    while_a_stream_takes_no_writes("PRISMHOOK_KV").await
+}
+
+/// Fills `stream` while the probe's first call is in its request, for 3 s: the
+/// call is made again after a pause (a second, then two), not in a hot loop,
+/// and never counted as an attempt; once the stream has room, the event is
+/// delivered.
+async fn while_a_stream_takes_no_writes(stream: &str) {
     let nats_dir = tempfile::tempdir().unwrap();
     let nats = Nats::single(nats_dir.path()).await.unwrap();
     // The first call waits in its request until the stream is full.
@@ -1538,21 +1558,19 @@ async fn a_batch_whose_outcomes_cannot_be_recorded_is_not_handed_to_the_plugin_a
     let app = w.start(&setup).await;
     let poster = Poster::new(app.listener_addr);
     let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
-    let mut stream = js.get_stream("PRISMHOOK").await.unwrap();
+    let mut stream = js.get_stream(stream).await.unwrap();
 
-    let url = format!("{origin}/unrecorded");
+    let url = format!("{origin}/unstored");
     let id = poster
-        .accept(&probe_event(
-            "TEST.HTTP",
-            "unrecorded",
-            json!({ "url": url }),
-        ))
+        .accept(&probe_event("TEST.HTTP", "unstored", json!({ "url": url })))
         .await;
     let calls = || hits.lock().unwrap().len();
     wait(|| calls() == 1, "the first call").await;
     let info = stream.info().await.unwrap().clone();
     let (unlimited, mut full) = (info.config.clone(), info.config);
     full.max_messages = i64::try_from(info.state.messages).unwrap();
+    // Refused, not stored by discarding the oldest (the kv stream's way).
+    full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
     js.update_stream(full).await.unwrap();
     full_tx.send_replace(true);
     let window = Duration::from_secs(3);
@@ -1560,17 +1578,29 @@ async fn a_batch_whose_outcomes_cannot_be_recorded_is_not_handed_to_the_plugin_a
     let made = calls();
     assert!(
         (2..=6).contains(&made),
-        "{made} calls in {window:?} while the outcome could not be recorded: \
+        "{made} calls in {window:?} while the writes could not be stored: \
          about one a second is a retry, many more a hot loop"
     );
 
     js.update_stream(unlimited).await.unwrap();
     wait(
         || backlog(&app, "probe").delivered == 1,
-        "delivery once the ledger records again",
+        "delivery once the stream takes writes again",
     )
     .await;
-    assert!(seen_ids(&app, "unrecorded").iter().all(|&seen| seen == id));
+    let seen = seen(&app.runtime.kv().dump("probe").unwrap(), "unstored");
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter()
+            .all(|&(seen, attempt, _)| (seen, attempt) == (id, 1)),
+        "every call was the event's first attempt: {seen:?}"
+    );
+    let counters = &app.dispatcher.counters()["probe"];
+    assert_eq!(
+        (counters.retried, counters.quarantines),
+        (0, 0),
+        "{counters:?}"
+    );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

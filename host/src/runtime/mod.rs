@@ -134,17 +134,13 @@ pub enum CallError {
         expected: usize,
         got: usize,
     },
-    /// Not the plugin's doing: the host could not store the call's kv
-    /// writes. With `conflict`, this host's copy of the kv was behind a
-    /// write: a key the call read was written since (its writes refused),
-    /// or this host has not read back one of its own writes yet (the call
-    /// was not made); made again later, the call reads that write. Either
-    /// way the call's outcomes are void.
+    /// The host could not store the call's kv writes, so the call's
+    /// outcomes are void; `failure` says whose doing that was.
     #[error("plugin `{plugin}`: its kv writes could not be stored: {message}")]
     Kv {
         plugin: String,
         message: String,
-        conflict: bool,
+        failure: KvFailure,
     },
     /// The host's listing broke off under a paged reconcile: not the
     /// plugin's doing, and nothing it wrote is kept.
@@ -152,14 +148,37 @@ pub enum CallError {
     Inventory { plugin: String, reason: FeedError },
 }
 
+/// Why a call's kv writes were not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvFailure {
+    /// Not the plugin's doing: this host's copy of the kv was behind a
+    /// write. A key the call read was written since (its writes refused),
+    /// or this host has not read back one of its own writes yet (the call
+    /// was not made); made again later, the call reads that write.
+    Conflict,
+    /// Not the plugin's doing: the store did not take the writes (a NATS
+    /// cluster electing a leader, a write not read back in time). The
+    /// events wait for the store, at no cost to their attempts.
+    Unavailable,
+    /// The plugin's doing: the writes themselves were refused (they would
+    /// take its kv past `limits.kv_mib`). Its events are retried like a
+    /// failed call's.
+    Refused,
+}
+
 impl CallError {
-    /// The call's kv writes were not stored because of `error`: a conflict
-    /// when another write came first.
+    /// The call's kv writes were not stored because of `error`.
     pub fn kv(plugin: String, error: &kv_store::KvError) -> CallError {
+        use kv_store::KvError;
+        let failure = match error {
+            KvError::Conflict(_) => KvFailure::Conflict,
+            KvError::Storage(_) => KvFailure::Unavailable,
+            _ => KvFailure::Refused,
+        };
         CallError::Kv {
             plugin,
             message: error.to_string(),
-            conflict: matches!(error, kv_store::KvError::Conflict(_)),
+            failure,
         }
     }
 
@@ -171,7 +190,14 @@ impl CallError {
             CallError::Memory { .. } => "memory",
             CallError::Init { .. } => "init",
             CallError::OutcomeCount { .. } => "outcome-count",
-            CallError::Kv { conflict: true, .. } => "kv-conflict",
+            CallError::Kv {
+                failure: KvFailure::Conflict,
+                ..
+            } => "kv-conflict",
+            CallError::Kv {
+                failure: KvFailure::Unavailable,
+                ..
+            } => "kv-unavailable",
             CallError::Kv { .. } => "kv",
             CallError::Inventory { .. } => "inventory",
         }

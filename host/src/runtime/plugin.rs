@@ -11,7 +11,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use super::bindings::{self, Event, Outcome, PluginIndices, PluginInfo, Vm};
 use super::feed::{self, Inventory};
 use super::state::{CallEnv, HostCalls, HostState, PluginIdentity};
-use super::{kv_store, tier_of, CallError, Limits, LoadError, Source, Tier, VmClusters};
+use super::{kv_store, tier_of, CallError, KvFailure, Limits, LoadError, Source, Tier, VmClusters};
 
 /// A component linked against the host's world, its exports found once:
 /// bindgen's `Plugin::new` looks them up by name in every call (and its
@@ -270,7 +270,7 @@ impl Plugin {
             return Err(CallError::Kv {
                 plugin: self.identity.name.clone(),
                 message: "this host has not read back its own last kv writes yet".into(),
-                conflict: true,
+                failure: KvFailure::Conflict,
             });
         }
         let state = HostState::new(
@@ -387,7 +387,7 @@ impl Plugin {
                             return Err(CallError::Kv {
                                 plugin,
                                 message: e.to_string(),
-                                conflict: false,
+                                failure: KvFailure::Unavailable,
                             })
                         }
                     }
