@@ -9,7 +9,7 @@
 //! (printed on every run, so a failure can be replayed); its JetStream twin
 //! runs the host on a three-node NATS cluster and kills NATS nodes too.
 
-use crate::common::process::{log_tail, wait_ready, HostProcess};
+use crate::common::process::{log_tail, wait_ready, wait_ready_within, HostProcess};
 use crate::common::{self, Cluster, HostConfig};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -364,11 +364,12 @@ async fn entity_load(
         seq += 1;
         let event_type = ["VM.ON", "VM.UPDATE", "VM.OFF"][(seq % 3) as usize];
         let body = vm_note(event_type, &uuid, seq).to_string();
-        let give_up = Instant::now() + Duration::from_secs(60);
+        // Longer than a host may take to start (see `sigkills_under_load`).
+        let give_up = Instant::now() + Duration::from_secs(120);
         loop {
             assert!(
                 Instant::now() < give_up,
-                "entity {entity} seq {seq}: no 202 within 60 s"
+                "entity {entity} seq {seq}: no 202 within 120 s"
             );
             let answer = http
                 .post(format!("http://127.0.0.1:{port}/listener/callback/lab"))
@@ -581,9 +582,12 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
     std::fs::write(&config, setup.toml()).unwrap();
     let log = w.dir.path().join("host.log");
     let mut rng = StdRng::seed_from_u64(seed);
+    // A host that starts while a NATS node is down may wait out an election
+    // at each of its steps (the stream, its kv, its leases), up to 30 s each.
+    let start_limit = Duration::from_secs(if nats.is_some() { 90 } else { 30 });
 
     let mut host = HostProcess::spawn(&config, &log);
-    wait_ready(&mut host, port, &log).await;
+    wait_ready_within(&mut host, port, &log, start_limit).await;
     wait(
         || w.prism.webhooks().len() == 1,
         "the binary to register its webhook",
@@ -614,7 +618,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
         if during_startup {
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         } else {
-            wait_ready(&mut host, port, &log).await;
+            wait_ready_within(&mut host, port, &log, start_limit).await;
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
         }
         host.sigkill().await;
@@ -632,7 +636,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
         host = HostProcess::spawn(&config, &log);
     }
 
-    wait_ready(&mut host, port, &log).await;
+    wait_ready_within(&mut host, port, &log, start_limit).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let acks = load.stop().await;
     eprintln!(
@@ -648,7 +652,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
 
     // Let it drain, then stop it gracefully; restart and repeat if the
     // ledger says something is still undelivered.
-    let drain_until = Instant::now() + Duration::from_secs(60);
+    let drain_until = Instant::now() + start_limit + Duration::from_secs(60);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let status = host.sigterm().await;
@@ -674,7 +678,7 @@ async fn sigkills_under_load(mut nats: Option<&mut Nats>) {
             "the ledger did not drain: {probe:?}"
         );
         host = HostProcess::spawn(&config, &log);
-        wait_ready(&mut host, port, &log).await;
+        wait_ready_within(&mut host, port, &log, start_limit).await;
     }
 
     let kv = probe_records(&w.data(), nats.as_deref()).await;

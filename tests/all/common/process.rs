@@ -133,11 +133,16 @@ pub fn log_tail(log: &Path) -> String {
 }
 
 pub async fn wait_ready(host: &mut HostProcess, port: u16, log: &Path) {
+    wait_ready_within(host, port, log, Duration::from_secs(30)).await
+}
+
+/// [`wait_ready`], for up to `limit`.
+pub async fn wait_ready_within(host: &mut HostProcess, port: u16, log: &Path, limit: Duration) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
+    let until = Instant::now() + limit;
     loop {
         if let Some(status) = host.exited() {
             panic!(
@@ -156,7 +161,7 @@ pub async fn wait_ready(host: &mut HostProcess, port: u16, log: &Path) {
         }
         assert!(
             Instant::now() < until,
-            "the host did not answer /healthz within 30 s; log:\n{}",
+            "the host did not answer /healthz within {limit:?}; log:\n{}",
             log_tail(log)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
