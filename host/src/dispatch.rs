@@ -33,13 +33,11 @@ use crate::telemetry::HandleDurations;
 use prismhook_core::text::{one_line, truncate};
 
 const QUARANTINE_MAX_PAUSE: Duration = Duration::from_secs(600);
-/// Calls in a row failed by a kv conflict ([`KvFailure::Conflict`]:
-/// their writes lost a race, or another call's write was not read back yet)
-/// that are made again at no cost to their events' attempts. Hosts of a
-/// cluster writing the same keys race now and then, and the call made again
-/// reads the winner's write; a longer run (or a store that refuses
-/// everything) costs attempts like any failed call, with their backoff, so
-/// nothing loops hot.
+/// Calls in a row failed by a kv conflict ([`KvFailure::Conflict`]: their
+/// writes lost a race) that are made again at no cost to their events'
+/// attempts. Hosts of a cluster writing the same keys race now and then,
+/// and the call made again reads the winner's write; a longer run costs
+/// attempts like any failed call, with their backoff, so nothing loops hot.
 const FREE_KV_CONFLICTS: u32 = 3;
 /// How long a worker waits to claim again after the ledger failed to record
 /// its batch's outcomes, or the kv store to take its writes; it doubles while

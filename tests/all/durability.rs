@@ -1560,6 +1560,9 @@ async fn while_a_stream_takes_no_writes(stream: &str) {
     let w = world(&["probe"]).await;
     let setup = probe_on_jetstream(&w, &nats, &origin);
     let app = w.start(&setup).await;
+    // The reconcile at start writes the kv stream's first message: with
+    // none, `max_messages = 0` would mean no limit.
+    common::registered_and_reconciled(&app).await;
     let poster = Poster::new(app.listener_addr);
     let js = async_nats::jetstream::new(async_nats::connect(nats.urls()).await.unwrap());
     let mut stream = js.get_stream(stream).await.unwrap();
@@ -1571,6 +1574,11 @@ async fn while_a_stream_takes_no_writes(stream: &str) {
     let calls = || hits.lock().unwrap().len();
     wait(|| calls() == 1, "the first call").await;
     let info = stream.info().await.unwrap().clone();
+    assert!(
+        info.state.messages > 0,
+        "{} is empty: it cannot be filled",
+        info.config.name
+    );
     let (unlimited, mut full) = (info.config.clone(), info.config);
     full.max_messages = i64::try_from(info.state.messages).unwrap();
     // Refused, not stored by discarding the oldest (the kv stream's way).

@@ -325,7 +325,7 @@ impl Collector for HostCollector {
         counter(
             e,
             "prismhook_plugin_kv_conflicts",
-            "Calls failed by a kv conflict (JetStream): another host wrote a key the call read, or this host had not read back a write yet; their events are delivered again at no attempt's cost",
+            "Calls failed by a kv conflict (JetStream): another call or host wrote a key the call read; their events are delivered again at no attempt's cost",
             &kv_conflicts,
         )?;
 

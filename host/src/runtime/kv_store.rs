@@ -17,7 +17,8 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const MAX_KEY_BYTES: usize = 1024;
-const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Longest value, unless the backend holds less ([`KvBackend::max_value_bytes`]).
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
 /// Buffered writes one call may hold, each counted with [`ENTRY_BYTES`].
 const MAX_PENDING_BYTES: usize = 64 << 20;
 /// Keys one call may read from the store, each counted with
@@ -41,8 +42,8 @@ pub enum KvError {
     Conflict(String),
     #[error("key is {0} bytes; keys are limited to {MAX_KEY_BYTES}")]
     KeyTooLong(usize),
-    #[error("value is {0} bytes; values are limited to {MAX_VALUE_BYTES}")]
-    ValueTooLarge(usize),
+    #[error("value is {bytes} bytes; values are limited to {limit}")]
+    ValueTooLarge { bytes: usize, limit: usize },
     #[error("this call has buffered over {MAX_PENDING_BYTES} bytes of writes")]
     TooManyWrites,
     #[error(
@@ -65,6 +66,10 @@ pub enum KvError {
          (`limits.kv_mib`)"
     )]
     OverLimit { would: u64, limit: u64 },
+    /// The store refused the writes themselves, as it would each time
+    /// (a message over its servers' limit): not a passing outage.
+    #[error("the store refused the writes: {0}")]
+    Refused(String),
 }
 
 fn storage(e: impl std::fmt::Display) -> KvError {
@@ -183,6 +188,12 @@ pub trait KvBackend: Send + Sync + 'static {
     /// before, or it would undo what it did then. Off the async threads.
     fn settle(&self) -> Result<(), KvError> {
         Ok(())
+    }
+
+    /// The longest value a write can store: a `set` of more is refused at
+    /// once, rather than fail the whole call when it returns.
+    fn max_value_bytes(&self) -> usize {
+        MAX_VALUE_BYTES
     }
 }
 
@@ -560,8 +571,12 @@ impl KvSession {
     }
 
     pub fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), KvError> {
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(KvError::ValueTooLarge(value.len()));
+        let limit = self.store.backend.max_value_bytes();
+        if value.len() > limit {
+            return Err(KvError::ValueTooLarge {
+                bytes: value.len(),
+                limit,
+            });
         }
         self.buffer(key, Some(value))
     }

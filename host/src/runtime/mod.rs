@@ -152,17 +152,20 @@ pub enum CallError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvFailure {
     /// Not the plugin's doing: this host's copy of the kv was behind a
-    /// write. A key the call read was written since (its writes refused),
-    /// or this host has not read back one of its own writes yet (the call
-    /// was not made); made again later, the call reads that write.
+    /// write. A key the call read was written since, by another call or
+    /// host, so its writes were refused; made again once this host has
+    /// read that write, the call reads it.
     Conflict,
     /// Not the plugin's doing: the store did not take the writes (a NATS
-    /// cluster electing a leader, a write not read back in time). The
-    /// events wait for the store, at no cost to their attempts.
+    /// cluster electing a leader, a write not read back in time), or this
+    /// host had not read its own writes back when the call was to start
+    /// (the call was not made). The events wait for the store, at no cost
+    /// to their attempts.
     Unavailable,
-    /// The plugin's doing: the writes themselves were refused (they would
-    /// take its kv past `limits.kv_mib`). Its events are retried like a
-    /// failed call's.
+    /// The writes themselves were refused, as they would be each time:
+    /// they would take the plugin's kv past `limits.kv_mib`, a message was
+    /// over the store's size limit, or storing them panicked. The events
+    /// are retried like a failed call's, and die in the end.
     Refused,
 }
 

@@ -266,11 +266,13 @@ impl Plugin {
         // A call that may write must read what this host wrote before. The
         // dispatcher waits for that before it claims (`settle_kv`): a call
         // never waits, as what it claimed is leased for a limited time.
+        // Not made, it is no conflict of this plugin's: any plugin's write
+        // that failed since the claim (a node down) unsettles the store.
         if !matches!(call, Call::Init) && !self.env.kv.settled() {
             return Err(CallError::Kv {
                 plugin: self.identity.name.clone(),
                 message: "this host has not read back its own last kv writes yet".into(),
-                failure: KvFailure::Conflict,
+                failure: KvFailure::Unavailable,
             });
         }
         let state = HostState::new(
@@ -383,12 +385,20 @@ impl Plugin {
                     match tokio::task::spawn_blocking(move || session.commit()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return Err(CallError::kv(plugin, &e)),
+                        // A panic storing them is a bug that would meet the
+                        // same writes again, so it costs their attempts; a
+                        // task cancelled (the runtime shutting down) does not.
                         Err(e) => {
+                            let failure = if e.is_panic() {
+                                KvFailure::Refused
+                            } else {
+                                KvFailure::Unavailable
+                            };
                             return Err(CallError::Kv {
                                 plugin,
                                 message: e.to_string(),
-                                failure: KvFailure::Unavailable,
-                            })
+                                failure,
+                            });
                         }
                     }
                 }

@@ -55,6 +55,17 @@ impl BatchError {
     pub fn superseded(&self) -> bool {
         self.stage == Stage::Storing && self.message.contains("wrong last sequence")
     }
+
+    /// Whether a message or the batch was over a size limit: the servers' `max_payload`,
+    /// which the client checks before sending, a stream's largest message (error 10054), or
+    /// the servers' largest atomic batch (10199). Sent again, it would be refused again.
+    pub fn too_large(&self) -> bool {
+        let m = &self.message;
+        (self.stage == Stage::Sending && m.contains("Payload size limit"))
+            || (self.stage == Stage::Storing
+                && (m.contains("message size exceeds maximum")
+                    || m.contains("atomic publish batch is too large")))
+    }
 }
 
 fn failed(stage: Stage, message: impl std::fmt::Display) -> BatchError {

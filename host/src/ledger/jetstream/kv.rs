@@ -347,6 +347,8 @@ impl JetStreamKv {
                         "`{plugin}`'s writes were refused: a key the call read was written \
                          since, by another call or host"
                     ))
+                } else if e.too_large() {
+                    KvError::Refused(format!("`{plugin}`'s writes to JetStream: {e}"))
                 } else {
                     KvError::Storage(format!(
                         "{} `{plugin}`'s writes to JetStream: {}",
@@ -357,7 +359,21 @@ impl JetStreamKv {
     }
 }
 
+/// Room left in a message's `max_payload` for a kv write's headers (the
+/// operation, the expected sequence, an atomic batch's id and place): a
+/// few hundred bytes, with a margin.
+const HEADER_ROOM: usize = 1024;
+
 impl KvBackend for JetStreamKv {
+    /// A value and its headers go in one message, which the servers' `max_payload`
+    /// (1 MiB by default) bounds.
+    fn max_value_bytes(&self) -> usize {
+        self.client
+            .max_payload()
+            .saturating_sub(HEADER_ROOM)
+            .min(kv_store::MAX_VALUE_BYTES)
+    }
+
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         Ok(self.read_versioned(plugin, key)?.0)
     }

@@ -1518,6 +1518,42 @@ mod tests {
         assert_eq!(kv_b.bytes("fw").unwrap(), 81);
     }
 
+    /// A value is held at `set` to what one message of the servers' `max_payload` carries
+    /// with a write's headers, and a value of that size is stored: the plugin learns of a
+    /// value too large at once, not from every call failing when it returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_value_too_large_for_a_message_is_refused_at_set_and_the_largest_is_stored() {
+        let hosts = two_hosts().await;
+        let limit = hosts.a.inner.client.max_payload() - 1024;
+        assert!(limit < crate::runtime::kv_store::MAX_VALUE_BYTES, "{limit}");
+        let mut s = hosts.kv_a.session("fw", u64::MAX);
+        let e = s.set("big".into(), vec![b'x'; limit + 1]).unwrap_err();
+        assert!(
+            matches!(e, KvError::ValueTooLarge { bytes, limit: l } if bytes == limit + 1 && l == limit),
+            "{e}"
+        );
+        // The largest goes in an atomic batch, whose headers are the most a write has.
+        s.set("largest".into(), vec![b'x'; limit]).unwrap();
+        s.set("small".into(), vec![b'y'; 8]).unwrap();
+        commit(s).await.unwrap();
+        let stored = hosts.kv_a.dump("fw").unwrap();
+        assert_eq!(stored["largest"].len(), limit);
+        assert!(!stored.contains_key("big"));
+
+        // Past the check, a message over `max_payload` reads as too large (the plugin's
+        // doing), not as a store that is down.
+        let inner = &hosts.a.inner;
+        let over = batch::Message {
+            subject: "prismhook_kv.over".into(),
+            headers: HeaderMap::new(),
+            payload: vec![0; inner.client.max_payload() + 1].into(),
+        };
+        let e = batch::publish(&inner.client, &inner.js, Duration::from_secs(2), vec![over])
+            .await
+            .unwrap_err();
+        assert!(e.too_large() && !e.superseded(), "{e}");
+    }
+
     /// A call is held to the keys it read and does not write (as far as its host has read the
     /// other's write) and to the keys a `kv.commit` of its stored, when it writes them again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
