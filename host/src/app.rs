@@ -315,6 +315,16 @@ impl App {
         self.source.status()
     }
 
+    /// Returns why, once the ledger's file or the plugins' kv file has
+    /// failed for good: the host must stop, and opening the file again
+    /// checks and recovers it.
+    pub async fn storage_failed(&self) -> String {
+        tokio::select! {
+            why = self.ledger.failed() => why,
+            why = self.runtime.kv().failed() => why,
+        }
+    }
+
     /// Stops accepting (503), lets in-flight batches finish up to
     /// `deadline`, optionally removes this host's webhooks, and closes the
     /// ledger.

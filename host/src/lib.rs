@@ -21,6 +21,7 @@ pub mod clock;
 #[cfg(feature = "simulators")]
 pub mod demo;
 pub mod dispatch;
+pub mod failure;
 pub mod ledger;
 pub mod listener;
 pub mod nutanix;

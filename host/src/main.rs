@@ -329,17 +329,17 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
             let app = App::start(config).await?;
             #[cfg(unix)]
             prismhook::systemd::ready(&serving(&app));
-            let ledger_failed = serve_until_signal(&app, hangup).await;
+            let storage_failed = serve_until_signal(&app, hangup).await;
             #[cfg(unix)]
             prismhook::systemd::stopping();
-            if let Some(why) = &ledger_failed {
-                tracing::error!("stopping, so that the service manager starts the host again and the ledger's file is checked and recovered: {why}");
+            if let Some(why) = &storage_failed {
+                tracing::error!("stopping, so that the service manager starts the host again and the failed file is checked and recovered: {why}");
             }
             tracing::info!(
                 "shutting down: no new notifications accepted; finishing in-flight batches"
             );
             // A stop for a restart keeps the webhooks it will serve again.
-            let deregister = deregister_on_exit && ledger_failed.is_none();
+            let deregister = deregister_on_exit && storage_failed.is_none();
             let shutdown = app.shutdown(deregister, Duration::from_secs(10));
             tokio::select! {
                 r = shutdown => r?,
@@ -348,7 +348,7 @@ async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
                     return Ok(std::process::ExitCode::from(130));
                 }
             }
-            if ledger_failed.is_some() {
+            if storage_failed.is_some() {
                 return Ok(std::process::ExitCode::FAILURE);
             }
             Ok(std::process::ExitCode::SUCCESS)
@@ -497,8 +497,8 @@ impl Hangup {
     }
 }
 
-/// Returns at SIGTERM or Ctrl-C, or with why once the ledger has failed
-/// for good. SIGHUP (`systemctl reload`) reloads the plugins meanwhile,
+/// Returns at SIGTERM or Ctrl-C, or with why once the ledger's or the
+/// plugins' kv file has failed for good. SIGHUP (`systemctl reload`) reloads the plugins meanwhile,
 /// taking the main configuration's `[plugin.*]` tables as its file is now,
 /// as `prismhook plugins reload` does.
 async fn serve_until_signal(app: &App, hangup: Hangup) -> Option<String> {
@@ -507,7 +507,7 @@ async fn serve_until_signal(app: &App, hangup: Hangup) -> Option<String> {
         let Hangup(mut hangup) = hangup;
         let stop = wait_for_signal();
         tokio::pin!(stop);
-        let failed = app.ledger.failed();
+        let failed = app.storage_failed();
         tokio::pin!(failed);
         loop {
             tokio::select! {
@@ -527,7 +527,7 @@ async fn serve_until_signal(app: &App, hangup: Hangup) -> Option<String> {
         let _ = hangup;
         tokio::select! {
             () = wait_for_signal() => None,
-            why = app.ledger.failed() => Some(why),
+            why = app.storage_failed() => Some(why),
         }
     }
 }

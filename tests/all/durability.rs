@@ -441,6 +441,59 @@ pub(crate) async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<Plu
     backlog
 }
 
+/// The host binary of a file-size limit test, its probe subscribed to
+/// one pattern.
+struct Limited {
+    host: HostProcess,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Limited {
+    /// Each file the host writes is held to 8 MiB (`RLIMIT_FSIZE`).
+    async fn start(w: &World, subscription: &str) -> Limited {
+        let port = common::free_port();
+        let setup = w.host().listen(format!("127.0.0.1:{port}")).plugin(
+            "probe",
+            &[&format!(
+                "config = {{ subscriptions = [{subscription:?}] }}"
+            )],
+        );
+        std::fs::write(config_of(w), setup.toml()).unwrap();
+        let log = w.dir.path().join("host.log");
+        let mut host = HostProcess::spawn_with_file_size_limit(&config_of(w), &log, 8 << 20);
+        wait_ready(&mut host, port, &log).await;
+        Limited { host, port, log }
+    }
+}
+
+fn config_of(w: &World) -> PathBuf {
+    w.dir.path().join("prismhook.toml")
+}
+
+/// Starts the stopped host of a [`Limited`] test again, without the limit,
+/// until its ledger holds nothing undelivered for the probe (stopping it
+/// with SIGTERM to look); none of the probe's deliveries may die.
+async fn drain_without_the_limit(w: &World, port: u16, log: &Path) {
+    let drain_until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut host = HostProcess::spawn(&config_of(w), log);
+        wait_ready(&mut host, port, log).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(host.sigterm().await.success(), "log:\n{}", log_tail(log));
+        let probe = stopped_backlog(&w.data(), None)
+            .await
+            .into_iter()
+            .find(|b| b.plugin == "probe")
+            .expect("probe backlog");
+        assert_eq!(probe.dead, 0, "{probe:?}");
+        if settled(&probe) {
+            return;
+        }
+        assert!(Instant::now() < drain_until, "not drained: {probe:?}");
+    }
+}
+
 /// A ledger file that cannot grow (a file-size limit here; a full disk
 /// alike) fails redb for good: notifications are refused with 503 and a
 /// `Retry-After`, and the host stops with an error, for its service manager
@@ -448,18 +501,12 @@ pub(crate) async fn stopped_backlog(data: &Path, nats: Option<&Nats>) -> Vec<Plu
 /// notification it acknowledged, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_file_that_cannot_grow_stops_the_host_and_loses_nothing_acknowledged() {
-    const LIMIT: u64 = 8 << 20;
     let w = world(&["probe"]).await;
-    let port = common::free_port();
-    let setup = w
-        .host()
-        .listen(format!("127.0.0.1:{port}"))
-        .plugin("probe", &[r#"config = { subscriptions = ["VM.*"] }"#]);
-    let config = w.dir.path().join("prismhook.toml");
-    std::fs::write(&config, setup.toml()).unwrap();
-    let log = w.dir.path().join("host.log");
-    let mut host = HostProcess::spawn_with_file_size_limit(&config, &log, LIMIT);
-    wait_ready(&mut host, port, &log).await;
+    let Limited {
+        mut host,
+        port,
+        log,
+    } = Limited::start(&w, "VM.*").await;
 
     let poster = Poster::new(SocketAddr::from(([127, 0, 0, 1], port)));
     let uuids = entity_uuids(4);
@@ -504,24 +551,7 @@ async fn a_ledger_file_that_cannot_grow_stops_the_host_and_loses_nothing_acknowl
     );
     eprintln!("{} acknowledged before the file filled", sent - 1);
 
-    let mut host = HostProcess::spawn(&config, &log);
-    wait_ready(&mut host, port, &log).await;
-    let drain_until = Instant::now() + Duration::from_secs(60);
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(host.sigterm().await.success(), "log:\n{}", log_tail(&log));
-        let probe = stopped_backlog(&w.data(), None)
-            .await
-            .into_iter()
-            .find(|b| b.plugin == "probe")
-            .expect("probe backlog");
-        if settled(&probe) {
-            break;
-        }
-        assert!(Instant::now() < drain_until, "not drained: {probe:?}");
-        host = HostProcess::spawn(&config, &log);
-        wait_ready(&mut host, port, &log).await;
-    }
+    drain_without_the_limit(&w, port, &log).await;
     let kv = probe_records(&w.data(), None).await;
     let mut report = OrderReport::default();
     for (uuid, ids) in &acked {
@@ -529,6 +559,67 @@ async fn a_ledger_file_that_cannot_grow_stops_the_host_and_loses_nothing_acknowl
         report.add(uuid, check_entity(ids, &recorded));
     }
     report.assert(acked.values().map(Vec::len).sum());
+}
+
+/// The plugins' kv file failing for good (here it cannot grow past a file-size limit; a full
+/// disk alike) stops the host with an error, for its service manager to start it again, which
+/// recovers the file. The events whose writes were not stored wait for that at no cost to
+/// their attempts: started again with room, the host delivers every one, at its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_file_that_cannot_grow_stops_the_host_and_its_events_wait_for_the_restart() {
+    let w = world(&["probe"]).await;
+    let Limited {
+        mut host,
+        port,
+        log,
+    } = Limited::start(&w, "TEST.*").await;
+
+    // Half a MiB of kv each, a few hundred bytes of ledger: the kv file
+    // reaches the limit first.
+    let poster = Poster::new(SocketAddr::from(([127, 0, 0, 1], port)));
+    let mut acked = Vec::new();
+    for _ in 0..24 {
+        let note = probe_event("TEST.KV", "blob", json!({ "bytes": 512 << 10 }));
+        match poster.post(&note).await {
+            Ok(answer) if answer.status() == 202 => {
+                let id = answer.json::<Value>().await.unwrap()["id"]
+                    .as_u64()
+                    .unwrap();
+                acked.push(id);
+            }
+            // The host stopped meanwhile.
+            _ => break,
+        }
+    }
+    let exit = host
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("the host stops; log:\n{}", log_tail(&log)));
+    assert_eq!(exit.code(), Some(1), "log:\n{}", log_tail(&log));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("the plugins' kv file failed") && !text.contains("retry:"),
+        "log:\n{}",
+        log_tail(&log)
+    );
+    let stored_before = seen(&probe_records(&w.data(), None).await, "blob").len();
+    assert!(
+        stored_before < acked.len(),
+        "{stored_before} of {} stored: the file never filled",
+        acked.len()
+    );
+
+    drain_without_the_limit(&w, port, &log).await;
+    let seen = seen(&probe_records(&w.data(), None).await, "blob");
+    assert_eq!(
+        seen.iter().map(|&(id, _, _)| id).collect::<Vec<_>>(),
+        acked,
+        "every acknowledged event stored, in order"
+    );
+    assert!(
+        seen.iter().all(|&(_, attempt, _)| attempt == 1),
+        "each at its first attempt: {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

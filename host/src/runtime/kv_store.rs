@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::failure::FileFailure;
+
 const MAX_KEY_BYTES: usize = 1024;
 /// Longest value, unless the backend holds less ([`KvBackend::max_value_bytes`]).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
@@ -70,10 +72,24 @@ pub enum KvError {
     /// (a message over its servers' limit): not a passing outage.
     #[error("the store refused the writes: {0}")]
     Refused(String),
+    /// The kv file failed for good (a full disk, an I/O error): redb then
+    /// fails every operation until the file is opened again, which checks
+    /// and recovers it ([`KvStore::failed`]).
+    #[error("the plugins' kv file failed: {0}")]
+    FileFailed(String),
 }
 
 fn storage(e: impl std::fmt::Display) -> KvError {
     KvError::Storage(e.to_string())
+}
+
+/// A redb error, told apart: after a failed write or flush, redb fails
+/// every operation (`PreviousIo`) until the file is opened again.
+fn redb_error(e: impl Into<redb::Error>) -> KvError {
+    match e.into() {
+        e @ (redb::Error::Io(_) | redb::Error::PreviousIo) => KvError::FileFailed(e.to_string()),
+        e => KvError::Storage(e.to_string()),
+    }
 }
 
 fn table(plugin: &str) -> String {
@@ -195,6 +211,11 @@ pub trait KvBackend: Send + Sync + 'static {
     fn max_value_bytes(&self) -> usize {
         MAX_VALUE_BYTES
     }
+
+    /// Where the store's failure for good is kept; `None`: it cannot fail so.
+    fn failure(&self) -> Option<Arc<FileFailure>> {
+        None
+    }
 }
 
 /// The plugins' store, whichever backend keeps it. Cheap to clone.
@@ -217,6 +238,15 @@ impl KvStore {
 
     pub fn new(backend: Arc<dyn KvBackend>) -> KvStore {
         KvStore { backend }
+    }
+
+    /// Returns why, once the store has failed for good (a redb file after
+    /// an I/O error); pending for ever if it cannot.
+    pub async fn failed(&self) -> String {
+        match self.backend.failure() {
+            Some(failure) => failure.wait().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Whether a read sees every write this host stored (see
@@ -279,6 +309,8 @@ impl KvStore {
 /// must not lose one call's update to the other's.
 struct RedbKv {
     db: Database,
+    /// Why the file failed for good, once it has ([`KvError::FileFailed`]).
+    failure: Arc<FileFailure>,
 }
 
 impl RedbKv {
@@ -303,14 +335,33 @@ impl RedbKv {
             .set_cache_size(16 << 20)
             .create(path)
             .map_err(|e| KvError::Storage(format!("{}: {e}", path.display())))?;
-        Ok(RedbKv { db })
+        Ok(RedbKv {
+            db,
+            failure: Arc::default(),
+        })
+    }
+
+    /// Runs `op`, and records the first failure that leaves the file
+    /// unusable, for the host to stop and be started again
+    /// ([`KvStore::failed`]).
+    fn latch<T>(&self, op: impl FnOnce() -> Result<T, KvError>) -> Result<T, KvError> {
+        let result = op();
+        if let Err(e @ KvError::FileFailed(_)) = &result {
+            self.failure.record(
+                || e.to_string(),
+                |why| tracing::error!("{why}; the host stops, to be started again, which checks and recovers the file"),
+            );
+        }
+        result
     }
 }
 
 impl KvBackend for RedbKv {
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        value_in(&txn, plugin, key)
+        self.latch(|| {
+            let txn = self.db.begin_read().map_err(redb_error)?;
+            value_in(&txn, plugin, key)
+        })
     }
 
     fn keys(
@@ -320,40 +371,44 @@ impl KvBackend for RedbKv {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, KvError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let Some(table) = open_read::<&[u8]>(&txn, &table(plugin))? else {
-            return Ok(Vec::new());
-        };
-        let mut keys = Vec::new();
-        let range = (start(prefix, after), Bound::Unbounded);
-        for entry in table.range::<&str>(range).map_err(storage)? {
-            if keys.len() >= limit {
-                break;
+        self.latch(|| {
+            let txn = self.db.begin_read().map_err(redb_error)?;
+            let Some(table) = open_read::<&[u8]>(&txn, &table(plugin))? else {
+                return Ok(Vec::new());
+            };
+            let mut keys = Vec::new();
+            let range = (start(prefix, after), Bound::Unbounded);
+            for entry in table.range::<&str>(range).map_err(redb_error)? {
+                if keys.len() >= limit {
+                    break;
+                }
+                let (k, _) = entry.map_err(redb_error)?;
+                let k = k.value();
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                keys.push(k.to_owned());
             }
-            let (k, _) = entry.map_err(storage)?;
-            let k = k.value();
-            if !k.starts_with(prefix) {
-                break;
-            }
-            keys.push(k.to_owned());
-        }
-        Ok(keys)
+            Ok(keys)
+        })
     }
 
     fn bytes(&self, plugin: &str) -> Result<u64, KvError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let counted = match txn.open_table(USAGE) {
-            Ok(usage) => usage.get(plugin).map_err(storage)?.map(|b| b.value()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(storage(e)),
-        };
-        if let Some(bytes) = counted {
-            return Ok(bytes);
-        }
-        match open_read::<&[u8]>(&txn, &table(plugin))? {
-            Some(table) => count_bytes(table.iter().map_err(storage)?),
-            None => Ok(0),
-        }
+        self.latch(|| {
+            let txn = self.db.begin_read().map_err(redb_error)?;
+            let counted = match txn.open_table(USAGE) {
+                Ok(usage) => usage.get(plugin).map_err(redb_error)?.map(|b| b.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(redb_error(e)),
+            };
+            if let Some(bytes) = counted {
+                return Ok(bytes);
+            }
+            match open_read::<&[u8]>(&txn, &table(plugin))? {
+                Some(table) => count_bytes(table.iter().map_err(redb_error)?),
+                None => Ok(0),
+            }
+        })
     }
 
     fn read_versioned(
@@ -361,12 +416,14 @@ impl KvBackend for RedbKv {
         plugin: &str,
         key: &str,
     ) -> Result<(Option<Vec<u8>>, Option<u64>), KvError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let version = match open_read::<u64>(&txn, &versions(plugin))? {
-            Some(t) => t.get(key).map_err(storage)?.map_or(0, |v| v.value()),
-            None => 0,
-        };
-        Ok((value_in(&txn, plugin, key)?, Some(version)))
+        self.latch(|| {
+            let txn = self.db.begin_read().map_err(redb_error)?;
+            let version = match open_read::<u64>(&txn, &versions(plugin))? {
+                Some(t) => t.get(key).map_err(redb_error)?.map_or(0, |v| v.value()),
+                None => 0,
+            };
+            Ok((value_in(&txn, plugin, key)?, Some(version)))
+        })
     }
 
     /// Refuses all of a call's writes when a key it read was written since
@@ -381,78 +438,84 @@ impl KvBackend for RedbKv {
         read: &BTreeMap<String, u64>,
         limit: u64,
     ) -> Result<BTreeMap<String, u64>, KvError> {
-        let (table_name, versions_name) = (table(plugin), versions(plugin));
-        let mut stored = BTreeMap::new();
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let def: TableDefinition<&str, u64> = TableDefinition::new(&versions_name);
-            let mut versions = txn.open_table(def).map_err(storage)?;
-            for (k, seen) in read {
-                let now = versions
-                    .get(k.as_str())
-                    .map_err(storage)?
-                    .map_or(0, |v| v.value());
-                if now != *seen {
-                    // Dropped without a commit: nothing of the call is stored.
-                    return Err(KvError::Conflict(format!(
-                        "`{k}` was written by another call since this one read it"
-                    )));
-                }
-            }
-            let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
-            let mut table = txn.open_table(def).map_err(storage)?;
-            let mut usage = txn.open_table(USAGE).map_err(storage)?;
-            let mut seqs = txn.open_table(VERSION_SEQ).map_err(storage)?;
-            let mut seq = match seqs.get(plugin).map_err(storage)? {
-                Some(seq) => seq.value(),
-                None => versions
-                    .iter()
-                    .map_err(storage)?
-                    .map(|row| row.map(|(_, v)| v.value()).map_err(storage))
-                    .try_fold(0, |most, v| v.map(|v| most.max(v)))?,
-            };
-            let before = match usage.get(plugin).map_err(storage)? {
-                Some(bytes) => bytes.value(),
-                None => count_bytes(table.iter().map_err(storage)?)?,
-            };
-            let mut after = before;
-            for (k, v) in &writes {
-                let old = match v {
-                    Some(v) => {
-                        after += record_bytes(k, v);
-                        table.insert(k.as_str(), v.as_slice())
+        self.latch(|| {
+            let (table_name, versions_name) = (table(plugin), versions(plugin));
+            let mut stored = BTreeMap::new();
+            let txn = self.db.begin_write().map_err(redb_error)?;
+            {
+                let def: TableDefinition<&str, u64> = TableDefinition::new(&versions_name);
+                let mut versions = txn.open_table(def).map_err(redb_error)?;
+                for (k, seen) in read {
+                    let now = versions
+                        .get(k.as_str())
+                        .map_err(redb_error)?
+                        .map_or(0, |v| v.value());
+                    if now != *seen {
+                        // Dropped without a commit: nothing of the call is stored.
+                        return Err(KvError::Conflict(format!(
+                            "`{k}` was written by another call since this one read it"
+                        )));
                     }
-                    None => table.remove(k.as_str()),
                 }
-                .map_err(storage)?;
-                match old {
-                    Some(old) => after = after.saturating_sub(record_bytes(k, old.value())),
-                    // A delete of what is not there changes nothing (but
-                    // for the row a store from before kept of a key deleted
-                    // then, which goes).
-                    None if v.is_none() => {
-                        versions.remove(k.as_str()).map_err(storage)?;
+                let def: TableDefinition<&str, &[u8]> = TableDefinition::new(&table_name);
+                let mut table = txn.open_table(def).map_err(redb_error)?;
+                let mut usage = txn.open_table(USAGE).map_err(redb_error)?;
+                let mut seqs = txn.open_table(VERSION_SEQ).map_err(redb_error)?;
+                let mut seq = match seqs.get(plugin).map_err(redb_error)? {
+                    Some(seq) => seq.value(),
+                    None => versions
+                        .iter()
+                        .map_err(redb_error)?
+                        .map(|row| row.map(|(_, v)| v.value()).map_err(redb_error))
+                        .try_fold(0, |most, v| v.map(|v| most.max(v)))?,
+                };
+                let before = match usage.get(plugin).map_err(redb_error)? {
+                    Some(bytes) => bytes.value(),
+                    None => count_bytes(table.iter().map_err(redb_error)?)?,
+                };
+                let mut after = before;
+                for (k, v) in &writes {
+                    let old = match v {
+                        Some(v) => {
+                            after += record_bytes(k, v);
+                            table.insert(k.as_str(), v.as_slice())
+                        }
+                        None => table.remove(k.as_str()),
+                    }
+                    .map_err(redb_error)?;
+                    match old {
+                        Some(old) => after = after.saturating_sub(record_bytes(k, old.value())),
+                        // A delete of what is not there changes nothing (but
+                        // for the row a store from before kept of a key deleted
+                        // then, which goes).
+                        None if v.is_none() => {
+                            versions.remove(k.as_str()).map_err(redb_error)?;
+                            continue;
+                        }
+                        None => {}
+                    }
+                    if v.is_none() {
+                        // Not there: version 0, and no row left behind.
+                        versions.remove(k.as_str()).map_err(redb_error)?;
+                        stored.insert(k.clone(), 0);
                         continue;
                     }
-                    None => {}
+                    seq += 1;
+                    versions.insert(k.as_str(), seq).map_err(redb_error)?;
+                    stored.insert(k.clone(), seq);
                 }
-                if v.is_none() {
-                    // Not there: version 0, and no row left behind.
-                    versions.remove(k.as_str()).map_err(storage)?;
-                    stored.insert(k.clone(), 0);
-                    continue;
-                }
-                seq += 1;
-                versions.insert(k.as_str(), seq).map_err(storage)?;
-                stored.insert(k.clone(), seq);
+                seqs.insert(plugin, seq).map_err(redb_error)?;
+                // Dropped without a commit when over: nothing is stored.
+                let after = within_limit(before, after, limit)?;
+                usage.insert(plugin, after).map_err(redb_error)?;
             }
-            seqs.insert(plugin, seq).map_err(storage)?;
-            // Dropped without a commit when over: nothing is stored.
-            let after = within_limit(before, after, limit)?;
-            usage.insert(plugin, after).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
-        Ok(stored)
+            txn.commit().map_err(redb_error)?;
+            Ok(stored)
+        })
+    }
+
+    fn failure(&self) -> Option<Arc<FileFailure>> {
+        Some(self.failure.clone())
     }
 }
 
@@ -470,7 +533,7 @@ fn count_bytes<'a>(
     >,
 ) -> Result<u64, KvError> {
     rows.map(|row| {
-        let (k, v) = row.map_err(storage)?;
+        let (k, v) = row.map_err(redb_error)?;
         Ok(record_bytes(k.value(), v.value()))
     })
     .sum()
@@ -485,7 +548,7 @@ fn open_read<V: redb::Value + 'static>(
     match txn.open_table(TableDefinition::<&str, V>::new(name)) {
         Ok(t) => Ok(Some(t)),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-        Err(e) => Err(storage(e)),
+        Err(e) => Err(redb_error(e)),
     }
 }
 
@@ -496,7 +559,7 @@ fn value_in(
     key: &str,
 ) -> Result<Option<Vec<u8>>, KvError> {
     match open_read::<&[u8]>(txn, &table(plugin))? {
-        Some(t) => Ok(t.get(key).map_err(storage)?.map(|v| v.value().to_vec())),
+        Some(t) => Ok(t.get(key).map_err(redb_error)?.map(|v| v.value().to_vec())),
         None => Ok(None),
     }
 }

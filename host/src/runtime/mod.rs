@@ -157,7 +157,8 @@ pub enum KvFailure {
     /// read that write, the call reads it.
     Conflict,
     /// Not the plugin's doing: the store did not take the writes (a NATS
-    /// cluster electing a leader, a write not read back in time), or this
+    /// cluster electing a leader, a write not read back in time, a kv file
+    /// that failed, which stops the host), or this
     /// host had not read its own writes back when the call was to start
     /// (the call was not made). The events wait for the store, at no cost
     /// to their attempts.
@@ -175,7 +176,7 @@ impl CallError {
         use kv_store::KvError;
         let failure = match error {
             KvError::Conflict(_) => KvFailure::Conflict,
-            KvError::Storage(_) => KvFailure::Unavailable,
+            KvError::Storage(_) | KvError::FileFailed(_) => KvFailure::Unavailable,
             _ => KvFailure::Refused,
         };
         CallError::Kv {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::ledger::delivery::{sort_reads, EventRead};
@@ -42,6 +42,7 @@ use window::Window;
 use writer::{Chunk, Command, Job, Op, ReplayChunk, Writer};
 
 use crate::clock::now_ms;
+use crate::failure::FileFailure;
 use crate::ledger::{
     Appended, DeadLetter, DeadLetterCursor, Delivery, Ledger, LedgerError, LedgerStats, NewEvent,
     Outcome, PluginBacklog, Resource, RetryPolicy, StoredEvent, Wake,
@@ -109,10 +110,8 @@ struct Shared {
     file_bytes: AtomicU64,
     commits: AtomicU64,
     pub(super) notifiers: Notifiers,
-    /// Why the file cannot be written any more, once it cannot: redb fails
-    /// every operation after one whose I/O failed (a full disk, a failed
-    /// flush), as what is on disk is unknown until the file is opened again.
-    failure: watch::Sender<Option<String>>,
+    /// Why the file cannot be written any more, once it cannot.
+    failure: FileFailure,
 }
 
 impl Shared {
@@ -129,22 +128,17 @@ impl Shared {
                 if matches!(source.downcast_ref::<redb::Error>(), Some(redb::Error::Io(_) | redb::Error::PreviousIo))
         );
         if io {
-            self.failure.send_if_modified(|failure| {
-                if failure.is_some() {
-                    return false;
-                }
-                let why = prismhook_core::text::error_chain(error);
-                error!(error = %why, "the ledger's file failed; nothing more is accepted until the host is restarted, which checks and recovers the file");
-                *failure = Some(why);
-                true
-            });
+            self.failure.record(
+                || prismhook_core::text::error_chain(error),
+                |why| error!(error = %why, "the ledger's file failed; nothing more is accepted until the host is restarted, which checks and recovers the file"),
+            );
         }
-        self.failure.borrow().clone()
+        self.failure.get()
     }
 
     /// What a caller hears once the file has failed.
     pub(super) fn unavailable(&self) -> Option<LedgerError> {
-        self.failure.borrow().as_deref().map(unavailable_because)
+        self.failure.get().as_deref().map(unavailable_because)
     }
 
     /// Each event read, or why it cannot be; the outer error is a read that could not start.
@@ -319,7 +313,7 @@ impl RedbLedger {
             opts,
             commits: AtomicU64::new(0),
             notifiers: Notifiers::default(),
-            failure: watch::channel(None).0,
+            failure: FileFailure::default(),
         });
         info!(
             path = %path.display(),
@@ -611,16 +605,7 @@ impl Ledger for RedbLedger {
     }
 
     async fn failed(&self) -> String {
-        let mut failure = self.shared.failure.subscribe();
-        let why = failure
-            .wait_for(Option::is_some)
-            .await
-            .map(|why| why.clone().unwrap_or_default());
-        match why {
-            Ok(why) => why,
-            // The sender lives as long as `shared`, which `self` holds.
-            Err(_) => std::future::pending().await,
-        }
+        self.shared.failure.wait().await
     }
 
     /// Stops the writer once queued writes are done. The file closes when the last handle is
