@@ -249,6 +249,11 @@ impl KvStore {
         }
     }
 
+    /// Why the store failed for good, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.backend.failure()?.get()
+    }
+
     /// Whether a read sees every write this host stored (see
     /// [`KvBackend::settled`]).
     pub fn settled(&self) -> bool {

@@ -374,6 +374,16 @@ impl Plugin {
         );
 
         let plugin = self.identity.name.clone();
+        // The plugin may have been told of the failed file (a `kv.get`
+        // answered `err`) and answered accordingly: whatever it answered,
+        // its events wait for the host to be started again, unharmed.
+        if let Some(why) = self.env.kv.failure() {
+            return Err(CallError::Kv {
+                plugin,
+                message: why,
+                failure: KvFailure::Unavailable,
+            });
+        }
         match result {
             Ok(Ok(mut ok)) => {
                 if let Returned::Init { calls, .. } = &mut ok {
