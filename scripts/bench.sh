@@ -18,9 +18,12 @@ if [ "$bench" = payload ]; then
   exec cargo bench --locked -p prismhook-core --bench payload
 fi
 build_xtask
+packages=()
 case "$bench" in
-  listener | durability | cluster) ensure_debian_packages wrk ;;
+  listener | durability | cluster) packages+=(wrk) ;;
 esac
+# shellcheck disable=SC2046 # one word per package
+ensure_debian_packages "${packages[@]}" $(guest_packages)
 build_guests
 [ "$bench" = cluster ] && export_nats_server
 step "cargo bench --bench $bench $*"

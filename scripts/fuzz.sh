@@ -15,6 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_rust
+build_xtask
+# libFuzzer is C++.
+ensure_debian_packages g++
 CARGO_FUZZ_VERSION=0.13.1
 seconds=${FUZZ_SECONDS:-60}
 runs=${FUZZ_RUNS:--1}

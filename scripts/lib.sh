@@ -14,22 +14,20 @@ ensure_rust() {
   fi
 }
 
-# Installs the Debian packages among "$@" that are missing (as root, or
-# through sudo), with one `apt-get update` per script run.
+# Installs the Debian packages (or groups, such as wasm-toolchain) named
+# that are missing, at the versions pinned in xtask/src/debian.rs, after one
+# `apt-get update` (as root, or through sudo). Needs build_xtask first.
 ensure_debian_packages() {
-  local missing=()
-  for pkg in "$@"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  step "installing Debian packages: ${missing[*]}"
-  if [ -z "${APT_UPDATED:-}" ]; then
-    $sudo apt-get update -q
-    APT_UPDATED=1
-  fi
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+  xtask apt "$@"
+}
+
+# What every guest's build needs from Debian (xtask plugins): the wasm
+# toolchain, and pip and Node.js where they do not run already (a Node.js
+# installed another way is used as it is).
+guest_packages() {
+  echo wasm-toolchain
+  python3 -m pip --version >/dev/null 2>&1 || echo python3-pip
+  { command -v node && command -v npm; } >/dev/null 2>&1 || echo nodejs npm
 }
 
 # The scripts build xtask once and then run its binary, not `cargo xtask`:

