@@ -47,24 +47,75 @@ impl std::fmt::Display for Stage {
 pub(super) struct BatchError {
     pub stage: Stage,
     pub message: String,
+    refusal: Refusal,
+}
+
+/// What the client's error kind or JetStream's `err_code` says of a failure, where it
+/// decides what the caller does next; classed by code, not by the words of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// A message's subject had moved on from the sequence it expected
+    /// (`Nats-Expected-Last-Subject-Sequence`): someone else wrote it first.
+    Superseded,
+    /// Over a size limit; sent again, it would be refused again.
+    TooLarge,
+    /// The stream is at the size the operator set for it (`DiscardPolicy::New`): backpressure.
+    StreamFull,
+    /// Anything else: a lost connection, a timeout, a stream without a leader, …
+    Other,
+}
+
+/// JetStream's `err_code`s (nats-server's `server/errors.json`).
+mod code {
+    /// `JSStreamWrongLastSequenceErrF`, "wrong last sequence: {seq}".
+    pub const WRONG_LAST_SEQUENCE: u64 = 10071;
+    /// `JSStreamWrongLastSequenceConstantErr`, "wrong last sequence": a clustered stream's
+    /// refusal while an earlier write to the subject is still in flight.
+    pub const WRONG_LAST_SEQUENCE_CONSTANT: u64 = 10164;
+    /// `JSStreamMessageExceedsMaximumErr`, "message size exceeds maximum allowed".
+    pub const MESSAGE_EXCEEDS_MAXIMUM: u64 = 10054;
+    /// `JSAtomicPublishTooLargeBatchErrF`, "atomic publish batch is too large: {size}".
+    pub const BATCH_TOO_LARGE: u64 = 10199;
+    /// `JSStreamStoreFailedF`, "{err}": the store's own error, which for a full stream is
+    /// "maximum bytes exceeded", "maximum messages exceeded" or "maximum messages per subject
+    /// exceeded"; only the words tell those from a failing disk.
+    pub const STORE_FAILED: u64 = 10077;
+}
+
+impl Refusal {
+    fn of(code: u64, description: &str) -> Self {
+        match code {
+            code::WRONG_LAST_SEQUENCE | code::WRONG_LAST_SEQUENCE_CONSTANT => Self::Superseded,
+            code::MESSAGE_EXCEEDS_MAXIMUM | code::BATCH_TOO_LARGE => Self::TooLarge,
+            code::STORE_FAILED if description.starts_with("maximum") => Self::StreamFull,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Whether JetStream refused a publish, by its error's code and description, because the
+/// stream is full.
+pub(super) fn stream_full(code: u64, description: &str) -> bool {
+    Refusal::of(code, description) == Refusal::StreamFull
 }
 
 impl BatchError {
     /// Whether JetStream refused the batch because a message's subject had moved on from the
     /// sequence it expected (`Nats-Expected-Last-Subject-Sequence`): someone else wrote it first.
     pub fn superseded(&self) -> bool {
-        self.stage == Stage::Storing && self.message.contains("wrong last sequence")
+        self.refusal == Refusal::Superseded
     }
 
     /// Whether a message or the batch was over a size limit: the servers' `max_payload`,
     /// which the client checks before sending, a stream's largest message (error 10054), or
     /// the servers' largest atomic batch (10199). Sent again, it would be refused again.
     pub fn too_large(&self) -> bool {
-        let m = &self.message;
-        (self.stage == Stage::Sending && m.contains("Payload size limit"))
-            || (self.stage == Stage::Storing
-                && (m.contains("message size exceeds maximum")
-                    || m.contains("atomic publish batch is too large")))
+        self.refusal == Refusal::TooLarge
+    }
+
+    /// Whether the stream is at the limit the operator set (see [`stream_full`]).
+    pub fn stream_full(&self) -> bool {
+        self.refusal == Refusal::StreamFull
     }
 }
 
@@ -72,7 +123,25 @@ fn failed(stage: Stage, message: impl std::fmt::Display) -> BatchError {
     BatchError {
         stage,
         message: message.to_string(),
+        refusal: Refusal::Other,
     }
+}
+
+fn refused(stage: Stage, refusal: Refusal, message: impl std::fmt::Display) -> BatchError {
+    BatchError {
+        refusal,
+        ..failed(stage, message)
+    }
+}
+
+/// The client's refusal of a message over the servers' `max_payload`, before sending it.
+fn sending(oversized: bool, e: impl std::fmt::Display) -> BatchError {
+    let refusal = if oversized {
+        Refusal::TooLarge
+    } else {
+        Refusal::Other
+    };
+    refused(Stage::Sending, refusal, e)
 }
 
 /// Publishes `messages` (at most [`BATCH_MAX`]) as one atomic batch: JetStream stores all of
@@ -103,9 +172,18 @@ pub(super) async fn publish(
         let ack = js
             .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(|e| failed(Stage::Sending, e))?
+            .map_err(|e| {
+                let oversized =
+                    e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded;
+                sending(oversized, e)
+            })?
             .await
-            .map_err(|e| failed(Stage::Storing, e))?;
+            .map_err(|e| {
+                let refusal = api_error(&e).map_or(Refusal::Other, |(code, description)| {
+                    Refusal::of(code, &description)
+                });
+                refused(Stage::Storing, refusal, e)
+            })?;
         return Ok(ack.sequence);
     }
     let batch = format!("{:032x}", rand::random::<u128>());
@@ -132,24 +210,50 @@ pub(super) async fn publish(
             )
             .await
             .map_err(|_| failed(Stage::Waiting, "timed out"))?
-            .map_err(|e| failed(Stage::Sending, e))?;
+            .map_err(|e| {
+                sending(
+                    e.kind() == async_nats::RequestErrorKind::MaxPayloadExceeded,
+                    e,
+                )
+            })?;
             if !answer.payload.is_empty() {
-                sequence = answer_of(&answer.payload).map_err(|e| failed(Stage::Storing, e))?;
+                sequence = answer_of(&answer.payload)
+                    .map_err(|(code, e)| refused(Stage::Storing, Refusal::of(code, &e), e))?;
             }
         } else {
             client
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(|e| failed(Stage::Sending, e))?;
+                .map_err(|e| {
+                    sending(
+                        e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded,
+                        e,
+                    )
+                })?;
         }
     }
     Ok(sequence)
 }
 
-/// Reads JetStream's answer to a batch message: the sequence stored, or its error.
-fn answer_of(payload: &[u8]) -> Result<u64, String> {
+/// JetStream's error behind a failed publish, as its code and description: the client names
+/// only some codes in its error's kind, and keeps the rest in its source.
+pub(super) fn api_error(e: &jetstream::context::PublishError) -> Option<(u64, String)> {
+    let api = std::error::Error::source(e)?.downcast_ref::<jetstream::Error>()?;
+    // Its description is private but serialized (`code()` is the HTTP-like status).
+    let description = serde_json::to_value(api)
+        .ok()
+        .and_then(|v| v.get("description")?.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    Some((api.error_code().0, description))
+}
+
+/// Reads JetStream's answer to a batch message: the sequence stored, or its error's code
+/// (0 when it has none) and description.
+fn answer_of(payload: &[u8]) -> Result<u64, (u64, String)> {
     #[derive(Deserialize)]
     struct ApiError {
+        #[serde(default)]
+        err_code: u64,
         description: String,
     }
     #[derive(Deserialize)]
@@ -158,9 +262,10 @@ fn answer_of(payload: &[u8]) -> Result<u64, String> {
         seq: u64,
         error: Option<ApiError>,
     }
-    let answer: Answer = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let answer: Answer = serde_json::from_slice(payload)
+        .map_err(|e| (0, format!("unreadable answer from JetStream: {e}")))?;
     match answer.error {
-        Some(error) => Err(error.description),
+        Some(error) => Err((error.err_code, error.description)),
         None => Ok(answer.seq),
     }
 }
@@ -177,7 +282,52 @@ mod tests {
         );
         assert_eq!(
             answer_of(br#"{"error":{"code":400,"err_code":10174,"description":"atomic publish is disabled"}}"#),
-            Err("atomic publish is disabled".into())
+            Err((10174, "atomic publish is disabled".into()))
         );
+    }
+
+    #[test]
+    fn a_refusal_is_classed_by_its_code_whatever_its_words() {
+        let answer = |json: &str| {
+            let (code, message) = answer_of(json.as_bytes()).unwrap_err();
+            refused(Stage::Storing, Refusal::of(code, &message), message)
+        };
+        // Both of nats-server's wrong-last-sequence codes, the second without the sequence.
+        for json in [
+            r#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 7"}}"#,
+            r#"{"error":{"code":400,"err_code":10164,"description":"wrong last sequence"}}"#,
+        ] {
+            let e = answer(json);
+            assert!(e.superseded() && !e.too_large(), "{e}");
+        }
+        for json in [
+            r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#,
+            r#"{"error":{"code":400,"err_code":10199,"description":"atomic publish batch is too large: 1001"}}"#,
+        ] {
+            let e = answer(json);
+            assert!(e.too_large() && !e.superseded(), "{e}");
+        }
+        for json in [
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum bytes exceeded"}}"#,
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages per subject exceeded"}}"#,
+        ] {
+            let e = answer(json);
+            assert!(e.stream_full() && !e.too_large() && !e.superseded(), "{e}");
+        }
+        // A store that failed otherwise is not backpressure.
+        let e = answer(
+            r#"{"error":{"code":503,"err_code":10077,"description":"no space left on device"}}"#,
+        );
+        assert!(!e.stream_full(), "{e}");
+        // Words alone decide nothing: a transient refusal that mentions a sequence is not a
+        // lost compare-and-swap, and one without a code is nothing in particular.
+        for json in [
+            r#"{"error":{"code":429,"err_code":10210,"description":"atomic publish too many inflight, wrong last sequence"}}"#,
+            r#"{"error":{"code":503,"description":"message size exceeds maximum allowed"}}"#,
+            "not json",
+        ] {
+            let e = answer(json);
+            assert!(!e.superseded() && !e.too_large(), "{e}");
+        }
     }
 }

@@ -319,8 +319,8 @@ impl Inner {
                     return Err(LedgerError::Superseded { context: context() });
                 }
                 Err(e) => {
-                    let refused = e.stage == batch::Stage::Storing;
-                    return Err(refused_or_unavailable(context(), refused, e));
+                    let full = e.stream_full();
+                    return Err(full_or_unavailable(context(), full, e));
                 }
             };
             self.commits.fetch_add(1, Ordering::Relaxed);
@@ -786,20 +786,20 @@ async fn connect(
 }
 
 fn publish_error(context: String, error: jetstream::context::PublishError) -> LedgerError {
-    use jetstream::context::PublishErrorKind;
-    let refused = error.kind() == PublishErrorKind::Other;
-    refused_or_unavailable(context, refused, error)
+    let full = batch::api_error(&error)
+        .is_some_and(|(code, description)| batch::stream_full(code, &description));
+    full_or_unavailable(context, full, error)
 }
 
-/// JetStream refuses new messages on a full stream with "maximum bytes exceeded" (or messages):
-/// the stream is at the limit the operator set, which is backpressure. Anything else means the
-/// stream cannot be reached now.
-fn refused_or_unavailable(
+/// JetStream refuses new messages on a full stream (`batch::stream_full`): the stream is at
+/// the limit the operator set, which is backpressure. Anything else means the stream cannot be
+/// reached now.
+fn full_or_unavailable(
     context: String,
-    refused: bool,
+    full: bool,
     error: impl Into<BackendError> + fmt::Display,
 ) -> LedgerError {
-    if refused && error.to_string().contains("maximum") {
+    if full {
         return LedgerError::Backpressure {
             resource: Resource::Storage,
             current: 0,
@@ -1785,6 +1785,35 @@ mod tests {
             kv_a.session("fw", u64::MAX).get("ips/10.0.0.9").unwrap(),
             None
         );
+    }
+
+    /// An event refused by a stream at the size the operator set is backpressure (the sender
+    /// is told to come back), not a store that cannot be reached; the limit lifted, it is
+    /// stored.
+    #[tokio::test]
+    async fn an_event_a_full_stream_refuses_is_backpressure_until_it_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = prismhook_sim::nats::Nats::single(dir.path()).await.unwrap();
+        let ledger = JetStreamLedger::open(named(&nats, "a")).await.unwrap();
+        append_events(&ledger, 1, 2).await;
+        let info = ledger.inner.stream.clone().info().await.unwrap().clone();
+        let (unlimited, mut config) = (info.config.clone(), info.config);
+        config.max_messages = i64::try_from(info.state.messages).unwrap();
+        let js = &ledger.inner.js;
+        js.update_stream(config).await.unwrap();
+        let refused = ledger.append(event(2), vec!["p".into()]).await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                LedgerError::Backpressure {
+                    resource: Resource::Storage,
+                    ..
+                }
+            ),
+            "a full stream is backpressure: {refused}"
+        );
+        js.update_stream(unlimited).await.unwrap();
+        append_events(&ledger, 2, 1).await;
     }
 
     /// The marks of a completed batch are stored together: when the stream has room for only
