@@ -101,7 +101,8 @@ impl Ingest {
     /// Stores a decoded notification from `endpoint` with one delivery per
     /// subscribed plugin, durably, and answers: 202 once stored (or known
     /// as a duplicate), 503 + `Retry-After` at the ledger's limits or once
-    /// it is closed, 500 when it could not be stored.
+    /// it is closed, 413 when it is larger than the ledger stores in one
+    /// record, 500 when it could not be stored.
     pub async fn accept(&self, endpoint: &str, decoded: Decoded, body: Bytes) -> Response {
         if let Err(why) = check_identifiers(&decoded) {
             self.count(endpoint, "-", StatusCode::BAD_REQUEST);
@@ -159,6 +160,12 @@ impl Ingest {
                 tracing::warn!(%cluster, "notification refused with 503: {e}");
                 let secs = retry_after.as_secs().clamp(1, 3600) as u32;
                 unavailable(&format!("{e}; try again later"), secs)
+            }
+            // Refused each time it came: the sender is told so, the
+            // operator what limit it met.
+            Err(e @ LedgerError::TooLarge { .. }) => {
+                tracing::error!(%cluster, %event_type, entity = %entity_uuid, "notification refused with 413: {e}");
+                problem(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}; not stored"))
             }
             // A body that took its time arrives after shutdown closed the
             // ledger: Prism sends it again to this host or another.

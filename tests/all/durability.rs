@@ -1525,6 +1525,49 @@ fn probe_on_jetstream(w: &World, nats: &Nats, origin: &str) -> HostConfig {
         )
 }
 
+/// A notification within the listener's cap but larger than one message of the NATS servers
+/// (their `max_payload`, 1 MiB here) would be refused each time it was sent: it is answered 413
+/// with the limit named, not 503 for ever, and the ledger goes on storing the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_larger_than_a_nats_message_is_refused_413_on_jetstream_and_the_next_stored()
+{
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = Nats::single(nats_dir.path()).await.unwrap();
+    let w = world(&["probe"]).await;
+    let setup = probe_on_jetstream(&w, &nats, "http://127.0.0.1:1")
+        .listener(&format!("max_body_bytes = {}", 4 << 20));
+    let app = w.start(&setup).await;
+    let poster = Poster::new(app.listener_addr);
+
+    // Quotes are escaped in the stored record: 700 KiB of them take 1.4 MiB.
+    let padding = "\"".repeat(700 << 10);
+    let large = probe_event("TEST.LARGE", "large", json!({ "padding": padding }));
+    assert!(large.to_string().len() < 4 << 20);
+    let refused = poster.post(&large).await.unwrap();
+    let status = refused.status();
+    let text = refused.text().await.unwrap();
+    assert_eq!(status, 413, "{text}");
+    assert!(
+        text.contains("max_payload") && text.contains("bytes"),
+        "the limit is named: {text}"
+    );
+
+    poster
+        .accept(&probe_event("TEST.SMALL", "small", json!({})))
+        .await;
+    wait(
+        || backlog(&app, "probe").delivered == 1,
+        "the next notification delivered",
+    )
+    .await;
+    let b = backlog(&app, "probe");
+    assert!(
+        settled(&b) && b.dead == 0,
+        "only the small one was stored: {b:?}"
+    );
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 /// Hosts sharing a JetStream ledger race now and then for a kv key: when another host writes a
 /// key a call read before the call's writes are stored, the writes are refused and the call is
 /// made again once this host reads the winner's write. That costs no attempt and is not the

@@ -354,6 +354,15 @@ pub enum LedgerError {
         /// When the first event not replayed was received.
         resume_since_ms: u64,
     },
+    /// An event larger than the storage takes in one record (on JetStream, one message of the
+    /// NATS servers' `max_payload`): refused, as it would be each time.
+    #[error("the event's record is {bytes} bytes, over the {limit} bytes {what}")]
+    TooLarge {
+        bytes: usize,
+        limit: usize,
+        /// What the limit is, in the operator's words.
+        what: &'static str,
+    },
     #[error("ledger is closed")]
     Closed,
 }

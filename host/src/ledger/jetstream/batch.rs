@@ -15,6 +15,11 @@ use serde::Deserialize;
 /// Messages in one atomic batch: nats-server's limit.
 pub const BATCH_MAX: usize = 1000;
 
+/// Room left in a message's `max_payload` for its headers (a kv write's operation and expected
+/// sequence, an atomic batch's id and place, an event's dedupe key of up to 256 bytes and time
+/// received): a few hundred bytes, with a margin.
+pub(super) const HEADER_ROOM: usize = 1024;
+
 /// One message of a batch.
 pub(super) struct Message {
     pub subject: String,

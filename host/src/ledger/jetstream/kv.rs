@@ -359,18 +359,13 @@ impl JetStreamKv {
     }
 }
 
-/// Room left in a message's `max_payload` for a kv write's headers (the
-/// operation, the expected sequence, an atomic batch's id and place): a
-/// few hundred bytes, with a margin.
-const HEADER_ROOM: usize = 1024;
-
 impl KvBackend for JetStreamKv {
     /// A value and its headers go in one message, which the servers' `max_payload`
     /// (1 MiB by default) bounds.
     fn max_value_bytes(&self) -> usize {
         self.client
             .max_payload()
-            .saturating_sub(HEADER_ROOM)
+            .saturating_sub(batch::HEADER_ROOM)
             .min(kv_store::MAX_VALUE_BYTES)
     }
 

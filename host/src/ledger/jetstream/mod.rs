@@ -849,6 +849,21 @@ impl Ledger for JetStreamLedger {
         let payload: bytes::Bytes = serde_json::to_vec(&record)
             .expect("an event record always serializes")
             .into();
+        // Sent, it would be refused by the client (over `max_payload`), and again each time the
+        // sender retried: the sender is told now, and the operator what to raise.
+        let limit = self
+            .inner
+            .client
+            .max_payload()
+            .saturating_sub(batch::HEADER_ROOM);
+        if payload.len() > limit {
+            return Err(LedgerError::TooLarge {
+                bytes: payload.len(),
+                limit,
+                what: "one message of the NATS servers carries (their max_payload, less room for \
+                       headers)",
+            });
+        }
         let message = |msg_id: Option<String>| {
             let m = PublishMessage::build()
                 .payload(payload.clone())
