@@ -259,6 +259,9 @@ impl PrismClient {
         let builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
+            // Followed, a 307 or 308 would send a create's or update's body,
+            // which holds the webhook's password, wherever it pointed.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("prismhook/", env!("CARGO_PKG_VERSION")));
         let builder =
             crate::outbound::with_proxy_policy(builder, proxy_from_env).map_err(config)?;
@@ -500,6 +503,9 @@ impl PrismClient {
             .await
             .map_err(|e| self.transport(&method, segments, e))?;
         let status = response.status();
+        if status.is_redirection() {
+            return Err(self.redirected(method, segments, body, &response));
+        }
         let bytes = match read_body(response, MAX_ANSWER_BYTES).await {
             Ok(bytes) => bytes,
             Err(BodyError::Transport(e)) => return Err(self.transport(&method, segments, e)),
@@ -546,6 +552,38 @@ impl PrismClient {
             path: display_path(segments),
             host: self.host.clone(),
             reason: self.scrub(reason),
+        }
+    }
+
+    /// A redirect is not followed: it says where `prism_url` should point.
+    fn redirected(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+        response: &reqwest::Response,
+    ) -> PrismError {
+        let status = response.status();
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(|l| {
+                let shown = redact_userinfo(&l.chars().take(200).collect::<String>());
+                redact(shown, &self.secrets(body))
+            })
+            .unwrap_or_else(|| "nowhere given".to_owned());
+        PrismError::Api {
+            cluster: self.cluster.clone(),
+            method: method.to_string(),
+            path: display_path(segments),
+            status: status.as_u16(),
+            reason: format!(
+                "redirected ({}) to {location}; redirects are not followed, as they would take \
+                 the credentials along: set the cluster's prism_url to the address Prism serves \
+                 its API at",
+                status.as_u16()
+            ),
         }
     }
 
@@ -714,6 +752,54 @@ mod tests {
         );
         assert!(!shown.contains("hook-secret"), "{shown}");
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_so_the_webhook_password_stays_home() {
+        // Where a hostile or misconfigured gateway points: it must hear nothing.
+        let heard = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = heard.clone();
+        let elsewhere = axum::Router::new().fallback(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { "ok" }
+        });
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = format!(
+            "http://{}/api/nutanix/v3/webhooks",
+            tcp.local_addr().unwrap()
+        );
+        let second = tokio::spawn(async move { axum::serve(tcp, elsewhere).await });
+        let location = target.clone();
+        let gateway = axum::Router::new().fallback(move || {
+            let location = location.clone();
+            async move {
+                (
+                    http::StatusCode::TEMPORARY_REDIRECT,
+                    [(http::header::LOCATION, location)],
+                )
+            }
+        });
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", tcp.local_addr().unwrap());
+        let first = tokio::spawn(async move { axum::serve(tcp, gateway).await });
+
+        let c = PrismClient::new(endpoint(base, PASSWORD)).unwrap();
+        let err = c
+            .create_webhook(&spec("ours", &["VM.ON"]))
+            .await
+            .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(
+            shown.contains("redirected (307)") && shown.contains(&target),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("hook-secret") && !shown.contains(PASSWORD),
+            "{shown}"
+        );
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 0);
+        first.abort();
+        second.abort();
     }
 
     #[tokio::test]
