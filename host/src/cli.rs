@@ -91,6 +91,8 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                         ),
                         post_url: url.clone(),
                         events: events.clone(),
+                        // Every plugin loaded, or the sync failed above.
+                        widen_only: false,
                         auth: &auth,
                         fingerprint_path: fingerprint_path(&config, &cluster.name),
                     };

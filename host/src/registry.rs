@@ -74,11 +74,22 @@ pub struct PluginStatus {
     pub subscriptions: Vec<String>,
 }
 
+/// What the webhook's event list is made of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscriptions {
+    /// Every serving plugin's subscriptions (sorted, without repeats;
+    /// patterns kept as patterns, the registrar expands them).
+    pub union: Vec<String>,
+    /// Some plugin's file failed to load and no earlier version of it
+    /// serves: what it subscribes to is not known, so `union` may lack it.
+    pub incomplete: bool,
+}
+
 #[derive(Clone)]
 pub struct Registry {
     current: Arc<RwLock<Snapshot>>,
     changed: watch::Sender<u64>,
-    subscriptions: watch::Sender<Vec<String>>,
+    subscriptions: watch::Sender<Subscriptions>,
 }
 
 impl Default for Registry {
@@ -86,7 +97,7 @@ impl Default for Registry {
         Registry {
             current: Arc::default(),
             changed: watch::channel(0).0,
-            subscriptions: watch::channel(Vec::new()).0,
+            subscriptions: watch::channel(Subscriptions::default()).0,
         }
     }
 }
@@ -112,8 +123,8 @@ impl Registry {
     }
 
     /// The union of every plugin's subscriptions, for the webhook's event
-    /// list (patterns are kept as patterns; the registrar expands them).
-    pub fn subscriptions(&self) -> Vec<String> {
+    /// list.
+    pub fn subscriptions(&self) -> Subscriptions {
         self.subscriptions.borrow().clone()
     }
 
@@ -122,7 +133,10 @@ impl Registry {
         let mut guard = self.current.write().expect("registry lock");
         let mut next = (**guard).clone();
         f(&mut next);
-        let union = union_of(&next);
+        let union = Subscriptions {
+            union: union_of(&next),
+            incomplete: next.values().any(|e| e.plugin.is_none()),
+        };
         *guard = Arc::new(next);
         drop(guard);
         self.changed.send_modify(|v| *v += 1);
@@ -140,9 +154,8 @@ impl Registry {
         self.changed.subscribe()
     }
 
-    /// The union of subscriptions (sorted, without repeats); fires only
-    /// when it changes.
-    pub fn watch_subscriptions(&self) -> watch::Receiver<Vec<String>> {
+    /// [`Registry::subscriptions`]; fires only when they change.
+    pub fn watch_subscriptions(&self) -> watch::Receiver<Subscriptions> {
         self.subscriptions.subscribe()
     }
 

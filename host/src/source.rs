@@ -102,7 +102,7 @@ pub struct Reconciled {
 pub struct SourceContext {
     /// The union of the loaded plugins' subscriptions; changes only when it
     /// does (see `Registry::watch_subscriptions`).
-    pub subscriptions: watch::Receiver<Vec<String>>,
+    pub subscriptions: watch::Receiver<crate::registry::Subscriptions>,
     pub inventory: std::sync::Arc<dyn InventorySink>,
     /// Whether this host leads the hosts that share its ledger (always, for a host alone):
     /// periodic reconciles run on the leader only, so that a firewall is not reconciled by

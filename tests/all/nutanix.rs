@@ -318,6 +318,73 @@ async fn a_restart_whose_plugin_fails_to_load_leaves_the_webhook_in_place() {
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// One plugin of two failing to load (a broken file deployed) does not take
+/// its events out of the webhook: Prism goes on sending them and the ledger
+/// keeps them for its replay. A plugin removed on purpose does.
+#[tokio::test]
+async fn a_restart_where_one_plugin_of_two_fails_to_load_keeps_its_events_in_the_webhook() {
+    let w = world().await;
+    let plugins = w.dir.path().join("plugins");
+    common::setup::install(&plugins, &["probe"]);
+    let config = |probe: bool| {
+        let host = HostConfig::new(w.dir.path())
+            .fast_retries()
+            .paloalto(&w.panos)
+            .cluster(Cluster {
+                webhook_password: None,
+                ..Cluster::lab(&w.prism)
+            });
+        let subscribed = [r#"config = { subscriptions = ["SUBNET.CREATE"] }"#];
+        match probe {
+            true => host.plugin("probe", &subscribed).config(),
+            false => host.config(),
+        }
+    };
+    let events = || {
+        let hooks = w.prism.webhooks();
+        assert_eq!(hooks.len(), 1, "{hooks:?}");
+        hooks[0].events_filter_list.clone()
+    };
+    let restart = |app: App, probe: bool| async move {
+        app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+        let app = App::start(config(probe)).await.unwrap();
+        wait(
+            || {
+                app.cluster_status()
+                    .iter()
+                    .all(|c| c.last_sync_ms.is_some())
+            },
+            "the registrar's first sync",
+        )
+        .await;
+        app
+    };
+    let app = start_registered(config(true)).await;
+    let both = events();
+    assert!(
+        both.contains(&"SUBNET.CREATE".to_owned()) && both.contains(&"VM.ON".to_owned()),
+        "{both:?}"
+    );
+
+    std::fs::write(plugins.join("probe.wasm"), b"not a component").unwrap();
+    let app = restart(app, true).await;
+    assert_eq!(events(), both, "the failed plugin's events stay");
+
+    std::fs::remove_file(plugins.join("probe.wasm")).unwrap();
+    let app = restart(app, false).await;
+    wait(
+        || {
+            !w.prism.webhooks()[0]
+                .events_filter_list
+                .contains(&"SUBNET.CREATE".to_owned())
+        },
+        "the removed plugin's events to leave the webhook",
+    )
+    .await;
+    assert!(events().contains(&"VM.ON".to_owned()));
+    app.shutdown(false, Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test]
 async fn duplicates_of_our_webhook_are_removed_and_foreign_ones_left_alone() {
     let w = world().await;

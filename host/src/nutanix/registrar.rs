@@ -206,6 +206,7 @@ impl Registrar {
     /// Makes Prism hold exactly one webhook of ours, with the right URL,
     /// events and credentials; removes our duplicates; leaves others alone.
     pub async fn sync(&self) -> anyhow::Result<()> {
+        let subscriptions = self.inner.ctx.subscriptions.borrow().clone();
         let target = SyncTarget {
             client: &self.inner.client,
             cluster: &self.inner.cluster.name,
@@ -215,7 +216,8 @@ impl Registrar {
                 self.inner.config.instance
             ),
             post_url: self.inner.config.callback_url(&self.inner.cluster.name),
-            events: expand(&self.inner.ctx.subscriptions.borrow()),
+            events: expand(&subscriptions.union),
+            widen_only: subscriptions.incomplete,
             auth: &self.inner.auth,
             fingerprint_path: fingerprint_path(&self.inner.config, &self.inner.cluster.name),
         };
@@ -359,6 +361,11 @@ pub struct SyncTarget<'a> {
     pub description: String,
     pub post_url: String,
     pub events: Vec<String>,
+    /// `events` may lack a plugin's (one that failed to load): the
+    /// webhook's events are added to, never taken from, as a webhook
+    /// without them would stop Prism sending what the ledger keeps for
+    /// that plugin's replay once it loads.
+    pub widen_only: bool,
     pub auth: &'a BasicCredentials,
     /// Where the fingerprint of the registered credentials is kept.
     pub fingerprint_path: std::path::PathBuf,
@@ -420,11 +427,18 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
         Some(first) => {
             let mut current = first.events.clone();
             current.sort();
+            let mut events = t.events.clone();
+            if t.widen_only && !current.iter().all(|e| events.contains(e)) {
+                tracing::info!(%cluster, "a plugin failed to load: the webhook keeps the events it has, which may be that plugin's");
+                events.extend(current.iter().cloned());
+                events.sort();
+                events.dedup();
+            }
             // An intent Prism could not apply shows the spec it was asked
             // for, not what it does: it is asked again.
             let differs = first.post_url != t.post_url
                 || first.state == "ERROR"
-                || current != t.events
+                || current != events
                 || first.username.as_deref().is_some_and(|u| u != t.auth.user)
                 || !unchanged_credentials;
             if differs {
@@ -435,6 +449,7 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
                     } else {
                         spec.name.clone()
                     },
+                    events: events.clone(),
                     ..spec.clone()
                 };
                 match c
@@ -451,7 +466,7 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
                     updated => updated?,
                 }
                 c.wait_complete(&first.uuid, WAIT_COMPLETE).await?;
-                tracing::info!(%cluster, uuid = %first.uuid, events = t.events.len(), "webhook updated");
+                tracing::info!(%cluster, uuid = %first.uuid, events = events.len(), "webhook updated");
             }
             for extra in &mine[1..] {
                 remove_duplicate(c, cluster, &extra.uuid).await?;
