@@ -75,6 +75,19 @@ async fn start_registered(config: Config) -> App {
     app
 }
 
+/// Once every cluster's registrar has tried its first sync, whatever came of it.
+async fn first_sync(app: &App) {
+    wait(
+        || {
+            app.cluster_status()
+                .iter()
+                .all(|c| c.last_sync_ms.is_some())
+        },
+        "the registrar's first sync",
+    )
+    .await
+}
+
 async fn wait(ready: impl FnMut() -> bool, what: &str) {
     common::wait_until(what, Duration::from_secs(30), ready).await
 }
@@ -295,15 +308,7 @@ async fn a_restart_whose_plugin_fails_to_load_leaves_the_webhook_in_place() {
     )
     .unwrap();
     let app = App::start(w.config(&[])).await.unwrap();
-    wait(
-        || {
-            app.cluster_status()
-                .iter()
-                .all(|c| c.last_sync_ms.is_some())
-        },
-        "the registrar's first sync",
-    )
-    .await;
+    first_sync(&app).await;
     let status = &app.cluster_status()[0];
     assert_eq!(
         status.registration.as_deref(),
@@ -348,15 +353,7 @@ async fn a_restart_where_one_plugin_of_two_fails_to_load_keeps_its_events_in_the
     let restart = |app: App, probe: bool| async move {
         app.shutdown(false, Duration::from_secs(5)).await.unwrap();
         let app = App::start(config(probe)).await.unwrap();
-        wait(
-            || {
-                app.cluster_status()
-                    .iter()
-                    .all(|c| c.last_sync_ms.is_some())
-            },
-            "the registrar's first sync",
-        )
-        .await;
+        first_sync(&app).await;
         app
     };
     let app = start_registered(config(true)).await;
