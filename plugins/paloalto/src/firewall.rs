@@ -85,8 +85,8 @@ pub type Refused = Vec<(String, String)>;
 /// IP, so that an entry the firewall will never take does not hold back
 /// the others. A failure that may pass (the firewall down, busy) still
 /// stops the send, as does a refusal that no one IP explains: the
-/// platform's registered-IP limit, or more refused than
-/// [`MAX_ISOLATING_REQUESTS`] can single out.
+/// platform's registered-IP limit, every IP of a diff of several refused,
+/// or more refused than [`MAX_ISOLATING_REQUESTS`] can single out.
 pub fn send_diff_around_refusals(
     config: &Config,
     host: &mut impl Host,
@@ -94,12 +94,16 @@ pub fn send_diff_around_refusals(
 ) -> Result<Refused, Failure> {
     let mut refused = Refused::new();
     let mut isolating = 0;
+    let mut accepted = false;
     let mut queue: Vec<Message> = uid::split(config, diff);
     queue.reverse();
     while let Some(message) = queue.pop() {
         let answer = post(config, host, uid::uid_body(config, &message))?;
         let reason = match response::check(&answer) {
-            Ok(()) => continue,
+            Ok(()) => {
+                accepted = true;
+                continue;
+            }
             Err(Failure::Reject(reason)) if !reason.contains(response::REGISTERED_IP_LIMIT) => {
                 reason
             }
@@ -120,6 +124,15 @@ pub fn send_diff_around_refusals(
                 queue.push(first);
             }
         }
+    }
+    // A firewall that takes none of several IPs refuses something they
+    // share (a vsys it does not have, a tag it will not take), not each IP.
+    if !accepted && refused.len() > 1 {
+        return Err(Failure::Reject(format!(
+            "the firewall refused every one of the {} IPs it was sent: {}",
+            refused.len(),
+            refused[0].1
+        )));
     }
     Ok(refused)
 }

@@ -11,8 +11,10 @@
 //! - success, or an error whose every message says the state is already
 //!   as wanted (`… already exists, ignore`, `… does not exist, ignore
 //!   unreg`): done;
-//! - HTTP 429/5xx, code 22 (session timed out), 403/16 or HTTP 401/403 (key
-//!   rejected, maybe being rotated): retry later;
+//! - HTTP 408/429/5xx, codes 2–5, 11 and 21 (PAN-OS's internal errors), 15
+//!   (operation denied: a passive HA peer, a commit holding a lock), 22
+//!   (session timed out), 403/16 or HTTP 401/403 (key rejected, maybe being
+//!   rotated): retry later;
 //! - the platform's registered-IP limit reached: refused, with a reason
 //!   that says so;
 //! - any other error: the firewall refuses this content; retrying the same
@@ -324,7 +326,7 @@ fn read(response: &Response) -> Result<Element, Failure> {
         None => truncate(what),
     };
 
-    if status == 429 || status >= 500 {
+    if status == 408 || status == 429 || status >= 500 {
         return Err(Failure::Retry {
             reason: with_detail(format!("firewall answered HTTP {status}")),
             delay_ms: retry_after_ms(response),
@@ -367,6 +369,15 @@ fn read(response: &Response) -> Result<Element, Failure> {
         ))));
     }
     Err(match answer.code {
+        // The firewall's trouble, not the message's: the same one may pass later.
+        Some(2..=5 | 11 | 21) => Failure::retry(format!(
+            "the firewall failed internally: {}",
+            answer.describe()
+        )),
+        Some(15) => Failure::retry(format!(
+            "the firewall denied the operation for now (a passive HA peer, a lock): {}",
+            answer.describe()
+        )),
         Some(22) => Failure::retry(format!("session timed out: {}", answer.describe())),
         Some(16 | 403) => Failure::retry(format!(
             "firewall refused the API key, it may be being rotated: {}",
@@ -486,6 +497,26 @@ mod tests {
             };
             assert_eq!(verdict(&response), want, "{name}: {:?}", check(&response));
         }
+    }
+
+    /// The codes the XML API documents as its own failures, and a request
+    /// timeout, pass; the content's faults do not.
+    #[test]
+    fn the_firewalls_internal_errors_and_timeouts_are_retried_and_content_errors_rejected() {
+        let coded = |code: u32| {
+            answer(
+                200,
+                &format!("<response status=\"error\" code=\"{code}\"><msg>m</msg></response>"),
+            )
+        };
+        for code in [2, 3, 4, 5, 11, 15, 16, 21, 22] {
+            assert_eq!(verdict(&coded(code)), "retry", "code {code}");
+        }
+        for code in [1, 6, 7, 8, 10, 12, 14, 17, 18, 400] {
+            assert_eq!(verdict(&coded(code)), "reject", "code {code}");
+        }
+        assert_eq!(verdict(&answer(408, "")), "retry");
+        assert_eq!(verdict(&answer(404, "")), "reject");
     }
 
     #[test]
