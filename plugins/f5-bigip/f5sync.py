@@ -423,7 +423,7 @@ def request(config, host, method, url, what, body=None, ok=(200, 201, 204)):
     raise Failure(reject(f"BIG-IP refused ({what}) with HTTP {status}: {message}"))
 
 
-def add_member(config, host, pool, member, recorded=False):
+def add_member(config, host, pool, member, recorded=False, again=True):
     """Adds a member. Returns False when BIG-IP already holds it and it is
     not the plugin's: someone else's member, left alone and not recorded.
     `recorded` says kv holds it as the plugin's already, which a 409 then
@@ -447,6 +447,10 @@ def add_member(config, host, pool, member, recorded=False):
         return True
     if not recorded:
         description = member_description(config, host, pool, member)
+        if description is None and again:
+            # Gone between the two requests (another call of the plugin
+            # removed it, for a VM that let it go): asked once more.
+            return add_member(config, host, pool, member, recorded, again=False)
         if description is None:
             # Refused as existing, yet not there by that name: another member
             # holds the address under another name (a named node). Retrying
@@ -516,7 +520,7 @@ def pool_members(config, host, pool):
 # Applying a VM's wanted state
 
 
-def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
+def apply_vm(config, host, cluster, uuid, want, present=None, passed=None, claimed=frozenset()):
     """Moves one VM's members from what kv records to `want`.
 
     `present` maps pool path -> set of members BIG-IP lists (reconcile);
@@ -525,7 +529,10 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
     `passed` holds the pairs the batch's earlier events of the VM wanted,
     `None` when it had none (see the module's doc): those no longer wanted
     are removed as well, and when there were such events every wanted pair
-    is added again.
+    is added again. `claimed` (reconcile) holds every pair some VM of the
+    inventory wants: such a member is left for that VM to take on record,
+    not removed and added again (a member added anew drops its connections
+    and waits for its monitor).
     Returns `(added, removed)` counts. Progress is recorded even when a
     request fails, so the retry starts where this one stopped.
     """
@@ -540,8 +547,13 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
     refused = []
     try:
         for pool, member in sorted((recorded | (passed or set())) - want):
-            owners = load_owners(host, pool, member) - {me}
-            if not owners:
+            claims = load_owners(host, pool, member)
+            owners = claims - {me}
+            if not owners and (pool, member) in claimed and present is not None \
+                    and present.get(pool, {}).get(member) == MANAGED:
+                host.log("debug", f"{member} in pool {pool} is wanted by another VM of the "
+                                  f"inventory; left for it")
+            elif not owners:
                 if (pool, member) not in recorded:
                     # Only an earlier event of the batch wanted it: BIG-IP
                     # holds it only if a lost attempt added it, or someone else.
@@ -559,7 +571,13 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
                         present[pool].pop(member, None)
             else:
                 host.log("debug", f"{member} in pool {pool} is still claimed by {sorted(owners)}; keeping it")
-            store_owners(host, pool, member, owners)
+                if present is None and (pool, member) in recorded:
+                    # Another call of the plugin may have removed it meanwhile,
+                    # for a VM that let it go before this one's claim was
+                    # stored: kept means there (a 409 when it is, as usual).
+                    keep_member(config, host, pool, member, refused)
+            if owners != claims:
+                store_owners(host, pool, member, owners)
             record.discard((pool, member))
         for pool, member in sorted(want):
             new = (pool, member) not in recorded
@@ -606,6 +624,16 @@ def apply_vm(config, host, cluster, uuid, want, present=None, passed=None):
     if refused:
         raise Failure(reject("; ".join(refused)))
     return added, removed
+
+
+def keep_member(config, host, pool, member, refused):
+    """Makes sure a member other VMs still claim is in its pool."""
+    try:
+        add_member(config, host, pool, member, recorded=True)
+    except Failure as failure:
+        if failure.outcome[0] != "reject":
+            raise
+        refused.append(failure.outcome[1])
 
 
 def intended(config, event, log):
@@ -726,12 +754,13 @@ def bring_in_line(config, host, cluster, wants, listed, commit=None):
         else:
             host.log("warn", f"pool {pool} does not exist on BIG-IP")
 
+    claimed = set().union(*wants.values())
     added = removed = 0
     problems = []
     since_commit = 0
     for uuid, want in wants.items():
         try:
-            a, r = apply_vm(config, host, cluster, uuid, want, present)
+            a, r = apply_vm(config, host, cluster, uuid, want, present, claimed=claimed)
             added += a
             removed += r
         except Failure as failure:

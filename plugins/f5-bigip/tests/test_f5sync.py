@@ -272,12 +272,40 @@ class HandleTests(unittest.TestCase):
 
     def test_a_409_for_a_member_not_there_by_its_name_is_refused_not_retried_for_ever(self):
         # Another member holds the address under another node name: BIG-IP
-        # would refuse every retry alike.
-        self.host.fail = [409, 404]
+        # would refuse every retry alike (asked twice, in case it was
+        # removed between the POST and the read).
+        self.host.fail = [409, 404, 409, 404]
         out = self.handle(event("VM.ON", vm()))
         self.assertEqual(out[0][0], "reject")
         self.assertIn("refused 10.0.0.1:80 in pool /Common/web as existing (409)", out[0][1])
         self.assertIn("another node name", out[0][1])
+
+    def test_a_member_removed_between_the_409_and_the_read_is_added_again(self):
+        # Another call of the plugin removed it for a VM that let it go.
+        self.host.fail = [409, 404]
+        self.assertEqual(self.handle(event("VM.ON", vm())), [f5sync.DONE])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+        self.assertEqual([r[0] for r in self.host.requests], ["POST", "GET", "POST"])
+
+    def test_a_member_another_vm_still_claims_is_made_sure_of_when_a_vm_lets_it_go(self):
+        # a hands its address to b. a's first call removed the member while
+        # b's call added its claim; a's kv writes then lost to b's, and a's
+        # call is made again: the member b claims must be there after it.
+        self.handle(event("VM.ON", vm("a")))
+        self.handle(event("VM.ON", vm("b")))
+        self.host.pools["/Common/web"].clear()  # a's first call's DELETE
+        self.assertEqual(self.handle(event("VM.DELETE", uuid="a")), [f5sync.DONE])
+        self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
+        self.assertEqual(f5sync.load_owners(self.host, "/Common/web", "10.0.0.1:80"),
+                         {"c1/b"})
+
+    def test_the_owners_of_a_member_are_written_only_when_they_change(self):
+        self.handle(event("VM.ON", vm("a")))
+        f5sync.store_record(self.host, f5sync.vm_key("c1", "x"), {("/Common/web", "10.0.0.1:80")})
+        writes = []
+        self.host.kv_set = lambda key, value: writes.append(key)
+        self.handle(event("VM.DELETE", uuid="x"))
+        self.assertNotIn(f5sync.owners_key("/Common/web", "10.0.0.1:80"), writes)
 
     def test_a_member_already_gone_counts_as_removed(self):
         self.handle(event("VM.ON", vm()))
@@ -483,9 +511,14 @@ class ReconcileTests(unittest.TestCase):
     def test_a_member_one_vm_lets_go_is_added_back_for_a_later_vm_that_wants_it(self):
         # b's events were lost: only a's record holds the address.
         f5sync.handle(self.config, self.host, [event("VM.ON", vm("a"))])
+        before = len(self.host.requests)
         f5sync.reconcile(self.config, self.host, "c1", [vm("a", power="OFF"), vm("b")])
         self.assertEqual(self.host.members(), {"/Common/web": ["10.0.0.1:80"]})
         self.assertIn("vm/c1/b", self.host.kv)
+        self.assertEqual(f5sync.load_owners(self.host, "/Common/web", "10.0.0.1:80"),
+                         {"c1/b"})
+        # Left in its pool for b, not removed and added again.
+        self.assertEqual([r[0] for r in self.host.requests[before:]], ["GET"])
 
     def test_reconcile_leaves_a_member_added_by_hand_off_the_record(self):
         self.host.add_by_hand("/Common/web", "10.0.0.1:80")
