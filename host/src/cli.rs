@@ -10,7 +10,8 @@ use anyhow::Context as _;
 
 use crate::config::{resolve_plugin, Config};
 use crate::nutanix::registrar::{
-    client_for, client_with, expand, fingerprint_path, sync_webhook, webhook_name, SyncTarget,
+    client_for, client_with, expand, fingerprint_path, is_ours, recorded_uuid, sync_webhook,
+    webhook_name, webhook_uuid_path, SyncTarget,
 };
 use crate::runtime::{PluginSettings, Runtime, RuntimeOptions};
 use crate::secret::BasicCredentials;
@@ -38,6 +39,8 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
         let client = client_for(&config, cluster)?;
         let ours = webhook_name(&config, &cluster.name);
         let url = config.callback_url(&cluster.name);
+        let uuid_path = webhook_uuid_path(&config, &cluster.name);
+        let recorded = recorded_uuid(&uuid_path);
         let result: anyhow::Result<()> = async {
             let hooks = client.list_webhooks().await?;
             match action {
@@ -49,7 +52,7 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                         hooks.len()
                     );
                     for h in &hooks {
-                        let mine = if h.name == ours || h.post_url == url {
+                        let mine = if is_ours(h, &url, recorded.as_deref()) {
                             "  [this host]"
                         } else {
                             ""
@@ -66,7 +69,10 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                 }
                 "remove" => {
                     let mut n = 0;
-                    for h in hooks.iter().filter(|h| h.name == ours || h.post_url == url) {
+                    for h in hooks
+                        .iter()
+                        .filter(|h| is_ours(h, &url, recorded.as_deref()))
+                    {
                         client.delete_webhook(&h.uuid).await?;
                         n += 1;
                     }
@@ -95,6 +101,7 @@ pub async fn webhooks(cmd: WebhookCommand) -> anyhow::Result<ExitCode> {
                         widen_only: false,
                         auth: &auth,
                         fingerprint_path: fingerprint_path(&config, &cluster.name),
+                        uuid_path: uuid_path.clone(),
                     };
                     match sync_webhook(&target).await? {
                         Some(uuid) if events.is_empty() => println!(

@@ -382,36 +382,59 @@ async fn a_restart_where_one_plugin_of_two_fails_to_load_keeps_its_events_in_the
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 
+/// Ours is the webhook at this host's URL, or the one it recorded keeping
+/// (each start here listens on a new port, so its URL changes). One only
+/// named like ours, at another URL, is another deployment's (two left with
+/// the default `instance` name theirs alike), and is left alone, as is
+/// anyone else's. (Duplicates at our URL: the balancer's tests, where hosts
+/// share one.)
 #[tokio::test]
 async fn duplicates_of_our_webhook_are_removed_and_foreign_ones_left_alone() {
     let w = world().await;
     let app = w.start().await;
     let ours = w.prism.webhooks()[0].clone();
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
-    // Someone else's webhook, and a stray copy of ours (same name).
     let client = reqwest::Client::new();
-    for (name, url) in [
-        ("someone-else", "http://10.0.0.1/hook"),
-        (ours.name.as_str(), "http://10.0.0.2/old"),
-    ] {
-        let r = client
+    let create = |name: String, url: String| {
+        let request = client
             .post(format!("{}/api/nutanix/v3/webhooks", w.prism.base_url()))
             .basic_auth("admin", Some("nutanix/4u"))
             .json(&json!({"api_version": "3.1", "metadata": {"kind": "webhook"},
-                "spec": {"name": name, "resources": {"post_url": url, "events_filter_list": ["VM.ON"]}}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-    }
+                "spec": {"name": name, "resources": {"post_url": url, "events_filter_list": ["VM.ON"]}}}));
+        async move { assert_eq!(request.send().await.unwrap().status(), 202) }
+    };
+    create("someone-else".into(), "http://10.0.0.1/hook".into()).await;
+    create(ours.name.clone(), "http://10.0.0.2/other-deployment".into()).await;
+
     let app = w.start().await;
-    let names: Vec<String> = w.prism.webhooks().iter().map(|h| h.name.clone()).collect();
+    let now = w.prism.webhooks();
+    let at = |url: &str| now.iter().filter(|h| h.post_url == url).count();
+    let url = app.cluster_status()[0]
+        .registration
+        .as_ref()
+        .map(|uuid| {
+            now.iter()
+                .find(|h| &h.uuid == uuid)
+                .unwrap()
+                .post_url
+                .clone()
+        })
+        .unwrap();
+    assert_ne!(url, ours.post_url, "a new port, a new URL");
     assert_eq!(
-        names.iter().filter(|n| *n == &ours.name).count(),
-        1,
-        "{names:?}"
+        app.cluster_status()[0].registration.as_deref(),
+        Some(ours.uuid.as_str()),
+        "the webhook recorded is moved to the new URL, not made again"
     );
-    assert!(names.contains(&"someone-else".to_owned()));
+    assert_eq!(
+        (
+            at(&url),
+            at("http://10.0.0.1/hook"),
+            at("http://10.0.0.2/other-deployment")
+        ),
+        (1, 1, 1),
+        "{now:?}"
+    );
     app.shutdown(false, Duration::from_secs(5)).await.unwrap();
 }
 

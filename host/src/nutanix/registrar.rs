@@ -52,6 +52,27 @@ fn backoff(failures: u32, max: Duration) -> Duration {
 /// Even with nothing changed, check the webhook this often: someone may
 /// have deleted or edited it in Prism.
 const RECHECK: Duration = Duration::from_secs(300);
+/// Writes what `contents` makes (off the async threads: it may hash) to a
+/// private file at `path`; a failure is logged, as the sync itself is done.
+async fn record_private(
+    path: &std::path::Path,
+    what: &str,
+    contents: impl FnOnce() -> anyhow::Result<String> + Send + 'static,
+) {
+    let target = path.to_owned();
+    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if let Some(dir) = target.parent() {
+            create_private_dir(dir)?;
+        }
+        write_private(&target, &contents()?)?;
+        Ok(())
+    })
+    .await;
+    if let Ok(Err(e)) = written {
+        tracing::warn!(path = %path.display(), "cannot record {what}: {e:#}");
+    }
+}
+
 /// How long the first reconcile waits for the first registration attempt.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(60);
 const WAIT_COMPLETE: Duration = Duration::from_secs(30);
@@ -220,6 +241,7 @@ impl Registrar {
             widen_only: subscriptions.incomplete,
             auth: &self.inner.auth,
             fingerprint_path: fingerprint_path(&self.inner.config, &self.inner.cluster.name),
+            uuid_path: webhook_uuid_path(&self.inner.config, &self.inner.cluster.name),
         };
         let keeper = sync_webhook(&target).await?;
         let mut s = self.inner.status.lock().expect("status lock");
@@ -247,11 +269,14 @@ impl Registrar {
 
     /// Removes this host's webhooks from the cluster.
     pub async fn deregister(&self) -> anyhow::Result<usize> {
-        let name = self.webhook_name();
         let post_url = self.inner.config.callback_url(&self.inner.cluster.name);
+        let recorded = recorded_uuid(&webhook_uuid_path(
+            &self.inner.config,
+            &self.inner.cluster.name,
+        ));
         let mut n = 0;
         for h in self.inner.client.list_webhooks().await? {
-            if h.name == name || h.post_url == post_url {
+            if is_ours(&h, &post_url, recorded.as_deref()) {
                 self.inner.client.delete_webhook(&h.uuid).await?;
                 n += 1;
             }
@@ -369,9 +394,27 @@ pub struct SyncTarget<'a> {
     pub auth: &'a BasicCredentials,
     /// Where the fingerprint of the registered credentials is kept.
     pub fingerprint_path: std::path::PathBuf,
+    /// Where the uuid of the webhook this host keeps is recorded.
+    pub uuid_path: std::path::PathBuf,
 }
 
-/// Makes Prism hold exactly one webhook of ours (found by name or URL) with
+/// Whether a webhook Prism lists is this host's: the one at its URL, or the
+/// one it recorded keeping (found so when its URL has changed). A name alone
+/// proves nothing: two deployments left with the default `instance` name
+/// their webhooks alike, and each would take the other's over or delete it.
+pub fn is_ours(hook: &Webhook, post_url: &str, recorded_uuid: Option<&str>) -> bool {
+    hook.post_url == post_url || recorded_uuid == Some(hook.uuid.as_str())
+}
+
+/// The uuid recorded at `path`, if any.
+pub fn recorded_uuid(path: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Makes Prism hold exactly one webhook of ours (found by URL, or by the uuid recorded) with
 /// the right URL, events and credentials: creates it if missing, updates it
 /// if it differs, removes our duplicates, never touches others'. With no
 /// events it changes nothing (see below). Returns the uuid kept.
@@ -380,15 +423,25 @@ pub struct SyncTarget<'a> {
 /// that share one URL behind a load balancer (each with its own `instance`)
 /// all find the same webhooks by URL and keep the same one, the lowest
 /// uuid, so the service has one webhook and the hosts never rename it back
-/// and forth. Our name finds our webhook when our URL has changed.
+/// and forth. The uuid recorded finds our webhook when our URL has changed;
+/// one only named like ours is another deployment's, left alone.
 pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> {
     let c = t.client;
     c.auth_check().await?;
     let hooks = c.list_webhooks().await?;
-    let mut mine: Vec<Webhook> = hooks
+    let recorded_uuid = recorded_uuid(&t.uuid_path);
+    let (mut mine, named_alike): (Vec<Webhook>, Vec<Webhook>) = hooks
         .into_iter()
         .filter(|h| h.name == t.name || h.post_url == t.post_url)
-        .collect();
+        .partition(|h| is_ours(h, &t.post_url, recorded_uuid.as_deref()));
+    for h in &named_alike {
+        tracing::warn!(
+            cluster = %t.cluster, uuid = %h.uuid, post_url = %h.post_url,
+            "a webhook named `{}` as this host's, at another URL, is not the one this host \
+             registered: left alone (give each prismhook deployment its own `instance`)",
+            h.name
+        );
+    }
     // Keep the one that already fits best, so a restart changes nothing.
     mine.sort_by_key(|h| (h.post_url != t.post_url, h.uuid.clone()));
     let spec = WebhookSpec {
@@ -495,20 +548,18 @@ pub async fn sync_webhook(t: &SyncTarget<'_>) -> anyhow::Result<Option<String>> 
             keeper
         }
     };
+    if recorded_uuid.as_deref() != Some(keeper.as_str()) {
+        let uuid = keeper.clone();
+        record_private(&t.uuid_path, "the webhook's uuid", move || Ok(uuid)).await;
+    }
     if !unchanged_credentials {
         let auth = t.auth.clone();
-        let path = t.fingerprint_path.clone();
-        let written = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            if let Some(dir) = path.parent() {
-                create_private_dir(dir)?;
-            }
-            write_private(&path, &Fingerprint::of(&auth)?)?;
-            Ok(())
-        })
+        record_private(
+            &t.fingerprint_path,
+            "webhook credentials fingerprint",
+            move || Fingerprint::of(&auth),
+        )
         .await;
-        if let Ok(Err(e)) = written {
-            tracing::warn!(path = %t.fingerprint_path.display(), "cannot record webhook credentials fingerprint: {e:#}");
-        }
     }
     Ok(Some(keeper))
 }
@@ -568,6 +619,11 @@ pub fn fingerprint_path(config: &Config, cluster: &str) -> std::path::PathBuf {
         .data_dir
         .join("webhook-credentials")
         .join(format!("{cluster}.registered"))
+}
+
+/// Where the uuid of the webhook this host keeps for `cluster` is recorded.
+pub fn webhook_uuid_path(config: &Config, cluster: &str) -> std::path::PathBuf {
+    fingerprint_path(config, cluster).with_extension("uuid")
 }
 
 pub fn webhook_name(config: &Config, cluster: &str) -> String {
