@@ -581,7 +581,7 @@ async fn mgmt(
         }
         None if login => sign_in(&shared, &body),
         None => match authorized(&shared, &headers) {
-            Auth::Yes => dispatch(&shared, &method, uri.path(), &body),
+            Auth::Yes => dispatch(&shared, &method, uri.path(), uri.query(), &body),
             Auth::No => {
                 shared.lock().stats.unauthorized += 1;
                 Reply::error(
@@ -740,7 +740,13 @@ fn decode_segment(segment: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn dispatch(shared: &Shared, method: &Method, path: &str, body: &Bytes) -> Reply {
+fn dispatch(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &Bytes,
+) -> Reply {
     let Some(rest) = path.strip_prefix("/mgmt/tm/ltm/pool") else {
         return Reply::not_found(format!(
             "URI path {path} not registered.  Please try again with a valid path."
@@ -762,10 +768,14 @@ fn dispatch(shared: &Shared, method: &Method, path: &str, body: &Bytes) -> Reply
         }),
         (&Method::GET, [pool, "members"]) => with_pool(shared, pool, |path, members| {
             let partition = partition_of(path);
+            let selected = selected(query);
+            let items = members
+                .iter()
+                .map(|(m, d)| select(m.json(partition, d.as_deref()), selected.as_deref()));
             Reply::ok(json!({
                 "kind": "tm:ltm:pool:members:memberscollectionstate",
                 "selfLink": format!("https://localhost/mgmt/tm/ltm/pool/{}/members", path.replace('/', "~")),
-                "items": members.iter().map(|(m, d)| m.json(partition, d.as_deref())).collect::<Vec<_>>(),
+                "items": items.collect::<Vec<_>>(),
             }))
         }),
         (&Method::POST, [pool, "members"]) => add_member(shared, pool, body),
@@ -783,6 +793,30 @@ fn dispatch(shared: &Shared, method: &Method, path: &str, body: &Bytes) -> Reply
         _ => Reply::not_found(format!(
             "URI path {path} not registered.  Please try again with a valid path."
         )),
+    }
+}
+
+/// The properties an iControl REST `$select` names (`$select=name,description`),
+/// if the query has one.
+fn selected(query: Option<&str>) -> Option<Vec<String>> {
+    let value = query?.split('&').find_map(|pair| {
+        pair.strip_prefix("$select=")
+            .or(pair.strip_prefix("%24select="))
+    })?;
+    let value = decode_segment(value)?;
+    Some(value.split(',').map(|p| p.trim().to_owned()).collect())
+}
+
+/// `item` with only the properties `$select` named, as BIG-IP answers.
+fn select(item: Value, selected: Option<&[String]>) -> Value {
+    match (item, selected) {
+        (Value::Object(fields), Some(names)) => Value::Object(
+            fields
+                .into_iter()
+                .filter(|(k, _)| names.iter().any(|n| n == k))
+                .collect(),
+        ),
+        (item, _) => item,
     }
 }
 

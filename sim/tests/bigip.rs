@@ -696,3 +696,18 @@ async fn a_login_token_serves_until_it_expires_and_basic_can_be_switched_off() {
     assert_eq!(sim.issued_tokens(), [token]);
     sim.shutdown().await;
 }
+
+/// `$select` answers only the properties it names, as BIG-IP does: a pool of
+/// thousands of members is listed in a fraction of the bytes.
+#[tokio::test]
+async fn a_member_listing_with_select_carries_only_the_properties_named() {
+    let sim = start().await;
+    assert_eq!(add(&sim, "~Common~web", "10.0.0.1:80").await.status, 200);
+    let listed = |path: &'static str| call(&sim, reqwest::Method::GET, path, None, ADMIN);
+    let full = listed("/mgmt/tm/ltm/pool/~Common~web/members").await;
+    assert!(full.body["items"][0].get("address").is_some(), "{:?}", full.body);
+    let selected = listed("/mgmt/tm/ltm/pool/~Common~web/members?$select=name,description").await;
+    assert_eq!(selected.status, 200);
+    assert_eq!(selected.body["items"], json!([{ "name": "10.0.0.1:80" }]));
+    sim.shutdown().await;
+}

@@ -52,13 +52,15 @@ class FakeHost:
             status, extra = fault if isinstance(fault, tuple) else (fault, [])
             return NS(status=status, headers=extra, body=json.dumps({"code": status, "message": "boom"}).encode())
         assert url.startswith(BIGIP + "/mgmt/tm/ltm/pool/"), url
-        rest = url[len(BIGIP + "/mgmt/tm/ltm/pool/"):]
+        rest, _, query = url[len(BIGIP + "/mgmt/tm/ltm/pool/"):].partition("?")
         parts = rest.split("/")
         pool = parts[0].replace("~", "/")
         if pool not in self.pools:
             return self.answer(404, {"code": 404, "message": f"Object not found - {pool}"})
         members = self.pools[pool]
         if method == "GET" and parts[1:] == ["members"]:
+            # What the plugin lists it reads all of: nothing else is asked for.
+            assert query == "$select=name,description", query
             return self.answer(200, {"items": [self.member(m, d) for m, d in sorted(members.items())]})
         if method == "POST" and parts[1:] == ["members"]:
             new = json.loads(body)
