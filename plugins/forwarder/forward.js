@@ -3,10 +3,12 @@
 //
 // Delivery is at least once: a redelivered event is posted again, with the
 // same `id`, so receivers that care deduplicate on it (unbatched posts also
-// carry it as `Idempotency-Key`).
+// carry it as `Idempotency-Key`, with the same body each time: `attempt` is
+// not among the default fields, as a receiver that honours the key refuses
+// it with another body).
 
 export const NAME = 'forwarder';
-export const VERSION = '0.1.1';
+export const VERSION = '0.2.0';
 
 export const FIELDS = [
   'id',
@@ -19,9 +21,12 @@ export const FIELDS = [
   'vm',
   'body',
 ];
-const DEFAULT_FIELDS = FIELDS.filter((f) => f !== 'body');
+const DEFAULT_FIELDS = FIELDS.filter((f) => f !== 'body' && f !== 'attempt');
 const KNOWN_KEYS = ['url', 'events', 'fields', 'batch', 'timeout_ms'];
-const DEFAULT_TIMEOUT_MS = 10000;
+// Well under the host's default call deadline (5 s): a request that times
+// out then leaves the call time to answer `retry`, rather than the call
+// being stopped at its deadline with no outcome at all.
+const DEFAULT_TIMEOUT_MS = 3000;
 
 export class ConfigError extends Error {}
 
@@ -82,7 +87,10 @@ export function parseConfig(text) {
     fail(`\`timeout_ms\` must be an integer from 1 to 600000, not ${JSON.stringify(timeoutMs)}`);
   }
 
-  return { url, events: [...events], fields: [...new Set(fields)], batch, timeoutMs };
+  // Where reasons and logs say the events went: the URL's origin, as its
+  // path may be the secret (a chat service's webhook URL).
+  const origin = url.match(/^https?:\/\/[^/?#]+/i)[0];
+  return { url, origin, events: [...events], fields: [...new Set(fields)], batch, timeoutMs };
 }
 
 /** Whether a subscription (`VM.ON`, `VM.*`, `*`) covers an event type; the
@@ -179,7 +187,9 @@ export function retryAfterMs(headers, now = Date.now()) {
 }
 
 function snippet(body) {
-  const text = new TextDecoder().decode(body || new Uint8Array()).trim();
+  // An error page may be megabytes: only its start is quoted, or decoded.
+  const start = (body || new Uint8Array()).subarray(0, 1024);
+  const text = new TextDecoder().decode(start).trim();
   return (text.split('\n')[0] || 'no body').slice(0, 200);
 }
 
@@ -218,8 +228,10 @@ export function outcomeOf(answer, what) {
   if (status >= 200 && status < 300) return done();
   const message = `${what}: HTTP ${status} ${snippet(body)}`;
   // 401 and 403: a credential the operator rotated or that expired; the
-  // events wait (with backoff, towards the dead letters) for the fix.
-  if (status >= 500 || [401, 403, 408, 429].includes(status)) {
+  // events wait (with backoff, towards the dead letters) for the fix. 409:
+  // a receiver still working on an earlier post under the same
+  // Idempotency-Key.
+  if (status >= 500 || [401, 403, 408, 409, 429].includes(status)) {
     return retry(message, retryAfterMs(headers));
   }
   return reject(message);
@@ -272,7 +284,7 @@ export function handle(config, events, send, log) {
   if (config.batch) {
     // The first post is one of them; each split books its two halves' posts.
     const budget = { left: SPLIT_REQUESTS - 1 };
-    forwardGroup(config, events, chosen, { send, log, outcomes, budget, delivered: false });
+    forwardGroup(config, events, chosen, { send, log, outcomes, budget });
     return outcomes;
   }
 
@@ -283,7 +295,7 @@ export function handle(config, events, send, log) {
       continue;
     }
     const event = events[i];
-    const what = `forwarding ${event.eventType} ${event.id} to ${config.url}`;
+    const what = `forwarding ${event.eventType} ${event.id} to ${config.origin}`;
     const outcome = outcomeOf(post(config, send, project(config, event), [['Idempotency-Key', event.id]]), what);
     report(log, outcome);
     outcomes[i] = outcome;
@@ -299,7 +311,7 @@ export function handle(config, events, send, log) {
  * follows, if one came.
  */
 function forwardGroup(config, events, group, ctx) {
-  const what = `forwarding ${group.length} event(s) to ${config.url}`;
+  const what = `forwarding ${group.length} event(s) to ${config.origin}`;
   const answer = post(config, ctx.send, group.map((i) => project(config, events[i])));
   const outcome = outcomeOf(answer, what);
   const status = answer.response?.status;
@@ -313,16 +325,17 @@ function forwardGroup(config, events, group, ctx) {
     for (const i of group.slice(half)) ctx.outcomes[i] = stop;
     return stop;
   }
-  // Out of requests for finding the refused events: when the endpoint took
-  // some of this batch, the refusal is some events' doing, and this group's
-  // others deserve the next call's requests rather than the dead letters.
-  // When it took none, it refuses everything, and every event is rejected.
-  const remainder = split && ctx.delivered
+  // Out of requests for finding the refused events: the group's good ones
+  // (a call cannot tell them from an endpoint that refuses everything, as it
+  // splits from the front) deserve the next call's requests, not the dead
+  // letters. The events found refused alone stay rejected, so each call
+  // settles some; an endpoint that refuses everything ends them in the dead
+  // letters through the plugin's `max_attempts`.
+  const remainder = split
     ? retry(`${outcome.reason}; the requests this call may spend finding the refused events are used up: the ${group.length} events are sent again in the next call`, 0)
     : outcome;
   report(ctx.log, remainder);
   for (const i of group) ctx.outcomes[i] = remainder;
-  if (remainder.tag === 'done') ctx.delivered = true;
   return remainder.tag === 'retry' ? remainder : undefined;
 }
 

@@ -55,7 +55,10 @@ describe('configuration', () => {
     assert.equal(c.url, URL);
     assert.deepEqual(c.events, ['*']);
     assert.equal(c.batch, true);
-    assert.deepEqual(c.fields, forward.FIELDS.filter((f) => f !== 'body'));
+    // Not `attempt`: a redelivery posts the same body under its Idempotency-Key.
+    assert.deepEqual(c.fields, forward.FIELDS.filter((f) => f !== 'body' && f !== 'attempt'));
+    // A timeout answered within the host's default 5 s deadline.
+    assert.equal(c.timeoutMs, 3000);
   });
 
   it('rejects unknown keys by name', () => {
@@ -170,6 +173,31 @@ describe('handle', () => {
     assert.equal(forward.retryAfterMs([['Retry-After', 'soon']], now), undefined);
   });
 
+  it('retries a 409, a receiver still at an earlier post under the same Idempotency-Key', () => {
+    const ep = endpoint(409);
+    const [out] = forward.handle(config({ batch: false }), [event()], ep.send, ep.log);
+    assert.equal(out.tag, 'retry');
+  });
+
+  it("names the endpoint's origin in reasons and logs, never the URL's path, which may be a secret", () => {
+    const secretUrl = 'https://hooks.chat.test/services/T0/B0/SECRET-TOKEN?x=1';
+    for (const batch of [true, false]) {
+      const ep = endpoint(500);
+      const c = forward.parseConfig(JSON.stringify({ url: secretUrl, batch }));
+      const [out] = forward.handle(c, [event()], ep.send, ep.log);
+      assert.equal(ep.posts[0].url, secretUrl, 'posted to the whole URL');
+      assert.match(out.reason, /to https:\/\/hooks\.chat\.test:/);
+      assert.ok(!JSON.stringify([out, ep.logs]).includes('SECRET'), JSON.stringify([out, ep.logs]));
+    }
+  });
+
+  it('quotes only the start of a large error page', () => {
+    const page = new TextEncoder().encode('oops '.repeat(400_000));
+    const ep = endpoint({ response: { status: 500, headers: [], body: page } });
+    const [out] = forward.handle(config(), [event()], ep.send, ep.log);
+    assert.ok(out.reason.length < 400, `${out.reason.length} characters`);
+  });
+
   it('retries a refused credential (401, 403) instead of dead-lettering', () => {
     for (const status of [401, 403]) {
       const ep = endpoint(status);
@@ -267,13 +295,30 @@ describe('a batch refused for some of its events', () => {
     assert.equal(ep.posts.length, 1);
   });
 
-  it('takes at most SPLIT_REQUESTS requests when the endpoint refuses everything', () => {
+  it('takes at most SPLIT_REQUESTS requests a call when the endpoint refuses everything, and each call settles some', () => {
     const ep = picky(() => true, 400);
-    const out = forward.handle(config(), batchOf(256), ep.send, ep.log);
-    assert.ok(out.every((o) => o.tag === 'reject'));
-    // The first post, then halves two at a time.
-    const n = ep.posts.length;
-    assert.ok(n <= forward.SPLIT_REQUESTS && n >= forward.SPLIT_REQUESTS - 1, `${n} requests`);
+    let left = batchOf(256);
+    for (let call = 0; left.length; call++) {
+      assert.ok(call < 100, `${left.length} events still unsettled`);
+      const before = ep.posts.length;
+      const out = forward.handle(config(), left, ep.send, ep.log);
+      // The first post, then halves two at a time.
+      const n = ep.posts.length - before;
+      assert.ok(n <= forward.SPLIT_REQUESTS, `${n} requests`);
+      assert.ok(out.every((o) => o.tag === 'reject' || (o.tag === 'retry' && o.delayMs === 0)));
+      const next = left.filter((_, i) => out[i].tag === 'retry');
+      assert.ok(next.length < left.length, 'each call rejects some events found refused alone');
+      left = next;
+    }
+  });
+
+  it('does not dead-letter the good events behind refused ones it ran out of requests to find', () => {
+    const events = batchOf(256);
+    const bad = new Set(events.slice(0, 17).map((e) => e.id));
+    const ep = picky((e) => bad.has(e.id), 400);
+    const out = forward.handle(config(), events, ep.send, ep.log);
+    const rejected = events.filter((_, i) => out[i].tag === 'reject').map((e) => e.id);
+    assert.ok(rejected.length > 0 && rejected.every((id) => bad.has(id)), `rejected: ${rejected}`);
   });
 
   it('sends the events it had no requests left to split again in the next call, when the endpoint took some', () => {
