@@ -705,7 +705,11 @@ async fn a_member_listing_with_select_carries_only_the_properties_named() {
     assert_eq!(add(&sim, "~Common~web", "10.0.0.1:80").await.status, 200);
     let listed = |path: &'static str| call(&sim, reqwest::Method::GET, path, None, ADMIN);
     let full = listed("/mgmt/tm/ltm/pool/~Common~web/members").await;
-    assert!(full.body["items"][0].get("address").is_some(), "{:?}", full.body);
+    assert!(
+        full.body["items"][0].get("address").is_some(),
+        "{:?}",
+        full.body
+    );
     let selected = listed("/mgmt/tm/ltm/pool/~Common~web/members?$select=name,description").await;
     assert_eq!(selected.status, 200);
     assert_eq!(selected.body["items"], json!([{ "name": "10.0.0.1:80" }]));

@@ -739,6 +739,61 @@ async fn a_request_to_an_origin_off_the_allowlist_is_denied_before_anything_is_s
     );
 }
 
+/// Framing is the host's: a plugin's `Content-Length` on a request without a
+/// body would leave a pooled connection (shared with other plugins) waiting
+/// for bytes, and the next request on it would be read as this one's body.
+#[tokio::test]
+async fn headers_that_frame_the_message_or_steer_the_connection_are_the_hosts_to_set() {
+    let sb = sandbox();
+    let (base, hits) = echo_server().await;
+    let p = probe(&sb, allow(&["http://127.0.0.1:*"], vec![])).await;
+    let framing = [
+        ["Content-Length", "300"],
+        ["Connection", "close"],
+        ["Upgrade", "h2c"],
+        ["Expect", "100-continue"],
+        ["Keep-Alive", "timeout=5"],
+        ["Trailer", "x-t"],
+        ["Proxy-Authorization", "Basic Zm9vOmJhcg=="],
+        ["Proxy-Connection", "keep-alive"],
+        ["X-Kept", "yes"],
+    ];
+    let chunked = [["Transfer-Encoding", "chunked"], ["X-Kept", "too"]];
+    let events = [serde_json::json!(framing), serde_json::json!(chunked)]
+        .into_iter()
+        .zip(1..)
+        .map(|(headers, i)| {
+            let body = serde_json::json!({ "url": format!("{base}/echo"), "headers": headers });
+            event(i, "TEST.HTTP", body)
+        })
+        .collect();
+    p.handle(events).await.unwrap();
+    for (key, kept) in [("http/1", "x-kept: yes"), ("http/2", "x-kept: too")] {
+        let echoed = kv_text(&sb, key).unwrap();
+        assert!(
+            echoed.starts_with("status=200") && echoed.contains(kept),
+            "{echoed}"
+        );
+        for name in [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "expect",
+            "keep-alive",
+            "trailer",
+            "proxy-authorization",
+            "proxy-connection",
+        ] {
+            assert!(
+                !echoed.contains(&format!("{name}:")),
+                "{name} sent: {echoed}"
+            );
+        }
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn answers_come_unencoded_or_not_at_all_and_a_url_may_not_carry_credentials() {
     let sb = sandbox();

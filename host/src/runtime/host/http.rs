@@ -20,6 +20,23 @@ use crate::runtime::scrub::Scrubber;
 use crate::runtime::session::SignInError;
 use crate::runtime::state::{HostState, PluginIdentity};
 
+/// Headers that frame the message or steer the connection: hyper's to set
+/// from the body it sends. A plugin's `Content-Length` on a request without
+/// a body would leave the pooled connection expecting bytes that never come,
+/// and the next request on it, maybe another plugin's, would be read as
+/// this one's body (and its own body as a request of the plugin's making).
+const HOST_FRAMED: [http::HeaderName; 9] = [
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+    http::header::UPGRADE,
+    http::header::TRAILER,
+    http::header::EXPECT,
+    http::header::PROXY_AUTHORIZATION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+];
+
 const MAX_REDIRECTS: usize = 5;
 /// Ceiling for one request, whatever the plugin asks for.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -168,6 +185,7 @@ impl HostState {
             if !self.plugin.policy.is_injected_name(&name)
                 && name != http::header::HOST
                 && !unscrubbable
+                && !HOST_FRAMED.contains(&name)
             {
                 headers.append(name, value);
             }

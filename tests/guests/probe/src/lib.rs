@@ -10,7 +10,7 @@
 //! | `TEST.SLEEP`   | sleeps `body.ms` in WASI (a host wait, no wasm running)  |
 //! | `TEST.OOM`     | allocates until the host's memory limit stops it         |
 //! | `TEST.TRAP`    | panics                                                   |
-//! | `TEST.HTTP`    | GETs `body.url` (or `body.method`s it); stores status and body or the error |
+//! | `TEST.HTTP`    | GETs `body.url` (or `body.method`s it, with `body.headers` `[[name, value]…]` added); stores status and body or the error |
 //! | `TEST.RETRY`   | returns retry with `body.delay_ms`                       |
 //! | `TEST.REJECT`  | returns reject                                           |
 //! | `TEST.SHOUT`   | prints `body.lines` lines to stdout                      |
@@ -205,10 +205,18 @@ fn handle_one(event: &Event) -> Outcome {
                     .map(str::to_owned)
             };
             let url = text_of("url").unwrap_or_default();
+            // `headers`: further `[name, value]` pairs to send.
+            let mut headers = vec![("x-probe".into(), event.id.clone())];
+            if let Some(extra) = body(event).get("headers").and_then(Value::as_array) {
+                headers.extend(extra.iter().filter_map(|pair| {
+                    let (name, value) = (pair.get(0)?.as_str()?, pair.get(1)?.as_str()?);
+                    Some((name.to_owned(), value.to_owned()))
+                }));
+            }
             let result = http::send(&http::Request {
                 method: text_of("method").unwrap_or_else(|| "GET".into()),
                 url,
-                headers: vec![("x-probe".into(), event.id.clone())],
+                headers,
                 body: None,
                 timeout_ms: Some(2_000),
             });
