@@ -12,6 +12,7 @@
 //! `&#43;`): the text is also read with every such escape decoded, and a
 //! secret found there is redacted as spelled.
 
+use aho_corasick::AhoCorasick;
 use base64::Engine as _;
 
 use crate::secret::Secret;
@@ -31,11 +32,66 @@ struct Needle {
 }
 
 /// Every spelling of a set of secrets that [`Scrubber::scrub`] removes.
+///
+/// Each set of needles is one automaton, so an answer is read once however
+/// many spellings of however many secrets there are (a plugin with sign-ins
+/// keeps scores of tokens): a search per needle over an 8 MiB answer, on
+/// the async threads, took seconds.
 #[derive(Debug, Clone, Default)]
 pub struct Scrubber {
-    needles: Vec<Needle>,
-    /// The secrets as they are, for the text read with its escapes decoded.
-    raw: Vec<Needle>,
+    /// Text and hex spellings, compared ignoring ASCII case.
+    folded: Option<AhoCorasick>,
+    /// Base64 spellings, case-exact.
+    exact: Option<AhoCorasick>,
+    /// The secrets as they are, for the text read with its escapes decoded
+    /// (ignoring ASCII case).
+    raw: Option<AhoCorasick>,
+}
+
+/// One automaton finding every occurrence of `needles`, overlapping ones too.
+fn automaton(needles: &[Vec<u8>], fold_case: bool) -> Option<AhoCorasick> {
+    if needles.is_empty() {
+        return None;
+    }
+    let built = AhoCorasick::builder()
+        .ascii_case_insensitive(fold_case)
+        .build(needles);
+    // Only a pattern set past the automaton's size limits fails to build:
+    // secrets are a few hundred bytes each.
+    Some(built.expect("the secrets' spellings build an automaton"))
+}
+
+/// Every range `automaton` finds in `text`, overlapping ones included.
+fn ranges(automaton: &Option<AhoCorasick>, text: &[u8]) -> Vec<(usize, usize)> {
+    automaton.as_ref().map_or_else(Vec::new, |a| {
+        a.find_overlapping_iter(text)
+            .map(|m| (m.start(), m.end()))
+            .collect()
+    })
+}
+
+/// `text` with each of `found` (ranges of it, in any order, overlapping or
+/// not) replaced by one [`REDACTED`] per run of overlapping ranges.
+fn redact(text: &[u8], mut found: Vec<(usize, usize)>) -> Option<Vec<u8>> {
+    if found.is_empty() {
+        return None;
+    }
+    found.sort_unstable();
+    let mut out = Vec::with_capacity(text.len());
+    let mut copied = 0;
+    for (start, end) in found {
+        // Overlapping finds (two secrets or spellings sharing text) are one
+        // redaction.
+        if start < copied {
+            copied = copied.max(end);
+            continue;
+        }
+        out.extend_from_slice(&text[copied..start]);
+        out.extend_from_slice(REDACTED);
+        copied = end;
+    }
+    out.extend_from_slice(&text[copied..]);
+    Some(out)
 }
 
 impl Scrubber {
@@ -79,22 +135,29 @@ impl Scrubber {
                 }
             }
         }
-        // Longest first, so that a long form is not cut up by a short one.
-        needles.sort_by_key(|n| std::cmp::Reverse(n.bytes.len()));
-        Scrubber { needles, raw: raws }
+        let spelled = |fold_case: bool| -> Vec<Vec<u8>> {
+            needles
+                .iter()
+                .filter(|n: &&Needle| n.fold_case == fold_case)
+                .map(|n| n.bytes.clone())
+                .collect()
+        };
+        let raws: Vec<Vec<u8>> = raws.into_iter().map(|n| n.bytes).collect();
+        Scrubber {
+            folded: automaton(&spelled(true), true),
+            exact: automaton(&spelled(false), false),
+            raw: automaton(&raws, true),
+        }
     }
 
     /// `text` with every spelling of every secret replaced; `None` when it
     /// holds none (nothing copied).
     pub fn scrub(&self, text: &[u8]) -> Option<Vec<u8>> {
-        let mut out: Option<Vec<u8>> = self.scrub_escaped(text);
-        for needle in &self.needles {
-            let current = out.as_deref().unwrap_or(text);
-            if let Some(replaced) = replace_all(current, needle) {
-                out = Some(replaced);
-            }
-        }
-        out
+        let escaped = self.scrub_escaped(text);
+        let current = escaped.as_deref().unwrap_or(text);
+        let mut found = ranges(&self.folded, current);
+        found.extend(ranges(&self.exact, current));
+        redact(current, found).or(escaped)
     }
 
     /// [`Scrubber::scrub`] for text.
@@ -108,40 +171,18 @@ impl Scrubber {
     /// `text` with each secret redacted that shows once its escapes are
     /// decoded, whatever mix of them spells it; `None` when none does.
     fn scrub_escaped(&self, text: &[u8]) -> Option<Vec<u8>> {
-        if self.raw.is_empty() || !text.iter().any(|b| matches!(b, b'%' | b'\\' | b'&')) {
+        if self.raw.is_none() || !text.iter().any(|b| matches!(b, b'%' | b'\\' | b'&')) {
             return None;
         }
         let decoded = Decoded::of(text);
         if !decoded.escaped {
             return None;
         }
-        let mut found: Vec<(usize, usize)> = Vec::new();
-        for needle in &self.raw {
-            let mut at = 0;
-            while let Some(i) = find(&decoded.bytes[at..], needle) {
-                let (start, end) = (at + i, at + i + needle.bytes.len());
-                found.push((decoded.origin(start).0, decoded.origin(end - 1).1));
-                at = end;
-            }
-        }
-        if found.is_empty() {
-            return None;
-        }
-        found.sort_unstable();
-        let mut out = Vec::with_capacity(text.len());
-        let mut copied = 0;
-        for (start, end) in found {
-            // Overlapping finds (two secrets sharing text) are one redaction.
-            if start < copied {
-                copied = copied.max(end);
-                continue;
-            }
-            out.extend_from_slice(&text[copied..start]);
-            out.extend_from_slice(REDACTED);
-            copied = end;
-        }
-        out.extend_from_slice(&text[copied..]);
-        Some(out)
+        let found = ranges(&self.raw, &decoded.bytes)
+            .into_iter()
+            .map(|(start, end)| (decoded.origin(start).0, decoded.origin(end - 1).1))
+            .collect();
+        redact(text, found)
     }
 }
 
@@ -314,22 +355,6 @@ fn escape_at(text: &[u8], i: usize) -> Option<(Spelled, usize)> {
     }
 }
 
-/// Where `needle` first occurs in `haystack`.
-fn find(haystack: &[u8], needle: &Needle) -> Option<usize> {
-    let n = &needle.bytes;
-    if n.is_empty() || haystack.len() < n.len() {
-        return None;
-    }
-    (0..=haystack.len() - n.len()).find(|&i| {
-        let window = &haystack[i..i + n.len()];
-        if needle.fold_case {
-            window.eq_ignore_ascii_case(n)
-        } else {
-            window == n.as_slice()
-        }
-    })
-}
-
 /// The form-encoding of the secret (only what must be escaped), and every
 /// byte as `%XX`.
 fn percent_encoded(raw: &[u8]) -> [Vec<u8>; 2] {
@@ -369,20 +394,6 @@ fn base64_cores(raw: &[u8], engine: &base64::engine::GeneralPurpose) -> Vec<Vec<
                 .unwrap_or_default()
         })
         .collect()
-}
-
-fn replace_all(haystack: &[u8], needle: &Needle) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
-    let mut copied = 0;
-    while let Some(i) = find(&haystack[copied..], needle) {
-        let o = out.get_or_insert_with(|| Vec::with_capacity(haystack.len()));
-        o.extend_from_slice(&haystack[copied..copied + i]);
-        o.extend_from_slice(REDACTED);
-        copied += i + needle.bytes.len();
-    }
-    let mut o = out?;
-    o.extend_from_slice(&haystack[copied..]);
-    Some(o)
 }
 
 #[cfg(test)]
