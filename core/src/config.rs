@@ -524,6 +524,18 @@ impl LoginConfig {
     fn resolve(&self, password: Secret) -> Result<Login, (String, String)> {
         let origin =
             OriginRule::parse(&self.origin).map_err(|e| ("origin".into(), e.to_string()))?;
+        // One token per login: a pattern would hand it to every host the
+        // plugin is allowed to reach under it (a settings file may allow more).
+        if !origin.is_exact() {
+            return Err((
+                "origin".into(),
+                format!(
+                    "`{}` is a pattern; a login's origin is one host and port, as its token goes \
+                     to every host its origin matches",
+                    self.origin
+                ),
+            ));
+        }
         let url = Url::parse(&self.url).map_err(|e| ("url".into(), e.to_string()))?;
         if !origin.matches(&url) {
             return Err((
@@ -1608,6 +1620,28 @@ mod tests {
             login("url = \"https://lb.example.com/login\"\ntoken_pointer = \"token/token\"\n")
                 .unwrap_err();
         assert!(relative.contains("starts with `/`"), "{relative}");
+        for pattern in [
+            "https://*.example.com",
+            "https://10.0.0.0/24",
+            "https://lb.example.com:*",
+        ] {
+            let text = format!(
+                "[[plugin.f5.login]]\norigin = \"{pattern}\"\nusername = \"u\"\n\
+                 password = {{ value = \"p\" }}\nheader = \"X-F5-Auth-Token\"\n\
+                 url = \"https://lb.example.com/login\"\ntoken_pointer = \"/token/token\"\n"
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("plugin.f5.login[0].origin") && e.contains("is a pattern"),
+                "{e}"
+            );
+        }
+        let one_address = good.replace("lb.example.com", "10.0.0.5");
+        let text = format!(
+            "[[plugin.f5.login]]\norigin = \"https://10.0.0.5\"\nusername = \"u\"\n\
+             password = {{ value = \"p\" }}\nheader = \"X-F5-Auth-Token\"\n{one_address}"
+        );
+        parse(&text).unwrap();
 
         let file: PluginConfig = toml::from_str(&format!(
             "[[login]]\norigin = \"https://lb.example.com\"\nusername = \"u\"\n\

@@ -131,6 +131,17 @@ impl OriginRule {
         }
     }
 
+    /// Whether the rule names one origin: a host name or a single address,
+    /// and a port (not `*.domain`, a block or `:*`).
+    pub fn is_exact(&self) -> bool {
+        let one_host = match &self.host {
+            HostPattern::Name(_) => true,
+            HostPattern::Subdomains(_) => false,
+            HostPattern::Net(net) => net.prefix_len() == net.max_prefix_len(),
+        };
+        one_host && self.port.is_some()
+    }
+
     /// The rule as the operator wrote it.
     pub fn as_str(&self) -> &str {
         &self.text
