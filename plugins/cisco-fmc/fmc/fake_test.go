@@ -30,6 +30,9 @@ type fakeFMC struct {
 	requests []string
 	// mappingBodies is the size of every bulk mapping request's body.
 	mappingBodies []int
+	// ignoreFilter lists every object whatever `filter` asks, so that what
+	// the plugin owns is decided by the plugin alone.
+	ignoreFilter bool
 }
 
 func newFake(t testing.TB) *fakeFMC {
@@ -70,7 +73,7 @@ func (f *fakeFMC) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			if n := q.Get("name"); n != "" && n != name {
 				continue
 			}
-			if p, ok := strings.CutPrefix(q.Get("filter"), "nameStartsWith:"); ok && !strings.HasPrefix(name, p) {
+			if p, ok := strings.CutPrefix(q.Get("filter"), "nameStartsWith:"); ok && !f.ignoreFilter && !strings.HasPrefix(name, p) {
 				continue
 			}
 			names = append(names, name)

@@ -403,12 +403,17 @@ func TestReconcileRepairsOwnedObjectsAndNeverTouchesOthers(t *testing.T) {
 				event("VM.ON", "u1", vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1")),
 				event("VM.ON", "gone", vm("gone", "ON", nil, "10.0.0.7")),
 			}))
-			// Drift: a mapping lost, a stray one added, and someone else's object.
+			// Drift: a mapping lost, a stray one added, and others' objects,
+			// some named near the prefix. FMC's filter is left out, so that
+			// ownership rests on the plugin's own check.
 			delete(h.fmc.maps[h.fmc.objects["ntnx.App.web"]], "10.0.0.1")
 			h.fmc.maps[h.fmc.objects["ntnx.managed"]]["192.0.2.50"] = true
-			h.fmc.nextID++
-			h.fmc.objects["corp.servers"] = "other"
-			h.fmc.maps["other"] = map[string]bool{"172.16.0.1": true}
+			h.fmc.ignoreFilter = true
+			for _, other := range []string{"corp.servers", "ntnxfoo", "NTNX.upper"} {
+				h.fmc.nextID++
+				h.fmc.objects[other] = "other-" + other
+				h.fmc.maps["other-"+other] = map[string]bool{"172.16.0.1": true}
+			}
 
 			summary, err := reconcile.run(c, h, "lab", []Vm{
 				*vm("u1", "ON", map[string]string{"App": "web"}, "10.0.0.1"),
@@ -421,6 +426,8 @@ func TestReconcileRepairsOwnedObjectsAndNeverTouchesOthers(t *testing.T) {
 				"ntnx.App.web": {"10.0.0.1"},
 				"ntnx.managed": {"10.0.0.1", "10.0.0.3"},
 				"corp.servers": {"172.16.0.1"},
+				"ntnxfoo":      {"172.16.0.1"},
+				"NTNX.upper":   {"172.16.0.1"},
 			})
 			for _, want := range []string{"2 VMs, 2 objects owned", "2 addresses added", "2 removed", "1 VMs gone", "1 values skipped"} {
 				if !strings.Contains(summary, want) {
