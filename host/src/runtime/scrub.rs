@@ -24,13 +24,6 @@ pub const REDACTED: &[u8] = b"[redacted]";
 /// by chance. Secrets are far longer.
 const MIN_NEEDLE: usize = 6;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Needle {
-    bytes: Vec<u8>,
-    /// Compared ignoring ASCII case (text and hex); base64 is case-exact.
-    fold_case: bool,
-}
-
 /// Every spelling of a set of secrets that [`Scrubber::scrub`] removes.
 ///
 /// Each set of needles is one automaton, so an answer is read once however
@@ -96,56 +89,42 @@ fn redact(text: &[u8], mut found: Vec<(usize, usize)>) -> Option<Vec<u8>> {
 
 impl Scrubber {
     pub fn new<'a>(secrets: impl IntoIterator<Item = &'a Secret>) -> Scrubber {
-        let mut needles = Vec::new();
-        let mut raws = Vec::new();
+        // Text and hex are compared ignoring ASCII case; base64 is case-exact.
+        let (mut folded, mut exact, mut raws) = (Vec::new(), Vec::new(), Vec::new());
         for secret in secrets {
             for raw in parts(secret.expose()) {
                 let raw = raw.as_bytes();
                 if raw.is_empty() {
                     continue;
                 }
-                raws.push(Needle {
-                    bytes: raw.to_vec(),
-                    fold_case: true,
-                });
-                let mut add = |bytes: Vec<u8>, fold_case: bool| {
-                    if bytes.len() >= MIN_NEEDLE.min(raw.len()) {
-                        let n = Needle { bytes, fold_case };
-                        if !needles.contains(&n) {
-                            needles.push(n);
-                        }
+                raws.push(raw.to_vec());
+                let add = |needles: &mut Vec<Vec<u8>>, bytes: Vec<u8>| {
+                    if bytes.len() >= MIN_NEEDLE.min(raw.len()) && !needles.contains(&bytes) {
+                        needles.push(bytes);
                     }
                 };
-                add(raw.to_vec(), true);
-                add(hex::encode(raw).into_bytes(), true);
+                add(&mut folded, raw.to_vec());
+                add(&mut folded, hex::encode(raw).into_bytes());
                 for form in percent_encoded(raw) {
-                    add(form, true);
+                    add(&mut folded, form);
                 }
-                add(json_unicode_escaped(raw), true);
+                add(&mut folded, json_unicode_escaped(raw));
                 if let Ok(json) = serde_json::to_string(&String::from_utf8_lossy(raw)) {
-                    add(json.trim_matches('"').as_bytes().to_vec(), true);
+                    add(&mut folded, json.trim_matches('"').as_bytes().to_vec());
                 }
                 for engine in [
                     &base64::engine::general_purpose::STANDARD_NO_PAD,
                     &base64::engine::general_purpose::URL_SAFE_NO_PAD,
                 ] {
                     for part in base64_cores(raw, engine) {
-                        add(part, false);
+                        add(&mut exact, part);
                     }
                 }
             }
         }
-        let spelled = |fold_case: bool| -> Vec<Vec<u8>> {
-            needles
-                .iter()
-                .filter(|n: &&Needle| n.fold_case == fold_case)
-                .map(|n| n.bytes.clone())
-                .collect()
-        };
-        let raws: Vec<Vec<u8>> = raws.into_iter().map(|n| n.bytes).collect();
         Scrubber {
-            folded: automaton(&spelled(true), true),
-            exact: automaton(&spelled(false), false),
+            folded: automaton(&folded, true),
+            exact: automaton(&exact, false),
             raw: automaton(&raws, true),
         }
     }
