@@ -18,7 +18,13 @@ pub const BATCH_MAX: usize = 1000;
 /// Room left in a message's `max_payload` for its headers (a kv write's operation and expected
 /// sequence, an atomic batch's id and place, an event's dedupe key of up to 256 bytes and time
 /// received): a few hundred bytes, with a margin.
-pub(super) const HEADER_ROOM: usize = 1024;
+const HEADER_ROOM: usize = 1024;
+
+/// The most a message's payload may hold with its headers: the servers'
+/// `max_payload` less [`HEADER_ROOM`].
+pub(super) fn payload_room(client: &async_nats::Client) -> usize {
+    client.max_payload().saturating_sub(HEADER_ROOM)
+}
 
 /// One message of a batch.
 pub(super) struct Message {

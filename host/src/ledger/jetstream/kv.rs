@@ -363,10 +363,7 @@ impl KvBackend for JetStreamKv {
     /// A value and its headers go in one message, which the servers' `max_payload`
     /// (1 MiB by default) bounds.
     fn max_value_bytes(&self) -> usize {
-        self.client
-            .max_payload()
-            .saturating_sub(batch::HEADER_ROOM)
-            .min(kv_store::MAX_VALUE_BYTES)
+        batch::payload_room(&self.client).min(kv_store::MAX_VALUE_BYTES)
     }
 
     fn read(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {

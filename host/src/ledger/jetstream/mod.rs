@@ -851,11 +851,7 @@ impl Ledger for JetStreamLedger {
             .into();
         // Sent, it would be refused by the client (over `max_payload`), and again each time the
         // sender retried: the sender is told now, and the operator what to raise.
-        let limit = self
-            .inner
-            .client
-            .max_payload()
-            .saturating_sub(batch::HEADER_ROOM);
+        let limit = batch::payload_room(&self.inner.client);
         if payload.len() > limit {
             return Err(LedgerError::TooLarge {
                 bytes: payload.len(),
