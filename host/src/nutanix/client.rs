@@ -686,6 +686,16 @@ mod tests {
         }
     }
 
+    /// `app` on a loopback port: its base URL, and the task to abort.
+    async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", tcp.local_addr().unwrap());
+        (
+            base,
+            tokio::spawn(async move { axum::serve(tcp, app).await }),
+        )
+    }
+
     fn client(sim: &PrismSim) -> PrismClient {
         PrismClient::new(endpoint(sim.base_url(), PASSWORD)).unwrap()
     }
@@ -737,9 +747,7 @@ mod tests {
                 )
             }),
         );
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", tcp.local_addr().unwrap());
-        let server = tokio::spawn(async move { axum::serve(tcp, echo).await });
+        let (base, server) = serve(echo).await;
         let c = PrismClient::new(endpoint(base, PASSWORD)).unwrap();
         let err = c
             .create_webhook(&spec("ours", &["VM.ON"]))
@@ -763,12 +771,8 @@ mod tests {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async { "ok" }
         });
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = format!(
-            "http://{}/api/nutanix/v3/webhooks",
-            tcp.local_addr().unwrap()
-        );
-        let second = tokio::spawn(async move { axum::serve(tcp, elsewhere).await });
+        let (elsewhere, second) = serve(elsewhere).await;
+        let target = format!("{elsewhere}/api/nutanix/v3/webhooks");
         let location = target.clone();
         let gateway = axum::Router::new().fallback(move || {
             let location = location.clone();
@@ -779,9 +783,7 @@ mod tests {
                 )
             }
         });
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", tcp.local_addr().unwrap());
-        let first = tokio::spawn(async move { axum::serve(tcp, gateway).await });
+        let (base, first) = serve(gateway).await;
 
         let c = PrismClient::new(endpoint(base, PASSWORD)).unwrap();
         let err = c
