@@ -18,12 +18,11 @@ if [ "$bench" = payload ]; then
   exec cargo bench --locked -p prismhook-core --bench payload
 fi
 build_xtask
-packages=()
+packages=(guests)
 case "$bench" in
   listener | durability | cluster) packages+=(wrk) ;;
 esac
-# shellcheck disable=SC2046 # one word per package
-ensure_debian_packages "${packages[@]}" $(guest_packages)
+ensure_debian_packages "${packages[@]}"
 build_guests
 [ "$bench" = cluster ] && export_nats_server
 step "cargo bench --bench $bench $*"

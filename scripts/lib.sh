@@ -14,20 +14,11 @@ ensure_rust() {
   fi
 }
 
-# Installs the Debian packages (or groups, such as wasm-toolchain) named
-# that are missing, at the versions pinned in xtask/src/debian.rs, after one
+# Installs the Debian packages (or groups: wasm-toolchain, and guests, what
+# every guest's build needs) named that are missing, at the versions pinned in xtask/src/debian.rs, after one
 # `apt-get update` (as root, or through sudo). Needs build_xtask first.
 ensure_debian_packages() {
   xtask apt "$@"
-}
-
-# What every guest's build needs from Debian (xtask plugins): the wasm
-# toolchain, and pip and Node.js where they do not run already (a Node.js
-# installed another way is used as it is).
-guest_packages() {
-  echo wasm-toolchain
-  python3 -m pip --version >/dev/null 2>&1 || echo python3-pip
-  { command -v node && command -v npm; } >/dev/null 2>&1 || echo nodejs npm
 }
 
 # The scripts build xtask once and then run its binary, not `cargo xtask`:

@@ -10,8 +10,7 @@ build_xtask
 # The status page is tested in a real headless browser: here it must run,
 # not be skipped (the browser tests fail without it). g++ is libFuzzer's
 # (the fuzz smoke run). One `apt-get update` for all of them.
-# shellcheck disable=SC2046 # one word per package
-ensure_debian_packages chromium g++ $(guest_packages)
+ensure_debian_packages chromium g++ guests
 export PRISMHOOK_REQUIRE_CHROMIUM=1
 # The host's tests build while the guests build and their own tests run
 # (lib.sh, start_background).

@@ -65,10 +65,30 @@ const GROUPS: &[(&str, &[&str])] = &[(
 )];
 
 /// The packages a name stands for: a group's members, or the package itself.
+/// Three names depend on the machine, as a runtime installed another way is
+/// used as it is: `python` is pip where `python3 -m pip` does not run,
+/// `node` Node.js and npm where either does not run, and `guests` all that
+/// every guest's build needs (the wasm toolchain, `python`, `node`).
 pub fn expand(name: &str) -> Vec<&str> {
-    match GROUPS.iter().find(|(group, _)| *group == name) {
-        Some((_, members)) => members.to_vec(),
-        None => vec![name],
+    let runs = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    match name {
+        "python" if runs("python3", &["-m", "pip", "--version"]) => vec![],
+        "python" => vec!["python3-pip"],
+        "node" if runs("node", &["--version"]) && runs("npm", &["--version"]) => vec![],
+        "node" => vec!["nodejs", "npm"],
+        "guests" => ["wasm-toolchain", "python", "node"]
+            .into_iter()
+            .flat_map(expand)
+            .collect(),
+        _ => match GROUPS.iter().find(|(group, _)| *group == name) {
+            Some((_, members)) => members.to_vec(),
+            None => vec![name],
+        },
     }
 }
 
@@ -148,7 +168,8 @@ fn pin(package: &str) -> Result<&'static str> {
     match PINS.iter().find(|(name, _)| *name == package) {
         Some((_, pin)) => Ok(pin),
         None => bail!(
-            "no pinned version for the Debian package {package:?}; pinned: {}; groups: {}",
+            "no pinned version for the Debian package {package:?}; pinned: {}; groups: {} \
+             python node guests",
             PINS.iter()
                 .map(|(name, _)| *name)
                 .collect::<Vec<_>>()
@@ -250,5 +271,9 @@ mod tests {
         }
         assert_eq!(expand("wrk"), ["wrk"]);
         assert!(expand("wasm-toolchain").contains(&"lld-19"));
+        assert!(expand("guests").contains(&"rustc-web"));
+        for package in expand("guests") {
+            assert!(pin(package).is_ok(), "{package} has no pin");
+        }
     }
 }

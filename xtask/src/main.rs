@@ -609,13 +609,7 @@ fn componentize_py(root: &Path) -> Result<Command> {
 /// install cut short (Ctrl-C, a full disk) leaves no half a toolchain that
 /// the next run would take for installed.
 fn pip_install(tools: &Path, package: &str, version: &str) -> Result<()> {
-    let pip_runs = Command::new("python3")
-        .args(["-m", "pip", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !pip_runs {
-        debian::ensure(&["python3-pip"])?;
-    }
+    debian::ensure(&["python"])?;
     println!(
         "xtask: installing {package} {version} from PyPI into {}",
         tools.display()
@@ -739,14 +733,5 @@ fn json_string_field(json: &str, name: &str) -> Option<String> {
 /// Node.js and npm, from Debian at their pins when `node` or `npm` does not
 /// run (a Node.js installed another way is used as it is).
 fn ensure_node() -> Result<()> {
-    let works = |tool: &str| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if works("node") && works("npm") {
-        return Ok(());
-    }
-    debian::ensure(&["nodejs", "npm"])
+    debian::ensure(&["node"])
 }
